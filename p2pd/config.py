@@ -1,0 +1,113 @@
+"""Configuration: one frozen dataclass per subsystem, read once and passed down.
+
+Sources, later ones winning: the defaults here, ``<home>/config.toml`` (sections ``[node]``
+and ``[dht]``), then the command line (click options, with environment variables).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from .errors import UsageError
+from .wire import Address
+
+DEFAULT_PORT = 4747
+
+
+@dataclass(frozen=True, slots=True)
+class DHTConfig:
+    """The Kademlia node. Times in seconds."""
+
+    #: k: replication factor and bucket size (Kademlia paper, section 2.2).
+    ksize: int = 20
+    #: alpha: how many RPCs a lookup keeps in flight.
+    alpha: int = 3
+    #: A reply later than this is lost and counts as a failure of that contact.
+    rpc_timeout: float = 2.0
+    #: Bounds of the adaptive per-contact timeout (RFC 6298 RTO from measured round trips)
+    #: after which a lookup stops waiting on a contact and asks another.
+    soft_timeout_min: float = 0.025
+    soft_timeout_max: float = 1.0
+    #: Consecutive lost replies before a contact leaves the routing table (stock kademlia
+    #: evicts on the first).
+    failures_before_eviction: int = 2
+    #: A whole lookup gives up after this long.
+    lookup_deadline: float = 10.0
+    #: Hard cap of RPCs one lookup may send.
+    lookup_max_rpcs: int = 300
+    #: Stored records are re-replicated to the current k closest nodes this often.
+    replicate_interval: float = 3600.0
+    #: Buckets with no lookup for this long are refreshed.
+    refresh_interval: float = 3600.0
+    #: Most records one node stores for others (each at most 2,361 bytes).
+    max_records: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """A daemon."""
+
+    home: Path
+    listen: Address = field(default_factory=lambda: Address("0.0.0.0", DEFAULT_PORT))
+    bootstrap: tuple[Address, ...] = ()
+    #: Addresses published in our handle record; empty: derived from the listen address.
+    advertise: tuple[Address, ...] = ()
+    dht: DHTConfig = field(default_factory=DHTConfig)
+    #: How long our handle record claims the handle; republished well before.
+    record_lifetime: int = 24 * 3600
+    #: How often the daemon republishes its own record.
+    republish_interval: float = 3600.0
+    #: How often the routing contacts are written to the database.
+    save_contacts_interval: float = 300.0
+
+
+def default_home() -> Path:
+    env = os.environ.get("P2PD_HOME")
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_data_dir("p2pd", appauthor=False))
+
+
+def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for name, value in section.items():
+        if name not in known or name in ("home", "dht"):
+            raise UsageError(f"{where}: unknown setting {name!r}")
+        current = getattr(obj, name)
+        if name in ("listen",):
+            changes[name] = Address.parse(str(value))
+        elif name in ("bootstrap", "advertise"):
+            if not isinstance(value, list):
+                raise UsageError(f"{where}: {name} must be a list of HOST:PORT strings")
+            changes[name] = tuple(Address.parse(str(v)) for v in value)
+        elif isinstance(current, bool) or not isinstance(value, type(current) | int):
+            raise UsageError(f"{where}: {name} must be a {type(current).__name__}")
+        else:
+            changes[name] = type(current)(value)
+    return replace(obj, **changes)
+
+
+def load_config(home: Path) -> NodeConfig:
+    """Defaults, overlaid with ``<home>/config.toml`` if it exists."""
+    config = NodeConfig(home=home)
+    path = home / "config.toml"
+    if not path.exists():
+        return config
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    unknown = set(doc) - {"node", "dht"}
+    if unknown:
+        raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
+    dht = _apply(config.dht, doc.get("dht", {}), f"{path} [dht]")
+    config = _apply(config, doc.get("node", {}), f"{path} [node]")
+    out: NodeConfig = replace(config, dht=dht)
+    return out

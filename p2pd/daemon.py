@@ -1,0 +1,283 @@
+"""The Node: one trio nursery that owns every service of a running daemon.
+
+``open_node`` binds the node's one UDP socket, starts the DHT (its kademlia half on an
+asyncio thread), joins the network through the bootstrap addresses and the contacts saved
+last time, publishes our handle record, and serves the control API. Leaving the context
+cancels them all together; routing contacts are saved on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from . import __version__
+from .config import NodeConfig
+from .dht import DHT, AsyncioThread, node_id_for, open_dht
+from .errors import NotFound
+from .identity import HandleRef, Identity, format_fingerprint, self_certifying
+from .keystore import ensure_home
+from .records import HandleRecord
+from .store import db_path, get_meta, open_database, set_meta
+from .transport.udp import UdpEndpoint
+from .wire import Address
+
+log = logging.getLogger(__name__)
+
+#: While the routing table is empty, retry the bootstrap this often.
+REJOIN_INTERVAL = 15.0
+MAX_SAVED_CONTACTS = 200
+
+
+class Node:
+    """A running daemon's state, as the control API sees it."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        identity: Identity,
+        endpoint: UdpEndpoint,
+        dht: DHT,
+        conn: sqlite3.Connection,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.endpoint = endpoint
+        self.dht = dht
+        self._conn = conn
+        self.started = time.time()
+        self.record: HandleRecord | None = None
+        self.replicas = 0
+        self.control_path = config.home / "control.sock"
+
+    @property
+    def listen_address(self) -> Address:
+        return self.endpoint.local_address
+
+    def advertised_addresses(self) -> list[Address]:
+        """What our record tells peers. Configured, else the listen address; a wildcard
+        listen address is replaced by the source address of the route to each bootstrap
+        peer (a UDP connect() sends nothing) and, without any, by loopback."""
+        if self.config.advertise:
+            return list(self.config.advertise)
+        local = self.listen_address
+        if local.host not in ("0.0.0.0", "::"):
+            return [local]
+        found: list[Address] = []
+        for peer in self.config.bootstrap:
+            family = socket.AF_INET6 if peer.version == 6 else socket.AF_INET
+            if (family == socket.AF_INET6) != (local.host == "::"):
+                continue
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                try:
+                    probe.connect(peer.as_tuple())
+                except OSError:
+                    continue
+                address = Address(probe.getsockname()[0], local.port)
+            if address not in found:
+                found.append(address)
+        return found or [Address("127.0.0.1" if local.host == "0.0.0.0" else "::1", local.port)]
+
+    def _next_seq(self) -> int:
+        # Milliseconds of wall clock, never below the last one used: a lost database or a
+        # second machine with the same key still produces a higher sequence number.
+        last = int(get_meta(self._conn, "own_seq") or 0)
+        seq = max(last + 1, int(time.time() * 1000))
+        set_meta(self._conn, "own_seq", str(seq))
+        return seq
+
+    async def publish(self) -> int:
+        now = int(time.time())
+        record = HandleRecord.create(
+            self.identity,
+            self.advertised_addresses(),
+            seq=self._next_seq(),
+            now=now,
+            lifetime=self.config.record_lifetime,
+        )
+        self.replicas = await self.dht.publish(record)
+        self.record = record
+        log.info("published record seq=%d to %d node(s)", record.seq, self.replicas)
+        return self.replicas
+
+    async def join(self) -> int:
+        seeds = list(self.config.bootstrap)
+        for _, host, port in self._saved_contacts():
+            address = Address(host, port)
+            if address not in seeds and address != self.listen_address:
+                seeds.append(address)
+        if not seeds:
+            return 0
+        size = await self.dht.bootstrap(seeds)
+        if size == 0:
+            log.warning("no bootstrap peer answered (%d tried); will retry", len(seeds))
+        return size
+
+    def _saved_contacts(self) -> list[tuple[bytes, str, int]]:
+        rows = self._conn.execute(
+            "SELECT node_id, host, port FROM dht_contacts ORDER BY last_seen DESC LIMIT ?",
+            (MAX_SAVED_CONTACTS,),
+        ).fetchall()
+        out = []
+        for node_id, host, port in rows:
+            try:
+                if not isinstance(node_id, bytes) or len(node_id) != 20:
+                    raise ValueError("bad node id")
+                Address(host, port)
+            except Exception:
+                log.warning("ignoring a corrupt saved contact row")
+                continue
+            out.append((node_id, host, int(port)))
+        return out
+
+    async def save_contacts(self) -> int:
+        contacts = await self.dht.contacts()
+        now = time.time()
+        with self._conn:
+            self._conn.execute("DELETE FROM dht_contacts")
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO dht_contacts(node_id, host, port, last_seen) "
+                "VALUES (?,?,?,?)",
+                [(n, h, p, now) for n, h, p in contacts[:MAX_SAVED_CONTACTS]],
+            )
+        return len(contacts)
+
+    async def maintain(self) -> None:
+        """Rejoin while alone, republish our record, save contacts; forever."""
+        last_publish = time.monotonic()
+        last_save = time.monotonic()
+        while True:
+            stats = await self.dht.statistics()
+            alone = stats["routing_table_size"] == 0
+            await trio.sleep(REJOIN_INTERVAL if alone else 5.0)
+            now = time.monotonic()
+            if alone and await self.join() > 0:
+                await self.publish()
+                last_publish = now
+            if now - last_publish >= self.config.republish_interval:
+                await self.publish()
+                last_publish = now
+            if now - last_save >= self.config.save_contacts_interval:
+                await self.save_contacts()
+                last_save = now
+
+    # ------------------------------------------------------------------ control API
+
+    async def status(self) -> dict[str, Any]:
+        stats = await self.dht.statistics()
+        return {
+            "version": __version__,
+            "handle": self.identity.handle,
+            "self_certifying": self_certifying(self.identity.handle, self.identity.public_key),
+            "fingerprint": self.identity.fingerprint,
+            "fingerprint_display": format_fingerprint(self.identity.fingerprint),
+            "listen": str(self.listen_address),
+            "addresses": [str(a) for a in (self.record.addresses if self.record else ())],
+            "node_id": stats["node_id"],
+            "routing_table_size": stats["routing_table_size"],
+            "records_stored": stats["records_stored"],
+            "record_seq": self.record.seq if self.record else None,
+            "record_expires": self.record.expires if self.record else None,
+            "replicas": self.replicas,
+            "uptime": round(time.time() - self.started, 3),
+            "dht_counters": stats["counters"],
+            "refused_records": stats["refused_records"],
+            "udp_counters": dict(self.endpoint.stats),
+        }
+
+    async def whois(self, text: str) -> dict[str, Any]:
+        ref = HandleRef.parse(text)
+        if ref.handle == self.identity.handle and ref.matches(self.identity.public_key):
+            if self.record is None:
+                raise NotFound("our own record is not published yet")
+            record = self.record
+        else:
+            record = await self.dht.resolve(ref)
+        return record_summary(record)
+
+
+def record_summary(record: HandleRecord) -> dict[str, Any]:
+    return {
+        "handle": record.handle,
+        "self_certifying": self_certifying(record.handle, record.public_key),
+        "public_key": record.public_key.hex(),
+        "fingerprint": record.fingerprint,
+        "fingerprint_display": format_fingerprint(record.fingerprint),
+        "addresses": [str(a) for a in record.addresses],
+        "seq": record.seq,
+        "issued": record.issued,
+        "expires": record.expires,
+    }
+
+
+@asynccontextmanager
+async def open_node(
+    config: NodeConfig, identity: Identity, *, bridge: AsyncioThread | None = None
+) -> AsyncIterator[Node]:
+    """Run a node until the context exits. ``bridge`` lets many nodes share one thread."""
+    from .control import serve_control_api
+
+    ensure_home(config.home)
+    conn = open_database(db_path(config.home))
+    own_bridge = bridge is None
+    thread = bridge if bridge is not None else AsyncioThread()
+    endpoint = UdpEndpoint.bind(config.listen)
+    try:
+        async with (
+            open_dht(
+                thread,
+                node_id=node_id_for(identity.public_key),
+                db_path=db_path(config.home),
+                config=config.dht,
+                transport=endpoint,
+            ) as dht,
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(endpoint.serve, dht.datagram_received)
+            node = Node(config, identity, endpoint, dht, conn)
+            await nursery.start(serve_control_api, node.control_path, node)
+            await node.join()
+            await node.publish()
+            nursery.start_soon(node.maintain)
+            try:
+                yield node
+            finally:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await node.save_contacts()
+                    except Exception:
+                        log.exception("could not save routing contacts")
+                nursery.cancel_scope.cancel()
+    finally:
+        endpoint.close()
+        if own_bridge:
+            thread.close()
+        conn.close()
+
+
+async def run_daemon(config: NodeConfig, identity: Identity) -> None:
+    """Run in the foreground until SIGINT or SIGTERM, then shut down cleanly."""
+    import signal
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_node(config, identity) as node:
+            log.info(
+                "ready: handle=%s fingerprint=%s listen=%s addresses=%s replicas=%d control=%s",
+                self_certifying(identity.handle, identity.public_key),
+                identity.fingerprint,
+                node.listen_address,
+                ",".join(str(a) for a in node.record.addresses) if node.record else "-",
+                node.replicas,
+                node.control_path,
+            )
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                break
+    log.info("stopped")

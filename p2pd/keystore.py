@@ -1,0 +1,194 @@
+"""Keys at rest.
+
+The identity lives in ``<home>/identity.json``, mode 0600, written atomically. With a
+passphrase, the 32-byte Ed25519 seed is sealed with XSalsa20-Poly1305 (``SecretBox``) under
+a key derived by Argon2id (``nacl.pwhash.argon2id``); the KDF parameters are stored beside
+it, bounded on load so that a crafted file cannot demand unbounded memory. Without one
+(``--no-passphrase``) the seed is stored in the clear and the file says so.
+
+File format (JSON object)::
+
+    {"format": "p2pd-identity", "version": 1, "handle": "alice",
+     "public_key": "<hex>", "protection": "argon2id-secretbox" | "none",
+     "kdf": {"opslimit": int, "memlimit": int, "salt": "<hex 16 bytes>"},   # when sealed
+     "secret": "<hex>"}     # sealed box (nonce || ciphertext) or the bare seed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import nacl.exceptions
+import nacl.pwhash
+import nacl.secret
+import nacl.utils
+
+from .errors import (
+    BadPassphrase,
+    IdentityExists,
+    KeystoreCorrupt,
+    NoIdentity,
+    PassphraseRequired,
+)
+from .identity import Identity, is_valid_handle
+
+IDENTITY_FILE = "identity.json"
+FORMAT = "p2pd-identity"
+MAX_FILE_SIZE = 4096
+#: Interactive limits: about 0.1-0.3 s and 64 MiB here. A daemon opens the key once.
+DEFAULT_OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
+DEFAULT_MEMLIMIT = nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE
+MAX_OPSLIMIT = 16
+MAX_MEMLIMIT = 1 << 30
+
+
+def identity_path(home: Path) -> Path:
+    return home / IDENTITY_FILE
+
+
+def ensure_home(home: Path) -> None:
+    """Create the home directory, private to this user (0700)."""
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+
+
+def _derive(passphrase: bytes, salt: bytes, opslimit: int, memlimit: int) -> bytes:
+    return nacl.pwhash.argon2id.kdf(
+        nacl.secret.SecretBox.KEY_SIZE, passphrase, salt, opslimit=opslimit, memlimit=memlimit
+    )
+
+
+def save_identity(
+    home: Path,
+    identity: Identity,
+    passphrase: bytes | None,
+    *,
+    opslimit: int = DEFAULT_OPSLIMIT,
+    memlimit: int = DEFAULT_MEMLIMIT,
+) -> Path:
+    """Write the identity; refuse to overwrite one. Returns the file's path."""
+    ensure_home(home)
+    path = identity_path(home)
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "version": 1,
+        "handle": identity.handle,
+        "public_key": identity.public_key.hex(),
+    }
+    if passphrase is None:
+        doc["protection"] = "none"
+        doc["secret"] = identity.seed.hex()
+    else:
+        salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
+        key = _derive(passphrase, salt, opslimit, memlimit)
+        box = nacl.secret.SecretBox(key)
+        doc["protection"] = "argon2id-secretbox"
+        doc["kdf"] = {"opslimit": opslimit, "memlimit": memlimit, "salt": salt.hex()}
+        doc["secret"] = bytes(box.encrypt(identity.seed)).hex()
+    data = (json.dumps(doc, indent=1) + "\n").encode()
+    tmp = path.with_suffix(".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        # link() fails if the target exists: no window in which an identity is overwritten.
+        os.link(tmp, path)
+    except FileExistsError:
+        raise IdentityExists(
+            f"an identity already exists at {path}; refusing to overwrite it"
+        ) from None
+    finally:
+        tmp.unlink()
+    return path
+
+
+def identity_exists(home: Path) -> bool:
+    return identity_path(home).exists()
+
+
+def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
+    value = doc.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise KeystoreCorrupt(f"identity file: field {name!r} is missing or malformed")
+    return value
+
+
+def _hex(doc: dict[str, Any], name: str) -> bytes:
+    try:
+        return bytes.fromhex(_field(doc, name, str))
+    except ValueError:
+        raise KeystoreCorrupt(f"identity file: field {name!r} is not hex") from None
+
+
+def read_identity_file(home: Path) -> dict[str, Any]:
+    """The parsed, structurally checked key file (no secrets decrypted)."""
+    path = identity_path(home)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_SIZE + 1)
+    except FileNotFoundError:
+        raise NoIdentity(f"no identity in {home}: run `p2pd init HANDLE` first") from None
+    if len(raw) > MAX_FILE_SIZE:
+        raise KeystoreCorrupt(f"identity file {path} is too large")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise KeystoreCorrupt(f"identity file {path} is not valid JSON") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != 1:
+        raise KeystoreCorrupt(f"identity file {path} has an unknown format")
+    if not is_valid_handle(_field(doc, "handle", str)):
+        raise KeystoreCorrupt("identity file: the handle is invalid")
+    if len(_hex(doc, "public_key")) != 32:
+        raise KeystoreCorrupt("identity file: the public key has the wrong length")
+    if doc.get("protection") not in ("none", "argon2id-secretbox"):
+        raise KeystoreCorrupt("identity file: unknown protection scheme")
+    return doc
+
+
+def is_encrypted(home: Path) -> bool:
+    return bool(read_identity_file(home)["protection"] != "none")
+
+
+def load_identity(home: Path, passphrase: bytes | None) -> Identity:
+    """Open the identity. Raises BadPassphrase, PassphraseRequired, KeystoreCorrupt."""
+    doc = read_identity_file(home)
+    handle: str = doc["handle"]
+    public_key = _hex(doc, "public_key")
+    secret = _hex(doc, "secret")
+    if doc["protection"] == "none":
+        seed = secret
+    else:
+        if passphrase is None:
+            raise PassphraseRequired()
+        kdf = doc.get("kdf")
+        if not isinstance(kdf, dict):
+            raise KeystoreCorrupt("identity file: kdf parameters missing")
+        opslimit = _field(kdf, "opslimit", int)
+        memlimit = _field(kdf, "memlimit", int)
+        salt = _hex(kdf, "salt")
+        if not (
+            1 <= opslimit <= MAX_OPSLIMIT
+            and 8192 <= memlimit <= MAX_MEMLIMIT
+            and len(salt) == nacl.pwhash.argon2id.SALTBYTES
+        ):
+            raise KeystoreCorrupt("identity file: kdf parameters out of bounds")
+        key = _derive(passphrase, salt, opslimit, memlimit)
+        try:
+            seed = nacl.secret.SecretBox(key).decrypt(secret)
+        except nacl.exceptions.CryptoError:
+            raise BadPassphrase(f"the passphrase does not open the identity in {home}") from None
+    if len(seed) != 32:
+        raise KeystoreCorrupt("identity file: the secret key has the wrong length")
+    identity = Identity.from_seed(handle, seed)
+    if identity.public_key != public_key:
+        raise KeystoreCorrupt("identity file: the secret key does not match the public key")
+    return identity

@@ -1,0 +1,72 @@
+"""SQLite persistence: one database file per home, ``<home>/p2pd.db`` (mode 0600).
+
+Tables (created if missing; ``user_version`` tracks the schema):
+
+- ``meta(key TEXT PRIMARY KEY, value TEXT)``: small daemon state, e.g. our last sequence
+  number.
+- ``dht_records(key BLOB PRIMARY KEY, record BLOB, expires INTEGER, replicated REAL)``:
+  handle records this node stores for the network. Every row is verified again on load;
+  a row that no longer verifies is logged and deleted.
+- ``dht_contacts(node_id BLOB PRIMARY KEY, host TEXT, port INTEGER, last_seen REAL)``:
+  routing contacts, so a restarted node can rejoin without a bootstrap address. Written
+  as plain columns: nothing is ever pickled.
+
+Each connection belongs to one thread: the DHT's storage opens its own in the asyncio
+thread's objects, the daemon another on the trio side; WAL mode lets them share the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+DB_FILE = "p2pd.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dht_records (
+    key BLOB PRIMARY KEY, record BLOB NOT NULL, expires INTEGER NOT NULL,
+    replicated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS dht_contacts (
+    node_id BLOB PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,
+    last_seen REAL NOT NULL);
+"""
+
+
+def db_path(home: Path) -> Path:
+    return home / DB_FILE
+
+
+def open_database(path: Path | None) -> sqlite3.Connection:
+    """Open (creating if needed) the database; ``None`` gives a private in-memory one."""
+    if path is None:
+        conn = sqlite3.connect(":memory:", check_same_thread=False)
+    else:
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+        # check_same_thread=False: a connection may be created on one thread and then
+        # used by exactly one other (the asyncio thread); we never share one concurrently.
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=10)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(_SCHEMA)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    conn.commit()
+    return conn
+
+
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES(?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+        (key, value),
+    )
+    conn.commit()

@@ -1,0 +1,1 @@
+"""Tools for tests, benchmarks, demos and curious users: real daemons and real sockets."""

@@ -1,0 +1,139 @@
+"""Run real ``p2pd daemon`` processes and drive them through the real CLI.
+
+Used by scripts/demo, the end-to-end tests and benchmarks. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_READY = re.compile(r"ready: handle=(\S+) fingerprint=(\S+) listen=(\S+)")
+
+
+def p2pd_command() -> list[str]:
+    """How to invoke the CLI: the installed console script, else ``python -m``."""
+    exe = shutil.which("p2pd", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    return [exe] if exe else [sys.executable, "-m", "p2pd_cli.main"]
+
+
+def run_cli(
+    home: Path, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``p2pd --home HOME ARGS...``; returns the finished process (never raises on exit code)."""
+    return subprocess.run(
+        [*p2pd_command(), "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def cli_json(home: Path, *args: str, timeout: float = 60.0) -> Any:
+    proc = run_cli(home, *args, "--json", timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"p2pd {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return json.loads(proc.stdout)
+
+
+def short_tempdir(prefix: str = "p2pd-") -> Path:
+    """A temporary directory with a short path: Unix socket paths are limited to 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+class DaemonProcess:
+    """A ``p2pd daemon`` child process; its stderr is collected in ``log``."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        listen: str = "127.0.0.1:0",
+        bootstrap: Sequence[str] = (),
+        extra: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.home = home
+        args = [*p2pd_command(), "--home", str(home), "daemon", "--listen", listen]
+        for b in bootstrap:
+            args += ["--bootstrap", b]
+        args += list(extra)
+        self._lines: list[str] = []
+        self._ready = threading.Event()
+        self.handle = self.fingerprint = self.listen = ""
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._lines.append(line)
+            match = _READY.search(line)
+            if match and not self._ready.is_set():
+                self.handle, self.fingerprint, self.listen = match.groups()
+                self._ready.set()
+        self._ready.set()  # EOF: the process ended
+
+    @property
+    def log(self) -> str:
+        return "".join(self._lines)
+
+    def wait_ready(self, timeout: float = 30.0) -> DaemonProcess:
+        if not self._ready.wait(timeout) or not self.listen:
+            self.kill()
+            raise RuntimeError(f"daemon in {self.home} did not become ready:\n{self.log}")
+        return self
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then wait; SIGKILL if it does not stop in time. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(15)
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` seconds pass (bounded; for tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,311 @@
+"""The one place that turns bytes from the network into values, and back.
+
+Everything here is pure: no sockets, no clocks. Every decoder bounds every length before
+it trusts it and raises only :class:`~p2pd.errors.WireError` on bad input (the property
+tests in tests/test_wire.py hold it to that). Formats are specified in docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import InvalidAddress, WireError
+
+# --------------------------------------------------------------------------- primitives
+
+
+class Reader:
+    """A cursor over bytes whose every read is bounds-checked."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self._pos + n > len(self._data):
+            raise WireError("truncated input")
+        out = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int(struct.unpack(">H", self.take(2))[0])
+
+    def u64(self) -> int:
+        return int(struct.unpack(">Q", self.take(8))[0])
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def end(self) -> None:
+        if self._pos != len(self._data):
+            raise WireError("trailing bytes")
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_ip(host: str) -> str | None:
+    """The one spelling of an IP literal, or None. Cached: contacts repeat constantly."""
+    if not isinstance(host, str) or len(host) > 64:
+        return None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Address:
+    """An IP literal and a UDP port. Hostnames are never put on the wire."""
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        canonical = _canonical_ip(self.host)
+        if canonical is None:
+            raise InvalidAddress(f"not an IP address: {self.host[:64]!r}")
+        if canonical != self.host:  # one spelling per address
+            object.__setattr__(self, "host", canonical)
+        if not (0 <= self.port <= 65535):
+            raise InvalidAddress(f"port out of range: {self.port}")
+
+    @property
+    def version(self) -> int:
+        return 6 if ":" in self.host else 4
+
+    @classmethod
+    def parse(cls, text: str, *, default_port: int | None = None) -> Address:
+        """``HOST:PORT`` or ``[V6]:PORT`` (HOST an IP literal)."""
+        text = text.strip()
+        host, port_text = text, ""
+        if text.startswith("["):
+            close = text.find("]")
+            if close < 0:
+                raise InvalidAddress(f"invalid address {text[:80]!r}: missing ']'")
+            host, rest = text[1:close], text[close + 1 :]
+            if rest and not rest.startswith(":"):
+                raise InvalidAddress(f"invalid address {text[:80]!r}")
+            port_text = rest[1:]
+        elif text.count(":") == 1:
+            host, port_text = text.split(":")
+        if not port_text:
+            if default_port is None:
+                raise InvalidAddress(f"invalid address {text[:80]!r}: expected HOST:PORT")
+            port = default_port
+        else:
+            if not port_text.isdigit() or len(port_text) > 5:
+                raise InvalidAddress(f"invalid port in {text[:80]!r}")
+            port = int(port_text)
+        addr = cls(host, port)
+        if port_text and not (0 <= port <= 65535):
+            raise InvalidAddress(f"port out of range in {text[:80]!r}")
+        return addr
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    def encode(self) -> bytes:
+        """family (4 or 6) || raw IP (4 or 16 bytes) || port (u16 BE)."""
+        ip = ipaddress.ip_address(self.host)
+        return bytes([ip.version]) + ip.packed + struct.pack(">H", self.port)
+
+    @classmethod
+    def decode_from(cls, reader: Reader) -> Address:
+        family = reader.u8()
+        if family == 4:
+            raw = reader.take(4)
+        elif family == 6:
+            raw = reader.take(16)
+        else:
+            raise WireError(f"unknown address family {family}")
+        port = reader.u16()
+        if port == 0:
+            raise WireError("address with port 0")
+        return cls(str(ipaddress.ip_address(raw)), port)
+
+    def as_tuple(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+# --------------------------------------------------------------------------- DHT frames
+#
+# rpcudp framing, kept so the DHT's datagrams demultiplex on the first byte:
+#   0x00 request | 0x01 response, then a 20-byte message id, then one msgpack value.
+
+FRAME_REQUEST = 0x00
+FRAME_RESPONSE = 0x01
+MSG_ID_LEN = 20
+NODE_ID_LEN = 20
+KEY_LEN = 20
+#: Largest DHT frame we send or accept: a find_value reply with a full record and contacts.
+MAX_FRAME = 8192
+MAX_VALUE = 4096
+MAX_CONTACTS = 32
+DHT_METHODS = ("ping", "store", "find_node", "find_value")
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """A DHT node as a peer described it."""
+
+    node_id: bytes
+    address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class DHTRequest:
+    msg_id: bytes
+    method: str
+    sender_id: bytes
+    key: bytes | None = None  # store, find_node, find_value
+    value: bytes | None = None  # store
+
+
+@dataclass(frozen=True, slots=True)
+class FindValueReply:
+    value: bytes | None
+    contacts: tuple[Contact, ...]
+
+
+DHTResult = bytes | bool | tuple[Contact, ...] | FindValueReply
+
+
+def _unpack(payload: bytes) -> Any:
+    # msgpack's own limits bound every length field before it allocates; every failure
+    # it reports is a ValueError subclass (FormatError, StackError, ExtraData, ...).
+    try:
+        return msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_VALUE,
+            max_str_len=256,
+            max_array_len=MAX_CONTACTS + 4,
+            max_map_len=4,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:
+        raise WireError(f"undecodable msgpack: {type(exc).__name__}") from None
+
+
+def _pack(value: Any) -> bytes:
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
+
+
+def split_frame(datagram: bytes) -> tuple[int, bytes, bytes]:
+    """(kind, msg_id, payload) of a DHT datagram."""
+    if len(datagram) > MAX_FRAME:
+        raise WireError("DHT frame too large")
+    if len(datagram) < 1 + MSG_ID_LEN + 1:
+        raise WireError("DHT frame too short")
+    kind = datagram[0]
+    if kind not in (FRAME_REQUEST, FRAME_RESPONSE):
+        raise WireError("not a DHT frame")
+    return kind, datagram[1 : 1 + MSG_ID_LEN], datagram[1 + MSG_ID_LEN :]
+
+
+def _bytes(value: Any, length: int | None = None, *, maximum: int = MAX_VALUE) -> bytes:
+    if not isinstance(value, bytes):
+        raise WireError("expected bytes")
+    if length is not None and len(value) != length:
+        raise WireError(f"expected {length} bytes, got {len(value)}")
+    if len(value) > maximum:
+        raise WireError("byte string too long")
+    return value
+
+
+def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
+    data = _unpack(payload)
+    if not isinstance(data, list | tuple) or len(data) != 2:
+        raise WireError("request is not [method, args]")
+    method, args = data
+    if method not in DHT_METHODS or not isinstance(args, list | tuple):
+        raise WireError("unknown method or malformed arguments")
+    want = {"ping": 1, "store": 3, "find_node": 2, "find_value": 2}[method]
+    if len(args) != want:
+        raise WireError(f"{method}: expected {want} arguments, got {len(args)}")
+    sender = _bytes(args[0], NODE_ID_LEN)
+    if method == "ping":
+        return DHTRequest(msg_id, method, sender)
+    key = _bytes(args[1], KEY_LEN)
+    if method == "store":
+        return DHTRequest(msg_id, method, sender, key, _bytes(args[2]))
+    return DHTRequest(msg_id, method, sender, key)
+
+
+def encode_request(msg_id: bytes, method: str, args: list[Any]) -> bytes:
+    frame: bytes = bytes([FRAME_REQUEST]) + msg_id + _pack([method, args])
+    if len(frame) > MAX_FRAME:
+        raise WireError("DHT request too large")
+    return frame
+
+
+def _contacts(value: Any) -> tuple[Contact, ...]:
+    if not isinstance(value, list | tuple) or len(value) > MAX_CONTACTS:
+        raise WireError("contact list malformed or too long")
+    out = []
+    for item in value:
+        if not isinstance(item, list | tuple) or len(item) != 3:
+            raise WireError("contact is not [id, host, port]")
+        node_id, host, port = item
+        node_id = _bytes(node_id, NODE_ID_LEN)
+        if not isinstance(host, str) or len(host) > 64:
+            raise WireError("contact host malformed")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise WireError("contact port out of range")
+        try:
+            address = Address(host, port)
+        except InvalidAddress:
+            raise WireError("contact host is not an IP address") from None
+        out.append(Contact(node_id, address))
+    return tuple(out)
+
+
+def encode_contacts(contacts: list[Contact]) -> list[list[Any]]:
+    return [[c.node_id, c.address.host, c.address.port] for c in contacts[:MAX_CONTACTS]]
+
+
+def decode_response(method: str, payload: bytes) -> DHTResult:
+    """Decode a reply to a request we sent with ``method``."""
+    data = _unpack(payload)
+    if method == "ping":
+        return _bytes(data, NODE_ID_LEN)
+    if method == "store":
+        if not isinstance(data, bool):
+            raise WireError("store reply is not a boolean")
+        return data
+    if method == "find_node":
+        return _contacts(data)
+    if method == "find_value":
+        if not isinstance(data, dict) or set(data) - {"value", "nodes"}:
+            raise WireError("find_value reply malformed")
+        value = data.get("value")
+        return FindValueReply(
+            None if value is None else _bytes(value), _contacts(data.get("nodes", []))
+        )
+    raise WireError(f"no such method {method!r}")
+
+
+def encode_response(msg_id: bytes, result: Any) -> bytes:
+    frame: bytes = bytes([FRAME_RESPONSE]) + msg_id + _pack(result)
+    if len(frame) > MAX_FRAME:
+        raise WireError("DHT response too large")
+    return frame
