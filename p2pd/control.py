@@ -142,7 +142,7 @@ async def _serve_connection(stream: trio.SocketStream, methods: dict[str, Any]) 
                 return
 
 
-def _check_stale_socket(path: Path) -> None:
+def check_stale_socket(path: Path) -> None:
     """Refuse if a daemon answers on ``path``; remove a socket file nobody listens on."""
     if not path.exists() and not path.is_symlink():
         return
@@ -166,7 +166,7 @@ async def serve_control_api(
             f"the control socket path {path} is longer than {MAX_SOCKET_PATH} bytes; "
             "use a shorter --home"
         )
-    _check_stale_socket(path)
+    check_stale_socket(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # the socket is created 0600: no window with looser modes
     try:

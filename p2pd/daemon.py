@@ -222,9 +222,10 @@ async def open_node(
     config: NodeConfig, identity: Identity, *, bridge: AsyncioThread | None = None
 ) -> AsyncIterator[Node]:
     """Run a node until the context exits. ``bridge`` lets many nodes share one thread."""
-    from .control import serve_control_api
+    from .control import check_stale_socket, serve_control_api
 
     ensure_home(config.home)
+    check_stale_socket(config.home / "control.sock")  # before we touch anything else
     conn = open_database(db_path(config.home))
     own_bridge = bridge is None
     thread = bridge if bridge is not None else AsyncioThread()

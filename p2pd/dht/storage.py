@@ -71,6 +71,8 @@ class RecordStorage(IStorage):  # type: ignore[misc]
             log.debug("refused record for %s: %s", key.hex(), exc)
             return Verdict.INVALID
         verdict = judge(record, self._records.get(key), now)
+        if verdict == Verdict.SAME:
+            return verdict
         if verdict != Verdict.ACCEPT:
             self._count(verdict)
             return verdict

@@ -24,7 +24,9 @@ _READY = re.compile(r"ready: handle=(\S+) fingerprint=(\S+) listen=(\S+)")
 
 def p2pd_command() -> list[str]:
     """How to invoke the CLI: the installed console script, else ``python -m``."""
-    exe = shutil.which("p2pd", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    exe = shutil.which(
+        "p2pd", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    )
     return [exe] if exe else [sys.executable, "-m", "p2pd_cli.main"]
 
 

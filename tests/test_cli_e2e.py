@@ -1,0 +1,212 @@
+"""End to end: real `p2pd daemon` processes on 127.0.0.1, driven only through the CLI
+and the control socket, as a user would."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir
+
+pytestmark = pytest.mark.slow
+PASSPHRASE = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def root() -> Iterator[Path]:
+    path = short_tempdir("p2pd-e2e-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def network(root: Path) -> Iterator[dict[str, DaemonProcess]]:
+    """alice (encrypted key) starts a network; bob and carol join through her."""
+    (root / "pass").write_text(PASSPHRASE + "\n")
+    assert (
+        run_cli(root / "alice", "init", "alice", "--passphrase-file", str(root / "pass")).returncode
+        == 0
+    )
+    for handle in ("bob", "carol"):
+        assert run_cli(root / handle, "init", handle, "--no-passphrase").returncode == 0
+    daemons: dict[str, DaemonProcess] = {}
+    try:
+        daemons["alice"] = DaemonProcess(
+            root / "alice", env={"P2PD_PASSPHRASE": PASSPHRASE}
+        ).wait_ready()
+        for handle in ("bob", "carol"):
+            daemons[handle] = DaemonProcess(
+                root / handle, bootstrap=[daemons["alice"].listen]
+            ).wait_ready()
+        yield daemons
+    finally:
+        for d in daemons.values():
+            d.stop()
+
+
+def test_every_daemon_resolves_every_other(root: Path, network: dict[str, DaemonProcess]) -> None:
+    for asker in network:
+        for target, daemon in network.items():
+            record = cli_json(root / asker, "whois", target)
+            assert record["handle"] == target
+            assert record["fingerprint"] == daemon.fingerprint
+            assert record["addresses"] == [daemon.listen]
+            assert record["self_certifying"] == daemon.handle
+
+
+def test_whois_human_output_and_exit_codes(root: Path, network: dict[str, DaemonProcess]) -> None:
+    proc = run_cli(root / "bob", "whois", "carol")
+    assert proc.returncode == 0
+    assert network["carol"].handle in proc.stdout
+    assert network["carol"].listen in proc.stdout
+
+    good = network["alice"].handle  # alice#<12 chars of fingerprint>
+    assert run_cli(root / "bob", "whois", good).returncode == 0
+    short = good[: len("alice#") + 6]
+    assert run_cli(root / "bob", "whois", short).returncode == 0
+
+    fp = network["alice"].fingerprint
+    wrong = "alice#" + ("b" if fp[0] == "a" else "a") + fp[1:8]
+    proc = run_cli(root / "bob", "whois", wrong)
+    assert proc.returncode == 1
+    assert "does not match" in proc.stderr or "matches the fingerprint" in proc.stderr
+    assert proc.stderr.startswith("ERROR: ") and "Traceback" not in proc.stderr
+
+    proc = run_cli(root / "bob", "whois", "nobody")
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert "no valid record for handle 'nobody'" in proc.stderr
+
+    for bad in ("Alice", "al", "alice#xyz", "alice#0000000"):
+        proc = run_cli(root / "bob", "whois", bad)
+        assert proc.returncode == 2, bad
+        assert "ERROR:" in proc.stderr
+
+
+def test_status(root: Path, network: dict[str, DaemonProcess]) -> None:
+    status = cli_json(root / "carol", "status")
+    assert status["handle"] == "carol"
+    assert status["fingerprint"] == network["carol"].fingerprint
+    assert status["listen"] == network["carol"].listen
+    assert status["routing_table_size"] == 2
+    assert status["records_stored"] == 3
+    assert status["replicas"] >= 1
+    text = run_cli(root / "carol", "status").stdout
+    assert "routing table   2 contacts" in text
+
+
+def test_control_api_survives_malformed_requests(
+    root: Path, network: dict[str, DaemonProcess]
+) -> None:
+    path = root / "bob" / "control.sock"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((root / "bob").stat().st_mode) == 0o700
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        reader = sock.makefile("rb")
+
+        def ask(line: bytes) -> dict:
+            sock.sendall(line + b"\n")
+            return json.loads(reader.readline())
+
+        assert ask(b"{not json")["error"]["code"] == -32700
+        assert ask(b"[1, 2]")["error"]["code"] == -32600
+        assert ask(b'{"jsonrpc": "2.0", "id": 1}')["error"]["code"] == -32600
+        assert ask(b'{"jsonrpc": "2.0", "id": 2, "method": "nope"}')["error"]["code"] == -32601
+        bad = ask(b'{"jsonrpc": "2.0", "id": 3, "method": "whois", "params": {"handle": 5}}')
+        assert bad["error"]["code"] == -32602 and bad["id"] == 3
+        bad = ask(b'{"jsonrpc": "2.0", "id": 4, "method": "whois", "params": {"handle": "X"}}')
+        assert bad["error"]["code"] == -32602
+        missing = ask(b'{"jsonrpc": "2.0", "id": 5, "method": "whois", "params": ["zed"]}')
+        assert missing["error"]["code"] == -32001
+        ok = ask(b'{"jsonrpc": "2.0", "id": 6, "method": "status"}')
+        assert ok["id"] == 6 and ok["result"]["handle"] == "bob"
+    # a line over the limit closes only that connection
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b"x" * (70 * 1024))
+        assert json.loads(sock.makefile("rb").readline())["error"]["code"] == -32600
+    assert cli_json(root / "bob", "status")["handle"] == "bob"
+
+
+def test_restarted_daemon_rejoins_through_saved_contacts(
+    root: Path, network: dict[str, DaemonProcess]
+) -> None:
+    carol = network["carol"]
+    assert carol.stop() == 0
+    assert "stopped" in carol.log
+    assert not (root / "carol" / "control.sock").exists()
+    # no --bootstrap this time: the contacts saved at shutdown are enough
+    again = DaemonProcess(root / "carol", listen=carol.listen).wait_ready()
+    network["carol"] = again
+    record = cli_json(root / "carol", "whois", "alice")
+    assert record["fingerprint"] == network["alice"].fingerprint
+    assert cli_json(root / "carol", "status")["routing_table_size"] == 2
+
+
+def test_cli_errors_without_a_daemon_or_identity(root: Path) -> None:
+    home = root / "nobody"
+    proc = run_cli(home, "status")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"ERROR: no p2pd daemon is running for {home} (start one with `p2pd daemon`)"
+    )
+    proc = run_cli(home, "daemon", "--listen", "127.0.0.1:0")
+    assert proc.returncode == 1 and "p2pd init" in proc.stderr
+    proc = run_cli(home, "daemon", "--listen", "127.0.0.1:99999")
+    assert proc.returncode == 2 and "port" in proc.stderr
+
+
+def test_init_rules(root: Path) -> None:
+    home = root / "dave"
+    proc = run_cli(home, "init", "Dave", "--no-passphrase")
+    assert proc.returncode == 2 and "invalid handle 'Dave'" in proc.stderr
+    proc = run_cli(home, "init", "dave")  # no passphrase source, no terminal
+    assert proc.returncode == 2 and "--no-passphrase" in proc.stderr
+    proc = run_cli(home, "init", "dave", "--no-passphrase", "--json")
+    assert proc.returncode == 0
+    created = json.loads(proc.stdout)
+    assert created["self_certifying"].startswith("dave#") and created["encrypted"] is False
+    assert stat.S_IMODE((home / "identity.json").stat().st_mode) == 0o600
+    proc = run_cli(home, "init", "dave", "--no-passphrase")
+    assert proc.returncode == 1 and "refusing to overwrite" in proc.stderr
+    assert json.loads((home / "identity.json").read_text())["public_key"]
+
+
+def test_wrong_or_missing_passphrase_is_a_clear_error(
+    root: Path, network: dict[str, DaemonProcess]
+) -> None:
+    (root / "wrong").write_text("not it\n")
+    proc = run_cli(
+        root / "alice",
+        "daemon",
+        "--listen",
+        "127.0.0.1:0",
+        "--passphrase-file",
+        str(root / "wrong"),
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith(
+        "ERROR: the passphrase does not open the identity in " + str(root / "alice")
+    )
+    assert "Traceback" not in proc.stderr and PASSPHRASE not in proc.stderr
+    proc = run_cli(root / "alice", "daemon", "--listen", "127.0.0.1:0", env={"P2PD_PASSPHRASE": ""})
+    assert proc.returncode == 1 and "encrypted" in proc.stderr
+
+
+def test_one_daemon_per_home_and_no_secrets_in_output(
+    root: Path, network: dict[str, DaemonProcess]
+) -> None:
+    proc = run_cli(root / "bob", "daemon", "--listen", "127.0.0.1:0")
+    assert proc.returncode == 1
+    assert "already running" in proc.stderr
+    secret = json.loads((root / "bob" / "identity.json").read_text())["secret"]
+    outputs = [network["bob"].log, run_cli(root / "bob", "status", "--json").stdout]
+    assert all(secret not in out and secret.upper() not in out for out in outputs)

@@ -1,0 +1,210 @@
+"""A real DHT of 22 nodes on loopback in one process: registration, resolution, and
+every kind of attack on a handle record that an honest node must refuse."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from kademlia.node import Node
+
+from p2pd.errors import NotFound
+from p2pd.identity import HandleRef, Identity
+from p2pd.records import HandleRecord, dht_key
+from p2pd.testing.swarm import Swarm, SwarmNode, open_swarm
+from p2pd.wire import Address
+
+N_NODES = 22
+N_HANDLES = 10
+
+pytestmark = pytest.mark.slow
+
+
+async def store_everywhere(swarm: Swarm, sender: SwarmNode, key: bytes, value: bytes) -> list:
+    """Send one STORE straight to every other live node; return their replies."""
+    targets = [n for n in swarm.nodes if n.alive and n is not sender]
+
+    async def run() -> list:
+        import asyncio
+
+        proto = sender.dht.server.proto
+        return list(
+            await asyncio.gather(
+                *(
+                    proto.call(
+                        Node(t.dht.node_id, t.address.host, t.address.port), "store", key, value
+                    )
+                    for t in targets
+                )
+            )
+        )
+
+    return await swarm.bridge.run_coro(run())
+
+
+async def held_by(swarm: Swarm, key: bytes) -> list[HandleRecord | None]:
+    """What each live node's own storage holds under ``key``."""
+    out = []
+    for node in swarm.nodes:
+        if node.alive:
+            out.append(await swarm.bridge.run_sync(node.dht.server.storage.record, key))
+    return out
+
+
+async def test_every_node_resolves_every_handle() -> None:
+    with trio.fail_after(120):
+        async with open_swarm(N_NODES) as swarm:
+            published = [await swarm.publish(i) for i in range(N_HANDLES)]
+            for asker in swarm.nodes:
+                for record in published:
+                    found = await asker.dht.resolve(HandleRef(record.handle))
+                    assert found.public_key == record.public_key
+                    assert found.addresses == record.addresses
+                    assert found.seq == record.seq
+            # the record sits on about k nodes, not just its owner
+            holders = [r for r in await held_by(swarm, published[0].key) if r is not None]
+            assert len(holders) >= min(N_NODES, 20) - 2
+
+
+async def test_unknown_handle_is_not_found() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(8) as swarm:
+            await swarm.publish(0)
+            with pytest.raises(NotFound):
+                await swarm.nodes[5].dht.resolve(HandleRef("nobody_here"))
+
+
+async def test_attacks_are_refused_by_every_honest_node() -> None:
+    with trio.fail_after(120):
+        async with open_swarm(N_NODES) as swarm:
+            victim = swarm.nodes[0]
+            await swarm.publish(0)
+            newest = await swarm.publish(0)  # seq 2: the one lookups must return
+            oldest = victim.published[0]
+            key = dht_key(victim.identity.handle)
+            attacker = await swarm.add(Identity.generate("mallory"))
+            now = int(time.time())
+
+            # 1. forged: a later seq and another address under the old signature
+            forged = dataclasses.replace(
+                newest, seq=newest.seq + 5, addresses=(Address("127.0.0.1", 9),)
+            )
+            # 2. another key claiming the handle, validly self-signed
+            usurper = Identity.from_seed(victim.identity.handle, b"\x07" * 32)
+            other_key = HandleRecord.create(
+                usurper, [attacker.address], seq=newest.seq + 100, now=now, lifetime=3600
+            )
+            # 3. the owner's own older record replayed (a rollback)
+            holds_claim = [h is not None for h in await held_by(swarm, key)]
+            assert sum(holds_claim) >= 19  # the k closest (k=20) hold the claim
+            for name, value in (
+                ("forged", forged.encode()),
+                ("other key", other_key.encode()),
+                ("rollback", oldest.encode()),
+            ):
+                replies = await store_everywhere(swarm, attacker, key, value)
+                live = [n for n in swarm.nodes if n.alive and n is not attacker]
+                for node, reply in zip(live, replies, strict=True):
+                    if name != "other key" or holds_claim[node.index]:
+                        assert reply is False, (name, node.index)
+                    # A node outside the replica set never saw alice's claim, so for it
+                    # the usurper's is the first: first-claim is per storing node. The
+                    # lookup below must still never return it.
+
+            for index, held in enumerate(await held_by(swarm, key)):
+                if holds_claim[index]:
+                    assert held == newest
+                else:
+                    assert held is None or held.public_key == usurper.public_key
+            for asker in swarm.nodes[1:N_NODES]:
+                found = await asker.dht.resolve(HandleRef(victim.identity.handle))
+                assert found == newest
+            # the refusals were counted by reason
+            stats = await swarm.nodes[1].dht.statistics()
+            assert stats["refused_records"].get("invalid", 0) >= 1
+            assert stats["refused_records"].get("other-key", 0) >= 1
+            assert stats["refused_records"].get("stale", 0) >= 1
+
+
+async def test_self_certifying_handle_refuses_another_key() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(8) as swarm:
+            record = await swarm.publish(2)
+            good = HandleRef.parse(f"{record.handle}#{record.fingerprint[:12]}")
+            assert (await swarm.nodes[6].dht.resolve(good)) == record
+            wrong = "a" if record.fingerprint[0] != "a" else "b"
+            with pytest.raises(NotFound, match="fingerprint prefix"):
+                await swarm.nodes[6].dht.resolve(HandleRef.parse(f"{record.handle}#{wrong * 12}"))
+
+
+async def test_restarted_node_still_serves_stored_records(tmp_path: Path) -> None:
+    with trio.fail_after(120):
+        async with open_swarm(12, home=tmp_path) as swarm:
+            records = [await swarm.publish(i) for i in range(6)]
+            # the node (not an owner) that holds the most records for others
+            storage_of = {n.index: n.dht.server.storage for n in swarm.nodes[6:]}
+            held: dict[int, set[bytes]] = {}
+            for index, storage in storage_of.items():
+                held[index] = {
+                    r.key for r in records if await swarm.bridge.run_sync(storage.record, r.key)
+                }
+            holder = swarm.nodes[max(held, key=lambda i: len(held[i]))]
+            before = held[holder.index]
+            assert before
+            restarted = await swarm.restart(holder.index)
+            storage = restarted.dht.server.storage
+            for key in before:  # straight from SQLite, before any peer could resend it
+                assert await swarm.bridge.run_sync(storage.record, key) is not None
+            asker = swarm.nodes[1].dht.server.proto
+            target = Node(restarted.dht.node_id, restarted.address.host, restarted.address.port)
+            for key in before:
+                reply = await swarm.bridge.run_coro(asker.call(target, "find_value", key))
+                assert reply is not None and reply.value is not None
+                assert HandleRecord.decode(reply.value).key == key
+
+
+async def test_malformed_datagrams_are_dropped_and_counted() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(6) as swarm:
+            record = await swarm.publish(0)
+            target = swarm.nodes[3]
+            before = (await target.dht.statistics())["counters"].get("malformed", 0)
+            garbage = [
+                b"\x00",  # too short
+                b"\x00" + b"\x11" * 20 + b"\xc1",  # reserved msgpack byte
+                b"\x00" + b"\x11" * 20 + b"\x92\xa4ping\x90",  # ping without sender id
+                b"\x00" + b"\x11" * 20 + b"\x92\xa5store\x93\xc4\x14" + b"a" * 20 + b"\x01\x02",
+                b"\x00" + b"\x11" * 20 + b"\x91" * 3000 + b"\xc0",  # nested too deep
+                b"\x00" + b"\x11" * 20 + b"\xc4\xff" * 4000,  # oversize frame
+                b"\x01" + b"\x22" * 20 + b"\xc0",  # a reply nobody asked for
+            ]
+            sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+            with sock:
+                for datagram in garbage:
+                    await sock.sendto(datagram, target.address.as_tuple())
+            for _ in range(100):  # bounded wait for the counters to move
+                stats = await target.dht.statistics()
+                if stats["counters"].get("malformed", 0) - before >= 6:
+                    break
+                await trio.sleep(0.02)
+            assert stats["counters"]["malformed"] - before == 6
+            assert stats["counters"].get("unexpected_replies", 0) >= 1
+            # and it still serves
+            found = await swarm.nodes[5].dht.resolve(HandleRef(record.handle))
+            assert found == record
+
+
+async def test_lookups_survive_twenty_percent_of_nodes_dying() -> None:
+    with trio.fail_after(120):
+        async with open_swarm(25) as swarm:
+            records = [await swarm.publish(i) for i in range(25)]
+            for index in range(5, 25, 4):  # 5 of 25 go silent, owners included
+                await swarm.stop(index)
+            for asker in (n for n in swarm.nodes if n.alive):
+                for record in records[::3]:
+                    assert await asker.dht.resolve(HandleRef(record.handle)) == record
+            stats = await swarm.nodes[0].dht.statistics()
+            assert stats["counters"].get("timeouts", 0) >= 1  # it did meet the dead
