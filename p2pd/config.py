@@ -32,11 +32,13 @@ class DHTConfig:
     rpc_timeout: float = 2.0
     #: Bounds of the adaptive per-contact timeout (RFC 6298 RTO from measured round trips)
     #: after which a lookup stops waiting on a contact and asks another.
-    soft_timeout_min: float = 0.025
+    soft_timeout_min: float = 0.010
     soft_timeout_max: float = 1.0
     #: Consecutive lost replies before a contact leaves the routing table (stock kademlia
     #: evicts on the first).
     failures_before_eviction: int = 2
+    #: After a lost reply, lookups skip that node for this long (unless it speaks first).
+    suspect_period: float = 60.0
     #: A whole lookup gives up after this long.
     lookup_deadline: float = 10.0
     #: Hard cap of RPCs one lookup may send.

@@ -61,7 +61,7 @@ async def iterative_find(
     method = "find_value" if find_value else "find_node"
 
     def add(node: Node) -> None:
-        if node.id != own and node.id not in nodes:
+        if node.id != own and node.id not in nodes and not protocol.is_suspect(node.id):
             nodes[node.id] = node
             state[node.id] = _NEW
 
@@ -113,6 +113,8 @@ async def iterative_find(
             if kind == "slow":
                 if state.get(node_id) == _INFLIGHT:
                     state[node_id] = _SLOW
+                    # Other lookups need not wait on it too; a late reply clears this.
+                    protocol.mark_suspect(node_id)
                 continue
             if reply is None:
                 state[node_id] = _FAILED

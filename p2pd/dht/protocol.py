@@ -39,6 +39,9 @@ from .storage import RecordStorage
 
 log = logging.getLogger(__name__)
 
+#: Most node ids remembered as unresponsive.
+SUSPECTS_MAX = 10_000
+
 
 class DatagramSender(Protocol):
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None: ...
@@ -61,6 +64,9 @@ class DHTProtocol(KademliaProtocol):  # type: ignore[misc]
         self.stats: Counter[str] = Counter()
         self.rtt = RttTable(config.soft_timeout_min, config.soft_timeout_max)
         self._failures: dict[bytes, int] = {}
+        # Node ids whose last request went unanswered, and until when lookups skip them:
+        # peers keep naming a dead node in their replies long after we evicted it.
+        self._suspect_until: dict[bytes, float] = {}
         self._pending: dict[bytes, _Pending] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.transport: DatagramSender | None = None
@@ -116,6 +122,7 @@ class DHTProtocol(KademliaProtocol):  # type: ignore[misc]
         sender = Node(req.sender_id, address[0], address[1])
         self.welcome_if_new(sender)
         self._failures.pop(sender.id, None)
+        self._suspect_until.pop(sender.id, None)
         result: Any
         if req.method == "ping":
             result = self.source_node.id
@@ -176,9 +183,28 @@ class DHTProtocol(KademliaProtocol):  # type: ignore[misc]
             self.stats["timeouts"] += 1
             pending.future.set_result(None)
 
+    def is_suspect(self, node_id: bytes) -> bool:
+        until = self._suspect_until.get(node_id)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._suspect_until[node_id]
+            return False
+        return True
+
+    def mark_suspect(self, node_id: bytes) -> None:
+        """Skip this node in lookups for a while; any word from it clears that."""
+        now = time.monotonic()
+        if len(self._suspect_until) >= SUSPECTS_MAX:
+            self._suspect_until = {k: v for k, v in self._suspect_until.items() if v > now}
+            if len(self._suspect_until) >= SUSPECTS_MAX:
+                self._suspect_until.clear()
+        self._suspect_until[node_id] = now + self.config.suspect_period
+
     def note_reply(self, node: Node, result: Any) -> None:
         """Account for a request's outcome: welcome a live node, evict a dead one."""
         if result is None:
+            self.mark_suspect(node.id)
             count = self._failures.get(node.id, 0) + 1
             if count >= self.config.failures_before_eviction:
                 self._failures.pop(node.id, None)
@@ -188,6 +214,7 @@ class DHTProtocol(KademliaProtocol):  # type: ignore[misc]
                 self._failures[node.id] = count
             return
         self._failures.pop(node.id, None)
+        self._suspect_until.pop(node.id, None)
         self.welcome_if_new(node)
 
     async def call(self, node: Node, method: str, *args: Any) -> Any:
