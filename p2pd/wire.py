@@ -158,7 +158,33 @@ KEY_LEN = 20
 MAX_FRAME = 8192
 MAX_VALUE = 4096
 MAX_CONTACTS = 32
-DHT_METHODS = ("ping", "store", "find_node", "find_value")
+#: A sealed mailbox entry (docs/PROTOCOL.md, "Mailboxes").
+MAX_MAILBOX_ENTRY = 2048
+MAILBOX_ID_LEN = 16
+#: Entries per fetch reply: three of the largest still fit in one frame.
+MAILBOX_PAGE = 3
+MAILBOX_DELETE_MAX = 16
+PUBLIC_KEY_LEN = 32
+SIGNATURE_LEN = 64
+MAX_U63 = (1 << 63) - 1
+DHT_METHODS = (
+    "ping",
+    "store",
+    "find_node",
+    "find_value",
+    "mailbox_put",
+    "mailbox_fetch",
+    "mailbox_delete",
+)
+_ARITY = {
+    "ping": 1,
+    "store": 3,
+    "find_node": 2,
+    "find_value": 2,
+    "mailbox_put": 3,
+    "mailbox_fetch": 5,
+    "mailbox_delete": 5,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +200,13 @@ class DHTRequest:
     msg_id: bytes
     method: str
     sender_id: bytes
-    key: bytes | None = None  # store, find_node, find_value
-    value: bytes | None = None  # store
+    key: bytes | None = None  # store, find_node, find_value, mailbox_put
+    value: bytes | None = None  # store, mailbox_put
+    owner_key: bytes | None = None  # mailbox_fetch, mailbox_delete
+    timestamp: int | None = None  # mailbox_fetch, mailbox_delete
+    after: bytes | None = None  # mailbox_fetch: page cursor (an entry id, or b"")
+    ids: tuple[bytes, ...] | None = None  # mailbox_delete
+    signature: bytes | None = None  # mailbox_fetch, mailbox_delete
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +215,13 @@ class FindValueReply:
     contacts: tuple[Contact, ...]
 
 
-DHTResult = bytes | bool | tuple[Contact, ...] | FindValueReply
+@dataclass(frozen=True, slots=True)
+class MailboxPage:
+    entries: tuple[tuple[bytes, bytes], ...]  # (entry id, sealed entry)
+    more: bool
+
+
+DHTResult = bytes | bool | int | tuple[Contact, ...] | FindValueReply | MailboxPage
 
 
 def _unpack(payload: bytes) -> Any:
@@ -232,6 +269,12 @@ def _bytes(value: Any, length: int | None = None, *, maximum: int = MAX_VALUE) -
     return value
 
 
+def _u63(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_U63:
+        raise WireError("expected an integer in 0..2^63-1")
+    return value
+
+
 def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
     data = _unpack(payload)
     if not isinstance(data, list | tuple) or len(data) != 2:
@@ -239,15 +282,47 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
     method, args = data
     if method not in DHT_METHODS or not isinstance(args, list | tuple):
         raise WireError("unknown method or malformed arguments")
-    want = {"ping": 1, "store": 3, "find_node": 2, "find_value": 2}[method]
+    want = _ARITY[method]
     if len(args) != want:
         raise WireError(f"{method}: expected {want} arguments, got {len(args)}")
     sender = _bytes(args[0], NODE_ID_LEN)
     if method == "ping":
         return DHTRequest(msg_id, method, sender)
+    if method in ("mailbox_fetch", "mailbox_delete"):
+        owner = _bytes(args[1], PUBLIC_KEY_LEN)
+        timestamp = _u63(args[2])
+        signature = _bytes(args[4], SIGNATURE_LEN)
+        if method == "mailbox_fetch":
+            after = _bytes(args[3], maximum=MAILBOX_ID_LEN)
+            if len(after) not in (0, MAILBOX_ID_LEN):
+                raise WireError("mailbox cursor must be empty or an entry id")
+            return DHTRequest(
+                msg_id,
+                method,
+                sender,
+                owner_key=owner,
+                timestamp=timestamp,
+                after=after,
+                signature=signature,
+            )
+        raw_ids = args[3]
+        if not isinstance(raw_ids, list | tuple) or not 0 < len(raw_ids) <= MAILBOX_DELETE_MAX:
+            raise WireError(f"mailbox_delete takes 1..{MAILBOX_DELETE_MAX} ids")
+        ids = tuple(_bytes(i, MAILBOX_ID_LEN) for i in raw_ids)
+        return DHTRequest(
+            msg_id,
+            method,
+            sender,
+            owner_key=owner,
+            timestamp=timestamp,
+            ids=ids,
+            signature=signature,
+        )
     key = _bytes(args[1], KEY_LEN)
     if method == "store":
         return DHTRequest(msg_id, method, sender, key, _bytes(args[2]))
+    if method == "mailbox_put":
+        return DHTRequest(msg_id, method, sender, key, _bytes(args[2], maximum=MAX_MAILBOX_ENTRY))
     return DHTRequest(msg_id, method, sender, key)
 
 
@@ -301,6 +376,33 @@ def decode_response(method: str, payload: bytes) -> DHTResult:
         return FindValueReply(
             None if value is None else _bytes(value), _contacts(data.get("nodes", []))
         )
+    if method == "mailbox_put":
+        if not isinstance(data, bool):
+            raise WireError("mailbox_put reply is not a boolean")
+        return data
+    if method == "mailbox_fetch":
+        if not isinstance(data, dict) or set(data) != {"entries", "more"}:
+            raise WireError("mailbox_fetch reply malformed")
+        raw, more = data["entries"], data["more"]
+        if (
+            not isinstance(raw, list | tuple)
+            or len(raw) > MAILBOX_PAGE
+            or not isinstance(more, bool)
+        ):
+            raise WireError("mailbox_fetch reply malformed")
+        entries = []
+        for item in raw:
+            if not isinstance(item, list | tuple) or len(item) != 2:
+                raise WireError("mailbox entry is not [id, entry]")
+            entries.append(
+                (_bytes(item[0], MAILBOX_ID_LEN), _bytes(item[1], maximum=MAX_MAILBOX_ENTRY))
+            )
+        return MailboxPage(tuple(entries), more)
+    if method == "mailbox_delete":
+        count = _u63(data)
+        if count > MAILBOX_DELETE_MAX:
+            raise WireError("mailbox_delete reply out of range")
+        return count
     raise WireError(f"no such method {method!r}")
 
 

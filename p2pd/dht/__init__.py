@@ -16,12 +16,13 @@ import trio
 
 from ..config import DHTConfig
 from ..errors import NotFound
-from ..identity import HandleRef
+from ..identity import HandleRef, Identity
 from ..records import HandleRecord, dht_key
 from ..store import open_database
 from ..wire import Address
 from .bridge import AsyncioThread
 from .lookup import LookupResult
+from .mailbox import MailboxStorage
 from .protocol import DatagramSender, node_id_for
 from .server import DHTServer
 from .storage import RecordStorage
@@ -69,6 +70,17 @@ class DHT:
             raise NotFound(f"no valid record for handle {ref.handle!r} in the DHT")
         return record, result
 
+    async def mailbox_put(self, owner_public_key: bytes, entry: bytes) -> int:
+        """Leave a sealed entry in someone's mailbox; returns how many nodes took it."""
+        return await self._bridge.run_coro(self._server.mailbox_put(owner_public_key, entry))
+
+    async def mailbox_fetch(self, identity: Identity) -> list[tuple[bytes, bytes]]:
+        """(entry id, sealed entry) for everything waiting in our mailbox."""
+        return await self._bridge.run_coro(self._server.mailbox_fetch(identity))
+
+    async def mailbox_delete(self, identity: Identity, ids: list[bytes]) -> int:
+        return await self._bridge.run_coro(self._server.mailbox_delete(identity, ids))
+
     async def statistics(self) -> dict[str, Any]:
         return await self._bridge.run_sync(self._server.statistics)
 
@@ -99,8 +111,9 @@ async def open_dht(
     """Create a DHT node on ``bridge``'s loop that sends through ``transport``."""
 
     def build() -> DHTServer:
-        storage = RecordStorage(open_database(db_path), max_records=config.max_records)
-        server = DHTServer(node_id, storage, config)
+        conn = open_database(db_path)
+        storage = RecordStorage(conn, max_records=config.max_records)
+        server = DHTServer(node_id, storage, config, MailboxStorage(conn))
         server.attach(transport)
         return server
 

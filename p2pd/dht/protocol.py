@@ -34,6 +34,7 @@ from .. import wire
 from ..config import DHTConfig
 from ..errors import WireError
 from ..records import Verdict
+from .mailbox import MailboxStorage
 from .rtt import RttTable
 from .storage import RecordStorage
 
@@ -57,10 +58,17 @@ class _Pending:
 
 
 class DHTProtocol(KademliaProtocol):  # type: ignore[misc]
-    def __init__(self, source_node: Node, storage: RecordStorage, config: DHTConfig) -> None:
+    def __init__(
+        self,
+        source_node: Node,
+        storage: RecordStorage,
+        config: DHTConfig,
+        mailboxes: MailboxStorage,
+    ) -> None:
         KademliaProtocol.__init__(self, source_node, storage, config.ksize)
         self.config = config
         self.storage: RecordStorage = storage
+        self.mailboxes = mailboxes
         self.stats: Counter[str] = Counter()
         self.rtt = RttTable(config.soft_timeout_min, config.soft_timeout_max)
         self._failures: dict[bytes, int] = {}
@@ -133,13 +141,30 @@ class DHTProtocol(KademliaProtocol):  # type: ignore[misc]
         elif req.method == "find_node":
             assert req.key is not None
             result = self._neighbors(req.key, exclude=sender)
-        else:  # find_value
+        elif req.method == "find_value":
             assert req.key is not None
             result = {"nodes": self._neighbors(req.key, exclude=sender)}
             value = self.storage.get(req.key)
             if value is not None:
                 result["value"] = value
+        else:
+            result = self._on_mailbox_request(req)
         self._send(wire.encode_response(req.msg_id, result), address)
+
+    def _on_mailbox_request(self, req: wire.DHTRequest) -> Any:
+        if req.method == "mailbox_put":
+            assert req.key is not None and req.value is not None
+            return self.mailboxes.put(req.key, req.value)
+        assert req.owner_key is not None and req.timestamp is not None
+        assert req.signature is not None
+        if req.method == "mailbox_fetch":
+            assert req.after is not None
+            page = self.mailboxes.fetch(req.owner_key, req.timestamp, req.after, req.signature)
+            entries, more = page if page is not None else ([], False)
+            return {"entries": [list(e) for e in entries], "more": more}
+        assert req.ids is not None
+        deleted = self.mailboxes.delete(req.owner_key, req.timestamp, req.ids, req.signature)
+        return deleted or 0
 
     def _neighbors(self, key: bytes, exclude: Node) -> list[list[Any]]:
         nodes = self.router.find_neighbors(Node(key), exclude=exclude)

@@ -16,8 +16,17 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from ..config import DHTConfig
+from ..identity import Identity
 from ..records import HandleRecord, Verdict, choose_best
+from ..wire import MAILBOX_DELETE_MAX, MailboxPage
 from .lookup import LookupResult, iterative_find
+from .mailbox import (
+    MailboxStorage,
+    delete_message,
+    entry_id,
+    fetch_message,
+    mailbox_key,
+)
 from .protocol import DHTProtocol
 from .storage import RecordStorage
 
@@ -27,15 +36,22 @@ log = logging.getLogger(__name__)
 class DHTServer(Server):  # type: ignore[misc]
     protocol_class = DHTProtocol
 
-    def __init__(self, node_id: bytes, storage: RecordStorage, config: DHTConfig) -> None:
+    def __init__(
+        self,
+        node_id: bytes,
+        storage: RecordStorage,
+        config: DHTConfig,
+        mailboxes: MailboxStorage,
+    ) -> None:
         super().__init__(ksize=config.ksize, alpha=config.alpha, node_id=node_id, storage=storage)
         self.config = config
         self.storage: RecordStorage = storage
+        self.mailboxes = mailboxes
         self.protocol: DHTProtocol | None = None
         self._maintenance: asyncio.Task[None] | None = None
 
     def _create_protocol(self) -> DHTProtocol:
-        return DHTProtocol(self.node, self.storage, self.config)
+        return DHTProtocol(self.node, self.storage, self.config, self.mailboxes)
 
     @property
     def proto(self) -> DHTProtocol:
@@ -82,6 +98,7 @@ class DHTServer(Server):  # type: ignore[misc]
     async def maintain_once(self) -> None:
         proto = self.proto
         self.storage.cull()
+        self.mailboxes.cull()
         for bucket in proto.router.buckets:
             if time.monotonic() - bucket.last_updated >= self.config.refresh_interval:
                 low, high = bucket.range
@@ -154,12 +171,91 @@ class DHTServer(Server):  # type: ignore[misc]
                 self.storage.offer(key, encoded)
         return best, result
 
+    # ------------------------------------------------------------------ mailboxes
+
+    async def _mailbox_nodes(self, owner: bytes) -> tuple[bytes, list[Node], bool]:
+        """The mailbox key, the k closest nodes to it, and whether we are among them."""
+        key = mailbox_key(owner)
+        result = await iterative_find(self.proto, key, find_value=False)
+        target = Node(key)
+        far = max((n.distance_to(target) for n in result.closest), default=None)
+        local = far is None or len(result.closest) < self.ksize
+        return key, result.closest, local or self.node.distance_to(target) < far
+
+    async def mailbox_put(self, owner: bytes, entry: bytes) -> int:
+        """Leave ``entry`` in ``owner``'s mailbox on the k closest nodes; returns copies."""
+        key, nodes, local = await self._mailbox_nodes(owner)
+        stored = int(local and self.mailboxes.put(key, entry))
+        replies = await asyncio.gather(
+            *(self.proto.call(n, "mailbox_put", key, entry) for n in nodes)
+        )
+        return stored + sum(1 for r in replies if r is True)
+
+    async def mailbox_fetch(
+        self, identity: Identity, *, max_pages: int = 100
+    ) -> list[tuple[bytes, bytes]]:
+        """Every entry in our mailbox, from all the nodes that hold a copy, deduplicated."""
+        owner = identity.public_key
+        _, nodes, local = await self._mailbox_nodes(owner)
+        found: dict[bytes, bytes] = {}
+
+        def signed(after: bytes) -> tuple[int, bytes]:
+            ts = int(time.time())
+            return ts, identity.sign(fetch_message(owner, ts, after))
+
+        if local:
+            after = b""
+            for _ in range(max_pages):
+                ts, sig = signed(after)
+                page = self.mailboxes.fetch(owner, ts, after, sig)
+                if not page or not page[0]:
+                    break
+                found.update(page[0])
+                after = page[0][-1][0]
+                if not page[1]:
+                    break
+
+        async def from_node(node: Node) -> None:
+            after = b""
+            for _ in range(max_pages):
+                ts, sig = signed(after)
+                page = await self.proto.call(node, "mailbox_fetch", owner, ts, after, sig)
+                if not isinstance(page, MailboxPage) or not page.entries:
+                    return
+                for ident, entry in page.entries:
+                    if entry_id(entry) == ident:  # a node cannot rewrite an entry unseen
+                        found[ident] = entry
+                after = page.entries[-1][0]
+                if not page.more:
+                    return
+
+        await asyncio.gather(*(from_node(n) for n in nodes))
+        return sorted(found.items())
+
+    async def mailbox_delete(self, identity: Identity, ids: list[bytes]) -> int:
+        """Delete entries (that we have safely processed) from every copy."""
+        owner = identity.public_key
+        _, nodes, local = await self._mailbox_nodes(owner)
+        deleted = 0
+        for start in range(0, len(ids), MAILBOX_DELETE_MAX):
+            chunk = tuple(ids[start : start + MAILBOX_DELETE_MAX])
+            ts = int(time.time())
+            sig = identity.sign(delete_message(owner, ts, chunk))
+            if local:
+                deleted += self.mailboxes.delete(owner, ts, chunk, sig) or 0
+            replies = await asyncio.gather(
+                *(self.proto.call(n, "mailbox_delete", owner, ts, list(chunk), sig) for n in nodes)
+            )
+            deleted += sum(r for r in replies if isinstance(r, int) and not isinstance(r, bool))
+        return deleted
+
     def statistics(self) -> dict[str, Any]:
         proto = self.proto
         return {
             "node_id": self.node.id.hex(),
             "routing_table_size": proto.routing_table_size(),
             "records_stored": len(self.storage),
+            "mailbox_entries_held": self.mailboxes.count(),
             "refused_records": dict(self.storage.refused),
             "counters": dict(proto.stats),
         }
