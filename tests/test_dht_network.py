@@ -209,5 +209,9 @@ async def test_lookups_survive_twenty_percent_of_nodes_dying() -> None:
             for asker in (n for n in swarm.nodes if n.alive):
                 for record in records[::3]:
                     assert await asker.dht.resolve(HandleRef(record.handle)) == record
-            stats = await swarm.nodes[0].dht.statistics()
-            assert stats["counters"].get("timeouts", 0) >= 1  # it did meet the dead
+            # they did meet the dead, and did not wait for the 2 s hard timeout on them
+            met = 0
+            for node in swarm.nodes:
+                if node.alive:
+                    met += (await node.dht.statistics())["counters"].get("soft_timeouts", 0)
+            assert met >= 5

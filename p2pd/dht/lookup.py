@@ -115,6 +115,7 @@ async def iterative_find(
                     state[node_id] = _SLOW
                     # Other lookups need not wait on it too; a late reply clears this.
                     protocol.mark_suspect(node_id)
+                    protocol.stats["soft_timeouts"] += 1
                 continue
             if reply is None:
                 state[node_id] = _FAILED
