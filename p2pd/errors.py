@@ -21,7 +21,8 @@ from the class, so messages never carry secrets or tracebacks.
     ├── RemoteError              a peer or the network misbehaved (exit 1)
     │   ├── WireError            bytes that do not decode (malformed, oversize)
     │   │   └── RecordError      a handle record that does not verify or is out of bounds
-    │   └── NotFound             the network holds no valid record for that handle
+    │   ├── NotFound             the network holds no valid record for that handle
+    │   └── KeyChanged           a contact's key differs from the pinned one
     └── ControlError             the daemon answered a control request with an error
                                  (carries the JSON-RPC code)
 """
@@ -102,6 +103,10 @@ class RecordError(WireError):
 
 class NotFound(RemoteError):
     """No valid record for that handle was found."""
+
+
+class KeyChanged(RemoteError):
+    """This contact's key has changed: check it with `p2pd verify HANDLE` before sending."""
 
 
 class ControlError(P2PDError):

@@ -411,3 +411,116 @@ def encode_response(msg_id: bytes, result: Any) -> bytes:
     if len(frame) > MAX_FRAME:
         raise WireError("DHT response too large")
     return frame
+
+
+# --------------------------------------------------------------------------- messages
+#
+# What travels inside a session's encryption (the plaintext of a Double Ratchet message),
+# the frames on a QUIC message stream, and the sealed mailbox entry. docs/PROTOCOL.md,
+# "Messages", has the layouts.
+
+MESSAGE_VERSION = 1
+KIND_TEXT = 1
+MESSAGE_ID_LEN = 16
+MAX_TEXT = 64 * 1024
+FRAME_MESSAGE = 1
+FRAME_ACK = 2
+#: A message frame: an id and a session envelope around at most MAX_TEXT of text.
+MAX_STREAM_FRAME = MAX_TEXT + 4096
+MAILBOX_MESSAGE = 1
+MAILBOX_ACK = 2
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePayload:
+    """The plaintext a session encrypts: one text message of a conversation."""
+
+    msg_id: bytes
+    seq: int
+    sent_at_ms: int
+    text: str
+    kind: int = KIND_TEXT
+
+    def encode(self) -> bytes:
+        body = self.text.encode("utf-8")
+        if len(body) > MAX_TEXT:
+            raise WireError(f"message text over {MAX_TEXT} bytes")
+        if len(self.msg_id) != MESSAGE_ID_LEN:
+            raise WireError("message id must be 16 bytes")
+        return (
+            bytes([MESSAGE_VERSION, self.kind])
+            + self.msg_id
+            + struct.pack(">QQI", self.seq, self.sent_at_ms, len(body))
+            + body
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> MessagePayload:
+        r = Reader(data)
+        if r.u8() != MESSAGE_VERSION:
+            raise WireError("unknown message version")
+        kind = r.u8()
+        if kind != KIND_TEXT:
+            raise WireError(f"unknown message kind {kind}")
+        msg_id = r.take(MESSAGE_ID_LEN)
+        seq, sent_at = r.u64(), r.u64()
+        (length,) = struct.unpack(">I", r.take(4))
+        if length > MAX_TEXT:
+            raise WireError("message text too long")
+        try:
+            text = r.take(length).decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError("message text is not UTF-8") from None
+        r.end()
+        return cls(msg_id, seq, sent_at, text, kind)
+
+
+def encode_stream_frame(kind: int, payload: bytes) -> bytes:
+    if kind not in (FRAME_MESSAGE, FRAME_ACK) or len(payload) > MAX_STREAM_FRAME:
+        raise WireError("bad stream frame")
+    return struct.pack(">BI", kind, len(payload)) + payload
+
+
+class StreamFrameDecoder:
+    """Incremental decoder for ``type u8 | length u32 | payload`` frames on a stream."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._buffer += data
+        frames = []
+        while len(self._buffer) >= 5:
+            kind, length = struct.unpack_from(">BI", self._buffer)
+            if kind not in (FRAME_MESSAGE, FRAME_ACK) or length > MAX_STREAM_FRAME:
+                raise WireError("bad stream frame header")
+            if len(self._buffer) < 5 + length:
+                break
+            frames.append((kind, bytes(self._buffer[5 : 5 + length])))
+            del self._buffer[: 5 + length]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+
+def encode_mailbox_plaintext(kind: int, sender_key: bytes, msg_id: bytes, envelope: bytes) -> bytes:
+    if len(sender_key) != PUBLIC_KEY_LEN or len(msg_id) != MESSAGE_ID_LEN:
+        raise WireError("bad mailbox entry fields")
+    return bytes([MESSAGE_VERSION, kind]) + sender_key + msg_id + envelope
+
+
+def decode_mailbox_plaintext(data: bytes) -> tuple[int, bytes, bytes, bytes]:
+    """(kind, sender key, message id, envelope) of an opened mailbox entry."""
+    r = Reader(data)
+    if r.u8() != MESSAGE_VERSION:
+        raise WireError("unknown mailbox entry version")
+    kind = r.u8()
+    if kind not in (MAILBOX_MESSAGE, MAILBOX_ACK):
+        raise WireError("unknown mailbox entry kind")
+    sender, msg_id = r.take(PUBLIC_KEY_LEN), r.take(MESSAGE_ID_LEN)
+    envelope = data[r.position :]
+    if kind == MAILBOX_ACK and envelope:
+        raise WireError("mailbox ack with a body")
+    return kind, sender, msg_id, envelope

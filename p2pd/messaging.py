@@ -1,0 +1,358 @@
+"""Messages at rest and the delivery state machine: outbox, acks, retries, dedupe, order.
+
+Sans I/O: every method takes ``now``; the trio service that moves messages
+(:mod:`p2pd.delivery`) calls these and does the network part. Everything a user was told
+is queued is in SQLite before the call returns, so neither side's crash loses it.
+
+States of an outgoing message::
+
+    queued ──(transmitted directly, or left in a mailbox)──> sent ──(ack)──> delivered
+
+A message stays due for retransmission (exponential backoff, capped) until its ack
+arrives. The receiver deduplicates by message id, so retransmissions are harmless, and
+orders each conversation by the sender's sequence number.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import KeyChanged, UsageError
+from .identity import fingerprint
+from .wire import MAX_TEXT
+
+QUEUED, SENT, DELIVERED = "queued", "sent", "delivered"
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 60.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS contacts (
+    handle TEXT PRIMARY KEY, public_key BLOB NOT NULL, verified INTEGER NOT NULL DEFAULT 0,
+    first_seen REAL NOT NULL, pending_key BLOB);
+CREATE TABLE IF NOT EXISTS messages (
+    id BLOB PRIMARY KEY, direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+    handle TEXT NOT NULL, peer_key BLOB NOT NULL, seq INTEGER NOT NULL, text TEXT NOT NULL,
+    state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
+    sent_at_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0, envelope BLOB, via TEXT);
+CREATE INDEX IF NOT EXISTS messages_due ON messages (direction, state, next_attempt);
+CREATE INDEX IF NOT EXISTS messages_conv ON messages (peer_key, direction, seq);
+CREATE TABLE IF NOT EXISTS conversation_seq (peer_key BLOB PRIMARY KEY, next_seq INTEGER);
+"""
+
+
+def backoff(attempts: int, rng: random.Random | None = None) -> float:
+    """Seconds before retry number ``attempts + 1``: 0.5, 1, 2, ... 60, with ±20% jitter."""
+    base = min(BACKOFF_MAX, BACKOFF_FIRST * (2.0 ** min(attempts, 16)))
+    return float(base) * (0.8 + 0.4 * (rng or random).random())
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: bytes
+    direction: str
+    handle: str
+    peer_key: bytes
+    seq: int
+    text: str
+    state: str
+    created: float
+    updated: float
+    sent_at_ms: int
+    attempts: int
+    envelope: bytes | None
+    via: str | None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id.hex(),
+            "direction": self.direction,
+            "handle": self.handle,
+            "fingerprint": fingerprint(self.peer_key),
+            "seq": self.seq,
+            "text": self.text,
+            "state": self.state,
+            "created": self.created,
+            "updated": self.updated,
+            "sent_at": self.sent_at_ms / 1000,
+            "via": self.via,
+        }
+
+
+_COLUMNS = (
+    "id, direction, handle, peer_key, seq, text, state, created, updated, sent_at_ms, "
+    "attempts, envelope, via"
+)
+
+
+def _row(row: tuple[Any, ...]) -> Message:
+    return Message(
+        bytes(row[0]), row[1], row[2], bytes(row[3]), int(row[4]), row[5], row[6],
+        float(row[7]), float(row[8]), int(row[9]), int(row[10]),
+        None if row[11] is None else bytes(row[11]), row[12],
+    )  # fmt: skip
+
+
+class MessageStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        conn.executescript(_SCHEMA)
+        conn.commit()
+
+    # ------------------------------------------------------------------ outgoing
+
+    def enqueue(self, handle: str, peer_key: bytes, text: str, now: float) -> Message:
+        """Store a new outgoing message (state queued) durably; return it."""
+        if len(text.encode("utf-8")) > MAX_TEXT:
+            raise UsageError(f"message too long: at most {MAX_TEXT} bytes of UTF-8")
+        msg_id = os.urandom(16)
+        with self._conn:
+            row = self._conn.execute(
+                "SELECT next_seq FROM conversation_seq WHERE peer_key=?", (peer_key,)
+            ).fetchone()
+            seq = 1 if row is None else int(row[0])
+            self._conn.execute(
+                "INSERT INTO conversation_seq(peer_key, next_seq) VALUES (?, ?) "
+                "ON CONFLICT(peer_key) DO UPDATE SET next_seq=excluded.next_seq",
+                (peer_key, seq + 1),
+            )
+            self._conn.execute(
+                f"INSERT INTO messages({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (msg_id, "out", handle, peer_key, seq, text, QUEUED, now, now,
+                 int(now * 1000), 0, None, None),
+            )  # fmt: skip
+        message = self.get(msg_id)
+        assert message is not None
+        return message
+
+    def get(self, msg_id: bytes) -> Message | None:
+        row = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE id=?", (msg_id,)
+        ).fetchone()
+        return None if row is None else _row(row)
+
+    def due(self, now: float, limit: int = 256) -> list[Message]:
+        """Outgoing messages not yet acknowledged whose retry time has come, in order."""
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE direction='out' AND state!=? "
+            "AND next_attempt<=? ORDER BY peer_key, seq LIMIT ?",
+            (DELIVERED, now, limit),
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+    def next_due(self) -> float | None:
+        row = self._conn.execute(
+            "SELECT MIN(next_attempt) FROM messages WHERE direction='out' AND state!=?",
+            (DELIVERED,),
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def pending_for(self, peer_key: bytes) -> list[Message]:
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE direction='out' AND state!=? "
+            "AND peer_key=? ORDER BY seq",
+            (DELIVERED, peer_key),
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+    def set_envelope(self, msg_id: bytes, envelope: bytes, *, commit: bool = True) -> None:
+        """Keep the ciphertext so that every retry sends the same bytes."""
+        self._conn.execute("UPDATE messages SET envelope=? WHERE id=?", (envelope, msg_id))
+        if commit:
+            self._conn.commit()
+
+    def mark_attempt(
+        self, msg_id: bytes, now: float, *, via: str | None, rng: random.Random | None = None
+    ) -> None:
+        """A transmission happened (``via`` direct/mailbox) or failed (None): schedule the next."""
+        row = self._conn.execute(
+            "SELECT attempts, state FROM messages WHERE id=?", (msg_id,)
+        ).fetchone()
+        if row is None or row[1] == DELIVERED:
+            return
+        attempts = int(row[0]) + 1
+        state = SENT if via is not None else row[1]
+        self._conn.execute(
+            "UPDATE messages SET attempts=?, next_attempt=?, state=?, updated=?, "
+            "via=COALESCE(?, via) WHERE id=?",
+            (attempts, now + backoff(attempts - 1, rng), state, now, via, msg_id),
+        )
+        self._conn.commit()
+
+    def mark_delivered(self, msg_id: bytes, peer_key: bytes, now: float) -> bool:
+        """An ack arrived from ``peer_key``. True if this changed the message's state."""
+        cursor = self._conn.execute(
+            "UPDATE messages SET state=?, updated=? WHERE id=? AND direction='out' "
+            "AND peer_key=? AND state!=?",
+            (DELIVERED, now, msg_id, peer_key, DELIVERED),
+        )
+        self._conn.commit()
+        return cursor.rowcount == 1
+
+    def retry_now(self, peer_key: bytes | None = None) -> None:
+        """Make pending messages due at once (a peer came online, the user asked)."""
+        if peer_key is None:
+            self._conn.execute(
+                "UPDATE messages SET next_attempt=0 WHERE direction='out' AND state!=?",
+                (DELIVERED,),
+            )
+        else:
+            self._conn.execute(
+                "UPDATE messages SET next_attempt=0 WHERE direction='out' AND state!=? "
+                "AND peer_key=?",
+                (DELIVERED, peer_key),
+            )
+        self._conn.commit()
+
+    # ------------------------------------------------------------------ incoming
+
+    def seen(self, msg_id: bytes) -> bool:
+        return (
+            self._conn.execute(
+                "SELECT 1 FROM messages WHERE id=? AND direction='in'", (msg_id,)
+            ).fetchone()
+            is not None
+        )
+
+    def record_incoming(
+        self,
+        msg_id: bytes,
+        handle: str,
+        peer_key: bytes,
+        seq: int,
+        text: str,
+        sent_at_ms: int,
+        now: float,
+        *,
+        via: str,
+        commit: bool = True,
+    ) -> bool:
+        """Store a received message; False (and nothing changes) if it is a duplicate."""
+        cursor = self._conn.execute(
+            f"INSERT OR IGNORE INTO messages({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (msg_id, "in", handle, peer_key, seq, text, DELIVERED, now, now, sent_at_ms, 0,
+             None, via),
+        )  # fmt: skip
+        if commit:
+            self._conn.commit()
+        return cursor.rowcount == 1
+
+    def inbox(
+        self, *, peer_key: bytes | None = None, after_rowid: int = 0, limit: int = 1000
+    ) -> list[tuple[int, Message]]:
+        """Received messages, each conversation in its sender's order."""
+        where, args = "direction='in' AND rowid>?", [after_rowid]
+        if peer_key is not None:
+            where += " AND peer_key=?"
+            args.append(peer_key)  # type: ignore[arg-type]
+        rows = self._conn.execute(
+            f"SELECT rowid, {_COLUMNS} FROM messages WHERE {where} ORDER BY peer_key, seq LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [(int(r[0]), _row(r[1:])) for r in rows]
+
+    def outbox(self, *, limit: int = 1000) -> list[Message]:
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE direction='out' ORDER BY created DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+
+# --------------------------------------------------------------------------- contacts
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    handle: str
+    public_key: bytes
+    verified: bool
+    first_seen: float
+    pending_key: bytes | None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "handle": self.handle,
+            "fingerprint": fingerprint(self.public_key),
+            "verified": self.verified,
+            "first_seen": self.first_seen,
+            "key_changed": self.pending_key is not None,
+            "new_fingerprint": None if self.pending_key is None else fingerprint(self.pending_key),
+        }
+
+
+class Contacts:
+    """Pinned keys (trust on first use). A changed key is never used silently."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        conn.executescript(_SCHEMA)
+
+    def get(self, handle: str) -> Contact | None:
+        row = self._conn.execute(
+            "SELECT handle, public_key, verified, first_seen, pending_key FROM contacts "
+            "WHERE handle=?",
+            (handle,),
+        ).fetchone()
+        if row is None:
+            return None
+        pending = None if row[4] is None else bytes(row[4])
+        return Contact(row[0], bytes(row[1]), bool(row[2]), float(row[3]), pending)
+
+    def by_key(self, public_key: bytes) -> Contact | None:
+        row = self._conn.execute(
+            "SELECT handle FROM contacts WHERE public_key=?", (public_key,)
+        ).fetchone()
+        return None if row is None else self.get(row[0])
+
+    def check(self, handle: str, public_key: bytes, now: float) -> Contact:
+        """Pin on first sight; return the contact if ``public_key`` is the pinned key.
+
+        A different key is remembered as pending and raises KeyChanged until the user
+        accepts it with `p2pd verify HANDLE --accept`.
+        """
+        contact = self.get(handle)
+        if contact is None:
+            self._conn.execute(
+                "INSERT INTO contacts(handle, public_key, verified, first_seen) VALUES (?,?,0,?)",
+                (handle, public_key, now),
+            )
+            self._conn.commit()
+            contact = self.get(handle)
+            assert contact is not None
+            return contact
+        if contact.public_key == public_key:
+            return contact
+        if contact.pending_key != public_key:
+            self._conn.execute(
+                "UPDATE contacts SET pending_key=? WHERE handle=?", (public_key, handle)
+            )
+            self._conn.commit()
+        raise KeyChanged(
+            f"the key of {handle!r} has changed (pinned {fingerprint(contact.public_key)[:12]}, "
+            f"now {fingerprint(public_key)[:12]}): nothing was sent. Compare safety numbers "
+            f"with `p2pd verify {handle}` and accept with `p2pd verify {handle} --accept`"
+        )
+
+    def accept(self, handle: str) -> Contact:
+        """Mark the contact verified; if its key changed, pin the new key."""
+        contact = self.get(handle)
+        if contact is None:
+            raise UsageError(f"{handle!r} is not a contact yet: `p2pd whois {handle}` first")
+        self._conn.execute(
+            "UPDATE contacts SET public_key=COALESCE(pending_key, public_key), "
+            "pending_key=NULL, verified=1 WHERE handle=?",
+            (handle,),
+        )
+        self._conn.commit()
+        updated = self.get(handle)
+        assert updated is not None
+        return updated
+
+    def all(self) -> list[Contact]:
+        rows = self._conn.execute("SELECT handle FROM contacts ORDER BY handle").fetchall()
+        return [c for (h,) in rows if (c := self.get(h)) is not None]
