@@ -52,6 +52,42 @@ class DHTConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QuicConfig:
+    """The QUIC transport (p2pd/transport/quic.py, docs/PROTOCOL.md "QUIC"). Times in
+    seconds, sizes in bytes."""
+
+    #: Our max_idle_timeout transport parameter (RFC 9000 section 10.1): a connection that
+    #: hears nothing for this long (the smaller of both sides' values) is gone.
+    idle_timeout: float = 30.0
+    #: While a connection is in use, a PING goes out after this long without sending, so
+    #: the idle timeout never ends a connection someone still uses (section 10.1.2).
+    keepalive_interval: float = 10.0
+    #: A connection with no open stream and no stream or datagram traffic for this long is
+    #: closed (gracefully, CONNECTION_CLOSE with NO_ERROR).
+    idle_close: float = 60.0
+    #: ``connect`` (and an incoming handshake) gives up after this long.
+    handshake_timeout: float = 10.0
+    #: Largest UDP payload we send. 1200 is the size every QUIC path must carry (RFC 9000
+    #: section 14); aioquic does no path MTU discovery, so larger values are for known
+    #: paths (loopback, a LAN) only.
+    max_datagram_size: int = 1200
+    #: Our max_datagram_frame_size transport parameter (RFC 9221 section 3): 65535 means
+    #: "any DATAGRAM frame that fits in a packet".
+    max_datagram_frame_size: int = 65535
+    #: DATAGRAM frames waiting for congestion window before ``send_datagram`` drops new ones.
+    max_pending_datagrams: int = 64
+    #: Receive window per stream (initial_max_stream_data_*, RFC 9000 section 4): what a
+    #: peer may send beyond what the application has read. Bounds the memory of a stream.
+    stream_window: int = 1 << 20
+    #: Initial connection-wide receive window (initial_max_data).
+    connection_window: int = 4 << 20
+    #: ``send_all`` waits while a stream holds more unacknowledged bytes than this.
+    send_buffer: int = 1 << 20
+    #: Connections (both directions) at most; Initial packets beyond it are dropped.
+    max_connections: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A daemon."""
 

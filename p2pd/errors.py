@@ -17,12 +17,27 @@ from the class, so messages never carry secrets or tracebacks.
     │   ├── PassphraseRequired   the key is encrypted and no passphrase was given
     │   ├── KeystoreCorrupt      the key file is damaged or of an unknown format
     │   ├── DaemonNotRunning     nothing listens on this home's control socket
-    │   └── DaemonAlreadyRunning another daemon serves this home
+    │   ├── DaemonAlreadyRunning another daemon serves this home
+    │   ├── DatagramTooLarge     a QUIC datagram larger than the peer and the path accept
+    │   ├── NoSession            no session with that peer yet, and no prekey bundle given
+    │   └── SessionStateCorrupt  stored session or prekey state does not load
     ├── RemoteError              a peer or the network misbehaved (exit 1)
     │   ├── WireError            bytes that do not decode (malformed, oversize)
-    │   │   └── RecordError      a handle record that does not verify or is out of bounds
+    │   │   ├── RecordError      a handle record that does not verify or is out of bounds
+    │   │   ├── BundleError      a prekey bundle that does not decode or verify
+    │   │   └── EnvelopeError    a session envelope that does not decode
     │   ├── NotFound             the network holds no valid record for that handle
-    │   └── KeyChanged           a contact's key differs from the pinned one
+    │   ├── KeyChanged           a contact's key differs from the pinned one
+    │   ├── PeerKeyMismatch      a QUIC peer's certificate holds another key than expected
+    │   ├── ConnectionLost       a QUIC connection or stream failed or was closed by the peer
+    │   │                        (quic.StreamBroken is also a trio.BrokenResourceError)
+    │   └── SessionError         a session message refused; the session state is unchanged
+    │       ├── DecryptError     does not authenticate: forged, tampered, wrong session
+    │       ├── DuplicateMessage a replay: that message was already decrypted
+    │       ├── TooManySkipped   it skips more messages than the bound allows
+    │       ├── UnknownSession   no session matches the envelope
+    │       ├── PrekeyUnavailable  it starts a session with a prekey no longer held
+    │       └── SenderKeyMismatch  its sender is not the peer the transport authenticated
     └── ControlError             the daemon answered a control request with an error
                                  (carries the JSON-RPC code)
 """
@@ -89,6 +104,18 @@ class DaemonAlreadyRunning(LocalError):
     """Another p2pd daemon is already running for this home."""
 
 
+class DatagramTooLarge(LocalError):
+    """That datagram is larger than the peer accepts or one packet can carry."""
+
+
+class NoSession(LocalError):
+    """No session with this peer yet: its prekey bundle is needed to start one."""
+
+
+class SessionStateCorrupt(LocalError):
+    """The stored session or prekey state is damaged or of an unknown format."""
+
+
 class RemoteError(P2PDError):
     """A peer or the network misbehaved."""
 
@@ -101,12 +128,56 @@ class RecordError(WireError):
     """A handle record that does not verify."""
 
 
+class BundleError(WireError):
+    """A prekey bundle that does not decode or is not signed by its owner's key."""
+
+
+class EnvelopeError(WireError):
+    """A session envelope that does not decode."""
+
+
 class NotFound(RemoteError):
     """No valid record for that handle was found."""
 
 
 class KeyChanged(RemoteError):
     """This contact's key has changed: check it with `p2pd verify HANDLE` before sending."""
+
+
+class PeerKeyMismatch(RemoteError):
+    """The peer answered with a different key than the one expected; the connection was closed."""
+
+
+class ConnectionLost(RemoteError):
+    """The connection to the peer failed or was closed."""
+
+
+class SessionError(RemoteError):
+    """A session message was refused; the session is unchanged."""
+
+
+class DecryptError(SessionError):
+    """A message did not authenticate: forged, tampered with, or for another session."""
+
+
+class DuplicateMessage(SessionError):
+    """A replayed message: this one was already decrypted."""
+
+
+class TooManySkipped(SessionError):
+    """A message skips more earlier messages than the session allows."""
+
+
+class UnknownSession(SessionError):
+    """No session matches this message (it may have been closed or lost)."""
+
+
+class PrekeyUnavailable(SessionError):
+    """The message starts a session with a prekey this node no longer holds."""
+
+
+class SenderKeyMismatch(SessionError):
+    """The message's sender is not the peer the connection authenticated."""
 
 
 class ControlError(P2PDError):

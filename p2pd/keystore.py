@@ -129,6 +129,10 @@ def _hex(doc: dict[str, Any], name: str) -> bytes:
         raise KeystoreCorrupt(f"identity file: field {name!r} is not hex") from None
 
 
+def _is_one(value: object) -> bool:
+    return type(value) is int and value == 1  # not `value == 1`: `true == 1` in Python
+
+
 def read_identity_file(home: Path) -> dict[str, Any]:
     """The parsed, structurally checked key file (no secrets decrypted)."""
     path = identity_path(home)
@@ -141,9 +145,10 @@ def read_identity_file(home: Path) -> dict[str, Any]:
         raise KeystoreCorrupt(f"identity file {path} is too large")
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: a deeply nested file under the size cap (json is recursive).
         raise KeystoreCorrupt(f"identity file {path} is not valid JSON") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != 1:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not _is_one(doc.get("version")):
         raise KeystoreCorrupt(f"identity file {path} has an unknown format")
     if not is_valid_handle(_field(doc, "handle", str)):
         raise KeystoreCorrupt("identity file: the handle is invalid")
@@ -175,6 +180,10 @@ def load_identity(home: Path, passphrase: bytes | None) -> Identity:
         opslimit = _field(kdf, "opslimit", int)
         memlimit = _field(kdf, "memlimit", int)
         salt = _hex(kdf, "salt")
+        # nonce + tag + seed: a fixed length, so damage is told apart from a wrong passphrase
+        sealed_len = nacl.secret.SecretBox.NONCE_SIZE + nacl.secret.SecretBox.MACBYTES + 32
+        if len(secret) != sealed_len:
+            raise KeystoreCorrupt("identity file: the sealed secret has the wrong length")
         if not (
             1 <= opslimit <= MAX_OPSLIMIT
             and 8192 <= memlimit <= MAX_MEMLIMIT

@@ -10,6 +10,10 @@ Tables (created if missing; ``user_version`` tracks the schema):
 - ``dht_contacts(node_id BLOB PRIMARY KEY, host TEXT, port INTEGER, last_seen REAL)``:
   routing contacts, so a restarted node can rejoin without a bootstrap address. Written
   as plain columns: nothing is ever pickled.
+- ``sessions(session_id BLOB PRIMARY KEY, peer_key BLOB, status TEXT, state TEXT,
+  created REAL, updated REAL)``: end-to-end sessions (p2pd/session/manager.py), one
+  active per peer; ``state`` is JSON holding the doubleratchet library's versioned model.
+  Our own prekeys are in ``meta`` under ``session.prekeys`` (without the identity seed).
 
 Each connection belongs to one thread: the DHT's storage opens its own in the asyncio
 thread's objects, the daemon another on the trio side; WAL mode lets them share the file.
@@ -32,6 +36,13 @@ CREATE TABLE IF NOT EXISTS dht_records (
 CREATE TABLE IF NOT EXISTS dht_contacts (
     node_id BLOB PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,
     last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id BLOB PRIMARY KEY, peer_key BLOB NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'archived', 'closed')),
+    state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS sessions_peer ON sessions (peer_key, status);
+CREATE UNIQUE INDEX IF NOT EXISTS sessions_active ON sessions (peer_key)
+    WHERE status = 'active';
 """
 
 

@@ -60,7 +60,9 @@ class Reader:
 @functools.lru_cache(maxsize=4096)
 def _canonical_ip(host: str) -> str | None:
     """The one spelling of an IP literal, or None. Cached: contacts repeat constantly."""
-    if not isinstance(host, str) or len(host) > 64:
+    if not isinstance(host, str) or len(host) > 64 or "%" in host:
+        # Zone ids ("fe80::1%eth0") carry arbitrary text and name a local interface:
+        # meaningless on another machine, so never accepted from the wire.
         return None
     try:
         return str(ipaddress.ip_address(host))
@@ -108,7 +110,7 @@ class Address:
                 raise InvalidAddress(f"invalid address {text[:80]!r}: expected HOST:PORT")
             port = default_port
         else:
-            if not port_text.isdigit() or len(port_text) > 5:
+            if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
                 raise InvalidAddress(f"invalid port in {text[:80]!r}")
             port = int(port_text)
         addr = cls(host, port)
@@ -322,7 +324,10 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
     if method == "store":
         return DHTRequest(msg_id, method, sender, key, _bytes(args[2]))
     if method == "mailbox_put":
-        return DHTRequest(msg_id, method, sender, key, _bytes(args[2], maximum=MAX_MAILBOX_ENTRY))
+        entry = _bytes(args[2], maximum=MAX_MAILBOX_ENTRY)
+        if not entry:
+            raise WireError("empty mailbox entry")
+        return DHTRequest(msg_id, method, sender, key, entry)
     return DHTRequest(msg_id, method, sender, key)
 
 

@@ -118,12 +118,15 @@ async def test_attacks_are_refused_by_every_honest_node() -> None:
                 if holds_claim[index]:
                     assert held == newest
                 else:
-                    assert held is None or held.public_key == usurper.public_key
+                    # Replication (a welcome STORE to a newly met node) may since have
+                    # handed it the owner's record; anything else must be the usurper's.
+                    assert held is None or held == newest or held.public_key == usurper.public_key
             for asker in swarm.nodes[1:N_NODES]:
                 found = await asker.dht.resolve(HandleRef(victim.identity.handle))
                 assert found == newest
-            # the refusals were counted by reason
-            stats = await swarm.nodes[1].dht.statistics()
+            # the refusals were counted by reason, on a node that holds the claim
+            holder = next(n for n in swarm.nodes[1:N_NODES] if holds_claim[n.index])
+            stats = await holder.dht.statistics()
             assert stats["refused_records"].get("invalid", 0) >= 1
             assert stats["refused_records"].get("other-key", 0) >= 1
             assert stats["refused_records"].get("stale", 0) >= 1

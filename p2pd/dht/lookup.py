@@ -83,7 +83,7 @@ async def iterative_find(
             loop.call_later(protocol.soft_timeout(node), events.put_nowait, ("slow", node.id, None))
         )
 
-    for node in seeds if seeds is not None else protocol.router.find_neighbors(target_node, k):
+    for node in seeds if seeds is not None else protocol.closest(target, k):
         add(node)
 
     try:

@@ -1,0 +1,1066 @@
+#!/usr/bin/env python3
+"""Handle lookups under churn: p2pd's DHT against the stock kademlia library, same workload.
+
+What one run does, for each implementation in turn (p2pd first, then stock kademlia):
+
+1. start N nodes in this one process, each on its own UDP socket on 127.0.0.1, and join
+   them one after another, each bootstrapping from node 0 and one random earlier node;
+2. every node registers its handle ``user<i>`` (a signed ``HandleRecord``; stock kademlia
+   stores the same kind of bytes with ``Server.set``);
+3. the churn fraction of the nodes (20 % by default) is killed at once: each goes silent
+   (socket closed, server stopped), nobody is told;
+4. live nodes resolve handles picked at random among ALL N registered handles, including
+   those of killed owners (a record lives on the k = 20 nodes closest to its key, so a dead
+   owner's record should still resolve). A node never looks up its own handle.
+
+Printed per implementation: success rate, lookup latency p50/p95/p99 (every lookup
+counts, failed ones with the time they took), find_node/find_value RPCs per lookup
+(successful lookups), traced Python memory per node, process RSS, and setup time. The
+plan (node ids, who bootstraps from whom, which nodes die, who asks for which handle) comes
+from ``--seed`` and is the same for both implementations; lookups run ``--concurrency`` at
+a time on both sides.
+
+Memory per node: tracemalloc is started before the first node is created and read after
+every node has registered, divided by N. By default this happens in a separate setup-only
+pass after the timed one (``--memory separate``): tracing slows the process about threefold,
+and p2pd keeps the round trips it measured during setup as the soft timeouts of contacts
+that later die, so tracing the timed pass would inflate its lookup latency.
+
+p2pd runs the daemon's path: one shared AsyncioThread for all DHT halves, each node a
+trio-owned UdpEndpoint feeding ``open_dht(..., config=DHTConfig())``; latency is measured
+on the trio side around ``DHT.resolve_with_details``. Stock kademlia runs
+``kademlia.network.Server`` instances in one asyncio loop (in this process, after the
+p2pd phase), with its fixed 5 s RPC timeout.
+
+    .venv/bin/python scripts/bench_dht.py                 # N=200, 20 % churn, 500 lookups
+    .venv/bin/python scripts/bench_dht.py -n 1000 --only p2pd
+    .venv/bin/python scripts/bench_dht.py -n 50 --lookups 100 --json
+
+Goals for p2pd at N=1000 under 20 % churn: >= 99.9 % success, p50 < 50 ms, p99 < 500 ms.
+Only 127.0.0.1 is used. Every phase has a deadline; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import gc
+import json
+import logging
+import random
+import resource
+import sys
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import trio
+from kademlia.network import Server
+from kademlia.protocol import KademliaProtocol
+
+from p2pd.config import DHTConfig
+from p2pd.dht import DHT, AsyncioThread, node_id_for, open_dht
+from p2pd.errors import NotFound, RecordError
+from p2pd.identity import HandleRef, Identity
+from p2pd.records import HandleRecord
+from p2pd.transport.udp import UdpEndpoint
+from p2pd.wire import Address
+
+LOCALHOST = "127.0.0.1"
+RECORD_LIFETIME = 3600
+#: By default setup (start + bootstrap + publish) may take this long plus SETUP_PER_NODE
+#: per node (--setup-deadline).
+SETUP_BASE = 120.0
+SETUP_PER_NODE = 1.0
+#: One stock lookup may take this long (it has no deadline of its own; 5 s per dead round).
+STOCK_LOOKUP_CAP = 60.0
+#: Closing everything at the end may take this long.
+TEARDOWN_CAP = 120.0
+GOALS = {"success_pct": 99.9, "p50_ms": 50.0, "p99_ms": 500.0}
+GOAL_N = 1000
+
+log = logging.getLogger("bench_dht")
+
+
+def progress(message: str) -> None:
+    print(f"[bench_dht {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def rss_kib() -> int:
+    """VmRSS of this process in KiB (0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        new = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed, soft))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def percentile(sorted_values: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return None
+    rank = max(1, -(-len(sorted_values) * pct // 100))  # ceil
+    return sorted_values[int(rank) - 1]
+
+
+class Every10Percent:
+    """Calls ``report(done)`` when ``done`` crosses each tenth of ``total``."""
+
+    def __init__(self, total: int, report: Callable[[int], None]) -> None:
+        self.total = max(total, 1)
+        self.report = report
+        self.next_tenth = 1
+
+    def __call__(self, done: int) -> None:
+        if done * 10 >= self.next_tenth * self.total:
+            self.next_tenth = done * 10 // self.total + 1
+            self.report(done)
+
+
+# --------------------------------------------------------------------------- workload
+
+
+@dataclass(frozen=True)
+class Workload:
+    n: int
+    churn: float
+    seed: int
+    concurrency: int
+    setup_concurrency: int
+    lookup_deadline: float
+    setup_deadline: float
+    handles: list[str]
+    key_seeds: list[bytes]
+    bootstrap_from: list[list[int]]
+    killed: list[int]
+    #: (index of the live node that asks, index of the handle it asks for)
+    lookups: list[tuple[int, int]]
+
+    @property
+    def alive(self) -> list[int]:
+        dead = set(self.killed)
+        return [i for i in range(self.n) if i not in dead]
+
+
+def make_workload(args: argparse.Namespace) -> Workload:
+    n = args.nodes
+    rng = random.Random(args.seed)
+    key_seeds = [rng.randbytes(32) for _ in range(n)]
+    bootstrap_from = [sorted({0, rng.randrange(i)}) if i else [] for i in range(n)]
+    killed = sorted(rng.sample(range(n), round(n * args.churn)))
+    dead = set(killed)
+    alive = [i for i in range(n) if i not in dead]
+    lookups = []
+    for _ in range(args.lookups):
+        asker = rng.choice(alive)
+        wanted = rng.randrange(n - 1)
+        lookups.append((asker, wanted + (wanted >= asker)))
+    return Workload(
+        n=n,
+        churn=args.churn,
+        seed=args.seed,
+        concurrency=args.concurrency,
+        setup_concurrency=args.setup_concurrency,
+        lookup_deadline=args.lookup_deadline,
+        setup_deadline=(
+            args.setup_deadline
+            if args.setup_deadline is not None
+            else SETUP_BASE + SETUP_PER_NODE * n
+        ),
+        handles=[f"user{i}" for i in range(n)],
+        key_seeds=key_seeds,
+        bootstrap_from=bootstrap_from,
+        killed=killed,
+        lookups=lookups,
+    )
+
+
+def identity_for(w: Workload, i: int) -> Identity:
+    return Identity.from_seed(w.handles[i], w.key_seeds[i])
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class SideResult:
+    impl: str
+    n: int
+    killed: int
+    lookups_planned: int
+    concurrency: int
+    config: str = ""
+    lookups_done: int = 0
+    successes: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    #: p2pd only: LookupResult.elapsed, the asyncio-side time without the bridge
+    inner_ms: list[float] = field(default_factory=list)
+    rpcs: list[int] = field(default_factory=list)
+    failures: Counter[str] = field(default_factory=Counter)
+    bootstrap_s: float = 0.0
+    publish_s: float = 0.0
+    setup_s: float = 0.0
+    lookup_s: float = 0.0
+    traced_bytes: int | None = None
+    traced_peak_bytes: int | None = None
+    rss_start_kib: int = 0
+    rss_setup_kib: int = 0
+    rss_end_kib: int = 0
+    publish_failed: int = 0
+    copies_per_handle: float = 0.0
+    routing_table_mean: float = 0.0
+    counters: dict[str, int] = field(default_factory=dict)
+    #: p2pd only: the survivors' whole-network RTT estimate and the soft timeout it gives
+    #: a contact never measured (medians and p95 over nodes), after the lookups
+    rtt_ms: dict[str, float | None] = field(default_factory=dict)
+    incomplete: str = ""
+    nodes_joined: int = 0
+    published: int = 0
+    #: False when an earlier pass ran in this process: freed memory is reused, so the RSS
+    #: growth of this pass understates what its nodes take
+    rss_first: bool = True
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+        inner = sorted(self.inner_ms)
+        done = self.lookups_done
+        out: dict[str, Any] = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("latencies_ms", "inner_ms", "rpcs", "failures")
+        }
+        out.update(
+            success_pct=100.0 * self.successes / done if done else None,
+            p50_ms=percentile(lat, 50),
+            p95_ms=percentile(lat, 95),
+            p99_ms=percentile(lat, 99),
+            max_ms=lat[-1] if lat else None,
+            mean_ms=sum(lat) / len(lat) if lat else None,
+            inner_p50_ms=percentile(inner, 50),
+            inner_p99_ms=percentile(inner, 99),
+            rpcs_per_lookup=sum(self.rpcs) / len(self.rpcs) if self.rpcs else None,
+            rpcs_max=max(self.rpcs) if self.rpcs else None,
+            kib_per_node=(
+                self.traced_bytes / 1024 / self.n if self.traced_bytes is not None else None
+            ),
+            rss_delta_kib_per_node=(
+                (self.rss_setup_kib - self.rss_start_kib) / self.n if self.rss_setup_kib else None
+            ),
+            failures=dict(self.failures),
+        )
+        return out
+
+
+def setup_deadline_note(w: Workload, result: SideResult) -> str:
+    return (
+        f"setup deadline ({w.setup_deadline:.0f} s) passed with "
+        f"{result.nodes_joined}/{result.n} nodes joined, {result.published}/{result.n} "
+        "published; no lookups run"
+    )
+
+
+def start_tracing(enabled: bool) -> None:
+    gc.collect()
+    if enabled:
+        tracemalloc.start()
+
+
+def stop_tracing(result: SideResult) -> None:
+    """Read traced memory after setup, then stop tracing so lookups run at full speed."""
+    gc.collect()
+    if tracemalloc.is_tracing():
+        result.traced_bytes, result.traced_peak_bytes = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    result.rss_setup_kib = rss_kib()
+
+
+# --------------------------------------------------------------------------- p2pd
+
+
+@dataclass
+class P2pdNode:
+    identity: Identity
+    endpoint: UdpEndpoint
+    dht: DHT
+    stack: AsyncExitStack
+    alive: bool = True
+
+
+async def start_p2pd_node(
+    bridge: AsyncioThread, nursery: trio.Nursery, identity: Identity, config: DHTConfig
+) -> P2pdNode:
+    """A node as the daemon builds one: trio UDP endpoint, DHT half on the shared thread.
+
+    Closing ``stack`` kills it: the receive task is cancelled, the server stops (what
+    leaving ``open_dht`` does) and the socket closes, so it answers nothing any more.
+    """
+    stack = AsyncExitStack()
+    endpoint = UdpEndpoint.bind(Address(LOCALHOST, 0))
+    stack.callback(endpoint.close)
+    try:
+        dht = await stack.enter_async_context(
+            open_dht(
+                bridge,
+                node_id=node_id_for(identity.public_key),
+                db_path=None,
+                config=config,
+                transport=endpoint,
+            )
+        )
+        receiving = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with receiving:
+                await endpoint.serve(dht.datagram_received, task_status=task_status)
+
+        await nursery.start(serve)
+        stack.callback(receiving.cancel)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stack.aclose()
+        raise
+    return P2pdNode(identity, endpoint, dht, stack)
+
+
+async def trio_pool(
+    count: int, width: int, job: Callable[[int], Awaitable[None]], stop_at: float | None = None
+) -> int:
+    """Run ``job(0..count-1)``, ``width`` at a time; no new job starts after ``stop_at``
+    (trio clock). Returns how many were started."""
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < count and (stop_at is None or trio.current_time() < stop_at):
+            index = next_index
+            next_index += 1
+            await job(index)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(width, count)):
+            nursery.start_soon(worker)
+    return next_index
+
+
+async def run_p2pd(
+    w: Workload, config: DHTConfig, label: str, trace: bool, setup_only: bool
+) -> SideResult:
+    result = SideResult(label, w.n, len(w.killed), len(w.lookups), w.concurrency)
+    if config != DHTConfig():
+        defaults = DHTConfig()
+        result.config = ", ".join(
+            f"{f.name}={getattr(config, f.name)}"
+            for f in fields(config)
+            if getattr(config, f.name) != getattr(defaults, f.name)
+        )
+    nodes: list[P2pdNode] = []
+    result.rss_start_kib = rss_kib()
+    start_tracing(trace)
+    with AsyncioThread("bench-dht-asyncio") as bridge:
+        async with trio.open_nursery() as nursery:
+            try:
+                await _p2pd_phases(w, config, bridge, nursery, nodes, result, setup_only)
+            except trio.TooSlowError:
+                result.incomplete = setup_deadline_note(w, result)
+                progress(f"{label}: {result.incomplete}")
+            finally:
+                progress(f"{label}: closing {sum(n.alive for n in nodes)} nodes")
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + TEARDOWN_CAP):
+                    for node in nodes:
+                        if node.alive:
+                            node.alive = False
+                            await node.stack.aclose()
+                nursery.cancel_scope.cancel()
+                if tracemalloc.is_tracing():
+                    tracemalloc.stop()
+    result.rss_end_kib = rss_kib()
+    return result
+
+
+async def _p2pd_phases(
+    w: Workload,
+    config: DHTConfig,
+    bridge: AsyncioThread,
+    nursery: trio.Nursery,
+    nodes: list[P2pdNode],
+    result: SideResult,
+    setup_only: bool,
+) -> None:
+    label = result.impl
+    setup_started = time.perf_counter()
+    with trio.fail_after(w.setup_deadline):
+        # -- start and join, one node after the other
+        tick = Every10Percent(w.n, lambda d: progress(f"{label}: bootstrap {d}/{w.n}"))
+        for i in range(w.n):
+            node = await start_p2pd_node(bridge, nursery, identity_for(w, i), config)
+            nodes.append(node)
+            result.nodes_joined = len(nodes)
+            if w.bootstrap_from[i]:
+                seeds = [nodes[j].endpoint.local_address for j in w.bootstrap_from[i]]
+                await node.dht.bootstrap(seeds)
+            tick(i + 1)
+        result.bootstrap_s = time.perf_counter() - setup_started
+
+        # -- every node registers its handle
+        publish_started = time.perf_counter()
+        tick = Every10Percent(w.n, lambda d: progress(f"{label}: publish {d}/{w.n}"))
+        published = 0
+
+        async def publish(i: int) -> None:
+            nonlocal published
+            node = nodes[i]
+            record = HandleRecord.create(
+                node.identity,
+                [node.endpoint.local_address],
+                seq=1,
+                now=int(time.time()),
+                lifetime=RECORD_LIFETIME,
+            )
+            if await node.dht.publish(record) == 0:
+                result.publish_failed += 1
+            published += 1
+            result.published = published
+            tick(published)
+
+        await trio_pool(w.n, w.setup_concurrency, publish)
+        result.publish_s = time.perf_counter() - publish_started
+        result.setup_s = time.perf_counter() - setup_started
+
+    stop_tracing(result)
+
+    def census() -> tuple[int, int]:
+        stored = sum(len(n.dht.server.storage) for n in nodes)
+        table = sum(n.dht.server.proto.routing_table_size() for n in nodes)
+        return stored, table
+
+    stored, table = await bridge.run_sync(census)
+    result.copies_per_handle = stored / w.n
+    result.routing_table_mean = table / w.n
+    if setup_only:
+        return
+    progress(
+        f"{label}: setup {result.setup_s:.1f} s; {result.copies_per_handle:.1f} copies/handle,"
+        f" {result.routing_table_mean:.1f} contacts/node; killing {len(w.killed)} nodes"
+    )
+
+    survivors = w.alive
+
+    def counters_now() -> Counter[str]:
+        total: Counter[str] = Counter()
+        for i in survivors:
+            total.update(nodes[i].dht.server.proto.stats)
+        return total
+
+    before = await bridge.run_sync(counters_now)
+
+    # -- churn: these nodes go silent at once
+    for i in w.killed:
+        nodes[i].alive = False
+        await nodes[i].stack.aclose()
+
+    # -- lookups
+    per_lookup_cap = config.lookup_deadline + config.rpc_timeout + 10.0
+    lookup_started = time.perf_counter()
+    tick = Every10Percent(len(w.lookups), lambda d: report_lookups(result, d))
+
+    async def lookup(index: int) -> None:
+        asker, wanted = w.lookups[index]
+        expected = nodes[wanted].identity.public_key
+        started = time.perf_counter()
+        outcome = "ok"
+        with trio.move_on_after(per_lookup_cap) as scope:
+            try:
+                record, details = await nodes[asker].dht.resolve_with_details(
+                    HandleRef(w.handles[wanted])
+                )
+            except NotFound:
+                outcome = "not-found"
+            except Exception as exc:
+                outcome = type(exc).__name__
+            else:
+                result.rpcs.append(details.rpcs)
+                result.inner_ms.append(details.elapsed * 1000)
+                if record.public_key != expected:
+                    outcome = "wrong-key"
+        if scope.cancelled_caught:
+            outcome = "timeout"
+        result.latencies_ms.append((time.perf_counter() - started) * 1000)
+        result.lookups_done += 1
+        if outcome == "ok":
+            result.successes += 1
+        else:
+            result.failures[outcome] += 1
+        tick(result.lookups_done)
+
+    started = await trio_pool(
+        len(w.lookups), w.concurrency, lookup, trio.current_time() + w.lookup_deadline
+    )
+    result.lookup_s = time.perf_counter() - lookup_started
+    if started < len(w.lookups):
+        result.incomplete = f"lookup deadline: ran {started} of {len(w.lookups)} lookups"
+    after = await bridge.run_sync(counters_now)
+    after.subtract(before)  # the survivors' counters, during the lookup phase
+    wanted_counters = ("requests_out", "timeouts", "soft_timeouts", "evictions")
+    result.counters = {k: after[k] for k in wanted_counters}
+
+    def rtt_census() -> tuple[list[float], list[float]]:
+        srtts, rtos = [], []
+        for i in survivors:
+            rtt = nodes[i].dht.server.proto.rtt
+            if rtt.overall.srtt is not None:
+                srtts.append(rtt.overall.srtt * 1000)
+                rtos.append(rtt.rto((LOCALHOST, 1)) * 1000)  # an unmeasured contact
+        return sorted(srtts), sorted(rtos)
+
+    srtts, rtos = await bridge.run_sync(rtt_census)
+    result.rtt_ms = {
+        "srtt_p50": percentile(srtts, 50),
+        "srtt_p95": percentile(srtts, 95),
+        "default_rto_p50": percentile(rtos, 50),
+        "default_rto_p95": percentile(rtos, 95),
+    }
+
+
+def report_lookups(result: SideResult, done: int) -> None:
+    lat = sorted(result.latencies_ms)
+    progress(
+        f"{result.impl}: lookups {done}/{result.lookups_planned}, "
+        f"{result.successes} ok, p50 {percentile(lat, 50) or 0:.1f} ms, "
+        f"max {lat[-1] if lat else 0:.0f} ms"
+    )
+
+
+# --------------------------------------------------------------------------- stock kademlia
+
+#: The counter of the stock lookup running in this asyncio context (tasks inherit it).
+_LOOKUP_RPCS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "bench_dht_lookup_rpcs", default=None
+)
+_STOCK_COUNTERS: Counter[str] = Counter()
+
+
+def _count_rpc() -> None:
+    counter = _LOOKUP_RPCS.get()
+    if counter is not None:
+        counter[0] += 1
+
+
+class CountingProtocol(KademliaProtocol):  # type: ignore[misc]
+    """The stock protocol, counting the find RPCs of the lookup that sent them."""
+
+    async def call_find_node(self, node_to_ask: Any, node_to_find: Any) -> Any:
+        _count_rpc()
+        _STOCK_COUNTERS["requests_out"] += 1
+        return await super().call_find_node(node_to_ask, node_to_find)
+
+    async def call_find_value(self, node_to_ask: Any, node_to_find: Any) -> Any:
+        _count_rpc()
+        _STOCK_COUNTERS["requests_out"] += 1
+        return await super().call_find_value(node_to_ask, node_to_find)
+
+    async def call_ping(self, node_to_ask: Any) -> Any:
+        _STOCK_COUNTERS["requests_out"] += 1
+        return await super().call_ping(node_to_ask)
+
+    async def call_store(self, node_to_ask: Any, key: bytes, value: Any) -> Any:
+        _STOCK_COUNTERS["requests_out"] += 1
+        return await super().call_store(node_to_ask, key, value)
+
+    def _timeout(self, msg_id: bytes) -> None:
+        _STOCK_COUNTERS["timeouts"] += 1
+        super()._timeout(msg_id)
+
+
+class CountingServer(Server):  # type: ignore[misc]
+    protocol_class = CountingProtocol
+
+
+@dataclass
+class StockNode:
+    server: CountingServer
+    address: tuple[str, int]
+    record: bytes = b""
+    alive: bool = True
+
+
+async def asyncio_pool(
+    count: int, width: int, job: Callable[[int], Awaitable[None]], stop_at: float | None = None
+) -> int:
+    """asyncio twin of :func:`trio_pool` (``stop_at`` on the loop's clock)."""
+    loop = asyncio.get_running_loop()
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < count and (stop_at is None or loop.time() < stop_at):
+            index = next_index
+            next_index += 1
+            await job(index)
+
+    await asyncio.gather(*(worker() for _ in range(min(width, count))))
+    return next_index
+
+
+async def cancel_stray_tasks(rounds: int = 5) -> None:
+    """End the stock library's fire-and-forget tasks (``welcome_if_new``'s stores, pings of
+    bucket heads) so that they do not fail on closed transports after we return, and
+    retrieve their outcomes so asyncio does not log them."""
+    me = asyncio.current_task()
+    for _ in range(rounds):
+        await asyncio.sleep(0)  # let the closed transports run their callbacks
+        stray = [t for t in asyncio.all_tasks() if t is not me]
+        if not stray:
+            return
+        for task in stray:
+            task.cancel()
+        await asyncio.wait(stray, timeout=10)
+        for task in stray:
+            if task.done() and not task.cancelled():
+                task.exception()
+
+
+async def run_stock(w: Workload, trace: bool, setup_only: bool) -> SideResult:
+    result = SideResult("stock", w.n, len(w.killed), len(w.lookups), w.concurrency)
+    nodes: list[StockNode] = []
+    _STOCK_COUNTERS.clear()
+    result.rss_start_kib = rss_kib()
+    start_tracing(trace)
+    try:
+        await _stock_phases(w, nodes, result, setup_only)
+    except TimeoutError:
+        result.incomplete = setup_deadline_note(w, result)
+        progress(f"stock: {result.incomplete}")
+    finally:
+        progress(f"stock: closing {sum(n.alive for n in nodes)} nodes")
+        for node in nodes:
+            if node.alive:
+                node.alive = False
+                node.server.stop()
+        if tracemalloc.is_tracing():
+            tracemalloc.stop()
+        await cancel_stray_tasks()
+    result.rss_end_kib = rss_kib()
+    return result
+
+
+async def _stock_phases(
+    w: Workload, nodes: list[StockNode], result: SideResult, setup_only: bool
+) -> None:
+    loop = asyncio.get_running_loop()
+    setup_started = time.perf_counter()
+    async with asyncio.timeout(w.setup_deadline):
+        tick = Every10Percent(w.n, lambda d: progress(f"stock: bootstrap {d}/{w.n}"))
+        for i in range(w.n):
+            identity = identity_for(w, i)
+            server = CountingServer(ksize=20, alpha=3, node_id=node_id_for(identity.public_key))
+            await server.listen(0, interface=LOCALHOST)
+            port = server.transport.get_extra_info("sockname")[1]
+            node = StockNode(server, (LOCALHOST, port))
+            # the same kind and size of value as p2pd stores: a signed handle record
+            node.record = HandleRecord.create(
+                identity,
+                [Address(LOCALHOST, port)],
+                seq=1,
+                now=int(time.time()),
+                lifetime=RECORD_LIFETIME,
+            ).encode()
+            nodes.append(node)
+            result.nodes_joined = len(nodes)
+            if w.bootstrap_from[i]:
+                await server.bootstrap([nodes[j].address for j in w.bootstrap_from[i]])
+            tick(i + 1)
+        result.bootstrap_s = time.perf_counter() - setup_started
+
+        publish_started = time.perf_counter()
+        tick = Every10Percent(w.n, lambda d: progress(f"stock: publish {d}/{w.n}"))
+        published = 0
+
+        async def publish(i: int) -> None:
+            nonlocal published
+            if not await nodes[i].server.set(w.handles[i], nodes[i].record):
+                result.publish_failed += 1
+            published += 1
+            result.published = published
+            tick(published)
+
+        await asyncio_pool(w.n, w.setup_concurrency, publish)
+        result.publish_s = time.perf_counter() - publish_started
+        result.setup_s = time.perf_counter() - setup_started
+
+    stop_tracing(result)
+    result.copies_per_handle = sum(len(n.server.storage.data) for n in nodes) / w.n
+    result.routing_table_mean = (
+        sum(sum(len(b) for b in n.server.protocol.router.buckets) for n in nodes) / w.n
+    )
+    if setup_only:
+        return
+    progress(
+        f"stock: setup {result.setup_s:.1f} s; {result.copies_per_handle:.1f} copies/handle,"
+        f" {result.routing_table_mean:.1f} contacts/node; killing {len(w.killed)} nodes"
+    )
+    before = Counter(_STOCK_COUNTERS)
+
+    for i in w.killed:
+        nodes[i].alive = False
+        nodes[i].server.stop()
+
+    lookup_started = time.perf_counter()
+    tick = Every10Percent(len(w.lookups), lambda d: report_lookups(result, d))
+
+    async def lookup(index: int) -> None:
+        asker, wanted = w.lookups[index]
+        expected = HandleRecord.decode(nodes[wanted].record).public_key
+        counter = [0]
+        token = _LOOKUP_RPCS.set(counter)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            value = await asyncio.wait_for(
+                nodes[asker].server.get(w.handles[wanted]), STOCK_LOOKUP_CAP
+            )
+        except TimeoutError:
+            outcome = "timeout"
+        except Exception as exc:
+            outcome = type(exc).__name__
+        else:
+            if value is None:
+                outcome = "not-found"
+            else:
+                try:
+                    if HandleRecord.decode(value).public_key != expected:
+                        outcome = "wrong-key"
+                except RecordError:
+                    outcome = "bad-value"
+        finally:
+            _LOOKUP_RPCS.reset(token)
+        result.latencies_ms.append((time.perf_counter() - started) * 1000)
+        if outcome == "ok":
+            result.rpcs.append(counter[0])
+        result.lookups_done += 1
+        if outcome == "ok":
+            result.successes += 1
+        else:
+            result.failures[outcome] += 1
+        tick(result.lookups_done)
+
+    started = await asyncio_pool(
+        len(w.lookups), w.concurrency, lookup, loop.time() + w.lookup_deadline
+    )
+    result.lookup_s = time.perf_counter() - lookup_started
+    if started < len(w.lookups):
+        result.incomplete = f"lookup deadline: ran {started} of {len(w.lookups)} lookups"
+    after = Counter(_STOCK_COUNTERS)
+    after.subtract(before)
+    result.counters = {k: after[k] for k in ("requests_out", "timeouts")}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else format(value, spec) + unit
+
+
+MEMORY_NOTE = {
+    "separate": "from a separate setup-only pass",
+    "same": "traced during the timed pass's setup",
+    "off": "not measured",
+}
+
+
+def print_table(w: Workload, summaries: list[dict[str, Any]], memory: str) -> None:
+    print(
+        f"\nDHT lookups under churn: N={w.n}, {len(w.killed)} killed "
+        f"({w.churn:.0%}) after registration, {len(w.lookups)} lookups of random handles "
+        f"among ALL {w.n} registered (dead owners included), concurrency {w.concurrency}, "
+        f"seed {w.seed}. 127.0.0.1, one process, {_cpus()} CPU(s)."
+    )
+    header = (
+        f"{'impl':<8} {'N':>5} {'killed':>6} {'lookups':>9} {'success':>8} {'p50 ms':>8} "
+        f"{'p95 ms':>8} {'p99 ms':>8} {'RPCs/lk':>8} {'KiB/node':>9} {'setup s':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for s in summaries:
+        lookups = f"{s['lookups_done']}/{s['lookups_planned']}"
+        print(
+            f"{s['impl']:<8} {s['n']:>5} {s['killed']:>6} {lookups:>9} "
+            f"{fmt(s['success_pct'], '.2f', '%'):>8} {fmt(s['p50_ms'], '.1f'):>8} "
+            f"{fmt(s['p95_ms'], '.1f'):>8} {fmt(s['p99_ms'], '.1f'):>8} "
+            f"{fmt(s['rpcs_per_lookup'], '.1f'):>8} {fmt(s['kib_per_node'], '.1f'):>9} "
+            f"{s['setup_s']:>8.1f}"
+        )
+    print()
+    for s in summaries:
+        details = [
+            f"max {fmt(s['max_ms'], '.0f')} ms",
+            f"mean {fmt(s['mean_ms'], '.1f')} ms",
+            f"lookup phase {s['lookup_s']:.1f} s",
+            f"bootstrap {s['bootstrap_s']:.1f} s + publish {s['publish_s']:.1f} s",
+            f"{s['copies_per_handle']:.1f} copies/handle",
+            f"{s['routing_table_mean']:.1f} contacts/node",
+            f"RSS {s['rss_start_kib'] / 1024:.0f} -> {s['rss_setup_kib'] / 1024:.0f} MiB "
+            f"({fmt(s['rss_delta_kib_per_node'], '.1f')} KiB/node"
+            + ("" if s["rss_first"] else ", not comparable: ran after another pass")
+            + ")",
+        ]
+        if s["inner_p50_ms"] is not None:
+            details.append(
+                f"asyncio-side p50/p99 {s['inner_p50_ms']:.1f}/{s['inner_p99_ms']:.1f} ms"
+            )
+        if s["rpcs_max"] is not None:
+            details.append(f"max {s['rpcs_max']} RPCs")
+        if s["publish_failed"]:
+            details.append(f"{s['publish_failed']} publishes stored nowhere")
+        if s["failures"]:
+            details.append("failures " + ", ".join(f"{k}={v}" for k, v in s["failures"].items()))
+        if s["counters"]:
+            per = ""
+            if s["lookups_done"] and "requests_out" in s["counters"]:
+                per = f" ({s['counters']['requests_out'] / s['lookups_done']:.1f} sent/lookup)"
+            details.append(
+                "during lookups " + ", ".join(f"{k}={v}" for k, v in s["counters"].items()) + per
+            )
+        if s["rtt_ms"]:
+            details.append(
+                "RTT estimate p50/p95 over nodes "
+                f"{fmt(s['rtt_ms']['srtt_p50'], '.1f')}/{fmt(s['rtt_ms']['srtt_p95'], '.1f')} ms,"
+                " soft timeout of an unmeasured contact "
+                f"{fmt(s['rtt_ms']['default_rto_p50'], '.1f')}/"
+                f"{fmt(s['rtt_ms']['default_rto_p95'], '.1f')} ms"
+            )
+        if s["config"]:
+            details.append(f"DHTConfig({s['config']})")
+        if s["incomplete"]:
+            details.append(f"INCOMPLETE: {s['incomplete']}")
+        print(f"{s['impl']}: " + "; ".join(details))
+    print(
+        "Latency percentiles count every lookup (failed ones with their time); RPCs/lookup "
+        "counts find_node/find_value RPCs of successful lookups (p2pd asks all k closest "
+        "nodes to pick the newest record; stock stops at the first value, or sends none when "
+        "the asking node holds the key itself). KiB/node is tracemalloc's "
+        f"traced Python memory after registration / N ({MEMORY_NOTE[memory]}; SQLite's own "
+        "allocations are not traced: see the RSS delta of the timed pass)."
+    )
+    for line in goal_lines(summaries):
+        print(line)
+
+
+def goal_lines(summaries: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for s in summaries:
+        if not s["impl"].startswith("p2pd"):
+            continue
+        verdicts = []
+        for name, limit in GOALS.items():
+            value = s[name]
+            if value is None:
+                ok = False
+            elif name == "success_pct":
+                ok = value >= limit
+            else:
+                ok = value < limit
+            op = ">=" if name == "success_pct" else "<"
+            verdicts.append(f"{name} {fmt(value, '.2f')} {op} {limit:g}: {_pass(ok)}")
+        note = "" if s["n"] >= GOAL_N else f" (goals are for N={GOAL_N}: indicative only)"
+        lines.append(f"goals {s['impl']}: " + "; ".join(verdicts) + note)
+    return lines
+
+
+def goal_verdicts(s: dict[str, Any]) -> dict[str, bool | None]:
+    out: dict[str, bool | None] = {}
+    for name, limit in GOALS.items():
+        value = s[name]
+        if value is None:
+            out[name] = None
+        else:
+            out[name] = value >= limit if name == "success_pct" else value < limit
+    return out
+
+
+def _pass(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_config_overrides(items: list[str]) -> DHTConfig:
+    config = DHTConfig()
+    changes: dict[str, Any] = {}
+    known = {f.name: f for f in fields(config)}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in known:
+            raise SystemExit(f"--extra-config: expected NAME=VALUE with NAME in {sorted(known)}")
+        current = getattr(config, name)
+        changes[name] = type(current)(text)
+    return replace(config, **changes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", "--nodes", type=int, default=200, help="nodes (default 200)")
+    parser.add_argument(
+        "--churn", type=float, default=0.2, help="fraction killed after registration (0.2)"
+    )
+    parser.add_argument("--lookups", type=int, default=500, help="lookups (default 500)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="lookups in flight at once, the same on both sides (default 1: latency of one "
+        "lookup alone; stock kademlia then takes minutes, as every dead contact costs 5 s)",
+    )
+    parser.add_argument(
+        "--setup-concurrency",
+        type=int,
+        default=1,
+        help="publishes in flight at once (default 1: a loaded setup inflates the round-trip "
+        "samples p2pd keeps for contacts that later die, and so their soft timeouts)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    parser.add_argument("--only", choices=["p2pd", "stock"], help="run one implementation")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--lookup-deadline",
+        type=float,
+        default=1200.0,
+        help="seconds after which no new lookup starts, per implementation (1200)",
+    )
+    parser.add_argument(
+        "--setup-deadline",
+        type=float,
+        default=None,
+        help=f"seconds the setup (join + publish) may take, per pass "
+        f"(default {SETUP_BASE:.0f} + {SETUP_PER_NODE:g} per node)",
+    )
+    parser.add_argument(
+        "--memory",
+        choices=["separate", "same", "off"],
+        default="separate",
+        help="separate (default): tracemalloc in an extra setup-only pass after the timed "
+        "one, because tracing slows the process about 3x and the round trips measured under "
+        "it stay in p2pd's soft timeouts of the contacts that die; same: trace the setup of "
+        "the timed pass; off: no KiB/node",
+    )
+    parser.add_argument(
+        "--extra-config",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="also run p2pd with this DHTConfig change, as a separate row 'p2pd*' "
+        "(repeatable; the main p2pd row always uses DHTConfig() defaults)",
+    )
+    args = parser.parse_args()
+    if args.nodes < 2 or not 0 <= args.churn < 1 or args.lookups < 1 or args.concurrency < 1:
+        parser.error("need -n >= 2, 0 <= --churn < 1, --lookups >= 1, --concurrency >= 1")
+    if round(args.nodes * args.churn) > args.nodes - 2:
+        parser.error("--churn leaves fewer than 2 live nodes")
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The stock library logs every lost reply (rpcudp at ERROR, kademlia at WARNING).
+    logging.getLogger("kademlia").setLevel(logging.ERROR)
+    logging.getLogger("rpcudp").setLevel(logging.CRITICAL)
+    raise_fd_limit(args.nodes + 256)
+    random.seed(args.seed)  # kademlia's own random choices (refresh ids)
+
+    w = make_workload(args)
+    runs: list[tuple[str, float]] = []
+    results: list[SideResult] = []
+    run_started = time.perf_counter()
+
+    def run_side(label: str, call: Callable[[bool, bool], SideResult], memory: str) -> None:
+        progress(f"{label}: {w.n} nodes")
+        started = time.perf_counter()
+        result = call(memory == "same", False)
+        result.rss_first = not runs
+        runs.append((label, time.perf_counter() - started))
+        if memory == "separate" and result.published < w.n:
+            progress(f"{label}: setup did not finish: no memory pass")
+        elif memory == "separate":
+            progress(f"{label}: memory pass (setup only, under tracemalloc)")
+            started = time.perf_counter()
+            traced = call(True, True)
+            result.traced_bytes = traced.traced_bytes
+            result.traced_peak_bytes = traced.traced_peak_bytes
+            runs.append((f"{label} memory pass", time.perf_counter() - started))
+        results.append(result)
+
+    if args.only in (None, "p2pd"):
+        configs = [("p2pd", DHTConfig(), args.memory)]
+        if args.extra_config:  # memory is the same as the main row's: not measured again
+            configs.append(("p2pd*", parse_config_overrides(args.extra_config), "off"))
+        for label, config, memory in configs:
+
+            def p2pd_pass(
+                trace: bool, setup_only: bool, config: DHTConfig = config, label: str = label
+            ) -> SideResult:
+                return trio.run(run_p2pd, w, config, label, trace, setup_only)
+
+            run_side(label, p2pd_pass, memory)
+    if args.only in (None, "stock"):
+
+        def stock_pass(trace: bool, setup_only: bool) -> SideResult:
+            return asyncio.run(run_stock(w, trace, setup_only))
+
+        run_side("stock", stock_pass, args.memory)
+    total = time.perf_counter() - run_started
+
+    summaries = [r.summary() for r in results]
+    if args.json:
+        doc = {
+            "params": {
+                "nodes": w.n,
+                "churn": w.churn,
+                "killed": len(w.killed),
+                "lookups": len(w.lookups),
+                "concurrency": w.concurrency,
+                "setup_concurrency": w.setup_concurrency,
+                "seed": w.seed,
+                "memory": args.memory,
+                "handles_resolved": "random among all registered, dead owners included",
+            },
+            "results": summaries,
+            "goals": {
+                "targets": GOALS,
+                "n": GOAL_N,
+                "verdicts": {s["impl"]: goal_verdicts(s) for s in summaries if "p2pd" in s["impl"]},
+            },
+            "wall_s": {**dict(runs), "total": total},
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print_table(w, summaries, args.memory)
+        print(
+            "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in runs) + f"; total {total:.1f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
