@@ -234,6 +234,7 @@ def daemon(
     if verbose < 2:
         logging.getLogger("kademlia").setLevel(logging.WARNING)
         logging.getLogger("rpcudp").setLevel(logging.WARNING)
+        logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic: a line per connection
     home = _home(ctx)
     config = load_config(home)
     changes: dict[str, Any] = {}
@@ -313,6 +314,203 @@ def whois(ctx: click.Context, handle: str, as_json: bool) -> None:
     HandleRef.parse(handle)  # usage errors before we bother the daemon
     with ControlClient(_home(ctx), timeout=60) as client:
         _emit(client.call("whois", {"handle": handle}), as_json, _whois_text)
+
+
+# ---------------------------------------------------------------------- messages
+
+#: How long `send --wait` waits by default, and how often it looks.
+SEND_WAIT_DEFAULT = 60.0
+
+
+def _message_line(m: dict[str, Any]) -> str:
+    when = datetime.datetime.fromtimestamp(m["sent_at"], tz=datetime.UTC)
+    if m["direction"] == "in":
+        who = m["handle"] if m.get("sender_verified") else f"{m['handle']} (unverified)"
+        return f"{when:%Y-%m-%d %H:%M:%S} {who}: {m['text']}"
+    return f"{when:%Y-%m-%d %H:%M:%S} -> {m['handle']} [{m['state']}]: {m['text']}"
+
+
+@cli.command()
+@click.argument("handle")
+@click.argument("text")
+@click.option(
+    "--wait",
+    "wait",
+    is_flag=True,
+    help="Block until the recipient's daemon acknowledges the message (exit 0), or until "
+    "--timeout passes (exit 1; the message stays queued and is still retried).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 7 * 24 * 3600),
+    default=SEND_WAIT_DEFAULT,
+    show_default=True,
+    help="Seconds --wait waits.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the message's state as JSON.")
+@click.pass_context
+@handle_errors
+def send(
+    ctx: click.Context, handle: str, text: str, wait: bool, timeout: float, as_json: bool
+) -> None:
+    """Send TEXT to HANDLE, encrypted end to end. TEXT `-` reads it from stdin.
+
+    The message is stored in the daemon's outbox before this returns, and the daemon
+    delivers it directly over QUIC when HANDLE is online, or leaves it sealed in
+    HANDLE's DHT mailbox, retrying until it is acknowledged. States: queued, sent,
+    delivered. The first message to a handle pins its key; if the key ever changes,
+    sending stops until you accept the new one with `p2pd verify HANDLE --accept`.
+    """
+    import time
+
+    from p2pd.identity import HandleRef
+
+    HandleRef.parse(handle)
+    if text == "-":
+        text = sys.stdin.read()
+    if not text:
+        raise UsageError("the message is empty")
+    with ControlClient(_home(ctx), timeout=60) as client:
+        message = client.call("send", {"handle": handle, "text": text})
+        if wait:
+            deadline = time.monotonic() + timeout
+            while message["state"] != "delivered" and time.monotonic() < deadline:
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                message = client.call("message", {"id": message["id"]})
+    if as_json:
+        click.echo(json.dumps(message, indent=2, sort_keys=True))
+    else:
+        click.echo(f"{message['state']}: message {message['id'][:12]} to {message['handle']}")
+    if wait and message["state"] != "delivered":
+        click.echo(f"ERROR: not delivered within {timeout:g} s; the message stays queued", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--from", "sender", metavar="HANDLE", help="Only messages from HANDLE.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing messages as they arrive.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message and line.")
+@click.option("--after", type=click.IntRange(0), default=0, help="Only messages after this cursor.")
+@click.pass_context
+@handle_errors
+def inbox(ctx: click.Context, sender: str | None, follow: bool, as_json: bool, after: int) -> None:
+    """Show received messages, each conversation in the order it was written.
+
+    A sender shown as "(unverified)" claimed a handle that the DHT does not (yet) bind
+    to its key. With --follow, runs until interrupted.
+    """
+    from p2pd.identity import HandleRef
+
+    if sender is not None:
+        HandleRef.parse(sender)
+
+    def show(m: dict[str, Any]) -> None:
+        click.echo(json.dumps(m, sort_keys=True) if as_json else _message_line(m))
+
+    params: dict[str, Any] = {"after": after}
+    if sender is not None:
+        params["from"] = sender
+    with ControlClient(_home(ctx)) as client:
+        if follow:
+            events = ControlClient(_home(ctx))
+            events.subscribe()  # before the listing: nothing falls between the two
+        page = client.call("inbox", params)
+        for m in page["messages"]:
+            show(m)
+        if not follow:
+            if not page["messages"] and not as_json:
+                click.echo("no messages", err=True)
+            return
+        seen = {m["id"] for m in page["messages"]}
+        with events:
+            while True:
+                event = events.next_event(None)
+                if event is None or event.get("event") != "message":
+                    continue
+                if event["id"] in seen:
+                    continue
+                if sender is not None and event["handle"] != HandleRef.parse(sender).handle:
+                    continue
+                seen.add(event["id"])
+                show(event)
+
+
+def _contacts_text(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no contacts yet"
+    lines = []
+    for c in rows:
+        flags = ["verified" if c["verified"] else "unverified"]
+        if c["key_changed"]:
+            flags.append(f"KEY CHANGED to {c['new_fingerprint'][:16]}")
+        if c["pending"]:
+            flags.append(f"{c['pending']} pending")
+        lines.append(f"{c['handle']:<33} {c['fingerprint'][:16]}  {', '.join(flags)}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the contacts as JSON.")
+@click.pass_context
+@handle_errors
+def contacts(ctx: click.Context, as_json: bool) -> None:
+    """List contacts: handles whose keys are pinned, verified or not, and key changes."""
+    with ControlClient(_home(ctx)) as client:
+        _emit(client.call("contacts"), as_json, _contacts_text)
+
+
+def _verify_text(r: dict[str, Any]) -> str:
+    import io
+
+    import segno
+
+    qr = io.StringIO()
+    segno.make(f"p2pd-safety:0:{r['safety_number'].replace(' ', '')}").terminal(
+        out=qr, compact=True, border=2
+    )
+    groups = r["safety_number"].split()
+    number = "\n".join(" ".join(groups[i : i + 4]) for i in range(0, len(groups), 4))
+    state = "verified" if r["verified"] else "not verified"
+    lines = [
+        f"{r['handle']}: {state}",
+        f"their fingerprint  {r['fingerprint_display']}",
+    ]
+    if r["key_changed"]:
+        lines.append(f"NEW KEY (not accepted) {r['new_fingerprint']}")
+    lines += [
+        "",
+        "Safety number (compare it with theirs, in person or on a call):",
+        number,
+        "",
+        qr.getvalue().rstrip("\n"),
+    ]
+    if not r["verified"] or r["key_changed"]:
+        lines.append(f"If it matches, run `p2pd verify {r['handle']} --accept`.")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("handle")
+@click.option(
+    "--accept",
+    is_flag=True,
+    help="Mark HANDLE verified; if its key changed, pin the new key and resume sending.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+@handle_errors
+def verify(ctx: click.Context, handle: str, accept: bool, as_json: bool) -> None:
+    """Show the safety number you share with HANDLE, as digits and a QR code.
+
+    Both of you see the same 60 digits if, and only if, each holds the other's real
+    key. Compare them out of band, then run with --accept.
+    """
+    from p2pd.identity import HandleRef
+
+    HandleRef.parse(handle)
+    with ControlClient(_home(ctx), timeout=60) as client:
+        result = client.call("verify", {"handle": handle, "accept": accept})
+    _emit(result, as_json, _verify_text)
 
 
 def main() -> None:

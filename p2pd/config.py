@@ -103,6 +103,13 @@ class NodeConfig:
     republish_interval: float = 3600.0
     #: How often the routing contacts are written to the database.
     save_contacts_interval: float = 300.0
+    quic: QuicConfig = field(default_factory=QuicConfig)
+    #: How often the daemon asks the DHT for messages left in its mailbox (also at start).
+    mailbox_poll_interval: float = 30.0
+    #: How long one delivery attempt waits for a QUIC handshake with the recipient.
+    connect_timeout: float = 3.0
+    #: How long one delivery attempt waits for acks after sending.
+    ack_timeout: float = 5.0
 
 
 def default_home() -> Path:
@@ -116,7 +123,7 @@ def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(obj)}
     changes: dict[str, Any] = {}
     for name, value in section.items():
-        if name not in known or name in ("home", "dht"):
+        if name not in known or name in ("home", "dht", "quic"):
             raise UsageError(f"{where}: unknown setting {name!r}")
         current = getattr(obj, name)
         if name in ("listen",):

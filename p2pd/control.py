@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .daemon import Node
+    from .delivery import EventBus
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,65 @@ def _methods(node: Node) -> dict[str, Callable[[Any], Awaitable[Any]]]:
             raise UsageError("whois needs a 'handle' string")
         return await node.whois(handle)
 
-    return {"status": status, "whois": whois}
+    async def send(params: Any) -> Any:
+        p = _params(params, ("handle", "text"))
+        handle, text = p.get("handle"), p.get("text")
+        if not isinstance(handle, str) or not isinstance(text, str):
+            raise UsageError("send needs 'handle' and 'text' strings")
+        message = await node.delivery.send(handle, text)
+        return message.summary()
+
+    async def message(params: Any) -> Any:
+        msg_id = _params(params, ("id",)).get("id")
+        if not isinstance(msg_id, str):
+            raise UsageError("message needs an 'id' string")
+        return node.delivery.message(msg_id)
+
+    async def inbox(params: Any) -> Any:
+        p = _params(params, ("from", "after", "limit"))
+        sender, after, limit = p.get("from"), p.get("after", 0), p.get("limit", 1000)
+        if sender is not None and not isinstance(sender, str):
+            raise UsageError("'from' must be a handle")
+        if not _is_int(after) or after < 0 or not _is_int(limit) or not 1 <= limit <= 10_000:
+            raise UsageError("'after' must be a cursor >= 0 and 'limit' 1..10000")
+        return node.delivery.inbox(sender=sender, after=after, limit=limit)
+
+    async def outbox(params: Any) -> Any:
+        limit = _params(params, ("limit",)).get("limit", 1000)
+        if not _is_int(limit) or not 1 <= limit <= 10_000:
+            raise UsageError("'limit' must be 1..10000")
+        return [m.summary() for m in node.delivery.messages.outbox(limit=limit)]
+
+    async def contacts(params: Any) -> Any:
+        _params(params, ())
+        return node.delivery.contact_list()
+
+    async def verify(params: Any) -> Any:
+        p = _params(params, ("handle", "accept"))
+        handle, accept = p.get("handle"), p.get("accept", False)
+        if not isinstance(handle, str) or not isinstance(accept, bool):
+            raise UsageError("verify needs a 'handle' string and an optional 'accept' boolean")
+        return await node.delivery.verify(handle, accept=accept)
+
+    async def check_mailbox(params: Any) -> Any:
+        _params(params, ())
+        return {"new_messages": await node.delivery.check_mailbox()}
+
+    return {
+        "status": status,
+        "whois": whois,
+        "send": send,
+        "message": message,
+        "inbox": inbox,
+        "outbox": outbox,
+        "contacts": contacts,
+        "verify": verify,
+        "check_mailbox": check_mailbox,
+    }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _error(req_id: Any, code: int, message: str) -> dict[str, Any]:
@@ -85,7 +145,7 @@ async def handle_request(
     """One request line in, one response object out (None for a notification)."""
     try:
         request = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return _error(None, PARSE_ERROR, "parse error: not a JSON object")
     if not isinstance(request, dict):
         return _error(None, INVALID_REQUEST, "invalid request: expected a JSON object")
@@ -114,7 +174,32 @@ async def handle_request(
     return {"jsonrpc": "2.0", "id": req_id, "result": result}
 
 
-async def _serve_connection(stream: trio.SocketStream, methods: dict[str, Any]) -> None:
+async def _stream_events(stream: trio.SocketStream, events: EventBus, req_id: Any) -> None:
+    """After ``subscribe``: every daemon event as a JSON-RPC notification ``event``, until
+    the client closes the connection (anything it sends from then on is ignored)."""
+
+    async def watch_for_close(cancel: trio.CancelScope) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while await stream.receive_some(4096):
+                pass
+        cancel.cancel()
+
+    async with events.subscribe() as channel, trio.open_nursery() as nursery:
+        nursery.start_soon(watch_for_close, nursery.cancel_scope)
+        try:
+            reply = {"jsonrpc": "2.0", "id": req_id, "result": {"subscribed": True}}
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+            async for event in channel:
+                note = {"jsonrpc": "2.0", "method": "event", "params": event}
+                await stream.send_all(json.dumps(note).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        nursery.cancel_scope.cancel()
+
+
+async def _serve_connection(
+    stream: trio.SocketStream, methods: dict[str, Any], events: EventBus | None = None
+) -> None:
     buffer = b""
     async with stream:
         while True:
@@ -129,6 +214,10 @@ async def _serve_connection(stream: trio.SocketStream, methods: dict[str, Any]) 
                 line, buffer = buffer.split(b"\n", 1)
                 if not line.strip():
                     continue
+                subscribe = _subscription(line)
+                if subscribe is not None and events is not None:
+                    await _stream_events(stream, events, subscribe)
+                    return
                 response = await handle_request(line, methods)
                 if response is not None:
                     try:
@@ -179,16 +268,37 @@ async def serve_control_api(
     methods = _methods(node)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, _connection_handler(methods), [listener])
+            nursery.start_soon(
+                trio.serve_listeners, _connection_handler(methods, node.events), [listener]
+            )
             task_status.started()
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
 
-def _connection_handler(methods: dict[str, Any]) -> Callable[[trio.SocketStream], Awaitable[None]]:
+def _subscription(line: bytes) -> Any:
+    """The request id if ``line`` is a well-formed ``subscribe`` request, else None."""
+    try:
+        request = json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if (
+        isinstance(request, dict)
+        and request.get("jsonrpc") == "2.0"
+        and request.get("method") == "subscribe"
+        and isinstance(request.get("id"), str | int)
+        and not isinstance(request.get("id"), bool)
+    ):
+        return request["id"]
+    return None
+
+
+def _connection_handler(
+    methods: dict[str, Any], events: EventBus | None
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
     async def handler(stream: trio.SocketStream) -> None:
-        await _serve_connection(stream, methods)
+        await _serve_connection(stream, methods, events)
 
     return handler
 
@@ -211,16 +321,39 @@ class ControlClient:
             raise DaemonNotRunning(
                 f"cannot reach the daemon at {self.path}: {exc.strerror}"
             ) from None
-        self._file = self._sock.makefile("rb")
+        self._buffer = b""
+        self._timeout = timeout
         self._next_id = 1
+
+    def _readline(self, timeout: float | None) -> bytes:
+        """One line (b"" at EOF). Our own buffer: a file object from makefile() may lose
+        data when a read times out, and event streams wait with timeouts."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > MAX_LINE * 16:
+                raise ControlError("the daemon sent an overlong line", FAILED)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self._sock.settimeout(left)
+            else:
+                self._sock.settimeout(None)
+            data = self._sock.recv(65536)
+            if not data:
+                return b""
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line + b"\n"
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         req_id = self._next_id
         self._next_id += 1
         request = {"jsonrpc": "2.0", "id": req_id, "method": method, "params": params or {}}
         try:
+            self._sock.settimeout(self._timeout)
             self._sock.sendall(json.dumps(request).encode() + b"\n")
-            line = self._file.readline(MAX_LINE * 16)
+            line = self._readline(self._timeout)
         except TimeoutError:
             raise ControlError("the daemon did not answer in time", FAILED) from None
         except OSError as exc:
@@ -244,8 +377,32 @@ class ControlClient:
             raise ControlError(message, code if isinstance(code, int) else FAILED)
         return response.get("result")
 
+    def subscribe(self) -> None:
+        """Turn this connection into an event stream; read it with :meth:`next_event`."""
+        result = self.call("subscribe")
+        if not isinstance(result, dict) or result.get("subscribed") is not True:
+            raise ControlError("the daemon refused the subscription", FAILED)
+
+    def next_event(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next event after :meth:`subscribe`, or None if none came within ``timeout``."""
+        try:
+            line = self._readline(timeout)
+        except TimeoutError:
+            return None
+        except OSError as exc:
+            raise DaemonNotRunning(f"lost the connection to the daemon: {exc}") from None
+        if not line:
+            raise DaemonNotRunning("the daemon closed the connection")
+        try:
+            note = json.loads(line)
+        except ValueError:
+            raise ControlError("the daemon sent a malformed event", FAILED) from None
+        params = note.get("params") if isinstance(note, dict) else None
+        if not isinstance(params, dict):
+            raise ControlError("the daemon sent a malformed event", FAILED)
+        return params
+
     def close(self) -> None:
-        self._file.close()
         self._sock.close()
 
     def __enter__(self) -> ControlClient:

@@ -20,12 +20,14 @@ import trio
 
 from . import __version__
 from .config import NodeConfig
+from .delivery import Delivery, EventBus
 from .dht import DHT, AsyncioThread, node_id_for, open_dht
 from .errors import NotFound
 from .identity import HandleRef, Identity, format_fingerprint, self_certifying
 from .keystore import ensure_home
 from .records import HandleRecord
 from .store import db_path, get_meta, open_database, set_meta
+from .transport.quic import QuicEndpoint
 from .transport.udp import UdpEndpoint
 from .wire import Address
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: While the routing table is empty, retry the bootstrap this often.
 REJOIN_INTERVAL = 15.0
+#: A changed prekey bundle (a one-time prekey used) is republished at most this often.
+BUNDLE_REPUBLISH_MIN = 10.0
 MAX_SAVED_CONTACTS = 200
 
 
@@ -46,11 +50,16 @@ class Node:
         endpoint: UdpEndpoint,
         dht: DHT,
         conn: sqlite3.Connection,
+        delivery: Delivery,
+        quic: QuicEndpoint,
     ) -> None:
         self.config = config
         self.identity = identity
         self.endpoint = endpoint
         self.dht = dht
+        self.delivery = delivery
+        self.events = delivery.events
+        self.quic = quic
         self._conn = conn
         self.started = time.time()
         self.record: HandleRecord | None = None
@@ -95,13 +104,16 @@ class Node:
 
     async def publish(self) -> int:
         now = int(time.time())
+        sessions = self.delivery.sessions
         record = HandleRecord.create(
             self.identity,
             self.advertised_addresses(),
             seq=self._next_seq(),
             now=now,
             lifetime=self.config.record_lifetime,
+            extension=sessions.prekey_bundle(),
         )
+        sessions.mark_bundle_published()
         self.replicas = await self.dht.publish(record)
         self.record = record
         log.info("published record seq=%d to %d node(s)", record.seq, self.replicas)
@@ -161,7 +173,11 @@ class Node:
             if alone and await self.join() > 0:
                 await self.publish()
                 last_publish = now
-            if now - last_publish >= self.config.republish_interval:
+            self.delivery.sessions.maintain(time.time())
+            bundle_due = (
+                self.delivery.sessions.bundle_changed and now - last_publish >= BUNDLE_REPUBLISH_MIN
+            )
+            if bundle_due or now - last_publish >= self.config.republish_interval:
                 await self.publish()
                 last_publish = now
             if now - last_save >= self.config.save_contacts_interval:
@@ -190,6 +206,9 @@ class Node:
             "dht_counters": stats["counters"],
             "refused_records": stats["refused_records"],
             "udp_counters": dict(self.endpoint.stats),
+            "quic_counters": dict(self.quic.stats),
+            "quic_connections": len(self.quic.peers()),
+            "messages": self.delivery.statistics(),
         }
 
     async def whois(self, text: str) -> dict[str, Any]:
@@ -241,12 +260,17 @@ async def open_node(
             ) as dht,
             trio.open_nursery() as nursery,
         ):
-            await nursery.start(endpoint.serve, dht.datagram_received)
-            node = Node(config, identity, endpoint, dht, conn)
+            delivery = Delivery(config, identity, conn, dht, EventBus())
+            quic = QuicEndpoint(endpoint, identity, config.quic, on_stream=delivery.handle_stream)
+            delivery.quic = quic
+            await nursery.start(quic.serve)
+            await nursery.start(endpoint.serve, dht.datagram_received, quic.datagram_received)
+            node = Node(config, identity, endpoint, dht, conn, delivery, quic)
             await nursery.start(serve_control_api, node.control_path, node)
             await node.join()
             await node.publish()
             nursery.start_soon(node.maintain)
+            await nursery.start(delivery.run)
             try:
                 yield node
             finally:

@@ -151,6 +151,35 @@ class MessageStore:
         ).fetchone()
         return None if row[0] is None else float(row[0])
 
+    def due_for(self, peer_key: bytes, now: float, limit: int = 512) -> list[Message]:
+        """One conversation's unacknowledged messages whose retry time has come, in order."""
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE direction='out' AND state!=? "
+            "AND peer_key=? AND next_attempt<=? ORDER BY seq LIMIT ?",
+            (DELIVERED, peer_key, now, limit),
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+    def due_peers(self, now: float) -> list[bytes]:
+        """The conversations with a message due now."""
+        rows = self._conn.execute(
+            "SELECT DISTINCT peer_key FROM messages WHERE direction='out' AND state!=? "
+            "AND next_attempt<=?",
+            (DELIVERED, now),
+        ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def clear_envelopes(self, peer_key: bytes) -> int:
+        """Forget the ciphertext of a conversation's unacknowledged messages, so that they
+        are encrypted again in a new session (the peer could not decrypt them)."""
+        cursor = self._conn.execute(
+            "UPDATE messages SET envelope=NULL, next_attempt=0 WHERE direction='out' "
+            "AND state!=? AND peer_key=?",
+            (DELIVERED, peer_key),
+        )
+        self._conn.commit()
+        return cursor.rowcount
+
     def pending_for(self, peer_key: bytes) -> list[Message]:
         rows = self._conn.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE direction='out' AND state!=? "

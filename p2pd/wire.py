@@ -16,6 +16,8 @@ from typing import Any
 import msgpack
 
 from .errors import InvalidAddress, WireError
+from .identity import HANDLE_MAX as MAX_HANDLE_LEN
+from .identity import is_valid_handle
 
 # --------------------------------------------------------------------------- primitives
 
@@ -430,6 +432,9 @@ MESSAGE_ID_LEN = 16
 MAX_TEXT = 64 * 1024
 FRAME_MESSAGE = 1
 FRAME_ACK = 2
+#: "I could not decrypt that message": the sender starts a new session and sends again.
+FRAME_NACK = 3
+_STREAM_KINDS = (FRAME_MESSAGE, FRAME_ACK, FRAME_NACK)
 #: A message frame: an id and a session envelope around at most MAX_TEXT of text.
 MAX_STREAM_FRAME = MAX_TEXT + 4096
 MAILBOX_MESSAGE = 1
@@ -445,6 +450,9 @@ class MessagePayload:
     sent_at_ms: int
     text: str
     kind: int = KIND_TEXT
+    #: The handle the sender claims. The session proves only its key; the receiver
+    #: checks the claim against the DHT before it pins it (p2pd/delivery.py).
+    sender: str = ""
 
     def encode(self) -> bytes:
         body = self.text.encode("utf-8")
@@ -452,8 +460,12 @@ class MessagePayload:
             raise WireError(f"message text over {MAX_TEXT} bytes")
         if len(self.msg_id) != MESSAGE_ID_LEN:
             raise WireError("message id must be 16 bytes")
+        if self.sender and not is_valid_handle(self.sender):
+            raise WireError("invalid sender handle")
+        sender = self.sender.encode("ascii")
         return (
-            bytes([MESSAGE_VERSION, self.kind])
+            bytes([MESSAGE_VERSION, self.kind, len(sender)])
+            + sender
             + self.msg_id
             + struct.pack(">QQI", self.seq, self.sent_at_ms, len(body))
             + body
@@ -467,6 +479,15 @@ class MessagePayload:
         kind = r.u8()
         if kind != KIND_TEXT:
             raise WireError(f"unknown message kind {kind}")
+        sender_len = r.u8()
+        if sender_len > MAX_HANDLE_LEN:
+            raise WireError("sender handle too long")
+        try:
+            sender = r.take(sender_len).decode("ascii")
+        except UnicodeDecodeError:
+            raise WireError("sender handle is not ASCII") from None
+        if sender and not is_valid_handle(sender):
+            raise WireError("invalid sender handle")
         msg_id = r.take(MESSAGE_ID_LEN)
         seq, sent_at = r.u64(), r.u64()
         (length,) = struct.unpack(">I", r.take(4))
@@ -477,11 +498,11 @@ class MessagePayload:
         except UnicodeDecodeError:
             raise WireError("message text is not UTF-8") from None
         r.end()
-        return cls(msg_id, seq, sent_at, text, kind)
+        return cls(msg_id, seq, sent_at, text, kind, sender)
 
 
 def encode_stream_frame(kind: int, payload: bytes) -> bytes:
-    if kind not in (FRAME_MESSAGE, FRAME_ACK) or len(payload) > MAX_STREAM_FRAME:
+    if kind not in _STREAM_KINDS or len(payload) > MAX_STREAM_FRAME:
         raise WireError("bad stream frame")
     return struct.pack(">BI", kind, len(payload)) + payload
 
@@ -497,7 +518,7 @@ class StreamFrameDecoder:
         frames = []
         while len(self._buffer) >= 5:
             kind, length = struct.unpack_from(">BI", self._buffer)
-            if kind not in (FRAME_MESSAGE, FRAME_ACK) or length > MAX_STREAM_FRAME:
+            if kind not in _STREAM_KINDS or length > MAX_STREAM_FRAME:
                 raise WireError("bad stream frame header")
             if len(self._buffer) < 5 + length:
                 break

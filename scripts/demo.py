@@ -1,4 +1,5 @@
-"""Three real p2pd daemons on 127.0.0.1: handles claimed, resolved across nodes, stopped.
+"""Three real p2pd daemons on 127.0.0.1: handles claimed, resolved across nodes, an
+encrypted message delivered and answered, then everything stopped.
 
 Run it with scripts/demo. Every step prints the CLI command it runs and what came back.
 """
@@ -58,6 +59,26 @@ def main() -> int:
         proc = run_cli(root / "bob", "whois", "alice#aaaaaaaaaaaa")
         print(f"$ p2pd whois alice#aaaaaaaaaaaa  -> exit {proc.returncode}: {proc.stderr.strip()}")
         failures += proc.returncode != 1
+
+        step("alice sends bob an end-to-end encrypted message (X3DH, then the Double Ratchet)")
+        text = "hi bob, only you can read this"
+        proc = run_cli(root / "alice", "send", "bob", text, "--wait", "--timeout", "30")
+        print(f'$ p2pd send bob "{text}" --wait\n{(proc.stdout or proc.stderr).strip()}')
+        failures += proc.returncode != 0
+        proc = run_cli(root / "bob", "inbox")
+        print(f"$ p2pd inbox   (on bob's daemon)\n{proc.stdout.strip()}")
+        failures += text not in proc.stdout
+
+        step("bob answers; the ack travels back and alice sees it arrive")
+        reply = "hello alice, received"
+        proc = run_cli(root / "bob", "send", "alice", reply, "--wait", "--timeout", "30")
+        print(f'$ p2pd send alice "{reply}" --wait\n{(proc.stdout or proc.stderr).strip()}')
+        failures += proc.returncode != 0
+        proc = run_cli(root / "alice", "inbox", "--from", "bob")
+        print(f"$ p2pd inbox --from bob   (on alice's daemon)\n{proc.stdout.strip()}")
+        failures += reply not in proc.stdout
+        proc = run_cli(root / "alice", "contacts")
+        print(f"$ p2pd contacts   (bob's key is pinned on first contact)\n{proc.stdout.strip()}")
 
         step("bob's status")
         print(run_cli(root / "bob", "status").stdout.strip())

@@ -13,8 +13,8 @@ halves are sorted and joined, so both people see the same 60 digits whoever comp
 them, shown in twelve groups of five. The 5200 iterations make finding a second key with
 the same 30 digits cost about 2^112 hash calls instead of 2^100.
 
-A QR code of the same: not provided. No QR library is installed in p2pd's environment
-(segno, qrcode and pyqrcode are all absent), and p2pd adds no dependency for it.
+`p2pd verify` also shows a QR code of ``p2pd-safety:0:<60 digits>`` (drawn by segno in
+the terminal), for a phone to compare.
 """
 
 from __future__ import annotations

@@ -98,6 +98,10 @@ class DaemonProcess:
         self._ready.set()  # EOF: the process ended
 
     @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
     def log(self) -> str:
         return "".join(self._lines)
 

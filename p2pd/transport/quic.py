@@ -225,6 +225,16 @@ class _Connection(QuicConnection):
     def knows_stream(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    def sender_stopped(self, stream_id: int) -> bool:
+        """True once the peer's STOP_SENDING reset our side of the stream.
+
+        aioquic resets the sender while it parses the frame, before we see the
+        StopSendingReceived event; writing in between (even a FIN) raises RuntimeError.
+        Seen when a peer closes a stream while our handler is finishing with it.
+        """
+        stream = self._streams.get(stream_id)
+        return stream is not None and stream.sender._reset_error_code is not None
+
 
 def largest_datagram_payload(frame_limit: int) -> int:
     """The largest payload whose DATAGRAM frame (type byte, varint length, payload; RFC
@@ -314,6 +324,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
                     await self._wait_writable()
                     continue
                 chunk = view[offset : offset + room]
+                if quic.sender_stopped(self.stream_id):
+                    raise StreamBroken("the peer stopped reading this stream")
                 quic.send_stream_data(self.stream_id, bytes(chunk))
                 offset += len(chunk)
                 peer._touch()
@@ -340,7 +352,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("stream closed")
         if not self._send_eof and self._send_error is None and not self.peer._closing:
             self._send_eof = True
-            self.peer.quic.send_stream_data(self.stream_id, b"", end_stream=True)
+            if not self.peer.quic.sender_stopped(self.stream_id):
+                self.peer.quic.send_stream_data(self.stream_id, b"", end_stream=True)
             self.peer._kick()
         await trio.lowlevel.checkpoint()
 
@@ -427,7 +440,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
         peer = self.peer
         quic = peer.quic
         if not peer._closing and quic.knows_stream(self.stream_id):
-            if self._send_error is None and not (graceful and self._send_eof):
+            stopped = quic.sender_stopped(self.stream_id)
+            if self._send_error is None and not stopped and not (graceful and self._send_eof):
                 if graceful:
                     quic.send_stream_data(self.stream_id, b"", end_stream=True)
                 else:
@@ -1261,7 +1275,10 @@ class QuicEndpoint:
             log.exception("stream handler failed on %r; resetting that stream", stream)
             stream.reset(AppError.HANDLER_FAILED)
         finally:
-            stream._close_now(AppError.STREAM_CLOSED, graceful=True)
+            try:
+                stream._close_now(AppError.STREAM_CLOSED, graceful=True)
+            except Exception:  # one stream's trouble must never end the endpoint
+                log.exception("closing %r failed", stream)
 
 
 @asynccontextmanager

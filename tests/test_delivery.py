@@ -1,0 +1,206 @@
+"""Delivery between real nodes in one process: real DHT, real QUIC on 127.0.0.1 UDP.
+
+What a peer can do to us on the wire: replay a ciphertext, send malformed frames,
+answer at someone else's address with another key.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pd import wire
+from p2pd.config import NodeConfig
+from p2pd.daemon import Node, open_node
+from p2pd.dht import AsyncioThread
+from p2pd.errors import ConnectionLost, KeyChanged, PeerKeyMismatch
+from p2pd.identity import Identity
+from p2pd.messaging import DELIVERED
+from p2pd.testing.daemons import short_tempdir
+from p2pd.transport.quic import QuicPeer, QuicStream
+from p2pd.wire import Address
+
+LOOPBACK_ANY_PORT = Address("127.0.0.1", 0)
+
+
+@pytest.fixture()
+def root() -> Iterator[Path]:
+    path = short_tempdir("p2pd-dlv-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture()
+def bridge() -> Iterator[AsyncioThread]:
+    with AsyncioThread() as thread:
+        yield thread
+
+
+@asynccontextmanager
+async def node(
+    root: Path,
+    bridge: AsyncioThread,
+    identity: Identity,
+    *,
+    bootstrap: tuple[Address, ...] = (),
+    listen: Address = LOOPBACK_ANY_PORT,
+    home: str | None = None,
+) -> AsyncIterator[Node]:
+    config = NodeConfig(
+        home=root / (home or identity.handle),
+        listen=listen,
+        bootstrap=bootstrap,
+        ack_timeout=2.0,
+        connect_timeout=1.0,
+    )
+    async with open_node(config, identity, bridge=bridge) as n:
+        yield n
+
+
+async def wait_for(predicate: object, timeout: float = 15.0) -> None:
+    assert callable(predicate)
+    with trio.fail_after(timeout):
+        for _ in range(10_000):
+            if predicate():
+                return
+            await trio.sleep(0.02)
+
+
+def inbox_texts(n: Node) -> list[str]:
+    return [m["text"] for m in n.delivery.inbox(sender=None, after=0, limit=1000)["messages"]]
+
+
+async def raw_stream(sender: Node, recipient: Node) -> tuple[QuicPeer, QuicStream]:
+    peer = await sender.quic.connect(recipient.listen_address, recipient.identity.public_key)
+    return peer, await peer.open_stream()
+
+
+async def read_all(stream: QuicStream, timeout: float = 5.0) -> bytes:
+    out = b""
+    with trio.fail_after(timeout):
+        for _ in range(1000):
+            data = await stream.receive_some(65536)
+            if not data:
+                return out
+            out += data
+    return out
+
+
+async def test_replayed_ciphertext_is_refused(root: Path, bridge: AsyncioThread) -> None:
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    with trio.fail_after(60):
+        async with (
+            node(root, bridge, alice_id) as alice,
+            node(root, bridge, bob_id, bootstrap=(alice.listen_address,)) as bob,
+        ):
+            message = await alice.delivery.send("bob", "only once")
+            await wait_for(
+                lambda: alice.delivery.messages.get(message.id).state == DELIVERED  # type: ignore[union-attr]
+            )
+            stored = alice.delivery.messages.get(message.id)
+            assert stored is not None and stored.envelope is not None
+
+            # the same frame again: acked (the sender may have missed the ack), not shown
+            _, stream = await raw_stream(alice, bob)
+            frame = wire.encode_stream_frame(wire.FRAME_MESSAGE, message.id + stored.envelope)
+            await stream.send_all(frame)
+            await stream.send_eof()
+            reply = wire.StreamFrameDecoder().feed(await read_all(stream))
+            assert reply == [(wire.FRAME_ACK, message.id)]
+
+            # the same ciphertext under a fresh message id: refused, no ack
+            _, stream = await raw_stream(alice, bob)
+            replay = wire.encode_stream_frame(wire.FRAME_MESSAGE, os.urandom(16) + stored.envelope)
+            await stream.send_all(replay)
+            await stream.send_eof()
+            assert await read_all(stream) == b""
+            assert inbox_texts(bob) == ["only once"]
+            assert bob.delivery.stats["duplicates"] >= 2
+
+
+async def test_malformed_frame_closes_only_its_stream(root: Path, bridge: AsyncioThread) -> None:
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    with trio.fail_after(60):
+        async with (
+            node(root, bridge, alice_id) as alice,
+            node(root, bridge, bob_id, bootstrap=(alice.listen_address,)) as bob,
+        ):
+            peer, stream = await raw_stream(alice, bob)
+            await stream.send_all(b"\x09" + b"\xff" * 64)
+            with pytest.raises((ConnectionLost, trio.BrokenResourceError)):
+                await read_all(stream)
+            assert bob.delivery.stats["malformed_frames"] == 1
+            # a frame whose envelope is garbage: dropped, logged, no answer
+            _, stream = await raw_stream(alice, bob)
+            junk = wire.encode_stream_frame(wire.FRAME_MESSAGE, os.urandom(16) + b"junk")
+            await stream.send_all(junk)
+            await stream.send_eof()
+            assert await read_all(stream) == b""
+            assert bob.delivery.stats["refused"] == 1
+            # the connection survived, and a real message still goes through on it
+            assert not peer.is_closing
+            message = await alice.delivery.send("bob", "still here")
+            await wait_for(lambda: inbox_texts(bob) == ["still here"])
+            assert alice.delivery.messages.get(message.id).via == "direct"  # type: ignore[union-attr]
+
+
+async def test_impostor_at_the_peers_address_gets_nothing(
+    root: Path, bridge: AsyncioThread
+) -> None:
+    """bob leaves; mallory takes his address with another key. alice's handshake fails
+    (bob's key is pinned), so the message waits in bob's mailbox; mallory reads nothing."""
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    mallory_id = Identity.generate("mallory")
+    with trio.fail_after(90):
+        async with (
+            node(root, bridge, alice_id) as alice,
+            # a third node that stays up, to hold bob's mailbox with alice
+            node(root, bridge, Identity.generate("carol"), bootstrap=(alice.listen_address,)),
+        ):
+            async with node(root, bridge, bob_id, bootstrap=(alice.listen_address,)) as bob:
+                bob_address = bob.listen_address
+                first = await alice.delivery.send("bob", "hello")
+                await wait_for(lambda: inbox_texts(bob) == ["hello"])
+            for peer in alice.quic.peers():
+                peer.close("test: forget bob's connection")
+            async with node(
+                root, bridge, mallory_id, listen=bob_address, bootstrap=(alice.listen_address,)
+            ) as mallory:
+                with pytest.raises(PeerKeyMismatch):
+                    with trio.fail_after(10):
+                        await alice.quic.connect(bob_address, bob_id.public_key)
+                second = await alice.delivery.send("bob", "for bob only")
+                await wait_for(
+                    lambda: alice.delivery.messages.get(second.id).via == "mailbox"  # type: ignore[union-attr]
+                )
+                assert inbox_texts(mallory) == []
+                assert mallory.delivery.stats["received_direct"] == 0
+                assert alice.delivery.messages.get(first.id).state == DELIVERED  # type: ignore[union-attr]
+
+
+async def test_a_changed_key_stops_sending(root: Path, bridge: AsyncioThread) -> None:
+    """A contact whose record now carries another key: nothing is sent until accepted."""
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    with trio.fail_after(60):
+        async with node(root, bridge, alice_id) as alice:
+            async with node(root, bridge, bob_id, bootstrap=(alice.listen_address,)):
+                await alice.delivery.send("bob", "hi")
+            # a new bob (another key) on a fresh network view: alice's pin must hold
+            alice.delivery.contacts._conn.execute(
+                "UPDATE contacts SET public_key=? WHERE handle='bob'", (os.urandom(32),)
+            )
+            alice.delivery.contacts._conn.commit()
+            async with node(root, bridge, bob_id, bootstrap=(alice.listen_address,), home="bob"):
+                with pytest.raises(KeyChanged, match="verify bob"):
+                    await alice.delivery.send("bob", "are you still you?")
+                contact = alice.delivery.contacts.get("bob")
+                assert contact is not None and contact.pending_key == bob_id.public_key
+                accepted = await alice.delivery.verify("bob", accept=True)
+                assert accepted["verified"] and not accepted["key_changed"]
+                await alice.delivery.send("bob", "verified now")
