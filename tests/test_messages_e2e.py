@@ -214,3 +214,138 @@ def test_kill_9_during_a_burst_loses_nothing(net: Net, victim: str) -> None:
     assert wait_until(lambda: _all_delivered(net.home("alice"), ids), timeout=120, interval=1)
     got = texts_from(net.home("bob"), "alice")
     assert got == ["start", *(f"m{i:03d}" for i in range(count))]  # each once, in order
+
+
+def test_inbox_follow_and_send_from_stdin(net: Net) -> None:
+    import subprocess
+    import threading
+
+    from p2pd.testing.daemons import p2pd_command
+
+    net.init("alice", "bob")
+    net.start("alice")
+    net.start("bob")
+    follow = subprocess.Popen(
+        [*p2pd_command(), "--home", str(net.home("bob")), "inbox", "--follow", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(follow.stdout or []), daemon=True)
+    reader.start()
+    try:
+        text = "line one\nline two, from stdin"
+        proc = subprocess.run(
+            [*p2pd_command(), "--home", str(net.home("alice")), "send", "bob", "-", "--wait"],
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert wait_until(lambda: len(lines) >= 1, timeout=20)
+        shown = json.loads(lines[0])
+        assert shown["text"] == text and shown["handle"] == "alice"
+        assert shown["direction"] == "in"
+    finally:
+        follow.terminate()
+        follow.wait(10)
+    assert len(lines) == 1  # shown once
+
+
+def test_send_wait_times_out_and_the_message_stays_queued(net: Net) -> None:
+    net.init("alice", "bob")
+    net.start("alice")
+    net.start("bob")
+    assert run_cli(net.home("alice"), "send", "bob", "one", "--wait").returncode == 0
+    net.daemons["bob"].stop()
+    proc = run_cli(net.home("alice"), "send", "bob", "two", "--wait", "--timeout", "1", "--json")
+    assert proc.returncode == 1
+    assert "not delivered within 1 s" in proc.stderr
+    message = json.loads(proc.stdout)
+    assert message["state"] in ("queued", "sent")
+    net.start("bob")
+    with ControlClient(net.home("alice")) as client:
+        assert wait_until(
+            lambda: client.call("message", {"id": message["id"]})["state"] == "delivered",
+            timeout=60,
+        )
+    assert texts_from(net.home("bob"), "alice") == ["one", "two"]
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_a_lossy_network_loses_nothing_and_shows_nothing_twice(net: Net) -> None:
+    """alice and bob talk through a proxy that drops 20%, duplicates 10%, reorders 20%,
+    and blacks out for 3 s in the middle: every message arrives once, in order."""
+    import trio
+
+    from p2pd.testing.proxy import open_lossy_proxy
+
+    count = 60
+    await trio.to_thread.run_sync(net.init, "alice", "bob")
+    (net.root / "bob" / "config.toml").write_text("[node]\nmailbox_poll_interval = 2.0\n")
+    (net.root / "alice" / "config.toml").write_text("[node]\nmailbox_poll_interval = 2.0\n")
+    port = _free_udp_port()
+    with trio.fail_after(240):
+        async with open_lossy_proxy(
+            ("127.0.0.1", port), drop=0.2, duplicate=0.1, reorder=0.2, seed=3
+        ) as proxy:
+            alice = await trio.to_thread.run_sync(lambda: net.start("alice"))
+            proxied = f"{proxy.address[0]}:{proxy.address[1]}"
+
+            def start_bob() -> DaemonProcess:
+                bob = DaemonProcess(
+                    net.home("bob"),
+                    listen=f"127.0.0.1:{port}",
+                    bootstrap=[alice.listen],
+                    extra=["--advertise", proxied],  # bob's record sends peers to the proxy
+                )
+                net.daemons["bob"] = bob
+                return bob.wait_ready()
+
+            await trio.to_thread.run_sync(start_bob)
+            ids: dict[str, list[str]] = {"alice": [], "bob": []}
+
+            def send(sender: str, recipient: str, first: int, last: int) -> None:
+                with ControlClient(net.home(sender), timeout=60) as client:
+                    for i in range(first, last):
+                        text = f"{sender}-{i:03d}"
+                        ids[sender].append(
+                            client.call("send", {"handle": recipient, "text": text})["id"]
+                        )
+
+            await trio.to_thread.run_sync(send, "alice", "bob", 0, count // 2)
+            await trio.sleep(0.5)
+            proxy.blackout(3.0)
+            await trio.to_thread.run_sync(send, "alice", "bob", count // 2, count)
+            await trio.to_thread.run_sync(send, "bob", "alice", 0, count // 2)
+            await trio.sleep(3.0)
+            await trio.to_thread.run_sync(send, "bob", "alice", count // 2, count)
+
+            def everything_delivered() -> bool:
+                return _all_delivered(net.home("alice"), ids["alice"]) and _all_delivered(
+                    net.home("bob"), ids["bob"]
+                )
+
+            for _ in range(180):
+                if await trio.to_thread.run_sync(everything_delivered):
+                    break
+                await trio.sleep(1)
+            assert await trio.to_thread.run_sync(everything_delivered)
+            stats = dict(proxy.stats)
+    got_bob = await trio.to_thread.run_sync(texts_from, net.home("bob"), "alice")
+    got_alice = await trio.to_thread.run_sync(texts_from, net.home("alice"), "bob")
+    assert got_bob == [f"alice-{i:03d}" for i in range(count)]
+    assert got_alice == [f"bob-{i:03d}" for i in range(count)]
+    assert stats["dropped"] > 0 and stats["duplicated"] > 0 and stats["reordered"] > 0
+    assert stats["blackout_dropped"] > 0

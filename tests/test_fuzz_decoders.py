@@ -1,0 +1,782 @@
+"""Fuzzing every decoder of bytes from the network, with hypothesis.
+
+One property for all of them: whatever bytes arrive (arbitrary bytes, and valid encodings
+with bits flipped, bytes inserted, deleted or overwritten, truncated or extended), a
+decoder either returns a value or raises the error class its module declares:
+
+=====================================================  ====================================
+decoder                                                 may raise only
+=====================================================  ====================================
+wire.split_frame, decode_request, decode_response       WireError
+wire.MessagePayload.decode, StreamFrameDecoder.feed     WireError
+wire.decode_mailbox_plaintext, Address.decode_from      WireError
+wire.Address.parse, Address(host, port)                 InvalidAddress (text from a person)
+records.HandleRecord.decode, verify_record              RecordError
+session.bundle.PrekeyBundle.decode                      BundleError
+session.envelope.Envelope.decode                        EnvelopeError
+session.SessionManager.decrypt                          EnvelopeError, SessionError
+=====================================================  ====================================
+
+and what does decode is canonical: it encodes back to the very bytes it came from. For
+``SessionManager.decrypt`` a refused envelope must also leave every stored row as it was
+(the sessions table and our prekeys), and an altered envelope must never decrypt.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgpack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from p2pd.errors import (
+    BundleError,
+    EnvelopeError,
+    InvalidAddress,
+    RecordError,
+    SessionError,
+    WireError,
+)
+from p2pd.identity import Identity
+from p2pd.records import MAX_ADDRESSES, HandleRecord, verify_record
+from p2pd.session import SessionManager
+from p2pd.session.bundle import MAX_ONE_TIME_PREKEYS, PrekeyBundle
+from p2pd.session.envelope import (
+    ENVELOPE_VERSION,
+    TYPE_INITIAL,
+    TYPE_NORMAL,
+    Envelope,
+    InitialHeader,
+    RatchetHeader,
+)
+from p2pd.session.manager import PREKEYS_META_KEY
+from p2pd.store import open_database
+from p2pd.wire import (
+    DHT_METHODS,
+    FRAME_ACK,
+    FRAME_MESSAGE,
+    MAILBOX_ACK,
+    MAILBOX_DELETE_MAX,
+    MAILBOX_MESSAGE,
+    MAILBOX_PAGE,
+    MAX_CONTACTS,
+    MAX_FRAME,
+    MAX_STREAM_FRAME,
+    MAX_U63,
+    MESSAGE_ID_LEN,
+    MSG_ID_LEN,
+    Address,
+    Contact,
+    FindValueReply,
+    MessagePayload,
+    Reader,
+    StreamFrameDecoder,
+    decode_mailbox_plaintext,
+    decode_request,
+    decode_response,
+    encode_contacts,
+    encode_mailbox_plaintext,
+    encode_request,
+    encode_response,
+    encode_stream_frame,
+    split_frame,
+)
+
+FUZZ = settings(max_examples=200, deadline=None)
+#: The session tests run real X3DH and Double Ratchet code per example.
+FUZZ_SLOW = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+T = TypeVar("T")
+NOW = 1_700_000_000
+MSG_ID = bytes(range(MSG_ID_LEN))
+
+
+def exactly(n: int) -> st.SearchStrategy[bytes]:
+    return st.binary(min_size=n, max_size=n)
+
+
+def refused(errors: type[Exception] | tuple[type[Exception], ...], call: Callable[[], T]) -> bool:
+    """Run ``call``: True if it raised one of ``errors``, False if it returned. Anything
+    else propagates, and hypothesis reports it with the input that caused it."""
+    try:
+        call()
+    except errors:
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- mutations
+
+
+def mutate(data: st.DataObject, valid: bytes) -> bytes:
+    """``valid`` with one to four edits, each a bit flip, an overwritten, inserted or
+    deleted byte, a truncation or an extension."""
+    out = bytearray(valid)
+    for _ in range(data.draw(st.integers(1, 4), label="edits")):
+        op = data.draw(
+            st.sampled_from(["flip", "set", "insert", "delete", "truncate", "extend"]),
+            label="op",
+        )
+        if op in ("flip", "set", "delete") and not out:
+            op = "extend"
+        if op == "flip":
+            i = data.draw(st.integers(0, len(out) - 1), label="at")
+            out[i] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+        elif op == "set":
+            i = data.draw(st.integers(0, len(out) - 1), label="at")
+            out[i] = data.draw(
+                st.sampled_from([0x00, 0x01, 0x7F, 0x80, 0xFF]) | st.integers(0, 255)
+            )
+        elif op == "insert":
+            i = data.draw(st.integers(0, len(out)), label="at")
+            out[i:i] = data.draw(st.binary(min_size=1, max_size=8), label="inserted")
+        elif op == "delete":
+            i = data.draw(st.integers(0, len(out) - 1), label="at")
+            del out[i : i + data.draw(st.integers(1, 8), label="deleted")]
+        elif op == "truncate":
+            del out[data.draw(st.integers(0, len(out)), label="cut") :]
+        else:
+            out += data.draw(st.binary(min_size=1, max_size=64), label="extension")
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------- addresses
+
+ips = st.ip_addresses().map(str)
+ports = st.integers(1, 65535)
+addresses = st.builds(Address, ips, ports)
+
+
+@FUZZ
+@given(st.binary(max_size=40))
+def test_address_decode_from_arbitrary_bytes(data: bytes) -> None:
+    reader = Reader(data)
+    try:
+        address = Address.decode_from(reader)
+    except WireError:
+        return
+    assert address.encode() == data[: reader.position]
+
+
+@FUZZ
+@given(addresses, st.data())
+def test_address_decode_from_mutations(address: Address, data: st.DataObject) -> None:
+    candidate = mutate(data, address.encode())
+    reader = Reader(candidate)
+    if not refused(WireError, lambda: Address.decode_from(reader)):
+        decoded = Address.decode_from(Reader(candidate))
+        assert decoded.encode() == candidate[: reader.position]
+
+
+address_text = st.one_of(
+    st.text(max_size=80),
+    st.text(alphabet="0123456789abcdefABCDEF:.[]% \t\n+-_x", max_size=60),
+    st.builds(lambda ip, port: f"{ip}:{port}", ips, st.integers(-5, 100_000)),
+    st.builds(lambda ip, port: f"[{ip}]:{port}", ips, st.integers(-5, 100_000)),
+    st.builds(lambda ip, junk: f"[{ip}]{junk}", ips, st.text(max_size=8)),
+    st.builds(lambda ip, junk: f"{ip}%{junk}:1", ips, st.text(max_size=8)),
+)
+
+
+@FUZZ
+@given(address_text, st.none() | ports)
+def test_address_parse_raises_only_invalid_address(text: str, default_port: int | None) -> None:
+    try:
+        address = Address.parse(text, default_port=default_port)
+    except InvalidAddress:
+        return
+    assert Address.parse(str(address)) == address
+    assert 0 <= address.port <= 65535
+
+
+@FUZZ
+@given(address_text, st.integers(-(1 << 64), 1 << 64))
+def test_address_constructor_raises_only_invalid_address(host: str, port: int) -> None:
+    try:
+        address = Address(host, port)
+    except InvalidAddress:
+        return
+    assert Address(address.host, address.port) == address
+
+
+# --------------------------------------------------------------------------- DHT frames
+
+node_ids = exactly(20)
+u63 = st.integers(0, MAX_U63)
+contacts = st.lists(st.builds(Contact, node_ids, addresses), max_size=MAX_CONTACTS)
+
+
+def valid_requests() -> st.SearchStrategy[tuple[str, list[Any]]]:
+    def method(name: str, *args: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        return st.tuples(st.just(name), st.tuples(node_ids, *args).map(list))
+
+    return st.one_of(
+        method("ping"),
+        method("store", exactly(20), st.binary(max_size=300)),
+        method("find_node", exactly(20)),
+        method("find_value", exactly(20)),
+        method("mailbox_put", exactly(20), st.binary(min_size=1, max_size=300)),
+        method("mailbox_fetch", exactly(32), u63, st.just(b"") | exactly(16), exactly(64)),
+        method(
+            "mailbox_delete",
+            exactly(32),
+            u63,
+            st.lists(exactly(16), min_size=1, max_size=MAILBOX_DELETE_MAX),
+            exactly(64),
+        ),
+    )
+
+
+def valid_responses() -> st.SearchStrategy[tuple[str, Any]]:
+    def method(name: str, result: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        return st.tuples(st.just(name), result)
+
+    encoded_contacts = contacts.map(encode_contacts)
+    return st.one_of(
+        method("ping", node_ids),
+        method("store", st.booleans()),
+        method("find_node", encoded_contacts),
+        method(
+            "find_value",
+            st.one_of(
+                st.builds(lambda v: {"value": v}, st.binary(max_size=300)),
+                st.builds(lambda n: {"nodes": n}, encoded_contacts),
+            ),
+        ),
+        method("mailbox_put", st.booleans()),
+        method(
+            "mailbox_fetch",
+            st.builds(
+                lambda entries, more: {"entries": entries, "more": more},
+                st.lists(
+                    st.tuples(exactly(16), st.binary(min_size=1, max_size=300)).map(list),
+                    max_size=MAILBOX_PAGE,
+                ),
+                st.booleans(),
+            ),
+        ),
+        method("mailbox_delete", st.integers(0, MAILBOX_DELETE_MAX)),
+    )
+
+
+def decode_frame(frame: bytes, method: str) -> None:
+    """What the DHT protocol does with a datagram, for a reply expected to ``method``."""
+    kind, msg_id, payload = split_frame(frame)
+    if kind == 0:
+        decode_request(msg_id, payload)
+    else:
+        decode_response(method, payload)
+
+
+@FUZZ
+@given(st.binary(max_size=MAX_FRAME + 64), st.sampled_from(DHT_METHODS))
+def test_dht_frame_arbitrary_bytes(frame: bytes, method: str) -> None:
+    refused(WireError, lambda: decode_frame(frame, method))
+
+
+@FUZZ
+@given(st.sampled_from([b"\x00", b"\x01"]), st.binary(max_size=600), st.sampled_from(DHT_METHODS))
+def test_dht_frame_valid_header_then_arbitrary_bytes(
+    kind: bytes, payload: bytes, method: str
+) -> None:
+    refused(WireError, lambda: decode_frame(kind + MSG_ID + payload, method))
+
+
+@FUZZ
+@given(valid_requests(), st.data())
+def test_dht_request_mutations(request: tuple[str, list[Any]], data: st.DataObject) -> None:
+    method, args = request
+    frame = encode_request(MSG_ID, method, args)
+    decoded = decode_request(MSG_ID, split_frame(frame)[2])  # the valid one decodes
+    assert (decoded.method, decoded.sender_id) == (method, args[0])
+    candidate = mutate(data, frame)
+    refused(WireError, lambda: decode_frame(candidate, method))
+
+
+@FUZZ
+@given(valid_responses(), st.sampled_from(DHT_METHODS), st.data())
+def test_dht_response_mutations(
+    response: tuple[str, Any], other_method: str, data: st.DataObject
+) -> None:
+    method, result = response
+    frame = encode_response(MSG_ID, result)
+    assert not refused(WireError, lambda: decode_frame(frame, method))
+    candidate = mutate(data, frame)
+    refused(WireError, lambda: decode_frame(candidate, method))
+    # A reply that answers another request than the one we sent.
+    refused(WireError, lambda: decode_frame(candidate, other_method))
+
+
+hostile_hosts = st.one_of(
+    ips,
+    st.text(max_size=70),
+    st.text(alphabet="0123456789abcdef:.%", max_size=70),
+    st.builds(lambda ip, zone: f"{ip}%{zone}", ips, st.text(max_size=10)),
+    st.builds(lambda ip: ip.upper(), ips),
+    st.builds(lambda ip: f" {ip}", ips),
+    st.builds(lambda ip: f"[{ip}]", ips),
+)
+hostile_ports = st.one_of(
+    st.integers(-(1 << 63), (1 << 64) - 1),
+    st.integers(-2, 65537),
+    st.booleans(),
+    st.none(),
+    st.floats(),
+    st.text(max_size=6),
+    st.binary(max_size=4),
+)
+hostile_contacts = st.lists(
+    st.one_of(
+        st.tuples(node_ids | st.binary(max_size=24), hostile_hosts, hostile_ports).map(list),
+        st.lists(st.one_of(node_ids, hostile_hosts, hostile_ports), max_size=4),
+        hostile_hosts,
+        st.none(),
+    ),
+    max_size=MAX_CONTACTS + 2,
+)
+
+
+@FUZZ
+@given(hostile_contacts)
+def test_dht_contacts_from_peers(raw: list[Any]) -> None:
+    """Contacts are the one place a peer hands us addresses: host and port of any type."""
+    for method, value in (("find_node", raw), ("find_value", {"nodes": raw})):
+        payload = msgpack.packb(value, use_bin_type=True)
+        try:
+            result = decode_response(method, payload)
+        except WireError:
+            continue
+        found = result.contacts if isinstance(result, FindValueReply) else result
+        assert isinstance(found, tuple)
+        for contact in found:
+            assert isinstance(contact, Contact)
+            address = contact.address
+            assert 1 <= address.port <= 65535
+            assert Address(address.host, address.port) == address  # canonical spelling
+            assert Address.decode_from(Reader(address.encode())) == address
+
+
+# --------------------------------------------------------------------------- messages
+
+handles = st.from_regex(r"[a-z][a-z0-9_]{2,31}", fullmatch=True)
+payloads = st.builds(
+    MessagePayload,
+    exactly(MESSAGE_ID_LEN),
+    st.integers(0, (1 << 64) - 1),
+    st.integers(0, (1 << 64) - 1),
+    st.text(max_size=200),
+    sender=st.just("") | handles,
+)
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_message_payload_arbitrary_bytes(data: bytes) -> None:
+    try:
+        payload = MessagePayload.decode(data)
+    except WireError:
+        return
+    assert payload.encode() == data
+
+
+@FUZZ
+@given(payloads, st.data())
+def test_message_payload_mutations(payload: MessagePayload, data: st.DataObject) -> None:
+    encoded = payload.encode()
+    assert MessagePayload.decode(encoded) == payload
+    candidate = mutate(data, encoded)
+    try:
+        decoded = MessagePayload.decode(candidate)
+    except WireError:
+        return
+    assert decoded.encode() == candidate
+
+
+def feed_in_chunks(stream: bytes, cuts: list[int]) -> list[tuple[int, bytes]] | None:
+    """Feed ``stream`` to a fresh decoder in pieces; None once it refuses the stream."""
+    decoder = StreamFrameDecoder()
+    frames: list[tuple[int, bytes]] = []
+    start = 0
+    for end in [*sorted(cuts), len(stream)]:
+        try:
+            frames += decoder.feed(stream[start:end])
+        except WireError:
+            return None
+        # Never more buffered than one frame's header and largest payload.
+        assert decoder.pending < 5 + MAX_STREAM_FRAME
+        start = max(start, end)
+    assert decoder.pending == len(stream) - sum(5 + len(p) for _, p in frames)
+    return frames
+
+
+@FUZZ
+@given(st.binary(max_size=600), st.lists(st.integers(0, 600), max_size=6))
+def test_stream_frames_arbitrary_bytes(stream: bytes, cuts: list[int]) -> None:
+    feed_in_chunks(stream, cuts)
+
+
+stream_frames = st.lists(
+    st.tuples(st.sampled_from([FRAME_MESSAGE, FRAME_ACK]), st.binary(max_size=200)), max_size=6
+)
+
+
+@FUZZ
+@given(stream_frames, st.lists(st.integers(0, 1400), max_size=6), st.data())
+def test_stream_frames_mutations(
+    frames: list[tuple[int, bytes]], cuts: list[int], data: st.DataObject
+) -> None:
+    stream = b"".join(encode_stream_frame(kind, payload) for kind, payload in frames)
+    assert feed_in_chunks(stream, cuts) == frames  # any chunking, same frames
+    feed_in_chunks(mutate(data, stream), cuts)
+
+
+def test_stream_frame_length_is_checked_before_buffering() -> None:
+    """A header announcing more than MAX_STREAM_FRAME is refused at once, before a peer
+    can make us buffer it."""
+    decoder = StreamFrameDecoder()
+    header = struct.pack(">BI", FRAME_MESSAGE, MAX_STREAM_FRAME + 1)
+    assert refused(WireError, lambda: decoder.feed(header))
+
+
+mailbox_plaintexts = st.one_of(
+    st.builds(
+        lambda key, mid, env: encode_mailbox_plaintext(MAILBOX_MESSAGE, key, mid, env),
+        exactly(32),
+        exactly(MESSAGE_ID_LEN),
+        st.binary(max_size=300),
+    ),
+    st.builds(
+        lambda key, mid: encode_mailbox_plaintext(MAILBOX_ACK, key, mid, b""),
+        exactly(32),
+        exactly(MESSAGE_ID_LEN),
+    ),
+)
+
+
+def check_mailbox_plaintext(data: bytes) -> None:
+    try:
+        kind, sender, msg_id, envelope = decode_mailbox_plaintext(data)
+    except WireError:
+        return
+    assert encode_mailbox_plaintext(kind, sender, msg_id, envelope) == data
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_mailbox_plaintext_arbitrary_bytes(data: bytes) -> None:
+    check_mailbox_plaintext(data)
+
+
+@FUZZ
+@given(mailbox_plaintexts, st.data())
+def test_mailbox_plaintext_mutations(valid: bytes, data: st.DataObject) -> None:
+    assert not refused(WireError, lambda: decode_mailbox_plaintext(valid))
+    check_mailbox_plaintext(mutate(data, valid))
+
+
+# --------------------------------------------------------------------------- records
+
+bundles = st.builds(
+    lambda spk, sig, keys: PrekeyBundle(spk, sig, tuple(sorted(keys))),
+    exactly(32),
+    exactly(64),
+    st.sets(exactly(32), max_size=MAX_ONE_TIME_PREKEYS),
+)
+
+
+SIGNERS = [Identity.from_seed(f"user{i}", bytes([i]) * 32) for i in range(3)]
+
+
+@st.composite
+def records(draw: st.DrawFn) -> bytes:
+    signer = draw(st.sampled_from(SIGNERS))
+    identity = Identity.from_seed(draw(handles), signer.seed)
+    record = HandleRecord.create(
+        identity,
+        draw(st.lists(addresses, max_size=MAX_ADDRESSES)),
+        seq=draw(u63),
+        now=draw(st.integers(NOW - 3600, NOW)),
+        lifetime=draw(st.integers(3601, 7200)),
+        extension=draw(st.binary(max_size=200) | bundles.map(PrekeyBundle.encode)),
+    )
+    return record.encode()
+
+
+def check_record(data: bytes) -> None:
+    try:
+        record = HandleRecord.decode(data)
+    except RecordError:
+        pass
+    else:
+        assert record.encode() == data
+        refused(BundleError, lambda: PrekeyBundle.decode(record.extension))
+    refused(RecordError, lambda: verify_record(data, NOW))
+
+
+@FUZZ
+@given(st.binary(max_size=600))
+def test_record_arbitrary_bytes(data: bytes) -> None:
+    check_record(data)
+    check_record(b"P2HR\x01" + data)
+
+
+@FUZZ
+@given(records(), st.data())
+def test_record_mutations(valid: bytes, data: st.DataObject) -> None:
+    verify_record(valid, NOW)  # the valid one verifies
+    check_record(mutate(data, valid))
+
+
+# --------------------------------------------------------------------------- session codecs
+
+
+@FUZZ
+@given(st.binary(max_size=1500))
+def test_bundle_arbitrary_bytes(data: bytes) -> None:
+    try:
+        bundle = PrekeyBundle.decode(data)
+    except BundleError:
+        return
+    assert bundle.encode() == data
+
+
+@FUZZ
+@given(bundles, st.data())
+def test_bundle_mutations(bundle: PrekeyBundle, data: st.DataObject) -> None:
+    candidate = mutate(data, bundle.encode())
+    try:
+        decoded = PrekeyBundle.decode(candidate)
+    except BundleError:
+        return
+    assert decoded.encode() == candidate
+
+
+keys32 = exactly(32)
+counters = st.integers(0, (1 << 32) - 1)
+initial_headers = st.builds(
+    InitialHeader, keys32, keys32, keys32, st.integers(0, (1 << 64) - 1), st.none() | keys32
+)
+ratchet_headers = st.builds(RatchetHeader, keys32, counters, counters)
+ciphertexts = st.integers(0, 20).flatmap(lambda n: exactly(48 + 16 * n))
+envelopes = st.one_of(
+    st.builds(
+        lambda r, c, h: Envelope(r, c, initial=h), ratchet_headers, ciphertexts, initial_headers
+    ),
+    st.builds(lambda r, c, s: Envelope(r, c, session=s), ratchet_headers, ciphertexts, exactly(16)),
+)
+
+
+@FUZZ
+@given(st.binary(max_size=600))
+def test_envelope_arbitrary_bytes(data: bytes) -> None:
+    for candidate in (data, bytes([ENVELOPE_VERSION, TYPE_INITIAL]) + data):
+        try:
+            envelope = Envelope.decode(candidate)
+        except EnvelopeError:
+            continue
+        assert envelope.encode() == candidate
+
+
+@FUZZ
+@given(envelopes, st.data())
+def test_envelope_mutations(envelope: Envelope, data: st.DataObject) -> None:
+    candidate = mutate(data, envelope.encode())
+    try:
+        decoded = Envelope.decode(candidate)
+    except EnvelopeError:
+        return
+    assert decoded.encode() == candidate
+
+
+# --------------------------------------------------------------------------- decrypt
+
+
+class Node:
+    """One node's session layer on its own in-memory database (as tests/test_session.py)."""
+
+    def __init__(self, handle: str) -> None:
+        self.identity = Identity.generate(handle)
+        self.conn = open_database(None)
+        self.sessions = SessionManager.open(self.conn, self.identity, now=NOW)
+
+    @property
+    def key(self) -> bytes:
+        return self.identity.public_key
+
+    def send(self, to: Node, text: bytes) -> bytes:
+        bundle = None if self.sessions.has_session(to.key) else to.sessions.prekey_bundle()
+        return self.sessions.encrypt(to.key, text, now=NOW, peer_bundle=bundle)
+
+    def recv(self, envelope: bytes) -> bytes:
+        return self.sessions.decrypt(envelope, now=NOW).plaintext
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """Everything the session layer persists, and the bundle flag."""
+        rows = self.conn.execute("SELECT * FROM sessions ORDER BY session_id").fetchall()
+        meta = self.conn.execute(
+            "SELECT value FROM meta WHERE key=?", (PREKEYS_META_KEY,)
+        ).fetchone()
+        return tuple(rows), meta, self.sessions.bundle_changed
+
+
+@dataclass(frozen=True)
+class World:
+    """Bob receives. Alice has a confirmed session with him, Carol has only sent a first
+    message he has not read. Every envelope named here would still decrypt at Bob, except
+    ``replay`` and ``first`` (already decrypted)."""
+
+    bob: Node
+    alice: Node
+    carol: Node
+    #: Carol's first message: an initial envelope, X3DH with one of Bob's one-time prekeys.
+    initial: bytes
+    #: Alice's next message in the confirmed session (a normal envelope).
+    normal: bytes
+    #: A message Alice sent before ``skipped_after``: Bob holds its skipped message key.
+    skipped: bytes
+    #: A message Bob already decrypted.
+    replay: bytes
+    #: Alice's first message (initial, X3DH), which Bob already decrypted.
+    first: bytes
+
+    @property
+    def fresh(self) -> dict[str, bytes]:
+        return {"initial": self.initial, "normal": self.normal, "skipped": self.skipped}
+
+
+@functools.cache
+def world() -> World:
+    """Built once: a refused envelope changes nothing (the property under test), so the
+    examples can share it, and X3DH set-up per example would dominate the run time."""
+    bob, alice, carol = Node("bob"), Node("alice"), Node("carol")
+    first = alice.send(bob, b"hello")
+    assert bob.recv(first) == b"hello"
+    assert alice.recv(bob.send(alice, b"hi")) == b"hi"
+    replay = alice.send(bob, b"read")
+    assert bob.recv(replay) == b"read"
+    skipped = alice.send(bob, b"late")
+    assert bob.recv(alice.send(bob, b"overtakes")) == b"overtakes"
+    normal = alice.send(bob, b"next")
+    initial = carol.send(bob, b"first")
+    assert Envelope.decode(initial).initial is not None
+    assert Envelope.decode(normal).session is not None
+    return World(bob, alice, carol, initial, normal, skipped, replay, first)
+
+
+def assert_refused_and_unchanged(envelope: bytes, sender_key: bytes | None) -> None:
+    """Bob refuses ``envelope`` with a declared error and stores nothing new."""
+    bob = world().bob
+    before = bob.snapshot()
+    try:
+        result = bob.sessions.decrypt(envelope, now=NOW, sender_key=sender_key)
+    except (EnvelopeError, SessionError):
+        assert bob.snapshot() == before, "a refused envelope changed the stored state"
+        return
+    raise AssertionError(f"an altered or replayed envelope decrypted: {result!r}")
+
+
+def sender_keys() -> st.SearchStrategy[bytes | None]:
+    """Mostly None (a mailbox entry: nothing vouches for the sender), else a QUIC peer."""
+    w = world()
+    return st.sampled_from([None, None, None, w.alice.key, w.carol.key])
+
+
+def test_world_envelopes_are_valid() -> None:
+    """The fresh envelopes would decrypt (on a copy of Bob's database): a mutation that
+    fails below fails because of the mutation."""
+    w = world()
+    for name, envelope in w.fresh.items():
+        copy = open_database(None)
+        w.bob.conn.backup(copy)
+        sessions = SessionManager.open(copy, w.bob.identity, now=NOW)
+        assert sessions.decrypt(envelope, now=NOW).plaintext, name
+        copy.close()
+
+
+@FUZZ_SLOW
+@given(st.binary(max_size=400), st.data())
+def test_decrypt_arbitrary_bytes(data: bytes, draw: st.DataObject) -> None:
+    assert_refused_and_unchanged(data, draw.draw(sender_keys()))
+
+
+@FUZZ_SLOW
+@given(st.sampled_from(["initial", "normal", "skipped", "replay", "first"]), st.data())
+def test_decrypt_mutated_envelopes(which: str, data: st.DataObject) -> None:
+    w = world()
+    replays = {"replay": w.replay, "first": w.first}
+    valid = replays[which] if which in replays else w.fresh[which]
+    # One flipped bit keeps the envelope parseable more often than not, so it reaches
+    # X3DH and the ratchet; the general edits mostly exercise the parser.
+    at = data.draw(st.integers(0, len(valid) * 8 - 1), label="flipped bit")
+    flipped = bytearray(valid)
+    flipped[at // 8] ^= 1 << (at % 8)
+    assert_refused_and_unchanged(bytes(flipped), data.draw(sender_keys()))
+    candidate = mutate(data, valid)
+    if candidate == valid and which not in replays:
+        return  # edits that cancelled out, e.g. a bit flipped twice
+    assert_refused_and_unchanged(candidate, data.draw(sender_keys()))
+
+
+# Envelopes that decode, with real session ids and X3DH headers but forged contents: they
+# get past the parser into X3DH and the ratchet, which is where a stray exception would
+# hide. Ratchet keys include the X25519 points of small order (RFC 7748 section 6.1).
+SMALL_ORDER = [
+    bytes(32),
+    b"\x01" + bytes(31),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    bytes.fromhex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    bytes.fromhex("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    bytes.fromhex("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+]
+
+
+@st.composite
+def forged_envelopes(draw: st.DrawFn) -> bytes:
+    w = world()
+    real_normal = Envelope.decode(w.normal)
+    real_initial = Envelope.decode(w.initial)
+    assert real_normal.session is not None and real_initial.initial is not None
+    prefix = draw(
+        st.one_of(
+            st.just(bytes([ENVELOPE_VERSION, TYPE_NORMAL]) + real_normal.session),
+            st.just(real_initial.prefix),
+            initial_headers.map(lambda h: bytes([ENVELOPE_VERSION, TYPE_INITIAL]) + h.encode()),
+            st.builds(
+                lambda h, ik: (
+                    bytes([ENVELOPE_VERSION, TYPE_INITIAL])
+                    + InitialHeader(
+                        ik,
+                        h.ephemeral_key,
+                        real_initial.initial.signed_prekey,  # type: ignore[union-attr]
+                        h.initiated_at,
+                        h.one_time_prekey,
+                    ).encode()
+                ),
+                initial_headers,
+                st.sampled_from([w.alice.key, w.carol.key, *SMALL_ORDER]),
+            ),
+            exactly(16).map(lambda s: bytes([ENVELOPE_VERSION, TYPE_NORMAL]) + s),
+        )
+    )
+    ratchet_key = draw(
+        st.sampled_from(
+            [real_normal.ratchet.ratchet_key, real_initial.ratchet.ratchet_key, *SMALL_ORDER]
+        )
+        | keys32
+    )
+    numbers = st.sampled_from([0, 1, 2, 999, 1000, 1001, 5000, (1 << 32) - 1]) | counters
+    header = RatchetHeader(ratchet_key, draw(numbers), draw(numbers))
+    ciphertext = draw(st.just(real_normal.ciphertext) | ciphertexts)
+    return prefix + header.encode() + ciphertext
+
+
+@FUZZ_SLOW
+@given(forged_envelopes(), st.data())
+def test_decrypt_forged_envelopes(envelope: bytes, data: st.DataObject) -> None:
+    assert_refused_and_unchanged(envelope, data.draw(sender_keys()))
