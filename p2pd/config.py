@@ -156,3 +156,69 @@ def load_config(home: Path) -> NodeConfig:
     config = _apply(config, doc.get("node", {}), f"{path} [node]")
     out: NodeConfig = replace(config, dht=dht)
     return out
+
+
+LAN_MODES = ("everyone", "contacts", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class LanConfig:
+    """LAN discovery over mDNS (p2pd/discovery.py, docs/PROTOCOL.md "LAN discovery").
+    Times in seconds."""
+
+    #: ``everyone``: announce handle and key in the clear; ``contacts``: announce a
+    #: rotating tag only our contacts can recognise; ``off``: neither announce nor browse.
+    mode: str = "everyone"
+    #: IP addresses of the interfaces to announce and browse on. Empty: the interface of
+    #: the listen address, or every interface when the daemon listens on 0.0.0.0 / ::.
+    interfaces: tuple[str, ...] = ()
+    #: Our announcement is re-signed with a fresh ``issued`` time (and, in contacts mode,
+    #: a fresh nonce) this often. At most half of ``max_clock_skew``, so that a peer who
+    #: arrives later always finds a current one.
+    announce_interval: float = 300.0
+    #: TTL of our mDNS records (SRV, TXT, PTR, A/AAAA). RFC 6762 section 10 suggests
+    #: 75 minutes for PTR/TXT; we use the host-record value for all of them, so a node that
+    #: vanishes without a goodbye (crash, cable) disappears from others' lists in minutes.
+    ttl: int = 120
+    #: An announcement's ``issued`` time may differ from ours by this much either way;
+    #: older ones are replays and refused. Peers' clocks must agree to this precision.
+    max_clock_skew: int = 600
+    #: How long to wait for a peer's SRV/TXT/A records once the browser reports it.
+    resolve_timeout: float = 3.0
+    #: Most peers kept; announcements from more are ignored.
+    max_peers: int = 256
+    #: Browser events waiting, and instances being resolved, at most; beyond, dropped.
+    max_pending: int = 256
+    #: Instances resolved at the same time (each holds a worker thread while it waits).
+    max_concurrent_resolves: int = 4
+    #: New contacts-mode tags tried against all pinned keys per minute (each try costs one
+    #: HMAC per contact: ~20 ms for 10,000 contacts); the rest wait for their next period.
+    max_tag_scans_per_minute: int = 60
+    #: Withdrawing the announcement and closing zeroconf on shutdown gives up after this.
+    close_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in LAN_MODES:
+            raise UsageError(f"lan mode must be one of {', '.join(LAN_MODES)}, not {self.mode!r}")
+        for host in self.interfaces:
+            try:
+                Address(host, 0)
+            except UsageError:
+                raise UsageError(f"lan interface {host!r} is not an IP address") from None
+        if not 10 <= self.ttl <= 4500:
+            raise UsageError("lan ttl must be between 10 and 4500 seconds")
+        if not 60 <= self.max_clock_skew <= 86400:
+            raise UsageError("lan max_clock_skew must be between 60 and 86400 seconds")
+        if not 1 <= self.announce_interval <= self.max_clock_skew / 2:
+            raise UsageError("lan announce_interval must be between 1 s and max_clock_skew / 2")
+        positive = (
+            "resolve_timeout",
+            "max_peers",
+            "max_pending",
+            "max_concurrent_resolves",
+            "max_tag_scans_per_minute",
+            "close_timeout",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UsageError(f"lan {name} must be positive")

@@ -195,9 +195,13 @@ class Delivery:
             raise UsageError("that is your own handle: messages to yourself are not supported")
         contact = self.contacts.get(ref.handle)
         record: HandleRecord | None = None
+        cached = self._records.get(contact.public_key) if contact is not None else None
         try:
-            with trio.fail_after(RESOLVE_TIMEOUT):
-                record = await self.dht.resolve(ref)
+            if cached is not None and time.monotonic() - cached[1] < RECORD_CACHE_SECONDS:
+                record = cached[0]  # looked up a moment ago: no lookup per message
+            else:
+                with trio.fail_after(RESOLVE_TIMEOUT):
+                    record = await self.dht.resolve(ref)
         except (NotFound, trio.TooSlowError):
             if contact is None:
                 raise NotFound(
@@ -207,7 +211,8 @@ class Delivery:
         now = time.time()
         if record is not None:
             contact = self.contacts.check(ref.handle, record.public_key, now)
-            self._records[record.public_key] = (record, time.monotonic())
+            if cached is None or record is not cached[0]:
+                self._records[record.public_key] = (record, time.monotonic())
         assert contact is not None
         if contact.pending_key is not None:
             raise KeyChanged(
