@@ -202,6 +202,12 @@ def _addresses(values: tuple[str, ...]) -> tuple[Address, ...]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="File holding the key's passphrase (or set P2PD_PASSPHRASE).",
 )
+@click.option(
+    "--lan",
+    type=click.Choice(["everyone", "contacts", "off"]),
+    help="LAN discovery over mDNS: announce handle and key to everyone on the link "
+    "(default), only a rotating tag your contacts recognise, or nothing.",
+)
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.pass_context
@@ -212,6 +218,7 @@ def daemon(
     bootstrap: tuple[str, ...],
     advertise: tuple[str, ...],
     passphrase_file: Path | None,
+    lan: str | None,
     verbose: int,
     quiet: bool,
 ) -> None:
@@ -235,6 +242,7 @@ def daemon(
         logging.getLogger("kademlia").setLevel(logging.WARNING)
         logging.getLogger("rpcudp").setLevel(logging.WARNING)
         logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic: a line per connection
+        logging.getLogger("zeroconf").setLevel(logging.WARNING)
     home = _home(ctx)
     config = load_config(home)
     changes: dict[str, Any] = {}
@@ -244,6 +252,8 @@ def daemon(
         changes["bootstrap"] = _addresses(bootstrap)
     if advertise:
         changes["advertise"] = _addresses(advertise)
+    if lan:
+        changes["lan"] = dataclasses.replace(config.lan, mode=lan)
     config = dataclasses.replace(config, **changes)
     if not identity_path(home).exists():
         raise NoIdentity(f"no identity in {home}: run `p2pd init HANDLE` first")
@@ -511,6 +521,56 @@ def verify(ctx: click.Context, handle: str, accept: bool, as_json: bool) -> None
     with ControlClient(_home(ctx), timeout=60) as client:
         result = client.call("verify", {"handle": handle, "accept": accept})
     _emit(result, as_json, _verify_text)
+
+
+def _peer_line(p: dict[str, Any]) -> str:
+    seen = "-"
+    if p.get("last_seen"):
+        moment = datetime.datetime.fromtimestamp(p["last_seen"], tz=datetime.UTC)
+        seen = f"{moment:%H:%M:%S}"
+    who = p["handle"] if p.get("verified") else f"{p['handle']}?"
+    addresses = ", ".join(p["addresses"]) or "-"
+    return f"{who:<33} {p['fingerprint'][:16]}  {p['via']:<4} {seen:<8}  {addresses}"
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the peers as JSON.")
+@click.option(
+    "--follow", "-f", is_flag=True, help="Then print peers as they come and go (one per line)."
+)
+@click.pass_context
+@handle_errors
+def peers(ctx: click.Context, as_json: bool, follow: bool) -> None:
+    """List nearby peers found on the LAN (mDNS), and contacts found through the DHT.
+
+    Columns: handle (with "?" when only claimed: not a pinned contact), fingerprint,
+    how it was seen (lan or dht), when last seen, addresses. A LAN peer that leaves
+    disappears (its goodbye, or its records' TTL).
+    """
+    with ControlClient(_home(ctx)) as client:
+        if follow:
+            events = ControlClient(_home(ctx))
+            events.subscribe()
+        rows = client.call("peers")
+        if as_json and not follow:
+            click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        else:
+            for row in rows:
+                click.echo(json.dumps(row, sort_keys=True) if as_json else _peer_line(row))
+            if not rows and not as_json:
+                click.echo("no peers yet", err=True)
+        if not follow:
+            return
+        with events:
+            while True:
+                event = events.next_event(None)
+                if event is None or event.get("event") != "peer":
+                    continue
+                if as_json:
+                    click.echo(json.dumps(event, sort_keys=True))
+                else:
+                    sign = "-" if event["change"] == "removed" else "+"
+                    click.echo(f"{sign} {_peer_line(event)}")
 
 
 def main() -> None:

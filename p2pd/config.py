@@ -87,77 +87,6 @@ class QuicConfig:
     max_connections: int = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class NodeConfig:
-    """A daemon."""
-
-    home: Path
-    listen: Address = field(default_factory=lambda: Address("0.0.0.0", DEFAULT_PORT))
-    bootstrap: tuple[Address, ...] = ()
-    #: Addresses published in our handle record; empty: derived from the listen address.
-    advertise: tuple[Address, ...] = ()
-    dht: DHTConfig = field(default_factory=DHTConfig)
-    #: How long our handle record claims the handle; republished well before.
-    record_lifetime: int = 24 * 3600
-    #: How often the daemon republishes its own record.
-    republish_interval: float = 3600.0
-    #: How often the routing contacts are written to the database.
-    save_contacts_interval: float = 300.0
-    quic: QuicConfig = field(default_factory=QuicConfig)
-    #: How often the daemon asks the DHT for messages left in its mailbox (also at start).
-    mailbox_poll_interval: float = 30.0
-    #: How long one delivery attempt waits for a QUIC handshake with the recipient.
-    connect_timeout: float = 3.0
-    #: How long one delivery attempt waits for acks after sending.
-    ack_timeout: float = 5.0
-
-
-def default_home() -> Path:
-    env = os.environ.get("P2PD_HOME")
-    if env:
-        return Path(env)
-    return Path(platformdirs.user_data_dir("p2pd", appauthor=False))
-
-
-def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in fields(obj)}
-    changes: dict[str, Any] = {}
-    for name, value in section.items():
-        if name not in known or name in ("home", "dht", "quic"):
-            raise UsageError(f"{where}: unknown setting {name!r}")
-        current = getattr(obj, name)
-        if name in ("listen",):
-            changes[name] = Address.parse(str(value))
-        elif name in ("bootstrap", "advertise"):
-            if not isinstance(value, list):
-                raise UsageError(f"{where}: {name} must be a list of HOST:PORT strings")
-            changes[name] = tuple(Address.parse(str(v)) for v in value)
-        elif isinstance(current, bool) or not isinstance(value, type(current) | int):
-            raise UsageError(f"{where}: {name} must be a {type(current).__name__}")
-        else:
-            changes[name] = type(current)(value)
-    return replace(obj, **changes)
-
-
-def load_config(home: Path) -> NodeConfig:
-    """Defaults, overlaid with ``<home>/config.toml`` if it exists."""
-    config = NodeConfig(home=home)
-    path = home / "config.toml"
-    if not path.exists():
-        return config
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: {exc}") from None
-    unknown = set(doc) - {"node", "dht"}
-    if unknown:
-        raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
-    dht = _apply(config.dht, doc.get("dht", {}), f"{path} [dht]")
-    config = _apply(config, doc.get("node", {}), f"{path} [node]")
-    out: NodeConfig = replace(config, dht=dht)
-    return out
-
-
 LAN_MODES = ("everyone", "contacts", "off")
 
 
@@ -173,12 +102,16 @@ class LanConfig:
     #: the listen address, or every interface when the daemon listens on 0.0.0.0 / ::.
     interfaces: tuple[str, ...] = ()
     #: Our announcement is re-signed with a fresh ``issued`` time (and, in contacts mode,
-    #: a fresh nonce) this often. At most half of ``max_clock_skew``, so that a peer who
-    #: arrives later always finds a current one.
-    announce_interval: float = 300.0
-    #: TTL of our mDNS records (SRV, TXT, PTR, A/AAAA). RFC 6762 section 10 suggests
-    #: 75 minutes for PTR/TXT; we use the host-record value for all of them, so a node that
-    #: vanishes without a goodbye (crash, cable) disappears from others' lists in minutes.
+    #: a fresh nonce) and sent again this often. Shorter than ``ttl``, so that a live
+    #: node's records never lapse from its peers' caches, and at most half of
+    #: ``max_clock_skew``, so that a peer who arrives later always finds a current one.
+    announce_interval: float = 100.0
+    #: TTL of our mDNS records (SRV, TXT, PTR, A/AAAA): RFC 6762 section 10's 120 s for
+    #: host records, which we also use for PTR and TXT (instead of 75 minutes). A peer not
+    #: heard from for this long is asked again, and dropped if it does not answer: a node
+    #: that vanishes without a goodbye (crash, cable) leaves the list in about two minutes.
+    #: (python-zeroconf raises the TTL of PTR records it receives to 1125 s, so its
+    #: browser alone would take 19 minutes to notice.)
     ttl: int = 120
     #: An announcement's ``issued`` time may differ from ours by this much either way;
     #: older ones are replays and refused. Peers' clocks must agree to this precision.
@@ -209,8 +142,11 @@ class LanConfig:
             raise UsageError("lan ttl must be between 10 and 4500 seconds")
         if not 60 <= self.max_clock_skew <= 86400:
             raise UsageError("lan max_clock_skew must be between 60 and 86400 seconds")
-        if not 1 <= self.announce_interval <= self.max_clock_skew / 2:
-            raise UsageError("lan announce_interval must be between 1 s and max_clock_skew / 2")
+        if not 1 <= self.announce_interval <= min(self.ttl - 1, self.max_clock_skew / 2):
+            raise UsageError(
+                "lan announce_interval must be at least 1 s, shorter than ttl and at most "
+                "max_clock_skew / 2"
+            )
         positive = (
             "resolve_timeout",
             "max_peers",
@@ -222,3 +158,80 @@ class LanConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"lan {name} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """A daemon."""
+
+    home: Path
+    listen: Address = field(default_factory=lambda: Address("0.0.0.0", DEFAULT_PORT))
+    bootstrap: tuple[Address, ...] = ()
+    #: Addresses published in our handle record; empty: derived from the listen address.
+    advertise: tuple[Address, ...] = ()
+    dht: DHTConfig = field(default_factory=DHTConfig)
+    #: How long our handle record claims the handle; republished well before.
+    record_lifetime: int = 24 * 3600
+    #: How often the daemon republishes its own record.
+    republish_interval: float = 3600.0
+    #: How often the routing contacts are written to the database.
+    save_contacts_interval: float = 300.0
+    quic: QuicConfig = field(default_factory=QuicConfig)
+    lan: LanConfig = field(default_factory=LanConfig)
+    #: How often the daemon asks the DHT for messages left in its mailbox (also at start).
+    mailbox_poll_interval: float = 30.0
+    #: How long one delivery attempt waits for a QUIC handshake with the recipient.
+    connect_timeout: float = 3.0
+    #: How long one delivery attempt waits for acks after sending.
+    ack_timeout: float = 5.0
+
+
+def default_home() -> Path:
+    env = os.environ.get("P2PD_HOME")
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_data_dir("p2pd", appauthor=False))
+
+
+def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for name, value in section.items():
+        if name not in known or name in ("home", "dht", "quic", "lan"):
+            raise UsageError(f"{where}: unknown setting {name!r}")
+        current = getattr(obj, name)
+        if name in ("listen",):
+            changes[name] = Address.parse(str(value))
+        elif name in ("bootstrap", "advertise"):
+            if not isinstance(value, list):
+                raise UsageError(f"{where}: {name} must be a list of HOST:PORT strings")
+            changes[name] = tuple(Address.parse(str(v)) for v in value)
+        elif name == "interfaces":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UsageError(f"{where}: {name} must be a list of IP address strings")
+            changes[name] = tuple(value)
+        elif isinstance(current, bool) or not isinstance(value, type(current) | int):
+            raise UsageError(f"{where}: {name} must be a {type(current).__name__}")
+        else:
+            changes[name] = type(current)(value)
+    return replace(obj, **changes)
+
+
+def load_config(home: Path) -> NodeConfig:
+    """Defaults, overlaid with ``<home>/config.toml`` if it exists."""
+    config = NodeConfig(home=home)
+    path = home / "config.toml"
+    if not path.exists():
+        return config
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    unknown = set(doc) - {"node", "dht", "lan"}
+    if unknown:
+        raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
+    dht = _apply(config.dht, doc.get("dht", {}), f"{path} [dht]")
+    lan = _apply(config.lan, doc.get("lan", {}), f"{path} [lan]")
+    config = _apply(config, doc.get("node", {}), f"{path} [node]")
+    out: NodeConfig = replace(config, dht=dht, lan=lan)
+    return out

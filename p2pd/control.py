@@ -118,7 +118,12 @@ def _methods(node: Node) -> dict[str, Callable[[Any], Awaitable[Any]]]:
         _params(params, ())
         return {"new_messages": await node.delivery.check_mailbox()}
 
+    async def peers(params: Any) -> Any:
+        _params(params, ())
+        return node.peers()
+
     return {
+        "peers": peers,
         "status": status,
         "whois": whois,
         "send": send,

@@ -22,6 +22,7 @@ from . import __version__
 from .config import NodeConfig
 from .delivery import Delivery, EventBus
 from .dht import DHT, AsyncioThread, node_id_for, open_dht
+from .discovery import LanDiscovery, LanPeer, announced_hosts, local_ips
 from .errors import NotFound
 from .identity import HandleRef, Identity, format_fingerprint, self_certifying
 from .keystore import ensure_home
@@ -60,6 +61,9 @@ class Node:
         self.delivery = delivery
         self.events = delivery.events
         self.quic = quic
+        self.lan: LanDiscovery | None = None
+        self._joining = False
+        self._nursery: trio.Nursery | None = None
         self._conn = conn
         self.started = time.time()
         self.record: HandleRecord | None = None
@@ -79,6 +83,12 @@ class Node:
         local = self.listen_address
         if local.host not in ("0.0.0.0", "::"):
             return [local]
+        if not self.config.bootstrap and self.config.lan.mode != "off":
+            # No way to learn which route matters: publish what we announce on the LAN.
+            hosts = announced_hosts([local], self.config.lan.interfaces, local_ips())
+            lan = [Address(h, local.port) for h in hosts if not h.startswith("127.")]
+            if lan:
+                return lan
         found: list[Address] = []
         for peer in self.config.bootstrap:
             family = socket.AF_INET6 if peer.version == 6 else socket.AF_INET
@@ -119,8 +129,40 @@ class Node:
         log.info("published record seq=%d to %d node(s)", record.seq, self.replicas)
         return self.replicas
 
+    def lan_addresses(self, public_key: bytes) -> list[Address]:
+        """Where the LAN says the node with this key is (verified announcements)."""
+        if self.lan is None:
+            return []
+        for peer in self.lan.peers():
+            if peer.public_key == public_key:
+                return list(peer.addresses)
+        return []
+
+    def on_lan_peer(self, event: str, peer: LanPeer) -> None:
+        self.events.emit("peer", change=event, **peer.summary())
+        if event == "added" and self._nursery is not None and not self._joining:
+            self._nursery.start_soon(self._join_via_lan)
+
+    async def _join_via_lan(self) -> None:
+        """A LAN peer appeared: if we know nobody yet, join the DHT through it now."""
+        if self._joining:
+            return
+        self._joining = True
+        try:
+            stats = await self.dht.statistics()
+            if stats["routing_table_size"] == 0 and await self.join() > 0:
+                await self.publish()
+        except Exception:
+            log.exception("joining through a LAN peer failed")
+        finally:
+            self._joining = False
+
     async def join(self) -> int:
         seeds = list(self.config.bootstrap)
+        for peer in self.lan.peers() if self.lan is not None else []:
+            for address in peer.addresses:
+                if address not in seeds and address != self.listen_address:
+                    seeds.append(address)
         for _, host, port in self._saved_contacts():
             address = Address(host, port)
             if address not in seeds and address != self.listen_address:
@@ -209,7 +251,31 @@ class Node:
             "quic_counters": dict(self.quic.stats),
             "quic_connections": len(self.quic.peers()),
             "messages": self.delivery.statistics(),
+            "lan_mode": self.config.lan.mode,
+            "lan_peers": len(self.lan.peers()) if self.lan is not None else 0,
         }
+
+    def peers(self) -> list[dict[str, Any]]:
+        """Nearby peers (LAN), then contacts whose records we resolved (DHT)."""
+        out = [p.summary() for p in (self.lan.peers() if self.lan is not None else [])]
+        seen = {p["fingerprint"] for p in out}
+        for key, (record, _) in list(self.delivery._records.items()):
+            summary = record_summary(record)
+            if summary["fingerprint"] in seen:
+                continue
+            out.append(
+                {
+                    "handle": record.handle,
+                    "fingerprint": summary["fingerprint"],
+                    "addresses": summary["addresses"],
+                    "via": "dht",
+                    "last_seen": None,
+                    "pinned": self.delivery.contacts.by_key(key) is not None,
+                    "verified": True,
+                    "mode": None,
+                }
+            )
+        return out
 
     async def whois(self, text: str) -> dict[str, Any]:
         ref = HandleRef.parse(text)
@@ -266,7 +332,21 @@ async def open_node(
             await nursery.start(quic.serve)
             await nursery.start(endpoint.serve, dht.datagram_received, quic.datagram_received)
             node = Node(config, identity, endpoint, dht, conn, delivery, quic)
+            node._nursery = nursery
+            delivery.lan_addresses = node.lan_addresses
             await nursery.start(serve_control_api, node.control_path, node)
+            if config.lan.mode != "off":
+                contacts = delivery.contacts
+                node.lan = LanDiscovery(
+                    identity,
+                    config.lan,
+                    port=endpoint.local_address.port,
+                    addresses=[endpoint.local_address],
+                    contacts=lambda: {c.public_key: c.handle for c in contacts.all()},
+                    pins=lambda h: c.public_key if (c := contacts.get(h)) else None,
+                    on_peer=node.on_lan_peer,
+                )
+                await nursery.start(node.lan.run)
             await node.join()
             await node.publish()
             nursery.start_soon(node.maintain)

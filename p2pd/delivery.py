@@ -32,7 +32,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -63,6 +63,7 @@ from .messaging import Contacts, Message, MessageStore
 from .records import HandleRecord
 from .session import SessionManager, safety_number
 from .transport.quic import QuicEndpoint, QuicPeer, QuicStream
+from .wire import Address
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class Delivery:
         self.contacts = Contacts(conn)
         self.sessions = SessionManager.open(conn, identity, now=time.time())
         self.quic: QuicEndpoint | None = None
+        #: Where LAN discovery saw a key (set by the daemon); tried before the record's.
+        self.lan_addresses: Callable[[bytes], list[Address]] = lambda key: []
         self._unseal = nacl.public.SealedBox(
             nacl.signing.SigningKey(identity.seed).to_curve25519_private_key()
         )
@@ -172,6 +175,16 @@ class Delivery:
                 with trio.move_on_after(wait):
                     await self._kick.wait()
                 self._kick = trio.Event()
+
+    def _spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start background work in the service's nursery, unless it is shutting down
+        (a stream handler may still run then: the QUIC endpoint has its own nursery)."""
+        if self._nursery is None:
+            return
+        try:
+            self._nursery.start_soon(func, *args)
+        except RuntimeError:  # the nursery is closed: the daemon is stopping
+            log.debug("not starting %s: shutting down", getattr(func, "__name__", func))
 
     def kick(self) -> None:
         """Look for due messages now (something was queued, or a peer came online)."""
@@ -326,16 +339,16 @@ class Delivery:
         for peer in self.quic.peers():
             if peer.public_key == peer_key and not peer.is_closing:
                 return peer
-        if record is None:
-            return None
-        for address in record.addresses:
+        addresses = list(self.lan_addresses(peer_key))
+        addresses += [a for a in (record.addresses if record else ()) if a not in addresses]
+        for address in addresses:
             try:
                 with trio.fail_after(self.config.connect_timeout):
                     return await self.quic.connect(address, peer_key)
             except PeerKeyMismatch:
-                log.warning("%s answered with another key than %s's", address, record.handle)
+                log.warning("%s answered with another key than %s", address, _who(peer_key))
             except (ConnectionLost, trio.TooSlowError):
-                log.debug("no QUIC connection to %s at %s", record.handle, address)
+                log.debug("no QUIC connection to %s at %s", _who(peer_key), address)
         return None
 
     async def _send_direct(self, peer: QuicPeer, batch: list[Message]) -> None:
@@ -509,8 +522,8 @@ class Delivery:
         stored = self.messages.get(msg_id)
         if stored is not None:
             self.events.emit("message", **self.incoming_summary(stored))
-        if trusted is None and payload.sender and self._nursery is not None:
-            self._nursery.start_soon(self._verify_sender, payload.sender, sender_key)
+        if trusted is None and payload.sender:
+            self._spawn(self._verify_sender, payload.sender, sender_key)
         # the peer is alive: anything we owe it may go now
         if self.messages.pending_for(sender_key):
             self.messages.retry_now(sender_key)
@@ -593,8 +606,7 @@ class Delivery:
                 acks.setdefault(sender, []).append(msg_id)
         await self.dht.mailbox_delete(self.identity, [entry_id for entry_id, _ in entries])
         for sender, ids in acks.items():
-            if self._nursery is not None:
-                self._nursery.start_soon(self._send_acks, sender, ids)
+            self._spawn(self._send_acks, sender, ids)
         if new:
             log.info("%d message(s) from the mailbox", new)
         return new

@@ -25,7 +25,9 @@ from the class, so messages never carry secrets or tracebacks.
     │   ├── WireError            bytes that do not decode (malformed, oversize)
     │   │   ├── RecordError      a handle record that does not verify or is out of bounds
     │   │   ├── BundleError      a prekey bundle that does not decode or verify
-    │   │   └── EnvelopeError    a session envelope that does not decode
+    │   │   ├── EnvelopeError    a session envelope that does not decode
+    │   │   └── LanAnnouncementError  an mDNS announcement refused (p2pd/discovery.py;
+    │   │                        LanPinConflict: a pinned handle with another key)
     │   ├── NotFound             the network holds no valid record for that handle
     │   ├── KeyChanged           a contact's key differs from the pinned one
     │   ├── PeerKeyMismatch      a QUIC peer's certificate holds another key than expected

@@ -86,3 +86,17 @@ def test_bad_config_is_a_clear_usage_error(tmp_path: Path, text: str) -> None:
     (tmp_path / "config.toml").write_text(text)
     with pytest.raises((UsageError, InvalidAddress)):
         load_config(tmp_path)
+
+
+def test_lan_section_of_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        '[lan]\nmode = "contacts"\ninterfaces = ["198.51.100.11"]\nttl = 150\n'
+    )
+    config = load_config(tmp_path)
+    assert config.lan.mode == "contacts"
+    assert config.lan.interfaces == ("198.51.100.11",)
+    assert config.lan.ttl == 150
+    for bad in ('mode = "loud"', 'interfaces = "198.51.100.11"', "ttl = 5", "volume = 3"):
+        (tmp_path / "config.toml").write_text(f"[lan]\n{bad}\n")
+        with pytest.raises(UsageError):
+            load_config(tmp_path)

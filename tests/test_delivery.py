@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from p2pd import wire
-from p2pd.config import NodeConfig
+from p2pd.config import LanConfig, NodeConfig
 from p2pd.daemon import Node, open_node
 from p2pd.dht import AsyncioThread
 from p2pd.errors import ConnectionLost, KeyChanged, PeerKeyMismatch
@@ -58,6 +58,7 @@ async def node(
         bootstrap=bootstrap,
         ack_timeout=2.0,
         connect_timeout=1.0,
+        lan=LanConfig(mode="off"),  # no multicast outside a namespace
     )
     async with open_node(config, identity, bridge=bridge) as n:
         yield n

@@ -67,9 +67,15 @@ class DaemonProcess:
         bootstrap: Sequence[str] = (),
         extra: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        lan: str = "off",
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """``wrapper`` prefixes the command, e.g. ``host.command([])`` of a netns host."""
         self.home = home
-        args = [*p2pd_command(), "--home", str(home), "daemon", "--listen", listen]
+        # LAN discovery is off unless asked for: mDNS multicast is for tests that run in
+        # network namespaces they made, never on the machine's own interfaces.
+        args = [*wrapper, *p2pd_command(), "--home", str(home), "daemon", "--listen", listen]
+        args += ["--lan", lan]
         for b in bootstrap:
             args += ["--bootstrap", b]
         args += list(extra)
