@@ -1,0 +1,530 @@
+"""One side of a call's media over a QUIC connection: :class:`CallMedia`.
+
+Signalling (offer, accept, hang-up) is not here: it travels as ordinary messages. Once
+both sides agreed, each runs a :class:`CallMedia` on the QUIC connection that both
+identity keys authenticated, and feeds it that connection's DATAGRAM frames::
+
+    media = CallMedia(peer, audio_in="tone:440", video_in=None, record=Path("in.wav"),
+                      duration=None)
+    # in the QuicEndpoint's on_datagram(peer, data): media.datagram_received(data)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(media.run)      # returns once the media loops run
+        ...                                 # hang up: cancel the nursery
+    media.statistics()
+
+Why datagrams, for video too, and not one stream per frame: media is worth nothing late.
+A stream retransmits a lost packet after at least one RTT and holds every later byte of
+that frame behind it (and, at the connection level, spends congestion window on stale
+data); a VP8 frame that cannot be decoded in time is better dropped and replaced by a
+keyframe on request, as RTP does (RFC 4585 PLI). Datagrams also keep all media on one
+callback, with no per-frame stream state (streams per peer are limited to 128 at once)
+and nothing for the message layer's stream handler to route. The price is fragmentation
+(:func:`p2pd.media.wire.fragment`) and the :class:`~p2pd.media.assembler.FrameAssembler`.
+
+Timing: one task ticks every 20 ms on trio's clock (``sleep_until`` of absolute
+deadlines, so no drift) and per tick reads and encodes one audio frame, sends it, takes one
+playout decision from the :class:`~p2pd.media.jitter.JitterBuffer`, decodes and records
+it; another task ticks at the video frame rate. Encoding and decoding run inline in the
+trio thread: measured per 20 ms tick, Opus encode ~0.3 ms and decode ~0.04 ms; per video
+frame, 640x480 VP8 encode ~1.5-2 ms, decode ~0.4 ms, test pattern ~0.3 ms. That is
+well under a tick, and a worker thread's hand-off would cost more than a decode. Only
+capture devices, whose reads block, run in a thread (:func:`trio.to_thread.run_sync`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from ..errors import ConnectionLost, DatagramTooLarge, LocalError, UsageError
+from .assembler import AssembledFrame, AssemblerConfig, FrameAssembler
+from .codecs import (
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    LibopusDecoder,
+    OpusEncoder,
+    PyAVOpusDecoder,
+    Vp8Decoder,
+    Vp8Encoder,
+    open_opus_decoder,
+)
+from .jitter import JitterBuffer, JitterConfig, PlayoutKind
+from .plc import ConcealmentFloor
+from .sinks import Recorder, check_record_path, open_recorder
+from .sources import (
+    AudioSource,
+    VideoSource,
+    check_audio_spec,
+    check_video_spec,
+    open_audio_source,
+    open_video_source,
+)
+from .stats import ReceptionStats, RttEstimator
+from .wire import (
+    AudioPacket,
+    KeyframeRequest,
+    MediaWireError,
+    ReceiverReport,
+    ReportBlock,
+    VideoFragment,
+    decode,
+    fragment,
+)
+
+__all__ = ["CallMedia", "MediaConfig", "MediaPeer"]
+
+log = logging.getLogger(__name__)
+
+#: 90 kHz: the RTP clock of video (RFC 7741 section 4.1), used for video timestamps.
+VIDEO_CLOCK = 90000
+FRAME_DURATION = FRAME_SAMPLES / SAMPLE_RATE
+
+
+class MediaPeer(Protocol):
+    """What :class:`CallMedia` needs of a connection (:class:`~p2pd.transport.quic.QuicPeer`
+    has it all)."""
+
+    @property
+    def max_datagram_size(self) -> int: ...
+
+    def send_datagram(self, data: bytes) -> bool: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """Tuning of a call's media."""
+
+    #: Opus bitrate (bit/s); 32 kbit/s gives wideband speech with room for LBRR.
+    audio_bitrate: int = 32000
+    #: The loss (percent) the Opus encoder plans its in-band FEC for.
+    opus_packet_loss: int = 10
+    #: Decode Opus through libopus itself (FEC and PLC); False: FFmpeg's decoder, PLC only.
+    use_libopus: bool = True
+    video_width: int = 640
+    video_height: int = 480
+    video_fps: float = 30.0
+    #: VP8 target bitrate (bit/s).
+    video_bitrate: int = 800_000
+    #: Receiver reports (loss, jitter, RTT echo) go out this often (seconds).
+    report_interval: float = 0.5
+    #: A keyframe request is honoured at most this often (seconds).
+    min_keyframe_interval: float = 0.1
+    #: Concealed frames after the last received one that a recording holds back.
+    record_hold_back: int = 50
+    jitter: JitterConfig = field(default_factory=JitterConfig)
+    assembler: AssemblerConfig = field(default_factory=AssemblerConfig)
+
+
+@dataclass
+class _Counters:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    datagrams_sent: int = 0
+    datagrams_received: int = 0
+    send_dropped: int = 0
+    malformed: int = 0
+    audio_packets_sent: int = 0
+    audio_frames_played: int = 0
+    audio_concealed: int = 0
+    audio_fec_recovered: int = 0
+    audio_decode_errors: int = 0
+    video_frames_sent: int = 0
+    video_keyframes_sent: int = 0
+    video_frames_received: int = 0
+    video_decode_errors: int = 0
+    keyframe_requests_sent: int = 0
+    keyframe_requests_received: int = 0
+    reports_sent: int = 0
+    reports_received: int = 0
+    ticks_late: int = 0
+
+
+class CallMedia:
+    """Sends and receives one call's audio (and video) over a QUIC connection.
+
+    ``audio_in`` / ``video_in``: source specs (:mod:`p2pd.media.sources`), or None to send
+    nothing of that kind (what the peer sends is received all the same). ``record``: a
+    ``.wav`` / ``.mkv`` / ``.webm`` / ``.mka`` file for what is received. ``duration``:
+    seconds after which :meth:`run` returns by itself (None: until cancelled or the
+    connection closes). Raises :class:`~p2pd.errors.UsageError` for a bad spec or path.
+    """
+
+    def __init__(
+        self,
+        peer: MediaPeer,
+        *,
+        audio_in: str | None,
+        video_in: str | None,
+        record: Path | None,
+        duration: float | None,
+        config: MediaConfig | None = None,
+    ) -> None:
+        if audio_in is not None:
+            check_audio_spec(audio_in)
+        if video_in is not None:
+            check_video_spec(video_in)
+        if record is not None:
+            check_record_path(record)
+        if duration is not None and not (duration > 0 and math.isfinite(duration)):
+            raise UsageError("a call's duration must be a positive number of seconds")
+        self.peer = peer
+        self.audio_in, self.video_in = audio_in, video_in
+        self.record, self.duration = record, duration
+        self.config = c = config or MediaConfig()
+        self._state = "new"
+        self._end_reason = ""
+        self._started_at: float | None = None
+        self._ended_at: float | None = None
+        self._c = _Counters()
+        self._jitter = JitterBuffer(c.jitter)
+        self._assembler = FrameAssembler(c.assembler)
+        self._audio_rx = ReceptionStats(SAMPLE_RATE)
+        self._video_rx = ReceptionStats(VIDEO_CLOCK)
+        self._rtt = RttEstimator()
+        self._remote_audio = ReportBlock()
+        self._remote_video = ReportBlock()
+        self._frames: deque[AssembledFrame] = deque()
+        self._frames_ready = trio.Event()
+        self._keyframe_wanted = False
+        self._last_request_seen = 0
+        self._decoder: LibopusDecoder | PyAVOpusDecoder | None = None
+        self._recorder: Recorder | None = None
+        self._scope: trio.CancelScope | None = None
+        self._floor = ConcealmentFloor(FRAME_SAMPLES)
+
+    # ---- the receive path (called from the endpoint's on_datagram)
+
+    def datagram_received(self, data: bytes) -> None:
+        """Take one DATAGRAM frame of this connection. Synchronous and cheap: audio goes
+        into the jitter buffer, video fragments into the assembler; decoding happens in
+        :meth:`run`'s tasks. Datagrams before :meth:`run` are kept the same way, after
+        it are ignored."""
+        if self._state == "ended":
+            return
+        now = trio.current_time()
+        c = self._c
+        c.datagrams_received += 1
+        c.bytes_received += len(data)
+        try:
+            message = decode(data)
+        except MediaWireError:
+            c.malformed += 1
+            return
+        if isinstance(message, AudioPacket):
+            self._audio_rx.packet(message.seq, message.timestamp, now)
+            self._jitter.push(
+                message.seq, message.timestamp, message.payload, now, start=message.start
+            )
+        elif isinstance(message, VideoFragment):
+            self._deliver_frames(self._assembler.push(message, now), now)
+        elif isinstance(message, ReceiverReport):
+            c.reports_received += 1
+            self._rtt.report_received(
+                message.send_time_us, message.echo_us, message.echo_delay_us, now
+            )
+            self._remote_audio, self._remote_video = message.audio, message.video
+        elif isinstance(message, KeyframeRequest):
+            c.keyframe_requests_received += 1
+            if message.request > self._last_request_seen:
+                self._last_request_seen = message.request
+                self._keyframe_wanted = True
+
+    def _deliver_frames(self, frames: list[AssembledFrame], now: float) -> None:
+        for frame in frames:
+            self._video_rx.packet(frame.frame_id, frame.timestamp, now)
+            self._frames.append(frame)
+        if frames:
+            self._frames_ready.set()
+
+    # ---- running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send and receive until ``duration`` is over, the connection closes, or the
+        caller cancels; the recording is finished in every case. Reports readiness
+        through ``task_status`` once sources, codecs and the recording are open."""
+        if self._state != "new":
+            raise LocalError("this CallMedia has already run")
+        c = self.config
+        audio_source: AudioSource | None = None
+        video_source: VideoSource | None = None
+        self._state = "starting"
+        try:
+            if self.audio_in is not None:
+                audio_source = await self._open(open_audio_source, self.audio_in)
+            if self.video_in is not None:
+                spec = self.video_in
+                video_source = await self._open(
+                    lambda s: open_video_source(s, width=c.video_width, height=c.video_height),
+                    spec,
+                )
+            self._decoder = open_opus_decoder(use_libopus=c.use_libopus)
+            start = trio.current_time()
+            self._started_at = start
+            if self.record is not None:
+                self._recorder = open_recorder(
+                    self.record,
+                    start=start,
+                    width=c.video_width,
+                    height=c.video_height,
+                    fps=c.video_fps,
+                )
+            self._state = "running"
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                if self.duration is not None:
+                    scope.deadline = start + self.duration
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._audio_loop, start, audio_source)
+                    if video_source is not None:
+                        nursery.start_soon(self._video_send_loop, start, video_source)
+                    nursery.start_soon(self._video_receive_loop)
+                    nursery.start_soon(self._watch_connection, scope)
+                    task_status.started()
+            if not self._end_reason:
+                self._end_reason = "duration" if scope.cancelled_caught else "ended"
+        finally:
+            if not self._end_reason:
+                self._end_reason = "cancelled"
+            self._state = "ended"
+            self._ended_at = trio.current_time()
+            for source in (audio_source, video_source):
+                if source is not None:
+                    source.close()
+            if self._recorder is not None:
+                self._recorder.close()
+            if self._decoder is not None:
+                self._decoder.close()
+
+    async def _open(self, opener: Any, spec: str) -> Any:
+        # Opening a file or device may touch the disk or hardware: off the trio thread.
+        return await trio.to_thread.run_sync(opener, spec)
+
+    async def _watch_connection(self, scope: trio.CancelScope) -> None:
+        await self.peer.wait_closed()
+        self._end_reason = "connection closed"
+        scope.cancel()
+
+    def _send(self, data: bytes) -> None:
+        c = self._c
+        try:
+            sent = self.peer.send_datagram(data)
+        except ConnectionLost:
+            # The connection is gone (closed by either side, or timed out): the call ends.
+            if not self._end_reason:
+                self._end_reason = "connection lost"
+            if self._scope is not None:
+                self._scope.cancel()
+            return
+        except DatagramTooLarge:
+            # Our packets are sized by max_datagram_size; only a shrinking path gets here.
+            c.send_dropped += 1
+            return
+        if not sent:
+            c.send_dropped += 1
+            return
+        c.datagrams_sent += 1
+        c.bytes_sent += len(data)
+
+    async def _audio_loop(self, start: float, source: AudioSource | None) -> None:
+        c = self.config
+        encoder = (
+            OpusEncoder(bitrate=c.audio_bitrate, packet_loss=c.opus_packet_loss) if source else None
+        )
+        seq = 0
+        tick = 0
+        next_report = start
+        while True:
+            await trio.sleep_until(start + tick * FRAME_DURATION)
+            now = trio.current_time()
+            if source is not None and encoder is not None:
+                pcm = await trio.to_thread.run_sync(source.read) if source.live else source.read()
+                for payload in encoder.encode(pcm):
+                    timestamp = (seq * FRAME_SAMPLES) % (1 << 32)
+                    packet = AudioPacket(seq % (1 << 32), timestamp, payload, start=seq == 0)
+                    self._send(packet.encode())
+                    self._c.audio_packets_sent += 1
+                    seq += 1
+            self._play(now)
+            self._deliver_frames(self._assembler.poll(now), now)
+            request = self._assembler.keyframe_request(now)
+            if request is not None:
+                self._send(KeyframeRequest(request).encode())
+                self._c.keyframe_requests_sent += 1
+            if now >= next_report:
+                self._send_report(now)
+                next_report = now + c.report_interval
+            tick += 1
+            behind = trio.current_time() - (start + tick * FRAME_DURATION)
+            if behind > 10 * FRAME_DURATION:
+                # Starved of CPU for over 200 ms: skip ahead rather than burst. The
+                # peer's jitter buffer sees a gap in timestamps and conceals it.
+                skipped = int(behind / FRAME_DURATION)
+                tick += skipped
+                seq += skipped
+                self._c.ticks_late += skipped
+
+    def _play(self, now: float) -> None:
+        decision = self._jitter.pop(now)
+        if decision is None or self._decoder is None:
+            return
+        c = self._c
+        decoder = self._decoder
+        concealed = True
+        try:
+            if decision.kind is PlayoutKind.FRAME:
+                assert decision.payload is not None
+                pcm = decoder.decode(decision.payload)
+                concealed = False
+            elif decision.kind is PlayoutKind.FEC:
+                assert decision.payload is not None
+                pcm, recovered = decoder.decode_fec(decision.payload)
+                if recovered:
+                    c.audio_fec_recovered += 1
+                    concealed = False
+                else:
+                    c.audio_concealed += 1
+            else:
+                pcm = decoder.conceal()
+                c.audio_concealed += 1
+        except MediaWireError:
+            c.audio_decode_errors += 1
+            pcm = decoder.conceal()
+            c.audio_concealed += 1
+        pcm = self._floor.conceal(pcm) if concealed else self._floor.good(pcm)
+        c.audio_frames_played += 1
+        if self._recorder is not None:
+            self._recorder.write_audio(pcm, concealed=concealed, now=now)
+
+    def _send_report(self, now: float) -> None:
+        echo, delay = self._rtt.echo(now)
+        report = ReceiverReport(
+            send_time_us=RttEstimator.clock_us(now),
+            echo_us=echo,
+            echo_delay_us=delay,
+            audio=self._audio_rx.report(),
+            video=self._video_rx.report(),
+        )
+        self._send(report.encode())
+        self._c.reports_sent += 1
+
+    async def _video_send_loop(self, start: float, source: VideoSource) -> None:
+        c = self.config
+        encoder = Vp8Encoder(
+            width=c.video_width, height=c.video_height, fps=c.video_fps, bitrate=c.video_bitrate
+        )
+        interval = 1 / c.video_fps
+        tick = 0
+        frame_id = 0
+        last_keyframe = -math.inf
+        while True:
+            await trio.sleep_until(start + tick * interval)
+            now = trio.current_time()
+            t = tick * interval
+            picture = (
+                await trio.to_thread.run_sync(source.read, t) if source.live else source.read(t)
+            )
+            force = self._keyframe_wanted and now - last_keyframe >= c.min_keyframe_interval
+            if force:
+                self._keyframe_wanted = False
+            timestamp = round(t * VIDEO_CLOCK) % (1 << 32)
+            for data, keyframe in encoder.encode(picture, keyframe=force):
+                if keyframe:
+                    last_keyframe = now
+                    self._c.video_keyframes_sent += 1
+                limit = self.peer.max_datagram_size
+                for piece in fragment(
+                    frame_id, timestamp, data, keyframe=keyframe, max_datagram=limit
+                ):
+                    self._send(piece.encode())
+                frame_id += 1
+                self._c.video_frames_sent += 1
+            tick += 1
+            late = trio.current_time() - (start + tick * interval)
+            if late > interval:
+                tick += int(late / interval)  # drop frames rather than fall behind
+
+    async def _video_receive_loop(self) -> None:
+        decoder = Vp8Decoder()
+        while True:
+            await self._frames_ready.wait()
+            self._frames_ready = trio.Event()
+            while self._frames:
+                frame = self._frames.popleft()
+                now = trio.current_time()
+                try:
+                    pictures = decoder.decode(frame.data)
+                except MediaWireError:
+                    self._c.video_decode_errors += 1
+                    self._assembler.decode_failed(now)
+                    self._frames.clear()
+                    continue
+                if not pictures:
+                    continue
+                self._c.video_frames_received += 1
+                if self._recorder is not None:
+                    self._recorder.write_video(
+                        frame.data, keyframe=frame.keyframe, timestamp=frame.timestamp, now=now
+                    )
+            await trio.lowlevel.checkpoint()
+
+    # ---- statistics
+
+    def statistics(self) -> dict[str, Any]:
+        """A flat, JSON-ready snapshot. Times in ms unless named otherwise; rates averaged
+        over the call so far. ``loss_pct`` and ``jitter_ms`` are what we receive (RFC 3550
+        loss and interarrival jitter of the peer's audio); ``remote_loss_pct`` is what the
+        peer reports of ours."""
+        c = self._c
+        now = self._ended_at if self._ended_at is not None else trio.current_time()
+        duration = now - self._started_at if self._started_at is not None else 0.0
+        seconds = max(duration, 1e-9)
+        rtt = self._rtt.smoothed
+        jitter = self._jitter.statistics()
+        assembler = self._assembler.statistics()
+        return {
+            "state": self._state,
+            "end_reason": self._end_reason,
+            "duration_s": round(duration, 3),
+            "rtt_ms": round(rtt * 1000, 2) if rtt is not None else None,
+            "loss_pct": round(self._audio_rx.loss_fraction * 100, 2),
+            "remote_loss_pct": round(self._remote_audio.loss_fraction * 100, 2),
+            "jitter_ms": round(self._audio_rx.jitter * 1000, 2),
+            "bitrate_sent_kbps": round(c.bytes_sent * 8 / seconds / 1000, 1) if duration else 0.0,
+            "bitrate_received_kbps": (
+                round(c.bytes_received * 8 / seconds / 1000, 1) if duration else 0.0
+            ),
+            "audio_packets_sent": c.audio_packets_sent,
+            "audio_packets_received": self._audio_rx.received,
+            "audio_frames_played": c.audio_frames_played,
+            "audio_frames_concealed": c.audio_concealed,
+            "audio_fec_recovered": c.audio_fec_recovered,
+            "audio_decode_errors": c.audio_decode_errors,
+            "audio_plc_replaced": self._floor.replaced,
+            "audio_late": jitter["late"],
+            "audio_dropped": jitter["dropped"],
+            "jitter_buffer_target_ms": jitter["target_ms"],
+            "opus_decoder": self._decoder.name if self._decoder is not None else None,
+            "video_frames_sent": c.video_frames_sent,
+            "video_keyframes_sent": c.video_keyframes_sent,
+            "video_frames_received": c.video_frames_received,
+            "video_loss_pct": round(self._video_rx.loss_fraction * 100, 2),
+            "video_remote_loss_pct": round(self._remote_video.loss_fraction * 100, 2),
+            "video_decode_errors": c.video_decode_errors,
+            "video_frames_discarded": assembler["discarded"],
+            "keyframe_requests_sent": c.keyframe_requests_sent,
+            "keyframe_requests_received": c.keyframe_requests_received,
+            "datagrams_sent": c.datagrams_sent,
+            "datagrams_received": c.datagrams_received,
+            "datagrams_send_dropped": c.send_dropped,
+            "datagrams_malformed": c.malformed,
+            "ticks_late": c.ticks_late,
+            "recorded_frames": self._recorder.frames_written if self._recorder else 0,
+        }

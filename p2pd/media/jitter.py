@@ -1,0 +1,316 @@
+"""The adaptive jitter buffer for audio: sans-I/O, every method takes the ``now`` you pass.
+
+Packets go in with :meth:`JitterBuffer.push` as they arrive; once per 20 ms tick
+:meth:`JitterBuffer.pop` says what to play: a packet (``FRAME``), the in-band FEC carried
+by the *next* packet for a missing one (``FEC``), or nothing (``CONCEAL``: ask the decoder
+for packet loss concealment).
+
+Target delay, as WebRTC's NetEq aims at it: each packet's *relative delay* is how much
+later than the fastest packet of the recent window it arrived, measured against its
+timestamp (``transit = arrival - timestamp / rate``, ``delay = transit - min(transit)``).
+The target is the 95th percentile of that delay over a sliding window (250 packets,
+5 s), at least ``min_delay``, plus one frame while packets are being lost (so that the
+next packet, which carries the lost one's FEC, is usually there in time), at most
+``max_delay``.
+
+Playout is driven by time, not by how full the buffer is: a frame with timestamp ``ts`` is
+*due* once ``now >= ts / rate + min(transit) + target``. Each tick:
+
+- if the next frame is not due yet, the tick is filled by concealment and the playout
+  point does not move (NetEq's "expand": the delay grows by one frame);
+- if it is two frames or more overdue (the target fell, or a burst arrived) and the
+  frame after it is here too, it is dropped unplayed (NetEq's "accelerate", done
+  crudely: the delay shrinks by one frame);
+  overdue by more than ``max_delay`` plus a second (a blackout), playout jumps straight
+  to the oldest packet it holds;
+- otherwise the next frame is played if it is here, rebuilt from the next packet's FEC if
+  that one is here, else concealed; a frame that is due with nothing newer in the buffer
+  is concealed *without* moving on, so a late packet is still played when it comes.
+
+Sequence numbers and timestamps are 32-bit on the wire and extended here as in RFC 3550
+appendix A.1, so wrapping is invisible to the rest of the code.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UsageError
+
+__all__ = ["JitterBuffer", "JitterConfig", "Playout", "PlayoutKind", "extend"]
+
+_HALF = 1 << 31
+_MOD = 1 << 32
+
+
+def extend(value: int, reference: int | None) -> int:
+    """``value`` (mod 2**32) as the integer nearest to ``reference`` (an extended value),
+    the RFC 3550 appendix A.1 rule."""
+    if reference is None:
+        return value
+    delta = (value - reference) % _MOD
+    if delta >= _HALF:
+        delta -= _MOD
+    return reference + delta
+
+
+@dataclass(frozen=True)
+class JitterConfig:
+    """Tuning of :class:`JitterBuffer`. Times in seconds."""
+
+    #: Samples per frame and per second: 20 ms of 48 kHz audio.
+    frame_samples: int = 960
+    clock_rate: int = 48000
+    #: The target delay is clamped to this range.
+    min_delay: float = 0.020
+    max_delay: float = 0.200
+    #: Which percentile of the relative delay to aim at (NetEq: 0.95).
+    quantile: float = 0.95
+    #: Packets whose delays make up the sliding window (250 = 5 s of 20 ms frames).
+    window: int = 250
+    #: While a frame was lost among the last ``window`` played, hold one frame more.
+    fec_headroom: bool = True
+    #: Packets held at most; beyond that the oldest go.
+    capacity: int = 64
+
+    def __post_init__(self) -> None:
+        if self.frame_samples <= 0 or self.clock_rate <= 0:
+            raise UsageError("frame_samples and clock_rate must be positive")
+        if not 0 <= self.min_delay <= self.max_delay:
+            raise UsageError("need 0 <= min_delay <= max_delay")
+        if not 0 < self.quantile <= 1:
+            raise UsageError("quantile must be in (0, 1]")
+        if self.window < 1 or self.capacity < 2:
+            raise UsageError("window must be >= 1 and capacity >= 2")
+
+    @property
+    def frame_duration(self) -> float:
+        return self.frame_samples / self.clock_rate
+
+
+class PlayoutKind(enum.Enum):
+    """What one tick plays."""
+
+    #: Decode ``payload``, the packet for this frame.
+    FRAME = "frame"
+    #: This frame is missing; decode the in-band FEC of ``payload``, the *next* packet.
+    FEC = "fec"
+    #: Nothing to decode: ask the decoder for packet loss concealment.
+    CONCEAL = "conceal"
+
+
+@dataclass(frozen=True, slots=True)
+class Playout:
+    """One tick's decision. ``seq`` is the (extended) frame it stands for; ``None`` for a
+    concealed tick that stands for no frame (an underrun or a stretch: the timeline
+    grows by one frame)."""
+
+    kind: PlayoutKind
+    seq: int | None
+    payload: bytes | None = None
+
+
+@dataclass
+class _Stats:
+    received: int = 0
+    late: int = 0
+    duplicates: int = 0
+    overflow: int = 0
+    played: int = 0
+    fec: int = 0
+    concealed: int = 0
+    expanded: int = 0
+    dropped: int = 0
+    resyncs: int = 0
+    resets: int = 0
+
+
+@dataclass
+class JitterBuffer:
+    """Audio packets in, one playout decision per tick out. See the module docstring."""
+
+    config: JitterConfig = field(default_factory=JitterConfig)
+
+    def __post_init__(self) -> None:
+        self._stats = _Stats()
+        self._reset()
+
+    def _reset(self) -> None:
+        #: extended seq -> (extended timestamp, payload)
+        self._packets: dict[int, tuple[int, bytes]] = {}
+        self._highest_seq: int | None = None
+        self._highest_ts: int | None = None
+        self._transits: deque[float] = deque(maxlen=self.config.window)
+        self._min_transit = 0.0
+        self._quantile_delay = 0.0
+        self._losses: deque[bool] = deque(maxlen=self.config.window)
+        self._next_seq: int | None = None
+        self._next_ts = 0
+        self._started = False
+
+    # ---- input
+
+    def push(
+        self, seq: int, timestamp: int, payload: bytes, now: float, *, start: bool = False
+    ) -> None:
+        """One packet arrived at ``now``. ``seq`` and ``timestamp`` as on the wire (32-bit);
+        ``start`` (the sender's first packet) resets the buffer if it holds another stream."""
+        if (
+            start
+            and self._highest_seq is not None
+            and abs(extend(seq, self._highest_seq) - self._highest_seq) > self.config.capacity
+        ):
+            # A new stream (the peer restarted its media), not a reordered first packet.
+            self._stats.resets += 1
+            self._reset()
+        stats = self._stats
+        ext_seq = extend(seq, self._highest_seq)
+        ext_ts = extend(timestamp, self._highest_ts)
+        if ext_seq in self._packets:
+            stats.duplicates += 1
+            return
+        # Late packets count for the delay statistics too: they are what the target
+        # must grow for (NetEq updates its delay histogram on every arrival).
+        self._observe(now - ext_ts / self.config.clock_rate)
+        if self._started and self._next_seq is not None and ext_seq < self._next_seq:
+            stats.late += 1
+            return
+        stats.received += 1
+        if self._highest_seq is None or ext_seq > self._highest_seq:
+            self._highest_seq = ext_seq
+            self._highest_ts = ext_ts
+        self._packets[ext_seq] = (ext_ts, payload)
+        if self._next_seq is None or (not self._started and ext_seq < self._next_seq):
+            self._next_seq, self._next_ts = ext_seq, ext_ts
+        while len(self._packets) > self.config.capacity:
+            oldest = min(self._packets)
+            del self._packets[oldest]
+            stats.overflow += 1
+            if self._next_seq is not None and self._next_seq <= oldest:
+                skipped = oldest + 1 - self._next_seq
+                self._next_seq = oldest + 1
+                self._next_ts += skipped * self.config.frame_samples
+
+    def _observe(self, transit: float) -> None:
+        transits = self._transits
+        transits.append(transit)
+        ordered = sorted(transits)
+        self._min_transit = ordered[0]
+        rank = min(len(ordered) - 1, int(self.config.quantile * len(ordered)))
+        self._quantile_delay = ordered[rank] - ordered[0]
+
+    # ---- output
+
+    @property
+    def target_delay(self) -> float:
+        """The delay playout aims at now, in seconds."""
+        c = self.config
+        target = max(self._quantile_delay, c.min_delay)
+        if c.fec_headroom and any(self._losses):
+            target += c.frame_duration
+        return min(target, c.max_delay)
+
+    @property
+    def started(self) -> bool:
+        """True once the first frame was played."""
+        return self._started
+
+    def pop(self, now: float) -> Playout | None:
+        """What to play for the tick at ``now``; ``None`` until the first frame is due
+        (nothing was received yet, or the first packet waits for the target delay)."""
+        next_seq = self._next_seq
+        if next_seq is None:
+            return None
+        c = self.config
+        frame = c.frame_samples
+        due_ts = (now - self._min_transit - self.target_delay) * c.clock_rate
+        held = self._packets.get(next_seq)
+        ts = held[0] if held is not None else self._next_ts
+        if not self._started:
+            if ts > due_ts:
+                return None
+            self._started = True
+        stats = self._stats
+        if ts > due_ts:
+            stats.expanded += 1
+            return Playout(PlayoutKind.CONCEAL, None)
+        resynced = self._resync() if due_ts - ts > (c.max_delay + 1.0) * c.clock_rate else None
+        if resynced is not None:
+            next_seq = resynced
+            held = self._packets.get(next_seq)
+            ts = self._next_ts
+        elif due_ts - ts >= 2 * frame and next_seq + 1 in self._packets:
+            # Accelerate: one frame goes unplayed, but only when the one after it is here
+            # (dropping the last frame held would only make an underrun). The decoder
+            # never sees it; Opus copes as with a loss it was not told about.
+            self._packets.pop(next_seq, None)
+            stats.dropped += 1
+            next_seq = self._advance(next_seq, ts)
+            held = self._packets.get(next_seq)
+            ts = held[0] if held is not None else self._next_ts
+        if held is not None:
+            del self._packets[next_seq]
+            self._advance(next_seq, ts)
+            self._losses.append(False)
+            stats.played += 1
+            return Playout(PlayoutKind.FRAME, next_seq, held[1])
+        following = self._packets.get(next_seq + 1)
+        if following is not None:
+            self._advance(next_seq, ts)
+            self._losses.append(True)
+            stats.fec += 1
+            return Playout(PlayoutKind.FEC, next_seq, following[1])
+        if self._highest_seq is not None and self._highest_seq > next_seq:
+            # Newer packets are here, this one is not: lost (or too late to wait for).
+            self._advance(next_seq, ts)
+            self._losses.append(True)
+            stats.concealed += 1
+            return Playout(PlayoutKind.CONCEAL, next_seq)
+        # Nothing newer either: an underrun. Conceal, but wait for this frame.
+        stats.expanded += 1
+        return Playout(PlayoutKind.CONCEAL, None)
+
+    def _advance(self, seq: int, ts: int) -> int:
+        """Move playout past frame ``seq`` (timestamp ``ts``); returns the next seq."""
+        self._next_seq = seq + 1
+        self._next_ts = ts + self.config.frame_samples
+        return seq + 1
+
+    def _resync(self) -> int | None:
+        """Jump to the oldest packet held, after a blackout; returns its seq, or None if
+        none is newer than the playout point."""
+        current = self._next_seq
+        newer = [s for s in self._packets if current is not None and s > current]
+        if not newer:
+            return None
+        self._stats.resyncs += 1
+        oldest = min(newer)
+        for seq in [s for s in self._packets if s < oldest]:
+            del self._packets[seq]
+        self._next_seq = oldest
+        self._next_ts = self._packets[oldest][0]
+        return oldest
+
+    # ---- statistics
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters since creation, and the current target delay (ms) and buffer size."""
+        s = self._stats
+        return {
+            "received": s.received,
+            "played": s.played,
+            "fec": s.fec,
+            "concealed": s.concealed,
+            "expanded": s.expanded,
+            "dropped": s.dropped,
+            "late": s.late,
+            "duplicates": s.duplicates,
+            "overflow": s.overflow,
+            "resyncs": s.resyncs,
+            "resets": s.resets,
+            "target_ms": round(self.target_delay * 1000, 1),
+            "buffered": len(self._packets),
+        }
