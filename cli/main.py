@@ -573,6 +573,173 @@ def peers(ctx: click.Context, as_json: bool, follow: bool) -> None:
                     click.echo(f"{sign} {_peer_line(event)}")
 
 
+# ---------------------------------------------------------------------- calls
+
+CALL_ENDED = ("ended", "rejected", "busy", "no-answer", "failed")
+
+
+def _media_options(func: F) -> F:
+    func = click.option(
+        "--duration",
+        type=click.FloatRange(0.1, 24 * 3600),
+        help="Hang up after this many seconds of conversation.",
+    )(func)
+    func = click.option(
+        "--record",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write what you receive: .wav (audio), .mkv/.webm (audio and video), .mka.",
+    )(func)
+    func = click.option(
+        "--video-in",
+        metavar="SRC",
+        help="Send video from SRC: testsrc (a test pattern), a file, or a camera device.",
+    )(func)
+    func = click.option(
+        "--audio-in",
+        metavar="SRC",
+        default="tone:440",
+        show_default=True,
+        help="Send audio from SRC: tone:FREQ, a file PyAV can read, or a microphone.",
+    )(func)
+    return func
+
+
+def _media_params(
+    audio_in: str | None, video_in: str | None, record: Path | None, duration: float | None
+) -> dict[str, Any]:
+    return {
+        "audio_in": audio_in,
+        "video_in": video_in,
+        "record": str(record.resolve()) if record is not None else None,
+        "duration": duration,
+    }
+
+
+def _call_text(c: dict[str, Any]) -> str:
+    m = c.get("media") or {}
+    line = f"call {c['id'][:8]} {c['direction']} {c['handle']}: {c['state']}"
+    if c.get("reason"):
+        line += f" ({c['reason']})"
+    if c["duration_s"]:
+        line += f", {c['duration_s']:.1f} s"
+    if m:
+        rtt = "-" if m.get("rtt_ms") is None else f"{m['rtt_ms']:.1f} ms"
+        line += (
+            f"\n  rtt {rtt}, loss {m.get('loss_pct', 0)}%, jitter {m.get('jitter_ms', 0)} ms, "
+            f"bitrate {m.get('bitrate_sent_kbps', 0)}/{m.get('bitrate_received_kbps', 0)} kbit/s "
+            f"(sent/received), concealed {m.get('audio_frames_concealed', 0)}, "
+            f"FEC {m.get('audio_fec_recovered', 0)}, video frames "
+            f"{m.get('video_frames_sent', 0)}/{m.get('video_frames_received', 0)}"
+        )
+    return line
+
+
+def _follow_call(client: ControlClient, call: dict[str, Any], as_json: bool) -> None:
+    """Show the call until it ends; exit 1 unless it connected and ended normally."""
+    import time
+
+    last = call["state"]
+    if not as_json:
+        click.echo(_call_text(call))
+    for _ in range(24 * 3600 * 5):  # bounded: a day of 0.2 s polls
+        if call["state"] in CALL_ENDED:
+            break
+        time.sleep(0.2)
+        current = [c for c in client.call("calls") if c["id"] == call["id"]]
+        if not current:
+            break
+        call = current[0]
+        if call["state"] != last and not as_json:
+            click.echo(f"... {call['state']}")
+        last = call["state"]
+    if as_json:
+        click.echo(json.dumps(call, indent=2, sort_keys=True))
+    else:
+        click.echo(_call_text(call))
+    if call["state"] != "ended" or not call["duration_s"]:
+        click.echo(f"ERROR: the call {call['state']}: {call.get('reason') or '-'}", err=True)
+        sys.exit(1)
+
+
+@cli.command(name="call")
+@click.argument("handle")
+@_media_options
+@click.option("--json", "as_json", is_flag=True, help="Print the final call as JSON.")
+@click.pass_context
+@handle_errors
+def call_cmd(
+    ctx: click.Context,
+    handle: str,
+    audio_in: str | None,
+    video_in: str | None,
+    record: Path | None,
+    duration: float | None,
+    as_json: bool,
+) -> None:
+    """Call HANDLE: ring its daemon (30 s), then talk until someone hangs up.
+
+    Audio is Opus over QUIC datagrams, encrypted end to end on the connection both
+    identity keys authenticated; --video-in adds VP8. Runs until the call ends (Ctrl-C
+    leaves it running: `p2pd hangup` ends it). Exit 0 when a call took place.
+    """
+    from p2pd.identity import HandleRef
+
+    HandleRef.parse(handle)
+    params = {"handle": handle, **_media_params(audio_in, video_in, record, duration)}
+    with ControlClient(_home(ctx), timeout=60) as client:
+        result = client.call("call", params)
+        _follow_call(client, result, as_json)
+
+
+@cli.command()
+@click.option(
+    "--wait",
+    type=click.FloatRange(0, 3600),
+    default=0,
+    show_default=True,
+    help="Seconds to wait for an incoming call if none is ringing.",
+)
+@_media_options
+@click.option("--json", "as_json", is_flag=True, help="Print the final call as JSON.")
+@click.pass_context
+@handle_errors
+def answer(
+    ctx: click.Context,
+    wait: float,
+    audio_in: str | None,
+    video_in: str | None,
+    record: Path | None,
+    duration: float | None,
+    as_json: bool,
+) -> None:
+    """Answer the ringing call (or wait for the next one), and talk until it ends."""
+    params = {"wait": wait, **_media_params(audio_in, video_in, record, duration)}
+    with ControlClient(_home(ctx), timeout=wait + 60) as client:
+        result = client.call("answer", params)
+        _follow_call(client, result, as_json)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the call as JSON.")
+@click.pass_context
+@handle_errors
+def hangup(ctx: click.Context, as_json: bool) -> None:
+    """End the current call, or reject the one ringing."""
+    with ControlClient(_home(ctx)) as client:
+        _emit(client.call("hangup"), as_json, _call_text)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the calls as JSON.")
+@click.pass_context
+@handle_errors
+def calls(ctx: click.Context, as_json: bool) -> None:
+    """The current call and recent ones: state, duration, RTT, loss, jitter, bitrate."""
+    with ControlClient(_home(ctx)) as client:
+        rows = client.call("calls")
+    _emit(rows, as_json, lambda r: "\n".join(_call_text(c) for c in r) or "no calls yet")
+
+
 def main() -> None:
     cli(prog_name="p2pd")
 

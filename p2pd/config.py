@@ -184,6 +184,8 @@ class NodeConfig:
     connect_timeout: float = 3.0
     #: How long one delivery attempt waits for acks after sending.
     ack_timeout: float = 5.0
+    #: A call not answered within this many seconds ends as "no-answer".
+    ring_timeout: float = 30.0
 
 
 def default_home() -> Path:

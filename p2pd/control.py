@@ -122,7 +122,55 @@ def _methods(node: Node) -> dict[str, Callable[[Any], Awaitable[Any]]]:
         _params(params, ())
         return node.peers()
 
+    def media_params(p: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("audio_in", "video_in", "record"):
+            value = p.get(name)
+            if value is not None and not isinstance(value, str):
+                raise UsageError(f"'{name}' must be a string")
+            out[name] = value
+        duration = p.get("duration")
+        if duration is not None and (
+            not isinstance(duration, int | float) or isinstance(duration, bool)
+        ):
+            raise UsageError("'duration' must be a number of seconds")
+        out["duration"] = None if duration is None else float(duration)
+        return out
+
+    def manager() -> Any:
+        if node.calls is None:
+            raise UsageError("calls are not available")
+        return node.calls
+
+    async def call(params: Any) -> Any:
+        p = _params(params, ("handle", "audio_in", "video_in", "record", "duration"))
+        handle = p.get("handle")
+        if not isinstance(handle, str):
+            raise UsageError("call needs a 'handle' string")
+        placed = await manager().call(handle, **media_params(p))
+        return placed.summary()
+
+    async def answer(params: Any) -> Any:
+        p = _params(params, ("wait", "audio_in", "video_in", "record", "duration"))
+        wait = p.get("wait", 0)
+        if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 3600:
+            raise UsageError("'wait' must be 0..3600 seconds")
+        answered = await manager().answer(wait=float(wait), **media_params(p))
+        return answered.summary()
+
+    async def hangup(params: Any) -> Any:
+        _params(params, ())
+        return (await manager().hangup()).summary()
+
+    async def calls(params: Any) -> Any:
+        _params(params, ())
+        return manager().calls()
+
     return {
+        "call": call,
+        "answer": answer,
+        "hangup": hangup,
+        "calls": calls,
         "peers": peers,
         "status": status,
         "whois": whois,

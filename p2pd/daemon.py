@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from . import __version__
+from .calls import CallManager
 from .config import NodeConfig
 from .delivery import Delivery, EventBus
 from .dht import DHT, AsyncioThread, node_id_for, open_dht
@@ -62,6 +63,7 @@ class Node:
         self.events = delivery.events
         self.quic = quic
         self.lan: LanDiscovery | None = None
+        self.calls: CallManager | None = None
         self._joining = False
         self._nursery: trio.Nursery | None = None
         self._conn = conn
@@ -327,11 +329,21 @@ async def open_node(
             trio.open_nursery() as nursery,
         ):
             delivery = Delivery(config, identity, conn, dht, EventBus())
-            quic = QuicEndpoint(endpoint, identity, config.quic, on_stream=delivery.handle_stream)
+            calls = CallManager(delivery, delivery.events)
+            delivery.on_signal = calls.on_signal
+            quic = QuicEndpoint(
+                endpoint,
+                identity,
+                config.quic,
+                on_stream=delivery.handle_stream,
+                on_datagram=calls.datagram_received,
+            )
             delivery.quic = quic
             await nursery.start(quic.serve)
             await nursery.start(endpoint.serve, dht.datagram_received, quic.datagram_received)
             node = Node(config, identity, endpoint, dht, conn, delivery, quic)
+            node.calls = calls
+            await nursery.start(calls.run)
             node._nursery = nursery
             delivery.lan_addresses = node.lan_addresses
             await nursery.start(serve_control_api, node.control_path, node)

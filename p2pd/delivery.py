@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -133,6 +134,9 @@ class Delivery:
         self.quic: QuicEndpoint | None = None
         #: Where LAN discovery saw a key (set by the daemon); tried before the record's.
         self.lan_addresses: Callable[[bytes], list[Address]] = lambda key: []
+        #: Receives call signals (sender key, claimed handle, the QUIC peer or None, JSON
+        #: text); set by the daemon's call manager.
+        self.on_signal: Callable[[bytes, str, QuicPeer | None, str], None] | None = None
         self._unseal = nacl.public.SealedBox(
             nacl.signing.SigningKey(identity.seed).to_curve25519_private_key()
         )
@@ -142,6 +146,7 @@ class Delivery:
         self._kick = trio.Event()
         self._mailbox_kick = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._current_peer: QuicPeer | None = None  # whose frames _accept is handling
         self.stats: dict[str, int] = {
             "sent_direct": 0,
             "sent_mailbox": 0,
@@ -408,12 +413,65 @@ class Delivery:
                 self.events.emit("message_status", id=m.id.hex(), state="sent", via="mailbox")
             log.info("message %s left in %d mailbox(es)", m.id.hex()[:8], copies)
 
+    # ------------------------------------------------------------------ call signals
+
+    async def send_signal(self, handle: str, peer_key: bytes, text: str) -> QuicPeer:
+        """Send one call signal, encrypted in the session, directly; wait for its ack.
+
+        Returns the connection it went over (the call's media uses it too). Raises
+        ConnectionLost if the peer cannot be reached or does not acknowledge in time:
+        a signal is worth nothing later, so it never goes to a mailbox. If the peer
+        cannot decrypt it (NACK), a new session is started and it is sent once more.
+        """
+        for attempt in range(2):
+            record = await self._record_for(peer_key, handle, fresh=attempt > 0)
+            peer, nacked = await self._signal_once(handle, peer_key, record, text)
+            if not nacked:
+                return peer
+            self.sessions.reset_session(peer_key, now=time.time())
+        raise ConnectionLost(f"{handle} cannot decrypt our call signals")
+
+    async def _signal_once(
+        self, handle: str, peer_key: bytes, record: HandleRecord | None, text: str
+    ) -> tuple[QuicPeer, bool]:
+        msg_id = os.urandom(wire.MESSAGE_ID_LEN)
+        payload = wire.MessagePayload(
+            msg_id, 0, int(time.time() * 1000), text, kind=wire.KIND_CALL,
+            sender=self.identity.handle,
+        ).encode()  # fmt: skip
+        bundle = record.extension if record and record.extension else None
+        try:
+            envelope = self.sessions.encrypt(peer_key, payload, now=time.time(), peer_bundle=bundle)
+        except NoSession:
+            raise ConnectionLost(f"{handle} has published no prekeys: cannot reach it") from None
+        peer = await self._connect(peer_key, record)
+        if peer is None:
+            raise ConnectionLost(f"{handle} is not reachable (offline?)")
+        waiting, nacks = {msg_id}, set[bytes]()
+        answered = trio.Event()
+        stream = await peer.open_stream()
+        async with stream, trio.open_nursery() as nursery:
+
+            def on_answer() -> None:
+                if not waiting:
+                    answered.set()
+
+            nursery.start_soon(self._read_frames, peer_key, stream, waiting, on_answer, peer, nacks)
+            await stream.send_all(wire.encode_stream_frame(wire.FRAME_MESSAGE, msg_id + envelope))
+            await stream.send_eof()
+            with trio.move_on_after(self.config.ack_timeout):
+                await answered.wait()
+            nursery.cancel_scope.cancel()
+        if waiting:
+            raise ConnectionLost(f"{handle} did not acknowledge the call signal")
+        return peer, msg_id in nacks
+
     # ------------------------------------------------------------------ receiving
 
     async def handle_stream(self, peer: QuicPeer, stream: QuicStream) -> None:
         """A stream a peer opened: message, ack and nack frames; answers on the stream."""
         if peer.public_key is not None:  # always set once the handshake is done
-            await self._read_frames(peer.public_key, stream, None, None)
+            await self._read_frames(peer.public_key, stream, None, None, peer)
 
     async def _read_frames(
         self,
@@ -421,6 +479,8 @@ class Delivery:
         stream: QuicStream,
         waiting: set[bytes] | None,
         on_answer: Callable[[], Any] | None,
+        peer: QuicPeer | None = None,
+        nacks: set[bytes] | None = None,
     ) -> None:
         decoder = wire.StreamFrameDecoder()
         while True:
@@ -445,7 +505,11 @@ class Delivery:
                         self.stats["malformed_frames"] += 1
                         continue
                     msg_id = payload[: wire.MESSAGE_ID_LEN]
-                    verdict, _ = self._accept(peer_key, msg_id, payload[16:], via="direct")
+                    self._current_peer = peer
+                    try:
+                        verdict, _ = self._accept(peer_key, msg_id, payload[16:], via="direct")
+                    finally:
+                        self._current_peer = None
                     if verdict == ACK:
                         replies += wire.encode_stream_frame(wire.FRAME_ACK, msg_id)
                     elif verdict == NACK:
@@ -459,6 +523,8 @@ class Delivery:
                         waiting.discard(payload)
                 else:
                     self._on_nack(peer_key, payload)
+                    if nacks is not None:
+                        nacks.add(payload)
                     if waiting is not None:
                         waiting.clear()  # everything is re-encrypted and resent
             if replies:
@@ -506,6 +572,13 @@ class Delivery:
             log.warning("refused a message from %s: %s", _who(transport_key), exc.message)
             return DROP, None
         sender_key = decrypted.peer_key
+        if payload.kind == wire.KIND_CALL:
+            self._conn.commit()  # the ratchet step; a signal itself is never stored
+            if self.on_signal is not None and via == "direct":
+                self.on_signal(sender_key, payload.sender, self._current_peer, payload.text)
+            if payload.sender and self.contacts.by_key(sender_key) is None:
+                self._spawn(self._verify_sender, payload.sender, sender_key)
+            return ACK, sender_key
         trusted = self.contacts.by_key(sender_key)
         handle = trusted.handle if trusted else (payload.sender or "unknown")
         self.messages.record_incoming(

@@ -428,6 +428,8 @@ def encode_response(msg_id: bytes, result: Any) -> bytes:
 
 MESSAGE_VERSION = 1
 KIND_TEXT = 1
+#: A call signal (p2pd/calls.py): ``text`` is a small JSON object; never stored.
+KIND_CALL = 2
 MESSAGE_ID_LEN = 16
 MAX_TEXT = 64 * 1024
 FRAME_MESSAGE = 1
@@ -477,7 +479,7 @@ class MessagePayload:
         if r.u8() != MESSAGE_VERSION:
             raise WireError("unknown message version")
         kind = r.u8()
-        if kind != KIND_TEXT:
+        if kind not in (KIND_TEXT, KIND_CALL):
             raise WireError(f"unknown message kind {kind}")
         sender_len = r.u8()
         if sender_len > MAX_HANDLE_LEN:

@@ -1,5 +1,5 @@
 """Three real p2pd daemons on 127.0.0.1: handles claimed, resolved across nodes, an
-encrypted message delivered and answered, then everything stopped.
+encrypted message delivered and answered, a short call placed, then everything stopped.
 
 Run it with scripts/demo. Every step prints the CLI command it runs and what came back.
 """
@@ -7,15 +7,34 @@ Run it with scripts/demo. Every step prints the CLI command it runs and what cam
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
+import wave
+from pathlib import Path
 
-from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir
+import numpy as np
+
+from p2pd.testing.daemons import DaemonProcess, cli_json, p2pd_command, run_cli, short_tempdir
 
 HANDLES = ("alice", "bob", "carol")
 
 
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
+
+
+def _dominant(path: Path) -> tuple[float, float]:
+    """(dominant frequency in Hz, seconds) of a recorded WAV file; (0, 0) if missing."""
+    if not path.exists():
+        return 0.0, 0.0
+    with wave.open(str(path)) as w:
+        rate, channels = w.getframerate(), w.getnchannels()
+        samples = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)[::channels]
+    if samples.size == 0:
+        return 0.0, 0.0
+    spectrum = np.abs(np.fft.rfft(samples.astype(np.float64)))
+    freqs = np.fft.rfftfreq(samples.size, 1 / rate)
+    return float(freqs[int(spectrum.argmax())]), samples.size / rate
 
 
 def main() -> int:
@@ -79,6 +98,30 @@ def main() -> int:
         failures += reply not in proc.stdout
         proc = run_cli(root / "alice", "contacts")
         print(f"$ p2pd contacts   (bob's key is pinned on first contact)\n{proc.stdout.strip()}")
+
+        step("alice calls bob for 3 s: tone:440 one way, tone:660 the other (Opus over QUIC)")
+        bob_wav, alice_wav = root / "bob-heard.wav", root / "alice-heard.wav"
+        answer = subprocess.Popen(
+            [*p2pd_command(), "--home", str(root / "bob"), "answer", "--wait", "30",
+             "--audio-in", "tone:660", "--record", str(bob_wav)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        proc = run_cli(
+            root / "alice", "call", "bob", "--audio-in", "tone:440", "--record",
+            str(alice_wav), "--duration", "3", timeout=90,
+        )  # fmt: skip
+        print(f"$ p2pd call bob --audio-in tone:440 --duration 3\n{proc.stdout.strip()}")
+        try:
+            answer.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            answer.kill()
+        failures += proc.returncode != 0
+        for who, path, expected in (("alice", alice_wav, 660), ("bob", bob_wav, 440)):
+            heard, seconds = _dominant(path)
+            ok = abs(heard - expected) < 5
+            failures += not ok
+            print(f"{who} heard {seconds:.2f} s of audio, dominant {heard:.0f} Hz "
+                  f"({'the other side' if ok else 'WRONG'})")  # fmt: skip
 
         step("bob's status")
         print(run_cli(root / "bob", "status").stdout.strip())

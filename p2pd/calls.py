@@ -1,0 +1,376 @@
+"""Calls: signalling as encrypted messages, media on the authenticated QUIC connection.
+
+One call at a time per daemon. The signals are call-kind message payloads (a small
+JSON object, docs/PROTOCOL.md "Call signalling"), encrypted in the ordinary session
+and sent directly, each acknowledged; they are never stored and never go to a mailbox.
+
+Caller                                 Callee
+  offer {call, audio, video}  ──────>  (busy: answers busy; else ringing)
+                              <──────  ringing
+                              <──────  accept | reject
+  media both ways (p2pd.media.CallMedia on DATAGRAM frames) until
+  hangup (either side), the duration ends, or the connection dies.
+
+A call that is not answered within ``ring_timeout`` (30 s) ends as ``no-answer`` and
+the caller sends a hangup. States: ``calling``, ``ringing`` (incoming, not answered),
+``active``, then one of ``ended``, ``rejected``, ``busy``, ``no-answer``, ``failed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .errors import ConnectionLost, KeyChanged, LocalError, NotFound, P2PDError, UsageError
+from .identity import HandleRef, fingerprint
+from .media.call import CallMedia
+from .transport.quic import QuicPeer
+
+if TYPE_CHECKING:
+    from .delivery import Delivery, EventBus
+
+log = logging.getLogger(__name__)
+
+#: Calls remembered for `p2pd calls` after they end.
+HISTORY = 20
+MAX_SIGNAL = 1024
+SIGNAL_TYPES = ("offer", "ringing", "accept", "reject", "busy", "hangup")
+ENDED = ("ended", "rejected", "busy", "no-answer", "failed")
+
+
+class CallError(LocalError):
+    """A call could not be placed, answered or continued."""
+
+
+@dataclass
+class Call:
+    id: str
+    direction: str  # "out" or "in"
+    handle: str
+    peer_key: bytes
+    video: bool  # video offered by the caller
+    state: str
+    created: float = field(default_factory=time.time)
+    reason: str = ""
+    peer: QuicPeer | None = None
+    media: CallMedia | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope | None = None
+    connected_at: float | None = None
+    ended_at: float | None = None
+    final_stats: dict[str, Any] | None = None
+
+    def set_state(self, state: str, reason: str = "") -> None:
+        self.state = state
+        self.reason = reason
+        if state in ENDED and self.ended_at is None:
+            self.ended_at = time.time()
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def summary(self) -> dict[str, Any]:
+        stats = self.media.statistics() if self.media is not None else self.final_stats
+        end = self.ended_at or time.time()
+        return {
+            "id": self.id,
+            "direction": self.direction,
+            "handle": self.handle,
+            "fingerprint": fingerprint(self.peer_key),
+            "video": self.video,
+            "state": self.state,
+            "reason": self.reason,
+            "created": self.created,
+            "duration_s": round(end - self.connected_at, 3) if self.connected_at else 0.0,
+            "media": stats or {},
+        }
+
+
+def encode_signal(kind: str, call_id: str, **fields: Any) -> str:
+    return json.dumps({"type": kind, "call": call_id, **fields}, separators=(",", ":"))
+
+
+def decode_signal(text: str) -> dict[str, Any]:
+    """A signal's fields; UsageError-free: raises ValueError for anything malformed."""
+    if len(text) > MAX_SIGNAL:
+        raise ValueError("call signal too long")
+    doc = json.loads(text)
+    if not isinstance(doc, dict) or doc.get("type") not in SIGNAL_TYPES:
+        raise ValueError("not a call signal")
+    call_id = doc.get("call")
+    if not isinstance(call_id, str) or len(call_id) != 32 or not _is_hex(call_id):
+        raise ValueError("bad call id")
+    for name in ("audio", "video"):
+        if name in doc and not isinstance(doc[name], bool):
+            raise ValueError(f"bad {name} flag")
+    return doc
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+class CallManager:
+    def __init__(self, delivery: Delivery, events: EventBus) -> None:
+        self.delivery = delivery
+        self.events = events
+        self.current: Call | None = None
+        self.history: list[Call] = []
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ---- datagrams and signals in
+
+    def datagram_received(self, peer: QuicPeer, data: bytes) -> None:
+        call = self.current
+        if call is not None and call.media is not None and peer.public_key == call.peer_key:
+            call.media.datagram_received(data)
+
+    def on_signal(self, sender_key: bytes, claimed: str, peer: QuicPeer | None, text: str) -> None:
+        try:
+            signal = decode_signal(text)
+        except ValueError as exc:
+            log.info(
+                "ignored a malformed call signal from %s: %s", fingerprint(sender_key)[:12], exc
+            )
+            return
+        kind, call_id = signal["type"], signal["call"]
+        call = self.current
+        if kind == "offer":
+            self._on_offer(sender_key, claimed, peer, call_id, signal)
+            return
+        if call is None or call.id != call_id or call.peer_key != sender_key:
+            log.info("ignored a %s for a call that is not ours", kind)
+            return
+        if kind == "ringing" and call.state == "calling":
+            call.set_state("calling", "ringing")
+            self._emit(call)
+        elif kind == "accept" and call.direction == "out" and call.state == "calling":
+            call.peer = peer or call.peer
+            call.set_state("accepted")
+        elif kind == "reject" and call.state == "calling":
+            self._finish(call, "rejected", f"{call.handle} rejected the call")
+        elif kind == "busy" and call.state == "calling":
+            self._finish(call, "busy", f"{call.handle} is in another call")
+        elif kind == "hangup" and call.state == "ringing":
+            self._finish(call, "no-answer", f"missed: {call.handle} gave up")
+        elif kind == "hangup":
+            self._finish(call, "ended", f"{call.handle} hung up")
+
+    def _on_offer(
+        self,
+        sender_key: bytes,
+        claimed: str,
+        peer: QuicPeer | None,
+        call_id: str,
+        signal: dict[str, Any],
+    ) -> None:
+        contact = self.delivery.contacts.by_key(sender_key)
+        # A pinned contact's handle, else the claimed one (checked against the DHT and
+        # pinned in the background by delivery, as for a first message).
+        handle = contact.handle if contact else (claimed or "unknown")
+        if self.current is not None and self.current.state not in ENDED:
+            self._spawn(self._signal_quietly, handle, sender_key, encode_signal("busy", call_id))
+            log.info("busy: refused a call from %s", handle)
+            return
+        call = Call(
+            call_id, "in", handle, sender_key, bool(signal.get("video")), "ringing", peer=peer
+        )
+        self._begin(call)
+        self._spawn(self._signal_quietly, handle, sender_key, encode_signal("ringing", call_id))
+        self._spawn(self._ring_timeout, call)
+
+    # ---- placing and answering
+
+    async def call(
+        self,
+        target: str,
+        *,
+        audio_in: str | None,
+        video_in: str | None,
+        record: str | None,
+        duration: float | None,
+    ) -> Call:
+        """Ring ``target``; returns once the call is answered, refused or given up."""
+        ref = HandleRef.parse(target)
+        if self.current is not None and self.current.state not in ENDED:
+            raise CallError("a call is already in progress: `p2pd hangup` first")
+        _check_media(audio_in, video_in, record, duration)
+        contact = self.delivery.contacts.get(ref.handle)
+        with trio.fail_after(15):
+            record_ = await self.delivery.dht.resolve(ref)
+        contact = self.delivery.contacts.check(ref.handle, record_.public_key, time.time())
+        if contact.pending_key is not None:
+            raise KeyChanged(f"the key of {ref.handle!r} has changed: `p2pd verify {ref.handle}`")
+        call = Call(os.urandom(16).hex(), "out", ref.handle, contact.public_key,
+                    video_in is not None, "calling")  # fmt: skip
+        self._begin(call)
+        try:
+            call.peer = await self.delivery.send_signal(
+                call.handle,
+                call.peer_key,
+                encode_signal("offer", call.id, audio=audio_in is not None, video=call.video),
+            )
+        except (ConnectionLost, NotFound) as exc:
+            self._finish(call, "failed", exc.message)
+            return call
+        ring = self.delivery.config.ring_timeout
+        with trio.move_on_after(ring):
+            while call.state == "calling":
+                await call.changed.wait()
+        if call.state == "calling":
+            self._spawn(self._signal_quietly, call.handle, call.peer_key,
+                        encode_signal("hangup", call.id))  # fmt: skip
+            self._finish(call, "no-answer", f"{call.handle} did not answer in {ring:g} s")
+        elif call.state == "accepted":
+            self._start_media(call, audio_in, video_in, record, duration)
+        return call
+
+    async def answer(
+        self,
+        *,
+        wait: float,
+        audio_in: str | None,
+        video_in: str | None,
+        record: str | None,
+        duration: float | None,
+    ) -> Call:
+        """Answer the ringing call, or wait up to ``wait`` seconds for one."""
+        _check_media(audio_in, video_in, record, duration)
+        with trio.move_on_after(wait):
+            while self.current is None or self.current.state != "ringing":
+                await trio.sleep(0.05)
+        call = self.current
+        if call is None or call.state != "ringing":
+            raise CallError(f"no incoming call within {wait:g} s")
+        try:
+            call.peer = await self.delivery.send_signal(
+                call.handle, call.peer_key, encode_signal("accept", call.id)
+            )
+        except (ConnectionLost, NotFound) as exc:
+            self._finish(call, "failed", exc.message)
+            return call
+        self._start_media(call, audio_in, video_in, record, duration)
+        return call
+
+    async def hangup(self) -> Call:
+        call = self.current
+        if call is None or call.state in ENDED:
+            raise CallError("there is no call to hang up")
+        if call.state == "ringing":
+            kind, state, reason = "reject", "rejected", "you rejected it"
+        else:
+            kind, state, reason = "hangup", "ended", "you hung up"
+        self._finish(call, state, reason)
+        await self._signal_quietly(call.handle, call.peer_key, encode_signal(kind, call.id))
+        return call
+
+    def calls(self) -> list[dict[str, Any]]:
+        out = [c.summary() for c in reversed(self.history)]
+        return out
+
+    # ---- internals
+
+    def _begin(self, call: Call) -> None:
+        self.current = call
+        self.history.append(call)
+        del self.history[:-HISTORY]
+        self._emit(call)
+
+    def _start_media(
+        self,
+        call: Call,
+        audio_in: str | None,
+        video_in: str | None,
+        record: str | None,
+        duration: float | None,
+    ) -> None:
+        assert call.peer is not None
+        call.media = CallMedia(
+            call.peer,
+            audio_in=audio_in,
+            video_in=video_in,
+            record=Path(record) if record else None,
+            duration=duration,
+        )
+        call.connected_at = time.time()
+        call.set_state("active")
+        self._emit(call)
+        self._spawn(self._run_media, call)
+
+    async def _run_media(self, call: Call) -> None:
+        assert call.media is not None
+        with trio.CancelScope() as scope:
+            call.scope = scope
+            try:
+                await call.media.run()
+            except P2PDError as exc:
+                self._finish(call, "failed", exc.message)
+            except Exception:
+                log.exception("call media failed")
+                self._finish(call, "failed", "media failure (see the daemon's log)")
+        if call.state == "active":
+            reason = call.media.statistics().get("end_reason", "")
+            self._finish(call, "ended", "duration reached" if reason == "duration" else reason)
+            await self._signal_quietly(call.handle, call.peer_key, encode_signal("hangup", call.id))
+
+    async def _ring_timeout(self, call: Call) -> None:
+        await trio.sleep(self.delivery.config.ring_timeout + 2)  # the caller gives up first
+        if call.state == "ringing":
+            self._finish(call, "no-answer", "not answered in time")
+
+    def _finish(self, call: Call, state: str, reason: str) -> None:
+        if call.state in ENDED:
+            return
+        if call.media is not None:
+            call.final_stats = call.media.statistics()
+        if call.scope is not None:
+            call.scope.cancel()
+        call.set_state(state, reason)
+        self._emit(call)
+        log.info("call %s with %s: %s (%s)", call.id[:8], call.handle, state, reason)
+
+    def _emit(self, call: Call) -> None:
+        self.events.emit("call", **call.summary())
+
+    async def _signal_quietly(self, handle: str, key: bytes, text: str) -> None:
+        try:
+            await self.delivery.send_signal(handle, key, text)
+        except P2PDError as exc:
+            log.info("call signal to %s not delivered: %s", handle, exc.message)
+
+    def _spawn(self, func: Any, *args: Any) -> None:
+        if self._nursery is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the nursery is closed: shutting down
+            self._nursery.start_soon(func, *args)
+
+
+def _check_media(
+    audio_in: str | None, video_in: str | None, record: str | None, duration: float | None
+) -> None:
+    from .media.sinks import check_record_path
+    from .media.sources import check_audio_spec, check_video_spec
+
+    if audio_in is not None:
+        check_audio_spec(audio_in)
+    if video_in is not None:
+        check_video_spec(video_in)
+    if record is not None:
+        if not Path(record).is_absolute():
+            raise UsageError("the recording path must be absolute (the CLI makes it so)")
+        check_record_path(Path(record))
+    if duration is not None and not 0 < duration <= 24 * 3600:
+        raise UsageError("a call's duration must be between 0 and 24 hours")
