@@ -152,3 +152,27 @@ def test_reject_hangup_no_answer_busy_and_offline(net: Net) -> None:
     proc = net.cli("alice", "call", "carol")
     assert proc.returncode == 1 and "not reachable" in proc.stderr
     assert net.calls("alice")[0]["state"] == "failed"
+
+
+def test_a_video_call_records_the_expected_frames(net: Net) -> None:
+    import av
+
+    net.start("alice", "bob")
+    bob_mkv = net.root / "bob.mkv"
+    answer = net.background(
+        "bob", "answer", "--wait", "30", "--record", str(bob_mkv), "--json",
+    )  # fmt: skip
+    try:
+        proc = net.cli("alice", "call", "bob", "--video-in", "testsrc", "--duration", "3", "--json")
+        _, err = answer.communicate(timeout=60)
+    finally:
+        answer.kill()
+    assert proc.returncode == 0, proc.stderr
+    assert answer.returncode == 0, err
+    sent = json.loads(proc.stdout)["media"]["video_frames_sent"]
+    assert abs(sent - 90) <= 9  # 30 fps for 3 s
+    with av.open(str(bob_mkv)) as container:
+        stream = container.streams.video[0]
+        frames = [f for f in container.decode(stream)]
+    assert abs(len(frames) - sent) <= 0.1 * sent, (len(frames), sent)
+    assert (frames[0].width, frames[0].height) == (640, 480)
