@@ -356,33 +356,54 @@ class Delivery:
                 log.debug("no QUIC connection to %s at %s", _who(peer_key), address)
         return None
 
-    async def _send_direct(self, peer: QuicPeer, batch: list[Message]) -> None:
-        waiting = {m.id for m in batch}
+    async def _exchange(
+        self,
+        peer: QuicPeer,
+        frames: bytes,
+        waiting: set[bytes],
+        *,
+        nacks: set[bytes] | None = None,
+        sent: Callable[[], None] | None = None,
+    ) -> None:
+        """Write MESSAGE ``frames`` on a new stream and read the answers until every id
+        in ``waiting`` is answered (removed from it) or ``ack_timeout`` passes.
+        ``sent`` runs once the frames are written; NACKed ids are added to ``nacks``."""
+        assert peer.public_key is not None  # a connection we made: checked in handshake
         answered = trio.Event()
+
+        def on_answer() -> None:
+            if not waiting:
+                answered.set()
+
         stream = await peer.open_stream()
         async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(
+                self._read_frames, peer.public_key, stream, waiting, on_answer, peer, nacks
+            )
+            await stream.send_all(frames)
+            if sent is not None:
+                sent()
+            await stream.send_eof()
+            with trio.move_on_after(self.config.ack_timeout):
+                await answered.wait()
+            nursery.cancel_scope.cancel()
 
-            def on_answer() -> None:
-                if not waiting:
-                    answered.set()
+    async def _send_direct(self, peer: QuicPeer, batch: list[Message]) -> None:
+        waiting = {m.id for m in batch}
+        out = bytearray()
+        for m in batch:
+            assert m.envelope is not None
+            out += wire.encode_stream_frame(wire.FRAME_MESSAGE, m.id + m.envelope)
 
-            assert peer.public_key is not None  # a connection we made: checked in handshake
-            nursery.start_soon(self._read_frames, peer.public_key, stream, waiting, on_answer)
-            out = bytearray()
-            for m in batch:
-                assert m.envelope is not None
-                out += wire.encode_stream_frame(wire.FRAME_MESSAGE, m.id + m.envelope)
-            await stream.send_all(bytes(out))
+        def sent() -> None:
             now = time.time()
             for m in batch:
                 self.messages.mark_attempt(m.id, now, via="direct")
                 self.stats["sent_direct"] += 1
                 if m.id in waiting:
                     self.events.emit("message_status", id=m.id.hex(), state="sent", via="direct")
-            await stream.send_eof()
-            with trio.move_on_after(self.config.ack_timeout):
-                await answered.wait()
-            nursery.cancel_scope.cancel()
+
+        await self._exchange(peer, bytes(out), waiting, sent=sent)
         if len(waiting) == len(batch):
             # Not one answer: the peer may have died without closing (kill -9, a lost
             # network). Drop the connection so that the next attempt finds out afresh
@@ -448,20 +469,8 @@ class Delivery:
         if peer is None:
             raise ConnectionLost(f"{handle} is not reachable (offline?)")
         waiting, nacks = {msg_id}, set[bytes]()
-        answered = trio.Event()
-        stream = await peer.open_stream()
-        async with stream, trio.open_nursery() as nursery:
-
-            def on_answer() -> None:
-                if not waiting:
-                    answered.set()
-
-            nursery.start_soon(self._read_frames, peer_key, stream, waiting, on_answer, peer, nacks)
-            await stream.send_all(wire.encode_stream_frame(wire.FRAME_MESSAGE, msg_id + envelope))
-            await stream.send_eof()
-            with trio.move_on_after(self.config.ack_timeout):
-                await answered.wait()
-            nursery.cancel_scope.cancel()
+        frame = wire.encode_stream_frame(wire.FRAME_MESSAGE, msg_id + envelope)
+        await self._exchange(peer, frame, waiting, nacks=nacks)
         if waiting:
             raise ConnectionLost(f"{handle} did not acknowledge the call signal")
         return peer, msg_id in nacks
