@@ -243,8 +243,18 @@ async def _stream_events(stream: trio.SocketStream, events: EventBus, req_id: An
             reply = {"jsonrpc": "2.0", "id": req_id, "result": {"subscribed": True}}
             await stream.send_all(json.dumps(reply).encode() + b"\n")
             async for event in channel:
-                note = {"jsonrpc": "2.0", "method": "event", "params": event}
-                await stream.send_all(json.dumps(note).encode() + b"\n")
+                batch = [event]
+                while len(batch) < 256:  # what else is waiting goes out in one write
+                    try:
+                        batch.append(channel.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                lines = b"".join(
+                    json.dumps({"jsonrpc": "2.0", "method": "event", "params": e}).encode()
+                    + b"\n"
+                    for e in batch
+                )
+                await stream.send_all(lines)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         nursery.cancel_scope.cancel()

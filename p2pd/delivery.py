@@ -52,6 +52,7 @@ from .errors import (
     KeyChanged,
     NoSession,
     NotFound,
+    P2PDError,
     PeerKeyMismatch,
     PrekeyUnavailable,
     SessionError,
@@ -63,6 +64,7 @@ from .identity import HandleRef, Identity, fingerprint, format_fingerprint, self
 from .messaging import Contacts, Message, MessageStore
 from .records import HandleRecord
 from .session import SessionManager, safety_number
+from .session.manager import Decrypted
 from .transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from .wire import Address
 
@@ -397,11 +399,12 @@ class Delivery:
 
         def sent() -> None:
             now = time.time()
-            for m in batch:
-                self.messages.mark_attempt(m.id, now, via="direct")
+            for m in batch:  # one transaction for the batch
+                self.messages.mark_attempt(m.id, now, via="direct", commit=False)
                 self.stats["sent_direct"] += 1
                 if m.id in waiting:
                     self.events.emit("message_status", id=m.id.hex(), state="sent", via="direct")
+            self._conn.commit()
 
         await self._exchange(peer, bytes(out), waiting, sent=sent)
         if len(waiting) == len(batch):
@@ -508,34 +511,11 @@ class Delivery:
                 stream.reset()
                 return
             replies = bytearray()
-            for kind, payload in frames:
-                if kind == wire.FRAME_MESSAGE:
-                    if len(payload) <= wire.MESSAGE_ID_LEN:
-                        self.stats["malformed_frames"] += 1
-                        continue
-                    msg_id = payload[: wire.MESSAGE_ID_LEN]
-                    self._current_peer = peer
-                    try:
-                        verdict, _ = self._accept(peer_key, msg_id, payload[16:], via="direct")
-                    finally:
-                        self._current_peer = None
-                    if verdict == ACK:
-                        replies += wire.encode_stream_frame(wire.FRAME_ACK, msg_id)
-                    elif verdict == NACK:
-                        self.stats["nacks_out"] += 1
-                        replies += wire.encode_stream_frame(wire.FRAME_NACK, msg_id)
-                elif len(payload) != wire.MESSAGE_ID_LEN:
-                    self.stats["malformed_frames"] += 1
-                elif kind == wire.FRAME_ACK:
-                    self._on_ack(peer_key, payload)
-                    if waiting is not None:
-                        waiting.discard(payload)
-                else:
-                    self._on_nack(peer_key, payload)
-                    if nacks is not None:
-                        nacks.add(payload)
-                    if waiting is not None:
-                        waiting.clear()  # everything is re-encrypted and resent
+            try:
+                self._frames(peer_key, frames, replies, waiting, peer, nacks)
+            finally:
+                if self._conn.in_transaction:
+                    self._conn.commit()  # the acks of this read, in one transaction
             if replies:
                 try:
                     await stream.send_all(bytes(replies))
@@ -544,10 +524,98 @@ class Delivery:
             if on_answer is not None:
                 on_answer()
 
+    def _frames(
+        self,
+        peer_key: bytes,
+        frames: list[tuple[int, bytes]],
+        replies: bytearray,
+        waiting: set[bytes] | None,
+        peer: QuicPeer | None,
+        nacks: set[bytes] | None,
+    ) -> None:
+        """Handle one read's frames; answers go into ``replies``."""
+        for kind, payload in frames:
+            if kind == wire.FRAME_MESSAGE:
+                if len(payload) <= wire.MESSAGE_ID_LEN:
+                    self.stats["malformed_frames"] += 1
+                    continue
+                msg_id = payload[: wire.MESSAGE_ID_LEN]
+                self._current_peer = peer
+                try:
+                    verdict, _ = self._accept(
+                        peer_key, msg_id, payload[16:], via="direct", commit=False
+                    )
+                finally:
+                    self._current_peer = None
+                if verdict == ACK:
+                    replies += wire.encode_stream_frame(wire.FRAME_ACK, msg_id)
+                elif verdict == NACK:
+                    self.stats["nacks_out"] += 1
+                    replies += wire.encode_stream_frame(wire.FRAME_NACK, msg_id)
+            elif len(payload) != wire.MESSAGE_ID_LEN:
+                self.stats["malformed_frames"] += 1
+            elif kind == wire.FRAME_ACK:
+                self._on_ack(peer_key, payload, commit=False)  # committed below
+                if waiting is not None:
+                    waiting.discard(payload)
+            else:
+                self._on_nack(peer_key, payload)
+                if nacks is not None:
+                    nacks.add(payload)
+                if waiting is not None:
+                    waiting.clear()  # everything is re-encrypted and resent
+
+    def _open_envelope(
+        self, transport_key: bytes | None, msg_id: bytes, envelope: bytes, now: float
+    ) -> tuple[Decrypted, wire.MessagePayload]:
+        """Decrypt (the ratchet step left uncommitted) and decode one message."""
+        # A savepoint: a message refused after decryption undoes its ratchet step and
+        # nothing else of the transaction (acks and messages of the same read). Inside a
+        # transaction always: releasing an outermost savepoint would commit the ratchet
+        # step before the message is stored, and a crash between would lose the message.
+        if not self._conn.in_transaction:
+            self._conn.execute("BEGIN")
+        self._conn.execute("SAVEPOINT p2pd_accept")
+        try:
+            decrypted = self.sessions.decrypt(
+                envelope, now=now, sender_key=transport_key, commit=False
+            )
+            payload = wire.MessagePayload.decode(decrypted.plaintext)
+            if payload.msg_id != msg_id:
+                raise WireError("the message id inside differs from the frame's")
+        except BaseException:
+            self._conn.execute("ROLLBACK TO p2pd_accept")
+            self._conn.execute("RELEASE p2pd_accept")
+            raise
+        self._conn.execute("RELEASE p2pd_accept")
+        return decrypted, payload
+
+    def _refused(self, transport_key: bytes | None, exc: P2PDError) -> tuple[str, None]:
+        if isinstance(exc, DuplicateMessage):
+            self.stats["duplicates"] += 1
+            log.info("refused a replayed message from %s", _who(transport_key))
+            return DROP, None
+        if isinstance(exc, UnknownSession | PrekeyUnavailable):
+            log.info("cannot decrypt a message from %s (%s): asking for a new session",
+                     _who(transport_key), type(exc).__name__)  # fmt: skip
+            return NACK, None
+        self.stats["refused"] += 1
+        log.warning("refused a message from %s: %s", _who(transport_key), exc.message)
+        return DROP, None
+
     def _accept(
-        self, transport_key: bytes | None, msg_id: bytes, envelope: bytes, *, via: str
+        self,
+        transport_key: bytes | None,
+        msg_id: bytes,
+        envelope: bytes,
+        *,
+        via: str,
+        commit: bool = True,
     ) -> tuple[str, bytes | None]:
-        """Decrypt and store one message. Returns the verdict and the sender's key."""
+        """Decrypt and store one message. Returns the verdict and the sender's key.
+
+        With ``commit=False`` the transaction is left open for the caller, who must
+        commit before it acks (a stream read commits once for all its frames)."""
         known = self.messages.get(msg_id)
         if known is not None and known.direction == "in":
             self.stats["duplicates"] += 1
@@ -556,30 +624,11 @@ class Delivery:
             return ACK, known.peer_key
         now = time.time()
         try:
-            decrypted = self.sessions.decrypt(
-                envelope, now=now, sender_key=transport_key, commit=False
-            )
-        except DuplicateMessage:
-            self.stats["duplicates"] += 1
-            log.info("refused a replayed message from %s", _who(transport_key))
-            return DROP, None
-        except (UnknownSession, PrekeyUnavailable) as exc:
-            log.info("cannot decrypt a message from %s (%s): asking for a new session",
-                     _who(transport_key), type(exc).__name__)  # fmt: skip
-            return NACK, None
+            decrypted, payload = self._open_envelope(transport_key, msg_id, envelope, now)
         except (SessionError, WireError) as exc:
-            self.stats["refused"] += 1
-            log.warning("refused a message from %s: %s", _who(transport_key), exc.message)
-            return DROP, None
-        try:
-            payload = wire.MessagePayload.decode(decrypted.plaintext)
-            if payload.msg_id != msg_id:
-                raise WireError("the message id inside differs from the frame's")
-        except WireError as exc:
-            self._conn.rollback()
-            self.stats["refused"] += 1
-            log.warning("refused a message from %s: %s", _who(transport_key), exc.message)
-            return DROP, None
+            if commit and self._conn.in_transaction:
+                self._conn.commit()  # what came before; this message's step is undone
+            return self._refused(transport_key, exc)
         sender_key = decrypted.peer_key
         if payload.kind == wire.KIND_CALL:
             self._conn.commit()  # the ratchet step; a signal itself is never stored
@@ -599,7 +648,8 @@ class Delivery:
             payload.sent_at_ms,
             now,
             via=via,
-        )  # fmt: skip  (commits the ratchet step with the message)
+            commit=commit,  # the ratchet step and the message in one transaction
+        )
         self.stats["received_direct" if via == "direct" else "received_mailbox"] += 1
         stored = self.messages.get(msg_id)
         if stored is not None:
@@ -629,9 +679,9 @@ class Delivery:
         except KeyChanged as exc:
             log.warning("%s", exc)
 
-    def _on_ack(self, peer_key: bytes, msg_id: bytes) -> None:
+    def _on_ack(self, peer_key: bytes, msg_id: bytes, *, commit: bool = True) -> None:
         self.stats["acks_in"] += 1
-        if self.messages.mark_delivered(msg_id, peer_key, time.time()):
+        if self.messages.mark_delivered(msg_id, peer_key, time.time(), commit=commit):
             self.events.emit("message_status", id=msg_id.hex(), state="delivered")
 
     def _on_nack(self, peer_key: bytes, msg_id: bytes) -> None:
@@ -791,7 +841,8 @@ class Delivery:
         return {
             **self.stats,
             "outbox_pending": self._conn.execute(
-                "SELECT COUNT(*) FROM messages WHERE direction='out' AND state!='delivered'"
+                "SELECT COUNT(*) FROM messages "
+                "WHERE direction='out' AND state IN ('queued', 'sent')"
             ).fetchone()[0],
             "events_dropped": self.events.dropped,
         }

@@ -26,6 +26,10 @@ from .identity import fingerprint
 from .wire import MAX_TEXT
 
 QUEUED, SENT, DELIVERED = "queued", "sent", "delivered"
+#: Outgoing and not yet acknowledged. Written out in this exact form so that SQLite uses
+#: the partial indexes below (with ``state != 'delivered'`` it scans every message ever
+#: sent: 4 ms per query at 20,000 messages, measured by scripts/bench_messages.py).
+_PENDING = "direction='out' AND state IN ('queued', 'sent')"
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 60.0
 
@@ -40,6 +44,10 @@ CREATE TABLE IF NOT EXISTS messages (
     sent_at_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL DEFAULT 0, envelope BLOB, via TEXT);
 CREATE INDEX IF NOT EXISTS messages_due ON messages (direction, state, next_attempt);
+CREATE INDEX IF NOT EXISTS messages_pending_due ON messages (next_attempt)
+    WHERE direction='out' AND state IN ('queued', 'sent');
+CREATE INDEX IF NOT EXISTS messages_pending_conv ON messages (peer_key, seq)
+    WHERE direction='out' AND state IN ('queued', 'sent');
 CREATE INDEX IF NOT EXISTS messages_conv ON messages (peer_key, direction, seq);
 CREATE TABLE IF NOT EXISTS conversation_seq (peer_key BLOB PRIMARY KEY, next_seq INTEGER);
 """
@@ -138,34 +146,32 @@ class MessageStore:
     def due(self, now: float, limit: int = 256) -> list[Message]:
         """Outgoing messages not yet acknowledged whose retry time has come, in order."""
         rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE direction='out' AND state!=? "
+            f"SELECT {_COLUMNS} FROM messages WHERE {_PENDING} "
             "AND next_attempt<=? ORDER BY peer_key, seq LIMIT ?",
-            (DELIVERED, now, limit),
+            (now, limit),
         ).fetchall()
         return [_row(r) for r in rows]
 
     def next_due(self) -> float | None:
         row = self._conn.execute(
-            "SELECT MIN(next_attempt) FROM messages WHERE direction='out' AND state!=?",
-            (DELIVERED,),
+            f"SELECT MIN(next_attempt) FROM messages WHERE {_PENDING}"
         ).fetchone()
         return None if row[0] is None else float(row[0])
 
     def due_for(self, peer_key: bytes, now: float, limit: int = 512) -> list[Message]:
         """One conversation's unacknowledged messages whose retry time has come, in order."""
         rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE direction='out' AND state!=? "
+            f"SELECT {_COLUMNS} FROM messages WHERE {_PENDING} "
             "AND peer_key=? AND next_attempt<=? ORDER BY seq LIMIT ?",
-            (DELIVERED, peer_key, now, limit),
+            (peer_key, now, limit),
         ).fetchall()
         return [_row(r) for r in rows]
 
     def due_peers(self, now: float) -> list[bytes]:
         """The conversations with a message due now."""
         rows = self._conn.execute(
-            "SELECT DISTINCT peer_key FROM messages WHERE direction='out' AND state!=? "
-            "AND next_attempt<=?",
-            (DELIVERED, now),
+            f"SELECT DISTINCT peer_key FROM messages WHERE {_PENDING} AND next_attempt<=?",
+            (now,),
         ).fetchall()
         return [bytes(r[0]) for r in rows]
 
@@ -173,18 +179,16 @@ class MessageStore:
         """Forget the ciphertext of a conversation's unacknowledged messages, so that they
         are encrypted again in a new session (the peer could not decrypt them)."""
         cursor = self._conn.execute(
-            "UPDATE messages SET envelope=NULL, next_attempt=0 WHERE direction='out' "
-            "AND state!=? AND peer_key=?",
-            (DELIVERED, peer_key),
+            f"UPDATE messages SET envelope=NULL, next_attempt=0 WHERE {_PENDING} AND peer_key=?",
+            (peer_key,),
         )
         self._conn.commit()
         return cursor.rowcount
 
     def pending_for(self, peer_key: bytes) -> list[Message]:
         rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE direction='out' AND state!=? "
-            "AND peer_key=? ORDER BY seq",
-            (DELIVERED, peer_key),
+            f"SELECT {_COLUMNS} FROM messages WHERE {_PENDING} AND peer_key=? ORDER BY seq",
+            (peer_key,),
         ).fetchall()
         return [_row(r) for r in rows]
 
@@ -195,7 +199,13 @@ class MessageStore:
             self._conn.commit()
 
     def mark_attempt(
-        self, msg_id: bytes, now: float, *, via: str | None, rng: random.Random | None = None
+        self,
+        msg_id: bytes,
+        now: float,
+        *,
+        via: str | None,
+        rng: random.Random | None = None,
+        commit: bool = True,
     ) -> None:
         """A transmission happened (``via`` direct/mailbox) or failed (None): schedule the next."""
         row = self._conn.execute(
@@ -210,30 +220,30 @@ class MessageStore:
             "via=COALESCE(?, via) WHERE id=?",
             (attempts, now + backoff(attempts - 1, rng), state, now, via, msg_id),
         )
-        self._conn.commit()
+        if commit:
+            self._conn.commit()
 
-    def mark_delivered(self, msg_id: bytes, peer_key: bytes, now: float) -> bool:
+    def mark_delivered(
+        self, msg_id: bytes, peer_key: bytes, now: float, *, commit: bool = True
+    ) -> bool:
         """An ack arrived from ``peer_key``. True if this changed the message's state."""
         cursor = self._conn.execute(
             "UPDATE messages SET state=?, updated=? WHERE id=? AND direction='out' "
             "AND peer_key=? AND state!=?",
             (DELIVERED, now, msg_id, peer_key, DELIVERED),
         )
-        self._conn.commit()
+        if commit:
+            self._conn.commit()
         return cursor.rowcount == 1
 
     def retry_now(self, peer_key: bytes | None = None) -> None:
         """Make pending messages due at once (a peer came online, the user asked)."""
         if peer_key is None:
-            self._conn.execute(
-                "UPDATE messages SET next_attempt=0 WHERE direction='out' AND state!=?",
-                (DELIVERED,),
-            )
+            self._conn.execute(f"UPDATE messages SET next_attempt=0 WHERE {_PENDING}")
         else:
             self._conn.execute(
-                "UPDATE messages SET next_attempt=0 WHERE direction='out' AND state!=? "
-                "AND peer_key=?",
-                (DELIVERED, peer_key),
+                f"UPDATE messages SET next_attempt=0 WHERE {_PENDING} AND peer_key=?",
+                (peer_key,),
             )
         self._conn.commit()
 
