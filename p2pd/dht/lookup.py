@@ -120,6 +120,10 @@ async def iterative_find(
             if reply is None:
                 state[node_id] = _FAILED
                 continue
+            if state.get(node_id) == _SLOW:
+                # Its reply was queued behind our own "slow" event, which marked it
+                # suspect after note_reply had cleared that: clear it again.
+                protocol.clear_suspect(node_id)
             state[node_id] = _OK
             node = nodes[node_id]
             if isinstance(reply, wire.FindValueReply):

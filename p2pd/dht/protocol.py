@@ -234,6 +234,9 @@ class DHTProtocol(KademliaProtocol):  # type: ignore[misc]
                 self._suspect_until.clear()
         self._suspect_until[node_id] = now + self.config.suspect_period
 
+    def clear_suspect(self, node_id: bytes) -> None:
+        self._suspect_until.pop(node_id, None)
+
     def note_reply(self, node: Node, result: Any) -> None:
         """Account for a request's outcome: welcome a live node, evict a dead one."""
         if result is None:
