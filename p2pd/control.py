@@ -250,8 +250,7 @@ async def _stream_events(stream: trio.SocketStream, events: EventBus, req_id: An
                     except trio.WouldBlock:
                         break
                 lines = b"".join(
-                    json.dumps({"jsonrpc": "2.0", "method": "event", "params": e}).encode()
-                    + b"\n"
+                    json.dumps({"jsonrpc": "2.0", "method": "event", "params": e}).encode() + b"\n"
                     for e in batch
                 )
                 await stream.send_all(lines)
