@@ -415,17 +415,14 @@ class ControlClient:
         try:
             self._sock.settimeout(self._timeout)
             self._sock.sendall(json.dumps(request).encode() + b"\n")
-            line = self._readline(self._timeout)
         except TimeoutError:
             raise ControlError("the daemon did not answer in time", FAILED) from None
         except OSError as exc:
             raise DaemonNotRunning(f"lost the connection to the daemon: {exc}") from None
-        if not line:
-            raise DaemonNotRunning("the daemon closed the connection")
         try:
-            response = json.loads(line)
-        except ValueError:
-            raise ControlError("the daemon sent a malformed response", FAILED) from None
+            response = self._read_json(self._timeout, "response")
+        except TimeoutError:
+            raise ControlError("the daemon did not answer in time", FAILED) from None
         if not isinstance(response, dict):
             raise ControlError("the daemon sent a malformed response", FAILED)
         if "error" in response:
@@ -439,6 +436,21 @@ class ControlClient:
             raise ControlError(message, code if isinstance(code, int) else FAILED)
         return response.get("result")
 
+    def _read_json(self, timeout: float | None, what: str) -> Any:
+        """The next line, parsed. Raises TimeoutError, DaemonNotRunning, ControlError."""
+        try:
+            line = self._readline(timeout)
+        except OSError as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            raise DaemonNotRunning(f"lost the connection to the daemon: {exc}") from None
+        if not line:
+            raise DaemonNotRunning("the daemon closed the connection")
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise ControlError(f"the daemon sent a malformed {what}", FAILED) from None
+
     def subscribe(self) -> None:
         """Turn this connection into an event stream; read it with :meth:`next_event`."""
         result = self.call("subscribe")
@@ -448,17 +460,9 @@ class ControlClient:
     def next_event(self, timeout: float | None) -> dict[str, Any] | None:
         """The next event after :meth:`subscribe`, or None if none came within ``timeout``."""
         try:
-            line = self._readline(timeout)
+            note = self._read_json(timeout, "event")
         except TimeoutError:
             return None
-        except OSError as exc:
-            raise DaemonNotRunning(f"lost the connection to the daemon: {exc}") from None
-        if not line:
-            raise DaemonNotRunning("the daemon closed the connection")
-        try:
-            note = json.loads(line)
-        except ValueError:
-            raise ControlError("the daemon sent a malformed event", FAILED) from None
         params = note.get("params") if isinstance(note, dict) else None
         if not isinstance(params, dict):
             raise ControlError("the daemon sent a malformed event", FAILED)
