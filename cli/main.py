@@ -6,6 +6,7 @@ One dispatcher maps p2pd's errors to ``ERROR: <message>`` on stderr and an exit 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -340,9 +341,70 @@ def _message_line(m: dict[str, Any]) -> str:
     return f"{when:%Y-%m-%d %H:%M:%S} -> {m['handle']} [{m['state']}]: {m['text']}"
 
 
+#: `send --lines`: texts per control call, and their size (the daemon takes 1 MiB lines).
+SEND_CHUNK_TEXTS = 1000
+SEND_CHUNK_BYTES = 512 * 1024
+
+
+def _chunks(texts: list[str]) -> list[list[str]]:
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for text in texts:
+        cost = len(json.dumps(text))
+        if chunks[-1] and (len(chunks[-1]) >= SEND_CHUNK_TEXTS or size + cost > SEND_CHUNK_BYTES):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(text)
+        size += cost
+    return chunks
+
+
+def _wait_delivered(
+    client: ControlClient, events: ControlClient, ids: list[str], timeout: float
+) -> set[str]:
+    """Which of ``ids`` are delivered within ``timeout``. From the event stream (subscribed
+    before sending), and, every half second, by asking for the earliest still missing in
+    order until one is not delivered: a busy daemon drops events for a slow reader."""
+    import time
+
+    missing = list(ids)  # in order
+    delivered: set[str] = set()
+    deadline = time.monotonic() + timeout
+    next_look = time.monotonic() + 0.5
+    while missing:
+        now = time.monotonic()
+        if now >= next_look or now >= deadline:
+            while missing and (
+                missing[0] in delivered
+                or client.call("message", {"id": missing[0]})["state"] == "delivered"
+            ):
+                delivered.add(missing.pop(0))
+            next_look = time.monotonic() + 0.5
+            if now >= deadline:
+                break
+            continue
+        event = events.next_event(min(deadline, next_look) - now)
+        if (
+            event is not None
+            and event.get("event") == "message_status"
+            and event.get("state") == "delivered"
+        ):
+            delivered.add(str(event.get("id")))
+            while missing and missing[0] in delivered:
+                missing.pop(0)
+    return delivered & set(ids)
+
+
 @cli.command()
 @click.argument("handle")
 @click.argument("text")
+@click.option(
+    "--lines",
+    is_flag=True,
+    help="Each non-empty line of TEXT is a message of its own, in order (with `-`, each "
+    "line of stdin). They are queued up to 1,000 per call to the daemon, each call all or "
+    "nothing.",
+)
 @click.option(
     "--wait",
     "wait",
@@ -361,7 +423,13 @@ def _message_line(m: dict[str, Any]) -> str:
 @click.pass_context
 @handle_errors
 def send(
-    ctx: click.Context, handle: str, text: str, wait: bool, timeout: float, as_json: bool
+    ctx: click.Context,
+    handle: str,
+    text: str,
+    lines: bool,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
 ) -> None:
     """Send TEXT to HANDLE, encrypted end to end. TEXT `-` reads it from stdin.
 
@@ -378,6 +446,10 @@ def send(
     HandleRef.parse(handle)
     if text == "-":
         text = sys.stdin.read()
+    if lines:
+        _send_lines(ctx, handle, [t for t in text.splitlines() if t.strip()], wait, timeout,
+                    as_json)  # fmt: skip
+        return
     if not text:
         raise UsageError("the message is empty")
     with ControlClient(_home(ctx), timeout=60) as client:
@@ -394,6 +466,47 @@ def send(
     if wait and message["state"] != "delivered":
         click.echo(f"ERROR: not delivered within {timeout:g} s; the message stays queued", err=True)
         sys.exit(1)
+
+
+def _send_lines(
+    ctx: click.Context, handle: str, texts: list[str], wait: bool, timeout: float, as_json: bool
+) -> None:
+    if not texts:
+        raise UsageError("no lines to send")
+    messages: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(ControlClient(_home(ctx), timeout=60))
+        events = None
+        if wait:  # subscribed before sending: no delivery can fall before it
+            events = stack.enter_context(ControlClient(_home(ctx), timeout=60))
+            events.subscribe()
+        chunks = _chunks(texts)
+        for chunk in chunks:
+            result = client.call("send", {"handle": handle, "texts": chunk})
+            messages += result["messages"]
+            if len(chunks) > 1 and not as_json:
+                click.echo(f"queued {len(messages)} of {len(texts)}", err=True)
+        delivered: set[str] = set()
+        if events is not None:
+            delivered = _wait_delivered(client, events, [m["id"] for m in messages], timeout)
+            for m in messages:
+                if m["id"] in delivered:
+                    m["state"] = "delivered"
+    if as_json:
+        click.echo(json.dumps(messages, indent=2, sort_keys=True))
+    elif wait:
+        click.echo(f"delivered: {len(delivered)} of {len(messages)} messages to {handle}")
+    else:
+        click.echo(f"queued: {len(messages)} messages to {handle}")
+    if wait and len(delivered) < len(messages):
+        left = len(messages) - len(delivered)
+        click.echo(f"ERROR: {left} not delivered within {timeout:g} s; they stay queued", err=True)
+        sys.exit(1)
+
+
+#: `inbox` reads the daemon's inbox this many messages per call, at most this many calls.
+INBOX_PAGE = 1000
+INBOX_MAX_PAGES = 10_000
 
 
 @cli.command()
@@ -424,14 +537,22 @@ def inbox(ctx: click.Context, sender: str | None, follow: bool, as_json: bool, a
         if follow:
             events = ControlClient(_home(ctx))
             events.subscribe()  # before the listing: nothing falls between the two
-        page = client.call("inbox", params)
-        for m in page["messages"]:
+        shown: list[dict[str, Any]] = []
+        for _ in range(INBOX_MAX_PAGES):  # page by cursor; bounded
+            page = client.call("inbox", {**params, "limit": INBOX_PAGE})
+            shown += page["messages"]
+            params["after"] = page["cursor"]
+            if len(page["messages"]) < INBOX_PAGE:
+                break
+        if len(shown) > INBOX_PAGE:  # each page is in conversation order: so is the whole
+            shown.sort(key=lambda m: (m["fingerprint"], m["seq"]))
+        for m in shown:
             show(m)
         if not follow:
-            if not page["messages"] and not as_json:
+            if not shown and not as_json:
                 click.echo("no messages", err=True)
             return
-        seen = {m["id"] for m in page["messages"]}
+        seen = {m["id"] for m in shown}
         with events:
             while True:
                 event = events.next_event(None)

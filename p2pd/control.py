@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 64 * 1024
+#: The longest request line: a message of wire.MAX_TEXT (64 KiB) with JSON's escapes, or
+#: a ``send`` of many ``texts``.
+MAX_LINE = 1024 * 1024
 MAX_CONNECTIONS = 64
 #: sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -75,8 +77,15 @@ def _methods(node: Node) -> dict[str, Callable[[Any], Awaitable[Any]]]:
         return await node.whois(handle)
 
     async def send(params: Any) -> Any:
-        p = _params(params, ("handle", "text"))
-        handle, text = p.get("handle"), p.get("text")
+        p = _params(params, ("handle", "text", "texts"))
+        handle, text, texts = p.get("handle"), p.get("text"), p.get("texts")
+        if texts is not None:
+            if not isinstance(handle, str) or text is not None or not isinstance(texts, list):
+                raise UsageError("send needs a 'handle' string and 'text' or a 'texts' list")
+            if not all(isinstance(t, str) for t in texts):
+                raise UsageError("'texts' must be a list of strings")
+            messages = await node.delivery.send_many(handle, texts)
+            return {"messages": [m.summary() for m in messages]}
         if not isinstance(handle, str) or not isinstance(text, str):
             raise UsageError("send needs 'handle' and 'text' strings")
         message = await node.delivery.send(handle, text)

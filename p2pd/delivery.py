@@ -33,7 +33,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -77,6 +77,12 @@ RECORD_CACHE_SECONDS = 60.0
 RESET_INTERVAL = 10.0
 #: Messages sent in one batch on one stream.
 BATCH = 256
+#: Exchanges (a batch written, not all of its acks in) one conversation may have open,
+#: and the smallest batch that opens one while another is open (Delivery._worker).
+PIPELINE = 4
+PIPELINE_MIN = 32
+#: Messages one ``send`` call may queue at once (the control API's ``texts``).
+MAX_SEND_BATCH = 1000
 #: Events buffered per subscriber before new ones are dropped for it.
 EVENT_BUFFER = 1024
 #: How long a lookup made for delivery may take.
@@ -144,6 +150,10 @@ class Delivery:
         )
         self._records: dict[bytes, tuple[HandleRecord, float]] = {}
         self._workers: set[bytes] = set()
+        #: Set to wake a peer's worker that waits: an exchange ended, or (when the peer is
+        #: in _worker_idle: it had nothing to send) something new was queued.
+        self._worker_wake: dict[bytes, trio.Event] = {}
+        self._worker_idle: set[bytes] = set()
         self._last_reset: dict[bytes, float] = {}
         self._kick = trio.Event()
         self._mailbox_kick = trio.Event()
@@ -208,8 +218,17 @@ class Delivery:
         Raises NotFound if the handle is neither a contact nor in the DHT, KeyChanged if
         its key differs from the pinned one.
         """
+        (message,) = await self.send_many(target, [text])
+        return message
+
+    async def send_many(self, target: str, texts: Sequence[str]) -> list[Message]:
+        """Queue each of ``texts`` as a message of its own for ``target``, in order, in one
+        transaction: all durable on return, or none queued (an empty or overlong text,
+        more than MAX_SEND_BATCH). Raises as :meth:`send`."""
         ref = HandleRef.parse(target)
-        if not isinstance(text, str) or not text:
+        if not 1 <= len(texts) <= MAX_SEND_BATCH:
+            raise UsageError(f"send 1 to {MAX_SEND_BATCH} messages at a time")
+        if not all(isinstance(text, str) and text for text in texts):
             raise UsageError("the message is empty")
         if ref.handle == self.identity.handle:
             raise UsageError("that is your own handle: messages to yourself are not supported")
@@ -242,28 +261,80 @@ class Delivery:
             )
         if not ref.matches(contact.public_key):
             raise KeyChanged(f"the pinned key of {ref.handle!r} does not match {target!r}")
-        message = self.messages.enqueue(ref.handle, contact.public_key, text, now)
-        self.events.emit("message_status", **message.summary())
-        self.kick()
-        return message
+        messages = self.messages.enqueue_many(ref.handle, contact.public_key, texts, now)
+        for message in messages:
+            self.events.emit("message_status", **message.summary())
+        self._start_worker(contact.public_key)
+        return messages
+
+    def _start_worker(self, peer_key: bytes) -> None:
+        """Deliver to ``peer_key`` now: start its worker unless one runs (it will find the
+        new message when it next looks). Starting it here, not from the service loop,
+        saves a task switch and two queries on every message's way out."""
+        if peer_key in self._workers:
+            wake = self._worker_wake.get(peer_key)
+            if wake is not None and peer_key in self._worker_idle:
+                wake.set()  # it waits with nothing to send; else it will look anyway
+            return
+        if self._nursery is None:
+            self.kick()
+            return
+        self._workers.add(peer_key)
+        try:
+            self._nursery.start_soon(self._worker, peer_key)
+        except RuntimeError:  # the nursery is closed: the daemon is stopping
+            self._workers.discard(peer_key)
 
     async def _worker(self, peer_key: bytes) -> None:
+        """Deliver one conversation's due messages, in batches, until none is due.
+
+        Batches are pipelined: up to PIPELINE exchanges (a batch written, its acks not
+        all in) at once, each answered on its own stream, so that the receiver decrypts
+        one batch while we encrypt the next. One at a time, the two daemons took turns,
+        each idle half the time (scripts/bench_messages.py). The receiver orders each
+        conversation by sequence number, so the order batches arrive in does not matter.
+        While an exchange is open, a batch smaller than PIPELINE_MIN waits for it to end
+        and grows meanwhile: a message sent alone costs a stream, packets and wake-ups on
+        both sides, which one-message batches paid for every message.
+        """
+        in_flight: set[bytes] = set()  # ids written whose exchange is still open
         try:
-            for _ in range(1000):  # bounded: batches of one conversation, then rescheduled
-                batch = self.messages.due_for(peer_key, time.time(), limit=BATCH)
-                if not batch:
-                    return
-                try:
-                    await self._deliver(peer_key, batch)
-                except Exception:
-                    log.exception("delivery to %s failed", fingerprint(peer_key)[:12])
-                    for m in batch:
-                        self.messages.mark_attempt(m.id, time.time(), via=None)
+            async with trio.open_nursery() as exchanges:
+                for _ in range(10_000):  # bounded: batches and waits, then rescheduled
+                    self._worker_wake[peer_key] = wake = trio.Event()
+                    open_now = len(exchanges.child_tasks)
+                    batch = []
+                    if open_now < PIPELINE:
+                        due = self.messages.due_for(peer_key, time.time(), limit=BATCH)
+                        batch = [m for m in due if m.id not in in_flight]
+                    if not batch or (open_now and len(batch) < PIPELINE_MIN):
+                        if not open_now:
+                            return
+                        if not batch:
+                            self._worker_idle.add(peer_key)
+                        try:
+                            await wake.wait()  # an exchange ended (or a message was queued)
+                        finally:
+                            self._worker_idle.discard(peer_key)
+                        continue
+                    try:
+                        await self._deliver(peer_key, batch, exchanges, in_flight)
+                    except Exception:
+                        log.exception("delivery to %s failed", fingerprint(peer_key)[:12])
+                        for m in batch:
+                            self.messages.mark_attempt(m.id, time.time(), via=None)
         finally:
+            self._worker_wake.pop(peer_key, None)
             self._workers.discard(peer_key)
             self.kick()
 
-    async def _deliver(self, peer_key: bytes, batch: list[Message]) -> None:
+    async def _deliver(
+        self,
+        peer_key: bytes,
+        batch: list[Message],
+        exchanges: trio.Nursery,
+        in_flight: set[bytes],
+    ) -> None:
         handle = batch[0].handle
         record = await self._record_for(peer_key, handle)
         ready = self._encrypt(peer_key, batch, record)
@@ -272,7 +343,7 @@ class Delivery:
         peer = await self._connect(peer_key, record)
         if peer is not None:
             try:
-                await self._send_direct(peer, ready)
+                await self._send_direct(peer, ready, exchanges, in_flight)
                 return
             except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.info("direct delivery to %s broke: %s", handle, exc)
@@ -303,20 +374,22 @@ class Delivery:
                     peer_bundle=record.extension if record and record.extension else None,
                     commit=False,
                 )
-            except NoSession:
+            except NoSession:  # a failed encrypt changed nothing (its own savepoint)
                 log.info("no session with %s and no prekey bundle yet: waiting", message.handle)
-                self._conn.rollback()
                 for m in batch[len(ready) :]:
-                    self.messages.mark_attempt(m.id, now, via=None)
+                    self.messages.mark_attempt(m.id, now, via=None, commit=False)
                 break
             except (WireError, SessionError) as exc:  # a bad bundle in the record
                 log.warning("cannot start a session with %s: %s", message.handle, exc)
-                self._conn.rollback()
                 for m in batch[len(ready) :]:
-                    self.messages.mark_attempt(m.id, now, via=None)
+                    self.messages.mark_attempt(m.id, now, via=None, commit=False)
                 break
-            self.messages.set_envelope(message.id, envelope)  # commits the ratchet too
+            self.messages.set_envelope(message.id, envelope, commit=False)
             ready.append(_with_envelope(message, envelope))
+        if self._conn.in_transaction:
+            # Each envelope with its ratchet step, the batch in one transaction; before
+            # anything is sent and before any await (the connection is shared).
+            self._conn.commit()
         return ready
 
     async def _record_for(
@@ -366,10 +439,40 @@ class Delivery:
         *,
         nacks: set[bytes] | None = None,
         sent: Callable[[], None] | None = None,
+        background: trio.Nursery | None = None,
+        done: Callable[[], None] | None = None,
     ) -> None:
         """Write MESSAGE ``frames`` on a new stream and read the answers until every id
         in ``waiting`` is answered (removed from it) or ``ack_timeout`` passes.
-        ``sent`` runs once the frames are written; NACKed ids are added to ``nacks``."""
+        ``sent`` runs once the frames are written; NACKed ids are added to ``nacks``;
+        ``done`` runs at the end. With ``background``, return once the frames are
+        written and read the answers in a task of that nursery."""
+        stream = await peer.open_stream()
+        try:
+            await stream.send_all(frames)
+            if sent is not None:
+                sent()
+            await stream.send_eof()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            if done is not None:
+                done()
+            raise
+        if background is None:
+            await self._answers(peer, stream, waiting, nacks, done)
+        else:
+            background.start_soon(self._answers, peer, stream, waiting, nacks, done)
+
+    async def _answers(
+        self,
+        peer: QuicPeer,
+        stream: QuicStream,
+        waiting: set[bytes],
+        nacks: set[bytes] | None,
+        done: Callable[[], None] | None,
+    ) -> None:
+        """The other half of :meth:`_exchange`: answers until all came, or ack_timeout."""
         assert peer.public_key is not None  # a connection we made: checked in handshake
         answered = trio.Event()
 
@@ -377,20 +480,27 @@ class Delivery:
             if not waiting:
                 answered.set()
 
-        stream = await peer.open_stream()
-        async with stream, trio.open_nursery() as nursery:
-            nursery.start_soon(
-                self._read_frames, peer.public_key, stream, waiting, on_answer, peer, nacks
-            )
-            await stream.send_all(frames)
-            if sent is not None:
-                sent()
-            await stream.send_eof()
-            with trio.move_on_after(self.config.ack_timeout):
-                await answered.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with stream, trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    self._read_frames, peer.public_key, stream, waiting, on_answer, peer, nacks
+                )
+                with trio.move_on_after(self.config.ack_timeout):
+                    await answered.wait()
+                nursery.cancel_scope.cancel()
+        except Exception:  # in a worker's nursery: it must not end the worker
+            log.exception("reading answers from %s failed", _who(peer.public_key))
+        finally:
+            if done is not None:
+                done()
 
-    async def _send_direct(self, peer: QuicPeer, batch: list[Message]) -> None:
+    async def _send_direct(
+        self,
+        peer: QuicPeer,
+        batch: list[Message],
+        exchanges: trio.Nursery,
+        in_flight: set[bytes],
+    ) -> None:
         waiting = {m.id for m in batch}
         out = bytearray()
         for m in batch:
@@ -398,21 +508,26 @@ class Delivery:
             out += wire.encode_stream_frame(wire.FRAME_MESSAGE, m.id + m.envelope)
 
         def sent() -> None:
-            now = time.time()
-            for m in batch:  # one transaction for the batch
-                self.messages.mark_attempt(m.id, now, via="direct", commit=False)
-                self.stats["sent_direct"] += 1
+            self.messages.mark_sent(batch, time.time(), via="direct")  # one transaction
+            self.stats["sent_direct"] += len(batch)
+            for m in batch:
                 if m.id in waiting:
                     self.events.emit("message_status", id=m.id.hex(), state="sent", via="direct")
-            self._conn.commit()
 
-        await self._exchange(peer, bytes(out), waiting, sent=sent)
-        if len(waiting) == len(batch):
-            # Not one answer: the peer may have died without closing (kill -9, a lost
-            # network). Drop the connection so that the next attempt finds out afresh
-            # instead of writing into it until the idle timeout.
-            log.info("no answer from %s: closing the connection", batch[0].handle)
-            peer.close("no answer")
+        def done() -> None:
+            in_flight.difference_update(m.id for m in batch)
+            worker_wake = self._worker_wake.get(peer.public_key or b"")
+            if worker_wake is not None:
+                worker_wake.set()
+            if len(waiting) == len(batch) and not peer.is_closing:
+                # Not one answer: the peer may have died without closing (kill -9, a lost
+                # network). Drop the connection so that the next attempt finds out afresh
+                # instead of writing into it until the idle timeout.
+                log.info("no answer from %s: closing the connection", batch[0].handle)
+                peer.close("no answer")
+
+        in_flight.update(waiting)
+        await self._exchange(peer, bytes(out), waiting, sent=sent, background=exchanges, done=done)
 
     async def _send_mailbox(self, peer_key: bytes, batch: list[Message]) -> None:
         box = nacl.public.SealedBox(_curve_public(peer_key))
@@ -639,7 +754,7 @@ class Delivery:
             return ACK, sender_key
         trusted = self.contacts.by_key(sender_key)
         handle = trusted.handle if trusted else (payload.sender or "unknown")
-        self.messages.record_incoming(
+        stored = self.messages.record_incoming(
             msg_id,
             handle,
             sender_key,
@@ -651,13 +766,12 @@ class Delivery:
             commit=commit,  # the ratchet step and the message in one transaction
         )
         self.stats["received_direct" if via == "direct" else "received_mailbox"] += 1
-        stored = self.messages.get(msg_id)
         if stored is not None:
             self.events.emit("message", **self.incoming_summary(stored))
         if trusted is None and payload.sender:
             self._spawn(self._verify_sender, payload.sender, sender_key)
         # the peer is alive: anything we owe it may go now
-        if self.messages.pending_for(sender_key):
+        if self.messages.has_pending(sender_key):
             self.messages.retry_now(sender_key)
             self.kick()
         return ACK, sender_key

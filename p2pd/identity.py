@@ -10,6 +10,7 @@ record whose key does not match.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ def is_valid_handle(handle: str) -> bool:
     return isinstance(handle, str) and _HANDLE_RE.fullmatch(handle) is not None
 
 
+@functools.lru_cache(maxsize=4096)  # public keys only; it ran twice per message received
 def fingerprint(public_key: bytes) -> str:
     """The 32-character base32 fingerprint of an Ed25519 public key."""
     digest = hashlib.sha256(public_key).digest()[:20]

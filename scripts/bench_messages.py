@@ -26,7 +26,11 @@ What one run does:
    both daemons from /proc/<pid>/stat (utime + stime, all threads) and context switches
    from /proc/<pid>/task/*/status, before and after (also for phase 3). If the daemon
    drops events for our subscription (it buffers 1,024 per subscriber), the end is found
-   by polling ``status`` for an empty outbox instead, and the output says so;
+   by polling ``status`` for an empty outbox instead, and the output says so. Then the
+   same again with ``--batch`` messages per ``send`` call (the control API's ``texts``,
+   as ``p2pd send --lines`` uses it; each call returns once all its messages are durable):
+   the first phase is bounded by one control round trip per message, the second shows
+   what the delivery path itself sustains;
 5. first contact: ``--first-contact`` fresh recipients join the DHT; alice sends each one
    message, one at a time: resolve, QUIC handshake, X3DH, deliver, ack. p50/p95.
 
@@ -442,7 +446,10 @@ def run_throughput(
     connections: int,
     deadline: float,
     first_text: int,
+    batch: int = 1,
 ) -> dict[str, Any]:
+    """``count`` messages as fast as ``send`` calls return, each call carrying ``batch``
+    texts (the control API's ``texts``; 1: one call per message, with ``text``)."""
     handle = handle_of(receiver)
     with ControlClient(sender.home) as probe:
         status_before = probe.call("status")
@@ -457,15 +464,23 @@ def run_throughput(
     def send_share(index: int, share: int) -> None:
         try:
             with ControlClient(sender.home) as control:
-                for j in range(share):
+                for j in range(0, share, batch):
                     if time.monotonic() > deadline:
                         return
-                    text = TEXT.format(i=first_text + index * count + j)
-                    message = control.call("send", {"handle": handle, "text": text})
-                    sent_ids[index].append(message["id"])
+                    texts = [
+                        TEXT.format(i=first_text + index * count + k)
+                        for k in range(j, min(share, j + batch))
+                    ]
+                    if batch == 1:
+                        ids = [control.call("send", {"handle": handle, "text": texts[0]})["id"]]
+                    else:
+                        result = control.call("send", {"handle": handle, "texts": texts})
+                        ids = [m["id"] for m in result["messages"]]
+                    sent_ids[index].extend(ids)
                     with lock:
-                        sent_count[0] += 1
-                        report(sent_count[0])
+                        for _ in ids:
+                            sent_count[0] += 1
+                            report(sent_count[0])
         except BaseException as exc:
             errors.append(exc)
 
@@ -517,6 +532,7 @@ def run_throughput(
         "complete": complete and (polled or not missing),
         "completion_seen_by": "polling status (events were dropped)" if polled else "events",
         "connections": connections,
+        "batch": batch,
         "seconds": round(elapsed, 3),
         "msgs_per_s": round(delivered / elapsed, 1) if elapsed > 0 else None,
         "msgs_per_s_by_tenth": [] if polled else rates_by_tenth(t0, times),
@@ -730,6 +746,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 alice, bob, args.messages, args.connections, deadline, 1_000_000
             )
             messages_sent += result["throughput"]["sent"]
+            if args.batch > 1:
+                progress(f"throughput: {args.messages} messages, {args.batch} per send call")
+                deadline = time.monotonic() + 60 + args.messages * 0.1
+                result["throughput_batched"] = run_throughput(
+                    alice, bob, args.messages, args.connections, deadline, 3_000_000, args.batch
+                )
+                messages_sent += result["throughput_batched"]["sent"]
 
         if args.first_contact:
             progress(f"first contact: starting {args.first_contact} fresh recipients")
@@ -836,10 +859,13 @@ def print_text(r: dict[str, Any]) -> None:
         _print_switches(e["switches"])
         _print_dht(e["sender_dht"])
 
-    if t := r.get("throughput"):
+    for t in (r.get("throughput"), r.get("throughput_batched")):
+        if t is None:
+            continue
         ok = t["msgs_per_s"] is not None and t["msgs_per_s"] >= GOALS["throughput_msgs_per_s"]
+        calls = "one send call per message" if t["batch"] == 1 else f"{t['batch']} per send call"
         print(
-            f"\nthroughput ({t['messages']} messages alice -> bob, "
+            f"\nthroughput ({t['messages']} messages alice -> bob, {calls}, "
             f"{t['connections']} control connection(s)):"
         )
         print(
@@ -942,6 +968,13 @@ def main() -> int:
         default=1,
         help="control connections sending in parallel in the throughput phase (default 1)",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=100,
+        help="a second throughput phase with this many messages per send call (the control "
+        "API's 'texts', as `p2pd send --lines` does); 1 skips it (default 100)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
         "--profile", metavar="DIR", help="run alice and bob under cProfile, dumps in DIR"
@@ -953,6 +986,8 @@ def main() -> int:
         parser.error("--samples must be 0..100000 and --messages 0..1000000")
     if not 1 <= args.connections <= 16:
         parser.error("--connections must be 1..16")
+    if not 1 <= args.batch <= 1000:
+        parser.error("--batch must be 1..1000")
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pd.control import MAX_LINE
 from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir
 
 pytestmark = pytest.mark.slow
@@ -131,7 +132,7 @@ def test_control_api_survives_malformed_requests(
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(str(path))
-        sock.sendall(b"x" * (70 * 1024))
+        sock.sendall(b"x" * (MAX_LINE + 4096))
         assert json.loads(sock.makefile("rb").readline())["error"]["code"] == -32600
     assert cli_json(root / "bob", "status")["handle"] == "bob"
 

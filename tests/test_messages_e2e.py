@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from p2pd.control import ControlClient
+from p2pd.errors import UsageError
 from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir, wait_until
 
 pytestmark = pytest.mark.slow
@@ -253,6 +254,55 @@ def test_inbox_follow_and_send_from_stdin(net: Net) -> None:
         follow.terminate()
         follow.wait(10)
     assert len(lines) == 1  # shown once
+
+
+def test_send_lines_and_the_largest_message(net: Net) -> None:
+    """`send --lines` queues each line as its own message, in order, all durable before
+    it returns, and --wait sees them all delivered; a message of the full 64 KiB goes
+    through the control socket and the wire; a bad batch is refused whole."""
+    import subprocess
+
+    from p2pd.testing.daemons import p2pd_command
+    from p2pd.wire import MAX_TEXT
+
+    net.init("alice", "bob")
+    net.start("alice")
+    net.start("bob")
+    lines = [f"line {i}: " + "é" * (i % 7) for i in range(2500)]  # three control calls
+    proc = subprocess.run(
+        [*p2pd_command(), "--home", str(net.home("alice")), "send", "bob", "-", "--lines",
+         "--wait", "--timeout", "90"],
+        input="\n".join(lines[:1200]) + "\n\n   \n" + "\n".join(lines[1200:]) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "delivered: 2500 of 2500 messages to bob"
+    got = texts_from(net.home("bob"), "alice")
+    assert got == lines  # blank lines skipped, order kept, nothing twice
+
+    biggest = "x" * (MAX_TEXT - 2) + "é"  # exactly MAX_TEXT bytes of UTF-8
+    proc = run_cli(net.home("alice"), "send", "bob", biggest, "--wait", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert texts_from(net.home("bob"), "alice")[-1] == biggest
+    proc = run_cli(net.home("alice"), "send", "bob", biggest + "y")
+    assert proc.returncode == 2 and "too long" in proc.stderr
+
+    with ControlClient(net.home("alice")) as client:
+        before = len(client.call("outbox", {"limit": 10_000}))
+        for bad in (
+            {"handle": "bob", "texts": ["fine", ""]},  # one empty text
+            {"handle": "bob", "texts": ["fine", "y" * (MAX_TEXT + 1)]},  # one too long
+            {"handle": "bob", "texts": []},
+            {"handle": "bob", "texts": ["x"] * 1001},
+            {"handle": "bob", "texts": "not a list"},
+            {"handle": "bob", "texts": ["x", 1]},
+            {"handle": "bob", "text": "both", "texts": ["x"]},
+        ):
+            with pytest.raises(UsageError):
+                client.call("send", bad)
+        assert len(client.call("outbox", {"limit": 10_000})) == before  # nothing stored
 
 
 def test_send_wait_times_out_and_the_message_stays_queued(net: Net) -> None:

@@ -66,6 +66,43 @@ def test_incoming_dedupe_and_order() -> None:
     assert store.seen(ids[2]) and not store.seen(os.urandom(16))
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.sampled_from([BOB, CAROL]), min_size=1, max_size=40), st.integers(1, 7))
+def test_inbox_pages_miss_nothing(senders: list[bytes], limit: int) -> None:
+    """Pages of the inbox, each after the previous page's largest cursor, hold every
+    message exactly once, whatever the order conversations arrived in."""
+    store = MessageStore(open_database(None))
+    seqs = {BOB: 0, CAROL: 0}
+    for sender in senders:
+        seqs[sender] += 1
+        store.record_incoming(os.urandom(16), "x", sender, seqs[sender], "t", 0, 1.0, via="direct")
+    seen: list[bytes] = []
+    after = 0
+    for _ in range(len(senders) + 1):
+        page = store.inbox(after_rowid=after, limit=limit)
+        seen += [m.id for _, m in page]
+        assert [(m.peer_key, m.seq) for _, m in page] == sorted(
+            (m.peer_key, m.seq) for _, m in page
+        )
+        if not page:
+            break
+        after = max(rowid for rowid, _ in page)
+    assert len(seen) == len(set(seen)) == len(senders)
+
+
+def test_enqueue_many_is_in_order_and_all_or_nothing() -> None:
+    store = MessageStore(open_database(None))
+    store.enqueue("bob", BOB, "first", now=1.0)
+    batch = store.enqueue_many("bob", BOB, ["a", "b", "c"], now=2.0)
+    assert [(m.seq, m.text) for m in batch] == [(2, "a"), (3, "b"), (4, "c")]
+    assert store.enqueue("bob", BOB, "after", now=3.0).seq == 5
+    with pytest.raises(UsageError):
+        store.enqueue_many("bob", BOB, ["fine", "x" * (wire.MAX_TEXT + 1)], now=4.0)
+    assert [m.seq for m in store.pending_for(BOB)] == [1, 2, 3, 4, 5]  # nothing stored
+    assert store.enqueue("bob", BOB, "next", now=5.0).seq == 6
+    assert [m.seq for m in store.enqueue_many("carol", CAROL, ["x"], now=6.0)] == [1]
+
+
 def test_contacts_pin_first_key_and_refuse_a_changed_one() -> None:
     contacts = Contacts(open_database(None))
     first = contacts.check("bob", BOB, 1.0)

@@ -560,6 +560,59 @@ def test_failed_calls_leave_the_callers_transaction_alone() -> None:
     assert alice.conn.execute("SELECT value FROM meta WHERE key='test'").fetchone() == ("pending",)
 
 
+def test_stored_state_is_the_document(tmp_path: Path) -> None:
+    """What _store writes (JSON spliced from pydantic's) is the session's document."""
+    alice, bob = established()
+    for node in (alice, bob):
+        for (state,) in node.conn.execute("SELECT state FROM sessions"):
+            session = node.sessions._from_row(
+                node.conn.execute(
+                    "SELECT session_id, peer_key, status, state, created, updated FROM sessions"
+                ).fetchone()
+            )
+            assert json.loads(state) == session.document()
+            assert json.loads(session.state_text()) == session.document()
+
+
+def test_live_sessions_follow_the_database_not_the_other_way(tmp_path: Path) -> None:
+    """SessionManager keeps live ratchets between messages. The database stays the truth:
+    a second manager on the same file (another writer) steps the ratchet, and the first
+    must see it, or it would reuse a message key (bob: DuplicateMessage)."""
+    alice = Node(path=tmp_path / "alice.db")
+    bob = Node()
+    assert bob.recv(alice.send(bob, b"hello"), sender=alice) == b"hello"
+    assert alice.recv(bob.send(alice, b"hi"), sender=bob) == b"hi"
+    other_conn = open_database(tmp_path / "alice.db")
+    other = SessionManager.open(other_conn, alice.identity, now=T0)
+    for i in range(3):
+        assert bob.recv(alice.send(bob, b"a%d" % i), sender=alice) == b"a%d" % i
+        envelope = other.encrypt(bob.key, b"o%d" % i, now=T0)
+        assert bob.recv(envelope, sender=alice) == b"o%d" % i
+    # and a reply decrypts on either: both follow the row
+    assert other.decrypt(bob.send(alice, b"r1"), now=T0).plaintext == b"r1"
+    assert alice.recv(bob.send(alice, b"r2"), sender=bob) == b"r2"
+    other_conn.close()
+
+
+def test_a_refused_message_does_not_leave_a_stepped_live_session() -> None:
+    """The ratchet steps in memory before the row is written; when the write fails, the
+    live object must not be reused (it is taken out of the cache while in use)."""
+    alice, bob = established()
+    before = bob.send(alice, b"before")
+    assert alice.recv(before, sender=bob) == b"before"
+    bob.conn.execute(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON sessions BEGIN SELECT RAISE(ABORT, 'no'); END"
+    )
+    with pytest.raises(sqlite3.DatabaseError):
+        bob.send(alice, b"lost")  # the ratchet steps, then the write fails
+    bob.conn.execute("DROP TRIGGER refuse")
+    again = bob.send(alice, b"again")
+    # the failed call left no trace: the next message takes the number "lost" had
+    number = Envelope.decode(before).ratchet.message_number
+    assert Envelope.decode(again).ratchet.message_number == number + 1
+    assert alice.recv(again, sender=bob) == b"again"
+
+
 def test_corrupt_session_state_is_a_declared_error() -> None:
     alice, bob = established()
     bob.conn.execute("UPDATE sessions SET state='{\"format\": 1}'")

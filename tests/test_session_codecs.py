@@ -4,6 +4,7 @@ rely on in the x3dh/doubleratchet libraries (checked against the libraries thems
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Generator
 from typing import Any
@@ -35,6 +36,9 @@ from p2pd.session.crypto import (
     X3DH_INFO,
     MessageAEAD,
     X3DHState,
+    decrypt_quietly,
+    load_ratchet,
+    ratchet_state,
     run_sync,
     start_as_initiator,
     start_as_responder,
@@ -320,6 +324,96 @@ def test_library_decrypt_commits_only_on_success() -> None:
         assert bob.json == before
     assert run_sync(bob.decrypt_message(message, ad)) == b"m1"
     assert bob.json != before
+
+
+def test_the_fast_ratchet_copy_is_a_deep_copy() -> None:
+    """decrypt_message deep-copies the DH ratchet for every message; ours copies field by
+    field (crypto._DHRatchet). The copy must hold the same state and share nothing that
+    a step changes: stepping it leaves the original alone."""
+    shared, spk_priv, ad = os.urandom(32), os.urandom(32), b"ad"
+    alice, first = run_sync(
+        start_as_initiator(
+            max_skip=10,
+            max_skipped_keys=20,
+            shared_secret=shared,
+            recipient_ratchet_key=xeddsa.priv_to_curve25519_pub(spk_priv),
+            plaintext=b"m0",
+            associated_data=ad,
+        )
+    )
+    bob, _ = run_sync(
+        start_as_responder(
+            max_skip=10,
+            max_skipped_keys=20,
+            shared_secret=shared,
+            own_ratchet_priv=spk_priv,
+            message=first,
+            associated_data=ad,
+        )
+    )
+    for ratchet in (alice, bob):
+        dh = ratchet._DoubleRatchet__diffie_hellman_ratchet  # type: ignore[attr-defined]
+        clone = copy.deepcopy(dh)
+        assert type(clone) is type(dh)
+        assert clone.model == dh.model
+
+        def mutable_parts(obj: Any) -> set[int]:
+            found = {id(obj)}
+            for value in vars(obj).values():
+                if not isinstance(value, (bytes, int, type, type(None))):
+                    found |= mutable_parts(value)
+            return found
+
+        assert not mutable_parts(clone) & mutable_parts(dh)
+        before = dh.model
+        run_sync(clone.next_encryption_key())
+        assert clone.model != before
+        assert dh.model == before
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "deliver-a", "deliver-b"]), max_size=40), st.randoms())
+def test_ratchet_state_is_the_librarys_json(steps: list[str], rng: Any) -> None:
+    """crypto.ratchet_state reads the library's private fields; it must give exactly the
+    library's own ``json``, for every state a conversation goes through (both chains,
+    DH steps, skipped keys from out-of-order delivery), and load back to the same."""
+    shared, spk_priv, ad = os.urandom(32), os.urandom(32), b"ad"
+    alice, first = run_sync(
+        start_as_initiator(
+            max_skip=50,
+            max_skipped_keys=100,
+            shared_secret=shared,
+            recipient_ratchet_key=xeddsa.priv_to_curve25519_pub(spk_priv),
+            plaintext=b"m0",
+            associated_data=ad,
+        )
+    )
+    bob, _ = run_sync(
+        start_as_responder(
+            max_skip=50,
+            max_skipped_keys=100,
+            shared_secret=shared,
+            own_ratchet_priv=spk_priv,
+            message=first,
+            associated_data=ad,
+        )
+    )
+    ratchets = {"a": alice, "b": bob}
+    in_flight: dict[str, list[Any]] = {"a": [], "b": []}  # sent by a / by b
+    for step in steps:
+        if step in ratchets:
+            in_flight[step].append(run_sync(ratchets[step].encrypt_message(b"x", ad)))
+        else:
+            sender = step[-1]
+            receiver = "b" if sender == "a" else "a"
+            if in_flight[sender]:
+                message = in_flight[sender].pop(rng.randrange(len(in_flight[sender])))
+                run_sync(decrypt_quietly(ratchets[receiver].decrypt_message(message, ad)))
+        for ratchet in ratchets.values():
+            state = ratchet_state(ratchet)
+            assert state == ratchet.json
+            again = load_ratchet(state, max_skip=50, max_skipped_keys=100)
+            assert again.json == ratchet.json
 
 
 def test_run_sync_refuses_a_coroutine_that_suspends() -> None:

@@ -46,6 +46,7 @@ awaits them directly under trio to show that works.
 
 from __future__ import annotations
 
+import copy
 import hmac
 import warnings
 from collections.abc import Coroutine
@@ -53,6 +54,7 @@ from typing import Any, TypeVar, cast
 
 import doubleratchet
 import x3dh
+from doubleratchet.kdf_chain import KDFChain
 from doubleratchet.recommended import (
     HashFunction,
     aead_aes_hmac,
@@ -61,6 +63,7 @@ from doubleratchet.recommended import (
     kdf_separate_hmacs,
 )
 from doubleratchet.recommended.crypto_provider_impl import CryptoProviderImpl
+from doubleratchet.symmetric_key_ratchet import SymmetricKeyRatchet
 
 from .bundle import SIGNED_PREKEY_CONTEXT
 from .envelope import AES_BLOCK, TAG_LEN, RatchetHeader
@@ -196,7 +199,60 @@ def library_header(header: RatchetHeader) -> doubleratchet.Header:
     )
 
 
-_DH_RATCHET = diffie_hellman_ratchet_curve25519.DiffieHellmanRatchet
+# What the ratchet's state is made of (doubleratchet 1.3.0): these copy as themselves.
+_IMMUTABLE = (bytes, int, str, float, bool, type(None), type)
+
+
+def _clone(obj: Any) -> Any:
+    """A deep copy of the library's ratchet objects, field by field.
+
+    Their fields are bytes, ints, None, classes (the KDFs), and the nested KDFChain and
+    SymmetricKeyRatchet objects; anything else goes through :func:`copy.deepcopy`, so a
+    new field in a later version is still copied deeply.
+    """
+    new = object.__new__(type(obj))
+    fields = new.__dict__
+    for name, value in obj.__dict__.items():
+        if isinstance(value, _IMMUTABLE):
+            fields[name] = value
+        elif isinstance(value, _CLONED):
+            fields[name] = _clone(value)
+        else:
+            fields[name] = copy.deepcopy(value)
+    return new
+
+
+class _DHRatchet(diffie_hellman_ratchet_curve25519.DiffieHellmanRatchet):
+    """The recommended X25519 DH ratchet, with a fast ``deepcopy``.
+
+    doubleratchet 1.3.0's ``decrypt_message`` deep-copies the DH ratchet for every
+    message, so that a message that fails to authenticate leaves the state alone. The
+    generic :func:`copy.deepcopy` (reduce, reconstruct, a memo per object) was the
+    largest single cost of receiving a message; copying the known fields directly does
+    the same for a fraction. tests/test_session_codecs.py checks that a clone has the
+    same state and shares nothing mutable with the original.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _DHRatchet:
+        clone: _DHRatchet = _clone(self)
+        return clone
+
+    # The library derives our ratchet public key from the private one for the header of
+    # every message it encrypts (an X25519 scalar multiplication each time). Remember
+    # the result for the current private key only: a cache keyed by every private key
+    # ever used would keep old ratchet keys in memory, against forward secrecy.
+    _pub_of: bytes = b""
+    _pub: bytes = b""
+
+    def _derive_pub(self, priv: bytes) -> bytes:  # type: ignore[override]
+        if priv != self._pub_of:
+            self._pub = diffie_hellman_ratchet_curve25519.DiffieHellmanRatchet._derive_pub(priv)
+            self._pub_of = priv
+        return self._pub
+
+
+_CLONED = (_DHRatchet, KDFChain, SymmetricKeyRatchet)
+_DH_RATCHET = _DHRatchet
 
 
 async def start_as_initiator(
@@ -249,6 +305,58 @@ async def start_as_responder(
             associated_data,
         )
     )
+
+
+def _chain_state(chain: KDFChain | None) -> dict[str, Any] | None:
+    if chain is None:
+        return None
+    fields = chain.__dict__
+    return {
+        "version": "1.0.0",
+        "length": fields["_KDFChain__length"],
+        "key": fields["_KDFChain__key"].decode("latin-1"),
+    }
+
+
+def ratchet_state(ratchet: Ratchet) -> dict[str, Any]:
+    """``ratchet.json``, read off the objects directly.
+
+    The library's ``json`` builds pydantic models of every part (validating each), dumps
+    them to JSON and parses that back: the largest cost of storing a session after every
+    message. This gives the same document (DoubleRatchetModel "1.0.0", bytes as latin-1
+    strings as the library's JsonBytes writes them) from the private fields, which is
+    why doubleratchet is pinned; tests/test_session_codecs.py compares the two over
+    random conversations, so a library change that moved a field fails there.
+    """
+    fields = ratchet.__dict__
+    dh = fields["_DoubleRatchet__diffie_hellman_ratchet"].__dict__
+    symmetric = dh["_DiffieHellmanRatchet__symmetric_key_ratchet"].__dict__
+    skipped = fields["_DoubleRatchet__skipped_message_keys"]
+    return {
+        "version": "1.0.0",
+        "diffie_hellman_ratchet": {
+            "version": "1.0.0",
+            "own_ratchet_priv": dh["_DiffieHellmanRatchet__own_ratchet_priv"].decode("latin-1"),
+            "other_ratchet_pub": dh["_DiffieHellmanRatchet__other_ratchet_pub"].decode("latin-1"),
+            "root_chain": _chain_state(dh["_DiffieHellmanRatchet__root_chain"]),
+            "symmetric_key_ratchet": {
+                "version": "1.0.0",
+                "receiving_chain": _chain_state(symmetric["_SymmetricKeyRatchet__receiving_chain"]),
+                "sending_chain": _chain_state(symmetric["_SymmetricKeyRatchet__sending_chain"]),
+                "previous_sending_chain_length": symmetric[
+                    "_SymmetricKeyRatchet__previous_sending_chain_length"
+                ],
+            },
+        },
+        "skipped_message_keys": [
+            {
+                "ratchet_pub": ratchet_pub.decode("latin-1"),
+                "index": index,
+                "message_key": message_key.decode("latin-1"),
+            }
+            for (ratchet_pub, index), message_key in skipped.items()
+        ],
+    }
 
 
 def load_ratchet(

@@ -96,6 +96,7 @@ from .crypto import (
     library_header,
     load_ratchet,
     ratchet_header,
+    ratchet_state,
     run_sync,
     start_as_initiator,
     start_as_responder,
@@ -117,6 +118,8 @@ _log = logging.getLogger(__name__)
 INITIATOR, RESPONDER = "initiator", "responder"
 ACTIVE, ARCHIVED, CLOSED = "active", "archived", "closed"
 STATE_FORMAT = 1
+#: Live session objects kept between messages (SessionManager._from_row): a few KiB each.
+MAX_CACHED_SESSIONS = 256
 #: Our X3DH state lives in the ``meta`` table under this key (p2pd/store.py).
 PREKEYS_META_KEY = "session.prekeys"
 
@@ -183,6 +186,11 @@ class _Session:
                 "initiated_at": self.initiated_at,
             }
         assert self.ratchet is not None
+        return {**self._head(), "ratchet": self.ratchet.json}
+
+    def _head(self) -> dict[str, Any]:
+        """Everything of an open session's document but the ratchet."""
+        spk = None if self.signed_prekey is None else self.signed_prekey.hex()
         header = self.x3dh_header
         return {
             "format": STATE_FORMAT,
@@ -204,9 +212,18 @@ class _Session:
                 else header.one_time_prekey.hex(),
             },
             "signed_prekey": spk,
-            # the library's versioned model (DoubleRatchetModel "1.0.0" in 1.3.0)
-            "ratchet": self.ratchet.json,
+            # then "ratchet": the library's versioned model (DoubleRatchetModel "1.0.0"
+            # in 1.3.0)
         }
+
+    def state_text(self) -> str:
+        """:meth:`document` as stored: compact JSON, the ratchet read off its objects
+        (crypto.ratchet_state) instead of through the library's pydantic models."""
+        if self.status == CLOSED:
+            return json.dumps(self.document(), separators=(",", ":"))
+        assert self.ratchet is not None
+        document = {**self._head(), "ratchet": ratchet_state(self.ratchet)}
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
     def info(self) -> SessionInfo:
         return SessionInfo(
@@ -217,13 +234,16 @@ class _Session:
 class SessionManager:
     """The node's end-to-end sessions: our prekeys, and sessions with every peer."""
 
-    __slots__ = ("_bundle_changed", "_config", "_conn", "_identity")
+    __slots__ = ("_bundle_changed", "_cache", "_config", "_conn", "_identity")
 
     def __init__(self, conn: sqlite3.Connection, identity: Identity, config: SessionConfig):
         self._conn = conn
         self._identity = identity
         self._config = config
         self._bundle_changed = False
+        #: Sessions as last written, by id: (the state text written, the live object).
+        #: See _from_row and _store.
+        self._cache: dict[bytes, tuple[str, _Session]] = {}
 
     @classmethod
     def open(
@@ -556,6 +576,8 @@ class SessionManager:
         """Forget every session with ``peer_key`` (e.g. the contact was deleted)."""
         with self._transaction(commit):
             cursor = self._conn.execute("DELETE FROM sessions WHERE peer_key=?", (peer_key,))
+            for sid in [sid for sid, (_, s) in self._cache.items() if s.peer_key == peer_key]:
+                del self._cache[sid]
         return cursor.rowcount
 
     # ------------------------------------------------------------------ storage
@@ -619,7 +641,23 @@ class SessionManager:
         return None if row is None else self._from_row(row)
 
     def _from_row(self, row: tuple[Any, ...]) -> _Session:
+        """The session a row stores.
+
+        Parsing a stored session (JSON, then the library's pydantic model and its
+        migrations) used to be the largest cost of every message, on both sides. So the
+        objects _store writes are kept, with the exact text written, and reused while
+        the row still holds that text. The row stays the truth: a transaction the
+        caller rolled back, another writer, or a close changes the text, and the
+        session is parsed again. An object is taken *out* of the cache here and put back
+        only by _store, so one changed by a call that then failed (the ratchet steps
+        before the write) is never reused.
+        """
         sid, peer_key, status, state, created, updated = row
+        cached = self._cache.pop(bytes(sid), None)
+        if cached is not None and cached[0] == state and status != CLOSED:
+            session = cached[1]
+            session.status, session.updated = status, float(updated)
+            return session
         try:
             doc = _document(state)
             base = _Session(
@@ -652,6 +690,7 @@ class SessionManager:
         return base
 
     def _store(self, session: _Session) -> None:
+        state = session.state_text()
         self._conn.execute(
             "INSERT INTO sessions(session_id, peer_key, status, state, created, updated) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
@@ -660,11 +699,18 @@ class SessionManager:
                 session.session_id,
                 session.peer_key,
                 session.status,
-                json.dumps(session.document(), separators=(",", ":")),
+                state,
                 session.created,
                 session.updated,
             ),
         )
+        cache = self._cache
+        cache.pop(session.session_id, None)  # re-inserted last: the dict is the LRU order
+        if session.status == CLOSED:
+            return
+        cache[session.session_id] = (state, session)
+        if len(cache) > MAX_CACHED_SESSIONS:
+            del cache[next(iter(cache))]
 
     def _trim_archive(self, peer_key: bytes, now: float) -> None:
         rows = self._conn.execute(
@@ -678,6 +724,7 @@ class SessionManager:
     def _close(self, sid: bytes, state: str, now: float) -> None:
         """Drop a session's keys. A session we answered leaves a tombstone (see the
         module docstring); one we started has nothing anyone could replay to us."""
+        self._cache.pop(sid, None)
         doc = _document(state)
         if doc.get("role") != RESPONDER:
             self._conn.execute("DELETE FROM sessions WHERE session_id=?", (sid,))
