@@ -4,10 +4,14 @@
 Each run sends SIZE megabytes over one stream from a client to a server on 127.0.0.1,
 both ends in this one process (so one CPU does the work of both, for both contenders),
 and stops the clock when the server's one-byte reply to the FIN arrives. Both sides use
-the same QUIC parameters (1200-byte packets, Reno, the same flow control windows) and the
-same Ed25519 certificate type, so the comparison is of the drivers, not of settings.
+the same QUIC parameters (1200-byte packets, Reno, the same flow control windows), the
+same Ed25519 certificate type and the same socket receive buffer (the daemon's, unless
+--rcvbuf says otherwise), so the comparison is of the drivers, not of settings. Each
+contender first makes one unmeasured warm-up run (imports, caches); the measured runs
+alternate which contender goes first, and each starts after a garbage collection.
 
     scripts/bench_quic.py                  # 50 MB, 3 rounds each, prints Mbit/s and ratio
+    scripts/bench_quic.py --rcvbuf 0       # both on the kernel's default receive buffer
     scripts/bench_quic.py --size 20 --rounds 1 --profile ours.prof   # cProfile ours
 
 Only 127.0.0.1 is used; every run has a deadline.
@@ -18,11 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
+import socket
 import ssl
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,7 +42,7 @@ from p2pd.config import QuicConfig
 from p2pd.identity import Identity
 from p2pd.transport.quic import ALPN, QuicPeer, QuicStream, open_quic_endpoint
 from p2pd.transport.tls import make_certificate
-from p2pd.transport.udp import UdpEndpoint
+from p2pd.transport.udp import RECV_BUFFER, UdpEndpoint
 from p2pd.wire import Address
 
 CHUNK = 1 << 20
@@ -51,7 +56,17 @@ def mbit_per_s(size: int, seconds: float) -> float:
 # --------------------------------------------------------------------------- ours
 
 
-async def run_ours(size: int, config: QuicConfig, udp_class: type[UdpEndpoint]) -> float:
+def _bind(rcvbuf: int) -> UdpEndpoint:
+    if rcvbuf == RECV_BUFFER:
+        return UdpEndpoint.bind(Address("127.0.0.1", 0))  # exactly as the daemon does
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind(("127.0.0.1", 0))
+    return UdpEndpoint(sock)
+
+
+async def run_ours(size: int, config: QuicConfig, rcvbuf: int) -> float:
     payload = bytes(CHUNK)
 
     async def sink(peer: QuicPeer, stream: QuicStream) -> None:
@@ -61,8 +76,8 @@ async def run_ours(size: int, config: QuicConfig, udp_class: type[UdpEndpoint]) 
         await stream.send_all(b"1" if received == size else b"0")
 
     with trio.fail_after(DEADLINE):
-        server_udp = udp_class.bind(Address("127.0.0.1", 0))
-        client_udp = udp_class.bind(Address("127.0.0.1", 0))
+        server_udp = _bind(rcvbuf)
+        client_udp = _bind(rcvbuf)
         server_id, client_id = Identity.generate("server"), Identity.generate("client")
         try:
             async with (
@@ -97,36 +112,6 @@ def _no_dht(data: bytes, addr: tuple[str, int]) -> None:
     pass
 
 
-class DrainingUdpEndpoint(UdpEndpoint):
-    """An experiment, not used by the daemon: ``UdpEndpoint.serve`` as it could be, reading
-    every queued datagram (up to 64) before it yields to the scheduler, so a QUIC step
-    answers a whole burst. Run with ``--draining-udp`` to see what that would change."""
-
-    async def serve(
-        self,
-        on_dht: Callable[[bytes, tuple[str, int]], None],
-        on_quic: Callable[[bytes, tuple[str, int]], None] | None = None,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        sock = self._stdlib
-        task_status.started()
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            for _ in range(64):
-                try:
-                    data, addr = sock.recvfrom(65535)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except ConnectionResetError:
-                    continue
-                if data and data[0] & 0x40 and on_quic is not None:
-                    on_quic(data, (addr[0], addr[1]))
-                else:
-                    on_dht(data, (addr[0], addr[1]))
-            await trio.lowlevel.checkpoint()
-
-
 # --------------------------------------------------------------------------- aioquic asyncio
 
 
@@ -145,7 +130,12 @@ def _aioquic_configuration(is_client: bool, config: QuicConfig) -> QuicConfigura
     )
 
 
-async def run_aioquic(size: int, config: QuicConfig) -> float:
+def _set_rcvbuf(transport: asyncio.BaseTransport | None, rcvbuf: int) -> None:
+    if rcvbuf and transport is not None:
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+
+
+async def run_aioquic(size: int, config: QuicConfig, rcvbuf: int) -> float:
     payload = bytes(CHUNK)
 
     tasks: set[asyncio.Task[None]] = set()
@@ -170,10 +160,12 @@ async def run_aioquic(size: int, config: QuicConfig) -> float:
     )
     try:
         port = server._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+        _set_rcvbuf(server._transport, rcvbuf)
         async with connect(
             "127.0.0.1", port, configuration=_aioquic_configuration(True, config)
         ) as client:
             assert isinstance(client, QuicConnectionProtocol)
+            _set_rcvbuf(client._transport, rcvbuf)
             reader, writer = await client.create_stream()
             start = time.perf_counter()
             sent = 0
@@ -200,48 +192,57 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=50, help="megabytes per run (default 50)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each (default 3)")
     parser.add_argument("--max-datagram-size", type=int, default=1200)
+    parser.add_argument(
+        "--rcvbuf",
+        type=int,
+        default=RECV_BUFFER,
+        help=f"SO_RCVBUF of every socket, both contenders (default {RECV_BUFFER}, the "
+        "daemon's; 0: the kernel's default)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="unmeasured runs of each first (default 1)"
+    )
     parser.add_argument("--profile", metavar="FILE", help="cProfile our runs into FILE")
     parser.add_argument("--only", choices=["ours", "aioquic"], help="run one contender")
-    parser.add_argument(
-        "--draining-udp",
-        action="store_true",
-        help="also run ours on DrainingUdpEndpoint (a proposed UdpEndpoint.serve)",
-    )
     args = parser.parse_args()
     size = args.size * 1_000_000
     config = QuicConfig(max_datagram_size=args.max_datagram_size)
 
-    ours: list[float] = []
-    theirs: list[float] = []
-    drained: list[float] = []
-    for _ in range(args.rounds):
-        if args.only != "aioquic":
-            profiler = cProfile.Profile() if args.profile else None
+    def ours() -> float:
+        return mbit_per_s(size, trio.run(run_ours, size, config, args.rcvbuf))
+
+    def theirs() -> float:
+        return mbit_per_s(size, asyncio.run(run_aioquic(size, config, args.rcvbuf)))
+
+    contenders = [("ours (trio driver)", ours), ("aioquic asyncio", theirs)]
+    if args.only == "ours":
+        contenders = contenders[:1]
+    elif args.only == "aioquic":
+        contenders = contenders[1:]
+    results: dict[str, list[float]] = {name: [] for name, _ in contenders}
+    for _ in range(args.warmup):
+        for name, run in contenders:
+            print(f"{name + ' (warm-up):':32}{run():8.1f} Mbit/s", flush=True)
+    for round_ in range(args.rounds):
+        # Alternate who goes first, so that neither always runs on a cooler machine.
+        for name, run in contenders if round_ % 2 == 0 else contenders[::-1]:
+            gc.collect()
+            profiler = cProfile.Profile() if args.profile and run is ours else None
             if profiler:
                 profiler.enable()
-            ours.append(mbit_per_s(size, trio.run(run_ours, size, config, UdpEndpoint)))
+            results[name].append(run())
             if profiler:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
-            print(f"ours (trio driver):     {ours[-1]:8.1f} Mbit/s", flush=True)
-            if args.draining_udp:
-                drained.append(
-                    mbit_per_s(size, trio.run(run_ours, size, config, DrainingUdpEndpoint))
-                )
-                print(f"ours, draining UDP:     {drained[-1]:8.1f} Mbit/s", flush=True)
-        if args.only != "ours":
-            theirs.append(mbit_per_s(size, asyncio.run(run_aioquic(size, config))))
-            print(f"aioquic asyncio:        {theirs[-1]:8.1f} Mbit/s", flush=True)
+            print(f"{name + ':':32}{results[name][-1]:8.1f} Mbit/s", flush=True)
 
-    print(f"\n{args.size} MB over one stream, {args.rounds} round(s), median:")
-    if ours:
-        print(f"  ours (trio driver):   {statistics.median(ours):8.1f} Mbit/s")
-    if drained:
-        print(f"  ours, draining UDP:   {statistics.median(drained):8.1f} Mbit/s (experiment)")
-    if theirs:
-        print(f"  aioquic asyncio:      {statistics.median(theirs):8.1f} Mbit/s")
-    if ours and theirs:
-        print(f"  ratio ours/theirs:    {statistics.median(ours) / statistics.median(theirs):8.2f}")
+    rcvbuf = f"SO_RCVBUF {args.rcvbuf}" if args.rcvbuf else "default SO_RCVBUF"
+    print(f"\n{args.size} MB over one stream, {rcvbuf}, {args.rounds} round(s), median:")
+    for name, values in results.items():
+        print(f"  {name + ':':30}{statistics.median(values):8.1f} Mbit/s")
+    if len(results) == 2:
+        ours_median, theirs_median = (statistics.median(v) for v in results.values())
+        print(f"  {'ratio ours/theirs:':30}{ours_median / theirs_median:8.2f}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ streams, datagrams, reuse, idle handling, and garbage on the shared port."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import ssl
@@ -32,7 +33,7 @@ from p2pd.transport.quic import (
     open_quic_endpoint,
 )
 from p2pd.transport.tls import certificate_public_key, make_certificate
-from p2pd.transport.udp import UdpEndpoint
+from p2pd.transport.udp import RECV_BURST, UdpEndpoint
 from p2pd.wire import Address
 
 TIMEOUT = 20
@@ -561,6 +562,86 @@ async def test_unknown_version_gets_version_negotiation() -> None:
             assert reply[1:5] == b"\x00\x00\x00\x00"  # version 0: Version Negotiation
             assert b"\x00\x00\x00\x01" in reply[5 + 1 + 8 + 1 + 8 :]
             assert bob.quic.stats["quic_version_negotiation_sent"] == 1
+
+
+async def test_forged_packets_for_a_live_connection_change_nothing() -> None:
+    """Datagrams that carry a real connection ID but are not the peer's (random payload,
+    truncated, a bogus long header) reach aioquic, which cannot decrypt them and drops
+    them: a transfer running at the time completes intact and the connection stays."""
+    payload = os.urandom(1 << 20)
+    with trio.fail_after(TIMEOUT):
+        async with open_node("alice") as alice, open_node("bob", on_stream=echo) as bob:
+            peer = await alice.quic.connect(bob.address, bob.key)
+            await wait_for(lambda: bool(bob.incoming), "incoming connection reported")
+            cids = sorted(bob.incoming[0]._cids)
+            stream = await peer.open_stream()
+            received = b""
+
+            async def reader() -> None:
+                nonlocal received
+                received = await read_all(stream)
+
+            async def forger() -> None:
+                for _ in range(20):
+                    for cid in cids:
+                        for forged in (
+                            b"\x40" + cid + os.urandom(60),
+                            b"\x5f" + cid,
+                            b"\xc0\x00\x00\x00\x01" + bytes([len(cid)]) + cid + os.urandom(30),
+                        ):
+                            alice.udp.sendto(forged, bob.address)
+                    await trio.sleep(0.002)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                nursery.start_soon(forger)
+                await stream.send_all(payload)
+                await stream.send_eof()
+            assert received == payload
+            assert not peer.is_closing and not bob.incoming[0].is_closing
+            assert bob.closed == [] and alice.closed == []
+            again = await peer.open_stream()
+            await again.send_all(b"still here")
+            await again.send_eof()
+            assert await read_all(again) == b"still here"
+
+
+async def test_udp_reads_bursts_and_flushes_once_per_burst() -> None:
+    """UdpEndpoint.serve hands out every queued datagram (up to RECV_BURST) before it
+    yields, then runs its flush hooks once: QUIC steps once per burst, not per packet."""
+    with trio.fail_after(TIMEOUT):
+        receiver = UdpEndpoint.bind(Address("127.0.0.1", 0))
+        sender = UdpEndpoint.bind(Address("127.0.0.1", 0))
+        quic: list[bytes] = []
+        dht: list[bytes] = []
+        flushes: list[int] = []
+        receiver.add_flush_hook(lambda: flushes.append(len(quic) + len(dht)))
+        to = receiver.local_address.as_tuple()
+        total = RECV_BURST + 6
+        try:
+            # All queued before the receive task starts.
+            for i in range(total):
+                sender.sendto(b"\x40" + i.to_bytes(2, "big"), to)
+            for odd in (b"\x00dht", b"", b"\x20neither"):
+                sender.sendto(odd, to)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    receiver.serve, lambda d, a: dht.append(d), lambda d, a: quic.append(d)
+                )
+                await wait_for(lambda: len(quic) == total and len(dht) == 1, "all delivered")
+                await wait_for(lambda: receiver.stats["datagrams_in"] == total + 3, "counted")
+                nursery.cancel_scope.cancel()
+        finally:
+            receiver.close()
+            sender.close()
+        assert quic == [b"\x40" + i.to_bytes(2, "big") for i in range(total)]
+        assert dht == [b"\x00dht"]
+        assert receiver.stats["dropped_unknown"] == 2  # empty, and an unknown first byte
+        # One flush after each burst, each burst within the bound; far fewer than one
+        # flush per datagram (on loopback the queued datagrams make exactly two bursts).
+        assert flushes == sorted(flushes) and flushes[-1] == total + 1
+        assert all(b - a <= RECV_BURST for a, b in itertools.pairwise([0, *flushes]))
+        assert 2 <= len(flushes) <= 8
 
 
 # The echo handler has the signature QuicEndpoint expects.

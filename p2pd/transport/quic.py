@@ -4,18 +4,20 @@ The node has one UDP socket (:class:`~p2pd.transport.udp.UdpEndpoint`); datagram
 first byte has the 0x40 bit set (RFC 9000 section 17: the fixed bit) come to
 :meth:`QuicEndpoint.datagram_received`. There we parse the header, find the connection by
 its Destination Connection ID (or make a server connection for a new Initial), feed the
-datagram to aioquic and wake that connection's task. Nothing else happens in the receive
-path, so the UDP task never waits on QUIC.
+datagram to aioquic and note the connection. The UDP task reads every queued datagram
+(a burst) before it yields, and then calls our flush hook, which runs one *step* of each
+connection that received something, still in the UDP task and synchronously: the UDP
+task never waits on QUIC, and no task switch happens per datagram.
 
-Each connection has one task (:meth:`QuicPeer._run`) that owns everything about it:
-
-- it sleeps until the earliest of aioquic's ``get_timer()``, our keep-alive and idle
-  deadlines, or a wake-up (a datagram arrived, the application wrote something);
-- then, in one synchronous step, it fires the timer, consumes every pending event,
-  drains ``datagrams_to_send()`` straight into the socket, and re-arms its deadline.
+A step fires aioquic's timer if due, consumes every pending event (stream data wakes the
+reader, DATAGRAM frames go to ``on_datagram``), applies our keep-alive and idle rules,
+drains ``datagrams_to_send()`` straight into the socket, and re-arms the connection's
+deadline. Each connection also has one task (:meth:`QuicPeer._run`) that runs the same
+step when its deadline comes (aioquic's ``get_timer()``, our keep-alive and idle
+deadlines) or when the application wakes it (a write, a read that frees window, a close).
 
 Batching is the point: one ``datagrams_to_send`` serves everything that arrived or was
-written since the last step, and no task switch happens per packet on the send side.
+written since the last step.
 Time is ``trio.current_time()``: aioquic only adds durations to and compares the ``now``
 values its caller passes (it reads no clock of its own except for certificate validity
 and session tickets, neither used here), so any monotonic clock passed consistently
@@ -101,9 +103,9 @@ AEAD_TAG_SIZE = 16
 #: A 1-RTT packet's header as aioquic writes it: first byte, the peer's connection ID (at
 #: most 20 bytes, and the peer may switch us to a longer one at any time), packet number.
 SHORT_HEADER_MAX = 1 + MAX_CID_LENGTH + PACKET_NUMBER_SEND_SIZE
-#: Scheduling rounds a connection task waits for more datagrams before a step.
-#: (8 measured best on loopback: 1 -> 104, 2 -> 109, 8 -> 112 Mbit/s.)
-TRAIN = 8
+#: A step repeats while aioquic's timer is already due after sending (pacing), at most
+#: this many times, so one connection cannot hold the UDP task for long.
+STEP_PASSES = 16
 #: ``receive_some()`` without a size hands out at most this much at once.
 DEFAULT_RECEIVE_SIZE = 1 << 20
 
@@ -462,7 +464,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
             self._recv += data
         if end_stream:
             self._recv_eof = True
-        self._recv_lot.unpark_all()
+        if self._recv_lot:
+            self._recv_lot.unpark_all()
 
     def _on_reset(self, error: P2PDError) -> None:
         if self._recv_error is None and not self._recv_eof:
@@ -514,8 +517,12 @@ class QuicPeer:
         self._cids: set[bytes] = set()
         self._lot = trio.lowlevel.ParkingLot()
         self._kicked = False
-        #: Datagrams fed to aioquic so far (the receive path counts, the task compares).
-        self._received = 0
+        #: Received datagrams are waiting for a step (the endpoint's flush runs it).
+        self._dirty = False
+        #: A step outside the task ended the connection; the task must finish it.
+        self._stop = False
+        #: The task's waiting scope, whose deadline is the connection's next deadline.
+        self._wait: trio.CancelScope | None = None
         self._timer_at: float | None = None
         self._ready = trio.Event()
         self._done = trio.Event()
@@ -701,10 +708,14 @@ class QuicPeer:
         try:
             while not self._terminated:
                 # One cancel scope serves many waits: its deadline is moved, not a new
-                # scope made, each time the connection's next deadline changes. Only
-                # when the deadline is reached (a timer fires) does a new one start.
+                # scope made, each time the connection's next deadline changes (here or
+                # after a step in the receive path). Only when the deadline is reached
+                # (a timer fires) does a new one start.
                 with trio.CancelScope() as wait:
+                    self._wait = wait
                     while True:
+                        if self._stop or self._terminated:
+                            return  # a step in the receive path ended the connection
                         self._kicked = False
                         if not self._safe_step():
                             return
@@ -714,11 +725,9 @@ class QuicPeer:
                             await trio.lowlevel.checkpoint()
                             continue
                         wait.deadline = self._next_deadline()
-                        seen = self._received
                         await self._lot.park()
-                        if self._received != seen:
-                            await self._let_the_train_pass()
         finally:
+            self._wait = None
             if not self._terminated:
                 # Cancelled: the endpoint is shutting down. Tell the peer now, in one
                 # synchronous send, rather than let it wait for its idle timeout.
@@ -735,19 +744,23 @@ class QuicPeer:
                 finally:
                     self._finish()
 
-    async def _let_the_train_pass(self) -> None:
-        """Datagrams come in trains, and the UDP task hands us one per scheduling round.
-        Stepping after each would mean one datagrams_to_send() (and one wake-up of the
-        stream's reader) per packet; instead, while the previous round brought another
-        datagram, give the UDP task one more round, up to TRAIN rounds. A step then
-        answers a whole train: ACKs are still due only after max_ack_delay (RFC 9000
-        section 13.2.1) and aioquic's own timers bound the wait anyway."""
-        seen = self._received
-        for _ in range(TRAIN):
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            if self._received == seen:
-                return
-            seen = self._received
+    def _step_after_receive(self) -> None:
+        """The step for datagrams received in the UDP task's last burst, run by the
+        endpoint's flush in that task (as aioquic's asyncio protocol transmits from
+        ``datagram_received``): no wake-up of our task, which only has its deadline
+        moved. Once the connection is over, the task is woken to finish it."""
+        self._dirty = False
+        if self._stop or self._terminated:
+            return
+        if not self._safe_step():
+            self._stop = True
+            self._lot.unpark_all()
+            return
+        wait = self._wait
+        if wait is not None:  # else the task has not started yet; it steps first
+            deadline = self._next_deadline()
+            if deadline != wait.deadline:
+                wait.deadline = deadline
 
     def _safe_step(self) -> bool:
         """One step; False once the connection is over."""
@@ -766,30 +779,50 @@ class QuicPeer:
         return not self._terminated
 
     def _step(self) -> None:
-        """Timer, events, keep-alive and idle rules, then everything there is to send."""
+        """Timer, events, keep-alive and idle rules, then everything there is to send;
+        again while the timer is already due by the time the datagrams are out."""
         quic = self.quic
         now = self._now = trio.current_time()
-        if self._timer_at is not None and now >= self._timer_at:
-            self._timer_at = None
-            quic.handle_timer(now)
-        self._process_events()
-        if self._terminated:
-            return
-        self._housekeeping(now)
-        self._transmit(now)
-        # get_timer() is safe only after connect() or the first receive_datagram() (it
-        # compares with _close_at, which is None before); both happen before this task.
-        self._timer_at = quic.get_timer()
+        for _ in range(STEP_PASSES):
+            if self._timer_at is not None and now >= self._timer_at:
+                self._timer_at = None
+                quic.handle_timer(now)
+            self._process_events()
+            if self._terminated:
+                return
+            self._housekeeping(now)
+            sent = self._transmit(now)
+            # get_timer() is safe only after connect() or the first receive_datagram()
+            # (it compares with _close_at, which is None before); both happen before
+            # any step.
+            timer_at = self._timer_at = quic.get_timer()
+            if not sent or timer_at is None:
+                break
+            # aioquic's pacer (recovery.QuicPacketPacer) sees one `now` per call, so its
+            # token bucket never refills while a call builds and encrypts packets. With
+            # a large window it lets out two or three packets and asks to be called
+            # again a microsecond later: packet_time is floored at 1 us and the bucket
+            # holds 16 packets' worth of time at cwnd/srtt, under 3 us once cwnd is a few
+            # MB (it is on loopback, where nothing is lost and srtt is floored at 1 ms).
+            # That deadline has passed by the time the packets are out; going through
+            # the scheduler for it costs a scheduling round and a Cancelled per two
+            # packets. Pass the real time instead, as often as the timer is due.
+            now = self._now = trio.current_time()
+            if now < timer_at:
+                break
         if self._blocked_writers:
             self._wake_writers()
 
-    def _transmit(self, now: float) -> None:
+    def _transmit(self, now: float) -> bool:
+        """Send what aioquic has to send; True if anything went out."""
         datagrams = self.quic.datagrams_to_send(now)
-        if datagrams:
-            self._last_send = now
-            sendto = self.endpoint.udp.sendto
-            for data, addr in datagrams:
-                sendto(data, addr)
+        if not datagrams:
+            return False
+        self._last_send = now
+        sendto = self.endpoint.udp.sendto
+        for data, addr in datagrams:
+            sendto(data, addr)
+        return True
 
     def _wake_writers(self) -> None:
         # Hysteresis: a writer blocked at send_buffer wakes at half of it, so it refills in
@@ -1023,6 +1056,8 @@ class QuicEndpoint:
         self._by_cid: dict[bytes, QuicPeer] = {}
         self._peers: dict[tuple[bytes, NetworkAddress], QuicPeer] = {}
         self._all: set[QuicPeer] = set()
+        #: Connections that received datagrams since the last flush, in arrival order.
+        self._dirty: list[QuicPeer] = []
         self._v6 = udp.local_address.version == 6
 
     def _configuration(self, is_client: bool, certificate: Any, key: Any) -> QuicConfiguration:
@@ -1049,6 +1084,7 @@ class QuicEndpoint:
         """Run the endpoint until cancelled; then close every connection."""
         if self._nursery is not None:
             raise LocalError("this QUIC endpoint is already serving")
+        self.udp.add_flush_hook(self._flush)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -1056,11 +1092,14 @@ class QuicEndpoint:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+            self.udp.remove_flush_hook(self._flush)
 
     # ---- the receive path (called by UdpEndpoint.serve for every QUIC datagram)
 
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
-        """Feed one datagram to its connection and wake that connection's task."""
+        """Feed one datagram to its connection. The connection steps (answers it) once
+        the UDP task's burst is over, in the flush hook that :meth:`serve` registers
+        with ``self.udp``: so pass this only to that ``UdpEndpoint``'s ``serve``."""
         if len(data) > CID_LENGTH and data[0] & 0xC0 == 0x40:
             # Fast path for the common case, a short header (RFC 9000 section 17.3): the
             # Destination Connection ID follows the first byte, with the length we chose.
@@ -1091,8 +1130,19 @@ class QuicEndpoint:
                 transport=True,
             )
             return
-        peer._received += 1
-        peer._kick()
+        if not peer._dirty:
+            peer._dirty = True
+            self._dirty.append(peer)
+
+    def _flush(self) -> None:
+        """The UDP task's flush hook: one step for each connection that received
+        datagrams in the burst it just handed out."""
+        dirty = self._dirty
+        if not dirty:
+            return
+        self._dirty = []
+        for peer in dirty:
+            peer._step_after_receive()
 
     def _drop(self, reason: str) -> None:
         self.stats["quic_dropped"] += 1
