@@ -457,10 +457,9 @@ class Delivery:
         written and read the answers in a task of that nursery."""
         stream = await peer.open_stream()
         try:
-            await stream.send_all(frames)
+            await stream.send_all(frames, eof=True)  # the FIN in the same packet
             if sent is not None:
                 sent()
-            await stream.send_eof()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -641,8 +640,11 @@ class Delivery:
                 if self._conn.in_transaction:
                     self._conn.commit()  # the acks of this read, in one transaction
             if replies:
+                # Answering a stream the peer has finished (it sends its frames and FIN in
+                # one go): our FIN goes with the answers, not in a packet of its own.
+                last = waiting is None and stream.at_eof
                 try:
-                    await stream.send_all(bytes(replies))
+                    await stream.send_all(bytes(replies), eof=last)
                 except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
                     return
             if on_answer is not None:

@@ -260,6 +260,42 @@ async def test_stream_echo_one_megabyte_both_ways() -> None:
                 await stream.send_all(b"x")
 
 
+async def test_send_all_with_eof_puts_the_fin_in_the_same_packet() -> None:
+    """A message and its FIN travel in one packet (p2pd.delivery writes every exchange
+    so): one packet with STREAM frames goes out, and the receiver reads the data and
+    the end together."""
+    from aioquic.quic.logger import QuicLogger
+
+    seen: list[tuple[bytes, bool]] = []
+
+    async def handler(peer: QuicPeer, stream: QuicStream) -> None:
+        data = await stream.receive_some()
+        seen.append((data, stream.at_eof))
+        seen.append((await stream.receive_some(), stream.at_eof))
+
+    with trio.fail_after(TIMEOUT):
+        async with open_node("alice") as alice, open_node("bob", on_stream=handler) as bob:
+            peer = await alice.quic.connect(bob.address, bob.key)
+            logger = QuicLogger()
+            peer.quic._quic_logger = logger.start_trace(is_client=True, odcid=b"test")
+            stream = await peer.open_stream()
+            await stream.send_all(b"hello", eof=True)
+            await wait_for(lambda: len(seen) == 2, "the handler read data and end")
+            assert seen == [(b"hello", True), (b"", True)]
+            sent = [
+                event["data"]["frames"]
+                for event in logger.to_dict()["traces"][0]["events"]
+                if event["name"] == "transport:packet_sent"
+            ]
+            with_stream = [f for f in sent if any(x["frame_type"] == "stream" for x in f)]
+            assert len(with_stream) == 1, sent
+            (frame,) = [x for x in with_stream[0] if x["frame_type"] == "stream"]
+            assert frame["fin"] and frame["length"] == 5
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.send_all(b"more")
+            await stream.aclose()
+
+
 async def test_many_concurrent_streams() -> None:
     # More than the 128 streams aioquic lets a peer open at first (RFC 9000 section 4.6):
     # the later ones wait for MAX_STREAMS, which closed streams release.

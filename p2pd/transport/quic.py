@@ -306,7 +306,10 @@ class QuicStream(trio.abc.HalfCloseableStream):
 
     # ---- sending
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview, *, eof: bool = False) -> None:
+        """Write ``data``; with ``eof``, finish our direction too, as :meth:`send_eof` would,
+        but before yielding: the FIN rides in the packet with the last data instead of
+        one of its own (a message and its answer are one packet each way)."""
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
         self._sending = True
@@ -332,9 +335,19 @@ class QuicStream(trio.abc.HalfCloseableStream):
                 offset += len(chunk)
                 peer._touch()
                 peer._kick()
+            if eof and not self._send_eof and not peer._closing:
+                self._send_eof = True
+                if not quic.sender_stopped(self.stream_id):
+                    quic.send_stream_data(self.stream_id, b"", end_stream=True)
+                peer._kick()
             await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer finished its direction and everything it sent has been read."""
+        return self._recv_eof and not self._recv
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
