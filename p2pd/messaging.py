@@ -36,6 +36,10 @@ _PENDING = "direction='out' AND state IN ('queued', 'sent')"
 #: ever sent: 0.33 ms per query at 3,000 messages, against 16 µs through the partial
 #: index, and several such queries ran per message (scripts/bench_messages.py, py-spy).
 _PENDING_CONV = "messages INDEXED BY messages_pending_conv"
+#: For pending messages by retry time. (An index on (direction, state, next_attempt)
+#: served these too, and cost a page in every commit that changed a message's state:
+#: dropped, see _SCHEMA.)
+_PENDING_DUE = "messages INDEXED BY messages_pending_due"
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 60.0
 
@@ -49,7 +53,7 @@ CREATE TABLE IF NOT EXISTS messages (
     state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
     sent_at_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL DEFAULT 0, envelope BLOB, via TEXT);
-CREATE INDEX IF NOT EXISTS messages_due ON messages (direction, state, next_attempt);
+DROP INDEX IF EXISTS messages_due;
 CREATE INDEX IF NOT EXISTS messages_pending_due ON messages (next_attempt)
     WHERE direction='out' AND state IN ('queued', 'sent');
 CREATE INDEX IF NOT EXISTS messages_pending_conv ON messages (peer_key, seq)
@@ -167,7 +171,7 @@ class MessageStore:
     def due(self, now: float, limit: int = 256) -> list[Message]:
         """Outgoing messages not yet acknowledged whose retry time has come, in order."""
         rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE {_PENDING} "
+            f"SELECT {_COLUMNS} FROM {_PENDING_DUE} WHERE {_PENDING} "
             "AND next_attempt<=? ORDER BY peer_key, seq LIMIT ?",
             (now, limit),
         ).fetchall()
@@ -175,7 +179,7 @@ class MessageStore:
 
     def next_due(self) -> float | None:
         row = self._conn.execute(
-            f"SELECT MIN(next_attempt) FROM messages WHERE {_PENDING}"
+            f"SELECT MIN(next_attempt) FROM {_PENDING_DUE} WHERE {_PENDING}"
         ).fetchone()
         return None if row[0] is None else float(row[0])
 
@@ -191,7 +195,7 @@ class MessageStore:
     def due_peers(self, now: float) -> list[bytes]:
         """The conversations with a message due now."""
         rows = self._conn.execute(
-            f"SELECT DISTINCT peer_key FROM messages WHERE {_PENDING} AND next_attempt<=?",
+            f"SELECT DISTINCT peer_key FROM {_PENDING_DUE} WHERE {_PENDING} AND next_attempt<=?",
             (now,),
         ).fetchall()
         return [bytes(r[0]) for r in rows]
@@ -292,7 +296,7 @@ class MessageStore:
     def retry_now(self, peer_key: bytes | None = None) -> None:
         """Make pending messages due at once (a peer came online, the user asked)."""
         if peer_key is None:
-            self._conn.execute(f"UPDATE messages SET next_attempt=0 WHERE {_PENDING}")
+            self._conn.execute(f"UPDATE {_PENDING_DUE} SET next_attempt=0 WHERE {_PENDING}")
         else:
             self._conn.execute(
                 f"UPDATE {_PENDING_CONV} SET next_attempt=0 WHERE {_PENDING} AND peer_key=?",
