@@ -174,6 +174,8 @@ class _Session:
     #: the initiator's clock at X3DH time (Unix seconds); see "the rank" above
     initiated_at: int = 0
     ratchet: Ratchet | None = None
+    #: The status its row holds, once loaded or stored (None: no row yet); see _store.
+    stored_status: str | None = None
 
     def document(self) -> dict[str, Any]:
         spk = None if self.signed_prekey is None else self.signed_prekey.hex()
@@ -657,12 +659,14 @@ class SessionManager:
         if cached is not None and cached[0] == state and status != CLOSED:
             session = cached[1]
             session.status, session.updated = status, float(updated)
+            session.stored_status = status
             return session
         try:
             doc = _document(state)
             base = _Session(
                 bytes(sid), bytes(peer_key), status, doc["role"], float(created), float(updated)
             )
+            base.stored_status = status
             spk = doc.get("signed_prekey")
             base.signed_prekey = None if spk is None else bytes.fromhex(spk)
             base.initiated_at = int(doc["initiated_at"])
@@ -691,19 +695,30 @@ class SessionManager:
 
     def _store(self, session: _Session) -> None:
         state = session.state_text()
-        self._conn.execute(
-            "INSERT INTO sessions(session_id, peer_key, status, state, created, updated) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
-            "status=excluded.status, state=excluded.state, updated=excluded.updated",
-            (
-                session.session_id,
-                session.peer_key,
-                session.status,
-                state,
-                session.created,
-                session.updated,
-            ),
-        )
+        updated = 0
+        if session.stored_status == session.status:
+            # The usual case, a ratchet step: no indexed column changes, and an UPDATE of
+            # only these columns leaves the indexes alone (the upsert below rewrote both
+            # index entries of the row on every message).
+            updated = self._conn.execute(
+                "UPDATE sessions SET state=?, updated=? WHERE session_id=?",
+                (state, session.updated, session.session_id),
+            ).rowcount
+        if not updated:
+            self._conn.execute(
+                "INSERT INTO sessions(session_id, peer_key, status, state, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
+                "status=excluded.status, state=excluded.state, updated=excluded.updated",
+                (
+                    session.session_id,
+                    session.peer_key,
+                    session.status,
+                    state,
+                    session.created,
+                    session.updated,
+                ),
+            )
+        session.stored_status = session.status
         cache = self._cache
         cache.pop(session.session_id, None)  # re-inserted last: the dict is the LRU order
         if session.status == CLOSED:
