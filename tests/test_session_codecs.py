@@ -282,14 +282,14 @@ def test_message_aead_opens_what_the_library_seals() -> None:
             run_sync(MessageAEAD.decrypt(sealed, key, ad + b"x"))
 
 
-def test_library_decrypt_commits_only_on_success() -> None:
-    """doubleratchet's decrypt works on a copy of the ratchet: a refused message leaves
-    the in-memory state exactly as it was (the session layer adds the same for SQLite)."""
+def ratchet_pair(*, max_skip: int, max_skipped_keys: int) -> tuple[Any, Any, bytes]:
+    """Two ratchets started from a shared secret, as X3DH would (associated data b"ad");
+    and the plaintext of the first message, which the responder decrypted."""
     shared, spk_priv, ad = os.urandom(32), os.urandom(32), b"ad"
     alice, first = run_sync(
         start_as_initiator(
-            max_skip=10,
-            max_skipped_keys=20,
+            max_skip=max_skip,
+            max_skipped_keys=max_skipped_keys,
             shared_secret=shared,
             recipient_ratchet_key=xeddsa.priv_to_curve25519_pub(spk_priv),
             plaintext=b"m0",
@@ -298,14 +298,22 @@ def test_library_decrypt_commits_only_on_success() -> None:
     )
     bob, plaintext = run_sync(
         start_as_responder(
-            max_skip=10,
-            max_skipped_keys=20,
+            max_skip=max_skip,
+            max_skipped_keys=max_skipped_keys,
             shared_secret=shared,
             own_ratchet_priv=spk_priv,
             message=first,
             associated_data=ad,
         )
     )
+    return alice, bob, plaintext
+
+
+def test_library_decrypt_commits_only_on_success() -> None:
+    """doubleratchet's decrypt works on a copy of the ratchet: a refused message leaves
+    the in-memory state exactly as it was (the session layer adds the same for SQLite)."""
+    alice, bob, plaintext = ratchet_pair(max_skip=10, max_skipped_keys=20)
+    ad = b"ad"
     assert plaintext == b"m0"
     message = run_sync(alice.encrypt_message(b"m1", ad))
     before = bob.json
@@ -330,27 +338,7 @@ def test_the_fast_ratchet_copy_is_a_deep_copy() -> None:
     """decrypt_message deep-copies the DH ratchet for every message; ours copies field by
     field (crypto._DHRatchet). The copy must hold the same state and share nothing that
     a step changes: stepping it leaves the original alone."""
-    shared, spk_priv, ad = os.urandom(32), os.urandom(32), b"ad"
-    alice, first = run_sync(
-        start_as_initiator(
-            max_skip=10,
-            max_skipped_keys=20,
-            shared_secret=shared,
-            recipient_ratchet_key=xeddsa.priv_to_curve25519_pub(spk_priv),
-            plaintext=b"m0",
-            associated_data=ad,
-        )
-    )
-    bob, _ = run_sync(
-        start_as_responder(
-            max_skip=10,
-            max_skipped_keys=20,
-            shared_secret=shared,
-            own_ratchet_priv=spk_priv,
-            message=first,
-            associated_data=ad,
-        )
-    )
+    alice, bob, _ = ratchet_pair(max_skip=10, max_skipped_keys=20)
     for ratchet in (alice, bob):
         dh = ratchet._DoubleRatchet__diffie_hellman_ratchet  # type: ignore[attr-defined]
         clone = copy.deepcopy(dh)
@@ -377,27 +365,8 @@ def test_ratchet_state_is_the_librarys_json(steps: list[str], rng: Any) -> None:
     """crypto.ratchet_state reads the library's private fields; it must give exactly the
     library's own ``json``, for every state a conversation goes through (both chains,
     DH steps, skipped keys from out-of-order delivery), and load back to the same."""
-    shared, spk_priv, ad = os.urandom(32), os.urandom(32), b"ad"
-    alice, first = run_sync(
-        start_as_initiator(
-            max_skip=50,
-            max_skipped_keys=100,
-            shared_secret=shared,
-            recipient_ratchet_key=xeddsa.priv_to_curve25519_pub(spk_priv),
-            plaintext=b"m0",
-            associated_data=ad,
-        )
-    )
-    bob, _ = run_sync(
-        start_as_responder(
-            max_skip=50,
-            max_skipped_keys=100,
-            shared_secret=shared,
-            own_ratchet_priv=spk_priv,
-            message=first,
-            associated_data=ad,
-        )
-    )
+    alice, bob, _ = ratchet_pair(max_skip=50, max_skipped_keys=100)
+    ad = b"ad"
     ratchets = {"a": alice, "b": bob}
     in_flight: dict[str, list[Any]] = {"a": [], "b": []}  # sent by a / by b
     for step in steps:
