@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -128,7 +128,7 @@ class MediaConfig:
     #: ... and stops once no report has shown that for this long (seconds).
     redundancy_hold: float = 10.0
     #: Keep the playout tick just after frames fall due (see align_tick); False: play on
-    #: the capture tick, as before.
+    #: the capture tick, as before (and without the jitter buffer's warm-up floor).
     align_playout: bool = True
     #: How long after a frame falls due its playout tick comes (seconds): room for
     #: trio's wake-up, so the tick does not come just before the moment.
@@ -246,7 +246,9 @@ class CallMedia:
         self._started_at: float | None = None
         self._ended_at: float | None = None
         self._c = _Counters()
-        self._jitter = JitterBuffer(c.jitter)
+        # The warm-up floor comes down by the playout clock catching up in a pause; on
+        # the capture tick nothing would bring it down (dropping starts two frames late).
+        self._jitter = JitterBuffer(c.jitter if c.align_playout else replace(c.jitter, warmup=0))
         self._assembler = FrameAssembler(c.assembler)
         self._audio_rx = ReceptionStats(SAMPLE_RATE)
         self._video_rx = ReceptionStats(VIDEO_CLOCK)

@@ -24,12 +24,15 @@ the tables with the reasons.
                              5  u32 extended highest sequence number received
                              9  u32 interarrival jitter, µs
 
-    audio with a redundant copy (0x15, RFC 2198's idea with one fixed-size block)
-    0  u8  type              11 u16 redundant length R, 1 .. size - 14
-    1  u8  flags (bit0 start) 13 R  redundant Opus packet (of seq - d)
-    2  u32 sequence number   13+R   primary Opus packet, never empty
-    6  u32 timestamp, 48 kHz
-    10 u8  distance d, 1..8
+    audio with a redundant copy (0x15: RFC 2198's redundant audio, one block)
+    0    u8  type
+    1    u8  flags (bit0 start)
+    2    u32 sequence number
+    6    u32 timestamp, 48 kHz
+    10   u8  distance d, 1..8: the copy is of frame seq - d
+    11   u16 the copy's length R, 1 .. size - 14
+    13   R   the copy: frame seq - d's Opus packet
+    13+R ... Opus packet of frame seq, never empty
 
 Decoders check every bound and raise only :class:`MediaWireError` (a
 :class:`~p2pd.errors.WireError`); encoders raise :class:`~p2pd.errors.UsageError` for
