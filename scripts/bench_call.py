@@ -722,7 +722,7 @@ async def instrumented_call(
                 )
                 # Benchmark seam: a JitterBuffer that remembers its decisions, in place
                 # before the first datagram can reach this CallMedia.
-                jitter = TimedJitterBuffer(media.config.jitter)
+                jitter = TimedJitterBuffer(media._jitter.config)  # the one CallMedia chose
                 jitter.trace = trace
                 media._jitter = jitter
                 side.media, side.trace = media, trace
