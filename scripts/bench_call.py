@@ -14,10 +14,11 @@ a :class:`~p2pd.media.CallMedia` on each side, as tests/test_media_call.py runs 
    encoder and decoder (the libopus decoder, the concealment floor, FEC from the next
    packet when one is lost), no network and no jitter buffer, with the same loss rates
    drawn i.i.d. per packet (``--runs`` patterns per talker): the ceiling a call can
-   reach with these settings. Then the
-   same with other settings, to show what the codec allows: no FEC, 32, 48 and 64 kbit/s,
-   and a what-if p2pd does not implement, each packet sent twice (RFC 2198-style
-   redundancy: a copy rides in the next datagram).
+   reach with these settings. Lossy rows come twice: FEC alone, and FEC plus the
+   redundancy a call switches on under loss (each datagram carries the previous packet
+   again, RFC 2198-style, so the receiver decodes a lost frame from the copy, or from the
+   copy's FEC when two in a row are lost). Then the same with other settings, to show
+   what the codec allows: no FEC, 32, 48 and 64 kbit/s.
 3. **Calls at 0 %, 5 % and 10 % datagram loss** (``--runs`` calls per rate, ``--duration``
    seconds each), through :func:`p2pd.testing.proxy.open_lossy_proxy` (at 0 % too, so every
    rate takes the same path; its loss hits both directions, seed = ``--seed`` + run
@@ -56,22 +57,25 @@ source (read times, the PCM sent) and the WAV recorder (write times); and each
 ``JitterBuffer`` subclass that remembers its last playout decision (which sequence number
 played, and how). CPU runs use none of this.
 
-The two sides of a real call tick with an arbitrary phase between them, and a frame
-waits for the receiver's next tick; in-process both would start within a few
-milliseconds, always alike. So the answering side of run k starts ``(k + u) / runs *
-20 ms`` after the calling side (u seeded uniform, the same for all k): the phases are
-spread evenly over a tick. The phases that resulted (opening a source adds ~10 ms) are
-measured from the first source reads and printed.
+The two sides of a real call tick with an arbitrary phase between them; in-process both
+would start within a few milliseconds, always alike. So the answering side of run k
+starts ``(k + u) / runs * 20 ms`` after the calling side (u seeded uniform, the same for
+all k): the phases are spread evenly over a tick. The phases that resulted (opening a
+source adds ~10 ms) are measured from the first source reads and printed. (A receiver
+plays on a clock of its own, set just after frames fall due, whatever that phase;
+``--no-align`` plays on the capture tick instead, where a frame waits up to 20 ms for
+it.)
 
-Also printed: the worst lateness of the 20 ms ticks on either side (a stalled trio
-thread) and the full garbage collections during the calls (the benchmark collects its
-own garbage before each call; a full collection of a big heap stalls the thread for
-15-20 ms here).
+Also printed: the worst lateness of the 20 ms capture ticks on either side and the
+longest gap between two playout ticks (a stalled trio thread), and the full garbage
+collections during the calls (the benchmark collects its own garbage before each call;
+a full collection of a big heap stalls the thread for 15-20 ms here).
 
     .venv/bin/python scripts/bench_call.py                   # 4 runs x 12 s per loss rate
     .venv/bin/python scripts/bench_call.py --runs 5 --duration 20 --json
     .venv/bin/python scripts/bench_call.py --keep /tmp/calls  # keep speech and recordings
     .venv/bin/python scripts/bench_call.py --min-delay 20 --bitrate 32  # other settings
+    .venv/bin/python scripts/bench_call.py --no-redundancy --no-align   # FEC only, capture tick
 
 Goals: mouth-to-ear p95 <= 60 ms at 0 % loss (G.114 allows 150 ms; the rest belongs to
 the network), PESQ >= 4.0 at 0 % and >= 3.5 at 5 % loss, an audio + video call under half
@@ -142,6 +146,8 @@ ALIGN_SEARCH = 0.5
 CALL_SLACK = 30.0
 ESPEAK_TIMEOUT = 60.0
 LOSSES = (0.0, 0.05, 0.10)
+#: Audio datagrams: plain, and with a redundant copy of the previous packet.
+AUDIO_KINDS = (Kind.AUDIO, Kind.AUDIO_RED)
 GOALS = {
     "m2e_p95_ms_at_0": 60.0,  # <=
     "pesq_at_0": 4.0,  # >=
@@ -360,9 +366,10 @@ def codec_only(
     through the concealment floor, as ``CallMedia._play`` does. Returns the output, the
     compute time (s) per frame (encode plus decode) and the bytes of Opus sent.
 
-    ``red`` is a what-if that p2pd does not do: every datagram also carries a copy of the
-    previous packet (RFC 2198-style redundancy), so a lost packet whose successor
-    arrived is decoded in full instead of from FEC; it doubles the audio bitrate."""
+    ``red``: every datagram also carries a copy of the previous packet (RFC 2198-style
+    redundancy, what a call sends while its peer reports loss), so a lost packet whose
+    successor arrived is decoded in full instead of from FEC, and one whose successor is
+    lost too from the FEC in the copy of that successor; it doubles the audio bitrate."""
     encoder = OpusEncoder(bitrate=bitrate, packet_loss=MediaConfig().opus_packet_loss, fec=fec)
     decoder = open_opus_decoder()
     floor = ConcealmentFloor(FRAME_SAMPLES)
@@ -382,9 +389,11 @@ def codec_only(
     for n, packet in enumerate(packets):
         started = time.perf_counter()
         following = packets[n + 1] if n + 1 < len(packets) else None
+        if red and following is None and n + 2 < len(packets) and packets[n + 2] is not None:
+            following = payloads[n + 1]  # the copy of n + 1 in n + 2
         if packet is not None:
             pcm, concealed = decoder.decode(packet), False
-        elif red and following is not None:
+        elif red and n + 1 < len(packets) and packets[n + 1] is not None:
             pcm, concealed = decoder.decode(payloads[n]), False
         elif following is not None:
             pcm, recovered = decoder.decode_fec(following)
@@ -414,15 +423,12 @@ def run_baseline(
     bitrate = config.audio_bitrate
     # (label, bitrate, FEC, RED, loss): the calls' settings first, then what-ifs.
     variants = [("codec only", bitrate, True, False, drop) for drop in LOSSES]
+    variants += [("codec only, RED + FEC", bitrate, True, True, d) for d in LOSSES if d]
     variants.append(("codec only, no FEC", bitrate, False, False, 0.0))
     for other, drops in ((32000, (0.0, 0.05)), (48000, (0.0, 0.05)), (64000, (0.0,))):
         if other != bitrate:
             label = f"codec only, {other // 1000} kbit/s"
             variants += [(label, other, True, False, drop) for drop in drops]
-    variants += [
-        ("what-if: RED x2, no FEC", bitrate, False, True, 0.05),
-        ("what-if: RED x2, no FEC", bitrate, False, True, 0.10),
-    ]
     rows = []
     delays: list[int] = []
     costs_all: list[float] = []
@@ -536,7 +542,7 @@ class TimedPeer:
         return self.inner.max_datagram_size
 
     def send_datagram(self, data: bytes) -> bool:
-        if data and data[0] == Kind.AUDIO and self.trace.reads:
+        if data and data[0] in AUDIO_KINDS and self.trace.reads:
             packet = decode(data)
             assert isinstance(packet, AudioPacket)
             self.trace.capture[packet.seq] = self.trace.reads[-1]
@@ -552,8 +558,8 @@ class TimedJitterBuffer(JitterBuffer):
 
     trace: Trace | None = None
 
-    def pop(self, now: float) -> Playout | None:
-        decision = super().pop(now)
+    def pop(self, now: float, *, quiet: bool = True) -> Playout | None:
+        decision = super().pop(now, quiet=quiet)
         if self.trace is not None:
             self.trace.last_decision = decision
         return decision
@@ -620,7 +626,7 @@ class Side:
     trace: Trace | None = None
 
     def on_datagram(self, peer: QuicPeer, data: bytes) -> None:
-        if self.trace is not None and data and data[0] == Kind.AUDIO:
+        if self.trace is not None and data and data[0] in AUDIO_KINDS:
             packet = decode(data)
             assert isinstance(packet, AudioPacket)
             self.trace.arrived.setdefault(packet.seq, trio.current_time())
@@ -681,6 +687,7 @@ class Direction:
     received: Trace
     recording: Path
     stats: dict[str, Any]
+    sender_stats: dict[str, Any]
 
 
 async def instrumented_call(
@@ -715,7 +722,7 @@ async def instrumented_call(
                 )
                 # Benchmark seam: a JitterBuffer that remembers its decisions, in place
                 # before the first datagram can reach this CallMedia.
-                jitter = TimedJitterBuffer(media.config.jitter)
+                jitter = TimedJitterBuffer(media._jitter.config)  # the one CallMedia chose
                 jitter.trace = trace
                 media._jitter = jitter
                 side.media, side.trace = media, trace
@@ -726,8 +733,12 @@ async def instrumented_call(
                 await nursery.start(bob.media.run)
             stats = {"alice": alice.media.statistics(), "bob": bob.media.statistics()}
     return [
-        Direction("alice", traces["alice"], traces["bob"], records["bob"], stats["bob"]),
-        Direction("bob", traces["bob"], traces["alice"], records["alice"], stats["alice"]),
+        Direction(
+            "alice", traces["alice"], traces["bob"], records["bob"], stats["bob"], stats["alice"]
+        ),
+        Direction(
+            "bob", traces["bob"], traces["alice"], records["alice"], stats["alice"], stats["bob"]
+        ),
     ]
 
 
@@ -804,10 +815,12 @@ def analyse(direction: Direction) -> dict[str, Any]:
         "acoustic_m2e": acoustic,
         "tick_phase_ms": _ms(phase),
         "capture_late_max_ms": _ms(_max_lateness(reads)),
-        "playout_late_max_ms": _ms(_max_lateness([t for t, *_ in heard.played])),
+        "playout_late_max_ms": _ms(_max_gap([t for t, *_ in heard.played])),
         "frames_played": s["audio_frames_played"],
         "frames_concealed": s["audio_frames_concealed"],
         "fec_recovered": s["audio_fec_recovered"],
+        "red_recovered": s["audio_red_recovered"],
+        "red_sent_by_peer": direction.sender_stats["audio_red_sent"],
         "loss_pct": s["loss_pct"],
         "late": s["audio_late"],
         "dropped": s["audio_dropped"],
@@ -823,6 +836,15 @@ def _max_lateness(times: list[float]) -> float | None:
     if not times:
         return None
     return max(t - (times[0] + n * FRAME) for n, t in enumerate(times))
+
+
+def _max_gap(times: list[float]) -> float | None:
+    """How much longer than 20 ms the longest interval between two playout ticks was: a
+    stalled trio thread shows here (the playout clock's own phase shifts, at most half a
+    frame each, do too)."""
+    if len(times) < 2:
+        return None
+    return max(b - a for a, b in itertools.pairwise(times)) - FRAME
 
 
 @dataclass
@@ -888,7 +910,8 @@ def run_losses(
                     f"{fmt(_ms(percentile(lat, 50)))}/{fmt(_ms(percentile(lat, 95)))} ms, "
                     f"PESQ {', '.join(f'{x:.2f}' for x in result['pesq']) or '-'}, "
                     f"loss {result['loss_pct']:.1f} %, concealed {result['frames_concealed']}, "
-                    f"FEC {result['fec_recovered']}"
+                    f"FEC {result['fec_recovered']}, RED {result['red_recovered']} "
+                    f"(copies sent {result['red_sent_by_peer']})"
                 )
                 per_run.append(result)
         row = summarise_loss(drop, per_run, opus_delay)
@@ -905,6 +928,10 @@ def media_config(args: argparse.Namespace) -> MediaConfig:
         config = replace(config, jitter=replace(config.jitter, min_delay=args.min_delay / 1000))
     if args.bitrate is not None:
         config = replace(config, audio_bitrate=round(args.bitrate * 1000))
+    if args.no_redundancy:
+        config = replace(config, audio_redundancy=False)
+    if args.no_align:
+        config = replace(config, align_playout=False)
     return config
 
 
@@ -955,6 +982,8 @@ def summarise_loss(drop: float, per_run: list[dict[str, Any]], opus_delay: float
             100 * sum(r["frames_concealed"] for r in per_run) / played if played else None
         ),
         "fec_recovered": sum(r["fec_recovered"] for r in per_run),
+        "red_recovered": sum(r["red_recovered"] for r in per_run),
+        "red_sent": sum(r["red_sent_by_peer"] for r in per_run),
         "late": sum(r["late"] for r in per_run),
         "dropped": sum(r["dropped"] for r in per_run),
         "jitter_target_ms": [r["jitter_target_ms"] for r in per_run],
@@ -1076,7 +1105,10 @@ def print_report(doc: dict[str, Any]) -> None:
         f"\nCalls on loopback: {p['runs']} call(s) of {p['duration_s']:g} s per loss rate, "
         f"both directions scored, proxy seeds {p['seed']}..{p['seed'] + p['runs'] - 1}, "
         f"Opus {p['audio_bitrate'] / 1000:g} kbit/s, jitter buffer min delay "
-        f"{p['jitter_min_delay_ms']:g} ms" + f"; {_cpus()} CPU(s), one process."
+        f"{p['jitter_min_delay_ms']:g} ms, redundancy under loss "
+        f"{'on' if p['audio_redundancy'] else 'OFF'}, playout "
+        f"{'aligned to due frames' if p['align_playout'] else 'on the capture tick'}"
+        f"; {_cpus()} CPU(s), one process."
     )
     print(f"speech: {doc['speech']}")
     print(
@@ -1087,7 +1119,7 @@ def print_report(doc: dict[str, Any]) -> None:
     header = (
         f"{'path':<24} {'kbit/s':>6} {'loss':>4} {'m2e p50':>7} {'m2e p95':>7} "
         f"{'pipe p50':>8} {'pipe p95':>8} {'pipe max':>8} {'PESQ':>5} {'min':>5} {'n':>3} "
-        f"{'conceal':>7} {'FEC':>4} {'JB ms':>6}"
+        f"{'conceal':>7} {'FEC':>4} {'RED':>4} {'JB ms':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -1098,7 +1130,7 @@ def print_report(doc: dict[str, Any]) -> None:
             f"{codec_m2e + base['compute_ms_p50']:>7.1f} "
             f"{codec_m2e + base['compute_ms_p95']:>7.1f} {'-':>8} {'-':>8} {'-':>8} "
             f"{fmt(row['pesq']['mean'], '.2f'):>5} {fmt(row['pesq']['min'], '.2f'):>5} "
-            f"{row['pesq']['n']:>3} {'-':>7} {'-':>4} {'-':>6}"
+            f"{row['pesq']['n']:>3} {'-':>7} {'-':>4} {'-':>4} {'-':>6}"
         )
     for row in doc["calls"]:
         targets = row["jitter_target_ms"]
@@ -1111,17 +1143,21 @@ def print_report(doc: dict[str, Any]) -> None:
             f"{fmt(row['pipeline_ms']['p50']):>8} {fmt(row['pipeline_ms']['p95']):>8} "
             f"{fmt(row['pipeline_ms']['max']):>8} {fmt(row['pesq']['mean'], '.2f'):>5} "
             f"{fmt(row['pesq']['min'], '.2f'):>5} {row['pesq']['n']:>3} "
-            f"{fmt(row['concealed_pct'], '.1f', '%'):>7} {row['fec_recovered']:>4} {jb:>6}"
+            f"{fmt(row['concealed_pct'], '.1f', '%'):>7} {row['fec_recovered']:>4} "
+            f"{row['red_recovered']:>4} {jb:>6}"
         )
     print(
         "m2e = mouth-to-ear = pipe + 20 ms framing + Opus delay (codec rows: framing + "
         "Opus delay + compute). pipe = capture (the sender takes the frame from its source) "
         "to playout (the receiver hands the decoded frame to its recorder): Opus encode, "
         "QUIC DATAGRAM, 2 loopback UDP hops via the proxy, the jitter buffer's target, the "
-        "wait for the receiver's next tick, decode. Not included: sound device buffers, the "
-        "network. Per played frame (decoded or FEC-rebuilt), all runs, both directions. "
+        "wait for the receiver's next playout tick, decode. Not included: sound device "
+        "buffers, the network. Per played frame (decoded, FEC-rebuilt or decoded from a "
+        "redundant copy), all runs, both directions. FEC / RED: frames rebuilt from FEC / "
+        "decoded from a redundant copy. "
         "PESQ: wideband P.862.2 MOS-LQO per <=12 s chunk (mean, min, count). kbit/s: Opus "
-        "payload (calls: the whole datagram stream sent, audio and reports). JB ms: "
+        "payload (calls: the whole datagram stream received, audio, copies and reports). "
+        "JB ms: "
         "jitter buffer target at the end of each call. Codec rows: no network, no jitter "
         "buffer, i.i.d. loss; their latency leaves out the frame a receiver must hold to use "
         "FEC (or RED) once packets are lost."
@@ -1144,8 +1180,9 @@ def print_report(doc: dict[str, Any]) -> None:
             f"  {row['loss']:.0%}: acoustic m2e (per PESQ chunk) median {fmt(a['p50'])} ms, "
             f"max {fmt(a['max'])} ms (n={a['n']}); receiver tick phases {phases} ms; "
             f"measured loss {fmt(row['measured_loss_pct'], '.1f')} %; late {row['late']}, "
-            f"accelerate-dropped {row['dropped']}; worst tick lateness capture "
-            f"{fmt(row['capture_late_max_ms'])} / playout {fmt(row['playout_late_max_ms'])} ms; "
+            f"accelerate-dropped {row['dropped']}; redundant copies sent {row['red_sent']}; "
+            f"worst capture tick lateness {fmt(row['capture_late_max_ms'])} ms, longest "
+            f"playout gap over 20 ms {fmt(row['playout_late_max_ms'])} ms; "
             f"full GCs {row['gc_full_collections']} (max {fmt(row['gc_full_max_ms'])} ms)"
         )
     print()
@@ -1219,6 +1256,16 @@ def main() -> None:
         help="experiment: the jitter buffer's minimum target delay for the calls "
         f"(default: MediaConfig's, {MediaConfig().jitter.min_delay * 1000:g} ms)",
     )
+    parser.add_argument(
+        "--no-redundancy",
+        action="store_true",
+        help="experiment: calls without redundant copies under loss (FEC only)",
+    )
+    parser.add_argument(
+        "--no-align",
+        action="store_true",
+        help="experiment: play out on the capture tick instead of just after frames are due",
+    )
     args = parser.parse_args()
     if not 1 <= args.runs <= 100 or not 2 <= args.duration <= 600:
         parser.error("need 1 <= --runs <= 100 and 2 <= --duration <= 600")
@@ -1252,6 +1299,8 @@ def main() -> None:
             "losses": list(LOSSES),
             "jitter_min_delay_ms": media_config(args).jitter.min_delay * 1000,
             "audio_bitrate": media_config(args).audio_bitrate,
+            "audio_redundancy": media_config(args).audio_redundancy,
+            "align_playout": media_config(args).align_playout,
         },
         "speech": speech.how,
         "speech_synthetic": speech.synthetic,

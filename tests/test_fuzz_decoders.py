@@ -15,9 +15,13 @@ records.HandleRecord.decode, verify_record              RecordError
 session.bundle.PrekeyBundle.decode                      BundleError
 session.envelope.Envelope.decode                        EnvelopeError
 session.SessionManager.decrypt                          EnvelopeError, SessionError
+media.wire.decode (call media datagrams)                MediaWireError
+media.CallMedia.datagram_received                       nothing (counts what it drops)
 =====================================================  ====================================
 
-and what does decode is canonical: it encodes back to the very bytes it came from. For
+and what does decode is canonical: it encodes back to the very bytes it came from (media
+datagrams: up to the flag bits a receiver ignores, so it encodes to bytes that decode to
+the same value). For
 ``SessionManager.decrypt`` a refused envelope must also leave every stored row as it was
 (the sessions table and our prekeys), and an altered envelope must never decrypt.
 """
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgpack
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,6 +48,18 @@ from p2pd.errors import (
     WireError,
 )
 from p2pd.identity import Identity
+from p2pd.media import CallMedia
+from p2pd.media.wire import (
+    AUDIO_RED_HEADER,
+    MAX_RED_DISTANCE,
+    AudioPacket,
+    KeyframeRequest,
+    MediaWireError,
+    ReceiverReport,
+    ReportBlock,
+    VideoFragment,
+)
+from p2pd.media.wire import decode as media_decode
 from p2pd.records import MAX_ADDRESSES, HandleRecord, verify_record
 from p2pd.session import SessionManager
 from p2pd.session.bundle import MAX_ONE_TIME_PREKEYS, PrekeyBundle
@@ -780,3 +797,108 @@ def forged_envelopes(draw: st.DrawFn) -> bytes:
 @given(forged_envelopes(), st.data())
 def test_decrypt_forged_envelopes(envelope: bytes, data: st.DataObject) -> None:
     assert_refused_and_unchanged(envelope, data.draw(sender_keys()))
+
+
+# --------------------------------------------------------------------------- call media
+
+media_payloads = st.binary(min_size=1, max_size=300)
+media_u32 = st.sampled_from([0, 1, (1 << 31), (1 << 32) - 1]) | st.integers(0, (1 << 32) - 1)
+media_blocks = st.builds(ReportBlock, st.integers(0, 255), media_u32, media_u32, media_u32)
+media_datagrams = st.one_of(
+    st.builds(AudioPacket, media_u32, media_u32, media_payloads, st.booleans()),
+    st.builds(
+        AudioPacket,
+        media_u32,
+        media_u32,
+        media_payloads,
+        st.booleans(),
+        media_payloads,
+        st.integers(1, MAX_RED_DISTANCE),
+    ),
+    st.integers(1, 8).flatmap(
+        lambda count: st.builds(
+            VideoFragment,
+            media_u32,
+            st.integers(0, count - 1),
+            st.just(count),
+            media_u32,
+            media_payloads,
+            st.booleans(),
+        )
+    ),
+    st.builds(
+        ReceiverReport, media_u32, media_u32, media_u32, media_blocks, media_blocks, st.booleans()
+    ),
+    st.builds(KeyframeRequest, media_u32),
+)
+
+
+def check_media(data: bytes) -> None:
+    """decode() returns a value that round-trips, or raises MediaWireError."""
+    try:
+        message = media_decode(data)
+    except MediaWireError:
+        return
+    again = message.encode()
+    assert media_decode(again) == message
+    assert len(again) == len(data)  # the same layout, at most other ignored flag bits
+    if isinstance(message, AudioPacket) and message.redundant:
+        # Two lengths, one datagram: the copy and the primary fill it exactly.
+        assert AUDIO_RED_HEADER + len(message.redundant) + len(message.payload) == len(data)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_media_datagram_arbitrary_bytes(data: bytes) -> None:
+    check_media(data)
+
+
+@FUZZ
+@given(st.sampled_from([0x11, 0x12, 0x13, 0x14, 0x15]), st.binary(max_size=64))
+def test_media_datagram_valid_type_then_arbitrary_bytes(kind: int, rest: bytes) -> None:
+    check_media(bytes([kind]) + rest)
+
+
+@FUZZ
+@given(media_datagrams, st.data())
+def test_media_datagram_mutations(message: Any, data: st.DataObject) -> None:
+    check_media(mutate(data, message.encode()))
+
+
+class _SilentPeer:
+    """A MediaPeer that is never used: the CallMedia below only receives."""
+
+    max_datagram_size = 1158
+
+    def send_datagram(self, data: bytes) -> bool:
+        return True
+
+    async def wait_closed(self) -> None:
+        await trio.sleep_forever()
+
+
+@FUZZ
+@given(st.lists(media_datagrams, min_size=1, max_size=10), st.data())
+def test_call_media_drops_and_counts_malformed_datagrams(
+    messages: list[Any], data: st.DataObject
+) -> None:
+    """Whatever arrives, datagram_received never raises; what does not decode is counted
+    and changes nothing else in the call's statistics."""
+    mutated = [mutate(data, m.encode()) for m in messages]
+
+    async def main() -> None:
+        media = CallMedia(_SilentPeer(), audio_in=None, video_in=None, record=None, duration=1)
+        for datagram in mutated:
+            before = media.statistics()
+            media.datagram_received(datagram)
+            after = media.statistics()
+            if refused(MediaWireError, functools.partial(media_decode, datagram)):
+                assert after["datagrams_malformed"] == before["datagrams_malformed"] + 1
+                ignore = {"datagrams_malformed", "datagrams_received", "bitrate_received_kbps"}
+                assert {k: v for k, v in after.items() if k not in ignore} == {
+                    k: v for k, v in before.items() if k not in ignore
+                }
+            else:
+                assert after["datagrams_malformed"] == before["datagrams_malformed"]
+
+    trio.run(main)

@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from p2pd.identity import Identity
-from p2pd.media import CallMedia
+from p2pd.media import CallMedia, MediaConfig
+from p2pd.media.wire import ReceiverReport, ReportBlock
 from p2pd.testing.proxy import open_lossy_proxy
 from p2pd.transport.quic import QuicEndpoint, QuicPeer, open_quic_endpoint
 from p2pd.transport.udp import UdpEndpoint
@@ -136,18 +137,29 @@ async def test_tone_call_records_the_other_sides_tone(tmp_path: Path) -> None:
         assert stats["loss_pct"] == 0
         assert 30 < stats["bitrate_sent_kbps"] < 60
         assert stats["keyframe_requests_sent"] == 0  # no video in this call
+        # No loss reported: no redundant copies, the bitrate stays that of one stream.
+        assert stats["audio_red_sent"] == 0 and stats["audio_redundancy"] is False
+        assert stats["audio_red_recovered"] == 0
 
 
 async def test_ten_percent_loss_is_concealed_without_gaps(tmp_path: Path) -> None:
     with trio.fail_after(TIMEOUT):
         alice, bob = await call(tmp_path, audio=("tone:440", "tone:660"), drop=0.10)
-    for name, expected, media in (("alice", 660, alice), ("bob", 440, bob)):
+    for name, expected, media, peer in (("alice", 660, alice, bob), ("bob", 440, bob, alice)):
         x = read_wav(tmp_path / f"{name}.wav")
-        stats = media.statistics()
+        stats, peer_stats = media.statistics(), peer.statistics()
         assert abs(x.size / 48000 - CALL) <= 0.1 * CALL, name
         assert dominant_frequency(x) == pytest.approx(expected, abs=5), name
         assert longest_gap(x) <= FRAME, (name, stats)
         assert stats["loss_pct"] > 2, stats
+        # Our reports told the peer of the loss: it sent redundant copies (from the
+        # first report with loss, ~0.5 s in), and lost frames came back from them.
+        assert peer_stats["audio_red_sent"] > 0.5 * peer_stats["audio_packets_sent"], peer_stats
+        assert peer_stats["audio_redundancy"] is True, peer_stats
+        assert stats["audio_red_recovered"] > 0, stats
+        assert stats["bitrate_received_kbps"] > 1.5 * 48 * 0.9 * 0.7, stats  # ~ twice
+        # Not every loss has a copy (the first half second, two in a row): those are
+        # rebuilt from FEC or concealed.
         assert stats["audio_frames_concealed"] + stats["audio_fec_recovered"] > 0, stats
 
 
@@ -189,3 +201,48 @@ async def test_video_losses_bring_keyframe_requests_and_recover(tmp_path: Path) 
         with av.open(str(tmp_path / f"{name}.mkv")) as container:
             decoded = sum(1 for _ in container.decode(video=0))
         assert decoded == stats["video_frames_received"]
+
+
+class _Silent:
+    """A MediaPeer that sends nowhere: for CallMedia's receive path alone."""
+
+    max_datagram_size = 1158
+
+    def send_datagram(self, data: bytes) -> bool:
+        return True
+
+    async def wait_closed(self) -> None:
+        await trio.sleep_forever()
+
+
+async def test_redundancy_follows_the_peers_reports() -> None:
+    """Copies go only to a peer that says it decodes them, from a report with loss on,
+    until ``redundancy_hold`` passes without one."""
+    config = MediaConfig(redundancy_hold=0.2)
+    media = CallMedia(
+        _Silent(), audio_in=None, video_in=None, record=None, duration=1, config=config
+    )
+
+    def report(n: int, lost: int, accepts: bool) -> bytes:
+        return ReceiverReport(
+            n, audio=ReportBlock(fraction_lost=lost), accepts_redundancy=accepts
+        ).encode()
+
+    assert not media.redundancy_active(trio.current_time())
+    media.datagram_received(report(1, 2, True))  # under 1% lost: no
+    assert not media.redundancy_active(trio.current_time())
+    media.datagram_received(report(2, 26, False))  # 10% lost, but an older peer
+    assert not media.redundancy_active(trio.current_time())
+    media.datagram_received(report(3, 26, True))
+    assert media.redundancy_active(trio.current_time())
+    await trio.sleep(0.1)
+    media.datagram_received(report(4, 0, True))  # no loss: still on within the hold
+    assert media.redundancy_active(trio.current_time())
+    await trio.sleep(0.15)
+    assert not media.redundancy_active(trio.current_time())
+    off = CallMedia(
+        _Silent(), audio_in=None, video_in=None, record=None, duration=1,
+        config=MediaConfig(audio_redundancy=False),
+    )  # fmt: skip
+    off.datagram_received(report(1, 26, True))
+    assert not off.redundancy_active(trio.current_time())

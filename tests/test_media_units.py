@@ -26,7 +26,7 @@ from p2pd.media.codecs import (
     Vp8Encoder,
     load_libopus,
 )
-from p2pd.media.jitter import JitterBuffer, JitterConfig, PlayoutKind, extend
+from p2pd.media.jitter import JitterBuffer, JitterConfig, PlayoutKind, align_tick, extend
 from p2pd.media.plc import ConcealmentFloor
 from p2pd.media.sinks import MatroskaRecorder, WavRecorder, open_recorder
 from p2pd.media.sources import (
@@ -40,6 +40,7 @@ from p2pd.media.sources import (
 from p2pd.media.stats import ReceptionStats, RttEstimator
 from p2pd.media.wire import (
     MAX_FRAGMENTS,
+    MAX_RED_DISTANCE,
     AudioPacket,
     KeyframeRequest,
     MediaWireError,
@@ -66,13 +67,17 @@ def dominant_frequency(pcm: np.ndarray) -> float:
 reports = st.builds(ReportBlock, st.integers(0, 255), U32, U32, U32)
 datagrams = st.one_of(
     st.builds(AudioPacket, U32, U32, PAYLOAD, st.booleans()),
+    st.builds(
+        AudioPacket, U32, U32, PAYLOAD, st.booleans(), PAYLOAD,
+        st.integers(1, MAX_RED_DISTANCE),
+    ),
     st.integers(1, MAX_FRAGMENTS).flatmap(
         lambda count: st.builds(
             VideoFragment, U32, st.integers(0, count - 1), st.just(count), U32, PAYLOAD,
             st.booleans(),
         )
     ),
-    st.builds(ReceiverReport, U32, U32, U32, reports, reports),
+    st.builds(ReceiverReport, U32, U32, U32, reports, reports, st.booleans()),
     st.builds(KeyframeRequest, U32),
 )  # fmt: skip
 
@@ -120,6 +125,15 @@ def test_datagram_layout_is_as_documented() -> None:
     assert report[:14] == bytes.fromhex("13 00 00000001 00000002 00000003")
     assert report[14:27] == bytes.fromhex("04 00000005 00000006 00000007")
     assert len(report) == 40
+    assert ReceiverReport(1, accepts_redundancy=True).encode()[:2] == bytes.fromhex("13 01")
+    red = AudioPacket(7, 6720, b"new", start=False, redundant=b"old").encode()
+    assert red == bytes.fromhex("15 00 00000007 00001a40 01 0003") + b"old" + b"new"
+    packet = decode(red)
+    assert isinstance(packet, AudioPacket)
+    assert (packet.redundant_seq, packet.redundant_timestamp) == (6, 5760)
+    # Wrapping: the copy of packet 0 is packet 2**32 - 1.
+    first = AudioPacket(0, 0, b"n", redundant=b"o")
+    assert (first.redundant_seq, first.redundant_timestamp) == (2**32 - 1, 2**32 - 960)
 
 
 @pytest.mark.parametrize(
@@ -134,6 +148,13 @@ def test_datagram_layout_is_as_documented() -> None:
         bytes.fromhex("12 00 00000001 0000 0401 00000000") + b"x",  # count 1025
         b"\x13" + bytes(38),  # short report
         b"\x14" + bytes(5),  # long keyframe request
+        bytes.fromhex("15 00 00000001 00000002 01 0001") + b"r",  # no primary
+        bytes.fromhex("15 00 00000001 00000002 01 0002") + b"rp",  # copy eats the primary
+        bytes.fromhex("15 00 00000001 00000002 01 ffff") + b"rp",  # length beyond the end
+        bytes.fromhex("15 00 00000001 00000002 01 0000") + b"p",  # empty copy
+        bytes.fromhex("15 00 00000001 00000002 00 0001") + b"rp",  # distance 0
+        bytes.fromhex("15 00 00000001 00000002 09 0001") + b"rp",  # distance 9
+        bytes.fromhex("15 00 00000001 00000002 01"),  # truncated header
     ],
 )
 def test_malformed_datagrams_are_refused(data: bytes) -> None:
@@ -159,6 +180,10 @@ def test_encoders_refuse_out_of_range_values() -> None:
         VideoFragment(0, 2, 2, 0, b"x").encode()
     with pytest.raises(UsageError):
         fragment(0, 0, b"x" * 10, keyframe=False, max_datagram=14)
+    with pytest.raises(UsageError):
+        AudioPacket(1, 0, b"x", redundant=b"y", distance=0).encode()
+    with pytest.raises(UsageError):
+        AudioPacket(1, 0, b"x", redundant=b"y" * 65536).encode()
 
 
 # --------------------------------------------------------------------------- jitter buffer
@@ -650,3 +675,222 @@ def test_matroska_recorder_writes_opus_and_vp8(tmp_path: Path) -> None:
     assert len(frames) == 25 and (frames[0].width, frames[0].height) == (640, 480)
     with pytest.raises(UsageError):
         open_recorder(tmp_path / "out.mp3", start=0.0)
+
+
+# --------------------------------------------------------------------------- redundancy
+
+
+def run_red_ticks(
+    jb: JitterBuffer, arrivals: dict[int, float], *, ticks: int
+) -> list[tuple[PlayoutKind, int | None, bytes | None]]:
+    """Like run_ticks, but every packet after the first carries a copy of the one before
+    (as a call sends while its peer reports loss); a lost packet is left out of
+    ``arrivals``, its copy still rides in the next one."""
+    pending = sorted(arrivals.items(), key=lambda kv: kv[1])
+    out: list[tuple[PlayoutKind, int | None, bytes | None]] = []
+    for k in range(ticks):
+        now = k * FRAME
+        while pending and pending[0][1] <= now:
+            seq, at = pending.pop(0)
+            jb.push(seq, seq * 960, b"p%d" % seq, at)
+            if seq > 0:
+                jb.push_redundant(seq - 1, (seq - 1) * 960, b"p%d" % (seq - 1))
+        decision = jb.pop(now)
+        if decision is not None:
+            out.append((decision.kind, decision.seq, decision.payload))
+    return out
+
+
+def test_a_lost_frame_plays_from_its_redundant_copy() -> None:
+    jb = JitterBuffer()
+    packets = {seq: seq * FRAME + 0.001 for seq in range(80) if seq not in (30, 60, 61)}
+    decisions = {
+        seq: (kind, payload)
+        for kind, seq, payload in run_red_ticks(jb, packets, ticks=90)
+        if seq is not None
+    }
+    # The copy is the lost packet's own bytes, decoded as the frame itself.
+    assert decisions[30] == (PlayoutKind.REDUNDANT, b"p30")
+    # Two in a row: the first has no copy left (it rode in the lost 61), so FEC from the
+    # copy of 61 that rides in 62; 61 itself plays from that copy.
+    assert decisions[60] == (PlayoutKind.FEC, b"p61")
+    assert decisions[61] == (PlayoutKind.REDUNDANT, b"p61")
+    others = [kind for seq, (kind, _) in decisions.items() if seq < 80 and seq not in (30, 60, 61)]
+    assert len(others) >= 70 and set(others) == {PlayoutKind.FRAME}
+    stats = jb.statistics()
+    assert stats["redundant"] == 2 and stats["redundant_filled"] == 2 and stats["fec"] == 1
+    # A frame played from a copy was still lost: the buffer keeps the extra frame.
+    assert jb.target_delay == pytest.approx(0.040, abs=0.002)
+
+
+def test_redundant_copies_of_frames_already_here_or_played_change_nothing() -> None:
+    jb = JitterBuffer()
+    jb.push(0, 0, b"a", 0.0)
+    jb.push(1, 960, b"b", 0.02)
+    jb.push_redundant(0, 0, b"copy")  # here already
+    first = jb.pop(0.03)
+    assert first is not None and first.kind is PlayoutKind.FRAME and first.payload == b"a"
+    jb.push_redundant(0, 0, b"copy")  # played already
+    jb.push_redundant(2, 1920, b"copy")  # newer than any packet: not a copy of anything
+    jb.push_redundant(2**31, 0, b"copy")  # far away
+    assert jb.statistics()["redundant_filled"] == 0
+    assert jb.statistics()["buffered"] == 1
+
+
+def test_a_packet_after_its_own_copy_is_not_a_duplicate() -> None:
+    jb = JitterBuffer()
+    jb.push(0, 0, b"a", 0.0)
+    jb.push(2, 1920, b"c", 0.04)
+    jb.push_redundant(1, 960, b"b")
+    jb.push(1, 960, b"b", 0.041)  # reordered: the packet itself after its copy
+    stats = jb.statistics()
+    assert stats["duplicates"] == 0 and stats["redundant_filled"] == 0
+    decisions = []
+    for _ in range(3):
+        due = jb.next_due()
+        assert due is not None
+        decisions.append(jb.pop(due))
+    assert [(d.kind, d.seq) for d in decisions if d is not None] == [
+        (PlayoutKind.FRAME, 0),
+        (PlayoutKind.FRAME, 1),
+        (PlayoutKind.FRAME, 2),
+    ]
+
+
+# --------------------------------------------------------------------------- playout clock
+
+
+def test_next_due_is_when_pop_plays_the_frame() -> None:
+    jb = JitterBuffer()
+    assert jb.next_due() is None
+    for seq in range(5):
+        jb.push(seq, 48000 + seq * 960, b"x", 1.0 + seq * FRAME + 0.004)
+    due = jb.next_due()
+    assert due == pytest.approx(1.004 + 0.020)  # timestamp + min transit + target
+    assert due is not None
+    assert jb.pop(due - 0.0005) is None  # not due yet: nothing starts
+    decision = jb.pop(due + 0.0005)
+    assert decision is not None and decision.kind is PlayoutKind.FRAME and decision.seq == 0
+    after = jb.next_due()
+    assert after is not None and after == pytest.approx(due + FRAME)
+
+
+@pytest.mark.parametrize(
+    ("nominal", "expected"),
+    [
+        (1.0010, 1.0010),  # on the spot (due 1.000 + margin 1 ms)
+        (1.0025, 1.0025),  # within the tolerance after it: left alone
+        (1.0090, 1.0010),  # the frame overdue by 8 ms: earlier
+        (1.0150, 1.0050),  # overdue by 14 ms: earlier by half a frame, for now
+        (0.9950, 1.0010),  # 6 ms early: later
+        (0.5790, 0.5810),  # due much later: only the phase counts (frames 20 ms apart)
+        (0.5870, 0.5810),  # ... the shorter way round
+    ],
+)
+def test_align_tick_moves_the_tick_to_just_after_the_frame_is_due(
+    nominal: float, expected: float
+) -> None:
+    tick = align_tick(nominal, 1.000, FRAME, margin=0.001, tolerance=0.002)
+    assert tick == pytest.approx(expected)
+    assert abs(tick - nominal) <= FRAME / 2 + 1e-9
+
+
+def test_align_tick_without_a_due_time_keeps_the_clock() -> None:
+    assert align_tick(3.0, None, FRAME, margin=0.001, tolerance=0.002) == 3.0
+
+
+@given(st.floats(0, 1e5), st.floats(0, 1e5))
+def test_align_tick_never_moves_more_than_half_a_frame(nominal: float, due: float) -> None:
+    tick = align_tick(nominal, due, FRAME, margin=0.001, tolerance=0.002)
+    assert abs(tick - nominal) <= FRAME / 2 + 1e-6
+
+
+# --------------------------------------------------------------------------- timeline shifts
+
+
+def steady(jb: JitterBuffer, upto: int, *, delay: float = 0.001) -> None:
+    for seq in range(upto):
+        jb.push(seq, seq * 960, b"p%d" % seq, seq * FRAME + delay)
+
+
+def test_a_growing_target_stretches_only_after_a_quiet_frame() -> None:
+    """The first loss adds a frame of headroom: the next frame, here already, is not due
+    any more. In speech it is played on (the stretch waits); after a quiet frame the
+    buffer stretches."""
+    for quiet, expected in ((False, PlayoutKind.FRAME), (True, PlayoutKind.CONCEAL)):
+        jb = JitterBuffer()
+        for seq in range(12):
+            if seq != 5:  # lost: its FEC from 6 starts the headroom
+                jb.push(seq, seq * 960, b"x", seq * FRAME + 0.001)
+        # Frame k is due at k x 20 ms + 1 ms transit + 20 ms target.
+        decisions = [jb.pop(k * FRAME + 0.0215, quiet=False) for k in range(6)]
+        assert [(d.kind, d.seq) for d in decisions if d is not None][-2:] == [
+            (PlayoutKind.FRAME, 4),
+            (PlayoutKind.FEC, 5),
+        ]
+        assert jb.target_delay == pytest.approx(0.040)
+        decision = jb.pop(6 * FRAME + 0.0215, quiet=quiet)  # frame 6: 20 ms early now
+        assert decision is not None and decision.kind is expected, quiet
+        if quiet:
+            assert decision.seq is None and jb.statistics()["expanded"] == 1
+        else:
+            assert decision.seq == 6
+            assert jb.statistics()["deferred"] == 1 and jb.statistics()["expanded"] == 0
+
+
+def test_a_deferred_stretch_happens_after_max_defer_ticks() -> None:
+    jb2 = JitterBuffer(JitterConfig(max_defer=3, fec_headroom=False, min_delay=0.005))
+    steady(jb2, 40)
+    first = jb2.pop(0.0065, quiet=False)
+    assert first is not None and first.seq == 0
+    jb2._quantile_delay = 0.1  # the target jumps by 95 ms (white box: a delay spike)
+    seen = []
+    for k in range(1, 8):
+        decision = jb2.pop(0.0065 + k * FRAME, quiet=False)
+        assert decision is not None
+        seen.append((decision.kind, decision.seq))
+    # Three ticks played on, then the stretch that can wait no longer.
+    assert seen[:3] == [(PlayoutKind.FRAME, 1), (PlayoutKind.FRAME, 2), (PlayoutKind.FRAME, 3)]
+    assert seen[3] == (PlayoutKind.CONCEAL, None)
+
+
+def test_dropping_to_catch_up_waits_for_a_quiet_frame() -> None:
+    for quiet in (False, True):
+        jb = JitterBuffer(JitterConfig(fec_headroom=False))
+        steady(jb, 40)
+        first = jb.pop(0.025, quiet=quiet)
+        assert first is not None and first.seq == 0
+        # Three frames overdue at once (a burst, or the target fell).
+        decision = jb.pop(0.025 + 4 * FRAME, quiet=quiet)
+        assert decision is not None
+        assert decision.seq == (2 if quiet else 1), quiet
+        assert jb.statistics()["dropped"] == (1 if quiet else 0)
+
+
+def test_while_losing_packets_a_frame_with_no_successor_counts_as_lost() -> None:
+    """After a loss, when neither a frame nor the one after it (given its own delay
+    percentile) is here, both are taken as lost: conceal and move on, no stretch."""
+    jb = JitterBuffer()
+    packets = {seq: seq * FRAME + 0.001 for seq in range(60) if seq not in (20, 40, 41)}
+    decisions = run_ticks(jb, packets, ticks=70)
+    by_seq = {seq: kind for kind, seq in decisions if seq is not None}
+    assert by_seq[20] is PlayoutKind.FEC
+    assert by_seq[40] is PlayoutKind.CONCEAL and by_seq[41] is PlayoutKind.FEC
+    assert jb.statistics()["expanded"] <= 1  # at most the headroom's own stretch
+    assert [seq for kind, seq in decisions if kind is PlayoutKind.FRAME][-1] == 59
+    # Without losses before, a missing frame with nothing newer is waited for.
+    jb = JitterBuffer()
+    packets = {seq: seq * FRAME + 0.001 for seq in range(30)}
+    packets[20] = packets[21] = 21 * FRAME + 0.030  # late, not lost
+    decisions = run_ticks(jb, packets, ticks=40)
+    assert (PlayoutKind.FRAME, 20) in decisions and (PlayoutKind.CONCEAL, None) in decisions
+
+
+def test_the_first_packets_play_at_least_start_delay_late() -> None:
+    jb = JitterBuffer(JitterConfig(min_delay=0.005, start_delay=0.025, warmup=50))
+    steady(jb, 100)
+    assert jb.target_delay == pytest.approx(0.005)  # 100 packets: warmed up
+    jb = JitterBuffer(JitterConfig(min_delay=0.005, start_delay=0.025, warmup=50))
+    steady(jb, 10)
+    assert jb.target_delay == pytest.approx(0.025)
+    assert jb.pop(0.025) is None and jb.pop(0.0265) is not None

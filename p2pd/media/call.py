@@ -22,13 +22,23 @@ and nothing for the message layer's stream handler to route. The price is fragme
 (:func:`p2pd.media.wire.fragment`) and the :class:`~p2pd.media.assembler.FrameAssembler`.
 
 Timing: one task ticks every 20 ms on trio's clock (``sleep_until`` of absolute
-deadlines, so no drift) and per tick reads and encodes one audio frame, sends it, takes one
-playout decision from the :class:`~p2pd.media.jitter.JitterBuffer`, decodes and records
-it; another task ticks at the video frame rate. Encoding and decoding run inline in the
-trio thread: measured per 20 ms tick, Opus encode ~0.3 ms and decode ~0.04 ms; per video
-frame, 640x480 VP8 encode ~1.5-2 ms, decode ~0.4 ms, test pattern ~0.3 ms. That is
-well under a tick, and a worker thread's hand-off would cost more than a decode. Only
-capture devices, whose reads block, run in a thread (:func:`trio.to_thread.run_sync`).
+deadlines, so no drift) and per tick reads and encodes one audio frame and sends it;
+another ticks every 20 ms too, takes one playout decision from the
+:class:`~p2pd.media.jitter.JitterBuffer`, decodes and records it, and keeps its phase
+just after the moment frames fall due (:func:`~p2pd.media.jitter.align_tick`) rather than
+on the capture clock, whose phase against the peer's is arbitrary (up to 20 ms of
+waiting, 10 on average). A third ticks at the video frame rate.
+
+Loss: Opus in-band FEC always, and, while the peer's receiver reports show loss,
+redundancy (RFC 2198's idea): each audio datagram also carries the previous one's Opus
+packet, so one lost datagram costs nothing once the next arrives. It doubles the audio
+bitrate (~48 -> ~90 kbit/s) only while it is needed (docs/PROTOCOL.md, kind 0x15).
+
+Encoding and decoding run inline in the trio thread: measured per 20 ms tick, Opus
+encode ~0.3 ms and decode ~0.04 ms; per video frame, 640x480 VP8 encode ~1.5-2 ms,
+decode ~0.4 ms, test pattern ~0.3 ms. That is well under a tick, and a worker thread's
+hand-off would cost more than a decode. Only capture devices, whose reads block, run in
+a thread (:func:`trio.to_thread.run_sync`).
 """
 
 from __future__ import annotations
@@ -36,10 +46,11 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import trio
 
 from ..errors import ConnectionLost, DatagramTooLarge, LocalError, UsageError
@@ -54,7 +65,7 @@ from .codecs import (
     Vp8Encoder,
     open_opus_decoder,
 )
-from .jitter import JitterBuffer, JitterConfig, PlayoutKind
+from .jitter import JitterBuffer, JitterConfig, Playout, PlayoutKind, align_tick
 from .plc import ConcealmentFloor
 from .sinks import Recorder, check_record_path, open_recorder
 from .sources import (
@@ -67,6 +78,7 @@ from .sources import (
 )
 from .stats import ReceptionStats, RttEstimator
 from .wire import (
+    AUDIO_RED_HEADER,
     AudioPacket,
     KeyframeRequest,
     MediaWireError,
@@ -107,6 +119,25 @@ class MediaConfig:
     audio_bitrate: int = 48000
     #: The loss (percent) the Opus encoder plans its in-band FEC for.
     opus_packet_loss: int = 10
+    #: Send the previous audio packet again in each datagram (kind 0x15) while the peer
+    #: reports loss and says it decodes that kind. False: never (FEC only).
+    audio_redundancy: bool = True
+    #: Redundancy starts when a receiver report shows more than this fraction of our
+    #: audio lost over its interval (0.5 s, 25 packets: so any loss at all) ...
+    redundancy_loss_threshold: float = 0.01
+    #: ... and stops once no report has shown that for this long (seconds).
+    redundancy_hold: float = 10.0
+    #: Keep the playout tick just after frames fall due (see align_tick); False: play on
+    #: the capture tick, as before (and without the jitter buffer's warm-up floor).
+    align_playout: bool = True
+    #: How long after a frame falls due its playout tick comes (seconds): room for
+    #: trio's wake-up, so the tick does not come just before the moment.
+    playout_margin: float = 0.001
+    #: Within this much after that moment the playout clock is left alone (seconds).
+    playout_tolerance: float = 0.002
+    #: After an underrun (a frame was due and not here) the playout clock keeps the
+    #: frame of delay it added for this long (seconds) before it catches up again.
+    playout_underrun_hold: float = 10.0
     #: Decode Opus through libopus itself (FEC and PLC); False: FFmpeg's decoder, PLC only.
     use_libopus: bool = True
     video_width: int = 640
@@ -121,9 +152,12 @@ class MediaConfig:
     #: Concealed frames after the last received one that a recording holds back.
     record_hold_back: int = 50
     #: A 5 ms floor for the jitter buffer's target (JitterConfig's own default is 20 ms):
-    #: on a clean path the 95th percentile decides. scripts/bench_call.py, 48 kbit/s and
-    #: this floor: mouth-to-ear p50 45 / p95 52 ms at 0% loss.
-    jitter: JitterConfig = field(default_factory=lambda: JitterConfig(min_delay=0.005))
+    #: on a clean path the 95th percentile decides; 25 ms for the first second, while
+    #: that percentile rests on a handful of packets (the first ones through a fresh
+    #: connection are the slowest), falling back in a pause afterwards.
+    jitter: JitterConfig = field(
+        default_factory=lambda: JitterConfig(min_delay=0.005, start_delay=0.025, warmup=50)
+    )
     assembler: AssemblerConfig = field(default_factory=AssemblerConfig)
 
 
@@ -136,6 +170,8 @@ class _Counters:
     send_dropped: int = 0
     malformed: int = 0
     audio_packets_sent: int = 0
+    audio_red_sent: int = 0
+    audio_red_recovered: int = 0
     audio_frames_played: int = 0
     audio_concealed: int = 0
     audio_fec_recovered: int = 0
@@ -149,6 +185,28 @@ class _Counters:
     reports_sent: int = 0
     reports_received: int = 0
     ticks_late: int = 0
+
+
+class _Loudness:
+    """Whether a played frame is quiet: 20 dB under the recent speech level (a peak of
+    frame energies that decays 20 dB in about 9 s), or nearly silent. The jitter buffer
+    stretches and drops frames only after a quiet one, in a pause."""
+
+    #: Per-frame decay of the peak energy (0.99 ** 458 = 0.01: -20 dB in ~9 s).
+    DECAY = 0.99
+    #: Quiet: under this fraction of the peak energy (-20 dB) ...
+    RELATIVE = 0.01
+    #: ... or under this mean square (an RMS of 10 of 32767: -70 dBFS).
+    FLOOR = 100.0
+
+    def __init__(self) -> None:
+        self._peak = 0.0
+
+    def quiet(self, pcm: Any) -> bool:
+        x = pcm.astype(np.float64)
+        energy = float(np.dot(x, x)) / max(1, x.size)
+        self._peak = max(energy, self._peak * self.DECAY)
+        return bool(energy <= max(self.RELATIVE * self._peak, self.FLOOR))
 
 
 class CallMedia:
@@ -188,13 +246,17 @@ class CallMedia:
         self._started_at: float | None = None
         self._ended_at: float | None = None
         self._c = _Counters()
-        self._jitter = JitterBuffer(c.jitter)
+        # The warm-up floor comes down by the playout clock catching up in a pause; on
+        # the capture tick nothing would bring it down (dropping starts two frames late).
+        self._jitter = JitterBuffer(c.jitter if c.align_playout else replace(c.jitter, warmup=0))
         self._assembler = FrameAssembler(c.assembler)
         self._audio_rx = ReceptionStats(SAMPLE_RATE)
         self._video_rx = ReceptionStats(VIDEO_CLOCK)
         self._rtt = RttEstimator()
         self._remote_audio = ReportBlock()
         self._remote_video = ReportBlock()
+        self._peer_accepts_red = False
+        self._red_until = -math.inf
         self._frames: deque[AssembledFrame] = deque()
         self._frames_ready = trio.Event()
         self._keyframe_wanted = False
@@ -203,6 +265,8 @@ class CallMedia:
         self._recorder: Recorder | None = None
         self._scope: trio.CancelScope | None = None
         self._floor = ConcealmentFloor(FRAME_SAMPLES)
+        self._loudness = _Loudness()
+        self._quiet = True
 
     # ---- the receive path (called from the endpoint's on_datagram)
 
@@ -223,10 +287,16 @@ class CallMedia:
             c.malformed += 1
             return
         if isinstance(message, AudioPacket):
+            # Loss statistics (and so the peer's redundancy) count the packets' own
+            # arrivals only: a frame rebuilt from a copy was still lost on the way.
             self._audio_rx.packet(message.seq, message.timestamp, now)
             self._jitter.push(
                 message.seq, message.timestamp, message.payload, now, start=message.start
             )
+            if message.redundant:
+                self._jitter.push_redundant(
+                    message.redundant_seq, message.redundant_timestamp, message.redundant
+                )
         elif isinstance(message, VideoFragment):
             self._deliver_frames(self._assembler.push(message, now), now)
         elif isinstance(message, ReceiverReport):
@@ -235,6 +305,9 @@ class CallMedia:
                 message.send_time_us, message.echo_us, message.echo_delay_us, now
             )
             self._remote_audio, self._remote_video = message.audio, message.video
+            self._peer_accepts_red = message.accepts_redundancy
+            if message.audio.loss_fraction > self.config.redundancy_loss_threshold:
+                self._red_until = now + self.config.redundancy_hold
         elif isinstance(message, KeyframeRequest):
             c.keyframe_requests_received += 1
             if message.request > self._last_request_seen:
@@ -287,6 +360,7 @@ class CallMedia:
                     scope.deadline = start + self.duration
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._audio_loop, start, audio_source)
+                    nursery.start_soon(self._playout_loop, start)
                     if video_source is not None:
                         nursery.start_soon(self._video_send_loop, start, video_source)
                     nursery.start_soon(self._video_receive_loop)
@@ -345,18 +419,19 @@ class CallMedia:
         seq = 0
         tick = 0
         next_report = start
+        # The last packet sent, (seq, payload), for the next one to carry again.
+        previous: tuple[int, bytes] | None = None
         while True:
             await trio.sleep_until(start + tick * FRAME_DURATION)
             now = trio.current_time()
             if source is not None and encoder is not None:
                 pcm = await trio.to_thread.run_sync(source.read) if source.live else source.read()
                 for payload in encoder.encode(pcm):
-                    timestamp = (seq * FRAME_SAMPLES) % (1 << 32)
-                    packet = AudioPacket(seq % (1 << 32), timestamp, payload, start=seq == 0)
-                    self._send(packet.encode())
-                    self._c.audio_packets_sent += 1
+                    self._send_audio(seq, payload, previous, now)
+                    previous = (seq, payload)
                     seq += 1
-            self._play(now)
+            if not c.align_playout:
+                self._play(now)
             self._deliver_frames(self._assembler.poll(now), now)
             request = self._assembler.keyframe_request(now)
             if request is not None:
@@ -375,10 +450,82 @@ class CallMedia:
                 seq += skipped
                 self._c.ticks_late += skipped
 
-    def _play(self, now: float) -> None:
-        decision = self._jitter.pop(now)
+    def redundancy_active(self, now: float) -> bool:
+        """Whether our audio datagrams carry a redundant copy now: the peer accepts them
+        and reported loss within ``redundancy_hold``."""
+        return self.config.audio_redundancy and self._peer_accepts_red and now < self._red_until
+
+    def _send_audio(
+        self, seq: int, payload: bytes, previous: tuple[int, bytes] | None, now: float
+    ) -> None:
+        timestamp = (seq * FRAME_SAMPLES) % (1 << 32)
+        redundant = b""
+        if (
+            previous is not None
+            and previous[0] == seq - 1
+            and self.redundancy_active(now)
+            and AUDIO_RED_HEADER + len(previous[1]) + len(payload) <= self.peer.max_datagram_size
+        ):
+            redundant = previous[1]
+        packet = AudioPacket(
+            seq % (1 << 32), timestamp, payload, start=seq == 0, redundant=redundant
+        )
+        self._send(packet.encode())
+        self._c.audio_packets_sent += 1
+        if redundant:
+            self._c.audio_red_sent += 1
+
+    async def _playout_loop(self, start: float) -> None:
+        """One playout decision per 20 ms, on a clock of its own (see the module
+        docstring): the first tick with the capture clock, then each one frame after the
+        last, moved by :func:`align_tick` to just after the moment frames fall due."""
+        c = self.config
+        if not c.align_playout:
+            return  # the capture loop plays
+        tick = start
+        last_underrun = -math.inf
+        while True:
+            await trio.sleep_until(tick)
+            now = trio.current_time()
+            # Decide as of the tick's own time, not of a late wake-up: a stalled thread
+            # makes frames look overdue, and the jitter buffer would drop one, then find
+            # itself empty on the next, back-to-back tick and stretch (measured: a drop
+            # and a stretch within 20 ms, both audible, after each ~50 ms stall).
+            decision = self._play(now, tick)
+            # A concealed tick that stands for no frame, once playing: the next frame
+            # is late (an underrun) or not due (the target grew).
+            waiting = decision is not None and decision.seq is None
+            if decision is not None and decision.underrun:
+                last_underrun = now
+            nominal = tick + FRAME_DURATION
+            behind = trio.current_time() - nominal
+            if behind > 10 * FRAME_DURATION:
+                # Starved of CPU for over 200 ms: skip ahead rather than burst; the
+                # jitter buffer drops or jumps over what is overdue by then.
+                skipped = int(behind / FRAME_DURATION)
+                nominal += skipped * FRAME_DURATION
+                self._c.ticks_late += skipped
+            # The clock moves only after a quiet frame, in a pause: moving it by up to
+            # half a frame is then as good as adding or cutting that much silence, which
+            # a receiver playing to a sound device would do to follow (here playout feeds
+            # a recorder, and the samples do not move). Nor while the buffer waits for a
+            # late frame: catching up would only conceal faster.
+            rephase = self._quiet and not waiting
+            tick = align_tick(
+                nominal,
+                self._jitter.next_due() if rephase else None,
+                FRAME_DURATION,
+                margin=c.playout_margin,
+                tolerance=c.playout_tolerance,
+                catch_up=now - last_underrun >= c.playout_underrun_hold,
+            )
+
+    def _play(self, now: float, tick: float | None = None) -> Playout | None:
+        """Play one tick: the jitter buffer's decision for ``tick`` (default ``now``),
+        decoded and recorded at ``now``."""
+        decision = self._jitter.pop(now if tick is None else tick, quiet=self._quiet)
         if decision is None or self._decoder is None:
-            return
+            return decision
         c = self._c
         decoder = self._decoder
         concealed = True
@@ -386,6 +533,11 @@ class CallMedia:
             if decision.kind is PlayoutKind.FRAME:
                 assert decision.payload is not None
                 pcm = decoder.decode(decision.payload)
+                concealed = False
+            elif decision.kind is PlayoutKind.REDUNDANT:
+                assert decision.payload is not None
+                pcm = decoder.decode(decision.payload)
+                c.audio_red_recovered += 1
                 concealed = False
             elif decision.kind is PlayoutKind.FEC:
                 assert decision.payload is not None
@@ -403,9 +555,11 @@ class CallMedia:
             pcm = decoder.conceal()
             c.audio_concealed += 1
         pcm = self._floor.conceal(pcm) if concealed else self._floor.good(pcm)
+        self._quiet = self._loudness.quiet(pcm)
         c.audio_frames_played += 1
         if self._recorder is not None:
             self._recorder.write_audio(pcm, concealed=concealed, now=now)
+        return decision
 
     def _send_report(self, now: float) -> None:
         echo, delay = self._rtt.echo(now)
@@ -415,6 +569,7 @@ class CallMedia:
             echo_delay_us=delay,
             audio=self._audio_rx.report(),
             video=self._video_rx.report(),
+            accepts_redundancy=True,
         )
         self._send(report.encode())
         self._c.reports_sent += 1
@@ -510,8 +665,12 @@ class CallMedia:
             "audio_frames_played": c.audio_frames_played,
             "audio_frames_concealed": c.audio_concealed,
             "audio_fec_recovered": c.audio_fec_recovered,
+            "audio_red_recovered": c.audio_red_recovered,
+            "audio_red_sent": c.audio_red_sent,
+            "audio_redundancy": self.redundancy_active(now),
             "audio_decode_errors": c.audio_decode_errors,
             "audio_plc_replaced": self._floor.replaced,
+            "audio_stretched": jitter["expanded"],
             "audio_late": jitter["late"],
             "audio_dropped": jitter["dropped"],
             "jitter_buffer_target_ms": jitter["target_ms"],

@@ -9,9 +9,9 @@ Target delay, as WebRTC's NetEq aims at it: each packet's *relative delay* is ho
 later than the fastest packet of the recent window it arrived, measured against its
 timestamp (``transit = arrival - timestamp / rate``, ``delay = transit - min(transit)``).
 The target is the 95th percentile of that delay over a sliding window (250 packets,
-5 s), at least ``min_delay``, plus one frame while packets are being lost (so that the
-next packet, which carries the lost one's FEC, is usually there in time), at most
-``max_delay``.
+5 s), at least ``min_delay`` (and ``start_delay`` for the first ``warmup`` packets),
+plus one frame while packets are being lost (so that the next packet, which carries the
+lost one's FEC or copy, is usually there in time), at most ``max_delay``.
 
 Playout is driven by time, not by how full the buffer is: a frame with timestamp ``ts`` is
 *due* once ``now >= ts / rate + min(transit) + target``. Each tick:
@@ -21,11 +21,28 @@ Playout is driven by time, not by how full the buffer is: a frame with timestamp
 - if it is two frames or more overdue (the target fell, or a burst arrived) and the
   frame after it is here too, it is dropped unplayed (NetEq's "accelerate", done
   crudely: the delay shrinks by one frame);
+- both of these shift the timeline, which in speech is a hitch, so they wait (at most
+  ``max_defer`` ticks) for the caller to say the last frame played was quiet, as NetEq
+  prefers low-energy frames for them; meanwhile a frame that is here is played;
   overdue by more than ``max_delay`` plus a second (a blackout), playout jumps straight
   to the oldest packet it holds;
 - otherwise the next frame is played if it is here, rebuilt from the next packet's FEC if
   that one is here, else concealed; a frame that is due with nothing newer in the buffer
-  is concealed *without* moving on, so a late packet is still played when it comes.
+  is concealed *without* moving on, so a late packet is still played when it comes
+  (unless packets are being lost and the next one is overdue too: then it is taken as
+  lost, rather than stretching the timeline for every two losses in a row).
+
+Redundant copies (RFC 2198's idea: a datagram also carries the previous frame's Opus
+packet) go in with :meth:`JitterBuffer.push_redundant`. A copy fills the hole of a frame
+whose own packet has not arrived and is played as ``REDUNDANT``, decoded like the frame
+itself; its arrival time says nothing about the network's delay (it rides a frame
+later by design) and is left out of the statistics. A frame played from a copy counts as
+lost for the FEC headroom: the copy needs that extra frame of delay as much as FEC does.
+
+When to tick: :meth:`JitterBuffer.next_due` says when the next frame becomes due, and
+:func:`align_tick` moves a receiver's 20 ms playout clock to just after that moment
+rather than leaving it wherever the sender's capture clock happens to be, which would
+add a wait of up to a frame (half a frame on average) on top of the target delay.
 
 Sequence numbers and timestamps are 32-bit on the wire and extended here as in RFC 3550
 appendix A.1, so wrapping is invisible to the rest of the code.
@@ -40,7 +57,7 @@ from typing import Any
 
 from ..errors import UsageError
 
-__all__ = ["JitterBuffer", "JitterConfig", "Playout", "PlayoutKind", "extend"]
+__all__ = ["JitterBuffer", "JitterConfig", "Playout", "PlayoutKind", "align_tick", "extend"]
 
 _HALF = 1 << 31
 _MOD = 1 << 32
@@ -73,8 +90,16 @@ class JitterConfig:
     window: int = 250
     #: While a frame was lost among the last ``window`` played, hold one frame more.
     fec_headroom: bool = True
+    #: Until ``warmup`` packets have arrived the target is at least ``start_delay``: a
+    #: percentile of a handful of delays is a guess, and a target that grows later
+    #: means a stretch (a frame inserted), one that shrinks only a catch-up in a pause.
+    start_delay: float = 0.0
+    warmup: int = 0
     #: Packets held at most; beyond that the oldest go.
     capacity: int = 64
+    #: Stretching (a frame of concealment inserted) and accelerating (a frame dropped)
+    #: wait for a quiet frame (``pop(quiet=True)``) at most this many ticks (50 = 1 s).
+    max_defer: int = 50
 
     def __post_init__(self) -> None:
         if self.frame_samples <= 0 or self.clock_rate <= 0:
@@ -85,6 +110,10 @@ class JitterConfig:
             raise UsageError("quantile must be in (0, 1]")
         if self.window < 1 or self.capacity < 2:
             raise UsageError("window must be >= 1 and capacity >= 2")
+        if self.max_defer < 0:
+            raise UsageError("max_defer must be >= 0")
+        if self.start_delay < 0 or self.warmup < 0:
+            raise UsageError("start_delay and warmup must be >= 0")
 
     @property
     def frame_duration(self) -> float:
@@ -100,6 +129,9 @@ class PlayoutKind(enum.Enum):
     FEC = "fec"
     #: Nothing to decode: ask the decoder for packet loss concealment.
     CONCEAL = "conceal"
+    #: This frame's packet is missing; decode ``payload``, its redundant copy from a
+    #: later datagram (the same bytes the lost packet carried).
+    REDUNDANT = "redundant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +143,9 @@ class Playout:
     kind: PlayoutKind
     seq: int | None
     payload: bytes | None = None
+    #: A concealed tick for a frame that is due and not here, with nothing newer: it
+    #: may still come (not: a stretch because the target grew).
+    underrun: bool = False
 
 
 @dataclass
@@ -126,6 +161,9 @@ class _Stats:
     dropped: int = 0
     resyncs: int = 0
     resets: int = 0
+    redundant_filled: int = 0
+    redundant: int = 0
+    deferred: int = 0
 
 
 @dataclass
@@ -139,8 +177,8 @@ class JitterBuffer:
         self._reset()
 
     def _reset(self) -> None:
-        #: extended seq -> (extended timestamp, payload)
-        self._packets: dict[int, tuple[int, bytes]] = {}
+        #: extended seq -> (extended timestamp, payload, from a redundant copy)
+        self._packets: dict[int, tuple[int, bytes, bool]] = {}
         self._highest_seq: int | None = None
         self._highest_ts: int | None = None
         self._transits: deque[float] = deque(maxlen=self.config.window)
@@ -150,6 +188,7 @@ class JitterBuffer:
         self._next_seq: int | None = None
         self._next_ts = 0
         self._started = False
+        self._deferred = 0
 
     # ---- input
 
@@ -169,7 +208,8 @@ class JitterBuffer:
         stats = self._stats
         ext_seq = extend(seq, self._highest_seq)
         ext_ts = extend(timestamp, self._highest_ts)
-        if ext_seq in self._packets:
+        held = self._packets.get(ext_seq)
+        if held is not None and not held[2]:
             stats.duplicates += 1
             return
         # Late packets count for the delay statistics too: they are what the target
@@ -179,10 +219,34 @@ class JitterBuffer:
             stats.late += 1
             return
         stats.received += 1
+        if held is not None:
+            # Its redundant copy came first (reordering): same bytes, now the packet's own.
+            stats.redundant_filled -= 1
         if self._highest_seq is None or ext_seq > self._highest_seq:
             self._highest_seq = ext_seq
             self._highest_ts = ext_ts
-        self._packets[ext_seq] = (ext_ts, payload)
+        self._insert(ext_seq, ext_ts, payload, redundant=False)
+
+    def push_redundant(self, seq: int, timestamp: int, payload: bytes) -> None:
+        """A redundant copy of frame ``seq`` (32-bit, as on the wire) arrived, inside a
+        later packet that was pushed first. It fills that frame's hole if the frame is
+        neither here nor played yet; otherwise it is not needed and goes."""
+        if self._highest_seq is None:
+            return
+        ext_seq = extend(seq, self._highest_seq)
+        ext_ts = extend(timestamp, self._highest_ts)
+        if ext_seq in self._packets or ext_seq > self._highest_seq:
+            return
+        if self._next_seq is not None and self._started and ext_seq < self._next_seq:
+            return  # played (concealed) already
+        if self._highest_seq - ext_seq >= self.config.capacity:
+            return  # further back than the buffer holds
+        self._stats.redundant_filled += 1
+        self._insert(ext_seq, ext_ts, payload, redundant=True)
+
+    def _insert(self, ext_seq: int, ext_ts: int, payload: bytes, *, redundant: bool) -> None:
+        stats = self._stats
+        self._packets[ext_seq] = (ext_ts, payload, redundant)
         if self._next_seq is None or (not self._started and ext_seq < self._next_seq):
             self._next_seq, self._next_ts = ext_seq, ext_ts
         while len(self._packets) > self.config.capacity:
@@ -211,6 +275,10 @@ class JitterBuffer:
         target = max(self._quantile_delay, c.min_delay)
         if c.fec_headroom and any(self._losses):
             target += c.frame_duration
+        if len(self._transits) < c.warmup:
+            # A floor on the whole: losses that start while warming up find the delay
+            # their headroom needs already there, and nothing is stretched for it.
+            target = max(target, c.start_delay)
         return min(target, c.max_delay)
 
     @property
@@ -218,9 +286,29 @@ class JitterBuffer:
         """True once the first frame was played."""
         return self._started
 
-    def pop(self, now: float) -> Playout | None:
+    def next_due(self) -> float | None:
+        """When (on the clock of ``now``) the next frame to play becomes due, with the
+        target delay as it is now; None before the first packet."""
+        if self._next_seq is None:
+            return None
+        held = self._packets.get(self._next_seq)
+        ts = held[0] if held is not None else self._next_ts
+        # + 1 µs: pop() compares in samples, and a float rounding must not make the
+        # frame not quite due at the moment this returns.
+        return ts / self.config.clock_rate + self._min_transit + self.target_delay + 1e-6
+
+    def pop(self, now: float, *, quiet: bool = True) -> Playout | None:
         """What to play for the tick at ``now``; ``None`` until the first frame is due
-        (nothing was received yet, or the first packet waits for the target delay)."""
+        (nothing was received yet, or the first packet waits for the target delay).
+
+        ``quiet``: the frame played last was quiet (a pause in speech). Only then does
+        the buffer stretch (while the next frame is here, only not due yet) or drop a
+        frame to catch up; otherwise it plays on and waits for a pause, at most
+        ``max_defer`` ticks. Either one shifts the timeline by a frame: in a pause that
+        goes unheard, in speech it is a hitch (codec-only trials with the PESQ of
+        scripts/bench_call.py: a frame dropped in a pause cost nothing, one inserted in
+        speech 0.1-0.5). A frame that is due and not here is concealed whatever
+        ``quiet`` says: there is nothing else to play."""
         next_seq = self._next_seq
         if next_seq is None:
             return None
@@ -234,15 +322,33 @@ class JitterBuffer:
                 return None
             self._started = True
         stats = self._stats
+        may_shift = quiet or self._deferred >= c.max_defer
         if ts > due_ts:
-            stats.expanded += 1
-            return Playout(PlayoutKind.CONCEAL, None)
+            playable = held is not None or (
+                self._highest_seq is not None and self._highest_seq > next_seq
+            )
+            if not playable or may_shift:
+                self._deferred = 0
+                stats.expanded += 1
+                return Playout(PlayoutKind.CONCEAL, None)
+            # Not due (the target grew), but here, or known lost with newer packets here
+            # (a copy, FEC or concealment can stand for it now): play on, stretch in a
+            # pause.
+            self._deferred += 1
+            stats.deferred += 1
         resynced = self._resync() if due_ts - ts > (c.max_delay + 1.0) * c.clock_rate else None
+        overdue = due_ts - ts >= 2 * frame and next_seq + 1 in self._packets
+        if overdue and not may_shift:
+            self._deferred += 1
+            stats.deferred += 1
+        elif ts <= due_ts and not overdue:
+            self._deferred = 0
         if resynced is not None:
             next_seq = resynced
             held = self._packets.get(next_seq)
             ts = self._next_ts
-        elif due_ts - ts >= 2 * frame and next_seq + 1 in self._packets:
+        elif overdue and may_shift:
+            self._deferred = 0
             # Accelerate: one frame goes unplayed, but only when the one after it is here
             # (dropping the last frame held would only make an underrun). The decoder
             # never sees it; Opus copes as with a loss it was not told about.
@@ -254,6 +360,10 @@ class JitterBuffer:
         if held is not None:
             del self._packets[next_seq]
             self._advance(next_seq, ts)
+            if held[2]:
+                self._losses.append(True)  # its own packet was lost: keep the headroom
+                stats.redundant += 1
+                return Playout(PlayoutKind.REDUNDANT, next_seq, held[1])
             self._losses.append(False)
             stats.played += 1
             return Playout(PlayoutKind.FRAME, next_seq, held[1])
@@ -263,7 +373,14 @@ class JitterBuffer:
             self._losses.append(True)
             stats.fec += 1
             return Playout(PlayoutKind.FEC, next_seq, following[1])
-        if self._highest_seq is not None and self._highest_seq > next_seq:
+        newer = self._highest_seq is not None and self._highest_seq > next_seq
+        # While packets are being lost, the next one is given its own 95th percentile
+        # delay to show up; when it has not either, both are more likely lost than
+        # late (the loss rate is well over 5%), so this frame counts as lost: conceal and
+        # move on, the next tick gets the one after from a copy or FEC. Waiting instead
+        # would stretch the timeline by a frame for every two losses in a row.
+        next_overdue = (now - self._min_transit - self._quantile_delay) * c.clock_rate >= ts + frame
+        if newer or (c.fec_headroom and any(self._losses) and next_overdue):
             # Newer packets are here, this one is not: lost (or too late to wait for).
             self._advance(next_seq, ts)
             self._losses.append(True)
@@ -271,7 +388,7 @@ class JitterBuffer:
             return Playout(PlayoutKind.CONCEAL, next_seq)
         # Nothing newer either: an underrun. Conceal, but wait for this frame.
         stats.expanded += 1
-        return Playout(PlayoutKind.CONCEAL, None)
+        return Playout(PlayoutKind.CONCEAL, None, underrun=True)
 
     def _advance(self, seq: int, ts: int) -> int:
         """Move playout past frame ``seq`` (timestamp ``ts``); returns the next seq."""
@@ -311,6 +428,50 @@ class JitterBuffer:
             "overflow": s.overflow,
             "resyncs": s.resyncs,
             "resets": s.resets,
+            "redundant_filled": s.redundant_filled,
+            "redundant": s.redundant,
+            "deferred": s.deferred,
             "target_ms": round(self.target_delay * 1000, 1),
             "buffered": len(self._packets),
         }
+
+
+def align_tick(
+    nominal: float,
+    due: float | None,
+    frame: float,
+    *,
+    margin: float,
+    tolerance: float,
+    catch_up: bool = True,
+) -> float:
+    """The time of a playout tick that would come at ``nominal`` (the last tick plus one
+    frame), moved so that it lands ``margin`` after the next frame falls due (``due``,
+    from :meth:`JitterBuffer.next_due`). ``due`` None: ``nominal``.
+
+    - That frame overdue (the target fell, or playout lags) and ``catch_up``: the tick
+      comes earlier, by at most half a frame, so playout catches up in a few ticks. (The
+      jitter buffer's own catching up, dropping a frame, starts only two frames behind.)
+      The caller says no after an underrun: the frame of delay an underrun added is what
+      keeps the next delay spike from being one too, so it stays for a while (the idea
+      of NetEq's delay peak detector).
+    - Otherwise only the phase counts (frames fall due one ``frame`` apart): a tick
+      within ``tolerance`` after a due moment stays put, so jitter in the target does
+      not move the clock every tick; else it moves the shorter way round to just after
+      one, at most half a frame.
+
+    Why: a frame is due at its timestamp plus the smallest transit plus the target delay,
+    but it plays on the receiver's next tick, and that clock's phase against the sender's
+    is arbitrary: up to a whole frame of wait (10 ms on average) on top of the target.
+    The first frame sets the phase for free (playout starts then); moving it later is a
+    change of timeline, so the caller does it only in a pause, where it amounts to
+    adding or cutting up to half a frame of silence."""
+    if due is None:
+        return nominal
+    wanted = due + margin
+    if catch_up and wanted < nominal - tolerance:
+        return max(wanted, nominal - frame / 2)
+    late = (nominal - wanted) % frame  # how far after a wanted moment, 0..frame
+    if late <= tolerance:
+        return nominal
+    return nominal - late if late <= frame / 2 else nominal + (frame - late)

@@ -4,14 +4,14 @@ Every DATAGRAM frame on a p2pd connection is media (messages travel on streams o
 each starts with one *type byte*: the high nibble is the format version (1), the low
 nibble the kind. A receiver drops, and counts, a datagram of another version or an unknown
 kind, so a later version can add kinds without confusing this one. All integers are
-big-endian (network order); sizes below are in bytes. See docs/_media.md for the table
-with the reasons.
+big-endian (network order); sizes below are in bytes. See docs/PROTOCOL.md, "Call media", for
+the tables with the reasons.
 
 ::
 
     audio (0x11)             video fragment (0x12)         receiver report (0x13)
     0  u8  type              0  u8  type                   0  u8  type
-    1  u8  flags             1  u8  flags (bit0 key)       1  u8  flags (0)
+    1  u8  flags             1  u8  flags (bit0 key)       1  u8  flags (bit0 accepts 0x15)
     2  u32 sequence number   2  u32 frame id               2  u32 send time, µs
     6  u32 timestamp, 48 kHz 6  u16 fragment index         6  u32 echoed send time, µs
     10 ... Opus packet       8  u16 fragment count         10 u32 echo delay, µs
@@ -23,6 +23,16 @@ with the reasons.
     1  u32 request number    1  u32 cumulative packets lost
                              5  u32 extended highest sequence number received
                              9  u32 interarrival jitter, µs
+
+    audio with a redundant copy (0x15: RFC 2198's redundant audio, one block)
+    0    u8  type
+    1    u8  flags (bit0 start)
+    2    u32 sequence number
+    6    u32 timestamp, 48 kHz
+    10   u8  distance d, 1..8: the copy is of frame seq - d
+    11   u16 the copy's length R, 1 .. size - 14
+    13   R   the copy: frame seq - d's Opus packet
+    13+R ... Opus packet of frame seq, never empty
 
 Decoders check every bound and raise only :class:`MediaWireError` (a
 :class:`~p2pd.errors.WireError`); encoders raise :class:`~p2pd.errors.UsageError` for
@@ -39,8 +49,10 @@ from ..errors import UsageError, WireError
 
 __all__ = [
     "AUDIO_HEADER",
+    "AUDIO_RED_HEADER",
     "MAX_DATAGRAM",
     "MAX_FRAGMENTS",
+    "MAX_RED_DISTANCE",
     "VERSION",
     "VIDEO_HEADER",
     "AudioPacket",
@@ -65,14 +77,22 @@ MAX_DATAGRAM = 65535
 MAX_FRAGMENTS = 1024
 #: Header sizes: what ``max_datagram_size`` minus these leaves for the codec's bytes.
 AUDIO_HEADER = 10
+#: An audio datagram with a redundant copy: the audio header, distance and length.
+AUDIO_RED_HEADER = 13
+#: How far back (in packets) a redundant copy may reach. We send 1 (the previous
+#: packet); a receiver holds a few frames, so anything older would come too late anyway.
+MAX_RED_DISTANCE = 8
 VIDEO_HEADER = 14
 REPORT_BLOCK = 13
 REPORT_SIZE = 14 + 2 * REPORT_BLOCK
 KEYFRAME_REQUEST_SIZE = 5
 
 U32 = 0xFFFF_FFFF
+#: Samples (48 kHz) per audio packet: one 20 ms frame each.
+AUDIO_FRAME_SAMPLES = 960
 
 _AUDIO = struct.Struct("!BBII")
+_AUDIO_RED = struct.Struct("!BBIIBH")
 _VIDEO = struct.Struct("!BBIHHI")
 _REPORT = struct.Struct("!BBIII")
 _BLOCK = struct.Struct("!BIII")
@@ -80,6 +100,8 @@ _KEYFRAME = struct.Struct("!BI")
 
 #: Flag bits of an audio datagram.
 AUDIO_FLAG_START = 0x01
+#: Flag bits of a receiver report: we decode audio with a redundant copy (0x15).
+REPORT_FLAG_ACCEPTS_RED = 0x01
 #: Flag bits of a video fragment.
 VIDEO_FLAG_KEYFRAME = 0x01
 
@@ -95,6 +117,7 @@ class Kind(enum.IntEnum):
     VIDEO = 0x12
     REPORT = 0x13
     KEYFRAME_REQUEST = 0x14
+    AUDIO_RED = 0x15
 
 
 def _u32(name: str, value: int) -> None:
@@ -104,18 +127,26 @@ def _u32(name: str, value: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class AudioPacket:
-    """One 20 ms Opus frame.
+    """One 20 ms Opus frame, and perhaps a copy of an earlier one.
 
     ``seq`` counts packets (one per frame, +1 each, wrapping at 2**32); ``timestamp`` is
     the first sample's time in 48 kHz units (wrapping at 2**32, RTP-style: only
     differences count); ``start`` marks the first packet of a stream (the receiver resets
     its jitter buffer); ``payload`` is the Opus packet (RFC 6716), never empty.
+
+    ``redundant``, if not empty, is the Opus packet of frame ``seq - distance`` again
+    (RFC 2198's redundant audio, one block): a receiver that lost that frame's own
+    datagram decodes it from here, exactly, instead of from FEC or concealment. Such a
+    packet goes out as kind 0x15 (:data:`Kind.AUDIO_RED`), only to a peer whose receiver
+    reports say it accepts that kind; without ``redundant`` it is kind 0x11.
     """
 
     seq: int
     timestamp: int
     payload: bytes
     start: bool = False
+    redundant: bytes = b""
+    distance: int = 1
 
     def encode(self) -> bytes:
         _u32("seq", self.seq)
@@ -123,7 +154,26 @@ class AudioPacket:
         if not self.payload:
             raise UsageError("an audio packet needs a payload")
         flags = AUDIO_FLAG_START if self.start else 0
-        return _AUDIO.pack(Kind.AUDIO, flags, self.seq, self.timestamp) + self.payload
+        if not self.redundant:
+            return _AUDIO.pack(Kind.AUDIO, flags, self.seq, self.timestamp) + self.payload
+        if not 1 <= self.distance <= MAX_RED_DISTANCE:
+            raise UsageError(f"a redundant copy reaches back 1..{MAX_RED_DISTANCE} packets")
+        if len(self.redundant) > 0xFFFF:
+            raise UsageError("a redundant copy is at most 65535 bytes")
+        head = _AUDIO_RED.pack(
+            Kind.AUDIO_RED, flags, self.seq, self.timestamp, self.distance, len(self.redundant)
+        )
+        return head + self.redundant + self.payload
+
+    @property
+    def redundant_seq(self) -> int:
+        """The sequence number (mod 2**32) of the frame ``redundant`` carries."""
+        return (self.seq - self.distance) % (U32 + 1)
+
+    @property
+    def redundant_timestamp(self) -> int:
+        """Its timestamp (mod 2**32): every audio packet is one 20 ms frame (960 samples)."""
+        return (self.timestamp - self.distance * AUDIO_FRAME_SAMPLES) % (U32 + 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,12 +244,16 @@ class ReceiverReport:
     echo_delay_us: int = 0
     audio: ReportBlock = ReportBlock()
     video: ReportBlock = ReportBlock()
+    #: The sender of this report decodes audio with a redundant copy (kind 0x15); a peer
+    #: sends that kind only to one that says so (an older receiver would drop it all).
+    accepts_redundancy: bool = False
 
     def encode(self) -> bytes:
         _u32("send_time_us", self.send_time_us)
         _u32("echo_us", self.echo_us)
         _u32("echo_delay_us", self.echo_delay_us)
-        head = _REPORT.pack(Kind.REPORT, 0, self.send_time_us, self.echo_us, self.echo_delay_us)
+        flags = REPORT_FLAG_ACCEPTS_RED if self.accepts_redundancy else 0
+        head = _REPORT.pack(Kind.REPORT, flags, self.send_time_us, self.echo_us, self.echo_delay_us)
         return head + self.audio._pack() + self.video._pack()
 
 
@@ -236,6 +290,24 @@ def decode(data: bytes) -> MediaDatagram:
             raise MediaWireError("audio datagram without payload")
         _, flags, seq, timestamp = _AUDIO.unpack_from(data)
         return AudioPacket(seq, timestamp, bytes(data[AUDIO_HEADER:]), bool(flags & 1))
+    if kind == Kind.AUDIO_RED:
+        # Two lengths to check: the copy's (its field) and the primary's (the rest).
+        if size <= AUDIO_RED_HEADER + 1:
+            raise MediaWireError("redundant audio datagram too short")
+        _, flags, seq, timestamp, distance, length = _AUDIO_RED.unpack_from(data)
+        if not 1 <= distance <= MAX_RED_DISTANCE:
+            raise MediaWireError(f"redundant copy {distance} packets back")
+        if not 1 <= length < size - AUDIO_RED_HEADER:
+            raise MediaWireError(f"redundant copy of {length} bytes in {size}")
+        end = AUDIO_RED_HEADER + length
+        return AudioPacket(
+            seq,
+            timestamp,
+            bytes(data[end:]),
+            bool(flags & AUDIO_FLAG_START),
+            bytes(data[AUDIO_RED_HEADER:end]),
+            distance,
+        )
     if kind == Kind.VIDEO:
         if size <= VIDEO_HEADER:
             raise MediaWireError("video datagram without payload")
@@ -248,10 +320,12 @@ def decode(data: bytes) -> MediaDatagram:
     if kind == Kind.REPORT:
         if size != REPORT_SIZE:
             raise MediaWireError(f"receiver report of {size} bytes, not {REPORT_SIZE}")
-        _, _, send_time, echo, delay = _REPORT.unpack_from(data)
+        _, flags, send_time, echo, delay = _REPORT.unpack_from(data)
         audio = ReportBlock(*_BLOCK.unpack_from(data, 14))
         video = ReportBlock(*_BLOCK.unpack_from(data, 14 + REPORT_BLOCK))
-        return ReceiverReport(send_time, echo, delay, audio, video)
+        return ReceiverReport(
+            send_time, echo, delay, audio, video, bool(flags & REPORT_FLAG_ACCEPTS_RED)
+        )
     if kind == Kind.KEYFRAME_REQUEST:
         if size != KEYFRAME_REQUEST_SIZE:
             raise MediaWireError(f"keyframe request of {size} bytes, not 5")
