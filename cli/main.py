@@ -749,7 +749,8 @@ def _call_text(c: dict[str, Any]) -> str:
             f"\n  rtt {rtt}, loss {m.get('loss_pct', 0)}%, jitter {m.get('jitter_ms', 0)} ms, "
             f"bitrate {m.get('bitrate_sent_kbps', 0)}/{m.get('bitrate_received_kbps', 0)} kbit/s "
             f"(sent/received), concealed {m.get('audio_frames_concealed', 0)}, "
-            f"FEC {m.get('audio_fec_recovered', 0)}, video frames "
+            f"FEC {m.get('audio_fec_recovered', 0)}, "
+            f"redundant copies {m.get('audio_red_recovered', 0)}, video frames "
             f"{m.get('video_frames_sent', 0)}/{m.get('video_frames_received', 0)}"
         )
     return line
