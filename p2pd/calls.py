@@ -31,7 +31,7 @@ import trio
 
 from .errors import ConnectionLost, KeyChanged, LocalError, NotFound, P2PDError, UsageError
 from .identity import HandleRef, fingerprint
-from .media.call import CallMedia
+from .media.call import CallMedia, check_media_args
 from .transport.quic import QuicPeer
 
 if TYPE_CHECKING:
@@ -361,16 +361,9 @@ class CallManager:
 def _check_media(
     audio_in: str | None, video_in: str | None, record: str | None, duration: float | None
 ) -> None:
-    from .media.sinks import check_record_path
-    from .media.sources import check_audio_spec, check_video_spec
-
-    if audio_in is not None:
-        check_audio_spec(audio_in)
-    if video_in is not None:
-        check_video_spec(video_in)
-    if record is not None:
-        if not Path(record).is_absolute():
-            raise UsageError("the recording path must be absolute (the CLI makes it so)")
-        check_record_path(Path(record))
+    """Refuse bad media arguments before ringing anyone (CallMedia checks them again)."""
+    if record is not None and not Path(record).is_absolute():
+        raise UsageError("the recording path must be absolute (the CLI makes it so)")
     if duration is not None and not 0 < duration <= 24 * 3600:
         raise UsageError("a call's duration must be between 0 and 24 hours")
+    check_media_args(audio_in, video_in, None if record is None else Path(record), duration)

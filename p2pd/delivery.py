@@ -247,8 +247,9 @@ class Delivery:
                     "queue a message for a handle never seen"
                 ) from None
         now = time.time()
-        if record is not None and (contact is None or contact.public_key != record.public_key):
-            contact = self.contacts.check(ref.handle, record.public_key, now)  # pin, or refuse
+        if record is not None:
+            if contact is None or contact.public_key != record.public_key:
+                contact = self.contacts.check(ref.handle, record.public_key, now)  # pin/refuse
             if cached is None or record is not cached[0]:
                 self._records[record.public_key] = (record, time.monotonic())
         assert contact is not None
@@ -295,14 +296,13 @@ class Delivery:
         the batches interleaved, and every message out of order leaves a skipped key in
         the session state written with each message (58 KB states, measured).
         """
-        in_flight: set[bytes] = set()  # ids written whose exchange is still open
         try:
             async with trio.open_nursery() as exchanges:
                 for _ in range(10_000):  # bounded: batches and waits, then rescheduled
                     self._worker_wake[peer_key] = wake = trio.Event()
                     ended = self._exchange_ended[peer_key] = trio.Event()
                     if exchanges.child_tasks:  # an exchange waits for its acks
-                        await self._prepare(peer_key, in_flight)
+                        await self._prepare(peer_key)
                         await wake.wait()  # it ended, or a message was queued
                         if exchanges.child_tasks:
                             # Queued one by one: let a few gather before encrypting (one
@@ -314,7 +314,7 @@ class Delivery:
                     if not batch:
                         return
                     try:
-                        await self._deliver(peer_key, batch, exchanges, in_flight)
+                        await self._deliver(peer_key, batch, exchanges)
                     except Exception:
                         log.exception("delivery to %s failed", fingerprint(peer_key)[:12])
                         for m in batch:
@@ -325,10 +325,11 @@ class Delivery:
             self._workers.discard(peer_key)
             self.kick()
 
-    async def _prepare(self, peer_key: bytes, in_flight: set[bytes]) -> None:
-        """Encrypt the due messages that have no envelope yet (the next batch)."""
+    async def _prepare(self, peer_key: bytes) -> None:
+        """Encrypt the due messages that have no envelope yet (the next batch; those of
+        the open exchange have theirs, and are not due again before their backoff)."""
         due = self.messages.due_for(peer_key, time.time(), limit=BATCH)
-        todo = [m for m in due if m.envelope is None and m.id not in in_flight]
+        todo = [m for m in due if m.envelope is None]
         if todo:
             try:
                 record = await self._record_for(peer_key, todo[0].handle)
@@ -341,7 +342,6 @@ class Delivery:
         peer_key: bytes,
         batch: list[Message],
         exchanges: trio.Nursery,
-        in_flight: set[bytes],
     ) -> None:
         handle = batch[0].handle
         record = await self._record_for(peer_key, handle)
@@ -351,7 +351,7 @@ class Delivery:
         peer = await self._connect(peer_key, record)
         if peer is not None:
             try:
-                await self._send_direct(peer, ready, exchanges, in_flight)
+                await self._send_direct(peer, ready, exchanges)
                 return
             except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.info("direct delivery to %s broke: %s", handle, exc)
@@ -506,7 +506,6 @@ class Delivery:
         peer: QuicPeer,
         batch: list[Message],
         exchanges: trio.Nursery,
-        in_flight: set[bytes],
     ) -> None:
         waiting = {m.id for m in batch}
         out = bytearray()
@@ -522,7 +521,6 @@ class Delivery:
                     self.events.emit("message_status", id=m.id.hex(), state="sent", via="direct")
 
         def done() -> None:
-            in_flight.difference_update(m.id for m in batch)
             for events in (self._worker_wake, self._exchange_ended):
                 event = events.get(peer.public_key or b"")
                 if event is not None:
@@ -534,7 +532,6 @@ class Delivery:
                 log.info("no answer from %s: closing the connection", batch[0].handle)
                 peer.close("no answer")
 
-        in_flight.update(waiting)
         await self._exchange(peer, bytes(out), waiting, sent=sent, background=exchanges, done=done)
 
     async def _send_mailbox(self, peer_key: bytes, batch: list[Message]) -> None:

@@ -107,6 +107,15 @@ _COLUMNS = (
 )
 
 
+_PLACES = ",".join("?" * 13)
+
+
+def _values(m: Message) -> tuple[Any, ...]:
+    """A message as the row _COLUMNS name (dataclasses.astuple would deep-copy)."""
+    return (m.id, m.direction, m.handle, m.peer_key, m.seq, m.text, m.state, m.created,
+            m.updated, m.sent_at_ms, m.attempts, m.envelope, m.via)  # fmt: skip
+
+
 def _row(row: tuple[Any, ...]) -> Message:
     return Message(
         bytes(row[0]), row[1], row[2], bytes(row[3]), int(row[4]), row[5], row[6],
@@ -153,13 +162,8 @@ class MessageStore:
                 for i, text in enumerate(texts)
             ]  # fmt: skip
             self._conn.executemany(
-                f"INSERT INTO messages({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (m.id, m.direction, m.handle, m.peer_key, m.seq, m.text, m.state, m.created,
-                     m.updated, m.sent_at_ms, m.attempts, m.envelope, m.via)
-                    for m in messages
-                ],
-            )  # fmt: skip
+                f"INSERT INTO messages({_COLUMNS}) VALUES ({_PLACES})", map(_values, messages)
+            )
         return messages
 
     def get(self, msg_id: bytes) -> Message | None:
@@ -334,10 +338,8 @@ class MessageStore:
             None, via,
         )  # fmt: skip
         cursor = self._conn.execute(
-            f"INSERT OR IGNORE INTO messages({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (msg_id, "in", handle, peer_key, seq, text, DELIVERED, now, now, sent_at_ms, 0,
-             None, via),
-        )  # fmt: skip
+            f"INSERT OR IGNORE INTO messages({_COLUMNS}) VALUES ({_PLACES})", _values(message)
+        )
         if commit:
             self._conn.commit()
         return message if cursor.rowcount == 1 else None

@@ -109,10 +109,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import av
 import numpy as np
 import trio
+from _bench import percentile, progress_printer
 
 import p2pd.media.call as media_call
 from p2pd.identity import Identity
@@ -169,17 +171,7 @@ VOICES = {"alice": "en-us", "bob": "en-us+f3"}
 
 log = logging.getLogger("bench_call")
 
-
-def progress(message: str) -> None:
-    print(f"[bench_call {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return None
-    rank = max(1, -(-len(sorted_values) * pct // 100))  # ceil
-    return sorted_values[int(rank) - 1]
+progress = progress_printer("bench_call")
 
 
 def fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:

@@ -61,8 +61,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trio
+from _bench import Every10Percent, percentile, progress_printer
 from kademlia.network import Server
 from kademlia.protocol import KademliaProtocol
 
@@ -89,9 +91,7 @@ GOAL_N = 1000
 
 log = logging.getLogger("bench_dht")
 
-
-def progress(message: str) -> None:
-    print(f"[bench_dht {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+progress = progress_printer("bench_dht")
 
 
 def rss_kib() -> int:
@@ -110,28 +110,6 @@ def raise_fd_limit(needed: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < needed:
         new = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed, soft))
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-
-
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return None
-    rank = max(1, -(-len(sorted_values) * pct // 100))  # ceil
-    return sorted_values[int(rank) - 1]
-
-
-class Every10Percent:
-    """Calls ``report(done)`` when ``done`` crosses each tenth of ``total``."""
-
-    def __init__(self, total: int, report: Callable[[int], None]) -> None:
-        self.total = max(total, 1)
-        self.report = report
-        self.next_tenth = 1
-
-    def __call__(self, done: int) -> None:
-        if done * 10 >= self.next_tenth * self.total:
-            self.next_tenth = done * 10 // self.total + 1
-            self.report(done)
 
 
 # --------------------------------------------------------------------------- workload

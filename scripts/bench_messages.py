@@ -63,13 +63,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import Every10Percent, percentile, progress_printer
 
 from p2pd.control import ControlClient
 from p2pd.testing import daemons
@@ -92,17 +95,7 @@ MAX_EVENTS_PER_MESSAGE = 10_000
 TEXT = "bench message {i:06d}: the quick brown fox jumps over the lazy dog"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-
-def progress(message: str) -> None:
-    print(f"[bench_messages {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return None
-    rank = max(1, -(-len(sorted_values) * pct // 100))  # ceil
-    return sorted_values[int(rank) - 1]
+progress = progress_printer("bench_messages")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -176,20 +169,6 @@ def dht_per_message(before: dict[str, int], after: dict[str, int], messages: int
 def own_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
-
-
-class Every10Percent:
-    """Calls ``report(done)`` when ``done`` crosses each tenth of ``total``."""
-
-    def __init__(self, total: int, report: Callable[[int], None]) -> None:
-        self.total = max(total, 1)
-        self.report = report
-        self.next_tenth = 1
-
-    def __call__(self, done: int) -> None:
-        if done * 10 >= self.next_tenth * self.total:
-            self.next_tenth = done * 10 // self.total + 1
-            self.report(done)
 
 
 def ms(seconds: float | None) -> float | None:

@@ -209,6 +209,20 @@ class _Loudness:
         return bool(energy <= max(self.RELATIVE * self._peak, self.FLOOR))
 
 
+def check_media_args(
+    audio_in: str | None, video_in: str | None, record: Path | None, duration: float | None
+) -> None:
+    """UsageError unless the sources, the recording path and the duration would do."""
+    if audio_in is not None:
+        check_audio_spec(audio_in)
+    if video_in is not None:
+        check_video_spec(video_in)
+    if record is not None:
+        check_record_path(record)
+    if duration is not None and not (duration > 0 and math.isfinite(duration)):
+        raise UsageError("a call's duration must be a positive number of seconds")
+
+
 class CallMedia:
     """Sends and receives one call's audio (and video) over a QUIC connection.
 
@@ -229,14 +243,7 @@ class CallMedia:
         duration: float | None,
         config: MediaConfig | None = None,
     ) -> None:
-        if audio_in is not None:
-            check_audio_spec(audio_in)
-        if video_in is not None:
-            check_video_spec(video_in)
-        if record is not None:
-            check_record_path(record)
-        if duration is not None and not (duration > 0 and math.isfinite(duration)):
-            raise UsageError("a call's duration must be a positive number of seconds")
+        check_media_args(audio_in, video_in, record, duration)
         self.peer = peer
         self.audio_in, self.video_in = audio_in, video_in
         self.record, self.duration = record, duration
