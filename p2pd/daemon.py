@@ -1,9 +1,9 @@
 """The Node: one trio nursery that owns every service of a running daemon.
 
-``open_node`` binds the node's one UDP socket, starts the DHT (its kademlia half on an
-asyncio thread), joins the network through the bootstrap addresses and the contacts saved
-last time, publishes our handle record, and serves the control API. Leaving the context
-cancels them all together; routing contacts are saved on the way out.
+``open_node`` binds the node's one UDP socket, starts the DHT (driven from that socket's
+task, see p2pd/dht/driver.py), joins the network through the bootstrap addresses and the
+contacts saved last time, publishes our handle record, and serves the control API.
+Leaving the context cancels them all together; routing contacts are saved on the way out.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from . import __version__
 from .calls import CallManager
 from .config import NodeConfig
 from .delivery import Delivery, EventBus
-from .dht import DHT, AsyncioThread, node_id_for, open_dht
+from .dht import DHT, node_id_for, open_dht
 from .discovery import LanDiscovery, LanPeer, announced_hosts, local_ips
 from .errors import NotFound
 from .identity import HandleRef, Identity, format_fingerprint, self_certifying
@@ -151,7 +151,7 @@ class Node:
             return
         self._joining = True
         try:
-            stats = await self.dht.statistics()
+            stats = self.dht.statistics()
             if stats["routing_table_size"] == 0 and await self.join() > 0:
                 await self.publish()
         except Exception:
@@ -194,7 +194,7 @@ class Node:
         return out
 
     async def save_contacts(self) -> int:
-        contacts = await self.dht.contacts()
+        contacts = self.dht.contacts()
         now = time.time()
         with self._conn:
             self._conn.execute("DELETE FROM dht_contacts")
@@ -210,7 +210,7 @@ class Node:
         last_publish = time.monotonic()
         last_save = time.monotonic()
         while True:
-            stats = await self.dht.statistics()
+            stats = self.dht.statistics()
             alone = stats["routing_table_size"] == 0
             await trio.sleep(REJOIN_INTERVAL if alone else 5.0)
             now = time.monotonic()
@@ -231,7 +231,7 @@ class Node:
     # ------------------------------------------------------------------ control API
 
     async def status(self) -> dict[str, Any]:
-        stats = await self.dht.statistics()
+        stats = self.dht.statistics()
         return {
             "version": __version__,
             "handle": self.identity.handle,
@@ -305,24 +305,19 @@ def record_summary(record: HandleRecord) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def open_node(
-    config: NodeConfig, identity: Identity, *, bridge: AsyncioThread | None = None
-) -> AsyncIterator[Node]:
-    """Run a node until the context exits. ``bridge`` lets many nodes share one thread."""
+async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Node]:
+    """Run a node until the context exits."""
     from .control import check_stale_socket, serve_control_api
 
     ensure_home(config.home)
     check_stale_socket(config.home / "control.sock")  # before we touch anything else
     conn = open_database(db_path(config.home))
-    own_bridge = bridge is None
-    thread = bridge if bridge is not None else AsyncioThread()
     endpoint = UdpEndpoint.bind(config.listen)
     try:
         async with (
             open_dht(
-                thread,
                 node_id=node_id_for(identity.public_key),
-                db_path=db_path(config.home),
+                conn=conn,
                 config=config.dht,
                 transport=endpoint,
             ) as dht,
@@ -374,8 +369,6 @@ async def open_node(
                 nursery.cancel_scope.cancel()
     finally:
         endpoint.close()
-        if own_bridge:
-            thread.close()
         conn.close()
 
 

@@ -15,8 +15,9 @@ Tables (created if missing; ``user_version`` tracks the schema):
   active per peer; ``state`` is JSON holding the doubleratchet library's versioned model.
   Our own prekeys are in ``meta`` under ``session.prekeys`` (without the identity seed).
 
-Each connection belongs to one thread: the DHT's storage opens its own in the asyncio
-thread's objects, the daemon another on the trio side; WAL mode lets them share the file.
+The daemon opens one connection, on the trio thread, shared by the DHT's storage and
+delivery. The DHT writes its rows only when no other transaction is open on it
+(p2pd/dht/storage.py says why); WAL mode lets a second process (a test) read the file.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def open_database(path: Path | None) -> sqlite3.Connection:
         if not path.exists():
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         os.chmod(path, 0o600)
-        # check_same_thread=False: a connection may be created on one thread and then
-        # used by exactly one other (the asyncio thread); we never share one concurrently.
+        # check_same_thread=False: tools may create a connection on one thread and hand it
+        # to exactly one other; we never share one concurrently.
         conn = sqlite3.connect(path, check_same_thread=False, timeout=10)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")

@@ -26,8 +26,9 @@ pass after the timed one (``--memory separate``): tracing slows the process abou
 and p2pd keeps the round trips it measured during setup as the soft timeouts of contacts
 that later die, so tracing the timed pass would inflate its lookup latency.
 
-p2pd runs the daemon's path: one shared AsyncioThread for all DHT halves, each node a
-trio-owned UdpEndpoint feeding ``open_dht(..., config=DHTConfig())``; latency is measured
+p2pd runs the daemon's path, all nodes in one trio run: each node a trio-owned
+UdpEndpoint feeding its sans-I/O DHT core (``create_dht(..., config=DHTConfig())``), the
+core's timers on a trio task; latency is measured
 on the trio side around ``DHT.resolve_with_details``. Stock kademlia runs
 ``kademlia.network.Server`` instances in one asyncio loop (in this process, after the
 p2pd phase), with its fixed 5 s RPC timeout.
@@ -69,7 +70,7 @@ from kademlia.network import Server
 from kademlia.protocol import KademliaProtocol
 
 from p2pd.config import DHTConfig
-from p2pd.dht import DHT, AsyncioThread, node_id_for, open_dht
+from p2pd.dht import DHT, create_dht, node_id_for
 from p2pd.errors import NotFound, RecordError
 from p2pd.identity import HandleRef, Identity
 from p2pd.records import HandleRecord
@@ -188,7 +189,7 @@ class SideResult:
     lookups_done: int = 0
     successes: int = 0
     latencies_ms: list[float] = field(default_factory=list)
-    #: p2pd only: LookupResult.elapsed, the asyncio-side time without the bridge
+    #: p2pd only: LookupResult.elapsed, the core's own time for the lookup alone
     inner_ms: list[float] = field(default_factory=list)
     rpcs: list[int] = field(default_factory=list)
     failures: Counter[str] = field(default_factory=Counter)
@@ -281,32 +282,31 @@ class P2pdNode:
     alive: bool = True
 
 
-async def start_p2pd_node(
-    bridge: AsyncioThread, nursery: trio.Nursery, identity: Identity, config: DHTConfig
-) -> P2pdNode:
-    """A node as the daemon builds one: trio UDP endpoint, DHT half on the shared thread.
+async def start_p2pd_node(nursery: trio.Nursery, identity: Identity, config: DHTConfig) -> P2pdNode:
+    """A node as the daemon builds one: a trio UDP endpoint feeding the DHT's core.
 
-    Closing ``stack`` kills it: the receive task is cancelled, the server stops (what
-    leaving ``open_dht`` does) and the socket closes, so it answers nothing any more.
+    Closing ``stack`` kills it: its receive and timer tasks are cancelled and the socket
+    closes, so it answers nothing any more.
     """
     stack = AsyncExitStack()
     endpoint = UdpEndpoint.bind(Address(LOCALHOST, 0))
     stack.callback(endpoint.close)
     try:
-        dht = await stack.enter_async_context(
-            open_dht(
-                bridge,
-                node_id=node_id_for(identity.public_key),
-                db_path=None,
-                config=config,
-                transport=endpoint,
-            )
+        dht = create_dht(
+            node_id=node_id_for(identity.public_key),
+            conn=None,
+            config=config,
+            transport=endpoint,
         )
+        stack.callback(dht.close)
         receiving = trio.CancelScope()
 
         async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with receiving:
-                await endpoint.serve(dht.datagram_received, task_status=task_status)
+                async with trio.open_nursery() as inner:
+                    await inner.start(dht.serve)
+                    await inner.start(endpoint.serve, dht.datagram_received)
+                    task_status.started()
 
         await nursery.start(serve)
         stack.callback(receiving.cancel)
@@ -351,23 +351,22 @@ async def run_p2pd(
     nodes: list[P2pdNode] = []
     result.rss_start_kib = rss_kib()
     start_tracing(trace)
-    with AsyncioThread("bench-dht-asyncio") as bridge:
-        async with trio.open_nursery() as nursery:
-            try:
-                await _p2pd_phases(w, config, bridge, nursery, nodes, result, setup_only)
-            except trio.TooSlowError:
-                result.incomplete = setup_deadline_note(w, result)
-                progress(f"{label}: {result.incomplete}")
-            finally:
-                progress(f"{label}: closing {sum(n.alive for n in nodes)} nodes")
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + TEARDOWN_CAP):
-                    for node in nodes:
-                        if node.alive:
-                            node.alive = False
-                            await node.stack.aclose()
-                nursery.cancel_scope.cancel()
-                if tracemalloc.is_tracing():
-                    tracemalloc.stop()
+    async with trio.open_nursery() as nursery:
+        try:
+            await _p2pd_phases(w, config, nursery, nodes, result, setup_only)
+        except trio.TooSlowError:
+            result.incomplete = setup_deadline_note(w, result)
+            progress(f"{label}: {result.incomplete}")
+        finally:
+            progress(f"{label}: closing {sum(n.alive for n in nodes)} nodes")
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + TEARDOWN_CAP):
+                for node in nodes:
+                    if node.alive:
+                        node.alive = False
+                        await node.stack.aclose()
+            nursery.cancel_scope.cancel()
+            if tracemalloc.is_tracing():
+                tracemalloc.stop()
     result.rss_end_kib = rss_kib()
     return result
 
@@ -375,7 +374,6 @@ async def run_p2pd(
 async def _p2pd_phases(
     w: Workload,
     config: DHTConfig,
-    bridge: AsyncioThread,
     nursery: trio.Nursery,
     nodes: list[P2pdNode],
     result: SideResult,
@@ -387,7 +385,7 @@ async def _p2pd_phases(
         # -- start and join, one node after the other
         tick = Every10Percent(w.n, lambda d: progress(f"{label}: bootstrap {d}/{w.n}"))
         for i in range(w.n):
-            node = await start_p2pd_node(bridge, nursery, identity_for(w, i), config)
+            node = await start_p2pd_node(nursery, identity_for(w, i), config)
             nodes.append(node)
             result.nodes_joined = len(nodes)
             if w.bootstrap_from[i]:
@@ -423,12 +421,8 @@ async def _p2pd_phases(
 
     stop_tracing(result)
 
-    def census() -> tuple[int, int]:
-        stored = sum(len(n.dht.server.storage) for n in nodes)
-        table = sum(n.dht.server.proto.routing_table_size() for n in nodes)
-        return stored, table
-
-    stored, table = await bridge.run_sync(census)
+    stored = sum(len(n.dht.core.storage) for n in nodes)
+    table = sum(len(n.dht.core.table) for n in nodes)
     result.copies_per_handle = stored / w.n
     result.routing_table_mean = table / w.n
     if setup_only:
@@ -443,10 +437,10 @@ async def _p2pd_phases(
     def counters_now() -> Counter[str]:
         total: Counter[str] = Counter()
         for i in survivors:
-            total.update(nodes[i].dht.server.proto.stats)
+            total.update(nodes[i].dht.core.stats)
         return total
 
-    before = await bridge.run_sync(counters_now)
+    before = counters_now()
 
     # -- churn: these nodes go silent at once
     for i in w.killed:
@@ -493,7 +487,7 @@ async def _p2pd_phases(
     result.lookup_s = time.perf_counter() - lookup_started
     if started < len(w.lookups):
         result.incomplete = f"lookup deadline: ran {started} of {len(w.lookups)} lookups"
-    after = await bridge.run_sync(counters_now)
+    after = counters_now()
     after.subtract(before)  # the survivors' counters, during the lookup phase
     wanted_counters = ("requests_out", "timeouts", "soft_timeouts", "evictions")
     result.counters = {k: after[k] for k in wanted_counters}
@@ -501,13 +495,13 @@ async def _p2pd_phases(
     def rtt_census() -> tuple[list[float], list[float]]:
         srtts, rtos = [], []
         for i in survivors:
-            rtt = nodes[i].dht.server.proto.rtt
+            rtt = nodes[i].dht.core.rtt
             if rtt.overall.srtt is not None:
                 srtts.append(rtt.overall.srtt * 1000)
                 rtos.append(rtt.rto((LOCALHOST, 1)) * 1000)  # an unmeasured contact
         return sorted(srtts), sorted(rtos)
 
-    srtts, rtos = await bridge.run_sync(rtt_census)
+    srtts, rtos = rtt_census()
     result.rtt_ms = {
         "srtt_p50": percentile(srtts, 50),
         "srtt_p95": percentile(srtts, 95),
@@ -801,7 +795,7 @@ def print_table(w: Workload, summaries: list[dict[str, Any]], memory: str) -> No
         ]
         if s["inner_p50_ms"] is not None:
             details.append(
-                f"asyncio-side p50/p99 {s['inner_p50_ms']:.1f}/{s['inner_p99_ms']:.1f} ms"
+                f"lookup alone p50/p99 {s['inner_p50_ms']:.1f}/{s['inner_p99_ms']:.1f} ms"
             )
         if s["rpcs_max"] is not None:
             details.append(f"max {s['rpcs_max']} RPCs")

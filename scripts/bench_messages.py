@@ -13,7 +13,7 @@ What one run does:
 1. two daemons, ``alice`` and ``bob`` (bob joins through alice: a two-node DHT, one pair),
    exchange a first message each way and a few more (warm-up, not counted);
 2. baseline: the round trip of trivial control calls on alice (``message``: the control
-   socket and one SQLite read; ``status``: plus a hop to the DHT's asyncio thread) and of
+   socket and one SQLite read; ``status``: plus the DHT's statistics) and of
    ``whois bob`` (plus a DHT lookup over UDP), so the figures below can be read against
    what the control socket and a lookup cost on their own;
 3. established session: ``--samples`` messages alice -> bob, one at a time, each from the
@@ -798,7 +798,7 @@ def print_text(r: dict[str, Any]) -> None:
     print("\nbaseline, same daemons, same run (round trip of one control call on alice):")
     for name, what in (
         ("message", "control socket + one SQLite read"),
-        ("status", "+ a hop to the DHT's asyncio thread"),
+        ("status", "+ the DHT's statistics"),
         ("whois", "+ a DHT lookup over UDP (send: first contact, then once a minute)"),
     ):
         s = b[name]

@@ -18,7 +18,6 @@ import trio
 from p2pd import wire
 from p2pd.config import LanConfig, NodeConfig
 from p2pd.daemon import Node, open_node
-from p2pd.dht import AsyncioThread
 from p2pd.errors import ConnectionLost, KeyChanged, PeerKeyMismatch
 from p2pd.identity import Identity
 from p2pd.messaging import DELIVERED
@@ -36,16 +35,9 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture()
-def bridge() -> Iterator[AsyncioThread]:
-    with AsyncioThread() as thread:
-        yield thread
-
-
 @asynccontextmanager
 async def node(
     root: Path,
-    bridge: AsyncioThread,
     identity: Identity,
     *,
     bootstrap: tuple[Address, ...] = (),
@@ -60,7 +52,7 @@ async def node(
         connect_timeout=1.0,
         lan=LanConfig(mode="off"),  # no multicast outside a namespace
     )
-    async with open_node(config, identity, bridge=bridge) as n:
+    async with open_node(config, identity) as n:
         yield n
 
 
@@ -93,12 +85,12 @@ async def read_all(stream: QuicStream, timeout: float = 5.0) -> bytes:
     return out
 
 
-async def test_replayed_ciphertext_is_refused(root: Path, bridge: AsyncioThread) -> None:
+async def test_replayed_ciphertext_is_refused(root: Path) -> None:
     alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
     with trio.fail_after(60):
         async with (
-            node(root, bridge, alice_id) as alice,
-            node(root, bridge, bob_id, bootstrap=(alice.listen_address,)) as bob,
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
         ):
             message = await alice.delivery.send("bob", "only once")
             await wait_for(
@@ -125,12 +117,12 @@ async def test_replayed_ciphertext_is_refused(root: Path, bridge: AsyncioThread)
             assert bob.delivery.stats["duplicates"] >= 2
 
 
-async def test_malformed_frame_closes_only_its_stream(root: Path, bridge: AsyncioThread) -> None:
+async def test_malformed_frame_closes_only_its_stream(root: Path) -> None:
     alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
     with trio.fail_after(60):
         async with (
-            node(root, bridge, alice_id) as alice,
-            node(root, bridge, bob_id, bootstrap=(alice.listen_address,)) as bob,
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
         ):
             peer, stream = await raw_stream(alice, bob)
             await stream.send_all(b"\x09" + b"\xff" * 64)
@@ -151,27 +143,25 @@ async def test_malformed_frame_closes_only_its_stream(root: Path, bridge: Asynci
             assert alice.delivery.messages.get(message.id).via == "direct"  # type: ignore[union-attr]
 
 
-async def test_impostor_at_the_peers_address_gets_nothing(
-    root: Path, bridge: AsyncioThread
-) -> None:
+async def test_impostor_at_the_peers_address_gets_nothing(root: Path) -> None:
     """bob leaves; mallory takes his address with another key. alice's handshake fails
     (bob's key is pinned), so the message waits in bob's mailbox; mallory reads nothing."""
     alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
     mallory_id = Identity.generate("mallory")
     with trio.fail_after(90):
         async with (
-            node(root, bridge, alice_id) as alice,
+            node(root, alice_id) as alice,
             # a third node that stays up, to hold bob's mailbox with alice
-            node(root, bridge, Identity.generate("carol"), bootstrap=(alice.listen_address,)),
+            node(root, Identity.generate("carol"), bootstrap=(alice.listen_address,)),
         ):
-            async with node(root, bridge, bob_id, bootstrap=(alice.listen_address,)) as bob:
+            async with node(root, bob_id, bootstrap=(alice.listen_address,)) as bob:
                 bob_address = bob.listen_address
                 first = await alice.delivery.send("bob", "hello")
                 await wait_for(lambda: inbox_texts(bob) == ["hello"])
             for peer in alice.quic.peers():
                 peer.close("test: forget bob's connection")
             async with node(
-                root, bridge, mallory_id, listen=bob_address, bootstrap=(alice.listen_address,)
+                root, mallory_id, listen=bob_address, bootstrap=(alice.listen_address,)
             ) as mallory:
                 with pytest.raises(PeerKeyMismatch):
                     with trio.fail_after(10):
@@ -185,19 +175,19 @@ async def test_impostor_at_the_peers_address_gets_nothing(
                 assert alice.delivery.messages.get(first.id).state == DELIVERED  # type: ignore[union-attr]
 
 
-async def test_a_changed_key_stops_sending(root: Path, bridge: AsyncioThread) -> None:
+async def test_a_changed_key_stops_sending(root: Path) -> None:
     """A contact whose record now carries another key: nothing is sent until accepted."""
     alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
     with trio.fail_after(60):
-        async with node(root, bridge, alice_id) as alice:
-            async with node(root, bridge, bob_id, bootstrap=(alice.listen_address,)):
+        async with node(root, alice_id) as alice:
+            async with node(root, bob_id, bootstrap=(alice.listen_address,)):
                 await alice.delivery.send("bob", "hi")
             # a new bob (another key) on a fresh network view: alice's pin must hold
             alice.delivery.contacts._conn.execute(
                 "UPDATE contacts SET public_key=? WHERE handle='bob'", (os.urandom(32),)
             )
             alice.delivery.contacts._conn.commit()
-            async with node(root, bridge, bob_id, bootstrap=(alice.listen_address,), home="bob"):
+            async with node(root, bob_id, bootstrap=(alice.listen_address,), home="bob"):
                 with pytest.raises(KeyChanged, match="verify bob"):
                     await alice.delivery.send("bob", "are you still you?")
                 contact = alice.delivery.contacts.get("bob")

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from kademlia.node import Node
 
+from p2pd.dht.routing import Node
 from p2pd.errors import NotFound
 from p2pd.identity import HandleRef, Identity
 from p2pd.records import HandleRecord, dht_key
 from p2pd.testing.swarm import Swarm, SwarmNode, open_swarm
-from p2pd.wire import Address
+from p2pd.wire import Address, FindValueReply
 
 N_NODES = 22
 N_HANDLES = 10
@@ -23,35 +23,19 @@ N_HANDLES = 10
 pytestmark = pytest.mark.slow
 
 
+def node_of(n: SwarmNode) -> Node:
+    return Node(n.dht.node_id, n.address.host, n.address.port)
+
+
 async def store_everywhere(swarm: Swarm, sender: SwarmNode, key: bytes, value: bytes) -> list:
     """Send one STORE straight to every other live node; return their replies."""
     targets = [n for n in swarm.nodes if n.alive and n is not sender]
-
-    async def run() -> list:
-        import asyncio
-
-        proto = sender.dht.server.proto
-        return list(
-            await asyncio.gather(
-                *(
-                    proto.call(
-                        Node(t.dht.node_id, t.address.host, t.address.port), "store", key, value
-                    )
-                    for t in targets
-                )
-            )
-        )
-
-    return await swarm.bridge.run_coro(run())
+    return await sender.dht.gather([(node_of(t), "store", [key, value]) for t in targets])
 
 
 async def held_by(swarm: Swarm, key: bytes) -> list[HandleRecord | None]:
     """What each live node's own storage holds under ``key``."""
-    out = []
-    for node in swarm.nodes:
-        if node.alive:
-            out.append(await swarm.bridge.run_sync(node.dht.server.storage.record, key))
-    return out
+    return [node.dht.core.storage.record(key) for node in swarm.nodes if node.alive]
 
 
 async def test_every_node_resolves_every_handle() -> None:
@@ -126,7 +110,7 @@ async def test_attacks_are_refused_by_every_honest_node() -> None:
                 assert found == newest
             # the refusals were counted by reason, on a node that holds the claim
             holder = next(n for n in swarm.nodes[1:N_NODES] if holds_claim[n.index])
-            stats = await holder.dht.statistics()
+            stats = holder.dht.statistics()
             assert stats["refused_records"].get("invalid", 0) >= 1
             assert stats["refused_records"].get("other-key", 0) >= 1
             assert stats["refused_records"].get("stale", 0) >= 1
@@ -148,24 +132,22 @@ async def test_restarted_node_still_serves_stored_records(tmp_path: Path) -> Non
         async with open_swarm(12, home=tmp_path) as swarm:
             records = [await swarm.publish(i) for i in range(6)]
             # the node (not an owner) that holds the most records for others
-            storage_of = {n.index: n.dht.server.storage for n in swarm.nodes[6:]}
-            held: dict[int, set[bytes]] = {}
-            for index, storage in storage_of.items():
-                held[index] = {
-                    r.key for r in records if await swarm.bridge.run_sync(storage.record, r.key)
-                }
+            storage_of = {n.index: n.dht.core.storage for n in swarm.nodes[6:]}
+            held = {
+                index: {r.key for r in records if storage.record(r.key)}
+                for index, storage in storage_of.items()
+            }
             holder = swarm.nodes[max(held, key=lambda i: len(held[i]))]
             before = held[holder.index]
             assert before
             restarted = await swarm.restart(holder.index)
-            storage = restarted.dht.server.storage
+            storage = restarted.dht.core.storage
             for key in before:  # straight from SQLite, before any peer could resend it
-                assert await swarm.bridge.run_sync(storage.record, key) is not None
-            asker = swarm.nodes[1].dht.server.proto
-            target = Node(restarted.dht.node_id, restarted.address.host, restarted.address.port)
+                assert storage.record(key) is not None
+            asker = swarm.nodes[1].dht
             for key in before:
-                reply = await swarm.bridge.run_coro(asker.call(target, "find_value", key))
-                assert reply is not None and reply.value is not None
+                (reply,) = await asker.gather([(node_of(restarted), "find_value", [key])])
+                assert isinstance(reply, FindValueReply) and reply.value is not None
                 assert HandleRecord.decode(reply.value).key == key
 
 
@@ -174,7 +156,7 @@ async def test_malformed_datagrams_are_dropped_and_counted() -> None:
         async with open_swarm(6) as swarm:
             record = await swarm.publish(0)
             target = swarm.nodes[3]
-            before = (await target.dht.statistics())["counters"].get("malformed", 0)
+            before = target.dht.statistics()["counters"].get("malformed", 0)
             garbage = [
                 b"\x00",  # too short
                 b"\x00" + b"\x11" * 20 + b"\xc1",  # reserved msgpack byte
@@ -189,7 +171,7 @@ async def test_malformed_datagrams_are_dropped_and_counted() -> None:
                 for datagram in garbage:
                     await sock.sendto(datagram, target.address.as_tuple())
             for _ in range(100):  # bounded wait for the counters to move
-                stats = await target.dht.statistics()
+                stats = target.dht.statistics()
                 counters = stats["counters"]
                 if counters.get("malformed", 0) - before >= 6 and counters.get(
                     "unexpected_replies"
@@ -216,5 +198,5 @@ async def test_lookups_survive_twenty_percent_of_nodes_dying() -> None:
             met = 0
             for node in swarm.nodes:
                 if node.alive:
-                    met += (await node.dht.statistics())["counters"].get("soft_timeouts", 0)
+                    met += node.dht.statistics()["counters"].get("soft_timeouts", 0)
             assert met >= 5

@@ -64,6 +64,7 @@ def test_records_survive_a_restart_and_corrupt_rows_are_dropped(tmp_path: Path) 
     records = [record(i, 1) for i in ids]
     for r in records:
         storage.offer(r.key, r.encode())
+    assert storage.persist()  # the DHT's driver calls this after each burst
     # damage one row behind the storage's back
     conn = sqlite3.connect(path)
     bad = bytearray(records[1].encode())
@@ -89,3 +90,23 @@ def test_capacity_is_bounded() -> None:
     assert verdicts.count(Verdict.ACCEPT) == 3
     assert verdicts[3:] == ["full", "full"]
     assert len(storage) == 3
+
+
+def test_writes_wait_while_another_transaction_is_open(tmp_path: Path) -> None:
+    """The daemon shares one connection: a DHT commit in the middle of delivery's
+    transaction would commit half of it, so the rows wait for the next persist()."""
+    path = tmp_path / "p2pd.db"
+    conn = open_database(path)
+    storage = RecordStorage(conn)
+    r = record(Identity.generate("alice"), 1)
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO meta(key, value) VALUES ('delivery', 'half done')")
+    assert storage.offer(r.key, r.encode()) == Verdict.ACCEPT
+    assert storage.get(r.key) == r.encode()  # served at once from memory
+    assert not storage.persist()  # ...but not written inside someone else's transaction
+    conn.rollback()  # delivery changes its mind: its row goes, and nothing of ours went
+    other = sqlite3.connect(path)
+    assert other.execute("SELECT COUNT(*) FROM dht_records").fetchone()[0] == 0
+    assert storage.persist()
+    assert other.execute("SELECT COUNT(*) FROM dht_records").fetchone()[0] == 1
+    assert other.execute("SELECT COUNT(*) FROM meta WHERE key='delivery'").fetchone()[0] == 0

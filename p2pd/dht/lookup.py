@@ -1,30 +1,37 @@
-"""The iterative Kademlia lookup, rewritten so that it never waits on a silent node.
+"""The iterative Kademlia lookup as a state machine: replies and timeouts in, next
+requests out. No sockets, no clock but the ``now`` it is given.
 
-Stock kademlia crawls in rounds: it sends alpha requests and waits for *all* of them,
-so one dead contact holds every round for the full RPC timeout. Here each request has its
-own soft deadline (the contact's adaptive RTO). When it passes, the lookup stops counting
-that contact as in flight and asks the next candidate; a late reply is still used if it
-arrives while the lookup is running. The lookup ends when the k closest contacts that are
-not known dead or slow have all answered, or when nothing is left to ask.
+Stock kademlia crawls in rounds: it sends alpha requests and waits for *all* of them, so
+one dead contact holds every round for the full RPC timeout. Here each request has its
+own soft deadline (the contact's adaptive RTO, kept by the caller). When the caller
+reports it passed (:meth:`Lookup.slow`), the lookup stops counting that contact as in
+flight and asks the next candidate; a late reply is still used while the lookup runs.
+The lookup ends when the k closest contacts that are not known dead or slow have all
+answered, when nothing is left to ask, or at its deadline.
 
 For values it does not stop at the first one: it collects every value the k closest
 nodes hold, so the caller can pick the *newest* valid record (stock kademlia returns the
-most common value; upstream issue #107).
+most common value; upstream issue #107). Once a value has turned up the lookup is near
+the key, and it asks the rest of the k closest at once.
+
+Driving it::
+
+    lookup = Lookup(target, find_value=True, k=20, alpha=3, max_rpcs=300,
+                    deadline=now + 10, own_id=me, seeds=table.closest(target, 20))
+    for node in lookup.next_requests(now): send find_value to node
+    ... lookup.replied(node_id, reply, now) / lookup.slow(node_id) / lookup.failed(node_id)
+    ... after each, send lookup.next_requests(now); stop when lookup.done
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-from kademlia.node import Node
 
 from .. import wire
-from .protocol import DHTProtocol
+from .routing import Node
 
-_NEW, _INFLIGHT, _SLOW, _OK, _FAILED = "new", "inflight", "slow", "ok", "failed"
+_NEW, _INFLIGHT, _SLOW, _OK, _FAILED = range(5)
 
 
 @dataclass(slots=True)
@@ -37,111 +44,137 @@ class LookupResult:
     without_value: list[Node] = field(default_factory=list)
     rpcs: int = 0
     elapsed: float = 0.0
+    #: Replies that moved the lookup, by round: 1 + the longest chain of replies that
+    #: each named a contact asked next (what "hops" means for an iterative lookup).
+    hops: int = 0
 
 
-def _to_node(contact: wire.Contact) -> Node:
-    return Node(contact.node_id, contact.address.host, contact.address.port)
+class Lookup:
+    """One iterative lookup for ``target`` (find_node, or find_value)."""
 
+    def __init__(
+        self,
+        target: bytes,
+        *,
+        find_value: bool,
+        k: int,
+        alpha: int,
+        max_rpcs: int,
+        started: float,
+        deadline: float,
+        own_id: bytes,
+        seeds: Iterable[Node],
+        skip: Callable[[bytes], bool] = lambda _: False,
+    ) -> None:
+        self.target = target
+        self.find_value = find_value
+        self.method = "find_value" if find_value else "find_node"
+        self._target = int.from_bytes(target, "big")
+        self._k = k
+        self._alpha = alpha
+        self._max_rpcs = max_rpcs
+        self._own = own_id
+        self._skip = skip
+        self.started = started
+        self.deadline = deadline
+        self._nodes: dict[bytes, Node] = {}
+        self._state: dict[bytes, int] = {}
+        self._depth: dict[bytes, int] = {}
+        self._inflight = 0
+        self.result = LookupResult(closest=[])
+        self.done = False
+        for node in seeds:
+            self._add(node, 0)
 
-async def iterative_find(
-    protocol: DHTProtocol, target: bytes, *, find_value: bool, seeds: list[Node] | None = None
-) -> LookupResult:
-    config = protocol.config
-    k, alpha = config.ksize, config.alpha
-    loop = asyncio.get_running_loop()
-    started = time.monotonic()
-    deadline = started + config.lookup_deadline
-    target_node = Node(target)
-    own = protocol.source_node.id
-    nodes: dict[bytes, Node] = {}
-    state: dict[bytes, str] = {}
-    events: asyncio.Queue[tuple[str, bytes, Any]] = asyncio.Queue()
-    result = LookupResult(closest=[])
-    timers: list[asyncio.TimerHandle] = []
-    method = "find_value" if find_value else "find_node"
+    def _add(self, node: Node, depth: int) -> None:
+        if node.id != self._own and node.id not in self._nodes and not self._skip(node.id):
+            self._nodes[node.id] = node
+            self._state[node.id] = _NEW
+            self._depth[node.id] = depth
 
-    def add(node: Node) -> None:
-        if node.id != own and node.id not in nodes and not protocol.is_suspect(node.id):
-            nodes[node.id] = node
-            state[node.id] = _NEW
+    def _live(self) -> list[Node]:
+        target = self._target
+        return sorted(
+            (n for n in self._nodes.values() if self._state[n.id] not in (_SLOW, _FAILED)),
+            key=lambda n: n.long_id ^ target,
+        )[: self._k]
 
-    def distance(node: Node) -> int:
-        return int(node.long_id ^ target_node.long_id)
-
-    def launch(node: Node) -> None:
-        state[node.id] = _INFLIGHT
-        result.rpcs += 1
-        future = protocol.request(node, method, target)
-
-        def done(fut: asyncio.Future[Any]) -> None:
-            reply = None if fut.cancelled() else fut.result()
-            protocol.note_reply(node, reply)
-            events.put_nowait(("reply", node.id, reply))
-
-        future.add_done_callback(done)
-        timers.append(
-            loop.call_later(protocol.soft_timeout(node), events.put_nowait, ("slow", node.id, None))
-        )
-
-    for node in seeds if seeds is not None else protocol.closest(target, k):
-        add(node)
-
-    try:
-        while True:
-            live = sorted(
-                (n for n in nodes.values() if state[n.id] not in (_SLOW, _FAILED)), key=distance
-            )[:k]
-            active = sum(1 for s in state.values() if s == _INFLIGHT)
-            # Once a value has turned up we are near the key: ask the rest of the k
-            # closest at once, to learn whether any holds a newer record.
-            width = k if result.values else alpha
-            for node in live:
-                if active >= width or result.rpcs >= config.lookup_max_rpcs:
-                    break
-                if state[node.id] == _NEW:
-                    launch(node)
-                    active += 1
-            if all(state[n.id] == _OK for n in live):
-                break  # the k closest live contacts have all answered
-            remaining = deadline - time.monotonic()
-            if active == 0 or remaining <= 0:
-                break  # nothing in flight and nothing we may still ask, or out of time
-            try:
-                kind, node_id, reply = await asyncio.wait_for(events.get(), remaining)
-            except TimeoutError:
+    def next_requests(self, now: float) -> list[Node]:
+        """Contacts to ask now; each is then in flight until replied/slow/failed. When
+        this returns nothing and nothing is in flight, the lookup is done."""
+        if self.done:
+            return []
+        if now >= self.deadline:
+            self._finish(now)
+            return []
+        live = self._live()
+        width = self._k if self.result.values else self._alpha
+        out: list[Node] = []
+        for node in live:
+            if self._inflight >= width or self.result.rpcs >= self._max_rpcs:
                 break
-            if kind == "slow":
-                if state.get(node_id) == _INFLIGHT:
-                    state[node_id] = _SLOW
-                    # Other lookups need not wait on it too; a late reply clears this.
-                    protocol.mark_suspect(node_id)
-                    protocol.stats["soft_timeouts"] += 1
-                continue
-            if reply is None:
-                state[node_id] = _FAILED
-                continue
-            if state.get(node_id) == _SLOW:
-                # Its reply was queued behind our own "slow" event, which marked it
-                # suspect after note_reply had cleared that: clear it again.
-                protocol.clear_suspect(node_id)
-            state[node_id] = _OK
-            node = nodes[node_id]
-            if isinstance(reply, wire.FindValueReply):
-                if reply.value is not None:
-                    result.values.append((node, reply.value))
-                else:
-                    result.without_value.append(node)
-                contacts = reply.contacts
-            elif isinstance(reply, tuple):
-                contacts = reply
-            else:  # a reply of the wrong shape counts as no reply
-                state[node_id] = _FAILED
-                continue
-            for contact in contacts:
-                add(_to_node(contact))
-    finally:
-        for timer in timers:
-            timer.cancel()
-    result.closest = sorted((n for n in nodes.values() if state[n.id] == _OK), key=distance)[:k]
-    result.elapsed = time.monotonic() - started
-    return result
+            if self._state[node.id] == _NEW:
+                self._state[node.id] = _INFLIGHT
+                self._inflight += 1
+                self.result.rpcs += 1
+                out.append(node)
+        if not out and (self._inflight == 0 or all(self._state[n.id] == _OK for n in live)):
+            self._finish(now)
+        return out
+
+    def _finish(self, now: float) -> None:
+        self.done = True
+        target = self._target
+        self.result.closest = sorted(
+            (n for n in self._nodes.values() if self._state[n.id] == _OK),
+            key=lambda n: n.long_id ^ target,
+        )[: self._k]
+        self.result.elapsed = now - self.started
+
+    def slow(self, node_id: bytes) -> bool:
+        """The contact's soft deadline passed: stop counting it as in flight. True if
+        that changed anything (the caller may then mark it suspect)."""
+        if self._state.get(node_id) != _INFLIGHT:
+            return False
+        self._state[node_id] = _SLOW
+        self._inflight -= 1
+        return True
+
+    def failed(self, node_id: bytes) -> None:
+        """No reply came before the hard timeout (or it was malformed)."""
+        state = self._state.get(node_id)
+        if state == _INFLIGHT:
+            self._inflight -= 1
+        if state in (_INFLIGHT, _SLOW):
+            self._state[node_id] = _FAILED
+
+    def replied(self, node_id: bytes, reply: wire.DHTResult) -> bool:
+        """A reply from a contact we asked. Returns whether it was a slow one (the caller
+        clears the suspicion it set)."""
+        state = self._state.get(node_id)
+        if state not in (_INFLIGHT, _SLOW) or self.done:
+            return False
+        if state == _INFLIGHT:
+            self._inflight -= 1
+        node = self._nodes[node_id]
+        if isinstance(reply, wire.FindValueReply) and self.find_value:
+            if reply.value is not None:
+                self.result.values.append((node, reply.value))
+            else:
+                self.result.without_value.append(node)
+            contacts = reply.contacts
+        elif isinstance(reply, tuple) and not self.find_value:
+            contacts = reply
+        else:  # a reply of the wrong shape counts as no reply
+            self._state[node_id] = _FAILED
+            return state == _SLOW
+        self._state[node_id] = _OK
+        depth = self._depth[node_id] + 1
+        self.result.hops = max(self.result.hops, depth)
+        for contact in contacts:
+            self._add(Node(contact.node_id, contact.address.host, contact.address.port), depth)
+        return state == _SLOW
+
+    @property
+    def in_flight(self) -> int:
+        return self._inflight

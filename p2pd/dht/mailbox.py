@@ -59,20 +59,33 @@ class MailboxStorage:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: sqlite3.Connection | None,
         limits: MailboxLimits = MailboxLimits(),
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._conn = conn
+        # None: a private in-memory database, made when the first entry arrives (the
+        # simulation runs thousands of nodes, few of which ever hold a mailbox).
+        self._conn_or_none = conn
         self.limits = limits
         self._clock = clock
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS mailbox (key BLOB NOT NULL, id BLOB NOT NULL, "
-            "entry BLOB NOT NULL, expires REAL NOT NULL, PRIMARY KEY (key, id))"
-        )
-        conn.commit()
         self.refused: dict[str, int] = {}
+        #: Bytes held, all mailboxes together: a running total, not a scan per put.
+        self._total: int | None = None
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        conn = self._conn_or_none
+        if conn is None:
+            conn = self._conn_or_none = sqlite3.connect(":memory:")
+        if self._total is None:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS mailbox (key BLOB NOT NULL, id BLOB NOT NULL, "
+                "entry BLOB NOT NULL, expires REAL NOT NULL, PRIMARY KEY (key, id))"
+            )
+            conn.commit()
+            self._total = _held_bytes(conn)
+        return conn
 
     def _refuse(self, why: str) -> bool:
         self.refused[why] = self.refused.get(why, 0) + 1
@@ -82,24 +95,35 @@ class MailboxStorage:
         now = self._clock()
         if not 0 < len(entry) <= MAX_MAILBOX_ENTRY:
             return self._refuse("size")
-        self.cull(now)
-        count, size = self._conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox WHERE key=?", (key,)
-        ).fetchone()
-        if count >= self.limits.per_mailbox_count:
-            return self._refuse("mailbox-full")
-        if size + len(entry) > self.limits.per_mailbox_bytes:
-            return self._refuse("mailbox-full")
-        (total,) = self._conn.execute(
-            "SELECT COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox"
-        ).fetchone()
-        if total + len(entry) > self.limits.total_bytes:
-            return self._refuse("node-full")
-        self._conn.execute(
+        conn = self._conn
+        if conn.in_transaction:
+            # Someone else's transaction is open on the shared connection (see
+            # storage.py): committing ours would commit theirs. The sender tries others.
+            return self._refuse("busy")
+        for attempt in range(2):
+            count, size = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox WHERE key=?",
+                (key,),
+            ).fetchone()
+            why = None
+            if (
+                count >= self.limits.per_mailbox_count
+                or size + len(entry) > self.limits.per_mailbox_bytes
+            ):
+                why = "mailbox-full"
+            elif (self._total or 0) + len(entry) > self.limits.total_bytes:
+                why = "node-full"
+            if why is None:
+                break
+            if attempt == 1 or not self.cull(now):
+                return self._refuse(why)
+        cursor = conn.execute(
             "INSERT OR IGNORE INTO mailbox(key, id, entry, expires) VALUES (?,?,?,?)",
             (key, entry_id(entry), entry, now + self.limits.ttl),
         )
-        self._conn.commit()
+        conn.commit()
+        if cursor.rowcount > 0:
+            self._total = (self._total or 0) + len(entry)
         return True
 
     def _authorised(self, owner: bytes, timestamp: int, message: bytes, signature: bytes) -> bool:
@@ -132,18 +156,45 @@ class MailboxStorage:
             return None
         if not self._authorised(owner, timestamp, delete_message(owner, timestamp, ids), signature):
             return None
+        conn = self._conn
+        if conn.in_transaction:
+            self._refuse("busy")
+            return None
         key = mailbox_key(owner)
-        cursor = self._conn.executemany(
+        (freed,) = conn.execute(
+            f"SELECT COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox WHERE key=? "
+            f"AND id IN ({','.join('?' * len(ids))})",
+            (key, *ids),
+        ).fetchone()
+        cursor = conn.executemany(
             "DELETE FROM mailbox WHERE key=? AND id=?", [(key, i) for i in ids]
         )
-        self._conn.commit()
+        conn.commit()
+        self._total = max((self._total or 0) - int(freed), 0)
         return max(cursor.rowcount, 0)
 
-    def cull(self, now: float | None = None) -> None:
-        self._conn.execute(
+    def cull(self, now: float | None = None) -> int:
+        """Forget expired entries; returns how many."""
+        if self._conn_or_none is None:
+            return 0
+        conn = self._conn
+        if conn.in_transaction:
+            return 0
+        cursor = conn.execute(
             "DELETE FROM mailbox WHERE expires<=?", (self._clock() if now is None else now,)
         )
+        conn.commit()
+        if cursor.rowcount > 0:
+            self._total = _held_bytes(conn)
+        return max(cursor.rowcount, 0)
 
     def count(self) -> int:
+        if self._conn_or_none is None:
+            return 0
         (n,) = self._conn.execute("SELECT COUNT(*) FROM mailbox").fetchone()
         return int(n)
+
+
+def _held_bytes(conn: sqlite3.Connection) -> int:
+    (total,) = conn.execute("SELECT COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox").fetchone()
+    return int(total)

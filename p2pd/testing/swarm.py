@@ -1,7 +1,7 @@
 """Many real DHT nodes in one process, each on its own UDP socket on 127.0.0.1.
 
-All nodes share one asyncio thread (the DESIGN allows it); each has a trio-owned
-:class:`~p2pd.transport.udp.UdpEndpoint`, exactly as a daemon does. For tests and tools::
+Each node has a trio-owned :class:`~p2pd.transport.udp.UdpEndpoint` feeding its DHT,
+exactly as a daemon does, all in one trio run. For tests and tools::
 
     async with open_swarm(20, home=tmp_path) as swarm:
         await swarm.publish(3)
@@ -20,9 +20,10 @@ from pathlib import Path
 import trio
 
 from ..config import DHTConfig
-from ..dht import DHT, AsyncioThread, node_id_for, open_dht
+from ..dht import DHT, create_dht, node_id_for
 from ..identity import Identity
 from ..records import HandleRecord
+from ..store import open_database
 from ..transport.udp import UdpEndpoint
 from ..wire import Address
 
@@ -45,10 +46,7 @@ class SwarmNode:
 
 
 class Swarm:
-    def __init__(
-        self, bridge: AsyncioThread, nursery: trio.Nursery, config: DHTConfig, home: Path | None
-    ) -> None:
-        self.bridge = bridge
+    def __init__(self, nursery: trio.Nursery, config: DHTConfig, home: Path | None) -> None:
         self.nursery = nursery
         self.config = config
         self.home = home
@@ -60,20 +58,23 @@ class Swarm:
         stack = AsyncExitStack()
         endpoint = UdpEndpoint.bind(listen or Address("127.0.0.1", 0))
         stack.callback(endpoint.close)
-        dht = await stack.enter_async_context(
-            open_dht(
-                self.bridge,
-                node_id=node_id_for(identity.public_key),
-                db_path=db_path,
-                config=self.config,
-                transport=endpoint,
-            )
+        conn = open_database(db_path)
+        stack.callback(conn.close)
+        dht = create_dht(
+            node_id=node_id_for(identity.public_key),
+            conn=conn,
+            config=self.config,
+            transport=endpoint,
         )
+        stack.callback(dht.close)
         cancel = trio.CancelScope()
 
         async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with cancel:
-                await endpoint.serve(dht.datagram_received, task_status=task_status)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(dht.serve)
+                    await nursery.start(endpoint.serve, dht.datagram_received)
+                    task_status.started()
 
         await self.nursery.start(serve)
         stack.callback(cancel.cancel)
@@ -125,17 +126,16 @@ async def open_swarm(
 ) -> AsyncIterator[Swarm]:
     """Start ``n`` nodes, each bootstrapped from the first and two random earlier ones."""
     random.seed(seed)
-    with AsyncioThread("p2pd-swarm") as bridge:
-        async with trio.open_nursery() as nursery:
-            swarm = Swarm(bridge, nursery, config or DHTConfig(), home)
-            try:
-                for _ in range(n):
-                    await swarm.add()
-                yield swarm
-            finally:
-                with trio.CancelScope(shield=True):
-                    for node in swarm.nodes:
-                        if node.alive:
-                            node.alive = False
-                            await node.stack.aclose()
-                nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        swarm = Swarm(nursery, config or DHTConfig(), home)
+        try:
+            for _ in range(n):
+                await swarm.add()
+            yield swarm
+        finally:
+            with trio.CancelScope(shield=True):
+                for node in swarm.nodes:
+                    if node.alive:
+                        node.alive = False
+                        await node.stack.aclose()
+            nursery.cancel_scope.cancel()

@@ -8,8 +8,8 @@ Demultiplexing on the first byte (docs/PROTOCOL.md, "One port"):
 - anything else is dropped and counted.
 
 Sharing the port means the DHT sees the same public address that QUIC uses, which NAT
-traversal needs. The DHT runs in the asyncio thread and sends through :meth:`sendto`,
-which is safe from any thread: a non-blocking ``sendto`` on the same file descriptor.
+traversal needs. Both protocols run in this task's thread and send through
+:meth:`sendto`: a non-blocking ``sendto`` on the same file descriptor.
 
 The receive loop reads in bursts: every datagram already queued (up to
 :data:`RECV_BURST`) goes to its handler before the task yields, and then each flush hook

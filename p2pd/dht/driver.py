@@ -1,0 +1,231 @@
+"""The trio driver of :class:`~p2pd.dht.core.DHTCore`: about what hypercorn's UDP server
+is to aioquic. No asyncio, no thread, no queue.
+
+- Datagrams come in from the node's UDP task (:meth:`DHT.datagram_received`, called by
+  :class:`~p2pd.transport.udp.UdpEndpoint` for first bytes 0x00/0x01) and go straight
+  into the core, synchronously: the work per datagram is bounded by the core, so the
+  reader never waits on anything and nothing queues between the two.
+- After each burst the endpoint calls :meth:`DHT.flush`: the core's datagrams go out,
+  stored records are written to SQLite, and the timer task's deadline is moved.
+- One timer task sleeps in one long-lived cancel scope until the core's next deadline
+  (soft and hard RPC timeouts, lookup deadlines, maintenance), never polling.
+- An operation (``publish``, ``resolve``...) starts a state machine in the core and
+  waits on a ``trio.Event`` that the core's ``on_done`` callback sets.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol, TypeVar
+
+import trio
+
+from .. import wire
+from ..config import DHTConfig
+from ..errors import NotFound
+from ..identity import HandleRef, Identity
+from ..records import HandleRecord, dht_key
+from ..wire import Address
+from .core import DHTCore
+from .lookup import LookupResult
+from .mailbox import MailboxStorage
+from .routing import Node
+from .storage import RecordStorage
+
+T = TypeVar("T")
+
+
+class DatagramTransport(Protocol):
+    """What the DHT sends through: the node's UDP endpoint, or a fake one."""
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None: ...
+
+
+class DHT:
+    """A DHT node driven by trio. Start :meth:`serve` in a nursery (``open_dht`` does)."""
+
+    def __init__(
+        self,
+        core: DHTCore,
+        transport: DatagramTransport,
+        *,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = core
+        self.node_id: bytes = core.node_id
+        self._transport = transport
+        self._wall = wall
+        self._timer = trio.CancelScope()
+        add_hook = getattr(transport, "add_flush_hook", None)
+        if add_hook is not None:
+            add_hook(self.flush)
+
+    def close(self) -> None:
+        """Stop taking the transport's bursts; write what is left to write."""
+        remove_hook = getattr(self._transport, "remove_flush_hook", None)
+        if remove_hook is not None:
+            remove_hook(self.flush)
+        self.core.storage.persist()
+
+    # ------------------------------------------------------------------ I/O
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        """A DHT datagram from the UDP task; its answers go out at :meth:`flush`."""
+        self.core.datagram_received(data, addr, trio.current_time())
+
+    def flush(self) -> None:
+        """Send what the core has queued, persist what it stored, re-arm the timer."""
+        sendto = self._transport.sendto
+        for data, addr in self.core.datagrams_to_send():
+            sendto(data, addr)
+        self.core.storage.persist()
+        when = self.core.get_timer()
+        deadline = math.inf if when is None else when
+        if self._timer.deadline != deadline:  # moving it re-sorts trio's deadlines
+            self._timer.deadline = deadline
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Fire the core's timers at their deadlines, forever."""
+        task_status.started()
+        while True:
+            self._timer = trio.CancelScope()
+            self.flush()
+            with self._timer:
+                await trio.sleep_forever()
+            self.core.handle_timer(trio.current_time())
+
+    async def _run(self, start: Callable[[Callable[[T], None], float], None]) -> T:
+        done = trio.Event()
+        box: list[T] = []
+
+        def finish(value: T) -> None:
+            box.append(value)
+            done.set()
+
+        start(finish, trio.current_time())
+        self.flush()
+        await done.wait()
+        return box[0]
+
+    # ------------------------------------------------------------------ operations
+
+    async def bootstrap(self, addresses: list[Address]) -> int:
+        """Join through these addresses; returns the routing table size afterwards."""
+        targets = [a.as_tuple() for a in addresses]
+        return await self._run(lambda done, now: self.core.start_bootstrap(targets, now, done))
+
+    async def publish(self, record: HandleRecord) -> int:
+        """Store our record at the k closest nodes; returns how many accepted it."""
+        value = record.encode()
+        return await self._run(
+            lambda done, now: self.core.start_store(record.key, value, now, done)
+        )
+
+    async def lookup(self, target: bytes, *, find_value: bool = False) -> LookupResult:
+        return await self._run(
+            lambda done, now: self.core.start_lookup(target, now, done, find_value=find_value)
+        )
+
+    async def resolve(self, ref: HandleRef) -> HandleRecord:
+        record, _ = await self.resolve_with_details(ref)
+        return record
+
+    async def resolve_with_details(self, ref: HandleRef) -> tuple[HandleRecord, LookupResult]:
+        """The newest valid record for ``ref``; raises NotFound."""
+        key = dht_key(ref.handle)
+        found: tuple[HandleRecord | None, LookupResult] = await self._run(
+            lambda done, now: self.core.start_resolve(key, now, self._wall(), ref.matches, done)
+        )
+        record, result = found
+        if record is None:
+            if result.values and ref.fingerprint_prefix is not None:
+                raise NotFound(
+                    f"no record for {ref.handle!r} matches the fingerprint prefix "
+                    f"{ref.fingerprint_prefix!r}: refusing the key the network holds"
+                )
+            raise NotFound(f"no valid record for handle {ref.handle!r} in the DHT")
+        return record, result
+
+    async def mailbox_put(self, owner_public_key: bytes, entry: bytes) -> int:
+        """Leave a sealed entry in someone's mailbox; returns how many nodes took it."""
+        return await self._run(
+            lambda done, now: self.core.start_mailbox_put(owner_public_key, entry, now, done)
+        )
+
+    async def mailbox_fetch(self, identity: Identity) -> list[tuple[bytes, bytes]]:
+        """(entry id, sealed entry) for everything waiting in our mailbox."""
+        return await self._run(
+            lambda done, now: self.core.start_mailbox_fetch(
+                identity.public_key, identity.sign, self._wall, now, done
+            )
+        )
+
+    async def mailbox_delete(self, identity: Identity, ids: list[bytes]) -> int:
+        return await self._run(
+            lambda done, now: self.core.start_mailbox_delete(
+                identity.public_key, ids, identity.sign, self._wall, now, done
+            )
+        )
+
+    async def gather(self, calls: list[tuple[Node, str, list[Any]]]) -> list[wire.DHTResult | None]:
+        """Send these requests; every result (None: no reply) in order (tests, tools)."""
+        return await self._run(lambda done, now: self.core.gather(calls, now, done))
+
+    def statistics(self) -> dict[str, Any]:
+        return self.core.statistics()
+
+    def contacts(self) -> list[tuple[bytes, str, int]]:
+        return self.core.contacts()
+
+    def offer_local(self, record: HandleRecord) -> str:
+        """Offer a record to this node's own storage (tests and tools)."""
+        verdict = self.core.storage.offer(record.key, record.encode())
+        self.flush()
+        return verdict
+
+
+def create_dht(
+    *,
+    node_id: bytes,
+    conn: sqlite3.Connection | None,
+    config: DHTConfig,
+    transport: DatagramTransport,
+    wall: Callable[[], float] = time.time,
+    randbytes: Callable[[int], bytes] | None = None,
+) -> DHT:
+    """A DHT node sending through ``transport``; run its :meth:`DHT.serve` in a nursery
+    and call :meth:`DHT.close` when done. ``conn`` is the node's SQLite connection (None:
+    nothing persists). If the transport has flush hooks (a
+    :class:`~p2pd.transport.udp.UdpEndpoint` does), the node's answers go out after each
+    burst the transport reads."""
+    storage = RecordStorage(conn, max_records=config.max_records, clock=wall)
+    mailboxes = MailboxStorage(conn, clock=wall)
+    extra = {} if randbytes is None else {"randbytes": randbytes}
+    core = DHTCore(node_id, config, storage, mailboxes, trio.current_time(), **extra)
+    return DHT(core, transport, wall=wall)
+
+
+@asynccontextmanager
+async def open_dht(
+    *,
+    node_id: bytes,
+    conn: sqlite3.Connection | None,
+    config: DHTConfig,
+    transport: DatagramTransport,
+    wall: Callable[[], float] = time.time,
+) -> AsyncIterator[DHT]:
+    """:func:`create_dht`, its timers running until the context exits."""
+    dht = create_dht(node_id=node_id, conn=conn, config=config, transport=transport, wall=wall)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dht.serve)
+            try:
+                yield dht
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        dht.close()

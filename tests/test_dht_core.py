@@ -1,0 +1,444 @@
+"""The DHT's sans-I/O core, the way aioquic tests ``QuicConnection``: cores in memory,
+datagrams moved by hand, time advanced by hand. No sockets, no clock, no event loop."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from p2pd import wire
+from p2pd.config import DHTConfig
+from p2pd.dht.core import DHTCore
+from p2pd.dht.lookup import Lookup, LookupResult
+from p2pd.dht.routing import Node, RoutingTable
+from p2pd.dht.storage import RecordStorage
+from p2pd.identity import HandleRef, Identity
+from p2pd.records import HandleRecord, dht_key
+
+WALL = float(int(time.time()))
+CONFIG = DHTConfig()
+
+
+def nid(i: int) -> bytes:
+    return hashlib.sha1(b"node %d" % i).digest()
+
+
+@dataclass
+class CoreNet:
+    """Cores on fake addresses; every datagram takes ``latency`` seconds one way."""
+
+    latency: float = 0.01
+    now: float = 100.0
+    cores: dict[tuple[str, int], DHTCore] = field(default_factory=dict)
+    dead: set[tuple[str, int]] = field(default_factory=set)
+    #: (due, seq, data, src, dst)
+    flight: list[tuple[float, int, bytes, tuple[str, int], tuple[str, int]]] = field(
+        default_factory=list
+    )
+    seq: int = 0
+    delivered: int = 0
+
+    def add(self, i: int, config: DHTConfig = CONFIG) -> DHTCore:
+        address = (f"192.0.2.{i % 250 + 1}", 4000 + i)
+        rng = random.Random(i)
+        core = DHTCore(
+            nid(i),
+            config,
+            RecordStorage(None, clock=self.wall),
+            None,
+            self.now,
+            randbytes=rng.randbytes,
+        )
+        self.cores[address] = core
+        return core
+
+    def wall(self) -> float:
+        """Wall-clock time that moves with the network's virtual time."""
+        return WALL + self.now - 100.0
+
+    def address_of(self, core: DHTCore) -> tuple[str, int]:
+        return next(a for a, c in self.cores.items() if c is core)
+
+    def node_of(self, core: DHTCore) -> Node:
+        host, port = self.address_of(core)
+        return Node(core.node_id, host, port)
+
+    def _collect(self) -> None:
+        for src, core in self.cores.items():
+            for data, dst in core.datagrams_to_send():
+                self.seq += 1
+                self.flight.append((self.now + self.latency, self.seq, data, src, dst))
+        self.flight.sort()
+
+    def run_until(self, done: Any, max_steps: int = 200_000) -> None:
+        """Deliver datagrams and fire timers in time order until ``done()``."""
+        for _ in range(max_steps):
+            self._collect()
+            if done():
+                return
+            timers = [t for c in self.cores.values() if (t := c.get_timer()) is not None]
+            next_timer = min(timers, default=None)
+            next_packet = self.flight[0][0] if self.flight else None
+            if next_packet is None and next_timer is None:
+                raise AssertionError("nothing left to happen, and not done")
+            if next_packet is not None and (next_timer is None or next_packet <= next_timer):
+                due, _, data, src, dst = self.flight.pop(0)
+                self.now = max(self.now, due)
+                if dst in self.cores and dst not in self.dead and src not in self.dead:
+                    self.delivered += 1
+                    self.cores[dst].datagram_received(data, src, self.now)
+            else:
+                assert next_timer is not None
+                self.now = max(self.now, next_timer)
+                for core in self.cores.values():
+                    timer = core.get_timer()
+                    if timer is not None and timer <= self.now:
+                        core.handle_timer(self.now)
+        raise AssertionError("did not finish")
+
+    def call(self, start: Any) -> Any:
+        """Start an operation ``start(on_done)`` and run the network until it reports."""
+        box: list[Any] = []
+        start(box.append)
+        self.run_until(lambda: bool(box))
+        return box[0]
+
+    def join_all(self, first: DHTCore) -> None:
+        seed = self.address_of(first)
+        for core in self.cores.values():
+            if core is not first:
+                self.call(lambda done, c=core: c.start_bootstrap([seed], self.now, done))
+
+
+def make_record(name: str, seq: int = 1) -> tuple[Identity, HandleRecord]:
+    identity = Identity.generate(name)
+    record = HandleRecord.create(
+        identity, [wire.Address("192.0.2.9", 4747)], seq=seq, now=int(WALL), lifetime=3600
+    )
+    return identity, record
+
+
+# ---------------------------------------------------------------------- lookup
+
+
+def contacts(*ids: int) -> tuple[wire.Contact, ...]:
+    return tuple(wire.Contact(nid(i), wire.Address("192.0.2.1", 5000 + i)) for i in ids)
+
+
+def seed_nodes(*ids: int) -> list[Node]:
+    return [Node(nid(i), "192.0.2.1", 5000 + i) for i in ids]
+
+
+def new_lookup(seeds: list[Node], **kw: Any) -> Lookup:
+    args: dict[str, Any] = dict(
+        find_value=False,
+        k=4,
+        alpha=2,
+        max_rpcs=50,
+        started=0.0,
+        deadline=10.0,
+        own_id=nid(0),
+        seeds=seeds,
+    )
+    args.update(kw)
+    return Lookup(nid(999), **args)
+
+
+def test_lookup_asks_alpha_then_the_next_as_replies_come() -> None:
+    lookup = new_lookup(seed_nodes(1, 2, 3, 4, 5))
+    first = lookup.next_requests(0.0)
+    assert len(first) == 2 and lookup.in_flight == 2
+    assert lookup.next_requests(0.0) == []  # alpha is full
+    lookup.replied(first[0].id, contacts())
+    assert len(lookup.next_requests(0.1)) == 1  # one slot freed, one more asked
+
+
+def test_a_slow_contact_stops_counting_and_its_late_reply_still_counts() -> None:
+    target = int.from_bytes(nid(999), "big")
+    seeds = sorted(seed_nodes(1, 2, 3), key=lambda n: n.long_id ^ target)
+    lookup = new_lookup(seeds, k=2, alpha=1)
+    (asked,) = lookup.next_requests(0.0)
+    assert lookup.slow(asked.id)  # its soft deadline passed...
+    assert not lookup.slow(asked.id)  # (only once)
+    (second,) = lookup.next_requests(0.1)  # ...so the next one is asked without waiting
+    assert second.id != asked.id
+    assert lookup.replied(asked.id, contacts(7))  # late, but used: "it was slow"
+    assert nid(7) in {n.id for n in lookup.next_requests(0.2)} or lookup.in_flight >= 1
+
+
+def test_lookup_ends_when_the_k_closest_answered() -> None:
+    lookup = new_lookup(seed_nodes(1, 2, 3, 4, 5, 6), k=3, alpha=3)
+    for _ in range(20):
+        asked = lookup.next_requests(1.0)
+        if lookup.done:
+            break
+        for node in asked:
+            lookup.replied(node.id, contacts())
+    assert lookup.done
+    result = lookup.result
+    assert len(result.closest) == 3
+    target = int.from_bytes(nid(999), "big")
+    everyone = sorted(seed_nodes(1, 2, 3, 4, 5, 6), key=lambda n: n.long_id ^ target)
+    assert [n.id for n in result.closest] == [n.id for n in everyone[:3]]
+    assert result.rpcs <= 6
+
+
+def test_find_value_collects_every_value_and_widens_to_k() -> None:
+    lookup = new_lookup(seed_nodes(1, 2, 3, 4, 5, 6), find_value=True, k=5, alpha=1)
+    (first,) = lookup.next_requests(0.0)
+    lookup.replied(first.id, wire.FindValueReply(b"v1", contacts()))
+    wide = lookup.next_requests(0.0)
+    assert len(wide) == 4  # once a value turned up, the rest of the k closest at once
+    for node in wide:
+        lookup.replied(node.id, wire.FindValueReply(None, contacts()))
+    lookup.next_requests(0.0)
+    assert lookup.done
+    assert [v for _, v in lookup.result.values] == [b"v1"]
+    assert len(lookup.result.without_value) == 4
+
+
+def test_a_reply_of_the_wrong_shape_counts_as_none() -> None:
+    lookup = new_lookup(seed_nodes(1), k=1, alpha=1)
+    (asked,) = lookup.next_requests(0.0)
+    lookup.replied(asked.id, True)  # a store answer to a find_node
+    assert lookup.next_requests(0.0) == []
+    assert lookup.done and lookup.result.closest == []
+
+
+def test_lookup_stops_at_its_deadline_and_its_rpc_cap() -> None:
+    lookup = new_lookup(seed_nodes(*range(1, 40)), k=10, alpha=10, max_rpcs=5)
+    assert len(lookup.next_requests(0.0)) == 5
+    for node in seed_nodes(*range(1, 40)):
+        lookup.failed(node.id)
+    assert lookup.next_requests(0.0) == [] and lookup.done
+    late = new_lookup(seed_nodes(1, 2))
+    late.next_requests(0.0)
+    assert late.next_requests(10.0) == [] and late.done  # the deadline passed
+
+
+def test_hops_count_the_chain_of_replies() -> None:
+    lookup = new_lookup(seed_nodes(1), k=1, alpha=1)
+    (a,) = lookup.next_requests(0.0)
+    lookup.replied(a.id, contacts(2))
+    asked = lookup.next_requests(0.0)
+    for node in asked:
+        lookup.replied(node.id, contacts())
+    lookup.next_requests(0.0)
+    assert lookup.result.hops == (2 if asked else 1)
+
+
+# ---------------------------------------------------------------------- routing table
+
+
+def test_a_full_bucket_names_its_head_and_keeps_the_newcomer_as_replacement() -> None:
+    table = RoutingTable(bytes(20), 2, 0.0)  # our id is 0, k = 2
+    first, second, newcomer = (
+        Node(bytes([b]) + bytes(18) + b"\x01", "192.0.2.1", 1000 + b) for b in (0x80, 0x84, 0x82)
+    )
+    assert table.add(first) is None and table.add(second) is None
+    # the far half splits off (it does not hold our id); its two contacts share a 5-bit
+    # prefix (depth 5, Kademlia's "depth % 5 == 0"), so it is full and may not split: the
+    # head, least recently seen, is named for a ping, and the newcomer waits
+    assert table.add(newcomer) == first
+    assert not table.contains(newcomer.id)
+    assert table.remove(first.id)  # the head did not answer: the newcomer moves up
+    assert {n.id for n in table} == {second.id, newcomer.id}
+
+
+# ---------------------------------------------------------------------- two cores
+
+
+def test_ping_adds_both_sides_and_a_spoofed_reply_is_not_matched() -> None:
+    net = CoreNet()
+    a, b = net.add(1), net.add(2)
+    results: list[Any] = []
+    a.request(net.node_of(b), "ping", [], net.now, _Owner(results))
+    (frame, dst) = a.datagrams_to_send()[0]
+    assert dst == net.address_of(b)
+    # someone else answers first, from another address, with the right message id
+    msg_id = frame[1:21]
+    a.datagram_received(wire.encode_response(msg_id, nid(66)), ("192.0.2.200", 9), net.now)
+    assert a.stats["unexpected_replies"] == 1 and results == []
+    b.datagram_received(frame, net.address_of(a), net.now + 0.01)
+    (reply, back) = b.datagrams_to_send()[0]
+    assert back == net.address_of(a)
+    a.datagram_received(reply, net.address_of(b), net.now + 0.02)
+    assert results == [b.node_id]
+    assert a.table.contains(b.node_id) and b.table.contains(a.node_id)
+    assert a.rtt.rto(net.address_of(b)) < CONFIG.soft_timeout_max
+
+
+class _Owner:
+    def __init__(self, results: list[Any], slow: list[Any] | None = None) -> None:
+        self.results = results
+        self.slow = slow if slow is not None else []
+
+    def rpc_done(self, node: Node, result: Any, now: float) -> None:
+        self.results.append(result)
+
+    def rpc_slow(self, node: Node, now: float) -> None:
+        self.slow.append(now)
+
+
+def test_silence_gives_slow_then_none_and_two_losses_evict() -> None:
+    net = CoreNet()
+    a, b = net.add(1), net.add(2)
+    net.join_all(a)
+    assert a.table.contains(b.node_id)
+    net.dead.add(net.address_of(b))
+    for round_ in range(2):
+        results: list[Any] = []
+        slow: list[float] = []
+        start = net.now
+        a.request(net.node_of(b), "ping", [], net.now, _Owner(results, slow))
+        net.run_until(lambda results=results: bool(results))
+        assert results == [None]
+        assert slow and slow[0] - start < CONFIG.rpc_timeout  # soft before hard
+        assert net.now - start == pytest.approx(CONFIG.rpc_timeout, abs=0.02)
+        assert a.table.contains(b.node_id) == (round_ == 0)  # evicted after the second
+    assert a.stats["evictions"] == 1 and a.stats["timeouts"] == 2
+
+
+def test_an_answered_request_leaves_no_timer_to_wake_for() -> None:
+    net = CoreNet()
+    a, _ = net.add(1), net.add(2)
+    net.join_all(a)
+    net.run_until(lambda: not net.flight)
+    maintenance = a.get_timer()
+    assert maintenance is not None and maintenance - net.now > 60  # only maintenance left
+
+
+def test_malformed_datagrams_are_counted_and_answer_nothing() -> None:
+    net = CoreNet()
+    a = net.add(1)
+    for data in (
+        b"\x00",
+        b"\x00" + b"\x11" * 20 + b"\xc1",
+        b"\x00" + b"\x11" * 20 + b"\x92\xa4ping\x90",
+        b"\x00" + b"\x11" * 20 + b"\x91" * 3000 + b"\xc0",
+        b"\x02" + b"\x11" * 30,
+        # a request claiming to come from our own id
+        wire.encode_request(b"\x01" * 20, "ping", [a.node_id]),
+    ):
+        a.datagram_received(data, ("192.0.2.77", 1), net.now)
+    assert a.stats["malformed"] == 6
+    assert a.datagrams_to_send() == []
+    assert len(a.table) == 0
+
+
+# ---------------------------------------------------------------------- a network of cores
+
+
+def small_network(n: int, config: DHTConfig = CONFIG) -> tuple[CoreNet, list[DHTCore]]:
+    net = CoreNet()
+    cores = [net.add(i, config) for i in range(n)]
+    net.join_all(cores[0])
+    return net, cores
+
+
+def resolve(net: CoreNet, core: DHTCore, handle: str) -> tuple[HandleRecord | None, LookupResult]:
+    ref = HandleRef(handle)
+    return net.call(  # type: ignore[no-any-return]
+        lambda done: core.start_resolve(dht_key(handle), net.now, WALL, ref.matches, done)
+    )
+
+
+def test_publish_then_every_node_resolves() -> None:
+    net, cores = small_network(30)
+    _, record = make_record("alice")
+    copies = net.call(lambda done: cores[3].start_store(record.key, record.encode(), net.now, done))
+    assert copies >= 19  # k = 20
+    holders = sum(c.storage.get(record.key) is not None for c in cores)
+    assert 19 <= holders <= 21
+    for core in cores:
+        found, result = resolve(net, core, "alice")
+        assert found == record
+        assert result.hops >= 1 and result.rpcs >= 1
+
+
+def test_lookups_go_around_dead_nodes_without_waiting_for_the_hard_timeout() -> None:
+    net, cores = small_network(40)
+    records = []
+    for i in range(5):
+        _, record = make_record(f"user{i}")
+        owner = cores[i]
+        net.call(lambda done, r=record, c=owner: c.start_store(r.key, r.encode(), net.now, done))
+        records.append(record)
+    for core in cores[5::5]:  # 7 of 40 go silent
+        net.dead.add(net.address_of(core))
+    alive = [c for c in cores if net.address_of(c) not in net.dead]
+    for core in alive[:10]:
+        for record in records:
+            started = net.now
+            found, _ = resolve(net, core, record.handle)
+            assert found == record
+            assert net.now - started < CONFIG.rpc_timeout  # soft timeouts, not hard ones
+    assert sum(c.stats["soft_timeouts"] for c in alive) >= 1
+
+
+def test_resolve_returns_the_newest_record_and_repairs_stale_replicas() -> None:
+    net, cores = small_network(25)
+    identity, old = make_record("bob")
+    net.call(lambda done: cores[1].start_store(old.key, old.encode(), net.now, done))
+    new = HandleRecord.create(
+        identity, [wire.Address("192.0.2.10", 4747)], seq=2, now=int(WALL), lifetime=3600
+    )
+    # only a few replicas hear of the new record
+    holders = [c for c in cores if c.storage.get(old.key) is not None]
+    for core in holders[:3]:
+        core.storage.offer(new.key, new.encode())
+    found, _ = resolve(net, cores[20], "bob")
+    assert found == new
+    net.run_until(lambda: not net.flight)
+    assert cores[20].stats["repair_stores"] >= 1
+    assert sum(c.storage.get(new.key) == new.encode() for c in cores) > 3
+
+
+def test_a_newcomer_next_to_a_key_is_handed_the_record() -> None:
+    config = DHTConfig(ksize=3)
+    net, cores = small_network(12, config)
+    _, record = make_record("carol")
+    net.call(lambda done: cores[2].start_store(record.key, record.encode(), net.now, done))
+    # a newcomer whose id is the key itself: closer than anyone to it
+    newcomer_address = ("192.0.2.250", 9999)
+    newcomer = DHTCore(record.key, config, RecordStorage(None, clock=net.wall), None, net.now)
+    net.cores[newcomer_address] = newcomer
+    net.call(lambda done: newcomer.start_bootstrap([net.address_of(cores[0])], net.now, done))
+    net.run_until(lambda: not net.flight)
+    assert newcomer.storage.get(record.key) == record.encode()
+    assert sum(c.stats["welcome_stores"] for c in cores) >= 1
+
+
+def test_a_datagram_costs_the_same_whatever_the_node_stores() -> None:
+    """A ping from a stranger used to walk every stored record: now a new contact outside
+    our own bucket is offered nothing, and one inside it at most 2 * WELCOME_SCAN."""
+    net, cores = small_network(3)
+    target = cores[1]
+    for i in range(300):
+        _, record = make_record(f"many{i}")
+        target.storage.offer(record.key, record.encode())
+    for i in range(50):
+        stranger = wire.encode_request(bytes([i]) * 20, "ping", [hashlib.sha1(b"s%d" % i).digest()])
+        target.datagram_received(stranger, ("192.0.2.99", 1000 + i), net.now)
+    sent = target.datagrams_to_send()
+    pings_answered = sum(1 for data, _ in sent if data[0] == wire.FRAME_RESPONSE)
+    assert pings_answered == 50
+    assert target.stats["welcome_stores"] <= 16 * 50
+    assert len(sent) - pings_answered == target.stats["welcome_stores"]
+
+
+def test_maintenance_refreshes_and_replicates_on_its_timer() -> None:
+    config = DHTConfig(refresh_interval=60.0, replicate_interval=60.0)
+    net, cores = small_network(10, config)
+    _, record = make_record("dave")
+    net.call(lambda done: cores[4].start_store(record.key, record.encode(), net.now, done))
+    before = sum(c.stats["replications"] for c in cores)
+    end = net.now + 200
+    net.run_until(lambda: net.now >= end)
+    assert sum(c.stats["replications"] for c in cores) > before
+    assert sum(c.stats["refresh_lookups"] for c in cores) >= 1
