@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pd.control import MAX_LINE
+from p2pd.control_client import MAX_LINE
 from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir
 
 pytestmark = pytest.mark.slow
