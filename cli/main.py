@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 import click
 
 from p2pd import __version__
-from p2pd.config import default_home, load_config
+from p2pd.config import load_config
 from p2pd.control_client import ControlClient
 from p2pd.errors import NoIdentity, P2PDError, PassphraseRequired, UsageError
+from p2pd.home import default_home
 from p2pd.identity import Identity, check_handle, format_fingerprint, self_certifying
 from p2pd.keystore import identity_path, is_encrypted, load_identity, save_identity
 from p2pd.wire import Address
