@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,10 @@ from . import home_of, parse_handle
 
 #: How long `send --wait` waits by default.
 SEND_WAIT_DEFAULT = 60.0
-#: `send --lines --wait` learns of deliveries from the daemon's event stream. This often
-#: it also asks for the earliest message still undelivered: a busy daemon drops events for
-#: a slow reader (docs/CONTROL_API.md, `subscribe`), and a dropped `delivered` must not
-#: leave us waiting until the timeout.
+#: `send --wait` learns of deliveries from the daemon's event stream. This often it also
+#: asks for the earliest message still undelivered: a busy daemon drops events for a slow
+#: reader (docs/CONTROL_API.md, `subscribe`), and a dropped `delivered` must not leave us
+#: waiting until the timeout.
 DELIVERY_RECHECK = 0.5
 
 #: `send --lines`: texts per control call, and their size (the daemon takes 1 MiB lines).
@@ -49,27 +49,32 @@ def _open_clients(home: Path, wait: bool) -> Iterator[tuple[ControlClient, Contr
 
 
 def wait_delivered(
-    client: ControlClient, events: ControlClient, ids: list[str], timeout: float
+    client: ControlClient,
+    events: ControlClient,
+    ids: list[str],
+    timeout: float,
+    clock: Callable[[], float] = time.monotonic,
 ) -> set[str]:
     """Which of ``ids`` are delivered within ``timeout``.
 
     From the event stream ``events`` (subscribed before sending), so this returns as soon
     as the last ``delivered`` event arrives; and, every DELIVERY_RECHECK seconds, by asking
     ``client`` for the earliest still missing, in order, until one is not delivered.
+    ``clock`` is for tests, whose fake event stream moves it.
     """
     missing = list(ids)  # in order
     delivered: set[str] = set()
-    deadline = time.monotonic() + timeout
-    next_look = time.monotonic() + DELIVERY_RECHECK
+    deadline = clock() + timeout
+    next_look = clock() + DELIVERY_RECHECK
     while missing:
-        now = time.monotonic()
+        now = clock()
         if now >= next_look or now >= deadline:
             while missing and (
                 missing[0] in delivered
                 or client.call("message", {"id": missing[0]})["state"] == "delivered"
             ):
                 delivered.add(missing.pop(0))
-            next_look = time.monotonic() + DELIVERY_RECHECK
+            next_look = clock() + DELIVERY_RECHECK
             if now >= deadline:
                 break
             continue
@@ -150,13 +155,11 @@ def send(
         return
     if not text:
         raise UsageError("the message is empty")
-    with ControlClient(home_of(ctx), timeout=60) as client:
+    with _open_clients(home_of(ctx), wait) as (client, events):
         message = client.call("send", {"handle": handle, "text": text})
-        if wait:
-            deadline = time.monotonic() + timeout
-            while message["state"] != "delivered" and time.monotonic() < deadline:
-                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-                message = client.call("message", {"id": message["id"]})
+        if events is not None:
+            wait_delivered(client, events, [message["id"]], timeout)
+            message = client.call("message", {"id": message["id"]})  # as the daemon has it
     if as_json:
         click.echo(json.dumps(message, indent=2, sort_keys=True))
     else:
