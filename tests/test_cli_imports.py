@@ -1,7 +1,7 @@
 """The CLI imports only what a command needs: `p2pd --version` and `p2pd status` run in
 well under 100 ms of CPU because they load neither trio nor the daemon's stack.
 
-Each check runs in a fresh interpreter (this one has imported everything already)."""
+The probes run in a fresh interpreter (this one has imported everything already)."""
 
 from __future__ import annotations
 
@@ -80,3 +80,26 @@ def test_init_loads_the_keystore_but_not_the_daemon(tmp_path: Path) -> None:
 def test_whois_parses_the_handle_without_loading_nacl(tmp_path: Path) -> None:
     args = ["--home", str(tmp_path), "whois", "alice#abcdefgh"]
     assert loaded_after(args, ("p2pd.identity", "nacl")) == ["p2pd.identity"]
+
+
+def test_a_command_loads_only_its_own_module(tmp_path: Path) -> None:
+    modules = tuple(f"p2pd_cli.commands.{m}" for m in ("node", "messages", "calls"))
+    watched = (*modules, "p2pd.control_client")
+    assert loaded_after(["--version"], watched) == []
+    assert loaded_after(["--home", str(tmp_path), "status"], watched) == [
+        "p2pd.control_client",
+        "p2pd_cli.commands.node",
+    ]
+    assert loaded_after(["--help"], watched) == sorted(watched)  # it lists them all
+
+
+def test_every_command_is_where_the_group_says() -> None:
+    import click
+
+    from p2pd_cli.main import COMMANDS, cli
+
+    ctx = click.Context(cli)
+    for name in COMMANDS:
+        command = cli.get_command(ctx, name)
+        assert command is not None and command.name == name
+    assert cli.get_command(ctx, "sned") is None

@@ -1,8 +1,8 @@
 """The ``p2pd`` commands, by area: node.py (init, daemon, status, whois, peers),
 messages.py (send, inbox, contacts, verify), calls.py (call, answer, hangup, calls).
 
-Every run of ``p2pd`` imports all of them (click needs each command's options), so at
-module level they import only click, the standard library and the light parts of p2pd;
+cli/main.py imports a module when one of its commands runs, so at module level each
+imports only what all of its commands need (click, the control client, the renderers);
 a command imports what only it needs (trio, the keystore, segno) in its body.
 """
 
