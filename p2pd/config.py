@@ -6,13 +6,10 @@ and ``[dht]``), then the command line (click options, with environment variables
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import platformdirs
 
 from .errors import UsageError
 from .wire import Address
@@ -186,13 +183,6 @@ class NodeConfig:
     ack_timeout: float = 5.0
     #: A call not answered within this many seconds ends as "no-answer".
     ring_timeout: float = 30.0
-
-
-def default_home() -> Path:
-    env = os.environ.get("P2PD_HOME")
-    if env:
-        return Path(env)
-    return Path(platformdirs.user_data_dir("p2pd", appauthor=False))
 
 
 def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:

@@ -2,33 +2,35 @@
 
 The socket is ``<home>/control.sock``, mode 0600 inside a 0700 home: only the daemon's
 user can talk to it. docs/CONTROL_API.md is the reference. A malformed request gets a
-JSON-RPC error and the connection (and the daemon) keeps serving.
+JSON-RPC error and the connection (and the daemon) keeps serving. This is the server;
+the blocking client and the protocol's constants are in p2pd/control_client.py, which
+the CLI imports without trio.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .errors import (
-    ControlError,
-    DaemonAlreadyRunning,
-    DaemonNotRunning,
-    LocalError,
-    NotFound,
-    P2PDError,
-    UsageError,
+from .control_client import (
+    FAILED,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    MAX_LINE,
+    METHOD_NOT_FOUND,
+    NOT_FOUND,
+    PARSE_ERROR,
 )
+from .errors import DaemonAlreadyRunning, LocalError, NotFound, P2PDError, UsageError
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -36,21 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The longest request line: a message of wire.MAX_TEXT (64 KiB) with JSON's escapes, or
-#: a ``send`` of many ``texts``.
-MAX_LINE = 1024 * 1024
 MAX_CONNECTIONS = 64
 #: sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
-
-# JSON-RPC 2.0 error codes (section 5.1), and ours in the server-error range.
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-NOT_FOUND = -32001
-FAILED = -32000
 
 
 def _params(params: Any, names: tuple[str, ...]) -> dict[str, Any]:
@@ -372,116 +362,3 @@ def _connection_handler(
         await _serve_connection(stream, methods, events)
 
     return handler
-
-
-class ControlClient:
-    """A blocking client for the CLI: one request at a time over the daemon's socket."""
-
-    def __init__(self, home: Path, timeout: float = 30.0) -> None:
-        self.path = home / "control.sock"
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(str(self.path))
-        except OSError as exc:
-            self._sock.close()
-            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise DaemonNotRunning(
-                    f"no p2pd daemon is running for {home} (start one with `p2pd daemon`)"
-                ) from None
-            raise DaemonNotRunning(
-                f"cannot reach the daemon at {self.path}: {exc.strerror}"
-            ) from None
-        self._buffer = b""
-        self._timeout = timeout
-        self._next_id = 1
-
-    def _readline(self, timeout: float | None) -> bytes:
-        """One line (b"" at EOF). Our own buffer: a file object from makefile() may lose
-        data when a read times out, and event streams wait with timeouts."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            if len(self._buffer) > MAX_LINE * 16:
-                raise ControlError("the daemon sent an overlong line", FAILED)
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                self._sock.settimeout(left)
-            else:
-                self._sock.settimeout(None)
-            data = self._sock.recv(65536)
-            if not data:
-                return b""
-            self._buffer += data
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line + b"\n"
-
-    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        req_id = self._next_id
-        self._next_id += 1
-        request = {"jsonrpc": "2.0", "id": req_id, "method": method, "params": params or {}}
-        try:
-            self._sock.settimeout(self._timeout)
-            self._sock.sendall(json.dumps(request).encode() + b"\n")
-        except TimeoutError:
-            raise ControlError("the daemon did not answer in time", FAILED) from None
-        except OSError as exc:
-            raise DaemonNotRunning(f"lost the connection to the daemon: {exc}") from None
-        try:
-            response = self._read_json(self._timeout, "response")
-        except TimeoutError:
-            raise ControlError("the daemon did not answer in time", FAILED) from None
-        if not isinstance(response, dict):
-            raise ControlError("the daemon sent a malformed response", FAILED)
-        if "error" in response:
-            error = response["error"] if isinstance(response["error"], dict) else {}
-            code = error.get("code", FAILED)
-            message = str(error.get("message", "unknown error"))
-            if code == NOT_FOUND:
-                raise NotFound(message)
-            if code in (INVALID_PARAMS, INVALID_REQUEST):
-                raise UsageError(message)
-            raise ControlError(message, code if isinstance(code, int) else FAILED)
-        return response.get("result")
-
-    def _read_json(self, timeout: float | None, what: str) -> Any:
-        """The next line, parsed. Raises TimeoutError, DaemonNotRunning, ControlError."""
-        try:
-            line = self._readline(timeout)
-        except OSError as exc:
-            if isinstance(exc, TimeoutError):
-                raise
-            raise DaemonNotRunning(f"lost the connection to the daemon: {exc}") from None
-        if not line:
-            raise DaemonNotRunning("the daemon closed the connection")
-        try:
-            return json.loads(line)
-        except ValueError:
-            raise ControlError(f"the daemon sent a malformed {what}", FAILED) from None
-
-    def subscribe(self) -> None:
-        """Turn this connection into an event stream; read it with :meth:`next_event`."""
-        result = self.call("subscribe")
-        if not isinstance(result, dict) or result.get("subscribed") is not True:
-            raise ControlError("the daemon refused the subscription", FAILED)
-
-    def next_event(self, timeout: float | None) -> dict[str, Any] | None:
-        """The next event after :meth:`subscribe`, or None if none came within ``timeout``."""
-        try:
-            note = self._read_json(timeout, "event")
-        except TimeoutError:
-            return None
-        params = note.get("params") if isinstance(note, dict) else None
-        if not isinstance(params, dict):
-            raise ControlError("the daemon sent a malformed event", FAILED)
-        return params
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

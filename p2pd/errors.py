@@ -34,6 +34,8 @@ from the class, so messages never carry secrets or tracebacks.
     │   ├── PeerKeyMismatch      a QUIC peer's certificate holds another key than expected
     │   ├── ConnectionLost       a QUIC connection or stream failed or was closed by the peer
     │   │                        (quic.StreamBroken is also a trio.BrokenResourceError)
+    │   ├── NotDelivered         `send --wait`: not acknowledged in time (it stays queued)
+    │   ├── CallFailed           `call`/`answer`: the call never took place (rejected, busy...)
     │   └── SessionError         a session message refused; the session state is unchanged
     │       ├── DecryptError     does not authenticate: forged, tampered, wrong session
     │       ├── DuplicateMessage a replay: that message was already decrypted
@@ -153,6 +155,14 @@ class PeerKeyMismatch(RemoteError):
 
 class ConnectionLost(RemoteError):
     """The connection to the peer failed or was closed."""
+
+
+class NotDelivered(RemoteError):
+    """Not acknowledged by the recipient's daemon in time; it stays queued and is retried."""
+
+
+class CallFailed(RemoteError):
+    """The call did not take place: rejected, busy, not answered, failed, or hung up first."""
 
 
 class SessionError(RemoteError):

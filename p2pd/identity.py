@@ -14,11 +14,16 @@ import functools
 import hashlib
 import re
 from dataclasses import dataclass
-
-import nacl.exceptions
-import nacl.signing
+from typing import TYPE_CHECKING
 
 from .errors import InvalidHandle
+
+if TYPE_CHECKING:
+    import nacl.signing
+
+# PyNaCl (libsodium through cffi) is imported where keys are made or checked, not above:
+# the CLI parses handles before every command and must not pay for it (10 to 15 ms of
+# CPU). In the daemon it is loaded once; the import statement after that is a dict lookup.
 
 HANDLE_MIN = 3
 HANDLE_MAX = 32
@@ -110,10 +115,14 @@ class Identity:
 
     @classmethod
     def generate(cls, handle: str) -> Identity:
+        import nacl.signing
+
         return cls(handle, nacl.signing.SigningKey.generate())
 
     @classmethod
     def from_seed(cls, handle: str, seed: bytes) -> Identity:
+        import nacl.signing
+
         return cls(handle, nacl.signing.SigningKey(seed))
 
     @property
@@ -140,6 +149,9 @@ def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> boo
     """Ed25519 verification that answers True/False and never raises on bad input."""
     if len(public_key) != 32 or len(signature) != 64:
         return False
+    import nacl.exceptions
+    import nacl.signing
+
     try:
         nacl.signing.VerifyKey(public_key).verify(message, signature)
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):

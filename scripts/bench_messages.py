@@ -3,7 +3,7 @@
 
 Every figure is taken from outside, the way a user's program sees the daemons: real
 ``p2pd daemon`` processes (p2pd.testing.daemons.DaemonProcess) in temporary homes, driven
-through their control sockets with p2pd.control.ControlClient. A message counts as
+through their control sockets with p2pd.control_client.ControlClient. A message counts as
 delivered when the sender's daemon reports ``message_status`` ``delivered`` on an event
 stream subscribed before the send (no polling, so no polling delay): the receiver's daemon
 has decrypted it, committed it to SQLite and acknowledged it.
@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench import Every10Percent, percentile, progress_printer
 
-from p2pd.control import ControlClient
+from p2pd.control_client import ControlClient
 from p2pd.testing import daemons
 from p2pd.testing.daemons import DaemonProcess, run_cli, short_tempdir
 

@@ -7,12 +7,15 @@ import json
 import shutil
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 
-from p2pd.control import MAX_LINE
+from p2pd.control_client import MAX_LINE, ControlClient
 from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir
 
 pytestmark = pytest.mark.slow
@@ -99,6 +102,47 @@ def test_status(root: Path, network: dict[str, DaemonProcess]) -> None:
     assert status["replicas"] >= 1
     text = run_cli(root / "carol", "status").stdout
     assert "routing table   2 contacts" in text
+
+
+def test_send_wait_follows_the_event_stream(
+    root: Path, network: dict[str, DaemonProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`send --wait` subscribes before it sends and returns once the message is delivered,
+    asking the daemon about it only every DELIVERY_RECHECK seconds (it used to every 50 ms).
+    The CLI runs in this process, so its control calls can be counted."""
+    from p2pd_cli.commands import messages
+    from p2pd_cli.main import cli
+
+    asked: list[str] = []
+
+    class CountingClient(ControlClient):
+        def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+            asked.append(method)
+            return super().call(method, params)
+
+    monkeypatch.setattr(messages, "ControlClient", CountingClient)
+
+    def send(*args: str, stdin: str | None = None) -> Result:
+        result = CliRunner().invoke(
+            cli, ["--home", str(root / "bob"), "send", "carol", *args], stdin
+        )
+        assert result.exit_code == 0, result.output
+        return result
+
+    send("first contact", "--wait", "--timeout", "30")  # X3DH, lookups: not measured
+    asked.clear()
+    started = time.monotonic()
+    message = json.loads(send("hello again", "--wait", "--json").stdout)
+    elapsed = time.monotonic() - started
+    assert message["state"] == "delivered" and message["handle"] == "carol"
+    assert asked[:2] == ["subscribe", "send"]
+    assert asked.count("message") <= 2 + elapsed / messages.DELIVERY_RECHECK
+
+    result = send("-", "--lines", "--wait", stdin="one\n\ntwo\nthree\n")
+    assert result.stdout.strip() == "delivered: 3 of 3 messages to carol"
+    proc = run_cli(root / "carol", "inbox", "--from", "bob", "--json")
+    texts = [json.loads(line)["text"] for line in proc.stdout.splitlines()]
+    assert texts == ["first contact", "hello again", "one", "two", "three"]
 
 
 def test_control_api_survives_malformed_requests(

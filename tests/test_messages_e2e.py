@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from p2pd.control import ControlClient
+from p2pd.control_client import ControlClient
 from p2pd.errors import UsageError
 from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir, wait_until
 

@@ -1,0 +1,155 @@
+"""Calls: ``call``, ``answer``, ``hangup``, ``calls``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from p2pd.control_client import ControlClient
+from p2pd.errors import CallFailed
+
+from .. import render
+from . import home_of, parse_handle
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CALL_ENDED = ("ended", "rejected", "busy", "no-answer", "failed")
+
+
+def _media_options(func: F) -> F:
+    func = click.option(
+        "--duration",
+        type=click.FloatRange(0.1, 24 * 3600),
+        help="Hang up after this many seconds of conversation.",
+    )(func)
+    func = click.option(
+        "--record",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write what you receive: .wav (audio), .mkv/.webm (audio and video), .mka.",
+    )(func)
+    func = click.option(
+        "--video-in",
+        metavar="SRC",
+        help="Send video from SRC: testsrc (a test pattern), a file, or a camera device.",
+    )(func)
+    func = click.option(
+        "--audio-in",
+        metavar="SRC",
+        default="tone:440",
+        show_default=True,
+        help="Send audio from SRC: tone:FREQ, a file PyAV can read, or a microphone.",
+    )(func)
+    return func
+
+
+def _media_params(
+    audio_in: str | None, video_in: str | None, record: Path | None, duration: float | None
+) -> dict[str, Any]:
+    return {
+        "audio_in": audio_in,
+        "video_in": video_in,
+        "record": str(record.resolve()) if record is not None else None,
+        "duration": duration,
+    }
+
+
+def _follow_call(client: ControlClient, call: dict[str, Any], as_json: bool) -> None:
+    """Show the call until it ends; CallFailed unless it connected and ended normally."""
+    last = call["state"]
+    if not as_json:
+        click.echo(render.call_text(call))
+    for _ in range(24 * 3600 * 5):  # bounded: a day of 0.2 s polls
+        if call["state"] in CALL_ENDED:
+            break
+        time.sleep(0.2)
+        current = [c for c in client.call("calls") if c["id"] == call["id"]]
+        if not current:
+            break
+        call = current[0]
+        if call["state"] != last and not as_json:
+            click.echo(f"... {call['state']}")
+        last = call["state"]
+    if as_json:
+        click.echo(json.dumps(call, indent=2, sort_keys=True))
+    else:
+        click.echo(render.call_text(call))
+    if call["state"] != "ended" or not call["duration_s"]:
+        raise CallFailed(f"the call {call['state']}: {call.get('reason') or '-'}")
+
+
+@click.command(name="call")
+@click.argument("handle")
+@_media_options
+@click.option("--json", "as_json", is_flag=True, help="Print the final call as JSON.")
+@click.pass_context
+def call_cmd(
+    ctx: click.Context,
+    handle: str,
+    audio_in: str | None,
+    video_in: str | None,
+    record: Path | None,
+    duration: float | None,
+    as_json: bool,
+) -> None:
+    """Call HANDLE: ring its daemon (30 s), then talk until someone hangs up.
+
+    Audio is Opus over QUIC datagrams, encrypted end to end on the connection both
+    identity keys authenticated; --video-in adds VP8. Runs until the call ends (Ctrl-C
+    leaves it running: `p2pd hangup` ends it). Exit 0 when a call took place.
+    """
+    parse_handle(handle)
+    params = {"handle": handle, **_media_params(audio_in, video_in, record, duration)}
+    with ControlClient(home_of(ctx), timeout=60) as client:
+        result = client.call("call", params)
+        _follow_call(client, result, as_json)
+
+
+@click.command()
+@click.option(
+    "--wait",
+    type=click.FloatRange(0, 3600),
+    default=0,
+    show_default=True,
+    help="Seconds to wait for an incoming call if none is ringing.",
+)
+@_media_options
+@click.option("--json", "as_json", is_flag=True, help="Print the final call as JSON.")
+@click.pass_context
+def answer(
+    ctx: click.Context,
+    wait: float,
+    audio_in: str | None,
+    video_in: str | None,
+    record: Path | None,
+    duration: float | None,
+    as_json: bool,
+) -> None:
+    """Answer the ringing call (or wait for the next one), and talk until it ends."""
+    params = {"wait": wait, **_media_params(audio_in, video_in, record, duration)}
+    with ControlClient(home_of(ctx), timeout=wait + 60) as client:
+        result = client.call("answer", params)
+        _follow_call(client, result, as_json)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the call as JSON.")
+@click.pass_context
+def hangup(ctx: click.Context, as_json: bool) -> None:
+    """End the current call, or reject the one ringing."""
+    with ControlClient(home_of(ctx)) as client:
+        render.emit(client.call("hangup"), as_json, render.call_text)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the calls as JSON.")
+@click.pass_context
+def calls(ctx: click.Context, as_json: bool) -> None:
+    """The current call and recent ones: state, duration, RTT, loss, jitter, bitrate."""
+    with ControlClient(home_of(ctx)) as client:
+        rows = client.call("calls")
+    render.emit(rows, as_json, render.calls_text)

@@ -1,0 +1,254 @@
+"""This node and the network: ``init``, ``daemon``, ``status``, ``whois``, ``peers``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from p2pd.control_client import ControlClient
+from p2pd.errors import NoIdentity, PassphraseRequired, UsageError
+
+from .. import render
+from . import home_of, parse_handle
+
+if TYPE_CHECKING:
+    from p2pd.wire import Address
+
+
+def _read_passphrase(passphrase_file: Path | None) -> bytes | None:
+    if passphrase_file is not None:
+        try:
+            data = passphrase_file.read_bytes()
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read passphrase file {passphrase_file}: {exc.strerror}"
+            ) from None
+        phrase = data.split(b"\n", 1)[0].rstrip(b"\r")
+        if not phrase:
+            raise UsageError(f"passphrase file {passphrase_file} is empty")
+        return phrase
+    env = os.environ.get("P2PD_PASSPHRASE")
+    if env:
+        return env.encode()
+    return None
+
+
+@click.command()
+@click.argument("handle")
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Encrypt the key with the passphrase in this file (first line).",
+)
+@click.option(
+    "--no-passphrase", is_flag=True, help="Store the key unencrypted (the file is still 0600)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def init(
+    ctx: click.Context,
+    handle: str,
+    passphrase_file: Path | None,
+    no_passphrase: bool,
+    as_json: bool,
+) -> None:
+    """Create an identity (an Ed25519 key) for HANDLE.
+
+    HANDLE is 3-32 characters of a-z, 0-9 and _, starting with a letter. The key is
+    encrypted at rest with a passphrase from --passphrase-file or P2PD_PASSPHRASE
+    (prompted for on a terminal), unless you say --no-passphrase.
+    """
+    from p2pd.identity import Identity, check_handle, self_certifying
+    from p2pd.keystore import save_identity
+
+    check_handle(handle)
+    home = home_of(ctx)
+    if no_passphrase and passphrase_file is not None:
+        raise UsageError("give either --passphrase-file or --no-passphrase, not both")
+    passphrase = None if no_passphrase else _read_passphrase(passphrase_file)
+    if passphrase is None and not no_passphrase:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                "no passphrase: give --passphrase-file FILE, set P2PD_PASSPHRASE, "
+                "or say --no-passphrase"
+            )
+        passphrase = click.prompt(
+            "Passphrase for the new key", hide_input=True, confirmation_prompt=True
+        ).encode()
+    identity = Identity.generate(handle)
+    path = save_identity(home, identity, passphrase)
+    data = {
+        "handle": handle,
+        "self_certifying": self_certifying(handle, identity.public_key),
+        "fingerprint": identity.fingerprint,
+        "key_file": str(path),
+        "encrypted": passphrase is not None,
+    }
+    render.emit(data, as_json, render.init_text)
+
+
+def _addresses(values: tuple[str, ...]) -> tuple[Address, ...]:
+    from p2pd.wire import Address
+
+    out: list[Address] = []
+    for value in values:
+        for part in value.replace(",", " ").split():
+            out.append(Address.parse(part))
+    return tuple(out)
+
+
+@click.command()
+@click.option(
+    "--listen",
+    envvar="P2PD_LISTEN",
+    help="UDP HOST:PORT to listen on (env P2PD_LISTEN; default 0.0.0.0:4747; port 0 picks one).",
+)
+@click.option(
+    "--bootstrap",
+    multiple=True,
+    envvar="P2PD_BOOTSTRAP",
+    help="HOST:PORT of a node to join through; repeatable (env P2PD_BOOTSTRAP, space "
+    "separated). Without one, this node starts a new network (or rejoins saved contacts).",
+)
+@click.option(
+    "--advertise",
+    multiple=True,
+    help="HOST:PORT to publish in our record instead of the listen address; repeatable.",
+)
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the key's passphrase (or set P2PD_PASSPHRASE).",
+)
+@click.option(
+    "--lan",
+    type=click.Choice(["everyone", "contacts", "off"]),
+    help="LAN discovery over mDNS: announce handle and key to everyone on the link "
+    "(default), only a rotating tag your contacts recognise, or nothing.",
+)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.pass_context
+def daemon(
+    ctx: click.Context,
+    listen: str | None,
+    bootstrap: tuple[str, ...],
+    advertise: tuple[str, ...],
+    passphrase_file: Path | None,
+    lan: str | None,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Run the daemon in the foreground until Ctrl-C or SIGTERM.
+
+    It joins the DHT, publishes this identity's signed handle record, republishes it
+    before it expires, and serves the control API on <home>/control.sock. Logs go to
+    stderr; a line starting with "ready:" says it is listening and registered.
+    """
+    import dataclasses
+    import logging
+
+    import trio
+
+    from p2pd.config import load_config
+    from p2pd.daemon import run_daemon
+    from p2pd.keystore import identity_path, is_encrypted, load_identity
+    from p2pd.wire import Address
+
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if verbose < 2:
+        logging.getLogger("kademlia").setLevel(logging.WARNING)
+        logging.getLogger("rpcudp").setLevel(logging.WARNING)
+        logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic: a line per connection
+        logging.getLogger("zeroconf").setLevel(logging.WARNING)
+    home = home_of(ctx)
+    config = load_config(home)
+    changes: dict[str, Any] = {}
+    if listen:
+        changes["listen"] = Address.parse(listen)
+    if bootstrap:
+        changes["bootstrap"] = _addresses(bootstrap)
+    if advertise:
+        changes["advertise"] = _addresses(advertise)
+    if lan:
+        changes["lan"] = dataclasses.replace(config.lan, mode=lan)
+    config = dataclasses.replace(config, **changes)
+    if not identity_path(home).exists():
+        raise NoIdentity(f"no identity in {home}: run `p2pd init HANDLE` first")
+    passphrase = _read_passphrase(passphrase_file)
+    if passphrase is None and is_encrypted(home):
+        raise PassphraseRequired(
+            "the key is encrypted: give --passphrase-file FILE or set P2PD_PASSPHRASE"
+        )
+    identity = load_identity(home, passphrase)
+    trio.run(run_daemon, config, identity)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's status as JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the running daemon's handle, addresses and DHT state."""
+    with ControlClient(home_of(ctx)) as client:
+        render.emit(client.call("status"), as_json, render.status_text)
+
+
+@click.command()
+@click.argument("handle")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@click.pass_context
+def whois(ctx: click.Context, handle: str, as_json: bool) -> None:
+    """Look up HANDLE in the DHT: its key's fingerprint and where it is reachable.
+
+    HANDLE may be self-certifying, `alice#<fingerprint prefix>`: then a record whose
+    key does not match the prefix is refused. Exit 0 found, 1 not found, 2 bad handle.
+    """
+    parse_handle(handle)  # usage errors before we bother the daemon
+    with ControlClient(home_of(ctx), timeout=60) as client:
+        render.emit(client.call("whois", {"handle": handle}), as_json, render.whois_text)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the peers as JSON.")
+@click.option(
+    "--follow", "-f", is_flag=True, help="Then print peers as they come and go (one per line)."
+)
+@click.pass_context
+def peers(ctx: click.Context, as_json: bool, follow: bool) -> None:
+    """List nearby peers found on the LAN (mDNS), and contacts found through the DHT.
+
+    Columns: handle (with "?" when only claimed: not a pinned contact), fingerprint,
+    how it was seen (lan or dht), when last seen, addresses. A LAN peer that leaves
+    disappears (its goodbye, or its records' TTL).
+    """
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(ControlClient(home_of(ctx)))
+        if follow:  # subscribed before the listing: nothing falls between the two
+            events = stack.enter_context(ControlClient(home_of(ctx)))
+            events.subscribe()
+        rows = client.call("peers")
+        if as_json and not follow:
+            click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        else:
+            for row in rows:
+                click.echo(json.dumps(row, sort_keys=True) if as_json else render.peer_line(row))
+            if not rows and not as_json:
+                click.echo("no peers yet", err=True)
+        if not follow:
+            return
+        while True:
+            event = events.next_event(None)
+            if event is None or event.get("event") != "peer":
+                continue
+            click.echo(
+                json.dumps(event, sort_keys=True) if as_json else render.peer_event_line(event)
+            )

@@ -1,0 +1,194 @@
+"""What the commands print for people: pure functions from the control API's results
+(docs/CONTROL_API.md) to text. ``--json`` prints those results as they are instead.
+
+No I/O and no daemon here, so each can be tested on a dict (tests/test_cli_render.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+
+def emit(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    """Print ``data`` as indented JSON, or as ``human`` renders it."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        click.echo(human(data))
+
+
+def when(ts: float | None) -> str:
+    """A UNIX time as UTC, with how far from now: ``2026-01-02 03:04:05 UTC (in 23h 59m)``."""
+    if ts is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
+    delta = int(ts - datetime.datetime.now(tz=datetime.UTC).timestamp())
+    sign, delta = ("in ", delta) if delta >= 0 else ("", -delta)
+    ago = "" if sign else " ago"
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC ({sign}{delta // 3600}h {delta % 3600 // 60}m{ago})"
+
+
+# ---------------------------------------------------------------------- this node, the DHT
+
+
+def init_text(d: dict[str, Any]) -> str:
+    from p2pd.identity import format_fingerprint
+
+    return "\n".join(
+        [
+            f"created identity {d['self_certifying']}",
+            f"fingerprint  {format_fingerprint(d['fingerprint'])}",
+            f"key file     {d['key_file']} "
+            f"({'encrypted with your passphrase' if d['encrypted'] else 'NOT encrypted'})",
+            "next: p2pd daemon [--bootstrap HOST:PORT]",
+        ]
+    )
+
+
+def status_text(s: dict[str, Any]) -> str:
+    rows = [
+        ("handle", s["self_certifying"]),
+        ("fingerprint", s["fingerprint_display"]),
+        ("listen", s["listen"]),
+        ("addresses", ", ".join(s["addresses"]) or "-"),
+        ("routing table", f"{s['routing_table_size']} contacts"),
+        ("records stored", str(s["records_stored"])),
+        (
+            "own record",
+            f"seq {s['record_seq']}, on {s['replicas']} node(s), expires "
+            f"{when(s['record_expires'])}"
+            if s["record_seq"] is not None
+            else "not published yet",
+        ),
+        ("uptime", f"{s['uptime']:.0f} s"),
+    ]
+    return "\n".join(f"{k:<15} {v}" for k, v in rows)
+
+
+def whois_text(r: dict[str, Any]) -> str:
+    rows = [
+        ("handle", r["self_certifying"]),
+        ("fingerprint", r["fingerprint_display"]),
+        ("addresses", ", ".join(r["addresses"]) or "-"),
+        ("sequence", str(r["seq"])),
+        ("issued", when(r["issued"])),
+        ("expires", when(r["expires"])),
+    ]
+    return "\n".join(f"{k:<12} {v}" for k, v in rows)
+
+
+def peer_line(p: dict[str, Any]) -> str:
+    seen = "-"
+    if p.get("last_seen"):
+        moment = datetime.datetime.fromtimestamp(p["last_seen"], tz=datetime.UTC)
+        seen = f"{moment:%H:%M:%S}"
+    who = p["handle"] if p.get("verified") else f"{p['handle']}?"
+    addresses = ", ".join(p["addresses"]) or "-"
+    return f"{who:<33} {p['fingerprint'][:16]}  {p['via']:<4} {seen:<8}  {addresses}"
+
+
+def peer_event_line(event: dict[str, Any]) -> str:
+    """A ``peer`` event of ``peers --follow``: ``+`` came or changed, ``-`` left."""
+    sign = "-" if event["change"] == "removed" else "+"
+    return f"{sign} {peer_line(event)}"
+
+
+# ---------------------------------------------------------------------- messages, contacts
+
+
+def message_line(m: dict[str, Any]) -> str:
+    sent = datetime.datetime.fromtimestamp(m["sent_at"], tz=datetime.UTC)
+    if m["direction"] == "in":
+        who = m["handle"] if m.get("sender_verified") else f"{m['handle']} (unverified)"
+        return f"{sent:%Y-%m-%d %H:%M:%S} {who}: {m['text']}"
+    return f"{sent:%Y-%m-%d %H:%M:%S} -> {m['handle']} [{m['state']}]: {m['text']}"
+
+
+def sent_text(m: dict[str, Any]) -> str:
+    """One message after ``send``: its state, short id and recipient."""
+    return f"{m['state']}: message {m['id'][:12]} to {m['handle']}"
+
+
+def sent_lines_text(handle: str, count: int, delivered: int | None) -> str:
+    """``send --lines``: how many were queued, or (with --wait) delivered."""
+    if delivered is None:
+        return f"queued: {count} messages to {handle}"
+    return f"delivered: {delivered} of {count} messages to {handle}"
+
+
+def contacts_text(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no contacts yet"
+    lines = []
+    for c in rows:
+        flags = ["verified" if c["verified"] else "unverified"]
+        if c["key_changed"]:
+            flags.append(f"KEY CHANGED to {c['new_fingerprint'][:16]}")
+        if c["pending"]:
+            flags.append(f"{c['pending']} pending")
+        lines.append(f"{c['handle']:<33} {c['fingerprint'][:16]}  {', '.join(flags)}")
+    return "\n".join(lines)
+
+
+def verify_text(r: dict[str, Any]) -> str:
+    """The safety number as digits in rows of four groups, and as a terminal QR code."""
+    import io
+
+    import segno  # 40 ms of imports: only `verify` pays for them
+
+    qr = io.StringIO()
+    segno.make(f"p2pd-safety:0:{r['safety_number'].replace(' ', '')}").terminal(
+        out=qr, compact=True, border=2
+    )
+    groups = r["safety_number"].split()
+    number = "\n".join(" ".join(groups[i : i + 4]) for i in range(0, len(groups), 4))
+    state = "verified" if r["verified"] else "not verified"
+    lines = [
+        f"{r['handle']}: {state}",
+        f"their fingerprint  {r['fingerprint_display']}",
+    ]
+    if r["key_changed"]:
+        lines.append(f"NEW KEY (not accepted) {r['new_fingerprint']}")
+    lines += [
+        "",
+        "Safety number (compare it with theirs, in person or on a call):",
+        number,
+        "",
+        qr.getvalue().rstrip("\n"),
+    ]
+    if not r["verified"] or r["key_changed"]:
+        lines.append(f"If it matches, run `p2pd verify {r['handle']} --accept`.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- calls
+
+
+def call_text(c: dict[str, Any]) -> str:
+    """A call's state line and, once media flowed, its statistics."""
+    m = c.get("media") or {}
+    line = f"call {c['id'][:8]} {c['direction']} {c['handle']}: {c['state']}"
+    if c.get("reason"):
+        line += f" ({c['reason']})"
+    if c["duration_s"]:
+        line += f", {c['duration_s']:.1f} s"
+    if m:
+        rtt = "-" if m.get("rtt_ms") is None else f"{m['rtt_ms']:.1f} ms"
+        line += (
+            f"\n  rtt {rtt}, loss {m.get('loss_pct', 0)}%, jitter {m.get('jitter_ms', 0)} ms, "
+            f"bitrate {m.get('bitrate_sent_kbps', 0)}/{m.get('bitrate_received_kbps', 0)} kbit/s "
+            f"(sent/received), concealed {m.get('audio_frames_concealed', 0)}, "
+            f"FEC {m.get('audio_fec_recovered', 0)}, "
+            f"redundant copies {m.get('audio_red_recovered', 0)}, video frames "
+            f"{m.get('video_frames_sent', 0)}/{m.get('video_frames_received', 0)}"
+        )
+    return line
+
+
+def calls_text(rows: list[dict[str, Any]]) -> str:
+    return "\n".join(call_text(c) for c in rows) or "no calls yet"

@@ -1,0 +1,105 @@
+"""The CLI imports only what a command needs: `p2pd --version` and `p2pd status` run in
+well under 100 ms of CPU because they load neither trio nor the daemon's stack.
+
+The probes run in a fresh interpreter (this one has imported everything already)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+#: What no command but `daemon` needs: the event loop, QUIC, the media stack.
+HEAVY = ("trio", "aioquic", "av", "numpy")
+#: What most commands do without: the DHT's codecs and library, crypto, the QR code.
+MEDIUM = ("kademlia", "msgpack", "nacl", "cryptography", "segno", "zeroconf")
+
+_PROBE = """
+import json, sys
+from click.testing import CliRunner
+import p2pd_cli.main as m
+args = json.loads(sys.argv[1])
+if args:
+    result = CliRunner().invoke(m.cli, args)
+    assert result.exit_code in (0, 1, 2), result.output
+watched = json.loads(sys.argv[2])
+print(json.dumps(sorted(name for name in watched if name in sys.modules)))
+"""
+
+
+def loaded_after(args: list[str], watched: tuple[str, ...]) -> list[str]:
+    """Which of ``watched`` are in sys.modules after importing the CLI and running it
+    with ``args`` (no args: only the import)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(args), json.dumps(watched)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded: list[str] = json.loads(proc.stdout)
+    return loaded
+
+
+def test_importing_the_cli_loads_no_heavy_module() -> None:
+    assert loaded_after([], HEAVY + MEDIUM) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--version"],
+        ["--help"],
+        ["status"],  # no daemon there: exit 1, which is as far as status goes without one
+        ["whois", "alice"],
+        ["send", "bob", "hi", "--wait"],
+        ["inbox", "--from", "alice"],
+        ["calls"],
+    ],
+)
+def test_commands_of_the_daemon_load_only_the_control_client(
+    args: list[str], tmp_path: Path
+) -> None:
+    loaded = loaded_after(["--home", str(tmp_path / "none"), *args], HEAVY + MEDIUM)
+    assert loaded == []
+
+
+def test_status_does_not_even_parse_handles(tmp_path: Path) -> None:
+    watched = ("p2pd.identity", "hashlib", "platformdirs", "p2pd.config", "p2pd.wire")
+    assert loaded_after(["--home", str(tmp_path), "status"], watched) == []
+
+
+def test_init_loads_the_keystore_but_not_the_daemon(tmp_path: Path) -> None:
+    args = ["--home", str(tmp_path / "h"), "init", "alice", "--no-passphrase"]
+    assert loaded_after(args, ("nacl", *HEAVY)) == ["nacl"]
+
+
+def test_whois_parses_the_handle_without_loading_nacl(tmp_path: Path) -> None:
+    args = ["--home", str(tmp_path), "whois", "alice#abcdefgh"]
+    assert loaded_after(args, ("p2pd.identity", "nacl")) == ["p2pd.identity"]
+
+
+def test_a_command_loads_only_its_own_module(tmp_path: Path) -> None:
+    modules = tuple(f"p2pd_cli.commands.{m}" for m in ("node", "messages", "calls"))
+    watched = (*modules, "p2pd.control_client")
+    assert loaded_after(["--version"], watched) == []
+    assert loaded_after(["--home", str(tmp_path), "status"], watched) == [
+        "p2pd.control_client",
+        "p2pd_cli.commands.node",
+    ]
+    assert loaded_after(["--help"], watched) == sorted(watched)  # it lists them all
+
+
+def test_every_command_is_where_the_group_says() -> None:
+    import click
+
+    from p2pd_cli.main import COMMANDS, cli
+
+    ctx = click.Context(cli)
+    for name in COMMANDS:
+        command = cli.get_command(ctx, name)
+        assert command is not None and command.name == name
+    assert cli.get_command(ctx, "sned") is None

@@ -1,0 +1,93 @@
+"""The CLI's human output, from the control API's results (docs/CONTROL_API.md): pure
+functions, tested on dicts."""
+
+from __future__ import annotations
+
+import time
+
+from p2pd_cli import render
+
+
+def test_when() -> None:
+    assert render.when(None) == "-"
+    assert render.when(0).startswith("1970-01-01 00:00:00 UTC (")
+    assert render.when(0).endswith(" ago)")
+    assert render.when(time.time() + 3700).endswith("(in 1h 1m)")
+
+
+def test_status_before_the_record_is_published() -> None:
+    status = {
+        "self_certifying": "bob#u6cmphjezpfb",
+        "fingerprint_display": "u6cm phje",
+        "listen": "127.0.0.1:4747",
+        "addresses": [],
+        "routing_table_size": 0,
+        "records_stored": 0,
+        "record_seq": None,
+        "replicas": 0,
+        "record_expires": None,
+        "uptime": 1.6,
+    }
+    assert render.status_text(status).splitlines() == [
+        "handle          bob#u6cmphjezpfb",
+        "fingerprint     u6cm phje",
+        "listen          127.0.0.1:4747",
+        "addresses       -",
+        "routing table   0 contacts",
+        "records stored  0",
+        "own record      not published yet",
+        "uptime          2 s",
+    ]
+
+
+def test_messages() -> None:
+    received = {"sent_at": 0, "direction": "in", "handle": "alice", "text": "hi"}
+    assert render.message_line(received) == "1970-01-01 00:00:00 alice (unverified): hi"
+    verified = {**received, "sender_verified": True}
+    assert render.message_line(verified) == "1970-01-01 00:00:00 alice: hi"
+    sent = {"sent_at": 0, "direction": "out", "handle": "bob", "state": "sent", "text": "yo"}
+    assert render.message_line(sent) == "1970-01-01 00:00:00 -> bob [sent]: yo"
+    assert render.sent_text({"id": "ab" * 16, "handle": "bob", "state": "queued"}) == (
+        "queued: message abababababab to bob"
+    )
+    assert render.sent_lines_text("bob", 3, None) == "queued: 3 messages to bob"
+    assert render.sent_lines_text("bob", 3, 2) == "delivered: 2 of 3 messages to bob"
+
+
+def test_contacts() -> None:
+    assert render.contacts_text([]) == "no contacts yet"
+    changed = {
+        "handle": "carol",
+        "fingerprint": "b" * 32,
+        "verified": False,
+        "key_changed": True,
+        "new_fingerprint": "c" * 32,
+        "pending": 3,
+    }
+    assert render.contacts_text([changed]) == (
+        f"{'carol':<33} {'b' * 16}  unverified, KEY CHANGED to {'c' * 16}, 3 pending"
+    )
+
+
+def test_calls() -> None:
+    assert render.calls_text([]) == "no calls yet"
+    ringing = {"id": "0123456789abcdef", "direction": "in", "handle": "bob", "state": "ringing"}
+    assert render.call_text({**ringing, "duration_s": 0}) == "call 01234567 in bob: ringing"
+    ended = {
+        **ringing,
+        "state": "ended",
+        "reason": "hangup",
+        "duration_s": 3.25,
+        "media": {"rtt_ms": None, "loss_pct": 1, "video_frames_sent": 9},
+    }
+    assert render.call_text(ended) == (
+        "call 01234567 in bob: ended (hangup), 3.2 s\n"
+        "  rtt -, loss 1%, jitter 0 ms, bitrate 0/0 kbit/s (sent/received), concealed 0, "
+        "FEC 0, redundant copies 0, video frames 9/0"
+    )
+
+
+def test_peer_events() -> None:
+    peer = {"handle": "eve", "fingerprint": "e" * 32, "via": "lan", "addresses": []}
+    assert render.peer_event_line({**peer, "change": "removed"}).startswith("- eve?  ")
+    assert render.peer_event_line({**peer, "change": "added"}).endswith("lan  -         -")
