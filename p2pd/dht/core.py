@@ -271,8 +271,10 @@ class DHTCore:
         owner: RpcOwner | None = None,
         *,
         probe: bool = False,
+        timeout: float | None = None,
     ) -> None:
-        """Send one RPC; ``owner`` hears of its reply or its loss."""
+        """Send one RPC; ``owner`` hears of its reply or its loss (after ``timeout``,
+        by default the configured ``rpc_timeout``)."""
         msg_id = self._randbytes(wire.MSG_ID_LEN)
         address = (node.ip, node.port)
         try:
@@ -285,7 +287,8 @@ class DHTCore:
         self._pending[msg_id] = _Pending(node, address, method, now, owner, probe)
         if owner is not None:
             self._schedule(now + self.rtt.rto(address), _SOFT, msg_id)
-        self._schedule(now + self.config.rpc_timeout, _HARD, msg_id)
+        hard = self.config.rpc_timeout if timeout is None else timeout
+        self._schedule(now + hard, _HARD, msg_id)
         self.stats["requests_out"] += 1
         self._send(frame, address)
 
