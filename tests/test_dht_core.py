@@ -154,8 +154,20 @@ def test_lookup_asks_alpha_then_the_next_as_replies_come() -> None:
     first = lookup.next_requests(0.0)
     assert len(first) == 2 and lookup.in_flight == 2
     assert lookup.next_requests(0.0) == []  # alpha is full
-    lookup.replied(first[0].id, contacts())
-    assert len(lookup.next_requests(0.1)) == 1  # one slot freed, one more asked
+    # a reply that names a node nearer than any seen: the lookup is still closing in,
+    # so one slot freed means one more asked
+    target = int.from_bytes(nid(999), "big")
+    nearest = min(range(1000, 3000), key=lambda i: int.from_bytes(nid(i), "big") ^ target)
+    lookup.replied(first[0].id, contacts(nearest))
+    assert len(lookup.next_requests(0.1)) == 1
+
+
+def test_a_reply_that_brings_nothing_nearer_asks_all_of_the_k_closest() -> None:
+    """Kademlia section 2.3: no progress in a round, so the rest of the k closest at once."""
+    lookup = new_lookup(seed_nodes(1, 2, 3, 4, 5, 6), k=5, alpha=1)
+    (first,) = lookup.next_requests(0.0)
+    lookup.replied(first.id, contacts())  # nothing new
+    assert len(lookup.next_requests(0.1)) == 4  # the other four of the five closest
 
 
 def test_a_slow_contact_stops_counting_and_its_late_reply_still_counts() -> None:
@@ -200,6 +212,22 @@ def test_find_value_collects_every_value_and_widens_to_k() -> None:
     assert lookup.done
     assert [v for _, v in lookup.result.values] == [b"v1"]
     assert len(lookup.result.without_value) == 4
+
+
+def test_a_value_lookup_ends_once_a_quorum_of_the_closest_hold_values() -> None:
+    target = int.from_bytes(nid(999), "big")
+    seeds = sorted(seed_nodes(*range(1, 11)), key=lambda n: n.long_id ^ target)
+    lookup = new_lookup(seeds, find_value=True, k=10, alpha=10, quorum=3)
+    asked = lookup.next_requests(0.0)
+    assert len(asked) == 10
+    # the 2nd, 3rd and 4th closest answer with the value: the closest has not answered
+    for node in seeds[1:4]:
+        lookup.replied(node.id, wire.FindValueReply(b"v", contacts()))
+    assert lookup.next_requests(0.1) == [] and not lookup.done
+    lookup.replied(seeds[0].id, wire.FindValueReply(None, contacts()))
+    lookup.next_requests(0.2)
+    assert lookup.done  # the 3 closest answered, 3 values: no need to wait for 6 more
+    assert len(lookup.result.values) == 3
 
 
 def test_a_reply_of_the_wrong_shape_counts_as_none() -> None:
@@ -382,7 +410,9 @@ def test_lookups_go_around_dead_nodes_without_waiting_for_the_hard_timeout() -> 
 
 
 def test_resolve_returns_the_newest_record_and_repairs_stale_replicas() -> None:
-    net, cores = small_network(25)
+    # value_quorum = k: the lookup hears every one of the k closest (with the default
+    # quorum of 8 it may end before it meets the 3 that hold the newer record)
+    net, cores = small_network(25, DHTConfig(value_quorum=20))
     identity, old = make_record("bob")
     net.call(lambda done: cores[1].start_store(old.key, old.encode(), net.now, done))
     new = HandleRecord.create(

@@ -109,6 +109,11 @@ class DHTCore:
         self.storage = storage
         self.mailboxes = mailboxes
         self.table = RoutingTable(node_id, config.ksize, now)
+        #: The latest ``now`` any entry point was given. An operation's later steps run
+        #: from callbacks (a reply, a timer) and must use this, not the ``now`` their
+        #: operation started with: a stale one would date requests in the past (RTT
+        #: samples too long, deadlines already passed).
+        self.now = now
         self.rtt = RttTable(config.soft_timeout_min, config.soft_timeout_max)
         self.stats: Counter[str] = Counter()
         self._randbytes = randbytes
@@ -141,6 +146,7 @@ class DHTCore:
         return None
 
     def handle_timer(self, now: float) -> None:
+        self.now = max(self.now, now)
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, kind, ref = heapq.heappop(timers)
@@ -171,6 +177,7 @@ class DHTCore:
     # ------------------------------------------------------------------ inbound
 
     def datagram_received(self, data: bytes, addr: Address, now: float) -> None:
+        self.now = max(self.now, now)
         self.stats["datagrams_in"] += 1
         self.stats["bytes_in"] += len(data)
         address = (addr[0], addr[1])
@@ -275,6 +282,7 @@ class DHTCore:
     ) -> None:
         """Send one RPC; ``owner`` hears of its reply or its loss (after ``timeout``,
         by default the configured ``rpc_timeout``)."""
+        self.now = max(self.now, now)
         msg_id = self._randbytes(wire.MSG_ID_LEN)
         address = (node.ip, node.port)
         try:
@@ -374,6 +382,7 @@ class DHTCore:
         find_value: bool = False,
         seeds: list[Node] | None = None,
     ) -> None:
+        self.now = max(self.now, now)
         config = self.config
         lookup = Lookup(
             target,
@@ -381,11 +390,12 @@ class DHTCore:
             k=config.ksize,
             alpha=config.alpha,
             max_rpcs=config.lookup_max_rpcs,
+            quorum=config.value_quorum,
             started=now,
             deadline=now + config.lookup_deadline,
             own_id=self.node_id,
             seeds=seeds if seeds is not None else self.table.closest(target, config.ksize),
-            skip=lambda node_id: self.is_suspect(node_id, now),
+            skip=lambda node_id: self.is_suspect(node_id, self.now),
         )
         self.table.touch(target, now)
         run = _LookupRun(self, lookup, on_done)
@@ -419,7 +429,7 @@ class DHTCore:
                 local = int(self.storage.offer(key, value) in (Verdict.ACCEPT, Verdict.SAME))
             self.gather(
                 [(n, "store", [key, value]) for n in result.closest],
-                now,
+                self.now,
                 lambda replies: on_done(local + sum(1 for r in replies if r is True)),
             )
 
@@ -450,7 +460,7 @@ class DHTCore:
                 for node in stale:
                     if node.id in closest:
                         self.stats["repair_stores"] += 1
-                        self.request(node, "store", [key, encoded], now)
+                        self.request(node, "store", [key, encoded], self.now)
                 if local is not None and local != encoded:
                     self.storage.offer(key, encoded)
             on_done((best, result))
@@ -468,12 +478,19 @@ class DHTCore:
             for probe, reply in zip(probes, replies, strict=True):
                 if isinstance(reply, bytes) and reply != self.node_id:
                     node = Node(reply, probe.ip, probe.port)
-                    self.seen(node, now)
+                    self.seen(node, self.now)
                     seeds.append(node)
             if not seeds:
                 on_done(len(self.table))
                 return
-            self.start_lookup(self.node_id, now, lambda _: on_done(len(self.table)), seeds=seeds)
+            # We hear the network again: what went silent while we could not reach
+            # anyone (a partition, a laptop asleep, our own link down) deserves another
+            # chance, instead of being skipped for suspect_period.
+            self._suspect_until.clear()
+            self._failures.clear()
+            self.start_lookup(
+                self.node_id, self.now, lambda _: on_done(len(self.table)), seeds=seeds
+            )
 
         _Gather(self, [(p, "ping", []) for p in probes], pinged, probe=True).start(now)
 
@@ -498,7 +515,7 @@ class DHTCore:
             stored = int(local and self.mailboxes is not None and self.mailboxes.put(key, entry))
             self.gather(
                 [(n, "mailbox_put", [key, entry]) for n in nodes],
-                now,
+                self.now,
                 lambda replies: on_done(stored + sum(1 for r in replies if r is True)),
             )
 
@@ -527,7 +544,7 @@ class DHTCore:
                     after = page[0][-1][0]
                     if not page[1]:
                         break
-            fetch.start(now)
+            fetch.start(self.now)
 
         self._mailbox_nodes(owner, now, found)
 
@@ -557,7 +574,7 @@ class DHTCore:
                 counts = (r for r in replies if isinstance(r, int) and not isinstance(r, bool))
                 on_done(deleted + sum(counts))
 
-            self.gather(calls, now, done)
+            self.gather(calls, self.now, done)
 
         self._mailbox_nodes(owner, now, found)
 

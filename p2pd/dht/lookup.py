@@ -60,6 +60,7 @@ class Lookup:
         k: int,
         alpha: int,
         max_rpcs: int,
+        quorum: int | None = None,
         started: float,
         deadline: float,
         own_id: bytes,
@@ -73,6 +74,7 @@ class Lookup:
         self._k = k
         self._alpha = alpha
         self._max_rpcs = max_rpcs
+        self._quorum = k if quorum is None else min(max(quorum, 1), k)
         self._own = own_id
         self._skip = skip
         self.started = started
@@ -81,16 +83,30 @@ class Lookup:
         self._state: dict[bytes, int] = {}
         self._depth: dict[bytes, int] = {}
         self._inflight = 0
+        #: The nearest distance heard of so far, and whether the last reply failed to
+        #: beat it: then every one of the k closest not yet asked is asked at once
+        #: (Kademlia section 2.3: "if a round of FIND_NODEs fails to return a node any
+        #: closer than the closest already seen, the initiator resends the FIND_NODE to
+        #: all of the k closest nodes it has not already queried").
+        self._nearest: int | None = None
+        self._wide = False
         self.result = LookupResult(closest=[])
         self.done = False
         for node in seeds:
             self._add(node, 0)
 
-    def _add(self, node: Node, depth: int) -> None:
-        if node.id != self._own and node.id not in self._nodes and not self._skip(node.id):
-            self._nodes[node.id] = node
-            self._state[node.id] = _NEW
-            self._depth[node.id] = depth
+    def _add(self, node: Node, depth: int) -> bool:
+        """Take a candidate; True if it is nearer than anything heard of before."""
+        if node.id == self._own or node.id in self._nodes or self._skip(node.id):
+            return False
+        self._nodes[node.id] = node
+        self._state[node.id] = _NEW
+        self._depth[node.id] = depth
+        distance = node.long_id ^ self._target
+        if self._nearest is None or distance < self._nearest:
+            self._nearest = distance
+            return True
+        return False
 
     def _live(self) -> list[Node]:
         target = self._target
@@ -108,7 +124,10 @@ class Lookup:
             self._finish(now)
             return []
         live = self._live()
-        width = self._k if self.result.values else self._alpha
+        if self._enough_values(live):
+            self._finish(now)
+            return []
+        width = self._k if self._wide or self.result.values else self._alpha
         out: list[Node] = []
         for node in live:
             if self._inflight >= width or self.result.rpcs >= self._max_rpcs:
@@ -121,6 +140,14 @@ class Lookup:
         if not out and (self._inflight == 0 or all(self._state[n.id] == _OK for n in live)):
             self._finish(now)
         return out
+
+    def _enough_values(self, live: list[Node]) -> bool:
+        """A value lookup has heard enough: the ``quorum`` closest live nodes have all
+        answered, and at least ``quorum`` answers carried a value."""
+        quorum = self._quorum
+        if not self.find_value or quorum >= self._k or len(self.result.values) < quorum:
+            return False
+        return all(self._state[n.id] == _OK for n in live[:quorum])
 
     def _finish(self, now: float) -> None:
         self.done = True
@@ -171,8 +198,12 @@ class Lookup:
         self._state[node_id] = _OK
         depth = self._depth[node_id] + 1
         self.result.hops = max(self.result.hops, depth)
+        closer = False
         for contact in contacts:
-            self._add(Node(contact.node_id, contact.address.host, contact.address.port), depth)
+            node = Node(contact.node_id, contact.address.host, contact.address.port)
+            closer = self._add(node, depth) or closer
+        if not closer:
+            self._wide = True
         return state == _SLOW
 
     @property

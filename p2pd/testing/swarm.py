@@ -1,7 +1,12 @@
-"""Many real DHT nodes in one process, each on its own UDP socket on 127.0.0.1.
+"""Many DHT nodes in one process: on real UDP sockets on 127.0.0.1, or on a simulated
+network.
 
-Each node has a trio-owned :class:`~p2pd.transport.udp.UdpEndpoint` feeding its DHT,
-exactly as a daemon does, all in one trio run. For tests and tools::
+Each node is the daemon's own DHT (``create_dht``) fed by an endpoint, all in one trio
+run. By default the endpoint is a real :class:`~p2pd.transport.udp.UdpEndpoint`, exactly
+as a daemon has; with ``network=`` it is a :class:`~p2pd.testing.fakenet.FakeNetwork`
+endpoint on a host of its own, and the swarm runs in whatever time trio's clock keeps
+(virtual time under ``MockClock``; the records' wall clock moves with it). For tests and
+tools::
 
     async with open_swarm(20, home=tmp_path) as swarm:
         await swarm.publish(3)
@@ -26,45 +31,87 @@ from ..records import HandleRecord
 from ..store import open_database
 from ..transport.udp import UdpEndpoint
 from ..wire import Address
+from .fakenet import FakeHost, FakeNetwork, FakeUdpEndpoint
+
+#: The port every node of a simulated swarm listens on (each has a host of its own).
+FAKE_PORT = 4747
 
 
 @dataclass
 class SwarmNode:
     index: int
     identity: Identity
-    endpoint: UdpEndpoint
+    endpoint: UdpEndpoint | FakeUdpEndpoint
     dht: DHT
     db_path: Path | None
     stack: AsyncExitStack
     seq: int = 0
     alive: bool = True
     published: list[HandleRecord] = field(default_factory=list)
+    #: The simulated host, when the swarm runs on a FakeNetwork.
+    host: FakeHost | None = None
 
     @property
     def address(self) -> Address:
+        """Where other nodes reach it (a NATed host's public side, on a FakeNetwork)."""
+        if self.host is not None:
+            return Address(self.host.ip, FAKE_PORT)
         return self.endpoint.local_address
 
 
 class Swarm:
-    def __init__(self, nursery: trio.Nursery, config: DHTConfig, home: Path | None) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        config: DHTConfig,
+        home: Path | None,
+        network: FakeNetwork | None = None,
+        seed: int = 1,
+    ) -> None:
         self.nursery = nursery
         self.config = config
         self.home = home
+        self.network = network
+        self.rng = random.Random(seed)
         self.nodes: list[SwarmNode] = []
+        self._epoch = time.time() - (trio.current_time() if network is not None else 0.0)
+
+    def wall(self) -> float:
+        """Wall-clock seconds: the real clock, or on a FakeNetwork one that moves with
+        trio's (virtual) clock, so that records age and expire in virtual time."""
+        if self.network is None:
+            return time.time()
+        return self._epoch + trio.current_time()
 
     async def start_node(
-        self, identity: Identity, *, db_path: Path | None = None, listen: Address | None = None
+        self,
+        identity: Identity,
+        *,
+        db_path: Path | None = None,
+        listen: Address | None = None,
+        host: FakeHost | None = None,
     ) -> SwarmNode:
         stack = AsyncExitStack()
-        endpoint = UdpEndpoint.bind(listen or Address("127.0.0.1", 0))
+        endpoint: UdpEndpoint | FakeUdpEndpoint
+        randbytes = None
+        if self.network is not None:
+            host = host or self.network.add_host()
+            endpoint = host.bind(FAKE_PORT)
+            randbytes = random.Random(self.rng.getrandbits(64)).randbytes
+        else:
+            endpoint = UdpEndpoint.bind(listen or Address("127.0.0.1", 0))
         stack.callback(endpoint.close)
-        conn = open_database(db_path)
-        stack.callback(conn.close)
+        # A simulated swarm of thousands keeps its records in memory only.
+        conn = open_database(db_path) if self.network is None or db_path else None
+        if conn is not None:
+            stack.callback(conn.close)
         dht = create_dht(
             node_id=node_id_for(identity.public_key),
             conn=conn,
             config=self.config,
             transport=endpoint,
+            wall=self.wall,
+            randbytes=randbytes,
         )
         stack.callback(dht.close)
         cancel = trio.CancelScope()
@@ -78,7 +125,10 @@ class Swarm:
 
         await self.nursery.start(serve)
         stack.callback(cancel.cancel)
-        return SwarmNode(len(self.nodes), identity, endpoint, dht, db_path, stack)
+        node = SwarmNode(len(self.nodes), identity, endpoint, dht, db_path, stack, host=host)
+        if host is not None:
+            stack.callback(host.shutdown)
+        return node
 
     async def add(self, identity: Identity | None = None, bootstrap: int = 2) -> SwarmNode:
         index = len(self.nodes)
@@ -88,8 +138,8 @@ class Swarm:
         node.index = index
         alive = [n for n in self.nodes if n.alive]
         if alive:
-            seeds = [alive[0], *random.sample(alive, min(bootstrap, len(alive)))]
-            await node.dht.bootstrap([s.address for s in seeds])
+            seeds = [alive[0], *self.rng.sample(alive, min(bootstrap, len(alive)))]
+            await node.dht.bootstrap(list(dict.fromkeys(s.address for s in seeds)))
         self.nodes.append(node)
         return node
 
@@ -97,7 +147,7 @@ class Swarm:
         node = self.nodes[index]
         node.seq += 1
         record = HandleRecord.create(
-            node.identity, [node.address], seq=node.seq, now=int(time.time()), lifetime=lifetime
+            node.identity, [node.address], seq=node.seq, now=int(self.wall()), lifetime=lifetime
         )
         await node.dht.publish(record)
         node.published.append(record)
@@ -114,7 +164,9 @@ class Swarm:
         """Start a stopped node again from its database, on the same address."""
         old = self.nodes[index]
         await self.stop(index)
-        node = await self.start_node(old.identity, db_path=old.db_path, listen=old.address)
+        node = await self.start_node(
+            old.identity, db_path=old.db_path, listen=old.address, host=old.host
+        )
         node.index, node.seq, node.published = index, old.seq, old.published
         self.nodes[index] = node
         return node
@@ -122,15 +174,21 @@ class Swarm:
 
 @asynccontextmanager
 async def open_swarm(
-    n: int, *, config: DHTConfig | None = None, home: Path | None = None, seed: int = 1
+    n: int,
+    *,
+    config: DHTConfig | None = None,
+    home: Path | None = None,
+    seed: int = 1,
+    network: FakeNetwork | None = None,
+    bootstrap: int = 2,
 ) -> AsyncIterator[Swarm]:
-    """Start ``n`` nodes, each bootstrapped from the first and two random earlier ones."""
-    random.seed(seed)
+    """Start ``n`` nodes, each bootstrapped from the first and ``bootstrap`` random earlier
+    ones. With ``network``, the nodes live on that (running) simulated network."""
     async with trio.open_nursery() as nursery:
-        swarm = Swarm(nursery, config or DHTConfig(), home)
+        swarm = Swarm(nursery, config or DHTConfig(), home, network, seed)
         try:
             for _ in range(n):
-                await swarm.add()
+                await swarm.add(bootstrap=bootstrap)
             yield swarm
         finally:
             with trio.CancelScope(shield=True):
