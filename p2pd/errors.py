@@ -26,7 +26,7 @@ from the class, so messages never carry secrets or tracebacks.
     │   │   ├── RecordError      a handle record that does not verify or is out of bounds
     │   │   ├── BundleError      a prekey bundle that does not decode or verify
     │   │   ├── EnvelopeError    a session envelope that does not decode
-    │   │   ├── LanAnnouncementError  an mDNS announcement refused (p2pd/discovery.py;
+    │   │   ├── LanAnnouncementError  an mDNS announcement refused (lan_announcement.py;
     │   │   │                    LanPinConflict: a pinned handle with another key)
     │   │   └── MediaWireError   a call media datagram that does not decode (p2pd/media)
     │   ├── NotFound             the network holds no valid record for that handle

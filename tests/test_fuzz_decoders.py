@@ -15,13 +15,15 @@ records.HandleRecord.decode, verify_record              RecordError
 session.bundle.PrekeyBundle.decode                      BundleError
 session.envelope.Envelope.decode                        EnvelopeError
 session.SessionManager.decrypt                          EnvelopeError, SessionError
+lan_announcement.decode_txt, parse_txt (mDNS TXT)       LanAnnouncementError
 media.wire.decode (call media datagrams)                MediaWireError
 media.CallMedia.datagram_received                       nothing (counts what it drops)
 =====================================================  ====================================
 
 and what does decode is canonical: it encodes back to the very bytes it came from (media
 datagrams: up to the flag bits a receiver ignores, so it encodes to bytes that decode to
-the same value). For
+the same value; TXT records: up to the case of their keys, which RFC 6763 section 6.4
+compares case-insensitively). For
 ``SessionManager.decrypt`` a refused envelope must also leave every stored row as it was
 (the sessions table and our prekeys), and an altered envelope must never decrypt.
 """
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgpack
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -48,6 +51,13 @@ from p2pd.errors import (
     WireError,
 )
 from p2pd.identity import Identity
+from p2pd.lan_announcement import (
+    LanAnnouncementError,
+    build_txt,
+    decode_txt,
+    encode_txt,
+    parse_txt,
+)
 from p2pd.media import CallMedia
 from p2pd.media.wire import (
     AUDIO_RED_HEADER,
@@ -797,6 +807,76 @@ def forged_envelopes(draw: st.DrawFn) -> bytes:
 @given(forged_envelopes(), st.data())
 def test_decrypt_forged_envelopes(envelope: bytes, data: st.DataObject) -> None:
     assert_refused_and_unchanged(envelope, data.draw(sender_keys()))
+
+
+# --------------------------------------------------------------------------- LAN announcements
+
+LAN_IDENTITIES = [Identity.from_seed(f"lan_{i}", bytes([i + 1]) * 32) for i in range(3)]
+
+
+@st.composite
+def lan_announcements(draw: st.DrawFn) -> tuple[Identity, bytes, list[Address]]:
+    """A valid TXT record, its announcer, and the A/AAAA records with the SRV port."""
+    identity = draw(st.sampled_from(LAN_IDENTITIES))
+    mode = draw(st.sampled_from(["everyone", "contacts"]))
+    port = draw(ports)
+    hosts = draw(st.lists(ips, min_size=1, max_size=8, unique=True))
+    nonce = draw(exactly(16)) if mode == "contacts" else None
+    props = build_txt(identity, port=port, addresses=hosts, mode=mode, now=NOW, nonce=nonce)  # type: ignore[arg-type]
+    sources = [Address(h, port) for h in hosts]
+    return identity, encode_txt(props), sources
+
+
+def check_lan_txt(data: bytes, sources: list[Address]) -> None:
+    """decode_txt and parse_txt raise only LanAnnouncementError; what decodes re-encodes
+    to a record that decodes to the same properties."""
+    try:
+        props = decode_txt(data)
+    except LanAnnouncementError:
+        pass
+    else:
+        assert decode_txt(encode_txt(props)) == props  # keys come back in lower case
+    contacts = {i.public_key: i.handle for i in LAN_IDENTITIES}
+    pins = {i.handle: i.public_key for i in LAN_IDENTITIES}.get
+    refused(
+        LanAnnouncementError,
+        lambda: parse_txt(data, source_addresses=sources, now=NOW, contacts=contacts, pins=pins),
+    )
+
+
+@FUZZ
+@given(st.binary(max_size=1200))
+def test_lan_txt_arbitrary_bytes(data: bytes) -> None:
+    check_lan_txt(data, [Address("192.0.2.1", 4747)])
+
+
+@FUZZ
+@given(lan_announcements(), st.data())
+def test_lan_txt_mutations(
+    valid: tuple[Identity, bytes, list[Address]], data: st.DataObject
+) -> None:
+    identity, text, sources = valid
+    contacts = {i.public_key: i.handle for i in LAN_IDENTITIES}
+    pins = {i.handle: i.public_key for i in LAN_IDENTITIES}.get
+    peer = parse_txt(text, source_addresses=sources, now=NOW, contacts=contacts, pins=pins)
+    assert peer.public_key == identity.public_key  # the valid one verifies
+    check_lan_txt(mutate(data, text), sources)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x01a" * 600,  # many one-byte strings without "="
+        b"\x03a=b" * 200,  # many copies of one key
+        b"".join(bytes([4]) + b"k%02d=" % i for i in range(100)),  # many keys
+        b"\xff" + b"a" * 255,  # one string of the longest length, no "="
+        bytes(1024),  # only empty strings
+    ],
+)
+def test_lan_txt_long_runs_of_small_strings(data: bytes) -> None:
+    """The TXT decoder is a loop, not a recursion: no depth to exhaust, only bounds."""
+    with pytest.raises(LanAnnouncementError):
+        decode_txt(data)
 
 
 # --------------------------------------------------------------------------- call media
