@@ -453,7 +453,7 @@ class MessagePayload:
     text: str
     kind: int = KIND_TEXT
     #: The handle the sender claims. The session proves only its key; the receiver
-    #: checks the claim against the DHT before it pins it (p2pd/delivery.py).
+    #: checks the claim against the DHT before it pins it (p2pd/delivery/).
     sender: str = ""
 
     def encode(self) -> bytes:

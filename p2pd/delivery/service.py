@@ -1,40 +1,39 @@
 """Delivery: the trio service that moves encrypted messages between daemons.
 
-Everything at rest lives in :mod:`p2pd.messaging` (outbox, inbox, pins) and
-:mod:`p2pd.session` (X3DH and the Double Ratchet); this module does the network part.
+The decisions are :class:`~p2pd.delivery.core.DeliveryCore`'s (sans I/O); this module
+does the I/O around them: QUIC streams, the DHT mailbox, sealing, the record cache, one
+worker task per conversation, and the control API's views. It reads the clock once per
+entry point of the core, commits once after each (:meth:`Delivery._committed`), and
+reacts to the core's events in one place (:meth:`Delivery._dispatch`).
 
 Sending. ``send`` resolves the handle, checks the key against the pin, and stores the
 message (state ``queued``) before it returns. One worker per conversation then, in the
-conversation's order: encrypts each message once (the envelope is committed in the same
-SQLite transaction as the ratchet step, so a crash never leaves the two apart), tries a
-direct QUIC connection to the addresses in the recipient's record, writes the messages
-as frames on one stream and waits for acks. If the recipient cannot be reached, each
-message is sealed to the recipient's key (sealed sender: the storing nodes see neither
-text nor sender) and left in its DHT mailbox. Until its ack arrives a message is retried
-with exponential backoff (0.5 s .. 60 s); retries send the same envelope, and the
-receiver deduplicates by message id.
+conversation's order: has the core encrypt each message once (the envelope is committed
+in the same SQLite transaction as the ratchet step, so a crash never leaves the two
+apart), tries a direct QUIC connection to the addresses in the recipient's record,
+writes the batch the core framed on one stream and reads the answers into it. If the
+recipient cannot be reached, the messages the core picks are sealed to the recipient's
+key (sealed sender: the storing nodes see neither text nor sender) and left in its DHT
+mailbox. Until its ack arrives a message is retried with exponential backoff
+(0.5 s .. 60 s); retries send the same envelope, and the receiver deduplicates by id.
 
-Receiving. A message frame is decrypted and stored in one transaction, then acked. A
-frame that does not decrypt because the session is unknown there (the receiver lost it,
-or a one-time prekey was used up) is answered with a NACK: the sender archives the
-session, encrypts the unacknowledged messages again in a new one, and resends. Messages
-found in the mailbox (at start and every ``mailbox_poll_interval``) are stored the same
-way, acked directly if the sender is reachable and through the sender's mailbox if not,
-then deleted from the storing nodes.
+Receiving. A stream a peer opens is read into the core, which answers each MESSAGE
+with ACK (stored), NACK (cannot decrypt: the sender starts a new session) or nothing.
+Messages found in the mailbox (at start and every ``mailbox_poll_interval``) go through
+the same core, acked directly if the sender is reachable and through the sender's
+mailbox if not, then deleted from the storing nodes.
 
 Wire formats: docs/PROTOCOL.md, "Messages".
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import nacl.bindings
@@ -43,40 +42,41 @@ import nacl.public
 import nacl.signing
 import trio
 
-from . import wire
-from .config import NodeConfig
-from .dht import DHT
-from .errors import (
-    ConnectionLost,
-    DuplicateMessage,
-    KeyChanged,
-    NoSession,
-    NotFound,
-    P2PDError,
-    PeerKeyMismatch,
-    PrekeyUnavailable,
-    SessionError,
-    UnknownSession,
-    UsageError,
-    WireError,
+from .. import wire
+from ..config import NodeConfig
+from ..dht import DHT
+from ..errors import ConnectionLost, KeyChanged, NoSession, NotFound, PeerKeyMismatch, UsageError
+from ..identity import HandleRef, Identity, fingerprint, format_fingerprint, self_certifying
+from ..messaging import Contacts, Message, MessageStore
+from ..records import HandleRecord
+from ..session import SessionManager, safety_number
+from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
+from ..wire import Address
+from .core import (
+    BATCH,
+    RESET_INTERVAL,
+    AckOwed,
+    AckReceived,
+    DeliveryCore,
+    Event,
+    Exchange,
+    ExchangeEnded,
+    IncomingStream,
+    MessageReceived,
+    MessageSent,
+    PendingMadeDue,
+    SenderUnverified,
+    SessionReset,
+    SignalReceived,
 )
-from .identity import HandleRef, Identity, fingerprint, format_fingerprint, self_certifying
-from .messaging import Contacts, Message, MessageStore
-from .records import HandleRecord
-from .session import SessionManager, safety_number
-from .session.manager import Decrypted
-from .transport.quic import QuicEndpoint, QuicPeer, QuicStream
-from .wire import Address
+from .ledger import SqliteLedger
+
+__all__ = ["BATCH", "RESET_INTERVAL", "Delivery", "EventBus"]
 
 log = logging.getLogger(__name__)
 
-ACK, NACK, DROP = "ack", "nack", "drop"
 #: How long a resolved record is used before it is looked up again.
 RECORD_CACHE_SECONDS = 60.0
-#: At most one session reset per peer in this many seconds (a NACK storm is refused).
-RESET_INTERVAL = 10.0
-#: Messages sent in one batch on one stream.
-BATCH = 256
 #: While an exchange waits, how long messages queued one by one may gather before the
 #: worker encrypts them (Delivery._worker).
 PREPARE_GATHER = 0.002
@@ -138,6 +138,13 @@ class Delivery:
         self.messages = MessageStore(conn)
         self.contacts = Contacts(conn)
         self.sessions = SessionManager.open(conn, identity, now=time.time())
+        self.ledger = SqliteLedger(conn, self.messages, self.contacts, self.sessions)
+        self.core = DeliveryCore(
+            self.ledger,
+            handle=identity.handle,
+            public_key=identity.public_key,
+            ack_timeout=config.ack_timeout,
+        )
         self.quic: QuicEndpoint | None = None
         #: Where LAN discovery saw a key (set by the daemon); tried before the record's.
         self.lan_addresses: Callable[[bytes], list[Address]] = lambda key: []
@@ -153,24 +160,11 @@ class Delivery:
         #: queued.
         self._worker_wake: dict[bytes, trio.Event] = {}
         self._exchange_ended: dict[bytes, trio.Event] = {}
-        self._last_reset: dict[bytes, float] = {}
         self._kick = trio.Event()
         self._mailbox_kick = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._current_peer: QuicPeer | None = None  # whose frames _accept is handling
-        self.stats: dict[str, int] = {
-            "sent_direct": 0,
-            "sent_mailbox": 0,
-            "received_direct": 0,
-            "received_mailbox": 0,
-            "acks_in": 0,
-            "nacks_in": 0,
-            "nacks_out": 0,
-            "refused": 0,
-            "duplicates": 0,
-            "malformed_frames": 0,
-            "mailbox_polls": 0,
-        }
+        #: Counters (the core's; the control API's ``statistics`` shows them).
+        self.stats = self.core.stats
 
     # ------------------------------------------------------------------ service
 
@@ -235,7 +229,7 @@ class Delivery:
         record: HandleRecord | None = None
         cached = self._records.get(contact.public_key) if contact is not None else None
         try:
-            if cached is not None and time.monotonic() - cached[1] < RECORD_CACHE_SECONDS:
+            if cached is not None and trio.current_time() - cached[1] < RECORD_CACHE_SECONDS:
                 record = cached[0]  # looked up a moment ago: no lookup per message
             else:
                 with trio.fail_after(RESOLVE_TIMEOUT):
@@ -251,7 +245,7 @@ class Delivery:
             if contact is None or contact.public_key != record.public_key:
                 contact = self.contacts.check(ref.handle, record.public_key, now)  # pin/refuse
             if cached is None or record is not cached[0]:
-                self._records[record.public_key] = (record, time.monotonic())
+                self._records[record.public_key] = (record, trio.current_time())
         assert contact is not None
         if contact.pending_key is not None:
             raise KeyChanged(
@@ -285,6 +279,8 @@ class Delivery:
         except RuntimeError:  # the nursery is closed: the daemon is stopping
             self._workers.discard(peer_key)
 
+    # ------------------------------------------------------------------ sending internals
+
     async def _worker(self, peer_key: bytes) -> None:
         """Deliver one conversation's due messages, in batches, until none is due.
 
@@ -317,8 +313,8 @@ class Delivery:
                         await self._deliver(peer_key, batch, exchanges)
                     except Exception:
                         log.exception("delivery to %s failed", fingerprint(peer_key)[:12])
-                        for m in batch:
-                            self.messages.mark_attempt(m.id, time.time(), via=None)
+                        with self._committed():
+                            self.core.delivery_failed(batch, time.time())
         finally:
             self._worker_wake.pop(peer_key, None)
             self._exchange_ended.pop(peer_key, None)
@@ -333,93 +329,58 @@ class Delivery:
         if todo:
             try:
                 record = await self._record_for(peer_key, todo[0].handle)
-                self._encrypt(peer_key, todo, record)
+                with self._committed():
+                    self.core.prepare(peer_key, todo, _bundle(record), time.time())
             except Exception:  # it is tried again when the batch is delivered
                 log.exception("encrypting for %s failed", fingerprint(peer_key)[:12])
 
     async def _deliver(
-        self,
-        peer_key: bytes,
-        batch: list[Message],
-        exchanges: trio.Nursery,
+        self, peer_key: bytes, batch: list[Message], exchanges: trio.Nursery
     ) -> None:
+        """One batch: encrypted, then written on a stream (its answers read in a task of
+        ``exchanges``), or left in the mailbox if no connection can be made."""
         handle = batch[0].handle
         record = await self._record_for(peer_key, handle)
-        ready = self._encrypt(peer_key, batch, record)
+        with self._committed():
+            # Each envelope with its ratchet step, the batch in one transaction; before
+            # anything is sent and before any await (the connection is shared).
+            ready = self.core.prepare(peer_key, batch, _bundle(record), time.time())
         if not ready:
             return
         peer = await self._connect(peer_key, record)
         if peer is not None:
+            exchange = self.core.start_exchange(peer_key, ready, time.time())
             try:
-                await self._send_direct(peer, ready, exchanges)
-                return
+                stream = await self._write_exchange(peer, exchange)
             except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.info("direct delivery to %s broke: %s", handle, exc)
+            else:
+                exchanges.start_soon(self._await_answers, peer, stream, exchange)
+                return
         await self._send_mailbox(peer_key, ready)
-
-    def _encrypt(
-        self, peer_key: bytes, batch: list[Message], record: HandleRecord | None
-    ) -> list[Message]:
-        """Give each message its envelope, in order; the messages that have one."""
-        ready: list[Message] = []
-        for message in batch:
-            if message.envelope is not None:
-                ready.append(message)
-                continue
-            payload = wire.MessagePayload(
-                message.id,
-                message.seq,
-                message.sent_at_ms,
-                message.text,
-                sender=self.identity.handle,
-            ).encode()
-            now = time.time()
-            try:
-                envelope = self.sessions.encrypt(
-                    peer_key,
-                    payload,
-                    now=now,
-                    peer_bundle=record.extension if record and record.extension else None,
-                    commit=False,
-                )
-            except NoSession:  # a failed encrypt changed nothing (its own savepoint)
-                log.info("no session with %s and no prekey bundle yet: waiting", message.handle)
-                for m in batch[len(ready) :]:
-                    self.messages.mark_attempt(m.id, now, via=None, commit=False)
-                break
-            except (WireError, SessionError) as exc:  # a bad bundle in the record
-                log.warning("cannot start a session with %s: %s", message.handle, exc)
-                for m in batch[len(ready) :]:
-                    self.messages.mark_attempt(m.id, now, via=None, commit=False)
-                break
-            self.messages.set_envelope(message.id, envelope, commit=False)
-            ready.append(_with_envelope(message, envelope))
-        if self._conn.in_transaction:
-            # Each envelope with its ratchet step, the batch in one transaction; before
-            # anything is sent and before any await (the connection is shared).
-            self._conn.commit()
-        return ready
 
     async def _record_for(
         self, peer_key: bytes, handle: str, *, fresh: bool = False
     ) -> HandleRecord | None:
         cached = self._records.get(peer_key)
+        now = time.time()
         if cached is not None and not fresh:
             record, when = cached
-            if time.monotonic() - when < RECORD_CACHE_SECONDS and record.expires > time.time():
+            if trio.current_time() - when < RECORD_CACHE_SECONDS and record.expires > now:
                 return record
         try:
             with trio.fail_after(RESOLVE_TIMEOUT):
                 record = await self.dht.resolve(HandleRef(handle))
         except (NotFound, trio.TooSlowError):
-            return cached[0] if cached and cached[0].expires > time.time() else None
+            return cached[0] if cached and cached[0].expires > now else None
+        now = time.time()
         if record.public_key != peer_key:
             try:
-                self.contacts.check(handle, record.public_key, time.time())
+                self.contacts.check(handle, record.public_key, now)
             except KeyChanged as exc:
                 log.warning("%s", exc)
             return None  # never deliver to another key than the one the message is for
-        self._records[peer_key] = (record, time.monotonic())
+        self._records[peer_key] = (record, trio.current_time())
         return record
 
     async def _connect(self, peer_key: bytes, record: HandleRecord | None) -> QuicPeer | None:
@@ -439,123 +400,68 @@ class Delivery:
                 log.debug("no QUIC connection to %s at %s", _who(peer_key), address)
         return None
 
-    async def _exchange(
-        self,
-        peer: QuicPeer,
-        frames: bytes,
-        waiting: set[bytes],
-        *,
-        nacks: set[bytes] | None = None,
-        sent: Callable[[], None] | None = None,
-        background: trio.Nursery | None = None,
-        done: Callable[[], None] | None = None,
-    ) -> None:
-        """Write MESSAGE ``frames`` on a new stream and read the answers until every id
-        in ``waiting`` is answered (removed from it) or ``ack_timeout`` passes.
-        ``sent`` runs once the frames are written; NACKed ids are added to ``nacks``;
-        ``done`` runs at the end. With ``background``, return once the frames are
-        written and read the answers in a task of that nursery."""
+    async def _write_exchange(self, peer: QuicPeer, exchange: Exchange) -> QuicStream:
+        """Open a stream and write the exchange's batch on it, FIN in the same packet."""
         stream = await peer.open_stream()
         try:
-            await stream.send_all(frames, eof=True)  # the FIN in the same packet
-            if sent is not None:
-                sent()
+            await stream.send_all(exchange.data, eof=True)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-            if done is not None:
-                done()
+            self._dispatch(self.core.end_exchange(exchange, time.time()), peer)
             raise
-        if background is None:
-            await self._answers(peer, stream, waiting, nacks, done)
-        else:
-            background.start_soon(self._answers, peer, stream, waiting, nacks, done)
+        with self._committed():
+            events = self.core.exchange_written(exchange, time.time())
+        self._dispatch(events, peer)
+        return stream
 
-    async def _answers(
-        self,
-        peer: QuicPeer,
-        stream: QuicStream,
-        waiting: set[bytes],
-        nacks: set[bytes] | None,
-        done: Callable[[], None] | None,
-    ) -> None:
-        """The other half of :meth:`_exchange`: answers until all came, or ack_timeout."""
-        assert peer.public_key is not None  # a connection we made: checked in handshake
-        answered = trio.Event()
-
-        def on_answer() -> None:
-            if not waiting:
-                answered.set()
-
+    async def _await_answers(self, peer: QuicPeer, stream: QuicStream, exchange: Exchange) -> None:
+        """Read the answers to a written exchange until all came or its deadline passed."""
         try:
-            async with stream, trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    self._read_frames, peer.public_key, stream, waiting, on_answer, peer, nacks
-                )
-                with trio.move_on_after(self.config.ack_timeout):
-                    await answered.wait()
-                nursery.cancel_scope.cancel()
+            async with stream:
+                with trio.move_on_after(max(0.0, exchange.deadline - time.time())):
+                    await self._pump(peer, stream, exchange)
         except Exception:  # in a worker's nursery: it must not end the worker
             log.exception("reading answers from %s failed", _who(peer.public_key))
         finally:
-            if done is not None:
-                done()
+            self._dispatch(self.core.end_exchange(exchange, time.time()), peer)
 
-    async def _send_direct(
-        self,
-        peer: QuicPeer,
-        batch: list[Message],
-        exchanges: trio.Nursery,
+    async def _pump(
+        self, peer: QuicPeer, stream: QuicStream, reader: Exchange | IncomingStream
     ) -> None:
-        waiting = {m.id for m in batch}
-        out = bytearray()
-        for m in batch:
-            assert m.envelope is not None
-            out += wire.encode_stream_frame(wire.FRAME_MESSAGE, m.id + m.envelope)
+        """Feed what ``stream`` brings to ``reader`` (one transaction per read) and write
+        its replies, until the stream ends, or an exchange has all its answers."""
+        while not (isinstance(reader, Exchange) and reader.answered):
+            try:
+                data = await stream.receive_some(65536)
+            except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            with self._committed():  # the acks and messages of this read, together
+                result = reader.data_received(data, time.time())
+            if result.reset:
+                stream.reset()
+                return
+            self._dispatch(result.events, peer)
+            if result.replies:
+                # Answering a stream the peer has finished (it sends its frames and FIN in
+                # one go): our FIN goes with the answers, not in a packet of its own.
+                last = isinstance(reader, IncomingStream) and stream.at_eof
+                try:
+                    await stream.send_all(result.replies, eof=last)
+                except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
 
-        def sent() -> None:
-            self.messages.mark_sent(batch, time.time(), via="direct")  # one transaction
-            self.stats["sent_direct"] += len(batch)
-            for m in batch:
-                if m.id in waiting:
-                    self.events.emit("message_status", id=m.id.hex(), state="sent", via="direct")
-
-        def done() -> None:
-            for events in (self._worker_wake, self._exchange_ended):
-                event = events.get(peer.public_key or b"")
-                if event is not None:
-                    event.set()
-            if len(waiting) == len(batch) and not peer.is_closing:
-                # Not one answer: the peer may have died without closing (kill -9, a lost
-                # network). Drop the connection so that the next attempt finds out afresh
-                # instead of writing into it until the idle timeout.
-                log.info("no answer from %s: closing the connection", batch[0].handle)
-                peer.close("no answer")
-
-        await self._exchange(peer, bytes(out), waiting, sent=sent, background=exchanges, done=done)
-
-    async def _send_mailbox(self, peer_key: bytes, batch: list[Message]) -> None:
+    async def _send_mailbox(self, peer_key: bytes, ready: list[Message]) -> None:
+        with self._committed():
+            puts = self.core.plan_mailbox(peer_key, ready, time.time())
         box = nacl.public.SealedBox(_curve_public(peer_key))
-        for m in batch:
-            now = time.time()
-            if m.via == "mailbox":
-                self.messages.mark_attempt(m.id, now, via=None)  # already there; retry direct
-                continue
-            assert m.envelope is not None
-            plain = wire.encode_mailbox_plaintext(
-                wire.MAILBOX_MESSAGE, self.identity.public_key, m.id, m.envelope
-            )
-            sealed = box.encrypt(plain)
-            if len(sealed) > wire.MAX_MAILBOX_ENTRY:
-                log.warning("message %s is too large for a mailbox: direct only", m.id.hex())
-                self.messages.mark_attempt(m.id, now, via=None)
-                continue
-            copies = await self.dht.mailbox_put(peer_key, sealed)
-            self.messages.mark_attempt(m.id, time.time(), via="mailbox" if copies else None)
-            if copies:
-                self.stats["sent_mailbox"] += 1
-                self.events.emit("message_status", id=m.id.hex(), state="sent", via="mailbox")
-            log.info("message %s left in %d mailbox(es)", m.id.hex()[:8], copies)
+        for put in puts:
+            copies = await self.dht.mailbox_put(peer_key, box.encrypt(put.plaintext))
+            with self._committed():
+                events = self.core.mailbox_put_done(put, copies, time.time())
+            self._dispatch(events)
 
     # ------------------------------------------------------------------ call signals
 
@@ -579,210 +485,77 @@ class Delivery:
         self, handle: str, peer_key: bytes, record: HandleRecord | None, text: str
     ) -> tuple[QuicPeer, bool]:
         msg_id = os.urandom(wire.MESSAGE_ID_LEN)
-        payload = wire.MessagePayload(
-            msg_id, 0, int(time.time() * 1000), text, kind=wire.KIND_CALL,
-            sender=self.identity.handle,
-        ).encode()  # fmt: skip
-        bundle = record.extension if record and record.extension else None
+        now = time.time()
+        payload = self.core.signal_payload(msg_id, text, now)
         try:
-            envelope = self.sessions.encrypt(peer_key, payload, now=time.time(), peer_bundle=bundle)
+            with self._committed():
+                envelope = self.ledger.encrypt(peer_key, payload, _bundle(record), now)
         except NoSession:
             raise ConnectionLost(f"{handle} has published no prekeys: cannot reach it") from None
         peer = await self._connect(peer_key, record)
         if peer is None:
             raise ConnectionLost(f"{handle} is not reachable (offline?)")
-        waiting, nacks = {msg_id}, set[bytes]()
-        frame = wire.encode_stream_frame(wire.FRAME_MESSAGE, msg_id + envelope)
-        await self._exchange(peer, frame, waiting, nacks=nacks)
-        if waiting:
+        exchange = self.core.signal_exchange(peer_key, msg_id, envelope, time.time())
+        stream = await self._write_exchange(peer, exchange)
+        await self._await_answers(peer, stream, exchange)
+        if exchange.waiting:
             raise ConnectionLost(f"{handle} did not acknowledge the call signal")
-        return peer, msg_id in nacks
+        return peer, msg_id in exchange.nacked
 
     # ------------------------------------------------------------------ receiving
 
     async def handle_stream(self, peer: QuicPeer, stream: QuicStream) -> None:
         """A stream a peer opened: message, ack and nack frames; answers on the stream."""
         if peer.public_key is not None:  # always set once the handshake is done
-            await self._read_frames(peer.public_key, stream, None, None, peer)
+            await self._pump(peer, stream, self.core.accept_stream(peer.public_key))
 
-    async def _read_frames(
-        self,
-        peer_key: bytes,
-        stream: QuicStream,
-        waiting: set[bytes] | None,
-        on_answer: Callable[[], Any] | None,
-        peer: QuicPeer | None = None,
-        nacks: set[bytes] | None = None,
-    ) -> None:
-        decoder = wire.StreamFrameDecoder()
-        while True:
-            try:
-                data = await stream.receive_some(65536)
-            except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            try:
-                frames = decoder.feed(data)
-            except WireError as exc:
-                self.stats["malformed_frames"] += 1
-                who = fingerprint(peer_key)[:12]
-                log.warning("malformed frame from %s (%s): closing the stream", who, exc)
-                stream.reset()
-                return
-            replies = bytearray()
-            try:
-                self._frames(peer_key, frames, replies, waiting, peer, nacks)
-            finally:
-                if self._conn.in_transaction:
-                    self._conn.commit()  # the acks of this read, in one transaction
-            if replies:
-                # Answering a stream the peer has finished (it sends its frames and FIN in
-                # one go): our FIN goes with the answers, not in a packet of its own.
-                last = waiting is None and stream.at_eof
-                try:
-                    await stream.send_all(bytes(replies), eof=last)
-                except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-            if on_answer is not None:
-                on_answer()
-
-    def _frames(
-        self,
-        peer_key: bytes,
-        frames: list[tuple[int, bytes]],
-        replies: bytearray,
-        waiting: set[bytes] | None,
-        peer: QuicPeer | None,
-        nacks: set[bytes] | None,
-    ) -> None:
-        """Handle one read's frames; answers go into ``replies``."""
-        for kind, payload in frames:
-            if kind == wire.FRAME_MESSAGE:
-                if len(payload) <= wire.MESSAGE_ID_LEN:
-                    self.stats["malformed_frames"] += 1
-                    continue
-                msg_id = payload[: wire.MESSAGE_ID_LEN]
-                self._current_peer = peer
-                try:
-                    verdict, _ = self._accept(
-                        peer_key, msg_id, payload[16:], via="direct", commit=False
-                    )
-                finally:
-                    self._current_peer = None
-                if verdict == ACK:
-                    replies += wire.encode_stream_frame(wire.FRAME_ACK, msg_id)
-                elif verdict == NACK:
-                    self.stats["nacks_out"] += 1
-                    replies += wire.encode_stream_frame(wire.FRAME_NACK, msg_id)
-            elif len(payload) != wire.MESSAGE_ID_LEN:
-                self.stats["malformed_frames"] += 1
-            elif kind == wire.FRAME_ACK:
-                self._on_ack(peer_key, payload, commit=False)  # committed below
-                if waiting is not None:
-                    waiting.discard(payload)
-            else:
-                self._on_nack(peer_key, payload)
-                if nacks is not None:
-                    nacks.add(payload)
-                if waiting is not None:
-                    waiting.clear()  # everything is re-encrypted and resent
-
-    def _open_envelope(
-        self, transport_key: bytes | None, msg_id: bytes, envelope: bytes, now: float
-    ) -> tuple[Decrypted, wire.MessagePayload]:
-        """Decrypt (the ratchet step left uncommitted) and decode one message."""
-        # A savepoint: a message refused after decryption undoes its ratchet step and
-        # nothing else of the transaction (acks and messages of the same read). Inside a
-        # transaction always: releasing an outermost savepoint would commit the ratchet
-        # step before the message is stored, and a crash between would lose the message.
-        if not self._conn.in_transaction:
-            self._conn.execute("BEGIN")
-        self._conn.execute("SAVEPOINT p2pd_accept")
+    @contextmanager
+    def _committed(self) -> Iterator[None]:
+        """Around each entry point of the core: commit what it wrote, whatever happens,
+        before any await (the connection is shared: another task must never see, or
+        commit, half of it)."""
         try:
-            decrypted = self.sessions.decrypt(
-                envelope, now=now, sender_key=transport_key, commit=False
-            )
-            payload = wire.MessagePayload.decode(decrypted.plaintext)
-            if payload.msg_id != msg_id:
-                raise WireError("the message id inside differs from the frame's")
-        except BaseException:
-            self._conn.execute("ROLLBACK TO p2pd_accept")
-            self._conn.execute("RELEASE p2pd_accept")
-            raise
-        self._conn.execute("RELEASE p2pd_accept")
-        return decrypted, payload
+            yield
+        finally:
+            self.ledger.commit()
 
-    def _refused(self, transport_key: bytes | None, exc: P2PDError) -> tuple[str, None]:
-        if isinstance(exc, DuplicateMessage):
-            self.stats["duplicates"] += 1
-            log.info("refused a replayed message from %s", _who(transport_key))
-            return DROP, None
-        if isinstance(exc, UnknownSession | PrekeyUnavailable):
-            log.info("cannot decrypt a message from %s (%s): asking for a new session",
-                     _who(transport_key), type(exc).__name__)  # fmt: skip
-            return NACK, None
-        self.stats["refused"] += 1
-        log.warning("refused a message from %s: %s", _who(transport_key), exc.message)
-        return DROP, None
-
-    def _accept(
-        self,
-        transport_key: bytes | None,
-        msg_id: bytes,
-        envelope: bytes,
-        *,
-        via: str,
-        commit: bool = True,
-    ) -> tuple[str, bytes | None]:
-        """Decrypt and store one message. Returns the verdict and the sender's key.
-
-        With ``commit=False`` the transaction is left open for the caller, who must
-        commit before it acks (a stream read commits once for all its frames)."""
-        known = self.messages.get(msg_id)
-        if known is not None and known.direction == "in":
-            self.stats["duplicates"] += 1
-            if transport_key is not None and known.peer_key != transport_key:
-                return DROP, None
-            return ACK, known.peer_key
-        now = time.time()
-        try:
-            decrypted, payload = self._open_envelope(transport_key, msg_id, envelope, now)
-        except (SessionError, WireError) as exc:
-            if commit and self._conn.in_transaction:
-                self._conn.commit()  # what came before; this message's step is undone
-            return self._refused(transport_key, exc)
-        sender_key = decrypted.peer_key
-        if payload.kind == wire.KIND_CALL:
-            self._conn.commit()  # the ratchet step; a signal itself is never stored
-            if self.on_signal is not None and via == "direct":
-                self.on_signal(sender_key, payload.sender, self._current_peer, payload.text)
-            if payload.sender and self.contacts.by_key(sender_key) is None:
-                self._spawn(self._verify_sender, payload.sender, sender_key)
-            return ACK, sender_key
-        trusted = self.contacts.by_key(sender_key)
-        handle = trusted.handle if trusted else (payload.sender or "unknown")
-        stored = self.messages.record_incoming(
-            msg_id,
-            handle,
-            sender_key,
-            payload.seq,
-            payload.text,
-            payload.sent_at_ms,
-            now,
-            via=via,
-            commit=commit,  # the ratchet step and the message in one transaction
-        )
-        self.stats["received_direct" if via == "direct" else "received_mailbox"] += 1
-        if stored is not None:
-            self.events.emit("message", **self.incoming_summary(stored))
-        if trusted is None and payload.sender:
-            self._spawn(self._verify_sender, payload.sender, sender_key)
-        # the peer is alive: anything we owe it may go now
-        if self.messages.has_pending(sender_key):
-            self.messages.retry_now(sender_key)
-            self.kick()
-        return ACK, sender_key
+    def _dispatch(self, events: Sequence[Event], peer: QuicPeer | None = None) -> None:
+        """React to what the core reports; ``peer`` is the connection it came over."""
+        for event in events:
+            if isinstance(event, MessageReceived):
+                if event.message is not None:
+                    self.events.emit("message", **self.incoming_summary(event.message))
+            elif isinstance(event, SignalReceived):
+                # A signal is worth nothing late: one from the mailbox is not rung.
+                if self.on_signal is not None and event.via == "direct":
+                    self.on_signal(event.sender_key, event.claimed, peer, event.text)
+            elif isinstance(event, SenderUnverified):
+                self._spawn(self._verify_sender, event.handle, event.sender_key)
+            elif isinstance(event, PendingMadeDue):
+                self.kick()
+            elif isinstance(event, AckReceived):
+                if event.delivered:
+                    self.events.emit("message_status", id=event.msg_id.hex(), state="delivered")
+            elif isinstance(event, SessionReset):
+                self._records.pop(event.peer_key, None)  # its bundle may have changed too
+                self.kick()
+            elif isinstance(event, MessageSent):
+                self.events.emit(
+                    "message_status", id=event.msg_id.hex(), state="sent", via=event.via
+                )
+            elif isinstance(event, ExchangeEnded):
+                for wake in (self._worker_wake, self._exchange_ended):
+                    waiting = wake.get(event.peer_key)
+                    if waiting is not None:
+                        waiting.set()
+                if event.close_connection and peer is not None and not peer.is_closing:
+                    # Not one answer: the peer may have died without closing (kill -9, a
+                    # lost network). Drop the connection so that the next attempt finds
+                    # out afresh instead of writing into it until the idle timeout.
+                    log.info("no answer from %s: closing the connection", _who(event.peer_key))
+                    peer.close("no answer")
+            # AckOwed: check_mailbox sends those acks together; NackReceived: the core
+            # has decided (SessionReset) and an exchange has taken note.
 
     async def _verify_sender(self, handle: str, key: bytes) -> None:
         """Pin a first-contact sender's handle only if the DHT binds it to that key."""
@@ -797,29 +570,9 @@ class Delivery:
             return
         try:
             self.contacts.check(handle, key, time.time())
-            self._records[key] = (record, time.monotonic())
+            self._records[key] = (record, trio.current_time())
         except KeyChanged as exc:
             log.warning("%s", exc)
-
-    def _on_ack(self, peer_key: bytes, msg_id: bytes, *, commit: bool = True) -> None:
-        self.stats["acks_in"] += 1
-        if self.messages.mark_delivered(msg_id, peer_key, time.time(), commit=commit):
-            self.events.emit("message_status", id=msg_id.hex(), state="delivered")
-
-    def _on_nack(self, peer_key: bytes, msg_id: bytes) -> None:
-        self.stats["nacks_in"] += 1
-        message = self.messages.get(msg_id)
-        if message is None or message.direction != "out" or message.peer_key != peer_key:
-            return
-        now = time.monotonic()
-        if now - self._last_reset.get(peer_key, -math.inf) < RESET_INTERVAL:
-            return
-        self._last_reset[peer_key] = now
-        log.info("%s cannot decrypt our messages: starting a new session", message.handle)
-        self.sessions.reset_session(peer_key, now=time.time())
-        self.messages.clear_envelopes(peer_key)
-        self._records.pop(peer_key, None)  # its bundle may have changed too
-        self.kick()
 
     # ------------------------------------------------------------------ mailbox
 
@@ -839,26 +592,24 @@ class Delivery:
         entries = await self.dht.mailbox_fetch(self.identity)
         if not entries:
             return 0
-        new = 0
-        acks: dict[bytes, list[bytes]] = {}
-        for _, sealed in entries:
-            try:
-                plain = self._unseal.decrypt(sealed)
-                kind, _claimed, msg_id, envelope = wire.decode_mailbox_plaintext(plain)
-            except (nacl.exceptions.CryptoError, WireError):
-                log.info("ignored a mailbox entry that does not open or decode")
-                continue
-            if kind == wire.MAILBOX_ACK:
-                # The claimed sender is who the ack is from: only the peer we sent msg_id
-                # to knows it, and mark_delivered checks that the two match.
-                self._on_ack(_claimed, msg_id)
-                continue
-            before = self.stats["received_mailbox"]
-            verdict, sender = self._accept(None, msg_id, envelope, via="mailbox")
-            new += self.stats["received_mailbox"] - before
-            if verdict == ACK and sender is not None:
-                acks.setdefault(sender, []).append(msg_id)
+        before = self.stats["received_mailbox"]
+        events: list[Event] = []
+        with self._committed():  # the whole fetch in one transaction
+            now = time.time()
+            for _, sealed in entries:
+                try:
+                    plain = self._unseal.decrypt(sealed)
+                except nacl.exceptions.CryptoError:
+                    log.info("ignored a mailbox entry that does not open")
+                    continue
+                events += self.core.mailbox_entry_opened(plain, now)
+        self._dispatch(events)
+        new = self.stats["received_mailbox"] - before
         await self.dht.mailbox_delete(self.identity, [entry_id for entry_id, _ in entries])
+        acks: dict[bytes, list[bytes]] = {}
+        for event in events:
+            if isinstance(event, AckOwed):
+                acks.setdefault(event.sender_key, []).append(event.msg_id)
         for sender, ids in acks.items():
             self._spawn(self._send_acks, sender, ids)
         if new:
@@ -882,10 +633,7 @@ class Delivery:
                 pass
         box = nacl.public.SealedBox(_curve_public(peer_key))
         for msg_id in ids:
-            plain = wire.encode_mailbox_plaintext(
-                wire.MAILBOX_ACK, self.identity.public_key, msg_id, b""
-            )
-            await self.dht.mailbox_put(peer_key, box.encrypt(plain))
+            await self.dht.mailbox_put(peer_key, box.encrypt(self.core.ack_plaintext(msg_id)))
 
     # ------------------------------------------------------------------ views
 
@@ -970,8 +718,9 @@ class Delivery:
         }
 
 
-def _with_envelope(message: Message, envelope: bytes) -> Message:
-    return dataclasses.replace(message, envelope=envelope)
+def _bundle(record: HandleRecord | None) -> bytes | None:
+    """The prekey bundle a record carries, for a first message."""
+    return record.extension if record is not None and record.extension else None
 
 
 def _who(key: bytes | None) -> str:

@@ -1,0 +1,13 @@
+"""Delivery: moving encrypted messages between daemons.
+
+- :mod:`p2pd.delivery.core`: the decisions, sans I/O (``now`` in; frames, ledger writes
+  and past-tense events out).
+- :mod:`p2pd.delivery.ledger`: the core's view of SQLite (messages, contacts, sessions).
+- :mod:`p2pd.delivery.service`: the trio service (QUIC streams, the DHT mailbox, the
+  workers, the control API's views).
+"""
+
+from .core import DeliveryCore
+from .service import Delivery, EventBus
+
+__all__ = ["Delivery", "DeliveryCore", "EventBus"]

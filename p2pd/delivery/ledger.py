@@ -1,0 +1,98 @@
+"""The :class:`~p2pd.delivery.core.Ledger` on SQLite: messages, contacts and sessions on
+the daemon's one connection, so that one transaction holds a ratchet step together with
+the message it encrypted or decrypted. Nothing here commits except :meth:`commit` (and
+what MessageStore, Contacts and SessionManager commit on their own: a session reset)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from .. import wire
+from ..messaging import Contacts, Message, MessageStore
+from ..session import SessionManager
+
+
+class SqliteLedger:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        messages: MessageStore,
+        contacts: Contacts,
+        sessions: SessionManager,
+    ) -> None:
+        self.conn = conn
+        self.messages = messages
+        self.contacts = contacts
+        self.sessions = sessions
+
+    def commit(self) -> None:
+        """End the open transaction, if any (the service, after each core entry point)."""
+        if self.conn.in_transaction:
+            self.conn.commit()
+
+    def message(self, msg_id: bytes) -> Message | None:
+        return self.messages.get(msg_id)
+
+    def open_envelope(
+        self,
+        transport_key: bytes | None,
+        envelope: bytes,
+        decode: Callable[[bytes], wire.MessagePayload],
+        now: float,
+    ) -> tuple[bytes, wire.MessagePayload]:
+        # A savepoint: a message refused after decryption undoes its ratchet step and
+        # nothing else of the transaction (acks and messages of the same read). Inside a
+        # transaction always: releasing an outermost savepoint would commit the ratchet
+        # step before the message is stored, and a crash between would lose the message.
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN")
+        self.conn.execute("SAVEPOINT p2pd_accept")
+        try:
+            decrypted = self.sessions.decrypt(
+                envelope, now=now, sender_key=transport_key, commit=False
+            )
+            payload = decode(decrypted.plaintext)
+        except BaseException:
+            self.conn.execute("ROLLBACK TO p2pd_accept")
+            self.conn.execute("RELEASE p2pd_accept")
+            raise
+        self.conn.execute("RELEASE p2pd_accept")
+        return decrypted.peer_key, payload
+
+    def trusted_handle(self, peer_key: bytes) -> str | None:
+        contact = self.contacts.by_key(peer_key)
+        return None if contact is None else contact.handle
+
+    def store_incoming(
+        self, sender_key: bytes, handle: str, payload: wire.MessagePayload, now: float, via: str
+    ) -> Message | None:
+        return self.messages.record_incoming(
+            payload.msg_id, handle, sender_key, payload.seq, payload.text, payload.sent_at_ms,
+            now, via=via, commit=False,
+        )  # fmt: skip
+
+    def mark_delivered(self, msg_id: bytes, peer_key: bytes, now: float) -> bool:
+        return self.messages.mark_delivered(msg_id, peer_key, now, commit=False)
+
+    def has_pending(self, peer_key: bytes) -> bool:
+        return self.messages.has_pending(peer_key)
+
+    def retry_now(self, peer_key: bytes) -> None:
+        self.messages.retry_now(peer_key)
+
+    def reset_session(self, peer_key: bytes, now: float) -> None:
+        self.sessions.reset_session(peer_key, now=now)
+        self.messages.clear_envelopes(peer_key)
+
+    def encrypt(self, peer_key: bytes, plaintext: bytes, bundle: bytes | None, now: float) -> bytes:
+        return self.sessions.encrypt(peer_key, plaintext, now=now, peer_bundle=bundle, commit=False)
+
+    def set_envelope(self, msg_id: bytes, envelope: bytes) -> None:
+        self.messages.set_envelope(msg_id, envelope, commit=False)
+
+    def mark_attempt(self, msg_id: bytes, now: float, via: str | None) -> None:
+        self.messages.mark_attempt(msg_id, now, via=via, commit=False)
+
+    def mark_sent(self, messages: list[Message], now: float, via: str) -> None:
+        self.messages.mark_sent(messages, now, via=via, commit=False)
