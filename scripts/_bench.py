@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+
+import trio
 
 
 def progress_printer(name: str) -> Callable[[str], None]:
@@ -36,3 +38,23 @@ class Every10Percent:
         if done * 10 >= self.next_tenth * self.total:
             self.next_tenth = done * 10 // self.total + 1
             self.report(done)
+
+
+async def trio_pool(
+    count: int, width: int, job: Callable[[int], Awaitable[None]], stop_at: float | None = None
+) -> int:
+    """Run ``job(0..count-1)``, ``width`` at a time; no new job starts after ``stop_at``
+    (trio clock). Returns how many were started."""
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < count and (stop_at is None or trio.current_time() < stop_at):
+            index = next_index
+            next_index += 1
+            await job(index)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(width, count)):
+            nursery.start_soon(worker)
+    return next_index

@@ -46,7 +46,7 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trio
 import trio.testing
-from _bench import percentile, progress_printer
+from _bench import Every10Percent, percentile, progress_printer, trio_pool
 
 from p2pd import wire
 from p2pd.config import DHTConfig
@@ -136,22 +136,6 @@ class Sim:
         started = trio.current_time()
         self.records[node.index] = await self.swarm.publish(node.index, lifetime=RECORD_LIFETIME)
         return trio.current_time() - started
-
-
-async def pool(count: int, width: int, job: Callable[[int], Awaitable[None]]) -> None:
-    """Run ``job(0..count-1)``, ``width`` at a time."""
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < count:
-            index = next_index
-            next_index += 1
-            await job(index)
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(min(width, count)):
-            nursery.start_soon(worker)
 
 
 # ---------------------------------------------------------------------- stock baseline
@@ -268,7 +252,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # -- 1. join
         started = time.perf_counter()
-        tick = progress_every(args.n, "join")
+        tick = Every10Percent(args.n, lambda d: progress(f"join {d}/{args.n}"))
         for i in range(args.n):
             await sim.add()
             tick(i + 1)
@@ -277,13 +261,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # -- 2. publish
         started = time.perf_counter()
         publish_times: list[float] = []
-        tick = progress_every(args.n, "publish")
+        tick = Every10Percent(args.n, lambda d: progress(f"publish {d}/{args.n}"))
 
         async def publish(i: int) -> None:
             publish_times.append(await sim.publish(sim.nodes[i]))
             tick(len(publish_times))
 
-        await pool(args.n, args.width, publish)
+        await trio_pool(args.n, args.width, publish)
         out["wall_s"]["publish"] = time.perf_counter() - started
         publish_times.sort()
         out["publish_p50_ms"] = percentile(publish_times, 50) * 1000
@@ -306,7 +290,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         churned = 0
         busy: set[int] = set()
-        tick = progress_every(args.lookups, "lookups")
+        tick = Every10Percent(args.lookups, lambda d: progress(f"lookups {d}/{args.lookups}"))
 
         churn_lock = trio.Lock()
 
@@ -359,7 +343,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             tick(len(figures.latencies))
 
         virtual = trio.current_time()
-        await pool(args.lookups, args.concurrency, lookup)
+        await trio_pool(args.lookups, args.concurrency, lookup)
         await churn_to(args.lookups)
         out["wall_s"]["lookups"] = time.perf_counter() - started
         out["lookup_virtual_s"] = trio.current_time() - virtual
@@ -379,7 +363,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if live[i].alive:
                 await sim.publish(live[i])
 
-        await pool(len(live), len(live), republish)
+        await trio_pool(len(live), len(live), republish)
         await trio.sleep_until(hour_end)
         after = sum(n.dht.core.stats["bytes_out"] for n in live if n.alive)
         out["maintenance_bytes_per_node_s"] = (after - before) / len(live) / 3600
@@ -396,7 +380,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await sender.dht.mailbox_put(owner.identity.public_key, rng.randbytes(800))
             )
 
-        await pool(args.mailbox_puts, args.width, put)
+        await trio_pool(args.mailbox_puts, args.width, put)
         held = [n.dht.core.mailboxes.count() if n.dht.core.mailboxes else 0 for n in sim.live()]
         out["mailbox"] = {
             "puts": args.mailbox_puts,
@@ -409,16 +393,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         nursery.cancel_scope.cancel()
     out["wall_s"]["total"] = time.perf_counter() - wall0
     return out
-
-
-def progress_every(total: int, what: str) -> Callable[[int], None]:
-    step = max(total // 10, 1)
-
-    def tick(done: int) -> None:
-        if done % step == 0 or done == total:
-            progress(f"{what} {done}/{total}")
-
-    return tick
 
 
 def parse_config(items: list[str]) -> DHTConfig:

@@ -418,6 +418,22 @@ class DHTCore:
         """Send several requests; ``on_done`` gets every result, in order, once all ended."""
         _Gather(self, calls, on_done).start(now)
 
+    def _put_at(
+        self,
+        nodes: list[Node],
+        method: str,
+        key: bytes,
+        value: bytes,
+        local: int,
+        on_done: Callable[[int], None],
+    ) -> None:
+        """Send ``method(key, value)`` to each node; report ``local`` + the acceptances."""
+        self.gather(
+            [(n, method, [key, value]) for n in nodes],
+            self.now,
+            lambda replies: on_done(local + sum(1 for r in replies if r is True)),
+        )
+
     def start_store(
         self, key: bytes, value: bytes, now: float, on_done: Callable[[int], None]
     ) -> None:
@@ -427,11 +443,7 @@ class DHTCore:
             local = 0
             if self.among_closest(key, result.closest):
                 local = int(self.storage.offer(key, value) in (Verdict.ACCEPT, Verdict.SAME))
-            self.gather(
-                [(n, "store", [key, value]) for n in result.closest],
-                self.now,
-                lambda replies: on_done(local + sum(1 for r in replies if r is True)),
-            )
+            self._put_at(result.closest, "store", key, value, local, on_done)
 
         self.start_lookup(key, now, found)
 
@@ -513,11 +525,7 @@ class DHTCore:
 
         def found(key: bytes, nodes: list[Node], local: bool) -> None:
             stored = int(local and self.mailboxes is not None and self.mailboxes.put(key, entry))
-            self.gather(
-                [(n, "mailbox_put", [key, entry]) for n in nodes],
-                self.now,
-                lambda replies: on_done(stored + sum(1 for r in replies if r is True)),
-            )
+            self._put_at(nodes, "mailbox_put", key, entry, stored, on_done)
 
         self._mailbox_nodes(owner, now, found)
 
