@@ -29,6 +29,10 @@ Two layers, as everywhere in p2pd:
   ``trio.to_thread.run_sync``, and its browser callback only forwards ``(name, change)``
   into a memory channel with ``trio.from_thread.run_sync``. Every decision is taken in
   the trio task that reads that channel.
+
+zeroconf itself (about 3 MB of a daemon's memory) is imported by :meth:`LanDiscovery.run`
+and :func:`zeroconf_interfaces`, not with this module: a daemon with ``--lan off`` never
+loads it.
 """
 
 from __future__ import annotations
@@ -48,18 +52,20 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import ifaddr
 import trio
-from zeroconf import (
-    InterfaceChoice,
-    IPVersion,
-    ServiceBrowser,
-    ServiceInfo,
-    ServiceStateChange,
-    Zeroconf,
-)
+
+if TYPE_CHECKING:
+    from zeroconf import (
+        InterfaceChoice,
+        IPVersion,
+        ServiceBrowser,
+        ServiceInfo,
+        ServiceStateChange,
+        Zeroconf,
+    )
 
 from .config import LanConfig
 from .errors import InvalidAddress, WireError
@@ -626,6 +632,8 @@ def zeroconf_interfaces(
     (IPv4 only for 0.0.0.0; both for ::). Otherwise the interfaces of the listen addresses;
     ``None`` lets zeroconf pick the IP version from that list.
     """
+    from zeroconf import InterfaceChoice, IPVersion
+
     if configured:
         return list(configured), None
     hosts = [a.host for a in listen]
@@ -808,6 +816,8 @@ class LanDiscovery:
         if self._config.mode == "off":
             task_status.started()
             await trio.sleep_forever()
+        from zeroconf import ServiceBrowser, ServiceStateChange
+
         send, receive = trio.open_memory_channel[tuple[str, _Event]](self._config.max_pending)
         token = trio.lowlevel.current_trio_token()
 
@@ -860,6 +870,8 @@ class LanDiscovery:
     # ------------------------------------------------------------------ announcing
 
     def _new_info(self, name: str, server: str) -> ServiceInfo:
+        from zeroconf import ServiceInfo
+
         hosts = announced_hosts(self._listen, self._config.interfaces, local_ips())
         if not hosts:
             raise LanAnnouncementError("no address to announce")
@@ -1101,6 +1113,8 @@ class LanDiscovery:
 def _open_zeroconf(
     interfaces: list[str] | InterfaceChoice, ip_version: IPVersion | None
 ) -> Zeroconf:
+    from zeroconf import Zeroconf
+
     kwargs: dict[str, Any] = {"interfaces": interfaces, "ip_version": ip_version}
     # zeroconf >= 0.154 lets us say so; older ones start their own thread anyway because
     # no asyncio loop runs in this worker thread.
