@@ -378,11 +378,16 @@ async def load_media() -> None:
     The first import takes a few hundred milliseconds of CPU (PyAV's and numpy's shared
     libraries); in the trio thread that would stall every other task of the daemon (DHT
     answers, QUIC timers, other peers' messages) for as long. A thread is not cancellable,
-    but the import ends by itself: it reads local files only.
+    but the import ends by itself: it reads local files only. A media stack that does not
+    load (a broken PyAV install: before, the daemon did not start) is a CallError.
     """
     if MEDIA_MODULE in sys.modules:
         return
-    await trio.to_thread.run_sync(importlib.import_module, MEDIA_MODULE)
+    try:
+        await trio.to_thread.run_sync(importlib.import_module, MEDIA_MODULE)
+    except ImportError as exc:
+        log.error("the media stack does not load: %r", exc)
+        raise CallError(f"calls need PyAV and numpy, which do not load here: {exc}") from exc
 
 
 def _check_media(

@@ -119,3 +119,15 @@ def test_the_daemon_loads_no_media_stack_until_a_call() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == ["p2pd.daemon"]
+
+
+async def test_a_media_stack_that_does_not_load_fails_the_call_not_the_daemon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import trio
+
+    from p2pd import calls
+
+    monkeypatch.setattr(calls, "MEDIA_MODULE", "p2pd_no_such_media_stack")
+    with trio.fail_after(10), pytest.raises(calls.CallError, match="PyAV and numpy"):
+        await calls.load_media()
