@@ -14,14 +14,20 @@ Caller                                 Callee
 A call that is not answered within ``ring_timeout`` (30 s) ends as ``no-answer`` and
 the caller sends a hangup. States: ``calling``, ``ringing`` (incoming, not answered),
 ``active``, then one of ``ended``, ``rejected``, ``busy``, ``no-answer``, ``failed``.
+
+The media stack (p2pd.media: PyAV, numpy, about 40 MB of a 100 MB daemon) is imported
+when this daemon places or answers its first call, not when it starts: most daemons
+never call. A ringing call or a stray media datagram does not load it either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +37,11 @@ import trio
 
 from .errors import ConnectionLost, KeyChanged, LocalError, NotFound, P2PDError, UsageError
 from .identity import HandleRef, fingerprint
-from .media.call import CallMedia, check_media_args
 from .transport.quic import QuicPeer
 
 if TYPE_CHECKING:
     from .delivery import Delivery, EventBus
+    from .media.call import CallMedia
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +213,7 @@ class CallManager:
         ref = HandleRef.parse(target)
         if self.current is not None and self.current.state not in ENDED:
             raise CallError("a call is already in progress: `p2pd hangup` first")
+        await load_media()
         _check_media(audio_in, video_in, record, duration)
         contact = self.delivery.contacts.get(ref.handle)
         with trio.fail_after(15):
@@ -248,6 +255,7 @@ class CallManager:
         duration: float | None,
     ) -> Call:
         """Answer the ringing call, or wait up to ``wait`` seconds for one."""
+        await load_media()
         _check_media(audio_in, video_in, record, duration)
         with trio.move_on_after(wait):
             while self.current is None or self.current.state != "ringing":
@@ -297,6 +305,8 @@ class CallManager:
         record: str | None,
         duration: float | None,
     ) -> None:
+        from .media.call import CallMedia  # loaded by load_media() before the call began
+
         assert call.peer is not None
         call.media = CallMedia(
             call.peer,
@@ -358,10 +368,34 @@ class CallManager:
             self._nursery.start_soon(func, *args)
 
 
+#: The module whose import brings in the whole media stack (PyAV, numpy, the codecs).
+MEDIA_MODULE = "p2pd.media.call"
+
+
+async def load_media() -> None:
+    """Import the media stack, once, in a worker thread.
+
+    The first import takes a few hundred milliseconds of CPU (PyAV's and numpy's shared
+    libraries); in the trio thread that would stall every other task of the daemon (DHT
+    answers, QUIC timers, other peers' messages) for as long. A thread is not cancellable,
+    but the import ends by itself: it reads local files only. A media stack that does not
+    load (a broken PyAV install: before, the daemon did not start) is a CallError.
+    """
+    if MEDIA_MODULE in sys.modules:
+        return
+    try:
+        await trio.to_thread.run_sync(importlib.import_module, MEDIA_MODULE)
+    except ImportError as exc:
+        log.error("the media stack does not load: %r", exc)
+        raise CallError(f"calls need PyAV and numpy, which do not load here: {exc}") from exc
+
+
 def _check_media(
     audio_in: str | None, video_in: str | None, record: str | None, duration: float | None
 ) -> None:
     """Refuse bad media arguments before ringing anyone (CallMedia checks them again)."""
+    from .media.call import check_media_args  # loaded by load_media()
+
     if record is not None and not Path(record).is_absolute():
         raise UsageError("the recording path must be absolute (the CLI makes it so)")
     if duration is not None and not 0 < duration <= 24 * 3600:

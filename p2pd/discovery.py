@@ -11,28 +11,35 @@ calls are made through ``trio.to_thread.run_sync``, and its browser callback onl
 forwards ``(name, change)`` into a memory channel with ``trio.from_thread.run_sync``.
 Every decision is taken in the trio task that reads that channel. What fails
 verification is dropped with a log line (logger ``p2pd.discovery``, rate-limited).
+
+zeroconf itself (about 3 MB of a daemon's memory) is imported by :meth:`LanDiscovery.run`
+and :func:`zeroconf_interfaces`, not with this module: a daemon with ``--lan off`` never
+loads it.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import functools
 import inspect
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
-from zeroconf import (
-    InterfaceChoice,
-    IPVersion,
-    ServiceBrowser,
-    ServiceInfo,
-    ServiceStateChange,
-    Zeroconf,
-)
+
+if TYPE_CHECKING:
+    from zeroconf import (
+        InterfaceChoice,
+        IPVersion,
+        ServiceBrowser,
+        ServiceInfo,
+        ServiceStateChange,
+        Zeroconf,
+    )
 
 from .config import LanConfig
 from .errors import InvalidAddress, WireError
@@ -109,6 +116,8 @@ def zeroconf_interfaces(
     (IPv4 only for 0.0.0.0; both for ::). Otherwise the interfaces of the listen addresses;
     ``None`` lets zeroconf pick the IP version from that list.
     """
+    from zeroconf import InterfaceChoice, IPVersion
+
     if configured:
         return list(configured), None
     hosts = [a.host for a in listen]
@@ -216,6 +225,8 @@ class LanDiscovery:
         if self._config.mode == "off":
             task_status.started()
             await trio.sleep_forever()
+        from zeroconf import ServiceBrowser, ServiceStateChange
+
         send, receive = trio.open_memory_channel[tuple[str, _Event]](self._config.max_pending)
         token = trio.lowlevel.current_trio_token()
 
@@ -268,6 +279,8 @@ class LanDiscovery:
     # ------------------------------------------------------------------ announcing
 
     def _new_info(self, name: str, server: str) -> ServiceInfo:
+        from zeroconf import ServiceInfo
+
         hosts = announced_hosts(self._listen, self._config.interfaces, local_ips())
         if not hosts:
             raise LanAnnouncementError("no address to announce")
@@ -297,9 +310,11 @@ class LanDiscovery:
         return f"p2pd-{label}.{SERVICE_TYPE}", f"p2pd-{label}.local."
 
     async def _announce_loop(self, zc: Zeroconf) -> None:
-        # zeroconf's register/update/unregister calls block for their probes and repeated
-        # broadcasts (about 2 s, 0.5 s, 0.25 s). They are not abandoned on cancellation:
-        # an abandoned one would still be running in zeroconf's loop when we close it.
+        # zeroconf's register/update/unregister take as long as their probes and repeated
+        # broadcasts (about 1.7 s, 0.45 s, 0.25 s). They run in zeroconf's loop through
+        # _in_zeroconf, which cancels them there when we are cancelled: a daemon stopped
+        # while it still probes does not wait for the probes, and what they leave
+        # registered is withdrawn by _close (zeroconf's close says goodbye for it).
         day: int | None = None
         while True:
             today = epoch_day(time.time())
@@ -313,14 +328,14 @@ class LanDiscovery:
                     name, server = self._random_names()
                     info = self._new_info(name, server)
                     self._own_names.append(name)
-                    await trio.to_thread.run_sync(zc.register_service, info)
+                    await _in_zeroconf(zc, functools.partial(zc.async_register_service, info))
                     self._info, day = info, today
                     log.info("mDNS: announcing %s on the LAN", name)
                     if old is not None:
-                        await trio.to_thread.run_sync(zc.unregister_service, old)
+                        await _in_zeroconf(zc, functools.partial(zc.async_unregister_service, old))
                 else:
                     info = self._new_info(self._info.name, self._info.server or "")
-                    await trio.to_thread.run_sync(zc.update_service, info)
+                    await _in_zeroconf(zc, functools.partial(zc.async_update_service, info))
                     self._info = info
                 self._announced.set()
             except Exception as exc:  # zeroconf's own errors: log, try again later
@@ -337,6 +352,8 @@ class LanDiscovery:
         except Exception as exc:
             log.warning("mDNS: could not withdraw the announcement: %r", exc)
         finally:
+            # Says goodbye for whatever is still registered too: an instance whose
+            # registration was cancelled after its probes, an old contacts-mode name.
             zc.close()
 
     # ------------------------------------------------------------------ browsing
@@ -503,12 +520,47 @@ class LanDiscovery:
 
 
 # --------------------------------------------------------------------------- zeroconf glue
+
+#: A register, update or unregister that takes longer fails (and is tried again at the
+#: next announcement); each takes about 2 s at most when zeroconf's loop is well.
+ZEROCONF_CALL_TIMEOUT: Final = 15.0
+
+
+async def _in_zeroconf(
+    zc: Zeroconf, call: Callable[[], Coroutine[Any, Any, Awaitable[object]]]
+) -> None:
+    """Make one of zeroconf's ``async_*_service`` calls in its loop and wait until its
+    broadcasts are sent; cancellable.
+
+    zeroconf's blocking ``register_service`` and friends do the same from a worker thread,
+    but cannot be cancelled: a daemon stopped during the probes of its registration
+    waited for them (up to 2 s) before it could even start to say goodbye. Cancelled
+    here, the call is cancelled in zeroconf's loop too, and before anything we do next
+    there (the goodbye, the close): the loop runs what it is handed in order.
+    """
+    import asyncio
+
+    async def call_and_broadcasts() -> None:  # runs in zeroconf's loop
+        broadcasts = await call()  # returns the task that sends the broadcasts
+        await broadcasts  # cancelling us cancels it
+
+    assert zc.loop is not None
+    future = asyncio.run_coroutine_threadsafe(call_and_broadcasts(), zc.loop)
+    try:
+        with trio.fail_after(ZEROCONF_CALL_TIMEOUT):
+            await trio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+    finally:
+        future.cancel()  # done: nothing; else it stops, and so does the abandoned thread
+
+
 # These run in trio worker threads.
 
 
 def _open_zeroconf(
     interfaces: list[str] | InterfaceChoice, ip_version: IPVersion | None
 ) -> Zeroconf:
+    from zeroconf import Zeroconf
+
     kwargs: dict[str, Any] = {"interfaces": interfaces, "ip_version": ip_version}
     # zeroconf >= 0.154 lets us say so; older ones start their own thread anyway because
     # no asyncio loop runs in this worker thread.

@@ -3,9 +3,13 @@ and the control socket, as a user would."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import shutil
+import signal
 import socket
+import sqlite3
 import stat
 import time
 from collections.abc import Iterator
@@ -16,6 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from p2pd.control_client import MAX_LINE, ControlClient
+from p2pd.store import db_path
 from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir
 
 pytestmark = pytest.mark.slow
@@ -255,3 +260,48 @@ def test_one_daemon_per_home_and_no_secrets_in_output(
     secret = json.loads((root / "bob" / "identity.json").read_text())["secret"]
     outputs = [network["bob"].log, run_cli(root / "bob", "status", "--json").stdout]
     assert all(secret not in out and secret.upper() not in out for out in outputs)
+
+
+def _package_dirs(*names: str) -> list[str]:
+    """Where these packages are installed, and their wheels' bundled libraries
+    (``<name>.libs``), found without importing them."""
+    dirs = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations, name
+        for location in spec.submodule_search_locations:
+            dirs += [location + "/", location + ".libs/"]
+    return dirs
+
+
+#: SIGTERM to exit, at most. Issue 9 asks for 1 s; without LAN it takes about 0.05 s
+#: here (cancel, save contacts, close), with LAN ~0.3 s more for the goodbye
+#: (tests/test_lan.py). 1.5 s is far from both on a busy 2-core machine, and would still
+#: fail the 1.8-2.2 s the daemon took when it waited for zeroconf and the interpreter's
+#: exit-time garbage collections.
+STOP_BOUND = 1.5
+
+
+def test_an_idle_daemon_has_no_media_stack_and_stops_at_once(
+    root: Path, network: dict[str, DaemonProcess]
+) -> None:
+    home = root / "erin"
+    assert run_cli(home, "init", "erin", "--no-passphrase").returncode == 0
+    erin = DaemonProcess(home, bootstrap=[network["alice"].listen]).wait_ready()
+    try:
+        assert cli_json(home, "status")["routing_table_size"] > 0
+        # PyAV and numpy come with the first call (p2pd/calls.py), zeroconf with LAN
+        # discovery (here --lan off): none of their shared libraries is mapped.
+        mapped = Path(f"/proc/{erin.proc.pid}/maps").read_text()
+        for directory in _package_dirs("av", "numpy", "zeroconf"):
+            assert directory not in mapped
+        t0 = time.monotonic()
+        erin.proc.send_signal(signal.SIGTERM)
+        assert erin.proc.wait(15) == 0
+        assert time.monotonic() - t0 < STOP_BOUND, erin.log
+    finally:
+        erin.stop()
+    assert "stopped" in erin.log
+    assert not (home / "control.sock").exists()
+    with contextlib.closing(sqlite3.connect(db_path(home))) as db:
+        assert db.execute("SELECT count(*) FROM dht_contacts").fetchone()[0] > 0

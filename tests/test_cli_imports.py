@@ -103,3 +103,31 @@ def test_every_command_is_where_the_group_says() -> None:
         command = cli.get_command(ctx, name)
         assert command is not None and command.name == name
     assert cli.get_command(ctx, "sned") is None
+
+
+def test_the_daemon_loads_no_media_stack_until_a_call() -> None:
+    """An idle daemon does without PyAV and numpy (about 40 MB of its memory): p2pd.calls
+    imports the media stack when a call is placed or answered (issue 9). zeroconf waits
+    for LAN discovery to start: a daemon with ``--lan off`` never loads it."""
+    probe = (
+        "import json, sys; import p2pd.daemon; "
+        "print(json.dumps(sorted(m for m in sys.argv[1:] if m in sys.modules)))"
+    )
+    watched = ["av", "numpy", "p2pd.media", "zeroconf", "p2pd.daemon"]
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, *watched], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == ["p2pd.daemon"]
+
+
+async def test_a_media_stack_that_does_not_load_fails_the_call_not_the_daemon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import trio
+
+    from p2pd import calls
+
+    monkeypatch.setattr(calls, "MEDIA_MODULE", "p2pd_no_such_media_stack")
+    with trio.fail_after(10), pytest.raises(calls.CallError, match="PyAV and numpy"):
+        await calls.load_media()

@@ -5,9 +5,11 @@ The pure core is tested in tests/test_lan_announcement.py."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -174,3 +176,81 @@ async def test_no_multicast_interface_leaves_the_node_running(
             assert service.statistics()["disabled"] == 1
             nursery.cancel_scope.cancel()
     assert "LAN discovery is off" in caplog.text
+
+
+class _LoopInAThread:
+    """What :func:`discovery._in_zeroconf` uses of a Zeroconf: ``loop``, an asyncio loop
+    running in a thread of its own, as zeroconf's does (no socket is opened)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+class _SlowRegistration:
+    """Stands in for ``Zeroconf.async_register_service``: probes (sleeps), then returns
+    the task that broadcasts (sleeps again). Records the phases reached and cancelled."""
+
+    def __init__(self, probing: float, broadcasting: float) -> None:
+        self.seconds = {"probing": probing, "broadcasting": broadcasting}
+        self.reached = {phase: threading.Event() for phase in self.seconds}
+        self.cancelled: list[str] = []
+        self.done = False
+
+    async def _phase(self, phase: str) -> None:
+        self.reached[phase].set()
+        try:
+            await asyncio.sleep(self.seconds[phase])
+        except asyncio.CancelledError:
+            self.cancelled.append(phase)
+            raise
+
+    async def _broadcasts(self) -> None:
+        await self._phase("broadcasting")
+        self.done = True
+
+    async def __call__(self) -> asyncio.Future[None]:
+        await self._phase("probing")
+        return asyncio.ensure_future(self._broadcasts())
+
+
+async def test_a_zeroconf_call_waits_for_its_broadcasts() -> None:
+    zc = _LoopInAThread()
+    try:
+        call = _SlowRegistration(probing=0.05, broadcasting=0.05)
+        with trio.fail_after(10):
+            await discovery._in_zeroconf(cast(Any, zc), call)
+        assert call.done and call.cancelled == []
+    finally:
+        zc.close()
+
+
+@pytest.mark.parametrize("phase", ["probing", "broadcasting"])
+async def test_a_cancelled_zeroconf_call_stops_in_zeroconfs_loop_at_once(phase: str) -> None:
+    """A daemon stopped while it still registers does not wait for zeroconf's probes or
+    announcements (which took up to 2 s): cancelled, the call is cancelled in zeroconf's
+    loop, in whichever phase it is."""
+    zc = _LoopInAThread()
+    try:
+        call = _SlowRegistration(
+            probing=30.0 if phase == "probing" else 0.0,
+            broadcasting=30.0,
+        )
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(discovery._in_zeroconf, cast(Any, zc), call)
+                assert await trio.to_thread.run_sync(call.reached[phase].wait, 5)
+                cancelled_at = trio.current_time()
+                nursery.cancel_scope.cancel()
+            assert trio.current_time() - cancelled_at < 1.0
+            while not call.cancelled:  # the cancellation is on its way to zeroconf's loop
+                await trio.sleep(0.01)
+        assert call.cancelled == [phase] and not call.done
+    finally:
+        zc.close()

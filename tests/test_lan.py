@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,13 +97,38 @@ def test_three_hosts_find_each_other_resolve_and_message(lan3: Lan) -> None:
         assert got["text"] == f"hi from {sender}" and got["via"] == "direct"
 
 
+def stop_timed(daemon: DaemonProcess) -> float:
+    """SIGTERM ``daemon``; seconds until it exited (cleanly: exit status 0)."""
+    t0 = time.monotonic()
+    assert daemon.stop() == 0, daemon.log
+    return time.monotonic() - t0
+
+
+#: SIGTERM to exit, at most. Issue 9 asks for 1 s; here it takes ~0.3 s with LAN on (the
+#: goodbye is three packets 125 ms apart) and ~0.05 s while the daemon still probes. 1.5
+#: s leaves room for a busy 2-core machine, and is still under the 1.8-2.2 s it took
+#: when the daemon waited for zeroconf's probes (test_cli_e2e.py has the LAN-off bound).
+STOP_BOUND = 1.5
+
+
 def test_a_host_that_stops_disappears(lan3: Lan) -> None:
     for handle in ("alice", "bob", "carol"):
         lan3.start(handle)
     assert wait_until(lambda: lan3.lan_handles("alice") == {"bob", "carol"}, timeout=5)
-    lan3.daemons["carol"].stop()  # a clean stop says goodbye
+    carol = lan3.daemons["carol"]
+    assert stop_timed(carol) < STOP_BOUND  # a clean stop says goodbye, and at once
+    assert not (carol.home / "control.sock").exists()
     assert wait_until(lambda: lan3.lan_handles("alice") == {"bob"}, timeout=10)
     assert lan3.lan_handles("bob") == {"alice"}
+
+
+def test_a_daemon_stopped_while_it_probes_exits_at_once(lan3: Lan) -> None:
+    """Its mDNS registration (probes, then announcements: ~1.7 s) is cancelled rather
+    than waited for; nothing was announced, so there is nothing to say goodbye to."""
+    alice = lan3.start("alice")  # ready: joined and published; mDNS still probes
+    assert stop_timed(alice) < STOP_BOUND
+    assert "mDNS: announcing" not in alice.log, "the daemon got past its probes: retry"
+    assert "stopped" in alice.log and not (alice.home / "control.sock").exists()
 
 
 def test_contacts_mode_hides_the_handle_from_strangers(lan3: Lan) -> None:

@@ -152,6 +152,7 @@ def daemon(
     stderr; a line starting with "ready:" says it is listening and registered.
     """
     import dataclasses
+    import gc
     import logging
 
     import trio
@@ -191,6 +192,12 @@ def daemon(
         )
     identity = load_identity(home, passphrase)
     trio.run(run_daemon, config, identity)
+    # Stopped cleanly: contacts saved, sockets closed, goodbye said. What is left is the
+    # interpreter's exit, whose garbage collections walk every object the imports made:
+    # 0.1-0.4 s on a busy 2-core machine, most of what SIGTERM took without LAN. Objects
+    # frozen now are left out of them (the exit then takes ~30 ms); the OS takes back the
+    # memory all the same, and every file and socket of the daemon is closed already.
+    gc.freeze()
 
 
 @click.command()
