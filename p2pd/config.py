@@ -55,7 +55,7 @@ class DHTConfig:
 
 @dataclass(frozen=True, slots=True)
 class QuicConfig:
-    """The QUIC transport (p2pd/transport/quic.py, docs/PROTOCOL.md "QUIC"). Times in
+    """The QUIC transport (p2pd/transport/quic/, docs/PROTOCOL.md "QUIC"). Times in
     seconds, sizes in bytes."""
 
     #: Our max_idle_timeout transport parameter (RFC 9000 section 10.1): a connection that

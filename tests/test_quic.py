@@ -682,3 +682,36 @@ async def test_udp_reads_bursts_and_flushes_once_per_burst() -> None:
 
 # The echo handler has the signature QuicEndpoint expects.
 _echo: Callable[[QuicPeer, QuicStream], Awaitable[None]] = echo
+
+
+# ---- the aioquic boundary
+
+
+def test_only_the_aioquic_module_imports_aioquic() -> None:
+    """Every reach into aioquic goes through p2pd/transport/quic/_aioquic.py, so moving
+    the pin means reviewing one file (docs/ARCHITECTURE.md, "QUIC transport")."""
+    import ast
+    from pathlib import Path
+
+    import p2pd
+
+    root = Path(p2pd.__file__).parent
+    importers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            if any(name == "aioquic" or name.startswith("aioquic.") for name in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"transport/quic/_aioquic.py"}
+
+
+def test_another_aioquic_version_is_refused_at_import() -> None:
+    from p2pd.transport.quic._aioquic import PINNED_VERSION, check_version
+
+    check_version(PINNED_VERSION)
+    with pytest.raises(ImportError, match=rf"needs aioquic {PINNED_VERSION}, found 1\.8\.0"):
+        check_version("1.8.0")

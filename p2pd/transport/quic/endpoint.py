@@ -1,0 +1,395 @@
+"""All QUIC connections of a node on its one UDP socket: :class:`QuicEndpoint`.
+
+The endpoint routes datagrams to connections by Destination Connection ID, makes server
+connections for new Initials, answers unknown versions, runs the stream handlers, and
+holds the map of connections for reuse. It is the :class:`~.peer.PeerHost` of its
+peers: they reach it only through that interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from ...config import QuicConfig
+from ...errors import LocalError, UsageError
+from ...identity import Identity
+from ...wire import Address
+from ..tls import make_certificate
+from ..udp import UdpEndpoint
+from ._aioquic import (
+    SMALLEST_MAX_DATAGRAM_SIZE,
+    Buffer,
+    Connection,
+    QuicConfiguration,
+    QuicHeader,
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from .codes import ALPN, CID_LENGTH, SUPPORTED_VERSIONS, AppError
+from .peer import NetworkAddress, QuicPeer
+from .stream import QuicStream
+
+log = logging.getLogger("p2pd.transport.quic")
+
+#: RFC 9000 section 7.2: a client's first Destination Connection ID is at least 8 bytes.
+MIN_INITIAL_DCID = 8
+
+StreamHandler = Callable[[QuicPeer, QuicStream], Awaitable[None]]
+DatagramHandler = Callable[[QuicPeer, bytes], None]
+PeerHandler = Callable[[QuicPeer], None]
+
+
+class QuicEndpoint:
+    """All QUIC connections of a node, on its one UDP socket.
+
+    Run :meth:`serve` in a nursery (``await nursery.start(quic.serve)``) and pass
+    :meth:`datagram_received` as ``on_quic`` to ``UdpEndpoint.serve``; or use
+    :func:`open_quic_endpoint`.
+
+    - ``on_stream(peer, stream)`` runs as a task in the endpoint's nursery for each stream
+      a peer opens. If it raises, the error is logged and that stream reset; when it
+      returns, the stream is closed. Without it, incoming streams are refused.
+    - ``on_datagram(peer, data)`` is called, synchronously and so without blocking, for
+      each DATAGRAM frame.
+    - ``on_connection(peer)`` is called when an incoming connection has completed its
+      handshake (``peer.public_key`` is the client's proven key; ``peer.close()`` refuses).
+    - ``on_closed(peer)`` is called when any connection is gone (``peer.error`` says why).
+    """
+
+    def __init__(
+        self,
+        udp: UdpEndpoint,
+        identity: Identity,
+        config: QuicConfig | None = None,
+        *,
+        on_stream: StreamHandler | None = None,
+        on_datagram: DatagramHandler | None = None,
+        on_connection: PeerHandler | None = None,
+        on_closed: PeerHandler | None = None,
+    ) -> None:
+        self.udp = udp
+        self.config = config or QuicConfig()
+        if self.config.max_datagram_size < SMALLEST_MAX_DATAGRAM_SIZE:
+            raise UsageError(
+                f"QUIC max_datagram_size must be at least {SMALLEST_MAX_DATAGRAM_SIZE}"
+            )
+        self.public_key = identity.public_key
+        self.stats: Counter[str] = Counter()
+        self._on_stream = on_stream
+        self._on_datagram = on_datagram
+        self._on_connection = on_connection
+        self._on_closed = on_closed
+        certificate, private_key = make_certificate(identity)
+        self._client_config = self._configuration(True, certificate, private_key)
+        self._server_config = self._configuration(False, certificate, private_key)
+        self._nursery: trio.Nursery | None = None
+        self._by_cid: dict[bytes, QuicPeer] = {}
+        self._peers: dict[tuple[bytes, NetworkAddress], QuicPeer] = {}
+        self._all: set[QuicPeer] = set()
+        #: Connections that received datagrams since the last flush, in arrival order.
+        self._dirty: list[QuicPeer] = []
+        self._v6 = udp.local_address.version == 6
+
+    def _configuration(self, is_client: bool, certificate: Any, key: Any) -> QuicConfiguration:
+        c = self.config
+        return QuicConfiguration(
+            alpn_protocols=[ALPN],
+            is_client=is_client,
+            connection_id_length=CID_LENGTH,
+            idle_timeout=c.idle_timeout,
+            max_data=c.connection_window,
+            max_stream_data=c.stream_window,
+            max_datagram_size=c.max_datagram_size,
+            max_datagram_frame_size=c.max_datagram_frame_size,
+            certificate=certificate,
+            private_key=key,
+            # No CA: chain validation is off, the identity key check is ours
+            # (policy.ConnectionPolicy.handshake_completed).
+            verify_mode=ssl.CERT_NONE,
+            supported_versions=list(SUPPORTED_VERSIONS),
+        )
+
+    # ---- lifecycle
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the endpoint until cancelled; then close every connection."""
+        if self._nursery is not None:
+            raise LocalError("this QUIC endpoint is already serving")
+        self.udp.add_flush_hook(self._flush)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self.udp.remove_flush_hook(self._flush)
+
+    # ---- the receive path (called by UdpEndpoint.serve for every QUIC datagram)
+
+    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+        """Feed one datagram to its connection. The connection steps (answers it) once
+        the UDP task's burst is over, in the flush hook that :meth:`serve` registers
+        with ``self.udp``: so pass this only to that ``UdpEndpoint``'s ``serve``."""
+        if len(data) > CID_LENGTH and data[0] & 0xC0 == 0x40:
+            # Fast path for the common case, a short header (RFC 9000 section 17.3): the
+            # Destination Connection ID follows the first byte, with the length we chose.
+            # aioquic parses the header again; no need to build a Buffer twice.
+            peer = self._by_cid.get(data[1 : 1 + CID_LENGTH])
+            if peer is None:
+                self._drop("unknown_connection")
+                return
+        else:
+            try:
+                header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+            except ValueError:  # aioquic's BufferReadError is a ValueError too
+                self._drop("malformed")
+                return
+            peer = self._by_cid.get(header.destination_cid)
+            if peer is None:
+                self._unknown_connection(data, addr, header)
+                return
+        if peer.receive_datagram(data, addr, trio.current_time()):
+            self._dirty.append(peer)
+
+    def _flush(self) -> None:
+        """The UDP task's flush hook: one step for each connection that received
+        datagrams in the burst it just handed out."""
+        dirty = self._dirty
+        if not dirty:
+            return
+        self._dirty = []
+        for peer in dirty:
+            peer.step_received()
+
+    def _drop(self, reason: str) -> None:
+        self.stats["quic_dropped"] += 1
+        self.stats[f"quic_dropped_{reason}"] += 1
+
+    def _unknown_connection(self, data: bytes, addr: NetworkAddress, header: QuicHeader) -> None:
+        version, packet_type = header.version, header.packet_type
+        if version is None:
+            self._drop("unknown_connection")  # a short header for no connection of ours
+            return
+        # RFC 9000 section 14.1: a server drops Initial datagrams under 1200 bytes; they
+        # also are the only ones that may make us answer (anti-amplification, section 8).
+        if len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+            self._drop("too_small")
+            return
+        stats = self.stats
+        if version not in SUPPORTED_VERSIONS:
+            if packet_type == QuicPacketType.VERSION_NEGOTIATION:
+                self._drop("unknown_connection")  # never answer one (reflection loops)
+                return
+            # Section 6.1: answer an unknown version with Version Negotiation. It is
+            # smaller than the >= 1200 byte datagram that asked, so it amplifies nothing.
+            stats["quic_version_negotiation_sent"] += 1
+            self.udp.sendto(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=list(SUPPORTED_VERSIONS),
+                ),
+                addr,
+            )
+            return
+        if packet_type != QuicPacketType.INITIAL:
+            self._drop("unknown_connection")
+            return
+        if len(header.destination_cid) < MIN_INITIAL_DCID:
+            self._drop("malformed")
+            return
+        if self._nursery is None:
+            self._drop("not_serving")
+            return
+        if len(self._all) >= self.config.max_connections:
+            self._drop("too_many_connections")
+            return
+        quic = Connection(
+            configuration=self._server_config,
+            original_destination_connection_id=header.destination_cid,
+            stream_window=self.config.stream_window,
+        )
+        peer = QuicPeer(self, quic, addr, None)
+        self._all.add(peer)
+        # Map the client's chosen DCID (its Initials keep using it until it hears from us)
+        # and our own first CID, as aioquic's asyncio server does.
+        peer.add_connection_id(header.destination_cid)
+        peer.add_connection_id(quic.host_cid)
+        stats["quic_connections_accepted"] += 1
+        quic.receive_datagram(data, addr, trio.current_time())
+        self._nursery.start_soon(peer.run, name=f"quic {addr[0]}:{addr[1]}")
+
+    # ---- outgoing connections
+
+    async def connect(self, address: Address | NetworkAddress, expected_key: bytes) -> QuicPeer:
+        """A connection to the peer at ``address`` that proves it holds ``expected_key``.
+
+        An open connection to that key at that address (made by either side) is reused.
+        Raises :class:`~p2pd.errors.PeerKeyMismatch` if the peer proves another key, and
+        :class:`~p2pd.errors.ConnectionLost` if the handshake fails or times out.
+        """
+        if not isinstance(expected_key, bytes) or len(expected_key) != 32:
+            raise UsageError("expected_key must be a 32-byte Ed25519 public key")
+        addr = self._normalize(address)
+        peer = self._peers.get((expected_key, addr))
+        if peer is None or peer.is_closing:
+            peer = self._new_client(addr, expected_key)
+        await peer.wait_established()
+        return peer
+
+    def _new_client(self, addr: NetworkAddress, expected_key: bytes) -> QuicPeer:
+        if self._nursery is None:
+            raise LocalError("the QUIC endpoint is not running")
+        if len(self._all) >= self.config.max_connections:
+            raise LocalError("too many QUIC connections")
+        quic = Connection(
+            configuration=self._client_config, stream_window=self.config.stream_window
+        )
+        quic.connect(addr, now=trio.current_time())
+        peer = QuicPeer(self, quic, addr, expected_key)
+        self._all.add(peer)
+        peer.add_connection_id(quic.host_cid)
+        self._peers[(expected_key, addr)] = peer
+        self._nursery.start_soon(peer.run, name=f"quic {addr[0]}:{addr[1]}")
+        return peer
+
+    def _normalize(self, address: Address | NetworkAddress) -> NetworkAddress:
+        if isinstance(address, Address):
+            host, port = address.host, address.port
+        else:
+            host, port = Address(str(address[0]), int(address[1])).as_tuple()
+        # The socket reports an IPv4 peer of a dual-stack IPv6 socket as ::ffff:a.b.c.d,
+        # and aioquic drops packets from any other spelling of the server's address.
+        if self._v6 and ":" not in host:
+            host = "::ffff:" + host
+        return (host, port)
+
+    # ---- public bookkeeping
+
+    def peers(self) -> list[QuicPeer]:
+        """Every connection that is established and not closing."""
+        return [p for p in self._all if p.is_established and not p.is_closing]
+
+    def statistics(self) -> dict[str, Any]:
+        return {"connections": len(self._all), "counters": dict(self.stats)}
+
+    # ---- PeerHost: used by the peers only
+
+    @property
+    def accepts_streams(self) -> bool:
+        return self._on_stream is not None
+
+    def sendto(self, data: bytes, addr: NetworkAddress) -> None:
+        self.udp.sendto(data, addr)
+
+    def register_cid(self, cid: bytes, peer: QuicPeer) -> None:
+        self._by_cid[cid] = peer
+
+    def unregister_cid(self, cid: bytes, peer: QuicPeer) -> None:
+        if self._by_cid.get(cid) is peer:
+            del self._by_cid[cid]
+
+    def peer_established(self, peer: QuicPeer) -> None:
+        assert peer.public_key is not None
+        key = (peer.public_key, peer.address)
+        current = self._peers.get(key)
+        if current is None or current.is_closing:
+            self._peers[key] = peer
+        if not peer.is_client:
+            self.stats["quic_connections_established_in"] += 1
+            if self._on_connection is not None:
+                try:
+                    self._on_connection(peer)
+                except Exception:
+                    log.exception("on_connection handler failed; closing %r", peer)
+                    peer.close("internal error")
+        else:
+            self.stats["quic_connections_established_out"] += 1
+
+    def peer_closing(self, peer: QuicPeer) -> None:
+        for key in [k for k, p in self._peers.items() if p is peer]:
+            del self._peers[key]
+
+    def peer_closed(self, peer: QuicPeer) -> None:
+        self.peer_closing(peer)
+        for cid in peer.connection_ids:
+            self.unregister_cid(cid, peer)
+        self._all.discard(peer)
+        if self._on_closed is not None:
+            try:
+                self._on_closed(peer)
+            except Exception:
+                log.exception("on_closed handler failed for %r", peer)
+
+    def deliver_datagram(self, peer: QuicPeer, data: bytes) -> None:
+        if self._on_datagram is None:
+            self.stats["quic_datagrams_ignored"] += 1
+            return
+        try:
+            self._on_datagram(peer, data)
+        except Exception:
+            log.exception("on_datagram handler failed for %r", peer)
+
+    def start_stream_handler(self, peer: QuicPeer, stream: QuicStream) -> None:
+        if self._nursery is None or self._on_stream is None:
+            stream.reset(AppError.STREAM_REFUSED)
+            return
+        self._nursery.start_soon(
+            self._run_stream_handler, self._on_stream, peer, stream, name=f"{stream!r}"
+        )
+
+    async def _run_stream_handler(
+        self, handler: StreamHandler, peer: QuicPeer, stream: QuicStream
+    ) -> None:
+        try:
+            await handler(peer, stream)
+        except Exception:
+            # Only this stream pays for a failing handler (RESET_STREAM + STOP_SENDING).
+            log.exception("stream handler failed on %r; resetting that stream", stream)
+            stream.reset(AppError.HANDLER_FAILED)
+        finally:
+            try:
+                stream.close_nowait()
+            except Exception:  # one stream's trouble must never end the endpoint
+                log.exception("closing %r failed", stream)
+
+
+@asynccontextmanager
+async def open_quic_endpoint(
+    udp: UdpEndpoint,
+    identity: Identity,
+    config: QuicConfig | None = None,
+    *,
+    on_stream: StreamHandler | None = None,
+    on_datagram: DatagramHandler | None = None,
+    on_connection: PeerHandler | None = None,
+    on_closed: PeerHandler | None = None,
+) -> AsyncIterator[QuicEndpoint]:
+    """A serving :class:`QuicEndpoint`, shut down (every peer told) when the block exits.
+
+    The caller still runs ``udp.serve(on_dht, endpoint.datagram_received)``.
+    """
+    endpoint = QuicEndpoint(
+        udp,
+        identity,
+        config,
+        on_stream=on_stream,
+        on_datagram=on_datagram,
+        on_connection=on_connection,
+        on_closed=on_closed,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.serve)
+        try:
+            yield endpoint
+        finally:
+            nursery.cancel_scope.cancel()
