@@ -300,15 +300,20 @@ async def start_p2pd_node(nursery: trio.Nursery, identity: Identity, config: DHT
         )
         stack.callback(dht.close)
         receiving = trio.CancelScope()
+        finished = trio.Event()
 
         async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with receiving:
-                async with trio.open_nursery() as inner:
-                    await inner.start(dht.serve)
-                    await inner.start(endpoint.serve, dht.datagram_received)
-                    task_status.started()
+            try:
+                with receiving:
+                    async with trio.open_nursery() as inner:
+                        await inner.start(dht.serve)
+                        await inner.start(endpoint.serve, dht.datagram_received)
+                        task_status.started()
+            finally:
+                finished.set()
 
         await nursery.start(serve)
+        stack.push_async_callback(finished.wait)  # the tasks end before the socket closes
         stack.callback(receiving.cancel)
     except BaseException:
         with trio.CancelScope(shield=True):

@@ -72,6 +72,9 @@ PORT = 4747
 RECORD_LIFETIME = 24 * 3600
 #: stock kademlia (rpcudp) waits this long for any reply
 STOCK_TIMEOUT = 5.0
+#: Virtual seconds after which a lookup (or a churn join) counts as stuck: far beyond any
+#: deadline the protocol has (10 s per lookup), so that a bug shows as a count, not a hang.
+STEP_CAP = 300.0
 GOAL_WORKLOAD = {"n": 10_000, "median_rtt": 0.050, "loss": 0.01, "churn": 0.2}
 
 progress = progress_printer("sim_dht")
@@ -289,7 +292,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stock = Figures()
         started = time.perf_counter()
         churned = 0
-        busy: set[int] = set()
+        busy: Counter[int] = Counter()  # askers with a lookup running: they do not leave
+        out["stuck"] = Counter()
         tick = Every10Percent(args.lookups, lambda d: progress(f"lookups {d}/{args.lookups}"))
 
         churn_lock = trio.Lock()
@@ -304,42 +308,53 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             while churned < goal:
                 churned += 1
                 # a node that is asking something right now stays until it has its answer
-                idle = [n for n in sim.live()[1:] if n.index not in busy]
+                idle = [n for n in sim.live()[1:] if not busy[n.index]]
                 await sim.leave(rng.choice(idle))
-                await sim.publish(await sim.add())
+                with trio.move_on_after(STEP_CAP) as cap:
+                    await sim.publish(await sim.add())
+                if cap.cancelled_caught:
+                    out["stuck"]["churn join"] += 1
 
         async def lookup(j: int) -> None:
             await churn_to(j)
             live = sim.live()
             asker = rng.choice(live)
-            busy.add(asker.index)
+            busy[asker.index] += 1
             wanted = rng.choice([i for i in sim.records if i != asker.index] or [asker.index])
             plan.append((asker.index, wanted))
             record = sim.records[wanted]
             began = trio.current_time()
             outcome = "ok"
-            try:
-                found, details = await asker.dht.resolve_with_details(HandleRef(record.handle))
-            except NotFound:
-                outcome = "not-found"
-            else:
-                figures.hops.append(details.hops)
-                figures.rpcs.append(details.rpcs)
-                if found.public_key != record.public_key:
-                    outcome = "wrong-key"
+            with trio.move_on_after(STEP_CAP) as cap:
+                try:
+                    found, details = await asker.dht.resolve_with_details(HandleRef(record.handle))
+                except NotFound:
+                    outcome = "not-found"
+                else:
+                    figures.hops.append(details.hops)
+                    figures.rpcs.append(details.rpcs)
+                    if found.public_key != record.public_key:
+                        outcome = "wrong-key"
+            if cap.cancelled_caught:
+                outcome = "stuck"
             figures.latencies.append(trio.current_time() - began)
             figures.outcomes[outcome] += 1
             if args.baseline and asker.alive:
                 began = trio.current_time()
-                value, rpcs, rounds = await stock_resolve(asker.dht, dht_key(record.handle))
+                value, rpcs, rounds = None, 0, 0
+                with trio.move_on_after(STEP_CAP) as cap:
+                    value, rpcs, rounds = await stock_resolve(asker.dht, dht_key(record.handle))
                 stock.latencies.append(trio.current_time() - began)
-                ok = (
-                    value is not None and HandleRecord.decode(value).public_key == record.public_key
-                )
-                stock.outcomes["ok" if ok else ("not-found" if value is None else "wrong-key")] += 1
+                if cap.cancelled_caught:
+                    stock.outcomes["stuck"] += 1
+                elif value is None:
+                    stock.outcomes["not-found"] += 1
+                else:
+                    right = HandleRecord.decode(value).public_key == record.public_key
+                    stock.outcomes["ok" if right else "wrong-key"] += 1
                 stock.rpcs.append(rpcs)
                 stock.hops.append(rounds)
-            busy.discard(asker.index)
+            busy[asker.index] -= 1
             tick(len(figures.latencies))
 
         virtual = trio.current_time()
@@ -361,7 +376,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async def republish(i: int) -> None:
             await trio.sleep(rng.random() * 3000)
             if live[i].alive:
-                await sim.publish(live[i])
+                with trio.move_on_after(STEP_CAP) as cap:
+                    await sim.publish(live[i])
+                if cap.cancelled_caught:
+                    out["stuck"]["republish"] += 1
 
         await trio_pool(len(live), len(live), republish)
         await trio.sleep_until(hour_end)
@@ -455,6 +473,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
             + ("" if s["success"] == 1 else f"   {s['outcomes']}")
         )
     print("(stock: hops = rounds of its crawl)" if "stock" in r else "")
+    if r["stuck"]:
+        print(f"STUCK (over {STEP_CAP:.0f} virtual seconds, a bug): {dict(r['stuck'])}")
     print(f"publish p50 / p95: {r['publish_p50_ms']:.0f} / {r['publish_p95_ms']:.0f} ms (virtual)")
     print(f"maintenance: {r['maintenance_bytes_per_node_s']:.0f} B/s sent per node (idle hour)")
     rec = r["records_per_node"]

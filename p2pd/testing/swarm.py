@@ -115,15 +115,23 @@ class Swarm:
         )
         stack.callback(dht.close)
         cancel = trio.CancelScope()
+        finished = trio.Event()
 
         async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with cancel:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(dht.serve)
-                    await nursery.start(endpoint.serve, dht.datagram_received)
-                    task_status.started()
+            try:
+                with cancel:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(dht.serve)
+                        await nursery.start(endpoint.serve, dht.datagram_received)
+                        task_status.started()
+            finally:
+                finished.set()
 
         await self.nursery.start(serve)
+        # On the way out (last in, first out): cancel the node's tasks, wait until they
+        # are gone, and only then close the socket. Closed first, a receive task woken
+        # just before would read from a closed descriptor (EBADF).
+        stack.push_async_callback(finished.wait)
         stack.callback(cancel.cancel)
         node = SwarmNode(len(self.nodes), identity, endpoint, dht, db_path, stack, host=host)
         if host is not None:
