@@ -107,7 +107,10 @@ def decode_signal(text: str) -> dict[str, Any]:
     """A signal's fields; UsageError-free: raises ValueError for anything malformed."""
     if len(text) > MAX_SIGNAL:
         raise ValueError("call signal too long")
-    doc = json.loads(text)
+    try:
+        doc = json.loads(text)
+    except RecursionError:  # "[[[[..." under MAX_SIGNAL nests deeper than json can
+        raise ValueError("call signal nested too deeply") from None
     if not isinstance(doc, dict) or doc.get("type") not in SIGNAL_TYPES:
         raise ValueError("not a call signal")
     call_id = doc.get("call")

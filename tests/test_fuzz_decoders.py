@@ -42,6 +42,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from p2pd.calls import MAX_SIGNAL, SIGNAL_TYPES, decode_signal
 from p2pd.errors import (
     BundleError,
     EnvelopeError,
@@ -982,3 +983,26 @@ def test_call_media_drops_and_counts_malformed_datagrams(
                 assert after["datagrams_malformed"] == before["datagrams_malformed"]
 
     trio.run(main)
+
+
+# --------------------------------------------------------------------------- call signals
+
+
+@pytest.mark.parametrize("depth", [10, 500, 1000, MAX_SIGNAL - 2])
+@pytest.mark.parametrize("opener", ["[", '{"a":'])
+def test_call_signal_nested_deep_raises_only_value_error(opener: str, depth: int) -> None:
+    """A peer with a session could send "[[[[..." within MAX_SIGNAL: json recursed out of
+    the decoder as a RecursionError (issue 12); it must be the declared ValueError."""
+    text = (opener * depth)[:MAX_SIGNAL]
+    with pytest.raises(ValueError):
+        decode_signal(text)
+
+
+@FUZZ
+@given(st.text(max_size=MAX_SIGNAL + 10))
+def test_call_signal_garbage_raises_only_value_error(text: str) -> None:
+    try:
+        doc = decode_signal(text)
+    except ValueError:
+        return
+    assert doc["type"] in SIGNAL_TYPES
