@@ -462,6 +462,16 @@ def test_a_datagram_costs_the_same_whatever_the_node_stores() -> None:
     assert len(sent) - pings_answered == target.stats["welcome_stores"]
 
 
+def test_a_bucket_that_hears_from_a_contact_needs_no_refresh() -> None:
+    table = RoutingTable(bytes(20), 20, 0.0)
+    far = Node(b"\x80" + bytes(18) + b"\x01", "192.0.2.1", 1)
+    table.add(far, 10.0)
+    assert table.stale_buckets(3000.0, 3600.0) == []
+    assert table.stale_buckets(3610.0, 3600.0) != []  # idle for an hour: refresh
+    table.add(far, 3605.0)  # it spoke again
+    assert table.stale_buckets(3610.0, 3600.0) == []
+
+
 def test_maintenance_refreshes_and_replicates_on_its_timer() -> None:
     config = DHTConfig(refresh_interval=60.0, replicate_interval=60.0)
     net, cores = small_network(10, config)

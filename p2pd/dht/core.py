@@ -307,7 +307,7 @@ class DHTCore:
         if node.id == self.node_id:
             return
         new = not self.table.contains(node.id)
-        head = self.table.add(node)
+        head = self.table.add(node, now)
         if head is not None:
             if head.id not in self._checking:
                 self._checking.add(head.id)

@@ -58,16 +58,21 @@ class RoutingTable:
         found: Node | None = self.bucket_of(Node(node_id)).nodes.get(node_id)
         return found
 
-    def add(self, node: Node) -> Node | None:
-        """Add or refresh ``node``. Returns None, or the head of a full bucket that cannot
-        split: the caller pings it, and evicts it (its replacement moves up) if it fails.
-        The newcomer then waits in that bucket's replacement cache."""
+    def add(self, node: Node, now: float | None = None) -> Node | None:
+        """Add or refresh ``node``, heard from at ``now``. Returns None, or the head of a
+        full bucket that cannot split: the caller pings it, and evicts it (its replacement
+        moves up) if it fails. The newcomer then waits in that bucket's replacement cache.
+
+        A bucket that gains or hears from a contact needs no refresh lookup for a while
+        (BEP 5's "last changed"): with traffic flowing, only idle buckets are refreshed."""
         if node.id == self.own.id:
             return None
         while True:
             index = self._index(node.long_id)
             bucket = self.buckets[index]
             if bucket.add_node(node):
+                if now is not None:
+                    self.refreshed[index] = now
                 return None
             # Kademlia section 4.2: split the bucket that holds our own id, or one whose
             # depth is not a multiple of 5 (kademlia's rule for unbalanced trees).
