@@ -368,9 +368,6 @@ class DHTCore:
         self._suspect_until.pop(node.id, None)
         self.seen(node, now)
 
-    def soft_timeout(self, node: Node) -> float:
-        return self.rtt.rto((node.ip, node.port))
-
     # ------------------------------------------------------------------ operations
 
     def start_lookup(

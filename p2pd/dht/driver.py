@@ -125,11 +125,6 @@ class DHT:
             lambda done, now: self.core.start_store(record.key, value, now, done)
         )
 
-    async def lookup(self, target: bytes, *, find_value: bool = False) -> LookupResult:
-        return await self._run(
-            lambda done, now: self.core.start_lookup(target, now, done, find_value=find_value)
-        )
-
     async def resolve(self, ref: HandleRef) -> HandleRecord:
         record, _ = await self.resolve_with_details(ref)
         return record
@@ -180,12 +175,6 @@ class DHT:
 
     def contacts(self) -> list[tuple[bytes, str, int]]:
         return self.core.contacts()
-
-    def offer_local(self, record: HandleRecord) -> str:
-        """Offer a record to this node's own storage (tests and tools)."""
-        verdict = self.core.storage.offer(record.key, record.encode())
-        self.flush()
-        return verdict
 
 
 def create_dht(

@@ -54,10 +54,6 @@ class RoutingTable:
         node = Node(node_id)
         return node_id in self.bucket_of(node).nodes
 
-    def get(self, node_id: bytes) -> Node | None:
-        found: Node | None = self.bucket_of(Node(node_id)).nodes.get(node_id)
-        return found
-
     def add(self, node: Node, now: float | None = None) -> Node | None:
         """Add or refresh ``node``, heard from at ``now``. Returns None, or the head of a
         full bucket that cannot split: the caller pings it, and evicts it (its replacement
