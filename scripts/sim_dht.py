@@ -20,8 +20,9 @@ What one run does (``--seed`` fixes the whole plan):
    wait for every reply, a fixed 5 s timeout, the first value found wins) driven on
    the same nodes' routing tables over the same network. The library's own classes run
    only on asyncio, so the logic is ported here faithfully (see ``StockCrawl``);
-5. an idle hour of virtual time (each owner republishes once, maintenance runs):
-   bytes sent per node per second;
+5. an idle window of virtual time (``--idle-window``, an hour by default; a shorter one
+   has that share of the owners republish, as each does once an hour; maintenance runs): bytes sent
+   per node per second;
 6. ``--mailbox-puts`` sealed entries to random owners' mailboxes: entries held per node.
 
 Printed: lookup success, hops, virtual latency p50/p95/p99, RPCs per lookup; publish
@@ -75,7 +76,13 @@ STOCK_TIMEOUT = 5.0
 #: Virtual seconds after which a lookup (or a churn join) counts as stuck: far beyond any
 #: deadline the protocol has (10 s per lookup), so that a bug shows as a count, not a hang.
 STEP_CAP = 300.0
-GOAL_WORKLOAD = {"n": 10_000, "median_rtt": 0.050, "loss": 0.01, "churn": 0.2}
+GOAL_WORKLOAD = {
+    "n": 10_000,
+    "median_rtt": 0.050,
+    "loss": 0.01,
+    "churn": 0.2,
+    "idle_window": 3600.0,
+}
 
 progress = progress_printer("sim_dht")
 
@@ -367,25 +374,37 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.baseline:
             out["stock"] = stock.summary()
 
-        # -- 5. an idle hour: republish once, maintenance as it comes
+        progress(
+            f"lookups done: {out['p2pd']['success'] * 100:.2f} % ok, p50 "
+            f"{out['p2pd']['p50_ms']:.0f} ms, p99 {out['p2pd']['p99_ms']:.0f} ms"
+        )
+
+        # -- 5. an idle window: owners republish once an hour (a window's share of them
+        # here, at random times within it) and maintenance runs as it comes. Graded only
+        # over a whole hour: a shorter window may miss the hourly replication round.
         started = time.perf_counter()
         live = sim.live()
+        window = args.idle_window
         before = sum(n.dht.core.stats["bytes_out"] for n in live)
-        hour_end = trio.current_time() + 3600
+        window_end = trio.current_time() + window
+        share = [i for i in range(len(live)) if rng.random() < window / 3600]
 
-        async def republish(i: int) -> None:
-            await trio.sleep(rng.random() * 3000)
-            if live[i].alive:
+        async def republish(j: int) -> None:
+            await trio.sleep(rng.random() * window * 0.9)
+            node = live[share[j]]
+            if node.alive:
                 with trio.move_on_after(STEP_CAP) as cap:
-                    await sim.publish(live[i])
+                    await sim.publish(node)
                 if cap.cancelled_caught:
                     out["stuck"]["republish"] += 1
 
-        await trio_pool(len(live), len(live), republish)
-        await trio.sleep_until(hour_end)
+        await trio_pool(len(share), max(len(share), 1), republish)
+        await trio.sleep_until(window_end)
         after = sum(n.dht.core.stats["bytes_out"] for n in live if n.alive)
-        out["maintenance_bytes_per_node_s"] = (after - before) / len(live) / 3600
-        out["wall_s"]["idle_hour"] = time.perf_counter() - started
+        out["maintenance_bytes_per_node_s"] = (after - before) / len(live) / window
+        out["idle_republishes"] = len(share)
+        out["wall_s"]["idle_window"] = time.perf_counter() - started
+        progress(f"idle window done: {out['maintenance_bytes_per_node_s']:.0f} B/s per node")
 
         # -- 6. mailboxes
         started = time.perf_counter()
@@ -476,7 +495,10 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     if r["stuck"]:
         print(f"STUCK (over {STEP_CAP:.0f} virtual seconds, a bug): {dict(r['stuck'])}")
     print(f"publish p50 / p95: {r['publish_p50_ms']:.0f} / {r['publish_p95_ms']:.0f} ms (virtual)")
-    print(f"maintenance: {r['maintenance_bytes_per_node_s']:.0f} B/s sent per node (idle hour)")
+    print(
+        f"maintenance: {r['maintenance_bytes_per_node_s']:.0f} B/s sent per node (idle window of "
+        f"{r['workload']['idle_window']:.0f} s, {r['idle_republishes']} republishes)"
+    )
     rec = r["records_per_node"]
     print(f"records per node: max {rec['max']}, mean {rec['mean']:.1f}")
     mb = r["mailbox"]
@@ -513,6 +535,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20, help="lookups at a time")
     parser.add_argument("--width", type=int, default=200, help="publishes at a time")
     parser.add_argument("--mailbox-puts", type=int, default=1000)
+    parser.add_argument(
+        "--idle-window",
+        type=float,
+        default=3600.0,
+        help="virtual seconds over which maintenance traffic is measured (3600; graded only "
+        "at 3600: a shorter window may miss the hourly replication)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument(

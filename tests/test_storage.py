@@ -110,3 +110,17 @@ def test_writes_wait_while_another_transaction_is_open(tmp_path: Path) -> None:
     assert storage.persist()
     assert other.execute("SELECT COUNT(*) FROM dht_records").fetchone()[0] == 1
     assert other.execute("SELECT COUNT(*) FROM meta WHERE key='delivery'").fetchone()[0] == 0
+
+
+def test_a_copy_received_again_postpones_our_own_replication() -> None:
+    """Kademlia 2.5: a node that was just sent a record by a replicating peer does not
+    replicate it itself for the next interval; only the first holder to notice does."""
+    clock = [float(NOW)]
+    storage = RecordStorage(open_database(None), clock=lambda: clock[0])
+    r = record(Identity.generate("alice"), 1, lifetime=7200)
+    assert storage.offer(r.key, r.encode()) == Verdict.ACCEPT
+    clock[0] += 3000
+    assert storage.older_than(3600, now=clock[0] + 700) == [(r.key, r.encode())]
+    assert storage.offer(r.key, r.encode()) == Verdict.SAME  # a peer replicates it to us
+    assert storage.older_than(3600, now=clock[0] + 700) == []
+    assert storage.older_than(3600, now=clock[0] + 3600) == [(r.key, r.encode())]
