@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .errors import ConnectionLost, KeyChanged, LocalError, NotFound, P2PDError, UsageError
+from .errors import ConnectionLost, LocalError, NotFound, P2PDError, UsageError
 from .identity import HandleRef, fingerprint
 from .transport.quic import QuicPeer
 
@@ -218,12 +218,7 @@ class CallManager:
             raise CallError("a call is already in progress: `p2pd hangup` first")
         await load_media()
         _check_media(audio_in, video_in, record, duration)
-        contact = self.delivery.contacts.get(ref.handle)
-        with trio.fail_after(15):
-            record_ = await self.delivery.dht.resolve(ref)
-        contact = self.delivery.contacts.check(ref.handle, record_.public_key, time.time())
-        if contact.pending_key is not None:
-            raise KeyChanged(f"the key of {ref.handle!r} has changed: `p2pd verify {ref.handle}`")
+        contact = await self.delivery.contact_for(ref)  # the pinned key, always
         call = Call(os.urandom(16).hex(), "out", ref.handle, contact.public_key,
                     video_in is not None, "calling")  # fmt: skip
         self._begin(call)

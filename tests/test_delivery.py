@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,15 +16,17 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pd import wire
+from p2pd import control, wire
 from p2pd.config import LanConfig, NodeConfig
 from p2pd.daemon import Node, open_node
-from p2pd.errors import ConnectionLost, KeyChanged, PeerKeyMismatch
-from p2pd.identity import Identity
+from p2pd.errors import ConnectionLost, PeerKeyMismatch, UsageError
+from p2pd.identity import HandleRef, Identity
 from p2pd.messaging import DELIVERED
+from p2pd.records import HandleRecord
 from p2pd.testing.daemons import short_tempdir
 from p2pd.transport.quic import QuicPeer, QuicStream
 from p2pd.wire import Address
+from p2pd_cli import render
 
 LOOPBACK_ANY_PORT = Address("127.0.0.1", 0)
 
@@ -175,23 +178,78 @@ async def test_impostor_at_the_peers_address_gets_nothing(root: Path) -> None:
                 assert alice.delivery.messages.get(first.id).state == DELIVERED  # type: ignore[union-attr]
 
 
-async def test_a_changed_key_stops_sending(root: Path) -> None:
-    """A contact whose record now carries another key: nothing is sent until accepted."""
+def poison_plain_lookups(victim: Node, rival: HandleRecord) -> None:
+    """Make every plain lookup of ``rival.handle`` by ``victim`` return the rival's
+    (validly signed) record, as a DHT an attacker steers would; a self-certifying lookup
+    still filters by key, as it does in the real DHT."""
+    real = victim.dht.resolve
+
+    async def resolve(ref: HandleRef) -> HandleRecord:
+        if ref.handle == rival.handle and ref.matches(rival.public_key):
+            return rival
+        return await real(ref)
+
+    victim.dht.resolve = resolve  # type: ignore[method-assign]
+
+
+async def test_another_key_for_a_pinned_handle_is_evidence_and_never_used(root: Path) -> None:
+    """Mallory holds a key of her own under the handle "bob": lookups return it and she
+    writes to alice as "bob". Alice's pin holds, sending to bob never stops, every sign
+    of the other key is shown as evidence, and only naming a key installs it."""
     alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
-    with trio.fail_after(60):
-        async with node(root, alice_id) as alice:
-            async with node(root, bob_id, bootstrap=(alice.listen_address,)):
-                await alice.delivery.send("bob", "hi")
-            # a new bob (another key) on a fresh network view: alice's pin must hold
-            alice.delivery.contacts._conn.execute(
-                "UPDATE contacts SET public_key=? WHERE handle='bob'", (os.urandom(32),)
+    fake_bob = Identity.generate("bob")  # mallory's key, claiming bob's handle
+    with trio.fail_after(90):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+            node(root, fake_bob, bootstrap=(alice.listen_address,), home="mallory") as mallory,
+        ):
+            first = await alice.delivery.send("bob", "hello")
+            await wait_for(lambda: inbox_texts(bob) == ["hello"])
+            rival = HandleRecord.create(
+                fake_bob, [mallory.listen_address], seq=1, now=int(time.time()), lifetime=3600,
+                extension=mallory.delivery.sessions.prekey_bundle(),
+            )  # fmt: skip
+            poison_plain_lookups(alice, rival)
+            # whois shows what the DHT says; the other key is kept as evidence
+            whois = await control._methods(alice)["whois"]({"handle": "bob"})
+            assert whois["fingerprint"] == fake_bob.fingerprint
+            # mallory writes to alice, claiming to be bob
+            await mallory.delivery.send("alice", "it's bob, new phone")
+            await wait_for(lambda: len(alice.delivery.contacts.evidence("bob")) == 2)
+            (claimed,) = alice.delivery.inbox(sender=None, after=0, limit=10)["messages"]
+            assert claimed["text"] == "it's bob, new phone" and not claimed["sender_verified"]
+            assert claimed["from"] == f"bob#{fake_bob.fingerprint[:16]}"
+            assert render.message_line(claimed).endswith(
+                f"bob#{fake_bob.fingerprint[:16]} (unverified): it's bob, new phone"
             )
-            alice.delivery.contacts._conn.commit()
-            async with node(root, bob_id, bootstrap=(alice.listen_address,), home="bob"):
-                with pytest.raises(KeyChanged, match="verify bob"):
-                    await alice.delivery.send("bob", "are you still you?")
-                contact = alice.delivery.contacts.get("bob")
-                assert contact is not None and contact.pending_key == bob_id.public_key
-                accepted = await alice.delivery.verify("bob", accept=True)
-                assert accepted["verified"] and not accepted["key_changed"]
-                await alice.delivery.send("bob", "verified now")
+            assert alice.delivery.inbox(sender="bob", after=0, limit=10)["messages"] == []
+            # sending is not blocked, and goes to the pinned key only
+            second = await alice.delivery.send("bob", "are you still you?")
+            assert second.peer_key == bob_id.public_key
+            await wait_for(lambda: inbox_texts(bob) == ["hello", "are you still you?"])
+            assert alice.delivery.messages.get(first.id).state == DELIVERED  # type: ignore[union-attr]
+            assert inbox_texts(mallory) == []
+            # contacts and verify show the pin and every suspected key, how it was seen
+            (row,) = [c for c in alice.delivery.contact_list() if c["handle"] == "bob"]
+            assert row["fingerprint"] == bob_id.fingerprint
+            assert {(e["fingerprint"], e["source"], e["where"]) for e in row["suspected_keys"]} == {
+                (fake_bob.fingerprint, "dht", "whois"),
+                (fake_bob.fingerprint, "message", "direct"),
+            }
+            text = render.contacts_text(alice.delivery.contact_list())
+            assert f"SUSPECTED KEY {fake_bob.fingerprint}: seen 1x by message" in text
+            checked = await alice.delivery.verify("bob", accept=True)  # the pin, verified
+            assert checked["verified"] and checked["fingerprint"] == bob_id.fingerprint
+            assert "--accept-new" in render.verify_text(checked)
+            for wrong in (Identity.generate("bob").fingerprint, bob_id.fingerprint[:12], "abc"):
+                with pytest.raises(UsageError):
+                    await alice.delivery.verify("bob", accept_new=wrong)
+                assert alice.delivery.contacts.get("bob").public_key == bob_id.public_key  # type: ignore[union-attr]
+            # naming the key installs it (here: the user chose to believe mallory)
+            moved = await alice.delivery.verify("bob", accept_new=fake_bob.fingerprint[:12])
+            assert moved["fingerprint"] == fake_bob.fingerprint
+            assert moved["previous_fingerprint"] == bob_id.fingerprint
+            third = await alice.delivery.send("bob", "to the key I named")
+            assert third.peer_key == fake_bob.public_key
+            await wait_for(lambda: "to the key I named" in inbox_texts(mallory))

@@ -147,10 +147,13 @@ class SignalReceived:
 
 @dataclass(frozen=True, slots=True)
 class SenderUnverified:
-    """A message from a key no contact holds claims ``handle``: check it in the DHT."""
+    """A message (``source`` "message") or call signal ("call") from a key no contact
+    holds claims ``handle``: evidence if the handle is pinned, else checked in the DHT."""
 
     handle: str
     sender_key: bytes
+    source: str = "message"
+    via: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,7 +572,7 @@ class DeliveryCore:
         if payload.kind == wire.KIND_CALL:
             events.append(SignalReceived(sender_key, payload.sender, payload.text, via))
             if payload.sender and self.ledger.trusted_handle(sender_key) is None:
-                events.append(SenderUnverified(payload.sender, sender_key))
+                events.append(SenderUnverified(payload.sender, sender_key, "call", via))
             return _ACK, sender_key
         trusted = self.ledger.trusted_handle(sender_key)
         handle = trusted or payload.sender or "unknown"
@@ -577,7 +580,7 @@ class DeliveryCore:
         self.stats["received_direct" if via == "direct" else "received_mailbox"] += 1
         events.append(MessageReceived(stored, via))
         if trusted is None and payload.sender:
-            events.append(SenderUnverified(payload.sender, sender_key))
+            events.append(SenderUnverified(payload.sender, sender_key, "message", via))
         if self.ledger.has_pending(sender_key):  # the peer is alive: what we owe may go
             self.ledger.retry_now(sender_key)
             events.append(PendingMadeDue(sender_key))
