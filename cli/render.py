@@ -198,7 +198,7 @@ def verify_text(r: dict[str, Any]) -> str:
 def call_text(c: dict[str, Any]) -> str:
     """A call's state line and, once media flowed, its statistics."""
     m = c.get("media") or {}
-    line = f"call {c['id'][:8]} {c['direction']} {c['handle']}: {c['state']}"
+    line = f"call {c['id'][:8]} {c['direction']} {c.get('display', c['handle'])}: {c['state']}"
     if c.get("reason"):
         line += f" ({c['reason']})"
     if c["duration_s"]:

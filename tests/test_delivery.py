@@ -12,12 +12,14 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from p2pd import control, wire
-from p2pd.config import LanConfig, NodeConfig
+from p2pd.calls import encode_signal
+from p2pd.config import CallsConfig, LanConfig, NodeConfig
 from p2pd.daemon import Node, open_node
 from p2pd.errors import ConnectionLost, PeerKeyMismatch, UsageError
 from p2pd.identity import HandleRef, Identity
@@ -46,8 +48,10 @@ async def node(
     bootstrap: tuple[Address, ...] = (),
     listen: Address = LOOPBACK_ANY_PORT,
     home: str | None = None,
+    calls_from: str = "everyone",
 ) -> AsyncIterator[Node]:
     config = NodeConfig(
+        calls=CallsConfig(allow_from=calls_from),
         home=root / (home or identity.handle),
         listen=listen,
         bootstrap=bootstrap,
@@ -253,3 +257,74 @@ async def test_another_key_for_a_pinned_handle_is_evidence_and_never_used(root: 
             third = await alice.delivery.send("bob", "to the key I named")
             assert third.peer_key == fake_bob.public_key
             await wait_for(lambda: "to the key I named" in inbox_texts(mallory))
+
+
+async def next_call_event(events: trio.MemoryReceiveChannel[dict[str, Any]]) -> dict[str, Any]:
+    while (event := await events.receive())["event"] != "call":
+        pass
+    return event
+
+
+async def test_caller_id_marks_a_key_that_is_not_the_pin(root: Path) -> None:
+    """A call from bob's pinned key shows "bob"; one from another key claiming "bob"
+    shows bob#<its fingerprint> (unverified), in `calls` and in the events."""
+    alice_id, bob_id, fake_bob = (Identity.generate(h) for h in ("alice", "bob", "bob"))
+    with trio.fail_after(60):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+            node(root, fake_bob, bootstrap=(alice.listen_address,), home="mallory") as mallory,
+        ):
+            await alice.delivery.send("bob", "hi")  # pins bob
+            assert alice.calls is not None
+            async with alice.events.subscribe() as events:
+                for caller in (bob, mallory):
+                    offer = encode_signal("offer", os.urandom(16).hex(), audio=True)
+                    await caller.delivery.send_signal("alice", alice_id.public_key, offer)
+                    await wait_for(lambda: alice.calls.current.state == "ringing")  # type: ignore[union-attr]
+                    ringing = alice.calls.calls()[0]
+                    event = await next_call_event(events)
+                    assert event["id"] == ringing["id"]
+                    for shown in (ringing, event):
+                        if caller is bob:
+                            assert shown["verified"] and shown["display"] == "bob"
+                        else:
+                            assert not shown["verified"] and shown["handle"] == "bob"
+                            assert shown["display"] == (
+                                f"bob#{fake_bob.fingerprint[:16]} (unverified)"
+                            )
+                            assert render.call_text(shown).endswith(
+                                f"in bob#{fake_bob.fingerprint[:16]} (unverified): ringing"
+                            )
+                    await alice.calls.hangup()
+                    while (await next_call_event(events))["state"] == "ringing":
+                        pass
+            # the stranger's claim to "bob" is kept as evidence against the pin
+            await wait_for(lambda: alice.delivery.contacts.evidence("bob") != [])
+            assert [e.source for e in alice.delivery.contacts.evidence("bob")] == ["call"]
+
+
+async def test_calls_from_contacts_refuses_a_stranger(root: Path) -> None:
+    """[calls] from = contacts: a stranger's call is refused without ringing, and the
+    caller is told why; a contact still rings."""
+    alice_id, bob_id, eve_id = (Identity.generate(h) for h in ("alice", "bob", "eve"))
+    with trio.fail_after(90):
+        async with (
+            node(root, alice_id, calls_from="contacts") as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+            node(root, eve_id, bootstrap=(alice.listen_address,)) as eve,
+        ):
+            assert eve.calls is not None and alice.calls is not None
+            placed = await eve.calls.call(
+                "alice", audio_in=None, video_in=None, record=None, duration=None
+            )
+            assert placed.state == "rejected"
+            assert placed.reason == "alice takes calls from contacts only"
+            (refused,) = alice.calls.calls()
+            assert refused["state"] == "rejected" and refused["reason"] == "not a contact"
+            assert not refused["verified"] and alice.calls.current is None
+            await alice.delivery.send("bob", "hi")  # bob is a contact now
+            offer = encode_signal("offer", os.urandom(16).hex(), audio=True)
+            await bob.delivery.send_signal("alice", alice_id.public_key, offer)
+            await wait_for(lambda: alice.calls.current is not None)  # type: ignore[union-attr]
+            assert alice.calls.current.state == "ringing" and alice.calls.current.verified  # type: ignore[union-attr]
