@@ -58,7 +58,7 @@ def test_calls_section_of_the_config_file(tmp_path: Path) -> None:
     assert load_config(tmp_path).calls.allow_from == "everyone"
     (tmp_path / "config.toml").write_text('[calls]\nfrom = "contacts"\n')
     assert load_config(tmp_path).calls.allow_from == "contacts"
-    for bad in ('[calls]\nfrom = "friends"\n', '[calls]\nring = 3\n'):
+    for bad in ('[calls]\nfrom = "friends"\n', "[calls]\nring = 3\n"):
         (tmp_path / "config.toml").write_text(bad)
         with pytest.raises(UsageError, match="contacts"):
             load_config(tmp_path)
