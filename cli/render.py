@@ -50,6 +50,20 @@ def init_text(d: dict[str, Any]) -> str:
     )
 
 
+def rotate_text(d: dict[str, Any]) -> str:
+    from p2pd.identity import format_fingerprint
+
+    return "\n".join(
+        [
+            f"rotated {d['handle']}: new key {d['self_certifying']}",
+            f"fingerprint  {format_fingerprint(d['fingerprint'])}",
+            f"was          {format_fingerprint(d['old_fingerprint'])}",
+            "next: start the daemon; it publishes the new key and sends the signed notice "
+            "to your contacts",
+        ]
+    )
+
+
 def status_text(s: dict[str, Any]) -> str:
     rows = [
         ("handle", s["self_certifying"]),

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import UsageError
 from .identity import FINGERPRINT_LEN, MIN_PREFIX, fingerprint
-from .wire import MAX_TEXT
+from .wire import KIND_ROTATION, KIND_TEXT, MAX_TEXT
 
 QUEUED, SENT, DELIVERED = "queued", "sent", "delivered"
 #: Outgoing and not yet acknowledged. Written out in this exact form so that SQLite uses
@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS messages (
     handle TEXT NOT NULL, peer_key BLOB NOT NULL, seq INTEGER NOT NULL, text TEXT NOT NULL,
     state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
     sent_at_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL DEFAULT 0, envelope BLOB, via TEXT);
+    next_attempt REAL NOT NULL DEFAULT 0, envelope BLOB, via TEXT,
+    kind INTEGER NOT NULL DEFAULT 1);
 DROP INDEX IF EXISTS messages_due;
 CREATE INDEX IF NOT EXISTS messages_pending_due ON messages (next_attempt)
     WHERE direction='out' AND state IN ('queued', 'sent');
@@ -84,9 +85,12 @@ class Message:
     attempts: int
     envelope: bytes | None
     via: str | None
+    #: What the payload carries (p2pd.wire.KIND_TEXT, or KIND_ROTATION: a notice).
+    kind: int = KIND_TEXT
 
     def summary(self) -> dict[str, Any]:
         return {
+            "kind": "rotation" if self.kind == KIND_ROTATION else "text",
             "id": self.id.hex(),
             "direction": self.direction,
             "handle": self.handle,
@@ -103,24 +107,24 @@ class Message:
 
 _COLUMNS = (
     "id, direction, handle, peer_key, seq, text, state, created, updated, sent_at_ms, "
-    "attempts, envelope, via"
+    "attempts, envelope, via, kind"
 )
 
 
-_PLACES = ",".join("?" * 13)
+_PLACES = ",".join("?" * 14)
 
 
 def _values(m: Message) -> tuple[Any, ...]:
     """A message as the row _COLUMNS name (dataclasses.astuple would deep-copy)."""
     return (m.id, m.direction, m.handle, m.peer_key, m.seq, m.text, m.state, m.created,
-            m.updated, m.sent_at_ms, m.attempts, m.envelope, m.via)  # fmt: skip
+            m.updated, m.sent_at_ms, m.attempts, m.envelope, m.via, m.kind)  # fmt: skip
 
 
 def _row(row: tuple[Any, ...]) -> Message:
     return Message(
         bytes(row[0]), row[1], row[2], bytes(row[3]), int(row[4]), row[5], row[6],
         float(row[7]), float(row[8]), int(row[9]), int(row[10]),
-        None if row[11] is None else bytes(row[11]), row[12],
+        None if row[11] is None else bytes(row[11]), row[12], int(row[13]),
     )  # fmt: skip
 
 
@@ -128,6 +132,8 @@ class MessageStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         conn.executescript(_SCHEMA)
+        if "kind" not in {row[1] for row in conn.execute("PRAGMA table_info(messages)")}:
+            conn.execute("ALTER TABLE messages ADD COLUMN kind INTEGER NOT NULL DEFAULT 1")
         conn.commit()
 
     # ------------------------------------------------------------------ outgoing
@@ -138,7 +144,13 @@ class MessageStore:
         return message
 
     def enqueue_many(
-        self, handle: str, peer_key: bytes, texts: Sequence[str], now: float
+        self,
+        handle: str,
+        peer_key: bytes,
+        texts: Sequence[str],
+        now: float,
+        *,
+        kind: int = KIND_TEXT,
     ) -> list[Message]:
         """Store each of ``texts`` as a new outgoing message, in order, in one transaction:
         all durable on return, or (a text too long) none stored."""
@@ -158,7 +170,7 @@ class MessageStore:
             first = int(next_seq) - count
             messages = [
                 Message(os.urandom(16), "out", handle, peer_key, first + i, text, QUEUED,
-                        now, now, sent_at_ms, 0, None, None)
+                        now, now, sent_at_ms, 0, None, None, kind)
                 for i, text in enumerate(texts)
             ]  # fmt: skip
             self._conn.executemany(

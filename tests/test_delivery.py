@@ -23,6 +23,8 @@ from p2pd.config import CallsConfig, LanConfig, NodeConfig
 from p2pd.daemon import Node, open_node
 from p2pd.errors import ConnectionLost, PeerKeyMismatch, UsageError
 from p2pd.identity import HandleRef, Identity
+from p2pd.key_rotation import rotate_identity
+from p2pd.keystore import load_identity, save_identity
 from p2pd.messaging import DELIVERED
 from p2pd.records import HandleRecord
 from p2pd.testing.daemons import short_tempdir
@@ -328,3 +330,51 @@ async def test_calls_from_contacts_refuses_a_stranger(root: Path) -> None:
             await bob.delivery.send_signal("alice", alice_id.public_key, offer)
             await wait_for(lambda: alice.calls.current is not None)  # type: ignore[union-attr]
             assert alice.calls.current.state == "ringing" and alice.calls.current.verified  # type: ignore[union-attr]
+
+
+async def test_bob_rotates_his_key_and_alice_follows(root: Path) -> None:
+    """`rotate-key` end to end: bob's daemon stops, rotates, starts with the new key;
+    alice's pin moves on the notice signed by the key she had pinned (contacts shows
+    it), and her next message goes to bob's new key, which reads it."""
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    save_identity(root / "bob", bob_id, None)
+    with trio.fail_after(90):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, Identity.generate("carol"), bootstrap=(alice.listen_address,)),
+        ):
+            async with node(root, bob_id, bootstrap=(alice.listen_address,)) as bob:
+                await alice.delivery.send("bob", "hello")
+                await bob.delivery.send("alice", "hi alice")
+                await wait_for(lambda: inbox_texts(bob) == ["hello"])
+                await wait_for(lambda: inbox_texts(alice) == ["hi alice"])
+            new_bob, notice = rotate_identity(root / "bob", None)
+            assert notice.moves("bob", bob_id.public_key, new_bob.public_key)
+            assert load_identity(root / "bob", None).public_key == new_bob.public_key
+            async with (
+                alice.events.subscribe() as events,
+                node(root, new_bob, bootstrap=(alice.listen_address,)) as bob,
+            ):
+                await wait_for(
+                    lambda: alice.delivery.contacts.get("bob").public_key == new_bob.public_key  # type: ignore[union-attr]
+                )
+                while (event := await events.receive())["event"] != "contact_rotated":
+                    pass
+                assert event["old_fingerprint"] == bob_id.fingerprint
+                assert event["fingerprint"] == new_bob.fingerprint
+                (row,) = [c for c in alice.delivery.contact_list() if c["handle"] == "bob"]
+                assert row["rotated_from"] == bob_id.fingerprint and row["suspected_keys"] == []
+                assert f"rotated from {bob_id.fingerprint[:16]} on " in render.contacts_text(
+                    alice.delivery.contact_list()
+                )
+                after = await alice.delivery.send("bob", "after the rotation")
+                assert after.peer_key == new_bob.public_key
+
+                def bob_read_it() -> bool:
+                    bob.delivery.poll_mailbox_now()
+                    return "after the rotation" in inbox_texts(bob)
+
+                await wait_for(bob_read_it, timeout=30)
+                mine = bob.delivery.inbox(sender="alice", after=0, limit=10)["messages"]
+                assert [m["text"] for m in mine] == ["hello", "after the rotation"]
+                assert all(m["sender_verified"] for m in mine)  # bob's pin of alice held

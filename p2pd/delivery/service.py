@@ -45,7 +45,15 @@ import trio
 from .. import wire
 from ..config import NodeConfig
 from ..dht import DHT
-from ..errors import ConnectionLost, KeyChanged, NoSession, NotFound, PeerKeyMismatch, UsageError
+from ..errors import (
+    ConnectionLost,
+    KeyChanged,
+    NoSession,
+    NotFound,
+    PeerKeyMismatch,
+    RecordError,
+    UsageError,
+)
 from ..identity import (
     DISPLAY_PREFIX,
     HandleRef,
@@ -56,7 +64,9 @@ from ..identity import (
 )
 from ..messaging import Contact, Contacts, Message, MessageStore
 from ..records import HandleRecord
+from ..rotation import RotationNotice, verify_notice
 from ..session import SessionManager, safety_number
+from ..store import get_meta, set_meta
 from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from ..wire import Address
 from .core import (
@@ -72,6 +82,7 @@ from .core import (
     MessageReceived,
     MessageSent,
     PendingMadeDue,
+    RotationReceived,
     SenderUnverified,
     SessionReset,
     SignalReceived,
@@ -91,6 +102,8 @@ PREPARE_GATHER = 0.002
 MAX_SEND_BATCH = 1000
 #: Events buffered per subscriber before new ones are dropped for it.
 EVENT_BUFFER = 1024
+#: The rotation notice last queued for every contact (hex), so it is queued once.
+ROTATION_SENT_META = "rotation.sent"
 #: How long a lookup made for delivery may take.
 RESOLVE_TIMEOUT = 10.0
 
@@ -106,7 +119,7 @@ class EventBus:
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self.dropped = 0
 
-    def emit(self, kind: str, **fields: Any) -> None:
+    def emit(self, kind: str, /, **fields: Any) -> None:
         event = {"event": kind, "time": time.time(), **fields}
         for channel in list(self._subscribers):
             try:
@@ -535,6 +548,8 @@ class Delivery:
                 # A signal is worth nothing late: one from the mailbox is not rung.
                 if self.on_signal is not None and event.via == "direct":
                     self.on_signal(event.sender_key, event.claimed, peer, event.text)
+            elif isinstance(event, RotationReceived):
+                self.rotation_received(event)
             elif isinstance(event, SenderUnverified):
                 self._spawn(self._verify_sender, event)
             elif isinstance(event, PendingMadeDue):
@@ -562,6 +577,60 @@ class Delivery:
                     peer.close("no answer")
             # AckOwed: check_mailbox sends those acks together; NackReceived: the core
             # has decided (SessionReset) and an exchange has taken note.
+
+    def announce_rotation(self, notice: RotationNotice) -> int:
+        """Queue ``notice`` (our key just rotated to this identity's) for every contact,
+        once: through the outbox like a message (durable, retried, left in the mailbox
+        of a contact that is offline), from the new key, in a new session. Returns how
+        many were queued (0 if this notice was announced already)."""
+        encoded = notice.encode()
+        if notice.new_key != self.identity.public_key:
+            log.warning("a stored rotation notice is for another key than ours: not sent")
+            return 0
+        if get_meta(self._conn, ROTATION_SENT_META) == encoded.hex():
+            return 0
+        now = time.time()
+        contacts = self.contacts.all()
+        for contact in contacts:
+            self.messages.enqueue_many(
+                contact.handle, contact.public_key, [encoded.hex()], now, kind=wire.KIND_ROTATION
+            )
+        set_meta(self._conn, ROTATION_SENT_META, encoded.hex())
+        log.info("key rotation notice queued for %d contact(s)", len(contacts))
+        self.kick()
+        return len(contacts)
+
+    def rotation_received(self, event: RotationReceived) -> None:
+        """A rotation notice from ``event.sender_key``: a valid one signed by the key a
+        contact is pinned to moves the pin to the new key (what still waits for the old
+        key follows it); any other valid one is evidence; an invalid one is dropped."""
+        try:
+            if len(event.text) > wire.MAX_ROTATION_TEXT:
+                raise RecordError("rotation notice too long")
+            notice = verify_notice(bytes.fromhex(event.text))
+        except (ValueError, RecordError) as exc:
+            log.warning("ignored a bad rotation notice from %s: %s", _who(event.sender_key), exc)
+            return
+        if notice.new_key != event.sender_key or notice.handle != event.claimed:
+            log.warning("ignored a rotation notice sent by another key than its new one")
+            return
+        now = time.time()
+        if not self.contacts.rotate(notice.handle, notice.old_key, notice.new_key, now):
+            log.warning("a rotation notice for %r not from its pinned key: kept as evidence",
+                        notice.handle)  # fmt: skip
+            return
+        moved = self.messages.readdress(notice.handle, notice.old_key, notice.new_key)
+        self._records.pop(notice.old_key, None)
+        log.info("%s rotated its key to %s (%d waiting message(s) follow)", notice.handle,
+                 fingerprint(notice.new_key)[:DISPLAY_PREFIX], moved)  # fmt: skip
+        self.events.emit(
+            "contact_rotated",
+            handle=notice.handle,
+            old_fingerprint=fingerprint(notice.old_key),
+            fingerprint=fingerprint(notice.new_key),
+            issued=notice.issued,
+        )
+        self._start_worker(notice.new_key)
 
     async def _verify_sender(self, event: SenderUnverified) -> None:
         """A key no contact holds claims a handle. A pinned handle: that is evidence of
