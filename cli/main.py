@@ -34,6 +34,7 @@ COMMANDS = {
     "status": "node:status",
     "whois": "node:whois",
     "peers": "node:peers",
+    "rotate-key": "node:rotate_key",
     "send": "messages:send",
     "inbox": "messages:inbox",
     "contacts": "messages:contacts",

@@ -50,6 +50,20 @@ def init_text(d: dict[str, Any]) -> str:
     )
 
 
+def rotate_text(d: dict[str, Any]) -> str:
+    from p2pd.identity import format_fingerprint
+
+    return "\n".join(
+        [
+            f"rotated {d['handle']}: new key {d['self_certifying']}",
+            f"fingerprint  {format_fingerprint(d['fingerprint'])}",
+            f"was          {format_fingerprint(d['old_fingerprint'])}",
+            "next: start the daemon; it publishes the new key and sends the signed notice "
+            "to your contacts",
+        ]
+    )
+
+
 def status_text(s: dict[str, Any]) -> str:
     rows = [
         ("handle", s["self_certifying"]),
@@ -104,7 +118,7 @@ def peer_event_line(event: dict[str, Any]) -> str:
 def message_line(m: dict[str, Any]) -> str:
     sent = datetime.datetime.fromtimestamp(m["sent_at"], tz=datetime.UTC)
     if m["direction"] == "in":
-        who = m["handle"] if m.get("sender_verified") else f"{m['handle']} (unverified)"
+        who = m["handle"] if m.get("sender_verified") else f"{m['from']} (unverified)"
         return f"{sent:%Y-%m-%d %H:%M:%S} {who}: {m['text']}"
     return f"{sent:%Y-%m-%d %H:%M:%S} -> {m['handle']} [{m['state']}]: {m['text']}"
 
@@ -121,17 +135,37 @@ def sent_lines_text(handle: str, count: int, delivered: int | None) -> str:
     return f"delivered: {delivered} of {count} messages to {handle}"
 
 
+def key_history_lines(c: dict[str, Any]) -> list[str]:
+    """A contact's rotation and suspected keys, one indented line each."""
+    lines = []
+    if c.get("rotated_from"):
+        lines.append(
+            f"  rotated from {c['rotated_from'][:16]} on {when(c['rotated_at'])} "
+            "(notice signed by the old key)"
+        )
+    for e in c.get("suspected_keys", []):
+        where = f" ({e['where']})" if e["where"] else ""
+        lines.append(
+            f"  SUSPECTED KEY {e['fingerprint']}: seen {e['count']}x by {e['source']}{where}, "
+            f"first {when(e['first_seen'])}, last {when(e['last_seen'])}"
+        )
+    return lines
+
+
 def contacts_text(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no contacts yet"
     lines = []
     for c in rows:
         flags = ["verified" if c["verified"] else "unverified"]
-        if c["key_changed"]:
-            flags.append(f"KEY CHANGED to {c['new_fingerprint'][:16]}")
+        if c.get("suspected_keys"):
+            flags.append(
+                f"{len({e['fingerprint'] for e in c['suspected_keys']})} other key(s) seen"
+            )
         if c["pending"]:
             flags.append(f"{c['pending']} pending")
         lines.append(f"{c['handle']:<33} {c['fingerprint'][:16]}  {', '.join(flags)}")
+        lines += key_history_lines(c)
     return "\n".join(lines)
 
 
@@ -148,12 +182,11 @@ def verify_text(r: dict[str, Any]) -> str:
     groups = r["safety_number"].split()
     number = "\n".join(" ".join(groups[i : i + 4]) for i in range(0, len(groups), 4))
     state = "verified" if r["verified"] else "not verified"
-    lines = [
-        f"{r['handle']}: {state}",
-        f"their fingerprint  {r['fingerprint_display']}",
-    ]
-    if r["key_changed"]:
-        lines.append(f"NEW KEY (not accepted) {r['new_fingerprint']}")
+    lines = [f"{r['handle']}: {state}"]
+    if r.get("previous_fingerprint"):
+        lines.append(f"pinned the key you named; was {r['previous_fingerprint']}")
+    lines.append(f"pinned fingerprint  {r['fingerprint_display']}")
+    lines += key_history_lines(r)
     lines += [
         "",
         "Safety number (compare it with theirs, in person or on a call):",
@@ -161,8 +194,15 @@ def verify_text(r: dict[str, Any]) -> str:
         "",
         qr.getvalue().rstrip("\n"),
     ]
-    if not r["verified"] or r["key_changed"]:
+    if not r["verified"]:
         lines.append(f"If it matches, run `p2pd verify {r['handle']} --accept`.")
+    if r.get("suspected_keys"):
+        lines.append(
+            "Messages and calls still go to the pinned key. If the owner of "
+            f"{r['handle']!r} really changed keys, compare fingerprints with them (their "
+            "`p2pd status`) and run "
+            f"`p2pd verify {r['handle']} --accept-new FINGERPRINT`."
+        )
     return "\n".join(lines)
 
 
@@ -172,7 +212,7 @@ def verify_text(r: dict[str, Any]) -> str:
 def call_text(c: dict[str, Any]) -> str:
     """A call's state line and, once media flowed, its statistics."""
     m = c.get("media") or {}
-    line = f"call {c['id'][:8]} {c['direction']} {c['handle']}: {c['state']}"
+    line = f"call {c['id'][:8]} {c['direction']} {c.get('display', c['handle'])}: {c['state']}"
     if c.get("reason"):
         line += f" ({c['reason']})"
     if c["duration_s"]:

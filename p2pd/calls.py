@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .errors import ConnectionLost, KeyChanged, LocalError, NotFound, P2PDError, UsageError
-from .identity import HandleRef, fingerprint
+from .errors import ConnectionLost, LocalError, NotFound, P2PDError, UsageError
+from .identity import DISPLAY_PREFIX, HandleRef, fingerprint
 from .transport.quic import QuicPeer
 
 if TYPE_CHECKING:
@@ -73,6 +73,8 @@ class Call:
     connected_at: float | None = None
     ended_at: float | None = None
     final_stats: dict[str, Any] | None = None
+    #: The peer's key is the pinned key of ``handle`` (always, for calls we place).
+    verified: bool = True
 
     def set_state(self, state: str, reason: str = "") -> None:
         self.state = state
@@ -90,6 +92,8 @@ class Call:
             "direction": self.direction,
             "handle": self.handle,
             "fingerprint": fingerprint(self.peer_key),
+            "verified": self.verified,
+            "display": caller_id(self.handle, self.peer_key, self.verified),
             "video": self.video,
             "state": self.state,
             "reason": self.reason,
@@ -97,6 +101,19 @@ class Call:
             "duration_s": round(end - self.connected_at, 3) if self.connected_at else 0.0,
             "media": stats or {},
         }
+
+
+def caller_id(handle: str, key: bytes, verified: bool) -> str:
+    """Who is calling, as `calls`, `answer` and events show it: the handle when the
+    key is its pinned key, else ``claimed#<fingerprint prefix> (unverified)``, like an
+    unverified message (a caller can claim any handle; only its key is proven)."""
+    if verified:
+        return handle
+    return f"{handle}#{fingerprint(key)[:DISPLAY_PREFIX]} (unverified)"
+
+
+#: Why a callee refused a call without ringing (the ``reason`` of a ``reject``).
+REJECT_REASONS = {"not-a-contact": "takes calls from contacts only"}
 
 
 def encode_signal(kind: str, call_id: str, **fields: Any) -> str:
@@ -119,6 +136,8 @@ def decode_signal(text: str) -> dict[str, Any]:
     for name in ("audio", "video"):
         if name in doc and not isinstance(doc[name], bool):
             raise ValueError(f"bad {name} flag")
+    if "reason" in doc and doc["reason"] not in REJECT_REASONS:
+        doc.pop("reason")  # a reason we do not know is not shown (nor its text)
     return doc
 
 
@@ -170,7 +189,8 @@ class CallManager:
             call.peer = peer or call.peer
             call.set_state("accepted")
         elif kind == "reject" and call.state == "calling":
-            self._finish(call, "rejected", f"{call.handle} rejected the call")
+            why = REJECT_REASONS.get(signal.get("reason", ""), "rejected the call")
+            self._finish(call, "rejected", f"{call.handle} {why}")
         elif kind == "busy" and call.state == "calling":
             self._finish(call, "busy", f"{call.handle} is in another call")
         elif kind == "hangup" and call.state == "ringing":
@@ -187,16 +207,32 @@ class CallManager:
         signal: dict[str, Any],
     ) -> None:
         contact = self.delivery.contacts.by_key(sender_key)
-        # A pinned contact's handle, else the claimed one (checked against the DHT and
-        # pinned in the background by delivery, as for a first message).
+        # A pinned contact's handle (verified: the key is its pin), else the claimed one,
+        # unverified (delivery checks it against the DHT and pins it in the background
+        # as for a first message, or keeps it as evidence if the handle is pinned).
         handle = contact.handle if contact else (claimed or "unknown")
+        verified = contact is not None
+        if not verified and self.delivery.config.calls.allow_from == "contacts":
+            # Refused without ringing; the caller is told why. Logged without secrets.
+            log.info("refused a call from %s: calls from contacts only",
+                     caller_id(handle, sender_key, False))  # fmt: skip
+            refused = Call(call_id, "in", handle, sender_key, bool(signal.get("video")),
+                           "rejected", reason="not a contact", verified=False)  # fmt: skip
+            refused.ended_at = refused.created
+            self.history.append(refused)
+            del self.history[:-HISTORY]
+            self._emit(refused)
+            reject = encode_signal("reject", call_id, reason="not-a-contact")
+            self._spawn(self._signal_quietly, handle, sender_key, reject)
+            return
         if self.current is not None and self.current.state not in ENDED:
             self._spawn(self._signal_quietly, handle, sender_key, encode_signal("busy", call_id))
             log.info("busy: refused a call from %s", handle)
             return
         call = Call(
-            call_id, "in", handle, sender_key, bool(signal.get("video")), "ringing", peer=peer
-        )
+            call_id, "in", handle, sender_key, bool(signal.get("video")), "ringing", peer=peer,
+            verified=verified,
+        )  # fmt: skip
         self._begin(call)
         self._spawn(self._signal_quietly, handle, sender_key, encode_signal("ringing", call_id))
         self._spawn(self._ring_timeout, call)
@@ -218,12 +254,7 @@ class CallManager:
             raise CallError("a call is already in progress: `p2pd hangup` first")
         await load_media()
         _check_media(audio_in, video_in, record, duration)
-        contact = self.delivery.contacts.get(ref.handle)
-        with trio.fail_after(15):
-            record_ = await self.delivery.dht.resolve(ref)
-        contact = self.delivery.contacts.check(ref.handle, record_.public_key, time.time())
-        if contact.pending_key is not None:
-            raise KeyChanged(f"the key of {ref.handle!r} has changed: `p2pd verify {ref.handle}`")
+        contact = await self.delivery.contact_for(ref)  # the pinned key, always
         call = Call(os.urandom(16).hex(), "out", ref.handle, contact.public_key,
                     video_in is not None, "calling")  # fmt: skip
         self._begin(call)

@@ -163,6 +163,20 @@ class LanConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CallsConfig:
+    """Incoming calls (``[calls]`` in config.toml)."""
+
+    #: Who may ring us: ``everyone`` (a caller whose key is no contact's pin is shown
+    #: as ``claimed#<fingerprint> (unverified)``) or ``contacts`` (such a call is refused
+    #: without ringing; the caller is told "takes calls from contacts only").
+    allow_from: str = "everyone"
+
+    def __post_init__(self) -> None:
+        if self.allow_from not in ("everyone", "contacts"):
+            raise UsageError("calls from must be 'everyone' or 'contacts'")
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A daemon."""
 
@@ -188,13 +202,14 @@ class NodeConfig:
     ack_timeout: float = 5.0
     #: A call not answered within this many seconds ends as "no-answer".
     ring_timeout: float = 30.0
+    calls: CallsConfig = field(default_factory=CallsConfig)
 
 
 def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(obj)}
     changes: dict[str, Any] = {}
     for name, value in section.items():
-        if name not in known or name in ("home", "dht", "quic", "lan"):
+        if name not in known or name in ("home", "dht", "quic", "lan", "calls"):
             raise UsageError(f"{where}: unknown setting {name!r}")
         current = getattr(obj, name)
         if name in ("listen",):
@@ -224,11 +239,15 @@ def load_config(home: Path) -> NodeConfig:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
-    unknown = set(doc) - {"node", "dht", "lan"}
+    unknown = set(doc) - {"node", "dht", "lan", "calls"}
     if unknown:
         raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
     dht = _apply(config.dht, doc.get("dht", {}), f"{path} [dht]")
     lan = _apply(config.lan, doc.get("lan", {}), f"{path} [lan]")
+    calls_doc = doc.get("calls", {})
+    if not isinstance(calls_doc, dict) or set(calls_doc) - {"from"}:
+        raise UsageError(f"{path} [calls]: the only setting is from = contacts|everyone")
+    calls = CallsConfig(allow_from=str(calls_doc.get("from", "everyone")))
     config = _apply(config, doc.get("node", {}), f"{path} [node]")
-    out: NodeConfig = replace(config, dht=dht, lan=lan)
+    out: NodeConfig = replace(config, dht=dht, lan=lan, calls=calls)
     return out

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,7 +65,14 @@ def _methods(node: Node) -> dict[str, Callable[[Any], Awaitable[Any]]]:
         handle = _params(params, ("handle",)).get("handle")
         if not isinstance(handle, str):
             raise UsageError("whois needs a 'handle' string")
-        return await node.whois(handle)
+        result = await node.whois(handle)
+        key = result.get("public_key") if isinstance(result, dict) else None
+        if isinstance(key, str):  # another key than a pin is evidence (issue 11, item 5)
+            node.delivery.contacts.observe(
+                str(result.get("handle", "")), bytes.fromhex(key), time.time(),
+                source="dht", place="whois",
+            )  # fmt: skip
+        return result
 
     async def send(params: Any) -> Any:
         p = _params(params, ("handle", "text", "texts"))
@@ -107,11 +115,18 @@ def _methods(node: Node) -> dict[str, Callable[[Any], Awaitable[Any]]]:
         return node.delivery.contact_list()
 
     async def verify(params: Any) -> Any:
-        p = _params(params, ("handle", "accept"))
-        handle, accept = p.get("handle"), p.get("accept", False)
-        if not isinstance(handle, str) or not isinstance(accept, bool):
-            raise UsageError("verify needs a 'handle' string and an optional 'accept' boolean")
-        return await node.delivery.verify(handle, accept=accept)
+        p = _params(params, ("handle", "accept", "accept_new"))
+        handle, accept, accept_new = p.get("handle"), p.get("accept", False), p.get("accept_new")
+        if (
+            not isinstance(handle, str)
+            or not isinstance(accept, bool)
+            or not isinstance(accept_new, str | None)
+        ):
+            raise UsageError(
+                "verify needs a 'handle' string, an optional 'accept' boolean and an "
+                "optional 'accept_new' fingerprint string"
+            )
+        return await node.delivery.verify(handle, accept=accept, accept_new=accept_new)
 
     async def check_mailbox(params: Any) -> Any:
         _params(params, ())

@@ -8,6 +8,7 @@ Leaving the context cancels them all together; routing contacts are saved on the
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
 import sqlite3
@@ -26,8 +27,10 @@ from .dht import DHT, node_id_for, open_dht
 from .discovery import LanDiscovery, LanPeer, announced_hosts, local_ips
 from .errors import NotFound
 from .identity import HandleRef, Identity, format_fingerprint, self_certifying
+from .key_rotation import stored_notice
 from .keystore import ensure_home
 from .records import HandleRecord
+from .rotation import RotationNotice
 from .store import db_path, get_meta, open_database, set_meta
 from .transport.quic import QuicEndpoint
 from .transport.udp import UdpEndpoint
@@ -40,6 +43,9 @@ REJOIN_INTERVAL = 15.0
 #: A changed prekey bundle (a one-time prekey used) is republished at most this often.
 BUNDLE_REPUBLISH_MIN = 10.0
 MAX_SAVED_CONTACTS = 200
+#: Whether handle records can carry a rotation notice (the claims work adds the field;
+#: until then our new record is only accepted where no node holds the old key's claim).
+_RECORDS_CARRY_ROTATION = "rotation" in inspect.signature(HandleRecord.create).parameters
 
 
 class Node:
@@ -71,6 +77,8 @@ class Node:
         self.record: HandleRecord | None = None
         self.replicas = 0
         self.control_path = config.home / "control.sock"
+        #: The notice of our last key rotation (`p2pd rotate-key`), if it is ours.
+        self.rotation: RotationNotice | None = None
 
     @property
     def listen_address(self) -> Address:
@@ -117,6 +125,9 @@ class Node:
     async def publish(self) -> int:
         now = int(time.time())
         sessions = self.delivery.sessions
+        extra: dict[str, Any] = {}
+        if self.rotation is not None and _RECORDS_CARRY_ROTATION:
+            extra["rotation"] = self.rotation.encode()  # storing nodes let it replace the old
         record = HandleRecord.create(
             self.identity,
             self.advertised_addresses(),
@@ -124,6 +135,7 @@ class Node:
             now=now,
             lifetime=self.config.record_lifetime,
             extension=sessions.prekey_bundle(),
+            **extra,
         )
         sessions.mark_bundle_published()
         self.replicas = await self.dht.publish(record)
@@ -338,6 +350,12 @@ async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Nod
             await nursery.start(endpoint.serve, dht.datagram_received, quic.datagram_received)
             node = Node(config, identity, endpoint, dht, conn, delivery, quic)
             node.calls = calls
+            notice = stored_notice(conn)
+            if notice is not None and notice.new_key == identity.public_key:
+                node.rotation = notice
+                delivery.announce_rotation(notice)  # once; the outbox delivers it
+            elif notice is not None and notice.old_key == identity.public_key:
+                log.warning("a key rotation was not completed: run `p2pd rotate-key` again")
             await nursery.start(calls.run)
             node._nursery = nursery
             delivery.lan_addresses = node.lan_addresses
@@ -352,6 +370,9 @@ async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Nod
                     contacts=lambda: {c.public_key: c.handle for c in contacts.all()},
                     pins=lambda h: c.public_key if (c := contacts.get(h)) else None,
                     on_peer=node.on_lan_peer,
+                    on_pin_conflict=lambda h, k, where: contacts.observe(
+                        h, k, time.time(), source="lan", place=where
+                    ),
                 )
                 await nursery.start(node.lan.run)
             await node.join()

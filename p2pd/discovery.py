@@ -184,8 +184,12 @@ class LanDiscovery:
         contacts: Callable[[], Mapping[bytes, str]],
         pins: Callable[[str], bytes | None],
         on_peer: PeerCallback | None = None,
+        on_pin_conflict: Callable[[str, bytes, str], object] | None = None,
     ) -> None:
         self._identity = identity
+        #: (handle, key, mDNS instance name) of an announcement that claims a pinned
+        #: handle with another key: the daemon keeps it as evidence.
+        self._on_pin_conflict = on_pin_conflict
         self._config = config
         self._port = port
         self._listen = list(addresses)
@@ -451,6 +455,8 @@ class LanDiscovery:
         except LanPinConflict as exc:
             self._stats["refused"] += 1
             self._complain(logging.WARNING, "%s (mDNS instance %r)", exc, name[:80])
+            if self._on_pin_conflict is not None and exc.handle:
+                self._on_pin_conflict(exc.handle, exc.key, f"mDNS {name[:80]}")
             self._forget(name)
             return
         except LanNotAContact:

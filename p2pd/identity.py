@@ -29,10 +29,12 @@ HANDLE_MIN = 3
 HANDLE_MAX = 32
 _HANDLE_RE = re.compile(r"[a-z][a-z0-9_]{2,31}")
 FINGERPRINT_LEN = 32  # base32 characters (160 bits)
-#: The prefix `init` prints in the self-certifying form: 60 bits, far beyond what
-#: grinding keys can match. A user may type a shorter one (>= MIN_PREFIX).
-DISPLAY_PREFIX = 12
-MIN_PREFIX = 6
+#: The prefix `init`, `status` and `whois` print in the self-certifying form: 80 bits.
+DISPLAY_PREFIX = 16
+#: The shortest prefix accepted on input: 60 bits. Matching a given prefix of n bits
+#: takes about 2**n key generations; at 30 bits (6 characters) that was ten core-hours,
+#: at 60 bits it is about 10**9 times more (issue 11, item 6).
+MIN_PREFIX = 12
 _B32 = set("abcdefghijklmnopqrstuvwxyz234567")
 
 
@@ -84,7 +86,8 @@ class HandleRef:
         if not (MIN_PREFIX <= len(prefix) <= FINGERPRINT_LEN) or not set(prefix) <= _B32:
             raise InvalidHandle(
                 f"invalid fingerprint prefix in {text[:80]!r}: give {MIN_PREFIX}-"
-                f"{FINGERPRINT_LEN} base32 characters (a-z, 2-7) after '#'"
+                f"{FINGERPRINT_LEN} base32 characters (a-z, 2-7) after '#' (at least "
+                f"{MIN_PREFIX * 5} bits: a shorter prefix can be matched by grinding keys)"
             )
         return cls(handle, prefix)
 

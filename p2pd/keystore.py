@@ -69,8 +69,11 @@ def save_identity(
     *,
     opslimit: int = DEFAULT_OPSLIMIT,
     memlimit: int = DEFAULT_MEMLIMIT,
+    replace: bool = False,
 ) -> Path:
-    """Write the identity; refuse to overwrite one. Returns the file's path."""
+    """Write the identity; refuse to overwrite one unless ``replace`` (`rotate-key`:
+    the new file takes the old one's place atomically, so a crash leaves one or the
+    other, whole). Returns the file's path."""
     ensure_home(home)
     path = identity_path(home)
     doc: dict[str, Any] = {
@@ -99,6 +102,10 @@ def save_identity(
         os.fsync(fd)
     finally:
         os.close(fd)
+    if replace:
+        os.replace(tmp, path)
+        _fsync_dir(home)
+        return path
     try:
         # link() fails if the target exists: no window in which an identity is overwritten.
         os.link(tmp, path)
@@ -109,6 +116,14 @@ def save_identity(
     finally:
         tmp.unlink()
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def identity_exists(home: Path) -> bool:

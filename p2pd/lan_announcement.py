@@ -115,6 +115,12 @@ class LanAnnouncementError(WireError):
 class LanPinConflict(LanAnnouncementError):
     """An announcement claims a pinned handle with another key."""
 
+    def __init__(self, message: str, *, handle: str = "", key: bytes = b"") -> None:
+        super().__init__(message)
+        #: The handle claimed and the key that signed the claim (evidence, not a pin).
+        self.handle = handle
+        self.key = key
+
 
 class LanNotAContact(LanAnnouncementError):
     """A contacts-mode announcement that none of our pinned keys recognises."""
@@ -505,7 +511,9 @@ def verify_announcement(
         if pinned_key is not None and not hmac.compare_digest(pinned_key, key):
             raise LanPinConflict(
                 f"an mDNS announcement claims {handle!r} with key {fingerprint(key)[:12]}, "
-                f"but {handle!r} is pinned to {fingerprint(pinned_key)[:12]}: ignored"
+                f"but {handle!r} is pinned to {fingerprint(pinned_key)[:12]}: ignored",
+                handle=handle,
+                key=key,
             )
         pinned = pinned_key is not None
     else:

@@ -19,12 +19,12 @@ import os
 import random
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import KeyChanged, UsageError
-from .identity import fingerprint
-from .wire import MAX_TEXT
+from .errors import UsageError
+from .identity import FINGERPRINT_LEN, MIN_PREFIX, fingerprint
+from .wire import KIND_ROTATION, KIND_TEXT, MAX_TEXT
 
 QUEUED, SENT, DELIVERED = "queued", "sent", "delivered"
 #: Outgoing and not yet acknowledged. Written out in this exact form so that SQLite uses
@@ -46,13 +46,14 @@ BACKOFF_MAX = 60.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts (
     handle TEXT PRIMARY KEY, public_key BLOB NOT NULL, verified INTEGER NOT NULL DEFAULT 0,
-    first_seen REAL NOT NULL, pending_key BLOB);
+    first_seen REAL NOT NULL, rotated_from BLOB, rotated_at REAL);
 CREATE TABLE IF NOT EXISTS messages (
     id BLOB PRIMARY KEY, direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
     handle TEXT NOT NULL, peer_key BLOB NOT NULL, seq INTEGER NOT NULL, text TEXT NOT NULL,
     state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
     sent_at_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL DEFAULT 0, envelope BLOB, via TEXT);
+    next_attempt REAL NOT NULL DEFAULT 0, envelope BLOB, via TEXT,
+    kind INTEGER NOT NULL DEFAULT 1);
 DROP INDEX IF EXISTS messages_due;
 CREATE INDEX IF NOT EXISTS messages_pending_due ON messages (next_attempt)
     WHERE direction='out' AND state IN ('queued', 'sent');
@@ -84,9 +85,12 @@ class Message:
     attempts: int
     envelope: bytes | None
     via: str | None
+    #: What the payload carries (p2pd.wire.KIND_TEXT, or KIND_ROTATION: a notice).
+    kind: int = KIND_TEXT
 
     def summary(self) -> dict[str, Any]:
         return {
+            "kind": "rotation" if self.kind == KIND_ROTATION else "text",
             "id": self.id.hex(),
             "direction": self.direction,
             "handle": self.handle,
@@ -103,24 +107,24 @@ class Message:
 
 _COLUMNS = (
     "id, direction, handle, peer_key, seq, text, state, created, updated, sent_at_ms, "
-    "attempts, envelope, via"
+    "attempts, envelope, via, kind"
 )
 
 
-_PLACES = ",".join("?" * 13)
+_PLACES = ",".join("?" * 14)
 
 
 def _values(m: Message) -> tuple[Any, ...]:
     """A message as the row _COLUMNS name (dataclasses.astuple would deep-copy)."""
     return (m.id, m.direction, m.handle, m.peer_key, m.seq, m.text, m.state, m.created,
-            m.updated, m.sent_at_ms, m.attempts, m.envelope, m.via)  # fmt: skip
+            m.updated, m.sent_at_ms, m.attempts, m.envelope, m.via, m.kind)  # fmt: skip
 
 
 def _row(row: tuple[Any, ...]) -> Message:
     return Message(
         bytes(row[0]), row[1], row[2], bytes(row[3]), int(row[4]), row[5], row[6],
         float(row[7]), float(row[8]), int(row[9]), int(row[10]),
-        None if row[11] is None else bytes(row[11]), row[12],
+        None if row[11] is None else bytes(row[11]), row[12], int(row[13]),
     )  # fmt: skip
 
 
@@ -128,6 +132,8 @@ class MessageStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         conn.executescript(_SCHEMA)
+        if "kind" not in {row[1] for row in conn.execute("PRAGMA table_info(messages)")}:
+            conn.execute("ALTER TABLE messages ADD COLUMN kind INTEGER NOT NULL DEFAULT 1")
         conn.commit()
 
     # ------------------------------------------------------------------ outgoing
@@ -138,7 +144,13 @@ class MessageStore:
         return message
 
     def enqueue_many(
-        self, handle: str, peer_key: bytes, texts: Sequence[str], now: float
+        self,
+        handle: str,
+        peer_key: bytes,
+        texts: Sequence[str],
+        now: float,
+        *,
+        kind: int = KIND_TEXT,
     ) -> list[Message]:
         """Store each of ``texts`` as a new outgoing message, in order, in one transaction:
         all durable on return, or (a text too long) none stored."""
@@ -158,7 +170,7 @@ class MessageStore:
             first = int(next_seq) - count
             messages = [
                 Message(os.urandom(16), "out", handle, peer_key, first + i, text, QUEUED,
-                        now, now, sent_at_ms, 0, None, None)
+                        now, now, sent_at_ms, 0, None, None, kind)
                 for i, text in enumerate(texts)
             ]  # fmt: skip
             self._conn.executemany(
@@ -297,6 +309,24 @@ class MessageStore:
             self._conn.commit()
         return cursor.rowcount == 1
 
+    def readdress(self, handle: str, old_key: bytes, new_key: bytes) -> int:
+        """The pin of ``handle`` moved from ``old_key`` to ``new_key`` (a rotation
+        notice, or the user's --accept-new): what still waits for the old key goes to
+        the new one, encrypted again (in a new session), after what was sent before."""
+        with self._conn:
+            self._conn.execute(
+                "INSERT INTO conversation_seq(peer_key, next_seq) SELECT ?, next_seq "
+                "FROM conversation_seq WHERE peer_key=? ON CONFLICT(peer_key) DO UPDATE "
+                "SET next_seq=MAX(next_seq, excluded.next_seq)",
+                (new_key, old_key),
+            )
+            cursor = self._conn.execute(
+                f"UPDATE messages SET peer_key=?, envelope=NULL, next_attempt=0, via=NULL "
+                f"WHERE {_PENDING} AND peer_key=? AND handle=?",
+                (new_key, old_key, handle),
+            )
+        return cursor.rowcount
+
     def retry_now(self, peer_key: bytes | None = None) -> None:
         """Make pending messages due at once (a peer came online, the user asked)."""
         if peer_key is None:
@@ -374,6 +404,43 @@ class MessageStore:
 
 # --------------------------------------------------------------------------- contacts
 
+#: Where a key that differs from a pin can be seen (the ``source`` of an evidence row).
+EVIDENCE_SOURCES = ("dht", "lan", "message", "call", "rotation")
+#: Suspected keys remembered per handle: the most recently seen ones.
+MAX_EVIDENCE_KEYS = 8
+#: ``place`` (an address, a replica, how it came) is cut to this many characters.
+MAX_EVIDENCE_PLACE = 120
+
+_CONTACTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS key_evidence (
+    handle TEXT NOT NULL, public_key BLOB NOT NULL, source TEXT NOT NULL,
+    place TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    count INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (handle, public_key, source));
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """A key other than the pinned one, seen for a pinned handle: never used by itself."""
+
+    handle: str
+    public_key: bytes
+    source: str
+    place: str
+    first_seen: float
+    last_seen: float
+    count: int
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "fingerprint": fingerprint(self.public_key),
+            "source": self.source,
+            "where": self.place,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "count": self.count,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Contact:
@@ -381,7 +448,9 @@ class Contact:
     public_key: bytes
     verified: bool
     first_seen: float
-    pending_key: bytes | None
+    #: The key a verified rotation notice moved the pin from, and when.
+    rotated_from: bytes | None = None
+    rotated_at: float | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -389,28 +458,35 @@ class Contact:
             "fingerprint": fingerprint(self.public_key),
             "verified": self.verified,
             "first_seen": self.first_seen,
-            "key_changed": self.pending_key is not None,
-            "new_fingerprint": None if self.pending_key is None else fingerprint(self.pending_key),
+            "rotated_from": None if self.rotated_from is None else fingerprint(self.rotated_from),
+            "rotated_at": self.rotated_at,
         }
 
 
 class Contacts:
-    """Pinned keys (trust on first use). A changed key is never used silently."""
+    """Pinned keys (trust on first use). A pin changes only with proof: a rotation
+    notice signed by the pinned key (:meth:`rotate`), or the user naming the new key
+    (:meth:`accept_new`). Any other key seen for a pinned handle is kept as evidence
+    (:meth:`observe`) and shown, never used."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        conn.executescript(_SCHEMA)
+        conn.executescript(_SCHEMA + _CONTACTS_SCHEMA)
+        _migrate_contacts(conn)
+        conn.commit()
 
     def get(self, handle: str) -> Contact | None:
         row = self._conn.execute(
-            "SELECT handle, public_key, verified, first_seen, pending_key FROM contacts "
-            "WHERE handle=?",
+            "SELECT handle, public_key, verified, first_seen, rotated_from, rotated_at "
+            "FROM contacts WHERE handle=?",
             (handle,),
         ).fetchone()
         if row is None:
             return None
-        pending = None if row[4] is None else bytes(row[4])
-        return Contact(row[0], bytes(row[1]), bool(row[2]), float(row[3]), pending)
+        return Contact(
+            row[0], bytes(row[1]), bool(row[2]), float(row[3]),
+            None if row[4] is None else bytes(row[4]), None if row[5] is None else float(row[5]),
+        )  # fmt: skip
 
     def by_key(self, public_key: bytes) -> Contact | None:
         row = self._conn.execute(
@@ -418,50 +494,159 @@ class Contacts:
         ).fetchone()
         return None if row is None else self.get(row[0])
 
-    def check(self, handle: str, public_key: bytes, now: float) -> Contact:
-        """Pin on first sight; return the contact if ``public_key`` is the pinned key.
-
-        A different key is remembered as pending and raises KeyChanged until the user
-        accepts it with `p2pd verify HANDLE --accept`.
-        """
-        contact = self.get(handle)
-        if contact is None:
-            self._conn.execute(
-                "INSERT INTO contacts(handle, public_key, verified, first_seen) VALUES (?,?,0,?)",
-                (handle, public_key, now),
-            )
-            self._conn.commit()
-            contact = self.get(handle)
-            assert contact is not None
-            return contact
-        if contact.public_key == public_key:
-            return contact
-        if contact.pending_key != public_key:
-            self._conn.execute(
-                "UPDATE contacts SET pending_key=? WHERE handle=?", (public_key, handle)
-            )
-            self._conn.commit()
-        raise KeyChanged(
-            f"the key of {handle!r} has changed (pinned {fingerprint(contact.public_key)[:12]}, "
-            f"now {fingerprint(public_key)[:12]}): nothing was sent. Compare safety numbers "
-            f"with `p2pd verify {handle}` and accept with `p2pd verify {handle} --accept`"
+    def pin(self, handle: str, public_key: bytes, now: float) -> Contact:
+        """The contact for ``handle``: pinned to ``public_key`` if it had no pin yet.
+        An existing pin is returned unchanged, whatever ``public_key`` is (see
+        :meth:`observe` to keep another key as evidence)."""
+        self._conn.execute(
+            "INSERT OR IGNORE INTO contacts(handle, public_key, verified, first_seen) "
+            "VALUES (?,?,0,?)",
+            (handle, public_key, now),
         )
+        self._conn.commit()
+        contact = self.get(handle)
+        assert contact is not None
+        return contact
 
-    def accept(self, handle: str) -> Contact:
-        """Mark the contact verified; if its key changed, pin the new key."""
+    def observe(
+        self, handle: str, public_key: bytes, now: float, *, source: str, place: str = ""
+    ) -> Contact | None:
+        """``public_key`` was seen for ``handle`` (a lookup, a LAN announcement, a message
+        or call that claims the handle). A key other than the pinned one is stored as
+        evidence; the pin never changes here. Returns the contact (None: not pinned)."""
+        contact = self.get(handle)
+        if contact is None or contact.public_key == public_key:
+            return contact
+        self.add_evidence(handle, public_key, now, source=source, place=place)
+        return contact
+
+    def add_evidence(
+        self, handle: str, public_key: bytes, now: float, *, source: str, place: str = ""
+    ) -> None:
+        if source not in EVIDENCE_SOURCES:
+            raise ValueError(f"unknown evidence source {source!r}")
+        place = "".join(c if c.isprintable() else "?" for c in place[:MAX_EVIDENCE_PLACE])
+        with self._conn:
+            self._conn.execute(
+                "INSERT INTO key_evidence(handle, public_key, source, place, first_seen, "
+                "last_seen, count) VALUES (?,?,?,?,?,?,1) "
+                "ON CONFLICT(handle, public_key, source) DO UPDATE SET "
+                "place=excluded.place, last_seen=excluded.last_seen, count=count+1",
+                (handle, public_key, source, place, now, now),
+            )
+            # Bounded: the keys seen most recently are kept (a flood of made-up keys
+            # pushes out older ones, never the pin, which is not evidence).
+            self._conn.execute(
+                "DELETE FROM key_evidence WHERE handle=? AND public_key NOT IN ("
+                "SELECT public_key FROM key_evidence WHERE handle=? GROUP BY public_key "
+                "ORDER BY MAX(last_seen) DESC LIMIT ?)",
+                (handle, handle, MAX_EVIDENCE_KEYS),
+            )
+
+    def evidence(self, handle: str) -> list[Evidence]:
+        rows = self._conn.execute(
+            "SELECT handle, public_key, source, place, first_seen, last_seen, count "
+            "FROM key_evidence WHERE handle=? ORDER BY last_seen DESC",
+            (handle,),
+        ).fetchall()
+        return [
+            Evidence(r[0], bytes(r[1]), r[2], r[3], float(r[4]), float(r[5]), int(r[6]))
+            for r in rows
+        ]
+
+    def mark_verified(self, handle: str) -> Contact:
+        """The user compared safety numbers: the current pin is verified."""
+        contact = self._require(handle)
+        self._conn.execute("UPDATE contacts SET verified=1 WHERE handle=?", (handle,))
+        self._conn.commit()
+        return replace(contact, verified=True)
+
+    def accept_new(self, handle: str, named: str, now: float) -> tuple[Contact, bytes]:
+        """Pin the suspected key the user named (its full fingerprint, or a prefix of at
+        least MIN_PREFIX characters that matches exactly one suspected key), verified.
+        Returns the contact and the key it was pinned to before. A name that matches
+        none, or several, is a UsageError and changes nothing."""
+        contact = self._require(handle)
+        named = named.strip().replace(" ", "").lower()
+        if not MIN_PREFIX <= len(named) <= FINGERPRINT_LEN:
+            raise UsageError(
+                f"name the key to accept by its fingerprint: {MIN_PREFIX}-{FINGERPRINT_LEN} "
+                "base32 characters (see `p2pd verify "
+                f"{handle}`)"
+            )
+        keys = {e.public_key for e in self.evidence(handle)}
+        matches = [k for k in keys if fingerprint(k).startswith(named)]
+        if not matches and fingerprint(contact.public_key).startswith(named):
+            raise UsageError(f"{named!r} is the key {handle!r} is pinned to already")
+        if not matches:
+            raise UsageError(
+                f"no suspected key of {handle!r} has the fingerprint {named!r}: nothing "
+                f"changed (`p2pd verify {handle}` lists them)"
+            )
+        if len(matches) > 1:
+            raise UsageError(
+                f"{named!r} matches {len(matches)} suspected keys of {handle!r}: give more "
+                "of the fingerprint; nothing changed"
+            )
+        (new_key,) = matches
+        with self._conn:
+            self._conn.execute(
+                "UPDATE contacts SET public_key=?, verified=1, rotated_from=NULL, "
+                "rotated_at=NULL WHERE handle=?",
+                (new_key, handle),
+            )
+            self._conn.execute(
+                "DELETE FROM key_evidence WHERE handle=? AND public_key=?", (handle, new_key)
+            )
+        updated = self.get(handle)
+        assert updated is not None
+        return updated, contact.public_key
+
+    def rotate(self, handle: str, old_key: bytes, new_key: bytes, now: float) -> bool:
+        """A verified rotation notice moves ``handle`` from ``old_key`` to ``new_key``:
+        the pin follows if, and only if, it is ``old_key`` (verified stays as it was:
+        the pinned key itself vouched for the new one). Otherwise the new key is only
+        evidence. True if the pin moved."""
+        with self._conn:
+            cursor = self._conn.execute(
+                "UPDATE contacts SET public_key=?, rotated_from=?, rotated_at=? "
+                "WHERE handle=? AND public_key=?",
+                (new_key, old_key, now, handle, old_key),
+            )
+            moved = cursor.rowcount == 1
+            if moved:
+                self._conn.execute(
+                    "DELETE FROM key_evidence WHERE handle=? AND public_key=?", (handle, new_key)
+                )
+        if not moved:
+            self.observe(handle, new_key, now, source="rotation", place="notice not from the pin")
+        return moved
+
+    def _require(self, handle: str) -> Contact:
         contact = self.get(handle)
         if contact is None:
             raise UsageError(f"{handle!r} is not a contact yet: `p2pd whois {handle}` first")
-        self._conn.execute(
-            "UPDATE contacts SET public_key=COALESCE(pending_key, public_key), "
-            "pending_key=NULL, verified=1 WHERE handle=?",
-            (handle,),
-        )
-        self._conn.commit()
-        updated = self.get(handle)
-        assert updated is not None
-        return updated
+        return contact
 
     def all(self) -> list[Contact]:
         rows = self._conn.execute("SELECT handle FROM contacts ORDER BY handle").fetchall()
         return [c for (h,) in rows if (c := self.get(h)) is not None]
+
+
+def _migrate_contacts(conn: sqlite3.Connection) -> None:
+    """Idempotent: a database from before pins needed proof had ``pending_key`` (a key a
+    lookup saw, which blocked sending): it becomes an evidence row and the column goes.
+    The rotation columns are added where missing."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(contacts)")}
+    if "rotated_from" not in columns:
+        conn.execute("ALTER TABLE contacts ADD COLUMN rotated_from BLOB")
+    if "rotated_at" not in columns:
+        conn.execute("ALTER TABLE contacts ADD COLUMN rotated_at REAL")
+    if "pending_key" in columns:
+        conn.execute(
+            "INSERT OR IGNORE INTO key_evidence(handle, public_key, source, place, "
+            "first_seen, last_seen, count) SELECT handle, pending_key, 'dht', "
+            "'a lookup (before this version)', first_seen, first_seen, 1 FROM contacts "
+            "WHERE pending_key IS NOT NULL AND pending_key != public_key"
+        )
+        conn.execute("ALTER TABLE contacts DROP COLUMN pending_key")

@@ -430,6 +430,10 @@ MESSAGE_VERSION = 1
 KIND_TEXT = 1
 #: A call signal (p2pd/calls.py): ``text`` is a small JSON object; never stored.
 KIND_CALL = 2
+#: A key rotation notice (p2pd/rotation.py): ``text`` is the notice's bytes in hex, at
+#: most MAX_ROTATION_TEXT characters; acked, acted on, never stored as a message.
+KIND_ROTATION = 3
+MAX_ROTATION_TEXT = 2 * 256
 MESSAGE_ID_LEN = 16
 MAX_TEXT = 64 * 1024
 FRAME_MESSAGE = 1
@@ -479,7 +483,7 @@ class MessagePayload:
         if r.u8() != MESSAGE_VERSION:
             raise WireError("unknown message version")
         kind = r.u8()
-        if kind not in (KIND_TEXT, KIND_CALL):
+        if kind not in (KIND_TEXT, KIND_CALL, KIND_ROTATION):
             raise WireError(f"unknown message kind {kind}")
         sender_len = r.u8()
         if sender_len > MAX_HANDLE_LEN:
@@ -493,7 +497,7 @@ class MessagePayload:
         msg_id = r.take(MESSAGE_ID_LEN)
         seq, sent_at = r.u64(), r.u64()
         (length,) = struct.unpack(">I", r.take(4))
-        if length > MAX_TEXT:
+        if length > (MAX_ROTATION_TEXT if kind == KIND_ROTATION else MAX_TEXT):
             raise WireError("message text too long")
         try:
             text = r.take(length).decode("utf-8")

@@ -75,13 +75,16 @@ def test_whois_human_output_and_exit_codes(root: Path, network: dict[str, Daemon
     assert network["carol"].handle in proc.stdout
     assert network["carol"].listen in proc.stdout
 
-    good = network["alice"].handle  # alice#<12 chars of fingerprint>
+    good = network["alice"].handle  # alice#<16 chars of fingerprint>
+    assert len(good) == len("alice#") + 16
     assert run_cli(root / "bob", "whois", good).returncode == 0
-    short = good[: len("alice#") + 6]
-    assert run_cli(root / "bob", "whois", short).returncode == 0
+    shortest = good[: len("alice#") + 12]
+    assert run_cli(root / "bob", "whois", shortest).returncode == 0
+    proc = run_cli(root / "bob", "whois", shortest[:-1])  # 11 characters: 55 bits
+    assert proc.returncode == 2 and "12-32 base32 characters" in proc.stderr
 
     fp = network["alice"].fingerprint
-    wrong = "alice#" + ("b" if fp[0] == "a" else "a") + fp[1:8]
+    wrong = "alice#" + ("b" if fp[0] == "a" else "a") + fp[1:12]
     proc = run_cli(root / "bob", "whois", wrong)
     assert proc.returncode == 1
     assert "does not match" in proc.stderr or "matches the fingerprint" in proc.stderr
@@ -305,3 +308,24 @@ def test_an_idle_daemon_has_no_media_stack_and_stops_at_once(
     assert not (home / "control.sock").exists()
     with contextlib.closing(sqlite3.connect(db_path(home))) as db:
         assert db.execute("SELECT count(*) FROM dht_contacts").fetchone()[0] > 0
+
+
+def test_rotate_key_rules(root: Path, network: dict[str, DaemonProcess]) -> None:
+    """rotate-key: refused while the daemon runs and without --yes off a terminal; then
+    a new key under the same passphrase, mode 0600, the handle kept."""
+    proc = run_cli(root / "bob", "rotate-key", "--yes")
+    assert proc.returncode == 1 and "stop it first" in proc.stderr
+    home = root / "rotor"
+    (root / "rotor-pass").write_text("rotor passphrase\n")
+    passphrase = ("--passphrase-file", str(root / "rotor-pass"))
+    created = cli_json(home, "init", "rotor", *passphrase)
+    proc = run_cli(home, "rotate-key", *passphrase)
+    assert proc.returncode == 2 and "--yes" in proc.stderr
+    rotated = cli_json(home, "rotate-key", "--yes", *passphrase)
+    assert rotated["old_fingerprint"] == created["fingerprint"] != rotated["fingerprint"]
+    assert rotated["self_certifying"] == f"rotor#{rotated['fingerprint'][:16]}"
+    assert stat.S_IMODE((home / "identity.json").stat().st_mode) == 0o600
+    doc = json.loads((home / "identity.json").read_text())
+    assert doc["protection"] == "argon2id-secretbox" and doc["handle"] == "rotor"
+    proc = run_cli(home, "rotate-key", "--yes", env={"P2PD_PASSPHRASE": "wrong"})
+    assert proc.returncode == 1 and "passphrase does not open" in proc.stderr

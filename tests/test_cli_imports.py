@@ -78,7 +78,7 @@ def test_init_loads_the_keystore_but_not_the_daemon(tmp_path: Path) -> None:
 
 
 def test_whois_parses_the_handle_without_loading_nacl(tmp_path: Path) -> None:
-    args = ["--home", str(tmp_path), "whois", "alice#abcdefgh"]
+    args = ["--home", str(tmp_path), "whois", "alice#abcdefghijkl"]
     assert loaded_after(args, ("p2pd.identity", "nacl")) == ["p2pd.identity"]
 
 

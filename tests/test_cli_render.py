@@ -41,8 +41,17 @@ def test_status_before_the_record_is_published() -> None:
 
 
 def test_messages() -> None:
-    received = {"sent_at": 0, "direction": "in", "handle": "alice", "text": "hi"}
-    assert render.message_line(received) == "1970-01-01 00:00:00 alice (unverified): hi"
+    received = {
+        "sent_at": 0,
+        "direction": "in",
+        "handle": "alice",
+        "from": "alice#mallorymallory",
+        "text": "hi",
+    }
+    # Unverified: the claimed handle with the sender's own key, never the bare handle.
+    assert render.message_line(received) == (
+        "1970-01-01 00:00:00 alice#mallorymallory (unverified): hi"
+    )
     verified = {**received, "sender_verified": True}
     assert render.message_line(verified) == "1970-01-01 00:00:00 alice: hi"
     sent = {"sent_at": 0, "direction": "out", "handle": "bob", "state": "sent", "text": "yo"}
@@ -56,17 +65,28 @@ def test_messages() -> None:
 
 def test_contacts() -> None:
     assert render.contacts_text([]) == "no contacts yet"
-    changed = {
+    suspected = {
+        "fingerprint": "c" * 32,
+        "source": "dht",
+        "where": "whois",
+        "first_seen": 0,
+        "last_seen": 0,
+        "count": 2,
+    }
+    carol = {
         "handle": "carol",
         "fingerprint": "b" * 32,
         "verified": False,
-        "key_changed": True,
-        "new_fingerprint": "c" * 32,
+        "rotated_from": "a" * 32,
+        "rotated_at": 0,
+        "suspected_keys": [suspected, {**suspected, "source": "message", "where": "direct"}],
         "pending": 3,
     }
-    assert render.contacts_text([changed]) == (
-        f"{'carol':<33} {'b' * 16}  unverified, KEY CHANGED to {'c' * 16}, 3 pending"
-    )
+    lines = render.contacts_text([carol]).splitlines()
+    assert lines[0] == f"{'carol':<33} {'b' * 16}  unverified, 1 other key(s) seen, 3 pending"
+    assert lines[1].startswith(f"  rotated from {'a' * 16} on 1970-01-01 00:00:00 UTC")
+    assert lines[2].startswith(f"  SUSPECTED KEY {'c' * 32}: seen 2x by dht (whois), first 1970")
+    assert lines[3].startswith(f"  SUSPECTED KEY {'c' * 32}: seen 2x by message (direct)")
 
 
 def test_calls() -> None:

@@ -52,3 +52,13 @@ def test_lan_section_of_the_config_file(tmp_path: Path) -> None:
         (tmp_path / "config.toml").write_text(f"[lan]\n{bad}\n")
         with pytest.raises(UsageError):
             load_config(tmp_path)
+
+
+def test_calls_section_of_the_config_file(tmp_path: Path) -> None:
+    assert load_config(tmp_path).calls.allow_from == "everyone"
+    (tmp_path / "config.toml").write_text('[calls]\nfrom = "contacts"\n')
+    assert load_config(tmp_path).calls.allow_from == "contacts"
+    for bad in ('[calls]\nfrom = "friends"\n', "[calls]\nring = 3\n"):
+        (tmp_path / "config.toml").write_text(bad)
+        with pytest.raises(UsageError, match="contacts"):
+            load_config(tmp_path)

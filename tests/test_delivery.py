@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from p2pd import wire
-from p2pd.config import LanConfig, NodeConfig
+from p2pd import control, wire
+from p2pd.calls import encode_signal
+from p2pd.config import CallsConfig, LanConfig, NodeConfig
 from p2pd.daemon import Node, open_node
-from p2pd.errors import ConnectionLost, KeyChanged, PeerKeyMismatch
-from p2pd.identity import Identity
+from p2pd.errors import ConnectionLost, PeerKeyMismatch, UsageError
+from p2pd.identity import HandleRef, Identity
+from p2pd.key_rotation import rotate_identity
+from p2pd.keystore import load_identity, save_identity
 from p2pd.messaging import DELIVERED
+from p2pd.records import HandleRecord
 from p2pd.testing.daemons import short_tempdir
 from p2pd.transport.quic import QuicPeer, QuicStream
 from p2pd.wire import Address
+from p2pd_cli import render
 
 LOOPBACK_ANY_PORT = Address("127.0.0.1", 0)
 
@@ -43,8 +50,10 @@ async def node(
     bootstrap: tuple[Address, ...] = (),
     listen: Address = LOOPBACK_ANY_PORT,
     home: str | None = None,
+    calls_from: str = "everyone",
 ) -> AsyncIterator[Node]:
     config = NodeConfig(
+        calls=CallsConfig(allow_from=calls_from),
         home=root / (home or identity.handle),
         listen=listen,
         bootstrap=bootstrap,
@@ -175,23 +184,197 @@ async def test_impostor_at_the_peers_address_gets_nothing(root: Path) -> None:
                 assert alice.delivery.messages.get(first.id).state == DELIVERED  # type: ignore[union-attr]
 
 
-async def test_a_changed_key_stops_sending(root: Path) -> None:
-    """A contact whose record now carries another key: nothing is sent until accepted."""
+def poison_plain_lookups(victim: Node, rival: HandleRecord) -> None:
+    """Make every plain lookup of ``rival.handle`` by ``victim`` return the rival's
+    (validly signed) record, as a DHT an attacker steers would; a self-certifying lookup
+    still filters by key, as it does in the real DHT."""
+    real = victim.dht.resolve
+
+    async def resolve(ref: HandleRef) -> HandleRecord:
+        if ref.handle == rival.handle and ref.matches(rival.public_key):
+            return rival
+        return await real(ref)
+
+    victim.dht.resolve = resolve  # type: ignore[method-assign]
+
+
+async def test_another_key_for_a_pinned_handle_is_evidence_and_never_used(root: Path) -> None:
+    """Mallory holds a key of her own under the handle "bob": lookups return it and she
+    writes to alice as "bob". Alice's pin holds, sending to bob never stops, every sign
+    of the other key is shown as evidence, and only naming a key installs it."""
     alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
-    with trio.fail_after(60):
-        async with node(root, alice_id) as alice:
-            async with node(root, bob_id, bootstrap=(alice.listen_address,)):
-                await alice.delivery.send("bob", "hi")
-            # a new bob (another key) on a fresh network view: alice's pin must hold
-            alice.delivery.contacts._conn.execute(
-                "UPDATE contacts SET public_key=? WHERE handle='bob'", (os.urandom(32),)
+    fake_bob = Identity.generate("bob")  # mallory's key, claiming bob's handle
+    with trio.fail_after(90):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+            node(root, fake_bob, bootstrap=(alice.listen_address,), home="mallory") as mallory,
+        ):
+            first = await alice.delivery.send("bob", "hello")
+            await wait_for(lambda: inbox_texts(bob) == ["hello"])
+            rival = HandleRecord.create(
+                fake_bob, [mallory.listen_address], seq=1, now=int(time.time()), lifetime=3600,
+                extension=mallory.delivery.sessions.prekey_bundle(),
+            )  # fmt: skip
+            poison_plain_lookups(alice, rival)
+            # whois shows what the DHT says; the other key is kept as evidence
+            whois = await control._methods(alice)["whois"]({"handle": "bob"})
+            assert whois["fingerprint"] == fake_bob.fingerprint
+            # mallory writes to alice, claiming to be bob
+            await mallory.delivery.send("alice", "it's bob, new phone")
+            await wait_for(lambda: len(alice.delivery.contacts.evidence("bob")) == 2)
+            (claimed,) = alice.delivery.inbox(sender=None, after=0, limit=10)["messages"]
+            assert claimed["text"] == "it's bob, new phone" and not claimed["sender_verified"]
+            assert claimed["from"] == f"bob#{fake_bob.fingerprint[:16]}"
+            assert render.message_line(claimed).endswith(
+                f"bob#{fake_bob.fingerprint[:16]} (unverified): it's bob, new phone"
             )
-            alice.delivery.contacts._conn.commit()
-            async with node(root, bob_id, bootstrap=(alice.listen_address,), home="bob"):
-                with pytest.raises(KeyChanged, match="verify bob"):
-                    await alice.delivery.send("bob", "are you still you?")
-                contact = alice.delivery.contacts.get("bob")
-                assert contact is not None and contact.pending_key == bob_id.public_key
-                accepted = await alice.delivery.verify("bob", accept=True)
-                assert accepted["verified"] and not accepted["key_changed"]
-                await alice.delivery.send("bob", "verified now")
+            assert alice.delivery.inbox(sender="bob", after=0, limit=10)["messages"] == []
+            # sending is not blocked, and goes to the pinned key only
+            second = await alice.delivery.send("bob", "are you still you?")
+            assert second.peer_key == bob_id.public_key
+            await wait_for(lambda: inbox_texts(bob) == ["hello", "are you still you?"])
+            assert alice.delivery.messages.get(first.id).state == DELIVERED  # type: ignore[union-attr]
+            assert inbox_texts(mallory) == []
+            # contacts and verify show the pin and every suspected key, how it was seen
+            (row,) = [c for c in alice.delivery.contact_list() if c["handle"] == "bob"]
+            assert row["fingerprint"] == bob_id.fingerprint
+            assert {(e["fingerprint"], e["source"], e["where"]) for e in row["suspected_keys"]} == {
+                (fake_bob.fingerprint, "dht", "whois"),
+                (fake_bob.fingerprint, "message", "direct"),
+            }
+            text = render.contacts_text(alice.delivery.contact_list())
+            assert f"SUSPECTED KEY {fake_bob.fingerprint}: seen 1x by message" in text
+            checked = await alice.delivery.verify("bob", accept=True)  # the pin, verified
+            assert checked["verified"] and checked["fingerprint"] == bob_id.fingerprint
+            assert "--accept-new" in render.verify_text(checked)
+            for wrong in (Identity.generate("bob").fingerprint, bob_id.fingerprint[:12], "abc"):
+                with pytest.raises(UsageError):
+                    await alice.delivery.verify("bob", accept_new=wrong)
+                assert alice.delivery.contacts.get("bob").public_key == bob_id.public_key  # type: ignore[union-attr]
+            # naming the key installs it (here: the user chose to believe mallory)
+            moved = await alice.delivery.verify("bob", accept_new=fake_bob.fingerprint[:12])
+            assert moved["fingerprint"] == fake_bob.fingerprint
+            assert moved["previous_fingerprint"] == bob_id.fingerprint
+            third = await alice.delivery.send("bob", "to the key I named")
+            assert third.peer_key == fake_bob.public_key
+            await wait_for(lambda: "to the key I named" in inbox_texts(mallory))
+
+
+async def next_call_event(events: trio.MemoryReceiveChannel[dict[str, Any]]) -> dict[str, Any]:
+    while (event := await events.receive())["event"] != "call":
+        pass
+    return event
+
+
+async def test_caller_id_marks_a_key_that_is_not_the_pin(root: Path) -> None:
+    """A call from bob's pinned key shows "bob"; one from another key claiming "bob"
+    shows bob#<its fingerprint> (unverified), in `calls` and in the events."""
+    alice_id, bob_id, fake_bob = (Identity.generate(h) for h in ("alice", "bob", "bob"))
+    with trio.fail_after(60):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+            node(root, fake_bob, bootstrap=(alice.listen_address,), home="mallory") as mallory,
+        ):
+            await alice.delivery.send("bob", "hi")  # pins bob
+            assert alice.calls is not None
+            async with alice.events.subscribe() as events:
+                for caller in (bob, mallory):
+                    offer = encode_signal("offer", os.urandom(16).hex(), audio=True)
+                    await caller.delivery.send_signal("alice", alice_id.public_key, offer)
+                    await wait_for(lambda: alice.calls.current.state == "ringing")  # type: ignore[union-attr]
+                    ringing = alice.calls.calls()[0]
+                    event = await next_call_event(events)
+                    assert event["id"] == ringing["id"]
+                    for shown in (ringing, event):
+                        if caller is bob:
+                            assert shown["verified"] and shown["display"] == "bob"
+                        else:
+                            assert not shown["verified"] and shown["handle"] == "bob"
+                            assert shown["display"] == (
+                                f"bob#{fake_bob.fingerprint[:16]} (unverified)"
+                            )
+                            assert render.call_text(shown).endswith(
+                                f"in bob#{fake_bob.fingerprint[:16]} (unverified): ringing"
+                            )
+                    await alice.calls.hangup()
+                    while (await next_call_event(events))["state"] == "ringing":
+                        pass
+            # the stranger's claim to "bob" is kept as evidence against the pin
+            await wait_for(lambda: alice.delivery.contacts.evidence("bob") != [])
+            assert [e.source for e in alice.delivery.contacts.evidence("bob")] == ["call"]
+
+
+async def test_calls_from_contacts_refuses_a_stranger(root: Path) -> None:
+    """[calls] from = contacts: a stranger's call is refused without ringing, and the
+    caller is told why; a contact still rings."""
+    alice_id, bob_id, eve_id = (Identity.generate(h) for h in ("alice", "bob", "eve"))
+    with trio.fail_after(90):
+        async with (
+            node(root, alice_id, calls_from="contacts") as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+            node(root, eve_id, bootstrap=(alice.listen_address,)) as eve,
+        ):
+            assert eve.calls is not None and alice.calls is not None
+            placed = await eve.calls.call(
+                "alice", audio_in=None, video_in=None, record=None, duration=None
+            )
+            assert placed.state == "rejected"
+            assert placed.reason == "alice takes calls from contacts only"
+            (refused,) = alice.calls.calls()
+            assert refused["state"] == "rejected" and refused["reason"] == "not a contact"
+            assert not refused["verified"] and alice.calls.current is None
+            await alice.delivery.send("bob", "hi")  # bob is a contact now
+            offer = encode_signal("offer", os.urandom(16).hex(), audio=True)
+            await bob.delivery.send_signal("alice", alice_id.public_key, offer)
+            await wait_for(lambda: alice.calls.current is not None)  # type: ignore[union-attr]
+            assert alice.calls.current.state == "ringing" and alice.calls.current.verified  # type: ignore[union-attr]
+
+
+async def test_bob_rotates_his_key_and_alice_follows(root: Path) -> None:
+    """`rotate-key` end to end: bob's daemon stops, rotates, starts with the new key;
+    alice's pin moves on the notice signed by the key she had pinned (contacts shows
+    it), and her next message goes to bob's new key, which reads it."""
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    save_identity(root / "bob", bob_id, None)
+    with trio.fail_after(90):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, Identity.generate("carol"), bootstrap=(alice.listen_address,)),
+        ):
+            async with node(root, bob_id, bootstrap=(alice.listen_address,)) as bob:
+                await alice.delivery.send("bob", "hello")
+                await bob.delivery.send("alice", "hi alice")
+                await wait_for(lambda: inbox_texts(bob) == ["hello"])
+                await wait_for(lambda: inbox_texts(alice) == ["hi alice"])
+            new_bob, notice = rotate_identity(root / "bob", None)
+            assert notice.moves("bob", bob_id.public_key, new_bob.public_key)
+            assert load_identity(root / "bob", None).public_key == new_bob.public_key
+            async with (
+                alice.events.subscribe() as events,
+                node(root, new_bob, bootstrap=(alice.listen_address,)) as bob,
+            ):
+                await wait_for(
+                    lambda: alice.delivery.contacts.get("bob").public_key == new_bob.public_key  # type: ignore[union-attr]
+                )
+                while (event := await events.receive())["event"] != "contact_rotated":
+                    pass
+                assert event["old_fingerprint"] == bob_id.fingerprint
+                assert event["fingerprint"] == new_bob.fingerprint
+                (row,) = [c for c in alice.delivery.contact_list() if c["handle"] == "bob"]
+                assert row["rotated_from"] == bob_id.fingerprint and row["suspected_keys"] == []
+                assert f"rotated from {bob_id.fingerprint[:16]} on " in render.contacts_text(
+                    alice.delivery.contact_list()
+                )
+                after = await alice.delivery.send("bob", "after the rotation")
+                assert after.peer_key == new_bob.public_key
+
+                def bob_read_it() -> bool:
+                    bob.delivery.poll_mailbox_now()
+                    return "after the rotation" in inbox_texts(bob)
+
+                await wait_for(bob_read_it, timeout=30)
+                mine = bob.delivery.inbox(sender="alice", after=0, limit=10)["messages"]
+                assert [m["text"] for m in mine] == ["hello", "after the rotation"]
+                assert all(m["sender_verified"] for m in mine)  # bob's pin of alice held

@@ -61,7 +61,7 @@ INVALID_HANDLES = [
     "alice\u0301",  # combining accent
     "a\u0661bc",  # Arabic-Indic digit one
     "al.ice",
-    "alice#abcdef",
+    "alice#abcdefghijkl",
 ]
 
 
@@ -122,11 +122,11 @@ def test_handle_ref_full_fingerprint_is_accepted(alice: Identity) -> None:
 
 def test_handle_ref_prefix_mixed_case_is_lowercased(alice: Identity) -> None:
     """People may type the fingerprint in capitals; it still names the same key."""
-    typed = alice.fingerprint[:10].upper()
-    mixed = "".join(c.upper() if i % 2 else c for i, c in enumerate(alice.fingerprint[:10]))
+    typed = alice.fingerprint[:14].upper()
+    mixed = "".join(c.upper() if i % 2 else c for i, c in enumerate(alice.fingerprint[:14]))
     for text in (typed, mixed):
         ref = HandleRef.parse(f"alice#{text}")
-        assert ref.fingerprint_prefix == alice.fingerprint[:10]
+        assert ref.fingerprint_prefix == alice.fingerprint[:14]
         assert ref.matches(alice.public_key)
 
 
@@ -135,25 +135,29 @@ def test_handle_ref_prefix_mixed_case_is_lowercased(alice: Identity) -> None:
     [
         "alice#",
         "alice#abcde",  # 5 < MIN_PREFIX
-        "alice#abcde0",  # 0 is not base32
-        "alice#abcde1",  # 1 is not base32
-        "alice#abcde8",
-        "alice#abc-def",
-        "alice#abc def",
-        "alice#abcdef#",
+        "alice#abcdefghijk",  # 11 < MIN_PREFIX: 55 bits, within reach of grinding
+        "alice#abcdefghijk0",  # 0 is not base32
+        "alice#abcdefghijk1",  # 1 is not base32
+        "alice#abcdefghijk8",
+        "alice#abcdef-ghijk",
+        "alice#abcdef ghijk",
+        "alice#abcdefghijkl#",
         "alice#" + "a" * (FINGERPRINT_LEN + 1),
         "alice#abcdéf",
     ],
 )
 def test_handle_ref_bad_prefix_is_refused(text: str) -> None:
-    """A prefix must be 6-32 base32 characters; the error says so."""
+    """A prefix must be 12-32 base32 characters (60 bits or more); the error says so."""
     with pytest.raises(InvalidHandle) as info:
         HandleRef.parse(text)
     assert "base32" in str(info.value)
     assert f"{MIN_PREFIX}-{FINGERPRINT_LEN}" in str(info.value)
+    assert "12-32" in str(info.value) and "60 bits" in str(info.value)
 
 
-@pytest.mark.parametrize("text", ["Alice#abcdef", "#abcdef", "al#abcdef", "al ice"])
+@pytest.mark.parametrize(
+    "text", ["Alice#abcdefghijkl", "#abcdefghijkl", "al#abcdefghijkl", "al ice"]
+)
 def test_handle_ref_bad_handle_is_refused(text: str) -> None:
     with pytest.raises(InvalidHandle):
         HandleRef.parse(text)
@@ -205,10 +209,10 @@ def test_format_fingerprint_groups_of_four(alice: Identity) -> None:
 
 
 def test_self_certifying_form(alice: Identity) -> None:
-    """``init`` prints ``handle#<12 chars of fingerprint>``, which parses back to the key."""
+    """``init`` prints ``handle#<16 chars of fingerprint>``, which parses back to the key."""
     text = self_certifying("alice", alice.public_key)
     assert text == f"alice#{alice.fingerprint[:DISPLAY_PREFIX]}"
-    assert len(text.split("#")[1]) == DISPLAY_PREFIX == 12
+    assert len(text.split("#")[1]) == DISPLAY_PREFIX == 16
     ref = HandleRef.parse(text)
     assert ref.handle == "alice"
     assert ref.matches(alice.public_key)

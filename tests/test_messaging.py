@@ -10,13 +10,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pd import wire
-from p2pd.errors import KeyChanged, UsageError, WireError
-from p2pd.messaging import DELIVERED, QUEUED, SENT, Contacts, MessageStore, backoff
+from p2pd import messaging, wire
+from p2pd.errors import UsageError, WireError
+from p2pd.identity import Identity, fingerprint
+from p2pd.messaging import (
+    DELIVERED,
+    MAX_EVIDENCE_KEYS,
+    MAX_EVIDENCE_PLACE,
+    QUEUED,
+    SENT,
+    Contacts,
+    MessageStore,
+    backoff,
+)
 from p2pd.store import open_database
 
 BOB = b"b" * 32
 CAROL = b"c" * 32
+MALLORY = b"m" * 32
 
 
 def test_outbox_lifecycle_queued_sent_delivered() -> None:
@@ -103,22 +114,99 @@ def test_enqueue_many_is_in_order_and_all_or_nothing() -> None:
     assert [m.seq for m in store.enqueue_many("carol", CAROL, ["x"], now=6.0)] == [1]
 
 
-def test_contacts_pin_first_key_and_refuse_a_changed_one() -> None:
+def test_a_pin_never_changes_by_itself_other_keys_are_evidence() -> None:
     contacts = Contacts(open_database(None))
-    first = contacts.check("bob", BOB, 1.0)
+    first = contacts.pin("bob", BOB, 1.0)
     assert first.public_key == BOB and not first.verified
-    assert contacts.check("bob", BOB, 2.0).public_key == BOB
-    with pytest.raises(KeyChanged, match="has changed"):
-        contacts.check("bob", b"x" * 32, 3.0)
-    pending = contacts.get("bob")
-    assert pending is not None and pending.public_key == BOB and pending.pending_key == b"x" * 32
-    with pytest.raises(KeyChanged):  # still refused until accepted
-        contacts.check("bob", b"x" * 32, 4.0)
-    accepted = contacts.accept("bob")
-    assert accepted.public_key == b"x" * 32 and accepted.verified and accepted.pending_key is None
-    assert contacts.check("bob", b"x" * 32, 5.0).verified
-    with pytest.raises(UsageError):
-        contacts.accept("nobody")
+    assert contacts.pin("bob", MALLORY, 2.0).public_key == BOB  # a later key: not pinned
+    contacts.observe("bob", MALLORY, 3.0, source="dht", place="whois")
+    contacts.observe("bob", MALLORY, 4.0, source="dht", place="whois")
+    contacts.observe("bob", MALLORY, 5.0, source="message", place="mailbox")
+    contacts.observe("bob", BOB, 6.0, source="dht")  # the pin itself is no evidence
+    bob = contacts.get("bob")
+    assert bob is not None and bob.public_key == BOB
+    seen = {(e.public_key, e.source): e for e in contacts.evidence("bob")}
+    assert set(seen) == {(MALLORY, "dht"), (MALLORY, "message")}
+    dht = seen[MALLORY, "dht"]
+    assert (dht.count, dht.first_seen, dht.last_seen, dht.place) == (2, 3.0, 4.0, "whois")
+    assert contacts.observe("nobody", MALLORY, 7.0, source="dht") is None  # not pinned
+    assert contacts.evidence("nobody") == []
+
+
+def test_evidence_is_bounded_to_the_most_recent_keys() -> None:
+    contacts = Contacts(open_database(None))
+    contacts.pin("bob", BOB, 0.0)
+    keys = [bytes([i]) * 32 for i in range(1, 21)]
+    for i, key in enumerate(keys):
+        contacts.observe("bob", key, float(i), source="lan", place="x" * 500 + "\n")
+    kept = contacts.evidence("bob")
+    assert [e.public_key for e in kept] == keys[::-1][:MAX_EVIDENCE_KEYS]
+    assert all(len(e.place) == MAX_EVIDENCE_PLACE and e.place.isprintable() for e in kept)
+
+
+def test_accept_new_installs_only_the_key_named() -> None:
+    contacts = Contacts(open_database(None))
+    contacts.pin("bob", BOB, 1.0)
+    new, other = Identity.generate("bob"), Identity.generate("bob")
+    contacts.observe("bob", new.public_key, 2.0, source="dht")
+    contacts.observe("bob", other.public_key, 3.0, source="lan")
+    for wrong in (fingerprint(MALLORY), "a" * 12, fingerprint(BOB), new.fingerprint[:11]):
+        with pytest.raises(UsageError, match=r"nothing changed|fingerprint|already"):
+            contacts.accept_new("bob", wrong, 4.0)
+        assert contacts.get("bob").public_key == BOB  # type: ignore[union-attr]
+    accepted, previous = contacts.accept_new("bob", new.fingerprint[:12].upper(), 5.0)
+    assert previous == BOB and accepted.public_key == new.public_key and accepted.verified
+    assert [e.public_key for e in contacts.evidence("bob")] == [other.public_key]
+    with pytest.raises(UsageError, match="not a contact"):
+        contacts.accept_new("nobody", new.fingerprint, 6.0)
+
+
+def test_accept_new_refuses_an_ambiguous_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    contacts = Contacts(open_database(None))
+    contacts.pin("bob", BOB, 1.0)
+    # Two keys whose fingerprints share 12 characters would take 2**60 tries: fake the
+    # fingerprints instead, by asking for the shortest prefix both keys share.
+    one, two = Identity.generate("bob").public_key, Identity.generate("bob").public_key
+    contacts.observe("bob", one, 2.0, source="dht")
+    contacts.observe("bob", two, 3.0, source="dht")
+    monkeypatch.setattr(messaging, "fingerprint", lambda key: "q" * 20 + fingerprint(key)[20:])
+    with pytest.raises(UsageError, match="matches 2 suspected keys"):
+        contacts.accept_new("bob", "q" * 12, 4.0)
+    assert contacts.get("bob").public_key == BOB  # type: ignore[union-attr]
+
+
+def test_a_rotation_moves_only_the_pinned_key() -> None:
+    contacts = Contacts(open_database(None))
+    contacts.pin("bob", BOB, 1.0)
+    new = Identity.generate("bob").public_key
+    assert not contacts.rotate("bob", MALLORY, new, 2.0)  # not from the pin: evidence
+    assert contacts.get("bob").public_key == BOB  # type: ignore[union-attr]
+    assert [e.source for e in contacts.evidence("bob")] == ["rotation"]
+    assert contacts.rotate("bob", BOB, new, 3.0)
+    bob = contacts.get("bob")
+    assert bob is not None and (bob.public_key, bob.rotated_from, bob.rotated_at) == (new, BOB, 3.0)
+    assert contacts.evidence("bob") == []  # the new key is the pin now, not a suspect
+
+
+def test_old_pending_keys_become_evidence() -> None:
+    conn = open_database(None)
+    conn.executescript(
+        "CREATE TABLE contacts (handle TEXT PRIMARY KEY, public_key BLOB NOT NULL, "
+        "verified INTEGER NOT NULL DEFAULT 0, first_seen REAL NOT NULL, pending_key BLOB);"
+    )
+    conn.execute("INSERT INTO contacts VALUES ('bob', ?, 1, 5.0, ?)", (BOB, MALLORY))
+    conn.execute("INSERT INTO contacts VALUES ('carol', ?, 0, 6.0, NULL)", (CAROL,))
+    conn.commit()
+    for _ in range(2):  # idempotent
+        contacts = Contacts(conn)
+        assert [(c.handle, c.public_key, c.verified) for c in contacts.all()] == [
+            ("bob", BOB, True),
+            ("carol", CAROL, False),
+        ]
+        (evidence,) = contacts.evidence("bob")
+        assert (evidence.public_key, evidence.source) == (MALLORY, "dht")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(contacts)")}
+    assert "pending_key" not in columns
 
 
 def test_message_payload_round_trip() -> None:

@@ -143,8 +143,9 @@ def send(
     The message is stored in the daemon's outbox before this returns, and the daemon
     delivers it directly over QUIC when HANDLE is online, or leaves it sealed in
     HANDLE's DHT mailbox, retrying until it is acknowledged. States: queued, sent,
-    delivered. The first message to a handle pins its key; if the key ever changes,
-    sending stops until you accept the new one with `p2pd verify HANDLE --accept`.
+    delivered. The first message to a handle pins its key, and every later one goes to
+    that key, whatever the DHT says later; another key seen for the handle is shown by
+    `p2pd contacts` and `p2pd verify HANDLE` (pin it with `--accept-new FINGERPRINT`).
     """
     parse_handle(handle)
     if text == "-":
@@ -243,8 +244,10 @@ def inbox(ctx: click.Context, sender: str | None, follow: bool, as_json: bool, a
                 continue
             if event["id"] in seen:
                 continue
-            if sender_handle is not None and event["handle"] != sender_handle:
-                continue
+            if sender_handle is not None and (
+                event["handle"] != sender_handle or not event.get("sender_verified")
+            ):
+                continue  # another key claiming the handle is not that contact
             seen.add(event["id"])
             show(event)
 
@@ -253,7 +256,8 @@ def inbox(ctx: click.Context, sender: str | None, follow: bool, as_json: bool, a
 @click.option("--json", "as_json", is_flag=True, help="Print the contacts as JSON.")
 @click.pass_context
 def contacts(ctx: click.Context, as_json: bool) -> None:
-    """List contacts: handles whose keys are pinned, verified or not, and key changes."""
+    """List contacts: each handle's pinned key, verified or not, how it last changed
+    (a rotation notice), and every other key seen for it (suspected, never used)."""
     with ControlClient(home_of(ctx)) as client:
         render.emit(client.call("contacts"), as_json, render.contacts_text)
 
@@ -263,17 +267,30 @@ def contacts(ctx: click.Context, as_json: bool) -> None:
 @click.option(
     "--accept",
     is_flag=True,
-    help="Mark HANDLE verified; if its key changed, pin the new key and resume sending.",
+    help="Mark HANDLE's pinned key verified (it never pins another key).",
+)
+@click.option(
+    "--accept-new",
+    metavar="FINGERPRINT",
+    help="Pin this suspected key of HANDLE instead, verified: its full fingerprint, or "
+    "12 or more of its first characters matching exactly one suspected key.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def verify(ctx: click.Context, handle: str, accept: bool, as_json: bool) -> None:
+def verify(
+    ctx: click.Context, handle: str, accept: bool, accept_new: str | None, as_json: bool
+) -> None:
     """Show the safety number you share with HANDLE, as digits and a QR code.
 
     Both of you see the same 60 digits if, and only if, each holds the other's real
-    key. Compare them out of band, then run with --accept.
+    key. Compare them out of band, then run with --accept. Other keys seen for HANDLE
+    (a lookup, the LAN, a message or call claiming it) are listed as suspected: none is
+    used unless you name it with --accept-new, after comparing its safety number.
     """
     parse_handle(handle)
+    params: dict[str, Any] = {"handle": handle, "accept": accept}
+    if accept_new is not None:
+        params["accept_new"] = accept_new
     with ControlClient(home_of(ctx), timeout=60) as client:
-        result = client.call("verify", {"handle": handle, "accept": accept})
+        result = client.call("verify", params)
     render.emit(result, as_json, render.verify_text)

@@ -200,6 +200,70 @@ def daemon(
     gc.freeze()
 
 
+@click.command(name="rotate-key")
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the key's passphrase (or set P2PD_PASSPHRASE); the new key is "
+    "stored under the same one.",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def rotate_key(ctx: click.Context, passphrase_file: Path | None, yes: bool, as_json: bool) -> None:
+    """Replace this identity's key with a new one, keeping the handle.
+
+    Stop the daemon first: this changes the key it runs with. A notice signed by the
+    old key and the new one is stored; at its next start the daemon publishes the new
+    key and sends the notice to every contact, whose pin then moves to the new key by
+    itself (they see "rotated from ..." in `p2pd contacts`). The new key is stored as
+    the old one was (same passphrase, file mode 0600); the old key is not kept.
+    Sessions start afresh. Contacts added later learn the new key only.
+    """
+    import socket
+
+    from p2pd.errors import DaemonAlreadyRunning
+    from p2pd.identity import fingerprint, self_certifying
+    from p2pd.key_rotation import rotate_identity
+    from p2pd.keystore import is_encrypted, read_identity_file
+
+    home = home_of(ctx)
+    read_identity_file(home)  # NoIdentity, KeystoreCorrupt: before anything else
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(home / "control.sock"))
+    except OSError:
+        pass
+    else:
+        raise DaemonAlreadyRunning(
+            f"the daemon for {home} is running: stop it first (rotate-key changes the key "
+            "it runs with), then start it again"
+        )
+    finally:
+        probe.close()
+    passphrase = _read_passphrase(passphrase_file)
+    if passphrase is None and is_encrypted(home):
+        if not sys.stdin.isatty():
+            raise PassphraseRequired(
+                "the key is encrypted: give --passphrase-file FILE or set P2PD_PASSPHRASE"
+            )
+        passphrase = click.prompt("Passphrase of the key", hide_input=True).encode()
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("rotate-key replaces your key: confirm with --yes")
+        click.confirm("Replace your identity key with a new one (the handle stays)?", abort=True)
+    old = read_identity_file(home)["public_key"]
+    new, notice = rotate_identity(home, passphrase)
+    data = {
+        "handle": new.handle,
+        "self_certifying": self_certifying(new.handle, new.public_key),
+        "fingerprint": new.fingerprint,
+        "old_fingerprint": fingerprint(bytes.fromhex(old)),
+        "issued": notice.issued,
+    }
+    render.emit(data, as_json, render.rotate_text)
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's status as JSON.")
 @click.pass_context

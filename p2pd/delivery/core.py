@@ -38,7 +38,8 @@ Decisions and why (wire formats: docs/PROTOCOL.md, "Messages"):
 - A NACK for one of our messages to that peer resets the session (archive it, forget
   the unacknowledged envelopes, encrypt them again in a new one), at most once per peer
   per :data:`RESET_INTERVAL`: a NACK storm cannot make us start sessions in a loop.
-- A call signal (payload kind 2) is acked and reported, never stored.
+- A call signal (payload kind 2) is acked and reported, never stored; so is a key
+  rotation notice (kind 3), which the service verifies and acts on.
 - A message from a peer we owe messages to makes those due now: it is alive.
 - A batch with not one answer by its deadline asks the service to close the
   connection: a peer killed without closing it is then found out on the next attempt,
@@ -147,10 +148,24 @@ class SignalReceived:
 
 @dataclass(frozen=True, slots=True)
 class SenderUnverified:
-    """A message from a key no contact holds claims ``handle``: check it in the DHT."""
+    """A message (``source`` "message") or call signal ("call") from a key no contact
+    holds claims ``handle``: evidence if the handle is pinned, else checked in the DHT."""
 
     handle: str
     sender_key: bytes
+    source: str = "message"
+    via: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RotationReceived:
+    """A key rotation notice arrived from ``sender_key`` (acked, not stored; the
+    service verifies it and moves the pin if it is signed by the pinned key)."""
+
+    sender_key: bytes
+    claimed: str
+    text: str
+    via: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +228,8 @@ class ExchangeEnded:
 
 
 Event = (
-    MessageReceived | SignalReceived | SenderUnverified | AckOwed | PendingMadeDue
+    MessageReceived | SignalReceived | RotationReceived | SenderUnverified | AckOwed
+    | PendingMadeDue
     | AckReceived | NackReceived | SessionReset | MessageSent | ExchangeEnded
 )  # fmt: skip
 
@@ -370,8 +386,9 @@ class DeliveryCore:
                 ready.append(message)
                 continue
             payload = wire.MessagePayload(
-                message.id, message.seq, message.sent_at_ms, message.text, sender=self.handle
-            ).encode()
+                message.id, message.seq, message.sent_at_ms, message.text, message.kind,
+                sender=self.handle,
+            ).encode()  # fmt: skip
             try:
                 envelope = self.ledger.encrypt(peer_key, payload, bundle, now)
             except NoSession:  # a failed encrypt changed nothing (its own savepoint)
@@ -569,7 +586,10 @@ class DeliveryCore:
         if payload.kind == wire.KIND_CALL:
             events.append(SignalReceived(sender_key, payload.sender, payload.text, via))
             if payload.sender and self.ledger.trusted_handle(sender_key) is None:
-                events.append(SenderUnverified(payload.sender, sender_key))
+                events.append(SenderUnverified(payload.sender, sender_key, "call", via))
+            return _ACK, sender_key
+        if payload.kind == wire.KIND_ROTATION:
+            events.append(RotationReceived(sender_key, payload.sender, payload.text, via))
             return _ACK, sender_key
         trusted = self.ledger.trusted_handle(sender_key)
         handle = trusted or payload.sender or "unknown"
@@ -577,7 +597,7 @@ class DeliveryCore:
         self.stats["received_direct" if via == "direct" else "received_mailbox"] += 1
         events.append(MessageReceived(stored, via))
         if trusted is None and payload.sender:
-            events.append(SenderUnverified(payload.sender, sender_key))
+            events.append(SenderUnverified(payload.sender, sender_key, "message", via))
         if self.ledger.has_pending(sender_key):  # the peer is alive: what we owe may go
             self.ledger.retry_now(sender_key)
             events.append(PendingMadeDue(sender_key))

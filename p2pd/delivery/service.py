@@ -45,11 +45,28 @@ import trio
 from .. import wire
 from ..config import NodeConfig
 from ..dht import DHT
-from ..errors import ConnectionLost, KeyChanged, NoSession, NotFound, PeerKeyMismatch, UsageError
-from ..identity import HandleRef, Identity, fingerprint, format_fingerprint, self_certifying
-from ..messaging import Contacts, Message, MessageStore
+from ..errors import (
+    ConnectionLost,
+    KeyChanged,
+    NoSession,
+    NotFound,
+    PeerKeyMismatch,
+    RecordError,
+    UsageError,
+)
+from ..identity import (
+    DISPLAY_PREFIX,
+    HandleRef,
+    Identity,
+    fingerprint,
+    format_fingerprint,
+    self_certifying,
+)
+from ..messaging import Contact, Contacts, Message, MessageStore
 from ..records import HandleRecord
+from ..rotation import RotationNotice, verify_notice
 from ..session import SessionManager, safety_number
+from ..store import get_meta, set_meta
 from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from ..wire import Address
 from .core import (
@@ -65,6 +82,7 @@ from .core import (
     MessageReceived,
     MessageSent,
     PendingMadeDue,
+    RotationReceived,
     SenderUnverified,
     SessionReset,
     SignalReceived,
@@ -84,6 +102,8 @@ PREPARE_GATHER = 0.002
 MAX_SEND_BATCH = 1000
 #: Events buffered per subscriber before new ones are dropped for it.
 EVENT_BUFFER = 1024
+#: The rotation notice last queued for every contact (hex), so it is queued once.
+ROTATION_SENT_META = "rotation.sent"
 #: How long a lookup made for delivery may take.
 RESOLVE_TIMEOUT = 10.0
 
@@ -99,7 +119,7 @@ class EventBus:
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self.dropped = 0
 
-    def emit(self, kind: str, **fields: Any) -> None:
+    def emit(self, kind: str, /, **fields: Any) -> None:
         event = {"event": kind, "time": time.time(), **fields}
         for channel in list(self._subscribers):
             try:
@@ -208,8 +228,8 @@ class Delivery:
     async def send(self, target: str, text: str) -> Message:
         """Queue ``text`` for ``target`` (a handle or ``handle#prefix``). Durable on return.
 
-        Raises NotFound if the handle is neither a contact nor in the DHT, KeyChanged if
-        its key differs from the pinned one.
+        Always to the pinned key (see :meth:`contact_for`). Raises NotFound if the handle
+        is neither a contact nor in the DHT, KeyChanged if ``target`` names another key.
         """
         (message,) = await self.send_many(target, [text])
         return message
@@ -225,41 +245,42 @@ class Delivery:
             raise UsageError("the message is empty")
         if ref.handle == self.identity.handle:
             raise UsageError("that is your own handle: messages to yourself are not supported")
-        contact = self.contacts.get(ref.handle)
-        record: HandleRecord | None = None
-        cached = self._records.get(contact.public_key) if contact is not None else None
-        try:
-            if cached is not None and trio.current_time() - cached[1] < RECORD_CACHE_SECONDS:
-                record = cached[0]  # looked up a moment ago: no lookup per message
-            else:
-                with trio.fail_after(RESOLVE_TIMEOUT):
-                    record = await self.dht.resolve(ref)
-        except (NotFound, trio.TooSlowError):
-            if contact is None:
-                raise NotFound(
-                    f"no record for {ref.handle!r} in the DHT and no pinned key: cannot "
-                    "queue a message for a handle never seen"
-                ) from None
+        contact = await self.contact_for(ref)
         now = time.time()
-        if record is not None:
-            if contact is None or contact.public_key != record.public_key:
-                contact = self.contacts.check(ref.handle, record.public_key, now)  # pin/refuse
-            if cached is None or record is not cached[0]:
-                self._records[record.public_key] = (record, trio.current_time())
-        assert contact is not None
-        if contact.pending_key is not None:
-            raise KeyChanged(
-                f"the key of {ref.handle!r} has changed: nothing was sent. Compare safety "
-                f"numbers with `p2pd verify {ref.handle}` and accept with "
-                f"`p2pd verify {ref.handle} --accept`"
-            )
-        if not ref.matches(contact.public_key):
-            raise KeyChanged(f"the pinned key of {ref.handle!r} does not match {target!r}")
         messages = self.messages.enqueue_many(ref.handle, contact.public_key, texts, now)
         for message in messages:
             self.events.emit("message_status", **message.summary())
         self._start_worker(contact.public_key)
         return messages
+
+    async def contact_for(self, ref: HandleRef) -> Contact:
+        """The contact to send to or call: its pinned key, whatever a lookup would say
+        now (a lookup never changes or blocks a pin). A handle never seen is looked up
+        (``ref`` as typed: its prefix, if any, filters rival claims) and pinned.
+
+        Raises NotFound (no pin and no record) or KeyChanged (``ref`` names a key
+        other than the pinned one)."""
+        contact = self.contacts.get(ref.handle)
+        if contact is None:
+            try:
+                with trio.fail_after(RESOLVE_TIMEOUT):
+                    record = await self.dht.resolve(ref)
+            except (NotFound, trio.TooSlowError):
+                raise NotFound(
+                    f"no record for {ref.handle!r} in the DHT and no pinned key: cannot "
+                    "reach a handle never seen"
+                ) from None
+            contact = self.contacts.pin(ref.handle, record.public_key, time.time())
+            if contact.public_key == record.public_key:
+                self._records[record.public_key] = (record, trio.current_time())
+        if not ref.matches(contact.public_key):
+            raise KeyChanged(
+                f"{ref.handle!r} is pinned to {fingerprint(contact.public_key)[:DISPLAY_PREFIX]}"
+                f", which {str(ref)!r} does not name: nothing was sent. See `p2pd verify "
+                f"{ref.handle}`; to pin another key, `p2pd verify {ref.handle} --accept-new "
+                "FINGERPRINT`"
+            )
+        return contact
 
     def _start_worker(self, peer_key: bytes) -> None:
         """Deliver to ``peer_key`` now: start its worker unless one runs (it will find the
@@ -368,18 +389,16 @@ class Delivery:
             record, when = cached
             if trio.current_time() - when < RECORD_CACHE_SECONDS and record.expires > now:
                 return record
+        # The self-certifying form of the key the message is for: a rival claim to the
+        # handle is filtered out by the lookup, and not finding it is what an offline
+        # peer looks like (LAN addresses and the mailbox are tried).
         try:
             with trio.fail_after(RESOLVE_TIMEOUT):
-                record = await self.dht.resolve(HandleRef(handle))
+                record = await self.dht.resolve(HandleRef(handle, fingerprint(peer_key)))
         except (NotFound, trio.TooSlowError):
             return cached[0] if cached and cached[0].expires > now else None
-        now = time.time()
-        if record.public_key != peer_key:
-            try:
-                self.contacts.check(handle, record.public_key, now)
-            except KeyChanged as exc:
-                log.warning("%s", exc)
-            return None  # never deliver to another key than the one the message is for
+        if record.public_key != peer_key:  # the lookup filters these: never send to one
+            return None
         self._records[peer_key] = (record, trio.current_time())
         return record
 
@@ -529,8 +548,10 @@ class Delivery:
                 # A signal is worth nothing late: one from the mailbox is not rung.
                 if self.on_signal is not None and event.via == "direct":
                     self.on_signal(event.sender_key, event.claimed, peer, event.text)
+            elif isinstance(event, RotationReceived):
+                self.rotation_received(event)
             elif isinstance(event, SenderUnverified):
-                self._spawn(self._verify_sender, event.handle, event.sender_key)
+                self._spawn(self._verify_sender, event)
             elif isinstance(event, PendingMadeDue):
                 self.kick()
             elif isinstance(event, AckReceived):
@@ -557,8 +578,72 @@ class Delivery:
             # AckOwed: check_mailbox sends those acks together; NackReceived: the core
             # has decided (SessionReset) and an exchange has taken note.
 
-    async def _verify_sender(self, handle: str, key: bytes) -> None:
-        """Pin a first-contact sender's handle only if the DHT binds it to that key."""
+    def announce_rotation(self, notice: RotationNotice) -> int:
+        """Queue ``notice`` (our key just rotated to this identity's) for every contact,
+        once: through the outbox like a message (durable, retried, left in the mailbox
+        of a contact that is offline), from the new key, in a new session. Returns how
+        many were queued (0 if this notice was announced already)."""
+        encoded = notice.encode()
+        if notice.new_key != self.identity.public_key:
+            log.warning("a stored rotation notice is for another key than ours: not sent")
+            return 0
+        if get_meta(self._conn, ROTATION_SENT_META) == encoded.hex():
+            return 0
+        now = time.time()
+        contacts = self.contacts.all()
+        for contact in contacts:
+            self.messages.enqueue_many(
+                contact.handle, contact.public_key, [encoded.hex()], now, kind=wire.KIND_ROTATION
+            )
+        set_meta(self._conn, ROTATION_SENT_META, encoded.hex())
+        log.info("key rotation notice queued for %d contact(s)", len(contacts))
+        self.kick()
+        return len(contacts)
+
+    def rotation_received(self, event: RotationReceived) -> None:
+        """A rotation notice from ``event.sender_key``: a valid one signed by the key a
+        contact is pinned to moves the pin to the new key (what still waits for the old
+        key follows it); any other valid one is evidence; an invalid one is dropped."""
+        try:
+            if len(event.text) > wire.MAX_ROTATION_TEXT:
+                raise RecordError("rotation notice too long")
+            notice = verify_notice(bytes.fromhex(event.text))
+        except (ValueError, RecordError) as exc:
+            log.warning("ignored a bad rotation notice from %s: %s", _who(event.sender_key), exc)
+            return
+        if notice.new_key != event.sender_key or notice.handle != event.claimed:
+            log.warning("ignored a rotation notice sent by another key than its new one")
+            return
+        now = time.time()
+        if not self.contacts.rotate(notice.handle, notice.old_key, notice.new_key, now):
+            log.warning("a rotation notice for %r not from its pinned key: kept as evidence",
+                        notice.handle)  # fmt: skip
+            return
+        moved = self.messages.readdress(notice.handle, notice.old_key, notice.new_key)
+        self._records.pop(notice.old_key, None)
+        log.info("%s rotated its key to %s (%d waiting message(s) follow)", notice.handle,
+                 fingerprint(notice.new_key)[:DISPLAY_PREFIX], moved)  # fmt: skip
+        self.events.emit(
+            "contact_rotated",
+            handle=notice.handle,
+            old_fingerprint=fingerprint(notice.old_key),
+            fingerprint=fingerprint(notice.new_key),
+            issued=notice.issued,
+        )
+        self._start_worker(notice.new_key)
+
+    async def _verify_sender(self, event: SenderUnverified) -> None:
+        """A key no contact holds claims a handle. A pinned handle: that is evidence of
+        a suspected key, shown by `contacts` and `verify`, never the pin. A handle not
+        pinned yet is pinned only if the DHT binds it to that key."""
+        handle, key = event.handle, event.sender_key
+        if self.contacts.get(handle) is not None:
+            self.contacts.observe(handle, key, time.time(), source=event.source, place=event.via)
+            log.warning(
+                "a %s signed by %s claims %r, which is pinned to another key: kept as evidence",
+                event.source, fingerprint(key)[:DISPLAY_PREFIX], handle,
+            )  # fmt: skip
+            return
         try:
             with trio.fail_after(RESOLVE_TIMEOUT):
                 record = await self.dht.resolve(HandleRef(handle))
@@ -568,11 +653,11 @@ class Delivery:
         if record.public_key != key:
             log.warning("a message claims to be from %r but holds another key: unverified", handle)
             return
-        try:
-            self.contacts.check(handle, key, time.time())
+        contact = self.contacts.pin(handle, key, time.time())
+        if contact.public_key == key:
             self._records[key] = (record, trio.current_time())
-        except KeyChanged as exc:
-            log.warning("%s", exc)
+        else:  # pinned meanwhile to another key
+            self.contacts.observe(handle, key, time.time(), source=event.source, place=event.via)
 
     # ------------------------------------------------------------------ mailbox
 
@@ -670,41 +755,50 @@ class Delivery:
             raise NotFound(f"no message {msg_id_hex[:40]!r}")
         return message.summary()
 
+    def contact_summary(self, contact: Contact) -> dict[str, Any]:
+        """A contact as `contacts` and `verify` show it: the pin, how it last changed,
+        and every suspected key (evidence, never used)."""
+        summary = contact.summary()
+        summary["suspected_keys"] = [e.summary() for e in self.contacts.evidence(contact.handle)]
+        return summary
+
     def contact_list(self) -> list[dict[str, Any]]:
         out = []
         for contact in self.contacts.all():
-            summary = contact.summary()
+            summary = self.contact_summary(contact)
             summary["session"] = self.sessions.has_session(contact.public_key)
             summary["pending"] = len(self.messages.pending_for(contact.public_key))
             out.append(summary)
         return out
 
-    async def verify(self, target: str, *, accept: bool) -> dict[str, Any]:
+    async def verify(
+        self, target: str, *, accept: bool = False, accept_new: str | None = None
+    ) -> dict[str, Any]:
+        """The safety number with ``target``'s pinned key (pinned now if never seen).
+        ``accept``: mark the pin verified. ``accept_new``: pin the suspected key that
+        fingerprint names instead (verified), and send what waits for the handle to it."""
         ref = HandleRef.parse(target)
-        contact = self.contacts.get(ref.handle)
-        if contact is None:
-            try:
-                with trio.fail_after(RESOLVE_TIMEOUT):
-                    record = await self.dht.resolve(ref)
-            except trio.TooSlowError:
-                raise NotFound(f"no record for {ref.handle!r} in time") from None
-            contact = self.contacts.check(ref.handle, record.public_key, time.time())
-        if accept:
-            had_new_key = contact.pending_key is not None
-            contact = self.contacts.accept(ref.handle)
-            if had_new_key:
-                self.sessions.reset_session(contact.public_key, now=time.time())
-        key = contact.pending_key or contact.public_key
-        number = await trio.to_thread.run_sync(safety_number, self.identity.public_key, key)
+        if accept and accept_new is not None:
+            raise UsageError("give either --accept or --accept-new FINGERPRINT, not both")
+        previous = None
+        if accept_new is not None:
+            contact, previous = self.contacts.accept_new(ref.handle, accept_new, time.time())
+            moved = self.messages.readdress(ref.handle, previous, contact.public_key)
+            log.info("pinned %s to the key named (%d message(s) follow)", ref.handle, moved)
+            self._start_worker(contact.public_key)
+        else:
+            contact = await self.contact_for(ref)
+            if accept:
+                contact = self.contacts.mark_verified(ref.handle)
+        number = await trio.to_thread.run_sync(
+            safety_number, self.identity.public_key, contact.public_key
+        )
         return {
-            "handle": contact.handle,
-            "fingerprint": fingerprint(contact.public_key),
+            **self.contact_summary(contact),
             "fingerprint_display": format_fingerprint(fingerprint(contact.public_key)),
-            "verified": contact.verified,
-            "key_changed": contact.pending_key is not None,
-            "new_fingerprint": None if contact.pending_key is None else fingerprint(key),
             "safety_number": number,
             "own_fingerprint": self.identity.fingerprint,
+            "previous_fingerprint": None if previous is None else fingerprint(previous),
         }
 
     def statistics(self) -> dict[str, Any]:
