@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .errors import Contested, RecordError
-from .identity import self_certifying
+from .identity import format_fingerprint, self_certifying
 from .records import HandleRecord, verify_claim
 
 OK = "ok"
@@ -175,6 +175,7 @@ def claim_summary(claim: KeyClaim) -> dict[str, object]:
     """One key of a contested handle, as ``whois`` and the control API show it."""
     return {
         "fingerprint": claim.fingerprint,
+        "fingerprint_display": format_fingerprint(claim.fingerprint),
         "self_certifying": self_certifying(claim.record.handle, claim.public_key),
         "public_key": claim.public_key.hex(),
         "votes": claim.votes,

@@ -24,7 +24,7 @@ from .config import NodeConfig
 from .delivery import Delivery, EventBus
 from .dht import DHT, node_id_for, open_dht
 from .discovery import LanDiscovery, LanPeer, announced_hosts, local_ips
-from .errors import NotFound
+from .errors import Contested, NotFound
 from .identity import HandleRef, Identity, format_fingerprint, self_certifying
 from .keystore import ensure_home
 from .records import HandleRecord
@@ -280,14 +280,26 @@ class Node:
         return out
 
     async def whois(self, text: str) -> dict[str, Any]:
+        """``{"status": "ok", "presence": "current" | "stale", <record_summary>}``, or
+        ``{"status": "contested", "handle", "message", "claims": [...]}`` when different
+        keys claim it (p2pd/claims.py). Raises NotFound."""
         ref = HandleRef.parse(text)
         if ref.handle == self.identity.handle and ref.matches(self.identity.public_key):
             if self.record is None:
                 raise NotFound("our own record is not published yet")
             record = self.record
         else:
-            record = await self.dht.resolve(ref)
-        return record_summary(record)
+            try:
+                record = await self.dht.resolve(ref)
+            except Contested as exc:
+                return {
+                    "status": "contested",
+                    "handle": ref.handle,
+                    "message": exc.message,
+                    "claims": exc.claims,
+                }
+        presence = "current" if record.present(time.time()) else "stale"
+        return {"status": "ok", "presence": presence, **record_summary(record)}
 
 
 def record_summary(record: HandleRecord) -> dict[str, Any]:

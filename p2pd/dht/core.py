@@ -619,6 +619,7 @@ class DHTCore:
             "records_stored": len(self.storage),
             "mailbox_entries_held": self.mailboxes.count() if self.mailboxes else 0,
             "refused_records": dict(self.storage.refused),
+            "rotated_claims": self.storage.rotated,
             "counters": dict(self.stats),
         }
 
