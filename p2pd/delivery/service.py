@@ -45,7 +45,15 @@ import trio
 from .. import wire
 from ..config import NodeConfig
 from ..dht import DHT
-from ..errors import ConnectionLost, KeyChanged, NoSession, NotFound, PeerKeyMismatch, UsageError
+from ..errors import (
+    ConnectionLost,
+    Contested,
+    KeyChanged,
+    NoSession,
+    NotFound,
+    PeerKeyMismatch,
+    UsageError,
+)
 from ..identity import HandleRef, Identity, fingerprint, format_fingerprint, self_certifying
 from ..messaging import Contacts, Message, MessageStore
 from ..records import HandleRecord
@@ -234,6 +242,9 @@ class Delivery:
             else:
                 with trio.fail_after(RESOLVE_TIMEOUT):
                     record = await self.dht.resolve(ref)
+        except Contested:
+            if contact is None:
+                raise  # its message names the self-certifying forms; a pin is kept as is
         except (NotFound, trio.TooSlowError):
             if contact is None:
                 raise NotFound(
@@ -371,7 +382,7 @@ class Delivery:
         try:
             with trio.fail_after(RESOLVE_TIMEOUT):
                 record = await self.dht.resolve(HandleRef(handle))
-        except (NotFound, trio.TooSlowError):
+        except (NotFound, Contested, trio.TooSlowError):
             return cached[0] if cached and cached[0].expires > now else None
         now = time.time()
         if record.public_key != peer_key:
@@ -562,7 +573,7 @@ class Delivery:
         try:
             with trio.fail_after(RESOLVE_TIMEOUT):
                 record = await self.dht.resolve(HandleRef(handle))
-        except (NotFound, trio.TooSlowError):
+        except (NotFound, Contested, trio.TooSlowError):
             log.warning("a message claims to be from %r, whose record cannot be found", handle)
             return
         if record.public_key != key:
