@@ -85,15 +85,39 @@ def status_text(s: dict[str, Any]) -> str:
 
 
 def whois_text(r: dict[str, Any]) -> str:
+    if r.get("status") == "contested":
+        return contested_text(r)
+    addresses = ", ".join(r["addresses"]) or "-"
+    if r.get("presence") == "stale":
+        addresses = "- (presence expired: messages go to its mailbox)"
     rows = [
         ("handle", r["self_certifying"]),
         ("fingerprint", r["fingerprint_display"]),
-        ("addresses", ", ".join(r["addresses"]) or "-"),
+        ("addresses", addresses),
         ("sequence", str(r["seq"])),
         ("issued", when(r["issued"])),
         ("expires", when(r["expires"])),
     ]
     return "\n".join(f"{k:<12} {v}" for k, v in rows)
+
+
+def contested_text(r: dict[str, Any]) -> str:
+    """A contested handle: each key grouped with where and since when it was seen."""
+    claims = r["claims"]
+    lines = [
+        f"{r['handle']} is CONTESTED: {len(claims)} keys claim it and the network cannot "
+        "tell which came first.",
+        "Ask its owner which fingerprint is theirs, and use that self-certifying form.",
+    ]
+    for c in claims:
+        lines += [
+            "",
+            f"{c['self_certifying']}",
+            f"  fingerprint  {c['fingerprint_display']}",
+            f"  replicas     {c['votes']} vote(s): {', '.join(c['replicas']) or '-'}",
+            f"  first seen   {when(c['seen'])}",
+        ]
+    return "\n".join(lines)
 
 
 def peer_line(p: dict[str, Any]) -> str:

@@ -49,8 +49,11 @@ class DHTConfig:
     replicate_interval: float = 3600.0
     #: Buckets with no lookup for this long are refreshed.
     refresh_interval: float = 3600.0
-    #: Most records one node stores for others (each at most 2,361 bytes).
+    #: Most records one node stores for others (each at most 2,601 bytes).
     max_records: int = 100_000
+    #: The defences against hostile nodes (docs/SECURITY.md). Off only in benchmarks, to
+    #: measure what they buy: then a lookup believes the key most replicas return.
+    defences: bool = True
 
 
 @dataclass(frozen=True, slots=True)

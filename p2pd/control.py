@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .control_client import (
+    CONTESTED,
     FAILED,
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -31,7 +32,7 @@ from .control_client import (
     NOT_FOUND,
     PARSE_ERROR,
 )
-from .errors import DaemonAlreadyRunning, LocalError, NotFound, P2PDError, UsageError
+from .errors import Contested, DaemonAlreadyRunning, LocalError, NotFound, P2PDError, UsageError
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -202,8 +203,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _error(req_id: Any, code: int, message: str) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": req_id, "error": {"code": code, "message": message}}
+def _error(req_id: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": req_id, "error": error}
 
 
 async def handle_request(
@@ -231,6 +235,8 @@ async def handle_request(
         return _error(req_id, INVALID_PARAMS, exc.message)
     except NotFound as exc:
         return _error(req_id, NOT_FOUND, exc.message)
+    except Contested as exc:
+        return _error(req_id, CONTESTED, exc.message, {"claims": exc.claims})
     except P2PDError as exc:
         return _error(req_id, FAILED, exc.message)
     except Exception:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ControlError, DaemonNotRunning, NotFound, UsageError
+from .errors import Contested, ControlError, DaemonNotRunning, NotFound, UsageError
 
 #: The longest request line: a message of wire.MAX_TEXT (64 KiB) with JSON's escapes, or
 #: a ``send`` of many ``texts``.
@@ -29,6 +29,8 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 NOT_FOUND = -32001
+#: Different keys claim that handle (p2pd/claims.py); ``data.claims`` has them.
+CONTESTED = -32002
 FAILED = -32000
 
 
@@ -81,7 +83,8 @@ class ControlClient:
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """The result of ``method``; the daemon's errors raised as p2pd errors:
-        :class:`NotFound`, :class:`UsageError` (bad params), else :class:`ControlError`."""
+        :class:`NotFound`, :class:`Contested`, :class:`UsageError` (bad params), else
+        :class:`ControlError`."""
         req_id = self._next_id
         self._next_id += 1
         request = {"jsonrpc": "2.0", "id": req_id, "method": method, "params": params or {}}
@@ -104,6 +107,10 @@ class ControlClient:
             message = str(error.get("message", "unknown error"))
             if code == NOT_FOUND:
                 raise NotFound(message)
+            if code == CONTESTED:
+                data = error.get("data")
+                claims = data.get("claims") if isinstance(data, dict) else None
+                raise Contested(message, claims if isinstance(claims, list) else None)
             if code in (INVALID_PARAMS, INVALID_REQUEST):
                 raise UsageError(message)
             raise ControlError(message, code if isinstance(code, int) else FAILED)

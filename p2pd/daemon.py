@@ -8,7 +8,6 @@ Leaving the context cancels them all together; routing contacts are saved on the
 
 from __future__ import annotations
 
-import inspect
 import logging
 import socket
 import sqlite3
@@ -25,7 +24,7 @@ from .config import NodeConfig
 from .delivery import Delivery, EventBus
 from .dht import DHT, node_id_for, open_dht
 from .discovery import LanDiscovery, LanPeer, announced_hosts, local_ips
-from .errors import NotFound
+from .errors import Contested, NotFound
 from .identity import HandleRef, Identity, format_fingerprint, self_certifying
 from .key_rotation import stored_notice
 from .keystore import ensure_home
@@ -43,9 +42,6 @@ REJOIN_INTERVAL = 15.0
 #: A changed prekey bundle (a one-time prekey used) is republished at most this often.
 BUNDLE_REPUBLISH_MIN = 10.0
 MAX_SAVED_CONTACTS = 200
-#: Whether handle records can carry a rotation notice (the claims work adds the field;
-#: until then our new record is only accepted where no node holds the old key's claim).
-_RECORDS_CARRY_ROTATION = "rotation" in inspect.signature(HandleRecord.create).parameters
 
 
 class Node:
@@ -125,9 +121,6 @@ class Node:
     async def publish(self) -> int:
         now = int(time.time())
         sessions = self.delivery.sessions
-        extra: dict[str, Any] = {}
-        if self.rotation is not None and _RECORDS_CARRY_ROTATION:
-            extra["rotation"] = self.rotation.encode()  # storing nodes let it replace the old
         record = HandleRecord.create(
             self.identity,
             self.advertised_addresses(),
@@ -135,7 +128,8 @@ class Node:
             now=now,
             lifetime=self.config.record_lifetime,
             extension=sessions.prekey_bundle(),
-            **extra,
+            # storing nodes that hold our old key's claim let this record replace it
+            rotation=b"" if self.rotation is None else self.rotation.encode(),
         )
         sessions.mark_bundle_published()
         self.replicas = await self.dht.publish(record)
@@ -292,14 +286,26 @@ class Node:
         return out
 
     async def whois(self, text: str) -> dict[str, Any]:
+        """``{"status": "ok", "presence": "current" | "stale", <record_summary>}``, or
+        ``{"status": "contested", "handle", "message", "claims": [...]}`` when different
+        keys claim it (p2pd/claims.py). Raises NotFound."""
         ref = HandleRef.parse(text)
         if ref.handle == self.identity.handle and ref.matches(self.identity.public_key):
             if self.record is None:
                 raise NotFound("our own record is not published yet")
             record = self.record
         else:
-            record = await self.dht.resolve(ref)
-        return record_summary(record)
+            try:
+                record = await self.dht.resolve(ref)
+            except Contested as exc:
+                return {
+                    "status": "contested",
+                    "handle": ref.handle,
+                    "message": exc.message,
+                    "claims": exc.claims,
+                }
+        presence = "current" if record.present(time.time()) else "stale"
+        return {"status": "ok", "presence": presence, **record_summary(record)}
 
 
 def record_summary(record: HandleRecord) -> dict[str, Any]:

@@ -30,6 +30,8 @@ from the class, so messages never carry secrets or tracebacks.
     │   │   │                    LanPinConflict: a pinned handle with another key)
     │   │   └── MediaWireError   a call media datagram that does not decode (p2pd/media)
     │   ├── NotFound             the network holds no valid record for that handle
+    │   ├── Contested            valid claims by different keys, none with 2/3 of the
+    │   │                        replicas (p2pd/claims.py); not a NotFound
     │   ├── KeyChanged           a contact's key differs from the pinned one
     │   ├── PeerKeyMismatch      a QUIC peer's certificate holds another key than expected
     │   ├── ConnectionLost       a QUIC connection or stream failed or was closed by the peer
@@ -143,6 +145,16 @@ class EnvelopeError(WireError):
 
 class NotFound(RemoteError):
     """No valid record for that handle was found."""
+
+
+class Contested(RemoteError):
+    """Different keys claim that handle and the network cannot tell which came first:
+    name the one you mean in its self-certifying form, handle#<fingerprint>."""
+
+    def __init__(self, message: str, claims: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        #: Per key: fingerprint, self_certifying, votes, replicas, seen (p2pd/claims.py).
+        self.claims = claims or []
 
 
 class KeyChanged(RemoteError):

@@ -1,9 +1,17 @@
 """Signed handle records: the DHT's only kind of value.
 
-A record binds a handle to an Ed25519 public key and the addresses where its owner can be
-reached. It is signed by that key; the storing nodes keep the first valid claim to a
-handle and accept later records only from the same key with a higher sequence number,
-until the claim expires (BEP 44 / IPNS style). The byte layout is in docs/PROTOCOL.md.
+A record makes two statements, signed by the key it names, that live for different times:
+
+- the *claim*, handle -> public key. A storing replica keeps it for ``CLAIM_LIFETIME``
+  (a year) after its last refresh, so an owner who is offline for a weekend or a month
+  keeps the handle;
+- the *presence*, the addresses where the owner can be reached, current until
+  ``expires`` (owners publish a day, at most ``MAX_LIFETIME``).
+
+The storing replicas keep the first claim they see and accept later records only from
+the same key with a higher sequence number, or from a new key that the record's rotation
+notice (p2pd/rotation.py) moves the handle to (BEP 44 / IPNS style, plus key rotation).
+The byte layout is in docs/PROTOCOL.md, "Handle record".
 
 Everything here is pure: times are passed in as ``now`` (Unix seconds).
 """
@@ -12,21 +20,25 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import RecordError, WireError
 from .identity import Identity, fingerprint, is_valid_handle, verify_signature
+from .rotation import MAX_NOTICE_SIZE, verify_notice
 from .wire import Address, Reader
 
 MAGIC = b"P2HR"
-VERSION = 1
-SIGNATURE_CONTEXT = b"p2pd handle record v1\x00"
+VERSION = 2
+SIGNATURE_CONTEXT = b"p2pd handle record v2\x00"
 MAX_ADDRESSES = 8
 #: Opaque signed bytes reserved for the prekey bundle (docs/PROTOCOL.md).
 MAX_EXTENSION = 2048
-#: The longest claim one record can make; the owner republishes well before it ends.
+#: The longest presence (addresses) one record can state; owners publish a day and
+#: republish well before it ends.
 MAX_LIFETIME = 7 * 24 * 3600
+#: How long a storing replica keeps a claim after its last refresh (docs/PROTOCOL.md,
+#: "Claim and presence"): being offline for a month never loses a handle.
+CLAIM_LIFETIME = 365 * 24 * 3600
 #: How far in the future `issued` may lie: clocks of peers disagree.
 MAX_CLOCK_SKEW = 600
 MAX_SEQ = (1 << 63) - 1
@@ -43,9 +55,13 @@ MAX_RECORD_SIZE = (
     + MAX_ADDRESSES * (1 + 16 + 2)
     + 2
     + MAX_EXTENSION
+    + 2
+    + MAX_NOTICE_SIZE
     + 64
 )
 DHT_KEY_CONTEXT = b"p2pd handle key v1\x00"
+#: Why a version-1 record is refused (storage counts these apart, as "old-version").
+OLD_VERSION_REFUSED = "record version 1 (an older p2pd) is no longer accepted"
 
 
 def dht_key(handle: str) -> bytes:
@@ -62,6 +78,8 @@ class HandleRecord:
     issued: int
     expires: int
     extension: bytes = b""
+    #: A rotation notice (p2pd/rotation.py) moving this handle to this record's key, or b"".
+    rotation: bytes = b""
     signature: bytes = field(default=b"", repr=False)
 
     # ------------------------------------------------------------------ building
@@ -76,6 +94,7 @@ class HandleRecord:
         now: int,
         lifetime: int,
         extension: bytes = b"",
+        rotation: bytes = b"",
     ) -> HandleRecord:
         unsigned = cls(
             identity.handle,
@@ -85,19 +104,11 @@ class HandleRecord:
             now,
             now + lifetime,
             extension,
+            rotation,
         )
         unsigned._check_bounds()
         signature = identity.sign(SIGNATURE_CONTEXT + unsigned.encode_body())
-        return cls(
-            unsigned.handle,
-            unsigned.public_key,
-            unsigned.addresses,
-            seq,
-            unsigned.issued,
-            unsigned.expires,
-            extension,
-            signature,
-        )
+        return replace(unsigned, signature=signature)
 
     def _check_bounds(self) -> None:
         if not is_valid_handle(self.handle):
@@ -114,6 +125,8 @@ class HandleRecord:
             raise RecordError("record lifetime out of bounds")
         if len(self.extension) > MAX_EXTENSION:
             raise RecordError("record extension too large")
+        if len(self.rotation) > MAX_NOTICE_SIZE:
+            raise RecordError("record rotation notice too large")
 
     # ------------------------------------------------------------------ encoding
 
@@ -129,6 +142,8 @@ class HandleRecord:
             *(a.encode() for a in self.addresses),
             struct.pack(">H", len(self.extension)),
             self.extension,
+            struct.pack(">H", len(self.rotation)),
+            self.rotation,
         ]
         return b"".join(parts)
 
@@ -146,8 +161,11 @@ class HandleRecord:
             r = Reader(data)
             if r.take(4) != MAGIC:
                 raise RecordError("not a handle record")
-            if r.u8() != VERSION:
-                raise RecordError("unknown record version")
+            version = r.u8()
+            if version == 1:
+                raise RecordError(OLD_VERSION_REFUSED)
+            if version != VERSION:
+                raise RecordError(f"unknown record version {version}")
             handle_len = r.u8()
             raw_handle = r.take(handle_len)
             try:
@@ -164,13 +182,19 @@ class HandleRecord:
             if ext_len > MAX_EXTENSION:
                 raise RecordError("record extension too large")
             extension = r.take(ext_len)
+            rotation_len = r.u16()
+            if rotation_len > MAX_NOTICE_SIZE:
+                raise RecordError("record rotation notice too large")
+            rotation = r.take(rotation_len)
             signature = r.take(64)
             r.end()
         except RecordError:
             raise
         except WireError as exc:
             raise RecordError(f"malformed record: {exc}") from None
-        record = cls(handle, public_key, addresses, seq, issued, expires, extension, signature)
+        record = cls(
+            handle, public_key, addresses, seq, issued, expires, extension, rotation, signature
+        )
         record._check_bounds()
         if record.encode() != data:  # one canonical encoding
             raise RecordError("record is not canonically encoded")
@@ -191,75 +215,97 @@ class HandleRecord:
             self.public_key, SIGNATURE_CONTEXT + self.encode_body(), self.signature
         )
 
-    def verify(self, now: float) -> None:
-        """Raise RecordError unless the record is well formed, signed and current."""
+    def verify_claim(self, now: float) -> None:
+        """Raise RecordError unless the record is a valid *claim*: well formed, signed,
+        not issued in the future, its rotation notice (if any) signed by both keys and
+        naming this handle and this key. Its presence may have expired."""
         self._check_bounds()
         if not self.signature_valid():
             raise RecordError("record signature does not verify")
         if self.issued > now + MAX_CLOCK_SKEW:
             raise RecordError("record is issued in the future")
-        if self.expires <= now:
+        if self.rotation:
+            notice = verify_notice(self.rotation)
+            if notice.handle != self.handle or notice.new_key != self.public_key:
+                raise RecordError("record carries a rotation notice for another handle or key")
+
+    def verify(self, now: float) -> None:
+        """Raise RecordError unless the record is a valid claim with a current presence."""
+        self.verify_claim(now)
+        if not self.present(now):
             raise RecordError("record has expired")
+
+    def present(self, now: float) -> bool:
+        """Whether its addresses are current (the claim may outlive them)."""
+        return self.expires > now
+
+    def without_presence(self) -> HandleRecord:
+        """The claim alone, for a resolver to hand on when the presence has expired: no
+        addresses, so delivery goes to the mailbox. Its signature no longer covers it:
+        for local use only, never encoded for anyone (repair and storage use the bytes
+        the replicas sent)."""
+        return replace(self, addresses=())
+
+    def rotated_from(self, old_key: bytes) -> bool:
+        """Whether this (verified) record's notice moves its handle from ``old_key``."""
+        if not self.rotation:
+            return False
+        return verify_notice(self.rotation).moves(self.handle, old_key, self.public_key)
 
 
 def verify_record(data: bytes, now: float, *, key: bytes | None = None) -> HandleRecord:
-    """Decode and fully verify a record; with ``key``, check it belongs under that key."""
+    """Decode and verify a record with a current presence; with ``key``, check it belongs
+    under that key."""
+    record = verify_claim(data, now, key=key)
+    if not record.present(now):
+        raise RecordError("record has expired")
+    return record
+
+
+def verify_claim(data: bytes, now: float, *, key: bytes | None = None) -> HandleRecord:
+    """Decode and verify a record as a claim (its presence may have expired); with
+    ``key``, check it belongs under that key."""
     record = HandleRecord.decode(data)
-    record.verify(now)
+    record.verify_claim(now)
     if key is not None and record.key != key:
         raise RecordError("record stored under the wrong key")
     return record
+
+
+def claim_ends(record: HandleRecord, refreshed: float) -> float:
+    """When a replica stops keeping this claim: ``CLAIM_LIFETIME`` after its last refresh
+    (``refreshed``: the replica's own time of receipt of ``record``), but counted from no
+    later than the record's own ``issued``, so that copies handed from replica to replica
+    cannot keep a claim alive once its owner has stopped refreshing it."""
+    return min(refreshed, record.issued) + CLAIM_LIFETIME
 
 
 class Verdict:
     """Why a storing node accepted or refused an offered record."""
 
     ACCEPT = "accept"
+    ROTATED = "rotated"  # accepted: its rotation notice moves the handle from the held key
     SAME = "same"  # byte-identical to what is held
     INVALID = "invalid"
     OTHER_KEY = "other-key"  # the handle is claimed by another key
     STALE = "stale"  # same key, sequence number not higher
+    OLD_VERSION = "old-version"  # a version-1 record (an older p2pd)
 
 
-def judge(offered: HandleRecord, held: HandleRecord | None, now: float) -> str:
-    """The storage rule, for an ``offered`` record that has already been verified.
+def judge(offered: HandleRecord, held: HandleRecord | None) -> str:
+    """The storage rule, for an ``offered`` record already verified as a claim, against
+    the ``held`` claim if one is still alive (the caller decides with :func:`claim_ends`).
 
-    First valid claim wins; only the same key with a higher sequence number replaces it;
-    a claim that has expired no longer binds the handle.
+    The first claim seen here wins; only the same key with a higher sequence number
+    replaces it, or another key whose rotation notice, signed by the held key, moves the
+    handle to it.
     """
-    if held is None or held.expires <= now:
+    if held is None:
         return Verdict.ACCEPT
     if held.public_key != offered.public_key:
-        return Verdict.OTHER_KEY
+        return Verdict.ROTATED if offered.rotated_from(held.public_key) else Verdict.OTHER_KEY
     if offered.seq > held.seq:
         return Verdict.ACCEPT
     if offered.seq == held.seq and offered.encode() == held.encode():
         return Verdict.SAME
     return Verdict.STALE
-
-
-def choose_best(
-    candidates: list[bytes], now: float, *, key: bytes, accept_key: Callable[[bytes], bool]
-) -> HandleRecord | None:
-    """Pick the record a lookup returns from the values the storing nodes sent.
-
-    Invalid records and records whose key ``accept_key`` refuses (the fingerprint prefix of
-    a self-certifying handle, later the pinned key) are dropped. If valid claims by
-    different keys remain (only possible if storing nodes lie), the key held by the most
-    responding nodes wins, then the earliest issue time; within that key the highest
-    sequence number wins, i.e. the newest record, never simply "the most common value".
-    """
-    by_key: dict[bytes, list[HandleRecord]] = {}
-    for data in candidates:
-        try:
-            record = verify_record(data, now, key=key)
-        except RecordError:
-            continue
-        if accept_key(record.public_key):
-            by_key.setdefault(record.public_key, []).append(record)
-    if not by_key:
-        return None
-    _, records = max(
-        by_key.items(), key=lambda kv: (len(kv[1]), -min(r.issued for r in kv[1]), kv[0])
-    )
-    return max(records, key=lambda r: r.seq)

@@ -4,9 +4,12 @@ Tables (created if missing; ``user_version`` tracks the schema):
 
 - ``meta(key TEXT PRIMARY KEY, value TEXT)``: small daemon state, e.g. our last sequence
   number.
-- ``dht_records(key BLOB PRIMARY KEY, record BLOB, expires INTEGER, replicated REAL)``:
-  handle records this node stores for the network. Every row is verified again on load;
-  a row that no longer verifies is logged and deleted.
+- ``dht_claims(key BLOB PRIMARY KEY, record BLOB, first_seen REAL, refreshed REAL,
+  replicated REAL)``: handle claims (version-2 records) this node stores for the network,
+  with when this node first accepted a claim by that key and last received a new record
+  from it (p2pd/dht/storage.py). Every row is verified again on load; a row that no
+  longer verifies is logged and deleted. The table ``dht_records`` of older versions
+  (version-1 records) is dropped at load, with a log line.
 - ``dht_contacts(node_id BLOB PRIMARY KEY, host TEXT, port INTEGER, last_seen REAL)``:
   routing contacts, so a restarted node can rejoin without a bootstrap address. Written
   as plain columns: nothing is ever pickled.
@@ -31,9 +34,9 @@ DB_FILE = "p2pd.db"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS dht_records (
-    key BLOB PRIMARY KEY, record BLOB NOT NULL, expires INTEGER NOT NULL,
-    replicated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS dht_claims (
+    key BLOB PRIMARY KEY, record BLOB NOT NULL, first_seen REAL NOT NULL,
+    refreshed REAL NOT NULL, replicated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS dht_contacts (
     node_id BLOB PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,
     last_seen REAL NOT NULL);

@@ -217,6 +217,8 @@ class DHTRequest:
 class FindValueReply:
     value: bytes | None
     contacts: tuple[Contact, ...]
+    #: The replica's first-seen time of the claim in ``value`` (Unix seconds), its receipt.
+    seen: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,11 +379,13 @@ def decode_response(method: str, payload: bytes) -> DHTResult:
     if method == "find_node":
         return _contacts(data)
     if method == "find_value":
-        if not isinstance(data, dict) or set(data) - {"value", "nodes"}:
+        if not isinstance(data, dict) or set(data) - {"value", "nodes", "seen"}:
             raise WireError("find_value reply malformed")
-        value = data.get("value")
+        value, seen = data.get("value"), data.get("seen")
         return FindValueReply(
-            None if value is None else _bytes(value), _contacts(data.get("nodes", []))
+            None if value is None else _bytes(value),
+            _contacts(data.get("nodes", [])),
+            None if seen is None else _u63(seen),
         )
     if method == "mailbox_put":
         if not isinstance(data, bool):

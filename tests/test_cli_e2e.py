@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import socket
@@ -19,7 +20,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from p2pd import wire
 from p2pd.control_client import MAX_LINE, ControlClient
+from p2pd.identity import Identity, format_fingerprint, self_certifying
+from p2pd.records import HandleRecord
 from p2pd.store import db_path
 from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir
 
@@ -329,3 +333,52 @@ def test_rotate_key_rules(root: Path, network: dict[str, DaemonProcess]) -> None
     assert doc["protection"] == "argon2id-secretbox" and doc["handle"] == "rotor"
     proc = run_cli(home, "rotate-key", "--yes", env={"P2PD_PASSPHRASE": "wrong"})
     assert proc.returncode == 1 and "passphrase does not open" in proc.stderr
+
+
+def _store_at(daemon: DaemonProcess, record: HandleRecord) -> bool:
+    """One STORE straight to a daemon's DHT port, as any node on the network may send."""
+    host, _, port = daemon.listen.rpartition(":")
+    msg_id = os.urandom(20)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        frame = wire.encode_request(msg_id, "store", [os.urandom(20), record.key, record.encode()])
+        sock.sendto(frame, (host, int(port)))
+        while True:  # the daemon may ping its new contact first: not our answer
+            kind, reply_id, payload = wire.split_frame(sock.recv(wire.MAX_FRAME))
+            if (kind, reply_id) == (wire.FRAME_RESPONSE, msg_id):
+                return wire.decode_response("store", payload) is True
+
+
+def test_a_contested_handle_is_shown_as_such_and_refused_to_send(
+    root: Path, network: dict[str, DaemonProcess]
+) -> None:
+    """(Last: the STOREs it sends add a contact that goes away to the daemons' tables.)
+    Two keys claim "dave", each first at one replica: whois shows both fingerprints
+    and where each was seen, exits 1, --json says "contested"; send refuses, naming the
+    self-certifying forms."""
+    now = int(time.time())
+    claims = [
+        HandleRecord.create(Identity.generate("dave"), [], seq=1, now=now, lifetime=3600)
+        for _ in range(2)
+    ]
+    assert _store_at(network["alice"], claims[0])
+    assert _store_at(network["carol"], claims[1])
+    proc = run_cli(root / "bob", "whois", "dave")
+    assert proc.returncode == 1
+    assert "CONTESTED" in proc.stdout
+    for claim in claims:
+        assert self_certifying("dave", claim.public_key) in proc.stdout
+        assert format_fingerprint(claim.fingerprint) in proc.stdout
+    proc = run_cli(root / "bob", "whois", "dave", "--json")
+    assert proc.returncode == 1
+    shown = json.loads(proc.stdout)
+    assert shown["status"] == "contested"
+    assert {c["fingerprint"] for c in shown["claims"]} == {c.fingerprint for c in claims}
+    assert all(c["seen"] is not None and c["replicas"] for c in shown["claims"])
+    proc = run_cli(root / "bob", "send", "dave", "hello?")
+    assert proc.returncode == 1
+    assert "contested" in proc.stderr
+    assert self_certifying("dave", claims[0].public_key) in proc.stderr
+    # a self-certifying form picks one
+    one = cli_json(root / "bob", "whois", f"dave#{claims[1].fingerprint[:16]}")
+    assert (one["status"], one["fingerprint"]) == ("ok", claims[1].fingerprint)

@@ -371,9 +371,10 @@ def small_network(n: int, config: DHTConfig = CONFIG) -> tuple[CoreNet, list[DHT
 
 def resolve(net: CoreNet, core: DHTCore, handle: str) -> tuple[HandleRecord | None, LookupResult]:
     ref = HandleRef(handle)
-    return net.call(  # type: ignore[no-any-return]
+    resolution, result = net.call(
         lambda done: core.start_resolve(dht_key(handle), net.now, WALL, ref.matches, done)
     )
+    return resolution.record, result
 
 
 def test_publish_then_every_node_resolves() -> None:

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from p2pd.dht.routing import Node
-from p2pd.errors import NotFound
+from p2pd.errors import Contested, NotFound
 from p2pd.identity import HandleRef, Identity
 from p2pd.records import HandleRecord, dht_key
 from p2pd.testing.swarm import Swarm, SwarmNode, open_swarm
@@ -125,6 +125,37 @@ async def test_self_certifying_handle_refuses_another_key() -> None:
             wrong = "a" if record.fingerprint[0] != "a" else "b"
             with pytest.raises(NotFound, match="fingerprint prefix"):
                 await swarm.nodes[6].dht.resolve(HandleRef.parse(f"{record.handle}#{wrong * 12}"))
+
+
+async def test_a_squatter_on_many_replicas_makes_the_handle_contested_not_taken() -> None:
+    """A rival key that reached a third or more of the replicas first: every honest
+    resolver says "contested" with both keys and where each was seen, never the rival's
+    key alone; the self-certifying form of each still resolves to that key."""
+    with trio.fail_after(120):
+        async with open_swarm(N_NODES) as swarm:
+            owner = swarm.nodes[0]
+            key = dht_key(owner.identity.handle)
+            squatter = Identity.from_seed(owner.identity.handle, b"\x09" * 32)
+            rival = HandleRecord.create(squatter, [], seq=1, now=int(time.time()), lifetime=3600)
+            planted = swarm.nodes[1:11]
+            for node in planted:
+                assert node.dht.core.storage.offer(key, rival.encode()) == "accept"
+            record = await swarm.publish(0)
+            for asker in swarm.nodes[11:14]:
+                with pytest.raises(Contested, match="is contested") as caught:
+                    await asker.dht.resolve(HandleRef(record.handle))
+                fingerprints = {c["fingerprint"] for c in caught.value.claims}
+                assert fingerprints == {record.fingerprint, rival.fingerprint}
+                for form in (f"{record.handle}#{c[:16]}" for c in fingerprints):
+                    assert form[:-4] in caught.value.message  # 12 or 16 characters shown
+                rival_claim = next(
+                    c for c in caught.value.claims if c["fingerprint"] == rival.fingerprint
+                )
+                assert rival_claim["seen"] is not None and rival_claim["votes"] >= 3
+                assert set(rival_claim["replicas"]) <= {n.address.host for n in planted} | {"local"}
+                for wanted in (record, rival):
+                    ref = HandleRef.parse(f"{wanted.handle}#{wanted.fingerprint[:16]}")
+                    assert (await asker.dht.resolve(ref)).public_key == wanted.public_key
 
 
 async def test_restarted_node_still_serves_stored_records(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Signed handle records (p2pd.records): encoding, verification, bounds, storage rule."""
+"""Signed handle records (p2pd.records): encoding, verification, bounds, storage rule,
+version 2's rotation field and the claim that outlives the presence."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from p2pd.errors import RecordError, WireError
 from p2pd.identity import Identity
 from p2pd.records import (
+    CLAIM_LIFETIME,
     MAGIC,
     MAX_ADDRESSES,
     MAX_CLOCK_SKEW,
@@ -24,11 +26,16 @@ from p2pd.records import (
     VERSION,
     HandleRecord,
     Verdict,
+    claim_ends,
     dht_key,
     judge,
+    verify_claim,
     verify_record,
 )
-from p2pd.wire import Address
+from p2pd.rotation import MAX_NOTICE_SIZE, RotationNotice
+from p2pd.wire import (
+    Address,
+)
 
 NOW = 1_700_000_000
 HOUR = 3600
@@ -45,9 +52,16 @@ def make(
     now: int = NOW,
     lifetime: int = HOUR,
     extension: bytes = b"ext",
+    rotation: bytes = b"",
 ) -> HandleRecord:
     return HandleRecord.create(
-        identity, addresses, seq=seq, now=now, lifetime=lifetime, extension=extension
+        identity,
+        addresses,
+        seq=seq,
+        now=now,
+        lifetime=lifetime,
+        extension=extension,
+        rotation=rotation,
     )
 
 
@@ -81,14 +95,61 @@ def test_record_with_no_addresses_and_no_extension() -> None:
     assert verify_record(record.encode(), NOW) == record
 
 
-def test_largest_record_fits_max_record_size() -> None:
-    """A 32-char handle, 8 IPv6 addresses and a full extension is exactly the maximum."""
-    identity = Identity.from_seed("a" * 32, bytes(32))
+def largest_record() -> HandleRecord:
+    """A 32-char handle, 8 IPv6 addresses, a full extension and a rotation notice."""
+    old = Identity.from_seed("a" * 32, bytes(32))
+    new = Identity.from_seed("a" * 32, bytes(range(32)))
+    notice = RotationNotice.create(old, new, now=NOW).encode()
+    assert len(notice) == MAX_NOTICE_SIZE
     addrs = tuple(Address(f"2001:db8::{i + 1}", 65535) for i in range(MAX_ADDRESSES))
-    record = make(identity, addrs, extension=b"\xff" * MAX_EXTENSION, seq=MAX_SEQ)
+    return make(new, addrs, extension=b"\xff" * MAX_EXTENSION, seq=MAX_SEQ, rotation=notice)
+
+
+def test_largest_record_fits_max_record_size() -> None:
+    record = largest_record()
     data = record.encode()
-    assert len(data) == MAX_RECORD_SIZE
+    assert len(data) == MAX_RECORD_SIZE == 2601
     assert verify_record(data, NOW) == record
+
+
+def test_version_1_records_are_refused_by_name() -> None:
+    data = bytearray(make().encode())
+    data[4] = 1
+    with pytest.raises(RecordError, match=r"version 1 \(an older p2pd\) is no longer accepted"):
+        HandleRecord.decode(bytes(data))
+
+
+def test_rotation_field_round_trips_and_must_name_this_key_and_handle() -> None:
+    new = Identity.from_seed("alice", bytes(range(2, 34)))
+    notice = RotationNotice.create(ALICE, new, now=NOW).encode()
+    record = make(new, rotation=notice)
+    assert verify_record(record.encode(), NOW).rotation == notice
+    assert record.rotated_from(ALICE.public_key)
+    assert not record.rotated_from(MALLORY.public_key)
+    assert not make(new).rotated_from(ALICE.public_key)
+    # a notice for another key (here: the one it moves from) does not verify as a claim
+    wrong = make(ALICE, rotation=notice)
+    with pytest.raises(RecordError, match="another handle or key"):
+        verify_claim(wrong.encode(), NOW)
+    forged = bytearray(notice)
+    forged[-1] ^= 1
+    with pytest.raises(RecordError, match="new key"):
+        verify_claim(make(new, rotation=bytes(forged)).encode(), NOW)
+    with pytest.raises(RecordError, match="rotation"):
+        make(new, rotation=b"\x00" * (MAX_NOTICE_SIZE + 1))
+
+
+def test_an_expired_presence_is_still_a_valid_claim() -> None:
+    record = make(lifetime=HOUR)
+    later = NOW + 30 * 24 * HOUR
+    assert verify_claim(record.encode(), later) == record
+    assert not record.present(later)
+    with pytest.raises(RecordError, match="expired"):
+        verify_record(record.encode(), later)
+    assert record.without_presence().addresses == ()
+    # a claim lasts a year from its last refresh, never counted from after its issue
+    assert claim_ends(record, NOW + 5) == NOW + CLAIM_LIFETIME
+    assert claim_ends(record, NOW - 5) == NOW - 5 + CLAIM_LIFETIME
 
 
 def test_unsigned_record_does_not_encode() -> None:
@@ -216,9 +277,7 @@ def test_decode_refuses_expires_before_issued() -> None:
 
 
 def test_data_longer_than_max_record_size_is_refused() -> None:
-    identity = Identity.from_seed("a" * 32, bytes(32))
-    addrs = tuple(Address(f"2001:db8::{i + 1}", 65535) for i in range(MAX_ADDRESSES))
-    data = make(identity, addrs, extension=b"\x00" * MAX_EXTENSION).encode()
+    data = largest_record().encode()
     with pytest.raises(RecordError, match="too large"):
         HandleRecord.decode(data + b"\x00")
     with pytest.raises(RecordError, match="too large"):
@@ -329,43 +388,43 @@ def test_non_bytes_input_is_record_error(data: Any) -> None:
 
 
 def test_judge_first_claim_is_accepted() -> None:
-    assert judge(make(), None, NOW) == Verdict.ACCEPT
+    assert judge(make(), None) == Verdict.ACCEPT
 
 
 def test_judge_other_key_refused_while_claim_held() -> None:
     held = make(ALICE, seq=1, lifetime=HOUR)
     usurper = make(MALLORY, seq=99)
-    assert judge(usurper, held, NOW) == Verdict.OTHER_KEY
-    assert judge(usurper, held, NOW + HOUR - 1) == Verdict.OTHER_KEY
+    assert judge(usurper, held) == Verdict.OTHER_KEY
 
 
-def test_judge_other_key_accepted_once_claim_expired() -> None:
-    held = make(ALICE, seq=5, lifetime=HOUR)
-    newcomer = make(MALLORY, seq=0, now=NOW + HOUR)
-    assert judge(newcomer, held, NOW + HOUR) == Verdict.ACCEPT
-    assert judge(newcomer, held, NOW + 2 * HOUR) == Verdict.ACCEPT
+def test_judge_other_key_with_a_rotation_notice_from_the_held_key_is_rotated() -> None:
+    new = Identity.from_seed("alice", bytes(range(2, 34)))
+    moved = make(new, rotation=RotationNotice.create(ALICE, new, now=NOW).encode())
+    assert judge(moved, make(ALICE, seq=7)) == Verdict.ROTATED
+    # the notice moves alice from ALICE's key only: not from MALLORY's
+    assert judge(moved, make(MALLORY, seq=7)) == Verdict.OTHER_KEY
 
 
 def test_judge_same_key_higher_seq_accepted() -> None:
-    assert judge(make(seq=2), make(seq=1), NOW) == Verdict.ACCEPT
-    assert judge(make(seq=MAX_SEQ), make(seq=0), NOW) == Verdict.ACCEPT
+    assert judge(make(seq=2), make(seq=1)) == Verdict.ACCEPT
+    assert judge(make(seq=MAX_SEQ), make(seq=0)) == Verdict.ACCEPT
 
 
 def test_judge_same_key_lower_seq_is_stale() -> None:
-    assert judge(make(seq=1), make(seq=2), NOW) == Verdict.STALE
+    assert judge(make(seq=1), make(seq=2)) == Verdict.STALE
 
 
 def test_judge_same_seq_different_content_is_stale() -> None:
     held = make(seq=3)
     other = make(seq=3, extension=b"different")
     assert other.encode() != held.encode()
-    assert judge(other, held, NOW) == Verdict.STALE
+    assert judge(other, held) == Verdict.STALE
 
 
 def test_judge_identical_record_is_same() -> None:
     held = make(seq=3)
     again = HandleRecord.decode(held.encode())
-    assert judge(again, held, NOW) == Verdict.SAME
+    assert judge(again, held) == Verdict.SAME
 
 
 # --------------------------------------------------------------------------- properties
@@ -441,7 +500,7 @@ def test_round_trip_property(
     assert decoded == record
     assert decoded.addresses == tuple(addrs)
     assert decoded.encode() == data
-    assert judge(decoded, record, now) == Verdict.SAME
+    assert judge(decoded, record) == Verdict.SAME
 
 
 def test_record_error_is_a_wire_error() -> None:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from p2pd.errors import InvalidAddress, UsageError, WireError
 from p2pd.identity import Identity
 from p2pd.records import MAX_ADDRESSES, MAX_EXTENSION, MAX_RECORD_SIZE, HandleRecord
+from p2pd.rotation import RotationNotice
 from p2pd.wire import (
     DHT_METHODS,
     FRAME_REQUEST,
@@ -27,6 +28,7 @@ from p2pd.wire import (
     MAX_CONTACTS,
     MAX_FRAME,
     MAX_MAILBOX_ENTRY,
+    MAX_U63,
     MAX_VALUE,
     MSG_ID_LEN,
     Address,
@@ -424,6 +426,8 @@ def test_find_value_reply_round_trip() -> None:
     )[2]
     assert decode_response("find_value", payload) == FindValueReply(b"rec", tuple(contacts))
     assert decode_response("find_value", _find_value([])) == FindValueReply(None, ())
+    with_receipt = msgpack.packb({"nodes": [], "value": b"rec", "seen": 1_700_000_000})
+    assert decode_response("find_value", with_receipt) == FindValueReply(b"rec", (), 1_700_000_000)
     assert decode_response("find_node", msgpack.packb(encode_contacts(contacts))) == tuple(contacts)
 
 
@@ -475,6 +479,10 @@ def test_find_value_reply_with_extra_keys_or_bad_value() -> None:
         {"nodes": [], "value": b"x", "extra": 1},
         {"nodes": [], "value": "text"},
         {"nodes": [], "value": b"x" * (MAX_VALUE + 1)},
+        {"nodes": [], "value": b"x", "seen": -1},
+        {"nodes": [], "value": b"x", "seen": 1 << 63},
+        {"nodes": [], "value": b"x", "seen": "yesterday"},
+        {"nodes": [], "value": b"x", "seen": True},
         [b"x"],
         None,
     ):
@@ -482,20 +490,38 @@ def test_find_value_reply_with_extra_keys_or_bad_value() -> None:
             decode_response("find_value", msgpack.packb(reply, use_bin_type=True))
 
 
-def test_largest_find_value_reply_fits_in_a_frame() -> None:
-    """A maximal record plus a full contact list of long IPv6 spellings fits MAX_FRAME."""
-    identity = Identity.from_seed("a" * 32, bytes(32))
+def _largest_record() -> bytes:
+    """A 32-char handle, 8 IPv6 addresses, a full extension and a rotation notice."""
+    old = Identity.from_seed("a" * 32, bytes(32))
+    new = Identity.from_seed("a" * 32, bytes(range(32)))
     addrs = [Address(f"2001:db8::{i + 1}", 65535) for i in range(MAX_ADDRESSES)]
-    record = HandleRecord.create(
-        identity, addrs, seq=1, now=1, lifetime=60, extension=b"\x00" * MAX_EXTENSION
+    notice = RotationNotice.create(old, new, now=1).encode()
+    return HandleRecord.create(
+        new, addrs, seq=1, now=1, lifetime=60, extension=b"\x00" * MAX_EXTENSION, rotation=notice
     ).encode()
-    assert len(record) == MAX_RECORD_SIZE
+
+
+def test_largest_find_value_reply_fits_in_a_frame() -> None:
+    """A maximal record, its "seen" receipt and a full contact list of long IPv6
+    spellings fit MAX_FRAME."""
+    record = _largest_record()
+    assert len(record) == MAX_RECORD_SIZE <= MAX_VALUE
     host = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"
     contacts = [Contact(bytes([i]) * 20, Address(host, 65535)) for i in range(MAX_CONTACTS)]
-    frame = encode_response(MSG_ID, {"value": record, "nodes": encode_contacts(contacts)})
+    reply_map = {"value": record, "nodes": encode_contacts(contacts), "seen": MAX_U63}
+    frame = encode_response(MSG_ID, reply_map)
     assert len(frame) <= MAX_FRAME
     reply = decode_response("find_value", split_frame(frame)[2])
-    assert reply == FindValueReply(record, tuple(contacts))
+    assert reply == FindValueReply(record, tuple(contacts), MAX_U63)
+
+
+def test_find_value_reply_fits_with_twenty_contacts_of_node_public_keys() -> None:
+    """Room for 20 contacts whose ids are 19 + 32 bytes (a node public key and more) and
+    for the replica's signature (1 KiB kept free)."""
+    host = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+    nodes = [[bytes([i]) * (19 + 32), host, 65535] for i in range(20)]
+    frame = encode_response(MSG_ID, {"value": _largest_record(), "nodes": nodes, "seen": MAX_U63})
+    assert len(frame) <= MAX_FRAME - 1024
 
 
 def test_full_mailbox_page_fits_in_a_frame() -> None:

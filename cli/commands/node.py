@@ -281,11 +281,17 @@ def whois(ctx: click.Context, handle: str, as_json: bool) -> None:
     """Look up HANDLE in the DHT: its key's fingerprint and where it is reachable.
 
     HANDLE may be self-certifying, `alice#<fingerprint prefix>`: then a record whose
-    key does not match the prefix is refused. Exit 0 found, 1 not found, 2 bad handle.
+    key does not match the prefix is refused. When different keys claim HANDLE and the
+    network cannot tell which came first, it is "contested": each key's fingerprint,
+    which replicas hold it and since when, and exit 1. Exit 0 found, 1 not found or
+    contested, 2 bad handle.
     """
     parse_handle(handle)  # usage errors before we bother the daemon
     with ControlClient(home_of(ctx), timeout=60) as client:
-        render.emit(client.call("whois", {"handle": handle}), as_json, render.whois_text)
+        result = client.call("whois", {"handle": handle})
+    render.emit(result, as_json, render.whois_text)
+    if result.get("status") == "contested":
+        ctx.exit(1)
 
 
 @click.command()

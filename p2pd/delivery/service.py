@@ -47,6 +47,7 @@ from ..config import NodeConfig
 from ..dht import DHT
 from ..errors import (
     ConnectionLost,
+    Contested,
     KeyChanged,
     NoSession,
     NotFound,
@@ -395,7 +396,7 @@ class Delivery:
         try:
             with trio.fail_after(RESOLVE_TIMEOUT):
                 record = await self.dht.resolve(HandleRef(handle, fingerprint(peer_key)))
-        except (NotFound, trio.TooSlowError):
+        except (NotFound, Contested, trio.TooSlowError):
             return cached[0] if cached and cached[0].expires > now else None
         if record.public_key != peer_key:  # the lookup filters these: never send to one
             return None
@@ -647,7 +648,7 @@ class Delivery:
         try:
             with trio.fail_after(RESOLVE_TIMEOUT):
                 record = await self.dht.resolve(HandleRef(handle))
-        except (NotFound, trio.TooSlowError):
+        except (NotFound, Contested, trio.TooSlowError):
             log.warning("a message claims to be from %r, whose record cannot be found", handle)
             return
         if record.public_key != key:

@@ -45,9 +45,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import wire
+from ..claims import Answer, Resolution, resolve_claims
 from ..config import DHTConfig
 from ..errors import WireError
-from ..records import HandleRecord, Verdict, choose_best
+from ..records import HandleRecord, Verdict, verify_claim
 from .lookup import Lookup, LookupResult
 from .mailbox import MailboxStorage, delete_message, entry_id, fetch_message, mailbox_key
 from .routing import Node, RoutingTable
@@ -216,6 +217,7 @@ class DHTCore:
             value = self.storage.get(req.key)
             if value is not None:
                 result["value"] = value
+                result["seen"] = self.storage.first_seen(req.key)
         else:
             result = self._on_mailbox_request(req)
         self._send(wire.encode_response(req.msg_id, result), address)
@@ -450,29 +452,36 @@ class DHTCore:
         now: float,
         wall: float,
         accept_key: Callable[[bytes], bool],
-        on_done: Callable[[tuple[HandleRecord | None, LookupResult]], None],
+        on_done: Callable[[tuple[Resolution, LookupResult]], None],
     ) -> None:
-        """The newest valid record under ``key`` whose public key ``accept_key`` allows."""
+        """Which claim under ``key`` to believe (p2pd/claims.py), among the keys that
+        ``accept_key`` allows."""
 
         def found(result: LookupResult) -> None:
-            values = [v for _, v in result.values]
+            answers = [Answer(n.id, n.ip, v, result.seen.get(n.id)) for n, v in result.values]
             local = self.storage.get(key)
-            if local is not None:
-                values.append(local)
-            best = choose_best(values, wall, key=key, accept_key=accept_key)
-            if best is not None:
-                # Repair: the closest nodes that lack the newest record get it (Kademlia
-                # section 2.3 caches a found value at the nearest node without it).
+            resolution = resolve_claims(
+                answers,
+                wall,
+                key=key,
+                accept_key=accept_key,
+                local=local,
+                defences=self.config.defences,
+            )
+            best = resolution.record
+            if resolution.status == "ok" and best is not None:
+                # Repair (Kademlia section 2.3): only the closest replicas that hold an
+                # older record of the same key get the newest; a replica holding another
+                # key, or nothing, is left to the storage rule and to replication.
                 encoded = best.encode()
                 closest = {n.id for n in result.closest}
-                stale = [n for n, v in result.values if v != encoded] + result.without_value
-                for node in stale:
-                    if node.id in closest:
+                for node, value in result.values:
+                    if node.id in closest and value != encoded and _older(value, best, wall):
                         self.stats["repair_stores"] += 1
                         self.request(node, "store", [key, encoded], self.now)
                 if local is not None and local != encoded:
                     self.storage.offer(key, encoded)
-            on_done((best, result))
+            on_done((resolution, result))
 
         self.start_lookup(key, now, found, find_value=True)
 
@@ -610,6 +619,7 @@ class DHTCore:
             "records_stored": len(self.storage),
             "mailbox_entries_held": self.mailboxes.count() if self.mailboxes else 0,
             "refused_records": dict(self.storage.refused),
+            "rotated_claims": self.storage.rotated,
             "counters": dict(self.stats),
         }
 
@@ -618,6 +628,15 @@ class DHTCore:
 
 
 # ---------------------------------------------------------------------- operations
+
+
+def _older(value: bytes, newest: HandleRecord, wall: float) -> bool:
+    """Whether ``value`` is a valid claim by ``newest``'s key with a lower sequence number."""
+    try:
+        record = verify_claim(value, wall, key=newest.key)
+    except WireError:
+        return False
+    return record.public_key == newest.public_key and record.seq < newest.seq
 
 
 class _LookupRun:

@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from .. import wire
+from ..claims import CONTESTED, Resolution, contested_error
 from ..config import DHTConfig
 from ..errors import NotFound
 from ..identity import HandleRef, Identity
@@ -129,13 +130,22 @@ class DHT:
         record, _ = await self.resolve_with_details(ref)
         return record
 
-    async def resolve_with_details(self, ref: HandleRef) -> tuple[HandleRecord, LookupResult]:
-        """The newest valid record for ``ref``; raises NotFound."""
+    async def resolve_claim(self, ref: HandleRef) -> tuple[Resolution, LookupResult]:
+        """What the replicas say about ``ref``, decided by p2pd/claims.py's rule."""
         key = dht_key(ref.handle)
-        found: tuple[HandleRecord | None, LookupResult] = await self._run(
+        found: tuple[Resolution, LookupResult] = await self._run(
             lambda done, now: self.core.start_resolve(key, now, self._wall(), ref.matches, done)
         )
-        record, result = found
+        return found
+
+    async def resolve_with_details(self, ref: HandleRef) -> tuple[HandleRecord, LookupResult]:
+        """The newest record of the key the replicas agree on for ``ref``; without its
+        addresses when its presence has expired (the claim outlives them). Raises
+        NotFound, or Contested when different keys claim it (p2pd/claims.py)."""
+        resolution, result = await self.resolve_claim(ref)
+        record = resolution.record
+        if resolution.status == CONTESTED:
+            raise contested_error(ref.handle, resolution)
         if record is None:
             if result.values and ref.fingerprint_prefix is not None:
                 raise NotFound(
@@ -143,6 +153,8 @@ class DHT:
                     f"{ref.fingerprint_prefix!r}: refusing the key the network holds"
                 )
             raise NotFound(f"no valid record for handle {ref.handle!r} in the DHT")
+        if not record.present(self._wall()):
+            record = record.without_presence()
         return record, result
 
     async def mailbox_put(self, owner_public_key: bytes, entry: bytes) -> int:

@@ -42,6 +42,8 @@ class LookupResult:
     values: list[tuple[Node, bytes]] = field(default_factory=list)
     #: Answering nodes that held no value (candidates for a repairing store).
     without_value: list[Node] = field(default_factory=list)
+    #: node id -> the first-seen time it stated for its value (find_value "seen").
+    seen: dict[bytes, int] = field(default_factory=dict)
     rpcs: int = 0
     elapsed: float = 0.0
     #: Replies that moved the lookup, by round: 1 + the longest chain of replies that
@@ -187,6 +189,8 @@ class Lookup:
         if isinstance(reply, wire.FindValueReply) and self.find_value:
             if reply.value is not None:
                 self.result.values.append((node, reply.value))
+                if reply.seen is not None:
+                    self.result.seen[node.id] = reply.seen
             else:
                 self.result.without_value.append(node)
             contacts = reply.contacts

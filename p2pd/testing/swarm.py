@@ -1,5 +1,5 @@
-"""Many DHT nodes in one process: on real UDP sockets on 127.0.0.1, or on a simulated
-network.
+"""Many DHT nodes in one process: on real UDP sockets on loopback (node i on its own
+127.a.b.1: the DHT counts one vote per address), or on a simulated network.
 
 Each node is the daemon's own DHT (``create_dht``) fed by an endpoint, all in one trio
 run. By default the endpoint is a real :class:`~p2pd.transport.udp.UdpEndpoint`, exactly
@@ -35,6 +35,13 @@ from .fakenet import FakeHost, FakeNetwork, FakeUdpEndpoint
 
 #: The port every node of a simulated swarm listens on (each has a host of its own).
 FAKE_PORT = 4747
+
+
+def loopback_address(index: int) -> Address:
+    """``127.a.b.1`` port 0: a loopback address in a /24 of its own for node ``index``
+    (65,000 of them; Linux answers on all of 127/8 without configuration)."""
+    index %= 254 * 256
+    return Address(f"127.{1 + index // 256}.{index % 256}.1", 0)
 
 
 @dataclass
@@ -99,7 +106,7 @@ class Swarm:
             endpoint = host.bind(FAKE_PORT)
             randbytes = random.Random(self.rng.getrandbits(64)).randbytes
         else:
-            endpoint = UdpEndpoint.bind(listen or Address("127.0.0.1", 0))
+            endpoint = UdpEndpoint.bind(listen or loopback_address(len(self.nodes)))
         stack.callback(endpoint.close)
         # A simulated swarm of thousands keeps its records in memory only.
         conn = open_database(db_path) if self.network is None or db_path else None

@@ -1,0 +1,199 @@
+"""Which claim a resolver believes: the rule that turns replicas' answers into an answer.
+
+A lookup hears from up to k replicas near a handle's DHT key; each may return a record
+(a claim, handle -> key) and the time it first saw a claim by that key (``seen``, its
+signed receipt). Liars among them can return anything valid: a rival key's record, an old
+one, none. :func:`resolve_claims` decides, and says "contested" when it cannot:
+
+1. drop answers whose value is not a valid claim (signature, bounds, not issued in the
+   future) under the handle's DHT key, or whose key the caller refuses (the fingerprint
+   prefix of a self-certifying handle);
+2. count the votes for each key: the answers that hold it, counted once per replica id,
+   once per IP address and once per network (/24 for IPv4, /48 for IPv6; private and
+   loopback addresses per IP only, so a loopback test swarm on 127.0.0.1 keeps meaning):
+   a key's votes are the smallest of its distinct replica ids, distinct addresses and
+   distinct networks. The local node's own stored claim is one more vote of its own;
+3. **ok** when one key holds at least 2/3 of all votes (sum over keys; at least one):
+   the answer is that key's valid record with the highest sequence number;
+   **contested** otherwise: for each key its fingerprint, votes, the replicas holding it
+   and the earliest ``seen`` among them, so that a user can choose a self-certifying
+   form; **not-found** when no valid claim is left.
+
+Counting distinct values per key makes the rule a function of the *set* of answers (any
+order, any duplication gives the same result), and adding answers for a key never lowers
+its votes, so more support for the winner never turns "ok" into "contested". A rival
+holding a third of the votes or less is outvoted; holding more than a third yields
+"contested", never the rival's key silently.
+
+With ``defences=False`` (benchmarks only) the rule of earlier versions applies: the key
+held by the most answers wins, then the earliest self-asserted ``issued``; never contested.
+
+Pure: ``now`` is a Unix time passed in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .errors import Contested, RecordError
+from .identity import format_fingerprint, self_certifying
+from .records import HandleRecord, verify_claim
+
+OK = "ok"
+CONTESTED = "contested"
+NOT_FOUND = "not-found"
+#: The network one vote stands for: BEP 42's /24 for IPv4, /48 for IPv6.
+IPV4_PREFIX = 24
+IPV6_PREFIX = 48
+#: The group name of the local node's own stored claim (its own address is not known).
+LOCAL = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What one replica said in reply to find_value."""
+
+    replica: bytes  # its node id
+    ip: str  # the address the reply came from
+    value: bytes
+    seen: int | None = None  # its first-seen time of the claim it returned
+
+
+@dataclass(frozen=True, slots=True)
+class KeyClaim:
+    """One key's support among the answers."""
+
+    public_key: bytes
+    fingerprint: str
+    votes: int
+    #: The addresses of the replicas that hold it (LOCAL for this node), sorted.
+    replicas: tuple[str, ...]
+    #: The earliest first-seen time any of them stated (None: none stated one).
+    seen: int | None
+    #: Its valid record with the highest sequence number.
+    record: HandleRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    status: str  # OK, CONTESTED or NOT_FOUND
+    #: With OK, the winning key's newest record (its presence may have expired).
+    record: HandleRecord | None = None
+    #: Every key found, most votes first (then by key, to be deterministic).
+    claims: tuple[KeyClaim, ...] = field(default=())
+
+
+def network_of(ip: str) -> str:
+    """The group one vote stands for: the /24 or /48 of a public address; the address
+    itself for private, loopback and link-local ones (a LAN or a test swarm)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.is_private or address.is_loopback or address.is_link_local:
+        return str(address)
+    prefix = IPV4_PREFIX if address.version == 4 else IPV6_PREFIX
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+def resolve_claims(
+    answers: Iterable[Answer],
+    now: float,
+    *,
+    key: bytes,
+    accept_key: Callable[[bytes], bool] = lambda _: True,
+    local: bytes | None = None,
+    defences: bool = True,
+) -> Resolution:
+    """Apply the rule above to ``answers`` (and ``local``, this node's own stored claim)."""
+    records: dict[bytes, HandleRecord] = {}  # newest per key
+    ids: dict[bytes, set[bytes]] = {}
+    ips: dict[bytes, set[str]] = {}
+    nets: dict[bytes, set[str]] = {}
+    where: dict[bytes, set[str]] = {}
+    seen: dict[bytes, int] = {}
+    raw: dict[bytes, int] = {}  # answers per key, for defences=False
+    earliest: dict[bytes, int] = {}  # earliest issued per key, for defences=False
+    everything = list(answers)
+    if local is not None:
+        everything.append(Answer(b"", LOCAL, local))
+    for answer in everything:
+        try:
+            record = verify_claim(answer.value, now, key=key)
+        except RecordError:
+            continue
+        pk = record.public_key
+        if not accept_key(pk):
+            continue
+        held = records.get(pk)
+        if held is None or (record.seq, record.encode()) > (held.seq, held.encode()):
+            records[pk] = record
+        ids.setdefault(pk, set()).add(answer.replica)
+        ips.setdefault(pk, set()).add(answer.ip)
+        nets.setdefault(pk, set()).add(network_of(answer.ip))
+        where.setdefault(pk, set()).add(answer.ip)
+        raw[pk] = raw.get(pk, 0) + 1
+        earliest[pk] = min(earliest.get(pk, record.issued), record.issued)
+        if answer.seen is not None:
+            seen[pk] = min(seen.get(pk, answer.seen), answer.seen)
+    if not records:
+        return Resolution(NOT_FOUND)
+    votes = {pk: min(len(ids[pk]), len(ips[pk]), len(nets[pk])) for pk in records}
+    claims = tuple(
+        sorted(
+            (
+                KeyClaim(
+                    pk,
+                    record.fingerprint,
+                    votes[pk],
+                    tuple(sorted(where[pk])),
+                    seen.get(pk),
+                    record,
+                )
+                for pk, record in records.items()
+            ),
+            key=lambda c: (-c.votes, c.public_key),
+        )
+    )
+    if not defences:
+        # The rule of earlier versions (a benchmark's "defences off"): most answers, then
+        # the earliest self-asserted issue time; a liar can fabricate both.
+        def old_rank(c: KeyClaim) -> tuple[int, int, bytes]:
+            return (raw[c.public_key], -earliest[c.public_key], c.public_key)
+
+        return Resolution(OK, max(claims, key=old_rank).record, claims)
+    total = sum(votes.values())
+    best = claims[0]
+    if best.votes >= 1 and 3 * best.votes >= 2 * total:
+        return Resolution(OK, best.record, claims)
+    return Resolution(CONTESTED, None, claims)
+
+
+def claim_summary(claim: KeyClaim) -> dict[str, object]:
+    """One key of a contested handle, as ``whois`` and the control API show it."""
+    return {
+        "fingerprint": claim.fingerprint,
+        "fingerprint_display": format_fingerprint(claim.fingerprint),
+        "self_certifying": self_certifying(claim.record.handle, claim.public_key),
+        "public_key": claim.public_key.hex(),
+        "votes": claim.votes,
+        "replicas": list(claim.replicas),
+        "seen": claim.seen,
+        "seq": claim.record.seq,
+    }
+
+
+def contested_error(handle: str, resolution: Resolution) -> Contested:
+    """The error a send, a call or a lookup of a contested plain handle fails with."""
+    forms = ", ".join(
+        f"{self_certifying(handle, c.public_key)} ({c.votes} of the replicas)"
+        for c in resolution.claims
+    )
+    return Contested(
+        f"the handle {handle!r} is contested: {len(resolution.claims)} keys claim it and the "
+        f"network cannot tell which came first: {forms}. Check with the person which one "
+        "is theirs and use that self-certifying form",
+        [claim_summary(c) for c in resolution.claims],
+    )

@@ -1,0 +1,213 @@
+"""Which claim a resolver believes (p2pd/claims.py): the rule, and its properties under
+any order, duplication and support of the replicas' answers."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pd.claims import CONTESTED, NOT_FOUND, OK, Answer, network_of, resolve_claims
+from p2pd.errors import Contested
+from p2pd.identity import HandleRef, Identity
+from p2pd.records import HandleRecord, dht_key
+
+NOW = 1_700_000_000
+DAY = 24 * 3600
+KEY = dht_key("alice")
+OWNER = Identity.from_seed("alice", bytes(range(32)))
+RIVAL = Identity.from_seed("alice", bytes(range(1, 33)))
+THIRD = Identity.from_seed("alice", bytes(range(2, 34)))
+
+
+def rec(identity: Identity, seq: int = 1, now: int = NOW, lifetime: int = DAY) -> bytes:
+    return HandleRecord.create(identity, [], seq=seq, now=now, lifetime=lifetime).encode()
+
+
+def answer(i: int, value: bytes, seen: int | None = None, ip: str | None = None) -> Answer:
+    """Replica ``i`` on a public address of a /24 of its own."""
+    return Answer(bytes([i]) * 20, ip or f"198.{i // 256}.{i % 256}.7", value, seen)
+
+
+def test_agreement_is_ok_and_returns_the_newest_record_of_that_key() -> None:
+    answers = [answer(i, rec(OWNER, seq=1)) for i in range(5)] + [answer(9, rec(OWNER, seq=3))]
+    res = resolve_claims(answers, NOW, key=KEY)
+    assert res.status == OK and res.record is not None and res.record.seq == 3
+    assert [c.votes for c in res.claims] == [6]
+
+
+def test_more_than_a_third_for_a_rival_is_contested_with_details() -> None:
+    answers = [answer(i, rec(OWNER), seen=NOW - i) for i in range(3)]
+    answers += [answer(10 + i, rec(RIVAL), seen=NOW) for i in range(2)]
+    res = resolve_claims(answers, NOW, key=KEY)
+    assert res.status == CONTESTED and res.record is None
+    owner, rival = res.claims
+    assert (owner.public_key, owner.votes, owner.seen) == (OWNER.public_key, 3, NOW - 2)
+    assert (rival.public_key, rival.votes, rival.seen) == (RIVAL.public_key, 2, NOW)
+    assert rival.replicas == ("198.0.10.7", "198.0.11.7")
+    # a third or less is outvoted: 4 against 2 is 2/3
+    res = resolve_claims([*answers, answer(20, rec(OWNER))], NOW, key=KEY)
+    assert res.status == OK and res.record is not None
+    assert res.record.public_key == OWNER.public_key
+
+
+def test_invalid_records_wrong_key_and_refused_keys_are_dropped() -> None:
+    bob = Identity.from_seed("bob", bytes(32))
+    junk = [
+        answer(1, b"garbage"),
+        answer(2, rec(bob)),  # another handle's record, under alice's key
+        answer(3, rec(RIVAL, now=NOW + DAY)),  # issued in the future
+    ]
+    assert resolve_claims(junk, NOW, key=KEY).status == NOT_FOUND
+    assert resolve_claims([], NOW, key=KEY).status == NOT_FOUND
+    # a self-certifying ref only sees the keys its prefix matches: no contest
+    ref = HandleRef.parse(f"alice#{OWNER.fingerprint[:16]}")
+    mixed = [answer(i, rec(RIVAL)) for i in range(10)] + [answer(20, rec(OWNER))]
+    res = resolve_claims(mixed, NOW, key=KEY, accept_key=ref.matches)
+    assert res.status == OK and res.record is not None
+    assert res.record.public_key == OWNER.public_key
+
+
+def test_an_expired_presence_still_resolves_the_claim() -> None:
+    old = rec(OWNER, now=NOW - 40 * DAY, lifetime=DAY)
+    res = resolve_claims([answer(1, old), answer(2, old)], NOW, key=KEY)
+    assert res.status == OK and res.record is not None and not res.record.present(NOW)
+
+
+def test_votes_count_once_per_replica_address_and_network() -> None:
+    same_ip = [answer(i, rec(RIVAL), ip="203.0.113.5") for i in range(10)]
+    same_net = [answer(20 + i, rec(RIVAL), ip=f"203.0.114.{i}") for i in range(10)]
+    same_id = [Answer(b"\x01" * 20, f"203.0.{i}.1", rec(RIVAL)) for i in range(10)]
+    for group in (same_ip, same_net, same_id):
+        res = resolve_claims([*group, answer(200, rec(OWNER))], NOW, key=KEY)
+        assert [c.votes for c in res.claims] == [1, 1]
+        assert res.status == CONTESTED
+    # IPv6 counts per /48; loopback and private addresses per address
+    assert network_of("2a00:1450:1:2::1") == network_of("2a00:1450:1:ffff::9")
+    assert network_of("127.0.0.1") != network_of("127.0.0.2")
+    assert network_of("10.0.0.1") != network_of("10.0.0.2")
+    assert network_of("198.7.100.1") == network_of("198.7.100.200")
+    assert network_of("2a00:1450:1::1") != network_of("2a00:1450:2::1")
+
+
+def test_the_local_claim_is_one_vote_of_its_own() -> None:
+    answers = [answer(1, rec(RIVAL))]
+    res = resolve_claims(answers, NOW, key=KEY, local=rec(OWNER))
+    assert res.status == CONTESTED
+    assert [c.replicas for c in res.claims] == [("local",), ("198.0.1.7",)]
+    res = resolve_claims([answer(1, rec(OWNER))], NOW, key=KEY, local=rec(OWNER))
+    assert res.status == OK and res.claims[0].votes == 2
+
+
+def test_defences_off_is_the_old_rule_most_answers_then_earliest_issued() -> None:
+    # one address answering as many replicas wins without the defences
+    liar = [answer(i, rec(RIVAL), ip="203.0.113.5") for i in range(5)]
+    honest = [answer(100 + i, rec(OWNER)) for i in range(4)]
+    res = resolve_claims(liar + honest, NOW, key=KEY, defences=False)
+    assert res.status == OK and res.record is not None
+    assert res.record.public_key == RIVAL.public_key
+    # a tie goes to the earliest self-asserted issue time
+    early = [answer(50, rec(THIRD, now=NOW - 100))]
+    res = resolve_claims([answer(1, rec(OWNER)), *early], NOW, key=KEY, defences=False)
+    assert res.record is not None and res.record.public_key == THIRD.public_key
+
+
+def test_contested_error_names_the_self_certifying_forms() -> None:
+    from p2pd.claims import contested_error
+
+    answers = [answer(1, rec(OWNER)), answer(2, rec(RIVAL))]
+    err = contested_error("alice", resolve_claims(answers, NOW, key=KEY))
+    assert isinstance(err, Contested)
+    for who in (OWNER, RIVAL):
+        fp = who.fingerprint
+        assert f"alice#{fp[:12]}" in err.message
+        assert any(c["fingerprint"] == fp for c in err.claims)
+
+
+# --------------------------------------------------------------------------- properties
+
+IDENTITIES = [OWNER, RIVAL, THIRD]
+VALUES = [rec(who, seq=seq) for who in IDENTITIES for seq in (1, 2)] + [b"junk"]
+ADDRESSES = [
+    "198.7.100.1",
+    "198.7.100.2",
+    "198.7.101.9",
+    "8.8.4.4",
+    "2a00:1450::1",
+    "2a00:1450:0:1::1",
+    "2a00:1450:5::1",
+    "127.0.0.1",
+    "127.0.0.2",
+    "10.1.2.3",
+]
+
+answers_st = st.lists(
+    st.builds(
+        Answer,
+        st.integers(0, 12).map(lambda i: bytes([i]) * 20),
+        st.sampled_from(ADDRESSES),
+        st.sampled_from(VALUES),
+        st.one_of(st.none(), st.integers(NOW - 10 * DAY, NOW)),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(answers_st, st.randoms(use_true_random=False), st.booleans())
+def test_any_order_or_duplication_gives_the_same_resolution(
+    answers: list[Answer], rng: random.Random, local: bool
+) -> None:
+    mine = VALUES[0] if local else None
+    shuffled = answers + [rng.choice(answers) for _ in range(len(answers) // 2)]
+    rng.shuffle(shuffled)
+    assert resolve_claims(answers, NOW, key=KEY, local=mine) == resolve_claims(
+        shuffled, NOW, key=KEY, local=mine
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(answers_st, answers_st)
+def test_more_votes_for_the_winner_never_turn_ok_into_contested(
+    answers: list[Answer], more: list[Answer]
+) -> None:
+    res = resolve_claims(answers, NOW, key=KEY)
+    if res.status != OK:
+        return
+    assert res.record is not None
+    winner = res.record.public_key
+    support = [a for a in more if a.value in VALUES[:-1] and _key_of(a.value) == winner]
+    after = resolve_claims(answers + support, NOW, key=KEY)
+    assert after.status == OK and after.record is not None
+    assert after.record.public_key == winner
+
+
+@settings(max_examples=300, deadline=None)
+@given(answers_st)
+def test_a_key_under_a_third_of_the_votes_never_wins(answers: list[Answer]) -> None:
+    res = resolve_claims(answers, NOW, key=KEY)
+    total = sum(c.votes for c in res.claims)
+    for claim in res.claims:
+        if 3 * claim.votes < total:
+            assert res.record is None or res.record.public_key != claim.public_key
+        if 3 * claim.votes > total and res.status == OK:
+            # a key with more than a third is either the winner or makes it contested
+            assert res.record is not None and res.record.public_key == claim.public_key
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 5))
+def test_answers_from_one_ip_count_once(liars: int, honest: int) -> None:
+    lying = [Answer(bytes([i]) * 20, "203.0.113.66", rec(RIVAL)) for i in range(liars)]
+    truthful = [answer(100 + i, rec(OWNER)) for i in range(honest)]
+    res = resolve_claims(lying + truthful, NOW, key=KEY)
+    votes = {c.public_key: c.votes for c in res.claims}
+    assert votes[RIVAL.public_key] == 1
+    assert res.status == (OK if honest >= 2 else CONTESTED)
+    if res.status == OK:
+        assert res.record is not None and res.record.public_key == OWNER.public_key
+
+
+def _key_of(value: bytes) -> bytes:
+    return HandleRecord.decode(value).public_key
