@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pd.dht.routing import Node
+from p2pd.dht.routing import Node, subnet_of
 from p2pd.errors import NotFound
 from p2pd.identity import HandleRef, Identity
 from p2pd.records import HandleRecord, dht_key
@@ -41,6 +41,8 @@ async def held_by(swarm: Swarm, key: bytes) -> list[HandleRecord | None]:
 async def test_every_node_resolves_every_handle() -> None:
     with trio.fail_after(120):
         async with open_swarm(N_NODES) as swarm:
+            # each node on a loopback /24 of its own: the address limits leave them all in
+            assert len({subnet_of(n.address.host) for n in swarm.nodes}) == N_NODES
             published = [await swarm.publish(i) for i in range(N_HANDLES)]
             for asker in swarm.nodes:
                 for record in published:
