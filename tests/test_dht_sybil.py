@@ -305,6 +305,14 @@ class _World:
         return wire.FindValueReply(b"the value", tuple(self.contact(n) for n in self.honest[:8]))
 
 
+def disjoint(world: _World, paths: int, seeds: list[Node], **options: Any) -> DisjointLookup:
+    args: dict[str, Any] = dict(
+        find_value=True, k=5, alpha=1, max_rpcs=300, started=0.0, deadline=10.0
+    )
+    args.update(options)
+    return DisjointLookup(world.target, paths=paths, own_id=b"\xff" * 20, seeds=seeds, **args)
+
+
 def run_lookup(lookup: Lookup | DisjointLookup, world: _World) -> None:
     for _ in range(500):
         asked = lookup.next_requests(0.0)
@@ -319,20 +327,7 @@ def run_lookup(lookup: Lookup | DisjointLookup, world: _World) -> None:
 def test_one_lying_path_cannot_steer_a_two_path_lookup(paths: int) -> None:
     world = _World()
     liar, honest = world.liars[-1], world.honest[-1]  # one seed each: liar dealt first
-    lookup = DisjointLookup(
-        world.target,
-        paths=paths,
-        find_value=True,
-        k=5,
-        alpha=1,
-        max_rpcs=200,
-        quorum=2,
-        started=0.0,
-        deadline=10.0,
-        own_id=b"\xff" * 20,
-        seeds=[liar, honest],
-        limit=AddressLimit(2, 3),
-    )
+    lookup = disjoint(world, paths, [liar, honest], quorum=2, limit=AddressLimit(2, 3))
     run_lookup(lookup, world)
     values = [v for _, v in lookup.result.values]
     if paths == 1:
@@ -345,19 +340,7 @@ def test_one_lying_path_cannot_steer_a_two_path_lookup(paths: int) -> None:
 
 def test_no_node_is_asked_by_two_paths() -> None:
     world = _World()
-    lookup = DisjointLookup(
-        world.target,
-        paths=3,
-        find_value=True,
-        k=5,
-        alpha=3,
-        max_rpcs=300,
-        quorum=20,
-        started=0.0,
-        deadline=10.0,
-        own_id=b"\xff" * 20,
-        seeds=world.honest[-6:],
-    )
+    lookup = disjoint(world, 3, world.honest[-6:], alpha=3, quorum=20)
     asked: list[bytes] = []
     for _ in range(100):
         batch = lookup.next_requests(0.0)

@@ -15,9 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pd.dht.nodekey import NodeKey, verify
+from p2pd.dht.nodekey import NodeKey
 from p2pd.errors import InvalidAddress, OldFrameVersion, UsageError, WireError
 from p2pd.identity import Identity
+from p2pd.identity import verify_signature as verify
 from p2pd.records import MAX_ADDRESSES, MAX_EXTENSION, MAX_RECORD_SIZE, HandleRecord
 from p2pd.wire import (
     DHT_METHODS,

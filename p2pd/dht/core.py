@@ -58,10 +58,11 @@ from typing import Any, Protocol
 from .. import wire
 from ..config import DHTConfig
 from ..errors import OldFrameVersion, WireError
+from ..identity import verify_signature
 from ..records import HandleRecord, Verdict, choose_best
 from .lookup import DisjointLookup, Lookup, LookupResult
 from .mailbox import MailboxStorage, delete_message, entry_id, fetch_message, mailbox_key
-from .nodekey import NodeKey, verify
+from .nodekey import NodeKey
 from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
 from .storage import RecordStorage
@@ -374,7 +375,7 @@ class DHTCore:
             return None
         if not pending.probe and wire.node_id_for(key) != pending.node.id:
             return None
-        if not verify(key, wire.reply_message(msg_id, raw), signature):
+        if not verify_signature(key, wire.reply_message(msg_id, raw), signature):
             return None
         return key
 

@@ -22,15 +22,14 @@ never logged or printed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
 
-import nacl.exceptions
 import nacl.signing
 
-from ..wire import PUBLIC_KEY_LEN, SIGNATURE_LEN, node_id_for
+from ..keystore import write_private_file
+from ..wire import node_id_for
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +64,6 @@ class NodeKey:
         return f"NodeKey(node_id={self.node_id.hex()})"
 
 
-def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
-    """Whether ``signature`` is ``public_key``'s Ed25519 signature of ``message``."""
-    if len(public_key) != PUBLIC_KEY_LEN or len(signature) != SIGNATURE_LEN:
-        return False
-    try:
-        nacl.signing.VerifyKey(public_key).verify(message, signature)
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, TypeError):
-        return False
-    return True
-
-
 def load_or_create_node_key(home: Path) -> NodeKey:
     """The node key kept in ``home``; a new one if it is missing or damaged."""
     path = home / NODE_KEY_FILE
@@ -94,13 +82,6 @@ def load_or_create_node_key(home: Path) -> NodeKey:
         return NodeKey.from_seed(seed)
     seed = os.urandom(SEED_LEN)
     tmp = path.with_name(NODE_KEY_FILE + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, seed)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_private_file(tmp, seed)
     os.replace(tmp, path)
     return NodeKey.from_seed(seed)
