@@ -259,11 +259,13 @@ class DisjointLookup:
     """``paths`` lookups for one target over disjoint sets of nodes, merged (S/Kademlia,
     section 4.4). Driven like a :class:`Lookup`.
 
-    The seeds are dealt round-robin, nearest first; each path keeps the full ``k`` and
-    ``alpha`` (so each can reach the k closest alone) but a share of the RPC cap and of
-    the value quorum. A node one path asked (or is asking) is never asked by another.
-    The result is every path's answers: their values, and the k closest nodes that
-    answered on any path (within the address limits)."""
+    The seeds are dealt round-robin, nearest first; each path keeps ``alpha`` and a
+    share of ``k`` (it ends when its ``k / paths`` closest live nodes answered), of the
+    RPC cap and of the value quorum: together the paths ask about as many nodes as one
+    lookup would, and they partition the k closest between them. A node one path asked
+    (or is asking) is never asked by another. The result is every path's answers: their
+    values, and the k closest nodes that answered on any path (within the address
+    limits)."""
 
     def __init__(
         self,
@@ -299,7 +301,7 @@ class DisjointLookup:
             Lookup(
                 target,
                 find_value=find_value,
-                k=k,
+                k=math.ceil(k / paths),
                 alpha=alpha,
                 max_rpcs=math.ceil(max_rpcs / paths),
                 quorum=share,
