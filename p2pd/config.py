@@ -51,8 +51,24 @@ class DHTConfig:
     refresh_interval: float = 3600.0
     #: Most records one node stores for others (each at most 2,601 bytes).
     max_records: int = 100_000
-    #: The defences against hostile nodes (docs/SECURITY.md). Off only in benchmarks, to
-    #: measure what they buy: then a lookup believes the key most replicas return.
+    #: Sybil limits (docs/ARCHITECTURE.md, "Earned ids"): most node ids with one IP
+    #: address in a routing-table bucket, and among a lookup's candidates and result.
+    max_per_ip: int = 2
+    #: Most node ids per /24 (IPv4) or /48 (IPv6) there. Private, unique-local and
+    #: link-local addresses are exempt (a LAN is one /24), loopback is not. 3, not 2: a
+    #: home or small office /24 with a few nodes behind one or two public addresses
+    #: still fits, while an attacker needs a /24 per 3 slots of a bucket of 20.
+    max_per_subnet: int = 3
+    #: A lookup runs this many disjoint paths (S/Kademlia section 4.4): the seeds are
+    #: dealt round-robin, a node is asked by one path only, the answers are merged.
+    disjoint_paths: int = 2
+    #: How long a node that proved its id from an address is asked without a proof.
+    verified_lifetime: float = 3600.0
+    #: The defences against hostile nodes (docs/SECURITY.md): earned contacts, address
+    #: limits, disjoint paths, storing only when among the k closest, and a lookup that
+    #: believes a key only with 2/3 of independent replicas. FOR BENCHMARKS ONLY
+    #: (scripts/bench_*.py compare with them off: then a lookup believes the key most
+    #: replicas return); the configuration file cannot turn them off.
     defences: bool = True
 
 
@@ -245,6 +261,8 @@ def load_config(home: Path) -> NodeConfig:
     unknown = set(doc) - {"node", "dht", "lan", "calls"}
     if unknown:
         raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
+    if "defences" in doc.get("dht", {}):
+        raise UsageError(f"{path} [dht]: defences is a benchmark switch, not a setting")
     dht = _apply(config.dht, doc.get("dht", {}), f"{path} [dht]")
     lan = _apply(config.lan, doc.get("lan", {}), f"{path} [lan]")
     calls_doc = doc.get("calls", {})

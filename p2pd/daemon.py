@@ -22,7 +22,7 @@ from . import __version__
 from .calls import CallManager
 from .config import NodeConfig
 from .delivery import Delivery, EventBus
-from .dht import DHT, node_id_for, open_dht
+from .dht import DHT, load_or_create_node_key, open_dht
 from .discovery import LanDiscovery, LanPeer, announced_hosts, local_ips
 from .errors import Contested, NotFound
 from .identity import HandleRef, Identity, format_fingerprint, self_certifying
@@ -334,7 +334,7 @@ async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Nod
     try:
         async with (
             open_dht(
-                node_id=node_id_for(identity.public_key),
+                node_key=load_or_create_node_key(config.home),
                 conn=conn,
                 config=config.dht,
                 transport=endpoint,

@@ -23,6 +23,7 @@ from the class, so messages never carry secrets or tracebacks.
     │   └── SessionStateCorrupt  stored session or prekey state does not load
     ├── RemoteError              a peer or the network misbehaved (exit 1)
     │   ├── WireError            bytes that do not decode (malformed, oversize)
+    │   │   ├── OldFrameVersion  a DHT frame of an older version (refused, counted)
     │   │   ├── RecordError      a handle record that does not verify or is out of bounds
     │   │   ├── BundleError      a prekey bundle that does not decode or verify
     │   │   ├── EnvelopeError    a session envelope that does not decode
@@ -129,6 +130,10 @@ class RemoteError(P2PDError):
 
 class WireError(RemoteError):
     """Malformed bytes from the network."""
+
+
+class OldFrameVersion(WireError):
+    """A DHT frame of an older protocol version (an older p2pd): refused."""
 
 
 class RecordError(WireError):

@@ -50,6 +50,19 @@ def identity_path(home: Path) -> Path:
     return home / IDENTITY_FILE
 
 
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file at ``path``, readable by us only (0600), fsynced. A
+    stale file of that name (a crash mid-write) is removed first."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def ensure_home(home: Path) -> None:
     """Create the home directory, private to this user (0700)."""
     home.mkdir(parents=True, exist_ok=True)
@@ -94,14 +107,7 @@ def save_identity(
         doc["secret"] = bytes(box.encrypt(identity.seed)).hex()
     data = (json.dumps(doc, indent=1) + "\n").encode()
     tmp = path.with_suffix(".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_private_file(tmp, data)
     if replace:
         os.replace(tmp, path)
         _fsync_dir(home)

@@ -8,14 +8,16 @@ tests in tests/test_wire.py hold it to that). Formats are specified in docs/PROT
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from .errors import InvalidAddress, WireError
+from .errors import InvalidAddress, OldFrameVersion, WireError
 from .identity import HANDLE_MAX as MAX_HANDLE_LEN
 from .identity import is_valid_handle
 
@@ -150,11 +152,17 @@ class Address:
 
 # --------------------------------------------------------------------------- DHT frames
 #
-# rpcudp framing, kept so the DHT's datagrams demultiplex on the first byte:
-#   0x00 request | 0x01 response, then a 20-byte message id, then one msgpack value.
+# Frame version 2 (docs/PROTOCOL.md, "DHT frames"), demultiplexed on the first byte:
+#   0x02 request | 0x03 response, then a 20-byte message id, then one msgpack value.
+# Version 1 (rpcudp's 0x00 request | 0x01 response, ids declared by the sender) is
+# recognised only to be refused: split_frame raises OldFrameVersion.
 
-FRAME_REQUEST = 0x00
-FRAME_RESPONSE = 0x01
+FRAME_REQUEST = 0x02
+FRAME_RESPONSE = 0x03
+FRAME_V1_REQUEST = 0x00
+FRAME_V1_RESPONSE = 0x01
+#: Every first byte the node's UDP socket hands to the DHT.
+DHT_FIRST_BYTES = range(0x00, 0x04)
 MSG_ID_LEN = 20
 NODE_ID_LEN = 20
 KEY_LEN = 20
@@ -170,6 +178,10 @@ MAILBOX_PAGE = 3
 MAILBOX_DELETE_MAX = 16
 PUBLIC_KEY_LEN = 32
 SIGNATURE_LEN = 64
+#: What a reply to a request with ``prove`` set is signed under (with the message id and
+#: the reply's msgpack bytes): a node key's signature over this is no other statement.
+REPLY_CONTEXT = b"p2pd dht reply v2\x00"
+NODE_ID_CONTEXT = b"p2pd node id v2\x00"
 MAX_U63 = (1 << 63) - 1
 DHT_METHODS = (
     "ping",
@@ -191,19 +203,33 @@ _ARITY = {
 }
 
 
+def node_id_for(public_key: bytes) -> bytes:
+    """The 160-bit DHT node id of a node public key (never of an identity key)."""
+    return hashlib.sha256(NODE_ID_CONTEXT + public_key).digest()[:NODE_ID_LEN]
+
+
 @dataclass(frozen=True, slots=True)
 class Contact:
-    """A DHT node as a peer described it."""
+    """A DHT node as a peer described it: its node public key and where it said it is.
+    The id is derived from the key, never taken from the wire; that the node holds the
+    key and answers from that address is for the receiver to check."""
 
-    node_id: bytes
+    node_key: bytes
     address: Address
+
+    @property
+    def node_id(self) -> bytes:
+        return node_id_for(self.node_key)
 
 
 @dataclass(frozen=True, slots=True)
 class DHTRequest:
     msg_id: bytes
     method: str
-    sender_id: bytes
+    #: The sender's node public key (its id is derived from it).
+    sender_key: bytes
+    #: The sender asks for a signed reply (proof that we hold our node key).
+    prove: bool = False
     key: bytes | None = None  # store, find_node, find_value, mailbox_put
     value: bytes | None = None  # store, mailbox_put
     owner_key: bytes | None = None  # mailbox_fetch, mailbox_delete
@@ -211,6 +237,10 @@ class DHTRequest:
     after: bytes | None = None  # mailbox_fetch: page cursor (an entry id, or b"")
     ids: tuple[bytes, ...] | None = None  # mailbox_delete
     signature: bytes | None = None  # mailbox_fetch, mailbox_delete
+
+    @property
+    def sender_id(self) -> bytes:
+        return node_id_for(self.sender_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +290,8 @@ def split_frame(datagram: bytes) -> tuple[int, bytes, bytes]:
     if len(datagram) < 1 + MSG_ID_LEN + 1:
         raise WireError("DHT frame too short")
     kind = datagram[0]
+    if kind in (FRAME_V1_REQUEST, FRAME_V1_RESPONSE):
+        raise OldFrameVersion("DHT frame version 1")
     if kind not in (FRAME_REQUEST, FRAME_RESPONSE):
         raise WireError("not a DHT frame")
     return kind, datagram[1 : 1 + MSG_ID_LEN], datagram[1 + MSG_ID_LEN :]
@@ -283,17 +315,19 @@ def _u63(value: Any) -> int:
 
 def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
     data = _unpack(payload)
-    if not isinstance(data, list | tuple) or len(data) != 2:
-        raise WireError("request is not [method, args]")
-    method, args = data
+    if not isinstance(data, list | tuple) or len(data) != 3:
+        raise WireError("request is not [method, args, prove]")
+    method, args, prove = data
     if method not in DHT_METHODS or not isinstance(args, list | tuple):
         raise WireError("unknown method or malformed arguments")
+    if not isinstance(prove, bool):
+        raise WireError("prove is not a boolean")
     want = _ARITY[method]
     if len(args) != want:
         raise WireError(f"{method}: expected {want} arguments, got {len(args)}")
-    sender = _bytes(args[0], NODE_ID_LEN)
+    sender = _bytes(args[0], PUBLIC_KEY_LEN)
     if method == "ping":
-        return DHTRequest(msg_id, method, sender)
+        return DHTRequest(msg_id, method, sender, prove)
     if method in ("mailbox_fetch", "mailbox_delete"):
         owner = _bytes(args[1], PUBLIC_KEY_LEN)
         timestamp = _u63(args[2])
@@ -306,6 +340,7 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
                 msg_id,
                 method,
                 sender,
+                prove,
                 owner_key=owner,
                 timestamp=timestamp,
                 after=after,
@@ -319,6 +354,7 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
             msg_id,
             method,
             sender,
+            prove,
             owner_key=owner,
             timestamp=timestamp,
             ids=ids,
@@ -326,17 +362,18 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
         )
     key = _bytes(args[1], KEY_LEN)
     if method == "store":
-        return DHTRequest(msg_id, method, sender, key, _bytes(args[2]))
+        return DHTRequest(msg_id, method, sender, prove, key, _bytes(args[2]))
     if method == "mailbox_put":
         entry = _bytes(args[2], maximum=MAX_MAILBOX_ENTRY)
         if not entry:
             raise WireError("empty mailbox entry")
-        return DHTRequest(msg_id, method, sender, key, entry)
-    return DHTRequest(msg_id, method, sender, key)
+        return DHTRequest(msg_id, method, sender, prove, key, entry)
+    return DHTRequest(msg_id, method, sender, prove, key)
 
 
-def encode_request(msg_id: bytes, method: str, args: list[Any]) -> bytes:
-    frame: bytes = bytes([FRAME_REQUEST]) + msg_id + _pack([method, args])
+def encode_request(msg_id: bytes, method: str, args: list[Any], prove: bool = False) -> bytes:
+    """``args[0]`` is the sender's node public key."""
+    frame: bytes = bytes([FRAME_REQUEST]) + msg_id + _pack([method, args, prove])
     if len(frame) > MAX_FRAME:
         raise WireError("DHT request too large")
     return frame
@@ -348,9 +385,9 @@ def _contacts(value: Any) -> tuple[Contact, ...]:
     out = []
     for item in value:
         if not isinstance(item, list | tuple) or len(item) != 3:
-            raise WireError("contact is not [id, host, port]")
-        node_id, host, port = item
-        node_id = _bytes(node_id, NODE_ID_LEN)
+            raise WireError("contact is not [node key, host, port]")
+        node_key, host, port = item
+        node_key = _bytes(node_key, PUBLIC_KEY_LEN)
         if not isinstance(host, str) or len(host) > 64:
             raise WireError("contact host malformed")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
@@ -359,19 +396,45 @@ def _contacts(value: Any) -> tuple[Contact, ...]:
             address = Address(host, port)
         except InvalidAddress:
             raise WireError("contact host is not an IP address") from None
-        out.append(Contact(node_id, address))
+        out.append(Contact(node_key, address))
     return tuple(out)
 
 
 def encode_contacts(contacts: list[Contact]) -> list[list[Any]]:
-    return [[c.node_id, c.address.host, c.address.port] for c in contacts[:MAX_CONTACTS]]
+    return [[c.node_key, c.address.host, c.address.port] for c in contacts[:MAX_CONTACTS]]
 
 
-def decode_response(method: str, payload: bytes) -> DHTResult:
-    """Decode a reply to a request we sent with ``method``."""
-    data = _unpack(payload)
+#: msgpack's array-of-2 header, nil, and the bin 8 header of a 64-byte signature.
+_PAIR, _NIL, _SIG_HEADER = 0x92, b"\xc0", b"\xc4\x40"
+
+
+def split_response(payload: bytes) -> tuple[bytes, bytes | None]:
+    """(the result's msgpack bytes, the signature or None) of a response payload.
+
+    The payload is the msgpack array ``[result, signature-or-nil]``; it is cut up by its
+    layout rather than decoded and encoded again, so that the signed bytes are exactly
+    the bytes that were sent (no reliance on a canonical msgpack encoding)."""
+    if len(payload) < 2 or payload[0] != _PAIR:
+        raise WireError("response is not [result, signature]")
+    if payload[-1:] == _NIL:
+        return payload[1:-1], None
+    cut = len(payload) - len(_SIG_HEADER) - SIGNATURE_LEN
+    if cut < 2 or payload[cut : cut + len(_SIG_HEADER)] != _SIG_HEADER:
+        raise WireError("response signature malformed")
+    return payload[1:cut], payload[cut + len(_SIG_HEADER) :]
+
+
+def reply_message(msg_id: bytes, result: bytes) -> bytes:
+    """What a proving reply's signature covers: the context, message id, result bytes."""
+    return REPLY_CONTEXT + msg_id + result
+
+
+def decode_response(method: str, result: bytes) -> DHTResult:
+    """Decode the result (the msgpack bytes :func:`split_response` cut out) of a reply to
+    a request we sent with ``method``."""
+    data = _unpack(result)
     if method == "ping":
-        return _bytes(data, NODE_ID_LEN)
+        return _bytes(data, PUBLIC_KEY_LEN)
     if method == "store":
         if not isinstance(data, bool):
             raise WireError("store reply is not a boolean")
@@ -417,8 +480,19 @@ def decode_response(method: str, payload: bytes) -> DHTResult:
     raise WireError(f"no such method {method!r}")
 
 
-def encode_response(msg_id: bytes, result: Any) -> bytes:
-    frame: bytes = bytes([FRAME_RESPONSE]) + msg_id + _pack(result)
+def encode_response(
+    msg_id: bytes, result: Any, sign: Callable[[bytes], bytes] | None = None
+) -> bytes:
+    """A response frame; with ``sign`` (a node key's), a proving one."""
+    packed = _pack(result)
+    if sign is None:
+        tail = _NIL
+    else:
+        signature = sign(reply_message(msg_id, packed))
+        if len(signature) != SIGNATURE_LEN:
+            raise WireError("a reply signature is 64 bytes")
+        tail = _SIG_HEADER + signature
+    frame: bytes = bytes([FRAME_RESPONSE]) + msg_id + bytes([_PAIR]) + packed + tail
     if len(frame) > MAX_FRAME:
         raise WireError("DHT response too large")
     return frame

@@ -3,7 +3,8 @@
 
 What one run does, for each implementation in turn (p2pd first, then stock kademlia):
 
-1. start N nodes in this one process, each on its own UDP socket on 127.0.0.1, and join
+1. start N nodes in this one process, each on its own UDP socket on a loopback address
+   of its own (127.a.b.1: the DHT keeps at most 2 ids per IP address), and join
    them one after another, each bootstrapping from node 0 and one random earlier node;
 2. every node registers its handle ``user<i>`` (a signed ``HandleRecord``; stock kademlia
    stores the same kind of bytes with ``Server.set``);
@@ -38,7 +39,8 @@ p2pd phase), with its fixed 5 s RPC timeout.
     .venv/bin/python scripts/bench_dht.py -n 50 --lookups 100 --json
 
 Goals for p2pd at N=1000 under 20 % churn: >= 99.9 % success, p50 < 50 ms, p99 < 500 ms.
-Only 127.0.0.1 is used. Every phase has a deadline; progress goes to stderr.
+Only loopback (127/8) is used. Every phase has a deadline; progress goes to stderr.
+``--extra-config defences=false`` adds a row with the Sybil defences off (benchmark only).
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ from kademlia.network import Server
 from kademlia.protocol import KademliaProtocol
 
 from p2pd.config import DHTConfig
-from p2pd.dht import DHT, create_dht, node_id_for
+from p2pd.dht import DHT, NodeKey, create_dht, node_id_for
 from p2pd.errors import NotFound, RecordError
 from p2pd.identity import HandleRef, Identity
 from p2pd.records import HandleRecord
+from p2pd.testing.swarm import loopback_address
 from p2pd.transport.udp import UdpEndpoint
 from p2pd.wire import Address
 
@@ -282,18 +285,20 @@ class P2pdNode:
     alive: bool = True
 
 
-async def start_p2pd_node(nursery: trio.Nursery, identity: Identity, config: DHTConfig) -> P2pdNode:
+async def start_p2pd_node(
+    nursery: trio.Nursery, identity: Identity, config: DHTConfig, index: int
+) -> P2pdNode:
     """A node as the daemon builds one: a trio UDP endpoint feeding the DHT's core.
 
     Closing ``stack`` kills it: its receive and timer tasks are cancelled and the socket
     closes, so it answers nothing any more.
     """
     stack = AsyncExitStack()
-    endpoint = UdpEndpoint.bind(Address(LOCALHOST, 0))
+    endpoint = UdpEndpoint.bind(loopback_address(index))
     stack.callback(endpoint.close)
     try:
         dht = create_dht(
-            node_id=node_id_for(identity.public_key),
+            node_key=NodeKey.generate(),
             conn=None,
             config=config,
             transport=endpoint,
@@ -370,7 +375,7 @@ async def _p2pd_phases(
         # -- start and join, one node after the other
         tick = Every10Percent(w.n, lambda d: progress(f"{label}: bootstrap {d}/{w.n}"))
         for i in range(w.n):
-            node = await start_p2pd_node(nursery, identity_for(w, i), config)
+            node = await start_p2pd_node(nursery, identity_for(w, i), config, i)
             nodes.append(node)
             result.nodes_joined = len(nodes)
             if w.bootstrap_from[i]:
@@ -876,7 +881,10 @@ def parse_config_overrides(items: list[str]) -> DHTConfig:
         if not sep or name not in known:
             raise SystemExit(f"--extra-config: expected NAME=VALUE with NAME in {sorted(known)}")
         current = getattr(config, name)
-        changes[name] = type(current)(text)
+        if isinstance(current, bool):  # bool("false") is True
+            changes[name] = text.lower() in ("true", "1", "on")
+        else:
+            changes[name] = type(current)(text)
     return replace(config, **changes)
 
 

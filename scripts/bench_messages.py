@@ -78,7 +78,6 @@ from p2pd.control_client import ControlClient
 from p2pd.testing import daemons
 from p2pd.testing.daemons import DaemonProcess, run_cli, short_tempdir
 
-LOCALHOST = "127.0.0.1"
 GOALS = {"established_p50_ms": 2.0, "established_p99_ms": 10.0, "throughput_msgs_per_s": 2000.0}
 #: One message may take this long to be delivered before it counts as lost.
 MESSAGE_TIMEOUT = 30.0
@@ -207,7 +206,7 @@ class Cluster:
     def start(self, home: Path, bootstrap: list[str], *, profiled: bool = False) -> DaemonProcess:
         """Start (not wait for) a daemon listening on 127.0.0.1, port chosen by the OS."""
         with self._command(home.name if profiled else None):
-            daemon = DaemonProcess(home, listen=f"{LOCALHOST}:0", bootstrap=bootstrap)
+            daemon = DaemonProcess(home, bootstrap=bootstrap)  # a 127.0.N.1 of its own
         self.daemons.append(daemon)
         return daemon
 
@@ -789,7 +788,7 @@ def _verdict(ok: bool) -> str:
 def print_text(r: dict[str, Any]) -> None:
     c = r["config"]
     print(
-        f"\np2pd messages between real daemons on {LOCALHOST}: {c['cpus']} CPU(s), "
+        f"\np2pd messages between real daemons on loopback (127.0.N.1): {c['cpus']} CPU(s), "
         f"Python {c['python']}, load average {c['loadavg_at_start'][0]:.2f} at start, "
         f"{c['loadavg_at_end'][0]:.2f} at end, {r['seconds']} s"
         + ("  [PROFILED: timings inflated by cProfile]" if c["profiled"] else "")

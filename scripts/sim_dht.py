@@ -213,7 +213,12 @@ class StockCrawl:
                 if contact.node_id != self.core.node_id:
                     self.known.setdefault(
                         contact.node_id,
-                        Node(contact.node_id, contact.address.host, contact.address.port),
+                        Node(
+                            contact.node_id,
+                            contact.address.host,
+                            contact.address.port,
+                            contact.node_key,
+                        ),
                     )
         self.waiting -= 1
         if self.waiting:
@@ -440,7 +445,13 @@ def parse_config(items: list[str]) -> DHTConfig:
         name, _, text = item.partition("=")
         if name not in names or not text:
             raise SystemExit(f"sim_dht: --config {item!r}: not a DHTConfig field=value")
-        values[name] = type(getattr(DHTConfig(), name))(text)
+        default = getattr(DHTConfig(), name)
+        if isinstance(default, bool):  # bool("false") is True
+            if text.lower() not in ("true", "false", "1", "0", "on", "off"):
+                raise SystemExit(f"sim_dht: --config {item!r}: expected true or false")
+            values[name] = text.lower() in ("true", "1", "on")
+        else:
+            values[name] = type(default)(text)
     return DHTConfig(**values)
 
 

@@ -341,12 +341,13 @@ def _store_at(daemon: DaemonProcess, record: HandleRecord) -> bool:
     msg_id = os.urandom(20)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(5)
-        frame = wire.encode_request(msg_id, "store", [os.urandom(20), record.key, record.encode()])
+        frame = wire.encode_request(msg_id, "store", [os.urandom(32), record.key, record.encode()])
         sock.sendto(frame, (host, int(port)))
         while True:  # the daemon may ping its new contact first: not our answer
             kind, reply_id, payload = wire.split_frame(sock.recv(wire.MAX_FRAME))
             if (kind, reply_id) == (wire.FRAME_RESPONSE, msg_id):
-                return wire.decode_response("store", payload) is True
+                result, _ = wire.split_response(payload)
+                return wire.decode_response("store", result) is True
 
 
 def test_a_contested_handle_is_shown_as_such_and_refused_to_send(

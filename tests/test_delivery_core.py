@@ -158,7 +158,7 @@ def test_a_batch_is_delivered_in_order_and_acked() -> None:
         "three",
     ]
     # bob has no contact for alice: her claimed handle is to be checked in the DHT
-    assert SenderUnverified("alice", pair.alice.key) in at_bob.events
+    assert SenderUnverified("alice", pair.alice.key, via="direct") in at_bob.events
     assert pair.inbox() == ["one", "two", "three"]
 
     at_alice = pair.to_alice(exchange, at_bob.replies)

@@ -3,6 +3,7 @@ datagrams moved by hand, time advanced by hand. No sockets, no clock, no event l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import time
@@ -13,8 +14,9 @@ import pytest
 
 from p2pd import wire
 from p2pd.config import DHTConfig
-from p2pd.dht.core import DHTCore
+from p2pd.dht.core import VERIFY_IN_FLIGHT, DHTCore
 from p2pd.dht.lookup import Lookup, LookupResult
+from p2pd.dht.nodekey import NodeKey
 from p2pd.dht.routing import Node, RoutingTable
 from p2pd.dht.storage import RecordStorage
 from p2pd.identity import HandleRef, Identity
@@ -24,8 +26,22 @@ WALL = float(int(time.time()))
 CONFIG = DHTConfig()
 
 
+@functools.cache
+def node_key(i: int) -> NodeKey:
+    return NodeKey.from_seed(hashlib.sha256(b"node %d" % i).digest())
+
+
 def nid(i: int) -> bytes:
-    return hashlib.sha1(b"node %d" % i).digest()
+    return node_key(i).node_id
+
+
+def pk(i: int) -> bytes:
+    return node_key(i).public_key
+
+
+def address_for(i: int) -> tuple[str, int]:
+    """A /24 of its own for each core (the DHT keeps few ids per /24)."""
+    return (f"198.18.{i % 256}.{i // 256 + 1}", 4000 + i)
 
 
 @dataclass
@@ -44,10 +60,10 @@ class CoreNet:
     delivered: int = 0
 
     def add(self, i: int, config: DHTConfig = CONFIG) -> DHTCore:
-        address = (f"192.0.2.{i % 250 + 1}", 4000 + i)
+        address = address_for(i)
         rng = random.Random(i)
         core = DHTCore(
-            nid(i),
+            node_key(i),
             config,
             RecordStorage(None, clock=self.wall),
             None,
@@ -66,7 +82,7 @@ class CoreNet:
 
     def node_of(self, core: DHTCore) -> Node:
         host, port = self.address_of(core)
-        return Node(core.node_id, host, port)
+        return Node(core.node_id, host, port, core.node_key.public_key)
 
     def _collect(self) -> None:
         for src, core in self.cores.items():
@@ -127,11 +143,11 @@ def make_record(name: str, seq: int = 1) -> tuple[Identity, HandleRecord]:
 
 
 def contacts(*ids: int) -> tuple[wire.Contact, ...]:
-    return tuple(wire.Contact(nid(i), wire.Address("192.0.2.1", 5000 + i)) for i in ids)
+    return tuple(wire.Contact(pk(i), wire.Address("192.0.2.1", 5000 + i)) for i in ids)
 
 
 def seed_nodes(*ids: int) -> list[Node]:
-    return [Node(nid(i), "192.0.2.1", 5000 + i) for i in ids]
+    return [Node(nid(i), "192.0.2.1", 5000 + i, pk(i)) for i in ids]
 
 
 def new_lookup(seeds: list[Node], **kw: Any) -> Lookup:
@@ -290,14 +306,22 @@ def test_ping_adds_both_sides_and_a_spoofed_reply_is_not_matched() -> None:
     assert dst == net.address_of(b)
     # someone else answers first, from another address, with the right message id
     msg_id = frame[1:21]
-    a.datagram_received(wire.encode_response(msg_id, nid(66)), ("192.0.2.200", 9), net.now)
+    a.datagram_received(wire.encode_response(msg_id, pk(66)), ("192.0.2.200", 9), net.now)
     assert a.stats["unexpected_replies"] == 1 and results == []
     b.datagram_received(frame, net.address_of(a), net.now + 0.01)
-    (reply, back) = b.datagrams_to_send()[0]
-    assert back == net.address_of(a)
+    # b answers, with proof, and asks a for a proof before a may enter its table
+    sent = b.datagrams_to_send()
+    assert {dst for _, dst in sent} == {net.address_of(a)}
+    (reply,) = [d for d, _ in sent if d[0] == wire.FRAME_RESPONSE]
+    (proof_ping,) = [d for d, _ in sent if d[0] == wire.FRAME_REQUEST]
+    assert not b.table.contains(a.node_id)
     a.datagram_received(reply, net.address_of(b), net.now + 0.02)
-    assert results == [b.node_id]
-    assert a.table.contains(b.node_id) and b.table.contains(a.node_id)
+    assert results == [b.node_key.public_key]
+    assert a.table.contains(b.node_id)
+    a.datagram_received(proof_ping, net.address_of(b), net.now + 0.03)
+    (proof, _), *_ = a.datagrams_to_send()
+    b.datagram_received(proof, net.address_of(a), net.now + 0.04)
+    assert b.table.contains(a.node_id)
     assert a.rtt.rto(net.address_of(b)) < CONFIG.soft_timeout_max
 
 
@@ -345,13 +369,13 @@ def test_malformed_datagrams_are_counted_and_answer_nothing() -> None:
     net = CoreNet()
     a = net.add(1)
     for data in (
-        b"\x00",
-        b"\x00" + b"\x11" * 20 + b"\xc1",
-        b"\x00" + b"\x11" * 20 + b"\x92\xa4ping\x90",
-        b"\x00" + b"\x11" * 20 + b"\x91" * 3000 + b"\xc0",
-        b"\x02" + b"\x11" * 30,
-        # a request claiming to come from our own id
-        wire.encode_request(b"\x01" * 20, "ping", [a.node_id]),
+        b"\x02",
+        b"\x02" + b"\x11" * 20 + b"\xc1",
+        b"\x02" + b"\x11" * 20 + b"\x93\xa4ping\x90\xc2",
+        b"\x02" + b"\x11" * 20 + b"\x91" * 3000 + b"\xc0",
+        b"\x04" + b"\x11" * 30,
+        # a request claiming to come from our own node key
+        wire.encode_request(b"\x01" * 20, "ping", [a.node_key.public_key]),
     ):
         a.datagram_received(data, ("192.0.2.77", 1), net.now)
     assert a.stats["malformed"] == 6
@@ -435,9 +459,12 @@ def test_a_newcomer_next_to_a_key_is_handed_the_record() -> None:
     net, cores = small_network(12, config)
     _, record = make_record("carol")
     net.call(lambda done: cores[2].start_store(record.key, record.encode(), net.now, done))
-    # a newcomer whose id is the key itself: closer than anyone to it
+    # a newcomer whose id is closer than anyone's to the key (the nearest of 2000 keys)
+    target = int.from_bytes(record.key, "big")
+    keys = (NodeKey.from_seed(hashlib.sha256(b"k%d" % i).digest()) for i in range(2000))
+    key = min(keys, key=lambda k: int.from_bytes(k.node_id, "big") ^ target)
     newcomer_address = ("192.0.2.250", 9999)
-    newcomer = DHTCore(record.key, config, RecordStorage(None, clock=net.wall), None, net.now)
+    newcomer = DHTCore(key, config, RecordStorage(None, clock=net.wall), None, net.now)
     net.cores[newcomer_address] = newcomer
     net.call(lambda done: newcomer.start_bootstrap([net.address_of(cores[0])], net.now, done))
     net.run_until(lambda: not net.flight)
@@ -453,14 +480,20 @@ def test_a_datagram_costs_the_same_whatever_the_node_stores() -> None:
     for i in range(300):
         _, record = make_record(f"many{i}")
         target.storage.offer(record.key, record.encode())
+    target.datagrams_to_send()
+    before = target.stats["proof_pings"]
     for i in range(50):
-        stranger = wire.encode_request(bytes([i]) * 20, "ping", [hashlib.sha1(b"s%d" % i).digest()])
+        stranger = wire.encode_request(bytes([i]) * 20, "ping", [pk(1000 + i)])
         target.datagram_received(stranger, ("192.0.2.99", 1000 + i), net.now)
     sent = target.datagrams_to_send()
     pings_answered = sum(1 for data, _ in sent if data[0] == wire.FRAME_RESPONSE)
     assert pings_answered == 50
+    # unproven strangers are each sent one proving ping (at most VERIFY_IN_FLIGHT at once)
+    proof_pings = target.stats["proof_pings"] - before
+    assert 0 < proof_pings <= VERIFY_IN_FLIGHT
     assert target.stats["welcome_stores"] <= 16 * 50
-    assert len(sent) - pings_answered == target.stats["welcome_stores"]
+    requests = len(sent) - pings_answered
+    assert requests == target.stats["welcome_stores"] + proof_pings
 
 
 def test_a_bucket_that_hears_from_a_contact_needs_no_refresh() -> None:

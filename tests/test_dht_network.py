@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pd.dht.routing import Node
+from p2pd.dht.routing import Node, subnet_of
 from p2pd.errors import Contested, NotFound
 from p2pd.identity import HandleRef, Identity
 from p2pd.records import HandleRecord, dht_key
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 def node_of(n: SwarmNode) -> Node:
-    return Node(n.dht.node_id, n.address.host, n.address.port)
+    return Node(n.dht.node_id, n.address.host, n.address.port, n.node_key.public_key)
 
 
 async def store_everywhere(swarm: Swarm, sender: SwarmNode, key: bytes, value: bytes) -> list:
@@ -41,6 +41,8 @@ async def held_by(swarm: Swarm, key: bytes) -> list[HandleRecord | None]:
 async def test_every_node_resolves_every_handle() -> None:
     with trio.fail_after(120):
         async with open_swarm(N_NODES) as swarm:
+            # each node on a loopback /24 of its own: the address limits leave them all in
+            assert len({subnet_of(n.address.host) for n in swarm.nodes}) == N_NODES
             published = [await swarm.publish(i) for i in range(N_HANDLES)]
             for asker in swarm.nodes:
                 for record in published:
@@ -108,8 +110,13 @@ async def test_attacks_are_refused_by_every_honest_node() -> None:
             for asker in swarm.nodes[1:N_NODES]:
                 found = await asker.dht.resolve(HandleRef(victim.identity.handle))
                 assert found == newest
-            # the refusals were counted by reason, on a node that holds the claim
-            holder = next(n for n in swarm.nodes[1:N_NODES] if holds_claim[n.index])
+            # the refusals were counted by reason, on a node that holds the claim and is
+            # among the k closest it knows (a farther one refuses any store at once)
+            holder = next(
+                n
+                for n in swarm.nodes[1:N_NODES]
+                if holds_claim[n.index] and n.dht.core.is_close_to(key)
+            )
             stats = holder.dht.statistics()
             assert stats["refused_records"].get("invalid", 0) >= 1
             assert stats["refused_records"].get("other-key", 0) >= 1
@@ -189,13 +196,16 @@ async def test_malformed_datagrams_are_dropped_and_counted() -> None:
             target = swarm.nodes[3]
             before = target.dht.statistics()["counters"].get("malformed", 0)
             garbage = [
-                b"\x00",  # too short
-                b"\x00" + b"\x11" * 20 + b"\xc1",  # reserved msgpack byte
-                b"\x00" + b"\x11" * 20 + b"\x92\xa4ping\x90",  # ping without sender id
-                b"\x00" + b"\x11" * 20 + b"\x92\xa5store\x93\xc4\x14" + b"a" * 20 + b"\x01\x02",
-                b"\x00" + b"\x11" * 20 + b"\x91" * 3000 + b"\xc0",  # nested too deep
-                b"\x00" + b"\x11" * 20 + b"\xc4\xff" * 4000,  # oversize frame
-                b"\x01" + b"\x22" * 20 + b"\xc0",  # a reply nobody asked for
+                b"\x02",  # too short
+                b"\x02" + b"\x11" * 20 + b"\xc1",  # reserved msgpack byte
+                b"\x02" + b"\x11" * 20 + b"\x93\xa4ping\x90\xc2",  # ping without sender key
+                b"\x02" + b"\x11" * 20 + b"\x93\xa5store\x93\xc4\x20" + b"a" * 32 + b"\x01\x02\xc2",
+                b"\x02" + b"\x11" * 20 + b"\x91" * 3000 + b"\xc0",  # nested too deep
+                b"\x02" + b"\x11" * 20 + b"\xc4\xff" * 4000,  # oversize frame
+                b"\x03" + b"\x22" * 20 + b"\x92\xc0\xc0",  # a reply nobody asked for
+                # frame version 1 (an older p2pd): refused and counted apart
+                b"\x00" + b"\x11" * 20 + b"\x92\xa4ping\x91\xc4\x14" + b"i" * 20,
+                b"\x01" + b"\x22" * 20 + b"\xc0",
             ]
             sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
             with sock:
@@ -204,13 +214,16 @@ async def test_malformed_datagrams_are_dropped_and_counted() -> None:
             for _ in range(100):  # bounded wait for the counters to move
                 stats = target.dht.statistics()
                 counters = stats["counters"]
-                if counters.get("malformed", 0) - before >= 6 and counters.get(
-                    "unexpected_replies"
+                if (
+                    counters.get("malformed", 0) - before >= 6
+                    and counters.get("unexpected_replies")
+                    and counters.get("old_version", 0) >= 2
                 ):
                     break
                 await trio.sleep(0.02)
             assert stats["counters"]["malformed"] - before == 6
             assert stats["counters"].get("unexpected_replies", 0) >= 1
+            assert stats["counters"]["old_version"] == 2
             # and it still serves
             found = await swarm.nodes[5].dht.resolve(HandleRef(record.handle))
             assert found == record

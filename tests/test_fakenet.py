@@ -326,11 +326,11 @@ async def test_demultiplexes_on_the_first_byte_and_flushes_once_per_burst(
                 seen_at_flush.append(len(inbox.dht) + len(inbox.quic))
 
             b.add_flush_hook(hook)
-            datagrams = [b"\x00d", b"\x01d", b"\x40q", b"\xc3q", b"\x02x", b"\x3fx", b"\x80x", b""]
+            datagrams = [b"\x00d", b"\x03d", b"\x40q", b"\xc3q", b"\x04x", b"\x3fx", b"\x80x", b""]
             for data in datagrams:  # at one instant, one path: they arrive together
                 a.sendto(data, addr(b))
             await trio.sleep(1)
-            assert inbox.payloads == [b"\x00d", b"\x01d"]
+            assert inbox.payloads == [b"\x00d", b"\x03d"]  # 0x00..0x03: the DHT's
             assert [x.data for x in inbox.quic] == [b"\x40q", b"\xc3q"]
             assert inbox.dht[0].source == addr(a)
             assert b.stats["datagrams_in"] == 8

@@ -7,7 +7,8 @@ decoder either returns a value or raises the error class its module declares:
 =====================================================  ====================================
 decoder                                                 may raise only
 =====================================================  ====================================
-wire.split_frame, decode_request, decode_response       WireError
+wire.split_frame, decode_request, split_response,
+  decode_response                                       WireError
 wire.MessagePayload.decode, StreamFrameDecoder.feed     WireError
 wire.decode_mailbox_plaintext, Address.decode_from      WireError
 wire.Address.parse, Address(host, port)                 InvalidAddress (text from a person)
@@ -43,6 +44,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pd.calls import MAX_SIGNAL, SIGNAL_TYPES, decode_signal
+from p2pd.dht.nodekey import NodeKey
 from p2pd.errors import (
     BundleError,
     EnvelopeError,
@@ -113,6 +115,7 @@ from p2pd.wire import (
     encode_response,
     encode_stream_frame,
     split_frame,
+    split_response,
 )
 
 FUZZ = settings(max_examples=200, deadline=None)
@@ -235,13 +238,15 @@ def test_address_constructor_raises_only_invalid_address(host: str, port: int) -
 # --------------------------------------------------------------------------- DHT frames
 
 node_ids = exactly(20)
+node_keys = exactly(32)
 u63 = st.integers(0, MAX_U63)
-contacts = st.lists(st.builds(Contact, node_ids, addresses), max_size=MAX_CONTACTS)
+contacts = st.lists(st.builds(Contact, node_keys, addresses), max_size=MAX_CONTACTS)
+SIGNER = NodeKey.from_seed(b"\x05" * 32)
 
 
 def valid_requests() -> st.SearchStrategy[tuple[str, list[Any]]]:
     def method(name: str, *args: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-        return st.tuples(st.just(name), st.tuples(node_ids, *args).map(list))
+        return st.tuples(st.just(name), st.tuples(node_keys, *args).map(list))
 
     return st.one_of(
         method("ping"),
@@ -266,7 +271,7 @@ def valid_responses() -> st.SearchStrategy[tuple[str, Any]]:
 
     encoded_contacts = contacts.map(encode_contacts)
     return st.one_of(
-        method("ping", node_ids),
+        method("ping", node_keys),
         method("store", st.booleans()),
         method("find_node", encoded_contacts),
         method(
@@ -295,10 +300,10 @@ def valid_responses() -> st.SearchStrategy[tuple[str, Any]]:
 def decode_frame(frame: bytes, method: str) -> None:
     """What the DHT protocol does with a datagram, for a reply expected to ``method``."""
     kind, msg_id, payload = split_frame(frame)
-    if kind == 0:
+    if kind == 0x02:
         decode_request(msg_id, payload)
     else:
-        decode_response(method, payload)
+        decode_response(method, split_response(payload)[0])
 
 
 @FUZZ
@@ -308,7 +313,11 @@ def test_dht_frame_arbitrary_bytes(frame: bytes, method: str) -> None:
 
 
 @FUZZ
-@given(st.sampled_from([b"\x00", b"\x01"]), st.binary(max_size=600), st.sampled_from(DHT_METHODS))
+@given(
+    st.sampled_from([b"\x00", b"\x01", b"\x02", b"\x03"]),
+    st.binary(max_size=600),
+    st.sampled_from(DHT_METHODS),
+)
 def test_dht_frame_valid_header_then_arbitrary_bytes(
     kind: bytes, payload: bytes, method: str
 ) -> None:
@@ -316,23 +325,25 @@ def test_dht_frame_valid_header_then_arbitrary_bytes(
 
 
 @FUZZ
-@given(valid_requests(), st.data())
-def test_dht_request_mutations(request: tuple[str, list[Any]], data: st.DataObject) -> None:
+@given(valid_requests(), st.booleans(), st.data())
+def test_dht_request_mutations(
+    request: tuple[str, list[Any]], prove: bool, data: st.DataObject
+) -> None:
     method, args = request
-    frame = encode_request(MSG_ID, method, args)
+    frame = encode_request(MSG_ID, method, args, prove)
     decoded = decode_request(MSG_ID, split_frame(frame)[2])  # the valid one decodes
-    assert (decoded.method, decoded.sender_id) == (method, args[0])
+    assert (decoded.method, decoded.sender_key, decoded.prove) == (method, args[0], prove)
     candidate = mutate(data, frame)
     refused(WireError, lambda: decode_frame(candidate, method))
 
 
 @FUZZ
-@given(valid_responses(), st.sampled_from(DHT_METHODS), st.data())
+@given(valid_responses(), st.sampled_from(DHT_METHODS), st.booleans(), st.data())
 def test_dht_response_mutations(
-    response: tuple[str, Any], other_method: str, data: st.DataObject
+    response: tuple[str, Any], other_method: str, signed: bool, data: st.DataObject
 ) -> None:
     method, result = response
-    frame = encode_response(MSG_ID, result)
+    frame = encode_response(MSG_ID, result, SIGNER.sign if signed else None)
     assert not refused(WireError, lambda: decode_frame(frame, method))
     candidate = mutate(data, frame)
     refused(WireError, lambda: decode_frame(candidate, method))
@@ -360,8 +371,10 @@ hostile_ports = st.one_of(
 )
 hostile_contacts = st.lists(
     st.one_of(
-        st.tuples(node_ids | st.binary(max_size=24), hostile_hosts, hostile_ports).map(list),
-        st.lists(st.one_of(node_ids, hostile_hosts, hostile_ports), max_size=4),
+        st.tuples(node_keys | node_ids | st.binary(max_size=36), hostile_hosts, hostile_ports).map(
+            list
+        ),
+        st.lists(st.one_of(node_keys, hostile_hosts, hostile_ports), max_size=4),
         hostile_hosts,
         st.none(),
     ),

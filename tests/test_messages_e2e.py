@@ -41,7 +41,7 @@ class Net:
     def start(self, handle: str, *, bootstrap: list[str] | None = None) -> DaemonProcess:
         if bootstrap is None:
             bootstrap = [d.listen for h, d in self.daemons.items() if h != handle and d.alive]
-        listen = self.ports.get(handle, "127.0.0.1:0")  # a restart keeps its port
+        listen = self.ports.get(handle)  # a restart keeps its address and port
         daemon = DaemonProcess(self.root / handle, listen=listen, bootstrap=bootstrap)
         daemon.wait_ready()
         self.daemons[handle] = daemon

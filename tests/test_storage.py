@@ -88,7 +88,8 @@ def test_a_claim_ends_a_year_after_its_last_refresh() -> None:
 def test_an_old_claim_handed_on_by_a_replica_does_not_live_longer_here() -> None:
     """A new replica receiving a months-old claim counts its year from the record's issue
     time, not from its receipt: replication alone cannot keep a claim alive forever."""
-    storage = RecordStorage(open_database(None))
+    # A fixed clock: NOW was read when the module was imported, maybe minutes ago.
+    storage = RecordStorage(open_database(None), clock=lambda: float(NOW))
     r = record(Identity.generate("alice"), 1, lifetime=DAY, now=NOW - CLAIM_LIFETIME + 60)
     assert storage.offer(r.key, r.encode()) == Verdict.ACCEPT
     assert storage.get(r.key) == r.encode()

@@ -15,8 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pd.errors import InvalidAddress, UsageError, WireError
+from p2pd.dht.nodekey import NodeKey
+from p2pd.errors import InvalidAddress, OldFrameVersion, UsageError, WireError
 from p2pd.identity import Identity
+from p2pd.identity import verify_signature as verify
 from p2pd.records import MAX_ADDRESSES, MAX_EXTENSION, MAX_RECORD_SIZE, HandleRecord
 from p2pd.rotation import RotationNotice
 from p2pd.wire import (
@@ -41,15 +43,24 @@ from p2pd.wire import (
     encode_contacts,
     encode_request,
     encode_response,
+    node_id_for,
+    reply_message,
     split_frame,
+    split_response,
 )
 
 MSG_ID = bytes(range(MSG_ID_LEN))
-SENDER = b"\x11" * 20
+SENDER = b"\x11" * 32
 KEY = b"\x22" * 20
 OWNER = b"\x33" * 32
 SIG = b"\x44" * 64
-NODE = b"\x55" * 20
+NODE = b"\x55" * 32
+
+
+def result_of(frame: bytes) -> bytes:
+    """The result bytes of a response frame (its signature dropped)."""
+    return split_response(split_frame(frame)[2])[0]
+
 
 # --------------------------------------------------------------------------- Address.parse
 
@@ -225,17 +236,20 @@ def test_every_method_has_a_round_trip_case() -> None:
     assert set(VALID_REQUESTS) == set(DHT_METHODS)
 
 
+@pytest.mark.parametrize("prove", [False, True])
 @pytest.mark.parametrize("method", DHT_METHODS)
-def test_request_round_trip(method: str) -> None:
+def test_request_round_trip(method: str, prove: bool) -> None:
     args = VALID_REQUESTS[method]
-    frame = encode_request(MSG_ID, method, args)
+    frame = encode_request(MSG_ID, method, args, prove)
     kind, msg_id, payload = split_frame(frame)
-    assert kind == FRAME_REQUEST
+    assert kind == FRAME_REQUEST == frame[0] == 0x02
     assert msg_id == MSG_ID
     req = decode_request(msg_id, payload)
     assert req.msg_id == MSG_ID
     assert req.method == method
-    assert req.sender_id == SENDER
+    assert req.prove is prove
+    assert req.sender_key == SENDER
+    assert req.sender_id == node_id_for(SENDER) != SENDER[:20]
     if method in ("store", "find_node", "find_value", "mailbox_put"):
         assert req.key == KEY
     if method in ("store", "mailbox_put"):
@@ -262,6 +276,7 @@ def _bad_requests() -> list[tuple[str, list[Any]]]:
         ("ping", []),
         ("ping", [SENDER, KEY]),
         ("ping", [b"short"]),
+        ("ping", [b"\x11" * 20]),  # a v1 sender id, not a node key
         ("ping", ["not bytes" * 3]),
         ("store", [SENDER, KEY]),
         ("store", [SENDER, b"\x00" * 19, b"v"]),
@@ -283,13 +298,25 @@ def _bad_requests() -> list[tuple[str, list[Any]]]:
 
 @pytest.mark.parametrize(("method", "args"), _bad_requests())
 def test_bad_requests_raise_wire_error(method: str, args: list[Any]) -> None:
-    payload = msgpack.packb([method, args], use_bin_type=True)
+    payload = msgpack.packb([method, args, False], use_bin_type=True)
     with pytest.raises(WireError):
         decode_request(MSG_ID, payload)
 
 
 @pytest.mark.parametrize(
-    "value", [None, 5, "ping", [], ["ping"], ["ping", [SENDER], 1], {"ping": [SENDER]}]
+    "value",
+    [
+        None,
+        5,
+        "ping",
+        [],
+        ["ping"],
+        ["ping", [SENDER]],  # frame v1's [method, args]
+        ["ping", [SENDER], 1],
+        ["ping", [SENDER], None],
+        ["ping", [SENDER], True, 1],
+        {"ping": [SENDER]},
+    ],
 )
 def test_request_not_method_and_args(value: Any) -> None:
     with pytest.raises(WireError):
@@ -317,17 +344,61 @@ def test_encoders_refuse_frames_over_max_frame() -> None:
 
 @pytest.mark.parametrize(
     "frame",
-    [b"", b"\x00", b"\x00" + MSG_ID, b"\x02" + MSG_ID + b"\xc0", b"\xff" + MSG_ID + b"\xc0"],
+    [b"", b"\x02", b"\x02" + MSG_ID, b"\x04" + MSG_ID + b"\xc0", b"\xff" + MSG_ID + b"\xc0"],
 )
 def test_short_or_unknown_frames_are_refused(frame: bytes) -> None:
     with pytest.raises(WireError):
         split_frame(frame)
 
 
+@pytest.mark.parametrize("kind", [0x00, 0x01])
+def test_frames_of_version_1_are_refused_as_such(kind: int) -> None:
+    v1 = bytes([kind]) + MSG_ID + msgpack.packb(["ping", [b"\x11" * 20]], use_bin_type=True)
+    with pytest.raises(OldFrameVersion):
+        split_frame(v1)
+
+
 def test_response_frame_kind() -> None:
-    kind, msg_id, payload = split_frame(encode_response(MSG_ID, NODE))
-    assert (kind, msg_id) == (FRAME_RESPONSE, MSG_ID)
-    assert decode_response("ping", payload) == NODE
+    frame = encode_response(MSG_ID, NODE)
+    kind, msg_id, payload = split_frame(frame)
+    assert (kind, msg_id, frame[0]) == (FRAME_RESPONSE, MSG_ID, 0x03)
+    raw, signature = split_response(payload)
+    assert signature is None
+    assert decode_response("ping", raw) == NODE
+    assert msgpack.unpackb(payload) == [NODE, None]  # plain msgpack [result, nil]
+
+
+def test_a_proving_response_is_signed_over_its_message_id_and_result_bytes() -> None:
+    key = NodeKey.from_seed(b"\x07" * 32)
+    result = {"nodes": encode_contacts([Contact(NODE, Address("192.0.2.1", 4000))])}
+    payload = split_frame(encode_response(MSG_ID, result, key.sign))[2]
+    raw, signature = split_response(payload)
+    assert signature is not None and len(signature) == 64
+    assert msgpack.unpackb(payload, raw=False)[1] == signature
+    assert verify(key.public_key, reply_message(MSG_ID, raw), signature)
+    assert not verify(key.public_key, reply_message(b"\x00" * MSG_ID_LEN, raw), signature)
+    assert not verify(NODE, reply_message(MSG_ID, raw), signature)
+    assert key.node_id == node_id_for(key.public_key)
+    assert "seed" not in repr(key) and key.public_key.hex() not in repr(key)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x92", b"\x92\xc0", b"\x91\xc0", b"\xc0\xc0", b"\x92\xc0\xc4\x40" + b"\x00" * 63],
+)
+def test_malformed_response_envelopes_raise_wire_error(payload: bytes) -> None:
+    with pytest.raises(WireError):
+        raw, _ = split_response(payload)
+        decode_response("ping", raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=1024), st.sampled_from(DHT_METHODS))
+def test_split_response_arbitrary_bytes_raise_only_wire_error(payload: bytes, method: str) -> None:
+    with contextlib.suppress(WireError):
+        raw, signature = split_response(payload)
+        assert signature is None or len(signature) == 64
+        decode_response(method, raw)
 
 
 @settings(max_examples=300, deadline=None)
@@ -346,7 +417,7 @@ def test_request_with_valid_method_then_junk_raises_only_wire_error(
     method: str, tail: bytes
 ) -> None:
     """A payload that starts like a real request and then goes wrong."""
-    payload = b"\x92" + msgpack.packb(method) + tail  # a 2-array: the method, then junk
+    payload = b"\x93" + msgpack.packb(method) + tail  # a 3-array: the method, then junk
     with contextlib.suppress(WireError):
         decode_request(MSG_ID, payload)
 
@@ -402,7 +473,7 @@ def test_decode_request_structured_junk_raises_only_wire_error(value: Any) -> No
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(DHT_METHODS), st.lists(msgpack_values, max_size=6))
 def test_decode_request_any_args_raises_only_wire_error(method: str, args: list[Any]) -> None:
-    payload = msgpack.packb([method, args], use_bin_type=True)
+    payload = msgpack.packb([method, args, True], use_bin_type=True)
     with contextlib.suppress(WireError):
         decode_request(MSG_ID, payload)
 
@@ -420,11 +491,12 @@ def _find_value(nodes: list[Any], value: bytes | None = None) -> bytes:
 
 
 def test_find_value_reply_round_trip() -> None:
-    contacts = [Contact(NODE, Address("192.0.2.1", 4000)), Contact(KEY, Address("::1", 1))]
-    payload = split_frame(
+    contacts = [Contact(NODE, Address("192.0.2.1", 4000)), Contact(OWNER, Address("::1", 1))]
+    payload = result_of(
         encode_response(MSG_ID, {"value": b"rec", "nodes": encode_contacts(contacts)})
-    )[2]
+    )
     assert decode_response("find_value", payload) == FindValueReply(b"rec", tuple(contacts))
+    assert contacts[0].node_id == node_id_for(NODE)
     assert decode_response("find_value", _find_value([])) == FindValueReply(None, ())
     with_receipt = msgpack.packb({"nodes": [], "value": b"rec", "seen": 1_700_000_000})
     assert decode_response("find_value", with_receipt) == FindValueReply(b"rec", (), 1_700_000_000)
@@ -444,6 +516,7 @@ def test_find_value_reply_round_trip() -> None:
         _contact(port="4000"),
         _contact(host=b"192.0.2.1"),  # type: ignore[arg-type]
         _contact(node=b"\x00" * 19),
+        _contact(node=b"\x00" * 20),  # a v1 node id: contacts carry node keys
         [NODE, "192.0.2.1"],
         [NODE, "192.0.2.1", 4000, 1],
         {"id": NODE},
@@ -507,27 +580,18 @@ def test_largest_find_value_reply_fits_in_a_frame() -> None:
     record = _largest_record()
     assert len(record) == MAX_RECORD_SIZE <= MAX_VALUE
     host = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"
-    contacts = [Contact(bytes([i]) * 20, Address(host, 65535)) for i in range(MAX_CONTACTS)]
-    reply_map = {"value": record, "nodes": encode_contacts(contacts), "seen": MAX_U63}
-    frame = encode_response(MSG_ID, reply_map)
+    contacts = [Contact(bytes([i]) * 32, Address(host, 65535)) for i in range(MAX_CONTACTS)]
+    result = {"value": record, "nodes": encode_contacts(contacts), "seen": MAX_U63}
+    frame = encode_response(MSG_ID, result, NodeKey.from_seed(bytes(32)).sign)
     assert len(frame) <= MAX_FRAME
-    reply = decode_response("find_value", split_frame(frame)[2])
+    reply = decode_response("find_value", result_of(frame))
     assert reply == FindValueReply(record, tuple(contacts), MAX_U63)
-
-
-def test_find_value_reply_fits_with_twenty_contacts_of_node_public_keys() -> None:
-    """Room for 20 contacts whose ids are 19 + 32 bytes (a node public key and more) and
-    for the replica's signature (1 KiB kept free)."""
-    host = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
-    nodes = [[bytes([i]) * (19 + 32), host, 65535] for i in range(20)]
-    frame = encode_response(MSG_ID, {"value": _largest_record(), "nodes": nodes, "seen": MAX_U63})
-    assert len(frame) <= MAX_FRAME - 1024
 
 
 def test_full_mailbox_page_fits_in_a_frame() -> None:
     entries = [[bytes([i]) * 16, bytes([i]) * MAX_MAILBOX_ENTRY] for i in range(MAILBOX_PAGE)]
     frame = encode_response(MSG_ID, {"entries": entries, "more": True})
-    page = decode_response("mailbox_fetch", split_frame(frame)[2])
+    page = decode_response("mailbox_fetch", result_of(frame))
     assert page == MailboxPage(tuple((i, e) for i, e in entries), True)
 
 

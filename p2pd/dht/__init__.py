@@ -8,25 +8,22 @@ Nothing outside this package imports kademlia. Callers use :func:`open_dht` and 
 
 from __future__ import annotations
 
-from kademlia.utils import digest
-
+from ..wire import node_id_for
 from .core import DHTCore
 from .driver import DHT, DatagramTransport, create_dht, open_dht
-from .lookup import Lookup, LookupResult
+from .lookup import DisjointLookup, Lookup, LookupResult
+from .nodekey import NodeKey, load_or_create_node_key
 
 __all__ = [
     "DHT",
     "DHTCore",
     "DatagramTransport",
+    "DisjointLookup",
     "Lookup",
     "LookupResult",
+    "NodeKey",
     "create_dht",
+    "load_or_create_node_key",
     "node_id_for",
     "open_dht",
 ]
-
-
-def node_id_for(public_key: bytes) -> bytes:
-    """A node's 160-bit id, derived from its identity key so that it is stable."""
-    node_id: bytes = digest(b"p2pd node id v1\x00" + public_key)
-    return node_id

@@ -22,6 +22,17 @@ What this node does with what it hears, and why (the hardening of stock kademlia
   a malformed datagram is dropped and counted, never raised.
 - A reply is matched to its request by message id *and* the address it was sent to, so
   a third party cannot answer for someone else.
+- Node ids are earned (docs/ARCHITECTURE.md, "Earned ids"): an id is the hash of a node
+  key, and a contact enters the routing table or a lookup's answers only after it
+  answered a ``prove`` request from the address it claims, signing the reply with that
+  key. Proven (id, address) pairs are remembered for ``verified_lifetime`` and asked
+  without proof; a request from an unproven sender is answered, and the sender is sent
+  one proving ping (bounded, deduplicated) before it may enter the table. ``find_value``
+  always asks for a proof: a replica's statement of what it holds is then signed.
+- Address limits per bucket and per lookup, disjoint lookup paths, and a store accepted
+  only by a node among the k closest it knows to the key (:mod:`.routing`, :mod:`.lookup`).
+- Frames of version 1 (ids declared, not earned) are refused: counted as ``old_version``
+  and logged at most once per source address per hour.
 - Per-contact adaptive timeouts (:mod:`p2pd.dht.rtt`): an operation stops *waiting* on a
   contact after its RTO and asks another; a late reply still counts until the hard
   timeout. A contact is evicted after ``failures_before_eviction`` consecutive lost
@@ -39,7 +50,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,11 +58,13 @@ from typing import Any, Protocol
 from .. import wire
 from ..claims import Answer, Resolution, resolve_claims
 from ..config import DHTConfig
-from ..errors import WireError
+from ..errors import OldFrameVersion, WireError
+from ..identity import verify_signature
 from ..records import HandleRecord, Verdict, verify_claim
-from .lookup import Lookup, LookupResult
+from .lookup import DisjointLookup, Lookup, LookupResult
 from .mailbox import MailboxStorage, delete_message, entry_id, fetch_message, mailbox_key
-from .routing import Node, RoutingTable
+from .nodekey import NodeKey
+from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
 from .storage import RecordStorage
 
@@ -66,6 +79,19 @@ WELCOME_SCAN = 8
 REPLICATE_BATCH = 32
 #: Most mailbox pages fetched from one node in one fetch.
 MAILBOX_MAX_PAGES = 100
+#: Most proven (node id, address) pairs remembered.
+VERIFIED_MAX = 10_000
+#: Proving pings to unproven senders in flight at once; more senders wait for their next
+#: request (or for a lookup to ask them).
+VERIFY_IN_FLIGHT = 32
+#: A pair pinged for a proof is not pinged again for this long (seconds) ...
+VERIFY_RETRY = 600.0
+#: ... and at most this many such pairs are remembered.
+VERIFYING_MAX = 4096
+#: A source speaking frame version 1 is logged at most once per this many seconds, and
+#: at most this many sources are logged per such interval (then only counted).
+OLD_VERSION_LOG_INTERVAL = 3600.0
+OLD_VERSION_LOG_MAX = 256
 
 _SOFT, _HARD, _DEADLINE, _MAINTAIN = range(4)
 
@@ -87,8 +113,11 @@ class _Pending:
     method: str
     sent_at: float
     owner: RpcOwner | None
-    #: A request to an address whose node id we do not know yet (bootstrap ping).
+    #: A request whose outcome says nothing of the node's place in our table: a ping to
+    #: an address whose id we do not know yet (bootstrap), or a proving ping to a sender.
     probe: bool
+    #: The reply must carry a valid signature by the node's key.
+    prove: bool
 
 
 class DHTCore:
@@ -96,7 +125,7 @@ class DHTCore:
 
     def __init__(
         self,
-        node_id: bytes,
+        node_key: NodeKey,
         config: DHTConfig,
         storage: RecordStorage,
         mailboxes: MailboxStorage | None,
@@ -104,12 +133,18 @@ class DHTCore:
         *,
         randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
-        self.node_id = node_id
-        self.node = Node(node_id)
+        self.node_key = node_key
+        self.node_id = node_id = node_key.node_id
+        self.node = Node(node_id, key=node_key.public_key)
         self.config = config
         self.storage = storage
         self.mailboxes = mailboxes
-        self.table = RoutingTable(node_id, config.ksize, now)
+        #: The Sybil defences, off only in benchmarks (DHTConfig.defences).
+        self.defended = config.defences
+        self.limit = (
+            AddressLimit(config.max_per_ip, config.max_per_subnet) if self.defended else None
+        )
+        self.table = RoutingTable(node_id, config.ksize, now, self.limit)
         #: The latest ``now`` any entry point was given. An operation's later steps run
         #: from callbacks (a reply, a timer) and must use this, not the ``now`` their
         #: operation started with: a stale one would date requests in the past (RTT
@@ -127,6 +162,13 @@ class DHTCore:
         # peers keep naming a dead node in their replies long after we evicted it.
         self._suspect_until: dict[bytes, float] = {}
         self._checking: set[bytes] = set()  # heads of full buckets being pinged
+        #: (node id, address) -> when it last proved its key from that address.
+        self._verified: OrderedDict[tuple[bytes, Address], float] = OrderedDict()
+        #: (node id, address) -> when we last sent it a proving ping.
+        self._verifying: OrderedDict[tuple[bytes, Address], float] = OrderedDict()
+        self._verify_in_flight = 0
+        #: source IP -> when we last logged that it speaks frame version 1.
+        self._old_logged: OrderedDict[str, float] = OrderedDict()
         self._maintenance_period = min(config.refresh_interval, config.replicate_interval) / 4
         self._schedule(now + self._maintenance_period, _MAINTAIN, None)
 
@@ -188,26 +230,53 @@ class DHTCore:
                 self._on_request(wire.decode_request(msg_id, payload), address, now)
             else:
                 self._on_response(msg_id, payload, address, now)
+        except OldFrameVersion:
+            self._old_version(address[0], now)
         except WireError as exc:
             self.stats["malformed"] += 1
             log.debug("dropped malformed DHT datagram from %s: %s", address, exc)
 
+    def _old_version(self, host: str, now: float) -> None:
+        """A frame of version 1: counted; logged once per source per interval, for at
+        most OLD_VERSION_LOG_MAX sources per interval (a flood of spoofed sources is
+        only counted)."""
+        self.stats["old_version"] += 1
+        logged = self._old_logged
+        last = logged.get(host)
+        if last is not None and now - last < OLD_VERSION_LOG_INTERVAL:
+            return
+        while logged and now - next(iter(logged.values())) >= OLD_VERSION_LOG_INTERVAL:
+            logged.popitem(last=False)
+        if len(logged) >= OLD_VERSION_LOG_MAX:
+            return
+        logged.pop(host, None)
+        logged[host] = now
+        log.warning("peer %s speaks DHT frame v1 (an older p2pd); ignored", host)
+
     def _on_request(self, req: wire.DHTRequest, address: Address, now: float) -> None:
-        if req.sender_id == self.node_id:
+        sender_id = req.sender_id
+        if sender_id == self.node_id:
             self.stats["malformed"] += 1
             return
         self.stats["requests_in"] += 1
-        sender = Node(req.sender_id, address[0], address[1])
-        self._failures.pop(sender.id, None)
-        self._suspect_until.pop(sender.id, None)
-        self.seen(sender, now)
+        sender = Node(sender_id, address[0], address[1], req.sender_key)
+        if not self.defended or self.is_verified(sender_id, address, now):
+            self._failures.pop(sender_id, None)
+            self._suspect_until.pop(sender_id, None)
+            self.seen(sender, now)
+        elif self.table.wants(sender):
+            self._ask_proof(sender, address, now)
         result: Any
         if req.method == "ping":
-            result = self.node_id
+            result = self.node_key.public_key
         elif req.method == "store":
             assert req.key is not None and req.value is not None
-            verdict = self.storage.offer(req.key, req.value)
-            result = verdict in (Verdict.ACCEPT, Verdict.SAME)
+            if self.defended and not self.is_close_to(req.key):
+                self.stats["store_refused_far"] += 1
+                result = False
+            else:
+                verdict = self.storage.offer(req.key, req.value)
+                result = verdict in (Verdict.ACCEPT, Verdict.SAME)
         elif req.method == "find_node":
             assert req.key is not None
             result = self._neighbors(req.key, exclude=sender.id)
@@ -220,12 +289,26 @@ class DHTCore:
                 result["seen"] = self.storage.first_seen(req.key)
         else:
             result = self._on_mailbox_request(req)
-        self._send(wire.encode_response(req.msg_id, result), address)
+        sign = self.node_key.sign if req.prove else None
+        self._send(wire.encode_response(req.msg_id, result, sign), address)
+
+    def is_close_to(self, key: bytes) -> bool:
+        """Whether fewer than k of the nodes we know are nearer ``key`` than we are: only
+        then do we store under it (S/Kademlia: a node far from a key, e.g. an attacker's
+        target, has no business holding it)."""
+        k = self.config.ksize
+        target = int.from_bytes(key, "big")
+        mine = self.node.long_id ^ target
+        nearer = sum(1 for n in self.table.closest(key, k) if (n.long_id ^ target) < mine)
+        return nearer < k
 
     def _on_mailbox_request(self, req: wire.DHTRequest) -> Any:
         boxes = self.mailboxes
         if req.method == "mailbox_put":
             assert req.key is not None and req.value is not None
+            if self.defended and not self.is_close_to(req.key):
+                self.stats["store_refused_far"] += 1
+                return False
             return boxes is not None and boxes.put(req.key, req.value)
         assert req.owner_key is not None and req.timestamp is not None
         assert req.signature is not None
@@ -245,7 +328,9 @@ class DHTCore:
 
     def _neighbors(self, key: bytes, exclude: bytes) -> list[list[Any]]:
         nodes = self.table.closest(key, self.config.ksize, exclude=exclude)
-        return wire.encode_contacts([wire.Contact(n.id, wire.Address(n.ip, n.port)) for n in nodes])
+        return wire.encode_contacts(
+            [wire.Contact(n.key, wire.Address(n.ip, n.port)) for n in nodes if n.key is not None]
+        )
 
     def _on_response(self, msg_id: bytes, payload: bytes, address: Address, now: float) -> None:
         pending = self._pending.get(msg_id)
@@ -257,11 +342,81 @@ class DHTCore:
         self.stats["replies_in"] += 1
         result: wire.DHTResult | None
         try:
-            result = wire.decode_response(pending.method, payload)
+            raw, signature = wire.split_response(payload)
+            result = wire.decode_response(pending.method, raw)
         except WireError:
             result = None
             self.stats["malformed"] += 1
+        else:
+            if pending.prove:
+                key = self._proven_key(pending, msg_id, raw, signature, result)
+                if key is None:
+                    self.stats["bad_proofs"] += 1
+                    result = None
+                else:
+                    self._mark_verified(wire.node_id_for(key), address, now)
         self._finish(pending, result, now)
+
+    def _proven_key(
+        self,
+        pending: _Pending,
+        msg_id: bytes,
+        raw: bytes,
+        signature: bytes | None,
+        result: wire.DHTResult,
+    ) -> bytes | None:
+        """The node key that signed this reply, if the proof holds: a signature over the
+        message id and the result bytes, by the key of the node we asked (a ping's
+        result is the key itself; a bootstrap ping learns the key from it)."""
+        key = pending.node.key
+        if pending.method == "ping":
+            if not isinstance(result, bytes) or (key is not None and result != key):
+                return None
+            key = result
+        if key is None or signature is None:
+            return None
+        if not pending.probe and wire.node_id_for(key) != pending.node.id:
+            return None
+        if not verify_signature(key, wire.reply_message(msg_id, raw), signature):
+            return None
+        return key
+
+    # ------------------------------------------------------------------ earned ids
+
+    def is_verified(self, node_id: bytes, address: Address, now: float) -> bool:
+        """Whether ``node_id`` proved its key from ``address`` within verified_lifetime."""
+        when = self._verified.get((node_id, address))
+        return when is not None and now - when < self.config.verified_lifetime
+
+    def _mark_verified(self, node_id: bytes, address: Address, now: float) -> None:
+        pair = (node_id, address)
+        self._verified.pop(pair, None)
+        self._verified[pair] = now
+        while len(self._verified) > VERIFIED_MAX:
+            self._verified.popitem(last=False)
+
+    def _ask_proof(self, sender: Node, address: Address, now: float) -> None:
+        """An unproven node sent us a request that our table would take: ping it for a
+        proof, once in a while, a bounded number at a time. On a valid proof it enters
+        the table. The ping goes to the source address, so a spoofed source costs its
+        owner one small reply."""
+        pair = (sender.id, address)
+        last = self._verifying.get(pair)
+        if last is not None and now - last < VERIFY_RETRY:
+            return
+        if self._verify_in_flight >= VERIFY_IN_FLIGHT:
+            self.stats["proof_pings_skipped"] += 1
+            return
+        verifying = self._verifying
+        verifying.pop(pair, None)
+        while verifying and (
+            len(verifying) >= VERIFYING_MAX or now - next(iter(verifying.values())) >= VERIFY_RETRY
+        ):
+            verifying.popitem(last=False)
+        verifying[pair] = now
+        self._verify_in_flight += 1
+        self.stats["proof_pings"] += 1
+        self.request(sender, "ping", [], now, _ProofCheck(self), probe=True)
 
     def _finish(self, pending: _Pending, result: wire.DHTResult | None, now: float) -> None:
         if not pending.probe:
@@ -283,18 +438,23 @@ class DHTCore:
         timeout: float | None = None,
     ) -> None:
         """Send one RPC; ``owner`` hears of its reply or its loss (after ``timeout``,
-        by default the configured ``rpc_timeout``)."""
+        by default the configured ``rpc_timeout``). The reply must prove the node's key
+        if it is a find_value (always), or, with the defences on, a probe or a request
+        to a node that has not proved its id from that address lately."""
         self.now = max(self.now, now)
         msg_id = self._randbytes(wire.MSG_ID_LEN)
         address = (node.ip, node.port)
+        prove = method == "find_value" or (
+            self.defended and (probe or not self.is_verified(node.id, address, now))
+        )
         try:
-            frame = wire.encode_request(msg_id, method, [self.node_id, *args])
+            frame = wire.encode_request(msg_id, method, [self.node_key.public_key, *args], prove)
         except WireError:
             log.exception("could not encode a %s request", method)
             if owner is not None:
                 owner.rpc_done(node, None, now)
             return
-        self._pending[msg_id] = _Pending(node, address, method, now, owner, probe)
+        self._pending[msg_id] = _Pending(node, address, method, now, owner, probe, prove)
         if owner is not None:
             self._schedule(now + self.rtt.rto(address), _SOFT, msg_id)
         hard = self.config.rpc_timeout if timeout is None else timeout
@@ -306,7 +466,7 @@ class DHTCore:
 
     def seen(self, node: Node, now: float) -> None:
         """``node`` spoke to us (or answered): add or refresh it in the routing table."""
-        if node.id == self.node_id:
+        if node.id == self.node_id or node.key is None:
             return
         new = not self.table.contains(node.id)
         head = self.table.add(node, now)
@@ -314,7 +474,7 @@ class DHTCore:
             if head.id not in self._checking:
                 self._checking.add(head.id)
                 self.request(head, "ping", [], now, _HeadCheck(self, head))
-        elif new:
+        elif new and self.table.contains(node.id):
             self._welcome(node, now)
 
     def _welcome(self, node: Node, now: float) -> None:
@@ -383,8 +543,13 @@ class DHTCore:
     ) -> None:
         self.now = max(self.now, now)
         config = self.config
-        lookup = Lookup(
+        # Disjoint paths for value lookups: what a lookup returns there is trusted (a
+        # record, a replica's signed statement). A node lookup (where to store, refresh)
+        # takes one path; its result is still held to the address limits.
+        paths = config.disjoint_paths if self.defended and find_value else 1
+        lookup = DisjointLookup(
             target,
+            paths=paths,
             find_value=find_value,
             k=config.ksize,
             alpha=config.alpha,
@@ -395,6 +560,7 @@ class DHTCore:
             own_id=self.node_id,
             seeds=seeds if seeds is not None else self.table.closest(target, config.ksize),
             skip=lambda node_id: self.is_suspect(node_id, self.now),
+            limit=self.limit,
         )
         self.table.touch(target, now)
         run = _LookupRun(self, lookup, on_done)
@@ -494,8 +660,9 @@ class DHTCore:
         def pinged(replies: list[wire.DHTResult | None]) -> None:
             seeds = []
             for probe, reply in zip(probes, replies, strict=True):
-                if isinstance(reply, bytes) and reply != self.node_id:
-                    node = Node(reply, probe.ip, probe.port)
+                # The reply is the node key, proven (a signed reply from that address).
+                if isinstance(reply, bytes) and wire.node_id_for(reply) != self.node_id:
+                    node = Node(wire.node_id_for(reply), probe.ip, probe.port, reply)
                     self.seen(node, self.now)
                     seeds.append(node)
             if not seeds:
@@ -620,8 +787,15 @@ class DHTCore:
             "mailbox_entries_held": self.mailboxes.count() if self.mailboxes else 0,
             "refused_records": dict(self.storage.refused),
             "rotated_claims": self.storage.rotated,
-            "counters": dict(self.stats),
+            "verified_contacts": len(self._verified),
+            "counters": self._counters(),
         }
+
+    def _counters(self) -> dict[str, int]:
+        counters = dict(self.stats)
+        if self.table.refused:
+            counters["address_limited"] = self.table.refused
+        return counters
 
     def contacts(self) -> list[tuple[bytes, str, int]]:
         return [(n.id, n.ip, n.port) for n in self.table]
@@ -645,7 +819,10 @@ class _LookupRun:
     __slots__ = ("core", "finished", "lookup", "on_done")
 
     def __init__(
-        self, core: DHTCore, lookup: Lookup, on_done: Callable[[LookupResult], None]
+        self,
+        core: DHTCore,
+        lookup: Lookup | DisjointLookup,
+        on_done: Callable[[LookupResult], None],
     ) -> None:
         self.core = core
         self.lookup = lookup
@@ -725,6 +902,26 @@ class _Slot:
 
     def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
         self.gather.done(self.index, result)
+
+    def rpc_slow(self, node: Node, now: float) -> None:
+        pass
+
+
+class _ProofCheck:
+    """A proving ping to a node that sent us a request: on a valid proof, it is seen."""
+
+    __slots__ = ("core",)
+
+    def __init__(self, core: DHTCore) -> None:
+        self.core = core
+
+    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
+        core = self.core
+        core._verify_in_flight -= 1
+        if result is not None:
+            core._failures.pop(node.id, None)
+            core._suspect_until.pop(node.id, None)
+            core.seen(node, now)
 
     def rpc_slow(self, node: Node, now: float) -> None:
         pass

@@ -2,7 +2,7 @@
 is to aioquic. No asyncio, no thread, no queue.
 
 - Datagrams come in from the node's UDP task (:meth:`DHT.datagram_received`, called by
-  :class:`~p2pd.transport.udp.UdpEndpoint` for first bytes 0x00/0x01) and go straight
+  :class:`~p2pd.transport.udp.UdpEndpoint` for first bytes 0x00..0x03) and go straight
   into the core, synchronously: the work per datagram is bounded by the core, so the
   reader never waits on anything and nothing queues between the two.
 - After each burst the endpoint calls :meth:`DHT.flush`: the core's datagrams go out,
@@ -34,6 +34,7 @@ from ..wire import Address
 from .core import DHTCore
 from .lookup import LookupResult
 from .mailbox import MailboxStorage
+from .nodekey import NodeKey
 from .routing import Node
 from .storage import RecordStorage
 
@@ -191,7 +192,7 @@ class DHT:
 
 def create_dht(
     *,
-    node_id: bytes,
+    node_key: NodeKey,
     conn: sqlite3.Connection | None,
     config: DHTConfig,
     transport: DatagramTransport,
@@ -202,25 +203,26 @@ def create_dht(
     and call :meth:`DHT.close` when done. ``conn`` is the node's SQLite connection (None:
     nothing persists). If the transport has flush hooks (a
     :class:`~p2pd.transport.udp.UdpEndpoint` does), the node's answers go out after each
-    burst the transport reads."""
+    burst the transport reads. ``node_key`` is the node's own DHT key (never the
+    identity key: docs/ARCHITECTURE.md, "Earned ids")."""
     storage = RecordStorage(conn, max_records=config.max_records, clock=wall)
     mailboxes = MailboxStorage(conn, clock=wall)
     extra = {} if randbytes is None else {"randbytes": randbytes}
-    core = DHTCore(node_id, config, storage, mailboxes, trio.current_time(), **extra)
+    core = DHTCore(node_key, config, storage, mailboxes, trio.current_time(), **extra)
     return DHT(core, transport, wall=wall)
 
 
 @asynccontextmanager
 async def open_dht(
     *,
-    node_id: bytes,
+    node_key: NodeKey,
     conn: sqlite3.Connection | None,
     config: DHTConfig,
     transport: DatagramTransport,
     wall: Callable[[], float] = time.time,
 ) -> AsyncIterator[DHT]:
     """:func:`create_dht`, its timers running until the context exits."""
-    dht = create_dht(node_id=node_id, conn=conn, config=config, transport=transport, wall=wall)
+    dht = create_dht(node_key=node_key, conn=conn, config=config, transport=transport, wall=wall)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(dht.serve)

@@ -14,7 +14,22 @@ nodes hold, so the caller can pick the *newest* valid record (stock kademlia ret
 most common value; upstream issue #107). Once a value has turned up the lookup is near
 the key, and it asks the rest of the k closest at once.
 
-Driving it::
+Against Sybils (docs/ARCHITECTURE.md, "Earned ids"):
+
+- Address limits: the contacts a lookup asks, and its result, are chosen nearest first
+  keeping at most ``max_per_ip`` per IP address and ``max_per_subnet`` per /24 or /48
+  (:class:`~p2pd.dht.routing.AddressLimit`). A contact over the limit is kept aside, not
+  dropped: if the nearer ones of its address fail (a liar can name made-up ids at an
+  honest node's address), it becomes eligible again.
+- Disjoint paths (S/Kademlia, Baumgart and Mies 2007, section 4.4):
+  :class:`DisjointLookup` deals the seeds round-robin to ``d`` lookups that share one set
+  of asked nodes, so no node is asked by two paths, and merges their answers. A path
+  whose contacts all lie (answer with hostile contacts only) cannot stop the others from
+  reaching the honest nodes near the target.
+- Which replies count (a proof of the node key from the address asked) is the core's
+  business: a reply without a valid proof reaches the lookup as :meth:`Lookup.failed`.
+
+Driving it (a :class:`DisjointLookup` is driven the same way)::
 
     lookup = Lookup(target, find_value=True, k=20, alpha=3, max_rpcs=300,
                     deadline=now + 10, own_id=me, seeds=table.closest(target, 20))
@@ -25,13 +40,16 @@ Driving it::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .. import wire
-from .routing import Node
+from .routing import AddressLimit, Node
 
-_NEW, _INFLIGHT, _SLOW, _OK, _FAILED = range(5)
+#: _TAKEN: another path of the same disjoint lookup asked it first.
+_NEW, _INFLIGHT, _SLOW, _OK, _FAILED, _TAKEN = range(6)
+_DEAD = (_SLOW, _FAILED, _TAKEN)
 
 
 @dataclass(slots=True)
@@ -68,6 +86,8 @@ class Lookup:
         own_id: bytes,
         seeds: Iterable[Node],
         skip: Callable[[bytes], bool] = lambda _: False,
+        limit: AddressLimit | None = None,
+        taken: set[bytes] | None = None,
     ) -> None:
         self.target = target
         self.find_value = find_value
@@ -79,6 +99,9 @@ class Lookup:
         self._quorum = k if quorum is None else min(max(quorum, 1), k)
         self._own = own_id
         self._skip = skip
+        self._limit = limit
+        #: Shared by the paths of a disjoint lookup: every node one of them asked.
+        self._taken = taken
         self.started = started
         self.deadline = deadline
         self._nodes: dict[bytes, Node] = {}
@@ -101,6 +124,8 @@ class Lookup:
         """Take a candidate; True if it is nearer than anything heard of before."""
         if node.id == self._own or node.id in self._nodes or self._skip(node.id):
             return False
+        if self._taken is not None and node.id in self._taken:
+            return False
         self._nodes[node.id] = node
         self._state[node.id] = _NEW
         self._depth[node.id] = depth
@@ -112,10 +137,18 @@ class Lookup:
 
     def _live(self) -> list[Node]:
         target = self._target
-        return sorted(
-            (n for n in self._nodes.values() if self._state[n.id] not in (_SLOW, _FAILED)),
+        state, taken = self._state, self._taken
+        if taken is not None:
+            for node_id, st in state.items():
+                if st == _NEW and node_id in taken:
+                    state[node_id] = _TAKEN
+        ordered = sorted(
+            (n for n in self._nodes.values() if state[n.id] not in _DEAD),
             key=lambda n: n.long_id ^ target,
-        )[: self._k]
+        )
+        if self._limit is not None:
+            return self._limit.select(ordered, self._k)
+        return ordered[: self._k]
 
     def next_requests(self, now: float) -> list[Node]:
         """Contacts to ask now; each is then in flight until replied/slow/failed. When
@@ -136,6 +169,8 @@ class Lookup:
                 break
             if self._state[node.id] == _NEW:
                 self._state[node.id] = _INFLIGHT
+                if self._taken is not None:
+                    self._taken.add(node.id)
                 self._inflight += 1
                 self.result.rpcs += 1
                 out.append(node)
@@ -153,12 +188,20 @@ class Lookup:
 
     def _finish(self, now: float) -> None:
         self.done = True
-        target = self._target
-        self.result.closest = sorted(
+        self.result.closest = self._closest(
             (n for n in self._nodes.values() if self._state[n.id] == _OK),
-            key=lambda n: n.long_id ^ target,
-        )[: self._k]
+            self._target,
+            self._k,
+            self._limit,
+        )
         self.result.elapsed = now - self.started
+
+    @staticmethod
+    def _closest(
+        nodes: Iterable[Node], target: int, k: int, limit: AddressLimit | None
+    ) -> list[Node]:
+        ordered = sorted(nodes, key=lambda n: n.long_id ^ target)
+        return ordered[:k] if limit is None else limit.select(ordered, k)
 
     def slow(self, node_id: bytes) -> bool:
         """The contact's soft deadline passed: stop counting it as in flight. True if
@@ -204,7 +247,8 @@ class Lookup:
         self.result.hops = max(self.result.hops, depth)
         closer = False
         for contact in contacts:
-            node = Node(contact.node_id, contact.address.host, contact.address.port)
+            address = contact.address
+            node = Node(contact.node_id, address.host, address.port, contact.node_key)
             closer = self._add(node, depth) or closer
         if not closer:
             self._wide = True
@@ -213,3 +257,113 @@ class Lookup:
     @property
     def in_flight(self) -> int:
         return self._inflight
+
+
+class DisjointLookup:
+    """``paths`` lookups for one target over disjoint sets of nodes, merged (S/Kademlia,
+    section 4.4). Driven like a :class:`Lookup`.
+
+    The seeds are dealt round-robin, nearest first; each path keeps ``alpha`` and a
+    share of ``k`` (it ends when its ``k / paths`` closest live nodes answered), of the
+    RPC cap and of the value quorum: together the paths ask about as many nodes as one
+    lookup would, and they partition the k closest between them. A node one path asked
+    (or is asking) is never asked by another. The result is every path's answers: their
+    values, and the k closest nodes that answered on any path (within the address
+    limits)."""
+
+    def __init__(
+        self,
+        target: bytes,
+        *,
+        paths: int,
+        find_value: bool,
+        k: int,
+        alpha: int,
+        max_rpcs: int,
+        quorum: int | None = None,
+        started: float,
+        deadline: float,
+        own_id: bytes,
+        seeds: Iterable[Node],
+        skip: Callable[[bytes], bool] = lambda _: False,
+        limit: AddressLimit | None = None,
+    ) -> None:
+        paths = max(1, paths)
+        self.target = target
+        self.find_value = find_value
+        self.method = "find_value" if find_value else "find_node"
+        self.started = started
+        self.deadline = deadline
+        self._k = k
+        self._limit = limit
+        self._taken: set[bytes] = set()
+        dealt: list[list[Node]] = [[] for _ in range(paths)]
+        for index, node in enumerate(seeds):
+            dealt[index % paths].append(node)
+        share = quorum if quorum is None else math.ceil(quorum / paths)
+        self.paths = [
+            Lookup(
+                target,
+                find_value=find_value,
+                k=math.ceil(k / paths),
+                alpha=alpha,
+                max_rpcs=math.ceil(max_rpcs / paths),
+                quorum=share,
+                started=started,
+                deadline=deadline,
+                own_id=own_id,
+                seeds=path_seeds,
+                skip=skip,
+                limit=limit,
+                taken=self._taken,
+            )
+            for path_seeds in dealt
+        ]
+        #: Which path asked each node (a reply goes to the path that asked).
+        self._owner: dict[bytes, Lookup] = {}
+        self.result = LookupResult(closest=[])
+        self.done = False
+
+    def next_requests(self, now: float) -> list[Node]:
+        if self.done:
+            return []
+        out: list[Node] = []
+        for path in self.paths:
+            for node in path.next_requests(now):
+                self._owner[node.id] = path
+                out.append(node)
+        if all(path.done for path in self.paths):
+            self._finish(now)
+        return out
+
+    def _finish(self, now: float) -> None:
+        self.done = True
+        result = self.result
+        for path in self.paths:
+            result.values += path.result.values
+            result.without_value += path.result.without_value
+            result.seen.update(path.result.seen)  # the replicas' first-seen receipts
+            result.rpcs += path.result.rpcs
+            result.hops = max(result.hops, path.result.hops)
+        answered = {n.id: n for path in self.paths for n in path.result.closest}
+        result.closest = Lookup._closest(
+            answered.values(), int.from_bytes(self.target, "big"), self._k, self._limit
+        )
+        result.elapsed = now - self.started
+
+    def slow(self, node_id: bytes) -> bool:
+        path = self._owner.get(node_id)
+        return path is not None and path.slow(node_id)
+
+    def failed(self, node_id: bytes) -> None:
+        path = self._owner.get(node_id)
+        if path is not None:
+            path.failed(node_id)
+
+    def replied(self, node_id: bytes, reply: wire.DHTResult) -> bool:
+        path = self._owner.get(node_id)
+        return path is not None and path.replied(node_id, reply)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(path.in_flight for path in self.paths)

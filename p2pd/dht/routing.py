@@ -15,27 +15,117 @@ its ``find_neighbors`` (``TableTraverser``) returns nothing at all in some bucke
 after splits (seen in the N=1000 benchmark). Here a full bucket reports its head as
 "to check" and the core pings it; ``closest`` is a full scan, at most a few hundred
 contacts, always right.
+
+Address limits (BEP 42's spirit, docs/ARCHITECTURE.md "Earned ids"): a bucket holds at
+most ``max_per_ip`` contacts with one IP address and ``max_per_subnet`` in one /24 (IPv4)
+or /48 (IPv6). Private (RFC 1918), unique-local and link-local addresses are exempt from
+the subnet limit (a LAN is one /24), never from the per-IP one; loopback is not exempt,
+so a swarm on 127.0.0.1 alone behaves as one host (test swarms use distinct 127.a.b.1).
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
-from collections.abc import Iterator
+import ipaddress
+from collections import Counter
+from collections.abc import Iterable, Iterator
 
-from kademlia.node import Node
+from kademlia.node import Node as _KademliaNode
 from kademlia.routing import KBucket
 
-__all__ = ["Node", "RoutingTable"]
+__all__ = ["AddressLimit", "Node", "RoutingTable", "subnet_of"]
 
 ID_SPACE = 2**160
+
+_EXEMPT = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16")
+) + tuple(ipaddress.ip_network(n) for n in ("fc00::/7", "fe80::/10"))
+
+
+class Node(_KademliaNode):  # type: ignore[misc]
+    """A contact: id, address, and the node public key its id is derived from (None only
+    for an address we have not heard from yet, e.g. a bootstrap address)."""
+
+    def __init__(
+        self,
+        node_id: bytes,
+        ip: str | None = None,
+        port: int | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        super().__init__(node_id, ip, port)
+        self.key = key
+
+
+@functools.lru_cache(maxsize=8192)
+def subnet_of(ip: str) -> str | None:
+    """The /24 or /48 an address counts in, or None if exempt (private, ULA, link-local)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if any(addr in net for net in _EXEMPT if net.version == addr.version):
+        return None
+    prefix = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+
+
+class AddressLimit:
+    """At most ``per_ip`` nodes per IP address and ``per_subnet`` per subnet."""
+
+    __slots__ = ("per_ip", "per_subnet")
+
+    def __init__(self, per_ip: int, per_subnet: int) -> None:
+        self.per_ip = per_ip
+        self.per_subnet = per_subnet
+
+    def admits(self, node: Node, others: Iterable[Node]) -> bool:
+        """Whether ``node`` fits beside ``others`` (``node`` itself is not counted)."""
+        net = subnet_of(node.ip) if node.ip is not None else None
+        same_ip = same_net = 0
+        for other in others:
+            if other.id == node.id:
+                continue
+            if other.ip == node.ip:
+                same_ip += 1
+            if net is not None and subnet_of(other.ip) == net:
+                same_net += 1
+        return same_ip < self.per_ip and same_net < self.per_subnet
+
+    def select(self, nodes: Iterable[Node], count: int) -> list[Node]:
+        """The first ``count`` of ``nodes`` (in order) that keep within the limits."""
+        per_ip: Counter[str | None] = Counter()
+        per_net: Counter[str] = Counter()
+        out: list[Node] = []
+        for node in nodes:
+            if len(out) >= count:
+                break
+            if per_ip[node.ip] >= self.per_ip:
+                continue
+            net = subnet_of(node.ip) if node.ip is not None else None
+            if net is not None:
+                if per_net[net] >= self.per_subnet:
+                    continue
+                per_net[net] += 1
+            per_ip[node.ip] += 1
+            out.append(node)
+        return out
 
 
 class RoutingTable:
     """Contacts in k-buckets split around our own id (Kademlia section 2.4)."""
 
-    def __init__(self, own_id: bytes, ksize: int, now: float) -> None:
+    def __init__(
+        self, own_id: bytes, ksize: int, now: float, limit: AddressLimit | None = None
+    ) -> None:
         self.own = Node(own_id)
         self.ksize = ksize
+        #: Address limits per bucket (None: none, the benchmark's defences-off mode).
+        self.limit = limit
+        #: Newcomers refused because their bucket holds enough of their address.
+        self.refused = 0
         self.buckets: list[KBucket] = [KBucket(0, ID_SPACE, ksize)]
         #: When each bucket was last the target of a lookup, parallel to ``buckets``.
         self.refreshed: list[float] = [now]
@@ -60,12 +150,16 @@ class RoutingTable:
         moves up) if it fails. The newcomer then waits in that bucket's replacement cache.
 
         A bucket that gains or hears from a contact needs no refresh lookup for a while
-        (BEP 5's "last changed"): with traffic flowing, only idle buckets are refreshed."""
+        (BEP 5's "last changed"): with traffic flowing, only idle buckets are refreshed.
+        A newcomer over the bucket's address limits is refused (not even cached)."""
         if node.id == self.own.id:
             return None
         while True:
             index = self._index(node.long_id)
             bucket = self.buckets[index]
+            if self.limit is not None and not self.limit.admits(node, bucket.nodes.values()):
+                self.refused += 1
+                return None
             if bucket.add_node(node):
                 if now is not None:
                     self.refreshed[index] = now
@@ -80,6 +174,18 @@ class RoutingTable:
                 continue
             head: Node = bucket.head()
             return head
+
+    def wants(self, node: Node) -> bool:
+        """Whether :meth:`add` would place ``node`` in a bucket now (not only in a
+        replacement cache): worth asking it to prove its id."""
+        bucket = self.bucket_of(node)
+        if node.id in bucket.nodes:
+            return True
+        if self.limit is not None and not self.limit.admits(node, bucket.nodes.values()):
+            return False
+        return bool(
+            len(bucket) < self.ksize or bucket.has_in_range(self.own) or bucket.depth() % 5 != 0
+        )
 
     def remove(self, node_id: bytes) -> bool:
         """Drop a contact; a replacement from the cache takes its place. True if it was

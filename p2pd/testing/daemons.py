@@ -5,6 +5,7 @@ Used by scripts/demo, the end-to-end tests and benchmarks. Every wait is bounded
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -20,6 +21,16 @@ from pathlib import Path
 from typing import Any
 
 _READY = re.compile(r"ready: handle=(\S+) fingerprint=(\S+) listen=(\S+)")
+#: Loopback /24s handed to daemons started without ``listen``, one each, in turn.
+_LOOPBACK_NETS = itertools.count()
+
+
+def loopback_listen() -> str:
+    """``127.0.N.1:0`` with a fresh N (1..250, then again): daemons on one machine each on
+    a /24 of their own, as they would be on the Internet. The DHT keeps at most 2 ids per
+    IP address and 3 per /24 in a bucket or a lookup, so many daemons on 127.0.0.1 alone
+    would look like one host to it. Linux answers on all of 127/8."""
+    return f"127.0.{next(_LOOPBACK_NETS) % 250 + 1}.1:0"
 
 
 def p2pd_command() -> list[str]:
@@ -63,15 +74,18 @@ class DaemonProcess:
         self,
         home: Path,
         *,
-        listen: str = "127.0.0.1:0",
+        listen: str | None = None,
         bootstrap: Sequence[str] = (),
         extra: Sequence[str] = (),
         env: dict[str, str] | None = None,
         lan: str = "off",
         wrapper: Sequence[str] = (),
     ) -> None:
-        """``wrapper`` prefixes the command, e.g. ``host.command([])`` of a netns host."""
+        """``wrapper`` prefixes the command, e.g. ``host.command([])`` of a netns host.
+        Without ``listen``, the daemon gets a loopback /24 of its own
+        (:func:`loopback_listen`)."""
         self.home = home
+        listen = listen or loopback_listen()
         # LAN discovery is off unless asked for: mDNS multicast is for tests that run in
         # network namespaces they made, never on the machine's own interfaces.
         args = [*wrapper, *p2pd_command(), "--home", str(home), "daemon", "--listen", listen]

@@ -677,12 +677,12 @@ class FakeUdpEndpoint:
     # ---- internals, called by the network's task
 
     def _dispatch(self, data: bytes, source: Source) -> None:
-        """As UdpEndpoint.serve: 0x00/0x01 to the DHT, the QUIC fixed bit to QUIC."""
+        """As UdpEndpoint.serve: 0x00..0x03 to the DHT, the QUIC fixed bit to QUIC."""
         self.stats["datagrams_in"] += 1
         first = data[0] if data else 0x80  # an empty datagram: neither
         if first & 0x40:
             handler = self._on_quic
-        elif first <= 0x01:
+        elif first <= 0x03:
             handler = self._on_dht
         else:
             handler = None

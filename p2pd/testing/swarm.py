@@ -1,12 +1,16 @@
-"""Many DHT nodes in one process: on real UDP sockets on loopback (node i on its own
-127.a.b.1: the DHT counts one vote per address), or on a simulated network.
+"""Many DHT nodes in one process: on real UDP sockets on loopback, or on a simulated
+network.
 
 Each node is the daemon's own DHT (``create_dht``) fed by an endpoint, all in one trio
 run. By default the endpoint is a real :class:`~p2pd.transport.udp.UdpEndpoint`, exactly
 as a daemon has; with ``network=`` it is a :class:`~p2pd.testing.fakenet.FakeNetwork`
 endpoint on a host of its own, and the swarm runs in whatever time trio's clock keeps
-(virtual time under ``MockClock``; the records' wall clock moves with it). For tests and
-tools::
+(virtual time under ``MockClock``; the records' wall clock moves with it).
+
+Each node has a DHT node key of its own (seeded from the swarm's seed on a FakeNetwork).
+On real sockets node ``i`` listens on :func:`loopback_address` ``(i)``, a /24 of its own
+in 127/8 (Linux routes all of it to ``lo``): the DHT keeps few ids per address and per
+/24, so a swarm on 127.0.0.1 alone would be one host to it. For tests and tools::
 
     async with open_swarm(20, home=tmp_path) as swarm:
         await swarm.publish(3)
@@ -25,7 +29,7 @@ from pathlib import Path
 import trio
 
 from ..config import DHTConfig
-from ..dht import DHT, create_dht, node_id_for
+from ..dht import DHT, NodeKey, create_dht
 from ..identity import Identity
 from ..records import HandleRecord
 from ..store import open_database
@@ -48,6 +52,7 @@ def loopback_address(index: int) -> Address:
 class SwarmNode:
     index: int
     identity: Identity
+    node_key: NodeKey
     endpoint: UdpEndpoint | FakeUdpEndpoint
     dht: DHT
     db_path: Path | None
@@ -97,6 +102,7 @@ class Swarm:
         db_path: Path | None = None,
         listen: Address | None = None,
         host: FakeHost | None = None,
+        node_key: NodeKey | None = None,
     ) -> SwarmNode:
         stack = AsyncExitStack()
         endpoint: UdpEndpoint | FakeUdpEndpoint
@@ -105,15 +111,17 @@ class Swarm:
             host = host or self.network.add_host()
             endpoint = host.bind(FAKE_PORT)
             randbytes = random.Random(self.rng.getrandbits(64)).randbytes
+            node_key = node_key or NodeKey.from_seed(self.rng.randbytes(32))
         else:
             endpoint = UdpEndpoint.bind(listen or loopback_address(len(self.nodes)))
+            node_key = node_key or NodeKey.generate()
         stack.callback(endpoint.close)
         # A simulated swarm of thousands keeps its records in memory only.
         conn = open_database(db_path) if self.network is None or db_path else None
         if conn is not None:
             stack.callback(conn.close)
         dht = create_dht(
-            node_id=node_id_for(identity.public_key),
+            node_key=node_key,
             conn=conn,
             config=self.config,
             transport=endpoint,
@@ -140,7 +148,9 @@ class Swarm:
         # just before would read from a closed descriptor (EBADF).
         stack.push_async_callback(finished.wait)
         stack.callback(cancel.cancel)
-        node = SwarmNode(len(self.nodes), identity, endpoint, dht, db_path, stack, host=host)
+        node = SwarmNode(
+            len(self.nodes), identity, node_key, endpoint, dht, db_path, stack, host=host
+        )
         if host is not None:
             stack.callback(host.shutdown)
         return node
@@ -180,7 +190,11 @@ class Swarm:
         old = self.nodes[index]
         await self.stop(index)
         node = await self.start_node(
-            old.identity, db_path=old.db_path, listen=old.address, host=old.host
+            old.identity,
+            db_path=old.db_path,
+            listen=old.address,
+            host=old.host,
+            node_key=old.node_key,
         )
         node.index, node.seq, node.published = index, old.seq, old.published
         self.nodes[index] = node

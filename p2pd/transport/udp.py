@@ -2,7 +2,8 @@
 
 Demultiplexing on the first byte (docs/PROTOCOL.md, "One port"):
 
-- ``0x00`` / ``0x01``: a DHT frame (rpcudp request / response) -> the DHT;
+- ``0x00``..``0x03``: a DHT frame -> the DHT (0x02 / 0x03: request / response of frame
+  version 2; 0x00 / 0x01, version 1, go there too, to be refused with a log line);
 - first byte with the 0x40 bit set: a QUIC packet (RFC 9000 section 17: the fixed bit)
   -> the QUIC handler, once there is one;
 - anything else is dropped and counted.
@@ -123,7 +124,7 @@ class UdpEndpoint:
                         on_quic(data, (addr[0], addr[1]))
                     else:
                         dropped += 1
-                elif first <= 0x01:
+                elif first <= 0x03:
                     on_dht(data, (addr[0], addr[1]))
                 else:
                     dropped += 1

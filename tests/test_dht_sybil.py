@@ -1,0 +1,451 @@
+"""Sybil defences of the DHT (issue 11, items 1 and 2), sans I/O: cores in memory,
+datagrams moved by hand or by :class:`CoreNet`, time advanced by hand.
+
+Node ids are earned (a node key, a signed reply from the address claimed), few ids per
+address count, a lying lookup path cannot steer a disjoint lookup, a node far from a key
+does not store under it, frames of version 1 are refused, and a node's DHT traffic never
+names the identity (handle) it serves."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from test_dht_core import CONFIG, WALL, CoreNet, _Owner, make_record, node_key
+
+from p2pd import wire
+from p2pd.config import DHTConfig
+from p2pd.dht.core import DHTCore
+from p2pd.dht.lookup import DisjointLookup, Lookup
+from p2pd.dht.nodekey import NODE_KEY_FILE, NodeKey, load_or_create_node_key
+from p2pd.dht.routing import AddressLimit, Node, subnet_of
+from p2pd.dht.storage import RecordStorage
+from p2pd.identity import HandleRef, Identity
+from p2pd.records import dht_key
+
+SYBIL_IP = "203.0.113.5"
+
+
+def key_n(label: str, i: int) -> NodeKey:
+    return NodeKey.from_seed(hashlib.sha256(b"%s %d" % (label.encode(), i)).digest())
+
+
+def add_core(
+    net: CoreNet, key: NodeKey, address: tuple[str, int], config: DHTConfig = CONFIG
+) -> DHTCore:
+    core = DHTCore(key, config, RecordStorage(None, clock=net.wall), None, net.now)
+    net.cores[address] = core
+    return core
+
+
+def frames_to(core: DHTCore) -> list[tuple[bytes, tuple[str, int]]]:
+    return core.datagrams_to_send()
+
+
+def request_of(frame: bytes) -> wire.DHTRequest:
+    kind, msg_id, payload = wire.split_frame(frame)
+    assert kind == wire.FRAME_REQUEST
+    return wire.decode_request(msg_id, payload)
+
+
+# ---------------------------------------------------------------------- earned ids
+
+
+def test_node_ids_are_hashes_of_node_keys_never_of_identity_keys() -> None:
+    key = node_key(1)
+    assert key.node_id == hashlib.sha256(b"p2pd node id v2\x00" + key.public_key).digest()[:20]
+    identity = Identity.generate("alice")
+    assert key.public_key != identity.public_key
+
+
+def test_the_daemon_node_key_is_kept_0600_and_made_again_if_damaged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = load_or_create_node_key(tmp_path)
+    path = tmp_path / NODE_KEY_FILE
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert load_or_create_node_key(tmp_path).node_id == first.node_id  # stable
+    path.write_bytes(b"damaged")
+    with caplog.at_level(logging.INFO):
+        again = load_or_create_node_key(tmp_path)
+    assert again.node_id != first.node_id
+    assert "damaged" in caplog.text
+    seed = path.read_bytes()
+    assert len(seed) == 32 and seed.hex() not in caplog.text and seed.hex() not in repr(again)
+
+
+def test_a_forged_proof_is_refused() -> None:
+    """A reply that comes from the right address with the right message id but is signed
+    by another key (or not at all) is no reply: the contact does not enter the table."""
+    net = CoreNet()
+    a = net.add(1)
+    claimed = node_key(2)  # the id the liar claims to be
+    liar_address = ("198.51.100.7", 4000)
+    target = Node(claimed.node_id, *liar_address, claimed.public_key)
+    for signer in (node_key(3).sign, None):
+        results: list[Any] = []
+        a.request(target, "find_node", [bytes(20)], net.now, _Owner(results))
+        ((frame, dst),) = frames_to(a)
+        req = request_of(frame)
+        assert dst == liar_address and req.prove  # an unproven contact must prove
+        reply = wire.encode_response(req.msg_id, [], signer)
+        a.datagram_received(reply, liar_address, net.now)
+        assert results == [None]
+    assert a.stats["bad_proofs"] == 2
+    assert not a.table.contains(claimed.node_id)
+
+
+def test_a_ping_answered_with_another_key_than_the_contact_named_is_refused() -> None:
+    net = CoreNet()
+    a = net.add(1)
+    named, actual = node_key(2), node_key(3)
+    address = ("198.51.100.8", 4000)
+    results: list[Any] = []
+    a.request(Node(named.node_id, *address, named.public_key), "ping", [], net.now, _Owner(results))
+    ((frame, _),) = frames_to(a)
+    req = request_of(frame)
+    # a validly signed proof, but of another key than the id we asked for
+    a.datagram_received(
+        wire.encode_response(req.msg_id, actual.public_key, actual.sign), address, net.now
+    )
+    assert results == [None] and a.stats["bad_proofs"] == 1
+
+
+def test_a_contact_named_in_a_reply_enters_the_table_only_after_its_own_proof() -> None:
+    net = CoreNet()
+    a, b, c = net.add(1), net.add(2), net.add(3)
+    # a and b know each other; b knows c; a has never heard of c
+    net.call(lambda done: a.start_bootstrap([net.address_of(b)], net.now, done))
+    net.call(lambda done: c.start_bootstrap([net.address_of(b)], net.now, done))
+    net.run_until(lambda: not net.flight)
+    a.table.remove(c.node_id)  # (the joins may have introduced them)
+    a._verified.clear()
+    assert b.table.contains(c.node_id) and not a.table.contains(c.node_id)
+    # a asks b, by hand, who is near c
+    results: list[Any] = []
+    a.request(net.node_of(b), "find_node", [c.node_id], net.now, _Owner(results))
+    ((frame, _),) = frames_to(a)
+    b.datagram_received(frame, net.address_of(a), net.now)
+    (reply,) = [d for d, _ in frames_to(b) if d[0] == wire.FRAME_RESPONSE]
+    a.datagram_received(reply, net.address_of(b), net.now)
+    (contacts,) = results
+    assert c.node_id in {x.node_id for x in contacts}
+    assert not a.table.contains(c.node_id)  # named is not proven
+    # a lookup asks c itself, with prove set; c's own signed answer lets it in
+    a.start_lookup(c.node_id, net.now, lambda _: None, seeds=[net.node_of(b)])
+    asked_c = False
+    for _ in range(50):
+        for data, dst in frames_to(a):
+            if dst == net.address_of(c) and data[0] == wire.FRAME_REQUEST:
+                assert request_of(data).prove
+                asked_c = True
+            net.cores[dst].datagram_received(data, net.address_of(a), net.now)
+        for core in (b, c):
+            for data, dst in frames_to(core):
+                if dst == net.address_of(a):
+                    a.datagram_received(data, net.address_of(core), net.now)
+        if a.table.contains(c.node_id):
+            break
+    assert asked_c and a.table.contains(c.node_id)
+
+
+def test_a_reply_from_another_address_is_ignored() -> None:
+    """The message id is right and the proof is valid, but it comes from elsewhere."""
+    net = CoreNet()
+    a, c = net.add(1), net.add(3)
+    results: list[Any] = []
+    a.request(net.node_of(c), "ping", [], net.now, _Owner(results))
+    ((frame, _),) = frames_to(a)
+    c.datagram_received(frame, net.address_of(a), net.now)
+    (reply,) = [d for d, _ in frames_to(c) if d[0] == wire.FRAME_RESPONSE]
+    a.datagram_received(reply, ("198.51.100.9", 4003), net.now)
+    assert results == [] and a.stats["unexpected_replies"] == 1
+    assert not a.table.contains(c.node_id)
+
+
+def test_a_request_from_an_unproven_sender_is_answered_but_only_a_proof_adds_it() -> None:
+    net = CoreNet()
+    a = net.add(1)
+    stranger = node_key(9)
+    spoofed = ("198.51.100.10", 4009)
+    ping = wire.encode_request(b"\x01" * 20, "ping", [stranger.public_key], True)
+    for _ in range(3):  # the same pair again: pinged for a proof once, not each time
+        a.datagram_received(ping, spoofed, net.now)
+    sent = frames_to(a)
+    answers = [d for d, _ in sent if d[0] == wire.FRAME_RESPONSE]
+    proof_pings = [d for d, _ in sent if d[0] == wire.FRAME_REQUEST]
+    assert len(answers) == 3 and len(proof_pings) == 1
+    assert request_of(proof_pings[0]).prove
+    assert not a.table.contains(stranger.node_id)  # the source never answers: never added
+    # answered by the key's holder from that address: in
+    req = request_of(proof_pings[0])
+    a.datagram_received(
+        wire.encode_response(req.msg_id, stranger.public_key, stranger.sign), spoofed, net.now
+    )
+    assert a.table.contains(stranger.node_id)
+
+
+# ---------------------------------------------------------------------- address limits
+
+
+def test_subnets_and_exemptions() -> None:
+    assert subnet_of("198.18.3.4") == subnet_of("198.18.3.200") == "198.18.3.0/24"
+    assert subnet_of("127.0.5.1") == "127.0.5.0/24"  # loopback is not exempt
+    assert subnet_of("2001:db8:1:2::1") == "2001:db8:1::/48"
+    for private in ("10.1.2.3", "192.168.1.9", "172.20.0.1", "169.254.1.1", "fd00::1", "fe80::1"):
+        assert subnet_of(private) is None
+    limit = AddressLimit(2, 3)
+    same_ip = [Node(node_key(i).node_id, "10.0.0.1", 1000 + i) for i in range(5)]
+    assert len(limit.select(same_ip, 20)) == 2  # the per-IP limit holds on a LAN
+    lan = [Node(node_key(i).node_id, f"10.0.0.{i + 1}", 1000) for i in range(5)]
+    assert len(limit.select(lan, 20)) == 5  # the subnet limit does not
+    net24 = [Node(node_key(i).node_id, f"198.18.7.{i + 1}", 1000) for i in range(5)]
+    assert len(limit.select(net24, 20)) == 3
+
+
+def test_twenty_made_up_ids_on_one_address_hold_at_most_max_per_ip_slots() -> None:
+    """One socket address answering as 20 ids (each with a real key, each proving it):
+    at most ``max_per_ip`` of them in any bucket, and in any lookup's answer."""
+    net = CoreNet()
+    honest = [net.add(i) for i in range(1, 12)]
+    first = honest[0]
+    net.join_all(first)
+    sybils = [add_core(net, key_n("sybil", i), (SYBIL_IP, 6000 + i)) for i in range(20)]
+    for sybil in sybils:
+        for core in honest[:4]:
+            net.call(
+                lambda done, s=sybil, c=core: s.start_bootstrap([net.address_of(c)], net.now, done)
+            )
+    net.run_until(lambda: not net.flight)
+    for core in honest:
+        in_table = [n for n in core.table if n.ip == SYBIL_IP]
+        assert len(in_table) <= CONFIG.max_per_ip, len(in_table)
+    # they did get in (up to the limit): the limit, not a lack of contact, kept them out
+    assert any(n.ip == SYBIL_IP for c in honest for n in c.table)
+    # a lookup aimed right at the sybils' ids still answers with at most 2 of them
+    for sybil in sybils[:5]:
+        result = net.call(lambda done, s=sybil: honest[5].start_lookup(s.node_id, net.now, done))
+        assert sum(1 for n in result.closest if n.ip == SYBIL_IP) <= CONFIG.max_per_ip
+        assert len(result.closest) >= len(honest) - 1
+
+
+def test_a_lookup_keeps_at_most_max_per_ip_candidates_but_keeps_the_rest_aside() -> None:
+    target = bytes(20)
+    keys = sorted((key_n("c", i) for i in range(40)), key=lambda k: k.node_id)
+    same = [Node(k.node_id, SYBIL_IP, 7000 + i, k.public_key) for i, k in enumerate(keys[:20])]
+    others = [Node(k.node_id, f"198.18.{i}.1", 7000, k.public_key) for i, k in enumerate(keys[20:])]
+    lookup = Lookup(
+        target,
+        find_value=False,
+        k=10,
+        alpha=20,
+        max_rpcs=100,
+        started=0.0,
+        deadline=10.0,
+        own_id=b"\xff" * 20,
+        seeds=same + others,
+        limit=AddressLimit(2, 3),
+    )
+    asked = lookup.next_requests(0.0)
+    assert sum(1 for n in asked if n.ip == SYBIL_IP) == 2
+    # the two sybils fail: the next two of that address become eligible
+    for node in asked:
+        if node.ip == SYBIL_IP:
+            lookup.failed(node.id)
+        else:
+            lookup.replied(node.id, ())
+    again = lookup.next_requests(0.0)
+    assert sum(1 for n in again if n.ip == SYBIL_IP) == 2
+    for node in again:
+        lookup.replied(node.id, ())
+    while not lookup.done:
+        for node in lookup.next_requests(0.0):
+            lookup.replied(node.id, ())
+    assert sum(1 for n in lookup.result.closest if n.ip == SYBIL_IP) <= 2
+
+
+# ---------------------------------------------------------------------- disjoint paths
+
+
+class _World:
+    """A target, honest replicas holding a value, and liars nearer the target than any
+    honest node who answer only with more liars."""
+
+    def __init__(self) -> None:
+        self.target = hashlib.sha256(b"target").digest()[:20]
+        t = int.from_bytes(self.target, "big")
+        pool = sorted(
+            (key_n("w", i) for i in range(300)),
+            key=lambda k: int.from_bytes(k.node_id, "big") ^ t,
+        )
+        self.liars = [self._node(k, i) for i, k in enumerate(pool[:120])]
+        self.honest = [self._node(k, 200 + i) for i, k in enumerate(pool[120:150])]
+        self.liar_ids = {n.id for n in self.liars}
+        self.next_liar = 0
+
+    @staticmethod
+    def _node(key: NodeKey, i: int) -> Node:
+        return Node(key.node_id, f"198.18.{i}.1", 4000, key.public_key)
+
+    def contact(self, node: Node) -> wire.Contact:
+        return wire.Contact(node.key or b"", wire.Address(node.ip, node.port))
+
+    def answer(self, node: Node) -> wire.FindValueReply:
+        if node.id in self.liar_ids:
+            # the next three liars, each nearer than the honest replicas
+            batch = self.liars[self.next_liar : self.next_liar + 3]
+            self.next_liar += 3
+            return wire.FindValueReply(None, tuple(self.contact(n) for n in batch))
+        return wire.FindValueReply(b"the value", tuple(self.contact(n) for n in self.honest[:8]))
+
+
+def disjoint(world: _World, paths: int, seeds: list[Node], **options: Any) -> DisjointLookup:
+    args: dict[str, Any] = dict(
+        find_value=True, k=5, alpha=1, max_rpcs=300, started=0.0, deadline=10.0
+    )
+    args.update(options)
+    return DisjointLookup(world.target, paths=paths, own_id=b"\xff" * 20, seeds=seeds, **args)
+
+
+def run_lookup(lookup: Lookup | DisjointLookup, world: _World) -> None:
+    for _ in range(500):
+        asked = lookup.next_requests(0.0)
+        if lookup.done:
+            return
+        for node in asked:
+            lookup.replied(node.id, world.answer(node))
+    raise AssertionError("lookup did not end")
+
+
+@pytest.mark.parametrize("paths", [1, 2])
+def test_one_lying_path_cannot_steer_a_two_path_lookup(paths: int) -> None:
+    world = _World()
+    liar, honest = world.liars[-1], world.honest[-1]  # one seed each: liar dealt first
+    lookup = disjoint(world, paths, [liar, honest], quorum=2, limit=AddressLimit(2, 3))
+    run_lookup(lookup, world)
+    values = [v for _, v in lookup.result.values]
+    if paths == 1:
+        assert values == []  # steered: the liars' nearer contacts crowd out the honest
+    else:
+        assert values and set(values) == {b"the value"}
+        holders = {n.id for n, _ in lookup.result.values}
+        assert holders <= {n.id for n in world.honest}
+
+
+def test_no_node_is_asked_by_two_paths() -> None:
+    world = _World()
+    lookup = disjoint(world, 3, world.honest[-6:], alpha=3, quorum=20)
+    asked: list[bytes] = []
+    for _ in range(100):
+        batch = lookup.next_requests(0.0)
+        if lookup.done:
+            break
+        asked += [n.id for n in batch]
+        for node in batch:
+            lookup.replied(
+                node.id, wire.FindValueReply(None, tuple(world.contact(n) for n in world.honest))
+            )
+    assert lookup.done and len(asked) == len(set(asked))
+    assert [len(p.result.closest) > 0 for p in lookup.paths] == [True, True, True]
+
+
+# ---------------------------------------------------------------------- store when close
+
+
+def test_a_store_is_refused_by_a_node_not_among_the_k_closest_it_knows() -> None:
+    config = DHTConfig(ksize=3)
+    net = CoreNet()
+    far = net.add(1, config)
+    _, record = make_record("erin")
+    key = record.key
+    t = int.from_bytes(key, "big")
+    mine = far.node.long_id ^ t
+    nearer = [
+        k
+        for k in (key_n("near", i) for i in range(200))
+        if (int.from_bytes(k.node_id, "big") ^ t) < mine
+    ]
+    assert len(nearer) >= 3
+    sender = node_key(50)
+
+    def store(method: str, value: bytes) -> Any:
+        frame = wire.encode_request(os.urandom(20), method, [sender.public_key, key, value])
+        far.datagram_received(frame, ("198.51.100.50", 4050), net.now)
+        (reply,) = [d for d, _ in frames_to(far) if d[0] == wire.FRAME_RESPONSE]
+        return msgpack.unpackb(wire.split_frame(reply)[2])[0]
+
+    assert store("store", record.encode()) is True  # it knows no one nearer: it stores
+    for i, k in enumerate(nearer[:3]):
+        far.table.add(Node(k.node_id, f"198.18.{100 + i}.1", 4000, k.public_key), net.now)
+    assert store("store", record.encode()) is False
+    assert store("mailbox_put", b"sealed") is False
+    assert far.stats["store_refused_far"] == 2
+
+
+# ---------------------------------------------------------------------- versions
+
+
+def test_frames_of_version_1_are_refused_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    net = CoreNet()
+    a = net.add(1)
+    v1_ping = b"\x00" + b"\x01" * 20 + msgpack.packb(["ping", [b"\x02" * 20]], use_bin_type=True)
+    with caplog.at_level(logging.WARNING, logger="p2pd.dht.core"):
+        for _ in range(3):
+            a.datagram_received(v1_ping, ("198.51.100.11", 4000), net.now)
+        a.datagram_received(b"\x01" + b"\x01" * 20 + b"\xc0", ("198.51.100.12", 4000), net.now)
+    assert a.stats["old_version"] == 4 and a.stats["malformed"] == 0
+    assert frames_to(a) == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "peer 198.51.100.11 speaks DHT frame v1 (an older p2pd); ignored",
+        "peer 198.51.100.12 speaks DHT frame v1 (an older p2pd); ignored",
+    ]
+
+
+# ---------------------------------------------------------------------- what travels
+
+
+def test_dht_traffic_never_names_the_handle_or_identity_it_serves() -> None:
+    """Publishing, resolving and leaving mail: the bytes a node sends contain neither its
+    identity public key, nor its handle, nor the v1 node id derived from its identity,
+    except inside the signed record itself (in store and find_value replies)."""
+    net = CoreNet()
+    cores = [net.add(i) for i in range(12)]
+    net.join_all(cores[0])
+    net.run_until(lambda: not net.flight)
+    me = cores[4]
+    identity, record = make_record("grace")
+    value = record.encode()
+    bob_identity, bob_record = make_record("henry")
+    net.call(lambda done: cores[7].start_store(bob_record.key, bob_record.encode(), net.now, done))
+    net.run_until(lambda: not net.flight)
+    sent: list[bytes] = []
+    original = me._send
+
+    def spy(data: bytes, address: tuple[str, int]) -> None:
+        sent.append(data)
+        original(data, address)
+
+    me._send = spy  # type: ignore[method-assign]
+    net.call(lambda done: me.start_store(record.key, value, net.now, done))
+    ref = HandleRef("henry")
+    net.call(lambda done: me.start_resolve(dht_key("henry"), net.now, WALL, ref.matches, done))
+    net.call(
+        lambda done: me.start_mailbox_put(bob_identity.public_key, os.urandom(300), net.now, done)
+    )
+    net.run_until(lambda: not net.flight)
+    assert len(sent) > 20
+    v1_id = hashlib.sha1(b"p2pd node id v1\x00" + identity.public_key).digest()
+    for data in sent:
+        data = data.replace(value, b"")  # the record itself is the one exception
+        for secret in (identity.public_key, b"grace", v1_id, identity.seed):
+            assert secret not in data
+    assert me.node_id != v1_id
