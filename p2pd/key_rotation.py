@@ -1,9 +1,9 @@
 """``p2pd rotate-key``: a new identity key for the same handle, with the daemon stopped.
 
-Why stopped: the identity key is the daemon's QUIC certificate key, signs its prekeys
-and its handle record, and its DHT node id comes from it; and the new seed must be
-stored under the user's passphrase, which a running daemon does not keep. So the
-command does it on disk, and the next start runs as the new identity throughout.
+Why stopped: the identity key is the daemon's QUIC certificate key and signs its prekeys
+and its handle record, and the new seed must be stored under the user's passphrase,
+which a running daemon does not keep. So the command does it on disk, and the next start
+runs as the new identity throughout. (The DHT node key is separate and stays.)
 
 Steps, in this order (a crash between two leaves a state the next start handles):
 
