@@ -290,7 +290,7 @@ class Api:
         return {"messages": messages, "cursor": max([after, *(rowid for rowid, _ in rows)])}
 
     def outbox(self, *, limit: int = 1000) -> list[MessageSummary]:
-        """Sent messages not delivered yet, oldest first."""
+        """Sent messages, newest first, in every state."""
         return [m.summary() for m in self._delivery.messages.outbox(limit=limit)]
 
     async def check_mailbox(self) -> MailboxCheck:
