@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import trio
 
@@ -54,6 +54,24 @@ ENDED = ("ended", "rejected", "busy", "no-answer", "failed")
 
 class CallError(LocalError):
     """A call could not be placed, answered or continued."""
+
+
+class CallSummary(TypedDict):
+    """A call as ``calls``, ``call``, ``answer``, ``hangup`` and the ``call`` event show
+    it (docs/CONTROL_API.md)."""
+
+    id: str
+    direction: str
+    handle: str
+    fingerprint: str
+    verified: bool
+    display: str
+    video: bool
+    state: str
+    reason: str
+    created: float
+    duration_s: float
+    media: dict[str, Any]
 
 
 @dataclass
@@ -84,7 +102,7 @@ class Call:
         self.changed.set()
         self.changed = trio.Event()
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> CallSummary:
         stats = self.media.statistics() if self.media is not None else self.final_stats
         end = self.ended_at or time.time()
         return {
@@ -152,6 +170,8 @@ class CallManager:
         self.current: Call | None = None
         self.history: list[Call] = []
         self._nursery: trio.Nursery | None = None
+        #: Set (and replaced) when a call begins: `answer` waits for one that rings.
+        self._call_began = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -293,7 +313,7 @@ class CallManager:
         _check_media(audio_in, video_in, record, duration)
         with trio.move_on_after(wait):
             while self.current is None or self.current.state != "ringing":
-                await trio.sleep(0.05)
+                await self._call_began.wait()
         call = self.current
         if call is None or call.state != "ringing":
             raise CallError(f"no incoming call within {wait:g} s")
@@ -319,9 +339,9 @@ class CallManager:
         await self._signal_quietly(call.handle, call.peer_key, encode_signal(kind, call.id))
         return call
 
-    def calls(self) -> list[dict[str, Any]]:
-        out = [c.summary() for c in reversed(self.history)]
-        return out
+    def calls(self) -> list[CallSummary]:
+        """The current call and recent ones, newest first."""
+        return [c.summary() for c in reversed(self.history)]
 
     # ---- internals
 
@@ -330,6 +350,8 @@ class CallManager:
         self.history.append(call)
         del self.history[:-HISTORY]
         self._emit(call)
+        self._call_began.set()
+        self._call_began = trio.Event()
 
     def _start_media(
         self,

@@ -10,17 +10,18 @@ the CLI imports without trio.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from .api import Api, CallMedia
 from .control_client import (
     CONTESTED,
     FAILED,
@@ -32,17 +33,34 @@ from .control_client import (
     NOT_FOUND,
     PARSE_ERROR,
 )
+from .delivery import EventBus
 from .errors import Contested, DaemonAlreadyRunning, LocalError, NotFound, P2PDError, UsageError
-
-if TYPE_CHECKING:
-    from .daemon import Node
-    from .delivery import EventBus
 
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 64
 #: sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
+
+
+#: A control method: parses the request's ``params`` and calls the façade.
+Handler = Callable[["Api", Any], Awaitable[Any]]
+#: Method name -> handler; docs/CONTROL_API.md describes each (``subscribe`` is served
+#: apart: it turns the connection into an event stream).
+HANDLERS: dict[str, Handler] = {}
+
+
+def _method(name: str) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        HANDLERS[name] = handler
+        return handler
+
+    return register
+
+
+def methods(api: Api) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+    """The handlers bound to ``api``: what :func:`handle_request` dispatches to."""
+    return {name: functools.partial(handler, api) for name, handler in HANDLERS.items()}
 
 
 def _params(params: Any, names: tuple[str, ...]) -> dict[str, Any]:
@@ -57,150 +75,150 @@ def _params(params: Any, names: tuple[str, ...]) -> dict[str, Any]:
     return params
 
 
-def _methods(node: Node) -> dict[str, Callable[[Any], Awaitable[Any]]]:
-    async def status(params: Any) -> Any:
-        _params(params, ())
-        return await node.status()
+@_method("status")
+async def _status(api: Api, params: Any) -> Any:
+    _params(params, ())
+    return api.status()
 
-    async def whois(params: Any) -> Any:
-        handle = _params(params, ("handle",)).get("handle")
-        if not isinstance(handle, str):
-            raise UsageError("whois needs a 'handle' string")
-        result = await node.whois(handle)
-        key = result.get("public_key") if isinstance(result, dict) else None
-        if isinstance(key, str):  # another key than a pin is evidence (issue 11, item 5)
-            node.delivery.contacts.observe(
-                str(result.get("handle", "")), bytes.fromhex(key), time.time(),
-                source="dht", place="whois",
-            )  # fmt: skip
-        return result
 
-    async def send(params: Any) -> Any:
-        p = _params(params, ("handle", "text", "texts"))
-        handle, text, texts = p.get("handle"), p.get("text"), p.get("texts")
-        if texts is not None:
-            if not isinstance(handle, str) or text is not None or not isinstance(texts, list):
-                raise UsageError("send needs a 'handle' string and 'text' or a 'texts' list")
-            if not all(isinstance(t, str) for t in texts):
-                raise UsageError("'texts' must be a list of strings")
-            messages = await node.delivery.send_many(handle, texts)
-            return {"messages": [m.summary() for m in messages]}
-        if not isinstance(handle, str) or not isinstance(text, str):
-            raise UsageError("send needs 'handle' and 'text' strings")
-        message = await node.delivery.send(handle, text)
-        return message.summary()
+@_method("whois")
+async def _whois(api: Api, params: Any) -> Any:
+    handle = _params(params, ("handle",)).get("handle")
+    if not isinstance(handle, str):
+        raise UsageError("whois needs a 'handle' string")
+    return await api.whois(handle)
 
-    async def message(params: Any) -> Any:
-        msg_id = _params(params, ("id",)).get("id")
-        if not isinstance(msg_id, str):
-            raise UsageError("message needs an 'id' string")
-        return node.delivery.message(msg_id)
 
-    async def inbox(params: Any) -> Any:
-        p = _params(params, ("from", "after", "limit"))
-        sender, after, limit = p.get("from"), p.get("after", 0), p.get("limit", 1000)
-        if sender is not None and not isinstance(sender, str):
-            raise UsageError("'from' must be a handle")
-        if not _is_int(after) or after < 0 or not _is_int(limit) or not 1 <= limit <= 10_000:
-            raise UsageError("'after' must be a cursor >= 0 and 'limit' 1..10000")
-        return node.delivery.inbox(sender=sender, after=after, limit=limit)
+@_method("send")
+async def _send(api: Api, params: Any) -> Any:
+    p = _params(params, ("handle", "text", "texts"))
+    handle, text, texts = p.get("handle"), p.get("text"), p.get("texts")
+    if texts is not None:
+        if not isinstance(handle, str) or text is not None or not isinstance(texts, list):
+            raise UsageError("send needs a 'handle' string and 'text' or a 'texts' list")
+        if not all(isinstance(t, str) for t in texts):
+            raise UsageError("'texts' must be a list of strings")
+        return await api.send_many(handle, texts)
+    if not isinstance(handle, str) or not isinstance(text, str):
+        raise UsageError("send needs 'handle' and 'text' strings")
+    return await api.send(handle, text)
 
-    async def outbox(params: Any) -> Any:
-        limit = _params(params, ("limit",)).get("limit", 1000)
-        if not _is_int(limit) or not 1 <= limit <= 10_000:
-            raise UsageError("'limit' must be 1..10000")
-        return [m.summary() for m in node.delivery.messages.outbox(limit=limit)]
 
-    async def contacts(params: Any) -> Any:
-        _params(params, ())
-        return node.delivery.contact_list()
+@_method("message")
+async def _message(api: Api, params: Any) -> Any:
+    msg_id = _params(params, ("id",)).get("id")
+    if not isinstance(msg_id, str):
+        raise UsageError("message needs an 'id' string")
+    return api.message(msg_id)
 
-    async def verify(params: Any) -> Any:
-        p = _params(params, ("handle", "accept", "accept_new"))
-        handle, accept, accept_new = p.get("handle"), p.get("accept", False), p.get("accept_new")
-        if (
-            not isinstance(handle, str)
-            or not isinstance(accept, bool)
-            or not isinstance(accept_new, str | None)
-        ):
-            raise UsageError(
-                "verify needs a 'handle' string, an optional 'accept' boolean and an "
-                "optional 'accept_new' fingerprint string"
-            )
-        return await node.delivery.verify(handle, accept=accept, accept_new=accept_new)
 
-    async def check_mailbox(params: Any) -> Any:
-        _params(params, ())
-        return {"new_messages": await node.delivery.check_mailbox()}
+@_method("inbox")
+async def _inbox(api: Api, params: Any) -> Any:
+    p = _params(params, ("from", "after", "limit"))
+    sender, after, limit = p.get("from"), p.get("after", 0), p.get("limit", 1000)
+    if sender is not None and not isinstance(sender, str):
+        raise UsageError("'from' must be a handle")
+    if not _is_int(after) or after < 0 or not _is_int(limit) or not 1 <= limit <= 10_000:
+        raise UsageError("'after' must be a cursor >= 0 and 'limit' 1..10000")
+    return api.inbox(sender=sender, after=after, limit=limit)
 
-    async def peers(params: Any) -> Any:
-        _params(params, ())
-        return node.peers()
 
-    def media_params(p: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in ("audio_in", "video_in", "record"):
-            value = p.get(name)
-            if value is not None and not isinstance(value, str):
-                raise UsageError(f"'{name}' must be a string")
-            out[name] = value
-        duration = p.get("duration")
-        if duration is not None and (
-            not isinstance(duration, int | float) or isinstance(duration, bool)
-        ):
-            raise UsageError("'duration' must be a number of seconds")
-        out["duration"] = None if duration is None else float(duration)
-        return out
+@_method("outbox")
+async def _outbox(api: Api, params: Any) -> Any:
+    limit = _params(params, ("limit",)).get("limit", 1000)
+    if not _is_int(limit) or not 1 <= limit <= 10_000:
+        raise UsageError("'limit' must be 1..10000")
+    return api.outbox(limit=limit)
 
-    def manager() -> Any:
-        if node.calls is None:
-            raise UsageError("calls are not available")
-        return node.calls
 
-    async def call(params: Any) -> Any:
-        p = _params(params, ("handle", "audio_in", "video_in", "record", "duration"))
-        handle = p.get("handle")
-        if not isinstance(handle, str):
-            raise UsageError("call needs a 'handle' string")
-        placed = await manager().call(handle, **media_params(p))
-        return placed.summary()
+@_method("contacts")
+async def _contacts(api: Api, params: Any) -> Any:
+    _params(params, ())
+    return api.contacts()
 
-    async def answer(params: Any) -> Any:
-        p = _params(params, ("wait", "audio_in", "video_in", "record", "duration"))
-        wait = p.get("wait", 0)
-        if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 3600:
-            raise UsageError("'wait' must be 0..3600 seconds")
-        answered = await manager().answer(wait=float(wait), **media_params(p))
-        return answered.summary()
 
-    async def hangup(params: Any) -> Any:
-        _params(params, ())
-        return (await manager().hangup()).summary()
+@_method("verify")
+async def _verify(api: Api, params: Any) -> Any:
+    p = _params(params, ("handle", "accept", "accept_new"))
+    handle, accept, accept_new = p.get("handle"), p.get("accept", False), p.get("accept_new")
+    if (
+        not isinstance(handle, str)
+        or not isinstance(accept, bool)
+        or not isinstance(accept_new, str | None)
+    ):
+        raise UsageError(
+            "verify needs a 'handle' string, an optional 'accept' boolean and an "
+            "optional 'accept_new' fingerprint string"
+        )
+    return await api.verify(handle, accept=accept, accept_new=accept_new)
 
-    async def calls(params: Any) -> Any:
-        _params(params, ())
-        return manager().calls()
 
-    return {
-        "call": call,
-        "answer": answer,
-        "hangup": hangup,
-        "calls": calls,
-        "peers": peers,
-        "status": status,
-        "whois": whois,
-        "send": send,
-        "message": message,
-        "inbox": inbox,
-        "outbox": outbox,
-        "contacts": contacts,
-        "verify": verify,
-        "check_mailbox": check_mailbox,
-    }
+@_method("check_mailbox")
+async def _check_mailbox(api: Api, params: Any) -> Any:
+    _params(params, ())
+    return await api.check_mailbox()
+
+
+@_method("peers")
+async def _peers(api: Api, params: Any) -> Any:
+    _params(params, ())
+    return api.peers()
+
+
+def _call_media(p: dict[str, Any]) -> CallMedia:
+    out: dict[str, Any] = {}
+    for name in ("audio_in", "video_in", "record"):
+        value = p.get(name)
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"'{name}' must be a string")
+        out[name] = value
+    duration = p.get("duration")
+    if duration is not None and (
+        not isinstance(duration, int | float) or isinstance(duration, bool)
+    ):
+        raise UsageError("'duration' must be a number of seconds")
+    return CallMedia(**out, duration=None if duration is None else float(duration))
+
+
+MEDIA_PARAMS = ("audio_in", "video_in", "record", "duration")
+
+
+@_method("call")
+async def _call(api: Api, params: Any) -> Any:
+    p = _params(params, ("handle", *MEDIA_PARAMS))
+    handle = p.get("handle")
+    if not isinstance(handle, str):
+        raise UsageError("call needs a 'handle' string")
+    return await api.call(handle, _call_media(p))
+
+
+@_method("answer")
+async def _answer(api: Api, params: Any) -> Any:
+    p = _params(params, ("wait", *MEDIA_PARAMS))
+    wait = p.get("wait", 0)
+    if not _is_number(wait) or not 0 <= wait <= 3600:
+        raise UsageError("'wait' must be 0..3600 seconds")
+    return await api.answer(wait=float(wait), media=_call_media(p))
+
+
+@_method("hangup")
+async def _hangup(api: Api, params: Any) -> Any:
+    _params(params, ())
+    return await api.hangup()
+
+
+@_method("calls")
+async def _calls(api: Api, params: Any) -> Any:
+    _params(params, ())
+    return api.calls()
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _error(req_id: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
@@ -329,9 +347,14 @@ def check_stale_socket(path: Path) -> None:
 
 
 async def serve_control_api(
-    path: Path, node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    path: Path,
+    api: Api,
+    events: EventBus,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on ``path`` (mode 0600) and serve JSON-RPC requests until cancelled."""
+    """Listen on ``path`` (mode 0600) and serve JSON-RPC requests to ``api``, and
+    ``subscribe`` with ``events``, until cancelled."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise LocalError(
             f"the control socket path {path} is longer than {MAX_SOCKET_PATH} bytes; "
@@ -347,11 +370,11 @@ async def serve_control_api(
     os.chmod(path, 0o600)
     sock.listen(MAX_CONNECTIONS)
     listener = trio.SocketListener(sock)
-    methods = _methods(node)
+    handlers = methods(api)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                trio.serve_listeners, _connection_handler(methods, node.events), [listener]
+                trio.serve_listeners, _connection_handler(handlers, events), [listener]
             )
             task_status.started()
     finally:

@@ -12,24 +12,26 @@ import logging
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 import trio
 
-from . import __version__
+from .api import Api
 from .calls import CallManager
 from .config import NodeConfig
+from .control import check_stale_socket, serve_control_api
 from .delivery import Delivery, EventBus
 from .dht import DHT, load_or_create_node_key, open_dht
 from .discovery import LanDiscovery, LanPeer, announced_hosts, local_ips
-from .errors import Contested, NotFound
-from .identity import HandleRef, Identity, format_fingerprint, self_certifying
+from .identity import Identity, self_certifying
 from .key_rotation import stored_notice
 from .keystore import ensure_home
+from .maintenance import MaintenanceSchedule, Wakeup
+from .messaging import Contacts
 from .records import HandleRecord
 from .rotation import RotationNotice
+from .session import SessionManager
 from .store import db_path, get_meta, open_database, set_meta
 from .transport.quic import QuicEndpoint
 from .transport.udp import UdpEndpoint
@@ -37,10 +39,6 @@ from .wire import Address
 
 log = logging.getLogger(__name__)
 
-#: While the routing table is empty, retry the bootstrap this often.
-REJOIN_INTERVAL = 15.0
-#: A changed prekey bundle (a one-time prekey used) is republished at most this often.
-BUNDLE_REPUBLISH_MIN = 10.0
 MAX_SAVED_CONTACTS = 200
 
 
@@ -51,30 +49,37 @@ class Node:
         self,
         config: NodeConfig,
         identity: Identity,
+        conn: sqlite3.Connection,
+        *,
         endpoint: UdpEndpoint,
         dht: DHT,
-        conn: sqlite3.Connection,
-        delivery: Delivery,
         quic: QuicEndpoint,
+        delivery: Delivery,
+        calls: CallManager,
+        lan: LanDiscovery | None,
+        schedule: MaintenanceSchedule,
+        wakeup: Wakeup,
+        rotation: RotationNotice | None,
     ) -> None:
         self.config = config
         self.identity = identity
         self.endpoint = endpoint
         self.dht = dht
+        self.quic = quic
         self.delivery = delivery
         self.events = delivery.events
-        self.quic = quic
-        self.lan: LanDiscovery | None = None
-        self.calls: CallManager | None = None
-        self._joining = False
-        self._nursery: trio.Nursery | None = None
+        self.calls = calls
+        #: None when LAN discovery is off.
+        self.lan = lan
         self._conn = conn
+        self._schedule = schedule
+        self._wakeup = wakeup
         self.started = time.time()
         self.record: HandleRecord | None = None
         self.replicas = 0
         self.control_path = config.home / "control.sock"
         #: The notice of our last key rotation (`p2pd rotate-key`), if it is ours.
-        self.rotation: RotationNotice | None = None
+        self.rotation = rotation
 
     @property
     def listen_address(self) -> Address:
@@ -132,40 +137,16 @@ class Node:
             rotation=b"" if self.rotation is None else self.rotation.encode(),
         )
         sessions.mark_bundle_published()
+        self._schedule.published(trio.current_time())
         self.replicas = await self.dht.publish(record)
         self.record = record
         log.info("published record seq=%d to %d node(s)", record.seq, self.replicas)
         return self.replicas
 
-    def lan_addresses(self, public_key: bytes) -> list[Address]:
-        """Where the LAN says the node with this key is (verified announcements)."""
-        if self.lan is None:
-            return []
-        for peer in self.lan.peers():
-            if peer.public_key == public_key:
-                return list(peer.addresses)
-        return []
-
-    def on_lan_peer(self, event: str, peer: LanPeer) -> None:
-        self.events.emit("peer", change=event, **peer.summary())
-        if event == "added" and self._nursery is not None and not self._joining:
-            self._nursery.start_soon(self._join_via_lan)
-
-    async def _join_via_lan(self) -> None:
-        """A LAN peer appeared: if we know nobody yet, join the DHT through it now."""
-        if self._joining:
-            return
-        self._joining = True
-        try:
-            stats = self.dht.statistics()
-            if stats["routing_table_size"] == 0 and await self.join() > 0:
-                await self.publish()
-        except Exception:
-            log.exception("joining through a LAN peer failed")
-        finally:
-            self._joining = False
-
     async def join(self) -> int:
+        """Join the DHT through the bootstrap addresses, the LAN peers and the contacts
+        saved last time. Returns the routing table's size (0: nobody answered)."""
+        self._schedule.joined(trio.current_time())
         seeds = list(self.config.bootstrap)
         for peer in self.lan.peers() if self.lan is not None else []:
             for address in peer.addresses:
@@ -212,121 +193,62 @@ class Node:
         return len(contacts)
 
     async def maintain(self) -> None:
-        """Rejoin while alone, republish our record, save contacts; forever."""
-        last_publish = time.monotonic()
-        last_save = time.monotonic()
-        while True:
-            stats = self.dht.statistics()
-            alone = stats["routing_table_size"] == 0
-            await trio.sleep(REJOIN_INTERVAL if alone else 5.0)
-            now = time.monotonic()
-            if alone and await self.join() > 0:
-                await self.publish()
-                last_publish = now
-            self.delivery.sessions.maintain(time.time())
-            bundle_due = (
-                self.delivery.sessions.bundle_changed and now - last_publish >= BUNDLE_REPUBLISH_MIN
+        """Rejoin while alone, republish our record, save contacts, clean up sessions;
+        forever. Sleeps until the next of these is due (p2pd/maintenance.py), or until
+        woken: a one-time prekey used (the bundle is republished), a LAN peer seen."""
+        sessions = self.delivery.sessions
+        for _ in range(1 << 62):  # forever, in practice; cancelled with the daemon
+            alone = self.dht.statistics()["routing_table_size"] == 0
+            await self._wakeup.wait_until(
+                self._schedule.next_deadline(alone=alone, bundle_changed=sessions.bundle_changed)
             )
-            if bundle_due or now - last_publish >= self.config.republish_interval:
-                await self.publish()
-                last_publish = now
-            if now - last_save >= self.config.save_contacts_interval:
-                await self.save_contacts()
-                last_save = now
-
-    # ------------------------------------------------------------------ control API
-
-    async def status(self) -> dict[str, Any]:
-        stats = self.dht.statistics()
-        return {
-            "version": __version__,
-            "handle": self.identity.handle,
-            "self_certifying": self_certifying(self.identity.handle, self.identity.public_key),
-            "fingerprint": self.identity.fingerprint,
-            "fingerprint_display": format_fingerprint(self.identity.fingerprint),
-            "listen": str(self.listen_address),
-            "addresses": [str(a) for a in (self.record.addresses if self.record else ())],
-            "node_id": stats["node_id"],
-            "routing_table_size": stats["routing_table_size"],
-            "records_stored": stats["records_stored"],
-            "record_seq": self.record.seq if self.record else None,
-            "record_expires": self.record.expires if self.record else None,
-            "replicas": self.replicas,
-            "uptime": round(time.time() - self.started, 3),
-            "dht_counters": stats["counters"],
-            "refused_records": stats["refused_records"],
-            "udp_counters": dict(self.endpoint.stats),
-            "quic_counters": dict(self.quic.stats),
-            "quic_connections": len(self.quic.peers()),
-            "messages": self.delivery.statistics(),
-            "lan_mode": self.config.lan.mode,
-            "lan_peers": len(self.lan.peers()) if self.lan is not None else 0,
-        }
-
-    def peers(self) -> list[dict[str, Any]]:
-        """Nearby peers (LAN), then contacts whose records we resolved (DHT)."""
-        out = [p.summary() for p in (self.lan.peers() if self.lan is not None else [])]
-        seen = {p["fingerprint"] for p in out}
-        for key, (record, _) in list(self.delivery._records.items()):
-            summary = record_summary(record)
-            if summary["fingerprint"] in seen:
-                continue
-            out.append(
-                {
-                    "handle": record.handle,
-                    "fingerprint": summary["fingerprint"],
-                    "addresses": summary["addresses"],
-                    "via": "dht",
-                    "last_seen": None,
-                    "pinned": self.delivery.contacts.by_key(key) is not None,
-                    "verified": True,
-                    "mode": None,
-                }
-            )
-        return out
-
-    async def whois(self, text: str) -> dict[str, Any]:
-        """``{"status": "ok", "presence": "current" | "stale", <record_summary>}``, or
-        ``{"status": "contested", "handle", "message", "claims": [...]}`` when different
-        keys claim it (p2pd/claims.py). Raises NotFound."""
-        ref = HandleRef.parse(text)
-        if ref.handle == self.identity.handle and ref.matches(self.identity.public_key):
-            if self.record is None:
-                raise NotFound("our own record is not published yet")
-            record = self.record
-        else:
+            now = trio.current_time()
+            alone = self.dht.statistics()["routing_table_size"] == 0
+            due = self._schedule.due(now, alone=alone, bundle_changed=sessions.bundle_changed)
+            if due.upkeep or due.publish:  # the bundle topped up before it is published
+                sessions.maintain(time.time())
+                self._schedule.kept_up(now)
             try:
-                record = await self.dht.resolve(ref)
-            except Contested as exc:
-                return {
-                    "status": "contested",
-                    "handle": ref.handle,
-                    "message": exc.message,
-                    "claims": exc.claims,
-                }
-        presence = "current" if record.present(time.time()) else "stale"
-        return {"status": "ok", "presence": presence, **record_summary(record)}
+                joined = due.join and await self.join() > 0
+                if joined or due.publish:
+                    await self.publish()
+            except Exception:  # the next deadline tries again
+                log.exception("joining or publishing failed")
+            if due.save_contacts:
+                self._schedule.saved_contacts(now)
+                await self.save_contacts()
 
 
-def record_summary(record: HandleRecord) -> dict[str, Any]:
-    return {
-        "handle": record.handle,
-        "self_certifying": self_certifying(record.handle, record.public_key),
-        "public_key": record.public_key.hex(),
-        "fingerprint": record.fingerprint,
-        "fingerprint_display": format_fingerprint(record.fingerprint),
-        "addresses": [str(a) for a in record.addresses],
-        "seq": record.seq,
-        "issued": record.issued,
-        "expires": record.expires,
-    }
+def _lan_peer_handler(
+    events: EventBus, schedule: MaintenanceSchedule, wakeup: Wakeup
+) -> Callable[[str, LanPeer], None]:
+    """LAN discovery's ``on_peer``: an event for subscribers; a peer that appeared is a
+    way into the DHT, which the maintenance loop takes at once if we are alone."""
+
+    def on_peer(change: str, peer: LanPeer) -> None:
+        events.emit("peer", change=change, **peer.summary())
+        if change == "added":
+            schedule.request_join()
+            wakeup.set()
+
+    return on_peer
+
+
+def _lan_addresses(lan: LanDiscovery | None) -> Callable[[bytes], list[Address]]:
+    """Where the LAN says the node with a key is (verified announcements)."""
+
+    def addresses(public_key: bytes) -> list[Address]:
+        for peer in lan.peers() if lan is not None else ():
+            if peer.public_key == public_key:
+                return list(peer.addresses)
+        return []
+
+    return addresses
 
 
 @asynccontextmanager
 async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Node]:
     """Run a node until the context exits."""
-    from .control import check_stale_socket, serve_control_api
-
     ensure_home(config.home)
     check_stale_socket(config.home / "control.sock")  # before we touch anything else
     conn = open_database(db_path(config.home))
@@ -341,46 +263,66 @@ async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Nod
             ) as dht,
             trio.open_nursery() as nursery,
         ):
-            delivery = Delivery(config, identity, conn, dht, EventBus())
-            calls = CallManager(delivery, delivery.events)
-            delivery.on_signal = calls.on_signal
-            quic = QuicEndpoint(
-                endpoint,
-                identity,
-                config.quic,
-                on_stream=delivery.handle_stream,
-                on_datagram=calls.datagram_received,
+            # Every service is built here, in dependency order, and handed what it uses
+            # (docs/ARCHITECTURE.md, "Composition"). QUIC's handlers and delivery's
+            # call signals forward to services built after them: none is called before
+            # the endpoint serves, below.
+            events = EventBus()
+            wakeup = Wakeup()  # the maintenance loop's: a prekey used, a LAN peer seen
+            schedule = MaintenanceSchedule(
+                trio.current_time(),
+                republish_interval=config.republish_interval,
+                save_contacts_interval=config.save_contacts_interval,
             )
-            delivery.quic = quic
-            await nursery.start(quic.serve)
-            await nursery.start(endpoint.serve, dht.datagram_received, quic.datagram_received)
-            node = Node(config, identity, endpoint, dht, conn, delivery, quic)
-            node.calls = calls
-            notice = stored_notice(conn)
-            if notice is not None and notice.new_key == identity.public_key:
-                node.rotation = notice
-                delivery.announce_rotation(notice)  # once; the outbox delivers it
-            elif notice is not None and notice.old_key == identity.public_key:
-                log.warning("a key rotation was not completed: run `p2pd rotate-key` again")
-            await nursery.start(calls.run)
-            node._nursery = nursery
-            delivery.lan_addresses = node.lan_addresses
-            await nursery.start(serve_control_api, node.control_path, node)
+            contacts = Contacts(conn)
+            sessions = SessionManager.open(
+                conn, identity, now=time.time(), on_bundle_changed=wakeup.set
+            )
+            lan = None
             if config.lan.mode != "off":
-                contacts = delivery.contacts
-                node.lan = LanDiscovery(
+                lan = LanDiscovery(
                     identity,
                     config.lan,
                     port=endpoint.local_address.port,
                     addresses=[endpoint.local_address],
                     contacts=lambda: {c.public_key: c.handle for c in contacts.all()},
                     pins=lambda h: c.public_key if (c := contacts.get(h)) else None,
-                    on_peer=node.on_lan_peer,
+                    on_peer=_lan_peer_handler(events, schedule, wakeup),
                     on_pin_conflict=lambda h, k, where: contacts.observe(
                         h, k, time.time(), source="lan", place=where
                     ),
                 )
-                await nursery.start(node.lan.run)
+            quic = QuicEndpoint(
+                endpoint,
+                identity,
+                config.quic,
+                on_stream=lambda peer, stream: delivery.handle_stream(peer, stream),
+                on_datagram=lambda peer, data: calls.datagram_received(peer, data),
+            )
+            delivery = Delivery(
+                config, identity, conn, dht, events, quic=quic, sessions=sessions,
+                contacts=contacts, lan_addresses=_lan_addresses(lan),
+                on_signal=lambda *signal: calls.on_signal(*signal),
+            )  # fmt: skip
+            calls = CallManager(delivery, events)
+            notice, rotation = stored_notice(conn), None
+            if notice is not None and notice.new_key == identity.public_key:
+                rotation = notice  # ours: announced to every contact, and in our record
+            elif notice is not None and notice.old_key == identity.public_key:
+                log.warning("a key rotation was not completed: run `p2pd rotate-key` again")
+            node = Node(
+                config, identity, conn, endpoint=endpoint, dht=dht, quic=quic,
+                delivery=delivery, calls=calls, lan=lan, schedule=schedule, wakeup=wakeup,
+                rotation=rotation,
+            )  # fmt: skip
+            if rotation is not None:
+                delivery.announce_rotation(rotation)  # once; the outbox delivers it
+            await nursery.start(quic.serve)
+            await nursery.start(endpoint.serve, dht.datagram_received, quic.datagram_received)
+            await nursery.start(calls.run)
+            await nursery.start(serve_control_api, node.control_path, Api(node), events)
+            if lan is not None:
+                await nursery.start(lan.run)
             await node.join()
             await node.publish()
             nursery.start_soon(node.maintain)

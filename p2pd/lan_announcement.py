@@ -41,7 +41,7 @@ import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Final, Literal, TypedDict
 
 from .errors import WireError
 from .identity import Identity, fingerprint, is_valid_handle, verify_signature
@@ -438,6 +438,19 @@ def decode_announcement(
     return Announcement(mode, port, issued, hosts, signature, nonce=nonce, tag=tag)
 
 
+class PeerSummary(TypedDict):
+    """A peer as the control API's ``peers`` and ``peer`` event show it."""
+
+    handle: str
+    fingerprint: str
+    addresses: list[str]
+    via: str
+    last_seen: float | None
+    pinned: bool
+    verified: bool
+    mode: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class LanPeer:
     """A nearby node, as verified from its mDNS announcement."""
@@ -459,7 +472,7 @@ class LanPeer:
     def fingerprint(self) -> str:
         return fingerprint(self.public_key)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> PeerSummary:
         """A JSON-ready view for the control API."""
         return {
             "handle": self.handle,

@@ -20,7 +20,7 @@ import random
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypedDict
 
 from .errors import UsageError
 from .identity import FINGERPRINT_LEN, MIN_PREFIX, fingerprint
@@ -70,6 +70,54 @@ def backoff(attempts: int, rng: random.Random | None = None) -> float:
     return float(base) * (0.8 + 0.4 * (rng or random).random())
 
 
+class MessageSummary(TypedDict):
+    """A message as the control API and its events show it (docs/CONTROL_API.md)."""
+
+    kind: str
+    id: str
+    direction: str
+    handle: str
+    fingerprint: str
+    seq: int
+    text: str
+    state: str
+    created: float
+    updated: float
+    sent_at: float
+    via: str | None
+
+
+class _Received(MessageSummary):
+    sender_verified: bool
+
+
+#: A received message: whether its sender's key is the handle's pin, and the sender as
+#: shown (``handle#fingerprint-prefix``). ``from`` is a keyword, hence the spelling.
+IncomingMessage = TypedDict("IncomingMessage", {"from": str})
+
+
+class IncomingSummary(_Received, IncomingMessage):
+    """A received message as ``inbox`` and the ``message`` event show it."""
+
+
+class EvidenceSummary(TypedDict):
+    fingerprint: str
+    source: str
+    where: str
+    first_seen: float
+    last_seen: float
+    count: int
+
+
+class ContactSummary(TypedDict):
+    handle: str
+    fingerprint: str
+    verified: bool
+    first_seen: float
+    rotated_from: str | None
+    rotated_at: float | None
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     id: bytes
@@ -88,7 +136,7 @@ class Message:
     #: What the payload carries (p2pd.wire.KIND_TEXT, or KIND_ROTATION: a notice).
     kind: int = KIND_TEXT
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> MessageSummary:
         return {
             "kind": "rotation" if self.kind == KIND_ROTATION else "text",
             "id": self.id.hex(),
@@ -431,7 +479,7 @@ class Evidence:
     last_seen: float
     count: int
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> EvidenceSummary:
         return {
             "fingerprint": fingerprint(self.public_key),
             "source": self.source,
@@ -452,7 +500,7 @@ class Contact:
     rotated_from: bytes | None = None
     rotated_at: float | None = None
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> ContactSummary:
         return {
             "handle": self.handle,
             "fingerprint": fingerprint(self.public_key),

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import trio
 
-from p2pd import control, wire
+from p2pd import wire
+from p2pd.api import Api
 from p2pd.calls import encode_signal
 from p2pd.config import CallsConfig, LanConfig, NodeConfig
 from p2pd.daemon import Node, open_node
@@ -75,7 +76,7 @@ async def wait_for(predicate: object, timeout: float = 15.0) -> None:
 
 
 def inbox_texts(n: Node) -> list[str]:
-    return [m["text"] for m in n.delivery.inbox(sender=None, after=0, limit=1000)["messages"]]
+    return [m["text"] for m in Api(n).inbox(limit=1000)["messages"]]
 
 
 async def raw_stream(sender: Node, recipient: Node) -> tuple[QuicPeer, QuicStream]:
@@ -218,18 +219,18 @@ async def test_another_key_for_a_pinned_handle_is_evidence_and_never_used(root: 
             )  # fmt: skip
             poison_plain_lookups(alice, rival)
             # whois shows what the DHT says; the other key is kept as evidence
-            whois = await control._methods(alice)["whois"]({"handle": "bob"})
+            whois = await Api(alice).whois("bob")
             assert whois["fingerprint"] == fake_bob.fingerprint
             # mallory writes to alice, claiming to be bob
             await mallory.delivery.send("alice", "it's bob, new phone")
             await wait_for(lambda: len(alice.delivery.contacts.evidence("bob")) == 2)
-            (claimed,) = alice.delivery.inbox(sender=None, after=0, limit=10)["messages"]
+            (claimed,) = Api(alice).inbox(limit=10)["messages"]
             assert claimed["text"] == "it's bob, new phone" and not claimed["sender_verified"]
             assert claimed["from"] == f"bob#{fake_bob.fingerprint[:16]}"
             assert render.message_line(claimed).endswith(
                 f"bob#{fake_bob.fingerprint[:16]} (unverified): it's bob, new phone"
             )
-            assert alice.delivery.inbox(sender="bob", after=0, limit=10)["messages"] == []
+            assert Api(alice).inbox(sender="bob", limit=10)["messages"] == []
             # sending is not blocked, and goes to the pinned key only
             second = await alice.delivery.send("bob", "are you still you?")
             assert second.peer_key == bob_id.public_key
@@ -237,23 +238,23 @@ async def test_another_key_for_a_pinned_handle_is_evidence_and_never_used(root: 
             assert alice.delivery.messages.get(first.id).state == DELIVERED  # type: ignore[union-attr]
             assert inbox_texts(mallory) == []
             # contacts and verify show the pin and every suspected key, how it was seen
-            (row,) = [c for c in alice.delivery.contact_list() if c["handle"] == "bob"]
+            (row,) = [c for c in Api(alice).contacts() if c["handle"] == "bob"]
             assert row["fingerprint"] == bob_id.fingerprint
             assert {(e["fingerprint"], e["source"], e["where"]) for e in row["suspected_keys"]} == {
                 (fake_bob.fingerprint, "dht", "whois"),
                 (fake_bob.fingerprint, "message", "direct"),
             }
-            text = render.contacts_text(alice.delivery.contact_list())
+            text = render.contacts_text(Api(alice).contacts())
             assert f"SUSPECTED KEY {fake_bob.fingerprint}: seen 1x by message" in text
-            checked = await alice.delivery.verify("bob", accept=True)  # the pin, verified
+            checked = await Api(alice).verify("bob", accept=True)  # the pin, verified
             assert checked["verified"] and checked["fingerprint"] == bob_id.fingerprint
             assert "--accept-new" in render.verify_text(checked)
             for wrong in (Identity.generate("bob").fingerprint, bob_id.fingerprint[:12], "abc"):
                 with pytest.raises(UsageError):
-                    await alice.delivery.verify("bob", accept_new=wrong)
+                    await Api(alice).verify("bob", accept_new=wrong)
                 assert alice.delivery.contacts.get("bob").public_key == bob_id.public_key  # type: ignore[union-attr]
             # naming the key installs it (here: the user chose to believe mallory)
-            moved = await alice.delivery.verify("bob", accept_new=fake_bob.fingerprint[:12])
+            moved = await Api(alice).verify("bob", accept_new=fake_bob.fingerprint[:12])
             assert moved["fingerprint"] == fake_bob.fingerprint
             assert moved["previous_fingerprint"] == bob_id.fingerprint
             third = await alice.delivery.send("bob", "to the key I named")
@@ -362,10 +363,10 @@ async def test_bob_rotates_his_key_and_alice_follows(root: Path) -> None:
                     pass
                 assert event["old_fingerprint"] == bob_id.fingerprint
                 assert event["fingerprint"] == new_bob.fingerprint
-                (row,) = [c for c in alice.delivery.contact_list() if c["handle"] == "bob"]
+                (row,) = [c for c in Api(alice).contacts() if c["handle"] == "bob"]
                 assert row["rotated_from"] == bob_id.fingerprint and row["suspected_keys"] == []
                 assert f"rotated from {bob_id.fingerprint[:16]} on " in render.contacts_text(
-                    alice.delivery.contact_list()
+                    Api(alice).contacts()
                 )
                 after = await alice.delivery.send("bob", "after the rotation")
                 assert after.peer_key == new_bob.public_key
@@ -375,6 +376,6 @@ async def test_bob_rotates_his_key_and_alice_follows(root: Path) -> None:
                     return "after the rotation" in inbox_texts(bob)
 
                 await wait_for(bob_read_it, timeout=30)
-                mine = bob.delivery.inbox(sender="alice", after=0, limit=10)["messages"]
+                mine = Api(bob).inbox(sender="alice", limit=10)["messages"]
                 assert [m["text"] for m in mine] == ["hello", "after the rotation"]
                 assert all(m["sender_verified"] for m in mine)  # bob's pin of alice held

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +18,9 @@ from . import home_of, parse_handle
 F = TypeVar("F", bound=Callable[..., Any])
 
 CALL_ENDED = ("ended", "rejected", "busy", "no-answer", "failed")
+#: `call` and `answer` follow the call's events; after this long without one they ask
+#: the daemon (events are dropped for a reader that falls behind).
+CALL_RECHECK = 2.0
 
 
 def _media_options(func: F) -> F:
@@ -58,28 +60,52 @@ def _media_params(
     }
 
 
-def _follow_call(client: ControlClient, call: dict[str, Any], as_json: bool) -> None:
-    """Show the call until it ends; CallFailed unless it connected and ended normally."""
+def _follow_call(home: Path, client: ControlClient, call: dict[str, Any], as_json: bool) -> None:
+    """Show the call until it ends; CallFailed unless it connected and ended normally.
+
+    Follows the daemon's ``call`` events, subscribed after ``call``/``answer`` returned
+    and checked against ``calls`` once subscribed (nothing falls between the two); and
+    asks ``calls`` again after CALL_RECHECK seconds without an event of this call, since
+    a busy daemon drops events for a slow reader (docs/CONTROL_API.md, `subscribe`).
+    """
     last = call["state"]
     if not as_json:
         click.echo(render.call_text(call))
-    for _ in range(24 * 3600 * 5):  # bounded: a day of 0.2 s polls
-        if call["state"] in CALL_ENDED:
-            break
-        time.sleep(0.2)
-        current = [c for c in client.call("calls") if c["id"] == call["id"]]
-        if not current:
-            break
-        call = current[0]
-        if call["state"] != last and not as_json:
-            click.echo(f"... {call['state']}")
-        last = call["state"]
+    if last not in CALL_ENDED:
+        with ControlClient(home, timeout=60) as events:
+            events.subscribe()
+            state: str | None = _state_of(client, call["id"])
+            for _ in range(24 * 3600):  # bounded: a day of quiet rechecks
+                if state is None:  # gone from the daemon's history
+                    break
+                if state != last and not as_json:
+                    click.echo(f"... {state}")
+                last = state
+                if state in CALL_ENDED:
+                    break
+                event = events.next_event(CALL_RECHECK)
+                if event is None:
+                    state = _state_of(client, call["id"])
+                elif event.get("event") == "call" and event.get("id") == call["id"]:
+                    state = str(event.get("state"))
+        call = _current(client, call["id"]) or call
     if as_json:
         click.echo(json.dumps(call, indent=2, sort_keys=True))
     else:
         click.echo(render.call_text(call))
     if call["state"] != "ended" or not call["duration_s"]:
         raise CallFailed(f"the call {call['state']}: {call.get('reason') or '-'}")
+
+
+def _current(client: ControlClient, call_id: str) -> dict[str, Any] | None:
+    """The call ``call_id`` as the daemon's ``calls`` shows it now (None: forgotten)."""
+    found: list[dict[str, Any]] = [c for c in client.call("calls") if c["id"] == call_id]
+    return found[0] if found else None
+
+
+def _state_of(client: ControlClient, call_id: str) -> str | None:
+    current = _current(client, call_id)
+    return None if current is None else str(current["state"])
 
 
 @click.command(name="call")
@@ -106,7 +132,7 @@ def call_cmd(
     params = {"handle": handle, **_media_params(audio_in, video_in, record, duration)}
     with ControlClient(home_of(ctx), timeout=60) as client:
         result = client.call("call", params)
-        _follow_call(client, result, as_json)
+        _follow_call(home_of(ctx), client, result, as_json)
 
 
 @click.command()
@@ -133,7 +159,7 @@ def answer(
     params = {"wait": wait, **_media_params(audio_in, video_in, record, duration)}
     with ControlClient(home_of(ctx), timeout=wait + 60) as client:
         result = client.call("answer", params)
-        _follow_call(client, result, as_json)
+        _follow_call(home_of(ctx), client, result, as_json)
 
 
 @click.command()

@@ -60,13 +60,12 @@ from ..identity import (
     HandleRef,
     Identity,
     fingerprint,
-    format_fingerprint,
     self_certifying,
 )
-from ..messaging import Contact, Contacts, Message, MessageStore
+from ..messaging import Contact, Contacts, IncomingSummary, Message, MessageStore
 from ..records import HandleRecord
 from ..rotation import RotationNotice, verify_notice
-from ..session import SessionManager, safety_number
+from ..session import SessionManager
 from ..store import get_meta, set_meta
 from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from ..wire import Address
@@ -143,6 +142,11 @@ class EventBus:
 
 
 class Delivery:
+    """The delivery service. ``quic`` is the node's endpoint (its streams come in through
+    :meth:`handle_stream`); ``lan_addresses(key)`` says where LAN discovery saw a key
+    (tried before the record's addresses); ``on_signal(sender key, claimed handle, the
+    QUIC peer or None, JSON text)`` takes the call signals that arrive."""
+
     def __init__(
         self,
         config: NodeConfig,
@@ -150,15 +154,24 @@ class Delivery:
         conn: sqlite3.Connection,
         dht: DHT,
         events: EventBus,
+        *,
+        quic: QuicEndpoint,
+        sessions: SessionManager,
+        contacts: Contacts,
+        lan_addresses: Callable[[bytes], list[Address]],
+        on_signal: Callable[[bytes, str, QuicPeer | None, str], None],
     ) -> None:
         self.config = config
         self.identity = identity
         self.dht = dht
         self.events = events
+        self.quic = quic
+        self.lan_addresses = lan_addresses
+        self.on_signal = on_signal
         self._conn = conn
         self.messages = MessageStore(conn)
-        self.contacts = Contacts(conn)
-        self.sessions = SessionManager.open(conn, identity, now=time.time())
+        self.contacts = contacts
+        self.sessions = sessions
         self.ledger = SqliteLedger(conn, self.messages, self.contacts, self.sessions)
         self.core = DeliveryCore(
             self.ledger,
@@ -166,12 +179,6 @@ class Delivery:
             public_key=identity.public_key,
             ack_timeout=config.ack_timeout,
         )
-        self.quic: QuicEndpoint | None = None
-        #: Where LAN discovery saw a key (set by the daemon); tried before the record's.
-        self.lan_addresses: Callable[[bytes], list[Address]] = lambda key: []
-        #: Receives call signals (sender key, claimed handle, the QUIC peer or None, JSON
-        #: text); set by the daemon's call manager.
-        self.on_signal: Callable[[bytes, str, QuicPeer | None, str], None] | None = None
         self._unseal = nacl.public.SealedBox(
             nacl.signing.SigningKey(identity.seed).to_curve25519_private_key()
         )
@@ -404,7 +411,6 @@ class Delivery:
         return record
 
     async def _connect(self, peer_key: bytes, record: HandleRecord | None) -> QuicPeer | None:
-        assert self.quic is not None
         for peer in self.quic.peers():
             if peer.public_key == peer_key and not peer.is_closing:
                 return peer
@@ -547,7 +553,7 @@ class Delivery:
                     self.events.emit("message", **self.incoming_summary(event.message))
             elif isinstance(event, SignalReceived):
                 # A signal is worth nothing late: one from the mailbox is not rung.
-                if self.on_signal is not None and event.via == "direct":
+                if event.via == "direct":
                     self.on_signal(event.sender_key, event.claimed, peer, event.text)
             elif isinstance(event, RotationReceived):
                 self.rotation_received(event)
@@ -723,84 +729,37 @@ class Delivery:
 
     # ------------------------------------------------------------------ views
 
-    def incoming_summary(self, message: Message) -> dict[str, Any]:
+    def incoming_summary(self, message: Message) -> IncomingSummary:
+        """A received message as the control API shows it: is its key the pin?"""
         contact = self.contacts.by_key(message.peer_key)
-        summary = message.summary()
-        summary["sender_verified"] = contact is not None and contact.handle == message.handle
-        summary["from"] = self_certifying(message.handle, message.peer_key)
-        return summary
+        return {
+            **message.summary(),
+            "sender_verified": contact is not None and contact.handle == message.handle,
+            "from": self_certifying(message.handle, message.peer_key),
+        }
 
-    def inbox(self, *, sender: str | None, after: int, limit: int) -> dict[str, Any]:
-        peer_key = None
-        if sender is not None:
-            contact = self.contacts.get(HandleRef.parse(sender).handle)
-            if contact is None:
-                return {"messages": [], "cursor": after}
-            peer_key = contact.public_key
-        rows = self.messages.inbox(peer_key=peer_key, after_rowid=after, limit=limit)
-        cursor = max([after, *(rowid for rowid, _ in rows)])
-        out = []
-        for rowid, message in rows:
-            summary = self.incoming_summary(message)
-            summary["cursor"] = rowid
-            out.append(summary)
-        return {"messages": out, "cursor": cursor}
+    def resolved_records(self) -> list[HandleRecord]:
+        """The records looked up for delivery that are still cached."""
+        return [record for record, _ in self._records.values()]
 
-    def message(self, msg_id_hex: str) -> dict[str, Any]:
-        try:
-            msg_id = bytes.fromhex(msg_id_hex)
-        except ValueError:
-            raise UsageError("a message id is 32 hex digits") from None
-        message = self.messages.get(msg_id) if len(msg_id) == wire.MESSAGE_ID_LEN else None
-        if message is None:
-            raise NotFound(f"no message {msg_id_hex[:40]!r}")
-        return message.summary()
-
-    def contact_summary(self, contact: Contact) -> dict[str, Any]:
-        """A contact as `contacts` and `verify` show it: the pin, how it last changed,
-        and every suspected key (evidence, never used)."""
-        summary = contact.summary()
-        summary["suspected_keys"] = [e.summary() for e in self.contacts.evidence(contact.handle)]
-        return summary
-
-    def contact_list(self) -> list[dict[str, Any]]:
-        out = []
-        for contact in self.contacts.all():
-            summary = self.contact_summary(contact)
-            summary["session"] = self.sessions.has_session(contact.public_key)
-            summary["pending"] = len(self.messages.pending_for(contact.public_key))
-            out.append(summary)
-        return out
-
-    async def verify(
-        self, target: str, *, accept: bool = False, accept_new: str | None = None
-    ) -> dict[str, Any]:
-        """The safety number with ``target``'s pinned key (pinned now if never seen).
+    async def verify_pin(
+        self, ref: HandleRef, *, accept: bool = False, accept_new: str | None = None
+    ) -> tuple[Contact, bytes | None]:
+        """``ref``'s pinned contact (pinned now if never seen), and the key it replaced.
         ``accept``: mark the pin verified. ``accept_new``: pin the suspected key that
         fingerprint names instead (verified), and send what waits for the handle to it."""
-        ref = HandleRef.parse(target)
         if accept and accept_new is not None:
             raise UsageError("give either --accept or --accept-new FINGERPRINT, not both")
-        previous = None
         if accept_new is not None:
             contact, previous = self.contacts.accept_new(ref.handle, accept_new, time.time())
             moved = self.messages.readdress(ref.handle, previous, contact.public_key)
             log.info("pinned %s to the key named (%d message(s) follow)", ref.handle, moved)
             self._start_worker(contact.public_key)
-        else:
-            contact = await self.contact_for(ref)
-            if accept:
-                contact = self.contacts.mark_verified(ref.handle)
-        number = await trio.to_thread.run_sync(
-            safety_number, self.identity.public_key, contact.public_key
-        )
-        return {
-            **self.contact_summary(contact),
-            "fingerprint_display": format_fingerprint(fingerprint(contact.public_key)),
-            "safety_number": number,
-            "own_fingerprint": self.identity.fingerprint,
-            "previous_fingerprint": None if previous is None else fingerprint(previous),
-        }
+            return contact, previous
+        contact = await self.contact_for(ref)
+        if accept:
+            contact = self.contacts.mark_verified(ref.handle)
+        return contact, None
 
     def statistics(self) -> dict[str, Any]:
         return {

@@ -67,7 +67,7 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -236,13 +236,23 @@ class _Session:
 class SessionManager:
     """The node's end-to-end sessions: our prekeys, and sessions with every peer."""
 
-    __slots__ = ("_bundle_changed", "_cache", "_config", "_conn", "_identity")
+    __slots__ = (
+        "_bundle_changed", "_cache", "_config", "_conn", "_identity", "_on_bundle_changed"
+    )  # fmt: skip
 
-    def __init__(self, conn: sqlite3.Connection, identity: Identity, config: SessionConfig):
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        identity: Identity,
+        config: SessionConfig,
+        on_bundle_changed: Callable[[], None] | None = None,
+    ):
         self._conn = conn
         self._identity = identity
         self._config = config
         self._bundle_changed = False
+        #: Told each time the bundle changes (the daemon republishes it soon after).
+        self._on_bundle_changed = on_bundle_changed
         #: Sessions as last written, by id: (the state text written, the live object).
         #: See _from_row and _store.
         self._cache: dict[bytes, tuple[str, _Session]] = {}
@@ -255,15 +265,17 @@ class SessionManager:
         *,
         now: float,
         config: SessionConfig | None = None,
+        on_bundle_changed: Callable[[], None] | None = None,
     ) -> SessionManager:
         """Load the node's session state from ``conn`` (a p2pd.store database), creating
-        the prekeys on first use. Raises SessionStateCorrupt if they do not load."""
-        manager = cls(conn, identity, config or SessionConfig())
+        the prekeys on first use. Raises SessionStateCorrupt if they do not load.
+        ``on_bundle_changed()`` is called whenever :attr:`bundle_changed` becomes true."""
+        manager = cls(conn, identity, config or SessionConfig(), on_bundle_changed)
         with manager._transaction(commit=True):
             if get_meta(conn, PREKEYS_META_KEY) is None:
                 prekeys = OwnPrekeys.create(identity, now=now, config=manager._config)
                 manager._save_prekeys(prekeys)
-                manager._bundle_changed = True
+                manager._mark_bundle_changed()
             else:
                 manager._load_prekeys()  # fail now, not at the first message
         return manager
@@ -291,6 +303,11 @@ class SessionManager:
     def mark_bundle_published(self) -> None:
         self._bundle_changed = False
 
+    def _mark_bundle_changed(self) -> None:
+        self._bundle_changed = True
+        if self._on_bundle_changed is not None:
+            self._on_bundle_changed()
+
     def maintain(self, now: float, *, commit: bool = True) -> bool:
         """Rotate the signed prekey when due, drop expired ones, close archived sessions
         unused for too long, forget tombstones nobody can replay. Call it periodically
@@ -314,7 +331,7 @@ class SessionManager:
                 if spk is None or bytes.fromhex(spk) not in held:
                     self._conn.execute("DELETE FROM sessions WHERE session_id=?", (sid,))
         if changed:
-            self._bundle_changed = True
+            self._mark_bundle_changed()
         return changed
 
     # ------------------------------------------------------------------ encrypting
@@ -521,7 +538,7 @@ class SessionManager:
         if header.one_time_prekey is not None:
             prekeys.consume(header.one_time_prekey, self._config)
             self._save_prekeys(prekeys)
-            self._bundle_changed = True
+            self._mark_bundle_changed()
         peer_key = header.identity_key
         session = _Session(
             sid,

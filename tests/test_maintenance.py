@@ -1,0 +1,156 @@
+"""The node's upkeep on deadlines (p2pd/maintenance.py): the pure schedule, and
+Node.maintain under trio's autojump clock, with the DHT, the sessions and the network
+work replaced by recorders."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+import trio.testing
+
+from p2pd.config import NodeConfig
+from p2pd.daemon import Node
+from p2pd.identity import Identity
+from p2pd.maintenance import (
+    BUNDLE_REPUBLISH_MIN,
+    REJOIN_INTERVAL,
+    UPKEEP_INTERVAL,
+    MaintenanceSchedule,
+    Wakeup,
+)
+
+HOUR = 3600.0
+
+
+def schedule(now: float = 0.0) -> MaintenanceSchedule:
+    return MaintenanceSchedule(now, republish_interval=HOUR, save_contacts_interval=300.0)
+
+
+def test_the_next_deadline_is_the_earliest_thing_due() -> None:
+    s = schedule()
+    assert s.next_deadline(alone=False, bundle_changed=False) == UPKEEP_INTERVAL
+    assert s.next_deadline(alone=True, bundle_changed=False) == REJOIN_INTERVAL
+    assert s.next_deadline(alone=False, bundle_changed=True) == BUNDLE_REPUBLISH_MIN
+    assert not s.due(5.0, alone=True, bundle_changed=True)
+    due = s.due(UPKEEP_INTERVAL, alone=True, bundle_changed=True)
+    assert due.join and due.publish and due.upkeep and not due.save_contacts
+    s.kept_up(UPKEEP_INTERVAL)
+    s.published(UPKEEP_INTERVAL)
+    s.joined(UPKEEP_INTERVAL)
+    assert s.next_deadline(alone=False, bundle_changed=False) == 2 * UPKEEP_INTERVAL
+    s.saved_contacts(300.0)
+    s.kept_up(HOUR)
+    assert s.due(HOUR + UPKEEP_INTERVAL, alone=False, bundle_changed=False).publish
+
+
+def test_a_join_request_counts_only_while_alone() -> None:
+    s = schedule()
+    s.request_join()
+    assert s.next_deadline(alone=True, bundle_changed=False) < 0  # now
+    assert s.due(1.0, alone=True, bundle_changed=False).join
+    s.request_join()
+    assert not s.due(1.0, alone=False, bundle_changed=False)  # connected: nothing to do
+    assert not s.due(1.0, alone=True, bundle_changed=False).join  # and it is spent
+
+
+class FakeSessions:
+    def __init__(self) -> None:
+        self.bundle_changed = False
+        self.maintained = 0
+
+    def maintain(self, now: float) -> bool:
+        self.maintained += 1
+        return False
+
+
+class FakeDHT:
+    def __init__(self) -> None:
+        self.size = 5
+        self.looks = 0
+
+    def statistics(self) -> dict[str, Any]:
+        self.looks += 1
+        return {"routing_table_size": self.size}
+
+
+class RecordingNode(Node):
+    """Node.maintain as it is; what it calls records the time instead."""
+
+    done: list[tuple[str, float]]
+
+    async def join(self) -> int:
+        self.done.append(("join", trio.current_time()))
+        self._schedule.joined(trio.current_time())
+        return cast(FakeDHT, self.dht).size
+
+    async def publish(self) -> int:
+        self.done.append(("publish", trio.current_time()))
+        self._schedule.published(trio.current_time())
+        cast(FakeSessions, self.delivery.sessions).bundle_changed = False
+        return 1
+
+    async def save_contacts(self) -> int:
+        self.done.append(("save", trio.current_time()))
+        return 0
+
+
+def recording_node(tmp_path: Path) -> tuple[RecordingNode, FakeDHT, FakeSessions, Wakeup]:
+    dht, sessions, wakeup = FakeDHT(), FakeSessions(), Wakeup()
+    delivery: Any = type("FakeDelivery", (), {"sessions": sessions, "events": None})()
+    none: Any = None
+    node = RecordingNode(
+        NodeConfig(home=tmp_path),
+        Identity.generate("alice"),
+        cast(sqlite3.Connection, none),
+        endpoint=none, dht=dht, quic=none, delivery=delivery, calls=none, lan=None,
+        schedule=schedule(trio.current_time()), wakeup=wakeup, rotation=None,
+    )  # fmt: skip
+    node.done = []
+    return node, dht, sessions, wakeup
+
+
+def times(node: RecordingNode, what: str) -> list[float]:
+    return [t for done, t in node.done if done == what]
+
+
+async def test_maintain_sleeps_until_something_is_due(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    node, dht, sessions, _ = recording_node(tmp_path)
+    with trio.move_on_after(HOUR + 1):
+        await node.maintain()
+    assert times(node, "publish") == [HOUR]
+    assert times(node, "save") == [300.0 * i for i in range(1, 13)]
+    assert sessions.maintained == HOUR / UPKEEP_INTERVAL
+    # one look at the routing table before and after each sleep; a 5 s poll made 720
+    assert dht.looks <= 2 * (HOUR / UPKEEP_INTERVAL + 1)
+
+
+async def test_maintain_wakes_for_a_changed_bundle_and_a_lan_peer(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    node, dht, sessions, wakeup = recording_node(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.maintain)
+        await trio.sleep(30)
+        sessions.bundle_changed = True  # a one-time prekey used: republished now
+        wakeup.set()
+        await trio.sleep(3)
+        sessions.bundle_changed = True  # again: not before BUNDLE_REPUBLISH_MIN
+        wakeup.set()
+        await trio.sleep(20)
+        assert times(node, "publish") == [30, 30 + BUNDLE_REPUBLISH_MIN]
+        # Alone from now on: seen at the next upkeep (the publish at 40 did the last
+        # one), then a join every REJOIN_INTERVAL.
+        dht.size = 0
+        await trio.sleep(UPKEEP_INTERVAL + REJOIN_INTERVAL)
+        assert times(node, "join") == [40 + UPKEEP_INTERVAL, 40 + UPKEEP_INTERVAL + REJOIN_INTERVAL]
+        node._schedule.request_join()  # a LAN peer appeared: join through it at once
+        wakeup.set()
+        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert node.done[-1] == ("join", trio.current_time())
+        nursery.cancel_scope.cancel()
