@@ -73,7 +73,7 @@ from ..records import MAX_LIFETIME, HandleRecord, dht_key
 from ..transport.udp import UdpEndpoint
 from ..wire import Address
 from .fakenet import FakeHost, FakeUdpEndpoint
-from .swarm import FAKE_PORT, Swarm
+from .swarm import FAKE_PORT, Swarm, run_node
 
 #: The address fabricated ids share by default (one IP, many ports).
 FABRICATE_IP = "127.66.0.1"
@@ -327,22 +327,7 @@ async def start_hostile_node(
     )
     dht = DHT(core, endpoint, wall=wall)
     stack.callback(dht.close)
-    cancel = trio.CancelScope()
-    finished = trio.Event()
-
-    async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            with cancel:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(dht.serve)
-                    await nursery.start(endpoint.serve, dht.datagram_received)
-                    task_status.started()
-        finally:
-            finished.set()
-
-    await swarm.nursery.start(serve)
-    stack.push_async_callback(finished.wait)
-    stack.callback(cancel.cancel)
+    await run_node(swarm.nursery, dht, endpoint, stack)
     address = endpoint.local_address
     return HostileNode(node_key, endpoint, dht, address, stack, host)
 
