@@ -60,8 +60,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import Every10Percent, percentile, progress_printer, trio_pool
 
-from p2pd.claims import CONTESTED, OK
+from p2pd.claims import CONTESTED, OK, Answer, resolve_claims
 from p2pd.config import DHTConfig
+from p2pd.dht.lookup import LookupResult
 from p2pd.identity import HandleRef, Identity, self_certifying
 from p2pd.records import dht_key
 from p2pd.testing.adversary import (
@@ -108,6 +109,11 @@ class Row:
     latencies_ms: list[float] = field(default_factory=list)
     rpcs: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Wrong and contested lookups that the rule would have given the owner had it counted
+    #: only the values of the lookup's k closest nodes (a diagnostic, not p2pd's rule).
+    closest_only: Counter[str] = field(default_factory=Counter)
+    #: How the first few wrong keys won (votes of each key), for the report.
+    wrong_votes: list[str] = field(default_factory=list)
     incomplete: str = ""
 
     def summary(self, n: int, hostile: float) -> dict[str, Any]:
@@ -128,7 +134,12 @@ class Row:
             "p50_ms": percentile(lat, 50),
             "p99_ms": percentile(lat, 99),
             "rpcs_per_lookup": sum(self.rpcs) / len(self.rpcs) if self.rpcs else None,
-            "notes": self.notes,
+            "notes": self.notes
+            + [f"wrong key: {w}" for w in self.wrong_votes]
+            + [
+                f"{n} {kind} lookups would give the owner's key counting only the k closest"
+                for kind, n in sorted(self.closest_only.items())
+            ],
             "incomplete": self.incomplete,
             "goals": grade(self, n, hostile, plain_total, cert_total, lat),
         }
@@ -218,9 +229,17 @@ async def start_attack(
     if behaviour & B.SQUATTER:
         with trio.move_on_after(300):
             accepted = await coalition.squat(targets, swarm.wall())
+            attackers = {coalition.attackers[h].public_key for h in targets}
+            squatted = sum(
+                1
+                for n in swarm.nodes
+                for handle in targets
+                if (held := n.dht.core.storage.record(dht_key(handle))) is not None
+                and held.public_key in attackers
+            )
             row.notes.append(
-                f"squatter: {len(targets)} rival claims published, {accepted} replicas "
-                "accepted one (hostile ones included)"
+                f"squatter: {len(targets)} rival claims published, {accepted} replicas said "
+                f"stored (hostile ones included); honest nodes now holding a rival: {squatted}"
             )
     if behaviour & B.SPOOF:
         honest = [n for n in swarm.nodes if n.alive]
@@ -274,8 +293,17 @@ async def run_lookups(
             row.rpcs.append(details.rpcs)
             if resolution.status == OK and resolution.record is not None:
                 outcome = "owner" if resolution.record.public_key == owner else "wrong"
+                if outcome == "wrong" and len(row.wrong_votes) < 5:
+                    votes = {c.public_key: c.votes for c in resolution.claims}
+                    row.wrong_votes.append(
+                        f"{handle}: rival {votes.get(resolution.record.public_key, 0)} votes, "
+                        f"owner {votes.get(owner, 0)}, {len(details.values)} answers with a "
+                        f"value, {details.rpcs} RPCs"
+                    )
             elif resolution.status == CONTESTED:
                 outcome = "contested"
+            if outcome in ("wrong", "contested") and row.defences:
+                row.closest_only[outcome] += closest_only_owner(asker, ref, details, owner)
         row.latencies_ms.append((time.perf_counter() - started) * 1000)
         (row.certified if certified else row.plain)[outcome] += 1
         finished += 1
@@ -286,6 +314,21 @@ async def run_lookups(
     )
     if ran < len(plan):
         row.incomplete = f"row deadline: ran {ran} of {len(plan)} lookups"
+
+
+def closest_only_owner(asker: Any, ref: HandleRef, details: LookupResult, owner: bytes) -> int:
+    """1 if the claim rule, given only the values of the lookup's k closest answering
+    nodes, picks the owner's key."""
+    closest = {n.id for n in details.closest}
+    answers = [
+        Answer(n.id, n.ip, v, details.seen.get(n.id)) for n, v in details.values if n.id in closest
+    ]
+    key = dht_key(ref.handle)
+    resolution = resolve_claims(
+        answers, time.time(), key=key, accept_key=ref.matches, local=asker.dht.core.storage.get(key)
+    )
+    record = resolution.record
+    return int(resolution.status == OK and record is not None and record.public_key == owner)
 
 
 # --------------------------------------------------------------------------- printing
@@ -352,7 +395,8 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
         if s["defences"]:
             goals = "; ".join(f"{k}: {v}" for k, v in s["goals"].items())
             print(f"goals {s['placement']}, {s['row']}: {goals}")
-    print("defences off: not graded (the control)")
+    if any(not s["defences"] for s in summaries):
+        print("defences off: not graded (the control)")
 
 
 def main() -> None:
