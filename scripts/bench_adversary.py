@@ -9,7 +9,8 @@ switch for benchmarks only), and for each placement of the hostile nodes:
    (1 - ``--hostile``) on a 127.a.b.1 each, then the hostile ones, which behave until
    step 3. Placement "spread": each hostile node on a /24 of its own with a random node
    key. Placement "one IP": all of them on 127.66.0.1 (one port and one key per id), their
-   ids ground next to the DHT keys of ``--targets`` handles (8 shared leading bits);
+   ids ground next to the DHT keys of ``--targets`` handles (8 shared leading bits).
+   Placement "targeted /24s": each on a /24 of its own, ids ground as for one IP;
 2. every honest node registers its handle ``user<i>``;
 3. for each behaviour in turn (the rows), the hostile nodes switch to it, and honest nodes
    resolve random honest handles (``--lookups`` plain, as many self-certifying
@@ -25,7 +26,10 @@ replicas stays for the next rows, so the combined row comes last):
   the rival claims through the hostile nodes), ``all combined``;
 - one IP: ``fabricate`` (many ids on one address next to the targets, lying), and
   ``single attacker address`` (the same ids with every behaviour), to compare with
-  ``no attack``.
+  ``no attack``;
+- targeted /24s: each hostile node on a /24 of its own, ids ground next to the targeted
+  handles (as many networks as the attacker likes, spent on few handles): ``liar``,
+  ``all combined``.
 
 Per row: lookups that returned the owner's key, "contested", not found (timeouts
 included), and another key without a contested flag (must be 0); lookup latency p50/p99
@@ -88,6 +92,12 @@ SPREAD_ROWS: list[tuple[str, Behaviour]] = [
     ("squatter", B.SQUATTER),
     ("all combined", ALL & ~B.FABRICATE),
 ]
+#: Each hostile node on a /24 of its own, ids ground next to the targeted handles: the
+#: attacker of the threat model who spends many networks on few handles.
+TARGETED_ROWS: list[tuple[str, Behaviour]] = [
+    ("liar", B.LIAR),
+    ("all combined", ALL & ~B.FABRICATE),
+]
 ONE_IP_ROWS: list[tuple[str, Behaviour]] = [
     ("fabricate", B.FABRICATE | B.LIAR),
     ("single attacker address", ALL),
@@ -97,6 +107,9 @@ GOAL_HOSTILE = 0.2
 #: Spoofed requests per hostile node in the spoof row.
 SPOOFS_PER_NODE = 3
 SETUP_DEADLINE = 1800.0
+
+
+PLACEMENTS = {"spread": SPREAD_ROWS, "one IP": ONE_IP_ROWS, "targeted /24s": TARGETED_ROWS}
 
 
 @dataclass
@@ -185,7 +198,7 @@ async def run_network(
             n_hostile,
             B.HONEST,
             ip=FABRICATE_IP if one_ip else None,
-            near=[dht_key(h) for h in targets] if one_ip else None,
+            near=[dht_key(h) for h in targets] if placement != "spread" else None,
             seed=args.seed,
         ) as coalition:
             progress(f"{label}: {n_hostile} hostile nodes joined; registering handles")
@@ -351,7 +364,7 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
         f"{'cert ok':>7} {'c.cont':>6} {'c.nf':>5} {'c.WRONG':>7} {'p50 ms':>7} "
         f"{'p99 ms':>7} {'RPC/lk':>6}"
     )
-    for placement in ("spread", "one IP"):
+    for placement in ("spread", "one IP", "targeted /24s"):
         rows = [s for s in summaries if s["placement"] == placement]
         if not rows:
             continue
@@ -415,8 +428,15 @@ def main() -> None:
     parser.add_argument(
         "--defences", choices=["both", "on", "off"], default="both", help="which runs (both)"
     )
+    parser.add_argument(
+        "--placements",
+        default="spread,one IP,targeted /24s",
+        help="comma-separated placements to run (default: all three)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
+    if set(args.placements.split(",")) - set(PLACEMENTS):
+        parser.error(f"--placements: choose among {sorted(PLACEMENTS)}")
     if not 0 < args.hostile < 1 or args.nodes < 10:
         parser.error("--hostile in (0, 1) and -n >= 10")
     logging.basicConfig(level=logging.ERROR)
@@ -427,8 +447,8 @@ def main() -> None:
     async def run() -> list[Row]:
         rows: list[Row] = []
         for defences in {"both": (True, False), "on": (True,), "off": (False,)}[args.defences]:
-            rows += await run_network(args, defences, "spread", SPREAD_ROWS)
-            rows += await run_network(args, defences, "one IP", ONE_IP_ROWS)
+            for placement in args.placements.split(","):
+                rows += await run_network(args, defences, placement, PLACEMENTS[placement])
         return rows
 
     started = time.perf_counter()
