@@ -76,7 +76,7 @@ from p2pd.dht import DHT, NodeKey, create_dht, node_id_for
 from p2pd.errors import NotFound, RecordError
 from p2pd.identity import HandleRef, Identity
 from p2pd.records import HandleRecord
-from p2pd.testing.swarm import loopback_address
+from p2pd.testing.swarm import loopback_address, run_node
 from p2pd.transport.udp import UdpEndpoint
 from p2pd.wire import Address
 
@@ -304,22 +304,7 @@ async def start_p2pd_node(
             transport=endpoint,
         )
         stack.callback(dht.close)
-        receiving = trio.CancelScope()
-        finished = trio.Event()
-
-        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            try:
-                with receiving:
-                    async with trio.open_nursery() as inner:
-                        await inner.start(dht.serve)
-                        await inner.start(endpoint.serve, dht.datagram_received)
-                        task_status.started()
-            finally:
-                finished.set()
-
-        await nursery.start(serve)
-        stack.push_async_callback(finished.wait)  # the tasks end before the socket closes
-        stack.callback(receiving.cancel)
+        await run_node(nursery, dht, endpoint, stack)  # the tasks end before the socket
     except BaseException:
         with trio.CancelScope(shield=True):
             await stack.aclose()

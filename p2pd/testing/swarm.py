@@ -48,6 +48,35 @@ def loopback_address(index: int) -> Address:
     return Address(f"127.{1 + index // 256}.{index % 256}.1", 0)
 
 
+async def run_node(
+    nursery: trio.Nursery,
+    dht: DHT,
+    endpoint: UdpEndpoint | FakeUdpEndpoint,
+    stack: AsyncExitStack,
+) -> None:
+    """Start ``dht``'s timer task and ``endpoint``'s receive task in ``nursery``; closing
+    ``stack`` stops them. On the way out (last in, first out): cancel the node's tasks,
+    wait until they are gone, and only then close the socket (pushed on ``stack`` before
+    this call). Closed first, a receive task woken just before would read from a closed
+    descriptor (EBADF)."""
+    cancel = trio.CancelScope()
+    finished = trio.Event()
+
+    async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with cancel:
+                async with trio.open_nursery() as inner:
+                    await inner.start(dht.serve)
+                    await inner.start(endpoint.serve, dht.datagram_received)
+                    task_status.started()
+        finally:
+            finished.set()
+
+    await nursery.start(serve)
+    stack.push_async_callback(finished.wait)
+    stack.callback(cancel.cancel)
+
+
 @dataclass
 class SwarmNode:
     index: int
@@ -129,25 +158,7 @@ class Swarm:
             randbytes=randbytes,
         )
         stack.callback(dht.close)
-        cancel = trio.CancelScope()
-        finished = trio.Event()
-
-        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            try:
-                with cancel:
-                    async with trio.open_nursery() as nursery:
-                        await nursery.start(dht.serve)
-                        await nursery.start(endpoint.serve, dht.datagram_received)
-                        task_status.started()
-            finally:
-                finished.set()
-
-        await self.nursery.start(serve)
-        # On the way out (last in, first out): cancel the node's tasks, wait until they
-        # are gone, and only then close the socket. Closed first, a receive task woken
-        # just before would read from a closed descriptor (EBADF).
-        stack.push_async_callback(finished.wait)
-        stack.callback(cancel.cancel)
+        await run_node(self.nursery, dht, endpoint, stack)
         node = SwarmNode(
             len(self.nodes), identity, node_key, endpoint, dht, db_path, stack, host=host
         )

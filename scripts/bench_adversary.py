@@ -1,0 +1,464 @@
+#!/usr/bin/env python3
+"""Handle lookups with hostile nodes: each behaviour of p2pd/testing/adversary.py, with
+p2pd's Sybil defences on and off, in one run.
+
+What one run does, for the defences on and then off (``DHTConfig(defences=False)``, a
+switch for benchmarks only), and for each placement of the hostile nodes:
+
+1. start N nodes in this one process on real UDP sockets on loopback: the honest ones
+   (1 - ``--hostile``) on a 127.a.b.1 each, then the hostile ones, which behave until
+   step 3. Placement "spread": each hostile node on a /24 of its own with a random node
+   key. Placement "one IP": all of them on 127.66.0.1 (one port and one key per id), their
+   ids ground next to the DHT keys of ``--targets`` handles (8 shared leading bits).
+   Placement "targeted /24s": each on a /24 of its own, ids ground as for one IP;
+2. every honest node registers its handle ``user<i>``;
+3. for each behaviour in turn (the rows), the hostile nodes switch to it, and honest nodes
+   resolve random honest handles (``--lookups`` plain, as many self-certifying
+   ``user<i>#<16 characters>``); in the one-IP placement only the targeted handles.
+
+Rows, in the order they run on one network (what a row did to routing tables and
+replicas stays for the next rows, so the combined row comes last):
+
+- spread: ``no attack``, ``liar`` (a validly signed rival claim for every handle, seen
+  = 1), ``blackhole`` (say stored, keep nothing, never return a value), ``spoof``
+  (requests by hostile keys from honest nodes' addresses: raw sockets, root only),
+  ``eclipse`` (answer every lookup with hostile contacts only), ``squatter`` (publish
+  the rival claims through the hostile nodes), ``all combined``;
+- one IP: ``fabricate`` (many ids on one address next to the targets, lying), and
+  ``single attacker address`` (the same ids with every behaviour), to compare with
+  ``no attack``;
+- targeted /24s: each hostile node on a /24 of its own, ids ground next to the targeted
+  handles (as many networks as the attacker likes, spent on few handles): ``liar``,
+  ``all combined``.
+
+Per row: lookups that returned the owner's key, "contested", not found (timeouts
+included), and another key without a contested flag (must be 0); lookup latency p50/p99
+(every lookup, measured around ``DHT.resolve_claim``) and RPCs per lookup. First
+messages are not measured here (the DHT part is what is graded).
+
+    .venv/bin/python scripts/bench_adversary.py              # N=200, 20 % hostile
+    .venv/bin/python scripts/bench_adversary.py -n 1000 --lookups 300
+    .venv/bin/python scripts/bench_adversary.py -n 60 --lookups 50 --json
+
+Goals (issue 11), graded only on N=200 or N=1000, 20 % hostile, defences on: 0 wrong
+keys, >= 99 % of plain lookups return the owner's key, >= 99.9 % of self-certifying
+lookups succeed, lookup p99 < 1 s. Only 127.0.0.0/8 is used; every phase is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import resource
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import Every10Percent, percentile, progress_printer, trio_pool
+
+from p2pd.claims import CONTESTED, OK, Answer, resolve_claims
+from p2pd.config import DHTConfig
+from p2pd.dht.lookup import LookupResult
+from p2pd.identity import HandleRef, Identity, self_certifying
+from p2pd.records import dht_key
+from p2pd.testing.adversary import (
+    ALL,
+    FABRICATE_IP,
+    Behaviour,
+    Coalition,
+    can_spoof,
+    open_coalition,
+)
+from p2pd.testing.swarm import Swarm, open_swarm
+from p2pd.wire import Address
+
+progress = progress_printer("bench_adversary")
+
+B = Behaviour
+SPREAD_ROWS: list[tuple[str, Behaviour]] = [
+    ("no attack", B.HONEST),
+    ("liar", B.LIAR),
+    ("blackhole", B.BLACKHOLE),
+    ("spoof", B.SPOOF),
+    ("eclipse", B.ECLIPSE),
+    ("squatter", B.SQUATTER),
+    ("all combined", ALL & ~B.FABRICATE),
+]
+#: Each hostile node on a /24 of its own, ids ground next to the targeted handles: the
+#: attacker of the threat model who spends many networks on few handles.
+TARGETED_ROWS: list[tuple[str, Behaviour]] = [
+    ("liar", B.LIAR),
+    ("all combined", ALL & ~B.FABRICATE),
+]
+ONE_IP_ROWS: list[tuple[str, Behaviour]] = [
+    ("fabricate", B.FABRICATE | B.LIAR),
+    ("single attacker address", ALL),
+]
+GOAL_NS = (200, 1000)
+GOAL_HOSTILE = 0.2
+#: Spoofed requests per hostile node in the spoof row.
+SPOOFS_PER_NODE = 3
+SETUP_DEADLINE = 1800.0
+
+
+PLACEMENTS = {"spread": SPREAD_ROWS, "one IP": ONE_IP_ROWS, "targeted /24s": TARGETED_ROWS}
+
+
+@dataclass
+class Row:
+    name: str
+    placement: str
+    defences: bool
+    plain: Counter[str] = field(default_factory=Counter)
+    certified: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    rpcs: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    #: Wrong and contested lookups that the rule would have given the owner had it counted
+    #: only the values of the lookup's k closest nodes (a diagnostic, not p2pd's rule).
+    closest_only: Counter[str] = field(default_factory=Counter)
+    #: How the first few wrong keys won (votes of each key), for the report.
+    wrong_votes: list[str] = field(default_factory=list)
+    incomplete: str = ""
+
+    def summary(self, n: int, hostile: float) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+        plain_total = sum(self.plain.values())
+        cert_total = sum(self.certified.values())
+        return {
+            "row": self.name,
+            "placement": self.placement,
+            "defences": self.defences,
+            "plain": dict(self.plain),
+            "self_certifying": dict(self.certified),
+            "plain_owner_pct": 100 * self.plain["owner"] / plain_total if plain_total else None,
+            "certified_ok_pct": (
+                100 * self.certified["owner"] / cert_total if cert_total else None
+            ),
+            "wrong_keys": self.plain["wrong"] + self.certified["wrong"],
+            "p50_ms": percentile(lat, 50),
+            "p99_ms": percentile(lat, 99),
+            "rpcs_per_lookup": sum(self.rpcs) / len(self.rpcs) if self.rpcs else None,
+            "notes": self.notes
+            + [f"wrong key: {w}" for w in self.wrong_votes]
+            + [
+                f"{n} {kind} lookups would give the owner's key counting only the k closest"
+                for kind, n in sorted(self.closest_only.items())
+            ],
+            "incomplete": self.incomplete,
+            "goals": grade(self, n, hostile, plain_total, cert_total, lat),
+        }
+
+
+def grade(
+    row: Row, n: int, hostile: float, plain_total: int, cert_total: int, lat: list[float]
+) -> dict[str, str]:
+    if n not in GOAL_NS or abs(hostile - GOAL_HOSTILE) > 1e-9 or not row.defences:
+        return {"all": "not graded"}
+    p99 = percentile(lat, 99)
+    checks = {
+        "0 wrong keys": row.plain["wrong"] + row.certified["wrong"] == 0,
+        ">= 99 % plain owner": plain_total > 0 and row.plain["owner"] >= 0.99 * plain_total,
+        ">= 99.9 % self-certifying": (
+            cert_total > 0 and row.certified["owner"] >= 0.999 * cert_total
+        ),
+        "p99 < 1 s": p99 is not None and p99 < 1000,
+    }
+    return {k: "PASS" if v else "MISS" for k, v in checks.items()}
+
+
+# --------------------------------------------------------------------------- one network
+
+
+async def run_network(
+    args: argparse.Namespace, defences: bool, placement: str, rows: list[tuple[str, Behaviour]]
+) -> list[Row]:
+    config = DHTConfig() if defences else DHTConfig(defences=False)
+    label = f"{placement}, defences {'on' if defences else 'off'}"
+    n_hostile = round(args.nodes * args.hostile)
+    n_honest = args.nodes - n_hostile
+    rng = random.Random(args.seed)
+    done: list[Row] = []
+    handles = [f"user{i}" for i in range(n_honest)]
+    targets = handles if placement == "spread" else rng.sample(handles, args.targets)
+    started = time.perf_counter()
+    async with open_swarm(n_honest, config=config, seed=args.seed) as swarm:
+        progress(f"{label}: {n_honest} honest nodes up in {time.perf_counter() - started:.1f} s")
+        one_ip = placement == "one IP"
+        async with open_coalition(
+            swarm,
+            n_hostile,
+            B.HONEST,
+            ip=FABRICATE_IP if one_ip else None,
+            near=[dht_key(h) for h in targets] if placement != "spread" else None,
+            seed=args.seed,
+        ) as coalition:
+            progress(f"{label}: {n_hostile} hostile nodes joined; registering handles")
+            with trio.fail_after(SETUP_DEADLINE):
+                tick = Every10Percent(n_honest, lambda d: progress(f"{label}: publish {d}"))
+                count = 0
+
+                async def publish(i: int) -> None:
+                    nonlocal count
+                    await swarm.publish(i, lifetime=3600)
+                    count += 1
+                    tick(count)
+
+                await trio_pool(n_honest, 8, publish)
+            wall = swarm.wall()
+            for handle in targets:
+                coalition.add_rival(handle, wall)
+            keys = {h: swarm.nodes[i].identity.public_key for i, h in enumerate(handles)}
+            for name, behaviour in rows:
+                row = Row(name, placement, defences)
+                if behaviour & B.SPOOF and not can_spoof():
+                    row.notes.append("spoof: not run (a raw socket needs root)")
+                    behaviour &= ~B.SPOOF
+                coalition.behaviours = behaviour
+                await start_attack(args, swarm, coalition, behaviour, targets, row, rng)
+                await run_lookups(args, swarm, coalition, targets, keys, row, rng, label)
+                coalition.behaviours = B.HONEST
+                done.append(row)
+    return done
+
+
+async def start_attack(
+    args: argparse.Namespace,
+    swarm: Swarm,
+    coalition: Coalition,
+    behaviour: Behaviour,
+    targets: list[str],
+    row: Row,
+    rng: random.Random,
+) -> None:
+    if behaviour & B.SQUATTER:
+        with trio.move_on_after(300):
+            accepted = await coalition.squat(targets, swarm.wall())
+            attackers = {coalition.attackers[h].public_key for h in targets}
+            squatted = sum(
+                1
+                for n in swarm.nodes
+                for handle in targets
+                if (held := n.dht.core.storage.record(dht_key(handle))) is not None
+                and held.public_key in attackers
+            )
+            row.notes.append(
+                f"squatter: {len(targets)} rival claims published, {accepted} replicas said "
+                f"stored (hostile ones included); honest nodes now holding a rival: {squatted}"
+            )
+    if behaviour & B.SPOOF:
+        honest = [n for n in swarm.nodes if n.alive]
+        for member in coalition.members:
+            for _ in range(SPOOFS_PER_NODE):
+                victim, posing = rng.sample(honest, 2)
+                coalition.spoof(member, posing.address, victim.address, "find_node")
+        await trio.sleep(1.0)
+        hostile = {m.node_id: m.address for m in coalition.members}
+        wrong = sum(
+            1
+            for n in honest
+            for node in n.dht.core.table
+            if node.id in hostile and Address(node.ip, node.port) != hostile[node.id]
+        )
+        row.notes.append(
+            f"spoof: {coalition.spoofed} spoofed requests sent so far; honest table entries "
+            f"of a hostile id at an address not its own: {wrong}"
+        )
+
+
+async def run_lookups(
+    args: argparse.Namespace,
+    swarm: Swarm,
+    coalition: Coalition,
+    targets: list[str],
+    keys: dict[str, bytes],
+    row: Row,
+    rng: random.Random,
+    label: str,
+) -> None:
+    honest = [n for n in swarm.nodes if n.alive]
+    plan = []
+    for i in range(2 * args.lookups):
+        handle = rng.choice(targets)
+        asker = rng.choice([n for n in honest if n.identity.handle != handle])
+        plan.append((asker, handle, i % 2 == 1))
+    cap = swarm.config.lookup_deadline + swarm.config.rpc_timeout + 5.0
+    tick = Every10Percent(len(plan), lambda d: progress(f"{label}, {row.name}: lookups {d}"))
+    finished = 0
+
+    async def lookup(index: int) -> None:
+        nonlocal finished
+        asker, handle, certified = plan[index]
+        owner = keys[handle]
+        ref = HandleRef.parse(self_certifying(handle, owner)) if certified else HandleRef(handle)
+        outcome = "not-found"
+        started = time.perf_counter()
+        with trio.move_on_after(cap):
+            resolution, details = await asker.dht.resolve_claim(ref)
+            row.rpcs.append(details.rpcs)
+            if resolution.status == OK and resolution.record is not None:
+                outcome = "owner" if resolution.record.public_key == owner else "wrong"
+                if outcome == "wrong" and len(row.wrong_votes) < 5:
+                    votes = {c.public_key: c.votes for c in resolution.claims}
+                    row.wrong_votes.append(
+                        f"{handle}: rival {votes.get(resolution.record.public_key, 0)} votes, "
+                        f"owner {votes.get(owner, 0)}, {len(details.values)} answers with a "
+                        f"value, {details.rpcs} RPCs"
+                    )
+            elif resolution.status == CONTESTED:
+                outcome = "contested"
+            if outcome in ("wrong", "contested") and row.defences:
+                row.closest_only[outcome] += closest_only_owner(asker, ref, details, owner)
+        row.latencies_ms.append((time.perf_counter() - started) * 1000)
+        (row.certified if certified else row.plain)[outcome] += 1
+        finished += 1
+        tick(finished)
+
+    ran = await trio_pool(
+        len(plan), args.concurrency, lookup, trio.current_time() + args.row_deadline
+    )
+    if ran < len(plan):
+        row.incomplete = f"row deadline: ran {ran} of {len(plan)} lookups"
+
+
+def closest_only_owner(asker: Any, ref: HandleRef, details: LookupResult, owner: bytes) -> int:
+    """1 if the claim rule, given only the values of the lookup's k closest answering
+    nodes, picks the owner's key."""
+    closest = {n.id for n in details.closest}
+    answers = [
+        Answer(n.id, n.ip, v, details.seen.get(n.id)) for n, v in details.values if n.id in closest
+    ]
+    key = dht_key(ref.handle)
+    resolution = resolve_claims(
+        answers, time.time(), key=key, accept_key=ref.matches, local=asker.dht.core.storage.get(key)
+    )
+    record = resolution.record
+    return int(resolution.status == OK and record is not None and record.public_key == owner)
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> None:
+    n_hostile = round(args.nodes * args.hostile)
+    print(
+        f"\nHandle lookups with hostile nodes: N={args.nodes}, {n_hostile} hostile "
+        f"({args.hostile:.0%}), {args.lookups} plain + {args.lookups} self-certifying "
+        f"lookups per row, concurrency {args.concurrency}, seed {args.seed}; one process, "
+        "real UDP sockets on 127/8. First messages: not measured."
+    )
+    header = (
+        f"{'row':<24} {'def':>3} {'owner':>7} {'contest':>7} {'notfnd':>6} {'WRONG':>5} "
+        f"{'cert ok':>7} {'c.cont':>6} {'c.nf':>5} {'c.WRONG':>7} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'RPC/lk':>6}"
+    )
+    for placement in ("spread", "one IP", "targeted /24s"):
+        rows = [s for s in summaries if s["placement"] == placement]
+        if not rows:
+            continue
+        print(f"\nplacement: {placement}")
+        print(header)
+        print("-" * len(header))
+        for s in rows:
+            p, c = Counter(s["plain"]), Counter(s["self_certifying"])
+            print(
+                f"{s['row']:<24} {'on' if s['defences'] else 'off':>3} "
+                f"{p['owner']:>7} {p['contested']:>7} {p['not-found']:>6} {p['wrong']:>5} "
+                f"{c['owner']:>7} {c['contested']:>6} {c['not-found']:>5} {c['wrong']:>7} "
+                f"{fmt(s['p50_ms'], '.1f'):>7} {fmt(s['p99_ms'], '.1f'):>7} "
+                f"{fmt(s['rpcs_per_lookup'], '.1f'):>6}"
+            )
+    print(
+        "\nowner/contest/notfnd/WRONG: plain-handle lookups that returned the owner's key, "
+        '"contested", nothing (timeouts included), another key without a contested flag; '
+        "c.*: the same for self-certifying lookups (user<i>#<16 characters>). Latency: every "
+        "lookup, both kinds; RPCs: per lookup."
+    )
+    for s in summaries:
+        extra = list(s["notes"]) + ([f"INCOMPLETE: {s['incomplete']}"] if s["incomplete"] else [])
+        if extra:
+            print(f"{s['placement']}, {s['row']}, defences {s['defences']}: " + "; ".join(extra))
+    base = next((s for s in summaries if s["row"] == "no attack" and s["defences"]), None)
+    single = next(
+        (s for s in summaries if s["row"] == "single attacker address" and s["defences"]), None
+    )
+    if base and single:
+        print(
+            "single attacker address vs no attack (defences on): plain owner "
+            f"{fmt(single['plain_owner_pct'], '.2f')} % vs {fmt(base['plain_owner_pct'], '.2f')}"
+            f" %, self-certifying {fmt(single['certified_ok_pct'], '.2f')} % vs "
+            f"{fmt(base['certified_ok_pct'], '.2f')} %, p50 {fmt(single['p50_ms'], '.1f')} vs "
+            f"{fmt(base['p50_ms'], '.1f')} ms, p99 {fmt(single['p99_ms'], '.1f')} vs "
+            f"{fmt(base['p99_ms'], '.1f')} ms"
+        )
+    print()
+    for s in summaries:
+        if s["defences"]:
+            goals = "; ".join(f"{k}: {v}" for k, v in s["goals"].items())
+            print(f"goals {s['placement']}, {s['row']}: {goals}")
+    if any(not s["defences"] for s in summaries):
+        print("defences off: not graded (the control)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", "--nodes", type=int, default=200, help="nodes (default 200)")
+    parser.add_argument("--hostile", type=float, default=0.2, help="hostile fraction (0.2)")
+    parser.add_argument(
+        "--lookups", type=int, default=300, help="plain lookups per row, as many certified (300)"
+    )
+    parser.add_argument("--targets", type=int, default=2, help="targeted handles, one IP (2)")
+    parser.add_argument("--concurrency", type=int, default=8, help="lookups at once (8)")
+    parser.add_argument("--row-deadline", type=float, default=300.0, help="seconds per row")
+    parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    parser.add_argument(
+        "--defences", choices=["both", "on", "off"], default="both", help="which runs (both)"
+    )
+    parser.add_argument(
+        "--placements",
+        default="spread,one IP,targeted /24s",
+        help="comma-separated placements to run (default: all three)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    if set(args.placements.split(",")) - set(PLACEMENTS):
+        parser.error(f"--placements: choose among {sorted(PLACEMENTS)}")
+    if not 0 < args.hostile < 1 or args.nodes < 10:
+        parser.error("--hostile in (0, 1) and -n >= 10")
+    logging.basicConfig(level=logging.ERROR)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.nodes + 256)), hard))
+    Identity.generate("warmup")
+
+    async def run() -> list[Row]:
+        rows: list[Row] = []
+        for defences in {"both": (True, False), "on": (True,), "off": (False,)}[args.defences]:
+            for placement in args.placements.split(","):
+                rows += await run_network(args, defences, placement, PLACEMENTS[placement])
+        return rows
+
+    started = time.perf_counter()
+    summaries = [r.summary(args.nodes, args.hostile) for r in trio.run(run)]
+    progress(f"done in {time.perf_counter() - started:.0f} s")
+    if args.json:
+        print(json.dumps({"args": vars(args), "rows": summaries}, indent=2))
+    else:
+        print_tables(args, summaries)
+
+
+if __name__ == "__main__":
+    main()
