@@ -253,6 +253,17 @@ class HandleRecord:
         return verify_notice(self.rotation).moves(self.handle, old_key, self.public_key)
 
 
+def claimed_key(data: bytes) -> bytes | None:
+    """The public key a record's bytes claim, read without checking anything else (None
+    if the header is not a record's). Cheap: for a lookup to see whether the replicas
+    agree before it pays for verifying; the resolver verifies what it believes."""
+    if len(data) < 6 or data[:4] != MAGIC or data[4] != VERSION:
+        return None
+    start = 6 + data[5]
+    key = data[start : start + 32]
+    return key if len(key) == 32 else None
+
+
 def verify_record(data: bytes, now: float, *, key: bytes | None = None) -> HandleRecord:
     """Decode and verify a record with a current presence; with ``key``, check it belongs
     under that key."""

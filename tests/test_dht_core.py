@@ -230,7 +230,7 @@ def test_find_value_collects_every_value_and_widens_to_k() -> None:
     assert len(lookup.result.without_value) == 4
 
 
-def test_a_value_lookup_ends_once_a_quorum_of_the_closest_hold_values() -> None:
+def test_a_value_lookup_ends_once_a_quorum_of_the_closest_agree() -> None:
     target = int.from_bytes(nid(999), "big")
     seeds = sorted(seed_nodes(*range(1, 11)), key=lambda n: n.long_id ^ target)
     lookup = new_lookup(seeds, find_value=True, k=10, alpha=10, quorum=3)
@@ -240,10 +240,48 @@ def test_a_value_lookup_ends_once_a_quorum_of_the_closest_hold_values() -> None:
     for node in seeds[1:4]:
         lookup.replied(node.id, wire.FindValueReply(b"v", contacts()))
     assert lookup.next_requests(0.1) == [] and not lookup.done
-    lookup.replied(seeds[0].id, wire.FindValueReply(None, contacts()))
+    lookup.replied(seeds[0].id, wire.FindValueReply(b"v", contacts()))
     lookup.next_requests(0.2)
-    assert lookup.done  # the 3 closest answered, 3 values: no need to wait for 6 more
-    assert len(lookup.result.values) == 3
+    assert lookup.done  # the 3 closest agree: no need to wait for 6 more
+    assert len(lookup.result.values) == 4
+    assert lookup.result.voters == {n.id for n in seeds[:4]}
+
+
+def test_a_value_lookup_whose_closest_disagree_waits_for_the_k_closest() -> None:
+    """A liar among the quorum closest (or a replica without the value) cannot end the
+    lookup early: it goes on until the k closest answered, and they all vote."""
+    target = int.from_bytes(nid(999), "big")
+    seeds = sorted(seed_nodes(*range(1, 11)), key=lambda n: n.long_id ^ target)
+    lookup = new_lookup(seeds, find_value=True, k=10, alpha=10, quorum=3, claim_of=lambda v: v[:1])
+    lookup.next_requests(0.0)
+    lookup.replied(seeds[0].id, wire.FindValueReply(b"rival", contacts()))
+    for node in seeds[1:4]:
+        lookup.replied(node.id, wire.FindValueReply(b"owner", contacts()))
+    assert lookup.next_requests(0.1) == [] and not lookup.done
+    for node in seeds[4:9]:
+        lookup.replied(node.id, wire.FindValueReply(b"owner", contacts()))
+    lookup.next_requests(0.2)
+    assert not lookup.done  # one of the k closest has not answered yet
+    lookup.replied(seeds[9].id, wire.FindValueReply(None, contacts()))
+    lookup.next_requests(0.3)
+    assert lookup.done and len(lookup.result.values) == 9
+
+
+def test_a_far_node_that_answers_with_a_value_does_not_vote() -> None:
+    """A liar answers every key with a value; only the k closest known to the target
+    when the lookup ends are voters, however early the liar answered."""
+    target = int.from_bytes(nid(999), "big")
+    ranked = sorted(range(1, 40), key=lambda i: int.from_bytes(nid(i), "big") ^ target)
+    far, near = ranked[-1], ranked[:3]
+    lookup = new_lookup(seed_nodes(far), find_value=True, k=3, alpha=3, quorum=3)
+    (asked,) = lookup.next_requests(0.0)
+    lookup.replied(asked.id, wire.FindValueReply(b"rival", contacts(*near)))
+    for node in lookup.next_requests(0.1):
+        lookup.replied(node.id, wire.FindValueReply(b"owner", contacts()))
+    lookup.next_requests(0.2)
+    assert lookup.done
+    assert nid(far) not in lookup.result.voters
+    assert lookup.result.voters == {nid(i) for i in near}
 
 
 def test_a_reply_of_the_wrong_shape_counts_as_none() -> None:

@@ -60,7 +60,7 @@ from ..claims import Answer, Resolution, resolve_claims
 from ..config import DHTConfig
 from ..errors import OldFrameVersion, WireError
 from ..identity import verify_signature
-from ..records import HandleRecord, Verdict, verify_claim
+from ..records import HandleRecord, Verdict, claimed_key, verify_claim
 from .lookup import DisjointLookup, Lookup, LookupResult
 from .mailbox import MailboxStorage, delete_message, entry_id, fetch_message, mailbox_key
 from .nodekey import NodeKey
@@ -540,6 +540,7 @@ class DHTCore:
         *,
         find_value: bool = False,
         seeds: list[Node] | None = None,
+        claim_of: Callable[[bytes], bytes | None] = bytes,
     ) -> None:
         self.now = max(self.now, now)
         config = self.config
@@ -561,6 +562,7 @@ class DHTCore:
             seeds=seeds if seeds is not None else self.table.closest(target, config.ksize),
             skip=lambda node_id: self.is_suspect(node_id, self.now),
             limit=self.limit,
+            claim_of=claim_of,
         )
         self.table.touch(target, now)
         run = _LookupRun(self, lookup, on_done)
@@ -624,7 +626,12 @@ class DHTCore:
         ``accept_key`` allows."""
 
         def found(result: LookupResult) -> None:
-            answers = [Answer(n.id, n.ip, v, result.seen.get(n.id)) for n, v in result.values]
+            # Only replicas among the k closest known to the key vote (with the defences
+            # on): a liar far from the key answers with a value too.
+            voting = [
+                (n, v) for n, v in result.values if not self.defended or n.id in result.voters
+            ]
+            answers = [Answer(n.id, n.ip, v, result.seen.get(n.id)) for n, v in voting]
             local = self.storage.get(key)
             resolution = resolve_claims(
                 answers,
@@ -649,7 +656,7 @@ class DHTCore:
                     self.storage.offer(key, encoded)
             on_done((resolution, result))
 
-        self.start_lookup(key, now, found, find_value=True)
+        self.start_lookup(key, now, found, find_value=True, claim_of=claimed_key)
 
     def start_bootstrap(
         self, addresses: list[Address], now: float, on_done: Callable[[int], None]

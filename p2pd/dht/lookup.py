@@ -62,6 +62,10 @@ class LookupResult:
     without_value: list[Node] = field(default_factory=list)
     #: node id -> the first-seen time it stated for its value (find_value "seen").
     seen: dict[bytes, int] = field(default_factory=dict)
+    #: The answering nodes among the k closest *known* to the target when the lookup
+    #: ended (asked or not): the replicas whose values may count. A node far from the
+    #: key that answers with a value (a liar answers every key) is not one of them.
+    voters: set[bytes] = field(default_factory=set)
     rpcs: int = 0
     elapsed: float = 0.0
     #: Replies that moved the lookup, by round: 1 + the longest chain of replies that
@@ -88,6 +92,7 @@ class Lookup:
         skip: Callable[[bytes], bool] = lambda _: False,
         limit: AddressLimit | None = None,
         taken: set[bytes] | None = None,
+        claim_of: Callable[[bytes], bytes | None] = bytes,
     ) -> None:
         self.target = target
         self.find_value = find_value
@@ -100,6 +105,10 @@ class Lookup:
         self._own = own_id
         self._skip = skip
         self._limit = limit
+        #: What a value claims (a handle record's key): the early end needs the quorum
+        #: closest to agree on it. By default the value's bytes themselves.
+        self._claim_of = claim_of
+        self._claims: dict[bytes, bytes | None] = {}
         #: Shared by the paths of a disjoint lookup: every node one of them asked.
         self._taken = taken
         self.started = started
@@ -179,15 +188,23 @@ class Lookup:
         return out
 
     def _enough_values(self, live: list[Node]) -> bool:
-        """A value lookup has heard enough: the ``quorum`` closest live nodes have all
-        answered, and at least ``quorum`` answers carried a value."""
+        """A value lookup may end before the k closest answered only when the ``quorum``
+        closest live nodes have all answered with a value and agree on what it claims.
+        Any disagreement (a liar among them, a stale replica of another key) makes it
+        go on to the k closest: unanimity is cheap to reach in an honest network, and a
+        liar near the key buys only a longer lookup, not an early stop on its value."""
         quorum = self._quorum
         if not self.find_value or quorum >= self._k or len(self.result.values) < quorum:
             return False
-        return all(self._state[n.id] == _OK for n in live[:quorum])
+        nearest = live[:quorum]
+        if len(nearest) < quorum or any(self._state[n.id] != _OK for n in nearest):
+            return False
+        claims = {self._claims.get(n.id) for n in nearest}
+        return len(claims) == 1 and None not in claims
 
     def _finish(self, now: float) -> None:
         self.done = True
+        self.result.voters = {n.id for n in self._live() if self._state[n.id] == _OK}
         self.result.closest = self._closest(
             (n for n in self._nodes.values() if self._state[n.id] == _OK),
             self._target,
@@ -232,6 +249,7 @@ class Lookup:
         if isinstance(reply, wire.FindValueReply) and self.find_value:
             if reply.value is not None:
                 self.result.values.append((node, reply.value))
+                self._claims[node_id] = self._claim_of(reply.value)
                 if reply.seen is not None:
                     self.result.seen[node.id] = reply.seen
             else:
@@ -287,6 +305,7 @@ class DisjointLookup:
         seeds: Iterable[Node],
         skip: Callable[[bytes], bool] = lambda _: False,
         limit: AddressLimit | None = None,
+        claim_of: Callable[[bytes], bytes | None] = bytes,
     ) -> None:
         paths = max(1, paths)
         self.target = target
@@ -316,6 +335,7 @@ class DisjointLookup:
                 skip=skip,
                 limit=limit,
                 taken=self._taken,
+                claim_of=claim_of,
             )
             for path_seeds in dealt
         ]
@@ -343,6 +363,7 @@ class DisjointLookup:
             result.values += path.result.values
             result.without_value += path.result.without_value
             result.seen.update(path.result.seen)  # the replicas' first-seen receipts
+            result.voters |= path.result.voters
             result.rpcs += path.result.rpcs
             result.hops = max(result.hops, path.result.hops)
         answered = {n.id: n for path in self.paths for n in path.result.closest}
