@@ -479,7 +479,15 @@ async def _p2pd_phases(
         result.incomplete = f"lookup deadline: ran {started} of {len(w.lookups)} lookups"
     after = counters_now()
     after.subtract(before)  # the survivors' counters, during the lookup phase
-    wanted_counters = ("requests_out", "timeouts", "soft_timeouts", "evictions")
+    wanted_counters = (
+        "requests_out",
+        "timeouts",
+        "soft_timeouts",
+        "evictions",
+        "proof_pings",
+        "proofs_signed",
+        "proofs_checked",
+    )
     result.counters = {k: after[k] for k in wanted_counters}
 
     def rtt_census() -> tuple[list[float], list[float]]:

@@ -289,7 +289,10 @@ class DHTCore:
                 result["seen"] = self.storage.first_seen(req.key)
         else:
             result = self._on_mailbox_request(req)
-        sign = self.node_key.sign if req.prove else None
+        sign = None
+        if req.prove:
+            self.stats["proofs_signed"] += 1
+            sign = self.node_key.sign
         self._send(wire.encode_response(req.msg_id, result, sign), address)
 
     def is_close_to(self, key: bytes) -> bool:
@@ -377,6 +380,7 @@ class DHTCore:
             return None
         if not pending.probe and wire.node_id_for(key) != pending.node.id:
             return None
+        self.stats["proofs_checked"] += 1
         if not verify_signature(key, wire.reply_message(msg_id, raw), signature):
             return None
         return key
