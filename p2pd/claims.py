@@ -119,10 +119,18 @@ def resolve_claims(
     everything = list(answers)
     if local is not None:
         everything.append(Answer(b"", LOCAL, local))
+    # The replicas mostly hold the same bytes: check each distinct value once.
+    checked: dict[bytes, HandleRecord | None] = {}
     for answer in everything:
-        try:
-            record = verify_claim(answer.value, now, key=key)
-        except RecordError:
+        if answer.value in checked:
+            record = checked[answer.value]
+        else:
+            try:
+                record = verify_claim(answer.value, now, key=key)
+            except RecordError:
+                record = None
+            checked[answer.value] = record
+        if record is None:
             continue
         pk = record.public_key
         if not accept_key(pk):

@@ -181,6 +181,11 @@ SIGNATURE_LEN = 64
 #: What a reply to a request with ``prove`` set is signed under (with the message id and
 #: the reply's msgpack bytes): a node key's signature over this is no other statement.
 REPLY_CONTEXT = b"p2pd dht reply v2\x00"
+#: What a ``proof`` request's signature is made under (with the node key of the node it
+#: is sent to and the cookie that node handed out): a statement of no other kind.
+PROOF_CONTEXT = b"p2pd dht proof v2\x00"
+#: A responder's address cookie (docs/PROTOCOL.md, "Earned contacts").
+COOKIE_LEN = 16
 NODE_ID_CONTEXT = b"p2pd node id v2\x00"
 MAX_U63 = (1 << 63) - 1
 DHT_METHODS = (
@@ -191,6 +196,7 @@ DHT_METHODS = (
     "mailbox_put",
     "mailbox_fetch",
     "mailbox_delete",
+    "proof",
 )
 _ARITY = {
     "ping": 1,
@@ -200,6 +206,7 @@ _ARITY = {
     "mailbox_put": 3,
     "mailbox_fetch": 5,
     "mailbox_delete": 5,
+    "proof": 3,
 }
 
 
@@ -236,7 +243,8 @@ class DHTRequest:
     timestamp: int | None = None  # mailbox_fetch, mailbox_delete
     after: bytes | None = None  # mailbox_fetch: page cursor (an entry id, or b"")
     ids: tuple[bytes, ...] | None = None  # mailbox_delete
-    signature: bytes | None = None  # mailbox_fetch, mailbox_delete
+    signature: bytes | None = None  # mailbox_fetch, mailbox_delete, proof
+    cookie: bytes | None = None  # proof
 
     @property
     def sender_id(self) -> bytes:
@@ -328,6 +336,11 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
     sender = _bytes(args[0], PUBLIC_KEY_LEN)
     if method == "ping":
         return DHTRequest(msg_id, method, sender, prove)
+    if method == "proof":
+        cookie = _bytes(args[1], COOKIE_LEN)
+        return DHTRequest(
+            msg_id, method, sender, prove, cookie=cookie, signature=_bytes(args[2], SIGNATURE_LEN)
+        )
     if method in ("mailbox_fetch", "mailbox_delete"):
         owner = _bytes(args[1], PUBLIC_KEY_LEN)
         timestamp = _u63(args[2])
@@ -404,29 +417,48 @@ def encode_contacts(contacts: list[Contact]) -> list[list[Any]]:
     return [[c.node_key, c.address.host, c.address.port] for c in contacts[:MAX_CONTACTS]]
 
 
-#: msgpack's array-of-2 header, nil, and the bin 8 header of a 64-byte signature.
-_PAIR, _NIL, _SIG_HEADER = 0x92, b"\xc0", b"\xc4\x40"
+#: msgpack's array-of-2 and array-of-3 headers, nil, and the bin 8 headers of a 64-byte
+#: signature and of a cookie.
+_PAIR, _TRIPLE, _NIL = 0x92, 0x93, b"\xc0"
+_SIG_HEADER, _COOKIE_HEADER = b"\xc4\x40", bytes([0xC4, COOKIE_LEN])
 
 
-def split_response(payload: bytes) -> tuple[bytes, bytes | None]:
-    """(the result's msgpack bytes, the signature or None) of a response payload.
+def split_response(payload: bytes) -> tuple[bytes, bytes | None, bytes | None]:
+    """(the result's msgpack bytes, the signature or None, the cookie or None) of a
+    response payload.
 
-    The payload is the msgpack array ``[result, signature-or-nil]``; it is cut up by its
-    layout rather than decoded and encoded again, so that the signed bytes are exactly
-    the bytes that were sent (no reliance on a canonical msgpack encoding)."""
-    if len(payload) < 2 or payload[0] != _PAIR:
-        raise WireError("response is not [result, signature]")
-    if payload[-1:] == _NIL:
-        return payload[1:-1], None
-    cut = len(payload) - len(_SIG_HEADER) - SIGNATURE_LEN
+    The payload is the msgpack array ``[result, signature-or-nil]``, or ``[result,
+    signature-or-nil, cookie]`` when the responder asks the requester to prove its own
+    id; it is cut up by its layout rather than decoded and encoded again, so that the
+    signed bytes are exactly the bytes that were sent (no reliance on a canonical
+    msgpack encoding)."""
+    if len(payload) < 2 or payload[0] not in (_PAIR, _TRIPLE):
+        raise WireError("response is not [result, signature] or [result, signature, cookie]")
+    end = len(payload)
+    cookie = None
+    if payload[0] == _TRIPLE:
+        end -= len(_COOKIE_HEADER) + COOKIE_LEN
+        if end < 2 or payload[end : end + len(_COOKIE_HEADER)] != _COOKIE_HEADER:
+            raise WireError("response cookie malformed")
+        cookie = payload[end + len(_COOKIE_HEADER) :]
+    if end >= 2 and payload[end - 1 : end] == _NIL:
+        return payload[1 : end - 1], None, cookie
+    cut = end - len(_SIG_HEADER) - SIGNATURE_LEN
     if cut < 2 or payload[cut : cut + len(_SIG_HEADER)] != _SIG_HEADER:
         raise WireError("response signature malformed")
-    return payload[1:cut], payload[cut + len(_SIG_HEADER) :]
+    return payload[1:cut], payload[cut + len(_SIG_HEADER) : end], cookie
 
 
 def reply_message(msg_id: bytes, result: bytes) -> bytes:
     """What a proving reply's signature covers: the context, message id, result bytes."""
     return REPLY_CONTEXT + msg_id + result
+
+
+def proof_message(responder_key: bytes, cookie: bytes) -> bytes:
+    """What a ``proof`` request's signature covers: the context, the node key of the
+    node the proof is sent to (so that a node cannot pass a proof made for it on to
+    another), and the cookie that node handed out."""
+    return PROOF_CONTEXT + responder_key + cookie
 
 
 def decode_response(method: str, result: bytes) -> DHTResult:
@@ -481,9 +513,13 @@ def decode_response(method: str, result: bytes) -> DHTResult:
 
 
 def encode_response(
-    msg_id: bytes, result: Any, sign: Callable[[bytes], bytes] | None = None
+    msg_id: bytes,
+    result: Any,
+    sign: Callable[[bytes], bytes] | None = None,
+    cookie: bytes | None = None,
 ) -> bytes:
-    """A response frame; with ``sign`` (a node key's), a proving one."""
+    """A response frame; with ``sign`` (a node key's), a proving one; with ``cookie``,
+    one that asks the requester to prove its id (a ``proof`` request)."""
     packed = _pack(result)
     if sign is None:
         tail = _NIL
@@ -492,7 +528,13 @@ def encode_response(
         if len(signature) != SIGNATURE_LEN:
             raise WireError("a reply signature is 64 bytes")
         tail = _SIG_HEADER + signature
-    frame: bytes = bytes([FRAME_RESPONSE]) + msg_id + bytes([_PAIR]) + packed + tail
+    header = _PAIR
+    if cookie is not None:
+        if len(cookie) != COOKIE_LEN:
+            raise WireError(f"a cookie is {COOKIE_LEN} bytes")
+        header = _TRIPLE
+        tail += _COOKIE_HEADER + cookie
+    frame: bytes = bytes([FRAME_RESPONSE]) + msg_id + bytes([header]) + packed + tail
     if len(frame) > MAX_FRAME:
         raise WireError("DHT response too large")
     return frame

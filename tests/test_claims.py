@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pd import claims
 from p2pd.claims import CONTESTED, NOT_FOUND, OK, Answer, network_of, resolve_claims
 from p2pd.errors import Contested
 from p2pd.identity import HandleRef, Identity
@@ -35,6 +37,24 @@ def test_agreement_is_ok_and_returns_the_newest_record_of_that_key() -> None:
     res = resolve_claims(answers, NOW, key=KEY)
     assert res.status == OK and res.record is not None and res.record.seq == 3
     assert [c.votes for c in res.claims] == [6]
+
+
+def test_the_same_bytes_from_many_replicas_are_verified_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checked: list[bytes] = []
+    real = claims.verify_claim
+
+    def counting(data: bytes, now: float, *, key: bytes | None = None) -> HandleRecord:
+        checked.append(data)
+        return real(data, now, key=key)
+
+    monkeypatch.setattr(claims, "verify_claim", counting)
+    good, bad = rec(OWNER), b"\x00not a record"
+    answers = [answer(i, good) for i in range(12)] + [answer(20 + i, bad) for i in range(4)]
+    res = resolve_claims(answers, NOW, key=KEY)
+    assert res.status == OK and [c.votes for c in res.claims] == [12]
+    assert sorted(checked) == sorted([good, bad])
 
 
 def test_more_than_a_third_for_a_rival_is_contested_with_details() -> None:

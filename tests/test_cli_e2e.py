@@ -343,10 +343,10 @@ def _store_at(daemon: DaemonProcess, record: HandleRecord) -> bool:
         sock.settimeout(5)
         frame = wire.encode_request(msg_id, "store", [os.urandom(32), record.key, record.encode()])
         sock.sendto(frame, (host, int(port)))
-        while True:  # the daemon may ping its new contact first: not our answer
+        while True:  # only our answer counts
             kind, reply_id, payload = wire.split_frame(sock.recv(wire.MAX_FRAME))
             if (kind, reply_id) == (wire.FRAME_RESPONSE, msg_id):
-                result, _ = wire.split_response(payload)
+                result = wire.split_response(payload)[0]
                 return wire.decode_response("store", result) is True
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from p2pd import wire
 from p2pd.config import DHTConfig
-from p2pd.dht.core import VERIFY_IN_FLIGHT, DHTCore
+from p2pd.dht.core import DHTCore
 from p2pd.dht.lookup import Lookup, LookupResult
 from p2pd.dht.nodekey import NodeKey
 from p2pd.dht.routing import Node, RoutingTable
@@ -347,19 +347,18 @@ def test_ping_adds_both_sides_and_a_spoofed_reply_is_not_matched() -> None:
     a.datagram_received(wire.encode_response(msg_id, pk(66)), ("192.0.2.200", 9), net.now)
     assert a.stats["unexpected_replies"] == 1 and results == []
     b.datagram_received(frame, net.address_of(a), net.now + 0.01)
-    # b answers, with proof, and asks a for a proof before a may enter its table
-    sent = b.datagrams_to_send()
-    assert {dst for _, dst in sent} == {net.address_of(a)}
-    (reply,) = [d for d, _ in sent if d[0] == wire.FRAME_RESPONSE]
-    (proof_ping,) = [d for d, _ in sent if d[0] == wire.FRAME_REQUEST]
+    # b answers, with proof and with a cookie: a must send it back before it may enter
+    ((reply, dst),) = b.datagrams_to_send()
+    assert dst == net.address_of(a) and wire.split_response(reply[21:])[2] is not None
     assert not b.table.contains(a.node_id)
     a.datagram_received(reply, net.address_of(b), net.now + 0.02)
     assert results == [b.node_key.public_key]
     assert a.table.contains(b.node_id)
-    a.datagram_received(proof_ping, net.address_of(b), net.now + 0.03)
-    (proof, _), *_ = a.datagrams_to_send()
-    b.datagram_received(proof, net.address_of(a), net.now + 0.04)
+    ((proof, dst),) = a.datagrams_to_send()  # the cookie back, signed: never answered
+    assert dst == net.address_of(b)
+    b.datagram_received(proof, net.address_of(a), net.now + 0.03)
     assert b.table.contains(a.node_id)
+    assert not b.datagrams_to_send()
     assert a.rtt.rto(net.address_of(b)) < CONFIG.soft_timeout_max
 
 
@@ -519,19 +518,25 @@ def test_a_datagram_costs_the_same_whatever_the_node_stores() -> None:
         _, record = make_record(f"many{i}")
         target.storage.offer(record.key, record.encode())
     target.datagrams_to_send()
-    before = target.stats["proof_pings"]
-    for i in range(50):
-        stranger = wire.encode_request(bytes([i]) * 20, "ping", [pk(1000 + i)])
-        target.datagram_received(stranger, ("192.0.2.99", 1000 + i), net.now)
+    strangers = [node_key(1000 + i) for i in range(50)]
+    for i, stranger in enumerate(strangers):
+        ping = wire.encode_request(bytes([i]) * 20, "ping", [stranger.public_key])
+        target.datagram_received(ping, ("192.0.2.99", 1000 + i), net.now)
     sent = target.datagrams_to_send()
-    pings_answered = sum(1 for data, _ in sent if data[0] == wire.FRAME_RESPONSE)
-    assert pings_answered == 50
-    # unproven strangers are each sent one proving ping (at most VERIFY_IN_FLIGHT at once)
-    proof_pings = target.stats["proof_pings"] - before
-    assert 0 < proof_pings <= VERIFY_IN_FLIGHT
+    # each is answered, with a cookie to send back if the table would take it; nothing else
+    assert len(sent) == 50 and all(data[0] == wire.FRAME_RESPONSE for data, _ in sent)
+    for stranger, (data, address) in zip(strangers, sent, strict=True):
+        cookie = wire.split_response(data[21:])[2]
+        if cookie is not None:
+            signature = stranger.sign(wire.proof_message(target.node_key.public_key, cookie))
+            args = [stranger.public_key, cookie, signature]
+            proof = wire.encode_request(bytes(20), "proof", args)
+            target.datagram_received(proof, address, net.now)
+    # the proven ones entered the table; a newcomer is offered at most 2 * WELCOME_SCAN
+    assert target.stats["proofs_checked"] > 0
     assert target.stats["welcome_stores"] <= 16 * 50
-    requests = len(sent) - pings_answered
-    assert requests == target.stats["welcome_stores"] + proof_pings
+    requests = target.datagrams_to_send()
+    assert len(requests) == target.stats["welcome_stores"]
 
 
 def test_a_bucket_that_hears_from_a_contact_needs_no_refresh() -> None:

@@ -21,7 +21,7 @@ from test_dht_core import CONFIG, WALL, CoreNet, _Owner, make_record, node_key
 
 from p2pd import wire
 from p2pd.config import DHTConfig
-from p2pd.dht.core import DHTCore
+from p2pd.dht.core import COOKIE_PERIOD, DHTCore
 from p2pd.dht.lookup import DisjointLookup, Lookup
 from p2pd.dht.nodekey import NODE_KEY_FILE, NodeKey, load_or_create_node_key
 from p2pd.dht.routing import AddressLimit, Node, subnet_of
@@ -169,26 +169,146 @@ def test_a_reply_from_another_address_is_ignored() -> None:
     assert not a.table.contains(c.node_id)
 
 
+def cookie_of(reply: bytes) -> bytes | None:
+    _, _, payload = wire.split_frame(reply)
+    return wire.split_response(payload)[2]
+
+
+def proof_frame(key: NodeKey, responder_key: bytes, cookie: bytes) -> bytes:
+    signature = key.sign(wire.proof_message(responder_key, cookie))
+    return wire.encode_request(os.urandom(20), "proof", [key.public_key, cookie, signature])
+
+
 def test_a_request_from_an_unproven_sender_is_answered_but_only_a_proof_adds_it() -> None:
     net = CoreNet()
     a = net.add(1)
     stranger = node_key(9)
     spoofed = ("198.51.100.10", 4009)
     ping = wire.encode_request(b"\x01" * 20, "ping", [stranger.public_key], True)
-    for _ in range(3):  # the same pair again: pinged for a proof once, not each time
+    for _ in range(3):
         a.datagram_received(ping, spoofed, net.now)
     sent = frames_to(a)
-    answers = [d for d, _ in sent if d[0] == wire.FRAME_RESPONSE]
-    proof_pings = [d for d, _ in sent if d[0] == wire.FRAME_REQUEST]
-    assert len(answers) == 3 and len(proof_pings) == 1
-    assert request_of(proof_pings[0]).prove
+    # answered each time, with a cookie, and nothing else: no proving ping, no state
+    assert len(sent) == 3 and all(d[0] == wire.FRAME_RESPONSE for d, _ in sent)
+    cookies = {cookie_of(d) for d, _ in sent}
+    assert len(cookies) == 1 and None not in cookies
     assert not a.table.contains(stranger.node_id)  # the source never answers: never added
-    # answered by the key's holder from that address: in
-    req = request_of(proof_pings[0])
-    a.datagram_received(
-        wire.encode_response(req.msg_id, stranger.public_key, stranger.sign), spoofed, net.now
+    # the key's holder sends the cookie back from that address, signed: in
+    (cookie,) = cookies
+    assert cookie is not None
+    a.datagram_received(proof_frame(stranger, a.node_key.public_key, cookie), spoofed, net.now)
+    assert a.table.contains(stranger.node_id) and a.is_verified(stranger.node_id, spoofed, net.now)
+    assert not frames_to(a)  # a proof is never answered
+    # a proven sender is answered without a cookie
+    a.datagram_received(ping, spoofed, net.now)
+    ((reply, _),) = frames_to(a)
+    assert cookie_of(reply) is None
+
+
+def _cookie_for(a: DHTCore, key: NodeKey, address: tuple[str, int], now: float) -> bytes:
+    a.datagram_received(wire.encode_request(os.urandom(20), "ping", [key.public_key]), address, now)
+    ((reply, dst),) = frames_to(a)
+    cookie = cookie_of(reply)
+    assert dst == address and cookie is not None
+    return cookie
+
+
+def test_a_cookie_proves_only_its_own_key_address_responder_and_time() -> None:
+    """A cookie sent back from another address, for another key, signed by another key,
+    signed for another responder, or too late, proves nothing; nor does a forged one."""
+    net = CoreNet()
+    a, other = net.add(1), net.add(2)
+    holder, thief = node_key(9), node_key(10)
+    address = ("198.51.100.11", 4010)
+    elsewhere = ("198.51.100.12", 4010)
+    cookie = _cookie_for(a, holder, address, net.now)
+    refused = [
+        (proof_frame(holder, a.node_key.public_key, cookie), elsewhere),  # replayed elsewhere
+        (proof_frame(thief, a.node_key.public_key, cookie), address),  # for another key
+        (proof_frame(holder, other.node_key.public_key, cookie), address),  # another responder
+        (proof_frame(holder, a.node_key.public_key, bytes(16)), address),  # forged cookie
+    ]
+    # the right cookie and key, but signed by another
+    forged = wire.encode_request(
+        os.urandom(20),
+        "proof",
+        [holder.public_key, cookie, thief.sign(wire.proof_message(a.node_key.public_key, cookie))],
     )
-    assert a.table.contains(stranger.node_id)
+    refused.append((forged, address))
+    for frame, source in refused:
+        a.datagram_received(frame, source, net.now)
+    assert a.stats["bad_cookies"] == 3 and a.stats["bad_proofs"] == 2
+    assert not frames_to(a)
+    # a cookie whose proof failed once costs no second signature check (even a good one:
+    # only the node at the address, or one on the path, has the cookie to spend it)
+    assert a.stats["proofs_checked"] == 1
+    a.datagram_received(proof_frame(holder, a.node_key.public_key, cookie), address, net.now)
+    assert a.stats["proofs_checked"] == 1 and a.stats["bad_proofs"] == 3
+    for key in (holder, thief):
+        assert not a.table.contains(key.node_id)
+    # the next period brings a new cookie
+    later = net.now + COOKIE_PERIOD
+    fresh = _cookie_for(a, holder, address, later)
+    assert fresh != cookie
+    a.datagram_received(proof_frame(holder, a.node_key.public_key, fresh), address, later)
+    assert a.table.contains(holder.node_id)
+    # a right proof works within the cookie's life (60 to 120 s) ...
+    other_holder, other_address = node_key(14), ("198.51.100.15", 4010)
+    cookie = _cookie_for(a, other_holder, other_address, net.now)
+    proof = proof_frame(other_holder, a.node_key.public_key, cookie)
+    a.datagram_received(proof, other_address, later)
+    assert a.table.contains(other_holder.node_id)
+    # ... and not after it
+    late, late_address = node_key(11), ("198.51.100.16", 4010)
+    cookie = _cookie_for(a, late, late_address, net.now)
+    too_late = net.now + 2 * COOKIE_PERIOD
+    a.datagram_received(proof_frame(late, a.node_key.public_key, cookie), late_address, too_late)
+    assert a.stats["bad_cookies"] == 4 and not a.table.contains(late.node_id)
+
+
+def test_a_spoofed_source_never_enters_a_table_and_costs_no_verification() -> None:
+    """An off-path spoofer names a key it holds and a source address it does not: the
+    cookie goes to that address, never to the spoofer, so guessing it is all it can do."""
+    net = CoreNet()
+    a = net.add(1)
+    spoofer = node_key(12)
+    victim = ("198.51.100.13", 4011)
+    for i in range(20):
+        ping = wire.encode_request(bytes([i]) * 20, "ping", [spoofer.public_key])
+        a.datagram_received(ping, victim, net.now)
+        guess = os.urandom(wire.COOKIE_LEN)
+        a.datagram_received(proof_frame(spoofer, a.node_key.public_key, guess), victim, net.now)
+    sent = frames_to(a)
+    assert len(sent) == 20 and {dst for _, dst in sent} == {victim}  # one reply each
+    assert a.stats["bad_cookies"] == 20 and a.stats["proofs_checked"] == 0
+    assert not a.table.contains(spoofer.node_id)
+
+
+def test_a_proof_replayed_after_it_was_taken_costs_nothing() -> None:
+    net = CoreNet()
+    a = net.add(1)
+    holder = node_key(13)
+    address = ("198.51.100.14", 4012)
+    proof = proof_frame(holder, a.node_key.public_key, _cookie_for(a, holder, address, net.now))
+    for _ in range(5):
+        a.datagram_received(proof, address, net.now)
+    assert a.table.contains(holder.node_id)
+    assert a.stats["proofs_checked"] == 1 and a.stats["proofs_unneeded"] == 4
+
+
+def test_two_cores_prove_each_other_in_three_datagrams() -> None:
+    """a asks b (never met): b's signed reply proves b to a and carries a cookie; a's
+    proof proves a to b. No proving ping."""
+    net = CoreNet()
+    a, b = net.add(1), net.add(2)
+    results: list[Any] = []
+    a.request(net.node_of(b), "find_node", [bytes(20)], net.now, _Owner(results))
+    net.run_until(lambda: not net.flight)
+    assert len(results) == 1 and results[0] is not None
+    assert a.table.contains(b.node_id) and b.table.contains(a.node_id)
+    assert net.delivered == 3
+    assert a.stats["proofs_sent"] == 1 and b.stats["proofs_checked"] == 1
+    assert b.stats["requests_out"] == 0
 
 
 # ---------------------------------------------------------------------- address limits

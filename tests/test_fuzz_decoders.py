@@ -262,6 +262,7 @@ def valid_requests() -> st.SearchStrategy[tuple[str, list[Any]]]:
             st.lists(exactly(16), min_size=1, max_size=MAILBOX_DELETE_MAX),
             exactly(64),
         ),
+        method("proof", exactly(16), exactly(64)),
     )
 
 
@@ -338,12 +339,22 @@ def test_dht_request_mutations(
 
 
 @FUZZ
-@given(valid_responses(), st.sampled_from(DHT_METHODS), st.booleans(), st.data())
+@given(
+    valid_responses(),
+    st.sampled_from(DHT_METHODS),
+    st.booleans(),
+    st.none() | st.binary(min_size=16, max_size=16),
+    st.data(),
+)
 def test_dht_response_mutations(
-    response: tuple[str, Any], other_method: str, signed: bool, data: st.DataObject
+    response: tuple[str, Any],
+    other_method: str,
+    signed: bool,
+    cookie: bytes | None,
+    data: st.DataObject,
 ) -> None:
     method, result = response
-    frame = encode_response(MSG_ID, result, SIGNER.sign if signed else None)
+    frame = encode_response(MSG_ID, result, SIGNER.sign if signed else None, cookie)
     assert not refused(WireError, lambda: decode_frame(frame, method))
     candidate = mutate(data, frame)
     refused(WireError, lambda: decode_frame(candidate, method))

@@ -22,6 +22,7 @@ from p2pd.identity import verify_signature as verify
 from p2pd.records import MAX_ADDRESSES, MAX_EXTENSION, MAX_RECORD_SIZE, HandleRecord
 from p2pd.rotation import RotationNotice
 from p2pd.wire import (
+    COOKIE_LEN,
     DHT_METHODS,
     FRAME_REQUEST,
     FRAME_RESPONSE,
@@ -44,6 +45,7 @@ from p2pd.wire import (
     encode_request,
     encode_response,
     node_id_for,
+    proof_message,
     reply_message,
     split_frame,
     split_response,
@@ -229,6 +231,7 @@ VALID_REQUESTS: dict[str, list[Any]] = {
     "mailbox_put": [SENDER, KEY, b"\x99" * MAX_MAILBOX_ENTRY],
     "mailbox_fetch": [SENDER, OWNER, 1_700_000_000, b"\x66" * 16, SIG],
     "mailbox_delete": [SENDER, OWNER, 1_700_000_000, [b"\x77" * 16, b"\x78" * 16], SIG],
+    "proof": [SENDER, b"\x88" * COOKIE_LEN, SIG],
 }
 
 
@@ -262,6 +265,8 @@ def test_request_round_trip(method: str, prove: bool) -> None:
         assert req.after == args[3]
     if method == "mailbox_delete":
         assert req.ids == tuple(args[3])
+    if method == "proof":
+        assert (req.cookie, req.signature) == (args[1], SIG)
 
 
 def test_mailbox_fetch_with_empty_cursor() -> None:
@@ -292,6 +297,10 @@ def _bad_requests() -> list[tuple[str, list[Any]]]:
         ("mailbox_delete", [SENDER, OWNER, 1, [b"\x00" * 16] * (MAILBOX_DELETE_MAX + 1), SIG]),
         ("mailbox_delete", [SENDER, OWNER, 1, [b"\x00" * 15], SIG]),
         ("mailbox_delete", [SENDER, OWNER, 1, b"\x00" * 16, SIG]),
+        ("proof", [SENDER, b"\x88" * COOKIE_LEN]),
+        ("proof", [SENDER, b"\x88" * (COOKIE_LEN + 1), SIG]),
+        ("proof", [SENDER, b"\x88" * COOKIE_LEN, SIG[:63]]),
+        ("proof", [SENDER, "a cookie", SIG]),
     ]
     return cases
 
@@ -362,17 +371,43 @@ def test_response_frame_kind() -> None:
     frame = encode_response(MSG_ID, NODE)
     kind, msg_id, payload = split_frame(frame)
     assert (kind, msg_id, frame[0]) == (FRAME_RESPONSE, MSG_ID, 0x03)
-    raw, signature = split_response(payload)
-    assert signature is None
+    raw, signature, cookie = split_response(payload)
+    assert signature is None and cookie is None
     assert decode_response("ping", raw) == NODE
     assert msgpack.unpackb(payload) == [NODE, None]  # plain msgpack [result, nil]
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_response_may_carry_a_cookie_after_its_signature(signed: bool) -> None:
+    key = NodeKey.from_seed(b"\x07" * 32)
+    cookie = b"\x5c" * COOKIE_LEN
+    payload = split_frame(encode_response(MSG_ID, NODE, key.sign if signed else None, cookie))[2]
+    raw, signature, got = split_response(payload)
+    assert got == cookie and decode_response("ping", raw) == NODE
+    assert (signature is not None) is signed
+    if signature is not None:  # the cookie is not signed: the result is, as without one
+        assert verify(key.public_key, reply_message(MSG_ID, raw), signature)
+    # plain msgpack [result, signature-or-nil, cookie]
+    assert msgpack.unpackb(payload) == [NODE, signature, cookie]
+    with pytest.raises(WireError):
+        encode_response(MSG_ID, NODE, None, cookie[:-1])
+
+
+def test_a_proof_signs_the_responder_key_and_the_cookie() -> None:
+    key = NodeKey.from_seed(b"\x07" * 32)
+    cookie = b"\x5c" * COOKIE_LEN
+    signature = key.sign(proof_message(NODE, cookie))
+    assert verify(key.public_key, b"p2pd dht proof v2\x00" + NODE + cookie, signature)
+    assert not verify(key.public_key, proof_message(SENDER, cookie), signature)
+    # neither a reply's signature nor a proof's can be taken for the other
+    assert not verify(key.public_key, reply_message(MSG_ID, NODE + cookie), signature)
 
 
 def test_a_proving_response_is_signed_over_its_message_id_and_result_bytes() -> None:
     key = NodeKey.from_seed(b"\x07" * 32)
     result = {"nodes": encode_contacts([Contact(NODE, Address("192.0.2.1", 4000))])}
     payload = split_frame(encode_response(MSG_ID, result, key.sign))[2]
-    raw, signature = split_response(payload)
+    raw, signature, _ = split_response(payload)
     assert signature is not None and len(signature) == 64
     assert msgpack.unpackb(payload, raw=False)[1] == signature
     assert verify(key.public_key, reply_message(MSG_ID, raw), signature)
@@ -384,11 +419,23 @@ def test_a_proving_response_is_signed_over_its_message_id_and_result_bytes() -> 
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"\x92", b"\x92\xc0", b"\x91\xc0", b"\xc0\xc0", b"\x92\xc0\xc4\x40" + b"\x00" * 63],
+    [
+        b"",
+        b"\x92",
+        b"\x92\xc0",
+        b"\x91\xc0",
+        b"\xc0\xc0",
+        b"\x92\xc0\xc4\x40" + b"\x00" * 63,
+        b"\x93\xc0\xc0",  # no cookie
+        b"\x93\xc0\xc4\x10" + b"\x00" * 16,  # a cookie and nothing before it
+        b"\x93\xc0\xc0\xc4\x0f" + b"\x00" * 15,  # a short cookie
+        b"\x93\xc0\xc0\xc4\x10" + b"\x00" * 17,  # a long one
+        b"\x94\xc0\xc0\xc0\xc0",
+    ],
 )
 def test_malformed_response_envelopes_raise_wire_error(payload: bytes) -> None:
     with pytest.raises(WireError):
-        raw, _ = split_response(payload)
+        raw, _, _ = split_response(payload)
         decode_response("ping", raw)
 
 
@@ -396,8 +443,9 @@ def test_malformed_response_envelopes_raise_wire_error(payload: bytes) -> None:
 @given(st.binary(max_size=1024), st.sampled_from(DHT_METHODS))
 def test_split_response_arbitrary_bytes_raise_only_wire_error(payload: bytes, method: str) -> None:
     with contextlib.suppress(WireError):
-        raw, signature = split_response(payload)
+        raw, signature, cookie = split_response(payload)
         assert signature is None or len(signature) == 64
+        assert cookie is None or len(cookie) == COOKIE_LEN
         decode_response(method, raw)
 
 

@@ -26,9 +26,12 @@ What this node does with what it hears, and why (the hardening of stock kademlia
   key, and a contact enters the routing table or a lookup's answers only after it
   answered a ``prove`` request from the address it claims, signing the reply with that
   key. Proven (id, address) pairs are remembered for ``verified_lifetime`` and asked
-  without proof; a request from an unproven sender is answered, and the sender is sent
-  one proving ping (bounded, deduplicated) before it may enter the table. ``find_value``
-  always asks for a proof: a replica's statement of what it holds is then signed.
+  without proof. A request from an unproven sender that our table would take is
+  answered with a stateless address cookie (a keyed hash of its key, its address and
+  the time); the sender enters the table once it sends the cookie back from that address
+  in a ``proof`` signed by its key: one datagram and no state here, instead of a proving
+  ping. ``find_value`` always asks for a proof: a replica's statement of what it holds
+  is then signed.
 - Address limits per bucket and per lookup, disjoint lookup paths, and a store accepted
   only by a node among the k closest it knows to the key (:mod:`.routing`, :mod:`.lookup`).
 - Frames of version 1 (ids declared, not earned) are refused: counted as ``old_version``
@@ -47,7 +50,9 @@ What this node does with what it hears, and why (the hardening of stock kademlia
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import hmac
 import logging
 import os
 from collections import Counter, OrderedDict
@@ -81,13 +86,13 @@ REPLICATE_BATCH = 32
 MAILBOX_MAX_PAGES = 100
 #: Most proven (node id, address) pairs remembered.
 VERIFIED_MAX = 10_000
-#: Proving pings to unproven senders in flight at once; more senders wait for their next
-#: request (or for a lookup to ask them).
-VERIFY_IN_FLIGHT = 32
-#: A pair pinged for a proof is not pinged again for this long (seconds) ...
-VERIFY_RETRY = 600.0
-#: ... and at most this many such pairs are remembered.
-VERIFYING_MAX = 4096
+#: An address cookie is made with the time in periods of this many seconds and is taken
+#: back during its period and the next: it is good for 60 to 120 s. A proof follows its
+#: cookie within a round trip; a longer life would only help a replay.
+COOKIE_PERIOD = 60.0
+#: Cookies whose proof failed, remembered so that each costs at most one signature check
+#: (a valid cookie with a bad signature, sent again and again, would cost one each).
+SPENT_COOKIES_MAX = 4096
 #: A source speaking frame version 1 is logged at most once per this many seconds, and
 #: at most this many sources are logged per such interval (then only counted).
 OLD_VERSION_LOG_INTERVAL = 3600.0
@@ -164,9 +169,9 @@ class DHTCore:
         self._checking: set[bytes] = set()  # heads of full buckets being pinged
         #: (node id, address) -> when it last proved its key from that address.
         self._verified: OrderedDict[tuple[bytes, Address], float] = OrderedDict()
-        #: (node id, address) -> when we last sent it a proving ping.
-        self._verifying: OrderedDict[tuple[bytes, Address], float] = OrderedDict()
-        self._verify_in_flight = 0
+        #: The key of our address cookies; never leaves this process.
+        self._cookie_secret = randbytes(32)
+        self._spent_cookies: OrderedDict[bytes, None] = OrderedDict()
         #: source IP -> when we last logged that it speaks frame version 1.
         self._old_logged: OrderedDict[str, float] = OrderedDict()
         self._maintenance_period = min(config.refresh_interval, config.replicate_interval) / 4
@@ -258,14 +263,12 @@ class DHTCore:
         if sender_id == self.node_id:
             self.stats["malformed"] += 1
             return
-        self.stats["requests_in"] += 1
         sender = Node(sender_id, address[0], address[1], req.sender_key)
-        if not self.defended or self.is_verified(sender_id, address, now):
-            self._failures.pop(sender_id, None)
-            self._suspect_until.pop(sender_id, None)
-            self.seen(sender, now)
-        elif self.table.wants(sender):
-            self._ask_proof(sender, address, now)
+        if req.method == "proof":
+            self._on_proof(req, sender, now)  # never answered
+            return
+        self.stats["requests_in"] += 1
+        cookie = self.note_sender(sender, now)
         result: Any
         if req.method == "ping":
             result = self.node_key.public_key
@@ -289,8 +292,11 @@ class DHTCore:
                 result["seen"] = self.storage.first_seen(req.key)
         else:
             result = self._on_mailbox_request(req)
-        sign = self.node_key.sign if req.prove else None
-        self._send(wire.encode_response(req.msg_id, result, sign), address)
+        sign = None
+        if req.prove:
+            self.stats["proofs_signed"] += 1
+            sign = self.node_key.sign
+        self._send(wire.encode_response(req.msg_id, result, sign, cookie), address)
 
     def is_close_to(self, key: bytes) -> bool:
         """Whether fewer than k of the nodes we know are nearer ``key`` than we are: only
@@ -342,12 +348,13 @@ class DHTCore:
         self.stats["replies_in"] += 1
         result: wire.DHTResult | None
         try:
-            raw, signature = wire.split_response(payload)
+            raw, signature, cookie = wire.split_response(payload)
             result = wire.decode_response(pending.method, raw)
         except WireError:
             result = None
             self.stats["malformed"] += 1
         else:
+            key = pending.node.key
             if pending.prove:
                 key = self._proven_key(pending, msg_id, raw, signature, result)
                 if key is None:
@@ -355,6 +362,8 @@ class DHTCore:
                     result = None
                 else:
                     self._mark_verified(wire.node_id_for(key), address, now)
+            if cookie is not None and result is not None and key is not None:
+                self._send_proof(key, cookie, address)
         self._finish(pending, result, now)
 
     def _proven_key(
@@ -377,6 +386,7 @@ class DHTCore:
             return None
         if not pending.probe and wire.node_id_for(key) != pending.node.id:
             return None
+        self.stats["proofs_checked"] += 1
         if not verify_signature(key, wire.reply_message(msg_id, raw), signature):
             return None
         return key
@@ -395,28 +405,79 @@ class DHTCore:
         while len(self._verified) > VERIFIED_MAX:
             self._verified.popitem(last=False)
 
-    def _ask_proof(self, sender: Node, address: Address, now: float) -> None:
-        """An unproven node sent us a request that our table would take: ping it for a
-        proof, once in a while, a bounded number at a time. On a valid proof it enters
-        the table. The ping goes to the source address, so a spoofed source costs its
-        owner one small reply."""
-        pair = (sender.id, address)
-        last = self._verifying.get(pair)
-        if last is not None and now - last < VERIFY_RETRY:
+    def note_sender(self, sender: Node, now: float) -> bytes | None:
+        """A request came from ``sender`` (its key as the request named it, the datagram's
+        source as its address): refresh it in the table if it proved that pair, else
+        return the cookie our reply should carry if the table would take it."""
+        address = (sender.ip, sender.port)
+        if not self.defended or self.is_verified(sender.id, address, now):
+            self._failures.pop(sender.id, None)
+            self._suspect_until.pop(sender.id, None)
+            self.seen(sender, now)
+            return None
+        if sender.key is None or not self.table.wants(sender):
+            return None
+        # Prove yourself: send this back from this address, signed by your key.
+        self.stats["cookies_sent"] += 1
+        return self._cookie(sender.key, address, int(now // COOKIE_PERIOD))
+
+    def _cookie(self, sender_key: bytes, address: Address, period: int) -> bytes:
+        """Our address cookie for ``sender_key`` at ``address`` in a time period: a keyed
+        BLAKE2b of the three, so that it holds no state here and only the node that
+        receives at that address learns it."""
+        host = address[0].encode()
+        data = b"%b%b\x00%b%b" % (
+            sender_key,
+            host,
+            address[1].to_bytes(2, "big"),
+            period.to_bytes(8, "big", signed=True),
+        )
+        digest = hashlib.blake2b(data, key=self._cookie_secret, digest_size=wire.COOKIE_LEN)
+        return digest.digest()
+
+    def _on_proof(self, req: wire.DHTRequest, sender: Node, now: float) -> None:
+        """A ``proof``: our cookie back from the address we sent it to (so the sender
+        receives there: an off-path spoofer never sees it), signed by the key the cookie
+        was made for (so it holds the key its id is the hash of). The pair is then proven
+        and the sender may enter the table, as after a proving reply."""
+        address = (sender.ip, sender.port)
+        if not self.defended or self.is_verified(sender.id, address, now):
+            self.stats["proofs_unneeded"] += 1  # a duplicate, or a replay: nothing to do
             return
-        if self._verify_in_flight >= VERIFY_IN_FLIGHT:
-            self.stats["proof_pings_skipped"] += 1
-            return
-        verifying = self._verifying
-        verifying.pop(pair, None)
-        while verifying and (
-            len(verifying) >= VERIFYING_MAX or now - next(iter(verifying.values())) >= VERIFY_RETRY
+        assert req.cookie is not None and req.signature is not None
+        period = int(now // COOKIE_PERIOD)
+        if not any(
+            hmac.compare_digest(req.cookie, self._cookie(req.sender_key, address, p))
+            for p in (period, period - 1)
         ):
-            verifying.popitem(last=False)
-        verifying[pair] = now
-        self._verify_in_flight += 1
-        self.stats["proof_pings"] += 1
-        self.request(sender, "ping", [], now, _ProofCheck(self), probe=True)
+            self.stats["bad_cookies"] += 1
+            return
+        spent = self._spent_cookies
+        if req.cookie in spent:
+            self.stats["bad_proofs"] += 1
+            return
+        self.stats["proofs_checked"] += 1
+        message = wire.proof_message(self.node_key.public_key, req.cookie)
+        if not verify_signature(req.sender_key, message, req.signature):
+            self.stats["bad_proofs"] += 1
+            spent[req.cookie] = None
+            if len(spent) > SPENT_COOKIES_MAX:
+                spent.popitem(last=False)
+            return
+        self._mark_verified(sender.id, address, now)
+        self._failures.pop(sender.id, None)
+        self._suspect_until.pop(sender.id, None)
+        self.seen(sender, now)
+
+    def _send_proof(self, responder_key: bytes, cookie: bytes, address: Address) -> None:
+        """A node we asked wants us to prove our id: its cookie back, signed. Never
+        answered, and sent once per cookie: if it is lost, our next request there brings
+        a new cookie."""
+        self.stats["proofs_sent"] += 1
+        self.stats["proofs_signed"] += 1
+        signature = self.node_key.sign(wire.proof_message(responder_key, cookie))
+        args = [self.node_key.public_key, cookie, signature]
+        self._send(wire.encode_request(self._randbytes(wire.MSG_ID_LEN), "proof", args), address)
 
     def _finish(self, pending: _Pending, result: wire.DHTResult | None, now: float) -> None:
         if not pending.probe:
@@ -909,26 +970,6 @@ class _Slot:
 
     def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
         self.gather.done(self.index, result)
-
-    def rpc_slow(self, node: Node, now: float) -> None:
-        pass
-
-
-class _ProofCheck:
-    """A proving ping to a node that sent us a request: on a valid proof, it is seen."""
-
-    __slots__ = ("core",)
-
-    def __init__(self, core: DHTCore) -> None:
-        self.core = core
-
-    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
-        core = self.core
-        core._verify_in_flight -= 1
-        if result is not None:
-            core._failures.pop(node.id, None)
-            core._suspect_until.pop(node.id, None)
-            core.seen(node, now)
 
     def rpc_slow(self, node: Node, now: float) -> None:
         pass
