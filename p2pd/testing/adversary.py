@@ -258,12 +258,9 @@ class HostileCore(DHTCore):
         # The honest core's bookkeeping of the sender (a hostile node keeps a working
         # table: it is the easier to find).
         sender = Node(req.sender_id, address[0], address[1], req.sender_key)
-        if self.is_verified(sender.id, address, now):
-            self.seen(sender, now)
-        elif self.table.wants(sender):
-            self._ask_proof(sender, address, now)
+        cookie = self.note_sender(sender, now)
         sign = self.node_key.sign if req.prove else None
-        self._send(wire.encode_response(req.msg_id, result, sign), address)
+        self._send(wire.encode_response(req.msg_id, result, sign, cookie), address)
 
     def _lie(self, req: wire.DHTRequest) -> Any:
         """The lying answer to ``req``, or None to answer honestly."""
