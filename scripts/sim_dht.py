@@ -48,6 +48,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,10 @@ from p2pd import wire
 from p2pd.config import DHTConfig
 from p2pd.dht import DHT, DHTCore
 from p2pd.dht.routing import Node
-from p2pd.errors import NotFound
+from p2pd.errors import Contested, NotFound
 from p2pd.identity import HandleRef
 from p2pd.records import HandleRecord, dht_key
+from p2pd.testing.adversary import Behaviour, open_coalition
 from p2pd.testing.fakenet import FakeNetwork
 from p2pd.testing.swarm import Swarm, SwarmNode
 
@@ -82,6 +84,7 @@ GOAL_WORKLOAD = {
     "loss": 0.01,
     "churn": 0.2,
     "idle_window": 3600.0,
+    "hostile": 0.0,
 }
 
 progress = progress_printer("sim_dht")
@@ -273,6 +276,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             tick(i + 1)
         out["wall_s"]["join"] = time.perf_counter() - started
 
+        # -- 1b. the hostile nodes (issue 11's adversary harness): online before the
+        # handles are claimed, honest until the lookups, then liars, eclipsers and black
+        # holes for every handle
+        stack = AsyncExitStack()
+        coalition = None
+        if args.hostile:
+            count = int(args.n * args.hostile)
+            coalition = await stack.enter_async_context(
+                open_coalition(swarm, count, seed=args.seed)
+            )
+            progress(f"{count} hostile nodes joined")
+
         # -- 2. publish
         started = time.perf_counter()
         publish_times: list[float] = []
@@ -296,6 +311,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             f"setup done: {out['records_per_node']['mean']:.1f} records/node (max "
             f"{out['records_per_node']['max']}), {out['routing_table_mean']:.0f} contacts/node"
         )
+
+        if coalition is not None:
+            for record in sim.records.values():
+                coalition.add_rival(record.handle, swarm.wall())
+            coalition.behaviours = Behaviour.LIAR | Behaviour.ECLIPSE | Behaviour.BLACKHOLE
 
         # -- 3. lookups under churn
         churn_events = int(args.n * args.churn)
@@ -342,6 +362,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     found, details = await asker.dht.resolve_with_details(HandleRef(record.handle))
                 except NotFound:
                     outcome = "not-found"
+                except Contested:
+                    outcome = "contested"
                 else:
                     figures.hops.append(details.hops)
                     figures.rpcs.append(details.rpcs)
@@ -432,6 +454,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         out["wall_s"]["mailbox"] = time.perf_counter() - started
         out["network"] = dict(net.stats)
+        await stack.aclose()
         nursery.cancel_scope.cancel()
     out["wall_s"]["total"] = time.perf_counter() - wall0
     return out
@@ -554,6 +577,12 @@ def main() -> None:
         "at 3600: a shorter window may miss the hourly replication)",
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--hostile",
+        type=float,
+        default=0.0,
+        help="fraction of N added as hostile nodes (liars, eclipse, black holes; 0)",
+    )
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument(
         "--config",
