@@ -458,6 +458,35 @@ def test_one_lying_path_cannot_steer_a_two_path_lookup(paths: int) -> None:
         assert holders <= {n.id for n in world.honest}
 
 
+def test_an_eclipsed_path_does_not_bring_its_liars_into_the_vote() -> None:
+    """One path is fed only liars (far from the target, each answering with a rival
+    value and more liars); the other reaches the honest replicas near it. The voters
+    are the k closest known to *either* path, ranked together: the honest ones. (Each
+    path's own k closest, merged, let a whole eclipsed path vote: sim_dht --hostile.)"""
+    world = _World()
+    near, far = world.liars[:30], world.liars[60:120]  # reuse the pool: near and far ids
+    near_ids, far_ids = {n.id for n in near}, {n.id for n in far}
+    cursor = [0]
+
+    def answer(node: Node) -> wire.FindValueReply:
+        if node.id in far_ids:
+            batch = far[cursor[0] : cursor[0] + 3]
+            cursor[0] += 3
+            return wire.FindValueReply(b"rival", tuple(world.contact(n) for n in batch))
+        return wire.FindValueReply(b"owner", tuple(world.contact(n) for n in near[:10]))
+
+    lookup = disjoint(world, 2, [far[-1], near[-1]], k=6, alpha=2, quorum=6)
+    for _ in range(500):
+        asked = lookup.next_requests(0.0)
+        if lookup.done:
+            break
+        for node in asked:
+            lookup.replied(node.id, answer(node))
+    assert lookup.done
+    assert any(v == b"rival" for _, v in lookup.result.values)  # the liars did answer
+    assert lookup.result.voters and lookup.result.voters <= near_ids
+
+
 def test_no_node_is_asked_by_two_paths() -> None:
     world = _World()
     lookup = disjoint(world, 3, world.honest[-6:], alpha=3, quorum=20)

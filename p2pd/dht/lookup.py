@@ -363,14 +363,35 @@ class DisjointLookup:
             result.values += path.result.values
             result.without_value += path.result.without_value
             result.seen.update(path.result.seen)  # the replicas' first-seen receipts
-            result.voters |= path.result.voters
             result.rpcs += path.result.rpcs
             result.hops = max(result.hops, path.result.hops)
         answered = {n.id: n for path in self.paths for n in path.result.closest}
-        result.closest = Lookup._closest(
-            answered.values(), int.from_bytes(self.target, "big"), self._k, self._limit
-        )
+        target = int.from_bytes(self.target, "big")
+        result.closest = Lookup._closest(answered.values(), target, self._k, self._limit)
+        result.voters = self._voters(target)
         result.elapsed = now - self.started
+
+    def _voters(self, target: int) -> set[bytes]:
+        """The answering nodes among the k closest that *any* path knew of, ranked
+        together: a path that liars eclipsed (they name only each other) knows only
+        liars, and its own k closest must not all vote."""
+        known: dict[bytes, Node] = {}
+        answered: set[bytes] = set()
+        dead: set[bytes] = set()
+        for path in self.paths:
+            for node_id, node in path._nodes.items():
+                state = path._state[node_id]
+                known[node_id] = node
+                if state == _OK:
+                    answered.add(node_id)
+                elif state in (_SLOW, _FAILED):
+                    dead.add(node_id)
+        live = sorted(
+            (n for i, n in known.items() if i in answered or i not in dead),
+            key=lambda n: n.long_id ^ target,
+        )
+        nearest = live[: self._k] if self._limit is None else self._limit.select(live, self._k)
+        return {n.id for n in nearest if n.id in answered}
 
     def slow(self, node_id: bytes) -> bool:
         path = self._owner.get(node_id)
