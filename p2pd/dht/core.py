@@ -65,10 +65,18 @@ from ..claims import Answer, Resolution, resolve_claims
 from ..config import DHTConfig
 from ..errors import OldFrameVersion, WireError
 from ..identity import verify_signature
-from ..records import HandleRecord, Verdict, claimed_key, verify_claim
-from .lookup import DisjointLookup, Lookup, LookupResult
-from .mailbox import MailboxStorage, delete_message, entry_id, fetch_message, mailbox_key
+from ..records import Verdict, claimed_key
+from .lookup import DisjointLookup, LookupResult
+from .mailbox import MailboxStorage, delete_message, mailbox_key
 from .nodekey import NodeKey
+from .operations import (
+    MAILBOX_MAX_PAGES,
+    Gather,
+    HeadCheck,
+    LookupRun,
+    MailboxFetch,
+    older_claim,
+)
 from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
 from .storage import RecordStorage
@@ -82,8 +90,6 @@ SUSPECTS_MAX = 10_000
 WELCOME_SCAN = 8
 #: Most records re-replicated by one maintenance round (the rest wait for the next).
 REPLICATE_BATCH = 32
-#: Most mailbox pages fetched from one node in one fetch.
-MAILBOX_MAX_PAGES = 100
 #: Most proven (node id, address) pairs remembered.
 VERIFIED_MAX = 10_000
 #: An address cookie is made with the time in periods of this many seconds and is taken
@@ -534,7 +540,7 @@ class DHTCore:
         if head is not None:
             if head.id not in self._checking:
                 self._checking.add(head.id)
-                self.request(head, "ping", [], now, _HeadCheck(self, head))
+                self.request(head, "ping", [], now, HeadCheck(self, head))
         elif new and self.table.contains(node.id):
             self._welcome(node, now)
 
@@ -626,7 +632,7 @@ class DHTCore:
             claim_of=claim_of,
         )
         self.table.touch(target, now)
-        run = _LookupRun(self, lookup, on_done)
+        run = LookupRun(self, lookup, on_done)
         self._schedule(lookup.deadline, _DEADLINE, run)
         run.pump(now)
 
@@ -644,7 +650,7 @@ class DHTCore:
         on_done: Callable[[list[wire.DHTResult | None]], None],
     ) -> None:
         """Send several requests; ``on_done`` gets every result, in order, once all ended."""
-        _Gather(self, calls, on_done).start(now)
+        Gather(self, calls, on_done).start(now)
 
     def _put_at(
         self,
@@ -710,7 +716,7 @@ class DHTCore:
                 encoded = best.encode()
                 closest = {n.id for n in result.closest}
                 for node, value in result.values:
-                    if node.id in closest and value != encoded and _older(value, best, wall):
+                    if node.id in closest and value != encoded and older_claim(value, best, wall):
                         self.stats["repair_stores"] += 1
                         self.request(node, "store", [key, encoded], self.now)
                 if local is not None and local != encoded:
@@ -745,7 +751,7 @@ class DHTCore:
                 self.node_id, self.now, lambda _: on_done(len(self.table)), seeds=seeds
             )
 
-        _Gather(self, [(p, "ping", []) for p in probes], pinged, probe=True).start(now)
+        Gather(self, [(p, "ping", []) for p in probes], pinged, probe=True).start(now)
 
     # ------------------------------------------------------------------ mailboxes
 
@@ -781,7 +787,7 @@ class DHTCore:
         """Every entry in ``owner``'s mailbox, from every node that holds a copy."""
 
         def found(key: bytes, nodes: list[Node], local: bool) -> None:
-            fetch = _MailboxFetch(self, owner, sign, wall, nodes, on_done)
+            fetch = MailboxFetch(self, owner, sign, wall, nodes, on_done)
             if local and self.mailboxes is not None:
                 after = b""
                 for _ in range(MAILBOX_MAX_PAGES):
@@ -867,181 +873,3 @@ class DHTCore:
 
     def contacts(self) -> list[tuple[bytes, str, int]]:
         return [(n.id, n.ip, n.port) for n in self.table]
-
-
-# ---------------------------------------------------------------------- operations
-
-
-def _older(value: bytes, newest: HandleRecord, wall: float) -> bool:
-    """Whether ``value`` is a valid claim by ``newest``'s key with a lower sequence number."""
-    try:
-        record = verify_claim(value, wall, key=newest.key)
-    except WireError:
-        return False
-    return record.public_key == newest.public_key and record.seq < newest.seq
-
-
-class _LookupRun:
-    """Drives a :class:`Lookup` with the core's requests and timers."""
-
-    __slots__ = ("core", "finished", "lookup", "on_done")
-
-    def __init__(
-        self,
-        core: DHTCore,
-        lookup: Lookup | DisjointLookup,
-        on_done: Callable[[LookupResult], None],
-    ) -> None:
-        self.core = core
-        self.lookup = lookup
-        self.on_done = on_done
-        self.finished = False
-
-    def pump(self, now: float) -> None:
-        if self.finished:
-            return
-        lookup = self.lookup
-        for node in lookup.next_requests(now):
-            self.core.request(node, lookup.method, [lookup.target], now, self)
-        if lookup.done:
-            self.finished = True
-            self.on_done(lookup.result)
-
-    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
-        if self.finished:
-            return
-        if result is None:
-            self.lookup.failed(node.id)
-        elif self.lookup.replied(node.id, result):
-            # Its reply came after our own "slow" mark: clear the suspicion again.
-            self.core.clear_suspect(node.id)
-        self.pump(now)
-
-    def rpc_slow(self, node: Node, now: float) -> None:
-        if self.finished:
-            return
-        if self.lookup.slow(node.id):
-            # Other lookups need not wait on it too; a late reply clears this.
-            self.core.mark_suspect(node.id, now)
-            self.core.stats["soft_timeouts"] += 1
-            self.pump(now)
-
-
-class _Gather:
-    """Several requests at once; one callback with every result when all have ended."""
-
-    __slots__ = ("calls", "core", "left", "on_done", "probe", "results")
-
-    def __init__(
-        self,
-        core: DHTCore,
-        calls: list[tuple[Node, str, list[Any]]],
-        on_done: Callable[[list[wire.DHTResult | None]], None],
-        *,
-        probe: bool = False,
-    ) -> None:
-        self.core = core
-        self.calls = calls
-        self.on_done = on_done
-        self.probe = probe
-        self.results: dict[int, wire.DHTResult | None] = {}
-        self.left = len(calls)
-
-    def start(self, now: float) -> None:
-        if not self.calls:
-            self.on_done([])
-            return
-        for index, (node, method, args) in enumerate(self.calls):
-            self.core.request(node, method, args, now, _Slot(self, index), probe=self.probe)
-
-    def done(self, index: int, result: wire.DHTResult | None) -> None:
-        self.results[index] = result
-        self.left -= 1
-        if self.left == 0:
-            self.on_done([self.results[i] for i in range(len(self.calls))])
-
-
-class _Slot:
-    __slots__ = ("gather", "index")
-
-    def __init__(self, gather: _Gather, index: int) -> None:
-        self.gather = gather
-        self.index = index
-
-    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
-        self.gather.done(self.index, result)
-
-    def rpc_slow(self, node: Node, now: float) -> None:
-        pass
-
-
-class _HeadCheck:
-    """The head of a full bucket was pinged: silent, it makes room for the newcomer."""
-
-    __slots__ = ("core", "head")
-
-    def __init__(self, core: DHTCore, head: Node) -> None:
-        self.core = core
-        self.head = head
-
-    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
-        self.core._checking.discard(self.head.id)
-        if result is None and self.core.table.remove(self.head.id):
-            self.core.stats["evictions"] += 1
-
-    def rpc_slow(self, node: Node, now: float) -> None:
-        pass
-
-
-class _MailboxFetch:
-    """Pages of one mailbox from each of several nodes, deduplicated by entry id."""
-
-    def __init__(
-        self,
-        core: DHTCore,
-        owner: bytes,
-        sign: Callable[[bytes], bytes],
-        wall: Callable[[], float],
-        nodes: list[Node],
-        on_done: Callable[[list[tuple[bytes, bytes]]], None],
-    ) -> None:
-        self.core = core
-        self.owner = owner
-        self.sign = sign
-        self.wall = wall
-        self.nodes = nodes
-        self.on_done = on_done
-        self.found: dict[bytes, bytes] = {}
-        self.pages: dict[bytes, int] = {}
-        self.left = len(nodes)
-
-    def signed(self, after: bytes) -> tuple[int, bytes]:
-        ts = int(self.wall())
-        return ts, self.sign(fetch_message(self.owner, ts, after))
-
-    def start(self, now: float) -> None:
-        if not self.nodes:
-            self.on_done(sorted(self.found.items()))
-            return
-        for node in self.nodes:
-            self._ask(node, b"", now)
-
-    def _ask(self, node: Node, after: bytes, now: float) -> None:
-        self.pages[node.id] = self.pages.get(node.id, 0) + 1
-        ts, sig = self.signed(after)
-        self.core.request(node, "mailbox_fetch", [self.owner, ts, after, sig], now, self)
-
-    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
-        if isinstance(result, wire.MailboxPage) and result.entries:
-            for ident, entry in result.entries:
-                if entry_id(entry) == ident:  # a node cannot rewrite an entry unseen
-                    self.found[ident] = entry
-            if result.more and self.pages[node.id] < MAILBOX_MAX_PAGES:
-                self._ask(node, result.entries[-1][0], now)
-                return
-        self.left -= 1
-        if self.left == 0:
-            self.on_done(sorted(self.found.items()))
-
-    def rpc_slow(self, node: Node, now: float) -> None:
-        pass

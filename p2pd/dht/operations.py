@@ -1,0 +1,197 @@
+"""The DHT's operations as small state machines that the core drives (sans I/O, like
+the core): a lookup run, several requests gathered, a full bucket's head check, the
+pages of a mailbox. Each owns the requests it sent and hears of their replies and
+timeouts through :class:`~p2pd.dht.core.RpcOwner`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import wire
+from ..errors import WireError
+from ..records import HandleRecord, verify_claim
+from .lookup import DisjointLookup, Lookup, LookupResult
+from .mailbox import entry_id, fetch_message
+from .routing import Node
+
+if TYPE_CHECKING:
+    from .core import DHTCore
+
+#: Most mailbox pages fetched from one node in one fetch.
+MAILBOX_MAX_PAGES = 100
+
+
+def older_claim(value: bytes, newest: HandleRecord, wall: float) -> bool:
+    """Whether ``value`` is a valid claim by ``newest``'s key with a lower sequence number."""
+    try:
+        record = verify_claim(value, wall, key=newest.key)
+    except WireError:
+        return False
+    return record.public_key == newest.public_key and record.seq < newest.seq
+
+
+class LookupRun:
+    """Drives a :class:`Lookup` with the core's requests and timers."""
+
+    __slots__ = ("core", "finished", "lookup", "on_done")
+
+    def __init__(
+        self,
+        core: DHTCore,
+        lookup: Lookup | DisjointLookup,
+        on_done: Callable[[LookupResult], None],
+    ) -> None:
+        self.core = core
+        self.lookup = lookup
+        self.on_done = on_done
+        self.finished = False
+
+    def pump(self, now: float) -> None:
+        if self.finished:
+            return
+        lookup = self.lookup
+        for node in lookup.next_requests(now):
+            self.core.request(node, lookup.method, [lookup.target], now, self)
+        if lookup.done:
+            self.finished = True
+            self.on_done(lookup.result)
+
+    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
+        if self.finished:
+            return
+        if result is None:
+            self.lookup.failed(node.id)
+        elif self.lookup.replied(node.id, result):
+            # Its reply came after our own "slow" mark: clear the suspicion again.
+            self.core.clear_suspect(node.id)
+        self.pump(now)
+
+    def rpc_slow(self, node: Node, now: float) -> None:
+        if self.finished:
+            return
+        if self.lookup.slow(node.id):
+            # Other lookups need not wait on it too; a late reply clears this.
+            self.core.mark_suspect(node.id, now)
+            self.core.stats["soft_timeouts"] += 1
+            self.pump(now)
+
+
+class Gather:
+    """Several requests at once; one callback with every result when all have ended."""
+
+    __slots__ = ("calls", "core", "left", "on_done", "probe", "results")
+
+    def __init__(
+        self,
+        core: DHTCore,
+        calls: list[tuple[Node, str, list[Any]]],
+        on_done: Callable[[list[wire.DHTResult | None]], None],
+        *,
+        probe: bool = False,
+    ) -> None:
+        self.core = core
+        self.calls = calls
+        self.on_done = on_done
+        self.probe = probe
+        self.results: dict[int, wire.DHTResult | None] = {}
+        self.left = len(calls)
+
+    def start(self, now: float) -> None:
+        if not self.calls:
+            self.on_done([])
+            return
+        for index, (node, method, args) in enumerate(self.calls):
+            self.core.request(node, method, args, now, Slot(self, index), probe=self.probe)
+
+    def done(self, index: int, result: wire.DHTResult | None) -> None:
+        self.results[index] = result
+        self.left -= 1
+        if self.left == 0:
+            self.on_done([self.results[i] for i in range(len(self.calls))])
+
+
+class Slot:
+    __slots__ = ("gather", "index")
+
+    def __init__(self, gather: Gather, index: int) -> None:
+        self.gather = gather
+        self.index = index
+
+    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
+        self.gather.done(self.index, result)
+
+    def rpc_slow(self, node: Node, now: float) -> None:
+        pass
+
+
+class HeadCheck:
+    """The head of a full bucket was pinged: silent, it makes room for the newcomer."""
+
+    __slots__ = ("core", "head")
+
+    def __init__(self, core: DHTCore, head: Node) -> None:
+        self.core = core
+        self.head = head
+
+    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
+        self.core._checking.discard(self.head.id)
+        if result is None and self.core.table.remove(self.head.id):
+            self.core.stats["evictions"] += 1
+
+    def rpc_slow(self, node: Node, now: float) -> None:
+        pass
+
+
+class MailboxFetch:
+    """Pages of one mailbox from each of several nodes, deduplicated by entry id."""
+
+    def __init__(
+        self,
+        core: DHTCore,
+        owner: bytes,
+        sign: Callable[[bytes], bytes],
+        wall: Callable[[], float],
+        nodes: list[Node],
+        on_done: Callable[[list[tuple[bytes, bytes]]], None],
+    ) -> None:
+        self.core = core
+        self.owner = owner
+        self.sign = sign
+        self.wall = wall
+        self.nodes = nodes
+        self.on_done = on_done
+        self.found: dict[bytes, bytes] = {}
+        self.pages: dict[bytes, int] = {}
+        self.left = len(nodes)
+
+    def signed(self, after: bytes) -> tuple[int, bytes]:
+        ts = int(self.wall())
+        return ts, self.sign(fetch_message(self.owner, ts, after))
+
+    def start(self, now: float) -> None:
+        if not self.nodes:
+            self.on_done(sorted(self.found.items()))
+            return
+        for node in self.nodes:
+            self._ask(node, b"", now)
+
+    def _ask(self, node: Node, after: bytes, now: float) -> None:
+        self.pages[node.id] = self.pages.get(node.id, 0) + 1
+        ts, sig = self.signed(after)
+        self.core.request(node, "mailbox_fetch", [self.owner, ts, after, sig], now, self)
+
+    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
+        if isinstance(result, wire.MailboxPage) and result.entries:
+            for ident, entry in result.entries:
+                if entry_id(entry) == ident:  # a node cannot rewrite an entry unseen
+                    self.found[ident] = entry
+            if result.more and self.pages[node.id] < MAILBOX_MAX_PAGES:
+                self._ask(node, result.entries[-1][0], now)
+                return
+        self.left -= 1
+        if self.left == 0:
+            self.on_done(sorted(self.found.items()))
+
+    def rpc_slow(self, node: Node, now: float) -> None:
+        pass
