@@ -20,7 +20,7 @@ import trio
 from p2pd import wire
 from p2pd.api import Api
 from p2pd.calls import encode_signal
-from p2pd.config import CallsConfig, LanConfig, NodeConfig
+from p2pd.config import CallsConfig, LanConfig, NodeConfig, QuicConfig
 from p2pd.daemon import Node, open_node
 from p2pd.errors import ConnectionLost, PeerKeyMismatch, UsageError
 from p2pd.identity import HandleRef, Identity
@@ -52,9 +52,11 @@ async def node(
     listen: Address = LOOPBACK_ANY_PORT,
     home: str | None = None,
     calls_from: str = "everyone",
+    quic: QuicConfig | None = None,
 ) -> AsyncIterator[Node]:
     config = NodeConfig(
         calls=CallsConfig(allow_from=calls_from),
+        quic=quic or QuicConfig(),
         home=root / (home or identity.handle),
         listen=listen,
         bootstrap=bootstrap,
@@ -183,6 +185,29 @@ async def test_impostor_at_the_peers_address_gets_nothing(root: Path) -> None:
                 assert inbox_texts(mallory) == []
                 assert mallory.delivery.stats["received_direct"] == 0
                 assert alice.delivery.messages.get(first.id).state == DELIVERED  # type: ignore[union-attr]
+
+
+async def test_with_every_connection_slot_taken_a_message_goes_to_the_mailbox(
+    root: Path,
+) -> None:
+    """alice's QUIC endpoint is full (max_connections reached): connecting to bob raises
+    LocalError. The message is not lost and the worker does not die: it goes to bob's
+    mailbox, as for an offline peer, and bob reads it from there."""
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    with trio.fail_after(90):
+        async with (
+            node(root, alice_id, quic=QuicConfig(max_connections=1)) as alice,
+            node(root, Identity.generate("carol"), bootstrap=(alice.listen_address,)) as carol,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+        ):
+            await raw_stream(alice, carol)  # the one slot
+            sent = await alice.delivery.send("bob", "through the mailbox")
+            await wait_for(
+                lambda: alice.delivery.messages.get(sent.id).via == "mailbox"  # type: ignore[union-attr]
+            )
+            assert not any(p.public_key == bob_id.public_key for p in alice.quic.peers())
+            bob.delivery.poll_mailbox_now()
+            await wait_for(lambda: inbox_texts(bob) == ["through the mailbox"], 30)
 
 
 def poison_plain_lookups(victim: Node, rival: HandleRecord) -> None:

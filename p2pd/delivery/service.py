@@ -49,6 +49,7 @@ from ..errors import (
     ConnectionLost,
     Contested,
     KeyChanged,
+    LocalError,
     NoSession,
     NotFound,
     PeerKeyMismatch,
@@ -424,6 +425,12 @@ class Delivery:
                 log.warning("%s answered with another key than %s", address, _who(peer_key))
             except (ConnectionLost, trio.TooSlowError):
                 log.debug("no QUIC connection to %s at %s", _who(peer_key), address)
+            except LocalError as exc:
+                # Our side cannot connect at all (every connection slot taken, the
+                # endpoint stopping): like an offline peer, the message goes to the
+                # mailbox instead of ending this worker (issue 12).
+                log.warning("cannot connect to %s: %s", _who(peer_key), exc)
+                return None
         return None
 
     async def _write_exchange(self, peer: QuicPeer, exchange: Exchange) -> QuicStream:
