@@ -63,6 +63,31 @@ def write_private_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def forget_passphrase_env(name: str = "P2PD_PASSPHRASE") -> None:
+    """Drop the passphrase from this process's environment once it has been read: from
+    ``os.environ`` (children do not inherit it) and, on glibc, from the bytes the kernel
+    shows in ``/proc/PID/environ`` (unsetenv alone leaves them there), which are zeroed.
+    Best effort elsewhere: only the ``os.environ`` entry goes."""
+    if name not in os.environ:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        environ = ctypes.POINTER(ctypes.c_char_p).in_dll(libc, "environ")
+        slots = ctypes.cast(environ, ctypes.POINTER(ctypes.c_void_p))
+        prefix = name.encode() + b"="
+        for index in range(100_000):  # bounded: environ ends with a NULL pointer
+            entry = environ[index]
+            if entry is None:
+                break
+            if entry.startswith(prefix):
+                ctypes.memset(slots[index], 0, len(entry))
+    except (OSError, ValueError, AttributeError):  # no libc symbol here: os.environ only
+        pass
+    os.environ.pop(name, None)
+
+
 def ensure_home(home: Path) -> None:
     """Create the home directory, private to this user (0700)."""
     home.mkdir(parents=True, exist_ok=True)

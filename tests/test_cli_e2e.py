@@ -237,6 +237,18 @@ def test_init_rules(root: Path) -> None:
     assert json.loads((home / "identity.json").read_text())["public_key"]
 
 
+def test_the_daemon_keeps_no_passphrase_in_its_environment(
+    network: dict[str, DaemonProcess],
+) -> None:
+    """alice's daemon was started with P2PD_PASSPHRASE: once read, it is gone from what
+    /proc shows of its environment (and from what a child would inherit)."""
+    pid = network["alice"].proc.pid
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert b"PATH=" in environ  # the environment is there: the check can fail
+    assert b"P2PD_PASSPHRASE" not in environ
+    assert PASSPHRASE.encode() not in environ
+
+
 def test_wrong_or_missing_passphrase_is_a_clear_error(
     root: Path, network: dict[str, DaemonProcess]
 ) -> None:

@@ -159,7 +159,7 @@ def daemon(
 
     from p2pd.config import load_config
     from p2pd.daemon import run_daemon
-    from p2pd.keystore import identity_path, is_encrypted, load_identity
+    from p2pd.keystore import forget_passphrase_env, identity_path, is_encrypted, load_identity
     from p2pd.wire import Address
 
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
@@ -186,11 +186,13 @@ def daemon(
     if not identity_path(home).exists():
         raise NoIdentity(f"no identity in {home}: run `p2pd init HANDLE` first")
     passphrase = _read_passphrase(passphrase_file)
+    forget_passphrase_env()  # a long-running daemon keeps no copy where others look
     if passphrase is None and is_encrypted(home):
         raise PassphraseRequired(
             "the key is encrypted: give --passphrase-file FILE or set P2PD_PASSPHRASE"
         )
     identity = load_identity(home, passphrase)
+    del passphrase
     trio.run(run_daemon, config, identity)
     # Stopped cleanly: contacts saved, sockets closed, goodbye said. What is left is the
     # interpreter's exit, whose garbage collections walk every object the imports made:
