@@ -23,6 +23,7 @@ from p2pd import wire
 from p2pd.config import DHTConfig
 from p2pd.dht.core import COOKIE_PERIOD, DHTCore
 from p2pd.dht.lookup import DisjointLookup, Lookup
+from p2pd.dht.mailbox import MailboxStorage
 from p2pd.dht.nodekey import NODE_KEY_FILE, NodeKey, load_or_create_node_key
 from p2pd.dht.routing import AddressLimit, Node, subnet_of
 from p2pd.dht.storage import RecordStorage
@@ -598,3 +599,44 @@ def test_dht_traffic_never_names_the_handle_or_identity_it_serves() -> None:
         for secret in (identity.public_key, b"grace", v1_id, identity.seed):
             assert secret not in data
     assert me.node_id != v1_id
+
+
+def test_a_mailbox_put_names_neither_our_node_key_nor_proves_it() -> None:
+    """A put goes under a one-off sender key: the storing nodes cannot link two puts of
+    one sender by key, and the cookie they send back is never answered with a proof (a
+    proof would be signed by, and name, our node key). The entries are still stored."""
+    net = CoreNet()
+    cores = [net.add(i) for i in range(12)]
+    net.join_all(cores[0])
+    net.run_until(lambda: not net.flight)
+    for core in cores:
+        core.mailboxes = MailboxStorage(None, clock=net.wall)
+    me = cores[4]
+    _, owner_record = make_record("ivy")
+    sent: list[tuple[bytes, tuple[str, int]]] = []
+    original = me._send
+
+    def spy(data: bytes, address: tuple[str, int]) -> None:
+        sent.append((data, address))
+        original(data, address)
+
+    me._send = spy  # type: ignore[method-assign]
+    copies = [
+        net.call(
+            lambda done, e=entry: me.start_mailbox_put(owner_record.public_key, e, net.now, done)
+        )
+        for entry in (os.urandom(300), os.urandom(300))
+    ]
+    net.run_until(lambda: not net.flight)
+    assert all(c >= 3 for c in copies), copies
+    puts = []
+    for data, _ in sent:
+        kind, msg_id, payload = wire.split_frame(data)
+        if kind == wire.FRAME_REQUEST:
+            request = wire.decode_request(msg_id, payload)
+            if request.method == "mailbox_put":
+                puts.append(request.sender_key)
+            assert request.method != "proof" or request.sender_key != me.node_key.public_key
+    assert len(puts) >= 6
+    assert me.node_key.public_key not in puts
+    assert len(set(puts)) == len(puts)  # a key of its own for every put

@@ -129,6 +129,8 @@ class _Pending:
     probe: bool
     #: The reply must carry a valid signature by the node's key.
     prove: bool
+    #: Sent under a one-off sender key (a mailbox put): never prove ourselves for it.
+    anonymous: bool = False
 
 
 class DHTCore:
@@ -368,7 +370,8 @@ class DHTCore:
                     result = None
                 else:
                     self._mark_verified(wire.node_id_for(key), address, now)
-            if cookie is not None and result is not None and key is not None:
+            # (never for an anonymous request: a proof would name our node key)
+            if cookie and result is not None and key is not None and not pending.anonymous:
                 self._send_proof(key, cookie, address)
         self._finish(pending, result, now)
 
@@ -503,11 +506,15 @@ class DHTCore:
         *,
         probe: bool = False,
         timeout: float | None = None,
+        anonymous: bool = False,
     ) -> None:
         """Send one RPC; ``owner`` hears of its reply or its loss (after ``timeout``,
         by default the configured ``rpc_timeout``). The reply must prove the node's key
         if it is a find_value (always), or, with the defences on, a probe or a request
-        to a node that has not proved its id from that address lately."""
+        to a node that has not proved its id from that address lately. ``anonymous``:
+        under a one-off random sender key instead of our node key, never proven (the
+        receiver answers but does not add the sender; a mailbox put is not linked to
+        this node's other puts or traffic by its key)."""
         self.now = max(self.now, now)
         msg_id = self._randbytes(wire.MSG_ID_LEN)
         address = (node.ip, node.port)
@@ -515,13 +522,14 @@ class DHTCore:
             self.defended and (probe or not self.is_verified(node.id, address, now))
         )
         try:
-            frame = wire.encode_request(msg_id, method, [self.node_key.public_key, *args], prove)
+            sender = self._randbytes(32) if anonymous else self.node_key.public_key
+            frame = wire.encode_request(msg_id, method, [sender, *args], prove)
         except WireError:
             log.exception("could not encode a %s request", method)
             if owner is not None:
                 owner.rpc_done(node, None, now)
             return
-        self._pending[msg_id] = _Pending(node, address, method, now, owner, probe, prove)
+        self._pending[msg_id] = _Pending(node, address, method, now, owner, probe, prove, anonymous)
         if owner is not None:
             self._schedule(now + self.rtt.rto(address), _SOFT, msg_id)
         hard = self.config.rpc_timeout if timeout is None else timeout
@@ -648,9 +656,11 @@ class DHTCore:
         calls: list[tuple[Node, str, list[Any]]],
         now: float,
         on_done: Callable[[list[wire.DHTResult | None]], None],
+        *,
+        anonymous: bool = False,
     ) -> None:
         """Send several requests; ``on_done`` gets every result, in order, once all ended."""
-        Gather(self, calls, on_done).start(now)
+        Gather(self, calls, on_done, anonymous=anonymous).start(now)
 
     def _put_at(
         self,
@@ -661,11 +671,13 @@ class DHTCore:
         local: int,
         on_done: Callable[[int], None],
     ) -> None:
-        """Send ``method(key, value)`` to each node; report ``local`` + the acceptances."""
+        """Send ``method(key, value)`` to each node; report ``local`` + the acceptances.
+        A mailbox put goes under a one-off sender key (:meth:`request`, ``anonymous``)."""
         self.gather(
             [(n, method, [key, value]) for n in nodes],
             self.now,
             lambda replies: on_done(local + sum(1 for r in replies if r is True)),
+            anonymous=method == "mailbox_put",
         )
 
     def start_store(

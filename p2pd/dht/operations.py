@@ -80,7 +80,7 @@ class LookupRun:
 class Gather:
     """Several requests at once; one callback with every result when all have ended."""
 
-    __slots__ = ("calls", "core", "left", "on_done", "probe", "results")
+    __slots__ = ("anonymous", "calls", "core", "left", "on_done", "probe", "results")
 
     def __init__(
         self,
@@ -89,11 +89,13 @@ class Gather:
         on_done: Callable[[list[wire.DHTResult | None]], None],
         *,
         probe: bool = False,
+        anonymous: bool = False,
     ) -> None:
         self.core = core
         self.calls = calls
         self.on_done = on_done
         self.probe = probe
+        self.anonymous = anonymous
         self.results: dict[int, wire.DHTResult | None] = {}
         self.left = len(calls)
 
@@ -102,7 +104,15 @@ class Gather:
             self.on_done([])
             return
         for index, (node, method, args) in enumerate(self.calls):
-            self.core.request(node, method, args, now, Slot(self, index), probe=self.probe)
+            self.core.request(
+                node,
+                method,
+                args,
+                now,
+                Slot(self, index),
+                probe=self.probe,
+                anonymous=self.anonymous,
+            )
 
     def done(self, index: int, result: wire.DHTResult | None) -> None:
         self.results[index] = result
