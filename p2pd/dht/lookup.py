@@ -41,7 +41,7 @@ Driving it (a :class:`DisjointLookup` is driven the same way)::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .. import wire
@@ -272,6 +272,11 @@ class Lookup:
             self._wide = True
         return state == _SLOW
 
+    def known(self) -> Iterator[tuple[Node, int]]:
+        """Every node this lookup heard of, with its state here."""
+        for node_id, node in self._nodes.items():
+            yield node, self._state[node_id]
+
     @property
     def in_flight(self) -> int:
         return self._inflight
@@ -379,13 +384,12 @@ class DisjointLookup:
         answered: set[bytes] = set()
         dead: set[bytes] = set()
         for path in self.paths:
-            for node_id, node in path._nodes.items():
-                state = path._state[node_id]
-                known[node_id] = node
+            for node, state in path.known():
+                known[node.id] = node
                 if state == _OK:
-                    answered.add(node_id)
+                    answered.add(node.id)
                 elif state in (_SLOW, _FAILED):
-                    dead.add(node_id)
+                    dead.add(node.id)
         live = sorted(
             (n for i, n in known.items() if i in answered or i not in dead),
             key=lambda n: n.long_id ^ target,
