@@ -47,19 +47,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextvars
-import gc
 import json
 import logging
 import random
-import resource
 import sys
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,214 +64,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trio
-from _bench import Every10Percent, percentile, progress_printer, trio_pool
-from kademlia.network import Server
-from kademlia.protocol import KademliaProtocol
+from _bench import Every10Percent, percentile, trio_pool
+from _dht_workload import (
+    LOCALHOST,
+    RECORD_LIFETIME,
+    SETUP_BASE,
+    SETUP_PER_NODE,
+    TEARDOWN_CAP,
+    SideResult,
+    Workload,
+    identity_for,
+    make_workload,
+    progress,
+    raise_fd_limit,
+    report_lookups,
+    rss_kib,
+    setup_deadline_note,
+    start_tracing,
+    stop_tracing,
+)
+from _stock_kademlia import run_stock
 
 from p2pd.config import DHTConfig
-from p2pd.dht import DHT, NodeKey, create_dht, node_id_for
-from p2pd.errors import NotFound, RecordError
+from p2pd.dht import DHT, NodeKey, create_dht
+from p2pd.errors import NotFound
 from p2pd.identity import HandleRef, Identity
 from p2pd.records import HandleRecord
 from p2pd.testing.swarm import loopback_address, run_node
 from p2pd.transport.udp import UdpEndpoint
-from p2pd.wire import Address
 
-LOCALHOST = "127.0.0.1"
-RECORD_LIFETIME = 3600
-#: By default setup (start + bootstrap + publish) may take this long plus SETUP_PER_NODE
-#: per node (--setup-deadline).
-SETUP_BASE = 120.0
-SETUP_PER_NODE = 1.0
-#: One stock lookup may take this long (it has no deadline of its own; 5 s per dead round).
-STOCK_LOOKUP_CAP = 60.0
-#: Closing everything at the end may take this long.
-TEARDOWN_CAP = 120.0
 GOALS = {"success_pct": 99.9, "p50_ms": 50.0, "p99_ms": 500.0}
 GOAL_N = 1000
 
 log = logging.getLogger("bench_dht")
-
-progress = progress_printer("bench_dht")
-
-
-def rss_kib() -> int:
-    """VmRSS of this process in KiB (0 where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        new = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed, soft))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-
-
-# --------------------------------------------------------------------------- workload
-
-
-@dataclass(frozen=True)
-class Workload:
-    n: int
-    churn: float
-    seed: int
-    concurrency: int
-    setup_concurrency: int
-    lookup_deadline: float
-    setup_deadline: float
-    handles: list[str]
-    key_seeds: list[bytes]
-    bootstrap_from: list[list[int]]
-    killed: list[int]
-    #: (index of the live node that asks, index of the handle it asks for)
-    lookups: list[tuple[int, int]]
-
-    @property
-    def alive(self) -> list[int]:
-        dead = set(self.killed)
-        return [i for i in range(self.n) if i not in dead]
-
-
-def make_workload(args: argparse.Namespace) -> Workload:
-    n = args.nodes
-    rng = random.Random(args.seed)
-    key_seeds = [rng.randbytes(32) for _ in range(n)]
-    bootstrap_from = [sorted({0, rng.randrange(i)}) if i else [] for i in range(n)]
-    killed = sorted(rng.sample(range(n), round(n * args.churn)))
-    dead = set(killed)
-    alive = [i for i in range(n) if i not in dead]
-    lookups = []
-    for _ in range(args.lookups):
-        asker = rng.choice(alive)
-        wanted = rng.randrange(n - 1)
-        lookups.append((asker, wanted + (wanted >= asker)))
-    return Workload(
-        n=n,
-        churn=args.churn,
-        seed=args.seed,
-        concurrency=args.concurrency,
-        setup_concurrency=args.setup_concurrency,
-        lookup_deadline=args.lookup_deadline,
-        setup_deadline=(
-            args.setup_deadline
-            if args.setup_deadline is not None
-            else SETUP_BASE + SETUP_PER_NODE * n
-        ),
-        handles=[f"user{i}" for i in range(n)],
-        key_seeds=key_seeds,
-        bootstrap_from=bootstrap_from,
-        killed=killed,
-        lookups=lookups,
-    )
-
-
-def identity_for(w: Workload, i: int) -> Identity:
-    return Identity.from_seed(w.handles[i], w.key_seeds[i])
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class SideResult:
-    impl: str
-    n: int
-    killed: int
-    lookups_planned: int
-    concurrency: int
-    config: str = ""
-    lookups_done: int = 0
-    successes: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    #: p2pd only: LookupResult.elapsed, the core's own time for the lookup alone
-    inner_ms: list[float] = field(default_factory=list)
-    rpcs: list[int] = field(default_factory=list)
-    failures: Counter[str] = field(default_factory=Counter)
-    bootstrap_s: float = 0.0
-    publish_s: float = 0.0
-    setup_s: float = 0.0
-    lookup_s: float = 0.0
-    #: This process's CPU time in the lookup phase (all nodes): what the latency of one
-    #: lookup at a time is made of, apart from waiting on dead contacts, and less
-    #: disturbed than wall time by other work on the machine.
-    lookup_cpu_s: float = 0.0
-    traced_bytes: int | None = None
-    traced_peak_bytes: int | None = None
-    rss_start_kib: int = 0
-    rss_setup_kib: int = 0
-    rss_end_kib: int = 0
-    publish_failed: int = 0
-    copies_per_handle: float = 0.0
-    routing_table_mean: float = 0.0
-    counters: dict[str, int] = field(default_factory=dict)
-    #: p2pd only: the survivors' whole-network RTT estimate and the soft timeout it gives
-    #: a contact never measured (medians and p95 over nodes), after the lookups
-    rtt_ms: dict[str, float | None] = field(default_factory=dict)
-    incomplete: str = ""
-    nodes_joined: int = 0
-    published: int = 0
-    #: False when an earlier pass ran in this process: freed memory is reused, so the RSS
-    #: growth of this pass understates what its nodes take
-    rss_first: bool = True
-
-    def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies_ms)
-        inner = sorted(self.inner_ms)
-        done = self.lookups_done
-        out: dict[str, Any] = {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in ("latencies_ms", "inner_ms", "rpcs", "failures")
-        }
-        out.update(
-            success_pct=100.0 * self.successes / done if done else None,
-            p50_ms=percentile(lat, 50),
-            p95_ms=percentile(lat, 95),
-            p99_ms=percentile(lat, 99),
-            max_ms=lat[-1] if lat else None,
-            mean_ms=sum(lat) / len(lat) if lat else None,
-            inner_p50_ms=percentile(inner, 50),
-            inner_p99_ms=percentile(inner, 99),
-            rpcs_per_lookup=sum(self.rpcs) / len(self.rpcs) if self.rpcs else None,
-            rpcs_max=max(self.rpcs) if self.rpcs else None,
-            kib_per_node=(
-                self.traced_bytes / 1024 / self.n if self.traced_bytes is not None else None
-            ),
-            rss_delta_kib_per_node=(
-                (self.rss_setup_kib - self.rss_start_kib) / self.n if self.rss_setup_kib else None
-            ),
-            failures=dict(self.failures),
-        )
-        return out
-
-
-def setup_deadline_note(w: Workload, result: SideResult) -> str:
-    return (
-        f"setup deadline ({w.setup_deadline:.0f} s) passed with "
-        f"{result.nodes_joined}/{result.n} nodes joined, {result.published}/{result.n} "
-        "published; no lookups run"
-    )
-
-
-def start_tracing(enabled: bool) -> None:
-    gc.collect()
-    if enabled:
-        tracemalloc.start()
-
-
-def stop_tracing(result: SideResult) -> None:
-    """Read traced memory after setup, then stop tracing so lookups run at full speed."""
-    gc.collect()
-    if tracemalloc.is_tracing():
-        result.traced_bytes, result.traced_peak_bytes = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-    result.rss_setup_kib = rss_kib()
 
 
 # --------------------------------------------------------------------------- p2pd
@@ -498,241 +320,6 @@ async def _p2pd_phases(
         "default_rto_p50": percentile(rtos, 50),
         "default_rto_p95": percentile(rtos, 95),
     }
-
-
-def report_lookups(result: SideResult, done: int) -> None:
-    lat = sorted(result.latencies_ms)
-    progress(
-        f"{result.impl}: lookups {done}/{result.lookups_planned}, "
-        f"{result.successes} ok, p50 {percentile(lat, 50) or 0:.1f} ms, "
-        f"max {lat[-1] if lat else 0:.0f} ms"
-    )
-
-
-# --------------------------------------------------------------------------- stock kademlia
-
-#: The counter of the stock lookup running in this asyncio context (tasks inherit it).
-_LOOKUP_RPCS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "bench_dht_lookup_rpcs", default=None
-)
-_STOCK_COUNTERS: Counter[str] = Counter()
-
-
-def _count_rpc() -> None:
-    counter = _LOOKUP_RPCS.get()
-    if counter is not None:
-        counter[0] += 1
-
-
-class CountingProtocol(KademliaProtocol):  # type: ignore[misc]
-    """The stock protocol, counting the find RPCs of the lookup that sent them."""
-
-    async def call_find_node(self, node_to_ask: Any, node_to_find: Any) -> Any:
-        _count_rpc()
-        _STOCK_COUNTERS["requests_out"] += 1
-        return await super().call_find_node(node_to_ask, node_to_find)
-
-    async def call_find_value(self, node_to_ask: Any, node_to_find: Any) -> Any:
-        _count_rpc()
-        _STOCK_COUNTERS["requests_out"] += 1
-        return await super().call_find_value(node_to_ask, node_to_find)
-
-    async def call_ping(self, node_to_ask: Any) -> Any:
-        _STOCK_COUNTERS["requests_out"] += 1
-        return await super().call_ping(node_to_ask)
-
-    async def call_store(self, node_to_ask: Any, key: bytes, value: Any) -> Any:
-        _STOCK_COUNTERS["requests_out"] += 1
-        return await super().call_store(node_to_ask, key, value)
-
-    def _timeout(self, msg_id: bytes) -> None:
-        _STOCK_COUNTERS["timeouts"] += 1
-        super()._timeout(msg_id)
-
-
-class CountingServer(Server):  # type: ignore[misc]
-    protocol_class = CountingProtocol
-
-
-@dataclass
-class StockNode:
-    server: CountingServer
-    address: tuple[str, int]
-    record: bytes = b""
-    alive: bool = True
-
-
-async def asyncio_pool(
-    count: int, width: int, job: Callable[[int], Awaitable[None]], stop_at: float | None = None
-) -> int:
-    """asyncio twin of :func:`trio_pool` (``stop_at`` on the loop's clock)."""
-    loop = asyncio.get_running_loop()
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < count and (stop_at is None or loop.time() < stop_at):
-            index = next_index
-            next_index += 1
-            await job(index)
-
-    await asyncio.gather(*(worker() for _ in range(min(width, count))))
-    return next_index
-
-
-async def cancel_stray_tasks(rounds: int = 5) -> None:
-    """End the stock library's fire-and-forget tasks (``welcome_if_new``'s stores, pings of
-    bucket heads) so that they do not fail on closed transports after we return, and
-    retrieve their outcomes so asyncio does not log them."""
-    me = asyncio.current_task()
-    for _ in range(rounds):
-        await asyncio.sleep(0)  # let the closed transports run their callbacks
-        stray = [t for t in asyncio.all_tasks() if t is not me]
-        if not stray:
-            return
-        for task in stray:
-            task.cancel()
-        await asyncio.wait(stray, timeout=10)
-        for task in stray:
-            if task.done() and not task.cancelled():
-                task.exception()
-
-
-async def run_stock(w: Workload, trace: bool, setup_only: bool) -> SideResult:
-    result = SideResult("stock", w.n, len(w.killed), len(w.lookups), w.concurrency)
-    nodes: list[StockNode] = []
-    _STOCK_COUNTERS.clear()
-    result.rss_start_kib = rss_kib()
-    start_tracing(trace)
-    try:
-        await _stock_phases(w, nodes, result, setup_only)
-    except TimeoutError:
-        result.incomplete = setup_deadline_note(w, result)
-        progress(f"stock: {result.incomplete}")
-    finally:
-        progress(f"stock: closing {sum(n.alive for n in nodes)} nodes")
-        for node in nodes:
-            if node.alive:
-                node.alive = False
-                node.server.stop()
-        if tracemalloc.is_tracing():
-            tracemalloc.stop()
-        await cancel_stray_tasks()
-    result.rss_end_kib = rss_kib()
-    return result
-
-
-async def _stock_phases(
-    w: Workload, nodes: list[StockNode], result: SideResult, setup_only: bool
-) -> None:
-    loop = asyncio.get_running_loop()
-    setup_started = time.perf_counter()
-    async with asyncio.timeout(w.setup_deadline):
-        tick = Every10Percent(w.n, lambda d: progress(f"stock: bootstrap {d}/{w.n}"))
-        for i in range(w.n):
-            identity = identity_for(w, i)
-            server = CountingServer(ksize=20, alpha=3, node_id=node_id_for(identity.public_key))
-            await server.listen(0, interface=LOCALHOST)
-            port = server.transport.get_extra_info("sockname")[1]
-            node = StockNode(server, (LOCALHOST, port))
-            # the same kind and size of value as p2pd stores: a signed handle record
-            node.record = HandleRecord.create(
-                identity,
-                [Address(LOCALHOST, port)],
-                seq=1,
-                now=int(time.time()),
-                lifetime=RECORD_LIFETIME,
-            ).encode()
-            nodes.append(node)
-            result.nodes_joined = len(nodes)
-            if w.bootstrap_from[i]:
-                await server.bootstrap([nodes[j].address for j in w.bootstrap_from[i]])
-            tick(i + 1)
-        result.bootstrap_s = time.perf_counter() - setup_started
-
-        publish_started = time.perf_counter()
-        tick = Every10Percent(w.n, lambda d: progress(f"stock: publish {d}/{w.n}"))
-        published = 0
-
-        async def publish(i: int) -> None:
-            nonlocal published
-            if not await nodes[i].server.set(w.handles[i], nodes[i].record):
-                result.publish_failed += 1
-            published += 1
-            result.published = published
-            tick(published)
-
-        await asyncio_pool(w.n, w.setup_concurrency, publish)
-        result.publish_s = time.perf_counter() - publish_started
-        result.setup_s = time.perf_counter() - setup_started
-
-    stop_tracing(result)
-    result.copies_per_handle = sum(len(n.server.storage.data) for n in nodes) / w.n
-    result.routing_table_mean = (
-        sum(sum(len(b) for b in n.server.protocol.router.buckets) for n in nodes) / w.n
-    )
-    if setup_only:
-        return
-    progress(
-        f"stock: setup {result.setup_s:.1f} s; {result.copies_per_handle:.1f} copies/handle,"
-        f" {result.routing_table_mean:.1f} contacts/node; killing {len(w.killed)} nodes"
-    )
-    before = Counter(_STOCK_COUNTERS)
-
-    for i in w.killed:
-        nodes[i].alive = False
-        nodes[i].server.stop()
-
-    lookup_started = time.perf_counter()
-    cpu_started = time.process_time()
-    tick = Every10Percent(len(w.lookups), lambda d: report_lookups(result, d))
-
-    async def lookup(index: int) -> None:
-        asker, wanted = w.lookups[index]
-        expected = HandleRecord.decode(nodes[wanted].record).public_key
-        counter = [0]
-        token = _LOOKUP_RPCS.set(counter)
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            value = await asyncio.wait_for(
-                nodes[asker].server.get(w.handles[wanted]), STOCK_LOOKUP_CAP
-            )
-        except TimeoutError:
-            outcome = "timeout"
-        except Exception as exc:
-            outcome = type(exc).__name__
-        else:
-            if value is None:
-                outcome = "not-found"
-            else:
-                try:
-                    if HandleRecord.decode(value).public_key != expected:
-                        outcome = "wrong-key"
-                except RecordError:
-                    outcome = "bad-value"
-        finally:
-            _LOOKUP_RPCS.reset(token)
-        result.latencies_ms.append((time.perf_counter() - started) * 1000)
-        if outcome == "ok":
-            result.rpcs.append(counter[0])
-        result.lookups_done += 1
-        if outcome == "ok":
-            result.successes += 1
-        else:
-            result.failures[outcome] += 1
-        tick(result.lookups_done)
-
-    started = await asyncio_pool(
-        len(w.lookups), w.concurrency, lookup, loop.time() + w.lookup_deadline
-    )
-    result.lookup_s = time.perf_counter() - lookup_started
-    result.lookup_cpu_s = time.process_time() - cpu_started
-    if started < len(w.lookups):
-        result.incomplete = f"lookup deadline: ran {started} of {len(w.lookups)} lookups"
-    after = Counter(_STOCK_COUNTERS)
-    after.subtract(before)
-    result.counters = {k: after[k] for k in ("requests_out", "timeouts")}
 
 
 # --------------------------------------------------------------------------- output
