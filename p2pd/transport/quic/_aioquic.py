@@ -25,18 +25,25 @@ import aioquic
 from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic import events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    TRANSPORT_CLOSE_FRAME_CAPACITY,
+    QuicConnection,
+)
+from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
     QuicHeader,
     QuicPacketType,
     QuicProtocolVersion,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
 from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.retry import TOKEN_LIFETIME, QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream as _AioquicStream
 from aioquic.tls import AlertDescription
 
@@ -55,7 +62,10 @@ __all__ = [
     "QuicHeader",
     "QuicPacketType",
     "QuicProtocolVersion",
+    "RetryTokens",
     "check_version",
+    "encode_initial_close",
+    "encode_quic_retry",
     "encode_quic_version_negotiation",
     "events",
     "pull_quic_header",
@@ -78,6 +88,88 @@ def check_version(found: str) -> None:
 
 
 check_version(aioquic.__version__)
+
+
+class RetryTokens:
+    """Retry tokens (RFC 9000 section 8.1.2, address validation), made and checked by
+    aioquic's ``QuicRetryTokenHandler``, the one its asyncio server uses (undocumented).
+
+    A token is AES-128-GCM over the client's address (IP and port), the original
+    Destination Connection ID, the Retry's Source Connection ID and the time we made it,
+    under a key drawn at start and held in memory only: nobody else can make one, it
+    is good only from the address it was sent to, for the connection ID the client
+    must use after a Retry, and for :attr:`lifetime` seconds (aioquic's constant: "clients
+    return retry tokens immediately", section 8.1.4). ``now`` is any clock, used
+    consistently (we pass ``trio.current_time()``).
+    """
+
+    lifetime: float = TOKEN_LIFETIME
+
+    def __init__(self) -> None:
+        self._handler = QuicRetryTokenHandler()
+
+    def create(
+        self,
+        address: tuple[str, int],
+        original_destination_cid: bytes,
+        retry_source_cid: bytes,
+        now: float,
+    ) -> bytes:
+        """A token for ``address`` (raises ValueError if it is not an IP address)."""
+        return self._handler.create_token(
+            address=address,
+            original_destination_connection_id=original_destination_cid,
+            retry_source_connection_id=retry_source_cid,
+            now=now,
+        )
+
+    def validate(
+        self, address: tuple[str, int], destination_cid: bytes, token: bytes, now: float
+    ) -> bytes | None:
+        """The original Destination Connection ID the token carries if it is ours, for
+        ``address`` and ``destination_cid``, and not expired; else None."""
+        try:
+            odcid: bytes = self._handler.validate_token(
+                address=address, destination_cid=destination_cid, token=token, now=now
+            )
+        except ValueError:  # aioquic's BufferReadError is a ValueError too
+            return None
+        return odcid
+
+
+def encode_initial_close(
+    version: int, source_cid: bytes, destination_cid: bytes, error_code: int
+) -> bytes:
+    """A server Initial packet that closes a connection we keep no state for (a
+    transport CONNECTION_CLOSE, RFC 9000 section 10.2.3), e.g. INVALID_TOKEN (section
+    8.1.3) or CONNECTION_REFUSED.
+
+    ``source_cid`` is the Destination Connection ID the client chose: Initial keys
+    derive from it (RFC 9001 section 5.2), so this costs an HKDF and one AES-GCM
+    encryption, not a TLS handshake.
+    """
+    # Copied from aioquic 1.7.2's asyncio/server.py (_encode_invalid_token_close, a
+    # private function), with the error code as a parameter. INTERNAL-ish: CryptoPair,
+    # QuicPacketBuilder and TRANSPORT_CLOSE_FRAME_CAPACITY are undocumented names.
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=source_cid, is_client=False, version=version)
+    builder = QuicPacketBuilder(
+        host_cid=source_cid,
+        is_client=False,
+        max_datagram_size=SMALLEST_MAX_DATAGRAM_SIZE,
+        peer_cid=destination_cid,
+        version=version,
+    )
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    buf = builder.start_frame(
+        QuicFrameType.TRANSPORT_CLOSE, capacity=TRANSPORT_CLOSE_FRAME_CAPACITY
+    )
+    buf.push_uint_var(error_code)
+    buf.push_uint_var(QuicFrameType.PADDING)  # the frame type that caused it: none
+    buf.push_uint_var(0)  # no reason phrase
+    datagrams, _ = builder.flush()
+    data: bytes = datagrams[0]
+    return data
 
 
 class Connection(QuicConnection):
