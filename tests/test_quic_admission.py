@@ -61,39 +61,59 @@ def test_per_address_limits_on_handshakes_and_connections() -> None:
     assert budget.incoming("10.0.0.1", validated=True) is Verdict.ADMIT
 
 
-def test_strangers_never_take_the_reserve_but_outgoing_and_pinned_do() -> None:
-    budget = SlotBudget(SMALL)  # 20 slots, 15 for strangers and handshakes
-    assert budget.strangers_share == 15
+def test_strangers_never_hold_the_reserve_but_outgoing_and_pinned_do() -> None:
+    budget = SlotBudget(SMALL)  # 20 slots: 15 for strangers, 5 reserved
+    assert (budget.strangers_share, budget.reserve_handshakes) == (15, 2)
     strangers = []
     for i in range(15):
         host = f"10.0.1.{i}"
         assert budget.incoming(host, validated=True) is Verdict.ADMIT
         slot = budget.take_incoming(host)
-        budget.established(slot, pinned=False)
+        assert budget.established(slot, pinned=False)
         strangers.append(slot)
-    assert budget.incoming("10.0.2.1", validated=True) is Verdict.REFUSE_FULL
-    # Our own connections still have the other 5 slots.
-    outgoing = [budget.take_outgoing(f"10.0.3.{i}") for i in range(5)]
+    # Strangers fill their share. Handshakes may still start in the reserve (their key
+    # is not known yet), two at a time (half the reserve)...
+    tentative = []
+    for i in range(2):
+        assert budget.incoming(f"10.0.2.{i}", validated=True) is Verdict.ADMIT
+        tentative.append(budget.take_incoming(f"10.0.2.{i}"))
+    assert budget.incoming("10.0.2.9", validated=True) is Verdict.REFUSE_FULL
+    # ... and a stranger's is refused when it completes, a contact's stays.
+    assert not budget.established(tentative[0], pinned=False)
+    assert tentative[0].kind is SlotKind.HALF_OPEN  # until the connection is gone
+    budget.release(tentative[0])
+    assert budget.established(tentative[1], pinned=True)
+    assert tentative[1].kind is SlotKind.PINNED
+    # Our own connections find the rest of the reserve: 20 - 15 - 1 = 4 slots.
+    outgoing = [budget.take_outgoing(f"10.0.3.{i}") for i in range(4)]
     assert all(s is not None for s in outgoing)
+    assert budget.total == 20
     assert budget.take_outgoing("10.0.3.9") is None  # every slot taken
-    released = outgoing.pop()
-    assert released is not None
-    budget.release(released)
-    # A stranger leaving frees a place in the strangers' share for a handshake, which
-    # moves to the reserve when it proves a pinned key.
+    assert budget.incoming("10.0.2.8", validated=True) is Verdict.REFUSE_FULL
+    # A stranger leaving frees a place in the strangers' share.
     budget.release(strangers.pop())
     assert budget.incoming("10.0.4.1", validated=True) is Verdict.ADMIT
-    contact = budget.take_incoming("10.0.4.1")
-    budget.established(contact, pinned=True)
-    assert contact.kind is SlotKind.PINNED
     assert budget.statistics()["slots_pinned"] == 1
-    # The strangers' share has room again (14 of 15) for one more, and then every
-    # slot is taken: 15 strangers, 4 outgoing, 1 pinned.
-    assert budget.incoming("10.0.4.2", validated=True) is Verdict.ADMIT
-    budget.take_incoming("10.0.4.2")
-    assert budget.incoming("10.0.4.3", validated=True) is Verdict.REFUSE_FULL
-    assert budget.total == 20
-    assert budget.take_outgoing("10.0.3.9") is None
+
+
+def test_spoofed_handshakes_cannot_hold_the_reserve() -> None:
+    # Unvalidated sources hold at most retry_after_half_open handshakes; with that below
+    # half the reserve, a validated client (a contact) still starts its handshake
+    # while strangers fill their share.
+    config = QuicConfig(max_connections=100, reserved_share=0.2, retry_after_half_open=4)
+    budget = SlotBudget(config)
+    for i in range(80):
+        budget.established(budget.take_incoming(f"10.1.0.{i}"), pinned=False)
+    spoofed = 0
+    for i in range(1000):
+        verdict = budget.incoming(f"10.2.{i // 250}.{i % 250}", validated=False)
+        if verdict is Verdict.ADMIT:
+            budget.take_incoming(f"10.2.{i // 250}.{i % 250}")
+            spoofed += 1
+        else:
+            assert verdict is Verdict.RETRY
+    assert spoofed == 4
+    assert budget.incoming("10.3.0.1", validated=True) is Verdict.ADMIT
 
 
 def test_release_is_idempotent_and_per_host_maps_shrink() -> None:
@@ -145,15 +165,40 @@ def test_the_budget_holds_under_any_sequence_of_events(ops: list[tuple[str, int]
             if slot is not None:
                 live.append(slot)
         elif live and op in ("establish", "pin"):
-            budget.established(live[n % len(live)], pinned=op == "pin")
+            slot = live[n % len(live)]
+            was_half_open = slot.kind is SlotKind.HALF_OPEN
+            kept = budget.established(slot, pinned=op == "pin")
+            assert kept or (was_half_open and op == "establish")
         elif live:
             budget.release(live.pop(n % len(live)))
         kinds = [s.kind for s in live]
-        strangers = kinds.count(SlotKind.HALF_OPEN) + kinds.count(SlotKind.STRANGER)
         assert budget.total == len(live) <= SMALL.max_connections
-        assert strangers <= budget.strangers_share
+        assert kinds.count(SlotKind.STRANGER) <= budget.strangers_share
+        # Half the reserve is never strangers or handshakes: room for our own.
+        assert kinds.count(SlotKind.HALF_OPEN) + kinds.count(SlotKind.STRANGER) <= (
+            budget.strangers_share + budget.reserve_handshakes
+        )
         for h in {s.host for s in live if s.kind is not SlotKind.OUTGOING}:
             mine = [s for s in live if s.host == h and s.kind is not SlotKind.OUTGOING]
             assert len(mine) <= SMALL.max_connections_per_address
             half = [s for s in mine if s.kind is SlotKind.HALF_OPEN]
             assert len(half) <= SMALL.max_half_open_per_address
+
+
+def test_retry_tokens_hold_for_one_address_one_connection_id_and_30_seconds() -> None:
+    from p2pd.transport.quic._aioquic import RetryTokens
+
+    tokens = RetryTokens()
+    here, odcid, retry_cid = ("192.0.2.7", 4747), b"\x01" * 8, b"\x02" * 8
+    token = tokens.create(here, odcid, retry_cid, now=100.0)
+    assert tokens.validate(here, retry_cid, token, now=100.0 + 29.9) == odcid
+    assert tokens.lifetime == 30.0
+    assert tokens.validate(here, retry_cid, token, now=130.1) is None  # expired
+    assert tokens.validate(("192.0.2.8", 4747), retry_cid, token, now=100.0) is None
+    assert tokens.validate(("192.0.2.7", 4748), retry_cid, token, now=100.0) is None
+    assert tokens.validate(here, b"\x03" * 8, token, now=100.0) is None  # another CID
+    tampered = token[:-1] + bytes([token[-1] ^ 1])
+    assert tokens.validate(here, retry_cid, tampered, now=100.0) is None
+    assert tokens.validate(here, retry_cid, b"short", now=100.0) is None
+    # Another endpoint (another key, drawn at start) does not take it.
+    assert RetryTokens().validate(here, retry_cid, token, now=100.0) is None

@@ -11,12 +11,17 @@ by about 1.2 MB every 10 s. The budget (docs/SECURITY.md, "QUIC budgets"; the
   the token, so it never gets past this point.
 - **Per address**: at most ``max_connections_per_address`` incoming connections and
   ``max_half_open_per_address`` incoming handshakes from one IP address.
-- **Reserve**: incoming handshakes and established connections from strangers (keys
-  no contact pins) together take at most ``max_connections`` minus the reserved share
-  (``reserved_share``). The rest is for our outgoing connections and for incoming
-  connections from pinned contacts. A handshake's key is known only once it completes,
-  so a contact's handshake starts in the strangers' share and moves to the reserve
-  when its key proves to be pinned.
+- **Reserve**: established connections from strangers (keys no contact pins) take at
+  most ``max_connections`` minus the reserved share (``reserved_share``); the reserve
+  is for our outgoing connections and for incoming connections from pinned contacts.
+  A handshake's key is known only once it completes, so a handshake starts in the
+  strangers' share while it has room (handshakes and strangers together), else in the
+  reserve while fewer than half the reserve's slots are handshakes; one that proves a
+  key no contact pins while strangers fill their share is then refused (closed with
+  ``AppError.BUSY``). Spoofed sources hold at most ``retry_after_half_open``
+  handshakes, so the reserve's handshakes stay open to validated clients; the other
+  half of the reserve is never handshakes, so our outgoing connections always find a
+  slot unless our own and our contacts' connections fill it.
 - **Total**: ``max_connections`` slots in all, whatever their kind.
 
 Each connection holds a :class:`Slot` from :meth:`SlotBudget.take_incoming` or
@@ -69,10 +74,11 @@ class SlotBudget:
 
     def __init__(self, config: QuicConfig) -> None:
         self.config = config
-        #: Slots strangers and handshakes may hold together.
-        self.strangers_share = config.max_connections - int(
-            config.max_connections * config.reserved_share
-        )
+        reserved = int(config.max_connections * config.reserved_share)
+        #: Slots established strangers may hold (and handshakes, while they have room).
+        self.strangers_share = config.max_connections - reserved
+        #: Handshakes may start beyond the strangers' share while fewer are in progress.
+        self.reserve_handshakes = reserved // 2
         self._kinds: Counter[SlotKind] = Counter()
         self._incoming_by_host: Counter[str] = Counter()
         self._half_open_by_host: Counter[str] = Counter()
@@ -96,13 +102,14 @@ class SlotBudget:
             or self._half_open_by_host[host] >= config.max_half_open_per_address
         ):
             return Verdict.REFUSE_ADDRESS
-        kinds = self._kinds
-        if (
-            kinds[SlotKind.HALF_OPEN] + kinds[SlotKind.STRANGER] >= self.strangers_share
-            or self.total >= config.max_connections
-        ):
+        if self.total >= config.max_connections:
             return Verdict.REFUSE_FULL
-        return Verdict.ADMIT
+        half_open = self.half_open
+        if half_open + self._kinds[SlotKind.STRANGER] < self.strangers_share:
+            return Verdict.ADMIT
+        if half_open < self.reserve_handshakes:
+            return Verdict.ADMIT  # in the reserve: it stays only if its key is pinned
+        return Verdict.REFUSE_FULL
 
     def take_incoming(self, host: str) -> Slot:
         """A half-open slot for an Initial :meth:`incoming` admitted."""
@@ -119,15 +126,20 @@ class SlotBudget:
         self._kinds[SlotKind.OUTGOING] += 1
         return Slot(SlotKind.OUTGOING, host)
 
-    def established(self, slot: Slot, *, pinned: bool) -> None:
-        """An incoming handshake completed; ``pinned``: a contact pins the peer's key."""
+    def established(self, slot: Slot, *, pinned: bool) -> bool:
+        """An incoming handshake completed; ``pinned``: a contact pins the peer's key.
+        False if the connection must be refused (a stranger, and strangers fill their
+        share): its slot stays a handshake until :meth:`release`."""
         if slot.released or slot.kind is not SlotKind.HALF_OPEN:
-            return
+            return True
+        if not pinned and self._kinds[SlotKind.STRANGER] >= self.strangers_share:
+            return False
         self._half_open_by_host[slot.host] -= 1
         self._forget_zero(self._half_open_by_host, slot.host)
         self._kinds[SlotKind.HALF_OPEN] -= 1
         slot.kind = SlotKind.PINNED if pinned else SlotKind.STRANGER
         self._kinds[slot.kind] += 1
+        return True
 
     def release(self, slot: Slot) -> None:
         """The connection is gone (or no longer counts: closing); idempotent."""
@@ -154,6 +166,7 @@ class SlotBudget:
             "slots_total": self.total,
             "slots_max": self.config.max_connections,
             "strangers_share": self.strangers_share,
+            "reserve_handshakes": self.reserve_handshakes,
             **{f"slots_{kind.value}": self._kinds[kind] for kind in SlotKind},
             "addresses": len(self._incoming_by_host),
         }

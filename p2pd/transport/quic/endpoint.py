@@ -271,6 +271,8 @@ class QuicEndpoint:
         peer.add_connection_id(header.destination_cid)
         peer.add_connection_id(quic.host_cid)
         stats["quic_connections_accepted"] += 1
+        if retry_cid is not None:
+            stats["quic_validated_accepted"] += 1
         quic.receive_datagram(data, addr, now)
         self._nursery.start_soon(peer.run, name=f"quic {addr[0]}:{addr[1]}")
 
@@ -384,15 +386,23 @@ class QuicEndpoint:
 
     def peer_established(self, peer: QuicPeer) -> None:
         assert peer.public_key is not None
+        slot = self._slots.get(peer)
+        if (
+            not peer.is_client
+            and slot is not None
+            and slot.kind is SlotKind.HALF_OPEN
+            and not self.budget.established(slot, pinned=self._pinned(peer.public_key))
+        ):
+            # A stranger's handshake that started in the reserve: no place for it.
+            self.stats["quic_refused_busy"] += 1
+            peer.close("no slot for a stranger", AppError.BUSY)
+            return
         key = (peer.public_key, peer.address)
         current = self._peers.get(key)
         if current is None or current.is_closing:
             self._peers[key] = peer
         if not peer.is_client:
             self.stats["quic_connections_established_in"] += 1
-            slot = self._slots.get(peer)
-            if slot is not None and slot.kind is SlotKind.HALF_OPEN:
-                self.budget.established(slot, pinned=self._pinned(peer.public_key))
             if self._on_connection is not None:
                 try:
                     self._on_connection(peer)

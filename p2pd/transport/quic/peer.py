@@ -247,12 +247,12 @@ class QuicPeer:
         self.wake()
         return True
 
-    def close(self, reason: str = "") -> None:
-        """Close gracefully (CONNECTION_CLOSE, NO_ERROR). Streams break at once."""
+    def close(self, reason: str = "", error_code: AppError = AppError.NO_ERROR) -> None:
+        """Close gracefully (CONNECTION_CLOSE, ``error_code``). Streams break at once."""
         self._close(
             Close(
                 ConnectionLost(f"connection to {self._where()} closed by us"),
-                AppError.NO_ERROR,
+                error_code,
                 reason,
                 transport=False,
             )
