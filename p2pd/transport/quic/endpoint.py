@@ -415,6 +415,13 @@ class QuicEndpoint:
     def peer_closing(self, peer: QuicPeer) -> None:
         for key in [k for k, p in self._peers.items() if p is peer]:
             del self._peers[key]
+        # A closing connection only answers with its CONNECTION_CLOSE until its closing
+        # or draining period ends (RFC 9000 section 10.2, 3 PTOs: ~100 ms on loopback):
+        # its slot is free now, or a client reconnecting at once would find its own
+        # closing connections counted against its address.
+        slot = self._slots.pop(peer, None)
+        if slot is not None:
+            self.budget.release(slot)
 
     def _pinned(self, key: bytes) -> bool:
         if self._is_pinned is None:
@@ -427,9 +434,6 @@ class QuicEndpoint:
 
     def peer_closed(self, peer: QuicPeer) -> None:
         self.peer_closing(peer)
-        slot = self._slots.pop(peer, None)
-        if slot is not None:
-            self.budget.release(slot)
         for cid in peer.connection_ids:
             self.unregister_cid(cid, peer)
         self._all.discard(peer)
