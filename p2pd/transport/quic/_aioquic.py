@@ -43,7 +43,6 @@ from aioquic.quic.packet import (
 )
 from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
-from aioquic.quic.retry import TOKEN_LIFETIME, QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream as _AioquicStream
 from aioquic.tls import AlertDescription
 
@@ -64,7 +63,6 @@ __all__ = [
     "QuicPacketBuilder",
     "QuicPacketType",
     "QuicProtocolVersion",
-    "RetryTokens",
     "check_version",
     "encode_initial_close",
     "encode_quic_retry",
@@ -90,53 +88,6 @@ def check_version(found: str) -> None:
 
 
 check_version(aioquic.__version__)
-
-
-class RetryTokens:
-    """Retry tokens (RFC 9000 section 8.1.2, address validation), made and checked by
-    aioquic's ``QuicRetryTokenHandler``, the one its asyncio server uses (undocumented).
-
-    A token is AES-128-GCM over the client's address (IP and port), the original
-    Destination Connection ID, the Retry's Source Connection ID and the time we made it,
-    under a key drawn at start and held in memory only: nobody else can make one, it
-    is good only from the address it was sent to, for the connection ID the client
-    must use after a Retry, and for :attr:`lifetime` seconds (aioquic's constant: "clients
-    return retry tokens immediately", section 8.1.4). ``now`` is any clock, used
-    consistently (we pass ``trio.current_time()``).
-    """
-
-    lifetime: float = TOKEN_LIFETIME
-
-    def __init__(self) -> None:
-        self._handler = QuicRetryTokenHandler()
-
-    def create(
-        self,
-        address: tuple[str, int],
-        original_destination_cid: bytes,
-        retry_source_cid: bytes,
-        now: float,
-    ) -> bytes:
-        """A token for ``address`` (raises ValueError if it is not an IP address)."""
-        return self._handler.create_token(
-            address=address,
-            original_destination_connection_id=original_destination_cid,
-            retry_source_connection_id=retry_source_cid,
-            now=now,
-        )
-
-    def validate(
-        self, address: tuple[str, int], destination_cid: bytes, token: bytes, now: float
-    ) -> bytes | None:
-        """The original Destination Connection ID the token carries if it is ours, for
-        ``address`` and ``destination_cid``, and not expired; else None."""
-        try:
-            odcid: bytes = self._handler.validate_token(
-                address=address, destination_cid=destination_cid, token=token, now=now
-            )
-        except ValueError:  # aioquic's BufferReadError is a ValueError too
-            return None
-        return odcid
 
 
 def encode_initial_close(

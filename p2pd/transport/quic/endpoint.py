@@ -37,7 +37,6 @@ from ._aioquic import (
     QuicErrorCode,
     QuicHeader,
     QuicPacketType,
-    RetryTokens,
     encode_initial_close,
     encode_quic_retry,
     encode_quic_version_negotiation,
@@ -47,6 +46,7 @@ from .admission import Slot, SlotBudget, SlotKind, Verdict
 from .codes import ALPN, CID_LENGTH, SUPPORTED_VERSIONS, AppError
 from .peer import NetworkAddress, QuicPeer
 from .stream import QuicStream
+from .tokens import RetryTokens
 
 log = logging.getLogger("p2pd.transport.quic")
 
