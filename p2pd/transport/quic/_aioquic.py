@@ -29,6 +29,7 @@ from aioquic.quic.connection import (
     MAX_STREAM_DATA_FRAME_CAPACITY,
     TRANSPORT_CLOSE_FRAME_CAPACITY,
     QuicConnection,
+    QuicConnectionState,
 )
 from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
@@ -240,6 +241,21 @@ class Connection(QuicConnection):
         # INTERNAL: QuicConnection._streams, QuicStreamSender._reset_error_code.
         stream = self._streams.get(stream_id)
         return stream is not None and stream.sender._reset_error_code is not None
+
+    # ---- closing (upstream request 8)
+
+    @property
+    def is_closing(self) -> bool:
+        """aioquic is closing or draining the connection (RFC 9000 section 10.2): it
+        sends nothing but a CONNECTION_CLOSE any more. Its ConnectionTerminated event
+        comes only when the closing period ends, 3 PTOs later (~100 ms on loopback);
+        until then this is the only sign that the peer closed."""
+        # INTERNAL: QuicConnection._state, QuicConnectionState.
+        return self._state in (
+            QuicConnectionState.CLOSING,
+            QuicConnectionState.DRAINING,
+            QuicConnectionState.TERMINATED,
+        )
 
     # ---- datagrams (upstream request 6)
 

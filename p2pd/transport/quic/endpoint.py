@@ -190,6 +190,9 @@ class QuicEndpoint:
         self._dirty = []
         for peer in dirty:
             peer.step_received()
+            if peer.quic.is_closing and peer in self._slots:
+                # The peer closed (or aioquic did): no reuse, and the slot is free now.
+                self.peer_closing(peer)
 
     def _drop(self, reason: str) -> None:
         self.stats["quic_dropped"] += 1
@@ -359,7 +362,9 @@ class QuicEndpoint:
 
     def peers(self) -> list[QuicPeer]:
         """Every connection that is established and not closing."""
-        return [p for p in self._all if p.is_established and not p.is_closing]
+        return [
+            p for p in self._all if p.is_established and not p.is_closing and not p.quic.is_closing
+        ]
 
     def statistics(self) -> dict[str, Any]:
         return {
