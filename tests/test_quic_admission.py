@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from p2pd.config import QuicConfig
 from p2pd.errors import UsageError
-from p2pd.transport.quic.admission import Slot, SlotBudget, SlotKind, Verdict
+from p2pd.transport.quic.admission import Slot, SlotBudget, SlotKind, Verdict, source_key
 from p2pd.transport.quic.tokens import TOKEN_LIFETIME, RetryTokens
 
 SMALL = QuicConfig(
@@ -213,3 +213,12 @@ def test_any_change_to_a_token_voids_it(junk: bytes, position: int, bit: int) ->
     assert tokens.validate(here, retry_cid, bytes(flipped), now=5.0) is None
     if junk != token:
         assert tokens.validate(here, retry_cid, junk, now=5.0) is None
+
+
+def test_an_ipv6_64_counts_as_one_address() -> None:
+    assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:ffff::9")
+    assert source_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
+    assert source_key("fe80::1%eth0") == "fe80::/64"
+    assert source_key("::ffff:192.0.2.1") == "192.0.2.1" == source_key("192.0.2.1")
+    assert source_key("192.0.2.2") != source_key("192.0.2.1")

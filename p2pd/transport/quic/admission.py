@@ -10,7 +10,8 @@ by about 1.2 MB every 10 s. The budget (docs/SECURITY.md, "QUIC budgets"; the
   answered with a stateless Retry and takes nothing. A spoofed source never receives
   the token, so it never gets past this point.
 - **Per address**: at most ``max_connections_per_address`` incoming connections and
-  ``max_half_open_per_address`` incoming handshakes from one IP address.
+  ``max_half_open_per_address`` incoming handshakes from one IP address, an IPv6 /64
+  counting as one address (:func:`source_key`).
 - **Reserve**: established connections from strangers (keys no contact pins) take at
   most ``max_connections`` minus the reserved share (``reserved_share``); the reserve
   is for our outgoing connections and for incoming connections from pinned contacts.
@@ -32,10 +33,27 @@ I/O and reads no clock (the half-open timeout is the connection policy's).
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 
 from ...config import QuicConfig
+
+
+def source_key(host: str) -> str:
+    """What the per-address limits count as one source: the IPv4 address, or the /64 of
+    an IPv6 address (a subscriber gets a /64 or more, RFC 6177, and picks any address in
+    it at will; an IPv4-mapped IPv6 address is its IPv4 address)."""
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    prefix = ipaddress.IPv6Network((int(address) >> 64 << 64, 64))
+    return str(prefix)
 
 
 class SlotKind(enum.Enum):
@@ -50,7 +68,7 @@ class SlotKind(enum.Enum):
 
 @dataclass(slots=True)
 class Slot:
-    """The slot one connection holds; ``host`` is the peer's IP address."""
+    """The slot one connection holds; ``host`` is the peer's :func:`source_key`."""
 
     kind: SlotKind
     host: str

@@ -42,7 +42,7 @@ from ._aioquic import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from .admission import Slot, SlotBudget, SlotKind, Verdict
+from .admission import Slot, SlotBudget, SlotKind, Verdict, source_key
 from .codes import ALPN, CID_LENGTH, SUPPORTED_VERSIONS, AppError
 from .peer import NetworkAddress, QuicPeer
 from .stream import QuicStream
@@ -246,7 +246,8 @@ class QuicEndpoint:
                 self._refuse(header, addr, QuicErrorCode.INVALID_TOKEN)
                 return
             original_cid, retry_cid = found, header.destination_cid
-        verdict = self.budget.incoming(addr[0], validated=retry_cid is not None)
+        source = source_key(addr[0])
+        verdict = self.budget.incoming(source, validated=retry_cid is not None)
         if verdict is Verdict.RETRY:
             self._send_retry(header, addr, now)
             return
@@ -266,7 +267,7 @@ class QuicEndpoint:
             stream_window=self.config.stream_window,
         )
         peer = QuicPeer(self, quic, addr, None)
-        self._slots[peer] = self.budget.take_incoming(addr[0])
+        self._slots[peer] = self.budget.take_incoming(source)
         self._all.add(peer)
         # Map the client's chosen DCID (its Initials keep using it until it hears from us;
         # after a Retry, the Retry's Source Connection ID) and our own first CID, as
