@@ -317,8 +317,13 @@ class QuicEndpoint:
         """A connection to the peer at ``address`` that proves it holds ``expected_key``.
 
         An open connection to that key at that address (made by either side) is reused.
-        Raises :class:`~p2pd.errors.PeerKeyMismatch` if the peer proves another key, and
-        :class:`~p2pd.errors.ConnectionLost` if the handshake fails or times out.
+        Raises :class:`~p2pd.errors.PeerKeyMismatch` if the peer proves another key,
+        :class:`~p2pd.errors.ConnectionLost` if the handshake fails or times out or the
+        peer refuses us (CONNECTION_REFUSED, INVALID_TOKEN), and
+        :class:`~p2pd.errors.LocalError` if this endpoint cannot make a connection (not
+        serving, every slot taken); nothing else (:class:`~p2pd.errors.UsageError` for
+        a malformed key or address). A peer that refuses a stranger after the handshake
+        (``AppError.BUSY``) lets ``connect`` return and closes the connection at once.
         """
         if not isinstance(expected_key, bytes) or len(expected_key) != 32:
             raise UsageError("expected_key must be a 32-byte Ed25519 public key")
