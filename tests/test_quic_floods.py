@@ -173,7 +173,7 @@ async def test_an_initial_flood_takes_the_retry_path_and_honest_peers_get_throug
     no slot. alice (a stranger) and carol (a contact bob pins) connect meanwhile, each
     after a Retry, and talk; the spoofed handshakes are dropped after half_open_timeout.
     """
-    config = QuicConfig(half_open_timeout=4.0)  # > the test's honest phase: no races
+    config = QuicConfig(half_open_timeout=6.0)  # > the honest phase, even on a busy machine
     threshold = config.retry_after_half_open
     with trio.fail_after(TIMEOUT):
         async with (
