@@ -104,8 +104,45 @@ class QuicConfig:
     connection_window: int = 4 << 20
     #: ``send_all`` waits while a stream holds more unacknowledged bytes than this.
     send_buffer: int = 1 << 20
-    #: Connections (both directions) at most; Initial packets beyond it are dropped.
+    #: Connections (both directions, every state) at most.
     max_connections: int = 1024
+    #: Share of ``max_connections`` that incoming connections from strangers (keys no
+    #: contact pins) and incoming handshakes never take: kept for our outgoing
+    #: connections and for pinned contacts (docs/SECURITY.md, "QUIC budgets").
+    reserved_share: float = 0.25
+    #: Incoming connections (any state) from one IP address at most; one p2pd peer
+    #: needs one, a few share a NAT.
+    max_connections_per_address: int = 8
+    #: Incoming handshakes in progress (half-open) from one IP address at most.
+    max_half_open_per_address: int = 4
+    #: Once this many incoming handshakes are in progress, a new Initial without a valid
+    #: Retry token is answered with a stateless Retry (RFC 9000 section 8.1.2) and takes
+    #: no slot: a spoofed source never gets the token, so never a slot.
+    retry_after_half_open: int = 32
+    #: An incoming handshake not complete after this long is discarded without a word
+    #: (its slot freed at once). Why 3 s: our delivery gives up on a handshake after
+    #: ``connect_timeout`` (3 s), so a server that waits longer only serves spoofers;
+    #: measured connect + echo on loopback (scripts/bench_quic_flood.py) took p99 70 ms
+    #: quiet and 0.4-1.1 s under a full-speed Initial flood on a busy machine; and
+    #: aioquic retransmits a lost flight after 2 x its initial RTT of 100 ms, doubling
+    #: (0.2, 0.4, 0.8 s): two lost flights on a 300 ms path still finish in time.
+    half_open_timeout: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.reserved_share < 1.0:
+            raise UsageError("quic reserved_share must be at least 0 and below 1")
+        positive = (
+            "max_connections",
+            "max_connections_per_address",
+            "max_half_open_per_address",
+            "half_open_timeout",
+            "handshake_timeout",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UsageError(f"quic {name} must be positive")
+        if self.retry_after_half_open < 0:
+            raise UsageError("quic retry_after_half_open must not be negative")
 
 
 LAN_MODES = ("everyone", "contacts", "off")

@@ -298,6 +298,7 @@ async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Nod
                 config.quic,
                 on_stream=lambda peer, stream: delivery.handle_stream(peer, stream),
                 on_datagram=lambda peer, data: calls.datagram_received(peer, data),
+                is_pinned=lambda key: contacts.by_key(key) is not None,  # QUIC's reserve
             )
             delivery = Delivery(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,

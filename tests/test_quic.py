@@ -495,6 +495,47 @@ def test_aioquic_itself_gets_stuck_on_an_oversize_datagram() -> None:
     assert got == []
 
 
+def test_a_peer_close_shows_in_is_closing_before_the_terminated_event() -> None:
+    """Connection.is_closing (aioquic's private _state) is how the endpoint frees the
+    slot of a connection the peer closed at once, not three PTOs later when aioquic
+    reports ConnectionTerminated."""
+    from p2pd.transport.quic._aioquic import Connection
+
+    certificate, key = make_certificate(Identity.generate("server"))
+    client = Connection(
+        configuration=QuicConfiguration(
+            is_client=True, alpn_protocols=[ALPN], verify_mode=ssl.CERT_NONE
+        ),
+        stream_window=1 << 16,
+    )
+    server = Connection(
+        configuration=QuicConfiguration(
+            is_client=False, alpn_protocols=[ALPN], certificate=certificate, private_key=key
+        ),
+        original_destination_connection_id=client.original_destination_connection_id,
+        stream_window=1 << 16,
+    )
+    now = 0.0
+    client.connect(("127.0.0.1", 2), now=now)
+    for _ in range(10):
+        now += 0.01
+        for src, dst, addr in (
+            (client, server, ("127.0.0.1", 1)),
+            (server, client, ("127.0.0.1", 2)),
+        ):
+            for data, _ in src.datagrams_to_send(now=now):
+                dst.receive_datagram(data, addr, now=now)
+    assert any(isinstance(e, events.HandshakeCompleted) for e in iter(server.next_event, None))
+    assert not server.is_closing
+    client.close()
+    for data, _ in client.datagrams_to_send(now=now):
+        server.receive_datagram(data, ("127.0.0.1", 1), now=now)
+    assert server.is_closing
+    assert not any(
+        isinstance(e, events.ConnectionTerminated) for e in iter(server.next_event, None)
+    )
+
+
 # --------------------------------------------------------------------------- reuse, idle
 
 

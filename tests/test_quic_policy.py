@@ -50,9 +50,31 @@ def test_handshake_times_out_at_its_deadline() -> None:
 
 
 def test_no_keep_alive_before_the_handshake() -> None:
-    policy = ConnectionPolicy(CONFIG, T0, where="x", expected_key=None)
+    policy = ConnectionPolicy(CONFIG, T0, where="x", expected_key=ALICE)
     # Nothing was sent for longer than keepalive_interval: still no PING (no 1-RTT keys).
     assert policy.poll(T0 + 9.9, busy=True) is None
+
+
+def test_an_incoming_handshake_is_discarded_silently_after_half_open_timeout() -> None:
+    # A connection we accepted (expected_key None) holds a slot of the budget: it gets
+    # half_open_timeout (3 s), not handshake_timeout, and is dropped without a close.
+    policy = ConnectionPolicy(CONFIG, T0, where="192.0.2.9:1", expected_key=None)
+    assert CONFIG.half_open_timeout == 3.0
+    assert policy.deadline(T0, busy=False) == T0 + 3.0
+    assert policy.poll(T0 + 2.999, busy=False) is None
+    verdict = policy.poll(T0 + 3.0, busy=False)
+    assert isinstance(verdict, Close)
+    assert verdict.silent
+    assert verdict.error.message == "QUIC handshake with 192.0.2.9:1 timed out"
+    # One we make still says goodbye (its peer is the one we chose).
+    client = ConnectionPolicy(CONFIG, T0, where="x", expected_key=ALICE)
+    verdict = client.poll(T0 + 10.0, busy=False)
+    assert isinstance(verdict, Close) and not verdict.silent
+
+
+def test_an_established_incoming_connection_has_no_half_open_deadline() -> None:
+    policy = established(expected_key=None)
+    assert policy.poll(T0 + 3.0, busy=True) is None
 
 
 # ---- the key check

@@ -38,15 +38,19 @@ The package, from the bottom up:
 - ``codes``: ALPN, version, connection ID length, application error codes.
 - ``policy``: :class:`ConnectionPolicy`, the key check, keep-alive, idle close and
   handshake timeout as a pure class fed ``now``.
+- ``admission``: :class:`SlotBudget`, who gets a connection slot (Retry above a number
+  of handshakes, per-address limits, a reserve for outgoing and pinned), pure.
 - ``stream``: :class:`QuicStream`, a trio ``HalfCloseableStream``.
 - ``peer``: :class:`QuicPeer`, one connection and its task.
 - ``endpoint``: :class:`QuicEndpoint`, every connection on the node's socket.
 """
 
+from .admission import SlotBudget, Verdict
 from .codes import ALPN, CID_LENGTH, SUPPORTED_VERSIONS, AppError
 from .endpoint import (
     DatagramHandler,
     PeerHandler,
+    PinCheck,
     QuicEndpoint,
     StreamHandler,
     open_quic_endpoint,
@@ -64,11 +68,14 @@ __all__ = [
     "DatagramHandler",
     "NetworkAddress",
     "PeerHandler",
+    "PinCheck",
     "QuicEndpoint",
     "QuicPeer",
     "QuicStream",
+    "SlotBudget",
     "StreamBroken",
     "StreamHandler",
+    "Verdict",
     "largest_datagram_payload",
     "open_quic_endpoint",
 ]

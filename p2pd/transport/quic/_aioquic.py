@@ -25,13 +25,20 @@ import aioquic
 from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic import events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    TRANSPORT_CLOSE_FRAME_CAPACITY,
+    QuicConnection,
+    QuicConnectionState,
+)
+from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
     QuicHeader,
     QuicPacketType,
     QuicProtocolVersion,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
@@ -49,13 +56,17 @@ __all__ = [
     "AlertDescription",
     "Buffer",
     "Connection",
+    "CryptoPair",
     "QuicConfiguration",
     "QuicErrorCode",
     "QuicFrameType",
     "QuicHeader",
+    "QuicPacketBuilder",
     "QuicPacketType",
     "QuicProtocolVersion",
     "check_version",
+    "encode_initial_close",
+    "encode_quic_retry",
     "encode_quic_version_negotiation",
     "events",
     "pull_quic_header",
@@ -78,6 +89,41 @@ def check_version(found: str) -> None:
 
 
 check_version(aioquic.__version__)
+
+
+def encode_initial_close(
+    version: int, source_cid: bytes, destination_cid: bytes, error_code: int
+) -> bytes:
+    """A server Initial packet that closes a connection we keep no state for (a
+    transport CONNECTION_CLOSE, RFC 9000 section 10.2.3), e.g. INVALID_TOKEN (section
+    8.1.3) or CONNECTION_REFUSED.
+
+    ``source_cid`` is the Destination Connection ID the client chose: Initial keys
+    derive from it (RFC 9001 section 5.2), so this costs an HKDF and one AES-GCM
+    encryption, not a TLS handshake.
+    """
+    # Copied from aioquic 1.7.2's asyncio/server.py (_encode_invalid_token_close, a
+    # private function), with the error code as a parameter. INTERNAL-ish: CryptoPair,
+    # QuicPacketBuilder and TRANSPORT_CLOSE_FRAME_CAPACITY are undocumented names.
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=source_cid, is_client=False, version=version)
+    builder = QuicPacketBuilder(
+        host_cid=source_cid,
+        is_client=False,
+        max_datagram_size=SMALLEST_MAX_DATAGRAM_SIZE,
+        peer_cid=destination_cid,
+        version=version,
+    )
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    buf = builder.start_frame(
+        QuicFrameType.TRANSPORT_CLOSE, capacity=TRANSPORT_CLOSE_FRAME_CAPACITY
+    )
+    buf.push_uint_var(error_code)
+    buf.push_uint_var(QuicFrameType.PADDING)  # the frame type that caused it: none
+    buf.push_uint_var(0)  # no reason phrase
+    datagrams, _ = builder.flush()
+    data: bytes = datagrams[0]
+    return data
 
 
 class Connection(QuicConnection):
@@ -195,6 +241,21 @@ class Connection(QuicConnection):
         # INTERNAL: QuicConnection._streams, QuicStreamSender._reset_error_code.
         stream = self._streams.get(stream_id)
         return stream is not None and stream.sender._reset_error_code is not None
+
+    # ---- closing (upstream request 8)
+
+    @property
+    def is_closing(self) -> bool:
+        """aioquic is closing or draining the connection (RFC 9000 section 10.2): it
+        sends nothing but a CONNECTION_CLOSE any more. Its ConnectionTerminated event
+        comes only when the closing period ends, 3 PTOs later (~100 ms on loopback);
+        until then this is the only sign that the peer closed."""
+        # INTERNAL: QuicConnection._state, QuicConnectionState.
+        return self._state in (
+            QuicConnectionState.CLOSING,
+            QuicConnectionState.DRAINING,
+            QuicConnectionState.TERMINATED,
+        )
 
     # ---- datagrams (upstream request 6)
 

@@ -32,6 +32,9 @@ class AppError(enum.IntEnum):
     STREAM_RESET = 0x4
     #: The endpoint is shutting down.
     SHUTDOWN = 0x5
+    #: No slot for this connection: strangers fill their share (docs/SECURITY.md,
+    #: "QUIC budgets"). Sent just after the handshake, once the client's key is known.
+    BUSY = 0x6
 
 
 def crypto_error(alert: AlertDescription) -> int:

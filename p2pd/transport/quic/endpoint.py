@@ -4,11 +4,17 @@ The endpoint routes datagrams to connections by Destination Connection ID, makes
 connections for new Initials, answers unknown versions, runs the stream handlers, and
 holds the map of connections for reuse. It is the :class:`~.peer.PeerHost` of its
 peers: they reach it only through that interface.
+
+Every connection holds a slot of the endpoint's :class:`~.admission.SlotBudget`: an
+Initial gets a slot, a Retry (address validation, RFC 9000 section 8.1.2) or a refusal
+(docs/SECURITY.md, "QUIC budgets"). What is refused is answered statelessly: a Retry
+or an Initial CONNECTION_CLOSE, each smaller than the 1,200-byte datagram that asked.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,14 +34,19 @@ from ._aioquic import (
     Buffer,
     Connection,
     QuicConfiguration,
+    QuicErrorCode,
     QuicHeader,
     QuicPacketType,
+    encode_initial_close,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from .admission import Slot, SlotBudget, SlotKind, Verdict, source_key
 from .codes import ALPN, CID_LENGTH, SUPPORTED_VERSIONS, AppError
 from .peer import NetworkAddress, QuicPeer
 from .stream import QuicStream
+from .tokens import RetryTokens
 
 log = logging.getLogger("p2pd.transport.quic")
 
@@ -45,6 +56,8 @@ MIN_INITIAL_DCID = 8
 StreamHandler = Callable[[QuicPeer, QuicStream], Awaitable[None]]
 DatagramHandler = Callable[[QuicPeer, bytes], None]
 PeerHandler = Callable[[QuicPeer], None]
+#: Is this Ed25519 key pinned by one of our contacts?
+PinCheck = Callable[[bytes], bool]
 
 
 class QuicEndpoint:
@@ -62,6 +75,9 @@ class QuicEndpoint:
     - ``on_connection(peer)`` is called when an incoming connection has completed its
       handshake (``peer.public_key`` is the client's proven key; ``peer.close()`` refuses).
     - ``on_closed(peer)`` is called when any connection is gone (``peer.error`` says why).
+    - ``is_pinned(key)`` says whether a contact pins ``key``: an incoming connection
+      whose proven key is pinned moves from the strangers' share of the slots to the
+      reserve (:mod:`.admission`). Without it, every incoming peer is a stranger.
     """
 
     def __init__(
@@ -74,6 +90,7 @@ class QuicEndpoint:
         on_datagram: DatagramHandler | None = None,
         on_connection: PeerHandler | None = None,
         on_closed: PeerHandler | None = None,
+        is_pinned: PinCheck | None = None,
     ) -> None:
         self.udp = udp
         self.config = config or QuicConfig()
@@ -87,6 +104,10 @@ class QuicEndpoint:
         self._on_datagram = on_datagram
         self._on_connection = on_connection
         self._on_closed = on_closed
+        self._is_pinned = is_pinned
+        self.budget = SlotBudget(self.config)
+        self._slots: dict[QuicPeer, Slot] = {}
+        self._tokens = RetryTokens()
         certificate, private_key = make_certificate(identity)
         self._client_config = self._configuration(True, certificate, private_key)
         self._server_config = self._configuration(False, certificate, private_key)
@@ -169,6 +190,9 @@ class QuicEndpoint:
         self._dirty = []
         for peer in dirty:
             peer.step_received()
+            if peer.quic.is_closing and peer in self._slots:
+                # The peer closed (or aioquic did): no reuse, and the slot is free now.
+                self.peer_closing(peer)
 
     def _drop(self, reason: str) -> None:
         self.stats["quic_dropped"] += 1
@@ -210,23 +234,82 @@ class QuicEndpoint:
         if self._nursery is None:
             self._drop("not_serving")
             return
-        if len(self._all) >= self.config.max_connections:
-            self._drop("too_many_connections")
+        now = trio.current_time()
+        original_cid, retry_cid = header.destination_cid, None
+        if header.token:
+            # Only a client we sent a Retry has a token (we send no NEW_TOKEN frames).
+            found = self._tokens.validate(addr, header.destination_cid, header.token, now)
+            if found is None:
+                # RFC 9000 section 8.1.3: a Retry token that does not validate (forged,
+                # expired, from another address) closes the connection: INVALID_TOKEN.
+                stats["quic_tokens_refused"] += 1
+                self._refuse(header, addr, QuicErrorCode.INVALID_TOKEN)
+                return
+            original_cid, retry_cid = found, header.destination_cid
+        source = source_key(addr[0])
+        verdict = self.budget.incoming(source, validated=retry_cid is not None)
+        if verdict is Verdict.RETRY:
+            self._send_retry(header, addr, now)
+            return
+        if verdict is not Verdict.ADMIT:
+            # Told at once, so an honest client fails over (delivery: the mailbox) instead
+            # of waiting out its handshake timeout (section 20.1: CONNECTION_REFUSED).
+            stats[f"quic_{verdict.value}"] += 1
+            self._refuse(header, addr, QuicErrorCode.CONNECTION_REFUSED)
             return
         quic = Connection(
             configuration=self._server_config,
-            original_destination_connection_id=header.destination_cid,
+            original_destination_connection_id=original_cid,
+            # After a Retry the server must echo its Source Connection ID in the
+            # retry_source_connection_id transport parameter (section 7.3), as aioquic's
+            # asyncio server does; the client checks both.
+            retry_source_connection_id=retry_cid,
             stream_window=self.config.stream_window,
         )
         peer = QuicPeer(self, quic, addr, None)
+        self._slots[peer] = self.budget.take_incoming(source)
         self._all.add(peer)
-        # Map the client's chosen DCID (its Initials keep using it until it hears from us)
-        # and our own first CID, as aioquic's asyncio server does.
+        # Map the client's chosen DCID (its Initials keep using it until it hears from us;
+        # after a Retry, the Retry's Source Connection ID) and our own first CID, as
+        # aioquic's asyncio server does.
         peer.add_connection_id(header.destination_cid)
         peer.add_connection_id(quic.host_cid)
         stats["quic_connections_accepted"] += 1
-        quic.receive_datagram(data, addr, trio.current_time())
+        if retry_cid is not None:
+            stats["quic_validated_accepted"] += 1
+        quic.receive_datagram(data, addr, now)
         self._nursery.start_soon(peer.run, name=f"quic {addr[0]}:{addr[1]}")
+
+    def _send_retry(self, header: QuicHeader, addr: NetworkAddress, now: float) -> None:
+        """A stateless Retry (RFC 9000 section 17.2.5), about 100 bytes."""
+        assert header.version is not None
+        retry_cid = os.urandom(CID_LENGTH)
+        try:
+            token = self._tokens.create(addr, header.destination_cid, retry_cid, now)
+        except ValueError:  # not an IP address: cannot come from a socket
+            self._drop("malformed")
+            return
+        self.stats["quic_retries_sent"] += 1
+        self.udp.sendto(
+            encode_quic_retry(
+                version=header.version,
+                source_cid=retry_cid,
+                destination_cid=header.source_cid,
+                original_destination_cid=header.destination_cid,
+                retry_token=token,
+            ),
+            addr,
+        )
+
+    def _refuse(self, header: QuicHeader, addr: NetworkAddress, error_code: int) -> None:
+        """A stateless Initial CONNECTION_CLOSE (48 bytes) with ``error_code``."""
+        assert header.version is not None
+        self.udp.sendto(
+            encode_initial_close(
+                header.version, header.destination_cid, header.source_cid, error_code
+            ),
+            addr,
+        )
 
     # ---- outgoing connections
 
@@ -234,8 +317,13 @@ class QuicEndpoint:
         """A connection to the peer at ``address`` that proves it holds ``expected_key``.
 
         An open connection to that key at that address (made by either side) is reused.
-        Raises :class:`~p2pd.errors.PeerKeyMismatch` if the peer proves another key, and
-        :class:`~p2pd.errors.ConnectionLost` if the handshake fails or times out.
+        Raises :class:`~p2pd.errors.PeerKeyMismatch` if the peer proves another key,
+        :class:`~p2pd.errors.ConnectionLost` if the handshake fails or times out or the
+        peer refuses us (CONNECTION_REFUSED, INVALID_TOKEN), and
+        :class:`~p2pd.errors.LocalError` if this endpoint cannot make a connection (not
+        serving, every slot taken); nothing else (:class:`~p2pd.errors.UsageError` for
+        a malformed key or address). A peer that refuses a stranger after the handshake
+        (``AppError.BUSY``) lets ``connect`` return and closes the connection at once.
         """
         if not isinstance(expected_key, bytes) or len(expected_key) != 32:
             raise UsageError("expected_key must be a 32-byte Ed25519 public key")
@@ -249,13 +337,16 @@ class QuicEndpoint:
     def _new_client(self, addr: NetworkAddress, expected_key: bytes) -> QuicPeer:
         if self._nursery is None:
             raise LocalError("the QUIC endpoint is not running")
-        if len(self._all) >= self.config.max_connections:
+        slot = self.budget.take_outgoing(addr[0])
+        if slot is None:
+            self.stats["quic_refused_outgoing"] += 1
             raise LocalError("too many QUIC connections")
         quic = Connection(
             configuration=self._client_config, stream_window=self.config.stream_window
         )
         quic.connect(addr, now=trio.current_time())
         peer = QuicPeer(self, quic, addr, expected_key)
+        self._slots[peer] = slot
         self._all.add(peer)
         peer.add_connection_id(quic.host_cid)
         self._peers[(expected_key, addr)] = peer
@@ -277,10 +368,16 @@ class QuicEndpoint:
 
     def peers(self) -> list[QuicPeer]:
         """Every connection that is established and not closing."""
-        return [p for p in self._all if p.is_established and not p.is_closing]
+        return [
+            p for p in self._all if p.is_established and not p.is_closing and not p.quic.is_closing
+        ]
 
     def statistics(self) -> dict[str, Any]:
-        return {"connections": len(self._all), "counters": dict(self.stats)}
+        return {
+            "connections": len(self._all),
+            "counters": dict(self.stats),
+            "slots": self.budget.statistics(),
+        }
 
     # ---- PeerHost: used by the peers only
 
@@ -300,6 +397,17 @@ class QuicEndpoint:
 
     def peer_established(self, peer: QuicPeer) -> None:
         assert peer.public_key is not None
+        slot = self._slots.get(peer)
+        if (
+            not peer.is_client
+            and slot is not None
+            and slot.kind is SlotKind.HALF_OPEN
+            and not self.budget.established(slot, pinned=self._pinned(peer.public_key))
+        ):
+            # A stranger's handshake that started in the reserve: no place for it.
+            self.stats["quic_refused_busy"] += 1
+            peer.close("no slot for a stranger", AppError.BUSY)
+            return
         key = (peer.public_key, peer.address)
         current = self._peers.get(key)
         if current is None or current.is_closing:
@@ -318,6 +426,22 @@ class QuicEndpoint:
     def peer_closing(self, peer: QuicPeer) -> None:
         for key in [k for k, p in self._peers.items() if p is peer]:
             del self._peers[key]
+        # A closing connection only answers with its CONNECTION_CLOSE until its closing
+        # or draining period ends (RFC 9000 section 10.2, 3 PTOs: ~100 ms on loopback):
+        # its slot is free now, or a client reconnecting at once would find its own
+        # closing connections counted against its address.
+        slot = self._slots.pop(peer, None)
+        if slot is not None:
+            self.budget.release(slot)
+
+    def _pinned(self, key: bytes) -> bool:
+        if self._is_pinned is None:
+            return False
+        try:
+            return bool(self._is_pinned(key))
+        except Exception:  # the contacts' trouble must not end the receive path
+            log.exception("is_pinned failed; treating the peer as a stranger")
+            return False
 
     def peer_closed(self, peer: QuicPeer) -> None:
         self.peer_closing(peer)
@@ -373,6 +497,7 @@ async def open_quic_endpoint(
     on_datagram: DatagramHandler | None = None,
     on_connection: PeerHandler | None = None,
     on_closed: PeerHandler | None = None,
+    is_pinned: PinCheck | None = None,
 ) -> AsyncIterator[QuicEndpoint]:
     """A serving :class:`QuicEndpoint`, shut down (every peer told) when the block exits.
 
@@ -386,6 +511,7 @@ async def open_quic_endpoint(
         on_datagram=on_datagram,
         on_connection=on_connection,
         on_closed=on_closed,
+        is_pinned=is_pinned,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(endpoint.serve)

@@ -247,12 +247,12 @@ class QuicPeer:
         self.wake()
         return True
 
-    def close(self, reason: str = "") -> None:
-        """Close gracefully (CONNECTION_CLOSE, NO_ERROR). Streams break at once."""
+    def close(self, reason: str = "", error_code: AppError = AppError.NO_ERROR) -> None:
+        """Close gracefully (CONNECTION_CLOSE, ``error_code``). Streams break at once."""
         self._close(
             Close(
                 ConnectionLost(f"connection to {self._where()} closed by us"),
-                AppError.NO_ERROR,
+                error_code,
                 reason,
                 transport=False,
             )
@@ -357,6 +357,13 @@ class QuicPeer:
         self._closing = True
         if self._error is None:
             self._error = close.error
+        if close.silent:
+            # A half-open connection we accepted timed out: nothing is sent (its source
+            # may be spoofed) and its slot is freed now, not after a closing period.
+            self.endpoint.stats["quic_half_open_dropped"] += 1
+            self._finish()
+            self._lot.unpark_all()
+            return
         self.quic.close(
             error_code=close.error_code,
             frame_type=QuicFrameType.CRYPTO if close.transport else None,
@@ -466,6 +473,8 @@ class QuicPeer:
             if self._terminated:
                 return
             self._apply_policy(now)
+            if self._terminated:
+                return  # discarded silently
             sent = self._transmit(now)
             # get_timer() is safe only after connect() or the first receive_datagram()
             # (it compares with _close_at, which is None before); both happen before

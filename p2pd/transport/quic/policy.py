@@ -9,8 +9,11 @@ and :meth:`ConnectionPolicy.deadline`.
 
 The rules, with ``QuicConfig``'s fields:
 
-- **Handshake**: a connection not established ``handshake_timeout`` after it began is
-  closed.
+- **Handshake**: a connection we make that is not established ``handshake_timeout``
+  after it began is closed. One we accept (half-open, it holds a slot of the budget,
+  :mod:`.admission`) is discarded after ``half_open_timeout``, without a
+  CONNECTION_CLOSE (its source may be spoofed, and a close would keep the slot for
+  the closing period, RFC 9000 section 10.2).
 - **Key check** (docs/PROTOCOL.md, "QUIC"): after the TLS handshake, the ALPN must be
   ours, the peer must have proved an Ed25519 certificate key, and a connection we made
   must have reached the key we expected. Anything else closes the connection with a TLS
@@ -46,6 +49,9 @@ class Close:
     error_code: int
     reason: str
     transport: bool
+    #: Discard the connection's state at once and send nothing (RFC 9000 section 10:
+    #: an endpoint may drop a connection silently; the peer's idle timeout ends it).
+    silent: bool = False
 
 
 #: :meth:`ConnectionPolicy.poll`'s answer when a PING is due.
@@ -65,7 +71,8 @@ class ConnectionPolicy:
         self.expected_key = expected_key
         #: The key the peer proved; None until the handshake passed the key check.
         self.public_key: bytes | None = None
-        self.handshake_deadline = now + config.handshake_timeout
+        timeout = config.handshake_timeout if expected_key else config.half_open_timeout
+        self.handshake_deadline = now + timeout
         #: Last stream or datagram traffic, or use by the application.
         self.last_activity = now
         #: Last time anything was sent.
@@ -147,6 +154,7 @@ class ConnectionPolicy:
                     AppError.NO_ERROR,
                     "handshake timeout",
                     transport=False,
+                    silent=self.expected_key is None,
                 )
             return None
         if self._in_use(now, busy):
