@@ -170,7 +170,7 @@ class Delivery:
         self.lan_addresses = lan_addresses
         self.on_signal = on_signal
         self._conn = conn
-        self.messages = MessageStore(conn)
+        self.messages = MessageStore(conn, at_rest=sessions.at_rest)  # p2pd/at_rest.py
         self.contacts = contacts
         self.sessions = sessions
         self.ledger = SqliteLedger(conn, self.messages, self.contacts, self.sessions)
