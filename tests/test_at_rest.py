@@ -5,6 +5,7 @@ encrypted on the first start with a passphrase, in one transaction."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -399,14 +400,14 @@ def test_daemons_keep_no_plaintext_and_no_key_material_on_disk(tmp_path: Path) -
             assert d.stop() == 0
         alice_db, bob_db = root / "alice" / "p2pd.db", root / "bob" / "p2pd.db"
         storage_key = unlock(root / "alice", PASSPHRASE).storage_key
-        with sqlite3.connect(alice_db) as conn:
+        with contextlib.closing(sqlite3.connect(alice_db)) as conn:
             texts = [row[0] for row in conn.execute("SELECT text FROM messages")]
             assert len(texts) == 3 and all(isinstance(t, bytes) for t in texts)
             assert not any(x.encode() in t for x in TEXTS for t in texts)
             alice_secrets = [
                 m for d in secret_documents(conn, AtRest(storage_key)) for m in key_material(d)
             ]
-        with sqlite3.connect(bob_db) as conn:
+        with contextlib.closing(sqlite3.connect(bob_db)) as conn:
             bob_secrets = [m for d in secret_documents(conn, CLEAR) for m in key_material(d)]
         alice_raw, bob_raw = raw_files(alice_db), raw_files(bob_db)
         assert len(alice_secrets) > 20
@@ -425,6 +426,19 @@ def test_daemons_keep_no_plaintext_and_no_key_material_on_disk(tmp_path: Path) -
         assert proc.returncode == 1 and "passphrase does not open" in proc.stderr
         assert "Traceback" not in proc.stderr
         assert hashlib.sha256(raw_files(alice_db)).hexdigest() == digest
+        # identity.json with another storage key (replaced by hand): refused, unchanged
+        rows = dump(alice_db)
+        kept = identity_path(root / "alice").read_bytes()
+        save_identity(
+            root / "alice", load_identity(root / "alice", PASSPHRASE), PASSPHRASE,
+            replace=True, **FAST,
+        )  # fmt: skip
+        proc = run_cli(root / "alice", "daemon", "--listen", "127.0.0.1:0", env=env)
+        assert proc.returncode == 1, proc.stderr
+        assert "ERROR: p2pd.db is encrypted under another storage key" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert dump(alice_db) == rows  # (SQLite's header counter moves: rows compared)
+        identity_path(root / "alice").write_bytes(kept)
 
         # bob's identity gets a passphrase: his clear database is encrypted at start
         save_identity(
@@ -449,6 +463,11 @@ def test_daemons_keep_no_plaintext_and_no_key_material_on_disk(tmp_path: Path) -
         for d in daemons:
             d.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def dump(db: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return list(conn.iterdump())
 
 
 def cli_json_lines(home: Path, *args: str) -> list[dict[str, Any]]:
