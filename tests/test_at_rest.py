@@ -232,7 +232,8 @@ def test_swapped_session_states_are_refused_and_nothing_changes(tmp_path: Path) 
     either fails with SessionStateCorrupt, and the rows are left as they were."""
     at_rest = AtRest(KEY)
     conn = open_database(tmp_path / "alice.db")
-    alice = SessionManager.open(conn, Identity.generate("alice"), now=NOW, at_rest=at_rest)
+    alice_id = Identity.generate("alice")
+    alice = SessionManager.open(conn, alice_id, now=NOW, at_rest=at_rest)
     peers = [Identity.generate(h) for h in ("bob", "carol")]
     others = [SessionManager.open(open_database(None), p, now=NOW) for p in peers]
     for peer, other in zip(peers, others, strict=True):
@@ -243,7 +244,7 @@ def test_swapped_session_states_are_refused_and_nothing_changes(tmp_path: Path) 
         conn.execute("UPDATE sessions SET state=? WHERE session_id=?", (state1, s2))
     before = conn.execute("SELECT * FROM sessions ORDER BY session_id").fetchall()
     # a fresh manager: nothing cached from before the swap
-    alice = SessionManager.open(conn, alice._identity, now=NOW, at_rest=at_rest)
+    alice = SessionManager.open(conn, alice_id, now=NOW, at_rest=at_rest)
     for peer in peers:
         with pytest.raises(SessionStateCorrupt, match="does not open"):
             alice.encrypt(peer.public_key, b"again", now=NOW + 1)
