@@ -208,12 +208,23 @@ def open_at_rest(conn: sqlite3.Connection, key: bytes | None) -> AtRest:
                 "p2pd.db is encrypted under another storage key than this identity's "
                 "(a database from another home, or identity.json was replaced)"
             )
+        _zero_freed_cells(conn)
         return AtRest(key)
     if key is None:
         return CLEAR
     at_rest = AtRest(key)
     _encrypt_everything(conn, at_rest, key)
+    _zero_freed_cells(conn)
     return at_rest
+
+
+def _zero_freed_cells(conn: sqlite3.Connection) -> None:
+    """A ratchet step replaces a session's sealed state: the old value, left in the page
+    as free space, would let whoever later holds the storage key (the passphrase and
+    identity.json) recover past message keys. SQLite's ``secure_delete=FAST`` zeroes
+    freed space within b-tree pages at no extra I/O (freelist pages are left as they
+    are; the WAL keeps earlier page images until they are overwritten)."""
+    conn.execute("PRAGMA secure_delete=FAST")
 
 
 def _encrypt_everything(conn: sqlite3.Connection, at_rest: AtRest, key: bytes) -> None:
