@@ -6,8 +6,8 @@ daemon does for one message and its reply: queue it (MessageStore), encrypt it (
 step, stored), keep its envelope; bob decrypts it (a ratchet step, stored) and stores it;
 bob replies in the same session and alice decrypts. CPU time per message pair (fsync
 waits are not in it), in the clear (the baseline) and with both databases encrypted at
-rest, in the same run, alternating rounds so that machine noise hits both alike. Also the one-off migration of a clear
-database of that size.
+rest, in the same run, alternating rounds so that machine noise hits both alike. Also
+the one-off migration of a clear database of that size.
 
     .venv/bin/python scripts/bench_at_rest.py               # 2,000 messages, 5 rounds
     .venv/bin/python scripts/bench_at_rest.py --messages 500 --rounds 3
