@@ -31,7 +31,7 @@ from p2pd.messaging import MessageStore
 from p2pd.session import SessionManager
 from p2pd.session.manager import PREKEYS_META_KEY
 from p2pd.store import open_database
-from p2pd.testing.daemons import DaemonProcess, run_cli, short_tempdir
+from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -440,6 +440,11 @@ def test_daemons_keep_no_plaintext_and_no_key_material_on_disk(tmp_path: Path) -
         assert "Traceback" not in proc.stderr
         assert dump(alice_db) == rows  # (SQLite's header counter moves: rows compared)
         identity_path(root / "alice").write_bytes(kept)
+        # alice's received message gets the sealed text of one she sent: at her next
+        # start it is skipped and counted, and the daemon runs on
+        with contextlib.closing(sqlite3.connect(alice_db)) as conn, conn:
+            (sent,) = conn.execute("SELECT text FROM messages WHERE direction='out'").fetchone()
+            conn.execute("UPDATE messages SET text=? WHERE direction='in'", (sent,))
 
         # bob's identity gets a passphrase: his clear database is encrypted at start
         save_identity(
@@ -450,6 +455,9 @@ def test_daemons_keep_no_plaintext_and_no_key_material_on_disk(tmp_path: Path) -
         bob = DaemonProcess(root / "bob", env=env, bootstrap=[alice.listen]).wait_ready()
         daemons.append(bob)
         assert "p2pd.db encrypted at rest" in bob.log
+        assert cli_json_lines(root / "alice", "inbox", "--json") == []
+        status = cli_json(root / "alice", "status", "--json")
+        assert status["messages"]["unreadable_rows"] == 1
         assert [m["text"] for m in cli_json_lines(root / "bob", "inbox", "--json")] == [
             TEXTS[0], TEXTS[2]
         ]  # fmt: skip

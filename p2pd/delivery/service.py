@@ -776,6 +776,7 @@ class Delivery:
                 "WHERE direction='out' AND state IN ('queued', 'sent')"
             ).fetchone()[0],
             "events_dropped": self.events.dropped,
+            "unreadable_rows": self.messages.corrupt_rows,  # p2pd/at_rest.py
         }
 
 
