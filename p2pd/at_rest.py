@@ -171,11 +171,8 @@ class AtRest:
 CLEAR: Final = AtRest(None)
 
 
-def _table_exists(conn: sqlite3.Connection, table: str) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)
-    ).fetchone()
-    return row is not None
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
 def open_at_rest(conn: sqlite3.Connection, key: bytes | None) -> AtRest:
@@ -237,7 +234,7 @@ def _encrypt_everything(conn: sqlite3.Connection, at_rest: AtRest, key: bytes) -
     conn.execute("BEGIN IMMEDIATE")
     try:
         for table, column, row_column, only in SECRET_COLUMNS:
-            if not _table_exists(conn, table):
+            if column not in _columns(conn, table):  # no such table (yet), or older
                 continue
             query = f"SELECT {row_column}, {column} FROM {table}"  # names from our list
             args: tuple[str, ...] = ()
