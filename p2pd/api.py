@@ -75,6 +75,9 @@ class Status(TypedDict):
     messages: dict[str, Any]
     lan_mode: str
     lan_peers: int
+    #: LanDiscovery.statistics(): refusals (``not_a_contact``, ``refused``), the tag-scan
+    #: budget's counters; empty when LAN discovery is off.
+    lan_counters: dict[str, int]
 
 
 class RecordSummary(TypedDict):
@@ -203,6 +206,7 @@ class Api:
             "messages": self._delivery.statistics(),
             "lan_mode": node.config.lan.mode,
             "lan_peers": len(node.lan.peers()) if node.lan is not None else 0,
+            "lan_counters": node.lan.statistics() if node.lan is not None else {},
         }
 
     async def whois(self, handle: str) -> Whois | ContestedHandle:

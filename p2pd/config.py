@@ -185,6 +185,9 @@ class LanConfig:
     #: New contacts-mode tags tried against all pinned keys per minute (each try costs one
     #: HMAC per contact: ~20 ms for 10,000 contacts); the rest wait for their next period.
     max_tag_scans_per_minute: int = 60
+    #: Of those, at most this many for one source address (contacts seen lately are
+    #: recognised without a scan: p2pd.lan_announcement.TagScanBudget).
+    max_tag_scans_per_source: int = 10
     #: Withdrawing the announcement and closing zeroconf on shutdown gives up after this.
     close_timeout: float = 5.0
 
@@ -211,6 +214,7 @@ class LanConfig:
             "max_pending",
             "max_concurrent_resolves",
             "max_tag_scans_per_minute",
+            "max_tag_scans_per_source",
             "close_timeout",
         )
         for name in positive:

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from .api import Api
+from .at_rest import open_at_rest
 from .calls import CallManager
 from .config import NodeConfig
 from .control import check_stale_socket, serve_control_api
@@ -247,11 +248,19 @@ def _lan_addresses(lan: LanDiscovery | None) -> Callable[[bytes], list[Address]]
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Node]:
-    """Run a node until the context exits."""
+async def open_node(
+    config: NodeConfig, identity: Identity, *, storage_key: bytes | None = None
+) -> AsyncIterator[Node]:
+    """Run a node until the context exits. ``storage_key`` (p2pd.keystore.unlock)
+    encrypts the database's secrets at rest (p2pd/at_rest.py); None keeps them clear."""
     ensure_home(config.home)
     check_stale_socket(config.home / "control.sock")  # before we touch anything else
     conn = open_database(db_path(config.home))
+    try:
+        at_rest = open_at_rest(conn, storage_key)  # DatabaseLocked: before anything else
+    except BaseException:
+        conn.close()
+        raise
     endpoint = UdpEndpoint.bind(config.listen)
     try:
         async with (
@@ -276,7 +285,7 @@ async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Nod
             )
             contacts = Contacts(conn)
             sessions = SessionManager.open(
-                conn, identity, now=time.time(), on_bundle_changed=wakeup.set
+                conn, identity, now=time.time(), on_bundle_changed=wakeup.set, at_rest=at_rest
             )
             lan = None
             if config.lan.mode != "off":
@@ -342,12 +351,14 @@ async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Nod
         conn.close()
 
 
-async def run_daemon(config: NodeConfig, identity: Identity) -> None:
+async def run_daemon(
+    config: NodeConfig, identity: Identity, storage_key: bytes | None = None
+) -> None:
     """Run in the foreground until SIGINT or SIGTERM, then shut down cleanly."""
     import signal
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_node(config, identity) as node:
+        async with open_node(config, identity, storage_key=storage_key) as node:
             log.info(
                 "ready: handle=%s fingerprint=%s listen=%s addresses=%s replicas=%d control=%s",
                 self_certifying(identity.handle, identity.public_key),

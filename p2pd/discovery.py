@@ -58,6 +58,7 @@ from .lan_announcement import (
     LanPinConflict,
     Mode,
     TagScanBudget,
+    TagScanSkipped,
     build_txt,
     decode_announcement,
     decode_txt,
@@ -98,10 +99,6 @@ __all__ = [
     "verify_announcement",
     "zeroconf_interfaces",
 ]
-
-
-class _TagScanSkipped(LanAnnouncementError):
-    """Over the budget of contacts-mode recognitions: not judged this time."""
 
 
 # --------------------------------------------------------------------------- interfaces
@@ -201,7 +198,9 @@ class LanDiscovery:
             max_peers=config.max_peers,
             stale_after=config.max_clock_skew + config.ttl,
         )
-        self._tags = TagScanBudget(config.max_tag_scans_per_minute)
+        self._tags = TagScanBudget(
+            config.max_tag_scans_per_minute, per_source=config.max_tag_scans_per_source
+        )
         self._complain = _LogLimiter()
         # Our current and recent instance names: the browser reports them too.
         self._own_names: collections.deque[str] = collections.deque(maxlen=4)
@@ -223,7 +222,17 @@ class LanDiscovery:
         await self._announced.wait()
 
     def statistics(self) -> dict[str, int]:
-        return {"peers": len(self._table), "dropped_events": self._dropped_events, **self._stats}
+        """``peers``, ``dropped_events``, the refusals (``refused``, ``not_a_contact``:
+        a contacts-mode announcement none of our pins made), ``unresolved``, and the
+        tag-scan budget's counters (p2pd.lan_announcement.TagScanBudget.stats)."""
+        return {
+            "peers": len(self._table),
+            "dropped_events": self._dropped_events,
+            "not_a_contact": 0,
+            "tag_scans_skipped": 0,
+            **self._stats,
+            **self._tags.stats,
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self._config.mode == "off":
@@ -440,7 +449,7 @@ class LanDiscovery:
             announcement = decode_announcement(
                 decode_txt(text), now=now, max_clock_skew=self._config.max_clock_skew
             )
-            contacts = self._contacts_for(announcement, now)
+            contacts = self._contacts_for(announcement, hosts, now)
             peer = verify_announcement(
                 announcement,
                 source_addresses=sources,
@@ -448,9 +457,8 @@ class LanDiscovery:
                 contacts=contacts,
                 pins=self._pins,
             )
-        except _TagScanSkipped:
-            self._stats["tag_scans_skipped"] += 1
-            log.debug("mDNS: %r not judged: tag scan budget spent", name[:80])
+        except TagScanSkipped as exc:  # counted by the budget
+            log.debug("mDNS: %r not judged: %s", name[:80], exc)
             return  # what we knew of it stays as it was
         except LanPinConflict as exc:
             self._stats["refused"] += 1
@@ -483,26 +491,36 @@ class LanDiscovery:
             log.info("mDNS: %s left", peer.handle)
             self._notify("removed", peer)
 
-    def _contacts_for(self, announcement: Announcement, now: float) -> Mapping[bytes, str]:
-        """The pinned keys a contacts-mode announcement is tried against."""
+    def _contacts_for(
+        self, announcement: Announcement, hosts: Sequence[str], now: float
+    ) -> Mapping[bytes, str]:
+        """The pinned keys a contacts-mode announcement is tried against (the budget:
+        p2pd.lan_announcement.TagScanBudget). Its source is the first of its A/AAAA
+        addresses that it signs; one with none is refused before any scan (as
+        verify_announcement would refuse it after)."""
         if announcement.mode != "contacts":
             return {}
         assert announcement.nonce is not None and announcement.tag is not None
-        nonce, tag = announcement.nonce, announcement.tag
-        known, key = self._tags.lookup(nonce, tag)
+        signed = set(announcement.hosts)
+        source = next((h for h in hosts if h in signed), None)
+        if source is None:
+            raise LanAnnouncementError("none of the announced addresses is signed")
         contacts = self._contacts_snapshot()
-        if not known:
-            if not self._tags.may_scan(now):
-                raise _TagScanSkipped("too many new contacts-mode announcements this minute")
-            if len(contacts) > MAX_CONTACTS_SCANNED:
-                self._complain(
-                    logging.WARNING,
-                    "mDNS: %d contacts; only the first %d are recognised on the LAN",
-                    len(contacts),
-                    MAX_CONTACTS_SCANNED,
-                )
-            key = recognise_tag(nonce, tag, epoch_day(announcement.issued), contacts.keys())
-            self._tags.remember(nonce, tag, key)
+        if len(contacts) > MAX_CONTACTS_SCANNED:
+            self._complain(
+                logging.WARNING,
+                "mDNS: %d contacts; only the first %d are recognised on the LAN",
+                len(contacts),
+                MAX_CONTACTS_SCANNED,
+            )
+        key = self._tags.recognise(
+            announcement.nonce,
+            announcement.tag,
+            epoch_day(announcement.issued),
+            contacts,
+            source=source,
+            now=now,
+        )
         if key is None or key not in contacts:
             raise LanNotAContact("contacts-mode announcement from no contact of ours")
         return {key: contacts[key]}

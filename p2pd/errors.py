@@ -20,7 +20,9 @@ from the class, so messages never carry secrets or tracebacks.
     │   ├── DaemonAlreadyRunning another daemon serves this home
     │   ├── DatagramTooLarge     a QUIC datagram larger than the peer and the path accept
     │   ├── NoSession            no session with that peer yet, and no prekey bundle given
-    │   └── SessionStateCorrupt  stored session or prekey state does not load
+    │   ├── SessionStateCorrupt  stored session or prekey state does not load
+    │   ├── StoredDataCorrupt    an encrypted value in p2pd.db does not open (p2pd/at_rest.py)
+    │   └── DatabaseLocked       p2pd.db is encrypted under another key than this identity's
     ├── RemoteError              a peer or the network misbehaved (exit 1)
     │   ├── WireError            bytes that do not decode (malformed, oversize)
     │   │   ├── OldFrameVersion  a DHT frame of an older version (refused, counted)
@@ -122,6 +124,15 @@ class NoSession(LocalError):
 
 class SessionStateCorrupt(LocalError):
     """The stored session or prekey state is damaged or of an unknown format."""
+
+
+class StoredDataCorrupt(LocalError):
+    """A value stored encrypted in p2pd.db does not open: damaged, or moved from another
+    row. It is left as it is."""
+
+
+class DatabaseLocked(LocalError):
+    """p2pd.db is encrypted at rest under another key than this identity's."""
 
 
 class RemoteError(P2PDError):

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .errors import RecordError
 from .identity import Identity
-from .keystore import load_identity, save_identity
+from .keystore import save_identity, unlock
 from .rotation import RotationNotice, verify_notice
 from .session.manager import PREKEYS_META_KEY
 from .store import db_path, get_meta, open_database
@@ -53,7 +53,8 @@ def rotate_identity(
 ) -> tuple[Identity, RotationNotice]:
     """Rotate the identity in ``home`` (its daemon must be stopped); return the new
     identity and the notice. Raises what :func:`load_identity` raises."""
-    old = load_identity(home, passphrase)
+    unlocked = unlock(home, passphrase)  # the storage key (p2pd/at_rest.py) is kept
+    old = unlocked.identity
     new = Identity.generate(old.handle)
     notice = RotationNotice.create(old, new, now=int(time.time() if now is None else now))
     conn = open_database(db_path(home))
@@ -75,7 +76,7 @@ def rotate_identity(
                 )
     finally:
         conn.close()
-    save_identity(home, new, passphrase, replace=True)
+    save_identity(home, new, passphrase, replace=True, storage_key=unlocked.storage_key)
     log.info("rotated %s from %s to %s", old.handle, old.fingerprint, new.fingerprint)
     return new, notice
 

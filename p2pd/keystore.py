@@ -11,7 +11,14 @@ File format (JSON object)::
     {"format": "p2pd-identity", "version": 1, "handle": "alice",
      "public_key": "<hex>", "protection": "argon2id-secretbox" | "none",
      "kdf": {"opslimit": int, "memlimit": int, "salt": "<hex 16 bytes>"},   # when sealed
-     "secret": "<hex>"}     # sealed box (nonce || ciphertext) or the bare seed
+     "secret": "<hex>",     # sealed box (nonce || ciphertext) or the bare seed
+     "storage_key": "<hex>"}   # when sealed: a sealed random 32-byte key (below)
+
+The storage key encrypts the secret columns of p2pd.db at rest (p2pd/at_rest.py says
+why it is a random key sealed here rather than the Argon2 output). It is sealed under the
+same derived key as the seed, so one Argon2id run opens both; `rotate-key` keeps it. An
+identity file written before it existed gets one the first time a daemon opens it
+(:func:`unlock`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,7 @@ from .errors import (
     KeystoreCorrupt,
     NoIdentity,
     PassphraseRequired,
+    UsageError,
 )
 from .identity import Identity, is_valid_handle
 
@@ -44,6 +53,17 @@ DEFAULT_OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
 DEFAULT_MEMLIMIT = nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE
 MAX_OPSLIMIT = 16
 MAX_MEMLIMIT = 1 << 30
+STORAGE_KEY_LEN = 32
+_SEALED_LEN = nacl.secret.SecretBox.NONCE_SIZE + nacl.secret.SecretBox.MACBYTES + 32
+
+
+@dataclass(frozen=True, slots=True)
+class Unlocked:
+    """An opened identity, and the key of its database at rest (None without a
+    passphrase: the database stays in the clear)."""
+
+    identity: Identity
+    storage_key: bytes | None = field(default=None, repr=False)
 
 
 def identity_path(home: Path) -> Path:
@@ -108,10 +128,14 @@ def save_identity(
     opslimit: int = DEFAULT_OPSLIMIT,
     memlimit: int = DEFAULT_MEMLIMIT,
     replace: bool = False,
+    storage_key: bytes | None = None,
 ) -> Path:
     """Write the identity; refuse to overwrite one unless ``replace`` (`rotate-key`:
     the new file takes the old one's place atomically, so a crash leaves one or the
-    other, whole). Returns the file's path."""
+    other, whole). With a passphrase, ``storage_key`` is sealed beside the seed (a new
+    random one if None). Returns the file's path."""
+    if passphrase is None and storage_key is not None:
+        raise UsageError("a storage key is kept only under a passphrase")
     ensure_home(home)
     path = identity_path(home)
     doc: dict[str, Any] = {
@@ -130,13 +154,13 @@ def save_identity(
         doc["protection"] = "argon2id-secretbox"
         doc["kdf"] = {"opslimit": opslimit, "memlimit": memlimit, "salt": salt.hex()}
         doc["secret"] = bytes(box.encrypt(identity.seed)).hex()
+        storage_key = storage_key or nacl.utils.random(STORAGE_KEY_LEN)
+        doc["storage_key"] = bytes(box.encrypt(storage_key)).hex()
+    if replace:
+        return _replace_file(home, doc)
     data = (json.dumps(doc, indent=1) + "\n").encode()
     tmp = path.with_suffix(".tmp")
     write_private_file(tmp, data)
-    if replace:
-        os.replace(tmp, path)
-        _fsync_dir(home)
-        return path
     try:
         # link() fails if the target exists: no window in which an identity is overwritten.
         os.link(tmp, path)
@@ -146,6 +170,17 @@ def save_identity(
         ) from None
     finally:
         tmp.unlink()
+    return path
+
+
+def _replace_file(home: Path, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` in place of the identity file, atomically: a crash leaves the old
+    file or the new one, whole."""
+    path = identity_path(home)
+    tmp = path.with_suffix(".tmp")
+    write_private_file(tmp, (json.dumps(doc, indent=1) + "\n").encode())
+    os.replace(tmp, path)
+    _fsync_dir(home)
     return path
 
 
@@ -211,10 +246,32 @@ def is_encrypted(home: Path) -> bool:
 
 def load_identity(home: Path, passphrase: bytes | None) -> Identity:
     """Open the identity. Raises BadPassphrase, PassphraseRequired, KeystoreCorrupt."""
+    return _open(home, passphrase)[0].identity
+
+
+def unlock(home: Path, passphrase: bytes | None) -> Unlocked:
+    """Open the identity and its storage key, as a daemon does. A sealed identity file
+    without a storage key (written before there was one) gets one now, written in place
+    atomically: the daemon then encrypts its database (p2pd/at_rest.py). Raises what
+    :func:`load_identity` raises."""
+    unlocked, doc, box = _open(home, passphrase)
+    if box is None or unlocked.storage_key is not None:
+        return unlocked
+    storage_key = nacl.utils.random(STORAGE_KEY_LEN)
+    _replace_file(home, {**doc, "storage_key": bytes(box.encrypt(storage_key)).hex()})
+    return Unlocked(unlocked.identity, storage_key)
+
+
+def _open(
+    home: Path, passphrase: bytes | None
+) -> tuple[Unlocked, dict[str, Any], nacl.secret.SecretBox | None]:
+    """The identity, its storage key, the file and (sealed) the box that opened it."""
     doc = read_identity_file(home)
     handle: str = doc["handle"]
     public_key = _hex(doc, "public_key")
     secret = _hex(doc, "secret")
+    box: nacl.secret.SecretBox | None = None
+    storage_key: bytes | None = None
     if doc["protection"] == "none":
         seed = secret
     else:
@@ -227,23 +284,30 @@ def load_identity(home: Path, passphrase: bytes | None) -> Identity:
         memlimit = _field(kdf, "memlimit", int)
         salt = _hex(kdf, "salt")
         # nonce + tag + seed: a fixed length, so damage is told apart from a wrong passphrase
-        sealed_len = nacl.secret.SecretBox.NONCE_SIZE + nacl.secret.SecretBox.MACBYTES + 32
-        if len(secret) != sealed_len:
+        if len(secret) != _SEALED_LEN:
             raise KeystoreCorrupt("identity file: the sealed secret has the wrong length")
+        sealed_storage_key = _hex(doc, "storage_key") if "storage_key" in doc else None
+        if sealed_storage_key is not None and len(sealed_storage_key) != _SEALED_LEN:
+            raise KeystoreCorrupt("identity file: the sealed storage key has the wrong length")
         if not (
             1 <= opslimit <= MAX_OPSLIMIT
             and 8192 <= memlimit <= MAX_MEMLIMIT
             and len(salt) == nacl.pwhash.argon2id.SALTBYTES
         ):
             raise KeystoreCorrupt("identity file: kdf parameters out of bounds")
-        key = _derive(passphrase, salt, opslimit, memlimit)
+        box = nacl.secret.SecretBox(_derive(passphrase, salt, opslimit, memlimit))
         try:
-            seed = nacl.secret.SecretBox(key).decrypt(secret)
+            seed = box.decrypt(secret)
         except nacl.exceptions.CryptoError:
             raise BadPassphrase(f"the passphrase does not open the identity in {home}") from None
+        if sealed_storage_key is not None:
+            try:
+                storage_key = box.decrypt(sealed_storage_key)
+            except nacl.exceptions.CryptoError:  # the seed opened: not the passphrase
+                raise KeystoreCorrupt("identity file: the storage key is damaged") from None
     if len(seed) != 32:
         raise KeystoreCorrupt("identity file: the secret key has the wrong length")
     identity = Identity.from_seed(handle, seed)
     if identity.public_key != public_key:
         raise KeystoreCorrupt("identity file: the secret key does not match the public key")
-    return identity
+    return Unlocked(identity, storage_key), doc, box

@@ -62,6 +62,7 @@ __all__ = [
     "LanPinConflict",
     "Mode",
     "TagScanBudget",
+    "TagScanSkipped",
     "build_txt",
     "decode_announcement",
     "decode_txt",
@@ -267,18 +268,104 @@ def recognise_tag(
     return None
 
 
-class TagScanBudget:
-    """Contacts-mode recognition costs one HMAC per pinned key. Remember what each
-    (nonce, tag) turned out to be, and scan at most ``per_minute`` new ones a minute, so
-    that a flood of random tags costs a bounded amount of CPU."""
+#: New contacts-mode tags one source address may have scanned per minute. A contact
+#: announces a fresh nonce every ``announce_interval`` (100 s by default): one scan per
+#: 100 s per node, so ten a minute leave room for several daemons behind one address.
+TAG_SCANS_PER_SOURCE: Final = 10
+#: Keys recognised on the LAN lately (see TagScanBudget.recognise): tried first, free.
+RECENT_CONTACTS: Final = 64
+#: Source addresses whose scans are counted (least recently seen forgotten first).
+MAX_SOURCES: Final = 1024
 
-    def __init__(self, per_minute: int, *, size: int = 1024) -> None:
+
+class TagScanSkipped(LanAnnouncementError):
+    """Over a budget of contacts-mode tag scans: not judged this time (what was known
+    of that announcer stays as it was)."""
+
+    def __init__(self, message: str, *, reason: Literal["total", "source"]) -> None:
+        super().__init__(message)
+        #: Which budget: ``total`` (``per_minute``) or ``source`` (``per_source``).
+        self.reason = reason
+
+
+class TagScanBudget:
+    """Contacts-mode recognition costs one HMAC per pinned key (a *scan*). Sans-I/O:
+    the caller passes ``now`` and the announcement's source address.
+
+    Contacts first: a tag is tried first against the keys recognised on the LAN lately
+    (at most ``recent`` HMACs, free of any budget), so a contact seen before is
+    recognised again whatever a flood does, each time it announces a new nonce. Only a
+    tag none of them made is scanned against every pinned key, and those scans are
+    budgeted: at most ``per_minute`` a minute in all, and at most ``per_source`` of them
+    for one source address, so that a flood from one address leaves the rest of the
+    budget to others (a contact not yet seen on the LAN). What each (nonce, tag) turned
+    out to be is remembered, so a repeated announcement costs nothing.
+
+    The source is the address the announcement claims (its A/AAAA records that it also
+    signs): zeroconf does not tell the packet's source, and on a LAN anyone can answer
+    for any address. A flood that claims many addresses is held by ``per_minute`` alone
+    (docs/SECURITY.md, "LAN").
+    """
+
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        per_source: int = TAG_SCANS_PER_SOURCE,
+        size: int = 1024,
+        recent: int = RECENT_CONTACTS,
+        max_sources: int = MAX_SOURCES,
+    ) -> None:
         self._per_minute = per_minute
+        self._per_source = per_source
         self._size = size
+        self._recent_size = recent
+        self._max_sources = max_sources
         self._known: collections.OrderedDict[tuple[bytes, bytes], bytes | None] = (
             collections.OrderedDict()
         )
         self._scans: collections.deque[float] = collections.deque()
+        self._by_source: collections.OrderedDict[str, collections.deque[float]] = (
+            collections.OrderedDict()
+        )
+        #: Recognised keys, most recent last.
+        self._recent: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        #: ``tag_scans`` (full scans), ``tag_recent_hits`` (recognised among the recent
+        #: keys, no scan), ``tag_scans_skipped`` / ``tag_scans_skipped_source`` (over the
+        #: total / a source's budget).
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    def recognise(
+        self,
+        nonce: bytes,
+        tag: bytes,
+        day: int,
+        contacts: Mapping[bytes, str],
+        *,
+        source: str,
+        now: float,
+        limit: int = MAX_CONTACTS_SCANNED,
+    ) -> bytes | None:
+        """The pinned key (of ``contacts``) whose tag this is, or None. Raises
+        TagScanSkipped when a full scan is needed and over budget."""
+        known, key = self.lookup(nonce, tag)
+        if known:
+            return key
+        recent = [k for k in reversed(self._recent) if k in contacts]
+        key = recognise_tag(nonce, tag, day, recent, limit=self._recent_size)
+        if key is not None:
+            self.stats["tag_recent_hits"] += 1
+        else:
+            spent = self._take(now, source)
+            if spent is not None:
+                raise TagScanSkipped(
+                    f"too many new contacts-mode announcements this minute ({spent})",
+                    reason=spent,
+                )
+            self.stats["tag_scans"] += 1
+            key = recognise_tag(nonce, tag, day, contacts.keys(), limit=limit)
+        self.remember(nonce, tag, key)
+        return key
 
     def lookup(self, nonce: bytes, tag: bytes) -> tuple[bool, bytes | None]:
         key = (nonce, tag)
@@ -287,18 +374,43 @@ class TagScanBudget:
             return True, self._known[key]
         return False, None
 
-    def may_scan(self, now: float) -> bool:
+    def may_scan(self, now: float, source: str | None = None) -> bool:
+        """Take one scan from the budgets (the total, and ``source``'s); False, and
+        nothing taken, if either is spent."""
+        return self._take(now, source) is None
+
+    def _take(self, now: float, source: str | None) -> Literal["total", "source"] | None:
+        """Take one scan; or say which budget is spent (and take nothing)."""
         while self._scans and self._scans[0] <= now - 60:
             self._scans.popleft()
+        scans = None
+        if source is not None:
+            scans = self._by_source.pop(source, None) or collections.deque()
+            while scans and scans[0] <= now - 60:
+                scans.popleft()
+            self._by_source[source] = scans  # most recently seen last
+            while len(self._by_source) > self._max_sources:
+                self._by_source.popitem(last=False)
+            if len(scans) >= self._per_source:
+                self.stats["tag_scans_skipped_source"] += 1
+                return "source"
         if len(self._scans) >= self._per_minute:
-            return False
+            self.stats["tag_scans_skipped"] += 1
+            return "total"
         self._scans.append(now)
-        return True
+        if scans is not None:
+            scans.append(now)
+        return None
 
     def remember(self, nonce: bytes, tag: bytes, key: bytes | None) -> None:
         self._known[(nonce, tag)] = key
         while len(self._known) > self._size:
             self._known.popitem(last=False)
+        if key is not None:
+            self._recent.pop(key, None)
+            self._recent[key] = None
+            while len(self._recent) > self._recent_size:
+                self._recent.popitem(last=False)
 
 
 # --------------------------------------------------------------------------- announcements

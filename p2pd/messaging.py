@@ -15,6 +15,7 @@ orders each conversation by the sender's sequence number.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sqlite3
@@ -22,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypedDict
 
-from .errors import UsageError
+from .at_rest import CLEAR, AtRest
+from .errors import StoredDataCorrupt, UsageError
 from .identity import FINGERPRINT_LEN, MIN_PREFIX, fingerprint
 from .wire import KIND_ROTATION, KIND_TEXT, MAX_TEXT
 
@@ -40,6 +42,7 @@ _PENDING_CONV = "messages INDEXED BY messages_pending_conv"
 #: served these too, and cost a page in every commit that changed a message's state:
 #: dropped, see _SCHEMA.)
 _PENDING_DUE = "messages INDEXED BY messages_pending_due"
+_log = logging.getLogger(__name__)
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 60.0
 
@@ -162,27 +165,65 @@ _COLUMNS = (
 _PLACES = ",".join("?" * 14)
 
 
-def _values(m: Message) -> tuple[Any, ...]:
-    """A message as the row _COLUMNS name (dataclasses.astuple would deep-copy)."""
-    return (m.id, m.direction, m.handle, m.peer_key, m.seq, m.text, m.state, m.created,
-            m.updated, m.sent_at_ms, m.attempts, m.envelope, m.via, m.kind)  # fmt: skip
-
-
-def _row(row: tuple[Any, ...]) -> Message:
-    return Message(
-        bytes(row[0]), row[1], row[2], bytes(row[3]), int(row[4]), row[5], row[6],
-        float(row[7]), float(row[8]), int(row[9]), int(row[10]),
-        None if row[11] is None else bytes(row[11]), row[12], int(row[13]),
-    )  # fmt: skip
+#: Rows whose text or envelope did not open are named in the log once each, at most this
+#: many (a damaged database must not flood the log on every retry).
+MAX_CORRUPT_LOGGED = 256
 
 
 class MessageStore:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    """Messages in SQLite. With an encrypted ``at_rest`` (p2pd/at_rest.py) the ``text``
+    and ``envelope`` of every row are sealed, bound to the row's id; the rest (ids,
+    handles, peer keys, states, times, sequence numbers) stays as it is, so that the
+    indexes serve. A row whose values do not open is skipped by every listing (counted
+    in :attr:`corrupt_rows`, logged once) and left unchanged; :meth:`get` raises
+    StoredDataCorrupt for it."""
+
+    def __init__(self, conn: sqlite3.Connection, *, at_rest: AtRest = CLEAR) -> None:
         self._conn = conn
+        self._at_rest = at_rest
+        #: Rows skipped because a value did not open (each time one was read).
+        self.corrupt_rows = 0
+        self._corrupt_logged: set[bytes] = set()
         conn.executescript(_SCHEMA)
         if "kind" not in {row[1] for row in conn.execute("PRAGMA table_info(messages)")}:
             conn.execute("ALTER TABLE messages ADD COLUMN kind INTEGER NOT NULL DEFAULT 1")
         conn.commit()
+
+    def _values(self, m: Message) -> tuple[Any, ...]:
+        """A message as the row _COLUMNS name (dataclasses.astuple would deep-copy)."""
+        seal = self._at_rest
+        text = seal.seal_text("messages", "text", m.id, m.text)
+        envelope = seal.seal_blob("messages", "envelope", m.id, m.envelope)
+        return (m.id, m.direction, m.handle, m.peer_key, m.seq, text, m.state, m.created,
+                m.updated, m.sent_at_ms, m.attempts, envelope, m.via, m.kind)  # fmt: skip
+
+    def _row(self, row: tuple[Any, ...]) -> Message:
+        """The message a row holds; StoredDataCorrupt if its text or envelope does not
+        open (an encrypted database)."""
+        msg_id = bytes(row[0])
+        text = self._at_rest.open_text("messages", "text", msg_id, row[5])
+        envelope = self._at_rest.open_blob("messages", "envelope", msg_id, row[11])
+        return Message(
+            msg_id, row[1], row[2], bytes(row[3]), int(row[4]), text, row[6],
+            float(row[7]), float(row[8]), int(row[9]), int(row[10]), envelope, row[12],
+            int(row[13]),
+        )  # fmt: skip
+
+    def _rows(self, rows: Sequence[tuple[Any, ...]]) -> list[Message]:
+        """:meth:`_row` of each, leaving out (and counting) those that do not open."""
+        messages = []
+        for row in rows:
+            try:
+                messages.append(self._row(row))
+            except StoredDataCorrupt as exc:
+                self._skipped(bytes(row[0]), exc)
+        return messages
+
+    def _skipped(self, msg_id: bytes, exc: StoredDataCorrupt) -> None:
+        self.corrupt_rows += 1
+        if msg_id not in self._corrupt_logged and len(self._corrupt_logged) < MAX_CORRUPT_LOGGED:
+            self._corrupt_logged.add(msg_id)
+            _log.warning("message %s skipped: %s", msg_id.hex(), exc)
 
     # ------------------------------------------------------------------ outgoing
 
@@ -222,7 +263,8 @@ class MessageStore:
                 for i, text in enumerate(texts)
             ]  # fmt: skip
             self._conn.executemany(
-                f"INSERT INTO messages({_COLUMNS}) VALUES ({_PLACES})", map(_values, messages)
+                f"INSERT INTO messages({_COLUMNS}) VALUES ({_PLACES})",
+                map(self._values, messages),
             )
         return messages
 
@@ -230,7 +272,7 @@ class MessageStore:
         row = self._conn.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE id=?", (msg_id,)
         ).fetchone()
-        return None if row is None else _row(row)
+        return None if row is None else self._row(row)
 
     def due(self, now: float, limit: int = 256) -> list[Message]:
         """Outgoing messages not yet acknowledged whose retry time has come, in order."""
@@ -239,7 +281,7 @@ class MessageStore:
             "AND next_attempt<=? ORDER BY peer_key, seq LIMIT ?",
             (now, limit),
         ).fetchall()
-        return [_row(r) for r in rows]
+        return self._rows(rows)
 
     def next_due(self) -> float | None:
         row = self._conn.execute(
@@ -254,7 +296,7 @@ class MessageStore:
             "AND peer_key=? AND next_attempt<=? ORDER BY seq LIMIT ?",
             (peer_key, now, limit),
         ).fetchall()
-        return [_row(r) for r in rows]
+        return self._rows(rows)
 
     def due_peers(self, now: float) -> list[bytes]:
         """The conversations with a message due now."""
@@ -280,7 +322,7 @@ class MessageStore:
             f"SELECT {_COLUMNS} FROM {_PENDING_CONV} WHERE {_PENDING} AND peer_key=? ORDER BY seq",
             (peer_key,),
         ).fetchall()
-        return [_row(r) for r in rows]
+        return self._rows(rows)
 
     def has_pending(self, peer_key: bytes) -> bool:
         """Whether anything to ``peer_key`` waits for its ack."""
@@ -292,7 +334,8 @@ class MessageStore:
 
     def set_envelope(self, msg_id: bytes, envelope: bytes, *, commit: bool = True) -> None:
         """Keep the ciphertext so that every retry sends the same bytes."""
-        self._conn.execute("UPDATE messages SET envelope=? WHERE id=?", (envelope, msg_id))
+        sealed = self._at_rest.seal("messages", "envelope", msg_id, envelope)
+        self._conn.execute("UPDATE messages SET envelope=? WHERE id=?", (sealed, msg_id))
         if commit:
             self._conn.commit()
 
@@ -416,7 +459,8 @@ class MessageStore:
             None, via,
         )  # fmt: skip
         cursor = self._conn.execute(
-            f"INSERT OR IGNORE INTO messages({_COLUMNS}) VALUES ({_PLACES})", _values(message)
+            f"INSERT OR IGNORE INTO messages({_COLUMNS}) VALUES ({_PLACES})",
+            self._values(message),
         )
         if commit:
             self._conn.commit()
@@ -438,7 +482,12 @@ class MessageStore:
             f"SELECT rowid, {_COLUMNS} FROM messages WHERE {where} ORDER BY rowid LIMIT ?",
             (*args, limit),
         ).fetchall()
-        page = [(int(r[0]), _row(r[1:])) for r in rows]
+        page = []
+        for r in rows:
+            try:
+                page.append((int(r[0]), self._row(r[1:])))
+            except StoredDataCorrupt as exc:
+                self._skipped(bytes(r[1]), exc)
         page.sort(key=lambda item: (item[1].peer_key, item[1].seq))
         return page
 
@@ -447,7 +496,7 @@ class MessageStore:
             f"SELECT {_COLUMNS} FROM messages WHERE direction='out' ORDER BY created DESC LIMIT ?",
             (limit,),
         ).fetchall()
-        return [_row(r) for r in rows]
+        return self._rows(rows)
 
 
 # --------------------------------------------------------------------------- contacts

@@ -18,6 +18,11 @@ Tables (created if missing; ``user_version`` tracks the schema):
   active per peer; ``state`` is JSON holding the doubleratchet library's versioned model.
   Our own prekeys are in ``meta`` under ``session.prekeys`` (without the identity seed).
 
+With a passphrase, the secret-bearing values (``sessions.state``, the prekeys, and the
+messages' ``text`` and ``envelope``: p2pd/at_rest.py ``SECRET_COLUMNS``) are stored
+sealed under the identity's storage key, and ``meta.at_rest`` records that and the key's
+id; everything SQLite indexes stays as it is.
+
 The daemon opens one connection, on the trio thread, shared by the DHT's storage and
 delivery. The DHT writes its rows only when no other transaction is open on it
 (p2pd/dht/storage.py says why); WAL mode lets a second process (a test) read the file.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -113,40 +114,79 @@ def test_service_refused_update_drops_the_peer() -> None:
     assert recorder.events == [("added", "alice"), ("removed", "alice")]
 
 
-def test_service_contacts_mode_and_tag_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = 0
-    real = discovery.recognise_tag
+CAROL = Identity.from_seed("carol", b"\x04" * 32)
 
-    def counting(nonce: bytes, tag: bytes, day: int, keys: Any, **kwargs: Any) -> bytes | None:
-        nonlocal calls
-        keys = list(keys)
-        if len(keys) > 1:  # a scan of all contacts, not the check of the one recognised
-            calls += 1
-        return real(nonce, tag, day, keys, **kwargs)
 
-    monkeypatch.setattr(discovery, "recognise_tag", counting)
-    service, recorder = _service(
-        contacts=contacts_of(BOB, ALICE), pins=pins_of(ALICE), max_tag_scans_per_minute=2
+def contacts_txt(identity: Identity, hosts: list[str], now: float, nonce: bytes) -> bytes:
+    return encode_txt(
+        build_txt(identity, port=PORT, addresses=hosts, mode="contacts", now=int(now), nonce=nonce)
     )
+
+
+def test_service_contacts_mode_and_tag_budget() -> None:
+    service, recorder = _service(
+        contacts=contacts_of(BOB, ALICE, CAROL),
+        pins=pins_of(ALICE, CAROL),
+        max_tag_scans_per_minute=2,
+    )
+
+    def scans() -> int:
+        return service.statistics()["tag_scans"]
+
     text = txt(mode="contacts")
     service.consider("a", text, PORT, HOSTS, now=NOW)
     service.consider("a", text, PORT, HOSTS, now=NOW + 1)  # same tag: remembered, no scan
-    assert calls == 1
+    assert scans() == 1
     assert [p.handle for p in service.peers()] == ["alice"]
     stranger = txt(MALLORY, mode="contacts")
-    service.consider("m", stranger, PORT, HOSTS, now=NOW + 2)  # second scan: not a contact
-    assert calls == 2
-    # budget spent: a new tag is not judged, and what we knew stays
-    other = encode_txt(
-        build_txt(ALICE, port=PORT, addresses=HOSTS, mode="contacts", now=NOW, nonce=b"\x07" * 16)
-    )
-    service.consider("a", other, PORT, HOSTS, now=NOW + 3)
-    assert calls == 2 and [p.handle for p in service.peers()] == ["alice"]
+    service.consider("m", stranger, PORT, ["192.0.2.66"], now=NOW + 2)
+    # its addresses are none it signs: refused before any scan
+    assert scans() == 1 and service.statistics()["refused"] == 1
+    stranger = contacts_txt(MALLORY, ["192.0.2.66"], NOW, b"\x05" * 16)
+    service.consider("m", stranger, PORT, ["192.0.2.66"], now=NOW + 2)
+    assert scans() == 2 and service.statistics()["not_a_contact"] == 1
+    # budget spent: carol, never seen before, is not judged, and what we knew stays
+    carol = contacts_txt(CAROL, ["192.0.2.12"], NOW, b"\x06" * 16)
+    service.consider("c", carol, PORT, ["192.0.2.12"], now=NOW + 3)
+    assert scans() == 2 and [p.handle for p in service.peers()] == ["alice"]
     assert service.statistics()["tag_scans_skipped"] == 1
-    # a minute later there is budget again
-    service.consider("a", other, PORT, HOSTS, now=NOW + 61)
-    assert calls == 3 and service.peers()[0].last_seen == NOW + 61
-    assert recorder.events == [("added", "alice"), ("updated", "alice"), ("updated", "alice")]
+    # alice, with a new nonce, is recognised among the contacts seen lately: no scan
+    other = contacts_txt(ALICE, HOSTS, NOW, b"\x07" * 16)
+    service.consider("a", other, PORT, HOSTS, now=NOW + 4)
+    assert scans() == 2 and service.statistics()["tag_recent_hits"] == 1
+    assert service.peers()[0].last_seen == NOW + 4
+    # a minute later there is budget again, for carol
+    service.consider("c", carol, PORT, ["192.0.2.12"], now=NOW + 61)
+    assert scans() == 3 and {p.handle for p in service.peers()} == {"alice", "carol"}
+    assert recorder.events == [
+        ("added", "alice"), ("updated", "alice"), ("updated", "alice"), ("added", "carol")
+    ]  # fmt: skip
+
+
+def test_a_flood_from_one_address_does_not_hide_contacts() -> None:
+    """90 junk contacts-mode announcements in a minute from one address (well formed,
+    signed by random keys nobody pinned): a contact seen before is recognised again
+    each time it announces a new nonce, and one never seen before, from another address,
+    is recognised at its first announcement. The junk gets its address's 10 scans;
+    the rest is counted, not scanned."""
+    service, recorder = _service(contacts=contacts_of(ALICE, CAROL), pins=pins_of(ALICE, CAROL))
+    service.consider("a", txt(mode="contacts"), PORT, HOSTS, now=NOW)  # alice, seen once
+    flooder = ["192.0.2.66"]
+    for i in range(90):
+        junk = contacts_txt(Identity.generate("junk"), flooder, NOW, os.urandom(16))
+        service.consider(f"j{i}", junk, PORT, flooder, now=NOW + i * 0.5)
+        if i % 30 == 29:  # alice's next announcement, with a fresh nonce
+            fresh = contacts_txt(ALICE, HOSTS, NOW, os.urandom(16))
+            service.consider("a", fresh, PORT, HOSTS, now=NOW + i * 0.5)
+            assert service.peers()[0].last_seen == NOW + i * 0.5
+    carol = contacts_txt(CAROL, ["192.0.2.12"], NOW, os.urandom(16))
+    service.consider("c", carol, PORT, ["192.0.2.12"], now=NOW + 50)
+    assert {p.handle for p in service.peers()} == {"alice", "carol"}
+    stats = service.statistics()
+    assert stats["not_a_contact"] == 10  # the junk's address budget, each scanned...
+    assert stats["tag_scans_skipped_source"] == 80  # ...the rest not
+    assert stats["tag_recent_hits"] == 3 and stats["tag_scans"] == 12
+    assert ("added", "carol") in recorder.events
 
 
 async def test_mode_off_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,9 @@ tests/test_fuzz_decrypt.py.
 from __future__ import annotations
 
 import functools
+import json
 import struct
+import sys
 from typing import Any
 
 import msgpack
@@ -779,3 +781,67 @@ def test_call_signal_garbage_raises_only_value_error(text: str) -> None:
     except ValueError:
         return
     assert doc["type"] in SIGNAL_TYPES
+
+
+#: Any JSON value, nested (what a peer with a session can put in any field of a signal).
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=30,
+)
+CALL_ID = "0123456789abcdef" * 2
+
+
+def _check_signal(text: str) -> None:
+    """decode_signal either raises ValueError or returns a signal whose fields the
+    call manager reads have the types it expects."""
+    try:
+        doc = decode_signal(text)
+    except ValueError:
+        return
+    assert doc["type"] in SIGNAL_TYPES and doc["call"] == CALL_ID
+    assert all(isinstance(doc[f], bool) for f in ("audio", "video") if f in doc)
+    assert "reason" not in doc or isinstance(doc["reason"], str)
+
+
+@FUZZ
+@given(
+    st.sampled_from(SIGNAL_TYPES),
+    st.sampled_from(["type", "call", "audio", "video", "reason", "extra"]),
+    JSON_VALUES,
+)
+def test_call_signal_fields_of_any_json_type_raise_only_value_error(
+    kind: str, field: str, value: Any
+) -> None:
+    """A signal whose one field holds any JSON value (a list as the reason was a
+    TypeError: ``[] in dict``)."""
+    _check_signal(json.dumps({"type": kind, "call": CALL_ID, field: value}))
+
+
+@pytest.mark.parametrize("field", ["reason", "audio", "extra"])
+@pytest.mark.parametrize("closed", [True, False])
+@pytest.mark.parametrize("opener", [("[", "]"), ('{"a":', "}")])
+def test_call_signal_deep_nesting_inside_a_valid_signal(
+    field: str, closed: bool, opener: tuple[str, str]
+) -> None:
+    """Nesting as deep as MAX_SIGNAL allows, inside a field of an otherwise valid signal,
+    closed (valid JSON) or not, and decoded from a caller already deep in the stack (the
+    daemon calls the decoder from within trio tasks): only ValueError, or a signal."""
+    prefix = f'{{"type":"reject","call":"{CALL_ID}","{field}":'
+    room = MAX_SIGNAL - len(prefix) - 2  # the closing "}" and the innermost "1"
+    depth = room // (len(opener[0]) + len(opener[1])) if closed else room // len(opener[0])
+    nested = opener[0] * depth + ("1" + opener[1] * depth if closed else "")
+    text = prefix + nested + "}"
+    assert len(text) <= MAX_SIGNAL
+    _check_signal(text)
+
+    def deep(levels: int) -> None:
+        if levels:
+            deep(levels - 1)
+        else:
+            _check_signal(text)
+
+    # leave the decoder fewer frames than the nesting needs
+    deep(max(0, sys.getrecursionlimit() - depth // 2 - 60))

@@ -133,7 +133,9 @@ def test_a_daemon_stopped_while_it_probes_exits_at_once(lan3: Lan) -> None:
 
 def test_contacts_mode_hides_the_handle_from_strangers(lan3: Lan) -> None:
     """bob announces in contacts mode. alice has bob pinned and recognises him; carol,
-    a stranger, sees no handle and no key of his."""
+    a stranger, receives his announcement (her ``not_a_contact`` counter says so: the
+    check below is not merely that nothing showed up in time) and sees no handle and no
+    key of his."""
     lan3.start("alice")
     lan3.start("bob")
     # alice and bob become contacts (pins) while bob still announces to everyone
@@ -147,9 +149,27 @@ def test_contacts_mode_hides_the_handle_from_strangers(lan3: Lan) -> None:
     lan3.start("carol")
     assert wait_until(lambda: "bob" in lan3.lan_handles("alice"), timeout=10)
     assert wait_until(lambda: "alice" in lan3.lan_handles("carol"), timeout=10)
+    # carol's only contacts-mode neighbour is bob: each of his announcements she
+    # receives is refused as nobody she knows
+    assert wait_until(lambda: lan_counters(lan3, "carol").get("not_a_contact", 0) >= 1, timeout=10)
     bob = lan3.daemons["bob"].fingerprint
     assert all(p["fingerprint"] != bob for p in lan3.peers("carol") if p["via"] == "lan")
     assert "bob" not in lan3.lan_handles("carol")
+    assert lan_counters(lan3, "alice").get("not_a_contact", 0) == 0  # alice knows him
+
+
+def flood_handled(lan: Lan) -> int:
+    """How many contacts-mode announcements alice refused or left unjudged."""
+    counters = lan_counters(lan, "alice")
+    return sum(
+        counters.get(name, 0)
+        for name in ("not_a_contact", "tag_scans_skipped", "tag_scans_skipped_source")
+    )
+
+
+def lan_counters(lan: Lan, handle: str) -> dict[str, int]:
+    counters: dict[str, int] = cli_json(lan.root / handle, "status", "--json")["lan_counters"]
+    return counters
 
 
 HOSTILE = r"""
@@ -217,6 +237,72 @@ def test_hostile_announcements_are_ignored_with_a_log_line(testbed: Testbed, roo
             assert "claims 'bob' with key" in log  # the impostor of a pinned handle
             for label in ("garbage", "stale", "forged", "oversize"):
                 assert f"'{label}." in log, label
+        finally:
+            attacker.kill()
+            attacker.wait(10)
+    finally:
+        lan.stop_all()
+
+
+FLOOD = r"""
+import asyncio, os, sys, time
+from zeroconf import ServiceInfo, Zeroconf
+from p2pd.discovery import SERVICE_TYPE, build_txt, encode_txt
+from p2pd.identity import Identity
+
+host, count = sys.argv[1], int(sys.argv[2])
+now = int(time.time())
+zc = Zeroconf(interfaces=[host])
+for i in range(count):  # well formed, signed, each by a key nobody pinned
+    text = encode_txt(build_txt(Identity.generate("junk"), port=4100 + i, addresses=[host],
+                                mode="contacts", now=now, nonce=os.urandom(16)))
+    info = ServiceInfo(SERVICE_TYPE, f"junk{i}.{SERVICE_TYPE}", port=4100 + i,
+                       properties=text, server=f"junk{i}.local.", parsed_addresses=[host],
+                       host_ttl=120, other_ttl=120)
+    # no probing, and the announcements go out together (register_service would wait
+    # ~0.5-1.7 s for each)
+    asyncio.run_coroutine_threadsafe(
+        zc.async_register_service(info, cooperating_responders=True), zc.loop
+    ).result(10)
+print("registered", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_flood_of_contacts_mode_junk_does_not_hide_a_contact(
+    testbed: Testbed, root: Path
+) -> None:
+    """mallory's host announces 70 contacts-mode services at once, each signed by a
+    random key (more than the 60 tag scans a minute alice allows in all). bob, whom
+    alice has pinned but never seen in contacts mode, then starts announcing in
+    contacts mode: alice recognises him at once, because the flood gets only its
+    address's 10 scans (counted in her status), not the whole budget."""
+    import sys
+
+    from p2pd.testing.netns import read_line
+
+    lan = Lan(testbed, root, ["alice", "bob", "mallory"])
+    try:
+        lan.start("alice")
+        lan.start("bob")
+        assert wait_until(lambda: lan.lan_handles("alice") == {"bob"}, timeout=5)
+        assert wait_until(
+            lambda: run_cli(lan.root / "alice", "whois", "bob").returncode == 0, timeout=30
+        )
+        assert run_cli(lan.root / "alice", "send", "bob", "pin", "--wait").returncode == 0
+        lan.daemons["bob"].stop()
+        mallory = lan.hosts["mallory"]
+        script = lan.root / "flood.py"
+        script.write_text(FLOOD)
+        attacker = mallory.popen([sys.executable, str(script), str(mallory.address), "70"])
+        try:
+            assert read_line(attacker, timeout=60).strip() == "registered"
+            assert wait_until(lambda: flood_handled(lan) >= 60, timeout=30)
+            lan.start("bob", mode="contacts")
+            assert wait_until(lambda: "bob" in lan.lan_handles("alice"), timeout=15)
+            counters = lan_counters(lan, "alice")
+            assert 1 <= counters["not_a_contact"] <= 20  # the flood's address budget
+            assert counters["tag_scans_skipped_source"] >= 40
         finally:
             attacker.kill()
             attacker.wait(10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -36,12 +37,14 @@ from p2pd.identity import Identity
 from p2pd.lan_announcement import (
     MAX_TXT_KEYS,
     MAX_TXT_SIZE,
+    TAG_SCANS_PER_SOURCE,
     LanAnnouncementError,
     LanNotAContact,
     LanPeer,
     LanPeerTable,
     LanPinConflict,
     TagScanBudget,
+    TagScanSkipped,
     build_txt,
     decode_announcement,
     decode_txt,
@@ -550,6 +553,63 @@ def test_tag_scan_budget() -> None:
     budget.remember(b"n3", b"t3", BOB.public_key)
     assert budget.lookup(b"n2", b"t2") == (False, None)
     assert budget.lookup(b"n1", b"t1") == (True, ALICE.public_key)
+
+
+def test_tag_scan_budget_per_source() -> None:
+    budget = TagScanBudget(per_minute=5, per_source=2)
+    assert budget.may_scan(NOW, "192.0.2.66") and budget.may_scan(NOW, "192.0.2.66")
+    assert not budget.may_scan(NOW + 1, "192.0.2.66")  # that address's two are spent
+    assert budget.may_scan(NOW + 1, "192.0.2.10")  # others still have the total's
+    assert budget.may_scan(NOW + 60, "192.0.2.66")  # and a minute later, again
+    assert budget.stats["tag_scans_skipped_source"] == 1
+    assert budget.may_scan(NOW + 60, "192.0.2.11") and budget.may_scan(NOW + 60, "192.0.2.12")
+    assert budget.may_scan(NOW + 60, "192.0.2.13")
+    assert not budget.may_scan(NOW + 60, "192.0.2.14")  # the total: 5 in the last minute
+    assert budget.stats["tag_scans_skipped"] == 1
+
+
+CAROL = Identity.from_seed("carol", b"\x04" * 32)
+
+
+@pytest.mark.parametrize("per_source", [TAG_SCANS_PER_SOURCE, 60])
+def test_a_flood_of_junk_tags_from_one_address_no_longer_hides_contacts(
+    per_source: int,
+) -> None:
+    """The attack: 90 random contacts-mode tags in 45 s from one address, against 60
+    scans a minute. With only the total budget (``per_source`` 60, as before), the
+    flood takes every scan and carol, a contact not seen on the LAN before, is not
+    judged. With a budget per address the flood gets 10 and carol is recognised.
+    alice, recognised once before, is recognised at each fresh nonce either way."""
+    budget = TagScanBudget(60, per_source=per_source)
+    contacts = {os.urandom(32): f"c{i}" for i in range(200)} | contacts_of(ALICE, CAROL)
+    day = epoch_day(NOW)
+
+    def announce(identity: Identity, source: str, now: float) -> bytes | None:
+        nonce = os.urandom(16)
+        tag = lan_tag(identity.public_key, nonce, day)
+        return budget.recognise(nonce, tag, day, contacts, source=source, now=now)
+
+    assert announce(ALICE, "192.0.2.10", NOW) == ALICE.public_key
+    skipped = 0
+    for i in range(90):
+        try:
+            junk = os.urandom(16)
+            found = budget.recognise(
+                junk, junk, day, contacts, source="192.0.2.66", now=NOW + i / 2
+            )
+            assert found is None
+        except TagScanSkipped:
+            skipped += 1
+        if i % 30 == 29:
+            assert announce(ALICE, "192.0.2.10", NOW + i / 2) == ALICE.public_key
+    if per_source == 60:
+        assert skipped == 31
+        with pytest.raises(TagScanSkipped):
+            announce(CAROL, "192.0.2.12", NOW + 50)
+    else:
+        assert skipped == 80 and budget.stats["tag_scans_skipped_source"] == 80
+        assert announce(CAROL, "192.0.2.12", NOW + 50) == CAROL.public_key
+    assert budget.stats["tag_recent_hits"] == 3
 
 
 # --------------------------------------------------------------------------- the module

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pd import messaging, wire
+from p2pd.at_rest import CLEAR, AtRest
 from p2pd.errors import UsageError, WireError
 from p2pd.identity import Identity, fingerprint
 from p2pd.messaging import (
@@ -30,8 +32,23 @@ CAROL = b"c" * 32
 MALLORY = b"m" * 32
 
 
+_AT_REST: list[AtRest] = [CLEAR]
+
+
+@pytest.fixture(autouse=True, params=["clear", "at-rest"])
+def _storage(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test runs on a clear store and on one encrypted at rest (p2pd/at_rest.py)."""
+    _AT_REST[0] = CLEAR if request.param == "clear" else AtRest(os.urandom(32))
+    yield
+    _AT_REST[0] = CLEAR
+
+
+def new_store() -> MessageStore:
+    return MessageStore(open_database(None), at_rest=_AT_REST[0])
+
+
 def test_outbox_lifecycle_queued_sent_delivered() -> None:
-    store = MessageStore(open_database(None))
+    store = new_store()
     rng = random.Random(1)
     m1 = store.enqueue("bob", BOB, "hello", now=100.0)
     m2 = store.enqueue("bob", BOB, "again", now=100.5)
@@ -68,7 +85,7 @@ def test_backoff_grows_and_is_capped() -> None:
 
 
 def test_incoming_dedupe_and_order() -> None:
-    store = MessageStore(open_database(None))
+    store = new_store()
     ids = [os.urandom(16) for _ in range(5)]
     for seq in (3, 1, 2, 5, 4):  # arrival out of order
         assert store.record_incoming(ids[seq - 1], "bob", BOB, seq, f"m{seq}", 0, 1.0, via="direct")
@@ -82,7 +99,7 @@ def test_incoming_dedupe_and_order() -> None:
 def test_inbox_pages_miss_nothing(senders: list[bytes], limit: int) -> None:
     """Pages of the inbox, each after the previous page's largest cursor, hold every
     message exactly once, whatever the order conversations arrived in."""
-    store = MessageStore(open_database(None))
+    store = new_store()
     seqs = {BOB: 0, CAROL: 0}
     for sender in senders:
         seqs[sender] += 1
@@ -102,7 +119,7 @@ def test_inbox_pages_miss_nothing(senders: list[bytes], limit: int) -> None:
 
 
 def test_enqueue_many_is_in_order_and_all_or_nothing() -> None:
-    store = MessageStore(open_database(None))
+    store = new_store()
     store.enqueue("bob", BOB, "first", now=1.0)
     batch = store.enqueue_many("bob", BOB, ["a", "b", "c"], now=2.0)
     assert [(m.seq, m.text) for m in batch] == [(2, "a"), (3, "b"), (4, "c")]

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pd.at_rest import CLEAR, AtRest
 from p2pd.errors import (
     BundleError,
     DecryptError,
@@ -40,10 +41,20 @@ T0 = 1_700_000_000.0
 DAY = 86_400.0
 
 
+@pytest.fixture(autouse=True, params=["clear", "at-rest"])
+def _storage(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs on a clear database and on one encrypted at rest
+    (p2pd/at_rest.py): the session layer must behave the same."""
+    at_rest = CLEAR if request.param == "clear" else AtRest(os.urandom(32))
+    monkeypatch.setattr(Node, "at_rest", at_rest)
+
+
 class Node:
     """One node's session layer on its own database."""
 
     _handles = iter(f"node{i}" for i in range(10_000))
+    #: How its database stores secrets (the _storage fixture sets it per test).
+    at_rest: AtRest = CLEAR
 
     def __init__(
         self,
@@ -57,7 +68,9 @@ class Node:
         self.path = path
         self.config = config
         self.conn = open_database(path)
-        self.sessions = SessionManager.open(self.conn, self.identity, now=now, config=config)
+        self.sessions = SessionManager.open(
+            self.conn, self.identity, now=now, config=config, at_rest=self.at_rest
+        )
 
     @property
     def key(self) -> bytes:
@@ -82,7 +95,9 @@ class Node:
         assert self.path is not None
         self.conn.close()
         self.conn = open_database(self.path)
-        self.sessions = SessionManager.open(self.conn, self.identity, now=now, config=self.config)
+        self.sessions = SessionManager.open(
+            self.conn, self.identity, now=now, config=self.config, at_rest=self.at_rest
+        )
 
     def snapshot(self) -> tuple[Any, ...]:
         """Everything the session layer persists."""
@@ -497,7 +512,7 @@ def test_signed_prekey_rotation_and_grace() -> None:
 
 def test_identity_seed_is_never_stored() -> None:
     bob = Node()
-    text = bob.snapshot()[1][0]
+    text = bob.at_rest.open_text("meta", "value", PREKEYS_META_KEY, bob.snapshot()[1][0])
     seed = bob.identity.seed
     assert seed.hex() not in text
     assert json.dumps("".join(map(chr, seed)))[1:-1] not in text  # x3dh's byte encoding
@@ -565,13 +580,14 @@ def test_stored_state_is_the_document(tmp_path: Path) -> None:
     """What _store writes (JSON spliced from pydantic's) is the session's document."""
     alice, bob = established()
     for node in (alice, bob):
-        for (state,) in node.conn.execute("SELECT state FROM sessions"):
+        for sid, state in node.conn.execute("SELECT session_id, state FROM sessions"):
             session = node.sessions._from_row(
                 node.conn.execute(
                     "SELECT session_id, peer_key, status, state, created, updated FROM sessions"
                 ).fetchone()
             )
-            assert json.loads(state) == session.document()
+            text = node.at_rest.open_text("sessions", "state", sid, state)
+            assert json.loads(text) == session.document()
             assert json.loads(session.state_text()) == session.document()
 
 
@@ -584,7 +600,7 @@ def test_live_sessions_follow_the_database_not_the_other_way(tmp_path: Path) -> 
     assert bob.recv(alice.send(bob, b"hello"), sender=alice) == b"hello"
     assert alice.recv(bob.send(alice, b"hi"), sender=bob) == b"hi"
     other_conn = open_database(tmp_path / "alice.db")
-    other = SessionManager.open(other_conn, alice.identity, now=T0)
+    other = SessionManager.open(other_conn, alice.identity, now=T0, at_rest=alice.at_rest)
     for i in range(3):
         assert bob.recv(alice.send(bob, b"a%d" % i), sender=alice) == b"a%d" % i
         envelope = other.encrypt(bob.key, b"o%d" % i, now=T0)

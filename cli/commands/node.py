@@ -159,7 +159,7 @@ def daemon(
 
     from p2pd.config import load_config
     from p2pd.daemon import run_daemon
-    from p2pd.keystore import forget_passphrase_env, identity_path, is_encrypted, load_identity
+    from p2pd.keystore import forget_passphrase_env, identity_path, is_encrypted, unlock
     from p2pd.wire import Address
 
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
@@ -191,9 +191,9 @@ def daemon(
         raise PassphraseRequired(
             "the key is encrypted: give --passphrase-file FILE or set P2PD_PASSPHRASE"
         )
-    identity = load_identity(home, passphrase)
+    unlocked = unlock(home, passphrase)  # and the database's storage key (p2pd/at_rest.py)
     del passphrase
-    trio.run(run_daemon, config, identity)
+    trio.run(run_daemon, config, unlocked.identity, unlocked.storage_key)
     # Stopped cleanly: contacts saved, sockets closed, goodbye said. What is left is the
     # interpreter's exit, whose garbage collections walk every object the imports made:
     # 0.1-0.4 s on a busy 2-core machine, most of what SIGTERM took without LAN. Objects

@@ -170,7 +170,7 @@ class Delivery:
         self.lan_addresses = lan_addresses
         self.on_signal = on_signal
         self._conn = conn
-        self.messages = MessageStore(conn)
+        self.messages = MessageStore(conn, at_rest=sessions.at_rest)  # p2pd/at_rest.py
         self.contacts = contacts
         self.sessions = sessions
         self.ledger = SqliteLedger(conn, self.messages, self.contacts, self.sessions)
@@ -776,6 +776,7 @@ class Delivery:
                 "WHERE direction='out' AND state IN ('queued', 'sent')"
             ).fetchone()[0],
             "events_dropped": self.events.dropped,
+            "unreadable_rows": self.messages.corrupt_rows,  # p2pd/at_rest.py
         }
 
 

@@ -74,6 +74,7 @@ from typing import Any, NamedTuple
 import doubleratchet
 import xeddsa
 
+from ..at_rest import CLEAR, AtRest
 from ..errors import (
     BundleError,
     DecryptError,
@@ -81,12 +82,12 @@ from ..errors import (
     NoSession,
     SenderKeyMismatch,
     SessionStateCorrupt,
+    StoredDataCorrupt,
     TooManySkipped,
     UnknownSession,
     UsageError,
 )
 from ..identity import Identity, fingerprint
-from ..store import get_meta
 from .bundle import PrekeyBundle
 from .config import SessionConfig
 from .crypto import (
@@ -237,7 +238,8 @@ class SessionManager:
     """The node's end-to-end sessions: our prekeys, and sessions with every peer."""
 
     __slots__ = (
-        "_bundle_changed", "_cache", "_config", "_conn", "_identity", "_on_bundle_changed"
+        "_bundle_changed", "_cache", "_config", "_conn", "_identity", "_on_bundle_changed",
+        "at_rest",
     )  # fmt: skip
 
     def __init__(
@@ -246,16 +248,21 @@ class SessionManager:
         identity: Identity,
         config: SessionConfig,
         on_bundle_changed: Callable[[], None] | None = None,
+        at_rest: AtRest = CLEAR,
     ):
         self._conn = conn
+        #: How session states and our prekeys are stored (p2pd/at_rest.py): sealed, bound
+        #: to their row, when the identity has a passphrase. The delivery's MessageStore
+        #: uses the same.
+        self.at_rest = at_rest
         self._identity = identity
         self._config = config
         self._bundle_changed = False
         #: Told each time the bundle changes (the daemon republishes it soon after).
         self._on_bundle_changed = on_bundle_changed
-        #: Sessions as last written, by id: (the state text written, the live object).
+        #: Sessions as last written, by id: (the state value written, the live object).
         #: See _from_row and _store.
-        self._cache: dict[bytes, tuple[str, _Session]] = {}
+        self._cache: dict[bytes, tuple[str | bytes, _Session]] = {}
 
     @classmethod
     def open(
@@ -266,13 +273,15 @@ class SessionManager:
         now: float,
         config: SessionConfig | None = None,
         on_bundle_changed: Callable[[], None] | None = None,
+        at_rest: AtRest = CLEAR,
     ) -> SessionManager:
         """Load the node's session state from ``conn`` (a p2pd.store database), creating
         the prekeys on first use. Raises SessionStateCorrupt if they do not load.
-        ``on_bundle_changed()`` is called whenever :attr:`bundle_changed` becomes true."""
-        manager = cls(conn, identity, config or SessionConfig(), on_bundle_changed)
+        ``on_bundle_changed()`` is called whenever :attr:`bundle_changed` becomes true.
+        ``at_rest``: what p2pd.at_rest.open_at_rest said of this database."""
+        manager = cls(conn, identity, config or SessionConfig(), on_bundle_changed, at_rest)
         with manager._transaction(commit=True):
-            if get_meta(conn, PREKEYS_META_KEY) is None:
+            if manager._prekeys_value() is None:
                 prekeys = OwnPrekeys.create(identity, now=now, config=manager._config)
                 manager._save_prekeys(prekeys)
                 manager._mark_bundle_changed()
@@ -327,7 +336,7 @@ class SessionManager:
             for sid, state in self._conn.execute(
                 "SELECT session_id, state FROM sessions WHERE status=?", (CLOSED,)
             ).fetchall():
-                spk = _document(state).get("signed_prekey")
+                spk = self._document(sid, state).get("signed_prekey")
                 if spk is None or bytes.fromhex(spk) not in held:
                     self._conn.execute("DELETE FROM sessions WHERE session_id=?", (sid,))
         if changed:
@@ -627,17 +636,28 @@ class SessionManager:
         if commit:
             conn.commit()
 
+    def _prekeys_value(self) -> object:
+        row = self._conn.execute(
+            "SELECT value FROM meta WHERE key=?", (PREKEYS_META_KEY,)
+        ).fetchone()
+        return None if row is None else row[0]
+
     def _load_prekeys(self) -> OwnPrekeys:
-        text = get_meta(self._conn, PREKEYS_META_KEY)
-        if text is None:
+        stored = self._prekeys_value()
+        if stored is None:
             raise SessionStateCorrupt("the prekey state is missing")
+        try:
+            text = self.at_rest.open_text("meta", "value", PREKEYS_META_KEY, stored)
+        except StoredDataCorrupt as exc:
+            raise SessionStateCorrupt(f"the prekey state does not load: {exc}") from None
         return OwnPrekeys.load(text, self._identity)
 
     def _save_prekeys(self, prekeys: OwnPrekeys) -> None:
+        value = self.at_rest.seal_text("meta", "value", PREKEYS_META_KEY, prekeys.dump())
         self._conn.execute(
             "INSERT INTO meta(key, value) VALUES(?, ?) "
             "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-            (PREKEYS_META_KEY, prekeys.dump()),
+            (PREKEYS_META_KEY, value),
         )
 
     _COLUMNS = "session_id, peer_key, status, state, created, updated"
@@ -678,8 +698,8 @@ class SessionManager:
             session.status, session.updated = status, float(updated)
             session.stored_status = status
             return session
+        doc = self._document(sid, state)
         try:
-            doc = _document(state)
             base = _Session(
                 bytes(sid), bytes(peer_key), status, doc["role"], float(created), float(updated)
             )
@@ -711,7 +731,9 @@ class SessionManager:
         return base
 
     def _store(self, session: _Session) -> None:
-        state = session.state_text()
+        state = self.at_rest.seal_text(
+            "sessions", "state", session.session_id, session.state_text()
+        )
         updated = 0
         if session.stored_status == session.status:
             # The usual case, a ratchet step: no indexed column changes, and an UPDATE of
@@ -753,11 +775,11 @@ class SessionManager:
         for sid, state in rows[self._config.max_archived_sessions :]:
             self._close(bytes(sid), state, now)
 
-    def _close(self, sid: bytes, state: str, now: float) -> None:
+    def _close(self, sid: bytes, state: object, now: float) -> None:
         """Drop a session's keys. A session we answered leaves a tombstone (see the
         module docstring); one we started has nothing anyone could replay to us."""
         self._cache.pop(sid, None)
-        doc = _document(state)
+        doc = self._document(sid, state)
         if doc.get("role") != RESPONDER:
             self._conn.execute("DELETE FROM sessions WHERE session_id=?", (sid,))
             return
@@ -768,9 +790,10 @@ class SessionManager:
             "signed_prekey": doc.get("signed_prekey"),
             "initiated_at": doc.get("initiated_at", 0),
         }
+        text = json.dumps(tombstone, separators=(",", ":"))
         self._conn.execute(
             "UPDATE sessions SET status=?, state=?, updated=? WHERE session_id=?",
-            (CLOSED, json.dumps(tombstone, separators=(",", ":")), now, sid),
+            (CLOSED, self.at_rest.seal_text("sessions", "state", sid, text), now, sid),
         )
 
     def _rank(self, session: _Session) -> tuple[int, bytes]:
@@ -783,13 +806,21 @@ class SessionManager:
         """``max(now, 1 + initiated_at of every session we know with the peer)``: a
         session we start outranks every one we know of, whatever the clocks say."""
         known = [
-            int(_document(state).get("initiated_at", 0))
-            for (state,) in self._conn.execute(
-                "SELECT state FROM sessions WHERE peer_key=?", (peer_key,)
+            int(self._document(sid, state).get("initiated_at", 0))
+            for (sid, state) in self._conn.execute(
+                "SELECT session_id, state FROM sessions WHERE peer_key=?", (peer_key,)
             )
         ]
         # clamped: a peer's far-future clock must not make our encrypt fail
         return min(MAX_U64, max([max(int(now), 0), *(t + 1 for t in known)]))
+
+    def _document(self, sid: bytes, stored: object) -> dict[str, Any]:
+        """A row's state, opened (p2pd/at_rest.py) and parsed."""
+        try:
+            state = self.at_rest.open_text("sessions", "state", bytes(sid), stored)
+        except StoredDataCorrupt as exc:
+            raise SessionStateCorrupt(f"a stored session does not load: {exc}") from None
+        return _document(state)
 
     def _check_peer_key(self, peer_key: bytes) -> None:
         if not isinstance(peer_key, bytes) or len(peer_key) != KEY_LEN:
