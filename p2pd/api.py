@@ -75,6 +75,15 @@ class Status(TypedDict):
     messages: dict[str, Any]
     lan_mode: str
     lan_peers: int
+    #: Issue 13 (docs/CONTROL_API.md, "status"): "reachable", "unreachable", "unknown".
+    reachability: str
+    #: "none", "endpoint-independent", "endpoint-dependent", "unknown".
+    nat_mapping: str
+    #: [{"address": "ip:port", "observers": n}], most seen first.
+    reflexive_addresses: list[dict[str, Any]]
+    public_address: str | None
+    #: "server", or "client" (not reachable: kept out of other nodes' routing tables).
+    dht_mode: str
 
 
 class RecordSummary(TypedDict):
@@ -180,6 +189,7 @@ class Api:
         node = self._node
         stats = node.dht.statistics()
         identity, record = node.identity, node.record
+        reach = node.dht.reachability().as_dict()
         return {
             "version": __version__,
             "handle": identity.handle,
@@ -203,6 +213,11 @@ class Api:
             "messages": self._delivery.statistics(),
             "lan_mode": node.config.lan.mode,
             "lan_peers": len(node.lan.peers()) if node.lan is not None else 0,
+            "reachability": reach["reachability"],
+            "nat_mapping": reach["mapping"],
+            "reflexive_addresses": reach["reflexive_addresses"],
+            "public_address": reach["public_address"],
+            "dht_mode": reach["dht_mode"],
         }
 
     async def whois(self, handle: str) -> Whois | ContestedHandle:

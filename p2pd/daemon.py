@@ -29,6 +29,7 @@ from .key_rotation import stored_notice
 from .keystore import ensure_home
 from .maintenance import MaintenanceSchedule, Wakeup
 from .messaging import Contacts
+from .netif import is_wildcard
 from .records import HandleRecord
 from .rotation import RotationNotice
 from .session import SessionManager
@@ -253,6 +254,8 @@ async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Nod
     check_stale_socket(config.home / "control.sock")  # before we touch anything else
     conn = open_database(db_path(config.home))
     endpoint = UdpEndpoint.bind(config.listen)
+    # Dial-back help (issue 13) goes out from a second port of ours, never read.
+    dialback = UdpEndpoint.bind(Address(config.listen.host, 0))
     try:
         async with (
             open_dht(
@@ -263,6 +266,8 @@ async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Nod
             ) as dht,
             trio.open_nursery() as nursery,
         ):
+            own = config.listen.host
+            dht.enable_reachability(local_ips() if is_wildcard(own) else [own], dialback)
             # Every service is built here, in dependency order, and handed what it uses
             # (docs/ARCHITECTURE.md, "Composition"). QUIC's handlers and delivery's
             # call signals forward to services built after them: none is called before
@@ -337,6 +342,7 @@ async def open_node(config: NodeConfig, identity: Identity) -> AsyncIterator[Nod
                         log.exception("could not save routing contacts")
                 nursery.cancel_scope.cancel()
     finally:
+        dialback.close()
         endpoint.close()
         conn.close()
 

@@ -323,3 +323,38 @@ def test_malformed_observed_drops_the_reply_and_changes_nothing() -> None:
     with pytest.raises(WireError):
         wire.split_response_observed(bad[21:])
     assert core.reach.observations.current(100.0) == before
+
+
+def test_status_lines() -> None:
+    from p2pd_cli import render
+
+    base = {
+        "self_certifying": "bob#u6cmphjezpfb",
+        "fingerprint_display": "u6cm phje",
+        "listen": "0.0.0.0:4747",
+        "addresses": [],
+        "routing_table_size": 3,
+        "records_stored": 0,
+        "record_seq": None,
+        "replicas": 0,
+        "record_expires": None,
+        "uptime": 1.6,
+    }
+    natted = {
+        "reachability": "unreachable",
+        "nat_mapping": "endpoint-independent",
+        "reflexive_addresses": [{"address": "198.18.10.1:4747", "observers": 3}],
+        "public_address": "198.18.10.1:4747",
+        "dht_mode": "client",
+    }
+    lines = render.status_text({**base, **natted}).splitlines()
+    assert lines[-2:] == [
+        "reachability    unreachable (behind an endpoint-independent NAT); DHT client mode",
+        "seen as         198.18.10.1:4747 (3 observers)",
+    ]
+    public = {**natted, "reachability": "reachable", "nat_mapping": "none", "dht_mode": "server"}
+    assert render.status_text({**base, **public}).splitlines()[-2] == (
+        "reachability    reachable (public); DHT server mode"
+    )
+    # an older daemon's status has none of it
+    assert len(render.status_text(base).splitlines()) == 8
