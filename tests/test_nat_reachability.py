@@ -98,7 +98,20 @@ def test_daemons_learn_their_nat_and_reachability(testbed: Testbed, root: Path) 
             assert status(root / f"pub{i}")["routing_table_size"] == 3
         # ...and they still publish and resolve
         assert cli_json(root / "alice", "whois", "pub4")["handle"] == "pub4"
-        assert cli_json(root / "pub2", "whois", "alice")["handle"] == "alice"
+        # alice's record leads with her mapped address (republished once it was learnt)
+        mapped = f"{eim.address}:{PORT}"
+
+        def alice_published() -> bool:
+            return bool(cli_json(root / "pub2", "whois", "alice")["addresses"][:1] == [mapped])
+
+        assert wait_until(alice_published, 30.0, interval=0.5), cli_json(
+            root / "pub2", "whois", "alice"
+        )
+        assert str(hosts["alice"].address) in str(cli_json(root / "pub2", "whois", "alice"))
+        # bob's NAT gives each peer another port: nothing to publish but his own address
+        assert cli_json(root / "pub2", "whois", "bob")["addresses"] == [
+            f"{hosts['bob'].address}:{PORT}"
+        ]
         assert cli_json(root / "bob", "whois", "alice")["handle"] == "alice"
         rendered = run_cli(root / "alice", "status").stdout
         assert "unreachable (behind an endpoint-independent NAT); DHT client mode" in rendered

@@ -240,6 +240,9 @@ class Reachability:
         self._dialed: list[tuple[bytes, tuple[str, int]]] = []
         self._decide_by = now
         self._deferred: list[tuple[bytes, bytes, tuple[str, int]]] = []
+        #: Called when the mapping kind, the public address or the verdict changes (the
+        #: daemon wakes its maintenance to republish its presence).
+        self.on_change: Callable[[], None] | None = None
 
     def enable(self, local_hosts: Iterable[str], *, can_dial_back: bool, now: float) -> None:
         """Start probing and switching modes: the driver knows our addresses now."""
@@ -303,7 +306,10 @@ class Reachability:
     def observed(self, responder: tuple[str, int], seen: Address, now: float) -> None:
         """A reply (matched to our request, decoded) said where it saw us."""
         self.core.stats["observed"] += 1
+        before = self.mapping(now)
         self.observations.add(responder[0], seen, now)
+        if self.mapping(now) != before and self.on_change is not None:
+            self.on_change()
         if self._deferred and self.mapping(now)[0] != "unknown":
             self._decide_by = now  # decided: send or drop what waited
             self._flush_deferred()
@@ -382,9 +388,11 @@ class Reachability:
             return
         verdict = current.verdict()
         if verdict != "unknown":
-            if verdict != self.verdict:
-                log.info("reachability: %s (was %s)", verdict, self.verdict)
-            self.verdict = verdict
+            changed, self.verdict = verdict != self.verdict, verdict
+            if changed:
+                log.info("reachability: %s", verdict)
+                if self.on_change is not None:
+                    self.on_change()
         self.core.stats[f"dialback_rounds_{verdict}"] += 1
         wait = PROBE_INTERVAL if self.verdict != "unknown" else PROBE_INTERVAL_UNKNOWN
         self._next_probe = now + wait
