@@ -1,4 +1,5 @@
-"""Real daemons in the NAT cells of the testbed (issue 13, items 1-2): each learns from
+"""Real daemons in the NAT cells of the testbed (public, EIM, EDM, double NAT behind a
+CGNAT; issue 13, items 1-2): each learns from
 its DHT peers where the world sees it, what kind of NAT it is behind, and whether a
 stranger can reach it; ``p2pd status`` says so; a NATed daemon stays out of the public
 daemons' routing tables (DHT client mode) and still publishes and resolves."""
@@ -44,8 +45,11 @@ def test_daemons_learn_their_nat_and_reachability(testbed: Testbed, root: Path) 
     edm = testbed.nat_router(
         "r-edm", inet, inside_subnet="10.2.0.0/24", kind="symmetric", address="198.18.11.1"
     )
+    cgnat = testbed.nat_router("cgnat", inet, inside_subnet="100.64.0.0/24", address="198.18.12.1")
+    home = testbed.nat_router("home", cgnat.inside, inside_subnet="10.3.0.0/24")
     hosts["alice"] = testbed.host("alice", eim.inside)
     hosts["bob"] = testbed.host("bob", edm.inside)
+    hosts["carol"] = testbed.host("carol", home.inside)  # a double NAT
     daemons: dict[str, DaemonProcess] = {}
     seeds = [f"198.18.{i}.11:{PORT}" for i in (1, 2, 3)]
     try:
@@ -83,6 +87,13 @@ def test_daemons_learn_their_nat_and_reachability(testbed: Testbed, root: Path) 
         # the router keeps the port (measured in tests/test_nat_cells.py)
         assert a["public_address"] == f"{eim.address}:{PORT}"
         assert a["reflexive_addresses"][0]["observers"] >= 2
+        c = status(root / "carol")  # both NATs keep the port: one mapping, the CGNAT's
+        assert (c["nat_mapping"], c["reachability"], c["dht_mode"]) == (
+            "endpoint-independent",
+            "unreachable",
+            "client",
+        )
+        assert c["public_address"] == f"{cgnat.address}:{PORT}"
         b = status(root / "bob")
         assert (b["nat_mapping"], b["reachability"], b["dht_mode"]) == (
             "endpoint-dependent",
