@@ -1,8 +1,8 @@
-"""Real daemons in the NAT cells of the testbed (public, EIM, EDM, double NAT behind a
-CGNAT; issue 13, items 1-2): each learns from
-its DHT peers where the world sees it, what kind of NAT it is behind, and whether a
-stranger can reach it; ``p2pd status`` says so; a NATed daemon stays out of the public
-daemons' routing tables (DHT client mode) and still publishes and resolves."""
+"""Real daemons in the NAT cells of the testbed (public, EIM, EDM, and a double NAT
+behind a CGNAT; issue 13, items 1-2): each learns from its DHT peers where the world sees
+it, what kind of NAT it is behind, and whether a stranger can reach it; ``p2pd status``
+says so; a NATed daemon stays out of the public daemons' routing tables (DHT client
+mode) and still publishes and resolves."""
 
 from __future__ import annotations
 
