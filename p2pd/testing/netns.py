@@ -81,8 +81,10 @@ cone. The router also silently drops unsolicited TCP/UDP to its own outside addr
 otherwise such a packet would create a local conntrack entry that holds ``router:port``
 towards that remote, and the next outbound flow from inside to that remote would lose
 port preservation (a classic way Linux NATs break hole punching). Mappings time out after
-``nf_conntrack_udp_timeout`` (30 s) without a reply seen, ``..._udp_timeout_stream``
-(120 s) once both ways have been seen; ``mapping_timeout`` sets both per router. No
+``nf_conntrack_udp_timeout`` (30 s) while idle, ``..._udp_timeout_stream`` (120 s) once
+traffic went both ways for more than 2 s (measured with scripts/nat_timeouts.py: a flow
+answered once, or whose exchanges all fall within 2 s, keeps 30 s);
+``mapping_timeout`` sets both per router. No
 hairpinning: an inside host cannot reach another inside host through the router's
 outside address.
 
