@@ -32,6 +32,7 @@ COMMANDS = {
     "init": "node:init",
     "daemon": "node:daemon",
     "status": "node:status",
+    "invite": "node:invite",
     "whois": "node:whois",
     "peers": "node:peers",
     "rotate-key": "node:rotate_key",

@@ -81,6 +81,18 @@ def status_text(s: dict[str, Any]) -> str:
         ),
         ("uptime", f"{s['uptime']:.0f} s"),
     ]
+    if "reachability" in s:  # a daemon of issue 13 or later
+        reflexive = ", ".join(
+            f"{r['address']} ({r['observers']} observers)" for r in s["reflexive_addresses"]
+        )
+        nat = {"none": "no NAT", "unknown": "NAT: not known yet"}.get(
+            s["nat_mapping"], f"behind an {s['nat_mapping']} NAT"
+        )
+        reach = "public" if s["nat_mapping"] == "none" else nat
+        rows += [
+            ("reachability", f"{s['reachability']} ({reach}); DHT {s['dht_mode']} mode"),
+            ("seen as", reflexive or "-"),
+        ]
     return "\n".join(f"{k:<15} {v}" for k, v in rows)
 
 

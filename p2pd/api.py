@@ -78,6 +78,15 @@ class Status(TypedDict):
     #: LanDiscovery.statistics(): refusals (``not_a_contact``, ``refused``), the tag-scan
     #: budget's counters; empty when LAN discovery is off.
     lan_counters: dict[str, int]
+    #: Issue 13 (docs/CONTROL_API.md, "status"): "reachable", "unreachable", "unknown".
+    reachability: str
+    #: "none", "endpoint-independent", "endpoint-dependent", "unknown".
+    nat_mapping: str
+    #: [{"address": "ip:port", "observers": n}], most seen first.
+    reflexive_addresses: list[dict[str, Any]]
+    public_address: str | None
+    #: "server", or "client" (not reachable: kept out of other nodes' routing tables).
+    dht_mode: str
 
 
 class RecordSummary(TypedDict):
@@ -183,6 +192,7 @@ class Api:
         node = self._node
         stats = node.dht.statistics()
         identity, record = node.identity, node.record
+        reach = node.dht.reachability().as_dict()
         return {
             "version": __version__,
             "handle": identity.handle,
@@ -207,6 +217,11 @@ class Api:
             "lan_mode": node.config.lan.mode,
             "lan_peers": len(node.lan.peers()) if node.lan is not None else 0,
             "lan_counters": node.lan.statistics() if node.lan is not None else {},
+            "reachability": reach["reachability"],
+            "nat_mapping": reach["mapping"],
+            "reflexive_addresses": reach["reflexive_addresses"],
+            "public_address": reach["public_address"],
+            "dht_mode": reach["dht_mode"],
         }
 
     async def whois(self, handle: str) -> Whois | ContestedHandle:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .invite import bootstrap_addresses
 from .wire import Address
 
 DEFAULT_PORT = 4747
@@ -277,7 +278,8 @@ def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
         elif name in ("bootstrap", "advertise"):
             if not isinstance(value, list):
                 raise UsageError(f"{where}: {name} must be a list of HOST:PORT strings")
-            changes[name] = tuple(Address.parse(str(v)) for v in value)
+            parse = bootstrap_addresses if name == "bootstrap" else lambda v: [Address.parse(v)]
+            changes[name] = tuple(a for v in value for a in parse(str(v)))  # invites too
         elif name == "interfaces":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UsageError(f"{where}: {name} must be a list of IP address strings")

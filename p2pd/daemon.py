@@ -30,7 +30,8 @@ from .key_rotation import stored_notice
 from .keystore import ensure_home
 from .maintenance import MaintenanceSchedule, Wakeup
 from .messaging import Contacts
-from .records import HandleRecord
+from .netif import is_wildcard
+from .records import MAX_ADDRESSES, HandleRecord
 from .rotation import RotationNotice
 from .session import SessionManager
 from .store import db_path, get_meta, open_database, set_meta
@@ -92,6 +93,19 @@ class Node:
         peer (a UDP connect() sends nothing) and, without any, by loopback."""
         if self.config.advertise:
             return list(self.config.advertise)
+        # Behind an endpoint-independent NAT, the mapped address a quorum of DHT peers
+        # saw comes first (issue 13): what strangers may reach; the rest is for the LAN.
+        public = self.dht.reachability().public_address
+        found = [] if public is None else [public]
+        return (found + [a for a in self._local_addresses() if a != public])[:MAX_ADDRESSES]
+
+    def _addresses_moved(self) -> bool:
+        """Whether our published record's addresses are no longer what we would publish
+        (a NAT mapping learnt or changed: issue 13); then we republish at once."""
+        record = self.record
+        return record is not None and record.addresses != tuple(self.advertised_addresses())
+
+    def _local_addresses(self) -> list[Address]:
         local = self.listen_address
         if local.host not in ("0.0.0.0", "::"):
             return [local]
@@ -200,12 +214,14 @@ class Node:
         sessions = self.delivery.sessions
         for _ in range(1 << 62):  # forever, in practice; cancelled with the daemon
             alone = self.dht.statistics()["routing_table_size"] == 0
+            changed = sessions.bundle_changed or self._addresses_moved()
             await self._wakeup.wait_until(
-                self._schedule.next_deadline(alone=alone, bundle_changed=sessions.bundle_changed)
+                self._schedule.next_deadline(alone=alone, bundle_changed=changed)
             )
             now = trio.current_time()
             alone = self.dht.statistics()["routing_table_size"] == 0
-            due = self._schedule.due(now, alone=alone, bundle_changed=sessions.bundle_changed)
+            changed = sessions.bundle_changed or self._addresses_moved()
+            due = self._schedule.due(now, alone=alone, bundle_changed=changed)
             if due.upkeep or due.publish:  # the bundle topped up before it is published
                 sessions.maintain(time.time())
                 self._schedule.kept_up(now)
@@ -262,6 +278,8 @@ async def open_node(
         conn.close()
         raise
     endpoint = UdpEndpoint.bind(config.listen)
+    # Dial-back help (issue 13) goes out from a second port of ours, never read.
+    dialback = UdpEndpoint.bind(Address(config.listen.host, 0))
     try:
         async with (
             open_dht(
@@ -272,12 +290,15 @@ async def open_node(
             ) as dht,
             trio.open_nursery() as nursery,
         ):
+            own = config.listen.host
+            dht.enable_reachability(local_ips() if is_wildcard(own) else [own], dialback)
             # Every service is built here, in dependency order, and handed what it uses
             # (docs/ARCHITECTURE.md, "Composition"). QUIC's handlers and delivery's
             # call signals forward to services built after them: none is called before
             # the endpoint serves, below.
             events = EventBus()
             wakeup = Wakeup()  # the maintenance loop's: a prekey used, a LAN peer seen
+            dht.core.reach.on_change = wakeup.set  # ...our NAT mapping learnt or changed
             schedule = MaintenanceSchedule(
                 trio.current_time(),
                 republish_interval=config.republish_interval,
@@ -347,6 +368,7 @@ async def open_node(
                         log.exception("could not save routing contacts")
                 nursery.cancel_scope.cancel()
     finally:
+        dialback.close()
         endpoint.close()
         conn.close()
 

@@ -197,6 +197,8 @@ DHT_METHODS = (
     "mailbox_fetch",
     "mailbox_delete",
     "proof",
+    "dialback",
+    "dialed",
 )
 _ARITY = {
     "ping": 1,
@@ -207,7 +209,16 @@ _ARITY = {
     "mailbox_fetch": 5,
     "mailbox_delete": 5,
     "proof": 3,
+    "dialback": 3,
+    "dialed": 2,
 }
+#: A dial-back nonce (docs/PROTOCOL.md, "Address discovery and dial-back").
+NONCE_LEN = 16
+#: A ``dialback`` request carries this many zero bytes, so that it is never smaller than
+#: the ack and the ``dialed`` datagram it makes a helper send (no amplification).
+DIALBACK_PAD = 160
+#: An ``observed`` field: the address as 16 bytes (IPv4 as ::ffff:a.b.c.d) and the port.
+OBSERVED_LEN = 18
 
 
 def node_id_for(public_key: bytes) -> bytes:
@@ -245,6 +256,7 @@ class DHTRequest:
     ids: tuple[bytes, ...] | None = None  # mailbox_delete
     signature: bytes | None = None  # mailbox_fetch, mailbox_delete, proof
     cookie: bytes | None = None  # proof
+    nonce: bytes | None = None  # dialback, dialed
 
     @property
     def sender_id(self) -> bytes:
@@ -336,6 +348,11 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
     sender = _bytes(args[0], PUBLIC_KEY_LEN)
     if method == "ping":
         return DHTRequest(msg_id, method, sender, prove)
+    if method in ("dialback", "dialed"):
+        nonce = _bytes(args[1], NONCE_LEN)
+        if method == "dialback" and _bytes(args[2], DIALBACK_PAD) != bytes(DIALBACK_PAD):
+            raise WireError("dialback padding is not zeros")
+        return DHTRequest(msg_id, method, sender, prove, nonce=nonce)
     if method == "proof":
         cookie = _bytes(args[1], COOKIE_LEN)
         return DHTRequest(
@@ -417,36 +434,80 @@ def encode_contacts(contacts: list[Contact]) -> list[list[Any]]:
     return [[c.node_key, c.address.host, c.address.port] for c in contacts[:MAX_CONTACTS]]
 
 
-#: msgpack's array-of-2 and array-of-3 headers, nil, and the bin 8 headers of a 64-byte
-#: signature and of a cookie.
-_PAIR, _TRIPLE, _NIL = 0x92, 0x93, b"\xc0"
+#: msgpack's array-of-2, -3 and -4 headers, nil, and the bin 8 headers of a 64-byte
+#: signature, of a cookie and of an observed address.
+_PAIR, _TRIPLE, _QUAD, _NIL = 0x92, 0x93, 0x94, b"\xc0"
 _SIG_HEADER, _COOKIE_HEADER = b"\xc4\x40", bytes([0xC4, COOKIE_LEN])
+_OBSERVED_HEADER = bytes([0xC4, OBSERVED_LEN])
+#: In a reply with ``observed``, the cookie slot is always there; zeros mean no cookie.
+_NO_COOKIE = bytes(COOKIE_LEN)
+
+
+def encode_observed(address: tuple[str, int]) -> bytes:
+    """An ``observed`` field's 18 bytes: the IP as 16 bytes (IPv4-mapped), the port."""
+    ip = ipaddress.ip_address(address[0])
+    if isinstance(ip, ipaddress.IPv4Address):
+        ip = ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + ip.packed)
+    return ip.packed + struct.pack(">H", address[1])
+
+
+def decode_observed(raw: bytes) -> Address:
+    """The address an ``observed`` field holds; WireError for port 0 or a bad address."""
+    if len(raw) != OBSERVED_LEN:
+        raise WireError("observed address malformed")
+    ip = ipaddress.IPv6Address(raw[:16])
+    port = struct.unpack(">H", raw[16:])[0]
+    if port == 0 or ip.is_unspecified or ip.is_multicast:
+        raise WireError("observed address out of range")
+    host = str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else str(ip)
+    try:
+        return Address(host, port)
+    except InvalidAddress:
+        raise WireError("observed address malformed") from None
 
 
 def split_response(payload: bytes) -> tuple[bytes, bytes | None, bytes | None]:
     """(the result's msgpack bytes, the signature or None, the cookie or None) of a
-    response payload.
+    response payload; :func:`split_response_observed` also returns the observed address."""
+    raw, signature, cookie, _ = split_response_observed(payload)
+    return raw, signature, cookie
 
-    The payload is the msgpack array ``[result, signature-or-nil]``, or ``[result,
+
+def split_response_observed(
+    payload: bytes,
+) -> tuple[bytes, bytes | None, bytes | None, Address | None]:
+    """(result bytes, signature or None, cookie or None, observed address or None).
+
+    The payload is the msgpack array ``[result, signature-or-nil]``; ``[result,
     signature-or-nil, cookie]`` when the responder asks the requester to prove its own
-    id; it is cut up by its layout rather than decoded and encoded again, so that the
-    signed bytes are exactly the bytes that were sent (no reliance on a canonical
-    msgpack encoding)."""
-    if len(payload) < 2 or payload[0] not in (_PAIR, _TRIPLE):
-        raise WireError("response is not [result, signature] or [result, signature, cookie]")
+    id; or ``[result, signature-or-nil, cookie-or-zeros, observed]`` when it also says
+    where it saw the request come from (replies of p2pd before issue 13 have no
+    ``observed`` and are still taken). It is cut up by its layout rather than decoded and
+    encoded again, so that the signed bytes are exactly the bytes that were sent (no
+    reliance on a canonical msgpack encoding)."""
+    if len(payload) < 2 or payload[0] not in (_PAIR, _TRIPLE, _QUAD):
+        raise WireError("response is not [result, signature, (cookie, (observed))]")
     end = len(payload)
-    cookie = None
-    if payload[0] == _TRIPLE:
+    cookie = observed = None
+    if payload[0] == _QUAD:
+        end -= len(_OBSERVED_HEADER) + OBSERVED_LEN
+        if end < 2 or payload[end : end + len(_OBSERVED_HEADER)] != _OBSERVED_HEADER:
+            raise WireError("response observed address malformed")
+        observed = decode_observed(payload[end + len(_OBSERVED_HEADER) :])
+    if payload[0] != _PAIR:
+        # the cookie slot: fixed length, so that every cut is at a known place
         end -= len(_COOKIE_HEADER) + COOKIE_LEN
         if end < 2 or payload[end : end + len(_COOKIE_HEADER)] != _COOKIE_HEADER:
             raise WireError("response cookie malformed")
-        cookie = payload[end + len(_COOKIE_HEADER) :]
+        cookie = payload[end + len(_COOKIE_HEADER) : end + len(_COOKIE_HEADER) + COOKIE_LEN]
+        if cookie == _NO_COOKIE and observed is not None:
+            cookie = None
     if end >= 2 and payload[end - 1 : end] == _NIL:
-        return payload[1 : end - 1], None, cookie
+        return payload[1 : end - 1], None, cookie, observed
     cut = end - len(_SIG_HEADER) - SIGNATURE_LEN
     if cut < 2 or payload[cut : cut + len(_SIG_HEADER)] != _SIG_HEADER:
         raise WireError("response signature malformed")
-    return payload[1:cut], payload[cut + len(_SIG_HEADER) : end], cookie
+    return payload[1:cut], payload[cut + len(_SIG_HEADER) : end], cookie, observed
 
 
 def reply_message(msg_id: bytes, result: bytes) -> bytes:
@@ -482,9 +543,9 @@ def decode_response(method: str, result: bytes) -> DHTResult:
             _contacts(data.get("nodes", [])),
             None if seen is None else _u63(seen),
         )
-    if method == "mailbox_put":
+    if method in ("mailbox_put", "dialback"):
         if not isinstance(data, bool):
-            raise WireError("mailbox_put reply is not a boolean")
+            raise WireError(f"{method} reply is not a boolean")
         return data
     if method == "mailbox_fetch":
         if not isinstance(data, dict) or set(data) != {"entries", "more"}:
@@ -517,9 +578,11 @@ def encode_response(
     result: Any,
     sign: Callable[[bytes], bytes] | None = None,
     cookie: bytes | None = None,
+    observed: tuple[str, int] | None = None,
 ) -> bytes:
     """A response frame; with ``sign`` (a node key's), a proving one; with ``cookie``,
-    one that asks the requester to prove its id (a ``proof`` request)."""
+    one that asks the requester to prove its id (a ``proof`` request); with
+    ``observed``, one that tells the requester where its request came from."""
     packed = _pack(result)
     if sign is None:
         tail = _NIL
@@ -529,11 +592,16 @@ def encode_response(
             raise WireError("a reply signature is 64 bytes")
         tail = _SIG_HEADER + signature
     header = _PAIR
-    if cookie is not None:
-        if len(cookie) != COOKIE_LEN:
+    if cookie is not None or observed is not None:
+        if cookie is not None and len(cookie) != COOKIE_LEN:
             raise WireError(f"a cookie is {COOKIE_LEN} bytes")
+        if cookie == _NO_COOKIE and observed is not None:  # (2^-128 for a real one)
+            raise WireError("beside an observed address, an all-zero cookie means none")
         header = _TRIPLE
-        tail += _COOKIE_HEADER + cookie
+        tail += _COOKIE_HEADER + (_NO_COOKIE if cookie is None else cookie)
+    if observed is not None:
+        header = _QUAD
+        tail += _OBSERVED_HEADER + encode_observed(observed)
     frame: bytes = bytes([FRAME_RESPONSE]) + msg_id + bytes([header]) + packed + tail
     if len(frame) > MAX_FRAME:
         raise WireError("DHT response too large")

@@ -45,7 +45,8 @@ hosts p1..pK on {OUTSIDE} (a rendezvous or bootstrap node, say); commands
 of `run` go to h1..hN only.
 
 NAT kinds: eim = endpoint-independent mapping, port preserving (nft "masquerade");
-symmetric = a new random port per destination (nft "masquerade random"). Both filter
+symmetric = a new random port per destination (nft "masquerade random"; fully-random
+(nft "masquerade fully-random") measures the same). Both filter
 by address and port. Details: the docstring of p2pd/testing/netns.py.
 """
 

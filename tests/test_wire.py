@@ -232,6 +232,8 @@ VALID_REQUESTS: dict[str, list[Any]] = {
     "mailbox_fetch": [SENDER, OWNER, 1_700_000_000, b"\x66" * 16, SIG],
     "mailbox_delete": [SENDER, OWNER, 1_700_000_000, [b"\x77" * 16, b"\x78" * 16], SIG],
     "proof": [SENDER, b"\x88" * COOKIE_LEN, SIG],
+    "dialback": [SENDER, b"\x55" * 16, bytes(160)],  # issue 13; tests/test_reachability.py
+    "dialed": [SENDER, b"\x55" * 16],
 }
 
 

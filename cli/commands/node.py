@@ -94,12 +94,16 @@ def init(
 
 
 def _addresses(values: tuple[str, ...]) -> tuple[Address, ...]:
+    from p2pd.invite import Invite, is_invite
     from p2pd.wire import Address
 
     out: list[Address] = []
     for value in values:
-        for part in value.replace(",", " ").split():
-            out.append(Address.parse(part))
+        for word in value.split():
+            if is_invite(word):  # its own commas separate its addresses
+                out.extend(Invite.parse(word).addresses)
+                continue
+            out.extend(Address.parse(part) for part in word.split(",") if part)
     return tuple(out)
 
 
@@ -113,8 +117,9 @@ def _addresses(values: tuple[str, ...]) -> tuple[Address, ...]:
     "--bootstrap",
     multiple=True,
     envvar="P2PD_BOOTSTRAP",
-    help="HOST:PORT of a node to join through; repeatable (env P2PD_BOOTSTRAP, space "
-    "separated). Without one, this node starts a new network (or rejoins saved contacts).",
+    help="HOST:PORT of a node to join through, or an invite (`p2pd invite`); repeatable "
+    "(env P2PD_BOOTSTRAP, space separated). Without one, this node starts a new network "
+    "(or rejoins saved contacts).",
 )
 @click.option(
     "--advertise",
@@ -273,6 +278,32 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show the running daemon's handle, addresses and DHT state."""
     with ControlClient(home_of(ctx)) as client:
         render.emit(client.call("status"), as_json, render.status_text)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the invite as JSON.")
+@click.pass_context
+def invite(ctx: click.Context, as_json: bool) -> None:
+    """Print an invite: one line with this daemon's self-certifying handle and where it
+    is now (its public mapped address first, behind a NAT). Whoever has it can run
+    `p2pd daemon --bootstrap INVITE` to join through this daemon, with no other
+    bootstrap node."""
+    from p2pd.invite import MAX_INVITE_ADDRESSES, Invite
+    from p2pd.wire import Address
+
+    with ControlClient(home_of(ctx)) as client:
+        s = client.call("status")
+    addresses = [Address.parse(a) for a in s["addresses"]]
+    if s.get("public_address") and Address.parse(s["public_address"]) not in addresses:
+        addresses.insert(0, Address.parse(s["public_address"]))
+    if not addresses:
+        raise UsageError("the daemon has not published its addresses yet: try again shortly")
+    line = Invite(s["handle"], s["fingerprint"], tuple(addresses[:MAX_INVITE_ADDRESSES]))
+    render.emit(
+        {"invite": str(line), "handle": s["handle"], "addresses": [str(a) for a in line.addresses]},
+        as_json,
+        lambda d: str(d["invite"]),
+    )
 
 
 @click.command()

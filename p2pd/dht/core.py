@@ -77,6 +77,7 @@ from .operations import (
     MailboxFetch,
     older_claim,
 )
+from .reachability import Reachability
 from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
 from .storage import RecordStorage
@@ -183,6 +184,7 @@ class DHTCore:
         #: source IP -> when we last logged that it speaks frame version 1.
         self._old_logged: OrderedDict[str, float] = OrderedDict()
         self._maintenance_period = min(config.refresh_interval, config.replicate_interval) / 4
+        self.reach = Reachability(self, now)  # address discovery, dial-back, client mode
         self._schedule(now + self._maintenance_period, _MAINTAIN, None)
 
     # ------------------------------------------------------------------ I/O surface
@@ -275,6 +277,8 @@ class DHTCore:
         if req.method == "proof":
             self._on_proof(req, sender, now)  # never answered
             return
+        if req.method == "dialed":  # a dial-back nonce (p2pd/dht/reachability.py)
+            return self.reach.dialed(req, address, now)
         self.stats["requests_in"] += 1
         cookie = self.note_sender(sender, now)
         result: Any
@@ -298,13 +302,15 @@ class DHTCore:
             if value is not None:
                 result["value"] = value
                 result["seen"] = self.storage.first_seen(req.key)
+        elif req.method == "dialback":
+            result = self.reach.dialback_requested(req, address, now)
         else:
             result = self._on_mailbox_request(req)
         sign = None
         if req.prove:
             self.stats["proofs_signed"] += 1
             sign = self.node_key.sign
-        self._send(wire.encode_response(req.msg_id, result, sign, cookie), address)
+        self._send(wire.encode_response(req.msg_id, result, sign, cookie, address), address)
 
     def is_close_to(self, key: bytes) -> bool:
         """Whether fewer than k of the nodes we know are nearer ``key`` than we are: only
@@ -356,7 +362,7 @@ class DHTCore:
         self.stats["replies_in"] += 1
         result: wire.DHTResult | None
         try:
-            raw, signature, cookie = wire.split_response(payload)
+            raw, signature, cookie, observed = wire.split_response_observed(payload)
             result = wire.decode_response(pending.method, raw)
         except WireError:
             result = None
@@ -370,6 +376,8 @@ class DHTCore:
                     result = None
                 else:
                     self._mark_verified(wire.node_id_for(key), address, now)
+            if observed is not None and result is not None:
+                self.reach.observed(address, observed, now)
             # (never for an anonymous request: a proof would name our node key)
             if cookie and result is not None and key is not None and not pending.anonymous:
                 self._send_proof(key, cookie, address)
@@ -482,6 +490,8 @@ class DHTCore:
         """A node we asked wants us to prove our id: its cookie back, signed. Never
         answered, and sent once per cookie: if it is lost, our next request there brings
         a new cookie."""
+        if not self.reach.may_prove(responder_key, cookie, address):
+            return  # client mode, or not decided yet (p2pd/dht/reachability.py)
         self.stats["proofs_sent"] += 1
         self.stats["proofs_signed"] += 1
         signature = self.node_key.sign(wire.proof_message(responder_key, cookie))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -35,6 +35,7 @@ from .core import DHTCore
 from .lookup import LookupResult
 from .mailbox import MailboxStorage
 from .nodekey import NodeKey
+from .reachability import ReachabilityStatus
 from .routing import Node
 from .storage import RecordStorage
 
@@ -62,6 +63,7 @@ class DHT:
         self._transport = transport
         self._wall = wall
         self._timer = trio.CancelScope()
+        self._dialback: DatagramTransport | None = None
         add_hook = getattr(transport, "add_flush_hook", None)
         if add_hook is not None:
             add_hook(self.flush)
@@ -84,6 +86,9 @@ class DHT:
         sendto = self._transport.sendto
         for data, addr in self.core.datagrams_to_send():
             sendto(data, addr)
+        if self._dialback is not None:
+            for data, addr in self.core.reach.dialbacks_to_send():
+                self._dialback.sendto(data, addr)
         self.core.storage.persist()
         when = self.core.get_timer()
         deadline = math.inf if when is None else when
@@ -185,6 +190,20 @@ class DHT:
 
     def statistics(self) -> dict[str, Any]:
         return self.core.statistics()
+
+    def enable_reachability(
+        self, local_hosts: Iterable[str], dialback: DatagramTransport | None
+    ) -> None:
+        """Probe our reachability and go client mode behind a NAT
+        (p2pd/dht/reachability.py); ``local_hosts`` are our own IPs, ``dialback`` a
+        second socket of ours (another port) to send others' dial-back nonces from."""
+        self._dialback = dialback
+        now = trio.current_time()
+        self.core.reach.enable(local_hosts, can_dial_back=dialback is not None, now=now)
+        self.flush()
+
+    def reachability(self) -> ReachabilityStatus:
+        return self.core.reach.status(trio.current_time())
 
     def contacts(self) -> list[tuple[bytes, str, int]]:
         return self.core.contacts()

@@ -29,9 +29,10 @@ What it builds, and why that way:
   without IGMP snooping, so a datagram to 224.0.0.251:5353 (mDNS) reaches every other
   host of the LAN, whatever joined when.
 - Addresses come from the documentation ranges (RFC 5737: 192.0.2.0/24, 198.51.100.0/24,
-  203.0.113.0/24) for the simulated internet, and from 10.0.0.0/8 only for LANs behind a
-  simulated NAT; any other subnet is refused. Hosts get .11, .12, ... in order; a
-  router's inside address is .1.
+  203.0.113.0/24) and RFC 2544's 198.18.0.0/15 (one LAN of many /24s) for the simulated
+  internet, and from 10.0.0.0/8 or 100.64.0.0/10 (a carrier-grade NAT's inside, RFC 6598)
+  only for LANs behind a simulated NAT; any other subnet is refused. Hosts get .11,
+  .12, ... in order; a router's inside address is .1.
 - Names: every namespace is called ``<prefix>-<pid>-<8 hex>-<name>`` (the testbed's
   :attr:`Testbed.name` plus the host's name), so parallel runs never collide, and
   :func:`cleanup_stale` can tell leftovers of a crashed run (their pid is dead) from the
@@ -66,6 +67,12 @@ does, in RFC 4787 terms:
     keyed hash of the addresses and the destination port; kernels since 6.x draw it at
     random, which is what ``fully-random`` does too; either way each destination sees
     another port, except with probability about 1/64512 per pair.)
+``kind="fully-random"`` — ``masquerade fully-random`` (``NF_NAT_RANGE_PROTO_RANDOM_FULLY``):
+    the same behaviour as ``symmetric`` on the kernels we run (6.x; measured in
+    tests/test_nat_cells.py: a new random port per destination, no port preservation).
+
+A **double NAT** is a home router whose outside LAN is a carrier-grade NAT's inside
+(``inside_subnet`` in 100.64.0.0/10); the home router then routes through the CGNAT.
 
 Both kinds filter **address- and port-dependently** (conntrack lets in only replies from
 the exact remote ``address:port`` a flow was sent to; the forward chain drops everything
@@ -74,8 +81,10 @@ cone. The router also silently drops unsolicited TCP/UDP to its own outside addr
 otherwise such a packet would create a local conntrack entry that holds ``router:port``
 towards that remote, and the next outbound flow from inside to that remote would lose
 port preservation (a classic way Linux NATs break hole punching). Mappings time out after
-``nf_conntrack_udp_timeout`` (30 s) without a reply seen, ``..._udp_timeout_stream``
-(120 s) once both ways have been seen; ``mapping_timeout`` sets both per router. No
+``nf_conntrack_udp_timeout`` (30 s) while idle, ``..._udp_timeout_stream`` (120 s) once
+traffic went both ways for more than 2 s (measured with scripts/nat_timeouts.py: a flow
+answered once, or whose exchanges all fall within 2 s, keeps 30 s);
+``mapping_timeout`` sets both per router. No
 hairpinning: an inside host cannot reach another inside host through the router's
 outside address.
 
@@ -107,8 +116,11 @@ from typing import IO, Any, Literal
 from p2pd.errors import LocalError
 
 __all__ = [
+    "BENCHMARK_RANGE",
+    "CGNAT_RANGE",
     "DEFAULT_PREFIX",
     "DOCUMENTATION_RANGES",
+    "INSIDE_RANGES",
     "PRIVATE_RANGE",
     "CommandFailed",
     "Host",
@@ -125,7 +137,7 @@ __all__ = [
     "testbed_namespaces",
 ]
 
-NatKind = Literal["eim", "symmetric"]
+NatKind = Literal["eim", "symmetric", "fully-random"]
 
 #: What every namespace name of a testbed starts with, unless told otherwise.
 DEFAULT_PREFIX = "p2pd"
@@ -135,8 +147,16 @@ DOCUMENTATION_RANGES: tuple[IPv4Network, ...] = (
     IPv4Network("198.51.100.0/24"),
     IPv4Network("203.0.113.0/24"),
 )
+#: RFC 2544's benchmarking range, also "public": one LAN there spans many /24s (observers
+#: in distinct /24s on one simulated internet, as address discovery wants them).
+BENCHMARK_RANGE = IPv4Network("198.18.0.0/15")
 #: The range for LANs behind simulated NATs.
 PRIVATE_RANGE = IPv4Network("10.0.0.0/8")
+#: RFC 6598's shared address space, between a carrier-grade NAT and the home routers
+#: behind it (the outside of a double NAT).
+CGNAT_RANGE = IPv4Network("100.64.0.0/10")
+#: Where a NAT router's inside LAN may lie.
+INSIDE_RANGES = (PRIVATE_RANGE, CGNAT_RANGE)
 
 #: First host number handed out on a LAN (.11, .12, ...); a router's inside address is .1.
 FIRST_HOST = 11
@@ -429,9 +449,18 @@ class NatRouter(Host):
         """The router's conntrack table (``/proc/net/nf_conntrack``), one entry a line."""
         return self.run(["cat", "/proc/net/nf_conntrack"], check=False).stdout
 
+    def udp_timeouts(self) -> dict[str, int]:
+        """The router's idle UDP mapping lifetimes in seconds, read inside its namespace:
+        ``"udp"`` (``nf_conntrack_udp_timeout``, a flow seen one way or answered once;
+        30 by default) and ``"stream"`` (``..._udp_timeout_stream``, a flow that went
+        both ways more than once; 120 by default)."""
+        keys = {"udp": "nf_conntrack_udp_timeout", "stream": "nf_conntrack_udp_timeout_stream"}
+        path = "/proc/sys/net/netfilter/"
+        return {k: int(self.run(["cat", path + v]).stdout) for k, v in keys.items()}
+
 
 def _nat_ruleset(kind: NatKind, inside: IPv4Network) -> str:
-    flags = {"eim": "", "symmetric": " random"}[kind]
+    flags = {"eim": "", "symmetric": " random", "fully-random": " fully-random"}[kind]
     return f"""
 table ip p2pd_nat {{
     chain postrouting {{
@@ -532,7 +561,8 @@ class Testbed:
         """A new LAN (an empty bridge) for ``subnet``.
 
         ``subnet`` must lie in a documentation range (192.0.2.0/24, 198.51.100.0/24,
-        203.0.113.0/24) or in 10.0.0.0/8, and not overlap another LAN of the testbed.
+        203.0.113.0/24), in 198.18.0.0/15, 10.0.0.0/8 or 100.64.0.0/10, and not overlap
+        another LAN of the testbed.
         """
         if not _NAME.match(name) or name in self.lans:
             raise TestbedError(f"bad or duplicate LAN name {name!r}")
@@ -542,7 +572,7 @@ class Testbed:
             raise TestbedError(f"bad subnet {subnet!r}: {exc}") from exc
         if not isinstance(net, IPv4Network):
             raise TestbedError(f"{net}: only IPv4 subnets")
-        allowed = (*DOCUMENTATION_RANGES, PRIVATE_RANGE)
+        allowed = (*DOCUMENTATION_RANGES, BENCHMARK_RANGE, *INSIDE_RANGES)
         if not any(net.subnet_of(r) for r in allowed):
             raise TestbedError(
                 f"{net} is outside the ranges a testbed may use: "
@@ -637,12 +667,13 @@ class Testbed:
 
         ``kind``: ``"eim"`` (endpoint-independent mapping, port preserving) or
         ``"symmetric"`` (a new random port per destination); both filter address- and
-        port-dependently. ``inside_subnet`` must lie in 10.0.0.0/8; the router takes its
-        .1. ``mapping_timeout`` (seconds) sets how long an idle UDP mapping lives (both
+        port-dependently. ``inside_subnet`` must lie in 10.0.0.0/8 or 100.64.0.0/10 (a
+        carrier-grade NAT's, with home routers on it: a double NAT); the router takes
+        its .1. ``mapping_timeout`` (seconds) sets how long an idle UDP mapping lives (both
         of conntrack's UDP timeouts); the kernel's defaults are 30 s and 120 s.
         """
-        if kind not in ("eim", "symmetric"):
-            raise TestbedError(f"unknown NAT kind {kind!r}: 'eim' or 'symmetric'")
+        if kind not in ("eim", "symmetric", "fully-random"):
+            raise TestbedError(f"unknown NAT kind {kind!r}: 'eim', 'symmetric', 'fully-random'")
         if shutil.which("nft") is None:
             raise TestbedError("nft is not installed (Debian: apt-get install nftables)")
         self._check_name(name)
@@ -652,8 +683,10 @@ class Testbed:
             net = ipaddress.ip_network(inside_subnet)
         except ValueError as exc:
             raise TestbedError(f"bad inside_subnet {inside_subnet!r}: {exc}") from exc
-        if not isinstance(net, IPv4Network) or not net.subnet_of(PRIVATE_RANGE):
-            raise TestbedError(f"inside_subnet {inside_subnet} must lie in {PRIVATE_RANGE}")
+        if not isinstance(net, IPv4Network) or not any(net.subnet_of(r) for r in INSIDE_RANGES):
+            raise TestbedError(
+                f"inside_subnet {inside_subnet} must lie in 10.0.0.0/8 or 100.64.0.0/10"
+            )
         inside = self.lan(f"{name}-inside", net)
         inside_address = inside._take(net.network_address + 1)
         inside.gateway = inside_address
@@ -662,6 +695,8 @@ class Testbed:
         self._attach(netns, Host.interface, outside, addr)
         self._attach(netns, NatRouter.inside_interface, inside, inside_address)
         _ip("-n", netns, "route", "add", "224.0.0.0/4", "dev", NatRouter.inside_interface)
+        if outside.gateway is not None:  # a home router behind a carrier-grade NAT
+            _ip("-n", netns, "route", "add", "default", "via", str(outside.gateway))
         _sysctl(netns, "net.ipv4.ip_forward", "1")
         _command(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=_nat_ruleset(kind, net))
         if mapping_timeout is not None:
