@@ -18,12 +18,14 @@ from p2pd.delivery.core import (
     RESET_INTERVAL,
     SEND,
     WAIT,
+    DeliveryCore,
+    Exchange,
+)
+from p2pd.delivery.events import (
     AckOwed,
     AckReceived,
-    DeliveryCore,
     DeliveryDue,
     Event,
-    Exchange,
     ExchangeEnded,
     MessageReceived,
     MessageSent,

@@ -12,7 +12,7 @@ from typing import Any
 from .. import wire
 from ..messaging import SENT, Contacts, Message, MessageStore
 from ..session import SessionManager
-from .core import MakeDue, MarkDelivered, ScheduleAttempt, SetEnvelope, Write
+from .events import MakeDue, MarkDelivered, ScheduleAttempt, SetEnvelope, Write
 
 #: The outbox's pending messages, through the partial index on (peer_key, seq) (see
 #: p2pd.messaging: the condition written out so that SQLite uses the index).

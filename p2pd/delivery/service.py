@@ -78,14 +78,16 @@ from .core import (
     PREPARE,
     RESET_INTERVAL,
     WAIT,
+    DeliveryCore,
+    Exchange,
+    IncomingStream,
+)
+from .events import (
     AckOwed,
     AckReceived,
-    DeliveryCore,
     DeliveryDue,
     Event,
-    Exchange,
     ExchangeEnded,
-    IncomingStream,
     MessageReceived,
     MessageSent,
     PrepareDue,
@@ -590,16 +592,17 @@ class Delivery:
                 if wake is not None:
                     wake.set()
             if isinstance(event, ExchangeEnded):
+                conn = peer
                 reading = self._reading.get(event.exchange) if event.exchange else None
                 if reading is not None:  # the timer ended it: stop reading its stream
                     reading[0].cancel()
-                    peer = peer or reading[1]
-                if event.close_connection and peer is not None and not peer.is_closing:
+                    conn = reading[1]
+                if event.close_connection and conn is not None and not conn.is_closing:
                     # Not one answer: the peer may have died without closing (kill -9, a
                     # lost network). Drop the connection so that the next attempt finds
                     # out afresh instead of writing into it until the idle timeout.
                     log.info("no answer from %s: closing the connection", _who(event.peer_key))
-                    peer.close("no answer")
+                    conn.close("no answer")
             # AckOwed: check_mailbox sends those acks together; NackReceived: the core
             # has decided (SessionReset) and an exchange has taken note; PendingMadeDue:
             # the core's timer hands the conversation to a worker (DeliveryDue).
