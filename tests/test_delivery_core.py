@@ -265,6 +265,31 @@ def test_a_lost_batch_is_retried_after_the_backoff_with_the_same_envelope() -> N
     assert pair.timer() is None
 
 
+def test_a_slow_peer_is_not_retried_before_it_usually_answers() -> None:
+    """A busy receiver is slow, not lost: the time from a write to the first answer is
+    smoothed per peer (RFC 6298), and a batch is retried no sooner than that RTO."""
+    pair = Pair()
+    pair.queue("one")
+    exchange, _ = pair.send()
+    pair.advance(0.3)  # bob answers after 0.3 s
+    pair.to_alice(exchange, pair.to_bob(exchange.data).replies)
+    pair.end(exchange)
+    pair.queue("two")
+    slow, _ = pair.send()
+    # smoothed 0.3 s, deviation 0.15 s: RTO 0.9 s, later than the backoff (0.5 s)
+    retry_at = slow.retry_at
+    assert retry_at == pytest.approx(pair.now + 0.9)
+    assert pair.fire() == [RetryDue(pair.bob.key)] and pair.now == retry_at
+    # a peer never measured is retried after the backoff alone
+    other = Side.new(Identity.generate("carol"), pair.now)
+    (first,) = pair.alice.messages.enqueue_many("carol", other.key, ["hi"], pair.now)
+    ready = pair.alice.core.prepare(other.key, [first], other.sessions.prekey_bundle(), pair.now)
+    fresh = pair.alice.core.start_exchange(other.key, ready, pair.now)
+    pair.alice.core.exchange_written(fresh, pair.now)
+    pair.alice.commit()
+    assert fresh.retry_at == pair.next_attempt(first) <= pair.now + 0.6
+
+
 def test_a_silent_batch_closes_the_connection_at_its_deadline() -> None:
     """The peer was killed: its batch and the retries get no answer at all."""
     pair = Pair()

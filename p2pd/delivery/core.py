@@ -64,8 +64,11 @@ The schedule (what the one timer of :meth:`get_timer` covers):
   no answer yet when the earliest of its messages' next attempts comes is retried then
   (:class:`RetryDue`: the same envelopes on a new stream), while its own stream is
   still read: the retry comes after the backoff, and a late answer (QUIC recovering
-  from loss takes about a second) still counts. Once an answer comes, the peer is alive
-  and working through the batch: it is not retried before its deadline.
+  from loss takes about a second) still counts. Not before the peer usually answers,
+  though: the time from a write to its first answer is smoothed per peer as RFC 6298
+  does round trips, and a batch is retried no sooner than that RTO (a busy receiver is
+  slow, not lost). Once an answer comes, the peer is alive and working through the
+  batch: it is not retried before its deadline.
 - One new batch in flight per conversation (several on parallel streams arrive
   interleaved, since aioquic serves streams round-robin per packet, and every message
   out of order leaves a skipped key in the session state written with every message,
@@ -247,6 +250,7 @@ class Exchange(_FrameStream):
         self.written = False
         self.written_at = 0.0
         self.retry_at: float | None = None
+        self.first_answer: float | None = None
         #: Silent at ``retry_at``: its messages went again; no longer the batch in flight.
         self.overdue = False
         self.ended = False
@@ -273,11 +277,14 @@ class Exchange(_FrameStream):
                 self.nacked.add(event.msg_id)
                 self.waiting.clear()  # everything is encrypted again and resent
                 answered = True
-        if answered:
+        if answered and self.written:
             # The peer is alive and working through the batch: not retried before its
             # deadline. (It answered: a silent batch of its need not close the connection.)
             self.retry_at = None
             self.core._answered[self.peer_key] = now
+            if self.first_answer is None:
+                self.first_answer = now
+                self.core._answer_timed(self.peer_key, now - self.written_at)
 
 
 # ---------------------------------------------------------------------------- the core
@@ -305,6 +312,9 @@ class DeliveryCore:
         self._last_reset: dict[bytes, float] = {}
         #: When each peer last answered one of our batches.
         self._answered: dict[bytes, float] = {}
+        #: Each peer's time from a write to its batch's first answer: smoothed, and its
+        #: mean deviation (RFC 6298, section 2, applied to batches).
+        self._answer_time: dict[bytes, tuple[float, float]] = {}
         self._writes: list[Write] = []
         #: Acks counted in ``_writes`` (not in the ledger yet): a second is a repeat.
         self._delivering: set[bytes] = set()
@@ -426,6 +436,22 @@ class DeliveryCore:
         if peer_key not in self._held:
             self._due[peer_key] = now
 
+    def _answer_timed(self, peer_key: bytes, seconds: float) -> None:
+        """A batch to ``peer_key`` got its first answer ``seconds`` after its write."""
+        known = self._answer_time.get(peer_key)
+        if known is None:
+            self._answer_time[peer_key] = (seconds, seconds / 2)
+        else:  # RFC 6298, 2.3: beta 1/4, alpha 1/8
+            smooth, deviation = known
+            deviation = 0.75 * deviation + 0.25 * abs(smooth - seconds)
+            self._answer_time[peer_key] = (0.875 * smooth + 0.125 * seconds, deviation)
+
+    def _retry_floor(self, peer_key: bytes) -> float:
+        """How long a batch to ``peer_key`` may go unanswered before it looks lost: RFC
+        6298's RTO (smoothed + 4 deviations), 0 while nothing was measured."""
+        smooth, deviation = self._answer_time.get(peer_key, (0.0, 0.0))
+        return smooth + 4 * deviation
+
     def _waiting_exchange(self, peer_key: bytes) -> Exchange | None:
         for exchange in self._open:
             if exchange.peer_key == peer_key and exchange.outbox and not exchange.overdue:
@@ -500,8 +526,11 @@ class DeliveryCore:
         if not exchange.outbox:
             return []
         retries = self._schedule(exchange.outbox, now, "direct")
-        if exchange.waiting and min(retries) < exchange.deadline:  # not answered yet
-            exchange.retry_at = min(retries)
+        # Sent again after the backoff, but not before the peer usually starts answering
+        # (a busy receiver is slow, not lost: a retry would only double its work).
+        retry_at = max(min(retries), now + self._retry_floor(exchange.peer_key))
+        if exchange.waiting and retry_at < exchange.deadline:  # not answered yet
+            exchange.retry_at = retry_at
         if exchange.peer_key in self._queued_since:  # queued while it was taken, written
             self._queued_since.discard(exchange.peer_key)
             self._prepare_ready.add(exchange.peer_key)  # encrypted while it waits
