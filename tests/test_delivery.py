@@ -6,6 +6,7 @@ answer at someone else's address with another key.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -228,6 +229,25 @@ async def test_an_unanswered_batch_is_sent_again_after_the_backoff(root: Path) -
             stored = alice.delivery.messages.get(message.id)
             assert stored is not None and stored.attempts == 2
             assert inbox_texts(bob) == ["hello", "lost once"]
+
+
+async def test_an_idle_service_sleeps_without_a_deadline(root: Path) -> None:
+    """The service never polls: once everything is delivered and the batch's stream is
+    done with, its one timer has no deadline on either side (the mailbox poll is a
+    task of its own)."""
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    with trio.fail_after(60):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+        ):
+            message = await alice.delivery.send("bob", "hello")
+            await wait_for(
+                lambda: alice.delivery.messages.get(message.id).state == DELIVERED  # type: ignore[union-attr]
+            )
+            for n in (alice, bob):
+                await wait_for(lambda n=n: n.delivery.core.get_timer() is None)  # type: ignore[misc]
+                assert n.delivery._timer.deadline == math.inf
 
 
 async def test_with_every_connection_slot_taken_a_message_goes_to_the_mailbox(

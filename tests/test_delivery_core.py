@@ -1,7 +1,26 @@
 """Delivery's sans-I/O core, the way h11's ``ConnectionPair`` and aioquic's
 ``test_connection.py`` test theirs: two cores, bytes moved by hand (or dropped,
 duplicated, reordered, cut anywhere), time advanced by hand. No socket, no clock, no
-event loop; the sessions are real (X3DH and the Double Ratchet on in-memory SQLite)."""
+event loop; the sessions are real (X3DH and the Double Ratchet on in-memory SQLite).
+
+Every transition of a pending (outgoing) message, and the test that makes it:
+
+    queued -> queued, attempt counted     no session and no bundle; a bad bundle; too
+                                          large for a mailbox; a failed mailbox put;
+                                          a broken attempt (delivery_failed)
+    queued -> sent (direct)               test_a_batch_is_delivered_in_order_and_acked
+    queued -> sent (mailbox)              test_no_connection_puts_the_batch_in_the_mailbox
+    sent -> sent, sent again              test_a_lost_batch_is_retried_after_the_backoff
+      (RetryDue at the backoff / RTO)     test_a_slow_peer_is_not_retried_before_...
+    sent -> sent, given up (deadline)     test_a_batch_being_answered_gets_the_whole_...
+                                          test_a_silent_batch_closes_the_connection_...
+    sent -> delivered                     ack on the batch's stream, on a stream of its
+                                          own, by mailbox (only from the recipient)
+    sent -> due now, envelope forgotten   test_a_nack_resets_the_session_...
+    pending -> due now (peer heard from)  test_a_message_makes_what_we_owe_its_sender_...
+    delivered -> delivered                test_a_delivered_message_stays_delivered
+    (restart) -> scheduled from the rows  test_a_restart_rebuilds_the_schedule_from_the_rows
+"""
 
 from __future__ import annotations
 
