@@ -1,11 +1,13 @@
 """Delivery's decisions, sans I/O: what to write, what to store, what to tell the service.
 
 No sockets, no event loop, no clock: every entry point takes ``now`` (Unix seconds; the
-trio service reads the clock once per entry point and passes it down), and what is at
-rest goes through the :class:`Ledger` the core is handed (SQLite and the sessions, in
-:mod:`p2pd.delivery.ledger`; the core never commits: the service commits once per
-entry point, so one read's acks and messages are one transaction). The service does
-the rest: QUIC streams, the DHT mailbox, sealing, the record cache, the event bus.
+trio service reads the clock once per entry point and passes it down). What is at rest
+is read through the :class:`Ledger` the core is handed (SQLite and the sessions, in
+:mod:`p2pd.delivery.ledger`); the outbox's changes come back as rows to write, while
+session steps, received messages and session resets go through the ledger directly.
+The core never commits: the service has the rows applied and commits once per entry
+point, so one read's acks and messages are one transaction. The service does the rest:
+QUIC streams, the DHT mailbox, sealing, the record cache, the event bus.
 
 ::
 
@@ -405,8 +407,8 @@ class DeliveryCore:
 
     def worker_step(self, peer_key: bytes, now: float) -> str:
         """What the worker holding ``peer_key`` does next: SEND the next due batch (none
-        waits for answers), PREPARE (encrypt what was queued behind the waiting batch),
-        or WAIT (for ExchangeEnded or PrepareDue)."""
+        waits for answers, or it is overdue: RetryDue), PREPARE (encrypt what was queued
+        behind the waiting batch), or WAIT (for ExchangeEnded, RetryDue or PrepareDue)."""
         if self._waiting_exchange(peer_key) is None:
             self._queued_since.discard(peer_key)  # the next batch takes them
             return SEND
