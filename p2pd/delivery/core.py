@@ -168,6 +168,10 @@ class Ledger(Protocol):
     ) -> Message | None:
         """Store a received message; None if its id is already there."""
 
+    def outgoing_state(self, msg_id: bytes) -> tuple[bytes, str] | None:
+        """Our message ``msg_id``'s recipient and state (None: not one of ours). Reads
+        no sealed column: an ack costs no decryption at rest."""
+
     def has_pending(self, peer_key: bytes) -> bool: ...
 
     def next_attempts(self) -> dict[bytes, float]:
@@ -657,14 +661,8 @@ class DeliveryCore:
         """Every ack comes through here, whichever way it came."""
         self.stats["acks_in"] += 1
         # Only the recipient's ack counts, once (a repeat, or a signal's, changes nothing).
-        message = self.ledger.message(msg_id)
-        delivered = (
-            message is not None
-            and message.direction == "out"
-            and message.peer_key == peer_key
-            and message.state != DELIVERED
-            and msg_id not in self._delivering
-        )
+        recipient, state = self.ledger.outgoing_state(msg_id) or (None, None)
+        delivered = recipient == peer_key and state != DELIVERED and msg_id not in self._delivering
         if delivered:
             self._delivering.add(msg_id)
             self._writes.append(MarkDelivered(msg_id, peer_key, now))

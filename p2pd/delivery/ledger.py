@@ -79,6 +79,12 @@ class SqliteLedger:
             now, via=via, commit=False,
         )  # fmt: skip
 
+    def outgoing_state(self, msg_id: bytes) -> tuple[bytes, str] | None:
+        row = self.conn.execute(
+            "SELECT peer_key, state FROM messages WHERE id=? AND direction='out'", (msg_id,)
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), str(row[1]))
+
     def has_pending(self, peer_key: bytes) -> bool:
         return self.messages.has_pending(peer_key)
 
