@@ -1,7 +1,8 @@
 """Delivery between real nodes in one process: real DHT, real QUIC on 127.0.0.1 UDP.
 
 What a peer can do to us on the wire: replay a ciphertext, send malformed frames,
-answer at someone else's address with another key.
+answer at someone else's address with another key. And the service's one timer: a batch
+left unanswered is sent again after the backoff; an idle service has no deadline.
 """
 
 from __future__ import annotations
