@@ -1,11 +1,13 @@
 """Delivery between real nodes in one process: real DHT, real QUIC on 127.0.0.1 UDP.
 
 What a peer can do to us on the wire: replay a ciphertext, send malformed frames,
-answer at someone else's address with another key.
+answer at someone else's address with another key. And the service's one timer: a batch
+left unanswered is sent again after the backoff; an idle service has no deadline.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -53,6 +55,7 @@ async def node(
     home: str | None = None,
     calls_from: str = "everyone",
     quic: QuicConfig | None = None,
+    ack_timeout: float = 2.0,
 ) -> AsyncIterator[Node]:
     config = NodeConfig(
         calls=CallsConfig(allow_from=calls_from),
@@ -60,7 +63,7 @@ async def node(
         home=root / (home or identity.handle),
         listen=listen,
         bootstrap=bootstrap,
-        ack_timeout=2.0,
+        ack_timeout=ack_timeout,
         connect_timeout=1.0,
         lan=LanConfig(mode="off"),  # no multicast outside a namespace
     )
@@ -185,6 +188,67 @@ async def test_impostor_at_the_peers_address_gets_nothing(root: Path) -> None:
                 assert inbox_texts(mallory) == []
                 assert mallory.delivery.stats["received_direct"] == 0
                 assert alice.delivery.messages.get(first.id).state == DELIVERED  # type: ignore[union-attr]
+
+
+async def test_an_unanswered_batch_is_sent_again_after_the_backoff(root: Path) -> None:
+    """bob reads alice's batch and never answers (the stream stays open): the core's
+    timer sends it again about 0.5 s after the write (its first backoff), not after
+    ack_timeout (10 s here), and the retry is delivered."""
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    with trio.fail_after(60):
+        async with (
+            node(root, alice_id, ack_timeout=10.0) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+        ):
+            hello = await alice.delivery.send("bob", "hello")  # the session, first
+            await wait_for(
+                lambda: alice.delivery.messages.get(hello.id).state == DELIVERED  # type: ignore[union-attr]
+            )
+            release = trio.Event()
+            swallowed: list[bytes] = []
+            answer = bob.delivery.handle_stream
+
+            async def swallow_the_first(peer: QuicPeer, stream: QuicStream) -> None:
+                if swallowed:
+                    return await answer(peer, stream)
+                swallowed.append(await stream.receive_some(65536))
+                await release.wait()  # held open, unanswered, until the test ends
+
+            bob.delivery.handle_stream = swallow_the_first  # type: ignore[method-assign]
+            start = trio.current_time()
+            message = await alice.delivery.send("bob", "lost once")
+            try:
+                await wait_for(
+                    lambda: alice.delivery.messages.get(message.id).state == DELIVERED,  # type: ignore[union-attr]
+                    timeout=8.0,
+                )
+                took = trio.current_time() - start
+            finally:
+                release.set()
+            assert swallowed and message.id in swallowed[0]  # the first went unanswered
+            assert took >= 0.4  # not before the backoff (0.5 s - 20 %)
+            stored = alice.delivery.messages.get(message.id)
+            assert stored is not None and stored.attempts == 2
+            assert inbox_texts(bob) == ["hello", "lost once"]
+
+
+async def test_an_idle_service_sleeps_without_a_deadline(root: Path) -> None:
+    """The service never polls: once everything is delivered and the batch's stream is
+    done with, its one timer has no deadline on either side (the mailbox poll is a
+    task of its own)."""
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    with trio.fail_after(60):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+        ):
+            message = await alice.delivery.send("bob", "hello")
+            await wait_for(
+                lambda: alice.delivery.messages.get(message.id).state == DELIVERED  # type: ignore[union-attr]
+            )
+            for n in (alice, bob):
+                await wait_for(lambda n=n: n.delivery.core.get_timer() is None)  # type: ignore[misc]
+                assert n.delivery._timer.deadline == math.inf
 
 
 async def test_with_every_connection_slot_taken_a_message_goes_to_the_mailbox(

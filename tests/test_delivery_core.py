@@ -1,26 +1,57 @@
 """Delivery's sans-I/O core, the way h11's ``ConnectionPair`` and aioquic's
 ``test_connection.py`` test theirs: two cores, bytes moved by hand (or dropped,
 duplicated, reordered, cut anywhere), time advanced by hand. No socket, no clock, no
-event loop; the sessions are real (X3DH and the Double Ratchet on in-memory SQLite)."""
+event loop; the sessions are real (X3DH and the Double Ratchet on in-memory SQLite).
+
+Every transition of a pending (outgoing) message, and the test that makes it:
+
+    queued -> queued, attempt counted     no session and no bundle; a bad bundle; too
+                                          large for a mailbox; a failed mailbox put;
+                                          a broken attempt (delivery_failed)
+    queued -> sent (direct)               test_a_batch_is_delivered_in_order_and_acked
+    queued -> sent (mailbox)              test_no_connection_puts_the_batch_in_the_mailbox
+    sent -> sent, sent again              test_a_lost_batch_is_retried_after_the_backoff
+      (RetryDue at the backoff / RTO)     test_a_slow_peer_is_not_retried_before_...
+    sent -> sent, given up (deadline)     test_a_batch_being_answered_gets_the_whole_...
+                                          test_a_silent_batch_closes_the_connection_...
+    sent -> delivered                     ack on the batch's stream, on a stream of its
+                                          own, by mailbox (only from the recipient)
+    sent -> due now, envelope forgotten   test_a_nack_resets_the_session_...
+    pending -> due now (peer heard from)  test_a_message_makes_what_we_owe_its_sender_...
+    delivered -> delivered                test_a_delivered_message_stays_delivered
+    (restart) -> scheduled from the rows  test_a_restart_rebuilds_the_schedule_from_the_rows
+"""
 
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
+
+import pytest
 
 from p2pd import wire
 from p2pd.delivery.core import (
+    PREPARE,
+    PREPARE_GATHER,
     RESET_INTERVAL,
+    SEND,
+    WAIT,
+    DeliveryCore,
+    Exchange,
+)
+from p2pd.delivery.events import (
     AckOwed,
     AckReceived,
-    DeliveryCore,
+    DeliveryDue,
     Event,
-    Exchange,
     ExchangeEnded,
     MessageReceived,
     MessageSent,
     NackReceived,
     PendingMadeDue,
+    PrepareDue,
+    RetryDue,
     SenderUnverified,
     SessionReset,
     SignalReceived,
@@ -60,6 +91,11 @@ class Side:
     def key(self) -> bytes:
         return self.identity.public_key
 
+    def commit(self) -> None:
+        """What the service does after each entry point of the core."""
+        self.ledger.apply(self.core.writes_to_commit())
+        self.ledger.commit()
+
 
 class Pair:
     """alice sends to bob. Each step is one entry point of a core, committed after it as
@@ -83,7 +119,7 @@ class Pair:
         ready = self.alice.core.prepare(
             self.bob.key, self.due(), self.bob.sessions.prekey_bundle(), self.now
         )
-        self.alice.ledger.commit()
+        self.alice.commit()
         return ready
 
     def send(self) -> tuple[Exchange, list[Event]]:
@@ -92,7 +128,7 @@ class Pair:
         assert ready
         exchange = self.alice.core.start_exchange(self.bob.key, ready, self.now)
         events = self.alice.core.exchange_written(exchange, self.now)
-        self.alice.ledger.commit()
+        self.alice.commit()
         return exchange, events
 
     def to_bob(self, *chunks: bytes) -> StreamResult:
@@ -102,7 +138,7 @@ class Pair:
         replies = b""
         for chunk in chunks:
             result = stream.data_received(chunk, self.now)
-            self.bob.ledger.commit()
+            self.bob.commit()
             replies += result.replies
             total.events += result.events
             total.reset = total.reset or result.reset
@@ -111,13 +147,36 @@ class Pair:
 
     def to_alice(self, exchange: Exchange, data: bytes) -> StreamResult:
         result = exchange.data_received(data, self.now)
-        self.alice.ledger.commit()
+        self.alice.commit()
         return result
 
     def end(self, exchange: Exchange) -> ExchangeEnded:
         (ended,) = self.alice.core.end_exchange(exchange, self.now)
         assert isinstance(ended, ExchangeEnded)
         return ended
+
+    def next_attempt(self, message: Message) -> float:
+        """When the row says the message is to be tried again."""
+        (when,) = self.alice.ledger.conn.execute(
+            "SELECT next_attempt FROM messages WHERE id=?", (message.id,)
+        ).fetchone()
+        return float(when)
+
+    def timer(self) -> float | None:
+        return self.alice.core.get_timer()
+
+    def fire_due(self) -> list[Event]:
+        """alice's timer handled at the current time."""
+        events = self.alice.core.handle_timer(self.now)
+        self.alice.commit()
+        return events
+
+    def fire(self) -> list[Event]:
+        """Time moves to alice's next deadline, and her timer is handled."""
+        when = self.timer()
+        assert when is not None and when >= self.now
+        self.now = when
+        return self.fire_due()
 
     def state(self, message: Message) -> Message:
         stored = self.alice.messages.get(message.id)
@@ -181,36 +240,88 @@ def test_frames_cut_anywhere_are_put_back_together() -> None:
 
 
 def test_a_lost_batch_is_retried_after_the_backoff_with_the_same_envelope() -> None:
+    """The backoff schedule: retries 0.5 s, then 1 s (each ±20 %) after each attempt,
+    by the core's timer alone; not after ack_timeout (5 s)."""
     pair = Pair()
     (message,) = pair.queue("lost once")
+    core = pair.alice.core
     sent_at = pair.now
     exchange, _ = pair.send()  # ... and the packets are lost
     envelope = pair.state(message).envelope
-    assert exchange.deadline == sent_at + ACK_TIMEOUT
-    retry_at = pair.alice.messages.next_due()
-    assert retry_at is not None and sent_at + 0.4 <= retry_at <= sent_at + 0.6  # 0.5 s ± 20 %
-    pair.advance(0.39)
-    assert pair.due() == []
-    # Due again after the backoff, but the service runs one exchange per conversation
-    # at a time: the retry waits for this one's deadline (ack_timeout > first backoff).
-    pair.advance(ACK_TIMEOUT - 0.39)
-    assert [m.id for m in pair.due()] == [message.id]
-    # not one answer: the service is told to drop the connection
-    assert pair.end(exchange) == ExchangeEnded(pair.bob.key, False, True)
+    retry_at = pair.next_attempt(message)
+    assert sent_at + 0.4 <= retry_at <= sent_at + 0.6  # 0.5 s ± 20 %, in the row
+    # sent again then, not after ack_timeout; its stream is read until its deadline
+    assert exchange.retry_at == retry_at and exchange.deadline == sent_at + ACK_TIMEOUT
+    assert pair.timer() == retry_at
+    assert core.worker_step(pair.bob.key, pair.now) == WAIT
+    pair.advance(retry_at - pair.now - 0.01)
+    assert pair.fire_due() == [] and pair.due() == []
+    assert pair.fire() == [RetryDue(pair.bob.key)]
+    assert pair.now == retry_at and [m.id for m in pair.due()] == [message.id]
+    assert core.worker_step(pair.bob.key, pair.now) == SEND
 
     again, _ = pair.send()
     assert again.data == exchange.data  # the same envelope, not a new ratchet step
     assert pair.state(message).envelope == envelope
-    second = pair.alice.messages.next_due()
-    assert second is not None and pair.now + 0.8 <= second <= pair.now + 1.2  # doubled
-    pair.advance(ACK_TIMEOUT)
-    pair.end(again)  # lost again
+    second = pair.next_attempt(message)
+    assert pair.now + 0.8 <= second <= pair.now + 1.2  # doubled
+    assert pair.fire() == [RetryDue(pair.bob.key)]  # lost again
+    assert pair.now == second
 
     third, _ = pair.send()
     pair.to_alice(third, pair.to_bob(third.data).replies)
     assert pair.state(message).state == DELIVERED and pair.state(message).attempts == 3
     assert pair.inbox() == ["lost once"]
     assert pair.alice.messages.next_due() is None
+    assert pair.end(third).answered
+    # the lost streams are given up at their deadlines; bob answered since: the
+    # connection is not suspect
+    assert pair.fire() == [ExchangeEnded(pair.bob.key, False, False)]
+    assert pair.now == sent_at + ACK_TIMEOUT
+    assert pair.fire() == [ExchangeEnded(pair.bob.key, False, False)]
+    assert pair.timer() is None  # nothing left to wake up for (the worker ends, idle)
+    core.conversation_idle(pair.bob.key)
+    assert pair.timer() is None
+
+
+def test_a_slow_peer_is_not_retried_before_it_usually_answers() -> None:
+    """A busy receiver is slow, not lost: the time from a write to the first answer is
+    smoothed per peer (RFC 6298), and a batch is retried no sooner than that RTO."""
+    pair = Pair()
+    pair.queue("one")
+    exchange, _ = pair.send()
+    pair.advance(0.3)  # bob answers after 0.3 s
+    pair.to_alice(exchange, pair.to_bob(exchange.data).replies)
+    pair.end(exchange)
+    pair.queue("two")
+    slow, _ = pair.send()
+    # smoothed 0.3 s, deviation 0.15 s: RTO 0.9 s, later than the backoff (0.5 s)
+    retry_at = slow.retry_at
+    assert retry_at == pytest.approx(pair.now + 0.9)
+    assert pair.fire() == [RetryDue(pair.bob.key)] and pair.now == retry_at
+    # a peer never measured is retried after the backoff alone
+    other = Side.new(Identity.generate("carol"), pair.now)
+    (first,) = pair.alice.messages.enqueue_many("carol", other.key, ["hi"], pair.now)
+    ready = pair.alice.core.prepare(other.key, [first], other.sessions.prekey_bundle(), pair.now)
+    fresh = pair.alice.core.start_exchange(other.key, ready, pair.now)
+    pair.alice.core.exchange_written(fresh, pair.now)
+    pair.alice.commit()
+    assert fresh.retry_at == pair.next_attempt(first) <= pair.now + 0.6
+
+
+def test_a_silent_batch_closes_the_connection_at_its_deadline() -> None:
+    """The peer was killed: its batch and the retries get no answer at all."""
+    pair = Pair()
+    (message,) = pair.queue("to a dead peer")
+    sent_at = pair.now
+    pair.send()
+    for _ in range(3):  # 0.5 s, 1 s, 2 s: retried by the timer, never answered
+        assert pair.fire() == [RetryDue(pair.bob.key)]
+        pair.send()
+    # the first stream's deadline: not one answer from bob since it was written
+    assert pair.fire() == [ExchangeEnded(pair.bob.key, False, True)]
+    assert pair.now == sent_at + ACK_TIMEOUT
+    assert pair.state(message).attempts == 4
 
 
 def test_a_lost_ack_makes_a_duplicate_that_is_acked_again_and_stored_once() -> None:
@@ -309,7 +420,7 @@ def test_no_session_and_no_bundle_waits_for_the_next_attempt() -> None:
     pair = Pair()
     (message,) = pair.queue("hello")
     ready = pair.alice.core.prepare(pair.bob.key, pair.due(), None, pair.now)
-    pair.alice.ledger.commit()
+    pair.alice.commit()
     assert ready == []
     stored = pair.state(message)
     assert stored.state == QUEUED and stored.attempts == 1 and stored.envelope is None
@@ -324,11 +435,12 @@ def test_no_connection_puts_the_batch_in_the_mailbox_and_the_ack_comes_back_by_m
     small, big = pair.queue("by mailbox", "x" * 3000)
     ready = pair.prepare()
     puts = pair.alice.core.plan_mailbox(pair.bob.key, ready, pair.now)
+    pair.alice.commit()
     assert [p.msg_id for p in puts] == [small.id]  # the big one goes directly only
     assert pair.state(big).attempts == 1 and pair.state(big).state == QUEUED
     (put,) = puts
     assert pair.alice.core.mailbox_put_done(put, 3, pair.now) == [MessageSent(small.id, "mailbox")]
-    pair.alice.ledger.commit()
+    pair.alice.commit()
     assert pair.state(small).via == "mailbox" and pair.state(small).state == SENT
 
     # later retries try the direct path only: the mailbox holds it already
@@ -336,7 +448,7 @@ def test_no_connection_puts_the_batch_in_the_mailbox_and_the_ack_comes_back_by_m
     assert pair.alice.core.plan_mailbox(pair.bob.key, pair.prepare(), pair.now) == []
 
     events = pair.bob.core.mailbox_entry_opened(put.plaintext, pair.now)
-    pair.bob.ledger.commit()
+    pair.bob.commit()
     assert AckOwed(pair.alice.key, small.id) in events
     assert pair.inbox() == ["by mailbox"]
     assert pair.bob.messages.get(small.id).via == "mailbox"  # type: ignore[union-attr]
@@ -350,7 +462,7 @@ def test_no_connection_puts_the_batch_in_the_mailbox_and_the_ack_comes_back_by_m
     assert pair.alice.core.mailbox_entry_opened(ack, pair.now) == [
         AckReceived(pair.bob.key, small.id, True)
     ]
-    pair.alice.ledger.commit()
+    pair.alice.commit()
     assert pair.state(small).state == DELIVERED
 
 
@@ -372,7 +484,7 @@ def test_a_failed_mailbox_put_is_retried() -> None:
     (message,) = pair.queue("hello")
     (put,) = pair.alice.core.plan_mailbox(pair.bob.key, pair.prepare(), pair.now)
     assert pair.alice.core.mailbox_put_done(put, 0, pair.now) == []
-    pair.alice.ledger.commit()
+    pair.alice.commit()
     stored = pair.state(message)
     assert stored.state == QUEUED and stored.via is None and stored.attempts == 1
 
@@ -438,7 +550,7 @@ def test_a_call_signal_is_acked_and_reported_not_stored() -> None:
     envelope = pair.alice.ledger.encrypt(
         pair.bob.key, payload, pair.bob.sessions.prekey_bundle(), pair.now
     )
-    pair.alice.ledger.commit()
+    pair.alice.commit()
     exchange = pair.alice.core.signal_exchange(pair.bob.key, msg_id, envelope, pair.now)
     assert pair.alice.core.exchange_written(exchange, pair.now) == []  # not in the outbox
     at_bob = pair.to_bob(exchange.data)
@@ -460,10 +572,10 @@ def test_acks_on_a_stream_of_their_own_count_like_any_other() -> None:
     (message,) = pair.queue("hello")
     (put,) = pair.alice.core.plan_mailbox(pair.bob.key, pair.prepare(), pair.now)
     pair.alice.core.mailbox_put_done(put, 1, pair.now)
-    pair.alice.ledger.commit()
+    pair.alice.commit()
     stream = pair.alice.core.accept_stream(pair.bob.key)
     result = stream.data_received(wire.encode_stream_frame(wire.FRAME_ACK, message.id), pair.now)
-    pair.alice.ledger.commit()
+    pair.alice.commit()
     assert result.replies == b"" and result.events == [AckReceived(pair.bob.key, message.id, True)]
     assert pair.state(message).state == DELIVERED
 
@@ -472,11 +584,256 @@ def test_a_bad_bundle_stops_the_batch_and_a_broken_attempt_is_counted() -> None:
     pair = Pair()
     first, second = pair.queue("one", "two")
     assert pair.alice.core.prepare(pair.bob.key, pair.due(), b"not a bundle", pair.now) == []
-    pair.alice.ledger.commit()
+    pair.alice.commit()
     assert [pair.state(m).attempts for m in (first, second)] == [1, 1]
     pair.advance(1.0)
     batch = pair.due()
     pair.alice.core.delivery_failed(batch, pair.now)
-    pair.alice.ledger.commit()
+    pair.alice.commit()
     assert [pair.state(m).attempts for m in (first, second)] == [2, 2]
     assert all(pair.state(m).state == QUEUED for m in (first, second))
+
+
+# ---------------------------------------------------------------------------- the schedule
+
+
+def test_the_timer_hands_a_due_conversation_to_one_worker_at_a_time() -> None:
+    pair = Pair()
+    core, bob = pair.alice.core, pair.bob.key
+    assert pair.timer() is None
+    pair.queue("one")
+    assert core.messages_queued(bob, pair.now) == [DeliveryDue(bob)]
+    pair.queue("two")
+    assert core.messages_queued(bob, pair.now) == []  # held: its worker finds it
+    assert pair.timer() is None  # a held conversation is its worker's business
+    assert core.worker_step(bob, pair.now) == SEND
+    # no session and no bundle: both wait for their next attempt, and the worker,
+    # finding nothing due, lets the conversation go
+    assert core.prepare(bob, pair.due(), None, pair.now) == []
+    pair.alice.commit()
+    assert pair.due() == []
+    core.conversation_idle(bob)
+    first = min(pair.next_attempt(m) for m in pair.alice.messages.pending_for(bob))
+    assert pair.timer() == first and pair.now + 0.4 <= first <= pair.now + 0.6
+    assert pair.fire() == [DeliveryDue(bob)]
+    assert pair.timer() is None  # held again, not handed out twice
+    assert pair.fire_due() == []
+
+
+def test_a_restart_rebuilds_the_schedule_from_the_rows() -> None:
+    pair = Pair()
+    lost = pair.queue("lost", "lost too")
+    pair.send()  # written; the process dies before any answer
+    (later,) = pair.queue("after")
+    retry = min(pair.next_attempt(m) for m in lost)
+    restarted = DeliveryCore(
+        pair.alice.ledger, handle="alice", public_key=pair.alice.key, ack_timeout=ACK_TIMEOUT
+    )
+    assert restarted.get_timer() is None  # nothing known before the rows are read
+    restarted.load_schedule()
+    # "after" was never tried: due at once (its row says 0); then the retry
+    assert restarted.get_timer() == 0.0 and pair.next_attempt(later) == 0.0
+    assert restarted.handle_timer(pair.now) == [DeliveryDue(pair.bob.key)]
+    restarted.conversation_idle(pair.bob.key)  # as if the worker sent what was due
+    assert restarted.get_timer() == 0.0
+    # "after" is delivered: the timer is the lost ones' retry
+    pair.alice.core = restarted
+    exchange, _ = pair.send()
+    pair.to_alice(exchange, pair.to_bob(exchange.data).replies)
+    assert pair.end(exchange).answered and pair.state(later).state == DELIVERED
+    restarted.conversation_idle(pair.bob.key)
+    assert restarted.get_timer() == retry
+    assert restarted.handle_timer(retry) == [DeliveryDue(pair.bob.key)]
+
+
+def test_a_batch_being_answered_gets_the_whole_ack_timeout() -> None:
+    pair = Pair()
+    first, second, third = pair.queue("one", "two", "three")
+    exchange, _ = pair.send()
+    written = pair.now
+    assert exchange.retry_at is not None and exchange.retry_at < written + 1.0
+    (one, _two, _three) = _frames_of(exchange.data)
+    pair.advance(0.1)
+    assert pair.to_alice(exchange, pair.to_bob(one).replies).events == [
+        AckReceived(pair.bob.key, first.id, True)
+    ]
+    # alive and working through the batch: not sent again after the backoff
+    assert exchange.retry_at is None
+    assert exchange.deadline == written + ACK_TIMEOUT == pair.timer()
+    pair.advance(1.0)
+    # their rows say due, but the batch is not given up: the worker waits for it
+    assert pair.fire_due() == [] and pair.alice.core.worker_step(pair.bob.key, pair.now) == WAIT
+    ended = pair.fire()
+    assert ended == [ExchangeEnded(pair.bob.key, False, False)]  # answered once: no close
+    assert pair.now == written + ACK_TIMEOUT
+    assert [m.id for m in pair.due()] == [second.id, third.id]
+    assert pair.state(first).state == DELIVERED
+
+
+def test_messages_queued_behind_a_waiting_batch_are_encrypted_while_it_waits() -> None:
+    pair = Pair()
+    core, bob = pair.alice.core, pair.bob.key
+    pair.queue("first")
+    assert core.messages_queued(bob, pair.now) == [DeliveryDue(bob)]
+    assert core.worker_step(bob, pair.now) == SEND
+    ready = pair.prepare()
+    exchange = core.start_exchange(bob, ready, pair.now)
+    (during,) = pair.queue("queued during the write")
+    assert core.messages_queued(bob, pair.now) == []
+    core.exchange_written(exchange, pair.now)
+    pair.alice.commit()
+    # the worker encrypts what came meanwhile (one transaction), then waits
+    assert core.worker_step(bob, pair.now) == PREPARE
+    assert [m.id for m in pair.prepare()] == [during.id]
+    assert core.worker_step(bob, pair.now) == WAIT
+    # one queued while it waits: after PREPARE_GATHER, so that a few gather
+    (later,) = pair.queue("queued while it waits")
+    assert core.messages_queued(bob, pair.now) == []
+    assert pair.timer() == pair.now + PREPARE_GATHER
+    assert pair.fire() == [PrepareDue(bob)]
+    assert core.worker_step(bob, pair.now) == PREPARE
+    assert core.worker_step(bob, pair.now) == WAIT
+    assert [m.id for m in pair.prepare()] == [during.id, later.id]
+    # the answers come: the batch ends, the next goes with the envelopes made meanwhile
+    pair.to_alice(exchange, pair.to_bob(exchange.data).replies)
+    assert exchange.answered
+    assert pair.end(exchange).answered
+    assert core.worker_step(bob, pair.now) == SEND
+    envelopes = {m.id: pair.state(m).envelope for m in (during, later)}
+    assert all(envelopes.values())
+    nxt, _ = pair.send()
+    assert _frames_of(nxt.data) == [
+        wire.encode_stream_frame(wire.FRAME_MESSAGE, i + (e or b"")) for i, e in envelopes.items()
+    ]
+
+
+def test_a_delivered_message_stays_delivered() -> None:
+    pair = Pair()
+    (message,) = pair.queue("hello")
+    exchange, _ = pair.send()
+    ack = wire.encode_stream_frame(wire.FRAME_ACK, message.id)
+    # the same ack twice in one read (not in the ledger yet): delivered once
+    assert pair.to_alice(exchange, ack + ack).events == [
+        AckReceived(pair.bob.key, message.id, True),
+        AckReceived(pair.bob.key, message.id, False),
+    ]
+    assert pair.state(message).state == DELIVERED
+    # a late ack, a late failure, a mailbox put done late: nothing changes
+    stream = pair.alice.core.accept_stream(pair.bob.key)
+    assert stream.data_received(ack, pair.now).events == [
+        AckReceived(pair.bob.key, message.id, False)
+    ]
+    pair.alice.core.delivery_failed([message], pair.now)
+    pair.alice.commit()
+    stored = pair.state(message)
+    assert stored.state == DELIVERED and stored.attempts == 1
+    assert pair.alice.messages.next_due() is None
+
+
+def test_a_message_from_the_peer_makes_the_conversation_due_by_the_timer() -> None:
+    pair = Pair()
+    (owed,) = pair.bob.messages.enqueue_many("alice", pair.alice.key, ["owed"], pair.now)
+    pair.bob.messages.mark_attempt(owed.id, pair.now, via=None)  # waits 0.5 s
+    bob = pair.bob.core
+    bob.load_schedule()
+    assert bob.get_timer() is not None and bob.get_timer() > pair.now  # type: ignore[operator]
+    pair.queue("hello")
+    exchange, _ = pair.send()
+    assert PendingMadeDue(pair.alice.key) in pair.to_bob(exchange.data).events
+    assert bob.get_timer() == pair.now
+    assert bob.handle_timer(pair.now) == [DeliveryDue(pair.alice.key)]
+
+
+# ---------------------------------------------------------------------------- a lossy network
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_loss_and_reordering_all_delivered_once_in_order(seed: int) -> None:
+    """A seeded network drops 30 % of the streams and of their answers and delays the
+    rest by 10-400 ms (so that a retry may overtake the stream it repeats), while alice
+    queues 40 messages in bursts. A service-like driver runs alice's worker and her
+    timer, time moved by hand to the next deadline or arrival: every message reaches
+    bob once, in order, and is delivered, by timer-driven retries alone."""
+    rng = random.Random(seed)
+    pair = Pair()
+    pair.alice.core = DeliveryCore(
+        pair.alice.ledger, handle="alice", public_key=pair.alice.key,
+        ack_timeout=ACK_TIMEOUT, rng=random.Random(seed),
+    )  # fmt: skip
+    core, bob = pair.alice.core, pair.bob.key
+    texts = [f"message {i}" for i in range(40)]
+    start = pair.now
+    bursts = [(start + i * 0.3, texts[i * 8 : i * 8 + 8]) for i in range(5)]
+    in_flight: list[tuple[float, int, str, Exchange, bytes]] = []  # (arrival, n, to, ...)
+    held = False
+    exchanges = dropped = 0
+
+    def net(to: str, exchange: Exchange, data: bytes) -> None:
+        nonlocal dropped
+        if rng.random() < 0.3:
+            dropped += 1
+        else:
+            arrival = pair.now + rng.uniform(0.01, 0.4)
+            in_flight.append((arrival, len(in_flight), to, exchange, data))
+
+    def dispatch(events: list[Event]) -> None:
+        nonlocal held
+        for event in events:
+            if isinstance(event, DeliveryDue):
+                assert not held  # one worker per conversation
+                held = True
+
+    def run_worker() -> None:
+        nonlocal held, exchanges
+        while held:
+            step = core.worker_step(bob, pair.now)
+            if step == WAIT:
+                return
+            if step == PREPARE:
+                pair.prepare()
+                continue
+            if not pair.due():
+                core.conversation_idle(bob)
+                held = False
+                return
+            exchange, _ = pair.send()
+            exchanges += 1
+            net("bob", exchange, exchange.data)
+
+    for _ in range(5000):
+        while bursts and bursts[0][0] <= pair.now:
+            pair.queue(*bursts.pop(0)[1])
+            dispatch(core.messages_queued(bob, pair.now))
+        for item in sorted(i for i in in_flight if i[0] <= pair.now):
+            in_flight.remove(item)
+            _, _, to, exchange, data = item
+            if to == "bob":
+                net("alice", exchange, pair.to_bob(data).replies)
+            elif not exchange.ended:  # the service stops reading an ended exchange
+                pair.to_alice(exchange, data)
+                if exchange.answered:
+                    pair.alice.core.end_exchange(exchange, pair.now)
+        dispatch(pair.fire_due())
+        run_worker()
+        pending = pair.alice.messages.pending_for(bob)
+        if not pending and not bursts:
+            break
+        times = [t for t, *_ in in_flight]
+        times += [when for when in (pair.timer(),) if when is not None]
+        times += [bursts[0][0]] if bursts else []
+        assert times, "nothing left to wake up for, with messages pending"
+        pair.now = max(pair.now, min(times))
+    else:
+        raise AssertionError("not all delivered within 5,000 steps")
+    assert pair.now - start < 300.0
+    assert pair.inbox() == texts  # each once, in the sender's order
+    assert len(pair.bob.messages.inbox()) == 40
+    assert pair.alice.messages.next_due() is None
+    # the loss made retries happen, and each of those was counted
+    attempts = [m.attempts for m in pair.alice.messages.outbox()]
+    assert dropped > 0 and max(attempts) > 1 and core.stats["sent_direct"] == sum(attempts)
+
+
+def _frames_of(data: bytes) -> list[bytes]:
+    """A stream's bytes, frame by frame (each frame re-encoded whole)."""
+    return [wire.encode_stream_frame(kind, payload) for kind, payload in frames(data)]

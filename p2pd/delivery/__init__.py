@@ -1,7 +1,8 @@
 """Delivery: moving encrypted messages between daemons.
 
-- :mod:`p2pd.delivery.core`: the decisions, sans I/O (``now`` in; frames, ledger writes
-  and past-tense events out).
+- :mod:`p2pd.delivery.core`: the decisions, sans I/O (``now`` in; frames, rows to write
+  and past-tense events out; one timer: retries, answer deadlines).
+- :mod:`p2pd.delivery.events`: those rows and events, as dataclasses.
 - :mod:`p2pd.delivery.ledger`: the core's view of SQLite (messages, contacts, sessions).
 - :mod:`p2pd.delivery.service`: the trio service (QUIC streams, the DHT mailbox, the
   workers, the control API's views).

@@ -1,19 +1,27 @@
 """Delivery's decisions, sans I/O: what to write, what to store, what to tell the service.
 
 No sockets, no event loop, no clock: every entry point takes ``now`` (Unix seconds; the
-trio service reads the clock once per entry point and passes it down), and what is at
-rest goes through the :class:`Ledger` the core is handed (SQLite and the sessions, in
-:mod:`p2pd.delivery.ledger`; the core never commits: the service commits once per
-entry point, so one read's acks and messages are one transaction). The service does
-the rest: QUIC streams, the DHT mailbox, sealing, the record cache, the event bus.
+trio service reads the clock once per entry point and passes it down). What is at rest
+is read through the :class:`Ledger` the core is handed (SQLite and the sessions, in
+:mod:`p2pd.delivery.ledger`); the outbox's changes come back as rows to write, while
+session steps, received messages and session resets go through the ledger directly.
+The core never commits: the service has the rows applied and commits once per entry
+point, so one read's acks and messages are one transaction. The service does the rest:
+QUIC streams, the DHT mailbox, sealing, the record cache, the event bus.
 
 ::
 
+    core.load_schedule()                                 # at start: what is pending
+    core.messages_queued(peer_key, now) -> [Event]       # DeliveryDue / PrepareDue
+    core.get_timer() -> when; core.handle_timer(now)     # the one timer: retries,
+                                                         # answer deadlines, gathering
+    core.worker_step(peer_key, now) -> SEND | PREPARE | WAIT
     core.prepare(peer_key, due, bundle, now) -> ready    # envelopes, in order
     ex = core.start_exchange(peer_key, ready, now)       # a batch for one stream
     ex.data; core.exchange_written(ex, now)              # write it, then say so
     ex.data_received(answers, now) -> StreamResult       # ACK / NACK frames back
-    ex.answered, ex.deadline; core.end_exchange(ex, now) # all answered, or timed out
+    ex.answered; core.end_exchange(ex, now)              # all answered (or the timer)
+    core.conversation_idle(peer_key)                     # the worker found nothing due
     s = core.accept_stream(peer_key)                     # a stream the peer opened
     s.data_received(data, now) -> StreamResult           # replies, events, reset?
     core.plan_mailbox(peer_key, ready, now) -> [MailboxPut]   # could not connect
@@ -22,9 +30,12 @@ the rest: QUIC streams, the DHT mailbox, sealing, the record cache, the event bu
     core.delivery_failed(batch, now)
 
 What happens is reported as past-tense events (:data:`Event`); the service reacts to
-each in one place (``Delivery._dispatch``). Every ack, whether it came on the batch's
-stream, on a stream of its own or through the mailbox, goes through one method
-(``_ack_received``) and is reported as :class:`AckReceived`.
+each in one place (``Delivery._dispatch``). What is to be written at rest is returned
+as typed rows (:data:`Write`, from :meth:`DeliveryCore.writes_to_commit`), which the
+service has the ledger apply and commit in one transaction after each entry point.
+Every ack, whether it came on the batch's stream, on a stream of its own or through the
+mailbox, goes through one method (``_ack_received``) and is reported as
+:class:`AckReceived`.
 
 Decisions and why (wire formats: docs/PROTOCOL.md, "Messages"):
 
@@ -41,17 +52,40 @@ Decisions and why (wire formats: docs/PROTOCOL.md, "Messages"):
 - A call signal (payload kind 2) is acked and reported, never stored; so is a key
   rotation notice (kind 3), which the service verifies and acts on.
 - A message from a peer we owe messages to makes those due now: it is alive.
-- A batch with not one answer by its deadline asks the service to close the
+- A batch with not one answer by its deadline (``ack_timeout``), while the peer
+  answered nothing else since it was written, asks the service to close the
   connection: a peer killed without closing it is then found out on the next attempt,
   not after the idle timeout.
+
+The schedule (what the one timer of :meth:`get_timer` covers):
+
+- Every attempt gives each message its next attempt, ``backoff(attempts)`` later (0.5 s,
+  doubling to 60 s, ±20 %), written with the attempt (``next_attempt``): a restart
+  rebuilds the schedule from the rows (:meth:`load_schedule`).
+- A written batch's answers are read until ``ack_timeout`` after the write. One with
+  no answer yet when the earliest of its messages' next attempts comes is retried then
+  (:class:`RetryDue`: the same envelopes on a new stream), while its own stream is
+  still read: the retry comes after the backoff, and a late answer (QUIC recovering
+  from loss takes about a second) still counts. Not before the peer usually answers,
+  though: the time from a write to its first answer is smoothed per peer as RFC 6298
+  does round trips, and a batch is retried no sooner than that RTO (a busy receiver is
+  slow, not lost). Once an answer comes, the peer is alive and working through the
+  batch: it is not retried before its deadline.
+- One new batch in flight per conversation (several on parallel streams arrive
+  interleaved, since aioquic serves streams round-robin per packet, and every message
+  out of order leaves a skipped key in the session state written with every message,
+  up to 58 KB). A conversation is held by one worker from :class:`DeliveryDue` to
+  :meth:`conversation_idle`; while its batch waits, what is queued meanwhile is
+  encrypted (:data:`PREPARE`) once :data:`PREPARE_GATHER` has let a few gather.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import nacl.bindings
@@ -67,7 +101,31 @@ from ..errors import (
     WireError,
 )
 from ..identity import fingerprint
-from ..messaging import Message
+from ..messaging import DELIVERED, Message, backoff
+from .events import (
+    AckOwed,
+    AckReceived,
+    DeliveryDue,
+    Event,
+    ExchangeEnded,
+    MailboxPut,
+    MakeDue,
+    MarkDelivered,
+    MessageReceived,
+    MessageSent,
+    NackReceived,
+    PendingMadeDue,
+    PrepareDue,
+    RetryDue,
+    RotationReceived,
+    ScheduleAttempt,
+    SenderUnverified,
+    SessionReset,
+    SetEnvelope,
+    SignalReceived,
+    StreamResult,
+    Write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +133,13 @@ log = logging.getLogger(__name__)
 RESET_INTERVAL = 10.0
 #: Messages sent in one batch on one stream.
 BATCH = 256
+#: While a batch waits for its answers, how long messages queued one by one may gather
+#: before the worker encrypts them (one transaction for all).
+PREPARE_GATHER = 0.002
 #: A sealed box is its plaintext plus an ephemeral key and a MAC.
 _SEAL_OVERHEAD = nacl.bindings.crypto_box_SEALBYTES
+#: What :meth:`DeliveryCore.worker_step` tells a conversation's worker to do next.
+SEND, PREPARE, WAIT = "send", "prepare", "wait"
 
 
 class Ledger(Protocol):
@@ -105,153 +168,27 @@ class Ledger(Protocol):
     ) -> Message | None:
         """Store a received message; None if its id is already there."""
 
-    def mark_delivered(self, msg_id: bytes, peer_key: bytes, now: float) -> bool:
-        """An ack from ``peer_key``: True if it changed the message's state."""
+    def outgoing_state(self, msg_id: bytes) -> tuple[bytes, str] | None:
+        """Our message ``msg_id``'s recipient and state (None: not one of ours). Reads
+        no sealed column: an ack costs no decryption at rest."""
 
     def has_pending(self, peer_key: bytes) -> bool: ...
 
-    def retry_now(self, peer_key: bytes) -> None: ...
+    def next_attempts(self) -> dict[bytes, float]:
+        """Each conversation with messages pending: its earliest next attempt."""
+
+    def next_attempt(self, peer_key: bytes) -> float | None:
+        """The earliest next attempt of the messages pending to ``peer_key``."""
 
     def reset_session(self, peer_key: bytes, now: float) -> None:
-        """Archive the session and forget the unacknowledged envelopes to that peer."""
+        """Archive the session and forget the unacknowledged envelopes to that peer (due
+        again at once)."""
 
     def encrypt(self, peer_key: bytes, plaintext: bytes, bundle: bytes | None, now: float) -> bytes:
         """Raises NoSession (no session and no bundle), WireError or SessionError."""
 
-    def set_envelope(self, msg_id: bytes, envelope: bytes) -> None: ...
-
-    def mark_attempt(self, msg_id: bytes, now: float, via: str | None) -> None: ...
-
-    def mark_sent(self, messages: list[Message], now: float, via: str) -> None: ...
-
-
-# ---------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class MessageReceived:
-    """A text message was stored (``message`` None: another read stored it first)."""
-
-    message: Message | None
-    via: str
-
-
-@dataclass(frozen=True, slots=True)
-class SignalReceived:
-    """A call signal arrived (acked, not stored)."""
-
-    sender_key: bytes
-    claimed: str
-    text: str
-    via: str
-
-
-@dataclass(frozen=True, slots=True)
-class SenderUnverified:
-    """A message (``source`` "message") or call signal ("call") from a key no contact
-    holds claims ``handle``: evidence if the handle is pinned, else checked in the DHT."""
-
-    handle: str
-    sender_key: bytes
-    source: str = "message"
-    via: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class RotationReceived:
-    """A key rotation notice arrived from ``sender_key`` (acked, not stored; the
-    service verifies it and moves the pin if it is signed by the pinned key)."""
-
-    sender_key: bytes
-    claimed: str
-    text: str
-    via: str
-
-
-@dataclass(frozen=True, slots=True)
-class AckOwed:
-    """A message from the mailbox was stored: ``msg_id`` is to be acked to its sender."""
-
-    sender_key: bytes
-    msg_id: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PendingMadeDue:
-    """A peer we owe messages to was heard from: they are due now."""
-
-    peer_key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class AckReceived:
-    """``peer_key`` acknowledged ``msg_id`` (on a stream or by mailbox)."""
-
-    peer_key: bytes
-    msg_id: bytes
-    #: True if this ack changed the message to delivered (not a repeat, nor a signal's).
-    delivered: bool
-
-
-@dataclass(frozen=True, slots=True)
-class NackReceived:
-    """``peer_key`` cannot decrypt ``msg_id``."""
-
-    peer_key: bytes
-    msg_id: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SessionReset:
-    """A NACK archived the session with ``peer_key``; its messages await a new one."""
-
-    peer_key: bytes
-    handle: str
-
-
-@dataclass(frozen=True, slots=True)
-class MessageSent:
-    """Outgoing ``msg_id`` was written on a stream or left in a mailbox."""
-
-    msg_id: bytes
-    via: str
-
-
-@dataclass(frozen=True, slots=True)
-class ExchangeEnded:
-    """A batch's stream is done with: every message answered, or its deadline passed."""
-
-    peer_key: bytes
-    answered: bool
-    #: Not one answer: the peer may have died without closing; drop the connection.
-    close_connection: bool
-
-
-Event = (
-    MessageReceived | SignalReceived | RotationReceived | SenderUnverified | AckOwed
-    | PendingMadeDue
-    | AckReceived | NackReceived | SessionReset | MessageSent | ExchangeEnded
-)  # fmt: skip
-
-
-@dataclass(slots=True)
-class StreamResult:
-    """What one read of a stream produced."""
-
-    #: Frames to write back on the same stream.
-    replies: bytes = b""
-    events: list[Event] = field(default_factory=list)
-    #: The peer broke the framing: reset the stream (the connection goes on).
-    reset: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class MailboxPut:
-    """Seal ``plaintext`` to the peer's key and leave it in its mailbox."""
-
-    peer_key: bytes
-    msg_id: bytes
-    plaintext: bytes
+    def apply(self, writes: Sequence[Write]) -> None:
+        """Write the rows the core decided on, in the open transaction."""
 
 
 # ---------------------------------------------------------------------------- streams
@@ -281,10 +218,10 @@ class _FrameStream:
         for kind, payload in frames:
             self.core._frame_received(self.peer_key, kind, payload, replies, result.events, now)
         result.replies = bytes(replies)
-        self._observe(result.events)
+        self._observe(result.events, now)
         return result
 
-    def _observe(self, events: list[Event]) -> None:
+    def _observe(self, events: list[Event], now: float) -> None:
         pass
 
 
@@ -296,7 +233,10 @@ class Exchange(_FrameStream):
     """A batch of messages written on one stream we opened, and the answers to it.
 
     ``data`` is what to write (with FIN); ``waiting`` the ids not answered yet. A NACK
-    answers them all: the session is reset and every one is encrypted again."""
+    answers them all: the session is reset and every one is encrypted again. Once
+    written, ``deadline`` is when the core's timer stops waiting for the answers still
+    missing, and ``retry_at`` (None once an answer came) when it sends them again
+    (see the module docstring)."""
 
     def __init__(
         self,
@@ -314,6 +254,11 @@ class Exchange(_FrameStream):
         self.nacked: set[bytes] = set()
         self.deadline = deadline
         self.written = False
+        self.written_at = 0.0
+        self.retry_at: float | None = None
+        self.first_answer: float | None = None
+        #: Silent at ``retry_at``: its messages went again; no longer the batch in flight.
+        self.overdue = False
         self.ended = False
         #: The outbox messages this batch carries (empty for a call signal).
         self.outbox = list(outbox)
@@ -327,14 +272,25 @@ class Exchange(_FrameStream):
         """Every message of the batch got its answer: nothing more to wait for."""
         return not self.waiting
 
-    def _observe(self, events: list[Event]) -> None:
+    def _observe(self, events: list[Event], now: float) -> None:
+        answered = False
         for event in events:
             if isinstance(event, AckReceived) and event.peer_key == self.peer_key:
                 self.waiting.discard(event.msg_id)
                 self.acked.add(event.msg_id)
+                answered = True
             elif isinstance(event, NackReceived) and event.peer_key == self.peer_key:
                 self.nacked.add(event.msg_id)
                 self.waiting.clear()  # everything is encrypted again and resent
+                answered = True
+        if answered and self.written:
+            # The peer is alive and working through the batch: not retried before its
+            # deadline. (It answered: a silent batch of its need not close the connection.)
+            self.retry_at = None
+            self.core._answered[self.peer_key] = now
+            if self.first_answer is None:
+                self.first_answer = now
+                self.core._answer_timed(self.peer_key, now - self.written_at)
 
 
 # ---------------------------------------------------------------------------- the core
@@ -351,13 +307,35 @@ class DeliveryCore:
         public_key: bytes,
         ack_timeout: float,
         reset_interval: float = RESET_INTERVAL,
+        rng: random.Random | None = None,
     ) -> None:
         self.ledger = ledger
         self.handle = handle
         self.public_key = public_key
         self.ack_timeout = ack_timeout
         self.reset_interval = reset_interval
+        self._rng = rng or random.Random()
         self._last_reset: dict[bytes, float] = {}
+        #: When each peer last answered one of our batches.
+        self._answered: dict[bytes, float] = {}
+        #: Each peer's time from a write to its batch's first answer: smoothed, and its
+        #: mean deviation (RFC 6298, section 2, applied to batches).
+        self._answer_time: dict[bytes, tuple[float, float]] = {}
+        self._writes: list[Write] = []
+        #: Acks counted in ``_writes`` (not in the ledger yet): a second is a repeat.
+        self._delivering: set[bytes] = set()
+        #: Conversations no worker holds, with messages pending: their earliest attempt.
+        self._due: dict[bytes, float] = {}
+        #: Conversations a worker holds (DeliveryDue .. conversation_idle).
+        self._held: set[bytes] = set()
+        #: Written exchanges not ended: their deadlines are timers.
+        self._open: set[Exchange] = set()
+        #: Held conversations whose waiting batch has messages queued behind it: when
+        #: to encrypt those; then (the time came) the worker's next step is PREPARE.
+        self._prepare_at: dict[bytes, float] = {}
+        self._prepare_ready: set[bytes] = set()
+        #: Held conversations with messages queued since their worker took its batch.
+        self._queued_since: set[bytes] = set()
         self.stats: dict[str, int] = {
             "sent_direct": 0,
             "sent_mailbox": 0,
@@ -371,6 +349,129 @@ class DeliveryCore:
             "malformed_frames": 0,
             "mailbox_polls": 0,
         }
+
+    def writes_to_commit(self) -> list[Write]:
+        """The rows decided since the last call, for the ledger to apply and commit
+        together (after every entry point, before any other task runs)."""
+        writes, self._writes = self._writes, []
+        self._delivering.clear()
+        return writes
+
+    # ------------------------------------------------------------------ schedule
+
+    def load_schedule(self) -> None:
+        """At start: every conversation with messages pending is due at its earliest
+        next attempt, as the ledger holds it (a restart retries what was pending)."""
+        for peer_key, when in self.ledger.next_attempts().items():
+            if peer_key not in self._held:
+                self._due[peer_key] = when
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` is next to be called (None: nothing scheduled)."""
+        times = [ex.deadline for ex in self._open]
+        times += [ex.retry_at for ex in self._open if ex.retry_at is not None]
+        times += self._due.values()
+        times += self._prepare_at.values()
+        return min(times, default=None)
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """End the exchanges whose deadline passed, have silent batches sent again after
+        their backoff, hand due conversations to workers, wake the workers that have
+        messages to encrypt ahead."""
+        events: list[Event] = []
+        for exchange in [ex for ex in self._open if ex.deadline <= now]:
+            events += self.end_exchange(exchange, now)
+        for exchange in self._open:
+            if exchange.retry_at is not None and exchange.retry_at <= now:
+                exchange.retry_at = None
+                exchange.overdue = True
+                events.append(RetryDue(exchange.peer_key))
+        for peer_key in [p for p, when in self._due.items() if when <= now]:
+            del self._due[peer_key]
+            self._hold(peer_key, events)
+        for peer_key in [p for p, when in self._prepare_at.items() if when <= now]:
+            del self._prepare_at[peer_key]
+            self._prepare_ready.add(peer_key)
+            events.append(PrepareDue(peer_key))
+        return events
+
+    def messages_queued(self, peer_key: bytes, now: float) -> list[Event]:
+        """New messages to ``peer_key`` (or moved to it): due now. A worker is started
+        if none holds the conversation; one whose batch waits encrypts them after
+        :data:`PREPARE_GATHER`."""
+        events: list[Event] = []
+        if peer_key not in self._held:
+            self._due.pop(peer_key, None)
+            self._hold(peer_key, events)
+        elif self._waiting_exchange(peer_key) is None:
+            self._queued_since.add(peer_key)  # encrypted while the batch taken waits
+        elif peer_key not in self._prepare_ready:
+            self._prepare_at.setdefault(peer_key, now + PREPARE_GATHER)
+        return events
+
+    def worker_step(self, peer_key: bytes, now: float) -> str:
+        """What the worker holding ``peer_key`` does next: SEND the next due batch (none
+        waits for answers, or it is overdue: RetryDue), PREPARE (encrypt what was queued
+        behind the waiting batch), or WAIT (for ExchangeEnded, RetryDue or PrepareDue)."""
+        if self._waiting_exchange(peer_key) is None:
+            self._queued_since.discard(peer_key)  # the next batch takes them
+            return SEND
+        if peer_key in self._prepare_ready:
+            self._prepare_ready.discard(peer_key)
+            return PREPARE
+        return WAIT
+
+    def conversation_idle(self, peer_key: bytes) -> None:
+        """The worker holding ``peer_key`` found nothing due and stopped: the timer now
+        covers the conversation's next attempt, if anything is pending."""
+        self._held.discard(peer_key)
+        self._prepare_at.pop(peer_key, None)
+        self._prepare_ready.discard(peer_key)
+        self._queued_since.discard(peer_key)
+        when = self.ledger.next_attempt(peer_key)
+        if when is not None:
+            self._due[peer_key] = when
+
+    def _hold(self, peer_key: bytes, events: list[Event]) -> None:
+        self._held.add(peer_key)
+        events.append(DeliveryDue(peer_key))
+
+    def _make_due(self, peer_key: bytes, now: float) -> None:
+        """What is pending to ``peer_key`` is due now (a held conversation's worker
+        finds it after its batch)."""
+        if peer_key not in self._held:
+            self._due[peer_key] = now
+
+    def _answer_timed(self, peer_key: bytes, seconds: float) -> None:
+        """A batch to ``peer_key`` got its first answer ``seconds`` after its write."""
+        known = self._answer_time.get(peer_key)
+        if known is None:
+            self._answer_time[peer_key] = (seconds, seconds / 2)
+        else:  # RFC 6298, 2.3: beta 1/4, alpha 1/8
+            smooth, deviation = known
+            deviation = 0.75 * deviation + 0.25 * abs(smooth - seconds)
+            self._answer_time[peer_key] = (0.875 * smooth + 0.125 * seconds, deviation)
+
+    def _retry_floor(self, peer_key: bytes) -> float:
+        """How long a batch to ``peer_key`` may go unanswered before it looks lost: RFC
+        6298's RTO (smoothed + 4 deviations), 0 while nothing was measured."""
+        smooth, deviation = self._answer_time.get(peer_key, (0.0, 0.0))
+        return smooth + 4 * deviation
+
+    def _waiting_exchange(self, peer_key: bytes) -> Exchange | None:
+        for exchange in self._open:
+            if exchange.peer_key == peer_key and exchange.outbox and not exchange.overdue:
+                return exchange
+        return None
+
+    def _schedule(self, messages: Iterable[Message], now: float, via: str | None) -> list[float]:
+        """Count an attempt of each message; retry after its backoff unless acked."""
+        times = []
+        for m in messages:
+            when = now + backoff(m.attempts, self._rng)
+            self._writes.append(ScheduleAttempt(m.id, m.attempts + 1, when, now, via))
+            times.append(when)
+        return times
 
     # ------------------------------------------------------------------ sending
 
@@ -396,11 +497,10 @@ class DeliveryCore:
             except (WireError, SessionError) as exc:  # a bad bundle in the record
                 log.warning("cannot start a session with %s: %s", message.handle, exc)
             else:
-                self.ledger.set_envelope(message.id, envelope)
+                self._writes.append(SetEnvelope(message.id, envelope))
                 ready.append(_with_envelope(message, envelope))
                 continue
-            for m in batch[len(ready) :]:
-                self.ledger.mark_attempt(m.id, now, None)
+            self._schedule(batch[len(ready) :], now, None)
             break
         return ready
 
@@ -421,12 +521,25 @@ class DeliveryCore:
         ).encode()
 
     def exchange_written(self, exchange: Exchange, now: float) -> list[Event]:
-        """The batch is on the wire: its messages are sent, and due again after backoff."""
+        """The batch is on the wire: its messages are sent, each due again after its
+        backoff; the answers are awaited until the earliest of those (the timer)."""
         exchange.written = True
+        exchange.written_at = now
         exchange.deadline = now + self.ack_timeout
+        if exchange.ended:
+            return []
+        self._open.add(exchange)
         if not exchange.outbox:
             return []
-        self.ledger.mark_sent(exchange.outbox, now, "direct")
+        retries = self._schedule(exchange.outbox, now, "direct")
+        # Sent again after the backoff, but not before the peer usually starts answering
+        # (a busy receiver is slow, not lost: a retry would only double its work).
+        retry_at = max(min(retries), now + self._retry_floor(exchange.peer_key))
+        if exchange.waiting and retry_at < exchange.deadline:  # not answered yet
+            exchange.retry_at = retry_at
+        if exchange.peer_key in self._queued_since:  # queued while it was taken, written
+            self._queued_since.discard(exchange.peer_key)
+            self._prepare_ready.add(exchange.peer_key)  # encrypted while it waits
         self.stats["sent_direct"] += len(exchange.outbox)
         return [MessageSent(m.id, "direct") for m in exchange.outbox if m.id in exchange.waiting]
 
@@ -435,17 +548,24 @@ class DeliveryCore:
         if exchange.ended:
             return []
         exchange.ended = True
+        self._open.discard(exchange)
+        if exchange.outbox and self._waiting_exchange(exchange.peer_key) is None:
+            self._prepare_at.pop(exchange.peer_key, None)  # the next batch encrypts them
+            self._prepare_ready.discard(exchange.peer_key)
         # Not one answer (nor a NACK, which empties ``waiting``), even if the write
-        # broke: the connection is suspect.
-        silent = len(exchange.waiting) == len(exchange.ids)
-        return [
-            ExchangeEnded(exchange.peer_key, exchange.answered, silent and bool(exchange.outbox))
-        ]
+        # broke, and nothing else answered since: the connection is suspect.
+        silent = len(exchange.waiting) == len(exchange.ids) and (
+            self._answered.get(exchange.peer_key, -math.inf) < exchange.written_at
+            or not exchange.written
+        )
+        ended = ExchangeEnded(
+            exchange.peer_key, exchange.answered, silent and bool(exchange.outbox), exchange
+        )
+        return [ended]
 
     def delivery_failed(self, batch: Sequence[Message], now: float) -> None:
         """An attempt broke before it could be counted: try again after backoff."""
-        for m in batch:
-            self.ledger.mark_attempt(m.id, now, None)
+        self._schedule(batch, now, None)
 
     def plan_mailbox(
         self, peer_key: bytes, ready: Sequence[Message], now: float
@@ -456,21 +576,23 @@ class DeliveryCore:
         puts: list[MailboxPut] = []
         for m in ready:
             if m.via == "mailbox" or m.envelope is None:
-                self.ledger.mark_attempt(m.id, now, None)  # already there; retry direct
+                self._schedule([m], now, None)  # already there; retry direct
                 continue
             plain = wire.encode_mailbox_plaintext(
                 wire.MAILBOX_MESSAGE, self.public_key, m.id, m.envelope
             )
             if len(plain) + _SEAL_OVERHEAD > wire.MAX_MAILBOX_ENTRY:
                 log.warning("message %s is too large for a mailbox: direct only", m.id.hex())
-                self.ledger.mark_attempt(m.id, now, None)
+                self._schedule([m], now, None)
                 continue
-            puts.append(MailboxPut(peer_key, m.id, plain))
+            puts.append(MailboxPut(peer_key, m.id, plain, m.attempts))
         return puts
 
     def mailbox_put_done(self, put: MailboxPut, copies: int, now: float) -> list[Event]:
         """``copies`` nodes took the entry (0: none; it is retried after backoff)."""
-        self.ledger.mark_attempt(put.msg_id, now, "mailbox" if copies else None)
+        when = now + backoff(put.attempts, self._rng)
+        via = "mailbox" if copies else None
+        self._writes.append(ScheduleAttempt(put.msg_id, put.attempts + 1, when, now, via))
         log.info("message %s left in %d mailbox(es)", put.msg_id.hex()[:8], copies)
         if not copies:
             return []
@@ -538,7 +660,12 @@ class DeliveryCore:
     ) -> None:
         """Every ack comes through here, whichever way it came."""
         self.stats["acks_in"] += 1
-        delivered = self.ledger.mark_delivered(msg_id, peer_key, now)
+        # Only the recipient's ack counts, once (a repeat, or a signal's, changes nothing).
+        recipient, state = self.ledger.outgoing_state(msg_id) or (None, None)
+        delivered = recipient == peer_key and state != DELIVERED and msg_id not in self._delivering
+        if delivered:
+            self._delivering.add(msg_id)
+            self._writes.append(MarkDelivered(msg_id, peer_key, now))
         events.append(AckReceived(peer_key, msg_id, delivered))
 
     def _nack_received(
@@ -554,6 +681,7 @@ class DeliveryCore:
         self._last_reset[peer_key] = now
         log.info("%s cannot decrypt our messages: starting a new session", message.handle)
         self.ledger.reset_session(peer_key, now)
+        self._make_due(peer_key, now)
         events.append(SessionReset(peer_key, message.handle))
 
     def _accept(
@@ -599,7 +727,8 @@ class DeliveryCore:
         if trusted is None and payload.sender:
             events.append(SenderUnverified(payload.sender, sender_key, "message", via))
         if self.ledger.has_pending(sender_key):  # the peer is alive: what we owe may go
-            self.ledger.retry_now(sender_key)
+            self._writes.append(MakeDue(sender_key, now))
+            self._make_due(sender_key, now)
             events.append(PendingMadeDue(sender_key))
         return _ACK, sender_key
 

@@ -6,11 +6,18 @@ what MessageStore, Contacts and SessionManager commit on their own: a session re
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .. import wire
-from ..messaging import Contacts, Message, MessageStore
+from ..messaging import SENT, Contacts, Message, MessageStore
 from ..session import SessionManager
+from .events import MakeDue, MarkDelivered, ScheduleAttempt, SetEnvelope, Write
+
+#: The outbox's pending messages, through the partial index on (peer_key, seq) (see
+#: p2pd.messaging: the condition written out so that SQLite uses the index).
+_PENDING_CONV = "messages INDEXED BY messages_pending_conv"
+_PENDING = "direction='out' AND state IN ('queued', 'sent')"
 
 
 class SqliteLedger:
@@ -72,14 +79,28 @@ class SqliteLedger:
             now, via=via, commit=False,
         )  # fmt: skip
 
-    def mark_delivered(self, msg_id: bytes, peer_key: bytes, now: float) -> bool:
-        return self.messages.mark_delivered(msg_id, peer_key, now, commit=False)
+    def outgoing_state(self, msg_id: bytes) -> tuple[bytes, str] | None:
+        row = self.conn.execute(
+            "SELECT peer_key, state FROM messages WHERE id=? AND direction='out'", (msg_id,)
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), str(row[1]))
 
     def has_pending(self, peer_key: bytes) -> bool:
         return self.messages.has_pending(peer_key)
 
-    def retry_now(self, peer_key: bytes) -> None:
-        self.messages.retry_now(peer_key)
+    def next_attempts(self) -> dict[bytes, float]:
+        rows = self.conn.execute(
+            f"SELECT peer_key, MIN(next_attempt) FROM {_PENDING_CONV} WHERE {_PENDING} "
+            "GROUP BY peer_key"
+        ).fetchall()
+        return {bytes(peer_key): float(when) for peer_key, when in rows}
+
+    def next_attempt(self, peer_key: bytes) -> float | None:
+        (when,) = self.conn.execute(
+            f"SELECT MIN(next_attempt) FROM {_PENDING_CONV} WHERE {_PENDING} AND peer_key=?",
+            (peer_key,),
+        ).fetchone()
+        return None if when is None else float(when)
 
     def reset_session(self, peer_key: bytes, now: float) -> None:
         self.sessions.reset_session(peer_key, now=now)
@@ -91,8 +112,34 @@ class SqliteLedger:
     def set_envelope(self, msg_id: bytes, envelope: bytes) -> None:
         self.messages.set_envelope(msg_id, envelope, commit=False)
 
-    def mark_attempt(self, msg_id: bytes, now: float, via: str | None) -> None:
-        self.messages.mark_attempt(msg_id, now, via=via, commit=False)
+    def apply(self, writes: Sequence[Write]) -> None:
+        """The core's rows, in the open transaction (the caller commits)."""
+        attempts: list[tuple[Any, ...]] = []
+        for write in writes:
+            if isinstance(write, ScheduleAttempt):  # a batch's: one statement
+                via = write.via
+                attempts.append((write.attempts, write.next_attempt, write.now, via, via,
+                                 write.msg_id))  # fmt: skip
+                continue
+            self._schedule(attempts)
+            if isinstance(write, SetEnvelope):
+                self.set_envelope(write.msg_id, write.envelope)
+            elif isinstance(write, MarkDelivered):
+                self.messages.mark_delivered(write.msg_id, write.peer_key, write.now, commit=False)
+            elif isinstance(write, MakeDue):
+                self.conn.execute(
+                    f"UPDATE {_PENDING_CONV} SET next_attempt=? "
+                    f"WHERE {_PENDING} AND peer_key=? AND next_attempt>?",
+                    (write.when, write.peer_key, write.when),
+                )
+        self._schedule(attempts)
 
-    def mark_sent(self, messages: list[Message], now: float, via: str) -> None:
-        self.messages.mark_sent(messages, now, via=via, commit=False)
+    def _schedule(self, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            self.conn.executemany(
+                "UPDATE messages SET attempts=?, next_attempt=?, updated=?, state=CASE WHEN "
+                f"? IS NULL THEN state ELSE '{SENT}' END, via=COALESCE(?, via) "
+                "WHERE id=? AND state!='delivered'",
+                rows,
+            )
+            rows.clear()

@@ -3,8 +3,10 @@
 The decisions are :class:`~p2pd.delivery.core.DeliveryCore`'s (sans I/O); this module
 does the I/O around them: QUIC streams, the DHT mailbox, sealing, the record cache, one
 worker task per conversation, and the control API's views. It reads the clock once per
-entry point of the core, commits once after each (:meth:`Delivery._committed`), and
-reacts to the core's events in one place (:meth:`Delivery._dispatch`).
+entry point of the core, has the ledger apply the core's rows and commit once after
+each (:meth:`Delivery._committed`), reacts to the core's events in one place
+(:meth:`Delivery._dispatch`), and sleeps until the core's next deadline
+(``get_timer``: retries, answer deadlines) in one long-lived cancel scope, never polling.
 
 Sending. ``send`` resolves the handle, checks the key against the pin, and stores the
 message (state ``queued``) before it returns. One worker per conversation then, in the
@@ -29,6 +31,7 @@ Wire formats: docs/PROTOCOL.md, "Messages".
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -72,17 +75,23 @@ from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from ..wire import Address
 from .core import (
     BATCH,
+    PREPARE,
     RESET_INTERVAL,
+    WAIT,
+    DeliveryCore,
+    Exchange,
+    IncomingStream,
+)
+from .events import (
     AckOwed,
     AckReceived,
-    DeliveryCore,
+    DeliveryDue,
     Event,
-    Exchange,
     ExchangeEnded,
-    IncomingStream,
     MessageReceived,
     MessageSent,
-    PendingMadeDue,
+    PrepareDue,
+    RetryDue,
     RotationReceived,
     SenderUnverified,
     SessionReset,
@@ -96,9 +105,6 @@ log = logging.getLogger(__name__)
 
 #: How long a resolved record is used before it is looked up again.
 RECORD_CACHE_SECONDS = 60.0
-#: While an exchange waits, how long messages queued one by one may gather before the
-#: worker encrypts them (Delivery._worker).
-PREPARE_GATHER = 0.002
 #: Messages one ``send`` call may queue at once (the control API's ``texts``).
 MAX_SEND_BATCH = 1000
 #: Events buffered per subscriber before new ones are dropped for it.
@@ -184,12 +190,14 @@ class Delivery:
             nacl.signing.SigningKey(identity.seed).to_curve25519_private_key()
         )
         self._records: dict[bytes, tuple[HandleRecord, float]] = {}
-        self._workers: set[bytes] = set()
-        #: Set to wake a peer's worker that waits: its exchange ended, or a message was
-        #: queued.
+        #: Set to wake a worker that waits (WAIT): its exchange ended, RetryDue, PrepareDue.
         self._worker_wake: dict[bytes, trio.Event] = {}
-        self._exchange_ended: dict[bytes, trio.Event] = {}
-        self._kick = trio.Event()
+        #: The exchanges whose answers are being read: a scope to stop reading when the
+        #: core's timer ends one, and the connection it was written on.
+        self._reading: dict[Exchange, tuple[trio.CancelScope, QuicPeer]] = {}
+        #: The one timer: sleeps until the core's get_timer() (wall time, _armed).
+        self._timer = trio.CancelScope()
+        self._armed: float | None = None
         self._mailbox_kick = trio.Event()
         self._nursery: trio.Nursery | None = None
         #: Counters (the core's; the control API's ``statistics`` shows them).
@@ -198,22 +206,37 @@ class Delivery:
     # ------------------------------------------------------------------ service
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Deliver due messages and poll the mailbox until cancelled."""
+        """Deliver due messages and poll the mailbox until cancelled: the core's timer
+        (retries, answer deadlines) fired at its deadlines, never polled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            with self._committed():
+                self.core.load_schedule()  # what was pending before a restart
             nursery.start_soon(self._mailbox_loop)
             task_status.started()
             while True:
-                now = time.time()
-                for peer_key in self.messages.due_peers(now):
-                    if peer_key not in self._workers:
-                        self._workers.add(peer_key)
-                        nursery.start_soon(self._worker, peer_key)
-                next_due = self.messages.next_due()
-                wait = 30.0 if next_due is None else min(30.0, max(0.05, next_due - now))
-                with trio.move_on_after(wait):
-                    await self._kick.wait()
-                self._kick = trio.Event()
+                self._timer = trio.CancelScope()
+                self._armed = None
+                self._rearm()
+                with self._timer:
+                    await trio.sleep_forever()
+                # (If the wall clock runs behind the monotonic one, the core finds nothing
+                # due yet, and the timer is set again for the rest: no spin.)
+                with self._committed():
+                    events = self.core.handle_timer(time.time())
+                self._dispatch(events)
+
+    def _rearm(self) -> None:
+        """Move the timer's deadline to the core's next one (if it changed: moving it
+        re-sorts trio's deadlines)."""
+        when = self.core.get_timer()
+        if when == self._armed:
+            return
+        self._armed = when
+        if when is None:
+            self._timer.deadline = math.inf
+        else:
+            self._timer.deadline = trio.current_time() + max(0.0, when - time.time())
 
     def _spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start background work in the service's nursery, unless it is shutting down
@@ -224,10 +247,6 @@ class Delivery:
             self._nursery.start_soon(func, *args)
         except RuntimeError:  # the nursery is closed: the daemon is stopping
             log.debug("not starting %s: shutting down", getattr(func, "__name__", func))
-
-    def kick(self) -> None:
-        """Look for due messages now (something was queued, or a peer came online)."""
-        self._kick.set()
 
     def poll_mailbox_now(self) -> None:
         self._mailbox_kick.set()
@@ -259,7 +278,7 @@ class Delivery:
         messages = self.messages.enqueue_many(ref.handle, contact.public_key, texts, now)
         for message in messages:
             self.events.emit("message_status", **message.summary())
-        self._start_worker(contact.public_key)
+        self._queued(contact.public_key)
         return messages
 
     async def contact_for(self, ref: HandleRef) -> Contact:
@@ -291,50 +310,29 @@ class Delivery:
             )
         return contact
 
-    def _start_worker(self, peer_key: bytes) -> None:
-        """Deliver to ``peer_key`` now: start its worker unless one runs (it will find the
-        new message when it next looks). Starting it here, not from the service loop,
-        saves a task switch and two queries on every message's way out."""
-        if peer_key in self._workers:
-            wake = self._worker_wake.get(peer_key)
-            if wake is not None:
-                wake.set()  # it waits for an exchange: encrypt the new message meanwhile
-            return
-        if self._nursery is None:
-            self.kick()
-            return
-        self._workers.add(peer_key)
-        try:
-            self._nursery.start_soon(self._worker, peer_key)
-        except RuntimeError:  # the nursery is closed: the daemon is stopping
-            self._workers.discard(peer_key)
+    def _queued(self, peer_key: bytes) -> None:
+        """Messages to ``peer_key`` were queued (or moved to it): the core starts its
+        worker (DeliveryDue) or has the one that waits encrypt them (PrepareDue)."""
+        with self._committed():
+            events = self.core.messages_queued(peer_key, time.time())
+        self._dispatch(events)
 
     # ------------------------------------------------------------------ sending internals
 
     async def _worker(self, peer_key: bytes) -> None:
-        """Deliver one conversation's due messages, in batches, until none is due.
-
-        One exchange (a batch written, its acks awaited) at a time; while it waits, the
-        messages queued meanwhile are encrypted, so that we encrypt the next batch while
-        the receiver decrypts this one. Stop-and-wait alone had the two daemons take
-        turns, each idle half the time; several exchanges at once overlapped them too,
-        but aioquic serves streams round-robin, packet by packet, so the receiver got
-        the batches interleaved, and every message out of order leaves a skipped key in
-        the session state written with each message (58 KB states, measured).
-        """
+        """Deliver one conversation's due messages, in batches, until none is due; the
+        core says what to do next (``worker_step``: one batch in flight at a time, and
+        what is queued behind it encrypted while it waits; see its module docstring)."""
         try:
             async with trio.open_nursery() as exchanges:
                 for _ in range(10_000):  # bounded: batches and waits, then rescheduled
-                    self._worker_wake[peer_key] = wake = trio.Event()
-                    ended = self._exchange_ended[peer_key] = trio.Event()
-                    if exchanges.child_tasks:  # an exchange waits for its acks
+                    step = self.core.worker_step(peer_key, time.time())
+                    if step == WAIT:  # for ExchangeEnded, RetryDue or PrepareDue
+                        self._worker_wake[peer_key] = wake = trio.Event()
+                        await wake.wait()
+                        continue
+                    if step == PREPARE:
                         await self._prepare(peer_key)
-                        await wake.wait()  # it ended, or a message was queued
-                        if exchanges.child_tasks:
-                            # Queued one by one: let a few gather before encrypting (one
-                            # transaction for all), unless the exchange ends first.
-                            with trio.move_on_after(PREPARE_GATHER):
-                                await ended.wait()
                         continue
                     batch = self.messages.due_for(peer_key, time.time(), limit=BATCH)
                     if not batch:
@@ -347,9 +345,8 @@ class Delivery:
                             self.core.delivery_failed(batch, time.time())
         finally:
             self._worker_wake.pop(peer_key, None)
-            self._exchange_ended.pop(peer_key, None)
-            self._workers.discard(peer_key)
-            self.kick()
+            with self._committed():
+                self.core.conversation_idle(peer_key)
 
     async def _prepare(self, peer_key: bytes) -> None:
         """Encrypt the due messages that have no envelope yet (the next batch; those of
@@ -441,7 +438,9 @@ class Delivery:
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-            self._dispatch(self.core.end_exchange(exchange, time.time()), peer)
+            with self._committed():
+                events = self.core.end_exchange(exchange, time.time())
+            self._dispatch(events, peer)
             raise
         with self._committed():
             events = self.core.exchange_written(exchange, time.time())
@@ -449,15 +448,21 @@ class Delivery:
         return stream
 
     async def _await_answers(self, peer: QuicPeer, stream: QuicStream, exchange: Exchange) -> None:
-        """Read the answers to a written exchange until all came or its deadline passed."""
+        """Read the answers to a written exchange until all came or the core's timer
+        ends it (ExchangeEnded cancels the scope)."""
+        reading = self._reading[exchange] = (trio.CancelScope(), peer)
         try:
             async with stream:
-                with trio.move_on_after(max(0.0, exchange.deadline - time.time())):
-                    await self._pump(peer, stream, exchange)
+                if not exchange.ended:
+                    with reading[0]:
+                        await self._pump(peer, stream, exchange)
         except Exception:  # in a worker's nursery: it must not end the worker
             log.exception("reading answers from %s failed", _who(peer.public_key))
         finally:
-            self._dispatch(self.core.end_exchange(exchange, time.time()), peer)
+            self._reading.pop(exchange, None)
+            with self._committed():
+                events = self.core.end_exchange(exchange, time.time())
+            self._dispatch(events, peer)
 
     async def _pump(
         self, peer: QuicPeer, stream: QuicStream, reader: Exchange | IncomingStream
@@ -544,13 +549,18 @@ class Delivery:
 
     @contextmanager
     def _committed(self) -> Iterator[None]:
-        """Around each entry point of the core: commit what it wrote, whatever happens,
-        before any await (the connection is shared: another task must never see, or
-        commit, half of it)."""
+        """Around each entry point of the core: apply the rows it decided on and commit
+        them with what it read and decrypted, whatever happens, before any await (the
+        connection is shared: another task must never see, or commit, half of it); then
+        move the timer to the core's next deadline."""
         try:
             yield
         finally:
-            self.ledger.commit()
+            try:
+                self.ledger.apply(self.core.writes_to_commit())
+            finally:
+                self.ledger.commit()
+                self._rearm()
 
     def _dispatch(self, events: Sequence[Event], peer: QuicPeer | None = None) -> None:
         """React to what the core reports; ``peer`` is the connection it came over."""
@@ -566,31 +576,46 @@ class Delivery:
                 self.rotation_received(event)
             elif isinstance(event, SenderUnverified):
                 self._spawn(self._verify_sender, event)
-            elif isinstance(event, PendingMadeDue):
-                self.kick()
+            elif isinstance(event, DeliveryDue):
+                self._start_worker(event.peer_key)
             elif isinstance(event, AckReceived):
                 if event.delivered:
                     self.events.emit("message_status", id=event.msg_id.hex(), state="delivered")
             elif isinstance(event, SessionReset):
                 self._records.pop(event.peer_key, None)  # its bundle may have changed too
-                self.kick()
             elif isinstance(event, MessageSent):
                 self.events.emit(
                     "message_status", id=event.msg_id.hex(), state="sent", via=event.via
                 )
-            elif isinstance(event, ExchangeEnded):
-                for wake in (self._worker_wake, self._exchange_ended):
-                    waiting = wake.get(event.peer_key)
-                    if waiting is not None:
-                        waiting.set()
-                if event.close_connection and peer is not None and not peer.is_closing:
+            elif isinstance(event, PrepareDue | RetryDue | ExchangeEnded):
+                wake = self._worker_wake.get(event.peer_key)
+                if wake is not None:
+                    wake.set()
+            if isinstance(event, ExchangeEnded):
+                conn = peer
+                reading = self._reading.get(event.exchange) if event.exchange else None
+                if reading is not None:  # the timer ended it: stop reading its stream
+                    reading[0].cancel()
+                    conn = reading[1]
+                if event.close_connection and conn is not None and not conn.is_closing:
                     # Not one answer: the peer may have died without closing (kill -9, a
                     # lost network). Drop the connection so that the next attempt finds
                     # out afresh instead of writing into it until the idle timeout.
                     log.info("no answer from %s: closing the connection", _who(event.peer_key))
-                    peer.close("no answer")
+                    conn.close("no answer")
             # AckOwed: check_mailbox sends those acks together; NackReceived: the core
-            # has decided (SessionReset) and an exchange has taken note.
+            # has decided (SessionReset) and an exchange has taken note; PendingMadeDue:
+            # the core's timer hands the conversation to a worker (DeliveryDue).
+
+    def _start_worker(self, peer_key: bytes) -> None:
+        """DeliveryDue: the core holds the conversation for this worker."""
+        if self._nursery is not None:
+            try:
+                self._nursery.start_soon(self._worker, peer_key)
+                return
+            except RuntimeError:  # the nursery is closed: the daemon is stopping
+                pass
+        self.core.conversation_idle(peer_key)  # the timer picks it up once run() runs
 
     def announce_rotation(self, notice: RotationNotice) -> int:
         """Queue ``notice`` (our key just rotated to this identity's) for every contact,
@@ -611,7 +636,8 @@ class Delivery:
             )
         set_meta(self._conn, ROTATION_SENT_META, encoded.hex())
         log.info("key rotation notice queued for %d contact(s)", len(contacts))
-        self.kick()
+        for contact in contacts:
+            self._queued(contact.public_key)
         return len(contacts)
 
     def rotation_received(self, event: RotationReceived) -> None:
@@ -644,7 +670,7 @@ class Delivery:
             fingerprint=fingerprint(notice.new_key),
             issued=notice.issued,
         )
-        self._start_worker(notice.new_key)
+        self._queued(notice.new_key)
 
     async def _verify_sender(self, event: SenderUnverified) -> None:
         """A key no contact holds claims a handle. A pinned handle: that is evidence of
@@ -761,7 +787,7 @@ class Delivery:
             contact, previous = self.contacts.accept_new(ref.handle, accept_new, time.time())
             moved = self.messages.readdress(ref.handle, previous, contact.public_key)
             log.info("pinned %s to the key named (%d message(s) follow)", ref.handle, moved)
-            self._start_worker(contact.public_key)
+            self._queued(contact.public_key)
             return contact, previous
         contact = await self.contact_for(ref)
         if accept:
