@@ -274,16 +274,8 @@ class MessageStore:
         ).fetchone()
         return None if row is None else self._row(row)
 
-    def due(self, now: float, limit: int = 256) -> list[Message]:
-        """Outgoing messages not yet acknowledged whose retry time has come, in order."""
-        rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM {_PENDING_DUE} WHERE {_PENDING} "
-            "AND next_attempt<=? ORDER BY peer_key, seq LIMIT ?",
-            (now, limit),
-        ).fetchall()
-        return self._rows(rows)
-
     def next_due(self) -> float | None:
+        """The earliest retry time of any unacknowledged message (None: nothing pending)."""
         row = self._conn.execute(
             f"SELECT MIN(next_attempt) FROM {_PENDING_DUE} WHERE {_PENDING}"
         ).fetchone()
@@ -297,14 +289,6 @@ class MessageStore:
             (peer_key, now, limit),
         ).fetchall()
         return self._rows(rows)
-
-    def due_peers(self, now: float) -> list[bytes]:
-        """The conversations with a message due now."""
-        rows = self._conn.execute(
-            f"SELECT DISTINCT peer_key FROM {_PENDING_DUE} WHERE {_PENDING} AND next_attempt<=?",
-            (now,),
-        ).fetchall()
-        return [bytes(r[0]) for r in rows]
 
     def clear_envelopes(self, peer_key: bytes) -> int:
         """Forget the ciphertext of a conversation's unacknowledged messages, so that they
@@ -339,54 +323,6 @@ class MessageStore:
         if commit:
             self._conn.commit()
 
-    def mark_sent(
-        self,
-        messages: list[Message],
-        now: float,
-        *,
-        via: str,
-        rng: random.Random | None = None,
-        commit: bool = True,
-    ) -> None:
-        """:meth:`mark_attempt` for messages just read by :meth:`due_for` and transmitted
-        ``via`` direct/mailbox: one statement each, from the attempts they were read with
-        (one worker per conversation, so nobody else counted an attempt since)."""
-        self._conn.executemany(
-            "UPDATE messages SET attempts=?, next_attempt=?, state=?, updated=?, via=? "
-            f"WHERE id=? AND state!='{DELIVERED}'",
-            [
-                (m.attempts + 1, now + backoff(m.attempts, rng), SENT, now, via, m.id)
-                for m in messages
-            ],
-        )
-        if commit:
-            self._conn.commit()
-
-    def mark_attempt(
-        self,
-        msg_id: bytes,
-        now: float,
-        *,
-        via: str | None,
-        rng: random.Random | None = None,
-        commit: bool = True,
-    ) -> None:
-        """A transmission happened (``via`` direct/mailbox) or failed (None): schedule the next."""
-        row = self._conn.execute(
-            "SELECT attempts, state FROM messages WHERE id=?", (msg_id,)
-        ).fetchone()
-        if row is None or row[1] == DELIVERED:
-            return
-        attempts = int(row[0]) + 1
-        state = SENT if via is not None else row[1]
-        self._conn.execute(
-            "UPDATE messages SET attempts=?, next_attempt=?, state=?, updated=?, "
-            "via=COALESCE(?, via) WHERE id=?",
-            (attempts, now + backoff(attempts - 1, rng), state, now, via, msg_id),
-        )
-        if commit:
-            self._conn.commit()
-
     def mark_delivered(
         self, msg_id: bytes, peer_key: bytes, now: float, *, commit: bool = True
     ) -> bool:
@@ -417,17 +353,6 @@ class MessageStore:
                 (new_key, old_key, handle),
             )
         return cursor.rowcount
-
-    def retry_now(self, peer_key: bytes | None = None) -> None:
-        """Make pending messages due at once (a peer came online, the user asked)."""
-        if peer_key is None:
-            self._conn.execute(f"UPDATE {_PENDING_DUE} SET next_attempt=0 WHERE {_PENDING}")
-        else:
-            self._conn.execute(
-                f"UPDATE {_PENDING_CONV} SET next_attempt=0 WHERE {_PENDING} AND peer_key=?",
-                (peer_key,),
-            )
-        self._conn.commit()
 
     # ------------------------------------------------------------------ incoming
 

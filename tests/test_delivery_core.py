@@ -52,6 +52,7 @@ from p2pd.delivery.events import (
     PendingMadeDue,
     PrepareDue,
     RetryDue,
+    ScheduleAttempt,
     SenderUnverified,
     SessionReset,
     SignalReceived,
@@ -531,11 +532,18 @@ def test_a_replayed_envelope_under_a_new_id_gets_no_answer() -> None:
     assert pair.inbox() == ["only once"]
 
 
+def fail_once(side: Side, msg_id: bytes, now: float) -> None:
+    """A first attempt that failed (no transport): the message waits 0.5 s, as the core
+    schedules it."""
+    side.ledger.apply([ScheduleAttempt(msg_id, 1, now + 0.5, now, None)])
+    side.ledger.commit()
+
+
 def test_a_message_makes_what_we_owe_its_sender_due_now() -> None:
     pair = Pair()
     # bob owes alice a message, waiting for its backoff
     (owed,) = pair.bob.messages.enqueue_many("alice", pair.alice.key, ["owed"], pair.now)
-    pair.bob.messages.mark_attempt(owed.id, pair.now, via=None)
+    fail_once(pair.bob, owed.id, pair.now)
     assert pair.bob.messages.due_for(pair.alice.key, pair.now) == []
     pair.queue("hello")
     exchange, _ = pair.send()
@@ -733,7 +741,7 @@ def test_a_delivered_message_stays_delivered() -> None:
 def test_a_message_from_the_peer_makes_the_conversation_due_by_the_timer() -> None:
     pair = Pair()
     (owed,) = pair.bob.messages.enqueue_many("alice", pair.alice.key, ["owed"], pair.now)
-    pair.bob.messages.mark_attempt(owed.id, pair.now, via=None)  # waits 0.5 s
+    fail_once(pair.bob, owed.id, pair.now)  # waits 0.5 s
     bob = pair.bob.core
     bob.load_schedule()
     assert bob.get_timer() is not None and bob.get_timer() > pair.now  # type: ignore[operator]

@@ -20,7 +20,6 @@ from p2pd.messaging import (
     MAX_EVIDENCE_KEYS,
     MAX_EVIDENCE_PLACE,
     QUEUED,
-    SENT,
     Contacts,
     MessageStore,
     backoff,
@@ -47,31 +46,23 @@ def new_store() -> MessageStore:
     return MessageStore(open_database(None), at_rest=_AT_REST[0])
 
 
-def test_outbox_lifecycle_queued_sent_delivered() -> None:
+def test_outbox_lifecycle_queued_then_delivered() -> None:
+    """The store's part of a message's life (the retry schedule is the delivery core's:
+    tests/test_delivery_core.py)."""
     store = new_store()
-    rng = random.Random(1)
     m1 = store.enqueue("bob", BOB, "hello", now=100.0)
     m2 = store.enqueue("bob", BOB, "again", now=100.5)
     m3 = store.enqueue("carol", CAROL, "hi carol", now=101.0)
     assert (m1.seq, m2.seq, m3.seq) == (1, 2, 1)  # per-conversation sequence
     assert m1.state == QUEUED
-    assert [m.id for m in store.due(now=101.0)] == sorted(
-        [m1.id, m2.id, m3.id],
-        key=lambda i: (store.get(i).peer_key, store.get(i).seq),  # type: ignore[union-attr]
-    )
-    store.mark_attempt(m1.id, 102.0, via="direct", rng=rng)
-    assert store.get(m1.id).state == SENT  # type: ignore[union-attr]
-    assert m1.id not in [m.id for m in store.due(now=102.0)]  # backing off
-    assert m1.id in [m.id for m in store.due(now=200.0)]  # due again: not acked yet
+    assert [m.id for m in store.due_for(BOB, now=101.0)] == [m1.id, m2.id]  # in order
+    assert [m.id for m in store.due_for(CAROL, now=101.0)] == [m3.id]
     assert not store.mark_delivered(m1.id, CAROL, 103.0)  # an ack from the wrong peer
     assert store.mark_delivered(m1.id, BOB, 103.0)
     assert not store.mark_delivered(m1.id, BOB, 104.0)  # a duplicate ack changes nothing
     assert store.get(m1.id).state == DELIVERED  # type: ignore[union-attr]
-    assert m1.id not in [m.id for m in store.due(now=1e9)]
-    store.mark_attempt(m2.id, 102.0, via=None, rng=rng)  # failed attempt: stays queued
-    assert store.get(m2.id).state == QUEUED  # type: ignore[union-attr]
-    store.retry_now(BOB)
-    assert m2.id in [m.id for m in store.due(now=102.1)]
+    assert [m.id for m in store.due_for(BOB, now=1e9)] == [m2.id]
+    assert store.has_pending(BOB) and [m.id for m in store.pending_for(BOB)] == [m2.id]
     with pytest.raises(UsageError):
         store.enqueue("bob", BOB, "x" * (wire.MAX_TEXT + 1), now=1.0)
 
