@@ -43,6 +43,7 @@ COMMANDS = {
     "answer": "calls:answer",
     "hangup": "calls:hangup",
     "calls": "calls:calls",
+    "devices": "devices:devices",
 }
 
 
