@@ -218,7 +218,7 @@ def test_devices_and_call_with_no_device_at_all(tmp_path: Path) -> None:
     )  # fmt: skip
     assert check.stdout.splitlines() == [
         "no microphone found: use --audio-in FILE|tone:HZ",
-        "no speaker found: use --audio-out none",
+        "no speaker found: use --audio-out none or --record FILE",
     ], check.stderr
 
 
@@ -244,13 +244,17 @@ def test_a_call_from_microphone_to_speaker(pulse: Pulse) -> None:
         captures = [pulse.record(f"{h}_speaker.monitor", root / f"{h}-heard.wav")
                     for h in ("alice", "bob")]  # fmt: skip
         players += captures
-        # No --audio-in/--audio-out: the default microphone and speaker.
+        # bob: no --audio-in/--audio-out, the default microphone and speaker; alice names
+        # hers (PortAudio's "pulse" device, which follows PULSE_SOURCE/PULSE_SINK too).
         answer = subprocess.Popen(
             [*p2pd_command(), "--home", str(root / "bob"), "answer", "--wait", "30", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         try:
-            call = run_cli(root / "alice", "call", "bob", "--duration", "4", "--json", timeout=60)
+            call = run_cli(
+                root / "alice", "call", "bob", "--audio-in", "mic:pulse",
+                "--audio-out", "speaker:pulse", "--duration", "4", "--json", timeout=60,
+            )  # fmt: skip
             out, err = answer.communicate(timeout=60)
         finally:
             answer.kill()
@@ -265,7 +269,7 @@ def test_a_call_from_microphone_to_speaker(pulse: Pulse) -> None:
             # zeros, after which the speaker's queue grows by 10 ms. (Seen at a load
             # average of 8-9 on 2 cores, other suites running: 3 to 5 in 4 s; idle: 0.)
             assert media["speaker_underruns"] <= 5, json.dumps(media)
-            assert media["audio_frames_played"] >= 180, (handle, media)
+            assert media["audio_frames_played"] >= 150, json.dumps(media)  # 3 s of 4
             assert media["mic_dropped_frames"] == 0, (handle, media)
             samples = read_wav(root / f"{handle}-heard.wav")
             level = np.sqrt(

@@ -215,7 +215,10 @@ def list_devices() -> DeviceList:
 
 def _pick(kind: str, name: str, devices: list[AudioDevice]) -> AudioDevice:
     """The device ``name`` names among ``devices`` (empty name: the default)."""
-    flag, spec = ("--audio-in", "FILE|tone:HZ") if kind == "mic" else ("--audio-out", "none")
+    if kind == "mic":
+        flag, spec = "--audio-in", "FILE|tone:HZ"
+    else:
+        flag, spec = "--audio-out", "none or --record FILE"
     what = "microphone" if kind == "mic" else "speaker"
     if not devices:
         raise LocalError(f"no {what} found: use {flag} {spec}")
