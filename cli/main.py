@@ -44,6 +44,7 @@ COMMANDS = {
     "answer": "calls:answer",
     "hangup": "calls:hangup",
     "calls": "calls:calls",
+    "devices": "devices:devices",
 }
 
 

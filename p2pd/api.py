@@ -155,12 +155,14 @@ class MailboxCheck(TypedDict):
 @dataclass(frozen=True)
 class CallMedia:
     """What a call sends and records: ``audio_in``/``video_in`` sources, a ``record``
-    path (absolute), a ``duration`` in seconds (None: until someone hangs up)."""
+    path (absolute), a ``duration`` in seconds (None: until someone hangs up), and
+    ``audio_out``, the speaker to play to (None or ``none``: no device)."""
 
     audio_in: str | None = None
     video_in: str | None = None
     record: str | None = None
     duration: float | None = None
+    audio_out: str | None = None
 
 
 def record_summary(record: HandleRecord) -> RecordSummary:
@@ -359,7 +361,7 @@ class Api:
         media = media or CallMedia()
         placed = await self._calls.call(
             handle, audio_in=media.audio_in, video_in=media.video_in, record=media.record,
-            duration=media.duration,
+            duration=media.duration, audio_out=media.audio_out,
         )  # fmt: skip
         return placed.summary()
 
@@ -368,7 +370,7 @@ class Api:
         media = media or CallMedia()
         answered = await self._calls.answer(
             wait=wait, audio_in=media.audio_in, video_in=media.video_in, record=media.record,
-            duration=media.duration,
+            duration=media.duration, audio_out=media.audio_out,
         )  # fmt: skip
         return answered.summary()
 

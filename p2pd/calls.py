@@ -270,13 +270,15 @@ class CallManager:
         video_in: str | None,
         record: str | None,
         duration: float | None,
+        audio_out: str | None = None,
     ) -> Call:
         """Ring ``target``; returns once the call is answered, refused or given up."""
         ref = HandleRef.parse(target)
         if self.current is not None and self.current.state not in ENDED:
             raise CallError("a call is already in progress: `p2pd hangup` first")
         await load_media()
-        _check_media(audio_in, video_in, record, duration)
+        _check_media(audio_in, video_in, record, duration, audio_out)
+        await _check_devices(audio_in, audio_out)
         contact = await self.delivery.contact_for(ref)  # the pinned key, always
         call = Call(os.urandom(16).hex(), "out", ref.handle, contact.public_key,
                     video_in is not None, "calling")  # fmt: skip
@@ -299,7 +301,7 @@ class CallManager:
                         encode_signal("hangup", call.id))  # fmt: skip
             self._finish(call, "no-answer", f"{call.handle} did not answer in {ring:g} s")
         elif call.state == "accepted":
-            self._start_media(call, audio_in, video_in, record, duration)
+            self._start_media(call, audio_in, video_in, record, duration, audio_out)
         return call
 
     async def answer(
@@ -310,10 +312,12 @@ class CallManager:
         video_in: str | None,
         record: str | None,
         duration: float | None,
+        audio_out: str | None = None,
     ) -> Call:
         """Answer the ringing call, or wait up to ``wait`` seconds for one."""
         await load_media()
-        _check_media(audio_in, video_in, record, duration)
+        _check_media(audio_in, video_in, record, duration, audio_out)
+        await _check_devices(audio_in, audio_out)
         with trio.move_on_after(wait):
             while self.current is None or self.current.state != "ringing":
                 await self._call_began.wait()
@@ -327,7 +331,7 @@ class CallManager:
         except (ConnectionLost, NotFound) as exc:
             self._finish(call, "failed", exc.message)
             return call
-        self._start_media(call, audio_in, video_in, record, duration)
+        self._start_media(call, audio_in, video_in, record, duration, audio_out)
         return call
 
     async def hangup(self) -> Call:
@@ -363,6 +367,7 @@ class CallManager:
         video_in: str | None,
         record: str | None,
         duration: float | None,
+        audio_out: str | None = None,
     ) -> None:
         from .media.call import CallMedia  # loaded by load_media() before the call began
 
@@ -373,6 +378,7 @@ class CallManager:
             video_in=video_in,
             record=Path(record) if record else None,
             duration=duration,
+            audio_out=audio_out,
         )
         call.connected_at = time.time()
         call.set_state("active")
@@ -450,7 +456,11 @@ async def load_media() -> None:
 
 
 def _check_media(
-    audio_in: str | None, video_in: str | None, record: str | None, duration: float | None
+    audio_in: str | None,
+    video_in: str | None,
+    record: str | None,
+    duration: float | None,
+    audio_out: str | None = None,
 ) -> None:
     """Refuse bad media arguments before ringing anyone (CallMedia checks them again)."""
     from .media.call import check_media_args  # loaded by load_media()
@@ -459,4 +469,13 @@ def _check_media(
         raise UsageError("the recording path must be absolute (the CLI makes it so)")
     if duration is not None and not 0 < duration <= 24 * 3600:
         raise UsageError("a call's duration must be between 0 and 24 hours")
-    check_media_args(audio_in, video_in, None if record is None else Path(record), duration)
+    path = None if record is None else Path(record)
+    check_media_args(audio_in, video_in, path, duration, audio_out)
+
+
+async def _check_devices(audio_in: str | None, audio_out: str | None) -> None:
+    """The microphone and speaker named exist (LocalError saying what to use instead).
+    PortAudio lists them in a worker thread: it may take tens of milliseconds."""
+    from .media.devices import check_devices  # loaded by load_media()
+
+    await trio.to_thread.run_sync(check_devices, audio_in, audio_out)

@@ -1,7 +1,8 @@
 """Configuration: one frozen dataclass per subsystem, read once and passed down.
 
-Sources, later ones winning: the defaults here, ``<home>/config.toml`` (sections ``[node]``
-and ``[dht]``), then the command line (click options, with environment variables).
+Sources, later ones winning: the defaults here, ``<home>/config.toml`` (sections ``[node]``,
+``[dht]``, ``[lan]`` and ``[calls]``), then the command line (click options, with
+environment variables).
 """
 
 from __future__ import annotations
@@ -231,10 +232,20 @@ class CallsConfig:
     #: as ``claimed#<fingerprint> (unverified)``) or ``contacts`` (such a call is refused
     #: without ringing; the caller is told "takes calls from contacts only").
     allow_from: str = "everyone"
+    #: What ``p2pd call`` / ``answer`` send when no ``--audio-in`` is given: ``mic``
+    #: (the default microphone), ``mic:NAME``, ``tone:HZ`` or a file.
+    audio_in: str = "mic"
+    #: Where they play what they receive when neither ``--audio-out`` nor ``--record``
+    #: is given: ``speaker`` (the default output), ``speaker:NAME``, or ``none``.
+    audio_out: str = "speaker"
 
     def __post_init__(self) -> None:
         if self.allow_from not in ("everyone", "contacts"):
             raise UsageError("calls from must be 'everyone' or 'contacts'")
+        if not self.audio_in:
+            raise UsageError("calls audio_in must name a source (mic, tone:HZ, a file)")
+        if self.audio_out != "none" and self.audio_out.partition(":")[0] != "speaker":
+            raise UsageError("calls audio_out must be speaker, speaker:NAME or none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,9 +320,14 @@ def load_config(home: Path) -> NodeConfig:
     dht = _apply(config.dht, doc.get("dht", {}), f"{path} [dht]")
     lan = _apply(config.lan, doc.get("lan", {}), f"{path} [lan]")
     calls_doc = doc.get("calls", {})
-    if not isinstance(calls_doc, dict) or set(calls_doc) - {"from"}:
-        raise UsageError(f"{path} [calls]: the only setting is from = contacts|everyone")
-    calls = CallsConfig(allow_from=str(calls_doc.get("from", "everyone")))
+    settings = {"from": "allow_from", "audio_in": "audio_in", "audio_out": "audio_out"}
+    if not isinstance(calls_doc, dict) or set(calls_doc) - set(settings):
+        raise UsageError(
+            f"{path} [calls]: the settings are from = contacts|everyone, audio_in, audio_out"
+        )
+    if not all(isinstance(v, str) for v in calls_doc.values()):
+        raise UsageError(f"{path} [calls]: from, audio_in and audio_out are strings")
+    calls = CallsConfig(**{settings[k]: v for k, v in calls_doc.items()})
     config = _apply(config, doc.get("node", {}), f"{path} [node]")
     out: NodeConfig = replace(config, dht=dht, lan=lan, calls=calls)
     return out

@@ -167,7 +167,7 @@ async def _peers(api: Api, params: Any) -> Any:
 
 def _call_media(p: dict[str, Any]) -> CallMedia:
     out: dict[str, Any] = {}
-    for name in ("audio_in", "video_in", "record"):
+    for name in ("audio_in", "video_in", "record", "audio_out"):
         value = p.get(name)
         if value is not None and not isinstance(value, str):
             raise UsageError(f"'{name}' must be a string")
@@ -180,7 +180,7 @@ def _call_media(p: dict[str, Any]) -> CallMedia:
     return CallMedia(**out, duration=None if duration is None else float(duration))
 
 
-MEDIA_PARAMS = ("audio_in", "video_in", "record", "duration")
+MEDIA_PARAMS = ("audio_in", "video_in", "record", "duration", "audio_out")
 
 
 @_method("call")

@@ -10,6 +10,10 @@
 #   avahi  avahi-daemon, avahi-browse and avahi-publish (avahi-utils), dbus-daemon (dbus),
 #          unshare (util-linux), mount: tests/test_lan_avahi.py runs Avahi on a private
 #          D-Bus in a testbed namespace, our only proof that another mDNS stack hears us.
+#   audio  pulseaudio, pactl/paplay/parec (pulseaudio-utils), the ALSA pulse plugin
+#          (libasound2-plugins) and PortAudio (libportaudio2): tests/test_audio_devices.py
+#          calls through virtual microphones and speakers of a PulseAudio server it
+#          starts, and sounddevice (the [audio] extra) needs PortAudio.
 #
 # It prints one line per package it installs and why. Only root on a machine with
 # apt-get installs anything; anywhere else it says what is missing and how to get it,
@@ -69,8 +73,18 @@ for group in "$@"; do
         need_command unshare util-linux "$why, in a private mount namespace"
         need_command mount mount "$why, with a tmpfs over /run"
         ;;
+    audio)
+        why="tests/test_audio_devices.py calls through a private PulseAudio's null sinks"
+        need_command pulseaudio pulseaudio "$why"
+        need_command pactl pulseaudio-utils "$why (pactl, paplay, parec)"
+        need_command parec pulseaudio-utils "$why (pactl, paplay, parec)"
+        ls /usr/lib/*/alsa-lib/libasound_module_pcm_pulse.so >/dev/null 2>&1 \
+            || need libasound2-plugins "ALSA's pulse plugin: PortAudio reaches PulseAudio through it"
+        ls /usr/lib/*/libportaudio.so.2 >/dev/null 2>&1 \
+            || need libportaudio2 "PortAudio: sounddevice (p2pd[audio]) opens devices through it"
+        ;;
     *)
-        echo "scripts/_system_deps.sh: unknown group '$group' (venv, netns, avahi)" >&2
+        echo "scripts/_system_deps.sh: unknown group '$group' (venv, netns, avahi, audio)" >&2
         exit 2
         ;;
     esac

@@ -3,8 +3,10 @@
 Some tests need more than Python: the namespace tests need root, ``ip`` and ``nft``
 (tests/netns_fixtures.py); the Avahi interop needs Avahi and D-Bus
 (tests/test_lan_avahi.py); the only proof of Opus in-band FEC needs a loadable libopus
-(tests/test_media_units.py). Where one is missing, such a test calls
-:func:`skip_or_fail` with the reason instead of ``pytest.skip``.
+(tests/test_media_units.py); calls through sound devices need PulseAudio, PortAudio and
+sounddevice (tests/test_audio_devices.py, scripts/_system_deps.sh audio). Where one is
+missing, such a test calls :func:`skip_or_fail` with the reason instead of
+``pytest.skip``.
 
 On a developer's machine that is a skip, listed with its reason at the end of the run
 (``-ra``). Under ``CI=true`` (.ci/run sets it; so do most CI services) it is a failure:

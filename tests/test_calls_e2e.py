@@ -27,7 +27,10 @@ class Net:
     def start(self, *handles: str) -> None:
         for handle in handles:
             assert run_cli(self.root / handle, "init", handle, "--no-passphrase").returncode == 0
-            (self.root / handle / "config.toml").write_text("[node]\nring_timeout = 3.0\n")
+            # No sound devices here: calls without --audio-in send a tone, play nowhere.
+            (self.root / handle / "config.toml").write_text(
+                '[node]\nring_timeout = 3.0\n[calls]\naudio_in = "tone:440"\naudio_out = "none"\n'
+            )
             boot = [d.listen for d in self.daemons.values()][:1]
             self.daemons[handle] = DaemonProcess(self.root / handle, bootstrap=boot).wait_ready()
 

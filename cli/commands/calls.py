@@ -40,24 +40,48 @@ def _media_options(func: F) -> F:
         help="Send video from SRC: testsrc (a test pattern), a file, or a camera device.",
     )(func)
     func = click.option(
+        "--audio-out",
+        metavar="OUT",
+        help="Play what you receive on OUT: speaker, speaker:NAME (see `p2pd devices`) or "
+        "none. Default: [calls] audio_out in config.toml (speaker), or none with --record.",
+    )(func)
+    func = click.option(
         "--audio-in",
         metavar="SRC",
-        default="tone:440",
-        show_default=True,
-        help="Send audio from SRC: tone:FREQ, a file PyAV can read, or a microphone.",
+        help="Send audio from SRC: mic, mic:NAME (see `p2pd devices`), tone:FREQ, or a file "
+        "PyAV can read. Default: [calls] audio_in in config.toml (mic).",
     )(func)
     return func
 
 
 def _media_params(
-    audio_in: str | None, video_in: str | None, record: Path | None, duration: float | None
+    audio_in: str | None,
+    video_in: str | None,
+    record: Path | None,
+    duration: float | None,
+    *,
+    home: Path | None = None,
+    audio_out: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The media params of `call` and `answer`. Audio in and out not given come from
+    the ``[calls]`` section of ``home``'s config.toml (default: the microphone and the
+    speaker); a recording alone means no speaker, as before devices existed."""
+    if home is not None and (audio_in is None or (audio_out is None and record is None)):
+        from p2pd.config import load_config
+
+        calls = load_config(home).calls
+        audio_in = calls.audio_in if audio_in is None else audio_in
+        if audio_out is None and record is None:
+            audio_out = calls.audio_out
+    params = {
         "audio_in": audio_in,
         "video_in": video_in,
         "record": str(record.resolve()) if record is not None else None,
         "duration": duration,
     }
+    if audio_out is not None and audio_out != "none":
+        params["audio_out"] = audio_out
+    return params
 
 
 def _follow_call(home: Path, client: ControlClient, call: dict[str, Any], as_json: bool) -> None:
@@ -121,15 +145,21 @@ def call_cmd(
     record: Path | None,
     duration: float | None,
     as_json: bool,
+    audio_out: str | None = None,
 ) -> None:
     """Call HANDLE: ring its daemon (30 s), then talk until someone hangs up.
 
-    Audio is Opus over QUIC datagrams, encrypted end to end on the connection both
-    identity keys authenticated; --video-in adds VP8. Runs until the call ends (Ctrl-C
-    leaves it running: `p2pd hangup` ends it). Exit 0 when a call took place.
+    Audio goes from your microphone to the peer's speaker by default (`p2pd devices`
+    lists them; a headset avoids echo). Audio is Opus over QUIC datagrams, encrypted end
+    to end on the connection both identity keys authenticated; --video-in adds VP8.
+    Runs until the call ends (Ctrl-C leaves it running: `p2pd hangup` ends it). Exit 0
+    when a call took place.
     """
     parse_handle(handle)
-    params = {"handle": handle, **_media_params(audio_in, video_in, record, duration)}
+    media = _media_params(
+        audio_in, video_in, record, duration, home=home_of(ctx), audio_out=audio_out
+    )
+    params = {"handle": handle, **media}
     with ControlClient(home_of(ctx), timeout=60) as client:
         result = client.call("call", params)
         _follow_call(home_of(ctx), client, result, as_json)
@@ -154,9 +184,13 @@ def answer(
     record: Path | None,
     duration: float | None,
     as_json: bool,
+    audio_out: str | None = None,
 ) -> None:
     """Answer the ringing call (or wait for the next one), and talk until it ends."""
-    params = {"wait": wait, **_media_params(audio_in, video_in, record, duration)}
+    media = _media_params(
+        audio_in, video_in, record, duration, home=home_of(ctx), audio_out=audio_out
+    )
+    params = {"wait": wait, **media}
     with ControlClient(home_of(ctx), timeout=wait + 60) as client:
         result = client.call("answer", params)
         _follow_call(home_of(ctx), client, result, as_json)

@@ -65,6 +65,7 @@ from .codecs import (
     Vp8Encoder,
     open_opus_decoder,
 )
+from .devices import MicSource, SpeakerSink, check_output_spec, open_audio_sink
 from .jitter import JitterBuffer, JitterConfig, Playout, PlayoutKind, align_tick
 from .plc import ConcealmentFloor
 from .sinks import Recorder, check_record_path, open_recorder
@@ -145,6 +146,11 @@ class MediaConfig:
     video_fps: float = 30.0
     #: VP8 target bitrate (bit/s).
     video_bitrate: int = 800_000
+    #: Playing to a speaker: the playout loop keeps at least this many samples queued
+    #: for the device (30 ms: the device thread takes 10 ms blocks, and trio may be a
+    #: few ms late to top up), taking frames from the jitter buffer as the device's clock
+    #: consumes them.
+    speaker_low_water: int = 1440
     #: Receiver reports (loss, jitter, RTT echo) go out this often (seconds).
     report_interval: float = 0.5
     #: A keyframe request is honoured at most this often (seconds).
@@ -210,9 +216,16 @@ class _Loudness:
 
 
 def check_media_args(
-    audio_in: str | None, video_in: str | None, record: Path | None, duration: float | None
+    audio_in: str | None,
+    video_in: str | None,
+    record: Path | None,
+    duration: float | None,
+    audio_out: str | None = None,
 ) -> None:
-    """UsageError unless the sources, the recording path and the duration would do."""
+    """UsageError unless the sources, the output, the recording path and the duration
+    would do."""
+    if audio_out is not None:
+        check_output_spec(audio_out)
     if audio_in is not None:
         check_audio_spec(audio_in)
     if video_in is not None:
@@ -228,7 +241,9 @@ class CallMedia:
 
     ``audio_in`` / ``video_in``: source specs (:mod:`p2pd.media.sources`), or None to send
     nothing of that kind (what the peer sends is received all the same). ``record``: a
-    ``.wav`` / ``.mkv`` / ``.webm`` / ``.mka`` file for what is received. ``duration``:
+    ``.wav`` / ``.mkv`` / ``.webm`` / ``.mka`` file for what is received. ``audio_out``:
+    ``speaker[:NAME]`` to play what is received on a sound device, whose clock then paces
+    playout (:mod:`p2pd.media.devices`); None or ``none``: no device. ``duration``:
     seconds after which :meth:`run` returns by itself (None: until cancelled or the
     connection closes). Raises :class:`~p2pd.errors.UsageError` for a bad spec or path.
     """
@@ -242,8 +257,12 @@ class CallMedia:
         record: Path | None,
         duration: float | None,
         config: MediaConfig | None = None,
+        audio_out: str | None = None,
     ) -> None:
-        check_media_args(audio_in, video_in, record, duration)
+        check_media_args(audio_in, video_in, record, duration, audio_out)
+        self.audio_out = None if audio_out == "none" else audio_out
+        self._speaker: SpeakerSink | None = None
+        self._audio_source: AudioSource | None = None
         self.peer = peer
         self.audio_in, self.video_in = audio_in, video_in
         self.record, self.duration = record, duration
@@ -343,6 +362,12 @@ class CallMedia:
         try:
             if self.audio_in is not None:
                 audio_source = await self._open(open_audio_source, self.audio_in)
+                self._audio_source = audio_source
+            if self.audio_out is not None:
+                low_water = c.speaker_low_water
+                self._speaker = await self._open(
+                    lambda s: open_audio_sink(s, low_water=low_water), self.audio_out
+                )
             if self.video_in is not None:
                 spec = self.video_in
                 video_source = await self._open(
@@ -380,7 +405,7 @@ class CallMedia:
                 self._end_reason = "cancelled"
             self._state = "ended"
             self._ended_at = trio.current_time()
-            for source in (audio_source, video_source):
+            for source in (audio_source, video_source, self._speaker):
                 if source is not None:
                     source.close()
             if self._recorder is not None:
@@ -428,11 +453,28 @@ class CallMedia:
         next_report = start
         # The last packet sent, (seq, payload), for the next one to carry again.
         previous: tuple[int, bytes] | None = None
+        # A microphone paces this loop with its own clock (its frames are awaited);
+        # anything else is read on trio's.
+        mic = source if isinstance(source, MicSource) else None
+        paced = mic is not None
         while True:
-            await trio.sleep_until(start + tick * FRAME_DURATION)
+            if mic is not None:
+                try:
+                    pcm, lost = await mic.receive()
+                except LocalError as exc:  # it failed again after restarts: unplugged?
+                    self._device_failed(exc.message)
+                    return
+                # Frames the device delivered while we were starved, dropped from its
+                # queue: the timeline moves on by as many, and the peer conceals them.
+                seq += lost
+            else:
+                await trio.sleep_until(start + tick * FRAME_DURATION)
             now = trio.current_time()
             if source is not None and encoder is not None:
-                pcm = await trio.to_thread.run_sync(source.read) if source.live else source.read()
+                if not paced:
+                    pcm = (
+                        await trio.to_thread.run_sync(source.read) if source.live else source.read()
+                    )
                 for payload in encoder.encode(pcm):
                     self._send_audio(seq, payload, previous, now)
                     previous = (seq, payload)
@@ -449,7 +491,7 @@ class CallMedia:
                 next_report = now + c.report_interval
             tick += 1
             behind = trio.current_time() - (start + tick * FRAME_DURATION)
-            if behind > 10 * FRAME_DURATION:
+            if not paced and behind > 10 * FRAME_DURATION:
                 # Starved of CPU for over 200 ms: skip ahead rather than burst. The
                 # peer's jitter buffer sees a gap in timestamps and conceals it.
                 skipped = int(behind / FRAME_DURATION)
@@ -487,6 +529,9 @@ class CallMedia:
         docstring): the first tick with the capture clock, then each one frame after the
         last, moved by :func:`align_tick` to just after the moment frames fall due."""
         c = self.config
+        if self._speaker is not None:
+            await self._device_playout_loop(self._speaker)
+            return
         if not c.align_playout:
             return  # the capture loop plays
         tick = start
@@ -527,6 +572,41 @@ class CallMedia:
                 catch_up=now - last_underrun >= c.playout_underrun_hold,
             )
 
+    async def _device_playout_loop(self, speaker: SpeakerSink) -> None:
+        """Playout on the speaker's clock: whenever the device's queue falls under its
+        low-water mark, frames are taken from the jitter buffer until it is above again.
+
+        The device consumes samples at its own rate, which differs from the sender's
+        capture clock by up to a few hundred ppm; the jitter buffer absorbs that as it
+        absorbs a changing network delay, by stretching (a frame of concealment) when
+        frames are not due yet and dropping one when they pile up two frames overdue,
+        both waiting for a quiet frame (tests/test_media_drift.py runs 200 and 1000 ppm
+        for minutes: no underrun, no overflow, bounded depth). Before the first frame is
+        due the device gets silence."""
+        try:
+            while True:
+                try:
+                    await speaker.wait_for_room()
+                except LocalError as exc:
+                    self._device_failed(exc.message)
+                    return
+                now = trio.current_time()
+                for _ in range(64):  # bounded: a few frames at most are missing
+                    if not speaker.needs_more:
+                        break
+                    if self._play(now) is None:  # not started: silence until then
+                        speaker.write(np.zeros(FRAME_SAMPLES, np.int16), audio=False)
+        finally:
+            speaker.stop_feeding()
+
+    def _device_failed(self, message: str) -> None:
+        """A sound device failed for good: the call ends, saying why."""
+        log.warning("%s: the call ends", message)
+        if not self._end_reason:
+            self._end_reason = message
+        if self._scope is not None:
+            self._scope.cancel()
+
     def _play(self, now: float, tick: float | None = None) -> Playout | None:
         """Play one tick: the jitter buffer's decision for ``tick`` (default ``now``),
         decoded and recorded at ``now``."""
@@ -564,6 +644,8 @@ class CallMedia:
         pcm = self._floor.conceal(pcm) if concealed else self._floor.good(pcm)
         self._quiet = self._loudness.quiet(pcm)
         c.audio_frames_played += 1
+        if self._speaker is not None:
+            self._speaker.write(pcm)
         if self._recorder is not None:
             self._recorder.write_audio(pcm, concealed=concealed, now=now)
         return decision
@@ -697,4 +779,16 @@ class CallMedia:
             "datagrams_malformed": c.malformed,
             "ticks_late": c.ticks_late,
             "recorded_frames": self._recorder.frames_written if self._recorder else 0,
+            **self._device_statistics(),
         }
+
+    def _device_statistics(self) -> dict[str, Any]:
+        """The microphone's and speaker's counters, when the call uses them."""
+        out: dict[str, Any] = {}
+        source = self._audio_source
+        stats = getattr(source, "statistics", None)
+        if callable(stats):
+            out.update(stats())
+        if self._speaker is not None:
+            out.update(self._speaker.statistics())
+        return out

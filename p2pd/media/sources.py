@@ -9,15 +9,16 @@ picture of the call's size for a media time. Specs, as the CLI takes them:
                square and the frame number in binary (white blocks = 1 bits)
 ``file:PATH``  any file PyAV (FFmpeg) reads, decoded and resampled to 48 kHz
 or ``PATH``    mono / scaled to the call's size; it loops at its end
-``mic[:DEV]``  a capture device through FFmpeg's libavdevice (PulseAudio if
-               present, else ALSA; DEV defaults to ``default``)
+``mic[:NAME]`` a microphone (:mod:`p2pd.media.devices`, sounddevice over PortAudio;
+               NAME as ``p2pd devices`` lists it, default: the default input)
 ``camera[:DEV]`` a V4L2 camera (DEV defaults to ``/dev/video0``)
 ============== ===============================================================
 
-Devices are optional: the machine may have none, and the tests never use them. Their
-reads block until the device has data, so they have ``live = True`` and the call runs
-them in a worker thread; every other source is cheap and runs inline (measured: a tone
-frame ~20 µs, a 640x480 test pattern ~0.3 ms).
+Devices are optional: the machine may have none (tests/test_audio_devices.py makes a
+virtual one). A microphone is ``paced``: the call awaits its frames, so its clock sets
+the pace of what is sent. A camera's reads block until it has a picture, so it has
+``live = True`` and the call runs it in a worker thread; every other source is cheap and
+runs inline (measured: a tone frame ~20 µs, a 640x480 test pattern ~0.3 ms).
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ def open_audio_source(spec: str) -> AudioSource:
     if kind == "tone":
         return ToneSource(_tone_frequency(arg))
     if kind == "mic":
-        return FileAudioSource(arg or "default", device=True)
+        from .devices import MicSource  # sounddevice: only when a device is used
+
+        return MicSource(arg)
     return FileAudioSource(str(_file_path(spec)))
 
 
