@@ -43,6 +43,11 @@ COMMANDS = {
     "answer": "calls:answer",
     "hangup": "calls:hangup",
     "calls": "calls:calls",
+    "send-file": "files:send_file",
+    "files": "files:files",
+    "accept": "files:accept",
+    "reject": "files:reject",
+    "cancel": "files:cancel",
 }
 
 

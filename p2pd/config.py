@@ -1,7 +1,8 @@
 """Configuration: one frozen dataclass per subsystem, read once and passed down.
 
-Sources, later ones winning: the defaults here, ``<home>/config.toml`` (sections ``[node]``
-and ``[dht]``), then the command line (click options, with environment variables).
+Sources, later ones winning: the defaults here, ``<home>/config.toml`` (sections ``[node]``,
+``[dht]``, ``[lan]``, ``[calls]``, ``[files]``), then the command line (click options,
+with environment variables).
 """
 
 from __future__ import annotations
@@ -196,6 +197,24 @@ class CallsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FilesConfig:
+    """Files and attachments (``[files]`` in config.toml; p2pd/files/)."""
+
+    #: Where received files are saved; empty: the platform's download directory
+    #: (platformdirs), else ~/Downloads.
+    dir: str = ""
+    #: Files from pinned contacts up to this many bytes are accepted without asking;
+    #: anything larger, or from anyone else, waits for `p2pd accept`.
+    auto_accept_max: int = 100 * 1000 * 1000
+    #: Most bytes per second one outgoing transfer sends; 0: as fast as QUIC goes.
+    max_rate: int = 0
+
+    def __post_init__(self) -> None:
+        if self.auto_accept_max < 0 or self.max_rate < 0:
+            raise UsageError("files auto_accept_max and max_rate must be 0 or more")
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A daemon."""
 
@@ -222,13 +241,14 @@ class NodeConfig:
     #: A call not answered within this many seconds ends as "no-answer".
     ring_timeout: float = 30.0
     calls: CallsConfig = field(default_factory=CallsConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
 
 
 def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(obj)}
     changes: dict[str, Any] = {}
     for name, value in section.items():
-        if name not in known or name in ("home", "dht", "quic", "lan", "calls"):
+        if name not in known or name in ("home", "dht", "quic", "lan", "calls", "files"):
             raise UsageError(f"{where}: unknown setting {name!r}")
         current = getattr(obj, name)
         if name in ("listen",):
@@ -258,7 +278,7 @@ def load_config(home: Path) -> NodeConfig:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
-    unknown = set(doc) - {"node", "dht", "lan", "calls"}
+    unknown = set(doc) - {"node", "dht", "lan", "calls", "files"}
     if unknown:
         raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
     if "defences" in doc.get("dht", {}):
@@ -270,5 +290,6 @@ def load_config(home: Path) -> NodeConfig:
         raise UsageError(f"{path} [calls]: the only setting is from = contacts|everyone")
     calls = CallsConfig(allow_from=str(calls_doc.get("from", "everyone")))
     config = _apply(config, doc.get("node", {}), f"{path} [node]")
-    out: NodeConfig = replace(config, dht=dht, lan=lan, calls=calls)
+    files = _apply(config.files, doc.get("files", {}), f"{path} [files]")
+    out: NodeConfig = replace(config, dht=dht, lan=lan, calls=calls, files=files)
     return out

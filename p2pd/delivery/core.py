@@ -169,6 +169,17 @@ class RotationReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class FileOfferReceived:
+    """A file offer arrived from ``sender_key`` (acked, not stored: the files service
+    takes it, p2pd/files/)."""
+
+    sender_key: bytes
+    claimed: str
+    text: str
+    via: str
+
+
+@dataclass(frozen=True, slots=True)
 class AckOwed:
     """A message from the mailbox was stored: ``msg_id`` is to be acked to its sender."""
 
@@ -228,7 +239,8 @@ class ExchangeEnded:
 
 
 Event = (
-    MessageReceived | SignalReceived | RotationReceived | SenderUnverified | AckOwed
+    MessageReceived | SignalReceived | RotationReceived | FileOfferReceived | SenderUnverified
+    | AckOwed
     | PendingMadeDue
     | AckReceived | NackReceived | SessionReset | MessageSent | ExchangeEnded
 )  # fmt: skip
@@ -590,6 +602,9 @@ class DeliveryCore:
             return _ACK, sender_key
         if payload.kind == wire.KIND_ROTATION:
             events.append(RotationReceived(sender_key, payload.sender, payload.text, via))
+            return _ACK, sender_key
+        if payload.kind == wire.KIND_FILE:
+            events.append(FileOfferReceived(sender_key, payload.sender, payload.text, via))
             return _ACK, sender_key
         trusted = self.ledger.trusted_handle(sender_key)
         handle = trusted or payload.sender or "unknown"
