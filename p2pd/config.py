@@ -208,10 +208,18 @@ class FilesConfig:
     auto_accept_max: int = 100 * 1000 * 1000
     #: Most bytes per second one outgoing transfer sends; 0: as fast as QUIC goes.
     max_rate: int = 0
+    #: Chunk groups (1 MiB each by default) an outgoing transfer may have in flight
+    #: beyond the receiver's last ack: more is faster, and is what a receiver killed
+    #: mid-way can cost in bytes sent twice (it receives at most one group twice
+    #: whatever this is). 2 reached 56 % of a raw QUIC stream's throughput on loopback,
+    #: 8 reached 97 % (scripts/bench_files.py, docs/BENCHMARKS.md).
+    window_groups: int = 8
 
     def __post_init__(self) -> None:
         if self.auto_accept_max < 0 or self.max_rate < 0:
             raise UsageError("files auto_accept_max and max_rate must be 0 or more")
+        if not 1 <= self.window_groups <= 64:
+            raise UsageError("files window_groups must be between 1 and 64")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,9 @@ Who does what:
   connects, opens a stream, writes OPEN, and the receiver answers: REQUEST (from which
   group; with the hash list or not), WAIT (no offer yet, or not accepted: the sender
   sleeps until NUDGEd or its backoff ends), REFUSE or DONE. It keeps at most
-  WINDOW_GROUPS groups unacknowledged, so a receiver killed mid-way costs at most that
-  many groups sent twice; it retries with backoff after anything breaks, and resumes at
-  daemon start.
+  ``[files] window_groups`` groups unacknowledged, so a receiver killed mid-way
+  costs at most that many groups sent twice; it retries with backoff after anything
+  breaks, and resumes at daemon start.
 - The **receiver** records every verified group (``next_group``) before acking it,
   writes only to a partial file in the target directory, checks the whole file against
   the root once more, and only then links it into place under a free name. It NUDGEs
@@ -81,10 +81,6 @@ from .store import FINAL, FileStore, Transfer
 
 log = logging.getLogger(__name__)
 
-#: Groups the sender may have in flight beyond the receiver's last ack: what a receiver
-#: killed mid-way can cost in groups sent twice (the receiver itself re-receives at most
-#: the one group it had not finished).
-WINDOW_GROUPS = 2
 #: A transfer whose chunks are refused this many times in a row fails.
 MAX_REFUSED = 8
 #: Backoff of the sender's loop after a failure or a WAIT (a NUDGE ends it early).
@@ -170,6 +166,10 @@ class FilesService:
         self._rates: dict[bytes, tuple[float, int]] = {}
         #: Outgoing: how far this run of the daemon has written each transfer.
         self._sent_until: dict[bytes, int] = {}
+        #: Outgoing: the connection each running attempt writes on, and the attempts to
+        #: start again at once (a NUDGE came over another connection).
+        self._sending_over: dict[bytes, QuicPeer] = {}
+        self._restarts: set[bytes] = set()
         #: Incoming: refusals since the last verified group.
         self._refusals: dict[bytes, int] = {}
         self._last_progress: dict[bytes, float] = {}
@@ -390,8 +390,11 @@ class FilesService:
                         )
                         self._changed(transfer_id)
                         return
-                if scope.cancelled_caught:
+                if scope.cancelled_caught and transfer_id not in self._restarts:
                     return  # cancelled by the user
+                if transfer_id in self._restarts:  # the receiver came back: at once
+                    self._restarts.discard(transfer_id)
+                    continue
                 if outcome == "final":
                     return
                 if outcome == "progress":
@@ -401,6 +404,7 @@ class FilesService:
         finally:
             self._senders.discard(transfer_id)
             self._scopes.pop(transfer_id, None)
+            self._sending_over.pop(transfer_id, None)
 
     async def _send_once(self, t: Transfer) -> str:
         """One connection's worth: "final" (done, refused), "progress" (some groups
@@ -410,6 +414,7 @@ class FilesService:
             return "retry"
         assert t.hashes is not None
         tx = SenderStream(t.offer, t.hashes)
+        self._sending_over[t.id] = peer
         stream = await peer.open_stream()
         async with stream:
             await stream.send_all(tx.open_frames())
@@ -476,7 +481,7 @@ class FilesService:
                 t.path,
                 group,
                 hashes,
-                window=WINDOW_GROUPS,
+                window=self.config.window_groups,
                 on_ack=on_ack,
                 outcome=outcome,
                 max_rate=self.config.max_rate,
@@ -597,6 +602,12 @@ class FilesService:
                     if t is not None and t.direction == "out":
                         self._start_sender(tid)
                         self._nudge(tid)
+                        if self._sending_over.get(tid, peer) is not peer:
+                            # A receiver that restarted nudges us from a new connection
+                            # while our stream still writes into the old one.
+                            self._restarts.add(tid)
+                            if (scope := self._scopes.get(tid)) is not None:
+                                scope.cancel()
                 elif kind == F_CANCEL:
                     if t is not None and t.state not in FINAL:
                         self._cancelled_by_peer(t, reason)
