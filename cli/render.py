@@ -301,7 +301,8 @@ def files_text(rows: list[dict[str, Any]]) -> str:
 
 def inbox_file_line(f: dict[str, Any]) -> str:
     """``inbox``'s line for a received file: ``alice sent photo.jpg, 2.1 MB: saved to ...``."""
-    what = f"{f['handle']} sent {f['name']}, {size_text(f['size'])}"
+    who = f["handle"] if f.get("verified", True) else f"{f['peer']} (unverified)"
+    what = f"{who} sent {f['name']}, {size_text(f['size'])}"
     if f["state"] == "done":
         return f"{what}: saved to {f['path']}"
     if f["state"] == "pending":

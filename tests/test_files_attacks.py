@@ -36,7 +36,7 @@ def root() -> Iterator[Path]:
 
 @asynccontextmanager
 async def node(
-    root: Path, identity: Identity, bootstrap: tuple[Address, ...] = ()
+    root: Path, identity: Identity, bootstrap: tuple[Address, ...] = (), max_rate: int = 0
 ) -> AsyncIterator[Node]:
     downloads = root / f"{identity.handle}-dl"
     downloads.mkdir(exist_ok=True)
@@ -47,7 +47,7 @@ async def node(
         ack_timeout=2.0,
         connect_timeout=1.0,
         lan=LanConfig(mode="off"),
-        files=FilesConfig(dir=str(downloads)),
+        files=FilesConfig(dir=str(downloads), max_rate=max_rate),
     )
     async with open_node(config, identity) as n:
         yield n
@@ -73,10 +73,10 @@ def state_of(n: Node, direction: str) -> str:
 
 
 @asynccontextmanager
-async def pair(root: Path) -> AsyncIterator[tuple[Node, Node]]:
+async def pair(root: Path, max_rate: int = 0) -> AsyncIterator[tuple[Node, Node]]:
     alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
     async with (
-        node(root, alice_id) as alice,
+        node(root, alice_id, max_rate=max_rate) as alice,
         node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
     ):
         # bob pins alice (as a first message would): her files are accepted at once
@@ -196,3 +196,16 @@ async def test_garbage_and_misdirected_file_streams_change_nothing(root: Path) -
                     hashlib.sha256(src.read_bytes()).digest()
                     == hashlib.sha256((root / "bob-dl" / "x.bin").read_bytes()).digest()
                 )
+
+
+async def test_the_sender_cancels_mid_way_and_the_receiver_keeps_nothing(root: Path) -> None:
+    src = root / "big.bin"
+    src.write_bytes(os.urandom(6 << 20))
+    with trio.fail_after(60):
+        async with pair(root, max_rate=2_000_000) as (alice, bob):
+            sent = await files_of(alice).send_file("bob", str(src))
+            await wait_for(lambda: files_of(bob).transfers()[0]["bytes_done"] >= 1 << 20)
+            await files_of(alice).cancel(sent["id"][:8])
+            await wait_for(lambda: state_of(bob, "in") == "cancelled")
+            assert state_of(alice, "out") == "cancelled"
+            assert list((root / "bob-dl").iterdir()) == []  # the partial file is gone

@@ -13,6 +13,7 @@ def transfer(**changes: Any) -> dict[str, Any]:
         "id": "3fa2c1d0" + "0" * 24,
         "direction": "in",
         "handle": "alice",
+        "verified": True,
         "peer": "alice#abc",
         "name": "photo.jpg",
         "size": 2_100_000,
@@ -52,6 +53,13 @@ def test_inbox_line_per_received_file() -> None:
     assert (
         pending
         == "alice sent photo.jpg, 2.1 MB: waiting (p2pd accept 3fa2c1d0, or p2pd reject 3fa2c1d0)"
+    )
+
+
+def test_a_stranger_claiming_a_handle_is_shown_unverified() -> None:
+    row = transfer(verified=False, peer="alice#u6cmphjezpfbq3xa", state="pending")
+    assert render.inbox_file_line(row).startswith(
+        "alice#u6cmphjezpfbq3xa (unverified) sent photo.jpg"
     )
 
 

@@ -277,3 +277,22 @@ def test_a_corrupted_chunk_group_is_refused_and_fetched_again(net: Net) -> None:
     assert hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest() == digest
     assert got["refused"] >= 1
     assert cli_json(net.home("bob"), "status")["files"]["chunks_refused"] >= 1
+
+
+def test_an_offer_to_an_offline_contact_flows_once_it_is_back(net: Net) -> None:
+    """The offer waits (outbox, mailbox) while bob is down; once bob is back it arrives,
+    is accepted, and the bytes flow without anyone doing anything."""
+    net.init("alice", "bob")
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    net.daemons["bob"].stop()
+    src = net.root / "later.bin"
+    digest = random_file(src, 3 * GROUP + 5)
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src))
+    assert proc.returncode == 0, proc.stderr
+    assert one_file(net.home("alice"), "out")["state"] == "offered"
+    net.start("bob")
+    assert wait_until(lambda: one_file(net.home("alice"), "out")["state"] == "done", timeout=90)
+    got = one_file(net.home("bob"), "in")
+    assert hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest() == digest

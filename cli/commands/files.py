@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -117,12 +118,44 @@ def _wait(
 
 @click.command("files")
 @click.option("--json", "as_json", is_flag=True, help="Print the transfers as JSON.")
+@click.option(
+    "--follow", "-f", is_flag=True, help="Then print every change and progress until interrupted."
+)
 @click.pass_context
-def files(ctx: click.Context, as_json: bool) -> None:
+def files(ctx: click.Context, as_json: bool, follow: bool) -> None:
     """Incoming and outgoing file transfers, newest first: state, size, progress, rate."""
-    with ControlClient(home_of(ctx)) as client:
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(ControlClient(home_of(ctx)))
+        if follow:  # subscribed before the listing: nothing falls between the two
+            events = stack.enter_context(ControlClient(home_of(ctx)))
+            events.subscribe()
         rows = client.call("files")
-    render.emit(rows, as_json, render.files_text)
+        render.emit(rows, as_json, render.files_text)
+        if not follow:
+            return
+        names = {f["id"]: f["name"] for f in rows}
+        while True:
+            event = events.next_event(None)
+            if event is None or event.get("event") not in ("file", "file_progress"):
+                continue
+            if as_json:
+                click.echo(json.dumps(event, sort_keys=True))
+            elif event["event"] == "file":
+                names[event["id"]] = event["name"]
+                click.echo(render.file_line(event))
+            else:
+                name = names.get(event["id"], event["id"][:8])
+                click.echo(
+                    render.progress_line(
+                        {
+                            **event,
+                            "name": name,
+                            "state": "running",
+                            "progress": event["bytes_done"] / max(1, event["size"]),
+                            "eta": None,
+                        }
+                    )
+                )
 
 
 @click.command("accept")

@@ -99,6 +99,8 @@ class FileSummary(TypedDict):
     id: str
     direction: str
     handle: str
+    #: The peer's key is ``handle``'s pinned key (else ``handle`` is only claimed).
+    verified: bool
     peer: str
     name: str
     size: int
@@ -230,6 +232,7 @@ class FilesService:
             "id": t.id.hex(),
             "direction": t.direction,
             "handle": t.handle,
+            "verified": self.pinned_handle(t.peer_key) == t.handle,
             "peer": self_certifying(t.handle, t.peer_key),
             "name": safe_name(t.offer.name) if t.direction == "in" else t.offer.name,
             "size": size,
@@ -405,6 +408,7 @@ class FilesService:
             self._senders.discard(transfer_id)
             self._scopes.pop(transfer_id, None)
             self._sending_over.pop(transfer_id, None)
+            self._nudges.pop(transfer_id, None)
 
     async def _send_once(self, t: Transfer) -> str:
         """One connection's worth: "final" (done, refused), "progress" (some groups
@@ -798,6 +802,8 @@ class FilesService:
         scope = self._scopes.get(t.id)
         if scope is not None:
             scope.cancel()
+        if t.direction == "out":
+            self._nudge(t.id)  # a sender loop waiting out its backoff sees the state now
         if t.direction == "in" and t.directory:
             _remove(_partial_path(t.directory, t.id))
         self._changed(t.id)
