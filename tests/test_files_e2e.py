@@ -39,10 +39,10 @@ class Net:
                 f"auto_accept_max = {auto_accept_max}\nmax_rate = {max_rate}\n"
             )
 
-    def start(self, handle: str) -> DaemonProcess:
+    def start(self, handle: str, wrapper: tuple[str, ...] = ()) -> DaemonProcess:
         bootstrap = [d.listen for h, d in self.daemons.items() if h != handle and d.alive]
         daemon = DaemonProcess(
-            self.home(handle), listen=self.ports.get(handle), bootstrap=bootstrap
+            self.home(handle), listen=self.ports.get(handle), bootstrap=bootstrap, wrapper=wrapper
         )
         daemon.wait_ready()
         self.daemons[handle] = daemon
@@ -296,3 +296,26 @@ def test_an_offer_to_an_offline_contact_flows_once_it_is_back(net: Net) -> None:
     assert wait_until(lambda: one_file(net.home("alice"), "out")["state"] == "done", timeout=90)
     got = one_file(net.home("bob"), "in")
     assert hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
+def test_a_disk_that_fills_fails_the_transfer_cleanly(net: Net) -> None:
+    """bob may write files of at most 3 MB (RLIMIT_FSIZE, as a full disk or a quota
+    would refuse him): a 6 MB file fails on both sides, and bob keeps nothing."""
+    net.init("alice", "bob")
+    net.start("alice")
+    net.start("bob", wrapper=("prlimit", f"--fsize={3_000_000}"))
+    pin_each_other(net, "alice", "bob")
+    src = net.root / "too-big.bin"
+    random_file(src, 6_000_000)
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src), "--wait", timeout=120)
+    assert proc.returncode == 1 and "not received: too-big.bin: failed" in proc.stderr, proc.stderr
+    got = one_file(net.home("bob"), "in")
+    assert got["state"] == "failed" and "cannot write" in got["error"], got
+    assert list(net.downloads("bob").iterdir()) == []
+    assert net.daemons["bob"].alive  # and it goes on working: a small file arrives
+    small = net.root / "small.txt"
+    small.write_bytes(b"fits")
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(small), "--wait", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (net.downloads("bob") / "small.txt").read_bytes() == b"fits"

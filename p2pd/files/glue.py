@@ -4,21 +4,23 @@ where delivery would find it (LAN discovery, then the peer's DHT record)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..errors import Contested, NotFound
+from ..errors import ConnectionLost, Contested, LocalError, NotFound, PeerKeyMismatch
 from ..identity import HandleRef, fingerprint
 from ..transport.quic import QuicEndpoint, QuicPeer
 from ..wire import KIND_FILE, Address
-from .service import connect_peer
 
 if TYPE_CHECKING:
     from ..delivery import Delivery
     from ..dht import DHT
+
+log = logging.getLogger(__name__)
 
 #: How long finding a peer's record may take.
 RESOLVE_TIMEOUT = 10.0
@@ -67,3 +69,27 @@ def files_hooks(
         "contact_key": contact_key,
         "pinned_handle": pinned_handle,
     }
+
+
+async def connect_peer(
+    quic: QuicEndpoint,
+    peer_key: bytes,
+    addresses: list[Address],
+    timeout: float = 5.0,
+) -> QuicPeer | None:
+    """An open connection to ``peer_key``, or a new one to the first address that answers
+    with that key; None if none does."""
+    for peer in quic.peers():
+        if peer.public_key == peer_key and not peer.is_closing:
+            return peer
+    for address in addresses:
+        try:
+            with trio.fail_after(timeout):
+                return await quic.connect(address, peer_key)
+        except PeerKeyMismatch:
+            log.warning("%s answered with another key", address)
+        except (ConnectionLost, trio.TooSlowError):
+            continue
+        except LocalError:
+            return None
+    return None

@@ -32,7 +32,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import trio
 
@@ -41,12 +41,11 @@ from ..errors import (
     ConnectionLost,
     LocalError,
     NotFound,
-    PeerKeyMismatch,
     UsageError,
 )
 from ..identity import HandleRef, Identity, fingerprint, self_certifying
 from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
-from ..wire import Address
+from .disk import FileSummary, default_download_dir, partial_path, remove_quietly
 from .protocol import (
     F_CANCEL,
     F_DONE,
@@ -93,43 +92,6 @@ PROGRESS_INTERVAL = 0.25
 #: Attempts of one sender loop before it gives up for this run of the daemon (at
 #: BACKOFF_MAX apart: about a week). It starts again at the next daemon start.
 MAX_ATTEMPTS = 10_000
-
-
-class FileSummary(TypedDict):
-    id: str
-    direction: str
-    handle: str
-    #: The peer's key is ``handle``'s pinned key (else ``handle`` is only claimed).
-    verified: bool
-    peer: str
-    name: str
-    size: int
-    media_type: str
-    state: str
-    bytes_done: int
-    progress: float
-    rate: float
-    eta: float | None
-    path: str
-    directory: str
-    resent: int
-    refused: int
-    error: str
-    created: float
-    updated: float
-
-
-def default_download_dir() -> Path:
-    try:
-        import platformdirs
-
-        return Path(platformdirs.user_downloads_dir())
-    except Exception:  # platformdirs missing or no answer on this platform
-        return Path.home() / "Downloads"
-
-
-def _partial_path(directory: str, transfer_id: bytes) -> Path:
-    return Path(directory) / f".p2pd-{transfer_id.hex()}.partial"
 
 
 class FilesService:
@@ -631,7 +593,7 @@ class FilesService:
         if scope is not None:
             scope.cancel()
         if t.direction == "in":
-            _remove(_partial_path(t.directory, t.id))
+            remove_quietly(partial_path(t.directory, t.id))
         self._changed(t.id)
 
     async def _receive(self, stream: QuicStream, tid: bytes, t: Transfer | None) -> None:
@@ -654,12 +616,19 @@ class FilesService:
             self._scopes[tid] = scope
             try:
                 await self._receive_into(stream, t)
+            except OSError as exc:  # our disk: full, over a quota, gone
+                error = f"cannot write to {t.directory}: {exc.strerror or exc}"
+                log.warning("file %s from %s: %s", t.id.hex()[:8], t.handle, error)
+                self.store.update(t.id, time.time(), state="failed", error=error)
+                remove_quietly(partial_path(t.directory, t.id))
+                self._changed(t.id)
+                stream.reset()
             finally:
                 if self._scopes.get(tid) is scope:
                     del self._scopes[tid]
 
     async def _receive_into(self, stream: QuicStream, t: Transfer) -> None:
-        partial = _partial_path(t.directory, t.id)
+        partial = partial_path(t.directory, t.id)
         Path(t.directory).mkdir(parents=True, exist_ok=True)
         fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -717,7 +686,7 @@ class FilesService:
             self.store.update(
                 t.id, time.time(), state="failed", error=f"refused {MAX_REFUSED} times: {exc}"
             )
-            _remove(_partial_path(t.directory, t.id))
+            remove_quietly(partial_path(t.directory, t.id))
             self._changed(t.id)
 
     async def _finish(self, stream: QuicStream, t: Transfer, partial: Path) -> None:
@@ -736,7 +705,7 @@ class FilesService:
                 bytes_done=0,
                 error="the file on disk did not match: fetching it again",
             )
-            _remove(partial)
+            remove_quietly(partial)
             stream.reset()
             return
         try:
@@ -805,7 +774,7 @@ class FilesService:
         if t.direction == "out":
             self._nudge(t.id)  # a sender loop waiting out its backoff sees the state now
         if t.direction == "in" and t.directory:
-            _remove(_partial_path(t.directory, t.id))
+            remove_quietly(partial_path(t.directory, t.id))
         self._changed(t.id)
         self._spawn(self._send_control, t, F_CANCEL, reason)
         t = self.store.get(t.id) or t
@@ -836,37 +805,4 @@ class FilesService:
         return dict(self.stats)
 
 
-def _remove(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("could not remove %s: %s", path, exc)
-
-
-async def connect_peer(
-    quic: QuicEndpoint,
-    peer_key: bytes,
-    addresses: list[Address],
-    timeout: float = CONNECT_TIMEOUT,
-) -> QuicPeer | None:
-    """An open connection to ``peer_key``, or a new one to the first address that answers
-    with that key; None if none does."""
-    for peer in quic.peers():
-        if peer.public_key == peer_key and not peer.is_closing:
-            return peer
-    for address in addresses:
-        try:
-            with trio.fail_after(timeout):
-                return await quic.connect(address, peer_key)
-        except PeerKeyMismatch:
-            log.warning("%s answered with another key", address)
-        except (ConnectionLost, trio.TooSlowError):
-            continue
-        except LocalError:
-            return None
-    return None
-
-
-__all__ = ["FileSummary", "FilesService", "connect_peer", "default_download_dir"]
+__all__ = ["FileSummary", "FilesService", "default_download_dir"]
