@@ -4,6 +4,7 @@ driven through the CLI as a user would (issue 14)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -319,3 +320,31 @@ def test_a_disk_that_fills_fails_the_transfer_cleanly(net: Net) -> None:
     proc = run_cli(net.home("alice"), "send-file", "bob", str(small), "--wait", timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert (net.downloads("bob") / "small.txt").read_bytes() == b"fits"
+
+
+def test_several_files_in_parallel_both_ways(net: Net) -> None:
+    """Three files alice -> bob in one command and one bob -> alice at the same time:
+    one connection, a stream each, all identical at the end."""
+    net.init("alice", "bob")
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    digests = {}
+    for name, size in (("a.bin", 3 * GROUP), ("b.bin", GROUP + 1), ("c.bin", 2 * GROUP - 1)):
+        digests[name] = random_file(net.root / name, size)
+    back = net.root / "reply.bin"
+    back_digest = random_file(back, 2 * GROUP)
+    paths = [str(net.root / n) for n in digests]
+    proc = run_cli(net.home("bob"), "send-file", "alice", str(back))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli(net.home("alice"), "send-file", "bob", *paths, "--wait", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert {f["name"]: f["state"] for f in json.loads(proc.stdout)} == dict.fromkeys(
+        digests, "done"
+    )
+    for name, digest in digests.items():
+        data = (net.downloads("bob") / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest
+    assert wait_until(lambda: one_file(net.home("alice"), "in")["state"] == "done", timeout=60)
+    data = (net.downloads("alice") / "reply.bin").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == back_digest
