@@ -138,7 +138,11 @@ def test_progress_lines_show_rate_and_eta_and_errors_are_clear(net: Net) -> None
     final = Path(one_file(net.home("bob"), "in")["path"])
     assert hashlib.sha256(final.read_bytes()).hexdigest() == digest
     # clear errors, nothing queued
+    huge = net.root / "huge.img"
+    with open(huge, "wb") as f:  # sparse: 1 TiB + 1 byte, no disk used
+        f.truncate((1 << 40) + 1)
     for args, code, words in [
+        (("bob", str(huge)), 2, "too big"),
         (("nobody_here", str(src)), 1, "nobody_here"),
         (("bob", str(net.root / "missing.txt")), 2, "no such file"),
         (("bob", str(net.root)), 2, "not a regular file"),
