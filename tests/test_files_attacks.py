@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +25,7 @@ from p2pd.files.protocol import F_CHUNK, Layout, Offer, hash_file, root_of
 from p2pd.files.service import FilesService
 from p2pd.identity import Identity
 from p2pd.testing.daemons import short_tempdir
+from p2pd.testing.proxy import open_lossy_proxy
 from p2pd.wire import Address
 
 
@@ -36,13 +38,19 @@ def root() -> Iterator[Path]:
 
 @asynccontextmanager
 async def node(
-    root: Path, identity: Identity, bootstrap: tuple[Address, ...] = (), max_rate: int = 0
+    root: Path,
+    identity: Identity,
+    bootstrap: tuple[Address, ...] = (),
+    max_rate: int = 0,
+    listen: int = 0,
+    advertise: tuple[str, int] | None = None,
 ) -> AsyncIterator[Node]:
     downloads = root / f"{identity.handle}-dl"
     downloads.mkdir(exist_ok=True)
     config = NodeConfig(
         home=root / identity.handle,
-        listen=Address("127.0.0.1", 0),
+        listen=Address("127.0.0.1", listen),
+        advertise=() if advertise is None else (Address(*advertise),),
         bootstrap=bootstrap,
         ack_timeout=2.0,
         connect_timeout=1.0,
@@ -211,3 +219,44 @@ async def test_the_sender_cancels_mid_way_and_the_receiver_keeps_nothing(root: P
             await wait_for(lambda: state_of(bob, "in") == "cancelled")
             assert state_of(alice, "out") == "cancelled"
             assert list((root / "bob-dl").iterdir()) == []  # the partial file is gone
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_a_transfer_crosses_a_lossy_path_with_a_blackout(root: Path) -> None:
+    """Every QUIC connection goes through a lossy proxy (each node advertises its own:
+    2 % loss, 1 % duplication, 5 % reordering, both ways), and the path goes black for
+    3 s mid-way: the file arrives whole and identical."""
+    src = root / "lossy.bin"
+    data = os.urandom(6 << 20)
+    src.write_bytes(data)
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    ports = {"alice": free_udp_port(), "bob": free_udp_port()}
+    impair = {"drop": 0.02, "duplicate": 0.01, "reorder": 0.05}
+    with trio.fail_after(120):
+        async with (
+            open_lossy_proxy(("127.0.0.1", ports["alice"]), seed=1, **impair) as to_alice,
+            open_lossy_proxy(("127.0.0.1", ports["bob"]), seed=2, **impair) as to_bob,
+            node(root, alice_id, listen=ports["alice"], advertise=to_alice.address) as alice,
+            node(
+                root,
+                bob_id,
+                bootstrap=(alice.listen_address,),
+                listen=ports["bob"],
+                advertise=to_bob.address,
+            ) as bob,
+        ):
+            bob.delivery.contacts.pin("alice", alice_id.public_key, time.time())
+            await files_of(alice).send_file("bob", str(src))
+            await wait_for(
+                lambda: sum(f["bytes_done"] for f in files_of(bob).transfers()) >= 2 << 20, 60
+            )
+            to_bob.blackout(3.0)
+            await wait_for(lambda: state_of(bob, "in") == "done", timeout=100)
+            assert Path(files_of(bob).transfers()[0]["path"]).read_bytes() == data
+            assert to_bob.stats["dropped"] > 0 and to_bob.stats["blackout_dropped"] > 0
