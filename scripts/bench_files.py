@@ -17,6 +17,9 @@ What it measures, in order:
    against the root and linked it into place). CPU seconds and peak RSS of each daemon.
 4. DM latency: ``send`` + ``delivered`` round trips alice -> bob, idle, then while a
    second transfer of the file runs (fair sharing of one QUIC connection).
+5. Loss: two in-process nodes whose every QUIC connection crosses a lossy proxy
+   (p2pd.testing.proxy), lossless and at 1 % loss both ways, alternating (one process:
+   both ends share a core, so compare the two, not with the figures above).
 
 The verification data's overhead is computed from the layout (hash list, per-chunk
 frame header, index and AEAD tag). Only 127.0.0.0/8 is used; every wait has a deadline.
@@ -29,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,11 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trio
 from _bench import percentile, progress_printer
 
-from p2pd.config import QuicConfig
+from p2pd.config import FilesConfig, LanConfig, NodeConfig, QuicConfig
 from p2pd.control_client import ControlClient
+from p2pd.daemon import open_node
 from p2pd.files.protocol import HASHES_PER_FRAME, Layout
 from p2pd.identity import Identity
 from p2pd.testing.daemons import DaemonProcess, run_cli, short_tempdir
+from p2pd.testing.proxy import open_lossy_proxy
 from p2pd.transport.quic import QuicPeer, QuicStream, open_quic_endpoint
 from p2pd.transport.udp import UdpEndpoint
 from p2pd.wire import Address
@@ -128,6 +134,70 @@ def raw_quic(size: int) -> float:
         return trio.run(_raw_send, size, int(port), bytes.fromhex(key))
     finally:
         sink.wait(30)
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def _lossy_once(root: Path, src: Path, drop: float, seed: int) -> float:
+    """Seconds for one transfer between two in-process nodes whose every QUIC
+    connection crosses a proxy dropping ``drop`` of the datagrams both ways."""
+    run = root / f"lossy-{drop}-{seed}"
+    ids = {"alice": Identity.generate("alice"), "bob": Identity.generate("bob")}
+    ports = {h: _free_port() for h in ids}
+
+    def config(handle: str, proxy: tuple[str, int], bootstrap: tuple[Address, ...]) -> NodeConfig:
+        (run / f"{handle}-dl").mkdir(parents=True, exist_ok=True)
+        return NodeConfig(
+            home=run / handle,
+            listen=Address("127.0.0.1", ports[handle]),
+            advertise=(Address(*proxy),),
+            bootstrap=bootstrap,
+            lan=LanConfig(mode="off"),
+            files=FilesConfig(dir=str(run / f"{handle}-dl")),
+        )
+
+    with trio.fail_after(DEADLINE):
+        async with (
+            open_lossy_proxy(("127.0.0.1", ports["alice"]), drop=drop, seed=seed) as pa,
+            open_lossy_proxy(("127.0.0.1", ports["bob"]), drop=drop, seed=seed + 1) as pb,
+            open_node(config("alice", pa.address, ()), ids["alice"]) as alice,
+            open_node(config("bob", pb.address, (alice.listen_address,)), ids["bob"]) as bob,
+        ):
+            bob.delivery.contacts.pin("alice", ids["alice"].public_key, time.time())
+            assert alice.files is not None and bob.files is not None
+            t0 = trio.current_time()
+            await alice.files.send_file("bob", str(src))
+            for _ in range(int(DEADLINE * 50)):
+                rows = bob.files.transfers()
+                if rows and rows[0]["state"] == "done":
+                    break
+                await trio.sleep(0.02)
+            else:
+                raise SystemExit("the lossy transfer did not finish")
+            return trio.current_time() - t0
+
+
+def lossy(root: Path, src: Path, rounds: int) -> dict[str, Any]:
+    """Lossless and 1 % loss through the same proxies, alternating, in one process."""
+    clean, lossy_s = [], []
+    for r in range(rounds):
+        progress(f"round {r + 1}: through the proxy, no loss, then 1 % loss")
+        clean.append(trio.run(_lossy_once, root, src, 0.0, 10 * r))
+        lossy_s.append(trio.run(_lossy_once, root, src, 0.01, 10 * r + 5))
+    size = src.stat().st_size
+    return {
+        "proxy_lossless_MB_s": mb_s(size, statistics.median(clean)),
+        "proxy_1pct_loss_MB_s": mb_s(size, statistics.median(lossy_s)),
+        "loss_ratio": round(statistics.median(clean) / statistics.median(lossy_s), 3),
+    }
 
 
 # --------------------------------------------------------------------------- daemons
@@ -252,6 +322,9 @@ def main() -> None:
     parser.add_argument("--dms", type=int, default=30, help="DMs timed, idle and during")
     parser.add_argument("--rounds", type=int, default=3, help="raw and p2pd, alternating")
     parser.add_argument("--window", type=int, default=8, help="[files] window_groups")
+    parser.add_argument(
+        "--lossy-size", type=int, default=32, help="MB for the 1 %% loss comparison (0: skip)"
+    )
     parser.add_argument("--raw-sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -298,6 +371,11 @@ def main() -> None:
         progress("p2pd transfer with DMs")
         busy = transfer(root, src, daemons, dms=args.dms)
         rss = {h: round(peak_rss_mb(d.proc.pid), 1) for h, d in daemons.items()}
+        loss: dict[str, Any] = {}
+        if args.lossy_size:
+            small = root / "lossy.bin"
+            small.write_bytes(os.urandom(args.lossy_size * 1_000_000))
+            loss = lossy(root, small, 2)
         result = {
             "size_bytes": size,
             "window_groups": args.window,
@@ -321,6 +399,7 @@ def main() -> None:
                 "p99": percentile(busy["dm_ms"], 99),
             },
             "p2pd_with_dms_MB_s": mb_s(size, busy["transfer_s"]),
+            "loss": loss,
         }
     finally:
         for d in daemons.values():
@@ -355,6 +434,12 @@ def main() -> None:
         f"  DM idle                  p50 {result['dm_idle_ms']['p50']:.1f} ms  "
         f"p99 {result['dm_idle_ms']['p99']:.1f} ms"
     )
+    if loss:
+        print(
+            f"  through a proxy (in-process, {args.lossy_size} MB): lossless "
+            f"{loss['proxy_lossless_MB_s']} MB/s, 1 % loss {loss['proxy_1pct_loss_MB_s']} "
+            f"MB/s = {100 * loss['loss_ratio']:.0f}%"
+        )
     d = result["dm_during_transfer_ms"]
     if d["count"]:
         print(
