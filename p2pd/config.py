@@ -214,10 +214,16 @@ class FilesConfig:
     #: whatever this is). 2 reached 56 % of a raw QUIC stream's throughput on loopback,
     #: 8 reached 97 % (scripts/bench_files.py, docs/BENCHMARKS.md).
     window_groups: int = 8
+    #: Offers waiting for `accept` kept from one key, and from everyone: an offer
+    #: beyond either is dropped and counted (``status`` ``files.offers_over_limit``).
+    max_pending_per_peer: int = 20
+    max_pending: int = 200
 
     def __post_init__(self) -> None:
         if self.auto_accept_max < 0 or self.max_rate < 0:
             raise UsageError("files auto_accept_max and max_rate must be 0 or more")
+        if self.max_pending_per_peer < 0 or self.max_pending < 0:
+            raise UsageError("files max_pending_per_peer and max_pending must be 0 or more")
         if not 1 <= self.window_groups <= 64:
             raise UsageError("files window_groups must be between 1 and 64")
 

@@ -44,6 +44,7 @@ async def node(
     max_rate: int = 0,
     listen: int = 0,
     advertise: tuple[str, int] | None = None,
+    max_pending_per_peer: int = 20,
 ) -> AsyncIterator[Node]:
     downloads = root / f"{identity.handle}-dl"
     downloads.mkdir(exist_ok=True)
@@ -55,7 +56,9 @@ async def node(
         ack_timeout=2.0,
         connect_timeout=1.0,
         lan=LanConfig(mode="off"),
-        files=FilesConfig(dir=str(downloads), max_rate=max_rate),
+        files=FilesConfig(
+            dir=str(downloads), max_rate=max_rate, max_pending_per_peer=max_pending_per_peer
+        ),
     )
     async with open_node(config, identity) as n:
         yield n
@@ -260,3 +263,30 @@ async def test_a_transfer_crosses_a_lossy_path_with_a_blackout(root: Path) -> No
             await wait_for(lambda: state_of(bob, "in") == "done", timeout=100)
             assert Path(files_of(bob).transfers()[0]["path"]).read_bytes() == data
             assert to_bob.stats["dropped"] > 0 and to_bob.stats["blackout_dropped"] > 0
+
+
+async def test_a_stranger_cannot_pile_up_offers(root: Path) -> None:
+    """Offers that wait for `accept` are bounded per sender (here 3): the rest are
+    dropped and counted; a pinned contact's files still arrive."""
+    alice_id, bob_id, carol_id = (Identity.generate(h) for h in ("alice", "bob", "carol"))
+    small = root / "s.txt"
+    small.write_bytes(b"hello")
+    with trio.fail_after(60):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,), max_pending_per_peer=3) as bob,
+            node(root, carol_id, bootstrap=(alice.listen_address,)) as carol,
+        ):
+            bob.delivery.contacts.pin("alice", alice_id.public_key, time.time())
+            for _ in range(5):
+                await files_of(carol).send_file("bob", str(small))
+            await wait_for(lambda: files_of(bob).stats["offers_over_limit"] == 2)
+            pending = [f for f in files_of(bob).transfers() if f["state"] == "pending"]
+            assert len(pending) == 3 and all(f["handle"] == "carol" for f in pending)
+            await files_of(alice).send_file("bob", str(small))
+            await wait_for(
+                lambda: any(
+                    f["handle"] == "alice" and f["state"] == "done"
+                    for f in files_of(bob).transfers()
+                )
+            )

@@ -140,6 +140,7 @@ class FilesService:
         self.stats: dict[str, int] = {
             "offers_in": 0,
             "offers_refused": 0,
+            "offers_over_limit": 0,
             "chunks_refused": 0,
             "streams_refused": 0,
             "bytes_in": 0,
@@ -491,6 +492,18 @@ class FilesService:
             and offer.size <= self.config.auto_accept_max
             and self._room_for(directory, offer.size)
         )
+        if (
+            not accept
+            and self.store.get(offer.transfer_id) is None
+            and (
+                self.store.count_pending(sender_key) >= self.config.max_pending_per_peer
+                or self.store.count_pending() >= self.config.max_pending
+            )
+        ):
+            self.stats["offers_over_limit"] += 1
+            who = fingerprint(sender_key)[:12]
+            log.warning("dropped a file offer from %s: too many wait for accept", who)
+            return
         now = time.time()
         if not self.store.add(
             direction="in",

@@ -173,6 +173,13 @@ class FileStore:
         ).fetchall()
         return [self._row(r) for r in rows]
 
+    def count_pending(self, peer_key: bytes | None = None) -> int:
+        """Incoming offers waiting for `accept`, from ``peer_key`` or from anyone."""
+        sql = "SELECT COUNT(*) FROM file_transfers WHERE direction='in' AND state='pending'"
+        if peer_key is None:
+            return int(self._conn.execute(sql).fetchone()[0])
+        return int(self._conn.execute(sql + " AND peer_key=?", (peer_key,)).fetchone()[0])
+
     def update(self, transfer_id: bytes, now: float, **fields: Any) -> None:
         allowed = {
             "state",
