@@ -45,6 +45,11 @@ COMMANDS = {
     "hangup": "calls:hangup",
     "calls": "calls:calls",
     "devices": "devices:devices",
+    "send-file": "files:send_file",
+    "files": "files:files",
+    "accept": "files:accept",
+    "reject": "files:reject",
+    "cancel": "files:cancel",
 }
 
 

@@ -268,3 +268,74 @@ def call_text(c: dict[str, Any]) -> str:
 
 def calls_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(call_text(c) for c in rows) or "no calls yet"
+
+
+# ---------------------------------------------------------------------- files
+
+
+def size_text(n: float) -> str:
+    """Bytes for people: ``0 B``, ``999 B``, ``2.1 MB`` (powers of 1000, as file managers)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover  (the loop returns at GB)
+
+
+def eta_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def file_line(f: dict[str, Any]) -> str:
+    """One transfer: ``3fa2c1d0  in   alice  photo.jpg  2.1 MB  done  -> /path``."""
+    arrow = "from" if f["direction"] == "in" else "to"
+    line = f"{f['id'][:8]}  {f['state']:<9} {arrow} {f['handle']}  {f['name']}"
+    line += f"  {size_text(f['size'])}"
+    if f["state"] in ("sending", "accepted") and f["size"]:
+        line += f"  {100 * f['progress']:.0f}%  {size_text(f['rate'])}/s  eta {eta_text(f['eta'])}"
+    if f["state"] == "pending":
+        line += f"  (p2pd accept {f['id'][:8]})"
+    if f["direction"] == "in" and f["state"] == "done":
+        line += f": saved to {f['path']}"
+    if f.get("error"):
+        line += f"  [{f['error']}]"
+    return line
+
+
+def files_text(rows: list[dict[str, Any]]) -> str:
+    return "\n".join(file_line(f) for f in rows) if rows else "no file transfers"
+
+
+def inbox_file_line(f: dict[str, Any]) -> str:
+    """``inbox``'s line for a received file: ``alice sent photo.jpg, 2.1 MB: saved to ...``."""
+    who = f["handle"] if f.get("verified", True) else f"{f['peer']} (unverified)"
+    what = f"{who} sent {f['name']}, {size_text(f['size'])}"
+    if f["state"] == "done":
+        return f"{what}: saved to {f['path']}"
+    if f["state"] == "pending":
+        return f"{what}: waiting (p2pd accept {f['id'][:8]}, or p2pd reject {f['id'][:8]})"
+    return f"{what}: {f['state']}"
+
+
+def progress_line(f: dict[str, Any]) -> str:
+    """A plain progress line (not a terminal): name, percent, bytes, rate, ETA."""
+    return (
+        f"{f['name']}: {100 * f['progress']:5.1f}%  {size_text(f['bytes_done'])} of "
+        f"{size_text(f['size'])}  {size_text(f['rate'])}/s  eta {eta_text(f['eta'])}  "
+        f"[{f['state']}]"
+    )
+
+
+def progress_bar(f: dict[str, Any], width: int = 30) -> str:
+    """A one-line bar for a terminal (redrawn with a carriage return)."""
+    filled = int(width * min(1.0, f["progress"]))
+    bar = "#" * filled + "-" * (width - filled)
+    return (
+        f"{f['name'][:24]:<24} [{bar}] {100 * f['progress']:5.1f}%  "
+        f"{size_text(f['rate'])}/s  eta {eta_text(f['eta'])}"
+    )

@@ -24,7 +24,8 @@ import trio
 
 from . import __version__
 from .calls import CallSummary
-from .errors import Contested, NotFound, UsageError
+from .errors import Contested, LocalError, NotFound, UsageError
+from .files import FileSummary
 from .identity import HandleRef, fingerprint, format_fingerprint, self_certifying
 from .lan_announcement import PeerSummary
 from .messaging import Contact, ContactSummary, EvidenceSummary, IncomingSummary, MessageSummary
@@ -34,6 +35,7 @@ from .wire import MESSAGE_ID_LEN
 
 if TYPE_CHECKING:
     from .daemon import Node
+    from .files import FilesService
 
 __all__ = [
     "Api",
@@ -87,6 +89,8 @@ class Status(TypedDict):
     public_address: str | None
     #: "server", or "client" (not reachable: kept out of other nodes' routing tables).
     dht_mode: str
+    #: The files service's counters (p2pd/files/; docs/CONTROL_API.md, "Files").
+    files: dict[str, int]
 
 
 class RecordSummary(TypedDict):
@@ -224,6 +228,7 @@ class Api:
             "reflexive_addresses": reach["reflexive_addresses"],
             "public_address": reach["public_address"],
             "dht_mode": reach["dht_mode"],
+            "files": node.files.statistics() if node.files is not None else {},
         }
 
     async def whois(self, handle: str) -> Whois | ContestedHandle:
@@ -381,3 +386,33 @@ class Api:
     def calls(self) -> list[CallSummary]:
         """The current call and recent ones, newest first."""
         return self._calls.calls()
+
+    # ------------------------------------------------------------------ files
+
+    @property
+    def _files(self) -> FilesService:
+        if self._node.files is None:
+            raise LocalError("this daemon has no files service")
+        return self._node.files
+
+    async def send_file(self, handle: str, path: str) -> FileSummary:
+        """Offer the file at ``path`` (absolute, on the daemon's machine) to ``handle``."""
+        return await self._files.send_file(handle, path)
+
+    def files(self) -> list[FileSummary]:
+        """Incoming and outgoing transfers, newest first."""
+        return self._files.transfers()
+
+    def file(self, transfer_id: str) -> FileSummary:
+        """One transfer, by its id or a unique prefix (at least 4 hex digits)."""
+        files = self._files
+        return files.summary(files.find(transfer_id))
+
+    async def accept_file(self, transfer_id: str, directory: str | None = None) -> FileSummary:
+        return await self._files.accept(transfer_id, directory)
+
+    async def reject_file(self, transfer_id: str) -> FileSummary:
+        return await self._files.reject(transfer_id)
+
+    async def cancel_file(self, transfer_id: str) -> FileSummary:
+        return await self._files.cancel(transfer_id)

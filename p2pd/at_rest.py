@@ -68,6 +68,7 @@ SECRET_COLUMNS: Final = (
     ("messages", "envelope", "id", None),
     ("sessions", "state", "session_id", None),
     ("meta", "value", "key", ("session.prekeys",)),
+    ("file_transfers", "offer", "id", None),  # holds the per-file key (p2pd/files/)
 )
 
 

@@ -1,8 +1,8 @@
 """Configuration: one frozen dataclass per subsystem, read once and passed down.
 
 Sources, later ones winning: the defaults here, ``<home>/config.toml`` (sections ``[node]``,
-``[dht]``, ``[lan]`` and ``[calls]``), then the command line (click options, with
-environment variables).
+``[dht]``, ``[lan]``, ``[calls]``, ``[files]``), then the command line (click options,
+with environment variables).
 """
 
 from __future__ import annotations
@@ -249,6 +249,38 @@ class CallsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FilesConfig:
+    """Files and attachments (``[files]`` in config.toml; p2pd/files/)."""
+
+    #: Where received files are saved; empty: the platform's download directory
+    #: (platformdirs), else ~/Downloads.
+    dir: str = ""
+    #: Files from pinned contacts up to this many bytes are accepted without asking;
+    #: anything larger, or from anyone else, waits for `p2pd accept`.
+    auto_accept_max: int = 100 * 1000 * 1000
+    #: Most bytes per second one outgoing transfer sends; 0: as fast as QUIC goes.
+    max_rate: int = 0
+    #: Chunk groups (1 MiB each by default) an outgoing transfer may have in flight
+    #: beyond the receiver's last ack: more is faster, and is what a receiver killed
+    #: mid-way can cost in bytes sent twice (it receives at most one group twice
+    #: whatever this is). 2 reached 56 % of a raw QUIC stream's throughput on loopback,
+    #: 8 reached 97 % (scripts/bench_files.py, docs/BENCHMARKS.md).
+    window_groups: int = 8
+    #: Offers waiting for `accept` kept from one key, and from everyone: an offer
+    #: beyond either is dropped and counted (``status`` ``files.offers_over_limit``).
+    max_pending_per_peer: int = 20
+    max_pending: int = 200
+
+    def __post_init__(self) -> None:
+        if self.auto_accept_max < 0 or self.max_rate < 0:
+            raise UsageError("files auto_accept_max and max_rate must be 0 or more")
+        if self.max_pending_per_peer < 0 or self.max_pending < 0:
+            raise UsageError("files max_pending_per_peer and max_pending must be 0 or more")
+        if not 1 <= self.window_groups <= 64:
+            raise UsageError("files window_groups must be between 1 and 64")
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A daemon."""
 
@@ -275,13 +307,14 @@ class NodeConfig:
     #: A call not answered within this many seconds ends as "no-answer".
     ring_timeout: float = 30.0
     calls: CallsConfig = field(default_factory=CallsConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
 
 
 def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(obj)}
     changes: dict[str, Any] = {}
     for name, value in section.items():
-        if name not in known or name in ("home", "dht", "quic", "lan", "calls"):
+        if name not in known or name in ("home", "dht", "quic", "lan", "calls", "files"):
             raise UsageError(f"{where}: unknown setting {name!r}")
         current = getattr(obj, name)
         if name in ("listen",):
@@ -312,7 +345,7 @@ def load_config(home: Path) -> NodeConfig:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
-    unknown = set(doc) - {"node", "dht", "lan", "calls"}
+    unknown = set(doc) - {"node", "dht", "lan", "calls", "files"}
     if unknown:
         raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
     if "defences" in doc.get("dht", {}):
@@ -329,5 +362,6 @@ def load_config(home: Path) -> NodeConfig:
         raise UsageError(f"{path} [calls]: from, audio_in and audio_out are strings")
     calls = CallsConfig(**{settings[k]: v for k, v in calls_doc.items()})
     config = _apply(config, doc.get("node", {}), f"{path} [node]")
-    out: NodeConfig = replace(config, dht=dht, lan=lan, calls=calls)
+    files = _apply(config.files, doc.get("files", {}), f"{path} [files]")
+    out: NodeConfig = replace(config, dht=dht, lan=lan, calls=calls, files=files)
     return out

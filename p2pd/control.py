@@ -213,6 +213,50 @@ async def _calls(api: Api, params: Any) -> Any:
     return api.calls()
 
 
+@_method("send_file")
+async def _send_file(api: Api, params: Any) -> Any:
+    p = _params(params, ("handle", "path"))
+    if not isinstance(p.get("handle"), str) or not isinstance(p.get("path"), str):
+        raise UsageError("send_file needs 'handle' and 'path' strings")
+    return await api.send_file(p["handle"], p["path"])
+
+
+@_method("files")
+async def _files(api: Api, params: Any) -> Any:
+    _params(params, ())
+    return api.files()
+
+
+def _transfer_id(params: Any, names: tuple[str, ...] = ("id",)) -> tuple[str, dict[str, Any]]:
+    p = _params(params, names)
+    if not isinstance(p.get("id"), str):
+        raise UsageError("needs an 'id' string (see `files`)")
+    return p["id"], p
+
+
+@_method("file")
+async def _file(api: Api, params: Any) -> Any:
+    return api.file(_transfer_id(params)[0])
+
+
+@_method("accept_file")
+async def _accept_file(api: Api, params: Any) -> Any:
+    transfer_id, p = _transfer_id(params, ("id", "dir"))
+    if p.get("dir") is not None and not isinstance(p["dir"], str):
+        raise UsageError("'dir' must be a string")
+    return await api.accept_file(transfer_id, p.get("dir"))
+
+
+@_method("reject_file")
+async def _reject_file(api: Api, params: Any) -> Any:
+    return await api.reject_file(_transfer_id(params)[0])
+
+
+@_method("cancel_file")
+async def _cancel_file(api: Api, params: Any) -> Any:
+    return await api.cancel_file(_transfer_id(params)[0])
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

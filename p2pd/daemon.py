@@ -25,6 +25,7 @@ from .control import check_stale_socket, serve_control_api
 from .delivery import Delivery, EventBus
 from .dht import DHT, load_or_create_node_key, open_dht
 from .discovery import LanDiscovery, LanPeer, announced_hosts, local_ips
+from .files import FilesService, files_hooks
 from .identity import Identity, self_certifying
 from .key_rotation import stored_notice
 from .keystore import ensure_home
@@ -62,6 +63,7 @@ class Node:
         schedule: MaintenanceSchedule,
         wakeup: Wakeup,
         rotation: RotationNotice | None,
+        files: FilesService | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -71,6 +73,7 @@ class Node:
         self.delivery = delivery
         self.events = delivery.events
         self.calls = calls
+        self.files = files
         #: None when LAN discovery is off.
         self.lan = lan
         self._conn = conn
@@ -326,7 +329,10 @@ async def open_node(
                 endpoint,
                 identity,
                 config.quic,
-                on_stream=lambda peer, stream: delivery.handle_stream(peer, stream),
+                # p2pd/files/ routes file streams on their first byte, the rest to delivery
+                on_stream=lambda peer, stream: files.route_stream(
+                    peer, stream, delivery.handle_stream
+                ),
                 on_datagram=lambda peer, data: calls.datagram_received(peer, data),
                 is_pinned=lambda key: contacts.by_key(key) is not None,  # QUIC's reserve
             )
@@ -334,8 +340,13 @@ async def open_node(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,
                 contacts=contacts, lan_addresses=_lan_addresses(lan),
                 on_signal=lambda *signal: calls.on_signal(*signal),
+                on_file_offer=lambda *offer: files.offer_received(*offer),
             )  # fmt: skip
             calls = CallManager(delivery, events)
+            files = FilesService(
+                config.files, identity, conn, events.emit, quic=quic, at_rest=at_rest,
+                **files_hooks(delivery, dht, quic, _lan_addresses(lan)),
+            )  # fmt: skip
             notice, rotation = stored_notice(conn), None
             if notice is not None and notice.new_key == identity.public_key:
                 rotation = notice  # ours: announced to every contact, and in our record
@@ -344,13 +355,14 @@ async def open_node(
             node = Node(
                 config, identity, conn, endpoint=endpoint, dht=dht, quic=quic,
                 delivery=delivery, calls=calls, lan=lan, schedule=schedule, wakeup=wakeup,
-                rotation=rotation,
+                rotation=rotation, files=files,
             )  # fmt: skip
             if rotation is not None:
                 delivery.announce_rotation(rotation)  # once; the outbox delivers it
             await nursery.start(quic.serve)
             await nursery.start(endpoint.serve, dht.datagram_received, quic.datagram_received)
             await nursery.start(calls.run)
+            await nursery.start(files.run)
             await nursery.start(serve_control_api, node.control_path, Api(node), events)
             if lan is not None:
                 await nursery.start(lan.run)

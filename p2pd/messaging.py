@@ -26,7 +26,7 @@ from typing import Any, TypedDict
 from .at_rest import CLEAR, AtRest
 from .errors import StoredDataCorrupt, UsageError
 from .identity import FINGERPRINT_LEN, MIN_PREFIX, fingerprint
-from .wire import KIND_ROTATION, KIND_TEXT, MAX_TEXT
+from .wire import KIND_FILE, KIND_ROTATION, KIND_TEXT, MAX_TEXT
 
 QUEUED, SENT, DELIVERED = "queued", "sent", "delivered"
 #: Outgoing and not yet acknowledged. Written out in this exact form so that SQLite uses
@@ -141,13 +141,14 @@ class Message:
 
     def summary(self) -> MessageSummary:
         return {
-            "kind": "rotation" if self.kind == KIND_ROTATION else "text",
+            "kind": {KIND_ROTATION: "rotation", KIND_FILE: "file"}.get(self.kind, "text"),
             "id": self.id.hex(),
             "direction": self.direction,
             "handle": self.handle,
             "fingerprint": fingerprint(self.peer_key),
             "seq": self.seq,
-            "text": self.text,
+            # a file offer's text holds the file's key: never shown (p2pd/files/)
+            "text": "(file offer)" if self.kind == KIND_FILE else self.text,
             "state": self.state,
             "created": self.created,
             "updated": self.updated,

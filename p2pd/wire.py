@@ -622,6 +622,11 @@ KIND_CALL = 2
 #: most MAX_ROTATION_TEXT characters; acked, acted on, never stored as a message.
 KIND_ROTATION = 3
 MAX_ROTATION_TEXT = 2 * 256
+#: A file offer (p2pd/files/): ``text`` is the offer's bytes in hex, at most
+#: MAX_FILE_OFFER_TEXT characters; acked, handed to the files service, never stored as a
+#: message (docs/PROTOCOL.md, "Files").
+KIND_FILE = 4
+MAX_FILE_OFFER_TEXT = 4096
 MESSAGE_ID_LEN = 16
 MAX_TEXT = 64 * 1024
 FRAME_MESSAGE = 1
@@ -671,7 +676,7 @@ class MessagePayload:
         if r.u8() != MESSAGE_VERSION:
             raise WireError("unknown message version")
         kind = r.u8()
-        if kind not in (KIND_TEXT, KIND_CALL, KIND_ROTATION):
+        if kind not in (KIND_TEXT, KIND_CALL, KIND_ROTATION, KIND_FILE):
             raise WireError(f"unknown message kind {kind}")
         sender_len = r.u8()
         if sender_len > MAX_HANDLE_LEN:
@@ -685,7 +690,10 @@ class MessagePayload:
         msg_id = r.take(MESSAGE_ID_LEN)
         seq, sent_at = r.u64(), r.u64()
         (length,) = struct.unpack(">I", r.take(4))
-        if length > (MAX_ROTATION_TEXT if kind == KIND_ROTATION else MAX_TEXT):
+        bound = {KIND_ROTATION: MAX_ROTATION_TEXT, KIND_FILE: MAX_FILE_OFFER_TEXT}.get(
+            kind, MAX_TEXT
+        )
+        if length > bound:
             raise WireError("message text too long")
         try:
             text = r.take(length).decode("utf-8")

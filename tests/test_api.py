@@ -20,6 +20,7 @@ from p2pd.identity import Identity
 METHODS = {
     "status", "whois", "send", "message", "inbox", "outbox", "contacts", "verify",
     "check_mailbox", "peers", "call", "answer", "hangup", "calls",
+    "send_file", "files", "file", "accept_file", "reject_file", "cancel_file",
 }  # fmt: skip
 
 

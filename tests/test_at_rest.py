@@ -24,6 +24,8 @@ from p2pd.errors import (
     SessionStateCorrupt,
     StoredDataCorrupt,
 )
+from p2pd.files.protocol import Layout, Offer
+from p2pd.files.store import FileStore
 from p2pd.identity import Identity
 from p2pd.key_rotation import rotate_identity
 from p2pd.keystore import identity_path, load_identity, save_identity, unlock
@@ -483,3 +485,41 @@ def cli_json_lines(home: Path, *args: str) -> list[dict[str, Any]]:
     proc = run_cli(home, *args)
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_a_file_offer_and_its_key_are_sealed_and_a_moved_offer_is_skipped(
+    tmp_path: Path,
+) -> None:
+    """The per-file key lives in the stored offer: with a storage key, neither it nor the
+    name is on disk in the clear; the same search finds both in a clear database; an
+    offer copied into another transfer's row does not open, and that row is skipped."""
+    found = {}
+    for label, key in (("clear", None), ("sealed", KEY)):
+        db = tmp_path / f"{label}.db"
+        conn = open_database(db)
+        store = FileStore(conn, at_rest=open_at_rest(conn, key))
+        offers = [
+            Offer(os.urandom(16), os.urandom(32), Layout(10, 4096, 4), b"\1" * 32, f"{n}.pdf")
+            for n in ("holiday-photos", "tax-return")
+        ]
+        for offer in offers:
+            assert store.add(
+                direction="in", peer_key=b"\2" * 32, handle="bob", offer=offer,
+                state="pending", now=NOW,
+            )  # fmt: skip
+        conn.commit()
+        raw = raw_files(db)
+        found[label] = [o.key in raw or o.name.encode() in raw for o in offers]
+        if key is not None:
+            first, second = offers
+            stored = conn.execute(
+                "SELECT offer FROM file_transfers WHERE id=?", (first.transfer_id,)
+            ).fetchone()[0]
+            conn.execute(
+                "UPDATE file_transfers SET offer=? WHERE id=?", (stored, second.transfer_id)
+            )
+            conn.commit()
+            assert [t.offer.key for t in store.all()] == [first.key]
+            assert store.unreadable_rows == 1
+        conn.close()
+    assert found == {"clear": [True, True], "sealed": [False, False]}

@@ -1,6 +1,6 @@
 """The ``p2pd`` commands, by area: node.py (init, daemon, status, whois, peers),
 messages.py (send, inbox, contacts, verify), calls.py (call, answer, hangup, calls),
-devices.py (devices).
+devices.py (devices), files.py (send-file, files, accept, reject, cancel).
 
 cli/main.py imports a module when one of its commands runs, so at module level each
 imports only what all of its commands need (click, the control client, the renderers);

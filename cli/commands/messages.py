@@ -233,6 +233,11 @@ def inbox(ctx: click.Context, sender: str | None, follow: bool, as_json: bool, a
             shown.sort(key=lambda m: (m["fingerprint"], m["seq"]))
         for m in shown:
             show(m)
+        if not as_json and not after:  # a line per received file (p2pd/files/)
+            for f in client.call("files"):
+                if f["direction"] == "in" and sender_handle in (None, f["handle"]):
+                    shown.append(f)
+                    click.echo(render.inbox_file_line(f))
         if not follow:
             if not shown and not as_json:
                 click.echo("no messages", err=True)

@@ -108,6 +108,7 @@ from .events import (
     DeliveryDue,
     Event,
     ExchangeEnded,
+    FileOfferReceived,
     MailboxPut,
     MakeDue,
     MarkDelivered,
@@ -718,6 +719,9 @@ class DeliveryCore:
             return _ACK, sender_key
         if payload.kind == wire.KIND_ROTATION:
             events.append(RotationReceived(sender_key, payload.sender, payload.text, via))
+            return _ACK, sender_key
+        if payload.kind == wire.KIND_FILE:
+            events.append(FileOfferReceived(sender_key, payload.sender, payload.text, via))
             return _ACK, sender_key
         trusted = self.ledger.trusted_handle(sender_key)
         handle = trusted or payload.sender or "unknown"

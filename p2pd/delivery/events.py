@@ -101,6 +101,17 @@ class RotationReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class FileOfferReceived:
+    """A file offer arrived from ``sender_key`` (acked, not stored: the files service
+    takes it, p2pd/files/)."""
+
+    sender_key: bytes
+    claimed: str
+    text: str
+    via: str
+
+
+@dataclass(frozen=True, slots=True)
 class AckOwed:
     """A message from the mailbox was stored: ``msg_id`` is to be acked to its sender."""
 
@@ -187,7 +198,8 @@ class PrepareDue:
 
 
 Event = (
-    MessageReceived | SignalReceived | RotationReceived | SenderUnverified | AckOwed
+    MessageReceived | SignalReceived | RotationReceived | FileOfferReceived
+    | SenderUnverified | AckOwed
     | PendingMadeDue | DeliveryDue | RetryDue | PrepareDue
     | AckReceived | NackReceived | SessionReset | MessageSent | ExchangeEnded
 )  # fmt: skip

@@ -88,6 +88,7 @@ from .events import (
     DeliveryDue,
     Event,
     ExchangeEnded,
+    FileOfferReceived,
     MessageReceived,
     MessageSent,
     PrepareDue,
@@ -167,6 +168,7 @@ class Delivery:
         contacts: Contacts,
         lan_addresses: Callable[[bytes], list[Address]],
         on_signal: Callable[[bytes, str, QuicPeer | None, str], None],
+        on_file_offer: Callable[[bytes, str, str, str], None] = lambda *offer: None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -175,6 +177,8 @@ class Delivery:
         self.quic = quic
         self.lan_addresses = lan_addresses
         self.on_signal = on_signal
+        #: (sender key, claimed handle, offer text, via): p2pd/files/ takes file offers.
+        self.on_file_offer = on_file_offer
         self._conn = conn
         self.messages = MessageStore(conn, at_rest=sessions.at_rest)  # p2pd/at_rest.py
         self.contacts = contacts
@@ -309,6 +313,14 @@ class Delivery:
                 "FINGERPRINT`"
             )
         return contact
+
+    def queue_payload(self, handle: str, peer_key: bytes, text: str, kind: int) -> Message:
+        """Queue one payload of another kind than text (a file offer) for a known
+        contact, through the outbox like a message: durable, retried, left in the
+        mailbox of a peer that is offline."""
+        (message,) = self.messages.enqueue_many(handle, peer_key, [text], time.time(), kind=kind)
+        self._queued(peer_key)
+        return message
 
     def _queued(self, peer_key: bytes) -> None:
         """Messages to ``peer_key`` were queued (or moved to it): the core starts its
@@ -465,13 +477,17 @@ class Delivery:
             self._dispatch(events, peer)
 
     async def _pump(
-        self, peer: QuicPeer, stream: QuicStream, reader: Exchange | IncomingStream
+        self,
+        peer: QuicPeer,
+        stream: QuicStream,
+        reader: Exchange | IncomingStream,
+        first: bytes = b"",
     ) -> None:
         """Feed what ``stream`` brings to ``reader`` (one transaction per read) and write
         its replies, until the stream ends, or an exchange has all its answers."""
         while not (isinstance(reader, Exchange) and reader.answered):
             try:
-                data = await stream.receive_some(65536)
+                data, first = first or await stream.receive_some(65536), b""
             except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             if not data:
@@ -542,10 +558,11 @@ class Delivery:
 
     # ------------------------------------------------------------------ receiving
 
-    async def handle_stream(self, peer: QuicPeer, stream: QuicStream) -> None:
-        """A stream a peer opened: message, ack and nack frames; answers on the stream."""
+    async def handle_stream(self, peer: QuicPeer, stream: QuicStream, first: bytes = b"") -> None:
+        """A stream a peer opened: message, ack and nack frames; answers on the stream.
+        ``first``: what was read already (p2pd/files/ routes streams on their first byte)."""
         if peer.public_key is not None:  # always set once the handshake is done
-            await self._pump(peer, stream, self.core.accept_stream(peer.public_key))
+            await self._pump(peer, stream, self.core.accept_stream(peer.public_key), first)
 
     @contextmanager
     def _committed(self) -> Iterator[None]:
@@ -574,6 +591,8 @@ class Delivery:
                     self.on_signal(event.sender_key, event.claimed, peer, event.text)
             elif isinstance(event, RotationReceived):
                 self.rotation_received(event)
+            elif isinstance(event, FileOfferReceived):
+                self.on_file_offer(event.sender_key, event.claimed, event.text, event.via)
             elif isinstance(event, SenderUnverified):
                 self._spawn(self._verify_sender, event)
             elif isinstance(event, DeliveryDue):

@@ -1,0 +1,292 @@
+"""Files under attack, with two in-process nodes over real QUIC on loopback: a forged
+chunk (a bit flipped after sealing) is refused, counted and fetched again; a hostile
+name lands as a safe one inside the files dir; garbage, oversized and misdirected file
+streams are refused and change nothing (issue 14)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pd.config import FilesConfig, LanConfig, NodeConfig
+from p2pd.daemon import Node, open_node
+from p2pd.files import protocol
+from p2pd.files.protocol import F_CHUNK, Layout, Offer, hash_file, root_of
+from p2pd.files.service import FilesService
+from p2pd.identity import Identity
+from p2pd.testing.daemons import short_tempdir
+from p2pd.testing.proxy import open_lossy_proxy
+from p2pd.wire import Address
+
+
+@pytest.fixture()
+def root() -> Iterator[Path]:
+    path = short_tempdir("p2pd-fatk-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@asynccontextmanager
+async def node(
+    root: Path,
+    identity: Identity,
+    bootstrap: tuple[Address, ...] = (),
+    max_rate: int = 0,
+    listen: int = 0,
+    advertise: tuple[str, int] | None = None,
+    max_pending_per_peer: int = 20,
+) -> AsyncIterator[Node]:
+    downloads = root / f"{identity.handle}-dl"
+    downloads.mkdir(exist_ok=True)
+    config = NodeConfig(
+        home=root / identity.handle,
+        listen=Address("127.0.0.1", listen),
+        advertise=() if advertise is None else (Address(*advertise),),
+        bootstrap=bootstrap,
+        ack_timeout=2.0,
+        connect_timeout=1.0,
+        lan=LanConfig(mode="off"),
+        files=FilesConfig(
+            dir=str(downloads), max_rate=max_rate, max_pending_per_peer=max_pending_per_peer
+        ),
+    )
+    async with open_node(config, identity) as n:
+        yield n
+
+
+def files_of(n: Node) -> FilesService:
+    assert n.files is not None
+    return n.files
+
+
+async def wait_for(predicate: object, timeout: float = 30.0) -> None:
+    assert callable(predicate)
+    with trio.fail_after(timeout):
+        for _ in range(100_000):
+            if predicate():
+                return
+            await trio.sleep(0.02)
+
+
+def state_of(n: Node, direction: str) -> str:
+    rows = [f for f in files_of(n).transfers() if f["direction"] == direction]
+    return rows[0]["state"] if rows else ""
+
+
+@asynccontextmanager
+async def pair(root: Path, max_rate: int = 0) -> AsyncIterator[tuple[Node, Node]]:
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    async with (
+        node(root, alice_id, max_rate=max_rate) as alice,
+        node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+    ):
+        # bob pins alice (as a first message would): her files are accepted at once
+        bob.delivery.contacts.pin("alice", alice_id.public_key, time.time())
+        yield alice, bob
+
+
+async def test_a_forged_chunk_is_refused_counted_and_fetched_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = root / "payload.bin"
+    data = os.urandom(5 * (1 << 20) + 99)
+    src.write_bytes(data)
+    real = protocol.SenderStream.chunk_frame
+    forged: list[int] = []
+
+    def forge_once(self: protocol.SenderStream, index: int, plain: bytes) -> bytes:
+        frame = real(self, index, plain)
+        if index == 40 and not forged:  # in the third group, once: one bit of ciphertext
+            forged.append(index)
+            frame = frame[:20] + bytes([frame[20] ^ 1]) + frame[21:]
+        return frame
+
+    monkeypatch.setattr(protocol.SenderStream, "chunk_frame", forge_once)
+    with trio.fail_after(120):
+        async with pair(root) as (alice, bob):
+            await files_of(alice).send_file("bob", str(src))
+            await wait_for(lambda: state_of(bob, "in") == "done", timeout=90)
+            got = files_of(bob).transfers()[0]
+            assert forged == [40]
+            assert got["refused"] == 1 and files_of(bob).stats["chunks_refused"] == 1
+            assert Path(got["path"]).read_bytes() == data
+            # resumed at the refused group (2): what came again is at most that group
+            assert got["resent"] <= 1 << 20
+            await wait_for(lambda: state_of(alice, "out") == "done")
+
+
+async def test_a_hostile_name_lands_inside_the_files_dir(root: Path) -> None:
+    src = root / "innocent.txt"
+    src.write_bytes(b"payload")
+    with trio.fail_after(60):
+        async with pair(root) as (alice, bob):
+            files = files_of(alice)
+            layout = Layout.for_size(7)
+            hashes = hash_file(src, layout)
+            for name in ("../../escaped.txt", "/etc/passwd", ".hidden", "a\x1b[31mred"):
+                offer = Offer(os.urandom(16), os.urandom(32), layout, root_of(hashes), name)
+                # what send_file does, with the name a hostile sender would put
+                files.store.add(
+                    direction="out",
+                    peer_key=bob.identity.public_key,
+                    handle="bob",
+                    offer=offer,
+                    state="offered",
+                    now=time.time(),
+                    path=str(src),
+                    hashes=hashes,
+                )
+                files.enqueue_offer("bob", bob.identity.public_key, offer.to_text())
+                files._start_sender(offer.transfer_id)
+            await wait_for(
+                lambda: len([f for f in files_of(bob).transfers() if f["state"] == "done"]) == 4
+            )
+            downloads = root / "bob-dl"
+            saved = sorted(p.name for p in downloads.iterdir())
+            assert saved == ["a_[31mred", "escaped.txt", "hidden", "passwd"]
+            assert (
+                not (root / "escaped.txt").exists() and not (root.parent / "escaped.txt").exists()
+            )
+            assert all((downloads / n).read_bytes() == b"payload" for n in saved)
+
+
+async def test_garbage_and_misdirected_file_streams_change_nothing(root: Path) -> None:
+    with trio.fail_after(60):
+        async with pair(root) as (alice, bob):
+            carol = Identity.generate("carol")
+            async with node(root, carol, bootstrap=(alice.listen_address,)) as mallory:
+                peer = await mallory.quic.connect(bob.listen_address, bob.identity.public_key)
+                bad_streams = [
+                    protocol.STREAM_HEADER + struct.pack(">BI", F_CHUNK, protocol.MAX_FRAME + 1),
+                    protocol.STREAM_HEADER + struct.pack(">BI", 99, 0),
+                    bytes([protocol.STREAM_MAGIC, 9]) + b"\0" * 20,  # an unknown version
+                    protocol.STREAM_HEADER + protocol.encode_frame(F_CHUNK, b"\0" * 40),
+                ]
+                for payload in bad_streams:
+                    stream = await peer.open_stream()
+                    await stream.send_all(payload)
+                    with trio.fail_after(10):
+                        while True:  # bob resets it
+                            try:
+                                if not await stream.receive_some():
+                                    break
+                            except trio.BrokenResourceError:
+                                break
+                assert files_of(bob).stats["streams_refused"] == len(bad_streams)
+                # OPEN for a transfer that is alice's, from mallory: answered as unknown
+                src = root / "x.bin"
+                src.write_bytes(os.urandom(70_000))
+                sent = await files_of(alice).send_file("bob", str(src))
+                await wait_for(lambda: state_of(bob, "in") == "done")
+                stream = await peer.open_stream()
+                tid = bytes.fromhex(sent["id"])
+                await stream.send_all(
+                    protocol.STREAM_HEADER + protocol.encode_frame(protocol.F_OPEN, tid)
+                )
+                answer = b""
+                with trio.fail_after(10):
+                    while chunk := await stream.receive_some():
+                        answer += chunk
+                assert answer == protocol.encode_frame(protocol.F_WAIT)
+                # a CANCEL from mallory for alice's transfer changes nothing either
+                stream = await peer.open_stream()
+                await stream.send_all(protocol.control_frames(protocol.F_CANCEL, tid, 2), eof=True)
+                await trio.sleep(0.3)  # nothing to wait for: a change would be the failure
+                assert state_of(bob, "in") == "done"
+                assert (
+                    hashlib.sha256(src.read_bytes()).digest()
+                    == hashlib.sha256((root / "bob-dl" / "x.bin").read_bytes()).digest()
+                )
+
+
+async def test_the_sender_cancels_mid_way_and_the_receiver_keeps_nothing(root: Path) -> None:
+    src = root / "big.bin"
+    src.write_bytes(os.urandom(6 << 20))
+    with trio.fail_after(60):
+        async with pair(root, max_rate=2_000_000) as (alice, bob):
+            sent = await files_of(alice).send_file("bob", str(src))
+            await wait_for(
+                lambda: sum(f["bytes_done"] for f in files_of(bob).transfers()) >= 1 << 20
+            )
+            await files_of(alice).cancel(sent["id"][:8])
+            await wait_for(lambda: state_of(bob, "in") == "cancelled")
+            assert state_of(alice, "out") == "cancelled"
+            assert list((root / "bob-dl").iterdir()) == []  # the partial file is gone
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_a_transfer_crosses_a_lossy_path_with_a_blackout(root: Path) -> None:
+    """Every QUIC connection goes through a lossy proxy (each node advertises its own:
+    2 % loss, 1 % duplication, 5 % reordering, both ways), and the path goes black for
+    3 s mid-way: the file arrives whole and identical."""
+    src = root / "lossy.bin"
+    data = os.urandom(6 << 20)
+    src.write_bytes(data)
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    ports = {"alice": free_udp_port(), "bob": free_udp_port()}
+    impair = {"drop": 0.02, "duplicate": 0.01, "reorder": 0.05}
+    with trio.fail_after(120):
+        async with (
+            open_lossy_proxy(("127.0.0.1", ports["alice"]), seed=1, **impair) as to_alice,
+            open_lossy_proxy(("127.0.0.1", ports["bob"]), seed=2, **impair) as to_bob,
+            node(root, alice_id, listen=ports["alice"], advertise=to_alice.address) as alice,
+            node(
+                root,
+                bob_id,
+                bootstrap=(alice.listen_address,),
+                listen=ports["bob"],
+                advertise=to_bob.address,
+            ) as bob,
+        ):
+            bob.delivery.contacts.pin("alice", alice_id.public_key, time.time())
+            await files_of(alice).send_file("bob", str(src))
+            await wait_for(
+                lambda: sum(f["bytes_done"] for f in files_of(bob).transfers()) >= 2 << 20, 60
+            )
+            to_bob.blackout(3.0)
+            await wait_for(lambda: state_of(bob, "in") == "done", timeout=100)
+            assert Path(files_of(bob).transfers()[0]["path"]).read_bytes() == data
+            assert to_bob.stats["dropped"] > 0 and to_bob.stats["blackout_dropped"] > 0
+
+
+async def test_a_stranger_cannot_pile_up_offers(root: Path) -> None:
+    """Offers that wait for `accept` are bounded per sender (here 3): the rest are
+    dropped and counted; a pinned contact's files still arrive."""
+    alice_id, bob_id, carol_id = (Identity.generate(h) for h in ("alice", "bob", "carol"))
+    small = root / "s.txt"
+    small.write_bytes(b"hello")
+    with trio.fail_after(60):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,), max_pending_per_peer=3) as bob,
+            node(root, carol_id, bootstrap=(alice.listen_address,)) as carol,
+        ):
+            bob.delivery.contacts.pin("alice", alice_id.public_key, time.time())
+            for _ in range(5):
+                await files_of(carol).send_file("bob", str(small))
+            await wait_for(lambda: files_of(bob).stats["offers_over_limit"] == 2)
+            pending = [f for f in files_of(bob).transfers() if f["state"] == "pending"]
+            assert len(pending) == 3 and all(f["handle"] == "carol" for f in pending)
+            await files_of(alice).send_file("bob", str(small))
+            await wait_for(
+                lambda: any(
+                    f["handle"] == "alice" and f["state"] == "done"
+                    for f in files_of(bob).transfers()
+                )
+            )

@@ -1,0 +1,354 @@
+"""End to end: files between real `p2pd daemon` processes on loopback, over real QUIC,
+driven through the CLI as a user would (issue 14)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir, wait_until
+
+pytestmark = pytest.mark.slow
+
+#: The default group: what a receiver killed mid-way may receive twice (at most).
+GROUP = 1024 * 1024
+
+
+class Net:
+    """Two or more daemons by handle, each with its own `[files] dir`; all stopped at the
+    end, whatever happens."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.daemons: dict[str, DaemonProcess] = {}
+        self.ports: dict[str, str] = {}
+
+    def init(self, *handles: str, auto_accept_max: int = 100_000_000, max_rate: int = 0) -> None:
+        for handle in handles:
+            proc = run_cli(self.home(handle), "init", handle, "--no-passphrase")
+            assert proc.returncode == 0, proc.stderr
+            self.downloads(handle).mkdir()
+            (self.home(handle) / "config.toml").write_text(
+                f'[files]\ndir = "{self.downloads(handle)}"\n'
+                f"auto_accept_max = {auto_accept_max}\nmax_rate = {max_rate}\n"
+            )
+
+    def start(self, handle: str, wrapper: tuple[str, ...] = ()) -> DaemonProcess:
+        bootstrap = [d.listen for h, d in self.daemons.items() if h != handle and d.alive]
+        daemon = DaemonProcess(
+            self.home(handle), listen=self.ports.get(handle), bootstrap=bootstrap, wrapper=wrapper
+        )
+        daemon.wait_ready()
+        self.daemons[handle] = daemon
+        self.ports[handle] = daemon.listen
+        return daemon
+
+    def home(self, handle: str) -> Path:
+        return self.root / handle
+
+    def downloads(self, handle: str) -> Path:
+        return self.root / f"{handle}-downloads"
+
+    def stop_all(self) -> None:
+        for handle, d in self.daemons.items():
+            d.stop()
+            print(f"----- {handle} (exit {d.proc.returncode})\n{d.log[-6000:]}")  # on failure
+
+
+@pytest.fixture()
+def net() -> Iterator[Net]:
+    root = short_tempdir("p2pd-files-")
+    n = Net(root)
+    try:
+        yield n
+    finally:
+        n.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def random_file(path: Path, size: int) -> str:
+    path.write_bytes(os.urandom(size))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def files(home: Path) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = cli_json(home, "files")
+    return result
+
+
+def one_file(home: Path, direction: str) -> dict[str, Any]:
+    rows = [f for f in files(home) if f["direction"] == direction]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def pin_each_other(net: Net, a: str, b: str) -> None:
+    """A message each way: each side pins the other's key (checked against the DHT)."""
+    for sender, recipient in ((a, b), (b, a)):
+        proc = run_cli(net.home(sender), "send", recipient, "hi", "--wait", "--timeout", "30")
+        assert proc.returncode == 0, proc.stderr
+    for handle, other in ((a, b), (b, a)):
+        assert wait_until(
+            lambda h=handle, o=other: o in {c["handle"] for c in cli_json(net.home(h), "contacts")},
+            timeout=20,
+        )
+
+
+def test_a_file_from_a_contact_arrives_verified_and_identical(net: Net) -> None:
+    net.init("alice", "bob")
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    src = net.root / "holiday photo.jpg"
+    digest = random_file(src, 5 * GROUP + 12345)  # not a multiple of a chunk or a group
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src), "--wait", timeout=120)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    got = one_file(net.home("bob"), "in")
+    assert got["state"] == "done" and got["name"] == "holiday photo.jpg"
+    final = Path(got["path"])
+    assert final == net.downloads("bob") / "holiday photo.jpg"
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == digest
+    assert list(net.downloads("bob").iterdir()) == [final]  # no partial left behind
+    sent = one_file(net.home("alice"), "out")
+    assert sent["state"] == "done" and sent["bytes_done"] == src.stat().st_size
+    # inbox shows a line for it
+    proc = run_cli(net.home("bob"), "inbox")
+    assert f"alice sent holiday photo.jpg, 5.3 MB: saved to {final}" in proc.stdout
+
+
+def test_progress_lines_show_rate_and_eta_and_errors_are_clear(net: Net) -> None:
+    net.init("alice", "bob", max_rate=2_000_000)
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    src = net.root / "notes.pdf"
+    digest = random_file(src, 6 * GROUP)  # 3 s at 2 MB/s: a few progress lines
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src), "--wait", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("notes.pdf:")]
+    assert len(lines) >= 2, proc.stderr
+    assert "MB/s" in lines[-1] and "eta" in lines[-1]
+    final = Path(one_file(net.home("bob"), "in")["path"])
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == digest
+    # clear errors, nothing queued
+    huge = net.root / "huge.img"
+    with open(huge, "wb") as f:  # sparse: 1 TiB + 1 byte, no disk used
+        f.truncate((1 << 40) + 1)
+    for args, code, words in [
+        (("bob", str(huge)), 2, "too big"),
+        (("nobody_here", str(src)), 1, "nobody_here"),
+        (("bob", str(net.root / "missing.txt")), 2, "no such file"),
+        (("bob", str(net.root)), 2, "not a regular file"),
+        (("alice", str(src)), 2, "your own handle"),
+    ]:
+        proc = run_cli(net.home("alice"), "send-file", *args)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert proc.stderr.startswith("ERROR: ") and words in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert len(files(net.home("alice"))) == 1
+    proc = run_cli(net.home("bob"), "accept", "ffffffff")
+    assert proc.returncode == 1 and "no transfer" in proc.stderr
+
+
+def test_auto_accept_limits_and_accept_reject(net: Net) -> None:
+    net.init("alice", "bob", "carol", auto_accept_max=1_000_000)
+    for handle in ("alice", "bob", "carol"):
+        net.start(handle)
+    pin_each_other(net, "alice", "bob")
+    small, big = net.root / "small.txt", net.root / "big.bin"
+    random_file(small, 100_000)
+    big_digest = random_file(big, 2 * GROUP)
+    for path in (small, big):
+        proc = run_cli(net.home("alice"), "send-file", "bob", str(path))
+        assert proc.returncode == 0, proc.stderr
+    # carol is no contact of bob's: even a small file waits
+    proc = run_cli(net.home("carol"), "send-file", "bob", str(small))
+    assert proc.returncode == 0, proc.stderr
+
+    def by_name() -> dict[tuple[str, str], dict[str, Any]]:
+        return {(f["handle"], f["name"]): f for f in files(net.home("bob"))}
+
+    assert wait_until(lambda: len(by_name()) == 3, timeout=30)
+    assert wait_until(lambda: by_name()[("alice", "small.txt")]["state"] == "done", timeout=30)
+    assert by_name()[("alice", "big.bin")]["state"] == "pending"
+    assert by_name()[("carol", "small.txt")]["state"] == "pending"
+    assert sorted(p.name for p in net.downloads("bob").iterdir()) == ["small.txt"]
+    proc = run_cli(net.home("bob"), "inbox")
+    assert "alice sent big.bin, 2.1 MB: waiting (p2pd accept" in proc.stdout
+    # accept into another directory; reject carol's
+    elsewhere = net.root / "elsewhere"
+    big_id = by_name()[("alice", "big.bin")]["id"]
+    proc = run_cli(net.home("bob"), "accept", big_id[:8], "--to", str(elsewhere))
+    assert proc.returncode == 0, proc.stderr
+    assert wait_until(lambda: by_name()[("alice", "big.bin")]["state"] == "done", timeout=30)
+    assert hashlib.sha256((elsewhere / "big.bin").read_bytes()).hexdigest() == big_digest
+    proc = run_cli(net.home("bob"), "reject", by_name()[("carol", "small.txt")]["id"][:8])
+    assert proc.returncode == 0, proc.stderr
+    assert wait_until(lambda: one_file(net.home("carol"), "out")["state"] == "rejected", timeout=30)
+    assert not (net.downloads("bob") / "small (1).txt").exists()
+    sent = {f["name"]: f["state"] for f in files(net.home("alice"))}
+    assert sent == {"small.txt": "done", "big.bin": "done"}
+
+
+def test_empty_file_and_name_collisions(net: Net) -> None:
+    net.init("alice", "bob")
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    empty = net.root / ".profile"  # a leading dot: not hidden on arrival
+    empty.write_bytes(b"")
+    one = net.root / "one.txt"
+    one.write_bytes(b"x")
+    for path in (empty, one, one):
+        proc = run_cli(net.home("alice"), "send-file", "bob", str(path), "--wait", timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in net.downloads("bob").iterdir())
+    assert names == ["one (1).txt", "one.txt", "profile"]
+    assert (net.downloads("bob") / "profile").read_bytes() == b""
+    assert (net.downloads("bob") / "one (1).txt").read_bytes() == b"x"
+
+
+def _bytes_done(net: Net, handle: str, direction: str) -> int:
+    rows = [f for f in files(net.home(handle)) if f["direction"] == direction]
+    return int(rows[0]["bytes_done"]) if rows else 0
+
+
+@pytest.mark.parametrize("victim", ["bob", "alice"])
+def test_kill_9_mid_transfer_resumes_from_the_last_verified_group(net: Net, victim: str) -> None:
+    """kill -9 of the receiver (bob) or the sender (alice) mid-way; restarted, the
+    transfer resumes where the receiver's last verified group ended: bob receives at
+    most one group twice."""
+    net.init("alice", "bob", max_rate=4_000_000)
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    src = net.root / "video.mkv"
+    size = 24 * GROUP + 777
+    digest = random_file(src, size)
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src))
+    assert proc.returncode == 0, proc.stderr
+    assert wait_until(lambda: _bytes_done(net, "bob", "in") >= 8 * GROUP, timeout=60)
+    net.daemons[victim].kill()  # SIGKILL: no clean shutdown
+    partials = list(net.downloads("bob").glob(".p2pd-*.partial"))
+    assert len(partials) == 1 and not (net.downloads("bob") / "video.mkv").exists()
+    net.start(victim)
+    assert wait_until(lambda: one_file(net.home("bob"), "in")["state"] == "done", timeout=90)
+    got = one_file(net.home("bob"), "in")
+    final = Path(got["path"])
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == digest
+    assert got["resent"] <= GROUP, got  # what bob received twice
+    assert list(net.downloads("bob").iterdir()) == [final]
+    print(f"kill -9 {victim}: bob received {got['resent']} bytes twice (group {GROUP})")
+    sent = one_file(net.home("alice"), "out")
+    assert sent["state"] == "done"
+    if victim == "bob":  # alice's own count (in memory: a killed alice starts at 0)
+        print(f"alice sent {sent['resent']} bytes twice")
+        # in flight when bob died: at most the window (8 groups) + the unfinished one
+        assert sent["resent"] <= 9 * GROUP, sent
+
+
+def test_a_corrupted_chunk_group_is_refused_and_fetched_again(net: Net) -> None:
+    """The source changes under the sender mid-way (what a forged group looks like to
+    the receiver: valid chunk seals, a group hash that does not match): the group is
+    refused and counted, nothing reaches the final path, and once the source is right
+    again the group is fetched again and the file completes."""
+    net.init("alice", "bob", max_rate=4_000_000)
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    src = net.root / "data.bin"
+    size = 16 * GROUP
+    digest = random_file(src, size)
+    original = src.read_bytes()
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src))
+    assert proc.returncode == 0, proc.stderr
+    assert wait_until(lambda: _bytes_done(net, "bob", "in") >= 2 * GROUP, timeout=60)
+    flip_at = 12 * GROUP + 5  # a group not sent yet
+    with open(src, "r+b") as f:
+        f.seek(flip_at)
+        f.write(bytes([original[flip_at] ^ 0xFF]))
+    assert wait_until(lambda: one_file(net.home("bob"), "in")["refused"] >= 1, timeout=60)
+    assert not (net.downloads("bob") / "data.bin").exists()
+    src.write_bytes(original)
+    assert wait_until(lambda: one_file(net.home("bob"), "in")["state"] == "done", timeout=90)
+    got = one_file(net.home("bob"), "in")
+    assert hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest() == digest
+    assert got["refused"] >= 1
+    assert cli_json(net.home("bob"), "status")["files"]["chunks_refused"] >= 1
+
+
+def test_an_offer_to_an_offline_contact_flows_once_it_is_back(net: Net) -> None:
+    """The offer waits (outbox, mailbox) while bob is down; once bob is back it arrives,
+    is accepted, and the bytes flow without anyone doing anything."""
+    net.init("alice", "bob")
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    net.daemons["bob"].stop()
+    src = net.root / "later.bin"
+    digest = random_file(src, 3 * GROUP + 5)
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src))
+    assert proc.returncode == 0, proc.stderr
+    assert one_file(net.home("alice"), "out")["state"] == "offered"
+    net.start("bob")
+    assert wait_until(lambda: one_file(net.home("alice"), "out")["state"] == "done", timeout=90)
+    got = one_file(net.home("bob"), "in")
+    assert hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
+def test_a_disk_that_fills_fails_the_transfer_cleanly(net: Net) -> None:
+    """bob may write files of at most 3 MB (RLIMIT_FSIZE, as a full disk or a quota
+    would refuse him): a 6 MB file fails on both sides, and bob keeps nothing."""
+    net.init("alice", "bob")
+    net.start("alice")
+    net.start("bob", wrapper=("prlimit", f"--fsize={3_000_000}"))
+    pin_each_other(net, "alice", "bob")
+    src = net.root / "too-big.bin"
+    random_file(src, 6_000_000)
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src), "--wait", timeout=120)
+    assert proc.returncode == 1 and "not received: too-big.bin: failed" in proc.stderr, proc.stderr
+    got = one_file(net.home("bob"), "in")
+    assert got["state"] == "failed" and "cannot write" in got["error"], got
+    assert list(net.downloads("bob").iterdir()) == []
+    assert net.daemons["bob"].alive  # and it goes on working: a small file arrives
+    small = net.root / "small.txt"
+    small.write_bytes(b"fits")
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(small), "--wait", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (net.downloads("bob") / "small.txt").read_bytes() == b"fits"
+
+
+def test_several_files_in_parallel_both_ways(net: Net) -> None:
+    """Three files alice -> bob in one command and one bob -> alice at the same time:
+    one connection, a stream each, all identical at the end."""
+    net.init("alice", "bob")
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    digests = {}
+    for name, size in (("a.bin", 3 * GROUP), ("b.bin", GROUP + 1), ("c.bin", 2 * GROUP - 1)):
+        digests[name] = random_file(net.root / name, size)
+    back = net.root / "reply.bin"
+    back_digest = random_file(back, 2 * GROUP)
+    paths = [str(net.root / n) for n in digests]
+    proc = run_cli(net.home("bob"), "send-file", "alice", str(back))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli(net.home("alice"), "send-file", "bob", *paths, "--wait", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert {f["name"]: f["state"] for f in json.loads(proc.stdout)} == dict.fromkeys(
+        digests, "done"
+    )
+    for name, digest in digests.items():
+        data = (net.downloads("bob") / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest
+    assert wait_until(lambda: one_file(net.home("alice"), "in")["state"] == "done", timeout=60)
+    data = (net.downloads("alice") / "reply.bin").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == back_digest
