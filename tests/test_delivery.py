@@ -208,10 +208,12 @@ async def test_an_unanswered_batch_is_sent_again_after_the_backoff(root: Path) -
             swallowed: list[bytes] = []
             answer = bob.delivery.handle_stream
 
-            async def swallow_the_first(peer: QuicPeer, stream: QuicStream) -> None:
-                if swallowed:
-                    return await answer(peer, stream)
-                swallowed.append(await stream.receive_some(65536))
+            async def swallow_the_first(
+                peer: QuicPeer, stream: QuicStream, first: bytes = b""
+            ) -> None:
+                if swallowed:  # ``first``: what the stream router read already
+                    return await answer(peer, stream, first)
+                swallowed.append(first or await stream.receive_some(65536))
                 await release.wait()  # held open, unanswered, until the test ends
 
             bob.delivery.handle_stream = swallow_the_first  # type: ignore[method-assign]
