@@ -54,17 +54,21 @@ REQUEST_COST: dict[str, float] = {
     "mailbox_delete": 4.0,
 }
 #: What a request is padded to while its sender is not validated at the node it asks:
-#: room for the whole reply (a signature and an address cookie included). A find_node or
-#: find_value reply with 20 IPv4 contacts (about 48 bytes each), a signature and a cookie
-#: is about 1,100 bytes; 1,200 is also what every path carries (RFC 9000 section 14).
-#: IPv6 contacts, or a large record, are cut to fit until the sender proves its address.
-#: A mailbox page is cut to the one largest entry (2,048 bytes) that fits in 2,300: the
-#: owner asks for the next page, proven by then.
-REQUEST_PAD: dict[str, int] = {"find_node": 1200, "find_value": 1200, "mailbox_fetch": 2300}
+#: room for the whole reply, a signature and an address cookie included. A find_node reply
+#: with 20 IPv4 contacts (about 48 bytes each) is about 1,100 bytes; 1,200 is also what
+#: every path carries (RFC 9000 section 14). A find_value reply holds a record too (a
+#: daemon's, with its prekey bundle, is up to about 1,700 bytes; the largest 2,601), and
+#: a mailbox page one entry of up to 2,048 bytes (the owner asks for the next page,
+#: proven by then). What does not fit is cut: IPv6 contacts, the far end of a list, a
+#: record larger than the usual, until the sender proves its address.
+REQUEST_PAD: dict[str, int] = {"find_node": 1200, "find_value": 2900, "mailbox_fetch": 2300}
 #: The other kinds: a signed reply with a cookie (ping: 140 bytes) fits in this.
 REQUEST_PAD_MIN = 160
-#: Kinds padded even to a node that validated us (:meth:`RequestBudget.padding`).
-ALWAYS_PADDED = frozenset({"ping", "find_value", "mailbox_fetch"})
+#: What some kinds are padded to even once validated: a node that forgot us (a restart,
+#: its table of proven addresses full) must still find room in them for a signed reply
+#: (and a cookie), not leave them unanswered. A find_node to such a node gets a cut reply
+#: with a cookie; the rest (store, mailbox put and delete) are larger than their replies.
+VALIDATED_PAD: dict[str, int] = {"ping": 160, "find_value": 1200, "mailbox_fetch": 2300}
 #: Bytes of a response frame around its result: kind, message id, array header.
 _RESPONSE_HEAD = 1 + 20 + 1
 #: A signature (bin 8 header + 64 bytes) or nil; a cookie with its header.
@@ -234,15 +238,10 @@ class RequestBudget:
         self._validated.pop(address, None)
 
     def padding(self, method: str, address: Address, now: float, *, anonymous: bool) -> int:
-        """The size to pad a request to (0: none). A ping, a find_value and a mailbox
-        fetch are always padded: their replies are signed (a ping's for a probe, a
-        find_value's always) or large, so that a node that forgot us (a restart, its
-        table of proven addresses full) could not even answer them with a cookie, and a
-        request of theirs must not go unanswered only for that. A find_node to such a
-        node still gets a cut reply with a cookie; the rest are small."""
-        if anonymous or method in ALWAYS_PADDED or not self.validated_at(address, now):
+        """The size to pad a request to (0: none): see REQUEST_PAD and VALIDATED_PAD."""
+        if anonymous or not self.validated_at(address, now):
             return REQUEST_PAD.get(method, REQUEST_PAD_MIN)
-        return 0
+        return VALIDATED_PAD.get(method, 0)
 
     # ------------------------------------------------------------------ logging
 
