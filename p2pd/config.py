@@ -75,6 +75,11 @@ class DHTConfig:
     #: The same per /24 (IPv4) or /48 (IPv6) of the source: this many times the rate and
     #: burst of one address.
     subnet_rate_factor: float = 4.0
+    #: One bucket for every source not validated yet (it has not proved it receives at its
+    #: address), all together: a flood from many (spoofed) sources gets a fresh bucket
+    #: per source above, and is held to this (``unvalidated_limited_<kind>``).
+    unvalidated_rate: float = 1000.0
+    unvalidated_burst: float = 2000.0
     #: Most buckets remembered (least recently used forgotten first), each table: bounds
     #: the memory a flood from spoofed sources can take.
     rate_table_max: int = 8192

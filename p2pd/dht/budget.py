@@ -9,6 +9,8 @@ Pure, like the core: no clock but the ``now`` passed in, no I/O. Three budgets
   of buckets is an LRU of at most ``rate_table_max`` entries, so that a flood from spoofed
   sources cannot grow it: a forgotten source starts again with a full bucket, which the
   /24 bucket (and the table's size) still bound.
+  All sources not validated yet share one more bucket (``unvalidated_rate``), so that
+  a flood from many sources cannot take the work validated contacts need.
 - :class:`SourceQuota`: how many stored items (records, mailbox entries) each source
   address and /24|/48 has here, as running counters (charged on a new item, released
   when the item goes); a source past its quota is refused.
@@ -193,6 +195,9 @@ class RequestBudget:
             config.request_burst * config.subnet_rate_factor,
             size,
         )
+        #: All sources not validated, together: a flood from many (spoofed) sources gets
+        #: a fresh bucket per source, and must not take what validated contacts need.
+        self.unvalidated = TokenBuckets(config.unvalidated_rate, config.unvalidated_burst, 1)
         self.records = SourceQuota(config.records_per_address, config.records_per_subnet)
         self.mailbox = SourceQuota(config.mailbox_per_address, config.mailbox_per_subnet)
         #: Requests dropped over budget, by kind, and replies that could not be cut to
@@ -214,6 +219,14 @@ class RequestBudget:
         ):
             return True
         self.dropped["rate_limited_" + method] += 1
+        return False
+
+    def allow_unvalidated(self, method: str, now: float) -> bool:
+        """Whether a request from a source not validated yet is within the budget all
+        such sources share (checked once the request is decoded, before any work)."""
+        if self.unvalidated.take(None, REQUEST_COST.get(method, 1.0), now):
+            return True
+        self.dropped["unvalidated_limited_" + method] += 1
         return False
 
     # ------------------------------------------------------------------ our own address

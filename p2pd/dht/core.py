@@ -266,6 +266,8 @@ class DHTCore:
             return
         self.stats["requests_in"] += 1
         cookie = self.note_sender(sender, now)
+        if cookie is not None and not self.budget.allow_unvalidated(req.method, now):
+            return
         result: Any
         if req.method == "ping":
             result = self.node_key.public_key
