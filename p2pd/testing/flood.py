@@ -10,7 +10,8 @@ attacker does not share the victim's interpreter::
     python -m p2pd.testing.flood --target 127.0.5.1:4747 --attack find_value \\
         --seconds 2 --source 127.66.0.1 [--sources 256]
 
-It prints one JSON line: ``{"sent": N, "bytes": B, "replies": R, "reply_bytes": RB}``
+It prints ``sending`` once it starts, then one JSON line at the end: ``{"sent": N,
+"bytes": B, "replies": R, "reply_bytes": RB}``
 (replies read back on its sockets, for the amplification factor). Only 127.0.0.0/8 is
 ever a target or a source.
 """
@@ -126,9 +127,11 @@ def flood(
     source: str = "127.66.0.1",
     sources: int = 1,
     seed: int = 0,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, int]:
     """Send ``attack`` frames to ``target`` as fast as possible for ``seconds``; count
-    what was sent and what came back."""
+    what was sent and what came back. ``on_start`` is called once the frames are built,
+    just before the first is sent."""
     _loopback(target[0])
     rng = random.Random(seed)
     frames = [ATTACKS[attack](rng) for _ in range(FRAMES)]
@@ -139,6 +142,8 @@ def flood(
         sock.setblocking(False)
         socks.append(sock)
     sent = sent_bytes = replies = reply_bytes = 0
+    if on_start is not None:
+        on_start()
     deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline:
@@ -203,7 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     host, _, port = args.target.rpartition(":")
     seconds = min(args.seconds, 60.0)  # bounded whatever it is asked
     result = flood(
-        (host, int(port)), args.attack, seconds, source=args.source, sources=args.sources
+        (host, int(port)),
+        args.attack,
+        seconds,
+        source=args.source,
+        sources=args.sources,
+        on_start=lambda: print("sending", flush=True),
     )
     print(json.dumps(result), flush=True)
 
