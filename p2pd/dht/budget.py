@@ -96,17 +96,17 @@ def subnet_of(host: str) -> str:
         return host
 
 
+_METHOD_NAMES = {name.encode(): name for name in REQUEST_COST}
+#: The counter a request dropped over budget goes to, by method.
+_RATE_LIMITED = {name: "rate_limited_" + name for name in [*REQUEST_COST, "other"]}
+
+
 def method_of(payload: bytes) -> str:
     """The method of a request payload (``[method, args, prove(, pad)]`` in msgpack),
     read from its first bytes without decoding it: a fixarray header, then a fixstr."""
     if len(payload) < 2 or payload[0] not in (0x93, 0x94) or not 0xA1 <= payload[1] <= 0xAF:
         return "other"
-    name = payload[2 : 2 + (payload[1] & 0x1F)]
-    try:
-        method = name.decode("ascii")
-    except UnicodeDecodeError:
-        return "other"
-    return method if method in REQUEST_COST else "other"
+    return _METHOD_NAMES.get(payload[2 : 2 + (payload[1] & 0x1F)], "other")
 
 
 class TokenBuckets:
@@ -121,6 +121,13 @@ class TokenBuckets:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+    def time_to(self, key: Hashable, cost: float) -> float:
+        """Seconds until ``key``'s bucket (as last seen) holds ``cost`` tokens."""
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket[0] >= cost or self.rate <= 0:
+            return 0.0
+        return (cost - bucket[0]) / self.rate
 
     def take(self, key: Hashable, cost: float, now: float) -> bool:
         """Take ``cost`` tokens from ``key``'s bucket if it holds them."""
@@ -203,6 +210,10 @@ class RequestBudget:
         #: Requests dropped over budget, by kind, and replies that could not be cut to
         #: the size of their request.
         self.dropped: Counter[str] = Counter()
+        #: (method, source address) -> until when its bucket is surely empty: a flood
+        #: from one source is dropped on one dict lookup (cleared when it grows past
+        #: ``rate_table_max``).
+        self._empty_until: dict[tuple[str, str], float] = {}
         self._validated: OrderedDict[Address, float] = OrderedDict()
         self._validated_for = config.verified_lifetime / 2
         self._validated_max = size
@@ -213,12 +224,22 @@ class RequestBudget:
         """Whether a request (its payload, as :func:`p2pd.wire.split_frame` cut it) from
         ``host`` is within budget; if not, it is counted and must be dropped."""
         method = method_of(payload)
+        key = (method, host)
+        empty = self._empty_until
+        until = empty.get(key)
+        if until is not None and now < until:
+            self.dropped[_RATE_LIMITED[method]] += 1
+            return False
         cost = REQUEST_COST.get(method, 1.0)
-        if self.by_address.take((method, host), cost, now) and self.by_subnet.take(
-            (method, subnet_of(host)), cost, now
-        ):
-            return True
-        self.dropped["rate_limited_" + method] += 1
+        by_address = self.by_address
+        if by_address.take(key, cost, now):
+            if self.by_subnet.take((method, subnet_of(host)), cost, now):
+                return True
+        else:
+            if len(empty) >= by_address.max_entries:
+                empty.clear()
+            empty[key] = now + by_address.time_to(key, cost)
+        self.dropped[_RATE_LIMITED[method]] += 1
         return False
 
     def allow_unvalidated(self, method: str, now: float) -> bool:
