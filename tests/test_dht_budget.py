@@ -144,7 +144,7 @@ def test_a_many_source_flood_leaves_validated_contacts_served() -> None:
 def test_the_method_is_read_before_decoding_and_junk_shares_one_bucket() -> None:
     budget = RequestBudget(CONFIG)
     junk = b"\x93\xa3zzz"  # no such method: bucketed as "other"
-    allowed = sum(budget.allow(junk, "192.0.2.1", NOW) for _ in range(500))
+    allowed = sum(budget.allow(junk, ("192.0.2.1", 1), NOW) for _ in range(500))
     assert allowed == CONFIG.request_burst
     assert budget.dropped["rate_limited_other"] == 500 - allowed
     buckets = TokenBuckets(rate=10.0, burst=5.0, max_entries=2)

@@ -9,8 +9,9 @@ Pure, like the core: no clock but the ``now`` passed in, no I/O. Three budgets
   of buckets is an LRU of at most ``rate_table_max`` entries, so that a flood from spoofed
   sources cannot grow it: a forgotten source starts again with a full bucket, which the
   /24 bucket (and the table's size) still bound.
-  All sources not validated yet share one more bucket (``unvalidated_rate``), so that
-  a flood from many sources cannot take the work validated contacts need.
+  All sources whose address is not validated yet share one more bucket
+  (``unvalidated_rate``), checked before decoding too, so that a flood from many sources
+  cannot take the work validated contacts need.
 - :class:`SourceQuota`: how many stored items (records, mailbox entries) each source
   address and /24|/48 has here, as running counters (charged on a new item, released
   when the item goes); a source past its quota is refused.
@@ -99,6 +100,7 @@ def subnet_of(host: str) -> str:
 _METHOD_NAMES = {name.encode(): name for name in REQUEST_COST}
 #: The counter a request dropped over budget goes to, by method.
 _RATE_LIMITED = {name: "rate_limited_" + name for name in [*REQUEST_COST, "other"]}
+_UNVALIDATED_LIMITED = {name: "unvalidated_limited_" + name for name in _RATE_LIMITED}
 
 
 def method_of(payload: bytes) -> str:
@@ -215,14 +217,23 @@ class RequestBudget:
         #: ``rate_table_max``).
         self._empty_until: dict[tuple[str, str], float] = {}
         self._validated: OrderedDict[Address, float] = OrderedDict()
+        #: Addresses that proved they receive (checked before decoding: a flood from
+        #: many sources is held to the unvalidated budget at the cost of a dict lookup).
+        self._proven: OrderedDict[Address, float] = OrderedDict()
+        self._proven_for = config.verified_lifetime
+        #: (Without the Sybil defences, a benchmark's switch, nothing is ever proven.)
+        self._defended = config.defences
         self._validated_for = config.verified_lifetime / 2
         self._validated_max = size
         #: source IP -> when we last logged that it speaks frame version 1.
         self._old_logged: OrderedDict[str, float] = OrderedDict()
 
-    def allow(self, payload: bytes, host: str, now: float) -> bool:
+    def allow(self, payload: bytes, address: Address, now: float) -> bool:
         """Whether a request (its payload, as :func:`p2pd.wire.split_frame` cut it) from
-        ``host`` is within budget; if not, it is counted and must be dropped."""
+        ``address`` is within budget; if not, it is counted and must be dropped. A source
+        whose address did not prove itself (:meth:`note_proven`) also takes from the
+        budget all such sources share."""
+        host = address[0]
         method = method_of(payload)
         key = (method, host)
         empty = self._empty_until
@@ -234,7 +245,13 @@ class RequestBudget:
         by_address = self.by_address
         if by_address.take(key, cost, now):
             if self.by_subnet.take((method, subnet_of(host)), cost, now):
-                return True
+                proven = self._proven.get(address)
+                if not self._defended or (proven is not None and now - proven < self._proven_for):
+                    return True
+                if self.unvalidated.take(None, cost, now):
+                    return True
+                self.dropped[_UNVALIDATED_LIMITED[method]] += 1
+                return False
         else:
             if len(empty) >= by_address.max_entries:
                 empty.clear()
@@ -242,13 +259,14 @@ class RequestBudget:
         self.dropped[_RATE_LIMITED[method]] += 1
         return False
 
-    def allow_unvalidated(self, method: str, now: float) -> bool:
-        """Whether a request from a source not validated yet is within the budget all
-        such sources share (checked once the request is decoded, before any work)."""
-        if self.unvalidated.take(None, REQUEST_COST.get(method, 1.0), now):
-            return True
-        self.dropped["unvalidated_limited_" + method] += 1
-        return False
+    def note_proven(self, address: Address, now: float) -> None:
+        """A node proved it receives at ``address`` (a ``proof`` with our cookie, or a
+        proving reply to us): its requests no longer take from the unvalidated budget."""
+        proven = self._proven
+        proven.pop(address, None)
+        proven[address] = now
+        while len(proven) > self._validated_max:
+            proven.popitem(last=False)
 
     # ------------------------------------------------------------------ our own address
 

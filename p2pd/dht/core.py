@@ -243,7 +243,7 @@ class DHTCore:
         try:
             kind, msg_id, payload = wire.split_frame(data)
             if kind == wire.FRAME_REQUEST:
-                if self.budget.allow(payload, address[0], now):  # before decoding it
+                if self.budget.allow(payload, address, now):  # before decoding it
                     self._size_in = len(data)  # what a reply to it may weigh
                     self._on_request(wire.decode_request(msg_id, payload), address, now)
             else:
@@ -266,8 +266,6 @@ class DHTCore:
             return
         self.stats["requests_in"] += 1
         cookie = self.note_sender(sender, now)
-        if cookie is not None and not self.budget.allow_unvalidated(req.method, now):
-            return
         result: Any
         if req.method == "ping":
             result = self.node_key.public_key
@@ -409,6 +407,7 @@ class DHTCore:
 
     def _mark_verified(self, node_id: bytes, address: Address, now: float) -> None:
         pair = (node_id, address)
+        self.budget.note_proven(address, now)
         self._verified.pop(pair, None)
         self._verified[pair] = now
         while len(self._verified) > VERIFIED_MAX:
