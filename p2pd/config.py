@@ -98,6 +98,23 @@ class DHTConfig:
     #: replicas return); the configuration file cannot turn them off.
     defences: bool = True
 
+    def __post_init__(self) -> None:
+        budgets = (
+            "request_rate",
+            "request_burst",
+            "subnet_rate_factor",
+            "unvalidated_rate",
+            "unvalidated_burst",
+            "rate_table_max",
+            "records_per_address",
+            "records_per_subnet",
+            "mailbox_per_address",
+            "mailbox_per_subnet",
+        )
+        for name in budgets:
+            if not getattr(self, name) > 0:
+                raise UsageError(f"dht {name} must be greater than 0")
+
 
 @dataclass(frozen=True, slots=True)
 class QuicConfig:

@@ -7,18 +7,21 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import pytest
 from test_dht_core import WALL, CoreNet, node_key, small_network
 
 from p2pd import wire
-from p2pd.config import DHTConfig
+from p2pd.config import DHTConfig, load_config
 from p2pd.dht.budget import REQUEST_PAD, RequestBudget, SourceQuota, TokenBuckets, fit_reply
 from p2pd.dht.core import DHTCore
 from p2pd.dht.mailbox import MailboxStorage, delete_message, fetch_message, mailbox_key
 from p2pd.dht.nodekey import NodeKey
 from p2pd.dht.routing import Node
 from p2pd.dht.storage import RecordStorage
+from p2pd.errors import UsageError
 from p2pd.identity import Identity
 from p2pd.records import HandleRecord
 
@@ -407,3 +410,18 @@ def test_a_request_over_budget_is_dropped_before_it_is_decoded() -> None:
     assert counters["malformed"] == CONFIG.request_burst
     assert counters["rate_limited_ping"] == 1000 - CONFIG.request_burst
     assert core.datagrams_to_send() == []
+
+
+def test_the_budgets_are_dht_settings_of_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        "[dht]\nrequest_rate = 10\nrequest_burst = 40\nrecords_per_address = 5\n"
+        "mailbox_per_subnet = 64\nunvalidated_rate = 300\nrate_table_max = 100\n"
+    )
+    config = load_config(tmp_path).dht
+    assert (config.request_rate, config.request_burst) == (10.0, 40.0)
+    assert (config.records_per_address, config.mailbox_per_subnet) == (5, 64)
+    budget = RequestBudget(config)
+    assert budget.by_address.max_entries == 100 and budget.unvalidated.rate == 300.0
+    (tmp_path / "config.toml").write_text("[dht]\nrequest_burst = 0\n")
+    with pytest.raises(UsageError, match="request_burst"):
+        load_config(tmp_path)
