@@ -26,6 +26,7 @@ from p2pd.daemon import Node, open_node
 from p2pd.dht.mailbox import fetch_message
 from p2pd.dht.routing import Node as Contact
 from p2pd.identity import Identity
+from p2pd.records import HandleRecord
 from p2pd.testing.daemons import loopback_listen, short_tempdir
 from p2pd.testing.flood import ATTACKS, flood_command
 from p2pd.wire import Address
@@ -71,18 +72,22 @@ def contact_of(n: Node) -> Contact:
 
 
 def honest_call(asker: Node, victim: Node, attack: str) -> tuple[str, list[Any]]:
-    """The honest request of the attack's kind (a ping for ``proof``, never answered)."""
+    """The honest request of the attack's kind (a ping for ``proof``, never answered); a
+    store is of a record new to the victim."""
     record = asker.record
     assert record is not None
     identity = asker.identity
     ts = int(time.time())
     fetch = identity.sign(fetch_message(identity.public_key, ts, b""))
+    address = [Address("192.0.2.7", 4747)]
+    honest = Identity.generate(f"honest{os.urandom(4).hex()}")  # a handle (a key) of its own
+    fresh = HandleRecord.create(honest, address, seq=1, now=ts, lifetime=600)
     calls: dict[str, tuple[str, list[Any]]] = {
         "ping": ("ping", []),
         "proof": ("ping", []),
         "find_node": ("find_node", [os.urandom(20)]),
         "find_value": ("find_value", [record.key]),
-        "store": ("store", [record.key, record.encode()]),
+        "store": ("store", [fresh.key, fresh.encode()]),
         "mailbox_put": ("mailbox_put", [os.urandom(20), os.urandom(300)]),
         "mailbox_fetch": ("mailbox_fetch", [identity.public_key, ts, b"", fetch]),
         "mailbox_delete": ("mailbox_delete", [identity.public_key, ts, [bytes(16)], fetch]),
@@ -188,12 +193,13 @@ async def test_storage_fill_from_one_source_is_refused_past_its_quota(root: Path
         ):
             storage = bob.dht.core.storage
             _, replies = await flood_while_asking(alice, bob, "store")
-            assert all(r is True for r in replies)  # alice's record, accepted
+            assert all(r is True for r in replies)  # alice's new records, accepted
             counters = Api(bob).status()["dht_counters"]
             assert counters["record_refused_quota"] > 0
-            assert bob.dht.core.budget.records.held("127.66.0.1") == 10
-            record = alice.record
-            assert record is not None and storage.get(record.key) == record.encode()
+            quota = bob.dht.core.budget.records
+            assert quota.held("127.66.0.1") == 10
+            assert quota.held(alice.listen_address.host) == HONEST_REQUESTS + 1  # + her own
+            assert len(storage) >= 10 + HONEST_REQUESTS
 
             _, replies = await flood_while_asking(alice, bob, "mailbox_put")
             assert all(r is True for r in replies)  # alice's entries, accepted
