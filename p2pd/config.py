@@ -66,12 +66,56 @@ class DHTConfig:
     disjoint_paths: int = 2
     #: How long a node that proved its id from an address is asked without a proof.
     verified_lifetime: float = 3600.0
+    #: Request budgets (p2pd/dht/budget.py, docs/SECURITY.md "DHT budgets"): token
+    #: buckets per request kind and source address, refilled at ``request_rate`` tokens a
+    #: second up to ``request_burst``. A ping or find_node takes 1 token, a find_value or
+    #: proof 2, a store or mailbox request 4. Over budget, a request is dropped (counted
+    #: as ``rate_limited_<kind>``). Honest traffic to one node from one address is a few
+    #: requests a second; a lookup or a replication round a few dozen at once.
+    request_rate: float = 50.0
+    request_burst: float = 200.0
+    #: The same per /24 (IPv4) or /48 (IPv6) of the source: this many times the rate and
+    #: burst of one address.
+    subnet_rate_factor: float = 4.0
+    #: One bucket for every source not validated yet (it has not proved it receives at its
+    #: address), all together: a flood from many (spoofed) sources gets a fresh bucket
+    #: per source above, and is held to this (``unvalidated_limited_<kind>``).
+    unvalidated_rate: float = 1000.0
+    unvalidated_burst: float = 2000.0
+    #: Most buckets remembered (least recently used forgotten first), each table: bounds
+    #: the memory a flood from spoofed sources can take.
+    rate_table_max: int = 8192
+    #: Most new records one source address (and one /24|/48) may have stored here at once;
+    #: past it, its stores of new keys are refused (``record_refused_quota``).
+    records_per_address: int = 1000
+    records_per_subnet: int = 4000
+    #: Most mailbox entries one source address (and one /24|/48) may have stored here at
+    #: once (``mailbox_refused_quota``).
+    mailbox_per_address: int = 256
+    mailbox_per_subnet: int = 1024
     #: The defences against hostile nodes (docs/SECURITY.md): earned contacts, address
     #: limits, disjoint paths, storing only when among the k closest, and a lookup that
     #: believes a key only with 2/3 of independent replicas. FOR BENCHMARKS ONLY
     #: (scripts/bench_*.py compare with them off: then a lookup believes the key most
     #: replicas return); the configuration file cannot turn them off.
     defences: bool = True
+
+    def __post_init__(self) -> None:
+        budgets = (
+            "request_rate",
+            "request_burst",
+            "subnet_rate_factor",
+            "unvalidated_rate",
+            "unvalidated_burst",
+            "rate_table_max",
+            "records_per_address",
+            "records_per_subnet",
+            "mailbox_per_address",
+            "mailbox_per_subnet",
+        )
+        for name in budgets:
+            if not getattr(self, name) > 0:
+                raise UsageError(f"dht {name} must be greater than 0")
 
 
 @dataclass(frozen=True, slots=True)

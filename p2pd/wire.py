@@ -335,9 +335,11 @@ def _u63(value: Any) -> int:
 
 def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
     data = _unpack(payload)
-    if not isinstance(data, list | tuple) or len(data) != 3:
-        raise WireError("request is not [method, args, prove]")
-    method, args, prove = data
+    if not isinstance(data, list | tuple) or len(data) not in (3, 4):
+        raise WireError("request is not [method, args, prove] or [method, args, prove, pad]")
+    if len(data) == 4 and not isinstance(data[3], bytes):
+        raise WireError("request padding is not a byte string")
+    method, args, prove = data[:3]
     if method not in DHT_METHODS or not isinstance(args, list | tuple):
         raise WireError("unknown method or malformed arguments")
     if not isinstance(prove, bool):
@@ -401,9 +403,17 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
     return DHTRequest(msg_id, method, sender, prove, key)
 
 
-def encode_request(msg_id: bytes, method: str, args: list[Any], prove: bool = False) -> bytes:
-    """``args[0]`` is the sender's node public key."""
-    frame: bytes = bytes([FRAME_REQUEST]) + msg_id + _pack([method, args, prove])
+def encode_request(
+    msg_id: bytes, method: str, args: list[Any], prove: bool = False, pad_to: int = 0
+) -> bytes:
+    """``args[0]`` is the sender's node public key. ``pad_to``: a zero-filled 4th element
+    makes the frame that long (room for a reply to an unvalidated sender, p2pd.dht.budget)."""
+    body = [method, args, prove]
+    frame: bytes = bytes([FRAME_REQUEST]) + msg_id + _pack(body)
+    need = pad_to - len(frame) - 2  # bin 8 header
+    if need >= 0:
+        padding = bytes(need if need < 256 else need - 1)  # bin 16 header: one more byte
+        frame = bytes([FRAME_REQUEST]) + msg_id + _pack([*body, padding])
     if len(frame) > MAX_FRAME:
         raise WireError("DHT request too large")
     return frame

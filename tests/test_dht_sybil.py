@@ -185,7 +185,8 @@ def test_a_request_from_an_unproven_sender_is_answered_but_only_a_proof_adds_it(
     a = net.add(1)
     stranger = node_key(9)
     spoofed = ("198.51.100.10", 4009)
-    ping = wire.encode_request(b"\x01" * 20, "ping", [stranger.public_key], True)
+    # padded, as a stranger's requests are (p2pd/dht/budget.py): room for the reply
+    ping = wire.encode_request(b"\x01" * 20, "ping", [stranger.public_key], True, pad_to=160)
     for _ in range(3):
         a.datagram_received(ping, spoofed, net.now)
     sent = frames_to(a)
@@ -207,7 +208,8 @@ def test_a_request_from_an_unproven_sender_is_answered_but_only_a_proof_adds_it(
 
 
 def _cookie_for(a: DHTCore, key: NodeKey, address: tuple[str, int], now: float) -> bytes:
-    a.datagram_received(wire.encode_request(os.urandom(20), "ping", [key.public_key]), address, now)
+    ping = wire.encode_request(os.urandom(20), "ping", [key.public_key], pad_to=160)
+    a.datagram_received(ping, address, now)
     ((reply, dst),) = frames_to(a)
     cookie = cookie_of(reply)
     assert dst == address and cookie is not None
@@ -275,7 +277,7 @@ def test_a_spoofed_source_never_enters_a_table_and_costs_no_verification() -> No
     spoofer = node_key(12)
     victim = ("198.51.100.13", 4011)
     for i in range(20):
-        ping = wire.encode_request(bytes([i]) * 20, "ping", [spoofer.public_key])
+        ping = wire.encode_request(bytes([i]) * 20, "ping", [spoofer.public_key], pad_to=160)
         a.datagram_received(ping, victim, net.now)
         guess = os.urandom(wire.COOKIE_LEN)
         a.datagram_received(proof_frame(spoofer, a.node_key.public_key, guess), victim, net.now)

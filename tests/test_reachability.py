@@ -299,7 +299,10 @@ def test_spoofed_dialback_requests_reflect_little_and_only_to_their_source() -> 
     assert sum(dst[0] == "203.0.113.9" for _, dst in dialed) == 1  # the victim: once
     out = sum(len(d) for d, _ in dialed) + sum(len(d) for d, _ in replies)
     assert out < sent_in
-    assert core.stats["dialback_refused"] == 1000 - reach_mod.HELP_PER_MINUTE
+    # every other request was refused by the helper, or earlier by the DHT's rate
+    # budget (the victim's address and /24 share a bucket: p2pd/dht/budget.py)
+    limited = sum(n for k, n in core.budget.dropped.items() if k.endswith("_dialback"))
+    assert core.stats["dialback_refused"] + limited == 1000 - reach_mod.HELP_PER_MINUTE
 
 
 def test_dialback_without_a_second_socket_is_refused() -> None:

@@ -26,12 +26,14 @@ What this node does with what it hears, and why (the hardening of stock kademlia
   key, and a contact enters the routing table or a lookup's answers only after it
   answered a ``prove`` request from the address it claims, signing the reply with that
   key. Proven (id, address) pairs are remembered for ``verified_lifetime`` and asked
-  without proof. A request from an unproven sender that our table would take is
-  answered with a stateless address cookie (a keyed hash of its key, its address and
-  the time); the sender enters the table once it sends the cookie back from that address
-  in a ``proof`` signed by its key: one datagram and no state here, instead of a proving
-  ping. ``find_value`` always asks for a proof: a replica's statement of what it holds
-  is then signed.
+  without proof. A request from an unproven sender is answered with a stateless address
+  cookie (a keyed hash of its key, its address and the time); the sender enters the table
+  (if it would take it) once it sends the cookie back from that address in a ``proof``
+  signed by its key: one datagram and no state here, instead of a proving ping. Until
+  then no reply to it is larger than its request (:mod:`.budget`). ``find_value``
+  always asks for a proof: a replica's statement of what it holds is then signed.
+- Every request kind has a budget per source address and /24|/48, checked before the
+  request is decoded; stores and mailbox puts a quota per source (:mod:`.budget`).
 - Address limits per bucket and per lookup, disjoint lookup paths, and a store accepted
   only by a node among the k closest it knows to the key (:mod:`.routing`, :mod:`.lookup`).
 - Frames of version 1 (ids declared, not earned) are refused: counted as ``old_version``
@@ -50,7 +52,6 @@ What this node does with what it hears, and why (the hardening of stock kademlia
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import hmac
 import logging
@@ -66,6 +67,7 @@ from ..config import DHTConfig
 from ..errors import OldFrameVersion, WireError
 from ..identity import verify_signature
 from ..records import Verdict, claimed_key
+from .budget import RequestBudget, address_cookie, fit_reply
 from .lookup import DisjointLookup, LookupResult
 from .mailbox import MailboxStorage, delete_message, mailbox_key
 from .nodekey import NodeKey
@@ -100,10 +102,6 @@ COOKIE_PERIOD = 60.0
 #: Cookies whose proof failed, remembered so that each costs at most one signature check
 #: (a valid cookie with a bad signature, sent again and again, would cost one each).
 SPENT_COOKIES_MAX = 4096
-#: A source speaking frame version 1 is logged at most once per this many seconds, and
-#: at most this many sources are logged per such interval (then only counted).
-OLD_VERSION_LOG_INTERVAL = 3600.0
-OLD_VERSION_LOG_MAX = 256
 
 _SOFT, _HARD, _DEADLINE, _MAINTAIN = range(4)
 
@@ -181,8 +179,12 @@ class DHTCore:
         #: The key of our address cookies; never leaves this process.
         self._cookie_secret = randbytes(32)
         self._spent_cookies: OrderedDict[bytes, None] = OrderedDict()
-        #: source IP -> when we last logged that it speaks frame version 1.
-        self._old_logged: OrderedDict[str, float] = OrderedDict()
+        #: Request rates, storage quotas, reply sizes (:mod:`.budget`).
+        self.budget = budget = RequestBudget(config)
+        self._size_in = 0
+        storage.quota = budget.records
+        if mailboxes is not None:
+            mailboxes.quota = budget.mailbox
         self._maintenance_period = min(config.refresh_interval, config.replicate_interval) / 4
         self.reach = Reachability(self, now)  # address discovery, dial-back, client mode
         self._schedule(now + self._maintenance_period, _MAINTAIN, None)
@@ -216,6 +218,7 @@ class DHTCore:
                 pending = self._pending.pop(ref, None)
                 if pending is not None:
                     self.stats["timeouts"] += 1
+                    self.budget.forget(pending.address)  # pad the next request there
                     self._finish(pending, None, now)
             elif kind == _DEADLINE:
                 ref.pump(now)
@@ -242,31 +245,17 @@ class DHTCore:
         try:
             kind, msg_id, payload = wire.split_frame(data)
             if kind == wire.FRAME_REQUEST:
-                self._on_request(wire.decode_request(msg_id, payload), address, now)
+                if self.budget.allow(payload, address, now):  # before decoding it
+                    self._size_in = len(data)  # what a reply to it may weigh
+                    self._on_request(wire.decode_request(msg_id, payload), address, now)
             else:
                 self._on_response(msg_id, payload, address, now)
         except OldFrameVersion:
-            self._old_version(address[0], now)
+            self.stats["old_version"] += 1
+            self.budget.log_old_version(address[0], now)
         except WireError as exc:
             self.stats["malformed"] += 1
             log.debug("dropped malformed DHT datagram from %s: %s", address, exc)
-
-    def _old_version(self, host: str, now: float) -> None:
-        """A frame of version 1: counted; logged once per source per interval, for at
-        most OLD_VERSION_LOG_MAX sources per interval (a flood of spoofed sources is
-        only counted)."""
-        self.stats["old_version"] += 1
-        logged = self._old_logged
-        last = logged.get(host)
-        if last is not None and now - last < OLD_VERSION_LOG_INTERVAL:
-            return
-        while logged and now - next(iter(logged.values())) >= OLD_VERSION_LOG_INTERVAL:
-            logged.popitem(last=False)
-        if len(logged) >= OLD_VERSION_LOG_MAX:
-            return
-        logged.pop(host, None)
-        logged[host] = now
-        log.warning("peer %s speaks DHT frame v1 (an older p2pd); ignored", host)
 
     def _on_request(self, req: wire.DHTRequest, address: Address, now: float) -> None:
         sender_id = req.sender_id
@@ -290,7 +279,7 @@ class DHTCore:
                 self.stats["store_refused_far"] += 1
                 result = False
             else:
-                verdict = self.storage.offer(req.key, req.value)
+                verdict = self.storage.offer(req.key, req.value, source=address[0])
                 result = verdict in (Verdict.ACCEPT, Verdict.SAME)
         elif req.method == "find_node":
             assert req.key is not None
@@ -305,11 +294,18 @@ class DHTCore:
         elif req.method == "dialback":
             result = self.reach.dialback_requested(req, address, now)
         else:
-            result = self._on_mailbox_request(req)
+            result = self._on_mailbox_request(req, address[0])
         sign = None
         if req.prove:
             self.stats["proofs_signed"] += 1
             sign = self.node_key.sign
+        if cookie is not None:  # not validated: no reply larger than the request
+            result, fits = fit_reply(
+                req.method, result, self._size_in, signed=sign is not None, cookie=True
+            )
+            if not fits:
+                self.budget.dropped["reply_too_large_" + req.method] += 1
+                return
         self._send(wire.encode_response(req.msg_id, result, sign, cookie, address), address)
 
     def is_close_to(self, key: bytes) -> bool:
@@ -322,14 +318,14 @@ class DHTCore:
         nearer = sum(1 for n in self.table.closest(key, k) if (n.long_id ^ target) < mine)
         return nearer < k
 
-    def _on_mailbox_request(self, req: wire.DHTRequest) -> Any:
+    def _on_mailbox_request(self, req: wire.DHTRequest, source: str) -> Any:
         boxes = self.mailboxes
         if req.method == "mailbox_put":
             assert req.key is not None and req.value is not None
             if self.defended and not self.is_close_to(req.key):
                 self.stats["store_refused_far"] += 1
                 return False
-            return boxes is not None and boxes.put(req.key, req.value)
+            return boxes is not None and boxes.put(req.key, req.value, source=source)
         assert req.owner_key is not None and req.timestamp is not None
         assert req.signature is not None
         if req.method == "mailbox_fetch":
@@ -378,9 +374,13 @@ class DHTCore:
                     self._mark_verified(wire.node_id_for(key), address, now)
             if observed is not None and result is not None:
                 self.reach.observed(address, observed, now)
-            # (never for an anonymous request: a proof would name our node key)
-            if cookie and result is not None and key is not None and not pending.anonymous:
-                self._send_proof(key, cookie, address)
+            # Our address is (or will be) valid there, unless the proof is withheld (client
+            # mode): then it still cuts what it sends us, so we go on padding. Never for an
+            # anonymous request: a proof would name our node key.
+            if result is not None and not pending.anonymous:
+                valid = not cookie or (key is not None and self._send_proof(key, cookie, address))
+                if valid:
+                    self.budget.note_reply(address, now)
         self._finish(pending, result, now)
 
     def _proven_key(
@@ -417,6 +417,7 @@ class DHTCore:
 
     def _mark_verified(self, node_id: bytes, address: Address, now: float) -> None:
         pair = (node_id, address)
+        self.budget.note_proven(address, now)
         self._verified.pop(pair, None)
         self._verified[pair] = now
         while len(self._verified) > VERIFIED_MAX:
@@ -425,32 +426,18 @@ class DHTCore:
     def note_sender(self, sender: Node, now: float) -> bytes | None:
         """A request came from ``sender`` (its key as the request named it, the datagram's
         source as its address): refresh it in the table if it proved that pair, else
-        return the cookie our reply should carry if the table would take it."""
+        return the cookie our reply should carry (a proof validates its address)."""
         address = (sender.ip, sender.port)
         if not self.defended or self.is_verified(sender.id, address, now):
             self._failures.pop(sender.id, None)
             self._suspect_until.pop(sender.id, None)
             self.seen(sender, now)
             return None
-        if sender.key is None or not self.table.wants(sender):
+        if sender.key is None:
             return None
         # Prove yourself: send this back from this address, signed by your key.
         self.stats["cookies_sent"] += 1
-        return self._cookie(sender.key, address, int(now // COOKIE_PERIOD))
-
-    def _cookie(self, sender_key: bytes, address: Address, period: int) -> bytes:
-        """Our address cookie for ``sender_key`` at ``address`` in a time period: a keyed
-        BLAKE2b of the three, so that it holds no state here and only the node that
-        receives at that address learns it."""
-        host = address[0].encode()
-        data = b"%b%b\x00%b%b" % (
-            sender_key,
-            host,
-            address[1].to_bytes(2, "big"),
-            period.to_bytes(8, "big", signed=True),
-        )
-        digest = hashlib.blake2b(data, key=self._cookie_secret, digest_size=wire.COOKIE_LEN)
-        return digest.digest()
+        return address_cookie(self._cookie_secret, sender.key, address, int(now // COOKIE_PERIOD))
 
     def _on_proof(self, req: wire.DHTRequest, sender: Node, now: float) -> None:
         """A ``proof``: our cookie back from the address we sent it to (so the sender
@@ -464,7 +451,9 @@ class DHTCore:
         assert req.cookie is not None and req.signature is not None
         period = int(now // COOKIE_PERIOD)
         if not any(
-            hmac.compare_digest(req.cookie, self._cookie(req.sender_key, address, p))
+            hmac.compare_digest(
+                req.cookie, address_cookie(self._cookie_secret, req.sender_key, address, p)
+            )
             for p in (period, period - 1)
         ):
             self.stats["bad_cookies"] += 1
@@ -484,19 +473,21 @@ class DHTCore:
         self._mark_verified(sender.id, address, now)
         self._failures.pop(sender.id, None)
         self._suspect_until.pop(sender.id, None)
-        self.seen(sender, now)
+        if self.table.wants(sender):  # (every unproven sender gets a cookie: budget.py)
+            self.seen(sender, now)
 
-    def _send_proof(self, responder_key: bytes, cookie: bytes, address: Address) -> None:
+    def _send_proof(self, responder_key: bytes, cookie: bytes, address: Address) -> bool:
         """A node we asked wants us to prove our id: its cookie back, signed. Never
         answered, and sent once per cookie: if it is lost, our next request there brings
-        a new cookie."""
+        a new cookie. False if withheld."""
         if not self.reach.may_prove(responder_key, cookie, address):
-            return  # client mode, or not decided yet (p2pd/dht/reachability.py)
+            return False  # client mode, or not decided yet (p2pd/dht/reachability.py)
         self.stats["proofs_sent"] += 1
         self.stats["proofs_signed"] += 1
         signature = self.node_key.sign(wire.proof_message(responder_key, cookie))
         args = [self.node_key.public_key, cookie, signature]
         self._send(wire.encode_request(self._randbytes(wire.MSG_ID_LEN), "proof", args), address)
+        return True
 
     def _finish(self, pending: _Pending, result: wire.DHTResult | None, now: float) -> None:
         if not pending.probe:
@@ -533,7 +524,8 @@ class DHTCore:
         )
         try:
             sender = self._randbytes(32) if anonymous else self.node_key.public_key
-            frame = wire.encode_request(msg_id, method, [sender, *args], prove)
+            pad = self.budget.padding(method, address, now, anonymous=anonymous)
+            frame = wire.encode_request(msg_id, method, [sender, *args], prove, pad)
         except WireError:
             log.exception("could not encode a %s request", method)
             if owner is not None:
@@ -891,6 +883,10 @@ class DHTCore:
         counters = dict(self.stats)
         if self.table.refused:
             counters["address_limited"] = self.table.refused
+        counters.update(self.budget.dropped)
+        counters.update({f"record_refused_{k}": v for k, v in self.storage.refused.items()})
+        boxes = self.mailboxes.refused.items() if self.mailboxes is not None else ()
+        counters.update({f"mailbox_refused_{k}": v for k, v in boxes})
         return counters
 
     def contacts(self) -> list[tuple[bytes, str, int]]:

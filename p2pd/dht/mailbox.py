@@ -3,7 +3,9 @@
 Anyone may put an entry into a mailbox; storing nodes learn neither its text nor its
 sender (the entry is a sealed box to the recipient). Only the recipient, proving its key
 with an Ed25519 signature over a fresh timestamp, can read or delete entries. Entries
-expire, and every node caps each mailbox (count and bytes) and its total.
+expire, and every node caps each mailbox (count and bytes), its total, and what each
+source address (and /24|/48) has stored (:class:`~p2pd.dht.budget.SourceQuota`), all as
+running counters kept beside the table: a put costs no scan.
 docs/PROTOCOL.md, "Mailboxes", has the formats.
 """
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from ..identity import verify_signature
 from ..wire import MAILBOX_DELETE_MAX, MAILBOX_ID_LEN, MAILBOX_PAGE, MAX_MAILBOX_ENTRY
+from .budget import FULL_CULL_INTERVAL, SourceQuota
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,12 @@ class MailboxStorage:
         self.refused: dict[str, int] = {}
         #: Bytes held, all mailboxes together: a running total, not a scan per put.
         self._total: int | None = None
+        #: mailbox key -> [entries, bytes] held: running counters, not a scan per put.
+        self._boxes: dict[bytes, list[int]] = {}
+        #: Entries per source (address, /24|/48) held here; the core sets its budget.
+        #: Entries loaded from disk were charged to no one (the sources are not stored).
+        self.quota: SourceQuota | None = None
+        self._full_culled = -FULL_CULL_INTERVAL
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -84,27 +93,37 @@ class MailboxStorage:
                 "entry BLOB NOT NULL, expires REAL NOT NULL, PRIMARY KEY (key, id))"
             )
             conn.commit()
-            self._total = _held_bytes(conn)
+            self._total = self._recount(conn)
         return conn
+
+    def _recount(self, conn: sqlite3.Connection) -> int:
+        """Count what each mailbox holds (at start, and after a cull); the total."""
+        rows = conn.execute(
+            "SELECT key, COUNT(*), COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox GROUP BY key"
+        )
+        self._boxes = {bytes(key): [int(n), int(size)] for key, n, size in rows}
+        return sum(size for _, size in self._boxes.values())
 
     def _refuse(self, why: str) -> bool:
         self.refused[why] = self.refused.get(why, 0) + 1
         return False
 
-    def put(self, key: bytes, entry: bytes) -> bool:
+    def put(self, key: bytes, entry: bytes, *, source: str | None = None) -> bool:
+        """Hold ``entry`` in the mailbox ``key``; from a ``source`` (the sender's IP
+        address), only within its quota."""
         now = self._clock()
         if not 0 < len(entry) <= MAX_MAILBOX_ENTRY:
             return self._refuse("size")
+        quota = self.quota if source is not None else None
+        if quota is not None and not quota.admits(source or ""):
+            return self._refuse("quota")
         conn = self._conn
         if conn.in_transaction:
             # Someone else's transaction is open on the shared connection (see
             # storage.py): committing ours would commit theirs. The sender tries others.
             return self._refuse("busy")
         for attempt in range(2):
-            count, size = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox WHERE key=?",
-                (key,),
-            ).fetchone()
+            count, size = self._boxes.get(key, (0, 0))
             why = None
             if (
                 count >= self.limits.per_mailbox_count
@@ -115,7 +134,10 @@ class MailboxStorage:
                 why = "node-full"
             if why is None:
                 break
-            if attempt == 1 or not self.cull(now):
+            if attempt == 1 or now - self._full_culled < FULL_CULL_INTERVAL:
+                return self._refuse(why)
+            self._full_culled = now
+            if not self.cull(now):
                 return self._refuse(why)
         cursor = conn.execute(
             "INSERT OR IGNORE INTO mailbox(key, id, entry, expires) VALUES (?,?,?,?)",
@@ -124,6 +146,11 @@ class MailboxStorage:
         conn.commit()
         if cursor.rowcount > 0:
             self._total = (self._total or 0) + len(entry)
+            box = self._boxes.setdefault(key, [0, 0])
+            box[0] += 1
+            box[1] += len(entry)
+            if quota is not None:
+                quota.charge((key, entry_id(entry)), source or "")
         return True
 
     def _authorised(self, owner: bytes, timestamp: int, message: bytes, signature: bytes) -> bool:
@@ -170,8 +197,17 @@ class MailboxStorage:
             "DELETE FROM mailbox WHERE key=? AND id=?", [(key, i) for i in ids]
         )
         conn.commit()
+        deleted = max(cursor.rowcount, 0)
         self._total = max((self._total or 0) - int(freed), 0)
-        return max(cursor.rowcount, 0)
+        box = self._boxes.get(key)
+        if box is not None:
+            box[0], box[1] = box[0] - deleted, box[1] - int(freed)
+            if box[0] <= 0:
+                del self._boxes[key]
+        if self.quota is not None:
+            for ident in ids:
+                self.quota.release((key, ident))
+        return deleted
 
     def cull(self, now: float | None = None) -> int:
         """Forget expired entries; returns how many."""
@@ -180,21 +216,18 @@ class MailboxStorage:
         conn = self._conn
         if conn.in_transaction:
             return 0
-        cursor = conn.execute(
-            "DELETE FROM mailbox WHERE expires<=?", (self._clock() if now is None else now,)
-        )
+        when = self._clock() if now is None else now
+        if self.quota is not None and len(self.quota):
+            for key, ident in conn.execute("SELECT key, id FROM mailbox WHERE expires<=?", (when,)):
+                self.quota.release((bytes(key), bytes(ident)))
+        cursor = conn.execute("DELETE FROM mailbox WHERE expires<=?", (when,))
         conn.commit()
         if cursor.rowcount > 0:
-            self._total = _held_bytes(conn)
+            self._total = self._recount(conn)
         return max(cursor.rowcount, 0)
 
     def count(self) -> int:
         if self._conn_or_none is None:
             return 0
-        (n,) = self._conn.execute("SELECT COUNT(*) FROM mailbox").fetchone()
-        return int(n)
-
-
-def _held_bytes(conn: sqlite3.Connection) -> int:
-    (total,) = conn.execute("SELECT COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox").fetchone()
-    return int(total)
+        self._conn  # noqa: B018 (counts what is on disk, once)
+        return sum(n for n, _ in self._boxes.values())

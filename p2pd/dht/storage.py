@@ -37,6 +37,7 @@ from ..records import (
     judge,
     verify_claim,
 )
+from .budget import FULL_CULL_INTERVAL, SourceQuota
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,11 @@ class RecordStorage:
         self.refused: dict[str, int] = {}
         #: Claims that moved to a new key by a rotation notice.
         self.rotated = 0
+        #: New records per source (address, /24|/48) held here; the core sets its budget.
+        self.quota: SourceQuota | None = None
+        #: When a full store last culled: a cull walks every claim, so a flood of stores
+        #: at a full node culls at most once per FULL_CULL_INTERVAL, not once each.
+        self._full_culled = -FULL_CULL_INTERVAL
         if conn is not None:
             self._load(conn)
 
@@ -128,6 +134,8 @@ class RecordStorage:
 
     def _drop(self, key: bytes) -> None:
         del self._claims[key]
+        if self.quota is not None:
+            self.quota.release(key)
         index = bisect.bisect_left(self._sorted, key)
         if index < len(self._sorted) and self._sorted[index] == key:
             del self._sorted[index]
@@ -139,9 +147,17 @@ class RecordStorage:
 
     # ------------------------------------------------------------------ rules
 
-    def offer(self, key: bytes, value: bytes, now: float | None = None) -> str:
-        """Store ``value`` under ``key`` if the rules allow; return the verdict."""
+    def offer(
+        self, key: bytes, value: bytes, now: float | None = None, *, source: str | None = None
+    ) -> str:
+        """Store ``value`` under ``key`` if the rules allow; return the verdict. A new key
+        from a ``source`` (the sender's IP address) counts against its quota, checked
+        before the record's signature."""
         now = self._clock() if now is None else now
+        quota = self.quota if source is not None else None
+        if quota is not None and key not in self._claims and not quota.admits(source or ""):
+            self._count("quota")
+            return "quota"
         try:
             record = verify_claim(value, now, key=key)
         except RecordError as exc:
@@ -166,7 +182,9 @@ class RecordStorage:
             self._count(verdict)
             return verdict
         if key not in self._claims and len(self._claims) >= self.max_records:
-            self.cull(now)
+            if now - self._full_culled >= FULL_CULL_INTERVAL:
+                self._full_culled = now
+                self.cull(now)
             if len(self._claims) >= self.max_records:
                 self._count("full")
                 return "full"
@@ -174,6 +192,8 @@ class RecordStorage:
         if verdict == Verdict.ROTATED:
             self.rotated += 1
             log.info("claim under %s rotated to a new key by its notice", key.hex())
+        if quota is not None and key not in self._claims:
+            quota.charge(key, source or "")
         self._put(key, _Claim(record, value, first_seen, now, now))
         self._dirty.add(key)
         return verdict
