@@ -253,7 +253,7 @@ def test_a_call_from_microphone_to_speaker(pulse: Pulse) -> None:
         try:
             call = run_cli(
                 root / "alice", "call", "bob", "--audio-in", "mic:pulse",
-                "--audio-out", "speaker:pulse", "--duration", "4", "--json", timeout=60,
+                "--audio-out", "speaker:pulse", "--duration", "6", "--json", timeout=60,
             )  # fmt: skip
             out, err = answer.communicate(timeout=60)
         finally:
@@ -267,8 +267,9 @@ def test_a_call_from_microphone_to_speaker(pulse: Pulse) -> None:
             media = stats[handle]
             # A busy machine may starve the daemon for a moment: each underrun is 10 ms of
             # zeros, after which the speaker's queue grows by 10 ms. (Seen at a load
-            # average of 8-9 on 2 cores, other suites running: 3 to 5 in 4 s; idle: 0.)
-            assert media["speaker_underruns"] <= 5, json.dumps(media)
+            # average of 8-9 on 2 cores, other suites running: 3 to 5 in 4 s; idle: 0. The
+            # same rate over the 6 s call: 7.)
+            assert media["speaker_underruns"] <= 7, json.dumps(media)
             assert media["mic_dropped_frames"] == 0, (handle, media)
             samples = read_wav(root / f"{handle}-heard.wav")
             level = np.sqrt(
@@ -276,9 +277,11 @@ def test_a_call_from_microphone_to_speaker(pulse: Pulse) -> None:
             )
             loud = np.flatnonzero(level > 1000)
             assert loud.size, f"{handle}'s speaker played nothing"
-            # The tone from when it started playing until the call ended.
+            # The tone from when it started playing until the call ended. On a loaded
+            # machine (the whole suite and other work on 2 cores) the first audio came
+            # 1.8 s into a 4 s call once, hence a 6 s call and 3.5 s asked for.
             played = samples[loud[0] + RATE // 10 : loud[-1]]
-            assert len(played) / RATE > 3.0, (handle, len(played) / RATE, json.dumps(media))
+            assert len(played) / RATE > 3.5, (handle, len(played) / RATE, json.dumps(media))
             hz, rms = tone_in(played)
             assert abs(hz - heard_hz) < 3, (handle, hz)
             # The tone went in at 0.3 full scale (RMS ~6950); Opus and the way keep it
