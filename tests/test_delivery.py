@@ -31,6 +31,7 @@ from p2pd.keystore import load_identity, save_identity
 from p2pd.messaging import DELIVERED
 from p2pd.records import HandleRecord
 from p2pd.testing.daemons import short_tempdir
+from p2pd.testing.waiting import wait_for
 from p2pd.transport.quic import QuicPeer, QuicStream
 from p2pd.wire import Address
 from p2pd_cli import render
@@ -69,15 +70,6 @@ async def node(
     )
     async with open_node(config, identity) as n:
         yield n
-
-
-async def wait_for(predicate: object, timeout: float = 15.0) -> None:
-    assert callable(predicate)
-    with trio.fail_after(timeout):
-        for _ in range(10_000):
-            if predicate():
-                return
-            await trio.sleep(0.02)
 
 
 def inbox_texts(n: Node) -> list[str]:

@@ -26,6 +26,7 @@ from p2pd.files.service import FilesService
 from p2pd.identity import Identity
 from p2pd.testing.daemons import short_tempdir
 from p2pd.testing.proxy import open_lossy_proxy
+from p2pd.testing.waiting import wait_for
 from p2pd.wire import Address
 
 
@@ -67,15 +68,6 @@ async def node(
 def files_of(n: Node) -> FilesService:
     assert n.files is not None
     return n.files
-
-
-async def wait_for(predicate: object, timeout: float = 30.0) -> None:
-    assert callable(predicate)
-    with trio.fail_after(timeout):
-        for _ in range(100_000):
-            if predicate():
-                return
-            await trio.sleep(0.02)
 
 
 def state_of(n: Node, direction: str) -> str:

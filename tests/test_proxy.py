@@ -8,7 +8,7 @@ import math
 import os
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -19,6 +19,7 @@ import trio.testing
 from p2pd.errors import UsageError
 from p2pd.identity import Identity
 from p2pd.testing.proxy import LossyProxy, open_lossy_proxy
+from p2pd.testing.waiting import wait_for
 from p2pd.transport.quic import (
     QuicEndpoint,
     QuicPeer,
@@ -95,13 +96,6 @@ async def send_numbered(sock: UdpSocket, dest: tuple[str, int], count: int) -> N
         if i % BURST == BURST - 1:
             await settle()
     await settle()
-
-
-async def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    """Wait (bounded by the test's fail_after) until ``predicate`` holds."""
-    while not predicate():
-        await trio.sleep(0.005)
-    assert predicate(), what
 
 
 def assert_binomial(successes: int, trials: int, p: float) -> None:

@@ -22,6 +22,7 @@ from aioquic.tls import AlertDescription
 from p2pd.config import QuicConfig
 from p2pd.errors import ConnectionLost, DatagramTooLarge, PeerKeyMismatch
 from p2pd.identity import Identity
+from p2pd.testing.waiting import wait_for
 from p2pd.transport.quic import (
     ALPN,
     QuicEndpoint,
@@ -103,14 +104,6 @@ async def read_all(stream: QuicStream) -> bytes:
     while data := await stream.receive_some():
         chunks.append(data)
     return b"".join(chunks)
-
-
-async def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    """Wait (bounded by the test's fail_after) until ``predicate`` holds; checks after
-    every scheduling round, so no fixed sleeps."""
-    while not predicate():
-        await trio.sleep(0.005)
-    assert predicate(), what
 
 
 # --------------------------------------------------------------------------- handshake

@@ -25,6 +25,7 @@ from p2pd.errors import ConnectionLost
 from p2pd.identity import Identity
 from p2pd.testing.daemons import short_tempdir
 from p2pd.testing.quic_flood import InitialForge
+from p2pd.testing.waiting import wait_for
 from p2pd.transport.quic import PinCheck, QuicEndpoint, QuicPeer, QuicStream, open_quic_endpoint
 from p2pd.transport.quic._aioquic import (
     Buffer,
@@ -101,13 +102,6 @@ async def say_hello(client: Peer, server: Peer, text: bytes) -> bytes:
             break
         out += data
     return out
-
-
-async def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    """Wait (bounded by the test's fail_after) until ``predicate`` holds."""
-    while not predicate():
-        await trio.sleep(0.005)
-    assert predicate(), what
 
 
 @asynccontextmanager

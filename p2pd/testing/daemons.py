@@ -15,10 +15,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .waiting import wait_until as wait_until  # (re-exported: process tests poll with it)
 
 _READY = re.compile(r"ready: handle=(\S+) fingerprint=(\S+) listen=(\S+)")
 #: Loopback /24s handed to daemons started without ``listen``, one each, in turn.
@@ -153,13 +154,3 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` seconds pass (bounded; for tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
