@@ -282,8 +282,10 @@ def test_contacts_add_from_an_invite_alone(root: Path) -> None:
 
 @pytest.mark.slow
 def test_a_daemon_rejoins_through_its_saved_contacts(root: Path) -> None:
-    """carol joined through bob once; restarted with no bootstrap at all (no LAN), she
-    is back in the DHT through the routing contacts she saved, and finds alice."""
+    """carol joined through bob once; restarted with no bootstrap at all (no LAN) while
+    bob, her only bootstrap, is gone, she is back in the DHT through another routing
+    contact she saved (alice), and finds her. (tests/test_cli_e2e.py has the plain
+    restart, with the bootstrap node still up.)"""
     daemons: list[DaemonProcess] = []
     try:
         for name in ("bob", "alice", "carol"):
@@ -296,6 +298,7 @@ def test_a_daemon_rejoins_through_its_saved_contacts(root: Path) -> None:
         carol = DaemonProcess(root / "carol", bootstrap=[line], lan="off").wait_ready()
         listen = carol.listen
         assert carol.stop() == 0  # saves its routing contacts on the way out
+        assert daemons.pop(0).stop() == 0  # bob: the invite's address answers no more
         carol = DaemonProcess(root / "carol", listen=listen, lan="off").wait_ready()
         daemons.append(carol)
         status = cli_json(root / "carol", "status")
