@@ -381,7 +381,7 @@ async def open_node(
 
             files = FilesService(
                 config.files, identity, conn, events.emit, quic=quic, at_rest=at_rest,
-                **files_hooks(delivery, dht, quic, _lan_addresses(lan)),
+                **files_hooks(delivery, dht, quic, _hinted(_lan_addresses(lan), hints)),
             )  # fmt: skip
             notice, rotation = stored_notice(conn), None
             if notice is not None and notice.new_key == identity.public_key:

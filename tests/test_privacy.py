@@ -11,11 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from p2pd.config import load_config
+from p2pd.address_hints import encode_hint
+from p2pd.config import LanConfig, NodeConfig, load_config
+from p2pd.daemon import open_node
 from p2pd.errors import UsageError
+from p2pd.identity import Identity
 from p2pd.records import HandleRecord
 from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir, wait_until
+from p2pd.wire import Address
 
 
 def test_privacy_config(tmp_path: Path) -> None:
@@ -87,6 +92,10 @@ def test_contacts_only_presence(root: Path) -> None:
         assert cli_json(root / "dave", "contacts", "add", invite)["added"] is True
         sent = cli_json(root / "dave", "send", "alice", "hi alice", "--wait")
         assert sent["state"] == "delivered" and sent["via"] == "direct"
+        (root / "note.txt").write_bytes(b"for alice only\n" * 1000)
+        got = run_cli(root / "dave", "send-file", "alice", str(root / "note.txt"), "--wait",
+                      "--timeout", "30")  # fmt: skip
+        assert got.returncode == 0, got.stderr
 
         # A contact who pinned her from the DHT alone learns her addresses in-session.
         assert cli_json(root / "erin", "verify", "alice")["fingerprint"] == alice.fingerprint
@@ -113,3 +122,36 @@ def test_contacts_only_presence(root: Path) -> None:
     assert stored, "no DHT node stored alice's record"
     assert all(r.addresses == () for r in stored)
     assert all(r.fingerprint == alice.fingerprint for r in stored)
+
+
+async def test_a_strangers_address_hint_is_refused(root: Path) -> None:
+    """mallory, whom erin never pinned, sends erin an address hint (a real session
+    signal over QUIC): erin keeps nothing and counts it; so with a malformed one from
+    a contact. A contact's well-formed hint is kept."""
+    erin_id, mallory_id = Identity.generate("erin"), Identity.generate("mallory")
+
+    def config(name: str, bootstrap: tuple[Address, ...] = ()) -> NodeConfig:
+        return NodeConfig(
+            home=root / name, listen=Address("127.0.0.1", 0), bootstrap=bootstrap,
+            lan=LanConfig(mode="off"), connect_timeout=1.0,
+        )  # fmt: skip
+
+    with trio.fail_after(60):
+        async with open_node(config("erin"), erin_id) as erin:
+            seed = (erin.listen_address,)
+            async with open_node(config("mallory", seed), mallory_id) as mallory:
+                await mallory.publish()
+                victim = [Address("198.18.0.66", 4747)]
+                await mallory.delivery.send_signal("erin", erin_id.public_key, encode_hint(victim))
+                assert erin.hints.get(mallory_id.public_key) == []
+                stats = erin.hints.stats
+                assert stats == {"hints_received": 1, "hints_refused": 1, "hints_sent": 0}
+                # Once erin has pinned mallory (a contact now), a malformed hint still
+                # changes nothing; a good one is kept.
+                erin.delivery.contacts.pin("mallory", mallory_id.public_key, 0.0)
+                bad = '{"type": "addresses", "addresses": ["0.0.0.0:1"]}'
+                await mallory.delivery.send_signal("erin", erin_id.public_key, bad)
+                assert erin.hints.get(mallory_id.public_key) == []
+                assert erin.hints.stats["hints_refused"] == 2
+                await mallory.delivery.send_signal("erin", erin_id.public_key, encode_hint(victim))
+                assert erin.hints.get(mallory_id.public_key) == victim
