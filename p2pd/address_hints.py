@@ -23,6 +23,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -31,6 +32,9 @@ from .identity import fingerprint
 from .records import MAX_ADDRESSES
 from .wire import Address
 
+if TYPE_CHECKING:
+    from .records import HandleRecord
+
 __all__ = [
     "MAX_HINT_ADDRESSES",
     "MAX_HINT_TEXT",
@@ -38,6 +42,7 @@ __all__ = [
     "HintAnnouncer",
     "decode_hint",
     "encode_hint",
+    "hints_first",
     "is_hint",
 ]
 
@@ -116,6 +121,18 @@ def _checked(addresses: list[Address]) -> list[Address]:
     return out
 
 
+def hints_first(
+    hinted: list[Address], hinted_at: float, record: HandleRecord | None
+) -> list[Address]:
+    """The hints delivery tries before the record's addresses: all of them, unless the
+    contact's record (signed, looked up lately) lists addresses and was issued after
+    the hints were stored: an invite's addresses go stale when their daemon moves,
+    and each stale one would cost a connect timeout before every delivery."""
+    if record is not None and record.addresses and record.issued > hinted_at:
+        return []
+    return hinted
+
+
 class AddressHints:
     """The hints kept per pinned key (SQLite table ``address_hints``), newest wins."""
 
@@ -127,16 +144,21 @@ class AddressHints:
         self.stats = {"hints_received": 0, "hints_refused": 0, "hints_sent": 0}
 
     def get(self, public_key: bytes) -> list[Address]:
+        return self.get_dated(public_key)[0]
+
+    def get_dated(self, public_key: bytes) -> tuple[list[Address], float]:
+        """The hints for a key, and when they were stored (0: none)."""
         row = self._conn.execute(
-            "SELECT addresses FROM address_hints WHERE public_key=?", (public_key,)
+            "SELECT addresses, updated FROM address_hints WHERE public_key=?", (public_key,)
         ).fetchone()
         if row is None:
-            return []
+            return [], 0.0
         try:
-            return _checked([Address.parse(a) for a in str(row[0]).split(",") if a])
+            addresses = _checked([Address.parse(a) for a in str(row[0]).split(",") if a])
+            return addresses, float(row[1])
         except (InvalidAddress, ValueError):
             log.warning("ignoring a corrupt address hint row")
-            return []
+            return [], 0.0
 
     def set(self, public_key: bytes, addresses: list[Address], now: float, source: str) -> None:
         if source not in HINT_SOURCES:

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .address_hints import AddressHints, HintAnnouncer, is_hint
+from .address_hints import AddressHints, HintAnnouncer, hints_first, is_hint
 from .api import Api
 from .at_rest import open_at_rest
 from .calls import CallManager
@@ -276,13 +276,17 @@ def _lan_addresses(lan: LanDiscovery | None) -> Callable[[bytes], list[Address]]
 
 
 def _hinted(
-    lan: Callable[[bytes], list[Address]], hints: AddressHints
+    lan: Callable[[bytes], list[Address]],
+    hints: AddressHints,
+    record: Callable[[bytes], HandleRecord | None],
 ) -> Callable[[bytes], list[Address]]:
-    """Where to try a key before its record's addresses: the LAN, then its hints."""
+    """Where to try a key before its record's addresses: the LAN, then its hints
+    (unless a newer record of the key lists addresses: p2pd/address_hints.py)."""
 
     def addresses(public_key: bytes) -> list[Address]:
         found = lan(public_key)
-        return found + [a for a in hints.get(public_key) if a not in found]
+        hinted = hints_first(*hints.get_dated(public_key), record(public_key))
+        return found + [a for a in hinted if a not in found]
 
     return addresses
 
@@ -347,6 +351,10 @@ async def open_node(
                     ),
                 )
             hints = AddressHints(conn)
+
+            def cached(key: bytes) -> HandleRecord | None:  # delivery's looked-up records
+                return next((r for r in delivery.resolved_records() if r.public_key == key), None)
+
             quic = QuicEndpoint(
                 endpoint,
                 identity,
@@ -360,7 +368,7 @@ async def open_node(
             )
             delivery = Delivery(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,
-                contacts=contacts, lan_addresses=_hinted(_lan_addresses(lan), hints),
+                contacts=contacts, lan_addresses=_hinted(_lan_addresses(lan), hints, cached),
                 on_signal=lambda *signal: on_signal(*signal),
                 on_direct=lambda key: announcer.peer_seen(key),
                 on_file_offer=lambda *offer: files.offer_received(*offer),
@@ -381,7 +389,7 @@ async def open_node(
 
             files = FilesService(
                 config.files, identity, conn, events.emit, quic=quic, at_rest=at_rest,
-                **files_hooks(delivery, dht, quic, _hinted(_lan_addresses(lan), hints)),
+                **files_hooks(delivery, dht, quic, _hinted(_lan_addresses(lan), hints, cached)),
             )  # fmt: skip
             notice, rotation = stored_notice(conn), None
             if notice is not None and notice.new_key == identity.public_key:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pd.address_hints import AddressHints, decode_hint, encode_hint, is_hint
+from p2pd.address_hints import AddressHints, decode_hint, encode_hint, hints_first, is_hint
 from p2pd.config import load_config
 from p2pd.errors import KeyChanged, NotFound, UsageError
 from p2pd.identity import HandleRef, Identity
@@ -191,6 +191,21 @@ def test_address_hint_codec() -> None:
 def test_hint_garbage_raises_only_value_error(text: str) -> None:
     with contextlib.suppress(ValueError):
         decode_hint(text)
+
+
+def test_a_newer_record_with_addresses_supersedes_hints() -> None:
+    """An invite's addresses go stale when bob moves; his record, republished since,
+    is tried first then (each stale hint would cost a connect timeout). A record with
+    no address (presence privacy) never supersedes them."""
+    now = time.time()
+    moved = HandleRecord.create(BOB, [ADDRS[1]], seq=2, now=int(now) + 5, lifetime=3600)
+    older = HandleRecord.create(BOB, [ADDRS[1]], seq=1, now=int(now) - 60, lifetime=3600)
+    hidden = HandleRecord.create(BOB, [], seq=3, now=int(now) + 5, lifetime=3600)
+    hinted = [ADDRS[0]]
+    assert hints_first(hinted, now, None) == hinted
+    assert hints_first(hinted, now, older) == hinted
+    assert hints_first(hinted, now, moved) == []
+    assert hints_first(hinted, now, hidden) == hinted
 
 
 def test_hints_only_from_pinned_keys(tmp_path: Path) -> None:
