@@ -27,6 +27,7 @@ from .calls import CallSummary
 from .errors import Contested, LocalError, NotFound, UsageError
 from .files import FileSummary
 from .identity import HandleRef, fingerprint, format_fingerprint, self_certifying
+from .invite import Invite, add_contact
 from .lan_announcement import PeerSummary
 from .messaging import Contact, ContactSummary, EvidenceSummary, IncomingSummary, MessageSummary
 from .records import HandleRecord
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Api",
     "CallMedia",
+    "ContactAdded",
     "ContactRow",
     "ContestedHandle",
     "Inbox",
@@ -91,6 +93,12 @@ class Status(TypedDict):
     dht_mode: str
     #: The files service's counters (p2pd/files/; docs/CONTROL_API.md, "Files").
     files: dict[str, int]
+    #: Issue 13, item 8: "everyone" or "contacts" (the record lists no direct address).
+    privacy_addresses: str
+    #: Our direct addresses, published or not (what `p2pd invite` prints).
+    direct_addresses: list[str]
+    #: Address hints received, refused, sent (p2pd/address_hints.py).
+    hint_counters: dict[str, int]
 
 
 class RecordSummary(TypedDict):
@@ -143,6 +151,14 @@ class ContactRow(ContactSummary):
 class ContactListRow(ContactRow):
     session: bool
     pending: int
+    #: Where the contact's invite or the contact itself said it is (tried first).
+    address_hints: list[str]
+
+
+class ContactAdded(ContactRow):
+    #: False: the handle was pinned to that key already (its hints are refreshed).
+    added: bool
+    address_hints: list[str]
 
 
 class Verification(ContactRow):
@@ -229,6 +245,9 @@ class Api:
             "public_address": reach["public_address"],
             "dht_mode": reach["dht_mode"],
             "files": node.files.statistics() if node.files is not None else {},
+            "privacy_addresses": "contacts" if node.config.hides_addresses else "everyone",
+            "direct_addresses": [str(a) for a in node.advertised_addresses()],
+            "hint_counters": dict(node.hints.stats),
         }
 
     async def whois(self, handle: str) -> Whois | ContestedHandle:
@@ -332,9 +351,25 @@ class Api:
                     **self._contact_row(contact),
                     "session": self._delivery.sessions.has_session(contact.public_key),
                     "pending": len(self._delivery.messages.pending_for(contact.public_key)),
+                    "address_hints": [str(a) for a in self._node.hints.get(contact.public_key)],
                 }
             )
         return out
+
+    async def add_contact(self, invite: str) -> ContactAdded:
+        """Pin an invite's handle to its key (fetched from the DHT, checked against the
+        invite's fingerprint) and keep its addresses as hints. Raises InvalidInvite,
+        KeyChanged (pinned to another key: never re-pinned here), NotFound."""
+        node = self._node
+        parsed = Invite.parse(invite)
+        if parsed.handle == node.identity.handle:
+            raise UsageError("that is your own handle")
+        contact, added = await add_contact(
+            parsed, contacts=self._delivery.contacts, hints=node.hints,
+            resolve=node.dht.resolve, bootstrap=node.dht.bootstrap,
+        )  # fmt: skip
+        hinted = [str(a) for a in node.hints.get(contact.public_key)]
+        return {**self._contact_row(contact), "added": added, "address_hints": hinted}
 
     async def verify(
         self, handle: str, *, accept: bool = False, accept_new: str | None = None

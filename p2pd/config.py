@@ -1,8 +1,8 @@
 """Configuration: one frozen dataclass per subsystem, read once and passed down.
 
 Sources, later ones winning: the defaults here, ``<home>/config.toml`` (sections ``[node]``,
-``[dht]``, ``[lan]``, ``[calls]``, ``[files]``), then the command line (click options,
-with environment variables).
+``[dht]``, ``[lan]``, ``[calls]``, ``[files]``, ``[privacy]``), then the command line (click
+options, with environment variables).
 """
 
 from __future__ import annotations
@@ -324,6 +324,28 @@ class FilesConfig:
             raise UsageError("files window_groups must be between 1 and 64")
 
 
+PRIVACY_ADDRESSES = ("everyone", "contacts")
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyConfig:
+    """Presence privacy (``[privacy]`` in config.toml; issue 13, item 8)."""
+
+    #: Who learns our direct (IP) addresses. ``everyone``: they are in our public handle
+    #: record. ``contacts``: the public record lists none (relays only, once there are
+    #: relays), and pinned contacts learn them inside the encrypted session
+    #: (p2pd/address_hints.py). Empty (unset): ``contacts`` when LAN discovery is in
+    #: ``contacts`` mode, else ``everyone``.
+    addresses: str = ""
+
+    def __post_init__(self) -> None:
+        if self.addresses not in ("", *PRIVACY_ADDRESSES):
+            raise UsageError(
+                f"privacy addresses must be one of {', '.join(PRIVACY_ADDRESSES)}, "
+                f"not {self.addresses!r}"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A daemon."""
@@ -352,13 +374,22 @@ class NodeConfig:
     ring_timeout: float = 30.0
     calls: CallsConfig = field(default_factory=CallsConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    @property
+    def hides_addresses(self) -> bool:
+        """Whether our public record leaves out our direct addresses (``[privacy]
+        addresses = "contacts"``, which ``--lan contacts`` implies unless set)."""
+        if self.privacy.addresses:
+            return self.privacy.addresses == "contacts"
+        return self.lan.mode == "contacts"
 
 
 def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(obj)}
     changes: dict[str, Any] = {}
     for name, value in section.items():
-        if name not in known or name in ("home", "dht", "quic", "lan", "calls", "files"):
+        if name not in known or name in ("home", "dht", "quic", "lan", "calls", "files", "privacy"):
             raise UsageError(f"{where}: unknown setting {name!r}")
         current = getattr(obj, name)
         if name in ("listen",):
@@ -389,7 +420,7 @@ def load_config(home: Path) -> NodeConfig:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
-    unknown = set(doc) - {"node", "dht", "lan", "calls", "files"}
+    unknown = set(doc) - {"node", "dht", "lan", "calls", "files", "privacy"}
     if unknown:
         raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
     if "defences" in doc.get("dht", {}):
@@ -407,5 +438,11 @@ def load_config(home: Path) -> NodeConfig:
     calls = CallsConfig(**{settings[k]: v for k, v in calls_doc.items()})
     config = _apply(config, doc.get("node", {}), f"{path} [node]")
     files = _apply(config.files, doc.get("files", {}), f"{path} [files]")
-    out: NodeConfig = replace(config, dht=dht, lan=lan, calls=calls, files=files)
+    privacy_doc = doc.get("privacy", {})
+    if not isinstance(privacy_doc, dict) or set(privacy_doc) - {"addresses"}:
+        raise UsageError(f"{path} [privacy]: the one setting is addresses = everyone|contacts")
+    if not all(isinstance(v, str) and v for v in privacy_doc.values()):
+        raise UsageError(f"{path} [privacy]: addresses is everyone or contacts")
+    privacy = PrivacyConfig(**privacy_doc)
+    out: NodeConfig = replace(config, dht=dht, lan=lan, calls=calls, files=files, privacy=privacy)
     return out

@@ -137,6 +137,14 @@ async def _contacts(api: Api, params: Any) -> Any:
     return api.contacts()
 
 
+@_method("add_contact")
+async def _add_contact(api: Api, params: Any) -> Any:
+    invite = _params(params, ("invite",)).get("invite")
+    if not isinstance(invite, str):
+        raise UsageError("add_contact needs an 'invite' string (p2pd-invite:...)")
+    return await api.add_contact(invite)
+
+
 @_method("verify")
 async def _verify(api: Api, params: Any) -> Any:
     p = _params(params, ("handle", "accept", "accept_new"))

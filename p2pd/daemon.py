@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from .address_hints import AddressHints, HintAnnouncer, hints_first, is_hint
 from .api import Api
 from .at_rest import open_at_rest
 from .calls import CallManager
@@ -36,7 +37,7 @@ from .records import MAX_ADDRESSES, HandleRecord
 from .rotation import RotationNotice
 from .session import SessionManager
 from .store import db_path, get_meta, open_database, set_meta
-from .transport.quic import QuicEndpoint
+from .transport.quic import QuicEndpoint, QuicPeer
 from .transport.udp import UdpEndpoint
 from .wire import Address
 
@@ -64,6 +65,7 @@ class Node:
         wakeup: Wakeup,
         rotation: RotationNotice | None,
         files: FilesService | None = None,
+        hints: AddressHints | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -85,6 +87,8 @@ class Node:
         self.control_path = config.home / "control.sock"
         #: The notice of our last key rotation (`p2pd rotate-key`), if it is ours.
         self.rotation = rotation
+        #: Where pinned contacts said they are (invites, in-session hints).
+        self.hints = hints if hints is not None else AddressHints(conn)
 
     @property
     def listen_address(self) -> Address:
@@ -102,11 +106,16 @@ class Node:
         found = [] if public is None else [public]
         return (found + [a for a in self._local_addresses() if a != public])[:MAX_ADDRESSES]
 
+    def published_addresses(self) -> list[Address]:
+        """What our public record lists: none with ``[privacy] addresses = "contacts"``
+        (contacts learn them in the session: p2pd/address_hints.py), else all."""
+        return [] if self.config.hides_addresses else self.advertised_addresses()
+
     def _addresses_moved(self) -> bool:
         """Whether our published record's addresses are no longer what we would publish
         (a NAT mapping learnt or changed: issue 13); then we republish at once."""
         record = self.record
-        return record is not None and record.addresses != tuple(self.advertised_addresses())
+        return record is not None and record.addresses != tuple(self.published_addresses())
 
     def _local_addresses(self) -> list[Address]:
         local = self.listen_address
@@ -146,7 +155,7 @@ class Node:
         sessions = self.delivery.sessions
         record = HandleRecord.create(
             self.identity,
-            self.advertised_addresses(),
+            self.published_addresses(),
             seq=self._next_seq(),
             now=now,
             lifetime=self.config.record_lifetime,
@@ -266,6 +275,22 @@ def _lan_addresses(lan: LanDiscovery | None) -> Callable[[bytes], list[Address]]
     return addresses
 
 
+def _hinted(
+    lan: Callable[[bytes], list[Address]],
+    hints: AddressHints,
+    record: Callable[[bytes], HandleRecord | None],
+) -> Callable[[bytes], list[Address]]:
+    """Where to try a key before its record's addresses: the LAN, then its hints
+    (unless a newer record of the key lists addresses: p2pd/address_hints.py)."""
+
+    def addresses(public_key: bytes) -> list[Address]:
+        found = lan(public_key)
+        hinted = hints_first(*hints.get_dated(public_key), record(public_key))
+        return found + [a for a in hinted if a not in found]
+
+    return addresses
+
+
 @asynccontextmanager
 async def open_node(
     config: NodeConfig, identity: Identity, *, storage_key: bytes | None = None
@@ -325,6 +350,11 @@ async def open_node(
                         h, k, time.time(), source="lan", place=where
                     ),
                 )
+            hints = AddressHints(conn)
+
+            def cached(key: bytes) -> HandleRecord | None:  # delivery's looked-up records
+                return next((r for r in delivery.resolved_records() if r.public_key == key), None)
+
             quic = QuicEndpoint(
                 endpoint,
                 identity,
@@ -338,14 +368,28 @@ async def open_node(
             )
             delivery = Delivery(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,
-                contacts=contacts, lan_addresses=_lan_addresses(lan),
-                on_signal=lambda *signal: calls.on_signal(*signal),
+                contacts=contacts, lan_addresses=_hinted(_lan_addresses(lan), hints, cached),
+                on_signal=lambda *signal: on_signal(*signal),
+                on_direct=lambda key: announcer.peer_seen(key),
                 on_file_offer=lambda *offer: files.offer_received(*offer),
             )  # fmt: skip
             calls = CallManager(delivery, events)
+            announcer = HintAnnouncer(
+                hints, enabled=lambda: config.hides_addresses,
+                addresses=lambda: node.advertised_addresses(),
+                handle_of=lambda key: c.handle if (c := contacts.by_key(key)) else None,
+                send=delivery.send_signal,
+            )  # fmt: skip
+
+            def on_signal(key: bytes, claimed: str, peer: QuicPeer | None, text: str) -> None:
+                if is_hint(text):  # where a contact is: p2pd/address_hints.py
+                    hints.received(key, contacts.by_key(key) is not None, text, time.time())
+                else:
+                    calls.on_signal(key, claimed, peer, text)
+
             files = FilesService(
                 config.files, identity, conn, events.emit, quic=quic, at_rest=at_rest,
-                **files_hooks(delivery, dht, quic, _lan_addresses(lan)),
+                **files_hooks(delivery, dht, quic, _hinted(_lan_addresses(lan), hints, cached)),
             )  # fmt: skip
             notice, rotation = stored_notice(conn), None
             if notice is not None and notice.new_key == identity.public_key:
@@ -355,13 +399,14 @@ async def open_node(
             node = Node(
                 config, identity, conn, endpoint=endpoint, dht=dht, quic=quic,
                 delivery=delivery, calls=calls, lan=lan, schedule=schedule, wakeup=wakeup,
-                rotation=rotation, files=files,
+                rotation=rotation, files=files, hints=hints,
             )  # fmt: skip
             if rotation is not None:
                 delivery.announce_rotation(rotation)  # once; the outbox delivers it
             await nursery.start(quic.serve)
             await nursery.start(endpoint.serve, dht.datagram_received, quic.datagram_received)
             await nursery.start(calls.run)
+            await nursery.start(announcer.run)
             await nursery.start(files.run)
             await nursery.start(serve_control_api, node.control_path, Api(node), events)
             if lan is not None:

@@ -257,14 +257,41 @@ def inbox(ctx: click.Context, sender: str | None, follow: bool, as_json: bool, a
             show(event)
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the contacts as JSON.")
 @click.pass_context
 def contacts(ctx: click.Context, as_json: bool) -> None:
     """List contacts: each handle's pinned key, verified or not, how it last changed
-    (a rotation notice), and every other key seen for it (suspected, never used)."""
+    (a rotation notice), and every other key seen for it (suspected, never used).
+    `p2pd contacts add INVITE` adds one from an invite."""
+    if ctx.invoked_subcommand is not None:
+        return
     with ControlClient(home_of(ctx)) as client:
         render.emit(client.call("contacts"), as_json, render.contacts_text)
+
+
+@contacts.command("add")
+@click.argument("invite")
+@click.option("--json", "as_json", is_flag=True, help="Print the contact as JSON.")
+@click.pass_context
+def contacts_add(ctx: click.Context, invite: str, as_json: bool) -> None:
+    """Add the contact an invite names (`p2pd invite` prints one): pin its handle to
+    the key the invite's fingerprint names, fetched from the DHT (through the invite's
+    addresses if need be) and checked against it; keep its addresses to reach it
+    directly. Running it again changes nothing. A handle pinned to another key is
+    never re-pinned: see `p2pd verify HANDLE --accept-new FINGERPRINT`."""
+    from p2pd.invite import Invite
+
+    Invite.parse(invite)  # usage errors before we bother the daemon
+    with ControlClient(home_of(ctx), timeout=60) as client:
+        result = client.call("add_contact", {"invite": invite})
+
+    def text(r: dict[str, Any]) -> str:
+        state = "added" if r["added"] else "already a contact"
+        where = ", ".join(r["address_hints"]) or "-"
+        return f"{r['handle']}#{r['fingerprint']}: {state} (reachable at {where})"
+
+    render.emit(result, as_json, text)
 
 
 @click.command()

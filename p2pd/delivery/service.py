@@ -169,6 +169,7 @@ class Delivery:
         lan_addresses: Callable[[bytes], list[Address]],
         on_signal: Callable[[bytes, str, QuicPeer | None, str], None],
         on_file_offer: Callable[[bytes, str, str, str], None] = lambda *offer: None,
+        on_direct: Callable[[bytes], None] = lambda key: None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -179,6 +180,8 @@ class Delivery:
         self.on_signal = on_signal
         #: (sender key, claimed handle, offer text, via): p2pd/files/ takes file offers.
         self.on_file_offer = on_file_offer
+        #: Called with a key we hold a direct connection to (p2pd/address_hints.py).
+        self.on_direct = on_direct
         self._conn = conn
         self.messages = MessageStore(conn, at_rest=sessions.at_rest)  # p2pd/at_rest.py
         self.contacts = contacts
@@ -421,6 +424,14 @@ class Delivery:
         return record
 
     async def _connect(self, peer_key: bytes, record: HandleRecord | None) -> QuicPeer | None:
+        peer = await self._connect_direct(peer_key, record)
+        if peer is not None:
+            self.on_direct(peer_key)  # tell a contact where we are, if our record does not
+        return peer
+
+    async def _connect_direct(
+        self, peer_key: bytes, record: HandleRecord | None
+    ) -> QuicPeer | None:
         for peer in self.quic.peers():
             if peer.public_key == peer_key and not peer.is_closing:
                 return peer
