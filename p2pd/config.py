@@ -420,7 +420,7 @@ def load_config(home: Path) -> NodeConfig:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
-    unknown = set(doc) - {"node", "dht", "lan", "calls", "files", "privacy"}
+    unknown = set(doc) - {"node", "dht", "quic", "lan", "calls", "files", "privacy"}
     if unknown:
         raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
     if "defences" in doc.get("dht", {}):
@@ -438,11 +438,14 @@ def load_config(home: Path) -> NodeConfig:
     calls = CallsConfig(**{settings[k]: v for k, v in calls_doc.items()})
     config = _apply(config, doc.get("node", {}), f"{path} [node]")
     files = _apply(config.files, doc.get("files", {}), f"{path} [files]")
+    quic = _apply(config.quic, doc.get("quic", {}), f"{path} [quic]")
     privacy_doc = doc.get("privacy", {})
     if not isinstance(privacy_doc, dict) or set(privacy_doc) - {"addresses"}:
         raise UsageError(f"{path} [privacy]: the one setting is addresses = everyone|contacts")
     if not all(isinstance(v, str) and v for v in privacy_doc.values()):
         raise UsageError(f"{path} [privacy]: addresses is everyone or contacts")
     privacy = PrivacyConfig(**privacy_doc)
-    out: NodeConfig = replace(config, dht=dht, lan=lan, calls=calls, files=files, privacy=privacy)
+    out: NodeConfig = replace(
+        config, dht=dht, quic=quic, lan=lan, calls=calls, files=files, privacy=privacy
+    )
     return out

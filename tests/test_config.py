@@ -40,6 +40,20 @@ def test_bad_config_is_a_clear_usage_error(tmp_path: Path, text: str) -> None:
         load_config(tmp_path)
 
 
+def test_quic_section_of_the_config_file(tmp_path: Path) -> None:
+    """The QUIC budgets of docs/SECURITY.md ("QUIC budgets") are settings."""
+    (tmp_path / "config.toml").write_text(
+        "[quic]\nmax_connections_per_address = 4\nretry_after_half_open = 8\nreserved_share = 0.5\n"
+    )
+    quic = load_config(tmp_path).quic
+    assert (quic.max_connections_per_address, quic.retry_after_half_open) == (4, 8)
+    assert quic.reserved_share == 0.5 and quic.max_connections == 1024
+    for bad in ("reserved_share = 1.5", "max_connections = 0", "volume = 3", "idle_timeout = 'x'"):
+        (tmp_path / "config.toml").write_text(f"[quic]\n{bad}\n")
+        with pytest.raises(UsageError):
+            load_config(tmp_path)
+
+
 def test_lan_section_of_the_config_file(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text(
         '[lan]\nmode = "contacts"\ninterfaces = ["198.51.100.11"]\nttl = 150\n'
