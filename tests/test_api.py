@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_delivery import node, root, wait_for  # noqa: F401  (root is a fixture)
+from test_delivery import node, root  # noqa: F401  (root is a fixture)
 
 from p2pd import control
 from p2pd.api import Api
 from p2pd.calls import CallError
 from p2pd.errors import NotFound, UsageError
 from p2pd.identity import Identity
+from p2pd.testing.waiting import wait_for
 
 #: The methods of docs/CONTROL_API.md but ``subscribe`` (served apart: an event stream).
 METHODS = {
@@ -54,7 +55,10 @@ async def test_the_facade_on_two_nodes(root: Path) -> None:  # noqa: F811
                 "b",
             ]
             await wait_for(lambda: len(bobs.inbox()["messages"]) == 3)
-            await wait_for(lambda: api.message(sent["id"])["state"] == "delivered")
+            # every ack back (not only the first batch's), and bob's check of alice's key
+            # in the DHT done: both come a little after the texts are in bob's inbox
+            await wait_for(lambda: {m["state"] for m in api.outbox()} == {"delivered"})
+            await wait_for(lambda: all(m["sender_verified"] for m in bobs.inbox()["messages"]))
             assert sorted(m["text"] for m in api.outbox()) == ["a", "b", "hello"]
             assert len(api.outbox(limit=2)) == 2
             with pytest.raises(UsageError):
