@@ -93,6 +93,13 @@ class DHTConfig:
     #: once (``mailbox_refused_quota``).
     mailbox_per_address: int = 256
     mailbox_per_subnet: int = 1024
+    #: Postage (p2pd/dht/mailbox_entry.py): a mailbox entry is refused unless BLAKE2b
+    #: over its mailbox key, its sealed bytes, a ten-minute window and a nonce has this
+    #: many leading zero bits (``mailbox_refused_postage``). The sender finds the nonce
+    #: in about 2**bits hashes: about 60-70 ms on average at 17 on the 2-core test box,
+    #: p99 about 370 ms (scripts/bench_postage.py); checking it is one hash. Every node
+    #: of a network must ask no more than senders pay: raise it network-wide only.
+    postage_bits: int = 17
     #: The defences against hostile nodes (docs/SECURITY.md): earned contacts, address
     #: limits, disjoint paths, storing only when among the k closest, and a lookup that
     #: believes a key only with 2/3 of independent replicas. FOR BENCHMARKS ONLY
@@ -116,6 +123,8 @@ class DHTConfig:
         for name in budgets:
             if not getattr(self, name) > 0:
                 raise UsageError(f"dht {name} must be greater than 0")
+        if not 0 <= self.postage_bits <= 32:
+            raise UsageError("dht postage_bits must be between 0 and 32")
 
 
 @dataclass(frozen=True, slots=True)

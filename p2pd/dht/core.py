@@ -185,6 +185,7 @@ class DHTCore:
         storage.quota = budget.records
         if mailboxes is not None:
             mailboxes.quota = budget.mailbox
+            mailboxes.postage_bits = config.postage_bits  # p2pd/dht/mailbox_entry.py
         self._maintenance_period = min(config.refresh_interval, config.replicate_interval) / 4
         self.reach = Reachability(self, now)  # address discovery, dial-back, client mode
         self._schedule(now + self._maintenance_period, _MAINTAIN, None)
