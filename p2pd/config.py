@@ -100,6 +100,12 @@ class DHTConfig:
     #: p99 about 370 ms (scripts/bench_postage.py); checking it is one hash. Every node
     #: of a network must ask no more than senders pay: raise it network-wide only.
     postage_bits: int = 17
+    #: A mailbox put counts as left only when this many of the replicas it was sent to,
+    #: in distinct /24s (/48s; each loopback or private address alone), said they took
+    #: it; fewer, and the sender tries again later: one black hole's "stored" is not
+    #: believed (p2pd/dht/operations.py ``MailboxPut``). Capped by how many replicas
+    #: there are.
+    mailbox_copies: int = 2
     #: The defences against hostile nodes (docs/SECURITY.md): earned contacts, address
     #: limits, disjoint paths, storing only when among the k closest, and a lookup that
     #: believes a key only with 2/3 of independent replicas. FOR BENCHMARKS ONLY
@@ -119,6 +125,7 @@ class DHTConfig:
             "records_per_subnet",
             "mailbox_per_address",
             "mailbox_per_subnet",
+            "mailbox_copies",
         )
         for name in budgets:
             if not getattr(self, name) > 0:

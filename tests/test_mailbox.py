@@ -31,6 +31,7 @@ from p2pd.dht.mailbox_entry import (
 )
 from p2pd.identity import Identity
 from p2pd.store import open_database
+from p2pd.testing.adversary import FABRICATE_IP, Behaviour, open_coalition
 from p2pd.testing.swarm import open_swarm
 
 NOW = int(time.time())
@@ -214,3 +215,45 @@ def test_postage_below_the_nodes_price_is_refused() -> None:
     held = sum(store.put(key, e) for e in cheap)
     # 2 bits of work meet 12 bits only by luck (one time in 1,024)
     assert held <= 2 and store.refused["postage"] == 64 - held
+
+
+# ---------------------------------------------------------------------- confirmed puts
+
+
+@pytest.mark.slow
+async def test_black_hole_replicas_lose_no_mailbox_entry() -> None:
+    """Hostile nodes next to bob's mailbox key say "stored" and keep nothing. While the
+    honest replicas refuse (bob's mailbox full), the black holes' word alone does not
+    count as a put: the sender hears 0 (and retries later); once the honest replicas
+    take it, bob reads it."""
+    with trio.fail_after(90):
+        async with open_swarm(12) as swarm:
+            sender, owner = swarm.nodes[1], swarm.nodes[7]
+            bob = owner.identity
+            async with open_coalition(
+                swarm,
+                4,
+                Behaviour.BLACKHOLE,
+                ip=FABRICATE_IP,  # many ids of one network
+                near=mailbox_key(bob.public_key),
+                bits=6,
+                seed=4,
+            ) as coalition:
+                honest = [n for n in swarm.nodes if n is not sender]
+                full = MailboxLimits(per_mailbox_count=0)
+                for node in [*honest, sender]:
+                    assert node.dht.core.mailboxes is not None
+                    node.dht.core.mailboxes.limits = full
+                assert await sender.dht.mailbox_put(bob.public_key, b"first try") == 0
+                assert coalition.lies_told("mailbox_put") >= 1  # they were among the closest
+                assert sender.dht.statistics()["counters"]["mailbox_put_unconfirmed"] == 1
+                assert await owner.dht.mailbox_fetch(bob) == []  # nothing held: 0 was true
+                for node in [*honest, sender]:
+                    assert node.dht.core.mailboxes is not None
+                    node.dht.core.mailboxes.limits = MailboxLimits()
+                lies = coalition.lies_told("mailbox_put")
+                copies = await sender.dht.mailbox_put(bob.public_key, b"second try")
+                assert copies >= 10 and coalition.lies_told("mailbox_put") > lies
+                got = await owner.dht.mailbox_fetch(bob)
+                assert [open_entry(unseal(bob), e) for _, e in got] == [b"second try"]
+                assert all(m.dht.core.mailboxes.count() == 0 for m in coalition.members)  # type: ignore[union-attr]
