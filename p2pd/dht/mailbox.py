@@ -237,6 +237,14 @@ class MailboxStorage:
             self._total = self._recount(conn)
         return max(cursor.rowcount, 0)
 
+    def rows(self) -> list[tuple[bytes, bytes, bytes, float]]:
+        """Everything held, as stored: (mailbox key, entry id, entry, expiry) (for tests
+        and tools that check what a storing node can see)."""
+        if self._conn_or_none is None:
+            return []
+        rows = self._conn.execute("SELECT key, id, entry, expires FROM mailbox ORDER BY key, id")
+        return [(bytes(k), bytes(i), bytes(e), float(x)) for k, i, e, x in rows]
+
     def count(self) -> int:
         if self._conn_or_none is None:
             return 0
