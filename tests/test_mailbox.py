@@ -29,6 +29,7 @@ from p2pd.dht.mailbox_entry import (
     stamp,
     unpad,
 )
+from p2pd.dht.routing import Node
 from p2pd.identity import Identity
 from p2pd.store import open_database
 from p2pd.testing.adversary import FABRICATE_IP, Behaviour, open_coalition
@@ -257,3 +258,33 @@ async def test_black_hole_replicas_lose_no_mailbox_entry() -> None:
                 got = await owner.dht.mailbox_fetch(bob)
                 assert [open_entry(unseal(bob), e) for _, e in got] == [b"second try"]
                 assert all(m.dht.core.mailboxes.count() == 0 for m in coalition.members)  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+async def test_a_node_refuses_and_counts_a_put_without_postage() -> None:
+    """Over the wire: junk of the right size without postage, and an entry stamped for
+    another mailbox, are answered ``false`` and counted; the honest put is taken."""
+    with trio.fail_after(60):
+        async with open_swarm(3) as swarm:
+            sender, owner, node = swarm.nodes
+            bob = owner.identity
+            key = mailbox_key(bob.public_key)
+            target = Node(node.dht.node_id, node.address.host, node.address.port)
+            honest = stamped(bob, b"hello", bits=node.dht.core.config.postage_bits)
+            unpaid = next(  # the first nonce that does not meet the target by luck
+                e
+                for e in (honest[:5] + os.urandom(8) + honest[13:] for _ in range(100))
+                if check(key, e, time.time(), node.dht.core.config.postage_bits) == "postage"
+            )
+            elsewhere = mailbox_key(sender.identity.public_key)
+            replies = await sender.dht.gather(
+                [
+                    (target, "mailbox_put", [key, unpaid]),
+                    (target, "mailbox_put", [elsewhere, honest]),
+                    (target, "mailbox_put", [key, honest]),
+                ]
+            )
+            assert replies == [False, False, True]
+            counters = node.dht.statistics()["counters"]
+            assert counters["mailbox_refused_postage"] == 2
+            assert [e for k, _, e, _ in node.dht.core.mailboxes.rows()] == [honest]  # type: ignore[union-attr]
