@@ -96,8 +96,9 @@ class DHTConfig:
     #: Postage (p2pd/dht/mailbox_entry.py): a mailbox entry is refused unless BLAKE2b
     #: over its mailbox key, its sealed bytes, a ten-minute window and a nonce has this
     #: many leading zero bits (``mailbox_refused_postage``). The sender finds the nonce
-    #: in about 2**bits hashes: about 60-70 ms on average at 17 on the 2-core test box,
-    #: p99 about 370 ms (scripts/bench_postage.py); checking it is one hash. Every node
+    #: in about 2**bits hashes: at 17, 60-115 ms on average on the shared 2-core test
+    #: box (p99 0.4-0.6 s: the tries are geometric; scripts/bench_postage.py), i.e.
+    #: 2**17 BLAKE2b calls of ~0.45 us; checking it is one hash. Every node
     #: of a network must ask no more than senders pay: raise it network-wide only.
     postage_bits: int = 17
     #: A mailbox put counts as left only when this many of the replicas it was sent to,
