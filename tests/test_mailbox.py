@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -9,6 +10,8 @@ import nacl.public
 import nacl.signing
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from p2pd.dht.mailbox import (
     MailboxLimits,
@@ -20,6 +23,7 @@ from p2pd.dht.mailbox import (
 )
 from p2pd.dht.mailbox_entry import (
     BUCKETS,
+    HEADER_LEN,
     MAX_PLAINTEXT,
     MailboxEntryError,
     check,
@@ -288,3 +292,30 @@ async def test_a_node_refuses_and_counts_a_put_without_postage() -> None:
             counters = node.dht.statistics()["counters"]
             assert counters["mailbox_refused_postage"] == 2
             assert [e for k, _, e, _ in node.dht.core.mailboxes.rows()] == [honest]  # type: ignore[union-attr]
+
+
+_BOB = Identity.generate("bob")
+
+
+#: Garbage, and garbage of an entry's size with its version byte.
+GARBAGE = st.one_of(
+    st.binary(max_size=2100),
+    st.sampled_from(BUCKETS)
+    .flatmap(lambda n: st.binary(min_size=n - 1, max_size=n - 1))
+    .map(lambda b: b"\x01" + b),
+)
+
+
+@given(GARBAGE)
+def test_garbage_raises_only_the_declared_error(data: bytes) -> None:
+    key = mailbox_key(_BOB.public_key)
+    assert check(key, data, NOW, BITS) in (None, "size", "version", "stale-postage", "postage")
+    for decoder in (unpad, lambda d: open_entry(unseal(_BOB), d)):
+        with contextlib.suppress(MailboxEntryError):
+            decoder(data)
+
+
+@given(st.binary(max_size=MAX_PLAINTEXT))
+def test_padding_round_trips(text: bytes) -> None:
+    padded = pad(text)
+    assert len(padded) + HEADER_LEN + 48 in BUCKETS and unpad(padded) == text
