@@ -93,6 +93,20 @@ class DHTConfig:
     #: once (``mailbox_refused_quota``).
     mailbox_per_address: int = 256
     mailbox_per_subnet: int = 1024
+    #: Postage (p2pd/dht/mailbox_entry.py): a mailbox entry is refused unless BLAKE2b
+    #: over its mailbox key, its sealed bytes, a ten-minute window and a nonce has this
+    #: many leading zero bits (``mailbox_refused_postage``). The sender finds the nonce
+    #: in about 2**bits hashes: at 17, 60-115 ms on average on the shared 2-core test
+    #: box (p99 0.4-0.6 s: the tries are geometric; scripts/bench_postage.py), i.e.
+    #: 2**17 BLAKE2b calls of ~0.45 us; checking it is one hash. Every node
+    #: of a network must ask no more than senders pay: raise it network-wide only.
+    postage_bits: int = 17
+    #: A mailbox put counts as left only when this many of the replicas it was sent to,
+    #: in distinct /24s (/48s; each loopback or private address alone), said they took
+    #: it; fewer, and the sender tries again later: one black hole's "stored" is not
+    #: believed (p2pd/dht/operations.py ``MailboxPut``). Capped by how many replicas
+    #: there are.
+    mailbox_copies: int = 2
     #: The defences against hostile nodes (docs/SECURITY.md): earned contacts, address
     #: limits, disjoint paths, storing only when among the k closest, and a lookup that
     #: believes a key only with 2/3 of independent replicas. FOR BENCHMARKS ONLY
@@ -112,10 +126,13 @@ class DHTConfig:
             "records_per_subnet",
             "mailbox_per_address",
             "mailbox_per_subnet",
+            "mailbox_copies",
         )
         for name in budgets:
             if not getattr(self, name) > 0:
                 raise UsageError(f"dht {name} must be greater than 0")
+        if not 0 <= self.postage_bits <= 32:
+            raise UsageError("dht postage_bits must be between 0 and 32")
 
 
 @dataclass(frozen=True, slots=True)

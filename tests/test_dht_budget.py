@@ -24,6 +24,7 @@ from p2pd.dht.storage import RecordStorage
 from p2pd.errors import UsageError
 from p2pd.identity import Identity
 from p2pd.records import HandleRecord
+from p2pd.testing.flood import junk_entry
 
 CONFIG = DHTConfig()
 NOW = 100.0
@@ -221,7 +222,7 @@ def test_a_record_that_expires_gives_its_source_room_again() -> None:
 
 
 def put_from(core: DHTCore, key: bytes, host: str) -> bool:
-    entry = os.urandom(200)
+    entry = junk_entry(random.Random(), key, core.config.postage_bits)  # with postage
     core.datagram_received(
         request("mailbox_put", [key, entry], sender=NodeKey.generate(), pad=160), (host, 4000), NOW
     )

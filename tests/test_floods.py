@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from random import Random
 from typing import Any
 
 import pytest
@@ -28,7 +29,7 @@ from p2pd.dht.routing import Node as Contact
 from p2pd.identity import Identity
 from p2pd.records import HandleRecord
 from p2pd.testing.daemons import loopback_listen, short_tempdir
-from p2pd.testing.flood import ATTACKS, flood_command
+from p2pd.testing.flood import ATTACKS, JUNK_POSTAGE_BITS, flood_command, junk_entry
 from p2pd.wire import Address
 
 #: How long each flood lasts, and the honest requests made meanwhile.
@@ -88,7 +89,7 @@ def honest_call(asker: Node, victim: Node, attack: str) -> tuple[str, list[Any]]
         "find_node": ("find_node", [os.urandom(20)]),
         "find_value": ("find_value", [record.key]),
         "store": ("store", [fresh.key, fresh.encode()]),
-        "mailbox_put": ("mailbox_put", [os.urandom(20), os.urandom(300)]),
+        "mailbox_put": ("mailbox_put", [key := os.urandom(20), junk_entry(Random(), key)]),
         "mailbox_fetch": ("mailbox_fetch", [identity.public_key, ts, b"", fetch]),
         "mailbox_delete": ("mailbox_delete", [identity.public_key, ts, [bytes(16)], fetch]),
     }
@@ -185,7 +186,10 @@ async def test_a_flood_from_many_sources_is_held_to_the_unvalidated_budget(root:
 
 
 async def test_storage_fill_from_one_source_is_refused_past_its_quota(root: Path) -> None:
-    quotas = DHTConfig(records_per_address=10, mailbox_per_address=10)
+    # postage as low as the flooder pays: this test is about the quota behind it
+    quotas = DHTConfig(
+        records_per_address=10, mailbox_per_address=10, postage_bits=JUNK_POSTAGE_BITS
+    )
     with trio.fail_after(90):
         async with (
             node(root, "bob", dht=quotas) as bob,

@@ -88,9 +88,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Protocol
 
-import nacl.bindings
-
 from .. import wire
+from ..dht.mailbox_entry import MAX_PLAINTEXT
 from ..errors import (
     DuplicateMessage,
     NoSession,
@@ -138,7 +137,6 @@ BATCH = 256
 #: before the worker encrypts them (one transaction for all).
 PREPARE_GATHER = 0.002
 #: A sealed box is its plaintext plus an ephemeral key and a MAC.
-_SEAL_OVERHEAD = nacl.bindings.crypto_box_SEALBYTES
 #: What :meth:`DeliveryCore.worker_step` tells a conversation's worker to do next.
 SEND, PREPARE, WAIT = "send", "prepare", "wait"
 
@@ -582,7 +580,7 @@ class DeliveryCore:
             plain = wire.encode_mailbox_plaintext(
                 wire.MAILBOX_MESSAGE, self.public_key, m.id, m.envelope
             )
-            if len(plain) + _SEAL_OVERHEAD > wire.MAX_MAILBOX_ENTRY:
+            if len(plain) > MAX_PLAINTEXT:  # padded and sealed, it would not fit
                 log.warning("message %s is too large for a mailbox: direct only", m.id.hex())
                 self._schedule([m], now, None)
                 continue

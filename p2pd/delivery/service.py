@@ -39,8 +39,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-import nacl.bindings
-import nacl.exceptions
 import nacl.public
 import nacl.signing
 import trio
@@ -48,6 +46,7 @@ import trio
 from .. import wire
 from ..config import NodeConfig
 from ..dht import DHT
+from ..dht.mailbox_entry import MailboxEntryError, open_entry
 from ..errors import (
     ConnectionLost,
     Contested,
@@ -114,10 +113,6 @@ EVENT_BUFFER = 1024
 ROTATION_SENT_META = "rotation.sent"
 #: How long a lookup made for delivery may take.
 RESOLVE_TIMEOUT = 10.0
-
-
-def _curve_public(ed25519_public: bytes) -> nacl.public.PublicKey:
-    return nacl.public.PublicKey(nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(ed25519_public))
 
 
 class EventBus:
@@ -521,9 +516,8 @@ class Delivery:
     async def _send_mailbox(self, peer_key: bytes, ready: list[Message]) -> None:
         with self._committed():
             puts = self.core.plan_mailbox(peer_key, ready, time.time())
-        box = nacl.public.SealedBox(_curve_public(peer_key))
-        for put in puts:
-            copies = await self.dht.mailbox_put(peer_key, box.encrypt(put.plaintext))
+        for put in puts:  # padded, sealed to the peer and stamped by the DHT
+            copies = await self.dht.mailbox_put(peer_key, put.plaintext)
             with self._committed():
                 events = self.core.mailbox_put_done(put, copies, time.time())
             self._dispatch(events)
@@ -753,8 +747,8 @@ class Delivery:
             now = time.time()
             for _, sealed in entries:
                 try:
-                    plain = self._unseal.decrypt(sealed)
-                except nacl.exceptions.CryptoError:
+                    plain = open_entry(self._unseal, sealed)  # p2pd/dht/mailbox_entry.py
+                except MailboxEntryError:
                     log.info("ignored a mailbox entry that does not open")
                     continue
                 events += self.core.mailbox_entry_opened(plain, now)
@@ -786,9 +780,8 @@ class Delivery:
                 return
             except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-        box = nacl.public.SealedBox(_curve_public(peer_key))
         for msg_id in ids:
-            await self.dht.mailbox_put(peer_key, box.encrypt(self.core.ack_plaintext(msg_id)))
+            await self.dht.mailbox_put(peer_key, self.core.ack_plaintext(msg_id))
 
     # ------------------------------------------------------------------ views
 

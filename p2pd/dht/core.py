@@ -77,6 +77,7 @@ from .operations import (
     HeadCheck,
     LookupRun,
     MailboxFetch,
+    MailboxPut,
     older_claim,
 )
 from .reachability import Reachability
@@ -185,6 +186,7 @@ class DHTCore:
         storage.quota = budget.records
         if mailboxes is not None:
             mailboxes.quota = budget.mailbox
+            mailboxes.postage_bits = config.postage_bits  # p2pd/dht/mailbox_entry.py
         self._maintenance_period = min(config.refresh_interval, config.replicate_interval) / 4
         self.reach = Reachability(self, now)  # address discovery, dial-back, client mode
         self._schedule(now + self._maintenance_period, _MAINTAIN, None)
@@ -674,12 +676,11 @@ class DHTCore:
         on_done: Callable[[int], None],
     ) -> None:
         """Send ``method(key, value)`` to each node; report ``local`` + the acceptances.
-        A mailbox put goes under a one-off sender key (:meth:`request`, ``anonymous``)."""
+        (A mailbox put: :class:`~.operations.MailboxPut`.)"""
         self.gather(
             [(n, method, [key, value]) for n in nodes],
             self.now,
             lambda replies: on_done(local + sum(1 for r in replies if r is True)),
-            anonymous=method == "mailbox_put",
         )
 
     def start_store(
@@ -785,8 +786,9 @@ class DHTCore:
         """Leave ``entry`` in ``owner``'s mailbox on the k closest nodes; reports copies."""
 
         def found(key: bytes, nodes: list[Node], local: bool) -> None:
-            stored = int(local and self.mailboxes is not None and self.mailboxes.put(key, entry))
-            self._put_at(nodes, "mailbox_put", key, entry, stored, on_done)
+            held = local and self.mailboxes is not None and self.mailboxes.put(key, entry)
+            copies = self.config.mailbox_copies  # confirmed by distinct networks
+            MailboxPut(self, key, entry, nodes, held, copies, on_done).start(self.now)
 
         self._mailbox_nodes(owner, now, found)
 

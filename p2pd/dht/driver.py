@@ -31,9 +31,10 @@ from ..errors import NotFound
 from ..identity import HandleRef, Identity
 from ..records import HandleRecord, dht_key
 from ..wire import Address
+from . import mailbox_entry
 from .core import DHTCore
 from .lookup import LookupResult
-from .mailbox import MailboxStorage
+from .mailbox import MailboxStorage, mailbox_key
 from .nodekey import NodeKey
 from .reachability import ReachabilityStatus
 from .routing import Node
@@ -163,8 +164,15 @@ class DHT:
             record = record.without_presence()
         return record, result
 
-    async def mailbox_put(self, owner_public_key: bytes, entry: bytes) -> int:
-        """Leave a sealed entry in someone's mailbox; returns how many nodes took it."""
+    async def mailbox_put(self, owner_public_key: bytes, plaintext: bytes) -> int:
+        """Leave ``plaintext`` in someone's mailbox, padded, sealed to them and stamped
+        (p2pd/dht/mailbox_entry.py); returns how many nodes took it."""
+        sealed = mailbox_entry.seal(owner_public_key, plaintext)
+        key, bits, wall = mailbox_key(owner_public_key), self.core.config.postage_bits, self._wall()
+        # Postage is tens of milliseconds of hashing: off the trio thread. (hashlib keeps
+        # the GIL for inputs this small, so trio still waits up to the interpreter's
+        # 5 ms switch interval at a time while it runs, not the whole search.)
+        entry = await trio.to_thread.run_sync(mailbox_entry.stamp, key, sealed, wall, bits)
         return await self._run(
             lambda done, now: self.core.start_mailbox_put(owner_public_key, entry, now, done)
         )

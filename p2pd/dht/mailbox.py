@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ..identity import verify_signature
 from ..wire import MAILBOX_DELETE_MAX, MAILBOX_ID_LEN, MAILBOX_PAGE, MAX_MAILBOX_ENTRY
+from . import mailbox_entry
 from .budget import FULL_CULL_INTERVAL, SourceQuota
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ class MailboxStorage:
         #: Entries per source (address, /24|/48) held here; the core sets its budget.
         #: Entries loaded from disk were charged to no one (the sources are not stored).
         self.quota: SourceQuota | None = None
+        #: Postage an entry must carry (:mod:`.mailbox_entry`); the core sets it from
+        #: ``DHTConfig.postage_bits``. None: the format and postage are not checked (a
+        #: table used on its own, in tests of its caps).
+        self.postage_bits: int | None = None
         self._full_culled = -FULL_CULL_INTERVAL
 
     @property
@@ -114,6 +119,12 @@ class MailboxStorage:
         now = self._clock()
         if not 0 < len(entry) <= MAX_MAILBOX_ENTRY:
             return self._refuse("size")
+        if self.postage_bits is not None:
+            # One hash, before any quota or table work: a put without postage costs
+            # this node nothing more and its source's quota nothing.
+            why = mailbox_entry.check(key, entry, now, self.postage_bits)
+            if why is not None:
+                return self._refuse(why)
         quota = self.quota if source is not None else None
         if quota is not None and not quota.admits(source or ""):
             return self._refuse("quota")
@@ -225,6 +236,14 @@ class MailboxStorage:
         if cursor.rowcount > 0:
             self._total = self._recount(conn)
         return max(cursor.rowcount, 0)
+
+    def rows(self) -> list[tuple[bytes, bytes, bytes, float]]:
+        """Everything held, as stored: (mailbox key, entry id, entry, expiry) (for tests
+        and tools that check what a storing node can see)."""
+        if self._conn_or_none is None:
+            return []
+        rows = self._conn.execute("SELECT key, id, entry, expires FROM mailbox ORDER BY key, id")
+        return [(bytes(k), bytes(i), bytes(e), float(x)) for k, i, e, x in rows]
 
     def count(self) -> int:
         if self._conn_or_none is None:

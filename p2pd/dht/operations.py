@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import wire
+from ..claims import network_of
 from ..errors import WireError
 from ..records import HandleRecord, verify_claim
 from .lookup import DisjointLookup, Lookup, LookupResult
@@ -205,3 +206,53 @@ class MailboxFetch:
 
     def rpc_slow(self, node: Node, now: float) -> None:
         pass
+
+
+class MailboxPut:
+    """One entry put at every node found for its mailbox, sent under a one-off sender key
+    (:meth:`~p2pd.dht.core.DHTCore.request`, ``anonymous``).
+
+    A "stored" answer proves nothing (a black hole says it and keeps nothing), and only
+    the owner may fetch, so the sender cannot read a copy back. What it can require is
+    that the entry was taken by several replicas that are not one party: ``required``
+    acceptances from distinct networks (:func:`~p2pd.claims.network_of`: a /24 or /48;
+    this node's own copy counts as one). Short of that, ``on_done`` gets 0 and the sender
+    tries again later (p2pd/delivery: backoff), instead of counting a lie as delivered.
+    One black hole, or many ids of one network, among the replicas then loses nothing;
+    ``required`` colluding black holes in as many networks still can (docs/SECURITY.md).
+    """
+
+    __slots__ = ("core", "entry", "key", "local", "nodes", "on_done", "required")
+
+    def __init__(
+        self,
+        core: DHTCore,
+        key: bytes,
+        entry: bytes,
+        nodes: list[Node],
+        local: bool,
+        required: int,
+        on_done: Callable[[int], None],
+    ) -> None:
+        self.core = core
+        self.key = key
+        self.entry = entry
+        self.nodes = nodes
+        self.local = local
+        # Never more than there are replicas to ask (a network of two nodes).
+        self.required = max(1, min(required, len(nodes) + int(local)))
+        self.on_done = on_done
+
+    def start(self, now: float) -> None:
+        calls: list[tuple[Node, str, list[Any]]] = [
+            (n, "mailbox_put", [self.key, self.entry]) for n in self.nodes
+        ]
+        self.core.gather(calls, now, self.replied, anonymous=True)
+
+    def replied(self, replies: list[wire.DHTResult | None]) -> None:
+        takers = [n for n, r in zip(self.nodes, replies, strict=True) if r is True]
+        networks = {network_of(n.ip) for n in takers}
+        confirmed = len(networks) + int(self.local) >= self.required
+        if not confirmed:
+            self.core.stats["mailbox_put_unconfirmed"] += 1
+        self.on_done(len(takers) + int(self.local) if confirmed else 0)

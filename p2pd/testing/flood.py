@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from .. import wire
+from ..dht import mailbox_entry
 from ..dht.budget import REQUEST_PAD, REQUEST_PAD_MIN
 from ..dht.mailbox import fetch_message
 from ..identity import Identity
@@ -69,9 +70,22 @@ def _store(rng: random.Random) -> bytes:
     return _request("store", [record.key, record.encode()])
 
 
+#: The postage a junk mailbox entry pays (p2pd/dht/mailbox_entry.py): far below the
+#: default ``postage_bits``, so a default node refuses the flood (``mailbox_refused_postage``);
+#: a victim configured this low lets it through to its quotas.
+JUNK_POSTAGE_BITS = 6
+
+
+def junk_entry(rng: random.Random, key: bytes, bits: int = JUNK_POSTAGE_BITS) -> bytes:
+    """A sealed-looking 512-byte entry for mailbox ``key`` with ``bits`` of postage."""
+    sealed = rng.randbytes(512 - mailbox_entry.HEADER_LEN)
+    return mailbox_entry.stamp(key, sealed, time.time(), bits)
+
+
 def _mailbox_put(rng: random.Random) -> bytes:
     """A sealed-looking entry for a random mailbox key: fills a node's mailbox storage."""
-    return _request("mailbox_put", [rng.randbytes(20), rng.randbytes(512)], prove=False)
+    key = rng.randbytes(20)
+    return _request("mailbox_put", [key, junk_entry(rng, key)], prove=False)
 
 
 def _mailbox_fetch(rng: random.Random) -> bytes:
