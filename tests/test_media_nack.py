@@ -217,6 +217,24 @@ def test_a_late_retransmission_is_ignored_after_the_deadline() -> None:
     assert after["losses"] == before["losses"] == 1
 
 
+def test_the_deadline_is_what_the_nack_attempts_take_at_the_rtt() -> None:
+    scheduler = NackScheduler()
+    assert scheduler.deadline(None) == pytest.approx(0.1)  # floor: 3 tries 30 ms apart
+    # 10 ms + a 20 ms tick + 2 retries of 1.5 RTT + 10 ms + the last RTT + 10 ms.
+    assert scheduler.deadline(0.05) == pytest.approx(0.26)
+    assert scheduler.deadline(2.0) == pytest.approx(0.4)  # capped
+    link = Link()
+    start(link)
+    frame1 = link.send(1, 300, 0.033)
+    link.receive(frame1[1:], 0.034)
+    link.receive(link.send(2, 100, 0.066), 0.067)
+    link.asm.nack_request(0.07, rtt=0.05)  # the RTT is now known (50 ms)
+    link.asm.poll(0.3)
+    assert link.ids() == [0] and not link.asm.waiting_for_keyframe  # 233 ms: waiting
+    link.asm.poll(0.33)
+    assert link.asm.waiting_for_keyframe  # 263 ms: given up
+
+
 def test_no_nacks_unless_the_peer_answers_them() -> None:
     link = Link()
     link.asm.nack_enabled = False

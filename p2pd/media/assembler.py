@@ -17,7 +17,8 @@ With NACKs on (:attr:`FrameAssembler.nack_enabled`: the peer said it resends fra
 :meth:`FrameAssembler.nack_request` names the fragments missing from frames that can still
 be decoded (and whole frame ids skipped over), through a
 :class:`~p2pd.media.nack.NackScheduler`, and a missing frame holds the later ones for the
-NACK ``deadline`` instead of ``reorder_tolerance``: time for a retransmission to arrive.
+NACK deadline instead of ``reorder_tolerance``: time for the retransmissions to arrive
+(:meth:`~p2pd.media.nack.NackScheduler.deadline`, 100-400 ms with the RTT).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class FrameAssembler:
         self._nack = NackScheduler(self.config.nack)
         #: Ask for retransmissions (and wait for them): set once the peer answers NACKs.
         self.nack_enabled = False
+        self._rtt: float | None = None
 
     @property
     def waiting_for_keyframe(self) -> bool:
@@ -190,6 +192,8 @@ class FrameAssembler:
         """A NACK to send now for the fragments still missing, or None (NACKs off,
         nothing missing, or all asked for recently enough). ``rtt``: the smoothed RTT,
         if known, spaces repeated NACKs."""
+        if rtt is not None:
+            self._rtt = rtt  # kept for the loss deadline (see _loss_wait)
         if not self.nack_enabled or self._highest is None:
             return None
         highest = self._highest
@@ -218,7 +222,7 @@ class FrameAssembler:
     def _loss_wait(self) -> float:
         """How long a complete later frame waits for a missing earlier one."""
         if self.nack_enabled:
-            return max(self.config.reorder_tolerance, self.config.nack.deadline)
+            return max(self.config.reorder_tolerance, self._nack.deadline(self._rtt))
         return self.config.reorder_tolerance
 
     def _lose(self, now: float) -> None:

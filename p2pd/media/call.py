@@ -16,7 +16,10 @@ Why datagrams, for video too, and not one stream per frame: media is worth nothi
 A stream retransmits a lost packet after at least one RTT and holds every later byte of
 that frame behind it (and, at the connection level, spends congestion window on stale
 data); a VP8 frame that cannot be decoded in time is better dropped and replaced by a
-keyframe on request, as RTP does (RFC 4585 PLI). Datagrams also keep all media on one
+keyframe on request, as RTP does (RFC 4585 PLI). Before that, a lost fragment is asked
+for again, once or twice, while its frame can still play (RFC 4585 generic NACK, only the
+fragments lost, only within a deadline and a byte budget: :mod:`p2pd.media.nack`), which
+a stream cannot be told to do. Datagrams also keep all media on one
 callback, with no per-frame stream state (streams per peer are limited to 128 at once)
 and nothing for the message layer's stream handler to route. The price is fragmentation
 (:func:`p2pd.media.wire.fragment`) and the :class:`~p2pd.media.assembler.FrameAssembler`.

@@ -11,7 +11,7 @@ Two halves, one per side of a video stream:
   ``deadline`` before it gives up and falls back to keyframe requests (RFC 4585 PLI).
 - :class:`RetransmitHistory` (sender): the datagrams of the fragments sent in the last
   ``max_age`` seconds, ``max_fragments`` at most. A NACK resends each fragment it names
-  at most once, a fragment at most ``max_resends`` times in all, and only within a byte
+  at most once, a fragment at most ``max_resends`` (3) times in all, and only within a byte
   budget: every original fragment sent earns ``budget_fraction`` of its size (so
   retransmissions stay under 20% of the video bytes, by default), the balance capped at
   ``burst_bytes``. A NACK from a hostile peer can so cost at most that budget.
@@ -43,19 +43,24 @@ class NackConfig:
     #: Ask again for a fragment still missing this long after the last NACK (at least;
     #: 1.5 RTT + 10 ms when an RTT is known and that is longer).
     retry_interval: float = 0.03
-    #: NACKs per fragment at most: a second one covers a lost NACK or retransmission
-    #: (5% loss: ~10% of first attempts fail, ~1% of second ones).
-    max_nacks: int = 2
+    #: NACKs per fragment at most: later ones cover a lost NACK or retransmission (5%
+    #: loss each way: ~10% of attempts fail, so ~0.1% of fragments after three).
+    max_nacks: int = 3
     #: How long frames behind a missing one wait for it (its retransmission) before the
-    #: assembler counts it lost and asks for a keyframe instead. The price of NACK: a
-    #: freeze this long when the retransmissions fail too.
-    deadline: float = 0.15
+    #: assembler counts it lost and asks for a keyframe instead: as long as the
+    #: ``max_nacks`` attempts take at the current RTT (:meth:`NackScheduler.deadline`),
+    #: but at least this and at most ``max_deadline``. The price of NACK: a freeze this
+    #: long when the retransmissions fail too.
+    deadline: float = 0.1
+    max_deadline: float = 0.4
     #: Fragments tracked at most (bounds the receiver's state, whatever the peer sends).
     max_tracked: int = 2048
 
     def __post_init__(self) -> None:
         if self.reorder_delay < 0 or self.retry_interval <= 0 or self.deadline <= 0:
             raise UsageError("NACK delays must be >= 0 and the deadline positive")
+        if self.max_deadline < self.deadline:
+            raise UsageError("max_deadline must be >= deadline")
         if self.max_nacks < 1 or self.max_tracked < 1:
             raise UsageError("max_nacks and max_tracked must be positive")
 
@@ -79,6 +84,18 @@ class NackScheduler:
         self.fragments_nacked = 0
         self.recovered = 0
 
+    def retry(self, rtt: float | None) -> float:
+        """The time between two NACKs for the same fragment."""
+        c = self.config
+        return c.retry_interval if rtt is None else max(c.retry_interval, 1.5 * rtt + 0.01)
+
+    def deadline(self, rtt: float | None) -> float:
+        """How long a missing frame holds the later ones: ``reorder_delay``, a 20 ms tick
+        of slack, the retries, and one RTT for the last retransmission to arrive."""
+        c = self.config
+        needed = c.reorder_delay + 0.02 + (c.max_nacks - 1) * self.retry(rtt) + (rtt or 0.0)
+        return min(c.max_deadline, max(c.deadline, needed + 0.01))
+
     def due(
         self, missing: list[FragmentKey], now: float, rtt: float | None = None
     ) -> VideoNack | None:
@@ -89,9 +106,7 @@ class NackScheduler:
         listed = set(missing)
         for key in [k for k in self._tracked if k not in listed]:
             del self._tracked[key]
-        retry = c.retry_interval
-        if rtt is not None:
-            retry = max(retry, 1.5 * rtt + 0.01)
+        retry = self.retry(rtt)
         ask: list[FragmentKey] = []
         for key in missing:
             t = self._tracked.get(key)
@@ -152,8 +167,9 @@ class RetransmitConfig:
     budget_fraction: float = 0.2
     #: The unspent budget is capped at this many bytes.
     burst_bytes: int = 24_000
-    #: Resends of one fragment at most, whatever the NACKs say.
-    max_resends: int = 2
+    #: Resends of one fragment at most, whatever the NACKs say (a receiver asks up to
+    #: NackConfig.max_nacks = 3 times).
+    max_resends: int = 3
 
     def __post_init__(self) -> None:
         if self.max_age <= 0 or self.max_fragments < 1 or self.max_resends < 1:
