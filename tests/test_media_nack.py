@@ -349,3 +349,16 @@ def test_a_lossy_link_with_nacks_never_fails_and_plays_in_order(
     ids = link.ids()
     assert ids == sorted(set(ids))
     assert all(len(f.data) == 400 for f in link.played)
+
+
+def test_a_peer_claiming_huge_frames_costs_bounded_work() -> None:
+    """Partial frames that each claim 1024 fragments: what the receiver tracks and asks
+    for stays within its bounds."""
+    asm = FrameAssembler(AssemblerConfig(nack=NackConfig(reorder_delay=0, max_tracked=500)))
+    asm.nack_enabled = True
+    for fid in range(40):
+        asm.push(VideoFragment(fid, 1023, 1024, 0, b"x", keyframe=True), 0.0)
+    nack = asm.nack_request(0.0)
+    assert nack is not None and 1 <= len(nack.entries) <= MAX_NACK_ENTRIES
+    assert sum(len(e.fragments()) for e in nack.entries) <= 500
+    assert asm.statistics()["fragments_nacked"] <= 500

@@ -197,8 +197,12 @@ class FrameAssembler:
         if not self.nack_enabled or self._highest is None:
             return None
         highest = self._highest
+        # At most this many: the scan runs after every fragment, and a hostile peer's
+        # partial frames may claim 1024 fragments each.
+        limit = self.config.nack.max_tracked
         missing: list[tuple[int, int]] = []
-        for fid, partial in self._partial.items():
+        for fid in sorted(self._partial):
+            partial = self._partial[fid]
             if self._waiting and not partial.keyframe:
                 continue  # only a keyframe helps now
             if self._next is not None and not self._waiting and fid < self._next:
@@ -207,6 +211,9 @@ class FrameAssembler:
             # frame has begun (the rest of this one may still be on its way).
             top = partial.count - 1 if fid < highest else partial.top
             missing.extend((fid, i) for i, p in enumerate(partial.pieces[: top + 1]) if p is None)
+            if len(missing) >= limit:
+                del missing[limit:]
+                break
         if not self._waiting and self._next is not None:
             # Frame ids with no fragment at all, up to the highest seen (bounded).
             end = min(highest, self._next + self.config.max_frames)
