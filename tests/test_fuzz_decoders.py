@@ -72,13 +72,17 @@ from p2pd.lan_announcement import (
 from p2pd.media import CallMedia
 from p2pd.media.wire import (
     AUDIO_RED_HEADER,
+    MAX_NACK_ENTRIES,
     MAX_RED_DISTANCE,
+    NACK_WHOLE_FRAME,
     AudioPacket,
     KeyframeRequest,
     MediaWireError,
+    NackEntry,
     ReceiverReport,
     ReportBlock,
     VideoFragment,
+    VideoNack,
 )
 from p2pd.media.wire import decode as media_decode
 from p2pd.records import MAX_ADDRESSES, HandleRecord, verify_record
@@ -683,9 +687,25 @@ media_datagrams = st.one_of(
         )
     ),
     st.builds(
-        ReceiverReport, media_u32, media_u32, media_u32, media_blocks, media_blocks, st.booleans()
+        ReceiverReport,
+        media_u32,
+        media_u32,
+        media_u32,
+        media_blocks,
+        media_blocks,
+        st.booleans(),
+        st.booleans(),
     ),
     st.builds(KeyframeRequest, media_u32),
+    st.builds(
+        VideoNack,
+        st.lists(
+            st.builds(NackEntry, media_u32, st.just(NACK_WHOLE_FRAME))
+            | st.builds(NackEntry, media_u32, st.integers(0, 1000), st.integers(0, 0x7F)),
+            min_size=1,
+            max_size=MAX_NACK_ENTRIES,
+        ).map(tuple),
+    ),
 )
 
 
@@ -710,7 +730,7 @@ def test_media_datagram_arbitrary_bytes(data: bytes) -> None:
 
 
 @FUZZ
-@given(st.sampled_from([0x11, 0x12, 0x13, 0x14, 0x15]), st.binary(max_size=64))
+@given(st.sampled_from([0x11, 0x12, 0x13, 0x14, 0x15, 0x16]), st.binary(max_size=64))
 def test_media_datagram_valid_type_then_arbitrary_bytes(kind: int, rest: bytes) -> None:
     check_media(bytes([kind]) + rest)
 

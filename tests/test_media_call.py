@@ -6,7 +6,7 @@ from __future__ import annotations
 import wave
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import av
@@ -16,7 +16,9 @@ import trio
 
 from p2pd.identity import Identity
 from p2pd.media import CallMedia, MediaConfig
-from p2pd.media.wire import ReceiverReport, ReportBlock
+from p2pd.media.assembler import AssemblerConfig
+from p2pd.media.nack import NackConfig
+from p2pd.media.wire import ReceiverReport, ReportBlock, VideoNack, decode, fragment
 from p2pd.testing.proxy import open_lossy_proxy
 from p2pd.transport.quic import QuicEndpoint, QuicPeer, open_quic_endpoint
 from p2pd.transport.udp import UdpEndpoint
@@ -70,6 +72,7 @@ async def call(
     video: tuple[str | None, str | None] = (None, None),
     suffix: str = ".wav",
     drop: float = 0.0,
+    config: MediaConfig | None = None,
 ) -> tuple[CallMedia, CallMedia]:
     """Alice calls Bob (through a lossy proxy if ``drop``) for CALL seconds; both record."""
     async with open_side("alice") as alice, open_side("bob") as bob:
@@ -83,11 +86,11 @@ async def call(
             (incoming,) = bob.quic.peers()
             alice.media = CallMedia(
                 peer, audio_in=audio[0], video_in=video[0],
-                record=tmp_path / f"alice{suffix}", duration=CALL,
+                record=tmp_path / f"alice{suffix}", duration=CALL, config=config,
             )  # fmt: skip
             bob.media = CallMedia(
                 incoming, audio_in=audio[1], video_in=video[1],
-                record=tmp_path / f"bob{suffix}", duration=CALL,
+                record=tmp_path / f"bob{suffix}", duration=CALL, config=config,
             )  # fmt: skip
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(alice.media.run)
@@ -183,20 +186,44 @@ async def test_video_call_records_the_expected_frames(tmp_path: Path) -> None:
 
 
 async def test_video_losses_bring_keyframe_requests_and_recover(tmp_path: Path) -> None:
+    """The fallback alone: NACKs off (as with a peer that does not answer them)."""
+    with trio.fail_after(TIMEOUT):
+        alice, bob = await call(
+            tmp_path, audio=(None, None), video=("testsrc", "testsrc"), suffix=".mkv", drop=0.05,
+            config=MediaConfig(video_nack=False),
+        )  # fmt: skip
+    for name, media, peer in (("alice", alice, bob), ("bob", bob, alice)):
+        stats, peer_stats = media.statistics(), peer.statistics()
+        # A frame of ~3.4 datagrams is lost with ~16% probability (one every 200 ms):
+        # the receiver asks, the sender answers with keyframes, and the frames between
+        # a loss and the next keyframe are dropped. Measured: 40-60% of frames play
+        # (with keyframe requests only; see the next test for NACK retransmission).
+        assert stats["keyframe_requests_sent"] > 0, stats
+        assert peer_stats["keyframe_requests_received"] > 0, peer_stats
+        assert peer_stats["video_keyframes_sent"] > 1, peer_stats
+        assert stats["video_frames_received"] >= 0.25 * 30 * CALL, stats
+        assert stats["video_decode_errors"] == 0, stats
+        with av.open(str(tmp_path / f"{name}.mkv")) as container:
+            decoded = sum(1 for _ in container.decode(video=0))
+        assert decoded == stats["video_frames_received"]
+
+
+async def test_video_losses_are_repaired_by_nack_retransmission(tmp_path: Path) -> None:
+    """5% loss with NACKs (the default): lost fragments come back within the frame's
+    deadline, so most frames play without waiting for a keyframe."""
     with trio.fail_after(TIMEOUT):
         alice, bob = await call(
             tmp_path, audio=(None, None), video=("testsrc", "testsrc"), suffix=".mkv", drop=0.05
         )
     for name, media, peer in (("alice", alice, bob), ("bob", bob, alice)):
         stats, peer_stats = media.statistics(), peer.statistics()
-        # A frame of ~3.4 datagrams is lost with ~16% probability (one every 200 ms):
-        # the receiver asks, the sender answers with keyframes, and the frames between
-        # a loss and the next keyframe are dropped. Measured: 40-60% of frames play
-        # (with keyframe requests only; NACK retransmission is not implemented).
-        assert stats["keyframe_requests_sent"] > 0, stats
-        assert peer_stats["keyframe_requests_received"] > 0, peer_stats
-        assert peer_stats["video_keyframes_sent"] > 1, peer_stats
-        assert stats["video_frames_received"] >= 0.25 * 30 * CALL, stats
+        assert stats["video_nacks_sent"] > 0, stats
+        assert peer_stats["video_nacks_received"] > 0, peer_stats
+        assert peer_stats["video_retransmitted"] > 0, peer_stats
+        assert stats["video_nack_recovered"] > 0, stats
+        # Measured on a loaded 2-core machine: 93-99% of frames play (keyframe
+        # requests only: 40-60%, the test above).
+        assert stats["video_frames_received"] >= 0.75 * peer_stats["video_frames_sent"], stats
         assert stats["video_decode_errors"] == 0, stats
         with av.open(str(tmp_path / f"{name}.mkv")) as container:
             decoded = sum(1 for _ in container.decode(video=0))
@@ -246,3 +273,39 @@ async def test_redundancy_follows_the_peers_reports() -> None:
     )  # fmt: skip
     off.datagram_received(report(1, 26, True))
     assert not off.redundancy_active(trio.current_time())
+
+
+class _Recording(_Silent):
+    """A MediaPeer that keeps what it is asked to send."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send_datagram(self, data: bytes) -> bool:
+        self.sent.append(data)
+        return True
+
+
+async def test_nacks_go_only_to_a_peer_that_answers_them() -> None:
+    """A missing fragment is NACKed once the peer's report says it answers NACKs (an
+    older peer would drop them, and waiting for its retransmissions would only delay)."""
+    config = MediaConfig(assembler=AssemblerConfig(nack=NackConfig(reorder_delay=0)))
+    for answers, video_nack in ((False, True), (True, False), (True, True)):
+        peer = _Recording()
+        media = CallMedia(
+            peer, audio_in=None, video_in=None, record=None, duration=1,
+            config=replace(config, video_nack=video_nack),
+        )  # fmt: skip
+        media.datagram_received(ReceiverReport(1, answers_nacks=answers).encode())
+        pieces = [
+            *fragment(0, 0, bytes(300), keyframe=True, max_datagram=114),
+            *fragment(1, 3000, bytes(300), keyframe=False, max_datagram=114)[1:],
+        ]
+        for piece in pieces:
+            media.datagram_received(piece.encode())
+        nacks = [m for m in map(decode, peer.sent) if isinstance(m, VideoNack)]
+        if answers and video_nack:
+            assert [[(e.frame_id, e.fragments()) for e in n.entries] for n in nacks] == [[(1, [0])]]
+            assert media.statistics()["video_nacks_sent"] == 1
+        else:
+            assert nacks == []

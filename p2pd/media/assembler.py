@@ -12,6 +12,13 @@ once and again every ``request_interval`` until a keyframe arrives complete.
 A frame id counts as lost when a later frame has been complete for ``reorder_tolerance``
 while it still is not (datagrams may be reordered, not much), or when memory bounds evict
 it. Frame ids are 32-bit and not extended: at 30 fps they wrap after 4.5 years.
+
+With NACKs on (:attr:`FrameAssembler.nack_enabled`: the peer said it resends fragments),
+:meth:`FrameAssembler.nack_request` names the fragments missing from frames that can still
+be decoded (and whole frame ids skipped over), through a
+:class:`~p2pd.media.nack.NackScheduler`, and a missing frame holds the later ones for the
+NACK deadline instead of ``reorder_tolerance``: time for the retransmissions to arrive
+(:meth:`~p2pd.media.nack.NackScheduler.deadline`, 100-400 ms with the RTT).
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
-from .wire import VideoFragment
+from .nack import NackConfig, NackScheduler
+from .wire import NACK_WHOLE_FRAME, VideoFragment, VideoNack
 
 __all__ = ["AssembledFrame", "AssemblerConfig", "FrameAssembler"]
 
@@ -46,6 +54,8 @@ class AssemblerConfig:
     #: Frames (partial or complete) held at most, and their bytes at most.
     max_frames: int = 32
     max_bytes: int = 4 << 20
+    #: NACK timing, used once the peer says it answers NACKs.
+    nack: NackConfig = field(default_factory=NackConfig)
 
     def __post_init__(self) -> None:
         if self.reorder_tolerance < 0 or self.request_interval <= 0:
@@ -62,6 +72,8 @@ class _Partial:
     pieces: list[bytes | None]
     have: int = 0
     size: int = 0
+    #: The highest fragment index received: the missing ones under it are noticed.
+    top: int = 0
 
 
 @dataclass
@@ -96,6 +108,12 @@ class FrameAssembler:
         self._request = 0
         self._last_request: float | None = None
         self._c = _Counters()
+        #: The highest frame id a fragment was accepted for.
+        self._highest: int | None = None
+        self._nack = NackScheduler(self.config.nack)
+        #: Ask for retransmissions (and wait for them): set once the peer answers NACKs.
+        self.nack_enabled = False
+        self._rtt: float | None = None
 
     @property
     def waiting_for_keyframe(self) -> bool:
@@ -131,6 +149,10 @@ class FrameAssembler:
             return []
         partial.pieces[fragment.index] = fragment.payload
         partial.have += 1
+        partial.top = max(partial.top, fragment.index)
+        if self._highest is None or fid > self._highest:
+            self._highest = fid
+        self._nack.arrived(fid, fragment.index)
         partial.size += len(fragment.payload)
         self._bytes += len(fragment.payload)
         if partial.have == partial.count:
@@ -166,7 +188,49 @@ class FrameAssembler:
         self._c.requests += 1
         return self._request
 
+    def nack_request(self, now: float, rtt: float | None = None) -> VideoNack | None:
+        """A NACK to send now for the fragments still missing, or None (NACKs off,
+        nothing missing, or all asked for recently enough). ``rtt``: the smoothed RTT,
+        if known, spaces repeated NACKs."""
+        if rtt is not None:
+            self._rtt = rtt  # kept for the loss deadline (see _loss_wait)
+        if not self.nack_enabled or self._highest is None:
+            return None
+        highest = self._highest
+        # At most this many: the scan runs after every fragment, and a hostile peer's
+        # partial frames may claim 1024 fragments each.
+        limit = self.config.nack.max_tracked
+        missing: list[tuple[int, int]] = []
+        for fid in sorted(self._partial):
+            partial = self._partial[fid]
+            if self._waiting and not partial.keyframe:
+                continue  # only a keyframe helps now
+            if self._next is not None and not self._waiting and fid < self._next:
+                continue
+            # Fragments after the highest one received are missing only once a later
+            # frame has begun (the rest of this one may still be on its way).
+            top = partial.count - 1 if fid < highest else partial.top
+            missing.extend((fid, i) for i, p in enumerate(partial.pieces[: top + 1]) if p is None)
+            if len(missing) >= limit:
+                del missing[limit:]
+                break
+        if not self._waiting and self._next is not None:
+            # Frame ids with no fragment at all, up to the highest seen (bounded).
+            end = min(highest, self._next + self.config.max_frames)
+            missing.extend(
+                (fid, NACK_WHOLE_FRAME)
+                for fid in range(self._next, end)
+                if fid not in self._partial and fid not in self._complete
+            )
+        return self._nack.due(missing, now, rtt)
+
     # ---- internals
+
+    def _loss_wait(self) -> float:
+        """How long a complete later frame waits for a missing earlier one."""
+        if self.nack_enabled:
+            return max(self.config.reorder_tolerance, self._nack.deadline(self._rtt))
+        return self.config.reorder_tolerance
 
     def _lose(self, now: float) -> None:
         if not self._waiting:
@@ -202,7 +266,7 @@ class FrameAssembler:
                 self._c.delivered += 1
                 self._next += 1
                 continue
-            tolerance = self.config.reorder_tolerance
+            tolerance = self._loss_wait()
             if any(
                 fid > self._next and now - at >= tolerance
                 for fid, (_, at) in self._complete.items()
@@ -258,4 +322,5 @@ class FrameAssembler:
             "losses": c.losses,
             "keyframe_requests": c.requests,
             "waiting_for_keyframe": self._waiting,
+            **self._nack.statistics(),
         }

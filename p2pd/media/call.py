@@ -16,7 +16,10 @@ Why datagrams, for video too, and not one stream per frame: media is worth nothi
 A stream retransmits a lost packet after at least one RTT and holds every later byte of
 that frame behind it (and, at the connection level, spends congestion window on stale
 data); a VP8 frame that cannot be decoded in time is better dropped and replaced by a
-keyframe on request, as RTP does (RFC 4585 PLI). Datagrams also keep all media on one
+keyframe on request, as RTP does (RFC 4585 PLI). Before that, a lost fragment is asked
+for again, once or twice, while its frame can still play (RFC 4585 generic NACK, only the
+fragments lost, only within a deadline and a byte budget: :mod:`p2pd.media.nack`), which
+a stream cannot be told to do. Datagrams also keep all media on one
 callback, with no per-frame stream state (streams per peer are limited to 128 at once)
 and nothing for the message layer's stream handler to route. The price is fragmentation
 (:func:`p2pd.media.wire.fragment`) and the :class:`~p2pd.media.assembler.FrameAssembler`.
@@ -67,6 +70,7 @@ from .codecs import (
 )
 from .devices import MicSource, SpeakerSink, check_output_spec, open_audio_sink
 from .jitter import JitterBuffer, JitterConfig, Playout, PlayoutKind, align_tick
+from .nack import RetransmitConfig, RetransmitHistory
 from .plc import ConcealmentFloor
 from .sinks import Recorder, check_record_path, open_recorder
 from .sources import (
@@ -86,6 +90,7 @@ from .wire import (
     ReceiverReport,
     ReportBlock,
     VideoFragment,
+    VideoNack,
     decode,
     fragment,
 )
@@ -165,6 +170,10 @@ class MediaConfig:
         default_factory=lambda: JitterConfig(min_delay=0.005, start_delay=0.025, warmup=50)
     )
     assembler: AssemblerConfig = field(default_factory=AssemblerConfig)
+    #: Keep our recent video fragments and resend those the peer NACKs (kind 0x16), and
+    #: NACK the peer's when its reports say it answers (p2pd/media/nack.py).
+    video_nack: bool = True
+    retransmit: RetransmitConfig = field(default_factory=RetransmitConfig)
 
 
 @dataclass
@@ -188,6 +197,7 @@ class _Counters:
     video_decode_errors: int = 0
     keyframe_requests_sent: int = 0
     keyframe_requests_received: int = 0
+    nacks_received: int = 0
     reports_sent: int = 0
     reports_received: int = 0
     ticks_late: int = 0
@@ -276,6 +286,7 @@ class CallMedia:
         # the capture tick nothing would bring it down (dropping starts two frames late).
         self._jitter = JitterBuffer(c.jitter if c.align_playout else replace(c.jitter, warmup=0))
         self._assembler = FrameAssembler(c.assembler)
+        self._history = RetransmitHistory(c.retransmit)
         self._audio_rx = ReceptionStats(SAMPLE_RATE)
         self._video_rx = ReceptionStats(VIDEO_CLOCK)
         self._rtt = RttEstimator()
@@ -325,6 +336,7 @@ class CallMedia:
                 )
         elif isinstance(message, VideoFragment):
             self._deliver_frames(self._assembler.push(message, now), now)
+            self._send_nack(now)
         elif isinstance(message, ReceiverReport):
             c.reports_received += 1
             self._rtt.report_received(
@@ -332,6 +344,7 @@ class CallMedia:
             )
             self._remote_audio, self._remote_video = message.audio, message.video
             self._peer_accepts_red = message.accepts_redundancy
+            self._assembler.nack_enabled = self.config.video_nack and message.answers_nacks
             if message.audio.loss_fraction > self.config.redundancy_loss_threshold:
                 self._red_until = now + self.config.redundancy_hold
         elif isinstance(message, KeyframeRequest):
@@ -339,6 +352,16 @@ class CallMedia:
             if message.request > self._last_request_seen:
                 self._last_request_seen = message.request
                 self._keyframe_wanted = True
+        elif isinstance(message, VideoNack):
+            c.nacks_received += 1
+            if self.config.video_nack:
+                for datagram in self._history.nacked(message, now):
+                    self._send(datagram)
+
+    def _send_nack(self, now: float) -> None:
+        nack = self._assembler.nack_request(now, self._rtt.smoothed)
+        if nack is not None:
+            self._send(nack.encode())
 
     def _deliver_frames(self, frames: list[AssembledFrame], now: float) -> None:
         for frame in frames:
@@ -486,6 +509,7 @@ class CallMedia:
             if request is not None:
                 self._send(KeyframeRequest(request).encode())
                 self._c.keyframe_requests_sent += 1
+            self._send_nack(now)
             if now >= next_report:
                 self._send_report(now)
                 next_report = now + c.report_interval
@@ -659,6 +683,7 @@ class CallMedia:
             audio=self._audio_rx.report(),
             video=self._video_rx.report(),
             accepts_redundancy=True,
+            answers_nacks=self.config.video_nack,
         )
         self._send(report.encode())
         self._c.reports_sent += 1
@@ -691,7 +716,10 @@ class CallMedia:
                 for piece in fragment(
                     frame_id, timestamp, data, keyframe=keyframe, max_datagram=limit
                 ):
-                    self._send(piece.encode())
+                    datagram = piece.encode()
+                    self._send(datagram)
+                    if c.video_nack:
+                        self._history.sent(piece, datagram, now)
                 frame_id += 1
                 self._c.video_frames_sent += 1
             tick += 1
@@ -773,6 +801,11 @@ class CallMedia:
             "video_frames_discarded": assembler["discarded"],
             "keyframe_requests_sent": c.keyframe_requests_sent,
             "keyframe_requests_received": c.keyframe_requests_received,
+            "video_nacks_sent": assembler["nacks_sent"],
+            "video_fragments_nacked": assembler["fragments_nacked"],
+            "video_nack_recovered": assembler["nack_recovered"],
+            "video_nacks_received": c.nacks_received,
+            **self._history.statistics(),
             "datagrams_sent": c.datagrams_sent,
             "datagrams_received": c.datagrams_received,
             "datagrams_send_dropped": c.send_dropped,

@@ -24,6 +24,12 @@ the tables with the reasons.
                              5  u32 extended highest sequence number received
                              9  u32 interarrival jitter, µs
 
+    video NACK (0x16: RFC 4585 section 6.2.1's generic NACK, per fragment)
+    0  u8  type
+    1  u8  entry count n, 1..64
+    2  n x 8 bytes: u32 frame id, u16 fragment index (0..1023; 0xFFFF: every fragment
+       of that frame), u16 bitmask: bit k set = fragment index + 1 + k is missing too
+
     audio with a redundant copy (0x15: RFC 2198's redundant audio, one block)
     0    u8  type
     1    u8  flags (bit0 start)
@@ -52,7 +58,9 @@ __all__ = [
     "AUDIO_RED_HEADER",
     "MAX_DATAGRAM",
     "MAX_FRAGMENTS",
+    "MAX_NACK_ENTRIES",
     "MAX_RED_DISTANCE",
+    "NACK_WHOLE_FRAME",
     "VERSION",
     "VIDEO_HEADER",
     "AudioPacket",
@@ -60,9 +68,11 @@ __all__ = [
     "Kind",
     "MediaDatagram",
     "MediaWireError",
+    "NackEntry",
     "ReceiverReport",
     "ReportBlock",
     "VideoFragment",
+    "VideoNack",
     "decode",
     "fragment",
 ]
@@ -86,6 +96,14 @@ VIDEO_HEADER = 14
 REPORT_BLOCK = 13
 REPORT_SIZE = 14 + 2 * REPORT_BLOCK
 KEYFRAME_REQUEST_SIZE = 5
+#: Entries of one NACK at most (each names up to 17 fragments of one frame): 64 x 8 + 2
+#: bytes fit any datagram we send, and bound what one NACK can ask to be resent.
+MAX_NACK_ENTRIES = 64
+#: A NACK entry's index for "every fragment of this frame" (none of it arrived, so the
+#: receiver does not know how many there are).
+NACK_WHOLE_FRAME = 0xFFFF
+NACK_HEADER = 2
+NACK_ENTRY = 8
 
 U32 = 0xFFFF_FFFF
 #: Samples (48 kHz) per audio packet: one 20 ms frame each.
@@ -97,11 +115,14 @@ _VIDEO = struct.Struct("!BBIHHI")
 _REPORT = struct.Struct("!BBIII")
 _BLOCK = struct.Struct("!BIII")
 _KEYFRAME = struct.Struct("!BI")
+_NACK_ENTRY = struct.Struct("!IHH")
 
 #: Flag bits of an audio datagram.
 AUDIO_FLAG_START = 0x01
 #: Flag bits of a receiver report: we decode audio with a redundant copy (0x15).
 REPORT_FLAG_ACCEPTS_RED = 0x01
+#: ... and we keep a history of our video fragments and resend them on a NACK (0x16).
+REPORT_FLAG_ANSWERS_NACK = 0x02
 #: Flag bits of a video fragment.
 VIDEO_FLAG_KEYFRAME = 0x01
 
@@ -118,6 +139,7 @@ class Kind(enum.IntEnum):
     REPORT = 0x13
     KEYFRAME_REQUEST = 0x14
     AUDIO_RED = 0x15
+    VIDEO_NACK = 0x16
 
 
 def _u32(name: str, value: int) -> None:
@@ -247,12 +269,16 @@ class ReceiverReport:
     #: The sender of this report decodes audio with a redundant copy (kind 0x15); a peer
     #: sends that kind only to one that says so (an older receiver would drop it all).
     accepts_redundancy: bool = False
+    #: The sender of this report resends video fragments a NACK (kind 0x16) names; a
+    #: receiver waits for retransmissions (and sends NACKs) only to a peer that says so.
+    answers_nacks: bool = False
 
     def encode(self) -> bytes:
         _u32("send_time_us", self.send_time_us)
         _u32("echo_us", self.echo_us)
         _u32("echo_delay_us", self.echo_delay_us)
         flags = REPORT_FLAG_ACCEPTS_RED if self.accepts_redundancy else 0
+        flags |= REPORT_FLAG_ANSWERS_NACK if self.answers_nacks else 0
         head = _REPORT.pack(Kind.REPORT, flags, self.send_time_us, self.echo_us, self.echo_delay_us)
         return head + self.audio._pack() + self.video._pack()
 
@@ -272,7 +298,78 @@ class KeyframeRequest:
         return _KEYFRAME.pack(Kind.KEYFRAME_REQUEST, self.request)
 
 
-MediaDatagram = AudioPacket | VideoFragment | ReceiverReport | KeyframeRequest
+@dataclass(frozen=True, slots=True)
+class NackEntry:
+    """Missing fragments of one frame: ``index`` and each ``index + 1 + k`` whose bit k
+    of ``mask`` is set (RFC 4585's PID and BLP), or, with ``index`` =
+    :data:`NACK_WHOLE_FRAME` (and ``mask`` 0), every fragment of the frame."""
+
+    frame_id: int
+    index: int
+    mask: int = 0
+
+    def fragments(self) -> list[int]:
+        """The fragment indices named ([] for a whole frame: see ``whole``)."""
+        if self.whole:
+            return []
+        return [self.index] + [self.index + 1 + k for k in range(16) if self.mask >> k & 1]
+
+    @property
+    def whole(self) -> bool:
+        return self.index == NACK_WHOLE_FRAME
+
+    def _check(self) -> str | None:
+        if self.whole:
+            return None if self.mask == 0 else "a whole-frame NACK entry has no mask"
+        if not 0 <= self.index < MAX_FRAGMENTS or not 0 <= self.mask <= 0xFFFF:
+            return f"NACK entry for fragment {self.index} is out of range"
+        if self.mask and self.index + self.mask.bit_length() >= MAX_FRAGMENTS:
+            return "NACK entry names a fragment past the last possible one"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class VideoNack:
+    """Please resend these video fragments (RFC 4585 section 6.2.1's generic NACK, with
+    (frame id, fragment index) in place of RTP sequence numbers). 1..
+    :data:`MAX_NACK_ENTRIES` entries."""
+
+    entries: tuple[NackEntry, ...]
+
+    @classmethod
+    def from_missing(cls, missing: list[tuple[int, int]]) -> VideoNack:
+        """Pack (frame id, index) pairs (index :data:`NACK_WHOLE_FRAME`: all of it) into
+        as few entries as the PID + bitmask layout allows, oldest frame first. More than
+        :data:`MAX_NACK_ENTRIES` entries do not encode: callers cut the tail."""
+        entries: list[NackEntry] = []
+        for fid, index in sorted(set(missing)):
+            last = entries[-1] if entries else None
+            if (
+                last is not None
+                and last.frame_id == fid
+                and not last.whole
+                and index != NACK_WHOLE_FRAME
+                and 1 <= index - last.index <= 16
+            ):
+                entries[-1] = NackEntry(fid, last.index, last.mask | 1 << (index - last.index - 1))
+            else:
+                entries.append(NackEntry(fid, index))
+        return cls(tuple(entries))
+
+    def encode(self) -> bytes:
+        if not 1 <= len(self.entries) <= MAX_NACK_ENTRIES:
+            raise UsageError(f"a NACK has 1..{MAX_NACK_ENTRIES} entries")
+        out = [bytes([Kind.VIDEO_NACK, len(self.entries)])]
+        for e in self.entries:
+            _u32("frame_id", e.frame_id)
+            problem = e._check()
+            if problem is not None:
+                raise UsageError(problem)
+            out.append(_NACK_ENTRY.pack(e.frame_id, e.index, e.mask))
+        return b"".join(out)
+
+
+MediaDatagram = AudioPacket | VideoFragment | ReceiverReport | KeyframeRequest | VideoNack
 
 
 def decode(data: bytes) -> MediaDatagram:
@@ -324,12 +421,32 @@ def decode(data: bytes) -> MediaDatagram:
         audio = ReportBlock(*_BLOCK.unpack_from(data, 14))
         video = ReportBlock(*_BLOCK.unpack_from(data, 14 + REPORT_BLOCK))
         return ReceiverReport(
-            send_time, echo, delay, audio, video, bool(flags & REPORT_FLAG_ACCEPTS_RED)
+            send_time,
+            echo,
+            delay,
+            audio,
+            video,
+            bool(flags & REPORT_FLAG_ACCEPTS_RED),
+            bool(flags & REPORT_FLAG_ANSWERS_NACK),
         )
     if kind == Kind.KEYFRAME_REQUEST:
         if size != KEYFRAME_REQUEST_SIZE:
             raise MediaWireError(f"keyframe request of {size} bytes, not 5")
         return KeyframeRequest(_KEYFRAME.unpack_from(data)[1])
+    if kind == Kind.VIDEO_NACK:
+        if size < NACK_HEADER + NACK_ENTRY:
+            raise MediaWireError("NACK without entries")
+        count = data[1]
+        if not 1 <= count <= MAX_NACK_ENTRIES or size != NACK_HEADER + NACK_ENTRY * count:
+            raise MediaWireError(f"NACK of {size} bytes with {count} entries")
+        entries = []
+        for i in range(count):
+            entry = NackEntry(*_NACK_ENTRY.unpack_from(data, NACK_HEADER + NACK_ENTRY * i))
+            problem = entry._check()
+            if problem is not None:
+                raise MediaWireError(problem)
+            entries.append(entry)
+        return VideoNack(tuple(entries))
     raise MediaWireError(f"unknown media datagram kind {kind:#04x}")
 
 
