@@ -64,8 +64,8 @@ class Node:
         schedule: MaintenanceSchedule,
         wakeup: Wakeup,
         rotation: RotationNotice | None,
+        hints: AddressHints,
         files: FilesService | None = None,
-        hints: AddressHints | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -88,7 +88,7 @@ class Node:
         #: The notice of our last key rotation (`p2pd rotate-key`), if it is ours.
         self.rotation = rotation
         #: Where pinned contacts said they are (invites, in-session hints).
-        self.hints = hints if hints is not None else AddressHints(conn)
+        self.hints = hints
 
     @property
     def listen_address(self) -> Address:

@@ -11,6 +11,7 @@ from typing import Any, cast
 import trio
 import trio.testing
 
+from p2pd.address_hints import AddressHints
 from p2pd.config import NodeConfig
 from p2pd.daemon import Node
 from p2pd.identity import Identity
@@ -21,6 +22,7 @@ from p2pd.maintenance import (
     MaintenanceSchedule,
     Wakeup,
 )
+from p2pd.store import open_database
 
 HOUR = 3600.0
 
@@ -107,6 +109,7 @@ def recording_node(tmp_path: Path) -> tuple[RecordingNode, FakeDHT, FakeSessions
         cast(sqlite3.Connection, none),
         endpoint=none, dht=dht, quic=none, delivery=delivery, calls=none, lan=None,
         schedule=schedule(trio.current_time()), wakeup=wakeup, rotation=None,
+        hints=AddressHints(open_database(None)),
     )  # fmt: skip
     node.done = []
     return node, dht, sessions, wakeup
