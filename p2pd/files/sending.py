@@ -15,6 +15,9 @@ from .protocol import F_ACK, F_DONE, F_END, F_REFUSE, SenderStream, encode_frame
 
 #: How long the sender waits for DONE once every chunk is written.
 DONE_TIMEOUT = 60.0
+#: The window is full and no group was acked for this long: the stream is given up
+#: (trio.TooSlowError), and the sender tries again.
+ACK_TIMEOUT = 30.0
 
 
 @dataclass(slots=True)
@@ -46,7 +49,8 @@ async def stream_file(
     """Write the hash list (if asked) and every chunk from ``group`` on, then END, and
     read ACK/DONE/REFUSE meanwhile. Raises what breaks: ConnectionLost (a trio
     BrokenResourceError too), FileProtocolError (the receiver's answers), OSError (the
-    source file changed or cannot be read), trio.TooSlowError (no DONE in time).
+    source file changed or cannot be read), trio.TooSlowError (no DONE, or no ack for a
+    full window, in time).
 
     ``outcome`` is filled in as it goes (also when this raises); its ``sent_until`` says
     how far earlier streams wrote (what is written again below it counts as ``resent``).
@@ -88,7 +92,8 @@ async def stream_file(
                 first, _ = layout.group_span(group)
                 for index in range(first, layout.chunks):
                     while index // layout.group_chunks >= outcome.acked + window:
-                        await acked_event.wait()
+                        with trio.fail_after(ACK_TIMEOUT):  # a silent receiver: retry
+                            await acked_event.wait()
                     offset, length = layout.chunk_span(index)
                     plain = os.pread(f.fileno(), length, offset)
                     if len(plain) != length:

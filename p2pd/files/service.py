@@ -380,17 +380,31 @@ class FilesService:
         were acked before it broke: retry soon) or "retry"."""
         peer = await self.connect_to(t.peer_key, t.handle)
         if peer is None:
+            log.info("file %s to %s: not reachable now", t.id.hex()[:8], t.handle)
             return "retry"
         assert t.hashes is not None
         tx = SenderStream(t.offer, t.hashes)
         self._sending_over[t.id] = peer
         stream = await peer.open_stream()
         async with stream:
-            await stream.send_all(tx.open_frames())
+            # Bounded, the opening write too: a stream's data waits while the peer's stream
+            # limit is reached (QuicPeer.open_stream), and once a whole run of the e2e tests
+            # saw a sender wait there, silent, after a refused group. A connection that
+            # cannot carry one opening frame in this long is closed, and the next attempt
+            # makes a new one.
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    await stream.send_all(tx.open_frames())
+            except trio.TooSlowError:
+                log.info("file %s to %s: the connection takes no new stream: closing it",
+                         t.id.hex()[:8], t.handle)  # fmt: skip
+                peer.close("no new stream")
+                return "retry"
             with trio.fail_after(ANSWER_TIMEOUT):
                 first = await self._next_events(stream, tx)
             event = first[0]
             if event.kind == F_WAIT:
+                log.info("file %s to %s: the receiver says wait", t.id.hex()[:8], t.handle)
                 return "retry"
             if event.kind in (F_REFUSE, F_DONE):
                 self._sender_final(t, event.kind, event.reason)
