@@ -318,15 +318,18 @@ async def open_node(
             ) as dht,
             trio.open_nursery() as nursery,
         ):
-            own = config.listen.host
-            dht.enable_reachability(local_ips() if is_wildcard(own) else [own], dialback)
             # Every service is built here, in dependency order, and handed what it uses
             # (docs/ARCHITECTURE.md, "Composition"). QUIC's handlers and delivery's
             # call signals forward to services built after them: none is called before
             # the endpoint serves, below.
             events = EventBus()
-            wakeup = Wakeup()  # the maintenance loop's: a prekey used, a LAN peer seen
-            dht.core.reach.on_change = wakeup.set  # ...our NAT mapping learnt or changed
+            # the maintenance loop's: a prekey used, a LAN peer seen, our NAT mapping
+            # learnt or changed
+            wakeup = Wakeup()
+            own = config.listen.host
+            dht.enable_reachability(
+                local_ips() if is_wildcard(own) else [own], dialback, on_change=wakeup.set
+            )
             schedule = MaintenanceSchedule(
                 trio.current_time(),
                 republish_interval=config.republish_interval,

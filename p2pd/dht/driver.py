@@ -200,14 +200,20 @@ class DHT:
         return self.core.statistics()
 
     def enable_reachability(
-        self, local_hosts: Iterable[str], dialback: DatagramTransport | None
+        self,
+        local_hosts: Iterable[str],
+        dialback: DatagramTransport | None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         """Probe our reachability and go client mode behind a NAT
         (p2pd/dht/reachability.py); ``local_hosts`` are our own IPs, ``dialback`` a
-        second socket of ours (another port) to send others' dial-back nonces from."""
+        second socket of ours (another port) to send others' dial-back nonces from,
+        ``on_change`` is told when our mapping or reachability changes."""
         self._dialback = dialback
         now = trio.current_time()
-        self.core.reach.enable(local_hosts, can_dial_back=dialback is not None, now=now)
+        self.core.reach.enable(
+            local_hosts, can_dial_back=dialback is not None, now=now, on_change=on_change
+        )
         self.flush()
 
     def reachability(self) -> ReachabilityStatus:

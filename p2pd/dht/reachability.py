@@ -244,10 +244,20 @@ class Reachability:
         #: daemon wakes its maintenance to republish its presence).
         self.on_change: Callable[[], None] | None = None
 
-    def enable(self, local_hosts: Iterable[str], *, can_dial_back: bool, now: float) -> None:
-        """Start probing and switching modes: the driver knows our addresses now."""
+    def enable(
+        self,
+        local_hosts: Iterable[str],
+        *,
+        can_dial_back: bool,
+        now: float,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        """Start probing and switching modes: the driver knows our addresses now.
+        ``on_change`` is called when the mapping or the verdict changes."""
         self.local_hosts = frozenset(local_hosts)
         self.can_dial_back = can_dial_back
+        if on_change is not None:
+            self.on_change = on_change
         if not self.enabled:
             self.enabled = True
             self._decide_by = now + DECIDE_WAIT
