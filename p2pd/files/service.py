@@ -85,6 +85,8 @@ log = logging.getLogger(__name__)
 MAX_REFUSED = 8
 #: Backoff of the sender's loop after a failure or a WAIT (a NUDGE ends it early).
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 60.0
+#: How often run() checks that every active outgoing transfer has a sender loop.
+SENDER_CHECK = 10.0
 #: How long one connection attempt and one answer may take.
 CONNECT_TIMEOUT = 5.0
 ANSWER_TIMEOUT = 30.0
@@ -168,7 +170,17 @@ class FilesService:
             for t in self.store.active("in"):
                 nursery.start_soon(self._send_control, t, F_NUDGE, 0)
             task_status.started()
-            await trio.sleep_forever()
+            # A safety net, not the mechanism: every outgoing transfer still under way has
+            # a sender loop. Twice a clean-clone CI run saw a sender go silent after the
+            # receiver refused a group (no further attempt in 90 s, cause not found); a
+            # loop that ended while its transfer is still active is started again here.
+            for _ in range(1 << 62):  # forever, in practice; cancelled with the daemon
+                await trio.sleep(SENDER_CHECK)
+                for t in self.store.active("out"):
+                    if t.id not in self._senders:
+                        log.info("file %s to %s: no sender loop: starting one",
+                                 t.id.hex()[:8], t.handle)  # fmt: skip
+                        self._start_sender(t.id)
 
     def _spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
         if self._nursery is None:
@@ -359,6 +371,7 @@ class FilesService:
                         self._changed(transfer_id)
                         return
                 if scope.cancelled_caught and transfer_id not in self._restarts:
+                    log.info("file %s: sender stopped (cancelled)", transfer_id.hex()[:8])
                     return  # cancelled by the user
                 if transfer_id in self._restarts:  # the receiver came back: at once
                     self._restarts.discard(transfer_id)
