@@ -173,9 +173,7 @@ def accept(ctx: click.Context, transfer_id: str, directory: Path | None, as_json
     params: dict[str, Any] = {"id": transfer_id}
     if directory is not None:
         params["dir"] = str(directory.expanduser().absolute())
-    with ControlClient(home_of(ctx)) as client:
-        row = client.call("accept_file", params)
-    render.emit(row, as_json, render.file_line)
+    _transfer_call(ctx, "accept_file", params, as_json)
 
 
 @click.command("reject")
@@ -184,9 +182,7 @@ def accept(ctx: click.Context, transfer_id: str, directory: Path | None, as_json
 @click.pass_context
 def reject(ctx: click.Context, transfer_id: str, as_json: bool) -> None:
     """Refuse the incoming file TRANSFER_ID; the sender is told."""
-    with ControlClient(home_of(ctx)) as client:
-        row = client.call("reject_file", {"id": transfer_id})
-    render.emit(row, as_json, render.file_line)
+    _transfer_call(ctx, "reject_file", {"id": transfer_id}, as_json)
 
 
 @click.command("cancel")
@@ -195,6 +191,11 @@ def reject(ctx: click.Context, transfer_id: str, as_json: bool) -> None:
 @click.pass_context
 def cancel(ctx: click.Context, transfer_id: str, as_json: bool) -> None:
     """Stop the transfer TRANSFER_ID, either way; the other side is told."""
+    _transfer_call(ctx, "cancel_file", {"id": transfer_id}, as_json)
+
+
+def _transfer_call(ctx: click.Context, method: str, params: dict[str, Any], as_json: bool) -> None:
+    """One control call on a transfer; prints the transfer's row as it is now."""
     with ControlClient(home_of(ctx)) as client:
-        row = client.call("cancel_file", {"id": transfer_id})
+        row = client.call(method, params)
     render.emit(row, as_json, render.file_line)

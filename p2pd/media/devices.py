@@ -213,6 +213,26 @@ def list_devices() -> DeviceList:
     return DeviceList(inputs, outputs)
 
 
+def _opener(sd: Any, stream_class: Any, device: Any, blocksize: int, what: str) -> Any:
+    """A function that opens ``device`` as a mono 16-bit stream at our rate (again, when
+    a stream fails mid-call); PortAudio's errors become a LocalError naming ``what``."""
+
+    def open_stream() -> Any:
+        try:
+            return stream_class(
+                device=device.index,
+                samplerate=SAMPLE_RATE,
+                channels=1,
+                dtype="int16",
+                blocksize=blocksize,
+                latency="low",
+            )
+        except (sd.PortAudioError, ValueError) as exc:
+            raise LocalError(f"cannot open {what} {device.name!r}: {exc}") from exc
+
+    return open_stream
+
+
 def _pick(kind: str, name: str, devices: list[AudioDevice]) -> AudioDevice:
     """The device ``name`` names among ``devices`` (empty name: the default)."""
     if kind == "mic":
@@ -388,19 +408,7 @@ class MicSource(_DeviceThread):
         sd = _sounddevice()
         device = _pick("mic", name, list_devices().inputs)
 
-        def open_stream() -> Any:
-            try:
-                return sd.InputStream(
-                    device=device.index,
-                    samplerate=SAMPLE_RATE,
-                    channels=1,
-                    dtype="int16",
-                    blocksize=FRAME_SAMPLES,
-                    latency="low",
-                )
-            except (sd.PortAudioError, ValueError) as exc:
-                raise LocalError(f"cannot open the microphone {device.name!r}: {exc}") from exc
-
+        open_stream = _opener(sd, sd.InputStream, device, FRAME_SAMPLES, "the microphone")
         super().__init__(open_stream, SampleRing(buffer_frames * FRAME_SAMPLES))
         self.description = f"mic:{device.name}"
         self.overflows = 0  # the device's own: PortAudio said input was lost
@@ -489,18 +497,7 @@ class SpeakerSink(_DeviceThread):
         sd = _sounddevice()
         device = _pick("speaker", name, list_devices().outputs)
 
-        def open_stream() -> Any:
-            try:
-                return sd.OutputStream(
-                    device=device.index,
-                    samplerate=SAMPLE_RATE,
-                    channels=1,
-                    dtype="int16",
-                    blocksize=block,
-                    latency="low",
-                )
-            except (sd.PortAudioError, ValueError) as exc:
-                raise LocalError(f"cannot open the speaker {device.name!r}: {exc}") from exc
+        open_stream = _opener(sd, sd.OutputStream, device, block, "the speaker")
 
         capacity = max(low_water, max_low_water) + 10 * FRAME_SAMPLES
         super().__init__(open_stream, SampleRing(capacity))
