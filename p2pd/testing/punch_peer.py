@@ -1,0 +1,119 @@
+"""One side of a hole-punch attempt on real sockets, for tests and benchmarks in network
+namespaces (tests/test_punch_netns.py, scripts/bench_punch.py).
+
+``python -m p2pd.testing.punch_peer ROLE MAPPING OBSERVER LOCAL_IP PORT``: binds one UDP
+socket on PORT, asks OBSERVER (an echo server that answers with the address it saw,
+tests/test_netns.py's ECHO) for its reflexive address, prints its offer as a JSON line,
+reads the peer's offer (a line of hex) and then a line "go" from stdin, punches
+(p2pd/transport/punch_driver.py, the daemon's code), sends a few data datagrams over the
+path it found and prints one JSON line: whether a path was found, on which socket, to
+which address, how long it took, and whether the peer's data came back over it.
+
+The two offers travel through the test here, in place of the encrypted session that
+carries them between daemons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import sys
+from typing import Any
+
+import trio
+
+from ..transport.punch import PUNCH_BYTE, PunchOffer, make_plan
+from ..transport.punch_driver import PunchRunner
+from ..wire import Address
+
+DATA = b"D"  # first byte of the test's data datagrams (a byte no punch datagram has)
+DATA_WAIT = 3.0
+
+
+def reflexive(sock: socket.socket, observer: tuple[str, int]) -> Address:
+    sock.settimeout(0.2)
+    for _ in range(25):
+        sock.sendto(b"probe", observer)
+        try:
+            data, src = sock.recvfrom(2048)
+        except TimeoutError:
+            continue
+        if src[:2] == observer:
+            host, port = json.loads(data)["seen"].rsplit(":", 1)
+            return Address(host, int(port))
+    raise SystemExit("no answer from the observer")
+
+
+async def punch(
+    sock: socket.socket, role: int, mine: PunchOffer, theirs: PunchOffer
+) -> dict[str, Any]:
+    runner = PunchRunner(lambda data, addr: _send(sock, data, addr), "0.0.0.0")
+    got_data: dict[int, bytes] = {}
+
+    async def receive(s: socket.socket, index: int) -> None:
+        for _ in range(1 << 20):
+            await trio.lowlevel.wait_readable(s)
+            try:
+                data, addr = s.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                continue
+            if data[:1] == bytes([PUNCH_BYTE]) and index == 0:
+                runner.datagram_received(data, addr[:2])
+            elif data[:1] == DATA:
+                got_data[index] = data
+
+    sock.setblocking(False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive, sock, 0)
+        start = trio.current_time() + 0.05
+        plan = make_plan(mine, theirs, initiator=role == 0, start=start)
+        outcome = await runner.attempt(plan)
+        out: dict[str, Any] = {"ok": outcome.result is not None, "stats": outcome.stats}
+        if outcome.result is not None:
+            result = outcome.result
+            path_sock = outcome.side_socket or sock
+            if outcome.side_socket is not None:
+                outcome.side_socket.setblocking(False)
+                nursery.start_soon(receive, outcome.side_socket, result.socket)
+            out.update(socket=result.socket, address=str(result.address))
+            out["ms"] = round((result.at - start) * 1000, 1)
+            with trio.move_on_after(DATA_WAIT):
+                for _ in range(int(DATA_WAIT / 0.05)):
+                    _send(path_sock, DATA + bytes([role]), result.address.as_tuple())
+                    if result.socket in got_data:
+                        break
+                    await trio.sleep(0.05)
+            # a few more, for a peer that is still waiting for ours
+            for _ in range(5):
+                _send(path_sock, DATA + bytes([role]), result.address.as_tuple())
+                await trio.sleep(0.02)
+            out["data"] = got_data.get(result.socket) == DATA + bytes([1 - role])
+        nursery.cancel_scope.cancel()
+    return out
+
+
+def _send(sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
+    with contextlib.suppress(OSError):  # UDP may drop
+        sock.sendto(data, addr)
+
+
+def main(argv: list[str]) -> None:
+    role, mapping, observer, local_ip = int(argv[0]), argv[1], argv[2], argv[3]
+    port = int(argv[4])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    obs_host, obs_port = observer.rsplit(":", 1)
+    seen = reflexive(sock, (obs_host, int(obs_port)))
+    local = Address(local_ip, port)
+    candidates = [seen] if seen == local else [local, seen]
+    mine = PunchOffer.new(mapping, candidates)
+    print(json.dumps({"offer": mine.encode().hex(), "seen": str(seen)}), flush=True)
+    theirs = PunchOffer.decode(bytes.fromhex(sys.stdin.readline().strip()))
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("expected go")
+    print(json.dumps(trio.run(punch, sock, role, mine, theirs)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

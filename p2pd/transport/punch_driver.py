@@ -1,0 +1,170 @@
+"""trio runs hole-punch attempts (p2pd/transport/punch.py) on real sockets.
+
+The node's main UDP socket is shared: its receive loop hands datagrams whose first byte
+is ``PUNCH_BYTE`` to :meth:`PunchRunner.datagram_received`, and the runner sends through
+the ``sendto`` it was given. The birthday case's side sockets are the runner's own, bound
+to the main socket's host on ports the kernel picks; all but a winner are closed when the
+attempt ends, and a winning one is handed to the caller (the direct path lives on it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import resource
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from .punch import PUNCH_BYTE, HolePunch, PunchConfig, PunchPlan, PunchResult
+
+log = logging.getLogger(__name__)
+
+#: After a result, how long the attempt still answers the peer's probes (its ACK may
+#: have been lost), in intervals.
+LINGER_INTERVALS = 3
+#: File descriptors left alone when side sockets are opened.
+FD_RESERVE = 128
+
+
+@dataclass
+class PunchOutcome:
+    """How an attempt ended: ``result`` (None: no path in time) and, when the path is on
+    a side socket, that socket (the caller owns it now)."""
+
+    result: PunchResult | None
+    side_socket: socket.socket | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+    #: Side sockets asked for that could not be opened (file descriptor limit).
+    side_sockets_short: int = 0
+
+
+def side_socket_budget(wanted: int) -> int:
+    """As many of ``wanted`` side sockets as the file descriptor limit allows."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        used = 64
+    return max(0, min(wanted, soft - used - FD_RESERVE))
+
+
+class PunchRunner:
+    """Attempts on one node: at most one per session id at a time."""
+
+    def __init__(
+        self,
+        sendto: Callable[[bytes, tuple[str, int]], None],
+        bind_host: str,
+        *,
+        config: PunchConfig | None = None,
+    ) -> None:
+        self._sendto = sendto
+        self._bind_host = bind_host
+        self.config = config or PunchConfig()
+        self._active: dict[bytes, tuple[HolePunch, trio.Event]] = {}
+        #: Datagrams for no active attempt, or malformed.
+        self.stats: dict[str, int] = {"unmatched": 0}
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        """From the main socket's receive loop: a datagram whose first byte is PUNCH_BYTE."""
+        entry = self._active.get(bytes(data[4:12])) if len(data) >= 12 else None
+        if entry is None:
+            self.stats["unmatched"] += 1
+            return
+        core, wake = entry
+        core.datagram_received(data, addr, 0, trio.current_time())
+        wake.set()
+
+    async def attempt(self, plan: PunchPlan) -> PunchOutcome:
+        """Run one attempt to its end (a path, or the deadline); plan.start is in trio's
+        clock."""
+        if plan.session in self._active:
+            raise ValueError("an attempt with this session id is already running")
+        wanted = plan.side_sockets
+        allowed = side_socket_budget(wanted)
+        if allowed < wanted:
+            log.warning("hole punch: %d of %d side sockets (file descriptor limit)",
+                        allowed, wanted)  # fmt: skip
+            plan = dataclasses.replace(plan, side_sockets=allowed)
+        core = HolePunch(plan, self.config)
+        wake = trio.Event()
+        self._active[plan.session] = (core, wake)
+        sides: list[socket.socket] = []
+        try:
+            for _ in range(plan.side_sockets):
+                s = socket.socket(socket.AF_INET6 if ":" in self._bind_host else socket.AF_INET,
+                                  socket.SOCK_DGRAM)  # fmt: skip
+                s.setblocking(False)
+                s.bind((self._bind_host, 0))
+                sides.append(s)
+            winner = await self._run(core, sides, plan)
+        finally:
+            del self._active[plan.session]
+            kept = None
+            result = core.result
+            if result is not None and result.socket > 0:
+                kept = sides[result.socket - 1]
+            for s in sides:
+                if s is not kept:
+                    s.close()
+        return PunchOutcome(
+            winner, kept, dict(core.stats), side_sockets_short=wanted - plan.side_sockets
+        )
+
+    async def _run(
+        self, core: HolePunch, sides: list[socket.socket], plan: PunchPlan
+    ) -> PunchResult | None:
+        linger_until: float | None = None
+
+        async def read_side(index: int, s: socket.socket) -> None:
+            for _ in range(1 << 20):  # bounded; the attempt's deadline ends it first
+                await trio.lowlevel.wait_readable(s)
+                for _ in range(64):
+                    try:
+                        data, addr = s.recvfrom(2048)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        continue
+                    if data[:1] == bytes([PUNCH_BYTE]):
+                        core.datagram_received(data, addr[:2], index, trio.current_time())
+                        self._active[plan.session][1].set()
+
+        async with trio.open_nursery() as nursery:
+            for index, s in enumerate(sides, 1):
+                nursery.start_soon(read_side, index, s)
+            for _ in range(1 << 20):
+                self._flush(core, sides)
+                now = trio.current_time()
+                if core.done:
+                    if linger_until is None:
+                        linger_until = now + LINGER_INTERVALS * self.config.interval
+                    if now >= linger_until or core.failed:
+                        break
+                    timer = linger_until
+                else:
+                    timer = core.get_timer() or now
+                entry = self._active[plan.session]
+                with trio.move_on_at(timer):
+                    await entry[1].wait()
+                if entry[1].is_set():
+                    self._active[plan.session] = (core, trio.Event())
+                core.handle_timer(trio.current_time())
+            nursery.cancel_scope.cancel()
+        return core.result
+
+    def _flush(self, core: HolePunch, sides: list[socket.socket]) -> None:
+        for index, data, addr in core.datagrams_to_send():
+            if index == 0:
+                self._sendto(data, addr)
+                continue
+            try:
+                sides[index - 1].sendto(data, addr)
+            except OSError:  # a full buffer or an unreachable network: UDP may drop
+                core.stats["send_errors"] = core.stats.get("send_errors", 0) + 1
