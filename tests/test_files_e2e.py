@@ -284,6 +284,29 @@ def test_a_corrupted_chunk_group_is_refused_and_fetched_again(net: Net) -> None:
     assert cli_json(net.home("bob"), "status")["files"]["chunks_refused"] >= 1
 
 
+def test_a_source_cut_short_mid_way_fails_on_both_sides_and_says_why(net: Net) -> None:
+    """The file is cut to half its size while it is sent (deleted and recreated, or
+    truncated): the sender tries again a few times (it may be an editor saving), then
+    the transfer fails on both sides with the reason; bob does not wait for a sender
+    that stopped, and keeps nothing. (Once, such a cut left the receiver waiting in
+    silence: this test failed then.)"""
+    net.init("alice", "bob", max_rate=4_000_000)
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    src = net.root / "cut.bin"
+    random_file(src, 16 * GROUP)
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src))
+    assert proc.returncode == 0, proc.stderr
+    assert wait_until(lambda: _bytes_done(net, "bob", "in") >= 2 * GROUP, timeout=60)
+    os.truncate(src, 8 * GROUP)
+    assert wait_until(lambda: one_file(net.home("alice"), "out")["state"] == "failed", timeout=60)
+    assert "cannot read the file" in one_file(net.home("alice"), "out")["error"]
+    assert wait_until(lambda: one_file(net.home("bob"), "in")["state"] == "failed", timeout=30)
+    assert one_file(net.home("bob"), "in")["error"] == "the sender cannot read the file"
+    assert list(net.downloads("bob").iterdir()) == []
+
+
 def test_an_offer_to_an_offline_contact_flows_once_it_is_back(net: Net) -> None:
     """The offer waits (outbox, mailbox) while bob is down; once bob is back it arrives,
     is accepted, and the bytes flow without anyone doing anything."""

@@ -108,11 +108,14 @@ MAX_FRAME = 8 + MAX_CHUNK + _TAG
 FRAME_HEADER = 5  # kind u8 | length u32
 REQUEST_HASHES = 1
 REASON_REJECTED, REASON_CANCELLED, REASON_UNKNOWN, REASON_CORRUPT = 1, 2, 3, 4
+#: In CANCEL only: the sender cannot read the file any more (gone, or changed size).
+REASON_UNREADABLE = 5
 REASONS = {
     REASON_REJECTED: "rejected",
     REASON_CANCELLED: "cancelled",
     REASON_UNKNOWN: "unknown",
     REASON_CORRUPT: "corrupt",
+    REASON_UNREADABLE: "the sender cannot read the file",
 }
 
 

@@ -20,6 +20,11 @@ DONE_TIMEOUT = 60.0
 ACK_TIMEOUT = 30.0
 
 
+class SourceChanged(OSError):
+    """The source file is shorter than when it was offered: being rewritten (an editor
+    or a copy truncates it first), or cut. Worth another try a little later."""
+
+
 @dataclass(slots=True)
 class StreamOutcome:
     """How one stream ended: ``done`` (the receiver has the file), ``refused`` (a REFUSE
@@ -49,8 +54,8 @@ async def stream_file(
     """Write the hash list (if asked) and every chunk from ``group`` on, then END, and
     read ACK/DONE/REFUSE meanwhile. Raises what breaks: ConnectionLost (a trio
     BrokenResourceError too), FileProtocolError (the receiver's answers), OSError (the
-    source file changed or cannot be read), trio.TooSlowError (no DONE, or no ack for a
-    full window, in time).
+    source file cannot be read; SourceChanged when it is shorter than offered),
+    trio.TooSlowError (no DONE, or no ack for a full window, in time).
 
     ``outcome`` is filled in as it goes (also when this raises); its ``sent_until`` says
     how far earlier streams wrote (what is written again below it counts as ``resent``).
@@ -97,7 +102,7 @@ async def stream_file(
                     offset, length = layout.chunk_span(index)
                     plain = os.pread(f.fileno(), length, offset)
                     if len(plain) != length:
-                        raise OSError(f"{path} changed since it was offered")
+                        raise SourceChanged(f"{path} is shorter than when it was offered")
                     await stream.send_all(tx.chunk_frame(index, plain))
                     if offset < outcome.sent_until:
                         outcome.resent += min(length, outcome.sent_until - offset)

@@ -59,6 +59,7 @@ from .protocol import (
     REASON_CORRUPT,
     REASON_REJECTED,
     REASON_UNKNOWN,
+    REASON_UNREADABLE,
     REASONS,
     STREAM_MAGIC,
     FileProtocolError,
@@ -76,7 +77,7 @@ from .protocol import (
     safe_name,
     verify_file,
 )
-from .sending import StreamOutcome, stream_file
+from .sending import SourceChanged, StreamOutcome, stream_file
 from .store import FINAL, FileStore, Transfer
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ log = logging.getLogger(__name__)
 MAX_REFUSED = 8
 #: Backoff of the sender's loop after a failure or a WAIT (a NUDGE ends it early).
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 60.0
-#: How often run() checks that every active outgoing transfer has a sender loop.
-SENDER_CHECK = 10.0
+#: Attempts that find the source shorter than offered (being rewritten?) before the
+#: transfer fails.
+MAX_SOURCE_CHANGES = 3
 #: How long one connection attempt and one answer may take.
 CONNECT_TIMEOUT = 5.0
 ANSWER_TIMEOUT = 30.0
@@ -170,17 +172,7 @@ class FilesService:
             for t in self.store.active("in"):
                 nursery.start_soon(self._send_control, t, F_NUDGE, 0)
             task_status.started()
-            # A safety net, not the mechanism: every outgoing transfer still under way has
-            # a sender loop. Twice a clean-clone CI run saw a sender go silent after the
-            # receiver refused a group (no further attempt in 90 s, cause not found); a
-            # loop that ended while its transfer is still active is started again here.
-            for _ in range(1 << 62):  # forever, in practice; cancelled with the daemon
-                await trio.sleep(SENDER_CHECK)
-                for t in self.store.active("out"):
-                    if t.id not in self._senders:
-                        log.info("file %s to %s: no sender loop: starting one",
-                                 t.id.hex()[:8], t.handle)  # fmt: skip
-                        self._start_sender(t.id)
+            await trio.sleep_forever()  # the nursery stays open for senders to come
 
     def _spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
         if self._nursery is None:
@@ -338,6 +330,7 @@ class FilesService:
     async def _sender(self, transfer_id: bytes) -> None:
         """One outgoing transfer, until it is done, refused, cancelled or failed."""
         backoff = BACKOFF_MIN
+        source_changes = 0
         try:
             for _ in range(MAX_ATTEMPTS):
                 t = self.store.get(transfer_id)
@@ -361,14 +354,16 @@ class FilesService:
                             exc or type(exc).__name__,
                         )
                         outcome = "retry"
+                    except SourceChanged as exc:
+                        source_changes += 1
+                        if source_changes >= MAX_SOURCE_CHANGES:
+                            self._cannot_read(t, exc)
+                            return
+                        log.warning("file %s to %s: %s; trying again",
+                                    transfer_id.hex()[:8], t.handle, exc)  # fmt: skip
+                        outcome = "retry"
                     except OSError as exc:
-                        self.store.update(
-                            transfer_id,
-                            time.time(),
-                            state="failed",
-                            error=f"cannot read the file: {exc.strerror or exc}",
-                        )
-                        self._changed(transfer_id)
+                        self._cannot_read(t, exc)
                         return
                 if scope.cancelled_caught and transfer_id not in self._restarts:
                     log.info("file %s: sender stopped (cancelled)", transfer_id.hex()[:8])
@@ -387,6 +382,15 @@ class FilesService:
             self._scopes.pop(transfer_id, None)
             self._sending_over.pop(transfer_id, None)
             self._nudges.pop(transfer_id, None)
+
+    def _cannot_read(self, t: Transfer, exc: OSError) -> None:
+        """The source is gone or keeps changing: the transfer fails here, and the
+        receiver is told (it would otherwise wait for a sender that stopped)."""
+        error = f"cannot read the file: {exc.strerror or exc}"
+        log.warning("file %s to %s: %s", t.id.hex()[:8], t.handle, error)
+        self.store.update(t.id, time.time(), state="failed", error=error)
+        self._changed(t.id)
+        self._spawn(self._send_control, t, F_CANCEL, REASON_UNREADABLE)
 
     async def _send_once(self, t: Transfer) -> str:
         """One connection's worth: "final" (done, refused), "progress" (some groups
@@ -629,8 +633,13 @@ class FilesService:
             log.info("file stream from %s broke: %s", fingerprint(key)[:12], exc)
 
     def _cancelled_by_peer(self, t: Transfer, reason: int) -> None:
-        state = "rejected" if reason == REASON_REJECTED else "cancelled"
-        self.store.update(t.id, time.time(), state=state)
+        if reason == REASON_UNREADABLE and t.direction == "in":
+            log.warning("file %s from %s: the sender cannot read it any more: failed",
+                        t.id.hex()[:8], t.handle)  # fmt: skip
+            self.store.update(t.id, time.time(), state="failed", error=REASONS[reason])
+        else:
+            state = "rejected" if reason == REASON_REJECTED else "cancelled"
+            self.store.update(t.id, time.time(), state=state)
         scope = self._scopes.get(t.id)
         if scope is not None:
             scope.cancel()
@@ -688,7 +697,7 @@ class FilesService:
                 try:
                     result = rx.data_received(data)
                 except FileProtocolError as exc:
-                    self._refused(t, exc)
+                    self._refused(t, exc, rx.next_group)
                     stream.reset()
                     return
                 for offset, plain in result.writes:
@@ -713,7 +722,7 @@ class FilesService:
             os.close(fd)
         await self._finish(stream, t, partial)
 
-    def _refused(self, t: Transfer, exc: FileProtocolError) -> None:
+    def _refused(self, t: Transfer, exc: FileProtocolError, next_group: int) -> None:
         self.stats["chunks_refused"] += 1
         self.store.add_counts(t.id, refused=1)
         self._refusals[t.id] = refusals = self._refusals.get(t.id, 0) + 1
@@ -722,7 +731,7 @@ class FilesService:
             t.id.hex()[:8],
             t.handle,
             exc,
-            t.next_group,
+            next_group,
         )
         if refusals >= MAX_REFUSED:
             self.store.update(
