@@ -10,7 +10,8 @@ path it found and prints one JSON line: whether a path was found, on which socke
 which address, how long it took, and whether the peer's data came back over it.
 
 The two offers travel through the test here, in place of the encrypted session that
-carries them between daemons.
+carries them between daemons. :func:`punch_pair` builds the two peers' cells in a testbed
+and runs both sides; :data:`OBSERVER_SCRIPT` is the echo server they ask.
 """
 
 from __future__ import annotations
@@ -26,9 +27,74 @@ import trio
 from ..transport.punch import PUNCH_BYTE, PunchOffer, make_plan
 from ..transport.punch_driver import PunchRunner
 from ..wire import Address
+from .netns import Host, Testbed, read_line
 
 DATA = b"D"  # first byte of the test's data datagrams (a byte no punch datagram has)
 DATA_WAIT = 3.0
+
+
+#: The mapping kind a peer in each testbed cell reports (what reachability would find).
+MAPPING = {
+    "public": "none",
+    "eim": "endpoint-independent",
+    "symmetric": "endpoint-dependent",
+    "fully-random": "endpoint-dependent",
+    "double": "endpoint-independent",
+}
+OBSERVER = ("198.18.1.11", 3478)
+#: Answers every datagram with the address it came from, as JSON (a STUN server's job).
+OBSERVER_SCRIPT = r"""
+import json, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 3478))
+print("ready", flush=True)
+for _ in range(1 << 30):
+    data, src = s.recvfrom(2048)
+    s.sendto(json.dumps({"seen": f"{src[0]}:{src[1]}"}).encode(), src)
+"""
+
+
+def observer(testbed: Testbed) -> Host:
+    """The internet (198.18.0.0/16) and an observer on it, serving until the testbed ends."""
+    inet = testbed.lans.get("inet") or testbed.lan("inet", "198.18.0.0/16")
+    host = testbed.host("obs", inet, address=OBSERVER[0])
+    proc = host.popen([sys.executable, "-c", OBSERVER_SCRIPT])
+    if read_line(proc, 10) != "ready":
+        raise RuntimeError("the observer did not start")
+    return host
+
+
+def peer_in(testbed: Testbed, kind: str, n: int) -> Host:
+    """A host in a cell of ``kind`` (public, eim, symmetric, fully-random, double) on the
+    testbed's internet; ``n`` (1..200) keeps its names and subnets apart."""
+    inet = testbed.lans["inet"]
+    if kind == "public":
+        return testbed.host(f"p{n}", inet, address=f"198.18.{10 + n}.11")
+    if kind == "double":
+        cgnat = testbed.nat_router(f"cg{n}", inet, inside_subnet=f"100.64.{n}.0/24")
+        home = testbed.nat_router(f"h{n}", cgnat.inside, inside_subnet=f"10.{n}.0.0/24")
+        return testbed.host(f"c{n}", home.inside)
+    router = testbed.nat_router(f"r{n}", inet, inside_subnet=f"10.{n}.0.0/24", kind=kind)  # type: ignore[arg-type]
+    return testbed.host(f"c{n}", router.inside)
+
+
+def punch_pair(a: Host, b: Host, kind_a: str, kind_b: str) -> tuple[dict[str, Any], ...]:
+    """Run both sides (a initiates), handing each the other's offer; their result lines."""
+    procs = []
+    for role, (host, kind) in enumerate(((a, kind_a), (b, kind_b))):
+        args = [sys.executable, "-m", "p2pd.testing.punch_peer", str(role), MAPPING[kind]]
+        args += [f"{OBSERVER[0]}:{OBSERVER[1]}", str(host.address), "40000"]
+        procs.append(host.popen(args, stdin=-1))
+    offers = [json.loads(read_line(p, 15))["offer"] for p in procs]
+    for p, line in zip(procs, (offers[1], offers[0]), strict=True):
+        assert p.stdin is not None
+        p.stdin.write(line + "\n")
+        p.stdin.flush()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    return tuple(json.loads(read_line(p, 20)) for p in procs)
 
 
 def reflexive(sock: socket.socket, observer: tuple[str, int]) -> Address:
