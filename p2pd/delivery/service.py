@@ -67,6 +67,7 @@ from ..identity import (
 )
 from ..messaging import Contact, Contacts, IncomingSummary, Message, MessageStore
 from ..records import HandleRecord
+from ..relay.client import is_virtual
 from ..rotation import RotationNotice, verify_notice
 from ..session import SessionManager
 from ..store import get_meta, set_meta
@@ -105,6 +106,11 @@ log = logging.getLogger(__name__)
 
 #: How long a resolved record is used before it is looked up again.
 RECORD_CACHE_SECONDS = 60.0
+#: How long the direct attempts run alone before a peer's relays are tried too (RFC 8305
+#: section 5 suggests 250 ms between address families).
+RELAY_HEAD_START = 0.25
+#: Opens a circuit through a relay to a key and returns its virtual address.
+RelayConnect = Callable[[Address, bytes], Awaitable[tuple[str, int]]]
 #: Messages one ``send`` call may queue at once (the control API's ``texts``).
 MAX_SEND_BATCH = 1000
 #: Events buffered per subscriber before new ones are dropped for it.
@@ -165,6 +171,7 @@ class Delivery:
         on_signal: Callable[[bytes, str, QuicPeer | None, str], None],
         on_file_offer: Callable[[bytes, str, str, str], None] = lambda *offer: None,
         on_direct: Callable[[bytes], None] = lambda key: None,
+        relay_connect: RelayConnect | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -177,6 +184,8 @@ class Delivery:
         self.on_file_offer = on_file_offer
         #: Called with a key we hold a direct connection to (p2pd/address_hints.py).
         self.on_direct = on_direct
+        #: Opens a circuit through a relay to a key: its virtual address (p2pd/relay/).
+        self.relay_connect = relay_connect
         self._conn = conn
         self.messages = MessageStore(conn, at_rest=sessions.at_rest)  # p2pd/at_rest.py
         self.contacts = contacts
@@ -386,7 +395,8 @@ class Delivery:
             return
         peer = await self._connect(peer_key, record)
         if peer is not None:
-            exchange = self.core.start_exchange(peer_key, ready, time.time())
+            via = "relay" if is_virtual(peer.address[0]) else "direct"
+            exchange = self.core.start_exchange(peer_key, ready, time.time(), via=via)
             try:
                 stream = await self._write_exchange(peer, exchange)
             except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -424,14 +434,66 @@ class Delivery:
             self.on_direct(peer_key)  # tell a contact where we are, if our record does not
         return peer
 
+    async def connect_peer(self, peer_key: bytes, record: HandleRecord | None) -> QuicPeer | None:
+        """A connection to ``peer_key`` the way delivery makes one (files use it too)."""
+        return await self._connect_direct(peer_key, record)
+
     async def _connect_direct(
         self, peer_key: bytes, record: HandleRecord | None
     ) -> QuicPeer | None:
+        """An open connection to the key, else a new one: its LAN addresses, hints and
+        record addresses in turn, raced against its record's relays, which start
+        ``RELAY_HEAD_START`` later (happy eyeballs, RFC 8305 section 5): a NATed peer's
+        record lists addresses that never answer, each worth a connect timeout."""
+        found = None
         for peer in self.quic.peers():
             if peer.public_key == peer_key and not peer.is_closing:
-                return peer
+                if not is_virtual(peer.address[0]):
+                    return peer
+                found = found or peer  # relayed: a direct one is better, if open
+        if found is not None:
+            return found
         addresses = list(self.lan_addresses(peer_key))
         addresses += [a for a in (record.addresses if record else ()) if a not in addresses]
+        relays = list(record.relays) if record and self.relay_connect is not None else []
+        if not relays:
+            return await self._connect_addresses(peer_key, addresses)
+        won: list[QuicPeer] = []
+        async with trio.open_nursery() as nursery:
+
+            async def attempt(delay: float, connect: Awaitable[QuicPeer | None]) -> None:
+                await trio.sleep(delay)
+                peer = await connect
+                if peer is not None:
+                    won.append(peer)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(attempt, 0.0, self._connect_addresses(peer_key, addresses))
+            head_start = RELAY_HEAD_START if addresses else 0.0
+            nursery.start_soon(attempt, head_start, self._connect_relays(peer_key, relays))
+        return won[0] if won else None
+
+    async def _connect_relays(self, peer_key: bytes, relays: list[Address]) -> QuicPeer | None:
+        assert self.relay_connect is not None
+        for relay in relays:
+            try:
+                with trio.fail_after(self.config.connect_timeout):
+                    virtual = await self.relay_connect(relay, peer_key)
+                    peer = await self.quic.connect(virtual, peer_key)
+                log.info("connected to %s through relay %s", _who(peer_key), relay)
+                return peer
+            except PeerKeyMismatch:
+                log.warning("relay %s: the peer answered with another key", relay)
+            except (ConnectionLost, trio.TooSlowError) as exc:
+                log.info("no connection to %s through relay %s: %s", _who(peer_key), relay, exc)
+            except LocalError as exc:
+                log.warning("cannot connect to %s: %s", _who(peer_key), exc)
+                return None
+        return None
+
+    async def _connect_addresses(
+        self, peer_key: bytes, addresses: list[Address]
+    ) -> QuicPeer | None:
         for address in addresses:
             try:
                 with trio.fail_after(self.config.connect_timeout):
