@@ -5,6 +5,7 @@ asked for, refusals, spoofed requests, caps, the amplification bound, malformed 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -407,3 +408,25 @@ def test_requests_are_signed_by_the_key_they_name(kind: FrameType) -> None:
     replies = net.relays[RELAY].datagram_received(bytes(tampered), ALICE if kind ==
                                                   FrameType.CONNECT else BOB, net.now)  # fmt: skip
     assert [decode(d).reason for d, _ in replies] == [2]  # type: ignore[union-attr]
+
+
+def test_relay_config_section(tmp_path: Path) -> None:
+    from p2pd.config import load_config
+    from p2pd.errors import UsageError
+
+    assert load_config(tmp_path).relay == RelayConfig()  # the documented defaults
+    assert RelayConfig().enabled and RelayConfig().registrations == 3
+    (tmp_path / "config.toml").write_text(
+        "[relay]\nenabled = false\nmax_circuits = 4\nbandwidth = 1000\nrefresh_interval = 20\n"
+    )
+    relay = load_config(tmp_path).relay
+    assert (relay.enabled, relay.max_circuits, relay.bandwidth, relay.refresh_interval) == (
+        False,
+        4,
+        1000,
+        20.0,
+    )
+    for bad in ("enabled = 1", "max_circuits = 0", "registrations = 9", "nonsense = 1"):
+        (tmp_path / "config.toml").write_text(f"[relay]\n{bad}\n")
+        with pytest.raises(UsageError, match="relay"):
+            load_config(tmp_path)
