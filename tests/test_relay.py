@@ -8,11 +8,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pd.config import RelayConfig
+from p2pd.delivery.paths import RELAY_HEAD_START, RELAY_STAGGER, Paths
 from p2pd.identity import Identity
+from p2pd.records import HandleRecord
 from p2pd.relay import RelayClient, RelayFrameError, RelayServer, is_virtual, virtual_address
 from p2pd.relay.client import RELAY_BACKOFF
 from p2pd.relay.frames import (
@@ -24,6 +28,7 @@ from p2pd.relay.frames import (
 )
 from p2pd.relay.server import REGISTRATION_LIFETIME
 from p2pd.transport.quic.admission import source_key
+from p2pd.wire import Address
 
 Addr = tuple[str, int]
 RELAY: Addr = ("198.18.1.11", 4747)
@@ -430,3 +435,95 @@ def test_relay_config_section(tmp_path: Path) -> None:
         (tmp_path / "config.toml").write_text(f"[relay]\n{bad}\n")
         with pytest.raises(UsageError, match="relay"):
             load_config(tmp_path)
+
+
+class FakePeer:
+    def __init__(self, key: bytes, address: tuple[str, int]) -> None:
+        self.public_key, self.address, self.is_closing = key, address, False
+
+
+class FakeQuic:
+    """``connect`` answers after ``delay[address]`` seconds, or never (not listed)."""
+
+    def __init__(self, delays: dict[tuple[str, int], float]) -> None:
+        self.delays = delays
+        self.open: list[FakePeer] = []
+        self.asked: list[tuple[float, tuple[str, int]]] = []
+
+    def peers(self) -> list[FakePeer]:
+        return self.open
+
+    async def connect(self, address: object, key: bytes) -> FakePeer:
+        addr = address.as_tuple() if isinstance(address, Address) else address
+        assert isinstance(addr, tuple)
+        self.asked.append((trio.current_time(), addr))
+        if addr not in self.delays:
+            await trio.sleep_forever()
+        await trio.sleep(self.delays[addr])
+        return FakePeer(key, addr)
+
+
+def _paths(quic: FakeQuic, circuits: dict[Address, float | None]) -> Paths:
+    async def relay_connect(relay: Address, key: bytes) -> tuple[str, int]:
+        delay = circuits[relay]
+        if delay is None:
+            await trio.sleep_forever()  # a dead relay
+        await trio.sleep(delay or 0.0)
+        return virtual_address(list(circuits).index(relay) + 1)
+
+    return Paths(quic, lambda key: [], relay_connect, 3.0)  # type: ignore[arg-type]
+
+
+def _record(addresses: list[Address], relays: list[Address]) -> HandleRecord:
+    return HandleRecord.create(BOB_ID, addresses, seq=1, now=1000, lifetime=3600, relays=relays)
+
+
+def test_a_natted_peer_is_reached_through_its_relay_without_waiting_for_its_address() -> None:
+    """Its record's address never answers; the relay starts 250 ms later and wins."""
+    relays = [Address(*RELAY), Address(*RELAY2)]
+    quic = FakeQuic({virtual_address(1): 0.05, virtual_address(2): 0.05})
+
+    async def main() -> None:
+        record = _record([Address("10.2.0.11", 4747)], relays)
+        peer = await _paths(quic, {relays[0]: 0.02, relays[1]: 0.02}).connect(
+            BOB_ID.public_key, record
+        )
+        assert peer is not None and is_virtual(peer.address[0])
+        assert peer.address == virtual_address(1)
+        assert trio.current_time() == pytest.approx(RELAY_HEAD_START + 0.07)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_dead_relay_costs_one_stagger_not_a_timeout() -> None:
+    relays = [Address(*RELAY), Address(*RELAY2)]
+    quic = FakeQuic({virtual_address(2): 0.05})
+
+    async def main() -> None:
+        record = _record([], relays)  # relays only ([privacy] addresses = contacts)
+        peer = await _paths(quic, {relays[0]: None, relays[1]: 0.02}).connect(
+            BOB_ID.public_key, record
+        )
+        assert peer is not None and peer.address == virtual_address(2)
+        assert trio.current_time() == pytest.approx(RELAY_STAGGER + 0.07)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_an_answering_address_wins_and_an_open_direct_connection_is_preferred() -> None:
+    relays = [Address(*RELAY)]
+    public = Address("198.18.5.5", 4747)
+    quic = FakeQuic({public.as_tuple(): 0.05, virtual_address(1): 0.05})
+
+    async def main() -> None:
+        paths = _paths(quic, {relays[0]: 0.01})
+        peer = await paths.connect(BOB_ID.public_key, _record([public], relays))
+        assert peer is not None and peer.address == public.as_tuple()
+        assert [a for _, a in quic.asked] == [public.as_tuple()]  # the relay never began
+        relayed = FakePeer(BOB_ID.public_key, virtual_address(9))
+        quic.open = [relayed]
+        assert await paths.connect(BOB_ID.public_key, None) is relayed
+        quic.open = [relayed, FakePeer(BOB_ID.public_key, public.as_tuple())]
+        assert await paths.connect(BOB_ID.public_key, None) is quic.open[1]
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -51,10 +51,8 @@ from ..errors import (
     ConnectionLost,
     Contested,
     KeyChanged,
-    LocalError,
     NoSession,
     NotFound,
-    PeerKeyMismatch,
     RecordError,
     UsageError,
 )
@@ -99,6 +97,7 @@ from .events import (
     SignalReceived,
 )
 from .ledger import SqliteLedger
+from .paths import Paths, RelayConnect
 
 __all__ = ["BATCH", "RESET_INTERVAL", "Delivery", "EventBus"]
 
@@ -106,11 +105,6 @@ log = logging.getLogger(__name__)
 
 #: How long a resolved record is used before it is looked up again.
 RECORD_CACHE_SECONDS = 60.0
-#: How long the direct attempts run alone before a peer's relays are tried too (RFC 8305
-#: section 5 suggests 250 ms between address families).
-RELAY_HEAD_START = 0.25
-#: Opens a circuit through a relay to a key and returns its virtual address.
-RelayConnect = Callable[[Address, bytes], Awaitable[tuple[str, int]]]
 #: Messages one ``send`` call may queue at once (the control API's ``texts``).
 MAX_SEND_BATCH = 1000
 #: Events buffered per subscriber before new ones are dropped for it.
@@ -186,6 +180,7 @@ class Delivery:
         self.on_direct = on_direct
         #: Opens a circuit through a relay to a key: its virtual address (p2pd/relay/).
         self.relay_connect = relay_connect
+        self.paths = Paths(quic, lan_addresses, relay_connect, config.connect_timeout)
         self._conn = conn
         self.messages = MessageStore(conn, at_rest=sessions.at_rest)  # p2pd/at_rest.py
         self.contacts = contacts
@@ -441,74 +436,7 @@ class Delivery:
     async def _connect_direct(
         self, peer_key: bytes, record: HandleRecord | None
     ) -> QuicPeer | None:
-        """An open connection to the key, else a new one: its LAN addresses, hints and
-        record addresses in turn, raced against its record's relays, which start
-        ``RELAY_HEAD_START`` later (happy eyeballs, RFC 8305 section 5): a NATed peer's
-        record lists addresses that never answer, each worth a connect timeout."""
-        found = None
-        for peer in self.quic.peers():
-            if peer.public_key == peer_key and not peer.is_closing:
-                if not is_virtual(peer.address[0]):
-                    return peer
-                found = found or peer  # relayed: a direct one is better, if open
-        if found is not None:
-            return found
-        addresses = list(self.lan_addresses(peer_key))
-        addresses += [a for a in (record.addresses if record else ()) if a not in addresses]
-        relays = list(record.relays) if record and self.relay_connect is not None else []
-        if not relays:
-            return await self._connect_addresses(peer_key, addresses)
-        won: list[QuicPeer] = []
-        async with trio.open_nursery() as nursery:
-
-            async def attempt(delay: float, connect: Awaitable[QuicPeer | None]) -> None:
-                await trio.sleep(delay)
-                peer = await connect
-                if peer is not None:
-                    won.append(peer)
-                    nursery.cancel_scope.cancel()
-
-            nursery.start_soon(attempt, 0.0, self._connect_addresses(peer_key, addresses))
-            head_start = RELAY_HEAD_START if addresses else 0.0
-            nursery.start_soon(attempt, head_start, self._connect_relays(peer_key, relays))
-        return won[0] if won else None
-
-    async def _connect_relays(self, peer_key: bytes, relays: list[Address]) -> QuicPeer | None:
-        assert self.relay_connect is not None
-        for relay in relays:
-            try:
-                with trio.fail_after(self.config.connect_timeout):
-                    virtual = await self.relay_connect(relay, peer_key)
-                    peer = await self.quic.connect(virtual, peer_key)
-                log.info("connected to %s through relay %s", _who(peer_key), relay)
-                return peer
-            except PeerKeyMismatch:
-                log.warning("relay %s: the peer answered with another key", relay)
-            except (ConnectionLost, trio.TooSlowError) as exc:
-                log.info("no connection to %s through relay %s: %s", _who(peer_key), relay, exc)
-            except LocalError as exc:
-                log.warning("cannot connect to %s: %s", _who(peer_key), exc)
-                return None
-        return None
-
-    async def _connect_addresses(
-        self, peer_key: bytes, addresses: list[Address]
-    ) -> QuicPeer | None:
-        for address in addresses:
-            try:
-                with trio.fail_after(self.config.connect_timeout):
-                    return await self.quic.connect(address, peer_key)
-            except PeerKeyMismatch:
-                log.warning("%s answered with another key than %s", address, _who(peer_key))
-            except (ConnectionLost, trio.TooSlowError):
-                log.debug("no QUIC connection to %s at %s", _who(peer_key), address)
-            except LocalError as exc:
-                # Our side cannot connect at all (every connection slot taken, the
-                # endpoint stopping): like an offline peer, the message goes to the
-                # mailbox instead of ending this worker (issue 12).
-                log.warning("cannot connect to %s: %s", _who(peer_key), exc)
-                return None
-        return None
+        return await self.paths.connect(peer_key, record)
 
     async def _write_exchange(self, peer: QuicPeer, exchange: Exchange) -> QuicStream:
         """Open a stream and write the exchange's batch on it, FIN in the same packet."""
