@@ -185,6 +185,40 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
         # 3 s of 20 ms audio frames both ways (2 x 150) and the messages
         assert datagrams > 300, relayed
         print(f"relayed: {relayed}")
+
+        # The relay that carried it dies (item 5): messages still go through another.
+        (dead,) = [p for p, r in relayed.items() if r["relayed_bytes"] > 0]
+        killed_at = time.monotonic()
+        daemons[dead].kill()  # SIGKILL: it says goodbye to no one
+        dead_seed = f"{hosts[dead].address}:{PORT}"
+        for sender, to in (("alice", "bob"), ("bob", "alice")):
+            start = time.monotonic()
+            out = run_cli(
+                root / sender, "send", to, f"{secret} after {dead} died", "--wait",
+                "--timeout", "40", "--json",
+            )  # fmt: skip
+            took = time.monotonic() - start
+            assert out.returncode == 0, out.stderr
+            message = json.loads(out.stdout)
+            assert (message["state"], message["via"]) == ("delivered", "relay"), message
+            print(f"after killing {dead}: {sender} -> {to} delivered in {took:.2f} s")
+
+        def dropped_dead_relay() -> bool:
+            return all(
+                dead_seed not in cli_json(root / n, "status")["relays_in_use"]
+                for n in ("alice", "bob")
+            )
+
+        assert wait_until(dropped_dead_relay, 40.0, interval=0.5)
+        print(f"dead relay {dead} dropped from both registrations "
+              f"{time.monotonic() - killed_at:.1f} s after the kill")  # fmt: skip
+        live = next(p for p in ("pub1", "pub2", "pub3") if p != dead)
+
+        def republished() -> bool:
+            listed = [cli_json(root / live, "whois", n)["relays"] for n in ("alice", "bob")]
+            return all(dead_seed not in r and len(r) >= 1 for r in listed)
+
+        assert wait_until(republished, 30.0, interval=0.5)
     finally:
         for name, d in daemons.items():
             d.stop()
