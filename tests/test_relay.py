@@ -26,7 +26,7 @@ from p2pd.relay.frames import (
     Register,
     decode,
 )
-from p2pd.relay.server import REGISTRATION_LIFETIME
+from p2pd.relay.server import REGISTRATION_LIFETIME, VERIFY_RATE
 from p2pd.transport.quic.admission import source_key
 from p2pd.wire import Address
 
@@ -527,3 +527,26 @@ def test_an_answering_address_wins_and_an_open_direct_connection_is_preferred() 
         assert await paths.connect(BOB_ID.public_key, None) is quic.open[1]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_signature_checks_are_rate_limited_per_source() -> None:
+    """A source with a valid cookie for its own address still cannot make the relay
+    verify signatures at line rate: VERIFY_RATE a second, then dropped and counted."""
+    checks = []
+
+    def verify(key: bytes, message: bytes, signature: bytes) -> bool:
+        checks.append(key)
+        return False
+
+    relay = RelayServer(verify=verify)
+    now = 1000.0
+    cookie = relay.cookie(MALLORY, now)
+    forged = Register(BOB_ID.public_key, cookie, bytes(64)).encode()
+    answers = [relay.datagram_received(forged, MALLORY, now) for _ in range(100)]
+    assert len(checks) == VERIFY_RATE and sum(1 for a in answers if a) == VERIFY_RATE
+    assert relay.stats["dropped_verify_rate"] == 100 - VERIFY_RATE
+    # another source has its own budget; a second later the first has its again
+    relay.datagram_received(Register(BOB_ID.public_key, relay.cookie(ALICE, now),
+                                     bytes(64)).encode(), ALICE, now)  # fmt: skip
+    relay.datagram_received(forged, MALLORY, now + 1.0)
+    assert len(checks) == VERIFY_RATE + 2

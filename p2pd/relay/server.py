@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +66,11 @@ PENDING_TIMEOUT = 10.0
 CIRCUIT_IDLE = 75.0
 #: Cookies are good for the minute they were made in and the next one.
 COOKIE_PERIOD = 60.0
+#: Signature checks (REGISTER, CONNECT) one IP address may cause per second, and the
+#: most addresses whose budget is remembered (least recently used forgotten first). An
+#: honest client needs one every 25 s, and one per circuit it opens.
+VERIFY_RATE = 10.0
+VERIFY_SOURCES = 4096
 
 
 def _ip(addr: NetworkAddress) -> str:
@@ -139,6 +144,7 @@ class RelayServer:
         self._circuits: dict[bytes, Circuit] = {}
         self._peers: dict[bytes, _PeerUse] = {}
         self._bucket = TokenBucket(self.config.bandwidth, self.config.bandwidth)
+        self._verify_budget: OrderedDict[str, TokenBucket] = OrderedDict()
         self._random = os.urandom
 
     # ------------------------------------------------------------------ cookies
@@ -178,6 +184,21 @@ class RelayServer:
         self._drop("wrong_direction")  # unreachable: TO_RELAY covers the rest
         return []
 
+    def _may_verify(self, addr: NetworkAddress, now: float) -> bool:
+        """A signature check (86 µs) within the source IP's budget (:data:`VERIFY_RATE`):
+        a source that proved its address can still not make us verify at line rate."""
+        ip = _ip(addr)
+        bucket = self._verify_budget.pop(ip, None)
+        if bucket is None:
+            bucket = TokenBucket(VERIFY_RATE, VERIFY_RATE, now)
+            if len(self._verify_budget) >= VERIFY_SOURCES:
+                self._verify_budget.popitem(last=False)
+        self._verify_budget[ip] = bucket
+        if bucket.take(1, now):
+            return True
+        self._drop("verify_rate")
+        return False
+
     def _drop(self, reason: str) -> None:
         self.stats["dropped"] += 1
         self.stats[f"dropped_{reason}"] += 1
@@ -195,6 +216,8 @@ class RelayServer:
             return self._refuse(frame, RefusalReason.BAD_COOKIE, addr)
         if not self.serving:
             return self._refuse(frame, RefusalReason.NOT_A_RELAY, addr)
+        if not self._may_verify(addr, now):
+            return []
         if not self._verify(frame.key, Register.signed_part(frame.cookie), frame.signature):
             return self._refuse(frame, RefusalReason.BAD_SIGNATURE, addr)
         current = self._registrations.get(frame.key)
@@ -216,6 +239,8 @@ class RelayServer:
             return self._refuse(frame, RefusalReason.BAD_COOKIE, addr)
         if not self.serving:
             return self._refuse(frame, RefusalReason.NOT_A_RELAY, addr)
+        if not self._may_verify(addr, now):
+            return []
         signed = Connect.signed_part(frame.cookie, frame.target)
         if not self._verify(frame.key, signed, frame.signature):
             return self._refuse(frame, RefusalReason.BAD_SIGNATURE, addr)
