@@ -33,7 +33,8 @@ from .keystore import ensure_home
 from .maintenance import MaintenanceSchedule, Wakeup
 from .messaging import Contacts
 from .netif import is_wildcard
-from .records import MAX_ADDRESSES, HandleRecord
+from .records import MAX_ADDRESSES, MAX_RELAYS, HandleRecord
+from .relay import Relays, is_virtual
 from .rotation import RotationNotice
 from .session import SessionManager
 from .store import db_path, get_meta, open_database, set_meta
@@ -66,6 +67,7 @@ class Node:
         rotation: RotationNotice | None,
         hints: AddressHints,
         files: FilesService | None = None,
+        relays: Relays | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -89,6 +91,8 @@ class Node:
         self.rotation = rotation
         #: Where pinned contacts said they are (invites, in-session hints).
         self.hints = hints
+        #: Relaying for others, and our registrations with relays (p2pd/relay/).
+        self.relays = relays
 
     @property
     def listen_address(self) -> Address:
@@ -111,11 +115,19 @@ class Node:
         (contacts learn them in the session: p2pd/address_hints.py), else all."""
         return [] if self.config.hides_addresses else self.advertised_addresses()
 
+    def published_relays(self) -> list[Address]:
+        """The relays that hold a registration for us (none while we are reachable)."""
+        return [] if self.relays is None else self.relays.registered()[:MAX_RELAYS]
+
     def _addresses_moved(self) -> bool:
-        """Whether our published record's addresses are no longer what we would publish
-        (a NAT mapping learnt or changed: issue 13); then we republish at once."""
+        """Whether our published record's addresses or relays are no longer what we
+        would publish (a NAT mapping learnt or changed, a relay gained or lost: issue
+        13); then we republish at once."""
         record = self.record
-        return record is not None and record.addresses != tuple(self.published_addresses())
+        return record is not None and (
+            record.addresses != tuple(self.published_addresses())
+            or record.relays != tuple(self.published_relays())
+        )
 
     def _local_addresses(self) -> list[Address]:
         local = self.listen_address
@@ -162,6 +174,7 @@ class Node:
             extension=sessions.prekey_bundle(),
             # storing nodes that hold our old key's claim let this record replace it
             rotation=b"" if self.rotation is None else self.rotation.encode(),
+            relays=self.published_relays(),
         )
         sessions.mark_bundle_published()
         self._schedule.published(trio.current_time())
@@ -246,6 +259,18 @@ class Node:
             if due.save_contacts:
                 self._schedule.saved_contacts(now)
                 await self.save_contacts()
+
+
+def needs_relays(dht: DHT) -> bool:
+    """Whether we are behind a NAT that strangers cannot get through: then we keep
+    registrations with relays (and relay for no one)."""
+    status = dht.reachability()
+    if status.reachability == "reachable":
+        return False
+    return status.reachability == "unreachable" or status.mapping in (
+        "endpoint-independent",
+        "endpoint-dependent",
+    )
 
 
 def _lan_peer_handler(
@@ -358,6 +383,15 @@ async def open_node(
             def cached(key: bytes) -> HandleRecord | None:  # delivery's looked-up records
                 return next((r for r in delivery.resolved_records() if r.public_key == key), None)
 
+            relays = Relays(
+                config.relay, identity, endpoint.sendto,
+                # an unwrapped QUIC packet of a circuit, under its virtual address
+                on_packet=lambda packet, virtual: quic.datagram_received(packet, virtual),
+                needs_relays=lambda: needs_relays(dht),
+                candidates=lambda: [Address(h, p) for _, h, p in dht.contacts()],
+                on_registrations_changed=wakeup.set,  # republish with the new relays
+                v6=endpoint.local_address.version == 6,
+            )  # fmt: skip
             quic = QuicEndpoint(
                 endpoint,
                 identity,
@@ -368,6 +402,8 @@ async def open_node(
                 ),
                 on_datagram=lambda peer, data: calls.datagram_received(peer, data),
                 is_pinned=lambda key: contacts.by_key(key) is not None,  # QUIC's reserve
+                virtual_send=relays.send,  # a circuit's packets go wrapped to its relay
+                is_virtual=is_virtual,
             )
             delivery = Delivery(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,
@@ -375,6 +411,7 @@ async def open_node(
                 on_signal=lambda *signal: on_signal(*signal),
                 on_direct=lambda key: announcer.peer_seen(key),
                 on_file_offer=lambda *offer: files.offer_received(*offer),
+                relay_connect=relays.connect,
             )  # fmt: skip
             calls = CallManager(delivery, events)
             announcer = HintAnnouncer(
@@ -402,12 +439,16 @@ async def open_node(
             node = Node(
                 config, identity, conn, endpoint=endpoint, dht=dht, quic=quic,
                 delivery=delivery, calls=calls, lan=lan, schedule=schedule, wakeup=wakeup,
-                rotation=rotation, files=files, hints=hints,
+                rotation=rotation, files=files, hints=hints, relays=relays,
             )  # fmt: skip
             if rotation is not None:
                 delivery.announce_rotation(rotation)  # once; the outbox delivers it
             await nursery.start(quic.serve)
-            await nursery.start(endpoint.serve, dht.datagram_received, quic.datagram_received)
+            await nursery.start(relays.run)
+            await nursery.start(
+                endpoint.serve, dht.datagram_received, quic.datagram_received,
+                relays.datagram_received,
+            )  # fmt: skip
             await nursery.start(calls.run)
             await nursery.start(announcer.run)
             await nursery.start(files.run)
