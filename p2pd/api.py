@@ -104,6 +104,9 @@ class Status(TypedDict):
     #: Relays.statistics(): ``relaying`` (our relay's registrations, circuits, bytes and
     #: counters), ``client`` (our registrations' states, circuits, counters).
     relay: dict[str, Any]
+    #: Relayed connections upgraded by hole punching (p2pd/relay/upgrade.py): started,
+    #: direct, failed, refused; and probes refused by the punch core.
+    hole_punching: dict[str, int]
 
 
 class RecordSummary(TypedDict):
@@ -258,6 +261,7 @@ class Api:
             "hint_counters": dict(node.hints.stats),
             "relays_in_use": [str(a) for a in node.published_relays()],
             "relay": node.relays.statistics() if node.relays is not None else {},
+            "hole_punching": node.upgrade.statistics() if node.upgrade is not None else {},
         }
 
     async def whois(self, handle: str) -> Whois | ContestedHandle:

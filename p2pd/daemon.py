@@ -35,10 +35,12 @@ from .messaging import Contacts
 from .netif import is_wildcard
 from .records import MAX_ADDRESSES, MAX_RELAYS, HandleRecord
 from .relay import Relays, is_virtual
+from .relay.upgrade import DirectUpgrade
 from .rotation import RotationNotice
 from .session import SessionManager
 from .store import db_path, get_meta, open_database, set_meta
-from .transport.quic import QuicEndpoint, QuicPeer
+from .transport.punch_driver import PunchRunner
+from .transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from .transport.udp import UdpEndpoint
 from .wire import Address
 
@@ -68,6 +70,7 @@ class Node:
         hints: AddressHints,
         files: FilesService | None = None,
         relays: Relays | None = None,
+        upgrade: DirectUpgrade | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -93,6 +96,8 @@ class Node:
         self.hints = hints
         #: Relaying for others, and our registrations with relays (p2pd/relay/).
         self.relays = relays
+        #: Relayed connections upgraded to direct ones (hole punching).
+        self.upgrade = upgrade
 
     @property
     def listen_address(self) -> Address:
@@ -261,6 +266,15 @@ class Node:
                 await self.save_contacts()
 
 
+def punch_candidates(advertised: list[Address], dht: DHT) -> list[Address]:
+    """What we offer for hole punching: the addresses we advertise (a mapped public
+    address first), then the reflexive addresses observers saw (behind an
+    endpoint-dependent NAT their ports mean nothing, but the IP is where the peer's
+    port probes go). At most 8."""
+    seen = [a for a, _ in dht.reachability().reflexive]
+    return list(dict.fromkeys(advertised + seen))[:8]
+
+
 def needs_relays(dht: DHT) -> bool:
     """Whether we are behind a NAT that strangers cannot get through: then we keep
     registrations with relays (and relay for no one)."""
@@ -383,6 +397,9 @@ async def open_node(
             def cached(key: bytes) -> HandleRecord | None:  # delivery's looked-up records
                 return next((r for r in delivery.resolved_records() if r.public_key == key), None)
 
+            async def other_streams(peer: QuicPeer, stream: QuicStream, first: bytes) -> None:
+                await upgrade.route_stream(peer, stream, first, delivery.handle_stream)
+
             relays = Relays(
                 config.relay, identity, endpoint.sendto,
                 # an unwrapped QUIC packet of a circuit, under its virtual address
@@ -396,15 +413,25 @@ async def open_node(
                 endpoint,
                 identity,
                 config.quic,
-                # p2pd/files/ routes file streams on their first byte, the rest to delivery
-                on_stream=lambda peer, stream: files.route_stream(
-                    peer, stream, delivery.handle_stream
-                ),
+                # p2pd/files/ routes file streams on their first byte, then the upgrade
+                # (hole punching) takes its streams, and delivery the rest
+                on_stream=lambda peer, stream: files.route_stream(peer, stream, other_streams),
                 on_datagram=lambda peer, data: calls.datagram_received(peer, data),
                 is_pinned=lambda key: contacts.by_key(key) is not None,  # QUIC's reserve
                 virtual_send=relays.send,  # a circuit's packets go wrapped to its relay
                 is_virtual=is_virtual,
+                # a connection through a relay: try for a direct path (hole punching)
+                on_connection=lambda peer: upgrade.on_relayed_connection(peer),
             )
+            runner = PunchRunner(endpoint.sendto, endpoint.local_address.host)
+            upgrade = DirectUpgrade(
+                quic, runner,
+                mapping=lambda: dht.reachability().mapping,
+                candidates=lambda: punch_candidates(node.advertised_addresses(), dht),
+                may_share_addresses=lambda key: (
+                    not config.hides_addresses or contacts.by_key(key) is not None
+                ),
+            )  # fmt: skip
             delivery = Delivery(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,
                 contacts=contacts, lan_addresses=_hinted(_lan_addresses(lan), hints, cached),
@@ -439,15 +466,16 @@ async def open_node(
             node = Node(
                 config, identity, conn, endpoint=endpoint, dht=dht, quic=quic,
                 delivery=delivery, calls=calls, lan=lan, schedule=schedule, wakeup=wakeup,
-                rotation=rotation, files=files, hints=hints, relays=relays,
+                rotation=rotation, files=files, hints=hints, relays=relays, upgrade=upgrade,
             )  # fmt: skip
             if rotation is not None:
                 delivery.announce_rotation(rotation)  # once; the outbox delivers it
             await nursery.start(quic.serve)
             await nursery.start(relays.run)
+            await nursery.start(upgrade.run)
             await nursery.start(
                 endpoint.serve, dht.datagram_received, quic.datagram_received,
-                relays.datagram_received,
+                relays.datagram_received, runner.datagram_received,
             )  # fmt: skip
             await nursery.start(calls.run)
             await nursery.start(announcer.run)

@@ -113,6 +113,11 @@ class PunchRunner:
             for s in sides:
                 if s is not kept:
                     s.close()
+        self.stats["attempts"] = self.stats.get("attempts", 0) + 1
+        self.stats["paths_found"] = self.stats.get("paths_found", 0) + (winner is not None)
+        for name, count in core.stats.items():
+            if name.startswith("refused_"):  # forged, reflected, malformed: worth seeing
+                self.stats[name] = self.stats.get(name, 0) + count
         return PunchOutcome(
             winner, kept, dict(core.stats), side_sockets_short=wanted - plan.side_sockets
         )

@@ -125,6 +125,7 @@ class QuicEndpoint:
         self._by_cid: dict[bytes, QuicPeer] = {}
         self._peers: dict[tuple[bytes, NetworkAddress], QuicPeer] = {}
         self._all: set[QuicPeer] = set()
+        self._routes: dict[NetworkAddress, VirtualSend] = {}
         #: Connections that received datagrams since the last flush, in arrival order.
         self._dirty: list[QuicPeer] = []
         self._v6 = udp.local_address.version == 6
@@ -396,10 +397,33 @@ class QuicEndpoint:
         return self._on_stream is not None
 
     def sendto(self, data: bytes, addr: NetworkAddress) -> None:
-        if self._virtual_send is not None and self._is_virtual(addr[0]):
+        route = self._routes.get(addr) if self._routes else None
+        if route is not None:
+            route(data, addr)  # a hole-punched path on a socket of its own
+        elif self._virtual_send is not None and self._is_virtual(addr[0]):
             self._virtual_send(data, addr)  # wrapped for a relay circuit
         else:
             self.udp.sendto(data, addr)
+
+    # ---- routes: paths on sockets other than the node's (p2pd/relay/upgrade.py)
+
+    def add_route(self, addr: NetworkAddress, send: VirtualSend) -> None:
+        """Packets to ``addr`` leave through ``send`` (a hole-punched side socket); its
+        owner feeds what arrives there to :meth:`datagram_received` and calls
+        :meth:`flush` after each burst."""
+        self._routes[addr] = send
+
+    def remove_route(self, addr: NetworkAddress) -> None:
+        self._routes.pop(addr, None)
+
+    def flush(self) -> None:
+        """Step the connections that received datagrams (what the UDP task's flush hook
+        does after each burst), for datagrams fed from another socket's task."""
+        self._flush()
+
+    def has_connection_to(self, addr: NetworkAddress) -> bool:
+        """A connection to ``addr`` exists, established or not, and is not closed."""
+        return any(p.address == addr and not p.quic.is_closing for p in self._all)
 
     def register_cid(self, cid: bytes, peer: QuicPeer) -> None:
         self._by_cid[cid] = peer
