@@ -420,9 +420,13 @@ async def open_node(
                 is_pinned=lambda key: contacts.by_key(key) is not None,  # QUIC's reserve
                 virtual_send=relays.send,  # a circuit's packets go wrapped to its relay
                 is_virtual=is_virtual,
-                # a connection through a relay: try for a direct path (hole punching)
-                on_connection=lambda peer: upgrade.on_relayed_connection(peer),
+                on_connection=lambda peer: connection_opened(peer),
             )
+
+            def connection_opened(peer: QuicPeer) -> None:
+                upgrade.on_relayed_connection(peer)  # relayed: try for a direct path
+                calls.connection_opened(peer)  # direct: a call over a relay moves to it
+
             runner = PunchRunner(endpoint.sendto, endpoint.local_address.host)
             upgrade = DirectUpgrade(
                 quic, runner,
@@ -431,6 +435,7 @@ async def open_node(
                 may_share_addresses=lambda key: (
                     not config.hides_addresses or contacts.by_key(key) is not None
                 ),
+                on_direct=lambda peer: calls.connection_opened(peer),
             )  # fmt: skip
             delivery = Delivery(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir, wait_until
+from p2pd.testing.daemons import (
+    DaemonProcess,
+    cli_json,
+    p2pd_command,
+    run_cli,
+    short_tempdir,
+    wait_until,
+)
 from p2pd.testing.netns import Host, Testbed
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -40,9 +48,8 @@ def send(root: Path, sender: str, to: str, text: str) -> dict:
     return message
 
 
-def test_a_relayed_connection_becomes_direct_and_messages_follow(
-    testbed: Testbed, root: Path
-) -> None:
+def start_network(testbed: Testbed, root: Path) -> None:
+    """Three public daemons; alice behind an EIM NAT, bob behind an EDM NAT; settled."""
     inet = testbed.lan("inet", "198.18.0.0/16")
     hosts: dict[str, Host] = {
         f"pub{i}": testbed.host(f"pub{i}", inet, address=f"198.18.{i}.11") for i in (1, 2, 3)
@@ -56,6 +63,9 @@ def test_a_relayed_connection_becomes_direct_and_messages_follow(
     seeds = [f"198.18.{i}.11:{PORT}" for i in (1, 2, 3)]
     for name, host in hosts.items():
         assert run_cli(root / name, "init", name, "--no-passphrase").returncode == 0
+        (root / name / "config.toml").write_text(
+            '[calls]\naudio_in = "tone:440"\naudio_out = "none"\nfrom = "everyone"\n'
+        )
         DaemonProcess(
             root / name,
             listen=f"0.0.0.0:{PORT}",
@@ -76,6 +86,12 @@ def test_a_relayed_connection_becomes_direct_and_messages_follow(
         SETTLE,
         interval=1.0,
     )
+
+
+def test_a_relayed_connection_becomes_direct_and_messages_follow(
+    testbed: Testbed, root: Path
+) -> None:
+    start_network(testbed, root)
 
     tag = f"upgrade-{time.time_ns():x}"
     first = send(root, "alice", "bob", f"{tag} 0")
@@ -99,3 +115,35 @@ def test_a_relayed_connection_becomes_direct_and_messages_follow(
     stats = {n: cli_json(root / n, "status")["hole_punching"] for n in ("alice", "bob")}
     print(f"hole punching: {stats}")
     assert stats["alice"].get("probes_paths_found", 0) >= 1
+
+
+def test_a_call_over_a_relay_moves_to_the_direct_path_without_a_long_gap(
+    testbed: Testbed, root: Path
+) -> None:
+    """The call itself opens the relayed connection; the upgrade happens during the call,
+    and both sides' media move to the direct connection: the audio gap while switching
+    must stay under 150 ms (issue 13), i.e. at most 7 of 20 ms frames concealed."""
+    start_network(testbed, root)
+    hosts = testbed.hosts
+    answer = hosts["bob"].popen(
+        [*p2pd_command(), "--home", str(root / "bob"), "answer", "--wait", "60",
+         "--audio-in", "tone:660", "--json"]
+    )  # fmt: skip
+    proc = subprocess.run(
+        [*p2pd_command(), "--home", str(root / "alice"), "call", "bob", "--audio-in",
+         "tone:440", "--duration", "6", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    out, err = answer.communicate(timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert answer.returncode == 0, err
+    caller, callee = json.loads(proc.stdout), json.loads(out)
+    shown = ("audio_packets_received", "audio_frames_played", "audio_frames_concealed",
+             "path_switches", "rtt_ms")  # fmt: skip
+    for who, side in (("caller", caller), ("callee", callee)):
+        print(f"{who}: { ({k: side['media'].get(k) for k in shown}) }")
+    for side in (caller, callee):
+        media = side["media"]
+        assert media["path_switches"] == 1, media  # relayed first, then direct
+        assert media["audio_packets_received"] > 200, media  # 6 s of 20 ms frames: 300
+        assert media["audio_frames_concealed"] <= 7, media

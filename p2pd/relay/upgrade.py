@@ -17,8 +17,9 @@ libp2p's DCUtR over p2pd's parts. When a connection through a relay comes in
 
 Delivery (p2pd/delivery/paths.py) takes a direct connection before a relayed one, so the
 next message goes direct; what was in flight on the relayed connection is acked or sent
-again by delivery as always (message ids: nothing lost or duplicated). A call keeps the
-connection it started on (not switched yet). The relayed connection closes when idle.
+again by delivery as always (message ids: nothing lost or duplicated). A call under way
+sends on the direct connection from then on (``on_direct``; CallMedia.switch_peer) and
+plays what comes on either. The relayed connection closes when idle.
 
 With ``[privacy] addresses = contacts`` only pinned contacts get our addresses in an
 offer, as with address hints.
@@ -75,12 +76,14 @@ class DirectUpgrade:
         mapping: Callable[[], str],
         candidates: Callable[[], list[Address]],
         may_share_addresses: Callable[[bytes], bool],
+        on_direct: Callable[[QuicPeer], None] = lambda peer: None,
     ) -> None:
         self.quic = quic
         self.runner = runner
         self._mapping = mapping
         self._candidates = candidates
         self._may_share = may_share_addresses
+        self._on_direct = on_direct
         self._nursery: trio.Nursery | None = None
         self._last_try: dict[bytes, float] = {}
         self._running = 0
@@ -154,8 +157,9 @@ class DirectUpgrade:
         if outcome.side_socket is not None:
             self._adopt(outcome.side_socket, address)
         with trio.fail_after(DIRECT_CONNECT_TIMEOUT):
-            await self.quic.connect(address, key)
+            peer = await self.quic.connect(address, key)
         self.stats["upgrades_direct"] += 1
+        self._on_direct(peer)  # a call under way moves to it
         log.info("%s: direct connection at %s (hole punched)", _who(key), result.address)
 
     # ---- answering (the side that dialled through the relay)
