@@ -1,10 +1,11 @@
 """From relayed to direct between real daemons (issue 13, item 4): alice behind an
 endpoint-independent NAT, bob behind an endpoint-dependent one (``masquerade random``),
-three public daemons as bootstrap nodes and relays. bob's record lists relays and no
-address alice could reach, so alice's first message goes through a relay; the relayed
-connection is then upgraded by hole punching (the birthday case: bob sends from many
-sockets, alice probes many ports) and the next messages go direct, both ways, with none
-lost or doubled. Two endpoint-dependent NATs stay relayed (tests/test_relay_netns.py)."""
+three public daemons as bootstrap nodes and relays (p2pd/testing/natnet.py). bob's
+record lists relays and no address alice could reach, so alice's first message goes
+through a relay; the relayed connection is then upgraded by hole punching (the birthday
+case: bob sends from many sockets, alice probes many ports) and the next messages go
+direct, both ways, with none lost or doubled. A call that starts relayed moves to the
+direct path. Two endpoint-dependent NATs stay relayed (tests/test_relay_netns.py)."""
 
 from __future__ import annotations
 
@@ -17,20 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from p2pd.testing.daemons import (
-    DaemonProcess,
-    cli_json,
-    p2pd_command,
-    run_cli,
-    short_tempdir,
-    wait_until,
-)
-from p2pd.testing.netns import Host, Testbed
+from p2pd.testing.daemons import p2pd_command, run_cli, short_tempdir, wait_until
+from p2pd.testing.natnet import send, start_network, status
+from p2pd.testing.netns import Testbed
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
-PORT = 4747
-#: Reachability needs a dial-back round, then a registration and a republish.
-SETTLE = 90.0
 
 
 @pytest.fixture()
@@ -40,69 +32,20 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def send(root: Path, sender: str, to: str, text: str) -> dict:
-    out = run_cli(root / sender, "send", to, text, "--wait", "--timeout", "30", "--json")
-    assert out.returncode == 0, out.stderr
-    message: dict = json.loads(out.stdout)
-    assert message["state"] == "delivered", message
-    return message
-
-
-def start_network(testbed: Testbed, root: Path) -> None:
-    """Three public daemons; alice behind an EIM NAT, bob behind an EDM NAT; settled."""
-    inet = testbed.lan("inet", "198.18.0.0/16")
-    hosts: dict[str, Host] = {
-        f"pub{i}": testbed.host(f"pub{i}", inet, address=f"198.18.{i}.11") for i in (1, 2, 3)
-    }
-    ra = testbed.nat_router("r-a", inet, inside_subnet="10.1.0.0/24", address="198.18.10.1")
-    rb = testbed.nat_router(
-        "r-b", inet, inside_subnet="10.2.0.0/24", kind="symmetric", address="198.18.11.1"
-    )
-    hosts["alice"] = testbed.host("alice", ra.inside)
-    hosts["bob"] = testbed.host("bob", rb.inside)
-    seeds = [f"198.18.{i}.11:{PORT}" for i in (1, 2, 3)]
-    for name, host in hosts.items():
-        assert run_cli(root / name, "init", name, "--no-passphrase").returncode == 0
-        (root / name / "config.toml").write_text(
-            '[calls]\naudio_in = "tone:440"\naudio_out = "none"\nfrom = "everyone"\n'
-        )
-        DaemonProcess(
-            root / name,
-            listen=f"0.0.0.0:{PORT}",
-            bootstrap=[s for s in seeds if not s.startswith(f"{host.address}:")],
-            lan="off",
-            wrapper=host.command([]),
-            extra=["-v"],
-        ).wait_ready()
-
-    def bob_listed() -> bool:
-        record = cli_json(root / "pub1", "whois", "bob")
-        return len(record.get("relays", [])) >= 2
-
-    assert wait_until(bob_listed, SETTLE, interval=1.0), cli_json(root / "bob", "status")
-    assert cli_json(root / "bob", "status")["nat_mapping"] == "endpoint-dependent"
-    assert wait_until(
-        lambda: cli_json(root / "alice", "status")["nat_mapping"] == "endpoint-independent",
-        SETTLE,
-        interval=1.0,
-    )
-
-
 def test_a_relayed_connection_becomes_direct_and_messages_follow(
     testbed: Testbed, root: Path
 ) -> None:
-    start_network(testbed, root)
-
+    start_network(testbed, root, "eim", "symmetric")
     tag = f"upgrade-{time.time_ns():x}"
     first = send(root, "alice", "bob", f"{tag} 0")
     assert first["via"] == "relay", first  # bob lists no address alice can reach
 
     # bob, who got the relayed connection, punches; the birthday case finds a path
     def upgraded() -> bool:
-        return cli_json(root / "bob", "status")["hole_punching"].get("upgrades_direct", 0) >= 1
+        return status(root, "bob")["hole_punching"].get("upgrades_direct", 0) >= 1
 
     assert wait_until(upgraded, 30, interval=0.5), {
-        n: cli_json(root / n, "status")["hole_punching"] for n in ("alice", "bob")
+        n: status(root, n)["hole_punching"] for n in ("alice", "bob")
     }
     for i, (sender, to) in enumerate((("alice", "bob"), ("bob", "alice"), ("alice", "bob"))):
         message = send(root, sender, to, f"{tag} {i + 1}")
@@ -112,7 +55,7 @@ def test_a_relayed_connection_becomes_direct_and_messages_follow(
         lines = run_cli(root / name, "inbox", "--json").stdout.splitlines()
         texts = [m["text"] for m in map(json.loads, lines) if m["text"].startswith(tag)]
         assert sorted(texts) == [f"{tag} {i}" for i in expected], texts
-    stats = {n: cli_json(root / n, "status")["hole_punching"] for n in ("alice", "bob")}
+    stats = {n: status(root, n)["hole_punching"] for n in ("alice", "bob")}
     print(f"hole punching: {stats}")
     assert stats["alice"].get("probes_paths_found", 0) >= 1
 
@@ -123,9 +66,8 @@ def test_a_call_over_a_relay_moves_to_the_direct_path_without_a_long_gap(
     """The call itself opens the relayed connection; the upgrade happens during the call,
     and both sides' media move to the direct connection: the audio gap while switching
     must stay under 150 ms (issue 13), i.e. at most 7 of 20 ms frames concealed."""
-    start_network(testbed, root)
-    hosts = testbed.hosts
-    answer = hosts["bob"].popen(
+    start_network(testbed, root, "eim", "symmetric")
+    answer = testbed.hosts["c2"].popen(
         [*p2pd_command(), "--home", str(root / "bob"), "answer", "--wait", "60",
          "--audio-in", "tone:660", "--json"]
     )  # fmt: skip
