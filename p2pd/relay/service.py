@@ -7,8 +7,9 @@
 - ``send(payload, virtual)`` is the QUIC endpoint's send path for virtual addresses.
 - One timer task sleeps until the earlier of the two cores' deadlines (one long-lived
   cancel scope, its deadline moved after each input), and every ``CHECK_INTERVAL`` it
-  asks ``needs_relays()`` (the DHT's reachability) whether to keep registrations and
-  which relays to try (``candidates()``: the DHT's routing table, which holds only
+  asks ``needs_relays()`` (the DHT's reachability) whether to keep registrations (also
+  kept with ``hides_addresses``: ``[privacy] addresses = "contacts"``) and which
+  relays to try (``candidates()``: the DHT's routing table, which holds only
   nodes that others could reach: client mode, issue 13 item 2).
 - ``connect(relay, key)`` opens a circuit and returns its virtual address, for
   ``QuicEndpoint.connect``.
@@ -52,6 +53,7 @@ class Relays:
         on_packet: Callable[[bytes, NetworkAddress], None],
         needs_relays: Callable[[], bool],
         candidates: Callable[[], list[Address]],
+        hides_addresses: bool = False,
         on_registrations_changed: Callable[[], None] = lambda: None,
         v6: bool = False,
     ) -> None:
@@ -60,6 +62,9 @@ class Relays:
         self._on_packet = on_packet
         self._needs_relays = needs_relays
         self._candidates = candidates
+        #: ``[privacy] addresses = "contacts"``: our record lists relays only, so we keep
+        #: registrations even where we are reachable (docs/SECURITY.md).
+        self._hides_addresses = hides_addresses
         self._v6 = v6
         self.server = RelayServer(config)
         self.client = RelayClient(
@@ -171,7 +176,7 @@ class Relays:
             self._natted = natted
         # A NATed node relays for no one: nobody could reach it to ask.
         self.server.serving = self.config.enabled and not natted
-        if natted and self.config.registrations > 0:
+        if (natted or self._hides_addresses) and self.config.registrations > 0:
             self.client.keep_registrations([self._normalize(a) for a in self._candidates()], now)
         elif self.client.registered():
             self.client.stop_registrations()
