@@ -478,19 +478,27 @@ def _record(addresses: list[Address], relays: list[Address]) -> HandleRecord:
     return HandleRecord.create(BOB_ID, addresses, seq=1, now=1000, lifetime=3600, relays=relays)
 
 
-def test_a_natted_peer_is_reached_through_its_relay_without_waiting_for_its_address() -> None:
-    """Its record's address never answers; the relay starts 250 ms later and wins."""
+@pytest.mark.parametrize("hinted", [False, True])
+def test_a_natted_peer_is_reached_through_its_relay_without_waiting_for_its_address(
+    hinted: bool,
+) -> None:
+    """Its record's address never answers; the relay starts at once and wins (250 ms
+    later when the LAN or a hint names an address: that one may well answer)."""
     relays = [Address(*RELAY), Address(*RELAY2)]
     quic = FakeQuic({virtual_address(1): 0.05, virtual_address(2): 0.05})
 
     async def main() -> None:
         record = _record([Address("10.2.0.11", 4747)], relays)
-        peer = await _paths(quic, {relays[0]: 0.02, relays[1]: 0.02}).connect(
-            BOB_ID.public_key, record
-        )
+        paths = _paths(quic, {relays[0]: 0.02, relays[1]: 0.02})
+        if hinted:
+            paths.lan_addresses = lambda key: [Address("10.9.0.1", 4747)]
+        peer = await paths.connect(BOB_ID.public_key, record)
         assert peer is not None and is_virtual(peer.address[0])
         assert peer.address == virtual_address(1)
-        assert trio.current_time() == pytest.approx(RELAY_HEAD_START + 0.07)
+        head_start = RELAY_HEAD_START if hinted else 0.0
+        assert trio.current_time() == pytest.approx(head_start + 0.07)
+        # the addresses were tried too, all along (in turn: the first never answers)
+        assert quic.asked[0][1] == (("10.9.0.1", 4747) if hinted else ("10.2.0.11", 4747))
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
@@ -518,8 +526,13 @@ def test_an_answering_address_wins_and_an_open_direct_connection_is_preferred() 
     async def main() -> None:
         paths = _paths(quic, {relays[0]: 0.01})
         peer = await paths.connect(BOB_ID.public_key, _record([public], relays))
+        assert peer is not None and peer.address == public.as_tuple()  # the faster one
+        quic.asked.clear()
+        paths.lan_addresses = lambda key: [public]  # the LAN knows where it is
+        peer = await paths.connect(BOB_ID.public_key, _record([], relays))
         assert peer is not None and peer.address == public.as_tuple()
         assert [a for _, a in quic.asked] == [public.as_tuple()]  # the relay never began
+        paths.lan_addresses = lambda key: []
         relayed = FakePeer(BOB_ID.public_key, virtual_address(9))
         quic.open = [relayed]
         assert await paths.connect(BOB_ID.public_key, None) is relayed
