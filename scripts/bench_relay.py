@@ -153,7 +153,9 @@ def main() -> None:
                 busiest = max(moved, key=lambda p: moved[p])
                 used = cpu_seconds(relays[busiest]) - before[busiest][0]
                 mbit = moved[busiest] * 8 / 1e6
-                per_mbit = f" ({used / mbit * 1000:.1f} ms CPU per relayed Mbit)" if mbit else ""
+                per_mbit = (
+                    f" ({used / mbit * 1000:.1f} ms CPU per relayed Mbit)" if mbit > 1 else ""
+                )
                 print(f"bulk {args.file_mb} MiB sender0 -> {to}: {took:.1f} s, "
                       f"{rates[to]:.1f} Mbit/s; busiest relay {busiest}: {mbit:.1f} Mbit "
                       f"relayed, {used:.2f} CPU s{per_mbit}")  # fmt: skip
