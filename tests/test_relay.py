@@ -563,3 +563,19 @@ def test_signature_checks_are_rate_limited_per_source() -> None:
                                      bytes(64)).encode(), ALICE, now)  # fmt: skip
     relay.datagram_received(forged, MALLORY, now + 1.0)
     assert len(checks) == VERIFY_RATE + 2
+
+
+def test_relay_candidates_come_one_per_subnet_first_and_spread_by_key() -> None:
+    from p2pd.relay.service import candidate_order
+
+    same_net = [Address(f"198.18.7.{i}", 4747) for i in range(1, 6)]
+    others = [Address("198.18.8.1", 4747), Address("198.18.9.1", 4747)]
+    order = candidate_order(same_net + others, ALICE_ID.public_key)
+    assert set(order[:3]) & set(others) == set(others)  # one of 198.18.7.0/24, then others
+    assert sum(1 for a in order[:3] if a in same_net) == 1
+    assert sorted(order, key=str) == sorted(same_net + others, key=str)  # nothing lost
+    # stable for one key; another key ranks them differently
+    assert candidate_order(same_net + others, ALICE_ID.public_key) == order
+    keys = (ALICE_ID.public_key, BOB_ID.public_key, MALLORY_ID.public_key)
+    orders = {tuple(candidate_order(same_net, key)) for key in keys}
+    assert len(orders) > 1

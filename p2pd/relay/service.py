@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import trio
 
 from ..config import RelayConfig
+from ..dht.reachability import group_of
 from ..errors import ConnectionLost
 from ..identity import Identity
 from ..wire import Address
@@ -39,6 +41,25 @@ CHECK_INTERVAL = 5.0
 CIRCUIT_TIMEOUT = 4.0
 
 Send = Callable[[bytes, NetworkAddress], None]
+
+
+def candidate_order(candidates: list[Address], key: bytes) -> list[Address]:
+    """The order in which to ask ``candidates`` to relay for ``key``: one per /24 (or
+    /48) first, so that one operator's subnet is not all of a node's relays; within
+    that, by a hash of the key and the address (rendezvous hashing: each node spreads its
+    registrations differently, and the same node keeps the same relays across checks)."""
+
+    def rank(address: Address) -> bytes:
+        return hashlib.blake2b(key + address.encode(), digest_size=8).digest()
+
+    first: list[Address] = []
+    rest: list[Address] = []
+    groups: set[str] = set()
+    for address in sorted(dict.fromkeys(candidates), key=rank):
+        group = group_of(address.host)
+        (rest if group in groups else first).append(address)
+        groups.add(group)
+    return first + rest
 
 
 class Relays:
@@ -177,7 +198,8 @@ class Relays:
         # A NATed node relays for no one: nobody could reach it to ask.
         self.server.serving = self.config.enabled and not natted
         if (natted or self._hides_addresses) and self.config.registrations > 0:
-            self.client.keep_registrations([self._normalize(a) for a in self._candidates()], now)
+            ordered = candidate_order(self._candidates(), self.client.public_key)
+            self.client.keep_registrations([self._normalize(a) for a in ordered], now)
         elif self.client.registered():
             self.client.stop_registrations()
 
