@@ -35,6 +35,7 @@ from .messaging import Contacts
 from .netif import is_wildcard
 from .records import MAX_ADDRESSES, MAX_RELAYS, HandleRecord
 from .relay import Relays, is_virtual
+from .relay.punch import Puncher, is_punch
 from .rotation import RotationNotice
 from .session import SessionManager
 from .store import db_path, get_meta, open_database, set_meta
@@ -413,6 +414,7 @@ async def open_node(
                 on_direct=lambda key: announcer.peer_seen(key),
                 on_file_offer=lambda *offer: files.offer_received(*offer),
                 relay_connect=relays.connect,
+                on_relayed=lambda key: puncher.relayed(key),  # try for a direct path
             )  # fmt: skip
             calls = CallManager(delivery, events)
             announcer = HintAnnouncer(
@@ -422,8 +424,23 @@ async def open_node(
                 send=delivery.send_signal,
             )  # fmt: skip
 
+            puncher = Puncher(
+                our_addresses=lambda: node.advertised_addresses(),
+                peer_addresses=lambda key: list(r.addresses) if (r := cached(key)) else [],
+                handle_of=lambda key: c.handle if (c := contacts.by_key(key)) else None,
+                send_signal=delivery.send_signal,
+                connect=quic.connect,
+                punch=relays.send_to,
+                direct=lambda key: any(
+                    p.public_key == key and not is_virtual(p.address[0]) for p in quic.peers()
+                ),
+            )  # fmt: skip
+
             def on_signal(key: bytes, claimed: str, peer: QuicPeer | None, text: str) -> None:
-                if is_hint(text):  # where a contact is: p2pd/address_hints.py
+                if is_punch(text):  # where a peer we reach through a relay is: punch
+                    relayed = peer is not None and is_virtual(peer.address[0])
+                    puncher.received(key, text, relayed=relayed)
+                elif is_hint(text):  # where a contact is: p2pd/address_hints.py
                     hints.received(key, contacts.by_key(key) is not None, text, time.time())
                 else:
                     calls.on_signal(key, claimed, peer, text)
@@ -452,6 +469,7 @@ async def open_node(
             )  # fmt: skip
             await nursery.start(calls.run)
             await nursery.start(announcer.run)
+            await nursery.start(puncher.run)
             await nursery.start(files.run)
             await nursery.start(serve_control_api, node.control_path, Api(node), events)
             if lan is not None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from p2pd.config import RelayConfig
 from p2pd.delivery.paths import RELAY_HEAD_START, RELAY_STAGGER, Paths
+from p2pd.errors import ConnectionLost
 from p2pd.identity import Identity
 from p2pd.records import HandleRecord
 from p2pd.relay import RelayClient, RelayFrameError, RelayServer, is_virtual, virtual_address
@@ -579,3 +580,71 @@ def test_relay_candidates_come_one_per_subnet_first_and_spread_by_key() -> None:
     keys = (ALICE_ID.public_key, BOB_ID.public_key, MALLORY_ID.public_key)
     orders = {tuple(candidate_order(same_net, key)) for key in keys}
     assert len(orders) > 1
+
+
+def test_punch_signals_round_trip_and_garbage_is_refused() -> None:
+    from p2pd.relay.punch import MAX_PUNCH_ADDRESSES, decode_punch, encode_punch, is_punch
+
+    addresses = [Address("198.18.10.1", 4747), Address("2001:db8::1", 4747)]
+    text = encode_punch(addresses)
+    assert is_punch(text) and decode_punch(text) == addresses
+    too_many = [Address(f"198.18.10.{i}", 1) for i in range(1, MAX_PUNCH_ADDRESSES + 2)]
+    assert len(decode_punch(encode_punch(too_many))) == MAX_PUNCH_ADDRESSES  # cut when sent
+    for bad in (
+        '{"type": "punch", "addresses": []}',
+        '{"type": "punch", "addresses": ["example.com:1"]}',
+        '{"type": "punch", "addresses": ["198.18.1.1:0"]}',
+        '{"type": "punch", "addresses": ["0.0.0.0:1"]}',
+        '{"type": "punch", "addresses": [1]}',
+        '{"type": "punch", "addresses": ["198.18.1.1:1"], "more": 1}',
+        '{"type": "punch", "addresses": ' + str(["198.18.1.1:1"] * 9).replace("'", '"') + "}",
+        "[" * 5000,
+        "not json",
+    ):
+        with pytest.raises(ValueError):
+            decode_punch(bad)
+    assert not is_punch('{"type": "addresses", "addresses": ["198.18.1.1:1"]}')
+
+
+async def test_a_punch_signal_is_answered_only_over_a_relay_and_within_budgets(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from p2pd.relay.punch import ANSWERS_PER_MINUTE, PUNCH_INTERVAL, Puncher, encode_punch
+
+    sent: list[tuple[bytes, Address]] = []
+    tried: list[tuple[Address, bytes]] = []
+
+    async def connect(address: Address, key: bytes) -> None:
+        tried.append((address, key))
+        raise ConnectionLost("no")
+
+    puncher = Puncher(
+        our_addresses=lambda: [Address("198.18.10.1", 4747)],
+        peer_addresses=lambda key: [],
+        handle_of=lambda key: None,
+        send_signal=lambda *a: trio.sleep(0),
+        connect=connect,
+        punch=lambda data, addr: sent.append((data, addr)),
+        direct=lambda key: False,
+    )
+    target = Address("198.18.99.1", 4747)
+    text = encode_punch([target])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(puncher.run)
+        puncher.received(ALICE_ID.public_key, text, relayed=False)  # not over a relay
+        await trio.sleep(5)
+        assert sent == [] and tried == []
+        puncher.received(ALICE_ID.public_key, text, relayed=True)
+        puncher.received(ALICE_ID.public_key, text, relayed=True)  # within the interval
+        await trio.sleep(5)
+        assert [a for _, a in sent] == [target, target]  # two punches
+        assert all(d[0] == FrameType.PUNCH and len(d) == 9 for d, _ in sent)
+        assert tried == [(target, ALICE_ID.public_key)]
+        await trio.sleep(PUNCH_INTERVAL)
+        # many fresh keys: at most ANSWERS_PER_MINUTE rounds a minute in all
+        for i in range(ANSWERS_PER_MINUTE + 10):
+            puncher.received(bytes([i]) * 32, text, relayed=True)
+        await trio.sleep(10)
+        assert len(tried) == 1 + ANSWERS_PER_MINUTE
+        assert puncher.stats["punch_over_budget"] == 10
+        nursery.cancel_scope.cancel()

@@ -232,3 +232,74 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
         frames += len(payloads)
         data_frames += sum(1 for p in payloads if p[:1] in (b"\x0d", b"\x0e"))
     assert data_frames > 200, (frames, data_frames)  # the capture did see the traffic
+
+
+def test_a_direct_path_follows_the_relay_where_the_nats_allow(testbed: Testbed, root: Path) -> None:
+    """Issue 13, item 4 in part: two daemons behind endpoint-independent NATs (simultaneous
+    open), and a public daemon writing to one behind an endpoint-dependent NAT
+    (connection reversal). The first message goes through a relay; the punch round it
+    starts (p2pd/relay/punch.py) opens a direct connection, which later messages take."""
+    inet = testbed.lan("inet", "198.18.0.0/16")
+    hosts: dict[str, Host] = {
+        f"pub{i}": testbed.host(f"pub{i}", inet, address=f"198.18.{i}.11") for i in (1, 2, 3)
+    }
+    hosts["carol"] = testbed.host("carol", inet, address="198.18.4.11")
+    for name, subnet, kind, address in (
+        ("alice", "10.1.0.0/24", "eim", "198.18.10.1"),
+        ("bob", "10.2.0.0/24", "eim", "198.18.11.1"),
+        ("dave", "10.4.0.0/24", "symmetric", "198.18.13.1"),
+    ):
+        router = testbed.nat_router(
+            f"r-{name}",
+            inet,
+            inside_subnet=subnet,
+            kind=kind,
+            address=address,  # type: ignore[arg-type]
+        )
+        hosts[name] = testbed.host(name, router.inside)
+    daemons: dict[str, DaemonProcess] = {}
+    seeds = [f"198.18.{i}.11:{PORT}" for i in (1, 2, 3)]
+    try:
+        for name, host in hosts.items():
+            assert run_cli(root / name, "init", name, "--no-passphrase").returncode == 0
+            daemons[name] = DaemonProcess(
+                root / name,
+                listen=f"0.0.0.0:{PORT}",
+                bootstrap=[s for s in seeds if not s.startswith(f"{host.address}:")],
+                lan="off",
+                wrapper=host.command([]),
+                extra=["-v"],
+            ).wait_ready()
+
+        def registered() -> bool:
+            return all(
+                cli_json(root / "pub1", "whois", n).get("relays") for n in ("alice", "bob", "dave")
+            )
+
+        assert wait_until(registered, SETTLE, interval=1.0)
+
+        def send(sender: str, to: str, text: str) -> str:
+            out = run_cli(root / sender, "send", to, text, "--wait", "--timeout", "20", "--json")
+            assert out.returncode == 0, out.stderr
+            message = json.loads(out.stdout)
+            assert message["state"] == "delivered", message
+            return str(message["via"])
+
+        for sender, to in (("alice", "bob"), ("carol", "dave")):
+            start = time.monotonic()
+            assert send(sender, to, f"first from {sender}") == "relay"
+            routes = []
+            for i in range(15):  # one a second at most, until one goes direct
+                routes.append(send(sender, to, f"then {i}"))
+                if routes[-1] == "direct":
+                    break
+                time.sleep(1.0)
+            assert routes[-1] == "direct", routes
+            print(f"{sender} -> {to}: direct {time.monotonic() - start:.1f} s after the "
+                  f"first message (routes {routes})")  # fmt: skip
+            # and the other way, on the same direct connection
+            assert send(to, sender, "back") == "direct"
+    finally:
+        for name, d in daemons.items():
+            d.stop()
+            print(f"----- {name} (exit {d.proc.returncode})\n{d.log[-2000:]}")

@@ -43,8 +43,11 @@ class Paths:
         lan_addresses: Callable[[bytes], list[Address]],
         relay_connect: RelayConnect | None,
         connect_timeout: float,
+        on_relayed: Callable[[bytes], None] = lambda key: None,
     ) -> None:
         self.quic = quic
+        #: Called with a key we reach through a relay only (p2pd/relay/punch.py).
+        self.on_relayed = on_relayed
         self.lan_addresses = lan_addresses
         self.relay_connect = relay_connect
         self.connect_timeout = connect_timeout
@@ -60,6 +63,7 @@ class Paths:
                     return peer
                 found = found or peer  # relayed: a direct one is better, if open
         if found is not None:
+            self.on_relayed(peer_key)
             return found
         nearby = list(self.lan_addresses(peer_key))
         addresses = nearby + [a for a in (record.addresses if record else ()) if a not in nearby]
@@ -86,6 +90,8 @@ class Paths:
             # or a hint says the peer is (measured: 250 ms more per first message).
             head_start = RELAY_HEAD_START if nearby else 0.0
             nursery.start_soon(attempt, head_start, self._connect_relays, relays)
+        if won and is_virtual(won[0].address[0]):
+            self.on_relayed(peer_key)
         return won[0] if won else None
 
     async def _connect_relays(self, peer_key: bytes, relays: list[Address]) -> QuicPeer | None:

@@ -166,6 +166,7 @@ class Delivery:
         on_file_offer: Callable[[bytes, str, str, str], None] = lambda *offer: None,
         on_direct: Callable[[bytes], None] = lambda key: None,
         relay_connect: RelayConnect | None = None,
+        on_relayed: Callable[[bytes], None] = lambda key: None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -180,7 +181,9 @@ class Delivery:
         self.on_direct = on_direct
         #: Opens a circuit through a relay to a key: its virtual address (p2pd/relay/).
         self.relay_connect = relay_connect
-        self.paths = Paths(quic, lan_addresses, relay_connect, config.connect_timeout)
+        self.paths = Paths(
+            quic, lan_addresses, relay_connect, config.connect_timeout, on_relayed=on_relayed
+        )
         self._conn = conn
         self.messages = MessageStore(conn, at_rest=sessions.at_rest)  # p2pd/at_rest.py
         self.contacts = contacts

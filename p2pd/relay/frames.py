@@ -59,6 +59,8 @@ class FrameType(enum.IntEnum):
     REFUSED = 0x0C
     DATA_TO_RELAY = 0x0D
     DATA_FROM_RELAY = 0x0E
+    #: Sent by a peer to open its own NAT's filter (p2pd/relay/punch.py): dropped.
+    PUNCH = 0x0F
 
 
 #: The frames a relay (server) takes; the others are for its clients.
@@ -200,9 +202,19 @@ class Data:
         return bytes([kind]) + self.circuit + self.payload
 
 
+@dataclass(frozen=True, slots=True)
+class Punch:
+    nonce: bytes
+
+    def encode(self) -> bytes:
+        return bytes([FrameType.PUNCH]) + self.nonce
+
+
 Frame = (
-    Hello | Challenge | Register | Registered | Connect | Incoming | Accept | Connected | Refused
-) | Data
+    (Hello | Challenge | Register | Registered | Connect | Incoming | Accept | Connected | Refused)
+    | Data
+    | Punch
+)
 
 _SIZES = {
     FrameType.HELLO: HELLO_SIZE,
@@ -214,6 +226,7 @@ _SIZES = {
     FrameType.ACCEPT: 1 + CIRCUIT,
     FrameType.CONNECTED: 1 + COOKIE + CIRCUIT,
     FrameType.REFUSED: 1 + COOKIE + 2,
+    FrameType.PUNCH: 1 + NONCE,
 }
 
 
@@ -248,4 +261,6 @@ def decode(data: bytes) -> Frame:
         return Accept(b)
     if kind is FrameType.CONNECTED:
         return Connected(b[:COOKIE], b[COOKIE:])
+    if kind is FrameType.PUNCH:
+        return Punch(b)
     return Refused(b[:COOKIE], b[COOKIE], b[COOKIE + 1])

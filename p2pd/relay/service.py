@@ -30,7 +30,7 @@ from ..errors import ConnectionLost
 from ..identity import Identity
 from ..wire import Address
 from .client import CircuitRequest, NetworkAddress, RelayClient, is_virtual
-from .frames import FIRST_BYTE_MAX, FIRST_BYTE_MIN, TO_RELAY
+from .frames import FIRST_BYTE_MAX, FIRST_BYTE_MIN, TO_RELAY, FrameType
 from .server import RelayServer
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,9 @@ class Relays:
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
         """UdpEndpoint.serve's ``on_relay`` (first byte 0x04..0x3f)."""
         now = trio.current_time()
+        if data[0] == FrameType.PUNCH:
+            self.client.stats["punches_received"] += 1  # it opened the sender's NAT: done
+            return
         if data[0] in TO_RELAY:
             for out, to in self.server.datagram_received(data, addr, now):
                 self._sendto(out, to)
@@ -122,6 +125,10 @@ class Relays:
         """The QUIC endpoint's send path for a virtual address (a circuit)."""
         if self.client.wrap(payload, virtual, trio.current_time()):
             self._flush_client()
+
+    def send_to(self, data: bytes, address: Address) -> None:
+        """Send one datagram to a real address (a punch: p2pd/relay/punch.py)."""
+        self._sendto(data, self._normalize(address))
 
     def _flush_client(self) -> None:
         for out, to in self.client.datagrams_to_send():
