@@ -648,3 +648,30 @@ async def test_a_punch_signal_is_answered_only_over_a_relay_and_within_budgets(
         assert len(tried) == 1 + ANSWERS_PER_MINUTE
         assert puncher.stats["punch_over_budget"] == 10
         nursery.cancel_scope.cancel()
+
+
+def test_status_and_whois_show_relays() -> None:
+    from p2pd_cli import render
+
+    status = {
+        "self_certifying": "bob#u6cmphjezpfb", "fingerprint_display": "u6cm phje",
+        "listen": "0.0.0.0:4747", "addresses": ["10.2.0.11:4747"], "routing_table_size": 3,
+        "records_stored": 0, "record_seq": None, "replicas": 0, "record_expires": None,
+        "uptime": 1.0, "relays_in_use": ["198.18.1.11:4747", "198.18.2.11:4747"],
+        "relay": {"relaying": {"serving": False}},
+    }  # fmt: skip
+    lines = render.status_text(status).splitlines()
+    assert "relays          198.18.1.11:4747, 198.18.2.11:4747" in lines
+    assert not any(line.startswith("relaying") for line in lines)
+    status["relays_in_use"] = []
+    status["relay"] = {
+        "relaying": {"serving": True, "registrations": 2, "circuits": 1, "relayed_bytes": 9000}
+    }
+    lines = render.status_text(status).splitlines()
+    assert "relays          -" in lines
+    assert "relaying        2 registered, 1 circuit(s), 9000 bytes relayed" in lines
+    record = {
+        "self_certifying": "bob#u6cm", "fingerprint_display": "u6cm", "addresses": [],
+        "relays": ["198.18.1.11:4747"], "seq": 1, "issued": 0, "expires": 1,
+    }  # fmt: skip
+    assert "relays       198.18.1.11:4747" in render.whois_text(record).splitlines()
