@@ -675,3 +675,30 @@ def test_status_and_whois_show_relays() -> None:
         "relays": ["198.18.1.11:4747"], "seq": 1, "issued": 0, "expires": 1,
     }  # fmt: skip
     assert "relays       198.18.1.11:4747" in render.whois_text(record).splitlines()
+
+
+def test_the_relay_forgets_everything_once_idle() -> None:
+    """Registrations, circuits, refused initiators and budgets leave no entry behind."""
+    net = Net(max_circuits_per_peer=1)
+    alice_v, _ = circuit(net)
+    net.clients[ALICE].wrap(b"\x40" * 100, alice_v, net.now)
+    net.pump()
+    # a refused second initiator (bob's cap is 1) leaves no per-peer entry
+    carol = Identity.from_seed("carol", bytes([9]) * 32)
+    net.clients[MALLORY] = RelayClient(carol.sign, carol.public_key)
+    request = net.clients[MALLORY].open_circuit(RELAY, BOB_ID.public_key, net.now)
+    net.pump()
+    assert "busy" in str(request.error)
+    relay = net.relays[RELAY]
+    assert relay.held()["peers"] == 2  # alice and bob
+    net.clients[BOB].stop_registrations()
+    net.advance(200.0, step=5.0)
+    held = relay.held()
+    assert (held["registrations"], held["addresses"], held["circuits"], held["peers"]) == (
+        0,
+        0,
+        0,
+        0,
+    )
+    client = net.clients[ALICE]
+    assert client._cookies == {} and client._circuits == {} and client._by_virtual == {}
