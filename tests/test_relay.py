@@ -702,3 +702,12 @@ def test_the_relay_forgets_everything_once_idle() -> None:
     )
     client = net.clients[ALICE]
     assert client._cookies == {} and client._circuits == {} and client._by_virtual == {}
+
+
+def test_send_says_when_a_message_went_through_a_relay() -> None:
+    from p2pd_cli import render
+
+    message = {"id": "ab" * 16, "handle": "bob", "state": "delivered", "via": "relay"}
+    assert render.sent_text(message) == "delivered: message abababababab to bob (through a relay)"
+    message["via"] = "direct"
+    assert render.sent_text(message) == "delivered: message abababababab to bob"

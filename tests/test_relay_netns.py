@@ -152,6 +152,8 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
                     later.append(took)
         print(f"first message through a relay: {first}; later ones: p50 "
               f"{statistics.median(later):.3f} s, max {max(later):.3f} s")  # fmt: skip
+        human = run_cli(root / "alice", "send", "bob", f"{secret} human", "--wait")
+        assert human.returncode == 0 and "(through a relay)" in human.stdout, human
         inbox = run_cli(root / "bob", "inbox", "--json")
         assert f"{secret} alice 0" in inbox.stdout
         assert f"{secret} bob 2" in run_cli(root / "alice", "inbox", "--json").stdout
