@@ -257,7 +257,10 @@ class Api:
             "direct_addresses": [str(a) for a in node.advertised_addresses()],
             "hint_counters": dict(node.hints.stats),
             "relays_in_use": [str(a) for a in node.published_relays()],
-            "relay": node.relays.statistics() if node.relays is not None else {},
+            "relay": {
+                **(node.relays.statistics() if node.relays is not None else {}),
+                "punch": node.puncher.statistics() if node.puncher is not None else {},
+            },
         }
 
     async def whois(self, handle: str) -> Whois | ContestedHandle:

@@ -69,6 +69,7 @@ class Node:
         hints: AddressHints,
         files: FilesService | None = None,
         relays: Relays | None = None,
+        puncher: Puncher | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -94,6 +95,8 @@ class Node:
         self.hints = hints
         #: Relaying for others, and our registrations with relays (p2pd/relay/).
         self.relays = relays
+        #: Punch rounds after relayed connections (p2pd/relay/punch.py).
+        self.puncher = puncher
 
     @property
     def listen_address(self) -> Address:
@@ -457,7 +460,7 @@ async def open_node(
             node = Node(
                 config, identity, conn, endpoint=endpoint, dht=dht, quic=quic,
                 delivery=delivery, calls=calls, lan=lan, schedule=schedule, wakeup=wakeup,
-                rotation=rotation, files=files, hints=hints, relays=relays,
+                rotation=rotation, files=files, hints=hints, relays=relays, puncher=puncher,
             )  # fmt: skip
             if rotation is not None:
                 delivery.announce_rotation(rotation)  # once; the outbox delivers it

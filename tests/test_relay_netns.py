@@ -301,6 +301,10 @@ def test_a_direct_path_follows_the_relay_where_the_nats_allow(testbed: Testbed, 
                   f"first message (routes {routes})")  # fmt: skip
             # and the other way, on the same direct connection
             assert send(to, sender, "back") == "direct"
+            punch = (cli_json(root / n, "status")["relay"]["punch"] for n in (sender, to))
+            started, answered = next(punch), next(punch)
+            assert started["punch_rounds_initiated"] >= 1, started
+            assert answered["punch_rounds_answered"] >= 1, answered
     finally:
         for name, d in daemons.items():
             d.stop()
