@@ -263,7 +263,7 @@ def test_garbage_raises_only_relay_frame_error(data: bytes) -> None:
 def test_malformed_frames_are_counted_and_dropped() -> None:
     net = Net()
     relay, client = net.relays[RELAY], net.clients[ALICE]
-    for data in (b"\x04", b"\x06" + bytes(10), b"\x3f" + bytes(40), b"\x0d" + bytes(8)):
+    for data in (b"\x04", b"\x06" + bytes(10), b"\x3e" + bytes(40), b"\x0d" + bytes(8)):
         assert relay.datagram_received(data, MALLORY, net.now) == []
     assert relay.stats["dropped_malformed"] == 4
     # frames for the other side are not taken either

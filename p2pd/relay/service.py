@@ -106,7 +106,7 @@ class Relays:
         return FIRST_BYTE_MIN <= first <= FIRST_BYTE_MAX
 
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
-        """UdpEndpoint.serve's ``on_relay`` (first byte 0x04..0x3f)."""
+        """UdpEndpoint.serve's ``on_relay`` (first byte 0x04..0x3e)."""
         now = trio.current_time()
         if data[0] == FrameType.PUNCH:
             self.client.stats["punches_received"] += 1  # it opened the sender's NAT: done

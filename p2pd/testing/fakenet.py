@@ -680,14 +680,14 @@ class FakeUdpEndpoint:
 
     def _dispatch(self, data: bytes, source: Source) -> None:
         """As UdpEndpoint.serve: 0x00..0x03 to the DHT, the QUIC fixed bit to QUIC,
-        0x04..0x3f to the relay (p2pd/relay/)."""
+        0x04..0x3e to the relay (p2pd/relay/)."""
         self.stats["datagrams_in"] += 1
         first = data[0] if data else 0x80  # an empty datagram: neither
         if first & 0x40:
             handler = self._on_quic
         elif first <= 0x03:
             handler = self._on_dht
-        elif first <= 0x3F:
+        elif first <= 0x3E:
             handler = self._on_relay
         else:
             handler = None

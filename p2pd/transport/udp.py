@@ -6,7 +6,8 @@ Demultiplexing on the first byte (docs/PROTOCOL.md, "One port"):
   version 2; 0x00 / 0x01, version 1, go there too, to be refused with a log line);
 - first byte with the 0x40 bit set: a QUIC packet (RFC 9000 section 17: the fixed bit)
   -> the QUIC handler, once there is one;
-- ``0x04``..``0x3f``: a relay frame (p2pd/relay/frames.py) -> the relay handler;
+- ``0x04``..``0x3e``: a relay frame (p2pd/relay/frames.py) -> the relay handler
+  (``0x3f`` stays free for the hole-punch probe);
 - anything else is dropped and counted.
 
 Sharing the port means the DHT sees the same public address that QUIC uses, which NAT
@@ -128,7 +129,7 @@ class UdpEndpoint:
                         dropped += 1
                 elif first <= 0x03:
                     on_dht(data, (addr[0], addr[1]))
-                elif first <= 0x3F and on_relay is not None:
+                elif first <= 0x3E and on_relay is not None:
                     on_relay(data, (addr[0], addr[1]))
                 else:
                     dropped += 1
