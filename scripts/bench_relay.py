@@ -117,7 +117,10 @@ def main() -> None:
             started = time.monotonic()
 
             def relays_listed() -> bool:
-                return all(cli_json(root / "pub1", "whois", n).get("relays") for n in natted)
+                try:
+                    return all(cli_json(root / "pub1", "whois", n).get("relays") for n in natted)
+                except RuntimeError:  # a record not found yet
+                    return False
 
             if not wait_until(relays_listed, 180.0, interval=2.0):
                 raise SystemExit("the NATed daemons did not list relays within 180 s")
