@@ -19,7 +19,8 @@ reversal); where both are behind endpoint-independent NATs, each side's punch op
 own filter to the other's mapped address and a handshake gets through (simultaneous
 open, as in RFC 5128 section 3.3). Behind an endpoint-dependent NAT on both sides the
 mapped port towards a new destination is unknown: nothing here guesses it (the
-birthday approach of the issue is not built), the relay stays the path.
+birthday approach of p2pd/transport/punch.py, whose offers could travel in this round's
+signal, is not wired here yet), the relay stays the path.
 
 Once a direct connection exists, delivery prefers it (p2pd/delivery/paths.py): new
 exchanges go direct; a call in progress stays on the connection it started on.
