@@ -173,7 +173,8 @@ def message_line(m: dict[str, Any]) -> str:
 
 def sent_text(m: dict[str, Any]) -> str:
     """One message after ``send``: its state, short id and recipient."""
-    return f"{m['state']}: message {m['id'][:12]} to {m['handle']}"
+    relayed = " (through a relay)" if m.get("via") == "relay" else ""
+    return f"{m['state']}: message {m['id'][:12]} to {m['handle']}{relayed}"
 
 
 def sent_lines_text(handle: str, count: int, delivered: int | None) -> str:

@@ -406,6 +406,7 @@ async def open_node(
                 on_packet=lambda packet, virtual: quic.datagram_received(packet, virtual),
                 needs_relays=lambda: needs_relays(dht),
                 candidates=lambda: [Address(h, p) for _, h, p in dht.contacts()],
+                hides_addresses=config.hides_addresses,  # its record lists relays only
                 on_registrations_changed=wakeup.set,  # republish with the new relays
                 v6=endpoint.local_address.version == 6,
             )  # fmt: skip

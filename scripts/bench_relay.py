@@ -10,6 +10,12 @@ every NATed daemon lists relays in its record, each sender sends a first message
 carol (the same, direct: the baseline in the same run). Times are from the ``send``
 control call to the ``delivered`` event, measured on the sender's control socket. Also
 printed: the relays' CPU time and bytes relayed over the run (``/proc/PID/stat``).
+
+Then bulk: sender0 sends a ``--file-mb`` file to bob (through a relay) and to carol
+(direct), ``send-file --wait``; printed: throughput each way and the relay's CPU per
+relayed Mbit. For this the public daemons run with the relay's bandwidth caps raised
+(``[relay] bandwidth`` and ``peer_bandwidth`` 100 MB/s; the defaults, 2 MB/s and
+500 kB/s, would measure the cap).
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def relayed_bytes(home: Path) -> int:
+    return int(cli_json(home, "status")["relay"]["relaying"]["relayed_bytes"])
+
+
 def first_message(home: Path, to: str, text: str, timeout: float = 60.0) -> tuple[float, str]:
     """Seconds from `send` to `delivered`, and the route."""
     with ControlClient(home, timeout=timeout) as client, ControlClient(home, timeout) as events:
@@ -69,6 +79,7 @@ def first_message(home: Path, to: str, text: str, timeout: float = 60.0) -> tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--senders", type=int, default=8)
+    parser.add_argument("--file-mb", type=int, default=8)
     args = parser.parse_args()
     root = short_tempdir("p2pd-bench-relay-")
     daemons: dict[str, DaemonProcess] = {}
@@ -91,6 +102,10 @@ def main() -> None:
                 hosts[name] = tb.host(name, rs.inside)
             for name, host in hosts.items():
                 assert run_cli(root / name, "init", name, "--no-passphrase").returncode == 0
+                if name.startswith("pub") or name == "carol":
+                    (root / name / "config.toml").write_text(
+                        "[relay]\nbandwidth = 100000000\npeer_bandwidth = 100000000\n"
+                    )
                 daemons[name] = DaemonProcess(
                     root / name,
                     listen=f"0.0.0.0:{PORT}",
@@ -102,13 +117,16 @@ def main() -> None:
             started = time.monotonic()
 
             def relays_listed() -> bool:
-                return all(cli_json(root / "pub1", "whois", n).get("relays") for n in natted)
+                try:
+                    return all(cli_json(root / "pub1", "whois", n).get("relays") for n in natted)
+                except RuntimeError:  # a record not found yet
+                    return False
 
             if not wait_until(relays_listed, 180.0, interval=2.0):
                 raise SystemExit("the NATed daemons did not list relays within 180 s")
             print(f"every NATed daemon lists relays {time.monotonic() - started:.1f} s "
                   "after the last daemon started")  # fmt: skip
-            relays = {p: daemons[p].proc.pid for p in ("pub1", "pub2", "pub3")}
+            relays = {p: daemons[p].proc.pid for p in ("pub1", "pub2", "pub3", "carol")}
             cpu_before = {p: cpu_seconds(pid) for p, pid in relays.items()}
             relayed, direct = [], []
             for name in senders:
@@ -120,6 +138,30 @@ def main() -> None:
                       f"to carol {took_direct * 1000:.0f} ms via {via_direct}")  # fmt: skip
             cpu = {p: cpu_seconds(pid) - cpu_before[p] for p, pid in relays.items()}
             stats = {p: cli_json(root / p, "status")["relay"]["relaying"] for p in relays}
+            bulk = root / "bulk.bin"
+            bulk.write_bytes(os.urandom(args.file_mb << 20))
+            rates = {}
+            for to in ("bob", "carol"):
+                before = {
+                    p: (cpu_seconds(pid), relayed_bytes(root / p)) for p, pid in relays.items()
+                }
+                start = time.monotonic()
+                out = run_cli(root / "sender0", "send-file", to, str(bulk), "--wait",
+                              "--timeout", "300", timeout=330)  # fmt: skip
+                took = time.monotonic() - start
+                if out.returncode != 0:
+                    raise SystemExit(f"send-file to {to} failed: {out.stderr}")
+                rates[to] = (args.file_mb << 20) * 8 / took / 1e6
+                moved = {p: relayed_bytes(root / p) - before[p][1] for p in relays}
+                busiest = max(moved, key=lambda p: moved[p])
+                used = cpu_seconds(relays[busiest]) - before[busiest][0]
+                mbit = moved[busiest] * 8 / 1e6
+                per_mbit = (
+                    f" ({used / mbit * 1000:.1f} ms CPU per relayed Mbit)" if mbit > 1 else ""
+                )
+                print(f"bulk {args.file_mb} MiB sender0 -> {to}: {took:.1f} s, "
+                      f"{rates[to]:.1f} Mbit/s; busiest relay {busiest}: {mbit:.1f} Mbit "
+                      f"relayed, {used:.2f} CPU s{per_mbit}")  # fmt: skip
         for label, values in (("through a relay (two EDM NATs)", relayed), ("direct", direct)):
             values.sort()
             p50, p95 = statistics.median(values), percentile(values, 95)

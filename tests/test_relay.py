@@ -262,7 +262,7 @@ def test_garbage_raises_only_relay_frame_error(data: bytes) -> None:
 def test_malformed_frames_are_counted_and_dropped() -> None:
     net = Net()
     relay, client = net.relays[RELAY], net.clients[ALICE]
-    for data in (b"\x04", b"\x06" + bytes(10), b"\x3f" + bytes(40), b"\x0d" + bytes(8)):
+    for data in (b"\x04", b"\x06" + bytes(10), b"\x3e" + bytes(40), b"\x0d" + bytes(8)):
         assert relay.datagram_received(data, MALLORY, net.now) == []
     assert relay.stats["dropped_malformed"] == 4
     # frames for the other side are not taken either
@@ -478,19 +478,27 @@ def _record(addresses: list[Address], relays: list[Address]) -> HandleRecord:
     return HandleRecord.create(BOB_ID, addresses, seq=1, now=1000, lifetime=3600, relays=relays)
 
 
-def test_a_natted_peer_is_reached_through_its_relay_without_waiting_for_its_address() -> None:
-    """Its record's address never answers; the relay starts 250 ms later and wins."""
+@pytest.mark.parametrize("hinted", [False, True])
+def test_a_natted_peer_is_reached_through_its_relay_without_waiting_for_its_address(
+    hinted: bool,
+) -> None:
+    """Its record's address never answers; the relay starts at once and wins (250 ms
+    later when the LAN or a hint names an address: that one may well answer)."""
     relays = [Address(*RELAY), Address(*RELAY2)]
     quic = FakeQuic({virtual_address(1): 0.05, virtual_address(2): 0.05})
 
     async def main() -> None:
         record = _record([Address("10.2.0.11", 4747)], relays)
-        peer = await _paths(quic, {relays[0]: 0.02, relays[1]: 0.02}).connect(
-            BOB_ID.public_key, record
-        )
+        paths = _paths(quic, {relays[0]: 0.02, relays[1]: 0.02})
+        if hinted:
+            paths.lan_addresses = lambda key: [Address("10.9.0.1", 4747)]
+        peer = await paths.connect(BOB_ID.public_key, record)
         assert peer is not None and is_virtual(peer.address[0])
         assert peer.address == virtual_address(1)
-        assert trio.current_time() == pytest.approx(RELAY_HEAD_START + 0.07)
+        head_start = RELAY_HEAD_START if hinted else 0.0
+        assert trio.current_time() == pytest.approx(head_start + 0.07)
+        # the addresses were tried too, all along (in turn: the first never answers)
+        assert quic.asked[0][1] == (("10.9.0.1", 4747) if hinted else ("10.2.0.11", 4747))
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
@@ -518,8 +526,13 @@ def test_an_answering_address_wins_and_an_open_direct_connection_is_preferred() 
     async def main() -> None:
         paths = _paths(quic, {relays[0]: 0.01})
         peer = await paths.connect(BOB_ID.public_key, _record([public], relays))
+        assert peer is not None and peer.address == public.as_tuple()  # the faster one
+        quic.asked.clear()
+        paths.lan_addresses = lambda key: [public]  # the LAN knows where it is
+        peer = await paths.connect(BOB_ID.public_key, _record([], relays))
         assert peer is not None and peer.address == public.as_tuple()
         assert [a for _, a in quic.asked] == [public.as_tuple()]  # the relay never began
+        paths.lan_addresses = lambda key: []
         relayed = FakePeer(BOB_ID.public_key, virtual_address(9))
         quic.open = [relayed]
         assert await paths.connect(BOB_ID.public_key, None) is relayed
@@ -550,3 +563,82 @@ def test_signature_checks_are_rate_limited_per_source() -> None:
                                      bytes(64)).encode(), ALICE, now)  # fmt: skip
     relay.datagram_received(forged, MALLORY, now + 1.0)
     assert len(checks) == VERIFY_RATE + 2
+
+
+def test_relay_candidates_come_one_per_subnet_first_and_spread_by_key() -> None:
+    from p2pd.relay.service import candidate_order
+
+    same_net = [Address(f"198.18.7.{i}", 4747) for i in range(1, 6)]
+    others = [Address("198.18.8.1", 4747), Address("198.18.9.1", 4747)]
+    order = candidate_order(same_net + others, ALICE_ID.public_key)
+    assert set(order[:3]) & set(others) == set(others)  # one of 198.18.7.0/24, then others
+    assert sum(1 for a in order[:3] if a in same_net) == 1
+    assert sorted(order, key=str) == sorted(same_net + others, key=str)  # nothing lost
+    # stable for one key; another key ranks them differently
+    assert candidate_order(same_net + others, ALICE_ID.public_key) == order
+    keys = (ALICE_ID.public_key, BOB_ID.public_key, MALLORY_ID.public_key)
+    orders = {tuple(candidate_order(same_net, key)) for key in keys}
+    assert len(orders) > 1
+
+
+def test_status_and_whois_show_relays() -> None:
+    from p2pd_cli import render
+
+    status = {
+        "self_certifying": "bob#u6cmphjezpfb", "fingerprint_display": "u6cm phje",
+        "listen": "0.0.0.0:4747", "addresses": ["10.2.0.11:4747"], "routing_table_size": 3,
+        "records_stored": 0, "record_seq": None, "replicas": 0, "record_expires": None,
+        "uptime": 1.0, "relays_in_use": ["198.18.1.11:4747", "198.18.2.11:4747"],
+        "relay": {"relaying": {"serving": False}},
+    }  # fmt: skip
+    lines = render.status_text(status).splitlines()
+    assert "relays          198.18.1.11:4747, 198.18.2.11:4747" in lines
+    assert not any(line.startswith("relaying") for line in lines)
+    status["relays_in_use"] = []
+    status["relay"] = {
+        "relaying": {"serving": True, "registrations": 2, "circuits": 1, "relayed_bytes": 9000}
+    }
+    lines = render.status_text(status).splitlines()
+    assert "relays          -" in lines
+    assert "relaying        2 registered, 1 circuit(s), 9000 bytes relayed" in lines
+    record = {
+        "self_certifying": "bob#u6cm", "fingerprint_display": "u6cm", "addresses": [],
+        "relays": ["198.18.1.11:4747"], "seq": 1, "issued": 0, "expires": 1,
+    }  # fmt: skip
+    assert "relays       198.18.1.11:4747" in render.whois_text(record).splitlines()
+
+
+def test_the_relay_forgets_everything_once_idle() -> None:
+    """Registrations, circuits, refused initiators and budgets leave no entry behind."""
+    net = Net(max_circuits_per_peer=1)
+    alice_v, _ = circuit(net)
+    net.clients[ALICE].wrap(b"\x40" * 100, alice_v, net.now)
+    net.pump()
+    # a refused second initiator (bob's cap is 1) leaves no per-peer entry
+    carol = Identity.from_seed("carol", bytes([9]) * 32)
+    net.clients[MALLORY] = RelayClient(carol.sign, carol.public_key)
+    request = net.clients[MALLORY].open_circuit(RELAY, BOB_ID.public_key, net.now)
+    net.pump()
+    assert "busy" in str(request.error)
+    relay = net.relays[RELAY]
+    assert relay.held()["peers"] == 2  # alice and bob
+    net.clients[BOB].stop_registrations()
+    net.advance(200.0, step=5.0)
+    held = relay.held()
+    assert (held["registrations"], held["addresses"], held["circuits"], held["peers"]) == (
+        0,
+        0,
+        0,
+        0,
+    )
+    client = net.clients[ALICE]
+    assert client._cookies == {} and client._circuits == {} and client._by_virtual == {}
+
+
+def test_send_says_when_a_message_went_through_a_relay() -> None:
+    from p2pd_cli import render
+
+    message = {"id": "ab" * 16, "handle": "bob", "state": "delivered", "via": "relay"}
+    assert render.sent_text(message) == "delivered: message abababababab to bob (through a relay)"
+    message["via"] = "direct"
+    assert render.sent_text(message) == "delivered: message abababababab to bob"

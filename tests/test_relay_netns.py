@@ -60,6 +60,15 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def listed_relays(home: Path, name: str) -> list[str]:
+    """The relays ``name``'s record lists, as the daemon at ``home`` finds it ([] while
+    the record is not found yet: a lookup may miss a record published a moment ago)."""
+    try:
+        return list(cli_json(home, "whois", name).get("relays", []))
+    except RuntimeError:
+        return []
+
+
 def udp_payloads(capture: Path) -> list[bytes]:
     """The UDP payloads of the IPv4 frames in a capture file."""
     data, out, at = capture.read_bytes(), [], 0
@@ -114,11 +123,8 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
                 extra=["-v"],
             ).wait_ready()
 
-        def relays_listed(name: str) -> list[str]:
-            return list(cli_json(root / "pub1", "whois", name).get("relays", []))
-
         def registered() -> bool:
-            return all(len(relays_listed(n)) >= 2 for n in ("alice", "bob"))
+            return all(len(listed_relays(root / "pub1", n)) >= 2 for n in ("alice", "bob"))
 
         assert wait_until(registered, SETTLE, interval=1.0), {
             n: cli_json(root / n, "status")["relay"] for n in ("alice", "bob")
@@ -152,6 +158,8 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
                     later.append(took)
         print(f"first message through a relay: {first}; later ones: p50 "
               f"{statistics.median(later):.3f} s, max {max(later):.3f} s")  # fmt: skip
+        human = run_cli(root / "alice", "send", "bob", f"{secret} human", "--wait")
+        assert human.returncode == 0 and "(through a relay)" in human.stdout, human
         inbox = run_cli(root / "bob", "inbox", "--json")
         assert f"{secret} alice 0" in inbox.stdout
         assert f"{secret} bob 2" in run_cli(root / "alice", "inbox", "--json").stdout
@@ -215,7 +223,7 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
         live = next(p for p in ("pub1", "pub2", "pub3") if p != dead)
 
         def republished() -> bool:
-            listed = [cli_json(root / live, "whois", n)["relays"] for n in ("alice", "bob")]
+            listed = [listed_relays(root / live, n) for n in ("alice", "bob")]
             return all(dead_seed not in r and len(r) >= 1 for r in listed)
 
         assert wait_until(republished, 30.0, interval=0.5)
@@ -232,3 +240,74 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
         frames += len(payloads)
         data_frames += sum(1 for p in payloads if p[:1] in (b"\x0d", b"\x0e"))
     assert data_frames > 200, (frames, data_frames)  # the capture did see the traffic
+
+
+def test_a_direct_path_follows_the_relay_where_the_nats_allow(testbed: Testbed, root: Path) -> None:
+    """Issue 13, item 4: two daemons behind endpoint-independent NATs, and a public daemon
+    writing to one behind an endpoint-dependent NAT. The first message goes through a
+    relay; the side it came in to upgrades the relayed connection by hole punching
+    (p2pd/relay/upgrade.py) to a direct one, which later messages take."""
+    inet = testbed.lan("inet", "198.18.0.0/16")
+    hosts: dict[str, Host] = {
+        f"pub{i}": testbed.host(f"pub{i}", inet, address=f"198.18.{i}.11") for i in (1, 2, 3)
+    }
+    hosts["carol"] = testbed.host("carol", inet, address="198.18.4.11")
+    for name, subnet, kind, address in (
+        ("alice", "10.1.0.0/24", "eim", "198.18.10.1"),
+        ("bob", "10.2.0.0/24", "eim", "198.18.11.1"),
+        ("dave", "10.4.0.0/24", "symmetric", "198.18.13.1"),
+    ):
+        router = testbed.nat_router(
+            f"r-{name}",
+            inet,
+            inside_subnet=subnet,
+            kind=kind,
+            address=address,  # type: ignore[arg-type]
+        )
+        hosts[name] = testbed.host(name, router.inside)
+    daemons: dict[str, DaemonProcess] = {}
+    seeds = [f"198.18.{i}.11:{PORT}" for i in (1, 2, 3)]
+    try:
+        for name, host in hosts.items():
+            assert run_cli(root / name, "init", name, "--no-passphrase").returncode == 0
+            daemons[name] = DaemonProcess(
+                root / name,
+                listen=f"0.0.0.0:{PORT}",
+                bootstrap=[s for s in seeds if not s.startswith(f"{host.address}:")],
+                lan="off",
+                wrapper=host.command([]),
+                extra=["-v"],
+            ).wait_ready()
+
+        def registered() -> bool:
+            return all(listed_relays(root / "pub1", n) for n in ("alice", "bob", "dave"))
+
+        assert wait_until(registered, SETTLE, interval=1.0)
+
+        def send(sender: str, to: str, text: str) -> str:
+            out = run_cli(root / sender, "send", to, text, "--wait", "--timeout", "20", "--json")
+            assert out.returncode == 0, out.stderr
+            message = json.loads(out.stdout)
+            assert message["state"] == "delivered", message
+            return str(message["via"])
+
+        for sender, to in (("alice", "bob"), ("carol", "dave")):
+            start = time.monotonic()
+            assert send(sender, to, f"first from {sender}") == "relay"
+            routes = []
+            for i in range(15):  # one a second at most, until one goes direct
+                routes.append(send(sender, to, f"then {i}"))
+                if routes[-1] == "direct":
+                    break
+                time.sleep(1.0)
+            assert routes[-1] == "direct", routes
+            print(f"{sender} -> {to}: direct {time.monotonic() - start:.1f} s after the "
+                  f"first message (routes {routes})")  # fmt: skip
+            # and the other way, on the same direct connection
+            assert send(to, sender, "back") == "direct"
+            upgraded = cli_json(root / to, "status")["hole_punching"]
+            assert upgraded["upgrades_direct"] >= 1, upgraded  # the receiving side punched
+    finally:
+        for name, d in daemons.items():
+            d.stop()
+            print(f"----- {name} (exit {d.proc.returncode})\n{d.log[-2000:]}")

@@ -461,6 +461,12 @@ class RelayClient:
         for circuit in list(self._circuits.values()):
             if circuit.last + CIRCUIT_IDLE <= now:
                 self._forget(circuit)
+        for relay, (_, got) in list(self._cookies.items()):
+            if now - got >= COOKIE_REUSE:
+                del self._cookies[relay]
+        for relay, until in list(self._backoff.items()):
+            if until <= now:
+                del self._backoff[relay]
         self._fill(now)
 
     def statistics(self) -> dict[str, Any]:

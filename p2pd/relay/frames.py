@@ -1,7 +1,8 @@
 """Relay frames (docs/PROTOCOL.md, "Relays"): pure codecs, every length fixed or bounded.
 
 A relay frame is one UDP datagram on the node's one port whose first byte is in
-``0x04``..``0x3e`` (p2pd/transport/udp.py demultiplexes on it). The first byte is the
+``0x04``..``0x3e`` (p2pd/transport/udp.py demultiplexes on it; ``0x3f`` is the hole-punch
+probe of p2pd/transport/punch.py). The first byte is the
 frame type; the rest has a fixed layout per type, except ``DATA``, whose payload (an
 opaque QUIC packet of the two peers' end-to-end connection) is bounded by
 :data:`MAX_PAYLOAD`.

@@ -261,8 +261,8 @@ class RelayServer:
         cap = self.config.max_circuits_per_peer
         if (
             len(self._circuits) >= self.config.max_circuits
-            or self._use(frame.key).circuits >= cap
-            or self._use(frame.target).circuits >= cap
+            or self._circuits_of(frame.key) >= cap
+            or self._circuits_of(frame.target) >= cap
         ):
             return self._refuse(frame, RefusalReason.BUSY, addr)
         circuit_id = self._random(8)
@@ -334,6 +334,10 @@ class RelayServer:
             use = self._peers[key] = _PeerUse()
         return use
 
+    def _circuits_of(self, key: bytes) -> int:
+        use = self._peers.get(key)  # no entry made for a refused request
+        return 0 if use is None else use.circuits
+
     def _close(self, circuit: Circuit) -> None:
         if self._circuits.pop(circuit.circuit_id, None) is None:
             return
@@ -358,12 +362,25 @@ class RelayServer:
                 self._per_ip[_ip(reg.address)] -= 1
                 if self._per_ip[_ip(reg.address)] <= 0:
                     del self._per_ip[_ip(reg.address)]
+                use = self._peers.get(key)
+                if use is not None and use.circuits <= 0:
+                    del self._peers[key]  # nothing of it held any more
                 self.stats["registrations_expired"] += 1
         for circuit in list(self._circuits.values()):
             limit = CIRCUIT_IDLE if circuit.open else PENDING_TIMEOUT
             if circuit.last + limit <= now:
                 self.stats["circuits_expired"] += 1
                 self._close(circuit)
+
+    def held(self) -> dict[str, int]:
+        """How many entries each table holds (each is bounded; tests check they empty)."""
+        return {
+            "registrations": len(self._registrations),
+            "addresses": len(self._per_ip),
+            "circuits": len(self._circuits),
+            "peers": len(self._peers),
+            "verify_budgets": len(self._verify_budget),
+        }
 
     def statistics(self) -> dict[str, Any]:
         return {

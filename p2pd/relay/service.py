@@ -7,8 +7,9 @@
 - ``send(payload, virtual)`` is the QUIC endpoint's send path for virtual addresses.
 - One timer task sleeps until the earlier of the two cores' deadlines (one long-lived
   cancel scope, its deadline moved after each input), and every ``CHECK_INTERVAL`` it
-  asks ``needs_relays()`` (the DHT's reachability) whether to keep registrations and
-  which relays to try (``candidates()``: the DHT's routing table, which holds only
+  asks ``needs_relays()`` (the DHT's reachability) whether to keep registrations (also
+  kept with ``hides_addresses``: ``[privacy] addresses = "contacts"``) and which
+  relays to try (``candidates()``: the DHT's routing table, which holds only
   nodes that others could reach: client mode, issue 13 item 2).
 - ``connect(relay, key)`` opens a circuit and returns its virtual address, for
   ``QuicEndpoint.connect``.
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import trio
 
 from ..config import RelayConfig
+from ..dht.reachability import group_of
 from ..errors import ConnectionLost
 from ..identity import Identity
 from ..wire import Address
@@ -40,6 +43,25 @@ CIRCUIT_TIMEOUT = 4.0
 Send = Callable[[bytes, NetworkAddress], None]
 
 
+def candidate_order(candidates: list[Address], key: bytes) -> list[Address]:
+    """The order in which to ask ``candidates`` to relay for ``key``: one per /24 (or
+    /48) first, so that one operator's subnet is not all of a node's relays; within
+    that, by a hash of the key and the address (rendezvous hashing: each node spreads its
+    registrations differently, and the same node keeps the same relays across checks)."""
+
+    def rank(address: Address) -> bytes:
+        return hashlib.blake2b(key + address.encode(), digest_size=8).digest()
+
+    first: list[Address] = []
+    rest: list[Address] = []
+    groups: set[str] = set()
+    for address in sorted(dict.fromkeys(candidates), key=rank):
+        group = group_of(address.host)
+        (rest if group in groups else first).append(address)
+        groups.add(group)
+    return first + rest
+
+
 class Relays:
     """Relaying for others (while reachable) and through others (while NATed)."""
 
@@ -52,6 +74,7 @@ class Relays:
         on_packet: Callable[[bytes, NetworkAddress], None],
         needs_relays: Callable[[], bool],
         candidates: Callable[[], list[Address]],
+        hides_addresses: bool = False,
         on_registrations_changed: Callable[[], None] = lambda: None,
         v6: bool = False,
     ) -> None:
@@ -60,6 +83,9 @@ class Relays:
         self._on_packet = on_packet
         self._needs_relays = needs_relays
         self._candidates = candidates
+        #: ``[privacy] addresses = "contacts"``: our record lists relays only, so we keep
+        #: registrations even where we are reachable (docs/SECURITY.md).
+        self._hides_addresses = hides_addresses
         self._v6 = v6
         self.server = RelayServer(config)
         self.client = RelayClient(
@@ -171,8 +197,9 @@ class Relays:
             self._natted = natted
         # A NATed node relays for no one: nobody could reach it to ask.
         self.server.serving = self.config.enabled and not natted
-        if natted and self.config.registrations > 0:
-            self.client.keep_registrations([self._normalize(a) for a in self._candidates()], now)
+        if (natted or self._hides_addresses) and self.config.registrations > 0:
+            ordered = candidate_order(self._candidates(), self.client.public_key)
+            self.client.keep_registrations([self._normalize(a) for a in ordered], now)
         elif self.client.registered():
             self.client.stop_registrations()
 
