@@ -49,13 +49,18 @@ def trial(kind_a: str, kind_b: str) -> dict[str, object]:
     root = short_tempdir("p2pd-bnat-")
     try:
         with Testbed(prefix="p2pdbn") as testbed:
-            start_network(testbed, root, kind_a, kind_b)
+            settled = True
+            try:
+                start_network(testbed, root, kind_a, kind_b)
+            except TimeoutError as exc:  # measured anyway: a user would send now too
+                settled = False
+                print(f"bench_nat: not settled: {str(exc)[:200]}", file=sys.stderr)
             tag = f"bench-{time.time_ns():x}"
             started = time.monotonic()
             try:
                 first = send(root, "alice", "bob", f"{tag} first", timeout=60)
             except RuntimeError:
-                return {"reached": False}
+                return {"reached": False, "settled": settled}
             first_s = time.monotonic() - started
             direct_s = None
             via_later = first["via"]
@@ -75,6 +80,7 @@ def trial(kind_a: str, kind_b: str) -> dict[str, object]:
                 "first_via": first["via"],
                 "direct_s": direct_s,
                 "back_via": back,
+                "settled": settled,
             }
     finally:
         shutil.rmtree(root, ignore_errors=True)
