@@ -93,6 +93,17 @@ def status_text(s: dict[str, Any]) -> str:
             ("reachability", f"{s['reachability']} ({reach}); DHT {s['dht_mode']} mode"),
             ("seen as", reflexive or "-"),
         ]
+    if "relays_in_use" in s:  # relays (issue 13, item 3)
+        relaying = s.get("relay", {}).get("relaying", {})
+        rows.append(("relays", ", ".join(s["relays_in_use"]) or "-"))
+        if relaying.get("serving"):
+            rows.append(
+                (
+                    "relaying",
+                    f"{relaying['registrations']} registered, {relaying['circuits']} "
+                    f"circuit(s), {relaying['relayed_bytes']} bytes relayed",
+                )
+            )
     return "\n".join(f"{k:<15} {v}" for k, v in rows)
 
 
@@ -106,6 +117,7 @@ def whois_text(r: dict[str, Any]) -> str:
         ("handle", r["self_certifying"]),
         ("fingerprint", r["fingerprint_display"]),
         ("addresses", addresses),
+        *([("relays", ", ".join(r["relays"]))] if r.get("relays") else []),
         ("sequence", str(r["seq"])),
         ("issued", when(r["issued"])),
         ("expires", when(r["expires"])),
@@ -161,7 +173,8 @@ def message_line(m: dict[str, Any]) -> str:
 
 def sent_text(m: dict[str, Any]) -> str:
     """One message after ``send``: its state, short id and recipient."""
-    return f"{m['state']}: message {m['id'][:12]} to {m['handle']}"
+    relayed = " (through a relay)" if m.get("via") == "relay" else ""
+    return f"{m['state']}: message {m['id'][:12]} to {m['handle']}{relayed}"
 
 
 def sent_lines_text(handle: str, count: int, delivered: int | None) -> str:

@@ -99,6 +99,14 @@ class Status(TypedDict):
     direct_addresses: list[str]
     #: Address hints received, refused, sent (p2pd/address_hints.py).
     hint_counters: dict[str, int]
+    #: Relays that hold a registration for us (listed in our record), "ip:port".
+    relays_in_use: list[str]
+    #: Relays.statistics(): ``relaying`` (our relay's registrations, circuits, bytes and
+    #: counters), ``client`` (our registrations' states, circuits, counters).
+    relay: dict[str, Any]
+    #: Relayed connections upgraded by hole punching (p2pd/relay/upgrade.py): started,
+    #: direct, failed, refused; and probes refused by the punch core.
+    hole_punching: dict[str, int]
 
 
 class RecordSummary(TypedDict):
@@ -108,6 +116,8 @@ class RecordSummary(TypedDict):
     fingerprint: str
     fingerprint_display: str
     addresses: list[str]
+    #: Relays that hold a registration for the owner (p2pd/relay/), "ip:port".
+    relays: list[str]
     seq: int
     issued: int
     expires: int
@@ -193,6 +203,7 @@ def record_summary(record: HandleRecord) -> RecordSummary:
         "fingerprint": record.fingerprint,
         "fingerprint_display": format_fingerprint(record.fingerprint),
         "addresses": [str(a) for a in record.addresses],
+        "relays": [str(a) for a in record.relays],
         "seq": record.seq,
         "issued": record.issued,
         "expires": record.expires,
@@ -248,6 +259,9 @@ class Api:
             "privacy_addresses": "contacts" if node.config.hides_addresses else "everyone",
             "direct_addresses": [str(a) for a in node.advertised_addresses()],
             "hint_counters": dict(node.hints.stats),
+            "relays_in_use": [str(a) for a in node.published_relays()],
+            "relay": node.relays.statistics() if node.relays is not None else {},
+            "hole_punching": node.upgrade.statistics() if node.upgrade is not None else {},
         }
 
     async def whois(self, handle: str) -> Whois | ContestedHandle:

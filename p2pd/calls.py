@@ -37,6 +37,7 @@ import trio
 
 from .errors import ConnectionLost, LocalError, NotFound, P2PDError, UsageError
 from .identity import DISPLAY_PREFIX, HandleRef, fingerprint
+from .relay.client import is_virtual
 from .transport.quic import QuicPeer
 
 if TYPE_CHECKING:
@@ -183,6 +184,23 @@ class CallManager:
             await trio.sleep_forever()
 
     # ---- datagrams and signals in
+
+    def connection_opened(self, peer: QuicPeer) -> None:
+        """A new connection (either way): if it is a direct one to the peer of the call
+        under way over a relay, the call's media moves to it (issue 13, item 4)."""
+        call = self.current
+        if (
+            call is None
+            or call.media is None
+            or call.peer is None
+            or peer.public_key != call.peer_key
+            or is_virtual(peer.address[0])
+            or not is_virtual(call.peer.address[0])
+        ):
+            return
+        log.info("call %s: media moves to the direct connection %s", call.id[:8], peer)
+        call.peer = peer
+        call.media.switch_peer(peer)
 
     def datagram_received(self, peer: QuicPeer, data: bytes) -> None:
         call = self.current

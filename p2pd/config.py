@@ -208,6 +208,54 @@ class QuicConfig:
             raise UsageError("quic retry_after_half_open must not be negative")
 
 
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """Relays (``[relay]`` in config.toml; p2pd/relay/, docs/PROTOCOL.md "Relays",
+    docs/SECURITY.md "Relays"). A publicly reachable daemon relays by default; a NATed
+    one keeps registrations with ``registrations`` relays. Sizes in bytes, times in
+    seconds."""
+
+    #: Relay for others while we are publicly reachable (a NATed node never relays).
+    enabled: bool = True
+    #: Registered (NATed) clients held at most, and per IP address: a household's NAT,
+    #: or a carrier-grade NAT's, which puts many subscribers behind one address (so not
+    #: lower; the benchmark puts 8 daemons behind one NAT, each wanting 3 relays).
+    max_registrations: int = 256
+    max_registrations_per_address: int = 16
+    #: Circuits (pending or open) at most, and per peer key on either end.
+    max_circuits: int = 128
+    max_circuits_per_peer: int = 8
+    #: Relayed bytes per second in all (a token bucket holding one second's worth);
+    #: 2 MB/s is ~16 Mbit/s, a few calls with video.
+    bandwidth: int = 2_000_000
+    #: Relayed bytes per second sent by one peer key.
+    peer_bandwidth: int = 500_000
+    #: Bytes one circuit may carry in all before it is closed.
+    circuit_bytes: int = 256 << 20
+    #: A NATed node keeps this many relay registrations (2-3: one relay may die).
+    registrations: int = 3
+    #: A NATed node refreshes each registration this often: below the 30 s UDP mapping
+    #: timeout measured on the testbed's routers for a flow that saw one answer
+    #: (tests/test_nat_cells.py); it is also the keepalive that holds the mapping.
+    refresh_interval: float = 25.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_registrations",
+            "max_registrations_per_address",
+            "max_circuits",
+            "max_circuits_per_peer",
+            "bandwidth",
+            "peer_bandwidth",
+            "circuit_bytes",
+            "refresh_interval",
+        ):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"relay {name} must be positive")
+        if not 0 <= self.registrations <= 8:
+            raise UsageError("relay registrations must be between 0 and 8")
+
+
 LAN_MODES = ("everyone", "contacts", "off")
 
 
@@ -392,6 +440,7 @@ class NodeConfig:
     calls: CallsConfig = field(default_factory=CallsConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
 
     @property
     def hides_addresses(self) -> bool:
@@ -402,11 +451,14 @@ class NodeConfig:
         return self.lan.mode == "contacts"
 
 
+_SECTIONS = ("home", "dht", "quic", "lan", "calls", "files", "privacy", "relay")
+
+
 def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(obj)}
     changes: dict[str, Any] = {}
     for name, value in section.items():
-        if name not in known or name in ("home", "dht", "quic", "lan", "calls", "files", "privacy"):
+        if name not in known or name in _SECTIONS:
             raise UsageError(f"{where}: unknown setting {name!r}")
         current = getattr(obj, name)
         if name in ("listen",):
@@ -420,7 +472,11 @@ def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UsageError(f"{where}: {name} must be a list of IP address strings")
             changes[name] = tuple(value)
-        elif isinstance(current, bool) or not isinstance(value, type(current) | int):
+        elif isinstance(current, bool):  # [relay] enabled
+            if not isinstance(value, bool):
+                raise UsageError(f"{where}: {name} must be true or false")
+            changes[name] = value
+        elif not isinstance(value, type(current) | int) or isinstance(value, bool):
             raise UsageError(f"{where}: {name} must be a {type(current).__name__}")
         else:
             changes[name] = type(current)(value)
@@ -437,7 +493,7 @@ def load_config(home: Path) -> NodeConfig:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
-    unknown = set(doc) - {"node", "dht", "quic", "lan", "calls", "files", "privacy"}
+    unknown = set(doc) - {"node", *_SECTIONS}
     if unknown:
         raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
     if "defences" in doc.get("dht", {}):
@@ -456,6 +512,7 @@ def load_config(home: Path) -> NodeConfig:
     config = _apply(config, doc.get("node", {}), f"{path} [node]")
     files = _apply(config.files, doc.get("files", {}), f"{path} [files]")
     quic = _apply(config.quic, doc.get("quic", {}), f"{path} [quic]")
+    relay = _apply(config.relay, doc.get("relay", {}), f"{path} [relay]")
     privacy_doc = doc.get("privacy", {})
     if not isinstance(privacy_doc, dict) or set(privacy_doc) - {"addresses"}:
         raise UsageError(f"{path} [privacy]: the one setting is addresses = everyone|contacts")
@@ -463,6 +520,13 @@ def load_config(home: Path) -> NodeConfig:
         raise UsageError(f"{path} [privacy]: addresses is everyone or contacts")
     privacy = PrivacyConfig(**privacy_doc)
     out: NodeConfig = replace(
-        config, dht=dht, quic=quic, lan=lan, calls=calls, files=files, privacy=privacy
+        config,
+        dht=dht,
+        quic=quic,
+        lan=lan,
+        calls=calls,
+        files=files,
+        privacy=privacy,
+        relay=relay,
     )
     return out

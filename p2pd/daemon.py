@@ -33,11 +33,14 @@ from .keystore import ensure_home
 from .maintenance import MaintenanceSchedule, Wakeup
 from .messaging import Contacts
 from .netif import is_wildcard
-from .records import MAX_ADDRESSES, HandleRecord
+from .records import MAX_ADDRESSES, MAX_RELAYS, HandleRecord
+from .relay import Relays, is_virtual
+from .relay.upgrade import DirectUpgrade
 from .rotation import RotationNotice
 from .session import SessionManager
 from .store import db_path, get_meta, open_database, set_meta
-from .transport.quic import QuicEndpoint, QuicPeer
+from .transport.punch_driver import PunchRunner
+from .transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from .transport.udp import UdpEndpoint
 from .wire import Address
 
@@ -66,6 +69,8 @@ class Node:
         rotation: RotationNotice | None,
         hints: AddressHints,
         files: FilesService | None = None,
+        relays: Relays | None = None,
+        upgrade: DirectUpgrade | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -89,6 +94,10 @@ class Node:
         self.rotation = rotation
         #: Where pinned contacts said they are (invites, in-session hints).
         self.hints = hints
+        #: Relaying for others, and our registrations with relays (p2pd/relay/).
+        self.relays = relays
+        #: Relayed connections upgraded to direct ones (hole punching).
+        self.upgrade = upgrade
 
     @property
     def listen_address(self) -> Address:
@@ -111,11 +120,19 @@ class Node:
         (contacts learn them in the session: p2pd/address_hints.py), else all."""
         return [] if self.config.hides_addresses else self.advertised_addresses()
 
+    def published_relays(self) -> list[Address]:
+        """The relays that hold a registration for us (none while we are reachable)."""
+        return [] if self.relays is None else self.relays.registered()[:MAX_RELAYS]
+
     def _addresses_moved(self) -> bool:
-        """Whether our published record's addresses are no longer what we would publish
-        (a NAT mapping learnt or changed: issue 13); then we republish at once."""
+        """Whether our published record's addresses or relays are no longer what we
+        would publish (a NAT mapping learnt or changed, a relay gained or lost: issue
+        13); then we republish at once."""
         record = self.record
-        return record is not None and record.addresses != tuple(self.published_addresses())
+        return record is not None and (
+            record.addresses != tuple(self.published_addresses())
+            or record.relays != tuple(self.published_relays())
+        )
 
     def _local_addresses(self) -> list[Address]:
         local = self.listen_address
@@ -162,6 +179,7 @@ class Node:
             extension=sessions.prekey_bundle(),
             # storing nodes that hold our old key's claim let this record replace it
             rotation=b"" if self.rotation is None else self.rotation.encode(),
+            relays=self.published_relays(),
         )
         sessions.mark_bundle_published()
         self._schedule.published(trio.current_time())
@@ -246,6 +264,27 @@ class Node:
             if due.save_contacts:
                 self._schedule.saved_contacts(now)
                 await self.save_contacts()
+
+
+def punch_candidates(advertised: list[Address], dht: DHT) -> list[Address]:
+    """What we offer for hole punching: the addresses we advertise (a mapped public
+    address first), then the reflexive addresses observers saw (behind an
+    endpoint-dependent NAT their ports mean nothing, but the IP is where the peer's
+    port probes go). At most 8."""
+    seen = [a for a, _ in dht.reachability().reflexive]
+    return list(dict.fromkeys(advertised + seen))[:8]
+
+
+def needs_relays(dht: DHT) -> bool:
+    """Whether we are behind a NAT that strangers cannot get through: then we keep
+    registrations with relays (and relay for no one)."""
+    status = dht.reachability()
+    if status.reachability == "reachable":
+        return False
+    return status.reachability == "unreachable" or status.mapping in (
+        "endpoint-independent",
+        "endpoint-dependent",
+    )
 
 
 def _lan_peer_handler(
@@ -358,23 +397,54 @@ async def open_node(
             def cached(key: bytes) -> HandleRecord | None:  # delivery's looked-up records
                 return next((r for r in delivery.resolved_records() if r.public_key == key), None)
 
+            async def other_streams(peer: QuicPeer, stream: QuicStream, first: bytes) -> None:
+                await upgrade.route_stream(peer, stream, first, delivery.handle_stream)
+
+            relays = Relays(
+                config.relay, identity, endpoint.sendto,
+                # an unwrapped QUIC packet of a circuit, under its virtual address
+                on_packet=lambda packet, virtual: quic.datagram_received(packet, virtual),
+                needs_relays=lambda: needs_relays(dht),
+                candidates=lambda: [Address(h, p) for _, h, p in dht.contacts()],
+                hides_addresses=config.hides_addresses,  # its record lists relays only
+                on_registrations_changed=wakeup.set,  # republish with the new relays
+                v6=endpoint.local_address.version == 6,
+            )  # fmt: skip
             quic = QuicEndpoint(
                 endpoint,
                 identity,
                 config.quic,
-                # p2pd/files/ routes file streams on their first byte, the rest to delivery
-                on_stream=lambda peer, stream: files.route_stream(
-                    peer, stream, delivery.handle_stream
-                ),
+                # p2pd/files/ routes file streams on their first byte, then the upgrade
+                # (hole punching) takes its streams, and delivery the rest
+                on_stream=lambda peer, stream: files.route_stream(peer, stream, other_streams),
                 on_datagram=lambda peer, data: calls.datagram_received(peer, data),
                 is_pinned=lambda key: contacts.by_key(key) is not None,  # QUIC's reserve
+                virtual_send=relays.send,  # a circuit's packets go wrapped to its relay
+                is_virtual=is_virtual,
+                on_connection=lambda peer: connection_opened(peer),
             )
+
+            def connection_opened(peer: QuicPeer) -> None:
+                upgrade.on_relayed_connection(peer)  # relayed: try for a direct path
+                calls.connection_opened(peer)  # direct: a call over a relay moves to it
+
+            runner = PunchRunner(endpoint.sendto, endpoint.local_address.host)
+            upgrade = DirectUpgrade(
+                quic, runner,
+                mapping=lambda: dht.reachability().mapping,
+                candidates=lambda: punch_candidates(node.advertised_addresses(), dht),
+                may_share_addresses=lambda key: (
+                    not config.hides_addresses or contacts.by_key(key) is not None
+                ),
+                on_direct=lambda peer: calls.connection_opened(peer),
+            )  # fmt: skip
             delivery = Delivery(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,
                 contacts=contacts, lan_addresses=_hinted(_lan_addresses(lan), hints, cached),
                 on_signal=lambda *signal: on_signal(*signal),
                 on_direct=lambda key: announcer.peer_seen(key),
                 on_file_offer=lambda *offer: files.offer_received(*offer),
+                relay_connect=relays.connect,
             )  # fmt: skip
             calls = CallManager(delivery, events)
             announcer = HintAnnouncer(
@@ -402,12 +472,17 @@ async def open_node(
             node = Node(
                 config, identity, conn, endpoint=endpoint, dht=dht, quic=quic,
                 delivery=delivery, calls=calls, lan=lan, schedule=schedule, wakeup=wakeup,
-                rotation=rotation, files=files, hints=hints,
+                rotation=rotation, files=files, hints=hints, relays=relays, upgrade=upgrade,
             )  # fmt: skip
             if rotation is not None:
                 delivery.announce_rotation(rotation)  # once; the outbox delivers it
             await nursery.start(quic.serve)
-            await nursery.start(endpoint.serve, dht.datagram_received, quic.datagram_received)
+            await nursery.start(relays.run)
+            await nursery.start(upgrade.run)
+            await nursery.start(
+                endpoint.serve, dht.datagram_received, quic.datagram_received,
+                relays.datagram_received, runner.datagram_received,
+            )  # fmt: skip
             await nursery.start(calls.run)
             await nursery.start(announcer.run)
             await nursery.start(files.run)

@@ -31,6 +31,8 @@ MAGIC = b"P2HR"
 VERSION = 2
 SIGNATURE_CONTEXT = b"p2pd handle record v2\x00"
 MAX_ADDRESSES = 8
+#: Relays a NATed owner lists (p2pd/relay/): 2-3 in practice.
+MAX_RELAYS = 4
 #: Opaque signed bytes reserved for the prekey bundle (docs/PROTOCOL.md).
 MAX_EXTENSION = 2048
 #: The longest presence (addresses) one record can state; owners publish a day and
@@ -57,6 +59,8 @@ MAX_RECORD_SIZE = (
     + MAX_EXTENSION
     + 2
     + MAX_NOTICE_SIZE
+    + 1
+    + MAX_RELAYS * (1 + 16 + 2)
     + 64
 )
 DHT_KEY_CONTEXT = b"p2pd handle key v1\x00"
@@ -80,6 +84,9 @@ class HandleRecord:
     extension: bytes = b""
     #: A rotation notice (p2pd/rotation.py) moving this handle to this record's key, or b"".
     rotation: bytes = b""
+    #: Relays that hold a registration for the owner (p2pd/relay/): where to ask for a
+    #: circuit when no address answers. Encoded only when there are any (docs/PROTOCOL.md).
+    relays: tuple[Address, ...] = ()
     signature: bytes = field(default=b"", repr=False)
 
     # ------------------------------------------------------------------ building
@@ -95,6 +102,7 @@ class HandleRecord:
         lifetime: int,
         extension: bytes = b"",
         rotation: bytes = b"",
+        relays: list[Address] | tuple[Address, ...] = (),
     ) -> HandleRecord:
         unsigned = cls(
             identity.handle,
@@ -105,6 +113,7 @@ class HandleRecord:
             now + lifetime,
             extension,
             rotation,
+            tuple(relays),
         )
         unsigned._check_bounds()
         signature = identity.sign(SIGNATURE_CONTEXT + unsigned.encode_body())
@@ -119,6 +128,10 @@ class HandleRecord:
             raise RecordError(f"a record carries at most {MAX_ADDRESSES} addresses")
         if any(a.port == 0 for a in self.addresses):
             raise RecordError("record address with port 0")
+        if len(self.relays) > MAX_RELAYS:
+            raise RecordError(f"a record lists at most {MAX_RELAYS} relays")
+        if any(a.port == 0 for a in self.relays):
+            raise RecordError("record relay with port 0")
         if not 0 <= self.seq <= MAX_SEQ:
             raise RecordError("record sequence number out of range")
         if not 0 <= self.issued < self.expires <= self.issued + MAX_LIFETIME:
@@ -145,6 +158,10 @@ class HandleRecord:
             struct.pack(">H", len(self.rotation)),
             self.rotation,
         ]
+        if self.relays:
+            # Optional: a record without relays is byte for byte what it was before
+            # relays existed; an older decoder refuses one with relays (trailing bytes).
+            parts += [bytes([len(self.relays)]), *(a.encode() for a in self.relays)]
         return b"".join(parts)
 
     def encode(self) -> bytes:
@@ -186,6 +203,12 @@ class HandleRecord:
             if rotation_len > MAX_NOTICE_SIZE:
                 raise RecordError("record rotation notice too large")
             rotation = r.take(rotation_len)
+            relays: tuple[Address, ...] = ()
+            if len(data) - r.position > 64:
+                relay_count = r.u8()
+                if not 0 < relay_count <= MAX_RELAYS:
+                    raise RecordError("bad relay count in record")
+                relays = tuple(Address.decode_from(r) for _ in range(relay_count))
             signature = r.take(64)
             r.end()
         except RecordError:
@@ -193,7 +216,16 @@ class HandleRecord:
         except WireError as exc:
             raise RecordError(f"malformed record: {exc}") from None
         record = cls(
-            handle, public_key, addresses, seq, issued, expires, extension, rotation, signature
+            handle,
+            public_key,
+            addresses,
+            seq,
+            issued,
+            expires,
+            extension,
+            rotation,
+            relays,
+            signature,
         )
         record._check_bounds()
         if record.encode() != data:  # one canonical encoding
@@ -244,7 +276,7 @@ class HandleRecord:
         addresses, so delivery goes to the mailbox. Its signature no longer covers it:
         for local use only, never encoded for anyone (repair and storage use the bytes
         the replicas sent)."""
-        return replace(self, addresses=())
+        return replace(self, addresses=(), relays=())
 
     def rotated_from(self, old_key: bytes) -> bool:
         """Whether this (verified) record's notice moves its handle from ``old_key``."""

@@ -64,7 +64,7 @@ def main() -> int:
         return 2
     pairs = PAIRS
     if args.pairs:
-        pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",")]  # type: ignore[misc]
+        pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",")]
     progress = progress_printer("bench_punch")
     rows = []
     for kind_a, kind_b in pairs:
@@ -93,7 +93,10 @@ def main() -> int:
             verdict = "met" if met else "MISSED (100 % direct, p95 < 5 s)"
         else:
             verdict = "not graded (two endpoint-dependent NATs: a relay carries it)"
-        fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.0f}"
+
         print(f"{kind_a + ' <-> ' + kind_b:<26}{rate:>8.0f}%{fmt(p50):>9}{fmt(p95):>9}   {verdict}")
     print("\nfor comparison (quoted by issue 13, not measured here):")
     print("  libp2p DCUtR, 4.4 M attempts (2025): 70 % +/- 7 % direct, 97.6 % of those first try")

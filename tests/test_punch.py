@@ -269,3 +269,37 @@ def test_forged_and_reflected_probes_do_not_choose_the_path() -> None:
     # the real peer still gets through
     run(a, b)
     assert a.core.result is not None and a.core.result.address.host == b.nat.public
+
+
+# --- the driver's budget across attempts ---------------------------------------------------
+
+
+def test_a_node_sends_at_most_its_punch_budget_whatever_peers_ask() -> None:
+    """Peers that name a victim's IP as their candidate and claim an endpoint-dependent
+    NAT ask for 1,024 port probes each; eight such attempts in one minute would be ~11,000
+    datagrams towards that IP. The runner's budget holds them to 4,096 in a burst plus its
+    refill (p2pd/transport/punch_driver.py)."""
+    import trio.testing
+
+    from p2pd.transport.punch_driver import PACKET_BUDGET, PACKET_REFILL, PunchRunner
+
+    sent: list[tuple[str, int]] = []
+    victim = Address("198.18.66.6", 4000)
+
+    async def main() -> float:
+        runner = PunchRunner(lambda data, addr: sent.append(addr), "0.0.0.0")
+        start = trio.current_time()
+        ours = PunchOffer.new("endpoint-independent", [Address("198.18.1.1", 4000)])
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                theirs = PunchOffer.new("endpoint-dependent", [victim] * 8)
+                plan = make_plan(ours, theirs, initiator=True, start=trio.current_time())
+                nursery.start_soon(runner.attempt, plan)
+                await trio.sleep(7.5)  # one after another: each ends at its 5 s deadline
+        assert runner.stats["over_budget"] > 0
+        return trio.current_time() - start
+
+    elapsed = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert all(addr[0] == victim.host for addr in sent)
+    assert len(sent) <= PACKET_BUDGET + PACKET_REFILL * elapsed + 1
+    assert len(sent) < 8 * (1024 + 8 * 50)  # what the attempts asked for

@@ -21,6 +21,7 @@ from p2pd.records import (
     MAX_EXTENSION,
     MAX_LIFETIME,
     MAX_RECORD_SIZE,
+    MAX_RELAYS,
     MAX_SEQ,
     SIGNATURE_CONTEXT,
     VERSION,
@@ -53,6 +54,7 @@ def make(
     lifetime: int = HOUR,
     extension: bytes = b"ext",
     rotation: bytes = b"",
+    relays: tuple[Address, ...] = (),
 ) -> HandleRecord:
     return HandleRecord.create(
         identity,
@@ -62,6 +64,7 @@ def make(
         lifetime=lifetime,
         extension=extension,
         rotation=rotation,
+        relays=relays,
     )
 
 
@@ -96,19 +99,28 @@ def test_record_with_no_addresses_and_no_extension() -> None:
 
 
 def largest_record() -> HandleRecord:
-    """A 32-char handle, 8 IPv6 addresses, a full extension and a rotation notice."""
+    """A 32-char handle, 8 IPv6 addresses, a full extension, a rotation notice and
+    the most relays."""
     old = Identity.from_seed("a" * 32, bytes(32))
     new = Identity.from_seed("a" * 32, bytes(range(32)))
     notice = RotationNotice.create(old, new, now=NOW).encode()
     assert len(notice) == MAX_NOTICE_SIZE
     addrs = tuple(Address(f"2001:db8::{i + 1}", 65535) for i in range(MAX_ADDRESSES))
-    return make(new, addrs, extension=b"\xff" * MAX_EXTENSION, seq=MAX_SEQ, rotation=notice)
+    relays = tuple(Address(f"2001:db8:1::{i + 1}", 65535) for i in range(MAX_RELAYS))
+    return make(
+        new,
+        addrs,
+        extension=b"\xff" * MAX_EXTENSION,
+        seq=MAX_SEQ,
+        rotation=notice,
+        relays=relays,
+    )
 
 
 def test_largest_record_fits_max_record_size() -> None:
     record = largest_record()
     data = record.encode()
-    assert len(data) == MAX_RECORD_SIZE == 2601
+    assert len(data) == MAX_RECORD_SIZE == 2678
     assert verify_record(data, NOW) == record
 
 
@@ -506,3 +518,25 @@ def test_round_trip_property(
 def test_record_error_is_a_wire_error() -> None:
     """Callers that catch WireError for bad network bytes also catch bad records."""
     assert issubclass(RecordError, WireError)
+
+
+def test_relays_round_trip_and_leave_a_record_without_them_unchanged() -> None:
+    plain = make()
+    relays = (Address("198.18.1.11", 4747), Address("2001:db8::7", 4747))
+    relayed = make(relays=relays)
+    assert verify_record(relayed.encode(), NOW).relays == relays
+    # no relays: no relay bytes at all (what an older p2pd encodes and decodes)
+    assert relayed.encode_body().startswith(plain.encode_body())
+    assert len(relayed.encode()) == len(plain.encode()) + 1 + 7 + 19
+    with pytest.raises(RecordError, match="at most"):
+        make(relays=(Address("198.18.1.11", 4747),) * (MAX_RELAYS + 1))
+    # a zero count is not canonical; a count above the bound is refused before reading
+    data = plain.encode()
+    for count in (0, MAX_RELAYS + 1):
+        forged = data[:-64] + bytes([count]) + bytes(19) * count + data[-64:]
+        with pytest.raises(RecordError):
+            HandleRecord.decode(forged)
+    # the signature covers the relays: a relay swapped in does not verify
+    swapped = relayed.encode().replace(bytes([198, 18, 1, 11]), bytes([203, 0, 113, 9]))
+    with pytest.raises(RecordError, match="signature"):
+        verify_record(swapped, NOW)

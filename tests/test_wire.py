@@ -19,7 +19,13 @@ from p2pd.dht.nodekey import NodeKey
 from p2pd.errors import InvalidAddress, OldFrameVersion, UsageError, WireError
 from p2pd.identity import Identity
 from p2pd.identity import verify_signature as verify
-from p2pd.records import MAX_ADDRESSES, MAX_EXTENSION, MAX_RECORD_SIZE, HandleRecord
+from p2pd.records import (
+    MAX_ADDRESSES,
+    MAX_EXTENSION,
+    MAX_RECORD_SIZE,
+    MAX_RELAYS,
+    HandleRecord,
+)
 from p2pd.rotation import RotationNotice
 from p2pd.wire import (
     COOKIE_LEN,
@@ -614,14 +620,17 @@ def test_find_value_reply_with_extra_keys_or_bad_value() -> None:
 
 
 def _largest_record() -> bytes:
-    """A 32-char handle, 8 IPv6 addresses, a full extension and a rotation notice."""
+    """A 32-char handle, 8 IPv6 addresses, a full extension, a rotation notice and the
+    most relays."""
     old = Identity.from_seed("a" * 32, bytes(32))
     new = Identity.from_seed("a" * 32, bytes(range(32)))
     addrs = [Address(f"2001:db8::{i + 1}", 65535) for i in range(MAX_ADDRESSES)]
+    relays = [Address(f"2001:db8:1::{i + 1}", 65535) for i in range(MAX_RELAYS)]
     notice = RotationNotice.create(old, new, now=1).encode()
     return HandleRecord.create(
-        new, addrs, seq=1, now=1, lifetime=60, extension=b"\x00" * MAX_EXTENSION, rotation=notice
-    ).encode()
+        new, addrs, seq=1, now=1, lifetime=60, extension=b"\x00" * MAX_EXTENSION,
+        rotation=notice, relays=relays,
+    ).encode()  # fmt: skip
 
 
 def test_largest_find_value_reply_fits_in_a_frame() -> None:

@@ -245,8 +245,11 @@ class Exchange(_FrameStream):
         deadline: float,
         *,
         outbox: Sequence[Message] = (),
+        via: str = "direct",
     ) -> None:
         super().__init__(core, peer_key)
+        #: "direct", or "relay" for a connection through a relay (p2pd/relay/)
+        self.via = via
         self.ids = [msg_id for msg_id, _ in batch]
         self.waiting = set(self.ids)
         self.acked: set[bytes] = set()
@@ -337,6 +340,7 @@ class DeliveryCore:
         self._queued_since: set[bytes] = set()
         self.stats: dict[str, int] = {
             "sent_direct": 0,
+            "sent_relay": 0,
             "sent_mailbox": 0,
             "received_direct": 0,
             "received_mailbox": 0,
@@ -503,10 +507,13 @@ class DeliveryCore:
             break
         return ready
 
-    def start_exchange(self, peer_key: bytes, ready: Sequence[Message], now: float) -> Exchange:
-        """A batch of messages with envelopes, to be written on a new stream."""
+    def start_exchange(
+        self, peer_key: bytes, ready: Sequence[Message], now: float, *, via: str = "direct"
+    ) -> Exchange:
+        """A batch of messages with envelopes, to be written on a new stream (``via``
+        "relay" when the connection goes through a relay)."""
         batch = [(m.id, m.envelope) for m in ready if m.envelope is not None]
-        return Exchange(self, peer_key, batch, now + self.ack_timeout, outbox=ready)
+        return Exchange(self, peer_key, batch, now + self.ack_timeout, outbox=ready, via=via)
 
     def signal_exchange(
         self, peer_key: bytes, msg_id: bytes, envelope: bytes, now: float
@@ -530,7 +537,7 @@ class DeliveryCore:
         self._open.add(exchange)
         if not exchange.outbox:
             return []
-        retries = self._schedule(exchange.outbox, now, "direct")
+        retries = self._schedule(exchange.outbox, now, exchange.via)
         # Sent again after the backoff, but not before the peer usually starts answering
         # (a busy receiver is slow, not lost: a retry would only double its work).
         retry_at = max(min(retries), now + self._retry_floor(exchange.peer_key))
@@ -539,8 +546,9 @@ class DeliveryCore:
         if exchange.peer_key in self._queued_since:  # queued while it was taken, written
             self._queued_since.discard(exchange.peer_key)
             self._prepare_ready.add(exchange.peer_key)  # encrypted while it waits
-        self.stats["sent_direct"] += len(exchange.outbox)
-        return [MessageSent(m.id, "direct") for m in exchange.outbox if m.id in exchange.waiting]
+        self.stats[f"sent_{exchange.via}"] += len(exchange.outbox)
+        waiting = exchange.waiting
+        return [MessageSent(m.id, exchange.via) for m in exchange.outbox if m.id in waiting]
 
     def end_exchange(self, exchange: Exchange, now: float) -> list[Event]:
         """Every answer came, or the deadline passed (or the stream broke)."""

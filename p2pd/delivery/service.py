@@ -51,10 +51,8 @@ from ..errors import (
     ConnectionLost,
     Contested,
     KeyChanged,
-    LocalError,
     NoSession,
     NotFound,
-    PeerKeyMismatch,
     RecordError,
     UsageError,
 )
@@ -67,6 +65,7 @@ from ..identity import (
 )
 from ..messaging import Contact, Contacts, IncomingSummary, Message, MessageStore
 from ..records import HandleRecord
+from ..relay.client import is_virtual
 from ..rotation import RotationNotice, verify_notice
 from ..session import SessionManager
 from ..store import get_meta, set_meta
@@ -98,6 +97,7 @@ from .events import (
     SignalReceived,
 )
 from .ledger import SqliteLedger
+from .paths import Paths, RelayConnect
 
 __all__ = ["BATCH", "RESET_INTERVAL", "Delivery", "EventBus"]
 
@@ -165,6 +165,7 @@ class Delivery:
         on_signal: Callable[[bytes, str, QuicPeer | None, str], None],
         on_file_offer: Callable[[bytes, str, str, str], None] = lambda *offer: None,
         on_direct: Callable[[bytes], None] = lambda key: None,
+        relay_connect: RelayConnect | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -177,6 +178,9 @@ class Delivery:
         self.on_file_offer = on_file_offer
         #: Called with a key we hold a direct connection to (p2pd/address_hints.py).
         self.on_direct = on_direct
+        #: Opens a circuit through a relay to a key: its virtual address (p2pd/relay/).
+        self.relay_connect = relay_connect
+        self.paths = Paths(quic, lan_addresses, relay_connect, config.connect_timeout)
         self._conn = conn
         self.messages = MessageStore(conn, at_rest=sessions.at_rest)  # p2pd/at_rest.py
         self.contacts = contacts
@@ -386,7 +390,8 @@ class Delivery:
             return
         peer = await self._connect(peer_key, record)
         if peer is not None:
-            exchange = self.core.start_exchange(peer_key, ready, time.time())
+            via = "relay" if is_virtual(peer.address[0]) else "direct"
+            exchange = self.core.start_exchange(peer_key, ready, time.time(), via=via)
             try:
                 stream = await self._write_exchange(peer, exchange)
             except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -424,29 +429,14 @@ class Delivery:
             self.on_direct(peer_key)  # tell a contact where we are, if our record does not
         return peer
 
+    async def connect_peer(self, peer_key: bytes, record: HandleRecord | None) -> QuicPeer | None:
+        """A connection to ``peer_key`` the way delivery makes one (files use it too)."""
+        return await self._connect_direct(peer_key, record)
+
     async def _connect_direct(
         self, peer_key: bytes, record: HandleRecord | None
     ) -> QuicPeer | None:
-        for peer in self.quic.peers():
-            if peer.public_key == peer_key and not peer.is_closing:
-                return peer
-        addresses = list(self.lan_addresses(peer_key))
-        addresses += [a for a in (record.addresses if record else ()) if a not in addresses]
-        for address in addresses:
-            try:
-                with trio.fail_after(self.config.connect_timeout):
-                    return await self.quic.connect(address, peer_key)
-            except PeerKeyMismatch:
-                log.warning("%s answered with another key than %s", address, _who(peer_key))
-            except (ConnectionLost, trio.TooSlowError):
-                log.debug("no QUIC connection to %s at %s", _who(peer_key), address)
-            except LocalError as exc:
-                # Our side cannot connect at all (every connection slot taken, the
-                # endpoint stopping): like an offline peer, the message goes to the
-                # mailbox instead of ending this worker (issue 12).
-                log.warning("cannot connect to %s: %s", _who(peer_key), exc)
-                return None
-        return None
+        return await self.paths.connect(peer_key, record)
 
     async def _write_exchange(self, peer: QuicPeer, exchange: Exchange) -> QuicStream:
         """Open a stream and write the exchange's batch on it, FIN in the same packet."""

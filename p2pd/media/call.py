@@ -279,6 +279,7 @@ class CallMedia:
         self.config = c = config or MediaConfig()
         self._state = "new"
         self._end_reason = ""
+        self._path_switches = 0
         self._started_at: float | None = None
         self._ended_at: float | None = None
         self._c = _Counters()
@@ -441,9 +442,21 @@ class CallMedia:
         return await trio.to_thread.run_sync(opener, spec)
 
     async def _watch_connection(self, scope: trio.CancelScope) -> None:
-        await self.peer.wait_closed()
+        for _ in range(1 << 20):  # once per switch of connection (switch_peer)
+            watched = self.peer
+            await watched.wait_closed()
+            if self.peer is watched:
+                break
         self._end_reason = "connection closed"
         scope.cancel()
+
+    def switch_peer(self, peer: MediaPeer) -> None:
+        """Send on ``peer`` from now on: a better connection to the same peer (a relayed
+        one made direct, p2pd/relay/upgrade.py). What arrives on either is played; the
+        jitter buffer orders it. The call ends when the connection in use closes."""
+        if peer is not self.peer:
+            self.peer = peer
+            self._path_switches += 1
 
     def _send(self, data: bytes) -> None:
         c = self._c
@@ -768,6 +781,7 @@ class CallMedia:
         return {
             "state": self._state,
             "end_reason": self._end_reason,
+            "path_switches": self._path_switches,
             "duration_s": round(duration, 3),
             "rtt_ms": round(rtt * 1000, 2) if rtt is not None else None,
             "loss_pct": round(self._audio_rx.loss_fraction * 100, 2),

@@ -563,6 +563,7 @@ class FakeUdpEndpoint:
         self._rng = random.Random(f"{network.seed}/endpoint/{host.ip}/{port}")
         self._on_dht: DatagramHandler | None = None
         self._on_quic: DatagramHandler | None = None
+        self._on_relay: DatagramHandler | None = None
         self._flush_hooks: list[FlushHook] = []
         self._queue: list[tuple[bytes, Source]] = []
         self._closed = False
@@ -635,7 +636,7 @@ class FakeUdpEndpoint:
         if self.host._endpoints.get(self._port) is self:
             del self.host._endpoints[self._port]
         self._queue.clear()
-        self._on_dht = self._on_quic = None
+        self._on_dht = self._on_quic = self._on_relay = None
 
     def add_flush_hook(self, hook: FlushHook) -> None:
         """Have ``hook()`` called after each delivery pass that handed this endpoint
@@ -650,6 +651,7 @@ class FakeUdpEndpoint:
         self,
         on_dht: DatagramHandler,
         on_quic: DatagramHandler | None = None,
+        on_relay: DatagramHandler | None = None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -662,7 +664,7 @@ class FakeUdpEndpoint:
             raise trio.ClosedResourceError("this endpoint is closed")
         if self._on_dht is not None:
             raise trio.BusyResourceError("another task already serves this endpoint")
-        self._on_dht, self._on_quic = on_dht, on_quic
+        self._on_dht, self._on_quic, self._on_relay = on_dht, on_quic, on_relay
         try:
             task_status.started()
             if self._queue:
@@ -672,18 +674,21 @@ class FakeUdpEndpoint:
                 self._flush()
             await trio.sleep_forever()
         finally:
-            self._on_dht = self._on_quic = None
+            self._on_dht = self._on_quic = self._on_relay = None
 
     # ---- internals, called by the network's task
 
     def _dispatch(self, data: bytes, source: Source) -> None:
-        """As UdpEndpoint.serve: 0x00..0x03 to the DHT, the QUIC fixed bit to QUIC."""
+        """As UdpEndpoint.serve: 0x00..0x03 to the DHT, the QUIC fixed bit to QUIC,
+        0x04..0x3e to the relay (p2pd/relay/)."""
         self.stats["datagrams_in"] += 1
         first = data[0] if data else 0x80  # an empty datagram: neither
         if first & 0x40:
             handler = self._on_quic
         elif first <= 0x03:
             handler = self._on_dht
+        elif first <= 0x3E:
+            handler = self._on_relay
         else:
             handler = None
         if handler is None:

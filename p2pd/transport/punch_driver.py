@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 LINGER_INTERVALS = 3
 #: File descriptors left alone when side sockets are opened.
 FD_RESERVE = 128
+#: Every punch datagram this node sends, across attempts: a token bucket of this many,
+#: refilled at this rate per second. A birthday attempt sends about 2,500 (1,024 port
+#: probes, or 256 side sockets x candidates x 2); a peer that names a victim's address
+#: as its candidate cannot make us send more than this there (docs/SECURITY.md).
+PACKET_BUDGET = 4096
+PACKET_REFILL = 4096 / 60
 
 
 @dataclass
@@ -70,6 +76,8 @@ class PunchRunner:
         self._active: dict[bytes, tuple[HolePunch, trio.Event]] = {}
         #: Datagrams for no active attempt, or malformed.
         self.stats: dict[str, int] = {"unmatched": 0}
+        self._tokens = float(PACKET_BUDGET)
+        self._refilled = trio.current_time()
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         """From the main socket's receive loop: a datagram whose first byte is PUNCH_BYTE."""
@@ -113,6 +121,11 @@ class PunchRunner:
             for s in sides:
                 if s is not kept:
                     s.close()
+        self.stats["attempts"] = self.stats.get("attempts", 0) + 1
+        self.stats["paths_found"] = self.stats.get("paths_found", 0) + (winner is not None)
+        for name, count in core.stats.items():
+            if name.startswith("refused_"):  # forged, reflected, malformed: worth seeing
+                self.stats[name] = self.stats.get(name, 0) + count
         return PunchOutcome(
             winner, kept, dict(core.stats), side_sockets_short=wanted - plan.side_sockets
         )
@@ -160,7 +173,14 @@ class PunchRunner:
         return core.result
 
     def _flush(self, core: HolePunch, sides: list[socket.socket]) -> None:
+        now = trio.current_time()
+        self._tokens = min(PACKET_BUDGET, self._tokens + (now - self._refilled) * PACKET_REFILL)
+        self._refilled = now
         for index, data, addr in core.datagrams_to_send():
+            if self._tokens < 1:
+                self.stats["over_budget"] = self.stats.get("over_budget", 0) + 1
+                continue
+            self._tokens -= 1
             if index == 0:
                 self._sendto(data, addr)
                 continue

@@ -6,6 +6,8 @@ Demultiplexing on the first byte (docs/PROTOCOL.md, "One port"):
   version 2; 0x00 / 0x01, version 1, go there too, to be refused with a log line);
 - first byte with the 0x40 bit set: a QUIC packet (RFC 9000 section 17: the fixed bit)
   -> the QUIC handler, once there is one;
+- ``0x3f``: a hole-punch probe (p2pd/transport/punch.py) -> the punch handler;
+- ``0x04``..``0x3e``: a relay frame (p2pd/relay/frames.py) -> the relay handler;
 - anything else is dropped and counted.
 
 Sharing the port means the DHT sees the same public address that QUIC uses, which NAT
@@ -31,6 +33,7 @@ import trio
 
 from ..errors import LocalError
 from ..wire import Address
+from .punch import PUNCH_BYTE
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,8 @@ class UdpEndpoint:
         self,
         on_dht: DatagramHandler,
         on_quic: DatagramHandler | None = None,
+        on_relay: DatagramHandler | None = None,
+        on_punch: DatagramHandler | None = None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -126,6 +131,10 @@ class UdpEndpoint:
                         dropped += 1
                 elif first <= 0x03:
                     on_dht(data, (addr[0], addr[1]))
+                elif first == PUNCH_BYTE and on_punch is not None:
+                    on_punch(data, (addr[0], addr[1]))
+                elif first < PUNCH_BYTE and on_relay is not None:
+                    on_relay(data, (addr[0], addr[1]))
                 else:
                     dropped += 1
             if count:

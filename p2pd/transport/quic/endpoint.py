@@ -58,6 +58,8 @@ DatagramHandler = Callable[[QuicPeer, bytes], None]
 PeerHandler = Callable[[QuicPeer], None]
 #: Is this Ed25519 key pinned by one of our contacts?
 PinCheck = Callable[[bytes], bool]
+#: Sends a datagram to a virtual address (a relay circuit, p2pd/relay/client.py).
+VirtualSend = Callable[[bytes, NetworkAddress], None]
 
 
 class QuicEndpoint:
@@ -78,6 +80,10 @@ class QuicEndpoint:
     - ``is_pinned(key)`` says whether a contact pins ``key``: an incoming connection
       whose proven key is pinned moves from the strangers' share of the slots to the
       reserve (:mod:`.admission`). Without it, every incoming peer is a stranger.
+    - ``virtual_send(data, addr)`` sends to a virtual address (one whose host
+      ``is_virtual``): a relay circuit (p2pd/relay/). Its packets come in through
+      :meth:`datagram_received` with the same virtual address, so aioquic sees one
+      stable path per circuit.
     """
 
     def __init__(
@@ -91,8 +97,12 @@ class QuicEndpoint:
         on_connection: PeerHandler | None = None,
         on_closed: PeerHandler | None = None,
         is_pinned: PinCheck | None = None,
+        virtual_send: VirtualSend | None = None,
+        is_virtual: Callable[[str], bool] = lambda host: False,
     ) -> None:
         self.udp = udp
+        self._virtual_send = virtual_send
+        self._is_virtual = is_virtual
         self.config = config or QuicConfig()
         if self.config.max_datagram_size < SMALLEST_MAX_DATAGRAM_SIZE:
             raise UsageError(
@@ -115,6 +125,7 @@ class QuicEndpoint:
         self._by_cid: dict[bytes, QuicPeer] = {}
         self._peers: dict[tuple[bytes, NetworkAddress], QuicPeer] = {}
         self._all: set[QuicPeer] = set()
+        self._routes: dict[NetworkAddress, VirtualSend] = {}
         #: Connections that received datagrams since the last flush, in arrival order.
         self._dirty: list[QuicPeer] = []
         self._v6 = udp.local_address.version == 6
@@ -216,7 +227,7 @@ class QuicEndpoint:
             # Section 6.1: answer an unknown version with Version Negotiation. It is
             # smaller than the >= 1200 byte datagram that asked, so it amplifies nothing.
             stats["quic_version_negotiation_sent"] += 1
-            self.udp.sendto(
+            self.sendto(
                 encode_quic_version_negotiation(
                     source_cid=header.destination_cid,
                     destination_cid=header.source_cid,
@@ -290,7 +301,7 @@ class QuicEndpoint:
             self._drop("malformed")
             return
         self.stats["quic_retries_sent"] += 1
-        self.udp.sendto(
+        self.sendto(
             encode_quic_retry(
                 version=header.version,
                 source_cid=retry_cid,
@@ -304,7 +315,7 @@ class QuicEndpoint:
     def _refuse(self, header: QuicHeader, addr: NetworkAddress, error_code: int) -> None:
         """A stateless Initial CONNECTION_CLOSE (48 bytes) with ``error_code``."""
         assert header.version is not None
-        self.udp.sendto(
+        self.sendto(
             encode_initial_close(
                 header.version, header.destination_cid, header.source_cid, error_code
             ),
@@ -386,7 +397,33 @@ class QuicEndpoint:
         return self._on_stream is not None
 
     def sendto(self, data: bytes, addr: NetworkAddress) -> None:
-        self.udp.sendto(data, addr)
+        route = self._routes.get(addr) if self._routes else None
+        if route is not None:
+            route(data, addr)  # a hole-punched path on a socket of its own
+        elif self._virtual_send is not None and self._is_virtual(addr[0]):
+            self._virtual_send(data, addr)  # wrapped for a relay circuit
+        else:
+            self.udp.sendto(data, addr)
+
+    # ---- routes: paths on sockets other than the node's (p2pd/relay/upgrade.py)
+
+    def add_route(self, addr: NetworkAddress, send: VirtualSend) -> None:
+        """Packets to ``addr`` leave through ``send`` (a hole-punched side socket); its
+        owner feeds what arrives there to :meth:`datagram_received` and calls
+        :meth:`flush` after each burst."""
+        self._routes[addr] = send
+
+    def remove_route(self, addr: NetworkAddress) -> None:
+        self._routes.pop(addr, None)
+
+    def flush(self) -> None:
+        """Step the connections that received datagrams (what the UDP task's flush hook
+        does after each burst), for datagrams fed from another socket's task."""
+        self._flush()
+
+    def has_connection_to(self, addr: NetworkAddress) -> bool:
+        """A connection to ``addr`` exists, established or not, and is not closed."""
+        return any(p.address == addr and not p.quic.is_closing for p in self._all)
 
     def register_cid(self, cid: bytes, peer: QuicPeer) -> None:
         self._by_cid[cid] = peer
@@ -498,6 +535,8 @@ async def open_quic_endpoint(
     on_connection: PeerHandler | None = None,
     on_closed: PeerHandler | None = None,
     is_pinned: PinCheck | None = None,
+    virtual_send: VirtualSend | None = None,
+    is_virtual: Callable[[str], bool] = lambda host: False,
 ) -> AsyncIterator[QuicEndpoint]:
     """A serving :class:`QuicEndpoint`, shut down (every peer told) when the block exits.
 
@@ -512,6 +551,8 @@ async def open_quic_endpoint(
         on_connection=on_connection,
         on_closed=on_closed,
         is_pinned=is_pinned,
+        virtual_send=virtual_send,
+        is_virtual=is_virtual,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(endpoint.serve)

@@ -1,0 +1,305 @@
+"""From a relayed connection to a direct one (issue 13, item 4): :class:`DirectUpgrade`.
+
+libp2p's DCUtR over p2pd's parts. When a connection through a relay comes in
+(``on_relayed_connection``), the side that received it starts, as libp2p does:
+
+1. It opens a stream on the relayed QUIC connection (end-to-end encrypted and
+   authenticated with both identity keys: the relay reads nothing) and writes CONNECT
+   with its hole-punch offer (p2pd/transport/punch.py: session, key, mapping kind,
+   candidate addresses). The other side answers CONNECT with its own offer; the first
+   side measures the round trip, writes SYNC and starts punching half a round trip
+   later, the other side at once when SYNC arrives: both start together.
+2. Both punch (:class:`~p2pd.transport.punch_driver.PunchRunner`, on the node's socket,
+   and in the birthday case on side sockets).
+3. The side that started connects QUIC directly over the path found. A path on a side
+   socket is given to the QUIC endpoint as a route: its datagrams are read into the
+   endpoint, and packets to that address leave through it.
+
+Delivery (p2pd/delivery/paths.py) takes a direct connection before a relayed one, so the
+next message goes direct; what was in flight on the relayed connection is acked or sent
+again by delivery as always (message ids: nothing lost or duplicated). A call under way
+sends on the direct connection from then on (``on_direct``; CallMedia.switch_peer) and
+plays what comes on either. The relayed connection closes when idle.
+
+With ``[privacy] addresses = contacts`` only pinned contacts get our addresses in an
+offer, as with address hints.
+
+Stream format (docs/PROTOCOL.md, "Hole punching"): ``0x55 'U'`` | version 1, then
+frames ``type u8 | length u16 | body``: 1 CONNECT (a punch offer, at most 195 bytes),
+2 SYNC (empty). Bounded: three frames, 4 KiB in all, 5 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..errors import ConnectionLost, P2PDError, WireError
+from ..identity import fingerprint
+from ..transport.punch import PunchOffer, make_plan, punchable
+from ..transport.punch_driver import PunchOutcome, PunchRunner
+from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
+from ..wire import Address
+from .client import is_virtual
+
+log = logging.getLogger(__name__)
+
+UPGRADE_MAGIC = 0x55  # "U": the first byte of an upgrade stream
+UPGRADE_VERSION = 1
+T_CONNECT, T_SYNC = 1, 2
+MAX_FRAME = 256
+#: The whole exchange before punching.
+EXCHANGE_TIMEOUT = 5.0
+#: The direct QUIC handshake over a punched path.
+DIRECT_CONNECT_TIMEOUT = 5.0
+#: A new attempt with the same peer no sooner than this after the last one.
+RETRY_AFTER = 60.0
+#: Attempts under way at once (each may hold 256 side sockets).
+MAX_ATTEMPTS = 4
+#: How long a side socket that won waits for the direct connection to use it.
+SIDE_WAIT = 30.0
+
+
+class DirectUpgrade:
+    """Upgrades relayed connections to direct ones by hole punching."""
+
+    def __init__(
+        self,
+        quic: QuicEndpoint,
+        runner: PunchRunner,
+        *,
+        mapping: Callable[[], str],
+        candidates: Callable[[], list[Address]],
+        may_share_addresses: Callable[[bytes], bool],
+        on_direct: Callable[[QuicPeer], None] = lambda peer: None,
+    ) -> None:
+        self.quic = quic
+        self.runner = runner
+        self._mapping = mapping
+        self._candidates = candidates
+        self._may_share = may_share_addresses
+        self._on_direct = on_direct
+        self._nursery: trio.Nursery | None = None
+        self._last_try: dict[bytes, float] = {}
+        self._running = 0
+        self.stats: dict[str, int] = {
+            "upgrades_started": 0,
+            "upgrades_direct": 0,
+            "upgrades_failed": 0,
+            "upgrades_refused": 0,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def statistics(self) -> dict[str, int]:
+        return {**self.stats, **{f"probes_{k}": v for k, v in self.runner.stats.items()}}
+
+    # ---- starting (the side a relayed connection came in to)
+
+    def on_relayed_connection(self, peer: QuicPeer) -> None:
+        """QUIC's on_connection hook: a connection came in; through a relay, upgrade it."""
+        key = peer.public_key
+        if key is None or not is_virtual(peer.address[0]) or self._nursery is None:
+            return
+        now = trio.current_time()
+        if now - self._last_try.get(key, -RETRY_AFTER) < RETRY_AFTER:
+            return
+        if self._running >= MAX_ATTEMPTS or not self._may_share(key):
+            return
+        self._last_try[key] = now
+        self._nursery.start_soon(self._initiate, peer)
+
+    async def _initiate(self, peer: QuicPeer) -> None:
+        key = peer.public_key
+        assert key is not None
+        self._running += 1
+        self.stats["upgrades_started"] += 1
+        try:
+            mine = self._offer()
+            with trio.fail_after(EXCHANGE_TIMEOUT):
+                stream = await peer.open_stream()
+                async with stream:
+                    sent = trio.current_time()
+                    await stream.send_all(_header() + _frame(T_CONNECT, mine.encode()))
+                    reader = _FrameReader(stream)
+                    theirs = PunchOffer.decode(await reader.expect(T_CONNECT))
+                    rtt = trio.current_time() - sent
+                    await stream.send_all(_frame(T_SYNC, b""), eof=True)
+            if not punchable(mine.mapping, theirs.mapping):
+                log.info("%s: no direct path possible (both NATs endpoint-dependent)", _who(key))
+                self.stats["upgrades_failed"] += 1
+                return
+            plan = make_plan(mine, theirs, initiator=True, start=trio.current_time() + rtt / 2)
+            outcome = await self.runner.attempt(plan)
+            await self._connect_direct(key, outcome)
+        except (P2PDError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            self.stats["upgrades_failed"] += 1
+            log.info("%s: no direct path: %s", _who(key), exc)
+        finally:
+            self._running -= 1
+
+    async def _connect_direct(self, key: bytes, outcome: PunchOutcome) -> None:
+        result = outcome.result
+        if result is None:
+            self.stats["upgrades_failed"] += 1
+            log.info("%s: hole punching found no path; staying relayed", _who(key))
+            return
+        address = result.address.as_tuple()
+        if outcome.side_socket is not None:
+            self._adopt(outcome.side_socket, address)
+        with trio.fail_after(DIRECT_CONNECT_TIMEOUT):
+            peer = await self.quic.connect(address, key)
+        self.stats["upgrades_direct"] += 1
+        self._on_direct(peer)  # a call under way moves to it
+        log.info("%s: direct connection at %s (hole punched)", _who(key), result.address)
+
+    # ---- answering (the side that dialled through the relay)
+
+    async def route_stream(
+        self,
+        peer: QuicPeer,
+        stream: QuicStream,
+        first: bytes,
+        delivery: Callable[[QuicPeer, QuicStream, bytes], Awaitable[None]],
+    ) -> None:
+        """After the files router: an upgrade stream here, anything else to delivery."""
+        if first[:1] == bytes([UPGRADE_MAGIC]):
+            await self.handle_stream(peer, stream, first)
+        else:
+            await delivery(peer, stream, first)
+
+    async def handle_stream(self, peer: QuicPeer, stream: QuicStream, first: bytes) -> None:
+        """A stream whose first byte is UPGRADE_MAGIC (the QUIC stream router's)."""
+        key = peer.public_key
+        if key is None or not is_virtual(peer.address[0]) or self._running >= MAX_ATTEMPTS:
+            self.stats["upgrades_refused"] += 1
+            stream.reset()
+            return
+        self._running += 1
+        try:
+            async with stream:
+                with trio.fail_after(EXCHANGE_TIMEOUT):
+                    if first[1:2] != bytes([UPGRADE_VERSION]):
+                        raise WireError("unknown upgrade stream version")
+                    reader = _FrameReader(stream, first[2:])
+                    theirs = PunchOffer.decode(await reader.expect(T_CONNECT))
+                    if not self._may_share(key):
+                        raise WireError("not a contact: our addresses stay private")
+                    mine = self._offer()
+                    await stream.send_all(_frame(T_CONNECT, mine.encode()))
+                    await reader.expect(T_SYNC)
+            if not punchable(mine.mapping, theirs.mapping):
+                return
+            plan = make_plan(mine, theirs, initiator=False, start=trio.current_time())
+            outcome = await self.runner.attempt(plan)
+            if outcome.result is not None and outcome.side_socket is not None:
+                # the other side connects to us over it: QUIC must hear that socket
+                self._adopt(outcome.side_socket, outcome.result.address.as_tuple())
+        except (P2PDError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            self.stats["upgrades_refused"] += 1
+            log.info("%s: upgrade refused: %s", _who(key), exc)
+            stream.reset()
+        finally:
+            self._running -= 1
+
+    # ---- helpers
+
+    def _offer(self) -> PunchOffer:
+        mapping = self._mapping()
+        candidates = list(dict.fromkeys(self._candidates()))[:8]
+        if not candidates:
+            raise WireError("no address of ours to offer")
+        return PunchOffer.new(mapping if mapping in _MAPPINGS else "unknown", candidates)
+
+    def _adopt(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        """A side socket that won: QUIC packets from ``address`` on it go to the endpoint,
+        and the endpoint's packets to ``address`` leave through it, for as long as a
+        connection to that address lives (or 10 minutes without one)."""
+        assert self._nursery is not None
+        sock.setblocking(False)
+        self.quic.add_route(address, lambda data, addr: _send(sock, data, addr))
+        self._nursery.start_soon(self._serve_side, sock, address)
+
+    async def _serve_side(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        quic = self.quic
+        seen = False  # a connection to the address existed
+        try:
+            # Until the connection comes: SIDE_WAIT; then for as long as it lives.
+            with trio.move_on_after(SIDE_WAIT) as waiting:
+                for _ in range(1 << 40):  # ends with the connection (below) or the daemon
+                    await trio.lowlevel.wait_readable(sock)
+                    for _ in range(64):
+                        try:
+                            data, src = sock.recvfrom(65535)
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError:
+                            continue
+                        if data and data[0] & 0x40 and src[:2] == address:
+                            quic.datagram_received(data, address)
+                    quic.flush()
+                    if quic.has_connection_to(address):
+                        seen = True
+                        waiting.deadline = float("inf")
+                    elif seen:
+                        return  # the direct connection ended
+        finally:
+            quic.remove_route(address)
+            sock.close()
+
+
+_MAPPINGS = ("unknown", "none", "endpoint-independent", "endpoint-dependent")
+
+
+def _send(sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
+    with contextlib.suppress(OSError):  # a full buffer drops the datagram, as UDP may
+        sock.sendto(data, addr)
+
+
+def _header() -> bytes:
+    return bytes([UPGRADE_MAGIC, UPGRADE_VERSION])
+
+
+def _frame(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BH", kind, len(body)) + body
+
+
+class _FrameReader:
+    """Reads ``type u8 | length u16 | body`` frames; at most 4 KiB in all."""
+
+    def __init__(self, stream: QuicStream, buffered: bytes = b"") -> None:
+        self._stream = stream
+        self._buf = bytearray(buffered)
+        self._total = len(buffered)
+
+    async def expect(self, kind: int) -> bytes:
+        for _ in range(64):
+            if len(self._buf) >= 3:
+                got, length = struct.unpack(">BH", self._buf[:3])
+                if got != kind or length > MAX_FRAME:
+                    raise WireError(f"upgrade stream: expected frame {kind}, got {got}")
+                if len(self._buf) >= 3 + length:
+                    body = bytes(self._buf[3 : 3 + length])
+                    del self._buf[: 3 + length]
+                    return body
+            data = await self._stream.receive_some(4096)
+            if not data:
+                raise ConnectionLost("the upgrade stream ended early")
+            self._total += len(data)
+            if self._total > 4096:
+                raise WireError("upgrade stream too long")
+            self._buf += data
+        raise WireError("upgrade stream: no frame in 64 reads")
+
+
+def _who(key: bytes) -> str:
+    return fingerprint(key)[:12]

@@ -1,0 +1,135 @@
+"""The upgrade stream's rules (p2pd/relay/upgrade.py) against a hostile peer, in memory:
+a stream that is not on a relayed connection, a bad version, a frame over its bound, a
+flood of bytes, a stranger when addresses are for contacts only. Each is refused and
+counted, and no offer of ours (our addresses) is written. The whole upgrade between real
+daemons through real NATs is tests/test_upgrade_netns.py."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trio
+
+from p2pd.relay.upgrade import T_CONNECT, T_SYNC, UPGRADE_MAGIC, DirectUpgrade
+from p2pd.transport.punch import PunchOffer
+from p2pd.transport.punch_driver import PunchOutcome
+from p2pd.wire import Address
+
+VIRTUAL = ("100:0:0:1::1", 1)  # a relay circuit's address (p2pd/relay/client.py)
+OURS = Address("198.18.77.1", 4747)
+
+
+@dataclass
+class FakeStream:
+    incoming: list[bytes]
+    sent: bytearray = field(default_factory=bytearray)
+    was_reset: bool = False
+
+    async def receive_some(self, n: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.incoming.pop(0) if self.incoming else b""
+
+    async def send_all(self, data: bytes, eof: bool = False) -> None:
+        self.sent += data
+
+    def reset(self) -> None:
+        self.was_reset = True
+
+    async def __aenter__(self) -> FakeStream:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        return None
+
+
+@dataclass
+class FakePeer:
+    address: tuple[str, int]
+    public_key: bytes = b"k" * 32
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.plans: list[Any] = []
+        self.stats: dict[str, int] = {}
+
+    async def attempt(self, plan: Any) -> PunchOutcome:
+        self.plans.append(plan)
+        return PunchOutcome(None)
+
+
+def frame(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BH", kind, len(body)) + body
+
+
+def upgrade(contacts_only: bool = False) -> tuple[DirectUpgrade, FakeRunner]:
+    runner = FakeRunner()
+    up = DirectUpgrade(
+        quic=None,  # type: ignore[arg-type]
+        runner=runner,  # type: ignore[arg-type]
+        mapping=lambda: "endpoint-independent",
+        candidates=lambda: [OURS],
+        may_share_addresses=lambda key: not contacts_only,
+    )
+    return up, runner
+
+
+def offer_bytes() -> bytes:
+    return PunchOffer.new("endpoint-dependent", [Address("198.18.9.9", 4000)]).encode()
+
+
+def run(up: DirectUpgrade, peer: FakePeer, chunks: list[bytes]) -> FakeStream:
+    stream = FakeStream(chunks[1:])
+
+    async def main() -> None:
+        await up.handle_stream(peer, stream, chunks[0])  # type: ignore[arg-type]
+
+    trio.run(main)
+    return stream
+
+
+HEADER = bytes([UPGRADE_MAGIC, 1])
+GOOD = [HEADER + frame(T_CONNECT, offer_bytes()), frame(T_SYNC, b"")]
+BAD_VERSION = bytes([UPGRADE_MAGIC, 9]) + frame(T_CONNECT, offer_bytes())
+
+
+def test_a_good_exchange_answers_with_our_offer_and_punches() -> None:
+    up, runner = upgrade()
+    stream = run(up, FakePeer(VIRTUAL), GOOD)
+    assert not stream.was_reset
+    assert stream.sent[0] == T_CONNECT and OURS.encode() in stream.sent
+    assert len(runner.plans) == 1 and runner.plans[0].role == 1
+
+
+@pytest.mark.parametrize(
+    ("why", "peer", "chunks"),
+    [
+        ("not relayed", FakePeer(("198.18.9.9", 4000)), [HEADER + frame(T_CONNECT, offer_bytes())]),
+        (
+            "bad version",
+            FakePeer(VIRTUAL),
+            [BAD_VERSION],
+        ),
+        ("frame too long", FakePeer(VIRTUAL), [HEADER + struct.pack(">BH", T_CONNECT, 5000)]),
+        ("not an offer", FakePeer(VIRTUAL), [HEADER + frame(T_CONNECT, b"\x01" * 50)]),
+        ("SYNC first", FakePeer(VIRTUAL), [HEADER + frame(T_SYNC, b"")]),
+        ("a flood", FakePeer(VIRTUAL), [HEADER + b"\x01\x00\xff"] + [b"x" * 1000] * 10),
+        ("ends early", FakePeer(VIRTUAL), [HEADER + b"\x01"]),
+    ],
+)
+def test_hostile_upgrade_streams_are_refused(why: str, peer: FakePeer, chunks: list[bytes]) -> None:
+    up, runner = upgrade()
+    stream = run(up, peer, chunks)
+    assert stream.was_reset, why
+    assert OURS.encode() not in stream.sent, why  # our addresses never written
+    assert runner.plans == [], why
+    assert up.stats["upgrades_refused"] == 1, why
+
+
+def test_a_stranger_gets_no_addresses_when_they_are_for_contacts() -> None:
+    up, runner = upgrade(contacts_only=True)
+    stream = run(up, FakePeer(VIRTUAL), GOOD)
+    assert stream.was_reset and OURS.encode() not in stream.sent and runner.plans == []
