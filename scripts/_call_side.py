@@ -92,6 +92,7 @@ async def run_media(args: argparse.Namespace, peer: QuicPeer, holder: list[CallM
         video_in=args.video_in,
         record=Path(args.record) if args.record else None,
         duration=args.duration,
+        audio_out=args.audio_out,
     )
     holder.append(media)
     async with trio.open_nursery() as nursery:
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--peer", type=int, help="call: the answering side's UDP port")
     parser.add_argument("--key", help="call: its public key, hex")
     parser.add_argument("--audio-in", help="an audio source spec (none: an idle connection)")
+    parser.add_argument("--audio-out", help="speaker[:NAME] to play what is received")
     parser.add_argument("--video-in")
     parser.add_argument("--record")
     args = parser.parse_args()
