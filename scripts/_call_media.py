@@ -529,9 +529,15 @@ def media_config(args: argparse.Namespace) -> MediaConfig:
         target: Any = config.jitter if name.startswith("jitter.") else config
         field_name = name.removeprefix("jitter.")
         current = getattr(target, field_name, None)
-        if current is None or isinstance(current, (bool, str)) or not text:
+        if current is None or isinstance(current, str) or not text:
             raise SystemExit(f"--set {item}: not a numeric MediaConfig (or jitter.) field")
-        value = type(current)(float(text)) if isinstance(current, int) else float(text)
+        value: Any
+        if isinstance(current, bool):
+            value = bool(int(text))  # 0 or 1
+        elif isinstance(current, int):
+            value = int(float(text))
+        else:
+            value = float(text)
         if name.startswith("jitter."):
             config = replace(config, jitter=replace(config.jitter, **{field_name: value}))
         else:

@@ -639,8 +639,9 @@ def main() -> None:
         "--set",
         action="append",
         metavar="FIELD=VALUE",
-        help="experiment: a numeric MediaConfig field for the calls (jitter.FIELD for the "
-        "jitter buffer's), e.g. --set playout_underrun_hold=2 --set jitter.start_delay=0.015",
+        help="experiment: a numeric (or 0/1) MediaConfig field for the calls (jitter.FIELD for "
+        "the jitter buffer's), e.g. --set playout_underrun_hold=2 --set "
+        "jitter.late_in_speech_lost=0",
     )
     parser.add_argument(
         "--losses",

@@ -408,9 +408,7 @@ class CallMedia:
                     spec,
                 )
             self._decoder = open_opus_decoder(use_libopus=c.use_libopus)
-            encoder = (
-                await trio.to_thread.run_sync(self._open_encoder) if audio_source else None
-            )
+            encoder = await trio.to_thread.run_sync(self._open_encoder) if audio_source else None
             start = trio.current_time()
             self._started_at = start
             if self.record is not None:
