@@ -86,3 +86,46 @@ def test_a_lasting_delay_rise_in_speech_raises_the_target() -> None:
     assert tail.count(PlayoutKind.FRAME) == len(tail), tail
     assert jb.target_delay >= 0.04
     assert jb.statistics()["late_concealed"] <= 20
+
+
+def play(
+    jb: JitterBuffer, arrivals: dict[int, float], ticks: int, quiet_every: int = 0
+) -> list[tuple[float, PlayoutKind, int | None]]:
+    """Pop every 20 ms (just after frames fall due at the 20 ms floor); the frame played
+    counts as quiet every ``quiet_every``-th tick (a pause), else as speech."""
+    pending = sorted(arrivals.items(), key=lambda kv: kv[1])
+    out = []
+    for k in range(ticks):
+        now = k * FRAME + 0.0215
+        while pending and pending[0][1] <= now:
+            seq, at = pending.pop(0)
+            jb.push(seq, seq * 960, b"p%d" % seq, at)
+        quiet = bool(quiet_every) and k % quiet_every == 0
+        decision = jb.pop(now, quiet=quiet)
+        if decision is not None:
+            out.append((now, decision.kind, decision.seq))
+    return out
+
+
+def test_recurring_peaks_buy_a_frame_of_delay_that_absorbs_the_next() -> None:
+    """Two sender stalls 2 s apart, each making a frame late: the second makes the buffer
+    hold a frame more (grown in a pause), and a third stall of 16 ms then costs no frame.
+    One stall alone buys nothing (a clean path keeps its low delay)."""
+    arrivals = {seq: seq * FRAME + 0.001 for seq in range(400)}
+    for stall in (105, 205, 305):  # 31 ms, 31 ms, then 16 ms late (in speech)
+        late = 0.031 if stall < 300 else 0.016
+        arrivals[stall] = arrivals[stall + 1] = stall * FRAME + late
+    jb = JitterBuffer(JitterConfig())
+    decisions = play(jb, arrivals, ticks=400, quiet_every=10)
+    stats = jb.statistics()
+    lost = [seq for _, kind, seq in decisions if kind is PlayoutKind.CONCEAL and seq is not None]
+    assert 305 not in lost and 105 in lost and 205 in lost, lost
+    assert stats["peaks_held"] == 1 and jb.target_delay == pytest.approx(0.04)
+    # The frame of delay came as one stretch (concealment standing for no frame).
+    assert stats["expanded"] == 1
+
+    single = {seq: seq * FRAME + 0.001 for seq in range(400)}
+    single[105] = single[106] = 105 * FRAME + 0.031
+    jb = JitterBuffer(JitterConfig())
+    play(jb, single, ticks=400, quiet_every=10)
+    assert jb.statistics()["peaks_held"] == 0 and jb.target_delay == pytest.approx(0.02)

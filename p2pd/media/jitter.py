@@ -112,6 +112,15 @@ class JitterConfig:
     #: recordings raised their PESQ by 0.2-0.6. In a pause the buffer still waits:
     #: there, an inserted frame is silence.
     late_in_speech_lost: bool = True
+    #: Delay peaks that recur are worth a frame of delay (NetEq's peak detector): once
+    #: ``peak_repeats`` late frames (those within ``peak_merge`` s of each other count
+    #: as one) came within ``peak_hold`` s, the target holds one frame more for
+    #: ``peak_hold`` s after the last. The buffer grows by it in a pause (a stretch
+    #: there is silence), and the next peak of up to a frame finds it there. One peak
+    #: alone is not worth it: a frame held for seconds doubles a clean path's delay.
+    peak_repeats: int = 2
+    peak_merge: float = 0.5
+    peak_hold: float = 10.0
 
     def __post_init__(self) -> None:
         if self.frame_samples <= 0 or self.clock_rate <= 0:
@@ -177,6 +186,7 @@ class _Stats:
     redundant: int = 0
     deferred: int = 0
     late_concealed: int = 0
+    peaks_held: int = 0
 
 
 @dataclass
@@ -202,6 +212,12 @@ class JitterBuffer:
         self._next_ts = 0
         self._started = False
         self._deferred = 0
+        #: When late frames (peaks) were seen, merged; until when the target holds one
+        #: frame more for them; the ``now`` of the last pop.
+        self._peaks: deque[float] = deque(maxlen=max(1, self.config.peak_repeats))
+        self._last_late = -1e18
+        self._peak_until = -1e18
+        self._now = -1e18
 
     # ---- input
 
@@ -288,6 +304,8 @@ class JitterBuffer:
         target = max(self._quantile_delay, c.min_delay)
         if c.fec_headroom and any(self._losses):
             target += c.frame_duration
+        if self._now < self._peak_until:
+            target += c.frame_duration
         if len(self._transits) < c.warmup:
             # A floor on the whole: losses that start while warming up find the delay
             # their headroom needs already there, and nothing is stretched for it.
@@ -325,6 +343,7 @@ class JitterBuffer:
         next_seq = self._next_seq
         if next_seq is None:
             return None
+        self._now = now
         c = self.config
         frame = c.frame_samples
         due_ts = (now - self._min_transit - self.target_delay) * c.clock_rate
@@ -394,6 +413,7 @@ class JitterBuffer:
             # buffer then grows in a pause.
             self._advance(next_seq, ts)
             stats.late_concealed += 1
+            self._late_frame(now)
             return Playout(PlayoutKind.CONCEAL, next_seq)
         # While packets are being lost, the next one is given its own 95th percentile
         # delay to show up; when it has not either, both are more likely lost than
@@ -409,7 +429,22 @@ class JitterBuffer:
             return Playout(PlayoutKind.CONCEAL, next_seq)
         # Nothing newer either: an underrun. Conceal, but wait for this frame.
         stats.expanded += 1
+        self._late_frame(now)
         return Playout(PlayoutKind.CONCEAL, None, underrun=True)
+
+    def _late_frame(self, now: float) -> None:
+        """A frame was due and not here: note the peak (see ``peak_repeats``)."""
+        c = self.config
+        if now - self._last_late > c.peak_merge:
+            self._peaks.append(now)
+        self._last_late = now
+        if (
+            len(self._peaks) >= c.peak_repeats > 0
+            and self._peaks[-1] - self._peaks[0] < c.peak_hold
+        ):
+            if self._peak_until < now:
+                self._stats.peaks_held += 1
+            self._peak_until = now + c.peak_hold
 
     def _advance(self, seq: int, ts: int) -> int:
         """Move playout past frame ``seq`` (timestamp ``ts``); returns the next seq."""
@@ -453,6 +488,7 @@ class JitterBuffer:
             "redundant": s.redundant,
             "deferred": s.deferred,
             "late_concealed": s.late_concealed,
+            "peaks_held": s.peaks_held,
             "target_ms": round(self.target_delay * 1000, 1),
             "buffered": len(self._packets),
         }
