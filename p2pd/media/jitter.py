@@ -218,6 +218,8 @@ class JitterBuffer:
         self._last_late = -1e18
         self._peak_until = -1e18
         self._now = -1e18
+        #: The frame the last underrun waited for.
+        self._waiting_for: int | None = None
 
     # ---- input
 
@@ -246,7 +248,11 @@ class JitterBuffer:
         self._observe(now - ext_ts / self.config.clock_rate)
         if self._started and self._next_seq is not None and ext_seq < self._next_seq:
             stats.late += 1
+            self._late_frame(now)
             return
+        if ext_seq == self._waiting_for:
+            self._late_frame(now)  # the frame an underrun waited for
+            self._waiting_for = None
         stats.received += 1
         if held is not None:
             # Its redundant copy came first (reordering): same bytes, now the packet's own.
@@ -413,7 +419,6 @@ class JitterBuffer:
             # buffer then grows in a pause.
             self._advance(next_seq, ts)
             stats.late_concealed += 1
-            self._late_frame(now)
             return Playout(PlayoutKind.CONCEAL, next_seq)
         # While packets are being lost, the next one is given its own 95th percentile
         # delay to show up; when it has not either, both are more likely lost than
@@ -429,11 +434,13 @@ class JitterBuffer:
             return Playout(PlayoutKind.CONCEAL, next_seq)
         # Nothing newer either: an underrun. Conceal, but wait for this frame.
         stats.expanded += 1
-        self._late_frame(now)
+        self._waiting_for = next_seq
         return Playout(PlayoutKind.CONCEAL, None, underrun=True)
 
     def _late_frame(self, now: float) -> None:
-        """A frame was due and not here: note the peak (see ``peak_repeats``)."""
+        """A packet came after its frame was due (played late after an underrun, or
+        concealed already): note the peak (see ``peak_repeats``). A lost packet never
+        comes, so loss alone holds no frame here (the FEC headroom is for loss)."""
         c = self.config
         if now - self._last_late > c.peak_merge:
             self._peaks.append(now)
