@@ -501,7 +501,9 @@ def print_report(doc: dict[str, Any]) -> None:
         print(
             f"  {row['loss']:.0%}: acoustic m2e (per PESQ chunk) median {fmt(a['p50'])} ms, "
             f"max {fmt(a['max'])} ms (n={a['n']}); receiver tick phases {phases} ms; "
-            f"measured loss {fmt(row['measured_loss_pct'], '.1f')} %; late {row['late']}, "
+            f"measured loss {fmt(row['measured_loss_pct'], '.1f')} %; late {row['late']} "
+            f"(concealed in speech as lost {row['late_concealed']}; delay peaks held "
+            f"{row['peaks_held']}), "
             f"accelerate-dropped {row['dropped']}; redundant copies sent {row['red_sent']}; "
             f"worst capture tick lateness {fmt(row['capture_late_max_ms'])} ms, longest "
             f"playout gap over 20 ms {fmt(row['playout_late_max_ms'])} ms; "

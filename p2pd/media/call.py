@@ -827,6 +827,8 @@ class CallMedia:
             "audio_plc_replaced": self._floor.replaced,
             "audio_stretched": jitter["expanded"],
             "audio_late": jitter["late"],
+            "audio_late_concealed": jitter["late_concealed"],
+            "audio_delay_peaks_held": jitter["peaks_held"],
             "audio_dropped": jitter["dropped"],
             "jitter_buffer_target_ms": jitter["target_ms"],
             "opus_decoder": self._decoder.name if self._decoder is not None else None,
