@@ -11,6 +11,9 @@ and the recording is scored as the recorder path's is: cut into chunks of at mos
 each aligned on the speech by cross-correlation and scored with wideband PESQ, beside
 the same stretch of speech through the codec alone.
 
+The sides run MediaConfig's defaults: ``--set``, ``--bitrate`` and the other experiment
+flags of bench_call.py do not reach them. At most 2 calls (``--runs`` caps it).
+
 Not measured here: mouth-to-ear. The two recordings and the players run in separate
 processes with no common sample clock, so the delay between what a microphone heard and
 what the other speaker played cannot be read to the millisecond.
