@@ -45,6 +45,7 @@ from p2pd.media.codecs import (
 )
 from p2pd.media.plc import ConcealmentFloor
 from p2pd.media.sources import FileAudioSource
+from p2pd.testing.speech import speech_like, write_wav
 
 # --------------------------------------------------------------------------- speech
 
@@ -100,48 +101,6 @@ def make_speech(workdir: Path, *, force_synthetic: bool, seed: int) -> Speech:
         f"SYNTHETIC SPEECH-LIKE SIGNAL ({why}): PESQ is calibrated for real speech only, "
         "treat its scores as relative",
     )
-
-
-#: (F1, F2, F3) of a few vowels, Hz (Peterson & Barney, adult averages).
-_VOWELS = ((730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480))
-
-
-def speech_like(rng: np.random.Generator, *, f0: float, seconds: float) -> np.ndarray:
-    """48 kHz int16: syllables of voiced harmonics shaped by vowel formants, with a
-    gliding pitch, a raised-cosine envelope, some noise bursts and pauses."""
-    out: list[np.ndarray] = []
-    total = int(seconds * SAMPLE_RATE)
-    produced = 0
-    while produced < total:  # bounded: every pass adds at least one syllable
-        n = int(rng.uniform(0.12, 0.3) * SAMPLE_RATE)
-        t = np.arange(n) / SAMPLE_RATE
-        pitch = f0 * (1 + 0.15 * rng.uniform(-1, 1) + 0.1 * t / t[-1])
-        phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
-        formants = _VOWELS[rng.integers(len(_VOWELS))]
-        voiced = np.zeros(n)
-        for k in range(1, int(7000 / f0)):
-            freq = k * pitch.mean()
-            gain = sum(1 / (1 + ((freq - f) / (0.1 * f + 60)) ** 2) for f in formants) / k**0.5
-            voiced += gain * np.sin(k * phase)
-        syllable = voiced * np.sin(np.pi * t / t[-1]) ** 2
-        if rng.random() < 0.3:  # a fricative
-            syllable[: n // 4] += rng.normal(0, 0.15, n // 4)
-        out.append(syllable)
-        produced += n
-        if rng.random() < 0.25:  # a pause between words
-            out.append(np.zeros(int(rng.uniform(0.1, 0.4) * SAMPLE_RATE)))
-            produced += out[-1].size
-    x = np.concatenate(out)[:total]
-    pcm: np.ndarray = (x / np.abs(x).max() * 0.5 * 32767).astype(np.int16)
-    return pcm
-
-
-def write_wav(path: Path, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.astype("<i2").tobytes())
 
 
 def read_wav(path: Path) -> np.ndarray:
@@ -274,7 +233,14 @@ def codec_delay(sent: np.ndarray, out: np.ndarray) -> int:
 
 
 def run_baseline(
-    speech: Speech, frames_per_call: int, seed: int, runs: int, config: MediaConfig
+    speech: Speech,
+    frames_per_call: int,
+    seed: int,
+    runs: int,
+    config: MediaConfig,
+    *,
+    losses: tuple[float, ...] = LOSSES,
+    what_ifs: bool = True,
 ) -> dict[str, Any]:
     """Codec-only PESQ per loss rate with the calls' Opus settings, the same with other
     settings (what the codec alone allows), and the codec's delay and compute time.
@@ -282,11 +248,12 @@ def run_baseline(
     sent = {side: source_frames(path, frames_per_call) for side, path in speech.paths.items()}
     bitrate = config.audio_bitrate
     # (label, bitrate, FEC, RED, loss): the calls' settings first, then what-ifs.
-    variants = [("codec only", bitrate, True, False, drop) for drop in LOSSES]
-    variants += [("codec only, RED + FEC", bitrate, True, True, d) for d in LOSSES if d]
-    variants.append(("codec only, no FEC", bitrate, False, False, 0.0))
+    variants = [("codec only", bitrate, True, False, drop) for drop in losses]
+    variants += [("codec only, RED + FEC", bitrate, True, True, d) for d in losses if d]
+    if what_ifs:
+        variants.append(("codec only, no FEC", bitrate, False, False, 0.0))
     for other, drops in ((32000, (0.0, 0.05)), (48000, (0.0, 0.05)), (64000, (0.0,))):
-        if other != bitrate:
+        if other != bitrate and what_ifs:
             label = f"codec only, {other // 1000} kbit/s"
             variants += [(label, other, True, False, drop) for drop in drops]
     rows = []

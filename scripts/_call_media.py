@@ -28,6 +28,8 @@ from _call_audio import (
     _summary,
     best_offset,
     chunks,
+    codec_delay,
+    codec_only,
     pesq_wb,
     read_wav,
 )
@@ -37,7 +39,6 @@ from _call_common import (
     CALL_SLACK,
     FRAME,
     LOCALHOST,
-    LOSSES,
     fmt,
     progress,
 )
@@ -309,8 +310,24 @@ async def instrumented_call(
     ]
 
 
-def analyse(direction: Direction) -> dict[str, Any]:
-    """Per-frame latency, PESQ per chunk and the acoustic cross-check of one direction."""
+def codec_reference(frames: list[np.ndarray], config: MediaConfig) -> np.ndarray:
+    """What the call's codec alone makes of ``frames`` (the call's Opus settings, no loss,
+    no network, no jitter buffer), shifted by its measured delay so that sample ``i`` of
+    the result stands for sample ``i`` of the input."""
+    out, _, _ = codec_only(frames, 0.0, 0, bitrate=config.audio_bitrate, fec=True, red=False)
+    x = np.concatenate(frames)
+    delay = codec_delay(x, out)
+    return np.concatenate([out[delay:], np.zeros(delay, np.int16)])
+
+
+def analyse(direction: Direction, config: MediaConfig) -> dict[str, Any]:
+    """Per-frame latency, PESQ per chunk and the acoustic cross-check of one direction.
+
+    Each chunk is scored twice: the call's recording against what was sent, and the same
+    stretch of what was sent through the codec alone (:func:`codec_reference`) against
+    it. The difference is what the call's path (network, jitter buffer, playout) costs,
+    on the same speech: PESQ varies by 0.3 or more between stretches of one talker, so
+    only a score of the same samples is a fair baseline."""
     sent_trace, heard = direction.sent, direction.received
     timed = [
         (t, seq)
@@ -333,6 +350,9 @@ def analyse(direction: Direction) -> dict[str, Any]:
     # look-ahead, sound from before the source's first sample.
     margin = int(ALIGN_SEARCH * SAMPLE_RATE)
     sent = np.concatenate([np.zeros(margin, np.int16), *sent_trace.sent])
+    reference = np.concatenate(
+        [np.zeros(margin, np.int16), codec_reference(sent_trace.sent, config)]
+    )
     received = read_wav(direction.recording)
     reads = sent_trace.reads
 
@@ -343,6 +363,7 @@ def analyse(direction: Direction) -> dict[str, Any]:
         return reads[frame] - FRAME + (i - frame * FRAME_SAMPLES) / SAMPLE_RATE
 
     scores: list[float] = []
+    codec_scores: list[float] = []
     acoustic: list[float] = []
     for start, end in chunks(received.size):
         if end - start < SAMPLE_RATE:
@@ -364,8 +385,10 @@ def analyse(direction: Direction) -> dict[str, Any]:
             continue
         at = low + best_offset(sent[low:high], received[start:end])
         score = pesq_wb(sent[at : at + end - start], received[start:end])
-        if score is not None:
+        codec = pesq_wb(sent[at : at + end - start], reference[at : at + end - start])
+        if score is not None and codec is not None:
             scores.append(score)
+            codec_scores.append(codec)
         # Acoustic mouth-to-ear of the chunk's first sample: when it was played (handed to
         # the recorder) minus when the sound it carries was spoken.
         played_at = heard.played[frame][0] + (start - frame * FRAME_SAMPLES) / SAMPLE_RATE
@@ -379,6 +402,7 @@ def analyse(direction: Direction) -> dict[str, Any]:
         "latencies": latencies,
         "stages": stages,
         "pesq": scores,
+        "pesq_codec": codec_scores,
         "acoustic_m2e": acoustic,
         "tick_phase_ms": _ms(phase),
         "capture_late_max_ms": _ms(_max_lateness(reads)),
@@ -390,6 +414,8 @@ def analyse(direction: Direction) -> dict[str, Any]:
         "red_sent_by_peer": direction.sender_stats["audio_red_sent"],
         "loss_pct": s["loss_pct"],
         "late": s["audio_late"],
+        "late_concealed": s.get("audio_late_concealed", 0),
+        "peaks_held": s.get("audio_delay_peaks_held", 0),
         "dropped": s["audio_dropped"],
         "jitter_target_ms": s["jitter_buffer_target_ms"],
         "ticks_late": s["ticks_late"],
@@ -436,7 +462,7 @@ def run_losses(
     rows = []
     rng = random.Random(args.seed)
     config = media_config(args)
-    for drop in LOSSES:
+    for drop in args.losses:
         per_run = []
         gc_pauses = GcPauses()
         # Systematic sampling of the tick phase: one random start, then evenly spaced.
@@ -468,14 +494,15 @@ def run_losses(
             finally:
                 gc.callbacks.remove(gc_pauses)
             for d in directions:
-                result = analyse(d)
+                result = analyse(d, config)
                 result["seed"], result["offset_ms"] = seed, offset * 1000
                 lat = result["latencies"]
                 progress(
                     f"  {d.sender} -> other: tick phase {fmt(result['tick_phase_ms'])} ms, "
                     f"pipeline p50/p95 "
                     f"{fmt(_ms(percentile(lat, 50)))}/{fmt(_ms(percentile(lat, 95)))} ms, "
-                    f"PESQ {', '.join(f'{x:.2f}' for x in result['pesq']) or '-'}, "
+                    f"PESQ {', '.join(f'{x:.2f}' for x in result['pesq']) or '-'} "
+                    f"(codec only {', '.join(f'{x:.2f}' for x in result['pesq_codec']) or '-'}), "
                     f"loss {result['loss_pct']:.1f} %, concealed {result['frames_concealed']}, "
                     f"FEC {result['fec_recovered']}, RED {result['red_recovered']} "
                     f"(copies sent {result['red_sent_by_peer']})"
@@ -499,6 +526,24 @@ def media_config(args: argparse.Namespace) -> MediaConfig:
         config = replace(config, audio_redundancy=False)
     if args.no_align:
         config = replace(config, align_playout=False)
+    for item in getattr(args, "set", None) or []:
+        name, _, text = item.partition("=")
+        target: Any = config.jitter if name.startswith("jitter.") else config
+        field_name = name.removeprefix("jitter.")
+        current = getattr(target, field_name, None)
+        if current is None or isinstance(current, str) or not text:
+            raise SystemExit(f"--set {item}: not a numeric MediaConfig (or jitter.) field")
+        value: Any
+        if isinstance(current, bool):
+            value = bool(int(text))  # 0 or 1
+        elif isinstance(current, int):
+            value = int(float(text))
+        else:
+            value = float(text)
+        if name.startswith("jitter."):
+            config = replace(config, jitter=replace(config.jitter, **{field_name: value}))
+        else:
+            config = replace(config, **{field_name: value})
     return config
 
 
@@ -509,6 +554,8 @@ def _ms(seconds: float | None) -> float | None:
 def summarise_loss(drop: float, per_run: list[dict[str, Any]], opus_delay: float) -> dict[str, Any]:
     latencies = sorted(x for r in per_run for x in r["latencies"])
     scores = [x for r in per_run for x in r["pesq"]]
+    codec_scores = [x for r in per_run for x in r["pesq_codec"]]
+    gaps = [c - x for r in per_run for x, c in zip(r["pesq"], r["pesq_codec"], strict=True)]
     acoustic = sorted(x for r in per_run for x in r["acoustic_m2e"])
     # Mouth-to-ear adds what no timestamp sees: the 20 ms a live frame takes to fill, and
     # Opus's look-ahead (measured in the baseline).
@@ -543,6 +590,12 @@ def summarise_loss(drop: float, per_run: list[dict[str, Any]], opus_delay: float
             for values in [sorted(x for r in per_run for x in r["stages"][name])]
         },
         "pesq": _summary(scores),
+        # The same chunks through the codec alone, and what the call lost against that.
+        "pesq_codec": _summary(codec_scores),
+        "pesq_gap": {
+            "mean": _mean(gaps),
+            "max": max(gaps, default=None),
+        },
         "measured_loss_pct": _mean([r["loss_pct"] for r in per_run]),
         "bitrate_kbps": _mean([r["bitrate_kbps"] for r in per_run]),
         "concealed_pct": (
@@ -552,6 +605,8 @@ def summarise_loss(drop: float, per_run: list[dict[str, Any]], opus_delay: float
         "red_recovered": sum(r["red_recovered"] for r in per_run),
         "red_sent": sum(r["red_sent_by_peer"] for r in per_run),
         "late": sum(r["late"] for r in per_run),
+        "late_concealed": sum(r["late_concealed"] for r in per_run),
+        "peaks_held": sum(r["peaks_held"] for r in per_run),
         "dropped": sum(r["dropped"] for r in per_run),
         "jitter_target_ms": [r["jitter_target_ms"] for r in per_run],
         "ticks_late": sum(r["ticks_late"] for r in per_run),

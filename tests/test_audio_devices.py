@@ -29,10 +29,8 @@ import numpy as np
 import pytest
 from required_groups import skip_or_fail
 
-from p2pd.testing.daemons import DaemonProcess, p2pd_command, run_cli, short_tempdir, wait_until
-
-RATE = 48000
-TOOLS = ("pulseaudio", "pactl", "paplay", "parec")
+from p2pd.testing.daemons import DaemonProcess, p2pd_command, run_cli, short_tempdir
+from p2pd.testing.pulse import RATE, TOOLS, PulseServer, stop_process
 
 
 def _needs() -> None:
@@ -47,83 +45,8 @@ def _needs() -> None:
         skip_or_fail(f"sounddevice does not load (pip install '.[audio]', libportaudio2): {last}")
 
 
-class Pulse:
-    """A private PulseAudio server: ``sinks`` null sinks, mono 48 kHz."""
-
-    def __init__(self, root: Path, sinks: list[str]) -> None:
-        self.root = root
-        self.socket = root / "native"
-        script = [f"load-module module-native-protocol-unix auth-anonymous=1 socket={self.socket}"]
-        for name in sinks:
-            script.append(
-                f"load-module module-null-sink sink_name={name} rate={RATE} channels=1 format=s16le"
-            )
-        (root / "default.pa").write_text("\n".join(script) + "\n")
-        # HOME and the runtime paths: pulseaudio and its clients keep cookies and state
-        # there; ours, not the machine's.
-        self.env = {
-            "HOME": str(root),
-            "XDG_RUNTIME_DIR": str(root),
-            "XDG_CONFIG_HOME": str(root / "config"),
-            "PULSE_RUNTIME_PATH": str(root / "runtime"),
-            "PULSE_STATE_PATH": str(root / "state"),
-            "PULSE_SERVER": f"unix:{self.socket}",
-        }
-        self.log = open(root / "pulse.log", "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            ["pulseaudio", "-n", "-F", str(root / "default.pa"), "--daemonize=no",
-             "--exit-idle-time=-1", "--disallow-exit", "--use-pid-file=no",
-             "--log-target=stderr"],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
-            env={**os.environ, **self.env},
-        )  # fmt: skip
-        if not wait_until(lambda: self._pactl("info").returncode == 0, 20):
-            self.stop()
-            raise RuntimeError(f"pulseaudio did not start:\n{(root / 'pulse.log').read_text()}")
-
-    def _pactl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"pulseaudio exited:\n{(self.root / 'pulse.log').read_text()}")
-        return subprocess.run(
-            ["pactl", *args], capture_output=True, text=True, timeout=10,
-            env={**os.environ, **self.env},
-        )  # fmt: skip
-
-    def play(self, sink: str, wav: Path) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            # Low latency: a null sink renders in blocks as long as its clients allow (up
-            # to 2 s), and a monitor delivers nothing before the block ends.
-            ["paplay", "-d", sink, "--latency-msec=20", str(wav)], env={**os.environ, **self.env},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    def record(self, source: str, out: Path) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            ["parec", "-d", source, "--raw", "--format=s16le", f"--rate={RATE}",
-             "--channels=1", "--latency-msec=20", "--file-format=wav", str(out)],
-            env={**os.environ, **self.env},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+Pulse = PulseServer
+_stop = stop_process
 
 
 def write_tone(path: Path, hz: float, seconds: float, amplitude: float = 0.3) -> None:

@@ -142,8 +142,18 @@ class MediaConfig:
     #: Within this much after that moment the playout clock is left alone (seconds).
     playout_tolerance: float = 0.002
     #: After an underrun (a frame was due and not here) the playout clock keeps the
-    #: frame of delay it added for this long (seconds) before it catches up again.
+    #: frame of delay it added for this long (seconds) before it catches up again ...
     playout_underrun_hold: float = 10.0
+    #: ... once this many underruns came within that time (NetEq's peak detector: a
+    #: delay peak that recurs is worth a frame of delay; one alone is not, and a frame
+    #: held for 10 s after it, on a path whose delay is otherwise a few ms, doubles the
+    #: buffer's delay: scripts/bench_call.py measured 55-58 ms mouth-to-ear p95 with 1,
+    #: the earlier behaviour, against a goal of 45).
+    playout_underrun_repeats: int = 2
+    #: Underruns closer together than this (seconds) count as one: one stall of the
+    #: sender or the path makes several frames late in a row, often with a frame or two
+    #: on time between them.
+    playout_underrun_merge: float = 0.5
     #: Decode Opus through libopus itself (FEC and PLC); False: FFmpeg's decoder, PLC only.
     use_libopus: bool = True
     video_width: int = 640
@@ -399,6 +409,7 @@ class CallMedia:
                     spec,
                 )
             self._decoder = open_opus_decoder(use_libopus=c.use_libopus)
+            encoder = await trio.to_thread.run_sync(self._open_encoder) if audio_source else None
             start = trio.current_time()
             self._started_at = start
             if self.record is not None:
@@ -415,7 +426,7 @@ class CallMedia:
                 if self.duration is not None:
                     scope.deadline = start + self.duration
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._audio_loop, start, audio_source)
+                    nursery.start_soon(self._audio_loop, start, audio_source, encoder)
                     nursery.start_soon(self._playout_loop, start)
                     if video_source is not None:
                         nursery.start_soon(self._video_send_loop, start, video_source)
@@ -479,11 +490,21 @@ class CallMedia:
         c.datagrams_sent += 1
         c.bytes_sent += len(data)
 
-    async def _audio_loop(self, start: float, source: AudioSource | None) -> None:
+    def _open_encoder(self) -> OpusEncoder:
+        """The Opus encoder, warmed up: PyAV sets up its resampler on the first frame it
+        encodes, which took 20-40 ms here, so a first frame in the call would reach the
+        peer that late and the next few behind it (the peer's jitter buffer then plays
+        its first frames late, or takes the next ones for late). A frame of silence
+        encoded now, and not sent, costs nothing in the call."""
         c = self.config
-        encoder = (
-            OpusEncoder(bitrate=c.audio_bitrate, packet_loss=c.opus_packet_loss) if source else None
-        )
+        encoder = OpusEncoder(bitrate=c.audio_bitrate, packet_loss=c.opus_packet_loss)
+        encoder.encode(np.zeros(FRAME_SAMPLES, np.int16))
+        return encoder
+
+    async def _audio_loop(
+        self, start: float, source: AudioSource | None, encoder: OpusEncoder | None
+    ) -> None:
+        c = self.config
         seq = 0
         tick = 0
         next_report = start
@@ -572,6 +593,9 @@ class CallMedia:
         if not c.align_playout:
             return  # the capture loop plays
         tick = start
+        # When each underrun began (those within playout_underrun_merge are one), for
+        # the hold; and when the last underrun tick was.
+        underruns: deque[float] = deque(maxlen=max(1, c.playout_underrun_repeats))
         last_underrun = -math.inf
         while True:
             await trio.sleep_until(tick)
@@ -585,6 +609,8 @@ class CallMedia:
             # is late (an underrun) or not due (the target grew).
             waiting = decision is not None and decision.seq is None
             if decision is not None and decision.underrun:
+                if not underruns or now - last_underrun > c.playout_underrun_merge:
+                    underruns.append(now)
                 last_underrun = now
             nominal = tick + FRAME_DURATION
             behind = trio.current_time() - nominal
@@ -606,8 +632,20 @@ class CallMedia:
                 FRAME_DURATION,
                 margin=c.playout_margin,
                 tolerance=c.playout_tolerance,
-                catch_up=now - last_underrun >= c.playout_underrun_hold,
+                catch_up=not self._hold_for_underruns(underruns, now),
             )
+
+    def _hold_for_underruns(self, underruns: deque[float], now: float) -> bool:
+        """Whether the playout clock keeps the delay underruns added: the last
+        ``playout_underrun_repeats`` of them came within ``playout_underrun_hold`` of each
+        other, the last of them within ``playout_underrun_hold`` of now."""
+        c = self.config
+        return (
+            bool(underruns)
+            and len(underruns) >= c.playout_underrun_repeats
+            and underruns[-1] - underruns[0] < c.playout_underrun_hold
+            and now - underruns[-1] < c.playout_underrun_hold
+        )
 
     async def _device_playout_loop(self, speaker: SpeakerSink) -> None:
         """Playout on the speaker's clock: whenever the device's queue falls under its
@@ -803,6 +841,8 @@ class CallMedia:
             "audio_plc_replaced": self._floor.replaced,
             "audio_stretched": jitter["expanded"],
             "audio_late": jitter["late"],
+            "audio_late_concealed": jitter["late_concealed"],
+            "audio_delay_peaks_held": jitter["peaks_held"],
             "audio_dropped": jitter["dropped"],
             "jitter_buffer_target_ms": jitter["target_ms"],
             "opus_decoder": self._decoder.name if self._decoder is not None else None,
