@@ -78,10 +78,35 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+#: pytest's cache key for each test's last wall time (setup to teardown), in seconds.
+_DURATIONS = "p2pd/durations"
+#: What a test marked slow or netns is taken to last when the cache has no time for it.
+_SLOW_GUESS = 10.0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark :data:`SERIAL_ELSEWHERE`; then the longest tests first, so that the workers
+    finish together rather than one running a 40 s test alone at the end (longest
+    processing time first). How long: the last run's time from pytest's cache, else a
+    guess from the ``slow`` and ``netns`` marks. The sort is stable and a file of
+    :data:`ONE_WORKER` keeps its order, so every worker collects the same order."""
     for item in items:
         if item.nodeid.split("[")[0] in SERIAL_ELSEWHERE:
             item.add_marker(pytest.mark.serial)
+    if config.cache is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    last: dict[str, float] = config.cache.get(_DURATIONS, {})
+
+    def expected(item: pytest.Item) -> float:
+        path = item.nodeid.split("::")[0]
+        if path in ONE_WORKER:  # the whole file is one unit: its total
+            return sum(last.get(i.nodeid, 0.0) for i in items if i.nodeid.startswith(path))
+        if item.nodeid in last:
+            return last[item.nodeid]
+        slow = item.get_closest_marker("slow") or item.get_closest_marker("netns")
+        return _SLOW_GUESS if slow else 0.0
+
+    items.sort(key=lambda item: -expected(item))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -171,11 +196,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 _cpu_by_test: dict[str, float] = {}
 
 
+_wall_by_test: dict[str, float] = {}
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _wall_by_test[report.nodeid] = _wall_by_test.get(report.nodeid, 0.0) + report.duration
     if report.when == "teardown":
         for name, value in report.user_properties:
             if name == "cpu_s":
                 _cpu_by_test[report.nodeid] = float(str(value))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Keep this run's times for the next run's order (the controller's, or a run
+    without xdist; a worker's reports reach the controller too)."""
+    cache = session.config.cache
+    if cache is None or os.environ.get("PYTEST_XDIST_WORKER") or not _wall_by_test:
+        return
+    durations: dict[str, float] = cache.get(_DURATIONS, {})
+    durations.update({k: round(v, 2) for k, v in _wall_by_test.items()})
+    cache.set(_DURATIONS, durations)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
