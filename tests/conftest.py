@@ -93,9 +93,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.nodeid.split("[")[0] in SERIAL_ELSEWHERE:
             item.add_marker(pytest.mark.serial)
-    if config.cache is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+    if cache is None or not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    last: dict[str, float] = config.cache.get(_DURATIONS, {})
+    last: dict[str, float] = cache.get(_DURATIONS, {})
 
     def expected(item: pytest.Item) -> float:
         path = item.nodeid.split("::")[0]
@@ -210,7 +211,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Keep this run's times for the next run's order (the controller's, or a run
     without xdist; a worker's reports reach the controller too)."""
-    cache = session.config.cache
+    cache = getattr(session.config, "cache", None)  # None with -p no:cacheprovider
     if cache is None or os.environ.get("PYTEST_XDIST_WORKER") or not _wall_by_test:
         return
     durations: dict[str, float] = cache.get(_DURATIONS, {})
