@@ -30,6 +30,7 @@ suite's CPU, not its waiting, is what bounds its wall time under xdist.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import resource
 from collections.abc import Iterator
@@ -80,6 +81,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 #: pytest's cache key for each test's last wall time (setup to teardown), in seconds.
 _DURATIONS = "p2pd/durations"
+#: Wall times of the tests over 3 s in a full run under xdist, for a run with no cache
+#: (refresh: pytest's .pytest_cache/v/p2pd/durations holds the last run's, all tests).
+_MEASURED = Path(__file__).with_name("durations.json")
 #: What a test marked slow or netns is taken to last when the cache has no time for it.
 _SLOW_GUESS = 10.0
 
@@ -87,16 +91,20 @@ _SLOW_GUESS = 10.0
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark :data:`SERIAL_ELSEWHERE`; then the longest tests first, so that the workers
     finish together rather than one running a 40 s test alone at the end (longest
-    processing time first). How long: the last run's time from pytest's cache, else a
-    guess from the ``slow`` and ``netns`` marks. The sort is stable and a file of
-    :data:`ONE_WORKER` keeps its order, so every worker collects the same order."""
+    processing time first), and the serial ones at the very end. How long: the last
+    run's time from pytest's cache, else from tests/durations.json, else a guess from the
+    ``slow`` and ``netns`` marks.
+    The sort is stable and a file of :data:`ONE_WORKER` keeps its order, so every worker
+    collects the same order."""
     for item in items:
         if item.nodeid.split("[")[0] in SERIAL_ELSEWHERE:
             item.add_marker(pytest.mark.serial)
     cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
     if cache is None or not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    last: dict[str, float] = cache.get(_DURATIONS, {})
+    # a fresh clone (CI) has no cache: the times of a full run, kept in the tree
+    last: dict[str, float] = json.loads(_MEASURED.read_text()) if _MEASURED.exists() else {}
+    last.update(cache.get(_DURATIONS, {}))
 
     def expected(item: pytest.Item) -> float:
         path = item.nodeid.split("::")[0]
@@ -107,7 +115,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         slow = item.get_closest_marker("slow") or item.get_closest_marker("netns")
         return _SLOW_GUESS if slow else 0.0
 
-    items.sort(key=lambda item: -expected(item))
+    # serial tests last: one waits for the tests under way on the other workers to end,
+    # which costs least when those are the short tests at the end of the order
+    items.sort(key=lambda item: (item.get_closest_marker("serial") is not None, -expected(item)))
 
 
 @pytest.hookimpl(optionalhook=True)
