@@ -2,8 +2,9 @@
 
 The network-namespace fixtures live in netns_fixtures.py.
 
-``scripts/test`` runs the suite on several pytest-xdist workers (``--dist loadgroup``).
-Three kinds of test need more than "any worker, any time":
+``scripts/test`` runs the suite on several pytest-xdist workers (``-n``), the longest
+tests first (:func:`pytest_collection_modifyitems`). Three kinds of test need more
+than "any worker, any time":
 
 - :data:`ONE_WORKER`: the tests of these files run on one worker, in file order (a
   module-scoped fixture they share, an order they rely on). pytest-xdist's own
@@ -11,10 +12,10 @@ Three kinds of test need more than "any worker, any time":
   ``item._nodeid``, which pytest no longer reads), so :func:`pytest_xdist_make_scheduler`
   groups by file instead.
 - ``@pytest.mark.serial``: tests whose assertions count what the machine does in real
-  time (video frames in 3 s of call, datagrams a rate limiter let through in a second)
-  run alone: no test runs on another worker meanwhile. A fair reader-writer lock on a
-  file that all workers share does it (:class:`_RunAlone`). Every other test holds it
-  shared; a serial one takes it exclusively, waiting for the tests under way to end.
+  time (video frames in 3 s of call, say) run alone: no test runs on another worker
+  meanwhile. A fair reader-writer lock on a file that all workers share does it
+  (:class:`_RunAlone`). Every other test holds it shared; a serial one takes it
+  exclusively, waiting for the tests under way to end.
   Mark a test so only when a loaded machine changes what it measures, not to hide a
   race: a race must be fixed in the wait, not the check.
 - :data:`SERIAL_ELSEWHERE`: the same, for tests in files other helpers own (node ids).
@@ -22,7 +23,8 @@ Three kinds of test need more than "any worker, any time":
 Run alone (``pytest tests/x.py``, no ``-n``) none of this does anything.
 
 Where the time goes: every test's CPU seconds (its own process and the children it
-waited for: daemons, CLI calls) go into the JUnit XML as the property ``cpu_s``, and
+waited for: daemons, CLI calls; a module fixture's daemons count for the test whose
+teardown stops them) go into the JUnit XML as the property ``cpu_s``, and
 ``--cpu-durations=N`` lists the N costliest at the end. On this 2-core machine the
 suite's CPU, not its waiting, is what bounds its wall time under xdist.
 """
