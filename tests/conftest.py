@@ -1,6 +1,242 @@
-"""Shared pytest fixtures. The network-namespace ones live in netns_fixtures.py."""
+"""Shared pytest fixtures and how the suite runs in parallel.
 
+The network-namespace fixtures live in netns_fixtures.py.
+
+``scripts/test`` runs the suite on several pytest-xdist workers (``-n``), the longest
+tests first (:func:`pytest_collection_modifyitems`). Three kinds of test need more
+than "any worker, any time":
+
+- :data:`ONE_WORKER`: the tests of these files run on one worker, in file order (a
+  module-scoped fixture they share, an order they rely on). pytest-xdist's own
+  ``xdist_group`` mark does nothing under pytest 9.2 (xdist 3.8 renames
+  ``item._nodeid``, which pytest no longer reads), so :func:`pytest_xdist_make_scheduler`
+  groups by file instead.
+- ``@pytest.mark.serial``: tests whose assertions count what the machine does in real
+  time (video frames in 3 s of call, say) run alone: no test runs on another worker
+  meanwhile. A fair reader-writer lock on a file that all workers share does it
+  (:class:`_RunAlone`). Every other test holds it shared; a serial one takes it
+  exclusively, waiting for the tests under way to end.
+  Mark a test so only when a loaded machine changes what it measures, not to hide a
+  race: a race must be fixed in the wait, not the check.
+- :data:`SERIAL_ELSEWHERE`: the same, for tests in files other helpers own (node ids).
+
+Run alone (``pytest tests/x.py``, no ``-n``) none of this does anything.
+
+Where the time goes: every test's CPU seconds (its own process and the children it
+waited for: daemons, CLI calls; a module fixture's daemons count for the test whose
+teardown stops them) go into the JUnit XML as the property ``cpu_s``, and
+``--cpu-durations=N`` lists the N costliest at the end. On this 2-core machine the
+suite's CPU, not its waiting, is what bounds its wall time under xdist.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import resource
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 from netns_fixtures import netns_ready, testbed  # noqa: F401
 
 # pytester: tests/test_required_groups.py runs pytest on a small suite to check the exit code.
 pytest_plugins = ["pytester"]
+
+#: Files whose tests run on one worker, one after another, in file order; why.
+ONE_WORKER = {
+    "tests/test_cli_e2e.py": "one module-scoped network of daemons; its last test must run last",
+}
+
+#: Tests that measure real time or rate, in files this conftest does not own; each runs
+#: alone under xdist (see the module docstring). Node ids without parameters match
+#: every parametrisation.
+SERIAL_ELSEWHERE = (
+    # frames per second of a 3 s video call, against 90 +- 9 (issue 9: fails with two
+    # CPU hogs running)
+    "tests/test_media_call.py::test_video_call_records_the_expected_frames",
+    "tests/test_media_call.py::test_video_losses_bring_keyframe_requests_and_recover",
+    "tests/test_media_call.py::test_video_losses_are_repaired_by_nack_retransmission",
+    "tests/test_calls_e2e.py::test_a_video_call_records_the_expected_frames",
+    "tests/test_calls_e2e.py::test_a_3_second_call_carries_each_sides_tone",
+    "tests/test_audio_devices.py::test_a_call_from_microphone_to_speaker",
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cpu-durations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="list the N tests that used the most CPU (with the daemons and CLIs they ran)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "serial: measures real-time rates; runs with no other test running (tests/conftest.py)",
+    )
+
+
+#: pytest's cache key for each test's last wall time (setup to teardown), in seconds.
+_DURATIONS = "p2pd/durations"
+#: Wall times of the tests over 3 s in a full run under xdist, for a run with no cache
+#: (refresh: pytest's .pytest_cache/v/p2pd/durations holds the last run's, all tests).
+_MEASURED = Path(__file__).with_name("durations.json")
+#: What a test marked slow or netns is taken to last when the cache has no time for it.
+_SLOW_GUESS = 10.0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark :data:`SERIAL_ELSEWHERE`; then the longest tests first, so that the workers
+    finish together rather than one running a 40 s test alone at the end (longest
+    processing time first), and the serial ones at the very end. How long: the last
+    run's time from pytest's cache, else from tests/durations.json, else a guess from the
+    ``slow`` and ``netns`` marks.
+    The sort is stable and a file of :data:`ONE_WORKER` keeps its order, so every worker
+    collects the same order."""
+    for item in items:
+        if item.nodeid.split("[")[0] in SERIAL_ELSEWHERE:
+            item.add_marker(pytest.mark.serial)
+    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+    if cache is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    # a fresh clone (CI) has no cache: the times of a full run, kept in the tree
+    last: dict[str, float] = json.loads(_MEASURED.read_text()) if _MEASURED.exists() else {}
+    last.update(cache.get(_DURATIONS, {}))
+
+    def expected(item: pytest.Item) -> float:
+        path = item.nodeid.split("::")[0]
+        if path in ONE_WORKER:  # the whole file is one unit: its total
+            return sum(last.get(i.nodeid, 0.0) for i in items if i.nodeid.startswith(path))
+        if item.nodeid in last:
+            return last[item.nodeid]
+        slow = item.get_closest_marker("slow") or item.get_closest_marker("netns")
+        return _SLOW_GUESS if slow else 0.0
+
+    # serial tests last: one waits for the tests under way on the other workers to end,
+    # which costs least when those are the short tests at the end of the order
+    items.sort(key=lambda item: (item.get_closest_marker("serial") is not None, -expected(item)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Every test is its own unit of work, except the files of :data:`ONE_WORKER`."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return path if path in ONE_WORKER else nodeid
+
+    return _Scheduling(config, log)
+
+
+class _RunAlone:
+    """A fair reader-writer lock between xdist workers, on two files in the run's shared
+    temporary directory. Whoever wants the lock first passes the turnstile (exclusive,
+    held only for that moment by readers), so a waiting writer blocks new readers and is
+    never starved by a stream of them; then readers take ``main`` shared, writers
+    exclusive. flock(2) locks belong to the open file and die with the process, so a
+    crashed worker leaves nothing held."""
+
+    def __init__(self, directory: Path) -> None:
+        self._turnstile = os.open(directory / "run-alone.turnstile", os.O_CREAT | os.O_RDWR)
+        self._main = os.open(directory / "run-alone.main", os.O_CREAT | os.O_RDWR)
+
+    def acquire(self, alone: bool) -> None:
+        fcntl.flock(self._turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._main, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        fcntl.flock(self._main, fcntl.LOCK_UN)
+
+
+_run_alone: _RunAlone | None = None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _run_alone
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # every worker's basetemp is <run's basetemp>/popen-gwN: the parent is shared
+        shared = session.config._tmp_path_factory.getbasetemp().parent  # type: ignore[attr-defined]
+        _run_alone = _RunAlone(shared)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """Hold the lock over the test's setup, call and teardown (so a module fixture that
+    starts daemons for its first test counts as part of that test)."""
+    if _run_alone is None:
+        yield
+        return
+    _run_alone.acquire(alone=item.get_closest_marker("serial") is not None)
+    try:
+        yield
+    finally:
+        _run_alone.release()
+
+
+def _cpu_seconds() -> float:
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+_CPU_START = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """The test's CPU seconds, setup to teardown, on its teardown report (JUnit XML takes
+    the properties of that one)."""
+    if call.when == "setup":
+        item.stash[_CPU_START] = _cpu_seconds()
+    outcome = yield
+    if call.when == "teardown" and _CPU_START in item.stash:
+        cpu = _cpu_seconds() - item.stash[_CPU_START]
+        outcome.get_result().user_properties.append(("cpu_s", f"{cpu:.2f}"))  # type: ignore[attr-defined]
+
+
+_cpu_by_test: dict[str, float] = {}
+
+
+_wall_by_test: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _wall_by_test[report.nodeid] = _wall_by_test.get(report.nodeid, 0.0) + report.duration
+    if report.when == "teardown":
+        for name, value in report.user_properties:
+            if name == "cpu_s":
+                _cpu_by_test[report.nodeid] = float(str(value))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Keep this run's times for the next run's order (the controller's, or a run
+    without xdist; a worker's reports reach the controller too)."""
+    cache = getattr(session.config, "cache", None)  # None with -p no:cacheprovider
+    if cache is None or os.environ.get("PYTEST_XDIST_WORKER") or not _wall_by_test:
+        return
+    durations: dict[str, float] = cache.get(_DURATIONS, {})
+    durations.update({k: round(v, 2) for k, v in _wall_by_test.items()})
+    cache.set(_DURATIONS, durations)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    count = terminalreporter.config.getoption("cpu_durations")
+    if not count or not _cpu_by_test:
+        return
+    terminalreporter.write_sep("=", f"{count} tests that used the most CPU")
+    total = sum(_cpu_by_test.values())
+    for nodeid, cpu in sorted(_cpu_by_test.items(), key=lambda kv: -kv[1])[:count]:
+        terminalreporter.write_line(f"{cpu:8.2f}s cpu  {nodeid}")
+    terminalreporter.write_line(f"{total:8.2f}s cpu  all {len(_cpu_by_test)} tests")
