@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench import percentile, progress_printer
 
+from p2pd.testing.natnet import peer_host
 from p2pd.testing.netns import Testbed, netns_available
-from p2pd.testing.punch_peer import observer, peer_in, punch_pair
+from p2pd.testing.punch_peer import observer, punch_pair
 
 PAIRS = [
     ("public", "eim"),
@@ -45,7 +46,7 @@ EDM = ("symmetric", "fully-random")
 def trial(kind_a: str, kind_b: str) -> tuple[bool, float | None]:
     with Testbed(prefix="p2pdbp") as testbed:
         observer(testbed)
-        a, b = peer_in(testbed, kind_a, 1), peer_in(testbed, kind_b, 2)
+        a, b = peer_host(testbed, kind_a, 1), peer_host(testbed, kind_b, 2)
         ra, rb = punch_pair(a, b, kind_a, kind_b)
     ok = bool(ra["ok"] and rb["ok"] and ra.get("data") and rb.get("data"))
     return ok, max(ra["ms"], rb["ms"]) if ok else None

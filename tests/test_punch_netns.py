@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from p2pd.testing.natnet import peer_host
 from p2pd.testing.netns import Testbed
-from p2pd.testing.punch_peer import observer, peer_in, punch_pair
+from p2pd.testing.punch_peer import observer, punch_pair
 
 pytestmark = pytest.mark.netns
 
@@ -28,7 +29,7 @@ def test_a_direct_path_is_punched_and_carries_data_both_ways(
     testbed: Testbed, kind_a: str, kind_b: str
 ) -> None:
     observer(testbed)
-    a, b = peer_in(testbed, kind_a, 1), peer_in(testbed, kind_b, 2)
+    a, b = peer_host(testbed, kind_a, 1), peer_host(testbed, kind_b, 2)
     ra, rb = punch_pair(a, b, kind_a, kind_b)
     assert ra["ok"] and rb["ok"], (ra, rb)
     assert ra["data"] and rb["data"], (ra, rb)  # the path carries data both ways
@@ -42,7 +43,7 @@ def test_a_direct_path_is_punched_and_carries_data_both_ways(
 
 def test_two_endpoint_dependent_nats_cannot_be_punched(testbed: Testbed) -> None:
     observer(testbed)
-    a, b = peer_in(testbed, "symmetric", 1), peer_in(testbed, "symmetric", 2)
+    a, b = peer_host(testbed, "symmetric", 1), peer_host(testbed, "symmetric", 2)
     ra, rb = punch_pair(a, b, "symmetric", "symmetric")
     assert not ra["ok"] and not rb["ok"], (ra, rb)
     assert ra["stats"].get("port_probes_out", 0) == 0  # no birthday spray: it cannot work

@@ -1,6 +1,7 @@
 """Real daemons in the testbed's NAT cells: three public daemons (bootstrap nodes and
 relays) and two peers, alice and bob, each in a cell of its own (issue 13). Used by
-tests/test_upgrade_netns.py and scripts/bench_nat.py.
+tests/test_upgrade_netns.py and scripts/bench_nat.py; ``peer_host`` also by the
+hole-punching test and benchmark (p2pd/testing/punch_peer.py).
 
 Cells: ``public`` (on the simulated internet), ``eim`` (endpoint-independent NAT),
 ``symmetric`` and ``fully-random`` (a new random port per destination), ``double`` (a

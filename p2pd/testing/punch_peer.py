@@ -10,8 +10,8 @@ path it found and prints one JSON line: whether a path was found, on which socke
 which address, how long it took, and whether the peer's data came back over it.
 
 The two offers travel through the test here, in place of the encrypted session that
-carries them between daemons. :func:`punch_pair` builds the two peers' cells in a testbed
-and runs both sides; :data:`OBSERVER_SCRIPT` is the echo server they ask.
+carries them between daemons. :func:`punch_pair` runs both sides of two hosts in the testbed's cells
+(p2pd/testing/natnet.py's ``peer_host``); :data:`OBSERVER_SCRIPT` is the echo server they ask.
 """
 
 from __future__ import annotations
@@ -62,20 +62,6 @@ def observer(testbed: Testbed) -> Host:
     if read_line(proc, 10) != "ready":
         raise RuntimeError("the observer did not start")
     return host
-
-
-def peer_in(testbed: Testbed, kind: str, n: int) -> Host:
-    """A host in a cell of ``kind`` (public, eim, symmetric, fully-random, double) on the
-    testbed's internet; ``n`` (1..200) keeps its names and subnets apart."""
-    inet = testbed.lans["inet"]
-    if kind == "public":
-        return testbed.host(f"p{n}", inet, address=f"198.18.{10 + n}.11")
-    if kind == "double":
-        cgnat = testbed.nat_router(f"cg{n}", inet, inside_subnet=f"100.64.{n}.0/24")
-        home = testbed.nat_router(f"h{n}", cgnat.inside, inside_subnet=f"10.{n}.0.0/24")
-        return testbed.host(f"c{n}", home.inside)
-    router = testbed.nat_router(f"r{n}", inet, inside_subnet=f"10.{n}.0.0/24", kind=kind)  # type: ignore[arg-type]
-    return testbed.host(f"c{n}", router.inside)
 
 
 def punch_pair(a: Host, b: Host, kind_a: str, kind_b: str) -> tuple[dict[str, Any], ...]:
