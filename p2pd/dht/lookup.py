@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .. import wire
+from .density import SpreadLimit
 from .routing import AddressLimit, Node
 
 #: _TAKEN: another path of the same disjoint lookup asked it first.
@@ -71,6 +72,10 @@ class LookupResult:
     #: Replies that moved the lookup, by round: 1 + the longest chain of replies that
     #: each named a contact asked next (what "hops" means for an iterative lookup).
     hops: int = 0
+    #: Answering nodes the density rule set aside (p2pd/dht/density.py): packed around
+    #: the target nearer than the last voter. Asked, but not voters: counted against
+    #: any winner (p2pd/claims.py ``set_aside``).
+    packed: set[bytes] = field(default_factory=set)
 
 
 class Lookup:
@@ -93,6 +98,7 @@ class Lookup:
         limit: AddressLimit | None = None,
         taken: set[bytes] | None = None,
         claim_of: Callable[[bytes], bytes | None] = bytes,
+        max_width: int = 0,
     ) -> None:
         self.target = target
         self.find_value = find_value
@@ -100,6 +106,11 @@ class Lookup:
         self._target = int.from_bytes(target, "big")
         self._k = k
         self._alpha = alpha
+        #: Most requests in flight once the lookup asks widely: k, at most ``max_width``.
+        #: A burst of 60 (3k, a handle record's replicas) on a busy host made soft
+        #: timeouts fire on most of them, and the lookup ended with the few that beat
+        #: them (seen: 3 of 60).
+        self._width = min(k, max_width) if max_width else k
         self._max_rpcs = max_rpcs
         self._quorum = k if quorum is None else min(max(quorum, 1), k)
         self._own = own_id
@@ -124,6 +135,9 @@ class Lookup:
         #: all of the k closest nodes it has not already queried").
         self._nearest: int | None = None
         self._wide = False
+        #: Nodes the density rule passed over in the last _live (asked all the same, so
+        #: that a resolver knows how many answering nodes it set aside).
+        self._passed: list[Node] = []
         self.result = LookupResult(closest=[])
         self.done = False
         for node in seeds:
@@ -156,7 +170,10 @@ class Lookup:
             key=lambda n: n.long_id ^ target,
         )
         if self._limit is not None:
-            return self._limit.select(ordered, self._k)
+            live = self._limit.select(ordered, self._k)
+            if isinstance(self._limit, SpreadLimit):
+                self._passed = self._limit.passed
+            return live
         return ordered[: self._k]
 
     def next_requests(self, now: float) -> list[Node]:
@@ -171,9 +188,9 @@ class Lookup:
         if self._enough_values(live):
             self._finish(now)
             return []
-        width = self._k if self._wide or self.result.values else self._alpha
+        width = self._width if self._wide or self.result.values else self._alpha
         out: list[Node] = []
-        for node in live:
+        for node in live + self._passed:
             if self._inflight >= width or self.result.rpcs >= self._max_rpcs:
                 break
             if self._state[node.id] == _NEW:
@@ -183,7 +200,9 @@ class Lookup:
                 self._inflight += 1
                 self.result.rpcs += 1
                 out.append(node)
-        if not out and (self._inflight == 0 or all(self._state[n.id] == _OK for n in live)):
+        if not out and (
+            self._inflight == 0 or all(self._state[n.id] == _OK for n in live + self._passed)
+        ):
             self._finish(now)
         return out
 
@@ -199,12 +218,15 @@ class Lookup:
         nearest = live[:quorum]
         if len(nearest) < quorum or any(self._state[n.id] != _OK for n in nearest):
             return False
+        if self._passed:  # a packed cluster near the key: every node is heard
+            return False
         claims = {self._claims.get(n.id) for n in nearest}
         return len(claims) == 1 and None not in claims
 
     def _finish(self, now: float) -> None:
         self.done = True
         self.result.voters = {n.id for n in self._live() if self._state[n.id] == _OK}
+        self.result.packed = {n.id for n in self._passed if self._state[n.id] == _OK}
         self.result.closest = self._closest(
             (n for n in self._nodes.values() if self._state[n.id] == _OK),
             self._target,
@@ -311,6 +333,7 @@ class DisjointLookup:
         skip: Callable[[bytes], bool] = lambda _: False,
         limit: AddressLimit | None = None,
         claim_of: Callable[[bytes], bytes | None] = bytes,
+        max_width: int = 0,
     ) -> None:
         paths = max(1, paths)
         self.target = target
@@ -341,6 +364,7 @@ class DisjointLookup:
                 limit=limit,
                 taken=self._taken,
                 claim_of=claim_of,
+                max_width=math.ceil(max_width / paths) if max_width else 0,
             )
             for path_seeds in dealt
         ]
@@ -394,7 +418,11 @@ class DisjointLookup:
             (n for i, n in known.items() if i in answered or i not in dead),
             key=lambda n: n.long_id ^ target,
         )
-        nearest = live[: self._k] if self._limit is None else self._limit.select(live, self._k)
+        if self._limit is None:
+            return {n.id for n in live[: self._k] if n.id in answered}
+        nearest = self._limit.select(live, self._k)
+        if isinstance(self._limit, SpreadLimit):
+            self.result.packed = {n.id for n in self._limit.passed if n.id in answered}
         return {n.id for n in nearest if n.id in answered}
 
     def slow(self, node_id: bytes) -> bool:
