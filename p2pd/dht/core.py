@@ -728,9 +728,13 @@ class DHTCore:
         wall: float,
         accept_key: Callable[[bytes], bool],
         on_done: Callable[[tuple[Resolution, LookupResult]], None],
+        *,
+        certified: bool = False,
     ) -> None:
         """Which claim under ``key`` to believe (p2pd/claims.py), among the keys that
-        ``accept_key`` allows, in up to two rounds (docs/SECURITY.md, "Claims"):
+        ``accept_key`` allows, in up to two rounds (docs/SECURITY.md, "Claims").
+        ``certified``: ``accept_key`` admits one key only (a self-certifying form): the
+        replicas the density rule set aside cannot hide a rival there, and do not count.
 
         1. the k closest (all of them: with the defences on there is no early end, which
            a few ids placed next to the key could decide). One key, no other, and no
@@ -757,7 +761,7 @@ class DHTCore:
                 accept_key=accept_key,
                 local=local,
                 defences=self.config.defences,
-                set_aside=len(result.packed),
+                set_aside=0 if certified else len(result.packed),
             )
             # Settled in round 1: one key, no other, nothing set aside (a handle that
             # does not exist, or is held only by black holes, takes round 2 as well).

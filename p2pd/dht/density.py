@@ -31,8 +31,8 @@ with the 2/3 rule (p2pd/claims.py) that is "contested", not its key.
 N comes from the node's own neighbourhood (:func:`estimate_size`): the distance to its
 k-th closest contact. Kademlia tables know their own neighbourhood best; an attacker
 that packs ids around a *resolver* to inflate its estimate is a targeted attack on that
-one node (docs/SECURITY.md, "Not defended"). With fewer than 2k contacts the network is
-small, every node is near every key, and the rule is off.
+one node (docs/SECURITY.md, "Not defended"). With fewer than 2k contacts the number of
+contacts stands for N (a lower bound: the rule is stricter, never off).
 
 An honest node is skipped about once in 1/PACKED_P placements (a nearest-node
 coincidence); it then stores what it is sent but does not vote for that resolver: a
@@ -93,11 +93,16 @@ def poisson_threshold(c: int, p: float = PACKED_P) -> float:
 def estimate_size(own_id: bytes, neighbours: Iterable[Node], k: int) -> float | None:
     """The network's size seen from ``own_id``'s neighbourhood: (k - 1) / (distance to
     the k-th closest, as a fraction of the id space), the unbiased estimate for a
-    uniform placement; None with fewer than 2k contacts (a small network)."""
+    uniform placement. With fewer than 2k contacts (a new node, a small network): the
+    number of nodes known, ourselves included, a lower bound (a new node that stored
+    or resolved next to a cluster with no rule at all handed the cluster its record).
+    None with no contact."""
     own = int.from_bytes(own_id, "big")
     distances = sorted(n.long_id ^ own for n in neighbours)
-    if k < 2 or len(distances) < 2 * k:
+    if not distances or k < 2:
         return None
+    if len(distances) < 2 * k:
+        return float(len(distances) + 1)
     kth = distances[k - 1]
     return float((k - 1) * ID_SPACE / max(kth, 1))
 
