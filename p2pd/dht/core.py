@@ -794,7 +794,11 @@ class DHTCore:
                     self.storage.offer(key, encoded)
             on_done((resolution, result))
 
-        quorum = self.config.ksize if defended else None
+        # With the defences on, round 1 may end early only once the 3k/5 (12) closest
+        # agree and span 2/3 of that many expected honest nodes (lookup.py): a value
+        # quorum of 8 could be 8 ids placed next to the key (no honest node that near:
+        # 1 key in 12), 12 spanning 8 only in e^-8 of the keys.
+        quorum = max(self.config.value_quorum, 3 * self.config.ksize // 5) if defended else None
         self.start_lookup(key, now, found, find_value=True, claim_of=claimed_key, quorum=quorum)
 
     def start_bootstrap(

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import math
-import statistics
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -60,7 +59,7 @@ __all__ = ["PACKED_P", "SizeEstimate", "SpreadLimit", "estimate_size", "poisson_
 PACKED_P = 1e-3
 #: Node lookups whose k closest cap the size estimate (SizeEstimate).
 SIZE_SAMPLES = 16
-SIZE_MIN_SAMPLES = 4
+SIZE_MIN_SAMPLES = 2
 SIZE_SAMPLE_AGE = 600.0
 #: Thresholds are computed for at most this many admitted nodes (a lookup's k and a bit).
 MAX_COUNT = 512
@@ -111,9 +110,12 @@ class SizeEstimate:
     """The network's size for the density rule, robust to one cluster.
 
     The node's own neighbourhood (:func:`estimate_size`) is the estimate, capped at
-    twice the median of recent node lookups' estimates (each ``(k - 1) / d_k`` around
+    twice the largest of recent node lookups' estimates (each ``(k - 1) / d_k`` around
     its target, taken while the table held 2k contacts; at least ``SIZE_MIN_SAMPLES``
-    of the last ``SIZE_SAMPLES`` within ``SIZE_SAMPLE_AGE`` seconds). A cluster ground
+    of the last ``SIZE_SAMPLES`` within ``SIZE_SAMPLE_AGE`` seconds). The largest, not
+    the median: samples taken while a network grows are too low, and a cap too low
+    sets honest replicas aside (a median cap made 3 of 500 honest lookups contested in
+    scripts/bench_dht.py, whose nodes join one after another). A cluster ground
     next to a handle's key also sits next to the honest nodes whose ids are near that
     key, and inflates *their* own estimate (20 ids where chance puts 1, about 13x at
     N=200): the lookups of random keys they run (publishing, refreshing) do not see it.
@@ -145,26 +147,34 @@ class SizeEstimate:
         recent = [size for when, size in self.samples if now - when <= SIZE_SAMPLE_AGE]
         if own is None or len(recent) < SIZE_MIN_SAMPLES:
             return own
-        return min(own, 2 * statistics.median(recent))
+        return min(own, 2 * max(recent))
 
 
 class SpreadLimit(AddressLimit):
     """The address limits, plus: skip nodes packed around ``target`` (module docstring).
     ``size`` None (unknown or small network): the address limits only."""
 
-    __slots__ = ("passed", "skipped", "target", "thresholds")
+    __slots__ = ("passed", "scale", "skipped", "target", "thresholds")
 
     def __init__(self, base: AddressLimit, target: bytes, size: float | None) -> None:
         super().__init__(base.per_ip, base.per_subnet)
         self.target = int.from_bytes(target, "big")
         #: The distance the (c+1)-th admitted node must be at least at, for each c.
         self.thresholds: list[int] | None = None
+        #: The distance at which one honest node is expected (None: size unknown).
+        self.scale: float | None = None
         if size is not None and size > 0:
-            scale = ID_SPACE / size
+            self.scale = scale = ID_SPACE / size
             self.thresholds = [int(poisson_threshold(c) * scale) for c in range(MAX_COUNT)]
         #: Nodes skipped as packed by the last select (nearer than its last node).
         self.skipped = 0
         self.passed: list[Node] = []
+
+    def expected(self, node: Node) -> float | None:
+        """How many honest nodes are expected nearer ``target`` than ``node`` (lambda)."""
+        if self.scale is None:
+            return None
+        return float((node.long_id ^ self.target) / self.scale)
 
     def packed(self, node: Node, admitted: int) -> bool:
         """Whether ``node`` would be one too many, with ``admitted`` nodes nearer."""

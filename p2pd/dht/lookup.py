@@ -51,6 +51,9 @@ from .routing import AddressLimit, Node
 #: _TAKEN: another path of the same disjoint lookup asked it first.
 _NEW, _INFLIGHT, _SLOW, _OK, _FAILED, _TAKEN = range(6)
 _DEAD = (_SLOW, _FAILED, _TAKEN)
+#: A value lookup's early end needs its quorum to reach as far as this many honest nodes
+#: per member of the quorum are expected (the density rule's lambda, p2pd/dht/density.py).
+EARLY_END_SPAN = 2 / 3
 
 
 @dataclass(slots=True)
@@ -220,6 +223,14 @@ class Lookup:
             return False
         if self._passed:  # a packed cluster near the key: every node is heard
             return False
+        if isinstance(self._limit, SpreadLimit):
+            # The quorum must span where 2/3 of its number of honest nodes are expected:
+            # ids placed next to the key, as many as chance allows at each distance,
+            # could otherwise be the whole quorum wherever honest nodes happen to leave
+            # a gap (with a quorum of 12: a gap of 8 expected nodes, e^-8 of the keys).
+            lam = self._limit.expected(nearest[-1])
+            if lam is not None and lam < EARLY_END_SPAN * quorum:
+                return False
         claims = {self._claims.get(n.id) for n in nearest}
         return len(claims) == 1 and None not in claims
 
