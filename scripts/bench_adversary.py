@@ -3,7 +3,9 @@
 p2pd's Sybil defences on and off, in one run.
 
 What one run does, for the defences on and then off (``DHTConfig(defences=False)``, a
-switch for benchmarks only), and for each placement of the hostile nodes:
+switch for benchmarks only; ``--defences np``: on but the density rule,
+``DHTConfig(packed_check=False)``, p2pd/dht/density.py), and for each placement of the
+hostile nodes:
 
 1. start N nodes in this one process on real UDP sockets on loopback: the honest ones
    (1 - ``--hostile``) on a 127.a.b.1 each, then the hostile ones, which behave until
