@@ -166,3 +166,18 @@ def test_the_threshold_is_the_poisson_tail() -> None:
     assert poisson_threshold(0) < 0.002  # one node nearer than 1/1000 of the mean gap
     assert 8.5 < poisson_threshold(19) < 9.5  # the 20th node: where 9 are expected
     assert all(poisson_threshold(c) < poisson_threshold(c + 1) for c in range(100))
+
+
+def test_ids_over_the_address_limits_are_not_set_aside_and_count_against_nobody() -> None:
+    """40 ids ground next to a key on one IP: the address limits keep 2 of them; the
+    other 38 are not candidates at all, so they are not set aside (a set-aside node
+    counts against any winner: 38 such votes would make every handle near them
+    contested)."""
+    rng = random.Random(6)
+    key = dht_key("alice")
+    ground = [
+        Node(n.id, "203.0.113.5", 4000 + i) for i, n in enumerate(ground_nodes(key, 10, 40, rng))
+    ]
+    limit = SpreadLimit(BASE, key, 200)
+    chosen = limit.select(nearest(honest_nodes(160, rng) + ground, key), K)
+    assert sum(n.ip == "203.0.113.5" for n in chosen) + limit.skipped <= 2

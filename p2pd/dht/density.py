@@ -193,15 +193,18 @@ class SpreadLimit(AddressLimit):
         for node in nodes:
             if len(out) >= count:
                 break
-            if self.packed(node, len(out)):
-                passed.append(node)
-                continue
+            # The address limits first: ids over them (many on one address) are not
+            # candidates at all, so they are not set aside either (a set-aside node
+            # counts against a winner; 40 ids on one IP must cost 2 slots, not 40 votes).
             if per_ip[node.ip] >= self.per_ip:
                 continue
             net = subnet_of(node.ip) if node.ip is not None else None
+            if net is not None and per_net[net] >= self.per_subnet:
+                continue
+            if self.packed(node, len(out)):
+                passed.append(node)
+                continue
             if net is not None:
-                if per_net[net] >= self.per_subnet:
-                    continue
                 per_net[net] += 1
             per_ip[node.ip] += 1
             out.append(node)
