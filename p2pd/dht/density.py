@@ -201,12 +201,12 @@ class SpreadLimit(AddressLimit):
             net = subnet_of(node.ip) if node.ip is not None else None
             if net is not None and per_net[net] >= self.per_subnet:
                 continue
+            if net is not None:  # a set-aside node takes its address's slot too
+                per_net[net] += 1
+            per_ip[node.ip] += 1
             if self.packed(node, len(out)):
                 passed.append(node)
                 continue
-            if net is not None:
-                per_net[net] += 1
-            per_ip[node.ip] += 1
             out.append(node)
         self.skipped = len(passed)
         return out
