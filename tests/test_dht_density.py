@@ -11,11 +11,13 @@ asserts that it succeeds there, so the assertions can fail."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
+import pytest
 from test_dht_core import CoreNet, node_key
 from test_dht_sybil import add_core
 
-from p2pd.config import DHTConfig
+from p2pd.config import DHTConfig, load_config
 from p2pd.dht.density import (
     SizeEstimate,
     SpreadLimit,
@@ -24,6 +26,7 @@ from p2pd.dht.density import (
 )
 from p2pd.dht.lookup import LookupResult
 from p2pd.dht.routing import ID_SPACE, AddressLimit, Node
+from p2pd.errors import UsageError
 from p2pd.records import dht_key
 
 BASE = AddressLimit(2, 3)
@@ -181,3 +184,9 @@ def test_ids_over_the_address_limits_are_not_set_aside_and_count_against_nobody(
     limit = SpreadLimit(BASE, key, 200)
     chosen = limit.select(nearest(honest_nodes(160, rng) + ground, key), K)
     assert sum(n.ip == "203.0.113.5" for n in chosen) + limit.skipped <= 2
+
+
+def test_the_configuration_file_cannot_turn_the_rule_off(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("[dht]\npacked_check = false\n")
+    with pytest.raises(UsageError, match="packed_check is a benchmark switch"):
+        load_config(tmp_path)
