@@ -15,28 +15,33 @@ rule (in the spirit of Cholez et al., "Efficient DHT attack mitigation through p
 distribution", HotP2P 2010, which compares the ids near a key with the distribution
 expected from N):
 
-    Walk the candidates nearest first. Admit a node only while the number admitted so
-    far, c, is plausible at its distance: P(Poisson(lambda) > c) >= PACKED_P. A node
-    that would be one too many for its distance is skipped as "packed" (not asked, not
-    a replica, not a voter); the walk goes on outward.
+    Walk the candidates nearest first (within the address limits). Admit a node only
+    while the number admitted so far, c, is plausible at its distance:
+    P(Poisson(lambda) > c) >= PACKED_P. A node that would be one too many for its
+    distance is set aside as "packed": still asked (so that a resolver counts the
+    answering ones), but not a replica and not a voter; the walk goes on outward.
 
 So a cluster ground next to a key gets the few slots that chance allows at its
 distance (about 5 at lambda 0.8, 1 below lambda 0.045), and the k replicas are made up
-further out, where honest nodes are. An attacker who spreads its ids along the limit
-curve instead (just as many as chance allows at each distance) holds at most about half
-of the k closest admitted when it has unbounded nodes (the allowance minus the honest
-expectation is about 3 * sqrt(lambda) at PACKED_P 1e-3; at the k-th slot, lambda ~ 10):
-with the 2/3 rule (p2pd/claims.py) that is "contested", not its key.
+further out, where honest nodes are. The rule alone does not stop an attacker who places
+its ids along the limit curve (as many as chance allows at each distance, nearer than
+the honest nodes there): those take every admitted slot, and it is the honest nodes
+that get set aside. What stops it is elsewhere: a resolve whose lookup set anything
+aside is not settled in its first round, and in the second (3k replicas) every
+set-aside node that answered counts against any winner (p2pd/claims.py ``set_aside``),
+so that the curve's ids never reach 2/3 of the votes (tests/test_dht_density.py); and a
+first round may end early only when its quorum spans enough expected honest nodes
+(p2pd/dht/lookup.py ``EARLY_END_SPAN``).
 
 N comes from the node's own neighbourhood (:func:`estimate_size`): the distance to its
-k-th closest contact. Kademlia tables know their own neighbourhood best; an attacker
+k-th closest contact, capped by its recent lookups (:class:`SizeEstimate`). Kademlia tables know their own neighbourhood best; an attacker
 that packs ids around a *resolver* to inflate its estimate is a targeted attack on that
 one node (docs/SECURITY.md, "Not defended"). With fewer than 2k contacts the number of
 contacts stands for N (a lower bound: the rule is stricter, never off).
 
-An honest node is skipped about once in 1/PACKED_P placements (a nearest-node
-coincidence); it then stores what it is sent but does not vote for that resolver: a
-cost of one voter, never a wrong answer. Pure: no I/O, no clock.
+An honest node is set aside about once in 1/PACKED_P placements (a nearest-node
+coincidence); it then stores what it is sent but does not vote for that resolver, and
+the resolve takes a second round. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
