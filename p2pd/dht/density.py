@@ -34,10 +34,11 @@ first round may end early only when its quorum spans enough expected honest node
 (p2pd/dht/lookup.py ``EARLY_END_SPAN``).
 
 N comes from the node's own neighbourhood (:func:`estimate_size`): the distance to its
-k-th closest contact, capped by its recent lookups (:class:`SizeEstimate`). Kademlia tables know their own neighbourhood best; an attacker
-that packs ids around a *resolver* to inflate its estimate is a targeted attack on that
-one node (docs/SECURITY.md, "Not defended"). With fewer than 2k contacts the number of
-contacts stands for N (a lower bound: the rule is stricter, never off).
+k-th closest contact, capped by its recent lookups (:class:`SizeEstimate`). Kademlia
+tables know their own neighbourhood best; an attacker that packs ids around a
+*resolver* to inflate its estimate is a targeted attack on that one node
+(docs/SECURITY.md, "Not defended"). With fewer than 2k contacts the number of contacts
+stands for N (a lower bound: the rule is stricter, never off).
 
 An honest node is set aside about once in 1/PACKED_P placements (a nearest-node
 coincidence); it then stores what it is sent but does not vote for that resolver, and
@@ -156,8 +157,8 @@ class SizeEstimate:
 
 
 class SpreadLimit(AddressLimit):
-    """The address limits, plus: skip nodes packed around ``target`` (module docstring).
-    ``size`` None (unknown or small network): the address limits only."""
+    """The address limits, plus: set aside nodes packed around ``target`` (module
+    docstring). ``size`` None (no contact yet): the address limits only."""
 
     __slots__ = ("passed", "scale", "skipped", "target", "thresholds")
 
