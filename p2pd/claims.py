@@ -13,7 +13,8 @@ one, none. :func:`resolve_claims` decides, and says "contested" when it cannot:
    loopback addresses per IP only, so a loopback test swarm on 127.0.0.1 keeps meaning):
    a key's votes are the smallest of its distinct replica ids, distinct addresses and
    distinct networks. The local node's own stored claim is one more vote of its own;
-3. **ok** when one key holds at least 2/3 of all votes (sum over keys; at least one):
+3. **ok** when one key holds at least 2/3 of all votes (sum over keys, plus the replicas
+   the density rule set aside, ``set_aside``; at least one):
    the answer is that key's valid record with the highest sequence number;
    **contested** otherwise: for each key its fingerprint, votes, the replicas holding it
    and the earliest ``seen`` among them, so that a user can choose a self-certifying
@@ -111,8 +112,12 @@ def resolve_claims(
     accept_key: Callable[[bytes], bool] = lambda _: True,
     local: bytes | None = None,
     defences: bool = True,
+    set_aside: int = 0,
 ) -> Resolution:
-    """Apply the rule above to ``answers`` (and ``local``, this node's own stored claim)."""
+    """Apply the rule above to ``answers`` (and ``local``, this node's own stored claim).
+    ``set_aside``: answering replicas the density rule did not let vote (packed around
+    the key, p2pd/dht/density.py); each counts as a vote against any winner, so that a
+    cluster that pushed honest replicas out of the voters cannot win by it."""
     records: dict[bytes, HandleRecord] = {}  # newest per key
     ids: dict[bytes, set[bytes]] = {}
     ips: dict[bytes, set[str]] = {}
@@ -177,7 +182,7 @@ def resolve_claims(
             return (raw[c.public_key], -earliest[c.public_key], c.public_key)
 
         return Resolution(OK, max(claims, key=old_rank).record, claims)
-    total = sum(votes.values())
+    total = sum(votes.values()) + max(0, set_aside)
     best = claims[0]
     # When keys disagree, a handful of voters cannot crown one: churn and timeouts can
     # leave a lookup with few honest replicas beside the liars that never leave

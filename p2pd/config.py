@@ -47,6 +47,10 @@ class DHTConfig:
     #: slowest of 20 costs about twice the median lookup time; measured with
     #: scripts/sim_dht.py). ``ksize`` waits for all k.
     value_quorum: int = 8
+    #: Handle records are stored at the ``claim_factor * ksize`` closest nodes, and a
+    #: resolve that the k closest leave unsettled asks them all (p2pd/dht/core.py
+    #: start_resolve): more voters against liars (docs/SECURITY.md).
+    claim_factor: int = 3
     #: Stored records are re-replicated to the current k closest nodes this often.
     replicate_interval: float = 3600.0
     #: Buckets with no lookup for this long are refreshed.
@@ -64,6 +68,11 @@ class DHTConfig:
     #: A lookup runs this many disjoint paths (S/Kademlia section 4.4): the seeds are
     #: dealt round-robin, a node is asked by one path only, the answers are merged.
     disjoint_paths: int = 2
+    #: Skip node ids packed around a key more densely than chance allows, given the
+    #: network's size (p2pd/dht/density.py): a cluster of ground ids next to a handle's
+    #: key gets a few replica slots, not all k. FOR BENCHMARKS ONLY (the configuration
+    #: file cannot turn it off), like ``defences``.
+    packed_check: bool = True
     #: How long a node that proved its id from an address is asked without a proof.
     verified_lifetime: float = 3600.0
     #: Request budgets (p2pd/dht/budget.py, docs/SECURITY.md "DHT budgets"): token
@@ -496,8 +505,9 @@ def load_config(home: Path) -> NodeConfig:
     unknown = set(doc) - {"node", *_SECTIONS}
     if unknown:
         raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
-    if "defences" in doc.get("dht", {}):
-        raise UsageError(f"{path} [dht]: defences is a benchmark switch, not a setting")
+    for switch in ("defences", "packed_check"):
+        if switch in doc.get("dht", {}):
+            raise UsageError(f"{path} [dht]: {switch} is a benchmark switch, not a setting")
     dht = _apply(config.dht, doc.get("dht", {}), f"{path} [dht]")
     lan = _apply(config.lan, doc.get("lan", {}), f"{path} [lan]")
     calls_doc = doc.get("calls", {})

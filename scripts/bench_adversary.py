@@ -3,13 +3,16 @@
 p2pd's Sybil defences on and off, in one run.
 
 What one run does, for the defences on and then off (``DHTConfig(defences=False)``, a
-switch for benchmarks only), and for each placement of the hostile nodes:
+switch for benchmarks only; ``--defences np``: on but the density rule,
+``DHTConfig(packed_check=False)``, p2pd/dht/density.py), and for each placement of the
+hostile nodes:
 
 1. start N nodes in this one process on real UDP sockets on loopback: the honest ones
    (1 - ``--hostile``) on a 127.a.b.1 each, then the hostile ones, which behave until
    step 3. Placement "spread": each hostile node on a /24 of its own with a random node
    key. Placement "one IP": all of them on 127.66.0.1 (one port and one key per id), their
-   ids ground next to the DHT keys of ``--targets`` handles (8 shared leading bits).
+   ids ground next to the DHT keys of ``--targets`` handles (``--grind-bits`` shared
+   leading bits: by default ceil(log2 N) + 2, nearer the key than any honest node).
    Placement "targeted /24s": each on a /24 of its own, ids ground as for one IP;
 2. every honest node registers its handle ``user<i>``;
 3. for each behaviour in turn (the rows), the hostile nodes switch to it, and honest nodes
@@ -33,8 +36,10 @@ replicas stays for the next rows, so the combined row comes last):
 
 Per row: lookups that returned the owner's key, "contested", not found (timeouts
 included), and another key without a contested flag (must be 0); lookup latency p50/p99
-(every lookup, measured around ``DHT.resolve_claim``) and RPCs per lookup. First
-messages are not measured here (the DHT part is what is graded).
+(every lookup, measured around ``DHT.resolve_claim``) and RPCs per lookup; and a first
+message to every resolved handle (:func:`first_message`: sealed to the resolved key,
+handed to whoever listens at the record's first address): read by the owner, read by
+the attacker (must be 0), read by nobody; contested and not-found lookups send nothing.
 
     .venv/bin/python scripts/bench_adversary.py              # N=200, 20 % hostile
     .venv/bin/python scripts/bench_adversary.py -n 1000 --lookups 300
@@ -50,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import resource
 import sys
@@ -59,6 +65,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nacl.bindings
+import nacl.exceptions
+import nacl.public
+import nacl.signing
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +78,7 @@ from p2pd.claims import CONTESTED, OK, Answer, resolve_claims
 from p2pd.config import DHTConfig
 from p2pd.dht.lookup import LookupResult
 from p2pd.identity import HandleRef, Identity, self_certifying
-from p2pd.records import dht_key
+from p2pd.records import HandleRecord, dht_key
 from p2pd.testing.adversary import (
     ALL,
     FABRICATE_IP,
@@ -117,6 +127,8 @@ class Row:
     name: str
     placement: str
     defences: bool
+    #: "on", "off", or "np" (the defences on but the density rule, p2pd/dht/density.py).
+    mode: str
     plain: Counter[str] = field(default_factory=Counter)
     certified: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
@@ -128,6 +140,9 @@ class Row:
     #: How the first few wrong keys won (votes of each key), for the report.
     wrong_votes: list[str] = field(default_factory=list)
     incomplete: str = ""
+    #: First messages to the resolved handles (plain and self-certifying): read by the
+    #: owner, read by the attacker, read by nobody, or not sent (contested, not found).
+    first: Counter[str] = field(default_factory=Counter)
 
     def summary(self, n: int, hostile: float) -> dict[str, Any]:
         lat = sorted(self.latencies_ms)
@@ -137,6 +152,7 @@ class Row:
             "row": self.name,
             "placement": self.placement,
             "defences": self.defences,
+            "mode": self.mode,
             "plain": dict(self.plain),
             "self_certifying": dict(self.certified),
             "plain_owner_pct": 100 * self.plain["owner"] / plain_total if plain_total else None,
@@ -154,6 +170,7 @@ class Row:
                 for kind, n in sorted(self.closest_only.items())
             ],
             "incomplete": self.incomplete,
+            "first_messages": dict(self.first),
             "goals": grade(self, n, hostile, plain_total, cert_total, lat),
         }
 
@@ -161,11 +178,12 @@ class Row:
 def grade(
     row: Row, n: int, hostile: float, plain_total: int, cert_total: int, lat: list[float]
 ) -> dict[str, str]:
-    if n not in GOAL_NS or abs(hostile - GOAL_HOSTILE) > 1e-9 or not row.defences:
+    if n not in GOAL_NS or abs(hostile - GOAL_HOSTILE) > 1e-9 or row.mode != "on":
         return {"all": "not graded"}
     p99 = percentile(lat, 99)
     checks = {
         "0 wrong keys": row.plain["wrong"] + row.certified["wrong"] == 0,
+        "0 first messages to the attacker": row.first["attacker"] == 0,
         ">= 99 % plain owner": plain_total > 0 and row.plain["owner"] >= 0.99 * plain_total,
         ">= 99.9 % self-certifying": (
             cert_total > 0 and row.certified["owner"] >= 0.999 * cert_total
@@ -178,11 +196,23 @@ def grade(
 # --------------------------------------------------------------------------- one network
 
 
+def grind_bits(args: argparse.Namespace) -> int:
+    """How many leading bits the ground ids share with their target: ``--grind-bits``, or
+    ceil(log2 N) + 2, so that the cluster is nearer the key than any honest node (a
+    quarter of an honest node is expected that near)."""
+    return args.grind_bits or max(8, math.ceil(math.log2(args.nodes)) + 2)
+
+
 async def run_network(
-    args: argparse.Namespace, defences: bool, placement: str, rows: list[tuple[str, Behaviour]]
+    args: argparse.Namespace, mode: str, placement: str, rows: list[tuple[str, Behaviour]]
 ) -> list[Row]:
-    config = DHTConfig() if defences else DHTConfig(defences=False)
-    label = f"{placement}, defences {'on' if defences else 'off'}"
+    defences = mode != "off"
+    config = {
+        "on": DHTConfig(),
+        "off": DHTConfig(defences=False),
+        "np": DHTConfig(packed_check=False),
+    }[mode]
+    label = f"{placement}, defences {mode}"
     n_hostile = round(args.nodes * args.hostile)
     n_honest = args.nodes - n_hostile
     rng = random.Random(args.seed)
@@ -199,6 +229,7 @@ async def run_network(
             B.HONEST,
             ip=FABRICATE_IP if one_ip else None,
             near=[dht_key(h) for h in targets] if placement != "spread" else None,
+            bits=grind_bits(args),
             seed=args.seed,
         ) as coalition:
             progress(f"{label}: {n_hostile} hostile nodes joined; registering handles")
@@ -218,7 +249,7 @@ async def run_network(
                 coalition.add_rival(handle, wall)
             keys = {h: swarm.nodes[i].identity.public_key for i, h in enumerate(handles)}
             for name, behaviour in rows:
-                row = Row(name, placement, defences)
+                row = Row(name, placement, defences, mode)
                 if behaviour & B.SPOOF and not can_spoof():
                     row.notes.append("spoof: not run (a raw socket needs root)")
                     behaviour &= ~B.SPOOF
@@ -285,6 +316,10 @@ async def run_lookups(
     label: str,
 ) -> None:
     honest = [n for n in swarm.nodes if n.alive]
+    # Who listens at each address a record may name, and the keys each can open with.
+    receivers: dict[Address, list[Identity]] = {n.address: [n.identity] for n in honest}
+    for member in coalition.members:
+        receivers[member.address] = list(coalition.attackers.values())
     plan = []
     for i in range(2 * args.lookups):
         handle = rng.choice(targets)
@@ -315,6 +350,10 @@ async def run_lookups(
                     )
             elif resolution.status == CONTESTED:
                 outcome = "contested"
+            if resolution.status == OK and resolution.record is not None:
+                row.first[first_message(resolution.record, owner, receivers)] += 1
+            else:
+                row.first["not sent"] += 1
             if outcome in ("wrong", "contested") and row.defences:
                 row.closest_only[outcome] += closest_only_owner(asker, ref, details, owner)
         row.latencies_ms.append((time.perf_counter() - started) * 1000)
@@ -327,6 +366,24 @@ async def run_lookups(
     )
     if ran < len(plan):
         row.incomplete = f"row deadline: ran {ran} of {len(plan)} lookups"
+
+
+def first_message(record: HandleRecord, owner: bytes, receivers: dict[Address, list[Any]]) -> str:
+    """Send a first message as p2pd would to a resolved handle, in miniature: sealed to
+    the resolved key (a libsodium sealed box standing for the X3DH first message, which
+    only that key's holder can open) and handed to whoever listens at the record's first
+    address (an in-process map standing for the QUIC connection). Returns who read it:
+    "owner", "attacker" (anyone else), or "nobody"."""
+    curve = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(record.public_key)
+    box = nacl.public.SealedBox(nacl.public.PublicKey(curve)).encrypt(b"hello, first message")
+    for identity in receivers.get(record.addresses[0], []) if record.addresses else []:
+        secret = nacl.signing.SigningKey(identity.seed).to_curve25519_private_key()
+        try:
+            nacl.public.SealedBox(secret).decrypt(box)
+        except nacl.exceptions.CryptoError:
+            continue
+        return "owner" if identity.public_key == owner else "attacker"
+    return "nobody"
 
 
 def closest_only_owner(asker: Any, ref: HandleRef, details: LookupResult, owner: bytes) -> int:
@@ -357,12 +414,12 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
         f"\nHandle lookups with hostile nodes: N={args.nodes}, {n_hostile} hostile "
         f"({args.hostile:.0%}), {args.lookups} plain + {args.lookups} self-certifying "
         f"lookups per row, concurrency {args.concurrency}, seed {args.seed}; one process, "
-        "real UDP sockets on 127/8. First messages: not measured."
+        "real UDP sockets on 127/8."
     )
     header = (
         f"{'row':<24} {'def':>3} {'owner':>7} {'contest':>7} {'notfnd':>6} {'WRONG':>5} "
         f"{'cert ok':>7} {'c.cont':>6} {'c.nf':>5} {'c.WRONG':>7} {'p50 ms':>7} "
-        f"{'p99 ms':>7} {'RPC/lk':>6}"
+        f"{'p99 ms':>7} {'RPC/lk':>6} {'1st own':>7} {'1st ATT':>7} {'1st lost':>8}"
     )
     for placement in ("spread", "one IP", "targeted /24s"):
         rows = [s for s in summaries if s["placement"] == placement]
@@ -373,26 +430,31 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
         print("-" * len(header))
         for s in rows:
             p, c = Counter(s["plain"]), Counter(s["self_certifying"])
+            f = Counter(s["first_messages"])
             print(
-                f"{s['row']:<24} {'on' if s['defences'] else 'off':>3} "
+                f"{s['row']:<24} {s['mode']:>3} "
                 f"{p['owner']:>7} {p['contested']:>7} {p['not-found']:>6} {p['wrong']:>5} "
                 f"{c['owner']:>7} {c['contested']:>6} {c['not-found']:>5} {c['wrong']:>7} "
                 f"{fmt(s['p50_ms'], '.1f'):>7} {fmt(s['p99_ms'], '.1f'):>7} "
-                f"{fmt(s['rpcs_per_lookup'], '.1f'):>6}"
+                f"{fmt(s['rpcs_per_lookup'], '.1f'):>6} {f['owner']:>7} {f['attacker']:>7} "
+                f"{f['nobody']:>8}"
             )
     print(
         "\nowner/contest/notfnd/WRONG: plain-handle lookups that returned the owner's key, "
         '"contested", nothing (timeouts included), another key without a contested flag; '
         "c.*: the same for self-certifying lookups (user<i>#<16 characters>). Latency: every "
-        "lookup, both kinds; RPCs: per lookup."
+        "lookup, both kinds; RPCs: per lookup. 1st own/ATT/lost: first messages to the "
+        "resolved handles (both kinds) read by the owner, by the attacker, by nobody; none "
+        "is sent to a contested or missing handle."
     )
     for s in summaries:
         extra = list(s["notes"]) + ([f"INCOMPLETE: {s['incomplete']}"] if s["incomplete"] else [])
         if extra:
-            print(f"{s['placement']}, {s['row']}, defences {s['defences']}: " + "; ".join(extra))
-    base = next((s for s in summaries if s["row"] == "no attack" and s["defences"]), None)
+            print(f"{s['placement']}, {s['row']}, defences {s['mode']}: " + "; ".join(extra))
+    base = next((s for s in summaries if s["row"] == "no attack" and s["mode"] == "on"), None)
     single = next(
-        (s for s in summaries if s["row"] == "single attacker address" and s["defences"]), None
+        (s for s in summaries if s["row"] == "single attacker address" and s["mode"] == "on"),
+        None,
     )
     if base and single:
         print(
@@ -405,11 +467,11 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
         )
     print()
     for s in summaries:
-        if s["defences"]:
+        if s["mode"] == "on":
             goals = "; ".join(f"{k}: {v}" for k, v in s["goals"].items())
             print(f"goals {s['placement']}, {s['row']}: {goals}")
-    if any(not s["defences"] for s in summaries):
-        print("defences off: not graded (the control)")
+    if any(s["mode"] != "on" for s in summaries):
+        print('defences off and "np" (on but the density rule): not graded (the controls)')
 
 
 def main() -> None:
@@ -422,11 +484,20 @@ def main() -> None:
         "--lookups", type=int, default=300, help="plain lookups per row, as many certified (300)"
     )
     parser.add_argument("--targets", type=int, default=2, help="targeted handles, one IP (2)")
+    parser.add_argument(
+        "--grind-bits",
+        type=int,
+        default=0,
+        help="bits the targeted ids share with their key (default: ceil(log2 N) + 2)",
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="lookups at once (8)")
     parser.add_argument("--row-deadline", type=float, default=300.0, help="seconds per row")
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     parser.add_argument(
-        "--defences", choices=["both", "on", "off"], default="both", help="which runs (both)"
+        "--defences",
+        choices=["both", "on", "off", "np", "all"],
+        default="both",
+        help="which runs: both = on and off; np = on but the density rule; all (both)",
     )
     parser.add_argument(
         "--placements",
@@ -446,9 +517,12 @@ def main() -> None:
 
     async def run() -> list[Row]:
         rows: list[Row] = []
-        for defences in {"both": (True, False), "on": (True,), "off": (False,)}[args.defences]:
+        modes = {"both": ("on", "off"), "all": ("on", "np", "off")}.get(
+            args.defences, (args.defences,)
+        )
+        for mode in modes:
             for placement in args.placements.split(","):
-                rows += await run_network(args, defences, placement, PLACEMENTS[placement])
+                rows += await run_network(args, mode, placement, PLACEMENTS[placement])
         return rows
 
     started = time.perf_counter()

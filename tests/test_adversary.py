@@ -109,6 +109,43 @@ async def test_control_with_the_defences_off_the_same_attack_takes_the_handle() 
     assert seen.count(rival) >= len(seen) // 2
 
 
+async def targeted_attempt(config: DHTConfig) -> tuple[list[bytes | str], bytes, bytes]:
+    """The targeted attacker (issue 11): 20 nodes, each on a /24 of its own (the address
+    limits see nothing), ids ground to share 10 bits with alice's key (nearer it than
+    any of the 40 honest nodes), each serving a rival claim: what every honest resolver
+    shows, alice's key and the rival's. k = 8, so that 40 nodes are a large network
+    (the density rule needs 2k contacts to know the network's size)."""
+    with trio.fail_after(2 * GUARD):
+        async with (
+            open_swarm(40, config=config) as swarm,
+            open_coalition(
+                swarm, 20, Behaviour.LIAR, near=dht_key("alice"), bits=10, seed=1, config=config
+            ) as coalition,
+        ):
+            rival = coalition.add_rival("alice", swarm.wall())
+            index, alice = await add_alice(swarm)
+            seen = await outcomes(swarm, HandleRef("alice"), skip=index)
+            assert coalition.lies_told() > 0
+            return seen, alice, rival
+
+
+async def test_a_targeted_attacker_on_many_networks_takes_nothing() -> None:
+    """Item 1: ids ground next to alice's key on 20 networks, lying. With the density
+    rule (p2pd/dht/density.py) no honest node shows the rival's key: alice's key, or
+    "contested" (the 20 set-aside ids count against her)."""
+    seen, alice, rival = await targeted_attempt(DHTConfig(ksize=8))
+    assert rival not in seen
+    assert set(seen) <= {alice, "contested"}
+
+
+async def test_control_without_the_density_rule_the_targeted_attacker_takes_the_handle() -> None:
+    """The control: the same attack with every other defence on (address limits, earned
+    ids, disjoint paths, the 2/3 rule) but ``packed_check=False`` hands most resolvers
+    the rival's key, so the test above can fail."""
+    seen, _, rival = await targeted_attempt(DHTConfig(ksize=8, packed_check=False))
+    assert seen.count(rival) >= len(seen) // 2
+
+
 async def test_eclipse_and_fabricated_ids_cannot_deny_the_self_certifying_form() -> None:
     """(b) Before the defences, this made ``alice#prefix`` fail on 25 of 25 nodes."""
     with trio.fail_after(GUARD):

@@ -246,3 +246,15 @@ def test_answers_from_one_ip_count_once(liars: int, honest: int) -> None:
 
 def _key_of(value: bytes) -> bytes:
     return HandleRecord.decode(value).public_key
+
+
+def test_replicas_set_aside_as_packed_count_against_any_winner() -> None:
+    """p2pd/dht/density.py: answering replicas set aside as packed around the key count
+    against the winner, whichever it is: a cluster placed as densely as chance allows
+    holds the voting slots, and the honest replicas it pushed aside still deny it 2/3."""
+    rival = [answer(i, rec(RIVAL)) for i in range(40)]
+    assert resolve_claims(rival, NOW, key=KEY).status == OK  # the voters alone: all its own
+    pushed = resolve_claims(rival, NOW, key=KEY, set_aside=21)
+    assert pushed.status == CONTESTED  # 40 of 61
+    owner = [answer(i, rec(OWNER)) for i in range(40)]
+    assert resolve_claims(owner, NOW, key=KEY, set_aside=20).status == OK  # 40 of 60

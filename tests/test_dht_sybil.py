@@ -511,7 +511,7 @@ def test_no_node_is_asked_by_two_paths() -> None:
 
 
 def test_a_store_is_refused_by_a_node_not_among_the_k_closest_it_knows() -> None:
-    config = DHTConfig(ksize=3)
+    config = DHTConfig(ksize=3, claim_factor=1)  # records at the k closest, as mailboxes
     net = CoreNet()
     far = net.add(1, config)
     _, record = make_record("erin")

@@ -67,19 +67,13 @@ from ..config import DHTConfig
 from ..errors import OldFrameVersion, WireError
 from ..identity import verify_signature
 from ..records import Verdict, claimed_key
+from . import mailbox_ops
 from .budget import RequestBudget, address_cookie, fit_reply
+from .density import SizeEstimate, SpreadLimit
 from .lookup import DisjointLookup, LookupResult
-from .mailbox import MailboxStorage, delete_message, mailbox_key
+from .mailbox import MailboxStorage
 from .nodekey import NodeKey
-from .operations import (
-    MAILBOX_MAX_PAGES,
-    Gather,
-    HeadCheck,
-    LookupRun,
-    MailboxFetch,
-    MailboxPut,
-    older_claim,
-)
+from .operations import Gather, HeadCheck, LookupRun, older_claim
 from .reachability import Reachability
 from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
@@ -150,6 +144,8 @@ class DHTCore:
         self.node_id = node_id = node_key.node_id
         self.node = Node(node_id, key=node_key.public_key)
         self.config = config
+        #: How many closest nodes hold a handle record (DHTConfig.claim_factor).
+        self.replicas = max(1, config.claim_factor) * config.ksize
         self.storage = storage
         self.mailboxes = mailboxes
         #: The Sybil defences, off only in benchmarks (DHTConfig.defences).
@@ -189,6 +185,8 @@ class DHTCore:
             mailboxes.postage_bits = config.postage_bits  # p2pd/dht/mailbox_entry.py
         self._maintenance_period = min(config.refresh_interval, config.replicate_interval) / 4
         self.reach = Reachability(self, now)  # address discovery, dial-back, client mode
+        #: The network's size, for the density rule (p2pd/dht/density.py).
+        self.sizes = SizeEstimate()
         self._schedule(now + self._maintenance_period, _MAINTAIN, None)
 
     # ------------------------------------------------------------------ I/O surface
@@ -277,7 +275,7 @@ class DHTCore:
             result = self.node_key.public_key
         elif req.method == "store":
             assert req.key is not None and req.value is not None
-            if self.defended and not self.is_close_to(req.key):
+            if self.defended and not self.is_close_to(req.key, self.replicas):
                 self.stats["store_refused_far"] += 1
                 result = False
             else:
@@ -310,15 +308,32 @@ class DHTCore:
                 return
         self._send(wire.encode_response(req.msg_id, result, sign, cookie, address), address)
 
-    def is_close_to(self, key: bytes) -> bool:
+    def is_close_to(self, key: bytes, k: int | None = None) -> bool:
         """Whether fewer than k of the nodes we know are nearer ``key`` than we are: only
         then do we store under it (S/Kademlia: a node far from a key, e.g. an attacker's
-        target, has no business holding it)."""
-        k = self.config.ksize
+        target, has no business holding it). Nodes packed around the key (:mod:`.density`)
+        do not count: a ground cluster must not push the honest replicas out."""
+        k = k or self.config.ksize
         target = int.from_bytes(key, "big")
         mine = self.node.long_id ^ target
-        nearer = sum(1 for n in self.table.closest(key, k) if (n.long_id ^ target) < mine)
-        return nearer < k
+        nearer = [n for n in self.table.closest(key, 4 * k) if (n.long_id ^ target) < mine]
+        spread = self.spread_limit(key)
+        return len(spread.select(nearer, k) if spread is not None else nearer) < k
+
+    def spread_limit(self, target: bytes) -> SpreadLimit | None:
+        """The address limits and the density rule for a lookup of ``target`` (None with
+        the defences off)."""
+        if self.limit is None:
+            return None
+        size = None
+        if self.config.packed_check:
+            size = self.sizes.estimate(
+                self.node_id,
+                self.table.closest(self.node_id, 2 * self.config.ksize),
+                self.config.ksize,
+                self.now,
+            )
+        return SpreadLimit(self.limit, target, size)
 
     def _on_mailbox_request(self, req: wire.DHTRequest, source: str) -> Any:
         boxes = self.mailboxes
@@ -620,9 +635,14 @@ class DHTCore:
         find_value: bool = False,
         seeds: list[Node] | None = None,
         claim_of: Callable[[bytes], bytes | None] = bytes,
+        k: int | None = None,
+        quorum: int | None = None,
     ) -> None:
+        """``k``: how many closest nodes to find (default ksize); ``quorum``: a value
+        lookup's early end (default value_quorum; k waits for all k)."""
         self.now = max(self.now, now)
         config = self.config
+        k = k or config.ksize
         # Disjoint paths for value lookups: what a lookup returns there is trusted (a
         # record, a replica's signed statement). A node lookup (where to store, refresh)
         # takes one path; its result is still held to the address limits.
@@ -631,26 +651,29 @@ class DHTCore:
             target,
             paths=paths,
             find_value=find_value,
-            k=config.ksize,
+            k=k,
             alpha=config.alpha,
             max_rpcs=config.lookup_max_rpcs,
-            quorum=config.value_quorum,
+            quorum=quorum or config.value_quorum,
             started=now,
             deadline=now + config.lookup_deadline,
             own_id=self.node_id,
-            seeds=seeds if seeds is not None else self.table.closest(target, config.ksize),
+            seeds=seeds if seeds is not None else self.table.closest(target, k),
             skip=lambda node_id: self.is_suspect(node_id, self.now),
-            limit=self.limit,
+            limit=self.spread_limit(target),
             claim_of=claim_of,
+            max_width=config.ksize,
         )
         self.table.touch(target, now)
+        if not find_value and self.defended and len(self.table) >= 2 * config.ksize:
+            on_done = self.sizes.sampling(target, k, now, on_done)  # a size sample
         run = LookupRun(self, lookup, on_done)
         self._schedule(lookup.deadline, _DEADLINE, run)
         run.pump(now)
 
-    def among_closest(self, key: bytes, closest: list[Node]) -> bool:
+    def among_closest(self, key: bytes, closest: list[Node], k: int | None = None) -> bool:
         """Whether this node is among the k closest to ``key``, given a lookup's result."""
-        if len(closest) < self.config.ksize:
+        if len(closest) < (k or self.config.ksize):
             return True
         target = int.from_bytes(key, "big")
         return bool((self.node.long_id ^ target) < max(n.long_id ^ target for n in closest))
@@ -686,15 +709,17 @@ class DHTCore:
     def start_store(
         self, key: bytes, value: bytes, now: float, on_done: Callable[[int], None]
     ) -> None:
-        """Store at the k closest nodes (and here, if among them); reports the copies."""
+        """Store a handle record at the ``claim_factor * ksize`` closest nodes (and here, if
+        among them); reports the copies."""
+        replicas = self.replicas
 
         def found(result: LookupResult) -> None:
             local = 0
-            if self.among_closest(key, result.closest):
+            if self.among_closest(key, result.closest, replicas):
                 local = int(self.storage.offer(key, value) in (Verdict.ACCEPT, Verdict.SAME))
             self._put_at(result.closest, "store", key, value, local, on_done)
 
-        self.start_lookup(key, now, found)
+        self.start_lookup(key, now, found, k=replicas)
 
     def start_resolve(
         self,
@@ -703,16 +728,30 @@ class DHTCore:
         wall: float,
         accept_key: Callable[[bytes], bool],
         on_done: Callable[[tuple[Resolution, LookupResult]], None],
+        *,
+        certified: bool = False,
     ) -> None:
         """Which claim under ``key`` to believe (p2pd/claims.py), among the keys that
-        ``accept_key`` allows."""
+        ``accept_key`` allows, in up to two rounds (docs/SECURITY.md, "Claims").
+        ``certified``: ``accept_key`` admits one key only (a self-certifying form): the
+        replicas the density rule set aside cannot hide a rival there, and do not count.
 
-        def found(result: LookupResult) -> None:
+        1. the k closest (all of them: with the defences on there is no early end, which
+           a few ids placed next to the key could decide). One key, no other, and no
+           replica set aside as packed: that key.
+        2. otherwise all ``claim_factor * ksize`` closest, which hold the record too, and
+           the 2/3 rule decides alone, counting the replicas set aside against the
+           winner: with 20 % liars at random places, a third of 20 voters are liars 9 %
+           of the time, a third of 60 under 1 % (binomial)."""
+        defended = self.defended
+        wide = self.replicas if defended else 0
+
+        def found(result: LookupResult, first: LookupResult | None = None) -> None:
+            if first is not None:
+                result.rpcs += first.rpcs
             # Only replicas among the k closest known to the key vote (with the defences
             # on): a liar far from the key answers with a value too.
-            voting = [
-                (n, v) for n, v in result.values if not self.defended or n.id in result.voters
-            ]
+            voting = [(n, v) for n, v in result.values if not defended or n.id in result.voters]
             answers = [Answer(n.id, n.ip, v, result.seen.get(n.id)) for n, v in voting]
             local = self.storage.get(key)
             resolution = resolve_claims(
@@ -722,7 +761,24 @@ class DHTCore:
                 accept_key=accept_key,
                 local=local,
                 defences=self.config.defences,
+                set_aside=0 if certified else len(result.packed),
             )
+            # Settled in round 1: one key, no other, nothing set aside (a handle that
+            # does not exist, or is held only by black holes, takes round 2 as well).
+            settled = resolution.status == "ok" and len(resolution.claims) == 1
+            if first is None and wide > self.config.ksize and not (settled and not result.packed):
+                self.stats["resolve_widened"] += 1
+                self.start_lookup(
+                    key,
+                    self.now,
+                    lambda more: found(more, result),
+                    find_value=True,
+                    claim_of=claimed_key,
+                    k=wide,
+                    quorum=wide,
+                    seeds=result.closest + self.table.closest(key, wide),
+                )
+                return
             best = resolution.record
             if resolution.status == "ok" and best is not None:
                 # Repair (Kademlia section 2.3): only the closest replicas that hold an
@@ -738,7 +794,12 @@ class DHTCore:
                     self.storage.offer(key, encoded)
             on_done((resolution, result))
 
-        self.start_lookup(key, now, found, find_value=True, claim_of=claimed_key)
+        # With the defences on, round 1 may end early only once the 3k/5 (12) closest
+        # agree and span 2/3 of that many expected honest nodes (lookup.py): a value
+        # quorum of 8 could be 8 ids placed next to the key (no honest node that near:
+        # 1 key in 12), 12 spanning 8 only in e^-8 of the keys.
+        quorum = max(self.config.value_quorum, 3 * self.config.ksize // 5) if defended else None
+        self.start_lookup(key, now, found, find_value=True, claim_of=claimed_key, quorum=quorum)
 
     def start_bootstrap(
         self, addresses: list[Address], now: float, on_done: Callable[[int], None]
@@ -768,86 +829,10 @@ class DHTCore:
 
         Gather(self, [(p, "ping", []) for p in probes], pinged, probe=True).start(now)
 
-    # ------------------------------------------------------------------ mailboxes
-
-    def _mailbox_nodes(
-        self, owner: bytes, now: float, then: Callable[[bytes, list[Node], bool], None]
-    ) -> None:
-        key = mailbox_key(owner)
-        self.start_lookup(
-            key,
-            now,
-            lambda result: then(key, result.closest, self.among_closest(key, result.closest)),
-        )
-
-    def start_mailbox_put(
-        self, owner: bytes, entry: bytes, now: float, on_done: Callable[[int], None]
-    ) -> None:
-        """Leave ``entry`` in ``owner``'s mailbox on the k closest nodes; reports copies."""
-
-        def found(key: bytes, nodes: list[Node], local: bool) -> None:
-            held = local and self.mailboxes is not None and self.mailboxes.put(key, entry)
-            copies = self.config.mailbox_copies  # confirmed by distinct networks
-            MailboxPut(self, key, entry, nodes, held, copies, on_done).start(self.now)
-
-        self._mailbox_nodes(owner, now, found)
-
-    def start_mailbox_fetch(
-        self,
-        owner: bytes,
-        sign: Callable[[bytes], bytes],
-        wall: Callable[[], float],
-        now: float,
-        on_done: Callable[[list[tuple[bytes, bytes]]], None],
-    ) -> None:
-        """Every entry in ``owner``'s mailbox, from every node that holds a copy."""
-
-        def found(key: bytes, nodes: list[Node], local: bool) -> None:
-            fetch = MailboxFetch(self, owner, sign, wall, nodes, on_done)
-            if local and self.mailboxes is not None:
-                after = b""
-                for _ in range(MAILBOX_MAX_PAGES):
-                    ts, sig = fetch.signed(after)
-                    page = self.mailboxes.fetch(owner, ts, after, sig)
-                    if not page or not page[0]:
-                        break
-                    fetch.found.update(page[0])
-                    after = page[0][-1][0]
-                    if not page[1]:
-                        break
-            fetch.start(self.now)
-
-        self._mailbox_nodes(owner, now, found)
-
-    def start_mailbox_delete(
-        self,
-        owner: bytes,
-        ids: list[bytes],
-        sign: Callable[[bytes], bytes],
-        wall: Callable[[], float],
-        now: float,
-        on_done: Callable[[int], None],
-    ) -> None:
-        """Delete entries (that the owner has safely processed) from every copy."""
-
-        def found(key: bytes, nodes: list[Node], local: bool) -> None:
-            deleted = 0
-            calls: list[tuple[Node, str, list[Any]]] = []
-            for start in range(0, len(ids), wire.MAILBOX_DELETE_MAX):
-                chunk = tuple(ids[start : start + wire.MAILBOX_DELETE_MAX])
-                ts = int(wall())
-                sig = sign(delete_message(owner, ts, chunk))
-                if local and self.mailboxes is not None:
-                    deleted += self.mailboxes.delete(owner, ts, chunk, sig) or 0
-                calls += [(n, "mailbox_delete", [owner, ts, list(chunk), sig]) for n in nodes]
-
-            def done(replies: list[wire.DHTResult | None]) -> None:
-                counts = (r for r in replies if isinstance(r, int) and not isinstance(r, bool))
-                on_done(deleted + sum(counts))
-
-            self.gather(calls, self.now, done)
-
-        self._mailbox_nodes(owner, now, found)
+    # Mailboxes: put, fetch and delete at the k closest to the mailbox key (mailbox_ops.py).
+    start_mailbox_put = mailbox_ops.start_mailbox_put
+    start_mailbox_fetch = mailbox_ops.start_mailbox_fetch
+    start_mailbox_delete = mailbox_ops.start_mailbox_delete
 
     # ------------------------------------------------------------------ maintenance
 

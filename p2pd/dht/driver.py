@@ -141,7 +141,14 @@ class DHT:
         """What the replicas say about ``ref``, decided by p2pd/claims.py's rule."""
         key = dht_key(ref.handle)
         found: tuple[Resolution, LookupResult] = await self._run(
-            lambda done, now: self.core.start_resolve(key, now, self._wall(), ref.matches, done)
+            lambda done, now: self.core.start_resolve(
+                key,
+                now,
+                self._wall(),
+                ref.matches,
+                done,
+                certified=ref.fingerprint_prefix is not None,
+            )
         )
         return found
 

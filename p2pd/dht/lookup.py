@@ -45,11 +45,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .. import wire
+from .density import SpreadLimit
 from .routing import AddressLimit, Node
 
 #: _TAKEN: another path of the same disjoint lookup asked it first.
 _NEW, _INFLIGHT, _SLOW, _OK, _FAILED, _TAKEN = range(6)
 _DEAD = (_SLOW, _FAILED, _TAKEN)
+#: A value lookup's early end needs its quorum to reach as far as this many honest nodes
+#: per member of the quorum are expected (the density rule's lambda, p2pd/dht/density.py).
+EARLY_END_SPAN = 2 / 3
 
 
 @dataclass(slots=True)
@@ -71,6 +75,10 @@ class LookupResult:
     #: Replies that moved the lookup, by round: 1 + the longest chain of replies that
     #: each named a contact asked next (what "hops" means for an iterative lookup).
     hops: int = 0
+    #: Answering nodes the density rule set aside (p2pd/dht/density.py): packed around
+    #: the target nearer than the last voter. Asked, but not voters: counted against
+    #: any winner (p2pd/claims.py ``set_aside``).
+    packed: set[bytes] = field(default_factory=set)
 
 
 class Lookup:
@@ -93,6 +101,7 @@ class Lookup:
         limit: AddressLimit | None = None,
         taken: set[bytes] | None = None,
         claim_of: Callable[[bytes], bytes | None] = bytes,
+        max_width: int = 0,
     ) -> None:
         self.target = target
         self.find_value = find_value
@@ -100,6 +109,11 @@ class Lookup:
         self._target = int.from_bytes(target, "big")
         self._k = k
         self._alpha = alpha
+        #: Most requests in flight once the lookup asks widely: k, at most ``max_width``.
+        #: A burst of 60 (3k, a handle record's replicas) on a busy host made soft
+        #: timeouts fire on most of them, and the lookup ended with the few that beat
+        #: them (seen: 3 of 60).
+        self._width = min(k, max_width) if max_width else k
         self._max_rpcs = max_rpcs
         self._quorum = k if quorum is None else min(max(quorum, 1), k)
         self._own = own_id
@@ -124,6 +138,9 @@ class Lookup:
         #: all of the k closest nodes it has not already queried").
         self._nearest: int | None = None
         self._wide = False
+        #: Nodes the density rule passed over in the last _live (asked all the same, so
+        #: that a resolver knows how many answering nodes it set aside).
+        self._passed: list[Node] = []
         self.result = LookupResult(closest=[])
         self.done = False
         for node in seeds:
@@ -156,7 +173,10 @@ class Lookup:
             key=lambda n: n.long_id ^ target,
         )
         if self._limit is not None:
-            return self._limit.select(ordered, self._k)
+            live = self._limit.select(ordered, self._k)
+            if isinstance(self._limit, SpreadLimit):
+                self._passed = self._limit.passed
+            return live
         return ordered[: self._k]
 
     def next_requests(self, now: float) -> list[Node]:
@@ -171,9 +191,9 @@ class Lookup:
         if self._enough_values(live):
             self._finish(now)
             return []
-        width = self._k if self._wide or self.result.values else self._alpha
+        width = self._width if self._wide or self.result.values else self._alpha
         out: list[Node] = []
-        for node in live:
+        for node in live + self._passed:
             if self._inflight >= width or self.result.rpcs >= self._max_rpcs:
                 break
             if self._state[node.id] == _NEW:
@@ -183,9 +203,18 @@ class Lookup:
                 self._inflight += 1
                 self.result.rpcs += 1
                 out.append(node)
-        if not out and (self._inflight == 0 or all(self._state[n.id] == _OK for n in live)):
+        # A node lookup (where to store) short of k nodes waits for the slow ones to
+        # answer or time out: on a busy host the contacts past their soft deadline are
+        # mostly alive, and a store at the few that beat it loses replicas (a 25-node
+        # swarm stored a record at 17 of 25). A value lookup does not wait.
+        waits = not self.find_value and len(live) < self._k and self._slow_pending()
+        quiet = self._inflight == 0 or all(self._state[n.id] == _OK for n in live + self._passed)
+        if not out and quiet and not waits:
             self._finish(now)
         return out
+
+    def _slow_pending(self) -> bool:
+        return any(state == _SLOW for state in self._state.values())
 
     def _enough_values(self, live: list[Node]) -> bool:
         """A value lookup may end before the k closest answered only when the ``quorum``
@@ -199,12 +228,23 @@ class Lookup:
         nearest = live[:quorum]
         if len(nearest) < quorum or any(self._state[n.id] != _OK for n in nearest):
             return False
+        if self._passed:  # a packed cluster near the key: every node is heard
+            return False
+        if isinstance(self._limit, SpreadLimit):
+            # The quorum must span where 2/3 of its number of honest nodes are expected:
+            # ids placed next to the key, as many as chance allows at each distance,
+            # could otherwise be the whole quorum wherever honest nodes happen to leave
+            # a gap (with a quorum of 12: a gap of 8 expected nodes, e^-8 of the keys).
+            lam = self._limit.expected(nearest[-1])
+            if lam is not None and lam < EARLY_END_SPAN * quorum:
+                return False
         claims = {self._claims.get(n.id) for n in nearest}
         return len(claims) == 1 and None not in claims
 
     def _finish(self, now: float) -> None:
         self.done = True
         self.result.voters = {n.id for n in self._live() if self._state[n.id] == _OK}
+        self.result.packed = {n.id for n in self._passed if self._state[n.id] == _OK}
         self.result.closest = self._closest(
             (n for n in self._nodes.values() if self._state[n.id] == _OK),
             self._target,
@@ -311,6 +351,7 @@ class DisjointLookup:
         skip: Callable[[bytes], bool] = lambda _: False,
         limit: AddressLimit | None = None,
         claim_of: Callable[[bytes], bytes | None] = bytes,
+        max_width: int = 0,
     ) -> None:
         paths = max(1, paths)
         self.target = target
@@ -341,6 +382,7 @@ class DisjointLookup:
                 limit=limit,
                 taken=self._taken,
                 claim_of=claim_of,
+                max_width=math.ceil(max_width / paths) if max_width else 0,
             )
             for path_seeds in dealt
         ]
@@ -394,7 +436,11 @@ class DisjointLookup:
             (n for i, n in known.items() if i in answered or i not in dead),
             key=lambda n: n.long_id ^ target,
         )
-        nearest = live[: self._k] if self._limit is None else self._limit.select(live, self._k)
+        if self._limit is None:
+            return {n.id for n in live[: self._k] if n.id in answered}
+        nearest = self._limit.select(live, self._k)
+        if isinstance(self._limit, SpreadLimit):
+            self.result.packed = {n.id for n in self._limit.passed if n.id in answered}
         return {n.id for n in nearest if n.id in answered}
 
     def slow(self, node_id: bytes) -> bool:

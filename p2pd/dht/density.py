@@ -1,0 +1,218 @@
+"""Replicas that are suspiciously close-packed around a key do not all count.
+
+The attack (issue 11, "targeted"): node ids cost an attacker nothing, and the address
+limits cost it one /24 per 3 ids. An attacker holding 20 % of the nodes, each on a /24
+of its own, grinds node keys whose ids share b leading bits with one handle's DHT key
+(2^b keys of 60 µs each: 2^8 take 15 ms) and so becomes all of that key's k closest:
+the replicas that store the handle's record and vote on it are then all its own. No
+address rule sees anything wrong (every id on its own network, every id proven).
+
+What it cannot hide is the *density*: honest ids are uniform (a hash of a random key),
+so around any key the number of honest nodes within a distance ``d`` is Poisson with
+mean ``lambda = N * d / 2^160``, where N is the network's size. Twenty ids within
+2^-8 of the space of a 200-node network (lambda 0.8) happen by chance about never. The
+rule (in the spirit of Cholez et al., "Efficient DHT attack mitigation through peers' ID
+distribution", HotP2P 2010, which compares the ids near a key with the distribution
+expected from N):
+
+    Walk the candidates nearest first (within the address limits). Admit a node only
+    while the number admitted so far, c, is plausible at its distance:
+    P(Poisson(lambda) > c) >= PACKED_P. A node that would be one too many for its
+    distance is set aside as "packed": still asked (so that a resolver counts the
+    answering ones), but not a replica and not a voter; the walk goes on outward.
+
+So a cluster ground next to a key gets the few slots that chance allows at its
+distance (about 5 at lambda 0.8, 1 below lambda 0.045), and the k replicas are made up
+further out, where honest nodes are. The rule alone does not stop an attacker who places
+its ids along the limit curve (as many as chance allows at each distance, nearer than
+the honest nodes there): those take every admitted slot, and it is the honest nodes
+that get set aside. What stops it is elsewhere: a resolve whose lookup set anything
+aside is not settled in its first round, and in the second (3k replicas) every
+set-aside node that answered counts against any winner (p2pd/claims.py ``set_aside``),
+so that the curve's ids never reach 2/3 of the votes (tests/test_dht_density.py); and a
+first round may end early only when its quorum spans enough expected honest nodes
+(p2pd/dht/lookup.py ``EARLY_END_SPAN``).
+
+N comes from the node's own neighbourhood (:func:`estimate_size`): the distance to its
+k-th closest contact, capped by its recent lookups (:class:`SizeEstimate`). Kademlia
+tables know their own neighbourhood best; an attacker that packs ids around a
+*resolver* to inflate its estimate is a targeted attack on that one node
+(docs/SECURITY.md, "Not defended"). With fewer than 2k contacts the number of contacts
+stands for N (a lower bound: the rule is stricter, never off).
+
+An honest node is set aside about once in 1/PACKED_P placements (a nearest-node
+coincidence); it then stores what it is sent but does not vote for that resolver, and
+the resolve takes a second round. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from .routing import ID_SPACE, AddressLimit, Node, subnet_of
+
+if TYPE_CHECKING:
+    from .lookup import LookupResult
+
+__all__ = ["PACKED_P", "SizeEstimate", "SpreadLimit", "estimate_size", "poisson_threshold"]
+
+#: A node is skipped as packed when the count admitted nearer than it would happen by
+#: chance with probability below this.
+PACKED_P = 1e-3
+#: Node lookups whose k closest cap the size estimate (SizeEstimate).
+SIZE_SAMPLES = 16
+SIZE_MIN_SAMPLES = 2
+SIZE_SAMPLE_AGE = 600.0
+#: Thresholds are computed for at most this many admitted nodes (a lookup's k and a bit).
+MAX_COUNT = 512
+
+
+def _poisson_tail(lam: float, c: int) -> float:
+    """P(Poisson(lam) > c)."""
+    term = math.exp(-lam)
+    cdf = term
+    for i in range(1, c + 1):
+        term *= lam / i
+        cdf += term
+    return max(0.0, 1.0 - cdf)
+
+
+@functools.lru_cache(maxsize=MAX_COUNT + 1)
+def poisson_threshold(c: int, p: float = PACKED_P) -> float:
+    """The smallest lambda at which ``c`` nodes nearer are still plausible: P(Poisson >
+    c) = p (bisection; P grows with lambda)."""
+    lo, hi = 0.0, float(c + 10 + 10 * math.sqrt(c + 1))
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _poisson_tail(mid, c) >= p:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def estimate_size(own_id: bytes, neighbours: Iterable[Node], k: int) -> float | None:
+    """The network's size seen from ``own_id``'s neighbourhood: (k - 1) / (distance to
+    the k-th closest, as a fraction of the id space), the unbiased estimate for a
+    uniform placement. With fewer than 2k contacts (a new node, a small network): the
+    number of nodes known, ourselves included, a lower bound (a new node that stored
+    or resolved next to a cluster with no rule at all handed the cluster its record).
+    None with no contact."""
+    own = int.from_bytes(own_id, "big")
+    distances = sorted(n.long_id ^ own for n in neighbours)
+    if not distances or k < 2:
+        return None
+    if len(distances) < 2 * k:
+        return float(len(distances) + 1)
+    kth = distances[k - 1]
+    return float((k - 1) * ID_SPACE / max(kth, 1))
+
+
+class SizeEstimate:
+    """The network's size for the density rule, robust to one cluster.
+
+    The node's own neighbourhood (:func:`estimate_size`) is the estimate, capped at
+    twice the largest of recent node lookups' estimates (each ``(k - 1) / d_k`` around
+    its target, taken while the table held 2k contacts; at least ``SIZE_MIN_SAMPLES``
+    of the last ``SIZE_SAMPLES`` within ``SIZE_SAMPLE_AGE`` seconds). The largest, not
+    the median: samples taken while a network grows are too low, and a cap too low
+    sets honest replicas aside (a median cap made 3 of 500 honest lookups contested in
+    scripts/bench_dht.py, whose nodes join one after another). A cluster ground
+    next to a handle's key also sits next to the honest nodes whose ids are near that
+    key, and inflates *their* own estimate (20 ids where chance puts 1, about 13x at
+    N=200): the lookups of random keys they run (publishing, refreshing) do not see it.
+    The cap is loose (2x) because an estimate too low hurts too: the rule then sets
+    honest replicas aside, and a publisher stores at fewer of them."""
+
+    __slots__ = ("samples",)
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, float]] = deque(maxlen=SIZE_SAMPLES)
+
+    def sampling(
+        self, target: bytes, k: int, now: float, then: Callable[[LookupResult], None]
+    ) -> Callable[[LookupResult], None]:
+        """``then``, noting first the size seen by a node lookup that found k nodes."""
+
+        def done(result: LookupResult) -> None:
+            if len(result.closest) >= k >= 2:
+                kth = max(n.long_id ^ int.from_bytes(target, "big") for n in result.closest)
+                self.samples.append((now, (k - 1) * ID_SPACE / max(kth, 1)))
+            then(result)
+
+        return done
+
+    def estimate(
+        self, own_id: bytes, neighbours: Iterable[Node], k: int, now: float
+    ) -> float | None:
+        own = estimate_size(own_id, neighbours, k)
+        recent = [size for when, size in self.samples if now - when <= SIZE_SAMPLE_AGE]
+        if own is None or len(recent) < SIZE_MIN_SAMPLES:
+            return own
+        return min(own, 2 * max(recent))
+
+
+class SpreadLimit(AddressLimit):
+    """The address limits, plus: set aside nodes packed around ``target`` (module
+    docstring). ``size`` None (no contact yet): the address limits only."""
+
+    __slots__ = ("passed", "scale", "skipped", "target", "thresholds")
+
+    def __init__(self, base: AddressLimit, target: bytes, size: float | None) -> None:
+        super().__init__(base.per_ip, base.per_subnet)
+        self.target = int.from_bytes(target, "big")
+        #: The distance the (c+1)-th admitted node must be at least at, for each c.
+        self.thresholds: list[int] | None = None
+        #: The distance at which one honest node is expected (None: size unknown).
+        self.scale: float | None = None
+        if size is not None and size > 0:
+            self.scale = scale = ID_SPACE / size
+            self.thresholds = [int(poisson_threshold(c) * scale) for c in range(MAX_COUNT)]
+        #: Nodes skipped as packed by the last select (nearer than its last node).
+        self.skipped = 0
+        self.passed: list[Node] = []
+
+    def expected(self, node: Node) -> float | None:
+        """How many honest nodes are expected nearer ``target`` than ``node`` (lambda)."""
+        if self.scale is None:
+            return None
+        return float((node.long_id ^ self.target) / self.scale)
+
+    def packed(self, node: Node, admitted: int) -> bool:
+        """Whether ``node`` would be one too many, with ``admitted`` nodes nearer."""
+        limits = self.thresholds
+        if limits is None or admitted >= len(limits):
+            return False
+        return bool((node.long_id ^ self.target) < limits[admitted])
+
+    def select(self, nodes: Iterable[Node], count: int) -> list[Node]:
+        """The first ``count`` of ``nodes`` (nearest ``target`` first) within the address
+        limits and not packed. Packed nodes count toward nothing."""
+        per_ip: Counter[str | None] = Counter()
+        per_net: Counter[str] = Counter()
+        out: list[Node] = []
+        self.passed = passed = []
+        for node in nodes:
+            if len(out) >= count:
+                break
+            # The address limits first: ids over them (many on one address) are not
+            # candidates at all, so they are not set aside either (a set-aside node
+            # counts against a winner; 40 ids on one IP must cost 2 slots, not 40 votes).
+            if per_ip[node.ip] >= self.per_ip:
+                continue
+            net = subnet_of(node.ip) if node.ip is not None else None
+            if net is not None and per_net[net] >= self.per_subnet:
+                continue
+            if net is not None:  # a set-aside node takes its address's slot too
+                per_net[net] += 1
+            per_ip[node.ip] += 1
+            if self.packed(node, len(out)):
+                passed.append(node)
+                continue
+            out.append(node)
+        self.skipped = len(passed)
+        return out

@@ -1,0 +1,102 @@
+"""The mailbox operations of a DHT node (docs/PROTOCOL.md, "Mailboxes"): where a
+mailbox lives (the k closest to its key, :func:`~p2pd.dht.mailbox.mailbox_key`), and
+put, fetch and delete there. Methods of :class:`~p2pd.dht.core.DHTCore` (bound there as
+class attributes), kept apart so that core.py stays under the project's size limit;
+sans-I/O like the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import wire
+from .mailbox import delete_message, mailbox_key
+from .operations import MAILBOX_MAX_PAGES, MailboxFetch, MailboxPut
+from .routing import Node
+
+if TYPE_CHECKING:
+    from .core import DHTCore
+
+
+def mailbox_nodes(
+    core: DHTCore, owner: bytes, now: float, then: Callable[[bytes, list[Node], bool], None]
+) -> None:
+    key = mailbox_key(owner)
+    core.start_lookup(
+        key,
+        now,
+        lambda result: then(key, result.closest, core.among_closest(key, result.closest)),
+    )
+
+
+def start_mailbox_put(
+    core: DHTCore, owner: bytes, entry: bytes, now: float, on_done: Callable[[int], None]
+) -> None:
+    """Leave ``entry`` in ``owner``'s mailbox on the k closest nodes; reports copies."""
+
+    def found(key: bytes, nodes: list[Node], local: bool) -> None:
+        held = local and core.mailboxes is not None and core.mailboxes.put(key, entry)
+        copies = core.config.mailbox_copies  # confirmed by distinct networks
+        MailboxPut(core, key, entry, nodes, held, copies, on_done).start(core.now)
+
+    mailbox_nodes(core, owner, now, found)
+
+
+def start_mailbox_fetch(
+    core: DHTCore,
+    owner: bytes,
+    sign: Callable[[bytes], bytes],
+    wall: Callable[[], float],
+    now: float,
+    on_done: Callable[[list[tuple[bytes, bytes]]], None],
+) -> None:
+    """Every entry in ``owner``'s mailbox, from every node that holds a copy."""
+
+    def found(key: bytes, nodes: list[Node], local: bool) -> None:
+        fetch = MailboxFetch(core, owner, sign, wall, nodes, on_done)
+        if local and core.mailboxes is not None:
+            after = b""
+            for _ in range(MAILBOX_MAX_PAGES):
+                ts, sig = fetch.signed(after)
+                page = core.mailboxes.fetch(owner, ts, after, sig)
+                if not page or not page[0]:
+                    break
+                fetch.found.update(page[0])
+                after = page[0][-1][0]
+                if not page[1]:
+                    break
+        fetch.start(core.now)
+
+    mailbox_nodes(core, owner, now, found)
+
+
+def start_mailbox_delete(
+    core: DHTCore,
+    owner: bytes,
+    ids: list[bytes],
+    sign: Callable[[bytes], bytes],
+    wall: Callable[[], float],
+    now: float,
+    on_done: Callable[[int], None],
+) -> None:
+    """Delete entries (that the owner has safely processed) from every copy."""
+
+    def found(key: bytes, nodes: list[Node], local: bool) -> None:
+        deleted = 0
+        calls: list[tuple[Node, str, list[Any]]] = []
+        for start in range(0, len(ids), wire.MAILBOX_DELETE_MAX):
+            chunk = tuple(ids[start : start + wire.MAILBOX_DELETE_MAX])
+            ts = int(wall())
+            sig = sign(delete_message(owner, ts, chunk))
+            if local and core.mailboxes is not None:
+                deleted += core.mailboxes.delete(owner, ts, chunk, sig) or 0
+            calls += [(n, "mailbox_delete", [owner, ts, list(chunk), sig]) for n in nodes]
+
+        def done(replies: list[wire.DHTResult | None]) -> None:
+            counts = (r for r in replies if isinstance(r, int) and not isinstance(r, bool))
+            on_done(deleted + sum(counts))
+
+        core.gather(calls, core.now, done)
+
+    mailbox_nodes(core, owner, now, found)

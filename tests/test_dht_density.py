@@ -1,0 +1,192 @@
+"""The density rule against a targeted attacker (issue 11, item 1; p2pd/dht/density.py),
+sans I/O: node ids placed by hand, a core's table filled by hand.
+
+The attack: ids ground to share many leading bits with one handle's DHT key, each on a
+/24 of its own (the address limits see nothing wrong), become all of the key's k
+closest: the replicas and the voters. The rule lets such a cluster have the few slots
+that chance allows at its distance, and the replicas are made up further out. Each
+test runs the attack with the rule off too (``size=None``, ``packed_check=False``) and
+asserts that it succeeds there, so the assertions can fail."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from test_dht_core import CoreNet, node_key
+from test_dht_sybil import add_core
+
+from p2pd.config import DHTConfig, load_config
+from p2pd.dht.density import (
+    SizeEstimate,
+    SpreadLimit,
+    estimate_size,
+    poisson_threshold,
+)
+from p2pd.dht.lookup import LookupResult
+from p2pd.dht.routing import ID_SPACE, AddressLimit, Node
+from p2pd.errors import UsageError
+from p2pd.records import dht_key
+
+BASE = AddressLimit(2, 3)
+K = 20
+
+
+def honest_nodes(count: int, rng: random.Random, first: int = 0) -> list[Node]:
+    """Random ids (a hash of a random key is uniform), each on a /24 of its own."""
+    return [
+        Node(rng.randbytes(20), f"198.{18 + (first + i) // 256}.{(first + i) % 256}.1", 4000)
+        for i in range(count)
+    ]
+
+
+def ground_nodes(key: bytes, bits: int, count: int, rng: random.Random) -> list[Node]:
+    """Ids sharing ``bits`` leading bits with ``key``, each on a /24 of its own (what
+    grind_node_key gives an attacker, without the 60 µs per key)."""
+    out = []
+    target = int.from_bytes(key, "big")
+    for i in range(count):
+        low = rng.getrandbits(160 - bits)
+        node_id = ((target >> (160 - bits)) << (160 - bits) | low).to_bytes(20, "big")
+        out.append(Node(node_id, f"203.0.{i}.1", 4000))
+    return out
+
+
+def nearest(nodes: list[Node], key: bytes) -> list[Node]:
+    target = int.from_bytes(key, "big")
+    return sorted(nodes, key=lambda n: n.long_id ^ target)
+
+
+def test_a_cluster_ground_next_to_a_key_gets_a_few_of_the_k_closest_not_all() -> None:
+    rng = random.Random(1)
+    key = dht_key("alice")
+    honest = honest_nodes(160, rng)
+    ground = ground_nodes(key, 10, 40, rng)  # 20 % of 200, all spent on one handle
+    ordered = nearest(honest + ground, key)
+    ids = {n.id for n in ground}
+    off = SpreadLimit(BASE, key, None).select(ordered, K)
+    on = SpreadLimit(BASE, key, 200).select(ordered, K)
+    assert sum(n.id in ids for n in off) == K  # the attack without the rule: all 20
+    assert sum(n.id in ids for n in on) <= 4  # with it: what chance allows that near
+    assert len(on) == K  # and the rest are the honest nodes further out
+
+
+def test_an_attacker_placing_ids_along_the_limit_cannot_reach_two_thirds() -> None:
+    """The best an attacker with unbounded ids does against the rule: as many ids as
+    chance allows at each distance, nearer than the honest nodes there. It then holds
+    every voting slot near the key, but every honest node it pushed out is set aside,
+    and counts against any winner (p2pd/claims.py ``set_aside``): over the 3k = 60
+    replicas of round 2 its key never has 2/3."""
+    key = dht_key("alice")
+    target = int.from_bytes(key, "big")
+    replicas = 3 * K
+    for seed in range(20):
+        rng = random.Random(seed)
+        honest = honest_nodes(1000, rng)
+        curve = [
+            Node(
+                (target ^ (int(poisson_threshold(c) * ID_SPACE / 1000) + 1)).to_bytes(20, "big"),
+                f"203.0.{c}.1",
+                4000,
+            )
+            for c in range(replicas)
+        ]
+        limit = SpreadLimit(BASE, key, 1000)
+        chosen = limit.select(nearest(honest + curve, key), replicas)
+        held = sum(n in curve for n in chosen)
+        assert held >= replicas // 2  # it does hold the voting slots...
+        assert 3 * held < 2 * (len(chosen) + limit.skipped)  # ...but never 2/3 of votes
+
+
+def test_honest_nodes_alone_are_almost_never_skipped() -> None:
+    rng = random.Random(2)
+    honest = honest_nodes(1000, rng)
+    skipped = 0
+    for _ in range(200):
+        key = rng.randbytes(20)
+        limit = SpreadLimit(BASE, key, 1000)
+        limit.select(nearest(honest, key), K)
+        skipped += limit.skipped
+    assert skipped <= 4  # of 4,000 slots (about one in 1/PACKED_P placements is unlucky)
+
+
+def test_the_size_estimate_from_a_neighbourhood_is_within_a_factor_of_two() -> None:
+    rng = random.Random(3)
+    for n in (200, 1000, 5000):
+        nodes = honest_nodes(n, rng)
+        own = rng.randbytes(20)
+        estimate = estimate_size(own, nearest(nodes, own)[: 2 * K], K)
+        assert estimate is not None and n / 2 < estimate < 2 * n
+    small = estimate_size(b"\x00" * 20, honest_nodes(2 * K - 1, rng), K)
+    assert small == 2 * K  # a lower bound: the contacts known and ourselves
+
+
+def test_a_cluster_next_to_a_node_does_not_inflate_its_estimate_once_it_looked_elsewhere() -> None:
+    rng = random.Random(4)
+    honest = honest_nodes(200, rng)
+    own = rng.randbytes(20)
+    cluster = ground_nodes(own, 14, 20, rng)
+    sizes = SizeEstimate()
+    inflated = sizes.estimate(own, nearest(honest + cluster, own)[: 2 * K], K, 0.0)
+    assert inflated is not None and inflated > 1000  # 20 ids where chance puts none
+    for _ in range(5):  # node lookups of random keys (publishing, refreshing)
+        target = rng.randbytes(20)
+        result = LookupResult(closest=nearest(honest, target)[:K])
+        sizes.sampling(target, K, 0.0, lambda _: None)(result)
+    estimate = sizes.estimate(own, nearest(honest + cluster, own)[: 2 * K], K, 0.0)
+    assert estimate is not None and estimate < 2 * 400  # capped at twice the samples
+
+
+def test_an_honest_replica_behind_a_cluster_still_stores_the_record() -> None:
+    """A node with a few honest nodes nearer a key than it (of 300), and 40 ids ground
+    nearer still: it refuses a store there without the rule (over 40 nodes nearer: not
+    among the k closest) and takes it with the rule (only the few it admits count)."""
+    results = {}
+    for check in (True, False):
+        rng = random.Random(5)
+        net = CoreNet()
+        config = DHTConfig(packed_check=check)
+        me = add_core(net, node_key(7), ("198.51.100.7", 4000), config)
+        honest = honest_nodes(300, rng)
+        mine = me.node.long_id
+        radius = 6 * ID_SPACE // 300
+        for _ in range(10_000):  # a key with 2 to 8 honest nodes nearer than us
+            key = (mine ^ rng.randrange(radius)).to_bytes(20, "big")
+            target = int.from_bytes(key, "big")
+            if 2 <= sum((n.long_id ^ target) < (mine ^ target) for n in honest) <= 8:
+                break
+        else:
+            raise AssertionError("no such key")
+        for node in honest + ground_nodes(key, 12, 40, rng):
+            node.key = b"k" * 32
+            me.table.add(node, net.now)
+        results[check] = me.is_close_to(key, K)
+    assert results == {True: True, False: False}
+
+
+def test_the_threshold_is_the_poisson_tail() -> None:
+    assert poisson_threshold(0) < 0.002  # one node nearer than 1/1000 of the mean gap
+    assert 8.5 < poisson_threshold(19) < 9.5  # the 20th node: where 9 are expected
+    assert all(poisson_threshold(c) < poisson_threshold(c + 1) for c in range(100))
+
+
+def test_ids_over_the_address_limits_are_not_set_aside_and_count_against_nobody() -> None:
+    """40 ids ground next to a key on one IP: the address limits keep 2 of them; the
+    other 38 are not candidates at all, so they are not set aside (a set-aside node
+    counts against any winner: 38 such votes would make every handle near them
+    contested)."""
+    rng = random.Random(6)
+    key = dht_key("alice")
+    ground = [
+        Node(n.id, "203.0.113.5", 4000 + i) for i, n in enumerate(ground_nodes(key, 10, 40, rng))
+    ]
+    limit = SpreadLimit(BASE, key, 200)
+    chosen = limit.select(nearest(honest_nodes(160, rng) + ground, key), K)
+    assert sum(n.ip == "203.0.113.5" for n in chosen) + limit.skipped <= 2
+
+
+def test_the_configuration_file_cannot_turn_the_rule_off(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("[dht]\npacked_check = false\n")
+    with pytest.raises(UsageError, match="packed_check is a benchmark switch"):
+        load_config(tmp_path)
