@@ -49,11 +49,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from .routing import ID_SPACE, AddressLimit, Node, subnet_of
+from .routing import ID_SPACE, AddressLimit, Node
 
 if TYPE_CHECKING:
     from .lookup import LookupResult
@@ -192,24 +192,15 @@ class SpreadLimit(AddressLimit):
     def select(self, nodes: Iterable[Node], count: int) -> list[Node]:
         """The first ``count`` of ``nodes`` (nearest ``target`` first) within the address
         limits and not packed. Packed nodes count toward nothing."""
-        per_ip: Counter[str | None] = Counter()
-        per_net: Counter[str] = Counter()
         out: list[Node] = []
         self.passed = passed = []
-        for node in nodes:
+        # The address limits first: ids over them (many on one address) are not
+        # candidates at all, so they are not set aside either (a set-aside node counts
+        # against a winner; 40 ids on one IP must cost 2 slots, not 40 votes). A
+        # set-aside node takes its address's slot too (``admitted`` counts it).
+        for node in self.admitted(nodes):
             if len(out) >= count:
                 break
-            # The address limits first: ids over them (many on one address) are not
-            # candidates at all, so they are not set aside either (a set-aside node
-            # counts against a winner; 40 ids on one IP must cost 2 slots, not 40 votes).
-            if per_ip[node.ip] >= self.per_ip:
-                continue
-            net = subnet_of(node.ip) if node.ip is not None else None
-            if net is not None and per_net[net] >= self.per_subnet:
-                continue
-            if net is not None:  # a set-aside node takes its address's slot too
-                per_net[net] += 1
-            per_ip[node.ip] += 1
             if self.packed(node, len(out)):
                 passed.append(node)
                 continue

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import heapq
 import ipaddress
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -94,14 +95,12 @@ class AddressLimit:
                 same_net += 1
         return same_ip < self.per_ip and same_net < self.per_subnet
 
-    def select(self, nodes: Iterable[Node], count: int) -> list[Node]:
-        """The first ``count`` of ``nodes`` (in order) that keep within the limits."""
+    def admitted(self, nodes: Iterable[Node]) -> Iterator[Node]:
+        """``nodes`` (in order) that keep within the limits, each counted as it is
+        yielded."""
         per_ip: Counter[str | None] = Counter()
         per_net: Counter[str] = Counter()
-        out: list[Node] = []
         for node in nodes:
-            if len(out) >= count:
-                break
             if per_ip[node.ip] >= self.per_ip:
                 continue
             net = subnet_of(node.ip) if node.ip is not None else None
@@ -110,8 +109,11 @@ class AddressLimit:
                     continue
                 per_net[net] += 1
             per_ip[node.ip] += 1
-            out.append(node)
-        return out
+            yield node
+
+    def select(self, nodes: Iterable[Node], count: int) -> list[Node]:
+        """The first ``count`` of ``nodes`` (in order) that keep within the limits."""
+        return list(itertools.islice(self.admitted(nodes), count))
 
 
 class RoutingTable:

@@ -210,7 +210,11 @@ class RelayServer:
         kind = FrameType.REGISTER if isinstance(frame, Register) else FrameType.CONNECT
         return [(Refused(frame.cookie, kind, reason).encode(), addr)]
 
-    def _register(self, frame: Register, addr: NetworkAddress, now: float) -> Outgoing:
+    def _checked(
+        self, frame: Register | Connect, signed: bytes, addr: NetworkAddress, now: float
+    ) -> Outgoing | None:
+        """None if a REGISTER or CONNECT may go on (its cookie, our serving, the
+        signature budget, its signature, in that order), else the answer to send."""
         if not self._cookie_ok(frame.cookie, addr, now):
             # No signature check before return routability: a spoofer costs a hash.
             return self._refuse(frame, RefusalReason.BAD_COOKIE, addr)
@@ -218,8 +222,14 @@ class RelayServer:
             return self._refuse(frame, RefusalReason.NOT_A_RELAY, addr)
         if not self._may_verify(addr, now):
             return []
-        if not self._verify(frame.key, Register.signed_part(frame.cookie), frame.signature):
+        if not self._verify(frame.key, signed, frame.signature):
             return self._refuse(frame, RefusalReason.BAD_SIGNATURE, addr)
+        return None
+
+    def _register(self, frame: Register, addr: NetworkAddress, now: float) -> Outgoing:
+        answer = self._checked(frame, Register.signed_part(frame.cookie), addr, now)
+        if answer is not None:
+            return answer
         current = self._registrations.get(frame.key)
         moved = current is None or _ip(current.address) != _ip(addr)
         if moved and (
@@ -235,15 +245,9 @@ class RelayServer:
         return [(Registered(frame.cookie, REGISTRATION_LIFETIME).encode(), addr)]
 
     def _connect(self, frame: Connect, addr: NetworkAddress, now: float) -> Outgoing:
-        if not self._cookie_ok(frame.cookie, addr, now):
-            return self._refuse(frame, RefusalReason.BAD_COOKIE, addr)
-        if not self.serving:
-            return self._refuse(frame, RefusalReason.NOT_A_RELAY, addr)
-        if not self._may_verify(addr, now):
-            return []
-        signed = Connect.signed_part(frame.cookie, frame.target)
-        if not self._verify(frame.key, signed, frame.signature):
-            return self._refuse(frame, RefusalReason.BAD_SIGNATURE, addr)
+        answer = self._checked(frame, Connect.signed_part(frame.cookie, frame.target), addr, now)
+        if answer is not None:
+            return answer
         target = self._registrations.get(frame.target)
         if target is None or target.expires <= now or frame.target == frame.key:
             return self._refuse(frame, RefusalReason.UNKNOWN_TARGET, addr)

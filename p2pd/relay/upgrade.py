@@ -31,7 +31,6 @@ frames ``type u8 | length u16 | body``: 1 CONNECT (a punch offer, at most 195 by
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import struct
@@ -41,8 +40,8 @@ import trio
 
 from ..errors import ConnectionLost, P2PDError, WireError
 from ..identity import fingerprint
-from ..transport.punch import PunchOffer, make_plan, punchable
-from ..transport.punch_driver import PunchOutcome, PunchRunner
+from ..transport.punch import MAPPINGS, PunchOffer, make_plan, punchable
+from ..transport.punch_driver import PunchOutcome, PunchRunner, send_quietly
 from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from ..wire import Address
 from .client import is_virtual
@@ -218,7 +217,7 @@ class DirectUpgrade:
         candidates = list(dict.fromkeys(self._candidates()))[:8]
         if not candidates:
             raise WireError("no address of ours to offer")
-        return PunchOffer.new(mapping if mapping in _MAPPINGS else "unknown", candidates)
+        return PunchOffer.new(mapping if mapping in MAPPINGS else "unknown", candidates)
 
     def _adopt(self, sock: socket.socket, address: tuple[str, int]) -> None:
         """A side socket that won: QUIC packets from ``address`` on it go to the endpoint,
@@ -226,7 +225,7 @@ class DirectUpgrade:
         connection to that address lives (or 10 minutes without one)."""
         assert self._nursery is not None
         sock.setblocking(False)
-        self.quic.add_route(address, lambda data, addr: _send(sock, data, addr))
+        self.quic.add_route(address, lambda data, addr: send_quietly(sock, data, addr))
         self._nursery.start_soon(self._serve_side, sock, address)
 
     async def _serve_side(self, sock: socket.socket, address: tuple[str, int]) -> None:
@@ -255,14 +254,6 @@ class DirectUpgrade:
         finally:
             quic.remove_route(address)
             sock.close()
-
-
-_MAPPINGS = ("unknown", "none", "endpoint-independent", "endpoint-dependent")
-
-
-def _send(sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
-    with contextlib.suppress(OSError):  # a full buffer drops the datagram, as UDP may
-        sock.sendto(data, addr)
 
 
 def _header() -> bytes:

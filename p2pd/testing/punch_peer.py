@@ -16,7 +16,6 @@ carries them between daemons. :func:`punch_pair` runs both sides of two hosts in
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 import trio
 
 from ..transport.punch import PUNCH_BYTE, PunchOffer, make_plan
-from ..transport.punch_driver import PunchRunner
+from ..transport.punch_driver import PunchRunner, send_quietly
 from ..wire import Address
 from .netns import Host, Testbed, read_line
 
@@ -100,7 +99,7 @@ def reflexive(sock: socket.socket, observer: tuple[str, int]) -> Address:
 async def punch(
     sock: socket.socket, role: int, mine: PunchOffer, theirs: PunchOffer
 ) -> dict[str, Any]:
-    runner = PunchRunner(lambda data, addr: _send(sock, data, addr), "0.0.0.0")
+    runner = PunchRunner(lambda data, addr: send_quietly(sock, data, addr), "0.0.0.0")
     got_data: dict[int, bytes] = {}
 
     async def receive(s: socket.socket, index: int) -> None:
@@ -132,22 +131,17 @@ async def punch(
             out["ms"] = round((result.at - start) * 1000, 1)
             with trio.move_on_after(DATA_WAIT):
                 for _ in range(int(DATA_WAIT / 0.05)):
-                    _send(path_sock, DATA + bytes([role]), result.address.as_tuple())
+                    send_quietly(path_sock, DATA + bytes([role]), result.address.as_tuple())
                     if result.socket in got_data:
                         break
                     await trio.sleep(0.05)
             # a few more, for a peer that is still waiting for ours
             for _ in range(5):
-                _send(path_sock, DATA + bytes([role]), result.address.as_tuple())
+                send_quietly(path_sock, DATA + bytes([role]), result.address.as_tuple())
                 await trio.sleep(0.02)
             out["data"] = got_data.get(result.socket) == DATA + bytes([1 - role])
         nursery.cancel_scope.cancel()
     return out
-
-
-def _send(sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
-    with contextlib.suppress(OSError):  # UDP may drop
-        sock.sendto(data, addr)
 
 
 def main(argv: list[str]) -> None:

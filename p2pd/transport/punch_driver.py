@@ -9,6 +9,7 @@ attempt ends, and a winning one is handed to the caller (the direct path lives o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -48,6 +49,13 @@ class PunchOutcome:
     side_sockets_short: int = 0
 
 
+def send_quietly(sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
+    """One datagram; one the kernel refuses (a full buffer, an unreachable network) is
+    dropped, as UDP may."""
+    with contextlib.suppress(OSError):
+        sock.sendto(data, addr)
+
+
 def side_socket_budget(wanted: int) -> int:
     """As many of ``wanted`` side sockets as the file descriptor limit allows."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -58,6 +66,21 @@ def side_socket_budget(wanted: int) -> int:
     except OSError:
         used = 64
     return max(0, min(wanted, soft - used - FD_RESERVE))
+
+
+class _Attempt:
+    """An attempt under way: its core, and the event that wakes its loop when a
+    datagram was fed to the core (a new one after each wake)."""
+
+    __slots__ = ("core", "woken")
+
+    def __init__(self, core: HolePunch) -> None:
+        self.core = core
+        self.woken = trio.Event()
+
+    def feed(self, data: bytes, addr: tuple[str, int], sock: int) -> None:
+        self.core.datagram_received(data, addr, sock, trio.current_time())
+        self.woken.set()
 
 
 class PunchRunner:
@@ -73,7 +96,7 @@ class PunchRunner:
         self._sendto = sendto
         self._bind_host = bind_host
         self.config = config or PunchConfig()
-        self._active: dict[bytes, tuple[HolePunch, trio.Event]] = {}
+        self._active: dict[bytes, _Attempt] = {}
         #: Datagrams for no active attempt, or malformed.
         self.stats: dict[str, int] = {"unmatched": 0}
         self._tokens = float(PACKET_BUDGET)
@@ -81,13 +104,11 @@ class PunchRunner:
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         """From the main socket's receive loop: a datagram whose first byte is PUNCH_BYTE."""
-        entry = self._active.get(bytes(data[4:12])) if len(data) >= 12 else None
-        if entry is None:
+        attempt = self._active.get(bytes(data[4:12])) if len(data) >= 12 else None
+        if attempt is None:
             self.stats["unmatched"] += 1
             return
-        core, wake = entry
-        core.datagram_received(data, addr, 0, trio.current_time())
-        wake.set()
+        attempt.feed(data, addr, 0)
 
     async def attempt(self, plan: PunchPlan) -> PunchOutcome:
         """Run one attempt to its end (a path, or the deadline); plan.start is in trio's
@@ -101,8 +122,7 @@ class PunchRunner:
                         allowed, wanted)  # fmt: skip
             plan = dataclasses.replace(plan, side_sockets=allowed)
         core = HolePunch(plan, self.config)
-        wake = trio.Event()
-        self._active[plan.session] = (core, wake)
+        self._active[plan.session] = attempt = _Attempt(core)
         sides: list[socket.socket] = []
         try:
             for _ in range(plan.side_sockets):
@@ -111,7 +131,7 @@ class PunchRunner:
                 s.setblocking(False)
                 s.bind((self._bind_host, 0))
                 sides.append(s)
-            winner = await self._run(core, sides, plan)
+            winner = await self._run(attempt, sides)
         finally:
             del self._active[plan.session]
             kept = None
@@ -130,9 +150,8 @@ class PunchRunner:
             winner, kept, dict(core.stats), side_sockets_short=wanted - plan.side_sockets
         )
 
-    async def _run(
-        self, core: HolePunch, sides: list[socket.socket], plan: PunchPlan
-    ) -> PunchResult | None:
+    async def _run(self, attempt: _Attempt, sides: list[socket.socket]) -> PunchResult | None:
+        core = attempt.core
         linger_until: float | None = None
 
         async def read_side(index: int, s: socket.socket) -> None:
@@ -146,8 +165,7 @@ class PunchRunner:
                     except OSError:
                         continue
                     if data[:1] == bytes([PUNCH_BYTE]):
-                        core.datagram_received(data, addr[:2], index, trio.current_time())
-                        self._active[plan.session][1].set()
+                        attempt.feed(data, addr[:2], index)
 
         async with trio.open_nursery() as nursery:
             for index, s in enumerate(sides, 1):
@@ -163,11 +181,10 @@ class PunchRunner:
                     timer = linger_until
                 else:
                     timer = core.get_timer() or now
-                entry = self._active[plan.session]
                 with trio.move_on_at(timer):
-                    await entry[1].wait()
-                if entry[1].is_set():
-                    self._active[plan.session] = (core, trio.Event())
+                    await attempt.woken.wait()
+                if attempt.woken.is_set():
+                    attempt.woken = trio.Event()
                 core.handle_timer(trio.current_time())
             nursery.cancel_scope.cancel()
         return core.result
