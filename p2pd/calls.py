@@ -197,10 +197,19 @@ class CallManager:
             or is_virtual(peer.address[0])
             or not is_virtual(call.peer.address[0])
         ):
-            return
+            return  # (media not started yet: _start_media takes the best connection)
         log.info("call %s: media moves to the direct connection %s", call.id[:8], peer)
         call.peer = peer
         call.media.switch_peer(peer)
+
+    def _best_peer(self, call: Call) -> QuicPeer | None:
+        """The connection a call's media starts on: a direct one to its key if one is
+        open (hole punching may have opened it while the call rang), else the call's."""
+        if call.peer is not None and is_virtual(call.peer.address[0]):
+            for peer in self.delivery.quic.peers():
+                if peer.public_key == call.peer_key and not is_virtual(peer.address[0]):
+                    return peer
+        return call.peer
 
     def datagram_received(self, peer: QuicPeer, data: bytes) -> None:
         call = self.current
@@ -389,6 +398,7 @@ class CallManager:
     ) -> None:
         from .media.call import CallMedia  # loaded by load_media() before the call began
 
+        call.peer = self._best_peer(call)
         assert call.peer is not None
         call.media = CallMedia(
             call.peer,

@@ -63,9 +63,11 @@ def test_a_relayed_connection_becomes_direct_and_messages_follow(
 def test_a_call_over_a_relay_moves_to_the_direct_path_without_a_long_gap(
     testbed: Testbed, root: Path
 ) -> None:
-    """The call itself opens the relayed connection; the upgrade happens during the call,
-    and both sides' media move to the direct connection: the audio gap while switching
-    must stay under 150 ms (issue 13), i.e. at most 7 of 20 ms frames concealed."""
+    """The call itself opens the relayed connection; the upgrade lands while it rings or
+    during the call. During: both sides' media move to the direct connection, and the
+    audio gap while switching must stay under 150 ms (issue 13), i.e. at most 7 of 20 ms
+    frames concealed. While it rings: the media starts on the direct connection (no
+    switch). (A clean-clone CI run caught the second case, which then stayed relayed.)"""
     start_network(testbed, root, "eim", "symmetric")
     answer = testbed.hosts["c2"].popen(
         [*p2pd_command(), "--home", str(root / "bob"), "answer", "--wait", "60",
@@ -86,6 +88,14 @@ def test_a_call_over_a_relay_moves_to_the_direct_path_without_a_long_gap(
         print(f"{who}: { ({k: side['media'].get(k) for k in shown}) }")
     for side in (caller, callee):
         media = side["media"]
-        assert media["path_switches"] == 1, media  # relayed first, then direct
+        assert media["path_switches"] <= 1, media  # relayed first, then direct at most once
         assert media["audio_packets_received"] > 200, media  # 6 s of 20 ms frames: 300
         assert media["audio_frames_concealed"] <= 7, media
+    # either way the call ended on the direct path: bob upgraded, and each side either
+    # switched or started direct, so neither shows the relay carrying the call's end
+    assert status(root, "bob")["hole_punching"]["upgrades_direct"] >= 1
+    relayed = sum(c["bytes_in"] for c in status(root, "alice")["relay"]["client"]["circuits"])
+    print(f"relayed bytes into alice: {relayed}")
+    # a call relayed throughout brings some 45 KB (300 packets of ~150 bytes); an early
+    # switch about 8 KB (measured): at most half the call came through the relay
+    assert relayed < 300 * 150 // 2, relayed
