@@ -24,7 +24,7 @@ from p2pd.api import Api
 from p2pd.calls import encode_signal
 from p2pd.config import CallsConfig, LanConfig, NodeConfig, QuicConfig
 from p2pd.daemon import Node, open_node
-from p2pd.errors import ConnectionLost, PeerKeyMismatch, UsageError
+from p2pd.errors import ConnectionLost, NotFound, PeerKeyMismatch, UsageError
 from p2pd.identity import HandleRef, Identity
 from p2pd.key_rotation import rotate_identity
 from p2pd.keystore import load_identity, save_identity
@@ -462,3 +462,52 @@ async def test_bob_rotates_his_key_and_alice_follows(root: Path) -> None:
                 mine = Api(bob).inbox(sender="alice", limit=10)["messages"]
                 assert [m["text"] for m in mine] == ["hello", "after the rotation"]
                 assert all(m["sender_verified"] for m in mine)  # bob's pin of alice held
+
+
+def lookups_fail_first(victim: Node, handle: str, failures: int) -> list[str]:
+    """``victim``'s first ``failures`` lookups of ``handle`` find nothing (a loaded
+    network, a record not yet spread), the next ones are real; returns what was tried."""
+    real, tried = victim.dht.resolve, []
+
+    async def resolve(ref: HandleRef) -> HandleRecord:
+        if ref.handle == handle:
+            tried.append(ref.handle)
+            if len(tried) <= failures:
+                raise NotFound(f"no record for {handle!r} (the test)")
+        return await real(ref)
+
+    victim.dht.resolve = resolve  # type: ignore[method-assign]
+    return tried
+
+
+@pytest.mark.parametrize("failures", [2, 4])
+async def test_a_sender_whose_lookup_failed_is_looked_up_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch, failures: int
+) -> None:
+    """A message from a handle bob has not pinned: bob looks the handle up to pin it.
+    When that lookup finds nothing (it timed out under load in a three-daemon test, and
+    the sender stayed unpinned for good: `inbox --from alice` empty), bob tries again:
+    after two failures the third lookup pins alice and her message shows under her
+    handle; after four (all bob tries) it stays unverified, and bob stops asking."""
+    monkeypatch.setattr("p2pd.delivery.service.VERIFY_RETRY_DELAYS", (0.2, 0.2, 0.2))
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    with trio.fail_after(60):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+        ):
+            tried = lookups_fail_first(bob, "alice", failures)
+            await alice.delivery.send("bob", "it's me")
+            await wait_for(lambda: inbox_texts(bob) == ["it's me"])
+            await wait_for(lambda: len(tried) >= min(failures + 1, 4))
+            if failures < 4:
+                await wait_for(lambda: bool(Api(bob).inbox(sender="alice")["messages"]))
+                (shown,) = Api(bob).inbox(sender="alice")["messages"]
+                assert shown["sender_verified"] and shown["text"] == "it's me"
+                assert len(tried) == failures + 1
+            else:
+                await wait_for(lambda: not bob.delivery._verifying)  # bob gave up
+                assert len(tried) == 4  # one lookup and three more, no more
+                assert Api(bob).inbox(sender="alice")["messages"] == []
+                (shown,) = Api(bob).inbox()["messages"]
+                assert not shown["sender_verified"]

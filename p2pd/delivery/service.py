@@ -113,6 +113,11 @@ EVENT_BUFFER = 1024
 ROTATION_SENT_META = "rotation.sent"
 #: How long a lookup made for delivery may take.
 RESOLVE_TIMEOUT = 10.0
+#: A sender's claimed handle whose lookup timed out or found nothing is looked up again
+#: after these pauses (a loaded network, a record not yet spread), then left unverified.
+VERIFY_RETRY_DELAYS = (5.0, 20.0, 60.0)
+#: Claims checked at once; more wait for their next message (each costs lookups).
+MAX_VERIFYING = 64
 
 
 class EventBus:
@@ -196,6 +201,7 @@ class Delivery:
             nacl.signing.SigningKey(identity.seed).to_curve25519_private_key()
         )
         self._records: dict[bytes, tuple[HandleRecord, float]] = {}
+        self._verifying: set[tuple[str, bytes]] = set()  # claims being looked up
         #: Set to wake a worker that waits (WAIT): its exchange ended, RetryDue, PrepareDue.
         self._worker_wake: dict[bytes, trio.Event] = {}
         #: The exchanges whose answers are being read: a scope to stop reading when the
@@ -689,29 +695,55 @@ class Delivery:
     async def _verify_sender(self, event: SenderUnverified) -> None:
         """A key no contact holds claims a handle. A pinned handle: that is evidence of
         a suspected key, shown by `contacts` and `verify`, never the pin. A handle not
-        pinned yet is pinned only if the DHT binds it to that key."""
+        pinned yet is pinned only if the DHT binds it to that key. A lookup that timed
+        out or found nothing is tried again (VERIFY_RETRY_DELAYS): once pinned, what the
+        sender wrote shows under its handle (`inbox --from`)."""
+        claim = (event.handle, event.sender_key)
+        if claim in self._verifying or len(self._verifying) >= MAX_VERIFYING:
+            return  # one check per claim at a time, a bounded number at once
+        self._verifying.add(claim)
+        try:
+            for delay in (0.0, *VERIFY_RETRY_DELAYS):
+                await trio.sleep(delay)
+                if await self._check_claim(event):
+                    return
+            log.warning("a message claims to be from %r, whose record cannot be found: "
+                        "left unverified", event.handle)  # fmt: skip
+        finally:
+            self._verifying.discard(claim)
+
+    async def _check_claim(self, event: SenderUnverified) -> bool:
+        """One look at ``event``'s claim; False if the DHT gave no answer (try again)."""
         handle, key = event.handle, event.sender_key
-        if self.contacts.get(handle) is not None:
-            self.contacts.observe(handle, key, time.time(), source=event.source, place=event.via)
-            log.warning(
-                "a %s signed by %s claims %r, which is pinned to another key: kept as evidence",
-                event.source, fingerprint(key)[:DISPLAY_PREFIX], handle,
-            )  # fmt: skip
-            return
+        contact = self.contacts.get(handle)
+        if contact is not None:
+            if contact.public_key != key:
+                self.contacts.observe(
+                    handle, key, time.time(), source=event.source, place=event.via
+                )
+                log.warning(
+                    "a %s signed by %s claims %r, which is pinned to another key: kept as "
+                    "evidence", event.source, fingerprint(key)[:DISPLAY_PREFIX], handle,
+                )  # fmt: skip
+            return True
         try:
             with trio.fail_after(RESOLVE_TIMEOUT):
                 record = await self.dht.resolve(HandleRef(handle))
-        except (NotFound, Contested, trio.TooSlowError):
-            log.warning("a message claims to be from %r, whose record cannot be found", handle)
-            return
+        except Contested:
+            log.warning("a message claims to be from %r, whose handle is contested", handle)
+            return True
+        except (NotFound, trio.TooSlowError):
+            log.info("a message claims to be from %r: no record found yet", handle)
+            return False
         if record.public_key != key:
             log.warning("a message claims to be from %r but holds another key: unverified", handle)
-            return
+            return True
         contact = self.contacts.pin(handle, key, time.time())
         if contact.public_key == key:
             self._records[key] = (record, trio.current_time())
         else:  # pinned meanwhile to another key
             self.contacts.observe(handle, key, time.time(), source=event.source, place=event.via)
+        return True
 
     # ------------------------------------------------------------------ mailbox
 
