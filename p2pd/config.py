@@ -384,6 +384,10 @@ class FilesConfig:
     #: whatever this is). 2 reached 56 % of a raw QUIC stream's throughput on loopback,
     #: 8 reached 97 % (scripts/bench_files.py, docs/BENCHMARKS.md).
     window_groups: int = 8
+    #: How long (ms) a DM or a call's audio may wait behind an outgoing transfer's
+    #: data: the transfer keeps the queue it builds near this (p2pd/files/scavenger.py,
+    #: LEDBAT's idea); 0: off, the transfer takes all that QUIC's window gives.
+    queue_target_ms: int = 25
     #: Offers waiting for `accept` kept from one key, and from everyone: an offer
     #: beyond either is dropped and counted (``status`` ``files.offers_over_limit``).
     max_pending_per_peer: int = 20
@@ -396,6 +400,8 @@ class FilesConfig:
             raise UsageError("files max_pending_per_peer and max_pending must be 0 or more")
         if not 1 <= self.window_groups <= 64:
             raise UsageError("files window_groups must be between 1 and 64")
+        if not 0 <= self.queue_target_ms <= 1000:
+            raise UsageError("files queue_target_ms must be between 0 and 1000")
 
 
 PRIVACY_ADDRESSES = ("everyone", "contacts")

@@ -52,6 +52,7 @@ from p2pd.daemon import open_node
 from p2pd.files.protocol import HASHES_PER_FRAME, Layout
 from p2pd.identity import Identity
 from p2pd.testing.daemons import DaemonProcess, run_cli, short_tempdir
+from p2pd.testing.netns import Host, Testbed
 from p2pd.testing.proxy import open_lossy_proxy
 from p2pd.transport.quic import QuicPeer, QuicStream, open_quic_endpoint
 from p2pd.transport.udp import UdpEndpoint
@@ -215,9 +216,12 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def start_pair(root: Path, window: int) -> dict[str, DaemonProcess]:
+def start_pair(
+    root: Path, window: int, queue_target_ms: int, hosts: tuple[Host, Host] | None = None
+) -> dict[str, DaemonProcess]:
+    """alice and bob, pinned to each other; on loopback, or in ``hosts`` (netns)."""
     daemons: dict[str, DaemonProcess] = {}
-    for handle in ("alice", "bob"):
+    for n, handle in enumerate(("alice", "bob")):
         home = root / handle
         proc = run_cli(home, "init", handle, "--no-passphrase")
         if proc.returncode:
@@ -225,10 +229,13 @@ def start_pair(root: Path, window: int) -> dict[str, DaemonProcess]:
         (root / f"{handle}-dl").mkdir()
         (home / "config.toml").write_text(
             f'[files]\ndir = "{root / f"{handle}-dl"}"\nauto_accept_max = {1 << 40}\n'
-            f"window_groups = {window}\n"
+            f"window_groups = {window}\nqueue_target_ms = {queue_target_ms}\n"
         )
+        where: dict[str, Any] = {}
+        if hosts is not None:
+            where = {"listen": f"{hosts[n].address}:4747", "wrapper": hosts[n].command([])}
         daemons[handle] = DaemonProcess(
-            home, bootstrap=[d.listen for d in daemons.values()]
+            home, bootstrap=[d.listen for d in daemons.values()], **where
         ).wait_ready()
     for sender, recipient in (("alice", "bob"), ("bob", "alice")):
         proc = run_cli(root / sender, "send", recipient, "hi", "--wait", "--timeout", "30")
@@ -301,6 +308,42 @@ def transfer(root: Path, src: Path, daemons: dict[str, DaemonProcess], dms: int)
     }
 
 
+def shaped_uplink(root: Path, src: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """DMs during a transfer over a slow, bloated uplink: alice and bob in network
+    namespaces on one LAN, alice's side limited to ``--uplink-mbit`` with a 400 ms queue
+    (a token bucket, as a home router's upload), the scavenger on and off."""
+    out: dict[str, Any] = {"mbit": args.uplink_mbit, "queue_ms": 400}
+    with Testbed() as testbed:
+        lan = testbed.lan("up", "10.77.0.0/24")
+        hosts = (testbed.host("a", lan), testbed.host("b", lan))
+        hosts[0].run(
+            ["tc", "qdisc", "add", "dev", hosts[0].interface, "root", "tbf", "rate",
+             f"{args.uplink_mbit}mbit", "burst", "32kbit", "latency", "400ms"]
+        )  # fmt: skip
+        for target in (args.queue_target, 0):
+            progress(f"shaped uplink, queue_target_ms {target}: DMs during a transfer")
+            run = root / f"up{target}"
+            run.mkdir()
+            daemons = start_pair(run, args.window, target, hosts)
+            try:
+                with ControlClient(run / "alice") as c, ControlClient(run / "alice") as ev:
+                    ev.subscribe()
+                    idle = sorted(dm_round_trip(c, ev, f"i{i}") * 1000 for i in range(args.dms))
+                busy = transfer(run, src, daemons, dms=args.dms)
+            finally:
+                for d in daemons.values():
+                    d.stop()
+            out[str(target)] = {
+                "dm_idle_ms": {"p50": percentile(idle, 50), "p99": percentile(idle, 99)},
+                "dm_during_ms": {
+                    "p50": percentile(busy["dm_ms"], 50),
+                    "p99": percentile(busy["dm_ms"], 99),
+                },
+                "MB_s": mb_s(src.stat().st_size, busy["transfer_s"]),
+            }
+    return out
+
+
 def overhead(size: int) -> dict[str, float]:
     layout = Layout.for_size(size)
     hash_list = 32 * layout.groups + 9 * -(-layout.groups // HASHES_PER_FRAME)
@@ -322,9 +365,19 @@ def main() -> None:
     parser.add_argument("--dms", type=int, default=30, help="DMs timed, idle and during")
     parser.add_argument("--rounds", type=int, default=3, help="raw and p2pd, alternating")
     parser.add_argument("--window", type=int, default=8, help="[files] window_groups")
+    parser.add_argument("--queue-target", type=int, default=25, help="[files] queue_target_ms (ms)")
+    parser.add_argument(
+        "--no-compare", action="store_true",
+        help="skip the same transfer with queue_target_ms = 0 (the scavenger off)",
+    )  # fmt: skip
     parser.add_argument(
         "--lossy-size", type=int, default=32, help="MB for the 1 %% loss comparison (0: skip)"
     )
+    parser.add_argument(
+        "--uplink-mbit", type=int, default=0,
+        help="also DMs during a transfer over a shaped uplink of this many Mbit/s (netns, root)",
+    )  # fmt: skip
+    parser.add_argument("--uplink-size", type=int, default=16, help="MB sent over the uplink")
     parser.add_argument("--raw-sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -348,7 +401,7 @@ def main() -> None:
         cp_s = time.perf_counter() - t0
         os.unlink(root / "copy.bin")
         progress("starting two daemons")
-        daemons = start_pair(root, args.window)
+        daemons = start_pair(root, args.window, args.queue_target)
         # Alternating rounds, medians: the machine is shared, its load moves a lot.
         raws, plains = [], []
         for r in range(args.rounds):
@@ -371,6 +424,31 @@ def main() -> None:
         progress("p2pd transfer with DMs")
         busy = transfer(root, src, daemons, dms=args.dms)
         rss = {h: round(peak_rss_mb(d.proc.pid), 1) for h, d in daemons.items()}
+        off: dict[str, Any] = {}
+        if not args.no_compare and args.queue_target:
+            progress("the same with queue_target_ms = 0 (scavenger off): a second pair")
+            for d in daemons.values():
+                d.stop()
+            daemons = {}
+            (root / "off").mkdir()
+            daemons = start_pair(root / "off", args.window, 0)
+            plain_off = transfer(root / "off", src, daemons, dms=0)
+            os.unlink(root / "off" / "bob-dl" / "payload.bin")
+            busy_off = transfer(root / "off", src, daemons, dms=args.dms)
+            off = {
+                "p2pd_MB_s": mb_s(size, plain_off["transfer_s"]),
+                "p2pd_with_dms_MB_s": mb_s(size, busy_off["transfer_s"]),
+                "dm_during_transfer_ms": {
+                    "count": busy_off["dms_during_transfer"],
+                    "p50": percentile(busy_off["dm_ms"], 50),
+                    "p99": percentile(busy_off["dm_ms"], 99),
+                },
+            }
+        uplink: dict[str, Any] = {}
+        if args.uplink_mbit:
+            small = root / "uplink.bin"
+            small.write_bytes(os.urandom(args.uplink_size * 1_000_000))
+            uplink = shaped_uplink(root, small, args)
         loss: dict[str, Any] = {}
         if args.lossy_size:
             small = root / "lossy.bin"
@@ -399,6 +477,9 @@ def main() -> None:
                 "p99": percentile(busy["dm_ms"], 99),
             },
             "p2pd_with_dms_MB_s": mb_s(size, busy["transfer_s"]),
+            "queue_target_ms": args.queue_target,
+            "scavenger_off": off,
+            "uplink": uplink,
             "loss": loss,
         }
     finally:
@@ -444,7 +525,28 @@ def main() -> None:
     if d["count"]:
         print(
             f"  DM during transfer       p50 {d['p50']:.1f} ms  p99 {d['p99']:.1f} ms "
-            f"({d['count']} DMs; transfer then {result['p2pd_with_dms_MB_s']} MB/s)"
+            f"({d['count']} DMs; transfer then {result['p2pd_with_dms_MB_s']} MB/s; "
+            f"queue_target_ms {args.queue_target})"
+        )
+    if uplink:
+        print(
+            f"  shaped uplink {uplink['mbit']} Mbit/s, {uplink['queue_ms']} ms queue, "
+            f"{args.uplink_size} MB (netns):"
+        )
+        for target in (args.queue_target, 0):
+            u = uplink[str(target)]
+            graded = "graded" if target else "the baseline, not graded"
+            print(
+                f"    queue_target_ms {target:<3} DM idle p50 {u['dm_idle_ms']['p50']:.1f} ms; "
+                f"during p50 {u['dm_during_ms']['p50']:.1f} ms p99 "
+                f"{u['dm_during_ms']['p99']:.1f} ms; {u['MB_s']} MB/s ({graded})"
+            )
+    if off:
+        d = off["dm_during_transfer_ms"]
+        print(
+            f"  ... queue_target_ms 0    p50 {d['p50']:.1f} ms  p99 {d['p99']:.1f} ms "
+            f"(transfer then {off['p2pd_with_dms_MB_s']} MB/s; alone {off['p2pd_MB_s']} MB/s; "
+            "the baseline, not graded)"
         )
 
 

@@ -749,3 +749,45 @@ def test_another_aioquic_version_is_refused_at_import() -> None:
     check_version(PINNED_VERSION)
     with pytest.raises(ImportError, match=rf"needs aioquic {PINNED_VERSION}, found 1\.8\.0"):
         check_version("1.8.0")
+
+
+async def test_a_stream_send_limit_caps_its_backlog_below_the_send_buffer() -> None:
+    """A file transfer sets ``send_limit`` (p2pd/files/scavenger.py): the stream holds at
+    most that much unacknowledged, not the whole send buffer, and everything still
+    arrives once the reader reads."""
+    window, send_buffer, limit = 64 * 1024, 256 * 1024, 16 * 1024
+    config = QuicConfig(stream_window=window, send_buffer=send_buffer)
+    server_stream: list[QuicStream] = []
+    reading = trio.Event()
+    received: list[int] = []
+
+    async def lazy(peer: QuicPeer, stream: QuicStream) -> None:
+        server_stream.append(stream)
+        await reading.wait()
+        received.append(len(await read_all(stream)))
+
+    with trio.fail_after(TIMEOUT):
+        async with (
+            open_node("alice", config=config) as alice,
+            open_node("bob", config=config, on_stream=lazy) as bob,
+        ):
+            peer = await alice.quic.connect(bob.address, bob.key)
+            stream = await peer.open_stream()
+            stream.send_limit = limit
+            assert stream.send_high == limit
+
+            async def writer() -> None:
+                await stream.send_all(b"\x00" * (1 << 20))
+                await stream.send_eof()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                await wait_for(lambda: bool(server_stream), "stream reached the server")
+                await wait_for(lambda: len(server_stream[0]._recv) >= limit, "limit sent")
+                await trio.sleep(0.3)  # time to over-buffer, if it would
+                assert peer.quic.send_backlog(stream.stream_id) <= limit
+                reading.set()
+            await wait_for(lambda: bool(received), "the reader finished")
+            assert received == [1 << 20]
+            stream.send_limit = 1 << 30  # above the send buffer: the send buffer holds
+            assert stream.send_high == send_buffer

@@ -12,12 +12,16 @@ import trio
 from ..errors import ConnectionLost
 from ..transport.quic import QuicStream
 from .protocol import F_ACK, F_DONE, F_END, F_REFUSE, SenderStream, encode_frame
+from .scavenger import Scavenger
 
 #: How long the sender waits for DONE once every chunk is written.
 DONE_TIMEOUT = 60.0
 #: The window is full and no group was acked for this long: the stream is given up
 #: (trio.TooSlowError), and the sender tries again.
 ACK_TIMEOUT = 30.0
+#: The least backlog the scavenger leaves a stream (bytes): a transfer never stops; small
+#: enough to queue under 30 ms on a 2 Mbit/s uplink.
+SCAVENGER_FLOOR = 8 * 1024
 
 
 class SourceChanged(OSError):
@@ -50,6 +54,7 @@ async def stream_file(
     on_ack: Callable[[int], None],
     outcome: StreamOutcome,
     max_rate: int = 0,
+    queue_target: float = 0.0,
 ) -> None:
     """Write the hash list (if asked) and every chunk from ``group`` on, then END, and
     read ACK/DONE/REFUSE meanwhile. Raises what breaks: ConnectionLost (a trio
@@ -59,12 +64,18 @@ async def stream_file(
 
     ``outcome`` is filled in as it goes (also when this raises); its ``sent_until`` says
     how far earlier streams wrote (what is written again below it counts as ``resent``).
-    ``max_rate``: bytes per second, 0 for no limit."""
+    ``max_rate``: bytes per second, 0 for no limit. ``queue_target``: seconds of queue
+    the stream may build (p2pd/files/scavenger.py), 0 for no limit."""
     layout = tx.layout
     started = trio.current_time()
     written = 0
     failures: list[BaseException] = []
     acked_event = trio.Event()
+    scavenger = None
+    if queue_target > 0:
+        ceiling = stream.send_high
+        scavenger = Scavenger(floor=min(SCAVENGER_FLOOR, ceiling), ceiling=ceiling,
+                              target=queue_target)  # fmt: skip
 
     async def read_answers(cancel: trio.CancelScope) -> None:
         nonlocal acked_event
@@ -103,6 +114,9 @@ async def stream_file(
                     plain = os.pread(f.fileno(), length, offset)
                     if len(plain) != length:
                         raise SourceChanged(f"{path} is shorter than when it was offered")
+                    if scavenger is not None:
+                        now = trio.current_time()
+                        stream.send_limit = scavenger.update(now, stream.latest_rtt())
                     await stream.send_all(tx.chunk_frame(index, plain))
                     if offset < outcome.sent_until:
                         outcome.resent += min(length, outcome.sent_until - offset)

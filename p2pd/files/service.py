@@ -485,6 +485,7 @@ class FilesService:
                 on_ack=on_ack,
                 outcome=outcome,
                 max_rate=self.config.max_rate,
+                queue_target=self.config.queue_target_ms / 1000,
             )
         finally:
             self._sent_until[t.id] = outcome.sent_until

@@ -226,6 +226,13 @@ class Connection(QuicConnection):
         sender = stream.sender
         return sender._buffer_stop - sender._buffer_start
 
+    def latest_rtt(self) -> float | None:
+        """The latest round-trip sample in seconds (aioquic floors it at 1 ms), None
+        before the first acknowledgement."""
+        # INTERNAL: QuicConnection._loss (QuicPacketRecovery._rtt_initialized/_rtt_latest).
+        loss = self._loss
+        return loss._rtt_latest if loss._rtt_initialized else None
+
     def knows_stream(self, stream_id: int) -> bool:
         """aioquic still holds state for ``stream_id`` (late frames may arrive for it)."""
         # INTERNAL: QuicConnection._streams.

@@ -509,11 +509,8 @@ class QuicPeer:
         return True
 
     def _wake_writers(self) -> None:
-        # Hysteresis: a writer blocked at send_buffer wakes at half of it, so it refills in
-        # large writes instead of one packet's worth per acknowledgement.
-        low = self.config.send_buffer // 2
         for stream in list(self._blocked_writers):
-            if stream.wake_writer(low):
+            if stream.wake_writer():
                 self._blocked_writers.discard(stream)
 
     def _next_deadline(self) -> float:

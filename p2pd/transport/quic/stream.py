@@ -76,6 +76,10 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._send_lot = trio.lowlevel.ParkingLot()
         self._consumed = 0
         self._credit_mark = 0
+        #: A lower cap than ``QuicConfig.send_buffer`` on what this stream may have
+        #: written and not yet acknowledged (a file transfer sets it as it goes:
+        #: p2pd/files/scavenger.py); None: the config's.
+        self.send_limit: int | None = None
 
     def __repr__(self) -> str:
         return f"<QuicStream {self.stream_id} with {self.peer!r}>"
@@ -93,14 +97,13 @@ class QuicStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             peer = self.peer
             quic = self._quic
-            high = self._config.send_buffer
             view = memoryview(data).cast("B")
             offset, total = 0, len(view)
             while True:
                 self._check_send()
                 if offset >= total:
                     break
-                room = high - quic.send_backlog(self.stream_id)
+                room = self.send_high - quic.send_backlog(self.stream_id)
                 if room <= 0:
                     await self._wait_writable()
                     continue
@@ -121,6 +124,16 @@ class QuicStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     @property
+    def send_high(self) -> int:
+        """The backlog above which :meth:`send_all` waits."""
+        high = self._config.send_buffer
+        return high if self.send_limit is None else max(1, min(self.send_limit, high))
+
+    def latest_rtt(self) -> float | None:
+        """The connection's latest round-trip sample in seconds (None before the first)."""
+        return self._quic.latest_rtt()
+
+    @property
     def at_eof(self) -> bool:
         """The peer finished its direction and everything it sent has been read."""
         return self._recv_eof and not self._recv
@@ -129,7 +142,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
         self._check_send()
-        if self._quic.send_backlog(self.stream_id) >= self._config.send_buffer:
+        if self._quic.send_backlog(self.stream_id) >= self.send_high:
             await self._wait_writable()
         else:
             await trio.lowlevel.checkpoint()
@@ -282,9 +295,11 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._recv_lot.unpark_all()
         self._send_lot.unpark_all()
 
-    def wake_writer(self, low_water: int) -> bool:
-        """Wake a writer parked in :meth:`send_all` if the backlog fell to ``low_water``
-        or the send side broke; True if it was woken (it is no longer blocked)."""
+    def wake_writer(self) -> bool:
+        """Wake a writer parked in :meth:`send_all` if the backlog fell to half of
+        :attr:`send_high` (hysteresis: it refills in large writes instead of one packet's
+        worth per acknowledgement) or the send side broke; True if it was woken."""
+        low_water = self.send_high // 2
         if self._send_error is not None or self._quic.send_backlog(self.stream_id) <= low_water:
             self._send_lot.unpark_all()
             return True
