@@ -376,6 +376,11 @@ class FilesConfig:
     #: Files from pinned contacts up to this many bytes are accepted without asking;
     #: anything larger, or from anyone else, waits for `p2pd accept`.
     auto_accept_max: int = 100 * 1000 * 1000
+    #: Bytes accepted from one contact, and from everyone, in any 24 hours: an offer
+    #: beyond either waits for `accept` (``status`` ``files.offers_over_quota``), so a
+    #: contact cannot fill the disk with many files each under auto_accept_max.
+    auto_accept_daily_per_peer: int = 1_000_000_000
+    auto_accept_daily: int = 4_000_000_000
     #: Most bytes per second one outgoing transfer sends; 0: as fast as QUIC goes.
     max_rate: int = 0
     #: Chunk groups (1 MiB each by default) an outgoing transfer may have in flight
@@ -396,6 +401,10 @@ class FilesConfig:
     def __post_init__(self) -> None:
         if self.auto_accept_max < 0 or self.max_rate < 0:
             raise UsageError("files auto_accept_max and max_rate must be 0 or more")
+        if self.auto_accept_daily_per_peer < 0 or self.auto_accept_daily < 0:
+            raise UsageError(
+                "files auto_accept_daily_per_peer and auto_accept_daily must be 0 or more"
+            )
         if self.max_pending_per_peer < 0 or self.max_pending < 0:
             raise UsageError("files max_pending_per_peer and max_pending must be 0 or more")
         if not 1 <= self.window_groups <= 64:

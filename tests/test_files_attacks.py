@@ -46,6 +46,7 @@ async def node(
     listen: int = 0,
     advertise: tuple[str, int] | None = None,
     max_pending_per_peer: int = 20,
+    auto_accept_daily_per_peer: int = 1_000_000_000,
 ) -> AsyncIterator[Node]:
     downloads = root / f"{identity.handle}-dl"
     downloads.mkdir(exist_ok=True)
@@ -58,7 +59,10 @@ async def node(
         connect_timeout=1.0,
         lan=LanConfig(mode="off"),
         files=FilesConfig(
-            dir=str(downloads), max_rate=max_rate, max_pending_per_peer=max_pending_per_peer
+            dir=str(downloads),
+            max_rate=max_rate,
+            max_pending_per_peer=max_pending_per_peer,
+            auto_accept_daily_per_peer=auto_accept_daily_per_peer,
         ),
     )
     async with open_node(config, identity) as n:
@@ -282,3 +286,31 @@ async def test_a_stranger_cannot_pile_up_offers(root: Path) -> None:
                     for f in files_of(bob).transfers()
                 )
             )
+
+
+async def test_a_contact_cannot_fill_the_disk_past_the_daily_quota(root: Path) -> None:
+    """Each file under auto_accept_max, but together over the sender's daily quota
+    (here 10 kB): the third waits for `accept` (counted), nothing is lost, and the
+    user can still accept it."""
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    src = root / "four.bin"
+    src.write_bytes(os.urandom(4000))
+    with trio.fail_after(60):
+        async with (
+            node(root, alice_id) as alice,
+            node(
+                root, bob_id, bootstrap=(alice.listen_address,), auto_accept_daily_per_peer=10_000
+            ) as bob,
+        ):
+            bob.delivery.contacts.pin("alice", alice_id.public_key, time.time())
+            for _ in range(3):
+                await files_of(alice).send_file("bob", str(src))
+
+            def states() -> list[str]:
+                return sorted(f["state"] for f in files_of(bob).transfers())
+
+            await wait_for(lambda: states() == ["done", "done", "pending"])
+            assert files_of(bob).stats["offers_over_quota"] == 1
+            (waiting,) = [f for f in files_of(bob).transfers() if f["state"] == "pending"]
+            await files_of(bob).accept(waiting["id"])
+            await wait_for(lambda: states() == ["done", "done", "done"])

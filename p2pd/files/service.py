@@ -147,6 +147,7 @@ class FilesService:
             "offers_in": 0,
             "offers_refused": 0,
             "offers_over_limit": 0,
+            "offers_over_quota": 0,
             "chunks_refused": 0,
             "streams_refused": 0,
             "bytes_in": 0,
@@ -525,6 +526,8 @@ class FilesService:
             pinned is not None
             and offer.size <= self.config.auto_accept_max
             and self._room_for(directory, offer.size)
+            and self.store.get(offer.transfer_id) is None  # not the same offer again
+            and self._within_quota(sender_key, offer.size)
         )
         if (
             not accept
@@ -563,6 +566,22 @@ class FilesService:
             t = self.store.get(offer.transfer_id)
             if t is not None:
                 self._spawn(self._send_control, t, F_NUDGE, 0)
+
+    def _within_quota(self, sender_key: bytes, size: int) -> bool:
+        """Accepting ``size`` more bytes keeps the last 24 hours within the daily
+        quotas, the sender's and everyone's; else counted (the offer waits)."""
+        since = time.time() - 86400
+        cfg = self.config
+        if (
+            self.store.accepted_bytes_since(since, sender_key) + size
+            <= cfg.auto_accept_daily_per_peer
+            and self.store.accepted_bytes_since(since) + size <= cfg.auto_accept_daily
+        ):
+            return True
+        self.stats["offers_over_quota"] += 1
+        log.warning("a file offer from %s waits for accept: over today's quota",
+                    fingerprint(sender_key)[:12])  # fmt: skip
+        return False
 
     def _room_for(self, directory: Path, size: int) -> bool:
         try:

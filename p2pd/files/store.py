@@ -47,6 +47,8 @@ CREATE INDEX IF NOT EXISTS file_transfers_state ON file_transfers (direction, st
 #: sending, done, rejected, cancelled, failed. Incoming: pending (waits for `accept`),
 #: accepted (bytes flow when the sender connects), done, rejected, cancelled, failed.
 ACTIVE_OUT = ("offered", "sending")
+#: Transfers a quota check reads at most (FileStore.accepted_bytes_since).
+QUOTA_ROWS = 10_000
 ACTIVE_IN = ("accepted",)
 FINAL = ("done", "rejected", "cancelled", "failed")
 
@@ -201,6 +203,23 @@ class FileStore:
         if peer_key is None:
             return int(self._conn.execute(sql).fetchone()[0])
         return int(self._conn.execute(sql + " AND peer_key=?", (peer_key,)).fetchone()[0])
+
+    def accepted_bytes_since(self, since: float, peer_key: bytes | None = None) -> int:
+        """Bytes of incoming files accepted (at once or by `accept`) since ``since``,
+        from ``peer_key`` or from anyone. Looks at no more than QUOTA_ROWS transfers:
+        beyond that it answers "more than any quota" (a bounded query, whatever a
+        contact sent)."""
+        sql = (
+            f"SELECT {_COLUMNS} FROM file_transfers WHERE direction='in' AND created>=? "
+            "AND state NOT IN ('pending', 'rejected')"
+        )
+        args: tuple[Any, ...] = (since,)
+        if peer_key is not None:
+            sql, args = sql + " AND peer_key=?", (since, peer_key)
+        rows = self._conn.execute(sql + " LIMIT ?", (*args, QUOTA_ROWS + 1)).fetchall()
+        if len(rows) > QUOTA_ROWS:
+            return 1 << 62
+        return sum(t.offer.size for t in self._rows(rows))
 
     def update(self, transfer_id: bytes, now: float, **fields: Any) -> None:
         allowed = {
