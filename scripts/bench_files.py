@@ -51,7 +51,7 @@ from p2pd.control_client import ControlClient
 from p2pd.daemon import open_node
 from p2pd.files.protocol import HASHES_PER_FRAME, Layout
 from p2pd.identity import Identity
-from p2pd.testing.daemons import DaemonProcess, run_cli, short_tempdir
+from p2pd.testing.daemons import DaemonProcess, p2pd_command, run_cli, short_tempdir
 from p2pd.testing.netns import Host, Testbed
 from p2pd.testing.proxy import open_lossy_proxy
 from p2pd.transport.quic import QuicPeer, QuicStream, open_quic_endpoint
@@ -230,6 +230,7 @@ def start_pair(
         (home / "config.toml").write_text(
             f'[files]\ndir = "{root / f"{handle}-dl"}"\nauto_accept_max = {1 << 40}\n'
             f"window_groups = {window}\nqueue_target_ms = {queue_target_ms}\n"
+            '[calls]\naudio_in = "tone:440"\naudio_out = "none"\n'
         )
         where: dict[str, Any] = {}
         if hosts is not None:
@@ -330,6 +331,8 @@ def shaped_uplink(root: Path, src: Path, args: argparse.Namespace) -> dict[str, 
                     ev.subscribe()
                     idle = sorted(dm_round_trip(c, ev, f"i{i}") * 1000 for i in range(args.dms))
                 busy = transfer(run, src, daemons, dms=args.dms)
+                os.unlink(run / "bob-dl" / src.name)
+                heard = call_during_transfer(run, src, 8)
             finally:
                 for d in daemons.values():
                     d.stop()
@@ -340,8 +343,38 @@ def shaped_uplink(root: Path, src: Path, args: argparse.Namespace) -> dict[str, 
                     "p99": percentile(busy["dm_ms"], 99),
                 },
                 "MB_s": mb_s(src.stat().st_size, busy["transfer_s"]),
+                "call": heard,
             }
     return out
+
+
+def call_during_transfer(run: Path, src: Path, seconds: int) -> dict[str, Any]:
+    """A call alice -> bob while alice sends bob the file: what bob heard of alice (her
+    audio crosses the uplink the file fills)."""
+    with ControlClient(run / "alice", timeout=DEADLINE) as client:
+        sent = client.call("send_file", {"handle": "bob", "path": str(src)})
+        time.sleep(2.0)  # the transfer builds its queue first
+        answer = subprocess.Popen(
+            [*p2pd_command(), "--home", str(run / "bob"), "answer", "--wait", "30", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        call = subprocess.run(
+            [*p2pd_command(), "--home", str(run / "alice"), "call", "bob", "--duration",
+             str(seconds), "--json"],
+            capture_output=True, text=True, timeout=seconds + 60,
+        )  # fmt: skip
+        out, err = answer.communicate(timeout=60)
+        if call.returncode or answer.returncode:
+            raise SystemExit(f"the call failed: {call.stderr} {err}")
+        deadline = time.monotonic() + DEADLINE
+        while client.call("file", {"id": sent["id"]})["state"] != "done":
+            if time.monotonic() > deadline:
+                raise SystemExit("the transfer did not finish in time")
+            time.sleep(0.2)
+    media = json.loads(out)["media"]
+    keys = ("audio_frames_played", "audio_frames_concealed", "jitter_buffer_target_ms",
+            "rtt_ms", "loss_pct")  # fmt: skip
+    return {k: media.get(k) for k in keys}
 
 
 def overhead(size: int) -> dict[str, float]:
@@ -540,6 +573,12 @@ def main() -> None:
                 f"    queue_target_ms {target:<3} DM idle p50 {u['dm_idle_ms']['p50']:.1f} ms; "
                 f"during p50 {u['dm_during_ms']['p50']:.1f} ms p99 "
                 f"{u['dm_during_ms']['p99']:.1f} ms; {u['MB_s']} MB/s ({graded})"
+            )
+            c = u["call"]
+            print(
+                f"      a call meanwhile (8 s, what bob heard): {c['audio_frames_concealed']} "
+                f"of {c['audio_frames_played']} frames concealed, jitter buffer "
+                f"{c['jitter_buffer_target_ms']} ms, RTT {c['rtt_ms']} ms, loss {c['loss_pct']} %"
             )
     if off:
         d = off["dm_during_transfer_ms"]
