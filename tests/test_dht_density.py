@@ -10,6 +10,7 @@ asserts that it succeeds there, so the assertions can fail."""
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -190,3 +191,19 @@ def test_the_configuration_file_cannot_turn_the_rule_off(tmp_path: Path) -> None
     (tmp_path / "config.toml").write_text("[dht]\npacked_check = false\n")
     with pytest.raises(UsageError, match="packed_check is a benchmark switch"):
         load_config(tmp_path)
+
+
+def test_the_threshold_agrees_with_a_plain_bisection() -> None:
+    """poisson_threshold takes Newton steps (a daemon computes 512 at its first lookup);
+    a plain 60-step bisection of the same tail must give the same lambda."""
+    from p2pd.dht.density import MAX_COUNT, PACKED_P, _poisson_tail
+
+    def bisection(c: int) -> float:
+        lo, hi = 0.0, float(c + 10 + 10 * math.sqrt(c + 1))
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if _poisson_tail(mid, c) >= PACKED_P else (mid, hi)
+        return hi
+
+    for c in [*range(0, 60), *range(60, MAX_COUNT, 13), MAX_COUNT - 1]:
+        assert math.isclose(poisson_threshold(c), bisection(c), rel_tol=1e-9), c
