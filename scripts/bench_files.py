@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
 from _bench import percentile, progress_printer
+from _files_wormhole import wormhole_seconds
 
 from p2pd.config import FilesConfig, LanConfig, NodeConfig, QuicConfig
 from p2pd.control_client import ControlClient
@@ -411,6 +412,11 @@ def main() -> None:
         help="also DMs during a transfer over a shaped uplink of this many Mbit/s (netns, root)",
     )  # fmt: skip
     parser.add_argument("--uplink-size", type=int, default=16, help="MB sent over the uplink")
+    parser.add_argument(
+        "--wormhole", action="store_true",
+        help="also magic-wormhole on the same file, each round (installed into "
+        ".cache/wormhole-venv on first use; a network namespace, root)",
+    )  # fmt: skip
     parser.add_argument("--raw-sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -436,8 +442,13 @@ def main() -> None:
         progress("starting two daemons")
         daemons = start_pair(root, args.window, args.queue_target)
         # Alternating rounds, medians: the machine is shared, its load moves a lot.
-        raws, plains = [], []
+        raws, plains, wormholes = [], [], []
+        wormhole_version = ""
         for r in range(args.rounds):
+            if args.wormhole:
+                progress(f"round {r + 1}: magic-wormhole, same file")
+                seconds, wormhole_version = wormhole_seconds(src, root)
+                wormholes.append(seconds)
             progress(f"round {r + 1}: raw QUIC stream, two processes")
             raws.append(raw_quic(size))
             progress(f"round {r + 1}: p2pd transfer (no DMs)")
@@ -511,6 +522,11 @@ def main() -> None:
             },
             "p2pd_with_dms_MB_s": mb_s(size, busy["transfer_s"]),
             "queue_target_ms": args.queue_target,
+            "wormhole": {
+                "version": wormhole_version,
+                "MB_s_each": [mb_s(size, w) for w in wormholes],
+                "MB_s": mb_s(size, statistics.median(wormholes)) if wormholes else None,
+            },
             "scavenger_off": off,
             "uplink": uplink,
             "loss": loss,
@@ -533,6 +549,12 @@ def main() -> None:
         f"  p2pd send-file           {result['p2pd_MB_s']:>8} MB/s  "
         f"= {100 * result['p2pd_vs_raw_quic']:.0f}% of raw QUIC"
     )
+    w = result["wormhole"]
+    if w["MB_s"]:
+        print(
+            f"  magic-wormhole           {w['MB_s']:>8} MB/s  ({w['version']}, TCP, direct, "
+            f"a namespace; each {w['MB_s_each']}; not graded)"
+        )
     print(
         f"  p2pd incl. hashing       {result['p2pd_incl_hashing_MB_s']:>8} MB/s  "
         f"(hash + offer {result['hash_and_offer_s']} s)"
