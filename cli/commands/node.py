@@ -286,7 +286,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def invite(ctx: click.Context, as_json: bool, qr: bool) -> None:
     """Print an invite: one line with this daemon's self-certifying handle and where it
-    is now (its public mapped address first, behind a NAT). Whoever has it can run
+    is now (its public mapped address first, behind a NAT; behind a NAT that lets no
+    stranger in, also the relays it is registered with). Whoever has it can run
     `p2pd daemon --bootstrap INVITE` to join through this daemon, with no other
     bootstrap node, or `p2pd contacts add INVITE`. It holds your direct addresses even
     with `[privacy] addresses = "contacts"`: give it only to whom may know them."""
@@ -299,9 +300,15 @@ def invite(ctx: click.Context, as_json: bool, qr: bool) -> None:
     addresses = [Address.parse(a) for a in s.get("direct_addresses", s["addresses"])]
     if s.get("public_address") and Address.parse(s["public_address"]) not in addresses:
         addresses.insert(0, Address.parse(s["public_address"]))
+    # Behind a NAT that lets no stranger in, our addresses serve only our LAN: the relays
+    # we are registered with are public nodes, through which a stranger joins the DHT
+    # and reaches us (p2pd/relay/).
+    relays = [Address.parse(a) for a in s.get("relays_in_use", [])]
+    relays = [a for a in relays if a not in addresses][: MAX_INVITE_ADDRESSES // 2]
+    addresses = addresses[: MAX_INVITE_ADDRESSES - len(relays)] + relays
     if not addresses:
         raise UsageError("the daemon has not published its addresses yet: try again shortly")
-    line = Invite(s["handle"], s["fingerprint"], tuple(addresses[:MAX_INVITE_ADDRESSES]))
+    line = Invite(s["handle"], s["fingerprint"], tuple(addresses))
     data: dict[str, Any] = {
         "invite": str(line),
         "handle": s["handle"],
