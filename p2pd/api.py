@@ -107,6 +107,9 @@ class Status(TypedDict):
     #: Relayed connections upgraded by hole punching (p2pd/relay/upgrade.py): started,
     #: direct, failed, refused; and probes refused by the punch core.
     hole_punching: dict[str, int]
+    #: The UDP port's counters: ``queues`` (2: QUIC has a receive queue of its own),
+    #: ``datagrams_in``, ``dropped_unknown``, ``send_dropped``, ``send_errors``.
+    udp: dict[str, int]
 
 
 class RecordSummary(TypedDict):
@@ -262,6 +265,7 @@ class Api:
             "relays_in_use": [str(a) for a in node.published_relays()],
             "relay": node.relays.statistics() if node.relays is not None else {},
             "hole_punching": node.upgrade.statistics() if node.upgrade is not None else {},
+            "udp": dict(node.endpoint.stats),
         }
 
     async def whois(self, handle: str) -> Whois | ContestedHandle:

@@ -511,3 +511,18 @@ async def test_a_sender_whose_lookup_failed_is_looked_up_again(
                 assert Api(bob).inbox(sender="alice")["messages"] == []
                 (shown,) = Api(bob).inbox()["messages"]
                 assert not shown["sender_verified"]
+
+
+async def test_status_shows_quic_has_a_receive_queue_of_its_own(root: Path) -> None:
+    """p2pd/transport/udp.py: on Linux the port is two sockets, QUIC steered to its own
+    (issue 12); `status` says so, and messages flow through it."""
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    with trio.fail_after(60):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+        ):
+            await alice.delivery.send("bob", "through the QUIC queue")
+            await wait_for(lambda: inbox_texts(bob) == ["through the QUIC queue"])
+            udp = Api(bob).status()["udp"]
+            assert udp["queues"] == 2 and udp["datagrams_in"] > 0, udp

@@ -1,4 +1,4 @@
-"""The node's one UDP socket, owned by trio and shared by the DHT and QUIC.
+"""The node's UDP port, owned by trio and shared by the DHT and QUIC.
 
 Demultiplexing on the first byte (docs/PROTOCOL.md, "One port"):
 
@@ -14,6 +14,17 @@ Sharing the port means the DHT sees the same public address that QUIC uses, whic
 traversal needs. Both protocols run in this task's thread and send through
 :meth:`sendto`: a non-blocking ``sendto`` on the same file descriptor.
 
+Two receive queues on Linux (issue 12: a flood must not drop the honest traffic at the
+socket). The port is bound twice, with ``SO_REUSEPORT``, and a classic BPF program on
+the group (``SO_ATTACH_REUSEPORT_CBPF``) steers every datagram whose first byte has the
+0x40 bit (QUIC) to the second socket, everything else to the first. A flood of DHT or
+relay datagrams then fills only the first socket's queue; QUIC packets (messages,
+calls, files) keep a queue of their own, and :meth:`UdpEndpoint.serve` reads that one
+first. Where the kernel refuses (not Linux, an old kernel), one socket as before
+(``stats`` ``queues``: 1 or 2). Before binding the group, a plain bind of the port
+checks that nobody holds it: a second daemon on the same port is refused as before
+instead of joining the group.
+
 The receive loop reads in bursts: every datagram already queued (up to
 :data:`RECV_BURST`) goes to its handler before the task yields, and then each flush hook
 (:meth:`UdpEndpoint.add_flush_hook`) runs once. A handler may therefore only queue work
@@ -23,9 +34,13 @@ burst, in the same task: no scheduling round and no task switch per datagram.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
+import os
+import select
 import socket
+import struct
 from collections import Counter
 from collections.abc import Callable
 
@@ -44,14 +59,57 @@ RECV_BUFFER = 1 << 20
 #: Datagrams read without yielding to other tasks. A bound, so that a flood cannot starve
 #: the rest of the node; on loopback bulk QUIC a burst is rarely more than ~20 datagrams.
 RECV_BURST = 64
+#: Linux's option numbers (asm-generic/socket.h); not all are in the socket module.
+SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
+SO_ATTACH_REUSEPORT_CBPF = 51
+#: The steering program: A = first payload byte; A & 0x40 ? socket 1 : socket 0. (A
+#: datagram too short to load from ends the program with 0: socket 0.)
+_STEER_QUIC = (
+    (0x30, 0, 0, 0),  # ldb [0]
+    (0x54, 0, 0, 0x40),  # and #0x40
+    (0x15, 0, 1, 0),  # jeq #0 ? next : skip one
+    (0x06, 0, 0, 0),  # ret #0
+    (0x06, 0, 0, 1),  # ret #1
+)
+
+
+def _steer_quic_to_second(sock: socket.socket) -> None:
+    """Attach :data:`_STEER_QUIC` to ``sock``'s reuseport group; OSError if refused."""
+    code = b"".join(struct.pack("HBBI", *insn) for insn in _STEER_QUIC)
+    buf = ctypes.create_string_buffer(code)
+    fprog = struct.pack("HL", len(_STEER_QUIC), ctypes.addressof(buf))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def _bind_pair(family: int, address: tuple[str, int]) -> tuple[socket.socket, socket.socket]:
+    """The port bound twice in one reuseport group, QUIC steered to the second; OSError
+    (the caller falls back to one socket) where the kernel refuses any step."""
+    socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for sock in socks:
+            sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+        socks[0].bind(address)
+        socks[1].bind(socks[0].getsockname()[:2])
+        _steer_quic_to_second(socks[0])
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks[0], socks[1]
 
 
 class UdpEndpoint:
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
+    def __init__(self, sock: socket.socket, quic_sock: socket.socket | None = None) -> None:
+        """``sock`` receives everything, or all but QUIC when ``quic_sock`` (bound to the
+        same address, QUIC steered to it) is given; everything is sent from ``sock``."""
+        self._socks = [sock] if quic_sock is None else [quic_sock, sock]  # read in order
+        for s in self._socks:
+            s.setblocking(False)
         self._stdlib = sock
         self._trio = trio.socket.from_stdlib_socket(sock)
         self.stats: Counter[str] = Counter()
+        self.stats["queues"] = len(self._socks)
         self._flush_hooks: list[FlushHook] = []
         host, port = sock.getsockname()[:2]
         self.local_address = Address(host, port)
@@ -61,12 +119,31 @@ class UdpEndpoint:
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            # A plain bind first: the port must be free (a reuseport group would let a
+            # second daemon of the same user join it silently).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
             sock.bind(address.as_tuple())
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:
                 raise LocalError(f"cannot listen on {address}: the port is in use") from exc
+            raise LocalError(f"cannot listen on {address}: {exc.strerror}") from exc
+        bound = sock.getsockname()[:2]
+        sock.close()
+        try:
+            if os.environ.get("P2PD_ONE_RECEIVE_QUEUE"):  # benchmarks' baseline only
+                raise OSError(errno.EPERM, "P2PD_ONE_RECEIVE_QUEUE is set")
+            main, quic = _bind_pair(family, bound)
+        except OSError as exc:
+            log.info("one receive queue for DHT and QUIC (%s)", exc.strerror or exc)
+        else:
+            return cls(main, quic)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+            sock.bind(bound)
+        except OSError as exc:
+            sock.close()
             raise LocalError(f"cannot listen on {address}: {exc.strerror}") from exc
         return cls(sock)
 
@@ -82,6 +159,9 @@ class UdpEndpoint:
 
     def close(self) -> None:
         self._trio.close()
+        for s in self._socks:
+            if s is not self._stdlib:
+                s.close()
 
     def add_flush_hook(self, hook: FlushHook) -> None:
         """Have :meth:`serve` call ``hook()`` after each burst of datagrams it handed out,
@@ -101,49 +181,60 @@ class UdpEndpoint:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Receive forever, handing each datagram to its protocol by its first byte."""
-        sock = self._stdlib
-        recvfrom = sock.recvfrom
+        """Receive forever, handing each datagram to its protocol by its first byte;
+        QUIC's own queue (when there are two) first, each burst."""
         stats = self.stats
         hooks = self._flush_hooks
+        readers = [s.recvfrom for s in self._socks]
+        poller = None
+        if len(self._socks) > 1:  # one fd to wait on for both: an epoll set
+            poller = select.epoll()
+            for s in self._socks:
+                poller.register(s.fileno(), select.EPOLLIN)
+        waitable = self._stdlib if poller is None else poller.fileno()
         task_status.started()
-        while True:
-            # Read what is queued without a checkpoint per datagram: trio's socket wrapper
-            # yields to the scheduler after every successful recvfrom, a full scheduling
-            # round (epoll poll included) per datagram. On EAGAIN, wait for readability;
-            # at the burst bound, only let the other tasks run once.
-            drained = False
-            count = dropped = 0
-            for _ in range(RECV_BURST):
-                try:
-                    data, addr = recvfrom(MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    drained = True
-                    break
-                except ConnectionResetError:  # ICMP port unreachable, on some systems
-                    continue
-                count += 1
-                first = data[0] if data else 0x80  # an empty datagram: neither
-                if first & 0x40:
-                    if on_quic is not None:
-                        on_quic(data, (addr[0], addr[1]))
-                    else:
-                        dropped += 1
-                elif first <= 0x03:
-                    on_dht(data, (addr[0], addr[1]))
-                elif first == PUNCH_BYTE and on_punch is not None:
-                    on_punch(data, (addr[0], addr[1]))
-                elif first < PUNCH_BYTE and on_relay is not None:
-                    on_relay(data, (addr[0], addr[1]))
+        try:
+            while True:
+                # Read what is queued without a checkpoint per datagram: trio's socket
+                # wrapper yields to the scheduler after every successful recvfrom, a full
+                # scheduling round (epoll poll included) per datagram. On EAGAIN, wait for
+                # readability; at the burst bound, only let the other tasks run once.
+                drained = 0
+                count = dropped = 0
+                for recvfrom in readers:
+                    for _ in range(RECV_BURST):
+                        try:
+                            data, addr = recvfrom(MAX_DATAGRAM)
+                        except (BlockingIOError, InterruptedError):
+                            drained += 1
+                            break
+                        except ConnectionResetError:  # ICMP port unreachable, on some systems
+                            continue
+                        count += 1
+                        first = data[0] if data else 0x80  # an empty datagram: neither
+                        if first & 0x40:
+                            if on_quic is not None:
+                                on_quic(data, (addr[0], addr[1]))
+                            else:
+                                dropped += 1
+                        elif first <= 0x03:
+                            on_dht(data, (addr[0], addr[1]))
+                        elif first == PUNCH_BYTE and on_punch is not None:
+                            on_punch(data, (addr[0], addr[1]))
+                        elif first < PUNCH_BYTE and on_relay is not None:
+                            on_relay(data, (addr[0], addr[1]))
+                        else:
+                            dropped += 1
+                if count:
+                    stats["datagrams_in"] += count
+                    if dropped:
+                        stats["dropped_unknown"] += dropped
+                    for hook in hooks:
+                        hook()
+                if drained == len(readers):
+                    await trio.lowlevel.wait_readable(waitable)
                 else:
-                    dropped += 1
-            if count:
-                stats["datagrams_in"] += count
-                if dropped:
-                    stats["dropped_unknown"] += dropped
-                for hook in hooks:
-                    hook()
-            if drained:
-                await trio.lowlevel.wait_readable(sock)
-            else:
-                await trio.lowlevel.checkpoint()
+                    await trio.lowlevel.checkpoint()
+        finally:
+            if poller is not None:
+                poller.close()
