@@ -108,7 +108,8 @@ class Status(TypedDict):
     #: direct, failed, refused; and probes refused by the punch core.
     hole_punching: dict[str, int]
     #: The UDP port's counters: ``queues`` (2: QUIC has a receive queue of its own),
-    #: ``datagrams_in``, ``dropped_unknown``, ``send_dropped``, ``send_errors``.
+    #: ``datagrams_in``, ``dropped_unknown``, ``send_dropped``, ``send_errors``,
+    #: ``other_read_paused``, ``kernel_dropped_quic`` / ``_other`` (full queues).
     udp: dict[str, int]
 
 
@@ -265,7 +266,10 @@ class Api:
             "relays_in_use": [str(a) for a in node.published_relays()],
             "relay": node.relays.statistics() if node.relays is not None else {},
             "hole_punching": node.upgrade.statistics() if node.upgrade is not None else {},
-            "udp": dict(node.endpoint.stats),
+            "udp": {
+                **node.endpoint.stats,
+                **{f"kernel_dropped_{k}": v for k, v in node.endpoint.kernel_drops().items()},
+            },
         }
 
     async def whois(self, handle: str) -> Whois | ContestedHandle:

@@ -346,7 +346,7 @@ async def open_node(
         raise
     endpoint = UdpEndpoint.bind(config.listen)
     # Dial-back help (issue 13) goes out from a second port of ours, never read.
-    dialback = UdpEndpoint.bind(Address(config.listen.host, 0))
+    dialback = UdpEndpoint.bind(Address(config.listen.host, 0), split=False)
     try:
         async with (
             open_dht(

@@ -150,6 +150,7 @@ async def test_each_request_kind_flood_is_dropped_and_counted_and_honest_served(
 ) -> None:
     with trio.fail_after(150):
         async with node(root, "bob") as bob, node(root, "alice", bootstrap=bob) as alice:
+            kernel0 = 0
             for attack in ATTACKS:
                 flooded, replies = await flood_while_asking(alice, bob, attack)
                 assert flooded["sent"] > 2000, (attack, flooded)
@@ -157,8 +158,13 @@ async def test_each_request_kind_flood_is_dropped_and_counted_and_honest_served(
                 assert all(r is not None for r in replies), (attack, replies)
                 counters = Api(bob).status()["dht_counters"]
                 kind = f"rate_limited_{attack}"
-                # most of the junk dropped, and counted, before it was decoded
-                assert counters.get(kind, 0) > flooded["sent"] // 4, (attack, counters)
+                # most of the junk dropped, and counted, before it was decoded: by bob's
+                # budgets, or by the kernel at the non-QUIC queue that bob reads at a
+                # bounded rate (p2pd/transport/udp.py)
+                udp = Api(bob).status()["udp"]
+                stopped = counters.get(kind, 0) + udp.get("kernel_dropped_other", 0) - kernel0
+                kernel0 = udp.get("kernel_dropped_other", 0)
+                assert stopped > flooded["sent"] // 4, (attack, counters, udp)
                 # no reply larger than its request to the unvalidated flooder
                 assert flooded["reply_bytes"] <= flooded["bytes"], (attack, flooded)
             counters = Api(bob).status()["dht_counters"]

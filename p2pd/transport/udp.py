@@ -59,9 +59,16 @@ RECV_BUFFER = 1 << 20
 #: Datagrams read without yielding to other tasks. A bound, so that a flood cannot starve
 #: the rest of the node; on loopback bulk QUIC a burst is rarely more than ~20 datagrams.
 RECV_BURST = 64
+#: Beside QUIC's own queue, the other one (DHT, relay, punch) is read at most this many
+#: datagrams a second, in bursts of at most OTHER_READ_BURST: a flood beyond it is
+#: dropped by the kernel at that queue and costs the daemon no CPU (issue 12). An
+#: honest node's DHT traffic is a few hundred a second.
+OTHER_READ_RATE = 5000.0
+OTHER_READ_BURST = 1000.0
 #: Linux's option numbers (asm-generic/socket.h); not all are in the socket module.
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 SO_ATTACH_REUSEPORT_CBPF = 51
+SO_MEMINFO = 55
 #: The steering program: A = first payload byte; A & 0x40 ? socket 1 : socket 0. (A
 #: datagram too short to load from ends the program with 0: socket 0.)
 _STEER_QUIC = (
@@ -115,7 +122,9 @@ class UdpEndpoint:
         self.local_address = Address(host, port)
 
     @classmethod
-    def bind(cls, address: Address) -> UdpEndpoint:
+    def bind(cls, address: Address, *, split: bool = True) -> UdpEndpoint:
+        """Bind ``address``; with ``split``, QUIC in a queue of its own where the kernel
+        allows (a port that is never read, as the dial-back sender's, needs none)."""
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -131,7 +140,8 @@ class UdpEndpoint:
         bound = sock.getsockname()[:2]
         sock.close()
         try:
-            if os.environ.get("P2PD_ONE_RECEIVE_QUEUE"):  # benchmarks' baseline only
+            if not split or os.environ.get("P2PD_ONE_RECEIVE_QUEUE"):  # the latter:
+                # benchmarks' baseline only
                 raise OSError(errno.EPERM, "P2PD_ONE_RECEIVE_QUEUE is set")
             main, quic = _bind_pair(family, bound)
         except OSError as exc:
@@ -156,6 +166,20 @@ class UdpEndpoint:
         except OSError as exc:
             self.stats["send_errors"] += 1
             log.debug("sendto %s failed: %s", addr, exc)
+
+    def kernel_drops(self) -> dict[str, int]:
+        """Datagrams the kernel dropped because a receive queue was full, per queue
+        (``quic`` and ``other``; ``all`` with one queue). SO_MEMINFO (Linux 4.6); {}
+        where the kernel does not say."""
+        names = ["quic", "other"] if len(self._socks) > 1 else ["all"]
+        drops = {}
+        for name, sock in zip(names, self._socks, strict=True):
+            try:
+                info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 9 * 4)
+            except OSError:
+                return {}
+            drops[name] = struct.unpack("9I", info)[8]  # SK_MEMINFO_DROPS
+        return drops
 
     def close(self) -> None:
         self._trio.close()
@@ -192,6 +216,10 @@ class UdpEndpoint:
             for s in self._socks:
                 poller.register(s.fileno(), select.EPOLLIN)
         waitable = self._stdlib if poller is None else poller.fileno()
+        # The other queue's read budget (a token bucket), only when QUIC has its own.
+        throttled = len(readers) - 1 if poller is not None else -1
+        tokens, refilled = OTHER_READ_BURST, trio.current_time()
+        quic_fd = self._socks[0]
         task_status.started()
         try:
             while True:
@@ -201,8 +229,19 @@ class UdpEndpoint:
                 # readability; at the burst bound, only let the other tasks run once.
                 drained = 0
                 count = dropped = 0
-                for recvfrom in readers:
-                    for _ in range(RECV_BURST):
+                paused = False
+                for index, recvfrom in enumerate(readers):
+                    limit = RECV_BURST
+                    if index == throttled:
+                        now = trio.current_time()
+                        tokens = min(OTHER_READ_BURST, tokens + (now - refilled) * OTHER_READ_RATE)
+                        refilled = now
+                        limit = min(RECV_BURST, int(tokens))
+                        if limit == 0:
+                            paused = True
+                            continue
+                        tokens -= limit  # what is not read is given back below
+                    for _ in range(limit):
                         try:
                             data, addr = recvfrom(MAX_DATAGRAM)
                         except (BlockingIOError, InterruptedError):
@@ -211,6 +250,7 @@ class UdpEndpoint:
                         except ConnectionResetError:  # ICMP port unreachable, on some systems
                             continue
                         count += 1
+                        limit -= 1
                         first = data[0] if data else 0x80  # an empty datagram: neither
                         if first & 0x40:
                             if on_quic is not None:
@@ -225,6 +265,8 @@ class UdpEndpoint:
                             on_relay(data, (addr[0], addr[1]))
                         else:
                             dropped += 1
+                    if index == throttled:
+                        tokens += limit  # unread: not spent
                 if count:
                     stats["datagrams_in"] += count
                     if dropped:
@@ -233,6 +275,12 @@ class UdpEndpoint:
                         hook()
                 if drained == len(readers):
                     await trio.lowlevel.wait_readable(waitable)
+                elif paused and drained == len(readers) - 1:
+                    # Only the other queue has more, and its budget is spent: wait for QUIC
+                    # or for the budget of a burst, whichever comes first.
+                    stats["other_read_paused"] += 1
+                    with trio.move_on_after(RECV_BURST / OTHER_READ_RATE):
+                        await trio.lowlevel.wait_readable(quic_fd)
                 else:
                     await trio.lowlevel.checkpoint()
         finally:
