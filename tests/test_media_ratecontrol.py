@@ -15,6 +15,8 @@ from p2pd.media.wire import NackEntry, ReportBlock, VideoFragment, VideoNack
 
 CEILING = 800_000
 INTERVAL = 0.5  # MediaConfig.report_interval
+#: Started at the ceiling (calls start at RateConfig.start_bps, 300 kbit/s).
+FULL = RateConfig(start_bps=CEILING)
 
 
 def run(
@@ -34,14 +36,25 @@ def run(
 
 
 def test_a_clean_path_keeps_the_configured_bitrate() -> None:
-    rc = VideoRateController(RateConfig(), ceiling=CEILING)
+    rc = VideoRateController(FULL, ceiling=CEILING)
     run(rc, 30)
     assert rc.target == CEILING
     assert rc.statistics()["video_target_kbps"] == 800.0
 
 
-def test_loss_over_ten_percent_cuts_the_bitrate_to_the_floor_and_no_further() -> None:
+def test_a_call_starts_at_300_kbits_and_grows_to_the_ceiling_on_a_clean_path() -> None:
     rc = VideoRateController(RateConfig(), ceiling=CEILING)
+    assert rc.target == 300_000
+    now = run(rc, 5)
+    assert rc.target == pytest.approx(300_000 * 1.08**4.5)  # from the first report on
+    run(rc, 10, start=now)
+    assert rc.target == CEILING
+    # A configured bitrate under the start is the start.
+    assert VideoRateController(RateConfig(), ceiling=200_000).target == 200_000
+
+
+def test_loss_over_ten_percent_cuts_the_bitrate_to_the_floor_and_no_further() -> None:
+    rc = VideoRateController(FULL, ceiling=CEILING)
     now = run(rc, 1, loss=0.2)
     # Two reports of 20 % loss: each cuts to (1 - 0.2 / 2) = 90 %.
     assert rc.target == pytest.approx(CEILING * 0.9**2)
@@ -51,7 +64,7 @@ def test_loss_over_ten_percent_cuts_the_bitrate_to_the_floor_and_no_further() ->
 
 
 def test_loss_between_two_and_ten_percent_holds_the_bitrate() -> None:
-    rc = VideoRateController(RateConfig(), ceiling=CEILING)
+    rc = VideoRateController(FULL, ceiling=CEILING)
     now = run(rc, 2, loss=0.3)
     held = rc.target
     assert held < CEILING
@@ -60,7 +73,7 @@ def test_loss_between_two_and_ten_percent_holds_the_bitrate() -> None:
 
 
 def test_after_the_loss_ends_the_bitrate_climbs_back_additively_then_faster() -> None:
-    config = RateConfig()
+    config = FULL
     rc = VideoRateController(config, ceiling=CEILING)
     now = run(rc, 30, loss=0.3)
     assert rc.target == config.floor_bps
@@ -73,7 +86,7 @@ def test_after_the_loss_ends_the_bitrate_climbs_back_additively_then_faster() ->
 
 
 def test_a_growing_rtt_cuts_the_bitrate_a_single_late_report_does_not() -> None:
-    rc = VideoRateController(RateConfig(), ceiling=CEILING)
+    rc = VideoRateController(FULL, ceiling=CEILING)
     now = run(rc, 5, rtt=0.01)
     # One late report (a stalled thread): nothing happens.
     now += INTERVAL
@@ -88,9 +101,28 @@ def test_a_growing_rtt_cuts_the_bitrate_a_single_late_report_does_not() -> None:
     assert rc.target < CEILING * 0.85**5
 
 
+def test_a_long_queue_cuts_deeper_but_not_under_half() -> None:
+    rc = VideoRateController(FULL, ceiling=CEILING)
+    now = run(rc, 5, rtt=0.005)
+    now = run(rc, 1, rtt=0.305, start=now)  # 300 ms of queue: to 70 %
+    assert rc.target == pytest.approx(CEILING * 0.7)
+    run(rc, 0.5, rtt=2.005, start=now)  # 2 s of queue: to 50 %, not 0
+    assert rc.target == pytest.approx(CEILING * 0.7 * 0.5)
+
+
+def test_datagrams_our_own_congestion_window_dropped_cut_the_bitrate() -> None:
+    rc = VideoRateController(FULL, ceiling=CEILING)
+    assert rc.local_drops(1.0, 0) == CEILING
+    assert rc.local_drops(1.1, 3) == pytest.approx(CEILING * 0.7)
+    assert rc.local_drops(1.2, 9) == pytest.approx(CEILING * 0.7)  # within 0.3 s: once
+    assert rc.local_drops(1.5, 9) == pytest.approx(CEILING * 0.7)  # nothing new
+    assert rc.local_drops(1.6, 10) == pytest.approx(CEILING * 0.49)
+    assert rc.statistics()["video_rate_decreases_local"] == 2
+
+
 def test_the_rtt_base_is_the_window_minimum_so_a_slow_path_is_no_queue() -> None:
     """A path whose RTT is 200 ms from the start has no queue: no cut."""
-    rc = VideoRateController(RateConfig(), ceiling=CEILING)
+    rc = VideoRateController(FULL, ceiling=CEILING)
     run(rc, 30, rtt=0.2)
     assert rc.target == CEILING
     assert rc.decreases_delay == 0
@@ -99,7 +131,7 @@ def test_the_rtt_base_is_the_window_minimum_so_a_slow_path_is_no_queue() -> None
 def test_hostile_reports_keep_the_bitrate_within_floor_and_ceiling() -> None:
     """Whatever a peer reports (any loss, any RTT, any timing, NaN, negative, huge), the
     target stays in [floor, ceiling]."""
-    config = RateConfig()
+    config = FULL
     rng = random.Random(7)
     values = [0.0, 1.0, -1.0, 2.0, 1e9, -1e9, float("nan"), float("inf"), -float("inf"), None]
     for trial in range(50):
@@ -114,7 +146,7 @@ def test_hostile_reports_keep_the_bitrate_within_floor_and_ceiling() -> None:
 
 
 def test_a_flood_of_clean_reports_grows_the_bitrate_no_faster_than_time_does() -> None:
-    config = RateConfig()
+    config = FULL
     fast = VideoRateController(config, ceiling=CEILING)
     paced = VideoRateController(config, ceiling=CEILING)
     for rc in (fast, paced):
@@ -129,7 +161,7 @@ def test_a_flood_of_clean_reports_grows_the_bitrate_no_faster_than_time_does() -
 
 
 def test_a_flood_of_lossy_reports_cuts_no_more_often_than_the_interval() -> None:
-    config = RateConfig()
+    config = FULL
     rc = VideoRateController(config, ceiling=CEILING)
     for i in range(1000):  # 1000 reports of 50 % loss within 0.29 s: one cut
         rc.report(i * 0.00029, 0.5, 0.01)
@@ -138,7 +170,7 @@ def test_a_flood_of_lossy_reports_cuts_no_more_often_than_the_interval() -> None
 
 
 def test_the_encoder_changes_only_by_a_step_worth_a_keyframe_and_not_too_often() -> None:
-    config = RateConfig()
+    config = FULL
     rc = VideoRateController(config, ceiling=CEILING)
     # The target moves a little: the encoder stays.
     rc.target = 0.9 * CEILING
@@ -146,9 +178,9 @@ def test_the_encoder_changes_only_by_a_step_worth_a_keyframe_and_not_too_often()
     # By 25 %: a new encoder at the target.
     rc.target = 0.75 * CEILING
     assert rc.encoder_bitrate(10.0, CEILING) == 600_000
-    # Down again 0.5 s later: too soon (1 s between switches down) ...
+    # Down again 0.3 s later: too soon (0.5 s between switches down) ...
     rc.target = 0.5 * CEILING
-    assert rc.encoder_bitrate(10.5, 600_000) is None
+    assert rc.encoder_bitrate(10.3, 600_000) is None
     assert rc.encoder_bitrate(11.0, 600_000) == 400_000
     # ... up: 4 s between, unless a keyframe is due anyway (0.5 s, and 5 % is a step).
     rc.target = 0.6 * CEILING

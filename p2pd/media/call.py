@@ -281,9 +281,12 @@ class CallMedia:
         self._jitter = JitterBuffer(c.jitter if c.align_playout else replace(c.jitter, warmup=0))
         self._assembler = FrameAssembler(c.assembler)
         self._history = RetransmitHistory(c.retransmit)
-        self._rate = VideoRateController(c.rate, ceiling=c.video_bitrate)
+        fixed = replace(c.rate, start_bps=c.video_bitrate)  # the statistics say so
+        self._rate = VideoRateController(
+            c.rate if c.video_rate_adaptation else fixed, ceiling=c.video_bitrate
+        )
         self._send_loss = SendLossMeter(c.rate.min_samples)
-        self._video_encoder_bps = c.video_bitrate
+        self._video_encoder_bps = 0
         self._audio_rx = ReceptionStats(SAMPLE_RATE)
         self._video_rx = ReceptionStats(VIDEO_CLOCK)
         self._rtt = RttEstimator()
@@ -344,8 +347,9 @@ class CallMedia:
             self._assembler.nack_enabled = self.config.video_nack and message.answers_nacks
             if message.audio.loss_fraction > self.config.redundancy_loss_threshold:
                 self._red_until = now + self.config.redundancy_hold
-            loss = self._send_loss.report(message.audio, self._history.first_nacked)
-            self._rate.report(now, loss, self._rtt.latest)
+            if self.config.video_rate_adaptation:
+                loss = self._send_loss.report(message.audio, self._history.first_nacked)
+                self._rate.report(now, loss, self._rtt.latest)
         elif isinstance(message, KeyframeRequest):
             c.keyframe_requests_received += 1
             if message.request > self._last_request_seen:
@@ -735,7 +739,9 @@ class CallMedia:
             w, h, fps = c.video_width, c.video_height, c.video_fps
             return Vp8Encoder(width=w, height=h, fps=fps, bitrate=bitrate)
 
-        encoder = open_encoder(c.video_bitrate)
+        encoder = open_encoder(
+            round(self._rate.target) if c.video_rate_adaptation else c.video_bitrate
+        )
         interval = 1 / c.video_fps
         tick = 0
         frame_id = 0
@@ -751,6 +757,7 @@ class CallMedia:
             if force:
                 self._keyframe_wanted = False
             if c.video_rate_adaptation:  # a new encoder's first frame is a keyframe
+                self._rate.local_drops(now, self._c.send_dropped)
                 bitrate = self._rate.encoder_bitrate(now, encoder.bitrate, keyframe_due=force)
                 encoder = encoder if bitrate is None else open_encoder(bitrate)
             timestamp = round(t * VIDEO_CLOCK) % (1 << 32)

@@ -15,7 +15,9 @@ Three small parts, one per question, none reading a clock (every call takes ``no
   over ``loss_high`` (10 %) cuts the target to ``(1 - loss / 2)`` of itself; an RTT that
   stays ``rtt_margin`` (and ``rtt_ratio`` of the base) over the smallest RTT of the last
   ``rtt_window`` seconds (queues building, here mostly datagrams waiting for the QUIC
-  congestion window) cuts it to ``delay_decrease`` (0.85); loss under ``loss_low``
+  congestion window) cuts it to ``delay_decrease`` (0.85, deeper for a longer queue);
+  a datagram our own congestion window's queue dropped (:meth:`local_drops`, a local
+  fact) cuts it to ``local_drop_decrease`` (0.7); loss under ``loss_low``
   (2 %) and no queue let it grow, additively (``additive_bps`` a second) for
   ``additive_hold`` after a cut, where the path's limit was just found, else by
   ``increase_per_s`` (8 %) a second; in between it holds. Always within
@@ -60,6 +62,12 @@ class RateConfig:
     #: quantizer (measured: a 100 kbit/s target gave 218), so lower would only be a
     #: number.
     floor_bps: int = 150_000
+    #: Where a call starts (within [floor, ceiling]), as GCC starts at 300 kbit/s: the
+    #: path's capacity is not known yet, and overshooting it fills our QUIC congestion
+    #: window's queue within the first second (measured at 10 % loss through
+    #: aioquic's NewReno: a window of 3-7 KB, 64 datagrams queued, reports 1.3 s late),
+    #: while growing to the ceiling on a clean path takes ~15 s.
+    start_bps: int = 300_000
     #: Loss over this (a fraction) cuts the target to (1 - loss / 2) of itself (GCC).
     loss_high: float = 0.10
     #: Loss under this (and no queue) lets the target grow (GCC: 2 %).
@@ -71,14 +79,21 @@ class RateConfig:
     additive_bps: int = 40_000
     additive_hold: float = 10.0
     #: A queue: the RTT over the window's smallest by both this (seconds) ...
-    rtt_margin: float = 0.03
+    rtt_margin: float = 0.02
     #: ... and this share of the smallest, in ``overuse_reports`` reports in a row (one
     #: stalled thread on a loaded machine makes one late report, not two).
     rtt_ratio: float = 0.5
     overuse_reports: int = 2
     rtt_window: float = 10.0
-    #: A queue cuts the target to this share of itself.
+    #: A queue cuts the target to this share of itself, or, when the RTT stands more
+    #: than 0.15 s over its base, to (1 - excess / 1 s) of itself (a queue of ``excess``
+    #: seconds drains within a second), but not under ``max_decrease``.
     delay_decrease: float = 0.85
+    max_decrease: float = 0.5
+    #: Datagrams our own QUIC congestion window held back until its queue was full
+    #: (``QuicConfig.max_pending_datagrams``) and dropped: the path takes less than we
+    #: send, and every dropped one is a loss to the peer. Cut to this share of itself.
+    local_drop_decrease: float = 0.7
     #: Cuts at most this often, however many reports say so.
     min_decrease_interval: float = 0.3
     #: Reports further apart than this count as this far apart (a pause in reports is
@@ -90,7 +105,7 @@ class RateConfig:
     #: (a new encoder costs a keyframe) ...
     switch_step: float = 0.15
     #: ... at most this often going down, and going up ...
-    switch_down_interval: float = 1.0
+    switch_down_interval: float = 0.5
     switch_up_interval: float = 4.0
     #: ... or by this share when a keyframe is due anyway, then at most this often.
     keyframe_switch_step: float = 0.05
@@ -101,8 +116,10 @@ class RateConfig:
             raise UsageError("the video bitrate floor is at least 10 kbit/s")
         if not 0 <= self.loss_low <= self.loss_high <= 1:
             raise UsageError("need 0 <= loss_low <= loss_high <= 1")
-        if not 0 < self.delay_decrease < 1:
-            raise UsageError("delay_decrease is a share, in (0, 1)")
+        if not 0 < self.max_decrease <= self.delay_decrease < 1:
+            raise UsageError("need 0 < max_decrease <= delay_decrease < 1")
+        if not 0 < self.local_drop_decrease < 1:
+            raise UsageError("local_drop_decrease is a share, in (0, 1)")
         if self.overuse_reports < 1 or self.min_samples < 1:
             raise UsageError("overuse_reports and min_samples must be positive")
 
@@ -163,7 +180,7 @@ class VideoRateController:
         self.ceiling = ceiling
         #: A configured bitrate under the floor is kept as it is.
         self.floor = min(config.floor_bps, ceiling)
-        self.target = float(ceiling)
+        self.target = float(min(ceiling, max(self.floor, config.start_bps)))
         self._last_report: float | None = None
         self._last_decrease = -math.inf
         self._last_switch = -math.inf
@@ -171,8 +188,11 @@ class VideoRateController:
         #: deque: each new sample drops the larger ones before it).
         self._rtts: deque[tuple[float, float]] = deque()
         self._overuse = 0
+        self._excess = 0.0
+        self._drops_seen = 0
         self.decreases_loss = 0
         self.decreases_delay = 0
+        self.decreases_local = 0
         self.switches = 0
 
     @property
@@ -196,7 +216,8 @@ class VideoRateController:
                 self.decreases_loss += 1
         elif queue:
             if self._may_decrease(now):
-                self._set(self.target * c.delay_decrease)
+                factor = min(c.delay_decrease, max(c.max_decrease, 1 - self._excess))
+                self._set(self.target * factor)
                 self.decreases_delay += 1
         elif loss is None or loss < c.loss_low:
             if now - self._last_decrease < c.additive_hold:
@@ -215,11 +236,22 @@ class VideoRateController:
             self._rtts.popleft()
         base = self.base_rtt
         over = base is not None and rtt > base + max(c.rtt_margin, c.rtt_ratio * base)
+        self._excess = rtt - base if base is not None else 0.0
         while self._rtts and self._rtts[-1][1] >= rtt:
             self._rtts.pop()
         self._rtts.append((now, rtt))
         self._overuse = self._overuse + 1 if over else 0
         return self._overuse >= c.overuse_reports
+
+    def local_drops(self, now: float, total: int) -> float:
+        """``total``: the datagrams our side dropped so far because its QUIC congestion
+        window's queue was full (local, so to be trusted). Any new one cuts the target.
+        Returns the target."""
+        if total > self._drops_seen and self._may_decrease(now):
+            self._set(self.target * self.config.local_drop_decrease)
+            self.decreases_local += 1
+        self._drops_seen = max(self._drops_seen, total)
+        return self.target
 
     def _may_decrease(self, now: float) -> bool:
         if now - self._last_decrease < self.config.min_decrease_interval:
@@ -255,5 +287,6 @@ class VideoRateController:
             "video_target_kbps": round(self.target / 1000, 1),
             "video_rate_decreases_loss": self.decreases_loss,
             "video_rate_decreases_delay": self.decreases_delay,
+            "video_rate_decreases_local": self.decreases_local,
             "video_encoder_switches": self.switches,
         }
