@@ -330,6 +330,7 @@ async def video_call(
         "encoder_kbps": encoder_kbps,
         "switches": sum(s["video_encoder_switches"] for s in stats),
         "video_bytes": sum(p.video_bytes for p in counting),
+        "send_dropped": sum(s["datagrams_send_dropped"] for s in stats),
         "send_loss_pct": [s["video_send_loss_pct"] for s in stats],
     }
 
@@ -375,6 +376,7 @@ def run_video(args: argparse.Namespace) -> list[dict[str, Any]]:
                             sum(encoder) / len(encoder) if encoder else None
                         ),
                         "encoder_switches": sum(r["switches"] for r in runs),
+                        "send_dropped": sum(r["send_dropped"] for r in runs),
                         "video_sent_kbps": sum(r["video_bytes"] for r in runs)
                         * 8
                         / 1000
@@ -409,7 +411,7 @@ def print_video(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     header = (
         f"{'loss':>4} {'recovery':<24} {'played':>7} {'per run':>16} {'frozen':>6} "
         f"{'max gap':>7} {'keyfr':>5} {'resent':>6} {'target kbit/s (range)':>21} "
-        f"{'enc':>4} {'sent':>4} {'sw':>3}"
+        f"{'enc':>4} {'sent':>4} {'sw':>3} {'qdrop':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -422,7 +424,8 @@ def print_video(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['loss']:>4.0%} {r['recovery']:<24} {fmt(r['played_pct'], '.1f', '%'):>7} "
             f"{per_run:>16} {r['frozen_pct']:>5.1f}% {r['longest_gap_ms']:>5.0f}ms "
             f"{r['keyframes_sent']:>5} {r['retransmitted_pct']:>5.1f}% {target:>21} "
-            f"{encoder:>4} {r['video_sent_kbps'] / 2:>4.0f} {r['encoder_switches']:>3}"
+            f"{encoder:>4} {r['video_sent_kbps']:>4.0f} {r['encoder_switches']:>3} "
+            f"{r['send_dropped']:>5}"
         )
     print(
         f"played = frames decoded by the receiver / frames sent; frozen = time in gaps "
@@ -430,7 +433,9 @@ def print_video(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "keyframes sent; resent = retransmitted bytes / all bytes sent (audio, video, "
         "reports); target = each side's video target bitrate at the end of its call, mean "
         "(range); enc = the encoders' bitrate over the second half of the calls; sent = "
-        "video sent per side (kbit/s, retransmissions included); sw = encoder switches. "
+        "video sent per side (kbit/s, retransmissions included); sw = encoder switches; "
+        "qdrop = datagrams dropped before sending, both sides, all calls (our QUIC congestion "
+        "window's queue was full). "
         "Goals (issue 15), graded on the default (NACK + rate adaptation): >= 95 % played "
         "at 5 % loss, >= 85 % at 10 %."
     )

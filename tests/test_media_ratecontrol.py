@@ -112,12 +112,20 @@ def test_a_long_queue_cuts_deeper_but_not_under_half() -> None:
 
 def test_datagrams_our_own_congestion_window_dropped_cut_the_bitrate() -> None:
     rc = VideoRateController(FULL, ceiling=CEILING)
-    assert rc.local_drops(1.0, 0) == CEILING
-    assert rc.local_drops(1.1, 3) == pytest.approx(CEILING * 0.7)
-    assert rc.local_drops(1.2, 9) == pytest.approx(CEILING * 0.7)  # within 0.3 s: once
-    assert rc.local_drops(1.5, 9) == pytest.approx(CEILING * 0.7)  # nothing new
-    assert rc.local_drops(1.6, 10) == pytest.approx(CEILING * 0.49)
+    assert rc.local_queue(1.0, 0) == CEILING
+    assert rc.local_queue(1.1, 3) == pytest.approx(CEILING * 0.7)
+    assert rc.local_queue(1.2, 9) == pytest.approx(CEILING * 0.7)  # within 0.3 s: once
+    assert rc.local_queue(1.5, 9) == pytest.approx(CEILING * 0.7)  # nothing new
+    assert rc.local_queue(1.6, 10) == pytest.approx(CEILING * 0.49)
     assert rc.statistics()["video_rate_decreases_local"] == 2
+
+
+def test_a_queue_waiting_for_our_congestion_window_cuts_the_bitrate() -> None:
+    rc = VideoRateController(FULL, ceiling=CEILING)
+    assert rc.local_queue(1.0, 0, queued=16) == CEILING  # 16 waiting: no more than allowed
+    assert rc.local_queue(1.1, 0, queued=17) == pytest.approx(CEILING * 0.7)
+    assert rc.local_queue(1.2, 0, queued=40) == pytest.approx(CEILING * 0.7)  # once per 0.3 s
+    assert rc.local_queue(1.5, 0, queued=3) == pytest.approx(CEILING * 0.7)
 
 
 def test_the_rtt_base_is_the_window_minimum_so_a_slow_path_is_no_queue() -> None:

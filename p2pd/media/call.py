@@ -757,7 +757,8 @@ class CallMedia:
             if force:
                 self._keyframe_wanted = False
             if c.video_rate_adaptation:  # a new encoder's first frame is a keyframe
-                self._rate.local_drops(now, self._c.send_dropped)
+                queued = getattr(self.peer, "queued_datagrams", 0)  # a QuicPeer's
+                self._rate.local_queue(now, self._c.send_dropped, queued)
                 bitrate = self._rate.encoder_bitrate(now, encoder.bitrate, keyframe_due=force)
                 encoder = encoder if bitrate is None else open_encoder(bitrate)
             timestamp = round(t * VIDEO_CLOCK) % (1 << 32)

@@ -16,11 +16,12 @@ Three small parts, one per question, none reading a clock (every call takes ``no
   stays ``rtt_margin`` (and ``rtt_ratio`` of the base) over the smallest RTT of the last
   ``rtt_window`` seconds (queues building, here mostly datagrams waiting for the QUIC
   congestion window) cuts it to ``delay_decrease`` (0.85, deeper for a longer queue);
-  a datagram our own congestion window's queue dropped (:meth:`local_drops`, a local
-  fact) cuts it to ``local_drop_decrease`` (0.7); loss under ``loss_low``
-  (2 %) and no queue let it grow, additively (``additive_bps`` a second) for
-  ``additive_hold`` after a cut, where the path's limit was just found, else by
-  ``increase_per_s`` (8 %) a second; in between it holds. Always within
+  a datagram our own congestion window's queue dropped, or more than ``queue_limit``
+  waiting in it (:meth:`local_queue`, local facts) cut it to ``local_drop_decrease``
+  (0.7); loss under ``loss_low`` (2 %) and no queue let it grow, additively
+  (``additive_bps`` a second) for ``additive_hold`` after a cut, where the path's limit
+  was just found, else by ``increase_per_s`` (8 %) a second; in between it holds. Always
+  within
   [``floor_bps``, ceiling].
 - :meth:`VideoRateController.encoder_bitrate`: when the encoder should take a new
   target. libvpx through FFmpeg cannot change its bitrate once open (PyAV 18.1 / FFmpeg
@@ -91,9 +92,13 @@ class RateConfig:
     delay_decrease: float = 0.85
     max_decrease: float = 0.5
     #: Datagrams our own QUIC congestion window held back until its queue was full
-    #: (``QuicConfig.max_pending_datagrams``) and dropped: the path takes less than we
-    #: send, and every dropped one is a loss to the peer. Cut to this share of itself.
+    #: (``QuicConfig.max_pending_datagrams``, 64) and dropped, or more than
+    #: ``queue_limit`` of them waiting at a video frame's tick (~19 KB: 0.2 s at 800
+    #: kbit/s): the connection carries less than we send, and a full queue drops. Cut to
+    #: this share of itself. Local facts, seen a report interval or more before the
+    #: peer's RTT shows the queue.
     local_drop_decrease: float = 0.7
+    queue_limit: int = 16
     #: Cuts at most this often, however many reports say so.
     min_decrease_interval: float = 0.3
     #: Reports further apart than this count as this far apart (a pause in reports is
@@ -243,14 +248,16 @@ class VideoRateController:
         self._overuse = self._overuse + 1 if over else 0
         return self._overuse >= c.overuse_reports
 
-    def local_drops(self, now: float, total: int) -> float:
-        """``total``: the datagrams our side dropped so far because its QUIC congestion
-        window's queue was full (local, so to be trusted). Any new one cuts the target.
+    def local_queue(self, now: float, dropped: int, queued: int = 0) -> float:
+        """``dropped``: the datagrams our side dropped so far because its QUIC congestion
+        window's queue was full; ``queued``: how many wait in it now (local, so to be
+        trusted). A new drop, or more than ``queue_limit`` waiting, cuts the target.
         Returns the target."""
-        if total > self._drops_seen and self._may_decrease(now):
+        over = dropped > self._drops_seen or queued > self.config.queue_limit
+        if over and self._may_decrease(now):
             self._set(self.target * self.config.local_drop_decrease)
             self.decreases_local += 1
-        self._drops_seen = max(self._drops_seen, total)
+        self._drops_seen = max(self._drops_seen, dropped)
         return self.target
 
     def _may_decrease(self, now: float) -> bool:
