@@ -57,7 +57,7 @@ __all__ = ["RateConfig", "SendLossMeter", "VideoRateController"]
 @dataclass(frozen=True)
 class RateConfig:
     """Tuning of the video bitrate's adaptation; rates in bit/s, times in seconds. The
-    ceiling (and the start) is ``MediaConfig.video_bitrate``."""
+    ceiling is ``MediaConfig.video_bitrate``."""
 
     #: Never under this: 640x480 testsrc needs ~200 kbit/s even at libvpx's coarsest
     #: quantizer (measured: a 100 kbit/s target gave 218), so lower would only be a
@@ -67,7 +67,7 @@ class RateConfig:
     #: path's capacity is not known yet, and overshooting it fills our QUIC congestion
     #: window's queue within the first second (measured at 10 % loss through
     #: aioquic's NewReno: a window of 3-7 KB, 64 datagrams queued, reports 1.3 s late),
-    #: while growing to the ceiling on a clean path takes ~15 s.
+    #: while growing to an 800 kbit/s ceiling on a clean path takes ~13 s.
     start_bps: int = 300_000
     #: Loss over this (a fraction) cuts the target to (1 - loss / 2) of itself (GCC).
     loss_high: float = 0.10
