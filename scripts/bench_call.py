@@ -44,7 +44,9 @@ a :class:`~p2pd.media.CallMedia` on each side, as tests/test_media_call.py runs 
    call) and the longest gap, what retransmission cost (bytes resent / video bytes), and
    the video bitrate: the target each side's controller settled at (its last value,
    mean and range over sides and calls), the encoders' bitrate averaged over the last
-   half of each call, and the video actually sent. ``--video-only`` runs this part alone.
+   half of each call, and the video actually sent. The modes take turns call by call
+   (run 1 of each mode, then run 2, ...), so a change in the machine's load hits them
+   alike. ``--video-only`` runs this part alone.
 
 Mouth-to-ear latency, per received 20 ms frame that played (decoded or rebuilt by FEC;
 concealed frames carry no sender audio and do not count)::
@@ -350,15 +352,19 @@ def run_video(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     with patched(media_call, "Vp8Decoder", _TimedVp8Decoder):
         for drop in args.losses:
-            for mode in args.video_modes:
-                label, fields = VIDEO_MODES[mode]
-                runs = []
-                for run in range(args.runs):
+            # The modes take turns, call by call, so that each sees the same load (on this
+            # shared machine one row run after another can see a load of 2, the next 6).
+            by_mode: dict[str, list[dict[str, Any]]] = {m: [] for m in args.video_modes}
+            for run in range(args.runs):
+                for mode in args.video_modes:
+                    label, fields = VIDEO_MODES[mode]
                     progress(f"video: {drop:.0%} loss, {label}, run {run + 1}/{args.runs}")
                     gc.collect()
-                    runs.append(
+                    by_mode[mode].append(
                         trio.run(video_call, drop, args.seed + run, args.video_duration, fields)
                     )
+            for mode, runs in by_mode.items():
+                label, fields = VIDEO_MODES[mode]
                 sent = sum(r["sent"] for r in runs)
                 played = sum(r["played"] for r in runs)
                 targets = [t for r in runs for t in r["target_kbps"]]
