@@ -71,7 +71,8 @@ from .codecs import (
 from .devices import MicSource, SpeakerSink, check_output_spec, open_audio_sink
 from .jitter import JitterBuffer, JitterConfig, Playout, PlayoutKind, align_tick
 from .nack import RetransmitConfig, RetransmitHistory
-from .plc import ConcealmentFloor
+from .plc import ConcealmentFloor, Loudness
+from .ratecontrol import RateConfig, SendLossMeter, VideoRateController
 from .sinks import Recorder, check_record_path, open_recorder
 from .sources import (
     AudioSource,
@@ -159,8 +160,12 @@ class MediaConfig:
     video_width: int = 640
     video_height: int = 480
     video_fps: float = 30.0
-    #: VP8 target bitrate (bit/s).
+    #: VP8 target bitrate (bit/s): the start, and the ceiling of the adaptation.
     video_bitrate: int = 800_000
+    #: Follow the loss and RTT the peer's reports show with the video bitrate, between
+    #: ``rate.floor_bps`` and ``video_bitrate`` (p2pd/media/ratecontrol.py); False: fixed.
+    video_rate_adaptation: bool = True
+    rate: RateConfig = field(default_factory=RateConfig)
     #: Playing to a speaker: the playout loop keeps at least this many samples queued
     #: for the device (30 ms: the device thread takes 10 ms blocks, and trio may be a
     #: few ms late to top up), taking frames from the jitter buffer as the device's clock
@@ -211,28 +216,6 @@ class _Counters:
     reports_sent: int = 0
     reports_received: int = 0
     ticks_late: int = 0
-
-
-class _Loudness:
-    """Whether a played frame is quiet: 20 dB under the recent speech level (a peak of
-    frame energies that decays 20 dB in about 9 s), or nearly silent. The jitter buffer
-    stretches and drops frames only after a quiet one, in a pause."""
-
-    #: Per-frame decay of the peak energy (0.99 ** 458 = 0.01: -20 dB in ~9 s).
-    DECAY = 0.99
-    #: Quiet: under this fraction of the peak energy (-20 dB) ...
-    RELATIVE = 0.01
-    #: ... or under this mean square (an RMS of 10 of 32767: -70 dBFS).
-    FLOOR = 100.0
-
-    def __init__(self) -> None:
-        self._peak = 0.0
-
-    def quiet(self, pcm: Any) -> bool:
-        x = pcm.astype(np.float64)
-        energy = float(np.dot(x, x)) / max(1, x.size)
-        self._peak = max(energy, self._peak * self.DECAY)
-        return bool(energy <= max(self.RELATIVE * self._peak, self.FLOOR))
 
 
 def check_media_args(
@@ -298,6 +281,12 @@ class CallMedia:
         self._jitter = JitterBuffer(c.jitter if c.align_playout else replace(c.jitter, warmup=0))
         self._assembler = FrameAssembler(c.assembler)
         self._history = RetransmitHistory(c.retransmit)
+        fixed = replace(c.rate, start_bps=c.video_bitrate)  # the statistics say so
+        self._rate = VideoRateController(
+            c.rate if c.video_rate_adaptation else fixed, ceiling=c.video_bitrate
+        )
+        self._send_loss = SendLossMeter(c.rate.min_samples)
+        self._video_encoder_bps = 0
         self._audio_rx = ReceptionStats(SAMPLE_RATE)
         self._video_rx = ReceptionStats(VIDEO_CLOCK)
         self._rtt = RttEstimator()
@@ -313,7 +302,7 @@ class CallMedia:
         self._recorder: Recorder | None = None
         self._scope: trio.CancelScope | None = None
         self._floor = ConcealmentFloor(FRAME_SAMPLES)
-        self._loudness = _Loudness()
+        self._loudness = Loudness()
         self._quiet = True
 
     # ---- the receive path (called from the endpoint's on_datagram)
@@ -358,6 +347,9 @@ class CallMedia:
             self._assembler.nack_enabled = self.config.video_nack and message.answers_nacks
             if message.audio.loss_fraction > self.config.redundancy_loss_threshold:
                 self._red_until = now + self.config.redundancy_hold
+            if self.config.video_rate_adaptation:
+                loss = self._send_loss.report(message.audio, self._history.first_nacked)
+                self._rate.report(now, loss, self._rtt.latest)
         elif isinstance(message, KeyframeRequest):
             c.keyframe_requests_received += 1
             if message.request > self._last_request_seen:
@@ -741,8 +733,14 @@ class CallMedia:
 
     async def _video_send_loop(self, start: float, source: VideoSource) -> None:
         c = self.config
-        encoder = Vp8Encoder(
-            width=c.video_width, height=c.video_height, fps=c.video_fps, bitrate=c.video_bitrate
+
+        def open_encoder(bitrate: int) -> Vp8Encoder:
+            self._video_encoder_bps = bitrate
+            w, h, fps = c.video_width, c.video_height, c.video_fps
+            return Vp8Encoder(width=w, height=h, fps=fps, bitrate=bitrate)
+
+        encoder = open_encoder(
+            round(self._rate.target) if c.video_rate_adaptation else c.video_bitrate
         )
         interval = 1 / c.video_fps
         tick = 0
@@ -758,15 +756,21 @@ class CallMedia:
             force = self._keyframe_wanted and now - last_keyframe >= c.min_keyframe_interval
             if force:
                 self._keyframe_wanted = False
+            if c.video_rate_adaptation:  # a new encoder's first frame is a keyframe
+                queued = getattr(self.peer, "queued_datagrams", 0)  # a QuicPeer's
+                self._rate.local_queue(now, self._c.send_dropped, queued)
+                bitrate = self._rate.encoder_bitrate(now, encoder.bitrate, keyframe_due=force)
+                encoder = encoder if bitrate is None else open_encoder(bitrate)
             timestamp = round(t * VIDEO_CLOCK) % (1 << 32)
             for data, keyframe in encoder.encode(picture, keyframe=force):
                 if keyframe:
                     last_keyframe = now
                     self._c.video_keyframes_sent += 1
                 limit = self.peer.max_datagram_size
-                for piece in fragment(
-                    frame_id, timestamp, data, keyframe=keyframe, max_datagram=limit
-                ):
+                pieces = fragment(frame_id, timestamp, data, keyframe=keyframe, max_datagram=limit)
+                if self._assembler.nack_enabled:  # the peer NACKs what it misses
+                    self._send_loss.fragments_sent(len(pieces))
+                for piece in pieces:
                     datagram = piece.encode()
                     self._send(datagram)
                     if c.video_nack:
@@ -860,6 +864,9 @@ class CallMedia:
             "video_nack_recovered": assembler["nack_recovered"],
             "video_nacks_received": c.nacks_received,
             **self._history.statistics(),
+            **self._rate.statistics(),
+            "video_encoder_kbps": round(self._video_encoder_bps / 1000, 1),
+            "video_send_loss_pct": round(100 * (self._send_loss.last or 0.0), 2),
             "datagrams_sent": c.datagrams_sent,
             "datagrams_received": c.datagrams_received,
             "datagrams_send_dropped": c.send_dropped,

@@ -334,6 +334,9 @@ class Vp8Encoder:
         ctx.open()
         self._ctx = ctx
         self.width, self.height = width, height
+        #: Fixed once open: FFmpeg's libvpx wrapper reads ``bit_rate`` only then, so a new
+        #: bitrate takes a new encoder (p2pd/media/ratecontrol.py).
+        self.bitrate = bitrate
         self._pts = 0
 
     def encode(self, frame: av.VideoFrame, *, keyframe: bool = False) -> list[tuple[bytes, bool]]:

@@ -184,6 +184,7 @@ class _Sent:
     at: float
     count: int
     resends: int = 0
+    nacked: bool = False
 
 
 @dataclass
@@ -201,6 +202,9 @@ class RetransmitHistory:
         self.resent_bytes = 0
         self.unknown = 0
         self.over_budget = 0
+        #: Fragments we hold that a NACK named, each counted once: the peer's view of
+        #: our video loss (p2pd/media/ratecontrol.py's SendLossMeter).
+        self.first_nacked = 0
 
     def sent(self, fragment: VideoFragment, datagram: bytes, now: float) -> None:
         """An original fragment went out as ``datagram``."""
@@ -234,6 +238,9 @@ class RetransmitHistory:
             if held is None:
                 self.unknown += 1
                 continue
+            if not held.nacked:
+                held.nacked = True
+                self.first_nacked += 1
             if held.resends >= self.config.max_resends:
                 continue
             if len(held.datagram) > self._budget:

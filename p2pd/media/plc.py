@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ConcealmentFloor"]
+__all__ = ["ConcealmentFloor", "Loudness"]
 
 Pcm = npt.NDArray[np.int16]
 
@@ -113,3 +113,25 @@ class ConcealmentFloor:
         # The period ends with the frame's last sample, so repeating it from its start
         # continues the waveform.
         return x[n - lag :].copy()
+
+
+class Loudness:
+    """Whether a played frame is quiet: 20 dB under the recent speech level (a peak of
+    frame energies that decays 20 dB in about 9 s), or nearly silent. The jitter buffer
+    stretches and drops frames only after a quiet one, in a pause."""
+
+    #: Per-frame decay of the peak energy (0.99 ** 458 = 0.01: -20 dB in ~9 s).
+    DECAY = 0.99
+    #: Quiet: under this fraction of the peak energy (-20 dB) ...
+    RELATIVE = 0.01
+    #: ... or under this mean square (an RMS of 10 of 32767: -70 dBFS).
+    FLOOR = 100.0
+
+    def __init__(self) -> None:
+        self._peak = 0.0
+
+    def quiet(self, pcm: Pcm) -> bool:
+        x = pcm.astype(np.float64)
+        energy = float(np.dot(x, x)) / max(1, x.size)
+        self._peak = max(energy, self._peak * self.DECAY)
+        return bool(energy <= max(self.RELATIVE * self._peak, self.FLOOR))

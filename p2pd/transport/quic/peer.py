@@ -219,6 +219,12 @@ class QuicPeer:
         packet_room = self.quic.configuration.max_datagram_size - SHORT_HEADER_MAX
         return largest_datagram_payload(min(remote, packet_room - AEAD_TAG_SIZE))
 
+    @property
+    def queued_datagrams(self) -> int:
+        """DATAGRAM frames waiting for congestion window now (a call's rate control
+        reads it: p2pd/media/ratecontrol.py)."""
+        return self.quic.pending_datagrams
+
     def send_datagram(self, data: bytes) -> bool:
         """Queue one unreliable DATAGRAM frame (RFC 9221).
 

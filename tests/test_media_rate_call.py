@@ -1,0 +1,134 @@
+"""The video bitrate adaptation inside CallMedia: on a virtual clock against a peer that
+only counts (reports with loss, a queue for the congestion window), then in real calls
+(two in-process QUIC endpoints through the lossy proxy, as tests/test_media_call.py runs
+them): the target follows the loss, the encoder follows the target, and a call with
+adaptation off keeps its bitrate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from test_media_call import TIMEOUT, call
+
+from p2pd.media import CallMedia, MediaConfig
+from p2pd.media.wire import ReceiverReport, ReportBlock, decode
+
+
+class _Queue:
+    """A MediaPeer whose QUIC congestion window holds ``queued`` datagrams back."""
+
+    max_datagram_size = 1158
+
+    def __init__(self, queued: int) -> None:
+        self.queued_datagrams = queued
+        self.keyframes = 0
+
+    def send_datagram(self, data: bytes) -> bool:
+        message = decode(data)
+        if getattr(message, "keyframe", False) and getattr(message, "index", 1) == 0:
+            self.keyframes += 1
+        return True
+
+    async def wait_closed(self) -> None:
+        await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("queued", [0, 40])
+async def test_a_queue_for_our_congestion_window_brings_the_encoder_down(
+    queued: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """40 datagrams waiting at every video tick (the connection carries less than we
+    send): the target falls from the 300 kbit/s start to the floor within a second and
+    the encoder is opened again at each step, each new encoder starting with a keyframe.
+    Nothing waiting: the encoder stays as it started."""
+    peer = _Queue(queued)
+    media = CallMedia(peer, audio_in=None, video_in="testsrc", record=None, duration=2)
+    await media.run()
+    stats = media.statistics()
+    if queued:
+        assert stats["video_rate_decreases_local"] >= 2, stats
+        assert stats["video_target_kbps"] == 150.0, stats
+        assert stats["video_encoder_kbps"] == 150.0, stats
+        assert stats["video_encoder_switches"] >= 2, stats
+        # Each new encoder starts with a keyframe (the first may never encode a frame:
+        # the first tick already sees the queue).
+        assert peer.keyframes == stats["video_keyframes_sent"], stats
+        assert peer.keyframes >= stats["video_encoder_switches"], stats
+    else:
+        assert stats["video_rate_decreases_local"] == 0, stats
+        assert stats["video_target_kbps"] == stats["video_encoder_kbps"] == 300.0, stats
+        assert stats["video_encoder_switches"] == 0 and peer.keyframes == 1, stats
+
+
+async def test_reports_of_loss_bring_the_target_down_and_clean_ones_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The peer's reports drive the target: 50 % of our audio lost cuts it to 75 % per
+    report (GCC: 1 - loss / 2), clean ones let it grow again."""
+    media = CallMedia(_Queue(0), audio_in=None, video_in=None, record=None, duration=9)
+    highest = 1000
+
+    async def report(lost: float) -> None:
+        nonlocal highest
+        highest += 25  # 25 audio packets per 0.5 s report
+        block = ReportBlock(fraction_lost=round(lost * 256), highest_seq=highest)
+        media.datagram_received(ReceiverReport(1, audio=block).encode())
+        await trio.sleep(0.5)
+
+    await report(0.0)  # the first one sets the origin
+    await report(0.5)
+    assert media.statistics()["video_target_kbps"] == 225.0
+    for _ in range(6):
+        await report(0.5)
+    assert media.statistics()["video_target_kbps"] == 150.0
+    for _ in range(4):
+        await report(0.0)
+    assert media.statistics()["video_target_kbps"] == 150.0 + 4 * 0.5 * 40
+    off = CallMedia(
+        _Queue(0), audio_in=None, video_in=None, record=None, duration=1,
+        config=MediaConfig(video_rate_adaptation=False),
+    )  # fmt: skip
+    off.datagram_received(ReceiverReport(1, audio=ReportBlock(255, highest_seq=5)).encode())
+    off.datagram_received(ReceiverReport(2, audio=ReportBlock(255, highest_seq=60)).encode())
+    assert off.statistics()["video_target_kbps"] == 800.0
+
+
+@pytest.mark.serial  # frames and reports per second of a real-time call
+async def test_heavy_loss_brings_the_video_bitrate_down_and_the_encoder_with_it(
+    tmp_path: Path,
+) -> None:
+    """25 % loss both ways: the reports show it (over 10 %), and through aioquic's
+    NewReno the connection carries far less than the 300 kbit/s start plus audio, so
+    datagrams queue for its congestion window and overflow (measured: 60-210 dropped,
+    RTT 0.9 s): each side's target falls towards the 150 kbit/s floor, for any of the
+    three reasons, and the encoder is opened again at the lower rate."""
+    with trio.fail_after(TIMEOUT):
+        alice, bob = await call(
+            tmp_path, audio=("tone:440", "tone:440"), video=("testsrc", "testsrc"),
+            suffix=".mkv", drop=0.25,
+        )  # fmt: skip
+    for media in (alice, bob):
+        stats = media.statistics()
+        cuts = sum(stats[f"video_rate_decreases_{why}"] for why in ("loss", "delay", "local"))
+        assert cuts >= 2, stats
+        assert stats["video_target_kbps"] < 300 * 0.9**2 + 1, stats
+        assert stats["video_target_kbps"] >= 150, stats
+        assert stats["video_encoder_switches"] >= 1, stats
+        assert stats["video_encoder_kbps"] < 300, stats
+
+
+@pytest.mark.serial
+async def test_without_adaptation_the_configured_bitrate_stays(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        alice, bob = await call(
+            tmp_path, audio=("tone:440", "tone:440"), video=("testsrc", "testsrc"),
+            suffix=".mkv", drop=0.25, config=MediaConfig(video_rate_adaptation=False),
+        )  # fmt: skip
+    for media in (alice, bob):
+        stats = media.statistics()
+        assert stats["video_target_kbps"] == 800.0, stats
+        assert stats["video_encoder_kbps"] == 800.0, stats
+        assert stats["video_encoder_switches"] == 0, stats
