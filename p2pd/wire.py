@@ -172,6 +172,8 @@ MAX_VALUE = 4096
 MAX_CONTACTS = 32
 #: A sealed mailbox entry (docs/PROTOCOL.md, "Mailboxes").
 MAX_MAILBOX_ENTRY = 2048
+#: A mailbox put: an entry, or a contact's pass and an entry (p2pd/dht/mailbox_pass.py).
+MAX_MAILBOX_PUT = MAX_MAILBOX_ENTRY + 256
 MAILBOX_ID_LEN = 16
 #: Entries per fetch reply: three of the largest still fit in one frame.
 MAILBOX_PAGE = 3
@@ -396,7 +398,7 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
     if method == "store":
         return DHTRequest(msg_id, method, sender, prove, key, _bytes(args[2]))
     if method == "mailbox_put":
-        entry = _bytes(args[2], maximum=MAX_MAILBOX_ENTRY)
+        entry = _bytes(args[2], maximum=MAX_MAILBOX_PUT)
         if not entry:
             raise WireError("empty mailbox entry")
         return DHTRequest(msg_id, method, sender, prove, key, entry)
