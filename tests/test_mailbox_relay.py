@@ -1,0 +1,142 @@
+"""Mailbox puts relayed through a third node (p2pd/dht/mailbox_relay.py): the storing
+nodes see the relay's address, not the sender's; a lying relay confirms nothing alone;
+the relay's own budget holds."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import nacl.public
+import nacl.signing
+import pytest
+import trio
+
+import p2pd.dht.core
+from p2pd import wire
+from p2pd.config import DHTConfig
+from p2pd.dht.mailbox import MailboxLimits, mailbox_key
+from p2pd.dht.mailbox_entry import MailboxEntryError, open_entry
+from p2pd.dht.mailbox_relay import MAX_RELAYING, RELAY_BURST, RELAY_RATE, PutRelay
+from p2pd.dht.routing import Node
+from p2pd.identity import Identity
+from p2pd.testing.swarm import Swarm, SwarmNode, open_swarm
+
+#: Five replicas per mailbox among ten nodes: the others can relay.
+CONFIG = DHTConfig(ksize=5, postage_bits=4)
+
+
+def unseal(who: Identity) -> nacl.public.SealedBox[nacl.public.PrivateKey]:
+    return nacl.public.SealedBox(nacl.signing.SigningKey(who.seed).to_curve25519_private_key())
+
+
+def readable(owner: Identity, entries: list[tuple[bytes, bytes]]) -> list[bytes]:
+    out = []
+    for _, sealed in entries:
+        with contextlib.suppress(MailboxEntryError):
+            out.append(open_entry(unseal(owner), sealed))
+    return out
+
+
+def holders(swarm: Swarm, key: bytes) -> list[SwarmNode]:
+    """The nodes that hold an entry of mailbox ``key``."""
+    return [
+        n
+        for n in swarm.nodes
+        if n.dht.core.mailboxes is not None
+        and any(k == key for k, *_ in n.dht.core.mailboxes.rows())
+    ]
+
+
+def sources_seen(node: SwarmNode) -> set[str]:
+    """The source addresses a storing node charged the entries it holds to: what it saw
+    of who put them."""
+    quota = node.dht.core.mailboxes.quota  # type: ignore[union-attr]
+    assert quota is not None
+    return {host for host, _ in quota._source.values()}
+
+
+def test_the_relay_budget_holds() -> None:
+    relay = PutRelay()
+    admitted = sum(relay.admit(0.0) for _ in range(1000))
+    assert admitted == min(RELAY_BURST, MAX_RELAYING)  # in flight caps it first
+    relay.in_flight = 0
+    admitted += sum(relay.admit(0.0) for _ in range(1000))
+    assert admitted == RELAY_BURST  # then the bucket
+    relay.in_flight = 0
+    assert sum(relay.admit(1.0) for _ in range(1000)) == RELAY_RATE  # its rate a second
+
+
+@pytest.mark.slow
+async def test_a_storing_node_sees_the_relays_address_not_the_senders() -> None:
+    with trio.fail_after(90):
+        async with open_swarm(10, config=CONFIG) as swarm:
+            sender, owner = swarm.nodes[3], swarm.nodes[6]
+            bob = owner.identity
+            key = mailbox_key(bob.public_key)
+            copies = await sender.dht.mailbox_put(bob.public_key, b"through a relay")
+            assert copies >= 2
+            assert sender.dht.core.stats["mailbox_puts_relayed"] == 1
+            stored = [n for n in holders(swarm, key) if n is not sender]
+            assert len(stored) >= 2
+            relays = {n.address.host for n in swarm.nodes if n.dht.core.stats["mailbox_relayed"]}
+            assert relays and sender.address.host not in relays
+            for node in stored:
+                seen = sources_seen(node)
+                assert sender.address.host not in seen and seen <= relays, (seen, relays)
+            # the relays hold nothing of bob's mailbox (they are not replicas)
+            assert not any(n.address.host in relays for n in holders(swarm, key))
+            got = await owner.dht.mailbox_fetch(bob)
+            assert readable(bob, got) == [b"through a relay"]
+
+
+@pytest.mark.slow
+async def test_a_lying_relay_confirms_nothing_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every replica refuses (bob's mailbox is full everywhere); the first relay asked
+    answers "stored" for every put it carries without sending anything on, the other
+    is honest. The put is not confirmed: the sender hears 0 and will try again. (The
+    rule it fails without: replicas in two networks said "stored".)"""
+    real = p2pd.dht.core.relay_requested
+    liar: list[Any] = []
+
+    def maybe_lie(
+        core: Any, req: wire.DHTRequest, address: Any, cookie: Any, size: int, now: float
+    ) -> None:
+        if not liar:
+            liar.append(core)
+        if core is not liar[0]:
+            return real(core, req, address, cookie, size, now)
+        core.stats["lies"] += 1
+        core._send(wire.encode_response(req.msg_id, True, None, cookie, address), address)
+
+    monkeypatch.setattr(p2pd.dht.core, "relay_requested", maybe_lie)
+    with trio.fail_after(90):
+        async with open_swarm(10, config=CONFIG) as swarm:
+            sender, owner = swarm.nodes[3], swarm.nodes[6]
+            for node in swarm.nodes:
+                node.dht.core.mailboxes.limits = MailboxLimits(per_mailbox_count=0)  # type: ignore[union-attr]
+            assert await sender.dht.mailbox_put(owner.identity.public_key, b"x") == 0
+            assert liar and liar[0].stats["lies"] >= 2  # it carried half of the puts
+            honest = [n for n in swarm.nodes if n.dht.core.stats["mailbox_relay_not_stored"]]
+            assert len(honest) == 1 and honest[0].dht.core is not liar[0]
+            assert sender.dht.core.stats["mailbox_put_unconfirmed"] == 1
+
+
+@pytest.mark.slow
+async def test_a_relay_refuses_to_relay_to_itself_or_back() -> None:
+    with trio.fail_after(60):
+        async with open_swarm(4, config=CONFIG) as swarm:
+            sender, relay = swarm.nodes[1], swarm.nodes[2]
+            key = mailbox_key(Identity.generate("bob").public_key)
+            at = Node(relay.dht.node_id, relay.address.host, relay.address.port)
+            me = sender.address
+            calls = [
+                (at, "mailbox_relay", [relay.dht.core.node_key.public_key, relay.address.host,
+                                       relay.address.port, key, b"\x01" * 512]),
+                (at, "mailbox_relay", [sender.dht.core.node_key.public_key, me.host, me.port,
+                                       key, b"\x01" * 512]),
+            ]  # fmt: skip
+            assert await sender.dht.gather(calls) == [False, False]
+            counters = relay.dht.statistics()["counters"]
+            assert counters["mailbox_relay_refused_self"] == 1
+            assert counters["mailbox_relay_refused_loop"] == 1
