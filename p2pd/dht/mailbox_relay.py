@@ -175,11 +175,20 @@ def relay_requested(
 
 def pick_relays(core: DHTCore, targets: list[Node], count: int) -> list[Node]:
     """Up to ``count`` nodes of our routing table, none of them a target, each in a
-    network of its own (and not ours), chosen at random."""
+    network of its own, chosen at random among those that proved their key from their
+    address lately and are not suspected dead (a dead relay costs the put a retry)."""
     if count <= 0:
         return []
     exclude = {n.id for n in targets}
-    candidates = [n for n in core.table if n.key is not None and n.id not in exclude]
+    now = core.now
+    candidates = [
+        n
+        for n in core.table
+        if n.key is not None
+        and n.id not in exclude
+        and core._suspect_until.get(n.id, 0.0) <= now
+        and (not core.defended or core.is_verified(n.id, (n.ip, n.port), now))
+    ]
     random.Random(core._randbytes(8)).shuffle(candidates)
     chosen: list[Node] = []
     networks: set[str] = set()
