@@ -5,6 +5,7 @@ the relay's own budget holds."""
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import nacl.public
@@ -15,8 +16,9 @@ import trio
 import p2pd.dht.core
 from p2pd import wire
 from p2pd.config import DHTConfig
-from p2pd.dht.mailbox import MailboxLimits, mailbox_key
+from p2pd.dht.mailbox import CONTACTS, MailboxLimits, mailbox_key
 from p2pd.dht.mailbox_entry import MailboxEntryError, open_entry
+from p2pd.dht.mailbox_pass import issue_pass
 from p2pd.dht.mailbox_relay import MAX_RELAYING, RELAY_BURST, RELAY_RATE, PutRelay
 from p2pd.dht.routing import Node
 from p2pd.identity import Identity
@@ -88,6 +90,15 @@ async def test_a_storing_node_sees_the_relays_address_not_the_senders() -> None:
             assert not any(n.address.host in relays for n in holders(swarm, key))
             got = await owner.dht.mailbox_fetch(bob)
             assert readable(bob, got) == [b"through a relay"]
+            # a contact's put (bob's pass, p2pd/dht/mailbox_pass.py) goes the same way
+            bobs = issue_pass(bob.public_key, bob.sign, time.time())
+            sender.dht.mailbox_passes = lambda key: bobs if key == bob.public_key else None
+            assert await sender.dht.mailbox_put(bob.public_key, b"a contact, relayed") >= 2
+            contacts = [n for n in holders(swarm, key) if n.dht.core.mailboxes.count(CONTACTS)]  # type: ignore[union-attr]
+            assert len(contacts) >= 2
+            assert all(sender.address.host not in sources_seen(n) for n in contacts)
+            got = await owner.dht.mailbox_fetch(bob)
+            assert sorted(readable(bob, got)) == [b"a contact, relayed", b"through a relay"]
 
 
 @pytest.mark.slow
