@@ -447,6 +447,7 @@ async def open_node(
                 contacts=contacts, lan_addresses=_hinted(_lan_addresses(lan), hints, cached),
                 on_signal=lambda *signal: on_signal(*signal),
                 on_direct=lambda key: direct_to(key),
+                on_direct_message=lambda key: giver.peer_seen(key),  # it may write again
                 on_file_offer=lambda *offer: files.offer_received(*offer),
                 relay_connect=relays.connect,
             )  # fmt: skip

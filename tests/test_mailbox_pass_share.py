@@ -73,7 +73,7 @@ def inbox_texts(n: Node) -> list[str]:
 
 @pytest.mark.slow
 async def test_a_contact_is_given_a_pass_and_its_offline_message_uses_it(root: Path) -> None:
-    """bob writes to alice directly; his daemon gives her his pass in the session.
+    """alice writes to bob directly; his daemon gives her his pass in the session.
     bob goes away; alice's next message goes to his mailbox with the pass (the contacts'
     share of every copy, no postage); bob, back, reads it."""
     alice_id, carol_id = Identity.generate("alice"), Identity.generate("carol")
@@ -85,10 +85,12 @@ async def test_a_contact_is_given_a_pass_and_its_offline_message_uses_it(root: P
                     await bob.publish()
                     alice.delivery.contacts.pin("bob", BOB.public_key, 0.0)
                     bob.delivery.contacts.pin("alice", alice_id.public_key, 0.0)
-                    # bob writes to alice: his daemon gives her his pass on that connection
-                    await bob.delivery.send("alice", "hello")
-                    await wait_for(lambda: inbox_texts(alice) == ["hello"])
+                    # alice writes to bob: his daemon gives her his pass (she may write
+                    # again), hers gives him hers (on the connection she opened)
+                    await alice.delivery.send("bob", "hello")
+                    await wait_for(lambda: inbox_texts(bob) == ["hello"])
                     await wait_for(lambda: alice.dht.mailbox_passes(BOB.public_key) is not None)
+                    await wait_for(lambda: bob.dht.mailbox_passes(alice_id.public_key) is not None)
                     counters = bob.dht.core.stats  # the signal's ack may still be on its way
                     await wait_for(lambda: counters["mailbox_passes_sent"] == 1)
                 for peer in alice.quic.peers():

@@ -4,7 +4,8 @@ A daemon gives each pinned contact this week's pass into its mailbox inside the
 end-to-end session: a session signal (message kind 2, like address hints: acked, never
 stored as a message, never left in a mailbox) whose text is ``{"type": "mailbox_pass",
 "pass": HEX}`` (docs/PROTOCOL.md, "Mailbox passes"), sent once per contact, per week and
-per run, when delivery holds a direct connection to the contact.
+per run, when delivery opens a direct connection to the contact or a message from it
+arrives on one.
 
 A pass is accepted only from a pinned key, and only a pass into that key's own mailbox
 with a certificate it signed; the newest (latest expiry) is kept, in SQLite table
@@ -145,7 +146,8 @@ class MailboxPasses:
 class PassAnnouncer:
     """Gives pinned contacts this week's pass into our mailbox.
 
-    ``peer_seen(key)`` is called whenever delivery holds a direct connection to ``key``;
+    ``peer_seen(key)`` is called whenever delivery opens a direct connection to ``key``
+    or a message from ``key`` arrives on one;
     if the key is pinned (``handle_of``) and has not had this week's pass from this run,
     it is queued, and :meth:`run` sends it (``send``: delivery's signal path)."""
 
