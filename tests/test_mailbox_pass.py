@@ -5,6 +5,7 @@ counted; a storing node learns nothing that links two puts of one contact."""
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import struct
 import time
@@ -13,6 +14,8 @@ import nacl.public
 import nacl.signing
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from p2pd.config import DHTConfig
 from p2pd.dht.mailbox import (
@@ -26,12 +29,14 @@ from p2pd.dht.mailbox import (
 from p2pd.dht.mailbox_entry import POSTAGE_WINDOW, MailboxEntryError, open_entry, seal, stamp
 from p2pd.dht.mailbox_pass import (
     CERT_CONTEXT,
+    CONTACT_PUT,
     MAX_PASS_LIFETIME,
     PASS_PERIOD,
     MailboxPass,
     issue_pass,
     wrap,
 )
+from p2pd.dht.mailbox_pass_share import decode_pass, encode_pass
 from p2pd.dht.routing import Node
 from p2pd.identity import Identity
 from p2pd.store import open_database
@@ -227,3 +232,31 @@ async def test_a_contact_reaches_a_mailbox_flooded_with_stamped_junk() -> None:
             texts = set(readable(bob, got))
             assert b"from alice" in texts and b"stranger" not in texts
             assert bob_node.dht.core.mailboxes.count(CONTACTS) == 1  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------- garbage
+
+
+@given(st.binary(max_size=2600))
+def test_a_storing_node_refuses_garbage_passes_without_raising(garbage: bytes) -> None:
+    store = MailboxStorage(open_database(None), SMALL, clock=Clock())
+    store.postage_bits = 6
+    assert not store.put(KEY, bytes([CONTACT_PUT]) + garbage)
+    assert store.count() == 0 and sum(store.refused.values()) == 1
+
+
+@given(st.binary(max_size=400), st.text(max_size=600))
+def test_pass_decoders_raise_only_value_error(data: bytes, text: str) -> None:
+    for attempt in (
+        lambda: MailboxPass.from_bytes(data),
+        lambda: decode_pass(text),
+        lambda: decode_pass(json.dumps({"type": "mailbox_pass", "pass": text[:400]})),
+        lambda: decode_pass(json.dumps({"type": "mailbox_pass", "pass": data.hex()})),
+    ):
+        with contextlib.suppress(ValueError):
+            attempt()
+
+
+def test_a_pass_round_trips_through_its_signal() -> None:
+    bobs = issue_pass(BOB.public_key, BOB.sign, NOW)
+    assert decode_pass(encode_pass(bobs)) == bobs
