@@ -19,7 +19,13 @@ from p2pd.config import DHTConfig
 from p2pd.dht.mailbox import CONTACTS, MailboxLimits, mailbox_key
 from p2pd.dht.mailbox_entry import MailboxEntryError, open_entry
 from p2pd.dht.mailbox_pass import issue_pass
-from p2pd.dht.mailbox_relay import MAX_RELAYING, RELAY_BURST, RELAY_RATE, PutRelay
+from p2pd.dht.mailbox_relay import (
+    MAX_RELAYING,
+    PER_REQUESTER_HOUR,
+    RELAY_BURST,
+    RELAY_RATE,
+    PutRelay,
+)
 from p2pd.dht.routing import Node
 from p2pd.identity import Identity
 from p2pd.testing.swarm import Swarm, SwarmNode, open_swarm
@@ -60,13 +66,24 @@ def sources_seen(node: SwarmNode) -> set[str]:
 
 def test_the_relay_budget_holds() -> None:
     relay = PutRelay()
-    admitted = sum(relay.admit(0.0) for _ in range(1000))
-    assert admitted == min(RELAY_BURST, MAX_RELAYING)  # in flight caps it first
+
+    def admitted(now: float, requester: str, n: int = 1000) -> int:
+        return sum(relay.admit(now, requester) is None for _ in range(n))
+
+    first = admitted(0.0, "192.0.2.1")
+    assert first == min(RELAY_BURST, MAX_RELAYING)  # in flight caps it first
     relay.in_flight = 0
-    admitted += sum(relay.admit(0.0) for _ in range(1000))
-    assert admitted == RELAY_BURST  # then the bucket
+    assert first + admitted(0.0, "192.0.2.2") == RELAY_BURST  # then the bucket
     relay.in_flight = 0
-    assert sum(relay.admit(1.0) for _ in range(1000)) == RELAY_RATE  # its rate a second
+    assert admitted(1.0, "198.51.100.1") == RELAY_RATE  # its rate a second
+    # one requester's /24 gets PER_REQUESTER_HOUR an hour, whatever the relay's rate
+    relay, total = PutRelay(), 0
+    for second in range(1, 60):
+        relay.in_flight = 0
+        total += admitted(float(second), f"203.0.113.{second}")
+    assert total == PER_REQUESTER_HOUR + 59 * PER_REQUESTER_HOUR // 3600
+    assert relay.admit(60.0, "203.0.113.77") == "requester"
+    assert relay.admit(60.0, "203.0.114.1") is None  # another /24
 
 
 @pytest.mark.slow

@@ -22,7 +22,8 @@ What each party sees (docs/SECURITY.md, "Relayed mailbox puts"):
 Budgets on the relay (no open amplifier): the request costs the sender's source what a
 ``mailbox_put`` costs (:data:`~.budget.REQUEST_COST`); all requesters together get
 :data:`RELAY_RATE` forwards a second (burst :data:`RELAY_BURST`) and at most
-:data:`MAX_RELAYING` in flight; the reply is a boolean (never larger than the request,
+:data:`MAX_RELAYING` in flight, one requester's /24 (/48) :data:`PER_REQUESTER_HOUR`
+an hour; the reply is a boolean (never larger than the request,
 cut like every reply to an unvalidated source); what the relay sends on is the put it
 received, to a node key and address the request named (one datagram per request, no
 bigger than the request: a reflector at most, at 1:1, for what a requester could send
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from ..claims import network_of
-from .budget import fit_reply
+from .budget import TokenBuckets, fit_reply, subnet_of
 from .mailbox_entry import BUCKETS
 from .mailbox_pass import PASS_OVERHEAD
 from .routing import Node
@@ -62,6 +63,12 @@ RELAY_RATE = 50.0
 RELAY_BURST = 100.0
 #: Forwards waiting for the storing node's answer at once.
 MAX_RELAYING = 64
+#: Puts relayed for one requester's /24 (/48) an hour (burst as many): a storing node
+#: charges a relayed put to the relay's address, so without this one requester could
+#: spend the relay's quota there (docs/SECURITY.md, "Relayed mailbox puts").
+PER_REQUESTER_HOUR = 256
+#: Requesters remembered (an LRU: spoofed sources cannot grow it).
+REQUESTERS_MAX = 4096
 #: The sizes a put may have (an entry, or a contact's put): nothing else is sent on, so
 #: what goes on is never padded (p2pd/dht/budget.py) beyond the request that asked.
 PUT_SIZES = frozenset((*BUCKETS, *(size + PASS_OVERHEAD for size in BUCKETS)))
@@ -71,21 +78,28 @@ class PutRelay:
     """The relay's own budget: a token bucket over all requesters, and a cap on what is
     in flight. Pure: the core passes ``now``."""
 
-    __slots__ = ("in_flight", "last", "tokens")
+    __slots__ = ("in_flight", "last", "requesters", "tokens")
 
     def __init__(self) -> None:
         self.tokens = RELAY_BURST
         self.last = 0.0
         self.in_flight = 0
+        self.requesters = TokenBuckets(
+            PER_REQUESTER_HOUR / 3600, PER_REQUESTER_HOUR, REQUESTERS_MAX
+        )
 
-    def admit(self, now: float) -> bool:
-        self.tokens = min(RELAY_BURST, self.tokens + (now - self.last) * RELAY_RATE)
+    def admit(self, now: float, requester: str = "") -> str | None:
+        """Why a put from ``requester`` (an IP address) is not relayed now (None: it
+        is, and counts as in flight until :attr:`in_flight` is lowered)."""
+        self.tokens = min(RELAY_BURST, self.tokens + max(now - self.last, 0.0) * RELAY_RATE)
         self.last = now
         if self.in_flight >= MAX_RELAYING or self.tokens < 1.0:
-            return False
+            return "busy"
+        if not self.requesters.take(subnet_of(requester), 1.0, now):
+            return "requester"
         self.tokens -= 1.0
         self.in_flight += 1
-        return True
+        return None
 
 
 def _reply(
@@ -156,8 +170,8 @@ def relay_requested(
         why = "self"  # we are a replica: the sender should not have picked us
     elif (target.address.host, target.address.port) == address:
         why = "loop"  # back to the requester
-    elif not core.put_relay.admit(now):
-        why = "busy"
+    else:
+        why = core.put_relay.admit(now, address[0])
     if why is not None:
         core.stats["mailbox_relay_refused_" + why] += 1
         _reply(core, req, address, cookie, size_in, False)
