@@ -116,6 +116,10 @@ class DHTConfig:
     #: believed (p2pd/dht/operations.py ``MailboxPut``). Capped by how many replicas
     #: there are.
     mailbox_copies: int = 2
+    #: Mailbox puts go through this many relays (nodes of our table that are not among
+    #: the replicas, in distinct networks) so that no storing node sees our address
+    #: (p2pd/dht/mailbox_relay.py); 0, or no such node known: straight to the replicas.
+    mailbox_relays: int = 2
     #: The defences against hostile nodes (docs/SECURITY.md): earned contacts, address
     #: limits, disjoint paths, storing only when among the k closest, and a lookup that
     #: believes a key only with 2/3 of independent replicas. FOR BENCHMARKS ONLY

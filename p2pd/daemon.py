@@ -25,6 +25,7 @@ from .config import NodeConfig
 from .control import check_stale_socket, serve_control_api
 from .delivery import Delivery, EventBus
 from .dht import DHT, load_or_create_node_key, open_dht
+from .dht.mailbox_pass_share import MailboxPasses, PassAnnouncer, is_pass
 from .discovery import LanDiscovery, LanPeer, announced_hosts, local_ips
 from .files import FilesService, files_hooks
 from .identity import Identity, self_certifying
@@ -393,6 +394,9 @@ async def open_node(
                     ),
                 )
             hints = AddressHints(conn)
+            # passes into contacts' mailboxes, and ours to them (p2pd/dht/mailbox_pass_share.py)
+            passes = MailboxPasses(conn, dht.core.stats, at_rest=at_rest)
+            dht.mailbox_passes = lambda owner: passes.get(owner, time.time())
 
             def cached(key: bytes) -> HandleRecord | None:  # delivery's looked-up records
                 return next((r for r in delivery.resolved_records() if r.public_key == key), None)
@@ -442,7 +446,8 @@ async def open_node(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,
                 contacts=contacts, lan_addresses=_hinted(_lan_addresses(lan), hints, cached),
                 on_signal=lambda *signal: on_signal(*signal),
-                on_direct=lambda key: announcer.peer_seen(key),
+                on_direct=lambda key: direct_to(key),
+                on_direct_message=lambda key: giver.peer_seen(key),  # it may write again
                 on_file_offer=lambda *offer: files.offer_received(*offer),
                 relay_connect=relays.connect,
             )  # fmt: skip
@@ -454,9 +459,21 @@ async def open_node(
                 send=delivery.send_signal,
             )  # fmt: skip
 
+            giver = PassAnnouncer(
+                identity.public_key, identity.sign, dht.core.stats, wall=time.time,
+                handle_of=lambda key: c.handle if (c := contacts.by_key(key)) else None,
+                send=delivery.send_signal,
+            )  # fmt: skip
+
+            def direct_to(key: bytes) -> None:  # a direct connection: hints, our pass
+                announcer.peer_seen(key)
+                giver.peer_seen(key)
+
             def on_signal(key: bytes, claimed: str, peer: QuicPeer | None, text: str) -> None:
                 if is_hint(text):  # where a contact is: p2pd/address_hints.py
                     hints.received(key, contacts.by_key(key) is not None, text, time.time())
+                elif is_pass(text):  # a contact's mailbox pass
+                    passes.received(key, contacts.by_key(key) is not None, text, time.time())
                 else:
                     calls.on_signal(key, claimed, peer, text)
 
@@ -485,6 +502,7 @@ async def open_node(
             )  # fmt: skip
             await nursery.start(calls.run)
             await nursery.start(announcer.run)
+            await nursery.start(giver.run)
             await nursery.start(files.run)
             await nursery.start(serve_control_api, node.control_path, Api(node), events)
             if lan is not None:

@@ -172,6 +172,8 @@ MAX_VALUE = 4096
 MAX_CONTACTS = 32
 #: A sealed mailbox entry (docs/PROTOCOL.md, "Mailboxes").
 MAX_MAILBOX_ENTRY = 2048
+#: A mailbox put: an entry, or a contact's pass and an entry (p2pd/dht/mailbox_pass.py).
+MAX_MAILBOX_PUT = MAX_MAILBOX_ENTRY + 256
 MAILBOX_ID_LEN = 16
 #: Entries per fetch reply: three of the largest still fit in one frame.
 MAILBOX_PAGE = 3
@@ -199,6 +201,7 @@ DHT_METHODS = (
     "proof",
     "dialback",
     "dialed",
+    "mailbox_relay",
 )
 _ARITY = {
     "ping": 1,
@@ -211,6 +214,7 @@ _ARITY = {
     "proof": 3,
     "dialback": 3,
     "dialed": 2,
+    "mailbox_relay": 6,
 }
 #: A dial-back nonce (docs/PROTOCOL.md, "Address discovery and dial-back").
 NONCE_LEN = 16
@@ -257,6 +261,7 @@ class DHTRequest:
     signature: bytes | None = None  # mailbox_fetch, mailbox_delete, proof
     cookie: bytes | None = None  # proof
     nonce: bytes | None = None  # dialback, dialed
+    target: Contact | None = None  # mailbox_relay: the node to put at
 
     @property
     def sender_id(self) -> bytes:
@@ -392,11 +397,19 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
             ids=ids,
             signature=signature,
         )
+    if method == "mailbox_relay":  # [sender, node key, host, port, mailbox key, put]
+        (target,) = _contacts([args[1:4]])
+        put = _bytes(args[5], maximum=MAX_MAILBOX_PUT)
+        if not put:
+            raise WireError("empty mailbox entry")
+        return DHTRequest(
+            msg_id, method, sender, prove, _bytes(args[4], KEY_LEN), put, target=target
+        )
     key = _bytes(args[1], KEY_LEN)
     if method == "store":
         return DHTRequest(msg_id, method, sender, prove, key, _bytes(args[2]))
     if method == "mailbox_put":
-        entry = _bytes(args[2], maximum=MAX_MAILBOX_ENTRY)
+        entry = _bytes(args[2], maximum=MAX_MAILBOX_PUT)
         if not entry:
             raise WireError("empty mailbox entry")
         return DHTRequest(msg_id, method, sender, prove, key, entry)
@@ -553,7 +566,7 @@ def decode_response(method: str, result: bytes) -> DHTResult:
             _contacts(data.get("nodes", [])),
             None if seen is None else _u63(seen),
         )
-    if method in ("mailbox_put", "dialback"):
+    if method in ("mailbox_put", "dialback", "mailbox_relay"):
         if not isinstance(data, bool):
             raise WireError(f"{method} reply is not a boolean")
         return data

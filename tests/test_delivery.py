@@ -306,7 +306,9 @@ async def test_another_key_for_a_pinned_handle_is_evidence_and_never_used(root: 
             assert whois["fingerprint"] == fake_bob.fingerprint
             # mallory writes to alice, claiming to be bob
             await mallory.delivery.send("alice", "it's bob, new phone")
-            await wait_for(lambda: len(alice.delivery.contacts.evidence("bob")) == 2)
+            await wait_for(  # (a mailbox pass signal from mallory may come too: "call")
+                lambda: any(e.source == "message" for e in alice.delivery.contacts.evidence("bob"))
+            )
             (claimed,) = Api(alice).inbox(limit=10)["messages"]
             assert claimed["text"] == "it's bob, new phone" and not claimed["sender_verified"]
             assert claimed["from"] == f"bob#{fake_bob.fingerprint[:16]}"
@@ -323,7 +325,9 @@ async def test_another_key_for_a_pinned_handle_is_evidence_and_never_used(root: 
             # contacts and verify show the pin and every suspected key, how it was seen
             (row,) = [c for c in Api(alice).contacts() if c["handle"] == "bob"]
             assert row["fingerprint"] == bob_id.fingerprint
-            assert {(e["fingerprint"], e["source"], e["where"]) for e in row["suspected_keys"]} == {
+            seen = {(e["fingerprint"], e["source"], e["where"]) for e in row["suspected_keys"]}
+            # (mallory's daemon may also have given alice its mailbox pass: a signal)
+            assert seen - {(fake_bob.fingerprint, "call", "direct")} == {
                 (fake_bob.fingerprint, "dht", "whois"),
                 (fake_bob.fingerprint, "message", "direct"),
             }

@@ -307,6 +307,10 @@ def every_request(core: DHTCore, owner: Identity, wall: float) -> dict[str, list
     record_key = next(iter(core.storage))[0]
     ts = int(wall)
     fetch = owner.sign(fetch_message(owner.public_key, ts, b""))
+    contacts = [
+        wire.Contact(n.key, wire.Address(n.ip, n.port)) for n in core.table if n.key is not None
+    ]
+    put = junk_entry(random.Random(1), bytes(20))
     return {
         "ping": [],
         "find_node": [core.node_id],
@@ -318,6 +322,9 @@ def every_request(core: DHTCore, owner: Identity, wall: float) -> dict[str, list
         "proof": [bytes(16), os.urandom(64)],
         "dialback": [os.urandom(wire.NONCE_LEN), bytes(wire.DIALBACK_PAD)],
         "dialed": [os.urandom(wire.NONCE_LEN)],
+        # a put relayed to another node (p2pd/dht/mailbox_relay.py): what goes on to it
+        # is no larger than the request either
+        "mailbox_relay": [*wire.encode_contacts([next(iter(contacts))])[0], bytes(20), put],
     }
 
 

@@ -83,15 +83,19 @@ def honest_call(asker: Node, victim: Node, attack: str) -> tuple[str, list[Any]]
     address = [Address("192.0.2.7", 4747)]
     honest = Identity.generate(f"honest{os.urandom(4).hex()}")  # a handle (a key) of its own
     fresh = HandleRecord.create(honest, address, seq=1, now=ts, lifetime=600)
+    key = os.urandom(20)
+    back, entry = [asker.listen_address.host, asker.listen_address.port], junk_entry(Random(), key)
     calls: dict[str, tuple[str, list[Any]]] = {
         "ping": ("ping", []),
         "proof": ("ping", []),
         "find_node": ("find_node", [os.urandom(20)]),
         "find_value": ("find_value", [record.key]),
         "store": ("store", [fresh.key, fresh.encode()]),
-        "mailbox_put": ("mailbox_put", [key := os.urandom(20), junk_entry(Random(), key)]),
+        "mailbox_put": ("mailbox_put", [key, junk_entry(Random(), key)]),
         "mailbox_fetch": ("mailbox_fetch", [identity.public_key, ts, b"", fetch]),
         "mailbox_delete": ("mailbox_delete", [identity.public_key, ts, [bytes(16)], fetch]),
+        # a put to relay back to the asker: refused ("loop") and answered
+        "mailbox_relay": ("mailbox_relay", [asker.dht.core.node_key.public_key, *back, key, entry]),
     }
     return calls[attack]
 

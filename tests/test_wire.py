@@ -37,6 +37,7 @@ from p2pd.wire import (
     MAX_CONTACTS,
     MAX_FRAME,
     MAX_MAILBOX_ENTRY,
+    MAX_MAILBOX_PUT,
     MAX_U63,
     MAX_VALUE,
     MSG_ID_LEN,
@@ -240,6 +241,7 @@ VALID_REQUESTS: dict[str, list[Any]] = {
     "proof": [SENDER, b"\x88" * COOKIE_LEN, SIG],
     "dialback": [SENDER, b"\x55" * 16, bytes(160)],  # issue 13; tests/test_reachability.py
     "dialed": [SENDER, b"\x55" * 16],
+    "mailbox_relay": [SENDER, OWNER, "127.0.0.9", 4747, KEY, b"\x99" * MAX_MAILBOX_PUT],
 }
 
 
@@ -275,6 +277,9 @@ def test_request_round_trip(method: str, prove: bool) -> None:
         assert req.ids == tuple(args[3])
     if method == "proof":
         assert (req.cookie, req.signature) == (args[1], SIG)
+    if method == "mailbox_relay":
+        assert (req.key, req.value) == (KEY, args[5])
+        assert req.target == Contact(OWNER, Address("127.0.0.9", 4747))
 
 
 def test_mailbox_fetch_with_empty_cursor() -> None:
@@ -294,7 +299,12 @@ def _bad_requests() -> list[tuple[str, list[Any]]]:
         ("store", [SENDER, KEY]),
         ("store", [SENDER, b"\x00" * 19, b"v"]),
         ("store", [SENDER, KEY, "str, not bytes"]),
-        ("mailbox_put", [SENDER, KEY, b"\x00" * (MAX_MAILBOX_ENTRY + 1)]),
+        ("mailbox_put", [SENDER, KEY, b"\x00" * (MAX_MAILBOX_PUT + 1)]),
+        ("mailbox_relay", [SENDER, OWNER, "127.0.0.9", 4747, KEY, b""]),
+        ("mailbox_relay", [SENDER, OWNER, "not an ip", 4747, KEY, b"x"]),
+        ("mailbox_relay", [SENDER, OWNER, "127.0.0.9", 0, KEY, b"x"]),
+        ("mailbox_relay", [SENDER, b"short", "127.0.0.9", 4747, KEY, b"x"]),
+        ("mailbox_relay", [SENDER, OWNER, "127.0.0.9", 4747, KEY, b"\x00" * (MAX_MAILBOX_PUT + 1)]),
         ("mailbox_fetch", [SENDER, OWNER, -1, b"", SIG]),
         ("mailbox_fetch", [SENDER, OWNER, 1 << 63, b"", SIG]),
         ("mailbox_fetch", [SENDER, OWNER, True, b"", SIG]),

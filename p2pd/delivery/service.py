@@ -170,6 +170,7 @@ class Delivery:
         on_signal: Callable[[bytes, str, QuicPeer | None, str], None],
         on_file_offer: Callable[[bytes, str, str, str], None] = lambda *offer: None,
         on_direct: Callable[[bytes], None] = lambda key: None,
+        on_direct_message: Callable[[bytes], None] = lambda key: None,
         relay_connect: RelayConnect | None = None,
     ) -> None:
         self.config = config
@@ -183,6 +184,9 @@ class Delivery:
         self.on_file_offer = on_file_offer
         #: Called with a key we hold a direct connection to (p2pd/address_hints.py).
         self.on_direct = on_direct
+        #: Called with the key a message came from over a direct connection
+        #: (p2pd/dht/mailbox_pass_share.py gives a contact our mailbox pass).
+        self.on_direct_message = on_direct_message
         #: Opens a circuit through a relay to a key: its virtual address (p2pd/relay/).
         self.relay_connect = relay_connect
         self.paths = Paths(quic, lan_addresses, relay_connect, config.connect_timeout)
@@ -586,6 +590,8 @@ class Delivery:
             if isinstance(event, MessageReceived):
                 if event.message is not None:
                     self.events.emit("message", **self.incoming_summary(event.message))
+                    if event.via == "direct":  # it may write again: our mailbox pass
+                        self.on_direct_message(event.message.peer_key)
             elif isinstance(event, SignalReceived):
                 # A signal is worth nothing late: one from the mailbox is not rung.
                 if event.via == "direct":

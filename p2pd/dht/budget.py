@@ -55,6 +55,8 @@ REQUEST_COST: dict[str, float] = {
     "mailbox_put": 4.0,
     "mailbox_fetch": 4.0,
     "mailbox_delete": 4.0,
+    # a put relayed for someone (p2pd/dht/mailbox_relay.py, which has its own limits)
+    "mailbox_relay": 4.0,
     # NAT address discovery (p2pd/dht/reachability.py, which has its own limits too): a
     # dial-back request makes us send from a second socket; a nonce that came back
     # makes us decide.

@@ -72,6 +72,7 @@ from .budget import RequestBudget, address_cookie, fit_reply
 from .density import SizeEstimate, SpreadLimit
 from .lookup import DisjointLookup, LookupResult
 from .mailbox import MailboxStorage
+from .mailbox_relay import PutRelay, relay_requested
 from .nodekey import NodeKey
 from .operations import Gather, HeadCheck, LookupRun, older_claim
 from .reachability import Reachability
@@ -179,6 +180,7 @@ class DHTCore:
         #: Request rates, storage quotas, reply sizes (:mod:`.budget`).
         self.budget = budget = RequestBudget(config)
         self._size_in = 0
+        self.put_relay = PutRelay()  # relaying others' mailbox puts (mailbox_relay.py)
         storage.quota = budget.records
         if mailboxes is not None:
             mailboxes.quota = budget.mailbox
@@ -293,8 +295,10 @@ class DHTCore:
                 result["seen"] = self.storage.first_seen(req.key)
         elif req.method == "dialback":
             result = self.reach.dialback_requested(req, address, now)
+        elif req.method == "mailbox_relay":  # answered once the storing node has
+            return relay_requested(self, req, address, cookie, self._size_in, now)
         else:
-            result = self._on_mailbox_request(req, address[0])
+            result = mailbox_ops.on_mailbox_request(self, req, address[0])
         sign = None
         if req.prove:
             self.stats["proofs_signed"] += 1
@@ -334,30 +338,6 @@ class DHTCore:
                 self.now,
             )
         return SpreadLimit(self.limit, target, size)
-
-    def _on_mailbox_request(self, req: wire.DHTRequest, source: str) -> Any:
-        boxes = self.mailboxes
-        if req.method == "mailbox_put":
-            assert req.key is not None and req.value is not None
-            if self.defended and not self.is_close_to(req.key):
-                self.stats["store_refused_far"] += 1
-                return False
-            return boxes is not None and boxes.put(req.key, req.value, source=source)
-        assert req.owner_key is not None and req.timestamp is not None
-        assert req.signature is not None
-        if req.method == "mailbox_fetch":
-            assert req.after is not None
-            page = (
-                None
-                if boxes is None
-                else boxes.fetch(req.owner_key, req.timestamp, req.after, req.signature)
-            )
-            entries, more = page if page is not None else ([], False)
-            return {"entries": [list(e) for e in entries], "more": more}
-        assert req.ids is not None
-        if boxes is None:
-            return 0
-        return boxes.delete(req.owner_key, req.timestamp, req.ids, req.signature) or 0
 
     def _neighbors(self, key: bytes, exclude: bytes) -> list[list[Any]]:
         nodes = self.table.closest(key, self.config.ksize, exclude=exclude)

@@ -31,7 +31,7 @@ from ..errors import NotFound
 from ..identity import HandleRef, Identity
 from ..records import HandleRecord, dht_key
 from ..wire import Address
-from . import mailbox_entry
+from . import mailbox_entry, mailbox_pass
 from .core import DHTCore
 from .lookup import LookupResult
 from .mailbox import MailboxStorage, mailbox_key
@@ -65,6 +65,9 @@ class DHT:
         self._wall = wall
         self._timer = trio.CancelScope()
         self._dialback: DatagramTransport | None = None
+        #: The pass a mailbox owner gave us, if any (p2pd/dht/mailbox_pass_share.py):
+        #: our puts into its mailbox then carry it instead of postage.
+        self.mailbox_passes: Callable[[bytes], mailbox_pass.MailboxPass | None] = lambda _: None
         add_hook = getattr(transport, "add_flush_hook", None)
         if add_hook is not None:
             add_hook(self.flush)
@@ -173,9 +176,21 @@ class DHT:
 
     async def mailbox_put(self, owner_public_key: bytes, plaintext: bytes) -> int:
         """Leave ``plaintext`` in someone's mailbox, padded, sealed to them and stamped
-        (p2pd/dht/mailbox_entry.py); returns how many nodes took it."""
+        (p2pd/dht/mailbox_entry.py), or with the owner's pass if it gave us one
+        (p2pd/dht/mailbox_pass.py); returns how many nodes took it."""
         sealed = mailbox_entry.seal(owner_public_key, plaintext)
         key, bits, wall = mailbox_key(owner_public_key), self.core.config.postage_bits, self._wall()
+        held = self.mailbox_passes(owner_public_key)
+        if held is not None and held.owner == owner_public_key and held.valid(wall):
+            put = mailbox_pass.wrap(held, key, mailbox_entry.stamp(key, sealed, wall, 0))
+            copies: int = await self._run(
+                lambda done, now: self.core.start_mailbox_put(owner_public_key, put, now, done)
+            )
+            if copies:
+                return copies
+            # Not confirmed with the pass (replicas that predate passes, or a pass they
+            # refuse): pay the postage instead.
+            self.core.stats["mailbox_pass_unconfirmed"] += 1
         # Postage is tens of milliseconds of hashing: off the trio thread. (hashlib keeps
         # the GIL for inputs this small, so trio still waits up to the interpreter's
         # 5 ms switch interval at a time while it runs, not the whole search.)

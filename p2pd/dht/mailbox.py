@@ -6,6 +6,11 @@ with an Ed25519 signature over a fresh timestamp, can read or delete entries. En
 expire, and every node caps each mailbox (count and bytes), its total, and what each
 source address (and /24|/48) has stored (:class:`~p2pd.dht.budget.SourceQuota`), all as
 running counters kept beside the table: a put costs no scan.
+
+Each mailbox has two shares: one for stamped puts from anyone (strangers), one for puts
+that carry the owner's pass (its contacts, :mod:`.mailbox_pass`). A flood of stamped
+junk fills the first and never the second; and a part of the node's total
+(``contact_reserve``) is kept for contacts' entries.
 docs/PROTOCOL.md, "Mailboxes", has the formats.
 """
 
@@ -20,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..identity import verify_signature
-from ..wire import MAILBOX_DELETE_MAX, MAILBOX_ID_LEN, MAILBOX_PAGE, MAX_MAILBOX_ENTRY
-from . import mailbox_entry
+from ..wire import MAILBOX_DELETE_MAX, MAILBOX_ID_LEN, MAILBOX_PAGE, MAX_MAILBOX_PUT
+from . import mailbox_entry, mailbox_pass
 from .budget import FULL_CULL_INTERVAL, SourceQuota
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,8 @@ FETCH_CONTEXT = b"p2pd mailbox fetch v1\x00"
 DELETE_CONTEXT = b"p2pd mailbox delete v1\x00"
 #: How far a fetch/delete timestamp may be from the storing node's clock.
 MAX_SKEW = 600
+#: The two shares of a mailbox: stamped puts from anyone, puts with the owner's pass.
+STRANGERS, CONTACTS = 0, 1
 
 
 def mailbox_key(owner_public_key: bytes) -> bytes:
@@ -53,9 +60,16 @@ def delete_message(owner: bytes, timestamp: int, ids: tuple[bytes, ...]) -> byte
 @dataclass(frozen=True, slots=True)
 class MailboxLimits:
     ttl: float = 7 * 24 * 3600
+    #: The strangers' share of one mailbox (stamped puts).
     per_mailbox_count: int = 500
     per_mailbox_bytes: int = 512 * 1024
+    #: The contacts' share of one mailbox (puts with the owner's pass), apart from the
+    #: strangers' share: stamped junk cannot fill it.
+    contact_count: int = 500
+    contact_bytes: int = 512 * 1024
     total_bytes: int = 32 * 1024 * 1024
+    #: The part of ``total_bytes`` only contacts' entries may use.
+    contact_reserve: float = 0.25
 
 
 class MailboxStorage:
@@ -76,8 +90,12 @@ class MailboxStorage:
         self.refused: dict[str, int] = {}
         #: Bytes held, all mailboxes together: a running total, not a scan per put.
         self._total: int | None = None
-        #: mailbox key -> [entries, bytes] held: running counters, not a scan per put.
-        self._boxes: dict[bytes, list[int]] = {}
+        #: Of which in strangers' shares.
+        self._strangers_total = 0
+        #: (mailbox key, share) -> [entries, bytes] held: running counters, not a scan.
+        self._boxes: dict[tuple[bytes, int], list[int]] = {}
+        #: Checks contacts' puts (:mod:`.mailbox_pass`).
+        self.passes = mailbox_pass.PassChecker(mailbox_key)
         #: Entries per source (address, /24|/48) held here; the core sets its budget.
         #: Entries loaded from disk were charged to no one (the sources are not stored).
         self.quota: SourceQuota | None = None
@@ -95,8 +113,12 @@ class MailboxStorage:
         if self._total is None:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS mailbox (key BLOB NOT NULL, id BLOB NOT NULL, "
-                "entry BLOB NOT NULL, expires REAL NOT NULL, PRIMARY KEY (key, id))"
+                "entry BLOB NOT NULL, expires REAL NOT NULL, share INTEGER NOT NULL DEFAULT 0, "
+                "PRIMARY KEY (key, id))"
             )
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(mailbox)")}
+            if "share" not in columns:  # a table from before passes: all strangers'
+                conn.execute("ALTER TABLE mailbox ADD COLUMN share INTEGER NOT NULL DEFAULT 0")
             conn.commit()
             self._total = self._recount(conn)
         return conn
@@ -104,9 +126,13 @@ class MailboxStorage:
     def _recount(self, conn: sqlite3.Connection) -> int:
         """Count what each mailbox holds (at start, and after a cull); the total."""
         rows = conn.execute(
-            "SELECT key, COUNT(*), COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox GROUP BY key"
+            "SELECT key, share, COUNT(*), COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox "
+            "GROUP BY key, share"
         )
-        self._boxes = {bytes(key): [int(n), int(size)] for key, n, size in rows}
+        self._boxes = {
+            (bytes(key), int(share)): [int(n), int(size)] for key, share, n, size in rows
+        }
+        self._strangers_total = sum(v[1] for (_, share), v in self._boxes.items() if not share)
         return sum(size for _, size in self._boxes.values())
 
     def _refuse(self, why: str) -> bool:
@@ -114,12 +140,21 @@ class MailboxStorage:
         return False
 
     def put(self, key: bytes, entry: bytes, *, source: str | None = None) -> bool:
-        """Hold ``entry`` in the mailbox ``key``; from a ``source`` (the sender's IP
-        address), only within its quota."""
+        """Hold ``entry`` (or a contact's put: :mod:`.mailbox_pass`) in the mailbox
+        ``key``; from a ``source`` (the sender's IP address), only within its quota."""
         now = self._clock()
-        if not 0 < len(entry) <= MAX_MAILBOX_ENTRY:
+        if not 0 < len(entry) <= MAX_MAILBOX_PUT:
             return self._refuse("size")
-        if self.postage_bits is not None:
+        share = STRANGERS
+        if entry[0] == mailbox_pass.CONTACT_PUT:
+            # A pass instead of postage: checked (one or two signatures), then dropped.
+            inner, why = self.passes.check(key, entry, now)
+            if inner is None:
+                return self._refuse(why or "pass")
+            entry, share = inner, CONTACTS
+        elif len(entry) > mailbox_entry.BUCKETS[-1]:
+            return self._refuse("size")
+        elif self.postage_bits is not None:
             # One hash, before any quota or table work: a put without postage costs
             # this node nothing more and its source's quota nothing.
             why = mailbox_entry.check(key, entry, now, self.postage_bits)
@@ -133,15 +168,25 @@ class MailboxStorage:
             # Someone else's transaction is open on the shared connection (see
             # storage.py): committing ours would commit theirs. The sender tries others.
             return self._refuse("busy")
+        limits = self.limits
+        max_count, max_bytes, max_total = (
+            (limits.contact_count, limits.contact_bytes, limits.total_bytes)
+            if share == CONTACTS
+            else (
+                limits.per_mailbox_count,
+                limits.per_mailbox_bytes,
+                int(limits.total_bytes * (1 - limits.contact_reserve)),
+            )
+        )
         for attempt in range(2):
-            count, size = self._boxes.get(key, (0, 0))
+            count, size = self._boxes.get((key, share), (0, 0))
+            total = self._strangers_total if share == STRANGERS else self._total or 0
             why = None
-            if (
-                count >= self.limits.per_mailbox_count
-                or size + len(entry) > self.limits.per_mailbox_bytes
+            if count >= max_count or size + len(entry) > max_bytes:
+                why = "mailbox-full" if share == STRANGERS else "contacts-full"
+            elif total + len(entry) > max_total or (self._total or 0) + len(entry) > (
+                limits.total_bytes
             ):
-                why = "mailbox-full"
-            elif (self._total or 0) + len(entry) > self.limits.total_bytes:
                 why = "node-full"
             if why is None:
                 break
@@ -151,17 +196,22 @@ class MailboxStorage:
             if not self.cull(now):
                 return self._refuse(why)
         cursor = conn.execute(
-            "INSERT OR IGNORE INTO mailbox(key, id, entry, expires) VALUES (?,?,?,?)",
-            (key, entry_id(entry), entry, now + self.limits.ttl),
+            "INSERT OR IGNORE INTO mailbox(key, id, entry, expires, share) VALUES (?,?,?,?,?)",
+            (key, entry_id(entry), entry, now + self.limits.ttl, share),
         )
         conn.commit()
         if cursor.rowcount > 0:
             self._total = (self._total or 0) + len(entry)
-            box = self._boxes.setdefault(key, [0, 0])
+            if share == STRANGERS:
+                self._strangers_total += len(entry)
+            box = self._boxes.setdefault((key, share), [0, 0])
             box[0] += 1
             box[1] += len(entry)
             if quota is not None:
                 quota.charge((key, entry_id(entry)), source or "")
+        else:
+            # The same entry again (a replayed put): held once, costs nothing more.
+            self.refused["duplicate"] = self.refused.get("duplicate", 0) + 1
         return True
 
     def _authorised(self, owner: bytes, timestamp: int, message: bytes, signature: bytes) -> bool:
@@ -199,22 +249,25 @@ class MailboxStorage:
             self._refuse("busy")
             return None
         key = mailbox_key(owner)
-        (freed,) = conn.execute(
-            f"SELECT COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox WHERE key=? "
-            f"AND id IN ({','.join('?' * len(ids))})",
+        held = conn.execute(
+            f"SELECT share, COUNT(*), COALESCE(SUM(LENGTH(entry)), 0) FROM mailbox WHERE key=? "
+            f"AND id IN ({','.join('?' * len(ids))}) GROUP BY share",
             (key, *ids),
-        ).fetchone()
+        ).fetchall()
         cursor = conn.executemany(
             "DELETE FROM mailbox WHERE key=? AND id=?", [(key, i) for i in ids]
         )
         conn.commit()
         deleted = max(cursor.rowcount, 0)
-        self._total = max((self._total or 0) - int(freed), 0)
-        box = self._boxes.get(key)
-        if box is not None:
-            box[0], box[1] = box[0] - deleted, box[1] - int(freed)
-            if box[0] <= 0:
-                del self._boxes[key]
+        for share, n, freed in held:
+            self._total = max((self._total or 0) - int(freed), 0)
+            if share == STRANGERS:
+                self._strangers_total = max(self._strangers_total - int(freed), 0)
+            box = self._boxes.get((key, int(share)))
+            if box is not None:
+                box[0], box[1] = box[0] - int(n), box[1] - int(freed)
+                if box[0] <= 0:
+                    del self._boxes[(key, int(share))]
         if self.quota is not None:
             for ident in ids:
                 self.quota.release((key, ident))
@@ -245,8 +298,9 @@ class MailboxStorage:
         rows = self._conn.execute("SELECT key, id, entry, expires FROM mailbox ORDER BY key, id")
         return [(bytes(k), bytes(i), bytes(e), float(x)) for k, i, e, x in rows]
 
-    def count(self) -> int:
+    def count(self, share: int | None = None) -> int:
+        """Entries held (in one share: :data:`STRANGERS` or :data:`CONTACTS`)."""
         if self._conn_or_none is None:
             return 0
         self._conn  # noqa: B018 (counts what is on disk, once)
-        return sum(n for n, _ in self._boxes.values())
+        return sum(v[0] for (_, s), v in self._boxes.items() if share is None or s == share)

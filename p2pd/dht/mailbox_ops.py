@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from .mailbox import delete_message, mailbox_key
+from .mailbox_relay import RelayedMailboxPut, pick_relays
 from .operations import MAILBOX_MAX_PAGES, MailboxFetch, MailboxPut
 from .routing import Node
 
@@ -38,7 +39,14 @@ def start_mailbox_put(
     def found(key: bytes, nodes: list[Node], local: bool) -> None:
         held = local and core.mailboxes is not None and core.mailboxes.put(key, entry)
         copies = core.config.mailbox_copies  # confirmed by distinct networks
-        MailboxPut(core, key, entry, nodes, held, copies, on_done).start(core.now)
+        # Through relays when we know nodes that are not replicas (mailbox_relay.py):
+        # then no storing node sees our address.
+        relays = pick_relays(core, nodes, core.config.mailbox_relays)
+        if relays and all(n.key is not None for n in nodes):
+            put = RelayedMailboxPut(core, key, entry, nodes, held, copies, relays, on_done)
+            put.start(core.now)
+        else:
+            MailboxPut(core, key, entry, nodes, held, copies, on_done).start(core.now)
 
     mailbox_nodes(core, owner, now, found)
 
@@ -100,3 +108,30 @@ def start_mailbox_delete(
         core.gather(calls, core.now, done)
 
     mailbox_nodes(core, owner, now, found)
+
+
+def on_mailbox_request(core: DHTCore, req: wire.DHTRequest, source: str) -> Any:
+    """The result of a ``mailbox_put``, ``mailbox_fetch`` or ``mailbox_delete`` that came
+    from ``source`` (an IP address)."""
+    boxes = core.mailboxes
+    if req.method == "mailbox_put":
+        assert req.key is not None and req.value is not None
+        if core.defended and not core.is_close_to(req.key):
+            core.stats["store_refused_far"] += 1
+            return False
+        return boxes is not None and boxes.put(req.key, req.value, source=source)
+    assert req.owner_key is not None and req.timestamp is not None
+    assert req.signature is not None
+    if req.method == "mailbox_fetch":
+        assert req.after is not None
+        page = (
+            None
+            if boxes is None
+            else boxes.fetch(req.owner_key, req.timestamp, req.after, req.signature)
+        )
+        entries, more = page if page is not None else ([], False)
+        return {"entries": [list(e) for e in entries], "more": more}
+    assert req.ids is not None
+    if boxes is None:
+        return 0
+    return boxes.delete(req.owner_key, req.timestamp, req.ids, req.signature) or 0

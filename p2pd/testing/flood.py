@@ -101,6 +101,14 @@ def _mailbox_delete(rng: random.Random) -> bytes:
     return _request("mailbox_delete", [rng.randbytes(32), int(time.time()), ids, rng.randbytes(64)])
 
 
+def _mailbox_relay(rng: random.Random) -> bytes:
+    """A put to relay (p2pd/dht/mailbox_relay.py) to a node that is not there (the
+    discard port): what the relay sends on, and its budget."""
+    key = rng.randbytes(20)
+    args = [rng.randbytes(32), "127.0.0.1", 9, key, junk_entry(rng, key)]
+    return _request("mailbox_relay", args, prove=False)
+
+
 def _proof(rng: random.Random) -> bytes:
     return _request("proof", [rng.randbytes(16), rng.randbytes(64)], prove=False)
 
@@ -115,6 +123,7 @@ ATTACKS: dict[str, Callable[[random.Random], bytes]] = {
     "mailbox_fetch": _mailbox_fetch,
     "mailbox_delete": _mailbox_delete,
     "proof": _proof,
+    "mailbox_relay": _mailbox_relay,
 }
 
 

@@ -1,0 +1,199 @@
+"""Handing mailbox passes (:mod:`.mailbox_pass`) to contacts, and keeping theirs.
+
+A daemon gives each pinned contact this week's pass into its mailbox inside the
+end-to-end session: a session signal (message kind 2, like address hints: acked, never
+stored as a message, never left in a mailbox) whose text is ``{"type": "mailbox_pass",
+"pass": HEX}`` (docs/PROTOCOL.md, "Mailbox passes"), sent once per contact, per week and
+per run, when delivery opens a direct connection to the contact or a message from it
+arrives on one.
+
+A pass is accepted only from a pinned key, and only a pass into that key's own mailbox
+with a certificate it signed; the newest (latest expiry) is kept, in SQLite table
+``mailbox_passes``, its seed sealed at rest when the identity has a passphrase
+(:mod:`p2pd.at_rest`). Counters go to the DHT's: ``mailbox_passes_sent``,
+``mailbox_passes_received``, ``mailbox_passes_refused``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..at_rest import CLEAR, AtRest
+from ..errors import StoredDataCorrupt
+from ..identity import fingerprint
+from .mailbox_pass import PASS_LEN, PASS_PERIOD, MailboxPass, issue_pass
+
+__all__ = ["PASS_TYPE", "MailboxPasses", "PassAnnouncer", "encode_pass", "is_pass"]
+
+log = logging.getLogger(__name__)
+
+PASS_TYPE = "mailbox_pass"
+#: The JSON around a 168-byte pass in hex.
+MAX_PASS_TEXT = 512
+#: Contacts whose pass waits to be sent; beyond this, it goes on a later connection.
+MAX_QUEUED_PASSES = 64
+PASS_SEND_TIMEOUT = 15.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mailbox_passes (
+    owner BLOB PRIMARY KEY,
+    pass BLOB NOT NULL,
+    expires INTEGER NOT NULL
+);
+"""
+
+
+def encode_pass(mailbox_pass: MailboxPass) -> str:
+    return json.dumps({"type": PASS_TYPE, "pass": mailbox_pass.to_bytes().hex()})
+
+
+def is_pass(text: str) -> bool:
+    """Whether a session signal is a mailbox pass (rather than a call signal or hint)."""
+    if len(text) > MAX_PASS_TEXT:
+        return False
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("type") == PASS_TYPE
+
+
+def decode_pass(text: str) -> MailboxPass:
+    """The pass in a signal; ValueError for anything malformed or not signed."""
+    if len(text) > MAX_PASS_TEXT:
+        raise ValueError("mailbox pass signal too long")
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError("mailbox pass signal is not JSON") from None
+    if not isinstance(doc, dict) or set(doc) != {"type", "pass"} or doc["type"] != PASS_TYPE:
+        raise ValueError("not a mailbox pass")
+    raw = doc["pass"]
+    if not isinstance(raw, str) or len(raw) != 2 * PASS_LEN:
+        raise ValueError("mailbox pass of the wrong length")
+    return MailboxPass.from_bytes(bytes.fromhex(raw))
+
+
+class MailboxPasses:
+    """The passes contacts gave us into their mailboxes (one per contact, newest wins)."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, stats: Counter[str], *, at_rest: AtRest = CLEAR
+    ) -> None:
+        self._conn = conn
+        self._at_rest = at_rest
+        self.stats = stats
+        conn.executescript(_SCHEMA)
+        conn.commit()
+
+    def get(self, owner: bytes, wall: float) -> MailboxPass | None:
+        """A pass into ``owner``'s mailbox a storing node would take now, if we hold one."""
+        row = self._conn.execute(
+            "SELECT pass FROM mailbox_passes WHERE owner=?", (owner,)
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            held = MailboxPass.from_bytes(
+                self._at_rest.open("mailbox_passes", "pass", owner, row[0])
+            )
+        except (StoredDataCorrupt, ValueError):
+            log.warning("ignoring a mailbox pass row that does not open")
+            return None
+        return held if held.owner == owner and held.valid(wall) else None
+
+    def received(self, sender_key: bytes, pinned: bool, text: str, wall: float) -> bool:
+        """A pass came in a session signal from ``sender_key``: kept if that key is
+        pinned and it is a pass into that key's own mailbox; else dropped and counted."""
+        self.stats["mailbox_passes_received"] += 1
+        why = None
+        try:
+            got = decode_pass(text)
+            if got.owner != sender_key:
+                why = "a pass into someone else's mailbox"
+            elif not got.valid(wall, margin=0):
+                why = "expired or too long-lived"
+        except ValueError as exc:
+            why = str(exc)
+        if why is None and not pinned:
+            why = "not a contact"
+        if why is not None:
+            self.stats["mailbox_passes_refused"] += 1
+            log.info("ignored a mailbox pass from %s: %s", fingerprint(sender_key)[:12], why)
+            return False
+        row = self._conn.execute(
+            "SELECT expires FROM mailbox_passes WHERE owner=?", (sender_key,)
+        ).fetchone()
+        if row is not None and int(row[0]) >= got.expires:
+            return True  # we hold this one, or a newer one
+        sealed = self._at_rest.seal("mailbox_passes", "pass", sender_key, got.to_bytes())
+        # No await between this and the commit (the connection is shared: see
+        # address_hints.py).
+        with self._conn:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO mailbox_passes(owner, pass, expires) VALUES (?,?,?)",
+                (sender_key, sealed, got.expires),
+            )
+        return True
+
+
+class PassAnnouncer:
+    """Gives pinned contacts this week's pass into our mailbox.
+
+    ``peer_seen(key)`` is called whenever delivery opens a direct connection to ``key``
+    or a message from ``key`` arrives on one;
+    if the key is pinned (``handle_of``) and has not had this week's pass from this run,
+    it is queued, and :meth:`run` sends it (``send``: delivery's signal path)."""
+
+    def __init__(
+        self,
+        owner: bytes,
+        sign: Callable[[bytes], bytes],
+        stats: Counter[str],
+        *,
+        wall: Callable[[], float],
+        handle_of: Callable[[bytes], str | None],
+        send: Callable[[str, bytes, str], Awaitable[object]],
+    ) -> None:
+        self._owner = owner
+        self._sign = sign
+        self._stats = stats
+        self._wall = wall
+        self._handle_of = handle_of
+        self._send = send
+        #: The week each contact was last given (or is being given) a pass for.
+        self._sent: dict[bytes, int] = {}
+        self._queue_in, self._queue_out = trio.open_memory_channel[bytes](MAX_QUEUED_PASSES)
+
+    def peer_seen(self, public_key: bytes) -> None:
+        if public_key == self._owner or self._handle_of(public_key) is None:
+            return
+        week = int(self._wall() // PASS_PERIOD)
+        if self._sent.get(public_key) == week:
+            return
+        try:
+            self._queue_in.send_nowait(public_key)
+        except trio.WouldBlock:
+            return  # sent on a later connection
+        self._sent[public_key] = week  # before sending: its own connection comes here
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for key in self._queue_out:
+            handle = self._handle_of(key)
+            if handle is None:
+                continue
+            text = encode_pass(issue_pass(self._owner, self._sign, self._wall()))
+            try:
+                with trio.fail_after(PASS_SEND_TIMEOUT):
+                    await self._send(handle, key, text)
+                self._stats["mailbox_passes_sent"] += 1
+            except Exception as exc:  # not reachable after all: the next connection retries
+                log.info("could not give %s our mailbox pass: %s", handle, exc)
+                self._sent.pop(key, None)
