@@ -705,12 +705,15 @@ class Delivery:
         out or found nothing is tried again (VERIFY_RETRY_DELAYS): once pinned, what the
         sender wrote shows under its handle (`inbox --from`)."""
         claim = (event.handle, event.sender_key)
+        if self._pinned_elsewhere(event):  # evidence of every sign, never deduplicated
+            return
         if claim in self._verifying or len(self._verifying) >= MAX_VERIFYING:
-            return  # one check per claim at a time, a bounded number at once
+            return  # one lookup per claim at a time, a bounded number at once
         self._verifying.add(claim)
         try:
             for delay in (0.0, *VERIFY_RETRY_DELAYS):
-                await trio.sleep(delay)
+                if delay:
+                    await trio.sleep(delay)
                 if await self._check_claim(event):
                     return
             log.warning("a message claims to be from %r, whose record cannot be found: "
@@ -718,19 +721,25 @@ class Delivery:
         finally:
             self._verifying.discard(claim)
 
+    def _pinned_elsewhere(self, event: SenderUnverified) -> bool:
+        """The claimed handle is pinned already: True (to another key: kept as evidence
+        of a suspected key; to this one, pinned meanwhile: nothing to do)."""
+        handle, key = event.handle, event.sender_key
+        contact = self.contacts.get(handle)
+        if contact is None:
+            return False
+        if contact.public_key != key:
+            self.contacts.observe(handle, key, time.time(), source=event.source, place=event.via)
+            log.warning(
+                "a %s signed by %s claims %r, which is pinned to another key: kept as evidence",
+                event.source, fingerprint(key)[:DISPLAY_PREFIX], handle,
+            )  # fmt: skip
+        return True
+
     async def _check_claim(self, event: SenderUnverified) -> bool:
         """One look at ``event``'s claim; False if the DHT gave no answer (try again)."""
         handle, key = event.handle, event.sender_key
-        contact = self.contacts.get(handle)
-        if contact is not None:
-            if contact.public_key != key:
-                self.contacts.observe(
-                    handle, key, time.time(), source=event.source, place=event.via
-                )
-                log.warning(
-                    "a %s signed by %s claims %r, which is pinned to another key: kept as "
-                    "evidence", event.source, fingerprint(key)[:DISPLAY_PREFIX], handle,
-                )  # fmt: skip
+        if self._pinned_elsewhere(event):
             return True
         try:
             with trio.fail_after(RESOLVE_TIMEOUT):
