@@ -93,6 +93,7 @@ class Relays:
             identity.public_key,
             wanted=config.registrations,
             refresh=config.refresh_interval,
+            keepalive=config.keepalive_interval,
             on_registrations_changed=on_registrations_changed,
         )
         self._scope: trio.CancelScope | None = None
