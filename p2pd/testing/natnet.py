@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from .daemons import DaemonProcess, cli_json, run_cli, wait_until
-from .netns import Host, Testbed
+from .netns import Host, NatRouter, Testbed
 
 PORT = 4747
 #: Reachability needs a dial-back round, then a registration and a republish.
@@ -53,10 +54,17 @@ def peer_host(testbed: Testbed, kind: str, n: int) -> Host:
 
 
 def start_network(
-    testbed: Testbed, root: Path, kind_a: str, kind_b: str, *, settle: float = SETTLE
+    testbed: Testbed,
+    root: Path,
+    kind_a: str,
+    kind_b: str,
+    *,
+    settle: float = SETTLE,
+    peer_config: str = "",
 ) -> dict[str, DaemonProcess]:
     """Three public daemons, alice in ``kind_a``, bob in ``kind_b``; returns once each
-    peer knows its mapping kind and, when NATed, its record lists two relays."""
+    peer knows its mapping kind and, when NATed, its record lists two relays.
+    ``peer_config`` is added to alice's and bob's config.toml (whole sections)."""
     inet = testbed.lan("inet", "198.18.0.0/16")
     hosts: dict[str, Host] = {
         f"pub{i}": testbed.host(f"pub{i}", inet, address=ip) for i, ip in enumerate(PUBLIC, 1)
@@ -68,7 +76,8 @@ def start_network(
     for name, host in hosts.items():
         if run_cli(root / name, "init", name, "--no-passphrase").returncode != 0:
             raise RuntimeError(f"p2pd init {name} failed")
-        (root / name / "config.toml").write_text(CONFIG)
+        extra = peer_config if name in ("alice", "bob") else ""
+        (root / name / "config.toml").write_text(CONFIG + extra)
         daemons[name] = DaemonProcess(
             root / name,
             listen=f"0.0.0.0:{PORT}",
@@ -106,3 +115,50 @@ def send(root: Path, sender: str, to: str, text: str, timeout: float = 30.0) -> 
         raise RuntimeError(f"send {sender} -> {to} failed: {out.stderr.strip()}")
     message: dict[str, Any] = json.loads(out.stdout)
     return message
+
+
+def routers_of(testbed: Testbed, n: int) -> list[NatRouter]:
+    """The NAT routers in front of peer ``n`` (:func:`peer_host`'s numbering), nearest
+    first: none for a public host, the home router then the CGNAT for a double NAT."""
+    names = (f"r{n}", f"h{n}", f"cg{n}")
+    return [r for name in names if isinstance(r := testbed.hosts.get(name), NatRouter)]
+
+
+def relay_counter(root: Path, name: str) -> int:
+    """A counter summed over the three public daemons' relays (``p2pd status``)."""
+    total = 0
+    for i in range(1, len(PUBLIC) + 1):
+        counters = status(root, f"pub{i}")["relay"]["relaying"]["counters"]
+        total += int(counters.get(name, 0))
+    return total
+
+
+def flush_then_send(
+    testbed: Testbed, root: Path, *, sender: str = "alice", to: str = "bob", timeout: float = 40.0
+) -> dict[str, Any]:
+    """Issue 13, item 5: every NAT router in front of ``to`` forgets its mappings at once
+    (its conntrack table flushed, as a reboot would), and ``sender`` at once sends ``to``
+    a message. Returns the seconds from the flush to ``delivered`` (``recovered_s``), the
+    path, the conntrack entries each router held before and after the flush, and
+    ``moved``: how many registrations the relays saw move to a new address afterwards
+    (a new mapped port; 0 where the NAT gave the same port back), read once delivered."""
+    routers = routers_of(testbed, 2 if to == "bob" else 1)
+    if not routers:
+        raise ValueError(f"{to} is behind no NAT")
+    moved_before = relay_counter(root, "registrations_moved")
+    flushed_at = time.monotonic()
+    counts = [router.flush_conntrack() for router in routers]
+    out = run_cli(
+        root / sender, "send", to, f"after a flush {time.time_ns():x}", "--wait",
+        "--timeout", str(timeout), "--json",
+    )  # fmt: skip
+    took = time.monotonic() - flushed_at
+    message: dict[str, Any] = json.loads(out.stdout) if out.returncode == 0 else {}
+    return {
+        "delivered": message.get("state") == "delivered",
+        "recovered_s": took,
+        "via": message.get("via"),
+        "conntrack": counts,
+        "moved": relay_counter(root, "registrations_moved") - moved_before,
+        "error": out.stderr.strip()[-300:] if out.returncode else None,
+    }
