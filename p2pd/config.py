@@ -432,7 +432,9 @@ class NodeConfig:
     """A daemon."""
 
     home: Path
-    listen: Address = field(default_factory=lambda: Address("0.0.0.0", DEFAULT_PORT))
+    #: Dual stack by default (issue 13, item 6): ``::`` carries IPv4 too (IPV6_V6ONLY
+    #: off); on a machine without IPv6 the daemon falls back to 0.0.0.0.
+    listen: Address = field(default_factory=lambda: Address("::", DEFAULT_PORT))
     bootstrap: tuple[Address, ...] = ()
     #: Addresses published in our handle record; empty: derived from the listen address.
     advertise: tuple[Address, ...] = ()

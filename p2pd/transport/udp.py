@@ -14,6 +14,12 @@ Sharing the port means the DHT sees the same public address that QUIC uses, whic
 traversal needs. Both protocols run in this task's thread and send through
 :meth:`sendto`: a non-blocking ``sendto`` on the same file descriptor.
 
+Dual stack (issue 13, item 6): an IPv6 socket on ``::`` also carries IPv4 (IPV6_V6ONLY
+off, set explicitly: the sysctl default varies). The kernel reports an IPv4 peer of such
+a socket as ``::ffff:a.b.c.d``; this class spells it ``a.b.c.d`` on the way in and adds
+the prefix on the way out, so every layer above (DHT address limits per /24, relays,
+QUIC's path keys, records) sees one spelling per address whatever the socket.
+
 The receive loop reads in bursts: every datagram already queued (up to
 :data:`RECV_BURST`) goes to its handler before the task yields, and then each flush hook
 (:meth:`UdpEndpoint.add_flush_hook`) runs once. A handler may therefore only queue work
@@ -50,6 +56,8 @@ class UdpEndpoint:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._stdlib = sock
+        #: an IPv6 socket: IPv4 peers are unmapped in and mapped out (module docstring)
+        self._v6 = sock.family == socket.AF_INET6
         self._trio = trio.socket.from_stdlib_socket(sock)
         self.stats: Counter[str] = Counter()
         self._flush_hooks: list[FlushHook] = []
@@ -62,6 +70,8 @@ class UdpEndpoint:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(address.as_tuple())
         except OSError as exc:
             sock.close()
@@ -72,6 +82,8 @@ class UdpEndpoint:
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         """Send one datagram now, from any thread; a full buffer drops it (UDP semantics)."""
+        if self._v6 and ":" not in addr[0]:
+            addr = ("::ffff:" + addr[0], addr[1])
         try:
             self._stdlib.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
@@ -106,6 +118,7 @@ class UdpEndpoint:
         recvfrom = sock.recvfrom
         stats = self.stats
         hooks = self._flush_hooks
+        v6 = self._v6
         task_status.started()
         while True:
             # Read what is queued without a checkpoint per datagram: trio's socket wrapper
@@ -123,6 +136,8 @@ class UdpEndpoint:
                 except ConnectionResetError:  # ICMP port unreachable, on some systems
                     continue
                 count += 1
+                if v6 and addr[0].startswith("::ffff:"):
+                    addr = (addr[0][7:], addr[1])
                 first = data[0] if data else 0x80  # an empty datagram: neither
                 if first & 0x40:
                     if on_quic is not None:

@@ -128,7 +128,9 @@ class QuicEndpoint:
         self._routes: dict[NetworkAddress, VirtualSend] = {}
         #: Connections that received datagrams since the last flush, in arrival order.
         self._dirty: list[QuicPeer] = []
-        self._v6 = udp.local_address.version == 6
+        # UdpEndpoint spells IPv4 peers of a dual-stack socket a.b.c.d both ways (not
+        # ::ffff:a.b.c.d), so QUIC keys its paths on that spelling whatever the socket.
+        self._v6 = False
 
     def _configuration(self, is_client: bool, certificate: Any, key: Any) -> QuicConfiguration:
         c = self.config
