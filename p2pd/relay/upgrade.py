@@ -40,7 +40,7 @@ import trio
 
 from ..errors import ConnectionLost, P2PDError, WireError
 from ..identity import fingerprint
-from ..transport.punch import MAPPINGS, PunchOffer, make_plan, punchable
+from ..transport.punch import MAPPINGS, PunchOffer, make_plan, punchable_offers
 from ..transport.punch_driver import PunchOutcome, PunchRunner, send_quietly
 from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from ..wire import Address
@@ -133,8 +133,8 @@ class DirectUpgrade:
                     theirs = PunchOffer.decode(await reader.expect(T_CONNECT))
                     rtt = trio.current_time() - sent
                     await stream.send_all(_frame(T_SYNC, b""), eof=True)
-            if not punchable(mine.mapping, theirs.mapping):
-                log.info("%s: no direct path possible (both NATs endpoint-dependent)", _who(key))
+            if not punchable_offers(mine, theirs):
+                log.info("%s: no direct path possible (two EDM NATs, no IPv6)", _who(key))
                 self.stats["upgrades_failed"] += 1
                 return
             plan = make_plan(mine, theirs, initiator=True, start=trio.current_time() + rtt / 2)
@@ -196,7 +196,7 @@ class DirectUpgrade:
                     mine = self._offer()
                     await stream.send_all(_frame(T_CONNECT, mine.encode()))
                     await reader.expect(T_SYNC)
-            if not punchable(mine.mapping, theirs.mapping):
+            if not punchable_offers(mine, theirs):
                 return
             plan = make_plan(mine, theirs, initiator=False, start=trio.current_time())
             outcome = await self.runner.attempt(plan)
