@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,13 @@ def flush_then_send(
     moved_before = relay_counter(root, "registrations_moved")
     flushed_at = time.monotonic()
     counts = [router.flush_conntrack() for router in routers]
-    out = run_cli(
-        root / sender, "send", to, f"after a flush {time.time_ns():x}", "--wait",
-        "--timeout", str(timeout), "--json",
-    )  # fmt: skip
+    try:
+        out = run_cli(
+            root / sender, "send", to, f"after a flush {time.time_ns():x}", "--wait",
+            "--timeout", str(timeout), "--json", timeout=timeout + 30.0,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        out = subprocess.CompletedProcess([], 1, "", "the send command did not end")
     took = time.monotonic() - flushed_at
     message: dict[str, Any] = json.loads(out.stdout) if out.returncode == 0 else {}
     return {
