@@ -10,13 +10,12 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from test_netns import LIFETIME, serving
 
-from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir, wait_until
-from p2pd.testing.natnet import PORT, PUBLIC, SETTLE, send, status
+from p2pd.testing.daemons import cli_json, short_tempdir, wait_until
+from p2pd.testing.natnet import PORT, send, start_network, status
 from p2pd.testing.netns import Host, Testbed
 from p2pd.testing.netns6 import Ipv6Overlay
 from p2pd.testing.punch_peer import punch_pair
@@ -117,58 +116,16 @@ def test_two_peers_behind_ipv6_firewalls_connect_by_simultaneous_open(
 def test_two_daemons_behind_ipv6_firewalls_go_direct_over_ipv6(testbed: Testbed) -> None:
     """Real daemons, dual stack (listening on ``[::]:4747``): alice and bob each behind a
     home router that NATs IPv4 endpoint-dependently (``masquerade random``: no IPv4 hole
-    punching between them) and routes IPv6 through an outbound-only firewall. Their
-    records list their global IPv6 addresses, which nobody can open a connection to, so
-    the first message goes through a relay; hole punching then finds the IPv6 path by
-    simultaneous open, and the next messages go direct, over IPv6, both ways."""
+    punching between them) and routes IPv6 through an outbound-only firewall
+    (p2pd/testing/natnet.py's ``ipv6`` cell). Their records list their global IPv6
+    addresses, which nobody can open a connection to, so the first message goes through
+    a relay; hole punching then finds the IPv6 path by simultaneous open, and the next
+    messages go direct, over IPv6, both ways."""
     root = short_tempdir("p2pd-v6-")
     try:
-        _daemons_over_ipv6(testbed, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _daemons_over_ipv6(testbed: Testbed, root: Path) -> None:
-    inet = testbed.lan("inet", "198.18.0.0/16")
-    hosts = {f"pub{i}": testbed.host(f"pub{i}", inet, address=ip) for i, ip in enumerate(PUBLIC, 1)}
-    routers = {}
-    for n, name in ((1, "alice"), (2, "bob")):
-        routers[name] = testbed.nat_router(
-            f"r{n}", inet, inside_subnet=f"10.{n}.0.0/24", kind="symmetric",
-            address=f"198.18.1{n}.1",
-        )  # fmt: skip
-        hosts[name] = testbed.host(name, routers[name].inside)
-    v6 = Ipv6Overlay(testbed)
-    v6.lan(inet, "2001:db8::/64")
-    for n, name in ((1, "alice"), (2, "bob")):
-        v6.firewall(routers[name], f"2001:db8:{n}::/64")
-    v6.settle()
-    seeds = [f"{ip}:{PORT}" for ip in PUBLIC]
-    daemons = {}
-    try:
-        for name, host in hosts.items():
-            assert run_cli(root / name, "init", name, "--no-passphrase").returncode == 0
-            daemons[name] = DaemonProcess(
-                root / name,
-                listen=f"[::]:{PORT}",
-                bootstrap=[s for s in seeds if not s.startswith(f"{host.address}:")],
-                lan="off",
-                wrapper=host.command([]),
-                extra=["-v"],
-            ).wait_ready()
-
-        def settled(name: str) -> bool:
-            if status(root, name)["nat_mapping"] != "endpoint-dependent":
-                return False
-            seen = cli_json(root / "pub1", "whois", name)
-            return len(seen.get("relays", [])) >= 2
-
-        for name in ("alice", "bob"):
-            assert wait_until(lambda n=name: settled(n), SETTLE, interval=1.0), status(root, name)
+        daemons = start_network(testbed, root, "ipv6", "ipv6")
         record = cli_json(root / "pub1", "whois", "bob")
-        bob_v6 = f"[{v6.address(hosts['bob'])}]:{PORT}"
-        assert bob_v6 in record["addresses"], record  # the global IPv6 address is published
-
+        assert f"[2001:db8:2::11]:{PORT}" in record["addresses"], record  # published
         tag = f"v6-{time.time_ns():x}"
         assert send(root, "alice", "bob", f"{tag} 0")["via"] == "relay"  # the firewall
 
@@ -181,9 +138,7 @@ def _daemons_over_ipv6(testbed: Testbed, root: Path) -> None:
         for i, (sender, to) in enumerate((("alice", "bob"), ("bob", "alice"))):
             message = send(root, sender, to, f"{tag} {i + 1}")
             assert message["via"] == "direct", message
-        alice_v6 = f"[{v6.address(hosts['alice'])}]"
-        assert f"direct connection at {alice_v6}" in daemons["bob"].log, daemons["bob"].log[-3000:]
+        log = daemons["bob"].log
+        assert "direct connection at [2001:db8:1::11]:" in log, log[-3000:]  # over IPv6
     finally:
-        for name, d in daemons.items():
-            d.stop()
-            print(f"----- {name} (exit {d.proc.returncode})\n{d.log[-1500:]}")
+        shutil.rmtree(root, ignore_errors=True)

@@ -5,7 +5,10 @@ hole-punching test and benchmark (p2pd/testing/punch_peer.py).
 
 Cells: ``public`` (on the simulated internet), ``eim`` (endpoint-independent NAT),
 ``symmetric`` and ``fully-random`` (a new random port per destination), ``double`` (a
-home NAT behind a carrier-grade NAT). Every wait is bounded.
+home NAT behind a carrier-grade NAT), ``ipv6`` (a home router with an endpoint-dependent
+IPv4 NAT that routes a global IPv6 /64 through an outbound-only firewall,
+p2pd/testing/netns6.py; with it in a network, every host gets IPv6 and every daemon
+listens dual stack on ``[::]``). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from .daemons import DaemonProcess, cli_json, run_cli, wait_until
 from .netns import Host, NatRouter, Testbed
+from .netns6 import Ipv6Overlay
 
 PORT = 4747
 #: Reachability needs a dial-back round, then a registration and a republish.
@@ -31,6 +35,7 @@ MAPPING = {
     "double": "endpoint-independent",
     "symmetric": "endpoint-dependent",
     "fully-random": "endpoint-dependent",
+    "ipv6": "endpoint-dependent",  # its IPv4 NAT's
 }
 CONFIG = '[calls]\naudio_in = "tone:440"\naudio_out = "none"\nfrom = "everyone"\n'
 
@@ -48,7 +53,7 @@ def peer_host(testbed: Testbed, kind: str, n: int) -> Host:
         f"r{n}",
         inet,
         inside_subnet=f"10.{n}.0.0/24",
-        kind=kind,  # type: ignore[arg-type]
+        kind="symmetric" if kind == "ipv6" else kind,  # type: ignore[arg-type]
         address=f"198.18.{10 + n}.1",
     )
     return testbed.host(f"c{n}", router.inside)
@@ -72,6 +77,15 @@ def start_network(
     }
     hosts["alice"] = peer_host(testbed, kind_a, 1)
     hosts["bob"] = peer_host(testbed, kind_b, 2)
+    listen = f"0.0.0.0:{PORT}"
+    if "ipv6" in (kind_a, kind_b):
+        v6 = Ipv6Overlay(testbed)
+        v6.lan(inet, "2001:db8::/64")  # every host and router on the internet
+        for n, kind in ((1, kind_a), (2, kind_b)):
+            if kind == "ipv6":  # the others' inside LANs stay IPv4 only
+                v6.firewall(routers_of(testbed, n)[0], f"2001:db8:{n}::/64")
+        v6.settle()
+        listen = f"[::]:{PORT}"
     seeds = [f"{ip}:{PORT}" for ip in PUBLIC]
     daemons = {}
     for name, host in hosts.items():
@@ -81,7 +95,7 @@ def start_network(
         (root / name / "config.toml").write_text(CONFIG + extra)
         daemons[name] = DaemonProcess(
             root / name,
-            listen=f"0.0.0.0:{PORT}",
+            listen=listen,
             bootstrap=[s for s in seeds if not s.startswith(f"{host.address}:")],
             lan="off",
             wrapper=host.command([]),
@@ -96,7 +110,10 @@ def start_network(
             return True
         # Behind any of these NATs strangers get in only through relays (Linux filters
         # by address and port even where it maps independently of the endpoint).
-        seen = cli_json(root / "pub1", "whois", name)
+        try:
+            seen = cli_json(root / "pub1", "whois", name)
+        except RuntimeError:  # not found yet: a lookup may miss a record just published
+            return False
         return len(seen.get("relays", [])) >= 2
 
     for name, kind in (("alice", kind_a), ("bob", kind_b)):
