@@ -16,7 +16,8 @@ or endpoint-independent side; a first message across two NATs delivered in under
 and 3 s p95; the direct path carrying traffic within 2 s p95 (measured here from the first
 message's delivery, an upper bound on "from the first packet"). Not measured here: call
 mouth-to-ear relayed vs direct and bulk throughput (scripts/bench_relay.py measures the
-relay's bulk and CPU), the IPv6 cell (not built).
+relay's bulk and CPU). The ``ipv6`` cell (p2pd/testing/natnet.py: an endpoint-dependent
+IPv4 NAT and an IPv6 outbound-only firewall, daemons dual stack) goes direct over IPv6.
 
 ``--flush`` measures recovery instead (issue 13, item 5): once alice and bob talk, every
 NAT router in front of bob flushes its conntrack table at once (a reboot; p2pd/testing/
@@ -49,6 +50,7 @@ PAIRS = [
     ("eim", "symmetric"),
     ("double", "fully-random"),
     ("symmetric", "symmetric"),
+    ("ipv6", "ipv6"),
 ]
 EDM = ("symmetric", "fully-random")
 DIRECT_WAIT = 10.0
