@@ -251,7 +251,9 @@ class RelayConfig:
     #: holds us at the address it sees (a KEEPALIVE, 41 bytes, answered with 10): a NAT
     #: that rebooted or flushed its mappings is noticed within about this long, and we
     #: register again at once (issue 13 item 5: reachable again within 10 s). About
-    #: 27 bytes/s per relay both ways with IPv4/UDP headers (docs/SECURITY.md).
+    #: 38 bytes/s per relay both ways with IPv4/UDP headers (docs/SECURITY.md). A NATed
+    #: node also PINGs each direct QUIC connection this often, which holds (and after a
+    #: flush restores) its NAT mapping towards that peer.
     keepalive_interval: float = 4.0
 
     def __post_init__(self) -> None:

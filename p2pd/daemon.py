@@ -461,6 +461,8 @@ async def open_node(
                     not config.hides_addresses or contacts.by_key(key) is not None
                 ),
                 on_direct=lambda peer: calls.connection_opened(peer),
+                natted=lambda: needs_relays(dht),  # ping direct peers: hold our mappings
+                ping_interval=config.relay.keepalive_interval,
             )  # fmt: skip
             delivery = Delivery(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,

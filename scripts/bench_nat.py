@@ -24,8 +24,9 @@ NAT router in front of bob flushes its conntrack table at once (a reboot; p2pd/t
 conntrack.py), alice sends right away, and we print the seconds from the flush to
 ``delivered`` per trial, and whether the relays saw bob move to a new mapped port. Goal:
 10 s, every trial. The same run measures the baseline: bob and alice with
-``[relay] keepalive_interval`` at an hour (what p2pd did before keepalives: only the
-25 s registration refresh brings a NATed daemon back).
+``[relay] keepalive_interval`` at an hour (what p2pd did before: no relay keepalives and
+no PINGs on direct connections; only the 25 s registration refresh, QUIC's own 10 s
+keep-alive and delivery's fallback to another path bring a NATed daemon back).
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ PAIRS = [
 ]
 EDM = ("symmetric", "fully-random")
 DIRECT_WAIT = 10.0
-FLUSH_PAIRS = [("symmetric", "symmetric"), ("eim", "eim"), ("public", "symmetric")]
+FLUSH_PAIRS = [
+    ("symmetric", "symmetric"),
+    ("eim", "eim"),
+    ("public", "symmetric"),
+    ("ipv6", "ipv6"),
+]
 RECOVERY_GOAL = 10.0
 NO_KEEPALIVE = "[relay]\nkeepalive_interval = 3600.0\n"
 

@@ -63,3 +63,28 @@ def test_a_message_reaches_a_daemon_whose_nat_flushed_its_mappings(
     lines = run_cli(root / "bob", "inbox", "--json").stdout.splitlines()
     texts = [json.loads(line)["text"] for line in lines]
     assert sum(1 for t in texts if t.startswith("after a flush")) == 1, texts  # once
+
+
+def test_a_direct_path_comes_back_after_the_nat_flushed_its_mappings(
+    testbed: Testbed, root: Path
+) -> None:
+    """Both behind endpoint-independent NATs: hole punching made their connection direct.
+    Bob's router then forgets every mapping; alice's packets on the direct path are
+    dropped until bob sends on it again, which his PINGs to direct peers (every 4 s
+    behind a NAT) do. The next message arrives within seconds, without a new path."""
+    start_network(testbed, root, "eim", "eim")
+    vias = [send(root, "alice", "bob", "first")["via"]]
+    for i in range(20):  # until hole punching made it direct (20 s at most)
+        if vias[-1] == "direct":
+            break
+        time.sleep(1.0)
+        vias.append(send(root, "alice", "bob", f"then {i}")["via"])
+    assert vias[-1] == "direct", vias
+    result = flush_then_send(testbed, root)
+    print(f"after bob's NAT flushed its conntrack table (direct path): {result}")
+    (counts,) = result["conntrack"]
+    assert counts["before"] >= 1 and counts["after"] == 0, counts
+    assert result["delivered"], result
+    assert result["recovered_s"] <= RECOVERY_BOUND, result
+    assert status(root, "bob")["hole_punching"]["direct_pings"] >= 1
+    assert send(root, "bob", "alice", "back")["via"] in ("direct", "relay")

@@ -219,6 +219,16 @@ class QuicPeer:
         packet_room = self.quic.configuration.max_datagram_size - SHORT_HEADER_MAX
         return largest_datagram_payload(min(remote, packet_room - AEAD_TAG_SIZE))
 
+    def ping(self) -> None:
+        """Send an ack-eliciting PING now (RFC 9000 section 19.2). It does not count as
+        use: a connection nobody uses still closes after ``idle_close``. A NATed node
+        pings its direct connections often, to hold (and, after its NAT forgot them, to
+        restore) their mappings (p2pd/relay/upgrade.py)."""
+        self._check_open()
+        self._ping_uid += 1
+        self.quic.send_ping(self._ping_uid)
+        self.wake()
+
     def send_datagram(self, data: bytes) -> bool:
         """Queue one unreliable DATAGRAM frame (RFC 9221).
 
