@@ -42,6 +42,14 @@ def test_a_message_reaches_a_daemon_whose_nat_flushed_its_mappings(
     tag = f"flush-{time.time_ns():x}"
     assert send(root, "alice", "bob", f"{tag} before")["via"] == "relay"
     registered = len(status(root, "bob")["relays_in_use"])
+
+    # Flush just after bob refreshed his registrations (every 25 s): without keepalives
+    # he would then stay unreachable for about 25 s, so the bound below tells them apart.
+    def refreshes() -> int:
+        return int(status(root, "bob")["relay"]["client"]["counters"].get("registrations", 0))
+
+    before = refreshes()
+    assert wait_until(lambda: refreshes() >= before + registered, 30.0, interval=0.2)
     result = flush_then_send(testbed, root)
     print(f"after bob's NAT flushed its conntrack table: {result}")
     (counts,) = result["conntrack"]
@@ -57,7 +65,7 @@ def test_a_message_reaches_a_daemon_whose_nat_flushed_its_mappings(
 
     assert wait_until(all_moved, 15.0, interval=0.5), relay_counter(root, "registrations_moved")
     relay = status(root, "bob")["relay"]["client"]["counters"]
-    assert relay.get("keepalive_moved", 0) >= registered, relay
+    assert relay.get("keepalive_moved", 0) >= registered, relay  # noticed by keepalives
     # and both ways still, on the same relayed connection
     assert send(root, "bob", "alice", f"{tag} back")["via"] == "relay"
     lines = run_cli(root / "bob", "inbox", "--json").stdout.splitlines()
