@@ -429,7 +429,6 @@ async def open_node(
                 candidates=lambda: [Address(h, p) for _, h, p in dht.contacts()],
                 hides_addresses=config.hides_addresses,  # its record lists relays only
                 on_registrations_changed=wakeup.set,  # republish with the new relays
-                v6=False,  # UdpEndpoint spells IPv4 peers a.b.c.d on a dual-stack socket
             )  # fmt: skip
             quic = QuicEndpoint(
                 endpoint,
