@@ -28,8 +28,11 @@ async def test_ipv4_peers_of_a_dual_stack_socket_are_spelt_plainly_both_ways() -
 
     def on_dht(data: bytes, addr: tuple[str, int]) -> None:
         seen.append(addr)
-        if len(seen) == 2:
+        if len(seen) == 3:
             got.set()
+
+    def on_quic(data: bytes, addr: tuple[str, int]) -> None:
+        on_dht(data, ("quic", *addr))  # type: ignore[arg-type]
 
     v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -38,12 +41,14 @@ async def test_ipv4_peers_of_a_dual_stack_socket_are_spelt_plainly_both_ways() -
         v6.bind(("::1", 0))
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
-                await nursery.start(endpoint.serve, on_dht)
+                await nursery.start(endpoint.serve, on_dht, on_quic)
                 v4.sendto(b"\x02hello", ("127.0.0.1", port))
                 v6.sendto(b"\x02hello", ("::1", port))
+                v4.sendto(b"\x40quic", ("127.0.0.1", port))  # QUIC's path (or queue)
                 await got.wait()
                 nursery.cancel_scope.cancel()
-        assert sorted(seen) == sorted([v4.getsockname(), v6.getsockname()[:2]])
+        expected = [v4.getsockname(), v6.getsockname()[:2], ("quic", *v4.getsockname())]
+        assert sorted(map(tuple, seen)) == sorted(expected)
         # and an answer to the plain IPv4 spelling reaches the IPv4 socket
         endpoint.sendto(b"\x03back", ("127.0.0.1", v4.getsockname()[1]))
         v4.settimeout(5)
