@@ -251,6 +251,14 @@ class RelayConfig:
     #: timeout measured on the testbed's routers for a flow that saw one answer
     #: (tests/test_nat_cells.py); it is also the keepalive that holds the mapping.
     refresh_interval: float = 25.0
+    #: Between refreshes a NATed node asks each relay every this often whether it still
+    #: holds us at the address it sees (a KEEPALIVE, 41 bytes, answered with 10): a NAT
+    #: that rebooted or flushed its mappings is noticed within about this long, and we
+    #: register again at once (issue 13 item 5: reachable again within 10 s). About
+    #: 38 bytes/s per relay both ways with IPv4/UDP headers (docs/SECURITY.md). A NATed
+    #: node also PINGs each direct QUIC connection this often, which holds (and after a
+    #: flush restores) its NAT mapping towards that peer.
+    keepalive_interval: float = 4.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -262,6 +270,7 @@ class RelayConfig:
             "peer_bandwidth",
             "circuit_bytes",
             "refresh_interval",
+            "keepalive_interval",
         ):
             if getattr(self, name) <= 0:
                 raise UsageError(f"relay {name} must be positive")
@@ -444,7 +453,9 @@ class NodeConfig:
     """A daemon."""
 
     home: Path
-    listen: Address = field(default_factory=lambda: Address("0.0.0.0", DEFAULT_PORT))
+    #: Dual stack by default (issue 13, item 6): ``::`` carries IPv4 too (IPV6_V6ONLY
+    #: off); on a machine without IPv6 the daemon falls back to 0.0.0.0.
+    listen: Address = field(default_factory=lambda: Address("::", DEFAULT_PORT))
     bootstrap: tuple[Address, ...] = ()
     #: Addresses published in our handle record; empty: derived from the listen address.
     advertise: tuple[Address, ...] = ()

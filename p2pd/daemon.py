@@ -8,6 +8,7 @@ Leaving the context cancels them all together; routing contacts are saved on the
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import sqlite3
@@ -27,13 +28,14 @@ from .delivery import Delivery, EventBus
 from .dht import DHT, load_or_create_node_key, open_dht
 from .dht.mailbox_pass_share import MailboxPasses, PassAnnouncer, is_pass
 from .discovery import LanDiscovery, LanPeer, announced_hosts, local_ips
+from .errors import LocalError
 from .files import FilesService, files_hooks
 from .identity import Identity, self_certifying
 from .key_rotation import stored_notice
 from .keystore import ensure_home
 from .maintenance import MaintenanceSchedule, Wakeup
 from .messaging import Contacts
-from .netif import is_wildcard
+from .netif import global_ipv6, is_wildcard
 from .records import MAX_ADDRESSES, MAX_RELAYS, HandleRecord
 from .relay import Relays, is_virtual
 from .relay.upgrade import DirectUpgrade
@@ -148,8 +150,8 @@ class Node:
         found: list[Address] = []
         for peer in self.config.bootstrap:
             family = socket.AF_INET6 if peer.version == 6 else socket.AF_INET
-            if (family == socket.AF_INET6) != (local.host == "::"):
-                continue
+            if family == socket.AF_INET6 and local.host != "::":
+                continue  # an IPv4 socket; on :: (dual stack) both families
             with socket.socket(family, socket.SOCK_DGRAM) as probe:
                 try:
                     probe.connect(peer.as_tuple())
@@ -158,6 +160,11 @@ class Node:
                 address = Address(probe.getsockname()[0], local.port)
             if address not in found:
                 found.append(address)
+        if local.host == "::":
+            # Dual stack: our global IPv6 addresses too (issue 13, item 6). Behind a
+            # firewall that lets in only replies they are for hole punching (both sides
+            # send at once); without one, anyone reaches them.
+            found += [Address(h, local.port) for h in global_ipv6(local_ips())][:4]
         return found or [Address("127.0.0.1" if local.host == "0.0.0.0" else "::1", local.port)]
 
     def _next_seq(self) -> int:
@@ -276,6 +283,20 @@ def punch_candidates(advertised: list[Address], dht: DHT) -> list[Address]:
     return list(dict.fromkeys(advertised + seen))[:8]
 
 
+def bind_listen(listen: Address) -> UdpEndpoint:
+    """The node's socket on ``listen``; ``::`` (the default, dual stack) on a machine
+    without IPv6 falls back to ``0.0.0.0``."""
+    try:
+        return UdpEndpoint.bind(listen)
+    except (LocalError, OSError) as exc:
+        cause = exc.__cause__ if isinstance(exc, LocalError) else exc
+        no_ipv6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+        if listen.host != "::" or not isinstance(cause, OSError) or cause.errno not in no_ipv6:
+            raise
+        log.warning("no IPv6 here (%s): listening on IPv4 only", cause.strerror)
+        return UdpEndpoint.bind(Address("0.0.0.0", listen.port))
+
+
 def needs_relays(dht: DHT) -> bool:
     """Whether we are behind a NAT that strangers cannot get through: then we keep
     registrations with relays (and relay for no one)."""
@@ -345,9 +366,9 @@ async def open_node(
     except BaseException:
         conn.close()
         raise
-    endpoint = UdpEndpoint.bind(config.listen)
+    endpoint = bind_listen(config.listen)
     # Dial-back help (issue 13) goes out from a second port of ours, never read.
-    dialback = UdpEndpoint.bind(Address(config.listen.host, 0), split=False)
+    dialback = UdpEndpoint.bind(Address(endpoint.local_address.host, 0), split=False)
     try:
         async with (
             open_dht(
@@ -412,7 +433,6 @@ async def open_node(
                 candidates=lambda: [Address(h, p) for _, h, p in dht.contacts()],
                 hides_addresses=config.hides_addresses,  # its record lists relays only
                 on_registrations_changed=wakeup.set,  # republish with the new relays
-                v6=endpoint.local_address.version == 6,
             )  # fmt: skip
             quic = QuicEndpoint(
                 endpoint,
@@ -432,7 +452,10 @@ async def open_node(
                 upgrade.on_relayed_connection(peer)  # relayed: try for a direct path
                 calls.connection_opened(peer)  # direct: a call over a relay moves to it
 
-            runner = PunchRunner(endpoint.sendto, endpoint.local_address.host)
+            # Side sockets serve the birthday case, an IPv4 NAT's: IPv4 ones (plain
+            # a.b.c.d peers, as the main socket's are spelt) even when we listen on ::.
+            own_host = endpoint.local_address.host
+            runner = PunchRunner(endpoint.sendto, "0.0.0.0" if own_host == "::" else own_host)
             upgrade = DirectUpgrade(
                 quic, runner,
                 mapping=lambda: dht.reachability().mapping,
@@ -441,6 +464,8 @@ async def open_node(
                     not config.hides_addresses or contacts.by_key(key) is not None
                 ),
                 on_direct=lambda peer: calls.connection_opened(peer),
+                natted=lambda: needs_relays(dht),  # ping direct peers: hold our mappings
+                ping_interval=config.relay.keepalive_interval,
             )  # fmt: skip
             delivery = Delivery(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,

@@ -15,7 +15,7 @@ import ifaddr
 from .lan_announcement import MAX_LAN_ADDRESSES
 from .wire import Address
 
-__all__ = ["announced_hosts", "is_wildcard", "local_ips"]
+__all__ = ["announced_hosts", "global_ipv6", "is_wildcard", "local_ips"]
 
 
 def is_wildcard(host: str) -> bool:
@@ -63,3 +63,22 @@ def local_ips() -> list[str]:
         for ip in adapter.ips:
             ips.append(ip.ip if isinstance(ip.ip, str) else ip.ip[0])
     return ips
+
+
+def global_ipv6(hosts: Iterable[str]) -> list[str]:
+    """The IPv6 addresses among ``hosts`` that peers elsewhere could use: not loopback,
+    link-local, multicast, unspecified or IPv4-mapped. Unique-local (fc00::/7) and
+    documentation (2001:db8::/32) addresses stay in, as private IPv4 ones do in a record:
+    a peer on the same site, or a testbed's simulated internet, reaches them."""
+    out: list[str] = []
+    for host in hosts:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if ip.version != 6 or ip.is_loopback or ip.is_link_local or ip.is_multicast:
+            continue
+        if ip.is_unspecified or ip.ipv4_mapped is not None or str(ip) in out:
+            continue
+        out.append(str(ip))
+    return out

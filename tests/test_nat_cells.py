@@ -84,3 +84,24 @@ def test_udp_mapping_timeouts(testbed: Testbed) -> None:
 
 def _entries(router: NatRouter, port: int) -> list[str]:
     return [line for line in router.conntrack().splitlines() if f"sport={port} " in line]
+
+
+def test_a_conntrack_flush_forgets_every_mapping(testbed: Testbed) -> None:
+    """What the recovery tests do to a router (issue 13, item 5): flushing its conntrack
+    table (p2pd/testing/conntrack.py, ctnetlink) forgets the mapping, so the same inside
+    socket shows the world a new random port behind ``masquerade random``; without the
+    flush the mapping holds."""
+    s1, _, client, _ = cell(testbed, "symmetric")
+    router = client.router
+    assert router is not None
+    dest = f"{s1.address}:3478"
+    with serving(s1, ECHO, "3478", LIFETIME):
+        first = json.loads(python(client, PROBE, 40000, dest))[dest]
+        again = json.loads(python(client, PROBE, 40000, dest))[dest]
+        assert first is not None and again == first  # the mapping holds (30 s idle)
+        assert _entries(router, 40000)
+        counts = router.flush_conntrack()
+        assert counts["before"] >= 1 and counts["after"] == 0, counts
+        assert not _entries(router, 40000)
+        after = json.loads(python(client, PROBE, 40000, dest))[dest]
+    assert after is not None and after != first, (first, after)  # a new mapping

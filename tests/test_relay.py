@@ -21,8 +21,10 @@ from p2pd.relay import RelayClient, RelayFrameError, RelayServer, is_virtual, vi
 from p2pd.relay.client import RELAY_BACKOFF
 from p2pd.relay.frames import (
     DATA_HEADER,
+    Alive,
     FrameType,
     Hello,
+    Keepalive,
     Register,
     decode,
 )
@@ -371,6 +373,105 @@ def test_a_relay_that_dies_is_replaced_by_another_candidate() -> None:
     assert net.clients[BOB].stats["registration_unanswered"] == 1
     # the dead one is not asked again before its backoff
     assert RELAY_BACKOFF >= 60
+
+
+BOB_REMAPPED: Addr = ("198.18.11.1", 61234)
+
+
+def remap_bob(net: Net) -> None:
+    """Bob's NAT forgets its mappings (a reboot, a conntrack flush): what was sent to
+    his old address is lost, and he is seen from a new port from now on."""
+    net.clients[BOB_REMAPPED] = net.clients.pop(BOB)
+    net.received[BOB_REMAPPED] = net.received.pop(BOB)
+    net.lost.add(BOB)
+
+
+def test_a_nat_that_maps_us_anew_is_noticed_and_the_circuits_follow() -> None:
+    """Issue 13, item 5: a keepalive's answer says the relay holds bob elsewhere; he
+    registers again from his new address, and the relay moves his circuit there, so
+    alice's open connection reaches him again without a new circuit."""
+    net = Net()
+    alice_v, bob_v = circuit(net)
+    relay, bob = net.relays[RELAY], net.clients[BOB]
+    remap_bob(net)
+    flushed = net.now
+    assert net.clients[ALICE].wrap(b"\x40lost", alice_v, net.now)
+    net.pump()
+    assert net.received[BOB_REMAPPED] == []  # went to the old mapping
+    while relay._registrations[BOB_ID.public_key].address != BOB_REMAPPED:
+        assert net.now - flushed < 10.0, bob.stats
+        net.advance(0.1, step=0.1)
+    took = net.now - flushed
+    assert took <= bob.keepalive + 0.2, took  # one keepalive and one round of the handshake
+    assert bob.stats["keepalive_moved"] == 1 and bob.registered() == [RELAY]
+    assert relay.stats["registrations_moved"] == 1 and relay.stats["circuits_moved"] == 1
+    assert net.clients[ALICE].wrap(b"\x40again", alice_v, net.now)
+    net.pump()
+    assert net.received[BOB_REMAPPED] == [(b"\x40again", bob_v)]  # the same circuit
+    assert bob.wrap(b"\x40back", bob_v, net.now)
+    net.pump()
+    assert net.received[ALICE] == [(b"\x40back", alice_v)]
+    # and quiet again: no more re-registrations than the refresh's
+    net.advance(20.0)
+    assert bob.stats["keepalive_moved"] == 1 and relay.stats["registrations_moved"] == 1
+
+
+def test_a_keepalive_only_asks_and_tells_only_the_address_it_came_from() -> None:
+    net = Net()
+    register_bob(net)
+    relay = net.relays[RELAY]
+    keepalive = Keepalive(b"k" * 8, BOB_ID.public_key).encode()
+    # from bob's registered address: here; from anywhere else: not, and nothing changes
+    ((answer, to),) = relay.datagram_received(keepalive, BOB, net.now)
+    assert (to, decode(answer)) == (BOB, Alive(b"k" * 8, True))
+    ((answer, to),) = relay.datagram_received(keepalive, MALLORY, net.now)
+    assert (to, decode(answer)) == (MALLORY, Alive(b"k" * 8, False))
+    assert len(answer) < len(keepalive)  # no amplification towards a spoofed source
+    assert relay._registrations[BOB_ID.public_key].address == BOB
+    assert relay.held()["registrations"] == 1 and relay.stats["registrations_moved"] == 0
+    # an answer nobody asked for (a stranger's "you moved") changes nothing at the client
+    bob = net.clients[BOB]
+    assert bob.datagram_received(Alive(b"x" * 8, False).encode(), RELAY, net.now) is None
+    assert bob.datagrams_to_send() == [] and bob.stats["dropped_alive_unasked"] == 1
+    # nor does the right nonce from another address
+    net.advance(bob.keepalive, step=bob.keepalive)  # bob's keepalive is answered
+    net.lost.add(RELAY)
+    net.advance(bob.keepalive, step=bob.keepalive)  # the next one is out, unanswered
+    nonce = bob._registrations[RELAY].alive_nonce
+    assert nonce and bob.datagram_received(Alive(nonce, False).encode(), MALLORY, net.now) is None
+    assert bob.stats["keepalive_moved"] == 0 and bob.datagrams_to_send() == []
+
+
+def test_a_dead_relay_is_noticed_by_its_keepalives_within_seconds() -> None:
+    net = Net()
+    net.clients[BOB] = RelayClient(BOB_ID.sign, BOB_ID.public_key, wanted=1)
+    register_bob(net, [RELAY, RELAY2])
+    net.advance(3.0)  # between keepalives, well before the next refresh
+    net.lost.add(RELAY)
+    died = net.now
+    while net.clients[BOB].registered() != [RELAY2]:
+        assert net.now - died < 15.0
+        net.advance(0.1, step=0.1)
+    # a keepalive (<= 4 s), its retry (1 s), three HELLOs (3 s), then the other relay
+    assert net.now - died <= 9.0, net.now - died
+    assert net.clients[BOB].stats["keepalive_unanswered"] == 1
+
+
+def test_keepalives_cost_a_few_bytes_a_second_per_relay() -> None:
+    """The price of noticing a NAT flush within seconds: what bob and one relay send each
+    other in 10 minutes, keepalives and refreshes, with 28 bytes of IPv4 and UDP headers
+    per datagram (docs/SECURITY.md, "Relays")."""
+    net = Net()
+    register_bob(net)
+    start, sent_from = net.now, len(net.sent)
+    net.advance(600.0, step=1.0)
+    up = sum(len(d) + 28 for f, t, d in net.sent[sent_from:] if (f, t) == (BOB, RELAY))
+    down = sum(len(d) + 28 for f, t, d in net.sent[sent_from:] if (f, t) == (RELAY, BOB))
+    kinds = {d[0] for f, t, d in net.sent[sent_from:] if f == BOB}
+    assert kinds == {FrameType.KEEPALIVE, FrameType.HELLO, FrameType.REGISTER}
+    per_second = (up / (net.now - start), down / (net.now - start))
+    print(f"one relay registration: {per_second[0]:.1f} B/s up, {per_second[1]:.1f} B/s down")
+    assert per_second[0] <= 30.0 and per_second[1] <= 15.0, per_second
 
 
 def test_a_relay_that_is_not_serving_refuses() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from p2pd.relay.upgrade import T_CONNECT, T_SYNC, UPGRADE_MAGIC, DirectUpgrade
 from p2pd.transport.punch import PunchOffer
@@ -133,3 +134,47 @@ def test_a_stranger_gets_no_addresses_when_they_are_for_contacts() -> None:
     up, runner = upgrade(contacts_only=True)
     stream = run(up, FakePeer(VIRTUAL), GOOD)
     assert stream.was_reset and OURS.encode() not in stream.sent and runner.plans == []
+
+
+class PingedPeer(FakePeer):
+    pings = 0
+
+    def ping(self) -> None:
+        self.pings += 1
+
+
+class FakeQuic:
+    def __init__(self, peers: list[PingedPeer]) -> None:
+        self._peers = peers
+
+    def peers(self) -> list[PingedPeer]:
+        return self._peers
+
+
+async def test_a_natted_node_pings_its_direct_connections_to_hold_their_mappings(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 13, item 5: behind a NAT, every direct connection gets a PING every
+    ``ping_interval`` (what brings a path back after the NAT forgot its mapping);
+    relayed ones do not (the relay keepalive holds those); a reachable node pings none."""
+    direct, relayed = PingedPeer(("198.18.9.9", 4000)), PingedPeer(VIRTUAL)
+    natted = [True]
+    up = DirectUpgrade(
+        quic=FakeQuic([direct, relayed]),  # type: ignore[arg-type]
+        runner=FakeRunner(),  # type: ignore[arg-type]
+        mapping=lambda: "endpoint-independent",
+        candidates=lambda: [OURS],
+        may_share_addresses=lambda key: True,
+        natted=lambda: natted[0],
+        ping_interval=4.0,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(up.run)
+        start = trio.current_time()
+        await trio.sleep(20.5)
+        natted[0] = False
+        await trio.sleep(20.0)
+        nursery.cancel_scope.cancel()
+    assert (direct.pings, relayed.pings) == (5, 0)
+    assert up.stats["direct_pings"] == 5
+    assert trio.current_time() - start >= 40.0

@@ -111,7 +111,7 @@ def _addresses(values: tuple[str, ...]) -> tuple[Address, ...]:
 @click.option(
     "--listen",
     envvar="P2PD_LISTEN",
-    help="UDP HOST:PORT to listen on (env P2PD_LISTEN; default 0.0.0.0:4747; port 0 picks one).",
+    help="UDP HOST:PORT to listen on (env P2PD_LISTEN; default [::]:4747, IPv4 too; port 0: any).",
 )
 @click.option(
     "--bootstrap",

@@ -2,11 +2,17 @@
 (docs/PROTOCOL.md, "Relays").
 
 A NATed node keeps registrations with a few relays (HELLO -> CHALLENGE -> REGISTER ->
-REGISTERED, again every ``refresh`` seconds, which is also the keepalive that holds its
-NAT mapping towards each relay). Any node opens a circuit to a peer through one of that
-peer's relays (HELLO -> CHALLENGE -> CONNECT -> the relay's INCOMING to the peer, its
-ACCEPT -> CONNECTED). A registered node accepts an INCOMING only from a relay it is
-registered with.
+REGISTERED, again every ``refresh`` seconds). Between refreshes it sends each relay a
+KEEPALIVE every ``keepalive`` seconds, which holds its NAT mapping towards the relay and
+is answered ALIVE, saying whether the relay holds our key at the address it saw (issue
+13, item 5: a NAT that rebooted or flushed its table maps us anew, maybe to a new port).
+An answer "not here" registers again at once (the relay then moves our circuits to the
+new address); :data:`KEEPALIVE_TRIES` unanswered keepalives do too, and a relay that
+answers no HELLO either is given up and replaced.
+
+Any node opens a circuit to a peer through one of that peer's relays (HELLO ->
+CHALLENGE -> CONNECT -> the relay's INCOMING to the peer, its ACCEPT -> CONNECTED). A
+registered node accepts an INCOMING only from a relay it is registered with.
 
 Each circuit gets a *virtual address* that the QUIC endpoint uses as the peer's address:
 ``100:0:x:y::1`` port 1, x:y a counter, so each circuit is its own /64 (what
@@ -37,6 +43,7 @@ from typing import Any, Literal
 from .frames import (
     MAX_PAYLOAD,
     Accept,
+    Alive,
     Challenge,
     Connect,
     Connected,
@@ -44,6 +51,7 @@ from .frames import (
     FrameType,
     Hello,
     Incoming,
+    Keepalive,
     RefusalReason,
     Refused,
     Register,
@@ -60,6 +68,9 @@ RESEND = 1.0
 TRIES = 3
 #: A cookie from a relay is reused for this long (it is good for at least 60 s).
 COOKIE_REUSE = 45.0
+#: Keepalives sent RESEND apart and unanswered before we register again (a dead relay
+#: then fails the HELLOs too and is replaced).
+KEEPALIVE_TRIES = 2
 #: A relay that refused or did not answer is not asked to register us for this long.
 RELAY_BACKOFF = 60.0
 #: A circuit with no packet either way for this long is forgotten (the relay's is 75 s).
@@ -92,6 +103,15 @@ class _Registration:
     #: until when the relay holds us (0: not registered)
     holds_until: float = 0.0
     refresh_at: float = 0.0
+    #: the next keepalive is due (while registered)
+    alive_at: float = 0.0
+    #: the nonce of the keepalive awaiting its answer (b"": none), when it was sent, tries
+    alive_nonce: bytes = b""
+    alive_sent: float = 0.0
+    alive_tries: int = 0
+
+    def alive_due(self) -> float:
+        return self.alive_sent + RESEND if self.alive_nonce else self.alive_at
 
 
 @dataclass(slots=True)
@@ -140,6 +160,7 @@ class RelayClient:
         *,
         wanted: int = 3,
         refresh: float = 25.0,
+        keepalive: float = 4.0,
         on_registrations_changed: Callable[[], None] = lambda: None,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -147,6 +168,7 @@ class RelayClient:
         self.public_key = public_key
         self.wanted = wanted
         self.refresh = refresh
+        self.keepalive = keepalive
         self._on_changed = on_registrations_changed
         self._random = random
         self.stats: Counter[str] = Counter()
@@ -201,6 +223,18 @@ class RelayClient:
         reg.sent_at = now
         signature = self._sign(Register.signed_part(reg.cookie))
         self._out.append((Register(self.public_key, reg.cookie, signature).encode(), reg.relay))
+
+    def _send_keepalive(self, reg: _Registration, now: float) -> None:
+        reg.alive_nonce = self._random(8)
+        reg.alive_sent = now
+        self.stats["keepalives_sent"] += 1
+        self._out.append((Keepalive(reg.alive_nonce, self.public_key).encode(), reg.relay))
+
+    def _register_again(self, reg: _Registration, now: float) -> None:
+        """The whole handshake again (the relay keeps no state for a HELLO); the
+        registration counts as held meanwhile, until it lapses or the HELLOs fail."""
+        reg.state, reg.tries, reg.alive_nonce = "hello", 0, b""
+        self._send_hello(reg, now)
 
     def _give_up(self, reg: _Registration, now: float, why: str) -> None:
         self.stats[f"registration_{why}"] += 1
@@ -336,6 +370,8 @@ class RelayClient:
             self._refused(frame, addr, now)
         elif isinstance(frame, Incoming):
             self._incoming(frame, addr, now)
+        elif isinstance(frame, Alive):
+            self._alive(frame, addr, now)
         else:
             self._drop("wrong_direction")
         return None
@@ -367,6 +403,7 @@ class RelayClient:
         reg.state, reg.tries = "registered", 0
         reg.holds_until = now + frame.lifetime
         reg.refresh_at = now + min(self.refresh, frame.lifetime / 3)
+        reg.alive_at, reg.alive_nonce, reg.alive_tries = now + self.keepalive, b"", 0
         self.stats["registrations"] += 1
         self._changed()
 
@@ -400,6 +437,19 @@ class RelayClient:
                     return
         self._drop("refused_unasked")
 
+    def _alive(self, frame: Alive, addr: NetworkAddress, now: float) -> None:
+        reg = self._registrations.get(addr)
+        if reg is None or not reg.alive_nonce or reg.alive_nonce != frame.nonce:
+            self._drop("alive_unasked")
+            return
+        if frame.here:
+            reg.alive_at, reg.alive_nonce, reg.alive_tries = now + self.keepalive, b"", 0
+            return
+        # The relay holds us elsewhere, or not at all: our NAT mapped us anew (or the
+        # relay restarted). Register from where we are now; the relay moves our circuits.
+        self.stats["keepalive_moved"] += 1
+        self._register_again(reg, now)
+
     def _incoming(self, frame: Incoming, addr: NetworkAddress, now: float) -> None:
         reg = self._registrations.get(addr)
         if reg is None or reg.holds_until <= now:
@@ -421,7 +471,7 @@ class RelayClient:
         times = []
         for reg in self._registrations.values():
             if reg.state == "registered":
-                times.append(min(reg.refresh_at, reg.holds_until))
+                times.append(min(reg.refresh_at, reg.holds_until, reg.alive_due()))
             else:
                 times.append(reg.sent_at + RESEND)
         for request in self._requests:
@@ -438,10 +488,18 @@ class RelayClient:
                 if reg.holds_until <= now:
                     self._give_up(reg, now, "lapsed")
                 elif reg.refresh_at <= now:
-                    # Refresh: the whole handshake again (the relay keeps no state for
-                    # a HELLO); the registration holds meanwhile.
-                    reg.state, reg.tries = "hello", 0
-                    self._send_hello(reg, now)
+                    self._register_again(reg, now)
+                elif reg.alive_due() <= now:
+                    if not reg.alive_nonce:
+                        reg.alive_tries = 0
+                        self._send_keepalive(reg, now)
+                        continue
+                    reg.alive_tries += 1
+                    if reg.alive_tries >= KEEPALIVE_TRIES:
+                        self.stats["keepalive_unanswered"] += 1
+                        self._register_again(reg, now)
+                    else:
+                        self._send_keepalive(reg, now)
             elif reg.sent_at + RESEND <= now:
                 reg.tries += 1
                 if reg.tries >= TRIES:

@@ -8,9 +8,9 @@ opaque QUIC packet of the two peers' end-to-end connection) is bounded by
 :data:`MAX_PAYLOAD`.
 
 Client -> relay: :class:`Hello`, :class:`Register`, :class:`Connect`, :class:`Accept`,
-:class:`Data` (``DATA_TO_RELAY``). Relay -> client: :class:`Challenge`,
-:class:`Registered`, :class:`Incoming`, :class:`Connected`, :class:`Refused`,
-:class:`Data` (``DATA_FROM_RELAY``).
+:class:`Data` (``DATA_TO_RELAY``), :class:`Keepalive`. Relay -> client:
+:class:`Challenge`, :class:`Registered`, :class:`Incoming`, :class:`Connected`,
+:class:`Refused`, :class:`Data` (``DATA_FROM_RELAY``), :class:`Alive`.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ class FrameType(enum.IntEnum):
     REFUSED = 0x0C
     DATA_TO_RELAY = 0x0D
     DATA_FROM_RELAY = 0x0E
+    KEEPALIVE = 0x0F
+    ALIVE = 0x10
 
 
 #: The frames a relay (server) takes; the others are for its clients.
@@ -70,6 +72,7 @@ TO_RELAY = frozenset(
         FrameType.CONNECT,
         FrameType.ACCEPT,
         FrameType.DATA_TO_RELAY,
+        FrameType.KEEPALIVE,
     }
 )
 
@@ -201,9 +204,37 @@ class Data:
         return bytes([kind]) + self.circuit + self.payload
 
 
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """From a registered client every few seconds: is ``key`` registered at the address
+    this came from? Keeps the NAT mapping towards the relay and finds out, within one
+    round trip, that it moved (a router's reboot or flush) or that the relay is gone."""
+
+    nonce: bytes
+    key: bytes
+
+    def encode(self) -> bytes:
+        return bytes([FrameType.KEEPALIVE]) + self.nonce + self.key
+
+
+@dataclass(frozen=True, slots=True)
+class Alive:
+    """The relay's answer to a :class:`Keepalive` (its nonce): ``here`` is True when a
+    registration of that key is held at exactly the address the keepalive came from."""
+
+    nonce: bytes
+    here: bool
+
+    def encode(self) -> bytes:
+        return bytes([FrameType.ALIVE]) + self.nonce + bytes([1 if self.here else 0])
+
+
 Frame = (
-    Hello | Challenge | Register | Registered | Connect | Incoming | Accept | Connected | Refused
-) | Data
+    (Hello | Challenge | Register | Registered | Connect | Incoming | Accept | Connected | Refused)
+    | Data
+    | Keepalive
+    | Alive
+)
 
 _SIZES = {
     FrameType.HELLO: HELLO_SIZE,
@@ -215,6 +246,8 @@ _SIZES = {
     FrameType.ACCEPT: 1 + CIRCUIT,
     FrameType.CONNECTED: 1 + COOKIE + CIRCUIT,
     FrameType.REFUSED: 1 + COOKIE + 2,
+    FrameType.KEEPALIVE: 1 + NONCE + KEY,
+    FrameType.ALIVE: 1 + NONCE + 1,
 }
 
 
@@ -249,4 +282,10 @@ def decode(data: bytes) -> Frame:
         return Accept(b)
     if kind is FrameType.CONNECTED:
         return Connected(b[:COOKIE], b[COOKIE:])
+    if kind is FrameType.KEEPALIVE:
+        return Keepalive(b[:NONCE], b[NONCE:])
+    if kind is FrameType.ALIVE:
+        if b[NONCE] > 1:
+            raise RelayFrameError(f"relay frame ALIVE with status {b[NONCE]}")
+        return Alive(b[:NONCE], b[NONCE] == 1)
     return Refused(b[:COOKIE], b[COOKIE], b[COOKIE + 1])

@@ -76,7 +76,6 @@ class Relays:
         candidates: Callable[[], list[Address]],
         hides_addresses: bool = False,
         on_registrations_changed: Callable[[], None] = lambda: None,
-        v6: bool = False,
     ) -> None:
         self.config = config
         self._sendto = sendto
@@ -86,13 +85,13 @@ class Relays:
         #: ``[privacy] addresses = "contacts"``: our record lists relays only, so we keep
         #: registrations even where we are reachable (docs/SECURITY.md).
         self._hides_addresses = hides_addresses
-        self._v6 = v6
         self.server = RelayServer(config)
         self.client = RelayClient(
             identity.sign,
             identity.public_key,
             wanted=config.registrations,
             refresh=config.refresh_interval,
+            keepalive=config.keepalive_interval,
             on_registrations_changed=on_registrations_changed,
         )
         self._scope: trio.CancelScope | None = None
@@ -147,17 +146,17 @@ class Relays:
             raise ConnectionLost(f"no circuit through relay {relay}: {request.error}")
         return request.virtual
 
-    def _normalize(self, address: Address) -> NetworkAddress:
-        host = address.host
-        if self._v6 and ":" not in host:
-            host = "::ffff:" + host  # how a dual-stack socket reports an IPv4 peer
-        return (host, address.port)
+    @staticmethod
+    def _normalize(address: Address) -> NetworkAddress:
+        # An IPv4 peer is a.b.c.d here even on a dual-stack socket: p2pd/transport/udp.py
+        # unmaps ::ffff:a.b.c.d on the way in and maps it on the way out.
+        return (address.host, address.port)
 
     def registered(self) -> list[Address]:
         """The relays holding a registration for us (for our presence record)."""
         out = []
         for host, port in self.client.registered():
-            out.append(Address(host[7:] if host.startswith("::ffff:") else host, port))
+            out.append(Address(host, port))
         return out
 
     @staticmethod

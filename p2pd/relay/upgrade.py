@@ -40,7 +40,7 @@ import trio
 
 from ..errors import ConnectionLost, P2PDError, WireError
 from ..identity import fingerprint
-from ..transport.punch import MAPPINGS, PunchOffer, make_plan, punchable
+from ..transport.punch import MAPPINGS, PunchOffer, make_plan, punchable_offers
 from ..transport.punch_driver import PunchOutcome, PunchRunner, send_quietly
 from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from ..wire import Address
@@ -76,6 +76,8 @@ class DirectUpgrade:
         candidates: Callable[[], list[Address]],
         may_share_addresses: Callable[[bytes], bool],
         on_direct: Callable[[QuicPeer], None] = lambda peer: None,
+        natted: Callable[[], bool] = lambda: False,
+        ping_interval: float = 4.0,
     ) -> None:
         self.quic = quic
         self.runner = runner
@@ -83,6 +85,8 @@ class DirectUpgrade:
         self._candidates = candidates
         self._may_share = may_share_addresses
         self._on_direct = on_direct
+        self._natted = natted
+        self._ping_interval = ping_interval
         self._nursery: trio.Nursery | None = None
         self._last_try: dict[bytes, float] = {}
         self._running = 0
@@ -91,13 +95,31 @@ class DirectUpgrade:
             "upgrades_direct": 0,
             "upgrades_failed": 0,
             "upgrades_refused": 0,
+            "direct_pings": 0,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            while True:
+                await trio.sleep(self._ping_interval)
+                self.hold_mappings()
+
+    def hold_mappings(self) -> None:
+        """Behind a NAT, PING every direct connection (issue 13, item 5). A direct path
+        lives on our NAT's mapping towards the peer, and the NAT lets the peer's packets
+        in only once we sent on that mapping: after a reboot or a flush, the peer's
+        packets are dropped until we send again. QUIC's own keep-alive waits 10 s of
+        silence and only while the connection is in use; this sends every
+        ``ping_interval`` (4 s: a PING and its ACK, about 70 bytes each way with headers,
+        per direct connection), so the path comes back within seconds."""
+        if not self._natted():
+            return
+        for peer in self.quic.peers():
+            if not is_virtual(peer.address[0]):
+                peer.ping()
+                self.stats["direct_pings"] += 1
 
     def statistics(self) -> dict[str, int]:
         return {**self.stats, **{f"probes_{k}": v for k, v in self.runner.stats.items()}}
@@ -133,8 +155,8 @@ class DirectUpgrade:
                     theirs = PunchOffer.decode(await reader.expect(T_CONNECT))
                     rtt = trio.current_time() - sent
                     await stream.send_all(_frame(T_SYNC, b""), eof=True)
-            if not punchable(mine.mapping, theirs.mapping):
-                log.info("%s: no direct path possible (both NATs endpoint-dependent)", _who(key))
+            if not punchable_offers(mine, theirs):
+                log.info("%s: no direct path possible (two EDM NATs, no IPv6)", _who(key))
                 self.stats["upgrades_failed"] += 1
                 return
             plan = make_plan(mine, theirs, initiator=True, start=trio.current_time() + rtt / 2)
@@ -196,7 +218,7 @@ class DirectUpgrade:
                     mine = self._offer()
                     await stream.send_all(_frame(T_CONNECT, mine.encode()))
                     await reader.expect(T_SYNC)
-            if not punchable(mine.mapping, theirs.mapping):
+            if not punchable_offers(mine, theirs):
                 return
             plan = make_plan(mine, theirs, initiator=False, start=trio.current_time())
             outcome = await self.runner.attempt(plan)

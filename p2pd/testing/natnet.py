@@ -5,18 +5,24 @@ hole-punching test and benchmark (p2pd/testing/punch_peer.py).
 
 Cells: ``public`` (on the simulated internet), ``eim`` (endpoint-independent NAT),
 ``symmetric`` and ``fully-random`` (a new random port per destination), ``double`` (a
-home NAT behind a carrier-grade NAT). Every wait is bounded.
+home NAT behind a carrier-grade NAT), ``ipv6`` (a home router with an endpoint-dependent
+IPv4 NAT that routes a global IPv6 /64 through an outbound-only firewall,
+p2pd/testing/netns6.py; with it in a network, every host gets IPv6 and every daemon
+listens dual stack on ``[::]``). Every wait is bounded.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from .daemons import DaemonProcess, cli_json, run_cli, wait_until
-from .netns import Host, Testbed
+from .netns import Host, NatRouter, Testbed
+from .netns6 import Ipv6Overlay
 
 PORT = 4747
 #: Reachability needs a dial-back round, then a registration and a republish.
@@ -29,6 +35,7 @@ MAPPING = {
     "double": "endpoint-independent",
     "symmetric": "endpoint-dependent",
     "fully-random": "endpoint-dependent",
+    "ipv6": "endpoint-dependent",  # its IPv4 NAT's
 }
 CONFIG = '[calls]\naudio_in = "tone:440"\naudio_out = "none"\nfrom = "everyone"\n'
 
@@ -46,32 +53,49 @@ def peer_host(testbed: Testbed, kind: str, n: int) -> Host:
         f"r{n}",
         inet,
         inside_subnet=f"10.{n}.0.0/24",
-        kind=kind,  # type: ignore[arg-type]
+        kind="symmetric" if kind == "ipv6" else kind,  # type: ignore[arg-type]
         address=f"198.18.{10 + n}.1",
     )
     return testbed.host(f"c{n}", router.inside)
 
 
 def start_network(
-    testbed: Testbed, root: Path, kind_a: str, kind_b: str, *, settle: float = SETTLE
+    testbed: Testbed,
+    root: Path,
+    kind_a: str,
+    kind_b: str,
+    *,
+    settle: float = SETTLE,
+    peer_config: str = "",
 ) -> dict[str, DaemonProcess]:
     """Three public daemons, alice in ``kind_a``, bob in ``kind_b``; returns once each
-    peer knows its mapping kind and, when NATed, its record lists two relays."""
+    peer knows its mapping kind and, when NATed, its record lists two relays.
+    ``peer_config`` is added to alice's and bob's config.toml (whole sections)."""
     inet = testbed.lan("inet", "198.18.0.0/16")
     hosts: dict[str, Host] = {
         f"pub{i}": testbed.host(f"pub{i}", inet, address=ip) for i, ip in enumerate(PUBLIC, 1)
     }
     hosts["alice"] = peer_host(testbed, kind_a, 1)
     hosts["bob"] = peer_host(testbed, kind_b, 2)
+    listen = f"0.0.0.0:{PORT}"
+    if "ipv6" in (kind_a, kind_b):
+        v6 = Ipv6Overlay(testbed)
+        v6.lan(inet, "2001:db8::/64")  # every host and router on the internet
+        for n, kind in ((1, kind_a), (2, kind_b)):
+            if kind == "ipv6":  # the others' inside LANs stay IPv4 only
+                v6.firewall(routers_of(testbed, n)[0], f"2001:db8:{n}::/64")
+        v6.settle()
+        listen = f"[::]:{PORT}"
     seeds = [f"{ip}:{PORT}" for ip in PUBLIC]
     daemons = {}
     for name, host in hosts.items():
         if run_cli(root / name, "init", name, "--no-passphrase").returncode != 0:
             raise RuntimeError(f"p2pd init {name} failed")
-        (root / name / "config.toml").write_text(CONFIG)
+        extra = peer_config if name in ("alice", "bob") else ""
+        (root / name / "config.toml").write_text(CONFIG + extra)
         daemons[name] = DaemonProcess(
             root / name,
-            listen=f"0.0.0.0:{PORT}",
+            listen=listen,
             bootstrap=[s for s in seeds if not s.startswith(f"{host.address}:")],
             lan="off",
             wrapper=host.command([]),
@@ -86,7 +110,10 @@ def start_network(
             return True
         # Behind any of these NATs strangers get in only through relays (Linux filters
         # by address and port even where it maps independently of the endpoint).
-        seen = cli_json(root / "pub1", "whois", name)
+        try:
+            seen = cli_json(root / "pub1", "whois", name)
+        except RuntimeError:  # not found yet: a lookup may miss a record just published
+            return False
         return len(seen.get("relays", [])) >= 2
 
     for name, kind in (("alice", kind_a), ("bob", kind_b)):
@@ -106,3 +133,53 @@ def send(root: Path, sender: str, to: str, text: str, timeout: float = 30.0) -> 
         raise RuntimeError(f"send {sender} -> {to} failed: {out.stderr.strip()}")
     message: dict[str, Any] = json.loads(out.stdout)
     return message
+
+
+def routers_of(testbed: Testbed, n: int) -> list[NatRouter]:
+    """The NAT routers in front of peer ``n`` (:func:`peer_host`'s numbering), nearest
+    first: none for a public host, the home router then the CGNAT for a double NAT."""
+    names = (f"r{n}", f"h{n}", f"cg{n}")
+    return [r for name in names if isinstance(r := testbed.hosts.get(name), NatRouter)]
+
+
+def relay_counter(root: Path, name: str) -> int:
+    """A counter summed over the three public daemons' relays (``p2pd status``)."""
+    total = 0
+    for i in range(1, len(PUBLIC) + 1):
+        counters = status(root, f"pub{i}")["relay"]["relaying"]["counters"]
+        total += int(counters.get(name, 0))
+    return total
+
+
+def flush_then_send(
+    testbed: Testbed, root: Path, *, sender: str = "alice", to: str = "bob", timeout: float = 40.0
+) -> dict[str, Any]:
+    """Issue 13, item 5: every NAT router in front of ``to`` forgets its mappings at once
+    (its conntrack table flushed, as a reboot would), and ``sender`` at once sends ``to``
+    a message. Returns the seconds from the flush to ``delivered`` (``recovered_s``), the
+    path, the conntrack entries each router held before and after the flush, and
+    ``moved``: how many registrations the relays saw move to a new address afterwards
+    (a new mapped port; 0 where the NAT gave the same port back), read once delivered."""
+    routers = routers_of(testbed, 2 if to == "bob" else 1)
+    if not routers:
+        raise ValueError(f"{to} is behind no NAT")
+    moved_before = relay_counter(root, "registrations_moved")
+    flushed_at = time.monotonic()
+    counts = [router.flush_conntrack() for router in routers]
+    try:
+        out = run_cli(
+            root / sender, "send", to, f"after a flush {time.time_ns():x}", "--wait",
+            "--timeout", str(timeout), "--json", timeout=timeout + 30.0,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        out = subprocess.CompletedProcess([], 1, "", "the send command did not end")
+    took = time.monotonic() - flushed_at
+    message: dict[str, Any] = json.loads(out.stdout) if out.returncode == 0 else {}
+    return {
+        "delivered": message.get("state") == "delivered",
+        "recovered_s": took,
+        "via": message.get("via"),
+        "conntrack": counts,
+        "moved": relay_counter(root, "registrations_moved") - moved_before,
+        "error": out.stderr.strip()[-300:] if out.returncode else None,
+    }

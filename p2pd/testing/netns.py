@@ -97,6 +97,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -448,6 +449,14 @@ class NatRouter(Host):
     def conntrack(self) -> str:
         """The router's conntrack table (``/proc/net/nf_conntrack``), one entry a line."""
         return self.run(["cat", "/proc/net/nf_conntrack"], check=False).stdout
+
+    def flush_conntrack(self) -> dict[str, int]:
+        """Forget every mapping at once, as a router that reboots does: the router's
+        conntrack table flushed through ctnetlink (p2pd/testing/conntrack.py, run in its
+        namespace). Returns how many entries it held ``"before"`` and ``"after"``."""
+        out = self.run([sys.executable, "-m", "p2pd.testing.conntrack", "flush"])
+        counts: dict[str, int] = json.loads(out.stdout)
+        return counts
 
     def udp_timeouts(self) -> dict[str, int]:
         """The router's idle UDP mapping lifetimes in seconds, read inside its namespace:

@@ -2,12 +2,14 @@
 namespaces (tests/test_punch_netns.py, scripts/bench_punch.py).
 
 ``python -m p2pd.testing.punch_peer ROLE MAPPING OBSERVER LOCAL_IP PORT``: binds one UDP
-socket on PORT, asks OBSERVER (an echo server that answers with the address it saw,
-tests/test_netns.py's ECHO) for its reflexive address, prints its offer as a JSON line,
-reads the peer's offer (a line of hex) and then a line "go" from stdin, punches
-(p2pd/transport/punch_driver.py, the daemon's code), sends a few data datagrams over the
-path it found and prints one JSON line: whether a path was found, on which socket, to
-which address, how long it took, and whether the peer's data came back over it.
+socket on PORT (an IPv6 one when LOCAL_IP is IPv6), asks OBSERVER (an echo server that
+answers with the address it saw, tests/test_netns.py's ECHO) for its reflexive address
+(OBSERVER ``-``: no NAT to ask about, LOCAL_IP is the only candidate, as behind an IPv6
+firewall), prints its offer as a JSON line, reads the peer's offer (a line of hex) and
+then a line "go" from stdin, punches (p2pd/transport/punch_driver.py, the daemon's
+code), sends a few data datagrams over the path it found and prints one JSON line:
+whether a path was found, on which socket, to which address, how long it took, and
+whether the peer's data came back over it.
 
 The two offers travel through the test here, in place of the encrypted session that
 carries them between daemons. :func:`punch_pair` runs both sides of two hosts in the testbed's cells
@@ -39,6 +41,7 @@ MAPPING = {
     "symmetric": "endpoint-dependent",
     "fully-random": "endpoint-dependent",
     "double": "endpoint-independent",
+    "ipv6": "none",  # no NAT: a firewall that lets in only what went out
 }
 OBSERVER = ("198.18.1.11", 3478)
 #: Answers every datagram with the address it came from, as JSON (a STUN server's job).
@@ -63,12 +66,19 @@ def observer(testbed: Testbed) -> Host:
     return host
 
 
-def punch_pair(a: Host, b: Host, kind_a: str, kind_b: str) -> tuple[dict[str, Any], ...]:
-    """Run both sides (a initiates), handing each the other's offer; their result lines."""
+def punch_pair(
+    a: Host, b: Host, kind_a: str, kind_b: str, *, ipv6: tuple[str, str] | None = None
+) -> tuple[dict[str, Any], ...]:
+    """Run both sides (a initiates), handing each the other's offer; their result lines.
+    ``ipv6``: the two hosts' IPv6 addresses, to punch over IPv6 with no observer (no NAT;
+    ``kind`` "ipv6": an outbound-only firewall, p2pd/testing/netns6.py)."""
     procs = []
     for role, (host, kind) in enumerate(((a, kind_a), (b, kind_b))):
         args = [sys.executable, "-m", "p2pd.testing.punch_peer", str(role), MAPPING[kind]]
-        args += [f"{OBSERVER[0]}:{OBSERVER[1]}", str(host.address), "40000"]
+        if ipv6 is None:
+            args += [f"{OBSERVER[0]}:{OBSERVER[1]}", str(host.address), "40000"]
+        else:
+            args += ["-", ipv6[role], "40000"]
         procs.append(host.popen(args, stdin=-1))
     offers = [json.loads(read_line(p, 15))["offer"] for p in procs]
     for p, line in zip(procs, (offers[1], offers[0]), strict=True):
@@ -99,7 +109,8 @@ def reflexive(sock: socket.socket, observer: tuple[str, int]) -> Address:
 async def punch(
     sock: socket.socket, role: int, mine: PunchOffer, theirs: PunchOffer
 ) -> dict[str, Any]:
-    runner = PunchRunner(lambda data, addr: send_quietly(sock, data, addr), "0.0.0.0")
+    bind_host = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
+    runner = PunchRunner(lambda data, addr: send_quietly(sock, data, addr), bind_host)
     got_data: dict[int, bytes] = {}
 
     async def receive(s: socket.socket, index: int) -> None:
@@ -147,11 +158,15 @@ async def punch(
 def main(argv: list[str]) -> None:
     role, mapping, observer, local_ip = int(argv[0]), argv[1], argv[2], argv[3]
     port = int(argv[4])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("0.0.0.0", port))
-    obs_host, obs_port = observer.rsplit(":", 1)
-    seen = reflexive(sock, (obs_host, int(obs_port)))
+    v6 = ":" in local_ip
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("::" if v6 else "0.0.0.0", port))
     local = Address(local_ip, port)
+    if observer == "-":
+        seen = local
+    else:
+        obs_host, obs_port = observer.rsplit(":", 1)
+        seen = reflexive(sock, (obs_host, int(obs_port)))
     candidates = [seen] if seen == local else [local, seen]
     mine = PunchOffer.new(mapping, candidates)
     print(json.dumps({"offer": mine.encode().hex(), "seen": str(seen)}), flush=True)

@@ -157,6 +157,18 @@ def punchable(ours: str, theirs: str) -> bool:
     return not (ours == "endpoint-dependent" and theirs == "endpoint-dependent")
 
 
+def punchable_offers(ours: PunchOffer, theirs: PunchOffer) -> bool:
+    """Whether an attempt can succeed between two offers: :func:`punchable` on the
+    (IPv4) mapping kinds, or both sides offer an IPv6 address (issue 13, item 6): IPv6
+    has no NAT, at most a firewall that lets in what went out, which both sides sending
+    at once gets through, whatever their IPv4 NATs do."""
+    return punchable(ours.mapping, theirs.mapping) or (_has_ipv6(ours) and _has_ipv6(theirs))
+
+
+def _has_ipv6(offer: PunchOffer) -> bool:
+    return any(":" in a.host and not _local(a.host) for a in offer.candidates)
+
+
 def make_plan(
     ours: PunchOffer,
     theirs: PunchOffer,
@@ -240,9 +252,10 @@ class HolePunch:
 
     def __post_init__(self) -> None:
         self._next_round = self._next_side = self.plan.start
-        # Random ports are probed on the peer's public IPs only: never on a private
-        # (RFC 1918, ULA), link-local or loopback candidate, which is a LAN of ours.
-        hosts = [a.host for a in self.plan.remote if not _local(a.host)]
+        # Random ports are probed on the peer's public IPv4 addresses only: never on a
+        # private (RFC 1918), link-local or loopback candidate, which is a LAN of ours,
+        # nor on IPv6 ones (no NAT there: the one port offered is the port).
+        hosts = [a.host for a in self.plan.remote if not _local(a.host) and ":" not in a.host]
         hosts = list(dict.fromkeys(hosts))
         self._port_hosts = tuple(hosts)
 
@@ -351,6 +364,8 @@ class HolePunch:
         if self.plan.side_sockets and self._side_rounds < 2 and now >= self._next_side:
             for index in range(1, self.plan.side_sockets + 1):
                 for address in self.plan.remote:
+                    if ":" in address.host:
+                        continue  # side sockets are IPv4 (the birthday is an IPv4 NAT's)
                     self._queue.append((index, self._datagram(T_PROBE), address.as_tuple()))
                     self._count("side_probes_out")
             self._side_rounds += 1

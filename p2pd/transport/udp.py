@@ -25,6 +25,12 @@ first. Where the kernel refuses (not Linux, an old kernel), one socket as before
 checks that nobody holds it: a second daemon on the same port is refused as before
 instead of joining the group.
 
+Dual stack (issue 13, item 6): an IPv6 socket on ``::`` also carries IPv4 (IPV6_V6ONLY
+off, set explicitly: the sysctl default varies). The kernel reports an IPv4 peer of such
+a socket as ``::ffff:a.b.c.d``; this class spells it ``a.b.c.d`` on the way in and adds
+the prefix on the way out, so every layer above (DHT address limits per /24, relays,
+QUIC's path keys, records) sees one spelling per address whatever the socket.
+
 The receive loop reads in bursts: every datagram already queued (up to
 :data:`RECV_BURST`) goes to its handler before the task yields, and then each flush hook
 (:meth:`UdpEndpoint.add_flush_hook`) runs once. A handler may therefore only queue work
@@ -96,6 +102,8 @@ def _bind_pair(family: int, address: tuple[str, int]) -> tuple[socket.socket, so
         for sock in socks:
             sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         socks[0].bind(address)
         socks[1].bind(socks[0].getsockname()[:2])
         _steer_quic_to_second(socks[0])
@@ -114,6 +122,8 @@ class UdpEndpoint:
         for s in self._socks:
             s.setblocking(False)
         self._stdlib = sock
+        #: an IPv6 socket: IPv4 peers are unmapped in and mapped out (module docstring)
+        self._v6 = sock.family == socket.AF_INET6
         self._trio = trio.socket.from_stdlib_socket(sock)
         self.stats: Counter[str] = Counter()
         self.stats["queues"] = len(self._socks)
@@ -131,6 +141,8 @@ class UdpEndpoint:
             # A plain bind first: the port must be free (a reuseport group would let a
             # second daemon of the same user join it silently).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(address.as_tuple())
         except OSError as exc:
             sock.close()
@@ -151,6 +163,8 @@ class UdpEndpoint:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(bound)
         except OSError as exc:
             sock.close()
@@ -159,6 +173,8 @@ class UdpEndpoint:
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         """Send one datagram now, from any thread; a full buffer drops it (UDP semantics)."""
+        if self._v6 and ":" not in addr[0]:
+            addr = ("::ffff:" + addr[0], addr[1])
         try:
             self._stdlib.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
@@ -209,6 +225,7 @@ class UdpEndpoint:
         QUIC's own queue (when there are two) first, each burst."""
         stats = self.stats
         hooks = self._flush_hooks
+        v6 = self._v6
         readers = [s.recvfrom for s in self._socks]
         poller = None
         if len(self._socks) > 1:  # one fd to wait on for both: an epoll set
@@ -251,6 +268,8 @@ class UdpEndpoint:
                             continue
                         count += 1
                         limit -= 1
+                        if v6 and addr[0].startswith("::ffff:"):
+                            addr = (addr[0][7:], addr[1])
                         first = data[0] if data else 0x80  # an empty datagram: neither
                         if first & 0x40:
                             if on_quic is not None:

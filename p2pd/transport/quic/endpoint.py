@@ -128,7 +128,6 @@ class QuicEndpoint:
         self._routes: dict[NetworkAddress, VirtualSend] = {}
         #: Connections that received datagrams since the last flush, in arrival order.
         self._dirty: list[QuicPeer] = []
-        self._v6 = udp.local_address.version == 6
 
     def _configuration(self, is_client: bool, certificate: Any, key: Any) -> QuicConfiguration:
         c = self.config
@@ -369,10 +368,9 @@ class QuicEndpoint:
             host, port = address.host, address.port
         else:
             host, port = Address(str(address[0]), int(address[1])).as_tuple()
-        # The socket reports an IPv4 peer of a dual-stack IPv6 socket as ::ffff:a.b.c.d,
-        # and aioquic drops packets from any other spelling of the server's address.
-        if self._v6 and ":" not in host:
-            host = "::ffff:" + host
+        # aioquic drops packets from any other spelling of the server's address; the UDP
+        # endpoint spells IPv4 peers a.b.c.d both ways, also on a dual-stack socket
+        # (p2pd/transport/udp.py), so that is the spelling here too.
         return (host, port)
 
     # ---- public bookkeeping

@@ -225,6 +225,16 @@ class QuicPeer:
         reads it: p2pd/media/ratecontrol.py)."""
         return self.quic.pending_datagrams
 
+    def ping(self) -> None:
+        """Send an ack-eliciting PING now (RFC 9000 section 19.2). It does not count as
+        use: a connection nobody uses still closes after ``idle_close``. A NATed node
+        pings its direct connections often, to hold (and, after its NAT forgot them, to
+        restore) their mappings (p2pd/relay/upgrade.py)."""
+        self._check_open()
+        self._ping_uid += 1
+        self.quic.send_ping(self._ping_uid)
+        self.wake()
+
     def send_datagram(self, data: bytes) -> bool:
         """Queue one unreliable DATAGRAM frame (RFC 9221).
 
