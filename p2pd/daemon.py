@@ -494,13 +494,16 @@ async def open_node(
                 announcer.peer_seen(key)
                 giver.peer_seen(key)
 
-            def on_signal(key: bytes, claimed: str, peer: QuicPeer | None, text: str) -> None:
+            def on_signal(key: bytes, claimed: str, peer: QuicPeer | None, text: str) -> bool:
+                """True for housekeeping (a hint, a pass): its sender is not looked up."""
                 if is_hint(text):  # where a contact is: p2pd/address_hints.py
                     hints.received(key, contacts.by_key(key) is not None, text, time.time())
                 elif is_pass(text):  # a contact's mailbox pass
                     passes.received(key, contacts.by_key(key) is not None, text, time.time())
                 else:
                     calls.on_signal(key, claimed, peer, text)
+                    return False
+                return True
 
             files = FilesService(
                 config.files, identity, conn, events.emit, quic=quic, at_rest=at_rest,

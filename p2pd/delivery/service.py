@@ -153,7 +153,9 @@ class Delivery:
     """The delivery service. ``quic`` is the node's endpoint (its streams come in through
     :meth:`handle_stream`); ``lan_addresses(key)`` says where LAN discovery saw a key
     (tried before the record's addresses); ``on_signal(sender key, claimed handle, the
-    QUIC peer or None, JSON text)`` takes the call signals that arrive."""
+    QUIC peer or None, JSON text)`` takes the session signals that arrive, and returns
+    True for housekeeping (an address hint, a mailbox pass): its sender's claimed handle
+    is then not looked up to pin it."""
 
     def __init__(
         self,
@@ -167,7 +169,7 @@ class Delivery:
         sessions: SessionManager,
         contacts: Contacts,
         lan_addresses: Callable[[bytes], list[Address]],
-        on_signal: Callable[[bytes, str, QuicPeer | None, str], None],
+        on_signal: Callable[[bytes, str, QuicPeer | None, str], bool | None],
         on_file_offer: Callable[[bytes, str, str, str], None] = lambda *offer: None,
         on_direct: Callable[[bytes], None] = lambda key: None,
         on_direct_message: Callable[[bytes], None] = lambda key: None,
@@ -586,6 +588,7 @@ class Delivery:
 
     def _dispatch(self, events: Sequence[Event], peer: QuicPeer | None = None) -> None:
         """React to what the core reports; ``peer`` is the connection it came over."""
+        housekeeping: set[bytes] = set()  # senders of a hint or pass in these events
         for event in events:
             if isinstance(event, MessageReceived):
                 if event.message is not None:
@@ -594,14 +597,20 @@ class Delivery:
                         self.on_direct_message(event.message.peer_key)
             elif isinstance(event, SignalReceived):
                 # A signal is worth nothing late: one from the mailbox is not rung.
-                if event.via == "direct":
-                    self.on_signal(event.sender_key, event.claimed, peer, event.text)
+                if event.via == "direct" and self.on_signal(
+                    event.sender_key, event.claimed, peer, event.text
+                ):
+                    housekeeping.add(event.sender_key)
             elif isinstance(event, RotationReceived):
                 self.rotation_received(event)
             elif isinstance(event, FileOfferReceived):
                 self.on_file_offer(event.sender_key, event.claimed, event.text, event.via)
             elif isinstance(event, SenderUnverified):
-                self._spawn(self._verify_sender, event)
+                # An address hint or a mailbox pass is no reason to look a stranger up
+                # and pin it (a pinned contact's files are accepted without asking):
+                # only messages and call signals are.
+                if not (event.source == "call" and event.sender_key in housekeeping):
+                    self._spawn(self._verify_sender, event)
             elif isinstance(event, DeliveryDue):
                 self._start_worker(event.peer_key)
             elif isinstance(event, AckReceived):
