@@ -95,21 +95,40 @@ def poisson_threshold(c: int, p: float = PACKED_P) -> float:
     return hi
 
 
-def estimate_size(own_id: bytes, neighbours: Iterable[Node], k: int) -> float | None:
+def estimate_size(
+    own_id: bytes, neighbours: Iterable[Node], k: int, target: bytes | None = None
+) -> float | None:
     """The network's size seen from ``own_id``'s neighbourhood: (k - 1) / (distance to
     the k-th closest, as a fraction of the id space), the unbiased estimate for a
     uniform placement. With fewer than 2k contacts (a new node, a small network): the
     number of nodes known, ourselves included, a lower bound (a new node that stored
     or resolved next to a cluster with no rule at all handed the cluster its record).
-    None with no contact."""
+    None with no contact.
+
+    ``target``: the key the estimate will judge the nodes around. The contacts on the
+    target's side of the first bit where our id and the target differ (our table's
+    bucket that holds the target) are left out, and the id space they stand for with
+    them: the density that judges the nodes near a key is never measured on those
+    nodes. Without this, an honest node whose id happens to be near a handle's key
+    counted the cluster ground next to that key as its own neighbourhood (estimates 10x
+    and more too high, measured), found the cluster plausible, and let it take every
+    voting slot: the rival's key without a contested flag (tests/test_adversary.py)."""
     own = int.from_bytes(own_id, "big")
     distances = sorted(n.long_id ^ own for n in neighbours)
     if not distances or k < 2:
         return None
     if len(distances) < 2 * k:
         return float(len(distances) + 1)
+    low = high = 0  # the left-out range of distances [low, high)
+    if target is not None and (split := own ^ int.from_bytes(target, "big")):
+        low = 1 << (split.bit_length() - 1)
+        high = 2 * low
+        distances = [d for d in distances if not low <= d < high]
+        if len(distances) < k:
+            return float(len(distances) + 1)
     kth = distances[k - 1]
-    return float((k - 1) * ID_SPACE / max(kth, 1))
+    space = kth - (high - low if kth >= high else 0)
+    return float((k - 1) * ID_SPACE / max(space, 1))
 
 
 class SizeEstimate:
@@ -147,9 +166,14 @@ class SizeEstimate:
         return done
 
     def estimate(
-        self, own_id: bytes, neighbours: Iterable[Node], k: int, now: float
+        self,
+        own_id: bytes,
+        neighbours: Iterable[Node],
+        k: int,
+        now: float,
+        target: bytes | None = None,
     ) -> float | None:
-        own = estimate_size(own_id, neighbours, k)
+        own = estimate_size(own_id, neighbours, k, target)
         recent = [size for when, size in self.samples if now - when <= SIZE_SAMPLE_AGE]
         if own is None or len(recent) < SIZE_MIN_SAMPLES:
             return own
