@@ -61,7 +61,7 @@ import resource
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,8 @@ async def run_network(
         "off": DHTConfig(defences=False),
         "np": DHTConfig(packed_check=False),
     }[mode]
+    if args.claim_factor:
+        config = replace(config, claim_factor=args.claim_factor)
     label = f"{placement}, defences {mode}"
     n_hostile = round(args.nodes * args.hostile)
     n_honest = args.nodes - n_hostile
@@ -575,6 +577,12 @@ def main() -> None:
         "--placements",
         default="spread,one IP,targeted /24s",
         help="comma-separated placements to run (default: all three)",
+    )
+    parser.add_argument(
+        "--claim-factor",
+        type=int,
+        default=0,
+        help="replicas of a handle record in units of k (default: DHTConfig's)",
     )
     parser.add_argument(
         "--rows", default="", help="comma-separated rows to run (default: every row)"

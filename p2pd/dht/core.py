@@ -332,6 +332,7 @@ class DHTCore:
                 self.config.ksize,
                 self.now,
                 target,
+                len(self.table),
             )
         return SpreadLimit(self.limit, target, size)
 

@@ -111,7 +111,7 @@ class Lookup:
         self._k = k
         self._alpha = alpha
         #: Most requests in flight once the lookup asks widely: k, at most ``max_width``.
-        #: A burst of 60 (3k, a handle record's replicas) on a busy host made soft
+        #: A burst of 60 (3k, a handle record's replicas then) on a busy host made soft
         #: timeouts fire on most of them, and the lookup ended with the few that beat
         #: them (seen: 3 of 60).
         self._width = min(k, max_width) if max_width else k
@@ -126,7 +126,7 @@ class Lookup:
         self._claims: dict[bytes, bytes | None] = {}
         #: Shared by the paths of a disjoint lookup: every node one of them asked.
         self._taken = taken
-        #: A node lookup for more than the k nodes one reply names (a handle record's 3k
+        #: A node lookup for more than the k nodes one reply names (a handle record's 4k
         #: replicas) asks the candidates ranked ``probe_from`` and beyond for their *own*
         #: neighbours (find_node of their own id) instead of the target's: every reply
         #: names the (up to 32) contacts nearest the target it knows, the same few near

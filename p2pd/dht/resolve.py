@@ -40,7 +40,7 @@ def start_resolve(
     2. otherwise all ``claim_factor * ksize`` closest, which hold the record too, and
        the 2/3 rule decides alone, counting the replicas set aside against the
        winner: with 20 % liars at random places, a third of 20 voters are liars 9 %
-       of the time, a third of 60 under 1 % (binomial)."""
+       of the time, a third of 80 about 0.2 % (binomial; DHTConfig.claim_factor)."""
     defended = core.defended
     wide = core.replicas if defended else 0
 
