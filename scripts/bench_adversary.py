@@ -61,7 +61,7 @@ import resource
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,7 @@ from _bench import Every10Percent, percentile, progress_printer, trio_pool
 from p2pd.claims import CONTESTED, OK, Answer, resolve_claims
 from p2pd.config import DHTConfig
 from p2pd.dht.lookup import LookupResult
+from p2pd.dht.routing import ID_SPACE
 from p2pd.identity import HandleRef, Identity, self_certifying
 from p2pd.records import HandleRecord, dht_key
 from p2pd.testing.adversary import (
@@ -139,6 +140,10 @@ class Row:
     closest_only: Counter[str] = field(default_factory=Counter)
     #: How the first few wrong keys won (votes of each key), for the report.
     wrong_votes: list[str] = field(default_factory=list)
+    #: Why plain lookups ended contested (:func:`why_contested`), by cause.
+    contested_why: Counter[str] = field(default_factory=Counter)
+    #: The first few contested lookups in figures, for the report.
+    contested_votes: list[str] = field(default_factory=list)
     incomplete: str = ""
     #: First messages to the resolved handles (plain and self-certifying): read by the
     #: owner, read by the attacker, read by nobody, or not sent (contested, not found).
@@ -168,7 +173,9 @@ class Row:
             + [
                 f"{n} {kind} lookups would give the owner's key counting only the k closest"
                 for kind, n in sorted(self.closest_only.items())
-            ],
+            ]
+            + [f"contested because {why}: {n}" for why, n in self.contested_why.most_common()]
+            + [f"contested: {c}" for c in self.contested_votes],
             "incomplete": self.incomplete,
             "first_messages": dict(self.first),
             "goals": grade(self, n, hostile, plain_total, cert_total, lat),
@@ -212,6 +219,8 @@ async def run_network(
         "off": DHTConfig(defences=False),
         "np": DHTConfig(packed_check=False),
     }[mode]
+    if args.claim_factor:
+        config = replace(config, claim_factor=args.claim_factor)
     label = f"{placement}, defences {mode}"
     n_hostile = round(args.nodes * args.hostile)
     n_honest = args.nodes - n_hostile
@@ -244,11 +253,14 @@ async def run_network(
                     tick(count)
 
                 await trio_pool(n_honest, 8, publish)
+            progress(f"{label}: {coverage(swarm, coalition, handles)}")
             wall = swarm.wall()
             for handle in targets:
                 coalition.add_rival(handle, wall)
             keys = {h: swarm.nodes[i].identity.public_key for i, h in enumerate(handles)}
             for name, behaviour in rows:
+                if args.rows and name not in args.rows.split(","):
+                    continue
                 row = Row(name, placement, defences, mode)
                 if behaviour & B.SPOOF and not can_spoof():
                     row.notes.append("spoof: not run (a raw socket needs root)")
@@ -259,6 +271,30 @@ async def run_network(
                 coalition.behaviours = B.HONEST
                 done.append(row)
     return done
+
+
+def coverage(swarm: Swarm, coalition: Coalition, handles: list[str]) -> str:
+    """How well the publishing reached the replicas (a diagnostic): of the honest nodes
+    among each handle's ``claim_factor * k`` closest nodes in the network (hostile ones
+    included), the share that holds its record, and the stores refused as too far."""
+    replicas = swarm.config.claim_factor * swarm.config.ksize
+    honest = {n.dht.core.node_id: n for n in swarm.nodes if n.alive}
+    everyone = list(honest) + [m.node_id for m in coalition.members]
+    held = total = 0
+    for handle in handles:
+        key = dht_key(handle)
+        target = int.from_bytes(key, "big")
+        closest = sorted(everyone, key=lambda i: int.from_bytes(i, "big") ^ target)[:replicas]
+        for node_id in closest:
+            if node_id in honest:
+                total += 1
+                held += honest[node_id].dht.core.storage.get(key) is not None
+    refused = sum(n.dht.core.stats["store_refused_far"] for n in honest.values())
+    share = 100 * held / total if total else 0.0
+    return (
+        f"publish coverage: {held} of {total} honest replica slots hold the record "
+        f"({share:.1f} %); stores refused as too far: {refused}"
+    )
 
 
 async def start_attack(
@@ -350,6 +386,14 @@ async def run_lookups(
                     )
             elif resolution.status == CONTESTED:
                 outcome = "contested"
+                if not certified:
+                    why, figures = why_contested(resolution, details, owner, coalition.ids)
+                    limit = asker.dht.core.spread_limit(dht_key(handle))
+                    if limit is not None and limit.scale:
+                        figures += f", size estimate {ID_SPACE / limit.scale:.0f}"
+                    row.contested_why[why] += 1
+                    if len(row.contested_votes) < 4:
+                        row.contested_votes.append(f"{handle}: {figures}")
             if resolution.status == OK and resolution.record is not None:
                 row.first[first_message(resolution.record, owner, receivers)] += 1
             else:
@@ -384,6 +428,36 @@ def first_message(record: HandleRecord, owner: bytes, receivers: dict[Address, l
             continue
         return "owner" if identity.public_key == owner else "attacker"
     return "nobody"
+
+
+def why_contested(
+    resolution: Any, details: LookupResult, owner: bytes, hostile: set[bytes]
+) -> tuple[str, str]:
+    """The main cause of one contested plain lookup (a diagnostic) and its figures:
+    the votes for the owner and for other keys, the set-aside replicas counted
+    against the winner, and how many of the voters were hostile or answered with no
+    value."""
+    votes = {c.public_key: c.votes for c in resolution.claims}
+    mine = votes.get(owner, 0)
+    others = sum(v for k, v in votes.items() if k != owner)
+    packed = len(details.packed)
+    empty = {n.id for n in details.without_value} & details.voters
+    hostile_voters = len(details.voters & hostile)
+    figures = (
+        f"owner {mine}, others {others}, set aside {len(details.packed)} "
+        f"({len(details.packed & hostile)} hostile), voters {len(details.voters)} "
+        f"({hostile_voters} hostile, {len(empty)} without a value, "
+        f"{len(empty - hostile)} of them honest), rpcs {details.rpcs}"
+    )
+    if mine + others + packed == 0:
+        why = "no vote"
+    elif 3 * mine >= 2 * (mine + others + packed) and mine < 8:
+        why = "the owner under 8 votes"
+    elif 3 * mine >= 2 * (mine + others):
+        why = "set-aside replicas"
+    else:
+        why = "rival votes over 1/3"
+    return why, figures
 
 
 def closest_only_owner(asker: Any, ref: HandleRef, details: LookupResult, owner: bytes) -> int:
@@ -503,6 +577,15 @@ def main() -> None:
         "--placements",
         default="spread,one IP,targeted /24s",
         help="comma-separated placements to run (default: all three)",
+    )
+    parser.add_argument(
+        "--claim-factor",
+        type=int,
+        default=0,
+        help="replicas of a handle record in units of k (default: DHTConfig's)",
+    )
+    parser.add_argument(
+        "--rows", default="", help="comma-separated rows to run (default: every row)"
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()

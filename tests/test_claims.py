@@ -258,3 +258,28 @@ def test_replicas_set_aside_as_packed_count_against_any_winner() -> None:
     assert pushed.status == CONTESTED  # 40 of 61
     owner = [answer(i, rec(OWNER)) for i in range(40)]
     assert resolve_claims(owner, NOW, key=KEY, set_aside=20).status == OK  # 40 of 60
+
+
+def test_a_replica_set_aside_holding_the_winners_key_does_not_count_against_it() -> None:
+    """An honest replica set aside by chance that holds the owner's claim is not a vote
+    against her (it made about one lookup in 50 contested under the combined attack);
+    set-aside replicas holding another key, or nothing valid, still count against any
+    winner, so a cluster that pushed the honest replicas aside gains nothing."""
+    owner = [answer(i, rec(OWNER)) for i in range(36)] + [
+        answer(100 + i, rec(RIVAL)) for i in range(17)
+    ]
+    holding_owner = [answer(200 + i, rec(OWNER)) for i in range(7)]
+    # The old count: 36 of 36 + 17 + 7 set aside = 60: under 2/3.
+    assert resolve_claims(owner, NOW, key=KEY, set_aside=7).status == CONTESTED
+    ok = resolve_claims(owner, NOW, key=KEY, set_aside_answers=holding_owner)
+    assert ok.status == OK and ok.record is not None
+    assert ok.record.public_key == OWNER.public_key  # 36 of 53
+    holding_rival = [answer(200 + i, rec(RIVAL)) for i in range(7)]
+    against = resolve_claims(owner, NOW, key=KEY, set_aside_answers=holding_rival)
+    assert against.status == CONTESTED
+    junk = [answer(200 + i, b"junk") for i in range(7)]
+    assert resolve_claims(owner, NOW, key=KEY, set_aside_answers=junk).status == CONTESTED
+    # The cluster's own set-aside ids do not count for its key either.
+    rival = [answer(i, rec(RIVAL)) for i in range(40)]
+    pushed = [answer(100 + i, rec(OWNER)) for i in range(21)]
+    assert resolve_claims(rival, NOW, key=KEY, set_aside_answers=pushed).status == CONTESTED

@@ -351,7 +351,7 @@ def test_a_padded_request_gets_the_whole_reply_and_a_proof_lifts_the_limit() -> 
     asker = NodeKey.generate()
     address = ("203.0.113.66", 4000)
     full = core._neighbors(core.node_id, exclude=asker.node_id)
-    assert len(full) == CONFIG.ksize
+    assert len(full) >= CONFIG.ksize  # up to wire.MAX_CONTACTS
 
     def find_node(pad: int) -> tuple[tuple[wire.Contact, ...], bytes | None, int, int]:
         frame = request("find_node", [core.node_id], sender=asker, pad=pad)
@@ -365,12 +365,12 @@ def test_a_padded_request_gets_the_whole_reply_and_a_proof_lifts_the_limit() -> 
     contacts, cookie, out, size = find_node(0)  # unpadded: cut to its size, with a cookie
     assert cookie is not None and len(contacts) < 3 and out <= size
     contacts, cookie, out, size = find_node(REQUEST_PAD["find_node"])
-    assert cookie is not None and len(contacts) == CONFIG.ksize and out <= size
+    assert cookie is not None and len(contacts) >= CONFIG.ksize and out <= size
     signature = asker.sign(wire.proof_message(core.node_key.public_key, cookie))
     proof = wire.encode_request(os.urandom(20), "proof", [asker.public_key, cookie, signature])
     core.datagram_received(proof, address, net.now)
     contacts, cookie, out, size = find_node(0)  # validated: the whole reply, no cookie
-    assert cookie is None and len(contacts) == CONFIG.ksize and out > size
+    assert cookie is None and len(contacts) == len(full) and out > size
 
 
 def test_fit_reply_keeps_a_value_before_contacts_and_pages_on() -> None:

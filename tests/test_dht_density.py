@@ -139,6 +139,62 @@ def test_a_cluster_next_to_a_node_does_not_inflate_its_estimate_once_it_looked_e
     assert estimate is not None and estimate < 2 * 400  # capped at twice the samples
 
 
+def test_a_node_near_a_targeted_key_does_not_count_the_cluster_as_its_neighbourhood() -> None:
+    """An honest node whose id shares 10 bits with a handle's key, 40 ids ground to 12
+    bits next to the key, no lookup samples to cap anything (a fresh network): without
+    the target its estimate is 100x too high and the rule admits the cluster into 2/3
+    of the k closest (the rival's key, silently: the rare case of tests/test_adversary.py);
+    judged for that key, the cluster is left out of the estimate and set aside."""
+    rng = random.Random(5)
+    key = dht_key("alice")
+    honest = honest_nodes(300, rng)
+    cluster = ground_nodes(key, 12, 40, rng)
+    # Exactly 10 bits shared with the key: the key is in our table's bucket 10.
+    own = (int.from_bytes(key, "big") ^ (1 << 149)) >> 149 << 149 | rng.getrandbits(149)
+    own_id = own.to_bytes(20, "big")
+    neighbours = nearest(honest + cluster, own_id)[: 4 * K]
+    blind = estimate_size(own_id, neighbours, K)
+    judged = estimate_size(own_id, neighbours, K, key)
+    assert blind is not None and blind > 20_000  # the cluster taken for the neighbourhood
+    assert judged is not None and 150 < judged < 600  # 340 nodes
+    closest = nearest(honest + cluster, key)
+    taken = {}
+    for name, size in (("blind", blind), ("judged", judged)):
+        chosen = SpreadLimit(BASE, key, size).select(closest, K)
+        taken[name] = sum(1 for n in chosen if n in cluster)
+    assert 3 * taken["blind"] >= 2 * K  # the control: 2/3 of the votes the attacker's
+    assert taken["judged"] <= 5, taken
+    # An estimate for a key far from our id is as before.
+    far = bytes(b ^ 0x80 if i == 0 else b for i, b in enumerate(own_id))
+    assert estimate_size(own_id, neighbours, K, far) == blind
+
+
+def test_a_node_inside_the_ground_prefix_is_bounded_by_its_table() -> None:
+    """A node whose id shares *more* bits with the key than the cluster was ground to
+    (12 against 10) has half the cluster in its own neighbourhood, whatever is left out:
+    the routing table's size bounds its estimate (a table of a network of 340 holds a
+    hundred-odd contacts, not the thousands a network of 20,000 would give)."""
+    rng = random.Random(6)
+    key = dht_key("alice")
+    honest = honest_nodes(300, rng)
+    cluster = ground_nodes(key, 10, 40, rng)
+    own = (int.from_bytes(key, "big") ^ (1 << 147)) >> 147 << 147 | rng.getrandbits(147)
+    own_id = own.to_bytes(20, "big")
+    neighbours = nearest(honest + cluster, own_id)[: 4 * K]
+    table = 5 * K  # a table in a network of 340: about k * log2(340 / k) + k contacts
+    unbounded = estimate_size(own_id, neighbours, K, key)
+    bounded = estimate_size(own_id, neighbours, K, key, table)
+    assert unbounded is not None and unbounded > 5000  # the cluster as its neighbourhood
+    assert bounded is not None and 340 <= bounded <= 4 * 340
+    closest = nearest(honest + cluster, key)
+    taken = {}
+    for name, size in (("unbounded", unbounded), ("bounded", bounded)):
+        chosen = SpreadLimit(BASE, key, size).select(closest, K)
+        taken[name] = sum(1 for n in chosen if n in cluster)
+    assert 3 * taken["unbounded"] >= 2 * K, taken  # the control
+    assert 3 * taken["bounded"] < K, taken
+
+
 def test_an_honest_replica_behind_a_cluster_still_stores_the_record() -> None:
     """A node with a few honest nodes nearer a key than it (of 300), and 40 ids ground
     nearer still: it refuses a store there without the rule (over 40 nodes nearer: not

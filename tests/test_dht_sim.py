@@ -81,9 +81,9 @@ async def test_a_partition_heals(autojump_clock: trio.testing.MockClock) -> None
     with trio.fail_after(3600):
         async with trio.open_nursery() as nursery:
             await nursery.start(net.run)
-            # 80 nodes: a handle record lives on 3k = 60 (issue 11), and the asker must be
-            # a node that does not store it
-            async with open_swarm(80, network=net, seed=5) as swarm:
+            # 100 nodes: a handle record lives on 4k = 80 (issue 11), and the asker must
+            # be a node that does not store it
+            async with open_swarm(100, network=net, seed=5) as swarm:
                 record = await swarm.publish(0)
                 # the asker: a node that does not itself store the record
                 asker = next(

@@ -62,19 +62,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import wire
-from ..claims import Answer, Resolution, resolve_claims
 from ..config import DHTConfig
 from ..errors import OldFrameVersion, WireError
 from ..identity import verify_signature
-from ..records import Verdict, claimed_key
-from . import mailbox_ops
+from ..records import Verdict
+from . import mailbox_ops, resolve
 from .budget import RequestBudget, address_cookie, fit_reply
 from .density import SizeEstimate, SpreadLimit
 from .lookup import DisjointLookup, LookupResult
 from .mailbox import MailboxStorage
 from .mailbox_relay import PutRelay, relay_requested
 from .nodekey import NodeKey
-from .operations import Gather, HeadCheck, LookupRun, older_claim
+from .operations import Gather, HeadCheck, LookupRun
 from .reachability import Reachability
 from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
@@ -333,14 +332,16 @@ class DHTCore:
         if self.config.packed_check:
             size = self.sizes.estimate(
                 self.node_id,
-                self.table.closest(self.node_id, 2 * self.config.ksize),
+                self.table.closest(self.node_id, 4 * self.config.ksize),
                 self.config.ksize,
                 self.now,
+                target,
+                len(self.table),
             )
         return SpreadLimit(self.limit, target, size)
 
     def _neighbors(self, key: bytes, exclude: bytes) -> list[list[Any]]:
-        nodes = self.table.closest(key, self.config.ksize, exclude=exclude)
+        nodes = self.table.closest(key, wire.MAX_CONTACTS, exclude=exclude)
         return wire.encode_contacts(
             [wire.Contact(n.key, wire.Address(n.ip, n.port)) for n in nodes if n.key is not None]
         )
@@ -643,6 +644,7 @@ class DHTCore:
             limit=self.spread_limit(target),
             claim_of=claim_of,
             max_width=config.ksize,
+            probe_from=config.ksize if k > config.ksize else 0,
         )
         self.table.touch(target, now)
         if not find_value and self.defended and len(self.table) >= 2 * config.ksize:
@@ -701,85 +703,8 @@ class DHTCore:
 
         self.start_lookup(key, now, found, k=replicas)
 
-    def start_resolve(
-        self,
-        key: bytes,
-        now: float,
-        wall: float,
-        accept_key: Callable[[bytes], bool],
-        on_done: Callable[[tuple[Resolution, LookupResult]], None],
-        *,
-        certified: bool = False,
-    ) -> None:
-        """Which claim under ``key`` to believe (p2pd/claims.py), among the keys that
-        ``accept_key`` allows, in up to two rounds (docs/SECURITY.md, "Claims").
-        ``certified``: ``accept_key`` admits one key only (a self-certifying form): the
-        replicas the density rule set aside cannot hide a rival there, and do not count.
-
-        1. the k closest (all of them: with the defences on there is no early end, which
-           a few ids placed next to the key could decide). One key, no other, and no
-           replica set aside as packed: that key.
-        2. otherwise all ``claim_factor * ksize`` closest, which hold the record too, and
-           the 2/3 rule decides alone, counting the replicas set aside against the
-           winner: with 20 % liars at random places, a third of 20 voters are liars 9 %
-           of the time, a third of 60 under 1 % (binomial)."""
-        defended = self.defended
-        wide = self.replicas if defended else 0
-
-        def found(result: LookupResult, first: LookupResult | None = None) -> None:
-            if first is not None:
-                result.rpcs += first.rpcs
-            # Only replicas among the k closest known to the key vote (with the defences
-            # on): a liar far from the key answers with a value too.
-            voting = [(n, v) for n, v in result.values if not defended or n.id in result.voters]
-            answers = [Answer(n.id, n.ip, v, result.seen.get(n.id)) for n, v in voting]
-            local = self.storage.get(key)
-            resolution = resolve_claims(
-                answers,
-                wall,
-                key=key,
-                accept_key=accept_key,
-                local=local,
-                defences=self.config.defences,
-                set_aside=0 if certified else len(result.packed),
-            )
-            # Settled in round 1: one key, no other, nothing set aside (a handle that
-            # does not exist, or is held only by black holes, takes round 2 as well).
-            settled = resolution.status == "ok" and len(resolution.claims) == 1
-            if first is None and wide > self.config.ksize and not (settled and not result.packed):
-                self.stats["resolve_widened"] += 1
-                self.start_lookup(
-                    key,
-                    self.now,
-                    lambda more: found(more, result),
-                    find_value=True,
-                    claim_of=claimed_key,
-                    k=wide,
-                    quorum=wide,
-                    seeds=result.closest + self.table.closest(key, wide),
-                )
-                return
-            best = resolution.record
-            if resolution.status == "ok" and best is not None:
-                # Repair (Kademlia section 2.3): only the closest replicas that hold an
-                # older record of the same key get the newest; a replica holding another
-                # key, or nothing, is left to the storage rule and to replication.
-                encoded = best.encode()
-                closest = {n.id for n in result.closest}
-                for node, value in result.values:
-                    if node.id in closest and value != encoded and older_claim(value, best, wall):
-                        self.stats["repair_stores"] += 1
-                        self.request(node, "store", [key, encoded], self.now)
-                if local is not None and local != encoded:
-                    self.storage.offer(key, encoded)
-            on_done((resolution, result))
-
-        # With the defences on, round 1 may end early only once the 3k/5 (12) closest
-        # agree and span 2/3 of that many expected honest nodes (lookup.py): a value
-        # quorum of 8 could be 8 ids placed next to the key (no honest node that near:
-        # 1 key in 12), 12 spanning 8 only in e^-8 of the keys.
-        quorum = max(self.config.value_quorum, 3 * self.config.ksize // 5) if defended else None
-        self.start_lookup(key, now, found, find_value=True, claim_of=claimed_key, quorum=quorum)
+    # Which claim to believe, in up to two rounds (resolve.py).
+    start_resolve = resolve.start_resolve
 
     def start_bootstrap(
         self, addresses: list[Address], now: float, on_done: Callable[[int], None]

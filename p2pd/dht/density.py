@@ -27,7 +27,7 @@ further out, where honest nodes are. The rule alone does not stop an attacker wh
 its ids along the limit curve (as many as chance allows at each distance, nearer than
 the honest nodes there): those take every admitted slot, and it is the honest nodes
 that get set aside. What stops it is elsewhere: a resolve whose lookup set anything
-aside is not settled in its first round, and in the second (3k replicas) every
+aside is not settled in its first round, and in the second (4k replicas) every
 set-aside node that answered counts against any winner (p2pd/claims.py ``set_aside``),
 so that the curve's ids never reach 2/3 of the votes (tests/test_dht_density.py); and a
 first round may end early only when its quorum spans enough expected honest nodes
@@ -107,21 +107,56 @@ def poisson_threshold(c: int, p: float = PACKED_P) -> float:
     return hi
 
 
-def estimate_size(own_id: bytes, neighbours: Iterable[Node], k: int) -> float | None:
+def estimate_size(
+    own_id: bytes,
+    neighbours: Iterable[Node],
+    k: int,
+    target: bytes | None = None,
+    table_size: int | None = None,
+) -> float | None:
     """The network's size seen from ``own_id``'s neighbourhood: (k - 1) / (distance to
     the k-th closest, as a fraction of the id space), the unbiased estimate for a
     uniform placement. With fewer than 2k contacts (a new node, a small network): the
     number of nodes known, ourselves included, a lower bound (a new node that stored
     or resolved next to a cluster with no rule at all handed the cluster its record).
-    None with no contact."""
+    None with no contact.
+
+    ``target``: the key the estimate will judge the nodes around. The contacts on the
+    target's side of the first bit where our id and the target differ (our table's
+    bucket that holds the target) are left out, and the id space they stand for with
+    them: the density that judges the nodes near a key is never measured on those
+    nodes. Without this, an honest node whose id happens to be near a handle's key
+    counted the cluster ground next to that key as its own neighbourhood (estimates 10x
+    and more too high, measured), found the cluster plausible, and let it take every
+    voting slot: the rival's key without a contested flag (tests/test_adversary.py).
+
+    ``table_size``: how many contacts our routing table holds, for an upper bound that
+    no placement of ids near us can raise much: a table holds about k per bucket for
+    log2(N / k) buckets and about k more, so N <= k * 2^(table_size / k + 1) (four
+    times that relation: slack for a young table, whose far buckets are not full yet).
+    It is what stops a node whose id is *inside* the prefix an attacker ground next to
+    a key (half the cluster in its own neighbourhood, whatever is left out): 36,000 for
+    a network of 60 in the targeted test, one run in about 12; the bound makes it
+    2,200, and most of the cluster is set aside (contested, not the rival's key)."""
     own = int.from_bytes(own_id, "big")
     distances = sorted(n.long_id ^ own for n in neighbours)
     if not distances or k < 2:
         return None
     if len(distances) < 2 * k:
         return float(len(distances) + 1)
+    low = high = 0  # the left-out range of distances [low, high)
+    if target is not None and (split := own ^ int.from_bytes(target, "big")):
+        low = 1 << (split.bit_length() - 1)
+        high = 2 * low
+        distances = [d for d in distances if not low <= d < high]
+        if len(distances) < k:
+            return float(len(distances) + 1)
     kth = distances[k - 1]
-    return float((k - 1) * ID_SPACE / max(kth, 1))
+    space = kth - (high - low if kth >= high else 0)
+    estimate = float((k - 1) * ID_SPACE / max(space, 1))
+    if table_size is not None:
+        estimate = min(estimate, k * 2.0 ** min(table_size / k + 1, 160))
+    return estimate
 
 
 class SizeEstimate:
@@ -159,9 +194,15 @@ class SizeEstimate:
         return done
 
     def estimate(
-        self, own_id: bytes, neighbours: Iterable[Node], k: int, now: float
+        self,
+        own_id: bytes,
+        neighbours: Iterable[Node],
+        k: int,
+        now: float,
+        target: bytes | None = None,
+        table_size: int | None = None,
     ) -> float | None:
-        own = estimate_size(own_id, neighbours, k)
+        own = estimate_size(own_id, neighbours, k, target, table_size)
         recent = [size for when, size in self.samples if now - when <= SIZE_SAMPLE_AGE]
         if own is None or len(recent) < SIZE_MIN_SAMPLES:
             return own

@@ -102,6 +102,7 @@ class Lookup:
         taken: set[bytes] | None = None,
         claim_of: Callable[[bytes], bytes | None] = bytes,
         max_width: int = 0,
+        probe_from: int = 0,
     ) -> None:
         self.target = target
         self.find_value = find_value
@@ -110,7 +111,7 @@ class Lookup:
         self._k = k
         self._alpha = alpha
         #: Most requests in flight once the lookup asks widely: k, at most ``max_width``.
-        #: A burst of 60 (3k, a handle record's replicas) on a busy host made soft
+        #: A burst of 60 (3k, a handle record's replicas then) on a busy host made soft
         #: timeouts fire on most of them, and the lookup ended with the few that beat
         #: them (seen: 3 of 60).
         self._width = min(k, max_width) if max_width else k
@@ -125,6 +126,16 @@ class Lookup:
         self._claims: dict[bytes, bytes | None] = {}
         #: Shared by the paths of a disjoint lookup: every node one of them asked.
         self._taken = taken
+        #: A node lookup for more than the k nodes one reply names (a handle record's 4k
+        #: replicas) asks the candidates ranked ``probe_from`` and beyond for their *own*
+        #: neighbours (find_node of their own id) instead of the target's: every reply
+        #: names the (up to 32) contacts nearest the target it knows, the same few near
+        #: the key in every table, so ranks 40-60 of 60 were found only by chance (a
+        #: store missed 9 % of its true replicas at N=160; an honest replica without the
+        #: record takes a squatter's rival claim). A node's own neighbourhood is the part
+        #: of its table it knows best. 0: never.
+        self._probe_from = probe_from if not find_value else 0
+        self._probed: set[bytes] = set()
         self.started = started
         self.deadline = deadline
         self._nodes: dict[bytes, Node] = {}
@@ -193,10 +204,12 @@ class Lookup:
             return []
         width = self._width if self._wide or self.result.values else self._alpha
         out: list[Node] = []
-        for node in live + self._passed:
+        for rank, node in enumerate(live + self._passed):
             if self._inflight >= width or self.result.rpcs >= self._max_rpcs:
                 break
             if self._state[node.id] == _NEW:
+                if self._probe_from and rank >= self._probe_from:
+                    self._probed.add(node.id)
                 self._state[node.id] = _INFLIGHT
                 if self._taken is not None:
                     self._taken.add(node.id)
@@ -312,6 +325,10 @@ class Lookup:
             self._wide = True
         return state == _SLOW
 
+    def target_for(self, node_id: bytes) -> bytes:
+        """The key to ask ``node_id`` about: the target, or its own id (``probe_from``)."""
+        return node_id if node_id in self._probed else self.target
+
     def known(self) -> Iterator[tuple[Node, int]]:
         """Every node this lookup heard of, with its state here."""
         for node_id, node in self._nodes.items():
@@ -352,6 +369,7 @@ class DisjointLookup:
         limit: AddressLimit | None = None,
         claim_of: Callable[[bytes], bytes | None] = bytes,
         max_width: int = 0,
+        probe_from: int = 0,
     ) -> None:
         paths = max(1, paths)
         self.target = target
@@ -383,6 +401,7 @@ class DisjointLookup:
                 taken=self._taken,
                 claim_of=claim_of,
                 max_width=math.ceil(max_width / paths) if max_width else 0,
+                probe_from=math.ceil(probe_from / paths),
             )
             for path_seeds in dealt
         ]
@@ -442,6 +461,10 @@ class DisjointLookup:
         if isinstance(self._limit, SpreadLimit):
             self.result.packed = {n.id for n in self._limit.passed if n.id in answered}
         return {n.id for n in nearest if n.id in answered}
+
+    def target_for(self, node_id: bytes) -> bytes:
+        path = self._owner.get(node_id)
+        return self.target if path is None else path.target_for(node_id)
 
     def slow(self, node_id: bytes) -> bool:
         path = self._owner.get(node_id)
