@@ -6,12 +6,11 @@ import contextlib
 import os
 import time
 
-import nacl.public
-import nacl.signing
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+from mailbox_helpers import unseal
 
 from p2pd.dht.mailbox import (
     MailboxLimits,
@@ -41,10 +40,6 @@ from p2pd.testing.swarm import open_swarm
 
 NOW = int(time.time())
 BITS = 12  # postage in these tests (the default's cost: scripts/bench_postage.py)
-
-
-def unseal(who: Identity) -> nacl.public.SealedBox[nacl.public.PrivateKey]:
-    return nacl.public.SealedBox(nacl.signing.SigningKey(who.seed).to_curve25519_private_key())
 
 
 def stamped(owner: Identity, plaintext: bytes, wall: float = NOW, bits: int = BITS) -> bytes:

@@ -16,6 +16,7 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+from mailbox_helpers import readable
 
 from p2pd.config import DHTConfig
 from p2pd.dht.mailbox import (
@@ -26,7 +27,7 @@ from p2pd.dht.mailbox import (
     fetch_message,
     mailbox_key,
 )
-from p2pd.dht.mailbox_entry import POSTAGE_WINDOW, MailboxEntryError, open_entry, seal, stamp
+from p2pd.dht.mailbox_entry import POSTAGE_WINDOW, seal, stamp
 from p2pd.dht.mailbox_pass import (
     CERT_CONTEXT,
     CONTACT_PUT,
@@ -62,19 +63,6 @@ class Clock:
 
 def entry(text: bytes, wall: float = NOW, bits: int = 0) -> bytes:
     return stamp(KEY, seal(BOB.public_key, text), wall, bits)
-
-
-def unseal(who: Identity) -> nacl.public.SealedBox[nacl.public.PrivateKey]:
-    return nacl.public.SealedBox(nacl.signing.SigningKey(who.seed).to_curve25519_private_key())
-
-
-def readable(owner: Identity, entries: list[tuple[bytes, bytes]]) -> list[bytes]:
-    """What ``owner`` can open among ``entries`` (junk does not open)."""
-    out = []
-    for _, sealed in entries:
-        with contextlib.suppress(MailboxEntryError):
-            out.append(open_entry(unseal(owner), sealed))
-    return out
 
 
 def fetched(store: MailboxStorage, owner: Identity) -> list[bytes]:

@@ -4,20 +4,17 @@ the relay's own budget holds."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
-import nacl.public
-import nacl.signing
 import pytest
 import trio
+from mailbox_helpers import readable
 
 import p2pd.dht.core
 from p2pd import wire
 from p2pd.config import DHTConfig
 from p2pd.dht.mailbox import CONTACTS, MailboxLimits, mailbox_key
-from p2pd.dht.mailbox_entry import MailboxEntryError, open_entry
 from p2pd.dht.mailbox_pass import issue_pass
 from p2pd.dht.mailbox_relay import (
     MAX_RELAYING,
@@ -32,18 +29,6 @@ from p2pd.testing.swarm import Swarm, SwarmNode, open_swarm
 
 #: Five replicas per mailbox among ten nodes: the others can relay.
 CONFIG = DHTConfig(ksize=5, postage_bits=4)
-
-
-def unseal(who: Identity) -> nacl.public.SealedBox[nacl.public.PrivateKey]:
-    return nacl.public.SealedBox(nacl.signing.SigningKey(who.seed).to_curve25519_private_key())
-
-
-def readable(owner: Identity, entries: list[tuple[bytes, bytes]]) -> list[bytes]:
-    out = []
-    for _, sealed in entries:
-        with contextlib.suppress(MailboxEntryError):
-            out.append(open_entry(unseal(owner), sealed))
-    return out
 
 
 def holders(swarm: Swarm, key: bytes) -> list[SwarmNode]:
