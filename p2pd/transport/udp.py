@@ -151,15 +151,15 @@ class UdpEndpoint:
             raise LocalError(f"cannot listen on {address}: {exc.strerror}") from exc
         bound = sock.getsockname()[:2]
         sock.close()
-        try:
-            if not split or os.environ.get("P2PD_ONE_RECEIVE_QUEUE"):  # the latter:
-                # benchmarks' baseline only
-                raise OSError(errno.EPERM, "P2PD_ONE_RECEIVE_QUEUE is set")
-            main, quic = _bind_pair(family, bound)
-        except OSError as exc:
-            log.info("one receive queue for DHT and QUIC (%s)", exc.strerror or exc)
-        else:
-            return cls(main, quic)
+        if split and os.environ.get("P2PD_ONE_RECEIVE_QUEUE"):  # benchmarks' baseline only
+            log.info("one receive queue for DHT and QUIC (P2PD_ONE_RECEIVE_QUEUE is set)")
+        elif split:
+            try:
+                main, quic = _bind_pair(family, bound)
+            except OSError as exc:
+                log.info("one receive queue for DHT and QUIC (%s)", exc.strerror or exc)
+            else:
+                return cls(main, quic)
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
