@@ -38,7 +38,11 @@ def test_a_direct_path_is_punched_and_carries_data_both_ways(
     for r in (ra, rb):
         assert r["address"].startswith("198.18."), r
     if kind_a != "public" and kind_b in ("symmetric", "fully-random"):
-        assert rb["socket"] >= 1, rb  # the birthday case: one of b's side sockets won
+        # the birthday case: b sprayed from its 256 side sockets and a probed random
+        # ports; any of b's 257 mappings may be the one hit (a clean-clone CI run hit
+        # b's main socket: 1 chance in 257), so the spray is what is checked
+        assert rb["stats"].get("side_probes_out", 0) >= 256, rb
+        assert ra["stats"].get("port_probes_out", 0) > 0, ra
 
 
 def test_two_endpoint_dependent_nats_cannot_be_punched(testbed: Testbed) -> None:
