@@ -23,10 +23,9 @@ import json
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-import trio
-
+from .contact_news import ContactNews
 from .errors import InvalidAddress
 from .identity import fingerprint
 from .records import MAX_ADDRESSES
@@ -191,13 +190,9 @@ class AddressHints:
         return True
 
 
-class HintAnnouncer:
-    """Tells pinned contacts our direct addresses when the public record does not.
-
-    ``peer_seen(key)`` is called whenever delivery holds a direct connection to ``key``;
-    if the record hides our addresses (``enabled()``), the key is pinned (``handle_of``)
-    and it has not had our current addresses yet, a hint is queued, and :meth:`run`
-    sends it (``send``: delivery's signal path, encrypted and acked)."""
+class HintAnnouncer(ContactNews):
+    """Tells pinned contacts our direct addresses when the public record does not
+    (``enabled()``), once per change of them (p2pd/contact_news.py)."""
 
     def __init__(
         self,
@@ -208,37 +203,17 @@ class HintAnnouncer:
         handle_of: Callable[[bytes], str | None],
         send: Callable[[str, bytes, str], Awaitable[object]],
     ) -> None:
-        self._hints = hints
-        self._enabled = enabled
-        self._addresses = addresses
-        self._handle_of = handle_of
-        self._send = send
-        #: What each contact was last sent (or is being sent): one hint per change.
-        self._sent: dict[bytes, tuple[Address, ...]] = {}
-        self._queue_in, self._queue_out = trio.open_memory_channel[bytes](MAX_QUEUED_HINTS)
+        def current(key: bytes) -> tuple[Address, ...] | None:
+            return tuple(addresses()[:MAX_HINT_ADDRESSES]) or None if enabled() else None
 
-    def peer_seen(self, public_key: bytes) -> None:
-        if not self._enabled() or self._handle_of(public_key) is None:
-            return
-        current = tuple(self._addresses()[:MAX_HINT_ADDRESSES])
-        if not current or self._sent.get(public_key) == current:
-            return
-        try:
-            self._queue_in.send_nowait(public_key)
-        except trio.WouldBlock:
-            return  # sent on a later connection
-        self._sent[public_key] = current  # before sending: its own connection comes here
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        async for key in self._queue_out:
-            handle, addresses = self._handle_of(key), self._sent.get(key)
-            if handle is None or not addresses:
-                continue
-            try:
-                with trio.fail_after(HINT_SEND_TIMEOUT):
-                    await self._send(handle, key, encode_hint(list(addresses)))
-                self._hints.stats["hints_sent"] += 1
-            except Exception as exc:  # not reachable after all: the next connection retries
-                log.info("could not send our addresses to %s: %s", handle, exc)
-                self._sent.pop(key, None)
+        super().__init__(
+            what="our addresses",
+            current=current,
+            text=lambda version: encode_hint(list(cast(tuple[Address, ...], version))),
+            handle_of=handle_of,
+            send=send,
+            stats=hints.stats,
+            sent_stat="hints_sent",
+            timeout=HINT_SEND_TIMEOUT,
+            max_queued=MAX_QUEUED_HINTS,
+        )

@@ -667,9 +667,10 @@ class DHTCore:
         on_done: Callable[[list[wire.DHTResult | None]], None],
         *,
         anonymous: bool = False,
+        timeout: float | None = None,
     ) -> None:
         """Send several requests; ``on_done`` gets every result, in order, once all ended."""
-        Gather(self, calls, on_done, anonymous=anonymous).start(now)
+        Gather(self, calls, on_done, anonymous=anonymous, timeout=timeout).start(now)
 
     def _put_at(
         self,

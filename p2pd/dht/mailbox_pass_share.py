@@ -22,9 +22,8 @@ import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-import trio
-
 from ..at_rest import CLEAR, AtRest
+from ..contact_news import ContactNews
 from ..errors import StoredDataCorrupt
 from ..identity import fingerprint
 from .mailbox_pass import PASS_LEN, PASS_PERIOD, MailboxPass, issue_pass
@@ -143,13 +142,10 @@ class MailboxPasses:
         return True
 
 
-class PassAnnouncer:
-    """Gives pinned contacts this week's pass into our mailbox.
-
-    ``peer_seen(key)`` is called whenever delivery opens a direct connection to ``key``
-    or a message from ``key`` arrives on one;
-    if the key is pinned (``handle_of``) and has not had this week's pass from this run,
-    it is queued, and :meth:`run` sends it (``send``: delivery's signal path)."""
+class PassAnnouncer(ContactNews):
+    """Gives pinned contacts this week's pass into our mailbox, once a week each
+    (p2pd/contact_news.py), when delivery opens a direct connection to one or a message
+    from one arrives on one."""
 
     def __init__(
         self,
@@ -161,39 +157,17 @@ class PassAnnouncer:
         handle_of: Callable[[bytes], str | None],
         send: Callable[[str, bytes, str], Awaitable[object]],
     ) -> None:
-        self._owner = owner
-        self._sign = sign
-        self._stats = stats
-        self._wall = wall
-        self._handle_of = handle_of
-        self._send = send
-        #: The week each contact was last given (or is being given) a pass for.
-        self._sent: dict[bytes, int] = {}
-        self._queue_in, self._queue_out = trio.open_memory_channel[bytes](MAX_QUEUED_PASSES)
+        def current(key: bytes) -> int | None:
+            return None if key == owner else int(wall() // PASS_PERIOD)
 
-    def peer_seen(self, public_key: bytes) -> None:
-        if public_key == self._owner or self._handle_of(public_key) is None:
-            return
-        week = int(self._wall() // PASS_PERIOD)
-        if self._sent.get(public_key) == week:
-            return
-        try:
-            self._queue_in.send_nowait(public_key)
-        except trio.WouldBlock:
-            return  # sent on a later connection
-        self._sent[public_key] = week  # before sending: its own connection comes here
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        async for key in self._queue_out:
-            handle = self._handle_of(key)
-            if handle is None:
-                continue
-            text = encode_pass(issue_pass(self._owner, self._sign, self._wall()))
-            try:
-                with trio.fail_after(PASS_SEND_TIMEOUT):
-                    await self._send(handle, key, text)
-                self._stats["mailbox_passes_sent"] += 1
-            except Exception as exc:  # not reachable after all: the next connection retries
-                log.info("could not give %s our mailbox pass: %s", handle, exc)
-                self._sent.pop(key, None)
+        super().__init__(
+            what="our mailbox pass",
+            current=current,
+            text=lambda _week: encode_pass(issue_pass(owner, sign, wall())),
+            handle_of=handle_of,
+            send=send,
+            stats=stats,
+            sent_stat="mailbox_passes_sent",
+            timeout=PASS_SEND_TIMEOUT,
+            max_queued=MAX_QUEUED_PASSES,
+        )

@@ -216,19 +216,6 @@ def pick_relays(core: DHTCore, targets: list[Node], count: int) -> list[Node]:
     return chosen
 
 
-class _Slot:
-    __slots__ = ("index", "put")
-
-    def __init__(self, put: RelayedMailboxPut, index: int) -> None:
-        self.put, self.index = put, index
-
-    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
-        self.put.done(self.index, result is True)
-
-    def rpc_slow(self, node: Node, now: float) -> None:
-        pass
-
-
 class RelayedMailboxPut:
     """One entry put at every node found for its mailbox, each through one of
     ``relays`` (in turn). Confirmed like :class:`~.operations.MailboxPut` (takers in
@@ -236,18 +223,7 @@ class RelayedMailboxPut:
     takers' answers came through relays in as many distinct networks (as many as there
     are): a relay that lies "stored" for every put it carries confirms nothing alone."""
 
-    __slots__ = (
-        "core",
-        "entry",
-        "key",
-        "left",
-        "local",
-        "nodes",
-        "on_done",
-        "relays",
-        "required",
-        "stored",
-    )
+    __slots__ = ("core", "entry", "key", "local", "nodes", "on_done", "relays", "required")
 
     def __init__(
         self,
@@ -264,34 +240,23 @@ class RelayedMailboxPut:
         self.nodes, self.local, self.relays = nodes, local, relays
         self.required = max(1, min(required, len(nodes) + int(local)))
         self.on_done = on_done
-        self.stored = [False] * len(nodes)
-        self.left = len(nodes)
 
     def relay_of(self, index: int) -> Node:
         return self.relays[index % len(self.relays)]
 
     def start(self, now: float) -> None:
-        if not self.nodes:
-            self.finish()
-            return
+        calls: list[tuple[Node, str, list[Any]]] = [
+            (self.relay_of(i), "mailbox_relay", [n.key, n.ip, n.port, self.key, self.entry])
+            for i, n in enumerate(self.nodes)
+        ]
         # The relay waits up to rpc_timeout for the storing node: wait for both.
         timeout = 2 * self.core.config.rpc_timeout
-        for index, n in enumerate(self.nodes):
-            args = [n.key, n.ip, n.port, self.key, self.entry]
-            self.core.request(
-                self.relay_of(index), "mailbox_relay", args, now, _Slot(self, index),
-                anonymous=True, timeout=timeout,
-            )  # fmt: skip
-        self.core.stats["mailbox_puts_relayed"] += 1
+        self.core.gather(calls, now, self.replied, anonymous=True, timeout=timeout)
+        if self.nodes:
+            self.core.stats["mailbox_puts_relayed"] += 1
 
-    def done(self, index: int, stored: bool) -> None:
-        self.stored[index] = stored
-        self.left -= 1
-        if self.left == 0:
-            self.finish()
-
-    def finish(self) -> None:
-        takers = [i for i, ok in enumerate(self.stored) if ok]
+    def replied(self, replies: list[wire.DHTResult | None]) -> None:
+        takers = [i for i, r in enumerate(replies) if r is True]
         networks = {network_of(self.nodes[i].ip) for i in takers}
         via = {network_of(self.relay_of(i).ip) for i in takers}
         local = int(self.local)

@@ -81,7 +81,7 @@ class LookupRun:
 class Gather:
     """Several requests at once; one callback with every result when all have ended."""
 
-    __slots__ = ("anonymous", "calls", "core", "left", "on_done", "probe", "results")
+    __slots__ = ("anonymous", "calls", "core", "left", "on_done", "probe", "results", "timeout")
 
     def __init__(
         self,
@@ -91,12 +91,14 @@ class Gather:
         *,
         probe: bool = False,
         anonymous: bool = False,
+        timeout: float | None = None,
     ) -> None:
         self.core = core
         self.calls = calls
         self.on_done = on_done
         self.probe = probe
         self.anonymous = anonymous
+        self.timeout = timeout
         self.results: dict[int, wire.DHTResult | None] = {}
         self.left = len(calls)
 
@@ -113,6 +115,7 @@ class Gather:
                 Slot(self, index),
                 probe=self.probe,
                 anonymous=self.anonymous,
+                timeout=self.timeout,
             )
 
     def done(self, index: int, result: wire.DHTResult | None) -> None:
