@@ -572,10 +572,10 @@ class FilesService:
         quotas, the sender's and everyone's; else counted (the offer waits)."""
         since = time.time() - 86400
         cfg = self.config
+        from_peer, from_all = self.store.accepted_bytes_since(since, sender_key)
         if (
-            self.store.accepted_bytes_since(since, sender_key) + size
-            <= cfg.auto_accept_daily_per_peer
-            and self.store.accepted_bytes_since(since) + size <= cfg.auto_accept_daily
+            from_peer + size <= cfg.auto_accept_daily_per_peer
+            and from_all + size <= cfg.auto_accept_daily
         ):
             return True
         self.stats["offers_over_quota"] += 1

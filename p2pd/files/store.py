@@ -204,22 +204,21 @@ class FileStore:
             return int(self._conn.execute(sql).fetchone()[0])
         return int(self._conn.execute(sql + " AND peer_key=?", (peer_key,)).fetchone()[0])
 
-    def accepted_bytes_since(self, since: float, peer_key: bytes | None = None) -> int:
-        """Bytes of incoming files accepted (at once or by `accept`) since ``since``,
-        from ``peer_key`` or from anyone. Looks at no more than QUOTA_ROWS transfers:
-        beyond that it answers "more than any quota" (a bounded query, whatever a
-        contact sent)."""
-        sql = (
+    def accepted_bytes_since(self, since: float, peer_key: bytes) -> tuple[int, int]:
+        """Bytes of incoming files accepted (at once or by `accept`) since ``since``: from
+        ``peer_key``, and from anyone; one query. Looks at no more than QUOTA_ROWS
+        transfers: beyond that it answers "more than any quota" (a bounded query,
+        whatever contacts sent)."""
+        rows = self._conn.execute(
             f"SELECT {_COLUMNS} FROM file_transfers WHERE direction='in' AND created>=? "
-            "AND state NOT IN ('pending', 'rejected')"
-        )
-        args: tuple[Any, ...] = (since,)
-        if peer_key is not None:
-            sql, args = sql + " AND peer_key=?", (since, peer_key)
-        rows = self._conn.execute(sql + " LIMIT ?", (*args, QUOTA_ROWS + 1)).fetchall()
+            "AND state NOT IN ('pending', 'rejected') LIMIT ?",
+            (since, QUOTA_ROWS + 1),
+        ).fetchall()
         if len(rows) > QUOTA_ROWS:
-            return 1 << 62
-        return sum(t.offer.size for t in self._rows(rows))
+            return 1 << 62, 1 << 62
+        transfers = self._rows(rows)
+        mine = sum(t.offer.size for t in transfers if t.peer_key == peer_key)
+        return mine, sum(t.offer.size for t in transfers)
 
     def update(self, transfer_id: bytes, now: float, **fields: Any) -> None:
         allowed = {
