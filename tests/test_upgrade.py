@@ -178,3 +178,48 @@ async def test_a_natted_node_pings_its_direct_connections_to_hold_their_mappings
     assert (direct.pings, relayed.pings) == (5, 0)
     assert up.stats["direct_pings"] == 5
     assert trio.current_time() - start >= 40.0
+
+
+class RelayedPeer(PingedPeer):
+    """A relayed connection whose far side answers every upgrade stream with an offer."""
+
+    is_closing = False
+    streams = 0
+
+    async def open_stream(self) -> FakeStream:
+        self.streams += 1
+        return FakeStream([frame(T_CONNECT, offer_bytes())])
+
+
+async def test_an_attempt_that_found_no_path_is_tried_again_while_the_relay_lasts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A birthday attempt misses about one time in 50: the pair would stay relayed for
+    as long as the relayed connection lasts (a clean-clone CI run saw it). A miss is
+    tried again RETRY_AFTER (60 s) later, at most MAX_TRIES (3) times in all, and not
+    once the relayed connection has closed."""
+    for close_after in (None, 1):
+        peer = RelayedPeer(VIRTUAL)
+        runner = FakeRunner()  # every attempt finds no path
+        up = DirectUpgrade(
+            quic=FakeQuic([peer]),  # type: ignore[arg-type]
+            runner=runner,  # type: ignore[arg-type]
+            mapping=lambda: "endpoint-independent",
+            candidates=lambda: [OURS],
+            may_share_addresses=lambda key: True,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(up.run)
+            up.on_relayed_connection(peer)  # type: ignore[arg-type]
+            start = trio.current_time()
+            for _ in range(200):  # 10 virtual minutes, bounded
+                await trio.sleep(3.0)
+                if close_after is not None and len(runner.plans) >= close_after:
+                    peer.is_closing = True
+            nursery.cancel_scope.cancel()
+        if close_after is None:
+            assert len(runner.plans) == 3, runner.plans  # then it stops trying
+            assert [round(p.start - start) for p in runner.plans] == [0, 60, 120]
+        else:
+            assert len(runner.plans) == 1  # closed before the retry: no second attempt
+        assert up.stats["upgrades_failed"] == len(runner.plans)

@@ -45,7 +45,8 @@ def test_a_relayed_connection_becomes_direct_and_messages_follow(
     def upgraded() -> bool:
         return status(root, "bob")["hole_punching"].get("upgrades_direct", 0) >= 1
 
-    assert wait_until(upgraded, 30, interval=0.5), {
+    # (90 s: a birthday attempt misses about one time in 50; the next is a minute later)
+    assert wait_until(upgraded, 90, interval=0.5), {
         n: status(root, n)["hole_punching"] for n in ("alice", "bob")
     }
     for i, (sender, to) in enumerate((("alice", "bob"), ("bob", "alice"), ("alice", "bob"))):
@@ -78,7 +79,7 @@ def test_a_call_over_a_relay_moves_to_the_direct_path_without_a_long_gap(
     )  # fmt: skip
     call = subprocess.Popen(
         [*p2pd_command(), "--home", str(root / "alice"), "call", "bob", "--audio-in",
-         "tone:440", "--duration", "60", "--json"],
+         "tone:440", "--duration", "150", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -94,7 +95,7 @@ def test_a_call_over_a_relay_moves_to_the_direct_path_without_a_long_gap(
         def upgraded() -> bool:
             return status(root, "bob")["hole_punching"].get("upgrades_direct", 0) >= 1
 
-        assert wait_until(upgraded, 40, interval=0.5), {
+        assert wait_until(upgraded, 100, interval=0.5), {  # a retry a minute later included
             n: status(root, n)["hole_punching"] for n in ("alice", "bob")
         }
         # a second of audio for the switch, then measure two seconds on the direct path
