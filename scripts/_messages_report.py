@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from _bench import percentile
+
 GOALS = {"established_p50_ms": 2.0, "established_p99_ms": 10.0, "throughput_msgs_per_s": 2000.0}
 
 
@@ -107,6 +109,8 @@ def print_text(r: dict[str, Any]) -> None:
         f" acks_in {a['acks_in']}, nacks_in {a['nacks_in']}; bob received_direct "
         f"{bb['received_direct']}, duplicates {bb['duplicates']}, refused {bb['refused']}"
     )
+    if "tox" in r:
+        _print_tox(r)
     for name, p in r.get("profile", {}).items():
         sq = p["sqlite_per_message"]
         print(
@@ -152,3 +156,50 @@ def _print_breakdown(bd: dict[str, Any]) -> None:
             _f(bd["delivered_to_read_p50_ms"]),
         )
     )
+
+
+def _print_tox(r: dict[str, Any]) -> None:
+    """Tox's figures beside p2pd's (not graded: the goals name p2pd's workload)."""
+    t = r["tox"]
+    print("\nTox (c-toxcore, libtoxcore2) beside p2pd, same run, loopback: not graded")
+    if "skipped" in t:
+        print(f"  skipped: {t['skipped']}")
+        return
+    firsts = t["first_contact_s"]
+    fc = r.get("first_contact")
+    print(
+        "  first contact: Tox friend request -> connected "
+        + (f"p50 {percentile(firsts, 50) or 0:.2f} s of {len(firsts)}" if firsts else "never")
+        + (f", {t['first_contact_failed']} failed" if t["first_contact_failed"] else "")
+        + (f"; p2pd send -> delivered p50 {_f(fc['p50_ms'])}" if fc else "")
+    )
+    e, rt = r.get("established"), t.get("round_trip_ms", [])
+    if rt:
+        print(
+            f"  latency: Tox round trip (bob echoes) p50 {percentile(rt, 50) or 0:.2f} ms p99 "
+            f"{percentile(rt, 99) or 0:.2f} ms, lost {t['latency_lost']}"
+            + (
+                f"; p2pd send -> delivered (acked, durable) p50 {_f(e['p50_ms'])} p99 "
+                f"{_f(e['p99_ms'])}"
+                if e
+                else ""
+            )
+        )
+    if b := t.get("burst"):
+        tp = r.get("throughput")
+        print(
+            f"  throughput: Tox burst of {b['messages']}: {b['received']} received in "
+            f"{b['seconds']:.2f} s = {_f(b['msgs_per_s'], '')} msgs/s, lost {b['lost']}, "
+            f"refused by Tox {b['refused_by_tox']} (in memory, not durable)"
+            + (
+                f"; p2pd {_f(tp['msgs_per_s'], '')} msgs/s, one durable send call each, "
+                f"lost {tp['messages'] - tp['delivered']}"
+                if tp
+                else ""
+            )
+            + (
+                f"; p2pd with {tb['batch']} per call {_f(tb['msgs_per_s'], '')} msgs/s"
+                if (tb := r.get("throughput_batched"))
+                else ""
+            )
+        )

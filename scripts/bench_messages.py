@@ -32,7 +32,12 @@ What one run does:
    the first phase is bounded by one control round trip per message, the second shows
    what the delivery path itself sustains;
 5. first contact: ``--first-contact`` fresh recipients join the DHT; alice sends each one
-   message, one at a time: resolve, QUIC handshake, X3DH, deliver, ack. p50/p95.
+   message, one at a time: resolve, QUIC handshake, X3DH, deliver, ack. p50/p95;
+6. Tox beside it (``--tox``, scripts/_tox.py): c-toxcore from Debian's libtoxcore2 on
+   127.0.0.1, after p2pd's daemons have stopped: first contact (friend request to
+   connected, up to 3 fresh pairs), a round trip of one message at a time (up to 200),
+   and a burst of ``--messages`` (Tox's queue is in memory: not durable). Printed beside
+   p2pd's rows, not graded.
 
     .venv/bin/python scripts/bench_messages.py                  # 500 / 5000 / 20 samples
     .venv/bin/python scripts/bench_messages.py --samples 100 --messages 1000 --first-contact 5
@@ -72,6 +77,7 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _tox
 from _bench import Every10Percent, percentile, progress_printer
 from _messages_report import GOALS, print_text
 
@@ -91,6 +97,9 @@ BASELINE_SAMPLES = 200
 MAX_FIRST_CONTACT = 50
 #: Events read while waiting for one message, at most (a bound on the wait loop).
 MAX_EVENTS_PER_MESSAGE = 10_000
+#: Tox's rows: messages one at a time (~50 ms each) and fresh pairs (~10 s each), at most.
+TOX_SAMPLES = 200
+TOX_FIRST_CONTACT = 3
 TEXT = "bench message {i:06d}: the quick brown fox jumps over the lazy dog"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -771,7 +780,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         progress("stopping the daemons")
         cluster.close()
+    if args.tox != "off":
+        result["tox"] = run_tox(args)
+        result["seconds"] = round(time.monotonic() - started, 1)
     return result
+
+
+def run_tox(args: argparse.Namespace) -> dict[str, Any]:
+    """c-toxcore's figures in the same run, after p2pd's daemons have stopped (not graded)."""
+    lib = _tox.load()
+    if lib is None:
+        if args.tox == "on":
+            raise SystemExit("--tox on: libtoxcore is not installed (apt install libtoxcore2)")
+        progress("tox: libtoxcore is not installed (apt install libtoxcore2): skipped")
+        return {"skipped": "libtoxcore is not installed (apt install libtoxcore2)"}
+    return _tox.run(
+        lib,
+        samples=min(args.samples, TOX_SAMPLES),
+        messages=args.messages,
+        first_contact=min(args.first_contact, TOX_FIRST_CONTACT),
+        progress=progress,
+    )
 
 
 def main() -> int:
@@ -802,6 +831,14 @@ def main() -> int:
         default=100,
         help="a second throughput phase with this many messages per send call (the control "
         "API's 'texts', as `p2pd send --lines` does); 1 skips it (default 100)",
+    )
+    parser.add_argument(
+        "--tox",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="c-toxcore (Debian's libtoxcore2, through ctypes) as a peer in the same run, "
+        "after p2pd's phases: first contact, round trip, a burst (not graded). auto: where "
+        "it is installed (default); on: fail where it is not",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
