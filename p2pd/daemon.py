@@ -446,6 +446,8 @@ async def open_node(
                 virtual_send=relays.send,  # a circuit's packets go wrapped to its relay
                 is_virtual=is_virtual,
                 on_connection=lambda peer: connection_opened(peer),
+                # where a direct peer sees us: evidence beside the DHT replies' (issue 13)
+                on_observed=lambda peer, seen: dht.address_reported(peer.path[0], seen),
             )
 
             def connection_opened(peer: QuicPeer) -> None:
