@@ -468,6 +468,7 @@ async def open_node(
                 on_direct=lambda peer: calls.connection_opened(peer),
                 natted=lambda: needs_relays(dht),  # ping direct peers: hold our mappings
                 ping_interval=config.relay.keepalive_interval,
+                relay_seen=relays.peer_seen,  # the relay's SEEN: a punching candidate
             )  # fmt: skip
             delivery = Delivery(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,

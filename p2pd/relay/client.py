@@ -12,7 +12,9 @@ answers no HELLO either is given up and replaced.
 
 Any node opens a circuit to a peer through one of that peer's relays (HELLO ->
 CHALLENGE -> CONNECT -> the relay's INCOMING to the peer, its ACCEPT -> CONNECTED). A
-registered node accepts an INCOMING only from a relay it is registered with.
+registered node accepts an INCOMING only from a relay it is registered with. When the
+circuit opens, the relay tells each end where it sees the other (SEEN): hole punching
+adds it to the peer's candidates (p2pd/relay/upgrade.py).
 
 Each circuit gets a *virtual address* that the QUIC endpoint uses as the peer's address:
 ``100:0:x:y::1`` port 1, x:y a counter, so each circuit is its own /64 (what
@@ -40,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..wire import Address
 from .frames import (
     MAX_PAYLOAD,
     Accept,
@@ -57,6 +60,7 @@ from .frames import (
     Register,
     Registered,
     RelayFrameError,
+    Seen,
     decode,
 )
 
@@ -143,6 +147,8 @@ class _Circuit:
     incoming: bool
     last: float
     counters: Counter[str] = field(default_factory=Counter)
+    #: Where the relay sees the other end (its SEEN frame): a hole-punching candidate.
+    peer_seen: Address | None = None
 
 
 class RelayClient:
@@ -320,6 +326,11 @@ class RelayClient:
         self._circuits.pop((circuit.relay, circuit.circuit_id), None)
         self._by_virtual.pop(circuit.virtual, None)
 
+    def peer_seen(self, virtual: NetworkAddress) -> Address | None:
+        """Where the relay of this circuit sees the peer (None: no SEEN came)."""
+        circuit = self._by_virtual.get(virtual)
+        return None if circuit is None else circuit.peer_seen
+
     def circuit_of(self, virtual: NetworkAddress) -> tuple[NetworkAddress, bytes] | None:
         """(relay, peer key) of a virtual address, if it is a circuit of ours."""
         circuit = self._by_virtual.get(virtual)
@@ -372,6 +383,8 @@ class RelayClient:
             self._incoming(frame, addr, now)
         elif isinstance(frame, Alive):
             self._alive(frame, addr, now)
+        elif isinstance(frame, Seen):
+            self._seen(frame, addr)
         else:
             self._drop("wrong_direction")
         return None
@@ -449,6 +462,16 @@ class RelayClient:
         # relay restarted). Register from where we are now; the relay moves our circuits.
         self.stats["keepalive_moved"] += 1
         self._register_again(reg, now)
+
+    def _seen(self, frame: Seen, addr: NetworkAddress) -> None:
+        """Only the relay of a circuit of ours may say where it sees the other end; the
+        latest word counts (it is a candidate to probe, never a destination of data)."""
+        circuit = self._circuits.get((addr, frame.circuit))
+        if circuit is None:
+            self._drop("seen_unknown")
+            return
+        circuit.peer_seen = frame.address
+        self.stats["peer_seen"] += 1
 
     def _incoming(self, frame: Incoming, addr: NetworkAddress, now: float) -> None:
         reg = self._registrations.get(addr)

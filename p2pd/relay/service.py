@@ -159,6 +159,10 @@ class Relays:
             out.append(Address(host, port))
         return out
 
+    def peer_seen(self, virtual: NetworkAddress) -> Address | None:
+        """Where the relay of the circuit at ``virtual`` sees the peer, if it said."""
+        return self.client.peer_seen(virtual)
+
     @staticmethod
     def is_relayed(address: tuple[Any, ...]) -> bool:
         return is_virtual(str(address[0]))

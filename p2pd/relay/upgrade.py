@@ -31,6 +31,7 @@ frames ``type u8 | length u16 | body``: 1 CONNECT (a punch offer, at most 195 by
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import struct
@@ -40,7 +41,7 @@ import trio
 
 from ..errors import ConnectionLost, P2PDError, WireError
 from ..identity import fingerprint
-from ..transport.punch import MAPPINGS, PunchOffer, make_plan, punchable_offers
+from ..transport.punch import MAPPINGS, MAX_CANDIDATES, PunchOffer, make_plan, punchable_offers
 from ..transport.punch_driver import PunchOutcome, PunchRunner, send_quietly
 from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from ..wire import Address
@@ -83,8 +84,10 @@ class DirectUpgrade:
         on_direct: Callable[[QuicPeer], None] = lambda peer: None,
         natted: Callable[[], bool] = lambda: False,
         ping_interval: float = 4.0,
+        relay_seen: Callable[[tuple[str, int]], Address | None] = lambda virtual: None,
     ) -> None:
         self.quic = quic
+        self._relay_seen = relay_seen
         self.runner = runner
         self._mapping = mapping
         self._candidates = candidates
@@ -101,6 +104,7 @@ class DirectUpgrade:
             "upgrades_failed": 0,
             "upgrades_refused": 0,
             "direct_pings": 0,
+            "relay_seen_candidates": 0,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -176,7 +180,9 @@ class DirectUpgrade:
                     sent = trio.current_time()
                     await stream.send_all(_header() + _frame(T_CONNECT, mine.encode()))
                     reader = _FrameReader(stream)
-                    theirs = PunchOffer.decode(await reader.expect(T_CONNECT))
+                    theirs = self._with_relay_seen(
+                        peer, PunchOffer.decode(await reader.expect(T_CONNECT))
+                    )
                     rtt = trio.current_time() - sent
                     await stream.send_all(_frame(T_SYNC, b""), eof=True)
             if not punchable_offers(mine, theirs):
@@ -239,7 +245,9 @@ class DirectUpgrade:
                     if first[1:2] != bytes([UPGRADE_VERSION]):
                         raise WireError("unknown upgrade stream version")
                     reader = _FrameReader(stream, first[2:])
-                    theirs = PunchOffer.decode(await reader.expect(T_CONNECT))
+                    theirs = self._with_relay_seen(
+                        peer, PunchOffer.decode(await reader.expect(T_CONNECT))
+                    )
                     if not self._may_share(key):
                         raise WireError("not a contact: our addresses stay private")
                     mine = self._offer()
@@ -260,6 +268,19 @@ class DirectUpgrade:
             self._running -= 1
 
     # ---- helpers
+
+    def _with_relay_seen(self, peer: QuicPeer, theirs: PunchOffer) -> PunchOffer:
+        """The peer's offer with the address its relay sees it at first (the relay's SEEN
+        frame; issue 13, item 2): the peer's mapping towards the relay, which for an
+        endpoint-independent NAT is the one we can reach, and for an endpoint-dependent
+        one the public IP to probe ports of, even when the peer's own offer lacks both
+        (it has not learnt its reflexive address yet). Still at most MAX_CANDIDATES."""
+        seen = self._relay_seen(peer.address)
+        if seen is None or seen in theirs.candidates:
+            return theirs
+        self.stats["relay_seen_candidates"] += 1
+        candidates = (seen, *theirs.candidates)[:MAX_CANDIDATES]
+        return dataclasses.replace(theirs, candidates=candidates)
 
     def _offer(self) -> PunchOffer:
         mapping = self._mapping()
