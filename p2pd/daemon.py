@@ -433,6 +433,8 @@ async def open_node(
                 candidates=lambda: [Address(h, p) for _, h, p in dht.contacts()],
                 hides_addresses=config.hides_addresses,  # its record lists relays only
                 on_registrations_changed=wakeup.set,  # republish with the new relays
+                # our NAT mapped us anew: drop direct paths that cannot follow (issue 13)
+                on_mapping_moved=lambda: upgrade.our_mapping_moved(),
             )  # fmt: skip
             quic = QuicEndpoint(
                 endpoint,

@@ -393,6 +393,8 @@ def test_a_nat_that_maps_us_anew_is_noticed_and_the_circuits_follow() -> None:
     net = Net()
     alice_v, bob_v = circuit(net)
     relay, bob = net.relays[RELAY], net.clients[BOB]
+    told: list[float] = []
+    bob._on_moved = lambda: told.append(net.now)  # the daemon's DirectUpgrade hook
     remap_bob(net)
     flushed = net.now
     assert net.clients[ALICE].wrap(b"\x40lost", alice_v, net.now)
@@ -404,6 +406,7 @@ def test_a_nat_that_maps_us_anew_is_noticed_and_the_circuits_follow() -> None:
     took = net.now - flushed
     assert took <= bob.keepalive + 0.2, took  # one keepalive and one round of the handshake
     assert bob.stats["keepalive_moved"] == 1 and bob.registered() == [RELAY]
+    assert len(told) == 1 and told[0] - flushed <= bob.keepalive + 0.2  # direct paths checked
     assert relay.stats["registrations_moved"] == 1 and relay.stats["circuits_moved"] == 1
     assert net.clients[ALICE].wrap(b"\x40again", alice_v, net.now)
     net.pump()

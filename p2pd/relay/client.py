@@ -156,7 +156,9 @@ class RelayClient:
 
     ``sign`` signs with the node's identity key (``public_key``): a relay registers the
     key that signed, so a peer asking for a circuit to that key finds us.
-    ``on_registrations_changed`` is called when the set of relays holding us changes.
+    ``on_registrations_changed`` is called when the set of relays holding us changes;
+    ``on_mapping_moved`` when a relay says it holds us at another address than the one
+    our keepalive came from: our NAT mapped us anew (a flush, a reboot, another network).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class RelayClient:
         refresh: float = 25.0,
         keepalive: float = 4.0,
         on_registrations_changed: Callable[[], None] = lambda: None,
+        on_mapping_moved: Callable[[], None] = lambda: None,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._sign = sign
@@ -176,6 +179,7 @@ class RelayClient:
         self.refresh = refresh
         self.keepalive = keepalive
         self._on_changed = on_registrations_changed
+        self._on_moved = on_mapping_moved
         self._random = random
         self.stats: Counter[str] = Counter()
         self._out: list[tuple[bytes, NetworkAddress]] = []
@@ -462,6 +466,7 @@ class RelayClient:
         # relay restarted). Register from where we are now; the relay moves our circuits.
         self.stats["keepalive_moved"] += 1
         self._register_again(reg, now)
+        self._on_moved()
 
     def _seen(self, frame: Seen, addr: NetworkAddress) -> None:
         """Only the relay of a circuit of ours may say where it sees the other end; the

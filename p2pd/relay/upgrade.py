@@ -68,6 +68,14 @@ MAX_TRIES = 3
 MAX_ATTEMPTS = 4
 #: How long a side socket that won waits for the direct connection to use it.
 SIDE_WAIT = 30.0
+#: Behind a NAT, a direct connection that heard nothing for this many ping intervals
+#: (each PING draws an ACK) has lost its path: it is closed, so that delivery and calls
+#: take another (a relay) at once instead of writing into it until QUIC's idle timeout.
+SILENT_PINGS = 3
+#: After our NAT mapped us anew (a relay said so), a direct connection that heard
+#: nothing this long after a PING has lost its path (the peer's NAT filters by address:
+#: it lets in only the address it sent to, our old one) and is closed.
+MOVED_CHECK = 2.0
 
 
 class DirectUpgrade:
@@ -105,6 +113,8 @@ class DirectUpgrade:
             "upgrades_refused": 0,
             "direct_pings": 0,
             "relay_seen_candidates": 0,
+            "direct_closed_silent": 0,
+            "direct_closed_moved": 0,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -125,10 +135,42 @@ class DirectUpgrade:
         per direct connection), so the path comes back within seconds."""
         if not self._natted():
             return
+        now = trio.current_time()
         for peer in self.quic.peers():
-            if not is_virtual(peer.address[0]):
-                peer.ping()
-                self.stats["direct_pings"] += 1
+            if is_virtual(peer.address[0]) or peer.is_closing:
+                continue
+            if now - peer.last_received > SILENT_PINGS * self._ping_interval:
+                self.stats["direct_closed_silent"] += 1
+                log.info("%r heard nothing for %.0f s: closing it", peer, now - peer.last_received)
+                peer.close("path lost")
+                continue
+            peer.ping()
+            self.stats["direct_pings"] += 1
+
+    def our_mapping_moved(self) -> None:
+        """A relay says our NAT mapped us anew (issue 13, item 5: a laptop that joined
+        another network, a router that rebooted). PING every direct connection now and
+        close, :data:`MOVED_CHECK` later, those that heard nothing since: behind a NAT
+        that filters by address, the peer cannot answer our new address (a public peer
+        can: QUIC moves its side of the connection to where our packets now come from).
+        Delivery and calls then go through a relay at once, and the next relayed
+        connection is upgraded again by hole punching."""
+        if self._nursery is None:
+            return
+        now = trio.current_time()
+        direct = [p for p in self.quic.peers() if not is_virtual(p.address[0]) and not p.is_closing]
+        for peer in direct:
+            peer.ping()
+        if direct:
+            self._nursery.start_soon(self._close_unanswered, direct, now)
+
+    async def _close_unanswered(self, peers: list[QuicPeer], since: float) -> None:
+        await trio.sleep(MOVED_CHECK)
+        for peer in peers:
+            if not peer.is_closing and peer.last_received < since:
+                self.stats["direct_closed_moved"] += 1
+                log.info("%r did not answer at our new address: closing it", peer)
+                peer.close("path lost")
 
     def statistics(self) -> dict[str, int]:
         return {**self.stats, **{f"probes_{k}": v for k, v in self.runner.stats.items()}}

@@ -167,6 +167,8 @@ class QuicPeer:
         #: on now (it moves to a peer's new address when the peer's NAT rebinds).
         self.reports = AddressReports()
         self._path: NetworkAddress = address
+        #: When the last datagram of this connection came in (trio's clock).
+        self.last_received = now
 
     def __repr__(self) -> str:
         key = self.public_key or self.expected_key
@@ -331,6 +333,7 @@ class QuicPeer:
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> bool:
         """Feed one datagram to aioquic; True if the connection has now to be stepped
         (:meth:`step_received`) and was not waiting for that already."""
+        self.last_received = now
         try:
             self.quic.receive_datagram(data, addr, now)
         except Exception:
