@@ -180,6 +180,7 @@ class RelayClient:
         self.keepalive = keepalive
         self._on_changed = on_registrations_changed
         self._on_moved = on_mapping_moved
+        self._followed_at = -RESEND
         self._random = random
         self.stats: Counter[str] = Counter()
         self._out: list[tuple[bytes, NetworkAddress]] = []
@@ -466,7 +467,26 @@ class RelayClient:
         # relay restarted). Register from where we are now; the relay moves our circuits.
         self.stats["keepalive_moved"] += 1
         self._register_again(reg, now)
+        self._follow_circuits(now)
         self._on_moved()
+
+    def _follow_circuits(self, now: float) -> None:
+        """Our mapping moved: ask again, from where we are now, for every circuit we
+        opened through someone else's relay (the relays we register with move ours on the
+        REGISTER). The relay moves the open circuit to our new address and answers with
+        its id, so it keeps its virtual address and QUIC its connection. Cookies made for
+        the old address are worth nothing now. Once per mapping change, not per relay."""
+        if now - self._followed_at < RESEND:
+            return
+        self._followed_at = now
+        self._cookies.clear()
+        asked = set()
+        for circuit in list(self._circuits.values()):
+            if circuit.incoming or (circuit.relay, circuit.peer_key) in asked:
+                continue
+            asked.add((circuit.relay, circuit.peer_key))
+            self.stats["circuits_followed"] += 1
+            self.open_circuit(circuit.relay, circuit.peer_key, now)
 
     def _seen(self, frame: Seen, addr: NetworkAddress) -> None:
         """Only the relay of a circuit of ours may say where it sees the other end; the

@@ -297,6 +297,20 @@ class RelayServer:
                     return [(connected, addr), _seen_by(existing, initiator=True)]
                 incoming = Incoming(existing.circuit_id, frame.key).encode()
                 return [(incoming, target.address), _seen_by(existing, initiator=False)]
+        for existing in self._circuits.values():
+            # The initiator's NAT mapped it anew (issue 13: a flush, another network): a
+            # signed CONNECT from its proven new address moves its open circuit to that
+            # target there, as a REGISTER moves a registration; its connection lives on.
+            if (
+                existing.open
+                and (existing.initiator, existing.target) == (frame.key, frame.target)
+                and existing.initiator_address != addr
+            ):
+                existing.initiator_address = addr
+                existing.cookie = frame.cookie
+                self.stats["circuits_moved"] += 1
+                connected = Connected(frame.cookie, existing.circuit_id).encode()
+                return [(connected, addr), _seen_by(existing, initiator=True)]
         cap = self.config.max_circuits_per_peer
         if (
             len(self._circuits) >= self.config.max_circuits
