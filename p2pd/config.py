@@ -75,6 +75,11 @@ class DHTConfig:
     #: key gets a few replica slots, not all k. FOR BENCHMARKS ONLY (the configuration
     #: file cannot turn it off), like ``defences``.
     packed_check: bool = True
+    #: Take the ``observed`` address of DHT replies as evidence of our reflexive address
+    #: (p2pd/dht/reachability.py). Tests turn it off to see what the observed-address
+    #: reports of QUIC connections teach alone; off, a NATed node learns its mapping
+    #: only from the peers it connects to.
+    observe_replies: bool = True
     #: How long a node that proved its id from an address is asked without a proof.
     verified_lifetime: float = 3600.0
     #: Request budgets (p2pd/dht/budget.py, docs/SECURITY.md "DHT budgets"): token

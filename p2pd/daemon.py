@@ -433,6 +433,8 @@ async def open_node(
                 candidates=lambda: [Address(h, p) for _, h, p in dht.contacts()],
                 hides_addresses=config.hides_addresses,  # its record lists relays only
                 on_registrations_changed=wakeup.set,  # republish with the new relays
+                # our NAT mapped us anew: drop direct paths that cannot follow (issue 13)
+                on_mapping_moved=lambda: upgrade.our_mapping_moved(),
             )  # fmt: skip
             quic = QuicEndpoint(
                 endpoint,
@@ -446,6 +448,8 @@ async def open_node(
                 virtual_send=relays.send,  # a circuit's packets go wrapped to its relay
                 is_virtual=is_virtual,
                 on_connection=lambda peer: connection_opened(peer),
+                # where a direct peer sees us: evidence beside the DHT replies' (issue 13)
+                on_observed=lambda peer, seen: dht.address_reported(peer.path[0], seen),
             )
 
             def connection_opened(peer: QuicPeer) -> None:
@@ -466,6 +470,7 @@ async def open_node(
                 on_direct=lambda peer: calls.connection_opened(peer),
                 natted=lambda: needs_relays(dht),  # ping direct peers: hold our mappings
                 ping_interval=config.relay.keepalive_interval,
+                relay_seen=relays.peer_seen,  # the relay's SEEN: a punching candidate
             )  # fmt: skip
             delivery = Delivery(
                 config, identity, conn, dht, events, quic=quic, sessions=sessions,

@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python scripts/bench_nat.py [--trials 3] [--pairs eim:symmetric,...]
     sudo .venv/bin/python scripts/bench_nat.py --flush [--trials 5] [--pairs ...]
+    sudo .venv/bin/python scripts/bench_nat.py --move [--trials 5] [--pairs ...]
 
 For each pair of cells (alice's, bob's), each trial on a fresh testbed with three public
 daemons as bootstrap nodes and relays (p2pd/testing/natnet.py): once both daemons have
@@ -27,6 +28,12 @@ conntrack.py), alice sends right away, and we print the seconds from the flush t
 ``[relay] keepalive_interval`` at an hour (what p2pd did before: no relay keepalives and
 no PINGs on direct connections; only the 25 s registration refresh, QUIC's own 10 s
 keep-alive and delivery's fallback to another path bring a NATed daemon back).
+
+``--move`` is a laptop that changes network (issue 13, item 5): once alice and bob talk,
+the outermost NAT router in front of bob moves to another outside address (a new public
+IP, every mapping gone: ``NatRouter.move``), alice sends right away, and we print the
+seconds from the move to ``delivered``. Goal: 10 s, every trial. Baseline as for
+``--flush`` (relay keepalives off, so nothing notices the move before the 25 s refresh).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import percentile, progress_printer
 
 from p2pd.testing.daemons import short_tempdir
-from p2pd.testing.natnet import flush_then_send, send, start_network
+from p2pd.testing.natnet import flush_then_send, move_then_send, send, start_network
 from p2pd.testing.netns import Testbed, netns_available
 
 PAIRS = [
@@ -60,6 +67,11 @@ FLUSH_PAIRS = [
     ("eim", "eim"),
     ("public", "symmetric"),
     ("ipv6", "ipv6"),
+]
+MOVE_PAIRS = [
+    ("eim", "eim"),
+    ("public", "symmetric"),
+    ("symmetric", "symmetric"),
 ]
 RECOVERY_GOAL = 10.0
 NO_KEEPALIVE = "[relay]\nkeepalive_interval = 3600.0\n"
@@ -106,7 +118,9 @@ def trial(kind_a: str, kind_b: str) -> dict[str, object]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def flush_trial(kind_a: str, kind_b: str, peer_config: str) -> dict[str, object]:
+def flush_trial(
+    kind_a: str, kind_b: str, peer_config: str, *, move: bool = False
+) -> dict[str, object]:
     root = short_tempdir("p2pd-bnat-")
     try:
         with Testbed(prefix="p2pdbn") as testbed:
@@ -118,14 +132,19 @@ def flush_trial(kind_a: str, kind_b: str, peer_config: str) -> dict[str, object]
                 before = send(root, "alice", "bob", "before the flush", timeout=60)["via"]
             except RuntimeError:
                 return {"delivered": False, "before": None}
-            result = flush_then_send(testbed, root, timeout=60.0)
+            if move:
+                result = move_then_send(testbed, root, timeout=60.0)
+            else:
+                result = flush_then_send(testbed, root, timeout=60.0)
             result["before"] = before
             return result
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def flush_main(trials: int, pairs: list[tuple[str, ...]], baseline: bool) -> int:
+def flush_main(
+    trials: int, pairs: list[tuple[str, ...]], baseline: bool, *, move: bool = False
+) -> int:
     progress = progress_printer("bench_nat")
     rows = []
     modes = [("keepalive 4 s", "")] + ([("baseline", NO_KEEPALIVE)] if baseline else [])
@@ -133,17 +152,26 @@ def flush_main(trials: int, pairs: list[tuple[str, ...]], baseline: bool) -> int
         for mode, config in modes:
             results = []
             for i in range(trials):
-                results.append(flush_trial(kind_a, kind_b, config))
+                results.append(flush_trial(kind_a, kind_b, config, move=move))
                 r = results[-1]
                 progress(
                     f"{kind_a}<->{kind_b} {mode}: trial {i + 1}/{trials}: recovered in "
                     f"{float(r.get('recovered_s') or 0):.2f} s, delivered {r['delivered']}, "
-                    f"via {r.get('via')}, relays moved bob {r.get('moved')}x, "
-                    f"conntrack {r.get('conntrack')}"
+                    f"via {r.get('via')} (before: {r.get('before')}), relays moved bob "
+                    f"{r.get('moved')}x, "
+                    + (
+                        f"new address {r.get('new_address')}"
+                        if move
+                        else f"conntrack {r.get('conntrack')}"
+                    )
                 )
             rows.append((kind_a, kind_b, mode, results))
-    print(f"\nbench_nat --flush: {trials} trials per pair, each on a fresh testbed; seconds")
-    print("from bob's NATs flushing their conntrack tables to alice's message delivered\n")
+    if move:
+        print(f"\nbench_nat --move: {trials} trials per pair, each on a fresh testbed; seconds")
+        print("from bob's NAT moving to another public address to alice's message delivered\n")
+    else:
+        print(f"\nbench_nat --flush: {trials} trials per pair, each on a fresh testbed; seconds")
+        print("from bob's NATs flushing their conntrack tables to alice's message delivered\n")
     print(f"{'alice <-> bob':<26}{'mode':<15}{'delivered':>10}{'p50':>7}{'p95':>7}{'max':>7}"
           "   per trial                         goal")  # fmt: skip
     missed = False
@@ -171,8 +199,11 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--pairs", help="comma-separated a:b cell pairs (default: all)")
     parser.add_argument("--flush", action="store_true", help="measure NAT flush recovery")
+    parser.add_argument("--move", action="store_true", help="measure a change of network")
     parser.add_argument(
-        "--no-baseline", action="store_true", help="with --flush: skip the keepalive-off runs"
+        "--no-baseline",
+        action="store_true",
+        help="with --flush or --move: skip the keepalive-off runs",
     )
     args = parser.parse_args()
     if not 1 <= args.trials <= 100:
@@ -181,11 +212,11 @@ def main() -> int:
     if problem:
         print(f"bench_nat: cannot run: {problem}", file=sys.stderr)
         return 2
-    pairs = FLUSH_PAIRS if args.flush else PAIRS
+    pairs = FLUSH_PAIRS if args.flush else MOVE_PAIRS if args.move else PAIRS
     if args.pairs:
         pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",")]
-    if args.flush:
-        return flush_main(args.trials, pairs, not args.no_baseline)
+    if args.flush or args.move:
+        return flush_main(args.trials, pairs, not args.no_baseline, move=args.move)
     progress = progress_printer("bench_nat")
     rows = []
     for kind_a, kind_b in pairs:

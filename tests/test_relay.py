@@ -393,6 +393,8 @@ def test_a_nat_that_maps_us_anew_is_noticed_and_the_circuits_follow() -> None:
     net = Net()
     alice_v, bob_v = circuit(net)
     relay, bob = net.relays[RELAY], net.clients[BOB]
+    told: list[float] = []
+    bob._on_moved = lambda: told.append(net.now)  # the daemon's DirectUpgrade hook
     remap_bob(net)
     flushed = net.now
     assert net.clients[ALICE].wrap(b"\x40lost", alice_v, net.now)
@@ -404,6 +406,7 @@ def test_a_nat_that_maps_us_anew_is_noticed_and_the_circuits_follow() -> None:
     took = net.now - flushed
     assert took <= bob.keepalive + 0.2, took  # one keepalive and one round of the handshake
     assert bob.stats["keepalive_moved"] == 1 and bob.registered() == [RELAY]
+    assert len(told) == 1 and told[0] - flushed <= bob.keepalive + 0.2  # direct paths checked
     assert relay.stats["registrations_moved"] == 1 and relay.stats["circuits_moved"] == 1
     assert net.clients[ALICE].wrap(b"\x40again", alice_v, net.now)
     net.pump()
@@ -414,6 +417,58 @@ def test_a_nat_that_maps_us_anew_is_noticed_and_the_circuits_follow() -> None:
     # and quiet again: no more re-registrations than the refresh's
     net.advance(20.0)
     assert bob.stats["keepalive_moved"] == 1 and relay.stats["registrations_moved"] == 1
+
+
+ALICE_REMAPPED: Addr = ("198.18.10.1", 52345)
+
+
+def test_a_circuit_we_opened_through_another_relay_follows_our_new_mapping() -> None:
+    """Issue 13: alice, NATed, registered with her own relay (RELAY2), opened a circuit to
+    bob through his (RELAY). Her NAT maps her anew: her own relay's ALIVE says "not
+    here", and she asks bob's relay again, from her new address, for the circuit she
+    has; the relay moves it (a signed CONNECT from a proven address), so her QUIC
+    connection to bob lives on under the same virtual address, both ways."""
+    net = Net()
+    alice = net.clients[ALICE]
+    alice.keep_registrations([RELAY2], net.now)
+    net.pump()
+    assert alice.registered() == [RELAY2]
+    alice_v, bob_v = circuit(net)
+    relay = net.relays[RELAY]
+    net.clients[ALICE_REMAPPED] = net.clients.pop(ALICE)
+    net.received[ALICE_REMAPPED] = net.received.pop(ALICE)
+    net.lost.add(ALICE)
+    flushed = net.now
+    (circ,) = relay._circuits.values()
+    while circ.initiator_address != ALICE_REMAPPED:
+        assert net.now - flushed < 10.0, alice.stats
+        net.advance(0.1, step=0.1)
+    assert net.now - flushed <= alice.keepalive + 0.5
+    assert alice.stats["circuits_followed"] == 1
+    assert relay.stats["circuits_moved"] == 1 and len(relay._circuits) == 1
+    assert list(alice._by_virtual) == [alice_v]  # the same circuit, the same address
+    assert alice.wrap(b"\x40again", alice_v, net.now)
+    net.pump()
+    assert net.received[BOB] == [(b"\x40again", bob_v)]
+    assert net.clients[BOB].wrap(b"\x40back", bob_v, net.now)
+    net.pump()
+    assert net.received[ALICE_REMAPPED] == [(b"\x40back", alice_v)]
+
+
+def test_only_the_initiators_key_moves_its_circuit() -> None:
+    """Mallory, from her own proven address and with her own key, asks for a circuit to
+    bob: she gets a new one; alice's stays where it was."""
+    net = Net()
+    circuit(net)
+    relay = net.relays[RELAY]
+    (circ,) = relay._circuits.values()
+    mallory = RelayClient(MALLORY_ID.sign, MALLORY_ID.public_key)
+    net.clients[MALLORY] = mallory
+    net.received[MALLORY] = []
+    mallory.open_circuit(RELAY, BOB_ID.public_key, net.now)
+    net.pump()
+    assert circ.initiator_address == ALICE and relay.stats["circuits_moved"] == 0
+    assert len(relay._circuits) == 2
 
 
 def test_a_keepalive_only_asks_and_tells_only_the_address_it_came_from() -> None:

@@ -96,3 +96,31 @@ def test_a_direct_path_comes_back_after_the_nat_flushed_its_mappings(
     assert result["recovered_s"] <= RECOVERY_BOUND, result
     assert status(root, "bob")["hole_punching"]["direct_pings"] >= 1
     assert send(root, "bob", "alice", "back")["via"] in ("direct", "relay")
+
+
+def test_a_circuit_opened_through_the_peers_relay_follows_our_flushed_nat(
+    testbed: Testbed, root: Path
+) -> None:
+    """Alice opened the relayed connection, through one of bob's relays (two
+    endpoint-dependent NATs: it stays relayed). Then alice's own router flushes its
+    mappings: her packets leave from new ports, and bob's relay would send bob's
+    answers to her old ones. Her own relays' keepalives tell her within 4 s; she asks
+    bob's relay again for the circuit from her new mapping, and bob's message comes
+    through within the bound. (With three public daemons, alice is usually registered
+    with bob's relay too, whose REGISTER moves the circuit as well; the case of a relay
+    that holds no registration of hers is tests/test_relay.py's
+    ``test_a_circuit_we_opened_through_another_relay_follows_our_new_mapping``.)"""
+    start_network(testbed, root, "symmetric", "symmetric")
+    tag = f"follow-{time.time_ns():x}"
+    assert send(root, "alice", "bob", f"{tag} opens the circuit")["via"] == "relay"
+    result = flush_then_send(testbed, root, sender="bob", to="alice")
+    print(f"after alice's NAT flushed its conntrack table: {result}")
+    assert result["delivered"], result
+    assert result["recovered_s"] <= RECOVERY_BOUND, result
+    client = status(root, "alice")["relay"]["client"]["counters"]
+    assert client.get("circuits_followed", 0) >= 1, client
+
+    def circuit_moved() -> bool:
+        return relay_counter(root, "circuits_moved") >= 1
+
+    assert wait_until(circuit_moved, 10.0, interval=0.5)

@@ -137,10 +137,20 @@ def test_a_stranger_gets_no_addresses_when_they_are_for_contacts() -> None:
 
 
 class PingedPeer(FakePeer):
+    """A direct connection whose far side answers every PING at once, unless ``deaf``."""
+
     pings = 0
+    is_closing = False
+    deaf = False
+    last_received = 0.0
 
     def ping(self) -> None:
         self.pings += 1
+        if not self.deaf:
+            self.last_received = trio.current_time()
+
+    def close(self, reason: str = "") -> None:
+        self.is_closing = True
 
 
 class FakeQuic:
@@ -158,6 +168,7 @@ async def test_a_natted_node_pings_its_direct_connections_to_hold_their_mappings
     ``ping_interval`` (what brings a path back after the NAT forgot its mapping);
     relayed ones do not (the relay keepalive holds those); a reachable node pings none."""
     direct, relayed = PingedPeer(("198.18.9.9", 4000)), PingedPeer(VIRTUAL)
+    direct.last_received = trio.current_time()
     natted = [True]
     up = DirectUpgrade(
         quic=FakeQuic([direct, relayed]),  # type: ignore[arg-type]
@@ -223,3 +234,63 @@ async def test_an_attempt_that_found_no_path_is_tried_again_while_the_relay_last
         else:
             assert len(runner.plans) == 1  # closed before the retry: no second attempt
         assert up.stats["upgrades_failed"] == len(runner.plans)
+
+
+async def test_a_direct_path_that_hears_nothing_is_closed_behind_a_nat(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 13, item 5: a direct connection whose PINGs draw nothing for three ping
+    intervals has lost its path (the peer's NAT or ours moved) and is closed, so that
+    delivery and calls take a relay; one that answers is kept."""
+    alive, dead = PingedPeer(("198.18.9.9", 4000)), PingedPeer(("198.18.9.10", 4000))
+    alive.last_received = dead.last_received = trio.current_time()
+    dead.deaf = True
+    up = DirectUpgrade(
+        quic=FakeQuic([alive, dead]),  # type: ignore[arg-type]
+        runner=FakeRunner(),  # type: ignore[arg-type]
+        mapping=lambda: "endpoint-independent",
+        candidates=lambda: [OURS],
+        may_share_addresses=lambda key: True,
+        natted=lambda: True,
+        ping_interval=4.0,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(up.run)
+        await trio.sleep(12.5)
+        assert not dead.is_closing  # 12 s silent: not yet
+        await trio.sleep(4.0)
+        assert dead.is_closing and not alive.is_closing
+        nursery.cancel_scope.cancel()
+    assert up.stats["direct_closed_silent"] == 1
+
+
+async def test_after_our_mapping_moved_a_path_that_does_not_answer_is_closed_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A relay said our NAT mapped us anew: every direct connection is PINGed at once;
+    one that answers (a public peer follows us) stays, one that hears nothing 2 s later
+    (a peer behind a NAT that lets in only our old address) is closed."""
+    follows, lost = PingedPeer(("198.18.9.9", 4000)), PingedPeer(("198.18.9.10", 4000))
+    lost.deaf = True
+    up = DirectUpgrade(
+        quic=FakeQuic([follows, lost]),  # type: ignore[arg-type]
+        runner=FakeRunner(),  # type: ignore[arg-type]
+        mapping=lambda: "endpoint-independent",
+        candidates=lambda: [OURS],
+        may_share_addresses=lambda key: True,
+        natted=lambda: True,
+        ping_interval=4.0,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(up.run)
+        await trio.sleep(0.5)
+        moved_at = trio.current_time()
+        up.our_mapping_moved()
+        assert (follows.pings, lost.pings) == (1, 1)
+        await trio.sleep(1.9)
+        assert not lost.is_closing
+        await trio.sleep(0.2)
+        assert lost.is_closing and not follows.is_closing
+        assert trio.current_time() - moved_at < 2.5
+        nursery.cancel_scope.cancel()
+    assert up.stats["direct_closed_moved"] == 1

@@ -238,6 +238,10 @@ class DHT:
         )
         self.flush()
 
+    def address_reported(self, observer_host: str, seen: wire.Address) -> None:
+        """A QUIC peer at ``observer_host`` says it sees us at ``seen``."""
+        self.core.reach.reported(observer_host, seen, trio.current_time())
+
     def reachability(self) -> ReachabilityStatus:
         return self.core.reach.status(trio.current_time())
 

@@ -5,9 +5,11 @@ Two questions a node behind a NAT must answer before it can be reached, the way 
 
 **Where does the world see me, and how does my NAT map?** Every DHT reply carries
 ``observed``, the address the responder saw the request come from (docs/PROTOCOL.md,
-"Address discovery and dial-back"). :class:`Observations` keeps the latest one per
-*observer group* (the observer's /24, or /48 for IPv6): several nodes of one operator in
-one subnet count once, and one liar never reaches a quorum alone. The mapping kind is:
+"Address discovery and dial-back"), and every peer on a direct QUIC connection reports
+the address it sees us at (p2pd/transport/quic/observed.py). :class:`Observations`
+keeps the latest one per *observer group* (the observer's /24, or /48 for IPv6), by
+whichever way it came: several nodes of one operator in one subnet count once, and one
+liar never reaches a quorum alone. The mapping kind is:
 
 - ``none`` (not NATed): at least :data:`QUORUM` groups saw one of our own addresses;
 - ``endpoint-independent``: at least :data:`QUORUM` groups saw the same other ip:port;
@@ -315,9 +317,21 @@ class Reachability:
 
     def observed(self, responder: tuple[str, int], seen: Address, now: float) -> None:
         """A reply (matched to our request, decoded) said where it saw us."""
+        if not self.core.config.observe_replies:
+            return  # tests: what QUIC's reports alone teach
         self.core.stats["observed"] += 1
+        self._add(responder[0], seen, now)
+
+    def reported(self, observer_host: str, seen: Address, now: float) -> None:
+        """A peer on a direct QUIC connection from ``observer_host`` said where it sees
+        us (p2pd/transport/quic/observed.py): the same evidence as a DHT reply's, one
+        observer group's latest view, whichever of the two it came by."""
+        self.core.stats["observed_quic"] += 1
+        self._add(observer_host, seen, now)
+
+    def _add(self, observer_host: str, seen: Address, now: float) -> None:
         before = self.mapping(now)
-        self.observations.add(responder[0], seen, now)
+        self.observations.add(observer_host, seen, now)
         if self.mapping(now) != before and self.on_change is not None:
             self.on_change()
         if self._deferred and self.mapping(now)[0] != "unknown":

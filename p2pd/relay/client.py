@@ -12,7 +12,9 @@ answers no HELLO either is given up and replaced.
 
 Any node opens a circuit to a peer through one of that peer's relays (HELLO ->
 CHALLENGE -> CONNECT -> the relay's INCOMING to the peer, its ACCEPT -> CONNECTED). A
-registered node accepts an INCOMING only from a relay it is registered with.
+registered node accepts an INCOMING only from a relay it is registered with. When the
+circuit opens, the relay tells each end where it sees the other (SEEN): hole punching
+adds it to the peer's candidates (p2pd/relay/upgrade.py).
 
 Each circuit gets a *virtual address* that the QUIC endpoint uses as the peer's address:
 ``100:0:x:y::1`` port 1, x:y a counter, so each circuit is its own /64 (what
@@ -40,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..wire import Address
 from .frames import (
     MAX_PAYLOAD,
     Accept,
@@ -57,6 +60,7 @@ from .frames import (
     Register,
     Registered,
     RelayFrameError,
+    Seen,
     decode,
 )
 
@@ -143,6 +147,8 @@ class _Circuit:
     incoming: bool
     last: float
     counters: Counter[str] = field(default_factory=Counter)
+    #: Where the relay sees the other end (its SEEN frame): a hole-punching candidate.
+    peer_seen: Address | None = None
 
 
 class RelayClient:
@@ -150,7 +156,9 @@ class RelayClient:
 
     ``sign`` signs with the node's identity key (``public_key``): a relay registers the
     key that signed, so a peer asking for a circuit to that key finds us.
-    ``on_registrations_changed`` is called when the set of relays holding us changes.
+    ``on_registrations_changed`` is called when the set of relays holding us changes;
+    ``on_mapping_moved`` when a relay says it holds us at another address than the one
+    our keepalive came from: our NAT mapped us anew (a flush, a reboot, another network).
     """
 
     def __init__(
@@ -162,6 +170,7 @@ class RelayClient:
         refresh: float = 25.0,
         keepalive: float = 4.0,
         on_registrations_changed: Callable[[], None] = lambda: None,
+        on_mapping_moved: Callable[[], None] = lambda: None,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._sign = sign
@@ -170,6 +179,8 @@ class RelayClient:
         self.refresh = refresh
         self.keepalive = keepalive
         self._on_changed = on_registrations_changed
+        self._on_moved = on_mapping_moved
+        self._followed_at = -RESEND
         self._random = random
         self.stats: Counter[str] = Counter()
         self._out: list[tuple[bytes, NetworkAddress]] = []
@@ -320,6 +331,11 @@ class RelayClient:
         self._circuits.pop((circuit.relay, circuit.circuit_id), None)
         self._by_virtual.pop(circuit.virtual, None)
 
+    def peer_seen(self, virtual: NetworkAddress) -> Address | None:
+        """Where the relay of this circuit sees the peer (None: no SEEN came)."""
+        circuit = self._by_virtual.get(virtual)
+        return None if circuit is None else circuit.peer_seen
+
     def circuit_of(self, virtual: NetworkAddress) -> tuple[NetworkAddress, bytes] | None:
         """(relay, peer key) of a virtual address, if it is a circuit of ours."""
         circuit = self._by_virtual.get(virtual)
@@ -372,6 +388,8 @@ class RelayClient:
             self._incoming(frame, addr, now)
         elif isinstance(frame, Alive):
             self._alive(frame, addr, now)
+        elif isinstance(frame, Seen):
+            self._seen(frame, addr)
         else:
             self._drop("wrong_direction")
         return None
@@ -449,6 +467,36 @@ class RelayClient:
         # relay restarted). Register from where we are now; the relay moves our circuits.
         self.stats["keepalive_moved"] += 1
         self._register_again(reg, now)
+        self._follow_circuits(now)
+        self._on_moved()
+
+    def _follow_circuits(self, now: float) -> None:
+        """Our mapping moved: ask again, from where we are now, for every circuit we
+        opened through someone else's relay (the relays we register with move ours on the
+        REGISTER). The relay moves the open circuit to our new address and answers with
+        its id, so it keeps its virtual address and QUIC its connection. Cookies made for
+        the old address are worth nothing now. Once per mapping change, not per relay."""
+        if now - self._followed_at < RESEND:
+            return
+        self._followed_at = now
+        self._cookies.clear()
+        asked = set()
+        for circuit in list(self._circuits.values()):
+            if circuit.incoming or (circuit.relay, circuit.peer_key) in asked:
+                continue
+            asked.add((circuit.relay, circuit.peer_key))
+            self.stats["circuits_followed"] += 1
+            self.open_circuit(circuit.relay, circuit.peer_key, now)
+
+    def _seen(self, frame: Seen, addr: NetworkAddress) -> None:
+        """Only the relay of a circuit of ours may say where it sees the other end; the
+        latest word counts (it is a candidate to probe, never a destination of data)."""
+        circuit = self._circuits.get((addr, frame.circuit))
+        if circuit is None:
+            self._drop("seen_unknown")
+            return
+        circuit.peer_seen = frame.address
+        self.stats["peer_seen"] += 1
 
     def _incoming(self, frame: Incoming, addr: NetworkAddress, now: float) -> None:
         reg = self._registrations.get(addr)

@@ -10,7 +10,7 @@ opaque QUIC packet of the two peers' end-to-end connection) is bounded by
 Client -> relay: :class:`Hello`, :class:`Register`, :class:`Connect`, :class:`Accept`,
 :class:`Data` (``DATA_TO_RELAY``), :class:`Keepalive`. Relay -> client:
 :class:`Challenge`, :class:`Registered`, :class:`Incoming`, :class:`Connected`,
-:class:`Refused`, :class:`Data` (``DATA_FROM_RELAY``), :class:`Alive`.
+:class:`Refused`, :class:`Data` (``DATA_FROM_RELAY``), :class:`Alive`, :class:`Seen`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from .. import wire
 from ..errors import WireError
+from ..wire import Address
 
 
 class RelayFrameError(WireError):
@@ -62,6 +64,7 @@ class FrameType(enum.IntEnum):
     DATA_FROM_RELAY = 0x0E
     KEEPALIVE = 0x0F
     ALIVE = 0x10
+    SEEN = 0x11
 
 
 #: The frames a relay (server) takes; the others are for its clients.
@@ -229,11 +232,27 @@ class Alive:
         return bytes([FrameType.ALIVE]) + self.nonce + bytes([1 if self.here else 0])
 
 
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """When a circuit opens, to each end: the relay sees the *other* end of ``circuit``
+    at ``address`` (issue 13: a hole-punching candidate, the peer's mapping towards the
+    relay, as STUN would have told it)."""
+
+    circuit: bytes
+    address: Address
+
+    def encode(self) -> bytes:
+        return (
+            bytes([FrameType.SEEN]) + self.circuit + wire.encode_observed(self.address.as_tuple())
+        )
+
+
 Frame = (
     (Hello | Challenge | Register | Registered | Connect | Incoming | Accept | Connected | Refused)
     | Data
     | Keepalive
     | Alive
+    | Seen
 )
 
 _SIZES = {
@@ -248,6 +267,7 @@ _SIZES = {
     FrameType.REFUSED: 1 + COOKIE + 2,
     FrameType.KEEPALIVE: 1 + NONCE + KEY,
     FrameType.ALIVE: 1 + NONCE + 1,
+    FrameType.SEEN: 1 + CIRCUIT + wire.OBSERVED_LEN,
 }
 
 
@@ -288,4 +308,10 @@ def decode(data: bytes) -> Frame:
         if b[NONCE] > 1:
             raise RelayFrameError(f"relay frame ALIVE with status {b[NONCE]}")
         return Alive(b[:NONCE], b[NONCE] == 1)
+    if kind is FrameType.SEEN:
+        try:
+            seen = wire.decode_observed(b[CIRCUIT:])
+        except WireError as exc:
+            raise RelayFrameError(f"relay frame SEEN: {exc}") from None
+        return Seen(b[:CIRCUIT], seen)
     return Refused(b[:COOKIE], b[COOKIE], b[COOKIE + 1])

@@ -38,6 +38,7 @@ from typing import Any
 
 from ..config import RelayConfig
 from ..identity import verify_signature
+from ..wire import Address
 from .frames import (
     COOKIE,
     TO_RELAY,
@@ -56,6 +57,7 @@ from .frames import (
     Register,
     Registered,
     RelayFrameError,
+    Seen,
     decode,
 )
 
@@ -291,8 +293,24 @@ class RelayServer:
             ) and existing.initiator_address == addr:
                 self.stats["connect_repeated"] += 1
                 if existing.open:
-                    return [(Connected(frame.cookie, existing.circuit_id).encode(), addr)]
-                return [(Incoming(existing.circuit_id, frame.key).encode(), target.address)]
+                    connected = Connected(frame.cookie, existing.circuit_id).encode()
+                    return [(connected, addr), _seen_by(existing, initiator=True)]
+                incoming = Incoming(existing.circuit_id, frame.key).encode()
+                return [(incoming, target.address), _seen_by(existing, initiator=False)]
+        for existing in self._circuits.values():
+            # The initiator's NAT mapped it anew (issue 13: a flush, another network): a
+            # signed CONNECT from its proven new address moves its open circuit to that
+            # target there, as a REGISTER moves a registration; its connection lives on.
+            if (
+                existing.open
+                and (existing.initiator, existing.target) == (frame.key, frame.target)
+                and existing.initiator_address != addr
+            ):
+                existing.initiator_address = addr
+                existing.cookie = frame.cookie
+                self.stats["circuits_moved"] += 1
+                connected = Connected(frame.cookie, existing.circuit_id).encode()
+                return [(connected, addr), _seen_by(existing, initiator=True)]
         cap = self.config.max_circuits_per_peer
         if (
             len(self._circuits) >= self.config.max_circuits
@@ -309,8 +327,10 @@ class RelayServer:
         self._use(frame.key).circuits += 1
         self._use(frame.target).circuits += 1
         self.stats["circuits_asked"] += 1
-        # 41 bytes to the target, which registered (asked for these); the CONNECT was 145.
-        return [(Incoming(circuit_id, frame.key).encode(), target.address)]
+        # 41 + 27 bytes to the target, which registered (asked for these); the CONNECT
+        # was 145.
+        incoming = Incoming(circuit_id, frame.key).encode()
+        return [(incoming, target.address), _seen_by(self._circuits[circuit_id], initiator=False)]
 
     def _accept(self, frame: Accept, addr: NetworkAddress, now: float) -> Outgoing:
         circuit = self._circuits.get(frame.circuit)
@@ -325,7 +345,8 @@ class RelayServer:
             circuit.open = True
             circuit.last = now
             self.stats["circuits_opened"] += 1
-        return [(Connected(circuit.cookie, circuit.circuit_id).encode(), circuit.initiator_address)]
+        connected = Connected(circuit.cookie, circuit.circuit_id).encode()
+        return [(connected, circuit.initiator_address), _seen_by(circuit, initiator=True)]
 
     def _data(self, frame: Data, addr: NetworkAddress, now: float, size: int) -> Outgoing:
         circuit = self._circuits.get(frame.circuit)
@@ -426,3 +447,20 @@ class RelayServer:
             "relayed_bytes": self.stats["relayed_bytes"],
             "counters": dict(self.stats),
         }
+
+
+def _seen_by(circuit: Circuit, *, initiator: bool) -> tuple[bytes, NetworkAddress]:
+    """SEEN for one end of a circuit: where we see the other end (issue 13, a punching
+    candidate). The target's goes with INCOMING (41 + 27 bytes, for a 145-byte CONNECT
+    from a proven address); the initiator's with CONNECTED (25 + 27), to the address
+    that proved itself for the CONNECT."""
+    if initiator:
+        seen = Seen(circuit.circuit_id, _address(circuit.target_address))
+        return seen.encode(), circuit.initiator_address
+    seen = Seen(circuit.circuit_id, _address(circuit.initiator_address))
+    return seen.encode(), circuit.target_address
+
+
+def _address(addr: NetworkAddress) -> Address:
+    host = addr[0][7:] if addr[0].startswith("::ffff:") else addr[0]
+    return Address(host, addr[1])

@@ -76,6 +76,7 @@ class Relays:
         candidates: Callable[[], list[Address]],
         hides_addresses: bool = False,
         on_registrations_changed: Callable[[], None] = lambda: None,
+        on_mapping_moved: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self._sendto = sendto
@@ -93,6 +94,7 @@ class Relays:
             refresh=config.refresh_interval,
             keepalive=config.keepalive_interval,
             on_registrations_changed=on_registrations_changed,
+            on_mapping_moved=on_mapping_moved,
         )
         self._scope: trio.CancelScope | None = None
         self._natted = False
@@ -158,6 +160,10 @@ class Relays:
         for host, port in self.client.registered():
             out.append(Address(host, port))
         return out
+
+    def peer_seen(self, virtual: NetworkAddress) -> Address | None:
+        """Where the relay of the circuit at ``virtual`` sees the peer, if it said."""
+        return self.client.peer_seen(virtual)
 
     @staticmethod
     def is_relayed(address: tuple[Any, ...]) -> bool:

@@ -31,6 +31,7 @@ frames ``type u8 | length u16 | body``: 1 CONNECT (a punch offer, at most 195 by
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import struct
@@ -40,7 +41,7 @@ import trio
 
 from ..errors import ConnectionLost, P2PDError, WireError
 from ..identity import fingerprint
-from ..transport.punch import MAPPINGS, PunchOffer, make_plan, punchable_offers
+from ..transport.punch import MAPPINGS, MAX_CANDIDATES, PunchOffer, make_plan, punchable_offers
 from ..transport.punch_driver import PunchOutcome, PunchRunner, send_quietly
 from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from ..wire import Address
@@ -67,6 +68,14 @@ MAX_TRIES = 3
 MAX_ATTEMPTS = 4
 #: How long a side socket that won waits for the direct connection to use it.
 SIDE_WAIT = 30.0
+#: Behind a NAT, a direct connection that heard nothing for this many ping intervals
+#: (each PING draws an ACK) has lost its path: it is closed, so that delivery and calls
+#: take another (a relay) at once instead of writing into it until QUIC's idle timeout.
+SILENT_PINGS = 3
+#: After our NAT mapped us anew (a relay said so), a direct connection that heard
+#: nothing this long after a PING has lost its path (the peer's NAT filters by address:
+#: it lets in only the address it sent to, our old one) and is closed.
+MOVED_CHECK = 2.0
 
 
 class DirectUpgrade:
@@ -83,8 +92,10 @@ class DirectUpgrade:
         on_direct: Callable[[QuicPeer], None] = lambda peer: None,
         natted: Callable[[], bool] = lambda: False,
         ping_interval: float = 4.0,
+        relay_seen: Callable[[tuple[str, int]], Address | None] = lambda virtual: None,
     ) -> None:
         self.quic = quic
+        self._relay_seen = relay_seen
         self.runner = runner
         self._mapping = mapping
         self._candidates = candidates
@@ -101,6 +112,9 @@ class DirectUpgrade:
             "upgrades_failed": 0,
             "upgrades_refused": 0,
             "direct_pings": 0,
+            "relay_seen_candidates": 0,
+            "direct_closed_silent": 0,
+            "direct_closed_moved": 0,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -121,10 +135,42 @@ class DirectUpgrade:
         per direct connection), so the path comes back within seconds."""
         if not self._natted():
             return
+        now = trio.current_time()
         for peer in self.quic.peers():
-            if not is_virtual(peer.address[0]):
-                peer.ping()
-                self.stats["direct_pings"] += 1
+            if is_virtual(peer.address[0]) or peer.is_closing:
+                continue
+            if now - peer.last_received > SILENT_PINGS * self._ping_interval:
+                self.stats["direct_closed_silent"] += 1
+                log.info("%r heard nothing for %.0f s: closing it", peer, now - peer.last_received)
+                peer.close("path lost")
+                continue
+            peer.ping()
+            self.stats["direct_pings"] += 1
+
+    def our_mapping_moved(self) -> None:
+        """A relay says our NAT mapped us anew (issue 13, item 5: a laptop that joined
+        another network, a router that rebooted). PING every direct connection now and
+        close, :data:`MOVED_CHECK` later, those that heard nothing since: behind a NAT
+        that filters by address, the peer cannot answer our new address (a public peer
+        can: QUIC moves its side of the connection to where our packets now come from).
+        Delivery and calls then go through a relay at once, and the next relayed
+        connection is upgraded again by hole punching."""
+        if self._nursery is None:
+            return
+        now = trio.current_time()
+        direct = [p for p in self.quic.peers() if not is_virtual(p.address[0]) and not p.is_closing]
+        for peer in direct:
+            peer.ping()
+        if direct:
+            self._nursery.start_soon(self._close_unanswered, direct, now)
+
+    async def _close_unanswered(self, peers: list[QuicPeer], since: float) -> None:
+        await trio.sleep(MOVED_CHECK)
+        for peer in peers:
+            if not peer.is_closing and peer.last_received < since:
+                self.stats["direct_closed_moved"] += 1
+                log.info("%r did not answer at our new address: closing it", peer)
+                peer.close("path lost")
 
     def statistics(self) -> dict[str, int]:
         return {**self.stats, **{f"probes_{k}": v for k, v in self.runner.stats.items()}}
@@ -176,7 +222,9 @@ class DirectUpgrade:
                     sent = trio.current_time()
                     await stream.send_all(_header() + _frame(T_CONNECT, mine.encode()))
                     reader = _FrameReader(stream)
-                    theirs = PunchOffer.decode(await reader.expect(T_CONNECT))
+                    theirs = self._with_relay_seen(
+                        peer, PunchOffer.decode(await reader.expect(T_CONNECT))
+                    )
                     rtt = trio.current_time() - sent
                     await stream.send_all(_frame(T_SYNC, b""), eof=True)
             if not punchable_offers(mine, theirs):
@@ -239,7 +287,9 @@ class DirectUpgrade:
                     if first[1:2] != bytes([UPGRADE_VERSION]):
                         raise WireError("unknown upgrade stream version")
                     reader = _FrameReader(stream, first[2:])
-                    theirs = PunchOffer.decode(await reader.expect(T_CONNECT))
+                    theirs = self._with_relay_seen(
+                        peer, PunchOffer.decode(await reader.expect(T_CONNECT))
+                    )
                     if not self._may_share(key):
                         raise WireError("not a contact: our addresses stay private")
                     mine = self._offer()
@@ -260,6 +310,19 @@ class DirectUpgrade:
             self._running -= 1
 
     # ---- helpers
+
+    def _with_relay_seen(self, peer: QuicPeer, theirs: PunchOffer) -> PunchOffer:
+        """The peer's offer with the address its relay sees it at first (the relay's SEEN
+        frame; issue 13, item 2): the peer's mapping towards the relay, which for an
+        endpoint-independent NAT is the one we can reach, and for an endpoint-dependent
+        one the public IP to probe ports of, even when the peer's own offer lacks both
+        (it has not learnt its reflexive address yet). Still at most MAX_CANDIDATES."""
+        seen = self._relay_seen(peer.address)
+        if seen is None or seen in theirs.candidates:
+            return theirs
+        self.stats["relay_seen_candidates"] += 1
+        candidates = (seen, *theirs.candidates)[:MAX_CANDIDATES]
+        return dataclasses.replace(theirs, candidates=candidates)
 
     def _offer(self) -> PunchOffer:
         mapping = self._mapping()

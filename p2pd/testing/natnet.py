@@ -1,7 +1,7 @@
 """Real daemons in the testbed's NAT cells: three public daemons (bootstrap nodes and
 relays) and two peers, alice and bob, each in a cell of its own (issue 13). Used by
-tests/test_upgrade_netns.py and scripts/bench_nat.py; ``peer_host`` also by the
-hole-punching test and benchmark (p2pd/testing/punch_peer.py).
+tests/test_upgrade_netns.py, tests/test_nat_move_netns.py and scripts/bench_nat.py;
+``peer_host`` also by the hole-punching test and benchmark (p2pd/testing/punch_peer.py).
 
 Cells: ``public`` (on the simulated internet), ``eim`` (endpoint-independent NAT),
 ``symmetric`` and ``fully-random`` (a new random port per destination), ``double`` (a
@@ -180,6 +180,39 @@ def flush_then_send(
         "recovered_s": took,
         "via": message.get("via"),
         "conntrack": counts,
+        "moved": relay_counter(root, "registrations_moved") - moved_before,
+        "error": out.stderr.strip()[-300:] if out.returncode else None,
+    }
+
+
+def move_then_send(
+    testbed: Testbed, root: Path, *, sender: str = "alice", to: str = "bob", timeout: float = 40.0
+) -> dict[str, Any]:
+    """Issue 13, item 5, a laptop that changes network: the NAT router in front of ``to``
+    moves to another outside address (:meth:`NatRouter.move`: a new public IP, every
+    mapping forgotten), and ``sender`` at once sends ``to`` a message. Returns the
+    seconds from the move to ``delivered`` (``recovered_s``), the path, the new address,
+    and how many registrations the relays saw move (read once delivered)."""
+    routers = routers_of(testbed, 2 if to == "bob" else 1)
+    if not routers:
+        raise ValueError(f"{to} is behind no NAT")
+    moved_before = relay_counter(root, "registrations_moved")
+    started = time.monotonic()
+    new = routers[-1].move()  # the outermost router: the one the world sees
+    try:
+        out = run_cli(
+            root / sender, "send", to, f"after a move {time.time_ns():x}", "--wait",
+            "--timeout", str(timeout), "--json", timeout=timeout + 30.0,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        out = subprocess.CompletedProcess([], 1, "", "the send command did not end")
+    took = time.monotonic() - started
+    message: dict[str, Any] = json.loads(out.stdout) if out.returncode == 0 else {}
+    return {
+        "delivered": message.get("state") == "delivered",
+        "recovered_s": took,
+        "via": message.get("via"),
+        "new_address": str(new),
         "moved": relay_counter(root, "registrations_moved") - moved_before,
         "error": out.stderr.strip()[-300:] if out.returncode else None,
     }

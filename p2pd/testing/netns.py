@@ -458,6 +458,26 @@ class NatRouter(Host):
         counts: dict[str, int] = json.loads(out.stdout)
         return counts
 
+    def move(self, address: str | IPv4Address | None = None) -> IPv4Address:
+        """The router (and every host behind it) moves to another outside address, as a
+        laptop does that joins another network: the old address is gone, the new one
+        (the next free one on the outside LAN unless given) takes its place, and every
+        mapping is forgotten (the kernel drops a masquerade's entries with its address;
+        the conntrack table is flushed too, to be sure). Returns the new address. Hosts
+        behind the router keep their inside addresses."""
+        old, lan = self.address, self.lan
+        new = lan._take(address)
+        prefix = lan.subnet.prefixlen
+        batch = f"addr del {old}/{prefix} dev {Host.interface}\n"
+        batch += f"addr add {new}/{prefix} dev {Host.interface}\n"
+        if lan.gateway is not None:  # deleting the address took the default route along
+            batch += f"route replace default via {lan.gateway}\n"
+        _ip("-n", self.netns, "-batch", "-", input=batch)
+        lan._used.discard(old)
+        self.address = new
+        self.flush_conntrack()
+        return new
+
     def udp_timeouts(self) -> dict[str, int]:
         """The router's idle UDP mapping lifetimes in seconds, read inside its namespace:
         ``"udp"`` (``nf_conntrack_udp_timeout``, a flow seen one way or answered once;

@@ -84,6 +84,9 @@ class QuicEndpoint:
       ``is_virtual``): a relay circuit (p2pd/relay/). Its packets come in through
       :meth:`datagram_received` with the same virtual address, so aioquic sees one
       stable path per circuit.
+    - ``on_observed(peer, seen)``: ``peer`` says it sees us at ``seen`` (an
+      observed-address report, :mod:`.observed`; direct paths of our socket only, at
+      most one a second per connection). Reports go out on every direct connection.
     """
 
     def __init__(
@@ -99,8 +102,10 @@ class QuicEndpoint:
         is_pinned: PinCheck | None = None,
         virtual_send: VirtualSend | None = None,
         is_virtual: Callable[[str], bool] = lambda host: False,
+        on_observed: Callable[[QuicPeer, Address], None] | None = None,
     ) -> None:
         self.udp = udp
+        self._on_observed = on_observed
         self._virtual_send = virtual_send
         self._is_virtual = is_virtual
         self.config = config or QuicConfig()
@@ -489,6 +494,17 @@ class QuicEndpoint:
             except Exception:
                 log.exception("on_closed handler failed for %r", peer)
 
+    def observes_path(self, addr: NetworkAddress) -> bool:
+        return addr not in self._routes and not self._is_virtual(addr[0])
+
+    def address_observed(self, peer: QuicPeer, seen: Address) -> None:
+        if self._on_observed is None:
+            return
+        try:
+            self._on_observed(peer, seen)
+        except Exception:
+            log.exception("on_observed handler failed for %r", peer)
+
     def deliver_datagram(self, peer: QuicPeer, data: bytes) -> None:
         if self._on_datagram is None:
             self.stats["quic_datagrams_ignored"] += 1
@@ -535,6 +551,7 @@ async def open_quic_endpoint(
     is_pinned: PinCheck | None = None,
     virtual_send: VirtualSend | None = None,
     is_virtual: Callable[[str], bool] = lambda host: False,
+    on_observed: Callable[[QuicPeer, Address], None] | None = None,
 ) -> AsyncIterator[QuicEndpoint]:
     """A serving :class:`QuicEndpoint`, shut down (every peer told) when the block exits.
 
@@ -551,6 +568,7 @@ async def open_quic_endpoint(
         is_pinned=is_pinned,
         virtual_send=virtual_send,
         is_virtual=is_virtual,
+        on_observed=on_observed,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(endpoint.serve)

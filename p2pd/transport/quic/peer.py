@@ -22,8 +22,9 @@ from typing import Any, Protocol
 import trio
 
 from ...config import QuicConfig
-from ...errors import ConnectionLost, DatagramTooLarge, P2PDError
+from ...errors import ConnectionLost, DatagramTooLarge, P2PDError, WireError
 from ...identity import fingerprint
+from ...wire import Address
 from ._aioquic import (
     PACKET_NUMBER_SEND_SIZE,
     Connection,
@@ -38,6 +39,7 @@ from .codes import (
     stream_is_client_initiated,
     stream_is_unidirectional,
 )
+from .observed import AddressReports, is_transport_datagram
 from .policy import PING, Close, ConnectionPolicy
 from .stream import QuicStream, StreamBroken
 
@@ -104,6 +106,14 @@ class PeerHost(Protocol):
     def start_stream_handler(self, peer: QuicPeer, stream: QuicStream) -> None:
         """``peer`` opened ``stream``: run the stream handler on it."""
 
+    def observes_path(self, addr: NetworkAddress) -> bool:
+        """Whether ``addr`` is reached from the node's own socket, directly: not a relay
+        circuit's virtual address, not a path on a hole-punching side socket. Observed-
+        address reports are sent and taken on such paths only (.observed)."""
+
+    def address_observed(self, peer: QuicPeer, seen: Address) -> None:
+        """``peer`` reported the address it sees us at (at most one a second)."""
+
 
 class QuicPeer:
     """One QUIC connection to a peer whose identity key is known.
@@ -153,6 +163,12 @@ class QuicPeer:
             self.config, now, where=self._where(), expected_key=expected_key
         )
         self._ping_uid = 0
+        #: Observed-address reports, both ways (.observed), and the path aioquic sends
+        #: on now (it moves to a peer's new address when the peer's NAT rebinds).
+        self.reports = AddressReports()
+        self._path: NetworkAddress = address
+        #: When the last datagram of this connection came in (trio's clock).
+        self.last_received = now
 
     def __repr__(self) -> str:
         key = self.public_key or self.expected_key
@@ -203,6 +219,12 @@ class QuicPeer:
         quic.track_consumption(stream_id)
         self.note_activity()
         return stream
+
+    @property
+    def path(self) -> NetworkAddress:
+        """Where the peer is now: :attr:`address`, or where aioquic moved the connection
+        when the peer's address changed (a NAT rebinding, RFC 9000 section 9)."""
+        return self._path
 
     @property
     def max_datagram_size(self) -> int:
@@ -311,6 +333,7 @@ class QuicPeer:
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> bool:
         """Feed one datagram to aioquic; True if the connection has now to be stepped
         (:meth:`step_received`) and was not waiting for that already."""
+        self.last_received = now
         try:
             self.quic.receive_datagram(data, addr, now)
         except Exception:
@@ -491,6 +514,7 @@ class QuicPeer:
             self._apply_policy(now)
             if self._terminated:
                 return  # discarded silently
+            self._report_address(now)
             sent = self._transmit(now)
             # get_timer() is safe only after connect() or the first receive_datagram()
             # (it compares with _close_at, which is None before); both happen before
@@ -522,7 +546,45 @@ class QuicPeer:
         sendto = self.endpoint.sendto
         for data, addr in datagrams:
             sendto(data, addr)
+        self._path = datagrams[-1][1]
         return True
+
+    def _report_address(self, now: float) -> None:
+        """Tell the peer where we see it, when that changed or a resend is due."""
+        if not self._reports_path():
+            return
+        report = self.reports.due(now, self._path)
+        if report is not None:
+            # Straight to aioquic, not send_datagram: a report is not use of the
+            # connection (it must not keep an idle one open) and is 23 bytes.
+            self.quic.send_datagram_frame(report)
+            self.endpoint.stats["quic_observed_sent"] += 1
+
+    def _reports_path(self) -> bool:
+        """Whether we send reports on this connection now: established, a direct path
+        of our main socket, and a peer that takes DATAGRAM frames."""
+        return (
+            self.is_established
+            and not self._closing
+            and bool(self.quic.remote_max_datagram_frame_size)
+            and self.endpoint.observes_path(self._path)
+        )
+
+    def _on_transport_datagram(self, data: bytes) -> None:
+        stats = self.endpoint.stats
+        if not self.endpoint.observes_path(self._path):
+            stats["quic_observed_ignored"] += 1  # a relayed or side-socket path
+            return
+        try:
+            seen = self.reports.received(data, self._now)
+        except WireError:
+            stats["quic_transport_datagrams_malformed"] += 1
+            return
+        if seen is None:
+            stats["quic_observed_ignored"] += 1  # stale, or too soon after the last
+            return
+        stats["quic_observed_received"] += 1
+        self.endpoint.address_observed(self, seen)
 
     def _wake_writers(self) -> None:
         for stream in list(self._blocked_writers):
@@ -533,6 +595,8 @@ class QuicPeer:
         deadline = self._timer_at if self._timer_at is not None else math.inf
         if self._closing:
             return deadline
+        if self._reports_path():
+            deadline = min(deadline, self.reports.deadline())
         return min(deadline, self.policy.deadline(self._now, busy=bool(self._streams)))
 
     def _apply_policy(self, now: float) -> None:
@@ -555,7 +619,11 @@ class QuicPeer:
             if isinstance(event, events.StreamDataReceived):
                 self._on_stream_data(event)
             elif isinstance(event, events.DatagramFrameReceived):
-                if self.is_established and not self._closing:
+                if not self.is_established or self._closing:
+                    pass
+                elif is_transport_datagram(event.data):
+                    self._on_transport_datagram(event.data)  # not activity: no use
+                else:
                     self.policy.activity(self._now)
                     endpoint.deliver_datagram(self, event.data)
             elif isinstance(event, events.StreamReset):
