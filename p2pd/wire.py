@@ -202,6 +202,7 @@ DHT_METHODS = (
     "dialback",
     "dialed",
     "mailbox_relay",
+    "mailbox_find",
 )
 _ARITY = {
     "ping": 1,
@@ -215,6 +216,7 @@ _ARITY = {
     "dialback": 3,
     "dialed": 2,
     "mailbox_relay": 6,
+    "mailbox_find": 2,
 }
 #: A dial-back nonce (docs/PROTOCOL.md, "Address discovery and dial-back").
 NONCE_LEN = 16
@@ -252,7 +254,7 @@ class DHTRequest:
     sender_key: bytes
     #: The sender asks for a signed reply (proof that we hold our node key).
     prove: bool = False
-    key: bytes | None = None  # store, find_node, find_value, mailbox_put
+    key: bytes | None = None  # store, find_node, find_value, mailbox_put, mailbox_find
     value: bytes | None = None  # store, mailbox_put
     owner_key: bytes | None = None  # mailbox_fetch, mailbox_delete
     timestamp: int | None = None  # mailbox_fetch, mailbox_delete
@@ -555,7 +557,7 @@ def decode_response(method: str, result: bytes) -> DHTResult:
         if not isinstance(data, bool):
             raise WireError("store reply is not a boolean")
         return data
-    if method == "find_node":
+    if method in ("find_node", "mailbox_find"):
         return _contacts(data)
     if method == "find_value":
         if not isinstance(data, dict) or set(data) - {"value", "nodes", "seen"}:

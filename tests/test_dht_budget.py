@@ -325,6 +325,9 @@ def every_request(core: DHTCore, owner: Identity, wall: float) -> dict[str, list
         # a put relayed to another node (p2pd/dht/mailbox_relay.py): what goes on to it
         # is no larger than the request either
         "mailbox_relay": [*wire.encode_contacts([next(iter(contacts))])[0], bytes(20), put],
+        # a lookup run for the asker (p2pd/dht/mailbox_find.py): refused unless the request
+        # is as large as each datagram of the lookup and its answer
+        "mailbox_find": [bytes(20)],
     }
 
 

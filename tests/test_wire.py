@@ -242,6 +242,7 @@ VALID_REQUESTS: dict[str, list[Any]] = {
     "dialback": [SENDER, b"\x55" * 16, bytes(160)],  # issue 13; tests/test_reachability.py
     "dialed": [SENDER, b"\x55" * 16],
     "mailbox_relay": [SENDER, OWNER, "127.0.0.9", 4747, KEY, b"\x99" * MAX_MAILBOX_PUT],
+    "mailbox_find": [SENDER, KEY],  # a lookup by a relay (p2pd/dht/mailbox_find.py)
 }
 
 
@@ -263,7 +264,7 @@ def test_request_round_trip(method: str, prove: bool) -> None:
     assert req.prove is prove
     assert req.sender_key == SENDER
     assert req.sender_id == node_id_for(SENDER) != SENDER[:20]
-    if method in ("store", "find_node", "find_value", "mailbox_put"):
+    if method in ("store", "find_node", "find_value", "mailbox_put", "mailbox_find"):
         assert req.key == KEY
     if method in ("store", "mailbox_put"):
         assert req.value == args[2]

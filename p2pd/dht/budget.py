@@ -57,6 +57,8 @@ REQUEST_COST: dict[str, float] = {
     "mailbox_delete": 4.0,
     # a put relayed for someone (p2pd/dht/mailbox_relay.py, which has its own limits)
     "mailbox_relay": 4.0,
+    # a lookup run for someone (p2pd/dht/mailbox_find.py, which has its own limits)
+    "mailbox_find": 4.0,
     # NAT address discovery (p2pd/dht/reachability.py, which has its own limits too): a
     # dial-back request makes us send from a second socket; a nonce that came back
     # makes us decide.
@@ -71,7 +73,12 @@ REQUEST_COST: dict[str, float] = {
 #: a mailbox page one entry of up to 2,048 bytes (the owner asks for the next page,
 #: proven by then). What does not fit is cut: IPv6 contacts, the far end of a list, a
 #: record larger than the usual, until the sender proves its address.
-REQUEST_PAD: dict[str, int] = {"find_node": 1200, "find_value": 2900, "mailbox_fetch": 2300}
+REQUEST_PAD: dict[str, int] = {
+    "find_node": 1200,
+    "mailbox_find": 1200,  # answered as a find_node
+    "find_value": 2900,
+    "mailbox_fetch": 2300,
+}
 #: The other kinds: a signed reply with a cookie and the observed address (ping: 160
 #: bytes) fits in this.
 REQUEST_PAD_MIN = 160
@@ -365,7 +372,7 @@ def fit_reply(
         return result, False
     if _packed_len(result) <= room:
         return result, True
-    if method == "find_node":
+    if method in ("find_node", "mailbox_find"):
         return result[: _fit_list(result, room)], True
     if method == "find_value":
         nodes = result["nodes"]

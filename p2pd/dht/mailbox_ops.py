@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from .mailbox import delete_message, mailbox_key
+from .mailbox_find import RelayedMailboxFind, find_relays
 from .mailbox_relay import RelayedMailboxPut, pick_relays
 from .operations import MAILBOX_MAX_PAGES, MailboxFetch, MailboxPut
 from .routing import Node
@@ -41,14 +42,24 @@ def start_mailbox_put(
         copies = core.config.mailbox_copies  # confirmed by distinct networks
         # Through relays when we know nodes that are not replicas (mailbox_relay.py):
         # then no storing node sees our address.
-        relays = pick_relays(core, nodes, core.config.mailbox_relays)
+        # Nor any of the nodes we know closest to the key: a replica the lookup missed
+        # would see our address next to the mailbox key.
+        near = core.table.closest(key, core.config.ksize)
+        relays = pick_relays(core, [*nodes, *near], core.config.mailbox_relays)
         if relays and all(n.key is not None for n in nodes):
             put = RelayedMailboxPut(core, key, entry, nodes, held, copies, relays, on_done)
             put.start(core.now)
         else:
             MailboxPut(core, key, entry, nodes, held, copies, on_done).start(core.now)
 
-    mailbox_nodes(core, owner, now, found)
+    # The lookup too, when we know relays that are not near the key (mailbox_find.py):
+    # else a replica would see our find_node for the mailbox key just before the puts.
+    key = mailbox_key(owner)
+    relays = find_relays(core, key)
+    if relays:
+        RelayedMailboxFind(core, key, relays, found).start(now)
+    else:
+        mailbox_nodes(core, owner, now, found)
 
 
 def start_mailbox_fetch(
