@@ -101,6 +101,8 @@ class Node:
         self.relays = relays
         #: Relayed connections upgraded to direct ones (hole punching).
         self.upgrade = upgrade
+        #: Passes into contacts' mailboxes, and our pass epoch (p2pd/dht/mailbox_pass_share.py).
+        self.mailbox_passes: MailboxPasses | None = None
 
     @property
     def listen_address(self) -> Address:
@@ -487,7 +489,7 @@ async def open_node(
             giver = PassAnnouncer(
                 identity.public_key, identity.sign, dht.core.stats, wall=time.time,
                 handle_of=lambda key: c.handle if (c := contacts.by_key(key)) else None,
-                send=delivery.send_signal,
+                send=delivery.send_signal, epoch=lambda: passes.epoch(identity.public_key),
             )  # fmt: skip
 
             def direct_to(key: bytes) -> None:  # a direct connection: hints, our pass
@@ -519,6 +521,7 @@ async def open_node(
                 delivery=delivery, calls=calls, lan=lan, schedule=schedule, wakeup=wakeup,
                 rotation=rotation, files=files, hints=hints, relays=relays, upgrade=upgrade,
             )  # fmt: skip
+            node.mailbox_passes = passes  # for revoke_mailbox_pass
             if rotation is not None:
                 delivery.announce_rotation(rotation)  # once; the outbox delivers it
             await nursery.start(quic.serve)

@@ -203,6 +203,7 @@ DHT_METHODS = (
     "dialed",
     "mailbox_relay",
     "mailbox_find",
+    "mailbox_revoke",
 )
 _ARITY = {
     "ping": 1,
@@ -217,6 +218,7 @@ _ARITY = {
     "dialed": 2,
     "mailbox_relay": 6,
     "mailbox_find": 2,
+    "mailbox_revoke": 6,
 }
 #: A dial-back nonce (docs/PROTOCOL.md, "Address discovery and dial-back").
 NONCE_LEN = 16
@@ -264,6 +266,8 @@ class DHTRequest:
     cookie: bytes | None = None  # proof
     nonce: bytes | None = None  # dialback, dialed
     target: Contact | None = None  # mailbox_relay: the node to put at
+    expires: int | None = None  # mailbox_revoke: the pin holds for passes expiring by then
+    pass_key: bytes | None = None  # mailbox_revoke: the one pass key still good
 
     @property
     def sender_id(self) -> bytes:
@@ -366,6 +370,18 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
         cookie = _bytes(args[1], COOKIE_LEN)
         return DHTRequest(
             msg_id, method, sender, prove, cookie=cookie, signature=_bytes(args[2], SIGNATURE_LEN)
+        )
+    if method == "mailbox_revoke":  # [sender, owner, timestamp, expires, pass key, sig]
+        return DHTRequest(
+            msg_id,
+            method,
+            sender,
+            prove,
+            owner_key=_bytes(args[1], PUBLIC_KEY_LEN),
+            timestamp=_u63(args[2]),
+            expires=_u63(args[3]),
+            pass_key=_bytes(args[4], PUBLIC_KEY_LEN),
+            signature=_bytes(args[5], SIGNATURE_LEN),
         )
     if method in ("mailbox_fetch", "mailbox_delete"):
         owner = _bytes(args[1], PUBLIC_KEY_LEN)
@@ -568,7 +584,7 @@ def decode_response(method: str, result: bytes) -> DHTResult:
             _contacts(data.get("nodes", [])),
             None if seen is None else _u63(seen),
         )
-    if method in ("mailbox_put", "dialback", "mailbox_relay"):
+    if method in ("mailbox_put", "dialback", "mailbox_relay", "mailbox_revoke"):
         if not isinstance(data, bool):
             raise WireError(f"{method} reply is not a boolean")
         return data

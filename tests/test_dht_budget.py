@@ -328,6 +328,7 @@ def every_request(core: DHTCore, owner: Identity, wall: float) -> dict[str, list
         # a lookup run for the asker (p2pd/dht/mailbox_find.py): refused unless the request
         # is as large as each datagram of the lookup and its answer
         "mailbox_find": [bytes(20)],
+        "mailbox_revoke": [owner.public_key, ts, ts + 600, bytes(32), os.urandom(64)],
     }
 
 

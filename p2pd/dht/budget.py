@@ -59,6 +59,8 @@ REQUEST_COST: dict[str, float] = {
     "mailbox_relay": 4.0,
     # a lookup run for someone (p2pd/dht/mailbox_find.py, which has its own limits)
     "mailbox_find": 4.0,
+    # an owner's pin revoking a pass (p2pd/dht/mailbox_revoke.py): a signature check
+    "mailbox_revoke": 4.0,
     # NAT address discovery (p2pd/dht/reachability.py, which has its own limits too): a
     # dial-back request makes us send from a second socket; a nonce that came back
     # makes us decide.

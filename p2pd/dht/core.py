@@ -743,6 +743,7 @@ class DHTCore:
     start_mailbox_put = mailbox_ops.start_mailbox_put
     start_mailbox_fetch = mailbox_ops.start_mailbox_fetch
     start_mailbox_delete = mailbox_ops.start_mailbox_delete
+    start_mailbox_revoke = mailbox_ops.start_mailbox_revoke
 
     # ------------------------------------------------------------------ maintenance
 

@@ -14,6 +14,7 @@ from .. import wire
 from .mailbox import delete_message, mailbox_key
 from .mailbox_find import RelayedMailboxFind, find_relays
 from .mailbox_relay import RelayedMailboxPut, pick_relays
+from .mailbox_revoke import PassPin
 from .operations import MAILBOX_MAX_PAGES, MailboxFetch, MailboxPut
 from .routing import Node
 
@@ -121,6 +122,22 @@ def start_mailbox_delete(
     mailbox_nodes(core, owner, now, found)
 
 
+def start_mailbox_revoke(
+    core: DHTCore, pin: PassPin, now: float, on_done: Callable[[int], None]
+) -> None:
+    """Send the owner's pin (:mod:`.mailbox_revoke`) to every node found for its
+    mailbox (and hold it here if we are one); reports how many took it."""
+
+    def found(key: bytes, nodes: list[Node], local: bool) -> None:
+        held = int(local and core.mailboxes is not None and core.mailboxes.revoke(pin))
+        calls: list[tuple[Node, str, list[Any]]] = [
+            (n, "mailbox_revoke", pin.args()) for n in nodes
+        ]
+        core.gather(calls, core.now, lambda r: on_done(held + sum(x is True for x in r)))
+
+    mailbox_nodes(core, pin.owner, now, found)
+
+
 def on_mailbox_request(core: DHTCore, req: wire.DHTRequest, source: str) -> Any:
     """The result of a ``mailbox_put``, ``mailbox_fetch`` or ``mailbox_delete`` that came
     from ``source`` (an IP address)."""
@@ -133,6 +150,13 @@ def on_mailbox_request(core: DHTCore, req: wire.DHTRequest, source: str) -> Any:
         return boxes is not None and boxes.put(req.key, req.value, source=source)
     assert req.owner_key is not None and req.timestamp is not None
     assert req.signature is not None
+    if req.method == "mailbox_revoke":
+        assert req.expires is not None and req.pass_key is not None
+        if core.defended and not core.is_close_to(mailbox_key(req.owner_key)):
+            core.stats["store_refused_far"] += 1
+            return False
+        pin = PassPin(req.owner_key, req.timestamp, req.expires, req.pass_key, req.signature)
+        return boxes is not None and boxes.revoke(pin)
     if req.method == "mailbox_fetch":
         assert req.after is not None
         page = (
