@@ -4,7 +4,9 @@ the new pass are taken; the pin's own bounds."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections import Counter
 
 import pytest
 import trio
@@ -13,6 +15,7 @@ from mailbox_helpers import readable
 from p2pd.config import DHTConfig
 from p2pd.dht.mailbox import CONTACTS, mailbox_key
 from p2pd.dht.mailbox_pass import MAX_PASS_LIFETIME, PASS_PERIOD, issue_pass
+from p2pd.dht.mailbox_pass_share import MailboxPasses, encode_pass
 from p2pd.dht.mailbox_revoke import MAX_PINS, REVOKE_WINDOW, PassPin, PassPins, make_pin
 from p2pd.identity import Identity
 from p2pd.testing.swarm import open_swarm
@@ -114,3 +117,27 @@ async def test_after_revocation_the_leaked_pass_is_refused_and_the_new_one_taken
             assert contacts_held() >= before + 2
             got = await owner.dht.mailbox_fetch(bob)
             assert sorted(readable(bob, got)) == [b"from alice", b"junk 1", b"junk 2"]
+
+
+def test_a_contact_takes_the_owners_new_pass_of_the_same_week() -> None:
+    """After a revocation the announcer gives each contact the new pass, which expires
+    when the revoked one does: the contact replaces the one it holds (and the owner's
+    pass epoch is kept across restarts)."""
+    bob = Identity.generate("bob")
+    conn = sqlite3.connect(":memory:")
+    held = MailboxPasses(conn, Counter())
+    old = issue_pass(bob.public_key, bob.sign, WALL)
+    assert held.received(bob.public_key, True, encode_pass(old), WALL)
+    assert held.get(bob.public_key, WALL) == old
+    new = issue_pass(bob.public_key, bob.sign, WALL, epoch=1)
+    assert held.received(bob.public_key, True, encode_pass(new), WALL)
+    assert held.get(bob.public_key, WALL) == new
+    # an older week's pass does not replace it
+    last_week = issue_pass(bob.public_key, bob.sign, WALL - PASS_PERIOD)
+    assert held.received(bob.public_key, True, encode_pass(last_week), WALL)
+    assert held.get(bob.public_key, WALL) == new
+    # the owner's side: the epoch is stored, the announcer's version follows it
+    own = MailboxPasses(conn, Counter())
+    assert own.epoch(bob.public_key) == 0
+    assert own.next_epoch(bob.public_key) == 1
+    assert MailboxPasses(conn, Counter()).epoch(bob.public_key) == 1

@@ -89,6 +89,12 @@ REQUEST_PAD_MIN = 160
 #: (and a cookie), not leave them unanswered. A find_node to such a node gets a cut reply
 #: with a cookie; the rest (store, mailbox put and delete) are larger than their replies.
 VALIDATED_PAD: dict[str, int] = {"ping": 160, "find_value": 1200, "mailbox_fetch": 2300}
+#: Signed replies a second to sources that have not proved their address, all together
+#: (and the bucket's depth): beyond, such a request asking for a signed reply is dropped
+#: (``unvalidated_limited_signature``). Honest strangers (a join, a first contact) ask
+#: a few a second; a many-source flood drew 1,500 a second within the unvalidated budget.
+UNVALIDATED_SIGN_RATE = 250.0
+UNVALIDATED_SIGN_BURST = 1000.0
 #: Bytes of a response frame around its result: kind, message id, array header.
 _RESPONSE_HEAD = 1 + 20 + 1
 #: A signature (bin 8 header + 64 bytes) or nil; a cookie with its header.
@@ -225,6 +231,9 @@ class RequestBudget:
         #: All sources not validated, together: a flood from many (spoofed) sources gets
         #: a fresh bucket per source, and must not take what validated contacts need.
         self.unvalidated = TokenBuckets(config.unvalidated_rate, config.unvalidated_burst, 1)
+        #: Signed replies to such sources, together: an Ed25519 signature is most of
+        #: what answering one costs (scripts/bench_flood.py, many sources).
+        self.unvalidated_signatures = TokenBuckets(UNVALIDATED_SIGN_RATE, UNVALIDATED_SIGN_BURST, 1)
         self.records = SourceQuota(config.records_per_address, config.records_per_subnet)
         self.mailbox = SourceQuota(config.mailbox_per_address, config.mailbox_per_subnet)
         #: Requests dropped over budget, by kind, and replies that could not be cut to

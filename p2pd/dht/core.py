@@ -304,6 +304,9 @@ class DHTCore:
             result = mailbox_ops.on_mailbox_request(self, req, address[0])
         sign = None
         if req.prove:
+            if cookie is not None and not self.budget.unvalidated_signatures.take(None, 1.0, now):
+                self.budget.dropped["unvalidated_limited_signature"] += 1
+                return
             self.stats["proofs_signed"] += 1
             sign = self.node_key.sign
         if cookie is not None:  # not validated: no reply larger than the request
