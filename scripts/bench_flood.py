@@ -361,10 +361,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("warm-up messages were lost")
         phases = []
         first = 100_000
-        for name in ["quiet", *PHASES]:
+        names = args.phases.split(",") if args.phases else list(PHASES)
+        unknown = set(names) - set(PHASES)
+        if unknown:
+            raise SystemExit(f"no such phase: {', '.join(sorted(unknown))}")
+        # --paired: a quiet phase right before each flood, and each flood compared with
+        # it (on a shared machine the quiet p99 drifts within one run: measured 7.9 ms
+        # at the start and twice that by the end, floods or not)
+        order = [x for n in names for x in ("quiet", n)] if args.paired else ["quiet", *names]
+        baseline: float | None = None
+        for name in order:
             progress(f"phase {name}: {seconds} s")
             phase = run_phase(alice, bob, name, seconds, args.attackers, first, args.nice)
             first += 100_000
+            if name == "quiet":
+                if phases:  # (the first quiet is the table's reference row)
+                    phase["phase"] = "(quiet)"
+                baseline = phase["p99_ms"]
+            phase["baseline_p99_ms"] = baseline
             phases.append(phase)
             progress(
                 f"  p50 {phase['p50_ms']} ms, p99 {phase['p99_ms']} ms, "
@@ -376,9 +390,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cluster.close()
     progress("amplification on a sans-I/O core")
     result["amplification"] = amplification()
-    quiet_p99 = result["phases"][0]["p99_ms"] or 0.0
-    floods = result["phases"][1:]
-    worst = max((p["p99_ms"] or 0.0) / quiet_p99 for p in floods) if quiet_p99 else None
+    floods = [p for p in result["phases"] if "quiet" not in p["phase"]]
+    for p in floods:
+        base = p["baseline_p99_ms"]
+        p["p99_vs_quiet"] = round((p["p99_ms"] or 0.0) / base, 2) if base else None
+    ratios = [p["p99_vs_quiet"] for p in floods]
+    worst = None if None in ratios or not ratios else max(ratios)
     worst_amp = max(
         max(v["unvalidated_padded"] or 0.0, v["unvalidated_unpadded"] or 0.0)
         for v in result["amplification"].values()
@@ -405,6 +422,7 @@ def print_table(result: dict[str, Any]) -> None:
     head = (
         f"{'phase':<15}{'msgs':>6}{'lost':>5}{'p50 ms':>9}{'p99 ms':>9}{'msg/s':>8}"
         f"{'bob cpu':>8}{'rss MiB':>8}{'flood pps':>10}{'dht in':>9}{'k.drops':>9}{'amp':>7}"
+        f"{'x quiet':>8}"
     )
     print(head)
     for p in result["phases"]:
@@ -415,9 +433,10 @@ def print_table(result: dict[str, Any]) -> None:
             f"{p['receiver_rss_mib']:>8.1f}{p['flood_pps']:>10}{p['receiver_dht_in']:>9}"
             f"{p['kernel_rcvbuf_drops']:>9}"
             f"{'' if amp is None else f'{amp:.3f}':>7}"
+            f"{'' if p.get('p99_vs_quiet') is None else p['p99_vs_quiet']:>8}"
         )
     print("dropped by bob per phase:")
-    for p in result["phases"][1:]:
+    for p in (p for p in result["phases"] if "quiet" not in p["phase"]):
         print(f"  {p['phase']:<15}{json.dumps(p['receiver_dropped'])}")
     print("amplification (reply bytes / request bytes) per request kind:")
     print(f"  {'kind':<16}{'unvalidated padded':>20}{'unvalidated bare':>18}{'validated':>11}")
@@ -442,6 +461,12 @@ def main() -> None:
         "the flooders also take the daemons' CPU, which an attacker on the Internet does not",
     )
     parser.add_argument("--json", action="store_true", help="figures as JSON on stdout")
+    parser.add_argument("--phases", default="", help="comma-separated flood phases (default all)")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="a quiet phase before each flood; each flood's p99 is compared with that one",
+    )
     parser.add_argument(
         "--core-cost",
         action="store_true",
