@@ -88,7 +88,12 @@ REQUEST_PAD_MIN = 160
 #: its table of proven addresses full) must still find room in them for a signed reply
 #: (and a cookie), not leave them unanswered. A find_node to such a node gets a cut reply
 #: with a cookie; the rest (store, mailbox put and delete) are larger than their replies.
-VALIDATED_PAD: dict[str, int] = {"ping": 160, "find_value": 1200, "mailbox_fetch": 2300}
+VALIDATED_PAD: dict[str, int] = {
+    "ping": 160,
+    "find_value": 1200,
+    "mailbox_fetch": 2300,
+    "mailbox_find": 1200,  # a relay refuses a smaller one (p2pd/dht/mailbox_find.py)
+}
 #: Signed replies a second to sources that have not proved their address, all together
 #: (and the bucket's depth): beyond, such a request asking for a signed reply is dropped
 #: (``unvalidated_limited_signature``). Honest strangers (a join, a first contact) ask
