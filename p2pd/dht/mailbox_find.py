@@ -213,6 +213,7 @@ class RelayedMailboxFind:
     def replied(self, replies: list[wire.DHTResult | None]) -> None:
         core, key = self.core, self.key
         nodes: dict[bytes, Node] = {}
+        answered = False
         for reply in replies:
             if not isinstance(reply, tuple):
                 continue
@@ -221,8 +222,15 @@ class RelayedMailboxFind:
                     continue
                 node_id = contact.node_id
                 if node_id != core.node_id:
+                    answered = True
                     host, port = contact.address.host, contact.address.port
                     nodes.setdefault(node_id, Node(node_id, host, port, contact.node_key))
+        if answered:
+            # What we already know near the key counts too (no datagram): a lying relay's
+            # nodes must be nearer than an honest relay's *and* than ours to push them out.
+            for node in core.table.closest(key, core.config.ksize):
+                if node.key is not None:
+                    nodes.setdefault(node.id, node)
         target = int.from_bytes(key, "big")
         closest = sorted(nodes.values(), key=lambda n: n.long_id ^ target)[: core.config.ksize]
         if not closest:
