@@ -247,6 +247,13 @@ class Node:
             )
         return len(contacts)
 
+    async def pin_mailbox_pass(self) -> int:
+        """Send our last revocation's pin again, while in effect (replicas hold pins in
+        memory and change): p2pd/dht/mailbox_pass_share.py. How many replicas took it."""
+        passes, identity = self.mailbox_passes, self.identity
+        pin = passes and passes.current_pin(identity.public_key, identity.sign, time.time())
+        return 0 if not pin else await self.dht.mailbox_revoke(pin)
+
     async def maintain(self) -> None:
         """Rejoin while alone, republish our record, save contacts, clean up sessions;
         forever. Sleeps until the next of these is due (p2pd/maintenance.py), or until
@@ -269,6 +276,7 @@ class Node:
                 joined = due.join and await self.join() > 0
                 if joined or due.publish:
                     await self.publish()
+                    await self.pin_mailbox_pass()
             except Exception:  # the next deadline tries again
                 log.exception("joining or publishing failed")
             if due.save_contacts:

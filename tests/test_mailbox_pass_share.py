@@ -140,6 +140,12 @@ async def test_revoke_mailbox_pass_pins_the_replicas_and_gives_contacts_the_new_
                     )
                     == revoked["replicas"]
                 )
+                # carol restarts (pins are held in memory): bob's next republish sends
+                # his pin again
+                carol.dht.core.mailboxes.pins._pins.clear()  # type: ignore[union-attr]
+                assert not pins[1].revoked(key, leaked.expires, leaked.public_key, time.time())
+                assert await bob.pin_mailbox_pass() == revoked["replicas"]
+                assert pins[1].revoked(key, leaked.expires, leaked.public_key, time.time())
                 await alice.delivery.send("bob", "again")
                 await wait_for(lambda: inbox_texts(bob) == ["hello", "again"])
 

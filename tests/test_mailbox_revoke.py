@@ -139,5 +139,12 @@ def test_a_contact_takes_the_owners_new_pass_of_the_same_week() -> None:
     # the owner's side: the epoch is stored, the announcer's version follows it
     own = MailboxPasses(conn, Counter())
     assert own.epoch(bob.public_key) == 0
-    assert own.next_epoch(bob.public_key) == 1
+    assert own.current_pin(bob.public_key, bob.sign, WALL) is None  # never revoked
+    assert own.next_epoch(bob.public_key, WALL) == 1
     assert MailboxPasses(conn, Counter()).epoch(bob.public_key) == 1
+    # the pin is signed afresh (for replicas that lost it) while it is in effect
+    later = WALL + 3600
+    pin = own.current_pin(bob.public_key, bob.sign, later)
+    assert pin is not None and pin.timestamp == int(later)
+    assert (pin.pass_key, pin.expires) == (new.public_key, new.expires)
+    assert own.current_pin(bob.public_key, bob.sign, new.expires + 1.0) is None

@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS mailbox_passes (
 );
 CREATE TABLE IF NOT EXISTS mailbox_pass_epoch (
     owner BLOB PRIMARY KEY,
-    epoch INTEGER NOT NULL
+    epoch INTEGER NOT NULL,
+    revoked_at INTEGER NOT NULL
 );
 """
 
@@ -165,16 +166,32 @@ class MailboxPasses:
         ).fetchone()
         return 0 if row is None else int(row[0])
 
-    def next_epoch(self, owner: bytes) -> int:
+    def next_epoch(self, owner: bytes, wall: float) -> int:
         """Revoke our passes so far: the epoch our passes are derived with from now on."""
         epoch = self.epoch(owner) + 1
         with self._conn:
             self._conn.execute(
-                "INSERT OR REPLACE INTO mailbox_pass_epoch(owner, epoch) VALUES (?,?)",
-                (owner, epoch),
+                "INSERT OR REPLACE INTO mailbox_pass_epoch(owner, epoch, revoked_at) "
+                "VALUES (?,?,?)",
+                (owner, epoch, int(wall)),
             )
         self.stats["mailbox_passes_revoked"] += 1
         return epoch
+
+    def current_pin(
+        self, owner: bytes, sign: Callable[[bytes], bytes], wall: float
+    ) -> PassPin | None:
+        """Our last revocation's pin, signed afresh, while it is in effect (None after,
+        or if we never revoked): sent again with each republish of our record, so that
+        a replica that restarted, or a node that became a replica since, refuses the
+        leaked pass too (pins are held in memory: p2pd/dht/mailbox_revoke.py)."""
+        row = self._conn.execute(
+            "SELECT epoch, revoked_at FROM mailbox_pass_epoch WHERE owner=?", (owner,)
+        ).fetchone()
+        if row is None:
+            return None
+        kept = issue_pass(owner, sign, float(row[1]), int(row[0]))
+        return make_pin(owner, sign, wall, kept) if kept.expires > wall else None
 
 
 async def revoke_pass(
@@ -188,7 +205,7 @@ async def revoke_pass(
     a new one (the announcer gives it to each contact on its next direct connection),
     and a pin at our mailbox's replicas that refuses the others
     (p2pd/dht/mailbox_revoke.py). ``send_pin`` reports how many replicas took it."""
-    epoch = passes.next_epoch(owner)
+    epoch = passes.next_epoch(owner, wall)
     kept = issue_pass(owner, sign, wall, epoch)
     replicas = await send_pin(make_pin(owner, sign, wall, kept))
     log.info("revoked our mailbox passes: epoch %d, pin held by %d replicas", epoch, replicas)
