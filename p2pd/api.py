@@ -24,6 +24,7 @@ import trio
 
 from . import __version__
 from .calls import CallSummary
+from .dht.mailbox_pass_share import PassRevoked, revoke_pass
 from .errors import Contested, LocalError, NotFound, UsageError
 from .files import FileSummary
 from .identity import HandleRef, fingerprint, format_fingerprint, self_certifying
@@ -362,6 +363,17 @@ class Api:
 
     async def check_mailbox(self) -> MailboxCheck:
         return {"new_messages": await self._delivery.check_mailbox()}
+
+    async def revoke_mailbox_pass(self) -> PassRevoked:
+        """A contact leaked our mailbox pass: move every contact to a new one."""
+        node = self._node
+        if node.mailbox_passes is None:
+            raise UsageError("mailbox passes are not running")
+        identity = node.identity
+        return await revoke_pass(
+            node.mailbox_passes, identity.public_key, identity.sign, time.time(),
+            node.dht.mailbox_revoke,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ contacts
 

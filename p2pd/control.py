@@ -167,6 +167,12 @@ async def _check_mailbox(api: Api, params: Any) -> Any:
     return await api.check_mailbox()
 
 
+@_method("revoke_mailbox_pass")
+async def _revoke_mailbox_pass(api: Api, params: Any) -> Any:
+    _params(params, ())
+    return await api.revoke_mailbox_pass()
+
+
 @_method("peers")
 async def _peers(api: Api, params: Any) -> Any:
     _params(params, ())

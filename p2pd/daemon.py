@@ -101,6 +101,8 @@ class Node:
         self.relays = relays
         #: Relayed connections upgraded to direct ones (hole punching).
         self.upgrade = upgrade
+        #: Passes into contacts' mailboxes, and our pass epoch (p2pd/dht/mailbox_pass_share.py).
+        self.mailbox_passes: MailboxPasses | None = None
 
     @property
     def listen_address(self) -> Address:
@@ -245,6 +247,13 @@ class Node:
             )
         return len(contacts)
 
+    async def pin_mailbox_pass(self) -> int:
+        """Send our last revocation's pin again, while in effect (replicas hold pins in
+        memory and change): p2pd/dht/mailbox_pass_share.py. How many replicas took it."""
+        passes, identity = self.mailbox_passes, self.identity
+        pin = passes and passes.current_pin(identity.public_key, identity.sign, time.time())
+        return 0 if not pin else await self.dht.mailbox_revoke(pin)
+
     async def maintain(self) -> None:
         """Rejoin while alone, republish our record, save contacts, clean up sessions;
         forever. Sleeps until the next of these is due (p2pd/maintenance.py), or until
@@ -267,6 +276,7 @@ class Node:
                 joined = due.join and await self.join() > 0
                 if joined or due.publish:
                     await self.publish()
+                    await self.pin_mailbox_pass()
             except Exception:  # the next deadline tries again
                 log.exception("joining or publishing failed")
             if due.save_contacts:
@@ -492,7 +502,7 @@ async def open_node(
             giver = PassAnnouncer(
                 identity.public_key, identity.sign, dht.core.stats, wall=time.time,
                 handle_of=lambda key: c.handle if (c := contacts.by_key(key)) else None,
-                send=delivery.send_signal,
+                send=delivery.send_signal, epoch=lambda: passes.epoch(identity.public_key),
             )  # fmt: skip
 
             def direct_to(key: bytes) -> None:  # a direct connection: hints, our pass
@@ -524,6 +534,7 @@ async def open_node(
                 delivery=delivery, calls=calls, lan=lan, schedule=schedule, wakeup=wakeup,
                 rotation=rotation, files=files, hints=hints, relays=relays, upgrade=upgrade,
             )  # fmt: skip
+            node.mailbox_passes = passes  # for revoke_mailbox_pass
             if rotation is not None:
                 delivery.announce_rotation(rotation)  # once; the outbox delivers it
             await nursery.start(quic.serve)

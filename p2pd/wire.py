@@ -202,6 +202,8 @@ DHT_METHODS = (
     "dialback",
     "dialed",
     "mailbox_relay",
+    "mailbox_find",
+    "mailbox_revoke",
 )
 _ARITY = {
     "ping": 1,
@@ -215,6 +217,8 @@ _ARITY = {
     "dialback": 3,
     "dialed": 2,
     "mailbox_relay": 6,
+    "mailbox_find": 2,
+    "mailbox_revoke": 6,
 }
 #: A dial-back nonce (docs/PROTOCOL.md, "Address discovery and dial-back").
 NONCE_LEN = 16
@@ -252,7 +256,7 @@ class DHTRequest:
     sender_key: bytes
     #: The sender asks for a signed reply (proof that we hold our node key).
     prove: bool = False
-    key: bytes | None = None  # store, find_node, find_value, mailbox_put
+    key: bytes | None = None  # store, find_node, find_value, mailbox_put, mailbox_find
     value: bytes | None = None  # store, mailbox_put
     owner_key: bytes | None = None  # mailbox_fetch, mailbox_delete
     timestamp: int | None = None  # mailbox_fetch, mailbox_delete
@@ -262,6 +266,8 @@ class DHTRequest:
     cookie: bytes | None = None  # proof
     nonce: bytes | None = None  # dialback, dialed
     target: Contact | None = None  # mailbox_relay: the node to put at
+    expires: int | None = None  # mailbox_revoke: the pin holds for passes expiring by then
+    pass_key: bytes | None = None  # mailbox_revoke: the one pass key still good
 
     @property
     def sender_id(self) -> bytes:
@@ -365,6 +371,18 @@ def decode_request(msg_id: bytes, payload: bytes) -> DHTRequest:
         return DHTRequest(
             msg_id, method, sender, prove, cookie=cookie, signature=_bytes(args[2], SIGNATURE_LEN)
         )
+    if method == "mailbox_revoke":  # [sender, owner, timestamp, expires, pass key, sig]
+        return DHTRequest(
+            msg_id,
+            method,
+            sender,
+            prove,
+            owner_key=_bytes(args[1], PUBLIC_KEY_LEN),
+            timestamp=_u63(args[2]),
+            expires=_u63(args[3]),
+            pass_key=_bytes(args[4], PUBLIC_KEY_LEN),
+            signature=_bytes(args[5], SIGNATURE_LEN),
+        )
     if method in ("mailbox_fetch", "mailbox_delete"):
         owner = _bytes(args[1], PUBLIC_KEY_LEN)
         timestamp = _u63(args[2])
@@ -466,12 +484,19 @@ _OBSERVED_HEADER = bytes([0xC4, OBSERVED_LEN])
 _NO_COOKIE = bytes(COOKIE_LEN)
 
 
-def encode_observed(address: tuple[str, int]) -> bytes:
-    """An ``observed`` field's 18 bytes: the IP as 16 bytes (IPv4-mapped), the port."""
-    ip = ipaddress.ip_address(address[0])
+@functools.lru_cache(maxsize=4096)
+def _packed_ip(host: str) -> bytes:
+    # Cached: parsing with ipaddress is about a third of the cost of answering a ping
+    # (scripts/bench_flood.py, the many-sources flood), and replies go to few hosts.
+    ip = ipaddress.ip_address(host)
     if isinstance(ip, ipaddress.IPv4Address):
         ip = ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + ip.packed)
-    return ip.packed + struct.pack(">H", address[1])
+    return ip.packed
+
+
+def encode_observed(address: tuple[str, int]) -> bytes:
+    """An ``observed`` field's 18 bytes: the IP as 16 bytes (IPv4-mapped), the port."""
+    return _packed_ip(address[0]) + struct.pack(">H", address[1])
 
 
 def decode_observed(raw: bytes) -> Address:
@@ -555,7 +580,7 @@ def decode_response(method: str, result: bytes) -> DHTResult:
         if not isinstance(data, bool):
             raise WireError("store reply is not a boolean")
         return data
-    if method == "find_node":
+    if method in ("find_node", "mailbox_find"):
         return _contacts(data)
     if method == "find_value":
         if not isinstance(data, dict) or set(data) - {"value", "nodes", "seen"}:
@@ -566,7 +591,7 @@ def decode_response(method: str, result: bytes) -> DHTResult:
             _contacts(data.get("nodes", [])),
             None if seen is None else _u63(seen),
         )
-    if method in ("mailbox_put", "dialback", "mailbox_relay"):
+    if method in ("mailbox_put", "dialback", "mailbox_relay", "mailbox_revoke"):
         if not isinstance(data, bool):
             raise WireError(f"{method} reply is not a boolean")
         return data

@@ -20,7 +20,7 @@ from p2pd.testing.waiting import wait_for
 #: The methods of docs/CONTROL_API.md but ``subscribe`` (served apart: an event stream).
 METHODS = {
     "status", "whois", "send", "message", "inbox", "outbox", "contacts", "verify", "add_contact",
-    "check_mailbox", "peers", "call", "answer", "hangup", "calls",
+    "check_mailbox", "revoke_mailbox_pass", "peers", "call", "answer", "hangup", "calls",
     "send_file", "files", "file", "accept_file", "reject_file", "cancel_file",
 }  # fmt: skip
 

@@ -15,7 +15,15 @@ from test_dht_core import WALL, CoreNet, node_key, small_network
 
 from p2pd import wire
 from p2pd.config import DHTConfig, load_config
-from p2pd.dht.budget import REQUEST_PAD, RequestBudget, SourceQuota, TokenBuckets, fit_reply
+from p2pd.dht.budget import (
+    REQUEST_PAD,
+    UNVALIDATED_SIGN_BURST,
+    UNVALIDATED_SIGN_RATE,
+    RequestBudget,
+    SourceQuota,
+    TokenBuckets,
+    fit_reply,
+)
 from p2pd.dht.core import DHTCore
 from p2pd.dht.mailbox import MailboxStorage, delete_message, fetch_message, mailbox_key
 from p2pd.dht.nodekey import NodeKey
@@ -128,6 +136,33 @@ def test_the_budget_tables_stay_bounded_under_100k_spoofed_sources() -> None:
     # a fresh bucket per source, but all of them share the unvalidated budget
     assert len(replies(core)) == CONFIG.unvalidated_burst
     assert budget.dropped["unvalidated_limited_ping"] == 100_000 - CONFIG.unvalidated_burst
+
+
+def test_a_many_source_flood_draws_few_signatures_and_validated_contacts_get_theirs() -> None:
+    """The many-sources phase of scripts/bench_flood.py: pings asking for a signed reply
+    from 5,000 sources. Each answer costs an Ed25519 signature; all such sources together
+    get UNVALIDATED_SIGN_BURST of them (then UNVALIDATED_SIGN_RATE a second), not the
+    whole unvalidated budget; a validated contact's signed request is still answered."""
+    net, cores = small_network(3)
+    victim, friend = cores[0], cores[1]
+    signed_before = victim.stats["proofs_signed"]
+    ping = request("ping", [], prove=True, pad=160)
+    for i in range(5000):
+        victim.datagram_received(ping, (f"10.{i // 256}.{i % 256}.1", 4000), net.now)
+    answered = len(replies(victim))
+    assert answered == UNVALIDATED_SIGN_BURST < CONFIG.unvalidated_burst
+    assert victim.stats["proofs_signed"] - signed_before == UNVALIDATED_SIGN_BURST
+    dropped = victim.budget.dropped
+    assert dropped["unvalidated_limited_signature"] == CONFIG.unvalidated_burst - answered
+    assert dropped["unvalidated_limited_ping"] == 5000 - CONFIG.unvalidated_burst
+    # a second later, the rate: (the unvalidated budget refills faster)
+    for i in range(5000):
+        victim.datagram_received(ping, (f"10.99.{i % 256}.{1 + i // 256}", 4000), net.now + 1.0)
+    assert len(replies(victim)) == UNVALIDATED_SIGN_RATE
+    found: list[Any] = []
+    friend.start_lookup(os.urandom(20), net.now, found.append)  # signed replies asked
+    net.run_until(lambda: bool(found))
+    assert victim.node_id in {n.id for n in found[0].closest}
 
 
 def test_a_many_source_flood_leaves_validated_contacts_served() -> None:
@@ -325,6 +360,10 @@ def every_request(core: DHTCore, owner: Identity, wall: float) -> dict[str, list
         # a put relayed to another node (p2pd/dht/mailbox_relay.py): what goes on to it
         # is no larger than the request either
         "mailbox_relay": [*wire.encode_contacts([next(iter(contacts))])[0], bytes(20), put],
+        # a lookup run for the asker (p2pd/dht/mailbox_find.py): refused unless the request
+        # is as large as each datagram of the lookup and its answer
+        "mailbox_find": [bytes(20)],
+        "mailbox_revoke": [owner.public_key, ts, ts + 600, bytes(32), os.urandom(64)],
     }
 
 

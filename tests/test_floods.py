@@ -25,6 +25,8 @@ from p2pd.api import Api
 from p2pd.config import DHTConfig, LanConfig, NodeConfig
 from p2pd.daemon import Node, open_node
 from p2pd.dht.mailbox import fetch_message
+from p2pd.dht.mailbox_pass import issue_pass
+from p2pd.dht.mailbox_revoke import make_pin
 from p2pd.dht.routing import Node as Contact
 from p2pd.identity import Identity
 from p2pd.records import HandleRecord
@@ -96,6 +98,18 @@ def honest_call(asker: Node, victim: Node, attack: str) -> tuple[str, list[Any]]
         "mailbox_delete": ("mailbox_delete", [identity.public_key, ts, [bytes(16)], fetch]),
         # a put to relay back to the asker: refused ("loop") and answered
         "mailbox_relay": ("mailbox_relay", [asker.dht.core.node_key.public_key, *back, key, entry]),
+        # a lookup run for the asker (p2pd/dht/mailbox_find.py), answered once it ends
+        "mailbox_find": ("mailbox_find", [os.urandom(20)]),
+        # the asker's own pin for its mailbox (p2pd/dht/mailbox_revoke.py)
+        "mailbox_revoke": (
+            "mailbox_revoke",
+            make_pin(
+                identity.public_key,
+                identity.sign,
+                ts,
+                issue_pass(identity.public_key, identity.sign, ts, 1),
+            ).args(),
+        ),
     }
     return calls[attack]
 

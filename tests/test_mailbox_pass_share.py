@@ -104,3 +104,59 @@ async def test_a_contact_is_given_a_pass_and_its_offline_message_uses_it(root: P
                 assert all(m.count(STRANGERS) == 0 for m in holders if m is not None)
                 async with open_node(config(root, "bob", seed), BOB) as bob:
                     await wait_for(lambda: "while you were away" in inbox_texts(bob), timeout=30)
+
+
+@pytest.mark.slow
+async def test_revoke_mailbox_pass_pins_the_replicas_and_gives_contacts_the_new_pass(
+    root: Path,
+) -> None:
+    """bob's pass leaked: `revoke_mailbox_pass` (control API) moves him to a new epoch;
+    the replicas of his mailbox hold his pin (the old pass is refused there), and alice,
+    his contact, is given the new pass on her next message to him."""
+    alice_id, carol_id = Identity.generate("alice"), Identity.generate("carol")
+    with trio.fail_after(90):
+        async with open_node(config(root, "alice"), alice_id) as alice:
+            seed = (alice.listen_address,)
+            async with (
+                open_node(config(root, "carol", seed), carol_id) as carol,
+                open_node(config(root, "bob", seed), BOB) as bob,
+            ):
+                await bob.publish()
+                alice.delivery.contacts.pin("bob", BOB.public_key, 0.0)
+                bob.delivery.contacts.pin("alice", alice_id.public_key, 0.0)
+                await alice.delivery.send("bob", "hello")
+                await wait_for(lambda: alice.dht.mailbox_passes(BOB.public_key) is not None)
+                leaked = alice.dht.mailbox_passes(BOB.public_key)
+                assert leaked is not None
+                revoked = await Api(bob).revoke_mailbox_pass()
+                assert revoked["epoch"] == 1 and revoked["replicas"] >= 1
+                assert revoked["until"] == leaked.expires
+                assert bob.dht.core.stats["mailbox_passes_revoked"] == 1
+                pins = [n.dht.core.mailboxes.pins for n in (alice, carol, bob)]  # type: ignore[union-attr]
+                key = bob.dht.core.mailboxes.pins._mailbox_key(BOB.public_key)  # type: ignore[union-attr]
+                assert (
+                    sum(
+                        p.revoked(key, leaked.expires, leaked.public_key, time.time()) for p in pins
+                    )
+                    == revoked["replicas"]
+                )
+                # carol restarts (pins are held in memory): bob's next republish sends
+                # his pin again
+                carol.dht.core.mailboxes.pins._pins.clear()  # type: ignore[union-attr]
+                assert not pins[1].revoked(key, leaked.expires, leaked.public_key, time.time())
+                assert await bob.pin_mailbox_pass() == revoked["replicas"]
+                assert pins[1].revoked(key, leaked.expires, leaked.public_key, time.time())
+                await alice.delivery.send("bob", "again")
+                await wait_for(lambda: inbox_texts(bob) == ["hello", "again"])
+
+                def renewed() -> bool:
+                    held = alice.dht.mailbox_passes(BOB.public_key)
+                    return held is not None and held.public_key != leaked.public_key
+
+                await wait_for(renewed)
+                new = alice.dht.mailbox_passes(BOB.public_key)
+                assert new == issue_pass(BOB.public_key, BOB.sign, time.time(), epoch=1)
+                assert not any(
+                    p.revoked(key, new.expires, new.public_key, time.time())  # type: ignore[union-attr]
+                    for p in pins
+                )

@@ -15,6 +15,13 @@ import p2pd.dht.core
 from p2pd import wire
 from p2pd.config import DHTConfig
 from p2pd.dht.mailbox import CONTACTS, MailboxLimits, mailbox_key
+from p2pd.dht.mailbox_find import (
+    FIND_BURST,
+    FIND_RATE,
+    FINDS_PER_REQUESTER_HOUR,
+    MAX_FINDING,
+    FindRelay,
+)
 from p2pd.dht.mailbox_pass import issue_pass
 from p2pd.dht.mailbox_relay import (
     MAX_RELAYING,
@@ -153,3 +160,79 @@ async def test_a_relay_refuses_to_relay_to_itself_or_back() -> None:
             counters = relay.dht.statistics()["counters"]
             assert counters["mailbox_relay_refused_self"] == 1
             assert counters["mailbox_relay_refused_loop"] == 1
+
+
+def test_the_lookup_relay_budget_holds() -> None:
+    relay = FindRelay()
+
+    def admitted(now: float, requester: str, n: int = 100, *, lookup: bool = True) -> int:
+        return sum(relay.admit(now, requester, lookup=lookup) is None for _ in range(n))
+
+    def drained(now: float) -> int:  # lookups that end at once: only the bucket holds
+        total = 0
+        for i in range(100):
+            relay.in_flight = 0
+            total += relay.admit(now, f"192.0.{i}.1") is None
+        return total
+
+    assert admitted(0.0, "192.0.2.1") == MAX_FINDING  # running lookups cap it first
+    relay.in_flight = 0
+    assert MAX_FINDING + drained(0.0) == FIND_BURST  # then the bucket
+    assert drained(1.0) == FIND_RATE
+    # one requester's /24 gets FINDS_PER_REQUESTER_HOUR an hour, cached answers included
+    relay = FindRelay()
+    assert admitted(2.0, "203.0.113.5", 1000, lookup=False) == FINDS_PER_REQUESTER_HOUR
+    assert relay.admit(2.0, "203.0.113.6", lookup=False) == "requester"
+    assert relay.in_flight == 0 and relay.admit(2.0, "203.0.114.1") is None
+    # answers are cached for a minute, at most FIND_CACHE_MAX keys
+    relay.remember(b"k" * 20, [[b"x"]], 10.0)
+    assert relay.cached(b"k" * 20, 69.0) == [[b"x"]]
+    assert relay.cached(b"k" * 20, 71.0) is None
+
+
+@pytest.mark.slow
+async def test_a_replica_sees_no_datagram_from_the_sender_about_the_mailbox() -> None:
+    """The attack: every node records every datagram it receives (a hostile replica
+    keeps all it sees). After a put, no node holding bob's mailbox got any datagram
+    from the sender's address that names bob's mailbox key: neither the lookup's
+    find_node nor the put. (Without relayed lookups, p2pd/dht/mailbox_find.py, the
+    sender's find_node for the key reaches every replica from its own address.)"""
+    with trio.fail_after(90):
+        async with open_swarm(10, config=CONFIG) as swarm:
+            sender, owner = swarm.nodes[3], swarm.nodes[6]
+            bob = owner.identity
+            key = mailbox_key(bob.public_key)
+            heard: dict[int, list[tuple[str, bytes]]] = {i: [] for i in range(10)}
+            for index, node in enumerate(swarm.nodes):
+                core = node.dht.core
+                real = core.datagram_received
+
+                def spy(
+                    data: bytes, addr: Any, now: float, real: Any = real, i: int = index
+                ) -> None:
+                    heard[i].append((addr[0], data))
+                    real(data, addr, now)
+
+                core.datagram_received = spy  # type: ignore[method-assign]
+            assert await sender.dht.mailbox_put(bob.public_key, b"unlinkable") >= 2
+            assert sender.dht.core.stats["mailbox_finds_relayed"] == 1
+            # the nodes that hold it, and the k closest to the key of the whole swarm
+            target = int.from_bytes(key, "big")
+            nearest = sorted(swarm.nodes, key=lambda n: n.dht.core.node.long_id ^ target)
+            near = [n for n in nearest if n is not sender][: CONFIG.ksize]
+            replicas = [
+                i for i, n in enumerate(swarm.nodes)
+                if n is not sender and (n in holders(swarm, key) or n in near)
+            ]  # fmt: skip
+            assert len(replicas) >= 2
+            for i in replicas:
+                from_sender = [d for host, d in heard[i] if host == sender.address.host]
+                assert not [d for d in from_sender if key in d], swarm.nodes[i].address
+            for i in [swarm.nodes.index(n) for n in holders(swarm, key) if n is not sender]:
+                # those that hold it got the key: from relays' lookups and puts
+                assert any(key in d for host, d in heard[i] if host != sender.address.host)
+            finders = [n for n in swarm.nodes if n.dht.core.stats["mailbox_found"]]
+            assert finders and all(n.address.host != sender.address.host for n in finders)
+            assert not any(swarm.nodes.index(n) in replicas for n in finders)
+            got = await owner.dht.mailbox_fetch(bob)
+            assert readable(bob, got) == [b"unlinkable"]

@@ -242,6 +242,9 @@ VALID_REQUESTS: dict[str, list[Any]] = {
     "dialback": [SENDER, b"\x55" * 16, bytes(160)],  # issue 13; tests/test_reachability.py
     "dialed": [SENDER, b"\x55" * 16],
     "mailbox_relay": [SENDER, OWNER, "127.0.0.9", 4747, KEY, b"\x99" * MAX_MAILBOX_PUT],
+    "mailbox_find": [SENDER, KEY],  # a lookup by a relay (p2pd/dht/mailbox_find.py)
+    # an owner's pin revoking its other passes (p2pd/dht/mailbox_revoke.py)
+    "mailbox_revoke": [SENDER, OWNER, 1_700_000_000, 1_700_600_000, b"\x44" * 32, SIG],
 }
 
 
@@ -263,7 +266,7 @@ def test_request_round_trip(method: str, prove: bool) -> None:
     assert req.prove is prove
     assert req.sender_key == SENDER
     assert req.sender_id == node_id_for(SENDER) != SENDER[:20]
-    if method in ("store", "find_node", "find_value", "mailbox_put"):
+    if method in ("store", "find_node", "find_value", "mailbox_put", "mailbox_find"):
         assert req.key == KEY
     if method in ("store", "mailbox_put"):
         assert req.value == args[2]
@@ -277,6 +280,9 @@ def test_request_round_trip(method: str, prove: bool) -> None:
         assert req.ids == tuple(args[3])
     if method == "proof":
         assert (req.cookie, req.signature) == (args[1], SIG)
+    if method == "mailbox_revoke":
+        assert (req.owner_key, req.timestamp, req.expires) == tuple(args[1:4])
+        assert (req.pass_key, req.signature) == (args[4], SIG)
     if method == "mailbox_relay":
         assert (req.key, req.value) == (KEY, args[5])
         assert req.target == Contact(OWNER, Address("127.0.0.9", 4747))
@@ -312,6 +318,11 @@ def _bad_requests() -> list[tuple[str, list[Any]]]:
         ("mailbox_fetch", [SENDER, OWNER, 1, b"", SIG[:63]]),
         ("mailbox_fetch", [SENDER, OWNER[:31], 1, b"", SIG]),
         ("mailbox_delete", [SENDER, OWNER, 1, [], SIG]),
+        ("mailbox_revoke", [SENDER, OWNER, 1, 2, b"\x44" * 31, SIG]),
+        ("mailbox_revoke", [SENDER, OWNER, -1, 2, b"\x44" * 32, SIG]),
+        ("mailbox_revoke", [SENDER, OWNER, 1, 2, b"\x44" * 32, SIG[:63]]),
+        ("mailbox_revoke", [SENDER, OWNER, 1, 2, b"\x44" * 32]),
+        ("mailbox_find", [SENDER, b"\x00" * 19]),
         ("mailbox_delete", [SENDER, OWNER, 1, [b"\x00" * 16] * (MAILBOX_DELETE_MAX + 1), SIG]),
         ("mailbox_delete", [SENDER, OWNER, 1, [b"\x00" * 15], SIG]),
         ("mailbox_delete", [SENDER, OWNER, 1, b"\x00" * 16, SIG]),

@@ -57,6 +57,10 @@ REQUEST_COST: dict[str, float] = {
     "mailbox_delete": 4.0,
     # a put relayed for someone (p2pd/dht/mailbox_relay.py, which has its own limits)
     "mailbox_relay": 4.0,
+    # a lookup run for someone (p2pd/dht/mailbox_find.py, which has its own limits)
+    "mailbox_find": 4.0,
+    # an owner's pin revoking a pass (p2pd/dht/mailbox_revoke.py): a signature check
+    "mailbox_revoke": 4.0,
     # NAT address discovery (p2pd/dht/reachability.py, which has its own limits too): a
     # dial-back request makes us send from a second socket; a nonce that came back
     # makes us decide.
@@ -71,7 +75,12 @@ REQUEST_COST: dict[str, float] = {
 #: a mailbox page one entry of up to 2,048 bytes (the owner asks for the next page,
 #: proven by then). What does not fit is cut: IPv6 contacts, the far end of a list, a
 #: record larger than the usual, until the sender proves its address.
-REQUEST_PAD: dict[str, int] = {"find_node": 1200, "find_value": 2900, "mailbox_fetch": 2300}
+REQUEST_PAD: dict[str, int] = {
+    "find_node": 1200,
+    "mailbox_find": 1200,  # answered as a find_node
+    "find_value": 2900,
+    "mailbox_fetch": 2300,
+}
 #: The other kinds: a signed reply with a cookie and the observed address (ping: 160
 #: bytes) fits in this.
 REQUEST_PAD_MIN = 160
@@ -79,7 +88,18 @@ REQUEST_PAD_MIN = 160
 #: its table of proven addresses full) must still find room in them for a signed reply
 #: (and a cookie), not leave them unanswered. A find_node to such a node gets a cut reply
 #: with a cookie; the rest (store, mailbox put and delete) are larger than their replies.
-VALIDATED_PAD: dict[str, int] = {"ping": 160, "find_value": 1200, "mailbox_fetch": 2300}
+VALIDATED_PAD: dict[str, int] = {
+    "ping": 160,
+    "find_value": 1200,
+    "mailbox_fetch": 2300,
+    "mailbox_find": 1200,  # a relay refuses a smaller one (p2pd/dht/mailbox_find.py)
+}
+#: Signed replies a second to sources that have not proved their address, all together
+#: (and the bucket's depth): beyond, such a request asking for a signed reply is dropped
+#: (``unvalidated_limited_signature``). Honest strangers (a join, a first contact) ask
+#: a few a second; a many-source flood drew 1,500 a second within the unvalidated budget.
+UNVALIDATED_SIGN_RATE = 250.0
+UNVALIDATED_SIGN_BURST = 1000.0
 #: Bytes of a response frame around its result: kind, message id, array header.
 _RESPONSE_HEAD = 1 + 20 + 1
 #: A signature (bin 8 header + 64 bytes) or nil; a cookie with its header.
@@ -216,6 +236,9 @@ class RequestBudget:
         #: All sources not validated, together: a flood from many (spoofed) sources gets
         #: a fresh bucket per source, and must not take what validated contacts need.
         self.unvalidated = TokenBuckets(config.unvalidated_rate, config.unvalidated_burst, 1)
+        #: Signed replies to such sources, together: an Ed25519 signature is most of
+        #: what answering one costs (scripts/bench_flood.py, many sources).
+        self.unvalidated_signatures = TokenBuckets(UNVALIDATED_SIGN_RATE, UNVALIDATED_SIGN_BURST, 1)
         self.records = SourceQuota(config.records_per_address, config.records_per_subnet)
         self.mailbox = SourceQuota(config.mailbox_per_address, config.mailbox_per_subnet)
         #: Requests dropped over budget, by kind, and replies that could not be cut to
@@ -365,7 +388,7 @@ def fit_reply(
         return result, False
     if _packed_len(result) <= room:
         return result, True
-    if method == "find_node":
+    if method in ("find_node", "mailbox_find"):
         return result[: _fit_list(result, room)], True
     if method == "find_value":
         nodes = result["nodes"]

@@ -71,6 +71,7 @@ from .budget import RequestBudget, address_cookie, fit_reply
 from .density import SizeEstimate, SpreadLimit
 from .lookup import DisjointLookup, LookupResult
 from .mailbox import MailboxStorage
+from .mailbox_find import FindRelay, find_requested
 from .mailbox_relay import PutRelay, relay_requested
 from .nodekey import NodeKey
 from .operations import Gather, HeadCheck, LookupRun
@@ -180,6 +181,7 @@ class DHTCore:
         self.budget = budget = RequestBudget(config)
         self._size_in = 0
         self.put_relay = PutRelay()  # relaying others' mailbox puts (mailbox_relay.py)
+        self.find_relay = FindRelay()  # and their lookups before (mailbox_find.py)
         storage.quota = budget.records
         if mailboxes is not None:
             mailboxes.quota = budget.mailbox
@@ -296,10 +298,15 @@ class DHTCore:
             result = self.reach.dialback_requested(req, address, now)
         elif req.method == "mailbox_relay":  # answered once the storing node has
             return relay_requested(self, req, address, cookie, self._size_in, now)
+        elif req.method == "mailbox_find":  # answered once our lookup has ended
+            return find_requested(self, req, address, cookie, self._size_in, now)
         else:
             result = mailbox_ops.on_mailbox_request(self, req, address[0])
         sign = None
         if req.prove:
+            if cookie is not None and not self.budget.unvalidated_signatures.take(None, 1.0, now):
+                self.budget.dropped["unvalidated_limited_signature"] += 1
+                return
             self.stats["proofs_signed"] += 1
             sign = self.node_key.sign
         if cookie is not None:  # not validated: no reply larger than the request
@@ -739,6 +746,7 @@ class DHTCore:
     start_mailbox_put = mailbox_ops.start_mailbox_put
     start_mailbox_fetch = mailbox_ops.start_mailbox_fetch
     start_mailbox_delete = mailbox_ops.start_mailbox_delete
+    start_mailbox_revoke = mailbox_ops.start_mailbox_revoke
 
     # ------------------------------------------------------------------ maintenance
 

@@ -35,6 +35,7 @@ from . import mailbox_entry, mailbox_pass
 from .core import DHTCore
 from .lookup import LookupResult
 from .mailbox import MailboxStorage, mailbox_key
+from .mailbox_revoke import PassPin
 from .nodekey import NodeKey
 from .reachability import ReachabilityStatus
 from .routing import Node
@@ -213,6 +214,11 @@ class DHT:
                 identity.public_key, ids, identity.sign, self._wall, now, done
             )
         )
+
+    async def mailbox_revoke(self, pin: PassPin) -> int:
+        """Send an owner's pin revoking its other passes of the week to its mailbox's
+        replicas (p2pd/dht/mailbox_revoke.py); how many took it."""
+        return await self._run(lambda done, now: self.core.start_mailbox_revoke(pin, now, done))
 
     async def gather(self, calls: list[tuple[Node, str, list[Any]]]) -> list[wire.DHTResult | None]:
         """Send these requests; every result (None: no reply) in order (tests, tools)."""

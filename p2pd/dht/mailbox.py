@@ -28,6 +28,7 @@ from ..identity import verify_signature
 from ..wire import MAILBOX_DELETE_MAX, MAILBOX_ID_LEN, MAILBOX_PAGE, MAX_MAILBOX_PUT
 from . import mailbox_entry, mailbox_pass
 from .budget import FULL_CULL_INTERVAL, SourceQuota
+from .mailbox_revoke import PassPin, PassPins
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ class MailboxStorage:
         #: (mailbox key, share) -> [entries, bytes] held: running counters, not a scan.
         self._boxes: dict[tuple[bytes, int], list[int]] = {}
         #: Checks contacts' puts (:mod:`.mailbox_pass`).
-        self.passes = mailbox_pass.PassChecker(mailbox_key)
+        #: The owners' pins, revoking leaked passes (:mod:`.mailbox_revoke`).
+        self.pins = PassPins(mailbox_key)
+        self.passes = mailbox_pass.PassChecker(mailbox_key, self.pins.revoked)
         #: Entries per source (address, /24|/48) held here; the core sets its budget.
         #: Entries loaded from disk were charged to no one (the sources are not stored).
         self.quota: SourceQuota | None = None
@@ -138,6 +141,11 @@ class MailboxStorage:
     def _refuse(self, why: str) -> bool:
         self.refused[why] = self.refused.get(why, 0) + 1
         return False
+
+    def revoke(self, pin: PassPin) -> bool:
+        """Hold an owner's pin (:mod:`.mailbox_revoke`); False (counted) if refused."""
+        why = self.pins.pin(pin, self._clock())
+        return True if why is None else self._refuse(why)
 
     def put(self, key: bytes, entry: bytes, *, source: str | None = None) -> bool:
         """Hold ``entry`` (or a contact's put: :mod:`.mailbox_pass`) in the mailbox

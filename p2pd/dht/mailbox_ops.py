@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from .mailbox import delete_message, mailbox_key
+from .mailbox_find import RelayedMailboxFind, find_relays
 from .mailbox_relay import RelayedMailboxPut, pick_relays
+from .mailbox_revoke import PassPin
 from .operations import MAILBOX_MAX_PAGES, MailboxFetch, MailboxPut
 from .routing import Node
 
@@ -41,14 +43,24 @@ def start_mailbox_put(
         copies = core.config.mailbox_copies  # confirmed by distinct networks
         # Through relays when we know nodes that are not replicas (mailbox_relay.py):
         # then no storing node sees our address.
-        relays = pick_relays(core, nodes, core.config.mailbox_relays)
+        # Nor any of the nodes we know closest to the key: a replica the lookup missed
+        # would see our address next to the mailbox key.
+        near = core.table.closest(key, core.config.ksize)
+        relays = pick_relays(core, [*nodes, *near], core.config.mailbox_relays)
         if relays and all(n.key is not None for n in nodes):
             put = RelayedMailboxPut(core, key, entry, nodes, held, copies, relays, on_done)
             put.start(core.now)
         else:
             MailboxPut(core, key, entry, nodes, held, copies, on_done).start(core.now)
 
-    mailbox_nodes(core, owner, now, found)
+    # The lookup too, when we know relays that are not near the key (mailbox_find.py):
+    # else a replica would see our find_node for the mailbox key just before the puts.
+    key = mailbox_key(owner)
+    relays = find_relays(core, key)
+    if relays:
+        RelayedMailboxFind(core, key, relays, found).start(now)
+    else:
+        mailbox_nodes(core, owner, now, found)
 
 
 def start_mailbox_fetch(
@@ -110,6 +122,22 @@ def start_mailbox_delete(
     mailbox_nodes(core, owner, now, found)
 
 
+def start_mailbox_revoke(
+    core: DHTCore, pin: PassPin, now: float, on_done: Callable[[int], None]
+) -> None:
+    """Send the owner's pin (:mod:`.mailbox_revoke`) to every node found for its
+    mailbox (and hold it here if we are one); reports how many took it."""
+
+    def found(key: bytes, nodes: list[Node], local: bool) -> None:
+        held = int(local and core.mailboxes is not None and core.mailboxes.revoke(pin))
+        calls: list[tuple[Node, str, list[Any]]] = [
+            (n, "mailbox_revoke", pin.args()) for n in nodes
+        ]
+        core.gather(calls, core.now, lambda r: on_done(held + sum(x is True for x in r)))
+
+    mailbox_nodes(core, pin.owner, now, found)
+
+
 def on_mailbox_request(core: DHTCore, req: wire.DHTRequest, source: str) -> Any:
     """The result of a ``mailbox_put``, ``mailbox_fetch`` or ``mailbox_delete`` that came
     from ``source`` (an IP address)."""
@@ -122,6 +150,13 @@ def on_mailbox_request(core: DHTCore, req: wire.DHTRequest, source: str) -> Any:
         return boxes is not None and boxes.put(req.key, req.value, source=source)
     assert req.owner_key is not None and req.timestamp is not None
     assert req.signature is not None
+    if req.method == "mailbox_revoke":
+        assert req.expires is not None and req.pass_key is not None
+        if core.defended and not core.is_close_to(mailbox_key(req.owner_key)):
+            core.stats["store_refused_far"] += 1
+            return False
+        pin = PassPin(req.owner_key, req.timestamp, req.expires, req.pass_key, req.signature)
+        return boxes is not None and boxes.revoke(pin)
     if req.method == "mailbox_fetch":
         assert req.after is not None
         page = (

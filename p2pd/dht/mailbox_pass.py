@@ -139,15 +139,21 @@ class MailboxPass:
         return f"MailboxPass(owner={self.owner[:4].hex()}..., expires={self.expires})"
 
 
-def issue_pass(owner: bytes, sign: Callable[[bytes], bytes], wall: float) -> MailboxPass:
+def issue_pass(
+    owner: bytes, sign: Callable[[bytes], bytes], wall: float, epoch: int = 0
+) -> MailboxPass:
     """This week's pass into ``owner``'s mailbox (``sign``: the owner's identity key).
 
-    The pass key's seed is a hash of the owner's signature over the week's number:
-    Ed25519 signatures are deterministic, so the same week gives the same pass on every
-    start, and only the holder of the identity key can compute it (the signature is
-    never published)."""
+    The pass key's seed is a hash of the owner's signature over the week's number (and,
+    once the owner has revoked a pass, :mod:`.mailbox_revoke`, its pass ``epoch``):
+    Ed25519 signatures are deterministic, so the same week and epoch give the same pass
+    on every start, and only the holder of the identity key can compute it (the
+    signature is never published)."""
     week = int(wall // PASS_PERIOD)
-    seed = hashlib.sha256(sign(SEED_CONTEXT + owner + struct.pack(">Q", week))).digest()
+    message = SEED_CONTEXT + owner + struct.pack(">Q", week)
+    if epoch:  # epoch 0 derives as passes did before revocation existed
+        message += struct.pack(">Q", epoch)
+    seed = hashlib.sha256(sign(message)).digest()
     expires = (week + 2) * PASS_PERIOD
     pass_key = bytes(nacl.signing.SigningKey(seed).verify_key)
     return MailboxPass(owner, expires, seed, sign(_cert_message(owner, expires, pass_key)))
@@ -163,9 +169,16 @@ class PassChecker:
     """A storing node's check of contacts' puts, with a small cache of certificates
     already checked (so a put costs one signature check, not two)."""
 
-    def __init__(self, owner_key_of: Callable[[bytes], bytes]) -> None:
+    def __init__(
+        self,
+        owner_key_of: Callable[[bytes], bytes],
+        revoked: Callable[[bytes, int, bytes, float], bool] | None = None,
+    ) -> None:
         #: The mailbox key of an owner's key (:func:`~.mailbox.mailbox_key`).
         self._mailbox_key = owner_key_of
+        #: Whether (mailbox key, expires, pass key, wall) is revoked by the owner's pin
+        #: (:meth:`.mailbox_revoke.PassPins.revoked`).
+        self._revoked = revoked
         self._certs: OrderedDict[bytes, None] = OrderedDict()
 
     def check(self, key: bytes, put: bytes, wall: float) -> tuple[bytes | None, str | None]:
@@ -188,6 +201,8 @@ class PassChecker:
             return None, "pass-expired"
         if expires > wall + MAX_PASS_LIFETIME:
             return None, "pass-too-long"
+        if self._revoked is not None and self._revoked(key, expires, pass_key, wall):
+            return None, "pass-revoked"
         # The entry's own checks, postage aside (0 bits: its window must be recent).
         why = mailbox_entry.check(key, entry, wall, 0)
         if why is not None:

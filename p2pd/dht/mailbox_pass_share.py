@@ -20,13 +20,24 @@ import json
 import logging
 import sqlite3
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
+from typing import TypedDict
 
 from ..at_rest import CLEAR, AtRest
 from ..contact_news import ContactNews
 from ..errors import StoredDataCorrupt
 from ..identity import fingerprint
 from .mailbox_pass import PASS_LEN, PASS_PERIOD, MailboxPass, issue_pass
+from .mailbox_revoke import PassPin, make_pin
+
+
+class PassRevoked(TypedDict):
+    """What ``revoke_mailbox_pass`` answers (docs/CONTROL_API.md)."""
+
+    epoch: int
+    replicas: int
+    until: int
+
 
 __all__ = ["PASS_TYPE", "MailboxPasses", "PassAnnouncer", "encode_pass", "is_pass"]
 
@@ -44,6 +55,11 @@ CREATE TABLE IF NOT EXISTS mailbox_passes (
     owner BLOB PRIMARY KEY,
     pass BLOB NOT NULL,
     expires INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mailbox_pass_epoch (
+    owner BLOB PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    revoked_at INTEGER NOT NULL
 );
 """
 
@@ -129,8 +145,10 @@ class MailboxPasses:
         row = self._conn.execute(
             "SELECT expires FROM mailbox_passes WHERE owner=?", (sender_key,)
         ).fetchone()
-        if row is not None and int(row[0]) >= got.expires:
-            return True  # we hold this one, or a newer one
+        if row is not None and int(row[0]) > got.expires:
+            return True  # we hold a newer one
+        # The same expiry: the owner revoked the one we hold and gave us its new one
+        # (p2pd/dht/mailbox_revoke.py); only the owner can send it, in the session.
         sealed = self._at_rest.seal("mailbox_passes", "pass", sender_key, got.to_bytes())
         # No await between this and the commit (the connection is shared: see
         # address_hints.py).
@@ -140,6 +158,58 @@ class MailboxPasses:
                 (sender_key, sealed, got.expires),
             )
         return True
+
+    def epoch(self, owner: bytes) -> int:
+        """Our pass epoch (0 until we first revoke a pass: p2pd/dht/mailbox_revoke.py)."""
+        row = self._conn.execute(
+            "SELECT epoch FROM mailbox_pass_epoch WHERE owner=?", (owner,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def next_epoch(self, owner: bytes, wall: float) -> int:
+        """Revoke our passes so far: the epoch our passes are derived with from now on."""
+        epoch = self.epoch(owner) + 1
+        with self._conn:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO mailbox_pass_epoch(owner, epoch, revoked_at) "
+                "VALUES (?,?,?)",
+                (owner, epoch, int(wall)),
+            )
+        self.stats["mailbox_passes_revoked"] += 1
+        return epoch
+
+    def current_pin(
+        self, owner: bytes, sign: Callable[[bytes], bytes], wall: float
+    ) -> PassPin | None:
+        """Our last revocation's pin, signed afresh, while it is in effect (None after,
+        or if we never revoked): sent again with each republish of our record, so that
+        a replica that restarted, or a node that became a replica since, refuses the
+        leaked pass too (pins are held in memory: p2pd/dht/mailbox_revoke.py)."""
+        row = self._conn.execute(
+            "SELECT epoch, revoked_at FROM mailbox_pass_epoch WHERE owner=?", (owner,)
+        ).fetchone()
+        if row is None:
+            return None
+        kept = issue_pass(owner, sign, float(row[1]), int(row[0]))
+        return make_pin(owner, sign, wall, kept) if kept.expires > wall else None
+
+
+async def revoke_pass(
+    passes: MailboxPasses,
+    owner: bytes,
+    sign: Callable[[bytes], bytes],
+    wall: float,
+    send_pin: Callable[[PassPin], Awaitable[int]],
+) -> PassRevoked:
+    """Revoke every pass we gave so far (one leaked): a new epoch, so this week's pass is
+    a new one (the announcer gives it to each contact on its next direct connection),
+    and a pin at our mailbox's replicas that refuses the others
+    (p2pd/dht/mailbox_revoke.py). ``send_pin`` reports how many replicas took it."""
+    epoch = passes.next_epoch(owner, wall)
+    kept = issue_pass(owner, sign, wall, epoch)
+    replicas = await send_pin(make_pin(owner, sign, wall, kept))
+    log.info("revoked our mailbox passes: epoch %d, pin held by %d replicas", epoch, replicas)
+    return {"epoch": epoch, "replicas": replicas, "until": kept.expires}
 
 
 class PassAnnouncer(ContactNews):
@@ -156,14 +226,21 @@ class PassAnnouncer(ContactNews):
         wall: Callable[[], float],
         handle_of: Callable[[bytes], str | None],
         send: Callable[[str, bytes, str], Awaitable[object]],
+        epoch: Callable[[], int] = lambda: 0,
     ) -> None:
-        def current(key: bytes) -> int | None:
-            return None if key == owner else int(wall() // PASS_PERIOD)
+        # The version a contact is given: the week and our pass epoch, so that a
+        # revocation (a new epoch) reaches every contact on its next connection.
+        def current(key: bytes) -> tuple[int, int] | None:
+            return None if key == owner else (int(wall() // PASS_PERIOD), epoch())
+
+        def text(version: Hashable) -> str:
+            assert isinstance(version, tuple)
+            return encode_pass(issue_pass(owner, sign, wall(), version[1]))
 
         super().__init__(
             what="our mailbox pass",
             current=current,
-            text=lambda _week: encode_pass(issue_pass(owner, sign, wall())),
+            text=text,
             handle_of=handle_of,
             send=send,
             stats=stats,

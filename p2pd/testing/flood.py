@@ -33,6 +33,7 @@ from .. import wire
 from ..dht import mailbox_entry
 from ..dht.budget import REQUEST_PAD, REQUEST_PAD_MIN
 from ..dht.mailbox import fetch_message
+from ..dht.mailbox_revoke import pin_message
 from ..identity import Identity
 from ..records import HandleRecord
 
@@ -109,6 +110,23 @@ def _mailbox_relay(rng: random.Random) -> bytes:
     return _request("mailbox_relay", args, prove=False)
 
 
+def _mailbox_find(rng: random.Random) -> bytes:
+    """A lookup to run for the flooder (p2pd/dht/mailbox_find.py): the relay's lookup
+    budget, and its cache."""
+    return _request("mailbox_find", [rng.randbytes(20)], prove=False)
+
+
+def _mailbox_revoke(rng: random.Random) -> bytes:
+    """A pin revoking passes (p2pd/dht/mailbox_revoke.py), well signed by a throwaway
+    identity: the victim checks it in full and holds it (its table of pins)."""
+    owner = Identity.generate("flood")
+    now = int(time.time())
+    pass_key = rng.randbytes(32)
+    expires = now + 7 * 24 * 3600
+    signature = owner.sign(pin_message(owner.public_key, now, expires, pass_key))
+    return _request("mailbox_revoke", [owner.public_key, now, expires, pass_key, signature])
+
+
 def _proof(rng: random.Random) -> bytes:
     return _request("proof", [rng.randbytes(16), rng.randbytes(64)], prove=False)
 
@@ -124,6 +142,8 @@ ATTACKS: dict[str, Callable[[random.Random], bytes]] = {
     "mailbox_delete": _mailbox_delete,
     "proof": _proof,
     "mailbox_relay": _mailbox_relay,
+    "mailbox_find": _mailbox_find,
+    "mailbox_revoke": _mailbox_revoke,
 }
 
 
