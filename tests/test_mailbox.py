@@ -22,6 +22,7 @@ from p2pd.dht.mailbox import (
 )
 from p2pd.dht.mailbox_entry import (
     BUCKETS,
+    ENTRY_VERSION,
     HEADER_LEN,
     MAX_PLAINTEXT,
     MailboxEntryError,
@@ -73,7 +74,9 @@ def fetch_all(store: MailboxStorage, who: Identity, ts: int = NOW) -> list[bytes
 def test_only_the_owner_reads_and_deletes() -> None:
     store = MailboxStorage(open_database(None), clock=Clock())
     bob, eve = Identity.generate("bob"), Identity.generate("eve")
-    entries = [os.urandom(100 + i) for i in range(7)]
+    # An entry starts with its version byte: random bytes there would be a contact's put
+    # (0x02) one time in 256, and refused as a bad pass.
+    entries = [bytes([ENTRY_VERSION]) + os.urandom(99 + i) for i in range(7)]
     for e in entries:
         assert store.put(mailbox_key(bob.public_key), e)
     assert sorted(fetch_all(store, bob) or []) == sorted(entries)  # 7 entries: 3 pages
