@@ -503,11 +503,14 @@ def decode_observed(raw: bytes) -> Address:
     """The address an ``observed`` field holds; WireError for port 0 or a bad address."""
     if len(raw) != OBSERVED_LEN:
         raise WireError("observed address malformed")
-    ip = ipaddress.IPv6Address(raw[:16])
+    ip6 = ipaddress.IPv6Address(raw[:16])
     port = struct.unpack(">H", raw[16:])[0]
+    # The IPv4 address itself for a mapped one: as IPv6, ::ffff:0.0.0.0 is not
+    # unspecified and ::ffff:224.0.0.1 not multicast.
+    ip = ip6.ipv4_mapped or ip6
     if port == 0 or ip.is_unspecified or ip.is_multicast:
         raise WireError("observed address out of range")
-    host = str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else str(ip)
+    host = str(ip)
     try:
         return Address(host, port)
     except InvalidAddress:

@@ -328,6 +328,18 @@ def test_malformed_observed_drops_the_reply_and_changes_nothing() -> None:
     assert core.reach.observations.current(100.0) == before
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "224.0.0.1", "::", "ff02::1"])
+def test_an_observed_address_nobody_can_have_is_malformed(host: str) -> None:
+    # IPv4 ones travel IPv4-mapped: as IPv6, ::ffff:0.0.0.0 is not unspecified and
+    # ::ffff:224.0.0.1 not multicast; the IPv4 address itself is checked.
+    raw = wire.encode_observed((host, 4747))
+    with pytest.raises(WireError, match="out of range"):
+        wire.decode_observed(raw)
+    assert wire.decode_observed(wire.encode_observed(("192.0.2.1", 4747))) == Address(
+        "192.0.2.1", 4747
+    )
+
+
 def test_status_lines() -> None:
     from p2pd_cli import render
 
