@@ -39,9 +39,9 @@ def drive(
     return now
 
 
-def test_a_call_starts_without_fec_unless_configured() -> None:
-    assert controller().current == OpusSettings(CEILING, False, 0)
-    rc = controller(start_fec=True, start_packet_loss=10)
+def test_a_call_starts_with_fec_at_the_configured_loss_unless_told_otherwise() -> None:
+    assert controller(start_fec=False).current == OpusSettings(CEILING, False, 0)
+    rc = controller(start_packet_loss=10)
     assert rc.current == OpusSettings(CEILING, True, 10)
     assert rc.wanted(0.0) is None
 

@@ -13,9 +13,10 @@ bitrate uses too), and says which Opus settings the encoder should have:
   report under ``loss_on``: a clean path gets every bit for the frame itself
   (scripts/bench_call.py's codec-only rows, 48 kbit/s, espeak-ng speech, 0 % loss:
   wideband PESQ 4.22 without FEC, 4.15 / 4.13 / 4.06 with it planned for 5 / 10 / 20 %).
-  A call starts without FEC (``start_fec``): the first report that shows loss turns it
-  on, half a second in, and until then the redundant copies a call sends under loss
-  (``MediaConfig.audio_redundancy``) cover single losses.
+  A call starts with FEC planned for ``MediaConfig.opus_packet_loss`` (10 %), as calls
+  did before adaptation: started without, a lossy call lost its first second's FEC
+  (the first report comes 0.5 s in, the switch up to 0.2 s later), and in
+  scripts/bench_call.py's 10 %-loss calls frames rebuilt from FEC fell from 16 to 6.
 - **Bitrate.** The configured bitrate (the ceiling) while loss stays under
   ``cut_loss``; over it, loss that heavy is more likely a full queue than random drops,
   so the bitrate comes down to ``ceiling * (1 - (loss - cut_loss) * cut_slope)``, never
@@ -78,8 +79,9 @@ class AudioRateConfig:
 
     #: Never under this, whatever the reports say (wideband speech stays intelligible).
     floor_bps: int = 24_000
-    #: How a call starts: FEC off (True: on, planned for ``start_packet_loss`` %).
-    start_fec: bool = False
+    #: How a call starts: FEC on, planned for ``start_packet_loss`` % (CallMedia sets it
+    #: to ``MediaConfig.opus_packet_loss``); False: off.
+    start_fec: bool = True
     start_packet_loss: int = 10
     #: Recent loss: the mean of the reports of this long.
     window: float = 5.0

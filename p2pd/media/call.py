@@ -120,8 +120,8 @@ class MediaConfig:
     #: Opus bitrate (bit/s). 48 kbit/s: scripts/bench_call.py measured wideband PESQ 4.14
     #: at 0% loss and 3.53 at 5% (32 kbit/s: 3.81 and 3.27, under the 4.0 / 3.5 goals).
     audio_bitrate: int = 48000
-    #: The loss (percent) the Opus encoder plans its in-band FEC for, without
-    #: ``audio_rate_adaptation`` (with it, ``audio_rate`` says how a call starts).
+    #: The loss (percent) the Opus encoder plans its in-band FEC for (with
+    #: ``audio_rate_adaptation``: at the start, then what the reports say).
     opus_packet_loss: int = 10
     #: Follow the loss the peer's reports show with Opus's FEC, its expected loss and
     #: the bitrate (at most ``audio_bitrate``): p2pd/media/audiorate.py. False: fixed at
@@ -268,7 +268,8 @@ class CallMedia:
         )
         self._send_loss = SendLossMeter(c.rate.min_samples)
         fixed_opus = replace(c.audio_rate, start_fec=True, start_packet_loss=c.opus_packet_loss)
-        audio_rate = c.audio_rate if c.audio_rate_adaptation else fixed_opus
+        start = replace(c.audio_rate, start_packet_loss=c.opus_packet_loss)
+        audio_rate = start if c.audio_rate_adaptation else fixed_opus
         self._opus = EncoderSwitcher(AudioRateController(audio_rate, ceiling=c.audio_bitrate))
         self._video_encoder_bps = 0
         self._audio_rx = ReceptionStats(SAMPLE_RATE)
