@@ -11,8 +11,9 @@ bitrate uses too), and says which Opus settings the encoder should have:
   ``packet_loss_step`` (at least one step, at most ``packet_loss_max``) while reports
   show loss; off (``packet_loss`` 0) once ``clean_hold`` seconds passed with every
   report under ``loss_on``: a clean path gets every bit for the frame itself
-  (scripts/bench_call.py's codec-only rows, 48 kbit/s, espeak-ng speech, 0 % loss:
-  wideband PESQ 4.22 without FEC, 4.15 / 4.13 / 4.06 with it planned for 5 / 10 / 20 %).
+  (the codec alone as scripts/_call_audio.py's codec_only runs it, 48 kbit/s,
+  espeak-ng speech, 0 % loss: wideband PESQ 4.22 without FEC, 4.15 / 4.13 / 4.06 with
+  it planned for 5 / 10 / 20 %).
   A call starts with FEC planned for ``MediaConfig.opus_packet_loss`` (10 %), as calls
   did before adaptation: started without, a lossy call lost its first second's FEC
   (the first report comes 0.5 s in, the switch up to 0.2 s later), and in
