@@ -182,3 +182,23 @@ async def test_the_switcher_opens_in_a_thread_and_switches_in_a_pause() -> None:
     stats = switcher.statistics()
     assert stats["audio_fec"] is False and stats["audio_encoder_switches"] == 1
     assert stats["audio_encoder_open_ms_max"] is not None
+
+
+async def test_in_unbroken_speech_the_switch_waits_at_most_max_defer_frames() -> None:
+    rc = controller(clean_hold=0.0, start_fec=True)
+    switcher = EncoderSwitcher(rc, max_defer=10)
+    encoder = open_warm_encoder(rc.current)
+    t = np.arange(FRAME_SAMPLES) / 48000
+    loud = (8000 * np.sin(2 * np.pi * 200 * t)).astype(np.int16)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(switcher.serve)
+            switcher.report(0.0, 0.0)
+            for _ in range(200):
+                if switcher._ready is not None:
+                    break
+                await trio.sleep(0.005)
+            nursery.cancel_scope.cancel()
+    used = [encoder := switcher.take(1.0 + k * 0.02, loud, encoder) for k in range(20)]
+    switched_at = next(k for k in range(1, len(used)) if used[k] is not used[k - 1])
+    assert switched_at == 10 and rc.switches == 1
