@@ -314,7 +314,10 @@ def codec_reference(frames: list[np.ndarray], config: MediaConfig) -> np.ndarray
     """What the call's codec alone makes of ``frames`` (the call's Opus settings, no loss,
     no network, no jitter buffer), shifted by its measured delay so that sample ``i`` of
     the result stands for sample ``i`` of the input."""
-    out, _, _ = codec_only(frames, 0.0, 0, bitrate=config.audio_bitrate, fec=True, red=False)
+    # The settings a clean call's encoder ends with: with adaptation, FEC off after 10 s
+    # (audiorate.py), so the stricter reference (codec alone without FEC: +0.09 PESQ).
+    fec = not config.audio_rate_adaptation
+    out, _, _ = codec_only(frames, 0.0, 0, bitrate=config.audio_bitrate, fec=fec, red=False)
     x = np.concatenate(frames)
     delay = codec_delay(x, out)
     return np.concatenate([out[delay:], np.zeros(delay, np.int16)])
@@ -412,6 +415,11 @@ def analyse(direction: Direction, config: MediaConfig) -> dict[str, Any]:
         "fec_recovered": s["audio_fec_recovered"],
         "red_recovered": s["audio_red_recovered"],
         "red_sent_by_peer": direction.sender_stats["audio_red_sent"],
+        "opus_end": (
+            f"{direction.sender_stats.get('audio_encoder_kbps')} kbit/s, FEC "
+            f"{direction.sender_stats.get('audio_fec_packet_loss_pct')} %, "
+            f"{direction.sender_stats.get('audio_encoder_switches')} switches"
+        ),
         "loss_pct": s["loss_pct"],
         "late": s["audio_late"],
         "late_concealed": s.get("audio_late_concealed", 0),
@@ -460,59 +468,83 @@ def run_losses(
     args: argparse.Namespace, workdir: Path, speech: Speech, opus_delay: float
 ) -> list[dict[str, Any]]:
     rows = []
-    rng = random.Random(args.seed)
-    config = media_config(args)
+    # Opus adaptation on (the default, graded) and, with --audio-modes, fixed settings
+    # (48 kbit/s, FEC planned for 10 %: what calls sent before); per loss rate, each
+    # mode's calls back to back (same seeds and tick phases).
+    configs = {
+        "adapt": media_config(args),
+        "fixed": replace(media_config(args), audio_rate_adaptation=False),
+    }
     for drop in args.losses:
-        per_run = []
-        gc_pauses = GcPauses()
-        # Systematic sampling of the tick phase: one random start, then evenly spaced.
-        # (Each call gives both directions, phases p and 20 ms - p, which stay even too.)
-        first = rng.random()
-        offsets = [(k + first) / args.runs * FRAME for k in range(args.runs)]
-        for k, offset in enumerate(offsets):
-            seed = args.seed + k
-            progress(
-                f"call {drop:.0%} loss, run {k + 1}/{args.runs} (proxy seed {seed}, "
-                f"bob starts {offset * 1000:.1f} ms after alice), {args.duration:g} s"
-            )
-            # The benchmark's own garbage (PESQ, the last call's recordings) is not the
-            # call's: collect it before, then watch the collections during the call.
-            gc.collect()
-            gc.callbacks.append(gc_pauses)
-            try:
-                call = functools.partial(
-                    instrumented_call,
-                    workdir,
-                    speech,
-                    drop=drop,
-                    seed=seed,
-                    duration=args.duration,
-                    offset=offset,
-                    config=config,
-                )
-                directions = trio.run(call)
-            finally:
-                gc.callbacks.remove(gc_pauses)
-            for d in directions:
-                result = analyse(d, config)
-                result["seed"], result["offset_ms"] = seed, offset * 1000
-                lat = result["latencies"]
-                progress(
-                    f"  {d.sender} -> other: tick phase {fmt(result['tick_phase_ms'])} ms, "
-                    f"pipeline p50/p95 "
-                    f"{fmt(_ms(percentile(lat, 50)))}/{fmt(_ms(percentile(lat, 95)))} ms, "
-                    f"PESQ {', '.join(f'{x:.2f}' for x in result['pesq']) or '-'} "
-                    f"(codec only {', '.join(f'{x:.2f}' for x in result['pesq_codec']) or '-'}), "
-                    f"loss {result['loss_pct']:.1f} %, concealed {result['frames_concealed']}, "
-                    f"FEC {result['fec_recovered']}, RED {result['red_recovered']} "
-                    f"(copies sent {result['red_sent_by_peer']})"
-                )
-                per_run.append(result)
-        row = summarise_loss(drop, per_run, opus_delay)
-        row["gc_full_collections"] = len(gc_pauses.pauses)
-        row["gc_full_max_ms"] = _ms(max(gc_pauses.pauses, default=None))
-        rows.append(row)
+        for mode in args.audio_modes:
+            rng = random.Random(args.seed + round(drop * 1000))  # same phases per mode
+            rows.append(_run_loss(args, workdir, speech, opus_delay, drop, mode, configs, rng))
     return rows
+
+
+def _run_loss(
+    args: argparse.Namespace,
+    workdir: Path,
+    speech: Speech,
+    opus_delay: float,
+    drop: float,
+    mode: str,
+    configs: dict[str, MediaConfig],
+    rng: random.Random,
+) -> dict[str, Any]:
+    config = configs[mode]
+    per_run = []
+    gc_pauses = GcPauses()
+    # Systematic sampling of the tick phase: one random start, then evenly spaced.
+    # (Each call gives both directions, phases p and 20 ms - p, which stay even too.)
+    first = rng.random()
+    offsets = [(k + first) / args.runs * FRAME for k in range(args.runs)]
+    for k, offset in enumerate(offsets):
+        seed = args.seed + k
+        progress(
+            f"call ({mode}) {drop:.0%} loss, run {k + 1}/{args.runs} (proxy seed {seed}, "
+            f"bob starts {offset * 1000:.1f} ms after alice), {args.duration:g} s"
+        )
+        # The benchmark's own garbage (PESQ, the last call's recordings) is not the
+        # call's: collect it before, then watch the collections during the call.
+        gc.collect()
+        gc.callbacks.append(gc_pauses)
+        try:
+            call = functools.partial(
+                instrumented_call,
+                workdir,
+                speech,
+                drop=drop,
+                seed=seed,
+                duration=args.duration,
+                offset=offset,
+                config=config,
+            )
+            directions = trio.run(call)
+        finally:
+            gc.callbacks.remove(gc_pauses)
+        for d in directions:
+            result = analyse(d, config)
+            result["seed"], result["offset_ms"] = seed, offset * 1000
+            lat = result["latencies"]
+            progress(
+                f"  {d.sender} -> other: tick phase {fmt(result['tick_phase_ms'])} ms, "
+                f"pipeline p50/p95 "
+                f"{fmt(_ms(percentile(lat, 50)))}/{fmt(_ms(percentile(lat, 95)))} ms, "
+                f"PESQ {', '.join(f'{x:.2f}' for x in result['pesq']) or '-'} "
+                f"(codec only {', '.join(f'{x:.2f}' for x in result['pesq_codec']) or '-'}), "
+                f"loss {result['loss_pct']:.1f} %, concealed {result['frames_concealed']}, "
+                f"FEC {result['fec_recovered']}, RED {result['red_recovered']} "
+                f"(copies sent {result['red_sent_by_peer']}); Opus at the end "
+                f"{result['opus_end']}"
+            )
+            per_run.append(result)
+    row = summarise_loss(drop, per_run, opus_delay)
+    row["gc_full_collections"] = len(gc_pauses.pauses)
+    row["gc_full_max_ms"] = _ms(max(gc_pauses.pauses, default=None))
+    row["mode"] = mode
+    row["opus_end"] = [r.get("opus_end") for r in per_run]
+    return row
 
 
 def media_config(args: argparse.Namespace) -> MediaConfig:

@@ -481,7 +481,7 @@ def verdicts(
     losses: list[dict[str, Any]], cpu: list[dict[str, Any]], video: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Issue 15's goals (``_call_common.GOALS``), each on the workload it names."""
-    by_loss = {r["loss"]: r for r in losses}
+    by_loss = {r["loss"]: r for r in losses if r.get("mode", "adapt") == "adapt"}
     out: dict[str, Any] = {}
     if 0.0 in by_loss:
         zero = by_loss[0.0]
@@ -542,8 +542,9 @@ def print_report(doc: dict[str, Any]) -> None:
         jb = f"{min(targets):g}-{max(targets):g}" if targets else "-"
         if targets and min(targets) == max(targets):
             jb = f"{targets[0]:g}"
+        label = "call via lossy proxy" if row.get("mode") == "adapt" else "call, Opus fixed"
         print(
-            f"{'call via lossy proxy':<24} {row['bitrate_kbps']:>6.1f} {row['loss']:>4.0%} "
+            f"{label:<24} {row['bitrate_kbps']:>6.1f} {row['loss']:>4.0%} "
             f"{fmt(row['m2e_ms']['p50']):>7} {fmt(row['m2e_ms']['p95']):>7} "
             f"{fmt(row['pipeline_ms']['p50']):>8} {fmt(row['pipeline_ms']['p95']):>8} "
             f"{fmt(row['pipeline_ms']['max']):>8} {fmt(row['pesq']['mean'], '.2f'):>5} "
@@ -740,6 +741,13 @@ def main() -> None:
         "jitter.late_in_speech_lost=0",
     )
     parser.add_argument(
+        "--audio-modes",
+        default="adapt",
+        metavar="MODE,...",
+        help="calls with Opus adaptation (adapt, the default and graded) and/or fixed "
+        "settings (fixed: 48 kbit/s, FEC for 10 %%, as before adaptation)",
+    )
+    parser.add_argument(
         "--losses",
         default=",".join(f"{x * 100:g}" for x in LOSSES),
         metavar="PCT,...",
@@ -760,6 +768,9 @@ def main() -> None:
     if not all(0 <= x < 1 for x in args.losses):
         parser.error("--losses: each rate in [0, 100)")
     args.skip = {x for x in args.skip.split(",") if x}
+    args.audio_modes = [x for x in args.audio_modes.split(",") if x]
+    if not args.audio_modes or set(args.audio_modes) - {"adapt", "fixed"}:
+        parser.error("--audio-modes takes adapt,fixed")
     if args.skip - {"what-ifs", "devices", "cpu", "video"}:
         parser.error("--skip takes what-ifs, devices, cpu, video")
     if not 1 <= args.runs <= 100 or not 2 <= args.duration <= 600:

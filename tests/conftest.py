@@ -65,6 +65,7 @@ SERIAL_ELSEWHERE = (
     "tests/test_media_call.py::test_tone_call_records_the_other_sides_tone",
     "tests/test_media_call.py::test_ten_percent_loss_is_concealed_without_gaps",
     "tests/test_media_fec.py::test_a_lossy_speech_call_rebuilds_lost_frames_from_fec",
+    "tests/test_media_fec.py::test_a_call_that_starts_without_fec_turns_it_on_when_the_peer_reports_loss",
     # a call through a relay, then direct: at most 7 frames concealed while switching
     # (33 on one side with 3 workers and other work on the 2 cores)
     "tests/test_upgrade_netns.py::test_a_call_over_a_relay_moves_to_the_direct_path_without_a_long_gap",

@@ -97,12 +97,16 @@ def test_fec_rebuilds_lost_speech_better_than_concealment() -> None:
     assert no_fec > 0.6 * plc, (no_fec, plc)
 
 
-async def fec_call(tmp_path: Path, *, packet_loss: int) -> tuple[dict, dict]:  # type: ignore[type-arg]
-    """A call at 10 % loss with speech both ways and no redundant copies (FEC alone)."""
+async def fec_call(tmp_path: Path, *, packet_loss: int, adapt: bool = False) -> tuple[dict, dict]:  # type: ignore[type-arg]
+    """A call at 10 % loss with speech both ways and no redundant copies (FEC alone);
+    the Opus settings fixed unless ``adapt`` (p2pd/media/audiorate.py)."""
     for name, f0 in (("alice", 120.0), ("bob", 210.0)):
         rng = np.random.default_rng(3 if name == "alice" else 4)
         write_wav(tmp_path / f"{name}_says.wav", speech_like(rng, f0=f0, seconds=SECONDS))
-    config = replace(MediaConfig(audio_redundancy=False), opus_packet_loss=packet_loss)
+    config = replace(
+        MediaConfig(audio_redundancy=False, audio_rate_adaptation=adapt),
+        opus_packet_loss=packet_loss,
+    )
     with trio.fail_after(TIMEOUT):
         alice, bob = await call(
             tmp_path,
@@ -133,3 +137,16 @@ async def test_control_without_fec_data_nothing_is_rebuilt(tmp_path: Path) -> No
         assert stats["loss_pct"] > 3, stats
         assert stats["audio_fec_recovered"] == 0, stats
         assert stats["audio_frames_concealed"] >= 5, stats
+
+
+async def test_a_call_that_starts_without_fec_turns_it_on_when_the_peer_reports_loss(
+    tmp_path: Path,
+) -> None:
+    """Adaptation on, started as the control above (no FEC data): the peer's reports of
+    10 % loss open a new encoder with FEC planned for at least 10 %, and lost frames
+    are rebuilt from it (the control rebuilds none)."""
+    for stats in await fec_call(tmp_path, packet_loss=0, adapt=True):
+        assert stats["loss_pct"] > 3, stats
+        assert stats["audio_fec"] is True and stats["audio_fec_packet_loss_pct"] >= 10, stats
+        assert stats["audio_encoder_switches"] >= 1, stats
+        assert stats["audio_fec_recovered"] >= 2, stats

@@ -129,3 +129,18 @@ def test_recurring_peaks_buy_a_frame_of_delay_that_absorbs_the_next() -> None:
     jb = JitterBuffer(JitterConfig())
     play(jb, single, ticks=400, quiet_every=10)
     assert jb.statistics()["peaks_held"] == 0 and jb.target_delay == pytest.approx(0.02)
+
+
+def test_with_peak_height_the_hold_is_how_late_the_peaks_came_not_a_frame() -> None:
+    """``peak_height``: the same two stalls (frames 10 ms after they were due) hold
+    10 + 2 ms more, not 20; a third peak under that (7 ms) is absorbed all the same."""
+    arrivals = {seq: seq * FRAME + 0.001 for seq in range(400)}
+    for stall in (105, 205, 305):
+        late = 0.031 if stall < 300 else 0.028
+        arrivals[stall] = arrivals[stall + 1] = stall * FRAME + late
+    jb = JitterBuffer(JitterConfig(peak_height=True, peak_margin=0.002))
+    decisions = play(jb, arrivals, ticks=400, quiet_every=10)
+    lost = [seq for _, kind, seq in decisions if kind is PlayoutKind.CONCEAL and seq is not None]
+    assert 305 not in lost and 105 in lost and 205 in lost, lost
+    assert jb.statistics()["peaks_held"] == 1
+    assert jb.target_delay == pytest.approx(0.02 + 0.010 + 0.002, abs=1e-6)

@@ -56,8 +56,11 @@ from typing import Any, Protocol
 import numpy as np
 import trio
 
-from ..errors import ConnectionLost, DatagramTooLarge, LocalError, UsageError
+from ..errors import ConnectionLost, DatagramTooLarge, LocalError
 from .assembler import AssembledFrame, AssemblerConfig, FrameAssembler
+from .audiorate import AudioRateConfig, AudioRateController
+from .audioswitch import EncoderSwitcher, open_warm_encoder
+from .callargs import check_media_args
 from .codecs import (
     FRAME_SAMPLES,
     SAMPLE_RATE,
@@ -68,20 +71,13 @@ from .codecs import (
     Vp8Encoder,
     open_opus_decoder,
 )
-from .devices import MicSource, SpeakerSink, check_output_spec, open_audio_sink
+from .devices import MicSource, SpeakerSink, open_audio_sink
 from .jitter import JitterBuffer, JitterConfig, Playout, PlayoutKind, align_tick
 from .nack import RetransmitConfig, RetransmitHistory
 from .plc import ConcealmentFloor, Loudness
 from .ratecontrol import RateConfig, SendLossMeter, VideoRateController
-from .sinks import Recorder, check_record_path, open_recorder
-from .sources import (
-    AudioSource,
-    VideoSource,
-    check_audio_spec,
-    check_video_spec,
-    open_audio_source,
-    open_video_source,
-)
+from .sinks import Recorder, open_recorder
+from .sources import AudioSource, VideoSource, open_audio_source, open_video_source
 from .stats import ReceptionStats, RttEstimator
 from .wire import (
     AUDIO_RED_HEADER,
@@ -96,7 +92,7 @@ from .wire import (
     fragment,
 )
 
-__all__ = ["CallMedia", "MediaConfig", "MediaPeer"]
+__all__ = ["CallMedia", "MediaConfig", "MediaPeer", "check_media_args"]
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +120,14 @@ class MediaConfig:
     #: Opus bitrate (bit/s). 48 kbit/s: scripts/bench_call.py measured wideband PESQ 4.14
     #: at 0% loss and 3.53 at 5% (32 kbit/s: 3.81 and 3.27, under the 4.0 / 3.5 goals).
     audio_bitrate: int = 48000
-    #: The loss (percent) the Opus encoder plans its in-band FEC for.
+    #: The loss (percent) the Opus encoder plans its in-band FEC for (with
+    #: ``audio_rate_adaptation``: at the start, then what the reports say).
     opus_packet_loss: int = 10
+    #: Follow the loss the peer's reports show with Opus's FEC, its expected loss and
+    #: the bitrate (at most ``audio_bitrate``): p2pd/media/audiorate.py. False: fixed at
+    #: ``audio_bitrate`` and ``opus_packet_loss``.
+    audio_rate_adaptation: bool = True
+    audio_rate: AudioRateConfig = field(default_factory=AudioRateConfig)
     #: Send the previous audio packet again in each datagram (kind 0x15) while the peer
     #: reports loss and says it decodes that kind. False: never (FEC only).
     audio_redundancy: bool = True
@@ -218,27 +220,6 @@ class _Counters:
     ticks_late: int = 0
 
 
-def check_media_args(
-    audio_in: str | None,
-    video_in: str | None,
-    record: Path | None,
-    duration: float | None,
-    audio_out: str | None = None,
-) -> None:
-    """UsageError unless the sources, the output, the recording path and the duration
-    would do."""
-    if audio_out is not None:
-        check_output_spec(audio_out)
-    if audio_in is not None:
-        check_audio_spec(audio_in)
-    if video_in is not None:
-        check_video_spec(video_in)
-    if record is not None:
-        check_record_path(record)
-    if duration is not None and not (duration > 0 and math.isfinite(duration)):
-        raise UsageError("a call's duration must be a positive number of seconds")
-
-
 class CallMedia:
     """Sends and receives one call's audio (and video) over a QUIC connection.
 
@@ -286,6 +267,10 @@ class CallMedia:
             c.rate if c.video_rate_adaptation else fixed, ceiling=c.video_bitrate
         )
         self._send_loss = SendLossMeter(c.rate.min_samples)
+        fixed_opus = replace(c.audio_rate, start_fec=True, start_packet_loss=c.opus_packet_loss)
+        start = replace(c.audio_rate, start_packet_loss=c.opus_packet_loss)
+        audio_rate = start if c.audio_rate_adaptation else fixed_opus
+        self._opus = EncoderSwitcher(AudioRateController(audio_rate, ceiling=c.audio_bitrate))
         self._video_encoder_bps = 0
         self._audio_rx = ReceptionStats(SAMPLE_RATE)
         self._video_rx = ReceptionStats(VIDEO_CLOCK)
@@ -347,9 +332,12 @@ class CallMedia:
             self._assembler.nack_enabled = self.config.video_nack and message.answers_nacks
             if message.audio.loss_fraction > self.config.redundancy_loss_threshold:
                 self._red_until = now + self.config.redundancy_hold
-            if self.config.video_rate_adaptation:
+            if self.config.video_rate_adaptation or self.config.audio_rate_adaptation:
                 loss = self._send_loss.report(message.audio, self._history.first_nacked)
-                self._rate.report(now, loss, self._rtt.latest)
+                if self.config.video_rate_adaptation:
+                    self._rate.report(now, loss, self._rtt.latest)
+                if self.config.audio_rate_adaptation:
+                    self._opus.report(now, loss)
         elif isinstance(message, KeyframeRequest):
             c.keyframe_requests_received += 1
             if message.request > self._last_request_seen:
@@ -424,6 +412,8 @@ class CallMedia:
                         nursery.start_soon(self._video_send_loop, start, video_source)
                     nursery.start_soon(self._video_receive_loop)
                     nursery.start_soon(self._watch_connection, scope)
+                    if encoder is not None and c.audio_rate_adaptation:
+                        nursery.start_soon(self._opus.serve)
                     task_status.started()
             if not self._end_reason:
                 self._end_reason = "duration" if scope.cancelled_caught else "ended"
@@ -488,10 +478,7 @@ class CallMedia:
         peer that late and the next few behind it (the peer's jitter buffer then plays
         its first frames late, or takes the next ones for late). A frame of silence
         encoded now, and not sent, costs nothing in the call."""
-        c = self.config
-        encoder = OpusEncoder(bitrate=c.audio_bitrate, packet_loss=c.opus_packet_loss)
-        encoder.encode(np.zeros(FRAME_SAMPLES, np.int16))
-        return encoder
+        return open_warm_encoder(self._opus.controller.current)
 
     async def _audio_loop(
         self, start: float, source: AudioSource | None, encoder: OpusEncoder | None
@@ -524,6 +511,7 @@ class CallMedia:
                     pcm = (
                         await trio.to_thread.run_sync(source.read) if source.live else source.read()
                     )
+                encoder = self._opus.take(now, pcm, encoder)
                 for payload in encoder.encode(pcm):
                     self._send_audio(seq, payload, previous, now)
                     previous = (seq, payload)
@@ -865,6 +853,7 @@ class CallMedia:
             "video_nacks_received": c.nacks_received,
             **self._history.statistics(),
             **self._rate.statistics(),
+            **self._opus.statistics(),
             "video_encoder_kbps": round(self._video_encoder_bps / 1000, 1),
             "video_send_loss_pct": round(100 * (self._send_loss.last or 0.0), 2),
             "datagrams_sent": c.datagrams_sent,

@@ -121,6 +121,12 @@ class JitterConfig:
     peak_repeats: int = 2
     peak_merge: float = 0.5
     peak_hold: float = 10.0
+    #: Hold the peak's height (how late its frames came, plus ``peak_margin``, at most a
+    #: frame) rather than a whole frame: with the playout clock aligned to due frames
+    #: (``align_tick``) a target can be any fraction of a frame, and a frame held for
+    #: a 3 ms peak is 17 ms of delay for nothing for ``peak_hold`` seconds.
+    peak_height: bool = False
+    peak_margin: float = 0.002
 
     def __post_init__(self) -> None:
         if self.frame_samples <= 0 or self.clock_rate <= 0:
@@ -217,6 +223,8 @@ class JitterBuffer:
         self._peaks: deque[float] = deque(maxlen=max(1, self.config.peak_repeats))
         self._last_late = -1e18
         self._peak_until = -1e18
+        #: (time, how late) of the late frames of the last ``peak_hold`` seconds.
+        self._lateness: deque[tuple[float, float]] = deque()
         self._now = -1e18
         #: The frame the last underrun waited for.
         self._waiting_for: int | None = None
@@ -248,10 +256,10 @@ class JitterBuffer:
         self._observe(now - ext_ts / self.config.clock_rate)
         if self._started and self._next_seq is not None and ext_seq < self._next_seq:
             stats.late += 1
-            self._late_frame(now)
+            self._late_frame(now, ext_ts)
             return
         if ext_seq == self._waiting_for:
-            self._late_frame(now)  # the frame an underrun waited for
+            self._late_frame(now, ext_ts)  # the frame an underrun waited for
             self._waiting_for = None
         stats.received += 1
         if held is not None:
@@ -311,7 +319,7 @@ class JitterBuffer:
         if c.fec_headroom and any(self._losses):
             target += c.frame_duration
         if self._now < self._peak_until:
-            target += c.frame_duration
+            target += self._peak_extra()
         if len(self._transits) < c.warmup:
             # A floor on the whole: losses that start while warming up find the delay
             # their headroom needs already there, and nothing is stretched for it.
@@ -437,11 +445,28 @@ class JitterBuffer:
         self._waiting_for = next_seq
         return Playout(PlayoutKind.CONCEAL, None, underrun=True)
 
-    def _late_frame(self, now: float) -> None:
+    def _peak_extra(self) -> float:
+        c = self.config
+        if not c.peak_height:
+            return c.frame_duration
+        height = max((late for _, late in self._lateness), default=c.frame_duration)
+        return min(c.frame_duration, height + c.peak_margin)
+
+    def _late_frame(self, now: float, ext_ts: int) -> None:
         """A packet came after its frame was due (played late after an underrun, or
         concealed already): note the peak (see ``peak_repeats``). A lost packet never
         comes, so loss alone holds no frame here (the FEC headroom is for loss)."""
         c = self.config
+        # How late it came: after the moment it was due with the target as it is now
+        # (without the hold it may already have), at least 0, at most a frame.
+        held = self._peak_extra() if self._now < self._peak_until else 0.0
+        due = ext_ts / c.clock_rate + self._min_transit + self.target_delay - held
+        late = min(c.frame_duration, max(0.0, now - due))
+        while self._lateness and (
+            self._lateness[0][0] < now - c.peak_hold or len(self._lateness) >= c.capacity
+        ):
+            self._lateness.popleft()
+        self._lateness.append((now, late))
         if now - self._last_late > c.peak_merge:
             self._peaks.append(now)
         self._last_late = now
