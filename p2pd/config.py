@@ -75,6 +75,9 @@ class DHTConfig:
     #: key gets a few replica slots, not all k. FOR BENCHMARKS ONLY (the configuration
     #: file cannot turn it off), like ``defences``.
     packed_check: bool = True
+    #: A resolve's second round takes the first round's replies instead of asking those
+    #: nodes again (p2pd/dht/resolve.py). FOR BENCHMARKS ONLY (off: the old cost).
+    reuse_replies: bool = True
     #: How long a node that proved its id from an address is asked without a proof.
     verified_lifetime: float = 3600.0
     #: Request budgets (p2pd/dht/budget.py, docs/SECURITY.md "DHT budgets"): token
@@ -537,7 +540,7 @@ def load_config(home: Path) -> NodeConfig:
     unknown = set(doc) - {"node", *_SECTIONS}
     if unknown:
         raise UsageError(f"{path}: unknown section(s) {sorted(unknown)}")
-    for switch in ("defences", "packed_check"):
+    for switch in ("defences", "packed_check", "reuse_replies"):
         if switch in doc.get("dht", {}):
             raise UsageError(f"{path} [dht]: {switch} is a benchmark switch, not a setting")
     dht = _apply(config.dht, doc.get("dht", {}), f"{path} [dht]")

@@ -128,12 +128,17 @@ class Row:
     name: str
     placement: str
     defences: bool
-    #: "on", "off", or "np" (the defences on but the density rule, p2pd/dht/density.py).
+    #: "on", "off", "np" (the defences on but the density rule, p2pd/dht/density.py), or
+    #: "again" (on, a resolve's second round asking every node again).
     mode: str
     plain: Counter[str] = field(default_factory=Counter)
     certified: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     rpcs: list[int] = field(default_factory=list)
+    #: Where each lookup's requests and time went (LookupResult): its rounds, the first
+    #: round's RPCs and milliseconds, contacts given up on (soft deadline) and never
+    #: heard (hard timeout), and second-round requests to nodes the first round asked.
+    where: list[tuple[int, int, float, int, int, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: Wrong and contested lookups that the rule would have given the owner had it counted
     #: only the values of the lookup's k closest nodes (a diagnostic, not p2pd's rule).
@@ -168,6 +173,7 @@ class Row:
             "p50_ms": percentile(lat, 50),
             "p99_ms": percentile(lat, 99),
             "rpcs_per_lookup": sum(self.rpcs) / len(self.rpcs) if self.rpcs else None,
+            "where": where_summary(self.where),
             "notes": self.notes
             + [f"wrong key: {w}" for w in self.wrong_votes]
             + [
@@ -180,6 +186,22 @@ class Row:
             "first_messages": dict(self.first),
             "goals": grade(self, n, hostile, plain_total, cert_total, lat),
         }
+
+
+def where_summary(where: list[tuple[int, int, float, int, int, int]]) -> dict[str, float]:
+    """Means per lookup of :attr:`Row.where`, and the share that took two rounds."""
+    if not where:
+        return {}
+    n = len(where)
+    two = [w for w in where if w[0] == 2]
+    return {
+        "two_rounds_pct": 100 * len(two) / n,
+        "round1_rpcs": sum(w[1] for w in where) / n,
+        "round1_ms": sum(w[2] for w in where) / n,
+        "round2_rpcs": sum(w[5] for w in two) / len(two) if two else 0.0,
+        "slow": sum(w[3] for w in where) / n,
+        "failed": sum(w[4] for w in where) / n,
+    }
 
 
 def grade(
@@ -217,6 +239,7 @@ async def run_network(
     config = {
         "on": DHTConfig(),
         "off": DHTConfig(defences=False),
+        "again": DHTConfig(reuse_replies=False),
         "np": DHTConfig(packed_check=False),
     }[mode]
     if args.claim_factor:
@@ -375,6 +398,16 @@ async def run_lookups(
         with trio.move_on_after(cap):
             resolution, details = await asker.dht.resolve_claim(ref)
             row.rpcs.append(details.rpcs)
+            row.where.append(
+                (
+                    details.rounds,
+                    details.first_rpcs,
+                    details.first_elapsed * 1000,
+                    details.slow,
+                    details.failed,
+                    details.rpcs - details.first_rpcs,
+                )
+            )
             if resolution.status == OK and resolution.record is not None:
                 outcome = "owner" if resolution.record.public_key == owner else "wrong"
                 if outcome == "wrong" and len(row.wrong_votes) < 5:
@@ -521,6 +554,16 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
         "resolved handles (both kinds) read by the owner, by the attacker, by nobody; none "
         "is sent to a contested or missing handle."
     )
+    print("\nWhere the lookups' requests and time went (means per lookup):")
+    for s in summaries:
+        w = s["where"]
+        if w:
+            print(
+                f"  {s['placement']}, {s['row']}, {s['mode']}: two rounds "
+                f"{w['two_rounds_pct']:.0f} %, round 1 {w['round1_rpcs']:.1f} RPCs in "
+                f"{w['round1_ms']:.0f} ms, round 2 {w['round2_rpcs']:.1f} RPCs (when taken), "
+                f"given up on (soft deadline) {w['slow']:.1f}, never answered {w['failed']:.1f}"
+            )
     for s in summaries:
         extra = list(s["notes"]) + ([f"INCOMPLETE: {s['incomplete']}"] if s["incomplete"] else [])
         if extra:
@@ -545,7 +588,10 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
             goals = "; ".join(f"{k}: {v}" for k, v in s["goals"].items())
             print(f"goals {s['placement']}, {s['row']}: {goals}")
     if any(s["mode"] != "on" for s in summaries):
-        print('defences off and "np" (on but the density rule): not graded (the controls)')
+        print(
+            'defences off, "np" (on but the density rule) and "again" (on, the second '
+            "round asking every node again): not graded (the controls)"
+        )
 
 
 def main() -> None:
@@ -569,9 +615,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     parser.add_argument(
         "--defences",
-        choices=["both", "on", "off", "np", "all"],
+        choices=["both", "on", "off", "np", "again", "before", "all"],
         default="both",
-        help="which runs: both = on and off; np = on but the density rule; all (both)",
+        help="which runs: both = on and off; np = on but the density rule; again = on, "
+        "a resolve's second round asking every node again (the resolve before reuse); "
+        "before = on, then again; all = on, np, off",
     )
     parser.add_argument(
         "--placements",
@@ -600,9 +648,11 @@ def main() -> None:
 
     async def run() -> list[Row]:
         rows: list[Row] = []
-        modes = {"both": ("on", "off"), "all": ("on", "np", "off")}.get(
-            args.defences, (args.defences,)
-        )
+        modes = {
+            "both": ("on", "off"),
+            "all": ("on", "np", "off"),
+            "before": ("on", "again"),
+        }.get(args.defences, (args.defences,))
         for mode in modes:
             for placement in args.placements.split(","):
                 rows += await run_network(args, mode, placement, PLACEMENTS[placement])

@@ -79,6 +79,19 @@ class LookupResult:
     #: the target nearer than the last voter. Asked, but not voters: counted against
     #: any winner (p2pd/claims.py ``set_aside``).
     packed: set[bytes] = field(default_factory=set)
+    #: Where the time and the requests went (scripts/bench_adversary.py prints them):
+    #: contacts whose soft deadline passed (they stopped being waited on), contacts that
+    #: never answered (hard timeout or a malformed reply), every node asked, and the
+    #: value replies by node (a resolve's second round reuses them instead of asking
+    #: the same nodes again: p2pd/dht/resolve.py).
+    slow: int = 0
+    failed: int = 0
+    asked: set[bytes] = field(default_factory=set)
+    replies: dict[bytes, wire.FindValueReply] = field(default_factory=dict)
+    #: A resolve: its rounds, and the first round's requests and time.
+    rounds: int = 1
+    first_rpcs: int = 0
+    first_elapsed: float = 0.0
 
 
 class Lookup:
@@ -103,6 +116,7 @@ class Lookup:
         claim_of: Callable[[bytes], bytes | None] = bytes,
         max_width: int = 0,
         probe_from: int = 0,
+        prior: dict[bytes, wire.FindValueReply] | None = None,
     ) -> None:
         self.target = target
         self.find_value = find_value
@@ -136,6 +150,11 @@ class Lookup:
         #: of its table it knows best. 0: never.
         self._probe_from = probe_from if not find_value else 0
         self._probed: set[bytes] = set()
+        #: Value replies heard already by an earlier lookup of the same target (a
+        #: resolve's first round), by node id: such a node is not asked again, its reply
+        #: is taken as if it had just come (shared by the paths of a disjoint lookup,
+        #: and used up: one path takes each). Every node still counts as asked.
+        self._prior = prior if prior is not None and find_value else {}
         self.started = started
         self.deadline = deadline
         self._nodes: dict[bytes, Node] = {}
@@ -198,7 +217,7 @@ class Lookup:
         if now >= self.deadline:
             self._finish(now)
             return []
-        live = self._live()
+        live = self._replay_prior()
         if self._enough_values(live):
             self._finish(now)
             return []
@@ -215,6 +234,7 @@ class Lookup:
                     self._taken.add(node.id)
                 self._inflight += 1
                 self.result.rpcs += 1
+                self.result.asked.add(node.id)
                 out.append(node)
         # A node lookup (where to store) short of k nodes waits for the slow ones to
         # answer or time out: on a busy host the contacts past their soft deadline are
@@ -225,6 +245,25 @@ class Lookup:
         if not out and quiet and not waits:
             self._finish(now)
         return out
+
+    def _replay_prior(self) -> list[Node]:
+        """The live candidates, after taking every reply an earlier lookup heard from
+        those of them not asked yet (which may name nearer candidates: bounded by the
+        number of prior replies, each taken once)."""
+        live = self._live()
+        while self._prior:
+            known = [n for n in live + self._passed if self._state[n.id] == _NEW]
+            heard = [n for n in known if n.id in self._prior]
+            if not heard:
+                break
+            for node in heard:
+                self._state[node.id] = _INFLIGHT
+                self._inflight += 1
+                if self._taken is not None:
+                    self._taken.add(node.id)
+                self.replied(node.id, self._prior.pop(node.id))
+            live = self._live()
+        return live
 
     def _slow_pending(self) -> bool:
         return any(state == _SLOW for state in self._state.values())
@@ -280,6 +319,7 @@ class Lookup:
             return False
         self._state[node_id] = _SLOW
         self._inflight -= 1
+        self.result.slow += 1
         return True
 
     def failed(self, node_id: bytes) -> None:
@@ -289,6 +329,7 @@ class Lookup:
             self._inflight -= 1
         if state in (_INFLIGHT, _SLOW):
             self._state[node_id] = _FAILED
+            self.result.failed += 1
 
     def replied(self, node_id: bytes, reply: wire.DHTResult) -> bool:
         """A reply from a contact we asked. Returns whether it was a slow one (the caller
@@ -300,6 +341,7 @@ class Lookup:
             self._inflight -= 1
         node = self._nodes[node_id]
         if isinstance(reply, wire.FindValueReply) and self.find_value:
+            self.result.replies[node_id] = reply
             if reply.value is not None:
                 self.result.values.append((node, reply.value))
                 self._claims[node_id] = self._claim_of(reply.value)
@@ -370,6 +412,7 @@ class DisjointLookup:
         claim_of: Callable[[bytes], bytes | None] = bytes,
         max_width: int = 0,
         probe_from: int = 0,
+        prior: dict[bytes, wire.FindValueReply] | None = None,
     ) -> None:
         paths = max(1, paths)
         self.target = target
@@ -402,6 +445,7 @@ class DisjointLookup:
                 claim_of=claim_of,
                 max_width=math.ceil(max_width / paths) if max_width else 0,
                 probe_from=math.ceil(probe_from / paths),
+                prior=prior,
             )
             for path_seeds in dealt
         ]
@@ -430,6 +474,10 @@ class DisjointLookup:
             result.without_value += path.result.without_value
             result.seen.update(path.result.seen)  # the replicas' first-seen receipts
             result.rpcs += path.result.rpcs
+            result.slow += path.result.slow
+            result.failed += path.result.failed
+            result.asked |= path.result.asked
+            result.replies.update(path.result.replies)
             result.hops = max(result.hops, path.result.hops)
         answered = {n.id: n for path in self.paths for n in path.result.closest}
         target = int.from_bytes(self.target, "big")
