@@ -42,6 +42,7 @@ mailboxes). All of this is off until the driver calls :meth:`Reachability.enable
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections import OrderedDict, deque
@@ -91,6 +92,7 @@ HELP_PER_MINUTE = 30
 HELP_GROUPS_MAX = 4096
 
 
+@functools.lru_cache(maxsize=4096)  # every reply is observed: parsing was a hot spot
 def group_of(host: str) -> str:
     """The observer group of an IP: its /24 (IPv4) or /48 (IPv6), private ones too."""
     ip = ipaddress.ip_address(host)
@@ -129,6 +131,12 @@ class Observations:
     def __init__(self) -> None:
         # group -> (what it saw, when)
         self._seen: OrderedDict[str, tuple[Address, float]] = OrderedDict()
+
+    def repeats(self, observer_host: str, seen: Address, now: float) -> bool:
+        """Whether the observer's group says ``seen`` already, still current: adding it
+        again only refreshes its time and changes no count."""
+        held = self._seen.get(group_of(observer_host))
+        return held is not None and held[0] == seen and now - held[1] < OBSERVATION_TTL
 
     def add(self, observer_host: str, seen: Address, now: float) -> None:
         group = group_of(observer_host)
@@ -316,6 +324,11 @@ class Reachability:
     def observed(self, responder: tuple[str, int], seen: Address, now: float) -> None:
         """A reply (matched to our request, decoded) said where it saw us."""
         self.core.stats["observed"] += 1
+        if not self._deferred and self.observations.repeats(responder[0], seen, now):
+            # The same answer again (most replies): nothing to recompute. Three mapping()
+            # per reply were 15 % of bench_adversary's CPU (issue 11, latency).
+            self.observations.add(responder[0], seen, now)
+            return
         before = self.mapping(now)
         self.observations.add(responder[0], seen, now)
         if self.mapping(now) != before and self.on_change is not None:
