@@ -138,7 +138,8 @@ class Row:
     #: Where each lookup's requests and time went (LookupResult): its rounds, the first
     #: round's RPCs and milliseconds, contacts given up on (soft deadline) and never
     #: heard (hard timeout), and second-round requests to nodes the first round asked.
-    where: list[tuple[int, int, float, int, int, int]] = field(default_factory=list)
+    #: The last: the core's own time for the whole resolve (ms).
+    where: list[tuple[int, int, float, int, int, int, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: Wrong and contested lookups that the rule would have given the owner had it counted
     #: only the values of the lookup's k closest nodes (a diagnostic, not p2pd's rule).
@@ -188,13 +189,20 @@ class Row:
         }
 
 
-def where_summary(where: list[tuple[int, int, float, int, int, int]]) -> dict[str, float]:
-    """Means per lookup of :attr:`Row.where`, and the share that took two rounds."""
+def where_summary(where: list[tuple[int, int, float, int, int, int, float]]) -> dict[str, Any]:
+    """Means per lookup of :attr:`Row.where`, the share that took two rounds, and the
+    slowest 1 % (by the core's time) in figures."""
     if not where:
         return {}
     n = len(where)
     two = [w for w in where if w[0] == 2]
+    tail = sorted(where, key=lambda w: -w[6])[: max(1, n // 100)]
     return {
+        "slowest": [
+            f"{w[6]:.0f} ms: {w[0]} rounds, round 1 {w[1]} RPCs in {w[2]:.0f} ms, round 2 "
+            f"{w[5]} RPCs in {w[6] - w[2]:.0f} ms, {w[3]} given up on, {w[4]} never answered"
+            for w in tail
+        ],
         "two_rounds_pct": 100 * len(two) / n,
         "round1_rpcs": sum(w[1] for w in where) / n,
         "round1_ms": sum(w[2] for w in where) / n,
@@ -398,16 +406,16 @@ async def run_lookups(
         with trio.move_on_after(cap):
             resolution, details = await asker.dht.resolve_claim(ref)
             row.rpcs.append(details.rpcs)
-            row.where.append(
-                (
-                    details.rounds,
-                    details.first_rpcs,
-                    details.first_elapsed * 1000,
-                    details.slow,
-                    details.failed,
-                    details.rpcs - details.first_rpcs,
-                )
+            where = (
+                details.rounds,
+                details.first_rpcs,
+                details.first_elapsed * 1000,
+                details.slow,
+                details.failed,
+                details.rpcs - details.first_rpcs,
+                details.elapsed * 1000,
             )
+            row.where.append(where)
             if resolution.status == OK and resolution.record is not None:
                 outcome = "owner" if resolution.record.public_key == owner else "wrong"
                 if outcome == "wrong" and len(row.wrong_votes) < 5:
@@ -562,7 +570,8 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
                 f"  {s['placement']}, {s['row']}, {s['mode']}: two rounds "
                 f"{w['two_rounds_pct']:.0f} %, round 1 {w['round1_rpcs']:.1f} RPCs in "
                 f"{w['round1_ms']:.0f} ms, round 2 {w['round2_rpcs']:.1f} RPCs (when taken), "
-                f"given up on (soft deadline) {w['slow']:.1f}, never answered {w['failed']:.1f}"
+                f"given up on (soft deadline) {w['slow']:.1f}, never answered {w['failed']:.1f}; "
+                f"slowest 1 %: {'; '.join(w['slowest'])}"
             )
     for s in summaries:
         extra = list(s["notes"]) + ([f"INCOMPLETE: {s['incomplete']}"] if s["incomplete"] else [])

@@ -331,9 +331,10 @@ class Reachability:
             return
         before = self.mapping(now)
         self.observations.add(responder[0], seen, now)
-        if self.mapping(now) != before and self.on_change is not None:
+        after = self.mapping(now)
+        if after != before and self.on_change is not None:
             self.on_change()
-        if self._deferred and self.mapping(now)[0] != "unknown":
+        if self._deferred and after[0] != "unknown":
             self._decide_by = now  # decided: send or drop what waited
             self._flush_deferred()
 
