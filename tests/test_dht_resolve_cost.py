@@ -48,6 +48,7 @@ async def test_a_resolve_asks_no_node_twice(
     net = FakeNetwork(seed=5, median_rtt=0.05)
     config = DHTConfig(ksize=K, reuse_replies=reuse)
     twice = rpcs = two_rounds = 0
+    voters: list[int] = []
     with trio.fail_after(3600):  # virtual seconds
         async with trio.open_nursery() as nursery:
             await nursery.start(net.run)
@@ -79,9 +80,13 @@ async def test_a_resolve_asks_no_node_twice(
                     twice += sum(1 for c in asked.values() if c > 1)
                     rpcs += details.rpcs
                     two_rounds += details.rounds == 2
+                    if details.rounds == 2:
+                        voters.append(len(details.voters))
             nursery.cancel_scope.cancel()
-    print(f"reuse={reuse}: {rpcs} RPCs, {twice} nodes asked twice, {two_rounds} two rounds")
+    print(f"reuse={reuse}: {rpcs} RPCs, {twice} asked twice, {two_rounds} two rounds, {voters=}")
     assert two_rounds >= 3  # the missing handles at least
+    # Every one of the replicas answered (no loss here) and voted, either way.
+    assert voters and min(voters) == config.claim_factor * K, voters
     if reuse:
         assert twice == 0
     else:  # the old resolve: the measurement sees the repeats

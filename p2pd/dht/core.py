@@ -618,7 +618,7 @@ class DHTCore:
         claim_of: Callable[[bytes], bytes | None] = bytes,
         k: int | None = None,
         quorum: int | None = None,
-        prior: dict[bytes, wire.FindValueReply] | None = None,
+        prior: dict[bytes, tuple[Node, wire.FindValueReply]] | None = None,
     ) -> None:
         """``k``: how many closest nodes to find (default ksize); ``quorum``: a value
         lookup's early end (default value_quorum; k waits for all k); ``prior``: value

@@ -87,7 +87,7 @@ class LookupResult:
     slow: int = 0
     failed: int = 0
     asked: set[bytes] = field(default_factory=set)
-    replies: dict[bytes, wire.FindValueReply] = field(default_factory=dict)
+    replies: dict[bytes, tuple[Node, wire.FindValueReply]] = field(default_factory=dict)
     #: A resolve: its rounds, and the first round's requests and time.
     rounds: int = 1
     first_rpcs: int = 0
@@ -116,7 +116,7 @@ class Lookup:
         claim_of: Callable[[bytes], bytes | None] = bytes,
         max_width: int = 0,
         probe_from: int = 0,
-        prior: dict[bytes, wire.FindValueReply] | None = None,
+        prior: dict[bytes, tuple[Node, wire.FindValueReply]] | None = None,
     ) -> None:
         self.target = target
         self.find_value = find_value
@@ -175,12 +175,14 @@ class Lookup:
         self.done = False
         for node in seeds:
             self._add(node, 0)
+        for node, _ in list(self._prior.values()):
+            self._add(node, 0)
 
     def _add(self, node: Node, depth: int) -> bool:
         """Take a candidate; True if it is nearer than anything heard of before."""
         if node.id == self._own or node.id in self._nodes or self._skip(node.id):
             return False
-        if self._taken is not None and node.id in self._taken:
+        if self._taken is not None and node.id in self._taken and node.id not in self._prior:
             return False
         self._nodes[node.id] = node
         self._state[node.id] = _NEW
@@ -195,8 +197,9 @@ class Lookup:
         target = self._target
         state, taken = self._state, self._taken
         if taken is not None:
+            prior = self._prior
             for node_id, st in state.items():
-                if st == _NEW and node_id in taken:
+                if st == _NEW and node_id in taken and node_id not in prior:
                     state[node_id] = _TAKEN
         ordered = sorted(
             (n for n in self._nodes.values() if state[n.id] not in _DEAD),
@@ -248,22 +251,16 @@ class Lookup:
 
     def _replay_prior(self) -> list[Node]:
         """The live candidates, after taking every reply an earlier lookup heard from
-        those of them not asked yet (which may name nearer candidates: bounded by the
-        number of prior replies, each taken once)."""
-        live = self._live()
-        while self._prior:
-            known = [n for n in live + self._passed if self._state[n.id] == _NEW]
-            heard = [n for n in known if n.id in self._prior]
-            if not heard:
-                break
-            for node in heard:
-                self._state[node.id] = _INFLIGHT
-                self._inflight += 1
-                if self._taken is not None:
-                    self._taken.add(node.id)
-                self.replied(node.id, self._prior.pop(node.id))
-            live = self._live()
-        return live
+        this path's share of its nodes (all added as candidates at the start; each
+        taken once, whatever its rank: an answer costs nothing to count)."""
+        heard = [i for i in self._prior if i in self._nodes and self._state[i] == _NEW]
+        for node_id in heard:
+            self._state[node_id] = _INFLIGHT
+            self._inflight += 1
+            if self._taken is not None:
+                self._taken.add(node_id)
+            self.replied(node_id, self._prior.pop(node_id)[1])
+        return self._live()
 
     def _slow_pending(self) -> bool:
         return any(state == _SLOW for state in self._state.values())
@@ -341,7 +338,7 @@ class Lookup:
             self._inflight -= 1
         node = self._nodes[node_id]
         if isinstance(reply, wire.FindValueReply) and self.find_value:
-            self.result.replies[node_id] = reply
+            self.result.replies[node_id] = (node, reply)
             if reply.value is not None:
                 self.result.values.append((node, reply.value))
                 self._claims[node_id] = self._claim_of(reply.value)
@@ -412,7 +409,7 @@ class DisjointLookup:
         claim_of: Callable[[bytes], bytes | None] = bytes,
         max_width: int = 0,
         probe_from: int = 0,
-        prior: dict[bytes, wire.FindValueReply] | None = None,
+        prior: dict[bytes, tuple[Node, wire.FindValueReply]] | None = None,
     ) -> None:
         paths = max(1, paths)
         self.target = target
@@ -427,6 +424,18 @@ class DisjointLookup:
         for index, node in enumerate(seeds):
             dealt[index % paths].append(node)
         share = quorum if quorum is None else math.ceil(quorum / paths)
+        # Earlier replies are dealt like the seeds, nearest first, each to one path, and
+        # are taken by no other: one path that took them all (it heard them at once, and
+        # their contacts led it to the rest) ended with its share of the k closest asked
+        # while the nodes it knew beyond them went unasked by either path (measured: 65
+        # voters of 80 instead of 79; a liar's share of the votes grows).
+        priors: list[dict[bytes, tuple[Node, wire.FindValueReply]]] = [{} for _ in range(paths)]
+        if prior and find_value:
+            goal = int.from_bytes(target, "big")
+            nearest = sorted(prior, key=lambda i: int.from_bytes(i, "big") ^ goal)
+            for index, node_id in enumerate(nearest):
+                priors[index % paths][node_id] = prior[node_id]
+                self._taken.add(node_id)
         self.paths = [
             Lookup(
                 target,
@@ -445,9 +454,9 @@ class DisjointLookup:
                 claim_of=claim_of,
                 max_width=math.ceil(max_width / paths) if max_width else 0,
                 probe_from=math.ceil(probe_from / paths),
-                prior=prior,
+                prior=path_prior,
             )
-            for path_seeds in dealt
+            for path_seeds, path_prior in zip(dealt, priors, strict=True)
         ]
         #: Which path asked each node (a reply goes to the path that asked).
         self._owner: dict[bytes, Lookup] = {}
