@@ -251,6 +251,7 @@ async def run_network(
         "on": DHTConfig(),
         "off": DHTConfig(defences=False),
         "again": DHTConfig(reuse_replies=False),
+        "reuse": DHTConfig(reuse_replies=True),
         "np": DHTConfig(packed_check=False),
     }[mode]
     if args.claim_factor:
@@ -665,11 +666,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     parser.add_argument(
         "--defences",
-        choices=["both", "on", "off", "np", "again", "before", "all"],
+        choices=["both", "on", "off", "np", "again", "reuse", "before", "all"],
         default="both",
         help="which runs: both = on and off; np = on but the density rule; again = on, "
-        "a resolve's second round asking every node again (the resolve before reuse); "
-        "before = on, then again; all = on, np, off",
+        "a resolve's second round asking every node again (the default); reuse = on, "
+        "the second round taking the first's replies (DHTConfig.reuse_replies, off by "
+        "default); before = reuse, then again; all = on, np, off",
     )
     parser.add_argument(
         "--placements",
@@ -708,7 +710,7 @@ def main() -> None:
         modes = {
             "both": ("on", "off"),
             "all": ("on", "np", "off"),
-            "before": ("on", "again"),
+            "before": ("reuse", "again"),
         }.get(args.defences, (args.defences,))
         for mode in modes:
             for placement in args.placements.split(","):
