@@ -77,9 +77,10 @@ class DHTConfig:
     packed_check: bool = True
     #: A resolve's second round takes the first round's replies instead of asking those
     #: nodes again (p2pd/dht/resolve.py): about 60 RPCs instead of 80 at N=200. OFF by
-    #: default: at N=1000 under the targeted attack, 2 of 100 plain lookups returned the
-    #: rival's key with it on (docs/SECURITY.md, "Where a lookup's time went"), cause not
-    #: found. FOR BENCHMARKS ONLY, like ``defences``.
+    #: default, for now: at N=1000 under the targeted attack 2 of 100 plain lookups
+    #: returned the rival's key with it on, and 1 of 100 with it off (docs/SECURITY.md,
+    #: "Where a lookup's time went": a hole in the rule, not in the reuse). FOR
+    #: BENCHMARKS ONLY, like ``defences``.
     reuse_replies: bool = False
     #: How long a node that proved its id from an address is asked without a proof.
     verified_lifetime: float = 3600.0
