@@ -229,6 +229,7 @@ DIALBACK_PAD = 160
 OBSERVED_LEN = 18
 
 
+@functools.lru_cache(maxsize=8192)  # every contact of every reply (issue 11: CPU per RPC)
 def node_id_for(public_key: bytes) -> bytes:
     """The 160-bit DHT node id of a node public key (never of an identity key)."""
     return hashlib.sha256(NODE_ID_CONTEXT + public_key).digest()[:NODE_ID_LEN]

@@ -53,6 +53,8 @@ lookups succeed, lookup p99 < 1 s. Only 127.0.0.0/8 is used; every phase is boun
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import logging
 import math
@@ -61,6 +63,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -128,12 +131,18 @@ class Row:
     name: str
     placement: str
     defences: bool
-    #: "on", "off", or "np" (the defences on but the density rule, p2pd/dht/density.py).
+    #: "on", "off", "np" (the defences on but the density rule, p2pd/dht/density.py), or
+    #: "again" (on, a resolve's second round asking every node again).
     mode: str
     plain: Counter[str] = field(default_factory=Counter)
     certified: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     rpcs: list[int] = field(default_factory=list)
+    #: Where each lookup's requests and time went (LookupResult): its rounds, the first
+    #: round's RPCs and milliseconds, contacts given up on (soft deadline) and never
+    #: heard (hard timeout), and second-round requests to nodes the first round asked.
+    #: The last: the core's own time for the whole resolve (ms).
+    where: list[tuple[int, int, float, int, int, int, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: Wrong and contested lookups that the rule would have given the owner had it counted
     #: only the values of the lookup's k closest nodes (a diagnostic, not p2pd's rule).
@@ -168,6 +177,7 @@ class Row:
             "p50_ms": percentile(lat, 50),
             "p99_ms": percentile(lat, 99),
             "rpcs_per_lookup": sum(self.rpcs) / len(self.rpcs) if self.rpcs else None,
+            "where": where_summary(self.where),
             "notes": self.notes
             + [f"wrong key: {w}" for w in self.wrong_votes]
             + [
@@ -180,6 +190,29 @@ class Row:
             "first_messages": dict(self.first),
             "goals": grade(self, n, hostile, plain_total, cert_total, lat),
         }
+
+
+def where_summary(where: list[tuple[int, int, float, int, int, int, float]]) -> dict[str, Any]:
+    """Means per lookup of :attr:`Row.where`, the share that took two rounds, and the
+    slowest 1 % (by the core's time) in figures."""
+    if not where:
+        return {}
+    n = len(where)
+    two = [w for w in where if w[0] == 2]
+    tail = sorted(where, key=lambda w: -w[6])[: max(1, n // 100)]
+    return {
+        "slowest": [
+            f"{w[6]:.0f} ms: {w[0]} rounds, round 1 {w[1]} RPCs in {w[2]:.0f} ms, round 2 "
+            f"{w[5]} RPCs in {w[6] - w[2]:.0f} ms, {w[3]} given up on, {w[4]} never answered"
+            for w in tail
+        ],
+        "two_rounds_pct": 100 * len(two) / n,
+        "round1_rpcs": sum(w[1] for w in where) / n,
+        "round1_ms": sum(w[2] for w in where) / n,
+        "round2_rpcs": sum(w[5] for w in two) / len(two) if two else 0.0,
+        "slow": sum(w[3] for w in where) / n,
+        "failed": sum(w[4] for w in where) / n,
+    }
 
 
 def grade(
@@ -217,6 +250,8 @@ async def run_network(
     config = {
         "on": DHTConfig(),
         "off": DHTConfig(defences=False),
+        "again": DHTConfig(reuse_replies=False),
+        "reuse": DHTConfig(reuse_replies=True),
         "np": DHTConfig(packed_check=False),
     }[mode]
     if args.claim_factor:
@@ -267,10 +302,48 @@ async def run_network(
                     behaviour &= ~B.SPOOF
                 coalition.behaviours = behaviour
                 await start_attack(args, swarm, coalition, behaviour, targets, row, rng)
-                await run_lookups(args, swarm, coalition, targets, keys, row, rng, label)
+                if args.gc_freeze:
+                    # Every node of the network lives in this one process: a full
+                    # collection walks all 200 nodes' heaps, 0.3-0.9 s with the event loop
+                    # stopped (measured: 5-10 in a row; the slowest 1 % of lookups were
+                    # those stalls). A daemon's heap is one node's. What exists when the
+                    # row starts is frozen out of the collector (gc.freeze); what the
+                    # lookups allocate is still collected.
+                    gc.collect()
+                    gc.freeze()
+                with collector_pauses() as pauses:
+                    await run_lookups(args, swarm, coalition, targets, keys, row, rng, label)
+                if pauses:
+                    row.notes.append(
+                        f"garbage collector during the lookups: {len(pauses)} full "
+                        f"collections, longest {max(pauses):.0f} ms"
+                    )
                 coalition.behaviours = B.HONEST
                 done.append(row)
+            gc.unfreeze()  # the next network's run starts with a collector that sees all
     return done
+
+
+@contextlib.contextmanager
+def collector_pauses() -> Iterator[list[float]]:
+    """The durations (ms) of the garbage collector's full collections meanwhile: they
+    stop every node of this process at once."""
+    pauses: list[float] = []
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append((time.perf_counter() - started[0]) * 1000)
+
+    gc.callbacks.append(callback)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(callback)
 
 
 def coverage(swarm: Swarm, coalition: Coalition, handles: list[str]) -> str:
@@ -375,6 +448,16 @@ async def run_lookups(
         with trio.move_on_after(cap):
             resolution, details = await asker.dht.resolve_claim(ref)
             row.rpcs.append(details.rpcs)
+            where = (
+                details.rounds,
+                details.first_rpcs,
+                details.first_elapsed * 1000,
+                details.slow,
+                details.failed,
+                details.rpcs - details.first_rpcs,
+                details.elapsed * 1000,
+            )
+            row.where.append(where)
             if resolution.status == OK and resolution.record is not None:
                 outcome = "owner" if resolution.record.public_key == owner else "wrong"
                 if outcome == "wrong" and len(row.wrong_votes) < 5:
@@ -521,6 +604,17 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
         "resolved handles (both kinds) read by the owner, by the attacker, by nobody; none "
         "is sent to a contested or missing handle."
     )
+    print("\nWhere the lookups' requests and time went (means per lookup):")
+    for s in summaries:
+        w = s["where"]
+        if w:
+            print(
+                f"  {s['placement']}, {s['row']}, {s['mode']}: two rounds "
+                f"{w['two_rounds_pct']:.0f} %, round 1 {w['round1_rpcs']:.1f} RPCs in "
+                f"{w['round1_ms']:.0f} ms, round 2 {w['round2_rpcs']:.1f} RPCs (when taken), "
+                f"given up on (soft deadline) {w['slow']:.1f}, never answered {w['failed']:.1f}; "
+                f"slowest 1 %: {'; '.join(w['slowest'])}"
+            )
     for s in summaries:
         extra = list(s["notes"]) + ([f"INCOMPLETE: {s['incomplete']}"] if s["incomplete"] else [])
         if extra:
@@ -545,7 +639,10 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
             goals = "; ".join(f"{k}: {v}" for k, v in s["goals"].items())
             print(f"goals {s['placement']}, {s['row']}: {goals}")
     if any(s["mode"] != "on" for s in summaries):
-        print('defences off and "np" (on but the density rule): not graded (the controls)')
+        print(
+            'defences off, "np" (on but the density rule) and "again" (on, the second '
+            "round asking every node again): not graded (the controls)"
+        )
 
 
 def main() -> None:
@@ -569,9 +666,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     parser.add_argument(
         "--defences",
-        choices=["both", "on", "off", "np", "all"],
+        choices=["both", "on", "off", "np", "again", "reuse", "before", "all"],
         default="both",
-        help="which runs: both = on and off; np = on but the density rule; all (both)",
+        help="which runs: both = on and off; np = on but the density rule; again = on, "
+        "a resolve's second round asking every node again (the default); reuse = on, "
+        "the second round taking the first's replies (DHTConfig.reuse_replies, off by "
+        "default); before = reuse, then again; all = on, np, off",
     )
     parser.add_argument(
         "--placements",
@@ -587,6 +687,13 @@ def main() -> None:
     parser.add_argument(
         "--rows", default="", help="comma-separated rows to run (default: every row)"
     )
+    parser.add_argument(
+        "--no-gc-freeze",
+        dest="gc_freeze",
+        action="store_false",
+        help="leave the setup's objects to the garbage collector (full collections of "
+        "every node's heap at once then stall the lookups: 0.3-0.8 s each at N=200)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     if set(args.placements.split(",")) - set(PLACEMENTS):
@@ -600,9 +707,11 @@ def main() -> None:
 
     async def run() -> list[Row]:
         rows: list[Row] = []
-        modes = {"both": ("on", "off"), "all": ("on", "np", "off")}.get(
-            args.defences, (args.defences,)
-        )
+        modes = {
+            "both": ("on", "off"),
+            "all": ("on", "np", "off"),
+            "before": ("reuse", "again"),
+        }.get(args.defences, (args.defences,))
         for mode in modes:
             for placement in args.placements.split(","):
                 rows += await run_network(args, mode, placement, PLACEMENTS[placement])

@@ -625,9 +625,11 @@ class DHTCore:
         claim_of: Callable[[bytes], bytes | None] = bytes,
         k: int | None = None,
         quorum: int | None = None,
+        prior: dict[bytes, tuple[Node, wire.FindValueReply]] | None = None,
     ) -> None:
         """``k``: how many closest nodes to find (default ksize); ``quorum``: a value
-        lookup's early end (default value_quorum; k waits for all k)."""
+        lookup's early end (default value_quorum; k waits for all k); ``prior``: value
+        replies already heard for ``target``, taken instead of asking those nodes."""
         self.now = max(self.now, now)
         config = self.config
         k = k or config.ksize
@@ -652,6 +654,7 @@ class DHTCore:
             claim_of=claim_of,
             max_width=config.ksize,
             probe_from=config.ksize if k > config.ksize else 0,
+            prior=prior,
         )
         self.table.touch(target, now)
         if not find_value and self.defended and len(self.table) >= 2 * config.ksize:

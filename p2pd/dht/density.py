@@ -218,13 +218,15 @@ class SpreadLimit(AddressLimit):
     def __init__(self, base: AddressLimit, target: bytes, size: float | None) -> None:
         super().__init__(base.per_ip, base.per_subnet)
         self.target = int.from_bytes(target, "big")
-        #: The distance the (c+1)-th admitted node must be at least at, for each c.
+        #: The distance the (c+1)-th admitted node must be at least at, for each c,
+        #: filled as far as a select needs (all 512 for every limit, one per lookup and
+        #: per store, were 3 % of bench_adversary's CPU; a select needs about k).
         self.thresholds: list[int] | None = None
         #: The distance at which one honest node is expected (None: size unknown).
         self.scale: float | None = None
         if size is not None and size > 0:
-            self.scale = scale = ID_SPACE / size
-            self.thresholds = [int(poisson_threshold(c) * scale) for c in range(MAX_COUNT)]
+            self.scale = ID_SPACE / size
+            self.thresholds = []
         #: Nodes skipped as packed by the last select (nearer than its last node).
         self.skipped = 0
         self.passed: list[Node] = []
@@ -238,8 +240,10 @@ class SpreadLimit(AddressLimit):
     def packed(self, node: Node, admitted: int) -> bool:
         """Whether ``node`` would be one too many, with ``admitted`` nodes nearer."""
         limits = self.thresholds
-        if limits is None or admitted >= len(limits):
+        if limits is None or admitted >= MAX_COUNT or self.scale is None:
             return False
+        while len(limits) <= admitted:
+            limits.append(int(poisson_threshold(len(limits)) * self.scale))
         return bool((node.long_id ^ self.target) < limits[admitted])
 
     def select(self, nodes: Iterable[Node], count: int) -> list[Node]:

