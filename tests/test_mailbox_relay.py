@@ -166,7 +166,7 @@ def test_the_lookup_relay_budget_holds() -> None:
     relay = FindRelay()
 
     def admitted(now: float, requester: str, n: int = 100, *, lookup: bool = True) -> int:
-        return sum(relay.admit(now, requester, lookup=lookup) is None for _ in range(n))
+        return sum(relay.admit(now, requester, spend=lookup) is None for _ in range(n))
 
     def drained(now: float) -> int:  # lookups that end at once: only the bucket holds
         total = 0
@@ -182,7 +182,7 @@ def test_the_lookup_relay_budget_holds() -> None:
     # one requester's /24 gets FINDS_PER_REQUESTER_HOUR an hour, cached answers included
     relay = FindRelay()
     assert admitted(2.0, "203.0.113.5", 1000, lookup=False) == FINDS_PER_REQUESTER_HOUR
-    assert relay.admit(2.0, "203.0.113.6", lookup=False) == "requester"
+    assert relay.admit(2.0, "203.0.113.6", spend=False) == "requester"
     assert relay.in_flight == 0 and relay.admit(2.0, "203.0.114.1") is None
     # answers are cached for a minute, at most FIND_CACHE_MAX keys
     relay.remember(b"k" * 20, [[b"x"]], 10.0)

@@ -302,6 +302,20 @@ class DHTCore:
             return find_requested(self, req, address, cookie, self._size_in, now)
         else:
             result = mailbox_ops.on_mailbox_request(self, req, address[0])
+        self.answer(req, address, cookie, result, self._size_in, now)
+
+    def answer(
+        self,
+        req: wire.DHTRequest,
+        address: tuple[str, int],
+        cookie: bytes | None,
+        result: Any,
+        size_in: int,
+        now: float,
+    ) -> None:
+        """Send ``result`` for ``req`` (of ``size_in`` bytes): signed if asked (for a
+        source not validated, within the signature budget), and while the source is not
+        validated (``cookie``) cut to the request's size, or dropped if it cannot be."""
         sign = None
         if req.prove:
             if cookie is not None and not self.budget.unvalidated_signatures.take(None, 1.0, now):
@@ -311,7 +325,7 @@ class DHTCore:
             sign = self.node_key.sign
         if cookie is not None:  # not validated: no reply larger than the request
             result, fits = fit_reply(
-                req.method, result, self._size_in, signed=sign is not None, cookie=True
+                req.method, result, size_in, signed=sign is not None, cookie=True
             )
             if not fits:
                 self.budget.dropped["reply_too_large_" + req.method] += 1

@@ -40,9 +40,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import wire
-from .budget import REQUEST_PAD, TokenBuckets, fit_reply, subnet_of
+from .budget import REQUEST_PAD
 from .lookup import LookupResult
-from .mailbox_relay import pick_relays
+from .mailbox_relay import RelayBudget, pick_relays
 from .routing import Node
 
 if TYPE_CHECKING:
@@ -67,7 +67,6 @@ MAX_FINDING = 8
 #: Lookups asked by one requester's /24 (/48) an hour (burst as many): an honest sender
 #: asks each relay once per message put to an offline contact.
 FINDS_PER_REQUESTER_HOUR = 64
-REQUESTERS_MAX = 4096
 #: An answer is reused for this long (seconds), for this many mailbox keys.
 FIND_CACHE_TTL = 60.0
 FIND_CACHE_MAX = 256
@@ -76,18 +75,14 @@ FIND_CACHE_MAX = 256
 MIN_REQUEST = REQUEST_PAD["mailbox_find"]
 
 
-class FindRelay:
-    """The relay's budget for lookups and its cache of answers. Pure: ``now`` passed."""
+class FindRelay(RelayBudget):
+    """The relay's budget for lookups (:class:`~.mailbox_relay.RelayBudget`; a cached
+    answer takes only the requester's share) and its cache of answers."""
 
-    __slots__ = ("cache", "in_flight", "last", "requesters", "tokens")
+    __slots__ = ("cache",)
 
     def __init__(self) -> None:
-        self.tokens = FIND_BURST
-        self.last = 0.0
-        self.in_flight = 0
-        self.requesters = TokenBuckets(
-            FINDS_PER_REQUESTER_HOUR / 3600, FINDS_PER_REQUESTER_HOUR, REQUESTERS_MAX
-        )
+        super().__init__(FIND_RATE, FIND_BURST, MAX_FINDING, FINDS_PER_REQUESTER_HOUR)
         #: mailbox key -> (when found, the contacts encoded for the wire)
         self.cache: OrderedDict[bytes, tuple[float, list[Any]]] = OrderedDict()
 
@@ -102,41 +97,6 @@ class FindRelay:
         self.cache.move_to_end(key)
         while len(self.cache) > FIND_CACHE_MAX:
             self.cache.popitem(last=False)
-
-    def admit(self, now: float, requester: str, *, lookup: bool = True) -> str | None:
-        """Why a lookup asked by ``requester`` (an IP address) is refused now (None: it
-        is not; with ``lookup``, it counts as in flight until :attr:`in_flight` is
-        lowered). A cached answer (``lookup=False``) takes only the requester's budget."""
-        self.tokens = min(FIND_BURST, self.tokens + max(now - self.last, 0.0) * FIND_RATE)
-        self.last = now
-        if lookup and (self.in_flight >= MAX_FINDING or self.tokens < 1.0):
-            return "busy"
-        if not self.requesters.take(subnet_of(requester), 1.0, now):
-            return "requester"
-        if lookup:
-            self.tokens -= 1.0
-            self.in_flight += 1
-        return None
-
-
-def _reply(
-    core: DHTCore,
-    req: wire.DHTRequest,
-    address: tuple[str, int],
-    cookie: bytes | None,
-    size_in: int,
-    result: list[Any],
-) -> None:
-    sign = None
-    if req.prove:
-        core.stats["proofs_signed"] += 1
-        sign = core.node_key.sign
-    if cookie is not None:  # not validated: no reply larger than the request
-        result, fits = fit_reply(req.method, result, size_in, signed=sign is not None, cookie=True)
-        if not fits:
-            core.budget.dropped["reply_too_large_" + req.method] += 1
-            return
-    core._send(wire.encode_response(req.msg_id, result, sign, cookie, address), address)
 
 
 def find_requested(
@@ -157,14 +117,14 @@ def find_requested(
     # amplifier). No refusal for a key we are close to: the sender already avoids the
     # nodes it knows near the key, a hostile replica would not refuse, and an honest
     # node's view of "close" in a network of a few k nodes would refuse honest senders.
-    why = "size" if size_in < MIN_REQUEST else relay.admit(now, address[0], lookup=hit is None)
+    why = "size" if size_in < MIN_REQUEST else relay.admit(now, address[0], spend=hit is None)
     if why is not None:
         core.stats["mailbox_find_refused_" + why] += 1
-        _reply(core, req, address, cookie, size_in, [])
+        core.answer(req, address, cookie, [], size_in, now)
         return
     if hit is not None:
         core.stats["mailbox_find_cached"] += 1
-        _reply(core, req, address, cookie, size_in, hit)
+        core.answer(req, address, cookie, hit, size_in, now)
         return
 
     def found(result: LookupResult) -> None:
@@ -174,7 +134,7 @@ def find_requested(
         )
         relay.remember(key, contacts, core.now)
         core.stats["mailbox_found"] += 1
-        _reply(core, req, address, cookie, size_in, contacts)
+        core.answer(req, address, cookie, contacts, size_in, core.now)
 
     core.start_lookup(key, now, found)
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from ..claims import network_of
-from .budget import TokenBuckets, fit_reply, subnet_of
+from .budget import TokenBuckets, subnet_of
 from .mailbox_entry import BUCKETS
 from .mailbox_pass import PASS_OVERHEAD
 from .routing import Node
@@ -53,6 +53,7 @@ __all__ = [
     "RELAY_BURST",
     "RELAY_RATE",
     "PutRelay",
+    "RelayBudget",
     "RelayedMailboxPut",
     "pick_relays",
     "relay_requested",
@@ -74,55 +75,43 @@ REQUESTERS_MAX = 4096
 PUT_SIZES = frozenset((*BUCKETS, *(size + PASS_OVERHEAD for size in BUCKETS)))
 
 
-class PutRelay:
-    """The relay's own budget: a token bucket over all requesters, and a cap on what is
-    in flight. Pure: the core passes ``now``."""
+class RelayBudget:
+    """What a relay spends on others: a token bucket over all requesters (``rate`` a
+    second, ``burst`` deep), at most ``max_in_flight`` at once, and ``per_hour`` for one
+    requester's /24 (/48). Pure: the core passes ``now``."""
 
-    __slots__ = ("in_flight", "last", "requesters", "tokens")
+    __slots__ = ("burst", "in_flight", "last", "max_in_flight", "rate", "requesters", "tokens")
 
-    def __init__(self) -> None:
-        self.tokens = RELAY_BURST
+    def __init__(self, rate: float, burst: float, max_in_flight: int, per_hour: float) -> None:
+        self.rate, self.burst, self.max_in_flight = rate, burst, max_in_flight
+        self.tokens = burst
         self.last = 0.0
         self.in_flight = 0
-        self.requesters = TokenBuckets(
-            PER_REQUESTER_HOUR / 3600, PER_REQUESTER_HOUR, REQUESTERS_MAX
-        )
+        self.requesters = TokenBuckets(per_hour / 3600, per_hour, REQUESTERS_MAX)
 
-    def admit(self, now: float, requester: str = "") -> str | None:
-        """Why a put from ``requester`` (an IP address) is not relayed now (None: it
-        is, and counts as in flight until :attr:`in_flight` is lowered)."""
-        self.tokens = min(RELAY_BURST, self.tokens + max(now - self.last, 0.0) * RELAY_RATE)
+    def admit(self, now: float, requester: str = "", *, spend: bool = True) -> str | None:
+        """Why a request from ``requester`` (an IP address) is refused now (None: it is
+        not; with ``spend``, it takes a token and counts as in flight until
+        :attr:`in_flight` is lowered; without, it takes only the requester's budget)."""
+        self.tokens = min(self.burst, self.tokens + max(now - self.last, 0.0) * self.rate)
         self.last = now
-        if self.in_flight >= MAX_RELAYING or self.tokens < 1.0:
+        if spend and (self.in_flight >= self.max_in_flight or self.tokens < 1.0):
             return "busy"
         if not self.requesters.take(subnet_of(requester), 1.0, now):
             return "requester"
-        self.tokens -= 1.0
-        self.in_flight += 1
+        if spend:
+            self.tokens -= 1.0
+            self.in_flight += 1
         return None
 
 
-def _reply(
-    core: DHTCore,
-    req: wire.DHTRequest,
-    address: tuple[str, int],
-    cookie: bytes | None,
-    size_in: int,
-    stored: bool,
-) -> None:
-    """Answer a relay request as the core answers any request (signed if asked; cut to
-    the request's size while its source is not validated)."""
-    sign = None
-    if req.prove:
-        core.stats["proofs_signed"] += 1
-        sign = core.node_key.sign
-    result: Any = stored
-    if cookie is not None:
-        result, fits = fit_reply(req.method, result, size_in, signed=sign is not None, cookie=True)
-        if not fits:
-            core.budget.dropped["reply_too_large_" + req.method] += 1
-            return
-    core._send(wire.encode_response(req.msg_id, result, sign, cookie, address), address)
+class PutRelay(RelayBudget):
+    """The budget for relaying others' mailbox puts."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(RELAY_RATE, RELAY_BURST, MAX_RELAYING, PER_REQUESTER_HOUR)
 
 
 class _Forward:
@@ -145,7 +134,7 @@ class _Forward:
         self.core.put_relay.in_flight -= 1
         stored = result is True
         self.core.stats["mailbox_relayed" if stored else "mailbox_relay_not_stored"] += 1
-        _reply(self.core, self.req, self.address, self.cookie, self.size_in, stored)
+        self.core.answer(self.req, self.address, self.cookie, stored, self.size_in, now)
 
     def rpc_slow(self, node: Node, now: float) -> None:
         pass
@@ -174,7 +163,7 @@ def relay_requested(
         why = core.put_relay.admit(now, address[0])
     if why is not None:
         core.stats["mailbox_relay_refused_" + why] += 1
-        _reply(core, req, address, cookie, size_in, False)
+        core.answer(req, address, cookie, False, size_in, now)
         return
     node = Node(target.node_id, target.address.host, target.address.port, target.node_key)
     core.request(
