@@ -166,21 +166,32 @@ def flush_then_send(
     moved_before = relay_counter(root, "registrations_moved")
     flushed_at = time.monotonic()
     counts = [router.flush_conntrack() for router in routers]
+    sent = _send_timed(root, sender, to, "after a flush", timeout, flushed_at)
+    return {
+        **sent,
+        "conntrack": counts,
+        "moved": relay_counter(root, "registrations_moved") - moved_before,
+    }
+
+
+def _send_timed(
+    root: Path, sender: str, to: str, what: str, timeout: float, started: float
+) -> dict[str, Any]:
+    """``sender`` sends ``to`` a message and waits for it: delivered or not, the seconds
+    since ``started``, the path, and the CLI's error if it failed."""
     try:
         out = run_cli(
-            root / sender, "send", to, f"after a flush {time.time_ns():x}", "--wait",
+            root / sender, "send", to, f"{what} {time.time_ns():x}", "--wait",
             "--timeout", str(timeout), "--json", timeout=timeout + 30.0,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         out = subprocess.CompletedProcess([], 1, "", "the send command did not end")
-    took = time.monotonic() - flushed_at
+    took = time.monotonic() - started
     message: dict[str, Any] = json.loads(out.stdout) if out.returncode == 0 else {}
     return {
         "delivered": message.get("state") == "delivered",
         "recovered_s": took,
         "via": message.get("via"),
-        "conntrack": counts,
-        "moved": relay_counter(root, "registrations_moved") - moved_before,
         "error": out.stderr.strip()[-300:] if out.returncode else None,
     }
 
@@ -199,20 +210,9 @@ def move_then_send(
     moved_before = relay_counter(root, "registrations_moved")
     started = time.monotonic()
     new = routers[-1].move()  # the outermost router: the one the world sees
-    try:
-        out = run_cli(
-            root / sender, "send", to, f"after a move {time.time_ns():x}", "--wait",
-            "--timeout", str(timeout), "--json", timeout=timeout + 30.0,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        out = subprocess.CompletedProcess([], 1, "", "the send command did not end")
-    took = time.monotonic() - started
-    message: dict[str, Any] = json.loads(out.stdout) if out.returncode == 0 else {}
+    sent = _send_timed(root, sender, to, "after a move", timeout, started)
     return {
-        "delivered": message.get("state") == "delivered",
-        "recovered_s": took,
-        "via": message.get("via"),
+        **sent,
         "new_address": str(new),
         "moved": relay_counter(root, "registrations_moved") - moved_before,
-        "error": out.stderr.strip()[-300:] if out.returncode else None,
     }
