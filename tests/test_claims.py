@@ -283,3 +283,25 @@ def test_a_replica_set_aside_holding_the_winners_key_does_not_count_against_it()
     rival = [answer(i, rec(RIVAL)) for i in range(40)]
     pushed = [answer(100 + i, rec(OWNER)) for i in range(21)]
     assert resolve_claims(rival, NOW, key=KEY, set_aside_answers=pushed).status == CONTESTED
+
+
+def test_a_key_held_by_a_packed_cluster_needs_more_than_two_votes() -> None:
+    """The hole bench_adversary found at N=1000 under the targeted attack: the rival's
+    key the only one among the voters, with 2 votes, and 78 ids set aside as packed next
+    to the key holding it too (neutral to it): crowned, a wrong key with no "contested".
+    With replicas set aside, a winner needs MIN_VOTES_WHEN_DISPUTED votes; the owner
+    with many votes and an honest replica set aside by chance still wins."""
+    voters = [answer(i, rec(RIVAL)) for i in range(2)]
+    cluster = [answer(100 + i, rec(RIVAL)) for i in range(78)]
+    res = resolve_claims(voters, NOW, key=KEY, set_aside_answers=cluster)
+    assert res.status == CONTESTED and res.record is None
+    assert resolve_claims(voters, NOW, key=KEY).status == OK  # no cluster: a fresh handle
+    assert resolve_claims(voters, NOW, key=KEY, set_aside=3).status == CONTESTED
+    # the rule's bound: the density rule is what keeps a cluster out of that many slots
+    enough = [answer(i, rec(RIVAL)) for i in range(MIN_VOTES_WHEN_DISPUTED)]
+    assert resolve_claims(enough, NOW, key=KEY, set_aside_answers=cluster).status == OK
+    owner = [answer(i, rec(OWNER)) for i in range(20)]
+    by_chance = [answer(200, rec(OWNER))]
+    ok = resolve_claims(owner, NOW, key=KEY, set_aside_answers=by_chance)
+    assert ok.status == OK and ok.record is not None
+    assert ok.record.public_key == OWNER.public_key
