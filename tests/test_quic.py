@@ -20,7 +20,7 @@ from aioquic.quic.packet import QuicErrorCode
 from aioquic.tls import AlertDescription
 
 from p2pd.config import QuicConfig
-from p2pd.errors import ConnectionLost, DatagramTooLarge, PeerKeyMismatch
+from p2pd.errors import ConnectionLost, DatagramTooLarge, LocalError, PeerKeyMismatch
 from p2pd.identity import Identity
 from p2pd.testing.waiting import wait_for
 from p2pd.transport.quic import (
@@ -226,6 +226,27 @@ async def test_connect_to_nobody_times_out() -> None:
                     await alice.quic.connect(
                         silent.getsockname(), Identity.generate("xavier").public_key
                     )
+
+
+async def test_a_connect_while_the_node_shuts_down_is_a_local_error() -> None:
+    """A task that still connects while the endpoint's nursery is closing (a clean-clone
+    CI run saw delivery's mailbox acks do it) gets LocalError, which its callers handle,
+    not trio's RuntimeError, and holds no connection slot."""
+    with trio.fail_after(TIMEOUT):
+        async with open_node("alice") as alice:
+            async with trio.open_nursery() as closed:
+                pass  # exited: "closed to new arrivals", as the endpoint's is at shutdown
+            serving = alice.quic._nursery
+            alice.quic._nursery = closed
+            try:
+                with pytest.raises(LocalError, match="shutting down"):
+                    await alice.quic.connect(
+                        ("127.0.0.1", 9), Identity.generate("xavier").public_key
+                    )
+            finally:
+                alice.quic._nursery = serving
+            assert alice.quic.budget.total == 0
+            assert alice.quic.peers() == []
 
 
 # --------------------------------------------------------------------------- streams

@@ -361,11 +361,17 @@ class QuicEndpoint:
         )
         quic.connect(addr, now=trio.current_time())
         peer = QuicPeer(self, quic, addr, expected_key)
+        try:
+            self._nursery.start_soon(peer.run, name=f"quic {addr[0]}:{addr[1]}")
+        except RuntimeError:  # trio: "Nursery is closed to new arrivals"
+            # The node is shutting down and a task still connects (a clean-clone CI run
+            # saw delivery's mailbox acks do it): a local failure its caller handles.
+            self.budget.release(slot)
+            raise LocalError("the QUIC endpoint is shutting down") from None
         self._slots[peer] = slot
         self._all.add(peer)
         peer.add_connection_id(quic.host_cid)
         self._peers[(expected_key, addr)] = peer
-        self._nursery.start_soon(peer.run, name=f"quic {addr[0]}:{addr[1]}")
         return peer
 
     def _normalize(self, address: Address | NetworkAddress) -> NetworkAddress:
