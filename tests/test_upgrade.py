@@ -7,6 +7,7 @@ daemons through real NATs is tests/test_upgrade_netns.py."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +162,20 @@ class FakeQuic:
         return self._peers
 
 
+def _pinging(peers: list[Any], natted: Callable[[], bool]) -> DirectUpgrade:
+    """An upgrade over ``peers`` (FakeQuic) that PINGs direct paths every 4 s while
+    ``natted`` says so."""
+    return DirectUpgrade(
+        quic=FakeQuic(peers),  # type: ignore[arg-type]
+        runner=FakeRunner(),  # type: ignore[arg-type]
+        mapping=lambda: "endpoint-independent",
+        candidates=lambda: [OURS],
+        may_share_addresses=lambda key: True,
+        natted=natted,
+        ping_interval=4.0,
+    )
+
+
 async def test_a_natted_node_pings_its_direct_connections_to_hold_their_mappings(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -170,15 +185,7 @@ async def test_a_natted_node_pings_its_direct_connections_to_hold_their_mappings
     direct, relayed = PingedPeer(("198.18.9.9", 4000)), PingedPeer(VIRTUAL)
     direct.last_received = trio.current_time()
     natted = [True]
-    up = DirectUpgrade(
-        quic=FakeQuic([direct, relayed]),  # type: ignore[arg-type]
-        runner=FakeRunner(),  # type: ignore[arg-type]
-        mapping=lambda: "endpoint-independent",
-        candidates=lambda: [OURS],
-        may_share_addresses=lambda key: True,
-        natted=lambda: natted[0],
-        ping_interval=4.0,
-    )
+    up = _pinging([direct, relayed], lambda: natted[0])
     async with trio.open_nursery() as nursery:
         await nursery.start(up.run)
         start = trio.current_time()
@@ -245,15 +252,7 @@ async def test_a_direct_path_that_hears_nothing_is_closed_behind_a_nat(
     alive, dead = PingedPeer(("198.18.9.9", 4000)), PingedPeer(("198.18.9.10", 4000))
     alive.last_received = dead.last_received = trio.current_time()
     dead.deaf = True
-    up = DirectUpgrade(
-        quic=FakeQuic([alive, dead]),  # type: ignore[arg-type]
-        runner=FakeRunner(),  # type: ignore[arg-type]
-        mapping=lambda: "endpoint-independent",
-        candidates=lambda: [OURS],
-        may_share_addresses=lambda key: True,
-        natted=lambda: True,
-        ping_interval=4.0,
-    )
+    up = _pinging([alive, dead], lambda: True)
     async with trio.open_nursery() as nursery:
         await nursery.start(up.run)
         await trio.sleep(12.5)
@@ -272,15 +271,7 @@ async def test_after_our_mapping_moved_a_path_that_does_not_answer_is_closed_at_
     (a peer behind a NAT that lets in only our old address) is closed."""
     follows, lost = PingedPeer(("198.18.9.9", 4000)), PingedPeer(("198.18.9.10", 4000))
     lost.deaf = True
-    up = DirectUpgrade(
-        quic=FakeQuic([follows, lost]),  # type: ignore[arg-type]
-        runner=FakeRunner(),  # type: ignore[arg-type]
-        mapping=lambda: "endpoint-independent",
-        candidates=lambda: [OURS],
-        may_share_addresses=lambda key: True,
-        natted=lambda: True,
-        ping_interval=4.0,
-    )
+    up = _pinging([follows, lost], lambda: True)
     async with trio.open_nursery() as nursery:
         await nursery.start(up.run)
         await trio.sleep(0.5)
