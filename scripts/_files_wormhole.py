@@ -49,8 +49,11 @@ def wormhole_seconds(src: Path, work: Path, timeout: float = 600.0) -> tuple[flo
         host = testbed.host("wh", testbed.lan("whlan", "10.78.0.0/24"))
         relay = ["--relay-url", "ws://127.0.0.1:4000/v1", "--transit-helper", "tcp:127.0.0.1:1"]
         server = host.popen(
-            [str(bin_dir / "twist"), "wormhole-mailbox", "--port", "tcp:4000:interface=127.0.0.1"]
-        )
+            # --channel-db: the server's state database, by default relay.sqlite in the
+            # current directory (one was once committed to the repository's top level).
+            [str(bin_dir / "twist"), "wormhole-mailbox", "--port", "tcp:4000:interface=127.0.0.1",
+             "--channel-db", str(work / "wormhole-relay.sqlite")]
+        )  # fmt: skip
         try:
             deadline = time.monotonic() + 30
             while (
