@@ -230,6 +230,27 @@ def test_a_batch_is_delivered_in_order_and_acked() -> None:
     assert pair.due() == [] and pair.alice.messages.next_due() is None
 
 
+def test_a_batch_is_encrypted_with_one_session_write_and_read_in_order() -> None:
+    pair = Pair()
+    pair.queue("start")  # the first message starts the session (X3DH)
+    exchange, _ = pair.send()
+    pair.to_alice(exchange, pair.to_bob(exchange.data).replies)
+    pair.end(exchange)
+    texts = [f"message {i}" for i in range(10)]
+    queued = pair.queue(*texts)
+    statements: list[str] = []
+    pair.alice.ledger.conn.set_trace_callback(statements.append)
+    exchange, _ = pair.send()
+    pair.alice.ledger.conn.set_trace_callback(None)
+    session_writes = [s for s in statements if s.lstrip().upper().startswith("UPDATE SESSIONS")]
+    assert len(session_writes) == 1  # one per message before
+    envelopes = [pair.state(m).envelope for m in queued]
+    assert all(envelopes) and len(set(envelopes)) == len(texts)  # ten ratchet steps
+    at_bob = pair.to_bob(exchange.data)
+    assert frames(at_bob.replies) == [(wire.FRAME_ACK, m.id) for m in queued]
+    assert pair.inbox() == ["start", *texts]
+
+
 def test_frames_cut_anywhere_are_put_back_together() -> None:
     pair = Pair()
     pair.queue("split", "across", "reads")

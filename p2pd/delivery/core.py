@@ -186,6 +186,12 @@ class Ledger(Protocol):
     def encrypt(self, peer_key: bytes, plaintext: bytes, bundle: bytes | None, now: float) -> bytes:
         """Raises NoSession (no session and no bundle), WireError or SessionError."""
 
+    def encrypt_many(
+        self, peer_key: bytes, plaintexts: Sequence[bytes], bundle: bytes | None, now: float
+    ) -> list[bytes]:
+        """:meth:`encrypt` each, in order: every envelope, or (raising as encrypt does)
+        no ratchet step at all."""
+
     def apply(self, writes: Sequence[Write]) -> None:
         """Write the rows the core decided on, in the open transaction."""
 
@@ -483,27 +489,37 @@ class DeliveryCore:
     ) -> list[Message]:
         """Give each message its envelope, in order; return those that have one. A
         message that cannot be encrypted (no session and no bundle yet, a bad bundle)
-        stops the batch there, and it and the rest wait for their next attempt."""
+        stops the batch there, and it and the rest wait for their next attempt. The
+        messages between two that have their envelope are encrypted together (one
+        session write): all of them, or none."""
         ready: list[Message] = []
-        for message in batch:
-            if message.envelope is not None:
-                ready.append(message)
+        while len(ready) < len(batch):
+            start = len(ready)
+            if batch[start].envelope is not None:
+                ready.append(batch[start])
                 continue
-            payload = wire.MessagePayload(
-                message.id, message.seq, message.sent_at_ms, message.text, message.kind,
-                sender=self.handle,
-            ).encode()  # fmt: skip
+            end = start + 1
+            while end < len(batch) and batch[end].envelope is None:
+                end += 1
+            run = batch[start:end]
+            payloads = [
+                wire.MessagePayload(
+                    m.id, m.seq, m.sent_at_ms, m.text, m.kind, sender=self.handle
+                ).encode()
+                for m in run
+            ]
             try:
-                envelope = self.ledger.encrypt(peer_key, payload, bundle, now)
+                envelopes = self.ledger.encrypt_many(peer_key, payloads, bundle, now)
             except NoSession:  # a failed encrypt changed nothing (its own savepoint)
-                log.info("no session with %s and no prekey bundle yet: waiting", message.handle)
+                log.info("no session with %s and no prekey bundle yet: waiting", run[0].handle)
             except (WireError, SessionError) as exc:  # a bad bundle in the record
-                log.warning("cannot start a session with %s: %s", message.handle, exc)
+                log.warning("cannot start a session with %s: %s", run[0].handle, exc)
             else:
-                self._writes.append(SetEnvelope(message.id, envelope))
-                ready.append(_with_envelope(message, envelope))
+                for message, envelope in zip(run, envelopes, strict=True):
+                    self._writes.append(SetEnvelope(message.id, envelope))
+                    ready.append(_with_envelope(message, envelope))
                 continue
-            self._schedule(batch[len(ready) :], now, None)
+            self._schedule(batch[start:], now, None)
             break
         return ready
 

@@ -109,6 +109,13 @@ class SqliteLedger:
     def encrypt(self, peer_key: bytes, plaintext: bytes, bundle: bytes | None, now: float) -> bytes:
         return self.sessions.encrypt(peer_key, plaintext, now=now, peer_bundle=bundle, commit=False)
 
+    def encrypt_many(
+        self, peer_key: bytes, plaintexts: Sequence[bytes], bundle: bytes | None, now: float
+    ) -> list[bytes]:
+        return self.sessions.encrypt_many(
+            peer_key, plaintexts, now=now, peer_bundle=bundle, commit=False
+        )
+
     def set_envelope(self, msg_id: bytes, envelope: bytes) -> None:
         self.messages.set_envelope(msg_id, envelope, commit=False)
 

@@ -67,7 +67,7 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -361,20 +361,45 @@ class SessionManager:
         With an active session, the bundle is not needed and is ignored. The caller has
         already checked ``peer_key`` against the pinned key.
         """
+        (envelope,) = self.encrypt_many(
+            peer_key, [plaintext], now=now, peer_bundle=peer_bundle, commit=commit
+        )
+        return envelope
+
+    def encrypt_many(
+        self,
+        peer_key: bytes,
+        plaintexts: Sequence[bytes],
+        *,
+        now: float,
+        peer_bundle: bytes | PrekeyBundle | None = None,
+        commit: bool = True,
+    ) -> list[bytes]:
+        """:meth:`encrypt` each of ``plaintexts`` in order (one ratchet step each), with
+        the session loaded and stored once for all of them: every envelope, or (an
+        exception) no ratchet step stored. A delivery batch's messages cost one session
+        row write instead of one each (the state's JSON and its UPDATE were about a
+        third of a message's encryption)."""
         self._check_peer_key(peer_key)
-        if len(plaintext) > MAX_PLAINTEXT:
+        if any(len(plaintext) > MAX_PLAINTEXT for plaintext in plaintexts):
             raise UsageError(f"plaintext over {MAX_PLAINTEXT} bytes")
+        if not plaintexts:
+            return []
+        envelopes: list[bytes] = []
         with self._transaction(commit):
             session = self._active(peer_key)
-            if session is None:
-                if peer_bundle is None:
-                    raise NoSession()
-                session, envelope = self._start(peer_key, peer_bundle, plaintext, now)
-            else:
-                envelope = self._seal(session, plaintext)
+            for plaintext in plaintexts:
+                if session is None:
+                    if peer_bundle is None:
+                        raise NoSession()
+                    session, envelope = self._start(peer_key, peer_bundle, plaintext, now)
+                else:
+                    envelope = self._seal(session, plaintext)
+                envelopes.append(envelope.encode())
+            assert session is not None  # plaintexts is not empty
             session.updated = now
             self._store(session)
-        return envelope.encode()
+        return envelopes
 
     def _start(
         self, peer_key: bytes, peer_bundle: bytes | PrekeyBundle, plaintext: bytes, now: float
