@@ -183,8 +183,9 @@ class MailboxPasses:
     ) -> PassPin | None:
         """Our last revocation's pin, signed afresh, while it is in effect (None after,
         or if we never revoked): sent again with each republish of our record, so that
-        a replica that restarted, or a node that became a replica since, refuses the
-        leaked pass too (pins are held in memory: p2pd/dht/mailbox_revoke.py)."""
+        a node that became a replica since (or one that lost its database) refuses the
+        leaked pass too (a replica keeps its pins across restarts:
+        p2pd/dht/mailbox_revoke.py)."""
         row = self._conn.execute(
             "SELECT epoch, revoked_at FROM mailbox_pass_epoch WHERE owner=?", (owner,)
         ).fetchone()
