@@ -22,6 +22,7 @@ from p2pd.dht.mailbox_find import (
     FINDS_PER_REQUESTER_HOUR,
     MAX_FINDING,
     FindRelay,
+    targets,
 )
 from p2pd.dht.mailbox_pass import issue_pass
 from p2pd.dht.mailbox_relay import (
@@ -343,3 +344,27 @@ async def test_closer_black_holes_alone_confirm_nothing(monkeypatch: pytest.Monk
             assert await sender.dht.mailbox_put(owner.identity.public_key, b"x") == 0
             assert sum(puts) >= 2
             assert sender.dht.core.stats["mailbox_put_unconfirmed"] == 1
+
+
+def test_the_targets_keep_each_relays_nearest_and_count_only_what_two_sources_name() -> None:
+    """p2pd/dht/mailbox_find.py ``targets``, on ids alone: a liar's nearer ids do not
+    push out the honest relay's; at most (answers + 1) * k nodes; only ids two sources
+    named are vouched for; nothing without an answer."""
+    key, k = bytes(20), 3
+
+    def at(distance: int) -> Node:  # an id ``distance`` from the key
+        return Node(distance.to_bytes(20, "big"), f"198.51.100.{distance % 250}", 4747)
+
+    honest = [at(d) for d in (100, 101, 102, 103)]
+    lies = [at(d) for d in (1, 2, 3)]
+    ours = [at(d) for d in (101, 102, 500)]
+    nodes, top, vouched = targets(key, [lies, honest], ours, k)
+    distances = [int.from_bytes(n.id, "big") for n in nodes]
+    assert distances == [1, 2, 3, 100, 101, 102]  # the liar's and the honest relay's k
+    assert [int.from_bytes(n.id, "big") for n in top] == [1, 2, 3]
+    assert {int.from_bytes(i, "big") for i in vouched} == {101, 102}  # honest and ours
+    assert len(nodes) <= (2 + 1) * k
+    # two relays agreeing vouch for each other; our table alone names nothing to put at
+    nodes, _, vouched = targets(key, [honest, honest[:3]], [], k)
+    assert len(nodes) == k and vouched == frozenset(n.id for n in honest[:3])
+    assert targets(key, [], ours, k) == ([], [], frozenset())

@@ -189,9 +189,8 @@ class RelayedMailboxFind:
                     named.setdefault(node.id, node)
             if named:
                 answers.append(list(named.values()))
-        # What we already know near the key is a source too (no datagram), when a relay
-        # answered: a lying relay's nodes must be nearer than an honest relay's *and*
-        # than ours to push them out.
+        # What we already know near the key is a source too (no datagram): among the k
+        # nearest of all, and a second voice for the nodes a relay names.
         ours = [n for n in core.table.closest(key, core.config.ksize) if n.key is not None]
         nodes, nearest, vouched = targets(key, answers, ours, core.config.ksize)
         if not nodes:

@@ -246,12 +246,7 @@ class RelayedMailboxPut(MailboxPut):
             self.core.stats["mailbox_puts_relayed"] += 1
 
     def replied(self, replies: list[wire.DHTResult | None]) -> None:
-        vouched = self.vouched
-        takers = [
-            i
-            for i, r in enumerate(replies)
-            if r is True and (vouched is None or self.nodes[i].id in vouched)
-        ]
+        takers = [i for i, r in enumerate(replies) if r is True and self.counts(self.nodes[i])]
         networks = {network_of(self.nodes[i].ip) for i in takers}
         via = {network_of(self.relay_of(i).ip) for i in takers}
         local = int(self.local)

@@ -248,13 +248,12 @@ class MailboxPut:
         #: nodes one lying relay alone names may take the put, never confirm it.
         self.vouched = vouched
         # Never more than there are replicas to ask (a network of two nodes).
-        self.required = max(1, min(required, len(self.counted(nodes)) + int(local)))
+        self.required = max(1, min(required, sum(map(self.counts, nodes)) + int(local)))
         self.on_done = on_done
 
-    def counted(self, nodes: list[Node]) -> list[Node]:
-        """Those of ``nodes`` whose "stored" confirms the put."""
-        vouched = self.vouched
-        return nodes if vouched is None else [n for n in nodes if n.id in vouched]
+    def counts(self, node: Node) -> bool:
+        """Whether ``node``'s "stored" confirms the put."""
+        return self.vouched is None or node.id in self.vouched
 
     def start(self, now: float) -> None:
         calls: list[tuple[Node, str, list[Any]]] = [
@@ -263,7 +262,9 @@ class MailboxPut:
         self.core.gather(calls, now, self.replied, anonymous=True)
 
     def replied(self, replies: list[wire.DHTResult | None]) -> None:
-        takers = self.counted([n for n, r in zip(self.nodes, replies, strict=True) if r is True])
+        takers = [
+            n for n, r in zip(self.nodes, replies, strict=True) if r is True and self.counts(n)
+        ]
         networks = {network_of(n.ip) for n in takers}
         confirmed = len(networks) + int(self.local) >= self.required
         if not confirmed:
