@@ -40,6 +40,7 @@ COMMANDS = {
     "inbox": "messages:inbox",
     "contacts": "messages:contacts",
     "verify": "messages:verify",
+    "mailbox": "messages:mailbox",
     "call": "calls:call_cmd",
     "answer": "calls:answer",
     "hangup": "calls:hangup",

@@ -255,6 +255,25 @@ def verify_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def revoked_text(r: dict[str, Any]) -> str:
+    """``mailbox revoke-pass``: the new epoch, who holds the pin, what contacts do."""
+    held = (
+        f"held by {r['replicas']} replica(s) of your mailbox"
+        if r["replicas"]
+        else "held by no replica yet (none answered): the daemon sends it again with "
+        "each republish of your record, or run this again later"
+    )
+    return "\n".join(
+        [
+            f"revoked your mailbox passes: now at pass epoch {r['epoch']}",
+            f"pin          {held}",
+            f"until        {when(r['until'])}",
+            "contacts     nothing to do: each gets your new pass on its next direct "
+            "contact with you",
+        ]
+    )
+
+
 # ---------------------------------------------------------------------- calls
 
 

@@ -248,8 +248,8 @@ class Node:
         return len(contacts)
 
     async def pin_mailbox_pass(self) -> int:
-        """Send our last revocation's pin again, while in effect (replicas hold pins in
-        memory and change): p2pd/dht/mailbox_pass_share.py. How many replicas took it."""
+        """Send our last revocation's pin again, while in effect (the replicas change):
+        p2pd/dht/mailbox_pass_share.py. How many replicas took it."""
         passes, identity = self.mailbox_passes, self.identity
         pin = passes and passes.current_pin(identity.public_key, identity.sign, time.time())
         return 0 if not pin else await self.dht.mailbox_revoke(pin)

@@ -347,6 +347,27 @@ def test_rotate_key_rules(root: Path, network: dict[str, DaemonProcess]) -> None
     assert proc.returncode == 1 and "passphrase does not open" in proc.stderr
 
 
+def test_mailbox_revoke_pass(root: Path, network: dict[str, DaemonProcess]) -> None:
+    """`p2pd mailbox revoke-pass`: a new pass epoch each time, the pin held by the
+    replicas of the mailbox, until the new pass expires; the help says what contacts
+    must do (nothing); without a daemon, a clear error."""
+    before = time.time()
+    first = cli_json(root / "bob", "mailbox", "revoke-pass")
+    assert first["epoch"] == 1 and first["replicas"] >= 2  # alice, carol (and bob)
+    assert before + 7 * 86400 <= first["until"] <= before + 21 * 86400
+    proc = run_cli(root / "bob", "mailbox", "revoke-pass")
+    assert proc.returncode == 0, proc.stderr
+    assert "now at pass epoch 2" in proc.stdout
+    assert f"held by {first['replicas']} replica(s)" in proc.stdout
+    assert "contacts     nothing to do" in proc.stdout
+    counters = cli_json(root / "bob", "status")["dht_counters"]
+    assert counters["mailbox_passes_revoked"] == 2
+    held = run_cli(root / "bob", "mailbox", "revoke-pass", "--help").stdout
+    assert "Contacts need do nothing" in held and "next direct" in held
+    proc = run_cli(root / "nobody", "mailbox", "revoke-pass")
+    assert proc.returncode == 1 and proc.stderr.startswith("ERROR: no p2pd daemon")
+
+
 def _store_at(daemon: DaemonProcess, record: HandleRecord) -> bool:
     """One STORE straight to a daemon's DHT port, as any node on the network may send."""
     host, _, port = daemon.listen.rpartition(":")

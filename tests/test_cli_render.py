@@ -111,3 +111,14 @@ def test_peer_events() -> None:
     peer = {"handle": "eve", "fingerprint": "e" * 32, "via": "lan", "addresses": []}
     assert render.peer_event_line({**peer, "change": "removed"}).startswith("- eve?  ")
     assert render.peer_event_line({**peer, "change": "added"}).endswith("lan  -         -")
+
+
+def test_revoke_pass_says_who_holds_the_pin_and_what_contacts_do() -> None:
+    until = time.time() + 10 * 86400
+    text = render.revoked_text({"epoch": 2, "replicas": 5, "until": until}).splitlines()
+    assert text[0] == "revoked your mailbox passes: now at pass epoch 2"
+    assert text[1] == "pin          held by 5 replica(s) of your mailbox"
+    assert text[2].startswith("until        ") and "(in 2" in text[2]
+    assert "nothing to do" in text[3]
+    none = render.revoked_text({"epoch": 1, "replicas": 0, "until": until})
+    assert "held by no replica yet" in none and "run this again later" in none

@@ -5,6 +5,7 @@ the relay's own budget holds."""
 from __future__ import annotations
 
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from p2pd.dht.mailbox_find import (
     FINDS_PER_REQUESTER_HOUR,
     MAX_FINDING,
     FindRelay,
+    targets,
 )
 from p2pd.dht.mailbox_pass import issue_pass
 from p2pd.dht.mailbox_relay import (
@@ -30,9 +32,10 @@ from p2pd.dht.mailbox_relay import (
     RELAY_RATE,
     PutRelay,
 )
+from p2pd.dht.nodekey import NodeKey
 from p2pd.dht.routing import Node
 from p2pd.identity import Identity
-from p2pd.testing.swarm import Swarm, SwarmNode, open_swarm
+from p2pd.testing.swarm import Swarm, SwarmNode, loopback_address, open_swarm
 
 #: Five replicas per mailbox among ten nodes: the others can relay.
 CONFIG = DHTConfig(ksize=5, postage_bits=4)
@@ -236,3 +239,132 @@ async def test_a_replica_sees_no_datagram_from_the_sender_about_the_mailbox() ->
             assert not any(swarm.nodes.index(n) in replicas for n in finders)
             got = await owner.dht.mailbox_fetch(bob)
             assert readable(bob, got) == [b"unlinkable"]
+
+
+async def _black_holes(
+    swarm: Swarm, key: bytes, count: int, stack: AsyncExitStack
+) -> tuple[list[SwarmNode], list[int]]:
+    """``count`` hostile nodes outside the swarm's DHT (no honest node knows them;
+    stopped when ``stack`` closes), each in a /24 of its own, whose node ids are nearer
+    ``key`` than every honest node's (node keys ground for it: about 60 µs a try), that
+    answer every ``mailbox_put`` "stored" and keep nothing; and how many puts each was
+    sent."""
+    target = int.from_bytes(key, "big")
+    honest = min(n.dht.core.node.long_id ^ target for n in swarm.nodes)
+    holes: list[SwarmNode] = []
+    puts = [0] * count
+    for i in range(count):
+        for _ in range(1 << 16):  # bounded: a 2^-10 chance a try for ten honest nodes
+            node_key = NodeKey.generate()
+            if int.from_bytes(node_key.node_id, "big") ^ target < honest:
+                break
+        else:
+            pytest.fail("no node key nearer the mailbox key")
+        hole = await swarm.start_node(
+            Identity.generate(f"hole{i}"), listen=loopback_address(200 + i), node_key=node_key
+        )
+        stack.push_async_callback(hole.stack.aclose)
+        boxes = hole.dht.core.mailboxes
+        assert boxes is not None
+
+        def drop(mailbox: bytes, entry: bytes, *, source: str | None = None, i: int = i) -> bool:
+            puts[i] += 1
+            return True  # "stored"; kept nowhere
+
+        boxes.put = drop  # type: ignore[method-assign]
+        holes.append(hole)
+    return holes, puts
+
+
+def _lie_about_replicas(monkeypatch: pytest.MonkeyPatch, holes: list[SwarmNode]) -> list[Any]:
+    """The first node asked for a ``mailbox_find`` answers the black holes as the nodes
+    closest to the key (it runs no lookup); the others answer honestly."""
+    real = p2pd.dht.core.find_requested
+    liar: list[Any] = []
+
+    def maybe_lie(
+        core: Any, req: wire.DHTRequest, address: Any, cookie: Any, size: int, now: float
+    ) -> None:
+        if not liar:
+            liar.append(core)
+        if core is not liar[0]:
+            return real(core, req, address, cookie, size, now)
+        core.stats["lies"] += 1
+        contacts = [wire.Contact(h.node_key.public_key, h.address) for h in holes]
+        core.answer(req, address, cookie, wire.encode_contacts(contacts), size, now)
+
+    monkeypatch.setattr(p2pd.dht.core, "find_requested", maybe_lie)
+    return liar
+
+
+@pytest.mark.slow
+async def test_a_relay_naming_closer_black_holes_loses_no_put(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The attack: one of the two relays the sender asks for the replicas answers with
+    five hostile nodes in five /24s, all nearer the mailbox key than any honest node,
+    which answer every put "stored" and keep nothing. Before, the sender took the k
+    nearest of all answers (the five black holes), put there only, and counted the put
+    as left: the owner never got it, and nothing was retried. Now the put also goes to
+    each relay's own k nearest (the honest relay's: the true replicas), and counts as
+    left only by takers that two sources named (two relays, or a relay and our own
+    table): the honest replicas hold it, the owner reads it."""
+    with trio.fail_after(90):
+        async with open_swarm(10, config=CONFIG) as swarm, AsyncExitStack() as stack:
+            sender, owner = swarm.nodes[3], swarm.nodes[6]
+            bob = owner.identity
+            key = mailbox_key(bob.public_key)
+            holes, puts = await _black_holes(swarm, key, CONFIG.ksize, stack)
+            liar = _lie_about_replicas(monkeypatch, holes)
+            copies = await sender.dht.mailbox_put(bob.public_key, b"not lost")
+            assert liar and liar[0].stats["lies"] == 1
+            assert sum(puts) >= 2  # the black holes were sent the put, and said "stored"
+            assert copies >= 2  # counted as left: and it is, at the honest replicas
+            # the black holes, named by the liar alone, were not counted
+            assert sender.dht.core.stats["mailbox_find_unvouched"] >= CONFIG.ksize
+            assert len([n for n in holders(swarm, key) if n is not sender]) >= 2
+            got = await owner.dht.mailbox_fetch(bob)
+            assert readable(bob, got) == [b"not lost"]
+
+
+@pytest.mark.slow
+async def test_closer_black_holes_alone_confirm_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same lying relay and black holes, while every honest replica refuses (bob's
+    mailbox is full everywhere): only the black holes say "stored". The put is not
+    confirmed (0 copies, ``mailbox_put_unconfirmed``): the sender tries again later
+    instead of counting a lost put as left."""
+    with trio.fail_after(90):
+        async with open_swarm(10, config=CONFIG) as swarm, AsyncExitStack() as stack:
+            sender, owner = swarm.nodes[3], swarm.nodes[6]
+            key = mailbox_key(owner.identity.public_key)
+            for node in swarm.nodes:
+                node.dht.core.mailboxes.limits = MailboxLimits(per_mailbox_count=0)  # type: ignore[union-attr]
+            holes, puts = await _black_holes(swarm, key, CONFIG.ksize, stack)
+            _lie_about_replicas(monkeypatch, holes)
+            assert await sender.dht.mailbox_put(owner.identity.public_key, b"x") == 0
+            assert sum(puts) >= 2
+            assert sender.dht.core.stats["mailbox_put_unconfirmed"] == 1
+
+
+def test_the_targets_keep_each_relays_nearest_and_count_only_what_two_sources_name() -> None:
+    """p2pd/dht/mailbox_find.py ``targets``, on ids alone: a liar's nearer ids do not
+    push out the honest relay's; at most (answers + 1) * k nodes; only ids two sources
+    named are vouched for; nothing without an answer."""
+    key, k = bytes(20), 3
+
+    def at(distance: int) -> Node:  # an id ``distance`` from the key
+        return Node(distance.to_bytes(20, "big"), f"198.51.100.{distance % 250}", 4747)
+
+    honest = [at(d) for d in (100, 101, 102, 103)]
+    lies = [at(d) for d in (1, 2, 3)]
+    ours = [at(d) for d in (101, 102, 500)]
+    nodes, top, vouched = targets(key, [lies, honest], ours, k)
+    distances = [int.from_bytes(n.id, "big") for n in nodes]
+    assert distances == [1, 2, 3, 100, 101, 102]  # the liar's and the honest relay's k
+    assert [int.from_bytes(n.id, "big") for n in top] == [1, 2, 3]
+    assert {int.from_bytes(i, "big") for i in vouched} == {101, 102}  # honest and ours
+    assert len(nodes) <= (2 + 1) * k
+    # two relays agreeing vouch for each other; our table alone names nothing to put at
+    nodes, _, vouched = targets(key, [honest, honest[:3]], [], k)
+    assert len(nodes) == k and vouched == frozenset(n.id for n in honest[:3])
+    assert targets(key, [], ours, k) == ([], [], frozenset())

@@ -1,5 +1,5 @@
 """The ``p2pd`` commands, by area: node.py (init, daemon, status, whois, peers),
-messages.py (send, inbox, contacts, verify), calls.py (call, answer, hangup, calls),
+messages.py (send, inbox, contacts, verify, mailbox), calls.py (call, answer, hangup, calls),
 devices.py (devices), files.py (send-file, files, accept, reject, cancel).
 
 cli/main.py imports a module when one of its commands runs, so at module level each

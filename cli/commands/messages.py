@@ -1,4 +1,4 @@
-"""Messages and contacts: ``send``, ``inbox``, ``contacts``, ``verify``."""
+"""Messages and contacts: ``send``, ``inbox``, ``contacts``, ``verify``, ``mailbox``."""
 
 from __future__ import annotations
 
@@ -326,3 +326,30 @@ def verify(
     with ControlClient(home_of(ctx), timeout=60) as client:
         result = client.call("verify", params)
     render.emit(result, as_json, render.verify_text)
+
+
+@click.group()
+def mailbox() -> None:
+    """Your offline mailbox: the sealed messages DHT nodes keep for you while you are
+    away. `p2pd mailbox revoke-pass` when a contact leaked your mailbox pass."""
+
+
+@mailbox.command("revoke-pass")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def mailbox_revoke_pass(ctx: click.Context, as_json: bool) -> None:
+    """Revoke the mailbox pass your contacts hold (one of them leaked it).
+
+    Your contacts put messages into your mailbox with a weekly pass you gave them,
+    which spares them postage and a flood of strangers' junk. A leaked pass lets anyone
+    fill that space. This moves you to a new pass at once and sends your mailbox's
+    replicas a pin signed by your key: from then on they refuse the old pass (its
+    holder pays postage like any stranger). The daemon sends the pin again with each
+    republish of your record while it holds.
+
+    Contacts need do nothing: each gets the new pass from your daemon on its next direct
+    contact with you; until then its offline messages to you still arrive, with postage.
+    """
+    with ControlClient(home_of(ctx), timeout=60) as client:
+        result = client.call("revoke_mailbox_pass")
+    render.emit(result, as_json, render.revoked_text)

@@ -79,6 +79,8 @@ class DHT:
         if remove_hook is not None:
             remove_hook(self.flush)
         self.core.storage.persist()
+        if self.core.mailboxes is not None:
+            self.core.mailboxes.persist()
 
     # ------------------------------------------------------------------ I/O
 
@@ -95,6 +97,8 @@ class DHT:
             for data, addr in self.core.reach.dialbacks_to_send():
                 self._dialback.sendto(data, addr)
         self.core.storage.persist()
+        if self.core.mailboxes is not None:
+            self.core.mailboxes.persist()  # pins (p2pd/dht/mailbox_revoke.py)
         when = self.core.get_timer()
         deadline = math.inf if when is None else when
         if self._timer.deadline != deadline:  # moving it re-sorts trio's deadlines

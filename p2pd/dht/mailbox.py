@@ -74,7 +74,8 @@ class MailboxLimits:
 
 
 class MailboxStorage:
-    """Mailbox entries this node holds for others, in SQLite (table ``mailbox``)."""
+    """Mailbox entries this node holds for others, in SQLite (table ``mailbox``), and
+    the owners' pins (table ``mailbox_pins``, :mod:`.mailbox_revoke`)."""
 
     def __init__(
         self,
@@ -95,9 +96,10 @@ class MailboxStorage:
         self._strangers_total = 0
         #: (mailbox key, share) -> [entries, bytes] held: running counters, not a scan.
         self._boxes: dict[tuple[bytes, int], list[int]] = {}
+        #: The owners' pins, revoking leaked passes (:mod:`.mailbox_revoke`): kept in
+        #: ``conn`` (table ``mailbox_pins``) across restarts, loaded now.
+        self.pins = PassPins(mailbox_key, conn, wall=clock())
         #: Checks contacts' puts (:mod:`.mailbox_pass`).
-        #: The owners' pins, revoking leaked passes (:mod:`.mailbox_revoke`).
-        self.pins = PassPins(mailbox_key)
         self.passes = mailbox_pass.PassChecker(mailbox_key, self.pins.revoked)
         #: Entries per source (address, /24|/48) held here; the core sets its budget.
         #: Entries loaded from disk were charged to no one (the sources are not stored).
@@ -141,6 +143,10 @@ class MailboxStorage:
     def _refuse(self, why: str) -> bool:
         self.refused[why] = self.refused.get(why, 0) + 1
         return False
+
+    def persist(self) -> None:
+        """Write what changed in the pins (the entries are written as they come)."""
+        self.pins.persist()
 
     def revoke(self, pin: PassPin) -> bool:
         """Hold an owner's pin (:mod:`.mailbox_revoke`); False (counted) if refused."""

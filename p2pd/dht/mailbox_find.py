@@ -16,9 +16,13 @@ their answers (the k closest of the union) and puts through relays as before.
 What each party sees (docs/SECURITY.md, "Relayed mailbox lookups"): a replica, the
 relay's lookup (the relay's address and id) and then the puts (relays' addresses);
 the relay, the sender's address and the mailbox key (as for the put it may carry).
-What a lying relay can do: answer nodes of its choosing; the union with the other
-relays' answers keeps the honest closest ones only if they are closer, as in any
-lookup through a hostile hop (node ids cost a key each, :mod:`.density`).
+What a lying relay can do: answer nodes of its choosing, e.g. black holes with ids
+ground nearer the key than the true replicas. So the sender puts at the k closest of
+all answers *and* at each relay's own k closest (:func:`targets`: a liar cannot push
+an honest relay's replicas out), and counts a "stored" towards confirmation only from
+a node two sources named (two relays, or a relay and the sender's own table): the
+nodes one relay alone names may take the put but never make it look left. Two
+colluding relays still can (docs/SECURITY.md, "Relayed mailbox lookups").
 
 Budgets on the relay: the request costs the requester's source what a put does
 (:data:`~.budget.REQUEST_COST`); all requesters together start :data:`FIND_RATE`
@@ -148,7 +152,8 @@ def find_relays(core: DHTCore, key: bytes) -> list[Node]:
 
 class RelayedMailboxFind:
     """Ask ``relays`` for the nodes closest to mailbox ``key``; ``then(key, nodes,
-    local)`` with the k closest of their answers together (empty if none answered)."""
+    local, vouched)`` with the nodes to put at (empty if no relay answered) and the ids
+    among them that two sources named (:func:`targets`)."""
 
     __slots__ = ("core", "key", "relays", "then")
 
@@ -157,7 +162,7 @@ class RelayedMailboxFind:
         core: DHTCore,
         key: bytes,
         relays: list[Node],
-        then: Callable[[bytes, list[Node], bool], None],
+        then: Callable[[bytes, list[Node], bool, frozenset[bytes] | None], None],
     ) -> None:
         self.core, self.key, self.relays, self.then = core, key, relays, then
 
@@ -172,31 +177,62 @@ class RelayedMailboxFind:
 
     def replied(self, replies: list[wire.DHTResult | None]) -> None:
         core, key = self.core, self.key
-        nodes: dict[bytes, Node] = {}
-        answered = False
+        answers: list[list[Node]] = []
         for reply in replies:
             if not isinstance(reply, tuple):
                 continue
+            named: dict[bytes, Node] = {}
             for contact in reply:
-                if not isinstance(contact, wire.Contact):
-                    continue
-                node_id = contact.node_id
-                if node_id != core.node_id:
-                    answered = True
+                if isinstance(contact, wire.Contact) and contact.node_id != core.node_id:
                     host, port = contact.address.host, contact.address.port
-                    nodes.setdefault(node_id, Node(node_id, host, port, contact.node_key))
-        if answered:
-            # What we already know near the key counts too (no datagram): a lying relay's
-            # nodes must be nearer than an honest relay's *and* than ours to push them out.
-            for node in core.table.closest(key, core.config.ksize):
-                if node.key is not None:
-                    nodes.setdefault(node.id, node)
-        target = int.from_bytes(key, "big")
-        closest = sorted(nodes.values(), key=lambda n: n.long_id ^ target)[: core.config.ksize]
-        if not closest:
+                    node = Node(contact.node_id, host, port, contact.node_key)
+                    named.setdefault(node.id, node)
+            if named:
+                answers.append(list(named.values()))
+        # What we already know near the key is a source too (no datagram): among the k
+        # nearest of all, and a second voice for the nodes a relay names.
+        ours = [n for n in core.table.closest(key, core.config.ksize) if n.key is not None]
+        nodes, nearest, vouched = targets(key, answers, ours, core.config.ksize)
+        if not nodes:
             core.stats["mailbox_find_failed"] += 1
         relay_ids = {r.id for r in self.relays}
-        if any(n.id in relay_ids for n in closest):
+        if any(n.id in relay_ids for n in nodes):
             core.stats["mailbox_find_relay_was_replica"] += 1
+        if len(vouched) < len(nodes):
+            core.stats["mailbox_find_unvouched"] += len(nodes) - len(vouched)
         # Nothing found: our own copy must not confirm the put alone.
-        self.then(key, closest, bool(closest) and core.among_closest(key, closest))
+        self.then(key, nodes, bool(nearest) and core.among_closest(key, nearest), vouched)
+
+
+def targets(
+    key: bytes, answers: list[list[Node]], ours: list[Node], k: int
+) -> tuple[list[Node], list[Node], frozenset[bytes]]:
+    """Where to put an entry for mailbox ``key``, from the relays' ``answers`` (each
+    relay's nodes) and ``ours`` (the nodes of our table nearest the key): the ``k``
+    nearest of them all, and each answer's own ``k`` nearest too, so that a lying
+    relay naming nodes nearer the key than the true replicas cannot push out the
+    honest relays' (at most (answers + 1) * k nodes, nearest first); those ``k``
+    nearest of all (for whether we are a replica ourselves); and the ids that two
+    sources named (two relays, or a relay and our table): only these confirm a put
+    (:class:`~.mailbox_relay.RelayedMailboxPut`), so the nodes one relay alone names
+    can take a put but never make it count as left. Without any answer, no nodes."""
+    if not answers:
+        return [], [], frozenset()
+    target = int.from_bytes(key, "big")
+
+    def nearest(nodes: list[Node]) -> list[Node]:
+        return sorted(nodes, key=lambda n: n.long_id ^ target)[:k]
+
+    every: dict[bytes, Node] = {}
+    named: dict[bytes, int] = {}
+    for source in [*answers, ours]:  # each without repeats
+        for node in source:
+            every.setdefault(node.id, node)
+            named[node.id] = named.get(node.id, 0) + 1
+    top = nearest(list(every.values()))
+    chosen = {n.id: n for n in top}
+    for answer in answers:
+        for node in nearest(answer):
+            chosen.setdefault(node.id, node)
+    nodes = sorted(chosen.values(), key=lambda n: n.long_id ^ target)
+    return nodes, top, frozenset(i for i in chosen if named[i] >= 2)

@@ -38,7 +38,11 @@ def start_mailbox_put(
 ) -> None:
     """Leave ``entry`` in ``owner``'s mailbox on the k closest nodes; reports copies."""
 
-    def found(key: bytes, nodes: list[Node], local: bool) -> None:
+    def found(
+        key: bytes, nodes: list[Node], local: bool, vouched: frozenset[bytes] | None = None
+    ) -> None:
+        # ``vouched``: after a relayed lookup, the nodes two sources named (only their
+        # "stored" confirms the put: mailbox_find.targets); None, our own lookup's.
         held = local and core.mailboxes is not None and core.mailboxes.put(key, entry)
         copies = core.config.mailbox_copies  # confirmed by distinct networks
         # Through relays when we know nodes that are not replicas (mailbox_relay.py):
@@ -48,10 +52,10 @@ def start_mailbox_put(
         near = core.table.closest(key, core.config.ksize)
         relays = pick_relays(core, [*nodes, *near], core.config.mailbox_relays)
         if relays and all(n.key is not None for n in nodes):
-            put = RelayedMailboxPut(core, key, entry, nodes, held, copies, relays, on_done)
+            put = RelayedMailboxPut(core, key, entry, nodes, held, copies, relays, on_done, vouched)
             put.start(core.now)
         else:
-            MailboxPut(core, key, entry, nodes, held, copies, on_done).start(core.now)
+            MailboxPut(core, key, entry, nodes, held, copies, on_done, vouched).start(core.now)
 
     # The lookup too, when we know relays that are not near the key (mailbox_find.py):
     # else a replica would see our find_node for the mailbox key just before the puts.

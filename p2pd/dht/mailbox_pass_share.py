@@ -167,13 +167,20 @@ class MailboxPasses:
         return 0 if row is None else int(row[0])
 
     def next_epoch(self, owner: bytes, wall: float) -> int:
-        """Revoke our passes so far: the epoch our passes are derived with from now on."""
-        epoch = self.epoch(owner) + 1
+        """Revoke our passes so far: the epoch our passes are derived with from now on.
+        Its time (the pin's earliest timestamp) is after the last revocation's, even
+        within one second: a replica never takes a pin no newer than the one it holds
+        (p2pd/dht/mailbox_revoke.py), and it would keep the last one's pass."""
+        row = self._conn.execute(
+            "SELECT epoch, revoked_at FROM mailbox_pass_epoch WHERE owner=?", (owner,)
+        ).fetchone()
+        epoch, last = (0, -1) if row is None else (int(row[0]), int(row[1]))
+        epoch += 1
         with self._conn:
             self._conn.execute(
                 "INSERT OR REPLACE INTO mailbox_pass_epoch(owner, epoch, revoked_at) "
                 "VALUES (?,?,?)",
-                (owner, epoch, int(wall)),
+                (owner, epoch, max(int(wall), last + 1)),
             )
         self.stats["mailbox_passes_revoked"] += 1
         return epoch
@@ -183,15 +190,17 @@ class MailboxPasses:
     ) -> PassPin | None:
         """Our last revocation's pin, signed afresh, while it is in effect (None after,
         or if we never revoked): sent again with each republish of our record, so that
-        a replica that restarted, or a node that became a replica since, refuses the
-        leaked pass too (pins are held in memory: p2pd/dht/mailbox_revoke.py)."""
+        a node that became a replica since (or one that lost its database) refuses the
+        leaked pass too (a replica keeps its pins across restarts:
+        p2pd/dht/mailbox_revoke.py)."""
         row = self._conn.execute(
             "SELECT epoch, revoked_at FROM mailbox_pass_epoch WHERE owner=?", (owner,)
         ).fetchone()
         if row is None:
             return None
-        kept = issue_pass(owner, sign, float(row[1]), int(row[0]))
-        return make_pin(owner, sign, wall, kept) if kept.expires > wall else None
+        revoked_at = int(row[1])
+        kept = issue_pass(owner, sign, float(revoked_at), int(row[0]))
+        return make_pin(owner, sign, max(wall, revoked_at), kept) if kept.expires > wall else None
 
 
 async def revoke_pass(
@@ -206,10 +215,11 @@ async def revoke_pass(
     and a pin at our mailbox's replicas that refuses the others
     (p2pd/dht/mailbox_revoke.py). ``send_pin`` reports how many replicas took it."""
     epoch = passes.next_epoch(owner, wall)
-    kept = issue_pass(owner, sign, wall, epoch)
-    replicas = await send_pin(make_pin(owner, sign, wall, kept))
+    pin = passes.current_pin(owner, sign, wall)
+    assert pin is not None  # its pass expires next week at the earliest
+    replicas = await send_pin(pin)
     log.info("revoked our mailbox passes: epoch %d, pin held by %d replicas", epoch, replicas)
-    return {"epoch": epoch, "replicas": replicas, "until": kept.expires}
+    return {"epoch": epoch, "replicas": replicas, "until": pin.expires}
 
 
 class PassAnnouncer(ContactNews):

@@ -43,6 +43,7 @@ from ..claims import network_of
 from .budget import TokenBuckets, subnet_of
 from .mailbox_entry import BUCKETS
 from .mailbox_pass import PASS_OVERHEAD
+from .operations import MailboxPut
 from .routing import Node
 
 if TYPE_CHECKING:
@@ -205,14 +206,15 @@ def pick_relays(core: DHTCore, targets: list[Node], count: int) -> list[Node]:
     return chosen
 
 
-class RelayedMailboxPut:
+class RelayedMailboxPut(MailboxPut):
     """One entry put at every node found for its mailbox, each through one of
     ``relays`` (in turn). Confirmed like :class:`~.operations.MailboxPut` (takers in
-    ``required`` distinct networks, our own copy counting as one), and also only if the
+    ``required`` distinct networks, our own copy counting as one, only those
+    ``vouched`` for), and also only if the
     takers' answers came through relays in as many distinct networks (as many as there
     are): a relay that lies "stored" for every put it carries confirms nothing alone."""
 
-    __slots__ = ("core", "entry", "key", "local", "nodes", "on_done", "relays", "required")
+    __slots__ = ("relays",)
 
     def __init__(
         self,
@@ -224,11 +226,10 @@ class RelayedMailboxPut:
         required: int,
         relays: list[Node],
         on_done: Callable[[int], None],
+        vouched: frozenset[bytes] | None = None,
     ) -> None:
-        self.core, self.key, self.entry = core, key, entry
-        self.nodes, self.local, self.relays = nodes, local, relays
-        self.required = max(1, min(required, len(nodes) + int(local)))
-        self.on_done = on_done
+        super().__init__(core, key, entry, nodes, local, required, on_done, vouched)
+        self.relays = relays
 
     def relay_of(self, index: int) -> Node:
         return self.relays[index % len(self.relays)]
@@ -245,7 +246,7 @@ class RelayedMailboxPut:
             self.core.stats["mailbox_puts_relayed"] += 1
 
     def replied(self, replies: list[wire.DHTResult | None]) -> None:
-        takers = [i for i, r in enumerate(replies) if r is True]
+        takers = [i for i, r in enumerate(replies) if r is True and self.counts(self.nodes[i])]
         networks = {network_of(self.nodes[i].ip) for i in takers}
         via = {network_of(self.relay_of(i).ip) for i in takers}
         local = int(self.local)

@@ -225,7 +225,7 @@ class MailboxPut:
     ``required`` colluding black holes in as many networks still can (docs/SECURITY.md).
     """
 
-    __slots__ = ("core", "entry", "key", "local", "nodes", "on_done", "required")
+    __slots__ = ("core", "entry", "key", "local", "nodes", "on_done", "required", "vouched")
 
     def __init__(
         self,
@@ -236,15 +236,24 @@ class MailboxPut:
         local: bool,
         required: int,
         on_done: Callable[[int], None],
+        vouched: frozenset[bytes] | None = None,
     ) -> None:
         self.core = core
         self.key = key
         self.entry = entry
         self.nodes = nodes
         self.local = local
+        #: The ids whose "stored" counts (None: every node's). After a relayed lookup,
+        #: those that two sources named (p2pd/dht/mailbox_find.py ``targets``): the
+        #: nodes one lying relay alone names may take the put, never confirm it.
+        self.vouched = vouched
         # Never more than there are replicas to ask (a network of two nodes).
-        self.required = max(1, min(required, len(nodes) + int(local)))
+        self.required = max(1, min(required, sum(map(self.counts, nodes)) + int(local)))
         self.on_done = on_done
+
+    def counts(self, node: Node) -> bool:
+        """Whether ``node``'s "stored" confirms the put."""
+        return self.vouched is None or node.id in self.vouched
 
     def start(self, now: float) -> None:
         calls: list[tuple[Node, str, list[Any]]] = [
@@ -253,7 +262,9 @@ class MailboxPut:
         self.core.gather(calls, now, self.replied, anonymous=True)
 
     def replied(self, replies: list[wire.DHTResult | None]) -> None:
-        takers = [n for n, r in zip(self.nodes, replies, strict=True) if r is True]
+        takers = [
+            n for n, r in zip(self.nodes, replies, strict=True) if r is True and self.counts(n)
+        ]
         networks = {network_of(n.ip) for n in takers}
         confirmed = len(networks) + int(self.local) >= self.required
         if not confirmed:
