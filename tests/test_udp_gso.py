@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
+from p2pd.daemon import bind_listen
 from p2pd.transport.udp import (
     GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
@@ -211,3 +212,45 @@ def test_split_coalesced_takes_only_a_sane_segment_size() -> None:
         assert split_coalesced(data, [(SOL_UDP, UDP_GRO, struct.pack("=i", size))]) == [data]
     assert split_coalesced(data, [(SOL_UDP, UDP_GRO, b"\x01")]) == [data]  # truncated
     assert split_coalesced(data, [(socket.SOL_SOCKET, UDP_GRO, cmsg[0][2])]) == [data]
+
+
+async def test_a_dual_stack_socket_segments_to_both_families_and_splits_what_it_reads(
+    endpoint: UdpEndpoint,
+) -> None:
+    """The daemon's default socket (``::``, IPv4 mapped): segmented sends reach IPv4 and
+    IPv6 peers, and a segmented IPv4 send read coalesced comes out split, from the
+    peer's plain IPv4 spelling."""
+    node = bind_listen(Address("::", 0))
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    v4 = receiver()
+    try:
+        v6.bind(("::1", 0))
+        v6.settimeout(5)
+        for sink in (v4, v6):
+            sent = datagrams(*[1200] * 7, 10)
+            node.send_many(sent, sink.getsockname()[:2])
+            assert receive(sink, 8) == sent
+        assert node.stats["gso_sends"] == 2 and node.stats["send_errors"] == 0
+        quic = [b"\x40" + os.urandom(1199) for _ in range(12)]
+        got: list[tuple[bytes, tuple[str, int]]] = []
+        done = trio.Event()
+
+        def on_quic(data: bytes, addr: tuple[str, int]) -> None:
+            got.append((data, addr))
+            if len(got) == len(quic):
+                done.set()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.serve, lambda data, addr: None, on_quic)
+                endpoint.send_many(quic, ("127.0.0.1", node.local_address.port))
+                await done.wait()
+                nursery.cancel_scope.cancel()
+        assert [data for data, _ in got] == quic
+        assert {addr for _, addr in got} == {endpoint.local_address.as_tuple()}
+        if node.gro:
+            assert node.stats["gro_reads"] >= 1
+    finally:
+        v4.close()
+        v6.close()
+        node.close()
