@@ -36,6 +36,18 @@ The receive loop reads in bursts: every datagram already queued (up to
 (:meth:`UdpEndpoint.add_flush_hook`) runs once. A handler may therefore only queue work
 (QUIC feeds aioquic) and do the expensive part (QUIC's ``datagrams_to_send``) once per
 burst, in the same task: no scheduling round and no task switch per datagram.
+
+Segmentation offload on send (Linux 4.18, issue 14): :meth:`UdpEndpoint.send_many`
+takes the datagrams one QUIC step has for one destination and hands each run of equal
+size (the last may be shorter) to the kernel as one ``sendmsg`` with a ``UDP_SEGMENT``
+control message; the kernel (or the NIC) cuts it into the same datagrams. The receiver
+sees exactly what one ``sendto`` each would have sent. Where the kernel refuses (no
+support, a device without checksum offload, a socket with ``SO_NO_CHECK``), the batch
+goes out one datagram at a time and the socket stops trying, with one log line.
+Where it segments, the socket QUIC arrives on also coalesces (``UDP_GRO``): a peer's
+segmented send arrives in one read, and :meth:`UdpEndpoint.serve` cuts it at the
+segment size the kernel gives before demultiplexing (:func:`split_coalesced`). On
+loopback, both together gave 1.1-1.2x the QUIC throughput (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -48,7 +60,7 @@ import select
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -64,6 +76,7 @@ MAX_DATAGRAM = 65535
 RECV_BUFFER = 1 << 20
 #: Datagrams read without yielding to other tasks. A bound, so that a flood cannot starve
 #: the rest of the node; on loopback bulk QUIC a burst is rarely more than ~20 datagrams.
+#: Counted in datagrams: a coalesced (GRO) read of up to 64 may overrun it once.
 RECV_BURST = 64
 #: Beside QUIC's own queue, the other one (DHT, relay, punch) is read at most this many
 #: datagrams a second, in bursts of at most OTHER_READ_BURST: a flood beyond it is
@@ -75,6 +88,21 @@ OTHER_READ_BURST = 1000.0
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 SO_ATTACH_REUSEPORT_CBPF = 51
 SO_MEMINFO = 55
+#: UDP generic segmentation offload (linux/udp.h): the segment size as a cmsg.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+#: UDP generic receive offload: the kernel hands over a run of one flow's equal-size
+#: datagrams in one read, with their size in a cmsg (Linux 5.0).
+UDP_GRO = 104
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+#: The kernel's bounds on one segmented send (UDP_MAX_SEGMENTS; one IPv4 datagram's
+#: largest payload, which also fits IPv6).
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65507
+#: errnos that mean "this socket cannot segment": send one by one from then on.
+_GSO_UNSUPPORTED = frozenset(
+    {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.ENOTSUP}
+)
 #: The steering program: A = first payload byte; A & 0x40 ? socket 1 : socket 0. (A
 #: datagram too short to load from ends the program with 0: socket 0.)
 _STEER_QUIC = (
@@ -114,10 +142,42 @@ def _bind_pair(family: int, address: tuple[str, int]) -> tuple[socket.socket, so
     return socks[0], socks[1]
 
 
+def gso_supported(sock: socket.socket) -> bool:
+    """Whether the kernel knows UDP_SEGMENT on ``sock`` (it may still refuse a send)."""
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def split_coalesced(data: bytes, ancillary: list[tuple[int, int, bytes]]) -> list[bytes]:
+    """The datagrams of one GRO read: ``data`` cut every ``size`` bytes, where the
+    ``UDP_GRO`` cmsg gives ``size`` (the last may be shorter); ``[data]`` without one."""
+    for level, kind, value in ancillary:
+        if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+            size = struct.unpack("=i", value[:4])[0]
+            if 0 < size < len(data):
+                return [data[i : i + size] for i in range(0, len(data), size)]
+    return [data]
+
+
 class UdpEndpoint:
-    def __init__(self, sock: socket.socket, quic_sock: socket.socket | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, quic_sock: socket.socket | None = None, *, gso: bool = True
+    ) -> None:
         """``sock`` receives everything, or all but QUIC when ``quic_sock`` (bound to the
-        same address, QUIC steered to it) is given; everything is sent from ``sock``."""
+        same address, QUIC steered to it) is given; everything is sent from ``sock``.
+        ``gso``: batch with UDP_SEGMENT where the kernel supports it (:meth:`send_many`);
+        the environment variable ``P2PD_NO_GSO`` turns it off (benchmarks' baseline)."""
         self._socks = [sock] if quic_sock is None else [quic_sock, sock]  # read in order
         for s in self._socks:
             s.setblocking(False)
@@ -130,9 +190,13 @@ class UdpEndpoint:
         self._flush_hooks: list[FlushHook] = []
         host, port = sock.getsockname()[:2]
         self.local_address = Address(host, port)
+        #: Segmented sends are tried (module docstring); off for good after a refusal.
+        self.gso = gso and not os.environ.get("P2PD_NO_GSO") and gso_supported(sock)
+        #: Coalesced reads on the socket QUIC arrives on (:meth:`serve` splits them).
+        self.gro = self.gso and not os.environ.get("P2PD_NO_GRO") and _enable_gro(self._socks[0])
 
     @classmethod
-    def bind(cls, address: Address, *, split: bool = True) -> UdpEndpoint:
+    def bind(cls, address: Address, *, split: bool = True, gso: bool = True) -> UdpEndpoint:
         """Bind ``address``; with ``split``, QUIC in a queue of its own where the kernel
         allows (a port that is never read, as the dial-back sender's, needs none)."""
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
@@ -159,7 +223,7 @@ class UdpEndpoint:
             except OSError as exc:
                 log.info("one receive queue for DHT and QUIC (%s)", exc.strerror or exc)
             else:
-                return cls(main, quic)
+                return cls(main, quic, gso=gso)
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
@@ -169,19 +233,74 @@ class UdpEndpoint:
         except OSError as exc:
             sock.close()
             raise LocalError(f"cannot listen on {address}: {exc.strerror}") from exc
-        return cls(sock)
+        return cls(sock, gso=gso)
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         """Send one datagram now, from any thread; a full buffer drops it (UDP semantics)."""
         if self._v6 and ":" not in addr[0]:
             addr = ("::ffff:" + addr[0], addr[1])
+        self._send_plain((data,), addr)
+
+    def send_many(self, datagrams: list[bytes], addr: tuple[str, int]) -> None:
+        """Send ``datagrams`` to ``addr`` now, in order, as :meth:`sendto` each would:
+        each run of equal sizes (the last of a run may be shorter) as one segmented
+        ``sendmsg`` when :attr:`gso` is on, at most :data:`GSO_MAX_SEGMENTS` and
+        :data:`GSO_MAX_BYTES` a call. A full buffer drops what that call carried."""
+        if self._v6 and ":" not in addr[0]:
+            addr = ("::ffff:" + addr[0], addr[1])
+        if not self.gso or len(datagrams) < 2:
+            self._send_plain(datagrams, addr)
+            return
+        count = len(datagrams)
+        start = 0
+        while start < count:
+            size = len(datagrams[start])
+            end = start + 1
+            limit = min(count, start + GSO_MAX_SEGMENTS, start + GSO_MAX_BYTES // max(size, 1))
+            while end < limit and len(datagrams[end]) == size:
+                end += 1
+            if end < limit and 0 < len(datagrams[end]) < size:
+                end += 1  # a shorter one ends the run
+            if end - start == 1 or size == 0:
+                self._send_plain(datagrams[start:end], addr)
+            else:
+                self._send_segmented(datagrams[start:end], size, addr)
+            start = end
+
+    def _send_segmented(self, run: list[bytes], size: int, addr: tuple[str, int]) -> None:
         try:
-            self._stdlib.sendto(data, addr)
+            self._stdlib.sendmsg(run, [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, addr)
         except (BlockingIOError, InterruptedError):
-            self.stats["send_dropped"] += 1
+            self.stats["send_dropped"] += len(run)
+            return
         except OSError as exc:
-            self.stats["send_errors"] += 1
-            log.debug("sendto %s failed: %s", addr, exc)
+            if exc.errno in _GSO_UNSUPPORTED and self.gso:
+                # Never lose the batch: it goes out one by one, as every later one will.
+                self.gso = False
+                self.stats["gso_refused"] += 1
+                log.info(
+                    "UDP segmentation offload refused (%s): sending datagram by datagram",
+                    exc.strerror or exc,
+                )
+            else:
+                self.stats["gso_failed"] += 1
+                log.debug("segmented send to %s failed: %s", addr, exc)
+            self._send_plain(run, addr)
+            return
+        self.stats["gso_sends"] += 1
+        self.stats["gso_datagrams"] += len(run)
+
+    def _send_plain(self, run: Sequence[bytes], addr: tuple[str, int]) -> None:
+        """``run`` one by one, ``addr`` already spelled for the socket."""
+        sendto = self._stdlib.sendto
+        for data in run:
+            try:
+                sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                self.stats["send_dropped"] += 1
+            except OSError as exc:
+                self.stats["send_errors"] += 1
+                log.debug("sendto %s failed: %s", addr, exc)
 
     def kernel_drops(self) -> dict[str, int]:
         """Datagrams the kernel dropped because a receive queue was full, per queue
@@ -227,6 +346,8 @@ class UdpEndpoint:
         hooks = self._flush_hooks
         v6 = self._v6
         readers = [s.recvfrom for s in self._socks]
+        # The QUIC socket (or the only one) reads coalesced runs when GRO is on.
+        coalesced = self._socks[0].recvmsg if self.gro else None
         poller = None
         if len(self._socks) > 1:  # one fd to wait on for both: an epoll set
             poller = select.epoll()
@@ -245,7 +366,7 @@ class UdpEndpoint:
                 # scheduling round (epoll poll included) per datagram. On EAGAIN, wait for
                 # readability; at the burst bound, only let the other tasks run once.
                 drained = 0
-                count = dropped = 0
+                count = dropped = coalesced_reads = 0
                 paused = False
                 for index, recvfrom in enumerate(readers):
                     limit = RECV_BURST
@@ -258,38 +379,54 @@ class UdpEndpoint:
                             paused = True
                             continue
                         tokens -= limit  # what is not read is given back below
-                    for _ in range(limit):
+                    gro = coalesced if index == 0 else None
+                    datagrams: Sequence[bytes]
+                    while limit > 0:
                         try:
-                            data, addr = recvfrom(MAX_DATAGRAM)
+                            if gro is None:
+                                data, addr = recvfrom(MAX_DATAGRAM)
+                                datagrams = (data,)
+                            else:
+                                data, cmsgs, _, addr = gro(MAX_DATAGRAM, _GRO_CMSG_SPACE)
+                                if cmsgs:
+                                    datagrams = split_coalesced(data, cmsgs)
+                                    coalesced_reads += 1
+                                else:
+                                    datagrams = (data,)
                         except (BlockingIOError, InterruptedError):
                             drained += 1
                             break
                         except ConnectionResetError:  # ICMP port unreachable, on some systems
+                            limit -= 1
                             continue
-                        count += 1
-                        limit -= 1
+                        count += len(datagrams)
+                        limit -= len(datagrams)
                         if v6 and addr[0].startswith("::ffff:"):
                             addr = (addr[0][7:], addr[1])
-                        first = data[0] if data else 0x80  # an empty datagram: neither
-                        if first & 0x40:
-                            if on_quic is not None:
-                                on_quic(data, (addr[0], addr[1]))
+                        source = (addr[0], addr[1])
+                        for data in datagrams:
+                            first = data[0] if data else 0x80  # an empty datagram: neither
+                            if first & 0x40:
+                                if on_quic is not None:
+                                    on_quic(data, source)
+                                else:
+                                    dropped += 1
+                            elif first <= 0x03:
+                                on_dht(data, source)
+                            elif first == PUNCH_BYTE and on_punch is not None:
+                                on_punch(data, source)
+                            elif first < PUNCH_BYTE and on_relay is not None:
+                                on_relay(data, source)
                             else:
                                 dropped += 1
-                        elif first <= 0x03:
-                            on_dht(data, (addr[0], addr[1]))
-                        elif first == PUNCH_BYTE and on_punch is not None:
-                            on_punch(data, (addr[0], addr[1]))
-                        elif first < PUNCH_BYTE and on_relay is not None:
-                            on_relay(data, (addr[0], addr[1]))
-                        else:
-                            dropped += 1
                     if index == throttled:
-                        tokens += limit  # unread: not spent
+                        tokens += max(limit, 0)  # unread: not spent
                 if count:
                     stats["datagrams_in"] += count
                     if dropped:
                         stats["dropped_unknown"] += dropped
+                    if coalesced_reads:
+                        stats["gro_reads"] += coalesced_reads
                     for hook in hooks:
                         hook()
                 if drained == len(readers):

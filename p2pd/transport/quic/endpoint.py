@@ -414,6 +414,13 @@ class QuicEndpoint:
         else:
             self.udp.sendto(data, addr)
 
+    def send_many(self, datagrams: list[bytes], addr: NetworkAddress) -> None:
+        if addr in self._routes or (self._virtual_send is not None and self._is_virtual(addr[0])):
+            for data in datagrams:
+                self.sendto(data, addr)
+        else:
+            self.udp.send_many(datagrams, addr)  # segmented where the kernel can
+
     # ---- routes: paths on sockets other than the node's (p2pd/relay/upgrade.py)
 
     def add_route(self, addr: NetworkAddress, send: VirtualSend) -> None:

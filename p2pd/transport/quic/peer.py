@@ -85,6 +85,9 @@ class PeerHost(Protocol):
     def sendto(self, data: bytes, addr: NetworkAddress) -> None:
         """Send one UDP datagram, without blocking (a full socket buffer drops it)."""
 
+    def send_many(self, datagrams: list[bytes], addr: NetworkAddress) -> None:
+        """Send UDP datagrams to one address, in order, as :meth:`sendto` each would."""
+
     def register_cid(self, cid: bytes, peer: QuicPeer) -> None:
         """Datagrams for connection ID ``cid`` are ``peer``'s."""
 
@@ -543,10 +546,18 @@ class QuicPeer:
         if not datagrams:
             return False
         self.policy.sent(now)
-        sendto = self.endpoint.sendto
+        send_many = self.endpoint.send_many
+        # One batch per destination (aioquic hands out one path's datagrams in a row):
+        # the UDP endpoint gives the kernel each batch in as few calls as it can.
+        batch: list[bytes] = []
+        path = datagrams[0][1]
         for data, addr in datagrams:
-            sendto(data, addr)
-        self._path = datagrams[-1][1]
+            if addr != path:
+                send_many(batch, path)
+                batch, path = [], addr
+            batch.append(data)
+        send_many(batch, path)
+        self._path = path
         return True
 
     def _report_address(self, now: float) -> None:
