@@ -254,3 +254,49 @@ async def test_a_dual_stack_socket_segments_to_both_families_and_splits_what_it_
         v4.close()
         v6.close()
         node.close()
+
+
+async def test_dht_datagrams_segmented_behind_a_quic_one_do_not_skip_the_other_queue() -> None:
+    """An attacker's segmented send: one QUIC-looking datagram, then DHT frames of the
+    same size. With GRO the kernel coalesces them and steers the whole run by its first
+    byte into QUIC's queue, which has no read budget (issue 12): the DHT frames read
+    there are dropped and counted, never handed to the DHT. The same frames sent
+    plainly still reach the DHT through the other queue (the control)."""
+    server = UdpEndpoint.bind(Address("127.0.0.1", 0))  # two queues, GRO on QUIC's
+    if server.stats["queues"] != 2 or not server.gro:
+        server.close()
+        pytest.skip("this kernel gives no second receive queue or no UDP_GRO")
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    attacker.bind(("127.0.0.1", 0))
+    size = 200
+    smuggled = [b"\x40" + os.urandom(size - 1)] + [b"\x02" + os.urandom(size - 1) for _ in range(9)]
+    plain = [b"\x03" + os.urandom(size - 1) for _ in range(3)]
+    got: dict[str, list[bytes]] = {"dht": [], "quic": []}
+    done = trio.Event()
+
+    def collect(kind: str) -> object:
+        def handler(data: bytes, addr: tuple[str, int]) -> None:
+            got[kind].append(data)
+            if len(got["dht"]) == len(plain):
+                done.set()
+
+        return handler
+
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, collect("dht"), collect("quic"))
+                to = server.local_address.as_tuple()
+                segment = [(SOL_UDP, 103, struct.pack("=H", size))]  # UDP_SEGMENT
+                attacker.sendmsg(smuggled, segment, 0, to)
+                for data in plain:
+                    attacker.sendto(data, to)
+                await done.wait()
+                await trio.sleep(0.1)  # anything else queued is read by now
+                nursery.cancel_scope.cancel()
+        assert got["quic"] == smuggled[:1]
+        assert got["dht"] == plain  # not one of the nine smuggled frames
+        assert server.stats["quic_queue_not_quic"] == len(smuggled) - 1
+    finally:
+        attacker.close()
+        server.close()

@@ -380,6 +380,12 @@ class UdpEndpoint:
                             continue
                         tokens -= limit  # what is not read is given back below
                     gro = coalesced if index == 0 else None
+                    # QUIC's own queue holds only what the steering program sent there,
+                    # one datagram at a time: QUIC. A coalesced (GRO) read is steered as
+                    # a whole by its first datagram, so a sender that segments one QUIC-
+                    # looking datagram ahead of DHT ones would get these past the other
+                    # queue's read budget: anything else read here is dropped, counted.
+                    quic_only = poller is not None and index == 0
                     datagrams: Sequence[bytes]
                     while limit > 0:
                         try:
@@ -406,7 +412,10 @@ class UdpEndpoint:
                         source = (addr[0], addr[1])
                         for data in datagrams:
                             first = data[0] if data else 0x80  # an empty datagram: neither
-                            if first & 0x40:
+                            if quic_only and not first & 0x40:
+                                stats["quic_queue_not_quic"] += 1
+                                dropped += 1
+                            elif first & 0x40:
                                 if on_quic is not None:
                                     on_quic(data, source)
                                 else:
