@@ -1,0 +1,196 @@
+"""The trio driver of the port-mapping client (p2pd/transport/portmap.py; issue 13,
+item 9): :class:`PortMapping`, one task of the daemon's nursery.
+
+It asks the IPv4 default gateway (read from ``/proc/net/route``; no gateway, or not
+Linux: nothing is sent) for a mapping of the daemon's UDP port, from a UDP socket of its
+own (the gateway answers the request's source port, and NAT-PMP's and PCP's first bytes
+would collide with DHT frames on the daemon's port), renews it, and looks at the
+default gateway and our address towards it every :data:`ROUTE_CHECK` s: a new one
+gets a new :class:`~p2pd.transport.portmap.PortMapper` (the old mapping, if any, is
+deleted first). Cancelled (a clean shutdown), it sends the delete request and waits
+for the gateway's answer at most :data:`DELETE_WAIT` s. The mapped address goes first
+into the daemon's published addresses (``Node.advertised_addresses``); ``on_change``
+wakes the daemon to republish. One log line when a mapping is made or lost, and one
+per distinct failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from ..wire import Address
+from .portmap import Mapping, PortMapper
+
+log = logging.getLogger("p2pd.portmap")
+
+#: How often the default gateway and our address towards it are looked at.
+ROUTE_CHECK = 30.0
+#: How long a clean shutdown waits for the gateway to confirm the delete.
+DELETE_WAIT = 0.5
+#: The largest datagram read (a PCP message is at most 1100 bytes).
+READ_MAX = 1104
+
+
+def default_gateway(path: str = "/proc/net/route") -> str | None:
+    """The IPv4 default gateway of the main routing table, or None (none, or no
+    /proc/net/route: not Linux)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            lines = f.read(65536).splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4 or fields[1] != "00000000" or fields[7:8] != ["00000000"]:
+            continue
+        try:
+            flags, gateway = int(fields[3], 16), int(fields[2], 16)
+        except ValueError:
+            continue
+        if flags & 0x2 and gateway:  # RTF_GATEWAY; the field is little-endian
+            return socket.inet_ntoa(gateway.to_bytes(4, "little"))
+    return None
+
+
+def source_towards(gateway: str) -> str | None:
+    """Our address on the route to ``gateway`` (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((gateway, 9))
+            host: str = probe.getsockname()[0]
+        except OSError:
+            return None
+    return host
+
+
+class PortMapping:
+    """Our mapping at the default gateway; see the module docstring."""
+
+    def __init__(
+        self,
+        internal_port: int,
+        on_change: Callable[[], None],
+        *,
+        route: Callable[[], tuple[str, str] | None] | None = None,
+    ) -> None:
+        self.internal_port = internal_port
+        self.on_change = on_change
+        #: (gateway, our address towards it), or None; tests give their own.
+        self._route = route or _default_route
+        self.mapper: PortMapper | None = None
+        self._logged = ""
+
+    @property
+    def mapping(self) -> Mapping | None:
+        return None if self.mapper is None else self.mapper.mapping
+
+    def mapped_address(self) -> Address | None:
+        """Where strangers reach our port through the gateway, while the mapping lives."""
+        mapping = self.mapping
+        if mapping is None or mapping.expires <= trio.current_time():
+            return None
+        return mapping.external
+
+    def statistics(self) -> dict[str, Any]:
+        """``p2pd status``'s ``port_mapping`` (docs/CONTROL_API.md)."""
+        mapper, mapping = self.mapper, self.mapping
+        return {
+            "enabled": True,
+            "gateway": None if mapper is None else mapper.gateway[0],
+            "protocol": None if mapping is None else mapping.protocol,
+            "mapped_address": None if mapping is None else str(mapping.external),
+            "expires_in": (
+                None if mapping is None else round(mapping.expires - trio.current_time(), 1)
+            ),
+            "failure": None if mapper is None or not mapper.failure else mapper.failure,
+            "counters": {} if mapper is None else dict(mapper.stats),
+        }
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Map, renew, follow the gateway; delete the mapping when cancelled."""
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind(("0.0.0.0", 0))
+            task_status.started()
+            try:
+                await self._loop(sock)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._delete(sock)
+
+    async def _loop(self, sock: trio.socket.SocketType) -> None:
+        route: tuple[str, str] | None = None
+        check_at = trio.current_time()
+        for _ in range(1 << 62):  # forever, in practice; cancelled with the daemon
+            now = trio.current_time()
+            if now >= check_at:
+                check_at = now + ROUTE_CHECK
+                found = self._route()
+                if found != route:
+                    await self._delete(sock)
+                    route = found
+                    self.mapper = (
+                        None if found is None else PortMapper(*found, self.internal_port, now)
+                    )
+                    self._changed()
+            mapper = self.mapper
+            deadline = check_at if mapper is None else min(check_at, mapper.next_deadline())
+            if mapper is not None:
+                for datagram in mapper.poll(now):
+                    await self._send(sock, datagram, mapper)
+                deadline = min(check_at, mapper.next_deadline())
+            with trio.move_on_at(deadline):
+                data, source = await sock.recvfrom(READ_MAX)
+                if mapper is not None:
+                    mapper.receive(data, source[:2], trio.current_time())
+            self._changed()
+
+    async def _send(self, sock: trio.socket.SocketType, data: bytes, mapper: PortMapper) -> None:
+        try:
+            await sock.sendto(data, mapper.gateway)
+        except OSError as exc:  # no route: the next check or retry tries again
+            mapper.stats["send_errors"] += 1
+            log.debug("port mapping: sending to %s: %s", mapper.gateway[0], exc)
+
+    async def _delete(self, sock: trio.socket.SocketType) -> None:
+        """Remove our mapping at the gateway, waiting briefly for its answer."""
+        mapper = self.mapper
+        if mapper is None or mapper.mapping is None:
+            return
+        requests = mapper.delete()
+        mapper.mapping = None
+        with trio.move_on_after(DELETE_WAIT):
+            for datagram in requests:
+                await self._send(sock, datagram, mapper)
+            await sock.recvfrom(READ_MAX)  # its answer, or nothing
+        log.info("port mapping deleted at %s", mapper.gateway[0])
+        self._changed()
+
+    def _changed(self) -> None:
+        """Log and wake the daemon when what we would publish or say changed."""
+        mapper, mapping = self.mapper, self.mapping
+        if mapper is not None and mapping is not None:
+            line = f"port mapping: {mapping.external} by {mapping.protocol} at {mapper.gateway[0]}"
+        elif mapper is not None and mapper.failure:
+            line = f"port mapping failed at {mapper.gateway[0]}: {mapper.failure}"
+        else:
+            line = ""
+        if line == self._logged:
+            return
+        if line or self._logged.startswith("port mapping:"):
+            log.info("%s", line or "port mapping: none")
+        self._logged = line
+        self.on_change()
+
+
+def _default_route() -> tuple[str, str] | None:
+    gateway = default_gateway()
+    if gateway is None:
+        return None
+    source = source_towards(gateway)
+    return None if source is None else (gateway, source)

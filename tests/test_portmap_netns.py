@@ -1,0 +1,72 @@
+"""Port mapping against a real gateway (issue 13, item 9): alice behind an
+endpoint-dependent ("symmetric") NAT whose router runs Debian's miniupnpd (NAT-PMP and
+PCP; p2pd/testing/miniupnpd.py), bob behind another symmetric NAT, three public daemons
+as bootstrap nodes and relays (p2pd/testing/natnet.py). Two symmetric NATs cannot punch
+through to each other (tests/test_relay_netns.py); with the mapping alice's record lists
+an address bob reaches directly. The control: the same pair with ``[nat] port_mapping =
+false`` stays relayed. A clean shutdown deletes the mapping at the gateway."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from required_groups import skip_or_fail
+
+from p2pd.testing.daemons import short_tempdir, wait_until
+from p2pd.testing.miniupnpd import mapping_rules
+from p2pd.testing.natnet import PORT, send, start_network, status
+from p2pd.testing.netns import NatRouter, Testbed
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+
+@pytest.fixture()
+def root(testbed: Testbed) -> Iterator[Path]:
+    if shutil.which("miniupnpd") is None and not Path("/usr/sbin/miniupnpd").exists():
+        skip_or_fail(
+            "miniupnpd is not installed (Debian: miniupnpd-nftables; "
+            "scripts/_system_deps.sh netns installs it as root)"
+        )
+    path = short_tempdir("p2pd-portmap-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_mapped_port_makes_two_symmetric_nats_direct_and_is_deleted_at_shutdown(
+    testbed: Testbed, root: Path
+) -> None:
+    daemons = start_network(testbed, root, "mapped", "symmetric")
+    router = testbed.hosts["r1"]
+    assert isinstance(router, NatRouter)
+    mapping = status(root, "alice")["port_mapping"]
+    assert mapping["protocol"] == "pcp", mapping  # miniupnpd speaks PCP: no fallback
+    assert mapping["mapped_address"] == f"{router.address}:{PORT}", mapping
+    assert 0 < mapping["expires_in"] <= 7200, mapping
+    rules = mapping_rules(router)
+    assert len(rules) == 2 and all(f"dport {PORT}" in r for r in rules), rules
+
+    tag = f"portmap-{time.time_ns():x}"
+    first = send(root, "bob", "alice", f"{tag} 0")
+    assert first["via"] == "direct", first  # to alice's mapped address
+    back = send(root, "alice", "bob", f"{tag} 1")
+    assert back["via"] == "direct", back  # on the connection bob opened
+
+    assert daemons["alice"].stop() == 0
+    # the delete went out before the daemon exited
+    assert mapping_rules(router) == [], mapping_rules(router)
+    assert "port mapping deleted" in daemons["alice"].log
+
+
+def test_without_port_mapping_the_same_pair_stays_relayed(testbed: Testbed, root: Path) -> None:
+    start_network(testbed, root, "mapped", "symmetric", peer_config="[nat]\nport_mapping = false\n")
+    router = testbed.hosts["r1"]
+    assert isinstance(router, NatRouter)
+    assert status(root, "alice")["port_mapping"] == {"enabled": False}
+    first = send(root, "bob", "alice", f"no mapping {time.time_ns():x}")
+    assert first["via"] == "relay", first
+    # the gateway heard nothing from alice: it holds no mapping
+    assert not wait_until(lambda: bool(mapping_rules(router)), 2, interval=0.5)
