@@ -4,7 +4,8 @@ PCP; p2pd/testing/miniupnpd.py), bob behind another symmetric NAT, three public 
 as bootstrap nodes and relays (p2pd/testing/natnet.py). Two symmetric NATs cannot punch
 through to each other (tests/test_relay_netns.py); with the mapping alice's record lists
 an address bob reaches directly. The control: the same pair with ``[nat] port_mapping =
-false`` stays relayed. A clean shutdown deletes the mapping at the gateway."""
+false`` stays relayed. A clean shutdown deletes the mapping at the gateway. With PCP
+dropped by the router, the same miniupnpd maps by NAT-PMP."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 from required_groups import skip_or_fail
 
-from p2pd.testing.daemons import short_tempdir, wait_until
-from p2pd.testing.miniupnpd import mapping_rules
+from p2pd.testing.daemons import DaemonProcess, run_cli, short_tempdir, wait_until
+from p2pd.testing.miniupnpd import mapping_rules, start_miniupnpd
 from p2pd.testing.natnet import PORT, send, start_network, status
 from p2pd.testing.netns import NatRouter, Testbed
 
@@ -70,3 +71,35 @@ def test_without_port_mapping_the_same_pair_stays_relayed(testbed: Testbed, root
     assert first["via"] == "relay", first
     # the gateway heard nothing from alice: it holds no mapping
     assert not wait_until(lambda: bool(mapping_rules(router)), 2, interval=0.5)
+
+
+def test_nat_pmp_when_the_gateway_does_not_answer_pcp(testbed: Testbed, root: Path) -> None:
+    """The same miniupnpd, with its router dropping PCP (version byte 2) on the way in:
+    the client's PCP tries go unanswered and NAT-PMP maps the port; the delete at
+    shutdown is NAT-PMP's too. One daemon, alone (no bootstrap): mapping needs none."""
+    inet = testbed.lan("inet", "198.18.0.0/16")
+    router = testbed.nat_router(
+        "r1", inet, inside_subnet="10.1.0.0/24", kind="symmetric", port_mapping=True
+    )
+    start_miniupnpd(router)
+    router.run(
+        ["nft", "insert", "rule", "inet", "p2pd_nat", "input",
+         "udp", "dport", "5351", "@th,64,8", "2", "drop"]
+    )  # fmt: skip
+    host = testbed.host("c1", router.inside)
+    assert run_cli(root / "alice", "init", "alice", "--no-passphrase").returncode == 0
+    daemon = DaemonProcess(
+        root / "alice", listen=f"0.0.0.0:{PORT}", wrapper=host.command([])
+    ).wait_ready()
+
+    def mapped() -> bool:
+        return status(root, "alice")["port_mapping"]["mapped_address"] is not None
+
+    assert wait_until(mapped, 15, interval=0.25), status(root, "alice")["port_mapping"]
+    mapping = status(root, "alice")["port_mapping"]
+    assert mapping["protocol"] == "nat-pmp", mapping
+    assert mapping["mapped_address"] == f"{router.address}:{PORT}", mapping
+    assert mapping["counters"]["sent_pcp"] == 4, mapping  # all four PCP tries unanswered
+    assert len(mapping_rules(router)) == 2
+    assert daemon.stop() == 0
+    assert mapping_rules(router) == []
