@@ -56,6 +56,16 @@ def test_a_mapped_port_makes_two_symmetric_nats_direct_and_is_deleted_at_shutdow
     back = send(root, "alice", "bob", f"{tag} 1")
     assert back["via"] == "direct", back  # on the connection bob opened
 
+    # bob's router offers no mapping: bob says so, and logs it once
+    def bob_failed() -> bool:
+        return status(root, "bob")["port_mapping"]["failure"] is not None
+
+    assert wait_until(bob_failed, 15, interval=0.5), status(root, "bob")["port_mapping"]
+    bob = status(root, "bob")["port_mapping"]
+    assert bob["failure"] == "pcp: no answer; nat-pmp: no answer", bob
+    assert bob["mapped_address"] is None and bob["gateway"] == "10.2.0.1", bob
+    assert daemons["bob"].log.count("port mapping failed") == 1, daemons["bob"].log[-2000:]
+
     assert daemons["alice"].stop() == 0
     # the delete went out before the daemon exited
     assert mapping_rules(router) == [], mapping_rules(router)

@@ -139,11 +139,12 @@ class PortMapping:
                     )
                     self._changed()
             mapper = self.mapper
-            deadline = check_at if mapper is None else min(check_at, mapper.next_deadline())
+            deadline = check_at
             if mapper is not None:
                 for datagram in mapper.poll(now):
                     await self._send(sock, datagram, mapper)
                 deadline = min(check_at, mapper.next_deadline())
+                self._changed()  # given up, or a mapping expired
             with trio.move_on_at(deadline):
                 data, source = await sock.recvfrom(READ_MAX)
                 if mapper is not None:
