@@ -72,6 +72,26 @@ def test_a_mapped_port_makes_two_symmetric_nats_direct_and_is_deleted_at_shutdow
     assert "port mapping deleted" in daemons["alice"].log
 
 
+def test_the_mapped_side_writing_first_goes_relayed_then_direct(
+    testbed: Testbed, root: Path
+) -> None:
+    """alice (mapped) writes first: bob's record lists only relays, so the first message
+    is relayed; the upgrade then punches, alice's offer saying endpoint-independent while
+    the mapping lives (``Node.nat_mapping``), so bob's side sockets aim at the mapped
+    port, and the next messages go direct. Without the mapping two symmetric NATs do not
+    even try (the test above)."""
+    start_network(testbed, root, "mapped", "symmetric")
+    tag = f"portmap-up-{time.time_ns():x}"
+    assert send(root, "alice", "bob", f"{tag} 0")["via"] == "relay"
+
+    def upgraded() -> bool:
+        return status(root, "bob")["hole_punching"].get("upgrades_direct", 0) >= 1
+
+    assert wait_until(upgraded, 30, interval=0.5), status(root, "bob")["hole_punching"]
+    assert send(root, "alice", "bob", f"{tag} 1")["via"] == "direct"
+    assert send(root, "bob", "alice", f"{tag} 2")["via"] == "direct"
+
+
 def test_without_port_mapping_the_same_pair_stays_relayed(testbed: Testbed, root: Path) -> None:
     start_network(testbed, root, "mapped", "symmetric", peer_config="[nat]\nport_mapping = false\n")
     router = testbed.hosts["r1"]
