@@ -228,3 +228,38 @@ def test_decode_bounds() -> None:
         decode_reply(bytes([0, 1]) + bytes(10))  # a NAT-PMP request
     assert decode_reply(natpmp_address()).external_host == "198.18.11.1"
     assert public_ipv4("198.18.11.1") and public_ipv4("8.8.8.8")
+
+
+ANNOUNCE = bytes([2, 0x80, 0, 0]) + bytes(20)  # PCP ANNOUNCE response (RFC 6887 14.1.3)
+
+
+def test_an_announcement_renews_at_once_at_most_every_ten_seconds() -> None:
+    m = mapper(0.0)
+    m.poll(0.0)
+    m.receive(pcp_reply(lifetime=3600), GW, 0.0)
+    assert m.announcement(ANNOUNCE, ("10.1.0.2", 5351), 5.0) is False  # not the gateway
+    assert m.announcement(ANNOUNCE[:23], GW, 5.0) is False  # malformed
+    assert m.announcement(bytes([2, 0x81]) + ANNOUNCE[2:], GW, 5.0) is False  # a MAP
+    assert m.next_deadline() == 1800.0  # nothing changed
+    assert m.announcement(ANNOUNCE, GW, 5.0) is True
+    assert m.next_deadline() == 5.0
+    [renew] = m.poll(5.0)
+    assert renew[24:36] == NONCE
+    m.receive(pcp_reply(lifetime=3600), GW, 5.1)
+    assert m.announcement(ANNOUNCE, GW, 14.0) is False  # within 10 s of the last
+    natpmp_change = natpmp_address()  # NAT-PMP's address-change announcement (3.2.1)
+    assert m.announcement(natpmp_change, GW, 15.1) is True
+    assert m.stats["announce_dropped"] == 4 and m.stats["announce_taken"] == 2
+
+
+def test_an_announcement_ends_the_pause_after_a_failure() -> None:
+    m = mapper(0.0)
+    now = 0.0
+    for _ in range(20):  # both protocols unanswered: the long pause
+        m.poll(now)
+        if m.next_deadline() >= portmap.RETRY_FAILED:
+            break
+        now = m.next_deadline()
+    assert m.announcement(ANNOUNCE, GW, 100.0) is True
+    assert m.next_deadline() == 100.0 and m.protocol == "pcp"
+    assert len(m.poll(100.0)) == 1

@@ -1,6 +1,7 @@
 """The port-mapping driver (p2pd/transport/portmap_driver.py) on loopback, against two
 small PCP gateways of the test's own (127.x addresses, port 5351): it maps, says so in
-``statistics``, follows a change of default gateway (the old mapping deleted at the old
+``statistics``, maps again when its gateway announces a restart (another's announcement
+is ignored), follows a change of default gateway (the old mapping deleted at the old
 gateway first) and deletes its mapping when cancelled. The default-route reader on a
 /proc/net/route of the test's own."""
 
@@ -23,11 +24,18 @@ class Gateway:
     def __init__(self, host: str, n: int) -> None:
         self.host, self.n = host, n
         self.maps: list[int] = []  # requested lifetimes, in order
+        self.sock: trio.socket.SocketType | None = None
+
+    async def announce(self, to: tuple[str, int]) -> None:
+        """A PCP ANNOUNCE (RFC 6887 14.1.3: a restart) from our port 5351."""
+        assert self.sock is not None
+        await self.sock.sendto(bytes([2, 0x80, 0, 0]) + bytes(20), to)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
         with sock:
             await sock.bind((self.host, 5351))
+            self.sock = sock
             task_status.started()
             for _ in range(1000):  # bounded
                 data, source = await sock.recvfrom(2048)
@@ -46,9 +54,12 @@ def test_maps_follows_the_gateway_and_deletes(monkeypatch: pytest.MonkeyPatch) -
     one, two = Gateway(f"{net}.1", 1), Gateway(f"{net}.2", 2)
     route = [(one.host, "127.0.0.1")]
     changes: list[int] = []
+    announce_at = (f"{net}.9", random.randrange(20000, 60000))
 
     async def main() -> None:
-        mapping = PortMapping(4747, lambda: changes.append(1), route=lambda: route[0])
+        mapping = PortMapping(
+            4747, lambda: changes.append(1), route=lambda: route[0], announcements=announce_at
+        )
         async with trio.open_nursery() as gateways:
             await gateways.start(one.serve)
             await gateways.start(two.serve)
@@ -61,6 +72,15 @@ def test_maps_follows_the_gateway_and_deletes(monkeypatch: pytest.MonkeyPatch) -
                 assert stats["mapped_address"] == "203.0.113.1:4747"
                 assert stats["protocol"] == "pcp" and stats["gateway"] == one.host
                 assert 7100 < stats["expires_in"] <= 7200
+                # the gateway restarted and says so: the mapping is made again at once
+                await one.announce(announce_at)
+                with trio.fail_after(2):
+                    while len(one.maps) < 2:
+                        await trio.sleep(0.02)
+                await two.announce(announce_at)  # not our gateway: ignored
+                await trio.sleep(0.2)
+                assert len(one.maps) == 2
+                assert mapping.statistics()["counters"]["announce_dropped"] == 1
                 route[0] = (two.host, "127.0.0.1")  # the laptop moved
                 with trio.fail_after(5):
                     while str(mapping.mapped_address()) != "203.0.113.2:4747":
@@ -68,7 +88,7 @@ def test_maps_follows_the_gateway_and_deletes(monkeypatch: pytest.MonkeyPatch) -
                 nursery.cancel_scope.cancel()  # a clean shutdown
             await trio.sleep(0.1)  # the gateways read what came
             gateways.cancel_scope.cancel()
-        assert one.maps == [7200, 0]  # mapped, then deleted when the gateway changed
+        assert one.maps == [7200, 7200, 0]  # mapped, again, deleted when the gateway changed
         assert two.maps == [7200, 0]  # mapped, then deleted at shutdown
 
     trio.run(main)
@@ -77,7 +97,7 @@ def test_maps_follows_the_gateway_and_deletes(monkeypatch: pytest.MonkeyPatch) -
 
 def test_no_default_gateway_sends_nothing() -> None:
     async def main() -> None:
-        mapping = PortMapping(4747, lambda: None, route=lambda: None)
+        mapping = PortMapping(4747, lambda: None, route=lambda: None, announcements=None)
         async with trio.open_nursery() as nursery:
             await nursery.start(mapping.run)
             await trio.sleep(0.1)

@@ -10,9 +10,11 @@ dropped by the router, the same miniupnpd maps by NAT-PMP."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from required_groups import skip_or_fail
@@ -103,33 +105,66 @@ def test_without_port_mapping_the_same_pair_stays_relayed(testbed: Testbed, root
     assert not wait_until(lambda: bool(mapping_rules(router)), 2, interval=0.5)
 
 
-def test_nat_pmp_when_the_gateway_does_not_answer_pcp(testbed: Testbed, root: Path) -> None:
-    """The same miniupnpd, with its router dropping PCP (version byte 2) on the way in:
-    the client's PCP tries go unanswered and NAT-PMP maps the port; the delete at
-    shutdown is NAT-PMP's too. One daemon, alone (no bootstrap): mapping needs none."""
+def alone_behind_miniupnpd(
+    testbed: Testbed, root: Path, *, drop_pcp: bool = False
+) -> tuple[NatRouter, list[subprocess.Popen[str]], DaemonProcess]:
+    """alice alone (no bootstrap: mapping needs none) behind a symmetric NAT whose router
+    runs miniupnpd (``drop_pcp``: and drops PCP, version byte 2, on its way in); returns
+    the router, miniupnpd's processes and alice's daemon."""
     inet = testbed.lan("inet", "198.18.0.0/16")
     router = testbed.nat_router(
         "r1", inet, inside_subnet="10.1.0.0/24", kind="symmetric", port_mapping=True
     )
-    start_miniupnpd(router)
-    router.run(
-        ["nft", "insert", "rule", "inet", "p2pd_nat", "input",
-         "udp", "dport", "5351", "@th,64,8", "2", "drop"]
-    )  # fmt: skip
+    processes = list(start_miniupnpd(router))
+    if drop_pcp:
+        router.run(
+            ["nft", "insert", "rule", "inet", "p2pd_nat", "input",
+             "udp", "dport", "5351", "@th,64,8", "2", "drop"]
+        )  # fmt: skip
     host = testbed.host("c1", router.inside)
     assert run_cli(root / "alice", "init", "alice", "--no-passphrase").returncode == 0
-    daemon = DaemonProcess(
-        root / "alice", listen=f"0.0.0.0:{PORT}", wrapper=host.command([])
-    ).wait_ready()
+    daemon = DaemonProcess(root / "alice", listen=f"0.0.0.0:{PORT}", wrapper=host.command([]))
+    return router, processes, daemon.wait_ready()
+
+
+def port_mapping(root: Path) -> dict[str, Any]:
+    return dict(status(root, "alice")["port_mapping"])
+
+
+def test_nat_pmp_when_the_gateway_does_not_answer_pcp(testbed: Testbed, root: Path) -> None:
+    """The same miniupnpd, with its router dropping PCP (version byte 2) on the way in:
+    the client's PCP tries go unanswered and NAT-PMP maps the port; the delete at
+    shutdown is NAT-PMP's too."""
+    router, _, daemon = alone_behind_miniupnpd(testbed, root, drop_pcp=True)
 
     def mapped() -> bool:
-        return status(root, "alice")["port_mapping"]["mapped_address"] is not None
+        return port_mapping(root)["mapped_address"] is not None
 
-    assert wait_until(mapped, 15, interval=0.25), status(root, "alice")["port_mapping"]
-    mapping = status(root, "alice")["port_mapping"]
+    assert wait_until(mapped, 15, interval=0.25), port_mapping(root)
+    mapping = port_mapping(root)
     assert mapping["protocol"] == "nat-pmp", mapping
     assert mapping["mapped_address"] == f"{router.address}:{PORT}", mapping
     assert mapping["counters"]["sent_pcp"] == 4, mapping  # all four PCP tries unanswered
     assert len(mapping_rules(router)) == 2
     assert daemon.stop() == 0
     assert mapping_rules(router) == []
+
+
+def test_a_gateway_restart_is_announced_and_the_port_mapped_again(
+    testbed: Testbed, root: Path
+) -> None:
+    """miniupnpd restarts with its rules gone (a router reboot); its PCP ANNOUNCE to
+    224.0.0.1:5350 makes the daemon renew at once, not at half the lifetime (an hour)."""
+    router, processes, _ = alone_behind_miniupnpd(testbed, root)
+    assert wait_until(lambda: len(mapping_rules(router)) == 2, 15, interval=0.25)
+    for proc in processes:
+        proc.terminate()
+        proc.wait(5)
+    for chain in ("prerouting_miniupnpd", "miniupnpd"):
+        router.run(["nft", "flush", "chain", "inet", "p2pd_nat", chain])
+    assert mapping_rules(router) == []
+    start_miniupnpd(router)
+    assert wait_until(lambda: len(mapping_rules(router)) == 2, 10, interval=0.25), port_mapping(
+        root
+    )
+    assert port_mapping(root)["counters"]["announce_taken"] == 1

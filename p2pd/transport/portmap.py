@@ -18,6 +18,8 @@ and says what to send to the gateway (always to ``gateway:5351``) and when to be
   11.2.1); a renewal that gets no answer is retried at half the time still left (at
   least :data:`RENEW_MIN`), and at the expiry the mapping is gone and it starts again.
 - :meth:`PortMapper.delete` gives the request that removes the mapping (lifetime 0).
+- :meth:`PortMapper.announcement`: the gateway's restart (PCP ANNOUNCE) or address
+  change (NAT-PMP), at most one per :data:`ANNOUNCE_MIN` s, renews at once.
 
 Every reply is hostile until checked (docs/SECURITY.md, "A hostile gateway"): only from
 ``gateway:5351`` (the one we asked), of exactly the length its version and opcode have
@@ -59,10 +61,15 @@ GIVE_UP = 2.0
 RETRY_FAILED = 600.0
 #: The shortest wait before a renewal that got no answer is tried again.
 RENEW_MIN = 5.0
+#: The port gateways send announcements to (224.0.0.1; RFC 6887 14.1.3, RFC 6886 3.2.1).
+ANNOUNCE_PORT = 5350
+#: At most one announcement a this long acts (a LAN neighbour can spoof them).
+ANNOUNCE_MIN = 10.0
 #: PCP messages are at most 1100 bytes (RFC 6887 section 7).
 PCP_MAX = 1100
 PCP_VERSION = 2
 PCP_MAP = 1
+PCP_ANNOUNCE = 0
 PCP_HEADER = 24
 PCP_MAP_PAYLOAD = 36
 NONCE_LEN = 12
@@ -281,6 +288,7 @@ class PortMapper:
         self._natpmp_host: str | None = None
         self._natpmp_port: tuple[int, int] | None = None  # (external port, lifetime)
         self._why: list[str] = []
+        self._announced = float("-inf")
 
     # --- what the driver asks
 
@@ -335,6 +343,32 @@ class PortMapper:
         if self._protocol == "pcp":  # the same nonce names the mapping (RFC 6887 15)
             return [encode_pcp_map(self.client_ip, self.internal_port, self._nonce, 0, 0)]
         return [encode_natpmp_map(self.internal_port, 0, 0)]  # RFC 6886 3.4
+
+    def announcement(self, data: bytes, source: tuple[str, int], now: float) -> bool:
+        """A datagram to port 5350: the gateway's PCP ANNOUNCE (it restarted and lost
+        its mappings: RFC 6887 section 14.1.3) or NAT-PMP's address change (RFC 6886
+        section 3.2.1). From the gateway's port 5351, well formed, and at most one per
+        :data:`ANNOUNCE_MIN` s: a mapping we hold is renewed now, a paused attempt starts
+        again now. Returns whether it acted; anything else is counted and ignored."""
+        if (source[0], source[1]) != self.gateway:
+            self.stats["announce_dropped"] += 1
+            return False
+        pcp = (
+            PCP_HEADER <= len(data) <= PCP_MAX
+            and not len(data) % 4
+            and data[:2] == bytes([PCP_VERSION, 0x80 | PCP_ANNOUNCE])
+        )
+        natpmp = len(data) == 12 and data[:2] == bytes([NATPMP_VERSION, 128 + NATPMP_ADDRESS])
+        if not (pcp or natpmp) or now < self._announced + ANNOUNCE_MIN:
+            self.stats["announce_dropped"] += 1
+            return False
+        self._announced = now
+        self.stats["announce_taken"] += 1
+        if self.mapping is not None:
+            self._renewing, self._tries, self._due = True, 0, now
+        elif self._tries == 0 and self._due > now:  # paused after a failure
+            self._start("pcp", now)
+        return True
 
     # --- inside
 

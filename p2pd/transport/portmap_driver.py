@@ -7,7 +7,8 @@ own (the gateway answers the request's source port, and NAT-PMP's and PCP's firs
 would collide with DHT frames on the daemon's port), renews it, and looks at the
 default gateway and our address towards it every :data:`ROUTE_CHECK` s: a new one
 gets a new :class:`~p2pd.transport.portmap.PortMapper` (the old mapping, if any, is
-deleted first). Cancelled (a clean shutdown), it sends the delete request and waits
+deleted first). A second socket on port 5350 hears the gateway's announcements (a restart:
+renew now). Cancelled (a clean shutdown), it sends the delete request and waits
 for the gateway's answer at most :data:`DELETE_WAIT` s. The mapped address goes first
 into the daemon's published addresses (``Node.advertised_addresses``); ``on_change``
 wakes the daemon to republish. One log line when a mapping is made or lost, and one
@@ -24,7 +25,7 @@ from typing import Any
 import trio
 
 from ..wire import Address
-from .portmap import Mapping, PortMapper
+from .portmap import ANNOUNCE_PORT, Mapping, PortMapper
 
 log = logging.getLogger("p2pd.portmap")
 
@@ -77,13 +78,17 @@ class PortMapping:
         on_change: Callable[[], None],
         *,
         route: Callable[[], tuple[str, str] | None] | None = None,
+        announcements: tuple[str, int] | None = ("0.0.0.0", ANNOUNCE_PORT),
     ) -> None:
         self.internal_port = internal_port
         self.on_change = on_change
         #: (gateway, our address towards it), or None; tests give their own.
         self._route = route or _default_route
+        #: Where the gateway's announcements are read (None: not at all; tests: loopback).
+        self._announcements_at = announcements
         self.mapper: PortMapper | None = None
         self._logged = ""
+        self._wait = trio.CancelScope()  # the main loop's wait (an announcement ends it)
 
     @property
     def mapping(self) -> Mapping | None:
@@ -116,12 +121,28 @@ class PortMapping:
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with sock:
             await sock.bind(("0.0.0.0", 0))
-            task_status.started()
-            try:
-                await self._loop(sock)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self._delete(sock)
+            async with trio.open_nursery() as nursery:
+                at = self._announcements_at
+                announce = None if at is None else _announce_socket(at)
+                if announce is not None:
+                    nursery.start_soon(self._announcements, announce)
+                task_status.started()
+                try:
+                    await self._loop(sock)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._delete(sock)
+
+    async def _announcements(self, sock: trio.socket.SocketType) -> None:
+        """The gateway's restart (PCP ANNOUNCE) or address change (NAT-PMP) on port
+        5350: the mapper renews or retries at once; the main loop is woken."""
+        with sock:
+            for _ in range(1 << 62):  # forever, in practice
+                data, source = await sock.recvfrom(READ_MAX)
+                mapper, now = self.mapper, trio.current_time()
+                if mapper is not None and mapper.announcement(data, source[:2], now):
+                    log.info("port mapping: %s announced a restart: mapping again", source[0])
+                    self._wait.cancel()
 
     async def _loop(self, sock: trio.socket.SocketType) -> None:
         route: tuple[str, str] | None = None
@@ -145,7 +166,7 @@ class PortMapping:
                     await self._send(sock, datagram, mapper)
                 deadline = min(check_at, mapper.next_deadline())
                 self._changed()  # given up, or a mapping expired
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(deadline) as self._wait:
                 data, source = await sock.recvfrom(READ_MAX)
                 if mapper is not None:
                     mapper.receive(data, source[:2], trio.current_time())
@@ -187,6 +208,21 @@ class PortMapping:
             log.info("%s", line or "port mapping: none")
         self._logged = line
         self.on_change()
+
+
+def _announce_socket(address: tuple[str, int]) -> trio.socket.SocketType | None:
+    """A socket on port 5350 for the gateway's announcements (to 224.0.0.1, which every
+    host is a member of, or unicast), shared with other programs (SO_REUSEADDR); None
+    where the port cannot be had: mapping works without it."""
+    plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        plain.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        plain.bind(address)
+    except OSError as exc:
+        plain.close()
+        log.debug("port mapping: no announcements (port %d: %s)", address[1], exc)
+        return None
+    return trio.socket.from_stdlib_socket(plain)
 
 
 def _default_route() -> tuple[str, str] | None:
