@@ -51,6 +51,8 @@ def test_a_mapped_port_makes_two_symmetric_nats_direct_and_is_deleted_at_shutdow
     assert 0 < mapping["expires_in"] <= 7200, mapping
     rules = mapping_rules(router)
     assert len(rules) == 2 and all(f"dport {PORT}" in r for r in rules), rules
+    line = f"port mapping: {router.address}:{PORT} by pcp at {router.inside_address}"
+    assert daemons["alice"].log.count(line) == 1, daemons["alice"].log[-2000:]
 
     tag = f"portmap-{time.time_ns():x}"
     first = send(root, "bob", "alice", f"{tag} 0")
