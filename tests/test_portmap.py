@@ -8,6 +8,9 @@ from __future__ import annotations
 import struct
 
 import pytest
+from fuzz_helpers import FUZZ, mutate, refused
+from hypothesis import given
+from hypothesis import strategies as st
 
 from p2pd.transport import portmap
 from p2pd.transport.portmap import BadReply, PortMapper, decode_reply, public_ipv4
@@ -263,3 +266,34 @@ def test_an_announcement_ends_the_pause_after_a_failure() -> None:
     assert m.announcement(ANNOUNCE, GW, 100.0) is True
     assert m.next_deadline() == 100.0 and m.protocol == "pcp"
     assert len(m.poll(100.0)) == 1
+
+
+# --- fuzzing: whatever the gateway (or a spoofer) sends, only BadReply, and a client
+# that holds no mapping takes none from junk
+
+
+def _client_takes(data: bytes) -> None:
+    m = mapper(0.0)
+    m.poll(0.0)
+    m.receive(data, GW, 0.1)  # never raises
+    m.announcement(data, GW, 0.1)
+    if m.mapping is not None:  # only a reply that passed every check
+        assert public_ipv4(m.mapping.external.host) and m.mapping.external.port
+        assert portmap.LIFETIME_MIN <= m.mapping.lifetime <= portmap.LIFETIME
+
+
+@FUZZ
+@given(st.binary(max_size=1200))
+def test_decode_reply_arbitrary_bytes(data: bytes) -> None:
+    refused(BadReply, lambda: decode_reply(data))  # anything else propagates
+    _client_takes(data)
+    _client_takes(bytes([2, 0x81]) + data)
+    _client_takes(bytes([0, 129]) + data[:14])
+
+
+@FUZZ
+@given(st.sampled_from([pcp_reply(), natpmp_map(), natpmp_address(), ANNOUNCE]), st.data())
+def test_decode_reply_mutations(valid: bytes, data: st.DataObject) -> None:
+    mutated = mutate(data, valid)
+    refused(BadReply, lambda: decode_reply(mutated))
+    _client_takes(mutated)
