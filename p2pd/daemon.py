@@ -554,7 +554,12 @@ async def open_node(
             )  # fmt: skip
             portmap = None
             if wants_port_mapping(config, endpoint.local_address):
-                portmap = PortMapping(endpoint.local_address.port, on_change=wakeup.set)
+                local = endpoint.local_address
+                portmap = PortMapping(
+                    local.port,
+                    on_change=wakeup.set,
+                    listen_host=None if is_wildcard(local.host) else local.host,
+                )
             notice, rotation = stored_notice(conn), None
             if notice is not None and notice.new_key == identity.public_key:
                 rotation = notice  # ours: announced to every contact, and in our record

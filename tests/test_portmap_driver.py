@@ -95,9 +95,20 @@ def test_maps_follows_the_gateway_and_deletes(monkeypatch: pytest.MonkeyPatch) -
     assert changes  # the daemon was woken to republish
 
 
-def test_no_default_gateway_sends_nothing() -> None:
+@pytest.mark.parametrize(
+    ("route", "listen_host"),
+    [
+        (None, None),  # no default gateway
+        (("127.0.0.1", "127.0.0.5"), "127.0.0.6"),  # reached from another address of ours
+    ],
+)
+def test_no_usable_gateway_sends_nothing(
+    route: tuple[str, str] | None, listen_host: str | None
+) -> None:
     async def main() -> None:
-        mapping = PortMapping(4747, lambda: None, route=lambda: None, announcements=None)
+        mapping = PortMapping(
+            4747, lambda: None, route=lambda: route, announcements=None, listen_host=listen_host
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(mapping.run)
             await trio.sleep(0.1)

@@ -79,8 +79,12 @@ class PortMapping:
         *,
         route: Callable[[], tuple[str, str] | None] | None = None,
         announcements: tuple[str, int] | None = ("0.0.0.0", ANNOUNCE_PORT),
+        listen_host: str | None = None,
     ) -> None:
         self.internal_port = internal_port
+        #: The daemon's own address when it listens on one (not a wildcard): a gateway
+        #: reached from another address of ours would forward to the wrong one.
+        self.listen_host = listen_host
         self.on_change = on_change
         #: (gateway, our address towards it), or None; tests give their own.
         self._route = route or _default_route
@@ -152,6 +156,8 @@ class PortMapping:
             if now >= check_at:
                 check_at = now + ROUTE_CHECK
                 found = self._route()
+                if found is not None and self.listen_host not in (None, found[1]):
+                    found = None
                 if found != route:
                     await self._delete(sock)
                     route = found
