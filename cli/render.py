@@ -93,6 +93,18 @@ def status_text(s: dict[str, Any]) -> str:
             ("reachability", f"{s['reachability']} ({reach}); DHT {s['dht_mode']} mode"),
             ("seen as", reflexive or "-"),
         ]
+    mapping = s.get("port_mapping")
+    if mapping and mapping.get("enabled"):  # issue 13, item 9
+        if mapping.get("mapped_address"):
+            text = (
+                f"{mapping['mapped_address']} by {mapping['protocol']} at "
+                f"{mapping['gateway']} (renewed; expires in {mapping['expires_in']:.0f} s)"
+            )
+        elif mapping.get("failure"):
+            text = f"none ({mapping['gateway']}: {mapping['failure']})"
+        else:
+            text = "none" if mapping.get("gateway") else "none (no default gateway)"
+        rows.append(("port mapping", text))
     if "relays_in_use" in s:  # relays (issue 13, item 3)
         relaying = s.get("relay", {}).get("relaying", {})
         rows.append(("relays", ", ".join(s["relays_in_use"]) or "-"))

@@ -108,6 +108,10 @@ class Status(TypedDict):
     #: Relayed connections upgraded by hole punching (p2pd/relay/upgrade.py): started,
     #: direct, failed, refused; and probes refused by the punch core.
     hole_punching: dict[str, int]
+    #: Our mapping at the default gateway (p2pd/transport/portmap_driver.py):
+    #: ``enabled``, ``gateway``, ``protocol`` ("pcp"/"nat-pmp"), ``mapped_address``,
+    #: ``expires_in`` (s), ``failure``, ``counters``.
+    port_mapping: dict[str, Any]
     #: The UDP port's counters: ``queues`` (2: QUIC has a receive queue of its own),
     #: ``datagrams_in``, ``dropped_unknown``, ``send_dropped``, ``send_errors``,
     #: ``other_read_paused``, ``kernel_dropped_quic`` / ``_other`` (full queues).
@@ -267,6 +271,9 @@ class Api:
             "relays_in_use": [str(a) for a in node.published_relays()],
             "relay": node.relays.statistics() if node.relays is not None else {},
             "hole_punching": node.upgrade.statistics() if node.upgrade is not None else {},
+            "port_mapping": (
+                node.portmap.statistics() if node.portmap is not None else {"enabled": False}
+            ),
             "udp": {
                 **node.endpoint.stats,
                 **{f"kernel_dropped_{k}": v for k, v in node.endpoint.kernel_drops().items()},

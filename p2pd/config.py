@@ -463,6 +463,16 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NatConfig:
+    """Our own NAT (``[nat]`` in config.toml; issue 13, item 9)."""
+
+    #: Ask the default gateway for a mapping of our UDP port (PCP, else NAT-PMP:
+    #: p2pd/transport/portmap.py) and publish the address it gives first. ``false``
+    #: sends the gateway nothing.
+    port_mapping: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A daemon."""
 
@@ -494,6 +504,7 @@ class NodeConfig:
     files: FilesConfig = field(default_factory=FilesConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    nat: NatConfig = field(default_factory=NatConfig)
 
     @property
     def hides_addresses(self) -> bool:
@@ -504,7 +515,7 @@ class NodeConfig:
         return self.lan.mode == "contacts"
 
 
-_SECTIONS = ("home", "dht", "quic", "lan", "calls", "files", "privacy", "relay")
+_SECTIONS = ("home", "dht", "quic", "lan", "calls", "files", "privacy", "relay", "nat")
 
 
 def _apply(obj: Any, section: dict[str, Any], where: str) -> Any:
@@ -567,6 +578,7 @@ def load_config(home: Path) -> NodeConfig:
     files = _apply(config.files, doc.get("files", {}), f"{path} [files]")
     quic = _apply(config.quic, doc.get("quic", {}), f"{path} [quic]")
     relay = _apply(config.relay, doc.get("relay", {}), f"{path} [relay]")
+    nat = _apply(config.nat, doc.get("nat", {}), f"{path} [nat]")
     privacy_doc = doc.get("privacy", {})
     if not isinstance(privacy_doc, dict) or set(privacy_doc) - {"addresses"}:
         raise UsageError(f"{path} [privacy]: the one setting is addresses = everyone|contacts")
@@ -582,5 +594,6 @@ def load_config(home: Path) -> NodeConfig:
         files=files,
         privacy=privacy,
         relay=relay,
+        nat=nat,
     )
     return out

@@ -9,6 +9,7 @@ Leaving the context cancels them all together; routing contacts are saved on the
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
 import sqlite3
@@ -42,6 +43,7 @@ from .relay.upgrade import DirectUpgrade
 from .rotation import RotationNotice
 from .session import SessionManager
 from .store import db_path, get_meta, open_database, set_meta
+from .transport.portmap_driver import PortMapping
 from .transport.punch_driver import PunchRunner
 from .transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from .transport.udp import UdpEndpoint
@@ -74,6 +76,7 @@ class Node:
         files: FilesService | None = None,
         relays: Relays | None = None,
         upgrade: DirectUpgrade | None = None,
+        portmap: PortMapping | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -101,6 +104,9 @@ class Node:
         self.relays = relays
         #: Relayed connections upgraded to direct ones (hole punching).
         self.upgrade = upgrade
+        #: Our mapping at the default gateway (PCP/NAT-PMP); None with ``[nat]
+        #: port_mapping = false`` or a loopback listen address.
+        self.portmap = portmap
         #: Passes into contacts' mailboxes, and our pass epoch (p2pd/dht/mailbox_pass_share.py).
         self.mailbox_passes: MailboxPasses | None = None
 
@@ -114,11 +120,20 @@ class Node:
         peer (a UDP connect() sends nothing) and, without any, by loopback."""
         if self.config.advertise:
             return list(self.config.advertise)
-        # Behind an endpoint-independent NAT, the mapped address a quorum of DHT peers
-        # saw comes first (issue 13): what strangers may reach; the rest is for the LAN.
+        # A port our gateway mapped for us (PCP/NAT-PMP: one address at most) comes
+        # first; then, behind an endpoint-independent NAT, the mapped address a quorum
+        # of DHT peers saw (issue 13): what strangers may reach; the rest is for the LAN.
+        mapped = None if self.portmap is None else self.portmap.mapped_address()
         public = self.dht.reachability().public_address
-        found = [] if public is None else [public]
-        return (found + [a for a in self._local_addresses() if a != public])[:MAX_ADDRESSES]
+        found = list(dict.fromkeys(a for a in (mapped, public) if a is not None))
+        return (found + [a for a in self._local_addresses() if a not in found])[:MAX_ADDRESSES]
+
+    def nat_mapping(self) -> str:
+        """The mapping kind we offer for hole punching: ``endpoint-independent`` while the
+        gateway maps our port for everyone (a port mapping), else what observers saw."""
+        if self.portmap is not None and self.portmap.mapped_address() is not None:
+            return "endpoint-independent"
+        return self.dht.reachability().mapping
 
     def published_addresses(self) -> list[Address]:
         """What our public record lists: none with ``[privacy] addresses = "contacts"``
@@ -307,6 +322,19 @@ def bind_listen(listen: Address) -> UdpEndpoint:
         return UdpEndpoint.bind(Address("0.0.0.0", listen.port))
 
 
+def wants_port_mapping(config: NodeConfig, listen: Address) -> bool:
+    """Whether to ask the default gateway for a port mapping (issue 13, item 9):
+    ``[nat] port_mapping`` on, no ``--advertise`` (it decides what we publish), and a
+    socket that the gateway's side can reach: a wildcard or a non-loopback IPv4
+    address (a loopback daemon, as in tests, never talks to a gateway)."""
+    if not config.nat.port_mapping or config.advertise:
+        return False
+    if is_wildcard(listen.host):
+        return True
+    ip = ipaddress.ip_address(listen.host)
+    return ip.version == 4 and not ip.is_loopback
+
+
 def needs_relays(dht: DHT) -> bool:
     """Whether we are behind a NAT that strangers cannot get through: then we keep
     registrations with relays (and relay for no one)."""
@@ -472,7 +500,7 @@ async def open_node(
             runner = PunchRunner(endpoint.sendto, "0.0.0.0" if own_host == "::" else own_host)
             upgrade = DirectUpgrade(
                 quic, runner,
-                mapping=lambda: dht.reachability().mapping,
+                mapping=lambda: node.nat_mapping(),
                 candidates=lambda: punch_candidates(node.advertised_addresses(), dht),
                 may_share_addresses=lambda key: (
                     not config.hides_addresses or contacts.by_key(key) is not None
@@ -524,6 +552,14 @@ async def open_node(
                 config.files, identity, conn, events.emit, quic=quic, at_rest=at_rest,
                 **files_hooks(delivery, dht, quic, _hinted(_lan_addresses(lan), hints, cached)),
             )  # fmt: skip
+            portmap = None
+            if wants_port_mapping(config, endpoint.local_address):
+                local = endpoint.local_address
+                portmap = PortMapping(
+                    local.port,
+                    on_change=wakeup.set,
+                    listen_host=None if is_wildcard(local.host) else local.host,
+                )
             notice, rotation = stored_notice(conn), None
             if notice is not None and notice.new_key == identity.public_key:
                 rotation = notice  # ours: announced to every contact, and in our record
@@ -533,6 +569,7 @@ async def open_node(
                 config, identity, conn, endpoint=endpoint, dht=dht, quic=quic,
                 delivery=delivery, calls=calls, lan=lan, schedule=schedule, wakeup=wakeup,
                 rotation=rotation, files=files, hints=hints, relays=relays, upgrade=upgrade,
+                portmap=portmap,
             )  # fmt: skip
             node.mailbox_passes = passes  # for revoke_mailbox_pass
             if rotation is not None:
@@ -540,6 +577,8 @@ async def open_node(
             await nursery.start(quic.serve)
             await nursery.start(relays.run)
             await nursery.start(upgrade.run)
+            if portmap is not None:  # before the first publish: a mapping may come first
+                await nursery.start(portmap.run)
             await nursery.start(
                 endpoint.serve, dht.datagram_received, quic.datagram_received,
                 relays.datagram_received, runner.datagram_received,

@@ -6,7 +6,8 @@
 #          to create .venv; nothing while .venv exists.
 #   netns  ip (iproute2) and nft (nftables): the namespace tests (tests/test_netns.py,
 #          test_lan.py, test_discovery.py, test_lan_avahi.py) build hosts with ip and
-#          NAT routers with nft.
+#          NAT routers with nft; miniupnpd (miniupnpd-nftables): the port-mapping test
+#          (tests/test_portmap_netns.py) runs it in a router (NAT-PMP and PCP).
 #   avahi  avahi-daemon, avahi-browse and avahi-publish (avahi-utils), dbus-daemon (dbus),
 #          unshare (util-linux), mount: tests/test_lan_avahi.py runs Avahi on a private
 #          D-Bus in a testbed namespace, our only proof that another mDNS stack hears us.
@@ -63,6 +64,8 @@ for group in "$@"; do
         why="the namespace tests (tests/test_netns.py, test_lan*.py, test_discovery.py)"
         need_command ip iproute2 "$why build hosts with it"
         need_command nft nftables "$why build NAT routers with it"
+        need_command miniupnpd miniupnpd-nftables \
+            "tests/test_portmap_netns.py runs it in a NAT router (NAT-PMP, PCP)"
         ;;
     avahi)
         why="tests/test_lan_avahi.py runs Avahi in a namespace"

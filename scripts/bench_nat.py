@@ -19,6 +19,9 @@ message's delivery, an upper bound on "from the first packet"). Not measured her
 mouth-to-ear relayed vs direct and bulk throughput (scripts/bench_relay.py measures the
 relay's bulk and CPU). The ``ipv6`` cell (p2pd/testing/natnet.py: an endpoint-dependent
 IPv4 NAT and an IPv6 outbound-only firewall, daemons dual stack) goes direct over IPv6.
+The ``mapped`` cell is ``symmetric`` with miniupnpd in its router (issue 13, item 9):
+the daemon's port mapped by PCP and published first; compare ``symmetric <->
+symmetric`` (relayed) in the same run.
 
 ``--flush`` measures recovery instead (issue 13, item 5): once alice and bob talk, every
 NAT router in front of bob flushes its conntrack table at once (a reboot; p2pd/testing/
@@ -59,6 +62,8 @@ PAIRS = [
     ("double", "fully-random"),
     ("symmetric", "symmetric"),
     ("ipv6", "ipv6"),
+    ("symmetric", "mapped"),
+    ("mapped", "symmetric"),
 ]
 EDM = ("symmetric", "fully-random")
 DIRECT_WAIT = 10.0

@@ -40,6 +40,44 @@ def test_status_before_the_record_is_published() -> None:
     ]
 
 
+def test_status_port_mapping() -> None:
+    base = {
+        "self_certifying": "bob#u6cmphjezpfb",
+        "fingerprint_display": "u6cm phje",
+        "listen": "0.0.0.0:4747",
+        "addresses": ["198.18.11.1:4747"],
+        "routing_table_size": 3,
+        "records_stored": 0,
+        "record_seq": None,
+        "replicas": 0,
+        "record_expires": None,
+        "uptime": 1.6,
+    }
+    mapped = {
+        "enabled": True,
+        "gateway": "10.1.0.1",
+        "protocol": "pcp",
+        "mapped_address": "198.18.11.1:4747",
+        "expires_in": 7190.4,
+        "failure": None,
+    }
+    failed = {**mapped, "protocol": None, "mapped_address": None, "expires_in": None}
+    failed["failure"] = "pcp: no answer; nat-pmp: no answer"
+
+    def row(port_mapping: dict[str, object]) -> list[str]:
+        lines = render.status_text({**base, "port_mapping": port_mapping}).splitlines()
+        return [line for line in lines if line.startswith("port mapping")]
+
+    assert row(mapped) == [
+        "port mapping    198.18.11.1:4747 by pcp at 10.1.0.1 (renewed; expires in 7190 s)"
+    ]
+    assert row(failed) == ["port mapping    none (10.1.0.1: pcp: no answer; nat-pmp: no answer)"]
+    assert row({**failed, "gateway": None, "failure": None}) == [
+        "port mapping    none (no default gateway)"
+    ]
+    assert row({"enabled": False}) == []
+
+
 def test_messages() -> None:
     received = {
         "sent_at": 0,

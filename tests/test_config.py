@@ -76,3 +76,24 @@ def test_calls_section_of_the_config_file(tmp_path: Path) -> None:
         (tmp_path / "config.toml").write_text(bad)
         with pytest.raises(UsageError, match="contacts"):
             load_config(tmp_path)
+
+
+def test_nat_section_turns_port_mapping_off(tmp_path: Path) -> None:
+    """``[nat] port_mapping`` (issue 13, item 9): on by default; a daemon on loopback,
+    or with --advertise, never asks a gateway."""
+    from p2pd.daemon import wants_port_mapping
+
+    config = load_config(tmp_path)
+    assert config.nat.port_mapping is True
+    assert wants_port_mapping(config, Address("::", 4747))
+    assert wants_port_mapping(config, Address("10.1.0.11", 4747))
+    assert not wants_port_mapping(config, Address("127.0.0.1", 4747))
+    assert not wants_port_mapping(config, Address("::1", 4747))
+    (tmp_path / "config.toml").write_text("[nat]\nport_mapping = false\n")
+    config = load_config(tmp_path)
+    assert config.nat.port_mapping is False
+    assert not wants_port_mapping(config, Address("::", 4747))
+    for bad in ('port_mapping = "yes"', "port_mapping = 1", "upnp = true"):
+        (tmp_path / "config.toml").write_text(f"[nat]\n{bad}\n")
+        with pytest.raises(UsageError):
+            load_config(tmp_path)

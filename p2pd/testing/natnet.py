@@ -8,7 +8,8 @@ Cells: ``public`` (on the simulated internet), ``eim`` (endpoint-independent NAT
 home NAT behind a carrier-grade NAT), ``ipv6`` (a home router with an endpoint-dependent
 IPv4 NAT that routes a global IPv6 /64 through an outbound-only firewall,
 p2pd/testing/netns6.py; with it in a network, every host gets IPv6 and every daemon
-listens dual stack on ``[::]``). Every wait is bounded.
+listens dual stack on ``[::]``), ``mapped`` (``symmetric`` whose router runs miniupnpd:
+NAT-PMP and PCP port mapping, p2pd/testing/miniupnpd.py). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .daemons import DaemonProcess, cli_json, run_cli, wait_until
+from .miniupnpd import start_miniupnpd
 from .netns import Host, NatRouter, Testbed
 from .netns6 import Ipv6Overlay
 
@@ -36,12 +38,14 @@ MAPPING = {
     "symmetric": "endpoint-dependent",
     "fully-random": "endpoint-dependent",
     "ipv6": "endpoint-dependent",  # its IPv4 NAT's
+    "mapped": "endpoint-dependent",  # what observers see; the mapping is another port
 }
 CONFIG = '[calls]\naudio_in = "tone:440"\naudio_out = "none"\nfrom = "everyone"\n'
 
 
 def peer_host(testbed: Testbed, kind: str, n: int) -> Host:
-    """A host in a cell of ``kind`` on the testbed's internet ("inet")."""
+    """A host in a cell of ``kind`` on the testbed's internet ("inet"); for ``mapped``,
+    with miniupnpd running in its router."""
     inet = testbed.lans["inet"]
     if kind == "public":
         return testbed.host(f"p{n}", inet, address=f"198.18.{20 + n}.11")
@@ -53,9 +57,12 @@ def peer_host(testbed: Testbed, kind: str, n: int) -> Host:
         f"r{n}",
         inet,
         inside_subnet=f"10.{n}.0.0/24",
-        kind="symmetric" if kind == "ipv6" else kind,  # type: ignore[arg-type]
+        kind="symmetric" if kind in ("ipv6", "mapped") else kind,  # type: ignore[arg-type]
         address=f"198.18.{10 + n}.1",
+        port_mapping=kind == "mapped",
     )
+    if kind == "mapped":
+        start_miniupnpd(router)
     return testbed.host(f"c{n}", router.inside)
 
 
@@ -106,6 +113,10 @@ def start_network(
         own = status(root, name)
         if own["nat_mapping"] != MAPPING[kind]:
             return False
+        mapped = own["port_mapping"].get("mapped_address")
+        mapping_on = kind == "mapped" and "port_mapping = false" not in peer_config
+        if mapping_on and (mapped is None or own["addresses"][:1] != [mapped]):
+            return False  # published with the mapped address first
         if kind == "public":
             return True
         # Behind any of these NATs strangers get in only through relays (Linux filters

@@ -71,6 +71,11 @@ does, in RFC 4787 terms:
     the same behaviour as ``symmetric`` on the kernels we run (6.x; measured in
     tests/test_nat_cells.py: a new random port per destination, no port preservation).
 
+``port_mapping=True`` gives a router an ``inet`` table (not ``ip``) with miniupnpd's
+three chains, which its base chains jump to; p2pd/testing/miniupnpd.py runs Debian's
+miniupnpd there (PCP and NAT-PMP on the inside address), and a mapping is a DNAT and an
+accept rule in the router's own table (tests/test_portmap_netns.py).
+
 A **double NAT** is a home router whose outside LAN is a carrier-grade NAT's inside
 (``inside_subnet`` in 100.64.0.0/10); the home router then routes through the CGNAT.
 
@@ -488,18 +493,39 @@ class NatRouter(Host):
         return {k: int(self.run(["cat", path + v]).stdout) for k, v in keys.items()}
 
 
-def _nat_ruleset(kind: NatKind, inside: IPv4Network) -> str:
+def _nat_ruleset(kind: NatKind, inside: IPv4Network, *, port_mapping: bool = False) -> str:
+    """The router's nftables table. With ``port_mapping`` it is an ``inet`` table (the
+    family miniupnpd's nftables backend writes to) holding miniupnpd's three chains, which
+    the router's base chains jump to: a mapping's DNAT rule (``prerouting_miniupnpd``) and
+    its accept rule (``miniupnpd``) then act in the same table as the masquerade
+    (p2pd/testing/miniupnpd.py); a jump cannot leave its table."""
     flags = {"eim": "", "symmetric": " random", "fully-random": " fully-random"}[kind]
+    family, jump_nat, jump_forward, chains = "ip", "", "", ""
+    if port_mapping:
+        family = "inet"
+        jump_nat = "\n        jump postrouting_miniupnpd"
+        jump_forward = "\n        jump miniupnpd"
+        chains = """
+    chain prerouting {
+        type nat hook prerouting priority dstnat; policy accept;
+        jump prerouting_miniupnpd
+    }
+    chain prerouting_miniupnpd {
+    }
+    chain postrouting_miniupnpd {
+    }
+    chain miniupnpd {
+    }"""
     return f"""
-table ip p2pd_nat {{
+table {family} p2pd_nat {{{chains}
     chain postrouting {{
-        type nat hook postrouting priority srcnat; policy accept;
+        type nat hook postrouting priority srcnat; policy accept;{jump_nat}
         oifname "eth0" ip saddr {inside} masquerade{flags}
     }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
         ct state established,related accept
-        iifname "eth1" oifname "eth0" ip saddr {inside} accept
+        iifname "eth1" oifname "eth0" ip saddr {inside} accept{jump_forward}
     }}
     chain input {{
         type filter hook input priority filter; policy accept;
@@ -691,6 +717,7 @@ class Testbed:
         kind: NatKind = "eim",
         address: str | IPv4Address | None = None,
         mapping_timeout: int | None = None,
+        port_mapping: bool = False,
     ) -> NatRouter:
         """A NAT router on ``outside`` with a new LAN behind it (``router.inside``).
 
@@ -700,6 +727,8 @@ class Testbed:
         carrier-grade NAT's, with home routers on it: a double NAT); the router takes
         its .1. ``mapping_timeout`` (seconds) sets how long an idle UDP mapping lives (both
         of conntrack's UDP timeouts); the kernel's defaults are 30 s and 120 s.
+        ``port_mapping``: the ruleset has miniupnpd's chains (an ``inet`` table; start
+        the daemon with :meth:`NatRouter.start_miniupnpd`).
         """
         if kind not in ("eim", "symmetric", "fully-random"):
             raise TestbedError(f"unknown NAT kind {kind!r}: 'eim', 'symmetric', 'fully-random'")
@@ -727,7 +756,10 @@ class Testbed:
         if outside.gateway is not None:  # a home router behind a carrier-grade NAT
             _ip("-n", netns, "route", "add", "default", "via", str(outside.gateway))
         _sysctl(netns, "net.ipv4.ip_forward", "1")
-        _command(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=_nat_ruleset(kind, net))
+        _command(
+            ["ip", "netns", "exec", netns, "nft", "-f", "-"],
+            input=_nat_ruleset(kind, net, port_mapping=port_mapping),
+        )
         if mapping_timeout is not None:
             for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
                 _sysctl(netns, f"net.netfilter.{key}", str(int(mapping_timeout)))
