@@ -5,6 +5,7 @@ the relay's own budget holds."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -119,20 +120,13 @@ async def test_a_lying_relay_confirms_nothing_alone(monkeypatch: pytest.MonkeyPa
     answers "stored" for every put it carries without sending anything on, the other
     is honest. The put is not confirmed: the sender hears 0 and will try again. (The
     rule it fails without: replicas in two networks said "stored".)"""
-    real = p2pd.dht.core.relay_requested
-    liar: list[Any] = []
 
-    def maybe_lie(
+    def say_stored(
         core: Any, req: wire.DHTRequest, address: Any, cookie: Any, size: int, now: float
     ) -> None:
-        if not liar:
-            liar.append(core)
-        if core is not liar[0]:
-            return real(core, req, address, cookie, size, now)
-        core.stats["lies"] += 1
         core._send(wire.encode_response(req.msg_id, True, None, cookie, address), address)
 
-    monkeypatch.setattr(p2pd.dht.core, "relay_requested", maybe_lie)
+    liar = _first_asked_lies(monkeypatch, "relay_requested", say_stored)
     with trio.fail_after(90):
         async with open_swarm(10, config=CONFIG) as swarm:
             sender, owner = swarm.nodes[3], swarm.nodes[6]
@@ -279,7 +273,23 @@ async def _black_holes(
 def _lie_about_replicas(monkeypatch: pytest.MonkeyPatch, holes: list[SwarmNode]) -> list[Any]:
     """The first node asked for a ``mailbox_find`` answers the black holes as the nodes
     closest to the key (it runs no lookup); the others answer honestly."""
-    real = p2pd.dht.core.find_requested
+
+    def name_the_holes(
+        core: Any, req: wire.DHTRequest, address: Any, cookie: Any, size: int, now: float
+    ) -> None:
+        contacts = [wire.Contact(h.node_key.public_key, h.address) for h in holes]
+        core.answer(req, address, cookie, wire.encode_contacts(contacts), size, now)
+
+    return _first_asked_lies(monkeypatch, "find_requested", name_the_holes)
+
+
+def _first_asked_lies(
+    monkeypatch: pytest.MonkeyPatch, handler: str, lie: Callable[..., None]
+) -> list[Any]:
+    """The first node whose ``p2pd.dht.core.<handler>`` runs answers with ``lie`` from
+    then on (counted in its ``lies``); every other node runs the real handler. Returns
+    the list that will hold the liar's core."""
+    real = getattr(p2pd.dht.core, handler)
     liar: list[Any] = []
 
     def maybe_lie(
@@ -290,10 +300,9 @@ def _lie_about_replicas(monkeypatch: pytest.MonkeyPatch, holes: list[SwarmNode])
         if core is not liar[0]:
             return real(core, req, address, cookie, size, now)
         core.stats["lies"] += 1
-        contacts = [wire.Contact(h.node_key.public_key, h.address) for h in holes]
-        core.answer(req, address, cookie, wire.encode_contacts(contacts), size, now)
+        lie(core, req, address, cookie, size, now)
 
-    monkeypatch.setattr(p2pd.dht.core, "find_requested", maybe_lie)
+    monkeypatch.setattr(p2pd.dht.core, handler, maybe_lie)
     return liar
 
 

@@ -99,6 +99,21 @@ async def echo(peer: QuicPeer, stream: QuicStream) -> None:
     await stream.send_eof()
 
 
+async def echoed(stream: QuicStream, payload: bytes) -> bytes:
+    """Write ``payload`` and the end on ``stream`` while reading what comes back."""
+    received = b""
+
+    async def reader() -> None:
+        nonlocal received
+        received = await read_all(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await stream.send_all(payload)
+        await stream.send_eof()
+    return received
+
+
 async def read_all(stream: QuicStream) -> bytes:
     chunks = []
     while data := await stream.receive_some():
@@ -258,17 +273,7 @@ async def test_stream_echo_one_megabyte_both_ways() -> None:
         async with open_node("alice") as alice, open_node("bob", on_stream=echo) as bob:
             peer = await alice.quic.connect(bob.address, bob.key)
             stream = await peer.open_stream()
-            received = b""
-
-            async def reader() -> None:
-                nonlocal received
-                received = await read_all(stream)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(reader)
-                await stream.send_all(payload)
-                await stream.send_eof()
-            assert received == payload
+            assert await echoed(stream, payload) == payload
             await stream.aclose()
             with pytest.raises(trio.ClosedResourceError):
                 await stream.send_all(b"x")
@@ -289,17 +294,7 @@ async def test_bulk_data_goes_out_segmented_and_arrives_intact(
                 pytest.skip("this kernel has no UDP_SEGMENT")
             peer = await alice.quic.connect(bob.address, bob.key)
             stream = await peer.open_stream()
-            received = b""
-
-            async def reader() -> None:
-                nonlocal received
-                received = await read_all(stream)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(reader)
-                await stream.send_all(payload)
-                await stream.send_eof()
-            assert received == payload
+            assert await echoed(stream, payload) == payload
             for node in (alice, bob):
                 stats = node.udp.stats
                 if gso == "on":
