@@ -179,3 +179,15 @@ def test_a_video_call_records_the_expected_frames(net: Net) -> None:
         frames = [f for f in container.decode(stream)]
     assert abs(len(frames) - sent) <= 0.1 * sent, (len(frames), sent)
     assert (frames[0].width, frames[0].height) == (640, 480)
+
+
+def test_a_camera_that_is_not_there_is_a_clear_error_before_ringing(net: Net) -> None:
+    """Issue 15 item 5: `--video-in camera:DEVICE` where there is no such device (this
+    machine has no camera at all) says which device could not be opened, and nobody is
+    rung."""
+    net.start("alice", "bob")
+    proc = net.cli("alice", "call", "bob", "--video-in", "camera:/dev/video-none")
+    assert proc.returncode == 1, proc.stdout
+    assert "cannot open the media device '/dev/video-none'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert net.calls("bob") == []  # never rung

@@ -77,6 +77,10 @@ class VideoSource(Protocol):
 # --------------------------------------------------------------------------- specs
 
 
+#: ``--video-in camera`` without a device: V4L2's first.
+DEFAULT_CAMERA = "/dev/video0"
+
+
 def _split(spec: str) -> tuple[str, str]:
     kind, _, arg = spec.partition(":")
     return kind, arg
@@ -94,9 +98,20 @@ def check_audio_spec(spec: str) -> None:
 
 
 def check_video_spec(spec: str) -> None:
-    """Raise UsageError unless ``spec`` names a video source (files must exist)."""
-    kind, _ = _split(spec)
-    if spec == "testsrc" or kind == "camera":
+    """Raise UsageError unless ``spec`` names a video source (files must exist), and
+    LocalError for a camera that is not there: before anyone is rung, not once the
+    call is answered (it was: the caller saw "did not answer")."""
+    kind, arg = _split(spec)
+    if kind == "camera":
+        device = Path(arg or DEFAULT_CAMERA)
+        if not device.exists():
+            cameras = ", ".join(sorted(str(p) for p in Path("/dev").glob("video*"))) or "none"
+            raise LocalError(
+                f"cannot open the media device {str(device)!r}: no such device "
+                f"(cameras here: {cameras})"
+            )
+        return
+    if spec == "testsrc":
         return
     _file_path(spec)
 
@@ -136,7 +151,7 @@ def open_video_source(spec: str, *, width: int = 640, height: int = 480) -> Vide
     if spec == "testsrc":
         return TestPattern(width, height)
     if kind == "camera":
-        return FileVideoSource(arg or "/dev/video0", width, height, device=True)
+        return FileVideoSource(arg or DEFAULT_CAMERA, width, height, device=True)
     return FileVideoSource(str(_file_path(spec)), width, height)
 
 
