@@ -836,6 +836,7 @@ class CallMedia:
             "audio_late_concealed": jitter["late_concealed"],
             "audio_delay_peaks_held": jitter["peaks_held"],
             "audio_dropped": jitter["dropped"],
+            "audio_start_skipped": jitter["start_skipped"],
             "jitter_buffer_target_ms": jitter["target_ms"],
             "opus_decoder": self._decoder.name if self._decoder is not None else None,
             "video_frames_sent": c.video_frames_sent,
