@@ -492,7 +492,7 @@ class SpeakerSink(_DeviceThread):
     thread_name = "p2pd-speaker"
 
     def __init__(
-        self, name: str = "", *, low_water: int = 1440, max_low_water: int = 4800, block: int = 480
+        self, name: str = "", *, low_water: int = 1920, max_low_water: int = 4800, block: int = 480
     ) -> None:
         sd = _sounddevice()
         device = _pick("speaker", name, list_devices().outputs)
@@ -572,7 +572,7 @@ class SpeakerSink(_DeviceThread):
         }
 
 
-def open_audio_sink(spec: str, *, low_water: int = 1440) -> SpeakerSink | None:
+def open_audio_sink(spec: str, *, low_water: int = 1920) -> SpeakerSink | None:
     """The speaker ``spec`` names (``speaker[:NAME]``), or None for ``none``."""
     check_output_spec(spec)
     if spec == "none":
