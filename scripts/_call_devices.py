@@ -189,6 +189,7 @@ def run_devices(
                 "audio_frames_concealed",
                 "audio_stretched",
                 "audio_dropped",
+                "audio_start_skipped",
             ):
                 counters[key] = counters.get(key, 0) + int(side_stats.get(key) or 0)
     gaps = [c - x for x, c in zip(scores, codec_scores, strict=True)]

@@ -640,7 +640,8 @@ def print_devices(dev: dict[str, Any]) -> None:
         f"speaker underruns {c.get('speaker_underruns', 0)}, microphone frames dropped "
         f"{c.get('mic_dropped_frames', 0)}, concealed {c.get('audio_frames_concealed', 0)}, "
         f"stretched {c.get('audio_stretched', 0)}, accelerate-dropped "
-        f"{c.get('audio_dropped', 0)} (both sides, all calls). Not graded; mouth-to-ear is "
+        f"{c.get('audio_dropped', 0)}, skipped before playout started "
+        f"{c.get('audio_start_skipped', 0)} (both sides, all calls). Not graded; mouth-to-ear is "
         "not measured on this path (no common clock between the recordings).\n"
     )
 

@@ -144,3 +144,58 @@ def test_with_peak_height_the_hold_is_how_late_the_peaks_came_not_a_frame() -> N
     assert 305 not in lost and 105 in lost and 205 in lost, lost
     assert jb.statistics()["peaks_held"] == 1
     assert jb.target_delay == pytest.approx(0.02 + 0.010 + 0.002, abs=1e-6)
+
+
+#: How late (ms) audio packets came against a steady 20 ms clock, 40 in a row, as measured
+#: at a receiver on the device path of scripts/bench_call.py (mic:pulse through a
+#: PulseAudio 16 null sink's monitor, 2026-12-04): the microphone delivers steadily.
+MEASURED_LATENESS_MS = [
+    1.6, 0.5, 1.0, 1.3, 0.4, 0.2, 0.1, 0.3, 1.3, 0.1, 0.2, 0.2, 0.2, 0.0, 0.4, 1.1, 1.1, 0.2,
+    0.3, 0.2, 0.3, 1.1, 0.2, 1.3, 0.4, 1.1, 1.1, 0.8, 1.5, 2.8, 0.2, 0.4, 1.3, 0.9, 0.4, 0.3,
+    1.1, 0.7, 0.4, 1.4,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_speaker_that_starts_late_plays_every_frame_from_its_start(quiet: bool) -> None:
+    """The speaker's device pulls its first frame 0.52 s after the first packet came (as
+    measured through PulseAudio: the first write to a fresh stream blocked 0.7 s), then
+    one every 20 ms. Playout starts with the frame due then, the older ones unplayed, and
+    plays every frame after it, none dropped in speech, at the delay of a prompt start
+    (in a pause, the warm-up's one frame). (Before,
+    playout started with the first packet, 0.5 s overdue, and the accelerate step dropped
+    26-36 frames one at a time over the next 3 s, in speech's quiet frames too.)"""
+    from p2pd.media import MediaConfig
+
+    jb = JitterBuffer(MediaConfig().jitter)
+    lateness = MEASURED_LATENESS_MS
+    arrivals = [
+        (seq, 10.0 + seq * FRAME + lateness[seq % len(lateness)] / 1000) for seq in range(300)
+    ]
+    arrived_at = dict(arrivals)
+    first_pull = arrivals[0][1] + 0.52
+    played: list[tuple[float, int]] = []
+    kinds = set()
+    for k in range(200):
+        now = first_pull + k * FRAME
+        while arrivals and arrivals[0][1] <= now:
+            seq, arrived = arrivals.pop(0)
+            jb.push(seq, seq * 960, b"p%d" % seq, arrived)
+        decision = jb.pop(now, quiet=quiet)
+        assert decision is not None  # a frame was due at the first pull already
+        kinds.add(decision.kind)
+        if decision.seq is not None:
+            played.append((now, decision.seq))
+    stats = jb.statistics()
+    # In a pause one frame may go: the warm-up floor (25 ms for 50 packets) coming down.
+    assert stats["dropped"] <= (1 if quiet else 0) and stats["expanded"] == 0, stats
+    assert kinds == {PlayoutKind.FRAME}
+    seqs = [seq for _, seq in played]
+    start = seqs[0]
+    assert seqs == [s for s in range(start, start + len(seqs) + 1) if s in seqs]
+    assert len(seqs) == 200 and seqs[-1] - start == 199 + stats["dropped"]
+    assert stats["start_skipped"] == start >= 20
+    # How long after it arrived each frame played (the test's path has no network delay:
+    # after its capture): what a prompt start gives, from the first pull on.
+    delays = [now - arrived_at[seq] for now, seq in played]
+    assert max(delays) < 0.06, max(delays)

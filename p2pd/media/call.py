@@ -169,10 +169,14 @@ class MediaConfig:
     video_rate_adaptation: bool = True
     rate: RateConfig = field(default_factory=RateConfig)
     #: Playing to a speaker: the playout loop keeps at least this many samples queued
-    #: for the device (30 ms: the device thread takes 10 ms blocks, and trio may be a
-    #: few ms late to top up), taking frames from the jitter buffer as the device's clock
-    #: consumes them.
-    speaker_low_water: int = 1440
+    #: for the device (40 ms: the device thread takes 10 ms blocks, and trio may be late
+    #: to top up), taking frames from the jitter buffer as the device's clock consumes
+    #: them. Each underrun is 10 ms of zeros inserted, in speech too: bench_call's device
+    #: path (scripts/_call_devices.py, 2 calls a run, load average 1.8-3.2) had 0-4 a run
+    #: at 30 ms and a PESQ gap to the codec of 0.11-0.43 (mean 0.24, 6 runs), none at
+    #: 40 ms and 0.11-0.17 (mean 0.14, 4 runs); 50 ms: 0.09, 0.10. Each 10 ms is
+    #: mouth-to-ear.
+    speaker_low_water: int = 1920
     #: Receiver reports (loss, jitter, RTT echo) go out this often (seconds).
     report_interval: float = 0.5
     #: A keyframe request is honoured at most this often (seconds).
@@ -836,6 +840,7 @@ class CallMedia:
             "audio_late_concealed": jitter["late_concealed"],
             "audio_delay_peaks_held": jitter["peaks_held"],
             "audio_dropped": jitter["dropped"],
+            "audio_start_skipped": jitter["start_skipped"],
             "jitter_buffer_target_ms": jitter["target_ms"],
             "opus_decoder": self._decoder.name if self._decoder is not None else None,
             "video_frames_sent": c.video_frames_sent,

@@ -492,7 +492,7 @@ class SpeakerSink(_DeviceThread):
     thread_name = "p2pd-speaker"
 
     def __init__(
-        self, name: str = "", *, low_water: int = 1440, max_low_water: int = 4800, block: int = 480
+        self, name: str = "", *, low_water: int = 1920, max_low_water: int = 4800, block: int = 480
     ) -> None:
         sd = _sounddevice()
         device = _pick("speaker", name, list_devices().outputs)
@@ -514,7 +514,11 @@ class SpeakerSink(_DeviceThread):
         # Fill the device's own buffer with silence first: a fresh stream takes as many
         # blocks as its buffer holds at once (measured through PulseAudio: the first
         # writes return at once), which would otherwise drain our queue faster than trio
-        # tops it up and count as underruns.
+        # tops it up and count as underruns. Then the device starts late: measured with
+        # PulseAudio 16 (a null sink, sounddevice alone, 10 ms blocks, latency "low"),
+        # the first write after the buffer filled blocked 0.67-0.71 s (0.53 s at latency
+        # "high", 0.31 s at 0.1 s). The call's audio that arrived meanwhile is not played
+        # late: the jitter buffer starts with the newest frame due (start_skipped).
         for _ in range(64):
             if self._stream.write_available < self.block:
                 break
@@ -568,7 +572,7 @@ class SpeakerSink(_DeviceThread):
         }
 
 
-def open_audio_sink(spec: str, *, low_water: int = 1440) -> SpeakerSink | None:
+def open_audio_sink(spec: str, *, low_water: int = 1920) -> SpeakerSink | None:
     """The speaker ``spec`` names (``speaker[:NAME]``), or None for ``none``."""
     check_output_spec(spec)
     if spec == "none":

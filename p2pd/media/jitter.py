@@ -14,7 +14,11 @@ plus one frame while packets are being lost (so that the next packet, which carr
 lost one's FEC or copy, is usually there in time), at most ``max_delay``.
 
 Playout is driven by time, not by how full the buffer is: a frame with timestamp ``ts`` is
-*due* once ``now >= ts / rate + min(transit) + target``. Each tick:
+*due* once ``now >= ts / rate + min(transit) + target``. Playout starts at the first tick
+at which a frame is due; if that is two frames or more after the first frame fell due,
+with the newest frame due then: frames that fell due while nobody asked (a speaker whose
+device starts late) go unplayed, counted as ``start_skipped``, rather than being played
+late and caught up on later. Each tick:
 
 - if the next frame is not due yet, the tick is filled by concealment and the playout
   point does not move (NetEq's "expand": the delay grows by one frame);
@@ -193,6 +197,7 @@ class _Stats:
     deferred: int = 0
     late_concealed: int = 0
     peaks_held: int = 0
+    start_skipped: int = 0
 
 
 @dataclass
@@ -367,6 +372,11 @@ class JitterBuffer:
             if ts > due_ts:
                 return None
             self._started = True
+            started_at = self._start_late(due_ts)
+            if started_at is not None:
+                next_seq = started_at
+                held = self._packets.get(next_seq)
+                ts = self._next_ts
         stats = self._stats
         may_shift = quiet or self._deferred >= c.max_defer
         if ts > due_ts:
@@ -478,6 +488,31 @@ class JitterBuffer:
                 self._stats.peaks_held += 1
             self._peak_until = now + c.peak_hold
 
+    def _start_late(self, due_ts: float) -> int | None:
+        """Playout starts (its first pop) two frames or more behind, with frames that fell
+        due while nobody asked: start with the newest of them and let the older ones go,
+        unplayed. Nothing was
+        played yet, so this is the same as a later start, not a hitch; played, and
+        caught up on later by dropping frames, they would cost a frame of the timeline
+        each, in speech's quiet frames too. A speaker whose device starts late does
+        this: measured through PulseAudio 16 (ALSA's pulse plugin, a null sink), the
+        first write to a fresh stream blocked 0.7 s while 26-36 packets came in, and
+        the accelerate step dropped them one by one over the next 3 s. Returns the
+        frame playout now starts with, or None if it did not move."""
+        if due_ts - self._next_ts < 2 * self.config.frame_samples:
+            return None  # no later than the accelerate step allows mid-call
+        newest = max(
+            (seq for seq, held in self._packets.items() if held[0] <= due_ts), default=None
+        )
+        if newest is None or self._next_seq is None or newest <= self._next_seq:
+            return None
+        for seq in [s for s in self._packets if s < newest]:
+            del self._packets[seq]
+        self._stats.start_skipped += newest - self._next_seq
+        self._next_seq = newest
+        self._next_ts = self._packets[newest][0]
+        return newest
+
     def _advance(self, seq: int, ts: int) -> int:
         """Move playout past frame ``seq`` (timestamp ``ts``); returns the next seq."""
         self._next_seq = seq + 1
@@ -521,6 +556,7 @@ class JitterBuffer:
             "deferred": s.deferred,
             "late_concealed": s.late_concealed,
             "peaks_held": s.peaks_held,
+            "start_skipped": s.start_skipped,
             "target_ms": round(self.target_delay * 1000, 1),
             "buffered": len(self._packets),
         }
