@@ -131,8 +131,9 @@ class Row:
     name: str
     placement: str
     defences: bool
-    #: "on", "off", "np" (the defences on but the density rule, p2pd/dht/density.py), or
-    #: "again" (on, a resolve's second round asking every node again).
+    #: "on", "off", "np" (the defences on but the density rule, p2pd/dht/density.py),
+    #: "again" (on, a resolve's second round asking every node again) or "reuse" (on,
+    #: the second round taking the first's replies: the default, so "on" as well).
     mode: str
     plain: Counter[str] = field(default_factory=Counter)
     certified: Counter[str] = field(default_factory=Counter)
@@ -224,7 +225,9 @@ def where_summary(where: list[tuple[int, int, float, int, int, int, float]]) -> 
 def grade(
     row: Row, n: int, hostile: float, plain_total: int, cert_total: int, lat: list[float]
 ) -> dict[str, str]:
-    if n not in GOAL_NS or abs(hostile - GOAL_HOSTILE) > 1e-9 or row.mode != "on":
+    # "reuse" is the default now (DHTConfig.reuse_replies): graded like "on".
+    graded = ("on", "reuse" if DHTConfig().reuse_replies else "again")
+    if n not in GOAL_NS or abs(hostile - GOAL_HOSTILE) > 1e-9 or row.mode not in graded:
         return {"all": "not graded"}
     p99 = percentile(lat, 99)
     checks = {
@@ -678,10 +681,10 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
         )
     print()
     for s in summaries:
-        if s["mode"] == "on":
+        if "all" not in s["goals"]:
             goals = "; ".join(f"{k}: {v}" for k, v in s["goals"].items())
-            print(f"goals {s['placement']}, {s['row']}: {goals}")
-    if any(s["mode"] != "on" for s in summaries):
+            print(f"goals {s['placement']}, {s['row']}, {s['mode']}: {goals}")
+    if any(s["mode"] in ("off", "np", "again") for s in summaries):
         print(
             'defences off, "np" (on but the density rule) and "again" (on, the second '
             "round asking every node again): not graded (the controls)"
@@ -712,8 +715,8 @@ def main() -> None:
         choices=["both", "on", "off", "np", "again", "reuse", "before", "all"],
         default="both",
         help="which runs: both = on and off; np = on but the density rule; again = on, "
-        "a resolve's second round asking every node again (the default); reuse = on, "
-        "the second round taking the first's replies (DHTConfig.reuse_replies, off by "
+        "a resolve's second round asking every node again (the default before); reuse = "
+        "on, the second round taking the first's replies (DHTConfig.reuse_replies, the "
         "default); before = reuse, then again; all = on, np, off",
     )
     parser.add_argument(

@@ -368,12 +368,12 @@ class DHTCore:
 
         A cluster ground next to a key fills our buckets near it: kademlia splits a full
         bucket whose contacts share a prefix that is not a multiple of 5 bits, and ids
-        sharing 12 bits with the key do, so a node whose own id shares 5 or more with
-        the key can hold all 100 ids of a cluster, all of its 80 contacts nearest the
-        key (measured on tables of 800 random ids). Seeded with those alone, a lookup
-        the cluster eclipses hears of nothing else: no honest replica answered, the
-        self-certifying form was not found and the plain one went to the rival's 2-3
-        voters (scripts/bench_adversary.py, N=1000, targeted /24s)."""
+        sharing 12 bits with the key do, so a node whose own id shares 6 or more with
+        the key holds all 100 ids of a cluster, all of its 80 contacts nearest the key
+        (tests/test_dht_density.py). Seeded with those alone, a lookup the cluster
+        eclipses hears of nothing else: no honest replica answers, the self-certifying
+        form is not found and the plain one went to the rival's 2-3 voters before the
+        rule asked 8 (scripts/bench_adversary.py, N=1000, targeted /24s)."""
         if not isinstance(limit, SpreadLimit):
             limit = self.spread_limit(target)
         if not isinstance(limit, SpreadLimit) or limit.scale is None:
