@@ -82,8 +82,9 @@ class DHTConfig:
     observe_replies: bool = True
     #: A resolve's second round takes the first round's replies instead of asking those
     #: nodes again (p2pd/dht/resolve.py): every replica still answers once and votes
-    #: once; 49 RPCs instead of 60 a lookup and p99 0.95 s instead of 1.8 s at N=200
-    #: under attack. On since the rule asks 8 votes whenever replicas were set aside and
+    #: once; under bench_adversary's attacks 49-51 RPCs a lookup instead of 61-63 and
+    #: p50 0.36-0.46 s instead of 0.52-0.54 s at N=200, p99 2.3-4.3 s instead of 3.7-6.9
+    #: s at N=1000. On since the rule asks 8 votes whenever replicas were set aside and
     #: lookups are seeded past them (docs/SECURITY.md, "Where a lookup's time went": the
     #: wrong keys at N=1000 came with it off too). Off (``reuse_replies=False``) is the
     #: benchmark's "again" mode: FOR BENCHMARKS ONLY, like ``defences``.
