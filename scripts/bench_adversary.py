@@ -82,7 +82,7 @@ from p2pd.config import DHTConfig
 from p2pd.dht.lookup import LookupResult
 from p2pd.dht.routing import ID_SPACE
 from p2pd.identity import HandleRef, Identity, self_certifying
-from p2pd.records import HandleRecord, dht_key
+from p2pd.records import HandleRecord, claimed_key, dht_key
 from p2pd.testing.adversary import (
     ALL,
     FABRICATE_IP,
@@ -131,8 +131,9 @@ class Row:
     name: str
     placement: str
     defences: bool
-    #: "on", "off", "np" (the defences on but the density rule, p2pd/dht/density.py), or
-    #: "again" (on, a resolve's second round asking every node again).
+    #: "on", "off", "np" (the defences on but the density rule, p2pd/dht/density.py),
+    #: "again" (on, a resolve's second round asking every node again) or "reuse" (on,
+    #: the second round taking the first's replies: the default, so "on" as well).
     mode: str
     plain: Counter[str] = field(default_factory=Counter)
     certified: Counter[str] = field(default_factory=Counter)
@@ -153,6 +154,10 @@ class Row:
     contested_why: Counter[str] = field(default_factory=Counter)
     #: The first few contested lookups in figures, for the report.
     contested_votes: list[str] = field(default_factory=list)
+    #: Plain lookups in which no honest replica voted (:func:`no_honest_voter`): how
+    #: many, and the first few in figures (the 2-vote wrong keys at N=1000 were such).
+    no_honest: int = 0
+    no_honest_votes: list[str] = field(default_factory=list)
     incomplete: str = ""
     #: First messages to the resolved handles (plain and self-certifying): read by the
     #: owner, read by the attacker, read by nobody, or not sent (contested, not found).
@@ -185,7 +190,9 @@ class Row:
                 for kind, n in sorted(self.closest_only.items())
             ]
             + [f"contested because {why}: {n}" for why, n in self.contested_why.most_common()]
-            + [f"contested: {c}" for c in self.contested_votes],
+            + [f"contested: {c}" for c in self.contested_votes]
+            + ([f"lookups with no honest voter: {self.no_honest}"] if self.no_honest else [])
+            + [f"no honest voter: {c}" for c in self.no_honest_votes],
             "incomplete": self.incomplete,
             "first_messages": dict(self.first),
             "goals": grade(self, n, hostile, plain_total, cert_total, lat),
@@ -218,7 +225,9 @@ def where_summary(where: list[tuple[int, int, float, int, int, int, float]]) -> 
 def grade(
     row: Row, n: int, hostile: float, plain_total: int, cert_total: int, lat: list[float]
 ) -> dict[str, str]:
-    if n not in GOAL_NS or abs(hostile - GOAL_HOSTILE) > 1e-9 or row.mode != "on":
+    # "reuse" is the default now (DHTConfig.reuse_replies): graded like "on".
+    graded = ("on", "reuse" if DHTConfig().reuse_replies else "again")
+    if n not in GOAL_NS or abs(hostile - GOAL_HOSTILE) > 1e-9 or row.mode not in graded:
         return {"all": "not graded"}
     p99 = percentile(lat, 99)
     checks = {
@@ -481,6 +490,11 @@ async def run_lookups(
                 row.first[first_message(resolution.record, owner, receivers)] += 1
             else:
                 row.first["not sent"] += 1
+            if not certified and row.defences and not details.voters - coalition.ids:
+                row.no_honest += 1
+                if len(row.no_honest_votes) < 5:
+                    figures = no_honest_voter(asker, handle, details, owner, coalition.ids)
+                    row.no_honest_votes.append(f"{handle} ({outcome}): {figures}")
             if outcome in ("wrong", "contested") and row.defences:
                 row.closest_only[outcome] += closest_only_owner(asker, ref, details, owner)
         row.latencies_ms.append((time.perf_counter() - started) * 1000)
@@ -541,6 +555,38 @@ def why_contested(
     else:
         why = "rival votes over 1/3"
     return why, figures
+
+
+def no_honest_voter(
+    asker: Any, handle: str, details: LookupResult, owner: bytes, hostile: set[bytes]
+) -> str:
+    """Where the honest replicas were in a lookup none of whose voters was honest (a
+    diagnostic): the asker's place and its table near the key, its size estimate, and
+    what the honest nodes that answered said and how they were counted."""
+    core = asker.dht.core
+    key = dht_key(handle)
+    target = int.from_bytes(key, "big")
+    shared = 160 - (int.from_bytes(core.node_id, "big") ^ target).bit_length()
+    table20 = core.table.closest(key, 20)
+    table80 = core.table.closest(key, 80)
+    limit = core.spread_limit(key)
+    size = f"{ID_SPACE / limit.scale:.0f}" if limit is not None and limit.scale else "none"
+    honest_replies = [i for i in details.replies if i not in hostile]
+    owner_holders = {
+        n.id for n, v in details.values if n.id not in hostile and claimed_key(v) == owner
+    }
+    return (
+        f"asker shares {shared} bits with the key, size estimate {size}; its table's 20 "
+        f"closest {sum(n.id in hostile for n in table20)} hostile of {len(table20)}, 80 "
+        f"closest {sum(n.id in hostile for n in table80)} of {len(table80)}; rounds "
+        f"{details.rounds}, rpcs {details.rpcs} (round 1 {details.first_rpcs}); replies "
+        f"{len(details.replies)} ({len(honest_replies)} honest); values "
+        f"{len(details.values)}; honest holding the owner's key {len(owner_holders)} "
+        f"(voters {len(owner_holders & details.voters)}, set aside "
+        f"{len(owner_holders & details.packed)}); voters {len(details.voters)}, set aside "
+        f"{len(details.packed)} ({len(details.packed & hostile)} hostile); closest "
+        f"{len(details.closest)} ({sum(n.id in hostile for n in details.closest)} hostile)"
+    )
 
 
 def closest_only_owner(asker: Any, ref: HandleRef, details: LookupResult, owner: bytes) -> int:
@@ -635,10 +681,10 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
         )
     print()
     for s in summaries:
-        if s["mode"] == "on":
+        if "all" not in s["goals"]:
             goals = "; ".join(f"{k}: {v}" for k, v in s["goals"].items())
-            print(f"goals {s['placement']}, {s['row']}: {goals}")
-    if any(s["mode"] != "on" for s in summaries):
+            print(f"goals {s['placement']}, {s['row']}, {s['mode']}: {goals}")
+    if any(s["mode"] in ("off", "np", "again") for s in summaries):
         print(
             'defences off, "np" (on but the density rule) and "again" (on, the second '
             "round asking every node again): not graded (the controls)"
@@ -669,8 +715,8 @@ def main() -> None:
         choices=["both", "on", "off", "np", "again", "reuse", "before", "all"],
         default="both",
         help="which runs: both = on and off; np = on but the density rule; again = on, "
-        "a resolve's second round asking every node again (the default); reuse = on, "
-        "the second round taking the first's replies (DHTConfig.reuse_replies, off by "
+        "a resolve's second round asking every node again (the default before); reuse = "
+        "on, the second round taking the first's replies (DHTConfig.reuse_replies, the "
         "default); before = reuse, then again; all = on, np, off",
     )
     parser.add_argument(

@@ -150,6 +150,69 @@ async def test_control_without_the_density_rule_the_targeted_attacker_takes_the_
     assert seen.count(rival) >= len(seen) // 2
 
 
+async def test_a_resolver_whose_table_a_cluster_filled_still_reaches_the_owner() -> None:
+    """Why no honest replica voted in bench_adversary's wrong-key lookups at N=1000
+    (docs/SECURITY.md, "Where a lookup's time went"): kademlia splits a full bucket
+    whose contacts share a prefix that is not a multiple of 5 bits, so a node whose id
+    shares a few bits with alice's key takes every id of a cluster ground next to it into
+    its table, and they are all of its contacts nearest the key. A lookup seeded with
+    those alone, which the cluster eclipses (naming only its own), heard no honest node:
+    ``alice#<16 characters>`` was not found, and the plain handle was contested with
+    the rival's key the only one shown (2-3 cluster ids admitted as voters crowned it
+    before the rule asked 8 votes). Now the seeds reach past the ids the density rule
+    sets aside (``DHTCore.lookup_seeds``)."""
+    config = DHTConfig(ksize=8)  # 32 replicas
+    key = dht_key("alice")
+    with trio.fail_after(2 * GUARD):
+        async with (
+            open_swarm(30, config=config) as swarm,
+            # 11 bits: a prefix that is not a multiple of 5, as 12 at N=1000
+            open_coalition(
+                swarm, 40, Behaviour.HONEST, near=key, bits=11, seed=1, config=config
+            ) as coalition,
+        ):
+            rival = coalition.add_rival("alice", swarm.wall())
+            index, alice = await add_alice(swarm)
+            bob = await swarm.start_node(
+                Identity.generate("bob"), node_key=grind_node_key(key, 6, random.Random(3))
+            )
+            bob.index = len(swarm.nodes)
+            swarm.nodes.append(bob)  # closed with the swarm
+            assert 6 <= shared_bits(bob.node_key.node_id, key) < 11
+            await bob.dht.bootstrap([swarm.nodes[0].address, swarm.nodes[index].address])
+            core = bob.dht.core
+            # Every member contacted bob (what a cluster does), and he knows the network.
+            for m in coalition.members:
+                core.table.add(Node(m.node_id, m.address.host, m.address.port, m.contact.node_key))
+            for n in swarm.nodes[:-1]:
+                core.table.add(
+                    Node(n.node_key.node_id, n.address.host, n.address.port, n.node_key.public_key)
+                )
+            wide = config.claim_factor * config.ksize
+            # An honest node inside the ground prefix (1 run in 60 or so) would lead the
+            # lookup past the cluster whatever the seeds: not the case under test.
+            target = int.from_bytes(key, "big")
+            edge = max(n.long_id ^ target for n in core.table if n.id in coalition.ids)
+            for _ in range(5):  # a contact removed may be replaced from the bucket's cache
+                for n in list(core.table):
+                    if n.id not in coalition.ids and n.long_id ^ target < edge:
+                        core.table.remove(n.id)
+            # The precondition: the cluster is all of bob's contacts nearest the key,
+            # and he knows honest nodes beyond it.
+            assert {n.id for n in core.table.closest(key, wide)} <= coalition.ids
+            assert len(core.table) > len(coalition.members) + config.ksize
+            coalition.behaviours = Behaviour.ECLIPSE | Behaviour.LIAR
+            certified = HandleRef.parse(self_certifying("alice", alice))
+            assert await resolve_outcome(bob.dht, certified) == alice
+            resolution, details = await bob.dht.resolve_claim(HandleRef("alice"))
+            shown = {c.public_key for c in resolution.claims}
+            assert alice in shown  # contested or not, her key is among what bob sees
+            assert resolution.record is None or resolution.record.public_key == alice
+            assert details.voters - coalition.ids  # honest replicas voted
+            assert rival not in shown or resolution.record is None
+            assert coalition.lies_told() > 0
+
+
 async def test_eclipse_and_fabricated_ids_cannot_deny_the_self_certifying_form() -> None:
     """(b) Before the defences, this made ``alice#prefix`` fail on 25 of 25 nodes."""
     with trio.fail_after(GUARD):

@@ -29,6 +29,7 @@ from p2pd.dht.lookup import LookupResult
 from p2pd.dht.routing import ID_SPACE, AddressLimit, Node
 from p2pd.errors import UsageError
 from p2pd.records import dht_key
+from p2pd.testing.adversary import grind_node_key, shared_bits
 
 BASE = AddressLimit(2, 3)
 K = 20
@@ -220,6 +221,42 @@ def test_an_honest_replica_behind_a_cluster_still_stores_the_record() -> None:
             me.table.add(node, net.now)
         results[check] = me.is_close_to(key, K)
     assert results == {True: True, False: False}
+
+
+@pytest.mark.parametrize("shared", [6, 8, 10])
+def test_a_cluster_that_filled_our_table_near_a_key_does_not_fill_our_seeds(shared: int) -> None:
+    """Why no honest replica voted in bench_adversary's 2-vote wrong keys at N=1000.
+    Kademlia splits a full bucket whose contacts share a prefix that is not a multiple of
+    5 bits, so 100 ids ground to 12 bits next to a key all enter the table of a node
+    whose id shares 6 or more bits with it (800 other nodes known): they are all of its 80
+    contacts nearest the key, and a lookup seeded with those alone hears of nothing
+    else if they name only each other (eclipse). The seeds now reach past the ids the
+    density rule sets aside: the 80 nearest it admits, honest nodes but for a few."""
+    rng = random.Random(8)
+    key = dht_key("alice")
+    net = CoreNet()
+    me = add_core(net, grind_node_key(key, shared, rng), ("198.51.100.7", 4000))
+    assert shared <= shared_bits(me.node_id, key) < 12
+    honest = honest_nodes(800, rng)
+    cluster = ground_nodes(key, 12, 100, rng)
+    everyone = honest + cluster
+    rng.shuffle(everyone)
+    for node in everyone:
+        node.key = b"k" * 32
+        me.table.add(node, net.now)
+    ids = {n.id for n in cluster}
+    wide = 4 * K
+    # The control: the table's 80 nearest the key are the cluster.
+    assert sum(n.id in ids for n in me.table) >= wide
+    assert all(n.id in ids for n in me.table.closest(key, wide))
+    seeds = me.lookup_seeds(key, wide)
+    assert seeds[:wide] == me.table.closest(key, wide)  # nearest first, as before
+    honest_seeds = [n for n in seeds if n.id not in ids]
+    assert len(honest_seeds) >= wide - 5
+    # ...and they are the honest contacts nearest the key that we know.
+    target = int.from_bytes(key, "big")
+    known = sorted((n for n in me.table if n.id not in ids), key=lambda n: n.long_id ^ target)
+    assert honest_seeds == known[: len(honest_seeds)]
 
 
 def test_the_threshold_is_the_poisson_tail() -> None:

@@ -1,9 +1,9 @@
-"""What a resolve costs (issue 11, latency): with ``DHTConfig.reuse_replies`` (off by
-default, see docs/SECURITY.md) its second round (all ``claim_factor * k``
-replicas, p2pd/dht/resolve.py) takes the replies its first round heard instead of asking
-those nodes again. Before, every node the first round asked was asked again: about 60
-of a resolve's 80 RPCs under bench_adversary's combined attack, and a node asked twice
-is also one more chance to stall on a slow one.
+"""What a resolve costs (issue 11, latency): with ``DHTConfig.reuse_replies`` (the
+default; off is bench_adversary's "again" mode, see docs/SECURITY.md) its second round
+(all ``claim_factor * k`` replicas, p2pd/dht/resolve.py) takes the replies its first
+round heard instead of asking those nodes again. Before, every node the first round
+asked was asked again: about 60 of a resolve's 80 RPCs under bench_adversary's combined
+attack, and a node asked twice is also one more chance to stall on a slow one.
 
 On a FakeNetwork in virtual time (seeded): the figures are the protocol's own."""
 

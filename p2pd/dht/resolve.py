@@ -85,7 +85,7 @@ def start_resolve(
                 claim_of=claimed_key,
                 k=wide,
                 quorum=wide,
-                seeds=result.closest + core.table.closest(key, wide),
+                seeds=result.closest + core.lookup_seeds(key, wide),
                 prior=dict(result.replies) if core.config.reuse_replies else None,
             )
             return
