@@ -60,6 +60,10 @@ from p2pd.transport.udp import UdpEndpoint
 from p2pd.wire import Address
 
 progress = progress_printer("bench_files")
+#: The receiver's auto-accept limits, off: a file over `auto_accept_max`, or over a
+#: day's quota from one contact (1 GB by default: a 1,024 MB run was held for `accept`
+#: and the benchmark waited out its deadline), would wait for `p2pd accept`.
+NO_LIMIT = 1 << 40
 DEADLINE = 600.0
 CHUNK = 1 << 20
 
@@ -163,7 +167,12 @@ async def _lossy_once(root: Path, src: Path, drop: float, seed: int) -> float:
             advertise=(Address(*proxy),),
             bootstrap=bootstrap,
             lan=LanConfig(mode="off"),
-            files=FilesConfig(dir=str(run / f"{handle}-dl")),
+            files=FilesConfig(
+                dir=str(run / f"{handle}-dl"),
+                auto_accept_max=NO_LIMIT,
+                auto_accept_daily_per_peer=NO_LIMIT,
+                auto_accept_daily=NO_LIMIT,
+            ),
         )
 
     with trio.fail_after(DEADLINE):
@@ -229,7 +238,8 @@ def start_pair(
             raise SystemExit(proc.stderr)
         (root / f"{handle}-dl").mkdir()
         (home / "config.toml").write_text(
-            f'[files]\ndir = "{root / f"{handle}-dl"}"\nauto_accept_max = {1 << 40}\n'
+            f'[files]\ndir = "{root / f"{handle}-dl"}"\nauto_accept_max = {NO_LIMIT}\n'
+            f"auto_accept_daily_per_peer = {NO_LIMIT}\nauto_accept_daily = {NO_LIMIT}\n"
             f"window_groups = {window}\nqueue_target_ms = {queue_target_ms}\n"
             '[calls]\naudio_in = "tone:440"\naudio_out = "none"\n'
         )
