@@ -1,5 +1,6 @@
 """Three real p2pd daemons on 127.0.0.1: handles claimed, resolved across nodes, an
-encrypted message delivered and answered, a short call placed, then everything stopped.
+encrypted message delivered and answered, a short call placed, a small file sent, then
+everything stopped.
 
 Run it with scripts/demo. Every step prints the CLI command it runs and what came back.
 """
@@ -48,6 +49,10 @@ def main() -> int:
             print(proc.stdout.strip() or proc.stderr.strip())
             if proc.returncode:
                 return 1
+            # received files go under the demo's root, not the user's download directory
+            (root / handle / "config.toml").write_text(
+                f'[files]\ndir = "{root / f"{handle}-files"}"\n'
+            )
 
         step("alice starts a new network; bob and carol join through her")
         first = DaemonProcess(root / "alice").wait_ready()
@@ -122,6 +127,21 @@ def main() -> int:
             failures += not ok
             print(f"{who} heard {seconds:.2f} s of audio, dominant {heard:.0f} Hz "
                   f"({'the other side' if ok else 'WRONG'})")  # fmt: skip
+
+        step("alice sends bob a small file: offered in the encrypted session, streamed in "
+             "chunks verified as they arrive")  # fmt: skip
+        notes = root / "notes.txt"
+        notes.write_text("".join(f"line {i}: only bob can read this\n" for i in range(2000)))
+        proc = run_cli(root / "alice", "send-file", "bob", str(notes), "--wait",
+                       "--timeout", "60", timeout=90)  # fmt: skip
+        print(f"$ p2pd send-file bob notes.txt --wait\n{(proc.stdout or proc.stderr).strip()}")
+        failures += proc.returncode != 0
+        proc = run_cli(root / "bob", "files")
+        print(f"$ p2pd files   (on bob's daemon)\n{proc.stdout.strip()}")
+        received = root / "bob-files" / "notes.txt"
+        same = received.exists() and received.read_bytes() == notes.read_bytes()
+        failures += not same
+        print(f"bob's copy {received}: {'identical' if same else 'MISSING OR DIFFERENT'}")
 
         step("bob's status")
         print(run_cli(root / "bob", "status").stdout.strip())

@@ -52,7 +52,7 @@ def run_demo() -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_the_demo_resolves_handles_answers_a_dm_and_places_a_call() -> None:
+def test_the_demo_resolves_handles_answers_a_dm_places_a_call_and_sends_a_file() -> None:
     code, out = run_demo()
     print(out)  # shown when the test fails
     assert code == 0, out
@@ -71,6 +71,10 @@ def test_the_demo_resolves_handles_answers_a_dm_and_places_a_call() -> None:
         heard = re.search(rf"^{who} heard ([\d.]+) s of audio, dominant (\d+) Hz", out, re.M)
         assert heard is not None, out
         assert float(heard[1]) >= 2.7 and int(heard[2]) == hz, heard[0]
+    # a small file: sent, received, saved where bob's config says, byte for byte
+    assert re.search(r"^\w+ +done +to bob +notes\.txt +66\.9 kB$", out, re.M), out
+    assert re.search(r"^\w+ +done +from alice +notes\.txt +66\.9 kB: saved to \S+$", out, re.M)
+    assert re.search(r"^bob's copy \S+/bob-files/notes\.txt: identical$", out, re.M), out
     # and every daemon stopped cleanly
     assert len(re.findall(r"^\w+#\w+: exit 0$", out, re.M)) == 3, out
 
