@@ -145,9 +145,16 @@ async def test_a_targeted_attacker_on_many_networks_takes_nothing() -> None:
 async def test_control_without_the_density_rule_the_targeted_attacker_takes_the_handle() -> None:
     """The control: the same attack with every other defence on (address limits, earned
     ids, disjoint paths, the 2/3 rule) but ``packed_check=False`` hands most resolvers
-    the rival's key, so the test above can fail."""
-    seen, _, rival = await targeted_attempt(DHTConfig(ksize=8, packed_check=False))
-    assert seen.count(rival) >= len(seen) // 2
+    the rival's key, so the test above can fail. In some swarms (1 of 4 runs alone here, since
+    the resolve's second round keeps the first round's replies: ``reuse_replies``)
+    every resolver ends "contested" instead, a denial: so up to three fresh swarms, and
+    the takeover in one of them is the proof."""
+    for _ in range(3):
+        seen, alice, rival = await targeted_attempt(DHTConfig(ksize=8, packed_check=False))
+        assert seen.count(alice) < len(seen) // 2  # never the owner's handle for most
+        if seen.count(rival) >= len(seen) // 2:
+            return
+    pytest.fail(f"the rival took no swarm of three: {seen}")
 
 
 async def test_a_resolver_whose_table_a_cluster_filled_still_reaches_the_owner() -> None:
