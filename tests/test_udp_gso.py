@@ -29,6 +29,13 @@ from p2pd.wire import Address
 SO_NO_CHECK = 11  # asm-generic/socket.h: no UDP checksums, which GSO needs
 
 
+@pytest.fixture(autouse=True)
+def _gso_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GSO is off by default (p2pd/transport/udp.py says why): these tests ask for it,
+    as ``P2PD_GSO=1`` does for a daemon."""
+    monkeypatch.setenv("P2PD_GSO", "1")
+
+
 def sender(sock: socket.socket | None = None) -> UdpEndpoint:
     if sock is None:
         return UdpEndpoint.bind(Address("127.0.0.1", 0), split=False)
