@@ -272,7 +272,8 @@ class Node:
     async def maintain(self) -> None:
         """Rejoin while alone, republish our record, save contacts, clean up sessions;
         forever. Sleeps until the next of these is due (p2pd/maintenance.py), or until
-        woken: a one-time prekey used (the bundle is republished), a LAN peer seen."""
+        woken: a one-time prekey used (the bundle is republished), a LAN peer seen, the
+        routing table's last contact gone (rejoin at once)."""
         sessions = self.delivery.sessions
         for _ in range(1 << 62):  # forever, in practice; cancelled with the daemon
             alone = self.dht.statistics()["routing_table_size"] == 0
@@ -407,6 +408,9 @@ async def open_node(
     endpoint = bind_listen(config.listen)
     # Dial-back help (issue 13) goes out from a second port of ours, never read.
     dialback = UdpEndpoint.bind(Address(endpoint.local_address.host, 0), split=False)
+    # The maintenance loop's: a prekey used, a LAN peer seen, our NAT mapping learnt or
+    # changed, the DHT's last contact gone.
+    wakeup = Wakeup()
     try:
         async with (
             open_dht(
@@ -414,6 +418,7 @@ async def open_node(
                 conn=conn,
                 config=config.dht,
                 transport=endpoint,
+                on_alone=wakeup.set,
             ) as dht,
             trio.open_nursery() as nursery,
         ):
@@ -422,9 +427,6 @@ async def open_node(
             # call signals forward to services built after them: none is called before
             # the endpoint serves, below.
             events = EventBus()
-            # the maintenance loop's: a prekey used, a LAN peer seen, our NAT mapping
-            # learnt or changed
-            wakeup = Wakeup()
             own = config.listen.host
             dht.enable_reachability(
                 local_ips() if is_wildcard(own) else [own], dialback, on_change=wakeup.set

@@ -5,7 +5,8 @@ saving routing contacts, session clean-up.
 seconds of trio's clock) and says what is due and when the next thing will be.
 :meth:`p2pd.daemon.Node.maintain` sleeps until that deadline, or until a :class:`Wakeup`
 is set by something that changes the plan (a one-time prekey used: the bundle must be
-republished; a LAN peer appeared while we are alone: join through it now).
+republished; a LAN peer appeared while we are alone: join through it now; the routing
+table lost its last contact: rejoin now).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import trio
 REJOIN_INTERVAL = 15.0
 #: A changed prekey bundle (a one-time prekey used) is republished at most this often.
 BUNDLE_REPUBLISH_MIN = 10.0
-#: Session clean-up (expired prekeys, archived sessions), and a look at whether the
-#: routing table emptied: the DHT tells nobody when its last contact goes.
+#: Session clean-up (expired prekeys, archived sessions). (The DHT wakes the loop when
+#: its routing table loses its last contact: ``open_dht(on_alone=...)``.)
 UPKEEP_INTERVAL = 60.0
 
 

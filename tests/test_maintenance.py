@@ -1,10 +1,11 @@
 """The node's upkeep on deadlines (p2pd/maintenance.py): the pure schedule, and
 Node.maintain under trio's autojump clock, with the DHT, the sessions and the network
-work replaced by recorders."""
+work replaced by recorders; and the real DHT's call when its last contact goes."""
 
 from __future__ import annotations
 
 import sqlite3
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, cast
 
@@ -12,8 +13,10 @@ import trio
 import trio.testing
 
 from p2pd.address_hints import AddressHints
-from p2pd.config import NodeConfig
+from p2pd.config import DHTConfig, NodeConfig
 from p2pd.daemon import Node
+from p2pd.dht import NodeKey, open_dht
+from p2pd.dht.routing import Node as Contact
 from p2pd.identity import Identity
 from p2pd.maintenance import (
     BUNDLE_REPUBLISH_MIN,
@@ -23,6 +26,8 @@ from p2pd.maintenance import (
     Wakeup,
 )
 from p2pd.store import open_database
+from p2pd.testing.swarm import loopback_address
+from p2pd.transport.udp import UdpEndpoint
 
 HOUR = 3600.0
 
@@ -157,3 +162,57 @@ async def test_maintain_wakes_for_a_changed_bundle_and_a_lan_peer(
         await trio.testing.wait_all_tasks_blocked()
         assert node.done[-1] == ("join", trio.current_time())
         nursery.cancel_scope.cancel()
+
+
+async def test_maintain_rejoins_as_soon_as_the_dht_says_it_is_alone(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    node, dht, _, wakeup = recording_node(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.maintain)
+        await trio.sleep(100)  # connected: nothing to join
+        assert times(node, "join") == []
+        dht.size = 0  # the last contact evicted: the DHT's on_alone
+        wakeup.set()
+        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert times(node, "join") == [100]  # not at the next upkeep (120)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_dht_says_when_its_last_contact_goes() -> None:
+    """Real DHT nodes on loopback: a's only contact b goes silent; the failed requests
+    that evict it tell a's maintenance at once (before, it noticed at the next upkeep,
+    up to a minute later, and only then began to rejoin)."""
+    told: list[float] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+            nodes = []
+            for i in range(2):
+                endpoint = UdpEndpoint.bind(loopback_address(60 + i))
+                stack.callback(endpoint.close)
+                on_alone = (lambda: told.append(trio.current_time())) if i == 0 else None
+                dht = await stack.enter_async_context(
+                    open_dht(
+                        node_key=NodeKey.generate(),
+                        conn=None,
+                        config=DHTConfig(rpc_timeout=0.5),
+                        transport=endpoint,
+                        on_alone=on_alone,
+                    )
+                )
+                await nursery.start(endpoint.serve, dht.datagram_received)
+                nodes.append((endpoint, dht))
+            (_, a), (b_endpoint, b) = nodes
+            assert await a.bootstrap([b_endpoint.local_address]) == 1
+            assert a.statistics()["routing_table_size"] == 1 and told == []
+            contact = Contact(
+                b.node_id, b_endpoint.local_address.host, b_endpoint.local_address.port
+            )
+            b_endpoint.close()  # b goes silent
+            for _ in range(DHTConfig().failures_before_eviction):
+                assert told == []  # not before its last failure
+                assert await a.gather([(contact, "ping", [])]) == [None]
+            assert a.statistics()["routing_table_size"] == 0
+            assert len(told) == 1
+            nursery.cancel_scope.cancel()

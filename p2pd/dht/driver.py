@@ -59,6 +59,7 @@ class DHT:
         transport: DatagramTransport,
         *,
         wall: Callable[[], float] = time.time,
+        on_alone: Callable[[], None] | None = None,
     ) -> None:
         self.core = core
         self.node_id: bytes = core.node_id
@@ -66,6 +67,10 @@ class DHT:
         self._wall = wall
         self._timer = trio.CancelScope()
         self._dialback: DatagramTransport | None = None
+        #: Told when the routing table loses its last contact (the daemon's maintenance
+        #: then rejoins at once instead of noticing at its next upkeep).
+        self._on_alone = on_alone
+        self._alone = len(core.table) == 0
         #: The pass a mailbox owner gave us, if any (p2pd/dht/mailbox_pass_share.py):
         #: our puts into its mailbox then carry it instead of postage.
         self.mailbox_passes: Callable[[bytes], mailbox_pass.MailboxPass | None] = lambda _: None
@@ -99,6 +104,10 @@ class DHT:
         self.core.storage.persist()
         if self.core.mailboxes is not None:
             self.core.mailboxes.persist()  # pins (p2pd/dht/mailbox_revoke.py)
+        alone = len(self.core.table) == 0
+        if alone and not self._alone and self._on_alone is not None:
+            self._on_alone()
+        self._alone = alone
         when = self.core.get_timer()
         deadline = math.inf if when is None else when
         if self._timer.deadline != deadline:  # moving it re-sorts trio's deadlines
@@ -267,18 +276,20 @@ def create_dht(
     transport: DatagramTransport,
     wall: Callable[[], float] = time.time,
     randbytes: Callable[[int], bytes] | None = None,
+    on_alone: Callable[[], None] | None = None,
 ) -> DHT:
     """A DHT node sending through ``transport``; run its :meth:`DHT.serve` in a nursery
     and call :meth:`DHT.close` when done. ``conn`` is the node's SQLite connection (None:
     nothing persists). If the transport has flush hooks (a
     :class:`~p2pd.transport.udp.UdpEndpoint` does), the node's answers go out after each
     burst the transport reads. ``node_key`` is the node's own DHT key (never the
-    identity key: docs/ARCHITECTURE.md, "Earned ids")."""
+    identity key: docs/ARCHITECTURE.md, "Earned ids"). ``on_alone`` is called when the
+    routing table loses its last contact."""
     storage = RecordStorage(conn, max_records=config.max_records, clock=wall)
     mailboxes = MailboxStorage(conn, clock=wall)
     extra = {} if randbytes is None else {"randbytes": randbytes}
     core = DHTCore(node_key, config, storage, mailboxes, trio.current_time(), **extra)
-    return DHT(core, transport, wall=wall)
+    return DHT(core, transport, wall=wall, on_alone=on_alone)
 
 
 @asynccontextmanager
@@ -289,9 +300,17 @@ async def open_dht(
     config: DHTConfig,
     transport: DatagramTransport,
     wall: Callable[[], float] = time.time,
+    on_alone: Callable[[], None] | None = None,
 ) -> AsyncIterator[DHT]:
     """:func:`create_dht`, its timers running until the context exits."""
-    dht = create_dht(node_key=node_key, conn=conn, config=config, transport=transport, wall=wall)
+    dht = create_dht(
+        node_key=node_key,
+        conn=conn,
+        config=config,
+        transport=transport,
+        wall=wall,
+        on_alone=on_alone,
+    )
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(dht.serve)
