@@ -104,7 +104,7 @@ def network_of(ip: str) -> str:
 MIN_VOTES_WHEN_DISPUTED = 8
 #: The set-aside replicas (answering, with any value or none) that mark a cluster
 #: next to the key and so call for MIN_VOTES_WHEN_DISPUTED. Fewer are what chance
-#: explains: an honest replica is set aside in about one lookup in 1,000-2,500 in a
+#: explains: an honest replica is set aside in about one lookup in 1,100-2,000 in a
 #: network of 2-3 nodes, where 8 votes cannot be had (a 2-node network made the owner's
 #: only key "contested": issue 11, a CI flake), and 3 were set aside in none of 10,000
 #: random networks of up to 11 nodes (tests/test_dht_density.py). The cluster that

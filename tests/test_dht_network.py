@@ -65,7 +65,7 @@ async def test_an_owner_whose_id_sits_next_to_her_key_resolves_in_a_tiny_network
     """Issue 11's CI flake (tests/test_messages_e2e.py, about 1 clean-clone run in 30):
     in a network of 2 or 3 nodes a send was refused as "contested" with one key shown,
     the owner's, "(1 of the replicas)". Her node's id happened to sit so near her
-    handle's key that the density rule set it aside (about one lookup in 1,000-2,000 in
+    handle's key that the density rule set it aside (about one lookup in 1,100-2,000 in
     so small a network: the resolver's estimate is its 1-2 contacts and itself), and a
     key held by any set-aside replica needed 8 votes, more than such a network has. Here
     her id is ground to that place: no attacker, and the resolver must get her key."""
