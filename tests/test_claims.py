@@ -15,6 +15,7 @@ from p2pd.claims import (
     MIN_VOTES_WHEN_DISPUTED,
     NOT_FOUND,
     OK,
+    PACKED_CLUSTER,
     Answer,
     network_of,
     resolve_claims,
@@ -305,3 +306,36 @@ def test_a_key_held_by_a_packed_cluster_needs_more_than_two_votes() -> None:
     ok = resolve_claims(owner, NOW, key=KEY, set_aside_answers=by_chance)
     assert ok.status == OK and ok.record is not None
     assert ok.record.public_key == OWNER.public_key
+
+
+def test_one_or_two_replicas_set_aside_by_chance_do_not_call_for_eight_votes() -> None:
+    """Issue 11's CI flake (tests/test_messages_e2e.py), the rule fed exactly that case:
+    in a network of 2 nodes the owner's node, its id by chance next to her key, was set
+    aside as packed, and the resolver's own stored claim (1 vote) needed 8: "contested"
+    with her key the only one shown, "(1 of the replicas)". One or two set aside are
+    chance; PACKED_CLUSTER and more are a cluster's mark and still call for 8."""
+    mine = rec(OWNER)
+    by_chance = [answer(1, mine)]
+    two = resolve_claims([], NOW, key=KEY, local=mine, set_aside_answers=by_chance)
+    assert two.status == OK and two.record is not None
+    assert two.record.public_key == OWNER.public_key
+    three = resolve_claims([answer(2, mine)], NOW, key=KEY, local=mine, set_aside_answers=by_chance)
+    assert three.status == OK  # 3 nodes: another replica and the local claim
+    pair = [answer(1, mine), answer(3, mine)]
+    assert resolve_claims([answer(2, mine)], NOW, key=KEY, set_aside_answers=pair).status == OK
+    assert PACKED_CLUSTER == 3
+    cluster = [answer(100 + i, mine) for i in range(PACKED_CLUSTER)]
+    marked = resolve_claims([answer(2, mine)], NOW, key=KEY, local=mine, set_aside_answers=cluster)
+    assert marked.status == CONTESTED  # 2 votes beside 3 packed ids: under 8
+    silent = resolve_claims([answer(2, mine)], NOW, key=KEY, set_aside=PACKED_CLUSTER)
+    assert silent.status == CONTESTED  # set aside without a value count too
+    # Fewer set-aside ids holding an attacker's key weigh what none weigh: neutral to
+    # it, as always; what stops voters that are all his is that honest ones vote.
+    rival = [answer(i, rec(RIVAL)) for i in range(2)]
+    short = [answer(100 + i, rec(RIVAL)) for i in range(PACKED_CLUSTER - 1)]
+    assert (
+        resolve_claims(rival, NOW, key=KEY, set_aside_answers=short).status
+        == resolve_claims(rival, NOW, key=KEY).status
+    )
+    full = [answer(100 + i, rec(RIVAL)) for i in range(PACKED_CLUSTER)]
+    assert resolve_claims(rival, NOW, key=KEY, set_aside_answers=full).status == CONTESTED

@@ -18,6 +18,7 @@ import pytest
 from test_dht_core import CoreNet, node_key
 from test_dht_sybil import add_core
 
+from p2pd.claims import PACKED_CLUSTER
 from p2pd.config import DHTConfig, load_config
 from p2pd.dht.density import (
     SizeEstimate,
@@ -111,6 +112,42 @@ def test_honest_nodes_alone_are_almost_never_skipped() -> None:
         limit.select(nearest(honest, key), K)
         skipped += limit.skipped
     assert skipped <= 4  # of 4,000 slots (about one in 1/PACKED_P placements is unlucky)
+
+
+def set_aside_by_chance(contacts: int, trials: int, rng: random.Random) -> list[int]:
+    """For each of ``trials`` honest networks of ``contacts`` + 1 random ids: how many
+    of a resolver's contacts the density rule sets aside around a random key, with the
+    size the resolver estimates as a lookup does (its contacts, the key's bucket left
+    out, its table size) and a resolve's 4k voters."""
+    out = []
+    for _ in range(trials):
+        me = rng.randbytes(20)
+        known = honest_nodes(contacts, rng)
+        key = rng.randbytes(20)
+        limit = SpreadLimit(BASE, key, estimate_size(me, known, K, key, contacts))
+        limit.select(nearest(known, key), 4 * K)
+        out.append(limit.skipped)
+    return out
+
+
+@pytest.mark.parametrize("contacts", [1, 2, 5, 10, 20, 50])
+def test_how_often_chance_sets_an_honest_replica_aside(contacts: int) -> None:
+    """Issue 11's CI flake: in a 2-node network the owner's node was set aside (its id
+    by chance next to her key) and her key needed 8 votes. The rates here (printed,
+    ``-s``; docs/SECURITY.md) are per lookup of a random key. With fewer than 2k
+    contacts the size is their number, exact when a node knows the whole network, so
+    a set-aside stays near PACKED_P per admitted slot: rarer than 1e-3 with 1-2
+    contacts, not likelier. What resolve_claims needs: in a network of up to 11 nodes,
+    where 8 votes cannot always be had, chance never sets PACKED_CLUSTER aside."""
+    rng = random.Random(contacts)
+    trials = 10_000
+    counts = set_aside_by_chance(contacts, trials, rng)
+    rates = [sum(c >= m for c in counts) / trials for m in (1, 2, PACKED_CLUSTER)]
+    shown = ", ".join(f"{rate:.1e}" for rate in rates)
+    print(f"{contacts} contacts: lookups with >= 1, 2, 3 set aside: {shown}")
+    if contacts <= 10:
+        assert rates[0] <= 5e-3  # about PACKED_P per slot
+        assert rates[2] == 0  # never the floor's mark
 
 
 def test_the_size_estimate_from_a_neighbourhood_is_within_a_factor_of_two() -> None:
