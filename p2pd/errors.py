@@ -9,7 +9,8 @@ from the class, so messages never carry secrets or tracebacks.
     P2PDError
     ├── UsageError               you asked for something malformed (exit 2)
     │   ├── InvalidHandle        handle syntax
-    │   └── InvalidAddress       HOST:PORT syntax
+    │   ├── InvalidAddress       HOST:PORT syntax
+    │   └── DatagramReserved     a QUIC datagram whose first byte is the transport's (< 0x10)
     ├── LocalError               this machine's state is not what the request needs (exit 1)
     │   ├── IdentityExists       `init` would overwrite an identity
     │   ├── NoIdentity           no identity in this home
@@ -80,6 +81,11 @@ class InvalidHandle(UsageError):
 
 class InvalidAddress(UsageError):
     """That is not a valid HOST:PORT address."""
+
+
+class DatagramReserved(UsageError):
+    """That datagram is empty or starts with a byte below 0x10, which the transport keeps
+    for itself: the peer would take it as its own and never hand it on."""
 
 
 class LocalError(P2PDError):

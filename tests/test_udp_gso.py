@@ -22,18 +22,12 @@ from p2pd.transport.udp import (
     SOL_UDP,
     UDP_GRO,
     UdpEndpoint,
+    gso_supported,
     split_coalesced,
 )
 from p2pd.wire import Address
 
 SO_NO_CHECK = 11  # asm-generic/socket.h: no UDP checksums, which GSO needs
-
-
-@pytest.fixture(autouse=True)
-def _gso_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GSO is off by default (p2pd/transport/udp.py says why): these tests ask for it,
-    as ``P2PD_GSO=1`` does for a daemon."""
-    monkeypatch.setenv("P2PD_GSO", "1")
 
 
 def sender(sock: socket.socket | None = None) -> UdpEndpoint:
@@ -64,11 +58,25 @@ def datagrams(*sizes: int) -> list[bytes]:
     return [os.urandom(size) for size in sizes]
 
 
+def kernel_offloads() -> bool:
+    """Whether this kernel knows UDP_SEGMENT and UDP_GRO (whatever p2pd's default is):
+    where it does, p2pd must use both unless told not to."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        if not gso_supported(sock):
+            return False
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            return False
+    return True
+
+
 @pytest.fixture
 async def endpoint() -> AsyncIterator[UdpEndpoint]:
-    udp = sender()
-    if not udp.gso:
+    if not kernel_offloads():
         pytest.skip("this kernel has no UDP_SEGMENT")
+    udp = sender()
+    assert udp.gso and udp.gro  # on by default wherever the kernel can
     yield udp
     udp.close()
 
@@ -134,13 +142,14 @@ async def test_a_socket_that_refuses_segmentation_still_delivers_everything(
 ) -> None:
     # SO_NO_CHECK (no UDP checksum) is a real socket the kernel will not segment for:
     # a segmented send fails with EINVAL, a plain one works.
+    if not kernel_offloads():
+        pytest.skip("this kernel has no UDP_SEGMENT")
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
     udp = sender(sock)
     sink = receiver()
     try:
-        if not udp.gso:
-            pytest.skip("this kernel has no UDP_SEGMENT")
+        assert udp.gso  # the kernel knows the option; only a send will be refused
         first, second = datagrams(*[1200] * 6), datagrams(*[1200] * 6)
         with caplog.at_level(logging.INFO, logger="p2pd.transport.udp"):
             udp.send_many(first, sink.getsockname())
@@ -174,10 +183,10 @@ async def test_gso_off_sends_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None
 async def test_coalesced_reads_are_split_into_the_datagrams_sent(endpoint: UdpEndpoint) -> None:
     """The receiving endpoint has GRO on: the kernel hands it a segmented send in one
     read, and :meth:`UdpEndpoint.serve` hands each datagram to its protocol."""
-    server = UdpEndpoint.bind(Address("127.0.0.1", 0))
-    if not server.gro:
-        server.close()
+    if not kernel_offloads():
         pytest.skip("this kernel has no UDP_GRO")
+    server = UdpEndpoint.bind(Address("127.0.0.1", 0))
+    assert server.gro  # on by default
     # QUIC-looking first bytes (0x40 set), and a DHT frame in between to each its own
     quic = [b"\x40" + os.urandom(1199) for _ in range(20)] + [b"\x41" + os.urandom(99)]
     dht = [b"\x02" + os.urandom(50)]
@@ -269,10 +278,13 @@ async def test_dht_datagrams_segmented_behind_a_quic_one_do_not_skip_the_other_q
     byte into QUIC's queue, which has no read budget (issue 12): the DHT frames read
     there are dropped and counted, never handed to the DHT. The same frames sent
     plainly still reach the DHT through the other queue (the control)."""
+    if not kernel_offloads():
+        pytest.skip("this kernel has no UDP_GRO")
     server = UdpEndpoint.bind(Address("127.0.0.1", 0))  # two queues, GRO on QUIC's
-    if server.stats["queues"] != 2 or not server.gro:
+    assert server.gro  # on by default
+    if server.stats["queues"] != 2:
         server.close()
-        pytest.skip("this kernel gives no second receive queue or no UDP_GRO")
+        pytest.skip("this kernel gives no second receive queue")
     attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     attacker.bind(("127.0.0.1", 0))
     size = 200

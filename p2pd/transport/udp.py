@@ -37,8 +37,7 @@ The receive loop reads in bursts: every datagram already queued (up to
 (QUIC feeds aioquic) and do the expensive part (QUIC's ``datagrams_to_send``) once per
 burst, in the same task: no scheduling round and no task switch per datagram.
 
-Segmentation offload on send (Linux 4.18, issue 14; OFF unless asked for, see
-:class:`UdpEndpoint`): :meth:`UdpEndpoint.send_many`
+Segmentation offload on send (Linux 4.18, issue 14): :meth:`UdpEndpoint.send_many`
 takes the datagrams one QUIC step has for one destination and hands each run of equal
 size (the last may be shorter) to the kernel as one ``sendmsg`` with a ``UDP_SEGMENT``
 control message; the kernel (or the NIC) cuts it into the same datagrams. The receiver
@@ -173,22 +172,12 @@ def split_coalesced(data: bytes, ancillary: list[tuple[int, int, bytes]]) -> lis
 
 class UdpEndpoint:
     def __init__(
-        self,
-        sock: socket.socket,
-        quic_sock: socket.socket | None = None,
-        *,
-        gso: bool | None = None,
+        self, sock: socket.socket, quic_sock: socket.socket | None = None, *, gso: bool = True
     ) -> None:
         """``sock`` receives everything, or all but QUIC when ``quic_sock`` (bound to the
         same address, QUIC steered to it) is given; everything is sent from ``sock``.
-        ``gso``: batch with UDP_SEGMENT where the kernel supports it (:meth:`send_many`).
-        OFF unless asked for (``gso=True``, or ``P2PD_GSO=1`` in the environment for the
-        default): with it on, test_quic's oversize-datagram test lost one DATAGRAM of a
-        fresh connection's first segmented send in 5 of 66 runs (0 of 36 with it off),
-        cause not found (docs/ARCHITECTURE.md). ``P2PD_NO_GSO`` turns it off even
-        where asked for (benchmarks' baseline)."""
-        if gso is None:
-            gso = os.environ.get("P2PD_GSO") == "1"
+        ``gso``: batch with UDP_SEGMENT where the kernel supports it (:meth:`send_many`);
+        the environment variable ``P2PD_NO_GSO`` turns it off (benchmarks' baseline)."""
         self._socks = [sock] if quic_sock is None else [quic_sock, sock]  # read in order
         for s in self._socks:
             s.setblocking(False)
@@ -207,7 +196,7 @@ class UdpEndpoint:
         self.gro = self.gso and not os.environ.get("P2PD_NO_GRO") and _enable_gro(self._socks[0])
 
     @classmethod
-    def bind(cls, address: Address, *, split: bool = True, gso: bool | None = None) -> UdpEndpoint:
+    def bind(cls, address: Address, *, split: bool = True, gso: bool = True) -> UdpEndpoint:
         """Bind ``address``; with ``split``, QUIC in a queue of its own where the kernel
         allows (a port that is never read, as the dial-back sender's, needs none)."""
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET

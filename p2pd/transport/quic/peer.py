@@ -22,7 +22,13 @@ from typing import Any, Protocol
 import trio
 
 from ...config import QuicConfig
-from ...errors import ConnectionLost, DatagramTooLarge, P2PDError, WireError
+from ...errors import (
+    ConnectionLost,
+    DatagramReserved,
+    DatagramTooLarge,
+    P2PDError,
+    WireError,
+)
 from ...identity import fingerprint
 from ...wire import Address
 from ._aioquic import (
@@ -39,7 +45,7 @@ from .codes import (
     stream_is_client_initiated,
     stream_is_unidirectional,
 )
-from .observed import AddressReports, is_transport_datagram
+from .observed import TRANSPORT_KIND_LIMIT, AddressReports, is_transport_datagram
 from .policy import PING, Close, ConnectionPolicy
 from .stream import QuicStream, StreamBroken
 
@@ -265,12 +271,20 @@ class QuicPeer:
 
         Raises :class:`~p2pd.errors.DatagramTooLarge` if ``data`` exceeds
         :attr:`max_datagram_size` (it would never be sent: in aioquic 1.7.2 such a frame
-        stays at the head of the queue and blocks every later datagram), and
+        stays at the head of the queue and blocks every later datagram),
+        :class:`~p2pd.errors.DatagramReserved` if it is empty or its first byte is below
+        ``0x10`` (the transport's own kinds, p2pd/transport/quic/observed.py: the peer
+        would take it for one, count it as malformed and never hand it on), and
         :class:`~p2pd.errors.ConnectionLost` on a closed connection. Returns False, and
         drops the datagram, when ``QuicConfig.max_pending_datagrams`` are already
         waiting for congestion window: old audio is worth less than new.
         """
         self._check_open()
+        if is_transport_datagram(data):
+            raise DatagramReserved(
+                f"datagram of {len(data)} bytes refused for {self!r}: an empty one, or one "
+                f"whose first byte is below {TRANSPORT_KIND_LIMIT:#04x}, is the transport's"
+            )
         limit = self.max_datagram_size
         # aioquic 1.7.2 checks neither bound: it queues any size, and a frame that fits
         # in no packet then stays at the head of _datagrams_pending for ever, so no
