@@ -6,6 +6,7 @@ daemons through real NATs is tests/test_upgrade_netns.py."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2pd.relay.upgrade import T_CONNECT, T_SYNC, UPGRADE_MAGIC, DirectUpgrade
+from p2pd.relay.upgrade import MAX_TRIES, T_CONNECT, T_SYNC, UPGRADE_MAGIC, DirectUpgrade
 from p2pd.transport.punch import PunchOffer
 from p2pd.transport.punch_driver import PunchOutcome
 from p2pd.wire import Address
@@ -214,8 +215,9 @@ async def test_an_attempt_that_found_no_path_is_tried_again_while_the_relay_last
 ) -> None:
     """A birthday attempt misses about one time in 50: the pair would stay relayed for
     as long as the relayed connection lasts (a clean-clone CI run saw it). A miss is
-    tried again RETRY_AFTER (60 s) later, at most MAX_TRIES (3) times in all, and not
-    once the relayed connection has closed."""
+    tried again RETRY_DELAYS (2, 8, 30 s) after it ended, backing off, at most MAX_TRIES
+    (4) times in all, all before an idle relayed connection closes (60 s after its last
+    traffic, the attempt's upgrade stream), and not once it has closed."""
     for close_after in (None, 1):
         peer = RelayedPeer(VIRTUAL)
         runner = FakeRunner()  # every attempt finds no path
@@ -230,14 +232,17 @@ async def test_an_attempt_that_found_no_path_is_tried_again_while_the_relay_last
             await nursery.start(up.run)
             up.on_relayed_connection(peer)  # type: ignore[arg-type]
             start = trio.current_time()
-            for _ in range(200):  # 10 virtual minutes, bounded
-                await trio.sleep(3.0)
+            for _ in range(1200):  # 10 virtual minutes, bounded
+                await trio.sleep(0.5)
                 if close_after is not None and len(runner.plans) >= close_after:
                     peer.is_closing = True
             nursery.cancel_scope.cancel()
         if close_after is None:
-            assert len(runner.plans) == 3, runner.plans  # then it stops trying
-            assert [round(p.start - start) for p in runner.plans] == [0, 60, 120]
+            assert len(runner.plans) == MAX_TRIES == 4, runner.plans  # then it stops
+            starts = [p.start - start for p in runner.plans]
+            assert [round(s) for s in starts] == [0, 2, 10, 40], starts
+            gaps = [b - a for a, b in itertools.pairwise(starts)]
+            assert gaps == sorted(gaps) and max(gaps) < 60, gaps
         else:
             assert len(runner.plans) == 1  # closed before the retry: no second attempt
         assert up.stats["upgrades_failed"] == len(runner.plans)

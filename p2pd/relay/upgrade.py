@@ -57,13 +57,18 @@ MAX_FRAME = 256
 EXCHANGE_TIMEOUT = 5.0
 #: The direct QUIC handshake over a punched path.
 DIRECT_CONNECT_TIMEOUT = 5.0
-#: A new attempt with the same peer no sooner than this after the last one.
+#: A new series of attempts with the same peer no sooner than this after its last attempt.
 RETRY_AFTER = 60.0
-#: Attempts over one relayed connection: one that found no path (a birthday attempt
-#: misses about one time in 50 by chance) is tried again RETRY_AFTER later while the
-#: relayed connection lasts and nothing direct came of another. (A clean-clone CI run
-#: once saw the only attempt miss and the pair stay relayed.)
-MAX_TRIES = 3
+#: An attempt that found no path (a birthday attempt misses about one time in 50 by
+#: chance; under load more often, and a lost NOMINATED or handshake ends one too) is
+#: tried again this long after it ended, while the relayed connection lasts and nothing
+#: direct came of another: MAX_TRIES attempts over one relayed connection at most, the
+#: last about a minute after the first. Each attempt's upgrade stream is traffic on the
+#: relayed connection, so these come before its idle close (``[quic] idle_close``, 60 s
+#: after the last traffic); a retry RETRY_AFTER later, as before, always found it closed
+#: (a clean-clone CI run saw one attempt in 90 s, then the pair stayed relayed).
+RETRY_DELAYS = (2.0, 8.0, 30.0)
+MAX_TRIES = 1 + len(RETRY_DELAYS)
 #: Attempts under way at once (each may hold 256 side sockets).
 MAX_ATTEMPTS = 4
 #: How long a side socket that won waits for the direct connection to use it.
@@ -191,11 +196,12 @@ class DirectUpgrade:
         self._nursery.start_soon(self._initiate_until_direct, peer)
 
     async def _initiate_until_direct(self, peer: QuicPeer) -> None:
-        """:meth:`_initiate`, again after RETRY_AFTER while it finds no path (a miss, not
-        "impossible"), the relayed connection stays open and no direct one appeared."""
+        """:meth:`_initiate`, again after each of RETRY_DELAYS while it finds no path (a
+        miss, not "impossible"), the relayed connection stays open and no direct one
+        appeared."""
         for attempt in range(MAX_TRIES):
             if attempt:
-                await trio.sleep(RETRY_AFTER)
+                await trio.sleep(RETRY_DELAYS[attempt - 1])
                 key = peer.public_key
                 assert key is not None  # a relayed connection: QUIC proved its key
                 direct = any(
@@ -203,6 +209,8 @@ class DirectUpgrade:
                 )
                 busy = self._running >= MAX_ATTEMPTS
                 if peer.is_closing or direct or busy or not self._may_share(key):
+                    log.info("%s: no more attempts (closing %s, direct %s, busy %s)",
+                             _who(key), peer.is_closing, direct, busy)  # fmt: skip
                     return
                 self._last_try[key] = trio.current_time()
             if not await self._initiate(peer):

@@ -107,6 +107,7 @@ from statistics import NormalDist
 import trio
 
 from ..errors import LocalError, UsageError
+from ..transport.punch import PUNCH_BYTE
 from ..transport.udp import DatagramHandler, FlushHook
 from ..wire import Address
 
@@ -564,6 +565,7 @@ class FakeUdpEndpoint:
         self._on_dht: DatagramHandler | None = None
         self._on_quic: DatagramHandler | None = None
         self._on_relay: DatagramHandler | None = None
+        self._on_punch: DatagramHandler | None = None
         self._flush_hooks: list[FlushHook] = []
         self._queue: list[tuple[bytes, Source]] = []
         self._closed = False
@@ -627,6 +629,12 @@ class FakeUdpEndpoint:
             delay = one_way + rng.expovariate(1.0) * jitter if jitter else one_way
             network._push(now + delay, host, source, target, target_nat, port, data)
 
+    def send_many(self, datagrams: list[bytes], addr: tuple[str, int]) -> None:
+        """``UdpEndpoint.send_many``: each datagram as :meth:`sendto` would, in order (no
+        segmentation offload to model: each copy meets its own loss and delay)."""
+        for data in datagrams:
+            self.sendto(data, addr)
+
     def close(self) -> None:
         """Unbind: datagrams to this port are dropped (``no_listener``), ``sendto``
         counts ``send_errors``. Idempotent."""
@@ -636,7 +644,7 @@ class FakeUdpEndpoint:
         if self.host._endpoints.get(self._port) is self:
             del self.host._endpoints[self._port]
         self._queue.clear()
-        self._on_dht = self._on_quic = self._on_relay = None
+        self._on_dht = self._on_quic = self._on_relay = self._on_punch = None
 
     def add_flush_hook(self, hook: FlushHook) -> None:
         """Have ``hook()`` called after each delivery pass that handed this endpoint
@@ -652,6 +660,7 @@ class FakeUdpEndpoint:
         on_dht: DatagramHandler,
         on_quic: DatagramHandler | None = None,
         on_relay: DatagramHandler | None = None,
+        on_punch: DatagramHandler | None = None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -665,6 +674,7 @@ class FakeUdpEndpoint:
         if self._on_dht is not None:
             raise trio.BusyResourceError("another task already serves this endpoint")
         self._on_dht, self._on_quic, self._on_relay = on_dht, on_quic, on_relay
+        self._on_punch = on_punch
         try:
             task_status.started()
             if self._queue:
@@ -674,13 +684,13 @@ class FakeUdpEndpoint:
                 self._flush()
             await trio.sleep_forever()
         finally:
-            self._on_dht = self._on_quic = self._on_relay = None
+            self._on_dht = self._on_quic = self._on_relay = self._on_punch = None
 
     # ---- internals, called by the network's task
 
     def _dispatch(self, data: bytes, source: Source) -> None:
         """As UdpEndpoint.serve: 0x00..0x03 to the DHT, the QUIC fixed bit to QUIC,
-        0x04..0x3e to the relay (p2pd/relay/)."""
+        0x04..0x3e to the relay (p2pd/relay/), 0x3f to hole punching."""
         self.stats["datagrams_in"] += 1
         first = data[0] if data else 0x80  # an empty datagram: neither
         if first & 0x40:
@@ -689,6 +699,8 @@ class FakeUdpEndpoint:
             handler = self._on_dht
         elif first <= 0x3E:
             handler = self._on_relay
+        elif first == PUNCH_BYTE:
+            handler = self._on_punch
         else:
             handler = None
         if handler is None:

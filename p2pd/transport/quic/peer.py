@@ -635,6 +635,12 @@ class QuicPeer:
             # Keep-alive (RFC 9000 section 10.1.2): an ack-eliciting PING.
             self._ping_uid += 1
             self.quic.send_ping(self._ping_uid)
+            # Queued: the keep-alive is done for this interval even if aioquic cannot
+            # send now (draining after the peer's CONNECTION_CLOSE, for 3 PTOs, while a
+            # stream of ours is still open). Left due, it made every step "due" again at
+            # once: a busy loop until the drain ended (forever under a mock clock:
+            # tests/test_upgrade_fakenet.py, a relayed connection closed by the peer).
+            self.policy.sent(now)
 
     def _process_events(self) -> None:
         quic = self.quic
