@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir, wait_until
+from p2pd.testing.daemons import (
+    DaemonProcess,
+    cli_json,
+    control_call,
+    run_cli,
+    short_tempdir,
+    wait_until,
+)
 from p2pd.testing.netns import Host, Testbed
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -168,7 +175,7 @@ def flood_handled(lan: Lan) -> int:
 
 
 def lan_counters(lan: Lan, handle: str) -> dict[str, int]:
-    counters: dict[str, int] = cli_json(lan.root / handle, "status", "--json")["lan_counters"]
+    counters: dict[str, int] = control_call(lan.root / handle, "status")["lan_counters"]
     return counters
 
 

@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 
 from p2pd.store import db_path
-from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir, wait_until
+from p2pd.testing.daemons import (
+    DaemonProcess,
+    cli_json,
+    control_call,
+    run_cli,
+    short_tempdir,
+    wait_until,
+)
 from p2pd.testing.netns import Host, Testbed
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -32,7 +39,7 @@ def root() -> Iterator[Path]:
 
 
 def status(home: Path) -> dict[str, Any]:
-    result: dict[str, Any] = cli_json(home, "status")
+    result: dict[str, Any] = control_call(home, "status")  # polled: no CLI process
     return result
 
 

@@ -16,7 +16,7 @@ import trio
 from p2pd.errors import WireError
 from p2pd.identity import Identity
 from p2pd.keystore import load_identity
-from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, wait_until
+from p2pd.testing.daemons import DaemonProcess, cli_json, control_call, run_cli, wait_until
 from p2pd.testing.waiting import wait_for
 from p2pd.transport.quic import QuicEndpoint, QuicPeer, open_quic_endpoint
 from p2pd.transport.quic.observed import (
@@ -191,7 +191,7 @@ def test_a_daemon_does_not_take_one_liars_reports_as_its_address(tmp_path: Path)
         trio.run(_talk_to, target, key, lie)
 
         def consensus_in() -> bool:
-            counters = cli_json(home, "status")["dht_counters"]
+            counters = control_call(home, "status")["dht_counters"]
             return int(counters.get("observed_quic", 0)) >= 7  # 2 honest + 5 lies
 
         assert wait_until(consensus_in, 10.0, interval=0.2)

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
+from p2pd.errors import P2PDError
 from p2pd.testing.daemons import (
     DaemonProcess,
-    cli_json,
+    control_call,
     p2pd_command,
     run_cli,
     short_tempdir,
@@ -64,9 +65,10 @@ def listed_relays(home: Path, name: str) -> list[str]:
     """The relays ``name``'s record lists, as the daemon at ``home`` finds it ([] while
     the record is not found yet: a lookup may miss a record published a moment ago)."""
     try:
-        return list(cli_json(home, "whois", name).get("relays", []))
-    except RuntimeError:
+        seen = control_call(home, "whois", {"handle": name})
+    except P2PDError:
         return []
+    return [] if seen.get("status") == "contested" else list(seen.get("relays", []))
 
 
 def udp_payloads(capture: Path) -> list[bytes]:
@@ -127,14 +129,14 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
             return all(len(listed_relays(root / "pub1", n)) >= 2 for n in ("alice", "bob"))
 
         assert wait_until(registered, SETTLE, interval=1.0), {
-            n: cli_json(root / n, "status")["relay"] for n in ("alice", "bob")
+            n: control_call(root / n, "status")["relay"] for n in ("alice", "bob")
         }
         for name in ("alice", "bob"):
-            s = cli_json(root / name, "status")
+            s = control_call(root / name, "status")
             assert s["reachability"] == "unreachable"
             assert set(s["relays_in_use"]) <= set(seeds) and len(s["relays_in_use"]) >= 2
             assert not s["relay"]["relaying"]["serving"]  # a NATed node relays for no one
-        assert all(cli_json(root / p, "status")["relay"]["relaying"]["serving"] for p in
+        assert all(control_call(root / p, "status")["relay"]["relaying"]["serving"] for p in
                    ("pub1", "pub2", "pub3"))  # fmt: skip
 
         # Messages both ways: delivered through a relay, not the mailbox.
@@ -187,7 +189,7 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
             print(f"call through the relay, {who}: { ({k: side['media'][k] for k in shown}) }")
 
         # The relays carried it all, and saw only ciphertext.
-        relayed = {p: cli_json(root / p, "status")["relay"]["relaying"] for p in
+        relayed = {p: control_call(root / p, "status")["relay"]["relaying"] for p in
                    ("pub1", "pub2", "pub3")}  # fmt: skip
         datagrams = sum(r["counters"].get("relayed_datagrams", 0) for r in relayed.values())
         # 3 s of 20 ms audio frames both ways (2 x 150) and the messages
@@ -213,7 +215,7 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
 
         def dropped_dead_relay() -> bool:
             return all(
-                dead_seed not in cli_json(root / n, "status")["relays_in_use"]
+                dead_seed not in control_call(root / n, "status")["relays_in_use"]
                 for n in ("alice", "bob")
             )
 
@@ -305,7 +307,7 @@ def test_a_direct_path_follows_the_relay_where_the_nats_allow(testbed: Testbed, 
                   f"first message (routes {routes})")  # fmt: skip
             # and the other way, on the same direct connection
             assert send(to, sender, "back") == "direct"
-            upgraded = cli_json(root / to, "status")["hole_punching"]
+            upgraded = control_call(root / to, "status")["hole_punching"]
             assert upgraded["upgrades_direct"] >= 1, upgraded  # the receiving side punched
     finally:
         for name, d in daemons.items():

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..control_client import ControlClient
 from .waiting import wait_until as wait_until  # (re-exported: process tests poll with it)
 
 _READY = re.compile(r"ready: handle=(\S+) fingerprint=(\S+) listen=(\S+)")
@@ -61,6 +62,17 @@ def cli_json(home: Path, *args: str, timeout: float = 60.0) -> Any:
     if proc.returncode != 0:
         raise RuntimeError(f"p2pd {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return json.loads(proc.stdout)
+
+
+def control_call(
+    home: Path, method: str, params: dict[str, Any] | None = None, timeout: float = 60.0
+) -> Any:
+    """One control API call to the daemon of ``home``, from this process: the data that
+    ``p2pd <command> --json`` prints (``status``: ``p2pd status --json``), without a CLI
+    process, which costs some 55 ms of CPU (its interpreter and imports; the daemon's
+    answer about 2 ms). For state a test polls; the CLI's own output is test_cli_e2e's."""
+    with ControlClient(home, timeout=timeout) as client:
+        return client.call(method, params)
 
 
 def short_tempdir(prefix: str = "p2pd-") -> Path:

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .daemons import DaemonProcess, cli_json, run_cli, wait_until
+from ..errors import P2PDError
+from .daemons import DaemonProcess, control_call, run_cli, wait_until
 from .miniupnpd import start_miniupnpd
 from .netns import Host, NatRouter, Testbed
 from .netns6 import Ipv6Overlay
@@ -122,10 +123,10 @@ def start_network(
         # Behind any of these NATs strangers get in only through relays (Linux filters
         # by address and port even where it maps independently of the endpoint).
         try:
-            seen = cli_json(root / "pub1", "whois", name)
-        except RuntimeError:  # not found yet: a lookup may miss a record just published
+            seen = control_call(root / "pub1", "whois", {"handle": name})
+        except P2PDError:  # not found yet: a lookup may miss a record just published
             return False
-        return len(seen.get("relays", [])) >= 2
+        return seen.get("status") != "contested" and len(seen.get("relays", [])) >= 2
 
     for name, kind in (("alice", kind_a), ("bob", kind_b)):
         if not wait_until(functools.partial(settled, name, kind), settle, interval=1.0):
@@ -134,7 +135,8 @@ def start_network(
 
 
 def status(root: Path, name: str) -> dict[str, Any]:
-    return dict(cli_json(root / name, "status"))
+    """What ``p2pd status --json`` prints for ``name`` (polled: no CLI process)."""
+    return dict(control_call(root / name, "status"))
 
 
 def send(root: Path, sender: str, to: str, text: str, timeout: float = 30.0) -> dict[str, Any]:

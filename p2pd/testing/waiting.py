@@ -6,7 +6,11 @@ API's event stream); these are for state with no event (a counter, a row, a file
   raises AssertionError naming ``what`` after ``timeout`` seconds (trio's clock, so a
   MockClock test jumps instead of sleeping).
 - :func:`wait_until` in process tests (daemons driven through the CLI): blocking, returns
-  whether the condition held, for the caller's assert to say more.
+  whether the condition held, for the caller's assert to say more. Unless told an
+  ``interval``, it polls at growing intervals (:data:`FIRST_INTERVAL` up to
+  :data:`MAX_INTERVAL`): such a predicate is usually a CLI process and a daemon's
+  answer, some 25-50 ms of CPU, so a long wait polls twice a second, not five times,
+  while a condition that holds at once is still seen at once.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from collections.abc import Callable
 import trio
 
 __all__ = ["wait_for", "wait_until"]
+
+#: :func:`wait_until`'s first pause; each next one is half as long again, up to MAX_INTERVAL.
+FIRST_INTERVAL = 0.05
+MAX_INTERVAL = 0.5
 
 
 async def wait_for(
@@ -37,13 +45,20 @@ async def wait_for(
     raise AssertionError(f"not within {timeout:g} s: {what}")
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` seconds pass; whether it held."""
+def wait_until(
+    predicate: Callable[[], object], timeout: float, interval: float | None = None
+) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` seconds pass; whether it held. Every
+    ``interval`` seconds, or by default at growing intervals (see the module's doc)."""
     deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / interval) + 2):
+    pause = FIRST_INTERVAL if interval is None else interval
+    for _ in range(int(timeout / min(pause, FIRST_INTERVAL)) + 2):
         if predicate():
             return True
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             break
-        time.sleep(interval)
+        time.sleep(min(pause, deadline - now))
+        if interval is None:
+            pause = min(pause * 1.5, MAX_INTERVAL)
     return bool(predicate())
