@@ -346,7 +346,9 @@ class DeliveryCore:
         self._queued_since: set[bytes] = set()
         self.stats: dict[str, int] = {
             "sent_direct": 0,
+            "batches_direct": 0,
             "sent_relay": 0,
+            "batches_relay": 0,
             "sent_mailbox": 0,
             "received_direct": 0,
             "received_mailbox": 0,
@@ -563,6 +565,7 @@ class DeliveryCore:
             self._queued_since.discard(exchange.peer_key)
             self._prepare_ready.add(exchange.peer_key)  # encrypted while it waits
         self.stats[f"sent_{exchange.via}"] += len(exchange.outbox)
+        self.stats[f"batches_{exchange.via}"] += 1
         waiting = exchange.waiting
         return [MessageSent(m.id, exchange.via) for m in exchange.outbox if m.id in waiting]
 

@@ -127,6 +127,11 @@ class EventBus:
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self.dropped = 0
 
+    @property
+    def listening(self) -> bool:
+        """Whether anyone is subscribed: an event nobody reads need not be built."""
+        return bool(self._subscribers)
+
     def emit(self, kind: str, /, **fields: Any) -> None:
         event = {"event": kind, "time": time.time(), **fields}
         for channel in list(self._subscribers):
@@ -294,8 +299,9 @@ class Delivery:
         contact = await self.contact_for(ref)
         now = time.time()
         messages = self.messages.enqueue_many(ref.handle, contact.public_key, texts, now)
-        for message in messages:
-            self.events.emit("message_status", **message.summary())
+        if self.events.listening:  # (a summary is built for each)
+            for message in messages:
+                self.events.emit("message_status", **message.summary())
         self._queued(contact.public_key)
         return messages
 
@@ -592,7 +598,8 @@ class Delivery:
         for event in events:
             if isinstance(event, MessageReceived):
                 if event.message is not None:
-                    self.events.emit("message", **self.incoming_summary(event.message))
+                    if self.events.listening:  # (the summary reads the contacts)
+                        self.events.emit("message", **self.incoming_summary(event.message))
                     if event.via == "direct":  # it may write again: our mailbox pass
                         self.on_direct_message(event.message.peer_key)
             elif isinstance(event, SignalReceived):
