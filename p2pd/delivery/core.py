@@ -119,6 +119,7 @@ from .events import (
     RetryDue,
     RotationReceived,
     ScheduleAttempt,
+    SendDue,
     SenderUnverified,
     SessionReset,
     SetEnvelope,
@@ -136,6 +137,12 @@ BATCH = 256
 #: While a batch waits for its answers, how long messages queued one by one may gather
 #: before the worker encrypts them (one transaction for all).
 PREPARE_GATHER = 0.002
+#: While a batch waits for its answers, messages queued behind it one by one (one
+#: ``send`` call each) go out together in the next batch, no sooner than this long after
+#: the first of them was queued: fewer, larger batches cost less per message on both
+#: sides (a stream, its packets and acks, the transactions). A message to an idle
+#: conversation, or one queued when its batch has been answered, goes at once.
+SEND_GATHER = 0.004
 #: A sealed box is its plaintext plus an ephemeral key and a MAC.
 #: What :meth:`DeliveryCore.worker_step` tells a conversation's worker to do next.
 SEND, PREPARE, WAIT = "send", "prepare", "wait"
@@ -344,6 +351,10 @@ class DeliveryCore:
         self._prepare_ready: set[bytes] = set()
         #: Held conversations with messages queued since their worker took its batch.
         self._queued_since: set[bytes] = set()
+        #: Held conversations: when the first message was queued behind their batch in
+        #: flight; and, once it is answered, when the next batch goes (SEND_GATHER).
+        self._behind_since: dict[bytes, float] = {}
+        self._send_at: dict[bytes, float] = {}
         self.stats: dict[str, int] = {
             "sent_direct": 0,
             "batches_direct": 0,
@@ -383,6 +394,7 @@ class DeliveryCore:
         times += [ex.retry_at for ex in self._open if ex.retry_at is not None]
         times += self._due.values()
         times += self._prepare_at.values()
+        times += self._send_at.values()
         return min(times, default=None)
 
     def handle_timer(self, now: float) -> list[Event]:
@@ -404,6 +416,9 @@ class DeliveryCore:
             del self._prepare_at[peer_key]
             self._prepare_ready.add(peer_key)
             events.append(PrepareDue(peer_key))
+        for peer_key in [p for p, when in self._send_at.items() if when <= now]:
+            del self._send_at[peer_key]
+            events.append(SendDue(peer_key))
         return events
 
     def messages_queued(self, peer_key: bytes, now: float) -> list[Event]:
@@ -416,15 +431,26 @@ class DeliveryCore:
             self._hold(peer_key, events)
         elif self._waiting_exchange(peer_key) is None:
             self._queued_since.add(peer_key)  # encrypted while the batch taken waits
-        elif peer_key not in self._prepare_ready:
-            self._prepare_at.setdefault(peer_key, now + PREPARE_GATHER)
+        else:
+            waiting = self._waiting_exchange(peer_key)
+            if waiting is not None and not waiting.answered:  # (answered: its stream closes)
+                self._behind_since.setdefault(peer_key, now)
+            if peer_key not in self._prepare_ready:
+                self._prepare_at.setdefault(peer_key, now + PREPARE_GATHER)
         return events
 
     def worker_step(self, peer_key: bytes, now: float) -> str:
         """What the worker holding ``peer_key`` does next: SEND the next due batch (none
         waits for answers, or it is overdue: RetryDue), PREPARE (encrypt what was queued
-        behind the waiting batch), or WAIT (for ExchangeEnded, RetryDue or PrepareDue)."""
+        behind the waiting batch), or WAIT (for ExchangeEnded, RetryDue, PrepareDue or
+        SendDue: what was queued behind the answered batch gathers until SEND_GATHER)."""
         if self._waiting_exchange(peer_key) is None:
+            since = self._behind_since.get(peer_key)
+            if since is not None and now < since + SEND_GATHER:
+                self._send_at[peer_key] = since + SEND_GATHER
+                return WAIT
+            self._behind_since.pop(peer_key, None)
+            self._send_at.pop(peer_key, None)
             self._queued_since.discard(peer_key)  # the next batch takes them
             return SEND
         if peer_key in self._prepare_ready:
@@ -439,6 +465,8 @@ class DeliveryCore:
         self._prepare_at.pop(peer_key, None)
         self._prepare_ready.discard(peer_key)
         self._queued_since.discard(peer_key)
+        self._behind_since.pop(peer_key, None)
+        self._send_at.pop(peer_key, None)
         when = self.ledger.next_attempt(peer_key)
         if when is not None:
             self._due[peer_key] = when

@@ -92,6 +92,7 @@ from .events import (
     PrepareDue,
     RetryDue,
     RotationReceived,
+    SendDue,
     SenderUnverified,
     SessionReset,
     SignalReceived,
@@ -359,7 +360,8 @@ class Delivery:
             async with trio.open_nursery() as exchanges:
                 for _ in range(10_000):  # bounded: batches and waits, then rescheduled
                     step = self.core.worker_step(peer_key, time.time())
-                    if step == WAIT:  # for ExchangeEnded, RetryDue or PrepareDue
+                    if step == WAIT:  # for ExchangeEnded, RetryDue, PrepareDue or SendDue
+                        self._rearm()  # a gathering batch has a deadline (SendDue)
                         self._worker_wake[peer_key] = wake = trio.Event()
                         await wake.wait()
                         continue
@@ -629,7 +631,7 @@ class Delivery:
                 self.events.emit(
                     "message_status", id=event.msg_id.hex(), state="sent", via=event.via
                 )
-            elif isinstance(event, PrepareDue | RetryDue | ExchangeEnded):
+            elif isinstance(event, PrepareDue | RetryDue | SendDue | ExchangeEnded):
                 wake = self._worker_wake.get(event.peer_key)
                 if wake is not None:
                     wake.set()
