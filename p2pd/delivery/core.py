@@ -76,7 +76,11 @@ The schedule (what the one timer of :meth:`get_timer` covers):
   out of order leaves a skipped key in the session state written with every message,
   up to 58 KB). A conversation is held by one worker from :class:`DeliveryDue` to
   :meth:`conversation_idle`; while its batch waits, what is queued meanwhile is
-  encrypted (:data:`PREPARE`) once :data:`PREPARE_GATHER` has let a few gather.
+  encrypted (:data:`PREPARE`) once :data:`PREPARE_GATHER` has let a few gather, and
+  sent as the next batch no sooner than :data:`SEND_GATHER` after the first of them
+  (:class:`SendDue`), even if the batch is answered sooner: one ``send`` call per
+  message then costs one batch per few messages, not one per answer. A message queued
+  to an idle conversation, or once its batch is answered, goes at once.
 """
 
 from __future__ import annotations
@@ -424,19 +428,20 @@ class DeliveryCore:
     def messages_queued(self, peer_key: bytes, now: float) -> list[Event]:
         """New messages to ``peer_key`` (or moved to it): due now. A worker is started
         if none holds the conversation; one whose batch waits encrypts them after
-        :data:`PREPARE_GATHER`."""
+        :data:`PREPARE_GATHER` and sends them after :data:`SEND_GATHER`."""
         events: list[Event] = []
         if peer_key not in self._held:
             self._due.pop(peer_key, None)
             self._hold(peer_key, events)
-        elif self._waiting_exchange(peer_key) is None:
+            return events
+        waiting = self._waiting_exchange(peer_key)
+        if waiting is None:
             self._queued_since.add(peer_key)  # encrypted while the batch taken waits
-        else:
-            waiting = self._waiting_exchange(peer_key)
-            if waiting is not None and not waiting.answered:  # (answered: its stream closes)
-                self._behind_since.setdefault(peer_key, now)
-            if peer_key not in self._prepare_ready:
-                self._prepare_at.setdefault(peer_key, now + PREPARE_GATHER)
+            return events
+        if not waiting.answered:  # (answered: only its stream is still to be closed)
+            self._behind_since.setdefault(peer_key, now)
+        if peer_key not in self._prepare_ready:
+            self._prepare_at.setdefault(peer_key, now + PREPARE_GATHER)
         return events
 
     def worker_step(self, peer_key: bytes, now: float) -> str:
