@@ -502,10 +502,18 @@ class Contacts:
         conn.commit()
 
     def get(self, handle: str) -> Contact | None:
+        return self._one("handle", handle)
+
+    def by_key(self, public_key: bytes) -> Contact | None:
+        """The contact pinned to ``public_key`` (one statement: the receiver asks this
+        for every message)."""
+        return self._one("public_key", public_key)
+
+    def _one(self, column: str, value: str | bytes) -> Contact | None:
         row = self._conn.execute(
             "SELECT handle, public_key, verified, first_seen, rotated_from, rotated_at "
-            "FROM contacts WHERE handle=?",
-            (handle,),
+            f"FROM contacts WHERE {column}=?",
+            (value,),
         ).fetchone()
         if row is None:
             return None
@@ -513,12 +521,6 @@ class Contacts:
             row[0], bytes(row[1]), bool(row[2]), float(row[3]),
             None if row[4] is None else bytes(row[4]), None if row[5] is None else float(row[5]),
         )  # fmt: skip
-
-    def by_key(self, public_key: bytes) -> Contact | None:
-        row = self._conn.execute(
-            "SELECT handle FROM contacts WHERE public_key=?", (public_key,)
-        ).fetchone()
-        return None if row is None else self.get(row[0])
 
     def pin(self, handle: str, public_key: bytes, now: float) -> Contact:
         """The contact for ``handle``: pinned to ``public_key`` if it had no pin yet.
