@@ -146,7 +146,7 @@ PREPARE_GATHER = 0.002
 #: the first of them was queued: fewer, larger batches cost less per message on both
 #: sides (a stream, its packets and acks, the transactions). A message to an idle
 #: conversation, or one queued when its batch has been answered, goes at once.
-SEND_GATHER = 0.004
+SEND_GATHER = 0.025
 #: A sealed box is its plaintext plus an ephemeral key and a MAC.
 #: What :meth:`DeliveryCore.worker_step` tells a conversation's worker to do next.
 SEND, PREPARE, WAIT = "send", "prepare", "wait"
