@@ -286,13 +286,31 @@ def _error(req_id: Any, code: int, message: str, data: Any = None) -> dict[str, 
     return {"jsonrpc": "2.0", "id": req_id, "error": error}
 
 
+#: What :func:`_decode` returns for a line that is not JSON.
+_NOT_JSON = object()
+
+
+def _decode(line: bytes) -> Any:
+    """A request line's JSON value (parsed once: the server looks for ``subscribe`` in
+    it, then serves it), or _NOT_JSON."""
+    try:
+        return json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return _NOT_JSON
+
+
 async def handle_request(
     line: bytes, methods: dict[str, Callable[[Any], Awaitable[Any]]]
 ) -> dict[str, Any] | None:
     """One request line in, one response object out (None for a notification)."""
-    try:
-        request = json.loads(line)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    return await _serve_request(_decode(line), methods)
+
+
+async def _serve_request(
+    request: Any, methods: dict[str, Callable[[Any], Awaitable[Any]]]
+) -> dict[str, Any] | None:
+    """:func:`handle_request` of a line already decoded by :func:`_decode`."""
+    if request is _NOT_JSON:
         return _error(None, PARSE_ERROR, "parse error: not a JSON object")
     if not isinstance(request, dict):
         return _error(None, INVALID_REQUEST, "invalid request: expected a JSON object")
@@ -372,11 +390,12 @@ async def _serve_connection(
                 line, buffer = buffer.split(b"\n", 1)
                 if not line.strip():
                     continue
-                subscribe = _subscription(line)
+                request = _decode(line)
+                subscribe = _subscription(request)
                 if subscribe is not None and events is not None:
                     await _stream_events(stream, events, subscribe)
                     return
-                response = await handle_request(line, methods)
+                response = await _serve_request(request, methods)
                 if response is not None:
                     try:
                         await stream.send_all(json.dumps(response).encode() + b"\n")
@@ -440,12 +459,9 @@ async def serve_control_api(
             path.unlink()
 
 
-def _subscription(line: bytes) -> Any:
-    """The request id if ``line`` is a well-formed ``subscribe`` request, else None."""
-    try:
-        request = json.loads(line)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
+def _subscription(request: Any) -> Any:
+    """The request id if ``request`` (a decoded line) is a well-formed ``subscribe``
+    request, else None."""
     if (
         isinstance(request, dict)
         and request.get("jsonrpc") == "2.0"

@@ -33,15 +33,18 @@ QUEUED, SENT, DELIVERED = "queued", "sent", "delivered"
 #: the partial indexes below (with ``state != 'delivered'`` it scans every message ever
 #: sent: 4 ms per query at 20,000 messages, measured by scripts/bench_messages.py).
 _PENDING = "direction='out' AND state IN ('queued', 'sent')"
-#: For one conversation's pending messages. Left to itself, SQLite's planner prefers
-#: messages_conv (peer_key, direction), which walks every message of the conversation
-#: ever sent: 0.33 ms per query at 3,000 messages, against 16 µs through the partial
+#: For one conversation's pending messages. Left to itself, SQLite's planner preferred
+#: messages_conv (peer_key, direction; since dropped), which walks every message of the
+#: conversation ever sent: 0.33 ms per query at 3,000 messages, against 16 µs through the partial
 #: index, and several such queries ran per message (scripts/bench_messages.py, py-spy).
 _PENDING_CONV = "messages INDEXED BY messages_pending_conv"
-#: For pending messages by retry time. (An index on (direction, state, next_attempt)
-#: served these too, and cost a page in every commit that changed a message's state:
-#: dropped, see _SCHEMA.)
-_PENDING_DUE = "messages INDEXED BY messages_pending_due"
+# Every index on the outbox costs a page in the commit of each message queued (one
+# ``send`` call each), sent or acked. (Indexes on (direction, state, next_attempt), then
+# on the pending messages' next_attempt, served the earliest retry time, which nothing
+# in the daemon reads: its schedule reads messages_pending_conv. And messages_conv
+# (peer_key, direction, seq) served only `inbox --from`: messages_inbox, on received
+# messages alone, does. Dropped, see _SCHEMA: 6.7 -> 4.7 pages written per message
+# queued; tests/test_messaging.py.)
 _log = logging.getLogger(__name__)
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 60.0
@@ -58,11 +61,11 @@ CREATE TABLE IF NOT EXISTS messages (
     next_attempt REAL NOT NULL DEFAULT 0, envelope BLOB, via TEXT,
     kind INTEGER NOT NULL DEFAULT 1);
 DROP INDEX IF EXISTS messages_due;
-CREATE INDEX IF NOT EXISTS messages_pending_due ON messages (next_attempt)
-    WHERE direction='out' AND state IN ('queued', 'sent');
+DROP INDEX IF EXISTS messages_pending_due;
 CREATE INDEX IF NOT EXISTS messages_pending_conv ON messages (peer_key, seq)
     WHERE direction='out' AND state IN ('queued', 'sent');
-CREATE INDEX IF NOT EXISTS messages_conv ON messages (peer_key, direction, seq);
+DROP INDEX IF EXISTS messages_conv;
+CREATE INDEX IF NOT EXISTS messages_inbox ON messages (peer_key) WHERE direction='in';
 CREATE TABLE IF NOT EXISTS conversation_seq (peer_key BLOB PRIMARY KEY, next_seq INTEGER);
 """
 
@@ -278,7 +281,7 @@ class MessageStore:
     def next_due(self) -> float | None:
         """The earliest retry time of any unacknowledged message (None: nothing pending)."""
         row = self._conn.execute(
-            f"SELECT MIN(next_attempt) FROM {_PENDING_DUE} WHERE {_PENDING}"
+            f"SELECT MIN(next_attempt) FROM {_PENDING_CONV} WHERE {_PENDING}"
         ).fetchone()
         return None if row[0] is None else float(row[0])
 
@@ -499,10 +502,18 @@ class Contacts:
         conn.commit()
 
     def get(self, handle: str) -> Contact | None:
+        return self._one("handle", handle)
+
+    def by_key(self, public_key: bytes) -> Contact | None:
+        """The contact pinned to ``public_key`` (one statement: the receiver asks this
+        for every message)."""
+        return self._one("public_key", public_key)
+
+    def _one(self, column: str, value: str | bytes) -> Contact | None:
         row = self._conn.execute(
             "SELECT handle, public_key, verified, first_seen, rotated_from, rotated_at "
-            "FROM contacts WHERE handle=?",
-            (handle,),
+            f"FROM contacts WHERE {column}=?",
+            (value,),
         ).fetchone()
         if row is None:
             return None
@@ -510,12 +521,6 @@ class Contacts:
             row[0], bytes(row[1]), bool(row[2]), float(row[3]),
             None if row[4] is None else bytes(row[4]), None if row[5] is None else float(row[5]),
         )  # fmt: skip
-
-    def by_key(self, public_key: bytes) -> Contact | None:
-        row = self._conn.execute(
-            "SELECT handle FROM contacts WHERE public_key=?", (public_key,)
-        ).fetchone()
-        return None if row is None else self.get(row[0])
 
     def pin(self, handle: str, public_key: bytes, now: float) -> Contact:
         """The contact for ``handle``: pinned to ``public_key`` if it had no pin yet.

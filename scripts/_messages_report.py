@@ -86,7 +86,8 @@ def print_text(r: dict[str, Any]) -> None:
         if t["completion_seen_by"] != "events":
             print(f"  completion seen by {t['completion_seen_by']}: up to 0.2 s late")
         print(
-            f"  send calls alone: {t['send_calls_per_s']} /s; events dropped: {t['events_dropped']}"
+            f"  send calls alone: {t['send_calls_per_s']} /s; events dropped: "
+            f"{t['events_dropped']}; messages per batch on the wire: {t.get('messages_per_batch')}"
         )
         if t["msgs_per_s_by_tenth"]:
             tenths = " ".join(f"{v:.0f}" for v in t["msgs_per_s_by_tenth"])

@@ -526,6 +526,7 @@ def run_throughput(
         "send_calls_seconds": round(t_sent - t0, 3),
         "send_calls_per_s": round(sent / (t_sent - t0), 1) if t_sent > t0 else None,
         "events_dropped": dropped,
+        "messages_per_batch": _per_batch(status_before["messages"], status_after["messages"]),
         "sender_dht": dht_per_message(
             status_before["dht_counters"], status_after["dht_counters"], sent
         ),
@@ -539,6 +540,13 @@ def run_throughput(
         },
         "switches": used["switches"],
     }
+
+
+def _per_batch(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """The mean batch the sender wrote on a stream during a phase (its counters)."""
+    sent = after.get("sent_direct", 0) - before.get("sent_direct", 0)
+    batches = after.get("batches_direct", 0) - before.get("batches_direct", 0)
+    return round(sent / batches, 2) if batches else None
 
 
 def wait_delivered(

@@ -194,10 +194,10 @@ def test_messages_and_sessions_are_stored_encrypted(pair: Pair) -> None:
     assert any(m in bob_raw for m in bob_secrets)
     # ids, peer keys and sequence numbers stay as they were: the indexes still serve
     plan = pair.alice_conn.execute(
-        "EXPLAIN QUERY PLAN SELECT id FROM messages WHERE peer_key=? AND direction='out'",
+        "EXPLAIN QUERY PLAN SELECT id FROM messages WHERE peer_key=? AND direction='in'",
         (pair.bob_id.public_key,),
     ).fetchall()
-    assert "messages_conv" in str(plan)
+    assert "messages_inbox" in str(plan)
     assert outbox_texts(pair.alice_messages) == TEXTS
     assert all(m.envelope is not None for m in pair.alice_messages.outbox())
 

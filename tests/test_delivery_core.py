@@ -36,6 +36,7 @@ from p2pd.delivery.core import (
     PREPARE_GATHER,
     RESET_INTERVAL,
     SEND,
+    SEND_GATHER,
     WAIT,
     DeliveryCore,
     Exchange,
@@ -53,6 +54,7 @@ from p2pd.delivery.events import (
     PrepareDue,
     RetryDue,
     ScheduleAttempt,
+    SendDue,
     SenderUnverified,
     SessionReset,
     SignalReceived,
@@ -727,6 +729,9 @@ def test_messages_queued_behind_a_waiting_batch_are_encrypted_while_it_waits() -
     pair.to_alice(exchange, pair.to_bob(exchange.data).replies)
     assert exchange.answered
     assert pair.end(exchange).answered
+    # (queued one by one behind it: they gather until SEND_GATHER, then go)
+    assert core.worker_step(bob, pair.now) == WAIT
+    assert pair.fire() == [SendDue(bob)]
     assert core.worker_step(bob, pair.now) == SEND
     envelopes = {m.id: pair.state(m).envelope for m in (during, later)}
     assert all(envelopes.values())
@@ -734,6 +739,50 @@ def test_messages_queued_behind_a_waiting_batch_are_encrypted_while_it_waits() -
     assert _frames_of(nxt.data) == [
         wire.encode_stream_frame(wire.FRAME_MESSAGE, i + (e or b"")) for i, e in envelopes.items()
     ]
+
+
+def test_messages_queued_one_by_one_behind_a_batch_gather_into_the_next() -> None:
+    """One ``send`` call per message while a batch is in flight: what is queued behind
+    it goes out together, SEND_GATHER after the first of them was queued, even if the
+    batch is answered sooner; a message to an idle conversation goes at once."""
+    pair = Pair()
+    core, bob = pair.alice.core, pair.bob.key
+    pair.queue("first")
+    assert core.messages_queued(bob, pair.now) == [DeliveryDue(bob)]
+    assert core.worker_step(bob, pair.now) == SEND  # idle conversation: at once
+    exchange, _ = pair.send()
+    pair.advance(0.001)
+    behind = pair.now
+    (second,) = pair.queue("second")
+    assert core.messages_queued(bob, pair.now) == []
+    pair.advance(0.001)
+    pair.to_alice(exchange, pair.to_bob(exchange.data).replies)
+    assert pair.end(exchange).answered
+    # answered 1 ms after "second" was queued: the next batch gathers a while longer
+    assert core.worker_step(bob, pair.now) == WAIT
+    assert pair.timer() == behind + SEND_GATHER
+    (third,) = pair.queue("third")
+    assert core.messages_queued(bob, pair.now) == []
+    assert pair.fire() == [SendDue(bob)] and pair.now == behind + SEND_GATHER
+    assert core.worker_step(bob, pair.now) == SEND
+    nxt, sent = pair.send()
+    assert sent == [MessageSent(second.id, "direct"), MessageSent(third.id, "direct")]
+    pair.to_alice(nxt, pair.to_bob(nxt.data).replies)
+    # queued once the batch is answered (one message at a time: the "delivered" event
+    # came), before its stream is closed: not behind it, and sent at once
+    (fourth,) = pair.queue("fourth")
+    assert core.messages_queued(bob, pair.now) == []
+    pair.end(nxt)
+    assert core.worker_step(bob, pair.now) == SEND
+    assert [m.id for m in pair.due()] == [fourth.id]
+    last, _ = pair.send()
+    pair.to_alice(last, pair.to_bob(last.data).replies)
+    pair.end(last)
+    assert core.worker_step(bob, pair.now) == SEND and pair.due() == []
+    core.conversation_idle(bob)
+    assert pair.timer() is None
+    assert pair.inbox() == ["first", "second", "third", "fourth"]
+    assert core.stats["batches_direct"] == 3 and core.stats["sent_direct"] == 4
 
 
 def test_a_delivered_message_stays_delivered() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,16 @@ def test_kill_9_during_a_burst_loses_nothing(net: Net, victim: str) -> None:
                 killed.kill()  # SIGKILL: no shutdown, no flush
     if victim == "sender":
         killed.kill()
+    # Something was still on its way at the kill (answered to the client, not yet acked:
+    # gathered into a batch, in flight, or its ack unread), or the test proves nothing.
+    # Read from alice's file (WAL: a second reader is fine while she runs).
+    db = sqlite3.connect(f"file:{net.home('alice') / 'p2pd.db'}?mode=ro", uri=True)
+    try:
+        states = dict(db.execute("SELECT hex(id), state FROM messages WHERE direction='out'"))
+    finally:
+        db.close()
+    assert sum(states.get(i.upper()) != "delivered" for i in ids) > 0
+    if victim == "sender":
         net.start("alice")
         with ControlClient(net.home("alice"), timeout=60) as client:
             for i in range(len(ids), count):

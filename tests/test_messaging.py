@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -65,6 +66,62 @@ def test_outbox_lifecycle_queued_then_delivered() -> None:
     assert store.has_pending(BOB) and [m.id for m in store.pending_for(BOB)] == [m2.id]
     with pytest.raises(UsageError):
         store.enqueue("bob", BOB, "x" * (wire.MAX_TEXT + 1), now=1.0)
+
+
+def test_a_message_queued_writes_no_index_the_daemon_never_reads(tmp_path: Path) -> None:
+    """Each ``send`` call commits its message: every index on the outbox costs a page
+    in that commit. The pending messages' retry-time index of older versions (nothing
+    in the daemon read it) and the conversation index (only `inbox --from` read it, and
+    only for received messages) are dropped when a database is opened; the earliest
+    retry time is still found, `inbox --from` still searches an index, and a message
+    queued writes fewer than 5 pages to the WAL (6.7 with those indexes)."""
+    conn = open_database(None)
+    conn.execute(
+        "CREATE TABLE messages (id BLOB PRIMARY KEY, direction TEXT NOT NULL, handle TEXT "
+        "NOT NULL, peer_key BLOB NOT NULL, seq INTEGER NOT NULL, text TEXT NOT NULL, state "
+        "TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, sent_at_ms INTEGER NOT "
+        "NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0, "
+        "envelope BLOB, via TEXT, kind INTEGER NOT NULL DEFAULT 1)"
+    )
+    conn.execute(  # as older versions made them
+        "CREATE INDEX messages_pending_due ON messages (next_attempt) "
+        "WHERE direction='out' AND state IN ('queued', 'sent')"
+    )
+    conn.execute("CREATE INDEX messages_conv ON messages (peer_key, direction, seq)")
+    store = MessageStore(conn, at_rest=_AT_REST[0])
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert not {"messages_pending_due", "messages_conv"} & indexes
+    assert {"messages_pending_conv", "messages_inbox"} <= indexes
+    plan = conn.execute(
+        "EXPLAIN QUERY PLAN SELECT rowid FROM messages WHERE direction='in' AND rowid>? "
+        "AND peer_key=? ORDER BY rowid LIMIT 10",
+        (0, BOB),
+    ).fetchall()
+    assert "USING INDEX messages_inbox" in plan[0][3]
+    assert store.next_due() is None
+    m1 = store.enqueue("bob", BOB, "hello", now=100.0)
+    store.enqueue("carol", CAROL, "hi", now=101.0)
+    assert store.next_due() == 0.0  # queued: due at once
+    conn.execute("UPDATE messages SET next_attempt=105.0")
+    assert store.next_due() == 105.0
+    store.mark_delivered(m1.id, BOB, 102.0)
+    conn.execute("UPDATE messages SET next_attempt=107.0 WHERE peer_key=?", (CAROL,))
+    assert store.next_due() == 107.0
+
+    # on a file, as the daemon keeps it (WAL): the pages one message queued writes
+    disk = open_database(tmp_path / "p2pd.db")
+    disk.execute("PRAGMA wal_autocheckpoint=0")  # the WAL only grows while we count
+    on_disk = MessageStore(disk, at_rest=_AT_REST[0])
+    text = "bench message 000001: the quick brown fox jumps over the lazy dog"
+    for _ in range(200):  # past the first pages' splits
+        on_disk.enqueue("bob", BOB, text, now=100.0)
+    wal = tmp_path / "p2pd.db-wal"
+    before = wal.stat().st_size
+    for _ in range(500):
+        on_disk.enqueue("bob", BOB, text, now=100.0)
+    frame = 24 + disk.execute("PRAGMA page_size").fetchone()[0]
+    assert (wal.stat().st_size - before) / frame / 500 < 5.0
+    disk.close()
 
 
 def test_backoff_grows_and_is_capped() -> None:

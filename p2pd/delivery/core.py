@@ -76,7 +76,11 @@ The schedule (what the one timer of :meth:`get_timer` covers):
   out of order leaves a skipped key in the session state written with every message,
   up to 58 KB). A conversation is held by one worker from :class:`DeliveryDue` to
   :meth:`conversation_idle`; while its batch waits, what is queued meanwhile is
-  encrypted (:data:`PREPARE`) once :data:`PREPARE_GATHER` has let a few gather.
+  encrypted (:data:`PREPARE`) once :data:`PREPARE_GATHER` has let a few gather, and
+  sent as the next batch no sooner than :data:`SEND_GATHER` after the first of them
+  (:class:`SendDue`), even if the batch is answered sooner: one ``send`` call per
+  message then costs one batch per few messages, not one per answer. A message queued
+  to an idle conversation, or once its batch is answered, goes at once.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ from .events import (
     RetryDue,
     RotationReceived,
     ScheduleAttempt,
+    SendDue,
     SenderUnverified,
     SessionReset,
     SetEnvelope,
@@ -136,6 +141,12 @@ BATCH = 256
 #: While a batch waits for its answers, how long messages queued one by one may gather
 #: before the worker encrypts them (one transaction for all).
 PREPARE_GATHER = 0.002
+#: While a batch waits for its answers, messages queued behind it one by one (one
+#: ``send`` call each) go out together in the next batch, no sooner than this long after
+#: the first of them was queued: fewer, larger batches cost less per message on both
+#: sides (a stream, its packets and acks, the transactions). A message to an idle
+#: conversation, or one queued when its batch has been answered, goes at once.
+SEND_GATHER = 0.025
 #: A sealed box is its plaintext plus an ephemeral key and a MAC.
 #: What :meth:`DeliveryCore.worker_step` tells a conversation's worker to do next.
 SEND, PREPARE, WAIT = "send", "prepare", "wait"
@@ -344,9 +355,15 @@ class DeliveryCore:
         self._prepare_ready: set[bytes] = set()
         #: Held conversations with messages queued since their worker took its batch.
         self._queued_since: set[bytes] = set()
+        #: Held conversations: when the first message was queued behind their batch in
+        #: flight; and, once it is answered, when the next batch goes (SEND_GATHER).
+        self._behind_since: dict[bytes, float] = {}
+        self._send_at: dict[bytes, float] = {}
         self.stats: dict[str, int] = {
             "sent_direct": 0,
+            "batches_direct": 0,
             "sent_relay": 0,
+            "batches_relay": 0,
             "sent_mailbox": 0,
             "received_direct": 0,
             "received_mailbox": 0,
@@ -381,6 +398,7 @@ class DeliveryCore:
         times += [ex.retry_at for ex in self._open if ex.retry_at is not None]
         times += self._due.values()
         times += self._prepare_at.values()
+        times += self._send_at.values()
         return min(times, default=None)
 
     def handle_timer(self, now: float) -> list[Event]:
@@ -402,27 +420,42 @@ class DeliveryCore:
             del self._prepare_at[peer_key]
             self._prepare_ready.add(peer_key)
             events.append(PrepareDue(peer_key))
+        for peer_key in [p for p, when in self._send_at.items() if when <= now]:
+            del self._send_at[peer_key]
+            events.append(SendDue(peer_key))
         return events
 
     def messages_queued(self, peer_key: bytes, now: float) -> list[Event]:
         """New messages to ``peer_key`` (or moved to it): due now. A worker is started
         if none holds the conversation; one whose batch waits encrypts them after
-        :data:`PREPARE_GATHER`."""
+        :data:`PREPARE_GATHER` and sends them after :data:`SEND_GATHER`."""
         events: list[Event] = []
         if peer_key not in self._held:
             self._due.pop(peer_key, None)
             self._hold(peer_key, events)
-        elif self._waiting_exchange(peer_key) is None:
+            return events
+        waiting = self._waiting_exchange(peer_key)
+        if waiting is None:
             self._queued_since.add(peer_key)  # encrypted while the batch taken waits
-        elif peer_key not in self._prepare_ready:
+            return events
+        if not waiting.answered:  # (answered: only its stream is still to be closed)
+            self._behind_since.setdefault(peer_key, now)
+        if peer_key not in self._prepare_ready:
             self._prepare_at.setdefault(peer_key, now + PREPARE_GATHER)
         return events
 
     def worker_step(self, peer_key: bytes, now: float) -> str:
         """What the worker holding ``peer_key`` does next: SEND the next due batch (none
         waits for answers, or it is overdue: RetryDue), PREPARE (encrypt what was queued
-        behind the waiting batch), or WAIT (for ExchangeEnded, RetryDue or PrepareDue)."""
+        behind the waiting batch), or WAIT (for ExchangeEnded, RetryDue, PrepareDue or
+        SendDue: what was queued behind the answered batch gathers until SEND_GATHER)."""
         if self._waiting_exchange(peer_key) is None:
+            since = self._behind_since.get(peer_key)
+            if since is not None and now < since + SEND_GATHER:
+                self._send_at[peer_key] = since + SEND_GATHER
+                return WAIT
+            self._behind_since.pop(peer_key, None)
+            self._send_at.pop(peer_key, None)
             self._queued_since.discard(peer_key)  # the next batch takes them
             return SEND
         if peer_key in self._prepare_ready:
@@ -437,6 +470,8 @@ class DeliveryCore:
         self._prepare_at.pop(peer_key, None)
         self._prepare_ready.discard(peer_key)
         self._queued_since.discard(peer_key)
+        self._behind_since.pop(peer_key, None)
+        self._send_at.pop(peer_key, None)
         when = self.ledger.next_attempt(peer_key)
         if when is not None:
             self._due[peer_key] = when
@@ -563,6 +598,7 @@ class DeliveryCore:
             self._queued_since.discard(exchange.peer_key)
             self._prepare_ready.add(exchange.peer_key)  # encrypted while it waits
         self.stats[f"sent_{exchange.via}"] += len(exchange.outbox)
+        self.stats[f"batches_{exchange.via}"] += 1
         waiting = exchange.waiting
         return [MessageSent(m.id, exchange.via) for m in exchange.outbox if m.id in waiting]
 

@@ -197,10 +197,18 @@ class PrepareDue:
     peer_key: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class SendDue:
+    """What was queued behind the conversation's answered batch has gathered
+    (:data:`~p2pd.delivery.core.SEND_GATHER`): its worker sends it now."""
+
+    peer_key: bytes
+
+
 Event = (
     MessageReceived | SignalReceived | RotationReceived | FileOfferReceived
     | SenderUnverified | AckOwed
-    | PendingMadeDue | DeliveryDue | RetryDue | PrepareDue
+    | PendingMadeDue | DeliveryDue | RetryDue | PrepareDue | SendDue
     | AckReceived | NackReceived | SessionReset | MessageSent | ExchangeEnded
 )  # fmt: skip
 

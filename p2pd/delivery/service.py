@@ -92,6 +92,7 @@ from .events import (
     PrepareDue,
     RetryDue,
     RotationReceived,
+    SendDue,
     SenderUnverified,
     SessionReset,
     SignalReceived,
@@ -126,6 +127,11 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self.dropped = 0
+
+    @property
+    def listening(self) -> bool:
+        """Whether anyone is subscribed: an event nobody reads need not be built."""
+        return bool(self._subscribers)
 
     def emit(self, kind: str, /, **fields: Any) -> None:
         event = {"event": kind, "time": time.time(), **fields}
@@ -294,8 +300,9 @@ class Delivery:
         contact = await self.contact_for(ref)
         now = time.time()
         messages = self.messages.enqueue_many(ref.handle, contact.public_key, texts, now)
-        for message in messages:
-            self.events.emit("message_status", **message.summary())
+        if self.events.listening:  # (a summary is built for each)
+            for message in messages:
+                self.events.emit("message_status", **message.summary())
         self._queued(contact.public_key)
         return messages
 
@@ -353,7 +360,8 @@ class Delivery:
             async with trio.open_nursery() as exchanges:
                 for _ in range(10_000):  # bounded: batches and waits, then rescheduled
                     step = self.core.worker_step(peer_key, time.time())
-                    if step == WAIT:  # for ExchangeEnded, RetryDue or PrepareDue
+                    if step == WAIT:  # for ExchangeEnded, RetryDue, PrepareDue or SendDue
+                        self._rearm()  # a gathering batch has a deadline (SendDue)
                         self._worker_wake[peer_key] = wake = trio.Event()
                         await wake.wait()
                         continue
@@ -592,7 +600,8 @@ class Delivery:
         for event in events:
             if isinstance(event, MessageReceived):
                 if event.message is not None:
-                    self.events.emit("message", **self.incoming_summary(event.message))
+                    if self.events.listening:  # (the summary reads the contacts)
+                        self.events.emit("message", **self.incoming_summary(event.message))
                     if event.via == "direct":  # it may write again: our mailbox pass
                         self.on_direct_message(event.message.peer_key)
             elif isinstance(event, SignalReceived):
@@ -622,7 +631,7 @@ class Delivery:
                 self.events.emit(
                     "message_status", id=event.msg_id.hex(), state="sent", via=event.via
                 )
-            elif isinstance(event, PrepareDue | RetryDue | ExchangeEnded):
+            elif isinstance(event, PrepareDue | RetryDue | SendDue | ExchangeEnded):
                 wake = self._worker_wake.get(event.peer_key)
                 if wake is not None:
                     wake.set()
