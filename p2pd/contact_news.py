@@ -48,10 +48,12 @@ class ContactNews:
         self._queue_in, self._queue_out = trio.open_memory_channel[bytes](max_queued)
 
     def peer_seen(self, public_key: bytes) -> None:
+        # Called for every message that arrives directly: the cheap answer first (this
+        # version was given already), the contact's row only when it was not.
         version = self._current(public_key)
-        if version is None or self._handle_of(public_key) is None:
+        if version is None or self._sent.get(public_key) == version:
             return
-        if self._sent.get(public_key) == version:
+        if self._handle_of(public_key) is None:
             return
         try:
             self._queue_in.send_nowait(public_key)

@@ -265,6 +265,7 @@ def test_a_contact_takes_the_owners_new_pass_of_the_same_week() -> None:
     assert own.current_pin(bob.public_key, bob.sign, WALL) is None  # never revoked
     assert own.next_epoch(bob.public_key, WALL) == 1
     assert MailboxPasses(conn, Counter()).epoch(bob.public_key) == 1
+    assert own.epoch(bob.public_key) == 1  # the epoch it read (and keeps) follows too
     # the pin is signed afresh (for replicas that lost it) while it is in effect
     later = WALL + 3600
     pin = own.current_pin(bob.public_key, bob.sign, later)

@@ -10,6 +10,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
@@ -347,6 +348,65 @@ async def test_send_all_with_eof_puts_the_fin_in_the_same_packet() -> None:
             with pytest.raises(trio.ClosedResourceError):
                 await stream.send_all(b"more")
             await stream.aclose()
+
+
+async def test_a_last_write_leaves_at_once_and_an_answer_carries_the_ack() -> None:
+    """One message and one answer are one packet each way (p2pd.delivery's exchange):
+    ``send_all(eof=True)`` has sent its packet when it returns (not a scheduling round
+    later, after the writer's own work), and the answer carries the ACK of what it
+    answers, where aioquic would have sent it 1 ms later in a packet of its own."""
+    from aioquic.quic.logger import QuicLogger
+
+    async def answer(peer: QuicPeer, stream: QuicStream) -> None:
+        request = await read_all(stream)
+        await stream.send_all(b"re: " + request, eof=True)
+
+    Frames = list[dict[str, Any]]
+
+    def sent(logger: QuicLogger) -> list[Frames]:
+        events = logger.to_dict()["traces"][0]["events"]
+        return [e["data"]["frames"] for e in events if e["name"] == "transport:packet_sent"]
+
+    def with_stream(packets: list[Frames], sid: int) -> list[Frames]:
+        return [f for f in packets if any(x.get("stream_id") == sid for x in f)]
+
+    with trio.fail_after(TIMEOUT):
+        async with open_node("alice") as alice, open_node("bob", on_stream=answer) as bob:
+            peer = await alice.quic.connect(bob.address, bob.key)
+            await wait_for(lambda: bool(bob.incoming), "bob has the connection")
+            await trio.sleep(0.05)  # the handshake's last packets are acknowledged
+            # aioquic's ACK delay (1 ms) made long: however slow the machine, bob's ACK
+            # of a message can only go out early by riding with the answer.
+            bob.incoming[0].quic._ack_delay = 5.0
+            ours, theirs = QuicLogger(), QuicLogger()
+            peer.quic._quic_logger = ours.start_trace(is_client=True, odcid=b"a")
+            bob.incoming[0].quic._quic_logger = theirs.start_trace(is_client=False, odcid=b"b")
+            for i in range(8):
+                stream = await peer.open_stream()
+                await stream.send_all(b"message %d" % i, eof=True)
+                # No other task ran since: the packet was sent by send_all itself.
+                assert len(with_stream(sent(ours), stream.stream_id)) == 1, i
+                assert await read_all(stream) == b"re: message %d" % i
+                await stream.aclose()
+                answers = with_stream(sent(theirs), stream.stream_id)
+                assert len(answers) == 1
+                kinds = [frame["frame_type"] for frame in answers[0]]
+                assert "ack" in kinds, (i, kinds)  # the message's ACK rides with it
+            events = ours.to_dict()["traces"][0]["events"]
+            messages = {  # the packet numbers of alice's messages
+                e["data"]["header"]["packet_number"]
+                for e in events
+                if e["name"] == "transport:packet_sent"
+                and any(x["frame_type"] == "stream" for x in e["data"]["frames"])
+            }
+            acked_alone = {  # ...acknowledged in a packet of bob's that holds nothing else
+                n
+                for frames in sent(theirs)
+                if [x["frame_type"] for x in frames] == ["ack"]
+                for low, high in frames[0]["acked_ranges"]
+                for n in range(low, high + 1)
+            }
+            assert len(messages) == 8 and not messages & acked_alone
 
 
 async def test_many_concurrent_streams() -> None:

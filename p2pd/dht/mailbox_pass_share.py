@@ -104,6 +104,9 @@ class MailboxPasses:
         self._conn = conn
         self._at_rest = at_rest
         self.stats = stats
+        #: Each owner's epoch as last read or written: the announcer asks for ours with
+        #: every message that arrives directly, and only next_epoch changes it.
+        self._epochs: dict[bytes, int] = {}
         conn.executescript(_SCHEMA)
         conn.commit()
 
@@ -161,10 +164,13 @@ class MailboxPasses:
 
     def epoch(self, owner: bytes) -> int:
         """Our pass epoch (0 until we first revoke a pass: p2pd/dht/mailbox_revoke.py)."""
-        row = self._conn.execute(
-            "SELECT epoch FROM mailbox_pass_epoch WHERE owner=?", (owner,)
-        ).fetchone()
-        return 0 if row is None else int(row[0])
+        epoch = self._epochs.get(owner)
+        if epoch is None:
+            row = self._conn.execute(
+                "SELECT epoch FROM mailbox_pass_epoch WHERE owner=?", (owner,)
+            ).fetchone()
+            epoch = self._epochs[owner] = 0 if row is None else int(row[0])
+        return epoch
 
     def next_epoch(self, owner: bytes, wall: float) -> int:
         """Revoke our passes so far: the epoch our passes are derived with from now on.
@@ -182,6 +188,7 @@ class MailboxPasses:
                 "VALUES (?,?,?)",
                 (owner, epoch, max(int(wall), last + 1)),
             )
+        self._epochs[owner] = epoch  # committed
         self.stats["mailbox_passes_revoked"] += 1
         return epoch
 

@@ -45,7 +45,7 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream as _AioquicStream
-from aioquic.tls import AlertDescription
+from aioquic.tls import AlertDescription, Epoch
 
 from ..tls import certificate_public_key
 
@@ -248,6 +248,25 @@ class Connection(QuicConnection):
         # INTERNAL: QuicConnection._streams, QuicStreamSender._reset_error_code.
         stream = self._streams.get(stream_id)
         return stream is not None and stream.sender._reset_error_code is not None
+
+    # ---- acknowledgements ride with data (upstream request 9)
+
+    def ack_with_data(self) -> None:
+        """Put the ACK this connection owes into the next packet, if one is owed: the
+        application has just written, so a packet goes out anyway.
+
+        aioquic delays an ACK by ``K_GRANULARITY`` (1 ms) and writes it only once that
+        delay is over, even into a packet it sends meanwhile: an answer written 0.8 ms
+        after a message leaves without the message's ACK, and a second, ACK-only packet
+        follows 0.2 ms later (two datagrams and two wake-ups per answer instead of one).
+        RFC 9000 section 13.2.1 has an endpoint include pending ACKs in the packets it
+        sends; ack-eliciting packets on their own are still acknowledged after the
+        delay."""
+        # INTERNAL: QuicConnection._spaces, QuicPacketSpace.ack_at (tls.Epoch.ONE_RTT:
+        # streams are written in 1-RTT packets only).
+        space = self._spaces.get(Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None:
+            space.ack_at = 0.0  # due: written into the next packet, pacing or not
 
     # ---- closing (upstream request 8)
 

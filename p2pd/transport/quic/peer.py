@@ -488,6 +488,18 @@ class QuicPeer:
         ``datagram_received``): no wake-up of our task, which only has its deadline
         moved. Once the connection is over, the task is woken to finish it."""
         self._dirty = False
+        self._step_here()
+
+    def flush(self) -> None:
+        """Send what the application wrote, now, in the caller's task (never blocks,
+        never switches), as :meth:`step_received` does for what arrived: a stream's
+        last write leaves before its writer goes on with its own work, not a scheduling
+        round later in the connection's task."""
+        self._step_here()
+
+    def _step_here(self) -> None:
+        """A step outside the connection's task; the task only has its deadline moved,
+        or is woken to finish the connection once it is over."""
         if self._stop or self._terminated:
             return
         if not self._safe_step():

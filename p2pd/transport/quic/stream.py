@@ -41,6 +41,9 @@ class StreamOwner(Protocol):
     def wake(self) -> None:
         """Run a step soon: there is something to send. Never blocks, never switches."""
 
+    def flush(self) -> None:
+        """Run a step now, in the caller's task. Never blocks, never switches."""
+
     def writer_blocked(self, stream: QuicStream) -> None:
         """``stream``'s writer is parked until its backlog falls (:meth:`wake_writer`)."""
 
@@ -89,7 +92,10 @@ class QuicStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview, *, eof: bool = False) -> None:
         """Write ``data``; with ``eof``, finish our direction too, as :meth:`send_eof` would,
         but before yielding: the FIN rides in the packet with the last data instead of
-        one of its own (a message and its answer are one packet each way)."""
+        one of its own (a message and its answer are one packet each way), and that
+        packet is sent before this returns (:meth:`QuicPeer.flush`), with the ACK the
+        connection owes (``ack_with_data``), not after a scheduling round and an
+        ACK-only packet of its own."""
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
         self._sending = True
@@ -99,12 +105,16 @@ class QuicStream(trio.abc.HalfCloseableStream):
             quic = self._quic
             view = memoryview(data).cast("B")
             offset, total = 0, len(view)
+            wrote = False
             while True:
                 self._check_send()
                 if offset >= total:
                     break
                 room = self.send_high - quic.send_backlog(self.stream_id)
                 if room <= 0:
+                    if wrote:
+                        peer.wake()  # what was written goes out while we wait
+                        wrote = False
                     await self._wait_writable()
                     continue
                 chunk = view[offset : offset + room]
@@ -113,12 +123,18 @@ class QuicStream(trio.abc.HalfCloseableStream):
                 quic.send_stream_data(self.stream_id, bytes(chunk))
                 offset += len(chunk)
                 peer.note_activity()
-                peer.wake()
+                wrote = True
             if eof and not self._send_eof and not peer.is_closing:
                 self._send_eof = True
                 if not quic.sender_stopped(self.stream_id):
                     quic.send_stream_data(self.stream_id, b"", end_stream=True)
-                peer.wake()
+                wrote = True
+            if wrote:
+                quic.ack_with_data()
+                if eof:
+                    peer.flush()
+                else:
+                    peer.wake()
             await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
