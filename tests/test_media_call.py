@@ -173,27 +173,35 @@ async def test_video_call_records_the_expected_frames(tmp_path: Path) -> None:
             tmp_path, audio=("tone:440", "tone:660"), video=("testsrc", "testsrc"), suffix=".webm"
         )
     # Against what the call did, not the nominal 3 s at 30 fps: a process starved of CPU
-    # (two CPU hogs on the 2 cores and other tests) skips capture ticks, and the
-    # recording holds what was sent. Measured so: 25-90 of 90 frames sent.
+    # (two CPU hogs on the 2 cores, other tests) skips capture ticks, and the recording
+    # holds what was sent. Measured so at load 10-11: 36-59 of 90 frames sent.
     for name, media, peer in (("alice", alice, bob), ("bob", bob, alice)):
         stats, peer_stats = media.statistics(), peer.statistics()
+        duration = stats["duration_s"]
         with av.open(str(tmp_path / f"{name}.webm")) as container:
             assert {s.codec_context.name for s in container.streams} == {"opus", "vp8"}
             sizes = [(f.width, f.height) for f in container.decode(video=0)]
         with av.open(str(tmp_path / f"{name}.webm")) as container:
             frames = list(container.decode(audio=0))
-        # Where the audio ends: it starts where playout started and has no holes, so
-        # it ends with the call (less trailing concealment held back, and the jitter
-        # buffer's delay), whatever the stalls, and stays in time with the video.
+        # Where the audio ends: it starts where playout started and has no holes, so it
+        # ends with the call, never after it, and before it by at most what was never
+        # played: the tail after the peer stopped (it started up to 0.2 s before us),
+        # concealment held back and dropped, and the jitter buffer's delay. Measured
+        # with two hogs at load 10-11: 0.4 s before to 0.09 s after; before the fix, up
+        # to 0.65 s before (ticks skipped), and after too (a clock catching up).
         end = frames[0].time + sum(f.samples for f in frames) / 48000
-        assert abs(end - stats["duration_s"]) <= 0.1 * CALL, (name, end, stats)
+        assert duration - 0.5 <= end <= duration + 0.1, (name, end, stats)
         assert set(sizes) == {(640, 480)}
-        # Every frame sent arrived on the loopback, and every one received is recorded.
-        assert len(sizes) >= 0.9 * peer_stats["video_frames_sent"], (name, len(sizes), stats)
+        # Every frame received is recorded, and most that the peer sent arrived on the
+        # loopback: not those it sent after we ended (it may start and end up to 0.2 s
+        # after us). Measured with two hogs: 83-100 %.
         assert stats["video_frames_received"] == len(sizes)
-        # The capture clock ticked 30 times a second: frames sent or skipped for a stall.
+        assert len(sizes) >= 0.75 * peer_stats["video_frames_sent"], (name, len(sizes), stats)
+        # The capture clock ticked 30 times a second: each tick a frame sent or skipped
+        # for a stall (a skip may reach past the deadline; a stall at the end may take
+        # the last ticks, as the 0.3 s of the end's check above).
         ticks = stats["video_frames_sent"] + stats["video_frames_skipped"]
-        assert ticks == pytest.approx(30 * stats["duration_s"], abs=3), stats
+        assert 30 * (CALL - 0.3) <= ticks <= 30 * duration + 2, stats
 
 
 async def test_video_losses_bring_keyframe_requests_and_recover(tmp_path: Path) -> None:
@@ -221,7 +229,14 @@ async def test_video_losses_bring_keyframe_requests_and_recover(tmp_path: Path) 
 
 async def test_video_losses_are_repaired_by_nack_retransmission(tmp_path: Path) -> None:
     """5% loss with NACKs (the default): lost fragments come back within the frame's
-    deadline, so most frames play without waiting for a keyframe."""
+    deadline, so most frames play without waiting for a keyframe.
+
+    Not yet load-proof (issue 9 item 6): with two CPU hogs at load 7-10 it failed 8 of
+    10 runs. Measured then: rtt_ms 820-1,450 on the loopback, so NACKs reached the
+    sender after RetransmitConfig.max_age (0.5 s) had let the fragments go (every one
+    counted in video_retransmit_unknown, none resent), and 5-21 of ~70 frames played.
+    Where that second of delay builds (our QUIC send queue, aioquic's congestion
+    window after late ACKs?) is not measured yet."""
     with trio.fail_after(TIMEOUT):
         alice, bob = await call(
             tmp_path, audio=(None, None), video=("testsrc", "testsrc"), suffix=".mkv", drop=0.05
