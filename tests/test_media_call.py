@@ -188,9 +188,10 @@ async def test_video_call_records_the_expected_frames(tmp_path: Path) -> None:
         # played: the tail after the peer stopped (it started up to 0.2 s before us),
         # concealment held back and dropped, and the jitter buffer's delay. Measured
         # with two hogs at load 10-11: 0.4 s before to 0.09 s after; before the fix, up
-        # to 0.65 s before (ticks skipped), and after too (a clock catching up).
+        # to 0.65 s before (ticks skipped). After: a playout clock catching up after a
+        # stall (see the stall test below).
         end = frames[0].time + sum(f.samples for f in frames) / 48000
-        assert duration - 0.5 <= end <= duration + 0.1, (name, end, stats)
+        assert duration - 0.5 <= end <= duration + 0.3, (name, end, stats)
         assert set(sizes) == {(640, 480)}
         # Every frame received is recorded, and most that the peer sent arrived on the
         # loopback: not those it sent after we ended (it may start and end up to 0.2 s
@@ -371,8 +372,11 @@ async def test_a_stall_of_the_receiver_is_silence_in_the_recording_not_a_hole(
     stats = bob.statistics()
     x = read_wav(tmp_path / "bob.wav")
     # Playout starts a frame or two in (the jitter buffer's start delay): the rest is
-    # the call, the stall included.
-    assert abs(x.size / 48000 - CALL) <= 3 * FRAME / 48000, (x.size / 48000, stats)
+    # the call, the stall included. After the stall the playout clock catches up in
+    # pauses (align_tick, up to half a frame a tick) and the recording keeps those
+    # frames: 3.1 s for the 3.0 s call (not followed: leaving a quiet frame out for
+    # each frame caught up cost wideband PESQ ~0.05 in scripts/bench_call.py at 0 %).
+    assert CALL - 3 * FRAME / 48000 <= x.size / 48000 <= CALL + 0.15, (x.size / 48000, stats)
     assert dominant_frequency(x) == pytest.approx(440, abs=5)
     if stall:
         assert stats["audio_playout_skipped"] >= 20, stats  # the stall was seen as one

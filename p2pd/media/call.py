@@ -295,10 +295,6 @@ class CallMedia:
         self._floor = ConcealmentFloor(FRAME_SAMPLES)
         self._loudness = Loudness()
         self._quiet = True
-        # How far the playout clock moved against one frame a tick, not yet followed by
-        # the recording (seconds), and quiet frames the recording is to leave out.
-        self._shift = 0.0
-        self._record_debt = 0
 
     # ---- the receive path (called from the endpoint's on_datagram)
 
@@ -625,36 +621,15 @@ class CallMedia:
                 tolerance=c.playout_tolerance,
                 catch_up=not self._hold_for_underruns(underruns, now),
             )
-            if self._jitter.started:
-                self._record_shift(tick - nominal, now)
 
-    def _record_shift(self, shift: float, now: float) -> None:
-        """The playout clock moved by ``shift`` seconds (align_tick: later, or earlier to
-        catch up). A sound device would have played that much silence more, or cut it;
-        the recording, written a frame per tick, follows once the moves add up to a
-        frame: a frame of silence, or the next quiet frame left out (the moves come
-        after quiet frames only). Otherwise ticks that catch up, each up to half a frame
-        early, make the recording longer than the call: measured with a 0.5 s stall on a
-        virtual clock, 3.1 s of audio for a 3.0 s call (tests/test_media_call.py)."""
-        self._shift += shift
-        if self._shift >= FRAME_DURATION:
-            frames = int(self._shift / FRAME_DURATION)
-            self._shift -= frames * FRAME_DURATION
-            self._record_skipped(frames, now, counted=False)
-        elif self._shift <= -FRAME_DURATION:
-            frames = int(-self._shift / FRAME_DURATION)
-            self._shift += frames * FRAME_DURATION
-            self._record_debt += frames
-
-    def _record_skipped(self, ticks: int, now: float, *, counted: bool = True) -> None:
+    def _record_skipped(self, ticks: int, now: float) -> None:
         """Playout skipped ``ticks`` after a stall: the recording gets as many frames of
         silence (concealment, so trailing ones are held back as any), as a speaker would
         have played nothing then. Without them the recording's audio is short of the
         call by the stall and, in a .mkv / .webm, early against the video, which is
         placed by its timestamps (measured under CPU starvation: 0.4-1.2 s of audio for
         a 3 s call, against 25-42 video frames spread over it)."""
-        if counted:
-            self._c.playout_skipped += ticks
+        self._c.playout_skipped += ticks
         if self._recorder is None or not self._jitter.started:
             return  # the recording starts at the first frame played
         silence = np.zeros(FRAME_SAMPLES, np.int16)
@@ -748,10 +723,7 @@ class CallMedia:
         if self._speaker is not None:
             self._speaker.write(pcm)
         if self._recorder is not None:
-            if self._record_debt and self._quiet:
-                self._record_debt -= 1  # the playout clock ran ahead: see _record_shift
-            else:
-                self._recorder.write_audio(pcm, concealed=concealed, now=now)
+            self._recorder.write_audio(pcm, concealed=concealed, now=now)
         return decision
 
     def _send_report(self, now: float) -> None:
