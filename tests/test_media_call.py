@@ -13,6 +13,7 @@ import av
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from p2pd.identity import Identity
 from p2pd.media import CallMedia, MediaConfig
@@ -171,18 +172,37 @@ async def test_video_call_records_the_expected_frames(tmp_path: Path) -> None:
         alice, bob = await call(
             tmp_path, audio=("tone:440", "tone:660"), video=("testsrc", "testsrc"), suffix=".webm"
         )
-    for name, media in (("alice", alice), ("bob", bob)):
-        stats = media.statistics()
+    # Against what the call did, not the nominal 3 s at 30 fps: a process starved of CPU
+    # (two CPU hogs on the 2 cores, other tests) skips capture ticks, and the recording
+    # holds what was sent. Measured so at load 10-11: 36-59 of 90 frames sent.
+    for name, media, peer in (("alice", alice, bob), ("bob", bob, alice)):
+        stats, peer_stats = media.statistics(), peer.statistics()
+        duration = stats["duration_s"]
         with av.open(str(tmp_path / f"{name}.webm")) as container:
             assert {s.codec_context.name for s in container.streams} == {"opus", "vp8"}
             sizes = [(f.width, f.height) for f in container.decode(video=0)]
         with av.open(str(tmp_path / f"{name}.webm")) as container:
-            audio = sum(f.samples for f in container.decode(audio=0)) / 48000
-        assert abs(len(sizes) - 30 * CALL) <= 0.1 * 30 * CALL, (name, len(sizes), stats)
+            frames = list(container.decode(audio=0))
+        # Where the audio ends: it starts where playout started and has no holes, so it
+        # ends with the call, never after it, and before it by at most what was never
+        # played: the tail after the peer stopped (it started up to 0.2 s before us),
+        # concealment held back and dropped, and the jitter buffer's delay. Measured
+        # with two hogs at load 10-11: 0.4 s before to 0.09 s after; before the fix, up
+        # to 0.65 s before (ticks skipped). After: a playout clock catching up after a
+        # stall (see the stall test below).
+        end = frames[0].time + sum(f.samples for f in frames) / 48000
+        assert duration - 0.5 <= end <= duration + 0.3, (name, end, stats)
         assert set(sizes) == {(640, 480)}
-        assert abs(audio - CALL) <= 0.1 * CALL
-        assert stats["video_frames_sent"] == pytest.approx(30 * CALL, abs=3)
+        # Every frame received is recorded, and most that the peer sent arrived on the
+        # loopback: not those it sent after we ended (it may start and end up to 0.2 s
+        # after us). Measured with two hogs: 83-100 %.
         assert stats["video_frames_received"] == len(sizes)
+        assert len(sizes) >= 0.75 * peer_stats["video_frames_sent"], (name, len(sizes), stats)
+        # The capture clock ticked 30 times a second: each tick a frame sent or skipped
+        # for a stall (a skip may reach past the deadline; a stall at the end may take
+        # the last ticks, as the 0.3 s of the end's check above).
+        ticks = stats["video_frames_sent"] + stats["video_frames_skipped"]
+        assert 30 * (CALL - 0.3) <= ticks <= 30 * duration + 2, stats
 
 
 async def test_video_losses_bring_keyframe_requests_and_recover(tmp_path: Path) -> None:
@@ -210,7 +230,14 @@ async def test_video_losses_bring_keyframe_requests_and_recover(tmp_path: Path) 
 
 async def test_video_losses_are_repaired_by_nack_retransmission(tmp_path: Path) -> None:
     """5% loss with NACKs (the default): lost fragments come back within the frame's
-    deadline, so most frames play without waiting for a keyframe."""
+    deadline, so most frames play without waiting for a keyframe.
+
+    Not yet load-proof (issue 9 item 6): with two CPU hogs at load 7-10 it failed 8 of
+    10 runs. Measured then: rtt_ms 820-1,450 on the loopback, so NACKs reached the
+    sender after RetransmitConfig.max_age (0.5 s) had let the fragments go (every one
+    counted in video_retransmit_unknown, none resent), and 5-21 of ~70 frames played.
+    Where that second of delay builds (our QUIC send queue, aioquic's congestion
+    window after late ACKs?) is not measured yet."""
     with trio.fail_after(TIMEOUT):
         alice, bob = await call(
             tmp_path, audio=(None, None), video=("testsrc", "testsrc"), suffix=".mkv", drop=0.05
@@ -309,3 +336,51 @@ async def test_nacks_go_only_to_a_peer_that_answers_them() -> None:
             assert media.statistics()["video_nacks_sent"] == 1
         else:
             assert nacks == []
+
+
+class _Wire(_Silent):
+    """A MediaPeer that hands what it sends straight to the other side's CallMedia."""
+
+    def __init__(self) -> None:
+        self.to: CallMedia | None = None
+
+    def send_datagram(self, data: bytes) -> bool:
+        if self.to is not None:
+            self.to.datagram_received(data)
+        return True
+
+
+@pytest.mark.parametrize("stall", [0.0, 0.5])
+async def test_a_stall_of_the_receiver_is_silence_in_the_recording_not_a_hole(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, stall: float
+) -> None:
+    """Starved of CPU for 0.5 s (the process, both sides: the clock jumps), playout skips
+    the ticks it missed; the recording gets that much silence, so it stays as long as the
+    call and its audio in time with a video track placed by timestamps. Without a stall
+    nothing is inserted."""
+    to_alice, to_bob = _Wire(), _Wire()
+    alice = CallMedia(to_bob, audio_in="tone:440", video_in=None, record=None, duration=CALL)
+    bob = CallMedia(
+        to_alice, audio_in=None, video_in=None, record=tmp_path / "bob.wav", duration=CALL
+    )
+    to_bob.to, to_alice.to = bob, alice
+    async with trio.open_nursery() as nursery:
+        await nursery.start(alice.run)
+        await nursery.start(bob.run)
+        await trio.sleep(1.0)
+        autojump_clock.jump(stall)
+    stats = bob.statistics()
+    x = read_wav(tmp_path / "bob.wav")
+    # Playout starts a frame or two in (the jitter buffer's start delay): the rest is
+    # the call, the stall included. After the stall the playout clock catches up in
+    # pauses (align_tick, up to half a frame a tick) and the recording keeps those
+    # frames: 3.1 s for the 3.0 s call (not followed: leaving a quiet frame out for
+    # each frame caught up cost wideband PESQ ~0.05 in scripts/bench_call.py at 0 %).
+    assert CALL - 3 * FRAME / 48000 <= x.size / 48000 <= CALL + 0.15, (x.size / 48000, stats)
+    assert dominant_frequency(x) == pytest.approx(440, abs=5)
+    if stall:
+        assert stats["audio_playout_skipped"] >= 20, stats  # the stall was seen as one
+        assert longest_gap(x) >= 0.45 * 48000  # the stall, as silence
+    else:
+        assert stats["audio_playout_skipped"] == 0, stats
+        assert longest_gap(x) < FRAME, stats  # no frame of silence (5 ms at the start)

@@ -8,7 +8,8 @@
 - ``.mka``: Matroska with the audio only.
 
 Audio is written one 20 ms frame per playout tick, concealment included, so the file's
-timeline has no holes: a lost frame is replaced by what the decoder made up for it. One
+timeline has no holes: a lost frame is replaced by what the decoder made up for it, and
+ticks a stalled receiver skipped by silence (:class:`~p2pd.media.call.CallMedia`). One
 exception keeps the end clean: concealment after the last real frame (the peer stopped
 sending, or hung up first) is held back and dropped when the recording closes, unless
 real audio follows it (a pause in the middle stays in). At most ``hold_back`` frames are
