@@ -110,11 +110,11 @@ def start_resolve(
         settled = resolution.status == "ok" and len(resolution.claims) == 1
         if earlier is None and wide > config.ksize and not (settled and not result.packed):
             core.stats["resolve_widened"] += 1
-            again(result, wide)
+            next_round(result, wide)
             return
         if not result.waited and could_settle(result, resolution):
             core.stats["resolve_waited"] += 1
-            again(result, max(wide, config.ksize), patient=result.given_up)
+            next_round(result, max(wide, config.ksize), patient=result.given_up)
             return
         best = resolution.record
         if resolution.status == "ok" and best is not None:
@@ -132,7 +132,7 @@ def start_resolve(
                 core.storage.offer(key, encoded)
         on_done((resolution, result))
 
-    def again(result: LookupResult, k: int, patient: list[Node] | None = None) -> None:
+    def next_round(result: LookupResult, k: int, patient: list[Node] | None = None) -> None:
         """The next round: the ``k`` closest, every reply heard so far taken as it came;
         ``patient``: the given-up contacts, asked again (suspect or not) and waited for."""
         wait = patient or []
