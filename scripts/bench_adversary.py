@@ -126,6 +126,10 @@ SETUP_DEADLINE = 1800.0
 PLACEMENTS = {"spread": SPREAD_ROWS, "one IP": ONE_IP_ROWS, "targeted /24s": TARGETED_ROWS}
 
 
+#: Where one lookup's requests and time went (:attr:`Row.where`).
+Where = tuple[int, int, float, int, int, int, float, int]
+
+
 @dataclass
 class Row:
     name: str
@@ -141,9 +145,10 @@ class Row:
     rpcs: list[int] = field(default_factory=list)
     #: Where each lookup's requests and time went (LookupResult): its rounds, the first
     #: round's RPCs and milliseconds, contacts given up on (soft deadline) and never
-    #: heard (hard timeout), and second-round requests to nodes the first round asked.
-    #: The last: the core's own time for the whole resolve (ms).
-    where: list[tuple[int, int, float, int, int, int, float]] = field(default_factory=list)
+    #: heard (hard timeout), and second-round requests to nodes the first round asked;
+    #: the core's own time for the whole resolve (ms); 1 if it took the round that
+    #: waits for the contacts given up on (p2pd/dht/resolve.py), else 0.
+    where: list[Where] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: Wrong and contested lookups that the rule would have given the owner had it counted
     #: only the values of the lookup's k closest nodes (a diagnostic, not p2pd's rule).
@@ -199,21 +204,24 @@ class Row:
         }
 
 
-def where_summary(where: list[tuple[int, int, float, int, int, int, float]]) -> dict[str, Any]:
-    """Means per lookup of :attr:`Row.where`, the share that took two rounds, and the
-    slowest 1 % (by the core's time) in figures."""
+def where_summary(where: list[Where]) -> dict[str, Any]:
+    """Means per lookup of :attr:`Row.where`, the share that took two rounds (or more),
+    the share that waited for given-up contacts, and the slowest 1 % (by the core's
+    time) in figures."""
     if not where:
         return {}
     n = len(where)
-    two = [w for w in where if w[0] == 2]
+    two = [w for w in where if w[0] >= 2]
     tail = sorted(where, key=lambda w: -w[6])[: max(1, n // 100)]
     return {
         "slowest": [
-            f"{w[6]:.0f} ms: {w[0]} rounds, round 1 {w[1]} RPCs in {w[2]:.0f} ms, round 2 "
+            f"{w[6]:.0f} ms: {w[0]} rounds, round 1 {w[1]} RPCs in {w[2]:.0f} ms, later "
             f"{w[5]} RPCs in {w[6] - w[2]:.0f} ms, {w[3]} given up on, {w[4]} never answered"
+            + (", waited for them" if w[7] else "")
             for w in tail
         ],
         "two_rounds_pct": 100 * len(two) / n,
+        "waited_pct": 100 * sum(w[7] for w in where) / n,
         "round1_rpcs": sum(w[1] for w in where) / n,
         "round1_ms": sum(w[2] for w in where) / n,
         "round2_rpcs": sum(w[5] for w in two) / len(two) if two else 0.0,
@@ -465,6 +473,7 @@ async def run_lookups(
                 details.failed,
                 details.rpcs - details.first_rpcs,
                 details.elapsed * 1000,
+                int(details.waited),
             )
             row.where.append(where)
             if resolution.status == OK and resolution.record is not None:
@@ -657,7 +666,8 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
             print(
                 f"  {s['placement']}, {s['row']}, {s['mode']}: two rounds "
                 f"{w['two_rounds_pct']:.0f} %, round 1 {w['round1_rpcs']:.1f} RPCs in "
-                f"{w['round1_ms']:.0f} ms, round 2 {w['round2_rpcs']:.1f} RPCs (when taken), "
+                f"{w['round1_ms']:.0f} ms, later rounds {w['round2_rpcs']:.1f} RPCs (when taken), "
+                f"waited for given-up contacts {w['waited_pct']:.1f} %, "
                 f"given up on (soft deadline) {w['slow']:.1f}, never answered {w['failed']:.1f}; "
                 f"slowest 1 %: {'; '.join(w['slowest'])}"
             )

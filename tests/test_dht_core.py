@@ -46,12 +46,14 @@ def address_for(i: int) -> tuple[str, int]:
 
 @dataclass
 class CoreNet:
-    """Cores on fake addresses; every datagram takes ``latency`` seconds one way."""
+    """Cores on fake addresses; every datagram takes ``latency`` seconds one way, and
+    ``busy[address]`` seconds more from that core (a busy host: it answers, late)."""
 
     latency: float = 0.01
     now: float = 100.0
     cores: dict[tuple[str, int], DHTCore] = field(default_factory=dict)
     dead: set[tuple[str, int]] = field(default_factory=set)
+    busy: dict[tuple[str, int], float] = field(default_factory=dict)
     #: (due, seq, data, src, dst)
     flight: list[tuple[float, int, bytes, tuple[str, int], tuple[str, int]]] = field(
         default_factory=list
@@ -86,9 +88,10 @@ class CoreNet:
 
     def _collect(self) -> None:
         for src, core in self.cores.items():
+            due = self.now + self.latency + self.busy.get(src, 0.0)
             for data, dst in core.datagrams_to_send():
                 self.seq += 1
-                self.flight.append((self.now + self.latency, self.seq, data, src, dst))
+                self.flight.append((due, self.seq, data, src, dst))
         self.flight.sort()
 
     def run_until(self, done: Any, max_steps: int = 200_000) -> None:

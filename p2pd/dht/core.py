@@ -57,7 +57,7 @@ import hmac
 import logging
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -663,10 +663,15 @@ class DHTCore:
         k: int | None = None,
         quorum: int | None = None,
         prior: dict[bytes, tuple[Node, wire.FindValueReply]] | None = None,
+        patient: bool = False,
+        again: Collection[bytes] = (),
+        deadline: float | None = None,
     ) -> None:
         """``k``: how many closest nodes to find (default ksize); ``quorum``: a value
         lookup's early end (default value_quorum; k waits for all k); ``prior``: value
-        replies already heard for ``target``, taken instead of asking those nodes."""
+        replies already heard for ``target``, taken instead of asking those nodes;
+        ``patient``: a value lookup waits for its slow contacts (lookup.py); ``again``:
+        nodes asked even if suspect; ``deadline``: seconds (default lookup_deadline)."""
         self.now = max(self.now, now)
         config = self.config
         k = k or config.ksize
@@ -686,15 +691,16 @@ class DHTCore:
             max_rpcs=config.lookup_max_rpcs,
             quorum=quorum or config.value_quorum,
             started=now,
-            deadline=now + config.lookup_deadline,
+            deadline=now + (config.lookup_deadline if deadline is None else deadline),
             own_id=self.node_id,
             seeds=seeds,
-            skip=lambda node_id: self.is_suspect(node_id, self.now),
+            skip=lambda node_id: node_id not in again and self.is_suspect(node_id, self.now),
             limit=limit,
             claim_of=claim_of,
             max_width=config.ksize,
             probe_from=config.ksize if k > config.ksize else 0,
             prior=prior,
+            patient=patient,
         )
         self.table.touch(target, now)
         if not find_value and self.defended and len(self.table) >= 2 * config.ksize:

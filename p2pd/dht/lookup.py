@@ -86,12 +86,18 @@ class LookupResult:
     #: the same nodes again: p2pd/dht/resolve.py).
     slow: int = 0
     failed: int = 0
+    #: Contacts given up on at their soft deadline and not heard from by the end (nor
+    #: timed out): on a busy host mostly live replicas whose answer came too late (a
+    #: resolve short of votes asks them again and waits: p2pd/dht/resolve.py).
+    given_up: list[Node] = field(default_factory=list)
     asked: set[bytes] = field(default_factory=set)
     replies: dict[bytes, tuple[Node, wire.FindValueReply]] = field(default_factory=dict)
-    #: A resolve: its rounds, and the first round's requests and time.
+    #: A resolve: its rounds, and the first round's requests and time; whether it took
+    #: its round that waits for the contacts given up on (p2pd/dht/resolve.py).
     rounds: int = 1
     first_rpcs: int = 0
     first_elapsed: float = 0.0
+    waited: bool = False
 
 
 class Lookup:
@@ -117,11 +123,15 @@ class Lookup:
         max_width: int = 0,
         probe_from: int = 0,
         prior: dict[bytes, tuple[Node, wire.FindValueReply]] | None = None,
+        patient: bool = False,
     ) -> None:
         self.target = target
         self.find_value = find_value
         self.method = "find_value" if find_value else "find_node"
         self._target = int.from_bytes(target, "big")
+        #: A value lookup that waits for its slow contacts (an answer or the hard
+        #: timeout) before it ends, as a node lookup short of k does.
+        self._patient = patient
         self._k = k
         self._alpha = alpha
         #: Most requests in flight once the lookup asks widely: k, at most ``max_width``.
@@ -242,8 +252,12 @@ class Lookup:
         # A node lookup (where to store) short of k nodes waits for the slow ones to
         # answer or time out: on a busy host the contacts past their soft deadline are
         # mostly alive, and a store at the few that beat it loses replicas (a 25-node
-        # swarm stored a record at 17 of 25). A value lookup does not wait.
-        waits = not self.find_value and len(live) < self._k and self._slow_pending()
+        # swarm stored a record at 17 of 25). A value lookup waits only if ``patient``
+        # (a resolve short of votes: p2pd/dht/resolve.py), for every slow contact.
+        if self.find_value:
+            waits = self._patient and self._slow_pending()
+        else:
+            waits = len(live) < self._k and self._slow_pending()
         quiet = self._inflight == 0 or all(self._state[n.id] == _OK for n in live + self._passed)
         if not out and quiet and not waits:
             self._finish(now)
@@ -294,6 +308,7 @@ class Lookup:
         self.done = True
         self.result.voters = {n.id for n in self._live() if self._state[n.id] == _OK}
         self.result.packed = {n.id for n in self._passed if self._state[n.id] == _OK}
+        self.result.given_up = [n for n in self._nodes.values() if self._state[n.id] == _SLOW]
         self.result.closest = self._closest(
             (n for n in self._nodes.values() if self._state[n.id] == _OK),
             self._target,
@@ -410,6 +425,7 @@ class DisjointLookup:
         max_width: int = 0,
         probe_from: int = 0,
         prior: dict[bytes, tuple[Node, wire.FindValueReply]] | None = None,
+        patient: bool = False,
     ) -> None:
         paths = max(1, paths)
         self.target = target
@@ -455,6 +471,7 @@ class DisjointLookup:
                 max_width=math.ceil(max_width / paths) if max_width else 0,
                 probe_from=math.ceil(probe_from / paths),
                 prior=path_prior,
+                patient=patient,
             )
             for path_seeds, path_prior in zip(dealt, priors, strict=True)
         ]
@@ -485,6 +502,7 @@ class DisjointLookup:
             result.rpcs += path.result.rpcs
             result.slow += path.result.slow
             result.failed += path.result.failed
+            result.given_up += path.result.given_up
             result.asked |= path.result.asked
             result.replies.update(path.result.replies)
             result.hops = max(result.hops, path.result.hops)
