@@ -307,8 +307,14 @@ def test_a_direct_path_follows_the_relay_where_the_nats_allow(testbed: Testbed, 
                   f"first message (routes {routes})")  # fmt: skip
             # and the other way, on the same direct connection
             assert send(to, sender, "back") == "direct"
-            upgraded = control_call(root / to, "status")["hole_punching"]
-            assert upgraded["upgrades_direct"] >= 1, upgraded  # the receiving side punched
+
+            def punched(to: str = to) -> bool:
+                return bool(control_call(root / to, "status")["hole_punching"]["upgrades_direct"])
+
+            # The receiving side punched. Its upgrade task counts the connection once its
+            # connect() returns, a scheduling round after the connection is usable: a
+            # message can go over it first (a status read in-process catches that window).
+            assert wait_until(punched, 5.0), control_call(root / to, "status")["hole_punching"]
     finally:
         for name, d in daemons.items():
             d.stop()
