@@ -19,11 +19,10 @@ import trio.testing
 from p2pd.errors import UsageError
 from p2pd.identity import Identity
 from p2pd.testing.proxy import LossyProxy, open_lossy_proxy
+from p2pd.testing.quic_nodes import echo
 from p2pd.testing.waiting import wait_for
 from p2pd.transport.quic import (
     QuicEndpoint,
-    QuicPeer,
-    QuicStream,
     StreamHandler,
     open_quic_endpoint,
 )
@@ -391,12 +390,6 @@ async def open_node(handle: str, *, on_stream: StreamHandler | None = None) -> A
             nursery.cancel_scope.cancel()
     finally:
         udp.close()
-
-
-async def echo(peer: QuicPeer, stream: QuicStream) -> None:
-    while data := await stream.receive_some(65536):
-        await stream.send_all(data)
-    await stream.send_eof()
 
 
 async def test_quic_stream_crosses_a_lossy_reordering_duplicating_path_intact() -> None:

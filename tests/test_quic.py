@@ -1,5 +1,6 @@
 """The QUIC transport on real UDP sockets on 127.0.0.1: handshake and identity checks,
-streams, datagrams, reuse, idle handling, and garbage on the shared port."""
+streams, reuse, idle handling, and garbage on the shared port (datagrams:
+tests/test_quic_datagrams.py; the nodes: p2pd/testing/quic_nodes.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ import itertools
 import math
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -24,109 +23,23 @@ from test_udp_gso import kernel_offloads
 from p2pd.config import QuicConfig
 from p2pd.errors import (
     ConnectionLost,
-    DatagramReserved,
-    DatagramTooLarge,
     LocalError,
     PeerKeyMismatch,
 )
 from p2pd.identity import Identity
+from p2pd.testing.quic_nodes import echo, echoed, open_node, read_all
 from p2pd.testing.waiting import wait_for
 from p2pd.transport.quic import (
     ALPN,
-    QuicEndpoint,
     QuicPeer,
     QuicStream,
     StreamBroken,
-    StreamHandler,
-    largest_datagram_payload,
-    open_quic_endpoint,
 )
 from p2pd.transport.tls import certificate_public_key, make_certificate
 from p2pd.transport.udp import RECV_BURST, UdpEndpoint
 from p2pd.wire import Address
 
 TIMEOUT = 20
-
-
-@dataclass
-class Node:
-    identity: Identity
-    udp: UdpEndpoint
-    quic: QuicEndpoint
-    dht_datagrams: list[bytes] = field(default_factory=list)
-    incoming: list[QuicPeer] = field(default_factory=list)
-    closed: list[QuicPeer] = field(default_factory=list)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.udp.local_address.as_tuple()
-
-    @property
-    def key(self) -> bytes:
-        return self.identity.public_key
-
-
-@asynccontextmanager
-async def open_node(
-    handle: str = "alice",
-    *,
-    config: QuicConfig | None = None,
-    on_stream: StreamHandler | None = None,
-    on_datagram: Callable[[QuicPeer, bytes], None] | None = None,
-) -> AsyncIterator[Node]:
-    identity = Identity.generate(handle)
-    udp = UdpEndpoint.bind(Address("127.0.0.1", 0))
-    dht: list[bytes] = []
-    incoming: list[QuicPeer] = []
-    closed: list[QuicPeer] = []
-    try:
-        async with (
-            open_quic_endpoint(
-                udp,
-                identity,
-                config,
-                on_stream=on_stream,
-                on_datagram=on_datagram,
-                on_connection=incoming.append,
-                on_closed=closed.append,
-            ) as quic,
-            trio.open_nursery() as nursery,
-        ):
-            await nursery.start(
-                udp.serve, lambda data, addr: dht.append(data), quic.datagram_received
-            )
-            yield Node(identity, udp, quic, dht, incoming, closed)
-            nursery.cancel_scope.cancel()
-    finally:
-        udp.close()
-
-
-async def echo(peer: QuicPeer, stream: QuicStream) -> None:
-    while data := await stream.receive_some(65536):
-        await stream.send_all(data)
-    await stream.send_eof()
-
-
-async def echoed(stream: QuicStream, payload: bytes) -> bytes:
-    """Write ``payload`` and the end on ``stream`` while reading what comes back."""
-    received = b""
-
-    async def reader() -> None:
-        nonlocal received
-        received = await read_all(stream)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reader)
-        await stream.send_all(payload)
-        await stream.send_eof()
-    return received
-
-
-async def read_all(stream: QuicStream) -> bytes:
-    chunks = []
-    while data := await stream.receive_some():
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 # --------------------------------------------------------------------------- handshake
@@ -509,129 +422,6 @@ async def test_closing_a_peer_breaks_its_streams_on_both_sides() -> None:
             assert isinstance(peer.error, ConnectionLost)
             with pytest.raises(ConnectionLost):
                 await peer.open_stream()
-
-
-# --------------------------------------------------------------------------- datagrams
-
-
-async def test_datagram_round_trip() -> None:
-    send_back, received = trio.open_memory_channel[bytes](16)
-
-    def reflect(peer: QuicPeer, data: bytes) -> None:
-        peer.send_datagram(data[::-1])
-
-    with trio.fail_after(TIMEOUT):
-        async with (
-            open_node("alice", on_datagram=lambda p, d: send_back.send_nowait(d)) as alice,
-            open_node("bob", on_datagram=reflect) as bob,
-        ):
-            peer = await alice.quic.connect(bob.address, bob.key)
-            assert peer.send_datagram(b"hello")
-            assert await received.receive() == b"olleh"
-
-
-async def test_oversize_datagram_is_refused_and_never_blocks_later_ones() -> None:
-    send_back, received = trio.open_memory_channel[bytes](64)
-
-    def collect(peer: QuicPeer, data: bytes) -> None:
-        send_back.send_nowait(data)
-
-    with trio.fail_after(TIMEOUT):
-        async with open_node("alice") as alice, open_node("bob", on_datagram=collect) as bob:
-            peer = await alice.quic.connect(bob.address, bob.key)
-            limit = peer.max_datagram_size
-            # 1200-byte packets: header (<= 23), AEAD tag (16), frame type and length.
-            assert limit == largest_datagram_payload(1200 - 23 - 16) == 1158
-            with pytest.raises(DatagramTooLarge):
-                peer.send_datagram(b"x" * (limit + 1))
-            with pytest.raises(DatagramTooLarge):
-                peer.send_datagram(b"x" * 60000)
-            # An application's first byte is 0x10 or more (below is the transport's:
-            # test_a_datagram_the_transport_would_take_is_refused_not_lost).
-            biggest = b"\x10" + os.urandom(limit - 1)
-            assert peer.send_datagram(biggest)
-            for i in range(10):
-                assert peer.send_datagram(b"later %d" % i)
-            got = [await received.receive() for _ in range(11)]
-            assert sorted(got) == sorted([biggest] + [b"later %d" % i for i in range(10)])
-
-
-async def test_a_datagram_the_transport_would_take_is_refused_not_lost() -> None:
-    """A DATAGRAM that is empty or starts below 0x10 is the transport's (address reports,
-    p2pd/transport/quic/observed.py): the receiver takes it as one, counts it malformed
-    and never hands it on. send_datagram refuses it at once instead. (The oversize test
-    used to send random bytes and so lost one datagram in 16 runs, with UDP GSO on or
-    off; GSO had been blamed for it.)"""
-    send_back, received = trio.open_memory_channel[bytes](16)
-
-    def collect(peer: QuicPeer, data: bytes) -> None:
-        send_back.send_nowait(data)
-
-    with trio.fail_after(TIMEOUT):
-        async with open_node("alice") as alice, open_node("bob", on_datagram=collect) as bob:
-            peer = await alice.quic.connect(bob.address, bob.key)
-            for reserved in (b"", b"\x00", b"\x01" + bytes(22), b"\x0f" + os.urandom(1000)):
-                with pytest.raises(DatagramReserved):
-                    peer.send_datagram(reserved)
-            assert peer.queued_datagrams == 0  # nothing was queued
-            lowest = b"\x10" + os.urandom(1000)  # the first byte an application may use
-            assert peer.send_datagram(lowest)
-            assert await received.receive() == lowest
-            assert not bob.quic.stats["quic_transport_datagrams_malformed"]
-
-
-def test_aioquic_itself_gets_stuck_on_an_oversize_datagram() -> None:
-    """Why send_datagram checks sizes: in aioquic 1.7.2 a DATAGRAM frame that does not
-    fit in a packet stays at the head of the queue and nothing after it is ever sent.
-    (If this starts failing, aioquic fixed it; the check stays right either way.)"""
-    certificate, key = make_certificate(Identity.generate("server"))
-    client = QuicConnection(
-        configuration=QuicConfiguration(
-            is_client=True,
-            alpn_protocols=[ALPN],
-            verify_mode=ssl.CERT_NONE,
-            max_datagram_frame_size=65535,
-        )
-    )
-    server = QuicConnection(
-        configuration=QuicConfiguration(
-            is_client=False,
-            alpn_protocols=[ALPN],
-            certificate=certificate,
-            private_key=key,
-            max_datagram_frame_size=65535,
-        ),
-        original_destination_connection_id=client.original_destination_connection_id,
-    )
-    now = 0.0
-    client.connect(("127.0.0.1", 2), now=now)
-
-    def pump() -> list[events.QuicEvent]:
-        nonlocal now
-        delivered: list[events.QuicEvent] = []
-        for _ in range(20):
-            now += 0.01
-            moved = False
-            for src, dst, addr in (
-                (client, server, ("127.0.0.1", 1)),
-                (server, client, ("127.0.0.1", 2)),
-            ):
-                for data, _ in src.datagrams_to_send(now=now):
-                    dst.receive_datagram(data, addr, now=now)
-                    moved = True
-            while (event := server.next_event()) is not None:
-                delivered.append(event)
-            while client.next_event() is not None:
-                pass
-            if not moved:
-                break
-        return delivered
-
-    pump()
-    client.send_datagram_frame(b"x" * 2000)  # more than one 1200-byte packet holds
-    client.send_datagram_frame(b"small")
-    got = [e for e in pump() if isinstance(e, events.DatagramFrameReceived)]
-    assert got == []
 
 
 def test_a_peer_close_shows_in_is_closing_before_the_terminated_event() -> None:

@@ -25,8 +25,9 @@ from p2pd.errors import ConnectionLost
 from p2pd.identity import Identity
 from p2pd.testing.daemons import short_tempdir
 from p2pd.testing.quic_flood import InitialForge
+from p2pd.testing.quic_nodes import echo
 from p2pd.testing.waiting import wait_for
-from p2pd.transport.quic import PinCheck, QuicEndpoint, QuicPeer, QuicStream, open_quic_endpoint
+from p2pd.transport.quic import PinCheck, QuicEndpoint, QuicPeer, open_quic_endpoint
 from p2pd.transport.quic._aioquic import (
     Buffer,
     Connection,
@@ -57,12 +58,6 @@ class Peer:
     @property
     def key(self) -> bytes:
         return self.identity.public_key
-
-
-async def echo(peer: QuicPeer, stream: QuicStream) -> None:
-    while data := await stream.receive_some(65536):
-        await stream.send_all(data)
-    await stream.send_eof()
 
 
 @asynccontextmanager

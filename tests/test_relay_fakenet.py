@@ -16,8 +16,9 @@ from p2pd.identity import Identity
 from p2pd.relay import Relays, is_virtual
 from p2pd.relay.client import RESEND, TRIES
 from p2pd.testing.fakenet import FakeHost, FakeNetwork, FakeUdpEndpoint
+from p2pd.testing.quic_nodes import echo_whole
 from p2pd.testing.waiting import wait_for
-from p2pd.transport.quic import QuicEndpoint, QuicPeer, QuicStream
+from p2pd.transport.quic import QuicEndpoint, QuicPeer
 from p2pd.wire import Address
 
 PORT = 4747
@@ -30,13 +31,6 @@ class Node:
     relays: Relays
     quic: QuicEndpoint
     identity: Identity
-
-
-async def echo(peer: QuicPeer, stream: QuicStream) -> None:
-    data = b""
-    while chunk := await stream.receive_some():
-        data += chunk
-    await stream.send_all(data, eof=True)
 
 
 async def start(
@@ -62,7 +56,7 @@ async def start(
         udp,  # type: ignore[arg-type]  # FakeUdpEndpoint has UdpEndpoint's surface
         identity,
         QuicConfig(),
-        on_stream=echo,
+        on_stream=echo_whole,
         virtual_send=relays.send,
         is_virtual=is_virtual,
     )

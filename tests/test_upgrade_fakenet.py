@@ -26,6 +26,7 @@ from p2pd.identity import Identity
 from p2pd.relay import Relays, is_virtual
 from p2pd.relay.upgrade import MAX_TRIES, RETRY_DELAYS, DirectUpgrade
 from p2pd.testing.fakenet import FakeHost, FakeNetwork, FakeUdpEndpoint
+from p2pd.testing.quic_nodes import echo_whole
 from p2pd.testing.waiting import wait_for
 from p2pd.transport.punch_driver import PunchRunner
 from p2pd.transport.quic import QuicEndpoint, QuicPeer, QuicStream
@@ -43,13 +44,6 @@ class Node:
     runner: PunchRunner
     upgrade: DirectUpgrade
     identity: Identity
-
-
-async def echo(peer: QuicPeer, stream: QuicStream) -> None:
-    data = b""
-    while chunk := await stream.receive_some():
-        data += chunk
-    await stream.send_all(data, eof=True)
 
 
 async def start(
@@ -80,7 +74,7 @@ async def start(
 
         async def rest(peer: QuicPeer, stream: QuicStream, first: bytes) -> None:
             await stream.send_all(first)
-            await echo(peer, stream)
+            await echo_whole(peer, stream)
 
         await upgrade.route_stream(peer, stream, first, rest)
 
