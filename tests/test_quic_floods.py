@@ -25,9 +25,10 @@ from p2pd.errors import ConnectionLost
 from p2pd.identity import Identity
 from p2pd.testing.daemons import short_tempdir
 from p2pd.testing.quic_flood import InitialForge
+from p2pd.testing.quic_nodes import Node as QuicNode
 from p2pd.testing.quic_nodes import echo
 from p2pd.testing.waiting import wait_for
-from p2pd.transport.quic import PinCheck, QuicEndpoint, QuicPeer, open_quic_endpoint
+from p2pd.transport.quic import PinCheck, QuicPeer, open_quic_endpoint
 from p2pd.transport.quic._aioquic import (
     Buffer,
     Connection,
@@ -44,22 +45,6 @@ from p2pd.wire import Address
 TIMEOUT = 30
 
 
-@dataclass
-class Peer:
-    identity: Identity
-    udp: UdpEndpoint
-    quic: QuicEndpoint
-    closed: list[QuicPeer] = field(default_factory=list)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.udp.local_address.as_tuple()
-
-    @property
-    def key(self) -> bytes:
-        return self.identity.public_key
-
-
 @asynccontextmanager
 async def quic_peer(
     handle: str,
@@ -67,7 +52,7 @@ async def quic_peer(
     host: str = "127.0.0.1",
     config: QuicConfig | None = None,
     is_pinned: PinCheck | None = None,
-) -> AsyncIterator[Peer]:
+) -> AsyncIterator[QuicNode]:
     identity = Identity.generate(handle)
     udp = UdpEndpoint.bind(Address(host, 0))
     closed: list[QuicPeer] = []
@@ -79,13 +64,13 @@ async def quic_peer(
             trio.open_nursery() as nursery,
         ):
             await nursery.start(udp.serve, lambda data, addr: None, quic.datagram_received)
-            yield Peer(identity, udp, quic, closed)
+            yield QuicNode(identity, udp, quic, closed=closed)
             nursery.cancel_scope.cancel()
     finally:
         udp.close()
 
 
-async def say_hello(client: Peer, server: Peer, text: bytes) -> bytes:
+async def say_hello(client: QuicNode, server: QuicNode, text: bytes) -> bytes:
     """Connect (or reuse), send ``text`` on a stream, return the server's echo."""
     peer = await client.quic.connect(server.address, server.key)
     stream = await peer.open_stream()
