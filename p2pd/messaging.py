@@ -32,12 +32,12 @@ QUEUED, SENT, DELIVERED = "queued", "sent", "delivered"
 #: Outgoing and not yet acknowledged. Written out in this exact form so that SQLite uses
 #: the partial indexes below (with ``state != 'delivered'`` it scans every message ever
 #: sent: 4 ms per query at 20,000 messages, measured by scripts/bench_messages.py).
-_PENDING = "direction='out' AND state IN ('queued', 'sent')"
+PENDING = "direction='out' AND state IN ('queued', 'sent')"
 #: For one conversation's pending messages. Left to itself, SQLite's planner preferred
 #: messages_conv (peer_key, direction; since dropped), which walks every message of the
 #: conversation ever sent: 0.33 ms per query at 3,000 messages, against 16 µs through the partial
 #: index, and several such queries ran per message (scripts/bench_messages.py, py-spy).
-_PENDING_CONV = "messages INDEXED BY messages_pending_conv"
+PENDING_CONV = "messages INDEXED BY messages_pending_conv"
 # Every index on the outbox costs a page in the commit of each message queued (one
 # ``send`` call each), sent or acked. (Indexes on (direction, state, next_attempt), then
 # on the pending messages' next_attempt, served the earliest retry time, which nothing
@@ -281,14 +281,14 @@ class MessageStore:
     def next_due(self) -> float | None:
         """The earliest retry time of any unacknowledged message (None: nothing pending)."""
         row = self._conn.execute(
-            f"SELECT MIN(next_attempt) FROM {_PENDING_CONV} WHERE {_PENDING}"
+            f"SELECT MIN(next_attempt) FROM {PENDING_CONV} WHERE {PENDING}"
         ).fetchone()
         return None if row[0] is None else float(row[0])
 
     def due_for(self, peer_key: bytes, now: float, limit: int = 512) -> list[Message]:
         """One conversation's unacknowledged messages whose retry time has come, in order."""
         rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM {_PENDING_CONV} WHERE {_PENDING} "
+            f"SELECT {_COLUMNS} FROM {PENDING_CONV} WHERE {PENDING} "
             "AND peer_key=? AND next_attempt<=? ORDER BY seq LIMIT ?",
             (peer_key, now, limit),
         ).fetchall()
@@ -298,8 +298,8 @@ class MessageStore:
         """Forget the ciphertext of a conversation's unacknowledged messages, so that they
         are encrypted again in a new session (the peer could not decrypt them)."""
         cursor = self._conn.execute(
-            f"UPDATE {_PENDING_CONV} SET envelope=NULL, next_attempt=0 "
-            f"WHERE {_PENDING} AND peer_key=?",
+            f"UPDATE {PENDING_CONV} SET envelope=NULL, next_attempt=0 "
+            f"WHERE {PENDING} AND peer_key=?",
             (peer_key,),
         )
         self._conn.commit()
@@ -307,7 +307,7 @@ class MessageStore:
 
     def pending_for(self, peer_key: bytes) -> list[Message]:
         rows = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM {_PENDING_CONV} WHERE {_PENDING} AND peer_key=? ORDER BY seq",
+            f"SELECT {_COLUMNS} FROM {PENDING_CONV} WHERE {PENDING} AND peer_key=? ORDER BY seq",
             (peer_key,),
         ).fetchall()
         return self._rows(rows)
@@ -315,7 +315,7 @@ class MessageStore:
     def has_pending(self, peer_key: bytes) -> bool:
         """Whether anything to ``peer_key`` waits for its ack."""
         row = self._conn.execute(
-            f"SELECT 1 FROM {_PENDING_CONV} WHERE {_PENDING} AND peer_key=? LIMIT 1",
+            f"SELECT 1 FROM {PENDING_CONV} WHERE {PENDING} AND peer_key=? LIMIT 1",
             (peer_key,),
         ).fetchone()
         return row is not None
@@ -353,7 +353,7 @@ class MessageStore:
             )
             cursor = self._conn.execute(
                 f"UPDATE messages SET peer_key=?, envelope=NULL, next_attempt=0, via=NULL "
-                f"WHERE {_PENDING} AND peer_key=? AND handle=?",
+                f"WHERE {PENDING} AND peer_key=? AND handle=?",
                 (new_key, old_key, handle),
             )
         return cursor.rowcount

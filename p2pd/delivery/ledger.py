@@ -10,14 +10,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import wire
-from ..messaging import SENT, Contacts, Message, MessageStore
+from ..messaging import PENDING, PENDING_CONV, SENT, Contacts, Message, MessageStore
 from ..session import SessionManager
 from .events import MakeDue, MarkDelivered, ScheduleAttempt, SetEnvelope, Write
-
-#: The outbox's pending messages, through the partial index on (peer_key, seq) (see
-#: p2pd.messaging: the condition written out so that SQLite uses the index).
-_PENDING_CONV = "messages INDEXED BY messages_pending_conv"
-_PENDING = "direction='out' AND state IN ('queued', 'sent')"
 
 
 class SqliteLedger:
@@ -90,14 +85,14 @@ class SqliteLedger:
 
     def next_attempts(self) -> dict[bytes, float]:
         rows = self.conn.execute(
-            f"SELECT peer_key, MIN(next_attempt) FROM {_PENDING_CONV} WHERE {_PENDING} "
+            f"SELECT peer_key, MIN(next_attempt) FROM {PENDING_CONV} WHERE {PENDING} "
             "GROUP BY peer_key"
         ).fetchall()
         return {bytes(peer_key): float(when) for peer_key, when in rows}
 
     def next_attempt(self, peer_key: bytes) -> float | None:
         (when,) = self.conn.execute(
-            f"SELECT MIN(next_attempt) FROM {_PENDING_CONV} WHERE {_PENDING} AND peer_key=?",
+            f"SELECT MIN(next_attempt) FROM {PENDING_CONV} WHERE {PENDING} AND peer_key=?",
             (peer_key,),
         ).fetchone()
         return None if when is None else float(when)
@@ -135,8 +130,8 @@ class SqliteLedger:
                 self.messages.mark_delivered(write.msg_id, write.peer_key, write.now, commit=False)
             elif isinstance(write, MakeDue):
                 self.conn.execute(
-                    f"UPDATE {_PENDING_CONV} SET next_attempt=? "
-                    f"WHERE {_PENDING} AND peer_key=? AND next_attempt>?",
+                    f"UPDATE {PENDING_CONV} SET next_attempt=? "
+                    f"WHERE {PENDING} AND peer_key=? AND next_attempt>?",
                     (write.when, write.peer_key, write.when),
                 )
         self._schedule(attempts)
