@@ -1,5 +1,6 @@
 """Files under attack, with two in-process nodes over real QUIC on loopback: a forged
-chunk (a bit flipped after sealing) is refused, counted and fetched again; a hostile
+chunk (a bit flipped after sealing) is refused, counted and fetched again; a wrong root
+is refused every time until the transfer fails, nothing saved; a hostile
 name lands as a safe one inside the files dir; garbage, oversized and misdirected file
 streams are refused and change nothing (issue 14)."""
 
@@ -20,7 +21,7 @@ import trio
 
 from p2pd.config import FilesConfig, LanConfig, NodeConfig
 from p2pd.daemon import Node, open_node
-from p2pd.files import protocol
+from p2pd.files import protocol, service
 from p2pd.files.protocol import F_CHUNK, Layout, Offer, hash_file, root_of
 from p2pd.files.service import FilesService
 from p2pd.identity import Identity
@@ -314,3 +315,35 @@ async def test_a_contact_cannot_fill_the_disk_past_the_daily_quota(root: Path) -
             (waiting,) = [f for f in files_of(bob).transfers() if f["state"] == "pending"]
             await files_of(bob).accept(waiting["id"])
             await wait_for(lambda: states() == ["done", "done", "done"])
+
+
+async def test_a_wrong_root_is_refused_every_time_and_nothing_is_saved(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The offer's root is not the one the hash list gives (a sender that lies, or whose
+    offer and data disagree): every stream is refused at the hash list, counted; after
+    MAX_REFUSED refusals the transfer fails on both sides, and nothing is ever at the
+    final path, partial file included."""
+    monkeypatch.setattr(service, "BACKOFF_MAX", 0.5)  # eight retries in seconds, not minutes
+    src = root / "lie.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    with trio.fail_after(60):
+        async with pair(root) as (alice, bob):
+            files = files_of(alice)
+            layout = Layout.for_size(3 << 20)
+            hashes = hash_file(src, layout)
+            wrong = root_of([hashes[0], hashes[2], hashes[1]])  # the groups, reordered
+            offer = Offer(os.urandom(16), os.urandom(32), layout, wrong, "lie.bin")
+            files.store.add(direction="out", peer_key=bob.identity.public_key, handle="bob",
+                            offer=offer, state="offered", now=time.time(), path=str(src),
+                            hashes=hashes)  # fmt: skip
+            files.enqueue_offer("bob", bob.identity.public_key, offer.to_text())
+            files._start_sender(offer.transfer_id)
+            await wait_for(lambda: state_of(bob, "in") == "failed", timeout=45)
+            got = files_of(bob).transfers()[0]
+            assert got["refused"] == service.MAX_REFUSED and got["bytes_done"] == 0, got
+            assert "root" in got["error"], got
+            assert files_of(bob).stats["groups_verified"] == 0
+            assert list((root / "bob-dl").iterdir()) == []
+            await wait_for(lambda: state_of(alice, "out") == "failed", timeout=30)
+            assert files_of(alice).transfers()[0]["error"] == "corrupt"
