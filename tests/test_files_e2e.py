@@ -7,13 +7,26 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir, wait_until
+from p2pd.control_client import ControlClient
+from p2pd.testing.daemons import (
+    DaemonProcess,
+    cli_json,
+    control_call,
+    p2pd_command,
+    run_cli,
+    short_tempdir,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -375,3 +388,121 @@ def test_several_files_in_parallel_both_ways(net: Net) -> None:
     assert wait_until(lambda: one_file(net.home("alice"), "in")["state"] == "done", timeout=60)
     data = (net.downloads("alice") / "reply.bin").read_bytes()
     assert hashlib.sha256(data).hexdigest() == back_digest
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def dm_round_trip(client: ControlClient, events: ControlClient, text: str) -> float:
+    """alice -> bob: ``send``, then her ``delivered`` event for it (bob acked): seconds."""
+    t0 = time.perf_counter()
+    msg = client.call("send", {"handle": "bob", "text": text})
+    deadline = time.monotonic() + 60
+    while (left := deadline - time.monotonic()) > 0:
+        event = events.next_event(left)
+        if (
+            event is not None
+            and event.get("event") == "message_status"
+            and event.get("id") == msg["id"]
+            and event.get("state") == "delivered"
+        ):
+            return time.perf_counter() - t0
+    raise AssertionError(f"{text!r} not delivered in 60 s")
+
+
+def test_100_mb_with_dms_meanwhile_in_bounded_memory(net: Net) -> None:
+    """100 MB alice -> bob, as fast as it goes, while alice sends bob DMs one after the
+    other and bob runs `p2pd files --follow --json`. What must hold, whatever the load
+    on the machine (every figure is against the transfer itself, not the clock):
+
+    - DMs are not held behind the file: several are delivered while it is under way,
+      and while each one is in flight the file moves less than half the sender's
+      window (8 groups); a DM queued behind the file's data in flight would wait for
+      at least that much.
+    - The file is not held behind the DMs either: it moves on between the first and
+      the last of them.
+    - Memory: neither daemon's peak RSS grows by more than 48 MiB, under half the file.
+    - `files --follow` shows the progress and the end.
+    """
+    size = 100 * 1000 * 1000 + 4321
+    net.init("alice", "bob", auto_accept_max=2 * size)
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    src = net.root / "big.mkv"
+    digest = hashlib.sha256()
+    with open(src, "wb") as f:
+        for _ in range(size // (1 << 20)):
+            block = os.urandom(1 << 20)
+            digest.update(block)
+            f.write(block)
+        block = os.urandom(size % (1 << 20))
+        digest.update(block)
+        f.write(block)
+    pids = {h: d.proc.pid for h, d in net.daemons.items()}
+    peak_before = {h: peak_rss(pid) for h, pid in pids.items()}
+    follow = subprocess.Popen(
+        [*p2pd_command(), "--home", str(net.home("bob")), "files", "--follow", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(follow.stdout or ()), daemon=True)
+    reader.start()
+
+    def bytes_in() -> int:
+        return int(control_call(net.home("bob"), "status")["files"]["bytes_in"])
+
+    idle: list[float] = []
+    during: list[tuple[float, int]] = []  # (seconds, file bytes bob wrote meanwhile)
+    progress: list[int] = []  # bob's bytes written once each DM of `during` was delivered
+    try:
+        with ControlClient(net.home("alice")) as client, ControlClient(net.home("alice")) as ev:
+            ev.subscribe()
+            idle = [dm_round_trip(client, ev, f"idle {n}") for n in range(5)]
+            sent = client.call("send_file", {"handle": "bob", "path": str(src)})
+            assert wait_until(lambda: bytes_in() > 0, timeout=60)
+            for n in range(30):  # bounded; ends with the transfer if it ends first
+                before = bytes_in()
+                seconds = dm_round_trip(client, ev, f"during {n}")
+                after = bytes_in()
+                if after >= size:
+                    break
+                during.append((seconds, after - before))
+                progress.append(after)
+            assert wait_until(
+                lambda: client.call("file", {"id": sent["id"]})["state"] == "done", timeout=300
+            )
+        peak_after = {h: peak_rss(pid) for h, pid in pids.items()}
+        assert wait_until(lambda: any('"done"' in line for line in lines), timeout=10)
+    finally:
+        follow.kill()
+        follow.wait(10)
+        reader.join(10)
+    got = one_file(net.home("bob"), "in")
+    final = Path(got["path"])
+    with open(final, "rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == digest.hexdigest()
+    assert list(net.downloads("bob").iterdir()) == [final]
+    moved = [m for _, m in during]
+    print(
+        f"DMs idle: median {statistics.median(idle) * 1000:.1f} ms; during the transfer "
+        f"({len(during)}): median {statistics.median(x for x, _ in during) * 1000:.1f} ms, "
+        f"max {max(x for x, _ in during) * 1000:.1f} ms; file bytes moved while a DM was "
+        f"in flight: median {statistics.median(moved)}, max {max(moved)}; peak RSS "
+        f"before {peak_before}, after {peak_after}"
+    )
+    assert len(during) >= 3, during  # DMs delivered while the file was under way
+    assert progress[-1] > progress[0], progress  # and the file moved on meanwhile
+    assert statistics.median(moved) < 4 * GROUP, moved  # half the window of 8 groups
+    for handle in pids:
+        assert peak_after[handle] - peak_before[handle] < 48 << 20, (peak_before, peak_after)
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    ours = [e for e in events if e.get("id") == sent["id"]]
+    shown = [e["bytes_done"] for e in ours if e["event"] == "file_progress"]
+    assert len(shown) >= 2 and shown == sorted(shown) and shown[-1] > shown[0], shown
+    assert ours[-1]["event"] == "file" and ours[-1]["state"] == "done", ours[-1]
