@@ -347,3 +347,45 @@ async def test_a_wrong_root_is_refused_every_time_and_nothing_is_saved(
             assert list((root / "bob-dl").iterdir()) == []
             await wait_for(lambda: state_of(alice, "out") == "failed", timeout=30)
             assert files_of(alice).transfers()[0]["error"] == "corrupt"
+
+
+async def test_a_stream_that_breaks_after_progress_is_retried_at_once(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four streams of one transfer each break (a forged chunk in groups 2, 4, 6 and 8:
+    refused, reset), each after some groups were acked: the sender tries again after
+    the least backoff every time, not after one that doubles as if nothing came
+    through (it did: 0.5, 1, 2, 4 s here; the eighth break of a long transfer on a
+    flaky path waited a minute)."""
+    src = root / "payload.bin"
+    data = os.urandom(10 << 20)
+    src.write_bytes(data)
+    real = protocol.SenderStream.chunk_frame
+    forge_at = {40, 72, 104, 136}  # chunk indexes, 16 chunks a group
+    forged: list[int] = []
+
+    def forge_each_once(self: protocol.SenderStream, index: int, plain: bytes) -> bytes:
+        frame = real(self, index, plain)
+        if index in forge_at and index not in forged:
+            forged.append(index)
+            frame = frame[:20] + bytes([frame[20] ^ 1]) + frame[21:]
+        return frame
+
+    waits: list[float] = []
+    real_wait = FilesService._wait_nudge
+
+    async def recorded(self: FilesService, transfer_id: bytes, delay: float) -> None:
+        if forged:  # the waits after the first refusal
+            waits.append(delay)
+        await real_wait(self, transfer_id, delay)
+
+    monkeypatch.setattr(protocol.SenderStream, "chunk_frame", forge_each_once)
+    monkeypatch.setattr(FilesService, "_wait_nudge", recorded)
+    with trio.fail_after(120):
+        async with pair(root) as (alice, bob):
+            await files_of(alice).send_file("bob", str(src))
+            await wait_for(lambda: state_of(bob, "in") == "done", timeout=90)
+            got = files_of(bob).transfers()[0]
+            assert sorted(forged) == sorted(forge_at) and got["refused"] == len(forge_at)
+            assert Path(got["path"]).read_bytes() == data
+    assert waits == [service.BACKOFF_MIN] * len(forge_at), waits

@@ -97,6 +97,14 @@ PROGRESS_INTERVAL = 0.25
 #: Attempts of one sender loop before it gives up for this run of the daemon (at
 #: BACKOFF_MAX apart: about a week). It starts again at the next daemon start.
 MAX_ATTEMPTS = 10_000
+#: What breaks one attempt of a sender loop and is worth another (after a backoff).
+_RETRYABLE = (
+    ConnectionLost,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    FileProtocolError,
+    trio.TooSlowError,
+)
 
 
 class FilesService:
@@ -341,13 +349,7 @@ class FilesService:
                     self._scopes[transfer_id] = scope
                     try:
                         outcome = await self._send_once(t)
-                    except (
-                        ConnectionLost,
-                        trio.BrokenResourceError,
-                        trio.ClosedResourceError,
-                        FileProtocolError,
-                        trio.TooSlowError,
-                    ) as exc:
+                    except _RETRYABLE as exc:
                         log.info(
                             "file %s to %s: %s; retrying",
                             transfer_id.hex()[:8],
@@ -488,6 +490,17 @@ class FilesService:
                 max_rate=self.config.max_rate,
                 queue_target=self.config.queue_target_ms / 1000,
             )
+        except _RETRYABLE as exc:
+            if outcome.acked <= group:
+                raise
+            # Groups were acked before the stream broke (reset after a refused chunk,
+            # a lost connection): "progress", the backoff starts again from its least.
+            # Raised, this was a plain retry and the backoff doubled however much got
+            # through: from the eighth break of a long transfer on, a minute each.
+            why = exc or type(exc).__name__
+            log.info("file %s to %s: %s after group %d; retrying",
+                     t.id.hex()[:8], t.handle, why, outcome.acked)  # fmt: skip
+            return "progress"
         finally:
             self._sent_until[t.id] = outcome.sent_until
             if outcome.resent:
