@@ -354,6 +354,7 @@ def test_a_disk_that_fills_fails_the_transfer_cleanly(net: Net) -> None:
     assert proc.returncode == 1 and "not received: too-big.bin: failed" in proc.stderr, proc.stderr
     got = one_file(net.home("bob"), "in")
     assert got["state"] == "failed" and "cannot write" in got["error"], got
+    assert one_file(net.home("alice"), "out")["error"] == "the receiver cannot save it"
     assert list(net.downloads("bob").iterdir()) == []
     assert net.daemons["bob"].alive  # and it goes on working: a small file arrives
     small = net.root / "small.txt"
@@ -599,3 +600,50 @@ def test_a_call_during_a_transfer_sounds_like_one_without(net: Net) -> None:
     rate = (after - before) / float(busy["duration_s"])  # the file's bytes/s meanwhile
     assert delay_ms(busy) <= 1000 * 4 * GROUP / rate, (delay_ms(busy), rate)
     assert list(net.downloads("bob").iterdir()) == []  # the partial file went with it
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_a_tmpfs_that_fills_mid_transfer_fails_it_cleanly(net: Net) -> None:
+    """bob's files dir is an 80 MB tmpfs of his own (a mount namespace: `unshare -rm`).
+    A 12 MB file is accepted (80 MB free: the file and the 64 MB margin fit); mid-way
+    the disk fills up (another program, here the test through /proc/PID/root): the
+    write fails with ENOSPC, the transfer fails on both sides with the reason (alice
+    is told bob cannot save it, not that her data was corrupt), bob's
+    partial file is removed; once there is room again a file arrives. (The prlimit
+    test above is a quota; this is a full disk.)"""
+    net.init("alice", "bob", max_rate=4_000_000)
+    dl = net.downloads("bob")
+    net.start("alice")
+    bob = net.start(
+        "bob", wrapper=("unshare", "-rm", "sh", "-c",
+                        f'mount -t tmpfs -o size=80m tmpfs "{dl}" && exec "$@"', "sh"),
+    )  # fmt: skip
+    inside = Path(f"/proc/{bob.proc.pid}/root") / str(dl).lstrip("/")  # bob's view of it
+    assert shutil.disk_usage(inside).total <= 80 << 20  # the tmpfs, not the disk
+    pin_each_other(net, "alice", "bob")
+    src = net.root / "film.bin"
+    random_file(src, 12_000_000)
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src))
+    assert proc.returncode == 0, proc.stderr
+    assert wait_until(lambda: _bytes_done(net, "bob", "in") >= 2 * GROUP, timeout=60)
+    with open(inside / "filler", "wb") as f:  # fill it up: 1 MiB at a time, bounded
+        for _ in range(100):
+            try:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+            except OSError:  # ENOSPC: full
+                break
+    assert wait_until(lambda: one_file(net.home("bob"), "in")["state"] == "failed", timeout=60)
+    got = one_file(net.home("bob"), "in")
+    assert "No space left on device" in got["error"], got
+    assert sorted(p.name for p in inside.iterdir()) == ["filler"]  # no partial, no file
+    assert wait_until(lambda: one_file(net.home("alice"), "out")["state"] == "failed", timeout=60)
+    # told why: her file is fine (it was "corrupt" before REFUSE reason 6)
+    assert one_file(net.home("alice"), "out")["error"] == "the receiver cannot save it"
+    (inside / "filler").unlink()
+    small = net.root / "note.txt"
+    small.write_bytes(b"room again")
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(small), "--wait", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (inside / "note.txt").read_bytes() == b"room again"
+    assert bob.alive

@@ -56,6 +56,7 @@ from .protocol import (
     F_WAIT,
     MAX_FILE_SIZE,
     REASON_CANCELLED,
+    REASON_CANNOT_SAVE,
     REASON_CORRUPT,
     REASON_REJECTED,
     REASON_UNKNOWN,
@@ -97,6 +98,9 @@ PROGRESS_INTERVAL = 0.25
 #: Attempts of one sender loop before it gives up for this run of the daemon (at
 #: BACKOFF_MAX apart: about a week). It starts again at the next daemon start.
 MAX_ATTEMPTS = 10_000
+#: How the errors of an incoming transfer that failed on our disk begin (``_receive``,
+#: ``_finish``): the sender is then told REASON_CANNOT_SAVE, not REASON_CORRUPT.
+_SAVE_ERRORS = ("cannot write to ", "cannot save: ")
 #: What breaks one attempt of a sender loop and is worth another (after a backoff).
 _RETRYABLE = (
     ConnectionLost,
@@ -691,6 +695,8 @@ class FilesService:
             reason = {"rejected": REASON_REJECTED, "cancelled": REASON_CANCELLED}.get(
                 t.state, REASON_CORRUPT if t.state == "failed" else REASON_UNKNOWN
             )
+            if t.state == "failed" and t.error.startswith(_SAVE_ERRORS):
+                reason = REASON_CANNOT_SAVE  # our disk, not their data (was "corrupt")
             await stream.send_all(encode_frame(F_REFUSE, bytes([reason])), eof=True)
             return
         old = self._scopes.pop(tid, None)
