@@ -647,3 +647,29 @@ def test_a_tmpfs_that_fills_mid_transfer_fails_it_cleanly(net: Net) -> None:
     assert proc.returncode == 0, proc.stderr
     assert (inside / "note.txt").read_bytes() == b"room again"
     assert bob.alive
+
+
+def test_both_stopped_mid_transfer_resume_when_restarted_sender_last(net: Net) -> None:
+    """Both daemons stop mid-way (a shutdown, as for the night); bob starts again first
+    (his NUDGE finds nobody), alice later: her loop resumes on its own at start, and bob
+    receives at most one group twice. Nothing in a transfer's state depends on how long
+    both were down (no timer outlives a daemon), so later is as good as days later."""
+    net.init("alice", "bob", max_rate=4_000_000)
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    src = net.root / "backup.tar"
+    digest = random_file(src, 16 * GROUP + 99)
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src))
+    assert proc.returncode == 0, proc.stderr
+    assert wait_until(lambda: _bytes_done(net, "bob", "in") >= 4 * GROUP, timeout=60)
+    assert net.daemons["alice"].stop() == 0 and net.daemons["bob"].stop() == 0
+    net.start("bob")
+    assert one_file(net.home("bob"), "in")["state"] == "accepted"
+    time.sleep(2)  # bob's NUDGE to alice goes nowhere meanwhile
+    net.start("alice")
+    assert wait_until(lambda: one_file(net.home("bob"), "in")["state"] == "done", timeout=90)
+    got = one_file(net.home("bob"), "in")
+    assert hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest() == digest
+    assert got["resent"] <= GROUP, got
+    assert wait_until(lambda: one_file(net.home("alice"), "out")["state"] == "done", timeout=30)
