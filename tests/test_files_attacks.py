@@ -1,9 +1,9 @@
 """Files under attack, with two in-process nodes over real QUIC on loopback: a forged
-chunk (a bit flipped after sealing) is refused, counted and fetched again; a wrong root
-is refused every time until the transfer fails, nothing saved; a network drop that
-kills the connection is resumed on a new one; a hostile
-name lands as a safe one inside the files dir; garbage, oversized and misdirected file
-streams are refused and change nothing (issue 14)."""
+chunk (a bit flipped after sealing) is refused, counted and fetched again, and the
+sender comes back at once after each; a wrong root is refused every time until the
+transfer fails, nothing saved; a network drop that kills the connection is resumed on
+a new one; a hostile name lands as a safe one inside the files dir; garbage, oversized
+and misdirected file streams are refused and change nothing (issue 14)."""
 
 from __future__ import annotations
 
