@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -138,6 +139,8 @@ def test_a_file_from_a_contact_arrives_verified_and_identical(net: Net) -> None:
 
 
 def test_progress_lines_show_rate_and_eta_and_errors_are_clear(net: Net) -> None:
+    """`send-file --wait`: progress lines with rate and eta without a terminal, a bar
+    redrawn in place on one; clear errors that queue nothing."""
     net.init("alice", "bob", max_rate=2_000_000)
     net.start("alice")
     net.start("bob")
@@ -151,6 +154,18 @@ def test_progress_lines_show_rate_and_eta_and_errors_are_clear(net: Net) -> None
     assert "MB/s" in lines[-1] and "eta" in lines[-1]
     final = Path(one_file(net.home("bob"), "in")["path"])
     assert hashlib.sha256(final.read_bytes()).hexdigest() == digest
+    # on a terminal (script(1), util-linux, gives it one): a bar redrawn in place
+    again = net.root / "slides.pdf"
+    random_file(again, 3 * GROUP)
+    command = shlex.join([*p2pd_command(), "--home", str(net.home("alice")), "send-file",
+                          "bob", str(again), "--wait"])  # fmt: skip
+    tty = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True,
+                         timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+    shown = tty.stdout.decode()  # bytes: text mode would turn each \r into a newline
+    assert tty.returncode == 0, shown
+    bars = [b for b in shown.split("\r") if b.startswith("slides.pdf ") and "[" in b]
+    assert len(bars) >= 2 and "#" in bars[-1] and "/s  eta" in bars[-1], shown
+    assert "slides.pdf:" not in shown  # no plain progress lines on a terminal
     # clear errors, nothing queued
     huge = net.root / "huge.img"
     with open(huge, "wb") as f:  # sparse: 1 TiB + 1 byte, no disk used
@@ -166,7 +181,7 @@ def test_progress_lines_show_rate_and_eta_and_errors_are_clear(net: Net) -> None
         assert proc.returncode == code, (args, proc.stderr)
         assert proc.stderr.startswith("ERROR: ") and words in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
-    assert len(files(net.home("alice"))) == 1
+    assert len(files(net.home("alice"))) == 2
     proc = run_cli(net.home("bob"), "accept", "ffffffff")
     assert proc.returncode == 1 and "no transfer" in proc.stderr
 
