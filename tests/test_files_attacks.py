@@ -2,8 +2,9 @@
 chunk (a bit flipped after sealing) is refused, counted and fetched again, and the
 sender comes back at once after each; a wrong root is refused every time until the
 transfer fails, nothing saved; a network drop that kills the connection is resumed on
-a new one; a hostile name lands as a safe one inside the files dir; garbage, oversized
-and misdirected file streams are refused and change nothing (issue 14)."""
+a new one; a disk that corrupts the file is given up on; a hostile name lands as a
+safe one inside the files dir; garbage, oversized and misdirected file streams are
+refused and change nothing (issue 14)."""
 
 from __future__ import annotations
 
@@ -432,3 +433,25 @@ async def test_a_network_drop_that_kills_the_connection_resumes_on_a_new_one(
             now = [p for p in alice.quic.peers() if p.public_key == bob_id.public_key]
             assert first not in now  # it went on over another connection
             await wait_for(lambda: state_of(alice, "out") == "done")
+
+
+async def test_a_disk_that_corrupts_the_partial_file_fails_the_transfer_in_the_end(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every group matches as it arrives, but the whole file read back from disk never
+    matches the root (a disk that corrupts what it stores; here verify_file says so):
+    bob fetches it again, MAX_REFUSED times, then fails it, keeps nothing, and alice is
+    told he cannot save it. (It fetched the file again forever before.)"""
+    monkeypatch.setattr(service, "verify_file", lambda *args: False)
+    src = root / "photo.jpg"
+    src.write_bytes(os.urandom(200_000))
+    with trio.fail_after(90):
+        async with pair(root) as (alice, bob):
+            await files_of(alice).send_file("bob", str(src))
+            await wait_for(lambda: state_of(bob, "in") == "failed", timeout=60)
+            got = files_of(bob).transfers()[0]
+            assert got["refused"] == service.MAX_REFUSED, got
+            assert "did not match" in got["error"], got
+            assert list((root / "bob-dl").iterdir()) == []
+            await wait_for(lambda: state_of(alice, "out") == "failed", timeout=30)
+            assert files_of(alice).transfers()[0]["error"] == "the receiver cannot save it"

@@ -154,6 +154,8 @@ class FilesService:
         self._restarts: set[bytes] = set()
         #: Incoming: refusals since the last verified group.
         self._refusals: dict[bytes, int] = {}
+        #: Incoming: whole files that verified group by group but not once on disk.
+        self._mismatches: dict[bytes, int] = {}
         self._last_progress: dict[bytes, float] = {}
         self.stats: dict[str, int] = {
             "offers_in": 0,
@@ -787,17 +789,24 @@ class FilesService:
         ok = await trio.to_thread.run_sync(verify_file, partial, layout, t.offer.root)
         now = time.time()
         if not ok:
-            # Something changed the partial file under us: start over.
-            self.store.update(
-                t.id,
-                now,
-                next_group=0,
-                bytes_done=0,
-                error="the file on disk did not match: fetching it again",
-            )
+            # Something changed the partial file under us (every group matched as it
+            # came): start over, MAX_REFUSED times at most. Unbounded, a disk that
+            # corrupts what it stores made the file come again and again, forever.
+            self._mismatches[t.id] = mismatches = self._mismatches.get(t.id, 0) + 1
+            self.store.add_counts(t.id, refused=1)
             remove_quietly(partial)
+            if mismatches >= MAX_REFUSED:
+                error = f"cannot save: the file on disk did not match {mismatches} times"
+                log.warning("file %s from %s: %s", t.id.hex()[:8], t.handle, error)
+                self.store.update(t.id, now, state="failed", error=error)
+                self._mismatches.pop(t.id, None)
+                self._changed(t.id)
+            else:
+                again = "the file on disk did not match: fetching it again"
+                self.store.update(t.id, now, next_group=0, bytes_done=0, error=again)
             stream.reset()
             return
+        self._mismatches.pop(t.id, None)
         try:
             final = place_file(partial, Path(t.directory), safe_name(t.offer.name))
         except OSError as exc:
