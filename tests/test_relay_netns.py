@@ -114,7 +114,7 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
             assert run_cli(root / name, "init", name, "--no-passphrase").returncode == 0
             (root / name / "config.toml").write_text(
                 '[node]\nring_timeout = 10.0\n[calls]\naudio_in = "tone:440"\n'
-                'audio_out = "none"\nfrom = "everyone"\n'
+                f'audio_out = "none"\nfrom = "everyone"\n[files]\ndir = "{root / name}-dl"\n'
             )
             daemons[name] = DaemonProcess(
                 root / name,
@@ -188,12 +188,22 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
         for who, side in (("caller", caller), ("callee", callee)):
             print(f"call through the relay, {who}: { ({k: side['media'][k] for k in shown}) }")
 
+        # A file through the relay (issue 14): it arrives whole, and its bytes (the
+        # secret, over and over) are in no frame the relays saw either.
+        note = root / "note.txt"
+        note.write_bytes(f"{secret} in a file\n".encode() * 8000)  # ~330 kB: 1 group
+        out = run_cli(root / "alice", "send-file", "bob", str(note), "--wait", "--timeout",
+                      "60", timeout=90)  # fmt: skip
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert (root / "bob-dl" / "note.txt").read_bytes() == note.read_bytes()
+
         # The relays carried it all, and saw only ciphertext.
         relayed = {p: control_call(root / p, "status")["relay"]["relaying"] for p in
                    ("pub1", "pub2", "pub3")}  # fmt: skip
         datagrams = sum(r["counters"].get("relayed_datagrams", 0) for r in relayed.values())
         # 3 s of 20 ms audio frames both ways (2 x 150) and the messages
         assert datagrams > 300, relayed
+        assert sum(r["relayed_bytes"] for r in relayed.values()) > note.stat().st_size
         print(f"relayed: {relayed}")
 
         # The relay that carried it dies (item 5): messages still go through another.

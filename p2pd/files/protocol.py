@@ -110,12 +110,16 @@ REQUEST_HASHES = 1
 REASON_REJECTED, REASON_CANCELLED, REASON_UNKNOWN, REASON_CORRUPT = 1, 2, 3, 4
 #: In CANCEL only: the sender cannot read the file any more (gone, or changed size).
 REASON_UNREADABLE = 5
+#: In REFUSE only: the receiver failed to write the file (its disk full, a quota, the
+#: directory gone); the transfer is over.
+REASON_CANNOT_SAVE = 6
 REASONS = {
     REASON_REJECTED: "rejected",
     REASON_CANCELLED: "cancelled",
     REASON_UNKNOWN: "unknown",
     REASON_CORRUPT: "corrupt",
     REASON_UNREADABLE: "the sender cannot read the file",
+    REASON_CANNOT_SAVE: "the receiver cannot save it",
 }
 
 

@@ -56,6 +56,7 @@ from .protocol import (
     F_WAIT,
     MAX_FILE_SIZE,
     REASON_CANCELLED,
+    REASON_CANNOT_SAVE,
     REASON_CORRUPT,
     REASON_REJECTED,
     REASON_UNKNOWN,
@@ -97,6 +98,17 @@ PROGRESS_INTERVAL = 0.25
 #: Attempts of one sender loop before it gives up for this run of the daemon (at
 #: BACKOFF_MAX apart: about a week). It starts again at the next daemon start.
 MAX_ATTEMPTS = 10_000
+#: How the errors of an incoming transfer that failed on our disk begin (``_receive``,
+#: ``_finish``): the sender is then told REASON_CANNOT_SAVE, not REASON_CORRUPT.
+_SAVE_ERRORS = ("cannot write to ", "cannot save: ")
+#: What breaks one attempt of a sender loop and is worth another (after a backoff).
+_RETRYABLE = (
+    ConnectionLost,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    FileProtocolError,
+    trio.TooSlowError,
+)
 
 
 class FilesService:
@@ -142,6 +154,8 @@ class FilesService:
         self._restarts: set[bytes] = set()
         #: Incoming: refusals since the last verified group.
         self._refusals: dict[bytes, int] = {}
+        #: Incoming: whole files that verified group by group but not once on disk.
+        self._mismatches: dict[bytes, int] = {}
         self._last_progress: dict[bytes, float] = {}
         self.stats: dict[str, int] = {
             "offers_in": 0,
@@ -341,13 +355,7 @@ class FilesService:
                     self._scopes[transfer_id] = scope
                     try:
                         outcome = await self._send_once(t)
-                    except (
-                        ConnectionLost,
-                        trio.BrokenResourceError,
-                        trio.ClosedResourceError,
-                        FileProtocolError,
-                        trio.TooSlowError,
-                    ) as exc:
+                    except _RETRYABLE as exc:
                         log.info(
                             "file %s to %s: %s; retrying",
                             transfer_id.hex()[:8],
@@ -488,6 +496,17 @@ class FilesService:
                 max_rate=self.config.max_rate,
                 queue_target=self.config.queue_target_ms / 1000,
             )
+        except _RETRYABLE as exc:
+            if outcome.acked <= group:
+                raise
+            # Groups were acked before the stream broke (reset after a refused chunk,
+            # a lost connection): "progress", the backoff starts again from its least.
+            # Raised, this was a plain retry and the backoff doubled however much got
+            # through: from the eighth break of a long transfer on, a minute each.
+            why = exc or type(exc).__name__
+            log.info("file %s to %s: %s after group %d; retrying",
+                     t.id.hex()[:8], t.handle, why, outcome.acked)  # fmt: skip
+            return "progress"
         finally:
             self._sent_until[t.id] = outcome.sent_until
             if outcome.resent:
@@ -678,6 +697,8 @@ class FilesService:
             reason = {"rejected": REASON_REJECTED, "cancelled": REASON_CANCELLED}.get(
                 t.state, REASON_CORRUPT if t.state == "failed" else REASON_UNKNOWN
             )
+            if t.state == "failed" and t.error.startswith(_SAVE_ERRORS):
+                reason = REASON_CANNOT_SAVE  # our disk, not their data (was "corrupt")
             await stream.send_all(encode_frame(F_REFUSE, bytes([reason])), eof=True)
             return
         old = self._scopes.pop(tid, None)
@@ -768,17 +789,24 @@ class FilesService:
         ok = await trio.to_thread.run_sync(verify_file, partial, layout, t.offer.root)
         now = time.time()
         if not ok:
-            # Something changed the partial file under us: start over.
-            self.store.update(
-                t.id,
-                now,
-                next_group=0,
-                bytes_done=0,
-                error="the file on disk did not match: fetching it again",
-            )
+            # Something changed the partial file under us (every group matched as it
+            # came): start over, MAX_REFUSED times at most. Unbounded, a disk that
+            # corrupts what it stores made the file come again and again, forever.
+            self._mismatches[t.id] = mismatches = self._mismatches.get(t.id, 0) + 1
+            self.store.add_counts(t.id, refused=1)
             remove_quietly(partial)
+            if mismatches >= MAX_REFUSED:
+                error = f"cannot save: the file on disk did not match {mismatches} times"
+                log.warning("file %s from %s: %s", t.id.hex()[:8], t.handle, error)
+                self.store.update(t.id, now, state="failed", error=error)
+                self._mismatches.pop(t.id, None)
+                self._changed(t.id)
+            else:
+                again = "the file on disk did not match: fetching it again"
+                self.store.update(t.id, now, next_group=0, bytes_done=0, error=again)
             stream.reset()
             return
+        self._mismatches.pop(t.id, None)
         try:
             final = place_file(partial, Path(t.directory), safe_name(t.offer.name))
         except OSError as exc:
