@@ -503,7 +503,7 @@ class FilesService:
             # a lost connection): "progress", the backoff starts again from its least.
             # Raised, this was a plain retry and the backoff doubled however much got
             # through: from the eighth break of a long transfer on, a minute each.
-            why = exc or type(exc).__name__
+            why = str(exc) or type(exc).__name__
             log.info("file %s to %s: %s after group %d; retrying",
                      t.id.hex()[:8], t.handle, why, outcome.acked)  # fmt: skip
             return "progress"
