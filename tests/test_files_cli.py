@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from p2pd_cli import render
+from p2pd_cli.commands.files import _with_average_rate
 
 
 def transfer(**changes: Any) -> dict[str, Any]:
@@ -93,3 +94,16 @@ def test_progress_line_and_bar() -> None:
     )
     bar = render.progress_bar(row, width=20)
     assert "[#####---------------]" in bar and "25.0%" in bar
+
+
+def test_a_finished_transfer_shows_its_average_rate_not_zero() -> None:
+    """`send-file --wait`: the daemon's rate is 0 once a transfer is done; the line
+    printed after the end shows the average over the time the command watched."""
+    seen: dict[str, tuple[float, int]] = {}
+    running = transfer(state="sending", bytes_done=0, progress=0.0, rate=0.0)
+    assert _with_average_rate(running, 100.0, seen)["rate"] == 0.0  # first look
+    done = _with_average_rate(transfer(), 103.0, seen)  # 2.1 MB in 3 s
+    assert done["rate"] == 700_000.0
+    assert "700.0 kB/s" in render.progress_line(done) and "[done]" in render.progress_line(done)
+    moving = transfer(state="sending", bytes_done=1_000_000, rate=123.0)
+    assert _with_average_rate(moving, 104.0, seen)["rate"] == 123.0  # the daemon's, as it is

@@ -84,6 +84,18 @@ def send_file(
             raise NotDelivered(f"not received: {states}")
 
 
+def _with_average_rate(
+    f: dict[str, Any], now: float, first_seen: dict[str, tuple[float, int]]
+) -> dict[str, Any]:
+    """The daemon gives a transfer's rate while it moves, 0 once it is done: a finished
+    transfer shows instead the average rate over the time this command watched it (its
+    last line said "0 B/s  [done]" when that line fell after the end)."""
+    since, start = first_seen.setdefault(f["id"], (now, f["bytes_done"]))
+    if f["state"] == "done" and not f["rate"] and now - since > 0.2:
+        return {**f, "rate": max(0.0, (f["bytes_done"] - start) / (now - since))}
+    return f
+
+
 def _wait(
     client: ControlClient, sent: list[dict[str, Any]], timeout: float, *, quiet: bool
 ) -> list[dict[str, Any]]:
@@ -93,9 +105,11 @@ def _wait(
     deadline = time.monotonic() + timeout
     last_line = 0.0
     current = list(sent)
+    first_seen: dict[str, tuple[float, int]] = {}  # id: (when, bytes_done) at our first look
     for _ in range(int(timeout / PROGRESS_INTERVAL) + 2):
         current = [client.call("file", {"id": f["id"]}) for f in current]
         now = time.monotonic()
+        current = [_with_average_rate(f, now, first_seen) for f in current]
         if not quiet:
             if tty:
                 click.echo(
