@@ -4,7 +4,7 @@ both ways through CallMedia, recordings read back and measured."""
 from __future__ import annotations
 
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -74,8 +74,16 @@ async def call(
     suffix: str = ".wav",
     drop: float = 0.0,
     config: MediaConfig | None = None,
+    until: Callable[[CallMedia, CallMedia], bool] | None = None,
+    limit: float = TIMEOUT,
 ) -> tuple[CallMedia, CallMedia]:
-    """Alice calls Bob (through a lossy proxy if ``drop``) for CALL seconds; both record."""
+    """Alice calls Bob (through a lossy proxy if ``drop``) for CALL seconds; both record.
+
+    ``until``: the call lasts until ``until(alice, bob)`` holds instead (checked every
+    50 ms), or ``limit`` seconds at most; the caller asserts what it needed. For what
+    counts events a starved process may run few of in CALL seconds of wall time (on
+    2 cores, 4 xdist workers and a CPU hog or two, a call's video loop ran 5-12 of its
+    90 ticks in 3 s: tests/test_media_rate_call.py)."""
     async with open_side("alice") as alice, open_side("bob") as bob:
         target = bob.udp.local_address.as_tuple()
         async with open_lossy_proxy(target, drop=drop, seed=7) as proxy:
@@ -85,18 +93,39 @@ async def call(
             while not bob.quic.peers():
                 await trio.sleep(0.01)
             (incoming,) = bob.quic.peers()
+            duration = CALL if until is None else None
             alice.media = CallMedia(
                 peer, audio_in=audio[0], video_in=video[0],
-                record=tmp_path / f"alice{suffix}", duration=CALL, config=config,
+                record=tmp_path / f"alice{suffix}", duration=duration, config=config,
             )  # fmt: skip
             bob.media = CallMedia(
                 incoming, audio_in=audio[1], video_in=video[1],
-                record=tmp_path / f"bob{suffix}", duration=CALL, config=config,
+                record=tmp_path / f"bob{suffix}", duration=duration, config=config,
             )  # fmt: skip
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(alice.media.run)
                 nursery.start_soon(bob.media.run)
+                if until is not None:
+                    nursery.start_soon(
+                        _hang_up_when, until, alice.media, bob.media, limit, nursery.cancel_scope
+                    )
             return alice.media, bob.media
+
+
+async def _hang_up_when(
+    until: Callable[[CallMedia, CallMedia], bool],
+    alice: CallMedia,
+    bob: CallMedia,
+    limit: float,
+    scope: trio.CancelScope,
+) -> None:
+    """Hang up (cancel ``scope``) once ``until(alice, bob)`` holds, or after ``limit``."""
+    with trio.move_on_after(limit):
+        for _ in range(int(limit / 0.05) + 1):  # bounded: move_on_after ends it anyway
+            await trio.sleep(0.05)
+            if until(alice, bob):
+                break
+    scope.cancel()
 
 
 def read_wav(path: Path) -> np.ndarray:
