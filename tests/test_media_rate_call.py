@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from test_media_call import CALL, TIMEOUT, call
+from test_media_call import TIMEOUT, call, video_sent
 
 from p2pd.media import CallMedia, MediaConfig
 from p2pd.media.wire import ReceiverReport, ReportBlock, decode
@@ -102,20 +102,16 @@ FRAMES = 60
 LIMIT = 90.0
 
 
-def _enough(alice: CallMedia, bob: CallMedia) -> bool:
-    """Both sides sent FRAMES video frames and the call lasted CALL seconds.
-
-    Counted in frames, not wall time, because the controller acts at events: the local
-    cuts at video ticks, the others at the peer's reports, all at most every 0.3 s. A
-    process starved of CPU runs few of them in a fixed time: beside CPU hogs (load 3-9
-    on 2 cores), 5 of 10 runs of a fixed 3 s call failed with 0 or 1 cut, and those
-    sides had sent 5-10 video frames of 90 (75-88 ticks skipped as late; the sides that
-    passed 10-29), against 82-84 with less load. The controller had nothing to act on;
-    it did not act late on what it had."""
-    return all(
-        m.statistics()["video_frames_sent"] >= FRAMES and m.statistics()["duration_s"] >= CALL
-        for m in (alice, bob)
-    )
+#: Both sides sent FRAMES video frames and the call lasted CALL seconds.
+#:
+#: Counted in frames, not wall time, because the controller acts at events: the local
+#: cuts at video ticks, the others at the peer's reports, all at most every 0.3 s. A
+#: process starved of CPU runs few of them in a fixed time: beside CPU hogs (load 3-9
+#: on 2 cores), 5 of 10 runs of a fixed 3 s call failed with 0 or 1 cut, and those
+#: sides had sent 5-10 video frames of 90 (75-88 ticks skipped as late; the sides that
+#: passed 10-29), against 82-84 with less load. The controller had nothing to act on;
+#: it did not act late on what it had.
+_enough = video_sent(FRAMES)
 
 
 @pytest.mark.serial  # frames and reports per second of a real-time call
