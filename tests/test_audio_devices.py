@@ -220,7 +220,7 @@ def test_a_call_from_microphone_to_speaker(pulse: Pulse) -> None:
             # queue empty: 10 ms of zeros) or a device underflow (PortAudio's: the
             # server's buffer ran dry, the device thread late), at least one for each.
             # Beside CPU hogs (load 9-11, the daemons at nice 10 and the hogs at 0) a
-            # call had gaps of 40-65 ms (5 over 30) with 7 underruns and 7 underflows.
+            # call had gaps of 40, 45 and 65 ms with 7 underruns and 7 underflows.
             starved = media["speaker_underruns"] + media["speaker_device_underflows"]
             long_gaps = [g for g in gaps_ms(played, 300.0) if g > 30]
             assert len(long_gaps) <= starved, (handle, long_gaps, json.dumps(media))
