@@ -160,6 +160,12 @@ class RetransmitConfig:
 
     #: Fragments are kept this long after they were sent (a NACK for an older one
     #: could not arrive within any receiver's deadline anyway) ...
+    #: Not sized by the RTT (as max(0.5 s, 2 RTT), say), on purpose: a receiver gives a
+    #: missing frame up NackConfig.max_deadline (0.4 s) after a later one is complete,
+    #: so a fragment resent more than ~0.45 s after it first went out reaches it too
+    #: late at any RTT; over an RTT of ~0.4 s no resend plays and keyframe requests do
+    #: the work. (Seen: 0.8-1.45 s of RTT on a starved test process, tests/test_media_
+    #: call.py's NACK test; fragments kept longer would have been resent for nothing.)
     max_age: float = 0.5
     #: ... and this many at most (30 fps x ~4 datagrams x 0.5 s is ~60; keyframes more).
     max_fragments: int = 512
