@@ -337,3 +337,59 @@ def test_the_threshold_agrees_with_a_plain_bisection() -> None:
 
     for c in [*range(0, 60), *range(60, MAX_COUNT, 13), MAX_COUNT - 1]:
         assert math.isclose(poisson_threshold(c), bisection(c), rel_tol=1e-9), c
+
+
+@pytest.mark.parametrize("shared", [6, 8, 10])
+def test_a_resolver_near_a_targeted_key_estimates_the_network_not_its_bucket(
+    shared: int,
+) -> None:
+    """A resolver whose id shares ``shared`` bits with a handle's key, in a network of
+    1,000 honest nodes and 100 ids ground to 12 bits next to the key (bench_adversary's
+    targeted placement at N=1000). Its table holds the whole cluster in the key's bucket
+    (the unbalanced splits above), and the cluster was most of its 4k contacts nearest
+    its own id: with that bucket left out, fewer than k were left, and the estimate was
+    their count (14 in the benchmark). Every node near the key then looked packed:
+    honest replicas by the dozen were set aside (counted against the owner:
+    "contested"), and the lookup asked up to its cap (465 RPCs, the slowest 1 %). Now
+    the estimate is taken over every contact (p2pd/dht/core.py ``spread_limit``), the
+    ones left scaled by the space they stand for: near N, the honest replicas are
+    admitted, and the cluster still gets only the few slots chance allows."""
+    rng = random.Random(20 + shared)
+    key = dht_key("alice")
+    honest = honest_nodes(1000, rng)
+    cluster = ground_nodes(key, 12, 100, rng)
+    everyone = honest + cluster
+    closest = nearest(everyone, key)
+    honest_replicas = {n.id for n in nearest(honest, key)[: 4 * K]}
+    low = 1 << (159 - shared)
+    checked = 0
+    for _ in range(6):
+        net = CoreNet()
+        me = add_core(net, grind_node_key(key, shared, rng), ("198.51.100.7", 4000))
+        rng.shuffle(everyone)
+        for node in everyone:
+            node.key = b"k" * 32
+            me.table.add(node, net.now)
+        own = me.node.long_id
+        left = [
+            n for n in me.table.closest(me.node_id, 4 * K) if not low <= (n.long_id ^ own) < 2 * low
+        ]
+        if len(left) >= K:
+            continue  # the normal branch before: not this case
+        checked += 1
+        old = float(len(left) + 1)  # what the 4k nearest and the count gave
+        limit = me.spread_limit(key)
+        assert limit is not None and limit.scale is not None
+        new = ID_SPACE / limit.scale
+        assert 1100 / 4 < new < 4 * 1100, (new, len(left), len(me.table))
+        for size, honest_aside_max in ((old, None), (new, 4)):
+            chosen = SpreadLimit(BASE, key, size)
+            voters = chosen.select(closest, 4 * K)
+            aside = sum(1 for n in chosen.passed if n.id in honest_replicas)
+            admitted = sum(1 for n in voters if n in cluster)
+            if honest_aside_max is None:
+                assert aside >= 20, aside  # the control: the old estimate's harm
+            else:
+                assert aside <= honest_aside_max, (aside, new)
+                assert admitted <= 5, (admitted, new)  # as for a resolver far away
+    assert checked >= 3  # the case was met
