@@ -189,6 +189,10 @@ class QuicConfig:
     max_datagram_frame_size: int = 65535
     #: DATAGRAM frames waiting for congestion window before ``send_datagram`` drops new ones.
     max_pending_datagrams: int = 64
+    #: How many more may wait when the new one is ``urgent`` (a call's reports, NACKs and
+    #: keyframe requests): those are refused only when ``max_pending_datagrams`` plus
+    #: this many wait, so at most 80 frames (~93 KB) ever wait on a connection.
+    urgent_datagram_reserve: int = 16
     #: Receive window per stream (initial_max_stream_data_*, RFC 9000 section 4): what a
     #: peer may send beyond what the application has read. Bounds the memory of a stream.
     stream_window: int = 1 << 20

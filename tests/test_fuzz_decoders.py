@@ -746,7 +746,7 @@ class _SilentPeer:
 
     max_datagram_size = 1158
 
-    def send_datagram(self, data: bytes) -> bool:
+    def send_datagram(self, data: bytes, *, urgent: bool = False) -> bool:
         return True
 
     async def wait_closed(self) -> None:

@@ -317,7 +317,7 @@ class _Silent:
 
     max_datagram_size = 1158
 
-    def send_datagram(self, data: bytes) -> bool:
+    def send_datagram(self, data: bytes, *, urgent: bool = False) -> bool:
         return True
 
     async def wait_closed(self) -> None:
@@ -363,7 +363,7 @@ class _Recording(_Silent):
     def __init__(self) -> None:
         self.sent: list[bytes] = []
 
-    def send_datagram(self, data: bytes) -> bool:
+    def send_datagram(self, data: bytes, *, urgent: bool = False) -> bool:
         self.sent.append(data)
         return True
 
@@ -399,7 +399,7 @@ class _Wire(_Silent):
     def __init__(self) -> None:
         self.to: CallMedia | None = None
 
-    def send_datagram(self, data: bytes) -> bool:
+    def send_datagram(self, data: bytes, *, urgent: bool = False) -> bool:
         if self.to is not None:
             self.to.datagram_received(data)
         return True

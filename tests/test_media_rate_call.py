@@ -26,7 +26,7 @@ class _Queue:
         self.queued_datagrams = queued
         self.keyframes = 0
 
-    def send_datagram(self, data: bytes) -> bool:
+    def send_datagram(self, data: bytes, *, urgent: bool = False) -> bool:
         message = decode(data)
         if getattr(message, "keyframe", False) and getattr(message, "index", 1) == 0:
             self.keyframes += 1
@@ -61,6 +61,49 @@ async def test_a_queue_for_our_congestion_window_brings_the_encoder_down(
         assert stats["video_rate_decreases_local"] == 0, stats
         assert stats["video_target_kbps"] == stats["video_encoder_kbps"] == 300.0, stats
         assert stats["video_encoder_switches"] == 0 and peer.keyframes == 1, stats
+
+
+class _Full:
+    """A MediaPeer whose send queue is full of video: it refuses every datagram but an
+    urgent one, as a QuicPeer does with ``max_pending_datagrams`` waiting, and keeps
+    those."""
+
+    max_datagram_size = 1158
+    queued_datagrams = 64
+
+    def __init__(self) -> None:
+        self.urgent: list[bytes] = []
+        self.refused = 0
+
+    def send_datagram(self, data: bytes, *, urgent: bool = False) -> bool:
+        if urgent:
+            self.urgent.append(data)
+        else:
+            self.refused += 1
+        return urgent
+
+    async def wait_closed(self) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_full_queue_of_video_still_lets_our_reports_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Our reports tell the peer what it loses, so that it slows down: they go out as
+    urgent, past a queue full of our own audio and video, which is dropped. (Queued
+    behind the video, the reports of the heavy-loss call below were dropped at our own
+    queue: 5-7 of 12 a call.)"""
+    peer = _Full()
+    media = CallMedia(peer, audio_in="tone:440", video_in="testsrc", record=None, duration=3)
+    await media.run()
+    stats = media.statistics()
+    reports = [decode(d) for d in peer.urgent]
+    # One report per 0.5 s (and one at the start), all taken; no audio or video was.
+    assert all(isinstance(r, ReceiverReport) for r in reports), reports
+    assert len(reports) == stats["reports_sent"] >= 6, stats
+    assert stats["control_send_dropped"] == 0, stats
+    assert stats["datagrams_send_dropped"] == peer.refused, stats
+    assert peer.refused >= stats["audio_packets_sent"] + stats["video_frames_sent"] > 100
 
 
 async def test_reports_of_loss_bring_the_target_down_and_clean_ones_up(
@@ -134,7 +177,13 @@ async def test_heavy_loss_brings_the_video_bitrate_down_and_the_encoder_with_it(
         assert stats["video_frames_sent"] >= FRAMES, stats  # not cut short by LIMIT
         cuts = sum(stats[f"video_rate_decreases_{why}"] for why in ("loss", "delay", "local"))
         print({k: v for k, v in stats.items() if k.startswith("video_")})
+        counts = ("reports_sent", "reports_received", "datagrams_send_dropped")
+        print({k: stats[k] for k in (*counts, "control_send_dropped")})
         assert cuts >= 2, stats
+        # A full queue of ours (here beside two CPU hogs, 67-154 dropped per side; none
+        # when nothing else ran) drops video and audio, never our reports, NACKs or
+        # keyframe requests: 5-26 of those per side were, before they went as urgent.
+        assert stats["control_send_dropped"] == 0, stats
         # at least a net tenth below the start: the controller grows again between cuts
         # (up to 40 kbit/s a second), so two cuts need not leave it under 300 * 0.9**2
         # (a clean-clone CI run ended at 245.6; one local run in four did too)

@@ -88,6 +88,35 @@ async def test_a_datagram_the_transport_would_take_is_refused_not_lost() -> None
             assert not bob.quic.stats["quic_transport_datagrams_malformed"]
 
 
+async def test_an_urgent_datagram_goes_ahead_of_a_full_queue_within_its_reserve() -> None:
+    """64 datagrams of video wait for the congestion window (the queue is full: a 65th is
+    refused); an urgent one (a call's report) is still taken, and 15 more, up to the
+    reserve of 16; a 17th is refused too, so the queue stays bounded. The urgent ones
+    reach the peer first, not behind the video."""
+    send_back, received = trio.open_memory_channel[bytes](128)
+
+    def collect(peer: QuicPeer, data: bytes) -> None:
+        send_back.send_nowait(data)
+
+    with trio.fail_after(TIMEOUT):
+        async with open_node("alice") as alice, open_node("bob", on_datagram=collect) as bob:
+            peer = await alice.quic.connect(bob.address, bob.key)
+            config = alice.quic.config
+            assert (config.max_pending_datagrams, config.urgent_datagram_reserve) == (64, 16)
+            # No checkpoint from here to the first receive: nothing is sent meanwhile.
+            video = [b"\x20video %02d " % i + bytes(1000) for i in range(64)]
+            assert all(peer.send_datagram(v) for v in video)
+            assert not peer.send_datagram(b"\x20video 64")
+            urgent = [b"\x20report %02d" % i for i in range(16)]
+            assert all(peer.send_datagram(u, urgent=True) for u in urgent)
+            assert not peer.send_datagram(b"\x20report 16", urgent=True)
+            assert peer.queued_datagrams == 80
+            assert alice.quic.stats["quic_datagrams_dropped"] == 2
+            got = [await received.receive() for _ in range(80)]
+            assert sorted(got) == sorted(video + urgent)
+            assert sorted(got[:16]) == sorted(urgent), got[:20]
+
+
 def test_aioquic_itself_gets_stuck_on_an_oversize_datagram() -> None:
     """Why send_datagram checks sizes: in aioquic 1.7.2 a DATAGRAM frame that does not
     fit in a packet stays at the head of the queue and nothing after it is ever sent.

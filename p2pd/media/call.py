@@ -108,7 +108,7 @@ class MediaPeer(Protocol):
     @property
     def max_datagram_size(self) -> int: ...
 
-    def send_datagram(self, data: bytes) -> bool: ...
+    def send_datagram(self, data: bytes, *, urgent: bool = False) -> bool: ...
 
     async def wait_closed(self) -> None: ...
 
@@ -204,6 +204,8 @@ class _Counters:
     datagrams_sent: int = 0
     datagrams_received: int = 0
     send_dropped: int = 0
+    #: Of send_dropped, control datagrams (reports, NACKs, keyframe requests).
+    control_send_dropped: int = 0
     malformed: int = 0
     audio_packets_sent: int = 0
     audio_red_sent: int = 0
@@ -358,7 +360,7 @@ class CallMedia:
     def _send_nack(self, now: float) -> None:
         nack = self._assembler.nack_request(now, self._rtt.smoothed)
         if nack is not None:
-            self._send(nack.encode())
+            self._send(nack.encode(), control=True)
 
     def _deliver_frames(self, frames: list[AssembledFrame], now: float) -> None:
         for frame in frames:
@@ -457,10 +459,16 @@ class CallMedia:
             self.peer = peer
             self._path_switches += 1
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, *, control: bool = False) -> None:
+        """Send one datagram. ``control``: a receiver report, NACK or keyframe request,
+        not audio or video payload. It goes as ``urgent``, ahead of the media waiting
+        for the congestion window and not refused while media would be
+        (p2pd/transport/quic/peer.py, ``send_datagram``). Queued behind the video, a
+        25 %-loss call beside two CPU hogs dropped 5-7 reports, 15-22 keyframe requests
+        and 5-12 NACKs at our own full queue (3 runs, both sides)."""
         c = self._c
         try:
-            sent = self.peer.send_datagram(data)
+            sent = self.peer.send_datagram(data, urgent=control)
         except ConnectionLost:
             # The connection is gone (closed by either side, or timed out): the call ends.
             if not self._end_reason:
@@ -471,9 +479,11 @@ class CallMedia:
         except DatagramTooLarge:
             # Our packets are sized by max_datagram_size; only a shrinking path gets here.
             c.send_dropped += 1
+            c.control_send_dropped += control
             return
         if not sent:
             c.send_dropped += 1
+            c.control_send_dropped += control
             return
         c.datagrams_sent += 1
         c.bytes_sent += len(data)
@@ -527,7 +537,7 @@ class CallMedia:
             self._deliver_frames(self._assembler.poll(now), now)
             request = self._assembler.keyframe_request(now)
             if request is not None:
-                self._send(KeyframeRequest(request).encode())
+                self._send(KeyframeRequest(request).encode(), control=True)
                 self._c.keyframe_requests_sent += 1
             self._send_nack(now)
             if now >= next_report:
@@ -737,7 +747,7 @@ class CallMedia:
             accepts_redundancy=True,
             answers_nacks=self.config.video_nack,
         )
-        self._send(report.encode())
+        self._send(report.encode(), control=True)
         self._c.reports_sent += 1
 
     async def _video_send_loop(self, start: float, source: VideoSource) -> None:
@@ -883,6 +893,9 @@ class CallMedia:
             "datagrams_sent": c.datagrams_sent,
             "datagrams_received": c.datagrams_received,
             "datagrams_send_dropped": c.send_dropped,
+            "control_send_dropped": c.control_send_dropped,
+            "reports_sent": c.reports_sent,
+            "reports_received": c.reports_received,
             "datagrams_malformed": c.malformed,
             "ticks_late": c.ticks_late,
             "audio_playout_skipped": c.playout_skipped,

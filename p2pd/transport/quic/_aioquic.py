@@ -297,3 +297,10 @@ class Connection(QuicConnection):
         """DATAGRAM frames queued and not yet sent."""
         # INTERNAL: QuicConnection._datagrams_pending.
         return len(self._datagrams_pending)
+
+    def send_datagram_frame_first(self, data: bytes) -> None:
+        """Queue a DATAGRAM frame ahead of those waiting: the next packet the congestion
+        window allows carries it (``send_datagram_frame`` queues it behind them)."""
+        # INTERNAL: QuicConnection._datagrams_pending, a deque aioquic sends from the
+        # left (popleft once a frame is written).
+        self._datagrams_pending.appendleft(data)

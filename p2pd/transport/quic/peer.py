@@ -266,7 +266,7 @@ class QuicPeer:
         self.quic.send_ping(self._ping_uid)
         self.wake()
 
-    def send_datagram(self, data: bytes) -> bool:
+    def send_datagram(self, data: bytes, *, urgent: bool = False) -> bool:
         """Queue one unreliable DATAGRAM frame (RFC 9221).
 
         Raises :class:`~p2pd.errors.DatagramTooLarge` if ``data`` exceeds
@@ -278,6 +278,13 @@ class QuicPeer:
         :class:`~p2pd.errors.ConnectionLost` on a closed connection. Returns False, and
         drops the datagram, when ``QuicConfig.max_pending_datagrams`` are already
         waiting for congestion window: old audio is worth less than new.
+
+        ``urgent`` (a small message the peer's control loop needs, not payload: a call's
+        receiver reports, NACKs, keyframe requests) goes ahead of the datagrams waiting
+        and is refused only when ``urgent_datagram_reserve`` more than
+        ``max_pending_datagrams`` wait: a queue full of video no longer drops the report
+        that would tell the sender to slow down. Several urgent ones queued between two
+        packets go out newest first.
         """
         self._check_open()
         if is_transport_datagram(data):
@@ -294,10 +301,16 @@ class QuicPeer:
                 f"datagram of {len(data)} bytes refused: {self!r} accepts at most {limit}"
             )
         quic = self.quic
-        if quic.pending_datagrams >= self.config.max_pending_datagrams:
+        room = self.config.max_pending_datagrams
+        if urgent:
+            room += self.config.urgent_datagram_reserve
+        if quic.pending_datagrams >= room:
             self.endpoint.stats["quic_datagrams_dropped"] += 1
             return False
-        quic.send_datagram_frame(bytes(data))
+        if urgent:
+            quic.send_datagram_frame_first(bytes(data))
+        else:
+            quic.send_datagram_frame(bytes(data))
         self.note_activity()
         self.wake()
         return True
