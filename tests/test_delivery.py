@@ -25,7 +25,7 @@ from p2pd.calls import encode_signal
 from p2pd.config import CallsConfig, LanConfig, NodeConfig, QuicConfig
 from p2pd.daemon import Node, open_node
 from p2pd.errors import ConnectionLost, NotFound, PeerKeyMismatch, UsageError
-from p2pd.identity import HandleRef, Identity
+from p2pd.identity import HandleRef, Identity, fingerprint
 from p2pd.key_rotation import rotate_identity
 from p2pd.keystore import load_identity, save_identity
 from p2pd.messaging import DELIVERED
@@ -220,6 +220,18 @@ async def test_an_unanswered_batch_is_sent_again_after_the_backoff(root: Path) -
             start = trio.current_time()
             message = await alice.delivery.send("bob", "lost once")
             try:
+                # What `p2pd status --json` shows of a conversation whose batch waits
+                # (messages.schedule, for a conversation that stopped moving: issue 9).
+                await wait_for(lambda: bool(swallowed), timeout=8.0)
+                schedule = Api(alice).status()["messages"]["schedule"]
+                (row,) = schedule["conversations"]
+                assert row["peer"] == fingerprint(bob_id.public_key)[:12] and row["held"]
+                assert any(
+                    ex["written"] and ex["waiting"] == 1 and 0 < ex["deadline_in"] <= 10.0
+                    for ex in row["exchanges"]
+                )
+                assert schedule["workers"] == 1 and row["worker"] is not None
+                assert schedule["timer_in"] is not None and schedule["timer_in"] <= 10.0
                 await wait_for(
                     lambda: alice.delivery.messages.get(message.id).state == DELIVERED,  # type: ignore[union-attr]
                     timeout=8.0,
@@ -251,6 +263,9 @@ async def test_an_idle_service_sleeps_without_a_deadline(root: Path) -> None:
             for n in (alice, bob):
                 await wait_for(lambda n=n: n.delivery.core.get_timer() is None)  # type: ignore[misc]
                 assert n.delivery._timer.deadline == math.inf
+                schedule = Api(n).status()["messages"]["schedule"]
+                assert schedule["conversations"] == [] and schedule["workers"] == 0
+                assert schedule["timer_in"] is None and schedule["core_next_in"] is None
 
 
 async def test_with_every_connection_slot_taken_a_message_goes_to_the_mailbox(

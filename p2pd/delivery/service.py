@@ -216,6 +216,8 @@ class Delivery:
         self._verifying: set[tuple[str, bytes]] = set()  # claims being looked up
         #: Set to wake a worker that waits (WAIT): its exchange ended, RetryDue, PrepareDue.
         self._worker_wake: dict[bytes, trio.Event] = {}
+        #: What each running worker is doing (awaiting) now, for the status view.
+        self._doing: dict[bytes, str] = {}
         #: The exchanges whose answers are being read: a scope to stop reading when the
         #: core's timer ends one, and the connection it was written on.
         self._reading: dict[Exchange, tuple[trio.CancelScope, QuicPeer]] = {}
@@ -356,6 +358,7 @@ class Delivery:
         """Deliver one conversation's due messages, in batches, until none is due; the
         core says what to do next (``worker_step``: one batch in flight at a time, and
         what is queued behind it encrypted while it waits; see its module docstring)."""
+        doing = self._doing
         try:
             async with trio.open_nursery() as exchanges:
                 for _ in range(10_000):  # bounded: batches and waits, then rescheduled
@@ -363,13 +366,16 @@ class Delivery:
                     if step == WAIT:  # for ExchangeEnded, RetryDue, PrepareDue or SendDue
                         self._rearm()  # a gathering batch has a deadline (SendDue)
                         self._worker_wake[peer_key] = wake = trio.Event()
+                        doing[peer_key] = "wait"
                         await wake.wait()
                         continue
                     if step == PREPARE:
+                        doing[peer_key] = "prepare"
                         await self._prepare(peer_key)
                         continue
                     batch = self.messages.due_for(peer_key, time.time(), limit=BATCH)
                     if not batch:
+                        doing[peer_key] = "answers"  # the nursery waits for its readers
                         return
                     try:
                         await self._deliver(peer_key, batch, exchanges)
@@ -379,6 +385,7 @@ class Delivery:
                             self.core.delivery_failed(batch, time.time())
         finally:
             self._worker_wake.pop(peer_key, None)
+            doing.pop(peer_key, None)
             with self._committed():
                 self.core.conversation_idle(peer_key)
 
@@ -401,6 +408,7 @@ class Delivery:
         """One batch: encrypted, then written on a stream (its answers read in a task of
         ``exchanges``), or left in the mailbox if no connection can be made."""
         handle = batch[0].handle
+        self._doing[peer_key] = "record"
         record = await self._record_for(peer_key, handle)
         with self._committed():
             # Each envelope with its ratchet step, the batch in one transaction; before
@@ -408,10 +416,12 @@ class Delivery:
             ready = self.core.prepare(peer_key, batch, _bundle(record), time.time())
         if not ready:
             return
+        self._doing[peer_key] = "connect"
         peer = await self._connect(peer_key, record)
         if peer is not None:
             via = "relay" if is_virtual(peer.address[0]) else "direct"
             exchange = self.core.start_exchange(peer_key, ready, time.time(), via=via)
+            self._doing[peer_key] = "write"
             try:
                 stream = await self._write_exchange(peer, exchange)
             except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -419,6 +429,7 @@ class Delivery:
             else:
                 exchanges.start_soon(self._await_answers, peer, stream, exchange)
                 return
+        self._doing[peer_key] = "mailbox"
         await self._send_mailbox(peer_key, ready)
 
     async def _record_for(
@@ -881,6 +892,32 @@ class Delivery:
             ).fetchone()[0],
             "events_dropped": self.events.dropped,
             "unreadable_rows": self.messages.corrupt_rows,  # p2pd/at_rest.py
+            "schedule": self.debug_state(),
+        }
+
+    def debug_state(self) -> dict[str, Any]:
+        """Each conversation delivery schedules or works on: the core's schedule
+        (:meth:`DeliveryCore.debug_state`) and this service's side of it: its worker
+        (what it awaits, or None: no worker runs) and the one timer, in seconds from now.
+        For diagnosing a conversation that does not move (issue 9); no message, no key."""
+        now = time.time()
+        timer = self._timer.deadline
+        timer_in = None if math.isinf(timer) else round(timer - trio.current_time(), 3)
+        armed_in = None if self._armed is None else round(self._armed - now, 3)
+        core_next = self.core.get_timer()
+        rows = self.core.debug_state(now)
+        by_peer = {fingerprint(key)[:12]: key for key in self._doing}
+        for row in rows:
+            key = by_peer.get(str(row["peer"]))
+            row["worker"] = self._doing.get(key) if key is not None else None
+            wake = self._worker_wake.get(key) if key is not None else None
+            row["wake_set"] = None if wake is None else wake.is_set()
+        return {
+            "timer_in": timer_in,
+            "armed_in": armed_in,
+            "core_next_in": None if core_next is None else round(core_next - now, 3),
+            "workers": len(self._doing),
+            "conversations": rows,
         }
 
 
