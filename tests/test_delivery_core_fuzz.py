@@ -30,6 +30,7 @@ from p2pd.delivery.events import (
     RetryDue,
     SendDue,
 )
+from p2pd.delivery.service import MAILBOX_PHASE
 from p2pd.messaging import DELIVERED
 from p2pd.testing.delivery_pair import ACK_TIMEOUT, Pair, Side, frames_of
 
@@ -184,11 +185,15 @@ class Model:
                 net.readers.append(reader)
                 self.transmit(reader, "to bob", exchange.data)
                 return
-        # the mailbox (bob is not up: nothing fetches it here; only the attempt counts)
+        # the mailbox for MAILBOX_PHASE at most, as Delivery._send_mailbox (bob is not up:
+        # nothing fetches it here; only the attempt counts)
         puts = core.plan_mailbox(bob, ready, pair.now)
         self.commit()
-        for put in puts:
-            yield ("sleep", self.rng.uniform(0.01, 0.2))
+        until = pair.now + MAILBOX_PHASE
+        for n, put in enumerate(puts):
+            if n and pair.now >= until:  # the rest stay due: connect again first
+                return
+            yield ("sleep", self.rng.uniform(0.01, 1.0))
             self.dispatch(core.mailbox_put_done(put, self.rng.choice([0, 1]), pair.now))
             self.commit()
 
