@@ -188,6 +188,22 @@ def _all_delivered(home: Path, ids: list[str]) -> bool:
     return all(states.get(i) == "delivered" for i in ids)
 
 
+def _stalled(home: Path) -> str:
+    """What a failed delivery test shows: the outbox by state, attempts and envelope, and
+    delivery's schedule (issue 9: a conversation that stopped moving)."""
+    db = sqlite3.connect(f"file:{home / 'p2pd.db'}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT state, attempts, envelope IS NOT NULL, COUNT(*), MIN(seq), MAX(seq) "
+            "FROM messages WHERE direction='out' GROUP BY 1, 2, 3 ORDER BY 5"
+        ).fetchall()
+    finally:
+        db.close()
+    with ControlClient(home) as client:
+        schedule = client.call("status")["messages"]["schedule"]
+    return f"outbox (state, attempts, encrypted, count, seqs): {rows}; schedule: {schedule}"
+
+
 @pytest.mark.parametrize("victim", ["receiver", "sender"])
 def test_kill_9_during_a_burst_loses_nothing(net: Net, victim: str) -> None:
     count = 500
@@ -223,7 +239,8 @@ def test_kill_9_during_a_burst_loses_nothing(net: Net, victim: str) -> None:
                 ids.append(client.call("send", {"handle": "bob", "text": f"m{i:03d}"})["id"])
     else:
         net.start("bob")
-    assert wait_until(lambda: _all_delivered(net.home("alice"), ids), timeout=120, interval=1)
+    if not wait_until(lambda: _all_delivered(net.home("alice"), ids), timeout=120, interval=1):
+        pytest.fail(f"not all delivered: {_stalled(net.home('alice'))}")
     got = texts_from(net.home("bob"), "alice")
     assert got == ["start", *(f"m{i:03d}" for i in range(count))]  # each once, in order
 

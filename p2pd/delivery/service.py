@@ -119,6 +119,12 @@ RESOLVE_TIMEOUT = 10.0
 VERIFY_RETRY_DELAYS = (5.0, 20.0, 60.0)
 #: Claims checked at once; more wait for their next message (each costs lookups).
 MAX_VERIFYING = 64
+#: How long a worker that could not connect leaves messages in the peer's mailbox (at
+#: least one) before it tries to connect again; the rest stay due (issue 9). Each put
+#: is a DHT lookup, postage and puts: 0.3-2.5 s measured on a quiet machine, more on a
+#: loaded one. A whole batch (256) put one by one held the conversation for minutes,
+#: and a peer back meanwhile got nothing directly until it was done.
+MAILBOX_PHASE = 2.0
 
 
 class EventBus:
@@ -216,6 +222,8 @@ class Delivery:
         self._verifying: set[tuple[str, bytes]] = set()  # claims being looked up
         #: Set to wake a worker that waits (WAIT): its exchange ended, RetryDue, PrepareDue.
         self._worker_wake: dict[bytes, trio.Event] = {}
+        #: What each running worker is doing (awaiting) now, for the status view.
+        self._doing: dict[bytes, str] = {}
         #: The exchanges whose answers are being read: a scope to stop reading when the
         #: core's timer ends one, and the connection it was written on.
         self._reading: dict[Exchange, tuple[trio.CancelScope, QuicPeer]] = {}
@@ -356,6 +364,7 @@ class Delivery:
         """Deliver one conversation's due messages, in batches, until none is due; the
         core says what to do next (``worker_step``: one batch in flight at a time, and
         what is queued behind it encrypted while it waits; see its module docstring)."""
+        doing = self._doing
         try:
             async with trio.open_nursery() as exchanges:
                 for _ in range(10_000):  # bounded: batches and waits, then rescheduled
@@ -363,13 +372,16 @@ class Delivery:
                     if step == WAIT:  # for ExchangeEnded, RetryDue, PrepareDue or SendDue
                         self._rearm()  # a gathering batch has a deadline (SendDue)
                         self._worker_wake[peer_key] = wake = trio.Event()
+                        doing[peer_key] = "wait"
                         await wake.wait()
                         continue
                     if step == PREPARE:
+                        doing[peer_key] = "prepare"
                         await self._prepare(peer_key)
                         continue
                     batch = self.messages.due_for(peer_key, time.time(), limit=BATCH)
                     if not batch:
+                        doing[peer_key] = "answers"  # the nursery waits for its readers
                         return
                     try:
                         await self._deliver(peer_key, batch, exchanges)
@@ -379,6 +391,7 @@ class Delivery:
                             self.core.delivery_failed(batch, time.time())
         finally:
             self._worker_wake.pop(peer_key, None)
+            doing.pop(peer_key, None)
             with self._committed():
                 self.core.conversation_idle(peer_key)
 
@@ -401,6 +414,7 @@ class Delivery:
         """One batch: encrypted, then written on a stream (its answers read in a task of
         ``exchanges``), or left in the mailbox if no connection can be made."""
         handle = batch[0].handle
+        self._doing[peer_key] = "record"
         record = await self._record_for(peer_key, handle)
         with self._committed():
             # Each envelope with its ratchet step, the batch in one transaction; before
@@ -408,10 +422,12 @@ class Delivery:
             ready = self.core.prepare(peer_key, batch, _bundle(record), time.time())
         if not ready:
             return
+        self._doing[peer_key] = "connect"
         peer = await self._connect(peer_key, record)
         if peer is not None:
             via = "relay" if is_virtual(peer.address[0]) else "direct"
             exchange = self.core.start_exchange(peer_key, ready, time.time(), via=via)
+            self._doing[peer_key] = "write"
             try:
                 stream = await self._write_exchange(peer, exchange)
             except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -419,6 +435,7 @@ class Delivery:
             else:
                 exchanges.start_soon(self._await_answers, peer, stream, exchange)
                 return
+        self._doing[peer_key] = "mailbox"
         await self._send_mailbox(peer_key, ready)
 
     async def _record_for(
@@ -524,9 +541,18 @@ class Delivery:
                     return
 
     async def _send_mailbox(self, peer_key: bytes, ready: list[Message]) -> None:
+        """Leave what the core picks in the peer's mailbox, for ``MAILBOX_PHASE`` at
+        most (one put at least): the messages not put yet are not counted as attempted
+        and stay due, so the worker tries a connection again before it puts more (the
+        peer may be back), instead of putting a whole batch first."""
         with self._committed():
             puts = self.core.plan_mailbox(peer_key, ready, time.time())
-        for put in puts:  # padded, sealed to the peer and stamped by the DHT
+        until = trio.current_time() + MAILBOX_PHASE
+        for n, put in enumerate(puts):  # padded, sealed to the peer and stamped by the DHT
+            if n and trio.current_time() >= until:
+                log.info("%d message(s) not left in a mailbox yet: connecting again first",
+                         len(puts) - n)  # fmt: skip
+                return
             copies = await self.dht.mailbox_put(peer_key, put.plaintext)
             with self._committed():
                 events = self.core.mailbox_put_done(put, copies, time.time())
@@ -881,6 +907,32 @@ class Delivery:
             ).fetchone()[0],
             "events_dropped": self.events.dropped,
             "unreadable_rows": self.messages.corrupt_rows,  # p2pd/at_rest.py
+            "schedule": self.debug_state(),
+        }
+
+    def debug_state(self) -> dict[str, Any]:
+        """Each conversation delivery schedules or works on: the core's schedule
+        (:meth:`DeliveryCore.debug_state`) and this service's side of it: its worker
+        (what it awaits, or None: no worker runs) and the one timer, in seconds from now.
+        For diagnosing a conversation that does not move (issue 9); no message, no key."""
+        now = time.time()
+        timer = self._timer.deadline
+        timer_in = None if math.isinf(timer) else round(timer - trio.current_time(), 3)
+        armed_in = None if self._armed is None else round(self._armed - now, 3)
+        core_next = self.core.get_timer()
+        rows = self.core.debug_state(now)
+        by_peer = {fingerprint(key)[:12]: key for key in self._doing}
+        for row in rows:
+            key = by_peer.get(str(row["peer"]))
+            row["worker"] = self._doing.get(key) if key is not None else None
+            wake = self._worker_wake.get(key) if key is not None else None
+            row["wake_set"] = None if wake is None else wake.is_set()
+        return {
+            "timer_in": timer_in,
+            "armed_in": armed_in,
+            "core_next_in": None if core_next is None else round(core_next - now, 3),
+            "workers": len(self._doing),
+            "conversations": rows,
         }
 
 
