@@ -24,6 +24,8 @@ from p2pd.api import Api
 from p2pd.calls import encode_signal
 from p2pd.config import CallsConfig, LanConfig, NodeConfig, QuicConfig
 from p2pd.daemon import Node, open_node
+from p2pd.delivery import service
+from p2pd.delivery.events import ExchangeEnded
 from p2pd.errors import ConnectionLost, NotFound, PeerKeyMismatch, UsageError
 from p2pd.identity import HandleRef, Identity, fingerprint
 from p2pd.key_rotation import rotate_identity
@@ -289,6 +291,61 @@ async def test_a_peer_back_while_a_burst_goes_to_its_mailbox_gets_it_directly(
                 assert inbox_texts(bob) == ["hello", *(f"m{i:02d}" for i in range(60))]
             assert took < 12.0
             assert alice.delivery.stats["sent_mailbox"] < 30  # not the whole burst first
+
+
+async def test_a_lost_wake_up_delays_a_conversation_and_is_counted_not_a_stall(
+    root: Path,
+) -> None:
+    """The wake-up that ends a worker's WAIT is lost (here: alice's service never sees
+    the end of her batch's exchange): the worker looks again after WAIT_RECHECK, sends
+    what was queued meanwhile, and counts it (wakeups_lost). Without that look the
+    second message waited for good, as once under load (the kill -9 burst test)."""
+    alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
+    with trio.fail_after(60):
+        async with (
+            node(root, alice_id) as alice,
+            node(root, bob_id, bootstrap=(alice.listen_address,)) as bob,
+        ):
+            hello = await alice.delivery.send("bob", "hello")
+            await wait_for(
+                lambda: alice.delivery.messages.get(hello.id).state == DELIVERED  # type: ignore[union-attr]
+            )
+            dispatch = alice.delivery._dispatch
+            dropped: list[ExchangeEnded] = []
+            lost: list[bytes] = []  # the id of "first", once queued
+
+            def of_first(event: object) -> bool:
+                return (
+                    isinstance(event, ExchangeEnded)
+                    and event.exchange is not None
+                    and bool(lost)
+                    and lost[0] in event.exchange.ids
+                )
+
+            def lose_the_end(events: Any, peer: Any = None) -> None:
+                if not dropped:  # the end of the batch of "first", once (not a signal's)
+                    dropped.extend(e for e in events if of_first(e))
+                    events = [e for e in events if not of_first(e)]
+                dispatch(events, peer)
+
+            alice.delivery._dispatch = lose_the_end  # type: ignore[method-assign]
+            first = await alice.delivery.send("bob", "first")
+            lost.append(first.id)  # (before its worker runs: no checkpoint in between)
+            await wait_for(
+                lambda: alice.delivery.messages.get(first.id).state == DELIVERED  # type: ignore[union-attr]
+            )
+            await wait_for(lambda: bool(dropped))  # her worker waits on for that end
+            assert alice.delivery.stats["wakeups_lost"] == 0
+            start = trio.current_time()
+            second = await alice.delivery.send("bob", "second")
+            await wait_for(
+                lambda: alice.delivery.messages.get(second.id).state == DELIVERED,  # type: ignore[union-attr]
+                timeout=service.WAIT_RECHECK + 8.0,
+            )
+            took = trio.current_time() - start
+            assert took >= service.WAIT_RECHECK * 0.5, took  # it did wait, then looked
+            assert alice.delivery.stats["wakeups_lost"] == 1
+            assert inbox_texts(bob) == ["hello", "first", "second"]
 
 
 async def test_an_idle_service_sleeps_without_a_deadline(root: Path) -> None:

@@ -374,6 +374,7 @@ class DeliveryCore:
             "duplicates": 0,
             "malformed_frames": 0,
             "mailbox_polls": 0,
+            "wakeups_lost": 0,
         }
 
     def writes_to_commit(self) -> list[Write]:

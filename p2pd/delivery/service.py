@@ -125,6 +125,13 @@ MAX_VERIFYING = 64
 #: loaded one. A whole batch (256) put one by one held the conversation for minutes,
 #: and a peer back meanwhile got nothing directly until it was done.
 MAILBOX_PHASE = 2.0
+#: A worker that waits (WAIT) looks at its conversation again after this long even if
+#: no event woke it, and counts it (``wakeups_lost``) and logs it if there was work.
+#: A safety net, not the schedule: every WAIT has an event that ends it (an exchange's
+#: end, its retry, a prepare or send deadline). Yet once, under load, a worker waited
+#: for good with 497 messages queued behind it and nothing left to wake it (the
+#: kill -9 burst test, issue 9; dump in ``messages.schedule``): cause not found.
+WAIT_RECHECK = 2.0
 
 
 class EventBus:
@@ -365,16 +372,24 @@ class Delivery:
         core says what to do next (``worker_step``: one batch in flight at a time, and
         what is queued behind it encrypted while it waits; see its module docstring)."""
         doing = self._doing
+        unwoken = False  # the last WAIT ended at WAIT_RECHECK, not by its event
         try:
             async with trio.open_nursery() as exchanges:
                 for _ in range(10_000):  # bounded: batches and waits, then rescheduled
                     step = self.core.worker_step(peer_key, time.time())
+                    if unwoken and step != WAIT:
+                        self.stats["wakeups_lost"] += 1
+                        log.warning("delivery to %s: work found with no wake-up (%s)",
+                                    _who(peer_key), step)  # fmt: skip
                     if step == WAIT:  # for ExchangeEnded, RetryDue, PrepareDue or SendDue
                         self._rearm()  # a gathering batch has a deadline (SendDue)
                         self._worker_wake[peer_key] = wake = trio.Event()
                         doing[peer_key] = "wait"
-                        await wake.wait()
+                        with trio.move_on_after(WAIT_RECHECK):
+                            await wake.wait()
+                        unwoken = not wake.is_set()
                         continue
+                    unwoken = False
                     if step == PREPARE:
                         doing[peer_key] = "prepare"
                         await self._prepare(peer_key)
