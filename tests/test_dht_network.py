@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pd.claims import contested_error
+from p2pd.claims import OK, Resolution, contested_error
+from p2pd.dht import driver
+from p2pd.dht.lookup import LookupResult
 from p2pd.dht.routing import Node, subnet_of
 from p2pd.errors import Contested, NotFound
 from p2pd.identity import HandleRef, Identity
@@ -206,6 +208,28 @@ async def test_a_squatter_on_many_replicas_makes_the_handle_contested_not_taken(
                 for wanted in (record, rival):
                     ref = HandleRef.parse(f"{wanted.handle}#{wanted.fingerprint[:16]}")
                     assert (await asker.dht.resolve(ref)).public_key == wanted.public_key
+            # Later the rival's replicas answer too late to count (a loaded machine): the
+            # lookup sees the owner's claim alone. It stays contested on a node that
+            # found it so (CONTESTED_MEMORY), and a send would not pin either key.
+            asker = swarm.nodes[11]
+            real = asker.dht.resolve_claim
+
+            async def rival_late(ref: HandleRef) -> tuple[Resolution, LookupResult]:
+                resolution, result = await real(ref)
+                mine = tuple(c for c in resolution.claims if c.public_key == record.public_key)
+                return Resolution(OK, mine[0].record, mine), result
+
+            asker.dht.resolve_claim = rival_late  # type: ignore[method-assign]
+            with pytest.raises(Contested) as caught:
+                await asker.dht.resolve(HandleRef(record.handle))
+            assert {c["fingerprint"] for c in caught.value.claims} == {
+                record.fingerprint,
+                rival.fingerprint,
+            }
+            later = time.time() + driver.CONTESTED_MEMORY + 1
+            asker.dht._wall = lambda: later  # the memory has run out: one claim is all
+            found = await asker.dht.resolve(HandleRef(record.handle))
+            assert found.public_key == record.public_key
 
 
 async def test_restarted_node_still_serves_stored_records(tmp_path: Path) -> None:

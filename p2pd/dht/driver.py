@@ -43,6 +43,17 @@ from .storage import RecordStorage
 
 T = TypeVar("T")
 
+#: A plain handle found contested stays contested for this long (seconds) on this node,
+#: even if a later lookup sees one claim only: a replica that answers late (a loaded
+#: machine, a lossy path) must not turn "contested" into one of the rival keys, pinned
+#: by the next ``send``. Seen: ``whois dave`` said contested, and ``send dave`` a
+#: moment later queued the message to one claim (a loaded test run). The
+#: self-certifying form still picks one. The cost: a contest that ends (the rival's
+#: claim expires) is still reported for up to this long.
+CONTESTED_MEMORY = 600.0
+#: Plain handles remembered as contested, at most (the oldest is forgotten first).
+CONTESTED_REMEMBERED = 1024
+
 
 class DatagramTransport(Protocol):
     """What the DHT sends through: the node's UDP endpoint, or a fake one."""
@@ -74,6 +85,8 @@ class DHT:
         #: The pass a mailbox owner gave us, if any (p2pd/dht/mailbox_pass_share.py):
         #: our puts into its mailbox then carry it instead of postage.
         self.mailbox_passes: Callable[[bytes], mailbox_pass.MailboxPass | None] = lambda _: None
+        #: Plain handles found contested: (wall time, that resolution), oldest first.
+        self._contested: dict[str, tuple[float, Resolution]] = {}
         add_hook = getattr(transport, "add_flush_hook", None)
         if add_hook is not None:
             add_hook(self.flush)
@@ -175,6 +188,8 @@ class DHT:
         NotFound, or Contested when different keys claim it (p2pd/claims.py)."""
         resolution, result = await self.resolve_claim(ref)
         record = resolution.record
+        if ref.fingerprint_prefix is None:
+            resolution = self._remember_contested(ref.handle, resolution)
         if resolution.status == CONTESTED:
             raise contested_error(ref.handle, resolution)
         if record is None:
@@ -187,6 +202,27 @@ class DHT:
         if not record.present(self._wall()):
             record = record.without_presence()
         return record, result
+
+    def _remember_contested(self, handle: str, resolution: Resolution) -> Resolution:
+        """``resolution`` for plain ``handle``, or the contested one seen for it within
+        CONTESTED_MEMORY (its claims joined by any new key found now)."""
+        now = self._wall()
+        seen = self._contested.get(handle)
+        if resolution.status == CONTESTED:
+            self._contested.pop(handle, None)
+            self._contested[handle] = (now, resolution)
+            while len(self._contested) > CONTESTED_REMEMBERED:
+                del self._contested[next(iter(self._contested))]
+            return resolution
+        if seen is None:
+            return resolution
+        when, old = seen
+        if not 0 <= now - when < CONTESTED_MEMORY:
+            del self._contested[handle]
+            return resolution
+        keys = {claim.public_key for claim in old.claims}
+        new = tuple(c for c in resolution.claims if c.public_key not in keys)
+        return Resolution(CONTESTED, None, old.claims + new)
 
     async def mailbox_put(self, owner_public_key: bytes, plaintext: bytes) -> int:
         """Leave ``plaintext`` in someone's mailbox, padded, sealed to them and stamped
