@@ -729,6 +729,9 @@ def test_cancel_from_either_side_through_the_cli_and_what_files_follow_shows(net
                 assert wait_until(
                     lambda s=side, t=tid: _row(net, s, t)["state"] == "cancelled", timeout=20
                 ), _row(net, side, tid)
+            told = "alice" if canceller == "bob" else "bob"  # and who it was, as it is shown
+            assert _row(net, canceller, tid)["error"] == ""
+            assert _row(net, told, tid)["error"] == f"cancelled by {canceller}"
             sent = _row(net, "alice", tid)["bytes_done"]
             time.sleep(1.0)  # the sender stopped: nothing more goes out
             assert _row(net, "alice", tid)["bytes_done"] == sent < 12 * GROUP
@@ -749,6 +752,8 @@ def test_cancel_from_either_side_through_the_cli_and_what_files_follow_shows(net
         mine = [line for line in shown if line.startswith(tid) or line.startswith(f"{name}:")]
         states = [line.split()[1] for line in mine if line.startswith(tid)]
         assert states[0] == "accepted" and states[-1] == "cancelled", mine
+        by_alice = name == "second.bin"  # bob was told: he sees who
+        assert mine[-1].endswith("  [cancelled by alice]\n") == by_alice, mine
         progress = [line for line in mine if line.startswith(f"{name}:")]
         assert progress and "% " in progress[0] and "/s" in progress[0], mine
         assert "eta -" not in progress[0], progress  # 2 MB/s: an eta in seconds
