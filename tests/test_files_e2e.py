@@ -688,3 +688,72 @@ def test_both_stopped_mid_transfer_resume_when_restarted_sender_last(net: Net) -
     assert hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest() == digest
     assert got["resent"] <= GROUP, got
     assert wait_until(lambda: one_file(net.home("alice"), "out")["state"] == "done", timeout=30)
+
+
+def _row(net: Net, handle: str, tid: str) -> dict[str, Any]:
+    """The transfer whose id starts with ``tid``, as ``p2pd files --json`` shows it."""
+    rows = [f for f in files(net.home(handle)) if f["id"].startswith(tid)]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def test_cancel_from_either_side_through_the_cli_and_what_files_follow_shows(net: Net) -> None:
+    """`p2pd cancel` by the receiver (bob) mid-way, then by the sender (alice): the other
+    side is told and stops sending, both show "cancelled", bob keeps nothing (no final
+    file, no partial); cancelling again (exit 2) or an unknown id (exit 1) is a clear error.
+    Bob's `p2pd files --follow` (no --json) shows each transfer's state changes and its
+    progress lines, as a person reads them."""
+    net.init("alice", "bob", max_rate=2_000_000)
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    follow = subprocess.Popen(
+        [*p2pd_command(), "--home", str(net.home("bob")), "files", "--follow"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    shown: list[str] = []  # the reader ends when the process does (terminated below)
+    reader = threading.Thread(target=lambda: shown.extend(follow.stdout or ()), daemon=True)
+    reader.start()
+    tids = {}
+    try:
+        for canceller, name in (("bob", "first.bin"), ("alice", "second.bin")):
+            random_file(net.root / name, 12 * GROUP)  # 6 s at 2 MB/s: time to cancel
+            proc = run_cli(net.home("alice"), "send-file", "bob", str(net.root / name))
+            assert proc.returncode == 0, proc.stderr
+            tid = tids[name] = proc.stdout.split("id ")[-1].strip()
+            assert wait_until(lambda t=tid: _row(net, "bob", t)["bytes_done"] >= GROUP, 60)
+            proc = run_cli(net.home(canceller), "cancel", tid)
+            assert proc.returncode == 0, proc.stderr
+            assert proc.stdout.startswith(f"{tid}  cancelled ") and name in proc.stdout
+            for side in ("alice", "bob"):
+                assert wait_until(
+                    lambda s=side, t=tid: _row(net, s, t)["state"] == "cancelled", timeout=20
+                ), _row(net, side, tid)
+            told = "alice" if canceller == "bob" else "bob"  # and who it was, as it is shown
+            assert _row(net, canceller, tid)["error"] == ""
+            assert _row(net, told, tid)["error"] == f"cancelled by {canceller}"
+            sent = _row(net, "alice", tid)["bytes_done"]
+            time.sleep(1.0)  # the sender stopped: nothing more goes out
+            assert _row(net, "alice", tid)["bytes_done"] == sent < 12 * GROUP
+            assert list(net.downloads("bob").iterdir()) == []  # no final file, no partial
+            for who in ("alice", "bob"):
+                proc = run_cli(net.home(who), "cancel", tid)
+                assert proc.returncode == 2, proc.stderr  # a usage error
+                assert proc.stderr == f"ERROR: transfer {tid} is already cancelled\n"
+        proc = run_cli(net.home("bob"), "cancel", "ffffffff")
+        assert proc.returncode == 1 and "no transfer" in proc.stderr, proc.stderr
+        assert wait_until(lambda: sum("cancelled" in line for line in shown) >= 2, timeout=10)
+    finally:
+        follow.terminate()
+        follow.wait(timeout=10)
+        reader.join(timeout=10)
+    print("".join(shown))
+    for name, tid in tids.items():
+        mine = [line for line in shown if line.startswith(tid) or line.startswith(f"{name}:")]
+        states = [line.split()[1] for line in mine if line.startswith(tid)]
+        assert states[0] == "accepted" and states[-1] == "cancelled", mine
+        by_alice = name == "second.bin"  # bob was told: he sees who
+        assert mine[-1].endswith("  [cancelled by alice]\n") == by_alice, mine
+        progress = [line for line in mine if line.startswith(f"{name}:")]
+        assert progress and "% " in progress[0] and "/s" in progress[0], mine
+        assert any("eta -" not in line for line in progress), progress  # 2 MB/s: seconds

@@ -460,7 +460,9 @@ class FilesService:
                 t.id,
                 time.time(),
                 state=state,
-                error="" if state != "failed" else REASONS.get(reason, "refused"),
+                error={"failed": REASONS.get(reason, "refused"), "rejected": ""}.get(
+                    state, f"cancelled by {t.handle}"
+                ),
             )
         self._rates.pop(t.id, None)
         self._changed(t.id)
@@ -678,7 +680,9 @@ class FilesService:
             self.store.update(t.id, time.time(), state="failed", error=REASONS[reason])
         else:
             state = "rejected" if reason == REASON_REJECTED else "cancelled"
-            self.store.update(t.id, time.time(), state=state)
+            # say who: `p2pd files` would show the same "cancelled" whichever side did it
+            note = f"cancelled by {t.handle}" if state == "cancelled" else ""
+            self.store.update(t.id, time.time(), state=state, error=note)
         scope = self._scopes.get(t.id)
         if scope is not None:
             scope.cancel()
