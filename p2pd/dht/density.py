@@ -58,7 +58,14 @@ from .routing import ID_SPACE, AddressLimit, Node
 if TYPE_CHECKING:
     from .lookup import LookupResult
 
-__all__ = ["PACKED_P", "SizeEstimate", "SpreadLimit", "estimate_size", "poisson_threshold"]
+__all__ = [
+    "PACKED_P",
+    "SizeEstimate",
+    "SpreadLimit",
+    "depth_bound",
+    "estimate_size",
+    "poisson_threshold",
+]
 
 #: A node is skipped as packed when the count admitted nearer than it would happen by
 #: chance with probability below this.
@@ -67,6 +74,9 @@ PACKED_P = 1e-3
 SIZE_SAMPLES = 16
 SIZE_MIN_SAMPLES = 2
 SIZE_SAMPLE_AGE = 600.0
+#: The table's depth bound (:func:`depth_bound`) is this many times the size its first
+#: depth with fewer than k contacts implies: slack for Binomial noise at that depth.
+DEPTH_SLACK = 2
 #: Thresholds are computed for at most this many admitted nodes (a lookup's k and a bit).
 MAX_COUNT = 512
 
@@ -107,12 +117,47 @@ def poisson_threshold(c: int, p: float = PACKED_P) -> float:
     return hi
 
 
+def depth_bound(own_id: bytes, contacts: Iterable[Node], k: int) -> float | None:
+    """An upper bound on the network's size from the shape of our routing table, which
+    ids placed near our own cannot raise: ``DEPTH_SLACK * k * 2^(D + 1)``, where D is the
+    first depth (leading bits shared with our id) at which the table holds fewer than k
+    contacts. A table keeps at least k contacts at every depth where the network has k
+    (kademlia splits the bucket that holds our id, and far ones too), so in a network
+    of N the depths 0, 1, ... fill while N / 2^(d+1) >= k, and the first that does not
+    puts N below about k * 2^(D+1) (between 0.9 and 2.2 N in tables that know their
+    network; DEPTH_SLACK 2 for the Binomial noise at that depth).
+
+    What it stops (issue 11, "inflated estimate"): a resolver whose id lies *inside* the
+    prefix an attacker ground next to a key holds the cluster in its own neighbourhood
+    (the key's bucket left out or not), and the cluster swells its table (360 contacts
+    for a network of 300, all split buckets), so ``k * 2^(table_size / k + 1)`` bounded
+    nothing: it estimated a network of 300 as 54,000-55,000 in bench_adversary, and the
+    cluster took every voting slot (the rival's key without "contested"). The cluster's
+    ids share at least the ground bits b with our id, so they only add to depths >= b;
+    the depths between log2(N / k) and b stay nearly empty, and D with them. To raise D
+    by one an attacker needs k more ids at that depth of *this* resolver's prefix,
+    each on a /24 of its own per bucket (tests/test_dht_density.py
+    ``test_a_resolver_inside_the_ground_prefix_estimates_the_network_not_the_cluster``).
+    None with no contact."""
+    own = int.from_bytes(own_id, "big")
+    counts = [0] * 161
+    seen = False
+    for node in contacts:
+        seen = True
+        counts[160 - (node.long_id ^ own).bit_length()] += 1
+    if not seen or k < 1:
+        return None
+    first = next(d for d, c in enumerate(counts) if c < k)  # counts[160] is us: 0
+    return float(DEPTH_SLACK * k * 2.0 ** (first + 1))
+
+
 def estimate_size(
     own_id: bytes,
     neighbours: Iterable[Node],
     k: int,
     target: bytes | None = None,
     table_size: int | None = None,
+    bound: float | None = None,
 ) -> float | None:
     """The network's size seen from ``own_id``'s neighbourhood: (k - 1) / (distance to
     the k-th closest, as a fraction of the id space), the unbiased estimate for a
@@ -137,13 +182,18 @@ def estimate_size(
     It is what stops a node whose id is *inside* the prefix an attacker ground next to
     a key (half the cluster in its own neighbourhood, whatever is left out): 36,000 for
     a network of 60 in the targeted test, one run in about 12; the bound makes it
-    2,200, and most of the cluster is set aside (contested, not the rival's key)."""
+    2,200, and most of the cluster is set aside (contested, not the rival's key).
+
+    ``bound``: :func:`depth_bound` of the whole table (the table-size bound does not
+    hold once the cluster swells the table); the estimate never exceeds it, nor falls
+    below the nodes we know because of it."""
     own = int.from_bytes(own_id, "big")
     distances = sorted(n.long_id ^ own for n in neighbours)
     if not distances or k < 2:
         return None
     if len(distances) < 2 * k:
         return float(len(distances) + 1)
+    known = float(len(distances) + 1)
     low = high = 0  # the left-out range of distances [low, high)
     if target is not None and (split := own ^ int.from_bytes(target, "big")):
         low = 1 << (split.bit_length() - 1)
@@ -170,6 +220,8 @@ def estimate_size(
         estimate = max(estimate, float(len(distances) + 1))
     if table_size is not None:
         estimate = min(estimate, k * 2.0 ** min(table_size / k + 1, 160))
+    if bound is not None:
+        estimate = min(estimate, max(bound, known))
     return estimate
 
 
@@ -215,8 +267,9 @@ class SizeEstimate:
         now: float,
         target: bytes | None = None,
         table_size: int | None = None,
+        bound: float | None = None,
     ) -> float | None:
-        own = estimate_size(own_id, neighbours, k, target, table_size)
+        own = estimate_size(own_id, neighbours, k, target, table_size, bound)
         recent = [size for when, size in self.samples if now - when <= SIZE_SAMPLE_AGE]
         if own is None or len(recent) < SIZE_MIN_SAMPLES:
             return own
