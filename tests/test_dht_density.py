@@ -404,10 +404,11 @@ def test_a_resolver_inside_the_ground_prefix_estimates_the_network_not_the_clust
     """bench_adversary's 2 wrong keys at N=300 (targeted /24s): a resolver whose id
     shares 13 bits with a handle's key, 60 ids ground to 11 bits next to it, a real
     routing table that knows the whole network (the cluster swells it to 360 contacts:
-    the table-size bound is 2^19 k), and 0 or 1 node lookup samples (the cap needs 2).
-    The cluster is its own neighbourhood whatever bucket is left out: without the
-    table's depth bound it estimated 300 as 100,000 and more, and the cluster took
-    every voting slot (the rival's key without "contested"). With it, the estimate is
+    the table-size bound is 2^19 k), and 0 or 1 node lookup samples (the cap needed 2).
+    The cluster is its own neighbourhood whatever bucket is left out: it estimated 300
+    as 100,000 and more, and the cluster took every voting slot (the rival's key
+    without "contested"). Now one sample caps it, and with none the table's depth
+    bound does (p2pd/dht/density.py ``depth_bound``): the estimate is
     within 5x of N (twice what the depth it is taken at implies) and the cluster gets
     what chance allows."""
     key = dht_key("alice")
@@ -428,7 +429,9 @@ def test_a_resolver_inside_the_ground_prefix_estimates_the_network_not_the_clust
             target = rng.randbytes(20)
             result = LookupResult(closest=nearest(honest, target)[:K])
             me.sizes.sampling(target, K, net.now, lambda _: None)(result)
-        unbounded = me.sizes.estimate(me.node_id, me.table, K, net.now, key, len(me.table))
+        # What it was: the neighbourhood, the key's bucket left out, the table-size bound
+        # (one sample did not cap it).
+        unbounded = estimate_size(me.node_id, me.table, K, key, len(me.table))
         limit = me.spread_limit(key)
         assert limit is not None and limit.scale is not None
         size = ID_SPACE / limit.scale

@@ -34,10 +34,13 @@ first round may end early only when its quorum spans enough expected honest node
 (p2pd/dht/lookup.py ``EARLY_END_SPAN``).
 
 N comes from the node's own neighbourhood (:func:`estimate_size`): the distance to its
-k-th closest contact, capped by its recent lookups (:class:`SizeEstimate`). Kademlia
-tables know their own neighbourhood best; an attacker that packs ids around a
-*resolver* to inflate its estimate is a targeted attack on that one node
-(docs/SECURITY.md, "Not defended"). With fewer than 2k contacts the number of contacts
+k-th closest contact, capped by its recent lookups, or before any by the shape of its
+table (:class:`SizeEstimate`, :func:`depth_bound`). Kademlia tables know their own
+neighbourhood best, and a cluster ground next to a key is the neighbourhood of the
+honest nodes whose ids lie inside its prefix: the caps are what keeps them from
+taking it for the network. An attacker that fills a *resolver's* table depth by depth
+to loosen the bound is a targeted attack on that one node (docs/SECURITY.md, "Not
+defended"). With fewer than 2k contacts the number of contacts
 stands for N (a lower bound: the rule is stricter, never off).
 
 An honest node is set aside about once in 1/PACKED_P placements (a nearest-node
@@ -72,7 +75,7 @@ __all__ = [
 PACKED_P = 1e-3
 #: Node lookups whose k closest cap the size estimate (SizeEstimate).
 SIZE_SAMPLES = 16
-SIZE_MIN_SAMPLES = 2
+SIZE_MIN_SAMPLES = 1
 SIZE_SAMPLE_AGE = 600.0
 #: The table's depth bound (:func:`depth_bound`) is this many times the size its first
 #: depth with fewer than k contacts implies: slack for Binomial noise at that depth.
@@ -179,10 +182,10 @@ def estimate_size(
     no placement of ids near us can raise much: a table holds about k per bucket for
     log2(N / k) buckets and about k more, so N <= k * 2^(table_size / k + 1) (four
     times that relation: slack for a young table, whose far buckets are not full yet).
-    It is what stops a node whose id is *inside* the prefix an attacker ground next to
-    a key (half the cluster in its own neighbourhood, whatever is left out): 36,000 for
-    a network of 60 in the targeted test, one run in about 12; the bound makes it
-    2,200, and most of the cluster is set aside (contested, not the rival's key).
+    It bounds a node whose id is *inside* the prefix an attacker ground next to a key
+    (half the cluster in its own neighbourhood, whatever is left out) in a small table:
+    36,000 for a network of 60 in the targeted test became 2,200. It bounds nothing
+    once the cluster swells the table (360 contacts at N=300: 2^19 k); ``bound`` does.
 
     ``bound``: :func:`depth_bound` of the whole table (the table-size bound does not
     hold once the cluster swells the table); the estimate never exceeds it, nor falls
@@ -231,7 +234,11 @@ class SizeEstimate:
     The node's own neighbourhood (:func:`estimate_size`) is the estimate, capped at
     twice the largest of recent node lookups' estimates (each ``(k - 1) / d_k`` around
     its target, taken while the table held 2k contacts; at least ``SIZE_MIN_SAMPLES``
-    of the last ``SIZE_SAMPLES`` within ``SIZE_SAMPLE_AGE`` seconds). The largest, not
+    of the last ``SIZE_SAMPLES`` within ``SIZE_SAMPLE_AGE`` seconds); with no sample,
+    at the table's :func:`depth_bound`. One sample is enough (it was 2): the resolvers
+    inside a ground prefix that returned the rival's key in bench_adversary (N=300)
+    had 1, and one sample of ``(k - 1) / d_k`` is under N / 2 (a cap under N) with
+    probability about 1e-4 (d_k is Gamma(k, 1/N)). The largest, not
     the median: samples taken while a network grows are too low, and a cap too low
     sets honest replicas aside (a median cap made 3 of 500 honest lookups contested in
     scripts/bench_dht.py, whose nodes join one after another). A cluster ground
@@ -269,11 +276,15 @@ class SizeEstimate:
         table_size: int | None = None,
         bound: float | None = None,
     ) -> float | None:
-        own = estimate_size(own_id, neighbours, k, target, table_size, bound)
         recent = [size for when, size in self.samples if now - when <= SIZE_SAMPLE_AGE]
-        if own is None or len(recent) < SIZE_MIN_SAMPLES:
-            return own
-        return min(own, 2 * max(recent))
+        if len(recent) < SIZE_MIN_SAMPLES:
+            return estimate_size(own_id, neighbours, k, target, table_size, bound)
+        # With a sample, it caps and the depth bound does not: a young table (the
+        # contacts of its bootstrap lookup, all near our id) has few contacts at the
+        # shallow depths, its bound is 80-160 in a network of 1,000 and would set
+        # honest replicas aside; a node lookup's k closest do not depend on our table.
+        own = estimate_size(own_id, neighbours, k, target, table_size)
+        return None if own is None else min(own, 2 * max(recent))
 
 
 class SpreadLimit(AddressLimit):
