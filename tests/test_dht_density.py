@@ -444,3 +444,31 @@ def test_a_resolver_inside_the_ground_prefix_estimates_the_network_not_the_clust
         voters = SpreadLimit(BASE, key, size).select(closest, 4 * K)
         assert sum(node.id in ids for node in voters[:K]) <= 5
         assert sum(node.id in ids for node in voters) <= 6
+
+
+def test_a_young_table_with_one_lookup_sample_is_not_held_down_by_its_depths() -> None:
+    """The other side of the depth bound: a node that has just joined a network of
+    1,000 knows the contacts of its bootstrap lookup (the 60 nearest its own id) and a
+    few others, so its shallow depths hold few contacts and its depth bound is about
+    80: that alone would make every node near a key look packed. Once one node lookup
+    sampled the network, the bound is never below the sample."""
+    rng = random.Random(50)
+    n = 1000
+    honest = honest_nodes(n, rng)
+    net = CoreNet()
+    me = add_core(net, node_key(8), ("198.51.100.8", 4000))
+    for node in nearest(honest, me.node_id)[:60] + rng.sample(honest, 5):
+        node.key = b"k" * 32
+        me.table.add(node, net.now)
+    key = dht_key("alice")
+    bound = depth_bound(me.node_id, me.table, K)
+    assert bound is not None and bound < n / 4  # the young table's shape
+    target = rng.randbytes(20)
+    me.sizes.sampling(target, K, net.now, lambda _: None)(
+        LookupResult(closest=nearest(honest, target)[:K])
+    )
+    limit = me.spread_limit(key)
+    assert limit is not None and limit.scale is not None
+    assert n / 2 < ID_SPACE / limit.scale < 2 * n
+    limit.select(nearest(honest, key), 4 * K)
+    assert limit.skipped <= 1  # the honest replicas are not set aside

@@ -234,8 +234,9 @@ class SizeEstimate:
     The node's own neighbourhood (:func:`estimate_size`) is the estimate, capped at
     twice the largest of recent node lookups' estimates (each ``(k - 1) / d_k`` around
     its target, taken while the table held 2k contacts; at least ``SIZE_MIN_SAMPLES``
-    of the last ``SIZE_SAMPLES`` within ``SIZE_SAMPLE_AGE`` seconds); with no sample,
-    at the table's :func:`depth_bound`. One sample is enough (it was 2): the resolvers
+    of the last ``SIZE_SAMPLES`` within ``SIZE_SAMPLE_AGE`` seconds), and at the table's
+    :func:`depth_bound`, never below the largest sample (with none: at the depth bound
+    and the table-size bound). One sample is enough (it was 2): the resolvers
     inside a ground prefix that returned the rival's key in bench_adversary (N=300)
     had 1, and one sample of ``(k - 1) / d_k`` is under N / 2 (a cap under N) with
     probability about 1e-4 (d_k is Gamma(k, 1/N)). The largest, not
@@ -277,14 +278,20 @@ class SizeEstimate:
         bound: float | None = None,
     ) -> float | None:
         recent = [size for when, size in self.samples if now - when <= SIZE_SAMPLE_AGE]
-        if len(recent) < SIZE_MIN_SAMPLES:
-            return estimate_size(own_id, neighbours, k, target, table_size, bound)
-        # With a sample, it caps and the depth bound does not: a young table (the
-        # contacts of its bootstrap lookup, all near our id) has few contacts at the
-        # shallow depths, its bound is 80-160 in a network of 1,000 and would set
-        # honest replicas aside; a node lookup's k closest do not depend on our table.
-        own = estimate_size(own_id, neighbours, k, target, table_size)
-        return None if own is None else min(own, 2 * max(recent))
+        if len(recent) >= SIZE_MIN_SAMPLES:
+            # The table's bounds never below the largest sample: a young table (the
+            # contacts of its bootstrap lookup, all near our id) has few contacts at
+            # the shallow depths, its depth bound is 80-160 and its table-size bound
+            # about 300 in a network of 1,000, which set honest replicas aside; a node
+            # lookup's k closest do not depend on our table. The samples' cap (2x)
+            # stands in for the table-size bound.
+            table_size = None
+            if bound is not None:
+                bound = max(bound, max(recent))
+        own = estimate_size(own_id, neighbours, k, target, table_size, bound)
+        if own is None or len(recent) < SIZE_MIN_SAMPLES:
+            return own
+        return min(own, 2 * max(recent))
 
 
 class SpreadLimit(AddressLimit):
