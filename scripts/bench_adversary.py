@@ -84,7 +84,7 @@ from _bench import Every10Percent, percentile, progress_printer, trio_pool
 
 from p2pd.claims import CONTESTED, OK, Answer, resolve_claims
 from p2pd.config import DHTConfig
-from p2pd.dht.density import SIZE_SAMPLE_AGE, estimate_size
+from p2pd.dht.density import SIZE_SAMPLE_AGE, depth_bound, estimate_size
 from p2pd.dht.lookup import LookupResult
 from p2pd.dht.routing import ID_SPACE
 from p2pd.identity import HandleRef, Identity, self_certifying
@@ -711,7 +711,7 @@ def no_honest_voter(
     size = f"{ID_SPACE / limit.scale:.0f}" if limit is not None and limit.scale else "none"
     # Where the size estimate came from (p2pd/dht/density.py): the node's neighbourhood
     # with the target's bucket left out, the same without the table-size bound, the
-    # bound, and the node lookups' samples that cap it.
+    # bound, the table's depth bound, and the node lookups' samples that cap it.
     k = core.config.ksize
     near = core.table.closest(core.node_id, 4 * k)
     own = estimate_size(core.node_id, near, k, key, len(core.table))
@@ -719,7 +719,8 @@ def no_honest_voter(
     recent = [v for when, v in core.sizes.samples if core.now - when <= SIZE_SAMPLE_AGE]
     size += (
         f" (own {fmt(own, '.0f')}, unbounded {fmt(unbounded, '.0f')}, table "
-        f"{len(core.table)} contacts: bound {k * 2.0 ** min(len(core.table) / k + 1, 160):.0f};"
+        f"{len(core.table)} contacts: bound {k * 2.0 ** min(len(core.table) / k + 1, 160):.0f},"
+        f" depth bound {fmt(depth_bound(core.node_id, core.table, k), '.0f')};"
         f" {len(recent)} recent samples, max {fmt(max(recent, default=None), '.0f')})"
     )
     honest_replies = [i for i in details.replies if i not in hostile]

@@ -23,6 +23,7 @@ from p2pd.config import DHTConfig, load_config
 from p2pd.dht.density import (
     SizeEstimate,
     SpreadLimit,
+    depth_bound,
     estimate_size,
     poisson_threshold,
 )
@@ -118,13 +119,14 @@ def set_aside_by_chance(contacts: int, trials: int, rng: random.Random) -> list[
     """For each of ``trials`` honest networks of ``contacts`` + 1 random ids: how many
     of a resolver's contacts the density rule sets aside around a random key, with the
     size the resolver estimates as a lookup does (its contacts, the key's bucket left
-    out, its table size) and a resolve's 4k voters."""
+    out, its table size, its table's depth bound) and a resolve's 4k voters."""
     out = []
     for _ in range(trials):
         me = rng.randbytes(20)
         known = honest_nodes(contacts, rng)
         key = rng.randbytes(20)
-        limit = SpreadLimit(BASE, key, estimate_size(me, known, K, key, contacts))
+        size = estimate_size(me, known, K, key, contacts, depth_bound(me, known, K))
+        limit = SpreadLimit(BASE, key, size)
         limit.select(nearest(known, key), 4 * K)
         out.append(limit.skipped)
     return out
@@ -393,3 +395,80 @@ def test_a_resolver_near_a_targeted_key_estimates_the_network_not_its_bucket(
                 assert aside <= honest_aside_max, (aside, new)
                 assert admitted <= 5, (admitted, new)  # as for a resolver far away
     assert checked >= 3  # the case was met
+
+
+@pytest.mark.parametrize("samples", [0, 1])
+def test_a_resolver_inside_the_ground_prefix_estimates_the_network_not_the_cluster(
+    samples: int,
+) -> None:
+    """bench_adversary's 2 wrong keys at N=300 (targeted /24s): a resolver whose id
+    shares 13 bits with a handle's key, 60 ids ground to 11 bits next to it, a real
+    routing table that knows the whole network (the cluster swells it to 360 contacts:
+    the table-size bound is 2^19 k), and 0 or 1 node lookup samples (the cap needed 2).
+    The cluster is its own neighbourhood whatever bucket is left out: it estimated 300
+    as 100,000 and more, and the cluster took every voting slot (the rival's key
+    without "contested"). Now one sample caps it, and with none the table's depth
+    bound does (p2pd/dht/density.py ``depth_bound``): the estimate is
+    within 5x of N (twice what the depth it is taken at implies) and the cluster gets
+    what chance allows."""
+    key = dht_key("alice")
+    n = 300
+    for run in range(3):
+        rng = random.Random(40 + 10 * samples + run)
+        honest = honest_nodes(n, rng)
+        cluster = ground_nodes(key, 11, 60, rng)
+        everyone = honest + cluster
+        net = CoreNet()
+        me = add_core(net, grind_node_key(key, 13, rng), ("198.51.100.7", 4000))
+        rng.shuffle(everyone)
+        for node in everyone:
+            node.key = b"k" * 32
+            me.table.add(node, net.now)
+        assert len(me.table) > 2 * n / 2  # swollen: far buckets split too
+        for _ in range(samples):  # a node lookup of a random key (a publish)
+            target = rng.randbytes(20)
+            result = LookupResult(closest=nearest(honest, target)[:K])
+            me.sizes.sampling(target, K, net.now, lambda _: None)(result)
+        # What it was: the neighbourhood, the key's bucket left out, the table-size bound
+        # (one sample did not cap it).
+        unbounded = estimate_size(me.node_id, me.table, K, key, len(me.table))
+        limit = me.spread_limit(key)
+        assert limit is not None and limit.scale is not None
+        size = ID_SPACE / limit.scale
+        closest = nearest(everyone, key)
+        ids = {node.id for node in cluster}
+        assert unbounded is not None and unbounded > 20 * n  # the control: inflated...
+        control = SpreadLimit(BASE, key, unbounded).select(closest, K)
+        assert 3 * sum(node.id in ids for node in control) >= 2 * K  # ...and it wins
+        assert n / 2 < size <= 5 * n, (size, len(me.table))
+        voters = SpreadLimit(BASE, key, size).select(closest, 4 * K)
+        assert sum(node.id in ids for node in voters[:K]) <= 5
+        assert sum(node.id in ids for node in voters) <= 6
+
+
+def test_a_young_table_with_one_lookup_sample_is_not_held_down_by_its_depths() -> None:
+    """The other side of the depth bound: a node that has just joined a network of
+    1,000 knows the contacts of its bootstrap lookup (the 60 nearest its own id) and a
+    few others, so its shallow depths hold few contacts and its depth bound is about
+    80: that alone would make every node near a key look packed. Once one node lookup
+    sampled the network, the bound is never below the sample."""
+    rng = random.Random(50)
+    n = 1000
+    honest = honest_nodes(n, rng)
+    net = CoreNet()
+    me = add_core(net, node_key(8), ("198.51.100.8", 4000))
+    for node in nearest(honest, me.node_id)[:60] + rng.sample(honest, 5):
+        node.key = b"k" * 32
+        me.table.add(node, net.now)
+    key = dht_key("alice")
+    bound = depth_bound(me.node_id, me.table, K)
+    assert bound is not None and bound < n / 4  # the young table's shape
+    target = rng.randbytes(20)
+    me.sizes.sampling(target, K, net.now, lambda _: None)(
+        LookupResult(closest=nearest(honest, target)[:K])
+    )
+    limit = me.spread_limit(key)
+    assert limit is not None and limit.scale is not None
+    assert n / 2 < ID_SPACE / limit.scale < 2 * n
+    limit.select(nearest(honest, key), 4 * K)
+    assert limit.skipped <= 1  # the honest replicas are not set aside

@@ -68,7 +68,7 @@ from ..identity import verify_signature
 from ..records import Verdict
 from . import mailbox_ops, resolve
 from .budget import RequestBudget, address_cookie, fit_reply
-from .density import SizeEstimate, SpreadLimit
+from .density import SizeEstimate, SpreadLimit, depth_bound
 from .lookup import DisjointLookup, LookupResult
 from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
@@ -362,6 +362,7 @@ class DHTCore:
                 self.now,
                 target,
                 len(self.table),
+                depth_bound(self.node_id, self.table, self.config.ksize),
             )
         return SpreadLimit(self.limit, target, size)
 

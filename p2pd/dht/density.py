@@ -34,10 +34,13 @@ first round may end early only when its quorum spans enough expected honest node
 (p2pd/dht/lookup.py ``EARLY_END_SPAN``).
 
 N comes from the node's own neighbourhood (:func:`estimate_size`): the distance to its
-k-th closest contact, capped by its recent lookups (:class:`SizeEstimate`). Kademlia
-tables know their own neighbourhood best; an attacker that packs ids around a
-*resolver* to inflate its estimate is a targeted attack on that one node
-(docs/SECURITY.md, "Not defended"). With fewer than 2k contacts the number of contacts
+k-th closest contact, capped by its recent lookups, or before any by the shape of its
+table (:class:`SizeEstimate`, :func:`depth_bound`). Kademlia tables know their own
+neighbourhood best, and a cluster ground next to a key is the neighbourhood of the
+honest nodes whose ids lie inside its prefix: the caps are what keeps them from
+taking it for the network. An attacker that fills a *resolver's* table depth by depth
+to loosen the bound is a targeted attack on that one node (docs/SECURITY.md, "Not
+defended"). With fewer than 2k contacts the number of contacts
 stands for N (a lower bound: the rule is stricter, never off).
 
 An honest node is set aside about once in 1/PACKED_P placements (a nearest-node
@@ -58,15 +61,25 @@ from .routing import ID_SPACE, AddressLimit, Node
 if TYPE_CHECKING:
     from .lookup import LookupResult
 
-__all__ = ["PACKED_P", "SizeEstimate", "SpreadLimit", "estimate_size", "poisson_threshold"]
+__all__ = [
+    "PACKED_P",
+    "SizeEstimate",
+    "SpreadLimit",
+    "depth_bound",
+    "estimate_size",
+    "poisson_threshold",
+]
 
 #: A node is skipped as packed when the count admitted nearer than it would happen by
 #: chance with probability below this.
 PACKED_P = 1e-3
 #: Node lookups whose k closest cap the size estimate (SizeEstimate).
 SIZE_SAMPLES = 16
-SIZE_MIN_SAMPLES = 2
+SIZE_MIN_SAMPLES = 1
 SIZE_SAMPLE_AGE = 600.0
+#: The table's depth bound (:func:`depth_bound`) is this many times the size its first
+#: depth with fewer than k contacts implies: slack for Binomial noise at that depth.
+DEPTH_SLACK = 2
 #: Thresholds are computed for at most this many admitted nodes (a lookup's k and a bit).
 MAX_COUNT = 512
 
@@ -107,12 +120,47 @@ def poisson_threshold(c: int, p: float = PACKED_P) -> float:
     return hi
 
 
+def depth_bound(own_id: bytes, contacts: Iterable[Node], k: int) -> float | None:
+    """An upper bound on the network's size from the shape of our routing table, which
+    ids placed near our own cannot raise: ``DEPTH_SLACK * k * 2^(D + 1)``, where D is the
+    first depth (leading bits shared with our id) at which the table holds fewer than k
+    contacts. A table keeps at least k contacts at every depth where the network has k
+    (kademlia splits the bucket that holds our id, and far ones too), so in a network
+    of N the depths 0, 1, ... fill while N / 2^(d+1) >= k, and the first that does not
+    puts N below about k * 2^(D+1) (between 0.9 and 2.2 N in tables that know their
+    network; DEPTH_SLACK 2 for the Binomial noise at that depth).
+
+    What it stops (issue 11, "inflated estimate"): a resolver whose id lies *inside* the
+    prefix an attacker ground next to a key holds the cluster in its own neighbourhood
+    (the key's bucket left out or not), and the cluster swells its table (360 contacts
+    for a network of 300, all split buckets), so ``k * 2^(table_size / k + 1)`` bounded
+    nothing: it estimated a network of 300 as 54,000-55,000 in bench_adversary, and the
+    cluster took every voting slot (the rival's key without "contested"). The cluster's
+    ids share at least the ground bits b with our id, so they only add to depths >= b;
+    the depths between log2(N / k) and b stay nearly empty, and D with them. To raise D
+    by one an attacker needs k more ids at that depth of *this* resolver's prefix,
+    each on a /24 of its own per bucket (tests/test_dht_density.py
+    ``test_a_resolver_inside_the_ground_prefix_estimates_the_network_not_the_cluster``).
+    None with no contact."""
+    own = int.from_bytes(own_id, "big")
+    counts = [0] * 161
+    seen = False
+    for node in contacts:
+        seen = True
+        counts[160 - (node.long_id ^ own).bit_length()] += 1
+    if not seen or k < 1:
+        return None
+    first = next(d for d, c in enumerate(counts) if c < k)  # counts[160] is us: 0
+    return float(DEPTH_SLACK * k * 2.0 ** (first + 1))
+
+
 def estimate_size(
     own_id: bytes,
     neighbours: Iterable[Node],
     k: int,
     target: bytes | None = None,
     table_size: int | None = None,
+    bound: float | None = None,
 ) -> float | None:
     """The network's size seen from ``own_id``'s neighbourhood: (k - 1) / (distance to
     the k-th closest, as a fraction of the id space), the unbiased estimate for a
@@ -134,16 +182,21 @@ def estimate_size(
     no placement of ids near us can raise much: a table holds about k per bucket for
     log2(N / k) buckets and about k more, so N <= k * 2^(table_size / k + 1) (four
     times that relation: slack for a young table, whose far buckets are not full yet).
-    It is what stops a node whose id is *inside* the prefix an attacker ground next to
-    a key (half the cluster in its own neighbourhood, whatever is left out): 36,000 for
-    a network of 60 in the targeted test, one run in about 12; the bound makes it
-    2,200, and most of the cluster is set aside (contested, not the rival's key)."""
+    It bounds a node whose id is *inside* the prefix an attacker ground next to a key
+    (half the cluster in its own neighbourhood, whatever is left out) in a small table:
+    36,000 for a network of 60 in the targeted test became 2,200. It bounds nothing
+    once the cluster swells the table (360 contacts at N=300: 2^19 k); ``bound`` does.
+
+    ``bound``: :func:`depth_bound` of the whole table (the table-size bound does not
+    hold once the cluster swells the table); the estimate never exceeds it, nor falls
+    below the nodes we know because of it."""
     own = int.from_bytes(own_id, "big")
     distances = sorted(n.long_id ^ own for n in neighbours)
     if not distances or k < 2:
         return None
     if len(distances) < 2 * k:
         return float(len(distances) + 1)
+    known = float(len(distances) + 1)
     low = high = 0  # the left-out range of distances [low, high)
     if target is not None and (split := own ^ int.from_bytes(target, "big")):
         low = 1 << (split.bit_length() - 1)
@@ -170,6 +223,8 @@ def estimate_size(
         estimate = max(estimate, float(len(distances) + 1))
     if table_size is not None:
         estimate = min(estimate, k * 2.0 ** min(table_size / k + 1, 160))
+    if bound is not None:
+        estimate = min(estimate, max(bound, known))
     return estimate
 
 
@@ -179,7 +234,12 @@ class SizeEstimate:
     The node's own neighbourhood (:func:`estimate_size`) is the estimate, capped at
     twice the largest of recent node lookups' estimates (each ``(k - 1) / d_k`` around
     its target, taken while the table held 2k contacts; at least ``SIZE_MIN_SAMPLES``
-    of the last ``SIZE_SAMPLES`` within ``SIZE_SAMPLE_AGE`` seconds). The largest, not
+    of the last ``SIZE_SAMPLES`` within ``SIZE_SAMPLE_AGE`` seconds), and at the table's
+    :func:`depth_bound`, never below the largest sample (with none: at the depth bound
+    and the table-size bound). One sample is enough (it was 2): the resolvers
+    inside a ground prefix that returned the rival's key in bench_adversary (N=300)
+    had 1, and one sample of ``(k - 1) / d_k`` is under N / 2 (a cap under N) with
+    probability about 1e-4 (d_k is Gamma(k, 1/N)). The largest, not
     the median: samples taken while a network grows are too low, and a cap too low
     sets honest replicas aside (a median cap made 3 of 500 honest lookups contested in
     scripts/bench_dht.py, whose nodes join one after another). A cluster ground
@@ -215,9 +275,20 @@ class SizeEstimate:
         now: float,
         target: bytes | None = None,
         table_size: int | None = None,
+        bound: float | None = None,
     ) -> float | None:
-        own = estimate_size(own_id, neighbours, k, target, table_size)
         recent = [size for when, size in self.samples if now - when <= SIZE_SAMPLE_AGE]
+        if len(recent) >= SIZE_MIN_SAMPLES:
+            # The table's bounds never below the largest sample: a young table (the
+            # contacts of its bootstrap lookup, all near our id) has few contacts at
+            # the shallow depths, its depth bound is 80-160 and its table-size bound
+            # about 300 in a network of 1,000, which set honest replicas aside; a node
+            # lookup's k closest do not depend on our table. The samples' cap (2x)
+            # stands in for the table-size bound.
+            table_size = None
+            if bound is not None:
+                bound = max(bound, max(recent))
+        own = estimate_size(own_id, neighbours, k, target, table_size, bound)
         if own is None or len(recent) < SIZE_MIN_SAMPLES:
             return own
         return min(own, 2 * max(recent))
