@@ -450,8 +450,9 @@ def test_a_young_table_with_one_lookup_sample_is_not_held_down_by_its_depths() -
     """The other side of the depth bound: a node that has just joined a network of
     1,000 knows the contacts of its bootstrap lookup (the 60 nearest its own id) and a
     few others, so its shallow depths hold few contacts and its depth bound is about
-    80: that alone would make every node near a key look packed. Once one node lookup
-    sampled the network, the bound is never below the sample."""
+    80: that alone would make every node near a key look packed. So there is no depth
+    bound while depth 0 is not full, and once one node lookup sampled the network the
+    bound is never below the sample."""
     rng = random.Random(50)
     n = 1000
     honest = honest_nodes(n, rng)
@@ -461,8 +462,11 @@ def test_a_young_table_with_one_lookup_sample_is_not_held_down_by_its_depths() -
         node.key = b"k" * 32
         me.table.add(node, net.now)
     key = dht_key("alice")
-    bound = depth_bound(me.node_id, me.table, K)
-    assert bound is not None and bound < n / 4  # the young table's shape
+    counts = [0] * 161
+    for node in me.table:
+        counts[160 - (node.long_id ^ int.from_bytes(me.node_id, "big")).bit_length()] += 1
+    assert counts[0] < K  # the young table's shape: its depths say nothing of N yet
+    assert depth_bound(me.node_id, me.table, K) is None
     target = rng.randbytes(20)
     me.sizes.sampling(target, K, net.now, lambda _: None)(
         LookupResult(closest=nearest(honest, target)[:K])
