@@ -294,7 +294,7 @@ async def test_a_peer_back_while_a_burst_goes_to_its_mailbox_gets_it_directly(
 
 
 async def test_a_lost_wake_up_delays_a_conversation_and_is_counted_not_a_stall(
-    root: Path,
+    root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The wake-up that ends a worker's WAIT is lost (here: alice's service never sees
     the end of her batch's exchange): the worker looks again after WAIT_RECHECK, sends
@@ -345,6 +345,10 @@ async def test_a_lost_wake_up_delays_a_conversation_and_is_counted_not_a_stall(
             took = trio.current_time() - start
             assert took >= service.WAIT_RECHECK * 0.5, took  # it did wait, then looked
             assert alice.delivery.stats["wakeups_lost"] == 1
+            # the log keeps the schedule as the lost wake-up left it, for diagnosis
+            (warning,) = [r for r in caplog.records if "no wake-up" in r.getMessage()]
+            assert "'held': True" in warning.getMessage()
+            assert "'exchanges': []" in warning.getMessage()
             assert inbox_texts(bob) == ["hello", "first", "second"]
 
 

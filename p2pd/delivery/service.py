@@ -376,11 +376,15 @@ class Delivery:
         try:
             async with trio.open_nursery() as exchanges:
                 for _ in range(10_000):  # bounded: batches and waits, then rescheduled
-                    step = self.core.worker_step(peer_key, time.time())
+                    now = time.time()
+                    # the schedule as the lost wake-up left it (worker_step changes it)
+                    before = self.core.debug_state(now) if unwoken else None
+                    step = self.core.worker_step(peer_key, now)
                     if unwoken and step != WAIT:
                         self.stats["wakeups_lost"] += 1
-                        log.warning("delivery to %s: work found with no wake-up (%s)",
-                                    _who(peer_key), step)  # fmt: skip
+                        log.warning("delivery to %s: work found with no wake-up (%s); "
+                                    "schedule then: %s", _who(peer_key), step,
+                                    before)  # fmt: skip
                     if step == WAIT:  # for ExchangeEnded, RetryDue, PrepareDue or SendDue
                         self._rearm()  # a gathering batch has a deadline (SendDue)
                         self._worker_wake[peer_key] = wake = trio.Event()
