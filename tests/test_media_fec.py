@@ -143,11 +143,15 @@ async def test_a_call_that_starts_without_fec_turns_it_on_when_the_peer_reports_
     tmp_path: Path,
 ) -> None:
     """Adaptation on, started as the control above (no FEC data): the peer's reports of
-    10 % loss open a new encoder with FEC planned for at least 10 %, and lost frames
-    are rebuilt from it (the control rebuilds none)."""
+    10 % loss open a new encoder with FEC planned for the loss they report (rounded up
+    to 5 % steps, at least one), and lost frames are rebuilt from it (the control
+    rebuilds none)."""
     for stats in await fec_call(tmp_path, packet_loss=0, adapt=True):
         assert stats["loss_pct"] > 3, stats
-        assert stats["audio_fec"] is True and stats["audio_fec_packet_loss_pct"] >= 10, stats
+        # The plan follows the mean of the recent reports, not the configured 10 %: a
+        # clean-clone CI run planned 5 (its reports' mean under 5 %
+        # at 10 % loss: a report covers about 25 frames, and 1 or 2 lost is common).
+        assert stats["audio_fec"] is True and stats["audio_fec_packet_loss_pct"] >= 5, stats
         assert stats["audio_encoder_switches"] >= 1, stats
         # at least one lost frame rebuilt from FEC (the control rebuilds none): a 3 s
         # call at 10 % loss loses about 10 frames after the switch, but a clean-clone CI
