@@ -477,42 +477,40 @@ class DeliveryCore:
         if when is not None:
             self._due[peer_key] = when
 
-    def debug_state(self, now: float) -> list[dict[str, object]]:
+    def debug_state(self, now: float) -> dict[bytes, dict[str, object]]:
         """Each conversation the core schedules or holds, as the control API's status
-        shows it for diagnosis (``messages.conversations``): the peer's fingerprint
-        prefix and the schedule, in seconds from ``now``; never a message or a key."""
+        shows it for diagnosis (``messages.conversations``), by peer key: the peer's
+        fingerprint prefix and the schedule, in seconds from ``now``; never a message."""
         peers = set(self._held) | set(self._due) | {ex.peer_key for ex in self._open}
-        rows: list[dict[str, object]] = []
+        rows: dict[bytes, dict[str, object]] = {}
 
         def rel(when: float | None) -> float | None:
             return None if when is None else round(when - now, 3)
 
         for peer_key in sorted(peers):
             exchanges = [ex for ex in self._open if ex.peer_key == peer_key]
-            rows.append(
-                {
-                    "peer": fingerprint(peer_key)[:12],
-                    "held": peer_key in self._held,
-                    "due_in": rel(self._due.get(peer_key)),
-                    "prepare_in": rel(self._prepare_at.get(peer_key)),
-                    "prepare_ready": peer_key in self._prepare_ready,
-                    "queued_since_taken": peer_key in self._queued_since,
-                    "behind_for": rel(self._behind_since.get(peer_key)),
-                    "send_in": rel(self._send_at.get(peer_key)),
-                    "waiting_exchange": self._waiting_exchange(peer_key) is not None,
-                    "exchanges": [
-                        {
-                            "messages": len(ex.ids),
-                            "waiting": len(ex.waiting),
-                            "written": ex.written,
-                            "overdue": ex.overdue,
-                            "deadline_in": rel(ex.deadline),
-                            "retry_in": rel(ex.retry_at),
-                        }
-                        for ex in exchanges
-                    ],
-                }
-            )
+            rows[peer_key] = {
+                "peer": fingerprint(peer_key)[:12],
+                "held": peer_key in self._held,
+                "due_in": rel(self._due.get(peer_key)),
+                "prepare_in": rel(self._prepare_at.get(peer_key)),
+                "prepare_ready": peer_key in self._prepare_ready,
+                "queued_since_taken": peer_key in self._queued_since,
+                "behind_for": rel(self._behind_since.get(peer_key)),
+                "send_in": rel(self._send_at.get(peer_key)),
+                "waiting_exchange": self._waiting_exchange(peer_key) is not None,
+                "exchanges": [
+                    {
+                        "messages": len(ex.ids),
+                        "waiting": len(ex.waiting),
+                        "written": ex.written,
+                        "overdue": ex.overdue,
+                        "deadline_in": rel(ex.deadline),
+                        "retry_in": rel(ex.retry_at),
+                    }
+                    for ex in exchanges
+                ],
+            }
         return rows
 
     def _hold(self, peer_key: bytes, events: list[Event]) -> None:

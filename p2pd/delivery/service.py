@@ -378,7 +378,7 @@ class Delivery:
                 for _ in range(10_000):  # bounded: batches and waits, then rescheduled
                     now = time.time()
                     # the schedule as the lost wake-up left it (worker_step changes it)
-                    before = self.core.debug_state(now) if unwoken else None
+                    before = list(self.core.debug_state(now).values()) if unwoken else None
                     step = self.core.worker_step(peer_key, now)
                     if unwoken and step != WAIT:
                         self.stats["wakeups_lost"] += 1
@@ -940,18 +940,16 @@ class Delivery:
         armed_in = None if self._armed is None else round(self._armed - now, 3)
         core_next = self.core.get_timer()
         rows = self.core.debug_state(now)
-        by_peer = {fingerprint(key)[:12]: key for key in self._doing}
-        for row in rows:
-            key = by_peer.get(str(row["peer"]))
-            row["worker"] = self._doing.get(key) if key is not None else None
-            wake = self._worker_wake.get(key) if key is not None else None
+        for key, row in rows.items():
+            row["worker"] = self._doing.get(key)
+            wake = self._worker_wake.get(key)
             row["wake_set"] = None if wake is None else wake.is_set()
         return {
             "timer_in": timer_in,
             "armed_in": armed_in,
             "core_next_in": None if core_next is None else round(core_next - now, 3),
             "workers": len(self._doing),
-            "conversations": rows,
+            "conversations": list(rows.values()),
         }
 
 
