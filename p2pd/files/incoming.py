@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 
 #: A transfer whose chunks are refused this many times in a row fails.
 MAX_REFUSED = 8
-#: How the errors of an incoming transfer that failed on our disk begin (``receive``,
-#: ``_finish``): the sender is then told REASON_CANNOT_SAVE, not REASON_CORRUPT.
-_SAVE_ERRORS = ("cannot write to ", "cannot save: ")
 
 
 class IncomingTransfers:
@@ -81,10 +78,12 @@ class IncomingTransfers:
             return
         if t.state != "accepted":
             reason = {"rejected": REASON_REJECTED, "cancelled": REASON_CANCELLED}.get(
-                t.state, REASON_CORRUPT if t.state == "failed" else REASON_UNKNOWN
+                t.state, REASON_UNKNOWN
             )
-            if t.state == "failed" and t.error.startswith(_SAVE_ERRORS):
-                reason = REASON_CANNOT_SAVE  # our disk, not their data (was "corrupt")
+            if t.state == "failed":
+                # Recorded when it failed: REASON_CANNOT_SAVE is our disk, not their data.
+                # (Chosen from the error's text before, which a reworded message broke.)
+                reason = t.refuse_reason or REASON_CORRUPT
             await stream.send_all(encode_frame(F_REFUSE, bytes([reason])), eof=True)
             return
         old = self._scopes.pop(tid, None)
@@ -97,9 +96,7 @@ class IncomingTransfers:
             except OSError as exc:  # our disk: full, over a quota, gone
                 error = f"cannot write to {t.directory}: {exc.strerror or exc}"
                 log.warning("file %s from %s: %s", t.id.hex()[:8], t.handle, error)
-                self.store.update(t.id, time.time(), state="failed", error=error)
-                remove_quietly(partial_path(t.directory, t.id))
-                self.views.changed(t.id)
+                self._fail(t, error, REASON_CANNOT_SAVE)
                 stream.reset()
             finally:
                 if self._scopes.get(tid) is scope:
@@ -148,6 +145,14 @@ class IncomingTransfers:
             os.close(fd)
         await self._finish(stream, t, partial)
 
+    def _fail(self, t: Transfer, error: str, reason: int) -> None:
+        """The transfer fails here: ``reason`` is what the sender's next OPEN is told
+        (REASON_CORRUPT: their data; REASON_CANNOT_SAVE: our disk)."""
+        self.store.update(t.id, time.time(), state="failed", error=error, refuse_reason=reason)
+        remove_quietly(partial_path(t.directory, t.id))
+        self._mismatches.pop(t.id, None)
+        self.views.changed(t.id)
+
     def _refused(self, t: Transfer, exc: FileProtocolError, next_group: int) -> None:
         self.stats["chunks_refused"] += 1
         self.store.add_counts(t.id, refused=1)
@@ -160,11 +165,7 @@ class IncomingTransfers:
             next_group,
         )
         if refusals >= MAX_REFUSED:
-            self.store.update(
-                t.id, time.time(), state="failed", error=f"refused {MAX_REFUSED} times: {exc}"
-            )
-            remove_quietly(partial_path(t.directory, t.id))
-            self.views.changed(t.id)
+            self._fail(t, f"refused {MAX_REFUSED} times: {exc}", REASON_CORRUPT)
 
     async def _finish(self, stream: QuicStream, t: Transfer, partial: Path) -> None:
         """Every group verified: check the whole partial file against the root once
@@ -179,14 +180,12 @@ class IncomingTransfers:
             # corrupts what it stores made the file come again and again, forever.
             self._mismatches[t.id] = mismatches = self._mismatches.get(t.id, 0) + 1
             self.store.add_counts(t.id, refused=1)
-            remove_quietly(partial)
             if mismatches >= MAX_REFUSED:
                 error = f"cannot save: the file on disk did not match {mismatches} times"
                 log.warning("file %s from %s: %s", t.id.hex()[:8], t.handle, error)
-                self.store.update(t.id, now, state="failed", error=error)
-                self._mismatches.pop(t.id, None)
-                self.views.changed(t.id)
+                self._fail(t, error, REASON_CANNOT_SAVE)
             else:
+                remove_quietly(partial)
                 again = "the file on disk did not match: fetching it again"
                 self.store.update(t.id, now, next_group=0, bytes_done=0, error=again)
             stream.reset()
@@ -195,8 +194,7 @@ class IncomingTransfers:
         try:
             final = place_file(partial, Path(t.directory), safe_name(t.offer.name))
         except OSError as exc:
-            self.store.update(t.id, now, state="failed", error=f"cannot save: {exc}")
-            self.views.changed(t.id)
+            self._fail(t, f"cannot save: {exc}", REASON_CANNOT_SAVE)
             return
         self.store.update(
             t.id, now, state="done", path=str(final), bytes_done=layout.size, error=""

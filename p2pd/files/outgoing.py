@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from ..config import FilesConfig
-from ..errors import ConnectionLost
+from ..errors import ConnectionLost, StoredDataCorrupt
 from ..transport.quic import QuicPeer, QuicStream
 from .protocol import (
     F_CANCEL,
@@ -153,7 +153,12 @@ class OutgoingTransfers:
         source_changes = 0
         try:
             for _ in range(MAX_ATTEMPTS):
-                t = self.store.get(transfer_id)
+                try:
+                    t = self.store.get(transfer_id)
+                except StoredDataCorrupt as exc:  # listed nowhere, counted: left as it is
+                    log.warning("file %s: its row does not read (%s): sender stopped",
+                                transfer_id.hex()[:8], exc)  # fmt: skip
+                    return
                 if t is None or t.state not in ("offered", "sending"):
                     return
                 with trio.CancelScope() as scope:
@@ -178,6 +183,10 @@ class OutgoingTransfers:
                         outcome = "retry"
                     except OSError as exc:
                         self._cannot_read(t, exc)
+                        return
+                    except StoredDataCorrupt as exc:  # its row, damaged under us
+                        log.warning("file %s: its row does not read (%s): sender stopped",
+                                    transfer_id.hex()[:8], exc)  # fmt: skip
                         return
                 if scope.cancelled_caught and transfer_id not in self._restarts:
                     log.info("file %s: sender stopped (cancelled)", transfer_id.hex()[:8])

@@ -38,6 +38,7 @@ from ..errors import (
     ConnectionLost,
     LocalError,
     NotFound,
+    StoredDataCorrupt,
     UsageError,
 )
 from ..identity import HandleRef, Identity, fingerprint
@@ -48,9 +49,11 @@ from .outgoing import CONNECT_TIMEOUT, OutgoingTransfers
 from .protocol import (
     F_CANCEL,
     F_NUDGE,
+    F_REFUSE,
     MAX_FILE_SIZE,
     REASON_CANCELLED,
     REASON_REJECTED,
+    REASON_UNKNOWN,
     REASON_UNREADABLE,
     REASONS,
     STREAM_MAGIC,
@@ -59,6 +62,7 @@ from .protocol import (
     Layout,
     Offer,
     control_frames,
+    encode_frame,
     hash_file,
     parse_opening,
     root_of,
@@ -168,7 +172,12 @@ class FilesService:
         tid = transfer_id.strip().lower()
         if len(tid) < 4 or any(c not in "0123456789abcdef" for c in tid):
             raise UsageError("a transfer id is 4 to 32 hex digits (see `p2pd files`)")
-        found = self.store.by_prefix(tid)
+        try:
+            found = self.store.by_prefix(tid)
+        except StoredDataCorrupt as exc:
+            raise StoredDataCorrupt(
+                f"transfer {transfer_id}: its row does not read ({exc}); it is left as it is"
+            ) from None
         if not found:
             raise NotFound(f"no transfer {transfer_id!r} (see `p2pd files`)")
         if len(found) > 1:
@@ -255,12 +264,12 @@ class FilesService:
             pinned is not None
             and offer.size <= self.config.auto_accept_max
             and self._room_for(directory, offer.size)
-            and self.store.get(offer.transfer_id) is None  # not the same offer again
+            and not self.store.exists(offer.transfer_id)  # not the same offer again
             and self._within_quota(sender_key, offer.size)
         )
         if (
             not accept
-            and self.store.get(offer.transfer_id) is None
+            and not self.store.exists(offer.transfer_id)
             and (
                 self.store.count_pending(sender_key) >= self.config.max_pending_per_peer
                 or self.store.count_pending() >= self.config.max_pending
@@ -356,7 +365,11 @@ class FilesService:
                 if len(frames) != 1 or decoder.pending:
                     raise FileProtocolError("more than the opening frame before an answer")
                 kind, tid, reason = parse_opening(*frames[0])
-                t = self.store.get(tid)
+                try:
+                    t = self.store.get(tid)
+                except StoredDataCorrupt as exc:
+                    await self._damaged(stream, kind, tid, exc)
+                    return
                 if t is not None and t.peer_key != key:
                     t = None  # another peer's transfer: as if unknown
                 if kind == F_NUDGE:
@@ -373,6 +386,17 @@ class FilesService:
             stream.reset()
         except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("file stream from %s broke: %s", fingerprint(key)[:12], exc)
+
+    async def _damaged(
+        self, stream: QuicStream, kind: int, tid: bytes, exc: StoredDataCorrupt
+    ) -> None:
+        """The row of ``tid`` does not read: it is left as it is (listings skip it and
+        count it), and an OPEN is refused as unknown, so that the sender's loop ends
+        instead of asking again for a week."""
+        log.warning("file %s: its row does not read (%s): left as it is%s", tid.hex()[:8],
+                    exc, "" if kind in (F_NUDGE, F_CANCEL) else "; refused as unknown")  # fmt: skip
+        if kind not in (F_NUDGE, F_CANCEL):
+            await stream.send_all(encode_frame(F_REFUSE, bytes([REASON_UNKNOWN])), eof=True)
 
     def _cancelled_by_peer(self, t: Transfer, reason: int) -> None:
         if reason == REASON_UNREADABLE and t.direction == "in":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ..errors import StoredDataCorrupt
 from ..identity import self_certifying
 from .disk import FileSummary
 from .protocol import safe_name
@@ -78,7 +79,7 @@ class TransferViews:
 
     def changed(self, transfer_id: bytes) -> None:
         """The transfer's row changed state: the ``file`` event."""
-        t = self.store.get(transfer_id)
+        t = self._get(transfer_id)
         if t is not None:
             self.emit("file", **self.summary(t))
 
@@ -92,7 +93,7 @@ class TransferViews:
         if now - self._last_progress.get(transfer_id, 0.0) < PROGRESS_INTERVAL:
             return
         self._last_progress[transfer_id] = now
-        t = self.store.get(transfer_id)
+        t = self._get(transfer_id)
         if t is not None:
             s = self.summary(t, now)
             self.emit(
@@ -103,6 +104,12 @@ class TransferViews:
                 size=s["size"],
                 rate=s["rate"],
             )
+
+    def _get(self, transfer_id: bytes) -> Transfer | None:
+        try:
+            return self.store.get(transfer_id)
+        except StoredDataCorrupt:  # damaged under us: nothing to show (listings log it)
+            return None
 
     def forget(self, transfer_id: bytes) -> None:
         """The transfer ended (done, refused, cancelled, failed): nothing more to show
