@@ -4,7 +4,8 @@ sender comes back at once after each; a wrong root is refused every time until t
 transfer fails, nothing saved; a network drop that kills the connection is resumed on
 a new one; a disk that corrupts the file is given up on; a hostile name lands as a
 safe one inside the files dir; garbage, oversized and misdirected file streams are
-refused and change nothing (issue 14)."""
+refused and change nothing; transfers that ended, however, leave nothing in memory
+(issue 14)."""
 
 from __future__ import annotations
 
@@ -446,3 +447,44 @@ async def test_a_disk_that_corrupts_the_partial_file_fails_the_transfer_in_the_e
             assert list((root / "bob-dl").iterdir()) == []
             await wait_for(lambda: state_of(alice, "out") == "failed", timeout=30)
             assert files_of(alice).transfers()[0]["error"] == "the receiver cannot save it"
+
+
+async def test_transfers_that_ended_leave_nothing_in_memory(root: Path) -> None:
+    """Six transfers end every way a transfer ends: three done, one cancelled by alice
+    and one by bob mid-way, one failed (its source gone before a byte was read). Once
+    all are final, neither daemon holds anything for any of them (`status`
+    `files.transfers_in_memory` is 0): a daemon that runs for months and moves
+    thousands of files keeps no entry per file. While they ran, it held some."""
+    sources = []
+    for i, size in enumerate((3 << 19, 3 << 19, 3 << 19, 6 << 20, 6 << 20, 1000)):
+        sources.append(root / f"f{i}.bin")
+        sources[-1].write_bytes(os.urandom(size))
+    with trio.fail_after(90):
+        async with pair(root, max_rate=2_000_000) as (alice, bob):
+            sent = [await files_of(alice).send_file("bob", str(src)) for src in sources[:5]]
+            # the sixth is offered, then its source goes before the sender reads it
+            layout = Layout.for_size(1000)
+            hashes = hash_file(sources[5], layout)
+            gone = Offer(os.urandom(16), os.urandom(32), layout, root_of(hashes), "gone.bin")
+            sources[5].unlink()
+            files_of(alice).offer("bob", bob.identity.public_key, gone, str(sources[5]), hashes)
+
+            def received(i: int) -> int:
+                rows = [f for f in files_of(bob).transfers() if f["id"] == sent[i]["id"]]
+                return rows[0]["bytes_done"] if rows else 0
+
+            await wait_for(lambda: received(3) >= 1 << 20 and received(4) >= 1 << 20, 30)
+            held = [files_of(n).statistics()["transfers_in_memory"] for n in (alice, bob)]
+            await files_of(alice).cancel(sent[3]["id"])
+            await files_of(bob).cancel(sent[4]["id"])
+
+            def states(n: Node, direction: str) -> list[str]:
+                return sorted(f["state"] for f in files_of(n).transfers()
+                              if f["direction"] == direction)  # fmt: skip
+
+            final = ["cancelled", "cancelled", "done", "done", "done", "failed"]
+            await wait_for(lambda: states(alice, "out") == final, timeout=60)
+            await wait_for(lambda: states(bob, "in") == final, timeout=30)
+            assert all(h > 0 for h in held), held
+            for n in (alice, bob):
+                await wait_for(lambda n=n: files_of(n).statistics()["transfers_in_memory"] == 0)

@@ -66,6 +66,18 @@ class IncomingTransfers:
         scope = self._scopes.get(transfer_id)
         if scope is not None:
             scope.cancel()
+        self._forget(transfer_id)
+
+    def _forget(self, transfer_id: bytes) -> None:
+        """The transfer ended (done, failed, rejected, cancelled): nothing of it stays in
+        memory (its stream's scope goes as the stream ends)."""
+        self._refusals.pop(transfer_id, None)
+        self._mismatches.pop(transfer_id, None)
+        self.views.forget(transfer_id)
+
+    def held(self) -> int:
+        """Entries held in memory for transfers (0 once none is received)."""
+        return len(self._scopes) + len(self._refusals) + len(self._mismatches)
 
     async def receive(self, stream: QuicStream, tid: bytes, t: Transfer | None) -> None:
         """Answer the OPEN of ``tid`` (``t`` its row, if the peer that opened the stream
@@ -150,7 +162,7 @@ class IncomingTransfers:
         (REASON_CORRUPT: their data; REASON_CANNOT_SAVE: our disk)."""
         self.store.update(t.id, time.time(), state="failed", error=error, refuse_reason=reason)
         remove_quietly(partial_path(t.directory, t.id))
-        self._mismatches.pop(t.id, None)
+        self._forget(t.id)
         self.views.changed(t.id)
 
     def _refused(self, t: Transfer, exc: FileProtocolError, next_group: int) -> None:
@@ -190,7 +202,6 @@ class IncomingTransfers:
                 self.store.update(t.id, now, next_group=0, bytes_done=0, error=again)
             stream.reset()
             return
-        self._mismatches.pop(t.id, None)
         try:
             final = place_file(partial, Path(t.directory), safe_name(t.offer.name))
         except OSError as exc:
@@ -199,7 +210,7 @@ class IncomingTransfers:
         self.store.update(
             t.id, now, state="done", path=str(final), bytes_done=layout.size, error=""
         )
-        self.views.forget(t.id)
+        self._forget(t.id)
         log.info("file %s from %s saved to %s", t.id.hex()[:8], t.handle, final)
         self.views.changed(t.id)
         # Not delivered: it asks again, and is told DONE.

@@ -94,7 +94,7 @@ class OutgoingTransfers:
         self._nudges: dict[bytes, trio.Event] = {}
         #: The cancel scope of each running attempt.
         self._scopes: dict[bytes, trio.CancelScope] = {}
-        #: How far this run of the daemon has written each transfer.
+        #: How far this run of the transfer's loop has written it.
         self._sent_until: dict[bytes, int] = {}
         #: The connection each running attempt writes on, and the attempts to start
         #: again at once (a NUDGE came over another connection).
@@ -131,6 +131,17 @@ class OutgoingTransfers:
             scope.cancel()
         self._wake(transfer_id)
 
+    def held(self) -> int:
+        """Entries held in memory for transfers (0 once no loop runs)."""
+        return (
+            len(self._senders)
+            + len(self._nudges)
+            + len(self._scopes)
+            + len(self._sent_until)
+            + len(self._sending_over)
+            + len(self._restarts)
+        )
+
     # ------------------------------------------------------------------ the loop
 
     async def _wait_nudge(self, transfer_id: bytes, delay: float) -> None:
@@ -140,6 +151,8 @@ class OutgoingTransfers:
         self._nudges[transfer_id] = trio.Event()
 
     def _wake(self, transfer_id: bytes) -> None:
+        if transfer_id not in self._senders:
+            return  # no loop to wake (an entry made here would stay forever)
         event = self._nudges.get(transfer_id)
         if event is not None:
             event.set()
@@ -201,10 +214,16 @@ class OutgoingTransfers:
                 await self._wait_nudge(transfer_id, backoff)
                 backoff = min(BACKOFF_MAX, backoff * 2)
         finally:
+            # Whatever ended the loop (done, refused, cancelled, failed, the daemon
+            # stopping): nothing of the transfer stays in memory, or a daemon that runs
+            # for months holds an entry per file it ever sent.
             self._senders.discard(transfer_id)
             self._scopes.pop(transfer_id, None)
             self._sending_over.pop(transfer_id, None)
             self._nudges.pop(transfer_id, None)
+            self._sent_until.pop(transfer_id, None)
+            self._restarts.discard(transfer_id)
+            self.views.forget(transfer_id)
 
     def _cannot_read(self, t: Transfer, exc: OSError) -> None:
         """The source is gone or keeps changing: the transfer fails here, and the

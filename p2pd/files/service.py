@@ -495,7 +495,12 @@ class FilesService:
             log.info("could not tell %s about file %s: %s", t.handle, t.id.hex()[:8], exc)
 
     def statistics(self) -> dict[str, int]:
-        return {**self.stats, "unreadable_rows": self.store.unreadable_rows}
+        held = self.outgoing.held() + self.incoming.held() + self.views.held()
+        return {
+            **self.stats,
+            "unreadable_rows": self.store.unreadable_rows,
+            "transfers_in_memory": held,
+        }
 
 
 __all__ = ["FileSummary", "FilesService", "default_download_dir"]
