@@ -355,6 +355,39 @@ def test_an_offer_to_an_offline_contact_flows_once_it_is_back(net: Net) -> None:
     assert hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest() == digest
 
 
+def test_an_offer_left_in_the_mailbox_arrives_while_the_sender_is_away(net: Net) -> None:
+    """bob is down when alice offers him a file: the offer goes to his DHT mailbox (held
+    by carol's node), and alice goes away too. bob starts: the offer is there, accepted,
+    though no one could have handed it to him but his mailbox; alice starts again: her
+    sender resumes on its own and the file arrives whole."""
+    net.init("carol", "alice", "bob")
+    net.start("carol")
+    net.start("alice")
+    net.start("bob")
+    pin_each_other(net, "alice", "bob")
+    net.daemons["bob"].stop()
+    src = net.root / "for later.bin"
+    digest = random_file(src, GROUP + 5)
+    proc = run_cli(net.home("alice"), "send-file", "bob", str(src))
+    assert proc.returncode == 0, proc.stderr
+    # the offer is the one message alice left in a mailbox
+    assert wait_until(
+        lambda: cli_json(net.home("alice"), "status")["messages"]["sent_mailbox"] == 1,
+        timeout=30,
+    )
+    net.daemons["alice"].stop()
+    net.start("bob")  # its one peer is carol
+    assert wait_until(lambda: [f["state"] for f in files(net.home("bob"))] == ["accepted"], 30)
+    got = one_file(net.home("bob"), "in")
+    assert got["handle"] == "alice" and got["verified"] and got["bytes_done"] == 0
+    assert "(mailbox)" in net.daemons["bob"].log  # its log line says where it came from
+    net.start("alice")
+    assert wait_until(lambda: one_file(net.home("bob"), "in")["state"] == "done", timeout=60)
+    got = one_file(net.home("bob"), "in")
+    assert hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest() == digest
+    assert wait_until(lambda: one_file(net.home("alice"), "out")["state"] == "done", timeout=30)
+
+
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux prlimit")
 def test_a_disk_that_fills_fails_the_transfer_cleanly(net: Net) -> None:
     """bob may write files of at most 3 MB (RLIMIT_FSIZE, as a full disk or a quota

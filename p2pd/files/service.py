@@ -292,9 +292,10 @@ class FilesService:
         ):
             return  # the same offer again
         log.info(
-            "file offer %s from %s: %s, %d bytes (%s)",
+            "file offer %s from %s (%s): %s, %d bytes (%s)",
             offer.transfer_id.hex()[:8],
             handle,
+            via,
             safe_name(offer.name),
             offer.size,
             "accepted" if accept else "waits for accept",
