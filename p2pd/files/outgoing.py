@@ -122,6 +122,8 @@ class OutgoingTransfers:
         """The receiver NUDGEd us over ``peer``: try now (a loop waiting out its backoff
         wakes up; a stream still writing into another connection is given up)."""
         self.start(transfer_id)
+        if transfer_id not in self._senders:
+            return  # no loop can run (the daemon is stopping)
         self._nudged_over[transfer_id] = peer
         self._wake(transfer_id)
         if self._sending_over.get(transfer_id, peer) is not peer:
