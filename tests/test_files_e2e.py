@@ -729,7 +729,9 @@ def test_both_stopped_mid_transfer_resume_when_restarted_sender_last(net: Net) -
     assert net.daemons["alice"].stop() == 0 and net.daemons["bob"].stop() == 0
     net.start("bob")
     assert one_file(net.home("bob"), "in")["state"] == "accepted"
-    time.sleep(2)  # bob's NUDGE to alice goes nowhere meanwhile
+    # bob's NUDGE to alice goes nowhere (about 3 s: its connection attempt times out);
+    # a fixed 2 s here let alice come up while it still tried, and it could reach her
+    assert eventually(lambda: "could not tell alice about file" in net.daemons["bob"].log, 30)
     net.start("alice")
     assert eventually(lambda: one_file(net.home("bob"), "in")["state"] == "done", timeout=90)
     got = one_file(net.home("bob"), "in")

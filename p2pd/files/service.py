@@ -481,6 +481,8 @@ class FilesService:
             with trio.fail_after(CONNECT_TIMEOUT * 2):
                 peer = await self.connect_to(t.peer_key, t.handle)
                 if peer is None:
+                    log.info("could not tell %s about file %s: not reachable now",
+                             t.handle, t.id.hex()[:8])  # fmt: skip
                     return
                 stream = await peer.open_stream()
                 async with stream:
