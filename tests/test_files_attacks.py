@@ -4,7 +4,8 @@ sender comes back at once after each; a wrong root is refused every time until t
 transfer fails, nothing saved; a network drop that kills the connection is resumed on
 a new one; a disk that corrupts the file is given up on; a hostile name lands as a
 safe one inside the files dir; garbage, oversized and misdirected file streams are
-refused and change nothing (issue 14)."""
+refused and change nothing; transfers that ended, however, leave nothing in memory
+(issue 14)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import trio
 
 from p2pd.config import FilesConfig, LanConfig, NodeConfig, QuicConfig
 from p2pd.daemon import Node, open_node
-from p2pd.files import protocol, service
+from p2pd.files import incoming, outgoing, protocol
+from p2pd.files.outgoing import OutgoingTransfers
 from p2pd.files.protocol import F_CHUNK, Layout, Offer, hash_file, root_of
 from p2pd.files.service import FilesService
 from p2pd.identity import Identity
@@ -137,18 +139,7 @@ async def test_a_hostile_name_lands_inside_the_files_dir(root: Path) -> None:
             for name in ("../../escaped.txt", "/etc/passwd", ".hidden", "a\x1b[31mred"):
                 offer = Offer(os.urandom(16), os.urandom(32), layout, root_of(hashes), name)
                 # what send_file does, with the name a hostile sender would put
-                files.store.add(
-                    direction="out",
-                    peer_key=bob.identity.public_key,
-                    handle="bob",
-                    offer=offer,
-                    state="offered",
-                    now=time.time(),
-                    path=str(src),
-                    hashes=hashes,
-                )
-                files.enqueue_offer("bob", bob.identity.public_key, offer.to_text())
-                files._start_sender(offer.transfer_id)
+                files.offer("bob", bob.identity.public_key, offer, str(src), hashes)
             await wait_for(
                 lambda: len([f for f in files_of(bob).transfers() if f["state"] == "done"]) == 4
             )
@@ -333,7 +324,7 @@ async def test_a_wrong_root_is_refused_every_time_and_nothing_is_saved(
     offer and data disagree): every stream is refused at the hash list, counted; after
     MAX_REFUSED refusals the transfer fails on both sides, and nothing is ever at the
     final path, partial file included."""
-    monkeypatch.setattr(service, "BACKOFF_MAX", 0.5)  # eight retries in seconds, not minutes
+    monkeypatch.setattr(outgoing, "BACKOFF_MAX", 0.5)  # eight retries in seconds, not minutes
     src = root / "lie.bin"
     src.write_bytes(os.urandom(3 << 20))
     with trio.fail_after(60):
@@ -343,14 +334,10 @@ async def test_a_wrong_root_is_refused_every_time_and_nothing_is_saved(
             hashes = hash_file(src, layout)
             wrong = root_of([hashes[0], hashes[2], hashes[1]])  # the groups, reordered
             offer = Offer(os.urandom(16), os.urandom(32), layout, wrong, "lie.bin")
-            files.store.add(direction="out", peer_key=bob.identity.public_key, handle="bob",
-                            offer=offer, state="offered", now=time.time(), path=str(src),
-                            hashes=hashes)  # fmt: skip
-            files.enqueue_offer("bob", bob.identity.public_key, offer.to_text())
-            files._start_sender(offer.transfer_id)
+            files.offer("bob", bob.identity.public_key, offer, str(src), hashes)
             await wait_for(lambda: state_of(bob, "in") == "failed", timeout=45)
             got = files_of(bob).transfers()[0]
-            assert got["refused"] == service.MAX_REFUSED and got["bytes_done"] == 0, got
+            assert got["refused"] == incoming.MAX_REFUSED and got["bytes_done"] == 0, got
             assert "root" in got["error"], got
             assert files_of(bob).stats["groups_verified"] == 0
             assert list((root / "bob-dl").iterdir()) == []
@@ -381,15 +368,15 @@ async def test_a_stream_that_breaks_after_progress_is_retried_at_once(
         return frame
 
     waits: list[float] = []
-    real_wait = FilesService._wait_nudge
+    real_wait = OutgoingTransfers._wait_nudge
 
-    async def recorded(self: FilesService, transfer_id: bytes, delay: float) -> None:
+    async def recorded(self: OutgoingTransfers, transfer_id: bytes, delay: float) -> None:
         if forged:  # the waits after the first refusal
             waits.append(delay)
         await real_wait(self, transfer_id, delay)
 
     monkeypatch.setattr(protocol.SenderStream, "chunk_frame", forge_each_once)
-    monkeypatch.setattr(FilesService, "_wait_nudge", recorded)
+    monkeypatch.setattr(OutgoingTransfers, "_wait_nudge", recorded)
     with trio.fail_after(120):
         async with pair(root) as (alice, bob):
             await files_of(alice).send_file("bob", str(src))
@@ -397,7 +384,7 @@ async def test_a_stream_that_breaks_after_progress_is_retried_at_once(
             got = files_of(bob).transfers()[0]
             assert sorted(forged) == sorted(forge_at) and got["refused"] == len(forge_at)
             assert Path(got["path"]).read_bytes() == data
-    assert waits == [service.BACKOFF_MIN] * len(forge_at), waits
+    assert waits == [outgoing.BACKOFF_MIN] * len(forge_at), waits
 
 
 async def test_a_network_drop_that_kills_the_connection_resumes_on_a_new_one(
@@ -447,7 +434,7 @@ async def test_a_disk_that_corrupts_the_partial_file_fails_the_transfer_in_the_e
     matches the root (a disk that corrupts what it stores; here verify_file says so):
     bob fetches it again, MAX_REFUSED times, then fails it, keeps nothing, and alice is
     told he cannot save it. (It fetched the file again forever before.)"""
-    monkeypatch.setattr(service, "verify_file", lambda *args: False)
+    monkeypatch.setattr(incoming, "verify_file", lambda *args: False)
     src = root / "photo.jpg"
     src.write_bytes(os.urandom(200_000))
     with trio.fail_after(90):
@@ -455,8 +442,49 @@ async def test_a_disk_that_corrupts_the_partial_file_fails_the_transfer_in_the_e
             await files_of(alice).send_file("bob", str(src))
             await wait_for(lambda: state_of(bob, "in") == "failed", timeout=60)
             got = files_of(bob).transfers()[0]
-            assert got["refused"] == service.MAX_REFUSED, got
+            assert got["refused"] == incoming.MAX_REFUSED, got
             assert "did not match" in got["error"], got
             assert list((root / "bob-dl").iterdir()) == []
             await wait_for(lambda: state_of(alice, "out") == "failed", timeout=30)
             assert files_of(alice).transfers()[0]["error"] == "the receiver cannot save it"
+
+
+async def test_transfers_that_ended_leave_nothing_in_memory(root: Path) -> None:
+    """Six transfers end every way a transfer ends: three done, one cancelled by alice
+    and one by bob mid-way, one failed (its source gone before a byte was read). Once
+    all are final, neither daemon holds anything for any of them (`status`
+    `files.transfers_in_memory` is 0): a daemon that runs for months and moves
+    thousands of files keeps no entry per file. While they ran, it held some."""
+    sources = []
+    for i, size in enumerate((3 << 19, 3 << 19, 3 << 19, 6 << 20, 6 << 20, 1000)):
+        sources.append(root / f"f{i}.bin")
+        sources[-1].write_bytes(os.urandom(size))
+    with trio.fail_after(90):
+        async with pair(root, max_rate=2_000_000) as (alice, bob):
+            sent = [await files_of(alice).send_file("bob", str(src)) for src in sources[:5]]
+            # the sixth is offered, then its source goes before the sender reads it
+            layout = Layout.for_size(1000)
+            hashes = hash_file(sources[5], layout)
+            gone = Offer(os.urandom(16), os.urandom(32), layout, root_of(hashes), "gone.bin")
+            sources[5].unlink()
+            files_of(alice).offer("bob", bob.identity.public_key, gone, str(sources[5]), hashes)
+
+            def received(i: int) -> int:
+                rows = [f for f in files_of(bob).transfers() if f["id"] == sent[i]["id"]]
+                return rows[0]["bytes_done"] if rows else 0
+
+            await wait_for(lambda: received(3) >= 1 << 20 and received(4) >= 1 << 20, 30)
+            held = [files_of(n).statistics()["transfers_in_memory"] for n in (alice, bob)]
+            await files_of(alice).cancel(sent[3]["id"])
+            await files_of(bob).cancel(sent[4]["id"])
+
+            def states(n: Node, direction: str) -> list[str]:
+                return sorted(f["state"] for f in files_of(n).transfers()
+                              if f["direction"] == direction)  # fmt: skip
+
+            final = ["cancelled", "cancelled", "done", "done", "done", "failed"]
+            await wait_for(lambda: states(alice, "out") == final, timeout=60)
+            await wait_for(lambda: states(bob, "in") == final, timeout=30)
+            assert all(h > 0 for h in held), held
+            for n in (alice, bob):
+                await wait_for(lambda n=n: files_of(n).statistics()["transfers_in_memory"] == 0)

@@ -5,8 +5,15 @@ the first group not yet verified and recorded: every group before it is in the p
 file and matched its hash, so a restart (or kill -9) resumes there. The row holds the
 offer, and with it the per-file key: as secret as the messages' text, it is sealed
 under the storage key when the database is encrypted at rest (p2pd/at_rest.py; the
-database is mode 0600 either way). A row whose offer does not open is skipped by
-listings, counted and logged, and left as it is.
+database is mode 0600 either way). A row whose offer does not open, or whose
+``refuse_reason`` is not one this version knows, is skipped by listings, counted and
+logged, and left as it is.
+
+``refuse_reason`` is what the receiver answers the sender's next OPEN of a failed
+incoming transfer (REFUSE 4, their data did not verify; REFUSE 6, our disk cannot save
+it), recorded when it fails. Tables from before it (no such column) get it at open,
+filled in for failed incoming rows from their error text, the only place that text is
+read for it.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 
 from ..at_rest import CLEAR, AtRest
 from ..errors import StoredDataCorrupt
-from .protocol import HASH_LEN, Offer
+from .protocol import HASH_LEN, REASON_CANNOT_SAVE, REASON_CORRUPT, REASONS, Offer
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,8 @@ CREATE TABLE IF NOT EXISTS file_transfers (
     refused INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
-    updated REAL NOT NULL);
+    updated REAL NOT NULL,
+    refuse_reason INTEGER);
 CREATE INDEX IF NOT EXISTS file_transfers_state ON file_transfers (direction, state);
 """
 
@@ -51,6 +59,9 @@ ACTIVE_OUT = ("offered", "sending")
 QUOTA_ROWS = 10_000
 ACTIVE_IN = ("accepted",)
 FINAL = ("done", "rejected", "cancelled", "failed")
+#: How the errors of incoming transfers that failed on our disk began before
+#: ``refuse_reason`` was stored (the migration reads them once; nothing else does).
+_SAVE_ERRORS_BEFORE = ("cannot write to %", "cannot save: %")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +84,36 @@ class Transfer:
     error: str
     created: float
     updated: float
+    #: Incoming, failed: the REFUSE reason the sender's next OPEN gets (None: not set).
+    refuse_reason: int | None = None
 
 
 _COLUMNS = (
     "id, direction, peer_key, handle, offer, state, path, directory, next_group, hashes, "
-    "bytes_done, resent, refused, error, created, updated"
+    "bytes_done, resent, refused, error, created, updated, refuse_reason"
 )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Idempotent: a table from before ``refuse_reason`` gets the column, and its failed
+    incoming rows the reason the daemon then chose from their error text."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(file_transfers)")}
+    if "refuse_reason" in columns:
+        return
+    conn.execute("ALTER TABLE file_transfers ADD COLUMN refuse_reason INTEGER")
+    conn.execute(
+        "UPDATE file_transfers SET refuse_reason = CASE WHEN error LIKE ? OR error LIKE ? "
+        "THEN ? ELSE ? END WHERE direction='in' AND state='failed'",
+        (*_SAVE_ERRORS_BEFORE, REASON_CANNOT_SAVE, REASON_CORRUPT),
+    )
+
+
+def _refuse_reason(value: object) -> int | None:
+    # type() and not isinstance(): SQLite hands back what was stored, and a bool or a
+    # float 6.0 in this column is damage, not a reason.
+    if value is None or (type(value) is int and value in REASONS):
+        return value
+    raise StoredDataCorrupt(f"refuse_reason {value!r} is not a reason this version knows")
 
 
 def _split(blob: bytes | None) -> list[bytes] | None:
@@ -97,6 +132,7 @@ class FileStore:
         #: Rows whose offer did not open (damaged, moved, another key): skipped.
         self.unreadable_rows = 0
         conn.executescript(_SCHEMA)
+        _migrate(conn)
         conn.commit()
 
     def _rows(self, rows: list[Any]) -> list[Transfer]:
@@ -127,6 +163,7 @@ class FileStore:
             row[13],
             float(row[14]),
             float(row[15]),
+            _refuse_reason(row[16]),
         )
 
     def add(
@@ -147,7 +184,7 @@ class FileStore:
             with self._conn:
                 self._conn.execute(
                     f"INSERT INTO file_transfers ({_COLUMNS}) "
-                    "VALUES (?,?,?,?,?,?,?,?,0,?,0,0,0,'',?,?)",
+                    "VALUES (?,?,?,?,?,?,?,?,0,?,0,0,0,'',?,?,NULL)",
                     (
                         offer.transfer_id,
                         direction,
@@ -169,18 +206,26 @@ class FileStore:
         return True
 
     def get(self, transfer_id: bytes) -> Transfer | None:
+        """The transfer, None if no row has its id; StoredDataCorrupt if its row does
+        not read."""
         row = self._conn.execute(
             f"SELECT {_COLUMNS} FROM file_transfers WHERE id=?", (transfer_id,)
         ).fetchone()
         return None if row is None else self._row(row)
 
+    def exists(self, transfer_id: bytes) -> bool:
+        """A row with this id, readable or not."""
+        sql = "SELECT 1 FROM file_transfers WHERE id=?"
+        return self._conn.execute(sql, (transfer_id,)).fetchone() is not None
+
     def by_prefix(self, prefix: str) -> list[Transfer]:
-        """Transfers whose id in hex starts with ``prefix`` (the CLI's short ids)."""
+        """Transfers whose id in hex starts with ``prefix`` (the CLI's short ids); raises
+        StoredDataCorrupt if one of them does not read."""
         rows = self._conn.execute(
             f"SELECT {_COLUMNS} FROM file_transfers WHERE hex(id) LIKE ? LIMIT 2",
             (prefix.upper() + "%",),
         ).fetchall()
-        return self._rows(rows)
+        return [self._row(row) for row in rows]  # the one asked for: its damage said
 
     def all(self, limit: int = 1000) -> list[Transfer]:
         rows = self._conn.execute(
@@ -230,6 +275,7 @@ class FileStore:
             "error",
             "resent",
             "refused",
+            "refuse_reason",
         }
         if set(fields) - allowed:
             raise ValueError(f"cannot update {set(fields) - allowed}")
