@@ -46,8 +46,11 @@ async def open_node(
     config: QuicConfig | None = None,
     on_stream: StreamHandler | None = None,
     on_datagram: Callable[[QuicPeer, bytes], None] | None = None,
+    identity: Identity | None = None,
 ) -> AsyncIterator[Node]:
-    identity = Identity.generate(handle)
+    """``identity``: a node's own (a restarted node's, say); a new one for ``handle`` if
+    None."""
+    identity = identity or Identity.generate(handle)
     udp = UdpEndpoint.bind(Address("127.0.0.1", 0))
     dht: list[bytes] = []
     incoming: list[QuicPeer] = []

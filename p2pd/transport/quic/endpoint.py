@@ -129,7 +129,8 @@ class QuicEndpoint:
         self._nursery: trio.Nursery | None = None
         self._by_cid: dict[bytes, QuicPeer] = {}
         self._peers: dict[tuple[bytes, NetworkAddress], QuicPeer] = {}
-        self._all: set[QuicPeer] = set()
+        #: Every connection, in the order they were made (a dict: insertion-ordered).
+        self._all: dict[QuicPeer, None] = {}
         self._routes: dict[NetworkAddress, VirtualSend] = {}
         #: Connections that received datagrams since the last flush, in arrival order.
         self._dirty: list[QuicPeer] = []
@@ -283,7 +284,7 @@ class QuicEndpoint:
         )
         peer = QuicPeer(self, quic, addr, None)
         self._slots[peer] = self.budget.take_incoming(source)
-        self._all.add(peer)
+        self._all[peer] = None
         # Map the client's chosen DCID (its Initials keep using it until it hears from us;
         # after a Retry, the Retry's Source Connection ID) and our own first CID, as
         # aioquic's asyncio server does.
@@ -369,7 +370,7 @@ class QuicEndpoint:
             self.budget.release(slot)
             raise LocalError("the QUIC endpoint is shutting down") from None
         self._slots[peer] = slot
-        self._all.add(peer)
+        self._all[peer] = None
         peer.add_connection_id(quic.host_cid)
         self._peers[(expected_key, addr)] = peer
         return peer
@@ -387,9 +388,19 @@ class QuicEndpoint:
     # ---- public bookkeeping
 
     def peers(self) -> list[QuicPeer]:
-        """Every connection that is established and not closing."""
+        """Every connection that is established and not closing, the newest first.
+
+        Callers take the first connection to a key (delivery's and files' connect): after
+        the peer restarted (kill -9, a crash) its old connection still looks open here
+        until its idle timeout (30 s) while the new one it made works. The order of a
+        set picked the old one about half the time and the transfer or the conversation
+        waited out that timeout (seen as a file transfer stalled 30 s after the receiver's
+        restart). Newest first, not "last heard from": a datagram forged with the old
+        connection's address would count as heard before aioquic dropped it."""
         return [
-            p for p in self._all if p.is_established and not p.is_closing and not p.quic.is_closing
+            p
+            for p in reversed(self._all)
+            if p.is_established and not p.is_closing and not p.quic.is_closing
         ]
 
     def statistics(self) -> dict[str, Any]:
@@ -500,7 +511,7 @@ class QuicEndpoint:
         self.peer_closing(peer)
         for cid in peer.connection_ids:
             self.unregister_cid(cid, peer)
-        self._all.discard(peer)
+        self._all.pop(peer, None)
         if self._on_closed is not None:
             try:
                 self._on_closed(peer)
