@@ -622,7 +622,7 @@ async def test_a_sender_whose_lookup_failed_is_looked_up_again(
     the sender stayed unpinned for good: `inbox --from alice` empty), bob tries again:
     after two failures the third lookup pins alice and her message shows under her
     handle; after four (all bob tries) it stays unverified, and bob stops asking."""
-    monkeypatch.setattr("p2pd.delivery.service.VERIFY_RETRY_DELAYS", (0.2, 0.2, 0.2))
+    monkeypatch.setattr("p2pd.delivery.verify.VERIFY_RETRY_DELAYS", (0.2, 0.2, 0.2))
     alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
     with trio.fail_after(60):
         async with (
@@ -639,7 +639,7 @@ async def test_a_sender_whose_lookup_failed_is_looked_up_again(
                 assert shown["sender_verified"] and shown["text"] == "it's me"
                 assert len(tried) == failures + 1
             else:
-                await wait_for(lambda: not bob.delivery._verifying)  # bob gave up
+                await wait_for(lambda: not bob.delivery.verifier.checking)  # bob gave up
                 assert len(tried) == 4  # one lookup and three more, no more
                 assert Api(bob).inbox(sender="alice")["messages"] == []
                 (shown,) = Api(bob).inbox()["messages"]

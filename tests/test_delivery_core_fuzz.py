@@ -30,7 +30,7 @@ from p2pd.delivery.events import (
     RetryDue,
     SendDue,
 )
-from p2pd.delivery.service import MAILBOX_PHASE
+from p2pd.delivery.mailbox import MAILBOX_PHASE
 from p2pd.messaging import DELIVERED
 from p2pd.testing.delivery_pair import ACK_TIMEOUT, Pair, Side, frames_of
 
@@ -185,7 +185,7 @@ class Model:
                 net.readers.append(reader)
                 self.transmit(reader, "to bob", exchange.data)
                 return
-        # the mailbox for MAILBOX_PHASE at most, as Delivery._send_mailbox (bob is not up:
+        # the mailbox for MAILBOX_PHASE at most, as MailboxCourier.put (bob is not up:
         # nothing fetches it here; only the attempt counts)
         puts = core.plan_mailbox(bob, ready, pair.now)
         self.commit()

@@ -4,8 +4,13 @@
   and past-tense events out; one timer: retries, answer deadlines).
 - :mod:`p2pd.delivery.events`: those rows and events, as dataclasses.
 - :mod:`p2pd.delivery.ledger`: the core's view of SQLite (messages, contacts, sessions).
-- :mod:`p2pd.delivery.service`: the trio service (QUIC streams, the DHT mailbox, the
-  workers, the control API's views).
+- :mod:`p2pd.delivery.service`: the trio service (QUIC streams, the workers, the
+  control API's views), which builds the two below.
+- :mod:`p2pd.delivery.mailbox`: the DHT mailbox both ways (puts for a worker that cannot
+  connect, the poll of ours).
+- :mod:`p2pd.delivery.paths`: connecting to a peer (open connection, addresses, relays).
+- :mod:`p2pd.delivery.verify`: pinning the handle an unknown sender claims, if the DHT
+  agrees.
 """
 
 from .core import DeliveryCore
