@@ -75,10 +75,16 @@ def start_network(
     *,
     settle: float = SETTLE,
     peer_config: str = "",
+    republish_min: float | None = None,
 ) -> dict[str, DaemonProcess]:
     """Three public daemons, alice in ``kind_a``, bob in ``kind_b``; returns once each
     peer knows its mapping kind and, when NATed, its record lists two relays.
-    ``peer_config`` is added to alice's and bob's config.toml (whole sections)."""
+    ``peer_config`` is added to alice's and bob's config.toml (whole sections, but no
+    ``[node]``: ``republish_min`` sets theirs). A NATed peer's first record lists no
+    relay (it publishes at start, before it registers), and the one that does waits for
+    ``republish_min`` (10 s by default) since: a test that claims nothing about how soon
+    a changed record is republished (a recovery that a republish could speed up) sets
+    it to 1 s and settles some 9 s sooner."""
     inet = testbed.lan("inet", "198.18.0.0/16")
     hosts: dict[str, Host] = {
         f"pub{i}": testbed.host(f"pub{i}", inet, address=ip) for i, ip in enumerate(PUBLIC, 1)
@@ -95,20 +101,32 @@ def start_network(
         v6.settle()
         listen = f"[::]:{PORT}"
     seeds = [f"{ip}:{PORT}" for ip in PUBLIC]
-    daemons = {}
-    for name, host in hosts.items():
-        if run_cli(root / name, "init", name, "--no-passphrase").returncode != 0:
-            raise RuntimeError(f"p2pd init {name} failed")
-        extra = peer_config if name in ("alice", "bob") else ""
-        (root / name / "config.toml").write_text(CONFIG + extra)
-        daemons[name] = DaemonProcess(
-            root / name,
-            listen=listen,
-            bootstrap=[s for s in seeds if not s.startswith(f"{host.address}:")],
-            lan="off",
-            wrapper=host.command([]),
-            extra=["-v"],
-        ).wait_ready()
+    daemons: dict[str, DaemonProcess] = {}
+    # The public daemons start together, then the two peers together. A daemon is ready
+    # once its join ended, which waits out every seed that does not answer (no daemon
+    # listens there yet: nothing tells the sender); one after another, pub1 and pub2
+    # waited 2.7-3.4 s each for the seeds started after them, together those waits
+    # overlap. The peers start once every seed is up: a join that found no seed would
+    # try again only 15 s later (p2pd/maintenance.py REJOIN_INTERVAL).
+    for group in ([n for n in hosts if n.startswith("pub")], ["alice", "bob"]):
+        starting: dict[str, DaemonProcess] = {}
+        for name in group:
+            if run_cli(root / name, "init", name, "--no-passphrase").returncode != 0:
+                raise RuntimeError(f"p2pd init {name} failed")
+            extra = peer_config if name in ("alice", "bob") else ""
+            if republish_min is not None and name in ("alice", "bob"):
+                extra += f"[node]\nrepublish_min = {republish_min}\n"
+            (root / name / "config.toml").write_text(CONFIG + extra)
+            starting[name] = DaemonProcess(
+                root / name,
+                listen=listen,
+                bootstrap=[s for s in seeds if not s.startswith(f"{hosts[name].address}:")],
+                lan="off",
+                wrapper=hosts[name].command([]),
+                extra=["-v"],
+            )
+        for name, daemon in starting.items():
+            daemons[name] = daemon.wait_ready()
 
     def settled(name: str, kind: str) -> bool:
         own = status(root, name)
