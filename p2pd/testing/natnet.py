@@ -1,7 +1,8 @@
 """Real daemons in the testbed's NAT cells: three public daemons (bootstrap nodes and
 relays) and two peers, alice and bob, each in a cell of its own (issue 13). Used by
 tests/test_upgrade_netns.py, tests/test_nat_move_netns.py and scripts/bench_nat.py;
-``peer_host`` also by the hole-punching test and benchmark (p2pd/testing/punch_peer.py).
+``peer_host`` also by the hole-punching test and benchmark (p2pd/testing/punch_peer.py),
+``start_daemons`` (the public daemons first) by the other NAT-cell tests.
 
 Cells: ``public`` (on the simulated internet), ``eim`` (endpoint-independent NAT),
 ``symmetric`` and ``fully-random`` (a new random port per destination), ``double`` (a
@@ -18,6 +19,7 @@ import functools
 import json
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,33 +102,11 @@ def start_network(
                 v6.firewall(routers_of(testbed, n)[0], f"2001:db8:{n}::/64")
         v6.settle()
         listen = f"[::]:{PORT}"
-    seeds = [f"{ip}:{PORT}" for ip in PUBLIC]
-    daemons: dict[str, DaemonProcess] = {}
-    # The public daemons start together, then the two peers together. A daemon is ready
-    # once its join ended, which waits out every seed that does not answer (no daemon
-    # listens there yet: nothing tells the sender); one after another, pub1 and pub2
-    # waited 2.7-3.4 s each for the seeds started after them, together those waits
-    # overlap. The peers start once every seed is up: a join that found no seed would
-    # try again only 15 s later (p2pd/maintenance.py REJOIN_INTERVAL).
-    for group in ([n for n in hosts if n.startswith("pub")], ["alice", "bob"]):
-        starting: dict[str, DaemonProcess] = {}
-        for name in group:
-            if run_cli(root / name, "init", name, "--no-passphrase").returncode != 0:
-                raise RuntimeError(f"p2pd init {name} failed")
-            extra = peer_config if name in ("alice", "bob") else ""
-            if republish_min is not None and name in ("alice", "bob"):
-                extra += f"[node]\nrepublish_min = {republish_min}\n"
-            (root / name / "config.toml").write_text(CONFIG + extra)
-            starting[name] = DaemonProcess(
-                root / name,
-                listen=listen,
-                bootstrap=[s for s in seeds if not s.startswith(f"{hosts[name].address}:")],
-                lan="off",
-                wrapper=hosts[name].command([]),
-                extra=["-v"],
-            )
-        for name, daemon in starting.items():
-            daemons[name] = daemon.wait_ready()
+    peers = peer_config
+    if republish_min is not None:
+        peers += f"[node]\nrepublish_min = {republish_min}\n"
+    configs = {n: CONFIG + (peers if n in ("alice", "bob") else "") for n in hosts}
+    daemons = start_daemons(root, hosts, configs=configs, listen=listen)
 
     def settled(name: str, kind: str) -> bool:
         own = status(root, name)
@@ -150,6 +130,51 @@ def start_network(
         if not wait_until(functools.partial(settled, name, kind), settle, interval=1.0):
             raise TimeoutError(f"{name} ({kind}) did not settle: {status(root, name)}")
     return daemons
+
+
+def start_daemons(
+    root: Path,
+    hosts: dict[str, Host],
+    *,
+    configs: Mapping[str, str] | None = None,
+    listen: str = f"0.0.0.0:{PORT}",
+    extra: Sequence[str] = ("-v",),
+) -> dict[str, DaemonProcess]:
+    """``p2pd init`` and a daemon in each of ``hosts`` (name -> host), ``configs[name]``
+    its config.toml, each bootstrapped from the public daemons (:data:`PUBLIC`, its own
+    address left out); returns them ready, in the order of ``hosts``.
+
+    The public daemons start together, then the others together. A daemon is ready once
+    its join ended, which waits out every seed that does not answer (no daemon listens
+    there yet, and nothing tells the sender so): one after another, pub1 and pub2 waited
+    2.7-3.4 s each for the seeds started after them; together those waits overlap. The
+    others start once every seed is up: a join that found no seed would try again only
+    15 s later (p2pd/maintenance.py REJOIN_INTERVAL)."""
+    seeds = [f"{ip}:{PORT}" for ip in PUBLIC]
+    public = [n for n, h in hosts.items() if str(h.address) in PUBLIC]
+    started: dict[str, DaemonProcess] = {}
+    try:
+        for group in (public, [n for n in hosts if n not in public]):
+            for name in group:
+                if run_cli(root / name, "init", name, "--no-passphrase").returncode != 0:
+                    raise RuntimeError(f"p2pd init {name} failed")
+                if configs is not None:
+                    (root / name / "config.toml").write_text(configs[name])
+                started[name] = DaemonProcess(
+                    root / name,
+                    listen=listen,
+                    bootstrap=[s for s in seeds if not s.startswith(f"{hosts[name].address}:")],
+                    lan="off",
+                    wrapper=hosts[name].command([]),
+                    extra=extra,
+                )
+            for name in group:
+                started[name].wait_ready()
+    except BaseException:
+        for daemon in started.values():
+            daemon.stop()
+        raise
+    return {name: started[name] for name in hosts}
 
 
 def status(root: Path, name: str) -> dict[str, Any]:
