@@ -164,7 +164,9 @@ def test_a_gateway_restart_is_announced_and_the_port_mapped_again(
     assert wait_until(lambda: len(mapping_rules(router)) == 2, 15, interval=0.25)
     for proc in processes:
         proc.terminate()
-        proc.wait(5)
+        # (at load 6-9 on 2 cores, miniupnpd once took over 5 s to exit on SIGTERM:
+        # that failed this test before anything it checks; the exit time is not a claim)
+        proc.wait(20)
     for chain in ("prerouting_miniupnpd", "miniupnpd"):
         router.run(["nft", "flush", "chain", "inet", "p2pd_nat", chain])
     assert mapping_rules(router) == []
