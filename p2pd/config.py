@@ -494,6 +494,12 @@ class NodeConfig:
     record_lifetime: int = 24 * 3600
     #: How often the daemon republishes its own record.
     republish_interval: float = 3600.0
+    #: A record that changed (a one-time prekey used, an address learnt, a relay gained
+    #: or lost) is republished as soon as this long has passed since the last publish:
+    #: a burst of changes costs one publish, not one each. At least 1 s, at most
+    #: ``republish_interval``. (A NATed daemon's first record, published at start, has
+    #: no relays yet; strangers reach it once this republish lists them.)
+    republish_min: float = 10.0
     #: How often the routing contacts are written to the database.
     save_contacts_interval: float = 300.0
     quic: QuicConfig = field(default_factory=QuicConfig)
@@ -511,6 +517,12 @@ class NodeConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     nat: NatConfig = field(default_factory=NatConfig)
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.republish_min <= self.republish_interval:
+            raise UsageError(
+                "node republish_min must be at least 1 s and at most republish_interval"
+            )
 
     @property
     def hides_addresses(self) -> bool:

@@ -428,13 +428,20 @@ async def open_node(
             # the endpoint serves, below.
             events = EventBus()
             own = config.listen.host
+
+            def reachability_changed() -> None:
+                wakeup.set()  # republish: our addresses may have changed
+                relays.reachability_changed()  # NATed now? register with relays at once
+
             dht.enable_reachability(
-                local_ips() if is_wildcard(own) else [own], dialback, on_change=wakeup.set
-            )
+                local_ips() if is_wildcard(own) else [own], dialback,
+                on_change=reachability_changed,
+            )  # fmt: skip
             schedule = MaintenanceSchedule(
                 trio.current_time(),
                 republish_interval=config.republish_interval,
                 save_contacts_interval=config.save_contacts_interval,
+                bundle_republish_min=config.republish_min,
             )
             contacts = Contacts(conn)
             sessions = SessionManager.open(

@@ -17,7 +17,8 @@ import trio
 
 #: While the routing table is empty, retry the bootstrap this often.
 REJOIN_INTERVAL = 15.0
-#: A changed prekey bundle (a one-time prekey used) is republished at most this often.
+#: A changed record (a one-time prekey used, an address or a relay changed) is republished
+#: at most this often: the default of ``[node] republish_min`` (p2pd/config.py).
 BUNDLE_REPUBLISH_MIN = 10.0
 #: Session clean-up (expired prekeys, archived sessions). (The DHT wakes the loop when
 #: its routing table loses its last contact: ``open_dht(on_alone=...)``.)

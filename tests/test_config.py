@@ -40,6 +40,19 @@ def test_bad_config_is_a_clear_usage_error(tmp_path: Path, text: str) -> None:
         load_config(tmp_path)
 
 
+def test_republish_min_is_a_node_setting_within_bounds(tmp_path: Path) -> None:
+    """How soon a changed record is republished: 10 s unless set; below 1 s or above
+    the hourly republish is a clear error."""
+    assert load_config(tmp_path).republish_min == 10.0
+    (tmp_path / "config.toml").write_text("[node]\nrepublish_min = 1.5\n")
+    assert load_config(tmp_path).republish_min == 1.5
+    for bad in ("republish_min = 0.5", "republish_min = 4000", "republish_min = 'soon'",
+                "republish_min = 20\nrepublish_interval = 15"):  # fmt: skip
+        (tmp_path / "config.toml").write_text(f"[node]\n{bad}\n")
+        with pytest.raises(UsageError, match="republish_min"):
+            load_config(tmp_path)
+
+
 def test_quic_section_of_the_config_file(tmp_path: Path) -> None:
     """The QUIC budgets of docs/SECURITY.md ("QUIC budgets") are settings."""
     (tmp_path / "config.toml").write_text(

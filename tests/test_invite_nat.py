@@ -32,7 +32,7 @@ def root() -> Iterator[Path]:
 def test_an_invite_from_behind_a_nat_lets_a_stranger_join_and_reach_its_owner(
     testbed: Testbed, root: Path
 ) -> None:
-    start_network(testbed, root, "public", "symmetric")
+    start_network(testbed, root, "public", "symmetric", republish_min=1.0)
     relays = status(root, "bob")["relays_in_use"]
     assert relays, "bob registered with no relay"
     invite = cli_json(root / "bob", "invite")

@@ -123,7 +123,7 @@ def test_two_daemons_behind_ipv6_firewalls_go_direct_over_ipv6(testbed: Testbed)
     messages go direct, over IPv6, both ways."""
     root = short_tempdir("p2pd-v6-")
     try:
-        daemons = start_network(testbed, root, "ipv6", "ipv6")
+        daemons = start_network(testbed, root, "ipv6", "ipv6", republish_min=1.0)
         record = cli_json(root / "pub1", "whois", "bob")
         assert f"[2001:db8:2::11]:{PORT}" in record["addresses"], record  # published
         tag = f"v6-{time.time_ns():x}"

@@ -23,6 +23,7 @@ from p2pd.testing.daemons import (
     short_tempdir,
     wait_until,
 )
+from p2pd.testing.natnet import start_daemons
 from p2pd.testing.netns import Host, Testbed
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -58,18 +59,8 @@ def test_daemons_learn_their_nat_and_reachability(testbed: Testbed, root: Path) 
     hosts["bob"] = testbed.host("bob", edm.inside)
     hosts["carol"] = testbed.host("carol", home.inside)  # a double NAT
     daemons: dict[str, DaemonProcess] = {}
-    seeds = [f"198.18.{i}.11:{PORT}" for i in (1, 2, 3)]
     try:
-        for name, host in hosts.items():
-            assert run_cli(root / name, "init", name, "--no-passphrase").returncode == 0
-            daemons[name] = DaemonProcess(
-                root / name,
-                listen=f"0.0.0.0:{PORT}",
-                bootstrap=[s for s in seeds if not s.startswith(f"{host.address}:")],
-                lan="off",
-                wrapper=host.command([]),
-                extra=["-v"],
-            ).wait_ready()
+        daemons = start_daemons(root, hosts)  # bootstrapped from pub1-3
 
         def settled() -> bool:
             return all(status(root / n)["reachability"] != "unknown" for n in daemons)

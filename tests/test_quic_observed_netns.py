@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pd.testing.daemons import DaemonProcess, cli_json, run_cli, short_tempdir, wait_until
-from p2pd.testing.natnet import CONFIG, PORT, PUBLIC, peer_host, send, status
+from p2pd.testing.daemons import DaemonProcess, cli_json, short_tempdir, wait_until
+from p2pd.testing.natnet import CONFIG, PUBLIC, peer_host, send, start_daemons, status
 from p2pd.testing.netns import Testbed
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -43,21 +43,11 @@ def test_a_natted_daemon_learns_its_address_from_quic_peers_alone(
     inet = testbed.lan("inet", "198.18.0.0/16")
     hosts = {f"pub{i}": testbed.host(f"pub{i}", inet, address=ip) for i, ip in enumerate(PUBLIC, 1)}
     hosts["alice"] = peer_host(testbed, "eim", 1)  # behind 198.18.11.1
-    seeds = [f"{ip}:{PORT}" for ip in PUBLIC]
     daemons: list[DaemonProcess] = []
     try:
-        for name, host in hosts.items():
-            assert run_cli(root / name, "init", name, "--no-passphrase").returncode == 0
-            extra = "[dht]\nobserve_replies = false\n"
-            (root / name / "config.toml").write_text(CONFIG + extra)
-            daemons.append(
-                DaemonProcess(
-                    root / name,
-                    listen=f"0.0.0.0:{PORT}",
-                    bootstrap=[s for s in seeds if not s.startswith(f"{host.address}:")],
-                    wrapper=host.command([]),
-                ).wait_ready()
-            )
+        config = CONFIG + "[dht]\nobserve_replies = false\n"
+        started = start_daemons(root, hosts, configs={n: config for n in hosts}, extra=())
+        daemons = list(started.values())
         before = status(root, "alice")
         assert before["nat_mapping"] == "unknown", before
         assert before["reflexive_addresses"] == []
@@ -89,25 +79,10 @@ def _start(testbed: Testbed, root: Path, peers: dict[str, str]) -> list[DaemonPr
     hosts = {f"pub{i}": testbed.host(f"pub{i}", inet, address=ip) for i, ip in enumerate(PUBLIC, 1)}
     for n, (name, kind) in enumerate(peers.items(), 1):
         hosts[name] = peer_host(testbed, kind, n)
-    seeds = [f"{ip}:{PORT}" for ip in PUBLIC]
-    daemons: list[DaemonProcess] = []
-    try:
-        for name, host in hosts.items():
-            assert run_cli(root / name, "init", name, "--no-passphrase").returncode == 0
-            (root / name / "config.toml").write_text(CONFIG + "[dht]\nobserve_replies = false\n")
-            daemons.append(
-                DaemonProcess(
-                    root / name,
-                    listen=f"0.0.0.0:{PORT}",
-                    bootstrap=[s for s in seeds if not s.startswith(f"{host.address}:")],
-                    wrapper=host.command([]),
-                ).wait_ready()
-            )
-    except BaseException:
-        for daemon in daemons:
-            daemon.stop()
-        raise
-    return daemons
+    # republish_min: a record that lists relays a second after the registration, not 10 s
+    # (the tests claim no republish timing)
+    config = CONFIG + "[node]\nrepublish_min = 1.0\n[dht]\nobserve_replies = false\n"
+    return list(start_daemons(root, hosts, configs={n: config for n in hosts}, extra=()).values())
 
 
 def test_hole_punching_finds_the_address_only_the_relay_saw(testbed: Testbed, root: Path) -> None:

@@ -6,6 +6,7 @@ and is reachable again through it (issue 13, item 5: measured in virtual seconds
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -15,6 +16,7 @@ from p2pd.config import QuicConfig, RelayConfig
 from p2pd.identity import Identity
 from p2pd.relay import Relays, is_virtual
 from p2pd.relay.client import RESEND, TRIES
+from p2pd.relay.service import CHECK_INTERVAL
 from p2pd.testing.fakenet import FakeHost, FakeNetwork, FakeUdpEndpoint
 from p2pd.testing.quic_nodes import echo_whole
 from p2pd.testing.waiting import wait_for
@@ -40,6 +42,7 @@ async def start(
     *,
     nat: str | None,
     candidates: list[Address],
+    natted: Callable[[], bool] | None = None,
 ) -> Node:
     host = net.add_host(nat=nat)
     udp = host.bind(PORT)
@@ -49,7 +52,7 @@ async def start(
         identity,
         udp.sendto,
         on_packet=lambda packet, virtual: quic.datagram_received(packet, virtual),
-        needs_relays=lambda: nat is not None,
+        needs_relays=natted or (lambda: nat is not None),
         candidates=lambda: list(candidates),
     )
     quic = QuicEndpoint(
@@ -115,4 +118,33 @@ async def test_quic_through_a_relay_and_a_relay_that_dies(
             print(f"bob registered with the other relay {moved:.1f} virtual s after the kill")
             await round_trip(alice, bob, relays[1])
             assert r2.relays.server.statistics()["circuits"] == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_node_that_learns_it_is_natted_registers_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The DHT's reachability says we are NATed (its ``on_change``, wired to
+    ``Relays.reachability_changed`` in p2pd/daemon.py): the registrations start then, not
+    at the relay service's next look (every CHECK_INTERVAL, 5 s): a NATed daemon's
+    record lists relays that much sooner after it starts."""
+    net = FakeNetwork(seed=5, median_rtt=0.04)
+    natted = False
+    with trio.fail_after(60):  # virtual seconds
+        async with trio.open_nursery() as nursery:
+            await nursery.start(net.run)
+            relay = await start(nursery, net, "relay", nat=None, candidates=[])
+            address = [relay.udp.local_address]
+            alice = await start(
+                nursery, net, "alice", nat="edm", candidates=address, natted=lambda: natted
+            )
+            await trio.sleep(1.0)  # the service looked once, at its start: not NATed
+            assert alice.relays.registered() == []
+            natted = True
+            told = trio.current_time()
+            alice.relays.reachability_changed()
+            await wait_for(lambda: alice.relays.registered() == address, "registered", timeout=10)
+            took = trio.current_time() - told
+            # a HELLO and a REGISTER round trip; the next look would have come 4 s later
+            assert took < 1.0 < CHECK_INTERVAL - 1.0, took
             nursery.cancel_scope.cancel()

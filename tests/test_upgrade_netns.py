@@ -36,7 +36,7 @@ def root() -> Iterator[Path]:
 def test_a_relayed_connection_becomes_direct_and_messages_follow(
     testbed: Testbed, root: Path
 ) -> None:
-    start_network(testbed, root, "eim", "symmetric")
+    start_network(testbed, root, "eim", "symmetric", republish_min=1.0)
     tag = f"upgrade-{time.time_ns():x}"
     first = send(root, "alice", "bob", f"{tag} 0")
     assert first["via"] == "relay", first  # bob lists no address alice can reach
@@ -79,7 +79,7 @@ def test_a_lost_attempt_is_tried_again_within_seconds(testbed: Testbed, root: Pa
     the path. Before, the retry came a minute after the miss, when the idle relayed
     connection had closed (60 s after its last traffic), so none came and the pair stayed
     relayed: the clean-clone CI failure (probes_attempts 1 in 90 s)."""
-    start_network(testbed, root, "eim", "symmetric")
+    start_network(testbed, root, "eim", "symmetric", republish_min=1.0)
     router = routers_of(testbed, 1)[0]
     router.run(["nft", "-f", "-"], input=LOSE_PUNCH)
     first = send(root, "alice", "bob", f"lost-{time.time_ns():x}")
@@ -118,7 +118,7 @@ def test_a_call_over_a_relay_moves_to_the_direct_path_without_a_long_gap(
     switch). Either way, once upgraded the relay no longer carries the call. The call
     lasts until the upgrade has landed and two more seconds of audio have come: a
     clean-clone CI run once saw the upgrade take longer than a fixed 6 s call."""
-    start_network(testbed, root, "eim", "symmetric")
+    start_network(testbed, root, "eim", "symmetric", republish_min=1.0)
     answer = testbed.hosts["c2"].popen(
         [*p2pd_command(), "--home", str(root / "bob"), "answer", "--wait", "60",
          "--audio-in", "tone:660", "--json"]

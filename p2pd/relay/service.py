@@ -6,11 +6,12 @@
   goes to ``on_packet(packet, virtual address)`` (the QUIC endpoint's receive path).
 - ``send(payload, virtual)`` is the QUIC endpoint's send path for virtual addresses.
 - One timer task sleeps until the earlier of the two cores' deadlines (one long-lived
-  cancel scope, its deadline moved after each input), and every ``CHECK_INTERVAL`` it
-  asks ``needs_relays()`` (the DHT's reachability) whether to keep registrations (also
-  kept with ``hides_addresses``: ``[privacy] addresses = "contacts"``) and which
-  relays to try (``candidates()``: the DHT's routing table, which holds only
-  nodes that others could reach: client mode, issue 13 item 2).
+  cancel scope, its deadline moved after each input), and every ``CHECK_INTERVAL`` (and
+  at once when ``reachability_changed()`` is called) it asks ``needs_relays()`` (the
+  DHT's reachability) whether to keep registrations (also kept with
+  ``hides_addresses``: ``[privacy] addresses = "contacts"``) and which relays to try
+  (``candidates()``: the DHT's routing table, which holds only nodes that others could
+  reach: client mode, issue 13 item 2).
 - ``connect(relay, key)`` opens a circuit and returns its virtual address, for
   ``QuicEndpoint.connect``.
 """
@@ -147,6 +148,15 @@ class Relays:
         if request.virtual is None:
             raise ConnectionLost(f"no circuit through relay {relay}: {request.error}")
         return request.virtual
+
+    def reachability_changed(self) -> None:
+        """Our mapping or reachability verdict changed (the DHT's ``on_change``): look at
+        once whether to register with relays, not at the next ``CHECK_INTERVAL``. A node
+        that learns it is NATed is reachable through relays that much sooner: its
+        record lists them at its next publish (up to 5 s sooner, measured in the
+        testbed's NAT cells)."""
+        self._next_check = trio.current_time()
+        self._rearm()
 
     @staticmethod
     def _normalize(address: Address) -> NetworkAddress:

@@ -1,7 +1,8 @@
 """Real daemons in the testbed's NAT cells: three public daemons (bootstrap nodes and
 relays) and two peers, alice and bob, each in a cell of its own (issue 13). Used by
 tests/test_upgrade_netns.py, tests/test_nat_move_netns.py and scripts/bench_nat.py;
-``peer_host`` also by the hole-punching test and benchmark (p2pd/testing/punch_peer.py).
+``peer_host`` also by the hole-punching test and benchmark (p2pd/testing/punch_peer.py),
+``start_daemons`` (the public daemons first) by the other NAT-cell tests.
 
 Cells: ``public`` (on the simulated internet), ``eim`` (endpoint-independent NAT),
 ``symmetric`` and ``fully-random`` (a new random port per destination), ``double`` (a
@@ -18,6 +19,7 @@ import functools
 import json
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +77,16 @@ def start_network(
     *,
     settle: float = SETTLE,
     peer_config: str = "",
+    republish_min: float | None = None,
 ) -> dict[str, DaemonProcess]:
     """Three public daemons, alice in ``kind_a``, bob in ``kind_b``; returns once each
     peer knows its mapping kind and, when NATed, its record lists two relays.
-    ``peer_config`` is added to alice's and bob's config.toml (whole sections)."""
+    ``peer_config`` is added to alice's and bob's config.toml (whole sections, but no
+    ``[node]``: ``republish_min`` sets theirs). A NATed peer's first record lists no
+    relay (it publishes at start, before it registers), and the one that does waits for
+    ``republish_min`` (10 s by default) since: a test that claims nothing about how soon
+    a changed record is republished (a recovery that a republish could speed up) sets
+    it to 1 s and settles some 9 s sooner."""
     inet = testbed.lan("inet", "198.18.0.0/16")
     hosts: dict[str, Host] = {
         f"pub{i}": testbed.host(f"pub{i}", inet, address=ip) for i, ip in enumerate(PUBLIC, 1)
@@ -94,21 +102,11 @@ def start_network(
                 v6.firewall(routers_of(testbed, n)[0], f"2001:db8:{n}::/64")
         v6.settle()
         listen = f"[::]:{PORT}"
-    seeds = [f"{ip}:{PORT}" for ip in PUBLIC]
-    daemons = {}
-    for name, host in hosts.items():
-        if run_cli(root / name, "init", name, "--no-passphrase").returncode != 0:
-            raise RuntimeError(f"p2pd init {name} failed")
-        extra = peer_config if name in ("alice", "bob") else ""
-        (root / name / "config.toml").write_text(CONFIG + extra)
-        daemons[name] = DaemonProcess(
-            root / name,
-            listen=listen,
-            bootstrap=[s for s in seeds if not s.startswith(f"{host.address}:")],
-            lan="off",
-            wrapper=host.command([]),
-            extra=["-v"],
-        ).wait_ready()
+    peers = peer_config
+    if republish_min is not None:
+        peers += f"[node]\nrepublish_min = {republish_min}\n"
+    configs = {n: CONFIG + (peers if n in ("alice", "bob") else "") for n in hosts}
+    daemons = start_daemons(root, hosts, configs=configs, listen=listen)
 
     def settled(name: str, kind: str) -> bool:
         own = status(root, name)
@@ -132,6 +130,51 @@ def start_network(
         if not wait_until(functools.partial(settled, name, kind), settle, interval=1.0):
             raise TimeoutError(f"{name} ({kind}) did not settle: {status(root, name)}")
     return daemons
+
+
+def start_daemons(
+    root: Path,
+    hosts: dict[str, Host],
+    *,
+    configs: Mapping[str, str] | None = None,
+    listen: str = f"0.0.0.0:{PORT}",
+    extra: Sequence[str] = ("-v",),
+) -> dict[str, DaemonProcess]:
+    """``p2pd init`` and a daemon in each of ``hosts`` (name -> host), ``configs[name]``
+    its config.toml, each bootstrapped from the public daemons (:data:`PUBLIC`, its own
+    address left out); returns them ready, in the order of ``hosts``.
+
+    The public daemons start together, then the others together. A daemon is ready once
+    its join ended, which waits out every seed that does not answer (no daemon listens
+    there yet, and nothing tells the sender so): one after another, pub1 and pub2 waited
+    2.7-3.4 s each for the seeds started after them; together those waits overlap. The
+    others start once every seed is up: a join that found no seed would try again only
+    15 s later (p2pd/maintenance.py REJOIN_INTERVAL)."""
+    seeds = [f"{ip}:{PORT}" for ip in PUBLIC]
+    public = [n for n, h in hosts.items() if str(h.address) in PUBLIC]
+    started: dict[str, DaemonProcess] = {}
+    try:
+        for group in (public, [n for n in hosts if n not in public]):
+            for name in group:
+                if run_cli(root / name, "init", name, "--no-passphrase").returncode != 0:
+                    raise RuntimeError(f"p2pd init {name} failed")
+                if configs is not None:
+                    (root / name / "config.toml").write_text(configs[name])
+                started[name] = DaemonProcess(
+                    root / name,
+                    listen=listen,
+                    bootstrap=[s for s in seeds if not s.startswith(f"{hosts[name].address}:")],
+                    lan="off",
+                    wrapper=hosts[name].command([]),
+                    extra=extra,
+                )
+            for name in group:
+                started[name].wait_ready()
+    except BaseException:
+        for daemon in started.values():
+            daemon.stop()
+        raise
+    return {name: started[name] for name in hosts}
 
 
 def status(root: Path, name: str) -> dict[str, Any]:
