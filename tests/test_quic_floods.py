@@ -23,6 +23,7 @@ from p2pd.config import LanConfig, NodeConfig, QuicConfig
 from p2pd.daemon import Node, open_node
 from p2pd.errors import ConnectionLost
 from p2pd.identity import Identity
+from p2pd.messaging import DELIVERED
 from p2pd.testing.daemons import short_tempdir
 from p2pd.testing.quic_flood import InitialForge
 from p2pd.testing.quic_nodes import Node as QuicNode
@@ -388,7 +389,12 @@ async def test_a_daemon_under_an_initial_flood_still_takes_a_message(root: Path)
             sent = await alice.delivery.send("bob", "through the flood")
             await wait_for(lambda: inbox_texts(bob) == ["through the flood"], "delivered")
             flood.stop.set()
-            assert alice.delivery.messages.get(sent.id).via == "direct"  # type: ignore[union-attr]
+            # bob can hold it before alice has recorded her write (the packet leaves
+            # before send_all returns, and send_all's checkpoint lets bob's tasks run
+            # first): alice's record is read once she saw bob's ack.
+            messages = alice.delivery.messages
+            await wait_for(lambda: messages.get(sent.id).state == DELIVERED, "acked")  # type: ignore[union-attr]
+            assert messages.get(sent.id).via == "direct"  # type: ignore[union-attr]
             status = Api(bob).status()["quic_counters"]
             assert status["quic_retries_sent"] >= 50
             assert status["quic_validated_accepted"] >= 1

@@ -548,8 +548,16 @@ class QuicPeer:
         now = self._now = trio.current_time()
         for _ in range(STEP_PASSES):
             if self._timer_at is not None and now >= self._timer_at:
-                self._timer_at = None
-                quic.handle_timer(now)
+                # The deadline was computed before what arrived since (this step may be
+                # the receive path's): aioquic's handle_timer acts on the loss deadline
+                # of the last get_timer() call, so an ACK read late, after the PTO
+                # deadline but before the timer ran, still fired the PTO it cancels (a
+                # PING probe and a backed-off PTO, whenever a starved process read an
+                # ACK before its connection task woke). Ask again first.
+                self._timer_at = quic.get_timer()
+                if self._timer_at is not None and now >= self._timer_at:
+                    self._timer_at = None
+                    quic.handle_timer(now)
             self._process_events()
             if self._terminated:
                 return
