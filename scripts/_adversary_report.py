@@ -203,7 +203,7 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
         f"{'cert ok':>7} {'c.cont':>6} {'c.nf':>5} {'c.WRONG':>7} {'p50 ms':>7} "
         f"{'p99 ms':>7} {'RPC/lk':>6} {'1st own':>7} {'1st ATT':>7} {'1st lost':>8}"
     )
-    for placement in ("spread", "one IP", "targeted /24s"):
+    for placement in ("spread", "one IP", "targeted /24s", "depth-filled resolver"):
         rows = [s for s in summaries if s["placement"] == placement]
         if not rows:
             continue
@@ -295,10 +295,11 @@ def print_tables(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> N
             "Rows made several at once are printed and graded on every other goal, not on "
             "latency."
         )
-    if any(s["mode"] in ("off", "np", "again") for s in summaries):
+    if any(s["mode"] in ("off", "np", "again", "ns") for s in summaries):
         print(
-            'defences off, "np" (on but the density rule) and "again" (on, the second '
-            "round asking every node again): not graded (the controls)"
+            'defences off, "np" (on but the density rule), "again" (on, the second '
+            'round asking every node again) and "ns" (on, a depth-filled resolver '
+            "answering without a size sample): not graded (the controls)"
         )
 
 

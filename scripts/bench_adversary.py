@@ -67,6 +67,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -100,9 +101,11 @@ from p2pd.testing.adversary import (
     Behaviour,
     Coalition,
     can_spoof,
+    depth_fill_keys,
+    first_thin_depth,
     open_coalition,
 )
-from p2pd.testing.swarm import Swarm, open_swarm
+from p2pd.testing.swarm import Swarm, SwarmNode, open_swarm
 from p2pd.wire import Address
 
 progress = progress_printer("bench_adversary")
@@ -127,12 +130,23 @@ ONE_IP_ROWS: list[tuple[str, Behaviour]] = [
     ("fabricate", B.FABRICATE | B.LIAR),
     ("single attacker address", ALL),
 ]
+#: One resolver chosen in advance per targeted handle, its table filled depth by depth
+#: (p2pd/testing/adversary.py ``depth_fill_keys``), and k ids ground next to the
+#: handle's key, lying: only that resolver looks the handle up.
+DEPTH_ROWS: list[tuple[str, Behaviour]] = [("liar", B.LIAR)]
+#: Depths filled: from 1 to this many past the first thin one (docs/SECURITY.md).
+FILL_PAST_THIN = 7
 #: Spoofed requests per hostile node in the spoof row.
 SPOOFS_PER_NODE = 3
 SETUP_DEADLINE = 1800.0
 
 
-PLACEMENTS = {"spread": SPREAD_ROWS, "one IP": ONE_IP_ROWS, "targeted /24s": TARGETED_ROWS}
+PLACEMENTS = {
+    "spread": SPREAD_ROWS,
+    "one IP": ONE_IP_ROWS,
+    "targeted /24s": TARGETED_ROWS,
+    "depth-filled resolver": DEPTH_ROWS,
+}
 
 
 # --------------------------------------------------------------------------- one network
@@ -155,6 +169,7 @@ async def run_network(
         "again": DHTConfig(reuse_replies=False),
         "reuse": DHTConfig(reuse_replies=True),
         "np": DHTConfig(packed_check=False),
+        "ns": DHTConfig(),
     }[mode]
     if args.claim_factor:
         config = replace(config, claim_factor=args.claim_factor)
@@ -165,8 +180,24 @@ async def run_network(
     done: list[Row] = []
     handles = [f"user{i}" for i in range(n_honest)]
     targets = handles if placement == "spread" else rng.sample(handles, args.targets)
+    depth = placement == "depth-filled resolver"
+    if depth:
+        n_hostile = config.ksize * len(targets)  # the cluster: k ids next to each key
     started = time.perf_counter()
-    async with open_swarm(n_honest, config=config, seed=args.seed) as swarm:
+    async with (
+        open_swarm(n_honest, config=config, seed=args.seed) as swarm,
+        AsyncExitStack() as fills,
+    ):
+        victims: dict[str, SwarmNode] = {}
+        placed = ""
+        if depth:
+            victims = await fill_depths(args, swarm, targets, fills, rng, mode, label)
+            depths = first_thin_depth(args.nodes, config.ksize) + FILL_PAST_THIN - 1
+            fillers = len(victims) * config.ksize * depths
+            placed = (
+                f"hostile ids: {fillers} in the chosen resolvers' tables and {n_hostile} next "
+                "to the targeted keys (not the header's share)"
+            )
         progress(f"{label}: {n_honest} honest nodes up in {time.perf_counter() - started:.1f} s")
         one_ip = placement == "one IP"
         async with open_coalition(
@@ -194,6 +225,15 @@ async def run_network(
             progress(f"{label}: with no lookup, {await background_load()}")
             if placement != "spread":
                 progress(f"{label}: {inflated_estimates(swarm, targets, args.nodes)}")
+            if depth:
+                for handle, victim in victims.items():
+                    victim.dht.core.sizes.samples.clear()
+                    limit = victim.dht.core.spread_limit(dht_key(handle))
+                    size = ID_SPACE / limit.scale if limit is not None and limit.scale else 0.0
+                    progress(
+                        f"{label}: the resolver chosen for {handle}: size estimate "
+                        f"{size:.0f} with no sample, table {len(victim.dht.core.table)}"
+                    )
             wall = swarm.wall()
             for handle in targets:
                 coalition.add_rival(handle, wall)
@@ -202,6 +242,8 @@ async def run_network(
                 if args.rows and name not in args.rows.split(","):
                     continue
                 row = Row(name, placement, defences, mode)
+                if placed:
+                    row.notes.append(placed)
                 if behaviour & B.SPOOF and not can_spoof():
                     row.notes.append("spoof: not run (a raw socket needs root)")
                     behaviour &= ~B.SPOOF
@@ -222,7 +264,7 @@ async def run_network(
                         gc.freeze()
                     with collector_pauses() as pauses:
                         await run_lookups(
-                            args, swarm, coalition, targets, keys, row, rng, label, width
+                            args, swarm, coalition, targets, keys, row, rng, label, width, victims
                         )
                     if pauses:
                         row.notes.append(
@@ -255,6 +297,48 @@ def collector_pauses() -> Iterator[list[float]]:
         yield pauses
     finally:
         gc.callbacks.remove(callback)
+
+
+async def fill_depths(
+    args: argparse.Namespace,
+    swarm: Swarm,
+    targets: list[str],
+    stack: AsyncExitStack,
+    rng: random.Random,
+    mode: str,
+    label: str,
+) -> dict[str, SwarmNode]:
+    """For each targeted handle, a resolver chosen at random and ids ground for each
+    depth of its table (behaving honestly: they need only be in its table), which
+    bootstrap from it. Mode "ns": the resolver answers without a recent size sample,
+    as before (its ``needs_size_sample`` says none is needed): the control."""
+    victims = {}
+    k = swarm.config.ksize
+    depths = list(range(1, first_thin_depth(args.nodes, k) + FILL_PAST_THIN))
+    for i, handle in enumerate(targets):
+        owner = int(handle.removeprefix("user"))
+        victim = rng.choice([n for n in swarm.nodes if n.index != owner])
+        victims[handle] = victim
+        keys = depth_fill_keys(victim.dht.core.node_id, depths, k, rng)
+        await stack.enter_async_context(
+            open_coalition(
+                swarm,
+                len(keys),
+                B.HONEST,
+                keys=keys,
+                seeds=[victim.address],
+                seed=args.seed + i,
+                first_index=(2 + i) * 1000,
+            )
+        )
+        if mode == "ns":
+            victim.dht.core.needs_size_sample = lambda now, grown=False: False  # type: ignore[method-assign]
+        progress(
+            f"{label}: {len(keys)} ids for depths {depths[0]}-{depths[-1]} of the table of "
+            f"user{victim.index}, the resolver chosen for {handle}; "
+            f"{sum(victim.dht.core.table.contains(key.node_id) for key in keys)} in its table"
+        )
+    return victims
 
 
 def coverage(swarm: Swarm, coalition: Coalition, handles: list[str]) -> str:
@@ -335,8 +419,11 @@ async def run_lookups(
     rng: random.Random,
     label: str,
     width: int,
+    victims: dict[str, SwarmNode] | None = None,
 ) -> None:
-    honest = [n for n in swarm.nodes if n.alive]
+    """``victims``: the one resolver that looks each handle up (its size samples cleared
+    before each lookup: a resolver whose last sample is over SIZE_SAMPLE_AGE old)."""
+    honest = [n for n in swarm.nodes if n.alive and n not in (victims or {}).values()]
     # Who listens at each address a record may name, and the keys each can open with.
     receivers: dict[Address, list[Identity]] = {n.address: [n.identity] for n in honest}
     for member in coalition.members:
@@ -345,6 +432,8 @@ async def run_lookups(
     for i in range(2 * args.lookups):
         handle = rng.choice(targets)
         asker = rng.choice([n for n in honest if n.identity.handle != handle])
+        if victims:
+            asker = victims[handle]
         plan.append((asker, handle, i % 2 == 1))
     cap = swarm.config.lookup_deadline + swarm.config.rpc_timeout + 5.0
     tick = Every10Percent(len(plan), lambda d: progress(f"{label}, {row.name}: lookups {d}"))
@@ -356,6 +445,8 @@ async def run_lookups(
         owner = keys[handle]
         ref = HandleRef.parse(self_certifying(handle, owner)) if certified else HandleRef(handle)
         outcome = "not-found"
+        if victims:
+            asker.dht.core.sizes.samples.clear()
         started = time.perf_counter()
         cpu, waited = time.process_time(), run_queue_wait()
         with trio.move_on_after(cap):
@@ -622,17 +713,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     parser.add_argument(
         "--defences",
-        choices=["both", "on", "off", "np", "again", "reuse", "before", "all"],
+        choices=["both", "on", "off", "np", "ns", "again", "reuse", "before", "all", "sample"],
         default="both",
         help="which runs: both = on and off; np = on but the density rule; again = on, "
         "a resolve's second round asking every node again (the default before); reuse = "
         "on, the second round taking the first's replies (DHTConfig.reuse_replies, the "
-        "default); before = reuse, then again; all = on, np, off",
+        "default); before = reuse, then again; all = on, np, off; ns = on, but a "
+        "depth-filled resolver answers without a size sample (as before); sample = on, ns",
     )
     parser.add_argument(
         "--placements",
         default="spread,one IP,targeted /24s",
-        help="comma-separated placements to run (default: all three)",
+        help="comma-separated placements to run (default: the first three; "
+        '"depth-filled resolver" adds k ids per depth of one resolver\'s table)',
     )
     parser.add_argument(
         "--claim-factor",
@@ -667,6 +760,7 @@ def main() -> None:
             "both": ("on", "off"),
             "all": ("on", "np", "off"),
             "before": ("reuse", "again"),
+            "sample": ("on", "ns"),
         }.get(args.defences, (args.defences,))
         for mode in modes:
             for placement in args.placements.split(","):

@@ -752,7 +752,15 @@ class DHTCore:
             for waiter in waiters:
                 waiter()
 
-        self.start_lookup(self._randbytes(wire.NODE_ID_LEN), now, done, sample=True)
+        # In the half of the id space away from our id (its first bit flipped): the
+        # depths of our table that an attacker fills (1 and deeper) lie in our half, and
+        # ids ground there, 2^(d + 1) times as dense as k at random over the space at
+        # depth d, made a random target's sample too large when it fell among them
+        # (bench_adversary's "depth-filled resolver" at N=40: 2 wrong keys of 3). In the
+        # far half the attacker must raise the density of half the network to move it.
+        drawn = bytearray(self._randbytes(wire.NODE_ID_LEN))
+        drawn[0] = (drawn[0] & 0x7F) | (~self.node_id[0] & 0x80)
+        self.start_lookup(bytes(drawn), now, done, sample=True)
 
     def needs_size_sample(self, now: float, *, grown: bool = False) -> bool:
         """Whether the density rule's estimate lacks a recent size sample (and would be
