@@ -32,7 +32,15 @@ replicas stays for the next rows, so the combined row comes last):
   ``no attack``;
 - targeted /24s: each hostile node on a /24 of its own, ids ground next to the targeted
   handles (as many networks as the attacker likes, spent on few handles): ``liar``,
-  ``all combined``.
+  ``all combined``;
+- depth-filled resolver (only when asked for, ``--placements``): for each targeted
+  handle one honest resolver chosen at random, k ids ground for each depth of its table
+  from 1 to 7 past the first thin one (they contact it and behave), and k ids next to
+  the handle's key instead of the ``--hostile`` share: ``liar``, the chosen resolver
+  alone looking the handle up, its size samples cleared before each lookup
+  (docs/SECURITY.md, "A resolver's table filled depth by depth"). ``--defences sample``
+  runs it with the defences on and with that resolver answering without a sample
+  ("ns", as before).
 
 Per row: lookups that returned the owner's key, "contested", not found (timeouts
 included), and another key without a contested flag (must be 0); lookup latency p50/p99
