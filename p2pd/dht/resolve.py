@@ -168,9 +168,10 @@ def start_resolve(
     # A recent size sample (p2pd/dht/core.py ``start_size_sample``): without one, the
     # density rule's estimate is our routing table's, which an attacker that chose us in
     # advance can fill depth by depth (docs/SECURITY.md). The sampling lookup runs beside
-    # round 1 (no wait on an honest network: both are a lookup's few round trips); the
-    # round's answer waits for it, and if the sample cut the estimate the round was
-    # judged by (more than SAMPLED_CUT), the resolve starts again under the new one.
+    # round 1, so the round's answer waits for the slower of two lookups (a node rarely
+    # lacks a sample: DHTCore.start_size_sample); if the sample cut the estimate the
+    # round was judged by (more than SAMPLED_CUT), the resolve starts again under it.
+    # (A background sample that ends during the round and cuts it so does the same.)
     limit = core.spread_limit(key)
     judged_by = ID_SPACE / limit.scale if limit is not None and limit.scale else None
     waiting: list[LookupResult] = []
