@@ -39,8 +39,10 @@ table (:class:`SizeEstimate`, :func:`depth_bound`). Kademlia tables know their o
 neighbourhood best, and a cluster ground next to a key is the neighbourhood of the
 honest nodes whose ids lie inside its prefix: the caps are what keeps them from
 taking it for the network. An attacker that fills a *resolver's* table depth by depth
-to loosen the bound is a targeted attack on that one node (docs/SECURITY.md, "Not
-defended"). With fewer than 2k contacts the number of contacts
+loosens the table's bound (a network of 120 taken for 4,000): what holds then is the
+samples' cap, and a resolver always has a sample before it answers (p2pd/dht/core.py
+``start_size_sample``; docs/SECURITY.md, "A resolver's table filled depth by depth").
+With fewer than 2k contacts the number of contacts
 stands for N (a lower bound: the rule is stricter, never off).
 
 An honest node is set aside about once in 1/PACKED_P placements (a nearest-node
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PACKED_P",
+    "SIZE_SAMPLE_REFRESH",
     "SizeEstimate",
     "SpreadLimit",
     "depth_bound",
@@ -76,7 +79,12 @@ PACKED_P = 1e-3
 #: Node lookups whose k closest cap the size estimate (SizeEstimate).
 SIZE_SAMPLES = 16
 SIZE_MIN_SAMPLES = 1
-SIZE_SAMPLE_AGE = 600.0
+#: A sample counts this long (seconds): longer than the maintenance period (900 s at the
+#: defaults), which takes one, so that an idle node always has one.
+SIZE_SAMPLE_AGE = 1800.0
+#: A resolve or store starts a fresh sample (without waiting for it) when the newest is
+#: older than this: a growing network's size is not held down by an old sample for long.
+SIZE_SAMPLE_REFRESH = 120.0
 #: The table's depth bound (:func:`depth_bound`) is this many times the size its first
 #: depth with fewer than k contacts implies: slack for Binomial noise at that depth.
 DEPTH_SLACK = 2
@@ -237,9 +245,10 @@ class SizeEstimate:
     """The network's size for the density rule, robust to one cluster.
 
     The node's own neighbourhood (:func:`estimate_size`) is the estimate, capped at
-    twice the largest of recent node lookups' estimates (each ``(k - 1) / d_k`` around
-    its target, taken while the table held 2k contacts; at least ``SIZE_MIN_SAMPLES``
-    of the last ``SIZE_SAMPLES`` within ``SIZE_SAMPLE_AGE`` seconds), and at the table's
+    twice the largest of recent size samples (each ``(k - 1) / d_k`` around the target
+    of a node lookup of an id the node drew at random, taken while the table held 2k
+    contacts; at least ``SIZE_MIN_SAMPLES`` of the last ``SIZE_SAMPLES`` within
+    ``SIZE_SAMPLE_AGE`` seconds: p2pd/dht/core.py ``start_size_sample``), and at the table's
     :func:`depth_bound`, never below the largest sample (with none: at the depth bound
     and the table-size bound). One sample is enough (it was 2): the resolvers
     inside a ground prefix that returned the rival's key in bench_adversary (N=300)
@@ -250,7 +259,7 @@ class SizeEstimate:
     scripts/bench_dht.py, whose nodes join one after another). A cluster ground
     next to a handle's key also sits next to the honest nodes whose ids are near that
     key, and inflates *their* own estimate (20 ids where chance puts 1, about 13x at
-    N=200): the lookups of random keys they run (publishing, refreshing) do not see it.
+    N=200): the lookups of ids they draw at random do not see it.
     The cap is loose (2x) because an estimate too low hurts too: the rule then sets
     honest replicas aside, and a publisher stores at fewer of them."""
 
@@ -258,6 +267,11 @@ class SizeEstimate:
 
     def __init__(self) -> None:
         self.samples: deque[tuple[float, float]] = deque(maxlen=SIZE_SAMPLES)
+
+    def age(self, now: float) -> float | None:
+        """How old the newest sample that still counts is (None: none counts)."""
+        ages = [now - when for when, _ in self.samples if now - when <= SIZE_SAMPLE_AGE]
+        return min(ages) if ages else None
 
     def sampling(
         self, target: bytes, k: int, now: float, then: Callable[[LookupResult], None]

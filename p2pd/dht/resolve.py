@@ -14,10 +14,16 @@ from ..claims import CONTESTED, Answer, Resolution, resolve_claims
 from ..records import claimed_key
 from .lookup import LookupResult
 from .operations import older_claim
-from .routing import Node
+from .routing import ID_SPACE, Node
 
 if TYPE_CHECKING:
     from .core import DHTCore
+
+#: A resolve whose first round was judged by a size estimate over this many times the
+#: one a size sample then gave is started again. Honest tables give about the sample
+#: (the cap is twice it); a table filled depth by depth gave 30 times it and more
+#: (tests/test_adversary_depth.py).
+SAMPLED_CUT = 1.5
 
 
 def start_resolve(
@@ -29,6 +35,7 @@ def start_resolve(
     on_done: Callable[[tuple[Resolution, LookupResult]], None],
     *,
     certified: bool = False,
+    resampled: bool = False,
 ) -> None:
     """Which claim under ``key`` to believe (p2pd/claims.py), among the keys that
     ``accept_key`` allows, in up to three rounds (docs/SECURITY.md, "Claims").
@@ -50,7 +57,9 @@ def start_resolve(
        came. A resolver on a busy host, whose replies come after a 10 ms RTO, gave up
        on 12 of 15 honest replicas at once: the owner's 5 votes beside a rival's 1
        were under the 8 the rule asks when two keys are claimed, and a handle nobody
-       disputes showed "contested" (issue 11; tests/test_dht_slow_replicas.py)."""
+       disputes showed "contested" (issue 11; tests/test_dht_slow_replicas.py).
+
+    ``resampled``: started again after a size sample cut the estimate (below)."""
     defended = core.defended
     wide = core.replicas if defended else 0
     config = core.config
@@ -156,4 +165,37 @@ def start_resolve(
     # quorum of 8 could be 8 ids placed next to the key (no honest node that near:
     # 1 key in 12), 12 spanning 8 only in e^-8 of the keys.
     quorum = max(config.value_quorum, 3 * config.ksize // 5) if defended else None
-    core.start_lookup(key, now, found, find_value=True, claim_of=claimed_key, quorum=quorum)
+    # A recent size sample (p2pd/dht/core.py ``start_size_sample``): without one, the
+    # density rule's estimate is our routing table's, which an attacker that chose us in
+    # advance can fill depth by depth (docs/SECURITY.md). The sampling lookup runs beside
+    # round 1, so the round's answer waits for the slower of two lookups (a node rarely
+    # lacks a sample: DHTCore.start_size_sample); if the sample cut the estimate the
+    # round was judged by (more than SAMPLED_CUT), the resolve starts again under it.
+    # (A background sample that ends during the round and cuts it so does the same.)
+    limit = core.spread_limit(key)
+    judged_by = ID_SPACE / limit.scale if limit is not None and limit.scale else None
+    waiting: list[LookupResult] = []
+    sampled = [resampled or not core.needs_size_sample(now)]
+
+    def first_round(result: LookupResult) -> None:
+        if not sampled[0]:
+            waiting.append(result)  # answered once the sample is in
+            return
+        again = core.spread_limit(key)
+        size = ID_SPACE / again.scale if again is not None and again.scale else None
+        if judged_by is not None and size is not None and judged_by > SAMPLED_CUT * size:
+            core.stats["resolve_resampled"] += 1
+            start_resolve(
+                core, key, core.now, wall, accept_key, on_done, certified=certified, resampled=True
+            )
+            return
+        found(result)
+
+    def sample_in() -> None:
+        sampled[0] = True
+        if waiting:
+            first_round(waiting.pop())
+
+    if not sampled[0]:
+        core.start_size_sample(now, sample_in)
+    core.start_lookup(key, now, first_round, find_value=True, claim_of=claimed_key, quorum=quorum)

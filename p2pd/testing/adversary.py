@@ -34,7 +34,10 @@ The behaviours (:class:`Behaviour`, combine them with ``|``):
 
 Placement: random node keys by default; ``near=`` grinds keys whose ids share ``bits``
 leading bits with a target key (an attacker who targets one handle): see
-:func:`grind_node_key`.
+:func:`grind_node_key`. ``keys=`` places members exactly: :func:`depth_fill_keys` grinds
+ids for each depth of one chosen resolver's routing table (``seeds=`` its address), the
+attack on that resolver's size estimate (docs/SECURITY.md, "A resolver's table filled
+depth by depth").
 
 Every loop here is bounded; real sockets are bound on 127.0.0.0/8 only::
 
@@ -128,6 +131,42 @@ def grind_node_key(target: bytes, bits: int, rng: random.Random | None = None) -
         if shared_bits(key.node_id, target) >= bits:
             return key
     raise RuntimeError(f"no node id sharing {bits} bits with the target turned up")
+
+
+def grind_depth_key(own: bytes, depth: int, rng: random.Random | None = None) -> NodeKey:
+    """A node key whose id shares exactly ``depth`` leading bits with ``own``: it lands in
+    the bucket at that depth of ``own``'s routing table. About 2^(depth + 1) keys to try,
+    at most ``GRIND_TRIES_FACTOR * 2^(depth + 1)``; RuntimeError if none turned up."""
+    seed = (rng or random.Random()).randbytes
+    for _ in range(GRIND_TRIES_FACTOR << (depth + 1)):
+        key = NodeKey.from_seed(seed(32))
+        if shared_bits(key.node_id, own) == depth:
+            return key
+    raise RuntimeError(f"no node id sharing exactly {depth} bits with the target turned up")
+
+
+def first_thin_depth(n: int, k: int) -> int:
+    """The first depth of a routing table in a network of ``n`` at which fewer than ``k``
+    nodes are expected (n / 2^(depth + 1) < k): where the table's depth bound
+    (p2pd/dht/density.py ``depth_bound``) is taken, and where a depth-filling attacker
+    starts."""
+    depth = 0
+    while n / 2 ** (depth + 1) >= k and depth < 159:
+        depth += 1
+    return depth
+
+
+def depth_fill_keys(
+    resolver: bytes, depths: list[int], per_depth: int, rng: random.Random | None = None
+) -> list[NodeKey]:
+    """``per_depth`` node keys for each depth of ``resolver``'s table in ``depths``: ids
+    that, once they contacted the resolver, fill those buckets with k contacts each.
+    The depth bound on its size estimate doubles with every depth filled past the first
+    thin one, and its own neighbourhood (the k nearest, now ids at the deepest depth
+    filled) is 2^depth times denser than the network (docs/SECURITY.md). The cost is
+    2^(depth + 1) keys of 60 µs per id, and one /24 per 3 ids per bucket."""
+    rng = rng or random.Random()
+    return [grind_depth_key(resolver, d, rng) for d in depths for _ in range(per_depth)]
 
 
 @dataclass
@@ -342,13 +381,18 @@ async def open_coalition(
     bootstrap: int = 2,
     seed: int | None = None,
     first_index: int = 0,
+    keys: list[NodeKey] | None = None,
+    seeds: list[Address] | None = None,
 ) -> AsyncIterator[Coalition]:
     """Start ``count`` hostile nodes in ``swarm`` (before the context's body: the attacker
     is online before the victims claim their handles), each bootstrapped from ``bootstrap``
     random live honest nodes. ``ip``: all on that one address, many ports (FABRICATE);
     otherwise each on a /24 of its own (:func:`hostile_address` from ``first_index``).
     ``near``: ids ground to share ``bits`` leading bits with that key (or, for a list, with
-    each key in turn); otherwise random. ``config``: theirs (default: the swarm's)."""
+    each key in turn); otherwise random. ``keys``: the node keys of the first
+    ``len(keys)`` members (e.g. :func:`depth_fill_keys`), the rest placed as ``near``
+    says. ``seeds``: addresses every member bootstraps from as well (a chosen resolver's:
+    its table then holds them). ``config``: theirs (default: the swarm's)."""
     rng = random.Random(seed)
     coalition = Coalition(behaviours, swarm=swarm)
     targets = [near] if isinstance(near, bytes) else list(near or [])
@@ -357,7 +401,9 @@ async def open_coalition(
         shared_host = swarm.network.add_host(ip)
     try:
         for i in range(count):
-            if targets:
+            if keys is not None and i < len(keys):
+                key = keys[i]
+            elif targets:
                 key = grind_node_key(targets[i % len(targets)], bits, rng)
             else:
                 key = NodeKey.from_seed(rng.randbytes(32))
@@ -370,9 +416,9 @@ async def open_coalition(
             )
             coalition.members.append(member)
             alive = [n for n in swarm.nodes if n.alive]
-            if alive:
-                seeds = rng.sample(alive, min(bootstrap, len(alive)))
-                await member.dht.bootstrap([s.address for s in seeds])
+            chosen = [s.address for s in rng.sample(alive, min(bootstrap, len(alive)))]
+            if chosen or seeds:
+                await member.dht.bootstrap(list(dict.fromkeys([*(seeds or []), *chosen])))
         yield coalition
     finally:
         with trio.CancelScope(shield=True):
