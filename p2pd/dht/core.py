@@ -834,6 +834,11 @@ class DHTCore:
     ) -> None:
         """Store a handle record at the ``claim_factor * ksize`` closest nodes (and here, if
         among them); reports the copies."""
+        # The lookup may start later (after a size sample), at self.now: the clock must be
+        # ours now. A core that heard nothing for a while held an old time, and a lookup
+        # started at once under it was past its deadline before it asked anyone (a store
+        # reached 1 replica of 7: tests/test_reachability.py, a NATed node after 60 s).
+        self.now = max(self.now, now)
         replicas = self.replicas
 
         def found(result: LookupResult) -> None:
