@@ -563,3 +563,37 @@ def test_maintenance_refreshes_and_replicates_on_its_timer() -> None:
     net.run_until(lambda: net.now >= end)
     assert sum(c.stats["replications"] for c in cores) > before
     assert sum(c.stats["refresh_lookups"] for c in cores) >= 1
+
+
+def test_a_dead_seed_does_not_hold_the_join_and_a_late_one_still_joins() -> None:
+    """A restarted daemon pings the contacts it saved; one gone since (dead) and one
+    answering after its soft deadline (busy, on no one else's table) do not hold the
+    join for the hard timeout once another seed answered (the old join took 3 s here,
+    the dead seed's 2 s first), and the late one still becomes a contact (its late
+    ping reply goes to ``on_late``; here its own requests to us would bring it too)."""
+    config = DHTConfig(ksize=3)  # the dead seed is not among the newcomer's 3 closest:
+    net, cores = small_network(10, config)  # its lookup need not wait for it either
+    dead = cores[9]
+    net.dead.add(net.address_of(dead))
+    busy = net.add(50, config)  # on no one's table
+    net.busy[net.address_of(busy)] = 1.5 * CONFIG.soft_timeout_max  # under rpc_timeout
+    newcomer = net.add(99, config)
+    seeds = [net.address_of(c) for c in (dead, cores[0], busy)]
+    started = net.now
+    size = net.call(lambda done: newcomer.start_bootstrap(seeds, net.now, done))
+    assert size > 0
+    assert net.now - started < CONFIG.rpc_timeout  # not the dead seed's hard timeout
+    assert busy.node_id not in {n.id for n in newcomer.table}  # not heard from yet
+    net.run_until(lambda: busy.node_id in {n.id for n in newcomer.table}, 5_000)
+    assert dead.node_id not in {n.id for n in newcomer.table}
+
+
+def test_a_join_whose_seeds_are_all_silent_reports_no_contacts() -> None:
+    net, cores = small_network(3)
+    for core in cores[1:]:
+        net.dead.add(net.address_of(core))
+    newcomer = net.add(99)
+    seeds = [net.address_of(c) for c in cores[1:]]
+    started = net.now
+    assert net.call(lambda done: newcomer.start_bootstrap(seeds, net.now, done)) == 0
+    assert net.now - started >= CONFIG.rpc_timeout  # nobody answered: each hard timeout

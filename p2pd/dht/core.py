@@ -74,7 +74,7 @@ from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
 from .mailbox_relay import PutRelay, relay_requested
 from .nodekey import NodeKey
-from .operations import Gather, HeadCheck, LookupRun
+from .operations import Gather, HeadCheck, LookupRun, SeedPings
 from .reachability import Reachability
 from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
@@ -858,14 +858,20 @@ class DHTCore:
         """Ping the given addresses, then look up our own id. Reports contacts known."""
         probes = [Node(bytes(wire.NODE_ID_LEN), host, port) for host, port in addresses]
 
+        def seed(probe: Node, reply: wire.DHTResult | None) -> Node | None:
+            # The reply is the node key, proven (a signed reply from that address).
+            if isinstance(reply, bytes) and wire.node_id_for(reply) != self.node_id:
+                node = Node(wire.node_id_for(reply), probe.ip, probe.port, reply)
+                self.seen(node, self.now)
+                return node
+            return None
+
         def pinged(replies: list[wire.DHTResult | None]) -> None:
-            seeds = []
-            for probe, reply in zip(probes, replies, strict=True):
-                # The reply is the node key, proven (a signed reply from that address).
-                if isinstance(reply, bytes) and wire.node_id_for(reply) != self.node_id:
-                    node = Node(wire.node_id_for(reply), probe.ip, probe.port, reply)
-                    self.seen(node, self.now)
-                    seeds.append(node)
+            seeds = [
+                node
+                for probe, reply in zip(probes, replies, strict=True)
+                if (node := seed(probe, reply)) is not None
+            ]
             if not seeds:
                 on_done(len(self.table))
                 return
@@ -878,7 +884,8 @@ class DHTCore:
                 self.node_id, self.now, lambda _: on_done(len(self.table)), seeds=seeds
             )
 
-        Gather(self, [(p, "ping", []) for p in probes], pinged, probe=True).start(now)
+        # A seed that answers after the join went on (SeedPings) is a contact all the same.
+        SeedPings(self, probes, pinged, on_late=seed).start(now)
 
     # Mailboxes: put, fetch and delete at the k closest to the mailbox key (mailbox_ops.py).
     start_mailbox_put = mailbox_ops.start_mailbox_put
