@@ -394,7 +394,11 @@ async def open_node(handle: str, *, on_stream: StreamHandler | None = None) -> A
 
 async def test_quic_stream_crosses_a_lossy_reordering_duplicating_path_intact() -> None:
     payload = os.urandom(200_000)
-    with trio.fail_after(TIMEOUT):
+    # What this proves is the stream's integrity, not its speed. At 20 % loss each way
+    # the time is heavy-tailed (aioquic's PTO backs off): 2.0-7.7 s idle and 1.9-10.3 s
+    # beside two CPU hogs (12 runs each, with and without 15b5b45's timer re-read: the
+    # same spread), and a clean-clone CI run at 6b5cfed ran past 20 s once.
+    with trio.fail_after(3 * TIMEOUT):
         async with (
             open_node("alice") as alice,
             open_node("bob", on_stream=echo) as bob,
