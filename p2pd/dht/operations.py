@@ -124,15 +124,19 @@ class Gather:
         if self.left == 0:
             self.on_done([self.results[i] for i in range(len(self.calls))])
 
+    def went_slow(self, index: int) -> None:
+        """Request ``index`` passed its soft deadline (a plain Gather waits on)."""
 
-class SeedPings:
-    """The bootstrap's pings to its seeds. Done once every seed answered or failed, or,
-    after one seed answered, once each one left has passed its soft deadline: a dead
-    seed (a saved contact gone since) no longer holds the join for the whole
-    ``rpc_timeout`` (a restarted daemon was ready 4.7 s after its start instead of
-    0.8 s, test_messages_e2e). A seed that answers after that goes to ``on_late``."""
 
-    __slots__ = ("core", "finished", "left", "on_done", "on_late", "probes", "results", "slow")
+class SeedPings(Gather):
+    """The bootstrap's pings to its seeds: a :class:`Gather` that is done once every seed
+    answered or failed, or, after one seed answered, once each one left has passed its
+    soft deadline: a dead seed (a saved contact gone since) no longer holds the join for
+    the whole ``rpc_timeout`` (a restarted daemon was ready 4.7 s after its start
+    instead of 0.8 s, test_messages_e2e). A seed that answers after that goes to
+    ``on_late``."""
+
+    __slots__ = ("finished", "on_late", "slow")
 
     def __init__(
         self,
@@ -141,56 +145,30 @@ class SeedPings:
         on_done: Callable[[list[wire.DHTResult | None]], None],
         on_late: Callable[[Node, wire.DHTResult], object],
     ) -> None:
-        self.core = core
-        self.probes = probes
-        self.on_done = on_done
+        super().__init__(core, [(p, "ping", []) for p in probes], on_done, probe=True)
         self.on_late = on_late
-        self.results: list[wire.DHTResult | None] = [None] * len(probes)
-        self.left = set(range(len(probes)))
         self.slow: set[int] = set()
         self.finished = False
-
-    def start(self, now: float) -> None:
-        if not self.probes:
-            self.finished = True
-            self.on_done([])
-            return
-        for index, node in enumerate(self.probes):
-            self.core.request(node, "ping", [], now, _SeedSlot(self, index), probe=True)
 
     def done(self, index: int, result: wire.DHTResult | None) -> None:
         if self.finished:
             if result is not None:
-                self.on_late(self.probes[index], result)
+                self.on_late(self.calls[index][0], result)
             return
         self.results[index] = result
-        self.left.discard(index)
         self._check()
 
     def went_slow(self, index: int) -> None:
-        if not self.finished and index in self.left:
+        if not self.finished and index not in self.results:
             self.slow.add(index)
             self._check()
 
     def _check(self) -> None:
-        answered = any(isinstance(r, bytes) for r in self.results)
-        if not self.left or (answered and self.left <= self.slow):
+        waiting = set(range(len(self.calls))) - self.results.keys()
+        answered = any(isinstance(r, bytes) for r in self.results.values())
+        if not waiting or (answered and waiting <= self.slow):
             self.finished = True
-            self.on_done(list(self.results))
-
-
-class _SeedSlot:
-    __slots__ = ("index", "pings")
-
-    def __init__(self, pings: SeedPings, index: int) -> None:
-        self.pings = pings
-        self.index = index
-
-    def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
-        self.pings.done(self.index, result)
-
-    def rpc_slow(self, node: Node, now: float) -> None:
-        self.pings.went_slow(self.index)
+            self.on_done([self.results.get(i) for i in range(len(self.calls))])
 
 
 class Slot:
@@ -204,7 +182,7 @@ class Slot:
         self.gather.done(self.index, result)
 
     def rpc_slow(self, node: Node, now: float) -> None:
-        pass
+        self.gather.went_slow(self.index)
 
 
 class HeadCheck:
