@@ -319,7 +319,7 @@ async def fill_depths(
     """For each targeted handle, a resolver chosen at random and ids ground for each
     depth of its table (behaving honestly: they need only be in its table), which
     bootstrap from it. Mode "ns": the resolver answers without a recent size sample,
-    as before (its ``needs_size_sample`` says none is needed): the control."""
+    as before (its ``sampler.needed`` says none is needed): the control."""
     victims = {}
     k = swarm.config.ksize
     depths = list(range(1, first_thin_depth(args.nodes, k) + FILL_PAST_THIN))
@@ -340,7 +340,7 @@ async def fill_depths(
             )
         )
         if mode == "ns":
-            victim.dht.core.needs_size_sample = lambda now, grown=False: False  # type: ignore[method-assign]
+            victim.dht.core.sampler.needed = lambda now, grown=False: False  # type: ignore[method-assign]
         progress(
             f"{label}: {len(keys)} ids for depths {depths[0]}-{depths[-1]} of the table of "
             f"user{victim.index}, the resolver chosen for {handle}; "

@@ -13,7 +13,7 @@ like chance, and a plain lookup returns the cluster's key without "contested".
 
 A simulated network (FakeNetwork, virtual time, seeded): the daemon's own DHT code in
 every node. The control is the same attack against a resolver that answers without a
-recent sample, as it did before (its ``needs_size_sample`` says none is needed): it returns the
+recent sample, as it did before (its ``sampler.needed`` says none is needed): it returns the
 rival's key, so the test can fail."""
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ async def depth_fill_attack(*, sample_first: bool, seed: int) -> Seen:
                     core.sizes.samples.clear()
                     before = size_for(core, key)
                     if not sample_first:  # the control: answer from the table, as before
-                        core.needs_size_sample = lambda now: False  # type: ignore[method-assign]
+                        core.sampler.needed = lambda now, grown=False: False  # type: ignore[method-assign]
                     try:
                         with trio.fail_after(60):
                             record = await resolver.dht.resolve(HandleRef("alice"))

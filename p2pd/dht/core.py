@@ -68,7 +68,7 @@ from ..identity import verify_signature
 from ..records import Verdict
 from . import mailbox_ops, resolve
 from .budget import RequestBudget, address_cookie, fit_reply
-from .density import SIZE_SAMPLE_REFRESH, SizeEstimate, SpreadLimit, depth_bound
+from .density import SizeEstimate, SpreadLimit, depth_bound
 from .lookup import DisjointLookup, LookupResult
 from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
@@ -78,6 +78,7 @@ from .operations import Gather, HeadCheck, LookupRun, SeedPings
 from .reachability import Reachability
 from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
+from .sampling import SizeSampler
 from .storage import RecordStorage
 
 log = logging.getLogger(__name__)
@@ -190,12 +191,8 @@ class DHTCore:
         self.reach = Reachability(self, now)  # address discovery, dial-back, client mode
         #: The network's size, for the density rule (p2pd/dht/density.py).
         self.sizes = SizeEstimate()
-        #: A size-sampling lookup is running; what waits for it (start_size_sample).
-        self._sampling = False
-        self._sample_waiters: list[Callable[[], None]] = []
-        self._sample_started = -SIZE_SAMPLE_REFRESH
-        #: Our table's size when the last sample started (a network that grew shows here).
-        self._sample_table = 0
+        #: When to take size samples, and what waits for one (p2pd/dht/sampling.py).
+        self.sampler = SizeSampler(self, randbytes)
         self._schedule(now + self._maintenance_period, _MAINTAIN, None)
 
     # ------------------------------------------------------------------ I/O surface
@@ -606,10 +603,10 @@ class DHTCore:
                 self.request(head, "ping", [], now, HeadCheck(self, head))
         elif new and self.table.contains(node.id):
             self._welcome(node, now)
-            if len(self.table) == 2 * self.config.ksize and self.needs_size_sample(now):
+            if len(self.table) == 2 * self.config.ksize and self.sampler.needed(now):
                 # Enough contacts for an estimate from the table: a sample at once (in
                 # the background), so that the first resolve need not wait for one.
-                self.start_size_sample(now)
+                self.sampler.start(now)
 
     def _welcome(self, node: Node, now: float) -> None:
         """Hand a newcomer the records it should now hold (Kademlia section 2.5), if we
@@ -688,7 +685,7 @@ class DHTCore:
         replies already heard for ``target``, taken instead of asking those nodes;
         ``patient``: a value lookup waits for its slow contacts (lookup.py); ``again``:
         nodes asked even if suspect; ``deadline``: seconds (default lookup_deadline);
-        ``sample``: a node lookup whose k closest are a size sample (start_size_sample)."""
+        ``sample``: a node lookup whose k closest are a size sample (SizeSampler.start)."""
         self.now = max(self.now, now)
         config = self.config
         k = k or config.ksize
@@ -725,73 +722,6 @@ class DHTCore:
         run = LookupRun(self, lookup, on_done)
         self._schedule(lookup.deadline, _DEADLINE, run)
         run.pump(now)
-
-    def start_size_sample(self, now: float, then: Callable[[], None] | None = None) -> None:
-        """A node lookup of an id drawn here at random: its k closest are a sample of the
-        network's size (p2pd/dht/density.py ``SizeEstimate``) that no one can place ids
-        next to in advance. Only these lookups sample (docs/SECURITY.md, "A resolver's
-        table filled depth by depth"): a lookup of our own id, of a deep bucket of our
-        table, or of a key we replicate (near our id) is a lookup of the neighbourhood an
-        attacker fills to inflate our estimate, and its sample was inflated with it.
-        ``then``: called when the sample ends (one lookup at a time; later callers wait
-        for the running one)."""
-        if then is not None:
-            self._sample_waiters.append(then)
-        elif now - self._sample_started < SIZE_SAMPLE_REFRESH:
-            return  # a background sample at most every SIZE_SAMPLE_REFRESH
-        if self._sampling:
-            return
-        self._sampling = True
-        self._sample_started = now
-        self._sample_table = len(self.table)
-        self.stats["size_samples"] += 1
-
-        def done(_: LookupResult) -> None:
-            self._sampling = False
-            waiters, self._sample_waiters = self._sample_waiters, []
-            for waiter in waiters:
-                waiter()
-
-        # In the half of the id space away from our id (its first bit flipped): the
-        # depths of our table that an attacker fills (1 and deeper) lie in our half, and
-        # ids ground there, 2^(d + 1) times as dense as k at random over the space at
-        # depth d, made a random target's sample too large when it fell among them
-        # (bench_adversary's "depth-filled resolver" at N=40: 2 wrong keys of 3). In the
-        # far half the attacker must raise the density of half the network to move it.
-        drawn = bytearray(self._randbytes(wire.NODE_ID_LEN))
-        drawn[0] = (drawn[0] & 0x7F) | (~self.node_id[0] & 0x80)
-        self.start_lookup(bytes(drawn), now, done, sample=True)
-
-    def needs_size_sample(self, now: float, *, grown: bool = False) -> bool:
-        """Whether the density rule's estimate lacks a recent size sample (and would be
-        our table's alone): only with the rule on and 2k contacts or more. ``grown``:
-        also when our table grew by k contacts or more since the last sample started
-        (the network about doubled: a sample taken at 40 nodes capped a store's estimate
-        at 80 in a network of 120, and tests/test_dht_replicas.py's stores reached 91 %
-        of their true replicas instead of 97 %). Starts a fresh sample without waiting
-        when the newest is over ``SIZE_SAMPLE_REFRESH`` old, or the table grew so."""
-        k = self.config.ksize
-        if not self.defended or not self.config.packed_check or len(self.table) < 2 * k:
-            return False
-        age = self.sizes.age(now)
-        more = len(self.table) >= self._sample_table + k
-        if age is not None and (age > SIZE_SAMPLE_REFRESH or more):
-            self.start_size_sample(now)
-        return age is None or (grown and more)
-
-    def after_size_sample(self, now: float, then: Callable[[], None]) -> None:
-        """``then()`` once the density rule's size estimate has a recent sample, so that
-        its cap (twice the largest) holds whatever our routing table holds, and one
-        taken since the table last grew by k: at once if it has one or needs none
-        (:meth:`needs_size_sample`), else after a sampling lookup. A store waits so; a
-        resolve runs a sample beside its first round only when it has none at all
-        (p2pd/dht/resolve.py): a sample from a smaller network makes its rule stricter
-        for a while, not looser."""
-        if self.needs_size_sample(now, grown=True):
-            self.stats["size_sample_waits"] += 1
-            self.start_size_sample(now, then)
-        else:
-            then()
 
     def among_closest(self, key: bytes, closest: list[Node], k: int | None = None) -> bool:
         """Whether this node is among the k closest to ``key``, given a lookup's result."""
@@ -847,7 +777,7 @@ class DHTCore:
                 local = int(self.storage.offer(key, value) in (Verdict.ACCEPT, Verdict.SAME))
             self._put_at(result.closest, "store", key, value, local, on_done)
 
-        self.after_size_sample(now, lambda: self.start_lookup(key, self.now, found, k=replicas))
+        self.sampler.after(now, lambda: self.start_lookup(key, self.now, found, k=replicas))
 
     # Which claim to believe, in up to two rounds (resolve.py).
     start_resolve = resolve.start_resolve
@@ -901,7 +831,7 @@ class DHTCore:
         if self.mailboxes is not None:
             self.mailboxes.cull()
         if self.defended and self.config.packed_check and len(self.table) >= 2 * self.config.ksize:
-            self.start_size_sample(now)  # a recent sample when the next resolve comes
+            self.sampler.start(now)  # a recent sample when the next resolve comes
         for low, high in self.table.stale_buckets(now, self.config.refresh_interval):
             span = max(high - low, 1)
             target = low + int.from_bytes(self._randbytes(20), "big") % span

@@ -40,8 +40,8 @@ neighbourhood best, and a cluster ground next to a key is the neighbourhood of t
 honest nodes whose ids lie inside its prefix: the caps are what keeps them from
 taking it for the network. An attacker that fills a *resolver's* table depth by depth
 loosens the table's bound (a network of 120 taken for 4,000): what holds then is the
-samples' cap, and a resolver always has a sample before it answers (p2pd/dht/core.py
-``start_size_sample``; docs/SECURITY.md, "A resolver's table filled depth by depth").
+samples' cap, and a resolver always has a sample before it answers (p2pd/dht/sampling.py
+``SizeSampler``; docs/SECURITY.md, "A resolver's table filled depth by depth").
 With fewer than 2k contacts the number of contacts
 stands for N (a lower bound: the rule is stricter, never off).
 
@@ -248,7 +248,7 @@ class SizeEstimate:
     twice the largest of recent size samples (each ``(k - 1) / d_k`` around the target
     of a node lookup of an id the node drew at random, taken while the table held 2k
     contacts; at least ``SIZE_MIN_SAMPLES`` of the last ``SIZE_SAMPLES`` within
-    ``SIZE_SAMPLE_AGE`` seconds: p2pd/dht/core.py ``start_size_sample``), and at the table's
+    ``SIZE_SAMPLE_AGE`` seconds: p2pd/dht/sampling.py ``SizeSampler``), and at the table's
     :func:`depth_bound`, never below the largest sample (with none: at the depth bound
     and the table-size bound). One sample is enough (it was 2): the resolvers
     inside a ground prefix that returned the rival's key in bench_adversary (N=300)

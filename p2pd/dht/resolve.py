@@ -165,17 +165,17 @@ def start_resolve(
     # quorum of 8 could be 8 ids placed next to the key (no honest node that near:
     # 1 key in 12), 12 spanning 8 only in e^-8 of the keys.
     quorum = max(config.value_quorum, 3 * config.ksize // 5) if defended else None
-    # A recent size sample (p2pd/dht/core.py ``start_size_sample``): without one, the
+    # A recent size sample (p2pd/dht/sampling.py): without one, the
     # density rule's estimate is our routing table's, which an attacker that chose us in
     # advance can fill depth by depth (docs/SECURITY.md). The sampling lookup runs beside
     # round 1, so the round's answer waits for the slower of two lookups (a node rarely
-    # lacks a sample: DHTCore.start_size_sample); if the sample cut the estimate the
+    # lacks a sample: SizeSampler.start); if the sample cut the estimate the
     # round was judged by (more than SAMPLED_CUT), the resolve starts again under it.
     # (A background sample that ends during the round and cuts it so does the same.)
     limit = core.spread_limit(key)
     judged_by = ID_SPACE / limit.scale if limit is not None and limit.scale else None
     waiting: list[LookupResult] = []
-    sampled = [resampled or not core.needs_size_sample(now)]
+    sampled = [resampled or not core.sampler.needed(now)]
 
     def first_round(result: LookupResult) -> None:
         if not sampled[0]:
@@ -197,5 +197,5 @@ def start_resolve(
             first_round(waiting.pop())
 
     if not sampled[0]:
-        core.start_size_sample(now, sample_in)
+        core.sampler.start(now, sample_in)
     core.start_lookup(key, now, first_round, find_value=True, claim_of=claimed_key, quorum=quorum)
