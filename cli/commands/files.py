@@ -159,10 +159,6 @@ def files(ctx: click.Context, as_json: bool, follow: bool) -> None:
                 click.echo(render.file_line(event))
             else:
                 name = names.get(event["id"], event["id"][:8])
-                left = event["size"] - event["bytes_done"]
-                # as the daemon's `file` view computes it (service.summary): the event
-                # carries the rate but no eta, and this line once always said "eta -"
-                eta = left / event["rate"] if event["rate"] > 0 else None
                 click.echo(
                     render.progress_line(
                         {
@@ -170,7 +166,6 @@ def files(ctx: click.Context, as_json: bool, follow: bool) -> None:
                             "name": name,
                             "state": "running",
                             "progress": event["bytes_done"] / max(1, event["size"]),
-                            "eta": eta,
                         }
                     )
                 )

@@ -103,6 +103,7 @@ class TransferViews:
                 bytes_done=s["bytes_done"],
                 size=s["size"],
                 rate=s["rate"],
+                eta=s["eta"],
             )
 
     def _get(self, transfer_id: bytes) -> Transfer | None:
