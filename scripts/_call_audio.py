@@ -182,8 +182,9 @@ def codec_only(
     """The frames through Opus as a call sends and plays them, without network or jitter
     buffer: packet ``n`` is lost with probability ``drop``; a lost one is rebuilt from
     the next packet's FEC when that one arrived, else concealed, and every frame goes
-    through the concealment floor, as ``CallMedia._play`` does. Returns the output, the
-    compute time (s) per frame (encode plus decode) and the bytes of Opus sent.
+    through the concealment floor, as ``AudioPlayout.play`` (p2pd/media/playout.py)
+    does. Returns the output, the compute time (s) per frame (encode plus decode) and
+    the bytes of Opus sent.
 
     ``red``: every datagram also carries a copy of the previous packet (RFC 2198-style
     redundancy, what a call sends while its peer reports loss), so a lost packet whose

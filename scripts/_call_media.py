@@ -109,13 +109,13 @@ class TimedPeer:
     def max_datagram_size(self) -> int:
         return self.inner.max_datagram_size
 
-    def send_datagram(self, data: bytes) -> bool:
+    def send_datagram(self, data: bytes, *, urgent: bool = False) -> bool:
         if data and data[0] in AUDIO_KINDS and self.trace.reads:
             packet = decode(data)
             assert isinstance(packet, AudioPacket)
             self.trace.capture[packet.seq] = self.trace.reads[-1]
             self.trace.sent_at[packet.seq] = trio.current_time()
-        return self.inner.send_datagram(data)
+        return self.inner.send_datagram(data, urgent=urgent)
 
     async def wait_closed(self) -> None:
         await self.inner.wait_closed()

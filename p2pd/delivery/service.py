@@ -2,14 +2,15 @@
 
 The decisions are :class:`~p2pd.delivery.core.DeliveryCore`'s (sans I/O); this module
 does the I/O around them: QUIC streams, one worker task per conversation, the record
-cache, call signals, rotation notices and the control API's views. It reads the clock
-once per entry point of the core, has the ledger apply the core's rows and commit once
-after each (:meth:`Delivery._committed`), reacts to the core's events in one place
+cache, call signals and the control API's views. It reads the clock once per entry point
+of the core, has the ledger apply the core's rows and commit once after each
+(:meth:`Delivery._committed`), reacts to the core's events in one place
 (:meth:`Delivery._dispatch`), and sleeps until the core's next deadline (``get_timer``:
-retries, answer deadlines) in one long-lived cancel scope, never polling. Two parts
+retries, answer deadlines) in one long-lived cancel scope, never polling. Three parts
 stand apart, built here and handed what they use: the DHT mailbox, both ways
-(:mod:`p2pd.delivery.mailbox`), and the check of the handles that unknown senders
-claim (:mod:`p2pd.delivery.verify`).
+(:mod:`p2pd.delivery.mailbox`), the check of the handles that unknown senders claim
+(:mod:`p2pd.delivery.verify`), and key rotation notices, ours out and contacts' in
+(:mod:`p2pd.delivery.rotation_notices`).
 
 Sending. ``send`` resolves the handle, checks the key against the pin, and stores the
 message (state ``queued``) before it returns. One worker per conversation then, in the
@@ -53,7 +54,6 @@ from ..errors import (
     KeyChanged,
     NoSession,
     NotFound,
-    RecordError,
     UsageError,
 )
 from ..identity import (
@@ -66,9 +66,8 @@ from ..identity import (
 from ..messaging import Contact, Contacts, IncomingSummary, Message, MessageStore
 from ..records import HandleRecord
 from ..relay.client import is_virtual
-from ..rotation import RotationNotice, verify_notice
+from ..rotation import RotationNotice
 from ..session import SessionManager
-from ..store import get_meta, set_meta
 from ..transport.quic import QuicEndpoint, QuicPeer, QuicStream
 from ..wire import Address
 from .core import (
@@ -99,6 +98,7 @@ from .events import (
 from .ledger import SqliteLedger
 from .mailbox import MailboxCourier
 from .paths import Paths, RelayConnect
+from .rotation_notices import RotationNotices
 from .verify import SenderVerifier
 
 __all__ = ["BATCH", "RESET_INTERVAL", "Delivery", "EventBus"]
@@ -111,8 +111,6 @@ RECORD_CACHE_SECONDS = 60.0
 MAX_SEND_BATCH = 1000
 #: Events buffered per subscriber before new ones are dropped for it.
 EVENT_BUFFER = 1024
-#: The rotation notice last queued for every contact (hex), so it is queued once.
-ROTATION_SENT_META = "rotation.sent"
 #: How long a lookup made for delivery may take.
 RESOLVE_TIMEOUT = 10.0
 #: A worker that waits (WAIT) looks at its conversation again after this long even if
@@ -233,6 +231,12 @@ class Delivery:
         self.verifier = SenderVerifier(
             dht, contacts, remember=self._remember, resolve_timeout=RESOLVE_TIMEOUT
         )
+        #: Key rotation notices: ours to every contact, contacts' moving their pins
+        #: (p2pd/delivery/rotation_notices.py).
+        self.rotation = RotationNotices(
+            conn, identity.public_key, contacts, self.messages, emit=events.emit,
+            queued=self._queued, forget=self._forget_record,
+        )  # fmt: skip
         #: Set to wake a worker that waits (WAIT): its exchange ended, RetryDue, PrepareDue.
         self._worker_wake: dict[bytes, trio.Event] = {}
         #: What each running worker is doing (awaiting) now, for the status view.
@@ -493,6 +497,10 @@ class Delivery:
         """Cache a record looked up for its key (RECORD_CACHE_SECONDS)."""
         self._records[record.public_key] = (record, trio.current_time())
 
+    def _forget_record(self, peer_key: bytes) -> None:
+        """Drop the record cached for a key (its bundle changed, or the key rotated)."""
+        self._records.pop(peer_key, None)
+
     async def _connect(self, peer_key: bytes, record: HandleRecord | None) -> QuicPeer | None:
         peer = await self._connect_direct(peer_key, record)
         if peer is not None:
@@ -659,7 +667,7 @@ class Delivery:
                 ):
                     housekeeping.add(event.sender_key)
             elif isinstance(event, RotationReceived):
-                self.rotation_received(event)
+                self.rotation.received(event)
             elif isinstance(event, FileOfferReceived):
                 self.on_file_offer(event.sender_key, event.claimed, event.text, event.via)
             elif isinstance(event, SenderUnverified):
@@ -674,7 +682,7 @@ class Delivery:
                 if event.delivered:
                     self.events.emit("message_status", id=event.msg_id.hex(), state="delivered")
             elif isinstance(event, SessionReset):
-                self._records.pop(event.peer_key, None)  # its bundle may have changed too
+                self._forget_record(event.peer_key)  # its bundle may have changed too
             elif isinstance(event, MessageSent):
                 self.events.emit(
                     "message_status", id=event.msg_id.hex(), state="sent", via=event.via
@@ -710,59 +718,8 @@ class Delivery:
         self.core.conversation_idle(peer_key)  # the timer picks it up once run() runs
 
     def announce_rotation(self, notice: RotationNotice) -> int:
-        """Queue ``notice`` (our key just rotated to this identity's) for every contact,
-        once: through the outbox like a message (durable, retried, left in the mailbox
-        of a contact that is offline), from the new key, in a new session. Returns how
-        many were queued (0 if this notice was announced already)."""
-        encoded = notice.encode()
-        if notice.new_key != self.identity.public_key:
-            log.warning("a stored rotation notice is for another key than ours: not sent")
-            return 0
-        if get_meta(self._conn, ROTATION_SENT_META) == encoded.hex():
-            return 0
-        now = time.time()
-        contacts = self.contacts.all()
-        for contact in contacts:
-            self.messages.enqueue_many(
-                contact.handle, contact.public_key, [encoded.hex()], now, kind=wire.KIND_ROTATION
-            )
-        set_meta(self._conn, ROTATION_SENT_META, encoded.hex())
-        log.info("key rotation notice queued for %d contact(s)", len(contacts))
-        for contact in contacts:
-            self._queued(contact.public_key)
-        return len(contacts)
-
-    def rotation_received(self, event: RotationReceived) -> None:
-        """A rotation notice from ``event.sender_key``: a valid one signed by the key a
-        contact is pinned to moves the pin to the new key (what still waits for the old
-        key follows it); any other valid one is evidence; an invalid one is dropped."""
-        try:
-            if len(event.text) > wire.MAX_ROTATION_TEXT:
-                raise RecordError("rotation notice too long")
-            notice = verify_notice(bytes.fromhex(event.text))
-        except (ValueError, RecordError) as exc:
-            log.warning("ignored a bad rotation notice from %s: %s", _who(event.sender_key), exc)
-            return
-        if notice.new_key != event.sender_key or notice.handle != event.claimed:
-            log.warning("ignored a rotation notice sent by another key than its new one")
-            return
-        now = time.time()
-        if not self.contacts.rotate(notice.handle, notice.old_key, notice.new_key, now):
-            log.warning("a rotation notice for %r not from its pinned key: kept as evidence",
-                        notice.handle)  # fmt: skip
-            return
-        moved = self.messages.readdress(notice.handle, notice.old_key, notice.new_key)
-        self._records.pop(notice.old_key, None)
-        log.info("%s rotated its key to %s (%d waiting message(s) follow)", notice.handle,
-                 fingerprint(notice.new_key)[:DISPLAY_PREFIX], moved)  # fmt: skip
-        self.events.emit(
-            "contact_rotated",
-            handle=notice.handle,
-            old_fingerprint=fingerprint(notice.old_key),
-            fingerprint=fingerprint(notice.new_key),
-            issued=notice.issued,
-        )
-        self._queued(notice.new_key)
+        """Queue our rotation notice for every contact, once (:mod:`.rotation_notices`)."""
+        return self.rotation.announce(notice)
 
     # ------------------------------------------------------------------ views
 

@@ -16,7 +16,8 @@ then the codec and file glue (PyAV):
 - :mod:`p2pd.media.sources` — ``tone:FREQ``, ``testsrc``, files, capture devices;
 - :mod:`p2pd.media.sinks` — WAV and Matroska/WebM recordings;
 
-and the trio part, :class:`~p2pd.media.call.CallMedia`, one side of a call.
+and the trio part, :class:`~p2pd.media.call.CallMedia`, one side of a call: it sends,
+and wires :mod:`p2pd.media.playout` (what is received, played on a clock of its own).
 docs/_media.md describes the format and the measurements behind the choices.
 """
 

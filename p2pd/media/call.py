@@ -26,11 +26,12 @@ and nothing for the message layer's stream handler to route. The price is fragme
 
 Timing: one task ticks every 20 ms on trio's clock (``sleep_until`` of absolute
 deadlines, so no drift) and per tick reads and encodes one audio frame and sends it;
-another ticks every 20 ms too, takes one playout decision from the
-:class:`~p2pd.media.jitter.JitterBuffer`, decodes and records it, and keeps its phase
-just after the moment frames fall due (:func:`~p2pd.media.jitter.align_tick`) rather than
-on the capture clock, whose phase against the peer's is arbitrary (up to 20 ms of
-waiting, 10 on average). A third ticks at the video frame rate.
+another (:class:`~p2pd.media.playout.AudioPlayout`) ticks every 20 ms too, takes one
+playout decision from the :class:`~p2pd.media.jitter.JitterBuffer`, decodes and records
+it, and keeps its phase just after the moment frames fall due
+(:func:`~p2pd.media.jitter.align_tick`) rather than on the capture clock, whose phase
+against the peer's is arbitrary (up to 20 ms of waiting, 10 on average). A third ticks
+at the video frame rate.
 
 Loss: Opus in-band FEC always, and, while the peer's receiver reports show loss,
 redundancy (RFC 2198's idea): each audio datagram also carries the previous one's Opus
@@ -48,12 +49,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import trio
 
 from ..errors import ConnectionLost, DatagramTooLarge, LocalError
@@ -67,14 +66,13 @@ from .codecs import (
     LibopusDecoder,
     OpusEncoder,
     PyAVOpusDecoder,
-    Vp8Decoder,
     Vp8Encoder,
     open_opus_decoder,
 )
 from .devices import MicSource, SpeakerSink, open_audio_sink
-from .jitter import JitterBuffer, JitterConfig, Playout, PlayoutKind, align_tick
+from .jitter import JitterBuffer, JitterConfig
 from .nack import RetransmitConfig, RetransmitHistory
-from .plc import ConcealmentFloor, Loudness
+from .playout import FRAME_DURATION, AudioPlayout, PlayoutCounters, VideoPlayout
 from .ratecontrol import RateConfig, SendLossMeter, VideoRateController
 from .sinks import Recorder, open_recorder
 from .sources import AudioSource, VideoSource, open_audio_source, open_video_source
@@ -98,7 +96,6 @@ log = logging.getLogger(__name__)
 
 #: 90 kHz: the RTP clock of video (RFC 7741 section 4.1), used for video timestamps.
 VIDEO_CLOCK = 90000
-FRAME_DURATION = FRAME_SAMPLES / SAMPLE_RATE
 
 
 class MediaPeer(Protocol):
@@ -209,22 +206,15 @@ class _Counters:
     malformed: int = 0
     audio_packets_sent: int = 0
     audio_red_sent: int = 0
-    audio_red_recovered: int = 0
-    audio_frames_played: int = 0
-    audio_concealed: int = 0
-    audio_fec_recovered: int = 0
-    audio_decode_errors: int = 0
     video_frames_sent: int = 0
     video_keyframes_sent: int = 0
-    video_frames_received: int = 0
-    video_decode_errors: int = 0
     keyframe_requests_sent: int = 0
     keyframe_requests_received: int = 0
     nacks_received: int = 0
     reports_sent: int = 0
     reports_received: int = 0
+    #: Capture ticks skipped after a stall (the playout clock's: PlayoutCounters).
     ticks_late: int = 0
-    playout_skipped: int = 0
     video_frames_skipped: int = 0
 
 
@@ -287,16 +277,15 @@ class CallMedia:
         self._remote_video = ReportBlock()
         self._peer_accepts_red = False
         self._red_until = -math.inf
-        self._frames: deque[AssembledFrame] = deque()
-        self._frames_ready = trio.Event()
+        #: Decodes and records the video frames the assembler completes.
+        self._video_out = VideoPlayout(self._assembler.decode_failed)
+        #: Plays the audio: built in run() with the decoder, recording and speaker.
+        self._audio_out: AudioPlayout | None = None
         self._keyframe_wanted = False
         self._last_request_seen = 0
         self._decoder: LibopusDecoder | PyAVOpusDecoder | None = None
         self._recorder: Recorder | None = None
         self._scope: trio.CancelScope | None = None
-        self._floor = ConcealmentFloor(FRAME_SAMPLES)
-        self._loudness = Loudness()
-        self._quiet = True
 
     # ---- the receive path (called from the endpoint's on_datagram)
 
@@ -365,9 +354,7 @@ class CallMedia:
     def _deliver_frames(self, frames: list[AssembledFrame], now: float) -> None:
         for frame in frames:
             self._video_rx.packet(frame.frame_id, frame.timestamp, now)
-            self._frames.append(frame)
-        if frames:
-            self._frames_ready.set()
+        self._video_out.push(frames)
 
     # ---- running
 
@@ -396,7 +383,7 @@ class CallMedia:
                     lambda s: open_video_source(s, width=c.video_width, height=c.video_height),
                     spec,
                 )
-            self._decoder = open_opus_decoder(use_libopus=c.use_libopus)
+            self._decoder = decoder = open_opus_decoder(use_libopus=c.use_libopus)
             encoder = await trio.to_thread.run_sync(self._open_encoder) if audio_source else None
             start = trio.current_time()
             self._started_at = start
@@ -408,17 +395,21 @@ class CallMedia:
                     height=c.video_height,
                     fps=c.video_fps,
                 )
+            self._audio_out = audio_out = AudioPlayout(
+                c, self._jitter, decoder, recorder=self._recorder, speaker=self._speaker,
+                device_failed=self._device_failed,
+            )  # fmt: skip
             self._state = "running"
             with trio.CancelScope() as scope:
                 self._scope = scope
                 if self.duration is not None:
                     scope.deadline = start + self.duration
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._audio_loop, start, audio_source, encoder)
-                    nursery.start_soon(self._playout_loop, start)
+                    nursery.start_soon(self._audio_loop, start, audio_source, encoder, audio_out)
+                    nursery.start_soon(audio_out.run, start)
                     if video_source is not None:
                         nursery.start_soon(self._video_send_loop, start, video_source)
-                    nursery.start_soon(self._video_receive_loop)
+                    nursery.start_soon(self._video_out.run, self._recorder)
                     nursery.start_soon(self._watch_connection, scope)
                     if encoder is not None and c.audio_rate_adaptation:
                         nursery.start_soon(self._opus.serve)
@@ -497,8 +488,15 @@ class CallMedia:
         return open_warm_encoder(self._opus.controller.current)
 
     async def _audio_loop(
-        self, start: float, source: AudioSource | None, encoder: OpusEncoder | None
+        self,
+        start: float,
+        source: AudioSource | None,
+        encoder: OpusEncoder | None,
+        playout: AudioPlayout,
     ) -> None:
+        """Capture, encode and send one audio frame per 20 ms (on the microphone's clock
+        if it is one), and the call's control traffic: keyframe requests, NACKs, reports.
+        With ``align_playout`` off, ``playout`` plays on this tick too."""
         c = self.config
         seq = 0
         tick = 0
@@ -533,7 +531,7 @@ class CallMedia:
                     previous = (seq, payload)
                     seq += 1
             if not c.align_playout:
-                self._play(now)
+                playout.play(now)
             self._deliver_frames(self._assembler.poll(now), now)
             request = self._assembler.keyframe_request(now)
             if request is not None:
@@ -578,113 +576,6 @@ class CallMedia:
         if redundant:
             self._c.audio_red_sent += 1
 
-    async def _playout_loop(self, start: float) -> None:
-        """One playout decision per 20 ms, on a clock of its own (see the module
-        docstring): the first tick with the capture clock, then each one frame after the
-        last, moved by :func:`align_tick` to just after the moment frames fall due."""
-        c = self.config
-        if self._speaker is not None:
-            await self._device_playout_loop(self._speaker)
-            return
-        if not c.align_playout:
-            return  # the capture loop plays
-        tick = start
-        # When each underrun began (those within playout_underrun_merge are one), for
-        # the hold; and when the last underrun tick was.
-        underruns: deque[float] = deque(maxlen=max(1, c.playout_underrun_repeats))
-        last_underrun = -math.inf
-        while True:
-            await trio.sleep_until(tick)
-            now = trio.current_time()
-            # Decide as of the tick's own time, not of a late wake-up: a stalled thread
-            # makes frames look overdue, and the jitter buffer would drop one, then find
-            # itself empty on the next, back-to-back tick and stretch (measured: a drop
-            # and a stretch within 20 ms, both audible, after each ~50 ms stall).
-            decision = self._play(now, tick)
-            # A concealed tick that stands for no frame, once playing: the next frame
-            # is late (an underrun) or not due (the target grew).
-            waiting = decision is not None and decision.seq is None
-            if decision is not None and decision.underrun:
-                if not underruns or now - last_underrun > c.playout_underrun_merge:
-                    underruns.append(now)
-                last_underrun = now
-            nominal = tick + FRAME_DURATION
-            behind = trio.current_time() - nominal
-            if behind > 10 * FRAME_DURATION:
-                # Starved of CPU for over 200 ms: skip ahead rather than burst; the
-                # jitter buffer drops or jumps over what is overdue by then.
-                skipped = int(behind / FRAME_DURATION)
-                nominal += skipped * FRAME_DURATION
-                self._c.ticks_late += skipped
-                self._record_skipped(skipped, now)
-            # The clock moves only after a quiet frame, in a pause: moving it by up to
-            # half a frame is then as good as adding or cutting that much silence, which
-            # a receiver playing to a sound device would do to follow (here playout feeds
-            # a recorder, and the samples do not move). Nor while the buffer waits for a
-            # late frame: catching up would only conceal faster.
-            rephase = self._quiet and not waiting
-            tick = align_tick(
-                nominal,
-                self._jitter.next_due() if rephase else None,
-                FRAME_DURATION,
-                margin=c.playout_margin,
-                tolerance=c.playout_tolerance,
-                catch_up=not self._hold_for_underruns(underruns, now),
-            )
-
-    def _record_skipped(self, ticks: int, now: float) -> None:
-        """Playout skipped ``ticks`` after a stall: the recording gets as many frames of
-        silence (concealment, so trailing ones are held back as any), as a speaker would
-        have played nothing then. Without them the recording's audio is short of the
-        call by the stall and, in a .mkv / .webm, early against the video, which is
-        placed by its timestamps (measured under CPU starvation: 0.4-1.2 s of audio for
-        a 3 s call, against 25-42 video frames spread over it)."""
-        self._c.playout_skipped += ticks
-        if self._recorder is None or not self._jitter.started:
-            return  # the recording starts at the first frame played
-        silence = np.zeros(FRAME_SAMPLES, np.int16)
-        for _ in range(ticks):  # bounded: the ticks the stall lasted
-            self._recorder.write_audio(silence, concealed=True, now=now)
-
-    def _hold_for_underruns(self, underruns: deque[float], now: float) -> bool:
-        """Whether the playout clock keeps the delay underruns added: the last
-        ``playout_underrun_repeats`` of them came within ``playout_underrun_hold`` of each
-        other, the last of them within ``playout_underrun_hold`` of now."""
-        c = self.config
-        return (
-            bool(underruns)
-            and len(underruns) >= c.playout_underrun_repeats
-            and underruns[-1] - underruns[0] < c.playout_underrun_hold
-            and now - underruns[-1] < c.playout_underrun_hold
-        )
-
-    async def _device_playout_loop(self, speaker: SpeakerSink) -> None:
-        """Playout on the speaker's clock: whenever the device's queue falls under its
-        low-water mark, frames are taken from the jitter buffer until it is above again.
-
-        The device consumes samples at its own rate, which differs from the sender's
-        capture clock by up to a few hundred ppm; the jitter buffer absorbs that as it
-        absorbs a changing network delay, by stretching (a frame of concealment) when
-        frames are not due yet and dropping one when they pile up two frames overdue,
-        both waiting for a quiet frame (tests/test_media_drift.py runs 200 and 1000 ppm
-        for minutes: no underrun, no overflow, bounded depth). Before the first frame is
-        due the device gets silence."""
-        try:
-            while True:
-                try:
-                    await speaker.wait_for_room()
-                except LocalError as exc:
-                    self._device_failed(exc.message)
-                    return
-                now = trio.current_time()
-                for _ in range(64):  # bounded: a few frames at most are missing
-                    if not speaker.needs_more:
-                        break
-                    if self._play(now) is None:  # not started: silence until then
-                        speaker.write(np.zeros(FRAME_SAMPLES, np.int16), audio=False)
-        finally:
-            speaker.stop_feeding()
-
     def _device_failed(self, message: str) -> None:
         """A sound device failed for good: the call ends, saying why."""
         log.warning("%s: the call ends", message)
@@ -692,49 +583,6 @@ class CallMedia:
             self._end_reason = message
         if self._scope is not None:
             self._scope.cancel()
-
-    def _play(self, now: float, tick: float | None = None) -> Playout | None:
-        """Play one tick: the jitter buffer's decision for ``tick`` (default ``now``),
-        decoded and recorded at ``now``."""
-        decision = self._jitter.pop(now if tick is None else tick, quiet=self._quiet)
-        if decision is None or self._decoder is None:
-            return decision
-        c = self._c
-        decoder = self._decoder
-        concealed = True
-        try:
-            if decision.kind is PlayoutKind.FRAME:
-                assert decision.payload is not None
-                pcm = decoder.decode(decision.payload)
-                concealed = False
-            elif decision.kind is PlayoutKind.REDUNDANT:
-                assert decision.payload is not None
-                pcm = decoder.decode(decision.payload)
-                c.audio_red_recovered += 1
-                concealed = False
-            elif decision.kind is PlayoutKind.FEC:
-                assert decision.payload is not None
-                pcm, recovered = decoder.decode_fec(decision.payload)
-                if recovered:
-                    c.audio_fec_recovered += 1
-                    concealed = False
-                else:
-                    c.audio_concealed += 1
-            else:
-                pcm = decoder.conceal()
-                c.audio_concealed += 1
-        except MediaWireError:
-            c.audio_decode_errors += 1
-            pcm = decoder.conceal()
-            c.audio_concealed += 1
-        pcm = self._floor.conceal(pcm) if concealed else self._floor.good(pcm)
-        self._quiet = self._loudness.quiet(pcm)
-        c.audio_frames_played += 1
-        if self._speaker is not None:
-            self._speaker.write(pcm)
-        if self._recorder is not None:
-            self._recorder.write_audio(pcm, concealed=concealed, now=now)
-        return decision
 
     def _send_report(self, now: float) -> None:
         echo, delay = self._rtt.echo(now)
@@ -803,30 +651,6 @@ class CallMedia:
                 tick += skipped
                 self._c.video_frames_skipped += skipped
 
-    async def _video_receive_loop(self) -> None:
-        decoder = Vp8Decoder()
-        while True:
-            await self._frames_ready.wait()
-            self._frames_ready = trio.Event()
-            while self._frames:
-                frame = self._frames.popleft()
-                now = trio.current_time()
-                try:
-                    pictures = decoder.decode(frame.data)
-                except MediaWireError:
-                    self._c.video_decode_errors += 1
-                    self._assembler.decode_failed(now)
-                    self._frames.clear()
-                    continue
-                if not pictures:
-                    continue
-                self._c.video_frames_received += 1
-                if self._recorder is not None:
-                    self._recorder.write_video(
-                        frame.data, keyframe=frame.keyframe, timestamp=frame.timestamp, now=now
-                    )
-            await trio.lowlevel.checkpoint()
-
     # ---- statistics
 
     def statistics(self) -> dict[str, Any]:
@@ -835,6 +659,8 @@ class CallMedia:
         loss and interarrival jitter of the peer's audio); ``remote_loss_pct`` is what the
         peer reports of ours."""
         c = self._c
+        played = self._audio_out.counters if self._audio_out else PlayoutCounters()
+        plc_replaced = self._audio_out.floor.replaced if self._audio_out else 0
         now = self._ended_at if self._ended_at is not None else trio.current_time()
         duration = now - self._started_at if self._started_at is not None else 0.0
         seconds = max(duration, 1e-9)
@@ -856,14 +682,14 @@ class CallMedia:
             ),
             "audio_packets_sent": c.audio_packets_sent,
             "audio_packets_received": self._audio_rx.received,
-            "audio_frames_played": c.audio_frames_played,
-            "audio_frames_concealed": c.audio_concealed,
-            "audio_fec_recovered": c.audio_fec_recovered,
-            "audio_red_recovered": c.audio_red_recovered,
+            "audio_frames_played": played.frames_played,
+            "audio_frames_concealed": played.concealed,
+            "audio_fec_recovered": played.fec_recovered,
+            "audio_red_recovered": played.red_recovered,
             "audio_red_sent": c.audio_red_sent,
             "audio_redundancy": self.redundancy_active(now),
-            "audio_decode_errors": c.audio_decode_errors,
-            "audio_plc_replaced": self._floor.replaced,
+            "audio_decode_errors": played.decode_errors,
+            "audio_plc_replaced": plc_replaced,
             "audio_stretched": jitter["expanded"],
             "audio_late": jitter["late"],
             "audio_late_concealed": jitter["late_concealed"],
@@ -874,10 +700,10 @@ class CallMedia:
             "opus_decoder": self._decoder.name if self._decoder is not None else None,
             "video_frames_sent": c.video_frames_sent,
             "video_keyframes_sent": c.video_keyframes_sent,
-            "video_frames_received": c.video_frames_received,
+            "video_frames_received": self._video_out.frames_received,
             "video_loss_pct": round(self._video_rx.loss_fraction * 100, 2),
             "video_remote_loss_pct": round(self._remote_video.loss_fraction * 100, 2),
-            "video_decode_errors": c.video_decode_errors,
+            "video_decode_errors": self._video_out.decode_errors,
             "video_frames_discarded": assembler["discarded"],
             "keyframe_requests_sent": c.keyframe_requests_sent,
             "keyframe_requests_received": c.keyframe_requests_received,
@@ -897,8 +723,8 @@ class CallMedia:
             "reports_sent": c.reports_sent,
             "reports_received": c.reports_received,
             "datagrams_malformed": c.malformed,
-            "ticks_late": c.ticks_late,
-            "audio_playout_skipped": c.playout_skipped,
+            "ticks_late": c.ticks_late + played.skipped,
+            "audio_playout_skipped": played.skipped,
             "video_frames_skipped": c.video_frames_skipped,
             "recorded_frames": self._recorder.frames_written if self._recorder else 0,
             **self._device_statistics(),
