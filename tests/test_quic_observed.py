@@ -177,9 +177,9 @@ async def test_a_lying_peer_cannot_flood_reports() -> None:
 def test_a_daemon_does_not_take_one_liars_reports_as_its_address(tmp_path: Path) -> None:
     """A real daemon on 127.0.0.1 hears where it is from two honest QUIC peers (in two
     /24s: 127.0.1.x, 127.0.2.x) and from a liar in a third that opens five connections
-    from five of its IPs, each saying another address. ``p2pd status`` keeps the honest consensus: mapping
-    ``none`` (both honest peers saw our own address), no public address, the lie held
-    by one observer only, whatever the liar sends."""
+    from five of its IPs, each saying another address. ``p2pd status`` keeps the honest
+    consensus: mapping ``none`` (both honest peers saw our own address), no public
+    address, the lie held by one observer only, whatever the liar sends."""
     home = tmp_path / "alice"
     assert run_cli(home, "init", "alice", "--no-passphrase").returncode == 0
     (home / "config.toml").write_text("[dht]\nobserve_replies = false\n")
