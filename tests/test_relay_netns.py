@@ -116,10 +116,12 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
         # After the relay dies: ack_timeout 2 s (alice's message on the dead circuit
         # waited 5 s for its ack before she closed it: delivered 8.3 s after the kill,
         # 3.9 s with this) and relay keepalives every 1 s (a dead relay left both
-        # registrations 9 s after the kill, 6 s with this); the test claims neither time
+        # registrations 9 s after the kill, 6 s with this). dialback_wait 2 s: the NATed
+        # daemons' "unreachable" (asserted) ends a round that no nonce answers, 2 s after
+        # it began, not 5 s. The test claims none of these times
         configs = {
             name: '[node]\nring_timeout = 10.0\nrepublish_min = 1.0\nack_timeout = 2.0\n'
-            '[relay]\nkeepalive_interval = 1.0\n[calls]\n'
+            '[relay]\nkeepalive_interval = 1.0\n[dht]\ndialback_wait = 2.0\n[calls]\n'
             'audio_in = "tone:440"\naudio_out = "none"\nfrom = "everyone"\n[files]\n'
             f'dir = "{root / name}-dl"\n'
             for name in hosts
