@@ -53,6 +53,11 @@ class DHTConfig:
     #: liars a third of 60 voters are liars for about 2 % of keys (binomial; seen as
     #: "contested" in 3-5 of 150 lookups under the combined attack), of 80 for 0.2 %.
     claim_factor: int = 4
+    #: How long a dial-back round waits for its helpers' nonces (docs/PROTOCOL.md
+    #: "Address discovery and dial-back"); a round with no nonce ends only then, so it
+    #: is how soon a NATed node learns it is unreachable. 0.5-60 s. Tests that claim no
+    #: reachability timing shorten it (a round on a LAN or loopback answers in ms).
+    dialback_wait: float = 5.0
     #: Stored records are re-replicated to the current k closest nodes this often.
     replicate_interval: float = 3600.0
     #: Buckets with no lookup for this long are refreshed.
@@ -162,6 +167,8 @@ class DHTConfig:
                 raise UsageError(f"dht {name} must be greater than 0")
         if not 0 <= self.postage_bits <= 32:
             raise UsageError("dht postage_bits must be between 0 and 32")
+        if not 0.5 <= self.dialback_wait <= 60.0:
+            raise UsageError("dht dialback_wait must be between 0.5 and 60 seconds")
 
 
 @dataclass(frozen=True, slots=True)

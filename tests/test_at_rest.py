@@ -384,6 +384,10 @@ def test_daemons_keep_no_plaintext_and_no_key_material_on_disk(tmp_path: Path) -
         == 0
     )
     assert run_cli(root / "bob", "init", "bob", "--no-passphrase").returncode == 0
+    # Restarted below, alice's join and publish waited out bob's saved address (his
+    # daemon not started yet) for the default rpc_timeout, 2 s: this test claims no DHT
+    # timing
+    (root / "alice" / "config.toml").write_text("[dht]\nrpc_timeout = 0.5\n")
     daemons: list[DaemonProcess] = []
     try:
         alice = DaemonProcess(root / "alice", env=env).wait_ready()

@@ -24,12 +24,15 @@ class Net:
         self.root = root
         self.daemons: dict[str, DaemonProcess] = {}
 
-    def start(self, *handles: str) -> None:
+    def start(self, *handles: str, node: dict[str, str] | None = None) -> None:
+        """``node``: more ``[node]`` lines for some handles' config.toml."""
         for handle in handles:
             assert run_cli(self.root / handle, "init", handle, "--no-passphrase").returncode == 0
             # No sound devices here: calls without --audio-in send a tone, play nowhere.
+            more = (node or {}).get(handle, "")
             (self.root / handle / "config.toml").write_text(
-                '[node]\nring_timeout = 3.0\n[calls]\naudio_in = "tone:440"\naudio_out = "none"\n'
+                f"[node]\nring_timeout = 3.0\n{more}"
+                '[calls]\naudio_in = "tone:440"\naudio_out = "none"\n'
             )
             boot = [d.listen for d in self.daemons.values()][:1]
             self.daemons[handle] = DaemonProcess(self.root / handle, bootstrap=boot).wait_ready()
@@ -106,7 +109,10 @@ def test_a_3_second_call_carries_each_sides_tone(net: Net) -> None:
 
 
 def test_reject_hangup_no_answer_busy_and_offline(net: Net) -> None:
-    net.start("alice", "bob", "carol")
+    # alice's connect_timeout 1 s, not 3 s: her call to the stopped carol (the last
+    # case) waited it out before "not reachable" (3.6 s of the test's 13-17 s); the
+    # test claims the error, not how long a connection attempt lasts
+    net.start("alice", "bob", "carol", node={"alice": "connect_timeout = 1.0\n"})
 
     # bob rejects the ringing call
     caller = net.background("alice", "call", "bob", "--duration", "10")

@@ -53,6 +53,18 @@ def test_republish_min_is_a_node_setting_within_bounds(tmp_path: Path) -> None:
             load_config(tmp_path)
 
 
+def test_dialback_wait_is_a_dht_setting_within_bounds(tmp_path: Path) -> None:
+    """How long a dial-back round waits for nonces: 5 s unless set; below 0.5 s, above
+    60 s or not a number is a clear error."""
+    assert load_config(tmp_path).dht.dialback_wait == 5.0
+    (tmp_path / "config.toml").write_text("[dht]\ndialback_wait = 1.5\n")
+    assert load_config(tmp_path).dht.dialback_wait == 1.5
+    for bad in ("0.2", "0", "-1", "61", "'soon'"):
+        (tmp_path / "config.toml").write_text(f"[dht]\ndialback_wait = {bad}\n")
+        with pytest.raises(UsageError, match="dialback_wait"):
+            load_config(tmp_path)
+
+
 def test_quic_section_of_the_config_file(tmp_path: Path) -> None:
     """The QUIC budgets of docs/SECURITY.md ("QUIC budgets") are settings."""
     (tmp_path / "config.toml").write_text(

@@ -395,7 +395,9 @@ async def test_a_network_drop_that_kills_the_connection_resumes_on_a_new_one(
     (bob's address from his record, through the proxy), and the transfer resumes where
     bob's last verified group ended: he receives at most one group twice."""
     src = root / "drop.bin"
-    data = os.urandom(12 << 20)
+    # 8 MiB at 3 MB/s: the blackout starts after 3 MiB and 5 are left for after it (1.7 s
+    # of sending, room for a late start of the blackout); 12 MiB added 1.3 s of sending
+    data = os.urandom(8 << 20)
     src.write_bytes(data)
     alice_id, bob_id = Identity.generate("alice"), Identity.generate("bob")
     ports = {"alice": free_udp_port(), "bob": free_udp_port()}
@@ -413,7 +415,9 @@ async def test_a_network_drop_that_kills_the_connection_resumes_on_a_new_one(
                 lambda: sum(f["bytes_done"] for f in files_of(bob).transfers()) >= 3 << 20, 60
             )
             (first,) = [p for p in alice.quic.peers() if p.public_key == bob_id.public_key]
-            to_bob.blackout(6.0)
+            # Twice the idle timeout (was 6 s): the connection is dead 2 s into the
+            # blackout, on both sides, and the path is back 2 s later
+            to_bob.blackout(4.0)
             await wait_for(lambda: first.is_closing, timeout=20)  # the drop killed it
             await wait_for(lambda: state_of(bob, "in") == "done", timeout=90)
             got = files_of(bob).transfers()[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -176,10 +176,10 @@ async def test_a_lying_peer_cannot_flood_reports() -> None:
 
 def test_a_daemon_does_not_take_one_liars_reports_as_its_address(tmp_path: Path) -> None:
     """A real daemon on 127.0.0.1 hears where it is from two honest QUIC peers (in two
-    /24s: 127.0.1.x, 127.0.2.x) and from a liar in a third that opens five connections,
-    each saying another address. ``p2pd status`` keeps the honest consensus: mapping
-    ``none`` (both honest peers saw our own address), no public address, the lie held
-    by one observer only, whatever the liar sends."""
+    /24s: 127.0.1.x, 127.0.2.x) and from a liar in a third that opens five connections
+    from five of its IPs, each saying another address. ``p2pd status`` keeps the honest
+    consensus: mapping ``none`` (both honest peers saw our own address), no public
+    address, the lie held by one observer only, whatever the liar sends."""
     home = tmp_path / "alice"
     assert run_cli(home, "init", "alice", "--no-passphrase").returncode == 0
     (home / "config.toml").write_text("[dht]\nobserve_replies = false\n")
@@ -209,15 +209,22 @@ async def _talk_to(target: Address, key: bytes, lie: str) -> None:
         async with (
             open_reporting_node("127.0.1.1", []) as (_, honest1, _i1),
             open_reporting_node("127.0.2.1", []) as (_, honest2, _i2),
-            open_reporting_node("127.0.3.1", []) as (_, liar, _i3),
+            AsyncExitStack() as stack,
         ):
             await honest1.connect(target, key)
             await honest2.connect(target, key)
+            # The liar: five endpoints in its /24 (one observer group), a connection each.
+            peers = []
             for n in range(5):
-                peer = await liar.connect(target, key)
-                # The liar's endpoint sent its honest report at once; the lie goes out
-                # past the gap, so that it is taken.
-                await trio.sleep(MIN_REPORT_GAP + 0.1)
+                node = open_reporting_node(f"127.0.3.{n + 1}", [])
+                _, liar, _i = await stack.enter_async_context(node)
+                peers.append(await liar.connect(target, key))
+            # Each liar endpoint sent its honest report at once; the lies go out past the
+            # gap (one report per connection per MIN_REPORT_GAP), so that they are taken.
+            # (Five connections at once, one wait: this was one connection lying five
+            # times, a gap apart, 5.5 s.)
+            await trio.sleep(MIN_REPORT_GAP + 0.1)
+            for n, peer in enumerate(peers):
                 peer.quic.send_datagram_frame(encode_report(1000 + n, (lie, 40000 + n)))
                 peer.wake()
             await trio.sleep(0.5)

@@ -112,9 +112,16 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
     seeds = [f"198.18.{i}.11:{PORT}" for i in (1, 2, 3)]
     try:
         # republish_min: the record that lists a NATed daemon's relays follows its
-        # registration within a second, not 10 s (the test claims no republish timing)
+        # registration within a second, not 10 s (the test claims no republish timing).
+        # After the relay dies: ack_timeout 2 s (alice's message on the dead circuit
+        # waited 5 s for its ack before she closed it: delivered 8.3 s after the kill,
+        # 3.9 s with this) and relay keepalives every 1 s (a dead relay left both
+        # registrations 9 s after the kill, 6 s with this). dialback_wait 2 s: the NATed
+        # daemons' "unreachable" (asserted) ends a round that no nonce answers, 2 s after
+        # it began, not 5 s. The test claims none of these times
         configs = {
-            name: '[node]\nring_timeout = 10.0\nrepublish_min = 1.0\n[calls]\n'
+            name: '[node]\nring_timeout = 10.0\nrepublish_min = 1.0\nack_timeout = 2.0\n'
+            '[relay]\nkeepalive_interval = 1.0\n[dht]\ndialback_wait = 2.0\n[calls]\n'
             'audio_in = "tone:440"\naudio_out = "none"\nfrom = "everyone"\n[files]\n'
             f'dir = "{root / name}-dl"\n'
             for name in hosts
@@ -129,7 +136,7 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
                 len(listed_relays(root / "pub1", n)) >= 2 for n in ("alice", "bob")
             )
 
-        assert wait_until(registered, SETTLE, interval=1.0), {
+        assert wait_until(registered, SETTLE, interval=0.25), {
             n: control_call(root / n, "status")["relay"] for n in ("alice", "bob")
         }
         for name in ("alice", "bob"):

@@ -74,9 +74,9 @@ OBSERVERS_MAX = 64
 OBSERVATION_TTL = 600.0
 #: Most reflexive addresses reported (status, presence records).
 REFLEXIVE_MAX = 8
-#: Helpers asked per dial-back round, and how long a round waits for their nonces.
+#: Helpers asked per dial-back round; how long a round waits for their nonces is
+#: ``[dht] dialback_wait`` (5 s).
 DIALBACK_HELPERS = 3
-DIALBACK_WAIT = 5.0
 #: Rounds start this often once a verdict is in; while unknown, this often.
 PROBE_INTERVAL = 600.0
 PROBE_INTERVAL_UNKNOWN = 30.0
@@ -399,7 +399,7 @@ class Reachability:
             self._next_probe = now + PROBE_RETRY
             self.core._schedule(self._next_probe, _DEADLINE, self)
             return
-        current = self._round = DialbackRound(now + DIALBACK_WAIT)
+        current = self._round = DialbackRound(now + self.core.config.dialback_wait)
         self.core._schedule(current.deadline, _DEADLINE, self)
         for helper in helpers:
             nonce = self._randbytes(wire.NONCE_LEN)

@@ -127,7 +127,9 @@ def start_network(
         return seen.get("status") != "contested" and len(seen.get("relays", [])) >= 2
 
     for name, kind in (("alice", kind_a), ("bob", kind_b)):
-        if not wait_until(functools.partial(settled, name, kind), settle, interval=1.0):
+        # every 0.25 s (control-socket calls, no CLI process), not 1 s: a settled
+        # network was seen half a second late on average, twice per test
+        if not wait_until(functools.partial(settled, name, kind), settle, interval=0.25):
             raise TimeoutError(f"{name} ({kind}) did not settle: {status(root, name)}")
     return daemons
 

@@ -1,7 +1,7 @@
 """One side of a hole-punch attempt on real sockets, for tests and benchmarks in network
 namespaces (tests/test_punch_netns.py, scripts/bench_punch.py).
 
-``python -m p2pd.testing.punch_peer ROLE MAPPING OBSERVER LOCAL_IP PORT``: binds one UDP
+``python -m p2pd.testing.punch_peer ROLE MAPPING OBSERVER LOCAL_IP PORT [DURATION]``: binds one UDP
 socket on PORT (an IPv6 one when LOCAL_IP is IPv6), asks OBSERVER (an echo server that
 answers with the address it saw, tests/test_netns.py's ECHO) for its reflexive address
 (OBSERVER ``-``: no NAT to ask about, LOCAL_IP is the only candidate, as behind an IPv6
@@ -9,7 +9,8 @@ firewall), prints its offer as a JSON line, reads the peer's offer (a line of he
 then a line "go" from stdin, punches (p2pd/transport/punch_driver.py, the daemon's
 code), sends a few data datagrams over the path it found and prints one JSON line:
 whether a path was found, on which socket, to which address, how long it took, and
-whether the peer's data came back over it.
+whether the peer's data came back over it. DURATION (seconds) shortens the attempt from
+the daemon's 5 s (PunchConfig.duration), for a test that proves a failure.
 
 The two offers travel through the test here, in place of the encrypted session that
 carries them between daemons. :func:`punch_pair` runs both sides of two hosts in the testbed's cells
@@ -25,7 +26,7 @@ from typing import Any
 
 import trio
 
-from ..transport.punch import PUNCH_BYTE, PunchOffer, make_plan
+from ..transport.punch import PUNCH_BYTE, PunchConfig, PunchOffer, make_plan
 from ..transport.punch_driver import PunchRunner, send_quietly
 from ..wire import Address
 from .netns import Host, Testbed, read_line
@@ -67,11 +68,18 @@ def observer(testbed: Testbed) -> Host:
 
 
 def punch_pair(
-    a: Host, b: Host, kind_a: str, kind_b: str, *, ipv6: tuple[str, str] | None = None
+    a: Host,
+    b: Host,
+    kind_a: str,
+    kind_b: str,
+    *,
+    ipv6: tuple[str, str] | None = None,
+    duration: float | None = None,
 ) -> tuple[dict[str, Any], ...]:
     """Run both sides (a initiates), handing each the other's offer; their result lines.
     ``ipv6``: the two hosts' IPv6 addresses, to punch over IPv6 with no observer (no NAT;
-    ``kind`` "ipv6": an outbound-only firewall, p2pd/testing/netns6.py)."""
+    ``kind`` "ipv6": an outbound-only firewall, p2pd/testing/netns6.py). ``duration``:
+    each side's attempt lasts this long (default: the daemon's, PunchConfig.duration)."""
     procs = []
     for role, (host, kind) in enumerate(((a, kind_a), (b, kind_b))):
         args = [sys.executable, "-m", "p2pd.testing.punch_peer", str(role), MAPPING[kind]]
@@ -79,6 +87,8 @@ def punch_pair(
             args += [f"{OBSERVER[0]}:{OBSERVER[1]}", str(host.address), "40000"]
         else:
             args += ["-", ipv6[role], "40000"]
+        if duration is not None:
+            args.append(str(duration))
         procs.append(host.popen(args, stdin=-1))
     offers = [json.loads(read_line(p, 15))["offer"] for p in procs]
     for p, line in zip(procs, (offers[1], offers[0]), strict=True):
@@ -107,10 +117,15 @@ def reflexive(sock: socket.socket, observer: tuple[str, int]) -> Address:
 
 
 async def punch(
-    sock: socket.socket, role: int, mine: PunchOffer, theirs: PunchOffer
+    sock: socket.socket,
+    role: int,
+    mine: PunchOffer,
+    theirs: PunchOffer,
+    config: PunchConfig | None = None,
 ) -> dict[str, Any]:
     bind_host = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
-    runner = PunchRunner(lambda data, addr: send_quietly(sock, data, addr), bind_host)
+    send = lambda data, addr: send_quietly(sock, data, addr)  # noqa: E731
+    runner = PunchRunner(send, bind_host, config=config)
     got_data: dict[int, bytes] = {}
 
     async def receive(s: socket.socket, index: int) -> None:
@@ -129,7 +144,7 @@ async def punch(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(receive, sock, 0)
         start = trio.current_time() + 0.05
-        plan = make_plan(mine, theirs, initiator=role == 0, start=start)
+        plan = make_plan(mine, theirs, initiator=role == 0, start=start, config=config)
         outcome = await runner.attempt(plan)
         out: dict[str, Any] = {"ok": outcome.result is not None, "stats": outcome.stats}
         if outcome.result is not None:
@@ -158,6 +173,7 @@ async def punch(
 def main(argv: list[str]) -> None:
     role, mapping, observer, local_ip = int(argv[0]), argv[1], argv[2], argv[3]
     port = int(argv[4])
+    config = PunchConfig(duration=float(argv[5])) if len(argv) > 5 else None
     v6 = ":" in local_ip
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("::" if v6 else "0.0.0.0", port))
@@ -173,7 +189,7 @@ def main(argv: list[str]) -> None:
     theirs = PunchOffer.decode(bytes.fromhex(sys.stdin.readline().strip()))
     if sys.stdin.readline().strip() != "go":
         raise SystemExit("expected go")
-    print(json.dumps(trio.run(punch, sock, role, mine, theirs)), flush=True)
+    print(json.dumps(trio.run(punch, sock, role, mine, theirs, config)), flush=True)
 
 
 if __name__ == "__main__":
