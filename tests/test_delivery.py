@@ -7,6 +7,7 @@ left unanswered is sent again after the backoff; an idle service has no deadline
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -372,8 +373,16 @@ async def test_an_idle_service_sleeps_without_a_deadline(root: Path) -> None:
             await wait_for(
                 lambda: alice.delivery.messages.get(message.id).state == DELIVERED  # type: ignore[union-attr]
             )
+
+            def idle(n: Node) -> bool:
+                # the worker forgets its conversation in its `finally`, a checkpoint after
+                # the core's last deadline went: wait for both (a conversation held with
+                # no deadline and no worker would never move again: this then times out)
+                schedule = Api(n).status()["messages"]["schedule"]
+                return n.delivery.core.get_timer() is None and schedule["conversations"] == []
+
             for n in (alice, bob):
-                await wait_for(lambda n=n: n.delivery.core.get_timer() is None)  # type: ignore[misc]
+                await wait_for(functools.partial(idle, n))
                 assert n.delivery._timer.deadline == math.inf
                 schedule = Api(n).status()["messages"]["schedule"]
                 assert schedule["conversations"] == [] and schedule["workers"] == 0

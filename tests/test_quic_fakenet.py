@@ -103,3 +103,50 @@ async def test_an_ack_read_after_a_stall_leaves_no_probe_behind(
                 assert probes == [], sent
                 assert peer.quic._loss._pto_count == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_connect_after_the_peer_came_back_does_not_wait_for_an_old_handshakes_resend(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Bob is down (his host drops everything) when alice first connects; her attempt
+    gives up after 1 s, as delivery's does after its connect timeout, while the
+    handshake runs on, resending its Initial ever later (0.2, 0.4, 0.8, 1.6 s...). Bob
+    is back at 1.5 s and alice connects again at once: she is through within a round
+    trip or two (the fake network's is 20 ms), not at the old handshake's next resend
+    (3.0 s, 1.5 s later), which is what reusing it waited for (seen as a restarted peer
+    reached 2.6 s late in test_delivery). Concurrent connects in the first second
+    still share one handshake."""
+    up = {"bob": False}
+
+    def bob_host(quic: QuicEndpoint, data: bytes, addr: NetworkAddress) -> None:
+        if up["bob"]:
+            quic.datagram_received(data, addr)
+
+    net = FakeNetwork(seed=5, median_rtt=0.02, jitter=0.0)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(net.run)
+            async with (
+                open_fake_node(net, "alice") as (_, _, alice),
+                open_fake_node(net, "bob", bob_host) as (bob, bob_udp, _),
+            ):
+                start = trio.current_time()
+                firsts: list[QuicPeer] = []
+
+                async def first_attempt() -> None:
+                    with trio.move_on_after(1.0):
+                        firsts.append(await alice.connect(bob_udp.local_address, bob.public_key))
+
+                async with trio.open_nursery() as attempts:  # two at once: one handshake
+                    attempts.start_soon(first_attempt)
+                    attempts.start_soon(first_attempt)
+                    await trio.sleep(0.1)
+                    assert len(alice._all) == 1
+                assert firsts == []  # both gave up: bob is down
+                await trio.sleep_until(start + 1.5)
+                up["bob"] = True
+                back = trio.current_time()
+                peer = await alice.connect(bob_udp.local_address, bob.public_key)
+                took = trio.current_time() - back
+                assert peer.is_established and took < 0.2, took
+            nursery.cancel_scope.cancel()

@@ -52,6 +52,13 @@ log = logging.getLogger("p2pd.transport.quic")
 
 #: RFC 9000 section 7.2: a client's first Destination Connection ID is at least 8 bytes.
 MIN_INITIAL_DCID = 8
+#: A connection we make that is still in its handshake after this long is not reused by
+#: a new ``connect`` to the same key and address: a fresh one sends its Initial at once.
+#: The old one's Initial is resent ever later (RFC 9002 section 6.2.1: each PTO doubles;
+#: 0.2, 0.4, 0.8, 1.6, 3.2 s gaps seen here), so a caller that tried again once the peer
+#: was back (a restart) waited up to seconds for its next resend. The old one runs on,
+#: to its handshake timeout, for whoever still waits on it.
+STALE_HANDSHAKE = 1.0
 
 StreamHandler = Callable[[QuicPeer, QuicStream], Awaitable[None]]
 DatagramHandler = Callable[[QuicPeer, bytes], None]
@@ -332,7 +339,8 @@ class QuicEndpoint:
     async def connect(self, address: Address | NetworkAddress, expected_key: bytes) -> QuicPeer:
         """A connection to the peer at ``address`` that proves it holds ``expected_key``.
 
-        An open connection to that key at that address (made by either side) is reused.
+        An open connection to that key at that address (made by either side) is reused,
+        and one of ours still in its handshake unless it began over STALE_HANDSHAKE ago.
         Raises :class:`~p2pd.errors.PeerKeyMismatch` if the peer proves another key,
         :class:`~p2pd.errors.ConnectionLost` if the handshake fails or times out or the
         peer refuses us (CONNECTION_REFUSED, INVALID_TOKEN), and
@@ -345,7 +353,11 @@ class QuicEndpoint:
             raise UsageError("expected_key must be a 32-byte Ed25519 public key")
         addr = self._normalize(address)
         peer = self._peers.get((expected_key, addr))
-        if peer is None or peer.is_closing:
+        if (
+            peer is None
+            or peer.is_closing
+            or (not peer.is_established and trio.current_time() - peer.started > STALE_HANDSHAKE)
+        ):
             peer = self._new_client(addr, expected_key)
         await peer.wait_established()
         return peer

@@ -166,6 +166,8 @@ class QuicPeer:
         self._terminated = False
         self._error: P2PDError | None = None
         now = trio.current_time()
+        #: When this connection was made (trio's clock).
+        self.started = now
         #: The time of the last step or application use.
         self._now = now
         self.policy = ConnectionPolicy(
