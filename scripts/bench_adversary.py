@@ -631,6 +631,9 @@ async def run_lookups(
                         f"owner {votes.get(owner, 0)}, {len(details.values)} answers with a "
                         f"value, {details.rpcs} RPCs"
                     )
+                    if store_log is not None:
+                        report = store_log.report(swarm, coalition, handle, details, owner)
+                        row.wrong_votes.append(f"{handle}, replicas: {report}")
             elif resolution.status == CONTESTED:
                 outcome = "contested"
                 if not certified:
