@@ -78,6 +78,9 @@ class Row:
     contested_why: Counter[str] = field(default_factory=Counter)
     #: The first few contested lookups in figures, for the report.
     contested_votes: list[str] = field(default_factory=list)
+    #: The first few contested lookups' honest replicas without the owner's claim, and
+    #: why (scripts/bench_adversary.py ``StoreLog``).
+    contested_replicas: list[str] = field(default_factory=list)
     #: Plain lookups in which no honest replica voted (:func:`no_honest_voter`): how
     #: many, and the first few in figures (the 2-vote wrong keys at N=1000 were such).
     no_honest: int = 0
@@ -125,6 +128,7 @@ class Row:
             ]
             + [f"contested because {why}: {n}" for why, n in self.contested_why.most_common()]
             + [f"contested: {c}" for c in self.contested_votes]
+            + [f"contested, replicas: {c}" for c in self.contested_replicas]
             + ([f"lookups with no honest voter: {self.no_honest}"] if self.no_honest else [])
             + [f"no honest voter: {c}" for c in self.no_honest_votes],
             "incomplete": self.incomplete,

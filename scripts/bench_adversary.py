@@ -74,7 +74,8 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -218,6 +219,8 @@ async def run_network(
             seed=args.seed,
         ) as coalition:
             progress(f"{label}: {n_hostile} hostile nodes joined; registering handles")
+            store_log = StoreLog()
+            store_log.install(swarm)
             with trio.fail_after(SETUP_DEADLINE):
                 tick = Every10Percent(n_honest, lambda d: progress(f"{label}: publish {d}"))
                 count = 0
@@ -272,7 +275,17 @@ async def run_network(
                         gc.freeze()
                     with collector_pauses() as pauses:
                         await run_lookups(
-                            args, swarm, coalition, targets, keys, row, rng, label, width, victims
+                            args,
+                            swarm,
+                            coalition,
+                            targets,
+                            keys,
+                            row,
+                            rng,
+                            label,
+                            width,
+                            victims,
+                            store_log,
                         )
                     if pauses:
                         row.notes.append(
@@ -347,6 +360,142 @@ async def fill_depths(
             f"{sum(victim.dht.core.table.contains(key.node_id) for key in keys)} in its table"
         )
     return victims
+
+
+class StoreLog:
+    """Where each handle record's stores went and what became of them (a diagnostic for
+    contested lookups, installed on the honest nodes' cores before the publishing):
+    the nodes each publisher sent a store to, and each refusal a node gave, by key
+    ("far": not among the replicas it knows, or the storage's verdict)."""
+
+    def __init__(self) -> None:
+        self.sent: dict[bytes, set[bytes]] = {}
+        self.refused: dict[tuple[bytes, bytes], str] = {}
+        #: The store's node lookup by key: the publisher's size estimate, its result.
+        self.lookups: dict[bytes, tuple[float, LookupResult]] = {}
+
+    def install(self, swarm: Swarm) -> None:
+        for node in swarm.nodes:
+            core = node.dht.core
+            self._wrap(core)
+
+    def _wrap(self, core: Any) -> None:
+        put_at, close_to, offer = core._put_at, core.is_close_to, core.storage.offer
+        start_lookup = core.start_lookup
+        me = core.node_id
+        replicas = core.replicas
+
+        def logged_lookup(target: bytes, now: float, on_done: Any, **kw: Any) -> None:
+            if kw.get("find_value") or kw.get("k") != replicas:
+                start_lookup(target, now, on_done, **kw)
+                return
+            limit = core.spread_limit(target)
+            size = ID_SPACE / limit.scale if limit is not None and limit.scale else 0.0
+
+            def done(result: LookupResult) -> None:
+                self.lookups[target] = (size, result)
+                on_done(result)
+
+            start_lookup(target, now, done, **kw)
+
+        def logged_put_at(nodes: list[Any], method: str, key: bytes, *rest: Any) -> None:
+            if method == "store":
+                self.sent.setdefault(key, set()).update(n.id for n in nodes)
+            put_at(nodes, method, key, *rest)
+
+        def logged_close_to(key: bytes, k: int | None = None) -> bool:
+            close = bool(close_to(key, k))
+            if not close:
+                self.refused[(me, key)] = "far"
+            return close
+
+        def logged_offer(key: bytes, value: bytes, *args: Any, **kwargs: Any) -> str:
+            verdict = str(offer(key, value, *args, **kwargs))
+            if verdict not in ("accept", "same", "rotated"):
+                self.refused[(me, key)] = verdict
+            return verdict
+
+        core.start_lookup = logged_lookup
+        core._put_at, core.is_close_to, core.storage.offer = (
+            logged_put_at,
+            logged_close_to,
+            logged_offer,
+        )
+
+    def report(
+        self,
+        swarm: Swarm,
+        coalition: Coalition,
+        handle: str,
+        details: LookupResult,
+        owner: bytes,
+    ) -> str:
+        """For a contested lookup of ``handle``: the honest voters without the owner's
+        claim, and the honest nodes among the key's ``claim_factor * k`` closest in the
+        network that do not hold it, each by why (never sent a store, refused and by
+        which rule, or took it and lost it)."""
+        replicas = swarm.config.claim_factor * swarm.config.ksize
+        key = dht_key(handle)
+        target = int.from_bytes(key, "big")
+        honest = {n.dht.core.node_id: n for n in swarm.nodes if n.alive}
+        everyone = sorted(
+            list(honest) + [m.node_id for m in coalition.members],
+            key=lambda i: int.from_bytes(i, "big") ^ target,
+        )
+        rank = {node_id: r for r, node_id in enumerate(everyone)}
+        true = set(everyone[:replicas])
+        sent = self.sent.get(key, set())
+
+        def why(node_id: bytes) -> str:
+            held = honest[node_id].dht.core.storage.record(key)
+            if held is not None:
+                return "holds the owner's" if held.public_key == owner else "holds a rival"
+            refused = self.refused.get((node_id, key))
+            if refused is not None:
+                return f"refused {refused}"
+            return "sent, not held" if node_id in sent else "never sent"
+
+        def tally(ids: Iterable[bytes]) -> str:
+            counts = Counter(why(i) for i in ids)
+            return ", ".join(f"{v} {k}" for k, v in counts.most_common()) or "none"
+
+        without = [
+            i
+            for i in details.voters
+            if i in honest
+            and (
+                honest[i].dht.core.storage.record(key) is None
+                or honest[i].dht.core.storage.record(key).public_key != owner
+            )
+        ]
+        ranks = sorted(rank[i] for i in without)
+        missing = [i for i in true if i in honest and why(i) != "holds the owner's"]
+        asked = details.asked
+        voted_ranks = sorted(rank[i] for i in details.voters if i in rank)
+        store = ""
+        if key in self.lookups:
+            size, found = self.lookups[key]
+            closest = sorted(rank.get(n.id, -1) for n in found.closest)
+            late = sorted(rank.get(n.id, -1) for n in found.given_up)
+            store = (
+                f"; the store's lookup: size estimate {size:.0f}, {found.rpcs} RPCs, "
+                f"{found.elapsed * 1000:.0f} ms, closest {len(closest)} (true ranks max "
+                f"{closest[-1] if closest else None}, {sum(r < replicas for r in closest)} "
+                f"in the true {replicas}), given up on {len(late)} (true ranks {late}), "
+                f"missing ones asked {sum(i in found.asked for i in missing)}, "
+                f"packed {len(found.packed)}"
+            )
+        return store + (
+            f"; honest voters without the owner's claim {len(without)} (true ranks {ranks}; "
+            f"{sum(i in true for i in without)} in the true {replicas} closest): "
+            f"{tally(without)}; honest in the true {replicas} closest not holding it "
+            f"{len(missing)} of {sum(i in honest for i in true)}: {tally(missing)}, "
+            f"asked {sum(i in asked for i in missing)}, voters "
+            f"{sum(i in details.voters for i in missing)}; voters' true ranks max "
+            f"{voted_ranks[-1] if voted_ranks else None}, "
+            f"{sum(r >= replicas for r in voted_ranks)} beyond {replicas}; "
+            f"true {replicas} closest asked {sum(i in asked for i in true)}"
+        )
 
 
 def coverage(swarm: Swarm, coalition: Coalition, handles: list[str]) -> str:
@@ -428,8 +577,10 @@ async def run_lookups(
     label: str,
     width: int,
     victims: dict[str, SwarmNode] | None = None,
+    store_log: StoreLog | None = None,
 ) -> None:
-    """``victims``: the one resolver that looks each handle up (its size samples cleared
+    """``store_log``: where the stores went, for the contested lookups' notes.
+    ``victims``: the one resolver that looks each handle up (its size samples cleared
     before each lookup: a resolver whose last sample is over SIZE_SAMPLE_AGE old)."""
     honest = [n for n in swarm.nodes if n.alive and n not in (victims or {}).values()]
     # Who listens at each address a record may name, and the keys each can open with.
@@ -480,6 +631,9 @@ async def run_lookups(
                         f"owner {votes.get(owner, 0)}, {len(details.values)} answers with a "
                         f"value, {details.rpcs} RPCs"
                     )
+                    if store_log is not None:
+                        report = store_log.report(swarm, coalition, handle, details, owner)
+                        row.wrong_votes.append(f"{handle}, replicas: {report}")
             elif resolution.status == CONTESTED:
                 outcome = "contested"
                 if not certified:
@@ -490,6 +644,9 @@ async def run_lookups(
                     row.contested_why[why] += 1
                     if len(row.contested_votes) < 4:
                         row.contested_votes.append(f"{handle}: {figures}")
+                    if store_log is not None and len(row.contested_replicas) < 8:
+                        report = store_log.report(swarm, coalition, handle, details, owner)
+                        row.contested_replicas.append(f"{handle}: {report}")
             if resolution.status == OK and resolution.record is not None:
                 row.first[first_message(resolution.record, owner, receivers)] += 1
             else:

@@ -74,7 +74,7 @@ from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
 from .mailbox_relay import PutRelay, relay_requested
 from .nodekey import NodeKey
-from .operations import Gather, HeadCheck, LookupRun, SeedPings
+from .operations import Gather, HeadCheck, LookupRun, SeedPings, store_targets
 from .reachability import Reachability
 from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
@@ -775,7 +775,9 @@ class DHTCore:
             local = 0
             if self.among_closest(key, result.closest, replicas):
                 local = int(self.storage.offer(key, value) in (Verdict.ACCEPT, Verdict.SAME))
-            self._put_at(result.closest, "store", key, value, local, on_done)
+            # The set-aside and the late replicas too (store_targets).
+            targets = store_targets(result, key, replicas, self.limit)
+            self._put_at(targets, "store", key, value, local, on_done)
 
         self.sampler.after(now, lambda: self.start_lookup(key, self.now, found, k=replicas))
 

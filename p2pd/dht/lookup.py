@@ -79,6 +79,9 @@ class LookupResult:
     #: the target nearer than the last voter. Asked, but not voters: counted against
     #: any winner (p2pd/claims.py ``set_aside``).
     packed: set[bytes] = field(default_factory=set)
+    #: The same nodes (a store sends them the record too: p2pd/dht/operations.py
+    #: ``store_targets``).
+    packed_nodes: list[Node] = field(default_factory=list)
     #: Where the time and the requests went (scripts/bench_adversary.py prints them):
     #: contacts whose soft deadline passed (they stopped being waited on), contacts that
     #: never answered (hard timeout or a malformed reply), every node asked, and the
@@ -534,7 +537,8 @@ class DisjointLookup:
             return {n.id for n in live[: self._k] if n.id in answered}
         nearest = self._limit.select(live, self._k)
         if isinstance(self._limit, SpreadLimit):
-            self.result.packed = {n.id for n in self._limit.passed if n.id in answered}
+            self.result.packed_nodes = [n for n in self._limit.passed if n.id in answered]
+            self.result.packed = {n.id for n in self.result.packed_nodes}
         return {n.id for n in nearest if n.id in answered}
 
     def target_for(self, node_id: bytes) -> bytes:

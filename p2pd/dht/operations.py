@@ -14,7 +14,7 @@ from ..errors import WireError
 from ..records import HandleRecord, verify_claim
 from .lookup import DisjointLookup, Lookup, LookupResult
 from .mailbox import entry_id, fetch_message
-from .routing import Node
+from .routing import AddressLimit, Node
 
 if TYPE_CHECKING:
     from .core import DHTCore
@@ -30,6 +30,48 @@ def older_claim(value: bytes, newest: HandleRecord, wall: float) -> bool:
     except WireError:
         return False
     return record.public_key == newest.public_key and record.seq < newest.seq
+
+
+def store_targets(
+    result: LookupResult, key: bytes, k: int, limit: AddressLimit | None
+) -> list[Node]:
+    """Where a store sends a record after its node lookup: the ``k`` closest nodes that
+    answered, and two kinds of node it found that rank among them but are not in them:
+
+    - the answering nodes the density rule set aside as packed (p2pd/dht/density.py).
+      A publisher whose size estimate is low (484-688 for a network of 1,000 happens)
+      sets aside honest true replicas by the dozen, and stored its claim further out
+      instead; those replicas then took a squatter's rival claim first, or answered a
+      resolver without the owner's: "contested" (scripts/bench_adversary.py, N=1000,
+      spread placement: 8-31 set aside, 4-19 honest replicas holding the rival). A
+      copy at a packed node costs one request and gives a cluster there nothing it
+      could not read anyway (a claim is public and signed); the replicas the rule
+      admits further out get theirs as before;
+    - the contacts it gave up on at their soft deadline (never heard by its end). A
+      node lookup with k others heard does not wait for them, and on a busy host they
+      are mostly live replicas whose reply came after the adaptive RTO (10 ms at its
+      floor on loopback); silent ones cost the store one hard timeout. Within the
+      address limits beside the rest.
+
+    tests/test_dht_late_replicas.py."""
+    chosen = {n.id for n in result.closest}
+    target = int.from_bytes(key, "big")
+    aside = [n for n in result.packed_nodes if n.id not in chosen]
+    chosen.update(n.id for n in aside)
+    late = sorted(
+        (n for n in result.given_up if n.id not in chosen), key=lambda n: n.long_id ^ target
+    )
+    if late and len(result.closest) >= k:
+        edge = max(n.long_id ^ target for n in result.closest)
+        late = [n for n in late if n.long_id ^ target < edge]
+    if limit is not None:
+        kept, admitted = result.closest + aside, []
+        for node in late:
+            if limit.admits(node, kept):
+                kept.append(node)
+                admitted.append(node)
+        late = admitted
+    return result.closest + aside + late
 
 
 class LookupRun:
