@@ -12,10 +12,13 @@ than "any worker, any time":
   ``item._nodeid``, which pytest no longer reads), so :func:`pytest_xdist_make_scheduler`
   groups by file instead.
 - ``@pytest.mark.serial``: tests whose assertions count what the machine does in real
-  time (video frames in 3 s of call, say) run alone: no test runs on another worker
-  meanwhile. A fair reader-writer lock on a file that all workers share does it
-  (:class:`_RunAlone`). Every other test holds it shared; a serial one takes it
-  exclusively, waiting for the tests under way to end.
+  time (video frames in 3 s of call, say) run with no ordinary test beside them, and
+  with at most one other serial test: one per core of this 2-core machine, the load
+  these tests are shown to hold under (two CPU hogs). Fair reader-writer locks on files
+  that all workers share do it (:class:`_RunAlone`): two lanes; every other test holds
+  both shared, a serial one takes a lane exclusively, waiting for the tests under way to
+  end. (One serial test at a time left a core idle for the ~80 s the serial tests take,
+  a quarter of the suite's wall time.)
   Mark a test so only when a loaded machine changes what it measures, not to hide a
   race: a race must be fixed in the wait, not the check.
 - :data:`SERIAL_ELSEWHERE`: the same, named here by node id (no mark in their files).
@@ -35,6 +38,7 @@ import fcntl
 import json
 import os
 import resource
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,7 +99,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "serial: measures real-time rates; runs with no other test running (tests/conftest.py)",
+        "serial: real-time rates; runs beside no ordinary test, one per core (tests/conftest.py)",
     )
 
 
@@ -154,26 +158,52 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 
 
 class _RunAlone:
-    """A fair reader-writer lock between xdist workers, on two files in the run's shared
-    temporary directory. Whoever wants the lock first passes the turnstile (exclusive,
-    held only for that moment by readers), so a waiting writer blocks new readers and is
-    never starved by a stream of them; then readers take ``main`` shared, writers
-    exclusive. flock(2) locks belong to the open file and die with the process, so a
-    crashed worker leaves nothing held."""
+    """Fair reader-writer locks between xdist workers, on files in the run's shared
+    temporary directory: a turnstile and two lanes. Whoever wants a lock first passes
+    the turnstile (exclusive, held only until it has what it waits for), so a waiting
+    writer blocks new readers and is never starved by a stream of them. Readers (ordinary
+    tests) take both lanes shared, in lane order; a writer (a serial test) takes whichever
+    lane comes free first, exclusively, so serial tests run two at a time, never beside an
+    ordinary test. No cycle: a writer holds one lock, and readers take the lanes in one
+    order. flock(2) locks belong to the open file and die with the process, so a crashed
+    worker leaves nothing held."""
 
     def __init__(self, directory: Path) -> None:
         self._turnstile = os.open(directory / "run-alone.turnstile", os.O_CREAT | os.O_RDWR)
-        self._main = os.open(directory / "run-alone.main", os.O_CREAT | os.O_RDWR)
+        self._lanes = [
+            os.open(directory / f"run-alone.lane{n}", os.O_CREAT | os.O_RDWR) for n in (0, 1)
+        ]
+        self._held: list[int] = []
 
     def acquire(self, alone: bool) -> None:
         fcntl.flock(self._turnstile, fcntl.LOCK_EX)
         try:
-            fcntl.flock(self._main, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+            if alone:
+                self._held = [self._free_lane()]
+            else:
+                for lane in self._lanes:
+                    fcntl.flock(lane, fcntl.LOCK_SH)
+                self._held = list(self._lanes)
         finally:
             fcntl.flock(self._turnstile, fcntl.LOCK_UN)
 
+    def _free_lane(self) -> int:
+        """The first lane to come free, taken exclusively; the turnstile is held meanwhile,
+        so no new reader starts. (Blocking on one lane would wait for a serial test there
+        while the other lane stood free.)"""
+        while True:
+            for lane in self._lanes:
+                try:
+                    fcntl.flock(lane, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                return lane
+            time.sleep(0.02)
+
     def release(self) -> None:
-        fcntl.flock(self._main, fcntl.LOCK_UN)
+        for lane in reversed(self._held):
+            fcntl.flock(lane, fcntl.LOCK_UN)
+        self._held = []
 
 
 _run_alone: _RunAlone | None = None
