@@ -76,7 +76,7 @@ class Seen:
 @functools.cache
 def ground_keys(resolver: bytes, seed: int) -> tuple[list[NodeKey], list[NodeKey]]:
     """The fillers for ``resolver``'s table and the cluster next to alice's key, ground
-    once per seed (about 1 s of CPU) and used by both the control and the defended run:
+    once per seed (about 0.5 s of CPU) and used by both the control and the defended run:
     node keys only, no state of a run."""
     rng = random.Random(seed)
     depths = list(range(1, first_thin_depth(NODES, K) + FILL_PAST_THIN))
