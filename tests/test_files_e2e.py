@@ -575,11 +575,11 @@ def test_40_mb_with_dms_meanwhile_in_bounded_memory(net: Net) -> None:
     assert ours[-1]["event"] == "file" and ours[-1]["state"] == "done", ours[-1]
 
 
-#: The calls of test_a_call_during_a_transfer_sounds_like_one_without: 2 s, 100 frames
-#: (3 s before: the same outcomes, about 0.8 s more CPU, mostly the file moving
-#: meanwhile; most of the rest is the file moving while the call's two CLI processes
-#: start, and the daemons' and CLIs' own start).
-CALL_SECONDS = 2
+#: The calls of test_a_call_during_a_transfer_sounds_like_one_without: 3 s, 150 frames.
+#: 2 s saved 0.8 s of CPU but concealed 0-7 frames of 100 during the transfer (3 s: 2-6
+#: of 150): the glitches come at the call's start, so a shorter call brings the 10 %
+#: bound nearer and the test nearer to flaking.
+CALL_SECONDS = 3
 
 
 def call_bob(net: Net, record: Path) -> dict[str, Any]:
@@ -614,19 +614,18 @@ def tone_of(path: Path) -> tuple[float, float]:
     return float(np.fft.rfftfreq(len(mono), 1 / rate)[int(spectrum.argmax())]), len(mono) / rate
 
 
-@pytest.mark.serial  # two 2 s calls in real time: frames played and concealed
+@pytest.mark.serial  # two 3 s calls in real time: frames played and concealed
 def test_a_call_during_a_transfer_sounds_like_one_without(net: Net) -> None:
-    """A 2 s call, then the same call while alice sends bob a file as fast as it goes
-    (1 GB, sparse: it is cancelled after the call). Bob hears alice's tone for the
+    """A 3 s call, then the same call while alice sends bob a file as fast as it goes
+    (384 MiB, sparse: it is cancelled after the call). Bob hears alice's tone for the
     whole call and conceals at most 10 % of the frames more than in the quiet call;
     her audio's delay (half the RTT plus his jitter buffer) stays under the time the
     file takes to move half the sender's window (4 groups) at its rate during the call:
     audio queued behind the file's data in flight would wait at least that long. And
     the file moves on during the call (not paused for it). Every bound is against the
     quiet call or the transfer in the same test, so load on the machine moves both
-    sides of it. Measured (load 7-8 from other work; 3 s calls): 2-6 of 150 frames
-    concealed against 0; delay 7 -> 35-95 ms, against a bound of about 300 ms (2 s
-    calls, load 5: 0-3 of 100 against 0, delay 7-11 -> 19-59 ms); the same with
+    sides of it. Measured (load 7-8 from other work): 2-6 of 150 frames concealed
+    against 0; delay 7 -> 35-95 ms, against a bound of about 300 ms; the same with
     queue_target_ms 0: this checks the call is not starved, not the scavenger's gain
     (docs/BENCHMARKS.md, "Files", has that)."""
     net.init("alice", "bob", auto_accept_max=1 << 40)
@@ -639,8 +638,12 @@ def test_a_call_during_a_transfer_sounds_like_one_without(net: Net) -> None:
     pin_each_other(net, "alice", "bob")
     quiet = call_bob(net, net.root / "quiet.wav")
     src = net.root / "film.mkv"
+    size = 384 << 20
     with open(src, "wb") as f:
-        f.truncate(1 << 30)
+        # 384 MiB, not 1 GiB: alice hashes the whole file before she offers it, and 1 GiB
+        # was 2.5 s of her CPU, a third of the test's. 47-50 MB moved by the cancel with
+        # 2 s calls (load 3.5); a run that sends it all fails below, not unmeasured.
+        f.truncate(size)
 
     def bytes_in() -> int:
         return int(control_call(net.home("bob"), "status")["files"]["bytes_in"])
@@ -663,7 +666,7 @@ def test_a_call_during_a_transfer_sounds_like_one_without(net: Net) -> None:
         f"{shown[1]}; the file moved {after - before} bytes during "
         f"the call; audio delay {delay_ms(quiet):.1f} -> {delay_ms(busy):.1f} ms"
     )
-    assert after < 1 << 30, "the transfer ended before the call: nothing was measured"
+    assert after < size, "the transfer ended before the call: nothing was measured"
     assert after - before >= 2 * GROUP, (before, after)  # the file moved on meanwhile
     freq, seconds = tone_of(net.root / "busy.wav")
     assert abs(freq - 440) < 5 and abs(seconds - CALL_SECONDS) <= 0.3, (freq, seconds)
