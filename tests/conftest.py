@@ -101,6 +101,23 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "serial: real-time rates; runs beside no ordinary test, one per core (tests/conftest.py)",
     )
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        _warm_hypothesis_charmap()
+
+
+def _warm_hypothesis_charmap() -> None:
+    """Hypothesis draws text from the characters UTF-8 can encode, which it finds by
+    encoding all 1.1 million code points (1.3 s of CPU) and caches in .hypothesis/. In
+    a fresh clone every xdist worker started at once found no cache and paid it: 4 x
+    1.3 s. Done here, in the controller before the workers start, it is paid once (and
+    costs nothing when cached). An internal function of hypothesis (6.170): if it moves,
+    the workers pay as before."""
+    try:
+        from hypothesis.internal.charmap import intervals_from_codec
+
+        intervals_from_codec("utf-8")
+    except Exception:  # only a warm-up: whatever it raises, the workers meet it again
+        pass
 
 
 #: pytest's cache key for each test's last wall time (setup to teardown), in seconds.

@@ -480,8 +480,8 @@ def dm_round_trip(client: ControlClient, events: ControlClient, text: str) -> fl
     raise AssertionError(f"{text!r} not delivered in 60 s")
 
 
-def test_100_mb_with_dms_meanwhile_in_bounded_memory(net: Net) -> None:
-    """100 MB alice -> bob, as fast as it goes, while alice sends bob DMs one after the
+def test_40_mb_with_dms_meanwhile_in_bounded_memory(net: Net) -> None:
+    """40 MB alice -> bob, as fast as it goes, while alice sends bob DMs one after the
     other and bob runs `p2pd files --follow --json`. What must hold, whatever the load
     on the machine (every figure is against the transfer itself, not the clock):
 
@@ -491,10 +491,12 @@ def test_100_mb_with_dms_meanwhile_in_bounded_memory(net: Net) -> None:
       at least that much.
     - The file is not held behind the DMs either: it moves on between the first and
       the last of them.
-    - Memory: neither daemon's peak RSS grows by more than 48 MiB, under half the file.
+    - Memory: neither daemon's peak RSS grows by more than 20 MiB, under half the file
+      (measured: 4-6 MB, for 100 MB as for 40; a receiver that kept the plaintext
+      would hold 40 MB). 40 MB, not 100: the claim is the same at 2.5x less CPU.
     - `files --follow` shows the progress and the end.
     """
-    size = 100 * 1000 * 1000 + 4321
+    size = 40 * 1000 * 1000 + 4321
     net.init("alice", "bob", auto_accept_max=2 * size)
     net.start("alice")
     net.start("bob")
@@ -565,7 +567,7 @@ def test_100_mb_with_dms_meanwhile_in_bounded_memory(net: Net) -> None:
     assert progress[-1] > progress[0], progress  # and the file moved on meanwhile
     assert statistics.median(moved) < 4 * GROUP, moved  # half the window of 8 groups
     for handle in pids:
-        assert peak_after[handle] - peak_before[handle] < 48 << 20, (peak_before, peak_after)
+        assert peak_after[handle] - peak_before[handle] < 20 << 20, (peak_before, peak_after)
     events = [json.loads(line) for line in lines if line.startswith("{")]
     ours = [e for e in events if e.get("id") == sent["id"]]
     shown = [e["bytes_done"] for e in ours if e["event"] == "file_progress"]
@@ -573,8 +575,15 @@ def test_100_mb_with_dms_meanwhile_in_bounded_memory(net: Net) -> None:
     assert ours[-1]["event"] == "file" and ours[-1]["state"] == "done", ours[-1]
 
 
+#: The calls of test_a_call_during_a_transfer_sounds_like_one_without: 3 s, 150 frames.
+#: 2 s saved 0.8 s of CPU but concealed 0-7 frames of 100 during the transfer (3 s: 2-6
+#: of 150): the glitches come at the call's start, so a shorter call brings the 10 %
+#: bound nearer and the test nearer to flaking.
+CALL_SECONDS = 3
+
+
 def call_bob(net: Net, record: Path) -> dict[str, Any]:
-    """A 3 s call alice -> bob, tones both ways; bob's side of it (what he heard of
+    """A CALL_SECONDS call alice -> bob, tones both ways; bob's side of it (what he heard of
     alice, whose audio crosses the path the file takes): his media statistics."""
     answer = subprocess.Popen(
         [*p2pd_command(), "--home", str(net.home("bob")), "answer", "--wait", "30",
@@ -583,7 +592,7 @@ def call_bob(net: Net, record: Path) -> dict[str, Any]:
     )  # fmt: skip
     try:
         call = run_cli(net.home("alice"), "call", "bob", "--audio-in", "tone:440",
-                       "--duration", "3", "--json", timeout=90)  # fmt: skip
+                       "--duration", str(CALL_SECONDS), "--json", timeout=90)  # fmt: skip
         out, err = answer.communicate(timeout=60)
     finally:
         answer.kill()
@@ -608,7 +617,7 @@ def tone_of(path: Path) -> tuple[float, float]:
 @pytest.mark.serial  # two 3 s calls in real time: frames played and concealed
 def test_a_call_during_a_transfer_sounds_like_one_without(net: Net) -> None:
     """A 3 s call, then the same call while alice sends bob a file as fast as it goes
-    (1 GB, sparse: it is cancelled after the call). Bob hears alice's tone for the
+    (384 MiB, sparse: it is cancelled after the call). Bob hears alice's tone for the
     whole call and conceals at most 10 % of the frames more than in the quiet call;
     her audio's delay (half the RTT plus his jitter buffer) stays under the time the
     file takes to move half the sender's window (4 groups) at its rate during the call:
@@ -629,8 +638,12 @@ def test_a_call_during_a_transfer_sounds_like_one_without(net: Net) -> None:
     pin_each_other(net, "alice", "bob")
     quiet = call_bob(net, net.root / "quiet.wav")
     src = net.root / "film.mkv"
+    size = 384 << 20
     with open(src, "wb") as f:
-        f.truncate(1 << 30)
+        # 384 MiB, not 1 GiB: alice hashes the whole file before she offers it, and 1 GiB
+        # was 2.5 s of her CPU, a third of the test's. 47-50 MB moved by the cancel with
+        # 2 s calls (load 3.5); a run that sends it all fails below, not unmeasured.
+        f.truncate(size)
 
     def bytes_in() -> int:
         return int(control_call(net.home("bob"), "status")["files"]["bytes_in"])
@@ -653,10 +666,10 @@ def test_a_call_during_a_transfer_sounds_like_one_without(net: Net) -> None:
         f"{shown[1]}; the file moved {after - before} bytes during "
         f"the call; audio delay {delay_ms(quiet):.1f} -> {delay_ms(busy):.1f} ms"
     )
-    assert after < 1 << 30, "the transfer ended before the call: nothing was measured"
+    assert after < size, "the transfer ended before the call: nothing was measured"
     assert after - before >= 2 * GROUP, (before, after)  # the file moved on meanwhile
     freq, seconds = tone_of(net.root / "busy.wav")
-    assert abs(freq - 440) < 5 and abs(seconds - 3.0) <= 0.3, (freq, seconds)
+    assert abs(freq - 440) < 5 and abs(seconds - CALL_SECONDS) <= 0.3, (freq, seconds)
     frames = busy["audio_frames_played"] + busy["audio_frames_concealed"]
     extra = busy["audio_frames_concealed"] - quiet["audio_frames_concealed"]
     assert extra <= 0.10 * frames, (quiet, busy)

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from fuzz_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -137,7 +138,7 @@ def test_parse_non_decimal_digit_port_is_invalid_address(port: str) -> None:
         Address.parse(f"127.0.0.1:{port}")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.text(max_size=80))
 def test_parse_arbitrary_text_raises_only_invalid_address(text: str) -> None:
     try:
@@ -148,7 +149,7 @@ def test_parse_arbitrary_text_raises_only_invalid_address(text: str) -> None:
     assert ipaddress.ip_address(addr.host)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)),
     st.text(alphabet="0123456789:[]-+ x", max_size=8),
@@ -186,7 +187,7 @@ def test_address_encode_decode_round_trip(addr: Address) -> None:
     reader.end()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)),
     st.integers(1, 65535),
@@ -468,7 +469,7 @@ def test_malformed_response_envelopes_raise_wire_error(payload: bytes) -> None:
         decode_response("ping", raw)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=1024), st.sampled_from(DHT_METHODS))
 def test_split_response_arbitrary_bytes_raise_only_wire_error(payload: bytes, method: str) -> None:
     with contextlib.suppress(WireError):
@@ -478,7 +479,7 @@ def test_split_response_arbitrary_bytes_raise_only_wire_error(payload: bytes, me
         decode_response(method, raw)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=MAX_FRAME + 64))
 def test_split_and_decode_arbitrary_bytes_raise_only_wire_error(datagram: bytes) -> None:
     try:
@@ -488,7 +489,7 @@ def test_split_and_decode_arbitrary_bytes_raise_only_wire_error(datagram: bytes)
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.sampled_from(DHT_METHODS), st.binary(max_size=512))
 def test_request_with_valid_method_then_junk_raises_only_wire_error(
     method: str, tail: bytes
@@ -502,7 +503,7 @@ def test_request_with_valid_method_then_junk_raises_only_wire_error(
 # --------------------------------------------------------------------------- responses
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.sampled_from((*DHT_METHODS, "unknown")), st.binary(max_size=1024))
 def test_decode_response_arbitrary_bytes_raise_only_wire_error(method: str, payload: bytes) -> None:
     with contextlib.suppress(WireError):
@@ -530,7 +531,7 @@ msgpack_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.sampled_from(DHT_METHODS), msgpack_values)
 def test_decode_response_structured_junk_raises_only_wire_error(method: str, value: Any) -> None:
     """Well-formed msgpack of the wrong shape is refused with WireError, nothing else."""
@@ -539,7 +540,7 @@ def test_decode_response_structured_junk_raises_only_wire_error(method: str, val
         decode_response(method, payload)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(msgpack_values)
 def test_decode_request_structured_junk_raises_only_wire_error(value: Any) -> None:
     payload = msgpack.packb(value, use_bin_type=True)
@@ -547,7 +548,7 @@ def test_decode_request_structured_junk_raises_only_wire_error(value: Any) -> No
         decode_request(MSG_ID, payload)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.sampled_from(DHT_METHODS), st.lists(msgpack_values, max_size=6))
 def test_decode_request_any_args_raises_only_wire_error(method: str, args: list[Any]) -> None:
     payload = msgpack.packb([method, args, True], use_bin_type=True)
