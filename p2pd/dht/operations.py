@@ -95,7 +95,9 @@ class LookupRun:
             return
         lookup = self.lookup
         for node in lookup.next_requests(now):
-            self.core.request(node, lookup.method, [lookup.target_for(node.id)], now, self)
+            self.core.request(
+                node, lookup.method_for(node.id), [lookup.target_for(node.id)], now, self
+            )
         if lookup.done:
             self.finished = True
             self.on_done(lookup.result)

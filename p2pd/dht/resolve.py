@@ -49,6 +49,11 @@ def start_resolve(
        the 2/3 rule decides alone, counting the replicas set aside against the
        winner: with 20 % liars at random places, a third of 20 voters are liars 9 %
        of the time, a third of 80 about 0.2 % (binomial; DHTConfig.claim_factor).
+       Its far candidates (ranked past ksize) are asked for their own neighbourhood
+       first, as a store's are (lookup.py ``probe_from``): the voters must be the
+       key's true closest, or honest nodes past them (holding nothing, or a
+       squatter's widely stored rival) and liars there decide
+       (tests/test_dht_wide_round.py).
     3. once at most, when the answer would be "contested" and the contacts given up on
        at their soft deadline (never heard: ``LookupResult.given_up``) could settle
        it, had each held one of the keys found: the same lookup again, those asked
