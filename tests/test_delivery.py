@@ -234,10 +234,13 @@ async def test_an_unanswered_batch_is_sent_again_after_the_backoff(root: Path) -
                 schedule = Api(alice).status()["messages"]["schedule"]
                 (row,) = schedule["conversations"]
                 assert row["peer"] == fingerprint(bob_id.public_key)[:12] and row["held"]
+                # deadline_in may be just under 0: the backoff's deadline (0.5 s after
+                # the write) passed and the timer task has not run yet, when this task
+                # woke late on a loaded machine (a clean-clone CI run failed on `0 <`)
                 assert any(
-                    ex["written"] and ex["waiting"] == 1 and 0 < ex["deadline_in"] <= 10.0
+                    ex["written"] and ex["waiting"] == 1 and ex["deadline_in"] <= 10.0
                     for ex in row["exchanges"]
-                )
+                ), schedule
                 assert schedule["workers"] == 1 and row["worker"] is not None
                 assert schedule["timer_in"] is not None and schedule["timer_in"] <= 10.0
                 await wait_for(
