@@ -198,9 +198,13 @@ async def test_ten_percent_loss_is_concealed_without_gaps(tmp_path: Path) -> Non
         assert dominant_frequency(x) == pytest.approx(expected, abs=5), name
         assert longest_gap(x) <= FRAME, (name, stats)
         assert stats["loss_pct"] > 2, stats
-        # Our reports told the peer of the loss: it sent redundant copies (from the
-        # first report with loss, ~0.5 s in), and lost frames came back from them.
-        assert peer_stats["audio_red_sent"] > 0.5 * peer_stats["audio_packets_sent"], peer_stats
+        # Our reports told the peer of the loss: it sent redundant copies from the first
+        # report with loss, and lost frames came back from them. Reports go every 0.5 s
+        # through the same lossy proxy: one is lost (10%), or its half second held no loss
+        # (0.9^25 = 7%), about one time in six, so the first with loss may be the second or
+        # third (a clean-clone CI run saw 73 copies in 150 packets: from ~1.5 s). A quarter
+        # of the packets means copies began by the fourth report (all four missing: ~1e-3).
+        assert peer_stats["audio_red_sent"] > 0.25 * peer_stats["audio_packets_sent"], peer_stats
         assert peer_stats["audio_redundancy"] is True, peer_stats
         assert stats["audio_red_recovered"] > 0, stats
         assert stats["bitrate_received_kbps"] > 1.5 * 48 * 0.9 * 0.7, stats  # ~ twice
