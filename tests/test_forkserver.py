@@ -224,3 +224,33 @@ def test_forked_daemons_cpu_is_counted(root: Path, forking: None) -> None:
     assert used > 0.01
     assert daemon.stop() == 0
     assert forkserver.cpu_seconds() - before >= used
+
+
+def test_a_dead_template_is_a_loud_error_not_an_execd_daemon(root: Path, forking: None) -> None:
+    """The template killed under a running daemon: waiting for that daemon raises (its
+    status is lost), and so does the next start, rather than quietly exec'ing. Then a
+    new template serves (shutdown forgets the dead one)."""
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    daemon = DaemonProcess(root / "a").wait_ready()
+    assert forkserver._template is not None
+    forkserver._template.kill()
+    forkserver._template.wait(15)
+    try:
+        with pytest.raises(forkserver.TemplateError, match="ended before daemon"):
+            daemon.proc.wait(15)
+        with pytest.raises(forkserver.TemplateError):
+            DaemonProcess(root / "a")
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGKILL)  # an orphan now: init reaps it
+        forkserver.shutdown()
+    assert wait_until(lambda: gone(daemon.proc.pid), timeout=15)
+    again = DaemonProcess(root / "a").wait_ready()
+    assert again.forked and again.stop() == 0
+
+
+def gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
