@@ -25,6 +25,14 @@ Protocol, on ``AF_UNIX`` ``SOCK_SEQPACKET`` sockets (one message per send, no fr
   CPU from wait4 (its own and that of the children it waited for: what RUSAGE_CHILDREN
   would have counted for an exec'd daemon), T the template's own CPU so far.
 
+What a fork cannot give the child (all fixed when the template started, with the
+worker's environment): its own str hash seed (PYTHONHASHSEED randomisation: one per
+template, so its daemons iterate sets of strings in one order), the interpreter's
+options and locale, and what /proc shows of its start: /proc/PID/environ and cmdline
+are the template's (hence daemons given P2PD_PASSPHRASE are exec'd; see
+p2pd/testing/daemons.py). Its name (comm: ps, process accounting) is set to the
+program's, ``p2pd``, as an exec'd console script has.
+
 Exit status: the template is the child's parent, so it reaps it (SIGCHLD wakes its
 loop) and sends the status back. The alternative, PR_SET_CHILD_SUBREAPER on the worker
 with a double fork, would make the daemon the worker's own child (waitpid and
@@ -417,6 +425,7 @@ def _child(request: dict[str, Any], stdin: int, stdout: int, stderr: int) -> Non
 
     random.seed()  # (CPython's random reseeds at fork too; no harm in saying so)
     sys.argv = list(request["argv"])
+    _set_name(os.path.basename(sys.argv[0]))
     if os.path.isfile(sys.argv[0]):  # as the interpreter does for a script: its directory
         sys.path.insert(0, os.path.dirname(os.path.realpath(sys.argv[0])))
     import importlib
@@ -424,6 +433,14 @@ def _child(request: dict[str, Any], stdin: int, stdout: int, stderr: int) -> Non
     module, _, function = request["entry"].partition(":")
     getattr(importlib.import_module(module), function)()  # p2pd's: the console script's
     raise SystemExit(0)  # (click's main exits itself; never back into the template's loop)
+
+
+def _set_name(name: str) -> None:
+    """The process's comm, as exec'ing ``name`` would have set it (first 15 bytes)."""
+    import ctypes
+
+    pr_set_name = 15
+    ctypes.CDLL(None).prctl(pr_set_name, name.encode()[:15], 0, 0, 0)
 
 
 def _fresh_stdio() -> None:
@@ -462,6 +479,7 @@ def probe() -> None:
     import io
     import logging
     import random
+    from pathlib import Path
 
     signals = ("SIGINT", "SIGTERM", "SIGCHLD", "SIGPIPE", "SIGXFSZ", "SIGHUP", "SIGUSR1")
     state = {
@@ -493,6 +511,7 @@ def probe() -> None:
         "threads": len(os.listdir("/proc/self/task")),
         "log_handlers": len(logging.root.handlers),
         "path": sys.path[1:],  # [0]: -c's "" exec'd, the program's directory forked
+        "comm": Path("/proc/self/comm").read_text().strip(),
     }
     print(json.dumps(state), file=sys.stderr)
     code = sys.argv[1] if len(sys.argv) > 1 else "0"
