@@ -249,8 +249,7 @@ def test_a_dead_template_is_a_loud_error_not_an_execd_daemon(root: Path, forking
     assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
     daemon = DaemonProcess(root / "a").wait_ready()
     assert forkserver._template is not None
-    forkserver._template.kill()
-    forkserver._template.wait(15)
+    os.kill(forkserver._template.pid, signal.SIGKILL)
     try:
         with pytest.raises(forkserver.TemplateError, match="ended before daemon"):
             daemon.proc.wait(15)
@@ -270,3 +269,28 @@ def gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def children_and_forked_cpu() -> float:
+    """What conftest counts for a test, less the test process's own CPU."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime + forkserver.cpu_seconds()
+
+
+def test_ending_the_template_does_not_count_its_daemons_twice(root: Path, forking: None) -> None:
+    """Reaping the template puts its daemons' CPU (and its own) in the worker's
+    RUSAGE_CHILDREN, where the daemons' exit messages had counted it already: what the
+    test harness counts jumps by no more than the template's CPU since its last message
+    (it was idle), not by the ~0.5 s of its imports and the daemon's CPU again."""
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    forkserver.shutdown()  # a template of this test's own: no other test's daemons in it
+    start = children_and_forked_cpu()
+    daemon = DaemonProcess(root / "a").wait_ready()
+    assert daemon.stop() == 0
+    counted = children_and_forked_cpu()
+    forkserver.shutdown()
+    jump = children_and_forked_cpu() - counted
+    assert counted - start > 0.2  # the template's imports at least: the check can fail
+    assert jump < 0.1, (counted - start, jump)

@@ -20,10 +20,10 @@ Protocol, on ``AF_UNIX`` ``SOCK_SEQPACKET`` sockets (one message per send, no fr
   descriptors (SCM_RIGHTS, as multiprocessing's forkserver passes them): the child's
   stdin, stdout, stderr and the template's end of a fresh per-daemon socketpair.
 - template -> worker, on that per-daemon socket: ``{"pid": N}`` once forked (or
-  ``{"error": ...}``), later ``{"status": S, "cpu": C, "template_cpu": T}`` when the
+  ``{"error": ...}``), later ``{"status": S, "cpu": C, "template_cpu": T, "template": P}`` when the
   template has reaped the child: S is the raw wait status, C the child's user+system
   CPU from wait4 (its own and that of the children it waited for: what RUSAGE_CHILDREN
-  would have counted for an exec'd daemon), T the template's own CPU so far.
+  would have counted for an exec'd daemon), T the template's own CPU so far, P its pid.
 
 What a fork cannot give the child (all fixed when the template started, with the
 worker's environment): its own str hash seed (PYTHONHASHSEED randomisation: one per
@@ -45,8 +45,11 @@ conftest's RUSAGE_CHILDREN would not see them. :func:`cpu_seconds` is what this 
 has been told of: every reaped daemon's CPU as the worker waited for it (the moment
 RUSAGE_CHILDREN would have counted an exec'd one), plus the template's own CPU (its
 imports, its forks) as it grows. tests/conftest.py adds it to each test's ``cpu_s``.
-The template itself is reaped only after the last test, so its RUSAGE_CHILDREN (the same
-daemons again) never lands in a test's figure.
+Reaping the template adds its RUSAGE_CHILDREN (the same daemons again) and its own CPU
+to the worker's RUSAGE_CHILDREN: :func:`shutdown`, the one place that reaps it, takes
+back what the messages had counted (so each CPU second counts once), and runs after the
+last test; a template that died is seen without being reaped (``waitid`` with
+``WNOWAIT``).
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ class ForkedProcess:
                 f"the fork template ended before daemon {self.pid} did: its exit status is lost"
             )
         message = json.loads(data)
-        _account(float(message["cpu"]), float(message["template_cpu"]))
+        _account(int(message["template"]), float(message["cpu"]), float(message["template_cpu"]))
         self.returncode = os.waitstatus_to_exitcode(int(message["status"]))
         self._channel.close()
         return True
@@ -156,16 +159,28 @@ _lock = threading.Lock()
 _template: subprocess.Popen[bytes] | None = None
 _control: socket.socket | None = None
 _cpu = 0.0
-_template_cpu_seen = 0.0
+#: By template pid: its own CPU last reported, and all that its messages added to _cpu.
+_template_cpu_seen: dict[int, float] = {}
+_counted: dict[int, float] = {}
 
 
-def _account(child_cpu: float, template_cpu: float) -> None:
-    global _cpu, _template_cpu_seen
+def _account(template: int, child_cpu: float, template_cpu: float) -> None:
+    global _cpu
     with _lock:
-        _cpu += child_cpu
-        if template_cpu > _template_cpu_seen:  # cumulative; messages may be read out of order
-            _cpu += template_cpu - _template_cpu_seen
-            _template_cpu_seen = template_cpu
+        added = child_cpu
+        seen = _template_cpu_seen.get(template, 0.0)
+        if template_cpu > seen:  # cumulative; messages may be read out of order
+            added += template_cpu - seen
+            _template_cpu_seen[template] = template_cpu
+        _cpu += added
+        _counted[template] = _counted.get(template, 0.0) + added
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_seconds() -> float:
@@ -179,8 +194,9 @@ def _start_template() -> socket.socket:
     control socket."""
     global _template, _control
     if _template is not None:
-        if _template.poll() is not None:
-            raise TemplateError(f"the fork template exited ({_template.returncode})")
+        # (not poll(): reaping it here would count its daemons twice; see shutdown)
+        if os.waitid(os.P_PID, _template.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+            raise TemplateError(f"the fork template (pid {_template.pid}) has exited")
         assert _control is not None
         return _control
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -266,17 +282,23 @@ def _current_umask() -> int:
 def shutdown(timeout: float = 10.0) -> None:
     """End the template (after the last test: see the module docstring). The daemons it
     forked that still run are left running, as exec'd ones would be."""
-    global _template, _control
+    global _template, _control, _cpu
     with _lock:
         if _control is not None:
             _control.close()
             _control = None
         if _template is not None:
+            before = _children_cpu()
             try:
                 _template.wait(timeout)
             except subprocess.TimeoutExpired:
                 _template.kill()
                 _template.wait(timeout)
+            # What reaping it added to RUSAGE_CHILDREN: its own CPU and its children's,
+            # part of which its messages counted already. Each second once: the rest
+            # (daemons nobody waited for, its CPU since its last message) stays.
+            added = _children_cpu() - before
+            _cpu -= min(added, _counted.pop(_template.pid, 0.0))
             _template = None
 
 
@@ -395,6 +417,7 @@ class _Template:
                     "status": status,
                     "cpu": usage.ru_utime + usage.ru_stime,
                     "template_cpu": mine.ru_utime + mine.ru_stime,
+                    "template": os.getpid(),
                 },
             )
             channel.close()
