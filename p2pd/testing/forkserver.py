@@ -189,13 +189,21 @@ def cpu_seconds() -> float:
         return _cpu
 
 
+def _exited(pid: int) -> bool:
+    """Whether our child ``pid`` has ended, without reaping it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # someone's waitpid(-1) took it
+        return True
+
+
 def _start_template() -> socket.socket:
     """Under ``_lock``: start the template (once per worker process) and return the
     control socket."""
     global _template, _control
     if _template is not None:
         # (not poll(): reaping it here would count its daemons twice; see shutdown)
-        if os.waitid(os.P_PID, _template.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+        if _exited(_template.pid):
             raise TemplateError(f"the fork template (pid {_template.pid}) has exited")
         assert _control is not None
         return _control
@@ -274,9 +282,13 @@ def spawn(
 
 
 def _current_umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
+    """The umask, read without setting it (os.umask would change it for a moment under
+    the other threads' feet): /proc/self/status has it since Linux 4.7."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    raise RuntimeError("no Umask in /proc/self/status")
 
 
 def shutdown(timeout: float = 10.0) -> None:
