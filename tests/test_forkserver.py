@@ -8,6 +8,7 @@ compare with the same thing exec'd."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +42,20 @@ def root() -> Iterator[Path]:
     path = short_tempdir("p2pd-fork-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture()
+def started() -> Iterator[list[DaemonProcess]]:
+    """Daemons a test started, stopped at its end whatever happened (killed by pid when
+    their template is gone: a failed test leaves no daemon running)."""
+    daemons_started: list[DaemonProcess] = []
+    yield daemons_started
+    for d in daemons_started:
+        try:
+            d.stop()
+        except forkserver.TemplateError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(d.proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture()
@@ -171,7 +186,9 @@ def test_two_forked_daemons_are_two_nodes_that_exchange_a_dm(root: Path, forking
 
 
 @pytest.mark.parametrize("fork", [True, False], ids=["forked", "execd"])
-def test_exit_status_is_what_popen_gives(root: Path, fork: bool) -> None:
+def test_exit_status_is_what_popen_gives(
+    root: Path, fork: bool, started: list[DaemonProcess]
+) -> None:
     """poll() is None while it runs; SIGTERM: 0 and a clean stop; SIGKILL: -9; a daemon
     that cannot start (no identity): 1 and the error on stderr. The same forked as
     exec'd."""
@@ -179,26 +196,28 @@ def test_exit_status_is_what_popen_gives(root: Path, fork: bool) -> None:
     daemons.use_forkserver(fork)
     try:
         assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
-        first = DaemonProcess(root / "a").wait_ready()
+        first = DaemonProcess(root / "a")
+        started.append(first)
+        first.wait_ready()
         assert first.forked == fork
         assert first.proc.poll() is None and first.proc.returncode is None
         first.proc.send_signal(signal.SIGTERM)
         assert first.proc.wait(15) == 0, first.log
         assert first.proc.poll() == 0 and "stopped" in first.log
-        second = DaemonProcess(root / "a").wait_ready()
-        second.proc.kill()
+        second = DaemonProcess(root / "a")
+        started.append(second)
+        second.wait_ready().proc.kill()
         assert second.proc.wait(15) == -signal.SIGKILL
         second.proc.send_signal(signal.SIGTERM)  # no-op once reaped, as Popen
         third = DaemonProcess(root / "nobody")
+        started.append(third)
         assert third.proc.wait(15) == 1
         third.stop()
         assert "ERROR: no identity in" in third.log and "Traceback" not in third.log
+        fourth = DaemonProcess(root / "a")
+        started.append(fourth)
         with pytest.raises(subprocess.TimeoutExpired):
-            fourth = DaemonProcess(root / "a").wait_ready()
-            try:
-                fourth.proc.wait(0.1)
-            finally:
-                fourth.stop()
+            fourth.wait_ready().proc.wait(0.1)
     finally:
         daemons.use_forkserver(before)
 
@@ -225,14 +244,17 @@ def status_of_home(home: Path) -> str | None:
     return json.loads(proc.stdout)["handle"] if proc.returncode == 0 else None  # type: ignore[no-any-return]
 
 
-def test_forked_daemons_cpu_is_counted(root: Path, forking: None) -> None:
+def test_forked_daemons_cpu_is_counted(
+    root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
     """The daemon's CPU, from the template's wait4, reaches cpu_seconds (what conftest
     adds to each test's cpu_s) once it has been waited for: at least what /proc said it
     had used before it was stopped."""
     assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
     before = forkserver.cpu_seconds()
-    daemon = DaemonProcess(root / "a").wait_ready()
-    assert daemon.forked
+    daemon = DaemonProcess(root / "a")
+    started.append(daemon)
+    assert daemon.wait_ready().forked
     for _ in range(40):  # some work for /proc to see (a status is ~2 ms of its CPU)
         control_call(daemon.home, "status")
     fields = Path(f"/proc/{daemon.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -242,12 +264,16 @@ def test_forked_daemons_cpu_is_counted(root: Path, forking: None) -> None:
     assert counted > 0 and counted >= used, (counted, used)
 
 
-def test_a_dead_template_is_a_loud_error_not_an_execd_daemon(root: Path, forking: None) -> None:
+def test_a_dead_template_is_a_loud_error_not_an_execd_daemon(
+    root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
     """The template killed under a running daemon: waiting for that daemon raises (its
     status is lost), and so does the next start, rather than quietly exec'ing. Then a
     new template serves (shutdown forgets the dead one)."""
     assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
-    daemon = DaemonProcess(root / "a").wait_ready()
+    daemon = DaemonProcess(root / "a")
+    started.append(daemon)
+    daemon.wait_ready()
     assert forkserver._template is not None
     os.kill(forkserver._template.pid, signal.SIGKILL)
     try:
@@ -259,8 +285,9 @@ def test_a_dead_template_is_a_loud_error_not_an_execd_daemon(root: Path, forking
         os.kill(daemon.proc.pid, signal.SIGKILL)  # an orphan now: init reaps it
         forkserver.shutdown()
     assert wait_until(lambda: gone(daemon.proc.pid), timeout=15)
-    again = DaemonProcess(root / "a").wait_ready()
-    assert again.forked and again.stop() == 0
+    again = DaemonProcess(root / "a")
+    started.append(again)
+    assert again.wait_ready().forked and again.stop() == 0
 
 
 def gone(pid: int) -> bool:
@@ -279,7 +306,9 @@ def children_and_forked_cpu() -> float:
     return usage.ru_utime + usage.ru_stime + forkserver.cpu_seconds()
 
 
-def test_ending_the_template_does_not_count_its_daemons_twice(root: Path, forking: None) -> None:
+def test_ending_the_template_does_not_count_its_daemons_twice(
+    root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
     """Reaping the template puts its daemons' CPU (and its own) in the worker's
     RUSAGE_CHILDREN, where the daemons' exit messages had counted it already: what the
     test harness counts jumps by no more than the template's CPU since its last message
@@ -287,8 +316,9 @@ def test_ending_the_template_does_not_count_its_daemons_twice(root: Path, forkin
     assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
     forkserver.shutdown()  # a template of this test's own: no other test's daemons in it
     start = children_and_forked_cpu()
-    daemon = DaemonProcess(root / "a").wait_ready()
-    assert daemon.stop() == 0
+    daemon = DaemonProcess(root / "a")
+    started.append(daemon)
+    assert daemon.wait_ready().stop() == 0
     counted = children_and_forked_cpu()
     forkserver.shutdown()
     jump = children_and_forked_cpu() - counted
