@@ -20,11 +20,25 @@ from pathlib import Path
 from typing import Any
 
 from ..control_client import ControlClient
+from . import forkserver
 from .waiting import wait_until as wait_until  # (re-exported: process tests poll with it)
 
 _READY = re.compile(r"ready: handle=(\S+) fingerprint=(\S+) listen=(\S+)")
 #: Loopback /24s handed to daemons started without ``listen``, one each, in turn.
 _LOOPBACK_NETS = itertools.count()
+
+
+#: Whether :class:`DaemonProcess` forks its daemons from a template that has imported
+#: them (p2pd/testing/forkserver.py) rather than exec them: off unless the process
+#: turned it on (tests/conftest.py does, unless ``P2PD_TEST_FORK=0``); scripts/demo and
+#: the benchmarks exec.
+_fork = False
+
+
+def use_forkserver(on: bool = True) -> None:
+    """Fork this process's later daemons from a template (see :data:`_fork`)."""
+    global _fork
+    _fork = on
 
 
 def loopback_listen() -> str:
@@ -75,13 +89,30 @@ def control_call(
         return client.call(method, params)
 
 
+def _coverage() -> bool:
+    """Whether coverage measures this process (then its daemons are exec'd, and each
+    is measured from its start as pyproject.toml's [tool.coverage.run] arranges)."""
+    coverage = sys.modules.get("coverage")
+    return coverage is not None and coverage.Coverage.current() is not None
+
+
 def short_tempdir(prefix: str = "p2pd-") -> Path:
     """A temporary directory with a short path: Unix socket paths are limited to 107 bytes."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
 class DaemonProcess:
-    """A ``p2pd daemon`` child process; its stderr is collected in ``log``."""
+    """A ``p2pd daemon`` child process; its stderr is collected in ``log``.
+
+    Under the test harness (:func:`use_forkserver`) a daemon without ``wrapper`` is
+    forked from a template process that has imported the daemon already
+    (p2pd/testing/forkserver.py), ``proc`` then a :class:`forkserver.ForkedProcess`
+    with the part of Popen's surface the tests use. Exec'd all the same: a daemon with
+    a ``wrapper`` (netns hosts, prlimit, unshare: the wrapper is what is tested), one
+    given ``P2PD_PASSPHRASE`` in ``env`` (the daemon wipes it from the environment block
+    the kernel shows in /proc/PID/environ, which in a forked child is the template's,
+    so only an exec'd daemon proves it), and every daemon of a process under coverage
+    (coverage measures each process from its start)."""
 
     def __init__(
         self,
@@ -109,14 +140,19 @@ class DaemonProcess:
         self._lines: list[str] = []
         self._ready = threading.Event()
         self.handle = self.fingerprint = self.listen = ""
-        self.proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
+        full_env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[str] | forkserver.ForkedProcess
+        if _fork and not wrapper and "P2PD_PASSPHRASE" not in (env or {}) and not _coverage():
+            self.proc = forkserver.spawn(args, full_env)
+        else:
+            self.proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=full_env,
+            )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -129,6 +165,11 @@ class DaemonProcess:
                 self.handle, self.fingerprint, self.listen = match.groups()
                 self._ready.set()
         self._ready.set()  # EOF: the process ended
+
+    @property
+    def forked(self) -> bool:
+        """Whether this daemon was forked from the template rather than exec'd."""
+        return isinstance(self.proc, forkserver.ForkedProcess)
 
     @property
     def alive(self) -> bool:
@@ -154,7 +195,9 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait(timeout)
         self._reader.join(timeout)
-        return self.proc.returncode
+        code = self.proc.returncode
+        assert code is not None  # waited for above
+        return code
 
     def kill(self) -> None:
         if self.proc.poll() is None:

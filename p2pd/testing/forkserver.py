@@ -1,0 +1,553 @@
+"""Test daemons forked from a template that has already imported them (issue 9).
+
+A ``p2pd daemon`` spends ~0.4-0.7 s of CPU importing p2pd.daemon and its stack (trio,
+cryptography, aioquic, x3dh/pydantic, ~100 p2pd modules) before it does anything; the
+suite starts ~200 of them. Here one *template* process per test worker imports all that
+once, then forks a child for each daemon. The child is a real process running the real
+CLI entry point (``p2pd_cli.main.main`` with ``sys.argv`` set to the same argv), with its
+own pid, environment, working directory, umask, stdio, signal dispositions and exit
+status; only the interpreter start and the imports are shared.
+
+Only :class:`p2pd.testing.daemons.DaemonProcess` uses it, and only when the test
+harness turned it on (tests/conftest.py; ``P2PD_TEST_FORK=0`` runs every daemon by
+exec as before). scripts/demo, the benchmarks and any process the tests start on their
+own exec their daemons.
+
+Protocol, on ``AF_UNIX`` ``SOCK_SEQPACKET`` sockets (one message per send, no framing):
+
+- worker -> template, on the control socket (a socketpair made when the template is
+  started): one JSON request ``{"argv", "env", "cwd", "umask"}`` with four file
+  descriptors (SCM_RIGHTS, as multiprocessing's forkserver passes them): the child's
+  stdin, stdout, stderr and the template's end of a fresh per-daemon socketpair.
+- template -> worker, on that per-daemon socket: ``{"pid": N}`` once forked (or
+  ``{"error": ...}``), later ``{"status": S, "cpu": C, "template_cpu": T, "template": P}`` when the
+  template has reaped the child: S is the raw wait status, C the child's user+system
+  CPU from wait4 (its own and that of the children it waited for: what RUSAGE_CHILDREN
+  would have counted for an exec'd daemon), T the template's own CPU so far, P its pid.
+
+What a fork cannot give the child (all fixed when the template started, with the
+worker's environment): its own str hash seed (PYTHONHASHSEED randomisation: one per
+template, so its daemons iterate sets of strings in one order), the interpreter's
+options and locale, and what /proc shows of its start: /proc/PID/environ and cmdline
+are the template's (hence daemons given P2PD_PASSPHRASE are exec'd; see
+p2pd/testing/daemons.py). Its name (comm: ps, process accounting) is set to the
+program's, ``p2pd``, as an exec'd console script has.
+
+Exit status: the template is the child's parent, so it reaps it (SIGCHLD wakes its
+loop) and sends the status back. The alternative, PR_SET_CHILD_SUBREAPER on the worker
+with a double fork, would make the daemon the worker's own child (waitpid and
+RUSAGE_CHILDREN as with Popen) but also every other orphan in the worker's process tree:
+their zombies would stay until the worker exits, and a test that checks a process is
+gone with ``kill(pid, 0)`` would see them alive. Not worth it.
+
+CPU accounting: the forked daemons are the template's children, not the worker's, so
+conftest's RUSAGE_CHILDREN would not see them. :func:`cpu_seconds` is what this worker
+has been told of: every reaped daemon's CPU as the worker waited for it (the moment
+RUSAGE_CHILDREN would have counted an exec'd one), plus the template's own CPU (its
+imports, its forks) as it grows. tests/conftest.py adds it to each test's ``cpu_s``.
+Reaping the template adds its RUSAGE_CHILDREN (the same daemons again) and its own CPU
+to the worker's RUSAGE_CHILDREN: :func:`shutdown`, the one place that reaps it, takes
+back what the messages had counted (so each CPU second counts once), and runs after the
+last test; a template that died is seen without being reaped (``waitid`` with
+``WNOWAIT``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from typing import IO, Any
+
+#: What the template imports: the CLI, the ``daemon`` command's module and what its body
+#: imports before ``trio.run``. What a daemon imports later (numpy and PyAV for a call,
+#: zeroconf for LAN discovery) each child imports itself: numpy's OpenBLAS starts
+#: threads at import, and the template must hold none when it forks.
+_PRELOAD = (
+    "p2pd_cli.main",
+    "p2pd_cli.commands.node",
+    "p2pd.daemon",
+    "p2pd.config",
+    "p2pd.keystore",
+    "p2pd.wire",
+    "trio",
+)
+#: Large enough for a request with the worker's whole environment.
+_MAX_MESSAGE = 1 << 20
+
+
+# ---------------------------------------------------------------- the worker's side
+
+
+class TemplateError(RuntimeError):
+    """The template could not start, died, or refused to fork: never silently replaced
+    by an exec'd daemon (that would hide the bug)."""
+
+
+class ForkedProcess:
+    """A daemon forked by the template, with the part of :class:`subprocess.Popen`'s
+    surface the tests use: ``pid``, ``returncode``, ``poll()``, ``wait(timeout)``
+    (raising :class:`subprocess.TimeoutExpired`), ``send_signal()``, ``terminate()``,
+    ``kill()``, ``stderr`` (text) and ``args``. ``returncode`` is what Popen gives: the
+    exit code, or minus the signal number that killed it."""
+
+    def __init__(
+        self, args: Sequence[str], pid: int, channel: socket.socket, stderr: IO[str]
+    ) -> None:
+        self.args = list(args)
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stderr = stderr
+        self._channel = channel
+        self._lock = threading.Lock()
+
+    def _receive(self, timeout: float | None) -> bool:
+        """Read the exit message if one comes within ``timeout`` (None: block). Under the
+        lock; True once ``returncode`` is set."""
+        if self.returncode is not None:
+            return True
+        self._channel.settimeout(timeout)
+        try:
+            data = self._channel.recv(_MAX_MESSAGE)
+        except (TimeoutError, BlockingIOError):
+            return False
+        if not data:  # EOF without a status: the template died
+            raise TemplateError(
+                f"the fork template ended before daemon {self.pid} did: its exit status is lost"
+            )
+        message = json.loads(data)
+        _account(int(message["template"]), float(message["cpu"]), float(message["template_cpu"]))
+        self.returncode = os.waitstatus_to_exitcode(int(message["status"]))
+        self._channel.close()
+        return True
+
+    def poll(self) -> int | None:
+        with self._lock:
+            self._receive(0.0)
+            return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        with self._lock:
+            if not self._receive(timeout):
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            assert self.returncode is not None
+            return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        # As Popen: no signal once the status is known (the pid may be someone else's).
+        # The template may have reaped it a moment ago without our knowing yet; pids are
+        # not reused within milliseconds on Linux (they go round 4 million).
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+_lock = threading.Lock()
+_template: subprocess.Popen[bytes] | None = None
+_control: socket.socket | None = None
+_cpu = 0.0
+#: By template pid: its own CPU last reported, and all that its messages added to _cpu.
+_template_cpu_seen: dict[int, float] = {}
+_counted: dict[int, float] = {}
+
+
+def _account(template: int, child_cpu: float, template_cpu: float) -> None:
+    global _cpu
+    with _lock:
+        added = child_cpu
+        seen = _template_cpu_seen.get(template, 0.0)
+        if template_cpu > seen:  # cumulative; messages may be read out of order
+            added += template_cpu - seen
+            _template_cpu_seen[template] = template_cpu
+        _cpu += added
+        _counted[template] = _counted.get(template, 0.0) + added
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_seconds() -> float:
+    """CPU of the forked daemons this worker has waited for, plus the template's own."""
+    with _lock:
+        return _cpu
+
+
+def _exited(pid: int) -> bool:
+    """Whether our child ``pid`` has ended, without reaping it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # someone's waitpid(-1) took it
+        return True
+
+
+def _start_template() -> socket.socket:
+    """Under ``_lock``: start the template (once per worker process) and return the
+    control socket."""
+    global _template, _control
+    if _template is not None:
+        # (not poll(): reaping it here would count its daemons twice; see shutdown)
+        if _exited(_template.pid):
+            raise TemplateError(f"the fork template (pid {_template.pid}) has exited")
+        assert _control is not None
+        return _control
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    code = f"from p2pd.testing.forkserver import serve; serve({theirs.fileno()})"
+    _template = subprocess.Popen(
+        [sys.executable, "-c", code],
+        pass_fds=[theirs.fileno()],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        # its own failures show in the worker's stderr; each daemon gets its own stderr
+        stderr=None,
+    )
+    theirs.close()
+    _control = ours
+    return ours
+
+
+def spawn(
+    args: Sequence[str], env: dict[str, str], *, entry: str = "p2pd_cli.main:main"
+) -> ForkedProcess:
+    """Fork a daemon from the template: ``args`` as it would be exec'd (``args[0]`` the
+    program, the rest its argv), ``env`` its whole environment, ``entry`` the function
+    the child calls (``module:function``: the console script's; tests/test_forkserver.py
+    forks :func:`probe` to compare a forked child with an exec'd one). stdin and stdout are
+    /dev/null, stderr a pipe read through the result's ``stderr``, as
+    ``Popen(args, stdin=DEVNULL, stdout=DEVNULL, stderr=PIPE, text=True, env=env)``."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stderr_r, stderr_fd = os.pipe()
+    request = {
+        "argv": list(args),
+        "env": env,
+        "cwd": os.getcwd(),
+        "umask": _current_umask(),
+        "entry": entry,
+    }
+    devnull_in = os.open(os.devnull, os.O_RDONLY)
+    devnull_out = os.open(os.devnull, os.O_WRONLY)
+    try:
+        with _lock:
+            control = _start_template()
+            try:
+                socket.send_fds(
+                    control,
+                    [json.dumps(request).encode()],
+                    [devnull_in, devnull_out, stderr_fd, theirs.fileno()],
+                )
+            except OSError as exc:
+                raise TemplateError(f"the fork template is gone: {exc}") from exc
+    except BaseException:
+        os.close(stderr_r)
+        ours.close()
+        raise
+    finally:
+        for fd in (devnull_in, devnull_out, stderr_fd):
+            os.close(fd)
+        theirs.close()
+    stderr = open(stderr_r, encoding=None)  # noqa: SIM115 (as Popen's text=True: locale's)
+    # The template's reply; its first start imports the daemon's stack (~1 s, more on a
+    # loaded machine): bounded all the same.
+    ours.settimeout(120.0)
+    try:
+        data = ours.recv(_MAX_MESSAGE)
+        if not data:
+            raise TemplateError("the fork template closed the daemon's channel without forking")
+        reply = json.loads(data)
+        if "error" in reply:
+            raise TemplateError(f"the fork template refused: {reply['error']}")
+    except BaseException as exc:
+        stderr.close()
+        ours.close()
+        if isinstance(exc, TimeoutError):
+            raise TemplateError("the fork template did not answer in 120 s") from exc
+        raise
+    return ForkedProcess(args, int(reply["pid"]), ours, stderr=stderr)
+
+
+def _current_umask() -> int:
+    """The umask, read without setting it (os.umask would change it for a moment under
+    the other threads' feet): /proc/self/status has it since Linux 4.7."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    raise RuntimeError("no Umask in /proc/self/status")
+
+
+def shutdown(timeout: float = 10.0) -> None:
+    """End the template (after the last test: see the module docstring). The daemons it
+    forked that still run are left running, as exec'd ones would be."""
+    global _template, _control, _cpu
+    with _lock:
+        if _control is not None:
+            _control.close()
+            _control = None
+        if _template is not None:
+            before = _children_cpu()
+            try:
+                _template.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _template.kill()
+                _template.wait(timeout)
+            # What reaping it added to RUSAGE_CHILDREN: its own CPU and its children's,
+            # part of which its messages counted already. Each second once: the rest
+            # (daemons nobody waited for, its CPU since its last message) stays.
+            added = _children_cpu() - before
+            _cpu -= min(added, _counted.pop(_template.pid, 0.0))
+            _template = None
+
+
+# ---------------------------------------------------------------- the template's side
+
+
+def _prepare() -> None:
+    """The imports every daemon needs (:data:`_PRELOAD`), done once."""
+    import importlib
+    import logging
+
+    for name in _PRELOAD:
+        importlib.import_module(name)
+    if logging.root.handlers:  # the daemon's basicConfig would then do nothing
+        raise TemplateError(f"an import made logging handlers: {logging.root.handlers}")
+
+
+def serve(control_fd: int) -> None:
+    """The template's loop: fork a child per request, reap the children, report. In a
+    child it does not return: the child's exit (``SystemExit`` from the CLI, or an
+    exception) unwinds it to the interpreter's, so the child exits as an exec'd
+    ``p2pd daemon`` does: non-daemon threads joined, atexit handlers run, the
+    interpreter finalised, the same exit code."""
+    # Started with -c, the template has the working directory first on sys.path; a
+    # console script has its own directory there instead (set in each child).
+    if sys.path and sys.path[0] == "":
+        del sys.path[0]
+    template = _Template(socket.socket(fileno=control_fd))
+    # Ctrl-C reaches the whole process group: the worker and the daemons handle it; the
+    # template ends when the worker closes the control socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _prepare()
+    # Everything imported so far lives as long as the template: out of the collector's
+    # sight, in the template and in every child (the children's collections then skip
+    # it and do not write to its pages; the daemon freezes its heap at exit anyway).
+    gc.freeze()
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(template.wake_w, warn_on_full_buffer=False)
+    while True:
+        for key, _ in template.selector.select():
+            if key.fileobj is template.control:
+                try:
+                    message, fds, _flags, _addr = socket.recv_fds(template.control, _MAX_MESSAGE, 4)
+                except ConnectionResetError:
+                    message = b""
+                if not message:  # the worker closed it: done
+                    return
+                template.fork_one(json.loads(message), fds)
+            else:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(template.wake_r, 4096)
+                template.reap()
+
+
+class _Template:
+    """The template's file descriptors and children."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(control, selectors.EVENT_READ)
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        self.channels: dict[int, socket.socket] = {}  # pid -> its per-daemon socket
+
+    def fork_one(self, request: dict[str, Any], fds: list[int]) -> None:
+        stdin, stdout, stderr, channel_fd = fds
+        channel = socket.socket(fileno=channel_fd)
+        threads = os.listdir("/proc/self/task")
+        if len(threads) != 1:  # a fork now would copy a lock some other thread holds
+            for fd in (stdin, stdout, stderr):
+                os.close(fd)
+            _send(channel, {"error": f"the template has {len(threads)} threads, not 1"})
+            channel.close()
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self.close_in_child(channel)
+            _child(request, stdin, stdout, stderr)  # does not return: see serve
+        for fd in (stdin, stdout, stderr):
+            os.close(fd)
+        self.channels[pid] = channel
+        _send(channel, {"pid": pid})
+
+    def close_in_child(self, channel: socket.socket) -> None:
+        """Close the template's descriptors in a child: an exec'd daemon has only 0-2.
+        Sockets are detached first, so no object is left owning a number the daemon
+        may reuse (and close at its exit)."""
+        self.selector.close()
+        for sock in [self.control, channel, *self.channels.values()]:
+            os.close(sock.detach())
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def reap(self) -> None:
+        import resource
+
+        for _ in range(10_000):  # bounded: each round reaps one child
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            channel = self.channels.pop(pid, None)
+            if channel is None:
+                continue
+            mine = resource.getrusage(resource.RUSAGE_SELF)
+            _send(
+                channel,
+                {
+                    "status": status,
+                    "cpu": usage.ru_utime + usage.ru_stime,
+                    "template_cpu": mine.ru_utime + mine.ru_stime,
+                    "template": os.getpid(),
+                },
+            )
+            channel.close()
+
+
+def _send(channel: socket.socket, message: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # the worker dropped this daemon's object: nobody to tell
+        channel.send(json.dumps(message).encode())
+
+
+def _child(request: dict[str, Any], stdin: int, stdout: int, stderr: int) -> None:
+    """In the forked child: undo what fork copied from the template, then run the CLI as
+    ``p2pd ARGV...`` would. Ends by raising (SystemExit or the CLI's exception)."""
+    # What a fresh interpreter has: SIGINT raises KeyboardInterrupt, SIGCHLD default;
+    # SIGPIPE and SIGXFSZ stay ignored as CPython sets them at start.
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
+        os.dup2(fd, target)
+        os.close(fd)
+    _fresh_stdio()
+    os.chdir(request["cwd"])
+    os.umask(int(request["umask"]))
+    os.environ.clear()  # unsetenv each: the C environment follows
+    os.environ.update(request["env"])
+    import random
+
+    random.seed()  # (CPython's random reseeds at fork too; no harm in saying so)
+    sys.argv = list(request["argv"])
+    _set_name(os.path.basename(sys.argv[0]))
+    if os.path.isfile(sys.argv[0]):  # as the interpreter does for a script: its directory
+        sys.path.insert(0, os.path.dirname(os.path.realpath(sys.argv[0])))
+    import importlib
+
+    module, _, function = request["entry"].partition(":")
+    getattr(importlib.import_module(module), function)()  # p2pd's: the console script's
+    raise SystemExit(0)  # (click's main exits itself; never back into the template's loop)
+
+
+def _set_name(name: str) -> None:
+    """The process's comm, as exec'ing ``name`` would have set it (first 15 bytes)."""
+    import ctypes
+
+    pr_set_name = 15
+    ctypes.CDLL(None).prctl(pr_set_name, name.encode()[:15], 0, 0, 0)
+
+
+def _fresh_stdio() -> None:
+    """New sys.stdin/stdout/stderr on fds 0-2, made as the interpreter makes them at
+    start (CPython 3.11's pylifecycle.c, create_stdio): binary buffered, or raw when
+    unbuffered (-u, PYTHONUNBUFFERED) for stdout and stderr, with the template's own
+    encoding and errors (the same environment's), newline "\\n", line-buffered when
+    buffered and a tty or stderr."""
+    import io
+
+    unbuffered = not isinstance(getattr(sys.__stdout__, "buffer", None), io.BufferedWriter)
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        template = getattr(sys, f"__{name}__")
+        write = fd != 0
+        raw_only = unbuffered and write
+        buffer: Any = io.open(fd, "wb" if write else "rb", 0 if raw_only else -1, closefd=False)  # noqa: SIM115, UP020
+        raw = buffer if raw_only else buffer.raw
+        raw.name = f"<{name}>"
+        stream: Any = io.TextIOWrapper(
+            buffer,
+            encoding=template.encoding,
+            errors=template.errors,
+            newline="\n",
+            line_buffering=not unbuffered and (raw.isatty() or fd == 2),
+            write_through=unbuffered,
+        )
+        stream.mode = "w" if write else "r"
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def probe() -> None:
+    """What a child process sees of its start, as one JSON line on stderr; then it exits
+    with ``sys.exit(argv[1])`` (a number as a number). tests/test_forkserver.py runs it
+    forked from the template and exec'd (``python -c``) and compares."""
+    import io
+    import logging
+    import random
+    from pathlib import Path
+
+    signals = ("SIGINT", "SIGTERM", "SIGCHLD", "SIGPIPE", "SIGXFSZ", "SIGHUP", "SIGUSR1")
+    state = {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "random": random.random(),
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "umask": _current_umask(),
+        "argv": sys.argv[1:],
+        "signals": {name: repr(signal.getsignal(getattr(signal, name))) for name in signals},
+        "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+        "stdin": [os.readlink("/proc/self/fd/0"), sys.stdin.read()],
+        "stdout": os.readlink("/proc/self/fd/1"),
+        "streams": [
+            [
+                type(s.buffer).__name__,
+                s.encoding,
+                s.errors,
+                s.line_buffering,
+                s.write_through,
+                s.name,
+                s.mode,
+            ]
+            for s in (sys.stdin, sys.stdout, sys.stderr)
+            if isinstance(s, io.TextIOWrapper)
+        ],
+        "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+        "threads": len(os.listdir("/proc/self/task")),
+        "log_handlers": len(logging.root.handlers),
+        "path": sys.path[1:],  # [0]: -c's "" exec'd, the program's directory forked
+        "comm": Path("/proc/self/comm").read_text().strip(),
+    }
+    print(json.dumps(state), file=sys.stderr)
+    code = sys.argv[1] if len(sys.argv) > 1 else "0"
+    sys.exit(int(code) if code.lstrip("-").isdigit() else code)

@@ -1,0 +1,326 @@
+"""Test daemons forked from a template that has imported them (p2pd/testing/forkserver.py).
+
+A forked child must start as an exec'd process would: its own pid, the environment,
+working directory, umask, stdio, signal dispositions and exit status it was given, and
+none of the template's descriptors or threads. These tests fork from the template
+whatever ``P2PD_TEST_FORK`` says (the rest of the suite uses it only when it is 1), and
+compare with the same thing exec'd."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pd.testing import daemons, forkserver
+from p2pd.testing.daemons import (
+    DaemonProcess,
+    cli_json,
+    control_call,
+    p2pd_command,
+    run_cli,
+    short_tempdir,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+PROBE = "p2pd.testing.forkserver:probe"
+
+
+@pytest.fixture()
+def root() -> Iterator[Path]:
+    path = short_tempdir("p2pd-fork-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture()
+def started() -> Iterator[list[DaemonProcess]]:
+    """Daemons a test started, stopped at its end whatever happened (killed by pid when
+    their template is gone: a failed test leaves no daemon running)."""
+    daemons_started: list[DaemonProcess] = []
+    yield daemons_started
+    for d in daemons_started:
+        try:
+            d.stop()
+        except forkserver.TemplateError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(d.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture()
+def forking() -> Iterator[None]:
+    """DaemonProcess forks its daemons here, whatever P2PD_TEST_FORK says."""
+    before = daemons._fork
+    daemons.use_forkserver(True)
+    yield
+    daemons.use_forkserver(before)
+
+
+def probe_env() -> dict[str, str]:
+    """The worker's environment with one variable more and one fewer: what the child
+    sees must be this, not the template's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    env["P2PD_FORK_PROBE"] = "é ✓"  # non-ASCII too
+    return env
+
+
+def forked_probe(code: str, env: dict[str, str], program: str = sys.executable) -> tuple[int, str]:
+    proc = forkserver.spawn([program, code], env, entry=PROBE)
+    returncode = proc.wait(30)
+    return returncode, proc.stderr.read()
+
+
+def execd_probe(code: str, env: dict[str, str]) -> tuple[int, str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", f"from {PROBE.replace(':', ' import ')}; probe()", code],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=30,
+    )
+    return proc.returncode, proc.stderr
+
+
+def state(stderr: str) -> dict[str, Any]:
+    return json.loads(stderr.splitlines()[0])  # type: ignore[no-any-return]
+
+
+def test_a_forked_child_starts_as_an_execd_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe, forked twice and exec'd once in another working directory and under
+    another umask: the same environment, cwd, umask, argv, signal dispositions, signal
+    mask, stdio (/dev/null in, the same kinds of stream, encodings, buffering), only
+    fds 0-2 open (3 is the probe's own listing of /proc/self/fd), one thread, no logging
+    handler; its own pid and Python random state; the same exit code and message."""
+    monkeypatch.chdir(tmp_path)
+    env = probe_env()
+    program = tmp_path / "p2pd-probe"  # a program of another name than python's
+    program.symlink_to(sys.executable)
+    mask = os.umask(0o027)
+    try:
+        one = forked_probe("3", env, str(program))
+        two = forked_probe("3", env, str(program))
+        execd = execd_probe("3", env)
+    finally:
+        os.umask(mask)
+    assert one[0] == two[0] == execd[0] == 3
+    first, second, reference = state(one[1]), state(two[1]), state(execd[1])
+    assert reference["env"] == env and reference["cwd"] == str(tmp_path)  # the check can fail
+    assert reference["umask"] == 0o027 and reference["stdin"] == ["/dev/null", ""]
+    for forked in (first, second):
+        assert forked["pid"] not in (os.getpid(), reference["pid"])
+        assert forked["ppid"] != os.getpid()  # the template's child, not the worker's
+        for key in set(reference) - {"pid", "ppid", "random", "comm"}:
+            assert forked[key] == reference[key], key
+    assert first["comm"] == second["comm"] == "p2pd-probe" != reference["comm"]
+    assert first["pid"] != second["pid"] and first["ppid"] == second["ppid"]
+    assert first["random"] != second["random"]
+    # sys.exit("message") as the interpreter does it: the message on stderr, code 1
+    assert forked_probe("bye", env)[0] == execd_probe("bye", env)[0] == 1
+    assert forked_probe("bye", env)[1].splitlines()[-1] == "bye"
+
+
+def status_of(daemon: DaemonProcess) -> dict[str, Any]:
+    return cli_json(daemon.home, "status")  # type: ignore[no-any-return]
+
+
+def ppid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no PPid for {pid}")
+
+
+def test_two_forked_daemons_are_two_nodes_that_exchange_a_dm(root: Path, forking: None) -> None:
+    """alice and bob forked from one template: their own pids (children of the template,
+    not of the test), their own ports and node keys (made at their first start), stdin
+    and stdout /dev/null, stderr the pipe that carries the ready line and the logs; a
+    DM from alice to bob through the real CLI; SIGTERM ends each with 0, as exec'd."""
+    for handle in ("alice", "bob"):
+        assert run_cli(root / handle, "init", handle, "--no-passphrase").returncode == 0
+    alice = DaemonProcess(root / "alice").wait_ready()
+    try:
+        bob = DaemonProcess(root / "bob", bootstrap=[alice.listen]).wait_ready()
+        try:
+            assert alice.forked and bob.forked
+            assert alice.proc.poll() is None and bob.proc.poll() is None
+            pids = {alice.proc.pid, bob.proc.pid, os.getpid()}
+            assert len(pids) == 3
+            assert ppid(alice.proc.pid) == ppid(bob.proc.pid) != os.getpid()
+            for d in (alice, bob):
+                assert os.readlink(f"/proc/{d.proc.pid}/fd/0") == "/dev/null"
+                assert os.readlink(f"/proc/{d.proc.pid}/fd/1") == "/dev/null"
+                assert os.readlink(f"/proc/{d.proc.pid}/fd/2").startswith("pipe:")
+                comm = Path(f"/proc/{d.proc.pid}/comm").read_text().strip()
+                assert comm == Path(p2pd_command()[0]).name[:15]  # "p2pd", as exec'd
+                assert "INFO p2pd.daemon" in d.log and "ready: handle=" in d.log
+            states = [status_of(alice), status_of(bob)]
+            assert [s["handle"] for s in states] == ["alice", "bob"]
+            assert [s["fingerprint"] for s in states] == [alice.fingerprint, bob.fingerprint]
+            assert states[0]["listen"] != states[1]["listen"]
+            assert states[0]["node_id"] != states[1]["node_id"]
+            text = "hello bob, forked ✓"
+            proc = run_cli(root / "alice", "send", "bob", text, "--wait", "--timeout", "30")
+            assert proc.returncode == 0, proc.stderr + alice.log + bob.log
+            inbox = run_cli(root / "bob", "inbox", "--json", "--from", "alice")
+            assert [json.loads(line)["text"] for line in inbox.stdout.splitlines()] == [text]
+        finally:
+            assert bob.stop() == 0, bob.log
+    finally:
+        assert alice.stop() == 0, alice.log
+    assert "stopped" in alice.log and "stopped" in bob.log
+
+
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "execd"])
+def test_exit_status_is_what_popen_gives(
+    root: Path, fork: bool, started: list[DaemonProcess]
+) -> None:
+    """poll() is None while it runs; SIGTERM: 0 and a clean stop; SIGKILL: -9; a daemon
+    that cannot start (no identity): 1 and the error on stderr. The same forked as
+    exec'd."""
+    before = daemons._fork
+    daemons.use_forkserver(fork)
+    try:
+        assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+        first = DaemonProcess(root / "a")
+        started.append(first)
+        first.wait_ready()
+        assert first.forked == fork
+        assert first.proc.poll() is None and first.proc.returncode is None
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(15) == 0, first.log
+        assert first.proc.poll() == 0 and "stopped" in first.log
+        second = DaemonProcess(root / "a")
+        started.append(second)
+        second.wait_ready().proc.kill()
+        assert second.proc.wait(15) == -signal.SIGKILL
+        second.proc.send_signal(signal.SIGTERM)  # no-op once reaped, as Popen
+        third = DaemonProcess(root / "nobody")
+        started.append(third)
+        assert third.proc.wait(15) == 1
+        third.stop()
+        assert "ERROR: no identity in" in third.log and "Traceback" not in third.log
+        fourth = DaemonProcess(root / "a")
+        started.append(fourth)
+        with pytest.raises(subprocess.TimeoutExpired):
+            fourth.wait_ready().proc.wait(0.1)
+    finally:
+        daemons.use_forkserver(before)
+
+
+def test_the_environment_given_is_the_one_used(root: Path) -> None:
+    """A daemon forked without --home finds its home in P2PD_HOME of the environment it
+    was given (the template's has none, or another)."""
+    assert run_cli(root / "c", "init", "carol", "--no-passphrase").returncode == 0
+    env = {**os.environ, "P2PD_HOME": str(root / "c")}
+    args = ["p2pd", "daemon", "--listen", daemons.loopback_listen(), "--lan", "off"]
+    proc = forkserver.spawn(args, env)
+    try:
+        assert wait_until(lambda: (root / "c" / "control.sock").exists(), timeout=30)
+        assert wait_until(lambda: status_of_home(root / "c") == "carol", timeout=30)
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+    log = proc.stderr.read()
+    assert "ready: handle=carol" in log, log
+
+
+def status_of_home(home: Path) -> str | None:
+    proc = run_cli(home, "status", "--json")
+    return json.loads(proc.stdout)["handle"] if proc.returncode == 0 else None  # type: ignore[no-any-return]
+
+
+def test_forked_daemons_cpu_is_counted(
+    root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
+    """The daemon's CPU, from the template's wait4, reaches cpu_seconds (what conftest
+    adds to each test's cpu_s) once it has been waited for: at least what /proc said it
+    had used before it was stopped."""
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    before = forkserver.cpu_seconds()
+    daemon = DaemonProcess(root / "a")
+    started.append(daemon)
+    assert daemon.wait_ready().forked
+    for _ in range(40):  # some work for /proc to see (a status is ~2 ms of its CPU)
+        control_call(daemon.home, "status")
+    fields = Path(f"/proc/{daemon.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    assert daemon.stop() == 0
+    counted = forkserver.cpu_seconds() - before
+    assert counted > 0 and counted >= used, (counted, used)
+
+
+def test_a_dead_template_is_a_loud_error_not_an_execd_daemon(
+    root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
+    """The template killed under a running daemon: waiting for that daemon raises (its
+    status is lost), and so does the next start, rather than quietly exec'ing. Then a
+    new template serves (shutdown forgets the dead one)."""
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    daemon = DaemonProcess(root / "a")
+    started.append(daemon)
+    daemon.wait_ready()
+    assert forkserver._template is not None
+    os.kill(forkserver._template.pid, signal.SIGKILL)
+    try:
+        with pytest.raises(forkserver.TemplateError, match="ended before daemon"):
+            daemon.proc.wait(15)
+        with pytest.raises(forkserver.TemplateError):
+            DaemonProcess(root / "a")
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGKILL)  # an orphan now: init reaps it
+        forkserver.shutdown()
+    assert wait_until(lambda: gone(daemon.proc.pid), timeout=15)
+    again = DaemonProcess(root / "a")
+    started.append(again)
+    assert again.wait_ready().forked and again.stop() == 0
+
+
+def gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def children_and_forked_cpu() -> float:
+    """What conftest counts for a test, less the test process's own CPU."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime + forkserver.cpu_seconds()
+
+
+def test_ending_the_template_does_not_count_its_daemons_twice(
+    root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
+    """Reaping the template puts its daemons' CPU (and its own) in the worker's
+    RUSAGE_CHILDREN, where the daemons' exit messages had counted it already: what the
+    test harness counts jumps by no more than the template's CPU since its last message
+    (it was idle), not by the ~0.5 s of its imports and the daemon's CPU again."""
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    forkserver.shutdown()  # a template of this test's own: no other test's daemons in it
+    start = children_and_forked_cpu()
+    daemon = DaemonProcess(root / "a")
+    started.append(daemon)
+    assert daemon.wait_ready().stop() == 0
+    counted = children_and_forked_cpu()
+    forkserver.shutdown()
+    jump = children_and_forked_cpu() - counted
+    assert counted - start > 0.2  # the template's imports at least: the check can fail
+    assert jump < 0.1, (counted - start, jump)
