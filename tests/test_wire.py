@@ -608,6 +608,16 @@ def test_find_value_bad_contact_raises_wire_error(contact: Any) -> None:
         decode_response("find_node", msgpack.packb([contact], use_bin_type=True))
 
 
+def test_a_contact_decoded_before_does_not_let_a_bool_port_through() -> None:
+    """Decoded contacts are cached by their exact types: port ``True`` equals and hashes
+    as 1, so a cache keyed on values alone would hand back the contact of port 1."""
+    good = msgpack.packb([_contact(port=1)], use_bin_type=True)
+    assert decode_response("find_node", good)[0].address.port == 1
+    assert decode_response("find_node", good) == decode_response("find_node", good)
+    with pytest.raises(WireError):
+        decode_response("find_node", msgpack.packb([_contact(port=True)], use_bin_type=True))
+
+
 @pytest.mark.parametrize("host", ["fe80::1%evil.example", "::1%eth0", "fe80::1% x"])
 def test_contact_host_with_zone_id_raises_wire_error(host: str) -> None:
     """A contact host must be a bare IP literal: no zone ids carrying arbitrary text."""

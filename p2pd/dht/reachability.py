@@ -253,6 +253,10 @@ class Reachability:
         #: Called when the mapping kind, the public address or the verdict changes (the
         #: daemon wakes its maintenance to republish its presence).
         self.on_change: Callable[[], None] | None = None
+        #: The mapping as the last new observation left it: what the next one is
+        #: compared with (one mapping() per new observation, not two; a change by
+        #: expiry alone is then reported with the next observation).
+        self._last_mapping: tuple[MappingKind, Address | None] | None = None
 
     def enable(
         self,
@@ -343,9 +347,9 @@ class Reachability:
             # per reply were 15 % of bench_adversary's CPU (issue 11, latency).
             self.observations.add(observer_host, seen, now)
             return
-        before = self.mapping(now)
+        before = self._last_mapping or self.mapping(now)
         self.observations.add(observer_host, seen, now)
-        after = self.mapping(now)
+        after = self._last_mapping = self.mapping(now)
         if after != before and self.on_change is not None:
             self.on_change()
         if self._deferred and after[0] != "unknown":
