@@ -158,6 +158,7 @@ class StoreLog:
                 f"{found.elapsed * 1000:.0f} ms, closest {len(closest)} (true ranks max "
                 f"{closest[-1] if closest else None}, {sum(r < replicas for r in closest)} "
                 f"in the true {replicas}), given up on {len(late)} (true ranks {late}), "
+                f"never answered (hard timeout, a bad reply) {found.failed}, "
                 f"missing ones asked {sum(i in found.asked for i in missing)}, "
                 f"packed {len(found.packed)}"
             )
