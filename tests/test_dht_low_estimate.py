@@ -30,8 +30,8 @@ from test_dht_core import WALL, CoreNet, make_record, small_network
 from p2pd.claims import OK
 from p2pd.config import DHTConfig
 from p2pd.dht.core import DHTCore
-from p2pd.dht.density import SIZE_SAMPLE_REFRESH, depth_bound, estimate_size
-from p2pd.dht.routing import ID_SPACE
+from p2pd.dht.density import SIZE_SAMPLE_REFRESH, SizeEstimate, depth_bound, estimate_size
+from p2pd.dht.routing import ID_SPACE, Node
 from p2pd.identity import HandleRef
 from p2pd.records import HandleRecord
 
@@ -142,3 +142,52 @@ def test_a_resolver_whose_own_estimate_is_low_pools_it_with_its_sample(network: 
             assert own_estimate(core, owner.key) > 0.3 * NODES
             outcomes.append(resolve(net, core, owner))
     assert all(outcome == "owner" for outcome, _ in outcomes), shown(outcomes)
+
+
+def test_the_pool_raises_a_low_estimate_and_loosens_no_bound() -> None:
+    """SizeEstimate's pool (p2pd/dht/density.py ``pooled``), sans network: a node of a
+    network of 1,000 whose table misses its nearest contacts (its own estimate about
+    0.5 N) is raised toward its samples, never past the largest; a sample of a smaller
+    network is left out of the pool; an estimate above the pool is not lowered (that is
+    the caps' business), and the cap of twice the largest sample still holds an
+    inflated one."""
+    rng = random.Random(11)
+    n = 1000
+    me = rng.randbytes(20)
+    own_long = int.from_bytes(me, "big")
+    everyone = sorted(
+        (Node(rng.randbytes(20), f"198.18.{i // 250}.{i % 250}", 4000) for i in range(n)),
+        key=lambda node: node.long_id ^ own_long,
+    )
+    key = bytes(b ^ 0xFF for b in me)  # in the far half: its bucket is not our neighbourhood
+    k = CONFIG.ksize
+
+    def estimate(contacts: list[Node], samples: list[float]) -> float:
+        sizes = SizeEstimate()
+        for size in samples:
+            sizes.samples.append((100.0, size))
+        value = sizes.estimate(me, contacts, k, 100.0, key)
+        assert value is not None
+        return value
+
+    # The 20 nearest missing: the 20th known is about the 40th, (k - 1) / d about N / 2.
+    sparse = everyone[20:]
+    own = estimate(sparse, [])
+    assert 0.3 * n < own < 0.7 * n
+    raised = estimate(sparse, [1.0 * n])
+    assert own < raised <= 1.0 * n and raised > 0.6 * n
+    # A sample of a network a fifth the size is left out of the pool (and the cap, twice
+    # the largest, is not held down by it).
+    assert estimate(sparse, [0.2 * n, 1.0 * n]) == pytest.approx(raised)
+    # A higher estimate is not lowered by the pool...
+    full = estimate(everyone, [])
+    assert estimate(everyone, [0.8 * full]) == pytest.approx(full)
+    # ...and one inflated past twice the largest sample is still capped there (a
+    # cluster next to our id: ids 50 times as dense as the network's near us).
+    cluster = [
+        Node((own_long ^ rng.getrandbits(150)).to_bytes(20, "big"), f"203.0.{i}.1", 4000)
+        for i in range(2 * k)
+    ]
+    inflated = estimate(cluster + everyone, [])
+    assert inflated > 5 * n
+    assert estimate(cluster + everyone, [1.0 * n]) == pytest.approx(2.0 * n)
