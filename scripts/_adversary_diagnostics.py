@@ -158,6 +158,7 @@ class StoreLog:
                 f"{found.elapsed * 1000:.0f} ms, closest {len(closest)} (true ranks max "
                 f"{closest[-1] if closest else None}, {sum(r < replicas for r in closest)} "
                 f"in the true {replicas}), given up on {len(late)} (true ranks {late}), "
+                f"never answered (hard timeout, a bad reply) {found.failed}, "
                 f"missing ones asked {sum(i in found.asked for i in missing)}, "
                 f"packed {len(found.packed)}"
             )
@@ -338,3 +339,57 @@ def closest_only_owner(asker: Any, ref: HandleRef, details: LookupResult, owner:
 
 
 # --------------------------------------------------------------------------- printing
+
+
+def estimate_spread(swarm: Swarm, handles: list[str], n: int, per_node: int = 8) -> str:
+    """How far the honest nodes' size estimates for handles' keys (the density rule's N,
+    p2pd/dht/density.py ``SizeEstimate``) stray from the network's true size ``n`` (a
+    diagnostic for the honest replicas a resolver's own rule sets aside, issue 11 cause
+    3): quantiles of estimate / n over ``per_node`` keys per node, the share under 0.7 n
+    and 0.5 n, and for those what held it low: the node's own neighbourhood (the key's
+    bucket left out; "few" when fewer than k contacts lie outside that bucket) or the
+    samples' cap (twice the largest), and how many samples it had."""
+    k = swarm.config.ksize
+    ratios: list[float] = []
+    low: Counter[str] = Counter()
+    for index, node in enumerate(swarm.nodes):
+        if not node.alive:
+            continue
+        core = node.dht.core
+        recent = [v for when, v in core.sizes.samples if core.now - when <= SIZE_SAMPLE_AGE]
+        for j in range(per_node):
+            key = dht_key(handles[(index * per_node + j) % len(handles)])
+            limit = core.spread_limit(key)
+            if limit is None or not limit.scale:
+                continue
+            ratio = ID_SPACE / limit.scale / n
+            ratios.append(ratio)
+            if ratio >= 0.7:
+                continue
+            own = estimate_size(
+                core.node_id, core.table, k, key, None, depth_bound(core.node_id, core.table, k)
+            )
+            split = int.from_bytes(core.node_id, "big") ^ int.from_bytes(key, "big")
+            bucket = 1 << (split.bit_length() - 1)
+            outside = sum(
+                not bucket <= (c.long_id ^ int.from_bytes(core.node_id, "big")) < 2 * bucket
+                for c in core.table
+            )
+            cap = 2 * max(recent) if recent else None
+            part = "own" if cap is None or (own is not None and own <= cap) else "samples' cap"
+            few = ", few outside the bucket" if outside < k else ""
+            low[f"{'<0.5' if ratio < 0.5 else '<0.7'} {part}{few}, {len(recent)} samples"] += 1
+    if not ratios:
+        return "size estimates: none"
+    ratios.sort()
+
+    def q(p: float) -> float:
+        return ratios[min(len(ratios) - 1, int(p * len(ratios)))]
+
+    under = [sum(r < b for r in ratios) / len(ratios) for b in (0.7, 0.5)]
+    return (
+        f"size estimates / N over {len(ratios)} (node, key): p1 {q(0.01):.2f}, p10 "
+        f"{q(0.1):.2f}, p50 {q(0.5):.2f}, p90 {q(0.9):.2f}, p99 {q(0.99):.2f}; under 0.7 "
+        f"{100 * under[0]:.1f} %, under 0.5 {100 * under[1]:.1f} %; the low ones: "
+        + (", ".join(f"{v} {w}" for w, v in low.most_common(8)) or "none")
+    )

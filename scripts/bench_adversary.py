@@ -86,6 +86,7 @@ from _adversary_diagnostics import (
     StoreLog,
     closest_only_owner,
     coverage,
+    estimate_spread,
     first_message,
     inflated_estimates,
     no_honest_voter,
@@ -94,6 +95,7 @@ from _adversary_diagnostics import (
 from _adversary_report import (
     GRADED_CONCURRENCY,
     Row,
+    fmt,
     print_json,
     print_tables,
 )
@@ -234,6 +236,7 @@ async def run_network(
                 await trio_pool(n_honest, 8, publish)
             progress(f"{label}: {coverage(swarm, coalition, handles)}")
             progress(f"{label}: with no lookup, {await background_load()}")
+            progress(f"{label}: {estimate_spread(swarm, handles, args.nodes)}")
             if placement != "spread":
                 progress(f"{label}: {inflated_estimates(swarm, targets, args.nodes)}")
             if depth:
@@ -448,6 +451,7 @@ async def run_lookups(
             asker.dht.core.sizes.samples.clear()
         started = time.perf_counter()
         cpu, waited = time.process_time(), run_queue_wait()
+        start_limit = asker.dht.core.spread_limit(dht_key(handle))
         with trio.move_on_after(cap):
             resolution, details = await asker.dht.resolve_claim(ref)
             row.rpcs.append(details.rpcs)
@@ -480,7 +484,18 @@ async def run_lookups(
                     why, figures = why_contested(resolution, details, owner, coalition.ids)
                     limit = asker.dht.core.spread_limit(dht_key(handle))
                     if limit is not None and limit.scale:
-                        figures += f", size estimate {ID_SPACE / limit.scale:.0f}"
+                        # At the resolve's start (its first round's) and after it (a
+                        # sample the resolve started may have come in since).
+                        first = fmt(
+                            ID_SPACE / start_limit.scale
+                            if start_limit is not None and start_limit.scale
+                            else None,
+                            ".0f",
+                        )
+                        figures += (
+                            f", size estimate {first} at the start, "
+                            f"{ID_SPACE / limit.scale:.0f} after"
+                        )
                     row.contested_why[why] += 1
                     if len(row.contested_votes) < 4:
                         row.contested_votes.append(f"{handle}: {figures}")

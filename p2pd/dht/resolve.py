@@ -54,6 +54,10 @@ def start_resolve(
        key's true closest, or honest nodes past them (holding nothing, or a
        squatter's widely stored rival) and liars there decide
        (tests/test_dht_wide_round.py).
+       It starts once the size sample running when the resolve started (if any) is
+       in, and is judged by it: samples of a smaller network held the density rule's
+       estimate under 0.5 N and it set the true replicas aside by the dozen
+       (tests/test_dht_low_estimate.py).
     3. once at most, when the answer would be "contested" and the contacts given up on
        at their soft deadline (never heard: ``LookupResult.given_up``) could settle
        it, had each held one of the keys found: the same lookup again, those asked
@@ -124,7 +128,11 @@ def start_resolve(
         settled = resolution.status == "ok" and len(resolution.claims) == 1
         if earlier is None and wide > config.ksize and not (settled and not result.packed):
             core.stats["resolve_widened"] += 1
-            next_round(result, wide)
+            # Judged under the size sample this resolve started (its newest was over
+            # SIZE_SAMPLE_REFRESH old) if one runs: samples from a smaller network hold the
+            # samples' cap (twice the largest) down, and the density rule then set the
+            # true replicas aside by the dozen (issue 11, "cause 3"; docs/SECURITY.md).
+            core.sampler.idle(sample_began, lambda: next_round(result, wide))
             return
         if not result.waited and could_settle(result, resolution):
             core.stats["resolve_waited"] += 1
@@ -181,6 +189,9 @@ def start_resolve(
     judged_by = ID_SPACE / limit.scale if limit is not None and limit.scale else None
     waiting: list[LookupResult] = []
     sampled = [resampled or not core.sampler.needed(now)]
+    # The sample running now (needed() starts one when the newest is old): the second
+    # round waits for it (found()).
+    sample_began = core.sampler.running_since
 
     def first_round(result: LookupResult) -> None:
         if not sampled[0]:

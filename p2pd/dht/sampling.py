@@ -90,6 +90,24 @@ class SizeSampler:
             self.start(now)
         return age is None or (grown and more)
 
+    @property
+    def running_since(self) -> float | None:
+        """When the sampling lookup that runs now started (None: none runs)."""
+        return self._started if self._running else None
+
+    def idle(self, since: float | None, then: Callable[[], None]) -> None:
+        """``then()`` once the sampling lookup that started at ``since`` (None: none) has
+        ended: at once if it has, or none ran. A resolve's second round waits so
+        (p2pd/dht/resolve.py) for the sample that ran when the resolve started (begun
+        then because the newest was over ``SIZE_SAMPLE_REFRESH`` old): the round is then
+        judged by it. Not for a later one, so that the wait ends within a lookup's
+        deadline of the resolve's start, as its first round does."""
+        if since is not None and self.running_since == since:
+            self.core.stats["size_sample_idle_waits"] += 1
+            self._waiters.append(then)
+        else:
+            then()
+
     def after(self, now: float, then: Callable[[], None]) -> None:
         """``then()`` once the density rule's size estimate has a recent sample, so that
         its cap (twice the largest) holds whatever our routing table holds, and one
