@@ -91,3 +91,31 @@ def test_a_publisher_with_a_low_size_estimate_still_stores_at_the_true_replicas(
     holders = [i for i, c in enumerate(others) if c.storage.get(alice.key) == alice.encode()]
     assert holders[:REPLICAS] == list(range(REPLICAS)), holders
     assert stored >= REPLICAS
+
+
+def test_a_store_reaches_the_true_replicas_that_timed_out_in_its_lookup() -> None:
+    """Replicas whose replies come after the hard timeout, in a lookup that runs past
+    it (every reply slow, a busy network): their find requests time out, but they are
+    live and take the record when it is sent. At N=1000 under load the owner's store
+    lookup timed out on 3-20 contacts, true replicas among them, and those later took a
+    squatter's rival. Before, a store sent nothing to a contact that had timed out."""
+    net, publisher, others, alice = network()
+    for core in others:
+        net.busy[net.address_of(core)] = 0.6 * CONFIG.rpc_timeout  # answers, late
+    timed_out = others[:REPLICAS:3]  # 7 of the 20 true replicas, the nearest among them
+    for core in timed_out:
+        net.busy[net.address_of(core)] = 1.5 * CONFIG.rpc_timeout  # never in time
+    found: list[LookupResult] = []
+    lookup = publisher.start_lookup
+
+    def start_lookup(target: bytes, now: float, on_done: Any, **kw: Any) -> None:
+        lookup(target, now, lambda result: (found.append(result), on_done(result)), **kw)
+
+    publisher.start_lookup = start_lookup  # type: ignore[method-assign]
+    net.call(lambda done: publisher.start_store(alice.key, alice.encode(), net.now, done))
+    store = found[-1]  # (the first: a size sample the publisher takes)
+    ids = {core.node_id for core in timed_out}
+    assert ids <= {n.id for n in store.timed_out}, "the lookup must have timed them out"
+    assert not ids & {n.id for n in store.given_up}
+    holders = [i for i, c in enumerate(others) if c.storage.get(alice.key) == alice.encode()]
+    assert holders[:REPLICAS] == list(range(REPLICAS)), holders

@@ -95,6 +95,10 @@ class LookupResult:
     #: timed out): on a busy host mostly live replicas whose answer came too late (a
     #: resolve short of votes asks them again and waits: p2pd/dht/resolve.py).
     given_up: list[Node] = field(default_factory=list)
+    #: Contacts asked that never answered well: a hard timeout (on a busy host or a
+    #: lossy path, often a live replica whose request or reply was lost or late) or a
+    #: malformed reply. A store sends them its record all the same (``store_targets``).
+    timed_out: list[Node] = field(default_factory=list)
     asked: set[bytes] = field(default_factory=set)
     replies: dict[bytes, tuple[Node, wire.FindValueReply]] = field(default_factory=dict)
     #: A resolve: its rounds, and the first round's requests and time; whether it took
@@ -369,6 +373,7 @@ class Lookup:
         self.result.voters = {n.id for n in self._live() if self._state[n.id] == _OK}
         self.result.packed = {n.id for n in self._passed if self._state[n.id] == _OK}
         self.result.given_up = [n for n in self._nodes.values() if self._state[n.id] == _SLOW]
+        self.result.timed_out = [n for n in self._nodes.values() if self._state[n.id] == _FAILED]
         self.result.closest = self._closest(
             (n for n in self._nodes.values() if self._state[n.id] == _OK),
             self._target,
@@ -585,6 +590,7 @@ class DisjointLookup:
             result.slow += path.result.slow
             result.failed += path.result.failed
             result.given_up += path.result.given_up
+            result.timed_out += path.result.timed_out
             result.asked |= path.result.asked
             result.replies.update(path.result.replies)
             result.hops = max(result.hops, path.result.hops)
