@@ -31,10 +31,12 @@ from p2pd.testing.daemons import (
     short_tempdir,
     wait_until,
 )
+from p2pd.testing.netns import Testbed
 
 pytestmark = pytest.mark.slow
 
 PROBE = "p2pd.testing.forkserver:probe"
+PROBE_CODE = f"from {PROBE.replace(':', ' import ')}; probe()"
 
 
 @pytest.fixture()
@@ -132,6 +134,65 @@ def test_a_forked_child_starts_as_an_execd_one(
     # sys.exit("message") as the interpreter does it: the message on stderr, code 1
     assert forked_probe("bye", env)[0] == execd_probe("bye", env)[0] == 1
     assert forked_probe("bye", env)[1].splitlines()[-1] == "bye"
+
+
+@pytest.mark.netns
+def test_a_child_forked_into_a_namespace_sees_what_ip_netns_exec_gives(
+    testbed: Testbed, root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
+    """The probe forked with ``netns`` and exec'd under ``ip netns exec``: the same
+    network namespace (not the worker's), the same interfaces and addresses (getifaddrs,
+    if_nameindex, /sys/class/net: only the host's lo and eth0 with its LAN address, none
+    of the machine's), each in a mount namespace of its own with /etc/netns/NAME/hosts
+    bound on /etc/hosts, and the rest as in the test above. A daemon of that host is
+    forked too, lives in that namespace and listens on the host's address; a missing
+    namespace fails as ip does (exit 255, its message)."""
+    host = testbed.host("h1", testbed.lan("lan0", "198.51.100.0/24"))
+    etc = Path("/etc/netns") / host.netns
+    etc.mkdir(parents=True)
+    try:
+        (etc / "hosts").write_text("198.51.100.11 h1.forkprobe\n")
+        env = probe_env()
+        proc = forkserver.spawn([sys.executable, "0"], env, entry=PROBE, netns=host.netns)
+        assert proc.wait(30) == 0
+        forked = state(proc.stderr.read())
+        execd = subprocess.run(
+            host.command([sys.executable, "-c", PROBE_CODE, "0"]),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+        assert execd.returncode == 0, execd.stderr
+        reference = state(execd.stderr)
+    finally:
+        shutil.rmtree(etc)
+    mine = os.readlink("/proc/self/ns/net"), os.readlink("/proc/self/ns/mnt")
+    inode = os.stat(f"/run/netns/{host.netns}").st_ino  # (a bind mount of the nsfs file)
+    assert reference["netns"] == f"net:[{inode}]" != mine[0]
+    assert reference["interfaces"] == ["eth0", "lo"]
+    assert f"eth0 {host.address}/24" in reference["addresses"]
+    assert reference["etc_hosts"] == "198.51.100.11 h1.forkprobe\n"
+    assert forked["mntns"] not in (mine[1], reference["mntns"])
+    for key in set(reference) - {"pid", "ppid", "random", "comm", "mntns"}:
+        assert forked[key] == reference[key], key
+    missing = forkserver.spawn([sys.executable], env, entry=PROBE, netns="p2pd-no-such-ns")
+    assert missing.wait(30) == 255
+    assert 'Cannot open network namespace "p2pd-no-such-ns"' in missing.stderr.read()
+
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    daemon = DaemonProcess(root / "a", listen="0.0.0.0:4747", wrapper=host.command([]))
+    started.append(daemon)
+    assert daemon.wait_ready().forked
+    assert os.readlink(f"/proc/{daemon.proc.pid}/ns/net") == reference["netns"]
+    listening = host.run(["ss", "-Hlun", "sport = :4747"]).stdout
+    assert "0.0.0.0:4747" in listening, listening
+    assert daemon.stop() == 0, daemon.log
+    other = DaemonProcess(root / "a", wrapper=("prlimit", "--nofile=512"))
+    started.append(other)
+    assert not other.forked  # any other wrapper is exec'd
 
 
 def status_of(daemon: DaemonProcess) -> dict[str, Any]:

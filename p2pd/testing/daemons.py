@@ -101,14 +101,24 @@ def short_tempdir(prefix: str = "p2pd-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+def _netns_of(wrapper: Sequence[str]) -> str | None:
+    """NAME if ``wrapper`` is exactly ``ip netns exec NAME`` (netns.Host.command([])),
+    which a forked child does itself (forkserver._enter_netns); else None."""
+    if len(wrapper) == 4 and list(wrapper[:3]) == ["ip", "netns", "exec"]:
+        return wrapper[3]
+    return None
+
+
 class DaemonProcess:
     """A ``p2pd daemon`` child process; its stderr is collected in ``log``.
 
     Under the test harness (:func:`use_forkserver`) a daemon without ``wrapper`` is
     forked from a template process that has imported the daemon already
     (p2pd/testing/forkserver.py), ``proc`` then a :class:`forkserver.ForkedProcess`
-    with the part of Popen's surface the tests use. Exec'd all the same: a daemon with
-    a ``wrapper`` (netns hosts, prlimit, unshare: the wrapper is what is tested), one
+    with the part of Popen's surface the tests use. A ``wrapper`` of exactly
+    ``ip netns exec NAME`` (a netns host's ``command([])``) is forked too: the child
+    enters the namespace as ip would. Exec'd all the same: a daemon with any other
+    ``wrapper`` (prlimit, unshare: the wrapper is what is tested), one
     given ``P2PD_PASSPHRASE`` in ``env`` (the daemon wipes it from the environment block
     the kernel shows in /proc/PID/environ, which in a forked child is the template's,
     so only an exec'd daemon proves it), and every daemon of a process under coverage
@@ -142,8 +152,10 @@ class DaemonProcess:
         self.handle = self.fingerprint = self.listen = ""
         full_env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | forkserver.ForkedProcess
-        if _fork and not wrapper and "P2PD_PASSPHRASE" not in (env or {}) and not _coverage():
-            self.proc = forkserver.spawn(args, full_env)
+        netns = _netns_of(wrapper)
+        forkable = not wrapper or netns is not None
+        if _fork and forkable and "P2PD_PASSPHRASE" not in (env or {}) and not _coverage():
+            self.proc = forkserver.spawn(args[len(wrapper) :], full_env, netns=netns)
         else:
             self.proc = subprocess.Popen(
                 args,

@@ -223,14 +223,20 @@ def _start_template() -> socket.socket:
 
 
 def spawn(
-    args: Sequence[str], env: dict[str, str], *, entry: str = "p2pd_cli.main:main"
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    entry: str = "p2pd_cli.main:main",
+    netns: str | None = None,
 ) -> ForkedProcess:
     """Fork a daemon from the template: ``args`` as it would be exec'd (``args[0]`` the
     program, the rest its argv), ``env`` its whole environment, ``entry`` the function
     the child calls (``module:function``: the console script's; tests/test_forkserver.py
     forks :func:`probe` to compare a forked child with an exec'd one). stdin and stdout are
     /dev/null, stderr a pipe read through the result's ``stderr``, as
-    ``Popen(args, stdin=DEVNULL, stdout=DEVNULL, stderr=PIPE, text=True, env=env)``."""
+    ``Popen(args, stdin=DEVNULL, stdout=DEVNULL, stderr=PIPE, text=True, env=env)``.
+    With ``netns``, the child first does what ``ip netns exec NETNS`` does before it
+    execs (:func:`_enter_netns`): ``args`` then are what follows ``ip netns exec NETNS``."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stderr_r, stderr_fd = os.pipe()
     request = {
@@ -239,6 +245,7 @@ def spawn(
         "cwd": os.getcwd(),
         "umask": _current_umask(),
         "entry": entry,
+        "netns": netns,
     }
     devnull_in = os.open(os.devnull, os.O_RDONLY)
     devnull_out = os.open(os.devnull, os.O_WRONLY)
@@ -452,6 +459,8 @@ def _child(request: dict[str, Any], stdin: int, stdout: int, stderr: int) -> Non
         os.dup2(fd, target)
         os.close(fd)
     _fresh_stdio()
+    if request.get("netns"):
+        _enter_netns(request["netns"])
     os.chdir(request["cwd"])
     os.umask(int(request["umask"]))
     os.environ.clear()  # unsetenv each: the C environment follows
@@ -468,6 +477,68 @@ def _child(request: dict[str, Any], stdin: int, stdout: int, stderr: int) -> Non
     module, _, function = request["entry"].partition(":")
     getattr(importlib.import_module(module), function)()  # p2pd's: the console script's
     raise SystemExit(0)  # (click's main exits itself; never back into the template's loop)
+
+
+def _enter_netns(name: str) -> None:
+    """What ``ip netns exec NAME`` does before it execs its command (iproute2 6.1,
+    lib/namespace.c netns_switch): join the network namespace /run/netns/NAME; unshare
+    the mount namespace and make every mount a slave (nothing propagates back); mount a
+    sysfs of the namespace on /sys (after a lazy unmount of the old one; read-only if
+    that one cannot be unmounted and is read-only); bind-mount each file of
+    /etc/netns/NAME onto /etc. Not done: ip's ``vrf_reset`` (VRF cgroups; no test uses
+    VRFs). On failure, ip's message on stderr and ip's exit code, 255 (``exit(-1)``).
+    Python 3.11 has no os.setns/os.unshare, hence libc through ctypes; the child is
+    single-threaded (fork_one checks), as unshare(CLONE_NEWNS) requires."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    # (mountflags is an unsigned long: without argtypes ctypes would pass a C int)
+    libc.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_void_p,
+    ]
+    clone_newnet, clone_newns = 0x40000000, 0x00020000
+    ms_rdonly, ms_bind, ms_rec, ms_slave, mnt_detach = 1, 4096, 16384, 1 << 19, 2
+
+    def fail(what: str) -> None:
+        print(f"{what}: {os.strerror(ctypes.get_errno())}", file=sys.stderr, flush=True)
+        raise SystemExit(255)
+
+    path = f"/run/netns/{name}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        print(f'Cannot open network namespace "{name}": {exc.strerror}', file=sys.stderr)
+        raise SystemExit(255) from None
+    try:
+        if libc.setns(fd, clone_newnet) != 0:
+            fail(f'setting the network namespace "{name}" failed')
+    finally:
+        os.close(fd)
+    if libc.unshare(clone_newns) != 0:
+        fail("unshare failed")
+    if libc.mount(b"", b"/", b"none", ms_slave | ms_rec, None) != 0:
+        fail('"mount --make-rslave /" failed')
+    flags = 0
+    if libc.umount2(b"/sys", mnt_detach) != 0:
+        with contextlib.suppress(OSError):
+            if os.statvfs("/sys").f_flag & os.ST_RDONLY:
+                flags = ms_rdonly
+    if libc.mount(name.encode(), b"/sys", b"sysfs", flags, None) != 0:
+        fail("mount of /sys failed")
+    etc = f"/etc/netns/{name}"
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(os.listdir(etc)):
+            source, target = f"{etc}/{entry}".encode(), f"/etc/{entry}".encode()
+            if libc.mount(source, target, b"none", ms_bind, None) != 0:
+                print(
+                    f"Bind {source.decode()} -> {target.decode()} failed: "
+                    f"{os.strerror(ctypes.get_errno())}",
+                    file=sys.stderr,
+                )
 
 
 def _set_name(name: str) -> None:
@@ -505,6 +576,16 @@ def _fresh_stdio() -> None:
         stream.mode = "w" if write else "r"
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
+
+
+def _addresses() -> list[str]:
+    import ifaddr
+
+    return sorted(
+        f"{adapter.name} {ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip}/{ip.network_prefix}"
+        for adapter in ifaddr.get_adapters()
+        for ip in adapter.ips
+    )
 
 
 def probe() -> None:
@@ -547,6 +628,14 @@ def probe() -> None:
         "log_handlers": len(logging.root.handlers),
         "path": sys.path[1:],  # [0]: -c's "" exec'd, the program's directory forked
         "comm": Path("/proc/self/comm").read_text().strip(),
+        # the network namespace as the daemon sees it: getifaddrs (ifaddr, as zeroconf),
+        # if_nameindex, /sys/class/net, /etc/hosts (bind-mounted from /etc/netns/NAME)
+        "netns": os.readlink("/proc/self/ns/net"),
+        "mntns": os.readlink("/proc/self/ns/mnt"),
+        "interfaces": sorted(name for _, name in socket.if_nameindex()),
+        "addresses": _addresses(),
+        "sys_class_net": sorted(os.listdir("/sys/class/net")),
+        "etc_hosts": Path("/etc/hosts").read_text(),
     }
     print(json.dumps(state), file=sys.stderr)
     code = sys.argv[1] if len(sys.argv) > 1 else "0"
