@@ -325,6 +325,27 @@ def test_forked_daemons_cpu_is_counted(
     assert counted > 0 and counted >= used, (counted, used)
 
 
+def test_a_forked_daemon_nobody_waits_for_is_counted_when_it_ends(
+    root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
+    """Killed by pid (as a netns testbed kills its namespaces' processes) and never
+    waited for: its CPU reaches cpu_seconds once it has ended, as an exec'd one reaches
+    RUSAGE_CHILDREN when subprocess reaps it; not before it ends."""
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    daemon = DaemonProcess(root / "a")
+    started.append(daemon)
+    assert daemon.wait_ready().forked
+    for _ in range(40):
+        control_call(daemon.home, "status")
+    before = forkserver.cpu_seconds()
+    fields = Path(f"/proc/{daemon.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    assert used > 0
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    assert wait_until(lambda: forkserver.cpu_seconds() - before >= used, timeout=15)
+    assert daemon.proc.returncode == -signal.SIGKILL  # read by cpu_seconds, not waited
+
+
 def test_a_dead_template_is_a_loud_error_not_an_execd_daemon(
     root: Path, forking: None, started: list[DaemonProcess]
 ) -> None:

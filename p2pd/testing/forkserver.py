@@ -127,6 +127,8 @@ class ForkedProcess:
         _account(int(message["template"]), float(message["cpu"]), float(message["template_cpu"]))
         self.returncode = os.waitstatus_to_exitcode(int(message["status"]))
         self._channel.close()
+        with _lock:
+            _running.discard(self)
         return True
 
     def poll(self) -> int | None:
@@ -162,6 +164,11 @@ _cpu = 0.0
 #: By template pid: its own CPU last reported, and all that its messages added to _cpu.
 _template_cpu_seen: dict[int, float] = {}
 _counted: dict[int, float] = {}
+#: Forked daemons whose exit message has not been read yet. cpu_seconds() reads those
+#: that came: a daemon nobody waits for (a netns testbed kills the processes of its
+#: namespaces at its end) is counted when it ends, as an exec'd one is when Popen's
+#: next start reaps it (subprocess._cleanup), not lost.
+_running: set[ForkedProcess] = set()
 
 
 def _account(template: int, child_cpu: float, template_cpu: float) -> None:
@@ -184,7 +191,20 @@ def _children_cpu() -> float:
 
 
 def cpu_seconds() -> float:
-    """CPU of the forked daemons this worker has waited for, plus the template's own."""
+    """CPU of the forked daemons this worker has waited for or that have ended (see
+    :data:`_running`), plus the template's own."""
+    with _lock:
+        running = list(_running)
+    for proc in running:
+        # Not blocking: a thread in proc.wait() holds its lock (and will count it).
+        if proc._lock.acquire(blocking=False):
+            try:
+                proc._receive(0.0)
+            except TemplateError:  # its own wait() says so; nothing more to count here
+                with _lock:
+                    _running.discard(proc)
+            finally:
+                proc._lock.release()
     with _lock:
         return _cpu
 
@@ -285,7 +305,10 @@ def spawn(
         if isinstance(exc, TimeoutError):
             raise TemplateError("the fork template did not answer in 120 s") from exc
         raise
-    return ForkedProcess(args, int(reply["pid"]), ours, stderr=stderr)
+    proc = ForkedProcess(args, int(reply["pid"]), ours, stderr=stderr)
+    with _lock:
+        _running.add(proc)
+    return proc
 
 
 def _current_umask() -> int:
