@@ -195,6 +195,74 @@ def test_a_child_forked_into_a_namespace_sees_what_ip_netns_exec_gives(
     assert not other.forked  # any other wrapper is exec'd
 
 
+def test_a_forked_cli_call_returns_what_subprocess_run_does(tmp_path: Path) -> None:
+    """forkserver.run against subprocess.run with capture_output and text: the probe's
+    stdout (non-ASCII, "\\r\\n" translated), its stderr (the state: the environment
+    given, cwd, stdin /dev/null, stdout and stderr pipes, fds 0-2 only) and its exit
+    code, as a CompletedProcess with the same args."""
+    env = probe_env()
+    args = [sys.executable, "-c", PROBE_CODE, "7"]
+    forked = forkserver.run([sys.executable, "7"], env, entry=PROBE, timeout=30)
+    execd = subprocess.run(
+        args, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30
+    )
+    assert execd.returncode == forked.returncode == 7
+    assert execd.stdout == forked.stdout == '["7"] stdout ✓\n'
+    mine, reference = state(forked.stderr), state(execd.stderr)
+    assert reference["env"] == env and reference["stdout"].startswith("pipe:")
+    assert mine["stdout"].startswith("pipe:") and mine["stdout"] != reference["stdout"]
+    for key in set(reference) - {"pid", "ppid", "random", "comm", "stdout"}:
+        assert mine[key] == reference[key], key
+    assert forked.args == [sys.executable, "7"]
+    assert isinstance(forked, subprocess.CompletedProcess)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("init", "alice", "--no-passphrase"),  # exists: exit 1, on stderr
+        ("init", "Alice", "--no-passphrase"),  # usage error: exit 2
+        ("status", "--json"),  # no daemon: exit 1
+        ("contacts", "--json"),  # stdout, exit 0
+        ("--help",),
+        ("no-such-command",),
+    ],
+)
+def test_forked_and_execd_cli_calls_print_the_same(
+    root: Path, args: tuple[str, ...], forking: None
+) -> None:
+    """The real CLI through run_cli, forked and exec'd, on one home: the same stdout,
+    stderr and exit code, byte for byte."""
+    daemons.use_forkserver(False)
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    execd = run_cli(root / "a", *args)
+    daemons.use_forkserver(True)
+    before = forkserver.cpu_seconds()
+    forked = run_cli(root / "a", *args)
+    assert forkserver.cpu_seconds() > before  # the forked CLI's CPU is counted
+    assert (forked.returncode, forked.stdout, forked.stderr) == (
+        execd.returncode,
+        execd.stdout,
+        execd.stderr,
+    )
+    assert forked.stdout or forked.stderr  # the comparison can fail
+    assert forked.args == execd.args
+
+
+def test_a_forked_cli_call_that_overruns_is_killed(root: Path, forking: None) -> None:
+    """timeout as subprocess.run honours it: TimeoutExpired with the output so far (as
+    bytes) once the call, here a daemon, has been killed; it serves no more."""
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    listen = daemons.loopback_listen()
+    with pytest.raises(subprocess.TimeoutExpired) as raised:
+        run_cli(root / "a", "daemon", "--listen", listen, "--lan", "off", timeout=8)
+    assert raised.value.timeout == 8
+    assert b"ready: handle=alice" in raised.value.stderr, raised.value.stderr
+    assert raised.value.output == b""
+    status = run_cli(root / "a", "status")
+    assert status.returncode != 0, status.stdout
+
+
 def status_of(daemon: DaemonProcess) -> dict[str, Any]:
     return cli_json(daemon.home, "status")  # type: ignore[no-any-return]
 

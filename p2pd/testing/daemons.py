@@ -28,15 +28,16 @@ _READY = re.compile(r"ready: handle=(\S+) fingerprint=(\S+) listen=(\S+)")
 _LOOPBACK_NETS = itertools.count()
 
 
-#: Whether :class:`DaemonProcess` forks its daemons from a template that has imported
-#: them (p2pd/testing/forkserver.py) rather than exec them: off unless the process
-#: turned it on (tests/conftest.py does, unless ``P2PD_TEST_FORK=0``); scripts/demo and
-#: the benchmarks exec.
+#: Whether :class:`DaemonProcess` forks its daemons, and :func:`run_cli` its CLI calls,
+#: from a template that has imported them (p2pd/testing/forkserver.py) rather than exec
+#: them: off unless the process turned it on (tests/conftest.py does, unless
+#: ``P2PD_TEST_FORK=0``); scripts/demo and the benchmarks exec.
 _fork = False
 
 
 def use_forkserver(on: bool = True) -> None:
-    """Fork this process's later daemons from a template (see :data:`_fork`)."""
+    """Fork this process's later daemons and CLI calls from a template (see
+    :data:`_fork`)."""
     global _fork
     _fork = on
 
@@ -60,13 +61,22 @@ def p2pd_command() -> list[str]:
 def run_cli(
     home: Path, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``p2pd --home HOME ARGS...``; returns the finished process (never raises on exit code)."""
+    """``p2pd --home HOME ARGS...``; returns the finished process (never raises on exit
+    code; raises :class:`subprocess.TimeoutExpired` after killing it on ``timeout``).
+    Under the test harness (:func:`use_forkserver`) it is forked from the daemons'
+    template (the CLI's ~60 ms of interpreter start and imports saved), with the same
+    argv, environment, stdio and result; exec'd under coverage. Tests that measure the
+    CLI's own start or look at its /proc build their own ``subprocess.run``."""
+    argv = [*p2pd_command(), "--home", str(home), *args]
+    full_env = {**os.environ, **(env or {})}
+    if _fork and not _coverage():
+        return forkserver.run(argv, full_env, timeout=timeout)
     return subprocess.run(
-        [*p2pd_command(), "--home", str(home), *args],
+        argv,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=full_env,
         stdin=subprocess.DEVNULL,
     )
 

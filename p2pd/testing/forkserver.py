@@ -64,6 +64,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import IO, Any
 
@@ -100,7 +101,7 @@ class ForkedProcess:
     exit code, or minus the signal number that killed it."""
 
     def __init__(
-        self, args: Sequence[str], pid: int, channel: socket.socket, stderr: IO[str]
+        self, args: Sequence[str], pid: int, channel: socket.socket, stderr: IO[str] | None
     ) -> None:
         self.args = list(args)
         self.pid = pid
@@ -257,8 +258,107 @@ def spawn(
     ``Popen(args, stdin=DEVNULL, stdout=DEVNULL, stderr=PIPE, text=True, env=env)``.
     With ``netns``, the child first does what ``ip netns exec NETNS`` does before it
     execs (:func:`_enter_netns`): ``args`` then are what follows ``ip netns exec NETNS``."""
+    stderr_r, stderr_w = os.pipe()
+    devnull_out = os.open(os.devnull, os.O_WRONLY)
+    try:
+        pid, channel = _fork(args, env, entry, netns, devnull_out, stderr_w)
+    except BaseException:
+        os.close(stderr_r)
+        raise
+    finally:
+        os.close(devnull_out)
+        os.close(stderr_w)
+    stderr = open(stderr_r, encoding=None)  # noqa: SIM115 (as Popen's text=True: locale's)
+    return _started(ForkedProcess(args, pid, channel, stderr=stderr))
+
+
+def _started(proc: ForkedProcess) -> ForkedProcess:
+    with _lock:
+        _running.add(proc)
+    return proc
+
+
+def run(
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    timeout: float,
+    entry: str = "p2pd_cli.main:main",
+) -> subprocess.CompletedProcess[str]:
+    """Fork a CLI call from the template and wait for it: what
+    ``subprocess.run(args, env=env, stdin=DEVNULL, capture_output=True, text=True,
+    timeout=timeout)`` returns (stdout and stderr decoded with the locale's encoding,
+    newlines translated, the exit code as Popen gives it), or raises: on expiry the
+    child is killed and waited for, and :class:`subprocess.TimeoutExpired` carries the
+    output so far as bytes, as subprocess.run's does."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        pid, channel = _fork(args, env, entry, None, out_w, err_w)
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    proc = _started(ForkedProcess(args, pid, channel, stderr=None))
+    deadline = time.monotonic() + timeout
+    output: dict[int, list[bytes]] = {out_r: [], err_r: []}
+    try:
+        with selectors.DefaultSelector() as selector:
+            for fd in output:
+                selector.register(fd, selectors.EVENT_READ)
+            while selector.get_map():  # bounded by the deadline
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise subprocess.TimeoutExpired(args, timeout)
+                for key, _ in selector.select(remaining):
+                    data = os.read(key.fd, 1 << 16)
+                    if data:
+                        output[key.fd].append(data)
+                    else:
+                        selector.unregister(key.fd)
+        proc.wait(max(deadline - time.monotonic(), 0.0))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30.0)
+        raise subprocess.TimeoutExpired(
+            args, timeout, output=b"".join(output[out_r]), stderr=b"".join(output[err_r])
+        ) from None
+    except BaseException:
+        with contextlib.suppress(TemplateError):
+            proc.kill()
+        raise
+    finally:
+        os.close(out_r)
+        os.close(err_r)
+    assert proc.returncode is not None
+    stdout, stderr = (_text(b"".join(output[fd])) for fd in (out_r, err_r))
+    return subprocess.CompletedProcess(list(args), proc.returncode, stdout, stderr)
+
+
+def _text(data: bytes) -> str:
+    """As Popen's text mode decodes what communicate() read: the locale's encoding,
+    strict, universal newlines."""
+    import locale
+
+    text = data.decode(locale.getpreferredencoding(False))
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _fork(
+    args: Sequence[str],
+    env: dict[str, str],
+    entry: str,
+    netns: str | None,
+    stdout: int,
+    stderr: int,
+) -> tuple[int, socket.socket]:
+    """Have the template fork a child with stdin /dev/null and ``stdout``, ``stderr``
+    (the caller's descriptors: it closes them): its pid and the channel its exit
+    message will come on."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    stderr_r, stderr_fd = os.pipe()
     request = {
         "argv": list(args),
         "env": env,
@@ -268,7 +368,6 @@ def spawn(
         "netns": netns,
     }
     devnull_in = os.open(os.devnull, os.O_RDONLY)
-    devnull_out = os.open(os.devnull, os.O_WRONLY)
     try:
         with _lock:
             control = _start_template()
@@ -276,19 +375,16 @@ def spawn(
                 socket.send_fds(
                     control,
                     [json.dumps(request).encode()],
-                    [devnull_in, devnull_out, stderr_fd, theirs.fileno()],
+                    [devnull_in, stdout, stderr, theirs.fileno()],
                 )
             except OSError as exc:
                 raise TemplateError(f"the fork template is gone: {exc}") from exc
     except BaseException:
-        os.close(stderr_r)
         ours.close()
         raise
     finally:
-        for fd in (devnull_in, devnull_out, stderr_fd):
-            os.close(fd)
+        os.close(devnull_in)
         theirs.close()
-    stderr = open(stderr_r, encoding=None)  # noqa: SIM115 (as Popen's text=True: locale's)
     # The template's reply; its first start imports the daemon's stack (~1 s, more on a
     # loaded machine): bounded all the same.
     ours.settimeout(120.0)
@@ -300,15 +396,11 @@ def spawn(
         if "error" in reply:
             raise TemplateError(f"the fork template refused: {reply['error']}")
     except BaseException as exc:
-        stderr.close()
         ours.close()
         if isinstance(exc, TimeoutError):
             raise TemplateError("the fork template did not answer in 120 s") from exc
         raise
-    proc = ForkedProcess(args, int(reply["pid"]), ours, stderr=stderr)
-    with _lock:
-        _running.add(proc)
-    return proc
+    return int(reply["pid"]), ours
 
 
 def _current_umask() -> int:
@@ -661,5 +753,6 @@ def probe() -> None:
         "etc_hosts": Path("/etc/hosts").read_text(),
     }
     print(json.dumps(state), file=sys.stderr)
+    print(json.dumps(sys.argv[1:]), "stdout ✓", end="\r\n")  # (run() translates, as Popen)
     code = sys.argv[1] if len(sys.argv) > 1 else "0"
     sys.exit(int(code) if code.lstrip("-").isdigit() else code)
