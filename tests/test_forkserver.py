@@ -215,6 +215,18 @@ def test_a_forked_cli_call_returns_what_subprocess_run_does(tmp_path: Path) -> N
         assert mine[key] == reference[key], key
     assert forked.args == [sys.executable, "7"]
     assert isinstance(forked, subprocess.CompletedProcess)
+    for code in ("bye", "-1", "0"):  # a message: status 1; -1: 255 (the exit quick_exit does)
+        one = forkserver.run([sys.executable, code], env, entry=PROBE, timeout=30)
+        two = subprocess.run(
+            [sys.executable, "-c", PROBE_CODE, code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert one.returncode == two.returncode == {"bye": 1, "-1": 255, "0": 0}[code]
+        assert one.stderr.splitlines()[1:] == two.stderr.splitlines()[1:]
+        assert one.stdout == two.stdout == f'["{code}"] stdout ✓\n'
 
 
 @pytest.mark.parametrize(
