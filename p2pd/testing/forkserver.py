@@ -8,17 +8,20 @@ CLI entry point (``p2pd_cli.main.main`` with ``sys.argv`` set to the same argv),
 own pid, environment, working directory, umask, stdio, signal dispositions and exit
 status; only the interpreter start and the imports are shared.
 
-Only :class:`p2pd.testing.daemons.DaemonProcess` uses it, and only when the test
-harness turned it on (tests/conftest.py; ``P2PD_TEST_FORK=0`` runs every daemon by
-exec as before). scripts/demo, the benchmarks and any process the tests start on their
-own exec their daemons.
+:class:`p2pd.testing.daemons.DaemonProcess` uses it (:func:`spawn`; in a netns host
+too: the child enters the namespace as ``ip netns exec`` would) and so does
+:func:`p2pd.testing.daemons.run_cli` (:func:`run`: a CLI call, ~8 ms of CPU forked
+against ~50 ms exec'd), only when the test harness turned it on (tests/conftest.py;
+``P2PD_TEST_FORK=0`` runs every daemon and CLI call by exec as before). scripts/demo,
+the benchmarks and any process the tests start on their own exec their daemons.
 
 Protocol, on ``AF_UNIX`` ``SOCK_SEQPACKET`` sockets (one message per send, no framing):
 
 - worker -> template, on the control socket (a socketpair made when the template is
-  started): one JSON request ``{"argv", "env", "cwd", "umask"}`` with four file
-  descriptors (SCM_RIGHTS, as multiprocessing's forkserver passes them): the child's
-  stdin, stdout, stderr and the template's end of a fresh per-daemon socketpair.
+  started): one JSON request ``{"argv", "env", "cwd", "umask", "entry", "netns",
+  "quick_exit"}`` with four file descriptors (SCM_RIGHTS, as multiprocessing's
+  forkserver passes them): the child's stdin, stdout, stderr and the template's end of
+  a fresh per-daemon socketpair.
 - template -> worker, on that per-daemon socket: ``{"pid": N}`` once forked (or
   ``{"error": ...}``), later ``{"status": S, "cpu": C, "template_cpu": T, "template": P}`` when the
   template has reaped the child: S is the raw wait status, C the child's user+system
