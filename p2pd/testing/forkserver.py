@@ -633,9 +633,11 @@ def _run_and_exit_quickly(main: Any) -> None:
         code = 1
     threading._shutdown()  # type: ignore[attr-defined]  # (what Py_FinalizeEx calls)
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    # (the interpreter flushes sys.stdout and sys.stderr; the originals too, in case the
+    # CLI replaced them: module teardown would have flushed those when freeing them)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         with contextlib.suppress(Exception):
-            stream.flush()
+            stream.flush()  # type: ignore[union-attr]
     os._exit(code & 0xFF)
 
 
