@@ -25,10 +25,11 @@ than "any worker, any time":
 
 Run alone (``pytest tests/x.py``, no ``-n``) none of this does anything.
 
-Daemons forked, not exec'd: each worker forks the ``p2pd daemon`` processes of
-:class:`p2pd.testing.daemons.DaemonProcess` from a template that has imported the
-daemon once (p2pd/testing/forkserver.py; ~0.4-0.7 s of CPU saved per daemon, ~200
-daemons a run). ``P2PD_TEST_FORK=0`` execs them all as before. The template starts at
+Daemons and CLI calls forked, not exec'd: each worker forks the ``p2pd daemon``
+processes of :class:`p2pd.testing.daemons.DaemonProcess` (also those in a netns host)
+and the CLI calls of ``run_cli``/``cli_json`` from a template that has imported the
+daemon once (p2pd/testing/forkserver.py; ~0.4-0.7 s of CPU saved per daemon, ~0.04 s
+per CLI call). ``P2PD_TEST_FORK=0`` execs them all as before. The template starts at
 a worker's first daemon and ends at the worker's session end.
 
 Where the time goes: every test's CPU seconds (its own process and the children it

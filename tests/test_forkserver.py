@@ -31,10 +31,12 @@ from p2pd.testing.daemons import (
     short_tempdir,
     wait_until,
 )
+from p2pd.testing.netns import Testbed
 
 pytestmark = pytest.mark.slow
 
 PROBE = "p2pd.testing.forkserver:probe"
+PROBE_CODE = f"from {PROBE.replace(':', ' import ')}; probe()"
 
 
 @pytest.fixture()
@@ -132,6 +134,148 @@ def test_a_forked_child_starts_as_an_execd_one(
     # sys.exit("message") as the interpreter does it: the message on stderr, code 1
     assert forked_probe("bye", env)[0] == execd_probe("bye", env)[0] == 1
     assert forked_probe("bye", env)[1].splitlines()[-1] == "bye"
+
+
+@pytest.mark.netns
+def test_a_child_forked_into_a_namespace_sees_what_ip_netns_exec_gives(
+    testbed: Testbed, root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
+    """The probe forked with ``netns`` and exec'd under ``ip netns exec``: the same
+    network namespace (not the worker's), the same interfaces and addresses (getifaddrs,
+    if_nameindex, /sys/class/net: only the host's lo and eth0 with its LAN address, none
+    of the machine's), each in a mount namespace of its own with /etc/netns/NAME/hosts
+    bound on /etc/hosts, and the rest as in the test above. A daemon of that host is
+    forked too, lives in that namespace and listens on the host's address; a missing
+    namespace fails as ip does (exit 255, its message)."""
+    host = testbed.host("h1", testbed.lan("lan0", "198.51.100.0/24"))
+    etc = Path("/etc/netns") / host.netns
+    etc.mkdir(parents=True)
+    try:
+        (etc / "hosts").write_text("198.51.100.11 h1.forkprobe\n")
+        env = probe_env()
+        proc = forkserver.spawn([sys.executable, "0"], env, entry=PROBE, netns=host.netns)
+        assert proc.wait(30) == 0
+        forked = state(proc.stderr.read())
+        execd = subprocess.run(
+            host.command([sys.executable, "-c", PROBE_CODE, "0"]),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+        assert execd.returncode == 0, execd.stderr
+        reference = state(execd.stderr)
+    finally:
+        shutil.rmtree(etc)
+    mine = os.readlink("/proc/self/ns/net"), os.readlink("/proc/self/ns/mnt")
+    inode = os.stat(f"/run/netns/{host.netns}").st_ino  # (a bind mount of the nsfs file)
+    assert reference["netns"] == f"net:[{inode}]" != mine[0]
+    assert reference["interfaces"] == ["eth0", "lo"]
+    assert f"eth0 {host.address}/24" in reference["addresses"]
+    assert reference["etc_hosts"] == "198.51.100.11 h1.forkprobe\n"
+    # Each its own mount namespace, not the worker's. (Not "not each other's": the
+    # forked probe's namespace is freed when it exits, and the kernel may give its
+    # inode number to the exec'd probe's, as it did in one run.)
+    assert forked["mntns"] != mine[1] and reference["mntns"] != mine[1]
+    for key in set(reference) - {"pid", "ppid", "random", "comm", "mntns"}:
+        assert forked[key] == reference[key], key
+    missing = forkserver.spawn([sys.executable], env, entry=PROBE, netns="p2pd-no-such-ns")
+    assert missing.wait(30) == 255
+    assert 'Cannot open network namespace "p2pd-no-such-ns"' in missing.stderr.read()
+
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    daemon = DaemonProcess(root / "a", listen="0.0.0.0:4747", wrapper=host.command([]))
+    started.append(daemon)
+    assert daemon.wait_ready().forked
+    assert os.readlink(f"/proc/{daemon.proc.pid}/ns/net") == reference["netns"]
+    listening = host.run(["ss", "-Hlun", "sport = :4747"]).stdout
+    assert "0.0.0.0:4747" in listening, listening
+    assert daemon.stop() == 0, daemon.log
+    other = DaemonProcess(root / "a", wrapper=("prlimit", "--nofile=512"))
+    started.append(other)
+    assert not other.forked  # any other wrapper is exec'd
+
+
+def test_a_forked_cli_call_returns_what_subprocess_run_does(tmp_path: Path) -> None:
+    """forkserver.run against subprocess.run with capture_output and text: the probe's
+    stdout (non-ASCII, "\\r\\n" translated), its stderr (the state: the environment
+    given, cwd, stdin /dev/null, stdout and stderr pipes, fds 0-2 only) and its exit
+    code, as a CompletedProcess with the same args."""
+    env = probe_env()
+    args = [sys.executable, "-c", PROBE_CODE, "7"]
+    forked = forkserver.run([sys.executable, "7"], env, entry=PROBE, timeout=30)
+    execd = subprocess.run(
+        args, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30
+    )
+    assert execd.returncode == forked.returncode == 7
+    assert execd.stdout == forked.stdout == '["7"] stdout ✓\n'
+    mine, reference = state(forked.stderr), state(execd.stderr)
+    assert reference["env"] == env and reference["stdout"].startswith("pipe:")
+    assert mine["stdout"].startswith("pipe:") and mine["stdout"] != reference["stdout"]
+    for key in set(reference) - {"pid", "ppid", "random", "comm", "stdout"}:
+        assert mine[key] == reference[key], key
+    assert forked.args == [sys.executable, "7"]
+    assert isinstance(forked, subprocess.CompletedProcess)
+    for code in ("bye", "-1", "0"):  # a message: status 1; -1: 255 (the exit quick_exit does)
+        one = forkserver.run([sys.executable, code], env, entry=PROBE, timeout=30)
+        two = subprocess.run(
+            [sys.executable, "-c", PROBE_CODE, code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert one.returncode == two.returncode == {"bye": 1, "-1": 255, "0": 0}[code]
+        assert one.stderr.splitlines()[1:] == two.stderr.splitlines()[1:]
+        assert one.stdout == two.stdout == f'["{code}"] stdout ✓\n'
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("init", "alice", "--no-passphrase"),  # exists: exit 1, on stderr
+        ("init", "Alice", "--no-passphrase"),  # usage error: exit 2
+        ("status", "--json"),  # no daemon: exit 1
+        ("contacts", "--json"),  # stdout, exit 0
+        ("--help",),
+        ("no-such-command",),
+    ],
+)
+def test_forked_and_execd_cli_calls_print_the_same(
+    root: Path, args: tuple[str, ...], forking: None
+) -> None:
+    """The real CLI through run_cli, forked and exec'd, on one home: the same stdout,
+    stderr and exit code, byte for byte."""
+    daemons.use_forkserver(False)
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    execd = run_cli(root / "a", *args)
+    daemons.use_forkserver(True)
+    before = forkserver.cpu_seconds()
+    forked = run_cli(root / "a", *args)
+    assert forkserver.cpu_seconds() > before  # the forked CLI's CPU is counted
+    assert (forked.returncode, forked.stdout, forked.stderr) == (
+        execd.returncode,
+        execd.stdout,
+        execd.stderr,
+    )
+    assert forked.stdout or forked.stderr  # the comparison can fail
+    assert forked.args == execd.args
+
+
+def test_a_forked_cli_call_that_overruns_is_killed(root: Path, forking: None) -> None:
+    """timeout as subprocess.run honours it: TimeoutExpired with the output so far (as
+    bytes) once the call, here a daemon, has been killed; it serves no more."""
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    listen = daemons.loopback_listen()
+    with pytest.raises(subprocess.TimeoutExpired) as raised:
+        run_cli(root / "a", "daemon", "--listen", listen, "--lan", "off", timeout=8)
+    assert raised.value.timeout == 8
+    assert b"ready: handle=alice" in raised.value.stderr, raised.value.stderr
+    assert raised.value.output == b""
+    status = run_cli(root / "a", "status")
+    assert status.returncode != 0, status.stdout
 
 
 def status_of(daemon: DaemonProcess) -> dict[str, Any]:
@@ -262,6 +406,27 @@ def test_forked_daemons_cpu_is_counted(
     assert daemon.stop() == 0
     counted = forkserver.cpu_seconds() - before
     assert counted > 0 and counted >= used, (counted, used)
+
+
+def test_a_forked_daemon_nobody_waits_for_is_counted_when_it_ends(
+    root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
+    """Killed by pid (as a netns testbed kills its namespaces' processes) and never
+    waited for: its CPU reaches cpu_seconds once it has ended, as an exec'd one reaches
+    RUSAGE_CHILDREN when subprocess reaps it; not before it ends."""
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    daemon = DaemonProcess(root / "a")
+    started.append(daemon)
+    assert daemon.wait_ready().forked
+    for _ in range(40):
+        control_call(daemon.home, "status")
+    before = forkserver.cpu_seconds()
+    fields = Path(f"/proc/{daemon.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    assert used > 0
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    assert wait_until(lambda: forkserver.cpu_seconds() - before >= used, timeout=15)
+    assert daemon.proc.returncode == -signal.SIGKILL  # read by cpu_seconds, not waited
 
 
 def test_a_dead_template_is_a_loud_error_not_an_execd_daemon(

@@ -28,15 +28,16 @@ _READY = re.compile(r"ready: handle=(\S+) fingerprint=(\S+) listen=(\S+)")
 _LOOPBACK_NETS = itertools.count()
 
 
-#: Whether :class:`DaemonProcess` forks its daemons from a template that has imported
-#: them (p2pd/testing/forkserver.py) rather than exec them: off unless the process
-#: turned it on (tests/conftest.py does, unless ``P2PD_TEST_FORK=0``); scripts/demo and
-#: the benchmarks exec.
+#: Whether :class:`DaemonProcess` forks its daemons, and :func:`run_cli` its CLI calls,
+#: from a template that has imported them (p2pd/testing/forkserver.py) rather than exec
+#: them: off unless the process turned it on (tests/conftest.py does, unless
+#: ``P2PD_TEST_FORK=0``); scripts/demo and the benchmarks exec.
 _fork = False
 
 
 def use_forkserver(on: bool = True) -> None:
-    """Fork this process's later daemons from a template (see :data:`_fork`)."""
+    """Fork this process's later daemons and CLI calls from a template (see
+    :data:`_fork`)."""
     global _fork
     _fork = on
 
@@ -60,13 +61,22 @@ def p2pd_command() -> list[str]:
 def run_cli(
     home: Path, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``p2pd --home HOME ARGS...``; returns the finished process (never raises on exit code)."""
+    """``p2pd --home HOME ARGS...``; returns the finished process (never raises on exit
+    code; raises :class:`subprocess.TimeoutExpired` after killing it on ``timeout``).
+    Under the test harness (:func:`use_forkserver`) it is forked from the daemons'
+    template (the CLI's ~60 ms of interpreter start and imports saved), with the same
+    argv, environment, stdio and result; exec'd under coverage. Tests that measure the
+    CLI's own start or look at its /proc build their own ``subprocess.run``."""
+    argv = [*p2pd_command(), "--home", str(home), *args]
+    full_env = {**os.environ, **(env or {})}
+    if _fork and not _coverage():
+        return forkserver.run(argv, full_env, timeout=timeout)
     return subprocess.run(
-        [*p2pd_command(), "--home", str(home), *args],
+        argv,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=full_env,
         stdin=subprocess.DEVNULL,
     )
 
@@ -101,14 +111,24 @@ def short_tempdir(prefix: str = "p2pd-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+def _netns_of(wrapper: Sequence[str]) -> str | None:
+    """NAME if ``wrapper`` is exactly ``ip netns exec NAME`` (netns.Host.command([])),
+    which a forked child does itself (forkserver._enter_netns); else None."""
+    if len(wrapper) == 4 and list(wrapper[:3]) == ["ip", "netns", "exec"]:
+        return wrapper[3]
+    return None
+
+
 class DaemonProcess:
     """A ``p2pd daemon`` child process; its stderr is collected in ``log``.
 
     Under the test harness (:func:`use_forkserver`) a daemon without ``wrapper`` is
     forked from a template process that has imported the daemon already
     (p2pd/testing/forkserver.py), ``proc`` then a :class:`forkserver.ForkedProcess`
-    with the part of Popen's surface the tests use. Exec'd all the same: a daemon with
-    a ``wrapper`` (netns hosts, prlimit, unshare: the wrapper is what is tested), one
+    with the part of Popen's surface the tests use. A ``wrapper`` of exactly
+    ``ip netns exec NAME`` (a netns host's ``command([])``) is forked too: the child
+    enters the namespace as ip would. Exec'd all the same: a daemon with any other
+    ``wrapper`` (prlimit, unshare: the wrapper is what is tested), one
     given ``P2PD_PASSPHRASE`` in ``env`` (the daemon wipes it from the environment block
     the kernel shows in /proc/PID/environ, which in a forked child is the template's,
     so only an exec'd daemon proves it), and every daemon of a process under coverage
@@ -142,8 +162,10 @@ class DaemonProcess:
         self.handle = self.fingerprint = self.listen = ""
         full_env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | forkserver.ForkedProcess
-        if _fork and not wrapper and "P2PD_PASSPHRASE" not in (env or {}) and not _coverage():
-            self.proc = forkserver.spawn(args, full_env)
+        netns = _netns_of(wrapper)
+        forkable = not wrapper or netns is not None
+        if _fork and forkable and "P2PD_PASSPHRASE" not in (env or {}) and not _coverage():
+            self.proc = forkserver.spawn(args[len(wrapper) :], full_env, netns=netns)
         else:
             self.proc = subprocess.Popen(
                 args,
