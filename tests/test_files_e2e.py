@@ -760,6 +760,15 @@ def _row(net: Net, handle: str, tid: str) -> dict[str, Any]:
     return rows[0]
 
 
+def _row_shows(net: Net, handle: str, tid: str, check: Callable[[dict[str, Any]], bool]) -> bool:
+    """Whether ``handle`` lists the transfer yet and it passes ``check``: for polling (the
+    receiver lists an offer only once it arrived, a moment after `send-file` returned:
+    with forked CLI calls, a first poll came before it, in a clean-clone CI run)."""
+    rows = [f for f in files(net.home(handle)) if f["id"].startswith(tid)]
+    assert len(rows) <= 1, rows
+    return bool(rows) and check(rows[0])
+
+
 def test_cancel_from_either_side_through_the_cli_and_what_files_follow_shows(net: Net) -> None:
     """`p2pd cancel` by the receiver (bob) mid-way, then by the sender (alice): the other
     side is told and stops sending, both show "cancelled", bob keeps nothing (no final
@@ -784,13 +793,18 @@ def test_cancel_from_either_side_through_the_cli_and_what_files_follow_shows(net
             proc = run_cli(net.home("alice"), "send-file", "bob", str(net.root / name))
             assert proc.returncode == 0, proc.stderr
             tid = tids[name] = proc.stdout.split("id ")[-1].strip()
-            assert eventually(lambda t=tid: _row(net, "bob", t)["bytes_done"] >= GROUP, 60)
+            assert eventually(
+                lambda t=tid: _row_shows(net, "bob", t, lambda r: r["bytes_done"] >= GROUP), 60
+            )
             proc = run_cli(net.home(canceller), "cancel", tid)
             assert proc.returncode == 0, proc.stderr
             assert proc.stdout.startswith(f"{tid}  cancelled ") and name in proc.stdout
             for side in ("alice", "bob"):
                 assert eventually(
-                    lambda s=side, t=tid: _row(net, s, t)["state"] == "cancelled", timeout=20
+                    lambda s=side, t=tid: _row_shows(
+                        net, s, t, lambda r: r["state"] == "cancelled"
+                    ),
+                    timeout=20,
                 ), _row(net, side, tid)
             told = "alice" if canceller == "bob" else "bob"  # and who it was, as it is shown
             assert _row(net, canceller, tid)["error"] == ""
