@@ -15,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +83,9 @@ def forked_probe(code: str, env: dict[str, str], program: str = sys.executable) 
     return returncode, proc.stderr.read()
 
 
-def execd_probe(code: str, env: dict[str, str]) -> tuple[int, str]:
+def execd_probe(code: str, env: dict[str, str], wrapper: Sequence[str] = ()) -> tuple[int, str]:
     proc = subprocess.run(
-        [sys.executable, "-c", f"from {PROBE.replace(':', ' import ')}; probe()", code],
+        [*wrapper, sys.executable, "-c", PROBE_CODE, code],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -156,17 +156,9 @@ def test_a_child_forked_into_a_namespace_sees_what_ip_netns_exec_gives(
         proc = forkserver.spawn([sys.executable, "0"], env, entry=PROBE, netns=host.netns)
         assert proc.wait(30) == 0
         forked = state(proc.stderr.read())
-        execd = subprocess.run(
-            host.command([sys.executable, "-c", PROBE_CODE, "0"]),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=30,
-        )
-        assert execd.returncode == 0, execd.stderr
-        reference = state(execd.stderr)
+        code, stderr = execd_probe("0", env, wrapper=host.command([]))
+        assert code == 0, stderr
+        reference = state(stderr)
     finally:
         shutil.rmtree(etc)
     mine = os.readlink("/proc/self/ns/net"), os.readlink("/proc/self/ns/mnt")
