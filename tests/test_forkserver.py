@@ -100,6 +100,27 @@ def state(stderr: str) -> dict[str, Any]:
     return json.loads(stderr.splitlines()[0])  # type: ignore[no-any-return]
 
 
+def test_a_caller_ignoring_sigint_gets_a_child_that_ignores_it_as_exec_gives() -> None:
+    """An ignored SIGINT survives exec: a child of a worker ignoring it ignores it too,
+    forked or exec'd (a full suite run with P2PD_TEST_FORK=0 found them differ, a worker
+    ignoring SIGINT by then); a caller that handles it gets KeyboardInterrupt's handler."""
+    env = probe_env()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forked, execd = forked_probe("0", env), execd_probe("0", env)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert state(execd[1])["signals"]["SIGINT"] == repr(signal.SIG_IGN)
+    assert state(forked[1])["signals"] == state(execd[1])["signals"]
+    handled = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        forked, execd = forked_probe("0", env), execd_probe("0", env)
+    finally:
+        signal.signal(signal.SIGINT, handled)
+    assert state(forked[1])["signals"] == state(execd[1])["signals"]
+    assert state(forked[1])["signals"]["SIGINT"] == repr(signal.default_int_handler)
+
+
 def test_a_forked_child_starts_as_an_execd_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -372,6 +372,9 @@ def _fork(
         "entry": entry,
         "netns": netns,
         "quick_exit": quick_exit,
+        # An ignored SIGINT survives exec (and CPython then leaves it ignored): an exec'd
+        # child of a process ignoring it would ignore it too (pytest-xdist's workers may).
+        "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
     }
     devnull_in = os.open(os.devnull, os.O_RDONLY)
     try:
@@ -571,11 +574,14 @@ def _send(channel: socket.socket, message: dict[str, Any]) -> None:
 def _child(request: dict[str, Any], stdin: int, stdout: int, stderr: int) -> None:
     """In the forked child: undo what fork copied from the template, then run the CLI as
     ``p2pd ARGV...`` would. Ends by raising (SystemExit or the CLI's exception)."""
-    # What a fresh interpreter has: SIGINT raises KeyboardInterrupt, SIGCHLD default;
-    # SIGPIPE and SIGXFSZ stay ignored as CPython sets them at start.
+    # What a fresh interpreter has: SIGINT raises KeyboardInterrupt (unless the caller
+    # ignored it: then an exec'd child would inherit that), SIGCHLD default; SIGPIPE and
+    # SIGXFSZ stay ignored as CPython sets them at start. (A full suite run with
+    # P2PD_TEST_FORK=0 found the difference: a worker ignoring SIGINT by then.)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ignored = request.get("sigint_ignored")
+    signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.default_int_handler)
     for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
         os.dup2(fd, target)
         os.close(fd)
