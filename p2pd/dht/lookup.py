@@ -426,13 +426,8 @@ class Lookup:
                 return state == _SLOW
             self._reprobed.add(node_id)
             self._set(node_id, _NEW)
-            depth = self._depth[node_id] + 1
-            self._depth[node_id] = depth
-            for contact in reply:
-                address = contact.address
-                self._add(
-                    Node(contact.node_id, address.host, address.port, contact.node_key), depth
-                )
+            depth = self._depth[node_id] = self._depth[node_id] + 1
+            self._add_contacts(reply, depth)
             self._wide = True
             return state == _SLOW
         if isinstance(reply, wire.FindValueReply) and self.find_value:
@@ -453,14 +448,18 @@ class Lookup:
         self._set(node_id, _OK)
         depth = self._depth[node_id] + 1
         self.result.hops = max(self.result.hops, depth)
+        if not self._add_contacts(contacts, depth):
+            self._wide = True
+        return state == _SLOW
+
+    def _add_contacts(self, contacts: Iterable[wire.Contact], depth: int) -> bool:
+        """Take the contacts a reply named; True if one is nearer than any heard before."""
         closer = False
         for contact in contacts:
             address = contact.address
             node = Node(contact.node_id, address.host, address.port, contact.node_key)
             closer = self._add(node, depth) or closer
-        if not closer:
-            self._wide = True
-        return state == _SLOW
+        return closer
 
     def target_for(self, node_id: bytes) -> bytes:
         """The key to ask ``node_id`` about: the target, or its own id (``probe_from``)."""
