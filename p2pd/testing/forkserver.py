@@ -19,7 +19,7 @@ Protocol, on ``AF_UNIX`` ``SOCK_SEQPACKET`` sockets (one message per send, no fr
 
 - worker -> template, on the control socket (a socketpair made when the template is
   started): one JSON request ``{"argv", "env", "cwd", "umask", "entry", "netns",
-  "quick_exit"}`` with four file descriptors (SCM_RIGHTS, as multiprocessing's
+  "quick_exit", "sigint_ignored"}`` with four file descriptors (SCM_RIGHTS, as multiprocessing's
   forkserver passes them): the child's stdin, stdout, stderr and the template's end of
   a fresh per-daemon socketpair.
 - template -> worker, on that per-daemon socket: ``{"pid": N}`` once forked (or
