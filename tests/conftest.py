@@ -104,6 +104,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="N",
         help="list the N tests that used the most CPU (with the daemons and CLIs they ran)",
     )
+    parser.addoption(
+        "--timeline",
+        metavar="FILE",
+        help="append one JSON line per test to FILE: worker, when it asked for its lane, "
+        "started and ended (time.time()), serial or not; scripts/suite_timeline.py draws it",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -254,14 +260,30 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     """Hold the lock over the test's setup, call and teardown (so a module fixture that
     starts daemons for its first test counts as part of that test)."""
-    if _run_alone is None:
-        yield
-        return
-    _run_alone.acquire(alone=item.get_closest_marker("serial") is not None)
+    timeline = item.config.getoption("timeline")
+    serial = item.get_closest_marker("serial") is not None
+    asked = time.time()
+    if _run_alone is not None:
+        _run_alone.acquire(alone=serial)
+    started = time.time()
     try:
         yield
     finally:
-        _run_alone.release()
+        if _run_alone is not None:
+            _run_alone.release()
+        if timeline:
+            _append_timeline(timeline, item.nodeid, serial, asked, started, time.time())
+
+
+def _append_timeline(path: str, nodeid: str, serial: bool, *times: float) -> None:
+    """One line per test, appended in one write (O_APPEND: workers do not interleave)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    line = json.dumps([worker, nodeid, serial, *(round(t, 3) for t in times)]) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def _cpu_seconds() -> float:
