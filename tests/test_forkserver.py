@@ -245,6 +245,25 @@ def test_a_forked_cli_call_returns_what_subprocess_run_does(tmp_path: Path) -> N
         assert one.stdout == two.stdout == f'["{code}"] stdout ✓\n'
 
 
+def test_p2pd_test_profile_writes_each_forked_calls_profile(root: Path) -> None:
+    """``P2PD_TEST_PROFILE=DIR`` (what finds where a forked daemon or CLI call spends its
+    CPU): each forked child writes its cProfile statistics to DIR, named after its
+    command, and still prints and exits as without it."""
+    import pstats
+
+    env = {**os.environ, "P2PD_TEST_PROFILE": str(root)}
+    argv = [*p2pd_command(), "--home", str(root / "home"), "init", "alice", "--no-passphrase"]
+    done = forkserver.run(argv, env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    again = forkserver.run(argv, env, timeout=60)  # exists: exit 1, its message
+    assert again.returncode == 1 and "already exists" in again.stderr
+    written = sorted(p.name for p in root.glob("*.prof"))
+    assert len(written) == 2 and all(name.startswith("init-") for name in written), written
+    stats = pstats.Stats(str(root / written[0]))
+    called = {function for (_, _, function) in stats.stats}  # type: ignore[attr-defined]
+    assert "init" in called, sorted(called)[:20]  # the command's own function, profiled
+
+
 @pytest.mark.parametrize(
     "args",
     [

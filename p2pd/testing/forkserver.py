@@ -14,6 +14,8 @@ too: the child enters the namespace as ``ip netns exec`` would) and so does
 against ~50 ms exec'd), only when the test harness turned it on (tests/conftest.py;
 ``P2PD_TEST_FORK=0`` runs every daemon and CLI call by exec as before). scripts/demo,
 the benchmarks and any process the tests start on their own exec their daemons.
+``P2PD_TEST_PROFILE=DIR`` in the environment runs each forked child under cProfile
+(:func:`_profiled`).
 
 Protocol, on ``AF_UNIX`` ``SOCK_SEQPACKET`` sockets (one message per send, no framing):
 
@@ -603,10 +605,33 @@ def _child(request: dict[str, Any], stdin: int, stdout: int, stderr: int) -> Non
 
     module, _, function = request["entry"].partition(":")
     main = getattr(importlib.import_module(module), function)  # p2pd's: the console script's
+    if os.environ.get("P2PD_TEST_PROFILE"):
+        main = _profiled(main, os.environ["P2PD_TEST_PROFILE"])
     if request.get("quick_exit"):
         _run_and_exit_quickly(main)
     main()
     raise SystemExit(0)  # (click's main exits itself; never back into the template's loop)
+
+
+def _profiled(main: Any, directory: str) -> Any:
+    """``main`` under cProfile on this process's CPU time, its statistics written at
+    the end (exit or exception) to DIRECTORY/ARGV1-PID.prof: ``P2PD_TEST_PROFILE=DIR``
+    in a test's environment, for finding where a forked daemon or CLI call spends its
+    CPU (``python -m pstats``). Diagnosis only: the profiler itself costs CPU."""
+    import cProfile
+
+    def run() -> Any:
+        profile = cProfile.Profile(time.process_time)
+        profile.enable()
+        try:
+            return main()
+        finally:
+            profile.disable()
+            words = [a for a in sys.argv[1:] if not a.startswith("-") and "/" not in a]
+            name = words[0] if words else "p2pd"
+            profile.dump_stats(os.path.join(directory, f"{name}-{os.getpid()}.prof"))
+
+    return run
 
 
 def _run_and_exit_quickly(main: Any) -> None:
