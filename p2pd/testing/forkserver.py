@@ -266,7 +266,7 @@ def spawn(
     stderr_r, stderr_w = os.pipe()
     devnull_out = os.open(os.devnull, os.O_WRONLY)
     try:
-        pid, channel = _fork(args, env, entry, netns, devnull_out, stderr_w)
+        pid, channel = _fork(args, env, entry, netns, devnull_out, stderr_w, quick_exit=True)
     except BaseException:
         os.close(stderr_r)
         raise
@@ -640,10 +640,17 @@ def _run_and_exit_quickly(main: Any) -> None:
     atexit callbacks, stdout and stderr flushed) but without the rest of the
     finalisation: tearing down the template's ~100 modules touches every page of the
     heap fork shared, ~26 ms of CPU per child here (a ``--version`` call costs 33 ms
-    forked with it, 52 ms exec'd). What is skipped shows only through ``__del__`` of
-    objects still alive at exit (weakref.finalize and logging.shutdown are atexit
-    callbacks and do run). For CLI calls (:func:`run`); a daemon exits in full."""
+    forked with it, 52 ms exec'd; a daemon 49-74 ms in all with it, 33 ms without).
+    Cyclic garbage is collected before the end, so its ``__del__`` methods run as the
+    interpreter's last collection would run them; what is skipped shows only through
+    ``__del__`` of objects still reachable at exit (weakref.finalize and
+    logging.shutdown are atexit callbacks and do run). CLI calls (:func:`run`) and
+    daemons (:func:`spawn`) alike: a daemon has closed its database, sockets and files
+    by the time its ``main`` returns (test_at_rest and the resume tests read what it
+    left), and an exec'd daemon (``P2PD_TEST_FORK=0``, the passphrase ones) still
+    ends with the full finalisation."""
     import atexit
+    import gc
     import threading
 
     try:
@@ -664,6 +671,7 @@ def _run_and_exit_quickly(main: Any) -> None:
         code = 1
     threading._shutdown()  # type: ignore[attr-defined]  # (what Py_FinalizeEx calls)
     atexit._run_exitfuncs()
+    gc.collect()  # (only what was made since the fork: the template's heap is frozen)
     # (the interpreter flushes sys.stdout and sys.stderr; the originals too, in case the
     # CLI replaced them: module teardown would have flushed those when freeing them)
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
