@@ -352,6 +352,11 @@ def test_two_forked_daemons_are_two_nodes_that_exchange_a_dm(root: Path, forking
             text = "hello bob, forked ✓"
             proc = run_cli(root / "alice", "send", "bob", text, "--wait", "--timeout", "30")
             assert proc.returncode == 0, proc.stderr + alice.log + bob.log
+            # `--from alice` lists what came from alice's pinned key: bob pins it once he
+            # has checked it against the DHT, a moment after he acknowledged the DM (in a
+            # run at load 4 the first look came before: an empty list)
+            contacts = lambda: control_call(root / "bob", "contacts")  # noqa: E731
+            assert wait_until(lambda: "alice" in {c["handle"] for c in contacts()}, 20), bob.log
             inbox = run_cli(root / "bob", "inbox", "--json", "--from", "alice")
             assert [json.loads(line)["text"] for line in inbox.stdout.splitlines()] == [text]
         finally:
