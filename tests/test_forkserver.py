@@ -245,6 +245,25 @@ def test_a_forked_cli_call_returns_what_subprocess_run_does(tmp_path: Path) -> N
         assert one.stdout == two.stdout == f'["{code}"] stdout ✓\n'
 
 
+def test_p2pd_test_profile_writes_each_forked_calls_profile(root: Path) -> None:
+    """``P2PD_TEST_PROFILE=DIR`` (what finds where a forked daemon or CLI call spends its
+    CPU): each forked child writes its cProfile statistics to DIR, named after its
+    command, and still prints and exits as without it."""
+    import pstats
+
+    env = {**os.environ, "P2PD_TEST_PROFILE": str(root)}
+    argv = [*p2pd_command(), "--home", str(root / "home"), "init", "alice", "--no-passphrase"]
+    done = forkserver.run(argv, env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    again = forkserver.run(argv, env, timeout=60)  # exists: exit 1, its message
+    assert again.returncode == 1 and "already exists" in again.stderr
+    written = sorted(p.name for p in root.glob("*.prof"))
+    assert len(written) == 2 and all(name.startswith("init-") for name in written), written
+    stats = pstats.Stats(str(root / written[0]))
+    called = {function for (_, _, function) in stats.stats}  # type: ignore[attr-defined]
+    assert "init" in called, sorted(called)[:20]  # the command's own function, profiled
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -333,6 +352,11 @@ def test_two_forked_daemons_are_two_nodes_that_exchange_a_dm(root: Path, forking
             text = "hello bob, forked ✓"
             proc = run_cli(root / "alice", "send", "bob", text, "--wait", "--timeout", "30")
             assert proc.returncode == 0, proc.stderr + alice.log + bob.log
+            # `--from alice` lists what came from alice's pinned key: bob pins it once he
+            # has checked it against the DHT, a moment after he acknowledged the DM (in a
+            # run at load 4 the first look came before: an empty list)
+            contacts = lambda: control_call(root / "bob", "contacts")  # noqa: E731
+            assert wait_until(lambda: "alice" in {c["handle"] for c in contacts()}, 20), bob.log
             inbox = run_cli(root / "bob", "inbox", "--json", "--from", "alice")
             assert [json.loads(line)["text"] for line in inbox.stdout.splitlines()] == [text]
         finally:

@@ -3,6 +3,7 @@ x3dh/doubleratchet crypto and real SQLite. No network, no clock but ``now``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -359,6 +360,42 @@ def test_tampered_envelopes_are_rejected_and_change_nothing(which: str) -> None:
         assert bob.snapshot() == before
     assert bob.recv(envelope) == b"the real one"
     assert bob.recv(alice.send(bob, b"and the next")) == b"and the next"
+
+
+def test_a_first_message_works_out_each_prekeys_public_key_at_most_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first message, forged (a one-time prekey that is not ours) or real, costs at
+    most one curve25519 derivation per one-time prekey we hold (40) and per signed
+    prekey, plus the one for the prekey made to replace the one it used; not one each
+    time x3dh reads a key's ``pub`` (p2pd.session.crypto._PreKeyPair): the real one
+    took 156 before. Anyone can send a first message."""
+    import xeddsa
+
+    calls = 0
+    derive = xeddsa.priv_to_curve25519_pub
+
+    def counted(priv: bytes) -> bytes:
+        nonlocal calls
+        calls += 1
+        return derive(priv)
+
+    alice, bob = Node(), Node()
+    real = alice.send(bob, b"the real one")
+    first = Envelope.decode(real)
+    assert first.initial is not None and first.initial.one_time_prekey is not None
+    forged = Envelope(
+        first.ratchet,
+        first.ciphertext,
+        initial=dataclasses.replace(first.initial, one_time_prekey=os.urandom(32)),
+    ).encode()
+    monkeypatch.setattr(xeddsa, "priv_to_curve25519_pub", counted)
+    with pytest.raises(SessionError):
+        bob.sessions.decrypt(forged, now=T0)
+    assert calls <= 40 + 2, calls  # the signed prekey's too, current and old
+    calls = 0
+    assert bob.recv(real) == b"the real one"
+    assert calls <= 40 + 2 + 1, calls
 
 
 @settings(max_examples=150, deadline=None)

@@ -54,6 +54,9 @@ from typing import Any, TypeVar, cast
 
 import doubleratchet
 import x3dh
+import x3dh.base_state
+import x3dh.pre_key_pair
+import xeddsa
 from doubleratchet.kdf_chain import KDFChain
 from doubleratchet.recommended import (
     HashFunction,
@@ -99,6 +102,34 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 
 # --------------------------------------------------------------------------- X3DH
+
+
+class _PreKeyPair(x3dh.pre_key_pair.PreKeyPair):
+    """x3dh's one-time prekey, its public key worked out once.
+
+    x3dh 1.3.0's ``PreKeyPair.pub`` derives the public key from the private one (a
+    curve25519 scalar multiplication, ~45 us) every time it is read, and the state
+    reads it for every one-time prekey it holds each time it builds its ``bundle``
+    (every first message we receive, and every publish) and in the scan for the prekey
+    a first message names (the whole list when the name matches none: any forged or
+    replayed first message). A first message cost ~100 of them with 40 prekeys;
+    tests/test_session.py's tampered first messages spent 1.8 of their 2 s of CPU there.
+    The public key is kept in the instance's own ``__dict__`` (a subclass of the
+    NamedTuple can have one), so it lives and dies with the key pair: a deleted prekey
+    leaves nothing behind. Equality, hashing, ``priv`` and the model are the tuple's,
+    as before."""
+
+    @property
+    def pub(self) -> bytes:
+        cached: bytes | None = self.__dict__.get("pub")
+        if cached is None:
+            cached = self.__dict__["pub"] = xeddsa.priv_to_curve25519_pub(self.priv)
+        return cached
+
+
+# The state builds its one-time prekeys (generated, or loaded from its model) through
+# this module global of x3dh.base_state; ours is a drop-in subclass.
+x3dh.base_state.PreKeyPair = _PreKeyPair  # type: ignore[attr-defined]
 
 
 class X3DHState(x3dh.BaseState):

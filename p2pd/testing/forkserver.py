@@ -14,6 +14,8 @@ too: the child enters the namespace as ``ip netns exec`` would) and so does
 against ~50 ms exec'd), only when the test harness turned it on (tests/conftest.py;
 ``P2PD_TEST_FORK=0`` runs every daemon and CLI call by exec as before). scripts/demo,
 the benchmarks and any process the tests start on their own exec their daemons.
+``P2PD_TEST_PROFILE=DIR`` in the environment runs each forked child under cProfile
+(:func:`_profiled`).
 
 Protocol, on ``AF_UNIX`` ``SOCK_SEQPACKET`` sockets (one message per send, no framing):
 
@@ -264,7 +266,7 @@ def spawn(
     stderr_r, stderr_w = os.pipe()
     devnull_out = os.open(os.devnull, os.O_WRONLY)
     try:
-        pid, channel = _fork(args, env, entry, netns, devnull_out, stderr_w)
+        pid, channel = _fork(args, env, entry, netns, devnull_out, stderr_w, quick_exit=True)
     except BaseException:
         os.close(stderr_r)
         raise
@@ -603,10 +605,33 @@ def _child(request: dict[str, Any], stdin: int, stdout: int, stderr: int) -> Non
 
     module, _, function = request["entry"].partition(":")
     main = getattr(importlib.import_module(module), function)  # p2pd's: the console script's
+    if os.environ.get("P2PD_TEST_PROFILE"):
+        main = _profiled(main, os.environ["P2PD_TEST_PROFILE"])
     if request.get("quick_exit"):
         _run_and_exit_quickly(main)
     main()
     raise SystemExit(0)  # (click's main exits itself; never back into the template's loop)
+
+
+def _profiled(main: Any, directory: str) -> Any:
+    """``main`` under cProfile on this process's CPU time, its statistics written at
+    the end (exit or exception) to DIRECTORY/ARGV1-PID.prof: ``P2PD_TEST_PROFILE=DIR``
+    in a test's environment, for finding where a forked daemon or CLI call spends its
+    CPU (``python -m pstats``). Diagnosis only: the profiler itself costs CPU."""
+    import cProfile
+
+    def run() -> Any:
+        profile = cProfile.Profile(time.process_time)
+        profile.enable()
+        try:
+            return main()
+        finally:
+            profile.disable()
+            words = [a for a in sys.argv[1:] if not a.startswith("-") and "/" not in a]
+            name = words[0] if words else "p2pd"
+            profile.dump_stats(os.path.join(directory, f"{name}-{os.getpid()}.prof"))
+
+    return run
 
 
 def _run_and_exit_quickly(main: Any) -> None:
@@ -615,10 +640,17 @@ def _run_and_exit_quickly(main: Any) -> None:
     atexit callbacks, stdout and stderr flushed) but without the rest of the
     finalisation: tearing down the template's ~100 modules touches every page of the
     heap fork shared, ~26 ms of CPU per child here (a ``--version`` call costs 33 ms
-    forked with it, 52 ms exec'd). What is skipped shows only through ``__del__`` of
-    objects still alive at exit (weakref.finalize and logging.shutdown are atexit
-    callbacks and do run). For CLI calls (:func:`run`); a daemon exits in full."""
+    forked with it, 52 ms exec'd; a daemon 49-74 ms in all with it, 33 ms without).
+    Cyclic garbage is collected before the end, so its ``__del__`` methods run as the
+    interpreter's last collection would run them; what is skipped shows only through
+    ``__del__`` of objects still reachable at exit (weakref.finalize and
+    logging.shutdown are atexit callbacks and do run). CLI calls (:func:`run`) and
+    daemons (:func:`spawn`) alike: a daemon has closed its database, sockets and files
+    by the time its ``main`` returns (test_at_rest and the resume tests read what it
+    left), and an exec'd daemon (``P2PD_TEST_FORK=0``, the passphrase ones) still
+    ends with the full finalisation."""
     import atexit
+    import gc
     import threading
 
     try:
@@ -639,6 +671,7 @@ def _run_and_exit_quickly(main: Any) -> None:
         code = 1
     threading._shutdown()  # type: ignore[attr-defined]  # (what Py_FinalizeEx calls)
     atexit._run_exitfuncs()
+    gc.collect()  # (only what was made since the fork: the template's heap is frozen)
     # (the interpreter flushes sys.stdout and sys.stderr; the originals too, in case the
     # CLI replaced them: module teardown would have flushed those when freeing them)
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
