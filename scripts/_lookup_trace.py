@@ -113,6 +113,41 @@ class _Traced(DisjointLookup):
             trace.events.append((t, self._path_of(node_id), "slow", node_id.hex()[:6], 0.0))
         return changed
 
+    def _finish(self, now: float) -> None:
+        super()._finish(now)
+        trace = self.trace
+        limit = self._limit
+        if trace is None or not self.result.packed or limit is None:
+            return
+        scale = getattr(limit, "scale", None)
+        if not scale:
+            return
+        target = int.from_bytes(self.target, "big")
+        known = sorted(
+            {n.id: n for p in self.paths for n, _ in p.known()}.values(),
+            key=lambda n: n.long_id ^ target,
+        )
+        for node_id in self.result.packed:
+            rank = next(i for i, n in enumerate(known) if n.id == node_id)
+            lam = (known[rank].long_id ^ target) / scale
+            trace.events.append(
+                (
+                    0.0,
+                    -1,
+                    f"packed rank {rank} lam {lam:.3f} size {2**160 / scale:.0f}",
+                    node_id.hex()[:6],
+                    0.0,
+                )
+            )
+
+    def late(self, node_id: bytes) -> bool:
+        changed = super().late(node_id)
+        trace = self.trace
+        if changed and trace is not None:
+            t = trio.current_time() - trace.started
+            trace.events.append((t, self._path_of(node_id), "late", node_id.hex()[:6], 0.0))
+        return changed
+
     def replied(self, node_id: bytes, reply: Any) -> bool:
         trace = self.trace
         if trace is not None:
