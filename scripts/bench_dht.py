@@ -57,7 +57,7 @@ import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,8 @@ from _dht_workload import (
     start_tracing,
     stop_tracing,
 )
+from _lookup_trace import CLOCK as IDLE_CLOCK
+from _lookup_trace import ResolveTrace, ResolveTracer, summarize
 from _stock_kademlia import run_stock
 
 from p2pd.config import DHTConfig
@@ -100,6 +102,8 @@ GOAL_N = 1000
 DEFENCE_COST_GOAL = 2.0
 
 log = logging.getLogger("bench_dht")
+#: ``--breakdown``: each resolve traced (scripts/_lookup_trace.py), by row label.
+BREAKDOWN: dict[str, list[ResolveTrace]] | None = None
 
 
 # --------------------------------------------------------------------------- p2pd
@@ -262,6 +266,8 @@ async def _p2pd_phases(
         expected = nodes[wanted].identity.public_key
         started = time.perf_counter()
         outcome = "ok"
+        tracer = ResolveTracer(nodes[asker].dht.core) if BREAKDOWN is not None else None
+        details = None
         with trio.move_on_after(per_lookup_cap) as scope:
             try:
                 record, details = await nodes[asker].dht.resolve_with_details(
@@ -278,6 +284,8 @@ async def _p2pd_phases(
                     outcome = "wrong-key"
         if scope.cancelled_caught:
             outcome = "timeout"
+        if tracer is not None and BREAKDOWN is not None:
+            BREAKDOWN.setdefault(label, []).append(tracer.finish(details))
         result.latencies_ms.append((time.perf_counter() - started) * 1000)
         result.lookups_done += 1
         if outcome == "ok":
@@ -552,6 +560,13 @@ def main() -> None:
         help="also run p2pd with this DHTConfig change, as a separate row 'p2pd*' "
         "(repeatable; the main p2pd row always uses DHTConfig() defaults)",
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="trace every p2pd resolve and print where its wall time went, per phase "
+        "(scripts/_lookup_trace.py; lookups must run one at a time)",
+    )
+    parser.add_argument("--breakdown-dump", metavar="FILE", help="--breakdown's events, as JSON")
     args = parser.parse_args()
     if args.nodes < 2 or not 0 <= args.churn < 1 or args.lookups < 1 or args.concurrency < 1:
         parser.error("need -n >= 2, 0 <= --churn < 1, --lookups >= 1, --concurrency >= 1")
@@ -566,6 +581,11 @@ def main() -> None:
     random.seed(args.seed)  # kademlia's own random choices (refresh ids)
 
     w = make_workload(args)
+    if args.breakdown:
+        if args.concurrency != 1:
+            parser.error("--breakdown needs --concurrency 1")
+        global BREAKDOWN
+        BREAKDOWN = {}
     runs: list[tuple[str, float]] = []
     results: list[SideResult] = []
     run_started = time.perf_counter()
@@ -596,7 +616,10 @@ def main() -> None:
             def p2pd_pass(
                 trace: bool, setup_only: bool, config: DHTConfig = config, label: str = label
             ) -> SideResult:
-                return trio.run(run_p2pd, w, config, label, trace, setup_only)
+                instruments = [IDLE_CLOCK] if BREAKDOWN is not None else []
+                return trio.run(
+                    run_p2pd, w, config, label, trace, setup_only, instruments=instruments
+                )
 
             run_side(label, p2pd_pass, memory)
     if args.only in (None, "stock"):
@@ -632,6 +655,14 @@ def main() -> None:
         print(json.dumps(doc, indent=2))
     else:
         print_table(w, summaries, args.memory)
+        for label, traces in (BREAKDOWN or {}).items():
+            print("\n".join(summarize(traces, label)))
+        if args.breakdown_dump:
+            dump = {
+                label: [[asdict(x) for x in t.lookups] for t in traces]
+                for label, traces in (BREAKDOWN or {}).items()
+            }
+            Path(args.breakdown_dump).write_text(json.dumps(dump))
         print(
             "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in runs) + f"; total {total:.1f} s"
         )

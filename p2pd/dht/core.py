@@ -40,8 +40,10 @@ What this node does with what it hears, and why (the hardening of stock kademlia
   and logged at most once per source address per hour.
 - Per-contact adaptive timeouts (:mod:`p2pd.dht.rtt`): an operation stops *waiting* on a
   contact after its RTO and asks another; a late reply still counts until the hard
-  timeout. A contact is evicted after ``failures_before_eviction`` consecutive lost
-  replies, not after one; a full bucket's head is pinged, and replaced only if silent.
+  timeout. A value lookup also follows its own pace (:mod:`.pacing`): a dead contact's
+  RTO, measured long ago in a burst, held resolves many times the round trip of the day.
+  A contact is evicted after ``failures_before_eviction`` consecutive lost replies, not
+  after one; a full bucket's head is pinged, and replaced only if silent.
 - STORE goes through :class:`~p2pd.dht.storage.RecordStorage` (first claim wins, then
   only a higher sequence number from the same key).
 - ``find_value`` answers with the value *and* the closest contacts, so a lookup can go
@@ -75,6 +77,7 @@ from .mailbox_find import FindRelay, find_requested
 from .mailbox_relay import PutRelay, relay_requested
 from .nodekey import NodeKey
 from .operations import Gather, HeadCheck, LookupRun, SeedPings, store_targets
+from .pacing import PacedRun
 from .reachability import Reachability
 from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
@@ -558,14 +561,15 @@ class DHTCore:
         probe: bool = False,
         timeout: float | None = None,
         anonymous: bool = False,
-    ) -> None:
+    ) -> bytes | None:
         """Send one RPC; ``owner`` hears of its reply or its loss (after ``timeout``,
         by default the configured ``rpc_timeout``). The reply must prove the node's key
         if it is a find_value (always), or, with the defences on, a probe or a request
         to a node that has not proved its id from that address lately. ``anonymous``:
         under a one-off random sender key instead of our node key, never proven (the
         receiver answers but does not add the sender; a mailbox put is not linked to
-        this node's other puts or traffic by its key)."""
+        this node's other puts or traffic by its key). Returns the request's message
+        id (None: it could not be encoded, and ``owner`` heard so)."""
         self.now = max(self.now, now)
         msg_id = self._randbytes(wire.MSG_ID_LEN)
         address = (node.ip, node.port)
@@ -580,7 +584,7 @@ class DHTCore:
             log.exception("could not encode a %s request", method)
             if owner is not None:
                 owner.rpc_done(node, None, now)
-            return
+            return None
         self._pending[msg_id] = _Pending(node, address, method, now, owner, probe, prove, anonymous)
         if owner is not None:
             self._schedule(now + self.rtt.rto(address), _SOFT, msg_id)
@@ -588,6 +592,12 @@ class DHTCore:
         self._schedule(now + hard, _HARD, msg_id)
         self.stats["requests_out"] += 1
         self._send(frame, address)
+        return msg_id
+
+    def soft_check(self, msg_id: bytes, when: float) -> None:
+        """Tell the owner of request ``msg_id`` ``rpc_slow`` at ``when`` as well, if it is
+        still unanswered then (a lookup's own pace: p2pd/dht/pacing.py)."""
+        self._schedule(when, _SOFT, msg_id)
 
     # ------------------------------------------------------------------ contacts
 
@@ -719,7 +729,11 @@ class DHTCore:
         self.table.touch(target, now)
         if sample and not find_value and self.defended and len(self.table) >= 2 * config.ksize:
             on_done = self.sizes.sampling(target, k, now, on_done)  # a size sample
-        run = LookupRun(self, lookup, on_done)
+        # A value lookup (a resolve, a mailbox fetch) also follows its own pace
+        # (p2pd/dht/pacing.py). A node lookup does not: its k closest are a size sample
+        # or where a store goes, and a live contact given up on sooner, on a busy host,
+        # would leave them short (a sample too small sets honest replicas aside).
+        run = (PacedRun if find_value else LookupRun)(self, lookup, on_done)
         self._schedule(lookup.deadline, _DEADLINE, run)
         run.pump(now)
 

@@ -216,6 +216,10 @@ class Lookup:
         #: Nodes the density rule passed over in the last _live (asked all the same, so
         #: that a resolver knows how many answering nodes it set aside).
         self._passed: list[Node] = []
+        #: Contacts ``late`` (p2pd/dht/pacing.py): silent past the lookup's own pace, so
+        #: the next candidate is asked already, but not given up on until their soft
+        #: deadline (``slow``) or a reply: until then the lookup does not end.
+        self._held: set[bytes] = set()
         self.result = LookupResult(closest=[])
         self.done = False
         for node in seeds:
@@ -295,7 +299,7 @@ class Lookup:
             self._finish(now)
             return []
         live = self._replay_prior()
-        if self._enough_values(live):
+        if not self._holds(live, self._quorum) and self._enough_values(live):
             self._finish(now)
             return []
         width = self._width if self._wide or self.result.values else self._alpha
@@ -323,9 +327,19 @@ class Lookup:
         else:
             waits = len(live) < self._k and self._slow_pending()
         quiet = self._inflight == 0 or all(self._state[n.id] == _OK for n in live + self._passed)
-        if not out and quiet and not waits:
+        if not out and quiet and not waits and not self._holds(live, self._k):
             self._finish(now)
         return out
+
+    def _holds(self, live: list[Node], count: int) -> bool:
+        """Whether a ``late`` contact would rank among the first ``count`` live ones, were
+        it still in flight: the end that needs those answered waits for it."""
+        if not self._held:
+            return False
+        if len(live) < count:
+            return True
+        edge = self._order_key(live[count - 1].id)
+        return any(self._order_key(node_id) < edge for node_id in self._held)
 
     def _replay_prior(self) -> list[Node]:
         """The live candidates, after taking every reply an earlier lookup heard from
@@ -389,9 +403,27 @@ class Lookup:
         ordered = sorted(nodes, key=lambda n: n.long_id ^ target)
         return ordered[:k] if limit is None else limit.select(ordered, k)
 
+    def late(self, node_id: bytes) -> bool:
+        """The contact is silent past the lookup's own pace (p2pd/dht/pacing.py): ask the
+        next candidate as if it were slow, but hold the lookup's end (early or not) until
+        its soft deadline passes (:meth:`slow`) or it answers, if it ranks where that end
+        needs answers, as it would in flight. So the lookup ends no sooner than with the
+        contact in flight until its soft deadline, and may hear more (the next
+        candidate, and whom it names), never less. True if that changed anything."""
+        if self._state.get(node_id) != _INFLIGHT:
+            return False
+        self._set(node_id, _SLOW)
+        self._inflight -= 1
+        self._held.add(node_id)
+        return True
+
     def slow(self, node_id: bytes) -> bool:
         """The contact's soft deadline passed: stop counting it as in flight. True if
         that changed anything (the caller may then mark it suspect)."""
+        if node_id in self._held:  # late already: given up on now
+            self._held.discard(node_id)
+            self.result.slow += 1
+            return True
         if self._state.get(node_id) != _INFLIGHT:
             return False
         self._set(node_id, _SLOW)
@@ -402,6 +434,7 @@ class Lookup:
     def failed(self, node_id: bytes) -> None:
         """No reply came before the hard timeout (or it was malformed)."""
         state = self._state.get(node_id)
+        self._held.discard(node_id)
         if state == _INFLIGHT:
             self._inflight -= 1
         if state in (_INFLIGHT, _SLOW):
@@ -414,6 +447,7 @@ class Lookup:
         state = self._state.get(node_id)
         if state not in (_INFLIGHT, _SLOW) or self.done:
             return False
+        self._held.discard(node_id)
         if state == _INFLIGHT:
             self._inflight -= 1
         node = self._nodes[node_id]
@@ -632,6 +666,10 @@ class DisjointLookup:
     def method_for(self, node_id: bytes) -> str:
         path = self._owner.get(node_id)
         return self.method if path is None else path.method_for(node_id)
+
+    def late(self, node_id: bytes) -> bool:
+        path = self._owner.get(node_id)
+        return path is not None and path.late(node_id)
 
     def slow(self, node_id: bytes) -> bool:
         path = self._owner.get(node_id)

@@ -62,3 +62,11 @@ class RttTable:
         if est is None:
             return default
         return est.rto(self.minimum, self.maximum, default)
+
+    def smoothed(self, address: tuple[str, int]) -> float | None:
+        """The smoothed round trip to ``address`` (the overall one if never measured;
+        None if nothing was ever measured)."""
+        est = self._per.get(address)
+        if est is None or est.srtt is None:
+            return self.overall.srtt
+        return est.srtt
