@@ -9,10 +9,12 @@ own pid, environment, working directory, umask, stdio, signal dispositions and e
 status; only the interpreter start and the imports are shared.
 
 :class:`p2pd.testing.daemons.DaemonProcess` uses it (:func:`spawn`; in a netns host
-too: the child enters the namespace as ``ip netns exec`` would) and so does
+too: the child enters the namespace as ``ip netns exec`` would), and so do
 :func:`p2pd.testing.daemons.run_cli` (:func:`run`: a CLI call, ~8 ms of CPU forked
-against ~50 ms exec'd), only when the test harness turned it on (tests/conftest.py;
-``P2PD_TEST_FORK=0`` runs every daemon and CLI call by exec as before). scripts/demo,
+against ~50 ms exec'd) and :func:`p2pd.testing.flood.run` (:func:`start`: a DHT
+flooder, ~0.2 s of imports saved each), only when the test harness turned it on
+(tests/conftest.py; ``P2PD_TEST_FORK=0`` runs every daemon, CLI call and flooder by
+exec as before). scripts/demo,
 the benchmarks and any process the tests start on their own exec their daemons.
 ``P2PD_TEST_PROFILE=DIR`` in the environment runs each forked child under cProfile
 (:func:`_profiled`).
@@ -275,6 +277,24 @@ def spawn(
         os.close(stderr_w)
     stderr = open(stderr_r, encoding=None)  # noqa: SIM115 (as Popen's text=True: locale's)
     return _started(ForkedProcess(args, pid, channel, stderr=stderr))
+
+
+def start(
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    entry: str,
+    stdout: int,
+    stderr: int,
+    netns: str | None = None,
+) -> ForkedProcess:
+    """Fork ``entry`` as :func:`spawn` does, but with the caller's file descriptors
+    ``stdout`` and ``stderr`` as the child's 1 and 2 (the caller keeps and closes its
+    own, as with ``Popen(args, stdin=DEVNULL, stdout=fd, stderr=fd)``); the result's
+    ``stderr`` is None. For a child whose output the caller reads its own way:
+    p2pd/testing/flood.py's flooder, whose stdout a trio test reads as it comes."""
+    pid, channel = _fork(args, env, entry, netns, stdout, stderr, quick_exit=True)
+    return _started(ForkedProcess(args, pid, channel, stderr=None))
 
 
 def _started(proc: ForkedProcess) -> ForkedProcess:
