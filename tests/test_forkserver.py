@@ -195,6 +195,12 @@ def test_a_child_forked_into_a_namespace_sees_what_ip_netns_exec_gives(
     assert forked["mntns"] != mine[1] and reference["mntns"] != mine[1]
     for key in set(reference) - {"pid", "ppid", "random", "comm", "mntns"}:
         assert forked[key] == reference[key], key
+    # a CLI call left running in the host (popen: the netns tests' `p2pd answer`)
+    popened = forkserver.popen([sys.executable, "0"], env, entry=PROBE, netns=host.netns)
+    out, err = popened.communicate(30)
+    assert popened.returncode == 0 and out == '["0"] stdout ✓\n'
+    assert state(err)["netns"] == reference["netns"]
+    assert state(err)["addresses"] == reference["addresses"]
     missing = forkserver.spawn([sys.executable], env, entry=PROBE, netns="p2pd-no-such-ns")
     assert missing.wait(30) == 255
     assert 'Cannot open network namespace "p2pd-no-such-ns"' in missing.stderr.read()
@@ -527,6 +533,52 @@ def test_ending_the_template_does_not_count_its_daemons_twice(
     jump = children_and_forked_cpu() - counted
     assert counted - start > 0.2  # the template's imports at least: the check can fail
     assert jump < 0.1, (counted - start, jump)
+
+
+def test_a_forked_popen_communicates_as_popen_does(root: Path, forking: None) -> None:
+    """forkserver.popen against Popen(stdout=PIPE, stderr=PIPE, text=True): the probe's
+    stdout and stderr from communicate() (newlines translated), its exit code, the same
+    state but for the pipes' identities. popen_cli with a real daemon: communicate's
+    timeout raises without killing it, keeps what was read, and the call after SIGTERM
+    returns all of its stderr (the ready line from before the timeout included) and 0;
+    popen_cli's output is the exec'd one's for a short CLI call too."""
+    env = probe_env()
+    forked = forkserver.popen([sys.executable, "4"], env, entry=PROBE)
+    execd = subprocess.Popen(
+        [sys.executable, "-c", PROBE_CODE, "4"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    (out, err), (ref_out, ref_err) = forked.communicate(30), execd.communicate(timeout=30)
+    assert forked.returncode == execd.returncode == 4
+    assert out == ref_out == '["4"] stdout ✓\n'
+    mine, reference = state(err), state(ref_err)
+    assert reference["env"] == env and reference["stdout"].startswith("pipe:")
+    for key in set(reference) - {"pid", "ppid", "random", "comm", "stdout"}:
+        assert mine[key] == reference[key], key
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    daemon = daemons.popen_cli(root / "a", "daemon", "--listen", daemons.loopback_listen())
+    assert isinstance(daemon, forkserver.ForkedProcess)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            daemon.communicate(timeout=3)
+        assert daemon.poll() is None  # not killed
+        assert wait_until(lambda: (root / "a" / "control.sock").exists(), timeout=30)
+    finally:
+        daemon.terminate()
+    out, err = daemon.communicate(30)
+    assert daemon.returncode == 0 and out == ""
+    assert "ready: handle=alice" in err and "stopped" in err, err
+    results = []
+    for fork in (True, False):
+        daemons.use_forkserver(fork)
+        proc = daemons.popen_cli(root / "a", "answer", "--help")
+        assert isinstance(proc, forkserver.ForkedProcess) == fork
+        results.append((*proc.communicate(timeout=30), proc.returncode))
+    assert results[0] == results[1] and results[0][2] == 0 and "--wait" in results[0][0], results
 
 
 def test_a_child_on_the_callers_descriptors_starts_as_popen_given_them(tmp_path: Path) -> None:
