@@ -7,10 +7,8 @@ quota while an honest record and an honest mailbox entry are still accepted."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -30,8 +28,9 @@ from p2pd.dht.mailbox_revoke import make_pin
 from p2pd.dht.routing import Node as Contact
 from p2pd.identity import Identity
 from p2pd.records import HandleRecord
+from p2pd.testing import flood
 from p2pd.testing.daemons import loopback_listen, short_tempdir
-from p2pd.testing.flood import ATTACKS, JUNK_POSTAGE_BITS, flood_command, junk_entry
+from p2pd.testing.flood import ATTACKS, JUNK_POSTAGE_BITS, junk_entry
 from p2pd.wire import Address
 
 #: How long each flood lasts, and the honest requests made meanwhile. The flooder here
@@ -131,33 +130,21 @@ async def flood_while_asking(
     """Run the flooder process against ``victim`` and, meanwhile, the honest request a
     few times (each up to TRIES times); (what the flooder reports, the honest replies)."""
     address = victim.listen_address
-    command = flood_command(
-        (address.host, address.port), attack, FLOOD_SECONDS, source=source, sources=sources
-    )
     result: list[Any] = []
     replies: list[Any] = []
     started = trio.Event()
 
     async def run_flooder() -> None:
-        proc = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
-        try:
-            assert proc.stdout is not None
-            out = b""
-            for _ in range(10_000):  # (bounded; the test's fail_after bounds the time)
-                chunk = await proc.stdout.receive_some(65536)
-                if not chunk:
-                    break
-                out += chunk
-                if not started.is_set() and b"sending\n" in out:
-                    started.set()  # its frames are built: it is sending
-        finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(10):  # it stops by itself after FLOOD_SECONDS
-                    await proc.wait()
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-        result.append(json.loads(out.decode().strip().splitlines()[-1]))
+        # (forked from the daemons' template under the test harness: p2pd/testing/flood.py)
+        flooded = await flood.run(
+            (address.host, address.port),
+            attack,
+            FLOOD_SECONDS,
+            source=source,
+            sources=sources,
+            on_start=started.set,
+        )
+        result.append(flooded)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_flooder)

@@ -9,6 +9,7 @@ compare with the same thing exec'd."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -194,6 +195,12 @@ def test_a_child_forked_into_a_namespace_sees_what_ip_netns_exec_gives(
     assert forked["mntns"] != mine[1] and reference["mntns"] != mine[1]
     for key in set(reference) - {"pid", "ppid", "random", "comm", "mntns"}:
         assert forked[key] == reference[key], key
+    # a CLI call left running in the host (popen: the netns tests' `p2pd answer`)
+    popened = forkserver.popen([sys.executable, "0"], env, entry=PROBE, netns=host.netns)
+    out, err = popened.communicate(30)
+    assert popened.returncode == 0 and out == '["0"] stdout ✓\n'
+    assert state(err)["netns"] == reference["netns"]
+    assert state(err)["addresses"] == reference["addresses"]
     missing = forkserver.spawn([sys.executable], env, entry=PROBE, netns="p2pd-no-such-ns")
     assert missing.wait(30) == 255
     assert 'Cannot open network namespace "p2pd-no-such-ns"' in missing.stderr.read()
@@ -526,3 +533,141 @@ def test_ending_the_template_does_not_count_its_daemons_twice(
     jump = children_and_forked_cpu() - counted
     assert counted - start > 0.2  # the template's imports at least: the check can fail
     assert jump < 0.1, (counted - start, jump)
+
+
+def test_a_forked_popen_communicates_as_popen_does(root: Path, forking: None) -> None:
+    """forkserver.popen against Popen(stdout=PIPE, stderr=PIPE, text=True): the probe's
+    stdout and stderr from communicate() (newlines translated), its exit code, the same
+    state but for the pipes' identities. popen_cli with a real daemon: communicate's
+    timeout raises without killing it, keeps what was read, and the call after SIGTERM
+    returns all of its stderr (the ready line from before the timeout included) and 0;
+    popen_cli's output is the exec'd one's for a short CLI call too."""
+    env = probe_env()
+    forked = forkserver.popen([sys.executable, "4"], env, entry=PROBE)
+    execd = subprocess.Popen(
+        [sys.executable, "-c", PROBE_CODE, "4"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    (out, err), (ref_out, ref_err) = forked.communicate(30), execd.communicate(timeout=30)
+    assert forked.returncode == execd.returncode == 4
+    assert out == ref_out == '["4"] stdout ✓\n'
+    mine, reference = state(err), state(ref_err)
+    assert reference["env"] == env and reference["stdout"].startswith("pipe:")
+    for key in set(reference) - {"pid", "ppid", "random", "comm", "stdout"}:
+        assert mine[key] == reference[key], key
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    daemon = daemons.popen_cli(root / "a", "daemon", "--listen", daemons.loopback_listen())
+    assert isinstance(daemon, forkserver.ForkedProcess)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            daemon.communicate(timeout=3)
+        assert daemon.poll() is None  # not killed
+        assert wait_until(lambda: (root / "a" / "control.sock").exists(), timeout=30)
+    finally:
+        daemon.terminate()
+    out, err = daemon.communicate(30)
+    assert daemon.returncode == 0 and out == ""
+    assert "ready: handle=alice" in err and "stopped" in err, err
+    results = []
+    for fork in (True, False):
+        daemons.use_forkserver(fork)
+        proc = daemons.popen_cli(root / "a", "answer", "--help")
+        assert isinstance(proc, forkserver.ForkedProcess) == fork
+        results.append((*proc.communicate(timeout=30), proc.returncode))
+    assert results[0] == results[1] and results[0][2] == 0 and "--wait" in results[0][0], results
+
+
+def test_a_child_on_the_callers_descriptors_starts_as_popen_given_them(tmp_path: Path) -> None:
+    """forkserver.start (what the flooder is forked with) against Popen given the same
+    kinds of descriptor: stdout and stderr are the caller's files (the caller's own
+    stay open), stdin /dev/null; the same environment, cwd, fds 0-2 only, the same
+    bytes on stdout (no translation: a file, not text mode) and the same exit code."""
+    env = probe_env()
+    outputs = {name: tmp_path / name for name in ("out1", "err1", "out2", "err2")}
+    with contextlib.ExitStack() as stack:
+        files = {name: stack.enter_context(path.open("wb")) for name, path in outputs.items()}
+        proc = forkserver.start(
+            [sys.executable, "5"],
+            env,
+            entry=PROBE,
+            stdout=files["out1"].fileno(),
+            stderr=files["err1"].fileno(),
+        )
+        assert proc.wait(30) == 5 and proc.stderr is None
+        execd = subprocess.run(
+            [sys.executable, "-c", PROBE_CODE, "5"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=files["out2"],
+            stderr=files["err2"],
+            timeout=30,
+        )
+        assert execd.returncode == 5
+        files["out1"].write(b"")  # still open: the caller keeps its own
+    assert (
+        outputs["out1"].read_bytes()
+        == outputs["out2"].read_bytes()
+        == '["5"] stdout ✓\r\n'.encode()
+    )
+    mine, reference = (state(outputs[name].read_text()) for name in ("err1", "err2"))
+    assert reference["env"] == env and reference["stdout"] == str(outputs["out2"])
+    assert mine["stdout"] == str(outputs["out1"])
+    for key in set(reference) - {"pid", "ppid", "random", "comm", "stdout"}:
+        assert mine[key] == reference[key], key
+
+
+def children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def test_a_forked_flooder_reports_and_fails_as_an_execd_one(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """p2pd.testing.flood.run (test_floods' flooder), forked from the template and
+    exec'd: each says when it is sending, sends to the target (a socket here that reads
+    nothing and answers nothing), reports the same counters, and its CPU is counted
+    (forked: in cpu_seconds, as the template reports it; exec'd: in RUSAGE_CHILDREN). A
+    target off loopback fails both the same way: exit 1, the flooder's ValueError on
+    the caller's stderr."""
+    import socket
+
+    from p2pd.testing import flood
+
+    before = daemons._fork
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sink.bind(("127.0.0.1", 0))
+        sink.setblocking(False)
+        target = sink.getsockname()
+        for fork in (True, False):
+            daemons.use_forkserver(fork)
+            forked_cpu, execd_cpu = forkserver.cpu_seconds(), children_cpu()
+            starts: list[bool] = []
+            on_start = functools.partial(starts.append, True)
+            result = await flood.run(target, "ping", 0.5, on_start=on_start)
+            assert starts == [True]
+            assert set(result) == {"sent", "bytes", "replies", "reply_bytes"}, result
+            assert result["sent"] > 100 and result["bytes"] > result["sent"] * 50, result
+            assert result["replies"] == result["reply_bytes"] == 0, result
+            received = 0
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(1_000_000):  # bounded: the socket's buffer holds far fewer
+                    sink.recv(65536)
+                    received += 1
+            assert received > 0, fork
+            counted = (forkserver.cpu_seconds() - forked_cpu, children_cpu() - execd_cpu)
+            assert counted[0 if fork else 1] > 0.05, (fork, counted)
+            with pytest.raises(RuntimeError, match=r"the flooder failed \(exit 1\)"):
+                await flood.run(("192.0.2.1", 9), "ping", 0.5)
+            err = capfd.readouterr().err
+            assert "ValueError: the flooder uses 127.0.0.0/8 only, not 192.0.2.1" in err, err
+    finally:
+        daemons.use_forkserver(before)
+        sink.close()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from p2pd.testing.daemons import p2pd_command, short_tempdir
+from p2pd.testing.daemons import popen_cli, run_cli, short_tempdir
 from p2pd.testing.natnet import move_then_send, routers_of, send, start_network
 from p2pd.testing.netns import Testbed
 
@@ -45,14 +44,14 @@ def test_a_peer_that_changes_network_is_reached_again_by_message_and_call(
     assert moved["new_address"] != str(old)
     assert moved["recovered_s"] <= RECOVERY_BOUND, moved
 
-    answer = testbed.hosts["c2"].popen(
-        [*p2pd_command(), "--home", str(root / "bob"), "answer", "--wait", "30",
-         "--audio-in", "tone:660", "--json"]
+    # (both forked from the daemons' template under the test harness, the answer into
+    # c2's namespace: p2pd/testing/daemons.py popen_cli, run_cli)
+    answer = popen_cli(
+        root / "bob", "answer", "--wait", "30", "--audio-in", "tone:660", "--json",
+        wrapper=testbed.hosts["c2"].command([]),
     )  # fmt: skip
-    call = subprocess.run(
-        [*p2pd_command(), "--home", str(root / "alice"), "call", "bob", "--audio-in",
-         "tone:440", "--duration", "3", "--json"],
-        capture_output=True, text=True, timeout=60,
+    call = run_cli(
+        root / "alice", "call", "bob", "--audio-in", "tone:440", "--duration", "3", "--json"
     )  # fmt: skip
     answered, err = answer.communicate(timeout=60)
     if call.returncode or answer.returncode:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from p2pd.errors import P2PDError
 from p2pd.testing.daemons import (
     DaemonProcess,
     control_call,
-    p2pd_command,
+    popen_cli,
     run_cli,
     short_tempdir,
     wait_until,
@@ -175,14 +174,15 @@ def test_messages_and_a_call_cross_two_edm_nats_through_a_relay(
         assert f"{secret} bob 2" in run_cli(root / "alice", "inbox", "--json").stdout
 
         # A 3 s call, through the relay: each side hears the other's tone.
-        answer = hosts["bob"].popen(
-            [*p2pd_command(), "--home", str(root / "bob"), "answer", "--wait", "30",
-             "--audio-in", "tone:660", "--json"]
+        # (forked from the daemons' template under the test harness, the answer into
+        # bob's namespace: p2pd/testing/daemons.py popen_cli, run_cli)
+        answer = popen_cli(
+            root / "bob", "answer", "--wait", "30", "--audio-in", "tone:660", "--json",
+            wrapper=hosts["bob"].command([]),
         )  # fmt: skip
-        proc = subprocess.run(
-            [*p2pd_command(), "--home", str(root / "alice"), "call", "bob", "--audio-in",
-             "tone:440", "--duration", "3", "--json"],
-            capture_output=True, text=True, timeout=90,
+        proc = run_cli(
+            root / "alice", "call", "bob", "--audio-in", "tone:440", "--duration", "3",
+            "--json", timeout=90,
         )  # fmt: skip
         out, err = answer.communicate(timeout=60)
         assert proc.returncode == 0, proc.stderr

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from p2pd.testing.daemons import cli_json, p2pd_command, run_cli, short_tempdir, wait_until
+from p2pd.testing.daemons import cli_json, popen_cli, run_cli, short_tempdir, wait_until
 from p2pd.testing.natnet import routers_of, send, start_network, status
 from p2pd.testing.netns import Testbed
 
@@ -119,14 +118,14 @@ def test_a_call_over_a_relay_moves_to_the_direct_path_without_a_long_gap(
     lasts until the upgrade has landed and two more seconds of audio have come: a
     clean-clone CI run once saw the upgrade take longer than a fixed 6 s call."""
     start_network(testbed, root, "eim", "symmetric", republish_min=1.0)
-    answer = testbed.hosts["c2"].popen(
-        [*p2pd_command(), "--home", str(root / "bob"), "answer", "--wait", "60",
-         "--audio-in", "tone:660", "--json"]
+    # (both forked from the daemons' template under the test harness, the answer into
+    # c2's namespace: p2pd/testing/daemons.py popen_cli)
+    answer = popen_cli(
+        root / "bob", "answer", "--wait", "60", "--audio-in", "tone:660", "--json",
+        wrapper=testbed.hosts["c2"].command([]),
     )  # fmt: skip
-    call = subprocess.Popen(
-        [*p2pd_command(), "--home", str(root / "alice"), "call", "bob", "--audio-in",
-         "tone:440", "--duration", "150", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    call = popen_cli(
+        root / "alice", "call", "bob", "--audio-in", "tone:440", "--duration", "150", "--json"
     )  # fmt: skip
     try:
 

@@ -81,6 +81,31 @@ def run_cli(
     )
 
 
+def popen_cli(
+    home: Path, *args: str, wrapper: Sequence[str] = (), env: dict[str, str] | None = None
+) -> subprocess.Popen[str] | forkserver.ForkedProcess:
+    """``p2pd --home HOME ARGS...`` left running (a ``p2pd answer`` waiting for a call):
+    ``Popen(stdin=DEVNULL, stdout=PIPE, stderr=PIPE, text=True)``, its output read with
+    ``communicate(timeout)``. ``wrapper`` prefixes the command: ``ip netns exec NAME``
+    (a netns host's ``command([])``) runs it in that host. Under the test harness
+    (:func:`use_forkserver`) it is forked from the daemons' template, also in a netns
+    host (the child enters the namespace as ip would), saving the CLI's ~0.15 s of
+    interpreter start and imports; exec'd under coverage or any other ``wrapper``."""
+    argv = [*wrapper, *p2pd_command(), "--home", str(home), *args]
+    full_env = {**os.environ, **(env or {})}
+    netns = _netns_of(wrapper)
+    if _fork and (not wrapper or netns is not None) and not _coverage():
+        return forkserver.popen(argv[len(wrapper) :], full_env, netns=netns)
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+    )
+
+
 def cli_json(home: Path, *args: str, timeout: float = 60.0) -> Any:
     proc = run_cli(home, *args, "--json", timeout=timeout)
     if proc.returncode != 0:

@@ -240,6 +240,94 @@ def flood_command(
     ]
 
 
+async def run(
+    target: tuple[str, int],
+    attack: str,
+    seconds: float,
+    *,
+    source: str = "127.66.0.1",
+    sources: int = 1,
+    on_start: Callable[[], None] | None = None,
+) -> dict[str, int]:
+    """Run :func:`flood` in a process of its own (:func:`flood_command`) and return what
+    it reports; ``on_start`` is called once it says it is sending. Under the test
+    harness (p2pd.testing.daemons.use_forkserver) the process is forked from the daemons'
+    template, which has imported all that the flooder needs: its ~0.2 s of imports
+    saved, each of test_floods' 14 floods (p2pd/testing/forkserver.py :func:`start`);
+    otherwise (``P2PD_TEST_FORK=0``, coverage, the benchmarks) it is exec'd. Either way
+    stdin is /dev/null, stdout a pipe read here, stderr the caller's fd 2. Bounded: the
+    read by the flooder's own end (``seconds``, at most 60), the wait after it by 10 s
+    (then it is killed)."""
+    import subprocess
+
+    import trio
+
+    from . import daemons, forkserver
+
+    command = flood_command(target, attack, seconds, source=source, sources=sources)
+    proc: trio.Process | forkserver.ForkedProcess
+    stream: trio.abc.ReceiveStream
+    if daemons._fork and not daemons._coverage():
+        read, write = os.pipe()
+        try:
+            # argv as ``python -m`` gives it: this module's path, then the options. (The
+            # child then has this directory first on sys.path where ``-m`` puts the
+            # working directory; the flooder imports nothing by a top-level name.)
+            proc = forkserver.start(
+                [os.path.abspath(__file__), *command[3:]],
+                dict(os.environ),
+                entry=f"{__name__}:main",
+                stdout=write,
+                stderr=2,
+            )
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)
+        stream = trio.lowlevel.FdStream(read)
+    else:
+        proc = await trio.lowlevel.open_process(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        stream = proc.stdout
+
+    async def wait() -> None:
+        if isinstance(proc, trio.Process):
+            await proc.wait()
+            return
+        for _ in range(100_000):  # (bounded; the move_on_after below bounds the time)
+            if proc.poll() is not None:
+                return
+            await trio.sleep(0.005)
+
+    out = b""
+    try:
+        async with stream:
+            for _ in range(10_000):  # (bounded: it prints two lines)
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                out += chunk
+                if on_start is not None and b"sending\n" in out:
+                    on_start()  # its frames are built: it is sending
+                    on_start = None
+    finally:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(10):  # it stops by itself after ``seconds``
+                await wait()
+            if proc.returncode is None:
+                proc.kill()
+                with trio.move_on_after(10):
+                    await wait()
+    lines = out.decode().strip().splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        raise RuntimeError(f"the flooder failed (exit {proc.returncode}): {out!r}")
+    result: dict[str, int] = json.loads(lines[-1])
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", required=True, help="HOST:PORT on 127.0.0.0/8")

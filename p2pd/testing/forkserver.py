@@ -9,10 +9,12 @@ own pid, environment, working directory, umask, stdio, signal dispositions and e
 status; only the interpreter start and the imports are shared.
 
 :class:`p2pd.testing.daemons.DaemonProcess` uses it (:func:`spawn`; in a netns host
-too: the child enters the namespace as ``ip netns exec`` would) and so does
+too: the child enters the namespace as ``ip netns exec`` would), and so do
 :func:`p2pd.testing.daemons.run_cli` (:func:`run`: a CLI call, ~8 ms of CPU forked
-against ~50 ms exec'd), only when the test harness turned it on (tests/conftest.py;
-``P2PD_TEST_FORK=0`` runs every daemon and CLI call by exec as before). scripts/demo,
+against ~50 ms exec'd) and :func:`p2pd.testing.flood.run` (:func:`start`: a DHT
+flooder, ~0.2 s of imports saved each), only when the test harness turned it on
+(tests/conftest.py; ``P2PD_TEST_FORK=0`` runs every daemon, CLI call and flooder by
+exec as before). scripts/demo,
 the benchmarks and any process the tests start on their own exec their daemons.
 ``P2PD_TEST_PROFILE=DIR`` in the environment runs each forked child under cProfile
 (:func:`_profiled`).
@@ -102,7 +104,8 @@ class ForkedProcess:
     """A daemon forked by the template, with the part of :class:`subprocess.Popen`'s
     surface the tests use: ``pid``, ``returncode``, ``poll()``, ``wait(timeout)``
     (raising :class:`subprocess.TimeoutExpired`), ``send_signal()``, ``terminate()``,
-    ``kill()``, ``stderr`` (text) and ``args``. ``returncode`` is what Popen gives: the
+    ``kill()``, ``stderr`` (text; :func:`spawn`'s), ``communicate(timeout)``
+    (:func:`popen`'s) and ``args``. ``returncode`` is what Popen gives: the
     exit code, or minus the signal number that killed it."""
 
     def __init__(
@@ -114,6 +117,10 @@ class ForkedProcess:
         self.stderr = stderr
         self._channel = channel
         self._lock = threading.Lock()
+        #: popen's stdout and stderr read ends, those not at their end yet, what came
+        self._pipes: tuple[int, int] | None = None
+        self._open: set[int] = set()
+        self._output: dict[int, list[bytes]] = {}
 
     def _receive(self, timeout: float | None) -> bool:
         """Read the exit message if one comes within ``timeout`` (None: block). Under the
@@ -136,6 +143,34 @@ class ForkedProcess:
         with _lock:
             _running.discard(self)
         return True
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """For a child of :func:`popen`: read its stdout and stderr to their end and wait
+        for it, as ``Popen.communicate(timeout=timeout)`` with text pipes does (the
+        locale's encoding, newlines translated). On expiry raises
+        :class:`subprocess.TimeoutExpired` without killing it; what was read is kept, and
+        a later call goes on from there. Not to be mixed with reading the pipes
+        otherwise (as Popen's)."""
+        assert self._pipes is not None, "communicate() is for a child of popen()"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            for fd in self._open:
+                selector.register(fd, selectors.EVENT_READ)
+            while selector.get_map():  # bounded by the deadline, or the child's end
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+                for key, _ in selector.select(remaining):
+                    data = os.read(key.fd, 1 << 16)
+                    if data:
+                        self._output[key.fd].append(data)
+                    else:
+                        selector.unregister(key.fd)
+                        self._open.discard(key.fd)
+                        os.close(key.fd)
+        self.wait(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        out, err = (_text(b"".join(self._output[fd])) for fd in self._pipes)
+        return out, err
 
     def poll(self) -> int | None:
         with self._lock:
@@ -277,10 +312,58 @@ def spawn(
     return _started(ForkedProcess(args, pid, channel, stderr=stderr))
 
 
+def start(
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    entry: str,
+    stdout: int,
+    stderr: int,
+    netns: str | None = None,
+) -> ForkedProcess:
+    """Fork ``entry`` as :func:`spawn` does, but with the caller's file descriptors
+    ``stdout`` and ``stderr`` as the child's 1 and 2 (the caller keeps and closes its
+    own, as with ``Popen(args, stdin=DEVNULL, stdout=fd, stderr=fd)``); the result's
+    ``stderr`` is None. For a child whose output the caller reads its own way:
+    p2pd/testing/flood.py's flooder, whose stdout a trio test reads as it comes."""
+    pid, channel = _fork(args, env, entry, netns, stdout, stderr, quick_exit=True)
+    return _started(ForkedProcess(args, pid, channel, stderr=None))
+
+
 def _started(proc: ForkedProcess) -> ForkedProcess:
     with _lock:
         _running.add(proc)
     return proc
+
+
+def popen(
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    entry: str = "p2pd_cli.main:main",
+    netns: str | None = None,
+) -> ForkedProcess:
+    """Fork a CLI call that runs on while the test does other things: what
+    ``Popen(args, env=env, stdin=DEVNULL, stdout=PIPE, stderr=PIPE, text=True)``
+    gives, its output read with :meth:`ForkedProcess.communicate`. With ``netns``, as
+    :func:`spawn`: the child enters the namespace as ``ip netns exec NETNS`` would
+    (a netns test's ``p2pd answer`` in the callee's host)."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        pid, channel = _fork(args, env, entry, netns, out_w, err_w, quick_exit=True)
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    proc = ForkedProcess(args, pid, channel, stderr=None)
+    proc._pipes = (out_r, err_r)
+    proc._open = {out_r, err_r}
+    proc._output = {out_r: [], err_r: []}
+    return _started(proc)
 
 
 def run(
