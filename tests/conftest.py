@@ -14,7 +14,7 @@ than "any worker, any time":
 - ``@pytest.mark.serial``: tests whose assertions count what the machine does in real
   time (video frames in 3 s of call, say) run with no ordinary test beside them, and
   with at most one other serial test: one per core of this 2-core machine, the load
-  these tests are shown to hold under (two CPU hogs). Fair reader-writer locks on files
+  these tests are shown to hold under (two CPU hogs). Reader-writer locks (writers first) on files
   that all workers share do it (:class:`_RunAlone`): two lanes; every other test holds
   both shared, a serial one takes a lane exclusively, waiting for the tests under way to
   end. (One serial test at a time left a core idle for the ~80 s the serial tests take,
@@ -197,15 +197,27 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 
 
 class _RunAlone:
-    """Fair reader-writer locks between xdist workers, on files in the run's shared
-    temporary directory: a turnstile and two lanes. Whoever wants a lock first passes
-    the turnstile (exclusive, held only until it has what it waits for), so a waiting
-    writer blocks new readers and is never starved by a stream of them. Readers (ordinary
-    tests) take both lanes shared, in lane order; a writer (a serial test) takes whichever
-    lane comes free first, exclusively, so serial tests run two at a time, never beside an
-    ordinary test. No cycle: a writer holds one lock, and readers take the lanes in one
-    order. flock(2) locks belong to the open file and die with the process, so a crashed
-    worker leaves nothing held."""
+    """Reader-writer locks between xdist workers, writers first, on files in the run's
+    shared temporary directory: a turnstile and two lanes. Readers (ordinary tests) hold
+    both lanes shared; a writer (a serial test) holds one lane exclusively, so serial
+    tests run two at a time, never beside an ordinary test.
+
+    A writer passes the turnstile and holds it while it waits for a lane to come free
+    (the first of the two: blocking on one would wait for a serial test there while the
+    other stood free), so no new reader starts meanwhile and the readers under way end.
+    A reader never waits holding anything: it passes the turnstile, tries both lanes
+    without blocking and, if a writer holds one, lets go of all and tries again a moment
+    later. (It used to wait on the lane holding the turnstile, and so kept the second
+    writer out: at the end of a run, where xdist had queued a few short ordinary tests
+    behind the serial ones on some workers, the serial tests ran one at a time, 21 of a
+    clean-clone run's 258 s with one core idle.) A stream of writers can hold readers
+    off; the serial tests come last in the order, so the readers left then are the few
+    short ones xdist queued among them. flock(2) locks belong to the open file and die
+    with the process, so a crashed worker leaves nothing held."""
+
+    #: A lock not had within this long is a bug in the locking (a run is ~5 min).
+    _PATIENCE = 1800.0
+    _POLL = 0.02
 
     def __init__(self, directory: Path) -> None:
         self._turnstile = os.open(directory / "run-alone.turnstile", os.O_CREAT | os.O_RDWR)
@@ -215,29 +227,45 @@ class _RunAlone:
         self._held: list[int] = []
 
     def acquire(self, alone: bool) -> None:
-        fcntl.flock(self._turnstile, fcntl.LOCK_EX)
-        try:
-            if alone:
-                self._held = [self._free_lane()]
-            else:
-                for lane in self._lanes:
-                    fcntl.flock(lane, fcntl.LOCK_SH)
-                self._held = list(self._lanes)
-        finally:
-            fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+        deadline = time.monotonic() + self._PATIENCE
+        while time.monotonic() < deadline:
+            fcntl.flock(self._turnstile, fcntl.LOCK_EX)
+            try:
+                if alone:
+                    self._held = [self._free_lane(deadline)]
+                    return
+                if self._try_lanes_shared():
+                    return
+            finally:
+                fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+            time.sleep(self._POLL)  # a serial test holds a lane: after it
+        raise RuntimeError(f"no test lane within {self._PATIENCE:.0f} s (tests/conftest.py)")
 
-    def _free_lane(self) -> int:
-        """The first lane to come free, taken exclusively; the turnstile is held meanwhile,
-        so no new reader starts. (Blocking on one lane would wait for a serial test there
-        while the other lane stood free.)"""
-        while True:
+    def _try_lanes_shared(self) -> bool:
+        """Both lanes shared, at once or not at all."""
+        held: list[int] = []
+        for lane in self._lanes:
+            try:
+                fcntl.flock(lane, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                for taken in held:
+                    fcntl.flock(taken, fcntl.LOCK_UN)
+                return False
+            held.append(lane)
+        self._held = held
+        return True
+
+    def _free_lane(self, deadline: float) -> int:
+        """The first lane to come free, taken exclusively (the caller holds the turnstile)."""
+        while time.monotonic() < deadline:
             for lane in self._lanes:
                 try:
                     fcntl.flock(lane, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue
                 return lane
-            time.sleep(0.02)
+            time.sleep(self._POLL)
+        raise RuntimeError(f"no free lane within {self._PATIENCE:.0f} s (tests/conftest.py)")
 
     def release(self) -> None:
         for lane in reversed(self._held):
