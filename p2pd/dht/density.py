@@ -68,7 +68,6 @@ __all__ = [
     "SIZE_SAMPLE_REFRESH",
     "SizeEstimate",
     "SpreadLimit",
-    "agreeing",
     "depth_bound",
     "estimate_size",
     "poisson_threshold",
@@ -252,26 +251,6 @@ def pooled(own: float, samples: Iterable[float]) -> float:
     return len(sizes) / sum(1.0 / max(size, 1e-9) for size in sizes)
 
 
-def agreeing(samples: list[float]) -> list[float]:
-    """The samples the pool takes: those within a factor of two of their upper median.
-
-    The pool used to take the samples at least half the largest. A size sample is a
-    node lookup of a random id, and an attacker who answers it with ids ground next to
-    that id makes it large: one sample 2.4 N took the honest ones (under half of it)
-    out of the pool and raised the estimate to 1.4 N, where the limit curve of 80 ids
-    takes 2/3 of the votes in 10 of 20 placements (tests/test_dht_low_estimate.py;
-    docs/SECURITY.md, "Inflated size samples"). Anchored on the median, an inflated
-    sample counts only when the inflated ones are at least as many as the honest ones.
-    The *upper* median, and the samples only (not our own estimate, which the pool is
-    there to raise): one fresh sample of the network beside one of a smaller network
-    (it grew within the samples' 30 minutes) still raises a low estimate, as before;
-    one inflated sample beside one honest one does too (nothing tells them apart)."""
-    if not samples:
-        return []
-    anchor = sorted(samples)[len(samples) // 2]
-    return [size for size in samples if anchor <= 2 * size and size <= 2 * anchor]
-
-
 class SizeEstimate:
     """The network's size for the density rule, robust to one cluster.
 
@@ -294,11 +273,10 @@ class SizeEstimate:
     The cap is loose (2x) because an estimate too low hurts too: the rule then sets
     honest replicas aside, and a publisher stores at fewer of them.
 
-    An estimate under the pool of itself and the samples (:func:`pooled`, over those
-    within a factor of two of the samples' median: :func:`agreeing`) is raised to it:
-    the neighbourhood's own strays by 23 % (k = 20) where the rule tolerates about
-    25 % too low, and a resolver at 0.4-0.45 N set 31-35 of a key's true 80 replicas
-    aside and answered "contested"
+    An estimate under the pool of itself and the samples (:func:`pooled`, over those at
+    least half the largest) is raised to it: the neighbourhood's own strays by 23 %
+    (k = 20) where the rule tolerates about 25 % too low, and a resolver at 0.4-0.45 N
+    set 31-35 of a key's true 80 replicas aside and answered "contested"
     (tests/test_dht_low_estimate.py; at N=1000 in bench_adversary one estimate in ten
     was under 0.7 N by the neighbourhood alone). The pool never exceeds the largest
     sample, so no bound above is loosened: the caps stay what an inflated
@@ -354,12 +332,12 @@ class SizeEstimate:
         # Our neighbourhood's estimate strays by 23 % (k = 20), and the density rule
         # tolerates about 25 % too low: a resolver below about 0.6 N set true replicas
         # aside by the dozen. Raised to its pool with the samples (never above the
-        # largest), it strays less; the samples over twice or under half their median
-        # are left out: an inflated one (an attacker answered it), or one
-        # of a smaller network (a network's own are under N / 2 about 1e-4 of the
-        # time). Never lowered: an estimate too high is what the caps are for.
+        # largest), it strays less; the samples under half the largest are left out,
+        # being of a smaller network (a network's own are under N / 2 about 1e-4 of
+        # the time). Never lowered: an estimate too high is what the caps are for.
         largest = max(recent)
-        return min(max(own, pooled(own, agreeing(recent))), 2 * largest)
+        current = [size for size in recent if 2 * size >= largest]
+        return min(max(own, pooled(own, current)), 2 * largest)
 
 
 class SpreadLimit(AddressLimit):
