@@ -13,12 +13,14 @@ than "any worker, any time":
   groups by file instead.
 - ``@pytest.mark.serial``: tests whose assertions count what the machine does in real
   time (video frames in 3 s of call, say) run with no ordinary test beside them, and
-  with at most one other serial test: one per core of this 2-core machine, the load
-  these tests are shown to hold under (two CPU hogs). Reader-writer locks (writers first) on files
-  that all workers share do it (:class:`_RunAlone`): two lanes; every other test holds
-  both shared, a serial one takes a lane exclusively, waiting for the tests under way to
-  end. (One serial test at a time left a core idle for the ~80 s the serial tests take,
-  a quarter of the suite's wall time.)
+  with at most two other serial tests (:data:`SERIAL_LANES`). Each takes about half a
+  core (a 3 s call: 0.75-2 s of CPU), so three together load the 2 cores less than the
+  two CPU hogs these tests are shown to hold under. Reader-writer locks (writers first)
+  on files that all workers share do it (:class:`_RunAlone`): every other test holds
+  all the lanes shared, a serial one takes a lane exclusively, waiting for the tests
+  under way to end. (One serial test at a time left a core idle for the ~80 s the
+  serial tests take, a quarter of the suite's wall time; the 20 serial tests alone took
+  41 s on two lanes, 27-31 s on three, 6 of 6 runs passing, 2026-12-05.)
   Mark a test so only when a loaded machine changes what it measures, not to hide a
   race: a race must be fixed in the wait, not the check.
 - :data:`SERIAL_ELSEWHERE`: the same, named here by node id (no mark in their files).
@@ -121,7 +123,7 @@ def pytest_configure(config: pytest.Config) -> None:
     daemons.use_forkserver(fork == "1")
     config.addinivalue_line(
         "markers",
-        "serial: real-time rates; runs beside no ordinary test, one per core (tests/conftest.py)",
+        "serial: real-time rates; runs beside no ordinary test, three at most (tests/conftest.py)",
     )
     if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
         _warm_hypothesis_charmap()
@@ -196,16 +198,20 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     return _Scheduling(config, log)
 
 
+#: How many serial tests run at once (tests/conftest.py's docstring says why three).
+SERIAL_LANES = 3
+
+
 class _RunAlone:
     """Reader-writer locks between xdist workers, writers first, on files in the run's
-    shared temporary directory: a turnstile and two lanes. Readers (ordinary tests) hold
-    both lanes shared; a writer (a serial test) holds one lane exclusively, so serial
-    tests run two at a time, never beside an ordinary test.
+    shared temporary directory: a turnstile and :data:`SERIAL_LANES` lanes. Readers
+    (ordinary tests) hold every lane shared; a writer (a serial test) holds one lane
+    exclusively, so serial tests run three at a time, never beside an ordinary test.
 
     A writer passes the turnstile and holds it while it waits for a lane to come free
-    (the first of the two: blocking on one would wait for a serial test there while the
-    other stood free), so no new reader starts meanwhile and the readers under way end.
-    A reader never waits holding anything: it passes the turnstile, tries both lanes
+    (the first to come free: blocking on one would wait for a serial test there while
+    another stood free), so no new reader starts meanwhile and the readers under way end.
+    A reader never waits holding anything: it passes the turnstile, tries every lane
     without blocking and, if a writer holds one, lets go of all and tries again a moment
     later. (It used to wait on the lane holding the turnstile, and so kept the second
     writer out: at the end of a run, where xdist had queued a few short ordinary tests
@@ -222,7 +228,8 @@ class _RunAlone:
     def __init__(self, directory: Path) -> None:
         self._turnstile = os.open(directory / "run-alone.turnstile", os.O_CREAT | os.O_RDWR)
         self._lanes = [
-            os.open(directory / f"run-alone.lane{n}", os.O_CREAT | os.O_RDWR) for n in (0, 1)
+            os.open(directory / f"run-alone.lane{n}", os.O_CREAT | os.O_RDWR)
+            for n in range(SERIAL_LANES)
         ]
         self._held: list[int] = []
 
@@ -242,7 +249,7 @@ class _RunAlone:
         raise RuntimeError(f"no test lane within {self._PATIENCE:.0f} s (tests/conftest.py)")
 
     def _try_lanes_shared(self) -> bool:
-        """Both lanes shared, at once or not at all."""
+        """Every lane shared, at once or not at all."""
         held: list[int] = []
         for lane in self._lanes:
             try:

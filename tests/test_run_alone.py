@@ -1,8 +1,8 @@
-"""The suite's own scheduling lock (tests/conftest.py ``_RunAlone``): serial tests run two
-at a time and never beside an ordinary test, and an ordinary test waiting for its turn
-does not keep a second serial test out. Each ``_RunAlone`` opens the lock files anew, so
-two of them in one process conflict as two xdist workers do (flock(2) locks belong to
-the open file)."""
+"""The suite's own scheduling lock (tests/conftest.py ``_RunAlone``): serial tests run
+SERIAL_LANES (3) at a time and never beside an ordinary test, and an ordinary test
+waiting for its turn does not keep a second serial test out. Each ``_RunAlone`` opens
+the lock files anew, so two of them in one process conflict as two xdist workers do
+(flock(2) locks belong to the open file)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import _RunAlone
+from conftest import SERIAL_LANES, _RunAlone
 
 
 def _acquire_in_thread(lock: _RunAlone, alone: bool) -> threading.Event:
@@ -30,7 +30,7 @@ def test_two_serial_tests_run_together_while_an_ordinary_one_waits(tmp_path: Pat
     waiting_reader = _acquire_in_thread(reader, alone=False)
     assert not waiting_reader.wait(0.3)  # a serial test holds a lane: no ordinary test
     got_second = _acquire_in_thread(second, alone=True)
-    # the waiting reader holds nothing, so the second serial test takes the other lane
+    # the waiting reader holds nothing, so the second serial test takes another lane
     assert got_second.wait(5)
     assert not waiting_reader.is_set()
     first.release()
@@ -63,4 +63,17 @@ def test_ordinary_tests_run_side_by_side(tmp_path: Path) -> None:
     for lock in locks:
         lock.acquire(alone=False)  # none waits for another
     for lock in locks:
+        lock.release()
+
+
+def test_no_more_serial_tests_at_once_than_there_are_lanes(tmp_path: Path) -> None:
+    held = [_RunAlone(tmp_path) for _ in range(SERIAL_LANES)]
+    for lock in held:
+        lock.acquire(alone=True)
+    extra = _RunAlone(tmp_path)
+    got_extra = _acquire_in_thread(extra, alone=True)
+    assert not got_extra.wait(0.3)
+    held[0].release()
+    assert got_extra.wait(5)
+    for lock in [*held[1:], extra]:
         lock.release()
