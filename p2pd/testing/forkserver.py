@@ -348,6 +348,19 @@ def popen(
     gives, its output read with :meth:`ForkedProcess.communicate`. With ``netns``, as
     :func:`spawn`: the child enters the namespace as ``ip netns exec NETNS`` would
     (a netns test's ``p2pd answer`` in the callee's host)."""
+    pid, channel, out_r, err_r = _fork_with_pipes(args, env, entry, netns)
+    proc = ForkedProcess(args, pid, channel, stderr=None)
+    proc._pipes = (out_r, err_r)
+    proc._open = {out_r, err_r}
+    proc._output = {out_r: [], err_r: []}
+    return _started(proc)
+
+
+def _fork_with_pipes(
+    args: Sequence[str], env: dict[str, str], entry: str, netns: str | None
+) -> tuple[int, socket.socket, int, int]:
+    """Fork a quick-exit child whose stdout and stderr are new pipes: (pid, channel,
+    the pipes' read ends)."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
@@ -359,11 +372,7 @@ def popen(
     finally:
         os.close(out_w)
         os.close(err_w)
-    proc = ForkedProcess(args, pid, channel, stderr=None)
-    proc._pipes = (out_r, err_r)
-    proc._open = {out_r, err_r}
-    proc._output = {out_r: [], err_r: []}
-    return _started(proc)
+    return pid, channel, out_r, err_r
 
 
 def run(
@@ -379,17 +388,7 @@ def run(
     newlines translated, the exit code as Popen gives it), or raises: on expiry the
     child is killed and waited for, and :class:`subprocess.TimeoutExpired` carries the
     output so far as bytes, as subprocess.run's does."""
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    try:
-        pid, channel = _fork(args, env, entry, None, out_w, err_w, quick_exit=True)
-    except BaseException:
-        os.close(out_r)
-        os.close(err_r)
-        raise
-    finally:
-        os.close(out_w)
-        os.close(err_w)
+    pid, channel, out_r, err_r = _fork_with_pipes(args, env, entry, None)
     proc = _started(ForkedProcess(args, pid, channel, stderr=None))
     deadline = time.monotonic() + timeout
     output: dict[int, list[bytes]] = {out_r: [], err_r: []}
