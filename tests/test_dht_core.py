@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,9 @@ class CoreNet:
     )
     seq: int = 0
     delivered: int = 0
+    #: Cores (their id()) that queued a datagram or a timer since run_until last looked.
+    _changed: set[int] = field(default_factory=set)
+    _watched: set[int] = field(default_factory=set)
 
     def add(self, i: int, config: DHTConfig = CONFIG) -> DHTCore:
         address = address_for(i)
@@ -86,27 +91,80 @@ class CoreNet:
         host, port = self.address_of(core)
         return Node(core.node_id, host, port, core.node_key.public_key)
 
-    def _collect(self) -> None:
-        for src, core in self.cores.items():
+    def _collect(self, cores: Iterable[tuple[tuple[str, int], DHTCore]]) -> None:
+        """Take what ``cores`` have to send (in the network's order of cores)."""
+        for src, core in cores:
             due = self.now + self.latency + self.busy.get(src, 0.0)
             for data, dst in core.datagrams_to_send():
                 self.seq += 1
-                self.flight.append((due, self.seq, data, src, dst))
-        self.flight.sort()
+                heapq.heappush(self.flight, (due, self.seq, data, src, dst))
+
+    def _watch(self, core: DHTCore) -> None:
+        """Note ``core`` as changed whenever it queues a datagram or a timer, whoever
+        made it (a reply it got, its timer, or another core's callback)."""
+        send, schedule, changed = core._send, core._schedule, self._changed
+
+        def _send(data: bytes, address: tuple[str, int]) -> None:
+            changed.add(id(core))
+            send(data, address)
+
+        def _schedule(when: float, kind: int, ref: Any) -> None:
+            changed.add(id(core))
+            schedule(when, kind, ref)
+
+        core._send = _send  # type: ignore[method-assign]
+        core._schedule = _schedule  # type: ignore[method-assign]
+        self._watched.add(id(core))
 
     def run_until(self, done: Any, max_steps: int = 200_000) -> None:
-        """Deliver datagrams and fire timers in time order until ``done()``."""
+        """Deliver datagrams and fire timers in time order until ``done()``.
+
+        Only the cores that queued a datagram or a timer since the last step
+        (``_watch``) are asked what they send and when they next wake (all of them at
+        the first step), and the cores' next timers are kept in a heap, each entry
+        checked against its core when it comes up. Asking all 300 cores after every
+        step was 80 % of the CPU of building a 300-core network. The order of events
+        is the one of asking them all: datagrams by (due, sequence, the cores taken in
+        the network's order), timers fired in the network's order of cores."""
+        items: list[tuple[tuple[str, int], DHTCore]] = []
+        index: dict[int, int] = {}
+        timers: list[tuple[float, int]] = []  # (when, the core's index in items)
         for _ in range(max_steps):
-            self._collect()
+            if len(items) != len(self.cores):  # the first step, or a core was added
+                items = list(self.cores.items())
+                index = {id(core): i for i, (_, core) in enumerate(items)}
+                for _, core in items:
+                    if id(core) not in self._watched:
+                        self._watch(core)
+                changed = set(range(len(items)))
+            else:
+                changed = {index[c] for c in self._changed if c in index}
+            self._changed.clear()
+            if changed:
+                ordered = sorted(changed)
+                self._collect(items[i] for i in ordered)
+                for i in ordered:
+                    timer = items[i][1].get_timer()
+                    if timer is not None:
+                        heapq.heappush(timers, (timer, i))
             if done():
                 return
-            timers = [t for c in self.cores.values() if (t := c.get_timer()) is not None]
-            next_timer = min(timers, default=None)
+            while timers:
+                when, i = timers[0]
+                current = items[i][1].get_timer()
+                if current == when:
+                    break
+                heapq.heappop(timers)  # moved since it was pushed
+                if current is not None and current > when:
+                    # (later: a timer it no longer needs dropped, with no datagram or
+                    # timer queued; an earlier one was pushed when it was queued)
+                    heapq.heappush(timers, (current, i))
+            next_timer = timers[0][0] if timers else None
             next_packet = self.flight[0][0] if self.flight else None
             if next_packet is None and next_timer is None:
                 raise AssertionError("nothing left to happen, and not done")
             if next_packet is not None and (next_timer is None or next_packet <= next_timer):
-                due, _, data, src, dst = self.flight.pop(0)
+                due, _, data, src, dst = heapq.heappop(self.flight)
                 self.now = max(self.now, due)
                 if dst in self.cores and dst not in self.dead and src not in self.dead:
                     self.delivered += 1
@@ -114,10 +172,15 @@ class CoreNet:
             else:
                 assert next_timer is not None
                 self.now = max(self.now, next_timer)
-                for core in self.cores.values():
+                due_now: set[int] = set()
+                while timers and timers[0][0] <= self.now:
+                    due_now.add(heapq.heappop(timers)[1])
+                for i in sorted(due_now):
+                    core = items[i][1]
                     timer = core.get_timer()
                     if timer is not None and timer <= self.now:
                         core.handle_timer(self.now)
+                    self._changed.add(id(core))  # its next timer, pushed at the next step
         raise AssertionError("did not finish")
 
     def call(self, start: Any) -> Any:
