@@ -36,7 +36,7 @@ from p2pd.testing.netns import Testbed
 
 pytestmark = pytest.mark.slow
 
-PROBE = "p2pd.testing.forkserver:probe"
+PROBE = "p2pd.testing.forktemplate:probe"
 PROBE_CODE = f"from {PROBE.replace(':', ' import ')}; probe()"
 
 

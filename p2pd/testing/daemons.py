@@ -138,7 +138,7 @@ def short_tempdir(prefix: str = "p2pd-") -> Path:
 
 def _netns_of(wrapper: Sequence[str]) -> str | None:
     """NAME if ``wrapper`` is exactly ``ip netns exec NAME`` (netns.Host.command([])),
-    which a forked child does itself (forkserver._enter_netns); else None."""
+    which a forked child does itself (forktemplate._enter_netns); else None."""
     if len(wrapper) == 4 and list(wrapper[:3]) == ["ip", "netns", "exec"]:
         return wrapper[3]
     return None
