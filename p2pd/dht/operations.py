@@ -101,12 +101,21 @@ class LookupRun:
             return
         lookup = self.lookup
         for node in lookup.next_requests(now):
-            self.core.request(
+            msg_id = self.core.request(
                 node, lookup.method_for(node.id), [lookup.target_for(node.id)], now, self
             )
+            if msg_id is not None:
+                self.requested(node, msg_id, now)
         if lookup.done:
             self.finished = True
+            self.ended()
             self.on_done(lookup.result)
+
+    def requested(self, node: Node, msg_id: bytes, now: float) -> None:
+        """A request to ``node`` went out (a subclass's hook: p2pd/dht/pacing.py)."""
+
+    def ended(self) -> None:
+        """The lookup is done, before ``on_done`` hears of it (a subclass's hook)."""
 
     def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
         if self.finished:

@@ -76,24 +76,16 @@ class PacedRun(LookupRun):
         self._slowest = 0.0
         self._heard = 0
 
-    def pump(self, now: float) -> None:
-        if self.finished:
-            return
-        lookup, core = self.lookup, self.core
-        for node in lookup.next_requests(now):
-            address = (node.ip, node.port)
-            soft = now + core.rtt.rto(address)  # what core.request schedules
-            own = core.rtt.smoothed(address)
-            msg_id = core.request(
-                node, lookup.method_for(node.id), [lookup.target_for(node.id)], now, self
-            )
-            if msg_id is not None and own is not None:
-                sent = self._sent[node.id] = _Sent(now, msg_id, soft, OWN_FACTOR * own)
-                self._pace(sent)
-        if lookup.done:
-            self.finished = True
-            self._sent.clear()
-            self.on_done(lookup.result)
+    def requested(self, node: Node, msg_id: bytes, now: float) -> None:
+        address = (node.ip, node.port)
+        own = self.core.rtt.smoothed(address)
+        if own is not None:
+            soft = now + self.core.rtt.rto(address)  # what core.request scheduled
+            sent = self._sent[node.id] = _Sent(now, msg_id, soft, OWN_FACTOR * own)
+            self._pace(sent)
+
+    def ended(self) -> None:
+        self._sent.clear()
 
     def _times(self, sent: _Sent) -> tuple[float, float] | None:
         """When ``sent`` is late by this lookup's pace, and when it is given up on (None:
