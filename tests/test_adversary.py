@@ -129,17 +129,21 @@ async def targeted_attempt(config: DHTConfig) -> tuple[list[bytes | str], bytes,
             return seen, alice, rival
 
 
-async def test_a_targeted_attacker_on_many_networks_takes_nothing() -> None:
+async def test_a_targeted_attacker_on_many_networks_takes_nothing_and_blocks_nothing() -> None:
     """Item 1: ids ground next to alice's key on 20 networks, lying. With the density
-    rule (p2pd/dht/density.py) no honest node shows the rival's key: alice's key, or
-    "contested" (the 20 set-aside ids count against her)."""
+    rule (p2pd/dht/density.py) no honest node shows the rival's key, and every one shows
+    alice's: the ids the rule sets aside count against her only as far as chance could
+    place that many that near the key (p2pd/claims.py ``credited``: about 2 here).
+    Counted one vote each, as before, they made every resolver answer "contested" (40
+    of 40, in each of 3 swarms: a denial of the handle, never a takeover); credited,
+    alice's key on 40 of 40 in each of 10 swarms."""
     seen, alice, rival = await targeted_attempt(DHTConfig(ksize=8))
     # Before the size estimate left out the key's bucket (p2pd/dht/density.py), one
     # resolver of 40 showed the rival's key in 2 of 12 runs: an honest node whose id is
     # near alice's key took the cluster for its own neighbourhood and let it vote. The
     # control below gives the rival to at least half.
     assert rival not in seen
-    assert set(seen) <= {alice, "contested"}
+    assert seen == [alice] * len(seen)
 
 
 async def test_control_without_the_density_rule_the_targeted_attacker_takes_the_handle() -> None:
@@ -178,7 +182,7 @@ async def test_a_resolver_whose_table_a_cluster_filled_still_reaches_the_owner()
                 swarm, 40, Behaviour.HONEST, near=key, bits=11, seed=1, config=config
             ) as coalition,
         ):
-            rival = coalition.add_rival("alice", swarm.wall())
+            coalition.add_rival("alice", swarm.wall())
             index, alice = await add_alice(swarm)
             bob = await swarm.start_node(
                 Identity.generate("bob"), node_key=grind_node_key(key, 6, random.Random(3))
@@ -216,7 +220,8 @@ async def test_a_resolver_whose_table_a_cluster_filled_still_reaches_the_owner()
             assert alice in shown  # contested or not, her key is among what bob sees
             assert resolution.record is None or resolution.record.public_key == alice
             assert details.voters - coalition.ids  # honest replicas voted
-            assert rival not in shown or resolution.record is None
+            # The rival's key may be shown beside hers (the votes of the cluster ids the
+            # density rule admitted), outvoted or "contested", never crowned (above).
             assert coalition.lies_told() > 0
 
 

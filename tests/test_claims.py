@@ -339,3 +339,79 @@ def test_one_or_two_replicas_set_aside_by_chance_do_not_call_for_eight_votes() -
     )
     full = [answer(100 + i, rec(RIVAL)) for i in range(PACKED_CLUSTER)]
     assert resolve_claims(rival, NOW, key=KEY, set_aside_answers=full).status == CONTESTED
+
+
+def test_a_cluster_ground_next_to_the_key_counts_against_the_owner_as_what_chance_puts_there() -> (
+    None
+):
+    """The denial bench_adversary showed at N=1000 ("targeted /24s"): 100 ids ground
+    within lambda 0.25 of alice's key, set aside as packed, all holding the rival's
+    key, counted 95 votes against her 70, and every plain lookup of her handle was
+    "contested". Credited as far as chance places ids that near (3 at lambda 0.25:
+    ``chance``), the cluster is 3 votes: she wins. The same answers with no ``chance``
+    (the rule before: each set-aside id a vote) stay contested: the control."""
+    voters = [answer(i, rec(OWNER)) for i in range(70)] + [
+        answer(100 + i, rec(RIVAL)) for i in range(5)
+    ]
+    cluster = [
+        Answer(bytes([200]) + bytes([i]) * 19, f"203.0.{i}.1", rec(RIVAL)) for i in range(95)
+    ]
+    assert resolve_claims(voters, NOW, key=KEY, set_aside_answers=cluster).status == CONTESTED
+    ground = [Answer(a.replica, a.ip, a.value, chance=3) for a in cluster]
+    res = resolve_claims(voters, NOW, key=KEY, set_aside_answers=ground)
+    assert res.status == OK and res.record is not None
+    assert res.record.public_key == OWNER.public_key
+    # Split among many keys, junk and silence, it is still one cluster: 3 in all.
+    split = [
+        Answer(
+            a.replica, a.ip, rec(THIRD) if i % 3 == 0 else b"" if i % 3 == 1 else b"junk", None, 3
+        )
+        for i, a in enumerate(cluster)
+    ]
+    assert claims.credited(split) == 3
+    assert resolve_claims(voters, NOW, key=KEY, set_aside_answers=split).status == OK
+    # Its votes among the voters are what the density rule admitted; it needs 1/3 of them.
+    outvoted = [answer(i, rec(OWNER)) for i in range(10)] + [
+        answer(100 + i, rec(RIVAL)) for i in range(6)
+    ]
+    assert resolve_claims(outvoted, NOW, key=KEY, set_aside_answers=ground).status == CONTESTED
+
+
+def test_honest_replicas_pushed_aside_count_in_full_whatever_a_cluster_adds() -> None:
+    """The other side: an attacker whose ids take the voting slots along the density
+    limit pushes honest replicas aside, and those lie as densely as chance places ids
+    (the i-th of them near lambda i, where chance allows more): each counts against
+    the rival's key, so it stays short of 2/3. Adding set-aside ids of its own, as
+    near the key as it likes, never lowers that count (ranks only grow)."""
+    rival = [answer(i, rec(RIVAL)) for i in range(40)]
+    # the i-th pushed-out honest replica at lambda about i + 1: chance allows more
+    pushed = [
+        Answer(bytes([150 + i]) * 20, f"198.51.{i}.7", rec(OWNER), chance=i + 4) for i in range(21)
+    ]
+    assert claims.credited(pushed) == 21
+    assert resolve_claims(rival, NOW, key=KEY, set_aside_answers=pushed).status == CONTESTED
+    packed = [
+        Answer(bytes([220 + i % 30]) + bytes([i]) * 19, f"203.1.{i}.1", b"", None, 2)
+        for i in range(30)
+    ]
+    assert claims.credited([*packed, *pushed]) >= 21
+    assert resolve_claims(rival, NOW, key=KEY, set_aside_answers=[*packed, *pushed]).status == (
+        CONTESTED
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.one_of(st.none(), st.integers(0, 60))), max_size=60),
+    st.tuples(st.integers(0, 40), st.one_of(st.none(), st.integers(0, 60))),
+)
+def test_a_set_aside_replica_more_never_lowers_what_counts_against_a_winner(
+    aside: list[tuple[int, int | None]], extra: tuple[int, int | None]
+) -> None:
+    """``credited`` is monotone: an attacker cannot hide replicas by adding its own."""
+
+    def answers(items: list[tuple[int, int | None]]) -> list[Answer]:
+        return [Answer(bytes([i]) * 20, f"198.51.{i}.7", b"", None, c) for i, c in items]
+
+    assert claims.credited(answers([*aside, extra])) >= claims.credited(answers(aside))
+    assert claims.credited(answers(aside)) == claims.credited(answers(list(reversed(aside))))

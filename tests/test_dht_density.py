@@ -18,22 +18,31 @@ import pytest
 from test_dht_core import CoreNet, node_key
 from test_dht_sybil import add_core
 
-from p2pd.claims import PACKED_CLUSTER
+from p2pd.claims import CONTESTED, OK, PACKED_CLUSTER, Answer, Resolution, resolve_claims
 from p2pd.config import DHTConfig, load_config
 from p2pd.dht.density import (
     SizeEstimate,
     SpreadLimit,
     depth_bound,
     estimate_size,
+    plausible_count,
     poisson_threshold,
 )
 from p2pd.dht.lookup import LookupResult
 from p2pd.dht.routing import ID_SPACE, AddressLimit, Node
 from p2pd.errors import UsageError
-from p2pd.records import dht_key
+from p2pd.identity import Identity
+from p2pd.records import HandleRecord, dht_key
 from p2pd.testing.adversary import grind_node_key, shared_bits
 
 BASE = AddressLimit(2, 3)
+NOW = 1_700_000_000
+OWNER = Identity.from_seed("alice", bytes(range(32)))
+OWNER_KEY = OWNER.public_key
+OWNER_CLAIM = HandleRecord.create(OWNER, [], seq=1, now=NOW, lifetime=86400).encode()
+RIVAL_CLAIM = HandleRecord.create(
+    Identity.from_seed("alice", bytes(range(1, 33))), [], seq=1, now=NOW, lifetime=86400
+).encode()
 K = 20
 
 
@@ -101,6 +110,74 @@ def test_an_attacker_placing_ids_along_the_limit_cannot_reach_two_thirds() -> No
         held = sum(n in curve for n in chosen)
         assert held >= replicas // 2  # it does hold the voting slots...
         assert 3 * held < 2 * (len(chosen) + limit.skipped)  # ...but never 2/3 of votes
+        # ...also with the set-aside honest replicas credited as far as chance places
+        # them (p2pd/claims.py ``credited``): they lie where chance puts honest ids.
+        outcome = vote(limit, chosen, curve)
+        assert outcome.status == CONTESTED, (seed, held, limit.skipped)
+
+
+def vote(limit: SpreadLimit, chosen: list[Node], hostile: list[Node]) -> Resolution:
+    """The resolve of ``limit``'s round: the chosen voters and the set-aside nodes
+    answering, the honest ones with the owner's claim, the hostile with the rival's;
+    each set-aside one credited by its distance, as p2pd/dht/resolve.py does."""
+    bad = {n.id for n in hostile}
+
+    def held(node: Node) -> bytes:
+        return RIVAL_CLAIM if node.id in bad else OWNER_CLAIM
+
+    voters = [Answer(n.id, n.ip, held(n)) for n in chosen]
+    aside = [
+        Answer(n.id, n.ip, held(n), chance=plausible_count(limit.expected(n) or 0.0))
+        for n in limit.passed
+    ]
+    return resolve_claims(voters, NOW, key=dht_key("alice"), set_aside_answers=aside)
+
+
+def test_a_cluster_ground_next_to_a_key_denies_the_owner_nothing() -> None:
+    """bench_adversary's "targeted /24s" at N=1000: 100 ids ground to 12 bits next to
+    alice's key (lambda under 0.25), each on a /24 of its own, holding the rival's
+    claim, beside 800 honest nodes; a resolve's 4k = 80 voters. The density rule lets
+    the cluster have the 3 slots chance allows there and sets the other 97 aside; each
+    of those counted as a vote against alice, and her lookups were all "contested".
+    Credited as what chance puts that near, they are 3 votes: alice's key, in every
+    network. The control, each set-aside id a vote: contested in every one."""
+    key = dht_key("alice")
+    for seed in range(10):
+        rng = random.Random(seed)
+        honest = honest_nodes(800, rng)
+        cluster = ground_nodes(key, 12, 100, rng)
+        limit = SpreadLimit(BASE, key, 1000)
+        chosen = limit.select(nearest(honest + cluster, key), 4 * K)
+        assert sum(n in cluster for n in chosen) <= 4 and limit.skipped >= 90
+        outcome = vote(limit, chosen, cluster)
+        assert outcome.status == OK and outcome.record is not None, seed
+        assert outcome.record.public_key == OWNER_KEY
+        uncredited = [Answer(n.id, n.ip, RIVAL_CLAIM) for n in limit.passed]
+        voters = [Answer(n.id, n.ip, RIVAL_CLAIM if n in cluster else OWNER_CLAIM) for n in chosen]
+        control = resolve_claims(voters, NOW, key=key, set_aside_answers=uncredited)
+        assert control.status == CONTESTED
+
+
+def test_ids_spread_over_the_replicas_neighbourhood_deny_the_handle_but_never_take_it() -> None:
+    """What the credit does not defend (docs/SECURITY.md, "Not defended"): the same 100
+    ids spread over the neighbourhood of a key's 80 voters (3-5 shared bits, among 50-100
+    honest nodes) instead of ground into a sliver. They take 34-56 of the 80 admitted
+    slots, up to 70 % (more than 2/3 of the voters), and push honest replicas aside;
+    those lie where chance puts honest ids and count in full, so the rival's key never
+    wins: "contested", a denial the rule cannot lift (nothing tells the honest half of
+    a crowd from the rest)."""
+    key = dht_key("alice")
+    for bits in (3, 4, 5):
+        for seed in range(4):
+            rng = random.Random(seed)
+            honest = honest_nodes(800, rng)
+            spread = ground_nodes(key, bits, 100, rng)
+            limit = SpreadLimit(BASE, key, 1000)
+            chosen = limit.select(nearest(honest + spread, key), 4 * K)
+            assert sum(n in spread for n in chosen) >= 30  # a crowd, not a sliver
+            outcome = vote(limit, chosen, spread)
+            assert outcome.status == CONTESTED, (bits, seed)
+            assert outcome.record is None
 
 
 def test_honest_nodes_alone_are_almost_never_skipped() -> None:

@@ -29,7 +29,10 @@ the honest nodes there): those take every admitted slot, and it is the honest no
 that get set aside. What stops it is elsewhere: a resolve whose lookup set anything
 aside is not settled in its first round, and in the second (4k replicas) every
 set-aside node that answered counts against any winner (p2pd/claims.py ``set_aside``),
-so that the curve's ids never reach 2/3 of the votes (tests/test_dht_density.py); and a
+so that the curve's ids never reach 2/3 of the votes (tests/test_dht_density.py). Those
+honest nodes lie as densely as chance places ids; a cluster ground into a sliver next
+to the key does not, and counts against a winner only as the few ids chance puts there
+(:func:`plausible_count`, p2pd/claims.py ``credited``), not as a denial; and a
 first round may end early only when its quorum spans enough expected honest nodes
 (p2pd/dht/lookup.py ``EARLY_END_SPAN``).
 
@@ -70,6 +73,7 @@ __all__ = [
     "SpreadLimit",
     "depth_bound",
     "estimate_size",
+    "plausible_count",
     "poisson_threshold",
 ]
 
@@ -126,6 +130,18 @@ def poisson_threshold(c: int, p: float = PACKED_P) -> float:
         step = lam - excess / pmf if pmf > 0 else math.nan
         lam = step if lo < step < hi else (lo + hi) / 2
     return hi
+
+
+def plausible_count(lam: float) -> int:
+    """The most nodes chance places within ``lam`` expected ones of a key, with
+    probability ``PACKED_P`` or more: the largest c with P(Poisson(lam) >= c) >= PACKED_P
+    (0 below ``poisson_threshold(0)``, about 1e-3). A resolve credits the set-aside
+    replicas that count against a winner no further than this at each distance
+    (p2pd/claims.py ``chance``): 100 ids ground within lambda 0.25 of a key are 3."""
+    count = 0
+    while count < MAX_COUNT and poisson_threshold(count) <= lam:
+        count += 1
+    return count
 
 
 def depth_bound(own_id: bytes, contacts: Iterable[Node], k: int) -> float | None:

@@ -84,6 +84,10 @@ class LookupResult:
     #: The same nodes (a store sends them the record too: p2pd/dht/operations.py
     #: ``store_targets``).
     packed_nodes: list[Node] = field(default_factory=list)
+    #: For each of them, how many honest nodes the density rule expected nearer the
+    #: target (its lambda): a resolve credits a cluster's votes against a winner only
+    #: as far as chance could place that many that near (p2pd/claims.py ``chance``).
+    packed_expected: dict[bytes, float] = field(default_factory=dict)
     #: Where the time and the requests went (scripts/bench_adversary.py prints them):
     #: contacts whose soft deadline passed (they stopped being waited on), contacts that
     #: never answered (hard timeout or a malformed reply), every node asked, and the
@@ -107,6 +111,20 @@ class LookupResult:
     first_rpcs: int = 0
     first_elapsed: float = 0.0
     waited: bool = False
+
+
+def _expected(
+    limit: AddressLimit | None, passed: Iterable[Node], answered: set[bytes]
+) -> dict[bytes, float]:
+    """The density rule's lambda for each set-aside node that answered."""
+    if not isinstance(limit, SpreadLimit):
+        return {}
+    out: dict[bytes, float] = {}
+    for node in passed:
+        lam = limit.expected(node) if node.id in answered else None
+        if lam is not None:
+            out[node.id] = lam
+    return out
 
 
 class Lookup:
@@ -388,6 +406,7 @@ class Lookup:
         self.done = True
         self.result.voters = {n.id for n in self._live() if self._state[n.id] == _OK}
         self.result.packed = {n.id for n in self._passed if self._state[n.id] == _OK}
+        self.result.packed_expected = _expected(self._limit, self._passed, self.result.packed)
         self.result.given_up = [n for n in self._nodes.values() if self._state[n.id] == _SLOW]
         self.result.timed_out = [n for n in self._nodes.values() if self._state[n.id] == _FAILED]
         self.result.closest = self._closest(
@@ -687,6 +706,9 @@ class DisjointLookup:
         if isinstance(self._limit, SpreadLimit):
             self.result.packed_nodes = [n for n in self._limit.passed if n.id in answered]
             self.result.packed = {n.id for n in self.result.packed_nodes}
+            self.result.packed_expected = _expected(
+                self._limit, self.result.packed_nodes, self.result.packed
+            )
         return {n.id for n in nearest if n.id in answered}
 
     def target_for(self, node_id: bytes) -> bytes:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..claims import CONTESTED, Answer, Resolution, resolve_claims
 from ..records import claimed_key
+from .density import plausible_count
 from .lookup import LookupResult
 from .operations import older_claim
 from .routing import ID_SPACE, Node
@@ -24,6 +25,13 @@ if TYPE_CHECKING:
 #: (the cap is twice it); a table filled depth by depth gave 30 times it and more
 #: (tests/test_adversary_depth.py).
 SAMPLED_CUT = 1.5
+
+
+def chance(result: LookupResult, node_id: bytes) -> int | None:
+    """How many nodes chance places as near the key as this set-aside one (None: the
+    lookup had no size estimate for it)."""
+    lam = result.packed_expected.get(node_id)
+    return None if lam is None else plausible_count(lam)
 
 
 def start_resolve(
@@ -79,7 +87,15 @@ def start_resolve(
         # on): a liar far from the key answers with a value too.
         voting = [(n, v) for n, v in result.values if not defended or n.id in result.voters]
         answers = [Answer(n.id, n.ip, v, result.seen.get(n.id)) for n, v in voting]
-        aside = [Answer(n.id, n.ip, v) for n, v in result.values if n.id in result.packed]
+        # The set-aside replicas that answered, with a value or without (b""): each
+        # credited against a winner only as far as chance places that many that near
+        # the key (p2pd/claims.py ``credited``).
+        held = {n.id: v for n, v in result.values if n.id in result.packed}
+        nodes = {n.id: n for n in result.packed_nodes if n.id in result.packed}
+        nodes.update((n.id, n) for n, _ in result.values if n.id in result.packed)
+        aside = [
+            Answer(i, n.ip, held.get(i, b""), chance=chance(result, i)) for i, n in nodes.items()
+        ]
         return resolve_claims(
             [*answers, *extra],
             wall,
