@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from required_groups import skip_or_fail
 
-from p2pd.testing.daemons import DaemonProcess, p2pd_command, run_cli, short_tempdir
+from p2pd.testing.daemons import DaemonProcess, popen_cli, run_cli, short_tempdir
 from p2pd.testing.pulse import RATE, TOOLS, PulseServer, stop_process
 
 
@@ -173,10 +173,7 @@ def test_a_call_from_microphone_to_speaker(pulse: Pulse) -> None:
         players += captures
         # bob: no --audio-in/--audio-out, the default microphone and speaker; alice names
         # hers (PortAudio's "pulse" device, which follows PULSE_SOURCE/PULSE_SINK too).
-        answer = subprocess.Popen(
-            [*p2pd_command(), "--home", str(root / "bob"), "answer", "--wait", "30", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
+        answer = popen_cli(root / "bob", "answer", "--wait", "30", "--json")
         try:
             call = run_cli(
                 root / "alice", "call", "bob", "--audio-in", "mic:pulse",

@@ -59,10 +59,15 @@ def p2pd_command() -> list[str]:
 
 
 def run_cli(
-    home: Path, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+    home: Path,
+    *args: str,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``p2pd --home HOME ARGS...``; returns the finished process (never raises on exit
     code; raises :class:`subprocess.TimeoutExpired` after killing it on ``timeout``).
+    stdin is /dev/null, or a pipe carrying ``input`` (``send bob -``).
     Under the test harness (:func:`use_forkserver`) it is forked from the daemons'
     template (the CLI's ~60 ms of interpreter start and imports saved), with the same
     argv, environment, stdio and result; exec'd under coverage. Tests that measure the
@@ -70,7 +75,11 @@ def run_cli(
     argv = [*p2pd_command(), "--home", str(home), *args]
     full_env = {**os.environ, **(env or {})}
     if _fork and not _coverage():
-        return forkserver.run(argv, full_env, timeout=timeout)
+        return forkserver.run(argv, full_env, timeout=timeout, input=input)
+    if input is not None:
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, env=full_env, input=input
+        )
     return subprocess.run(
         argv,
         capture_output=True,
@@ -86,8 +95,9 @@ def popen_cli(
 ) -> subprocess.Popen[str] | forkserver.ForkedProcess:
     """``p2pd --home HOME ARGS...`` left running (a ``p2pd answer`` waiting for a call):
     ``Popen(stdin=DEVNULL, stdout=PIPE, stderr=PIPE, text=True)``, its output read with
-    ``communicate(timeout)``. ``wrapper`` prefixes the command: ``ip netns exec NAME``
-    (a netns host's ``command([])``) runs it in that host. Under the test harness
+    ``communicate(timeout)``, or line by line from ``stdout`` (``inbox --follow``).
+    ``wrapper`` prefixes the command: ``ip netns exec NAME`` (a netns host's
+    ``command([])``) runs it in that host. Under the test harness
     (:func:`use_forkserver`) it is forked from the daemons' template, also in a netns
     host (the child enters the namespace as ip would), saving the CLI's ~0.15 s of
     interpreter start and imports; exec'd under coverage or any other ``wrapper``."""
