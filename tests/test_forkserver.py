@@ -219,6 +219,37 @@ def test_a_child_forked_into_a_namespace_sees_what_ip_netns_exec_gives(
     assert not other.forked  # any other wrapper is exec'd
 
 
+def test_a_daemon_under_prlimit_fsize_is_forked_with_the_limit_prlimit_gives(
+    root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
+    """``prlimit --fsize=N`` (test_files_e2e's disk that fills): the probe forked with
+    ``fsize`` and exec'd under prlimit see the same RLIMIT_FSIZE, N soft and hard (not
+    the worker's), and the rest as an exec'd child; a DaemonProcess with that wrapper is
+    forked and the kernel shows its limit in /proc/PID/limits."""
+    import resource
+
+    n = 3_000_000
+    assert resource.getrlimit(resource.RLIMIT_FSIZE) != (n, n)  # the check can fail
+    env = probe_env()
+    proc = forkserver.spawn([sys.executable, "0"], env, entry=PROBE, fsize=n)
+    assert proc.wait(30) == 0
+    forked = state(proc.stderr.read())
+    code, stderr = execd_probe("0", env, wrapper=("prlimit", f"--fsize={n}"))
+    assert code == 0, stderr
+    reference = state(stderr)
+    assert reference["fsize"] == forked["fsize"] == [n, n]
+    for key in set(reference) - {"pid", "ppid", "random", "comm"}:
+        assert forked[key] == reference[key], key
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    daemon = DaemonProcess(root / "a", wrapper=("prlimit", f"--fsize={n}"))
+    started.append(daemon)
+    assert daemon.wait_ready().forked
+    limits = Path(f"/proc/{daemon.proc.pid}/limits").read_text().splitlines()
+    fsize = [line.split()[3:5] for line in limits if line.startswith("Max file size")]
+    assert fsize == [[str(n), str(n)]], limits
+    assert daemon.stop() == 0, daemon.log
+
+
 def test_a_forked_cli_call_returns_what_subprocess_run_does(tmp_path: Path) -> None:
     """forkserver.run against subprocess.run with capture_output and text: the probe's
     stdout (non-ASCII, "\\r\\n" translated), its stderr (the state: the environment

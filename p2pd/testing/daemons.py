@@ -146,6 +146,15 @@ def short_tempdir(prefix: str = "p2pd-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+def _fsize_of(wrapper: Sequence[str]) -> int | None:
+    """N if ``wrapper`` is exactly ``prlimit --fsize=N`` (a disk that fills, to the
+    daemon: test_files_e2e), which a forked child sets itself (RLIMIT_FSIZE); else None."""
+    if len(wrapper) == 2 and wrapper[0] == "prlimit" and wrapper[1].startswith("--fsize="):
+        value = wrapper[1].removeprefix("--fsize=")
+        return int(value) if value.isdigit() else None
+    return None
+
+
 def _netns_of(wrapper: Sequence[str]) -> str | None:
     """NAME if ``wrapper`` is exactly ``ip netns exec NAME`` (netns.Host.command([])),
     which a forked child does itself (forktemplate._enter_netns); else None."""
@@ -162,8 +171,9 @@ class DaemonProcess:
     (p2pd/testing/forkserver.py), ``proc`` then a :class:`forkserver.ForkedProcess`
     with the part of Popen's surface the tests use. A ``wrapper`` of exactly
     ``ip netns exec NAME`` (a netns host's ``command([])``) is forked too: the child
-    enters the namespace as ip would. Exec'd all the same: a daemon with any other
-    ``wrapper`` (prlimit, unshare: the wrapper is what is tested), one
+    enters the namespace as ip would; so is one of exactly ``prlimit --fsize=N`` (the
+    child sets RLIMIT_FSIZE as prlimit would). Exec'd all the same: a daemon with any
+    other ``wrapper`` (other prlimit limits, unshare), one
     given ``P2PD_PASSPHRASE`` in ``env`` (the daemon wipes it from the environment block
     the kernel shows in /proc/PID/environ, which in a forked child is the template's,
     so only an exec'd daemon proves it), and every daemon of a process under coverage
@@ -197,10 +207,10 @@ class DaemonProcess:
         self.handle = self.fingerprint = self.listen = ""
         full_env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | forkserver.ForkedProcess
-        netns = _netns_of(wrapper)
-        forkable = not wrapper or netns is not None
+        netns, fsize = _netns_of(wrapper), _fsize_of(wrapper)
+        forkable = not wrapper or netns is not None or fsize is not None
         if _fork and forkable and "P2PD_PASSPHRASE" not in (env or {}) and not _coverage():
-            self.proc = forkserver.spawn(args[len(wrapper) :], full_env, netns=netns)
+            self.proc = forkserver.spawn(args[len(wrapper) :], full_env, netns=netns, fsize=fsize)
         else:
             self.proc = subprocess.Popen(
                 args,

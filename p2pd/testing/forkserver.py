@@ -26,9 +26,9 @@ Protocol, on ``AF_UNIX`` ``SOCK_SEQPACKET`` sockets (one message per send, no fr
 
 - worker -> template, on the control socket (a socketpair made when the template is
   started): one JSON request ``{"argv", "env", "cwd", "umask", "entry", "netns",
-  "quick_exit", "sigint_ignored"}`` with four file descriptors (SCM_RIGHTS, as multiprocessing's
-  forkserver passes them): the child's stdin, stdout, stderr and the template's end of
-  a fresh per-daemon socketpair.
+  "quick_exit", "sigint_ignored", "fsize"}`` with four file descriptors (SCM_RIGHTS, as
+  multiprocessing's forkserver passes them): the child's stdin, stdout, stderr and the
+  template's end of a fresh per-daemon socketpair.
 - template -> worker, on that per-daemon socket: ``{"pid": N}`` once forked (or
   ``{"error": ...}``), later ``{"status": S, "cpu": C, "template_cpu": T, "template": P}`` when the
   template has reaped the child: S is the raw wait status, C the child's user+system
@@ -289,6 +289,7 @@ def spawn(
     *,
     entry: str = "p2pd_cli.main:main",
     netns: str | None = None,
+    fsize: int | None = None,
 ) -> ForkedProcess:
     """Fork a daemon from the template: ``args`` as it would be exec'd (``args[0]`` the
     program, the rest its argv), ``env`` its whole environment, ``entry`` the function
@@ -298,11 +299,14 @@ def spawn(
     ``Popen(args, stdin=DEVNULL, stdout=DEVNULL, stderr=PIPE, text=True, env=env)``.
     With ``netns``, the child first does what ``ip netns exec NETNS`` does before it
     execs (``forktemplate._enter_netns``): ``args`` then are what follows
-    ``ip netns exec NETNS``."""
+    ``ip netns exec NETNS``. With ``fsize``, the child's RLIMIT_FSIZE (soft and hard)
+    is that many bytes, as ``prlimit --fsize=FSIZE`` sets it before its exec."""
     stderr_r, stderr_w = os.pipe()
     devnull_out = os.open(os.devnull, os.O_WRONLY)
     try:
-        pid, channel = _fork(args, env, entry, netns, devnull_out, stderr_w, quick_exit=True)
+        pid, channel = _fork(
+            args, env, entry, netns, devnull_out, stderr_w, quick_exit=True, fsize=fsize
+        )
     except BaseException:
         os.close(stderr_r)
         raise
@@ -484,6 +488,7 @@ def _fork(
     *,
     quick_exit: bool = False,
     stdin: int | None = None,
+    fsize: int | None = None,
 ) -> tuple[int, socket.socket]:
     """Have the template fork a child with stdin ``stdin`` (/dev/null if None) and
     ``stdout``, ``stderr`` (the caller's descriptors: it closes them): its pid and the
@@ -497,6 +502,7 @@ def _fork(
         "entry": entry,
         "netns": netns,
         "quick_exit": quick_exit,
+        "fsize": fsize,
         # An ignored SIGINT survives exec (and CPython then leaves it ignored): an exec'd
         # child of a process ignoring it would ignore it too (pytest-xdist's workers may).
         "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
