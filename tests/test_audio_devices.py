@@ -16,6 +16,7 @@ under CI=true (tests/required_groups.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -37,12 +38,22 @@ def _needs() -> None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         skip_or_fail(f"PulseAudio tools missing: {', '.join(missing)} (_system_deps.sh audio)")
+    failed = _sounddevice_fails()
+    if failed is not None:
+        skip_or_fail(f"sounddevice does not load (pip install '.[audio]', libportaudio2): {failed}")
+
+
+@functools.cache
+def _sounddevice_fails() -> str | None:
+    """Why ``import sounddevice`` fails (its last line of stderr), or None: in a process
+    of its own (PortAudio starts at import, and not in the test worker), once a worker
+    (0.07-0.13 s of CPU each)."""
     probe = subprocess.run(
         [sys.executable, "-c", "import sounddevice"], capture_output=True, text=True, timeout=30
     )
     if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        skip_or_fail(f"sounddevice does not load (pip install '.[audio]', libportaudio2): {last}")
+        return (probe.stderr.strip().splitlines() or ["?"])[-1]
+    return None
 
 
 Pulse = PulseServer
