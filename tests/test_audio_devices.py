@@ -16,6 +16,7 @@ under CI=true (tests/required_groups.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ import numpy as np
 import pytest
 from required_groups import skip_or_fail
 
-from p2pd.testing.daemons import DaemonProcess, p2pd_command, run_cli, short_tempdir
+from p2pd.testing.daemons import DaemonProcess, popen_cli, run_cli, short_tempdir
 from p2pd.testing.pulse import RATE, TOOLS, PulseServer, stop_process
 
 
@@ -37,12 +38,22 @@ def _needs() -> None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         skip_or_fail(f"PulseAudio tools missing: {', '.join(missing)} (_system_deps.sh audio)")
+    failed = _sounddevice_fails()
+    if failed is not None:
+        skip_or_fail(f"sounddevice does not load (pip install '.[audio]', libportaudio2): {failed}")
+
+
+@functools.cache
+def _sounddevice_fails() -> str | None:
+    """Why ``import sounddevice`` fails (its last line of stderr), or None: in a process
+    of its own (PortAudio starts at import, and not in the test worker), once a worker
+    (0.07-0.13 s of CPU each)."""
     probe = subprocess.run(
         [sys.executable, "-c", "import sounddevice"], capture_output=True, text=True, timeout=30
     )
     if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        skip_or_fail(f"sounddevice does not load (pip install '.[audio]', libportaudio2): {last}")
+        return (probe.stderr.strip().splitlines() or ["?"])[-1]
+    return None
 
 
 Pulse = PulseServer
@@ -173,10 +184,7 @@ def test_a_call_from_microphone_to_speaker(pulse: Pulse) -> None:
         players += captures
         # bob: no --audio-in/--audio-out, the default microphone and speaker; alice names
         # hers (PortAudio's "pulse" device, which follows PULSE_SOURCE/PULSE_SINK too).
-        answer = subprocess.Popen(
-            [*p2pd_command(), "--home", str(root / "bob"), "answer", "--wait", "30", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
+        answer = popen_cli(root / "bob", "answer", "--wait", "30", "--json")
         try:
             call = run_cli(
                 root / "alice", "call", "bob", "--audio-in", "mic:pulse",

@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from p2pd.testing.daemons import DaemonProcess, p2pd_command, run_cli, short_tempdir, wait_until
+from p2pd.testing.daemons import (
+    DaemonProcess,
+    popen_cli,
+    run_cli,
+    short_tempdir,
+    wait_until,
+)
+from p2pd.testing.forkserver import ForkedProcess
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +47,9 @@ class Net:
     def cli(self, handle: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
         return run_cli(self.root / handle, *args, timeout=timeout)
 
-    def background(self, handle: str, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [*p2pd_command(), "--home", str(self.root / handle), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
+    def background(self, handle: str, *args: str) -> subprocess.Popen[str] | ForkedProcess:
+        """A CLI call left running (forked from the daemons' template: popen_cli)."""
+        return popen_cli(self.root / handle, *args)
 
     def calls(self, handle: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = json.loads(self.cli(handle, "calls", "--json").stdout)

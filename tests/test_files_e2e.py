@@ -26,6 +26,7 @@ from p2pd.testing.daemons import (
     cli_json,
     control_call,
     p2pd_command,
+    popen_cli,
     run_cli,
     short_tempdir,
     wait_until,
@@ -514,10 +515,7 @@ def test_40_mb_with_dms_meanwhile_in_bounded_memory(net: Net) -> None:
         f.write(block)
     pids = {h: d.proc.pid for h, d in net.daemons.items()}
     peak_before = {h: peak_rss(pid) for h, pid in pids.items()}
-    follow = subprocess.Popen(
-        [*p2pd_command(), "--home", str(net.home("bob")), "files", "--follow", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+    follow = popen_cli(net.home("bob"), "files", "--follow", "--json")
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(follow.stdout or ()), daemon=True)
     reader.start()
@@ -586,11 +584,8 @@ CALL_SECONDS = 3
 def call_bob(net: Net, record: Path) -> dict[str, Any]:
     """A CALL_SECONDS call alice -> bob, tones both ways; bob's side of it (what he heard of
     alice, whose audio crosses the path the file takes): his media statistics."""
-    answer = subprocess.Popen(
-        [*p2pd_command(), "--home", str(net.home("bob")), "answer", "--wait", "30",
-         "--audio-in", "tone:660", "--record", str(record), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+    answer = popen_cli(net.home("bob"), "answer", "--wait", "30", "--audio-in", "tone:660",
+                       "--record", str(record), "--json")  # fmt: skip
     try:
         call = run_cli(net.home("alice"), "call", "bob", "--audio-in", "tone:440",
                        "--duration", str(CALL_SECONDS), "--json", timeout=90)  # fmt: skip
@@ -797,10 +792,7 @@ def test_cancel_from_either_side_through_the_cli_and_what_files_follow_shows(net
     net.start("alice")
     net.start("bob")
     pin_each_other(net, "alice", "bob")
-    follow = subprocess.Popen(
-        [*p2pd_command(), "--home", str(net.home("bob")), "files", "--follow"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+    follow = popen_cli(net.home("bob"), "files", "--follow")
     shown: list[str] = []  # the reader ends when the process does (terminated below)
     reader = threading.Thread(target=lambda: shown.extend(follow.stdout or ()), daemon=True)
     reader.start()

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,37 @@ def test_a_child_forked_into_a_namespace_sees_what_ip_netns_exec_gives(
     assert not other.forked  # any other wrapper is exec'd
 
 
+def test_a_daemon_under_prlimit_fsize_is_forked_with_the_limit_prlimit_gives(
+    root: Path, forking: None, started: list[DaemonProcess]
+) -> None:
+    """``prlimit --fsize=N`` (test_files_e2e's disk that fills): the probe forked with
+    ``fsize`` and exec'd under prlimit see the same RLIMIT_FSIZE, N soft and hard (not
+    the worker's), and the rest as an exec'd child; a DaemonProcess with that wrapper is
+    forked and the kernel shows its limit in /proc/PID/limits."""
+    import resource
+
+    n = 3_000_000
+    assert resource.getrlimit(resource.RLIMIT_FSIZE) != (n, n)  # the check can fail
+    env = probe_env()
+    proc = forkserver.spawn([sys.executable, "0"], env, entry=PROBE, fsize=n)
+    assert proc.wait(30) == 0
+    forked = state(proc.stderr.read())
+    code, stderr = execd_probe("0", env, wrapper=("prlimit", f"--fsize={n}"))
+    assert code == 0, stderr
+    reference = state(stderr)
+    assert reference["fsize"] == forked["fsize"] == [n, n]
+    for key in set(reference) - {"pid", "ppid", "random", "comm"}:
+        assert forked[key] == reference[key], key
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    daemon = DaemonProcess(root / "a", wrapper=("prlimit", f"--fsize={n}"))
+    started.append(daemon)
+    assert daemon.wait_ready().forked
+    limits = Path(f"/proc/{daemon.proc.pid}/limits").read_text().splitlines()
+    fsize = [line.split()[3:5] for line in limits if line.startswith("Max file size")]
+    assert fsize == [[str(n), str(n)]], limits
+    assert daemon.stop() == 0, daemon.log
+
+
 def test_a_forked_cli_call_returns_what_subprocess_run_does(tmp_path: Path) -> None:
     """forkserver.run against subprocess.run with capture_output and text: the probe's
     stdout (non-ASCII, "\\r\\n" translated), its stderr (the state: the environment
@@ -250,6 +282,24 @@ def test_a_forked_cli_call_returns_what_subprocess_run_does(tmp_path: Path) -> N
         assert one.returncode == two.returncode == {"bye": 1, "-1": 255, "0": 0}[code]
         assert one.stderr.splitlines()[1:] == two.stderr.splitlines()[1:]
         assert one.stdout == two.stdout == f'["{code}"] stdout ✓\n'
+    # input: stdin a pipe that carries it and ends (`p2pd send bob -`), as run(input=)
+    typed = "line one ✓\nline two" + "x" * 200_000  # more than a pipe holds at once
+    fed = forkserver.run([sys.executable, "0"], env, entry=PROBE, timeout=30, input=typed)
+    ref = subprocess.run(
+        [sys.executable, "-c", PROBE_CODE, "0"],
+        env=env,
+        input=typed,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert fed.returncode == ref.returncode == 0, fed.stderr
+    (fed_path, fed_text), (ref_path, ref_text) = (
+        state(fed.stderr)["stdin"],
+        state(ref.stderr)["stdin"],
+    )
+    assert fed_text == ref_text == typed
+    assert fed_path.startswith("pipe:") and ref_path.startswith("pipe:")
 
 
 def test_p2pd_test_profile_writes_each_forked_calls_profile(root: Path) -> None:
@@ -560,7 +610,8 @@ def test_a_forked_popen_communicates_as_popen_does(root: Path, forking: None) ->
     for key in set(reference) - {"pid", "ppid", "random", "comm", "stdout"}:
         assert mine[key] == reference[key], key
     assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
-    daemon = daemons.popen_cli(root / "a", "daemon", "--listen", daemons.loopback_listen())
+    listen = daemons.loopback_listen()
+    daemon = daemons.popen_cli(root / "a", "daemon", "--listen", listen, "--lan", "off")
     assert isinstance(daemon, forkserver.ForkedProcess)
     try:
         with pytest.raises(subprocess.TimeoutExpired):
@@ -579,6 +630,43 @@ def test_a_forked_popen_communicates_as_popen_does(root: Path, forking: None) ->
         assert isinstance(proc, forkserver.ForkedProcess) == fork
         results.append((*proc.communicate(timeout=30), proc.returncode))
     assert results[0] == results[1] and results[0][2] == 0 and "--wait" in results[0][0], results
+
+
+def test_a_forked_popens_output_is_read_as_it_comes(root: Path, forking: None) -> None:
+    """popen_cli's ``stdout`` and ``stderr`` are text files read while the call runs, as
+    Popen's (a test reads `inbox --follow`'s lines so): forked and exec'd, a daemon's
+    ready line is read from ``stderr`` before it ends, the rest after SIGTERM; the
+    probe's stdout reads as Popen's (newlines translated)."""
+    assert run_cli(root / "a", "init", "alice", "--no-passphrase").returncode == 0
+    seen = []
+    for fork in (True, False):
+        daemons.use_forkserver(fork)
+        listen = daemons.loopback_listen()
+        daemon = daemons.popen_cli(root / "a", "daemon", "--listen", listen, "--lan", "off")
+        assert isinstance(daemon, forkserver.ForkedProcess) == fork
+        overdue = threading.Timer(60, daemon.kill)  # readline's bound: EOF once killed
+        overdue.start()
+        try:
+            assert daemon.stderr is not None
+            first: list[str] = []
+            for _ in range(20):  # bounded: up to its ready line, 20 lines at most
+                first.append(daemon.stderr.readline())
+                if "ready: handle=alice" in first[-1] or not first[-1]:
+                    break
+            assert "ready: handle=alice" in first[-1], first
+            assert daemon.poll() is None  # read while it runs
+        finally:
+            daemon.terminate()
+            overdue.cancel()
+        rest = daemon.stderr.read()
+        assert daemon.wait(30) == 0 and "stopped" in rest, rest
+        seen.append(first[-1].split("ready: ")[1].split()[0])
+    assert seen[0] == seen[1] and seen[0].startswith("handle=alice#"), seen
+    forked = forkserver.popen([sys.executable, "3"], probe_env(), entry=PROBE)
+    assert forked.stdout is not None and forked.stderr is not None
+    assert forked.stdout.read() == '["3"] stdout ✓\n'
+    assert state(forked.stderr.read())["argv"] == ["3"]
+    assert forked.wait(30) == 3
 
 
 def test_a_child_on_the_callers_descriptors_starts_as_popen_given_them(tmp_path: Path) -> None:

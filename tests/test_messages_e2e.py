@@ -260,33 +260,20 @@ def test_kill_9_during_a_burst_loses_nothing(net: Net, victim: str) -> None:
 
 
 def test_inbox_follow_and_send_from_stdin(net: Net) -> None:
-    import subprocess
     import threading
 
-    from p2pd.testing.daemons import p2pd_command
+    from p2pd.testing.daemons import popen_cli
 
     net.init("alice", "bob")
     net.start("alice")
     net.start("bob")
-    follow = subprocess.Popen(
-        [*p2pd_command(), "--home", str(net.home("bob")), "inbox", "--follow", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    follow = popen_cli(net.home("bob"), "inbox", "--follow", "--json")
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(follow.stdout or []), daemon=True)
     reader.start()
     try:
         text = "line one\nline two, from stdin"
-        proc = subprocess.run(
-            [*p2pd_command(), "--home", str(net.home("alice")), "send", "bob", "-", "--wait"],
-            input=text,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = run_cli(net.home("alice"), "send", "bob", "-", "--wait", input=text)
         assert proc.returncode == 0, proc.stderr
         assert wait_until(lambda: len(lines) >= 1, timeout=20)
         shown = json.loads(lines[0])
@@ -302,21 +289,15 @@ def test_send_lines_and_the_largest_message(net: Net) -> None:
     """`send --lines` queues each line as its own message, in order, all durable before
     it returns, and --wait sees them all delivered; a message of the full 64 KiB goes
     through the control socket and the wire; a bad batch is refused whole."""
-    import subprocess
-
-    from p2pd.testing.daemons import p2pd_command
     from p2pd.wire import MAX_TEXT
 
     net.init("alice", "bob")
     net.start("alice")
     net.start("bob")
     lines = [f"line {i}: " + "é" * (i % 7) for i in range(2500)]  # three control calls
-    proc = subprocess.run(
-        [*p2pd_command(), "--home", str(net.home("alice")), "send", "bob", "-", "--lines",
-         "--wait", "--timeout", "90"],
+    proc = run_cli(
+        net.home("alice"), "send", "bob", "-", "--lines", "--wait", "--timeout", "90",
         input="\n".join(lines[:1200]) + "\n\n   \n" + "\n".join(lines[1200:]) + "\n",
-        capture_output=True,
-        text=True,
         timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -59,10 +59,15 @@ def p2pd_command() -> list[str]:
 
 
 def run_cli(
-    home: Path, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+    home: Path,
+    *args: str,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``p2pd --home HOME ARGS...``; returns the finished process (never raises on exit
     code; raises :class:`subprocess.TimeoutExpired` after killing it on ``timeout``).
+    stdin is /dev/null, or a pipe carrying ``input`` (``send bob -``).
     Under the test harness (:func:`use_forkserver`) it is forked from the daemons'
     template (the CLI's ~60 ms of interpreter start and imports saved), with the same
     argv, environment, stdio and result; exec'd under coverage. Tests that measure the
@@ -70,7 +75,11 @@ def run_cli(
     argv = [*p2pd_command(), "--home", str(home), *args]
     full_env = {**os.environ, **(env or {})}
     if _fork and not _coverage():
-        return forkserver.run(argv, full_env, timeout=timeout)
+        return forkserver.run(argv, full_env, timeout=timeout, input=input)
+    if input is not None:
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, env=full_env, input=input
+        )
     return subprocess.run(
         argv,
         capture_output=True,
@@ -86,8 +95,9 @@ def popen_cli(
 ) -> subprocess.Popen[str] | forkserver.ForkedProcess:
     """``p2pd --home HOME ARGS...`` left running (a ``p2pd answer`` waiting for a call):
     ``Popen(stdin=DEVNULL, stdout=PIPE, stderr=PIPE, text=True)``, its output read with
-    ``communicate(timeout)``. ``wrapper`` prefixes the command: ``ip netns exec NAME``
-    (a netns host's ``command([])``) runs it in that host. Under the test harness
+    ``communicate(timeout)``, or line by line from ``stdout`` (``inbox --follow``).
+    ``wrapper`` prefixes the command: ``ip netns exec NAME`` (a netns host's
+    ``command([])``) runs it in that host. Under the test harness
     (:func:`use_forkserver`) it is forked from the daemons' template, also in a netns
     host (the child enters the namespace as ip would), saving the CLI's ~0.15 s of
     interpreter start and imports; exec'd under coverage or any other ``wrapper``."""
@@ -136,6 +146,15 @@ def short_tempdir(prefix: str = "p2pd-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+def _fsize_of(wrapper: Sequence[str]) -> int | None:
+    """N if ``wrapper`` is exactly ``prlimit --fsize=N`` (a disk that fills, to the
+    daemon: test_files_e2e), which a forked child sets itself (RLIMIT_FSIZE); else None."""
+    if len(wrapper) == 2 and wrapper[0] == "prlimit" and wrapper[1].startswith("--fsize="):
+        value = wrapper[1].removeprefix("--fsize=")
+        return int(value) if value.isdigit() else None
+    return None
+
+
 def _netns_of(wrapper: Sequence[str]) -> str | None:
     """NAME if ``wrapper`` is exactly ``ip netns exec NAME`` (netns.Host.command([])),
     which a forked child does itself (forktemplate._enter_netns); else None."""
@@ -152,8 +171,9 @@ class DaemonProcess:
     (p2pd/testing/forkserver.py), ``proc`` then a :class:`forkserver.ForkedProcess`
     with the part of Popen's surface the tests use. A ``wrapper`` of exactly
     ``ip netns exec NAME`` (a netns host's ``command([])``) is forked too: the child
-    enters the namespace as ip would. Exec'd all the same: a daemon with any other
-    ``wrapper`` (prlimit, unshare: the wrapper is what is tested), one
+    enters the namespace as ip would; so is one of exactly ``prlimit --fsize=N`` (the
+    child sets RLIMIT_FSIZE as prlimit would). Exec'd all the same: a daemon with any
+    other ``wrapper`` (other prlimit limits, unshare), one
     given ``P2PD_PASSPHRASE`` in ``env`` (the daemon wipes it from the environment block
     the kernel shows in /proc/PID/environ, which in a forked child is the template's,
     so only an exec'd daemon proves it), and every daemon of a process under coverage
@@ -187,10 +207,10 @@ class DaemonProcess:
         self.handle = self.fingerprint = self.listen = ""
         full_env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | forkserver.ForkedProcess
-        netns = _netns_of(wrapper)
-        forkable = not wrapper or netns is not None
+        netns, fsize = _netns_of(wrapper), _fsize_of(wrapper)
+        forkable = not wrapper or netns is not None or fsize is not None
         if _fork and forkable and "P2PD_PASSPHRASE" not in (env or {}) and not _coverage():
-            self.proc = forkserver.spawn(args[len(wrapper) :], full_env, netns=netns)
+            self.proc = forkserver.spawn(args[len(wrapper) :], full_env, netns=netns, fsize=fsize)
         else:
             self.proc = subprocess.Popen(
                 args,

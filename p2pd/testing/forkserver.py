@@ -11,11 +11,13 @@ status; only the interpreter start and the imports are shared.
 :class:`p2pd.testing.daemons.DaemonProcess` uses it (:func:`spawn`; in a netns host
 too: the child enters the namespace as ``ip netns exec`` would), and so do
 :func:`p2pd.testing.daemons.run_cli` (:func:`run`: a CLI call, ~8 ms of CPU forked
-against ~50 ms exec'd) and :func:`p2pd.testing.flood.run` (:func:`start`: a DHT
-flooder, ~0.2 s of imports saved each), only when the test harness turned it on
-(tests/conftest.py; ``P2PD_TEST_FORK=0`` runs every daemon, CLI call and flooder by
-exec as before). scripts/demo,
-the benchmarks and any process the tests start on their own exec their daemons.
+against ~50 ms exec'd; its stdin /dev/null or a pipe carrying ``input``),
+:func:`p2pd.testing.daemons.popen_cli` (:func:`popen`: a call left running, a
+``p2pd answer`` or ``files --follow``, read with ``communicate`` or line by line) and
+:func:`p2pd.testing.flood.run` (:func:`start`: a DHT flooder, ~0.2 s of imports saved
+each), only when the test harness turned it on (tests/conftest.py; ``P2PD_TEST_FORK=0``
+runs every daemon, CLI call and flooder by exec as before). scripts/demo, the
+benchmarks and any process the tests start on their own exec their daemons.
 ``P2PD_TEST_PROFILE=DIR`` in the environment runs each forked child under cProfile
 (p2pd/testing/forktemplate.py, the template's side of all this: its loop, a child's
 set-up and exit).
@@ -24,9 +26,9 @@ Protocol, on ``AF_UNIX`` ``SOCK_SEQPACKET`` sockets (one message per send, no fr
 
 - worker -> template, on the control socket (a socketpair made when the template is
   started): one JSON request ``{"argv", "env", "cwd", "umask", "entry", "netns",
-  "quick_exit", "sigint_ignored"}`` with four file descriptors (SCM_RIGHTS, as multiprocessing's
-  forkserver passes them): the child's stdin, stdout, stderr and the template's end of
-  a fresh per-daemon socketpair.
+  "quick_exit", "sigint_ignored", "fsize"}`` with four file descriptors (SCM_RIGHTS, as
+  multiprocessing's forkserver passes them): the child's stdin, stdout, stderr and the
+  template's end of a fresh per-daemon socketpair.
 - template -> worker, on that per-daemon socket: ``{"pid": N}`` once forked (or
   ``{"error": ...}``), later ``{"status": S, "cpu": C, "template_cpu": T, "template": P}`` when the
   template has reaped the child: S is the raw wait status, C the child's user+system
@@ -64,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import locale
 import os
 import selectors
 import signal
@@ -89,9 +92,10 @@ class ForkedProcess:
     """A daemon forked by the template, with the part of :class:`subprocess.Popen`'s
     surface the tests use: ``pid``, ``returncode``, ``poll()``, ``wait(timeout)``
     (raising :class:`subprocess.TimeoutExpired`), ``send_signal()``, ``terminate()``,
-    ``kill()``, ``stderr`` (text; :func:`spawn`'s), ``communicate(timeout)``
-    (:func:`popen`'s) and ``args``. ``returncode`` is what Popen gives: the
-    exit code, or minus the signal number that killed it."""
+    ``kill()``, ``stderr`` (text; :func:`spawn`'s and :func:`popen`'s), ``stdout``
+    (text; :func:`popen`'s, read as it comes: a ``--follow`` command's lines),
+    ``communicate(timeout)`` (:func:`popen`'s) and ``args``. ``returncode`` is what
+    Popen gives: the exit code, or minus the signal number that killed it."""
 
     def __init__(
         self, args: Sequence[str], pid: int, channel: socket.socket, stderr: IO[str] | None
@@ -99,6 +103,7 @@ class ForkedProcess:
         self.args = list(args)
         self.pid = pid
         self.returncode: int | None = None
+        self.stdout: IO[str] | None = None
         self.stderr = stderr
         self._channel = channel
         self._lock = threading.Lock()
@@ -134,8 +139,8 @@ class ForkedProcess:
         for it, as ``Popen.communicate(timeout=timeout)`` with text pipes does (the
         locale's encoding, newlines translated). On expiry raises
         :class:`subprocess.TimeoutExpired` without killing it; what was read is kept, and
-        a later call goes on from there. Not to be mixed with reading the pipes
-        otherwise (as Popen's)."""
+        a later call goes on from there. Not to be mixed with reading ``stdout`` or
+        ``stderr`` otherwise (as Popen's)."""
         assert self._pipes is not None, "communicate() is for a child of popen()"
         deadline = None if timeout is None else time.monotonic() + timeout
         with selectors.DefaultSelector() as selector:
@@ -152,10 +157,20 @@ class ForkedProcess:
                     else:
                         selector.unregister(key.fd)
                         self._open.discard(key.fd)
-                        os.close(key.fd)
+                        self._close(key.fd)
         self.wait(None if deadline is None else max(deadline - time.monotonic(), 0.0))
         out, err = (_text(b"".join(self._output[fd])) for fd in self._pipes)
         return out, err
+
+    def _close(self, fd: int) -> None:
+        """Close a pipe of popen's through the file object that owns its descriptor
+        (closing the number alone would leave that object to close it again, maybe
+        by then someone else's)."""
+        for stream in (self.stdout, self.stderr):
+            if stream is not None and not stream.closed and stream.fileno() == fd:
+                stream.close()
+                return
+        os.close(fd)
 
     def poll(self) -> int | None:
         with self._lock:
@@ -274,6 +289,7 @@ def spawn(
     *,
     entry: str = "p2pd_cli.main:main",
     netns: str | None = None,
+    fsize: int | None = None,
 ) -> ForkedProcess:
     """Fork a daemon from the template: ``args`` as it would be exec'd (``args[0]`` the
     program, the rest its argv), ``env`` its whole environment, ``entry`` the function
@@ -283,11 +299,14 @@ def spawn(
     ``Popen(args, stdin=DEVNULL, stdout=DEVNULL, stderr=PIPE, text=True, env=env)``.
     With ``netns``, the child first does what ``ip netns exec NETNS`` does before it
     execs (``forktemplate._enter_netns``): ``args`` then are what follows
-    ``ip netns exec NETNS``."""
+    ``ip netns exec NETNS``. With ``fsize``, the child's RLIMIT_FSIZE (soft and hard)
+    is that many bytes, as ``prlimit --fsize=FSIZE`` sets it before its exec."""
     stderr_r, stderr_w = os.pipe()
     devnull_out = os.open(os.devnull, os.O_WRONLY)
     try:
-        pid, channel = _fork(args, env, entry, netns, devnull_out, stderr_w, quick_exit=True)
+        pid, channel = _fork(
+            args, env, entry, netns, devnull_out, stderr_w, quick_exit=True, fsize=fsize
+        )
     except BaseException:
         os.close(stderr_r)
         raise
@@ -331,11 +350,16 @@ def popen(
 ) -> ForkedProcess:
     """Fork a CLI call that runs on while the test does other things: what
     ``Popen(args, env=env, stdin=DEVNULL, stdout=PIPE, stderr=PIPE, text=True)``
-    gives, its output read with :meth:`ForkedProcess.communicate`. With ``netns``, as
-    :func:`spawn`: the child enters the namespace as ``ip netns exec NETNS`` would
-    (a netns test's ``p2pd answer`` in the callee's host)."""
+    gives, its output read with :meth:`ForkedProcess.communicate`, or as it comes from
+    the result's ``stdout`` and ``stderr`` (text files as Popen's: the locale's
+    encoding, newlines translated). With ``netns``, as :func:`spawn`: the child enters
+    the namespace as ``ip netns exec NETNS`` would (a netns test's ``p2pd answer`` in
+    the callee's host)."""
     pid, channel, out_r, err_r = _fork_with_pipes(args, env, entry, netns)
-    proc = ForkedProcess(args, pid, channel, stderr=None)
+    # (as Popen's text=True: the locale's encoding, universal newlines)
+    stdout, stderr = open(out_r, encoding=None), open(err_r, encoding=None)  # noqa: SIM115
+    proc = ForkedProcess(args, pid, channel, stderr=stderr)
+    proc.stdout = stdout
     proc._pipes = (out_r, err_r)
     proc._open = {out_r, err_r}
     proc._output = {out_r: [], err_r: []}
@@ -343,14 +367,18 @@ def popen(
 
 
 def _fork_with_pipes(
-    args: Sequence[str], env: dict[str, str], entry: str, netns: str | None
+    args: Sequence[str],
+    env: dict[str, str],
+    entry: str,
+    netns: str | None,
+    stdin: int | None = None,
 ) -> tuple[int, socket.socket, int, int]:
     """Fork a quick-exit child whose stdout and stderr are new pipes: (pid, channel,
-    the pipes' read ends)."""
+    the pipes' read ends). ``stdin``: as :func:`_fork`'s."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        pid, channel = _fork(args, env, entry, netns, out_w, err_w, quick_exit=True)
+        pid, channel = _fork(args, env, entry, netns, out_w, err_w, quick_exit=True, stdin=stdin)
     except BaseException:
         os.close(out_r)
         os.close(err_r)
@@ -367,26 +395,56 @@ def run(
     *,
     timeout: float,
     entry: str = "p2pd_cli.main:main",
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Fork a CLI call from the template and wait for it: what
     ``subprocess.run(args, env=env, stdin=DEVNULL, capture_output=True, text=True,
     timeout=timeout)`` returns (stdout and stderr decoded with the locale's encoding,
     newlines translated, the exit code as Popen gives it), or raises: on expiry the
     child is killed and waited for, and :class:`subprocess.TimeoutExpired` carries the
-    output so far as bytes, as subprocess.run's does."""
-    pid, channel, out_r, err_r = _fork_with_pipes(args, env, entry, None)
+    output so far as bytes, as subprocess.run's does. With ``input``, stdin is a pipe
+    that carries it (encoded in the locale's encoding) and then ends, as
+    ``subprocess.run(..., input=input)`` instead of ``stdin=DEVNULL`` (``send bob -``)."""
+    stdin_r = stdin_w = -1
+    if input is not None:
+        stdin_r, stdin_w = os.pipe()
+        os.set_blocking(stdin_w, False)
+    try:
+        pid, channel, out_r, err_r = _fork_with_pipes(
+            args, env, entry, None, stdin=stdin_r if input is not None else None
+        )
+    except BaseException:
+        if input is not None:
+            os.close(stdin_w)
+        raise
+    finally:
+        if input is not None:
+            os.close(stdin_r)
     proc = _started(ForkedProcess(args, pid, channel, stderr=None))
     deadline = time.monotonic() + timeout
     output: dict[int, list[bytes]] = {out_r: [], err_r: []}
+    pending = memoryview((input or "").encode(locale.getpreferredencoding(False)))
     try:
         with selectors.DefaultSelector() as selector:
             for fd in output:
                 selector.register(fd, selectors.EVENT_READ)
+            if stdin_w >= 0:
+                selector.register(stdin_w, selectors.EVENT_WRITE)
             while selector.get_map():  # bounded by the deadline
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise subprocess.TimeoutExpired(args, timeout)
                 for key, _ in selector.select(remaining):
+                    if key.fd == stdin_w:
+                        try:  # as Popen.communicate: a child that stops reading is no error
+                            pending = pending[os.write(stdin_w, pending[: 1 << 16]) :]
+                        except BrokenPipeError:
+                            pending = pending[:0]
+                        if not pending:
+                            selector.unregister(stdin_w)
+                            os.close(stdin_w)
+                            stdin_w = -1
+                        continue
                     data = os.read(key.fd, 1 << 16)
                     if data:
                         output[key.fd].append(data)
@@ -406,6 +464,8 @@ def run(
     finally:
         os.close(out_r)
         os.close(err_r)
+        if stdin_w >= 0:
+            os.close(stdin_w)
     assert proc.returncode is not None
     stdout, stderr = (_text(b"".join(output[fd])) for fd in (out_r, err_r))
     return subprocess.CompletedProcess(list(args), proc.returncode, stdout, stderr)
@@ -414,8 +474,6 @@ def run(
 def _text(data: bytes) -> str:
     """As Popen's text mode decodes what communicate() read: the locale's encoding,
     strict, universal newlines."""
-    import locale
-
     text = data.decode(locale.getpreferredencoding(False))
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -429,10 +487,12 @@ def _fork(
     stderr: int,
     *,
     quick_exit: bool = False,
+    stdin: int | None = None,
+    fsize: int | None = None,
 ) -> tuple[int, socket.socket]:
-    """Have the template fork a child with stdin /dev/null and ``stdout``, ``stderr``
-    (the caller's descriptors: it closes them): its pid and the channel its exit
-    message will come on."""
+    """Have the template fork a child with stdin ``stdin`` (/dev/null if None) and
+    ``stdout``, ``stderr`` (the caller's descriptors: it closes them): its pid and the
+    channel its exit message will come on."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     request = {
         "argv": list(args),
@@ -442,11 +502,12 @@ def _fork(
         "entry": entry,
         "netns": netns,
         "quick_exit": quick_exit,
+        "fsize": fsize,
         # An ignored SIGINT survives exec (and CPython then leaves it ignored): an exec'd
         # child of a process ignoring it would ignore it too (pytest-xdist's workers may).
         "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
     }
-    devnull_in = os.open(os.devnull, os.O_RDONLY)
+    child_stdin = os.open(os.devnull, os.O_RDONLY) if stdin is None else os.dup(stdin)
     try:
         with _lock:
             control = _start_template()
@@ -454,7 +515,7 @@ def _fork(
                 socket.send_fds(
                     control,
                     [json.dumps(request).encode()],
-                    [devnull_in, stdout, stderr, theirs.fileno()],
+                    [child_stdin, stdout, stderr, theirs.fileno()],
                 )
             except OSError as exc:
                 raise TemplateError(f"the fork template is gone: {exc}") from exc
@@ -462,7 +523,7 @@ def _fork(
         ours.close()
         raise
     finally:
-        os.close(devnull_in)
+        os.close(child_stdin)
         theirs.close()
     # The template's reply; its first start imports the daemon's stack (~1 s, more on a
     # loaded machine): bounded all the same.

@@ -187,6 +187,10 @@ def _child(request: dict[str, Any], stdin: int, stdout: int, stderr: int) -> Non
     _fresh_stdio()
     if request.get("netns"):
         _enter_netns(request["netns"])
+    if request.get("fsize") is not None:  # what `prlimit --fsize=N` sets before its exec
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"], request["fsize"]))
     os.chdir(request["cwd"])
     os.umask(int(request["umask"]))
     os.environ.clear()  # unsetenv each: the C environment follows
@@ -393,6 +397,7 @@ def probe() -> None:
     import io
     import logging
     import random
+    import resource
     from pathlib import Path
 
     signals = ("SIGINT", "SIGTERM", "SIGCHLD", "SIGPIPE", "SIGXFSZ", "SIGHUP", "SIGUSR1")
@@ -423,6 +428,7 @@ def probe() -> None:
         ],
         "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
         "threads": len(os.listdir("/proc/self/task")),
+        "fsize": resource.getrlimit(resource.RLIMIT_FSIZE),
         "log_handlers": len(logging.root.handlers),
         "path": sys.path[1:],  # [0]: -c's "" exec'd, the program's directory forked
         "comm": Path("/proc/self/comm").read_text().strip(),
