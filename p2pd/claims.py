@@ -120,10 +120,10 @@ PACKED_CLUSTER = 3
 
 
 def credited(aside: Iterable[Answer]) -> int:
-    """How many of these set-aside replicas (distinct ids) count against a winner. Each
-    one the density rule gave no ``chance`` counts. The others, nearest first, count as
-    far as chance could place that many that near the key: the most, over each of
-    them, of its rank and its ``chance``, whichever is smaller. An honest replica set
+    """How many of these set-aside replicas (distinct ids) count against a winner: taken
+    nearest the key first, they count as far as chance could place that many that near
+    the key: the most, over each of them, of its rank and its ``chance``, whichever is
+    smaller (one with no ``chance`` counts with all before it). An honest replica set
     aside because a cluster took the slots nearer the key (ids placed along the density
     limit, p2pd/dht/density.py) lies where honest ids lie, as densely as chance places
     them, and counts in full, so such a cluster still never reaches 2/3 of the votes.
@@ -133,15 +133,19 @@ def credited(aside: Iterable[Answer]) -> int:
     64-80 votes, 47-82 set-aside ids holding the rival counted against her); they are
     3 now. Adding replicas never lowers the count (each rank only grows), so an
     attacker cannot hide the honest replicas it pushed aside by adding its own."""
-    chances: dict[bytes, float] = {}  # per replica id; inf: no chance given, counted
+    chances: dict[bytes, float] = {}  # per replica id, the largest it was given
     for answer in aside:
         chance = math.inf if answer.chance is None else float(answer.chance)
         chances[answer.replica] = max(chance, chances.get(answer.replica, 0.0))
-    uncounted = sum(1 for chance in chances.values() if chance == math.inf)
+    # Nearest first; one with no chance (no size estimate) as the farthest of all, so
+    # that it and every one before it count. Raising any chance, or adding a replica,
+    # raises each term (the sorted chances only grow, and so do the ranks): the count
+    # never falls. (It did when an unmeasured replica was taken out of the ranks and
+    # counted apart: hypothesis found it, tests/test_claims.py.)
     best = 0
-    for rank, chance in enumerate(sorted(c for c in chances.values() if c != math.inf), 1):
-        best = max(best, min(rank, int(chance)))
-    return uncounted + best
+    for rank, chance in enumerate(sorted(chances.values()), 1):
+        best = max(best, rank if chance == math.inf else min(rank, int(chance)))
+    return best
 
 
 def resolve_claims(

@@ -400,7 +400,7 @@ def test_honest_replicas_pushed_aside_count_in_full_whatever_a_cluster_adds() ->
     )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(0, 40), st.one_of(st.none(), st.integers(0, 60))), max_size=60),
     st.tuples(st.integers(0, 40), st.one_of(st.none(), st.integers(0, 60))),
@@ -415,3 +415,14 @@ def test_a_set_aside_replica_more_never_lowers_what_counts_against_a_winner(
 
     assert claims.credited(answers([*aside, extra])) >= claims.credited(answers(aside))
     assert claims.credited(answers(aside)) == claims.credited(answers(list(reversed(aside))))
+
+
+def test_an_unmeasured_replica_more_never_lowers_the_count() -> None:
+    """The example hypothesis found (a replica counted apart once it had no chance)."""
+
+    def answers(items: list[tuple[int, int | None]]) -> list[Answer]:
+        return [Answer(bytes([i]) * 20, f"198.51.{i}.7", b"", None, c) for i, c in items]
+
+    assert claims.credited(answers([(0, 2), (1, 0)])) == 2
+    assert claims.credited(answers([(0, 2), (1, 0), (0, None)])) == 2
+    assert claims.credited(answers([(0, None), (1, None)])) == 2  # no estimate: all count
