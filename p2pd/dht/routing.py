@@ -28,8 +28,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import itertools
+import operator
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from kademlia.node import Node as _KademliaNode
 from kademlia.routing import KBucket
@@ -55,7 +57,13 @@ class Node(_KademliaNode):  # type: ignore[misc]
         port: int | None = None,
         key: bytes | None = None,
     ) -> None:
-        super().__init__(node_id, ip, port)
+        # kademlia's Node.__init__, inlined (a lookup makes a Node of every contact a
+        # reply names: ~1,500 per join of a 200-node network); int.from_bytes is its
+        # int(node_id.hex(), 16). (Typed Any as kademlia's untyped attributes were.)
+        self.id: Any = node_id
+        self.ip: Any = ip
+        self.port: Any = port
+        self.long_id: Any = int.from_bytes(node_id, "big")
         self.key = key
 
 
@@ -115,8 +123,8 @@ class AddressLimit:
         return list(itertools.islice(self.admitted(nodes), count))
 
 
-def _distance(item: tuple[int, Node]) -> int:
-    return item[0]
+#: A (distance, node) pair's distance (no two nodes of a table share one).
+_distance = operator.itemgetter(0)
 
 
 class RoutingTable:
@@ -146,8 +154,7 @@ class RoutingTable:
         return bucket
 
     def contains(self, node_id: bytes) -> bool:
-        node = Node(node_id)
-        return node_id in self.bucket_of(node).nodes
+        return node_id in self.buckets[self._index(int.from_bytes(node_id, "big"))].nodes
 
     def add(self, node: Node, now: float | None = None) -> Node | None:
         """Add or refresh ``node``, heard from at ``now``. Returns None, or the head of a
@@ -243,11 +250,8 @@ class RoutingTable:
         for bound, index in bounds:
             if len(found) >= count and bound > found[count - 1][0]:
                 break
-            found.extend(
-                (n.long_id ^ target, n)
-                for n in self.buckets[index].nodes.values()
-                if n.id != exclude
-            )
+            nodes = self.buckets[index].nodes.values()
+            found += [(n.long_id ^ target, n) for n in nodes if n.id != exclude]
             found.sort(key=_distance)
         return [n for _, n in found[:count]]
 
@@ -261,4 +265,5 @@ class RoutingTable:
             yield from bucket.nodes.values()
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self.buckets)
+        # (the buckets' dicts, not KBucket.__len__: the trio driver asks at every flush)
+        return sum([len(b.nodes) for b in self.buckets])
