@@ -127,6 +127,18 @@ class AddressLimit:
 _distance = operator.itemgetter(0)
 
 
+def _depth(bucket: KBucket) -> int:
+    """``KBucket.depth()``: how many leading bits all the bucket's ids share (asked of a
+    full bucket only). kademlia compares their bit strings character by character; for
+    ids of 160 bits the prefix all share is the one the smallest and the largest share
+    (1.6 % of the CPU of building a 200-core network)."""
+    nodes = bucket.nodes.values()
+    if not nodes or any(len(n.id) != 20 for n in nodes):
+        return int(bucket.depth())  # (ids of other lengths: kademlia's own reckoning)
+    longs: list[int] = [n.long_id for n in nodes]
+    return 160 - (max(longs) ^ min(longs)).bit_length()
+
+
 class RoutingTable:
     """Contacts in k-buckets split around our own id (Kademlia section 2.4)."""
 
@@ -178,7 +190,7 @@ class RoutingTable:
                 return None
             # Kademlia section 4.2: split the bucket that holds our own id, or one whose
             # depth is not a multiple of 5 (kademlia's rule for unbalanced trees).
-            if bucket.has_in_range(self.own) or bucket.depth() % 5 != 0:
+            if bucket.has_in_range(self.own) or _depth(bucket) % 5 != 0:
                 one, two = bucket.split()
                 self.buckets[index : index + 1] = [one, two]
                 when = self.refreshed[index]
@@ -196,7 +208,7 @@ class RoutingTable:
         if self.limit is not None and not self.limit.admits(node, bucket.nodes.values()):
             return False
         return bool(
-            len(bucket) < self.ksize or bucket.has_in_range(self.own) or bucket.depth() % 5 != 0
+            len(bucket) < self.ksize or bucket.has_in_range(self.own) or _depth(bucket) % 5 != 0
         )
 
     def remove(self, node_id: bytes) -> bool:
