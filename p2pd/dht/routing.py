@@ -260,11 +260,13 @@ class RoutingTable:
         bounds.sort()
         found: list[tuple[int, Node]] = []
         for bound, index in bounds:
-            if len(found) >= count and bound > found[count - 1][0]:
-                break
+            if len(found) >= count:
+                found.sort(key=_distance)  # (sorted only when the bound is checked)
+                if bound > found[count - 1][0]:
+                    break
             nodes = self.buckets[index].nodes.values()
             found += [(n.long_id ^ target, n) for n in nodes if n.id != exclude]
-            found.sort(key=_distance)
+        found.sort(key=_distance)
         return [n for _, n in found[:count]]
 
     def in_own_bucket(self, node: Node) -> bool:
