@@ -27,6 +27,7 @@ Pure, like the core: no clock but the ``now`` passed in, no I/O. Three budgets
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -364,11 +365,27 @@ def _packed_len(value: Any) -> int:
     return len(msgpack.packb(value, use_bin_type=True))
 
 
+@functools.lru_cache(maxsize=16384)
+def _packed_contact_len(node_key: bytes, host: str, port: int) -> int:
+    return _packed_len([node_key, host, port])
+
+
+def _item_len(item: Any) -> int:
+    """``_packed_len(item)``; a contact ([node key, host, port], the items of most lists
+    cut here) by a cache: packing each of 32 contacts per reply to an unvalidated
+    sender was 3 % of the CPU of building a 200-core network."""
+    if type(item) is list and len(item) == 3:
+        node_key, host, port = item
+        if type(node_key) is bytes and type(host) is str and type(port) is int:
+            return _packed_contact_len(node_key, host, port)
+    return _packed_len(item)
+
+
 def _fit_list(items: list[Any], room: int) -> int:
     """How many of ``items`` (from the front) fit in ``room`` bytes as a msgpack array."""
     used, count = 1 + (2 if len(items) > 15 else 0), 0
     for item in items:
-        used += _packed_len(item)
+        used += _item_len(item)
         if used > room:
             break
         count += 1

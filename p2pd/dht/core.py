@@ -54,6 +54,7 @@ What this node does with what it hears, and why (the hardening of stock kademlia
 
 from __future__ import annotations
 
+import functools
 import heapq
 import hmac
 import logging
@@ -130,6 +131,16 @@ class _Pending:
     prove: bool
     #: Sent under a one-off sender key (a mailbox put): never prove ourselves for it.
     anonymous: bool = False
+
+
+@functools.lru_cache(maxsize=16384)
+def _wire_contact(node_key: bytes, host: str, port: int) -> tuple[Any, ...]:
+    """A contact as a find reply names it (``wire.encode_contacts``), checked once per
+    (key, host, port): the same contacts go out in reply after reply, and building a
+    checked ``Contact``/``Address`` for each of the 32 per reply was 8 % of the CPU of
+    building a 200-core network (cProfile, tests/test_dht_core.py's CoreNet)."""
+    (contact,) = wire.encode_contacts([wire.Contact(node_key, wire.Address(host, port))])
+    return tuple(contact)
 
 
 class DHTCore:
@@ -397,9 +408,7 @@ class DHTCore:
 
     def _neighbors(self, key: bytes, exclude: bytes) -> list[list[Any]]:
         nodes = self.table.closest(key, wire.MAX_CONTACTS, exclude=exclude)
-        return wire.encode_contacts(
-            [wire.Contact(n.key, wire.Address(n.ip, n.port)) for n in nodes if n.key is not None]
-        )
+        return [list(_wire_contact(n.key, n.ip, n.port)) for n in nodes if n.key is not None]
 
     def _on_response(self, msg_id: bytes, payload: bytes, address: Address, now: float) -> None:
         pending = self._pending.get(msg_id)

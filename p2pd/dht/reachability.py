@@ -152,11 +152,20 @@ class Observations:
         return [a for a, when in self._seen.values() if now - when < OBSERVATION_TTL]
 
     def reflexive(self, now: float) -> list[tuple[Address, int]]:
-        counts: dict[Address, int] = {}
+        # Counted by (host, port) tuples, not by Address: its dataclass __hash__, __eq__
+        # and ordering run in Python, and this runs on every reply that tells us
+        # something new (up to 64 observations each). Address orders as that tuple.
+        counts: dict[tuple[str, int], int] = {}
+        first: dict[tuple[str, int], Address] = {}
         for address in self.current(now):
-            counts[address] = counts.get(address, 0) + 1
+            pair = (address.host, address.port)
+            if pair in counts:
+                counts[pair] += 1
+            else:
+                counts[pair] = 1
+                first[pair] = address
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-        return ranked[:REFLEXIVE_MAX]
+        return [(first[pair], n) for pair, n in ranked[:REFLEXIVE_MAX]]
 
     def mapping(self, now: float, local_hosts: Iterable[str]) -> tuple[MappingKind, Address | None]:
         """The mapping kind, and the endpoint-independent mapped address if that is it."""
