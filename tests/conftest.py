@@ -35,8 +35,9 @@ per CLI call). ``P2PD_TEST_FORK=0`` execs them all as before. The template start
 a worker's first daemon and ends at the worker's session end.
 
 Where the time goes: every test's CPU seconds (its own process and the children it
-waited for: daemons, CLI calls; a module fixture's daemons count for the test whose
-teardown stops them; forked daemons as their template reports them, see
+waited for: daemons, CLI calls; a module fixture's set-up counts for the first test
+that asks for it, its daemons for the test whose teardown stops them; forked daemons
+as their template reports them, see
 :func:`_cpu_seconds`) go into the JUnit XML as the property ``cpu_s``, and
 ``--cpu-durations=N`` lists the N costliest at the end. On this 2-core machine the
 suite's CPU, not its waiting, is what bounds its wall time under xdist.
