@@ -212,15 +212,21 @@ class _RunAlone:
     A writer passes the turnstile and holds it while it waits for a lane to come free
     (the first to come free: blocking on one would wait for a serial test there while
     another stood free), so no new reader starts meanwhile and the readers under way end.
-    A reader never waits holding anything: it passes the turnstile, tries every lane
-    without blocking and, if a writer holds one, lets go of all and tries again a moment
-    later. (It used to wait on the lane holding the turnstile, and so kept the second
-    writer out: at the end of a run, where xdist had queued a few short ordinary tests
-    behind the serial ones on some workers, the serial tests ran one at a time, 21 of a
-    clean-clone run's 258 s with one core idle.) A stream of writers can hold readers
-    off; the serial tests come last in the order, so the readers left then are the few
-    short ones xdist queued among them. flock(2) locks belong to the open file and die
-    with the process, so a crashed worker leaves nothing held."""
+    A reader never waits holding a lane or the turnstile: it passes the turnstile, tries
+    every lane without blocking and, if a writer holds one, lets go of all, marks itself
+    waiting (a shared lock on a third file) and tries again a moment later. (It used to
+    wait on the lane holding the turnstile, and so kept the second writer out: at the
+    end of a run, where xdist had queued a few short ordinary tests behind the serial
+    ones on some workers, the serial tests ran one at a time, 21 of a clean-clone run's
+    258 s with one core idle.) A writer takes no lane while a reader is marked waiting:
+    the readers that found the serial tests under way run as soon as those end, before
+    the next ones. Without that, the writers of the two or three workers whose queues
+    held only serial tests came one after another and held the readers off for the
+    whole serial block, and with them the serial tests xdist had queued behind those
+    readers on the other workers: 8 ordinary tests of a few milliseconds waited 19-31 s,
+    and the 20 serial tests ran on 1-2 lanes for 45 s (a clean-clone run, 2026-12-05).
+    flock(2) locks belong to the open file and die with the process, so a crashed
+    worker leaves nothing held."""
 
     #: A lock not had within this long is a bug in the locking (a run is ~5 min).
     _PATIENCE = 1800.0
@@ -228,6 +234,10 @@ class _RunAlone:
 
     def __init__(self, directory: Path) -> None:
         self._turnstile = os.open(directory / "run-alone.turnstile", os.O_CREAT | os.O_RDWR)
+        #: Held shared by each ordinary test that found a serial one in its way, until
+        #: it runs; a serial test takes no lane while anyone holds it.
+        self._waiting = os.open(directory / "run-alone.waiting", os.O_CREAT | os.O_RDWR)
+        self._registered = False
         self._lanes = [
             os.open(directory / f"run-alone.lane{n}", os.O_CREAT | os.O_RDWR)
             for n in range(SERIAL_LANES)
@@ -239,15 +249,30 @@ class _RunAlone:
         while time.monotonic() < deadline:
             fcntl.flock(self._turnstile, fcntl.LOCK_EX)
             try:
-                if alone:
+                if alone and not self._readers_waiting():  # (if any: they go first)
                     self._held = [self._free_lane(deadline)]
                     return
-                if self._try_lanes_shared():
+                if not alone and self._try_lanes_shared():
+                    if self._registered:
+                        fcntl.flock(self._waiting, fcntl.LOCK_UN)
+                        self._registered = False
                     return
+                if not alone and not self._registered:  # a serial test holds a lane
+                    fcntl.flock(self._waiting, fcntl.LOCK_SH)
+                    self._registered = True
             finally:
                 fcntl.flock(self._turnstile, fcntl.LOCK_UN)
-            time.sleep(self._POLL)  # a serial test holds a lane: after it
+            time.sleep(self._POLL)
         raise RuntimeError(f"no test lane within {self._PATIENCE:.0f} s (tests/conftest.py)")
+
+    def _readers_waiting(self) -> bool:
+        """Whether an ordinary test waits for the serial ones under way to end."""
+        try:
+            fcntl.flock(self._waiting, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._waiting, fcntl.LOCK_UN)
+        return False
 
     def _try_lanes_shared(self) -> bool:
         """Every lane shared, at once or not at all."""

@@ -1,8 +1,8 @@
 """The suite's own scheduling lock (tests/conftest.py ``_RunAlone``): serial tests run
 SERIAL_LANES (3) at a time and never beside an ordinary test, and an ordinary test
-waiting for its turn does not keep a second serial test out. Each ``_RunAlone`` opens
-the lock files anew, so two of them in one process conflict as two xdist workers do
-(flock(2) locks belong to the open file)."""
+that found serial ones under way runs as soon as they end, before the next. Each
+``_RunAlone`` opens the lock files anew, so two of them in one process conflict as two
+xdist workers do (flock(2) locks belong to the open file)."""
 
 from __future__ import annotations
 
@@ -24,20 +24,34 @@ def _acquire_in_thread(lock: _RunAlone, alone: bool) -> threading.Event:
     return got
 
 
-def test_two_serial_tests_run_together_while_an_ordinary_one_waits(tmp_path: Path) -> None:
+def test_two_serial_tests_run_together(tmp_path: Path) -> None:
+    first, second = (_RunAlone(tmp_path) for _ in range(2))
+    first.acquire(alone=True)
+    assert _acquire_in_thread(second, alone=True).wait(5)  # another lane
+    first.release()
+    second.release()
+
+
+def test_an_ordinary_test_that_found_a_serial_one_runs_before_the_next_serial_one(
+    tmp_path: Path,
+) -> None:
+    """The end of a run: xdist queued short ordinary tests behind serial ones on some
+    workers, and the serial tests of the other workers, one after another, held them
+    (and what was queued behind them) off for the whole serial block. Now a serial test
+    waits while an ordinary one waits: that one runs when the serial one under way
+    ends, and the next serial one after it."""
     first, reader, second = (_RunAlone(tmp_path) for _ in range(3))
     first.acquire(alone=True)
     waiting_reader = _acquire_in_thread(reader, alone=False)
     assert not waiting_reader.wait(0.3)  # a serial test holds a lane: no ordinary test
     got_second = _acquire_in_thread(second, alone=True)
-    # the waiting reader holds nothing, so the second serial test takes another lane
-    assert got_second.wait(5)
-    assert not waiting_reader.is_set()
+    assert not got_second.wait(0.3)  # an ordinary test waits: it goes first
     first.release()
-    assert not waiting_reader.wait(0.3)  # the second serial test still runs
-    second.release()
     assert waiting_reader.wait(5)
+    assert not got_second.wait(0.3)  # never beside an ordinary test
     reader.release()
+    assert got_second.wait(5)
+    second.release()
 
 
 def test_a_serial_test_waits_for_the_ordinary_ones_under_way_and_new_ones_wait_for_it(
