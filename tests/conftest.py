@@ -15,7 +15,7 @@ than "any worker, any time":
   time (video frames in 3 s of call, say) run with no ordinary test beside them, and
   with at most two other serial tests (:data:`SERIAL_LANES`). Each takes about half a
   core (a 3 s call: 0.75-2 s of CPU), so three together load the 2 cores less than the
-  two CPU hogs these tests are shown to hold under. Reader-writer locks (writers first)
+  two CPU hogs these tests are shown to hold under. Reader-writer locks (readers first)
   on files that all workers share do it (:class:`_RunAlone`): every other test holds
   all the lanes shared, a serial one takes a lane exclusively, waiting for the tests
   under way to end. (One serial test at a time left a core idle for the ~80 s the
@@ -204,29 +204,30 @@ SERIAL_LANES = 3
 
 
 class _RunAlone:
-    """Reader-writer locks between xdist workers, writers first, on files in the run's
-    shared temporary directory: a turnstile and :data:`SERIAL_LANES` lanes. Readers
-    (ordinary tests) hold every lane shared; a writer (a serial test) holds one lane
-    exclusively, so serial tests run three at a time, never beside an ordinary test.
+    """Reader-writer locks between xdist workers, readers first, on files in the run's
+    shared temporary directory: a turnstile, :data:`SERIAL_LANES` lanes and a mark of
+    waiting readers. Readers (ordinary tests) hold every lane shared; a writer (a serial
+    test) holds one lane exclusively, so serial tests run three at a time, never beside
+    an ordinary test.
 
-    A writer passes the turnstile and holds it while it waits for a lane to come free
-    (the first to come free: blocking on one would wait for a serial test there while
-    another stood free), so no new reader starts meanwhile and the readers under way end.
-    A reader never waits holding a lane or the turnstile: it passes the turnstile, tries
-    every lane without blocking and, if a writer holds one, lets go of all, marks itself
-    waiting (a shared lock on a third file) and tries again a moment later. (It used to
-    wait on the lane holding the turnstile, and so kept the second writer out: at the
-    end of a run, where xdist had queued a few short ordinary tests behind the serial
-    ones on some workers, the serial tests ran one at a time, 21 of a clean-clone run's
-    258 s with one core idle.) A writer takes no lane while a reader is marked waiting:
-    the readers that found the serial tests under way run as soon as those end, before
-    the next ones. Without that, the writers of the two or three workers whose queues
-    held only serial tests came one after another and held the readers off for the
-    whole serial block, and with them the serial tests xdist had queued behind those
-    readers on the other workers: 8 ordinary tests of a few milliseconds waited 19-31 s,
-    and the 20 serial tests ran on 1-2 lanes for 45 s (a clean-clone run, 2026-12-05).
-    flock(2) locks belong to the open file and die with the process, so a crashed
-    worker leaves nothing held."""
+    A reader marks itself waiting (a shared lock on the third file) before it passes the
+    turnstile, tries every lane without blocking and, if a writer holds one, lets go of
+    all and tries again a moment later: it never waits holding a lane or the turnstile.
+    (It used to wait on a lane holding the turnstile, and so kept the second writer out:
+    the serial tests ran one at a time, 21 of a clean-clone run's 258 s with one core
+    idle.) A writer passes the turnstile and holds it while it waits for a lane to come
+    free (the first to come free: blocking on one would wait for a serial test there
+    while another stood free), unless a reader is marked waiting: then it takes no lane
+    and lets the turnstile go, so the readers that found serial tests under way run as
+    soon as those end, before the next ones. The serial tests come last in the order,
+    so the readers that still come then are the few short ones xdist queued among them
+    (up to 3 a worker). With writers first, the writers of the two or three workers
+    whose queues held only serial tests came one after another and held those readers
+    off for the whole serial block, and with them the serial tests queued behind them
+    on the other workers: ordinary tests of a few milliseconds waited 19-31 s, and the
+    20 serial tests ran on 1-2 lanes for 45 s (a clean-clone run, 2026-12-05; 32 s on 3
+    lanes with readers first). flock(2) locks belong to the open file and die with the
+    process, so a crashed worker leaves nothing held."""
 
     #: A lock not had within this long is a bug in the locking (a run is ~5 min).
     _PATIENCE = 1800.0
@@ -247,19 +248,23 @@ class _RunAlone:
     def acquire(self, alone: bool) -> None:
         deadline = time.monotonic() + self._PATIENCE
         while time.monotonic() < deadline:
+            if not alone and not self._registered:
+                # Marked before the turnstile, which a writer waiting for a lane holds
+                # for seconds at a time: a reader that had to pass it first was marked
+                # only after that writer, and the next, had their lanes.
+                fcntl.flock(self._waiting, fcntl.LOCK_SH)
+                self._registered = True
             fcntl.flock(self._turnstile, fcntl.LOCK_EX)
             try:
                 if alone and not self._readers_waiting():  # (if any: they go first)
-                    self._held = [self._free_lane(deadline)]
-                    return
+                    lane = self._free_lane(deadline)
+                    if lane is not None:
+                        self._held = [lane]
+                        return
                 if not alone and self._try_lanes_shared():
-                    if self._registered:
-                        fcntl.flock(self._waiting, fcntl.LOCK_UN)
-                        self._registered = False
+                    fcntl.flock(self._waiting, fcntl.LOCK_UN)
+                    self._registered = False
                     return
-                if not alone and not self._registered:  # a serial test holds a lane
-                    fcntl.flock(self._waiting, fcntl.LOCK_SH)
-                    self._registered = True
             finally:
                 fcntl.flock(self._turnstile, fcntl.LOCK_UN)
             time.sleep(self._POLL)
@@ -288,9 +293,12 @@ class _RunAlone:
         self._held = held
         return True
 
-    def _free_lane(self, deadline: float) -> int:
-        """The first lane to come free, taken exclusively (the caller holds the turnstile)."""
+    def _free_lane(self, deadline: float) -> int | None:
+        """The first lane to come free, taken exclusively (the caller holds the
+        turnstile); None once a reader waits (it goes first)."""
         while time.monotonic() < deadline:
+            if self._readers_waiting():
+                return None
             for lane in self._lanes:
                 try:
                     fcntl.flock(lane, fcntl.LOCK_EX | fcntl.LOCK_NB)

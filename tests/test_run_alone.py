@@ -54,22 +54,26 @@ def test_an_ordinary_test_that_found_a_serial_one_runs_before_the_next_serial_on
     second.release()
 
 
-def test_a_serial_test_waits_for_the_ordinary_ones_under_way_and_new_ones_wait_for_it(
+def test_a_serial_test_waits_for_the_ordinary_ones_under_way_and_those_that_come(
     tmp_path: Path,
 ) -> None:
+    """Ordinary tests first: the serial ones come last in the order, so the ordinary
+    ones that still come are the few xdist queued among them."""
     running, writer, late = (_RunAlone(tmp_path) for _ in range(3))
     running.acquire(alone=False)
     got_writer = _acquire_in_thread(writer, alone=True)
     assert not got_writer.wait(0.3)  # an ordinary test is under way
-    time.sleep(0.05)
     got_late = _acquire_in_thread(late, alone=False)
-    assert not got_late.wait(0.3)  # the serial test waits first: the new one after it
+    assert got_late.wait(5)  # beside the one under way
     running.release()
-    assert got_writer.wait(5)
-    assert not got_late.wait(0.3)  # never beside a serial test
-    writer.release()
-    assert got_late.wait(5)
+    assert not got_writer.wait(0.3)  # never beside an ordinary test
     late.release()
+    assert got_writer.wait(5)
+    got_after = _acquire_in_thread(running, alone=False)
+    assert not got_after.wait(0.3)  # nor an ordinary test beside a serial one
+    writer.release()
+    assert got_after.wait(5)
+    running.release()
 
 
 def test_ordinary_tests_run_side_by_side(tmp_path: Path) -> None:
@@ -91,3 +95,31 @@ def test_no_more_serial_tests_at_once_than_there_are_lanes(tmp_path: Path) -> No
     assert got_extra.wait(5)
     for lock in [*held[1:], extra]:
         lock.release()
+
+
+def test_a_serial_test_waiting_for_a_lane_lets_an_ordinary_one_that_came_after_go_first(
+    tmp_path: Path,
+) -> None:
+    """The serial block of a clean-clone run: every lane busy, a serial test waiting for
+    one (holding the turnstile), and a short ordinary test arriving. It used to wait
+    behind every serial test that came after it (19-31 s for a test of milliseconds,
+    and the serial tests xdist queued behind it on its worker with it); now the waiting
+    serial test lets the lane it would have taken go, the ordinary test runs when the
+    lanes are free, and the serial test after it."""
+    lanes = [_RunAlone(tmp_path) for _ in range(SERIAL_LANES)]
+    for lock in lanes:
+        lock.acquire(alone=True)
+    writer, reader = _RunAlone(tmp_path), _RunAlone(tmp_path)
+    got_writer = _acquire_in_thread(writer, alone=True)
+    assert not got_writer.wait(0.3)  # every lane busy
+    got_reader = _acquire_in_thread(reader, alone=False)
+    time.sleep(0.1)
+    lanes[0].release()
+    assert not got_writer.wait(0.3)  # the ordinary test waits: it goes first
+    for lock in lanes[1:]:
+        lock.release()
+    assert got_reader.wait(5)
+    assert not got_writer.wait(0.3)  # never beside an ordinary test
+    reader.release()
+    assert got_writer.wait(5)
+    writer.release()
