@@ -158,14 +158,18 @@ def test_a_cluster_ground_next_to_a_key_denies_the_owner_nothing() -> None:
         assert control.status == CONTESTED
 
 
-def test_ids_spread_over_the_replicas_neighbourhood_deny_the_handle_but_never_take_it() -> None:
+def test_ids_spread_over_the_replicas_neighbourhood_deny_the_handle_at_an_honest_estimate() -> None:
     """What the credit does not defend (docs/SECURITY.md, "Not defended"): the same 100
     ids spread over the neighbourhood of a key's 80 voters (3-5 shared bits, among 50-100
     honest nodes) instead of ground into a sliver. They take 34-56 of the 80 admitted
     slots, up to 70 % (more than 2/3 of the voters), and push honest replicas aside;
-    those lie where chance puts honest ids and count in full, so the rival's key never
-    wins: "contested", a denial the rule cannot lift (nothing tells the honest half of
-    a crowd from the rest)."""
+    those lie where chance puts honest ids and count in full, so at a resolver whose
+    estimate is the network's size the rival's key does not win: "contested", a denial
+    the rule cannot lift (nothing tells the honest half of a crowd from the rest). At a
+    resolver whose estimate is 1.4-2x the size, the crowd looks like chance and wins:
+    2 and 4 of 10 placements at 4 bits, 10 of 10 at 5 bits and 2x, with this rule and
+    with every set-aside id a vote alike (bench_adversary ``--grind-bits 4`` at N=1000:
+    2 and 5 wrong keys of 100; docs/SECURITY.md). Not defended; not asserted here."""
     key = dht_key("alice")
     for bits in (3, 4, 5):
         for seed in range(4):
