@@ -7,17 +7,23 @@ Sans-I/O cores in virtual time (tests/test_dht_core.py's CoreNet: 10 ms one way)
 
 from __future__ import annotations
 
-from test_dht_core import WALL, CoreNet, make_record, nid, seed_nodes, small_network
+from test_dht_core import WALL, CoreNet, make_record, new_lookup, nid, seed_nodes, small_network
 
 from p2pd import wire
 from p2pd.claims import OK
 from p2pd.dht.core import DHTCore
-from p2pd.dht.lookup import Lookup
+from p2pd.dht.routing import Node
 from p2pd.dht.rtt import RttEstimate
 from p2pd.identity import HandleRef
 from p2pd.records import dht_key
 
 NODES = 30
+
+
+def nearest_first(*ids: int) -> list[Node]:
+    """Seed nodes sorted by their distance to the lookups' target (``nid(999)``)."""
+    target = int.from_bytes(nid(999), "big")
+    return sorted(seed_nodes(*ids), key=lambda n: n.long_id ^ target)
 
 
 def published(name: str) -> tuple[CoreNet, list[DHTCore], bytes]:
@@ -87,20 +93,8 @@ def test_a_live_replica_is_waited_for_twice_its_own_round_trip() -> None:
 def test_a_late_contact_holds_the_end_until_it_is_slow_or_answers() -> None:
     """Lookup.late: the next candidate is asked at once, but neither the early end nor
     the ordinary one comes while a late contact may still answer."""
-    target = int.from_bytes(nid(999), "big")
-    seeds = sorted(seed_nodes(*range(1, 8)), key=lambda n: n.long_id ^ target)
-    lookup = Lookup(
-        nid(999),
-        find_value=True,
-        k=3,
-        alpha=3,
-        max_rpcs=50,
-        quorum=2,
-        started=0.0,
-        deadline=10.0,
-        own_id=nid(0),
-        seeds=seeds,
-    )
+    seeds = nearest_first(*range(1, 8))
+    lookup = new_lookup(seeds, find_value=True, k=3, alpha=3, quorum=2)
     first = lookup.next_requests(0.0)
     assert [n.id for n in first] == [n.id for n in seeds[:3]]
     assert lookup.late(first[0].id)
@@ -118,19 +112,8 @@ def test_a_late_contact_holds_the_end_until_it_is_slow_or_answers() -> None:
 
 
 def test_a_late_contact_given_up_on_at_its_soft_deadline() -> None:
-    target = int.from_bytes(nid(999), "big")
-    seeds = sorted(seed_nodes(*range(1, 6)), key=lambda n: n.long_id ^ target)
-    lookup = Lookup(
-        nid(999),
-        find_value=False,
-        k=2,
-        alpha=2,
-        max_rpcs=50,
-        started=0.0,
-        deadline=10.0,
-        own_id=nid(0),
-        seeds=seeds,
-    )
+    seeds = nearest_first(*range(1, 6))
+    lookup = new_lookup(seeds, find_value=False, k=2, alpha=2)
     first = lookup.next_requests(0.0)
     assert lookup.late(first[0].id)
     (extra,) = lookup.next_requests(0.01)
@@ -147,20 +130,8 @@ def test_a_late_contact_given_up_on_at_its_soft_deadline() -> None:
 
 def test_a_late_contact_past_the_quorum_does_not_hold_the_early_end() -> None:
     """In flight it would not have held it either: only the quorum nearest must answer."""
-    target = int.from_bytes(nid(999), "big")
-    seeds = sorted(seed_nodes(*range(1, 8)), key=lambda n: n.long_id ^ target)
-    lookup = Lookup(
-        nid(999),
-        find_value=True,
-        k=4,
-        alpha=4,
-        max_rpcs=50,
-        quorum=2,
-        started=0.0,
-        deadline=10.0,
-        own_id=nid(0),
-        seeds=seeds,
-    )
+    seeds = nearest_first(*range(1, 8))
+    lookup = new_lookup(seeds, find_value=True, k=4, alpha=4, quorum=2)
     first = lookup.next_requests(0.0)
     assert len(first) == 4
     assert lookup.late(first[3].id)  # the farthest of the four

@@ -113,20 +113,6 @@ class LookupResult:
     waited: bool = False
 
 
-def _expected(
-    limit: AddressLimit | None, passed: Iterable[Node], answered: set[bytes]
-) -> dict[bytes, float]:
-    """The density rule's lambda for each set-aside node that answered."""
-    if not isinstance(limit, SpreadLimit):
-        return {}
-    out: dict[bytes, float] = {}
-    for node in passed:
-        lam = limit.expected(node) if node.id in answered else None
-        if lam is not None:
-            out[node.id] = lam
-    return out
-
-
 class Lookup:
     """One iterative lookup for ``target`` (find_node, or find_value)."""
 
@@ -406,7 +392,6 @@ class Lookup:
         self.done = True
         self.result.voters = {n.id for n in self._live() if self._state[n.id] == _OK}
         self.result.packed = {n.id for n in self._passed if self._state[n.id] == _OK}
-        self.result.packed_expected = _expected(self._limit, self._passed, self.result.packed)
         self.result.given_up = [n for n in self._nodes.values() if self._state[n.id] == _SLOW]
         self.result.timed_out = [n for n in self._nodes.values() if self._state[n.id] == _FAILED]
         self.result.closest = self._closest(
@@ -704,11 +689,14 @@ class DisjointLookup:
             return {n.id for n in live[: self._k] if n.id in answered}
         nearest = self._limit.select(live, self._k)
         if isinstance(self._limit, SpreadLimit):
-            self.result.packed_nodes = [n for n in self._limit.passed if n.id in answered]
+            limit = self._limit
+            self.result.packed_nodes = [n for n in limit.passed if n.id in answered]
             self.result.packed = {n.id for n in self.result.packed_nodes}
-            self.result.packed_expected = _expected(
-                self._limit, self.result.packed_nodes, self.result.packed
-            )
+            self.result.packed_expected = {
+                n.id: lam
+                for n in self.result.packed_nodes
+                if (lam := limit.expected(n)) is not None
+            }
         return {n.id for n in nearest if n.id in answered}
 
     def target_for(self, node_id: bytes) -> bytes:

@@ -38,6 +38,7 @@ left out by caution).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import wire
@@ -134,18 +135,16 @@ class PacedRun(LookupRun):
         self._pace(sent)  # the next check (replies since may have pushed it back)
 
 
+@dataclass(slots=True)
 class _Sent:
     """A request in flight: when it was sent, its message id, its RTO's soft deadline,
     the least it is waited for by its own round trip, and the pace's next check if one
     is scheduled."""
 
-    __slots__ = ("at", "check", "late", "msg_id", "own", "soft")
-
-    def __init__(self, at: float, msg_id: bytes, soft: float, own: float) -> None:
-        self.at = at
-        self.msg_id = msg_id
-        self.soft = soft
-        self.own = own
-        self.check: float | None = None
-        #: Past the lookup's pace: the next candidate was asked (Lookup.late).
-        self.late = False
+    at: float
+    msg_id: bytes
+    soft: float
+    own: float
+    check: float | None = None
+    #: Past the lookup's pace: the next candidate was asked (Lookup.late).
+    late: bool = False

@@ -91,10 +91,9 @@ def start_resolve(
         # credited against a winner only as far as chance places that many that near
         # the key (p2pd/claims.py ``credited``).
         held = {n.id: v for n, v in result.values if n.id in result.packed}
-        nodes = {n.id: n for n in result.packed_nodes if n.id in result.packed}
-        nodes.update((n.id, n) for n, _ in result.values if n.id in result.packed)
         aside = [
-            Answer(i, n.ip, held.get(i, b""), chance=chance(result, i)) for i, n in nodes.items()
+            Answer(n.id, n.ip, held.get(n.id, b""), chance=chance(result, n.id))
+            for n in result.packed_nodes
         ]
         return resolve_claims(
             [*answers, *extra],
@@ -103,7 +102,6 @@ def start_resolve(
             accept_key=accept_key,
             local=core.storage.get(key),
             defences=config.defences,
-            set_aside=0 if certified else len(result.packed) - len(aside),
             set_aside_answers=() if certified else aside,
         )
 
