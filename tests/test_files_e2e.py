@@ -103,9 +103,10 @@ def files(home: Path) -> list[dict[str, Any]]:
 
 
 def eventually(predicate: Callable[[], object], timeout: float) -> bool:
-    """``wait_until`` at a steady 0.1 s: each poll here is a control call (about 2 ms of
-    the daemon's CPU), and wait_until's growing intervals (to 0.5 s, for costlier
-    polls) added a quarter of a second on average to every wait of these tests."""
+    """``wait_until`` at a steady 0.1 s: each poll here is a control call (0.2-0.3 ms of
+    the daemon's CPU, measured: `files` 0.23, `status` 0.30), and wait_until's growing
+    intervals (to 0.5 s, for costlier polls) added a quarter of a second on average to
+    every wait of these tests."""
     return wait_until(predicate, timeout, interval=0.1)
 
 
