@@ -15,7 +15,7 @@ import shutil
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -29,9 +29,9 @@ from p2pd.files.outgoing import OutgoingTransfers
 from p2pd.files.protocol import F_CHUNK, Layout, Offer, hash_file, root_of
 from p2pd.files.service import FilesService
 from p2pd.identity import Identity
+from p2pd.testing import waiting
 from p2pd.testing.daemons import short_tempdir
 from p2pd.testing.proxy import open_lossy_proxy
-from p2pd.testing.waiting import wait_for
 from p2pd.wire import Address
 
 
@@ -79,6 +79,18 @@ async def node(
 def files_of(n: Node) -> FilesService:
     assert n.files is not None
     return n.files
+
+
+#: How often the waits below ask. Their predicates mostly read every transfer from the
+#: database (``FilesService.transfers``: a query, an offer decoded per row), and at
+#: wait_for's default 5 ms a long wait (a transfer through the lossy proxy and its
+#: blackout, ~10 s) asked some 1,300 times, each a scheduling round of the process that
+#: runs both nodes: 0.1-0.2 s of CPU a test. 20 ms costs a wait 10 ms on average.
+POLL = 0.02
+
+
+async def wait_for(predicate: Callable[[], object], *, timeout: float = 30.0) -> None:
+    await waiting.wait_for(predicate, timeout=timeout, interval=POLL)
 
 
 def state_of(n: Node, direction: str) -> str:
@@ -250,7 +262,8 @@ async def test_a_transfer_crosses_a_lossy_path_with_a_blackout(root: Path) -> No
             bob.delivery.contacts.pin("alice", alice_id.public_key, time.time())
             await files_of(alice).send_file("bob", str(src))
             await wait_for(
-                lambda: sum(f["bytes_done"] for f in files_of(bob).transfers()) >= 2 << 20, 60
+                lambda: sum(f["bytes_done"] for f in files_of(bob).transfers()) >= 2 << 20,
+                timeout=60,
             )
             to_bob.blackout(3.0)
             await wait_for(lambda: state_of(bob, "in") == "done", timeout=100)
@@ -412,7 +425,8 @@ async def test_a_network_drop_that_kills_the_connection_resumes_on_a_new_one(
             bob.delivery.contacts.pin("alice", alice_id.public_key, time.time())
             await files_of(alice).send_file("bob", str(src))
             await wait_for(
-                lambda: sum(f["bytes_done"] for f in files_of(bob).transfers()) >= 3 << 20, 60
+                lambda: sum(f["bytes_done"] for f in files_of(bob).transfers()) >= 3 << 20,
+                timeout=60,
             )
             (first,) = [p for p in alice.quic.peers() if p.public_key == bob_id.public_key]
             # Twice the idle timeout (was 6 s): the connection is dead 2 s into the
@@ -477,7 +491,7 @@ async def test_transfers_that_ended_leave_nothing_in_memory(root: Path) -> None:
                 rows = [f for f in files_of(bob).transfers() if f["id"] == sent[i]["id"]]
                 return rows[0]["bytes_done"] if rows else 0
 
-            await wait_for(lambda: received(3) >= 1 << 20 and received(4) >= 1 << 20, 30)
+            await wait_for(lambda: received(3) >= 1 << 20 and received(4) >= 1 << 20, timeout=30)
             held = [files_of(n).statistics()["transfers_in_memory"] for n in (alice, bob)]
             await files_of(alice).cancel(sent[3]["id"])
             await files_of(bob).cancel(sent[4]["id"])

@@ -16,6 +16,14 @@ from test_media_call import TIMEOUT, call, video_sent
 from p2pd.media import CallMedia, MediaConfig
 from p2pd.media.wire import ReceiverReport, ReportBlock, decode
 
+#: The video size of every call here: what is adapted is the bitrate, not the picture.
+#: At 640x480 (the default) VP8 encoding was most of these tests' CPU: 2.4 ms a frame
+#: here against 1.0 ms at 384x288, which still fills the 150-300 kbit/s the adaptation
+#: moves in (the test pattern encoded to 151 and 298 kbit/s at those targets; 640x480
+#: overshot the 150 floor, 203). The pattern's frame number needs 324 pixels across,
+#: and its size a multiple of 16.
+SMALL = {"video_width": 384, "video_height": 288}
+
 
 class _Queue:
     """A MediaPeer whose QUIC congestion window holds ``queued`` datagrams back."""
@@ -45,7 +53,10 @@ async def test_a_queue_for_our_congestion_window_brings_the_encoder_down(
     the encoder is opened again at each step, each new encoder starting with a keyframe.
     Nothing waiting: the encoder stays as it started."""
     peer = _Queue(queued)
-    media = CallMedia(peer, audio_in=None, video_in="testsrc", record=None, duration=2)
+    media = CallMedia(
+        peer, audio_in=None, video_in="testsrc", record=None, duration=2,
+        config=MediaConfig(**SMALL),
+    )  # fmt: skip
     await media.run()
     stats = media.statistics()
     if queued:
@@ -94,7 +105,10 @@ async def test_a_full_queue_of_video_still_lets_our_reports_out(
     behind the video, the reports of the heavy-loss call below were dropped at our own
     queue: 5-7 of 12 a call.)"""
     peer = _Full()
-    media = CallMedia(peer, audio_in="tone:440", video_in="testsrc", record=None, duration=3)
+    media = CallMedia(
+        peer, audio_in="tone:440", video_in="testsrc", record=None, duration=3,
+        config=MediaConfig(**SMALL),
+    )  # fmt: skip
     await media.run()
     stats = media.statistics()
     reports = [decode(d) for d in peer.urgent]
@@ -173,15 +187,19 @@ async def test_heavy_loss_brings_the_video_bitrate_down_and_the_encoder_with_it(
     tmp_path: Path,
 ) -> None:
     """25 % loss both ways: the reports show it (over 10 %), and through aioquic's
-    NewReno the connection carries far less than the 300 kbit/s start plus audio, so
-    datagrams queue for its congestion window and overflow (measured: 60-210 dropped,
-    RTT 0.9 s): each side's target falls towards the 150 kbit/s floor, for any of the
-    three reasons, and the encoder is opened again at the lower rate. The call lasts
-    until each side sent FRAMES video frames and heard REPORTS reports (_enough)."""
+    NewReno the connection carries less than the 300 kbit/s start plus audio, so
+    datagrams queue for its congestion window and may overflow: each side's target
+    falls towards the 150 kbit/s floor, for any of the three reasons, and the encoder
+    is opened again at the lower rate. The call lasts until each side sent FRAMES video
+    frames and heard REPORTS reports (_enough). Measured (10 sides each, idle machine):
+    at SMALL's 384x288, 3-6 cuts for loss (4 sides read), a cut for the queue on 3, 66
+    datagrams dropped on one; at 640x480, a cut for the queue on 8 sides, 237-370
+    dropped on two. The queue's cut alone, without timing, is
+    test_a_queue_for_our_congestion_window_brings_the_encoder_down's."""
     with trio.fail_after(LIMIT + TIMEOUT):
         alice, bob = await call(
             tmp_path, audio=("tone:440", "tone:440"), video=("testsrc", "testsrc"),
-            suffix=".mkv", drop=0.25, until=_enough, limit=LIMIT,
+            suffix=".mkv", drop=0.25, config=MediaConfig(**SMALL), until=_enough, limit=LIMIT,
         )  # fmt: skip
     for media in (alice, bob):
         stats = media.statistics()
@@ -215,7 +233,7 @@ async def test_without_adaptation_the_configured_bitrate_stays(tmp_path: Path) -
     with trio.fail_after(LIMIT + TIMEOUT):
         alice, bob = await call(
             tmp_path, audio=("tone:440", "tone:440"), video=("testsrc", "testsrc"),
-            suffix=".mkv", drop=0.25, config=MediaConfig(video_rate_adaptation=False),
+            suffix=".mkv", drop=0.25, config=MediaConfig(video_rate_adaptation=False, **SMALL),
             until=_enough, limit=LIMIT,
         )  # fmt: skip
     for media in (alice, bob):
