@@ -26,7 +26,7 @@ from _adversary_report import (
 )
 
 from p2pd.claims import OK, Answer, resolve_claims
-from p2pd.dht.density import SIZE_SAMPLE_AGE, depth_bound, estimate_size
+from p2pd.dht.density import depth_bound, estimate_size, pooled
 from p2pd.dht.lookup import LookupResult
 from p2pd.dht.routing import ID_SPACE
 from p2pd.identity import HandleRef
@@ -298,7 +298,7 @@ def no_honest_voter(
     near = core.table.closest(core.node_id, 4 * k)
     own = estimate_size(core.node_id, near, k, key, len(core.table))
     unbounded = estimate_size(core.node_id, near, k, key)
-    recent = [v for when, v in core.sizes.samples if core.now - when <= SIZE_SAMPLE_AGE]
+    recent = [v for _, v in core.sizes.current(core.now, core.table_depth())]
     size += (
         f" (own {fmt(own, '.0f')}, unbounded {fmt(unbounded, '.0f')}, table "
         f"{len(core.table)} contacts: bound {k * 2.0 ** min(len(core.table) / k + 1, 160):.0f},"
@@ -345,18 +345,21 @@ def estimate_spread(swarm: Swarm, handles: list[str], n: int, per_node: int = 8)
     """How far the honest nodes' size estimates for handles' keys (the density rule's N,
     p2pd/dht/density.py ``SizeEstimate``) stray from the network's true size ``n`` (a
     diagnostic for the honest replicas a resolver's own rule sets aside, issue 11 cause
-    3): quantiles of estimate / n over ``per_node`` keys per node, the share under 0.7 n
-    and 0.5 n, and for those what held it low: the node's own neighbourhood (the key's
-    bucket left out; "few" when fewer than k contacts lie outside that bucket) or the
-    samples' cap (twice the largest), and how many samples it had."""
+    3, and for the resolvers a crowd of ids near a key takes at 1.4 N and over):
+    quantiles of estimate / n over ``per_node`` keys per node, the share under 0.7 n and
+    0.5 n and over 1.3 n, and for the ones under 0.7 or over 1.3 what made them: the
+    node's own neighbourhood alone (no sample counts; "few" when fewer than k contacts
+    lie outside the key's bucket), the samples' pool with it ("pool") or without it
+    ("samples": it was over twice theirs or under half), and how many samples
+    counted."""
     k = swarm.config.ksize
     ratios: list[float] = []
-    low: Counter[str] = Counter()
+    odd: Counter[str] = Counter()
     for index, node in enumerate(swarm.nodes):
         if not node.alive:
             continue
         core = node.dht.core
-        recent = [v for when, v in core.sizes.samples if core.now - when <= SIZE_SAMPLE_AGE]
+        recent = [v for _, v in core.sizes.current(core.now, core.table_depth())]
         for j in range(per_node):
             key = dht_key(handles[(index * per_node + j) % len(handles)])
             limit = core.spread_limit(key)
@@ -364,7 +367,7 @@ def estimate_spread(swarm: Swarm, handles: list[str], n: int, per_node: int = 8)
                 continue
             ratio = ID_SPACE / limit.scale / n
             ratios.append(ratio)
-            if ratio >= 0.7:
+            if 0.7 <= ratio <= 1.3:
                 continue
             own = estimate_size(
                 core.node_id, core.table, k, key, None, depth_bound(core.node_id, core.table, k)
@@ -375,10 +378,17 @@ def estimate_spread(swarm: Swarm, handles: list[str], n: int, per_node: int = 8)
                 not bucket <= (c.long_id ^ int.from_bytes(core.node_id, "big")) < 2 * bucket
                 for c in core.table
             )
-            cap = 2 * max(recent) if recent else None
-            part = "own" if cap is None or (own is not None and own <= cap) else "samples' cap"
+            theirs = pooled(recent) if recent else None
+            part = (
+                "own"
+                if theirs is None
+                else "pool"
+                if own is not None and theirs / 2 <= own <= 2 * theirs
+                else "samples"
+            )
             few = ", few outside the bucket" if outside < k else ""
-            low[f"{'<0.5' if ratio < 0.5 else '<0.7'} {part}{few}, {len(recent)} samples"] += 1
+            band = ">1.3" if ratio > 1.3 else "<0.5" if ratio < 0.5 else "<0.7"
+            odd[f"{band} {part}{few}, {len(recent)} samples"] += 1
     if not ratios:
         return "size estimates: none"
     ratios.sort()
@@ -387,9 +397,11 @@ def estimate_spread(swarm: Swarm, handles: list[str], n: int, per_node: int = 8)
         return ratios[min(len(ratios) - 1, int(p * len(ratios)))]
 
     under = [sum(r < b for r in ratios) / len(ratios) for b in (0.7, 0.5)]
+    over = sum(r > 1.3 for r in ratios) / len(ratios)
     return (
         f"size estimates / N over {len(ratios)} (node, key): p1 {q(0.01):.2f}, p10 "
-        f"{q(0.1):.2f}, p50 {q(0.5):.2f}, p90 {q(0.9):.2f}, p99 {q(0.99):.2f}; under 0.7 "
-        f"{100 * under[0]:.1f} %, under 0.5 {100 * under[1]:.1f} %; the low ones: "
-        + (", ".join(f"{v} {w}" for w, v in low.most_common(8)) or "none")
+        f"{q(0.1):.2f}, p50 {q(0.5):.2f}, p90 {q(0.9):.2f}, p99 {q(0.99):.2f}, max "
+        f"{ratios[-1]:.2f}; under 0.7 {100 * under[0]:.1f} %, under 0.5 {100 * under[1]:.1f} %,"
+        f" over 1.3 {100 * over:.1f} %; the low and high ones: "
+        + (", ".join(f"{v} {w}" for w, v in odd.most_common(8)) or "none")
     )

@@ -77,7 +77,7 @@ def test_a_publisher_with_a_low_size_estimate_still_stores_at_the_true_replicas(
     # One size sample of an eighth of the network, and no fresh one: the estimate is
     # capped at twice it (a quarter of the network).
     publisher.sampler.needed = lambda now, grown=False: False  # type: ignore[method-assign]
-    publisher.sizes.samples.append((net.now, NODES / 8))
+    publisher.sizes.samples.append((net.now, NODES / 8, publisher.table_depth()))
     found: list[LookupResult] = []
     lookup = publisher.start_lookup
 
@@ -109,11 +109,16 @@ def test_a_store_reaches_the_true_replicas_that_timed_out_in_its_lookup() -> Non
     lookup = publisher.start_lookup
 
     def start_lookup(target: bytes, now: float, on_done: Any, **kw: Any) -> None:
-        lookup(target, now, lambda result: (found.append(result), on_done(result)), **kw)
+        def done(result: LookupResult) -> None:
+            if target == alice.key:
+                found.append(result)
+            on_done(result)
+
+        lookup(target, now, done, **kw)
 
     publisher.start_lookup = start_lookup  # type: ignore[method-assign]
     net.call(lambda done: publisher.start_store(alice.key, alice.encode(), net.now, done))
-    store = found[-1]  # (the first: a size sample the publisher takes)
+    (store,) = found  # (the others: size samples the publisher takes)
     ids = {core.node_id for core in timed_out}
     assert ids <= {n.id for n in store.timed_out}, "the lookup must have timed them out"
     assert not ids & {n.id for n in store.given_up}

@@ -106,23 +106,37 @@ def shown(outcomes: list[tuple[str, int]]) -> str:
     return "; ".join(f"{outcome} ({aside} set aside)" for outcome, aside in outcomes)
 
 
-def test_samples_from_a_smaller_network_do_not_hold_the_second_round_down(network: Network) -> None:
-    """The resolver's samples were taken 10 minutes ago, when the network had a fifth of
-    its nodes (within their 30 minutes: they count): the samples' cap is 0.4 N. Before,
-    both rounds were judged by it (the fresh sample the resolve starts when its newest
-    is over 2 minutes old came too late): 2 of the 8 resolves "contested", with 34 and
-    35 set aside. Now the second round waits for that sample and is judged by it."""
+def test_samples_from_a_smaller_network_do_not_hold_the_resolve_down(network: Network) -> None:
+    """The resolver's samples were taken 6 minutes ago, when the network had a fifth of
+    its nodes and the resolver's table two full depths fewer (one more each time the
+    network doubles). Before, they counted for their 30 minutes: the samples' cap was
+    0.4 N, both rounds were judged by it and 2 of the 8 resolves were "contested" (34
+    and 35 set aside); later, the second round waited for the fresh sample the resolve
+    started. Now a sample stops counting once the table's full depths grew by two
+    (p2pd/dht/density.py ``SizeEstimate``): these do not count, the resolve takes a
+    fresh one, and every resolve returns the owner's key."""
     net, cores, owners = network
     outcomes = []
     for owner in owners.values():
         for core in resolvers(cores, owner.key):
             core.sizes.samples.clear()
+            depth = core.table_depth()
+            assert depth is not None
             for _ in range(2):
-                core.sizes.samples.append((net.now - 3 * SIZE_SAMPLE_REFRESH, 0.2 * NODES))
+                core.sizes.samples.append(
+                    (net.now - 3 * SIZE_SAMPLE_REFRESH, 0.2 * NODES, depth - 2)
+                )
             limit = core.spread_limit(owner.key)
             assert limit is not None and limit.scale is not None
-            assert ID_SPACE / limit.scale <= 0.4 * NODES  # what round 1 is judged by
+            assert ID_SPACE / limit.scale > 0.5 * NODES  # not held down by them
+            # The control: had they counted, round 1 would have been judged by 0.2 N.
+            core.sizes.samples[0] = (*core.sizes.samples[0][:2], depth)
+            held = core.spread_limit(owner.key)
+            assert held is not None and held.scale is not None
+            assert ID_SPACE / held.scale <= 0.4 * NODES
+            core.sizes.samples.popleft()
             outcomes.append(resolve(net, core, owner))
+            assert core.sizes.current(net.now, core.table_depth())  # the fresh one
     assert all(outcome == "owner" for outcome, _ in outcomes), shown(outcomes)
 
 
@@ -144,13 +158,14 @@ def test_a_resolver_whose_own_estimate_is_low_pools_it_with_its_sample(network: 
     assert all(outcome == "owner" for outcome, _ in outcomes), shown(outcomes)
 
 
-def test_the_pool_raises_a_low_estimate_and_loosens_no_bound() -> None:
+def test_the_pool_moves_a_stray_estimate_toward_the_samples_and_leaves_outliers_out() -> None:
     """SizeEstimate's pool (p2pd/dht/density.py ``pooled``), sans network: a node of a
     network of 1,000 whose table misses its nearest contacts (its own estimate about
     0.5 N) is raised toward its samples, never past the largest; a sample of a smaller
-    network is left out of the pool; an estimate above the pool is not lowered (that is
-    the caps' business), and the cap of twice the largest sample still holds an
-    inflated one."""
+    network is left out of the pool, and so is one whose target fell in a crowd; an
+    estimate above the samples is lowered toward them (before, it was kept: one in 16
+    over 1.4 N, where a crowd near a key takes the handle), and one inflated past twice
+    theirs (a crowd or a cluster next to our id) is left out: the samples alone."""
     rng = random.Random(11)
     n = 1000
     me = rng.randbytes(20)
@@ -165,7 +180,7 @@ def test_the_pool_raises_a_low_estimate_and_loosens_no_bound() -> None:
     def estimate(contacts: list[Node], samples: list[float]) -> float:
         sizes = SizeEstimate()
         for size in samples:
-            sizes.samples.append((100.0, size))
+            sizes.samples.append((100.0, size, None))
         value = sizes.estimate(me, contacts, k, 100.0, key)
         assert value is not None
         return value
@@ -179,15 +194,18 @@ def test_the_pool_raises_a_low_estimate_and_loosens_no_bound() -> None:
     # A sample of a network a fifth the size is left out of the pool (and the cap, twice
     # the largest, is not held down by it).
     assert estimate(sparse, [0.2 * n, 1.0 * n]) == pytest.approx(raised)
-    # A higher estimate is not lowered by the pool...
+    # A higher estimate is lowered toward the samples...
     full = estimate(everyone, [])
-    assert estimate(everyone, [0.8 * full]) == pytest.approx(full)
-    # ...and one inflated past twice the largest sample is still capped there (a
-    # cluster next to our id: ids 50 times as dense as the network's near us).
+    assert 0.8 * full < estimate(everyone, [0.8 * full]) < full
+    # ...a sample whose target fell in a crowd (4x the density) is left out...
+    seven = estimate(everyone, [1.0 * n] * 7)
+    assert estimate(everyone, [1.0 * n] * 7 + [4.0 * n]) == pytest.approx(seven)
+    # ...and an own estimate inflated past twice the samples is left out (a cluster
+    # next to our id: ids 50 times as dense as the network's near us).
     cluster = [
         Node((own_long ^ rng.getrandbits(150)).to_bytes(20, "big"), f"203.0.{i}.1", 4000)
         for i in range(2 * k)
     ]
     inflated = estimate(cluster + everyone, [])
     assert inflated > 5 * n
-    assert estimate(cluster + everyone, [1.0 * n]) == pytest.approx(2.0 * n)
+    assert estimate(cluster + everyone, [1.0 * n]) == pytest.approx(1.0 * n)

@@ -71,7 +71,7 @@ from ..identity import verify_signature
 from ..records import Verdict
 from . import mailbox_ops, resolve
 from .budget import RequestBudget, address_cookie, fit_reply
-from .density import SizeEstimate, SpreadLimit, depth_bound
+from .density import SizeEstimate, SpreadLimit, depth_bound, full_depths
 from .lookup import DisjointLookup, LookupResult
 from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
@@ -246,6 +246,10 @@ class DHTCore:
                 self._maintain(now)
                 self._schedule(now + self._maintenance_period, _MAINTAIN, None)
 
+    def schedule_pump(self, when: float, ref: Any) -> None:
+        """``ref.pump(now)`` at ``when`` (a lookup's deadline, the sampler's top-up)."""
+        self._schedule(when, _DEADLINE, ref)
+
     def _schedule(self, when: float, kind: int, ref: Any) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (when, self._timer_seq, kind, ref))
@@ -380,8 +384,13 @@ class DHTCore:
                 target,
                 len(self.table),
                 depth_bound(self.node_id, self.table, self.config.ksize),
+                self.table_depth(),
             )
         return SpreadLimit(self.limit, target, size)
+
+    def table_depth(self) -> int | None:
+        """Our table's full depths (p2pd/dht/density.py ``full_depths``)."""
+        return full_depths(self.node_id, self.table, self.config.ksize)
 
     def lookup_seeds(self, target: bytes, k: int, limit: AddressLimit | None = None) -> list[Node]:
         """Where a lookup of ``target`` starts: our k contacts closest to it, and with
@@ -622,10 +631,12 @@ class DHTCore:
                 self.request(head, "ping", [], now, HeadCheck(self, head))
         elif new and self.table.contains(node.id):
             self._welcome(node, now)
-            if len(self.table) == 2 * self.config.ksize and self.sampler.needed(now):
+            if len(self.table) >= 2 * self.config.ksize:
                 # Enough contacts for an estimate from the table: a sample at once (in
-                # the background), so that the first resolve need not wait for one.
-                self.sampler.start(now)
+                # the background), so that the first resolve need not wait for one
+                # (resume: only when none runs and no top-up is planned, which after
+                # the first is always the case: p2pd/dht/sampling.py).
+                self.sampler.resume(now)
 
     def _welcome(self, node: Node, now: float) -> None:
         """Hand a newcomer the records it should now hold (Kademlia section 2.5), if we
@@ -737,7 +748,7 @@ class DHTCore:
         )
         self.table.touch(target, now)
         if sample and not find_value and self.defended and len(self.table) >= 2 * config.ksize:
-            on_done = self.sizes.sampling(target, k, now, on_done)  # a size sample
+            on_done = self.sizes.sampling(target, k, now, self.table_depth(), on_done)  # a sample
         # A value lookup (a resolve, a mailbox fetch) also follows its own pace
         # (p2pd/dht/pacing.py). A node lookup does not: its k closest are a size sample
         # or where a store goes, and a live contact given up on sooner, on a busy host,
@@ -855,8 +866,7 @@ class DHTCore:
         self.storage.cull()
         if self.mailboxes is not None:
             self.mailboxes.cull()
-        if self.defended and self.config.packed_check and len(self.table) >= 2 * self.config.ksize:
-            self.sampler.start(now)  # a recent sample when the next resolve comes
+        self.sampler.resume(now)  # the size samples topped up, if they stopped
         for low, high in self.table.stale_buckets(now, self.config.refresh_interval):
             span = max(high - low, 1)
             target = low + int.from_bytes(self._randbytes(20), "big") % span

@@ -36,17 +36,18 @@ to the key does not, and counts against a winner only as the few ids chance puts
 first round may end early only when its quorum spans enough expected honest nodes
 (p2pd/dht/lookup.py ``EARLY_END_SPAN``).
 
-N comes from the node's own neighbourhood (:func:`estimate_size`): the distance to its
-k-th closest contact, capped by its recent lookups, or before any by the shape of its
-table (:class:`SizeEstimate`, :func:`depth_bound`). Kademlia tables know their own
-neighbourhood best, and a cluster ground next to a key is the neighbourhood of the
-honest nodes whose ids lie inside its prefix: the caps are what keeps them from
-taking it for the network. An attacker that fills a *resolver's* table depth by depth
-loosens the table's bound (a network of 120 taken for 4,000): what holds then is the
-samples' cap, and a resolver always has a sample before it answers (p2pd/dht/sampling.py
-``SizeSampler``; docs/SECURITY.md, "A resolver's table filled depth by depth").
-With fewer than 2k contacts the number of contacts
-stands for N (a lower bound: the rule is stricter, never off).
+N comes from up to eight size samples (node lookups of random ids) pooled with the
+node's own neighbourhood (:func:`estimate_size`: the distance to its k-th closest
+contact), or before any sample from the neighbourhood bounded by the shape of its
+table (:class:`SizeEstimate`, :func:`depth_bound`). A cluster or a crowd ground next to
+a key is the neighbourhood of the honest nodes whose ids lie inside its prefix: the
+samples, whose median leaves out the neighbourhood when it is over twice theirs, are
+what keeps them from taking it for the network. An attacker that fills a *resolver's*
+table depth by depth loosens the table's bound (a network of 120 taken for 4,000):
+what holds then are the samples, and a resolver always has one before it answers
+(p2pd/dht/sampling.py ``SizeSampler``; docs/SECURITY.md, "A resolver's table filled
+depth by depth"). With fewer than 2k contacts the number of contacts stands for N (a
+lower bound: the rule is stricter, never off).
 
 An honest node is set aside about once in 1/PACKED_P placements (a nearest-node
 coincidence); it then stores what it is sent but does not vote for that resolver, and
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -69,10 +71,13 @@ if TYPE_CHECKING:
 __all__ = [
     "PACKED_P",
     "SIZE_SAMPLE_REFRESH",
+    "SIZE_TOPUP",
+    "SIZE_WANTED",
     "SizeEstimate",
     "SpreadLimit",
     "depth_bound",
     "estimate_size",
+    "full_depths",
     "plausible_count",
     "poisson_threshold",
 ]
@@ -80,11 +85,29 @@ __all__ = [
 #: A node is skipped as packed when the count admitted nearer than it would happen by
 #: chance with probability below this.
 PACKED_P = 1e-3
-#: Node lookups whose k closest cap the size estimate (SizeEstimate).
+#: Node lookups whose k closest make the size estimate (SizeEstimate): at most this many
+#: kept, and the sampler tops them up to SIZE_WANTED (SIZE_TOPUP).
 SIZE_SAMPLES = 16
 SIZE_MIN_SAMPLES = 1
-#: A sample counts this long (seconds): longer than the maintenance period (900 s at the
-#: defaults), which takes one, so that an idle node always has one.
+#: The pool of 8 samples (and our own neighbourhood) strays by 1 / sqrt(9 * 19), 8 %:
+#: over 1.3 N about once in 10^4 (one alone: 23 %, over 1.4 N 6 % of the time), where
+#: a crowd of ids over a key's voters takes the handle (docs/SECURITY.md, "A crowd
+#: near a key").
+SIZE_WANTED = 8
+#: A sample stops counting once our table's full depths grew by this many since it was
+#: taken: it is of a network a quarter the size or less (one doubling is within what
+#: the pool and the median absorb; 1 would drop samples each time a depth at the edge
+#: fills by chance).
+SIZE_STALE_DEPTHS = 2
+#: While fewer than SIZE_WANTED count, a node takes one every this many seconds (a node
+#: lookup each: 8 in its first 8 minutes, then one as each ages out).
+SIZE_TOPUP = 60.0
+#: Samples more than this far from their median (either way) are left out of the pool:
+#: a sample whose random target fell in a crowd (4x the density over 1/16 of the id
+#: space) or a stray.
+SIZE_SPREAD = 2.0
+#: A sample counts this long (seconds); the top-ups (SIZE_TOPUP) replace each as it ages
+#: out, so that an idle node always has SIZE_WANTED.
 SIZE_SAMPLE_AGE = 1800.0
 #: A resolve or store starts a fresh sample (without waiting for it) when the newest is
 #: older than this: a growing network's size is not held down by an old sample for long.
@@ -166,6 +189,23 @@ def depth_bound(own_id: bytes, contacts: Iterable[Node], k: int) -> float | None
     each on a /24 of its own per bucket (tests/test_dht_density.py
     ``test_a_resolver_inside_the_ground_prefix_estimates_the_network_not_the_cluster``).
     None with no contact."""
+    first = full_depths(own_id, contacts, k)
+    if first is None:
+        # Depth 0 (the half of the id space away from ours) not full: a young table (its
+        # bootstrap lookup's contacts, all near our id) or a network under 2k. Its
+        # depths say nothing of N yet (80-160 whatever N): no bound. Applied there, it
+        # set honest replicas aside and their stores were refused as too far
+        # (tests/test_dht_replicas.py: 587 of 640 copies held, 97 % asked).
+        return None
+    return float(DEPTH_SLACK * k * 2.0 ** (first + 1))
+
+
+def full_depths(own_id: bytes, contacts: Iterable[Node], k: int) -> int | None:
+    """The first depth (leading bits shared with our id) at which our table holds fewer
+    than k contacts: about log2(N / k), one more each time the network doubles, and not
+    moved by the contacts a lookup teaches us at the depths already full (a resolver's
+    table grew from 109 to 168 contacts in its first resolve, its full depths stayed 2).
+    None with no contact, or depth 0 not full (:func:`depth_bound`)."""
     own = int.from_bytes(own_id, "big")
     counts = [0] * 161
     seen = False
@@ -173,14 +213,8 @@ def depth_bound(own_id: bytes, contacts: Iterable[Node], k: int) -> float | None
         seen = True
         counts[160 - (node.long_id ^ own).bit_length()] += 1
     if not seen or k < 1 or counts[0] < k:
-        # Depth 0 (the half of the id space away from ours) not full: a young table (its
-        # bootstrap lookup's contacts, all near our id) or a network under 2k. Its
-        # depths say nothing of N yet (80-160 whatever N): no bound. Applied there, it
-        # set honest replicas aside and their stores were refused as too far
-        # (tests/test_dht_replicas.py: 587 of 640 copies held, 97 % asked).
         return None
-    first = next(d for d, c in enumerate(counts) if c < k)  # counts[160] is us: 0
-    return float(DEPTH_SLACK * k * 2.0 ** (first + 1))
+    return next(d for d, c in enumerate(counts) if c < k)  # counts[160] is us: 0
 
 
 def estimate_size(
@@ -257,66 +291,86 @@ def estimate_size(
     return estimate
 
 
-def pooled(own: float, samples: Iterable[float]) -> float:
-    """One estimate from our neighbourhood's and the samples' together: each
-    ``(k - 1) / d_k`` over its own stretch of the id space, pooled as one count over
-    their summed stretches (the harmonic mean of the sizes; all have about k - 1
-    intervals). A single one strays by ``1 / sqrt(k - 1)``, 23 % at k = 20; pooled
-    with m samples by ``1 / sqrt((m + 1)(k - 1))``."""
-    sizes = [own, *samples]
-    return len(sizes) / sum(1.0 / max(size, 1e-9) for size in sizes)
+def pooled(sizes: Iterable[float]) -> float:
+    """One estimate from several ``(k - 1) / d_k``, each over its own stretch of the id
+    space, pooled as one count over their summed stretches (the harmonic mean of the
+    sizes; all have about k - 1 intervals). A single one strays by ``1 / sqrt(k - 1)``,
+    23 % at k = 20; m pooled by ``1 / sqrt(m (k - 1))``."""
+    listed = list(sizes)
+    return len(listed) / sum(1.0 / max(size, 1e-9) for size in listed)
 
 
 class SizeEstimate:
-    """The network's size for the density rule, robust to one cluster.
+    """The network's size for the density rule, robust to a crowd anywhere.
 
-    The node's own neighbourhood (:func:`estimate_size`) is the estimate, capped at
-    twice the largest of recent size samples (each ``(k - 1) / d_k`` around the target
-    of a node lookup of an id the node drew at random, taken while the table held 2k
-    contacts; at least ``SIZE_MIN_SAMPLES`` of the last ``SIZE_SAMPLES`` within
-    ``SIZE_SAMPLE_AGE`` seconds: p2pd/dht/sampling.py ``SizeSampler``), and at the table's
-    :func:`depth_bound`, never below the largest sample (with none: at the depth bound
-    and the table-size bound). One sample is enough (it was 2): the resolvers
-    inside a ground prefix that returned the rival's key in bench_adversary (N=300)
-    had 1, and one sample of ``(k - 1) / d_k`` is under N / 2 (a cap under N) with
-    probability about 1e-4 (d_k is Gamma(k, 1/N)). The largest, not
-    the median: samples taken while a network grows are too low, and a cap too low
-    sets honest replicas aside (a median cap made 3 of 500 honest lookups contested in
-    scripts/bench_dht.py, whose nodes join one after another). A cluster ground
-    next to a handle's key also sits next to the honest nodes whose ids are near that
-    key, and inflates *their* own estimate (20 ids where chance puts 1, about 13x at
-    N=200): the lookups of ids they draw at random do not see it.
-    The cap is loose (2x) because an estimate too low hurts too: the rule then sets
-    honest replicas aside, and a publisher stores at fewer of them.
+    The estimate is the pool (:func:`pooled`) of recent size samples and of our own
+    neighbourhood (:func:`estimate_size`). A sample is ``(k - 1) / d_k`` around the
+    target of a node lookup of an id the node drew at random (p2pd/dht/sampling.py
+    ``SizeSampler``, which tops them up to ``SIZE_WANTED``, one every ``SIZE_TOPUP``). One
+    counts while it is under ``SIZE_SAMPLE_AGE`` seconds old and our table's
+    :func:`full_depths` has not grown by ``SIZE_STALE_DEPTHS`` since it was taken (one
+    more each time the network doubles: the sample is of a network a quarter the
+    size).
 
-    An estimate under the pool of itself and the samples (:func:`pooled`, over those at
-    least half the largest) is raised to it: the neighbourhood's own strays by 23 %
-    (k = 20) where the rule tolerates about 25 % too low, and a resolver at 0.4-0.45 N
-    set 31-35 of a key's true 80 replicas aside and answered "contested"
-    (tests/test_dht_low_estimate.py; at N=1000 in bench_adversary one estimate in ten
-    was under 0.7 N by the neighbourhood alone). The pool never exceeds the largest
-    sample, so no bound above is loosened: the caps stay what an inflated
-    neighbourhood (a cluster next to us, a table filled depth by depth) meets."""
+    What goes into the pool, and why (issue 11, "a crowd near a key"): an attacker that
+    crowds ids over the 1/2^b of the id space around a key (4 bits, 200 ids at N=1000:
+    4x the honest density there) takes the handle at every resolver whose estimate is
+    1.4x N or more, and is denied it below (tests/test_dht_density.py). So the
+    estimate must not stray that far up:
+
+    - the samples more than ``SIZE_SPREAD`` times from their median are left out: a
+      sample whose target fell in the crowd (1 in 2^b), a stray;
+    - our own neighbourhood joins only when within ``SIZE_SPREAD`` of the samples'
+      pool: a resolver whose id lies in a crowd (over 1 in 16 there) saw 4x N in its
+      own neighbourhood, and before, that was its estimate, capped at twice its largest
+      sample (2x N): 2 and 5 of 100 lookups returned the attacker's key in
+      ``bench_adversary --grind-bits 4`` at N=1000;
+    - the pool of SIZE_WANTED samples and our own strays by 8 % (9 of k - 1 intervals);
+      our own alone by 23 %, over 1.4 N 6 % of the time, and it was never lowered.
+
+    An estimate too low hurts too (the rule then sets honest replicas aside: a
+    resolver at 0.4-0.45 N set 31-35 of a key's true 80 replicas aside and answered
+    "contested", tests/test_dht_low_estimate.py): the pool strays both ways, and each
+    way by less. With no sample counting, our own neighbourhood is the estimate,
+    bounded by the table's :func:`depth_bound` and table-size bound (a resolve or a
+    store then waits for a sample: SizeSampler)."""
 
     __slots__ = ("samples",)
 
     def __init__(self) -> None:
-        self.samples: deque[tuple[float, float]] = deque(maxlen=SIZE_SAMPLES)
+        #: (when, size, our table's :func:`full_depths` then)
+        self.samples: deque[tuple[float, float, int | None]] = deque(maxlen=SIZE_SAMPLES)
 
-    def age(self, now: float) -> float | None:
-        """How old the newest sample that still counts is (None: none counts)."""
-        ages = [now - when for when, _ in self.samples if now - when <= SIZE_SAMPLE_AGE]
+    def current(self, now: float, depth: int | None) -> list[tuple[float, float]]:
+        """The samples that count (``depth``: our table's :func:`full_depths` now):
+        (when, size), oldest first."""
+        return [
+            (when, size)
+            for when, size, then in self.samples
+            if now - when <= SIZE_SAMPLE_AGE
+            and (depth is None or then is None or depth < then + SIZE_STALE_DEPTHS)
+        ]
+
+    def age(self, now: float, depth: int | None) -> float | None:
+        """How old the newest sample that counts is (None: none counts)."""
+        ages = [now - when for when, _ in self.current(now, depth)]
         return min(ages) if ages else None
 
     def sampling(
-        self, target: bytes, k: int, now: float, then: Callable[[LookupResult], None]
+        self,
+        target: bytes,
+        k: int,
+        now: float,
+        depth: int | None,
+        then: Callable[[LookupResult], None],
     ) -> Callable[[LookupResult], None]:
-        """``then``, noting first the size seen by a node lookup that found k nodes."""
+        """``then``, noting first the size seen by a node lookup that found k nodes
+        (``depth``: our table's :func:`full_depths` when it started)."""
 
         def done(result: LookupResult) -> None:
             if len(result.closest) >= k >= 2:
                 kth = max(n.long_id ^ int.from_bytes(target, "big") for n in result.closest)
-                self.samples.append((now, (k - 1) * ID_SPACE / max(kth, 1)))
+                self.samples.append((now, (k - 1) * ID_SPACE / max(kth, 1), depth))
             then(result)
 
         return done
@@ -330,30 +384,31 @@ class SizeEstimate:
         target: bytes | None = None,
         table_size: int | None = None,
         bound: float | None = None,
+        depth: int | None = None,
     ) -> float | None:
-        recent = [size for when, size in self.samples if now - when <= SIZE_SAMPLE_AGE]
+        """Our estimate of the network's size (``depth``: our table's
+        :func:`full_depths`, which says which samples still count; the other arguments
+        are :func:`estimate_size`'s)."""
+        recent = [size for _, size in self.current(now, depth)]
         if len(recent) >= SIZE_MIN_SAMPLES:
+            middle = statistics.median(recent)
+            low, high = middle / SIZE_SPREAD, middle * SIZE_SPREAD
+            recent = [size for size in recent if low <= size <= high]
             # The table's bounds never below the largest sample: a young table (the
             # contacts of its bootstrap lookup, all near our id) has few contacts at
             # the shallow depths, its depth bound is 80-160 and its table-size bound
             # about 300 in a network of 1,000, which set honest replicas aside; a node
-            # lookup's k closest do not depend on our table. The samples' cap (2x)
-            # stands in for the table-size bound.
+            # lookup's k closest do not depend on our table.
             table_size = None
             if bound is not None:
                 bound = max(bound, max(recent))
         own = estimate_size(own_id, neighbours, k, target, table_size, bound)
         if own is None or len(recent) < SIZE_MIN_SAMPLES:
             return own
-        # Our neighbourhood's estimate strays by 23 % (k = 20), and the density rule
-        # tolerates about 25 % too low: a resolver below about 0.6 N set true replicas
-        # aside by the dozen. Raised to its pool with the samples (never above the
-        # largest), it strays less; the samples under half the largest are left out,
-        # being of a smaller network (a network's own are under N / 2 about 1e-4 of
-        # the time). Never lowered: an estimate too high is what the caps are for.
-        largest = max(recent)
-        current = [size for size in recent if 2 * size >= largest]
-        return min(max(own, pooled(own, current)), 2 * largest)
+        theirs = pooled(recent)
+        if theirs <= SIZE_SPREAD * own and own <= SIZE_SPREAD * theirs:
+            return pooled([own, *recent])
+        return theirs
 
 
 class SpreadLimit(AddressLimit):

@@ -144,9 +144,18 @@ def start_resolve(
             core.stats["resolve_widened"] += 1
             # Judged under the size sample this resolve started (its newest was over
             # SIZE_SAMPLE_REFRESH old) if one runs: samples from a smaller network hold the
-            # samples' cap (twice the largest) down, and the density rule then set the
-            # true replicas aside by the dozen (issue 11, "cause 3"; docs/SECURITY.md).
+            # estimate down, and the density rule then set the true replicas aside by
+            # the dozen (issue 11, "cause 3"; docs/SECURITY.md).
             core.sampler.idle(sample_began, lambda: next_round(result, wide))
+            return
+        if young and resolution.status == CONTESTED and len(core.table) >= 2 * config.ksize:
+            # Begun with a young table (under 2k contacts: the estimate was their count,
+            # strict) that the lookups took past 2k: judged again from the start, under
+            # the table it has now and a size sample, rather than waiting for given-up
+            # contacts. A newcomer's resolve came back "contested" so and waited for
+            # dead contacts' hard timeouts (3 s, tests/test_dht_sim.py's churn).
+            core.stats["resolve_grown"] += 1
+            start_resolve(core, key, core.now, wall, accept_key, on_done, certified=certified)
             return
         if not result.waited and could_settle(result, resolution):
             core.stats["resolve_waited"] += 1
@@ -206,6 +215,7 @@ def start_resolve(
     # The sample running now (needed() starts one when the newest is old): the second
     # round waits for it (found()).
     sample_began = core.sampler.running_since
+    young = defended and len(core.table) < 2 * config.ksize
 
     def first_round(result: LookupResult) -> None:
         if not sampled[0]:
