@@ -313,6 +313,28 @@ def test_a_value_lookup_ends_once_a_quorum_of_the_closest_agree() -> None:
     assert lookup.result.voters == {n.id for n in seeds[:4]}
 
 
+def test_a_reply_after_the_lookup_ended_is_kept_for_the_next_round() -> None:
+    """A value lookup that ends early leaves requests in flight; their value replies,
+    late, are kept with its replies (Lookup.replied_after) and change nothing else: a
+    resolve's next round that starts after them takes them instead of asking again."""
+    target = int.from_bytes(nid(999), "big")
+    seeds = sorted(seed_nodes(*range(1, 11)), key=lambda n: n.long_id ^ target)
+    first = new_lookup(seeds, find_value=True, k=10, alpha=10, quorum=3)
+    assert len(first.next_requests(0.0)) == 10
+    for node in seeds[:3]:
+        first.replied(node.id, wire.FindValueReply(b"v", contacts()))
+    first.next_requests(0.1)
+    assert first.done and first.in_flight == 7
+    values = list(first.result.values)
+    late = wire.FindValueReply(b"w", contacts())
+    assert not first.replied(seeds[5].id, late)  # the lookup is over...
+    assert first.replied_after(seeds[5].id, late)  # ...but the reply is kept
+    assert not first.replied_after(seeds[5].id, late)  # once
+    assert not first.replied_after(nid(4242), late)  # never asked: nothing
+    assert first.result.replies[seeds[5].id][1] == late
+    assert first.result.values == values  # the round's answer is as it was
+
+
 def test_a_value_lookup_whose_closest_disagree_waits_for_the_k_closest() -> None:
     """A liar among the quorum closest (or a replica without the value) cannot end the
     lookup early: it goes on until the k closest answered, and they all vote."""

@@ -95,10 +95,13 @@ SIZE_MIN_SAMPLES = 1
 #: near a key").
 SIZE_WANTED = 8
 #: A sample stops counting once our table's full depths grew by this many since it was
-#: taken: it is of a network a quarter the size or less (one doubling is within what
-#: the pool and the median absorb; 1 would drop samples each time a depth at the edge
-#: fills by chance).
-SIZE_STALE_DEPTHS = 2
+#: taken: it is of a network half the size or less. 2 (a quarter) held estimates at
+#: 0.4-0.5 N in bench_adversary at N=1000, whose network grows from 0 within two
+#: minutes: a node that joined at 400 kept its samples of 400 (the median of its eight
+#: follows a growth only once half are new, and none is taken while eight count). A
+#: table that learns the contacts of a depth it missed grows by one as well: its
+#: samples are taken again, once.
+SIZE_STALE_DEPTHS = 1
 #: While fewer than SIZE_WANTED count, a node takes one every this many seconds (a node
 #: lookup each: 8 in its first 8 minutes, then one as each ages out).
 SIZE_TOPUP = 60.0
@@ -309,8 +312,7 @@ class SizeEstimate:
     ``SizeSampler``, which tops them up to ``SIZE_WANTED``, one every ``SIZE_TOPUP``). One
     counts while it is under ``SIZE_SAMPLE_AGE`` seconds old and our table's
     :func:`full_depths` has not grown by ``SIZE_STALE_DEPTHS`` since it was taken (one
-    more each time the network doubles: the sample is of a network a quarter the
-    size).
+    more each time the network doubles: the sample is of a network half the size).
 
     What goes into the pool, and why (issue 11, "a crowd near a key"): an attacker that
     crowds ids over the 1/2^b of the id space around a key (4 bits, 200 ids at N=1000:
@@ -344,11 +346,11 @@ class SizeEstimate:
     def current(self, now: float, depth: int | None) -> list[tuple[float, float]]:
         """The samples that count (``depth``: our table's :func:`full_depths` now):
         (when, size), oldest first."""
+        # A young table (depth 0 not full: None) counts as depth 0.
         return [
             (when, size)
             for when, size, then in self.samples
-            if now - when <= SIZE_SAMPLE_AGE
-            and (depth is None or then is None or depth < then + SIZE_STALE_DEPTHS)
+            if now - when <= SIZE_SAMPLE_AGE and (depth or 0) < (then or 0) + SIZE_STALE_DEPTHS
         ]
 
     def age(self, now: float, depth: int | None) -> float | None:

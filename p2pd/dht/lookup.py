@@ -492,6 +492,24 @@ class Lookup:
             self._wide = True
         return state == _SLOW
 
+    def replied_after(self, node_id: bytes, reply: wire.DHTResult) -> bool:
+        """A value reply to a request still in flight when this lookup ended (it ends
+        once its k closest answered, whatever else is under way): kept with the
+        replies, and nothing else, so that a resolve's next round, if it starts later
+        (it waits for a size sample at times), takes it instead of asking the node
+        again. Whether it was kept."""
+        if (
+            not self.done
+            or not self.find_value
+            or self._state.get(node_id) not in (_INFLIGHT, _SLOW)
+            or node_id in self._probed
+            or not isinstance(reply, wire.FindValueReply)
+        ):
+            return False
+        self._state[node_id] = _OK  # once (the lookup is over: nothing else reads it)
+        self.result.replies[node_id] = (self._nodes[node_id], reply)
+        return True
+
     def _add_contacts(self, contacts: Iterable[wire.Contact], depth: int) -> bool:
         """Take the contacts a reply named; True if one is nearer than any heard before."""
         closer = False
@@ -723,6 +741,14 @@ class DisjointLookup:
     def replied(self, node_id: bytes, reply: wire.DHTResult) -> bool:
         path = self._owner.get(node_id)
         return path is not None and path.replied(node_id, reply)
+
+    def replied_after(self, node_id: bytes, reply: wire.DHTResult) -> bool:
+        """:meth:`Lookup.replied_after` on the path that asked (the merged replies too)."""
+        path = self._owner.get(node_id)
+        if path is None or not self.done or not path.replied_after(node_id, reply):
+            return False
+        self.result.replies[node_id] = path.result.replies[node_id]
+        return True
 
     @property
     def in_flight(self) -> int:

@@ -119,6 +119,10 @@ class LookupRun:
 
     def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
         if self.finished:
+            # Late, but an answer: the node is live, and a value reply is kept for the
+            # next round (Lookup.replied_after).
+            if result is not None and self.lookup.replied_after(node.id, result):
+                self.core.clear_suspect(node.id)
             return
         if result is None:
             self.lookup.failed(node.id)
