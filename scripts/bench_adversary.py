@@ -552,7 +552,7 @@ async def settle_samples(swarm: Swarm, label: str, deadline: float = 600.0) -> N
     taken = 0
     for _ in range(10_000):
         cores = [n.dht.core for n in swarm.nodes if n.alive]
-        short = [c for c in cores if len(c.sizes.current(c.now, c.table_depth())) < SIZE_WANTED]
+        short = [c for c in cores if len(c.sizes.fresh(c.now, c.table_depth())) < SIZE_WANTED]
         if not short or time.perf_counter() - started > deadline:
             break
         taken += sum(c.sampler.take_now(c.now) for c in short[:100])

@@ -264,6 +264,27 @@ def test_honest_estimates_stray_under_a_third_up_where_one_neighbourhood_strays_
     assert alone >= 10  # the control: one neighbourhood alone strays so
 
 
+def test_samples_of_a_smaller_network_stop_counting_once_fresh_ones_are_in() -> None:
+    """A sample is of the network as it was when our table's full depths were what they
+    were then (one more per doubling): eight taken at depth 3 still count at depth 4
+    (a table that learned the contacts of a depth it had missed, or a network that
+    grew: bench_adversary at N=1000 left a resolver with 1 of its 8, which read 1.3x
+    the honest density, and it returned a crowd's key) until four fresh ones are in,
+    then only those; at depth 5 (a network four times larger) none."""
+    sizes = SizeEstimate()
+    for i in range(SIZE_WANTED):
+        sizes.samples.append((float(i), 500.0, 3))
+    assert len(sizes.current(10.0, 3)) == SIZE_WANTED
+    assert len(sizes.current(10.0, 4)) == SIZE_WANTED and sizes.fresh(10.0, 4) == []
+    for i in range(SIZE_WANTED // 2):
+        sizes.samples.append((20.0 + i, 1000.0, 4))
+    assert [size for _, size in sizes.current(30.0, 4)] == [1000.0] * (SIZE_WANTED // 2)
+    assert len(sizes.current(30.0, 5)) == SIZE_WANTED // 2  # the depth-4 ones, now stale by one
+    sizes.samples.clear()
+    sizes.samples.append((0.0, 500.0, 3))
+    assert sizes.current(10.0, 5) == []
+
+
 def test_honest_nodes_alone_are_almost_never_skipped() -> None:
     rng = random.Random(2)
     honest = honest_nodes(1000, rng)

@@ -81,7 +81,7 @@ class SizeSampler:
         core = self.core
         if self._planned is not None or not self._on():
             return
-        current = core.sizes.current(now, core.table_depth())
+        current = core.sizes.fresh(now, core.table_depth())
         if len(current) < SIZE_WANTED:
             when = now + SIZE_TOPUP
         else:
@@ -96,7 +96,7 @@ class SizeSampler:
         core = self.core
         if self._running or not self._on():
             return False
-        if len(core.sizes.current(now, core.table_depth())) >= SIZE_WANTED:
+        if len(core.sizes.fresh(now, core.table_depth())) >= SIZE_WANTED:
             return False
         self._begin(now)
         return True
@@ -116,7 +116,7 @@ class SizeSampler:
             return  # planned again by the next start
         if self._running:
             return  # its end plans the next
-        if len(core.sizes.current(now, core.table_depth())) < SIZE_WANTED:
+        if len(core.sizes.fresh(now, core.table_depth())) < SIZE_WANTED:
             self._begin(now)
         else:
             self._plan(now)
