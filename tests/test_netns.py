@@ -367,9 +367,13 @@ def test_refuses_addresses_outside_the_allowed_ranges(testbed: Testbed) -> None:
 
 
 def test_cleanup_stale_removes_only_dead_owners(netns_ready: None) -> None:
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    stale = f"p2pd-{dead.pid}-deadbeef-h1"
+    # An owner no process can be: one past the kernel's largest pid. (The pid of a
+    # `true` that had just ended was taken again by another worker's fork before the
+    # cleanup ran, once in a clean-clone run: pid_max is 32768 here, and the suite forks
+    # thousands of processes.)
+    with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:
+        dead_pid = int(f.read()) + 1
+    stale = f"p2pd-{dead_pid}-deadbeef-h1"
     live = f"p2pd-{os.getpid()}-cafef00d-h1"
     try:
         for name in (stale, live):
