@@ -190,7 +190,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 #: In the last this many units of work (the serial tests and the shortest ordinary
-#: ones), a worker is given its next test only once it has none left (see below).
+#: ones), a worker holds at most the test it runs and the next (see below).
 _TAIL = 40
 
 
@@ -202,8 +202,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     it. At the tail of the order, where the serial tests come longest first, that put
     the three longest (6.7-7.3 s each) on one worker, one after another, and the serial
     block took 30 s for 67 s of runs on 3 lanes (a clean-clone run, 2026-12-05). In the
-    last :data:`_TAIL` units a worker gets its next test only when it has none: the
-    longest left goes to whichever worker is free first."""
+    last :data:`_TAIL` units a worker holds at most the test it runs and the next, so
+    the longest left go to whichever workers free up first. Not fewer: an xdist worker
+    runs a test only once it knows the next (or that there is none), for the
+    fixtures' teardown; given its next test only once it had none, the suite hung."""
     from xdist.scheduler import LoadScopeScheduling
 
     class _Scheduling(LoadScopeScheduling):
@@ -214,7 +216,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
         def _reschedule(self, node: object) -> None:
             tail = 0 < len(self.workqueue) <= _TAIL
             if tail and not node.shutting_down:  # type: ignore[attr-defined]
-                if self._pending_of(self.assigned_work[node]) == 0:
+                if self._pending_of(self.assigned_work[node]) <= 1:
                     self._assign_work_unit(node)
                 return
             super()._reschedule(node)
