@@ -112,8 +112,9 @@ def test_samples_from_a_smaller_network_do_not_hold_the_resolve_down(network: Ne
     network doubles). Before, they counted for their 30 minutes: the samples' cap was
     0.4 N, both rounds were judged by it and 2 of the 8 resolves were "contested" (34
     and 35 set aside); later, the second round waited for the fresh sample the resolve
-    started. Now a sample stops counting once the table's full depths grew by two
-    (p2pd/dht/density.py ``SizeEstimate``): these do not count, the resolve takes a
+    started. Now a sample stops counting once the table's full depths grew by two (by
+    one, once four fresh ones are in: p2pd/dht/density.py ``SizeEstimate``): these do
+    not count, the resolve takes a
     fresh one, and every resolve returns the owner's key."""
     net, cores, owners = network
     outcomes = []
@@ -191,8 +192,8 @@ def test_the_pool_moves_a_stray_estimate_toward_the_samples_and_leaves_outliers_
     assert 0.3 * n < own < 0.7 * n
     raised = estimate(sparse, [1.0 * n])
     assert own < raised <= 1.0 * n and raised > 0.6 * n
-    # A sample of a network a fifth the size is left out of the pool (and the cap, twice
-    # the largest, is not held down by it).
+    # A sample of a network a fifth the size is left out of the pool (under half the
+    # samples' median).
     assert estimate(sparse, [0.2 * n, 1.0 * n]) == pytest.approx(raised)
     # A higher estimate is lowered toward the samples...
     full = estimate(everyone, [])
