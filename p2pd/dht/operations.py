@@ -119,10 +119,11 @@ class LookupRun:
 
     def rpc_done(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
         if self.finished:
-            # Late, but an answer: the node is live, and a value reply is kept for the
-            # next round (Lookup.replied_after).
-            if result is not None and self.lookup.replied_after(node.id, result):
-                self.core.clear_suspect(node.id)
+            # Late, but a value reply is kept for the next round (Lookup.replied_after).
+            # The node stays suspect as it was (a lookup that gave up on it marked it):
+            # a slow node is still skipped by the lookups of the next 60 s.
+            if result is not None:
+                self.lookup.replied_after(node.id, result)
             return
         if result is None:
             self.lookup.failed(node.id)
