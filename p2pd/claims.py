@@ -234,15 +234,12 @@ def resolve_claims(
         return Resolution(OK, max(claims, key=old_rank).record, claims)
     best = claims[0]
     set_aside_answers = list(set_aside_answers)
-    aside: dict[bytes, set[bytes]] = {}  # set-aside replicas by the key they hold
     for answer in set_aside_answers:
         if answer.value not in checked:
             try:
                 checked[answer.value] = verify_claim(answer.value, now, key=key)
             except RecordError:
                 checked[answer.value] = None
-        claim = checked[answer.value]
-        aside.setdefault(claim.public_key if claim else b"", set()).add(answer.replica)
     against = credited(
         answer
         for answer in set_aside_answers
@@ -258,7 +255,7 @@ def resolve_claims(
     # under the targeted attack the rival then won with 2 votes, the only key among the
     # voters, beside 70-80 set-aside ids holding it (scripts/bench_adversary.py, 1-2 of
     # 100 plain lookups). At least PACKED_CLUSTER set aside: one or two are chance.
-    held_aside = {replica for replicas in aside.values() for replica in replicas}
+    held_aside = {answer.replica for answer in set_aside_answers}
     packed = max(0, set_aside) + len(held_aside) >= PACKED_CLUSTER
     enough = (len(claims) == 1 and not packed) or best.votes >= MIN_VOTES_WHEN_DISPUTED
     if best.votes >= 1 and 3 * best.votes >= 2 * total and enough:

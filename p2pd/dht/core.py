@@ -71,7 +71,7 @@ from ..identity import verify_signature
 from ..records import Verdict
 from . import mailbox_ops, resolve
 from .budget import RequestBudget, address_cookie, fit_reply
-from .density import SizeEstimate, SpreadLimit, depth_bound, full_depths
+from .density import SizeEstimate, SpreadLimit, full_depths
 from .lookup import DisjointLookup, LookupResult
 from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
@@ -383,8 +383,7 @@ class DHTCore:
                 self.now,
                 target,
                 len(self.table),
-                depth_bound(self.node_id, self.table, self.config.ksize),
-                self.table_depth(),
+                self.table_depth(),  # (its depth bound too: the table walked once)
             )
         return SpreadLimit(self.limit, target, size)
 

@@ -192,7 +192,11 @@ def depth_bound(own_id: bytes, contacts: Iterable[Node], k: int) -> float | None
     each on a /24 of its own per bucket (tests/test_dht_density.py
     ``test_a_resolver_inside_the_ground_prefix_estimates_the_network_not_the_cluster``).
     None with no contact."""
-    first = full_depths(own_id, contacts, k)
+    return bound_at(full_depths(own_id, contacts, k), k)
+
+
+def bound_at(first: int | None, k: int) -> float | None:
+    """:func:`depth_bound` of a table whose :func:`full_depths` are ``first``."""
     if first is None:
         # Depth 0 (the half of the id space away from ours) not full: a young table (its
         # bootstrap lookup's contacts, all near our id) or a network under 2k. Its
@@ -400,12 +404,12 @@ class SizeEstimate:
         now: float,
         target: bytes | None = None,
         table_size: int | None = None,
-        bound: float | None = None,
         depth: int | None = None,
     ) -> float | None:
         """Our estimate of the network's size (``depth``: our table's
-        :func:`full_depths`, which says which samples still count; the other arguments
-        are :func:`estimate_size`'s)."""
+        :func:`full_depths`, which says which samples still count and gives the table's
+        :func:`depth_bound`; the other arguments are :func:`estimate_size`'s)."""
+        bound = bound_at(depth, k)
         recent = [size for _, size in self.current(now, depth)]
         if len(recent) >= SIZE_MIN_SAMPLES:
             middle = statistics.median(recent)
