@@ -213,6 +213,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
             path = nodeid.split("::")[0]
             return path if path in ONE_WORKER else nodeid
 
+        # xdist's private scheduler internals (workqueue, _pending_of,
+        # _assign_work_unit, as of xdist 3.8): an xdist upgrade can break this.
         def _reschedule(self, node: object) -> None:
             tail = 0 < len(self.workqueue) <= _TAIL
             if tail and not node.shutting_down:  # type: ignore[attr-defined]
