@@ -1,0 +1,244 @@
+"""Inflated size samples (docs/SECURITY.md, "Inflated size samples").
+
+The density rule (p2pd/dht/density.py) judges the ids next to a key by the network's
+size as one resolver estimates it: the pool of its size samples (node lookups of ids it
+draws at random) and its own neighbourhood. An attacker who sees a sampling lookup's
+target places ids next to it while it runs (k ids ground to share 8 bits with it, each
+on a /24 of its own): k ids within 1/256 of the id space where chance puts 0.25 of
+60. Were the lookup to take them as the target's k closest, the sample would read
+about 30 times the network; with enough samples so inflated the estimate is theirs, a
+crowd ground next to a handle's key looks like chance, and a plain lookup returns the
+crowd's key.
+
+Here the attacker knows the targets in advance (the resolver's sampler draws them from
+a list the test gave the attacker): an upper bound on one who must grind within the
+lookup's second or two. Two defences:
+
+- the sampling lookup is held to the density rule of the estimate it has (its
+  ``spread_limit``, as every lookup is): the ids packed next to its target are set
+  aside, and a sample reads a few times that estimate at most. With all eight samples
+  attacked the estimate moved 1.25x and the handle stayed alice's; the control is
+  the same attack on lookups not held to the rule: 30x, and the crowd's key;
+- an attacker that places its ids as densely as the rule allows gains that factor
+  again at each round of samples. The samples more than 2x from their *lower* median
+  are left out: four inflated of eight change nothing (with the plain median, between
+  the halves, the estimate was the inflated one), five of eight are the estimate
+  (sans-I/O, below): the budget docs/SECURITY.md states.
+
+A simulated network (FakeNetwork, virtual time, seeded): the daemon's own DHT code in
+every node."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from p2pd import wire
+from p2pd.config import DHTConfig
+from p2pd.dht.core import DHTCore
+from p2pd.dht.density import SIZE_WANTED, SizeEstimate, SpreadLimit
+from p2pd.dht.routing import ID_SPACE, Node
+from p2pd.errors import Contested, NotFound
+from p2pd.identity import HandleRef, Identity
+from p2pd.records import dht_key
+from p2pd.testing.adversary import Behaviour, open_coalition
+from p2pd.testing.fakenet import FakeNetwork
+from p2pd.testing.swarm import open_swarm
+
+pytestmark = pytest.mark.slow
+
+NODES = 60
+K = 8
+#: The ids placed next to a sample's target share this many bits with it (above).
+SAMPLE_BITS = 8
+#: This many per target, k + 4: in this simulation a lookup gave up on 1-3 of a target's
+#: placed ids at their soft deadline now and then (the control then lost its majority).
+PLACED = K + 4
+#: The crowd next to alice's key (LIAR: it serves a rival claim): k ids sharing this many
+#: bits with it (as tests/test_adversary_depth.py's cluster): chance at an estimate of
+#: about 2,000, packed at 130.
+CROWD_BITS = 9
+SEED = 3
+#: Every node there is when the resolver samples: honest, placed, the crowd.
+NETWORK = NODES + PLACED * SIZE_WANTED + K
+
+
+@dataclass
+class Seen:
+    outcome: str  # "alice", "rival", "contested", "not-found"
+    estimate: float  # the resolver's size estimate for alice's key before the resolve
+    samples: list[float]  # the sizes its samples read
+
+
+def far_half(target: bytes, own: bytes) -> bytes:
+    """``target`` in the half of the id space away from ``own`` (the sampler draws there:
+    p2pd/dht/sampling.py), so that the sampler's own flip of the first bit changes nothing."""
+    first = (target[0] & 0x7F) | (~own[0] & 0x80)
+    return bytes([first]) + target[1:]
+
+
+def size_for(core: DHTCore, key: bytes) -> float:
+    limit = core.spread_limit(key)
+    assert limit is not None and limit.scale is not None
+    return ID_SPACE / limit.scale
+
+
+async def inflate(inflated: int, *, unlimited: bool = False) -> Seen:
+    """A resolver takes SIZE_WANTED samples, ``inflated`` of them at targets the attacker
+    placed k ids next to, then resolves alice, next to whose key a crowd serves a rival.
+    ``unlimited``: its sampling lookups of those targets are not held to the density
+    rule (what an attacker that places its ids as densely as the rule allows, sample
+    after sample, would reach in the end)."""
+    net = FakeNetwork(seed=SEED, median_rtt=0.05)
+    config = DHTConfig(ksize=K)
+    key = dht_key("alice")
+    rng = random.Random(SEED)
+    with trio.fail_after(3600):  # virtual seconds
+        async with trio.open_nursery() as nursery:
+            await nursery.start(net.run)
+            async with open_swarm(NODES, network=net, seed=SEED, config=config) as swarm:
+                resolver = swarm.nodes[NODES // 2]
+                core = resolver.dht.core
+                targets = [
+                    far_half(rng.randbytes(wire.NODE_ID_LEN), core.node_id)
+                    for _ in range(SIZE_WANTED)
+                ]
+                async with (
+                    open_coalition(
+                        swarm,
+                        PLACED * inflated,
+                        Behaviour.HONEST,  # they only need to be there and answer
+                        near=targets[:inflated],
+                        bits=SAMPLE_BITS,
+                        # each also contacts the resolver (the attacker knows whom it
+                        # attacks): its lookups start from them
+                        seeds=[resolver.address],
+                        seed=SEED,
+                    ) as placed,
+                    open_coalition(
+                        swarm,
+                        K,
+                        Behaviour.LIAR,
+                        near=key,
+                        bits=CROWD_BITS,
+                        seed=SEED + 1,
+                        first_index=PLACED * inflated,
+                    ) as crowd,
+                ):
+                    rival = crowd.add_rival("alice", swarm.wall())
+                    alice = await swarm.add(Identity.generate("alice"))
+                    await swarm.publish(alice.index)
+                    # A minute for the joins to settle: 40 ids joining through one
+                    # resolver at once were over its request budget, some timed out
+                    # and were suspect (not asked) for a minute; an attacker would
+                    # join gently.
+                    await trio.sleep(65.0)
+                    # The resolver's samples from now on: the attacker's targets first,
+                    # then ids of the test's choosing (honest: nothing placed there).
+                    feed = iter(
+                        [
+                            *targets,
+                            *(
+                                far_half(rng.randbytes(wire.NODE_ID_LEN), core.node_id)
+                                for _ in range(64)
+                            ),
+                        ]
+                    )
+                    core.sampler._randbytes = lambda n: next(feed)[:n]
+                    # The attacker at its best: each of its ids answers in time. (Some
+                    # were given up on at their soft deadline in this simulation and
+                    # skipped as suspect for a minute, 1-5 of a target's 8; why they
+                    # were slow is not known: see the issue 11 notes.)
+                    ours = placed.ids
+                    suspect = core.is_suspect
+
+                    def never_ours(node_id: bytes, now: float) -> bool:
+                        return node_id not in ours and suspect(node_id, now)
+
+                    core.is_suspect = never_ours  # type: ignore[method-assign]
+                    if unlimited:
+                        attacked = set(targets[:inflated])
+                        limit_of = core.spread_limit
+
+                        def lifted(target: bytes) -> SpreadLimit | None:
+                            return None if target in attacked else limit_of(target)
+
+                        core.spread_limit = lifted  # type: ignore[method-assign]
+                    for _ in range(60):  # one running from before ends first
+                        if core.sampler.running_since is None:
+                            break
+                        await trio.sleep(1.0)
+                    assert core.sampler.running_since is None
+                    core.sizes.samples.clear()
+                    for _ in range(4 * SIZE_WANTED):  # a sample each, or wait for one
+                        if len(core.sizes.samples) >= SIZE_WANTED:
+                            break
+                        core.sampler.take_now(trio.current_time())
+                        await trio.sleep(2.0)
+                    samples = [size for _, size, _ in core.sizes.samples]
+                    assert len(samples) == SIZE_WANTED, samples
+                    estimate = size_for(core, key)
+                    try:
+                        with trio.fail_after(60):
+                            record = await resolver.dht.resolve(HandleRef("alice"))
+                        outcome = {alice.identity.public_key: "alice", rival: "rival"}[
+                            record.public_key
+                        ]
+                    except Contested:
+                        outcome = "contested"
+                    except NotFound:
+                        outcome = "not-found"
+                    assert placed.members  # the attacker ran
+            nursery.cancel_scope.cancel()
+    seen = Seen(outcome, estimate, [round(s) for s in samples])
+    print(f"inflated {inflated}: {seen}")
+    return seen
+
+
+async def test_a_sampling_lookup_sets_the_ids_placed_next_to_its_target_aside(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """All eight of the resolver's samples attacked: each reads a few times the network
+    at most, the estimate stays under 2.5x it, and the crowd does not take the handle."""
+    seen = await inflate(SIZE_WANTED)
+    assert max(seen.samples) < 8 * NETWORK, seen  # 30x were each one's k closest taken
+    assert seen.estimate < 2.5 * NETWORK, seen
+    assert seen.outcome in ("alice", "contested"), seen
+
+
+async def test_control_the_same_attack_on_lookups_not_held_to_the_rule_takes_the_handle(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The same attack with the sampling lookups of the attacked targets not held to the
+    density rule (as samples were before the rule judged node lookups): the samples read
+    about 30x the network, so does the estimate, and the crowd takes alice's handle."""
+    seen = await inflate(SIZE_WANTED, unlimited=True)
+    assert sum(s > 8 * NETWORK for s in seen.samples) >= SIZE_WANTED // 2 + 1, seen
+    assert seen.estimate > 8 * NETWORK, seen
+    assert seen.outcome == "rival", seen
+
+
+def test_the_lower_median_keeps_the_honest_half_of_eight() -> None:
+    """Sans-I/O: eight samples, half of them 4x the network. The estimate is the honest
+    half's (with the plain median, between the halves, the honest ones were more than 2x
+    below it and left out: the estimate was 4x)."""
+    n = 1000
+    rng = random.Random(5)
+    ids = [rng.randbytes(wire.NODE_ID_LEN) for _ in range(n)]
+    own = ids[0]
+    near = sorted(ids[1:], key=lambda i: int.from_bytes(i, "big") ^ int.from_bytes(own, "big"))
+    neighbours = [Node(i, "127.0.0.1", 1) for i in near[: 2 * 20]]
+    for factor in (4, 8, 100):
+        sizes = SizeEstimate()
+        for i in range(SIZE_WANTED):
+            honest = n * rng.uniform(0.85, 1.15)
+            sizes.samples.append((0.0, factor * n if i % 2 else honest, None))
+        estimate = sizes.estimate(own, neighbours, 20, 1.0)
+        assert estimate is not None and 0.7 * n < estimate < 1.3 * n, (factor, estimate)
+        sizes.samples.append((0.0, factor * n, None))  # five of nine
+        estimate = sizes.estimate(own, neighbours, 20, 1.0)
+        assert estimate is not None and estimate > 0.9 * factor * n, (factor, estimate)
