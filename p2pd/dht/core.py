@@ -348,67 +348,6 @@ class DHTCore:
                 return
         self._send(wire.encode_response(req.msg_id, result, sign, cookie, address), address)
 
-    def is_close_to(self, key: bytes, k: int | None = None) -> bool:
-        """Whether fewer than k of the nodes we know are nearer ``key`` than we are: only
-        then do we store under it (S/Kademlia: a node far from a key, e.g. an attacker's
-        target, has no business holding it). Nodes packed around the key (:mod:`.density`)
-        do not count: a ground cluster must not push the honest replicas out."""
-        k = k or self.config.ksize
-        target = int.from_bytes(key, "big")
-        mine = self.node.long_id ^ target
-        nearer = [n for n in self.table.closest(key, 4 * k) if (n.long_id ^ target) < mine]
-        spread = self.spread_limit(key)
-        return len(spread.select(nearer, k) if spread is not None else nearer) < k
-
-    def spread_limit(self, target: bytes) -> SpreadLimit | None:
-        """The address limits and the density rule for a lookup of ``target`` (None with
-        the defences off)."""
-        if self.limit is None:
-            return None
-        size = None
-        if self.config.packed_check:
-            # Every contact, not the 4k nearest ours: when our id shares many bits with
-            # the target, the target's bucket (left out) can hold all 4k of them (a
-            # cluster ground next to that key sits there), and the estimate fell back to
-            # the few left (1-14 for a network of 1,000: p2pd/dht/density.py).
-            size = self.sizes.estimate(
-                self.node_id,
-                self.table,
-                self.config.ksize,
-                self.now,
-                target,
-                len(self.table),
-                self.table_depth(),  # (its depth bound too: the table walked once)
-            )
-        return SpreadLimit(self.limit, target, size)
-
-    def table_depth(self) -> int | None:
-        """Our table's full depths (p2pd/dht/density.py ``full_depths``)."""
-        return full_depths(self.node_id, self.table, self.config.ksize)
-
-    def lookup_seeds(self, target: bytes, k: int, limit: AddressLimit | None = None) -> list[Node]:
-        """Where a lookup of ``target`` starts: our k contacts closest to it, and with
-        the density rule every contact nearer than the k-th it admits (the ones it sets
-        aside on the way come along: they are asked too, and their answers counted).
-
-        A cluster ground next to a key fills our buckets near it: kademlia splits a full
-        bucket whose contacts share a prefix that is not a multiple of 5 bits, and ids
-        sharing 12 bits with the key do, so a node whose own id shares 6 or more with
-        the key holds all 100 ids of a cluster, all of its 80 contacts nearest the key
-        (tests/test_dht_density.py). Seeded with those alone, a lookup the cluster
-        eclipses hears of nothing else: no honest replica answers, the self-certifying
-        form is not found and the plain one went to the rival's 2-3 voters before the
-        rule asked 8 (scripts/bench_adversary.py, N=1000, targeted /24s)."""
-        if not isinstance(limit, SpreadLimit):
-            limit = self.spread_limit(target)
-        if not isinstance(limit, SpreadLimit) or limit.scale is None:
-            return self.table.closest(target, k)
-        ordered = self.table.closest(target, len(self.table))
-        admitted = limit.select(ordered, k)
-        if not admitted:
-            return ordered[:k]
-        return ordered[: max(k, ordered.index(admitted[-1]) + 1)]
-
     def _neighbors(self, key: bytes, exclude: bytes) -> list[list[Any]]:
         nodes = self.table.closest(key, wire.MAX_CONTACTS, exclude=exclude)
         return [list(_wire_contact(n.key, n.ip, n.port)) for n in nodes if n.key is not None]
@@ -586,6 +525,72 @@ class DHTCore:
             return
         self._heard_from(node)
         self.seen(node, now)
+
+    # ------------------------------------------------------------------ the density rule
+    # Our table seen through p2pd/dht/density.py: where we store, where a lookup starts.
+    # Kept here: each reads the core's own table, limits, size estimate and clock, and
+    # scripts/_adversary_diagnostics.py wraps ``is_close_to`` on the core instance.
+
+    def is_close_to(self, key: bytes, k: int | None = None) -> bool:
+        """Whether fewer than k of the nodes we know are nearer ``key`` than we are: only
+        then do we store under it (S/Kademlia: a node far from a key, e.g. an attacker's
+        target, has no business holding it). Nodes packed around the key (:mod:`.density`)
+        do not count: a ground cluster must not push the honest replicas out."""
+        k = k or self.config.ksize
+        target = int.from_bytes(key, "big")
+        mine = self.node.long_id ^ target
+        nearer = [n for n in self.table.closest(key, 4 * k) if (n.long_id ^ target) < mine]
+        spread = self.spread_limit(key)
+        return len(spread.select(nearer, k) if spread is not None else nearer) < k
+
+    def spread_limit(self, target: bytes) -> SpreadLimit | None:
+        """The address limits and the density rule for a lookup of ``target`` (None with
+        the defences off)."""
+        if self.limit is None:
+            return None
+        size = None
+        if self.config.packed_check:
+            # Every contact, not the 4k nearest ours: when our id shares many bits with
+            # the target, the target's bucket (left out) can hold all 4k of them (a
+            # cluster ground next to that key sits there), and the estimate fell back to
+            # the few left (1-14 for a network of 1,000: p2pd/dht/density.py).
+            size = self.sizes.estimate(
+                self.node_id,
+                self.table,
+                self.config.ksize,
+                self.now,
+                target,
+                len(self.table),
+                self.table_depth(),  # (its depth bound too: the table walked once)
+            )
+        return SpreadLimit(self.limit, target, size)
+
+    def table_depth(self) -> int | None:
+        """Our table's full depths (p2pd/dht/density.py ``full_depths``)."""
+        return full_depths(self.node_id, self.table, self.config.ksize)
+
+    def lookup_seeds(self, target: bytes, k: int, limit: AddressLimit | None = None) -> list[Node]:
+        """Where a lookup of ``target`` starts: our k contacts closest to it, and with
+        the density rule every contact nearer than the k-th it admits (the ones it sets
+        aside on the way come along: they are asked too, and their answers counted).
+
+        A cluster ground next to a key fills our buckets near it: kademlia splits a full
+        bucket whose contacts share a prefix that is not a multiple of 5 bits, and ids
+        sharing 12 bits with the key do, so a node whose own id shares 6 or more with
+        the key holds all 100 ids of a cluster, all of its 80 contacts nearest the key
+        (tests/test_dht_density.py). Seeded with those alone, a lookup the cluster
+        eclipses hears of nothing else: no honest replica answers, the self-certifying
+        form is not found and the plain one went to the rival's 2-3 voters before the
+        rule asked 8 (scripts/bench_adversary.py, N=1000, targeted /24s)."""
+        if not isinstance(limit, SpreadLimit):
+            limit = self.spread_limit(target)
+        if not isinstance(limit, SpreadLimit) or limit.scale is None:
+            return self.table.closest(target, k)
+        ordered = self.table.closest(target, len(self.table))
+        admitted = limit.select(ordered, k)
+        if not admitted:
+            return ordered[:k]
+        return ordered[: max(k, ordered.index(admitted[-1]) + 1)]
 
     # ------------------------------------------------------------------ operations
 
