@@ -132,7 +132,7 @@ def test_the_budget_tables_stay_bounded_under_100k_spoofed_sources() -> None:
     budget = core.budget
     assert len(budget.by_address) == CONFIG.rate_table_max
     assert len(budget.by_subnet) == CONFIG.rate_table_max
-    assert len(core.table) == 0 and not core._verified  # spoofed pings add no one
+    assert len(core.table) == 0 and len(core.proofs) == 0  # spoofed pings add no one
     # a fresh bucket per source, but all of them share the unvalidated budget
     assert len(replies(core)) == CONFIG.unvalidated_burst
     assert budget.dropped["unvalidated_limited_ping"] == 100_000 - CONFIG.unvalidated_burst
@@ -168,7 +168,7 @@ def test_a_many_source_flood_draws_few_signatures_and_validated_contacts_get_the
 def test_a_many_source_flood_leaves_validated_contacts_served() -> None:
     net, cores = small_network(3)
     victim, friend = cores[0], cores[1]
-    assert victim.is_verified(friend.node_id, net.address_of(friend), net.now)
+    assert victim.proofs.is_verified(friend.node_id, net.address_of(friend), net.now)
     flood = request("find_node", [os.urandom(20)], pad=1200)
     for i in range(5000):
         victim.datagram_received(flood, (f"10.{i // 256}.{i % 256}.1", 4000), net.now)

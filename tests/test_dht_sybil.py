@@ -21,10 +21,11 @@ from test_dht_core import CONFIG, WALL, CoreNet, _Owner, make_record, node_key
 
 from p2pd import wire
 from p2pd.config import DHTConfig
-from p2pd.dht.core import COOKIE_PERIOD, DHTCore
+from p2pd.dht.core import DHTCore
 from p2pd.dht.lookup import DisjointLookup, Lookup
 from p2pd.dht.mailbox import MailboxStorage
 from p2pd.dht.nodekey import NODE_KEY_FILE, NodeKey, load_or_create_node_key
+from p2pd.dht.proofs import COOKIE_PERIOD
 from p2pd.dht.routing import AddressLimit, Node, subnet_of
 from p2pd.dht.storage import RecordStorage
 from p2pd.identity import HandleRef, Identity
@@ -126,7 +127,7 @@ def test_a_contact_named_in_a_reply_enters_the_table_only_after_its_own_proof() 
     net.call(lambda done: c.start_bootstrap([net.address_of(b)], net.now, done))
     net.run_until(lambda: not net.flight)
     a.table.remove(c.node_id)  # (the joins may have introduced them)
-    a._verified.clear()
+    a.proofs._verified.clear()
     assert b.table.contains(c.node_id) and not a.table.contains(c.node_id)
     # a asks b, by hand, who is near c
     results: list[Any] = []
@@ -199,7 +200,8 @@ def test_a_request_from_an_unproven_sender_is_answered_but_only_a_proof_adds_it(
     (cookie,) = cookies
     assert cookie is not None
     a.datagram_received(proof_frame(stranger, a.node_key.public_key, cookie), spoofed, net.now)
-    assert a.table.contains(stranger.node_id) and a.is_verified(stranger.node_id, spoofed, net.now)
+    assert a.table.contains(stranger.node_id)
+    assert a.proofs.is_verified(stranger.node_id, spoofed, net.now)
     assert not frames_to(a)  # a proof is never answered
     # a proven sender is answered without a cookie
     a.datagram_received(ping, spoofed, net.now)

@@ -191,7 +191,7 @@ def pick_relays(core: DHTCore, targets: list[Node], count: int) -> list[Node]:
         if n.key is not None
         and n.id not in exclude
         and core._suspect_until.get(n.id, 0.0) <= now
-        and (not core.defended or core.is_verified(n.id, (n.ip, n.port), now))
+        and (not core.defended or core.proofs.is_verified(n.id, (n.ip, n.port), now))
     ]
     random.Random(core._randbytes(8)).shuffle(candidates)
     chosen: list[Node] = []
