@@ -55,8 +55,8 @@ NODES = 60
 K = 8
 #: The ids placed next to a sample's target share this many bits with it (above).
 SAMPLE_BITS = 8
-#: This many per target, k + 4: in this simulation a lookup gave up on 1-3 of a target's
-#: placed ids at their soft deadline now and then (the control then lost its majority).
+#: This many per target, k + 4: a lookup still gives up on some of a target's placed ids
+#: at their soft deadline (late by jitter), and with k the control lost its majority.
 PLACED = K + 4
 #: The crowd next to alice's key (LIAR: it serves a rival claim): k ids sharing this many
 #: bits with it (as tests/test_adversary_depth.py's cluster): chance at an estimate of
@@ -149,10 +149,12 @@ async def inflate(inflated: int, *, unlimited: bool = False) -> Seen:
                         ]
                     )
                     core.sampler._randbytes = lambda n: next(feed)[:n]
-                    # The attacker at its best: each of its ids answers in time. (Some
-                    # were given up on at their soft deadline in this simulation and
-                    # skipped as suspect for a minute, 1-5 of a target's 8; why they
-                    # were slow is not known: see the issue 11 notes.)
+                    # The attacker at its best: each of its ids is asked. (Here the
+                    # lookups gave up on 1-5 of a target's ids at their soft deadline and
+                    # skipped them as suspect for a minute: pairs whose round trip is in
+                    # the simulation's lognormal tail, 1.6 s, and near ones whose reply's
+                    # jitter passed an RTO of a few tens of ms. An attacker would pick
+                    # ids near the resolver.)
                     ours = placed.ids
                     suspect = core.is_suspect
 
