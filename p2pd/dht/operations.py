@@ -129,7 +129,7 @@ class LookupRun:
             self.lookup.failed(node.id)
         elif self.lookup.replied(node.id, result):
             # Its reply came after our own "slow" mark: clear the suspicion again.
-            self.core.clear_suspect(node.id)
+            self.core.suspects.clear(node.id)
         self.pump(now)
 
     def rpc_slow(self, node: Node, now: float) -> None:
@@ -137,7 +137,7 @@ class LookupRun:
             return
         if self.lookup.slow(node.id):
             # Other lookups need not wait on it too; a late reply clears this.
-            self.core.mark_suspect(node.id, now)
+            self.core.suspects.mark(node.id, now)
             self.core.stats["soft_timeouts"] += 1
             self.pump(now)
 
