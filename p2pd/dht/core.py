@@ -62,7 +62,7 @@ from .. import wire
 from ..config import DHTConfig
 from ..errors import OldFrameVersion, WireError
 from ..records import Verdict
-from . import mailbox_ops, resolve
+from . import mailbox_ops, operations, resolve
 from .budget import RequestBudget, fit_reply
 from .density import SizeEstimate, SpreadLimit, full_depths
 from .lookup import DisjointLookup, LookupResult
@@ -70,7 +70,7 @@ from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
 from .mailbox_relay import PutRelay, relay_requested
 from .nodekey import NodeKey
-from .operations import Gather, HeadCheck, LookupRun, SeedPings, store_targets
+from .operations import Gather, HeadCheck, LookupRun, store_targets
 from .pacing import PacedRun
 from .proofs import Proofs
 from .reachability import Reachability
@@ -690,39 +690,8 @@ class DHTCore:
     # Which claim to believe, in up to two rounds (resolve.py).
     start_resolve = resolve.start_resolve
 
-    def start_bootstrap(
-        self, addresses: list[Address], now: float, on_done: Callable[[int], None]
-    ) -> None:
-        """Ping the given addresses, then look up our own id. Reports contacts known."""
-        probes = [Node(bytes(wire.NODE_ID_LEN), host, port) for host, port in addresses]
-
-        def seed(probe: Node, reply: wire.DHTResult | None) -> Node | None:
-            # The reply is the node key, proven (a signed reply from that address).
-            if isinstance(reply, bytes) and wire.node_id_for(reply) != self.node_id:
-                node = Node(wire.node_id_for(reply), probe.ip, probe.port, reply)
-                self.seen(node, self.now)
-                return node
-            return None
-
-        def pinged(replies: list[wire.DHTResult | None]) -> None:
-            seeds = [
-                node
-                for probe, reply in zip(probes, replies, strict=True)
-                if (node := seed(probe, reply)) is not None
-            ]
-            if not seeds:
-                on_done(len(self.table))
-                return
-            # We hear the network again: what went silent while we could not reach
-            # anyone (a partition, a laptop asleep, our own link down) deserves another
-            # chance, instead of being skipped for suspect_period.
-            self.suspects.forgive_all()
-            self.start_lookup(
-                self.node_id, self.now, lambda _: on_done(len(self.table)), seeds=seeds
-            )
-
-        # A seed that answers after the join went on (SeedPings) is a contact all the same.
-        SeedPings(self, probes, pinged, on_late=seed).start(now)
+    # Ping the seeds, then look up our own id (operations.py).
+    start_bootstrap = operations.start_bootstrap
 
     # Mailboxes: put, fetch and delete at the k closest to the mailbox key (mailbox_ops.py).
     start_mailbox_put = mailbox_ops.start_mailbox_put
