@@ -65,7 +65,8 @@ from ..records import Verdict
 from . import mailbox_ops, operations, resolve
 from .budget import RequestBudget, fit_reply
 from .density import SizeEstimate, SpreadLimit, full_depths
-from .lookup import DisjointLookup, LookupResult
+from .disjoint import DisjointLookup
+from .lookup import LookupResult
 from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
 from .mailbox_relay import PutRelay, relay_requested

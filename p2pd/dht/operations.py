@@ -13,7 +13,8 @@ from .. import wire
 from ..claims import network_of
 from ..errors import WireError
 from ..records import HandleRecord, verify_claim
-from .lookup import DisjointLookup, Lookup, LookupResult
+from .disjoint import DisjointLookup
+from .lookup import Lookup, LookupResult
 from .mailbox import entry_id, fetch_message
 from .routing import AddressLimit, Node
 
