@@ -21,6 +21,7 @@ from p2pd.dht.lookup import Lookup, LookupResult
 from p2pd.dht.nodekey import NodeKey
 from p2pd.dht.routing import Node, RoutingTable
 from p2pd.dht.storage import RecordStorage
+from p2pd.dht.suspects import SUSPECTS_MAX, Suspects
 from p2pd.identity import HandleRef, Identity
 from p2pd.records import HandleRecord, dht_key
 
@@ -479,6 +480,25 @@ def test_silence_gives_slow_then_none_and_two_losses_evict() -> None:
         assert net.now - start == pytest.approx(CONFIG.rpc_timeout, abs=0.02)
         assert a.table.contains(b.node_id) == (round_ == 0)  # evicted after the second
     assert a.stats["evictions"] == 1 and a.stats["timeouts"] == 2
+
+
+def test_a_silent_contact_is_skipped_for_a_while_and_any_word_clears_it() -> None:
+    suspects = Suspects(period=60.0, evict_after=2)
+    node = nid(2)
+    assert not suspects.lost(node, 100.0)  # one lost reply: suspect, not evicted
+    assert suspects.is_suspect(node, 159.0) and suspects.until(node) == 160.0
+    assert not suspects.is_suspect(node, 161.0)  # the period is over
+    assert suspects.until(node) == 0.0  # and forgotten
+    assert suspects.lost(node, 200.0)  # the second in a row: evict
+    assert not suspects.lost(node, 201.0)  # (its count starts again)
+    suspects.heard_from(node)  # a reply: neither suspect nor one loss down
+    assert not suspects.is_suspect(node, 202.0) and not suspects.lost(node, 203.0)
+    suspects.forgive_all()  # the bootstrap heard the network again
+    assert not suspects.is_suspect(node, 204.0) and not suspects.lost(node, 205.0)
+    for i in range(SUSPECTS_MAX + 1):  # bounded: full of marks still running, it starts anew
+        suspects.mark(i.to_bytes(20, "big"), 300.0)
+    assert suspects.until((SUSPECTS_MAX).to_bytes(20, "big")) == 360.0
+    assert suspects.until((0).to_bytes(20, "big")) == 0.0
 
 
 def test_an_answered_request_leaves_no_timer_to_wake_for() -> None:

@@ -22,7 +22,8 @@ from test_dht_core import CONFIG, WALL, CoreNet, _Owner, make_record, node_key
 from p2pd import wire
 from p2pd.config import DHTConfig
 from p2pd.dht.core import DHTCore
-from p2pd.dht.lookup import DisjointLookup, Lookup
+from p2pd.dht.disjoint import DisjointLookup
+from p2pd.dht.lookup import Lookup
 from p2pd.dht.mailbox import MailboxStorage
 from p2pd.dht.nodekey import NODE_KEY_FILE, NodeKey, load_or_create_node_key
 from p2pd.dht.proofs import COOKIE_PERIOD

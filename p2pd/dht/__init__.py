@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from ..wire import node_id_for
 from .core import DHTCore
+from .disjoint import DisjointLookup
 from .driver import DHT, DatagramTransport, create_dht, open_dht
-from .lookup import DisjointLookup, Lookup, LookupResult
+from .lookup import Lookup, LookupResult
 from .nodekey import NodeKey, load_or_create_node_key
 
 __all__ = [

@@ -62,15 +62,16 @@ from .. import wire
 from ..config import DHTConfig
 from ..errors import OldFrameVersion, WireError
 from ..records import Verdict
-from . import mailbox_ops, resolve
+from . import mailbox_ops, operations, resolve
 from .budget import RequestBudget, fit_reply
 from .density import SizeEstimate, SpreadLimit, full_depths
-from .lookup import DisjointLookup, LookupResult
+from .disjoint import DisjointLookup
+from .lookup import LookupResult
 from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
 from .mailbox_relay import PutRelay, relay_requested
 from .nodekey import NodeKey
-from .operations import Gather, HeadCheck, LookupRun, SeedPings, store_targets
+from .operations import Gather, HeadCheck, LookupRun, store_targets
 from .pacing import PacedRun
 from .proofs import Proofs
 from .reachability import Reachability
@@ -78,12 +79,11 @@ from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
 from .sampling import SizeSampler
 from .storage import RecordStorage
+from .suspects import Suspects
 
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
-#: Most node ids remembered as unresponsive.
-SUSPECTS_MAX = 10_000
 #: A newcomer in our own bucket is offered at most twice this many records.
 WELCOME_SCAN = 8
 #: Most records re-replicated by one maintenance round (the rest wait for the next).
@@ -167,10 +167,8 @@ class DHTCore:
         self._timers: list[tuple[float, int, int, Any]] = []
         self._timer_seq = 0
         self._out: list[tuple[bytes, Address]] = []
-        self._failures: dict[bytes, int] = {}
-        # Node ids whose last request went unanswered, and until when lookups skip them:
-        # peers keep naming a dead node in their replies long after we evicted it.
-        self._suspect_until: dict[bytes, float] = {}
+        #: Lost replies per contact, and until when lookups skip it (:mod:`.suspects`).
+        self.suspects = Suspects(config.suspect_period, config.failures_before_eviction)
         self._checking: set[bytes] = set()  # heads of full buckets being pinged
         #: Request rates, storage quotas, reply sizes (:mod:`.budget`).
         self.budget = budget = RequestBudget(config)
@@ -271,7 +269,7 @@ class DHTCore:
         sender = Node(sender_id, address[0], address[1], req.sender_key)
         if req.method == "proof":  # never answered
             if self.proofs.on_proof(req, sender, now):
-                self._heard_from(sender)
+                self.suspects.heard_from(sender.id)
                 if self.table.wants(sender):  # (every unproven sender gets a cookie: budget.py)
                     self.seen(sender, now)
             return
@@ -315,7 +313,7 @@ class DHTCore:
         source as its address): refresh it in the table if it proved that pair, else
         return the cookie our reply should carry (a proof validates its address)."""
         if not self.defended or self.proofs.is_verified(sender.id, (sender.ip, sender.port), now):
-            self._heard_from(sender)
+            self.suspects.heard_from(sender.id)
             self.seen(sender, now)
             return None
         return self.proofs.cookie_for(sender, now)  # prove yourself: send it back, signed
@@ -487,43 +485,17 @@ class DHTCore:
                 self.request(node, "store", [key, value], now)
 
     def is_suspect(self, node_id: bytes, now: float) -> bool:
-        until = self._suspect_until.get(node_id)
-        if until is None:
-            return False
-        if until < now:
-            del self._suspect_until[node_id]
-            return False
-        return True
-
-    def mark_suspect(self, node_id: bytes, now: float) -> None:
-        """Skip this node in lookups for a while; any word from it clears that."""
-        if len(self._suspect_until) >= SUSPECTS_MAX:
-            self._suspect_until = {k: v for k, v in self._suspect_until.items() if v > now}
-            if len(self._suspect_until) >= SUSPECTS_MAX:
-                self._suspect_until.clear()
-        self._suspect_until[node_id] = now + self.config.suspect_period
-
-    def clear_suspect(self, node_id: bytes) -> None:
-        self._suspect_until.pop(node_id, None)
-
-    def _heard_from(self, node: Node) -> None:
-        """Any word from ``node`` (a reply, a proven request) undoes its lost replies."""
-        self._failures.pop(node.id, None)
-        self._suspect_until.pop(node.id, None)
+        """Whether lookups skip ``node_id`` now (:meth:`.Suspects.is_suspect`; a method
+        of the core so that a test can stand in for it on one instance)."""
+        return self.suspects.is_suspect(node_id, now)
 
     def note_reply(self, node: Node, result: wire.DHTResult | None, now: float) -> None:
         """Account for a request's outcome: welcome a live node, evict a dead one."""
         if result is None:
-            self.mark_suspect(node.id, now)
-            count = self._failures.get(node.id, 0) + 1
-            if count >= self.config.failures_before_eviction:
-                self._failures.pop(node.id, None)
-                if self.table.remove(node.id):
-                    self.stats["evictions"] += 1
-            else:
-                self._failures[node.id] = count
+            if self.suspects.lost(node.id, now) and self.table.remove(node.id):
+                self.stats["evictions"] += 1
             return
-        self._heard_from(node)
+        self.suspects.heard_from(node.id)
         self.seen(node, now)
 
     # ------------------------------------------------------------------ the density rule
@@ -719,40 +691,8 @@ class DHTCore:
     # Which claim to believe, in up to two rounds (resolve.py).
     start_resolve = resolve.start_resolve
 
-    def start_bootstrap(
-        self, addresses: list[Address], now: float, on_done: Callable[[int], None]
-    ) -> None:
-        """Ping the given addresses, then look up our own id. Reports contacts known."""
-        probes = [Node(bytes(wire.NODE_ID_LEN), host, port) for host, port in addresses]
-
-        def seed(probe: Node, reply: wire.DHTResult | None) -> Node | None:
-            # The reply is the node key, proven (a signed reply from that address).
-            if isinstance(reply, bytes) and wire.node_id_for(reply) != self.node_id:
-                node = Node(wire.node_id_for(reply), probe.ip, probe.port, reply)
-                self.seen(node, self.now)
-                return node
-            return None
-
-        def pinged(replies: list[wire.DHTResult | None]) -> None:
-            seeds = [
-                node
-                for probe, reply in zip(probes, replies, strict=True)
-                if (node := seed(probe, reply)) is not None
-            ]
-            if not seeds:
-                on_done(len(self.table))
-                return
-            # We hear the network again: what went silent while we could not reach
-            # anyone (a partition, a laptop asleep, our own link down) deserves another
-            # chance, instead of being skipped for suspect_period.
-            self._suspect_until.clear()
-            self._failures.clear()
-            self.start_lookup(
-                self.node_id, self.now, lambda _: on_done(len(self.table)), seeds=seeds
-            )
-
-        # A seed that answers after the join went on (SeedPings) is a contact all the same.
-        SeedPings(self, probes, pinged, on_late=seed).start(now)
+    # Ping the seeds, then look up our own id (operations.py).
+    start_bootstrap = operations.start_bootstrap
 
     # Mailboxes: put, fetch and delete at the k closest to the mailbox key (mailbox_ops.py).
     start_mailbox_put = mailbox_ops.start_mailbox_put

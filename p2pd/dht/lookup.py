@@ -21,15 +21,16 @@ Against Sybils (docs/ARCHITECTURE.md, "Earned ids"):
   (:class:`~p2pd.dht.routing.AddressLimit`). A contact over the limit is kept aside, not
   dropped: if the nearer ones of its address fail (a liar can name made-up ids at an
   honest node's address), it becomes eligible again.
-- Disjoint paths (S/Kademlia, Baumgart and Mies 2007, section 4.4):
-  :class:`DisjointLookup` deals the seeds round-robin to ``d`` lookups that share one set
-  of asked nodes, so no node is asked by two paths, and merges their answers. A path
-  whose contacts all lie (answer with hostile contacts only) cannot stop the others from
-  reaching the honest nodes near the target.
+- Disjoint paths (S/Kademlia, Baumgart and Mies 2007, section 4.4): one lookup here is
+  one path; :class:`~p2pd.dht.disjoint.DisjointLookup` deals the seeds round-robin to
+  ``d`` of them that share one set of asked nodes (``taken``), so no node is asked by
+  two paths, and merges their answers. A path whose contacts all lie (answer with
+  hostile contacts only) cannot stop the others from reaching the honest nodes near
+  the target.
 - Which replies count (a proof of the node key from the address asked) is the core's
   business: a reply without a valid proof reaches the lookup as :meth:`Lookup.failed`.
 
-Driving it (a :class:`DisjointLookup` is driven the same way)::
+Driving it (a ``DisjointLookup`` is driven the same way)::
 
     lookup = Lookup(target, find_value=True, k=20, alpha=3, max_rpcs=300,
                     deadline=now + 10, own_id=me, seeds=table.closest(target, 20))
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -50,9 +50,10 @@ from .. import wire
 from .density import SpreadLimit
 from .routing import AddressLimit, Node
 
-#: _TAKEN: another path of the same disjoint lookup asked it first.
-_NEW, _INFLIGHT, _SLOW, _OK, _FAILED, _TAKEN = range(6)
-_DEAD = (_SLOW, _FAILED, _TAKEN)
+#: A node's state in a lookup (:meth:`Lookup.known` names it). TAKEN: another path of
+#: the same disjoint lookup (p2pd/dht/disjoint.py) asked it first.
+NEW, INFLIGHT, SLOW, OK, FAILED, TAKEN = range(6)
+_DEAD = (SLOW, FAILED, TAKEN)
 #: A value lookup's early end needs its quorum to reach as far as this many honest nodes
 #: per member of the quorum are expected (the density rule's lambda, p2pd/dht/density.py).
 EARLY_END_SPAN = 2 / 3
@@ -111,6 +112,12 @@ class LookupResult:
     first_rpcs: int = 0
     first_elapsed: float = 0.0
     waited: bool = False
+
+
+def closest(nodes: Iterable[Node], target: int, k: int, limit: AddressLimit | None) -> list[Node]:
+    """The ``k`` of ``nodes`` nearest ``target``, within the limits (a lookup's result)."""
+    ordered = sorted(nodes, key=lambda n: n.long_id ^ target)
+    return ordered[:k] if limit is None else limit.select(ordered, k)
 
 
 class Lookup:
@@ -197,7 +204,7 @@ class Lookup:
         self._state: dict[bytes, int] = {}
         self._depth: dict[bytes, int] = {}
         #: Every node heard of as (distance to the target, id), nearest first, kept
-        #: sorted as nodes come (bisect), and the ones still _NEW. ``_live`` ran a sort
+        #: sorted as nodes come (bisect), and the ones still NEW. ``_live`` ran a sort
         #: of every node and the density rule's selection on each reply: with a resolve's
         #: second round probing (each probe's reply adds up to 32 candidates, most of
         #: them far) that was 17-18 % of the CPU of bench_adversary's attacked rows
@@ -240,7 +247,7 @@ class Lookup:
         if self._taken is not None and node.id in self._taken and node.id not in self._prior:
             return False
         self._nodes[node.id] = node
-        self._state[node.id] = _NEW
+        self._state[node.id] = NEW
         self._new.add(node.id)
         self._depth[node.id] = depth
         distance = node.long_id ^ self._target
@@ -256,9 +263,9 @@ class Lookup:
         answer until one could change it)."""
         old = self._state[node_id]
         self._state[node_id] = state
-        if old == _NEW:
+        if old == NEW:
             self._new.discard(node_id)
-        if state == _NEW:
+        if state == NEW:
             self._new.add(node_id)
         if (old in _DEAD) != (state in _DEAD):
             self._moved(self._order_key(node_id))
@@ -280,7 +287,7 @@ class Lookup:
             self._taken_seen = len(taken)
             for node_id in self._new & taken:
                 if node_id not in self._prior and node_id not in self._reprobed:
-                    self._set(node_id, _TAKEN)
+                    self._set(node_id, TAKEN)
         live = self._live_cache
         if live is not None:
             return live
@@ -313,10 +320,10 @@ class Lookup:
         for rank, node in enumerate(live + self._passed):
             if self._inflight >= width or self.result.rpcs >= self._max_rpcs:
                 break
-            if self._state[node.id] == _NEW:
+            if self._state[node.id] == NEW:
                 if self._probe_from and rank >= self._probe_from and node.id not in self._reprobed:
                     self._probed.add(node.id)
-                self._set(node.id, _INFLIGHT)
+                self._set(node.id, INFLIGHT)
                 if self._taken is not None:
                     self._taken.add(node.id)
                 self._inflight += 1
@@ -332,7 +339,7 @@ class Lookup:
             waits = self._patient and self._slow_pending()
         else:
             waits = len(live) < self._k and self._slow_pending()
-        quiet = self._inflight == 0 or all(self._state[n.id] == _OK for n in live + self._passed)
+        quiet = self._inflight == 0 or all(self._state[n.id] == OK for n in live + self._passed)
         if not out and quiet and not waits and not self._holds(live, self._k):
             self._finish(now)
         return out
@@ -351,9 +358,9 @@ class Lookup:
         """The live candidates, after taking every reply an earlier lookup heard from
         this path's share of its nodes (all added as candidates at the start; each
         taken once, whatever its rank: an answer costs nothing to count)."""
-        heard = [i for i in self._prior if i in self._nodes and self._state[i] == _NEW]
+        heard = [i for i in self._prior if i in self._nodes and self._state[i] == NEW]
         for node_id in heard:
-            self._set(node_id, _INFLIGHT)
+            self._set(node_id, INFLIGHT)
             self._inflight += 1
             if self._taken is not None:
                 self._taken.add(node_id)
@@ -361,7 +368,7 @@ class Lookup:
         return self._live()
 
     def _slow_pending(self) -> bool:
-        return any(state == _SLOW for state in self._state.values())
+        return any(state == SLOW for state in self._state.values())
 
     def _enough_values(self, live: list[Node]) -> bool:
         """A value lookup may end before the k closest answered only when the ``quorum``
@@ -373,7 +380,7 @@ class Lookup:
         if not self.find_value or quorum >= self._k or len(self.result.values) < quorum:
             return False
         nearest = live[:quorum]
-        if len(nearest) < quorum or any(self._state[n.id] != _OK for n in nearest):
+        if len(nearest) < quorum or any(self._state[n.id] != OK for n in nearest):
             return False
         if self._passed:  # a packed cluster near the key: every node is heard
             return False
@@ -390,24 +397,17 @@ class Lookup:
 
     def _finish(self, now: float) -> None:
         self.done = True
-        self.result.voters = {n.id for n in self._live() if self._state[n.id] == _OK}
-        self.result.packed = {n.id for n in self._passed if self._state[n.id] == _OK}
-        self.result.given_up = [n for n in self._nodes.values() if self._state[n.id] == _SLOW]
-        self.result.timed_out = [n for n in self._nodes.values() if self._state[n.id] == _FAILED]
-        self.result.closest = self._closest(
-            (n for n in self._nodes.values() if self._state[n.id] == _OK),
+        self.result.voters = {n.id for n in self._live() if self._state[n.id] == OK}
+        self.result.packed = {n.id for n in self._passed if self._state[n.id] == OK}
+        self.result.given_up = [n for n in self._nodes.values() if self._state[n.id] == SLOW]
+        self.result.timed_out = [n for n in self._nodes.values() if self._state[n.id] == FAILED]
+        self.result.closest = closest(
+            (n for n in self._nodes.values() if self._state[n.id] == OK),
             self._target,
             self._k,
             self._limit,
         )
         self.result.elapsed = now - self.started
-
-    @staticmethod
-    def _closest(
-        nodes: Iterable[Node], target: int, k: int, limit: AddressLimit | None
-    ) -> list[Node]:
-        ordered = sorted(nodes, key=lambda n: n.long_id ^ target)
-        return ordered[:k] if limit is None else limit.select(ordered, k)
 
     def late(self, node_id: bytes) -> bool:
         """The contact is silent past the lookup's own pace (p2pd/dht/pacing.py): ask the
@@ -416,9 +416,9 @@ class Lookup:
         needs answers, as it would in flight. So the lookup ends no sooner than with the
         contact in flight until its soft deadline, and may hear more (the next
         candidate, and whom it names), never less. True if that changed anything."""
-        if self._state.get(node_id) != _INFLIGHT:
+        if self._state.get(node_id) != INFLIGHT:
             return False
-        self._set(node_id, _SLOW)
+        self._set(node_id, SLOW)
         self._inflight -= 1
         self._held.add(node_id)
         return True
@@ -430,9 +430,9 @@ class Lookup:
             self._held.discard(node_id)
             self.result.slow += 1
             return True
-        if self._state.get(node_id) != _INFLIGHT:
+        if self._state.get(node_id) != INFLIGHT:
             return False
-        self._set(node_id, _SLOW)
+        self._set(node_id, SLOW)
         self._inflight -= 1
         self.result.slow += 1
         return True
@@ -441,20 +441,20 @@ class Lookup:
         """No reply came before the hard timeout (or it was malformed)."""
         state = self._state.get(node_id)
         self._held.discard(node_id)
-        if state == _INFLIGHT:
+        if state == INFLIGHT:
             self._inflight -= 1
-        if state in (_INFLIGHT, _SLOW):
-            self._set(node_id, _FAILED)
+        if state in (INFLIGHT, SLOW):
+            self._set(node_id, FAILED)
             self.result.failed += 1
 
     def replied(self, node_id: bytes, reply: wire.DHTResult) -> bool:
         """A reply from a contact we asked. Returns whether it was a slow one (the caller
         clears the suspicion it set)."""
         state = self._state.get(node_id)
-        if state not in (_INFLIGHT, _SLOW) or self.done:
+        if state not in (INFLIGHT, SLOW) or self.done:
             return False
         self._held.discard(node_id)
-        if state == _INFLIGHT:
+        if state == INFLIGHT:
             self._inflight -= 1
         node = self._nodes[node_id]
         if self.find_value and node_id in self._probed:
@@ -462,14 +462,14 @@ class Lookup:
             # node is asked for the value as any other.
             self._probed.discard(node_id)
             if not isinstance(reply, tuple):
-                self._set(node_id, _FAILED)
-                return state == _SLOW
+                self._set(node_id, FAILED)
+                return state == SLOW
             self._reprobed.add(node_id)
-            self._set(node_id, _NEW)
+            self._set(node_id, NEW)
             depth = self._depth[node_id] = self._depth[node_id] + 1
             self._add_contacts(reply, depth)
             self._wide = True
-            return state == _SLOW
+            return state == SLOW
         if isinstance(reply, wire.FindValueReply) and self.find_value:
             self.result.replies[node_id] = (node, reply)
             if reply.value is not None:
@@ -483,14 +483,14 @@ class Lookup:
         elif isinstance(reply, tuple) and not self.find_value:
             contacts = reply
         else:  # a reply of the wrong shape counts as no reply
-            self._set(node_id, _FAILED)
-            return state == _SLOW
-        self._set(node_id, _OK)
+            self._set(node_id, FAILED)
+            return state == SLOW
+        self._set(node_id, OK)
         depth = self._depth[node_id] + 1
         self.result.hops = max(self.result.hops, depth)
         if not self._add_contacts(contacts, depth):
             self._wide = True
-        return state == _SLOW
+        return state == SLOW
 
     def replied_after(self, node_id: bytes, reply: wire.DHTResult) -> bool:
         """A value reply to a request still in flight when this lookup ended (it ends
@@ -501,12 +501,12 @@ class Lookup:
         if (
             not self.done
             or not self.find_value
-            or self._state.get(node_id) not in (_INFLIGHT, _SLOW)
+            or self._state.get(node_id) not in (INFLIGHT, SLOW)
             or node_id in self._probed
             or not isinstance(reply, wire.FindValueReply)
         ):
             return False
-        self._state[node_id] = _OK  # once (the lookup is over: nothing else reads it)
+        self._state[node_id] = OK  # once (the lookup is over: nothing else reads it)
         self.result.replies[node_id] = (self._nodes[node_id], reply)
         return True
 
@@ -563,193 +563,3 @@ class Lookup:
     @property
     def in_flight(self) -> int:
         return self._inflight
-
-
-class DisjointLookup:
-    """``paths`` lookups for one target over disjoint sets of nodes, merged (S/Kademlia,
-    section 4.4). Driven like a :class:`Lookup`.
-
-    The seeds are dealt round-robin, nearest first; each path keeps ``alpha`` and a
-    share of ``k`` (it ends when its ``k / paths`` closest live nodes answered), of the
-    RPC cap and of the value quorum: together the paths ask about as many nodes as one
-    lookup would, and they partition the k closest between them. A node one path asked
-    (or is asking) is never asked by another. The result is every path's answers: their
-    values, and the k closest nodes that answered on any path (within the address
-    limits)."""
-
-    def __init__(
-        self,
-        target: bytes,
-        *,
-        paths: int,
-        find_value: bool,
-        k: int,
-        alpha: int,
-        max_rpcs: int,
-        quorum: int | None = None,
-        started: float,
-        deadline: float,
-        own_id: bytes,
-        seeds: Iterable[Node],
-        skip: Callable[[bytes], bool] = lambda _: False,
-        limit: AddressLimit | None = None,
-        claim_of: Callable[[bytes], bytes | None] = bytes,
-        max_width: int = 0,
-        probe_from: int = 0,
-        prior: dict[bytes, tuple[Node, wire.FindValueReply]] | None = None,
-        patient: bool = False,
-    ) -> None:
-        paths = max(1, paths)
-        self.target = target
-        self.find_value = find_value
-        self.method = "find_value" if find_value else "find_node"
-        self.started = started
-        self.deadline = deadline
-        self._k = k
-        self._limit = limit
-        self._taken: set[bytes] = set()
-        dealt: list[list[Node]] = [[] for _ in range(paths)]
-        for index, node in enumerate(seeds):
-            dealt[index % paths].append(node)
-        share = quorum if quorum is None else math.ceil(quorum / paths)
-        # Earlier replies are dealt like the seeds, nearest first, each to one path, and
-        # are taken by no other: one path that took them all (it heard them at once, and
-        # their contacts led it to the rest) ended with its share of the k closest asked
-        # while the nodes it knew beyond them went unasked by either path (measured: 65
-        # voters of 80 instead of 79; a liar's share of the votes grows).
-        priors: list[dict[bytes, tuple[Node, wire.FindValueReply]]] = [{} for _ in range(paths)]
-        if prior and find_value:
-            goal = int.from_bytes(target, "big")
-            nearest = sorted(prior, key=lambda i: int.from_bytes(i, "big") ^ goal)
-            for index, node_id in enumerate(nearest):
-                priors[index % paths][node_id] = prior[node_id]
-                self._taken.add(node_id)
-        self.paths = [
-            Lookup(
-                target,
-                find_value=find_value,
-                k=math.ceil(k / paths),
-                alpha=alpha,
-                max_rpcs=math.ceil(max_rpcs / paths),
-                quorum=share,
-                started=started,
-                deadline=deadline,
-                own_id=own_id,
-                seeds=path_seeds,
-                skip=skip,
-                limit=limit,
-                taken=self._taken,
-                claim_of=claim_of,
-                max_width=math.ceil(max_width / paths) if max_width else 0,
-                probe_from=math.ceil(probe_from / paths),
-                prior=path_prior,
-                patient=patient,
-            )
-            for path_seeds, path_prior in zip(dealt, priors, strict=True)
-        ]
-        #: Which path asked each node (a reply goes to the path that asked).
-        self._owner: dict[bytes, Lookup] = {}
-        self.result = LookupResult(closest=[])
-        self.done = False
-
-    def next_requests(self, now: float) -> list[Node]:
-        if self.done:
-            return []
-        out: list[Node] = []
-        for path in self.paths:
-            for node in path.next_requests(now):
-                self._owner[node.id] = path
-                out.append(node)
-        if all(path.done for path in self.paths):
-            self._finish(now)
-        return out
-
-    def _finish(self, now: float) -> None:
-        self.done = True
-        result = self.result
-        for path in self.paths:
-            result.values += path.result.values
-            result.without_value += path.result.without_value
-            result.seen.update(path.result.seen)  # the replicas' first-seen receipts
-            result.rpcs += path.result.rpcs
-            result.slow += path.result.slow
-            result.failed += path.result.failed
-            result.given_up += path.result.given_up
-            result.timed_out += path.result.timed_out
-            result.asked |= path.result.asked
-            result.replies.update(path.result.replies)
-            result.hops = max(result.hops, path.result.hops)
-        answered = {n.id: n for path in self.paths for n in path.result.closest}
-        target = int.from_bytes(self.target, "big")
-        result.closest = Lookup._closest(answered.values(), target, self._k, self._limit)
-        result.voters = self._voters(target)
-        result.elapsed = now - self.started
-
-    def _voters(self, target: int) -> set[bytes]:
-        """The answering nodes among the k closest that *any* path knew of, ranked
-        together: a path that liars eclipsed (they name only each other) knows only
-        liars, and its own k closest must not all vote."""
-        known: dict[bytes, Node] = {}
-        answered: set[bytes] = set()
-        dead: set[bytes] = set()
-        for path in self.paths:
-            for node, state in path.known():
-                known[node.id] = node
-                if state == _OK:
-                    answered.add(node.id)
-                elif state in (_SLOW, _FAILED):
-                    dead.add(node.id)
-        live = sorted(
-            (n for i, n in known.items() if i in answered or i not in dead),
-            key=lambda n: n.long_id ^ target,
-        )
-        if self._limit is None:
-            return {n.id for n in live[: self._k] if n.id in answered}
-        nearest = self._limit.select(live, self._k)
-        if isinstance(self._limit, SpreadLimit):
-            limit = self._limit
-            self.result.packed_nodes = [n for n in limit.passed if n.id in answered]
-            self.result.packed = {n.id for n in self.result.packed_nodes}
-            self.result.packed_expected = {
-                n.id: lam
-                for n in self.result.packed_nodes
-                if (lam := limit.expected(n)) is not None
-            }
-        return {n.id for n in nearest if n.id in answered}
-
-    def target_for(self, node_id: bytes) -> bytes:
-        path = self._owner.get(node_id)
-        return self.target if path is None else path.target_for(node_id)
-
-    def method_for(self, node_id: bytes) -> str:
-        path = self._owner.get(node_id)
-        return self.method if path is None else path.method_for(node_id)
-
-    def late(self, node_id: bytes) -> bool:
-        path = self._owner.get(node_id)
-        return path is not None and path.late(node_id)
-
-    def slow(self, node_id: bytes) -> bool:
-        path = self._owner.get(node_id)
-        return path is not None and path.slow(node_id)
-
-    def failed(self, node_id: bytes) -> None:
-        path = self._owner.get(node_id)
-        if path is not None:
-            path.failed(node_id)
-
-    def replied(self, node_id: bytes, reply: wire.DHTResult) -> bool:
-        path = self._owner.get(node_id)
-        return path is not None and path.replied(node_id, reply)
-
-    def replied_after(self, node_id: bytes, reply: wire.DHTResult) -> bool:
-        """:meth:`Lookup.replied_after` on the path that asked (the merged replies too)."""
-        path = self._owner.get(node_id)
-        if path is None or not self.done or not path.replied_after(node_id, reply):
-            return False
-        self.result.replies[node_id] = path.result.replies[node_id]
-        return True
-
-    @property
-    def in_flight(self) -> int:
-        return sum(path.in_flight for path in self.paths)

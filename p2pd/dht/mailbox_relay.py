@@ -190,7 +190,7 @@ def pick_relays(core: DHTCore, targets: list[Node], count: int) -> list[Node]:
         for n in core.table
         if n.key is not None
         and n.id not in exclude
-        and core._suspect_until.get(n.id, 0.0) <= now
+        and core.suspects.until(n.id) <= now
         and (not core.defended or core.proofs.is_verified(n.id, (n.ip, n.port), now))
     ]
     random.Random(core._randbytes(8)).shuffle(candidates)

@@ -1,7 +1,8 @@
 """The DHT's operations as small state machines that the core drives (sans I/O, like
-the core): a lookup run, several requests gathered, a full bucket's head check, the
-pages of a mailbox. Each owns the requests it sent and hears of their replies and
-timeouts through :class:`~p2pd.dht.core.RpcOwner`."""
+the core): a lookup run, several requests gathered, the bootstrap's pings to its seeds
+(and ``start_bootstrap``, which starts them), a full bucket's head check, the pages of
+a mailbox. Each owns the requests it sent and hears of their replies and timeouts
+through :class:`~p2pd.dht.core.RpcOwner`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from .. import wire
 from ..claims import network_of
 from ..errors import WireError
 from ..records import HandleRecord, verify_claim
-from .lookup import DisjointLookup, Lookup, LookupResult
+from .disjoint import DisjointLookup
+from .lookup import Lookup, LookupResult
 from .mailbox import entry_id, fetch_message
 from .routing import AddressLimit, Node
 
@@ -129,7 +131,7 @@ class LookupRun:
             self.lookup.failed(node.id)
         elif self.lookup.replied(node.id, result):
             # Its reply came after our own "slow" mark: clear the suspicion again.
-            self.core.clear_suspect(node.id)
+            self.core.suspects.clear(node.id)
         self.pump(now)
 
     def rpc_slow(self, node: Node, now: float) -> None:
@@ -137,7 +139,7 @@ class LookupRun:
             return
         if self.lookup.slow(node.id):
             # Other lookups need not wait on it too; a late reply clears this.
-            self.core.mark_suspect(node.id, now)
+            self.core.suspects.mark(node.id, now)
             self.core.stats["soft_timeouts"] += 1
             self.pump(now)
 
@@ -233,6 +235,41 @@ class SeedPings(Gather):
         if not waiting or (answered and waiting <= self.slow):
             self.finished = True
             self.on_done([self.results.get(i) for i in range(len(self.calls))])
+
+
+def start_bootstrap(
+    core: DHTCore, addresses: list[tuple[str, int]], now: float, on_done: Callable[[int], None]
+) -> None:
+    """Ping the given addresses, then look up our own id. Reports contacts known. (A
+    method of :class:`~p2pd.dht.core.DHTCore`, bound there as a class attribute, as
+    resolve.py's and mailbox_ops.py's are.)"""
+    probes = [Node(bytes(wire.NODE_ID_LEN), host, port) for host, port in addresses]
+
+    def seed(probe: Node, reply: wire.DHTResult | None) -> Node | None:
+        # The reply is the node key, proven (a signed reply from that address).
+        if isinstance(reply, bytes) and wire.node_id_for(reply) != core.node_id:
+            node = Node(wire.node_id_for(reply), probe.ip, probe.port, reply)
+            core.seen(node, core.now)
+            return node
+        return None
+
+    def pinged(replies: list[wire.DHTResult | None]) -> None:
+        seeds = [
+            node
+            for probe, reply in zip(probes, replies, strict=True)
+            if (node := seed(probe, reply)) is not None
+        ]
+        if not seeds:
+            on_done(len(core.table))
+            return
+        # We hear the network again: what went silent while we could not reach
+        # anyone (a partition, a laptop asleep, our own link down) deserves another
+        # chance, instead of being skipped for suspect_period.
+        core.suspects.forgive_all()
+        core.start_lookup(core.node_id, core.now, lambda _: on_done(len(core.table)), seeds=seeds)
+
+    # A seed that answers after the join went on (SeedPings) is a contact all the same.
+    SeedPings(core, probes, pinged, on_late=seed).start(now)
 
 
 class Slot:

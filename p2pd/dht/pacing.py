@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import wire
-from .lookup import DisjointLookup, Lookup, LookupResult
+from .disjoint import DisjointLookup
+from .lookup import Lookup, LookupResult
 from .operations import LookupRun
 from .routing import Node
 
