@@ -62,10 +62,17 @@ def test_a_mapped_port_makes_two_symmetric_nats_direct_and_is_deleted_at_shutdow
         # run at load 4 the relay circuit won. The mapped port must then still make the
         # connection direct: the upgrade punches to it (the test below) and the next
         # messages follow. Without the mapping, two symmetric NATs stay relayed.
+        # The side a relayed connection comes in to starts the upgrade and counts it
+        # (p2pd/relay/upgrade.py, on_relayed_connection): alice here, as bob wrote. This
+        # waited for bob's count, which an upgrade alice starts never raises: every run
+        # whose relay won the race failed here after 30 s (clean-clone CI, s15 ci6).
         def upgraded() -> bool:
-            return status(root, "bob")["hole_punching"].get("upgrades_direct", 0) >= 1
+            return status(root, "alice")["hole_punching"].get("upgrades_direct", 0) >= 1
 
-        assert wait_until(upgraded, 30, interval=0.5), (first, status(root, "bob"))
+        assert wait_until(upgraded, 30, interval=0.5), {
+            "first": first,
+            **{n: status(root, n)["hole_punching"] for n in ("alice", "bob")},
+        }
         first = send(root, "bob", "alice", f"{tag} 0 again")
     assert first["via"] == "direct", first  # to alice's mapped address
     back = send(root, "alice", "bob", f"{tag} 1")

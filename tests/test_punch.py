@@ -211,6 +211,26 @@ def test_the_birthday_case_finds_a_path_in_most_attempts_within_five_seconds() -
     assert max(times) < 5.0
 
 
+def test_the_birthday_probes_never_try_a_port_twice() -> None:
+    """A repeated port is a probe wasted: drawn with replacement, 1,024 probes repeat
+    about 8 of the 64,512 ports (a miss 1.7 % of the time instead of 1.6 %)."""
+    for seed in range(3):
+        a, _ = pair("eim", "edm", seed=seed)
+        ports: list[tuple[str, int]] = []
+        now = a.core.plan.start
+        for _ in range(1000):  # bounded: the attempt ends at its deadline
+            a.core.handle_timer(now)
+            ports += [d for _, _, d in a.core.datagrams_to_send() if d[1] != 4000]
+            timer = a.core.get_timer()
+            if timer is None:
+                break
+            now = timer
+        assert a.core.failed  # nothing answered: every probe went out
+        assert len(ports) == PunchConfig().port_probes
+        assert len(set(ports)) == len(ports), len(ports) - len(set(ports))
+        assert all(1024 <= port <= 65535 for _, port in ports)
+
+
 def test_two_endpoint_dependent_nats_are_not_punched_and_the_attempt_ends() -> None:
     a, b = pair("edm", "edm")
     assert a.core.plan.side_sockets == 0 and a.core.plan.port_probes == 0

@@ -185,10 +185,15 @@ def status(root: Path, name: str) -> dict[str, Any]:
 
 
 def send(root: Path, sender: str, to: str, text: str, timeout: float = 30.0) -> dict[str, Any]:
-    """``p2pd send --wait --json``: the message's summary; raises if not delivered."""
+    """``p2pd send --wait --json``: the message's summary; raises if not delivered,
+    saying after how long: a handle "never seen" at once is a lookup that asked no one
+    or heard no record, after 10 s one that timed out (p2pd/delivery/service.py
+    RESOLVE_TIMEOUT gives both the same words)."""
+    started = time.monotonic()
     out = run_cli(root / sender, "send", to, text, "--wait", "--timeout", str(timeout), "--json")
     if out.returncode != 0:
-        raise RuntimeError(f"send {sender} -> {to} failed: {out.stderr.strip()}")
+        took = time.monotonic() - started
+        raise RuntimeError(f"send {sender} -> {to} failed after {took:.1f} s: {out.stderr.strip()}")
     message: dict[str, Any] = json.loads(out.stdout)
     return message
 

@@ -75,11 +75,17 @@ def punch_pair(
     *,
     ipv6: tuple[str, str] | None = None,
     duration: float | None = None,
+    blind: bool = False,
 ) -> tuple[dict[str, Any], ...]:
-    """Run both sides (a initiates), handing each the other's offer; their result lines.
+    """Run both sides (a initiates), handing each the other's offer; their result lines,
+    once both processes ended (their port is free for another attempt).
     ``ipv6``: the two hosts' IPv6 addresses, to punch over IPv6 with no observer (no NAT;
     ``kind`` "ipv6": an outbound-only firewall, p2pd/testing/netns6.py). ``duration``:
-    each side's attempt lasts this long (default: the daemon's, PunchConfig.duration)."""
+    each side's attempt lasts this long (default: the daemon's, PunchConfig.duration).
+    ``blind``: b gets a's offer with another key, so every probe of a's that gets
+    through b's NAT is refused (b's ``refused_tag``) instead of ending the attempt: both
+    sides run to the deadline, and b's ``refused_tag`` counts the hits of a whole attempt
+    (scripts/bench_punch.py --hits)."""
     procs = []
     for role, (host, kind) in enumerate(((a, kind_a), (b, kind_b))):
         args = [sys.executable, "-m", "p2pd.testing.punch_peer", str(role), MAPPING[kind]]
@@ -91,7 +97,11 @@ def punch_pair(
             args.append(str(duration))
         procs.append(host.popen(args, stdin=-1))
     offers = [json.loads(read_line(p, 15))["offer"] for p in procs]
-    for p, line in zip(procs, (offers[1], offers[0]), strict=True):
+    given_b = offers[0]
+    if blind:  # the key's 32 bytes follow the version byte and the 8-byte session
+        offer = bytes.fromhex(given_b)
+        given_b = (offer[:9] + bytes(32) + offer[41:]).hex()
+    for p, line in zip(procs, (offers[1], given_b), strict=True):
         assert p.stdin is not None
         p.stdin.write(line + "\n")
         p.stdin.flush()
@@ -99,7 +109,10 @@ def punch_pair(
         assert p.stdin is not None
         p.stdin.write("go\n")
         p.stdin.flush()
-    return tuple(json.loads(read_line(p, 20)) for p in procs)
+    results = tuple(json.loads(read_line(p, 20)) for p in procs)
+    for p in procs:
+        p.wait(10)
+    return results
 
 
 def reflexive(sock: socket.socket, observer: tuple[str, int]) -> Address:
