@@ -31,6 +31,7 @@ from p2pd.claims import OK
 from p2pd.config import DHTConfig
 from p2pd.dht.core import DHTCore
 from p2pd.dht.density import SIZE_SAMPLE_REFRESH, SizeEstimate, depth_bound, estimate_size
+from p2pd.dht.lookup import SAMPLE_PATIENCE, LookupResult
 from p2pd.dht.routing import ID_SPACE, Node
 from p2pd.identity import HandleRef
 from p2pd.records import HandleRecord
@@ -214,3 +215,49 @@ def test_the_pool_moves_a_stray_estimate_toward_the_samples_and_leaves_outliers_
     inflated = estimate(cluster + everyone, [])
     assert inflated > 5 * n
     assert estimate(cluster + everyone, [1.0 * n]) == pytest.approx(1.0 * n)
+
+
+def test_a_size_sample_waits_a_while_for_its_slow_near_contacts() -> None:
+    """A size sample is (k - 1) / d_k around a node lookup's target: a lookup that gives
+    up on its near contacts at their soft deadline (a busy host, where they answer
+    after the RTO) and ends with farther ones reads the network smaller than it is. On
+    a loaded host (tests/test_adversary.py's targeted attacker beside two CPU hogs)
+    samples read 7-8 for a network of 61, the density rule then set alice's own
+    replicas aside, and 1-3 resolvers of 40 answered "contested" in 3 runs of 16. The
+    sampling lookup waits for each slow contact that would rank among its k closest,
+    up to SAMPLE_PATIENCE past its soft deadline; a plain node lookup does not (the
+    control); and a dead one costs the sample that much, not the hard timeout."""
+    config = DHTConfig(ksize=8)
+    net, cores = small_network(40, config)
+    core = cores[7]
+    target = bytes(b ^ 0xFF for b in core.node_id)  # far from it: no contact of its own
+    far = int.from_bytes(target, "big")
+    true = sorted((c for c in cores if c is not core), key=lambda c: c.node.long_id ^ far)
+    nearest = [c.node_id for c in true[: config.ksize]]
+    # Three of the k nearest answer late: past their RTO, within the patience.
+    late = 0.5 * SAMPLE_PATIENCE
+    for slow in true[1:4]:
+        net.busy[net.address_of(slow)] = late
+
+    def lookup(sample: bool) -> tuple[LookupResult, float]:
+        for slow in true[1:4]:  # a fresh start: not suspect from the run before
+            core.suspects.clear(slow.node_id)
+        started = net.now
+        result = net.call(lambda done: core.start_lookup(target, net.now, done, sample=sample))
+        return result, net.now - started
+
+    plain, _ = lookup(sample=False)
+    assert [n.id for n in plain.closest] != nearest  # the control: it gave up on them
+    samples = len(core.sizes.samples)
+    sampled, _ = lookup(sample=True)
+    assert [n.id for n in sampled.closest] == nearest
+    assert len(core.sizes.samples) == samples + 1
+    kth = max(n.long_id ^ far for n in sampled.closest)
+    assert core.sizes.samples[-1][1] == pytest.approx((config.ksize - 1) * ID_SPACE / kth)
+    # One of them gone: the sample waits SAMPLE_PATIENCE for it, not the hard timeout.
+    gone = net.address_of(true[2])
+    net.dead.add(gone)
+    rto = core.rtt.rto(gone)  # (it was busy: its RTO is about its late replies')
+    sampled, took = lookup(sample=True)
+    assert true[2].node_id not in {n.id for n in sampled.closest}
+    assert took < rto + SAMPLE_PATIENCE + 10 * net.latency < config.rpc_timeout

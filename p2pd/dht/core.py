@@ -588,7 +588,8 @@ class DHTCore:
         replies already heard for ``target``, taken instead of asking those nodes;
         ``patient``: a value lookup waits for its slow contacts (lookup.py); ``again``:
         nodes asked even if suspect; ``deadline``: seconds (default lookup_deadline);
-        ``sample``: a node lookup whose k closest are a size sample (SizeSampler.start)."""
+        ``sample``: a node lookup whose k closest are a size sample (SizeSampler.start),
+        patient (it waits for the slow contacts that would rank among its k closest)."""
         self.now = max(self.now, now)
         config = self.config
         k = k or config.ksize
@@ -617,7 +618,9 @@ class DHTCore:
             max_width=config.ksize,
             probe_from=config.ksize if k > config.ksize else 0,
             prior=prior,
-            patient=patient,
+            # A sample waits for its slow near contacts (lookup.py): it is read from
+            # its k-th distance, and a resolve seldom waits for one.
+            patient=patient or (sample and not find_value),
         )
         self.table.touch(target, now)
         if sample and not find_value and self.defended and len(self.table) >= 2 * config.ksize:

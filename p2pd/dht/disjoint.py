@@ -195,6 +195,14 @@ class DisjointLookup:
         path = self._owner.get(node_id)
         return path is not None and path.slow(node_id)
 
+    @property
+    def waits_for_slow(self) -> bool:
+        return self.paths[0].waits_for_slow
+
+    def stop_waiting(self, node_id: bytes) -> bool:
+        path = self._owner.get(node_id)
+        return path is not None and path.stop_waiting(node_id)
+
     def failed(self, node_id: bytes) -> None:
         path = self._owner.get(node_id)
         if path is not None:

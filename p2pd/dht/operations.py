@@ -14,7 +14,7 @@ from ..claims import network_of
 from ..errors import WireError
 from ..records import HandleRecord, verify_claim
 from .disjoint import DisjointLookup
-from .lookup import Lookup, LookupResult
+from .lookup import SAMPLE_PATIENCE, Lookup, LookupResult
 from .mailbox import entry_id, fetch_message
 from .routing import AddressLimit, Node
 
@@ -141,7 +141,27 @@ class LookupRun:
             # Other lookups need not wait on it too; a late reply clears this.
             self.core.suspects.mark(node.id, now)
             self.core.stats["soft_timeouts"] += 1
+            if self.lookup.waits_for_slow:  # a size sample waits a while longer
+                self.core.schedule_pump(now + SAMPLE_PATIENCE, _PatienceOver(self, node))
             self.pump(now)
+
+    def patience_over(self, node: Node, now: float) -> None:
+        """A patient lookup's wait for a slow contact ran out (lookup.py SAMPLE_PATIENCE)."""
+        if not self.finished and self.lookup.stop_waiting(node.id):
+            self.pump(now)
+
+
+class _PatienceOver:
+    """The timer that ends a patient lookup's wait for one slow contact."""
+
+    __slots__ = ("node", "run")
+
+    def __init__(self, run: LookupRun, node: Node) -> None:
+        self.run = run
+        self.node = node
+
+    def pump(self, now: float) -> None:
+        self.run.patience_over(self.node, now)
 
 
 class Gather:
