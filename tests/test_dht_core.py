@@ -702,3 +702,26 @@ def test_a_join_whose_seeds_are_all_silent_reports_no_contacts() -> None:
     started = net.now
     assert net.call(lambda done: newcomer.start_bootstrap(seeds, net.now, done)) == 0
     assert net.now - started >= CONFIG.rpc_timeout  # nobody answered: each hard timeout
+
+
+def test_a_lookup_whose_every_seed_is_suspect_asks_them_anyway() -> None:
+    """On a busy host a node's lookups may give up on each of its few contacts (each is
+    then skipped as suspect for a minute). A resolve seeded with suspects only asked no
+    one and answered "not found" at once; it now asks them, and finds the record. One
+    unsuspected contact, as before, is asked and finds it too (the control of the
+    setup)."""
+    for keep_one in (False, True):
+        net, cores = small_network(5)
+        _, record = make_record("bob")
+        alice = cores[1]
+        net.dead.add(net.address_of(alice))  # the record is stored everywhere but here
+        owner, value, now = cores[4], record.encode(), net.now
+        net.call(lambda done: owner.start_store(dht_key("bob"), value, now, done))  # noqa: B023
+        net.dead.discard(net.address_of(alice))
+        assert alice.storage.get(record.key) is None
+        contacts = [c for c in cores if c is not alice]
+        for c in contacts[1:] if keep_one else contacts:
+            alice.suspects.mark(c.node_id, net.now)
+        found, result = resolve(net, alice, "bob")
+        assert found == record, keep_one
+        assert result.rpcs >= 1
