@@ -36,12 +36,12 @@ from dataclasses import dataclass
 import pytest
 import trio
 import trio.testing
+from test_adversary_depth import size_for
 
 from p2pd import wire
 from p2pd.config import DHTConfig
-from p2pd.dht.core import DHTCore
 from p2pd.dht.density import SIZE_WANTED, SizeEstimate, SpreadLimit
-from p2pd.dht.routing import ID_SPACE, Node
+from p2pd.dht.routing import Node
 from p2pd.errors import Contested, NotFound
 from p2pd.identity import HandleRef, Identity
 from p2pd.records import dht_key
@@ -79,12 +79,6 @@ def far_half(target: bytes, own: bytes) -> bytes:
     p2pd/dht/sampling.py), so that the sampler's own flip of the first bit changes nothing."""
     first = (target[0] & 0x7F) | (~own[0] & 0x80)
     return bytes([first]) + target[1:]
-
-
-def size_for(core: DHTCore, key: bytes) -> float:
-    limit = core.spread_limit(key)
-    assert limit is not None and limit.scale is not None
-    return ID_SPACE / limit.scale
 
 
 async def inflate() -> tuple[Seen, Seen]:
