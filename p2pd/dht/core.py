@@ -71,7 +71,7 @@ from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
 from .mailbox_relay import PutRelay, relay_requested
 from .nodekey import NodeKey
-from .operations import Gather, HeadCheck, LookupRun, store_targets
+from .operations import Gather, HeadCheck, LookupRun
 from .pacing import PacedRun
 from .proofs import Proofs
 from .reachability import Reachability
@@ -675,27 +675,8 @@ class DHTCore:
             lambda replies: on_done(local + sum(1 for r in replies if r is True)),
         )
 
-    def start_store(
-        self, key: bytes, value: bytes, now: float, on_done: Callable[[int], None]
-    ) -> None:
-        """Store a handle record at the ``claim_factor * ksize`` closest nodes (and here, if
-        among them); reports the copies."""
-        # The lookup may start later (after a size sample), at self.now: the clock must be
-        # ours now. A core that heard nothing for a while held an old time, and a lookup
-        # started at once under it was past its deadline before it asked anyone (a store
-        # reached 1 replica of 7: tests/test_reachability.py, a NATed node after 60 s).
-        self.now = max(self.now, now)
-        replicas = self.replicas
-
-        def found(result: LookupResult) -> None:
-            local = 0
-            if self.among_closest(key, result.closest, replicas):
-                local = int(self.storage.offer(key, value) in (Verdict.ACCEPT, Verdict.SAME))
-            # The set-aside and the late replicas too (store_targets).
-            targets = store_targets(result, key, replicas, self.limit)
-            self._put_at(targets, "store", key, value, local, on_done)
-
-        self.sampler.after(now, lambda: self.start_lookup(key, self.now, found, k=replicas))
+    # Store a handle record at the claim_factor * ksize closest (operations.py).
+    start_store = operations.start_store
 
     # Which claim to believe, in up to two rounds (resolve.py).
     start_resolve = resolve.start_resolve
