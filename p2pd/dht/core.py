@@ -62,7 +62,7 @@ from .. import wire
 from ..config import DHTConfig
 from ..errors import OldFrameVersion, WireError
 from ..records import Verdict
-from . import mailbox_ops, operations, resolve
+from . import introspection, mailbox_ops, operations, resolve
 from .budget import RequestBudget, fit_reply
 from .density import SizeEstimate, SpreadLimit, full_depths
 from .disjoint import DisjointLookup
@@ -86,8 +86,6 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 #: A newcomer in our own bucket is offered at most twice this many records.
 WELCOME_SCAN = 8
-#: Most records re-replicated by one maintenance round (the rest wait for the next).
-REPLICATE_BATCH = 32
 
 _SOFT, _HARD, _DEADLINE, _MAINTAIN = range(4)
 
@@ -667,8 +665,10 @@ class DHTCore:
         local: int,
         on_done: Callable[[int], None],
     ) -> None:
-        """Send ``method(key, value)`` to each node; report ``local`` + the acceptances.
-        (A mailbox put: :class:`~.operations.MailboxPut`.)"""
+        """Send ``method(key, value)`` to each node; report ``local`` + the acceptances:
+        a store's sends (operations.py ``start_store``; a mailbox put's are
+        :class:`~.operations.MailboxPut`). On the core: scripts/_adversary_diagnostics.py
+        wraps it per instance."""
         self.gather(
             [(n, method, [key, value]) for n in nodes],
             self.now,
@@ -678,7 +678,7 @@ class DHTCore:
     # Store a handle record at the claim_factor * ksize closest (operations.py).
     start_store = operations.start_store
 
-    # Which claim to believe, in up to two rounds (resolve.py).
+    # Which claim to believe, in up to three rounds (resolve.py).
     start_resolve = resolve.start_resolve
 
     # Ping the seeds, then look up our own id (operations.py).
@@ -690,48 +690,9 @@ class DHTCore:
     start_mailbox_delete = mailbox_ops.start_mailbox_delete
     start_mailbox_revoke = mailbox_ops.start_mailbox_revoke
 
-    # ------------------------------------------------------------------ maintenance
+    # Forget what expired, refresh lonely buckets, re-replicate (operations.py).
+    _maintain = operations.maintenance_round
 
-    def _maintain(self, now: float) -> None:
-        """Forget what expired, refresh lonely buckets, re-replicate stored records."""
-        self.storage.cull()
-        if self.mailboxes is not None:
-            self.mailboxes.cull()
-        self.sampler.resume(now)  # the size samples topped up, if they stopped
-        for low, high in self.table.stale_buckets(now, self.config.refresh_interval):
-            span = max(high - low, 1)
-            target = low + int.from_bytes(self._randbytes(20), "big") % span
-            self.stats["refresh_lookups"] += 1
-            self.start_lookup(target.to_bytes(20, "big"), now, lambda _: None)
-        due = self.storage.older_than(self.config.replicate_interval)
-        for key, value in due[:REPLICATE_BATCH]:
-            self.storage.mark_replicated(key)
-            self.stats["replications"] += 1
-            self.start_store(key, value, now, lambda _: None)
-
-    # ------------------------------------------------------------------ introspection
-
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id.hex(),
-            "routing_table_size": len(self.table),
-            "records_stored": len(self.storage),
-            "mailbox_entries_held": self.mailboxes.count() if self.mailboxes else 0,
-            "refused_records": dict(self.storage.refused),
-            "rotated_claims": self.storage.rotated,
-            "verified_contacts": len(self.proofs),
-            "counters": self._counters(),
-        }
-
-    def _counters(self) -> dict[str, int]:
-        counters = dict(self.stats)
-        if self.table.refused:
-            counters["address_limited"] = self.table.refused
-        counters.update(self.budget.dropped)
-        counters.update({f"record_refused_{k}": v for k, v in self.storage.refused.items()})
-        boxes = self.mailboxes.refused.items() if self.mailboxes is not None else ()
-        counters.update({f"mailbox_refused_{k}": v for k, v in boxes})
-        return counters
-
-    def contacts(self) -> list[tuple[bytes, str, int]]:
-        return [(n.id, n.ip, n.port) for n in self.table]
+    # What the node shows of itself, for ``status`` (introspection.py).
+    statistics = introspection.statistics
+    contacts = introspection.contacts

@@ -1,7 +1,8 @@
 """The DHT's operations as small state machines that the core drives (sans I/O, like
 the core): a lookup run, several requests gathered, the bootstrap's pings to its seeds
 (and ``start_bootstrap``, which starts them), a store (``start_store``: its lookup, then
-the record to ``store_targets``), a full bucket's head check, the pages of a mailbox.
+the record to ``store_targets``), a full bucket's head check, the pages of a mailbox,
+and the core's periodic round of refresh lookups and stores (``maintenance_round``).
 Each owns the requests it sent and hears of their replies and timeouts through
 :class:`~p2pd.dht.core.RpcOwner`."""
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 #: Most mailbox pages fetched from one node in one fetch.
 MAILBOX_MAX_PAGES = 100
+#: Most records re-replicated by one maintenance round (the rest wait for the next).
+REPLICATE_BATCH = 32
 
 
 def older_claim(value: bytes, newest: HandleRecord, wall: float) -> bool:
@@ -106,6 +109,26 @@ def start_store(
         core._put_at(targets, "store", key, value, local, on_done)
 
     core.sampler.after(now, lambda: core.start_lookup(key, core.now, found, k=replicas))
+
+
+def maintenance_round(core: DHTCore, now: float) -> None:
+    """Forget what expired, refresh lonely buckets, re-replicate stored records: the
+    core's periodic round (its ``_maintain``, bound there as a class attribute). It
+    only starts operations: refresh lookups and stores (``start_store``)."""
+    core.storage.cull()
+    if core.mailboxes is not None:
+        core.mailboxes.cull()
+    core.sampler.resume(now)  # the size samples topped up, if they stopped
+    for low, high in core.table.stale_buckets(now, core.config.refresh_interval):
+        span = max(high - low, 1)
+        target = low + int.from_bytes(core._randbytes(20), "big") % span
+        core.stats["refresh_lookups"] += 1
+        core.start_lookup(target.to_bytes(20, "big"), now, lambda _: None)
+    due = core.storage.older_than(core.config.replicate_interval)
+    for key, value in due[:REPLICATE_BATCH]:
+        core.storage.mark_replicated(key)
+        core.stats["replications"] += 1
+        core.start_store(key, value, now, lambda _: None)
 
 
 class LookupRun:
