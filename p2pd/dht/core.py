@@ -16,35 +16,22 @@ through :class:`RpcOwner`, and it reports its result once through the ``on_done`
 callback it was started with. Wall-clock time (record validity, mailbox signatures)
 comes from the storages' injected clock, never from ``now``.
 
-What this node does with what it hears, and why (the hardening of stock kademlia):
+What this node does with what it hears, and why (stock kademlia hardened: the table
+"What changed against stock kademlia's behaviour" in docs/ARCHITECTURE.md, and
+docs/SECURITY.md), is mostly kept in modules of their own, which the core calls:
 
-- Frames are decoded by :mod:`p2pd.wire`, which bounds and type-checks every argument;
-  a malformed datagram is dropped and counted, never raised.
-- A reply is matched to its request by message id *and* the address it was sent to, so
-  a third party cannot answer for someone else.
-- Node ids are earned (:mod:`.proofs`): a contact enters the routing table or a lookup's
-  answers only after it proved, from the address it claims, the key its id is the hash
-  of (a signed reply to a ``prove`` request, or our address cookie sent back signed).
-  Until then no reply to it is larger than its request (:mod:`.budget`). ``find_value``
-  always asks for a proof: a replica's statement of what it holds is then signed.
-- Every request kind has a budget per source address and /24|/48, checked before the
-  request is decoded; stores and mailbox puts a quota per source (:mod:`.budget`).
-- Address limits per bucket and per lookup, disjoint lookup paths, and a store accepted
-  only by a node among the k closest it knows to the key (:mod:`.routing`, :mod:`.lookup`).
-- Frames of version 1 (ids declared, not earned) are refused: counted as ``old_version``
-  and logged at most once per source address per hour.
-- Per-contact adaptive timeouts (:mod:`p2pd.dht.rtt`): an operation stops *waiting* on a
-  contact after its RTO and asks another; a late reply still counts until the hard
-  timeout. A value lookup also follows its own pace (:mod:`.pacing`): a dead contact's
-  RTO, measured long ago in a burst, held resolves many times the round trip of the day.
-  A contact is evicted after ``failures_before_eviction`` consecutive lost replies, not
-  after one; a full bucket's head is pinged, and replaced only if silent.
-- STORE goes through :class:`~p2pd.dht.storage.RecordStorage` (first claim wins, then
-  only a higher sequence number from the same key).
-- ``find_value`` answers with the value *and* the closest contacts, so a lookup can go
-  on to find the newest record instead of stopping at the first one.
-- Work per datagram is bounded: no request makes the node walk what it stores (a new
-  neighbour is handed at most ``2 * WELCOME_SCAN`` records, found through a sorted index).
+- frames: :mod:`p2pd.wire` (bounded and type-checked; malformed: dropped and counted);
+- earned ids: :mod:`.proofs`; budgets, quotas and reply sizes: :mod:`.budget`;
+- contacts gone silent: :mod:`.suspects`; adaptive timeouts: :mod:`.rtt`, :mod:`.pacing`;
+- address limits and the density rule: :mod:`.routing`, :mod:`.density`;
+- the first-claim rule: :mod:`.storage`; lookups: :mod:`.lookup`, :mod:`.disjoint`;
+- operations: :mod:`.operations`, :mod:`.resolve`, :mod:`.mailbox_ops` (methods of the
+  core, bound as class attributes); figures for ``status``: :mod:`.introspection`.
+
+Kept here: matching a reply to its request by message id *and* address, answering
+requests within their budget, the routing table's upkeep (a full bucket's head pinged,
+a contact evicted after ``failures_before_eviction`` lost replies), the records a
+newcomer is handed (at most ``2 * WELCOME_SCAN``), the density rule's view of our table.
 """
 
 from __future__ import annotations
