@@ -16,35 +16,22 @@ through :class:`RpcOwner`, and it reports its result once through the ``on_done`
 callback it was started with. Wall-clock time (record validity, mailbox signatures)
 comes from the storages' injected clock, never from ``now``.
 
-What this node does with what it hears, and why (the hardening of stock kademlia):
+What this node does with what it hears, and why (stock kademlia hardened: the table
+"What changed against stock kademlia's behaviour" in docs/ARCHITECTURE.md, and
+docs/SECURITY.md), is mostly kept in modules of their own, which the core calls:
 
-- Frames are decoded by :mod:`p2pd.wire`, which bounds and type-checks every argument;
-  a malformed datagram is dropped and counted, never raised.
-- A reply is matched to its request by message id *and* the address it was sent to, so
-  a third party cannot answer for someone else.
-- Node ids are earned (:mod:`.proofs`): a contact enters the routing table or a lookup's
-  answers only after it proved, from the address it claims, the key its id is the hash
-  of (a signed reply to a ``prove`` request, or our address cookie sent back signed).
-  Until then no reply to it is larger than its request (:mod:`.budget`). ``find_value``
-  always asks for a proof: a replica's statement of what it holds is then signed.
-- Every request kind has a budget per source address and /24|/48, checked before the
-  request is decoded; stores and mailbox puts a quota per source (:mod:`.budget`).
-- Address limits per bucket and per lookup, disjoint lookup paths, and a store accepted
-  only by a node among the k closest it knows to the key (:mod:`.routing`, :mod:`.lookup`).
-- Frames of version 1 (ids declared, not earned) are refused: counted as ``old_version``
-  and logged at most once per source address per hour.
-- Per-contact adaptive timeouts (:mod:`p2pd.dht.rtt`): an operation stops *waiting* on a
-  contact after its RTO and asks another; a late reply still counts until the hard
-  timeout. A value lookup also follows its own pace (:mod:`.pacing`): a dead contact's
-  RTO, measured long ago in a burst, held resolves many times the round trip of the day.
-  A contact is evicted after ``failures_before_eviction`` consecutive lost replies, not
-  after one; a full bucket's head is pinged, and replaced only if silent.
-- STORE goes through :class:`~p2pd.dht.storage.RecordStorage` (first claim wins, then
-  only a higher sequence number from the same key).
-- ``find_value`` answers with the value *and* the closest contacts, so a lookup can go
-  on to find the newest record instead of stopping at the first one.
-- Work per datagram is bounded: no request makes the node walk what it stores (a new
-  neighbour is handed at most ``2 * WELCOME_SCAN`` records, found through a sorted index).
+- frames: :mod:`p2pd.wire` (bounded and type-checked; malformed: dropped and counted);
+- earned ids: :mod:`.proofs`; budgets, quotas and reply sizes: :mod:`.budget`;
+- contacts gone silent: :mod:`.suspects`; adaptive timeouts: :mod:`.rtt`, :mod:`.pacing`;
+- address limits and the density rule: :mod:`.routing`, :mod:`.density`;
+- the first-claim rule: :mod:`.storage`; lookups: :mod:`.lookup`, :mod:`.disjoint`;
+- operations: :mod:`.operations`, :mod:`.resolve`, :mod:`.mailbox_ops` (methods of the
+  core, bound as class attributes); figures for ``status``: :mod:`.introspection`.
+
+Kept here: matching a reply to its request by message id *and* address, answering
+requests within their budget, the routing table's upkeep (a full bucket's head pinged,
+a contact evicted after ``failures_before_eviction`` lost replies), the records a
+newcomer is handed (at most ``2 * WELCOME_SCAN``), the density rule's view of our table.
 """
 
 from __future__ import annotations
@@ -62,7 +49,7 @@ from .. import wire
 from ..config import DHTConfig
 from ..errors import OldFrameVersion, WireError
 from ..records import Verdict
-from . import mailbox_ops, operations, resolve
+from . import introspection, mailbox_ops, operations, resolve
 from .budget import RequestBudget, fit_reply
 from .density import SizeEstimate, SpreadLimit, full_depths
 from .disjoint import DisjointLookup
@@ -71,7 +58,7 @@ from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
 from .mailbox_relay import PutRelay, relay_requested
 from .nodekey import NodeKey
-from .operations import Gather, HeadCheck, LookupRun, store_targets
+from .operations import Gather, HeadCheck, LookupRun
 from .pacing import PacedRun
 from .proofs import Proofs
 from .reachability import Reachability
@@ -86,8 +73,6 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 #: A newcomer in our own bucket is offered at most twice this many records.
 WELCOME_SCAN = 8
-#: Most records re-replicated by one maintenance round (the rest wait for the next).
-REPLICATE_BATCH = 32
 
 _SOFT, _HARD, _DEADLINE, _MAINTAIN = range(4)
 
@@ -667,37 +652,20 @@ class DHTCore:
         local: int,
         on_done: Callable[[int], None],
     ) -> None:
-        """Send ``method(key, value)`` to each node; report ``local`` + the acceptances.
-        (A mailbox put: :class:`~.operations.MailboxPut`.)"""
+        """Send ``method(key, value)`` to each node; report ``local`` + the acceptances:
+        a store's sends (operations.py ``start_store``; a mailbox put's are
+        :class:`~.operations.MailboxPut`). On the core: scripts/_adversary_diagnostics.py
+        wraps it per instance."""
         self.gather(
             [(n, method, [key, value]) for n in nodes],
             self.now,
             lambda replies: on_done(local + sum(1 for r in replies if r is True)),
         )
 
-    def start_store(
-        self, key: bytes, value: bytes, now: float, on_done: Callable[[int], None]
-    ) -> None:
-        """Store a handle record at the ``claim_factor * ksize`` closest nodes (and here, if
-        among them); reports the copies."""
-        # The lookup may start later (after a size sample), at self.now: the clock must be
-        # ours now. A core that heard nothing for a while held an old time, and a lookup
-        # started at once under it was past its deadline before it asked anyone (a store
-        # reached 1 replica of 7: tests/test_reachability.py, a NATed node after 60 s).
-        self.now = max(self.now, now)
-        replicas = self.replicas
+    # Store a handle record at the claim_factor * ksize closest (operations.py).
+    start_store = operations.start_store
 
-        def found(result: LookupResult) -> None:
-            local = 0
-            if self.among_closest(key, result.closest, replicas):
-                local = int(self.storage.offer(key, value) in (Verdict.ACCEPT, Verdict.SAME))
-            # The set-aside and the late replicas too (store_targets).
-            targets = store_targets(result, key, replicas, self.limit)
-            self._put_at(targets, "store", key, value, local, on_done)
-
-        self.sampler.after(now, lambda: self.start_lookup(key, self.now, found, k=replicas))
-
-    # Which claim to believe, in up to two rounds (resolve.py).
+    # Which claim to believe, in up to three rounds (resolve.py).
     start_resolve = resolve.start_resolve
 
     # Ping the seeds, then look up our own id (operations.py).
@@ -709,48 +677,9 @@ class DHTCore:
     start_mailbox_delete = mailbox_ops.start_mailbox_delete
     start_mailbox_revoke = mailbox_ops.start_mailbox_revoke
 
-    # ------------------------------------------------------------------ maintenance
+    # Forget what expired, refresh lonely buckets, re-replicate (operations.py).
+    _maintain = operations.maintenance_round
 
-    def _maintain(self, now: float) -> None:
-        """Forget what expired, refresh lonely buckets, re-replicate stored records."""
-        self.storage.cull()
-        if self.mailboxes is not None:
-            self.mailboxes.cull()
-        self.sampler.resume(now)  # the size samples topped up, if they stopped
-        for low, high in self.table.stale_buckets(now, self.config.refresh_interval):
-            span = max(high - low, 1)
-            target = low + int.from_bytes(self._randbytes(20), "big") % span
-            self.stats["refresh_lookups"] += 1
-            self.start_lookup(target.to_bytes(20, "big"), now, lambda _: None)
-        due = self.storage.older_than(self.config.replicate_interval)
-        for key, value in due[:REPLICATE_BATCH]:
-            self.storage.mark_replicated(key)
-            self.stats["replications"] += 1
-            self.start_store(key, value, now, lambda _: None)
-
-    # ------------------------------------------------------------------ introspection
-
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id.hex(),
-            "routing_table_size": len(self.table),
-            "records_stored": len(self.storage),
-            "mailbox_entries_held": self.mailboxes.count() if self.mailboxes else 0,
-            "refused_records": dict(self.storage.refused),
-            "rotated_claims": self.storage.rotated,
-            "verified_contacts": len(self.proofs),
-            "counters": self._counters(),
-        }
-
-    def _counters(self) -> dict[str, int]:
-        counters = dict(self.stats)
-        if self.table.refused:
-            counters["address_limited"] = self.table.refused
-        counters.update(self.budget.dropped)
-        counters.update({f"record_refused_{k}": v for k, v in self.storage.refused.items()})
-        boxes = self.mailboxes.refused.items() if self.mailboxes is not None else ()
-        counters.update({f"mailbox_refused_{k}": v for k, v in boxes})
-        return counters
-
-    def contacts(self) -> list[tuple[bytes, str, int]]:
-        return [(n.id, n.ip, n.port) for n in self.table]
+    # What the node shows of itself, for ``status`` (introspection.py).
+    statistics = introspection.statistics
+    contacts = introspection.contacts

@@ -1,8 +1,10 @@
 """The DHT's operations as small state machines that the core drives (sans I/O, like
 the core): a lookup run, several requests gathered, the bootstrap's pings to its seeds
-(and ``start_bootstrap``, which starts them), a full bucket's head check, the pages of
-a mailbox. Each owns the requests it sent and hears of their replies and timeouts
-through :class:`~p2pd.dht.core.RpcOwner`."""
+(and ``start_bootstrap``, which starts them), a store (``start_store``: its lookup, then
+the record to ``store_targets``), a full bucket's head check, the pages of a mailbox,
+and the core's periodic round of refresh lookups and stores (``maintenance_round``).
+Each owns the requests it sent and hears of their replies and timeouts through
+:class:`~p2pd.dht.core.RpcOwner`."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .. import wire
 from ..claims import network_of
 from ..errors import WireError
-from ..records import HandleRecord, verify_claim
+from ..records import HandleRecord, Verdict, verify_claim
 from .disjoint import DisjointLookup
 from .lookup import SAMPLE_PATIENCE, Lookup, LookupResult
 from .mailbox import entry_id, fetch_message
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 #: Most mailbox pages fetched from one node in one fetch.
 MAILBOX_MAX_PAGES = 100
+#: Most records re-replicated by one maintenance round (the rest wait for the next).
+REPLICATE_BATCH = 32
 
 
 def older_claim(value: bytes, newest: HandleRecord, wall: float) -> bool:
@@ -80,6 +84,51 @@ def store_targets(
                 admitted.append(node)
         late = admitted
     return result.closest + aside + late
+
+
+def start_store(
+    core: DHTCore, key: bytes, value: bytes, now: float, on_done: Callable[[int], None]
+) -> None:
+    """Store a handle record at the ``claim_factor * ksize`` closest nodes (and here, if
+    among them); reports the copies. (A method of :class:`~p2pd.dht.core.DHTCore`, bound
+    there as a class attribute, as ``start_bootstrap`` is; it sends through
+    ``core._put_at``, looked up on the instance at each store.)"""
+    # The lookup may start later (after a size sample), at core.now: the clock must be
+    # ours now. A core that heard nothing for a while held an old time, and a lookup
+    # started at once under it was past its deadline before it asked anyone (a store
+    # reached 1 replica of 7: tests/test_reachability.py, a NATed node after 60 s).
+    core.now = max(core.now, now)
+    replicas = core.replicas
+
+    def found(result: LookupResult) -> None:
+        local = 0
+        if core.among_closest(key, result.closest, replicas):
+            local = int(core.storage.offer(key, value) in (Verdict.ACCEPT, Verdict.SAME))
+        # The set-aside and the late replicas too (store_targets).
+        targets = store_targets(result, key, replicas, core.limit)
+        core._put_at(targets, "store", key, value, local, on_done)
+
+    core.sampler.after(now, lambda: core.start_lookup(key, core.now, found, k=replicas))
+
+
+def maintenance_round(core: DHTCore, now: float) -> None:
+    """Forget what expired, refresh lonely buckets, re-replicate stored records: the
+    core's periodic round (its ``_maintain``, bound there as a class attribute). It
+    only starts operations: refresh lookups and stores (``start_store``)."""
+    core.storage.cull()
+    if core.mailboxes is not None:
+        core.mailboxes.cull()
+    core.sampler.resume(now)  # the size samples topped up, if they stopped
+    for low, high in core.table.stale_buckets(now, core.config.refresh_interval):
+        span = max(high - low, 1)
+        target = low + int.from_bytes(core._randbytes(20), "big") % span
+        core.stats["refresh_lookups"] += 1
+        core.start_lookup(target.to_bytes(20, "big"), now, lambda _: None)
+    due = core.storage.older_than(core.config.replicate_interval)
+    for key, value in due[:REPLICATE_BATCH]:
+        core.storage.mark_replicated(key)
+        core.stats["replications"] += 1
+        core.start_store(key, value, now, lambda _: None)
 
 
 class LookupRun:
