@@ -27,7 +27,7 @@ from _adversary_report import (
 
 from p2pd.claims import OK, Answer, resolve_claims
 from p2pd.dht.density import depth_bound, estimate_size, pooled
-from p2pd.dht.lookup import LookupResult
+from p2pd.dht.result import LookupResult
 from p2pd.dht.routing import ID_SPACE
 from p2pd.identity import HandleRef
 from p2pd.records import HandleRecord, claimed_key, dht_key

@@ -19,7 +19,7 @@ from _bench import percentile
 
 from p2pd.dht import core as core_module
 from p2pd.dht.disjoint import DisjointLookup
-from p2pd.dht.lookup import LookupResult
+from p2pd.dht.result import LookupResult
 from p2pd.records import claimed_key
 
 

@@ -17,8 +17,9 @@ import pytest
 from p2pd import wire
 from p2pd.config import DHTConfig
 from p2pd.dht.core import DHTCore
-from p2pd.dht.lookup import Lookup, LookupResult
+from p2pd.dht.lookup import Lookup
 from p2pd.dht.nodekey import NodeKey
+from p2pd.dht.result import LookupResult
 from p2pd.dht.routing import Node, RoutingTable
 from p2pd.dht.storage import RecordStorage
 from p2pd.dht.suspects import SUSPECTS_MAX, Suspects

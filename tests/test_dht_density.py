@@ -29,7 +29,7 @@ from p2pd.dht.density import (
     plausible_count,
     poisson_threshold,
 )
-from p2pd.dht.lookup import LookupResult
+from p2pd.dht.result import LookupResult
 from p2pd.dht.routing import ID_SPACE, AddressLimit, Node
 from p2pd.errors import UsageError
 from p2pd.identity import Identity

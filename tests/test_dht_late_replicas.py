@@ -18,7 +18,7 @@ from test_dht_core import CoreNet, make_record, small_network
 
 from p2pd.config import DHTConfig
 from p2pd.dht.core import DHTCore
-from p2pd.dht.lookup import LookupResult
+from p2pd.dht.result import LookupResult
 from p2pd.records import HandleRecord
 
 NODES = 40

@@ -31,7 +31,8 @@ from p2pd.claims import OK
 from p2pd.config import DHTConfig
 from p2pd.dht.core import DHTCore
 from p2pd.dht.density import SIZE_SAMPLE_REFRESH, SizeEstimate, depth_bound, estimate_size
-from p2pd.dht.lookup import SAMPLE_PATIENCE, LookupResult
+from p2pd.dht.lookup import SAMPLE_PATIENCE
+from p2pd.dht.result import LookupResult
 from p2pd.dht.routing import ID_SPACE, Node
 from p2pd.identity import HandleRef
 from p2pd.records import HandleRecord

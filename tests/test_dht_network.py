@@ -13,7 +13,7 @@ import trio
 
 from p2pd.claims import OK, Resolution, contested_error
 from p2pd.dht import driver
-from p2pd.dht.lookup import LookupResult
+from p2pd.dht.result import LookupResult
 from p2pd.dht.routing import Node, subnet_of
 from p2pd.errors import Contested, NotFound
 from p2pd.identity import HandleRef, Identity

@@ -14,7 +14,7 @@ from test_dht_core import CONFIG, WALL, CoreNet, make_record, small_network
 
 from p2pd.claims import CONTESTED, OK, Resolution
 from p2pd.dht.core import DHTCore
-from p2pd.dht.lookup import LookupResult
+from p2pd.dht.result import LookupResult
 from p2pd.identity import HandleRef
 from p2pd.records import HandleRecord, dht_key
 

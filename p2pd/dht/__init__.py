@@ -12,8 +12,9 @@ from ..wire import node_id_for
 from .core import DHTCore
 from .disjoint import DisjointLookup
 from .driver import DHT, DatagramTransport, create_dht, open_dht
-from .lookup import Lookup, LookupResult
+from .lookup import Lookup
 from .nodekey import NodeKey, load_or_create_node_key
+from .result import LookupResult
 
 __all__ = [
     "DHT",

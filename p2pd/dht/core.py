@@ -53,7 +53,6 @@ from . import introspection, mailbox_ops, operations, resolve
 from .budget import RequestBudget, fit_reply
 from .density import SizeEstimate, SpreadLimit, full_depths
 from .disjoint import DisjointLookup
-from .lookup import LookupResult
 from .mailbox import MailboxStorage
 from .mailbox_find import FindRelay, find_requested
 from .mailbox_relay import PutRelay, relay_requested
@@ -62,6 +61,7 @@ from .operations import Gather, HeadCheck, LookupRun
 from .pacing import PacedRun
 from .proofs import Proofs
 from .reachability import Reachability
+from .result import LookupResult
 from .routing import AddressLimit, Node, RoutingTable
 from .rtt import RttTable
 from .sampling import SizeSampler

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING
 from .routing import ID_SPACE, AddressLimit, Node
 
 if TYPE_CHECKING:
-    from .lookup import LookupResult
+    from .result import LookupResult
 
 __all__ = [
     "PACKED_P",

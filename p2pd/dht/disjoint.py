@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterable
 
 from .. import wire
 from .density import SpreadLimit
-from .lookup import FAILED, OK, SLOW, Lookup, LookupResult, closest
+from .lookup import FAILED, OK, SLOW, Lookup, closest
+from .result import LookupResult
 from .routing import AddressLimit, Node
 
 

@@ -33,11 +33,11 @@ from ..records import HandleRecord, dht_key
 from ..wire import Address
 from . import mailbox_entry, mailbox_pass
 from .core import DHTCore
-from .lookup import LookupResult
 from .mailbox import MailboxStorage, mailbox_key
 from .mailbox_revoke import PassPin
 from .nodekey import NodeKey
 from .reachability import ReachabilityStatus
+from .result import LookupResult
 from .routing import Node
 from .storage import RecordStorage
 

@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from .budget import REQUEST_PAD
-from .lookup import LookupResult
 from .mailbox_relay import RelayBudget, pick_relays
+from .result import LookupResult
 from .routing import Node
 
 if TYPE_CHECKING:

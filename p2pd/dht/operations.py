@@ -16,8 +16,9 @@ from ..claims import network_of
 from ..errors import WireError
 from ..records import HandleRecord, Verdict, verify_claim
 from .disjoint import DisjointLookup
-from .lookup import SAMPLE_PATIENCE, Lookup, LookupResult
+from .lookup import SAMPLE_PATIENCE, Lookup
 from .mailbox import entry_id, fetch_message
+from .result import LookupResult
 from .routing import AddressLimit, Node
 
 if TYPE_CHECKING:

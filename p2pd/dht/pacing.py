@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING
 
 from .. import wire
 from .disjoint import DisjointLookup
-from .lookup import Lookup, LookupResult
+from .lookup import Lookup
 from .operations import LookupRun
+from .result import LookupResult
 from .routing import Node
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from ..claims import CONTESTED, Answer, Resolution, resolve_claims
 from ..records import claimed_key
 from .density import plausible_count
-from .lookup import LookupResult
 from .operations import older_claim
+from .result import LookupResult
 from .routing import ID_SPACE, Node
 
 if TYPE_CHECKING:

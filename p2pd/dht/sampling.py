@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .. import wire
 from .density import SIZE_SAMPLE_AGE, SIZE_SAMPLE_REFRESH, SIZE_TOPUP, SIZE_WANTED
-from .lookup import LookupResult
+from .result import LookupResult
 
 if TYPE_CHECKING:
     from .core import DHTCore
