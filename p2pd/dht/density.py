@@ -99,8 +99,8 @@ SIZE_WANTED = 8
 #: a network half (a quarter) the size or less (SizeEstimate.current). A quarter alone
 #: held estimates at 0.4-0.5 N in bench_adversary at N=1000, whose network grows from 0
 #: within two minutes: a node that joined at 400 kept its samples of 400 (the median of
-#: its eight follows a growth only once half are new, and none was taken while eight
-#: counted).
+#: its eight followed a growth only once half were new, five since the lower median,
+#: and none was taken while eight counted).
 SIZE_STALE_DEPTHS = 1
 #: While fewer than SIZE_WANTED count, a node takes one every this many seconds (a node
 #: lookup each: 8 in its first 8 minutes, then one as each ages out).
