@@ -16,14 +16,14 @@ lookup's second or two. Two defences:
 
 - the sampling lookup is held to the density rule of the estimate it has (its
   ``spread_limit``, as every lookup is): the ids packed next to its target are set
-  aside, and a sample reads a few times that estimate at most. With all eight samples
-  attacked the estimate moved 1.25x and the handle stayed alice's; the control is
-  the same attack on lookups not held to the rule: 30x, and the crowd's key;
-- an attacker that places its ids as densely as the rule allows gains that factor
-  again at each round of samples. The samples more than 2x from their *lower* median
-  are left out: four inflated of eight change nothing (with the plain median, between
-  the halves, the estimate was the inflated one), five of eight are the estimate
-  (sans-I/O, below): the budget docs/SECURITY.md states.
+  aside while the estimate is honest. Three of eight samples attacked: the estimate
+  stayed under 1.2x and the handle alice's; the control, all eight attacked on
+  lookups not held to the rule: 30x, and the crowd's key. All eight attacked and held
+  to the rule ratchet within the round (each sample judged by the estimate the earlier
+  ones raised): the crowd's key. Not defended;
+- the samples more than 2x from their median are left out: three inflated of eight
+  change nothing, four are the estimate (sans-I/O, below): the budget
+  docs/SECURITY.md states.
 
 A simulated network (FakeNetwork, virtual time, seeded): the daemon's own DHT code in
 every node."""
@@ -146,7 +146,7 @@ async def inflate() -> tuple[Seen, Seen]:
                     core.is_suspect = never_ours  # type: ignore[method-assign]
                     outcome = {alice.identity.public_key: "alice", rival: "rival"}
 
-                    async def attacked() -> Seen:
+                    async def attacked(chosen: list[bytes]) -> Seen:
                         """Eight samples at the attacker's targets, then a resolve."""
                         for _ in range(60):  # one running from before ends first
                             if core.sampler.running_since is None:
@@ -154,7 +154,7 @@ async def inflate() -> tuple[Seen, Seen]:
                             await trio.sleep(1.0)
                         assert core.sampler.running_since is None
                         core.sizes.samples.clear()
-                        feed = iter(targets)
+                        feed = iter(chosen)
                         core.sampler._randbytes = lambda n: next(feed)[:n]
                         for _ in range(2 * SIZE_WANTED):  # a sample each, or wait for one
                             if len(core.sizes.samples) >= SIZE_WANTED:
@@ -176,30 +176,36 @@ async def inflate() -> tuple[Seen, Seen]:
                             seen = "not-found"
                         return Seen(seen, estimate, samples)
 
-                    held = await attacked()
+                    # Held to the rule: three of the eight samples attacked (under half:
+                    # four or more, taken one after another, ratchet: below).
+                    honest = [
+                        far_half(rng.randbytes(wire.NODE_ID_LEN), core.node_id) for _ in range(5)
+                    ]
+                    held = await attacked([*targets[:3], *honest])
                     limit_of = core.spread_limit
 
                     def lifted(target: bytes) -> SpreadLimit | None:
                         return None if target in targets else limit_of(target)
 
                     core.spread_limit = lifted  # type: ignore[method-assign]
-                    unheld = await attacked()
+                    unheld = await attacked(targets)
                     assert placed.members and crowd.lies_told() > 0  # the attacker ran
             nursery.cancel_scope.cancel()
     print(f"held to the rule: {held}\nnot held: {unheld}")
     return held, unheld
 
 
-async def test_a_sampling_lookup_sets_the_ids_placed_next_to_its_target_aside(
+async def test_three_attacked_samples_of_eight_leave_the_handle_and_eight_unheld_take_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """All eight of the resolver's samples attacked: each reads a few times the network
-    at most, the estimate stays under 2.5x it, and the crowd does not take the handle.
-    The control, the same attack on lookups not held to the density rule (as samples
-    were before the rule judged node lookups): the samples read about 30x the network,
-    so does the estimate, and the crowd takes alice's handle."""
+    """Three of the resolver's eight samples attacked, its sampling lookups held to the
+    density rule: the estimate stays under 2.5x the network, and the crowd does not
+    take the handle. The control, all eight attacked on lookups not held to the rule:
+    the samples read about 30x the network, so does the estimate, and the crowd takes
+    alice's handle. (All eight attacked *and* held to the rule ratcheted within the
+    round: each sample judged by the estimate the earlier ones raised; the rival's key,
+    estimate 2,449: not defended, docs/SECURITY.md.)"""
     held, unheld = await inflate()
-    assert max(held.samples) < 8 * NETWORK, held  # 30x were each one's k closest taken
     assert held.estimate < 2.5 * NETWORK, held
     assert held.outcome in ("alice", "contested"), held
     assert sum(s > 8 * NETWORK for s in unheld.samples) >= SIZE_WANTED // 2 + 1, unheld
@@ -207,10 +213,12 @@ async def test_a_sampling_lookup_sets_the_ids_placed_next_to_its_target_aside(
     assert unheld.outcome == "rival", unheld
 
 
-def test_the_lower_median_keeps_the_honest_half_of_eight() -> None:
-    """Sans-I/O: eight samples, half of them 4x the network. The estimate is the honest
-    half's (with the plain median, between the halves, the honest ones were more than 2x
-    below it and left out: the estimate was 4x)."""
+def test_half_of_eight_inflated_samples_are_the_estimate() -> None:
+    """Sans-I/O, the budget docs/SECURITY.md states: eight samples, some of them f times
+    the network. Three inflated change nothing (more than 2x from the median: left
+    out); four put the median between the halves, the honest half is left out and the
+    estimate is f times N, however large. (The lower median, which would need five,
+    gave a crowd the handle in bench_adversary: reverted.)"""
     n = 1000
     rng = random.Random(5)
     ids = [rng.randbytes(wire.NODE_ID_LEN) for _ in range(n)]
@@ -218,12 +226,14 @@ def test_the_lower_median_keeps_the_honest_half_of_eight() -> None:
     near = sorted(ids[1:], key=lambda i: int.from_bytes(i, "big") ^ int.from_bytes(own, "big"))
     neighbours = [Node(i, "127.0.0.1", 1) for i in near[: 2 * 20]]
     for factor in (4, 8, 100):
-        sizes = SizeEstimate()
-        for i in range(SIZE_WANTED):
-            honest = n * rng.uniform(0.85, 1.15)
-            sizes.samples.append((0.0, factor * n if i % 2 else honest, None))
-        estimate = sizes.estimate(own, neighbours, 20, 1.0)
-        assert estimate is not None and 0.7 * n < estimate < 1.3 * n, (factor, estimate)
-        sizes.samples.append((0.0, factor * n, None))  # five of nine
-        estimate = sizes.estimate(own, neighbours, 20, 1.0)
-        assert estimate is not None and estimate > 0.9 * factor * n, (factor, estimate)
+        for inflated, honest_estimate in ((3, True), (4, False)):
+            sizes = SizeEstimate()
+            for i in range(SIZE_WANTED):
+                size = factor * n if i < inflated else n * rng.uniform(0.85, 1.15)
+                sizes.samples.append((0.0, size, None))
+            estimate = sizes.estimate(own, neighbours, 20, 1.0)
+            assert estimate is not None
+            if honest_estimate:
+                assert 0.7 * n < estimate < 1.3 * n, (factor, inflated, estimate)
+            else:
+                assert estimate > 0.9 * factor * n, (factor, inflated, estimate)

@@ -99,13 +99,13 @@ SIZE_WANTED = 8
 #: a network half (a quarter) the size or less (SizeEstimate.current). A quarter alone
 #: held estimates at 0.4-0.5 N in bench_adversary at N=1000, whose network grows from 0
 #: within two minutes: a node that joined at 400 kept its samples of 400 (the median of
-#: its eight followed a growth only once half were new, five since the lower median,
-#: and none was taken while eight counted).
+#: its eight follows a growth only once half are new, and none was taken while eight
+#: counted).
 SIZE_STALE_DEPTHS = 1
 #: While fewer than SIZE_WANTED count, a node takes one every this many seconds (a node
 #: lookup each: 8 in its first 8 minutes, then one as each ages out).
 SIZE_TOPUP = 60.0
-#: Samples more than this far from their lower median (either way) are left out of the pool:
+#: Samples more than this far from their median (either way) are left out of the pool:
 #: a sample whose random target fell in a crowd (4x the density over 1/16 of the id
 #: space) or a stray.
 SIZE_SPREAD = 2.0
@@ -324,15 +324,10 @@ class SizeEstimate:
     1.4x N or more, and is denied it below (tests/test_dht_density.py). So the
     estimate must not stray that far up:
 
-    - the samples more than ``SIZE_SPREAD`` times from their lower median are left
-      out: a sample whose target fell in the crowd (1 in 2^b), a stray, or one an
-      attacker inflated (ids ground next to its target while it runs). The *lower*
-      median: with half of the samples inflated, the median of eight sat between the
-      two halves, left the honest half out and the estimate was the inflated one,
-      however large (tests/test_adversary_samples.py); now an attacker must inflate
-      five of eight. The price: four deflated (the true nearest hidden from their
-      lookups) now leave the honest half out, a low estimate, "contested" (denial,
-      where the other way is a takeover);
+    - the samples more than ``SIZE_SPREAD`` times from their median are left out: a
+      sample whose target fell in the crowd (1 in 2^b), a stray. (The *lower* median,
+      tried so that four inflated samples of eight would not be the estimate, gave a
+      crowd the handle in bench_adversary: docs/SECURITY.md, "Inflated size samples".)
     - our own neighbourhood joins only when within ``SIZE_SPREAD`` of the samples'
       pool: a resolver whose id lies in a crowd (over 1 in 16 there) saw 4x N in its
       own neighbourhood, and before, that was its estimate, capped at twice its largest
@@ -419,7 +414,7 @@ class SizeEstimate:
         bound = bound_at(depth, k)
         recent = [size for _, size in self.current(now, depth)]
         if len(recent) >= SIZE_MIN_SAMPLES:
-            middle = statistics.median_low(recent)
+            middle = statistics.median(recent)
             low, high = middle / SIZE_SPREAD, middle * SIZE_SPREAD
             recent = [size for size in recent if low <= size <= high]
             # The table's bounds never below the largest sample: a young table (the
