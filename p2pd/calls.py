@@ -92,6 +92,10 @@ class Call:
     connected_at: float | None = None
     ended_at: float | None = None
     final_stats: dict[str, Any] | None = None
+    #: Its media task runs; an end while it does is told (the ``call`` event) once the
+    #: task has closed its sources and its recording (``_run_media``).
+    media_running: bool = False
+    end_untold: bool = False
     #: The peer's key is the pinned key of ``handle`` (always, for calls we place).
     verified: bool = True
 
@@ -417,6 +421,7 @@ class CallManager:
         assert call.media is not None
         with trio.CancelScope() as scope:
             call.scope = scope
+            call.media_running = True
             try:
                 await call.media.run()
             except P2PDError as exc:
@@ -424,6 +429,14 @@ class CallManager:
             except Exception:
                 log.exception("call media failed")
                 self._finish(call, "failed", "media failure (see the daemon's log)")
+            finally:
+                call.media_running = False
+        if call.end_untold:
+            # Ended (a hangup, an error) while the media ran: told now that the media
+            # closed its recording. Told at once, `p2pd answer --record x.mkv` returned
+            # before the file was finished, and reading it failed (a clean-clone CI run).
+            call.end_untold = False
+            self._emit(call)
         if call.state == "active":
             reason = call.media.statistics().get("end_reason", "")
             self._finish(call, "ended", "duration reached" if reason == "duration" else reason)
@@ -442,7 +455,10 @@ class CallManager:
         if call.scope is not None:
             call.scope.cancel()
         call.set_state(state, reason)
-        self._emit(call)
+        if call.media_running:
+            call.end_untold = True  # _run_media tells it once the media has closed
+        else:
+            self._emit(call)
         log.info("call %s with %s: %s (%s)", call.id[:8], call.handle, state, reason)
 
     def _emit(self, call: Call) -> None:
