@@ -88,13 +88,13 @@ class Call:
     peer: QuicPeer | None = None
     media: CallMedia | None = None
     changed: trio.Event = field(default_factory=trio.Event)
+    #: The media task's, while it runs.
     scope: trio.CancelScope | None = None
     connected_at: float | None = None
     ended_at: float | None = None
     final_stats: dict[str, Any] | None = None
-    #: Its media task runs; an end while it does is told (the ``call`` event) once the
-    #: task has closed its sources and its recording (``_run_media``).
-    media_running: bool = False
+    #: An end while the media task runs (``scope`` set) is told (the ``call`` event)
+    #: once the task has closed its sources and its recording (``_run_media``).
     end_untold: bool = False
     #: The peer's key is the pinned key of ``handle`` (always, for calls we place).
     verified: bool = True
@@ -421,7 +421,6 @@ class CallManager:
         assert call.media is not None
         with trio.CancelScope() as scope:
             call.scope = scope
-            call.media_running = True
             try:
                 await call.media.run()
             except P2PDError as exc:
@@ -430,7 +429,7 @@ class CallManager:
                 log.exception("call media failed")
                 self._finish(call, "failed", "media failure (see the daemon's log)")
             finally:
-                call.media_running = False
+                call.scope = None
         if call.end_untold:
             # Ended (a hangup, an error) while the media ran: told now that the media
             # closed its recording. Told at once, `p2pd answer --record x.mkv` returned
@@ -452,10 +451,11 @@ class CallManager:
             return
         if call.media is not None:
             call.final_stats = call.media.statistics()
+        running = call.scope is not None
         if call.scope is not None:
             call.scope.cancel()
         call.set_state(state, reason)
-        if call.media_running:
+        if running:
             call.end_untold = True  # _run_media tells it once the media has closed
         else:
             self._emit(call)

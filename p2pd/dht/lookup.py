@@ -297,10 +297,12 @@ class Lookup:
         # for the rival, at 1-3 resolvers of 40 in 3 runs of 16.
         if self.find_value:
             waits = self._patient and self._slow_pending()
-        elif self._patient:
-            waits = self._slow_ranking(live)
         else:
             waits = len(live) < self._k and self._slow_pending()
+            if self._patient and not waits:
+                waited = self._unwaited
+                slow = (i for i, st in self._state.items() if st == SLOW and i not in waited)
+                waits = self._ranks_among(slow, live, self._k)
         quiet = self._inflight == 0 or all(self._state[n.id] == OK for n in live + self._passed)
         if not out and quiet and not waits and not self._holds(live, self._k):
             self._finish(now)
@@ -309,12 +311,15 @@ class Lookup:
     def _holds(self, live: list[Node], count: int) -> bool:
         """Whether a ``late`` contact would rank among the first ``count`` live ones, were
         it still in flight: the end that needs those answered waits for it."""
-        if not self._held:
-            return False
+        return self._ranks_among(self._held, live, count)
+
+    def _ranks_among(self, ids: Iterable[bytes], live: list[Node], count: int) -> bool:
+        """Whether one of ``ids`` would rank among the first ``count`` live ones, were it
+        to answer (any, while fewer than ``count`` are live)."""
         if len(live) < count:
-            return True
+            return any(True for _ in ids)
         edge = self._order_key(live[count - 1].id)
-        return any(self._order_key(node_id) < edge for node_id in self._held)
+        return any(self._order_key(node_id) < edge for node_id in ids)
 
     def _replay_prior(self) -> list[Node]:
         """The live candidates, after taking every reply an earlier lookup heard from
@@ -331,17 +336,6 @@ class Lookup:
 
     def _slow_pending(self) -> bool:
         return any(state == SLOW for state in self._state.values())
-
-    def _slow_ranking(self, live: list[Node]) -> bool:
-        """Whether a slow contact (given up on, not yet timed out) would rank among the
-        first k live ones were it to answer."""
-        if len(live) < self._k:
-            return self._slow_pending()
-        edge = self._order_key(live[-1].id)
-        return any(
-            state == SLOW and node_id not in self._unwaited and self._order_key(node_id) < edge
-            for node_id, state in self._state.items()
-        )
 
     @property
     def waits_for_slow(self) -> bool:
