@@ -331,9 +331,9 @@ class DHTCore:
                 return
         self._send(wire.encode_response(req.msg_id, result, sign, cookie, address), address)
 
-    def _neighbors(self, key: bytes, exclude: bytes) -> list[list[Any]]:
+    def _neighbors(self, key: bytes, exclude: bytes) -> list[tuple[Any, ...]]:
         nodes = self.table.closest(key, wire.MAX_CONTACTS, exclude=exclude)
-        return [list(_wire_contact(n.key, n.ip, n.port)) for n in nodes if n.key is not None]
+        return [_wire_contact(n.key, n.ip, n.port) for n in nodes if n.key is not None]
 
     def _on_response(self, msg_id: bytes, payload: bytes, address: Address, now: float) -> None:
         pending = self._pending.get(msg_id)

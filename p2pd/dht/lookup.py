@@ -494,9 +494,13 @@ class Lookup:
     def _add_contacts(self, contacts: Iterable[wire.Contact], depth: int) -> bool:
         """Take the contacts a reply named; True if one is nearer than any heard before."""
         closer = False
+        known = self._nodes
         for contact in contacts:
+            node_id = contact.node_id
+            if node_id in known:  # what _add would say first (most contacts, late on)
+                continue
             address = contact.address
-            node = Node(contact.node_id, address.host, address.port, contact.node_key)
+            node = Node(node_id, address.host, address.port, contact.node_key)
             closer = self._add(node, depth) or closer
         return closer
 
