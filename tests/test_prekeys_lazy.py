@@ -51,7 +51,7 @@ conn = open_database(Path(args["path"]))
 now = args["now"]
 sessions = SessionManager.open(conn, identity, now=now, at_rest=at_rest)
 published = sessions.prekey_bundle()
-changed = sessions.maintain(now + 3600)  # the daemon's hourly upkeep, nothing due
+changed = sessions.maintain(now + 3600)  # the daemon's upkeep, nothing due
 idle = [m for m in heavy if m in sys.modules]
 full = sessions._load_prekeys().bundle.encode()  # the full state, parsed
 loaded = [m for m in heavy if m in sys.modules]
