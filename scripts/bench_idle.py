@@ -5,7 +5,11 @@ Each run makes a fresh home, starts a real ``p2pd daemon --listen 127.0.0.1:0 --
 (p2pd.testing.daemons.DaemonProcess, the installed CLI), waits for its "ready:" line and
 ``--settle`` seconds more, reads VmRSS, VmHWM and the thread count from
 /proc/<pid>/status, then sends SIGTERM and times the exit (and checks that it exited 0
-and removed its control socket). ``--imports`` also prints, from a fresh interpreter,
+and removed its control socket). ``--restarted`` starts and stops each home's daemon
+once first and measures the second start: the first start of a new home makes its X3DH
+prekeys, which loads x3dh and pydantic (about 8 MB) for good; a daemon that already has
+them publishes and keeps them up without (p2pd/session/public_prekeys.py) until a
+session needs them. ``--imports`` also prints, from a fresh interpreter,
 what each import made by a p2pd module adds to the resident memory of
 ``import p2pd.daemon``, with everything it brings in first: where the memory is. The
 allocator grows the heap in steps of up to 1 MB and a step counts for whichever import
@@ -14,6 +18,7 @@ makes it, so read each figure to about a megabyte.
     .venv/bin/python scripts/bench_idle.py                 # 3 runs
     .venv/bin/python scripts/bench_idle.py --runs 5 --imports
     .venv/bin/python scripts/bench_idle.py --json
+    .venv/bin/python scripts/bench_idle.py --restarted     # each home's second start
 
 Goals (issue 9): idle RSS < 60 MB; SIGTERM to exit < 1 s. LAN discovery is off because
 mDNS is sent only inside network namespaces (tests/test_lan.py times a LAN daemon's stop
@@ -59,13 +64,21 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def one_run(settle: float) -> dict[str, Any]:
+def one_run(settle: float, restarted: bool = False) -> dict[str, Any]:
     home = short_tempdir("p2pd-idle-")
     daemon: DaemonProcess | None = None
     try:
         init = run_cli(home, "init", "idle", "--no-passphrase")
         if init.returncode != 0:
             raise RuntimeError(f"p2pd init failed: {init.stderr}")
+        if restarted:  # a first start makes the prekeys (x3dh); measure the next one
+            first = DaemonProcess(home)
+            try:
+                first.wait_ready(READY_TIMEOUT)
+            finally:
+                code = first.stop(STOP_TIMEOUT)
+            if code != 0:
+                raise RuntimeError(f"the first start exited {code}: {first.log}")
         daemon = DaemonProcess(home).wait_ready(READY_TIMEOUT)
         time.sleep(settle)
         status = proc_status(daemon.proc.pid)
@@ -139,6 +152,11 @@ def main() -> int:
     parser.add_argument(
         "--settle", type=float, default=2.0, help="seconds idle after ready (default 2)"
     )
+    parser.add_argument(
+        "--restarted",
+        action="store_true",
+        help="measure each home's second start (its first made the prekeys)",
+    )
     parser.add_argument("--imports", action="store_true", help="memory per imported package")
     parser.add_argument("--top", type=int, default=15, help="packages listed (default 15)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -147,10 +165,11 @@ def main() -> int:
     count = max(args.runs, 1)
     for i in range(count):
         progress(f"run {i + 1}/{count}")
-        runs.append(one_run(args.settle))
+        runs.append(one_run(args.settle, args.restarted))
     rss = statistics.median(r["rss_mb"] for r in runs)
     stop = statistics.median(r["stop_s"] for r in runs)
     figures: dict[str, Any] = {
+        "restarted": args.restarted,
         "runs": runs,
         "median_rss_mb": rss,
         "median_stop_s": stop,
@@ -169,7 +188,8 @@ def main() -> int:
 
 
 def print_text(f: dict[str, Any], top: int) -> None:
-    print("idle p2pd daemon (--listen 127.0.0.1:0 --lan off):")
+    started = "restarted" if f["restarted"] else "first start of a new home"
+    print(f"idle p2pd daemon (--listen 127.0.0.1:0 --lan off), {started}:")
     for r in f["runs"]:
         print(
             f"  RSS {r['rss_mb']:6.1f} MB (peak {r['hwm_mb']:.1f}), {r['threads']} threads;"

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-
-import x3dh
+from typing import TYPE_CHECKING
 
 from ..errors import BundleError, WireError
 from ..identity import verify_signature
 from ..wire import Reader
+
+if TYPE_CHECKING:  # x3dh (and pydantic) load only where an agreement needs them
+    import x3dh
 
 BUNDLE_MAGIC = b"P2PB"
 BUNDLE_VERSION = 1
@@ -124,6 +126,8 @@ class PrekeyBundle:
     # ------------------------------------------------------------------ x3dh
 
     def to_x3dh(self, identity_key: bytes) -> x3dh.Bundle:
+        import x3dh  # not at module level: an idle daemon never needs it (issue 9)
+
         return x3dh.Bundle(
             identity_key=identity_key,
             signed_pre_key=self.signed_prekey,

@@ -8,6 +8,12 @@ from ..errors import UsageError
 from .bundle import MAX_ONE_TIME_PREKEYS
 
 DAY = 24 * 3600.0
+#: Names the whole parameter set of p2pd/session/crypto.py; stored with every session and
+#: with our prekeys so that a state made under other parameters is refused instead of
+#: silently failing to decrypt. Here, not in crypto.py, because checking a stored state's
+#: suite must not import the X3DH and Double Ratchet libraries (and pydantic, ~8 MB):
+#: an idle daemon does not need them (issue 9).
+SUITE = "p2pd-x3dh-ed25519-sha256/dr-x25519-hkdf-aescbc-hmac-sha256/v1"
 
 
 @dataclass(frozen=True, slots=True)

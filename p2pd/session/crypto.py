@@ -56,6 +56,7 @@ import doubleratchet
 import x3dh
 import x3dh.base_state
 import x3dh.pre_key_pair
+import x3dh.signed_pre_key_pair
 import xeddsa
 from doubleratchet.kdf_chain import KDFChain
 from doubleratchet.recommended import (
@@ -81,9 +82,24 @@ MESSAGE_KEY_INFO = b"p2pd message keys v1"
 #: Fed to the message chain KDF: the first HMAC output becomes the next chain key, the
 #: second the message key (KDFChain.step keeps the first ``len(key)`` bytes as the key).
 MESSAGE_CHAIN_CONSTANT = b"\x02\x01"
-#: Names the whole parameter set above; stored with every session so that a state made
-#: under other parameters is refused instead of silently failing to decrypt.
-SUITE = "p2pd-x3dh-ed25519-sha256/dr-x25519-hkdf-aescbc-hmac-sha256/v1"
+# The name of this parameter set, SUITE, is in p2pd/session/config.py (importable without
+# the libraries).
+
+# What the ratchet raises for a message that does not authenticate. Besides its own
+# exceptions: ValueError (X25519 refuses a low-order ratchet key), XEdDSAException, and
+# AssertionError/TypeError: doubleratchet 1.3.0 asserts (TypeError under -O) where it
+# should raise when an initiator that has not received anything yet is sent a message
+# under the peer's signed prekey; SessionManager._open refuses that case first, this is
+# the backstop.
+UNAUTHENTIC = (
+    doubleratchet.AuthenticationFailedException,
+    doubleratchet.DecryptionFailedException,
+    doubleratchet.ChainNotAvailableException,
+    xeddsa.XEdDSAException,
+    ValueError,
+    AssertionError,
+    TypeError,
+)
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -127,9 +143,32 @@ class _PreKeyPair(x3dh.pre_key_pair.PreKeyPair):
         return cached
 
 
-# The state builds its one-time prekeys (generated, or loaded from its model) through
-# this module global of x3dh.base_state; ours is a drop-in subclass.
+class _SignedPreKeyPair(x3dh.signed_pre_key_pair.SignedPreKeyPair):
+    """x3dh's signed prekey, its public key worked out once (as :class:`_PreKeyPair`).
+
+    The state reads the signed prekey's ``pub`` in its ``bundle`` and again in a passive
+    agreement, and OwnPrekeys reads it once more to store and check the public fields
+    PublicPrekeys reads without x3dh (p2pd/session/prekeys.py); each read was a
+    curve25519 scalar multiplication."""
+
+    @property
+    def pub(self) -> bytes:
+        cached: bytes | None = self.__dict__.get("pub")
+        if cached is None:
+            cached = self.__dict__["pub"] = xeddsa.priv_to_curve25519_pub(self.priv)
+        return cached
+
+    @staticmethod
+    def from_model(model: x3dh.SignedPreKeyPairModel) -> _SignedPreKeyPair:
+        # The library's from_model builds its own class by name; the state calls this
+        # one through the module global patched below.
+        return _SignedPreKeyPair(priv=model.priv, sig=model.sig, timestamp=model.timestamp)
+
+
+# The state builds its one-time and signed prekeys (generated, or loaded from its model)
+# through these module globals of x3dh.base_state; ours are drop-in subclasses.
 x3dh.base_state.PreKeyPair = _PreKeyPair  # type: ignore[attr-defined]
+x3dh.base_state.SignedPreKeyPair = _SignedPreKeyPair  # type: ignore[attr-defined]
 
 
 class X3DHState(x3dh.BaseState):

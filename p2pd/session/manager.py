@@ -69,10 +69,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
-
-import doubleratchet
-import xeddsa
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..at_rest import CLEAR, AtRest
 from ..errors import (
@@ -89,19 +86,7 @@ from ..errors import (
 )
 from ..identity import Identity, fingerprint
 from .bundle import PrekeyBundle
-from .config import SessionConfig
-from .crypto import (
-    SUITE,
-    Ratchet,
-    decrypt_quietly,
-    library_header,
-    load_ratchet,
-    ratchet_header,
-    ratchet_state,
-    run_sync,
-    start_as_initiator,
-    start_as_responder,
-)
+from .config import SUITE, SessionConfig
 from .envelope import (
     KEY_LEN,
     MAX_PLAINTEXT,
@@ -112,7 +97,16 @@ from .envelope import (
     normal_prefix,
     session_id,
 )
-from .prekeys import OwnPrekeys
+from .public_prekeys import PublicPrekeys
+
+# The X3DH and Double Ratchet libraries (x3dh, doubleratchet, and the pydantic they both
+# import: about 8 MB resident) are imported by the methods that use them, not here: an
+# idle daemon publishes its bundle and runs its upkeep from PublicPrekeys alone, and
+# loads them at its first agreement, rotation, top-up or session (issue 9;
+# tests/test_prekeys_lazy.py checks it).
+if TYPE_CHECKING:
+    from .crypto import Ratchet
+    from .prekeys import OwnPrekeys
 
 _log = logging.getLogger(__name__)
 
@@ -123,21 +117,6 @@ STATE_FORMAT = 1
 MAX_CACHED_SESSIONS = 256
 #: Our X3DH state lives in the ``meta`` table under this key (p2pd/store.py).
 PREKEYS_META_KEY = "session.prekeys"
-
-# What the ratchet raises for a message that does not authenticate. Besides its own
-# exceptions: ValueError (X25519 refuses a low-order ratchet key), XEdDSAException, and
-# AssertionError/TypeError: doubleratchet 1.3.0 asserts (TypeError under -O) where it
-# should raise when an initiator that has not received anything yet is sent a message
-# under the peer's signed prekey; _open refuses that case first, this is the backstop.
-_UNAUTHENTIC = (
-    doubleratchet.AuthenticationFailedException,
-    doubleratchet.DecryptionFailedException,
-    doubleratchet.ChainNotAvailableException,
-    xeddsa.XEdDSAException,
-    ValueError,
-    AssertionError,
-    TypeError,
-)
 
 
 class Decrypted(NamedTuple):
@@ -193,6 +172,8 @@ class _Session:
 
     def _head(self) -> dict[str, Any]:
         """Everything of an open session's document but the ratchet."""
+        import doubleratchet  # loaded already: an open session has a ratchet
+
         spk = None if self.signed_prekey is None else self.signed_prekey.hex()
         header = self.x3dh_header
         return {
@@ -225,7 +206,9 @@ class _Session:
         if self.status == CLOSED:
             return json.dumps(self.document(), separators=(",", ":"))
         assert self.ratchet is not None
-        document = {**self._head(), "ratchet": ratchet_state(self.ratchet)}
+        from . import crypto  # loaded already: an open session has a ratchet
+
+        document = {**self._head(), "ratchet": crypto.ratchet_state(self.ratchet)}
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
     def info(self) -> SessionInfo:
@@ -282,11 +265,17 @@ class SessionManager:
         manager = cls(conn, identity, config or SessionConfig(), on_bundle_changed, at_rest)
         with manager._transaction(commit=True):
             if manager._prekeys_value() is None:
+                from .prekeys import OwnPrekeys  # the first start: x3dh makes the keys
+
                 prekeys = OwnPrekeys.create(identity, now=now, config=manager._config)
                 manager._save_prekeys(prekeys)
                 manager._mark_bundle_changed()
             else:
-                manager._load_prekeys()  # fail now, not at the first message
+                # Fail now, not at the first message: the checks PublicPrekeys makes
+                # without x3dh (public_prekeys.py says what waits for the first full load).
+                public = manager._public_prekeys()
+                if public.bundle is None:  # written before the public fields: add them
+                    manager._save_prekeys(public.full(identity))
         return manager
 
     @property
@@ -301,7 +290,8 @@ class SessionManager:
 
     def prekey_bundle(self) -> bytes:
         """Our encoded prekey bundle: the ``extension`` of our handle record."""
-        return self._load_prekeys().bundle.encode()
+        bundle = self._public_prekeys().bundle
+        return self._load_prekeys().bundle.encode() if bundle is None else bundle
 
     @property
     def bundle_changed(self) -> bool:
@@ -322,10 +312,14 @@ class SessionManager:
         unused for too long, forget tombstones nobody can replay. Call it periodically
         (the daemon's hourly republish will do). True if the bundle changed."""
         with self._transaction(commit):
-            prekeys = self._load_prekeys()
-            changed = prekeys.maintain(now, self._config)
-            self._save_prekeys(prekeys)
-            held = prekeys.held_signed_prekeys()
+            public = self._public_prekeys()
+            if public.held is not None and not public.maintenance_due(now, self._config):
+                changed, held = False, set(public.held)  # nothing to do: x3dh not needed
+            else:
+                prekeys = public.full(self._identity)
+                changed = prekeys.maintain(now, self._config)
+                self._save_prekeys(prekeys)
+                held = prekeys.held_signed_prekeys()
             cutoff = now - self._config.archived_session_lifetime
             rows = self._conn.execute(
                 "SELECT session_id, state FROM sessions WHERE status=? AND updated<?",
@@ -411,8 +405,12 @@ class SessionManager:
         )
         if not bundle.verify(peer_key):
             raise BundleError("the prekey bundle is not signed by this peer's key")
+        from . import crypto
+
         prekeys = self._load_prekeys()
-        shared, associated_data, x3dh_header = run_sync(prekeys.agree_active(peer_key, bundle))
+        shared, associated_data, x3dh_header = crypto.run_sync(
+            prekeys.agree_active(peer_key, bundle)
+        )
         header = InitialHeader(
             self.public_key,
             x3dh_header.ephemeral_key,
@@ -420,8 +418,8 @@ class SessionManager:
             self._date_new_session(peer_key, now),
             x3dh_header.pre_key,
         )
-        ratchet, message = run_sync(
-            start_as_initiator(
+        ratchet, message = crypto.run_sync(
+            crypto.start_as_initiator(
                 max_skip=self._config.max_skip,
                 max_skipped_keys=self._config.max_skipped_keys,
                 shared_secret=shared,
@@ -445,26 +443,32 @@ class SessionManager:
             ratchet=ratchet,
         )
         _log.debug("session started with %s (initiator)", fingerprint(peer_key)[:12])
-        return session, Envelope(ratchet_header(message.header), message.ciphertext, initial=header)
+        return session, Envelope(
+            crypto.ratchet_header(message.header), message.ciphertext, initial=header
+        )
 
     def _seal(self, session: _Session, plaintext: bytes) -> Envelope:
+        from . import crypto
+
         assert session.ratchet is not None
         if session.role == INITIATOR and not session.confirmed:
             header = session.x3dh_header
             assert header is not None
-            message = run_sync(
+            message = crypto.run_sync(
                 session.ratchet.encrypt_message(
                     plaintext, session.associated_data + initial_prefix(header)
                 )
             )
-            return Envelope(ratchet_header(message.header), message.ciphertext, initial=header)
-        message = run_sync(
+            return Envelope(
+                crypto.ratchet_header(message.header), message.ciphertext, initial=header
+            )
+        message = crypto.run_sync(
             session.ratchet.encrypt_message(
                 plaintext, session.associated_data + normal_prefix(session.session_id)
             )
         )
         return Envelope(
-            ratchet_header(message.header), message.ciphertext, session=session.session_id
+            crypto.ratchet_header(message.header), message.ciphertext, session=session.session_id
         )
 
     # ------------------------------------------------------------------ decrypting
@@ -519,6 +523,10 @@ class SessionManager:
         return Decrypted(session.peer_key, plaintext)
 
     def _open(self, session: _Session, envelope: Envelope) -> bytes:
+        import doubleratchet
+
+        from . import crypto
+
         ratchet = session.ratchet
         assert ratchet is not None
         header = session.x3dh_header
@@ -527,35 +535,41 @@ class SessionManager:
             and header is not None
             and envelope.ratchet.ratchet_key == header.signed_prekey
         ):
-            raise DecryptError()  # see _UNAUTHENTIC
+            raise DecryptError()  # see crypto.UNAUTHENTIC
         message = doubleratchet.EncryptedMessage(
-            library_header(envelope.ratchet), envelope.ciphertext
+            crypto.library_header(envelope.ratchet), envelope.ciphertext
         )
         associated_data = session.associated_data + envelope.prefix
         try:
             # decrypt_message works on a copy of the ratchet and keeps it only if the
             # message authenticates (doubleratchet 1.3.0, double_ratchet.py); a refused
             # message also leaves the stored row alone: we raise before writing.
-            return run_sync(decrypt_quietly(ratchet.decrypt_message(message, associated_data)))
+            return crypto.run_sync(
+                crypto.decrypt_quietly(ratchet.decrypt_message(message, associated_data))
+            )
         except doubleratchet.DuplicateMessageException:
             raise DuplicateMessage() from None
         except doubleratchet.DoSProtectionException:
             raise TooManySkipped() from None
-        except _UNAUTHENTIC:
+        except crypto.UNAUTHENTIC:
             raise DecryptError() from None
 
     def _accept(
         self, envelope: Envelope, header: InitialHeader, sid: bytes, now: float
     ) -> Decrypted:
         """A first message of a session we do not know: X3DH as the responder."""
+        import doubleratchet
+
+        from . import crypto
+
         prekeys = self._load_prekeys()
-        shared, associated_data, spk_priv = run_sync(prekeys.agree_passive(header))
+        shared, associated_data, spk_priv = crypto.run_sync(prekeys.agree_passive(header))
         message = doubleratchet.EncryptedMessage(
-            library_header(envelope.ratchet), envelope.ciphertext
+            crypto.library_header(envelope.ratchet), envelope.ciphertext
         )
         try:
-            ratchet, plaintext = run_sync(
-                start_as_responder(
+            ratchet, plaintext = crypto.run_sync(
+                crypto.start_as_responder(
                     max_skip=self._config.max_skip,
                     max_skipped_keys=self._config.max_skipped_keys,
                     shared_secret=shared,
@@ -566,7 +580,7 @@ class SessionManager:
             )
         except doubleratchet.DoSProtectionException:
             raise TooManySkipped() from None
-        except _UNAUTHENTIC:
+        except crypto.UNAUTHENTIC:
             raise DecryptError() from None
         # Authenticated: only now is the one-time prekey spent (X3DH section 3.4).
         if header.one_time_prekey is not None:
@@ -667,7 +681,8 @@ class SessionManager:
         ).fetchone()
         return None if row is None else row[0]
 
-    def _load_prekeys(self) -> OwnPrekeys:
+    def _public_prekeys(self) -> PublicPrekeys:
+        """Our stored prekeys, their public fields checked, their secrets not parsed."""
         stored = self._prekeys_value()
         if stored is None:
             raise SessionStateCorrupt("the prekey state is missing")
@@ -675,7 +690,11 @@ class SessionManager:
             text = self.at_rest.open_text("meta", "value", PREKEYS_META_KEY, stored)
         except StoredDataCorrupt as exc:
             raise SessionStateCorrupt(f"the prekey state does not load: {exc}") from None
-        return OwnPrekeys.load(text, self._identity)
+        return PublicPrekeys.parse(text, self._identity.public_key)
+
+    def _load_prekeys(self) -> OwnPrekeys:
+        """Our whole X3DH state (imports x3dh the first time)."""
+        return self._public_prekeys().full(self._identity)
 
     def _save_prekeys(self, prekeys: OwnPrekeys) -> None:
         value = self.at_rest.seal_text("meta", "value", PREKEYS_META_KEY, prekeys.dump())
@@ -746,7 +765,9 @@ class SessionManager:
                 )
             base.confirmed = bool(doc["confirmed"])
             base.associated_data = bytes.fromhex(doc["associated_data"])
-            base.ratchet = load_ratchet(
+            from . import crypto  # an open session: the libraries are needed now
+
+            base.ratchet = crypto.load_ratchet(
                 doc["ratchet"],
                 max_skip=self._config.max_skip,
                 max_skipped_keys=self._config.max_skipped_keys,

@@ -7,7 +7,13 @@ version "1.0.0" as written by x3dh 1.3.0), wrapped in a small document of ours::
      "identity_public_key": hex,
      "x3dh": <BaseState.json without "identity_key">,
      "signed_prekey_created": t, "old_signed_prekey_retired": t | null,
-     "retired_signed_prekeys": [{"signed_pre_key": <SignedPreKeyPairModel>, "retired": t}]}
+     "retired_signed_prekeys": [{"signed_pre_key": <SignedPreKeyPairModel>, "retired": t}],
+     "public": {"bundle": hex, "held_signed_prekeys": [hex, ...]}}
+
+``"public"`` (public keys only: the encoded bundle we publish, and the sorted public keys
+of the signed prekeys that still open initial messages) is what an idle daemon reads
+instead of all the rest, without importing x3dh: p2pd/session/public_prekeys.py. Every
+save writes it from the state; :meth:`OwnPrekeys.load` checks that it matches.
 
 What the library leaves to us is done here:
 
@@ -25,13 +31,16 @@ What the library leaves to us is done here:
   retired keys live in our list and are lent to a throwaway copy of the state for the one
   agreement that needs them.
 
-This module does no I/O: the session manager loads and stores the document.
+This module does no I/O: the session manager loads and stores the document. It imports
+x3dh (and with it pydantic), so it is itself imported only where the full state is needed
+(PublicPrekeys.full, and the session manager's creation of a first state).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import x3dh
 import xeddsa
@@ -41,21 +50,21 @@ from x3dh.migrations import parse_signed_pre_key_pair_model
 from ..errors import BundleError, DecryptError, PrekeyUnavailable, SessionStateCorrupt
 from ..identity import Identity
 from .bundle import PrekeyBundle
-from .config import SessionConfig
-from .crypto import IDENTITY_KEY_FORMAT, SUITE, X3DH_HASH, X3DH_INFO, X3DHState
+from .config import SUITE, SessionConfig
+from .crypto import IDENTITY_KEY_FORMAT, X3DH_HASH, X3DH_INFO, X3DHState
 from .envelope import InitialHeader
-
-FORMAT = 1
+from .public_prekeys import FORMAT, PublicPrekeys
 
 
 @dataclass(slots=True)
 class _Retired:
     key: x3dh.SignedPreKeyPairModel
     retired: float
+    #: Worked out once, when the retired key is loaded or made.
+    public_key: bytes = field(init=False)
 
-    @property
-    def public_key(self) -> bytes:
-        return xeddsa.priv_to_curve25519_pub(self.key.priv)
+    def __post_init__(self) -> None:
+        self.public_key = xeddsa.priv_to_curve25519_pub(self.key.priv)
 
 
 class OwnPrekeys:
@@ -102,35 +111,45 @@ class OwnPrekeys:
                 {"signed_pre_key": r.key.model_dump(mode="json"), "retired": r.retired}
                 for r in self._retired
             ],
+            "public": self._public(),
         }
         return json.dumps(document, separators=(",", ":"))
 
+    def _public(self) -> dict[str, Any]:
+        """The document's ``"public"``: what PublicPrekeys reads without x3dh."""
+        return {
+            "bundle": self.bundle.encode().hex(),
+            "held_signed_prekeys": sorted(k.hex() for k in self.held_signed_prekeys()),
+        }
+
     @classmethod
-    def load(cls, text: str, identity: Identity) -> OwnPrekeys:
+    def load(cls, public: PublicPrekeys, identity: Identity) -> OwnPrekeys:
+        """The full state of a stored document that PublicPrekeys.parse has checked
+        (format, suite, our identity key, the times, the public fields): here the secret
+        state is parsed, and must give exactly the public fields stored beside it."""
+        document = public.document
         try:
-            document = json.loads(text)
-            if document["format"] != FORMAT or document["suite"] != SUITE:
-                raise SessionStateCorrupt("prekey state has an unknown format")
-            if bytes.fromhex(document["identity_public_key"]) != identity.public_key:
-                raise SessionStateCorrupt("the stored prekeys belong to another identity")
             serialized = dict(document["x3dh"])
             # Not the library's IdentityKeyPair.json: in x3dh 1.3.0 it calls pydantic's
             # deprecated .json() and warns. model_dump(mode="json") is the same data.
             seed = IdentityKeyPairSeed(identity.seed)
             serialized["identity_key"] = seed.model.model_dump(mode="json")
             state, _ = X3DHState.from_json(serialized, IDENTITY_KEY_FORMAT, X3DH_HASH, X3DH_INFO)
-            old = document["old_signed_prekey_retired"]
             retired = [
-                _Retired(parse_signed_pre_key_pair_model(r["signed_pre_key"]), float(r["retired"]))
-                for r in document["retired_signed_prekeys"]
+                _Retired(parse_signed_pre_key_pair_model(r["signed_pre_key"]), when)
+                for r, when in zip(document["retired_signed_prekeys"], public.retired, strict=True)
             ]
             prekeys = cls(
                 state,
                 identity.public_key,
-                float(document["signed_prekey_created"]),
-                None if old is None else float(old),
+                public.signed_prekey_created,
+                public.old_retired,
                 retired,
             )
+            # What an idle daemon published and kept (PublicPrekeys) must be what these
+            # keys give: a document whose public fields disagree with its keys is corrupt.
+            if public.bundle is not None and prekeys._public() != document["public"]:
+                raise SessionStateCorrupt("the stored prekey state does not match its keys")
         except SessionStateCorrupt:
             raise
         except Exception:  # the parse boundary of stored data; never echo it (secrets)

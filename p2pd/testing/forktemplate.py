@@ -32,6 +32,11 @@ _PRELOAD = (
     "p2pd.keystore",
     "p2pd.wire",
     "trio",
+    # x3dh, doubleratchet and pydantic (~90 ms): a daemon loads them on first need
+    # (docs/ARCHITECTURE.md, "Sessions"), and a test daemon's first start makes its
+    # prekeys, which needs them.
+    "p2pd.session.prekeys",
+    "p2pd.session.crypto",
 )
 #: Large enough for a request with the worker's whole environment.
 MAX_MESSAGE = 1 << 20
