@@ -18,6 +18,7 @@ from .. import render
 from . import home_of, parse_handle
 
 if TYPE_CHECKING:
+    from p2pd.identity import Identity
     from p2pd.wire import Address
 
 
@@ -62,10 +63,14 @@ def init(
 
     HANDLE is 3-32 characters of a-z, 0-9 and _, starting with a letter. The key is
     encrypted at rest with a passphrase from --passphrase-file or P2PD_PASSPHRASE
-    (prompted for on a terminal), unless you say --no-passphrase.
+    (prompted for on a terminal), unless you say --no-passphrase. The home's database
+    gets the identity's X3DH prekeys (what peers use to start an encrypted session),
+    sealed under the passphrase too.
     """
+    import secrets
+
     from p2pd.identity import Identity, check_handle, self_certifying
-    from p2pd.keystore import save_identity
+    from p2pd.keystore import STORAGE_KEY_LEN, save_identity
 
     check_handle(handle)
     home = home_of(ctx)
@@ -82,7 +87,9 @@ def init(
             "Passphrase for the new key", hide_input=True, confirmation_prompt=True
         ).encode()
     identity = Identity.generate(handle)
-    path = save_identity(home, identity, passphrase)
+    storage_key = None if passphrase is None else secrets.token_bytes(STORAGE_KEY_LEN)
+    path = save_identity(home, identity, passphrase, storage_key=storage_key)
+    _make_prekeys(home, identity, storage_key)
     data = {
         "handle": handle,
         "self_certifying": self_certifying(handle, identity.public_key),
@@ -91,6 +98,30 @@ def init(
         "encrypted": passphrase is not None,
     }
     render.emit(data, as_json, render.init_text)
+
+
+def _make_prekeys(home: Path, identity: Identity, storage_key: bytes | None) -> None:
+    """Make the new identity's X3DH prekeys in the home's database, as the daemon's first
+    start would: making them loads the X3DH library and pydantic, ~8 MB that a daemon
+    would then keep for good; from its second start on it reads only their public side
+    (p2pd/session/public_prekeys.py). Made here, in a process that ends, a new daemon is
+    as light as a restarted one (scripts/bench_idle.py; issue 9). A home that already
+    has a database is left to the daemon, as before."""
+    import time
+
+    from p2pd.at_rest import open_at_rest
+    from p2pd.session import SessionManager
+    from p2pd.store import db_path, open_database
+
+    path = db_path(home)
+    if path.exists():
+        return
+    conn = open_database(path)
+    try:
+        at_rest = open_at_rest(conn, storage_key)
+        SessionManager.open(conn, identity, now=time.time(), at_rest=at_rest)
+    finally:
+        conn.close()
 
 
 def _addresses(values: tuple[str, ...]) -> tuple[Address, ...]:
