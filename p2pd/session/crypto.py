@@ -120,6 +120,15 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 # --------------------------------------------------------------------------- X3DH
 
 
+def _cached_pub(pair: Any) -> bytes:
+    """A prekey pair's public key, worked out from its private key once and kept in the
+    instance's own ``__dict__`` (see :class:`_PreKeyPair`)."""
+    cached: bytes | None = pair.__dict__.get("pub")
+    if cached is None:
+        cached = pair.__dict__["pub"] = xeddsa.priv_to_curve25519_pub(pair.priv)
+    return cached
+
+
 class _PreKeyPair(x3dh.pre_key_pair.PreKeyPair):
     """x3dh's one-time prekey, its public key worked out once.
 
@@ -135,12 +144,7 @@ class _PreKeyPair(x3dh.pre_key_pair.PreKeyPair):
     leaves nothing behind. Equality, hashing, ``priv`` and the model are the tuple's,
     as before."""
 
-    @property
-    def pub(self) -> bytes:
-        cached: bytes | None = self.__dict__.get("pub")
-        if cached is None:
-            cached = self.__dict__["pub"] = xeddsa.priv_to_curve25519_pub(self.priv)
-        return cached
+    pub = property(_cached_pub)
 
 
 class _SignedPreKeyPair(x3dh.signed_pre_key_pair.SignedPreKeyPair):
@@ -151,12 +155,7 @@ class _SignedPreKeyPair(x3dh.signed_pre_key_pair.SignedPreKeyPair):
     PublicPrekeys reads without x3dh (p2pd/session/prekeys.py); each read was a
     curve25519 scalar multiplication."""
 
-    @property
-    def pub(self) -> bytes:
-        cached: bytes | None = self.__dict__.get("pub")
-        if cached is None:
-            cached = self.__dict__["pub"] = xeddsa.priv_to_curve25519_pub(self.priv)
-        return cached
+    pub = property(_cached_pub)
 
     @staticmethod
     def from_model(model: x3dh.SignedPreKeyPairModel) -> _SignedPreKeyPair:
