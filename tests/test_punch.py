@@ -16,6 +16,7 @@ from p2pd.errors import WireError
 from p2pd.transport.punch import (
     DATAGRAM_LEN,
     PUNCH_BYTE,
+    T_ACK,
     T_PROBE,
     HolePunch,
     PunchConfig,
@@ -229,6 +230,53 @@ def test_the_birthday_probes_never_try_a_port_twice() -> None:
         assert len(ports) == PunchConfig().port_probes
         assert len(set(ports)) == len(ports), len(ports) - len(set(ports))
         assert all(1024 <= port <= 65535 for _, port in ports)
+
+
+def _alone(core: HolePunch, until: float) -> tuple[float, list[tuple[float, int]]]:
+    """Drive one side with nothing answering until it fails (or ``until``): when it
+    failed, and (time, socket) of each datagram it sent."""
+    now, sent = core.plan.start, []
+    for _ in range(10_000):  # bounded: the attempt ends at its deadline
+        core.handle_timer(now)
+        sent += [(now, sock) for sock, _, _ in core.datagrams_to_send()]
+        timer = core.get_timer()
+        if timer is None or timer > until:
+            break
+        now = timer
+    return now, sent
+
+
+def test_a_missed_birthday_attempt_gives_up_a_second_after_its_last_port_probe() -> None:
+    """Nothing answers (every probe missed the peer's mappings): by 2 s both sprays are
+    out (the side sockets' second round at 1 s, the 1,024th port probe at 2 s), so the
+    attempt fails 1 s later (spray_grace), not at its 5 s deadline, and the next attempt
+    comes 2 s sooner (issue 9: a miss cost test_upgrade_netns' call 7 s before the next)."""
+    config = PunchConfig()
+    spray = config.port_probes / config.port_rate
+    assert spray + config.spray_grace < config.duration
+    a, b = pair("eim", "edm", seed=5)  # a probes ports, b opens mappings
+    for side, socket_kind in ((a, 0), (b, 1)):
+        core = side.core
+        ended, sent = _alone(core, until=core.plan.start + config.duration + 1)
+        assert core.failed and core.result is None
+        assert ended == pytest.approx(core.plan.start + spray + config.spray_grace)
+        assert core.get_timer() is None
+        # every port probe (a) and both side rounds (b) went out before it gave up
+        if socket_kind == 0:
+            assert core.stats["port_probes_out"] == config.port_probes
+        else:
+            assert core.stats["side_probes_out"] == 2 * 256 * len(core.plan.remote)
+            assert max(t for t, sock in sent if sock >= 1) < ended
+    # a path seen late keeps the initiator nominating it until the deadline proper
+    a, _ = pair("eim", "edm", seed=5)
+    core, late = a.core, a.core.plan.start + spray + 0.9
+    _alone(core, until=late)
+    ack = encode_datagram(core.plan.key, T_ACK, 1, core.plan.session, 1)
+    core.datagram_received(ack, ("198.18.2.1", 40000), 0, late)
+    ended, sent = _alone(core, until=core.plan.start + config.duration + 1)
+    assert core.failed and ended == pytest.approx(core.deadline)
+    # every 100 ms from the ACK (2.9 s) to the deadline (5 s)
+    assert core.stats["nominates_out"] >= (core.deadline - late) / config.interval - 1
 
 
 def test_two_endpoint_dependent_nats_are_not_punched_and_the_attempt_ends() -> None:
