@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,9 @@ from p2pd.errors import WireError
 from p2pd.transport.punch import (
     DATAGRAM_LEN,
     PUNCH_BYTE,
+    T_ACK,
+    T_NOMINATE,
+    T_NOMINATED,
     T_PROBE,
     HolePunch,
     PunchConfig,
@@ -231,6 +235,53 @@ def test_the_birthday_probes_never_try_a_port_twice() -> None:
         assert all(1024 <= port <= 65535 for _, port in ports)
 
 
+def _alone(core: HolePunch, until: float) -> tuple[float, list[tuple[float, int]]]:
+    """Drive one side with nothing answering until it fails (or ``until``): when it
+    failed, and (time, socket) of each datagram it sent."""
+    now, sent = core.plan.start, []
+    for _ in range(10_000):  # bounded: the attempt ends at its deadline
+        core.handle_timer(now)
+        sent += [(now, sock) for sock, _, _ in core.datagrams_to_send()]
+        timer = core.get_timer()
+        if timer is None or timer > until:
+            break
+        now = timer
+    return now, sent
+
+
+def test_a_missed_birthday_attempt_gives_up_a_second_after_its_last_port_probe() -> None:
+    """Nothing answers (every probe missed the peer's mappings): by 2 s both sprays are
+    out (the side sockets' second round at 1 s, the 1,024th port probe at 2 s), so the
+    attempt fails 1 s later (spray_grace), not at its 5 s deadline, and the next attempt
+    comes 2 s sooner (issue 9: a miss cost test_upgrade_netns' call 7 s before the next)."""
+    config = PunchConfig()
+    spray = config.port_probes / config.port_rate
+    assert spray + config.spray_grace < config.duration
+    a, b = pair("eim", "edm", seed=5)  # a probes ports, b opens mappings
+    for side, socket_kind in ((a, 0), (b, 1)):
+        core = side.core
+        ended, sent = _alone(core, until=core.plan.start + config.duration + 1)
+        assert core.failed and core.result is None
+        assert ended == pytest.approx(core.plan.start + spray + config.spray_grace)
+        assert core.get_timer() is None
+        # every port probe (a) and both side rounds (b) went out before it gave up
+        if socket_kind == 0:
+            assert core.stats["port_probes_out"] == config.port_probes
+        else:
+            assert core.stats["side_probes_out"] == 2 * 256 * len(core.plan.remote)
+            assert max(t for t, sock in sent if sock >= 1) < ended
+    # a path seen late keeps the initiator nominating it until the deadline proper
+    a, _ = pair("eim", "edm", seed=5)
+    core, late = a.core, a.core.plan.start + spray + 0.9
+    _alone(core, until=late)
+    ack = encode_datagram(core.plan.key, T_ACK, 1, core.plan.session, 1)
+    core.datagram_received(ack, ("198.18.2.1", 40000), 0, late)
+    ended, sent = _alone(core, until=core.plan.start + config.duration + 1)
+    assert core.failed and ended == pytest.approx(core.deadline)
+    # every 100 ms from the ACK (2.9 s) to the deadline (5 s)
+    assert core.stats["nominates_out"] >= (core.deadline - late) / config.interval - 1
+
+
 def test_two_endpoint_dependent_nats_are_not_punched_and_the_attempt_ends() -> None:
     a, b = pair("edm", "edm")
     assert a.core.plan.side_sockets == 0 and a.core.plan.port_probes == 0
@@ -315,7 +366,7 @@ def test_a_node_sends_at_most_its_punch_budget_whatever_peers_ask() -> None:
                 theirs = PunchOffer.new("endpoint-dependent", [victim] * 8)
                 plan = make_plan(ours, theirs, initiator=True, start=trio.current_time())
                 nursery.start_soon(runner.attempt, plan)
-                await trio.sleep(7.5)  # one after another: each ends at its 5 s deadline
+                await trio.sleep(7.5)  # one after another: each gives up at 3 s (spray_grace)
         assert runner.stats["over_budget"] > 0
         return trio.current_time() - start
 
@@ -323,3 +374,121 @@ def test_a_node_sends_at_most_its_punch_budget_whatever_peers_ask() -> None:
     assert all(addr[0] == victim.host for addr in sent)
     assert len(sent) <= PACKET_BUDGET + PACKET_REFILL * elapsed + 1
     assert len(sent) < 8 * (1024 + 8 * 50)  # what the attempts asked for
+
+
+def test_the_initiator_connects_as_soon_as_the_peer_confirms_the_path() -> None:
+    """The initiator's attempt returns when NOMINATED comes back: it used to linger
+    0.3 s as the responder does, with nothing left to answer, and every upgrade's direct
+    connection came that much later (issue 9). The responder still lingers, and answers
+    a NOMINATE sent again (its NOMINATED may have been lost)."""
+    import trio.testing
+
+    from p2pd.transport.punch_driver import LINGER_INTERVALS, PunchRunner
+
+    peer = ("198.18.2.1", 4000)
+
+    async def one(initiator: bool) -> tuple[float, list[int], object]:
+        sent: list[int] = []  # the types of what the runner sent
+        runner = PunchRunner(lambda data, addr: sent.append(data[2]), "0.0.0.0")
+        ours = PunchOffer.new("endpoint-independent", [Address("198.18.1.1", 4000)])
+        theirs = PunchOffer.new("endpoint-independent", [Address(*peer)])
+        plan = make_plan(ours, theirs, initiator=initiator, start=trio.current_time())
+        ended: dict[str, Any] = {}
+
+        async def attempt() -> None:
+            ended["outcome"] = await runner.attempt(plan)
+            ended["at"] = trio.current_time()
+
+        def from_peer(kind: int, seq: int) -> None:
+            runner.datagram_received(encode_datagram(plan.key, kind, 1 - plan.role,
+                                                     plan.session, seq), peer)  # fmt: skip
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt)
+            await trio.sleep(0.05)
+            if initiator:
+                from_peer(T_PROBE, 1)  # the path
+                await trio.sleep(0.01)
+                assert T_NOMINATE in sent
+                agreed = trio.current_time()
+                from_peer(T_NOMINATED, 2)
+            else:
+                from_peer(T_NOMINATE, 1)
+                agreed = trio.current_time()
+                await trio.sleep(0.15)
+                from_peer(T_NOMINATE, 2)  # as if our NOMINATED had been lost
+        return ended["at"] - agreed, sent, ended["outcome"]
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    took, _, outcome = trio.run(one, True, clock=clock)
+    assert outcome.result is not None and outcome.result.address.as_tuple() == peer
+    assert took == 0.0  # virtual time: at once
+    took, sent, outcome = trio.run(one, False, clock=clock)
+    assert outcome.result is not None and outcome.result.address.as_tuple() == peer
+    assert took == pytest.approx(LINGER_INTERVALS * PunchConfig().interval)
+    assert sent.count(T_NOMINATED) == 2  # the second NOMINATE was answered too
+
+
+def test_a_quic_packet_on_the_winning_side_socket_ends_the_linger_and_is_kept() -> None:
+    """The initiator connects as soon as it has the path; on the responder a side
+    socket's path is the QUIC endpoint's only once the attempt ended: the first
+    handshake packet ends the linger (the peer has our NOMINATED: it connects) and is
+    handed over with the socket (``PunchOutcome.early``), not dropped (QUIC would send
+    it again 0.2 s later, into the linger still, then 0.4 s after that), nor held 0.3 s.
+    Only packets from the path's address: a stranger's are dropped as before."""
+    import dataclasses
+    import socket
+
+    import trio
+    import trio.testing
+
+    from p2pd.transport.punch_driver import PunchRunner
+
+    quic_packet = bytes([0xC3]) + b"initial" * 180
+
+    async def main() -> tuple[Any, tuple[str, int], float]:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger,
+        ):
+            for s in (peer, stranger):
+                s.bind(("127.0.0.1", 0))
+                s.setblocking(False)
+            runner = PunchRunner(lambda data, addr: None, "127.0.0.1")
+            ours = PunchOffer.new("endpoint-dependent", [Address("127.0.0.1", 9)])
+            theirs = PunchOffer.new("endpoint-independent", [Address(*peer.getsockname())])
+            plan = make_plan(ours, theirs, initiator=False, start=trio.current_time())
+            plan = dataclasses.replace(plan, side_sockets=2)
+            ended: dict[str, Any] = {}
+
+            async def attempt() -> None:
+                ended["outcome"] = await runner.attempt(plan)
+                ended["at"] = trio.current_time()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attempt)
+                with trio.fail_after(5):
+                    for _ in range(100):  # a side socket's PROBE tells us its address
+                        await trio.lowlevel.wait_readable(peer)
+                        data, side = peer.recvfrom(2048)
+                        if data[0] == PUNCH_BYTE and data[2] == T_PROBE:
+                            break
+                stranger.sendto(bytes([0xC3]) + b"stranger" * 150, side)
+                nominate = encode_datagram(plan.key, T_NOMINATE, 0, plan.session, 1)
+                peer.sendto(nominate, side)
+                stranger.sendto(bytes([0xC3]) + b"stranger" * 150, side)
+                await trio.sleep(0.05)  # (virtual) the initiator's NOMINATED round trip
+                connected = trio.current_time()
+                peer.sendto(quic_packet, side)
+            return ended["outcome"], side, ended["at"] - connected
+
+    # virtual time: loopback datagrams are queued by the time sendto returns
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    outcome, side, took = trio.run(main, clock=clock)
+    assert outcome.result is not None and outcome.side_socket is not None
+    try:
+        assert outcome.side_socket.getsockname() == side
+        assert outcome.early == [quic_packet]
+        assert took == 0.0  # not the 0.3 s linger
+    finally:
+        outcome.side_socket.close()

@@ -42,7 +42,7 @@ def test_a_direct_path_is_punched_and_carries_data_both_ways(
         # docs/BENCHMARKS.md): about 4 hits an attempt, and all but 2 of some 600
         # probes that met a mapping got through, so a miss is that chance; with two
         # birthday cases it failed about one clean-clone CI run in 30. The daemon tries
-        # a missed attempt again 2 s later (p2pd/relay/upgrade.py, RETRY_DELAYS), and so
+        # a missed attempt again 1 s later (p2pd/relay/upgrade.py, RETRY_DELAYS), and so
         # does the test, once: two misses in a row are one chance in 3,700. With the
         # spray aimed wrong (side sockets sending to the port next to a's) both
         # attempts missed in 6 runs of 6.

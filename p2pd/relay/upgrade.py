@@ -35,7 +35,7 @@ import dataclasses
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -63,11 +63,15 @@ RETRY_AFTER = 60.0
 #: chance; under load more often, and a lost NOMINATED or handshake ends one too) is
 #: tried again this long after it ended, while the relayed connection lasts and nothing
 #: direct came of another: MAX_TRIES attempts over one relayed connection at most, the
-#: last about a minute after the first. Each attempt's upgrade stream is traffic on the
+#: last under a minute after the first. Each attempt's upgrade stream is traffic on the
 #: relayed connection, so these come before its idle close (``[quic] idle_close``, 60 s
 #: after the last traffic); a retry RETRY_AFTER later, as before, always found it closed
 #: (a clean-clone CI run saw one attempt in 90 s, then the pair stayed relayed).
-RETRY_DELAYS = (2.0, 8.0, 30.0)
+#: The first retry comes 1 s after the miss: a miss is chance (which ports the NAT
+#: picked), not a state that waiting cures, and each second of it is a second relayed
+#: (issue 9: a missed birthday attempt cost 7 s before the next one, 5 s of the attempt
+#: and 2 s here; now 3 s and 1 s, p2pd/transport/punch.py PunchConfig.spray_grace).
+RETRY_DELAYS = (1.0, 8.0, 30.0)
 MAX_TRIES = 1 + len(RETRY_DELAYS)
 #: Attempts under way at once (each may hold 256 side sockets).
 MAX_ATTEMPTS = 4
@@ -258,7 +262,7 @@ class DirectUpgrade:
             return False
         address = result.address.as_tuple()
         if outcome.side_socket is not None:
-            self._adopt(outcome.side_socket, address)
+            self._adopt(outcome.side_socket, address, outcome.early)
         with trio.fail_after(DIRECT_CONNECT_TIMEOUT):
             peer = await self.quic.connect(address, key)
         self.stats["upgrades_direct"] += 1
@@ -309,7 +313,7 @@ class DirectUpgrade:
             outcome = await self.runner.attempt(plan)
             if outcome.result is not None and outcome.side_socket is not None:
                 # the other side connects to us over it: QUIC must hear that socket
-                self._adopt(outcome.side_socket, outcome.result.address.as_tuple())
+                self._adopt(outcome.side_socket, outcome.result.address.as_tuple(), outcome.early)
         except (P2PDError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             self.stats["upgrades_refused"] += 1
             log.info("%s: upgrade refused: %s", _who(key), exc)
@@ -339,13 +343,21 @@ class DirectUpgrade:
             raise WireError("no address of ours to offer")
         return PunchOffer.new(mapping if mapping in MAPPINGS else "unknown", candidates)
 
-    def _adopt(self, sock: socket.socket, address: tuple[str, int]) -> None:
+    def _adopt(
+        self, sock: socket.socket, address: tuple[str, int], early: Sequence[bytes] = ()
+    ) -> None:
         """A side socket that won: QUIC packets from ``address`` on it go to the endpoint,
         and the endpoint's packets to ``address`` leave through it, for as long as a
-        connection to that address lives (or 10 minutes without one)."""
+        connection to that address lives (or 10 minutes without one). ``early``: the
+        packets that came from ``address`` while the attempt still held the socket (the
+        peer connects once it knows the path, maybe before our attempt ended)."""
         assert self._nursery is not None
         sock.setblocking(False)
         self.quic.add_route(address, lambda data, addr: send_quietly(sock, data, addr))
+        for data in early:
+            self.quic.datagram_received(data, address)
+        if early:
+            self.quic.flush()
         self._nursery.start_soon(self._serve_side, sock, address)
 
     async def _serve_side(self, sock: socket.socket, address: tuple[str, int]) -> None:

@@ -31,7 +31,9 @@ How it goes (docs/PROTOCOL.md, "Hole punching"):
    of its sockets, which address of the peer) and NOMINATEs it, every interval, until
    the peer answers NOMINATED; the responder takes the path its first NOMINATE came
    over. So both use the same path, also when many of the birthday case's mappings
-   work at once. Both stop once they agree, or at the deadline.
+   work at once. Both stop once they agree, or at the deadline (5 s; a birthday
+   attempt that has seen no path gives up 1 s after its last port probe is due, 3 s
+   after the start: :attr:`PunchConfig.spray_grace`).
 
 A probe is authenticated with the session key (BLAKE2b-128), so a third party who sees
 neither offer cannot steer the result to an address of its choice; whoever holds the
@@ -89,6 +91,14 @@ class PunchConfig:
     #: The side sockets send to each candidate at the start and again this much later
     #: (a second chance for a lost first probe; each packet opens the mapping).
     side_repeat: float = 1.0
+    #: A birthday attempt in which no path was seen gives up this long after the port
+    #: probes' last is due (``port_probes / port_rate``, 2 s after the start; the side
+    #: that opens the mappings reckons the same from its own config), not at
+    #: ``duration``: the mappings were all opened by 1 s and every port probe is out by
+    #: 2 s, so a hit can only be one still on its way (a round trip and a loaded
+    #: machine's lag). A miss (1.6 %, more under load) then costs 3 s, not 5, before
+    #: the next attempt (p2pd/relay/upgrade.py, RETRY_DELAYS).
+    spray_grace: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +281,17 @@ class HolePunch:
         return self.plan.start + self.config.duration
 
     @property
+    def give_up_at(self) -> float:
+        """When the attempt fails if no path was seen by then: :attr:`deadline`, or
+        earlier in the birthday case (:attr:`PunchConfig.spray_grace`). A path seen
+        (the initiator nominating it) keeps the attempt going to the deadline."""
+        if self.result is not None or not (self.plan.port_probes or self.plan.side_sockets):
+            return self.deadline
+        config = self.config
+        spray = config.port_probes / config.port_rate if config.port_rate > 0 else 0.0
+        return min(self.deadline, self.plan.start + spray + config.spray_grace)
+
+    @property
     def done(self) -> bool:
         """Failed, or both sides agree on the path (as far as this side can know)."""
         if self.plan.role == 0:
@@ -330,7 +351,7 @@ class HolePunch:
     def get_timer(self) -> float | None:
         if self.done:
             return None
-        timers = [self._next_round, self.deadline]
+        timers = [self._next_round, self.give_up_at]
         if self._side_rounds < 2 and self.plan.side_sockets:
             timers.append(self._next_side)
         return min(timers)
@@ -338,7 +359,7 @@ class HolePunch:
     def handle_timer(self, now: float) -> None:
         if self.done or now < self.plan.start:
             return
-        if now >= self.deadline:
+        if now >= self.give_up_at:
             self.failed = True
             self.result = None  # never confirmed: not a path to use
             return

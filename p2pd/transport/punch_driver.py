@@ -24,9 +24,20 @@ from .punch import PUNCH_BYTE, HolePunch, PunchConfig, PunchPlan, PunchResult
 
 log = logging.getLogger(__name__)
 
-#: After a result, how long the attempt still answers the peer's probes (its ACK may
-#: have been lost), in intervals.
+#: After a result, how long the responder still answers the peer (its NOMINATED may
+#: have been lost, and the initiator NOMINATEs again), in intervals. The initiator,
+#: once the peer confirmed, has nothing left to answer and returns at once: it waited
+#: this too, which put 0.3 s between the path and the direct connection on every
+#: upgrade (issue 9).
 LINGER_INTERVALS = 3
+#: QUIC packets (first byte with 0x40 set) that reach the winning side socket from the
+#: path's address while the attempt lingers are kept, at most this many, and handed to
+#: the caller with the socket (:attr:`PunchOutcome.early`), and the first ends the
+#: linger (the peer connecting has our NOMINATED): the initiator connects as soon as the
+#: path is confirmed, while the responder still lingers, and the attempt's own reader
+#: dropped its first handshake packets (QUIC sends them again after its probe timeout,
+#: 0.2 s and then 0.4 s more with aioquic's initial RTT of 0.1 s).
+EARLY_PACKETS = 8
 #: File descriptors left alone when side sockets are opened.
 FD_RESERVE = 128
 #: Every punch datagram this node sends, across attempts: a token bucket of this many,
@@ -47,6 +58,9 @@ class PunchOutcome:
     stats: dict[str, int] = field(default_factory=dict)
     #: Side sockets asked for that could not be opened (file descriptor limit).
     side_sockets_short: int = 0
+    #: QUIC packets that came to ``side_socket`` from the path's address while the
+    #: attempt lingered, oldest first, for the caller's QUIC endpoint.
+    early: list[bytes] = field(default_factory=list)
 
 
 def send_quietly(sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
@@ -72,11 +86,23 @@ class _Attempt:
     """An attempt under way: its core, and the event that wakes its loop when a
     datagram was fed to the core (a new one after each wake)."""
 
-    __slots__ = ("core", "woken")
+    __slots__ = ("core", "early", "woken")
 
     def __init__(self, core: HolePunch) -> None:
         self.core = core
         self.woken = trio.Event()
+        #: QUIC packets that came over the path found, on a side socket; bounded.
+        self.early: list[bytes] = []
+
+    def keep_early(self, data: bytes, addr: tuple[str, int], sock: int) -> None:
+        """A QUIC packet on side socket ``sock``: kept if it came over the path (the
+        peer's first handshake packet, sent as soon as it knew the path), else dropped
+        as before: nothing else can fill the few places."""
+        r = self.core.result
+        on_path = r is not None and r.socket == sock and r.address.as_tuple() == addr
+        if on_path and len(self.early) < EARLY_PACKETS:
+            self.early.append(data)
+            self.woken.set()  # the peer connects: it has the path, no need to linger
 
     def feed(self, data: bytes, addr: tuple[str, int], sock: int) -> None:
         self.core.datagram_received(data, addr, sock, trio.current_time())
@@ -141,13 +167,18 @@ class PunchRunner:
             for s in sides:
                 if s is not kept:
                     s.close()
+        early = attempt.early if kept is not None else []
         self.stats["attempts"] = self.stats.get("attempts", 0) + 1
         self.stats["paths_found"] = self.stats.get("paths_found", 0) + (winner is not None)
         for name, count in core.stats.items():
             if name.startswith("refused_"):  # forged, reflected, malformed: worth seeing
                 self.stats[name] = self.stats.get(name, 0) + count
         return PunchOutcome(
-            winner, kept, dict(core.stats), side_sockets_short=wanted - plan.side_sockets
+            winner,
+            kept,
+            dict(core.stats),
+            side_sockets_short=wanted - plan.side_sockets,
+            early=early,
         )
 
     async def _run(self, attempt: _Attempt, sides: list[socket.socket]) -> PunchResult | None:
@@ -166,6 +197,8 @@ class PunchRunner:
                         continue
                     if data[:1] == bytes([PUNCH_BYTE]):
                         attempt.feed(data, addr[:2], index)
+                    elif data and data[0] & 0x40:
+                        attempt.keep_early(data, addr[:2], index)
 
         async with trio.open_nursery() as nursery:
             for index, s in enumerate(sides, 1):
@@ -174,6 +207,11 @@ class PunchRunner:
                 self._flush(core, sides)
                 now = trio.current_time()
                 if core.done:
+                    if not core.failed and (core.plan.role == 0 or attempt.early):
+                        # the initiator: the peer confirmed the path, connect over it
+                        # now; the responder: the peer connects over it, so it got our
+                        # NOMINATED, and QUIC must hear the socket at once
+                        break
                     if linger_until is None:
                         linger_until = now + LINGER_INTERVALS * self.config.interval
                     if now >= linger_until or core.failed:
