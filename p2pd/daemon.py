@@ -209,6 +209,8 @@ class Node:
         sessions.mark_bundle_published()
         self._schedule.published(trio.current_time())
         self.replicas = await self.dht.publish(record)
+        table = self.dht.statistics()["routing_table_size"]
+        self._schedule.stored(self.replicas, min(table, self.config.dht.ksize))
         self.record = record
         log.info("published record seq=%d to %d node(s)", record.seq, self.replicas)
         return self.replicas

@@ -53,6 +53,27 @@ def test_the_next_deadline_is_the_earliest_thing_due() -> None:
     assert s.due(HOUR + UPKEEP_INTERVAL, alone=False, bundle_changed=False).publish
 
 
+def test_a_publish_that_reached_too_few_replicas_is_tried_again_soon() -> None:
+    """A store that met only timeouts (a busy moment) left our record nowhere: until it
+    is stored, a rival's claim would be the first the network sees. Published again
+    after BUNDLE_REPUBLISH_MIN, as a changed record is, not an hour later."""
+    s = schedule()
+    s.published(0.0)
+    s.stored(3, 20)  # under half of the k (20) it could reach
+    assert s.next_deadline(alone=False, bundle_changed=False) == BUNDLE_REPUBLISH_MIN
+    assert not s.due(BUNDLE_REPUBLISH_MIN - 1, alone=False, bundle_changed=False).publish
+    assert s.due(BUNDLE_REPUBLISH_MIN, alone=False, bundle_changed=False).publish
+    s.published(BUNDLE_REPUBLISH_MIN)
+    s.stored(10, 20)  # half: stored
+    assert not s.due(2 * BUNDLE_REPUBLISH_MIN, alone=False, bundle_changed=False).publish
+    assert s.due(BUNDLE_REPUBLISH_MIN + HOUR, alone=False, bundle_changed=False).publish
+    s.published(HOUR)
+    s.stored(2, 3)  # a small network: 2 of the 3 it knows
+    assert not s.due(HOUR + BUNDLE_REPUBLISH_MIN, alone=False, bundle_changed=False).publish
+    s.stored(0, 0)  # alone: nothing it could reach (the rejoin publishes after it)
+    assert not s.due(HOUR + BUNDLE_REPUBLISH_MIN, alone=False, bundle_changed=False).publish
+
+
 def test_a_join_request_counts_only_while_alone() -> None:
     s = schedule()
     s.request_join()
@@ -162,6 +183,26 @@ async def test_maintain_wakes_for_a_changed_bundle_and_a_lan_peer(
         await trio.testing.wait_all_tasks_blocked()
         assert node.done[-1] == ("join", trio.current_time())
         nursery.cancel_scope.cancel()
+
+
+async def test_maintain_publishes_again_soon_after_a_publish_that_fell_short(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    node, _, _, _ = recording_node(tmp_path)
+    copies = [0, 0, 20]  # two stores that reach no replica, then one that does
+
+    async def publish() -> int:
+        node.done.append(("publish", trio.current_time()))
+        node._schedule.published(trio.current_time())
+        node._schedule.stored(copies.pop(0), 20)
+        return 1
+
+    node._schedule.stored(0, 20)  # the start's publish fell short too
+    node.publish = publish  # type: ignore[method-assign]
+    with trio.move_on_after(HOUR / 2):
+        await node.maintain()
+    short = BUNDLE_REPUBLISH_MIN
+    assert times(node, "publish") == [short, 2 * short, 3 * short]  # then stored: no more
 
 
 async def test_maintain_rejoins_as_soon_as_the_dht_says_it_is_alone(
