@@ -13,15 +13,14 @@ than "any worker, any time":
   groups by file instead.
 - ``@pytest.mark.serial``: tests whose assertions count what the machine does in real
   time (video frames in 3 s of call, say) run with no ordinary test beside them, and
-  with at most three other serial tests (:data:`SERIAL_LANES`). Each takes about half a
-  core (a 3 s call: 0.75-2 s of CPU), so the three beside one load the 2 cores less than
-  the two CPU hogs these tests are shown to hold under. Reader-writer locks (readers first)
+  with at most two other serial tests (:data:`SERIAL_LANES`). Each takes about half a
+  core (a 3 s call: 0.75-2 s of CPU), so three together load the 2 cores less than the
+  two CPU hogs these tests are shown to hold under. Reader-writer locks (readers first)
   on files that all workers share do it (:class:`_RunAlone`): every other test holds
   all the lanes shared, a serial one takes a lane exclusively, waiting for the tests
   under way to end. (One serial test at a time left a core idle for the ~80 s the
   serial tests take, a quarter of the suite's wall time; the 20 serial tests alone took
-  41 s on two lanes, 27-31 s on three, 6 of 6 runs passing, 2026-12-05; on four: see
-  :data:`SERIAL_LANES`.)
+  41 s on two lanes, 27-31 s on three, 6 of 6 runs passing, 2026-12-05.)
   Mark a test so only when a loaded machine changes what it measures, not to hide a
   race: a race must be fixed in the wait, not the check.
 - :data:`SERIAL_ELSEWHERE`: the same, named here by node id (no mark in their files).
@@ -128,7 +127,7 @@ def pytest_configure(config: pytest.Config) -> None:
     daemons.use_forkserver(fork == "1")
     config.addinivalue_line(
         "markers",
-        "serial: real-time rates; runs beside no ordinary test, four at most (tests/conftest.py)",
+        "serial: real-time rates; runs beside no ordinary test, three at most (tests/conftest.py)",
     )
     if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
         _warm_hypothesis_charmap()
@@ -227,15 +226,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     return _Scheduling(config, log)
 
 
-#: How many serial tests run at once (tests/conftest.py's docstring says why four).
-SERIAL_LANES = 4
+#: How many serial tests run at once (tests/conftest.py's docstring says why three).
+SERIAL_LANES = 3
 
 
 class _RunAlone:
     """Reader-writer locks between xdist workers, readers first, on files in the run's
     shared temporary directory: a turnstile, :data:`SERIAL_LANES` lanes and a mark of
     waiting readers. Readers (ordinary tests) hold every lane shared; a writer (a serial
-    test) holds one lane exclusively, so serial tests run four at a time, never beside
+    test) holds one lane exclusively, so serial tests run three at a time, never beside
     an ordinary test.
 
     A reader marks itself waiting (a shared lock on the third file) before it passes the
