@@ -35,7 +35,17 @@ from p2pd.testing.daemons import (
 )
 from p2pd.testing.netns import Testbed
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # Under `scripts/test --coverage` every daemon and CLI call is exec'd, so that each
+    # is measured from its start (p2pd/testing/daemons.py `_coverage`): there is no
+    # fork to test, and all 17 tests of forking failed there. Never under CI, which
+    # runs without coverage (.ci/run).
+    pytest.mark.skipif(
+        daemons._coverage() and not os.environ.get("CI"),
+        reason="coverage execs every daemon and CLI call: nothing is forked to test",
+    ),
+]
 
 PROBE = "p2pd.testing.forktemplate:probe"
 PROBE_CODE = f"from {PROBE.replace(':', ' import ')}; probe()"
