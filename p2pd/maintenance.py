@@ -61,9 +61,9 @@ class MaintenanceSchedule:
         # The node joined and published just before its maintenance starts.
         self.last_publish = self.last_save = self.last_join = self.last_upkeep = now
         self._join_requested = False
-        #: The last publish reached too few replicas (:meth:`stored`): publish again
-        #: after ``bundle_republish_min``, as for a changed record.
-        self._short = False
+        #: After a publish that reached too few replicas (:meth:`stored`), publish again
+        #: this long after it (0: the last one was stored).
+        self._retry = 0.0
 
     def request_join(self) -> None:
         """A new way in (a LAN peer): if we are alone, join now, not at the next retry."""
@@ -79,8 +79,10 @@ class MaintenanceSchedule:
         if alone:
             deadlines.append(-float("inf") if self._join_requested else
                              self.last_join + self.rejoin_interval)  # fmt: skip
-        if bundle_changed or self._short:
+        if bundle_changed:
             deadlines.append(self.last_publish + self.bundle_republish_min)
+        if self._retry:
+            deadlines.append(self.last_publish + self._retry)
         return min(deadlines)
 
     def due(self, now: float, *, alone: bool, bundle_changed: bool) -> Due:
@@ -89,10 +91,8 @@ class MaintenanceSchedule:
         return Due(
             join=join,
             publish=now >= self.last_publish + self.republish_interval
-            or (
-                (bundle_changed or self._short)
-                and now >= self.last_publish + self.bundle_republish_min
-            ),
+            or (bundle_changed and now >= self.last_publish + self.bundle_republish_min)
+            or (self._retry > 0 and now >= self.last_publish + self._retry),
             save_contacts=now >= self.last_save + self.save_contacts_interval,
             upkeep=now >= self.last_upkeep + self.upkeep_interval,
         )
@@ -111,8 +111,14 @@ class MaintenanceSchedule:
         a rival's claim of our handle would be the first the network sees (a busy
         moment's store can meet nothing but timeouts: bench_adversary at N=1000 with
         its core starved, 2026-12-05, a store of 3 RPCs in 16 s reached no replica, and
-        a squatter's claim was then the only one there)."""
-        self._short = copies < wanted / 2
+        a squatter's claim was then the only one there). Each short publish in a row
+        doubles the wait, up to ``republish_interval``: replicas that refuse us (they
+        hold a rival's claim) would otherwise cost a store every 10 s for good."""
+        if copies >= wanted / 2:
+            self._retry = 0.0
+        else:
+            retry = 2 * self._retry if self._retry else self.bundle_republish_min
+            self._retry = min(retry, self.republish_interval)
 
     def saved_contacts(self, now: float) -> None:
         self.last_save = now

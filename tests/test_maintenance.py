@@ -64,9 +64,12 @@ def test_a_publish_that_reached_too_few_replicas_is_tried_again_soon() -> None:
     assert not s.due(BUNDLE_REPUBLISH_MIN - 1, alone=False, bundle_changed=False).publish
     assert s.due(BUNDLE_REPUBLISH_MIN, alone=False, bundle_changed=False).publish
     s.published(BUNDLE_REPUBLISH_MIN)
+    s.stored(0, 20)  # short again: the wait doubles (replicas that refuse us cost less)
+    assert s.next_deadline(alone=False, bundle_changed=False) == 3 * BUNDLE_REPUBLISH_MIN
+    s.published(3 * BUNDLE_REPUBLISH_MIN)
     s.stored(10, 20)  # half: stored
-    assert not s.due(2 * BUNDLE_REPUBLISH_MIN, alone=False, bundle_changed=False).publish
-    assert s.due(BUNDLE_REPUBLISH_MIN + HOUR, alone=False, bundle_changed=False).publish
+    assert not s.due(4 * BUNDLE_REPUBLISH_MIN, alone=False, bundle_changed=False).publish
+    assert s.due(3 * BUNDLE_REPUBLISH_MIN + HOUR, alone=False, bundle_changed=False).publish
     s.published(HOUR)
     s.stored(2, 3)  # a small network: 2 of the 3 it knows
     assert not s.due(HOUR + BUNDLE_REPUBLISH_MIN, alone=False, bundle_changed=False).publish
@@ -201,8 +204,8 @@ async def test_maintain_publishes_again_soon_after_a_publish_that_fell_short(
     node.publish = publish  # type: ignore[method-assign]
     with trio.move_on_after(HOUR / 2):
         await node.maintain()
-    short = BUNDLE_REPUBLISH_MIN
-    assert times(node, "publish") == [short, 2 * short, 3 * short]  # then stored: no more
+    short = BUNDLE_REPUBLISH_MIN  # each short one in a row doubles the wait
+    assert times(node, "publish") == [short, 3 * short, 7 * short]  # then stored: no more
 
 
 async def test_maintain_rejoins_as_soon_as_the_dht_says_it_is_alone(
