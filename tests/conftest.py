@@ -150,11 +150,8 @@ def _warm_hypothesis_charmap() -> None:
 
 #: pytest's cache key for each test's last wall time (setup to teardown), in seconds.
 _DURATIONS = "p2pd/durations"
-#: Wall times of the tests over 1 s and of every serial test in a full run under xdist,
-#: for a run with no cache (refresh: pytest's .pytest_cache/v/p2pd/durations holds the
-#: last run's, all tests). Over 3 s only, the serial tests under it had no time, and
-#: those marked ``slow`` were taken as _SLOW_GUESS: five of 0.4-1.6 s went first and the
-#: three of 7-8 s last (a clean-clone run, 2026-12-05).
+#: Wall times of the tests over 3 s in a full run under xdist, for a run with no cache
+#: (refresh: pytest's .pytest_cache/v/p2pd/durations holds the last run's, all tests).
 _MEASURED = Path(__file__).with_name("durations.json")
 #: What a test marked slow or netns is taken to last when the cache has no time for it.
 _SLOW_GUESS = 10.0
