@@ -123,3 +123,25 @@ def test_a_serial_test_waiting_for_a_lane_lets_an_ordinary_one_that_came_after_g
     reader.release()
     assert got_writer.wait(5)
     writer.release()
+
+
+def test_a_whole_lane_test_runs_beside_no_other_serial_test(tmp_path: Path) -> None:
+    """SERIAL_WHOLE: it waits for the serial tests under way, and none starts beside it
+    (the targeted attacker's 40 resolves said "contested" beside two or three others)."""
+    first, whole, later = (_RunAlone(tmp_path) for _ in range(3))
+    first.acquire(alone=True)
+    got_whole = threading.Event()
+
+    def run_whole() -> None:
+        whole.acquire(alone=True, whole=True)
+        got_whole.set()
+
+    threading.Thread(target=run_whole, daemon=True).start()
+    assert not got_whole.wait(0.3)  # a serial test holds a lane
+    first.release()
+    assert got_whole.wait(5)
+    got_later = _acquire_in_thread(later, alone=True)
+    assert not got_later.wait(0.3)  # every lane is the whole test's
+    whole.release()
+    assert got_later.wait(5)
+    later.release()
