@@ -35,6 +35,7 @@ def test_a_direct_path_is_punched_and_carries_data_both_ways(
     a, b = peer_host(testbed, kind_a, 1), peer_host(testbed, kind_b, 2)
     birthday = kind_a != "public" and kind_b in ("symmetric", "fully-random")
     ra, rb = punch_pair(a, b, kind_a, kind_b)
+    port_probes = ra["stats"].get("port_probes_out", 0)
     if birthday and not ra["ok"] and missed_by_chance(ra, rb):
         # 257 mappings (256 side sockets and the main one) among 64,512 ports and 1,024
         # distinct probes: an attempt misses all of them by chance once in 61 (1.6 %).
@@ -48,6 +49,7 @@ def test_a_direct_path_is_punched_and_carries_data_both_ways(
         # attempts missed in 6 runs of 6.
         first = (ra, rb)
         ra, rb = punch_pair(a, b, kind_a, kind_b)
+        port_probes += ra["stats"].get("port_probes_out", 0)
         print(f"birthday: the first attempt missed, the second {ra['ok']}: {first}")
     assert ra["ok"] and rb["ok"], (ra, rb)
     assert ra["data"] and rb["data"], (ra, rb)  # the path carries data both ways
@@ -60,7 +62,10 @@ def test_a_direct_path_is_punched_and_carries_data_both_ways(
         # ports; any of b's 257 mappings may be the one hit (a clean-clone CI run hit
         # b's main socket: 1 chance in 257), so the spray is what is checked
         assert rb["stats"].get("side_probes_out", 0) >= 256, rb
-        assert ra["stats"].get("port_probes_out", 0) > 0, ra
+        # (counted over both attempts: a second one can meet a mapping the first left
+        # open and confirm before a's own spray starts, and a's initiator then stops at
+        # once, not 0.3 s later: a clean-clone run, 2026-12-05, port_probes_out 0 then)
+        assert port_probes > 0, ra
 
 
 def missed_by_chance(ra: dict[str, Any], rb: dict[str, Any]) -> bool:
