@@ -114,8 +114,9 @@ async def settle_size_samples(swarm: Swarm, wanted: int = 3) -> None:
     """Every honest node takes size samples now until it holds ``wanted`` (a node tops
     them up one a minute by itself: a network up for a few minutes), as
     bench_adversary's ``settle_samples`` does. A node just joined holds one, and on a
-    busy host one sample can read the network 3x small (19 for 61: a clean-clone run's
-    resolver, 2026-12-05, then set alice's own replicas aside, "contested"); a young
+    busy host one sample can read the network 3x small (19 for 61, in 2 of 480 resolves
+    of this attempt on a slow machine, 2026-12-05: the resolver then set alice's own
+    replicas aside, "contested", as in four clean-clone runs that day); a young
     node's "contested" is in docs/SECURITY.md, not what this test measures. Bounded:
     at most 20 rounds of 0.2 s."""
     for _ in range(20):
