@@ -25,7 +25,6 @@ so a swarm on 127.0.0.1 alone behaves as one host (test swarms use distinct 127.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import ipaddress
 import itertools
@@ -155,12 +154,12 @@ class RoutingTable:
         self.buckets: list[KBucket] = [KBucket(0, ID_SPACE, ksize)]
         #: When each bucket was last the target of a lookup, parallel to ``buckets``.
         self.refreshed: list[float] = [now]
-        #: The buckets' upper ends, parallel to ``buckets`` (changed only by a split).
-        self._ends: list[int] = [ID_SPACE]
 
     def _index(self, long_id: int) -> int:
-        """The first bucket whose end is above ``long_id`` (the last for ``ID_SPACE``)."""
-        return min(bisect.bisect_right(self._ends, long_id), len(self._ends) - 1)
+        for index, bucket in enumerate(self.buckets):
+            if long_id < bucket.range[1]:
+                return index
+        return len(self.buckets) - 1
 
     def bucket_of(self, node: Node) -> KBucket:
         bucket: KBucket = self.buckets[self._index(node.long_id)]
@@ -194,7 +193,6 @@ class RoutingTable:
             if bucket.has_in_range(self.own) or _depth(bucket) % 5 != 0:
                 one, two = bucket.split()
                 self.buckets[index : index + 1] = [one, two]
-                self._ends[index : index + 1] = [one.range[1], two.range[1]]
                 when = self.refreshed[index]
                 self.refreshed[index : index + 1] = [when, when]
                 continue
